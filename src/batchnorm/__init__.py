@@ -1,0 +1,34 @@
+"""batchnorm — batch normalization (Ioffe & Szegedy 2015, arXiv 1502.03167): an exact NumPy
+reference, a torch functional core with fused CPU kernels, drop-in modules, the tools real
+projects need, and a lab that tests the claims made about BN.
+
+Import is light: the Numba kernels compile lazily on first use, and the lab is imported only
+through ``batchnorm.lab``.
+"""
+
+from batchnorm import functional, reference
+from batchnorm.convert import convert_model
+from batchnorm.functional import (
+    BatchNormInputError,
+    NonFiniteStatisticsError,
+    NonFiniteStatisticsWarning,
+    batch_norm,
+)
+from batchnorm.nn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+
+# public API — each feature adds its names here
+__all__ = [
+    "functional",
+    "reference",
+    "batch_norm",
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormInputError",
+    "NonFiniteStatisticsError",
+    "NonFiniteStatisticsWarning",
+    "convert_model",
+]

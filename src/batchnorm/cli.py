@@ -1,0 +1,51 @@
+"""The ``batchnorm`` command.
+
+Each subcommand lives with the code it drives and exposes two functions:
+``add_arguments(parser)`` and ``main(args) -> int``. They are imported only when
+their subcommand is used, so ``batchnorm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "lab": ("batchnorm.lab.cli", "run the experiments that test claims about batch normalization"),
+    "bench": ("batchnorm.bench", "benchmark the fused kernels against torch.nn and a memory copy"),
+    "doctor": ("batchnorm.doctor", "check a model for the classic batch-normalization bugs"),
+}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchnorm",
+        description="Batch normalization: library, kernels and lab.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = None if argv is None or not argv else argv[0]
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if wanted == name:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sp)
+            sp.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    code: int = args._module.main(args)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

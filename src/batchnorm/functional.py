@@ -1,0 +1,534 @@
+"""The torch functional core: the one home of batch normalization's math in this package.
+
+Everything else (the modules in :mod:`batchnorm.nn`, the variants, the Keras layer, synchronized
+BN) calls these functions. The math is split the way Flax and tinygrad split it:
+
+* :func:`batch_norm_train` — statistics of the batch and the normalization with them, through
+  an explicit :class:`torch.autograd.Function` (exact compact backward, double backward supported);
+* :func:`batch_norm_eval` — the same normalization fed population statistics: an affine map;
+* :func:`update_running_stats` — the moving averages, in PyTorch's momentum convention
+  (``new = (1 − momentum)·old + momentum·batch``: momentum weighs the new batch);
+* :func:`batch_norm` — the three composed behind ``torch.nn.functional.batch_norm``'s signature.
+
+Inputs are first brought to one of two canonical layouts (see :func:`canonical_layout`):
+``(N, C, L)`` contiguous (channels-first: BatchNorm1d/2d/3d in NCHW) or ``(M, C)`` contiguous
+(rows × channels: 2-D inputs, ``channels_last`` and ``axis=-1``). A backend computes on those
+layouts; the plain-torch backend here works for every device and dtype, and the fused Numba
+kernels plug in underneath for CPU float32/float64 (``backend="numba"``).
+
+Backend choice: the ``backend`` argument, else the ``BATCHNORM_BACKEND`` environment variable
+(``auto``, ``torch`` or ``numba``), else ``auto`` (kernels where they apply).
+
+Non-finite policy: a batch whose statistics are not finite never reaches the running statistics.
+With ``nonfinite="warn"`` (default) the update is skipped and a :class:`NonFiniteStatisticsWarning`
+is issued; with ``"raise"`` a :class:`NonFiniteStatisticsError` is raised before anything changes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_train",
+    "batch_norm_eval",
+    "update_running_stats",
+    "canonical_layout",
+    "check_channels",
+    "BatchNormInputError",
+    "NonFiniteStatisticsError",
+    "NonFiniteStatisticsWarning",
+    "Backend",
+    "TorchBackend",
+    "get_backend",
+    "register_backend",
+]
+
+NonFinitePolicy = Literal["warn", "raise"]
+
+
+class BatchNormInputError(ValueError):
+    """Raised for an input a batch-normalization layer cannot normalize; the message names the
+    layer, the shape and a remedy."""
+
+
+class NonFiniteStatisticsError(FloatingPointError):
+    """Raised (with ``nonfinite="raise"``) when a batch's statistics are NaN or infinite."""
+
+
+class NonFiniteStatisticsWarning(RuntimeWarning):
+    """Issued when a batch's statistics are NaN or infinite and its running update is skipped."""
+
+
+# --------------------------------------------------------------------------------------------
+# layouts
+
+
+def _prod(dims: tuple[int, ...] | torch.Size) -> int:
+    return int(math.prod(dims))
+
+
+def canonical_layout(x: Tensor, axis: int = 1) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """View ``x`` as ``(N, C, L)`` or ``(M, C)`` contiguous; return the view and a function that
+    brings a tensor of the canonical shape back to ``x``'s shape and memory layout.
+
+    Any channel axis of a contiguous tensor is a ``(prod(before), C, prod(after))`` view; a tensor
+    whose channel axis is innermost in memory (``channels_last``, ``axis=-1``) is an ``(M, C)``
+    view. Anything else is copied once with ``.contiguous()`` — never read through wrong strides.
+    """
+    nd = x.dim()
+    ax = axis % nd
+    shape = x.shape
+    c = shape[ax]
+    if not x.is_contiguous():
+        last = x.movedim(ax, -1)  # channels innermost?
+        if last.is_contiguous():
+            moved_shape = last.shape
+            return last.reshape(-1, c), lambda y: y.reshape(moved_shape).movedim(-1, ax)
+        x = x.contiguous()
+    n, l = _prod(shape[:ax]), _prod(shape[ax + 1 :])
+    if l == 1:
+        return x.reshape(n, c), lambda y: y.reshape(shape)  # (M, C)
+    return x.reshape(n, c, l), lambda y: y.reshape(shape)  # (N, C, L)
+
+
+def _dims(t: Tensor) -> tuple[int, ...]:
+    """The reduction dims of a canonical tensor: every dim but the channels."""
+    return (0, 2) if t.dim() == 3 else (0,)
+
+
+def _b(v: Tensor, t: Tensor) -> Tensor:
+    """A per-channel vector shaped to broadcast against canonical ``t``."""
+    return v.view(1, -1, 1) if t.dim() == 3 else v.view(1, -1)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 are computed in float32 (statistics in float32, as torch does)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# --------------------------------------------------------------------------------------------
+# backends
+
+
+class Backend(Protocol):
+    """What a compute backend provides, on canonical layouts (``(N, C, L)`` or ``(M, C)``,
+    contiguous). Statistics are returned in the compute dtype (float32 for half inputs)."""
+
+    name: str
+
+    def supports(self, x: Tensor) -> bool: ...
+
+    def forward_train(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return ``(y, mean, var, invstd)`` with the biased batch variance ``var``."""
+        ...
+
+    def backward(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        needs: tuple[bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Return ``(dx, dweight, dbias)``; an entry may be None where ``needs`` says so."""
+        ...
+
+    def forward_eval(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        """Return ``x·scale + shift`` per channel (BN at inference)."""
+        ...
+
+
+def _normalize(
+    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    """y = γ·(x − μ)·invstd + β on a canonical tensor (one home of the normalization)."""
+    y = (x - _b(mean, x)) * _b(invstd, x)
+    if weight is not None:
+        y = y * _b(weight, x)
+    if bias is not None:
+        y = y + _b(bias, x)
+    return y
+
+
+def _stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch mean, biased variance and 1/√(var + ε) of a canonical tensor (differentiable)."""
+    # torch.var_mean is a stable (Welford) two-moment computation, unlike E[x²] − E[x]²
+    var, mean = torch.var_mean(x, dim=_dims(x), correction=0)
+    return mean, var, torch.rsqrt(var + eps)
+
+
+def _backward_math(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dx = γ·invstd/m · (m·dy − Σdy − x̂·Σ(dy·x̂)), dγ = Σ dy·x̂, dβ = Σ dy (compute dtype)."""
+    dims = _dims(x)
+    m = x.numel() // x.shape[1]
+    xhat = (x - _b(mean, x)) * _b(invstd, x)
+    dbias = dy.sum(dims)
+    dweight = (dy * xhat).sum(dims)
+    k = invstd / m if weight is None else weight * invstd / m
+    dx = _b(k, x) * (m * dy - _b(dbias, x) - xhat * _b(dweight, x))
+    return dx, dweight, dbias
+
+
+class TorchBackend:
+    """Plain torch operations: every device and dtype; also the oracle for the kernels."""
+
+    name = "torch"
+
+    def supports(self, x: Tensor) -> bool:
+        return True
+
+    def forward_train(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        cd = _compute_dtype(x.dtype)
+        xc = x.to(cd)
+        mean, var, invstd = _stats(xc, eps)
+        w = None if weight is None else weight.to(cd)
+        b = None if bias is None else bias.to(cd)
+        return _normalize(xc, mean, invstd, w, b).to(x.dtype), mean, var, invstd
+
+    def backward(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        needs: tuple[bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        cd = mean.dtype
+        w = None if weight is None else weight.to(cd)
+        dx, dw, db = _backward_math(dy.to(cd), x.to(cd), mean, invstd, w)
+        return dx.to(x.dtype), dw, db
+
+    def forward_eval(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        cd = scale.dtype
+        return (x.to(cd) * _b(scale, x) + _b(shift, x)).to(x.dtype)
+
+
+_TORCH = TorchBackend()
+_BACKENDS: dict[str, Callable[[], Backend]] = {"torch": lambda: _TORCH}
+_INSTANCES: dict[str, Backend] = {}
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    """Make a backend selectable by name; ``factory`` is called once, on first use."""
+    _BACKENDS[name] = factory
+    _INSTANCES.pop(name, None)
+
+
+def _instance(name: str) -> Backend:
+    if name not in _INSTANCES:
+        if name not in _BACKENDS and name == "numba":
+            # the kernel adapter registers itself on import; importing numba is deferred until
+            # a kernel is first needed, so `import batchnorm` stays fast
+            import batchnorm.backend_numba  # noqa: F401
+        if name not in _BACKENDS:
+            raise ValueError(
+                f"unknown batch-norm backend {name!r}; choose one of "
+                f"{sorted({*_BACKENDS, 'numba', 'auto'})}"
+            )
+        _INSTANCES[name] = _BACKENDS[name]()
+    return _INSTANCES[name]
+
+
+def _kernels_available() -> bool:
+    try:
+        _instance("numba")
+    except ImportError:
+        return False
+    return True
+
+
+def get_backend(x: Tensor, backend: str | None = None) -> Backend:
+    """The backend for tensor ``x``: ``backend`` if given, else ``$BATCHNORM_BACKEND``, else
+    ``auto`` — the Numba kernels for CPU float32/float64 tensors, plain torch otherwise."""
+    choice = backend or os.environ.get("BATCHNORM_BACKEND", "auto")
+    if choice == "auto":
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            if _kernels_available():
+                numba_backend = _instance("numba")
+                if numba_backend.supports(x):
+                    return numba_backend
+        return _TORCH
+    chosen = _instance(choice)
+    if not chosen.supports(x):
+        raise ValueError(
+            f"batch-norm backend {choice!r} does not support {x.dtype} tensors on {x.device}; "
+            "use backend='torch' (or 'auto')"
+        )
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# checks
+
+
+def _name(layer: str | None) -> str:
+    return layer or "batch_norm"
+
+
+def check_channels(x: Tensor, num_features: int, axis: int, layer: str | None = None) -> None:
+    """Raise :class:`BatchNormInputError` unless ``x`` is a floating tensor with
+    ``num_features`` channels along ``axis``."""
+    name = _name(layer)
+    if not (x.is_floating_point()):
+        raise BatchNormInputError(
+            f"{name}: expected a floating-point input, got dtype {x.dtype} with shape "
+            f"{tuple(x.shape)}. Convert it first, e.g. x.float()."
+        )
+    if x.dim() < 2:
+        raise BatchNormInputError(
+            f"{name}: expected an input with a batch dimension and a channel dimension (at least "
+            f"2D), got {x.dim()}D input of shape {tuple(x.shape)}. Add a batch dimension, e.g. "
+            "x.unsqueeze(0)."
+        )
+    nd = x.dim()
+    if not -nd <= axis < nd:
+        raise BatchNormInputError(
+            f"{name}: axis={axis} is out of range for {nd}D input of shape {tuple(x.shape)}."
+        )
+    c = x.shape[axis]
+    if c != num_features:
+        hint = ""
+        candidates = [i for i in range(nd) if x.shape[i] == num_features and i != axis % nd]
+        if candidates:
+            j = candidates[-1]
+            j_str = str(j - nd) if j == nd - 1 else str(j)
+            hint = f" Axis {j_str} has size {num_features}: did you mean axis={j_str}?"
+        raise BatchNormInputError(
+            f"{name}: expected {num_features} channels along axis {axis} of input with shape "
+            f"{tuple(x.shape)}, got {c}.{hint}"
+        )
+
+
+def _check_count(x: Tensor, axis: int, layer: str | None) -> int:
+    count = x.numel() // max(x.shape[axis], 1)
+    if count < 2:
+        raise BatchNormInputError(
+            f"{_name(layer)}: expected more than 1 value per channel when training, got input "
+            f"of shape {tuple(x.shape)} (channels along axis {axis}): batch statistics need at "
+            "least 2 values per channel. Use a batch of 2 or more (DataLoader(drop_last=True) "
+            "avoids a last batch of 1), GroupNorm for tiny batches, or call .eval() to use the "
+            "running statistics."
+        )
+    return count
+
+
+# --------------------------------------------------------------------------------------------
+# the autograd Function
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Algorithm 1 on a canonical tensor with the compact backward; differentiable twice.
+
+    First-order backward runs on the backend (fused kernels on CPU). When a graph of the
+    backward is requested (``create_graph=True``), the backward is recomputed with torch
+    operations from ``x`` — statistics included — so that second derivatives are exact.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        backend: Backend,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        y, mean, var, invstd = backend.forward_train(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps  # type: ignore[attr-defined]
+        ctx.backend = backend  # type: ignore[attr-defined]
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dy: Tensor, _dmean: Tensor, _dvar: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
+        needs = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():
+            # double backward: statistics recomputed differentiably from x
+            cd = _compute_dtype(x.dtype)
+            xc = x.to(cd)
+            m, _, inv = _stats(xc, ctx.eps)  # type: ignore[attr-defined]
+            w = None if weight is None else weight.to(cd)
+            dx, dw, db = _backward_math(dy.to(cd), xc, m, inv, w)
+            dx = dx.to(x.dtype)
+        else:
+            backend: Backend = ctx.backend  # type: ignore[attr-defined]
+            dx, dw, db = backend.backward(dy.contiguous(), x, mean, invstd, weight, needs)
+        dw_out = dw.to(weight.dtype) if (needs[1] and dw is not None) else None
+        db_out = db.to(dy.dtype if weight is None else weight.dtype) if needs[2] and db is not None else None
+        return (dx if needs[0] else None), dw_out, db_out, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# public functions
+
+
+def batch_norm_train(
+    input: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    axis: int = 1,
+    backend: str | None = None,
+    layer: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Normalize with the batch's own statistics (Algorithm 1).
+
+    Returns ``(y, mean, var, count)``: the output (same shape, dtype and memory layout as
+    ``input``), the per-channel batch mean and biased variance (float32 for half inputs) and
+    the number ``m`` of values each channel's statistics were taken over.
+    """
+    ax = axis % input.dim() if input.dim() else axis
+    count = _check_count(input, ax, layer)
+    xc, restore = canonical_layout(input, ax)
+    be = get_backend(xc, backend)
+    y, mean, var = BatchNormFunction.apply(xc, weight, bias, eps, be)
+    return restore(y), mean, var, count
+
+
+def batch_norm_eval(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    axis: int = 1,
+    backend: str | None = None,
+) -> Tensor:
+    """Normalize with population statistics (Algorithm 2): the affine map
+    ``y = x·scale + shift`` with ``scale = γ/√(Var[x] + ε)`` and ``shift = β − scale·E[x]``."""
+    xc, restore = canonical_layout(input, axis)
+    cd = _compute_dtype(input.dtype)
+    scale = torch.rsqrt(running_var.to(cd) + eps)
+    if weight is not None:
+        scale = scale * weight.to(cd)
+    shift = -running_mean.to(cd) * scale
+    if bias is not None:
+        shift = shift + bias.to(cd)
+    needs_graph = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias, running_mean, running_var)
+    )
+    if needs_graph:
+        y = (xc.to(cd) * _b(scale, xc) + _b(shift, xc)).to(input.dtype)
+    else:
+        y = get_backend(xc, backend).forward_eval(xc, scale, shift)
+    return restore(y)
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float,
+    *,
+    unbiased: bool = True,
+    nonfinite: NonFinitePolicy = "warn",
+    layer: str | None = None,
+) -> bool:
+    """Blend a batch's statistics into the running ones, in place, in PyTorch's convention:
+    ``running = (1 − momentum)·running + momentum·batch``. The stored variance is the unbiased
+    ``m/(m−1)·σ²_B`` (PyTorch) or, with ``unbiased=False``, the biased ``σ²_B`` (Keras).
+
+    Returns False (and changes nothing) when the batch statistics are not finite.
+    """
+    if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
+        msg = (
+            f"{_name(layer)}: the batch statistics are not finite (NaN or inf in the input); the "
+            "running statistics were left unchanged. Check the inputs and the learning rate; "
+            "batchnorm.doctor(model, data) finds where non-finite values start."
+        )
+        if nonfinite == "raise":
+            raise NonFiniteStatisticsError(msg)
+        warnings.warn(msg, NonFiniteStatisticsWarning, stacklevel=3)
+        return False
+    v = var * (count / (count - 1)) if unbiased else var
+    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    running_var.lerp_(v.to(running_var.dtype), momentum)
+    return True
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    axis: int = 1,
+    unbiased_running_var: bool = True,
+    nonfinite: NonFinitePolicy = "warn",
+    backend: str | None = None,
+    layer: str | None = None,
+) -> Tensor:
+    """Batch normalization with ``torch.nn.functional.batch_norm``'s signature, plus ``axis``.
+
+    In training (``training=True``) the batch statistics normalize the input and, when running
+    buffers are given, are blended into them with ``momentum`` (PyTorch's convention: the weight
+    of the new batch). Otherwise the running statistics normalize the input.
+
+    Example::
+
+        >>> import torch
+        >>> from batchnorm.functional import batch_norm
+        >>> x = torch.randn(32, 8, 5, 5)
+        >>> rm, rv = torch.zeros(8), torch.ones(8)
+        >>> y = batch_norm(x, rm, rv, training=True)
+        >>> bool(y.mean(dim=(0, 2, 3)).abs().max() < 1e-5)
+        True
+    """
+    if input.dim() >= 2 and 0 <= axis % input.dim() < input.dim():
+        ref = running_mean if running_mean is not None else weight
+        if ref is not None:
+            check_channels(input, ref.numel(), axis, layer)
+    if training:
+        y, mean, var, count = batch_norm_train(
+            input, weight, bias, eps, axis=axis, backend=backend, layer=layer
+        )
+        if running_mean is not None and running_var is not None:
+            update_running_stats(
+                running_mean,
+                running_var,
+                mean,
+                var,
+                count,
+                momentum,
+                unbiased=unbiased_running_var,
+                nonfinite=nonfinite,
+                layer=layer,
+            )
+        return y
+    if running_mean is None or running_var is None:
+        raise BatchNormInputError(
+            f"{_name(layer)}: running_mean and running_var are required when training=False"
+        )
+    return batch_norm_eval(
+        input, running_mean, running_var, weight, bias, eps, axis=axis, backend=backend
+    )

@@ -1,0 +1,359 @@
+"""Module shells around :mod:`batchnorm.functional`: they own parameters, buffers and argument
+checks; the math lives in the functional core.
+
+``BatchNorm1d/2d/3d`` are drop-in replacements for ``torch.nn.BatchNorm1d/2d/3d``: same
+constructor arguments, attributes, ``state_dict`` keys (``weight``, ``bias``, ``running_mean``,
+``running_var``, ``num_batches_tracked``) and train/eval behaviour, so checkpoints load both ways.
+:class:`BatchNorm` takes any channel axis and any rank, and speaks Keras' conventions through
+:meth:`BatchNorm.from_keras`.
+
+Conventions, one sentence each:
+
+* momentum (PyTorch's): ``running = (1 − momentum)·running + momentum·batch`` — it weighs the
+  new batch; ``momentum=None`` makes the running statistics the cumulative average of all batches.
+  Keras' momentum weighs the old average: ``torch_momentum = 1 − keras_momentum``.
+* stored variance: unbiased ``m/(m−1)·σ²_B`` by default (PyTorch); ``unbiased_running_var=False``
+  stores the biased ``σ²_B`` (Keras). Normalization in training always uses the biased ``σ²_B``.
+* ``center`` (β) and ``scale`` (γ) can be switched separately, as in Keras; ``affine`` sets both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from batchnorm import functional as F
+from batchnorm.functional import BatchNormInputError, NonFinitePolicy
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+class _BatchNormBase(nn.Module):
+    """Parameters, buffers and the train/eval choice; subclasses check dimensions and may
+    override :meth:`_forward_train` / :meth:`_forward_eval` (the variants do)."""
+
+    _version = 2
+    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine", "axis"]
+
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    axis: int
+    center: bool
+    scale: bool
+    unbiased_running_var: bool
+    nonfinite: NonFinitePolicy
+    backend: str | None
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        axis: int = 1,
+        center: bool | None = None,
+        scale: bool | None = None,
+        unbiased_running_var: bool = True,
+        nonfinite: NonFinitePolicy = "warn",
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
+            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
+        if not eps > 0:
+            raise ValueError(f"{name}({num_features}): eps must be > 0, got {eps!r}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(
+                f"{name}({num_features}): momentum must be in [0, 1] (PyTorch's convention: the "
+                f"weight of the new batch), got {momentum!r}"
+            )
+        if nonfinite not in ("warn", "raise"):
+            raise ValueError(
+                f"{name}({num_features}): nonfinite must be 'warn' or 'raise', got {nonfinite!r}"
+            )
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.center = affine if center is None else center
+        self.scale = affine if scale is None else scale
+        self.affine = self.center or self.scale
+        self.track_running_stats = track_running_stats
+        self.axis = axis
+        self.unbiased_running_var = unbiased_running_var
+        self.nonfinite = nonfinite
+        self.backend = backend
+        if self.scale:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+        if self.center:
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(
+                    0, dtype=torch.long, **{k: v for k, v in factory.items() if k != "dtype"}
+                ),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    # -- torch.nn.BatchNorm API ---------------------------------------------------------------
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+        if self.axis != 1:
+            s += f", axis={self.axis}"
+        if self.center != self.scale:
+            s += f", center={self.center}, scale={self.scale}"
+        if not self.unbiased_running_var:
+            s += ", unbiased_running_var=False"
+        return s
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            # checkpoints from before num_batches_tracked existed (as torch.nn does)
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def layer_name(self) -> str:
+        """How error messages name this layer."""
+        return f"{type(self).__name__}({self.num_features})"
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        """Rank check; BatchNorm1d/2d/3d narrow it as torch.nn does."""
+
+    def _check_input(self, input: Tensor) -> None:
+        self._check_input_dim(input)
+        F.check_channels(input, self.num_features, self.axis, self.layer_name())
+
+    def _use_batch_stats(self) -> bool:
+        # as torch.nn: batch statistics in training, or always without running buffers
+        return self.training or self.running_mean is None
+
+    def _momentum_factor(self) -> float:
+        """The momentum for this step; for ``momentum=None``, 1/n (the cumulative average)."""
+        if self.momentum is None:
+            assert self.num_batches_tracked is not None
+            return 1.0 / (float(self.num_batches_tracked) + 1.0)
+        return self.momentum
+
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
+        if not (self.training and self.track_running_stats):
+            return
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        updated = F.update_running_stats(
+            self.running_mean,
+            self.running_var,
+            mean,
+            var,
+            count,
+            self._momentum_factor(),
+            unbiased=self.unbiased_running_var,
+            nonfinite=self.nonfinite,
+            layer=self.layer_name(),
+        )
+        if updated:
+            self.num_batches_tracked.add_(1)
+
+    def _forward_train(self, input: Tensor) -> Tensor:
+        y, mean, var, count = F.batch_norm_train(
+            input,
+            self.weight,
+            self.bias,
+            self.eps,
+            axis=self.axis,
+            backend=self.backend,
+            layer=self.layer_name(),
+        )
+        self._update_running_stats(mean, var, count)
+        return y
+
+    def _forward_eval(self, input: Tensor) -> Tensor:
+        assert self.running_mean is not None and self.running_var is not None
+        return F.batch_norm_eval(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.eps,
+            axis=self.axis,
+            backend=self.backend,
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        if self._use_batch_stats():
+            return self._forward_train(input)
+        return self._forward_eval(input)
+
+
+class BatchNorm(_BatchNormBase):
+    r"""Batch normalization over any channel axis of an input of any rank.
+
+    .. math:: y = \gamma \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta
+
+    with the mini-batch mean μ_B and biased variance σ²_B taken per channel over every axis but
+    ``axis`` (Ioffe & Szegedy 2015, Algorithm 1); in eval mode the running statistics replace
+    them (Algorithm 2).
+
+    Args:
+        num_features: C, the size of the channel axis.
+        eps: ε added to the variance. momentum: the weight of the new batch in the running
+        averages (PyTorch's convention), ``None`` for the cumulative average.
+        affine: learnable γ and β; ``center``/``scale`` switch β/γ separately (Keras).
+        track_running_stats: keep running statistics for eval mode.
+        axis: the channel axis (``1`` for NC…, ``-1`` for channels-last/Keras layouts).
+        unbiased_running_var: store the unbiased (PyTorch) or biased (Keras) variance.
+        nonfinite: ``"warn"`` skips the running update of a non-finite batch with a warning;
+        ``"raise"`` raises :class:`~batchnorm.functional.NonFiniteStatisticsError`.
+        backend: ``None``/``"auto"``, ``"torch"`` or ``"numba"`` (see :mod:`batchnorm.functional`).
+
+    Shape: any ``(…, C, …)`` with C at ``axis``; the output has the input's shape and layout.
+
+    Example::
+
+        >>> import torch, batchnorm
+        >>> bn = batchnorm.BatchNorm(16, axis=-1)
+        >>> bn(torch.randn(8, 10, 16)).shape
+        torch.Size([8, 10, 16])
+    """
+
+    @classmethod
+    def from_keras(
+        cls,
+        num_features: int,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        **kwargs: Any,
+    ) -> BatchNorm:
+        """A layer configured with ``keras.layers.BatchNormalization``'s arguments and
+        conventions: Keras' ``momentum`` weighs the old average (so PyTorch's is
+        ``1 − momentum``), ε defaults to 1e-3, and the moving variance is stored biased."""
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"from_keras: momentum must be in [0, 1], got {momentum!r}")
+        return cls(
+            num_features,
+            eps=epsilon,
+            momentum=1.0 - momentum,
+            axis=axis,
+            center=center,
+            scale=scale,
+            unbiased_running_var=False,
+            **kwargs,
+        )
+
+
+class _FixedRank(_BatchNormBase):
+    """torch.nn's BatchNormNd: channels at axis 1 and a fixed set of accepted ranks."""
+
+    _ranks: tuple[int, ...] = ()
+    _layout: str = ""
+
+    def __init__(self, num_features: int, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("axis", 1) != 1:
+            raise ValueError(
+                f"{type(self).__name__}: channels are at axis 1 as in torch.nn; for another "
+                "channel axis use batchnorm.BatchNorm(num_features, axis=...)"
+            )
+        super().__init__(num_features, *args, **kwargs)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in self._ranks:
+            want = " or ".join(f"{r}D" for r in self._ranks)
+            others = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+            hint = others.get(input.dim())
+            remedy = (
+                f" For {input.dim()}D input use batchnorm.{hint}."
+                if hint and hint != type(self).__name__
+                else " For any rank use batchnorm.BatchNorm(num_features, axis=...)."
+            )
+            raise BatchNormInputError(
+                f"{self.layer_name()}: expected {want} input {self._layout}, got "
+                f"{input.dim()}D input of shape {tuple(input.shape)}.{remedy}"
+            )
+
+
+class BatchNorm1d(_FixedRank):
+    """Drop-in for ``torch.nn.BatchNorm1d``: input ``(N, C)`` or ``(N, C, L)``.
+    See :class:`BatchNorm` for the formula and arguments."""
+
+    _ranks = (2, 3)
+    _layout = "(N, C) or (N, C, L)"
+
+
+class BatchNorm2d(_FixedRank):
+    """Drop-in for ``torch.nn.BatchNorm2d``: input ``(N, C, H, W)``, NCHW or ``channels_last``.
+    See :class:`BatchNorm` for the formula and arguments."""
+
+    _ranks = (4,)
+    _layout = "(N, C, H, W)"
+
+
+class BatchNorm3d(_FixedRank):
+    """Drop-in for ``torch.nn.BatchNorm3d``: input ``(N, C, D, H, W)``.
+    See :class:`BatchNorm` for the formula and arguments."""
+
+    _ranks = (5,)
+    _layout = "(N, C, D, H, W)"

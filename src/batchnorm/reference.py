@@ -1,0 +1,223 @@
+"""NumPy float64 ground truth for batch normalization (Ioffe & Szegedy 2015, arXiv 1502.03167).
+
+Pure functions, no state, written to be read next to the paper. Every other implementation in
+this package (the torch functional core, the fused kernels, the variants) is tested against
+these. The channel axis may be any axis; statistics are taken jointly over every other axis, so
+for a convolution's ``(N, C, H, W)`` output each channel is normalized over the batch and all
+positions (the paper's Sec. 3.2).
+
+Example::
+
+    >>> import numpy as np
+    >>> from batchnorm import reference as ref
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, size=(60, 100))
+    >>> y, xhat, mean, var = ref.batch_norm_forward(x, np.ones(100), np.zeros(100))
+    >>> bool(np.allclose(xhat.mean(axis=0), 0.0) and np.allclose(xhat.var(axis=0), 1.0, atol=1e-4))
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+Array = NDArray[np.float64]
+
+__all__ = [
+    "reduce_axes",
+    "channel_count",
+    "batch_stats",
+    "normalize",
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "population_stats",
+    "inference_affine",
+    "batch_norm_inference",
+    "running_stats_update",
+]
+
+
+def _f64(a: ArrayLike) -> Array:
+    return np.asarray(a, dtype=np.float64)
+
+
+def reduce_axes(ndim: int, axis: int = 1) -> tuple[int, ...]:
+    """All axes except the channel axis: the axes the statistics are taken over."""
+    axis = axis % ndim
+    return tuple(i for i in range(ndim) if i != axis)
+
+
+def _bcast(v: Array, ndim: int, axis: int) -> Array:
+    """A per-channel vector shaped to broadcast against an ``ndim`` array along ``axis``."""
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return v.reshape(shape)
+
+
+def channel_count(shape: tuple[int, ...], axis: int = 1) -> int:
+    """m: the number of values each channel's statistics are taken over."""
+    axis = axis % len(shape)
+    return int(np.prod([s for i, s in enumerate(shape) if i != axis], dtype=np.int64))
+
+
+def batch_stats(x: ArrayLike, axis: int = 1) -> tuple[Array, Array]:
+    """Mini-batch mean μ_B and biased variance σ²_B = (1/m)Σ(x − μ_B)² per channel (Algorithm 1)."""
+    x = _f64(x)
+    axes = reduce_axes(x.ndim, axis)
+    mean = x.mean(axis=axes)
+    # two-pass: subtract the mean before squaring (stable where E[x²] − E[x]² is not)
+    var = ((x - _bcast(mean, x.ndim, axis)) ** 2).mean(axis=axes)
+    return mean, var
+
+
+def normalize(
+    x: ArrayLike,
+    mean: ArrayLike,
+    var: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    eps: float = 1e-5,
+    axis: int = 1,
+) -> tuple[Array, Array]:
+    """x̂ = (x − μ)/√(σ² + ε) and y = γ x̂ + β; returns ``(y, xhat)``."""
+    x = _f64(x)
+    m = _bcast(_f64(mean), x.ndim, axis)
+    v = _bcast(_f64(var), x.ndim, axis)
+    xhat = (x - m) / np.sqrt(v + eps)
+    y = xhat
+    if gamma is not None:
+        y = y * _bcast(_f64(gamma), x.ndim, axis)
+    if beta is not None:
+        y = y + _bcast(_f64(beta), x.ndim, axis)
+    return y, xhat
+
+
+def batch_norm_forward(
+    x: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    eps: float = 1e-5,
+    axis: int = 1,
+) -> tuple[Array, Array, Array, Array]:
+    """Algorithm 1, the training transform. Returns ``(y, xhat, mean, var)`` with biased ``var``."""
+    mean, var = batch_stats(x, axis)
+    y, xhat = normalize(x, mean, var, gamma, beta, eps, axis)
+    return y, xhat, mean, var
+
+
+def batch_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    gamma: ArrayLike | None = None,
+    eps: float = 1e-5,
+    axis: int = 1,
+) -> tuple[Array, Array, Array]:
+    """Gradients of Algorithm 1: ``(dx, dgamma, dbeta)``.
+
+    The paper's chain rule (Sec. 3) through x̂, σ²_B and μ_B collapses to
+
+        dγ = Σ dy·x̂,   dβ = Σ dy,
+        dx = γ/(m·√(σ²_B + ε)) · (m·dy − Σ dy − x̂ · Σ dy·x̂)
+
+    with the sums per channel over the m values of the batch.
+    """
+    x = _f64(x)
+    dy = _f64(dy)
+    axes = reduce_axes(x.ndim, axis)
+    m = channel_count(x.shape, axis)
+    mean, var = batch_stats(x, axis)
+    invstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x - _bcast(mean, x.ndim, axis)) * _bcast(invstd, x.ndim, axis)
+    dbeta = dy.sum(axis=axes)
+    dgamma = (dy * xhat).sum(axis=axes)
+    g = np.ones_like(mean) if gamma is None else _f64(gamma)
+    k = _bcast(g * invstd / m, x.ndim, axis)
+    dx = k * (m * dy - _bcast(dbeta, x.ndim, axis) - xhat * _bcast(dgamma, x.ndim, axis))
+    return dx, dgamma, dbeta
+
+
+def population_stats(batches: Iterable[ArrayLike], axis: int = 1) -> tuple[Array, Array]:
+    """Algorithm 2, step 10: E[x] = E_B[μ_B] and Var[x] = m/(m−1) · E_B[σ²_B].
+
+    The expectations are over mini-batches of equal size m (values per channel), as in the paper.
+    """
+    means: list[Array] = []
+    variances: list[Array] = []
+    m: int | None = None
+    for b in batches:
+        b = _f64(b)
+        mb = channel_count(b.shape, axis)
+        if m is None:
+            m = mb
+        elif mb != m:
+            raise ValueError(
+                f"population_stats: Algorithm 2 averages mini-batches of one size; got m={mb} "
+                f"after m={m}. Drop the uneven last batch (drop_last=True)."
+            )
+        mu, var = batch_stats(b, axis)
+        means.append(mu)
+        variances.append(var)
+    if m is None:
+        raise ValueError("population_stats: no mini-batches were given")
+    if m < 2:
+        raise ValueError("population_stats: need at least 2 values per channel per mini-batch")
+    mean = np.mean(means, axis=0)
+    var = m / (m - 1) * np.mean(variances, axis=0)
+    return mean, var
+
+
+def inference_affine(
+    mean: ArrayLike,
+    var: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    eps: float = 1e-5,
+) -> tuple[Array, Array]:
+    """Algorithm 2, step 11: BN at inference is y = scale·x + shift with
+    scale = γ/√(Var[x] + ε) and shift = β − scale·E[x]."""
+    mean = _f64(mean)
+    g = np.ones_like(mean) if gamma is None else _f64(gamma)
+    b = np.zeros_like(mean) if beta is None else _f64(beta)
+    scale = g / np.sqrt(_f64(var) + eps)
+    shift = b - scale * mean
+    return scale, shift
+
+
+def batch_norm_inference(
+    x: ArrayLike,
+    mean: ArrayLike,
+    var: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    eps: float = 1e-5,
+    axis: int = 1,
+) -> Array:
+    """BN with population statistics: the single affine map of :func:`inference_affine`."""
+    x = _f64(x)
+    scale, shift = inference_affine(mean, var, gamma, beta, eps)
+    return x * _bcast(scale, x.ndim, axis) + _bcast(shift, x.ndim, axis)
+
+
+def running_stats_update(
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    batch_mean: ArrayLike,
+    batch_var: ArrayLike,
+    count: int,
+    momentum: float,
+    unbiased: bool = True,
+) -> tuple[Array, Array]:
+    """The exponential moving average of the statistics, in PyTorch's convention:
+    ``new = (1 − momentum)·old + momentum·batch`` (momentum weighs the new batch).
+
+    ``batch_var`` is the biased σ²_B; with ``unbiased`` the stored variance is m/(m−1)·σ²_B
+    (PyTorch), otherwise σ²_B itself (Keras).
+    """
+    v = _f64(batch_var)
+    if unbiased:
+        v = v * count / max(count - 1, 1)
+    rm = (1.0 - momentum) * _f64(running_mean) + momentum * _f64(batch_mean)
+    rv = (1.0 - momentum) * _f64(running_var) + momentum * v
+    return rm, rv
