@@ -16,7 +16,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "lab": ("batchnorm.lab.cli", "run the experiments that test claims about batch normalization"),
     "bench": ("batchnorm.bench", "benchmark the fused kernels against torch.nn and a memory copy"),
-    "doctor": ("batchnorm.doctor", "check a model for the classic batch-normalization bugs"),
+    "doctor": ("batchnorm.diagnostics", "check a model for the classic batch-normalization bugs"),
 }
 
 
