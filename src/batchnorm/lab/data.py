@@ -1,0 +1,496 @@
+"""Datasets for the lab: MNIST and Fashion-MNIST from IDX files, scikit-learn's 8×8 digits
+(bundled, always available offline) and a synthetic generator for tests.
+
+Names accepted by ``--dataset`` (:data:`DATASET_NAMES`):
+
+* ``auto`` — MNIST if its files are found, else Fashion-MNIST, else ``digits``. The choice is
+  printed by the CLI and written into every result (``Dataset.name``): never a silent substitution.
+* ``mnist`` / ``fashion-mnist`` — the four IDX files (gzipped or not) looked up, in this order, in
+  ``data_dir`` (``--data-dir``; the files directly in it or in ``data_dir/<name>/``),
+  ``$BATCHNORM_DATA_DIR`` (same two forms), the user cache ``$XDG_CACHE_HOME/batchnorm/<name>/``
+  (default ``~/.cache/batchnorm/<name>/``, where ``--download`` stores them) and
+  ``/usr/share/datasets/<name>/`` (Debian's ``dataset-fashion-mnist`` installs there).
+* ``digits`` — scikit-learn's 1,797 8×8 digits, split 80/20 (stratified, fixed seed).
+* ``synthetic`` — Gaussian class clusters shaped like 8×8 images; for tests.
+
+Every image set is returned as a :class:`Dataset` of float32 tensors in ``(N, C, H, W)`` with
+pixel values scaled to [0, 1] and int64 labels.
+
+Example::
+
+    >>> from batchnorm.lab import data
+    >>> ds = data.load_dataset("synthetic", seed=0)
+    >>> ds.x_train.shape[1:], ds.num_classes
+    (torch.Size([1, 8, 8]), 10)
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import struct
+import tempfile
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DATASET_NAMES",
+    "IDX_SOURCES",
+    "Dataset",
+    "DatasetNotFoundError",
+    "DatasetCorruptError",
+    "read_idx",
+    "write_idx",
+    "find_idx_files",
+    "download_dataset",
+    "load_dataset",
+    "search_dirs",
+]
+
+DATASET_NAMES = ("auto", "mnist", "fashion-mnist", "digits", "synthetic")
+
+# The four files of an IDX dataset, by role.
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass(frozen=True)
+class IdxSource:
+    """Where a dataset is published and the MD5 of each published ``.gz`` file."""
+
+    urls: tuple[str, ...]
+    md5: dict[str, str]
+    homepage: str
+
+
+# Canonical locations and the checksums published with them (the same ones torchvision uses).
+IDX_SOURCES: dict[str, IdxSource] = {
+    "mnist": IdxSource(
+        urls=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "http://yann.lecun.com/exdb/mnist/",
+        ),
+        md5={
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+        homepage="http://yann.lecun.com/exdb/mnist/",
+    ),
+    "fashion-mnist": IdxSource(
+        urls=(
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+        ),
+        md5={
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+        homepage="https://github.com/zalandoresearch/fashion-mnist",
+    ),
+}
+
+SYSTEM_DATA_ROOT = Path("/usr/share/datasets")
+ENV_DATA_DIR = "BATCHNORM_DATA_DIR"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files were not found; the message lists where they were looked for and how
+    to get them."""
+
+
+class DatasetCorruptError(ValueError):
+    """A dataset file exists but cannot be read as IDX (truncated, wrong magic, mismatched
+    sizes) or a download does not match its published checksum."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An image classification dataset held as tensors.
+
+    Attributes:
+        name: the dataset actually used (``mnist``, ``fashion-mnist``, ``digits``, ``synthetic``).
+        x_train, x_test: float32 ``(N, C, H, W)`` in [0, 1]. y_train, y_test: int64 ``(N,)``.
+        num_classes: number of labels. source: where the data came from (files or generator).
+        split: ``"test"`` for the official held-out set, ``"validation"`` for a split carved
+        from the training set by :meth:`validation_split`.
+    """
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    source: str
+    split: str = "test"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """``(C, H, W)`` of one example."""
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_features(self) -> int:
+        """``C·H·W``: the input size of an MLP on flattened images."""
+        return int(np.prod(self.input_shape))
+
+    def info(self) -> dict[str, Any]:
+        """What goes into every result file: name, source, sizes, split."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "train_size": int(self.x_train.shape[0]),
+            "heldout_size": int(self.x_test.shape[0]),
+            "heldout_split": self.split,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            **self.extra,
+        }
+
+    def validation_split(self, fraction: float = 1 / 6, seed: int = 0) -> Dataset:
+        """A dataset whose held-out set is a random ``fraction`` of this training set and whose
+        training set is the rest — for choosing hyperparameters without touching the test set."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"validation fraction must be in (0, 1), got {fraction!r}")
+        n = self.x_train.shape[0]
+        n_val = max(1, int(round(n * fraction)))
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(n, generator=g)
+        val, tr = perm[:n_val], perm[n_val:]
+        return replace(
+            self,
+            x_train=self.x_train[tr],
+            y_train=self.y_train[tr],
+            x_test=self.x_train[val],
+            y_test=self.y_train[val],
+            split="validation",
+        )
+
+    def subset(self, train: int | None = None, test: int | None = None) -> Dataset:
+        """The first ``train`` / ``test`` examples (smoke runs)."""
+        return replace(
+            self,
+            x_train=self.x_train[:train],
+            y_train=self.y_train[:train],
+            x_test=self.x_test[:test],
+            y_test=self.y_test[:test],
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# IDX files
+
+_IDX_DTYPES: dict[int, tuple[type, str]] = {
+    0x08: (np.uint8, ">u1"),
+    0x09: (np.int8, ">i1"),
+    0x0B: (np.int16, ">i2"),
+    0x0C: (np.int32, ">i4"),
+    0x0D: (np.float32, ">f4"),
+    0x0E: (np.float64, ">f8"),
+}
+
+
+def _open(path: Path) -> Any:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read one IDX file (``.gz`` or raw): a big-endian header ``0x00 0x00 dtype ndim``, ``ndim``
+    uint32 sizes, then the data. Raises :class:`DatasetCorruptError` naming the file and the
+    problem."""
+    p = Path(path)
+    try:
+        with _open(p) as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DatasetCorruptError(
+            f"{p}: cannot read ({e}); delete it and fetch it again (--download)"
+        ) from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DatasetCorruptError(
+            f"{p}: not an IDX file (bad magic {raw[:4].hex() or 'empty'}); delete it and fetch "
+            "it again (--download)"
+        )
+    dtype = np.dtype(_IDX_DTYPES[raw[2]][1])
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetCorruptError(f"{p}: truncated IDX header; fetch it again (--download)")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DatasetCorruptError(
+            f"{p}: IDX header says shape {dims} ({expected} data bytes) but the file has "
+            f"{len(raw) - header}; the file is truncated or corrupt — fetch it again (--download)"
+        )
+    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="), copy=False)
+
+
+def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    """Write ``array`` as an IDX file (gzipped if the name ends in ``.gz``); used by tests and
+    to cache data sets."""
+    p = Path(path)
+    arr = np.asarray(array)
+    code = next((c for c, (t, _) in _IDX_DTYPES.items() if np.dtype(t) == arr.dtype), None)
+    if code is None:
+        raise ValueError(f"write_idx: unsupported dtype {arr.dtype}")
+    big = arr.astype(_IDX_DTYPES[code][1])
+    payload = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    payload += big.tobytes()
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "wb") as f:
+        f.write(payload)
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "batchnorm"
+
+
+def search_dirs(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The directories looked in for dataset ``name``, in order."""
+    dirs: list[Path] = []
+    for root in (data_dir, os.environ.get(ENV_DATA_DIR) or None):
+        if root is not None:
+            dirs += [Path(root), Path(root) / name]
+    dirs.append(_cache_root() / name)
+    dirs.append(SYSTEM_DATA_ROOT / name)
+    return dirs
+
+
+def _candidates(directory: Path, stem: str) -> list[Path]:
+    # "train-images-idx3-ubyte" is also distributed as "train-images.idx3-ubyte"
+    dotted = stem.replace("-idx", ".idx")
+    return [directory / f"{s}{ext}" for s in (stem, dotted) for ext in (".gz", "")]
+
+
+def find_idx_files(
+    name: str, data_dir: str | os.PathLike[str] | None = None
+) -> dict[str, Path] | None:
+    """The four IDX files of ``name`` from the first directory holding all four, or ``None``."""
+    for d in search_dirs(name, data_dir):
+        found: dict[str, Path] = {}
+        for role, stem in IDX_FILES.items():
+            hit = next((c for c in _candidates(d, stem) if c.is_file()), None)
+            if hit is None:
+                break
+            found[role] = hit
+        if len(found) == len(IDX_FILES):
+            return found
+    return None
+
+
+def _how_to_get(name: str, data_dir: str | os.PathLike[str] | None) -> str:
+    looked = "\n".join(f"  {d}" for d in search_dirs(name, data_dir))
+    src = IDX_SOURCES[name]
+    files = ", ".join(f"{s}.gz" for s in IDX_FILES.values())
+    debian = (
+        "\n  - on Debian/Ubuntu: apt-get install dataset-fashion-mnist"
+        if name == "fashion-mnist"
+        else ""
+    )
+    return (
+        f"dataset {name!r} not found: looked for {files} (gzipped or not) in\n{looked}\n"
+        f"To get it:\n  - batchnorm lab run ... --dataset {name} --download "
+        f"(fetches into {_cache_root() / name}, checksums verified){debian}\n"
+        f"  - or download the four files from {src.homepage} into a folder and pass "
+        f"--data-dir FOLDER (or set {ENV_DATA_DIR})\n"
+        "  - or use --dataset digits (bundled with scikit-learn, works offline)"
+    )
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_dataset(
+    name: str,
+    dest: str | os.PathLike[str] | None = None,
+    *,
+    urls: Sequence[str] | None = None,
+    md5: dict[str, str] | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Fetch the four ``.gz`` files of ``name`` (``mnist`` or ``fashion-mnist``) into ``dest``
+    (default: the user cache), verifying each against its published MD5; files already present
+    with the right checksum are kept. ``urls``/``md5`` override the canonical mirrors and
+    checksums (tests serve generated files from a local server). Returns ``dest``.
+
+    Each file is written to a temporary name and renamed only after its checksum matches, so an
+    interrupted download never leaves a file that looks complete."""
+    if name not in IDX_SOURCES:
+        raise ValueError(f"download: no download for {name!r}; choose one of {list(IDX_SOURCES)}")
+    src = IDX_SOURCES[name]
+    bases = list(urls) if urls is not None else list(src.urls)
+    sums = dict(md5) if md5 is not None else src.md5
+    out = Path(dest) if dest is not None else _cache_root() / name
+    out.mkdir(parents=True, exist_ok=True)
+    for fname, want in sums.items():
+        target = out / fname
+        if target.is_file() and _md5(target) == want:
+            continue
+        errors: list[str] = []
+        for base in bases:
+            url = base.rstrip("/") + "/" + fname
+            fd, tmp_name = tempfile.mkstemp(dir=out, prefix=f".{fname}.", suffix=".part")
+            tmp = Path(tmp_name)
+            try:
+                with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+                    shutil.copyfileobj(r, f)
+                got = _md5(tmp)
+                if got != want:
+                    errors.append(f"{url}: checksum mismatch (md5 {got}, expected {want})")
+                    continue
+                os.replace(tmp, target)
+                break
+            except OSError as e:
+                errors.append(f"{url}: {e}")
+            finally:
+                tmp.unlink(missing_ok=True)
+        else:
+            mismatch = any("checksum" in e for e in errors)
+            cls = DatasetCorruptError if mismatch else DatasetNotFoundError
+            raise cls(f"download of {name} failed:\n  " + "\n  ".join(errors))
+    return out
+
+
+def _load_idx(name: str, data_dir: str | os.PathLike[str] | None) -> Dataset:
+    files = find_idx_files(name, data_dir)
+    if files is None:
+        raise DatasetNotFoundError(_how_to_get(name, data_dir))
+    arrays = {role: read_idx(p) for role, p in files.items()}
+    for split in ("train", "test"):
+        xi, yi = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if xi.ndim != 3 or yi.ndim != 1 or xi.shape[0] != yi.shape[0]:
+            raise DatasetCorruptError(
+                f"{name}: {files[f'{split}_images']} has shape {xi.shape} and "
+                f"{files[f'{split}_labels']} has shape {yi.shape}; expected (N, H, W) images and "
+                "(N,) labels of the same N — the files are mismatched or corrupt"
+            )
+
+    def images(a: np.ndarray) -> Tensor:
+        # (N, H, W) uint8 -> (N, 1, H, W) float32 in [0, 1]
+        return torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)
+
+    def labels(a: np.ndarray) -> Tensor:
+        return torch.from_numpy(a.astype(np.int64))
+
+    y_train = labels(arrays["train_labels"])
+    return Dataset(
+        name=name,
+        x_train=images(arrays["train_images"]),
+        y_train=y_train,
+        x_test=images(arrays["test_images"]),
+        y_test=labels(arrays["test_labels"]),
+        num_classes=int(max(int(y_train.max()) + 1, 10)),
+        source=str(files["train_images"].parent),
+    )
+
+
+def _load_digits(seed: int = 0) -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = (d.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)  # pixel values are 0..16
+    y = d.target.astype(np.int64)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
+    return Dataset(
+        name="digits",
+        x_train=torch.from_numpy(xtr),
+        y_train=torch.from_numpy(ytr),
+        x_test=torch.from_numpy(xte),
+        y_test=torch.from_numpy(yte),
+        num_classes=10,
+        source="sklearn.datasets.load_digits (1797 8x8 images, stratified 80/20 split)",
+    )
+
+
+def synthetic(
+    n_train: int = 2000,
+    n_test: int = 500,
+    num_classes: int = 10,
+    shape: tuple[int, int, int] = (1, 8, 8),
+    noise: float = 1.0,
+    seed: int = 0,
+) -> Dataset:
+    """Gaussian clusters around random class prototypes, squashed to [0, 1] — learnable but not
+    trivially (``noise`` sets the overlap). Deterministic in ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    d = int(np.prod(shape))
+    protos = torch.randn(num_classes, d, generator=g)
+
+    def draw(n: int) -> tuple[Tensor, Tensor]:
+        y = torch.randint(0, num_classes, (n,), generator=g)
+        x = protos[y] + noise * torch.randn(n, d, generator=g)
+        return torch.sigmoid(x).reshape(n, *shape), y
+
+    xtr, ytr = draw(n_train)
+    xte, yte = draw(n_test)
+    return Dataset("synthetic", xtr, ytr, xte, yte, num_classes, f"synthetic(seed={seed})")
+
+
+def resolve_name(name: str, data_dir: str | os.PathLike[str] | None = None) -> str:
+    """The dataset ``name`` stands for: ``auto`` becomes mnist, fashion-mnist or digits,
+    whichever is found first."""
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    if name != "auto":
+        return name
+    for candidate in ("mnist", "fashion-mnist"):
+        if find_idx_files(candidate, data_dir) is not None:
+            return candidate
+    return "digits"
+
+
+def load_dataset(
+    name: str = "auto",
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    download: bool = False,
+    seed: int = 0,
+) -> Dataset:
+    """Load a dataset by ``--dataset`` name (see the module docstring for the lookup order).
+
+    ``download=True`` fetches MNIST / Fashion-MNIST into the user cache first when they are not
+    found (for ``auto``: MNIST). Raises :class:`DatasetNotFoundError` saying where the files were
+    looked for and how to get them, :class:`DatasetCorruptError` for unreadable files."""
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    if name == "auto" and download and find_idx_files("mnist", data_dir) is None:
+        download_dataset("mnist")
+    resolved = resolve_name(name, data_dir)
+    if resolved in IDX_SOURCES:
+        if download and find_idx_files(resolved, data_dir) is None:
+            download_dataset(resolved)
+        ds = _load_idx(resolved, data_dir)
+    elif resolved == "digits":
+        ds = _load_digits(seed=0)
+    else:
+        ds = synthetic(seed=seed)
+    if name == "auto":
+        ds = replace(ds, extra={**ds.extra, "requested": "auto"})
+    return ds

@@ -1,0 +1,1 @@
+"""One module per experiment; every module here is imported by :mod:`batchnorm.lab.registry`."""
