@@ -1,0 +1,713 @@
+"""Measurements of what batch normalization does to training, usable on any torch model.
+
+These are the instruments behind the lab's claims experiments, kept in the library so they can
+be pointed at any network:
+
+* :func:`internal_covariate_shift` — Santurkar, Tsipras, Ilyas & Madry (2018, arXiv 1805.11604),
+  Definition 2.1: for layer *i*, ``G = ∇_{W_i} L(W_1, …, W_k; x, y)`` and
+  ``G' = ∇_{W_i} L(W'_1, …, W'_{i−1}, W_i, …, W_k; x, y)`` where ``W'_j`` are the weights after
+  the optimizer's update of the same step; the shift is ``‖G − G'‖₂`` and ``cos(G, G')``.
+* :func:`loss_landscape` — their Sec. 3.2: along the gradient direction ``θ − η·g`` for several
+  step sizes η, the loss variation, the gradient predictiveness ``‖∇L(θ − ηg) − ∇L(θ)‖₂`` and the
+  effective β-smoothness ``max_η ‖∇L(θ − ηg) − ∇L(θ)‖₂ / ‖ηg‖₂``.
+* :func:`activation_statistics` / :func:`distribution_drift` — per-unit mean, standard deviation
+  and quantiles of chosen layers' outputs, and how much they moved between two checkpoints.
+* :func:`bn_statistics_mismatch` — for every batch-norm layer, the statistics its input really has
+  at evaluation time against the running statistics it will normalize with (the "variance shift"
+  of Li, Chen, Hu & Yang 2019, arXiv 1801.05134, when dropout precedes BN).
+* :class:`TimeVaryingNoise` — Santurkar et al.'s injected distribution noise (App. A.2.1), the
+  module that makes a BN network's activations deliberately unstable.
+
+Every measurement leaves the model as it found it: parameters, buffers (running statistics) and
+train/eval mode are restored, and random layers (dropout, noise) see the same random numbers in
+every forward pass of one measurement so that only the weights differ between passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+__all__ = [
+    "LayerShift",
+    "LandscapeProbe",
+    "ActivationStats",
+    "TimeVaryingNoise",
+    "internal_covariate_shift",
+    "loss_landscape",
+    "activation_statistics",
+    "distribution_drift",
+    "bn_statistics_mismatch",
+]
+
+Batch = tuple[Tensor, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+# weight-carrying layers measured by default (Santurkar et al. measure linear and conv layers)
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+# --------------------------------------------------------------------------------------------
+# shared plumbing
+
+
+@contextlib.contextmanager
+def _preserved(model: nn.Module) -> Iterator[None]:
+    """Restore parameters, buffers and train/eval modes of ``model`` on exit."""
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    modes = {name: m.training for name, m in model.named_modules()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in model.named_parameters():
+                v.copy_(params[k])
+            for k, b in model.named_buffers():
+                b.copy_(buffers[k])
+        for name, m in model.named_modules():
+            m.training = modes[name]
+
+
+def _rng_seed() -> int:
+    # one seed per measurement, drawn from torch's global generator so results follow
+    # torch.manual_seed, then replayed before every pass: dropout/noise masks stay identical
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+@contextlib.contextmanager
+def _replay_rng(seed: int) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _check_batch(batch: Batch, where: str) -> Batch:
+    if not (isinstance(batch, tuple | list) and len(batch) == 2):
+        raise TypeError(
+            f"{where}: batch must be a pair (inputs, targets), got {type(batch).__name__}; "
+            "pass e.g. (x, y) as taken from a DataLoader"
+        )
+    return batch[0], batch[1]
+
+
+def _loss_and_grads(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    loss_fn: LossFn,
+    batch: Batch,
+    seed: int,
+    wrt: Sequence[str],
+) -> tuple[float, list[Tensor]]:
+    """Loss at ``params`` (a full name → tensor mapping) and its gradient w.r.t. ``wrt``."""
+    x, y = batch
+    leaves = {k: (v.detach().requires_grad_(k in wrt)) for k, v in params.items()}
+    with _replay_rng(seed):
+        out = functional_call(model, leaves, (x,))
+    loss = loss_fn(out, y)
+    if loss.dim() != 0:
+        raise ValueError(
+            f"loss_fn must return a scalar, got shape {tuple(loss.shape)}; "
+            "use a reduction such as 'mean'"
+        )
+    grads = torch.autograd.grad(loss, [leaves[k] for k in wrt], allow_unused=True)
+    out_grads = [
+        torch.zeros_like(leaves[k]) if g is None else g.detach() for k, g in zip(wrt, grads)
+    ]
+    return float(loss.detach()), out_grads
+
+
+def _forward_order(model: nn.Module, x: Tensor, seed: int) -> list[str]:
+    """Names of the modules owning parameters, in the order the forward pass first calls them."""
+    owners = {
+        name: m
+        for name, m in model.named_modules()
+        if any(True for _ in m.parameters(recurse=False))
+    }
+    order: list[str] = []
+    handles = []
+    for name, m in owners.items():
+
+        def hook(_m: nn.Module, _i: object, _o: object, name: str = name) -> None:
+            if name not in order:
+                order.append(name)
+
+        handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad(), _replay_rng(seed):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    # modules never called (unused heads) come last: they precede nothing
+    order += [n for n in owners if n not in order]
+    return order
+
+
+def _param_names(model: nn.Module, module_name: str) -> list[str]:
+    m = model.get_submodule(module_name)
+    prefix = f"{module_name}." if module_name else ""
+    return [prefix + k for k, p in m.named_parameters(recurse=False) if p.requires_grad]
+
+
+def _flat(ts: Iterable[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in ts]).double()
+
+
+# --------------------------------------------------------------------------------------------
+# internal covariate shift
+
+
+@dataclass(frozen=True)
+class LayerShift:
+    """Internal covariate shift of one layer at one step (Santurkar et al. 2018, Def. 2.1).
+
+    Attributes:
+        layer: the module name in ``model.named_modules()``.
+        grad_norm: ``‖G‖₂``, the layer's weight gradient before any update.
+        l2: ``‖G − G'‖₂``, with ``G'`` the gradient after the preceding layers' update.
+        cosine: ``cos(G, G') = ⟨G, G'⟩ / (‖G‖‖G'‖)`` (1 when either is zero and they are equal).
+    """
+
+    layer: str
+    grad_norm: float
+    l2: float
+    cosine: float
+
+    @property
+    def relative_l2(self) -> float:
+        """``‖G − G'‖ / ‖G‖`` (0 when ``G = 0``)."""
+        return self.l2 / self.grad_norm if self.grad_norm > 0 else 0.0
+
+
+def internal_covariate_shift(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    update: float | OptimizerFactory,
+    layers: Sequence[str] | None = None,
+) -> list[LayerShift]:
+    r"""Santurkar et al.'s internal covariate shift of each layer for one optimization step.
+
+    .. math::
+        G_i = \nabla_{W_i} L(W_1, \dots, W_k; x, y), \qquad
+        G'_i = \nabla_{W_i} L(W'_1, \dots, W'_{i-1}, W_i, \dots, W_k; x, y),
+
+    where ``W'`` are the weights after the optimizer's step computed from ``G`` on the same batch
+    (Santurkar, Tsipras, Ilyas & Madry 2018, arXiv 1805.11604, Definition 2.1). A layer's
+    "preceding layers" are all parameter-owning modules (convolutions, linear and batch-norm
+    layers) that the forward pass calls before it. ``G'`` is what layer *i* would see if it
+    accounted for its inputs' change; ``‖G − G'‖`` large / ``cos`` small means a large shift.
+
+    Args:
+        model: any ``nn.Module``; its current mode (train/eval) is used and it is left unchanged.
+        loss_fn: ``loss_fn(model(x), y) -> scalar``.
+        batch: ``(x, y)``.
+        update: a learning rate (plain SGD ``W' = W − η·G``) or a factory
+            ``params -> torch.optim.Optimizer`` whose first step defines ``W'`` (e.g.
+            ``lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)``; its state starts fresh).
+        layers: names of the modules to measure (their ``weight``); default every
+            ``nn.Linear``/``nn.ConvNd`` in forward order.
+
+    Returns:
+        one :class:`LayerShift` per measured layer, in forward order.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+        >>> shifts = internal_covariate_shift(net, nn.functional.cross_entropy, batch, 0.1)
+        >>> [s.layer for s in shifts], shifts[0].l2
+        (['0', '2'], 0.0)
+    """
+    x, y = _check_batch(batch, "internal_covariate_shift")
+    seed = _rng_seed()
+    with _preserved(model):
+        order = _forward_order(model, x, seed)
+        if layers is None:
+            measured = [n for n in order if isinstance(model.get_submodule(n), _WEIGHT_LAYERS)]
+        else:
+            unknown = [n for n in layers if n not in order]
+            if unknown:
+                raise ValueError(
+                    f"internal_covariate_shift: layers {unknown} own no trainable parameters or "
+                    f"are not modules of the model; choose among {order}"
+                )
+            measured = [n for n in order if n in layers]
+        for n in measured:
+            if not isinstance(getattr(model.get_submodule(n), "weight", None), nn.Parameter):
+                raise ValueError(
+                    f"internal_covariate_shift: layer {n!r} "
+                    f"({type(model.get_submodule(n)).__name__}) has no trainable 'weight'"
+                )
+        buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+        theta = {k: v.detach().clone() for k, v in model.named_parameters()}
+        trainable = [k for k, v in model.named_parameters() if v.requires_grad]
+
+        def restore_buffers() -> None:
+            # train-mode BN updates running statistics in every pass; each pass starts equal
+            with torch.no_grad():
+                for k, b in model.named_buffers():
+                    b.copy_(buffers[k])
+
+        _, g_all = _loss_and_grads(model, theta, loss_fn, (x, y), seed, trainable)
+        grads = dict(zip(trainable, g_all))
+
+        # W' from one optimizer step on the same gradients
+        if callable(update):
+            live = [p for p in model.parameters() if p.requires_grad]
+            opt = update(live)
+            with torch.no_grad():
+                for k, p in model.named_parameters():
+                    if p.requires_grad:
+                        p.grad = grads[k].clone()
+            opt.step()
+            theta_new = {k: v.detach().clone() for k, v in model.named_parameters()}
+            with torch.no_grad():
+                for k, p in model.named_parameters():
+                    p.copy_(theta[k])
+                    p.grad = None
+        else:
+            lr = float(update)
+            theta_new = {k: (theta[k] - lr * grads[k]) if k in grads else theta[k] for k in theta}
+
+        results = []
+        for name in measured:
+            wname = f"{name}.weight" if name else "weight"
+            before = order[: order.index(name)]
+            updated = {p for n in before for p in _param_names(model, n)}
+            mixed = {k: (theta_new[k] if k in updated else theta[k]) for k in theta}
+            restore_buffers()
+            _, (g_prime,) = _loss_and_grads(model, mixed, loss_fn, (x, y), seed, [wname])
+            g = grads[wname].double()
+            gp = g_prime.double()
+            gn, gpn = float(g.norm()), float(gp.norm())
+            diff = float((g - gp).norm())
+            if gn > 0 and gpn > 0:
+                cos = float((g * gp).sum() / (gn * gpn))
+            else:
+                cos = 1.0 if diff == 0 else 0.0
+            results.append(LayerShift(layer=name, grad_norm=gn, l2=diff, cosine=cos))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# loss landscape along the gradient
+
+
+@dataclass(frozen=True)
+class LandscapeProbe:
+    """The loss and gradient along ``θ − η·g`` at one point (Santurkar et al. 2018, Sec. 3.2).
+
+    Attributes:
+        step_sizes: the η values, shape ``(S,)``.
+        loss0: ``L(θ)``.
+        grad_norm: ``‖g‖₂`` with ``g = ∇L(θ)``.
+        losses: ``L(θ − η g)`` per η, shape ``(S,)``.
+        grad_distances: ``‖∇L(θ − η g) − ∇L(θ)‖₂`` per η (gradient predictiveness; smaller is
+            more predictive), shape ``(S,)``.
+    """
+
+    step_sizes: np.ndarray
+    loss0: float
+    grad_norm: float
+    losses: np.ndarray
+    grad_distances: np.ndarray
+
+    @property
+    def loss_variation(self) -> float:
+        """``max_η L(θ − ηg) − min_η L(θ − ηg)`` over the probed step sizes."""
+        return float(np.max(self.losses) - np.min(self.losses))
+
+    @property
+    def gradient_predictiveness(self) -> float:
+        """``max_η ‖∇L(θ − ηg) − ∇L(θ)‖₂``: the largest gradient change (smaller = smoother)."""
+        return float(np.max(self.grad_distances))
+
+    @property
+    def betas(self) -> np.ndarray:
+        """``‖∇L(θ − ηg) − ∇L(θ)‖₂ / (η‖g‖₂)`` per η (0 where ``g = 0``)."""
+        denom = self.step_sizes * self.grad_norm
+        with np.errstate(divide="ignore", invalid="ignore"):
+            b = np.where(denom > 0, self.grad_distances / denom, 0.0)
+        return np.asarray(b, dtype=np.float64)
+
+    @property
+    def beta_smoothness(self) -> float:
+        """Effective β-smoothness: ``max_η ‖∇L(θ − ηg) − ∇L(θ)‖₂ / ‖ηg‖₂``."""
+        return float(np.max(self.betas))
+
+
+def loss_landscape(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    step_sizes: Sequence[float],
+    params: Sequence[str] | None = None,
+) -> LandscapeProbe:
+    r"""Probe the loss landscape along the gradient direction (Santurkar et al. 2018, Sec. 3.2).
+
+    With ``g = ∇L(θ)`` on ``batch`` and each step size η, it evaluates ``L(θ − ηg)`` and
+    ``∇L(θ − ηg)``. For a quadratic ``L(θ) = ½ θᵀHθ − bᵀθ`` the answers are closed form:
+    ``L(θ − ηg) = L(θ) − η‖g‖² + ½η² gᵀHg``, ``‖∇L(θ − ηg) − ∇L(θ)‖ = η‖Hg‖`` and the effective
+    β-smoothness is ``‖Hg‖/‖g‖`` (the eigenvalue when ``g`` is an eigenvector of ``H``; never more
+    than the largest eigenvalue).
+
+    Args:
+        model: any ``nn.Module`` in the mode to probe (train mode: BN uses batch statistics); it is
+            left unchanged (running statistics included).
+        loss_fn: ``loss_fn(model(x), y) -> scalar``.
+        batch: ``(x, y)``, the same batch for every evaluation.
+        step_sizes: the η values (positive), e.g. ``lr * np.array([0.5, 1, 2, 4])``.
+        params: parameter names spanning θ (default all trainable parameters).
+
+    Returns:
+        a :class:`LandscapeProbe` with the loss variation, gradient predictiveness and effective
+        β-smoothness as properties.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+        >>> probe = loss_landscape(net, nn.functional.cross_entropy, batch, [0.1, 0.4])
+        >>> probe.losses.shape
+        (2,)
+    """
+    x, y = _check_batch(batch, "loss_landscape")
+    etas = np.asarray(list(step_sizes), dtype=np.float64)
+    if etas.ndim != 1 or etas.size == 0 or not np.all(etas > 0):
+        raise ValueError(
+            f"loss_landscape: step_sizes must be a non-empty list of positive numbers, got "
+            f"{list(step_sizes)!r}"
+        )
+    seed = _rng_seed()
+    with _preserved(model):
+        buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+        theta = {k: v.detach().clone() for k, v in model.named_parameters()}
+        names = (
+            [k for k, v in model.named_parameters() if v.requires_grad]
+            if params is None
+            else list(params)
+        )
+        unknown = [k for k in names if k not in theta]
+        if unknown:
+            raise ValueError(
+                f"loss_landscape: unknown parameters {unknown}; choose among {list(theta)}"
+            )
+
+        def evaluate(p: dict[str, Tensor]) -> tuple[float, list[Tensor]]:
+            # train-mode BN updates running statistics in every pass; each pass starts equal
+            with torch.no_grad():
+                for k, b in model.named_buffers():
+                    b.copy_(buffers[k])
+            return _loss_and_grads(model, p, loss_fn, (x, y), seed, names)
+
+        loss0, g_parts = evaluate(theta)
+        g0 = _flat(g_parts)
+        losses, dists = [], []
+        for eta in etas:
+            moved = dict(theta)
+            for k, gk in zip(names, g_parts):
+                moved[k] = theta[k] - float(eta) * gk
+            loss, g = evaluate(moved)
+            losses.append(loss)
+            dists.append(float((_flat(g) - g0).norm()))
+    return LandscapeProbe(
+        step_sizes=etas,
+        loss0=loss0,
+        grad_norm=float(g0.norm()),
+        losses=np.asarray(losses, dtype=np.float64),
+        grad_distances=np.asarray(dists, dtype=np.float64),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# activation distributions and their drift
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """Per-unit statistics of one layer's output over a batch (units = axis 1; the batch and
+    any spatial axes are reduced).
+
+    Attributes:
+        mean, std: shape ``(C,)``; std is the biased (population) standard deviation.
+        quantiles: shape ``(Q, C)`` at the levels ``levels`` (shape ``(Q,)``).
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    quantiles: np.ndarray
+    levels: np.ndarray
+
+    def to_dict(self) -> dict[str, list[float] | list[list[float]]]:
+        return {
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "quantiles": self.quantiles.tolist(),
+            "levels": self.levels.tolist(),
+        }
+
+
+def _per_unit(t: Tensor) -> Tensor:
+    """``(N, C, *)`` → ``(C, N·∏*)``: each row holds one unit's values."""
+    if t.dim() < 2:
+        raise ValueError(
+            f"activation_statistics: a layer output of shape {tuple(t.shape)} has no unit axis; "
+            "measure a layer whose output is (N, C) or (N, C, ...)"
+        )
+    return t.detach().double().transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def activation_statistics(
+    model: nn.Module,
+    inputs: Tensor,
+    layers: Sequence[str] | None = None,
+    levels: Sequence[float] = (0.05, 0.25, 0.5, 0.75, 0.95),
+) -> dict[str, ActivationStats]:
+    """Per-unit mean, std and quantiles of the outputs of ``layers`` on ``inputs``.
+
+    The model runs in its current mode without gradients; running statistics are restored, and
+    random layers are replayed with a fixed seed per call.
+
+    Args:
+        model: any ``nn.Module``.
+        inputs: a batch ``x`` for ``model(x)``.
+        layers: module names (default: every batch-norm layer — any module with
+            ``running_mean`` — or, if there is none, every ``nn.Linear``/``nn.ConvNd``).
+        levels: the quantile levels in ``[0, 1]``.
+
+    Returns:
+        ``{layer name: ActivationStats}``.
+    """
+    modules = dict(model.named_modules())
+    if layers is None:
+        chosen = [n for n, m in modules.items() if hasattr(m, "running_mean") and n]
+        if not chosen:
+            chosen = [n for n, m in modules.items() if isinstance(m, _WEIGHT_LAYERS)]
+    else:
+        chosen = list(layers)
+        missing = [n for n in chosen if n not in modules]
+        if missing:
+            raise ValueError(
+                f"activation_statistics: no modules named {missing}; choose among "
+                f"{[n for n in modules if n]}"
+            )
+    q = torch.tensor(list(levels), dtype=torch.float64)
+    if q.numel() == 0 or bool(((q < 0) | (q > 1)).any()):
+        raise ValueError(f"activation_statistics: levels must be in [0, 1], got {list(levels)}")
+    captured: dict[str, Tensor] = {}
+    handles = []
+    for n in chosen:
+
+        def hook(_m: nn.Module, _i: object, out: Tensor, n: str = n) -> None:
+            captured[n] = _per_unit(out)
+
+        handles.append(modules[n].register_forward_hook(hook))
+    seed = _rng_seed()
+    try:
+        with _preserved(model), torch.no_grad(), _replay_rng(seed):
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    result = {}
+    for n in chosen:
+        u = captured[n]  # (C, M)
+        result[n] = ActivationStats(
+            mean=u.mean(dim=1).numpy(),
+            std=u.std(dim=1, unbiased=False).numpy(),
+            quantiles=torch.quantile(u, q, dim=1).numpy(),
+            levels=q.numpy(),
+        )
+    return result
+
+
+def distribution_drift(
+    before: dict[str, ActivationStats], after: dict[str, ActivationStats]
+) -> dict[str, dict[str, float]]:
+    r"""How far each layer's per-unit activation distribution moved between two checkpoints.
+
+    For every layer present in both, averaged over units c:
+
+    * ``mean_shift`` = mean_c |μ'_c − μ_c|;
+    * ``normalized_mean_shift`` = mean_c |μ'_c − μ_c| / σ_c (in units of the earlier spread;
+      units with σ_c = 0 are skipped);
+    * ``log_std_ratio`` = mean_c |log(σ'_c / σ_c)| (0 when the spread is unchanged);
+    * ``quantile_shift`` = mean over units and levels of |q'_c − q_c|.
+
+    Returns:
+        ``{layer: {measure: value}}``.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for n in before:
+        if n not in after:
+            continue
+        a, b = before[n], after[n]
+        if a.mean.shape != b.mean.shape:
+            raise ValueError(
+                f"distribution_drift: layer {n!r} has {a.mean.shape[0]} units before and "
+                f"{b.mean.shape[0]} after; compare checkpoints of the same architecture"
+            )
+        dmu = np.abs(b.mean - a.mean)
+        ok = a.std > 0
+        both = ok & (b.std > 0)
+        out[n] = {
+            "mean_shift": float(dmu.mean()),
+            "normalized_mean_shift": float((dmu[ok] / a.std[ok]).mean()) if ok.any() else 0.0,
+            "log_std_ratio": float(np.abs(np.log(b.std[both] / a.std[both])).mean())
+            if both.any()
+            else 0.0,
+            "quantile_shift": float(np.abs(b.quantiles - a.quantiles).mean()),
+        }
+    return out
+
+
+def bn_statistics_mismatch(model: nn.Module, inputs: Tensor) -> dict[str, dict[str, float]]:
+    r"""Train/eval statistics mismatch of every batch-norm layer on ``inputs``.
+
+    In eval mode each BN layer normalizes with its running statistics (μ_run, σ²_run). This runs
+    the model in eval mode and compares them with the statistics its input really has
+    (μ_B, σ²_B, per channel):
+
+    * ``var_ratio`` = mean_c σ²_B / σ²_run — 1 when they agree; below 1 is Li et al.'s (2019)
+      "variance shift" of dropout-before-BN (the running variance was accumulated with dropout's
+      inflated variance);
+    * ``mean_shift`` = mean_c |μ_B − μ_run| / √σ²_run.
+
+    Layers without running statistics are skipped. The model is left unchanged.
+
+    Returns:
+        ``{layer: {"var_ratio": …, "mean_shift": …}}``.
+    """
+    modules = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "running_mean", None), Tensor)
+        and isinstance(getattr(m, "running_var", None), Tensor)
+    }
+    captured: dict[str, tuple[Tensor, Tensor]] = {}
+    handles = []
+    for n, m in modules.items():
+        axis = int(getattr(m, "axis", 1))
+
+        def hook(mod: nn.Module, inp: tuple[Tensor, ...], n: str = n, axis: int = axis) -> None:
+            t = inp[0].detach().double()
+            u = t.movedim(axis, 0).reshape(t.shape[axis], -1)  # (C, M)
+            captured[n] = (u.mean(dim=1), u.var(dim=1, unbiased=False))
+
+        handles.append(m.register_forward_pre_hook(hook))
+    seed = _rng_seed()
+    try:
+        with _preserved(model), torch.no_grad(), _replay_rng(seed):
+            model.eval()
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n, m in modules.items():
+        if n not in captured:
+            continue
+        mu, var = captured[n]
+        rm = m.running_mean.detach().double()  # type: ignore[union-attr]
+        rv = m.running_var.detach().double()  # type: ignore[union-attr]
+        eps = float(getattr(m, "eps", 1e-5))
+        out[n] = {
+            "var_ratio": float((var / (rv + eps)).mean()),
+            "mean_shift": float(((mu - rm).abs() / torch.sqrt(rv + eps)).mean()),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Santurkar et al.'s injected noise
+
+
+class TimeVaryingNoise(nn.Module):
+    r"""Distribution noise that changes at every step (Santurkar et al. 2018, Sec. 2, App. A.2.1).
+
+    In training mode, at every forward call (one optimization step) each unit c draws
+    ``μ_c ~ U(−mean_range, mean_range)`` and ``σ_c ~ U(scale_low, scale_high)``; then each
+    sample n draws ``m_{n,c} ~ U(μ_c − mean_jitter, μ_c + mean_jitter)`` and
+    ``s_{n,c} ~ N(σ_c, scale_jitter)``, and the activation becomes
+
+    .. math:: a_{n,c,\dots} \leftarrow s_{n,c} \, a_{n,c,\dots} + m_{n,c}.
+
+    Placed after each BN layer it makes the distribution of every layer's input unstable by
+    design (non-zero mean, non-unit variance, changing every step) — the experiment that shows
+    BN's success is not explained by stable input distributions. Identity in eval mode.
+
+    Args:
+        axis: the unit (channel) axis of the input. The defaults are the paper's values.
+
+    Shape: ``(N, C, *)`` (with ``axis=1``) → same shape.
+
+    Example::
+
+        >>> import torch
+        >>> noise = TimeVaryingNoise()
+        >>> noise(torch.zeros(4, 3, 2, 2)).shape
+        torch.Size([4, 3, 2, 2])
+    """
+
+    def __init__(
+        self,
+        axis: int = 1,
+        mean_range: float = 0.5,
+        scale_low: float = 1.0,
+        scale_high: float = 1.25,
+        mean_jitter: float = 0.1,
+        scale_jitter: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not (scale_low <= scale_high and mean_range >= 0 and mean_jitter >= 0):
+            raise ValueError(
+                "TimeVaryingNoise: need scale_low <= scale_high and non-negative ranges, got "
+                f"mean_range={mean_range}, scale=({scale_low}, {scale_high}), "
+                f"mean_jitter={mean_jitter}"
+            )
+        if scale_jitter < 0:
+            raise ValueError(f"TimeVaryingNoise: scale_jitter must be >= 0, got {scale_jitter}")
+        self.axis = axis
+        self.mean_range = mean_range
+        self.scale_low = scale_low
+        self.scale_high = scale_high
+        self.mean_jitter = mean_jitter
+        self.scale_jitter = scale_jitter
+
+    def extra_repr(self) -> str:
+        return (
+            f"mean~U(±{self.mean_range}), scale~U({self.scale_low}, {self.scale_high}), "
+            f"jitter=({self.mean_jitter}, {self.scale_jitter})"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        if x.dim() < 2:
+            raise ValueError(
+                f"TimeVaryingNoise: expected input (N, C, ...), got shape {tuple(x.shape)}"
+            )
+        xc = x.movedim(self.axis, 1)  # (N, C, *)
+        n, c = xc.shape[0], xc.shape[1]
+        opts: dict[str, Any] = {"device": x.device, "dtype": x.dtype}
+        mu = (torch.rand(c, **opts) * 2 - 1) * self.mean_range  # (C,)
+        sigma = self.scale_low + torch.rand(c, **opts) * (self.scale_high - self.scale_low)
+        m = mu + (torch.rand(n, c, **opts) * 2 - 1) * self.mean_jitter  # (N, C)
+        s = sigma + torch.randn(n, c, **opts) * self.scale_jitter  # (N, C)
+        shape = (n, c) + (1,) * (xc.dim() - 2)
+        y = s.reshape(shape) * xc + m.reshape(shape)
+        return y.movedim(1, self.axis)
