@@ -7,6 +7,14 @@ through ``batchnorm.lab``.
 """
 
 from batchnorm import functional, reference
+from batchnorm.analysis import (
+    TimeVaryingNoise,
+    activation_statistics,
+    bn_statistics_mismatch,
+    distribution_drift,
+    internal_covariate_shift,
+    loss_landscape,
+)
 from batchnorm.convert import convert_model
 from batchnorm.functional import (
     BatchNormInputError,
@@ -31,4 +39,10 @@ __all__ = [
     "NonFiniteStatisticsError",
     "NonFiniteStatisticsWarning",
     "convert_model",
+    "internal_covariate_shift",
+    "loss_landscape",
+    "activation_statistics",
+    "distribution_drift",
+    "bn_statistics_mismatch",
+    "TimeVaryingNoise",
 ]
