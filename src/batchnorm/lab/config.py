@@ -1,0 +1,178 @@
+"""Typed experiment configs: a dataclass per experiment, inheriting :class:`BaseConfig`.
+
+``--set key=value`` converts ``value`` to the field's declared type (``bool``, ``int``,
+``float``, ``str``, ``X | None``, ``tuple[T, ...]``/``list[T]`` as comma-separated values,
+``Literal[...]``); an unknown key or an unconvertible value raises :class:`ConfigError`
+listing the valid keys. ``--quick`` applies the class's ``QUICK`` overrides first, so
+``--set`` still wins over them.
+
+Example::
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class MyConfig(BaseConfig):
+    ...     lr: float = 0.1
+    ...     widths: tuple[int, ...] = (100, 100)
+    >>> make_config(MyConfig, sets=["lr=0.5", "widths=32,32"]).widths
+    (32, 32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeVar, Union
+
+__all__ = ["BaseConfig", "ConfigError", "make_config", "config_to_dict", "parse_value"]
+
+
+class ConfigError(ValueError):
+    """An unknown config key or a value that does not convert to the field's type."""
+
+
+@dataclass
+class BaseConfig:
+    """Fields every experiment has.
+
+    Attributes:
+        dataset: ``auto``, ``mnist``, ``fashion-mnist``, ``digits`` or ``synthetic``.
+        data_dir: where to look for IDX files first (``None``: the default search path).
+        download: fetch MNIST / Fashion-MNIST if missing.
+        seeds: how many seeds to run (``seed``, ``seed+1``, …); results report mean ± spread.
+        seed: the first seed.
+        quick: smoke size (set by ``--quick``; the class's ``QUICK`` overrides are applied).
+        threads: torch CPU threads during training (small MLPs are fastest on 1).
+    """
+
+    dataset: str = "auto"
+    data_dir: str | None = None
+    download: bool = False
+    seeds: int = 1
+    seed: int = 0
+    quick: bool = False
+    threads: int = 1
+
+    # overrides applied by --quick (before --set); each experiment sets its own
+    QUICK: ClassVar[dict[str, Any]] = {}
+
+    def seed_list(self) -> list[int]:
+        """The seeds this config runs."""
+        return [self.seed + i for i in range(self.seeds)]
+
+    def validate(self) -> None:
+        """Check value ranges; experiments extend this (call ``super().validate()``)."""
+        if self.seeds < 1:
+            raise ConfigError(f"seeds must be >= 1, got {self.seeds}")
+        if self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        from batchnorm.lab.data import DATASET_NAMES
+
+        if self.dataset not in DATASET_NAMES:
+            raise ConfigError(
+                f"dataset must be one of {', '.join(DATASET_NAMES)}, got {self.dataset!r}"
+            )
+
+
+C = TypeVar("C", bound=BaseConfig)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_value(text: str, tp: Any, key: str = "value") -> Any:
+    """Convert the command-line string ``text`` to type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if type(None) in args and text.strip().lower() in ("none", "null", ""):
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return parse_value(text, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin is Literal:
+        for a in args:
+            if str(a) == text:
+                return a
+        raise ConfigError(f"{key}: {text!r} is not one of {', '.join(map(str, args))}")
+    if origin in (tuple, list):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        inner = args[0] if args else str
+        vals = [parse_value(t, inner, key) for t in items]
+        return tuple(vals) if origin is tuple else vals
+    if tp is bool:
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(f"{key}: expected a boolean (true/false), got {text!r}")
+    if tp in (int, float, str):
+        try:
+            return tp(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {text!r}") from None
+    raise ConfigError(f"{key}: cannot set fields of type {tp!r} from the command line")
+
+
+def _fields(cls: type[BaseConfig]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _parse_sets(sets: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(sets, Mapping):
+        return dict(sets)
+    out: dict[str, Any] = {}
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def make_config(
+    cls: type[C],
+    *,
+    quick: bool = False,
+    sets: Iterable[str] | Mapping[str, Any] = (),
+    **values: Any,
+) -> C:
+    """Build a config: defaults, then ``cls.QUICK`` if ``quick``, then ``values`` (typed, e.g.
+    from CLI flags; ``None`` means "not given"), then ``sets`` (strings converted to the field's
+    type). Unknown keys raise :class:`ConfigError`."""
+    fields = _fields(cls)
+    merged: dict[str, Any] = {}
+    if quick:
+        merged.update(cls.QUICK)
+        merged["quick"] = True
+    merged.update({k: v for k, v in values.items() if v is not None})
+    for k, v in _parse_sets(sets).items():
+        if k not in fields:
+            raise ConfigError(
+                f"unknown config key {k!r} for {cls.__name__}; valid keys: {', '.join(fields)}"
+            )
+        merged[k] = parse_value(v, fields[k], k) if isinstance(v, str) else v
+    unknown = [k for k in merged if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {unknown} for {cls.__name__}; valid keys: {', '.join(fields)}"
+        )
+    cfg = cls(**merged)
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: BaseConfig) -> dict[str, Any]:
+    """The config as JSON-ready data (tuples become lists)."""
+    d = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

@@ -1,0 +1,149 @@
+"""The experiment registry — how to add an experiment to the lab.
+
+Adding an experiment is adding one file ``src/batchnorm/lab/experiments/<name>.py``; no shared
+file is edited. Importing this module imports every module of :mod:`batchnorm.lab.experiments`
+(``pkgutil``), and each registers itself::
+
+    from dataclasses import dataclass
+    from batchnorm.lab.config import BaseConfig
+    from batchnorm.lab.registry import register
+    from batchnorm.lab.results import Claim, Results, RunContext, RunData
+
+    @dataclass
+    class MyConfig(BaseConfig):          # dataset, data_dir, seeds, seed, quick, threads, …
+        steps: int = 5000
+        lr: float = 0.1
+        QUICK = {"steps": 200}           # what --quick changes (a ClassVar of BaseConfig)
+
+    def figures(run: RunData, out: Path) -> list[Path]:
+        # reads only saved data (run.rows, run.series, run.summary); never trains
+        ...
+
+    @register("my-exp", config=MyConfig, figures=figures,
+              source="Ioffe & Szegedy 2015, Sec. 4.2", description="one line for `lab list`")
+    def run(cfg: MyConfig, ctx: RunContext) -> Results:
+        ds = ctx.load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+        ...                               # train with batchnorm.lab.train.train(...)
+        return Results(rows=[...], summary={"dataset": ds.info(), "arms": {...},
+                                             "claims": [Claim(...)]}, series={...})
+
+The pieces: :mod:`~batchnorm.lab.config` (typed configs, ``--set`` conversion),
+:mod:`~batchnorm.lab.data` (datasets), :mod:`~batchnorm.lab.models` (MLP, small CNN),
+:mod:`~batchnorm.lab.train` (the one training loop, step callbacks, divergence detection,
+steps-to-target), :mod:`~batchnorm.lab.results` (run folders, ``Claim``, ``Results``,
+``ctx.cached`` for resumable units of work), :mod:`~batchnorm.lab.plots` (figure primitives:
+mean ± spread curves, grouped bars, percentile bands), :mod:`~batchnorm.lab.report` (Markdown +
+HTML reports, the combined report of ``lab run all``).
+
+``run`` only computes: the framework writes ``config.json``, ``metrics.csv``, ``series.json``,
+``summary.json`` (atomically), then calls ``figures`` on the reloaded run folder, then writes the
+report. A module that fails to import is listed by ``lab list`` as broken with its error, and
+does not stop the other experiments from working.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchnorm.lab.config import BaseConfig
+from batchnorm.lab.results import Results, RunContext, RunData
+
+__all__ = ["Experiment", "register", "get", "names", "all_experiments", "broken", "discover"]
+
+FiguresFn = Callable[[RunData, Path], list[Path]]
+RunFn = Callable[[Any, RunContext], Results]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A registered experiment: its name, typed config class, ``run`` and ``figures``."""
+
+    name: str
+    config_cls: type[BaseConfig]
+    run: RunFn
+    figures: FiguresFn | None
+    description: str
+    source: str
+    module: str
+
+
+_REGISTRY: dict[str, Experiment] = {}
+_BROKEN: dict[str, str] = {}
+
+
+def register(
+    name: str,
+    *,
+    config: type[BaseConfig],
+    description: str = "",
+    source: str = "",
+    figures: FiguresFn | None = None,
+) -> Callable[[RunFn], RunFn]:
+    """Decorator registering ``run(config, ctx) -> Results`` as experiment ``name``."""
+    if not (isinstance(config, type) and issubclass(config, BaseConfig)):
+        raise TypeError(f"register({name!r}): config must be a BaseConfig dataclass subclass")
+
+    def deco(fn: RunFn) -> RunFn:
+        old = _REGISTRY.get(name)
+        if old is not None and old.module != fn.__module__:
+            raise ValueError(
+                f"experiment {name!r} is registered twice: by {old.module} and {fn.__module__}"
+            )
+        _REGISTRY[name] = Experiment(
+            name,
+            config,
+            fn,
+            figures,
+            description or (fn.__doc__ or "").strip(),
+            source,
+            fn.__module__,
+        )
+        return fn
+
+    return deco
+
+
+def discover() -> None:
+    """Import every module in :mod:`batchnorm.lab.experiments` (idempotent)."""
+    import batchnorm.lab.experiments as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + "."):
+        if info.name in _BROKEN:
+            continue
+        try:
+            importlib.import_module(info.name)
+        except Exception:  # one broken file must not take the whole lab down
+            _BROKEN[info.name] = traceback.format_exc(limit=3)
+
+
+def get(name: str) -> Experiment:
+    """The experiment registered as ``name``; ``KeyError`` listing the known names."""
+    discover()
+    if name not in _REGISTRY:
+        hint = f" (broken modules: {', '.join(_BROKEN)})" if _BROKEN else ""
+        raise KeyError(f"unknown experiment {name!r}; known: {', '.join(names())}{hint}")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    discover()
+    return sorted(_REGISTRY)
+
+
+def all_experiments() -> list[Experiment]:
+    return [_REGISTRY[n] for n in names()]
+
+
+def broken() -> dict[str, str]:
+    """Experiment modules that failed to import, with their tracebacks."""
+    discover()
+    return dict(_BROKEN)
+
+
+discover()

@@ -1,0 +1,388 @@
+"""Run folders, atomic writes, resume-or-refuse, the :class:`Claim` type and the summary schema.
+
+A run folder (``--out``, default ``runs/<experiment>[-quick]``) holds:
+
+* ``config.json`` — the experiment name and its full config (written first);
+* ``parts/*.json`` — finished units of work (one training run each) saved by
+  :meth:`RunContext.cached`; an interrupted run resumes from them;
+* ``metrics.csv`` — one row per evaluation point (``arm``, ``seed``, ``step``, … columns);
+* ``series.json`` — extra arrays the figures need (e.g. recorded percentiles);
+* ``summary.json`` — written last, so its presence means the run completed;
+* figures (``*.png``), ``report.md`` and ``report.html``.
+
+Every file is written to a temporary file in the same folder and renamed with
+:func:`os.replace`, so a reader never sees half a file.
+
+Summary schema (``SUMMARY_SCHEMA``): ``{"schema", "experiment", "status": "complete",
+"dataset": {name, source, sizes…}, "config", "seeds", "arms": {arm: {...}}, "claims": [Claim…],
+"runtime_s", "finished"}`` plus anything experiment-specific.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "Claim",
+    "Results",
+    "RunData",
+    "RunDir",
+    "RunContext",
+    "RunDirConflict",
+    "SUMMARY_SCHEMA",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "mean_std",
+    "load_run",
+]
+
+SUMMARY_SCHEMA = 1
+T = TypeVar("T")
+
+
+class RunDirConflict(RuntimeError):
+    """The ``--out`` folder holds a run of another experiment or config."""
+
+
+# --------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, fsync, then ``os.replace``."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _jsonable(obj: Any) -> Any:
+    # NaN/inf are not JSON: store them as null (a diverged arm's loss, for instance)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return _jsonable(obj.item())
+    if hasattr(obj, "tolist"):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, Claim):
+        return _jsonable(obj.to_dict())
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
+    """``{"mean", "std", "min", "max", "n", "values"}`` over seeds (population std; ``None``
+    values — diverged runs — are excluded from the statistics but kept in ``values``)."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0, "values": values}
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))
+    return {
+        "mean": m,
+        "std": sd,
+        "min": min(vals),
+        "max": max(vals),
+        "n": len(vals),
+        "values": list(values),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# claims and results
+
+
+@dataclass
+class Claim:
+    """A claim from the literature tested by an experiment.
+
+    ``verdict`` must be computed from ``measured`` by the experiment (a comparison of numbers it
+    measured), never typed in; ``details`` says how.
+
+    Attributes:
+        id: short identifier (``bn-faster``). statement: the claim in words.
+        verdict: whether the measurements support it. measured: the numbers behind the verdict.
+        source: where the claim comes from (``Ioffe & Szegedy 2015, Sec. 4.1, Fig. 1a``).
+        seeds: the seeds measured. details: the rule that turned numbers into the verdict.
+    """
+
+    id: str
+    statement: str
+    verdict: bool
+    measured: dict[str, Any]
+    source: str = ""
+    seeds: list[int] = field(default_factory=list)
+    details: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.verdict, bool):
+            # numpy/torch booleans are accepted but stored as bool
+            self.verdict = bool(self.verdict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Claim:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class Results:
+    """What an experiment's ``run`` returns: data only, nothing plotted or written.
+
+    Attributes:
+        rows: metrics, one dict per evaluation point (saved as ``metrics.csv``).
+        summary: must hold ``"dataset"`` (``Dataset.info()``), ``"claims"`` (list of
+            :class:`Claim`) and should hold ``"arms"`` (per-arm final/best accuracy).
+        series: extra JSON-able data for the figures (saved as ``series.json``).
+    """
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    series: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunData:
+    """A finished run loaded back from its folder: what figures and reports read."""
+
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    series: dict[str, Any]
+
+    @property
+    def claims(self) -> list[Claim]:
+        return [Claim.from_dict(c) for c in self.summary.get("claims", [])]
+
+    def select(self, **where: Any) -> list[dict[str, Any]]:
+        """Metric rows whose columns equal the given values."""
+        return [r for r in self.rows if all(r.get(k) == v for k, v in where.items())]
+
+
+def _parse_cell(text: str) -> Any:
+    if text == "":
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    if text in ("True", "False"):
+        return text == "True"
+    return text
+
+
+def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def load_run(path: str | os.PathLike[str]) -> RunData:
+    """Load a completed run folder (raises ``FileNotFoundError`` if it has no summary)."""
+    p = Path(path)
+    summary_path = p / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{p}: no summary.json — the run did not complete")
+    config = json.loads((p / "config.json").read_text())
+    summary = json.loads(summary_path.read_text())
+    rows: list[dict[str, Any]] = []
+    if (p / "metrics.csv").is_file():
+        with open(p / "metrics.csv", newline="") as f:
+            rows = [{k: _parse_cell(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    series = json.loads((p / "series.json").read_text()) if (p / "series.json").is_file() else {}
+    return RunData(p, config, summary, rows, series)
+
+
+# --------------------------------------------------------------------------------------------
+# run folders
+
+
+class RunDir:
+    """A run folder: creation, resume-or-refuse, atomic writes."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / "summary.json").is_file()
+
+    def prepare(self, experiment: str, config: dict[str, Any]) -> str:
+        """Claim the folder for ``experiment`` with ``config``: returns ``"new"``, ``"resume"``
+        (same experiment and config, unfinished: finished parts are reused) or ``"complete"``
+        (same config, already finished). Raises :class:`RunDirConflict` if the folder holds a
+        different run, so results of two configs never mix."""
+        want = {"experiment": experiment, "config": config}
+        cfg_path = self.path / "config.json"
+        if cfg_path.is_file():
+            try:
+                have = json.loads(cfg_path.read_text())
+            except json.JSONDecodeError:
+                have = None
+            if have != json.loads(json.dumps(_jsonable(want))):
+                diff = self._diff(have, want)
+                raise RunDirConflict(
+                    f"{self.path} already holds a different run ({diff}); it was not touched. "
+                    "Choose another --out, or delete that folder to start over."
+                )
+            return "complete" if self.complete else "resume"
+        if self.path.exists() and any(self.path.iterdir()):
+            raise RunDirConflict(
+                f"{self.path} exists, is not empty and has no config.json: not a run folder. "
+                "Choose another --out."
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cfg_path, want)
+        return "new"
+
+    @staticmethod
+    def _diff(have: Any, want: dict[str, Any]) -> str:
+        if not isinstance(have, dict):
+            return "its config.json is unreadable"
+        if have.get("experiment") != want["experiment"]:
+            return f"experiment {have.get('experiment')!r}, not {want['experiment']!r}"
+        a, b = have.get("config", {}), json.loads(json.dumps(_jsonable(want["config"])))
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        return "config differs in " + ", ".join(
+            f"{k}: {a.get(k)!r} there vs {b.get(k)!r} now" for k in keys
+        )
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        atomic_write_json(self.path / name, obj)
+        return self.path / name
+
+    def write_text(self, name: str, text: str) -> Path:
+        atomic_write_text(self.path / name, text)
+        return self.path / name
+
+    def write_rows(self, name: str, rows: Sequence[dict[str, Any]]) -> Path:
+        return self.write_text(name, rows_to_csv([_jsonable(r) for r in rows]))
+
+    def save_results(
+        self,
+        experiment: str,
+        config: dict[str, Any],
+        results: Results,
+        runtime_s: float,
+    ) -> Path:
+        """Write metrics and series, then the summary (last: its presence marks completion)."""
+        summary = dict(results.summary)
+        for key in ("dataset", "claims"):
+            if key not in summary:
+                raise ValueError(f"{experiment}: run() returned a summary without {key!r}")
+        claims = [c if isinstance(c, Claim) else Claim.from_dict(c) for c in summary["claims"]]
+        self.write_rows("metrics.csv", results.rows)
+        self.write_json("series.json", results.series)
+        full = {
+            "schema": SUMMARY_SCHEMA,
+            "experiment": experiment,
+            "status": "complete",
+            "dataset": summary.pop("dataset"),
+            "config": config,
+            "seeds": list(summary.pop("seeds", config.get("seeds", []))),
+            "arms": summary.pop("arms", {}),
+            "claims": [c.to_dict() for c in claims],
+            "runtime_s": round(runtime_s, 2),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        summary.pop("claims")
+        full.update(summary)
+        return self.write_json("summary.json", full)
+
+
+class RunContext:
+    """What ``run(config, ctx)`` gets besides its config: logging, data loading, and
+    :meth:`cached` — finished units of work survive an interruption and are reused on resume.
+
+    ``ctx.progress`` tells the training loop whether to show a progress bar."""
+
+    def __init__(
+        self,
+        run_dir: RunDir | None = None,
+        *,
+        log: Callable[[str], None] | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self._log = log or (lambda msg: None)
+        self.progress = progress
+        self.datasets: dict[str, Any] = {}
+
+    def log(self, msg: str) -> None:
+        self._log(msg)
+
+    def cached(self, key: str, fn: Callable[[], T]) -> T:
+        """``fn()``'s JSON-able result, saved under ``parts/<key>.json``; loaded instead of
+        recomputed when it exists (a resumed run)."""
+        if self.run_dir is None:
+            return fn()
+        safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)
+        path = self.run_dir.path / "parts" / f"{safe}.json"
+        if path.is_file():
+            data: T = json.loads(path.read_text())["value"]
+            return data
+        value = fn()
+        atomic_write_json(path, {"key": key, "value": value})
+        loaded: T = json.loads(path.read_text())["value"]  # same types on first run and resume
+        return loaded
+
+    def load_dataset(self, name: str, data_dir: str | None = None, download: bool = False) -> Any:
+        """Load (once per run) and log the dataset actually used."""
+        from batchnorm.lab.data import load_dataset
+
+        key = f"{name}|{data_dir}|{download}"
+        if key not in self.datasets:
+            ds = load_dataset(name, data_dir, download=download)
+            self.log(
+                f"dataset: {ds.name} ({ds.source}; {ds.x_train.shape[0]} train / "
+                f"{ds.x_test.shape[0]} held-out)"
+                + (" — chosen by --dataset auto" if name == "auto" else "")
+            )
+            self.datasets[key] = ds
+        return self.datasets[key]
+
+
+def iter_claims(runs: Iterable[RunData]) -> Iterable[tuple[RunData, Claim]]:
+    for r in runs:
+        for c in r.claims:
+            yield r, c

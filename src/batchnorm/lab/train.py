@@ -1,0 +1,328 @@
+"""The one training loop every experiment uses, and its helpers.
+
+:func:`train` runs mini-batch training for a fixed number of steps: seeded (the batch order
+comes from a ``torch.Generator`` seeded with ``seed``, and the global torch RNG — dropout — is
+seeded too, so two runs with the same seed on CPU are identical), evaluates on a schedule
+(``eval_every``, plus step 0 and the last step), records one metrics row per evaluation,
+stops an arm whose loss becomes non-finite (``diverged``), and shows a tqdm progress bar only
+on a terminal (never when ``BATCHNORM_PROGRESS=0`` or stderr is not a TTY).
+
+Small networks with mini-batches of 60 are overhead-bound, so the loop is kept tight: data are
+preloaded tensors, batches are ``index_select`` with a per-epoch permutation, the loss is read
+back once per step (for divergence detection) and everything else happens only at evaluation
+points. Hooks for extra measurements: ``callbacks`` (every step) and ``on_eval`` (at
+evaluation points, returning extra columns for the row).
+
+Example::
+
+    >>> import torch
+    >>> from batchnorm.lab import data, models, train
+    >>> ds = data.synthetic(n_train=300, n_test=100)
+    >>> net = models.MLP(ds.num_features, (32,), 10, bn="before")
+    >>> opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    >>> res = train.train(net, opt, ds.x_train, ds.y_train, steps=50, batch_size=30,
+    ...                   eval_sets={"test": (ds.x_test, ds.y_test)}, eval_every=25)
+    >>> [r["step"] for r in res.rows]
+    [0, 25, 50]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = [
+    "TrainResult",
+    "StepInfo",
+    "train",
+    "evaluate",
+    "seed_everything",
+    "torch_threads",
+    "progress_enabled",
+    "steps_to_target",
+    "make_optimizer",
+]
+
+
+@dataclass
+class StepInfo:
+    """What a step callback sees after the optimizer step."""
+
+    step: int  # steps done so far (1-based after the first update)
+    loss: float
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    x: Tensor  # the mini-batch
+    y: Tensor
+
+
+@dataclass
+class TrainResult:
+    """Rows (one per evaluation: ``step``, ``train_loss``, ``<set>_acc``, ``<set>_loss``,
+    ``lr``, extra columns from ``on_eval``), divergence status and wall time."""
+
+    rows: list[dict[str, Any]]
+    diverged: bool = False
+    diverged_step: int | None = None
+    steps_done: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def final(self, key: str) -> float | None:
+        """The last recorded value of column ``key`` (``None`` if diverged before any)."""
+        for r in reversed(self.rows):
+            if r.get(key) is not None:
+                return float(r[key])
+        return None
+
+    def best(self, key: str) -> float | None:
+        vals = [float(r[key]) for r in self.rows if r.get(key) is not None]
+        return max(vals) if vals else None
+
+    def column(self, key: str) -> tuple[list[int], list[float]]:
+        pts = [(int(r["step"]), float(r[key])) for r in self.rows if r.get(key) is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "diverged": self.diverged,
+            "diverged_step": self.diverged_step,
+            "steps_done": self.steps_done,
+            "seconds": self.seconds,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainResult:
+        return cls(**dict(d))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch's global RNG (model init, dropout)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - legacy global RNG is what third-party code draws from
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads, restoring the previous count after. Tiny MLPs are
+    fastest on one thread: the per-op parallel overhead exceeds the work."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def progress_enabled(flag: bool | None = None) -> bool:
+    """Progress bars: off when ``BATCHNORM_PROGRESS=0``, else on a TTY only (CI logs stay
+    quiet); ``flag`` forces it."""
+    env = os.environ.get("BATCHNORM_PROGRESS")
+    if env is not None and env.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if flag is not None:
+        return flag
+    if env is not None and env.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    return sys.stderr.isatty()
+
+
+def make_optimizer(
+    params: Any,
+    name: str = "sgd",
+    lr: float = 0.1,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """``sgd`` (plain or with momentum) or ``adam``."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam'")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 10000
+) -> tuple[float, float]:
+    """``(accuracy, mean cross-entropy)`` of ``model`` in eval mode (restoring its mode)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    loss_sum = 0.0
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            logits = model(x[i : i + batch_size])
+            yy = y[i : i + batch_size]
+            loss_sum += float(F.cross_entropy(logits, yy, reduction="sum"))
+            correct += int((logits.argmax(1) == yy).sum())
+    finally:
+        model.train(was_training)
+    n = max(1, x.shape[0])
+    return correct / n, loss_sum / n
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x_train: Tensor,
+    y_train: Tensor,
+    *,
+    steps: int,
+    batch_size: int = 60,
+    eval_sets: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    eval_every: int = 500,
+    seed: int = 0,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    lr_schedule: Callable[[int], float] | None = None,
+    callbacks: Sequence[Callable[[StepInfo], None]] = (),
+    on_eval: Callable[[int, nn.Module], Mapping[str, Any] | None] | None = None,
+    eval_at_start: bool = True,
+    threads: int | None = 1,
+    progress: bool | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` for ``steps`` mini-batch updates.
+
+    Args:
+        model, optimizer: the network (put in train mode) and its optimizer.
+        x_train, y_train: the training set as preloaded tensors.
+        steps: number of updates. batch_size: examples per update (the last partial batch of
+            an epoch is dropped, so every BN batch has the same size).
+        eval_sets: name → ``(x, y)`` evaluated (in eval mode) at step 0, every ``eval_every``
+            steps and at the end; gives columns ``<name>_acc`` and ``<name>_loss``.
+        seed: batch order and the global torch RNG (dropout). Model init is the caller's
+            (call :func:`seed_everything` before building the model).
+        lr_schedule: step → learning rate, applied before each update.
+        callbacks: called after every update with a :class:`StepInfo`.
+        on_eval: called at each evaluation point as ``on_eval(step, model)`` (model in eval
+            mode, no grad); its dict is merged into the row.
+        threads: torch CPU threads while training (``None``: leave as is).
+        progress: force the progress bar on/off (default: :func:`progress_enabled`).
+
+    Returns: a :class:`TrainResult`; if the loss becomes NaN/inf the run stops there with
+    ``diverged=True`` and a final row whose metrics are ``None``.
+    """
+    if steps < 0 or batch_size < 1 or eval_every < 1:
+        raise ValueError(
+            f"train: need steps >= 0, batch_size >= 1, eval_every >= 1; got {steps}, "
+            f"{batch_size}, {eval_every}"
+        )
+    n = x_train.shape[0]
+    if n < batch_size:
+        raise ValueError(
+            f"train: the training set has {n} examples, fewer than batch_size={batch_size}; "
+            "use a smaller batch or more data"
+        )
+    eval_sets = dict(eval_sets or {})
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    per_epoch = n // batch_size
+    rows: list[dict[str, Any]] = []
+    result = TrainResult(rows)
+    t0 = time.perf_counter()
+
+    def eval_row(step: int, train_loss: float | None) -> None:
+        row: dict[str, Any] = {"step": step, "train_loss": train_loss}
+        for name, (xe, ye) in eval_sets.items():
+            acc, loss = evaluate(model, xe, ye)
+            row[f"{name}_acc"] = acc
+            row[f"{name}_loss"] = loss
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        if on_eval is not None:
+            was = model.training
+            model.eval()
+            with torch.no_grad():
+                extra = on_eval(step, model)
+            model.train(was)
+            if extra:
+                row.update(extra)
+        rows.append(row)
+
+    show = progress_enabled(progress)
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=desc, leave=False, mininterval=0.5, file=sys.stderr)
+
+    with torch_threads(threads):
+        model.train()
+        if eval_at_start:
+            eval_row(0, None)
+        loss_sum, loss_count = 0.0, 0
+        perm = torch.randperm(n, generator=gen)
+        pos = 0
+        step = 0
+        while step < steps:
+            if pos + batch_size > per_epoch * batch_size:
+                perm = torch.randperm(n, generator=gen)  # new epoch
+                pos = 0
+            idx = perm[pos : pos + batch_size]
+            pos += batch_size
+            xb = x_train.index_select(0, idx)
+            yb = y_train.index_select(0, idx)
+            if lr_schedule is not None:
+                lr = lr_schedule(step)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+            loss = loss_fn(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            lv = loss.item()
+            if not math.isfinite(lv):
+                # a diverged arm stops here; later rows would be meaningless
+                result.diverged = True
+                result.diverged_step = step + 1
+                rows.append(
+                    {"step": step + 1, "train_loss": None, "lr": optimizer.param_groups[0]["lr"]}
+                )
+                step += 1
+                break
+            optimizer.step()
+            step += 1
+            loss_sum += lv
+            loss_count += 1
+            if callbacks:
+                info = StepInfo(step, lv, model, optimizer, xb, yb)
+                for cb in callbacks:
+                    cb(info)
+            if step % eval_every == 0 or step == steps:
+                eval_row(step, loss_sum / max(1, loss_count))
+                loss_sum, loss_count = 0.0, 0
+            if bar is not None and step % 100 == 0:
+                bar.update(100)
+    if bar is not None:
+        bar.close()
+    result.steps_done = step
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def steps_to_target(
+    steps: Sequence[int], values: Sequence[float | None], target: float
+) -> int | None:
+    """The first step at which ``values`` reaches ``target`` (``>=``), or ``None`` if never."""
+    for s, v in zip(steps, values):
+        if v is not None and v >= target:
+            return int(s)
+    return None
