@@ -8,6 +8,7 @@ and dtype; ``convert_model(model, to="torch")`` swaps back.
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 from torch import nn
@@ -28,14 +29,24 @@ _TO_TORCH: dict[type[nn.Module], type[nn.modules.batchnorm._BatchNorm]] = {
 }
 
 
+_TORCH_HAS_BIAS_ARG = "bias" in inspect.signature(nn.BatchNorm1d.__init__).parameters
+
+
+def _bias_kwarg(has_gamma: bool, has_beta: bool) -> dict[str, bool]:
+    """torch.nn >= 2.13 takes ``bias=False`` for γ without β; older versions have no such arg."""
+    return {"bias": has_beta} if (_TORCH_HAS_BIAS_ARG and has_gamma) else {}
+
+
 def _torch_class_for(m: _BatchNormBase, name: str) -> type[nn.modules.batchnorm._BatchNorm]:
     if type(m) in _TO_TORCH:
         return _TO_TORCH[type(m)]
     problems = []
     if m.axis != 1:
         problems.append(f"axis={m.axis} (torch.nn normalizes axis 1)")
-    if m.center != m.scale:
-        problems.append("center != scale (torch.nn has one 'affine' switch)")
+    if m.center and not m.scale:
+        problems.append("β without γ (torch.nn has no such layer)")
+    if m.scale and not m.center and not _TORCH_HAS_BIAS_ARG:
+        problems.append("γ without β (this torch version has no bias=False)")
     if not m.unbiased_running_var:
         problems.append("a biased running variance (torch.nn stores the unbiased one)")
     if type(m) is not BatchNorm:
@@ -50,9 +61,9 @@ def _torch_class_for(m: _BatchNormBase, name: str) -> type[nn.modules.batchnorm.
 
 
 def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:
-    p = next(iter(src.parameters()), None) or next(iter(src.buffers()), None)
-    if p is not None:
-        dst = dst.to(device=p.device)
+    tensors = [*src.parameters(recurse=False), *src.buffers(recurse=False)]
+    if tensors:
+        dst = dst.to(device=tensors[0].device)
     dst.load_state_dict(src.state_dict())
     for name, t in src.named_parameters(recurse=False):
         getattr(dst, name).requires_grad_(t.requires_grad)
@@ -70,6 +81,7 @@ def _convert_one(m: nn.Module, to: str, name: str) -> nn.Module | None:
             affine=m.affine,
             track_running_stats=m.track_running_stats,
             dtype=(m.weight.dtype if m.weight is not None else None),
+            bias=m.bias is not None or not m.affine,
         )
         return _copy_state(m, new)
     if to == "torch" and isinstance(m, _BatchNormBase):
@@ -78,9 +90,10 @@ def _convert_one(m: nn.Module, to: str, name: str) -> nn.Module | None:
             m.num_features,
             eps=m.eps,
             momentum=m.momentum,
-            affine=m.affine,
+            affine=m.scale,
             track_running_stats=m.track_running_stats,
             dtype=(m.weight.dtype if m.weight is not None else None),
+            **_bias_kwarg(m.scale, m.center),
         )
         return _copy_state(m, new)
     return None

@@ -42,6 +42,8 @@ __all__ = [
     "update_running_stats",
     "canonical_layout",
     "check_channels",
+    "check_mask",
+    "valid_count",
     "BatchNormInputError",
     "NonFiniteStatisticsError",
     "NonFiniteStatisticsWarning",
@@ -107,6 +109,10 @@ def _dims(t: Tensor) -> tuple[int, ...]:
 def _b(v: Tensor, t: Tensor) -> Tensor:
     """A per-channel vector shaped to broadcast against canonical ``t``."""
     return v.view(1, -1, 1) if t.dim() == 3 else v.view(1, -1)
+
+
+def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -198,6 +204,13 @@ class TorchBackend:
         mean, var, invstd = _stats(xc, eps)
         w = None if weight is None else weight.to(cd)
         b = None if bias is None else bias.to(cd)
+        if cd == torch.float32 and not bool(torch.isfinite(var).all()):
+            # the spread overflowed float32 (|x| near float32's range): redo in float64; the
+            # returned variance may still be inf in float32 (the running update then skips it)
+            x64 = x.to(torch.float64)
+            m64, v64, i64 = _stats(x64, eps)
+            y64 = _normalize(x64, m64, i64, _to(w, x64.dtype), _to(b, x64.dtype))
+            return y64.to(x.dtype), m64.float(), v64.float(), i64.float()
         return _normalize(xc, mean, invstd, w, b).to(x.dtype), mean, var, invstd
 
     def backward(
@@ -328,6 +341,72 @@ def _check_count(x: Tensor, axis: int, layer: str | None) -> int:
     return count
 
 
+def check_mask(input: Tensor, mask: Tensor, axis: int = 1, layer: str | None = None) -> Tensor:
+    """Validate a padding mask and return it with a size-1 channel axis, broadcastable to
+    ``input``. ``mask`` is boolean, True at valid positions, shaped like ``input`` without the
+    channel axis (e.g. ``(N, L)`` for ``(N, C, L)``), or with a size-1 channel axis."""
+    ax = axis % input.dim()
+    expected = tuple(s for i, s in enumerate(input.shape) if i != ax)
+    if mask.dtype != torch.bool:
+        raise BatchNormInputError(
+            f"{_name(layer)}: expected a boolean mask (True at valid positions), got dtype "
+            f"{mask.dtype} with shape {tuple(mask.shape)}. Convert it, e.g. mask.bool()."
+        )
+    m = mask.unsqueeze(ax) if mask.dim() == input.dim() - 1 else mask
+    ok = m.dim() == input.dim() and m.shape[ax] == 1
+    ok = ok and all(a in (1, b) for i, (a, b) in enumerate(zip(m.shape, input.shape)) if i != ax)
+    if not ok:
+        raise BatchNormInputError(
+            f"{_name(layer)}: expected a mask of shape {expected} (the input's shape without the "
+            f"channel axis {ax}) for input of shape {tuple(input.shape)}, got "
+            f"{tuple(mask.shape)}. Build it from the sequence lengths, e.g. "
+            "torch.arange(L)[None, :] < lengths[:, None]."
+        )
+    if m.device != input.device:
+        m = m.to(input.device)
+    return m
+
+
+def valid_count(input: Tensor, axis: int = 1, mask: Tensor | None = None) -> int:
+    """m: how many values each channel's batch statistics are taken over (valid ones only when a
+    mask is given; ``mask`` as returned by :func:`check_mask`)."""
+    ax = axis % input.dim()
+    if mask is None:
+        return input.numel() // max(input.shape[ax], 1)
+    shape = list(input.shape)
+    shape[ax] = 1
+    return int(mask.expand(shape).sum())
+
+
+def _masked_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    ax: int,
+    mask: Tensor,
+    count: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Algorithm 1 with statistics over the valid positions only; every position is normalized
+    with them (as Keras does). Plain torch ops, so autograd gives the exact backward — through
+    the statistics — and padded positions never reach the gradient of the statistics."""
+    cd = _compute_dtype(x.dtype)
+    xc = x.to(cd)
+    dims = tuple(i for i in range(x.dim()) if i != ax)
+    shape = [1] * x.dim()
+    shape[ax] = -1
+    # torch.where, not a product: a NaN/inf in the padding must not reach the statistics
+    mean = torch.where(mask, xc, 0).sum(dims) / count  # (C,)
+    diff = xc - mean.view(shape)
+    var = torch.where(mask, diff * diff, 0).sum(dims) / count  # biased σ²_B over valid values
+    y = diff * torch.rsqrt(var + eps).view(shape)
+    if weight is not None:
+        y = y * weight.to(cd).view(shape)
+    if bias is not None:
+        y = y + bias.to(cd).view(shape)
+    return y.to(x.dtype), mean.detach(), var.detach()
+
+
 # --------------------------------------------------------------------------------------------
 # the autograd Function
 
@@ -350,8 +429,11 @@ class BatchNormFunction(torch.autograd.Function):
         backend: Backend,
     ) -> tuple[Tensor, Tensor, Tensor]:
         y, mean, var, invstd = backend.forward_train(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.save_for_backward(x, weight, mean, invstd)  # type: ignore[arg-type]
         ctx.eps = eps  # type: ignore[attr-defined]
+        ctx.param_dtype = (  # type: ignore[attr-defined]
+            weight.dtype if weight is not None else (bias.dtype if bias is not None else x.dtype)
+        )
         ctx.backend = backend  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
@@ -362,19 +444,23 @@ class BatchNormFunction(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+        dx: Tensor | None
+        dw: Tensor | None
+        db: Tensor | None
         if torch.is_grad_enabled():
             # double backward: statistics recomputed differentiably from x
             cd = _compute_dtype(x.dtype)
             xc = x.to(cd)
             m, _, inv = _stats(xc, ctx.eps)  # type: ignore[attr-defined]
             w = None if weight is None else weight.to(cd)
-            dx, dw, db = _backward_math(dy.to(cd), xc, m, inv, w)
-            dx = dx.to(x.dtype)
+            gx, dw, db = _backward_math(dy.to(cd), xc, m, inv, w)
+            dx = gx.to(x.dtype)
         else:
             backend: Backend = ctx.backend  # type: ignore[attr-defined]
             dx, dw, db = backend.backward(dy.contiguous(), x, mean, invstd, weight, needs)
-        dw_out = dw.to(weight.dtype) if (needs[1] and dw is not None) else None
-        db_out = db.to(dy.dtype if weight is None else weight.dtype) if needs[2] and db is not None else None
+        pd = ctx.param_dtype  # type: ignore[attr-defined]
+        dw_out = dw.to(pd) if (needs[1] and dw is not None) else None
+        db_out = db.to(pd) if (needs[2] and db is not None) else None
         return (dx if needs[0] else None), dw_out, db_out, None, None
 
 
@@ -391,14 +477,30 @@ def batch_norm_train(
     axis: int = 1,
     backend: str | None = None,
     layer: str | None = None,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Normalize with the batch's own statistics (Algorithm 1).
 
     Returns ``(y, mean, var, count)``: the output (same shape, dtype and memory layout as
     ``input``), the per-channel batch mean and biased variance (float32 for half inputs) and
     the number ``m`` of values each channel's statistics were taken over.
+
+    With ``mask`` (boolean, True at valid positions, shaped like ``input`` without the channel
+    axis — see :func:`check_mask`), the statistics are taken over the valid positions only and
+    ``count`` is their number; every position is normalized with them.
     """
     ax = axis % input.dim() if input.dim() else axis
+    if mask is not None:
+        m = check_mask(input, mask, ax, layer)
+        count = valid_count(input, ax, m)
+        if count < 2:
+            raise BatchNormInputError(
+                f"{_name(layer)}: the mask leaves {count} valid value(s) per channel in input of "
+                f"shape {tuple(input.shape)}; batch statistics need at least 2. Check the mask "
+                "(True marks valid positions) or call .eval() to use the running statistics."
+            )
+        y, mean, var = _masked_train(input, weight, bias, eps, ax, m, count)
+        return y, mean, var, count
     count = _check_count(input, ax, layer)
     xc, restore = canonical_layout(input, ax)
     be = get_backend(xc, backend)
@@ -487,12 +589,17 @@ def batch_norm(
     nonfinite: NonFinitePolicy = "warn",
     backend: str | None = None,
     layer: str | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Batch normalization with ``torch.nn.functional.batch_norm``'s signature, plus ``axis``.
 
     In training (``training=True``) the batch statistics normalize the input and, when running
     buffers are given, are blended into them with ``momentum`` (PyTorch's convention: the weight
     of the new batch). Otherwise the running statistics normalize the input.
+
+    ``mask`` (boolean, True at valid positions of padded sequences, shaped like ``input``
+    without the channel axis) restricts the batch statistics — and so the running update — to
+    the valid positions; in eval mode it is only validated.
 
     Example::
 
@@ -510,7 +617,7 @@ def batch_norm(
             check_channels(input, ref.numel(), axis, layer)
     if training:
         y, mean, var, count = batch_norm_train(
-            input, weight, bias, eps, axis=axis, backend=backend, layer=layer
+            input, weight, bias, eps, axis=axis, backend=backend, layer=layer, mask=mask
         )
         if running_mean is not None and running_var is not None:
             update_running_stats(
@@ -529,6 +636,8 @@ def batch_norm(
         raise BatchNormInputError(
             f"{_name(layer)}: running_mean and running_var are required when training=False"
         )
+    if mask is not None:
+        check_mask(input, mask, axis, layer)
     return batch_norm_eval(
         input, running_mean, running_var, weight, bias, eps, axis=axis, backend=backend
     )

@@ -19,7 +19,9 @@ Conventions, one sentence each:
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+import warnings
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +29,17 @@ from torch import Tensor, nn
 from batchnorm import functional as F
 from batchnorm.functional import BatchNormInputError, NonFinitePolicy
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SmallBatchWarning"]
+
+SmallBatchPolicy = Literal["raise", "running", "skip"]
+
+#: a training batch with at most this many values per channel gets a SmallBatchWarning
+SMALL_COUNT_WARNING = 4
+
+
+class SmallBatchWarning(UserWarning):
+    """Issued (once per layer) when a training batch has very few values per channel: the batch
+    statistics are then noisy and BN's training and inference behaviour drift apart."""
 
 
 class _BatchNormBase(nn.Module):
@@ -48,6 +60,7 @@ class _BatchNormBase(nn.Module):
     unbiased_running_var: bool
     nonfinite: NonFinitePolicy
     backend: str | None
+    small_batch: SmallBatchPolicy
     weight: nn.Parameter | None
     bias: nn.Parameter | None
     running_mean: Tensor | None
@@ -65,11 +78,13 @@ class _BatchNormBase(nn.Module):
         dtype: torch.dtype | None = None,
         *,
         axis: int = 1,
+        bias: bool = True,
         center: bool | None = None,
         scale: bool | None = None,
         unbiased_running_var: bool = True,
         nonfinite: NonFinitePolicy = "warn",
         backend: str | None = None,
+        small_batch: SmallBatchPolicy = "raise",
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -86,11 +101,23 @@ class _BatchNormBase(nn.Module):
             raise ValueError(
                 f"{name}({num_features}): nonfinite must be 'warn' or 'raise', got {nonfinite!r}"
             )
+        if small_batch not in ("raise", "running", "skip"):
+            raise ValueError(
+                f"{name}({num_features}): small_batch must be 'raise', 'running' or 'skip', got "
+                f"{small_batch!r}"
+            )
+        if small_batch == "running" and not track_running_stats:
+            raise ValueError(
+                f"{name}({num_features}): small_batch='running' normalizes a one-value batch with "
+                "the running statistics, so it needs track_running_stats=True; use "
+                "small_batch='skip' instead"
+            )
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
-        self.center = affine if center is None else center
+        # torch.nn (2.13+) spells "γ without β" as affine=True, bias=False; Keras as center=False
+        self.center = (affine and bias) if center is None else center
         self.scale = affine if scale is None else scale
         self.affine = self.center or self.scale
         self.track_running_stats = track_running_stats
@@ -98,6 +125,8 @@ class _BatchNormBase(nn.Module):
         self.unbiased_running_var = unbiased_running_var
         self.nonfinite = nonfinite
         self.backend = backend
+        self.small_batch = small_batch
+        self._warned_small = False
         if self.scale:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
         else:
@@ -149,6 +178,8 @@ class _BatchNormBase(nn.Module):
             s += f", center={self.center}, scale={self.scale}"
         if not self.unbiased_running_var:
             s += ", unbiased_running_var=False"
+        if self.small_batch != "raise":
+            s += f", small_batch={self.small_batch!r}"
         return s
 
     def _load_from_state_dict(
@@ -213,7 +244,7 @@ class _BatchNormBase(nn.Module):
         if updated:
             self.num_batches_tracked.add_(1)
 
-    def _forward_train(self, input: Tensor) -> Tensor:
+    def _forward_train(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         y, mean, var, count = F.batch_norm_train(
             input,
             self.weight,
@@ -222,6 +253,7 @@ class _BatchNormBase(nn.Module):
             axis=self.axis,
             backend=self.backend,
             layer=self.layer_name(),
+            mask=mask,
         )
         self._update_running_stats(mean, var, count)
         return y
@@ -239,10 +271,55 @@ class _BatchNormBase(nn.Module):
             backend=self.backend,
         )
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _forward_single(self, input: Tensor, mask: Tensor | None) -> Tensor:
+        """One value per channel, with the opt-in ``small_batch`` policy: ``"running"``
+        normalizes with the running statistics; ``"skip"`` uses the batch's own statistics
+        (μ_B = x, σ²_B = 0, so x̂ = 0 and y = β: torch's output in the limit) — either way the
+        running statistics are left unchanged (the variance of one value is undefined)."""
+        if self.small_batch == "running" and self.running_mean is not None:
+            return self._forward_eval(input)
+        ax = self.axis % input.dim()
+        shape = [1] * input.dim()
+        shape[ax] = -1
+        # x·0 keeps y connected to x (the exact gradient of BN at m = 1 is zero)
+        y = input * 0
+        if self.bias is not None:
+            y = y + self.bias.view(shape).to(input.dtype)
+        if self.weight is not None:
+            y = y + 0 * self.weight.view(shape).to(input.dtype)  # dγ = Σ dy·x̂ = 0
+        return y
+
+    def _check_small(self, input: Tensor, mask: Tensor | None) -> int:
+        count = F.valid_count(input, self.axis, mask)
+        if 2 <= count <= SMALL_COUNT_WARNING and not self._warned_small:
+            self._warned_small = True
+            warnings.warn(
+                f"{self.layer_name()}: training batch of shape {tuple(input.shape)} gives only "
+                f"{count} values per channel; batch statistics this noisy hurt accuracy. Use "
+                "larger batches, GhostBatchNorm/BatchRenorm, or GroupNorm for tiny batches.",
+                SmallBatchWarning,
+                stacklevel=3,
+            )
+        return count
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``input``; ``mask`` (boolean, True at valid positions, shaped like
+        ``input`` without the channel axis) restricts the batch statistics to valid positions."""
         self._check_input(input)
+        if mask is not None:
+            mask = F.check_mask(input, mask, self.axis, self.layer_name())
         if self._use_batch_stats():
-            return self._forward_train(input)
+            count = self._check_small(input, mask)
+            if count < 2 and self.small_batch != "raise":
+                return self._forward_single(input, mask)
+            if mask is None:
+                return self._forward_train(input)
+            if "mask" not in inspect.signature(self._forward_train).parameters:
+                raise BatchNormInputError(
+                    f"{self.layer_name()}: this layer does not support a mask; pass mask=None "
+                    "or use batchnorm.BatchNorm"
+                )
+            return self._forward_train(input, mask=mask)  # type: ignore[call-arg]
         return self._forward_eval(input)
 
 
@@ -259,7 +336,8 @@ class BatchNorm(_BatchNormBase):
         num_features: C, the size of the channel axis.
         eps: ε added to the variance. momentum: the weight of the new batch in the running
         averages (PyTorch's convention), ``None`` for the cumulative average.
-        affine: learnable γ and β; ``center``/``scale`` switch β/γ separately (Keras).
+        affine: learnable γ and β; ``bias=False`` drops β (torch.nn 2.13's spelling);
+        ``center``/``scale`` switch β/γ separately (Keras).
         track_running_stats: keep running statistics for eval mode.
         axis: the channel axis (``1`` for NC…, ``-1`` for channels-last/Keras layouts).
         unbiased_running_var: store the unbiased (PyTorch) or biased (Keras) variance.

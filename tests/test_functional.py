@@ -1,0 +1,320 @@
+"""The torch functional core against the reference, torch.nn.functional, gradcheck/gradgradcheck
+and hypothesis properties. Runs on whichever backend BATCHNORM_BACKEND selects (auto by default);
+the torch-vs-kernel comparison is made explicit with the ``backend`` parameter."""
+
+import warnings
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchnorm import functional as F
+from batchnorm import reference as ref
+from batchnorm.functional import (
+    BatchNormInputError,
+    NonFiniteStatisticsError,
+    NonFiniteStatisticsWarning,
+)
+
+BACKENDS = ["torch", "auto"]
+
+CASES = [
+    ((60, 100), 1),
+    ((2, 3), 1),
+    ((5, 1), 1),
+    ((4, 3, 7), 1),
+    ((3, 5, 4, 6), 1),
+    ((2, 4, 3, 5, 2), 1),
+    ((6, 5, 4), -1),
+    ((6, 5, 4), 0),
+    ((3, 4, 5, 2), 2),
+    ((2, 3, 4, 5), -1),
+]
+
+
+def _rand(
+    shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_train_forward_backward_match_reference(
+    backend: str, shape: tuple[int, ...], axis: int, affine: bool
+) -> None:
+    c = shape[axis]
+    x = _rand(shape).requires_grad_()
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(c, dtype=torch.float64).requires_grad_() if affine else None
+    rm, rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    y = F.batch_norm(
+        x, rm, rv, w, b, training=True, momentum=0.3, eps=1e-5, axis=axis, backend=backend
+    )
+    dy = _rand(shape, seed=1)
+    y.backward(dy)
+
+    g_np = None if w is None else w.detach().numpy()
+    b_np = None if b is None else b.detach().numpy()
+    y_ref, _, mean, var = ref.batch_norm_forward(x.detach().numpy(), g_np, b_np, 1e-5, axis)
+    dx_ref, dg_ref, db_ref = ref.batch_norm_backward(
+        dy.numpy(), x.detach().numpy(), g_np, 1e-5, axis
+    )
+    np.testing.assert_allclose(y.detach().numpy(), y_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(x.grad.numpy(), dx_ref, rtol=1e-8, atol=1e-10)
+    if affine:
+        assert w is not None and b is not None
+        np.testing.assert_allclose(w.grad.numpy(), dg_ref, rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(b.grad.numpy(), db_ref, rtol=1e-9, atol=1e-10)
+    m = ref.channel_count(shape, axis)
+    rm_ref, rv_ref = ref.running_stats_update(np.zeros(c), np.ones(c), mean, var, m, 0.3)
+    np.testing.assert_allclose(rm.numpy(), rm_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rv.numpy(), rv_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_eval_matches_reference_affine_map(backend: str, shape: tuple[int, ...], axis: int) -> None:
+    c = shape[axis]
+    x = _rand(shape)
+    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+    w, b = torch.randn(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    y = F.batch_norm(x, rm, rv, w, b, training=False, eps=1e-3, axis=axis, backend=backend)
+    y_ref = ref.batch_norm_inference(
+        x.numpy(), rm.numpy(), rv.numpy(), w.numpy(), b.numpy(), 1e-3, axis
+    )
+    np.testing.assert_allclose(y.numpy(), y_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(8, 3), (4, 3, 5), (3, 2, 4, 4), (2, 2, 3, 2, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_torch_native(backend: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    c = shape[1]
+    x = _rand(shape, dtype=dtype).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    w = torch.rand(c, dtype=dtype, requires_grad=True)
+    w2 = w.detach().clone().requires_grad_()
+    b = torch.randn(c, dtype=dtype, requires_grad=True)
+    b2 = b.detach().clone().requires_grad_()
+    rm, rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
+    rm2, rv2 = rm.clone(), rv.clone()
+    y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, backend=backend)
+    y2 = torch.nn.functional.batch_norm(x2, rm2, rv2, w2, b2, True, 0.1, 1e-5)
+    dy = _rand(shape, seed=3, dtype=dtype)
+    y.backward(dy)
+    y2.backward(dy)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(y, y2, **tol)
+    torch.testing.assert_close(x.grad, x2.grad, **tol)
+    torch.testing.assert_close(w.grad, w2.grad, **tol)
+    torch.testing.assert_close(b.grad, b2.grad, **tol)
+    torch.testing.assert_close(rm, rm2, **tol)
+    torch.testing.assert_close(rv, rv2, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "shape,axis", [((5, 3), 1), ((3, 2, 4), 1), ((3, 4, 2), -1), ((2, 3, 2, 3), 1)]
+)
+def test_gradcheck_and_gradgradcheck(backend: str, shape: tuple[int, ...], axis: int) -> None:
+    c = shape[axis]
+    x = _rand(shape).requires_grad_()
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64).requires_grad_()
+
+    def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, None, None, w, b, training=True, axis=axis, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+    def no_affine(x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, None, None, training=True, axis=axis, backend=backend)
+
+    assert torch.autograd.gradcheck(no_affine, (x,))
+    assert torch.autograd.gradgradcheck(no_affine, (x,))
+
+
+def test_eval_mode_gradcheck() -> None:
+    x = _rand((4, 3, 2)).requires_grad_()
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+
+    def fn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, rm, rv, w, b, training=False)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_use_float32_statistics(dtype: torch.dtype) -> None:
+    x32 = _rand((16, 4, 3, 3), dtype=torch.float32) * 10 + 100
+    x = x32.to(dtype).requires_grad_()
+    rm, rv = torch.zeros(4), torch.ones(4)
+    y = F.batch_norm(x, rm, rv, torch.ones(4), torch.zeros(4), training=True)
+    assert y.dtype == dtype
+    # the float32 computation on the same (rounded) values is the oracle
+    xr = x.detach().float()
+    y_ref, _, mean, var = ref.batch_norm_forward(xr.numpy(), eps=1e-5)
+    tol = 1e-2 if dtype == torch.float16 else 4e-2
+    np.testing.assert_allclose(y.detach().float().numpy(), y_ref, atol=tol)
+    np.testing.assert_allclose(rm.numpy(), 0.1 * mean, rtol=1e-5)
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == dtype
+    assert torch.isfinite(x.grad.float()).all()
+    assert rm.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("offset", [1e4, 1e5, 1e6])
+@pytest.mark.parametrize("shape", [(256, 3), (16, 3, 8, 8)])
+def test_variance_is_stable_for_large_means(
+    backend: str, offset: float, shape: tuple[int, ...]
+) -> None:
+    x = (_rand(shape, seed=5) * 0.5 + offset).float()
+    y = F.batch_norm(x, None, None, training=True, backend=backend)
+    dims = tuple(i for i in range(len(shape)) if i != 1)
+    var = y.double().var(dim=dims, unbiased=False)
+    # float32 stores offset+noise with a resolution of offset·2⁻²³; x̂ keeps unit variance
+    torch.testing.assert_close(var, torch.ones_like(var), rtol=0, atol=1e-3)
+    # the naive E[x²] − E[x]² in float32 fails on the same input: the test can tell
+    xt = x.transpose(0, 1).reshape(shape[1], -1)
+    naive = (xt * xt).mean(1) - xt.mean(1) ** 2
+    if offset >= 1e5:
+        assert not torch.allclose(
+            naive,
+            x.double().transpose(0, 1).reshape(shape[1], -1).var(1, unbiased=False).float(),
+            rtol=0.1,
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_constant_channel_gives_exact_zero(backend: str) -> None:
+    x = torch.randn(32, 3, 4)
+    x[:, 1] = 123.25
+    y = F.batch_norm(x, None, None, training=True, backend=backend)
+    assert torch.equal(y[:, 1], torch.zeros_like(y[:, 1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_values_near_float32_range(backend: str) -> None:
+    x = (_rand((64, 3), seed=7) * 1e30).float()
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        y = F.batch_norm(x, rm, rv, training=True, backend=backend)
+    torch.testing.assert_close(
+        y.double().var(0, unbiased=False), torch.ones(3, dtype=torch.float64), atol=1e-4, rtol=0
+    )
+    # a variance of 1e60 does not fit a float32 buffer: nothing non-finite is stored
+    assert torch.isfinite(rm).all() and torch.isfinite(rv).all()
+
+
+# -- hypothesis properties ---------------------------------------------------------------------
+
+_arrays = hnp.arrays(
+    np.float64,
+    hnp.array_shapes(min_dims=2, max_dims=4, min_side=2, max_side=5),
+    elements=st.floats(-100, 100, allow_nan=False, width=64),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=_arrays)
+def test_property_xhat_has_zero_mean_unit_variance(x: np.ndarray) -> None:
+    t = torch.from_numpy(x)
+    y = F.batch_norm(t, None, None, training=True, eps=1e-12)
+    dims = tuple(i for i in range(x.ndim) if i != 1)
+    spread = t.var(dim=dims, unbiased=False)
+    np.testing.assert_allclose(y.mean(dim=dims).numpy(), 0.0, atol=1e-6)
+    var = y.var(dim=dims, unbiased=False).numpy()
+    # non-degenerate channels have unit variance; (near-)constant ones are 0
+    ok = spread.numpy() > 1e-6
+    np.testing.assert_allclose(var[ok], 1.0, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=_arrays, a=st.floats(0.01, 100))
+def test_property_scale_invariance(x: np.ndarray, a: float) -> None:
+    """BN(a·x) = BN(x) for a > 0 (the paper, Sec. 3.3): exactly, up to ε."""
+    t = torch.from_numpy(x)
+    dims = tuple(i for i in range(x.ndim) if i != 1)
+    if bool((t.var(dim=dims, unbiased=False) < 1e-3).any()):
+        return  # ε dominates a nearly constant channel; invariance holds only up to ε
+    y1 = F.batch_norm(t, None, None, training=True, eps=1e-14)
+    y2 = F.batch_norm(a * t, None, None, training=True, eps=1e-14)
+    np.testing.assert_allclose(y1.numpy(), y2.numpy(), atol=1e-7)
+
+
+@settings(max_examples=30, deadline=None)
+@given(x=_arrays, data=st.data())
+def test_property_eval_is_affine_map_of_running_stats(x: np.ndarray, data: st.DataObject) -> None:
+    c = x.shape[1]
+    rm = np.array(data.draw(st.lists(st.floats(-5, 5), min_size=c, max_size=c)))
+    rv = np.array(data.draw(st.lists(st.floats(0.1, 5), min_size=c, max_size=c)))
+    y = F.batch_norm(
+        torch.from_numpy(x), torch.from_numpy(rm), torch.from_numpy(rv), training=False
+    )
+    scale, shift = ref.inference_affine(rm, rv, eps=1e-5)
+    shape = [1] * x.ndim
+    shape[1] = -1
+    np.testing.assert_allclose(
+        y.numpy(), x * scale.reshape(shape) + shift.reshape(shape), rtol=1e-12, atol=1e-12
+    )
+
+
+# -- non-finite policy and errors --------------------------------------------------------------
+
+
+def test_nonfinite_batch_never_reaches_running_stats() -> None:
+    x = torch.randn(8, 3)
+    x[2, 1] = float("nan")
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.warns(NonFiniteStatisticsWarning, match="left unchanged"):
+        F.batch_norm(x, rm, rv, training=True)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    x[2, 1] = float("inf")
+    with pytest.raises(NonFiniteStatisticsError):
+        F.batch_norm(x, rm, rv, training=True, nonfinite="raise")
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+def test_error_messages() -> None:
+    with pytest.raises(BatchNormInputError, match=r"did you mean axis=-1\?"):
+        F.batch_norm(
+            torch.randn(4, 5, 3), torch.zeros(3), torch.ones(3), training=True, layer="BN(3)"
+        )
+    with pytest.raises(
+        BatchNormInputError,
+        match=r"BN\(3\): expected more than 1 value per channel.*drop_last=True",
+    ):
+        F.batch_norm(torch.randn(1, 3), torch.zeros(3), torch.ones(3), training=True, layer="BN(3)")
+    with pytest.raises(
+        BatchNormInputError, match=r"floating-point input, got dtype torch.int64.*x.float\(\)"
+    ):
+        F.batch_norm(
+            torch.ones(4, 3, dtype=torch.long), torch.zeros(3), torch.ones(3), training=True
+        )
+    with pytest.raises(ValueError, match="unknown batch-norm backend"):
+        F.batch_norm(torch.randn(4, 3), None, None, training=True, backend="nope")
+
+
+def test_canonical_layout_views_without_copy() -> None:
+    x = torch.randn(2, 3, 4, 5)
+    v, restore = F.canonical_layout(x, 1)
+    assert v.shape == (2, 3, 20) and v.data_ptr() == x.data_ptr()
+    cl = x.to(memory_format=torch.channels_last)
+    v, restore = F.canonical_layout(cl, 1)
+    assert v.shape == (40, 3) and v.data_ptr() == cl.data_ptr()
+    assert restore(v).is_contiguous(memory_format=torch.channels_last)
+    nc = x.transpose(2, 3)  # neither layout: copied once, values preserved
+    v, restore = F.canonical_layout(nc, 1)
+    assert torch.equal(restore(v), nc)

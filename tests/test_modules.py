@@ -1,0 +1,266 @@
+"""The module shells as drop-ins for torch.nn.BatchNorm1d/2d/3d, the any-axis BatchNorm, the
+conventions, checkpoint interop, conversion and the error messages."""
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm import reference as ref
+
+PAIRS = [
+    (batchnorm.BatchNorm1d, nn.BatchNorm1d, (16, 6)),
+    (batchnorm.BatchNorm1d, nn.BatchNorm1d, (8, 6, 5)),
+    (batchnorm.BatchNorm2d, nn.BatchNorm2d, (4, 6, 5, 3)),
+    (batchnorm.BatchNorm3d, nn.BatchNorm3d, (2, 6, 3, 4, 2)),
+]
+
+VARIANTS = [
+    {},
+    {"momentum": None},
+    {"momentum": 0.3, "eps": 1e-3},
+    {"affine": False},
+    {"track_running_stats": False},
+    {"affine": False, "track_running_stats": False},
+]
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls,shape", PAIRS)
+@pytest.mark.parametrize("kwargs", VARIANTS)
+def test_drop_in_equivalence_over_training_and_eval(ours_cls, torch_cls, shape, kwargs) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    ours = ours_cls(6, dtype=torch.float64, **kwargs)
+    theirs = torch_cls(6, dtype=torch.float64, **kwargs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for name in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+        assert getattr(ours, name) == getattr(theirs, name)
+    opt_o = torch.optim.SGD(ours.parameters(), lr=0.1) if kwargs.get("affine", True) else None
+    opt_t = torch.optim.SGD(theirs.parameters(), lr=0.1) if kwargs.get("affine", True) else None
+    for step in range(4):
+        x = torch.randn(shape, dtype=torch.float64) * (step + 1) + step
+        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yt = ours(xo), theirs(xt)
+        torch.testing.assert_close(yo, yt, rtol=1e-10, atol=1e-10)
+        w = torch.randn(shape, dtype=torch.float64)
+        (yo * w).sum().backward()
+        (yt * w).sum().backward()
+        torch.testing.assert_close(xo.grad, xt.grad, rtol=1e-9, atol=1e-10)
+        if opt_o is not None and opt_t is not None:
+            torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-9, atol=1e-10)
+            opt_o.step(), opt_t.step()
+            opt_o.zero_grad(), opt_t.zero_grad()
+    for k, v in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v, rtol=1e-10, atol=1e-12)
+    ours.eval(), theirs.eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls,shape", PAIRS)
+def test_checkpoints_load_both_ways(ours_cls, torch_cls, shape) -> None:  # type: ignore[no-untyped-def]
+    theirs = torch_cls(6)
+    theirs(torch.randn(shape) * 3 + 1)
+    buf = io.BytesIO()
+    torch.save(theirs.state_dict(), buf)
+    buf.seek(0)
+    ours = ours_cls(6)
+    ours.load_state_dict(torch.load(buf))
+    assert int(ours.num_batches_tracked) == 1
+    ours(torch.randn(shape))
+    back = torch_cls(6)
+    back.load_state_dict(ours.state_dict())
+    for k, v in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+    # checkpoints from before num_batches_tracked existed still load
+    old = {k: v for k, v in theirs.state_dict().items() if k != "num_batches_tracked"}
+    old_meta = type(theirs.state_dict())(old)
+    old_meta._metadata = {"": {"version": 1}}  # type: ignore[attr-defined]
+    ours_cls(6).load_state_dict(old_meta)
+
+
+def test_channels_last_stays_channels_last_and_matches() -> None:
+    x = torch.randn(4, 8, 5, 6).to(memory_format=torch.channels_last).requires_grad_()
+    ours, theirs = batchnorm.BatchNorm2d(8), nn.BatchNorm2d(8)
+    y = ours(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, theirs(x))
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_any_axis_matches_permuted_torch() -> None:
+    x = torch.randn(6, 7, 5, dtype=torch.float64)
+    ours = batchnorm.BatchNorm(5, axis=-1, dtype=torch.float64)
+    theirs = nn.BatchNorm1d(5, dtype=torch.float64)
+    y = ours(x)
+    y_t = theirs(x.permute(0, 2, 1)).permute(0, 2, 1)
+    torch.testing.assert_close(y, y_t)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    rank5 = batchnorm.BatchNorm(3, axis=2, dtype=torch.float64)
+    z = torch.randn(2, 4, 3, 2, 5, dtype=torch.float64)
+    y5, _, _, _ = ref.batch_norm_forward(z.numpy(), axis=2)
+    np.testing.assert_allclose(rank5(z).detach().numpy(), y5, rtol=1e-10, atol=1e-10)
+
+
+def test_cumulative_average_equals_plain_mean_of_batch_statistics() -> None:
+    bn = batchnorm.BatchNorm1d(3, momentum=None, dtype=torch.float64)
+    xs = [torch.randn(10, 3, dtype=torch.float64) * (i + 1) + i for i in range(5)]
+    for x in xs:
+        bn(x)
+    means = torch.stack([x.mean(0) for x in xs])
+    uvars = torch.stack([x.var(0, unbiased=True) for x in xs])
+    torch.testing.assert_close(bn.running_mean, means.mean(0))
+    torch.testing.assert_close(bn.running_var, uvars.mean(0))
+    assert int(bn.num_batches_tracked) == 5
+
+
+def test_ema_identity_over_steps() -> None:
+    bn = batchnorm.BatchNorm1d(4, momentum=0.2, dtype=torch.float64)
+    rm, rv = np.zeros(4), np.ones(4)
+    for i in range(6):
+        x = torch.randn(9, 4, dtype=torch.float64) + i
+        bn(x)
+        mean, var = ref.batch_stats(x.numpy())
+        rm, rv = ref.running_stats_update(rm, rv, mean, var, 9, 0.2)
+    np.testing.assert_allclose(bn.running_mean.numpy(), rm, rtol=1e-12)
+    np.testing.assert_allclose(bn.running_var.numpy(), rv, rtol=1e-12)
+
+
+def test_keras_convention_path() -> None:
+    bn = batchnorm.BatchNorm.from_keras(
+        4, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=False
+    )
+    assert bn.momentum == pytest.approx(0.01) and bn.eps == 1e-3
+    assert bn.weight is None and bn.bias is not None and not bn.unbiased_running_var
+    x = torch.randn(12, 4, dtype=torch.float32)
+    bn(x)
+    # Keras: moving = 0.99·moving + 0.01·batch, biased variance
+    torch.testing.assert_close(bn.running_var, 0.99 + 0.01 * x.var(0, unbiased=False))
+    torch.testing.assert_close(bn.running_mean, 0.01 * x.mean(0))
+
+
+def test_nonfinite_input_skips_update_and_counter() -> None:
+    bn = batchnorm.BatchNorm1d(3)
+    bn(torch.randn(8, 3))
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    bad = torch.randn(8, 3)
+    bad[0, 0] = float("nan")
+    with pytest.warns(batchnorm.NonFiniteStatisticsWarning):
+        bn(bad)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    strict = batchnorm.BatchNorm1d(3, nonfinite="raise")
+    with pytest.raises(batchnorm.NonFiniteStatisticsError, match=r"BatchNorm1d\(3\)"):
+        strict(bad)
+
+
+def test_module_error_messages() -> None:
+    with pytest.raises(
+        batchnorm.BatchNormInputError,
+        match=r"BatchNorm2d\(8\): expected 4D input \(N, C, H, W\), got 3D.*BatchNorm1d",
+    ):
+        batchnorm.BatchNorm2d(8)(torch.randn(2, 8, 5))
+    with pytest.raises(
+        batchnorm.BatchNormInputError,
+        match=r"BatchNorm1d\(5\): expected 5 channels along axis 1.*axis=-1",
+    ):
+        batchnorm.BatchNorm1d(5)(torch.randn(4, 3, 5))
+    with pytest.raises(
+        batchnorm.BatchNormInputError,
+        match=r"BatchNorm1d\(5\): expected more than 1 value per channel.*\.eval\(\)",
+    ):
+        batchnorm.BatchNorm1d(5)(torch.randn(1, 5))
+    with pytest.raises(batchnorm.BatchNormInputError, match="floating-point"):
+        batchnorm.BatchNorm1d(5)(torch.ones(4, 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="momentum must be in"):
+        batchnorm.BatchNorm1d(5, momentum=1.5)
+    with pytest.raises(ValueError, match="axis 1"):
+        batchnorm.BatchNorm2d(5, axis=-1)
+    # eval mode accepts a single sample, as torch.nn does
+    bn = batchnorm.BatchNorm1d(5).eval()
+    assert bn(torch.randn(1, 5)).shape == (1, 5)
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 5, bias=False), nn.BatchNorm1d(5)),
+    )
+
+
+def test_convert_model_both_ways_keeps_state_and_mode() -> None:
+    torch.manual_seed(0)
+    net = _net()
+    x = torch.randn(6, 3, 6, 6)
+    net(x)
+    net[3].eval()  # mixed modes survive the conversion
+    ref_out = net(x)
+    ref_state = {k: v.clone() for k, v in net.state_dict().items()}
+    converted = batchnorm.convert_model(net)
+    assert (
+        type(converted[1]) is batchnorm.BatchNorm2d
+        and type(converted[3][2]) is batchnorm.BatchNorm1d
+    )
+    assert converted[1].training and not converted[3][2].training
+    for k, v in converted.state_dict().items():
+        assert torch.equal(v, ref_state[k]), k
+    torch.testing.assert_close(converted(x), ref_out)
+    back = batchnorm.convert_model(converted, to="torch")
+    assert type(back[1]) is nn.BatchNorm2d and type(back[3][2]) is nn.BatchNorm1d
+    keras_like = nn.Sequential(batchnorm.BatchNorm.from_keras(4))
+    with pytest.raises(ValueError, match="cannot become a torch.nn layer"):
+        batchnorm.convert_model(keras_like, to="torch")
+
+
+def test_placements_from_the_readme_train() -> None:
+    torch.manual_seed(0)
+    before = nn.Sequential(
+        nn.Linear(20, 32, bias=False), batchnorm.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 2)
+    )
+    after = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), batchnorm.BatchNorm1d(32), nn.Linear(32, 2))
+    x = torch.randn(256, 20)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    for net in (before, after):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(60):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+        net.eval()
+        acc = (net(x).argmax(1) == y).float().mean().item()
+        assert acc > 0.9
+
+
+def test_half_precision_module_and_no_warnings_in_normal_use() -> None:
+    bn = batchnorm.BatchNorm2d(4)
+    x = (torch.randn(4, 4, 3, 3) * 5 + 1e3).half()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = bn(x)
+    assert y.dtype == torch.float16
+    v = y.float().var(dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(v, torch.ones(4), atol=2e-2, rtol=0)
+
+
+def test_torch_bias_false_spelling_is_supported() -> None:
+    import inspect
+
+    if "bias" not in inspect.signature(nn.BatchNorm1d.__init__).parameters:
+        pytest.skip("this torch.nn has no bias= argument")
+    theirs = nn.BatchNorm1d(4, bias=False)  # type: ignore[call-arg]
+    ours = batchnorm.BatchNorm1d(4, bias=False)
+    assert ours.bias is None and ours.weight is not None
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(8, 4)
+    torch.testing.assert_close(ours(x), theirs(x))
+    net = batchnorm.convert_model(nn.Sequential(theirs))
+    assert type(net[0]) is batchnorm.BatchNorm1d and net[0].bias is None
+    back = batchnorm.convert_model(net, to="torch")
+    assert type(back[0]) is nn.BatchNorm1d and back[0].bias is None

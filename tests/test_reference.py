@@ -1,0 +1,97 @@
+"""The NumPy reference against independent oracles: torch autograd in float64 and the paper's
+definitions written out directly."""
+
+import numpy as np
+import pytest
+import torch
+
+from batchnorm import reference as ref
+
+SHAPES_AXES = [
+    ((60, 100), 1),
+    ((8, 3, 5), 1),
+    ((4, 3, 5, 6), 1),
+    ((2, 3, 4, 5, 6), 1),
+    ((7, 5, 4), -1),
+    ((3, 4, 5), 0),
+]
+
+
+def _torch_bn(
+    x: torch.Tensor, g: torch.Tensor, b: torch.Tensor, eps: float, axis: int
+) -> torch.Tensor:
+    """Algorithm 1 written with autograd-tracked elementwise ops (an independent oracle)."""
+    dims = tuple(i for i in range(x.dim()) if i != axis % x.dim())
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    mean = x.mean(dim=dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * g.view(shape) + b.view(shape)
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES_AXES)
+def test_forward_and_backward_match_autograd(shape: tuple[int, ...], axis: int) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, size=shape)
+    c = shape[axis]
+    g, b = rng.normal(size=c), rng.normal(size=c)
+    dy = rng.normal(size=shape)
+    y, xhat, mean, var = ref.batch_norm_forward(x, g, b, 1e-5, axis)
+    dx, dg, db = ref.batch_norm_backward(dy, x, g, 1e-5, axis)
+
+    xt = torch.tensor(x, requires_grad=True)
+    gt = torch.tensor(g, requires_grad=True)
+    bt = torch.tensor(b, requires_grad=True)
+    yt = _torch_bn(xt, gt, bt, 1e-5, axis)
+    yt.backward(torch.tensor(dy))
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(dg, gt.grad.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(db, bt.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+def test_xhat_statistics_and_convolution_joint_normalization() -> None:
+    x = np.random.default_rng(1).normal(5.0, 2.0, size=(6, 4, 7, 3))
+    _, xhat, mean, var = ref.batch_norm_forward(x, eps=0.0)
+    # per channel, jointly over batch and positions
+    np.testing.assert_allclose(xhat.mean(axis=(0, 2, 3)), 0.0, atol=1e-12)
+    np.testing.assert_allclose(xhat.var(axis=(0, 2, 3)), 1.0, atol=1e-12)
+    np.testing.assert_allclose(mean, x.transpose(1, 0, 2, 3).reshape(4, -1).mean(axis=1))
+    np.testing.assert_allclose(var, x.transpose(1, 0, 2, 3).reshape(4, -1).var(axis=1))
+
+
+def test_population_stats_is_algorithm_2() -> None:
+    rng = np.random.default_rng(2)
+    batches = [rng.normal(1.0, 2.0, size=(10, 3, 2)) for _ in range(5)]
+    mean, var = ref.population_stats(batches)
+    m = 10 * 2
+    exp_mean = np.mean([b.mean(axis=(0, 2)) for b in batches], axis=0)
+    exp_var = m / (m - 1) * np.mean([b.var(axis=(0, 2)) for b in batches], axis=0)
+    np.testing.assert_allclose(mean, exp_mean)
+    np.testing.assert_allclose(var, exp_var)
+    with pytest.raises(ValueError, match="drop_last"):
+        ref.population_stats([batches[0], batches[1][:5]])
+
+
+def test_inference_is_the_affine_map() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(9, 4))
+    mean, var = rng.normal(size=4), rng.uniform(0.5, 2.0, size=4)
+    g, b = rng.normal(size=4), rng.normal(size=4)
+    y = ref.batch_norm_inference(x, mean, var, g, b, eps=1e-3, axis=1)
+    y2, _ = ref.normalize(x, mean, var, g, b, eps=1e-3, axis=1)
+    np.testing.assert_allclose(y, y2, rtol=1e-12, atol=1e-12)
+    scale, shift = ref.inference_affine(mean, var, g, b, 1e-3)
+    np.testing.assert_allclose(y, x * scale + shift)
+
+
+def test_running_stats_update_conventions() -> None:
+    rm, rv = ref.running_stats_update(
+        np.zeros(2), np.ones(2), np.array([1.0, 2.0]), np.array([4.0, 4.0]), 5, 0.1
+    )
+    np.testing.assert_allclose(rm, [0.1, 0.2])
+    np.testing.assert_allclose(rv, [0.9 + 0.1 * 4 * 5 / 4] * 2)
+    _, rv_b = ref.running_stats_update(
+        np.zeros(2), np.ones(2), np.zeros(2), np.array([4.0, 4.0]), 5, 0.1, unbiased=False
+    )
+    np.testing.assert_allclose(rv_b, [0.9 + 0.4] * 2)
