@@ -54,7 +54,16 @@ from typing import Any
 from batchnorm.lab.config import BaseConfig
 from batchnorm.lab.results import Results, RunContext, RunData
 
-__all__ = ["Experiment", "register", "get", "names", "all_experiments", "broken", "discover"]
+__all__ = [
+    "Experiment",
+    "register",
+    "get",
+    "names",
+    "all_experiments",
+    "broken",
+    "discover",
+    "run_experiment",
+]
 
 FiguresFn = Callable[[RunData, Path], list[Path]]
 RunFn = Callable[[Any, RunContext], Results]
@@ -146,4 +155,56 @@ def broken() -> dict[str, str]:
     return dict(_BROKEN)
 
 
+def run_experiment(
+    name: str,
+    out: str | Path | None = None,
+    *,
+    quick: bool = False,
+    sets: Any = (),
+    log: Callable[[str], None] | None = None,
+    progress: bool | None = None,
+    command: str | None = None,
+    **values: Any,
+) -> Path:
+    """Run experiment ``name`` into the folder ``out`` (default ``runs/<name>[-quick]``) and
+    write its results, figures and report; returns the folder.
+
+    ``values`` are typed config fields (``seeds=3``, ``dataset="digits"``; ``None`` = not given),
+    ``sets`` are ``key=value`` strings converted to the fields' types. A folder holding the same
+    config resumes (finished parts are reused; a finished run only gets its figures and report
+    re-rendered); a folder holding another run raises
+    :class:`~batchnorm.lab.results.RunDirConflict` and is left untouched."""
+    import time
+
+    from batchnorm.lab.config import config_to_dict, make_config
+    from batchnorm.lab.report import write_report
+    from batchnorm.lab.results import RunDir, load_run
+
+    say = log or print
+    exp = get(name)
+    cfg = make_config(exp.config_cls, quick=quick, sets=sets, **values)
+    cfg_dict = config_to_dict(cfg)
+    path = Path(out) if out is not None else Path("runs") / (name + ("-quick" if quick else ""))
+    rd = RunDir(path)
+    state = rd.prepare(name, cfg_dict)
+    if state == "complete":
+        say(f"{name}: {path} already holds this finished run; re-rendering figures and report")
+    else:
+        if state == "resume":
+            say(f"{name}: resuming the unfinished run in {path}")
+        ctx = RunContext(rd, log=say, progress=progress)
+        t0 = time.perf_counter()
+        results = exp.run(cfg, ctx)
+        results.summary.setdefault("description", exp.description)
+        results.summary.setdefault("source", exp.source)
+        if command:
+            results.summary.setdefault("command", command)
+        rd.save_results(name, cfg_dict, results, time.perf_counter() - t0)
+    run = load_run(path)
+    figures = exp.figures(run, path) if exp.figures is not None else []
+    write_report(run, figures)
+    return path
+
+
+# importing the registry finds every experiment (see the module docstring)
 discover()

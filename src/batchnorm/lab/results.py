@@ -311,6 +311,11 @@ class RunDir:
             if key not in summary:
                 raise ValueError(f"{experiment}: run() returned a summary without {key!r}")
         claims = [c if isinstance(c, Claim) else Claim.from_dict(c) for c in summary["claims"]]
+        first, count = int(config.get("seed", 0)), int(config.get("seeds", 1))
+        seeds = summary.pop("seeds", list(range(first, first + count)))
+        for c in claims:
+            if not c.seeds:
+                c.seeds = list(seeds)
         self.write_rows("metrics.csv", results.rows)
         self.write_json("series.json", results.series)
         full = {
@@ -319,7 +324,7 @@ class RunDir:
             "status": "complete",
             "dataset": summary.pop("dataset"),
             "config": config,
-            "seeds": list(summary.pop("seeds", config.get("seeds", []))),
+            "seeds": list(seeds),
             "arms": summary.pop("arms", {}),
             "claims": [c.to_dict() for c in claims],
             "runtime_s": round(runtime_s, 2),

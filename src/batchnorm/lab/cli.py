@@ -1,0 +1,182 @@
+"""``batchnorm lab``: list and run the experiments.
+
+    batchnorm lab list
+    batchnorm lab run NAME [--quick] [--seeds K] [--dataset D] [--data-dir P] [--download]
+                           [--out DIR] [--set key=value ...]
+    batchnorm lab run all [--quick] ...      # every experiment + one combined report
+
+Each run writes into its ``--out`` folder (default ``runs/NAME`` or ``runs/NAME-quick``):
+``config.json``, ``metrics.csv``, ``series.json``, ``summary.json``, figures (PNG),
+``report.md`` and ``report.html``. Re-running with the same ``--out`` and config resumes (or
+only re-renders a finished run); another config there is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from batchnorm.lab.data import DATASET_NAMES
+
+__all__ = ["add_arguments", "main"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="lab_command", metavar="{list,run}")
+    sub.add_parser("list", help="list the experiments")
+    run = sub.add_parser(
+        "run",
+        help="run an experiment (or 'all')",
+        description="Run an experiment and write its results, figures and report.",
+    )
+    run.add_argument("name", help="experiment name (see 'batchnorm lab list') or 'all'")
+    run.add_argument("--quick", action="store_true", help="smoke size: well under a minute")
+    run.add_argument("--seeds", type=int, default=None, help="number of seeds (mean ± spread)")
+    run.add_argument(
+        "--dataset",
+        choices=DATASET_NAMES,
+        default=None,
+        help="dataset (default auto: MNIST if found, else Fashion-MNIST, else digits)",
+    )
+    run.add_argument("--data-dir", default=None, help="folder holding the IDX files")
+    run.add_argument(
+        "--download",
+        action="store_true",
+        default=None,
+        help="fetch MNIST / Fashion-MNIST (checksums verified) if not found",
+    )
+    run.add_argument("--out", default=None, help="run folder (default runs/NAME[-quick])")
+    run.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (repeatable); unknown keys are errors",
+    )
+
+
+def _flat(sets: list[list[str]]) -> list[str]:
+    return [s for group in sets for s in group]
+
+
+def _cmd_list() -> int:
+    from batchnorm.lab import registry
+
+    for exp in registry.all_experiments():
+        print(f"{exp.name:24s} {exp.description}")
+        if exp.source:
+            print(f"{'':24s} source: {exp.source}")
+    for mod, err in registry.broken().items():
+        last = err.strip().splitlines()[-1]
+        print(f"{mod} (broken: {last})", file=sys.stderr)
+    return 0
+
+
+def _print_claims(path: Path) -> None:
+    from batchnorm.lab.report import format_value
+    from batchnorm.lab.results import load_run
+
+    run = load_run(path)
+    print(f"dataset used: {run.summary['dataset'].get('name')}")
+    for c in run.claims:
+        mark = "SUPPORTED    " if c.verdict else "NOT SUPPORTED"
+        print(f"  [{mark}] {c.statement} — {format_value(c.measured)}")
+    print(f"report: {path / 'report.md'}")
+
+
+def _run_one(name: str, args: argparse.Namespace, out: Any, command: str) -> Path:
+    from batchnorm.lab import registry
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    return registry.run_experiment(
+        name,
+        out,
+        quick=args.quick,
+        sets=_flat(args.sets),
+        log=log,
+        command=command,
+        seeds=args.seeds,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        download=args.download,
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from batchnorm.lab import registry
+    from batchnorm.lab.config import ConfigError
+    from batchnorm.lab.data import DatasetCorruptError, DatasetNotFoundError
+    from batchnorm.lab.results import RunDirConflict
+
+    command = _command(args)
+    expected = (ConfigError, DatasetNotFoundError, DatasetCorruptError, RunDirConflict, KeyError)
+    if args.name != "all":
+        try:
+            path = _run_one(args.name, args, args.out, command)
+        except expected as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            print(f"error: {msg}", file=sys.stderr)
+            return 2
+        _print_claims(path)
+        return 0
+    from batchnorm.lab.report import write_combined_report
+    from batchnorm.lab.results import RunData, load_run
+
+    root = Path(args.out) if args.out else Path("runs") / ("all-quick" if args.quick else "all")
+    done: list[tuple[RunData, list[Path]]] = []
+    failures: list[tuple[str, str]] = []
+    for name in registry.names():
+        print(f"== {name}", flush=True)
+        try:
+            path = _run_one(name, args, root / name, command)
+        except Exception as e:  # one failing experiment must not hide the others' results
+            failures.append((name, f"{type(e).__name__}: {e}"))
+            print(f"error: {name}: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        run = load_run(path)
+        figs = sorted(path.glob("*.png"))
+        done.append((run, figs))
+        _print_claims(path)
+    for mod, err in registry.broken().items():
+        failures.append((mod, err.strip().splitlines()[-1]))
+    settings = {
+        "quick": args.quick,
+        "seeds": args.seeds or "default",
+        "dataset": args.dataset or "auto",
+        "sets": " ".join(_flat(args.sets)) or "none",
+    }
+    md, _ = write_combined_report(root, done, failures, settings)
+    print(f"combined report: {md}")
+    return 1 if failures else 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (recorded in the summary and report)."""
+    parts = ["batchnorm", "lab", "run", args.name]
+    if args.quick:
+        parts.append("--quick")
+    for flag in ("seeds", "dataset", "data_dir", "out"):
+        v = getattr(args, flag)
+        if v is not None:
+            parts += ["--" + flag.replace("_", "-"), str(v)]
+    if args.download:
+        parts.append("--download")
+    for s in _flat(args.sets):
+        parts += ["--set", s]
+    return shlex.join(parts)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.lab_command == "list":
+        return _cmd_list()
+    if args.lab_command == "run":
+        return _cmd_run(args)
+    print("usage: batchnorm lab {list,run} ...  (see batchnorm lab --help)", file=sys.stderr)
+    return 2

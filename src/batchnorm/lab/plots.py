@@ -1,0 +1,178 @@
+"""Figure primitives for experiments' ``figures`` functions. They draw saved run data only —
+nothing here trains.
+
+* :func:`curves` — one line per group: the mean over seeds with a shaded ±1 std band;
+* :func:`grouped_bars` — bars grouped by category with ±1 std error bars over seeds;
+* :func:`percentile_bands` — low/median/high percentile trajectories (Figure 1b/c style);
+* :func:`new_figure` / :func:`save_figure` — Agg figures saved atomically as PNG.
+
+Example::
+
+    >>> from batchnorm.lab import plots
+    >>> fig, (ax,) = plots.new_figure(1)
+    >>> plots.curves(ax, [0, 10, 20], {"bn": [[0.1, 0.5, 0.9], [0.1, 0.6, 0.9]]})
+    >>> plots.save_figure(fig, "/tmp/example.png")  # doctest: +ELLIPSIS
+    PosixPath('/tmp/example.png')
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batchnorm.lab.results import atomic_write_bytes
+
+__all__ = ["new_figure", "save_figure", "curves", "grouped_bars", "percentile_bands", "COLORS"]
+
+# one color per arm, stable across figures
+COLORS = {
+    "baseline": "#1f77b4",
+    "bn": "#d62728",
+    "none": "#1f77b4",
+    "before": "#d62728",
+    "after": "#2ca02c",
+}
+_CYCLE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf"]
+
+
+def color_for(name: str, i: int = 0) -> str:
+    return COLORS.get(name, _CYCLE[i % len(_CYCLE)])
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (4.6, 3.4)) -> Any:
+    """``(fig, axes)`` with ``axes`` a flat list; uses the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False
+    )
+    return fig, list(np.asarray(axes).ravel())
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+    """Save ``fig`` as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def curves(
+    ax: Any,
+    x: Sequence[float],
+    groups: Mapping[str, Sequence[Sequence[float | None]]],
+    *,
+    labels: Mapping[str, str] | None = None,
+    xlabel: str = "step",
+    ylabel: str = "",
+    title: str = "",
+) -> None:
+    """Plot, per group, the mean over seeds of ``groups[name]`` (shape ``(seeds, len(x))``;
+    ``None`` marks a missing point, e.g. after divergence) with a ±1 std band."""
+    for i, (name, runs) in enumerate(groups.items()):
+        arr = np.array([[np.nan if v is None else float(v) for v in r] for r in runs], dtype=float)
+        if arr.size == 0:
+            continue
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(arr, axis=0)
+                std = np.nanstd(arr, axis=0)
+        c = color_for(name, i)
+        label = (labels or {}).get(name, name)
+        if arr.shape[0] > 1:
+            label += f" (n={arr.shape[0]})"
+        xs = np.asarray(x, dtype=float)[: mean.shape[0]]
+        ax.plot(xs, mean, color=c, label=label, lw=1.5)
+        if arr.shape[0] > 1:
+            ax.fill_between(xs, mean - std, mean + std, color=c, alpha=0.2, lw=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def grouped_bars(
+    ax: Any,
+    categories: Sequence[str],
+    series: Mapping[str, Sequence[Sequence[float | None]]],
+    *,
+    ylabel: str = "",
+    title: str = "",
+) -> None:
+    """Bars: one group per category, one bar per series, height = mean over seeds, error bar =
+    ±1 std. ``series[name][k]`` holds the per-seed values for ``categories[k]``."""
+    n = max(1, len(series))
+    width = 0.8 / n
+    xs = np.arange(len(categories))
+    for i, (name, per_cat) in enumerate(series.items()):
+        means, stds = [], []
+        for vals in per_cat:
+            v = np.array([np.nan if a is None else float(a) for a in vals], dtype=float)
+            ok = v[np.isfinite(v)]
+            means.append(float(ok.mean()) if ok.size else np.nan)
+            stds.append(float(ok.std()) if ok.size > 1 else 0.0)
+        ax.bar(
+            xs + (i - (n - 1) / 2) * width,
+            means,
+            width,
+            yerr=stds,
+            capsize=3,
+            label=name,
+            color=color_for(name, i),
+        )
+    ax.set_xticks(xs)
+    ax.set_xticklabels(categories)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+
+
+def percentile_bands(
+    ax: Any,
+    x: Sequence[float],
+    percentiles: Mapping[str, Sequence[float]],
+    *,
+    color: str = "#1f77b4",
+    xlabel: str = "step",
+    ylabel: str = "",
+    title: str = "",
+) -> None:
+    """Percentile trajectories: keys like ``"15"``, ``"50"``, ``"85"``; the median is drawn
+    solid, the others dashed, with the band between the outermost shaded."""
+    keys = sorted(percentiles, key=float)
+    xs = np.asarray(x, dtype=float)
+    for k in keys:
+        ys = np.asarray(percentiles[k], dtype=float)
+        mid = k == keys[len(keys) // 2]
+        ax.plot(
+            xs, ys, color=color, lw=1.6 if mid else 1.0, ls="-" if mid else "--", label=f"{k}th"
+        )
+    if len(keys) >= 2:
+        lo = np.asarray(percentiles[keys[0]], dtype=float)
+        hi = np.asarray(percentiles[keys[-1]], dtype=float)
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.12, lw=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
