@@ -1,0 +1,1694 @@
+"""``batchnorm.doctor``: check a model on a few batches of its data for the classic
+batch-normalization bugs, and say for each finding what was measured, why it matters and the fix.
+
+The question behind most BN bug reports is "my model is good in train mode and bad in eval
+mode". In train mode a BN layer normalizes with the statistics of the batch (Ioffe & Szegedy
+2015, Algorithm 1); in eval mode with its running statistics, the moving averages that stand in
+for the population statistics (Algorithm 2). Everything that makes the two disagree shows up as
+a gap between them, and the doctor measures that gap per layer:
+
+* **train probe** — the model runs in train mode (as when the running statistics were
+  accumulated); at each BN input the mean over batches of the batch mean μ_B and of the
+  unbiased batch variance s²_B are compared with ``running_mean`` / ``running_var``:
+
+  .. math:: \\text{mean shift}_c = \\frac{|\\bar\\mu_{B,c} - \\mu_{run,c}|}{\\sqrt{\\sigma^2_{run,c}+\\epsilon}},
+            \\qquad \\text{std ratio}_c = \\sqrt{\\frac{\\bar s^2_{B,c}+\\epsilon}{\\sigma^2_{run,c}+\\epsilon}}
+
+  A large gap means the running statistics do not describe what the layer sees: never updated,
+  stale after the weights changed, poisoned, or estimated with a wrong momentum.
+* **eval probe** — the same numbers with the model in eval mode: what inference feeds the layer.
+  A gap here but not in the train probe is a train/eval *input* shift upstream, the classic one
+  being Dropout before BN (Li et al. 2019, "Understanding the disharmony between dropout and
+  batch normalization by variance shift", arXiv 1801.05134).
+* **output gap** — the relative RMS difference between the model's outputs with BN on batch
+  statistics (other layers in eval mode) and in eval mode: the symptom itself.
+
+The structural checks (Dropout / a bias / another normalization next to BN) need the dataflow
+order: it comes from a ``torch.fx`` symbolic trace when the model traces, otherwise from the call
+order of forward hooks; each finding says which.
+
+The model is never changed: every forward pass runs on a deep copy under ``torch.no_grad()`` and
+a forked RNG, so the model's parameters, buffers (running statistics, ``num_batches_tracked``),
+train/eval modes and the global RNG stream are the same before and after.
+
+Measurement functions with a stable API for the lab and for users' own checks:
+:func:`stat_gaps` (per-layer gap), :func:`output_gap` (train/eval output gap) and
+:func:`doctor` itself (a :class:`DoctorReport`).
+
+The command line: ``batchnorm doctor MODULE:FACTORY --data inputs.pt`` (see :func:`main`); the
+exit code is 1 when a finding of severity ``error`` exists, so it can gate a CI job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import importlib.util
+import json
+import math
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from batchnorm.functional import canonical_layout
+from batchnorm.nn.batchnorm import _BatchNormBase
+
+__all__ = [
+    "doctor",
+    "DoctorReport",
+    "Finding",
+    "LayerGap",
+    "OutputGap",
+    "Thresholds",
+    "stat_gaps",
+    "output_gap",
+    "is_batchnorm",
+    "add_arguments",
+    "main",
+]
+
+Severity = Literal["error", "warning", "info"]
+_SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
+Evidence = Mapping[str, float | int | str | bool | None | list[int]]
+
+# --------------------------------------------------------------------------------------------
+# report types
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosis.
+
+    Attributes:
+        check: a stable identifier of the check (e.g. ``"stale-running-stats"``).
+        severity: ``"error"`` (eval-mode results are wrong now), ``"warning"`` (likely wrong
+            or fragile), ``"info"`` (harmless but worth knowing).
+        layer: the qualified module name (``model.get_submodule(layer)``), ``""`` for the model.
+        measured: what was measured, with the numbers.
+        why: why it matters.
+        fix: what to do, usually one call of ours.
+        evidence: the numbers behind ``measured``, machine-readable.
+    """
+
+    check: str
+    severity: Severity
+    layer: str
+    measured: str
+    why: str
+    fix: str
+    evidence: Evidence = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["evidence"] = dict(self.evidence)
+        return d
+
+
+@dataclass(frozen=True)
+class LayerGap:
+    """Batch statistics of one BN layer's input against its running statistics.
+
+    For channel c, with μ̄_c the mean over the probed batches of the batch mean and s̄²_c the mean
+    of the unbiased batch variance (the quantity ``running_var`` averages in PyTorch's
+    convention), ``mean_shift_c = |μ̄_c − running_mean_c| / sqrt(running_var_c + ε)`` and
+    ``std_ratio_c = sqrt((s̄²_c + ε) / (running_var_c + ε))``. Channels with a constant input
+    (``dead_channels``) are left out of the summaries.
+
+    Attributes:
+        layer: qualified module name. kind: the layer's class name.
+        count: values per channel in one batch (N × spatial size), the smallest seen.
+        batches: batches measured.
+        mean_shift_max / mean_shift_median: over channels, in units of the running std.
+        std_ratio_worst: the channel ratio farthest from 1 (in log scale); std_ratio_median.
+        noise: the standard error of the mean shift if the running statistics were exact,
+            ``1/sqrt(count · batches)``; gaps below a few times this are sampling noise.
+        nonfinite: a batch statistic was NaN/inf (the input carries non-finite values).
+        dead_channels: channels whose input is constant (variance ≈ 0).
+        has_running_stats: False for ``track_running_stats=False`` (no gap is defined).
+    """
+
+    layer: str
+    kind: str
+    num_features: int
+    count: int
+    batches: int
+    mean_shift_max: float
+    mean_shift_median: float
+    std_ratio_worst: float
+    std_ratio_median: float
+    noise: float
+    nonfinite: bool
+    dead_channels: tuple[int, ...]
+    has_running_stats: bool
+
+    @property
+    def std_log_gap(self) -> float:
+        """``|log std_ratio_worst|``: 0 when batch and running std agree."""
+        r = self.std_ratio_worst
+        return abs(math.log(r)) if r > 0 and math.isfinite(r) else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dead_channels"] = list(self.dead_channels)
+        return d
+
+
+@dataclass(frozen=True)
+class OutputGap:
+    """The train/eval gap of the whole model: its eval-mode outputs against its outputs with BN
+    on batch statistics (every other layer in eval mode, so Dropout is off), on the same batches.
+
+    Batch statistics of one batch are noisy (their standard error is 1/sqrt(values per
+    channel)), so a perfectly calibrated model still shows a per-batch gap; the headline number
+    removes that noise by pooling: the reference outputs are those of the model in eval mode
+    with each BN's running statistics replaced by its batch statistics averaged over the probed
+    batches (what ``batchnorm.recalibrate`` would install from this data).
+
+    Attributes:
+        relative_rms: ``‖y_eval − y_pooled‖ / ‖y_pooled‖`` over all probed outputs: ≈ 0 when the
+            running statistics describe the data, the symptom's size otherwise.
+        batch_relative_rms: ``‖y_eval − y_batch‖ / ‖y_batch‖`` with per-batch statistics (what
+            "train mode vs eval mode" shows, including the batch noise).
+        agreement: for (N, K>1) outputs, the fraction of rows whose argmax agrees between
+            ``y_eval`` and ``y_pooled``; else None.
+        batches: batches measured.
+    """
+
+    relative_rms: float
+    batch_relative_rms: float
+    agreement: float | None
+    batches: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Where a measurement becomes a finding (defaults chosen on trained models: a healthy
+    model stays well below the warning level, the bugs the doctor knows land above the error
+    level). Mean shifts are in units of the running std; std ratios are symmetric in log scale
+    (a ratio r and 1/r are judged alike); a gap must also exceed ``noise_factor`` times its
+    sampling noise."""
+
+    mean_shift_warning: float = 0.5
+    mean_shift_error: float = 2.0
+    std_ratio_warning: float = 1.25
+    std_ratio_error: float = 2.0
+    noise_factor: float = 5.0
+    output_gap_warning: float = 0.15
+    output_gap_error: float = 0.5
+    min_count: int = 16
+    keras_momentum: float = 0.5
+    dead_gamma: float = 1e-5
+    dead_var: float = 1e-10
+
+
+@dataclass
+class DoctorReport:
+    """What :func:`doctor` found: ``findings`` (most severe first, then in dataflow order) and
+    the measurements behind them. ``str(report)`` is the text report, :meth:`to_dict` /
+    :meth:`to_json` the machine-readable one.
+
+    Example::
+
+        >>> report = batchnorm.doctor(model, loader)
+        >>> print(report)
+        >>> if report.has_errors: ...
+    """
+
+    model: str
+    num_batches: int
+    batch_size: int
+    order: str
+    layers: list[str]
+    findings: list[Finding]
+    train_gaps: dict[str, LayerGap]
+    inference_gaps: dict[str, LayerGap]
+    output_gap: OutputGap | None
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def has_errors(self) -> bool:
+        return any(f.severity == "error" for f in self.findings)
+
+    def by_check(self, check: str) -> list[Finding]:
+        """The findings of one check (e.g. ``"dropout-before-bn"``)."""
+        return [f for f in self.findings if f.check == check]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "num_batches": self.num_batches,
+            "batch_size": self.batch_size,
+            "order": self.order,
+            "layers": list(self.layers),
+            "summary": {s: sum(f.severity == s for f in self.findings) for s in _SEVERITY_RANK},
+            "findings": [f.to_dict() for f in self.findings],
+            "train_gaps": {k: v.to_dict() for k, v in self.train_gaps.items()},
+            "inference_gaps": {k: v.to_dict() for k, v in self.inference_gaps.items()},
+            "output_gap": None if self.output_gap is None else self.output_gap.to_dict(),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(_json_safe(self.to_dict()), indent=indent)
+
+    def format_text(self, width: int = 100) -> str:
+        lines = [
+            f"batchnorm doctor: {self.model} — {len(self.layers)} BN layer(s), "
+            f"{self.num_batches} batch(es) of {self.batch_size}, dataflow order from {self.order}"
+        ]
+        if self.output_gap is not None:
+            og = self.output_gap
+            agree = "" if og.agreement is None else f", argmax agreement {og.agreement:.1%}"
+            lines.append(
+                f"train/eval output gap: {og.relative_rms:.3f} relative RMS between eval mode and "
+                f"BN on batch statistics pooled over the batches ({og.batch_relative_rms:.3f} "
+                f"with per-batch statistics{agree})"
+            )
+        for f in self.findings:
+            where = f.layer or "(model)"
+            lines.append("")
+            lines.append(f"{f.severity.upper():8s}{f.check}  [{where}]")
+            for label, text in (("measured", f.measured), ("why", f.why), ("fix", f.fix)):
+                lines.extend(_wrap(f"{label}: {text}", width, "  ", "    "))
+        counts = {s: sum(f.severity == s for f in self.findings) for s in _SEVERITY_RANK}
+        lines.append("")
+        lines.append(
+            f"{counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info"
+            if self.findings
+            else "no findings"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format_text()
+
+
+def _wrap(text: str, width: int, first: str, rest: str) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(
+        text, width=width, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False
+    ) or [first]
+
+
+def _json_safe(x: Any) -> Any:
+    # JSON has no NaN/inf: write them as strings so the output stays valid JSON
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# model helpers
+
+
+def is_batchnorm(m: nn.Module) -> bool:
+    """A torch.nn batch-norm layer (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, lazy ones) or
+    one of ours (:class:`batchnorm.BatchNorm` and every variant built on its base)."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm | _BatchNormBase)
+
+
+def _bn_axis(m: nn.Module) -> int:
+    return int(getattr(m, "axis", 1)) if isinstance(m, _BatchNormBase) else 1
+
+
+def _stores_biased(m: nn.Module) -> bool:
+    return isinstance(m, _BatchNormBase) and not m.unbiased_running_var
+
+
+def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if is_batchnorm(m)]
+
+
+def _has_running(m: nn.Module) -> bool:
+    return (
+        getattr(m, "running_mean", None) is not None and getattr(m, "running_var", None) is not None
+    )
+
+
+_DROPOUT = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+_OTHER_NORMS = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+)
+_TRANSPARENT_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten)
+_TRANSPARENT_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "contiguous",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+}
+_TRANSPARENT_FUNCTIONS = {"flatten", "reshape", "squeeze", "unsqueeze"}
+_DROPOUT_FUNCTIONS = {
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "alpha_dropout",
+    "feature_alpha_dropout",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def _as_input(batch: Any) -> Any:
+    """The model input of one batch: a tensor as is; (inputs, targets, ...) -> inputs."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, list | tuple) and batch:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in ("input", "inputs", "x", "image", "images", "pixel_values"):
+            if key in batch:
+                return batch[key]
+    raise TypeError(
+        f"doctor: cannot find the model input in a batch of type {type(batch).__name__}; pass "
+        "tensors, (inputs, targets) tuples, or dicts with an 'inputs'/'x' key"
+    )
+
+
+def _take_batches(data: Any, num_batches: int, batch_size: int) -> list[Any]:
+    if num_batches < 1:
+        raise ValueError(f"doctor: num_batches must be >= 1, got {num_batches}")
+    if isinstance(data, Tensor):
+        if data.dim() == 0 or data.shape[0] == 0:
+            raise ValueError(
+                f"doctor: data must be a batch of inputs, got shape {tuple(data.shape)}"
+            )
+        chunks = list(torch.split(data, batch_size))[:num_batches]
+        return chunks
+    try:
+        it = iter(data)
+    except TypeError:
+        raise TypeError(
+            f"doctor: data must be a tensor of inputs or an iterable of batches (e.g. a "
+            f"DataLoader), got {type(data).__name__}"
+        ) from None
+    out: list[Any] = []
+    for batch in it:
+        out.append(_as_input(batch))
+        if len(out) >= num_batches:
+            break
+    if not out:
+        raise ValueError("doctor: data yielded no batches")
+    return out
+
+
+def _first_tensor(y: Any) -> Tensor | None:
+    if isinstance(y, Tensor):
+        return y
+    if isinstance(y, list | tuple):
+        for v in y:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    if isinstance(y, Mapping):
+        for v in y.values():
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    logits = getattr(y, "logits", None)
+    return logits if isinstance(logits, Tensor) else None
+
+
+def _batch_len(x: Any) -> int:
+    t = _first_tensor(x)
+    return int(t.shape[0]) if t is not None and t.dim() > 0 else 1
+
+
+def _call(model: nn.Module, x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return model(**x)
+    return model(x)
+
+
+# --------------------------------------------------------------------------------------------
+# statistics probes
+
+
+class _Accumulator:
+    """Per-channel sums over batches of the batch mean and unbiased batch variance (float64)."""
+
+    def __init__(self) -> None:
+        self.mean_sum: Tensor | None = None
+        self.var_sum: Tensor | None = None
+        self.batches = 0
+        self.count = 0
+        self.per_sample = 0.0
+        self.nonfinite = False
+
+    def add(self, x: Tensor, axis: int) -> None:
+        x = x.detach()
+        canon, _ = canonical_layout(x, axis)  # (N, C, L) or (M, C)
+        c = canon.shape[1]
+        v = canon.to(torch.float64)
+        flat = v.transpose(0, 1).reshape(c, -1)  # (C, values per channel)
+        count = flat.shape[1]
+        mean = flat.mean(dim=1)
+        var = flat.var(dim=1, unbiased=True) if count > 1 else torch.full_like(mean, math.nan)
+        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+            self.nonfinite = True
+        self.mean_sum = mean if self.mean_sum is None else self.mean_sum + mean
+        self.var_sum = var if self.var_sum is None else self.var_sum + var
+        self.count = count if self.batches == 0 else min(self.count, count)
+        n = max(int(x.shape[0]), 1) if x.dim() > 0 else 1
+        self.per_sample = count / n
+        self.batches += 1
+
+
+def _probe_copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001 — any failure means we cannot probe safely
+        raise TypeError(
+            f"doctor: the model ({type(model).__name__}) cannot be deep-copied ({e}); the doctor "
+            "probes a copy so the model itself is never changed. Pass a copyable model (e.g. "
+            "rebuild it and load_state_dict) or remove non-copyable attributes."
+        ) from e
+
+
+def _set_modes(model: nn.Module, how: Literal["train", "eval", "inference"]) -> None:
+    """``train``: as in training (a model already in train mode keeps its per-layer modes, so a
+    deliberately frozen BN stays frozen); ``eval``; ``inference``: every layer in eval mode
+    (Dropout off) except the BN layers, which normalize with batch statistics."""
+    if how == "train":
+        if not model.training:
+            model.train()
+    else:
+        model.eval()
+        if how == "inference":
+            for _, m in _bn_layers(model):
+                m.train()
+
+
+def _run(
+    model: nn.Module,
+    batches: Sequence[Any],
+    bn_names: Sequence[str],
+    hooks_on: bool,
+    outputs: list[Tensor | None] | None = None,
+) -> tuple[dict[str, _Accumulator], BaseException | None]:
+    accs = {n: _Accumulator() for n in bn_names}
+    handles = []
+    if hooks_on:
+        for name in bn_names:
+            m = model.get_submodule(name)
+            axis = _bn_axis(m)
+
+            def pre(
+                _m: nn.Module, args: tuple[Any, ...], name: str = name, axis: int = axis
+            ) -> None:
+                if args and isinstance(args[0], Tensor):
+                    accs[name].add(args[0], axis)
+
+            handles.append(m.register_forward_pre_hook(pre))
+    err: BaseException | None = None
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # our layers warn about non-finite batches; the doctor reports them as findings
+            warnings.simplefilter("ignore")
+            for x in batches:
+                y = _call(model, x)
+                if outputs is not None:
+                    t = _first_tensor(y)
+                    outputs.append(None if t is None else t.detach().to(torch.float64))
+    except (ValueError, RuntimeError) as e:
+        err = e
+    finally:
+        for h in handles:
+            h.remove()
+    return accs, err
+
+
+def _gap_from(
+    name: str, m: nn.Module, acc: _Accumulator, running: tuple[Tensor, Tensor] | None, t: Thresholds
+) -> LayerGap | None:
+    if acc.batches == 0 or acc.mean_sum is None or acc.var_sum is None:
+        return None
+    nf = int(getattr(m, "num_features", acc.mean_sum.numel()))
+    mean = acc.mean_sum / acc.batches
+    var = acc.var_sum / acc.batches
+    if _stores_biased(m) and acc.count > 1:
+        var = var * (acc.count - 1) / acc.count  # compare like with like: Keras' biased σ²
+    eps = float(getattr(m, "eps", 1e-5))
+    scale = var.abs().nan_to_num(0.0).median().item() if var.numel() else 0.0
+    dead_mask = var <= t.dead_var * max(1.0, scale)
+    dead = tuple(int(i) for i in torch.nonzero(dead_mask).flatten().tolist())
+    noise = 1.0 / math.sqrt(max(acc.count, 1) * acc.batches)
+    base = dict(
+        layer=name,
+        kind=type(m).__name__,
+        num_features=nf,
+        count=acc.count,
+        batches=acc.batches,
+        noise=noise,
+        nonfinite=acc.nonfinite,
+        dead_channels=dead,
+    )
+    if running is None:
+        return LayerGap(
+            mean_shift_max=math.nan,
+            mean_shift_median=math.nan,
+            std_ratio_worst=math.nan,
+            std_ratio_median=math.nan,
+            has_running_stats=False,
+            **base,  # type: ignore[arg-type]
+        )
+    rm, rv = (r.detach().to(torch.float64).reshape(-1) for r in running)
+    keep = ~dead_mask
+    if not bool(keep.any()):
+        keep = torch.ones_like(dead_mask)
+    denom = (rv + eps).clamp_min(0).sqrt()
+    shift = ((mean - rm).abs() / denom)[keep]
+    ratio = ((var.clamp_min(0) + eps) / (rv + eps).clamp_min(1e-300)).sqrt()[keep]
+    if bool(torch.isfinite(ratio).all()) and bool((ratio > 0).all()):
+        worst = ratio[(ratio.log().abs()).argmax()].item()
+    else:
+        worst = math.nan
+    return LayerGap(
+        mean_shift_max=shift.max().item(),
+        mean_shift_median=shift.median().item(),
+        std_ratio_worst=worst,
+        std_ratio_median=ratio.median().item(),
+        has_running_stats=True,
+        **base,  # type: ignore[arg-type]
+    )
+
+
+def _running(m: nn.Module) -> tuple[Tensor, Tensor] | None:
+    if not _has_running(m):
+        return None
+    rm, rv = m.running_mean, m.running_var
+    assert isinstance(rm, Tensor) and isinstance(rv, Tensor)
+    return (rm.detach().clone(), rv.detach().clone())
+
+
+def stat_gaps(
+    model: nn.Module,
+    data: Any,
+    num_batches: int = 8,
+    *,
+    mode: Literal["train", "inference"] = "train",
+    batch_size: int = 64,
+    thresholds: Thresholds | None = None,
+) -> dict[str, LayerGap]:
+    """Per BN layer, the gap between the batch statistics of its input and its running
+    statistics (see :class:`LayerGap` for the formulas), measured on up to ``num_batches``
+    batches of ``data``. The model is not changed.
+
+    ``mode="train"`` runs the model as in training: what the running statistics estimate, so a
+    gap means they are wrong. ``mode="inference"`` runs every other layer in eval mode (Dropout
+    off) with BN on batch statistics: what inference feeds the layer, so a gap here but not in
+    train mode is a train/eval shift upstream (Dropout's variance shift).
+
+    Args:
+        model: any ``nn.Module`` holding torch.nn or batchnorm BN layers.
+        data: a tensor of inputs (split into ``batch_size`` rows) or an iterable of batches
+            (tensors, ``(inputs, targets)`` tuples or dicts with an ``inputs``/``x`` key).
+        num_batches: batches to average over. mode: ``"train"`` or ``"inference"``.
+
+    Returns:
+        ``{qualified layer name: LayerGap}`` in module order; layers the data never reached are
+        absent.
+
+    Raises:
+        RuntimeError: the model fails on the data in that mode.
+
+    Example::
+
+        >>> gaps = batchnorm.stat_gaps(model, loader)
+        >>> max(g.mean_shift_max for g in gaps.values())   # ≈ 0 after recalibration
+    """
+    if mode not in ("train", "inference"):
+        raise ValueError(f"stat_gaps: mode must be 'train' or 'inference', got {mode!r}")
+    t = thresholds or Thresholds()
+    batches = _take_batches(data, num_batches, batch_size)
+    layers = _bn_layers(model)
+    probe = _probe_copy(model)
+    _set_modes(probe, mode)
+    with torch.random.fork_rng(devices=[]):
+        accs, err = _run(probe, batches, [n for n, _ in layers], True)
+    if err is not None:
+        raise RuntimeError(f"stat_gaps: the model failed in {mode} mode: {err}") from err
+    out: dict[str, LayerGap] = {}
+    for name, m in layers:
+        g = _gap_from(name, m, accs[name], _running(m), t)
+        if g is not None:
+            out[name] = g
+    return out
+
+
+def output_gap(
+    model: nn.Module, data: Any, num_batches: int = 8, *, batch_size: int = 64
+) -> OutputGap:
+    """The train/eval gap of the whole model: its eval-mode outputs against its outputs with BN
+    on batch statistics (every other layer in eval mode, so Dropout is off), on the same
+    batches. See :class:`OutputGap`; the model is not changed; ``data`` as in
+    :func:`stat_gaps`.
+
+    Raises:
+        RuntimeError: the model fails on the data.
+
+    Example::
+
+        >>> batchnorm.output_gap(model, loader).relative_rms   # ≈ 0 for healthy statistics
+    """
+    batches = _take_batches(data, num_batches, batch_size)
+    names = [n for n, _ in _bn_layers(model)]
+    pr = _probes(model, batches, names)
+    if pr.err is not None or pr.output is None:
+        raise RuntimeError(f"output_gap: the model failed on the data: {pr.err}") from pr.err
+    return pr.output
+
+
+def _load_pooled(model: nn.Module, accs: Mapping[str, _Accumulator]) -> None:
+    """Set each BN layer's running statistics to the pooled batch statistics of ``accs``."""
+    for name, m in _bn_layers(model):
+        acc = accs.get(name)
+        if acc is None or not acc.batches or acc.nonfinite or not _has_running(m):
+            continue
+        assert acc.mean_sum is not None and acc.var_sum is not None
+        mean = acc.mean_sum / acc.batches
+        var = acc.var_sum / acc.batches
+        if _stores_biased(m):
+            var = var * (acc.count - 1) / acc.count
+        rm, rv = m.running_mean, m.running_var
+        assert isinstance(rm, Tensor) and isinstance(rv, Tensor)
+        rm.copy_(mean.reshape(rm.shape))
+        rv.copy_(var.reshape(rv.shape))
+
+
+def _rel_gap(ys: Sequence[Tensor | None], refs: Sequence[Tensor | None]) -> float:
+    num = den = 0.0
+    for a, b in zip(ys, refs):
+        if a is None or b is None or a.shape != b.shape:
+            continue
+        num += float(((a - b) ** 2).nan_to_num(math.inf).sum())
+        den += float((b**2).nan_to_num(math.inf).sum())
+    rel = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
+    return math.inf if math.isnan(rel) else rel
+
+
+def _agreement(ys: Sequence[Tensor | None], refs: Sequence[Tensor | None]) -> float | None:
+    agree = total = 0
+    for a, b in zip(ys, refs):
+        if a is None or b is None or a.shape != b.shape or a.dim() != 2 or a.shape[1] < 2:
+            continue
+        agree += int((a.argmax(1) == b.argmax(1)).sum())
+        total += a.shape[0]
+    return agree / total if total else None
+
+
+@dataclass
+class _Probes:
+    train: dict[str, _Accumulator]
+    train_err: BaseException | None
+    inference: dict[str, _Accumulator]
+    output: OutputGap | None
+    err: BaseException | None  # the model failed in eval/inference mode
+
+
+def _probes(model: nn.Module, batches: Sequence[Any], names: Sequence[str]) -> _Probes:
+    """Train-mode statistics, inference-mode statistics and the output gap, each on a copy."""
+    with torch.random.fork_rng(devices=[]):
+        probe = _probe_copy(model)
+        _set_modes(probe, "train")
+        train_accs, train_err = _run(probe, batches, names, True)
+        probe = _probe_copy(model)
+        _set_modes(probe, "inference")
+        yb: list[Tensor | None] = []
+        inf_accs, inf_err = _run(probe, batches, names, True, yb)
+        probe = _probe_copy(model)
+        _set_modes(probe, "eval")
+        ye: list[Tensor | None] = []
+        _, eval_err = _run(probe, batches, [], False, ye)
+        err = eval_err or inf_err
+        og: OutputGap | None = None
+        if err is None:
+            ref = _probe_copy(model)
+            with torch.no_grad():
+                _load_pooled(ref, inf_accs)
+            _set_modes(ref, "eval")
+            yr: list[Tensor | None] = []
+            _, err = _run(ref, batches, [], False, yr)
+            if err is None:
+                og = OutputGap(
+                    relative_rms=_rel_gap(ye, yr),
+                    batch_relative_rms=_rel_gap(ye, yb),
+                    agreement=_agreement(ye, yr),
+                    batches=len(ye),
+                )
+    return _Probes(train_accs, train_err, inf_accs, og, err)
+
+
+# --------------------------------------------------------------------------------------------
+# dataflow
+
+
+@dataclass
+class _Node:
+    name: str  # qualified module name, or a function/method name
+    kind: Literal["module", "function", "method", "input", "other"]
+    module: nn.Module | None
+    inputs: list[int]
+    p: float | None = None  # dropout probability for functional dropout
+
+
+@dataclass
+class _Graph:
+    nodes: list[_Node]
+    how: str
+
+    def consumers(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {i: [] for i in range(len(self.nodes))}
+        for i, n in enumerate(self.nodes):
+            for j in n.inputs:
+                out[j].append(i)
+        return out
+
+    def index_of(self, module_name: str) -> list[int]:
+        return [i for i, n in enumerate(self.nodes) if n.kind == "module" and n.name == module_name]
+
+
+class _Tracer(torch.fx.Tracer):
+    """Keeps every BN layer (ours trace into Python otherwise) and torch.nn layer a leaf."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _fx_graph(model: nn.Module) -> _Graph:
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    index: dict[Any, int] = {}
+    nodes: list[_Node] = []
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        ins = [index[a] for a in node.all_input_nodes if a in index]
+        if node.op == "placeholder":
+            n = _Node(str(node.target), "input", None, ins)
+        elif node.op == "call_module":
+            n = _Node(str(node.target), "module", model.get_submodule(str(node.target)), ins)
+        elif node.op == "call_function":
+            fname = getattr(node.target, "__name__", str(node.target))
+            p = None
+            if fname in _DROPOUT_FUNCTIONS:
+                p_arg = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+                training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+                p = (
+                    float(p_arg)
+                    if isinstance(p_arg, int | float) and training is not False
+                    else 0.0
+                )
+            n = _Node(fname, "function", None, ins, p)
+        elif node.op == "call_method":
+            n = _Node(str(node.target), "method", None, ins)
+        else:
+            n = _Node(str(node.target), "other", None, ins)
+        index[node] = len(nodes)
+        nodes.append(n)
+    return _Graph(nodes, "the torch.fx graph")
+
+
+def _hook_graph(model: nn.Module, batch: Any, reason: str) -> _Graph:
+    """Leaf-module call order of one eval-mode forward; each call's input is taken to be the
+    previous call's output (exact for chains such as nn.Sequential, an approximation else)."""
+    probe = _probe_copy(model)
+    probe.eval()
+    order: list[str] = []
+    handles = []
+    for name, m in probe.named_modules():
+        if name and (is_batchnorm(m) or not list(m.children())):
+            handles.append(
+                m.register_forward_pre_hook(lambda _m, _a, name=name: order.append(name))
+            )
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _call(probe, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    nodes = [_Node("input", "input", None, [])]
+    for name in order:
+        nodes.append(_Node(name, "module", model.get_submodule(name), [len(nodes) - 1]))
+    short = reason.strip().splitlines()[0][:120] if reason.strip() else "unknown reason"
+    return _Graph(nodes, f"forward-hook call order (torch.fx tracing failed: {short})")
+
+
+def _dataflow(model: nn.Module, batch: Any) -> _Graph:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _fx_graph(_probe_copy(model))
+    except Exception as e:  # noqa: BLE001 — any tracing failure falls back to hooks
+        return _hook_graph(model, batch, f"{type(e).__name__}: {e}")
+
+
+def _transparent(n: _Node) -> bool:
+    if n.kind == "module":
+        return isinstance(n.module, _TRANSPARENT_MODULES)
+    if n.kind == "method":
+        return n.name in _TRANSPARENT_METHODS
+    if n.kind == "function":
+        return n.name in _TRANSPARENT_FUNCTIONS
+    return False
+
+
+def _is_dropout(n: _Node) -> float | None:
+    if n.kind == "module" and isinstance(n.module, _DROPOUT):
+        return float(n.module.p)
+    if n.kind == "function" and n.name in _DROPOUT_FUNCTIONS:
+        return n.p
+    return None
+
+
+def _producer(g: _Graph, i: int) -> tuple[int | None, list[int]]:
+    """The first non-transparent node feeding node ``i`` (single-input chain), and the path."""
+    path: list[int] = []
+    cur = i
+    while True:
+        ins = g.nodes[cur].inputs
+        if len(ins) != 1:
+            return None, path
+        cur = ins[0]
+        path.append(cur)
+        if not _transparent(g.nodes[cur]):
+            return cur, path
+
+
+def _consumers_through(g: _Graph, i: int, cons: dict[int, list[int]]) -> list[int]:
+    out: list[int] = []
+    stack = list(cons[i])
+    seen: set[int] = set()
+    while stack:
+        j = stack.pop()
+        if j in seen:
+            continue
+        seen.add(j)
+        if _transparent(g.nodes[j]):
+            stack.extend(cons[j])
+        else:
+            out.append(j)
+    return out
+
+
+def _upstream_dropout(g: _Graph, i: int) -> tuple[int, list[int]] | None:
+    """A Dropout reaching node ``i`` with no BN in between (depth-first), and the path."""
+    stack: list[tuple[int, list[int]]] = [(j, [j]) for j in g.nodes[i].inputs]
+    seen: set[int] = set()
+    while stack:
+        j, path = stack.pop()
+        if j in seen:
+            continue
+        seen.add(j)
+        n = g.nodes[j]
+        p = _is_dropout(n)
+        if p is not None and p > 0:
+            return j, path
+        if n.kind == "module" and n.module is not None and is_batchnorm(n.module):
+            continue
+        stack.extend((k, [*path, k]) for k in n.inputs)
+    return None
+
+
+def _label(n: _Node) -> str:
+    if n.kind == "module":
+        return f"{type(n.module).__name__} '{n.name}'"
+    if n.kind == "function":
+        return f"F.{n.name}"
+    if n.kind == "method":
+        return f".{n.name}()"
+    return n.name
+
+
+# --------------------------------------------------------------------------------------------
+# the doctor
+
+_FIX_RECAL = (
+    "batchnorm.recalibrate(model, data) — re-estimates every running mean/var from a few "
+    "hundred batches in train-mode dataflow, leaving the weights alone"
+)
+
+
+def _severity_of_gap(g: LayerGap, t: Thresholds) -> Severity | None:
+    # a gap counts only above its sampling noise: se(mean shift) = noise, se(log std) ≈ noise/√2
+    floor = t.noise_factor * g.noise
+    shift = g.mean_shift_max
+    logr = g.std_log_gap
+    if shift > max(t.mean_shift_error, floor) or logr > max(math.log(t.std_ratio_error), floor):
+        return "error"
+    if shift > max(t.mean_shift_warning, floor) or logr > max(
+        math.log(t.std_ratio_warning), floor / math.sqrt(2)
+    ):
+        return "warning"
+    return None
+
+
+def _gap_text(g: LayerGap) -> str:
+    return (
+        f"batch mean is up to {g.mean_shift_max:.2f} running std away from running_mean "
+        f"(median {g.mean_shift_median:.2f}, over {g.num_features - len(g.dead_channels)} "
+        f"channels, {g.batches} batches of {g.count} values per channel); batch std / running "
+        f"std = {g.std_ratio_worst:.3g} at worst (median {g.std_ratio_median:.3g})"
+    )
+
+
+def _gap_evidence(g: LayerGap) -> dict[str, Any]:
+    return {
+        "mean_shift_max": g.mean_shift_max,
+        "mean_shift_median": g.mean_shift_median,
+        "std_ratio_worst": g.std_ratio_worst,
+        "std_ratio_median": g.std_ratio_median,
+        "count": g.count,
+        "batches": g.batches,
+        "noise": g.noise,
+    }
+
+
+def doctor(
+    model: nn.Module,
+    data: Any,
+    num_batches: int = 8,
+    *,
+    batch_size: int = 64,
+    train_batch_size: int | None = None,
+    thresholds: Thresholds | None = None,
+) -> DoctorReport:
+    """Check ``model`` on up to ``num_batches`` batches of ``data`` for the classic
+    batch-normalization bugs and return a :class:`DoctorReport` (print it, or ``to_json()``).
+
+    Checks, each reported with its measurement, the reason and the fix:
+
+    * ``train-eval-gap``: outputs with BN on batch statistics vs eval mode (:func:`output_gap`);
+    * ``stale-running-stats``: per layer, batch statistics in train mode vs running statistics
+      (:func:`stat_gaps`); ``eval-input-shift``: the same in eval mode, when only there;
+    * ``initial-running-stats``, ``nonfinite-running-stats``, ``nonfinite-activations``,
+      ``untracked-running-stats`` (``num_batches_tracked`` = 0), ``batch-stats-in-eval``;
+    * ``small-count``: values per channel in a batch below ``thresholds.min_count``;
+    * ``frozen-stats`` / ``unfrozen-stats``: BN in eval mode inside a training model, or still
+      updating its statistics while its γ/β are frozen;
+    * ``dropout-before-bn``, ``bias-before-bn``, ``bn-undone`` (another normalization right
+      after), from the dataflow order;
+    * ``keras-momentum``: a momentum like 0.99 that is Keras' convention used in PyTorch's;
+    * ``dead-channels`` (constant input) and ``zero-gamma`` (γ ≈ 0).
+
+    Args:
+        model: any ``nn.Module`` with torch.nn or batchnorm BN layers; never changed (its
+            parameters, buffers, modes and the global RNG state are the same afterwards).
+        data: a tensor of inputs (split into ``batch_size`` rows) or an iterable of batches
+            (tensors, ``(inputs, targets)`` tuples, dicts with an ``inputs``/``x`` key).
+        num_batches: batches to measure (statistics are averaged over them).
+        batch_size: rows per batch when ``data`` is a tensor.
+        train_batch_size: the batch size used in training, if not the one in ``data``: the
+            per-channel count check scales to it.
+        thresholds: where measurements become findings (:class:`Thresholds`).
+
+    Example::
+
+        >>> report = batchnorm.doctor(model, loader, num_batches=8)
+        >>> print(report)                 # text
+        >>> report.to_json()              # machine-readable
+        >>> [f.check for f in report.errors]
+    """
+    t = thresholds or Thresholds()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"doctor: model must be a torch.nn.Module, got {type(model).__name__}")
+    batches = _take_batches(data, num_batches, batch_size)
+    layers = _bn_layers(model)
+    names = [n for n, _ in layers]
+    graph = _dataflow(model, batches[0])
+    order_rank: dict[str, int] = {}
+    for i, n in enumerate(graph.nodes):
+        if n.kind == "module":
+            order_rank.setdefault(n.name, i)
+    findings: list[Finding] = []
+
+    # -- probes on copies: train mode, inference mode, eval mode ---------------------------
+    pr = _probes(model, batches, names)
+    train_accs, og, eval_err, train_err = pr.train, pr.output, pr.err, pr.train_err
+    train_gaps: dict[str, LayerGap] = {}
+    inference_gaps: dict[str, LayerGap] = {}
+    for name, m in layers:
+        g = _gap_from(name, m, train_accs[name], _running(m), t)
+        if g is not None and train_err is None:
+            train_gaps[name] = g
+        g = _gap_from(name, m, pr.inference[name], _running(m), t)
+        if g is not None and eval_err is None:
+            inference_gaps[name] = g
+
+    if eval_err is not None:
+        findings.append(
+            Finding(
+                "forward-failed",
+                "error",
+                "",
+                f"the model raised in eval mode (or with only BN in train mode) on the given "
+                f"data: {eval_err}",
+                "the doctor measures the model on the data it will see; it could not run",
+                "fix the error above (input shape/dtype) and run the doctor again",
+                {"mode": "eval"},
+            )
+        )
+    if train_err is not None:
+        findings.append(
+            Finding(
+                "forward-failed",
+                "error",
+                "",
+                f"the model raised in train mode on the given data: {train_err}",
+                "training with this data would fail the same way (a BN layer in train mode "
+                "needs at least 2 values per channel)",
+                "train with larger batches (DataLoader(drop_last=True) avoids a last batch of "
+                "1), or batchnorm.freeze(model) to fine-tune on running statistics",
+                {"mode": "train"},
+            )
+        )
+
+    # -- the symptom ------------------------------------------------------------------------
+    if og is not None:
+        sev: Severity | None = None
+        if og.relative_rms > t.output_gap_error:
+            sev = "error"
+        elif og.relative_rms > t.output_gap_warning:
+            sev = "warning"
+        if sev is not None:
+            agree = "" if og.agreement is None else f"; argmax agrees on {og.agreement:.1%} of rows"
+            findings.append(
+                Finding(
+                    "train-eval-gap",
+                    sev,
+                    "",
+                    f"outputs in eval mode differ from outputs with BN on batch statistics "
+                    f"(pooled over {og.batches} batches, other layers in eval mode) by "
+                    f"{og.relative_rms:.3f} relative RMS ({og.batch_relative_rms:.3f} with "
+                    f"per-batch statistics){agree}",
+                    "the model behaves differently in eval mode than in training: the running "
+                    "statistics do not match the activations; the per-layer findings below say "
+                    "where",
+                    "fix the layers reported below; usually " + _FIX_RECAL,
+                    og.to_dict(),
+                )
+            )
+
+    # -- per-layer statistics ---------------------------------------------------------------
+    model_training = model.training
+    for name, m in layers:
+        label = f"{type(m).__name__}({getattr(m, 'num_features', '?')})"
+        running = _running(m)
+        tg = train_gaps.get(name)
+        eg = inference_gaps.get(name)
+        at_init = False
+        if running is not None:
+            rm, rv = running
+            nbt = getattr(m, "num_batches_tracked", None)
+            nbt_v = int(nbt.item()) if isinstance(nbt, Tensor) else None
+            finite = bool(torch.isfinite(rm).all() and torch.isfinite(rv).all())
+            negative = bool((rv < 0).any()) if finite else False
+            if not finite or negative:
+                bad = int((~torch.isfinite(rm)).sum() + (~torch.isfinite(rv)).sum())
+                findings.append(
+                    Finding(
+                        "nonfinite-running-stats",
+                        "error",
+                        name,
+                        f"{label}: {bad} non-finite value(s) in running_mean/running_var"
+                        + (", negative running_var" if negative else ""),
+                        "in eval mode every output of this layer (and everything after it) "
+                        "is NaN; torch.nn writes a NaN batch straight into the running averages",
+                        "find the batch that produced NaN/inf, then "
+                        + _FIX_RECAL
+                        + "; batchnorm.convert_model(model) makes the layers skip non-finite "
+                        "batches instead of storing them",
+                        {"nonfinite_values": bad, "negative_var": negative},
+                    )
+                )
+            at_init = bool((rm == 0).all() and (rv == 1).all())
+            in_use = (not model_training) or (
+                tg is not None and _severity_of_gap(tg, t) is not None
+            )
+            if at_init and (nbt_v in (0, None)):
+                gap_sev = None if tg is None else _severity_of_gap(tg, t)
+                sev2: Severity = (
+                    "error" if gap_sev is not None else ("warning" if in_use else "info")
+                )
+                meas = (
+                    f"{label}: running_mean is all 0 and running_var all 1 (their initial values)"
+                )
+                if nbt_v is not None:
+                    meas += ", num_batches_tracked = 0"
+                if tg is not None and tg.has_running_stats:
+                    meas += f"; the layer's input has {_gap_text(tg)}"
+                findings.append(
+                    Finding(
+                        "initial-running-stats",
+                        sev2,
+                        name,
+                        meas,
+                        "the running statistics were never updated (no training step in train "
+                        "mode, or a checkpoint without BN buffers was loaded): eval mode "
+                        "normalizes with mean 0 / variance 1 instead of the real statistics",
+                        _FIX_RECAL + "; or load the checkpoint that holds the BN buffers",
+                        {"num_batches_tracked": nbt_v, **({} if tg is None else _gap_evidence(tg))},
+                    )
+                )
+            elif nbt_v == 0 and finite:
+                cumulative = getattr(m, "momentum", 0.1) is None
+                findings.append(
+                    Finding(
+                        "untracked-running-stats",
+                        "warning" if cumulative else "info",
+                        name,
+                        f"{label}: num_batches_tracked = 0 but the running statistics are not at "
+                        "their initial values",
+                        "the statistics were loaded without their counter (an old checkpoint or a "
+                        "converted one)"
+                        + (
+                            "; with momentum=None (cumulative average) the next train-mode "
+                            "batch replaces them entirely"
+                            if cumulative
+                            else "; harmless with a fixed momentum"
+                        ),
+                        "set layer.num_batches_tracked to the number of batches seen in training"
+                        + (", or give the layer a fixed momentum" if cumulative else ""),
+                        {"num_batches_tracked": 0, "momentum_none": cumulative},
+                    )
+                )
+        else:
+            findings.append(
+                Finding(
+                    "batch-stats-in-eval",
+                    "warning",
+                    name,
+                    f"{label}: track_running_stats=False — the layer has no running statistics",
+                    "it normalizes with the statistics of the batch in eval mode too: a "
+                    "prediction depends on which other samples share its batch, and a batch of "
+                    "1 fails",
+                    "build the layer with track_running_stats=True and "
+                    "batchnorm.recalibrate(model, data) to estimate its statistics",
+                    {},
+                )
+            )
+
+        # the gap itself (not repeated when it is already explained by initial values)
+        if tg is not None and tg.nonfinite:
+            findings.append(
+                Finding(
+                    "nonfinite-activations",
+                    "error",
+                    name,
+                    f"{label}: the batch statistics of the layer's input are NaN/inf on the "
+                    "given data (train mode)",
+                    "a training step on this data would store NaN in the running statistics "
+                    "(torch.nn) and the loss would be NaN",
+                    "find the source (inputs, an exploding layer before it, a too-large learning "
+                    "rate); batchnorm.convert_model(model) makes BN skip non-finite batches",
+                    {"count": tg.count},
+                )
+            )
+        elif tg is not None and tg.has_running_stats and not at_init:
+            sev3 = _severity_of_gap(tg, t)
+            frozen_here = model_training and not m.training
+            if sev3 is not None:
+                findings.append(
+                    Finding(
+                        "stale-running-stats",
+                        sev3,
+                        name,
+                        f"{label}: in train mode the {_gap_text(tg)}",
+                        "in eval mode the layer normalizes with running statistics that do not "
+                        "describe its input (stale after the weights changed, too few updates, a "
+                        "wrong momentum, or data unlike the training data)",
+                        _FIX_RECAL
+                        + (
+                            " (the layer is frozen: recalibrate before freezing)"
+                            if frozen_here
+                            else ""
+                        ),
+                        _gap_evidence(tg),
+                    )
+                )
+            elif eg is not None and eg.has_running_stats and not eg.nonfinite:
+                sev4 = _severity_of_gap(eg, t)
+                if sev4 is not None:
+                    findings.append(
+                        Finding(
+                            "eval-input-shift",
+                            sev4,
+                            name,
+                            f"{label}: the running statistics match the layer's input in train "
+                            f"mode (mean shift {tg.mean_shift_max:.2f}, std ratio "
+                            f"{tg.std_ratio_worst:.3g}) but not in eval mode: {_gap_text(eg)}",
+                            "a layer upstream behaves differently in train and eval mode (Dropout "
+                            "is the classic one: its train-mode noise inflates the variance the "
+                            "running statistics learned — Li et al. 2019, arXiv 1801.05134)",
+                            "move Dropout after the last BN layer, or re-estimate the statistics "
+                            "with Dropout off: " + _FIX_RECAL,
+                            {
+                                **{f"eval_{k}": v for k, v in _gap_evidence(eg).items()},
+                                "train_mean_shift_max": tg.mean_shift_max,
+                                "train_std_ratio_worst": tg.std_ratio_worst,
+                            },
+                        )
+                    )
+
+        # per-channel sample count
+        acc = train_accs[name] if train_accs[name].batches else pr.inference[name]
+        if acc.batches:
+            count = acc.count
+            scaled = False
+            if train_batch_size is not None:
+                count = int(round(acc.per_sample * train_batch_size))
+                scaled = True
+            frozen_here = (not m.training) and model_training
+            if count < t.min_count and not frozen_here:
+                sev5: Severity = "error" if count < 2 else "warning"
+                findings.append(
+                    Finding(
+                        "small-count",
+                        sev5,
+                        name,
+                        f"{label}: {count} value(s) per channel in a batch"
+                        + (f" at batch size {train_batch_size}" if scaled else "")
+                        + f" (threshold {t.min_count})",
+                        "batch statistics from so few values are noisy: training normalizes with "
+                        "noise the eval-mode running averages do not have (Wu & He 2018 see BN "
+                        "degrade below batch 16)"
+                        + ("; fewer than 2 values fails in train mode" if count < 2 else ""),
+                        "use larger batches, GroupNorm/LayerNorm, or batchnorm.freeze(model) "
+                        "to fine-tune on the running statistics",
+                        {"count": count, "threshold": t.min_count},
+                    )
+                )
+
+        # modes: frozen by accident, or not frozen while fine-tuning
+        params = [
+            p for p in (getattr(m, "weight", None), getattr(m, "bias", None)) if p is not None
+        ]
+        grads = [bool(p.requires_grad) for p in params]
+        if model_training and not m.training and running is not None:
+            findings.append(
+                Finding(
+                    "frozen-stats",
+                    "info" if grads and not any(grads) else "warning",
+                    name,
+                    f"{label}: in eval mode inside a model in train mode; γ/β "
+                    + ("frozen" if grads and not any(grads) else "trainable"),
+                    "its running statistics do not update while the rest trains; intended "
+                    "when fine-tuning with small batches, a bug when a stray .eval() was never "
+                    "undone",
+                    "if intended, batchnorm.freeze(model) makes it explicit and survives "
+                    "model.train(); if not, call model.train() before training",
+                    {"layer_training": False, "weights_trainable": any(grads)},
+                )
+            )
+        if m.training and running is not None and grads and not any(grads):
+            findings.append(
+                Finding(
+                    "unfrozen-stats",
+                    "warning",
+                    name,
+                    f"{label}: γ/β have requires_grad=False but the layer is in train mode",
+                    "the weights are frozen yet every forward pass in train mode still "
+                    "overwrites the running statistics: the fine-tuned model drifts from the "
+                    "checkpoint (the classic fine-tuning bug)",
+                    "batchnorm.freeze(model) — eval-mode statistics and frozen γ/β that "
+                    "survive model.train()",
+                    {"layer_training": True, "weights_trainable": False},
+                )
+            )
+
+        # momentum convention
+        mom = getattr(m, "momentum", None)
+        if isinstance(mom, float | int) and mom > t.keras_momentum:
+            findings.append(
+                Finding(
+                    "keras-momentum",
+                    "warning",
+                    name,
+                    f"{label}: momentum = {mom:g} in PyTorch's convention (the weight of the "
+                    f"new batch); it looks like Keras' convention (the weight of the old average)",
+                    f"the running statistics are {mom:.0%} the last batch: eval mode normalizes "
+                    "with one batch's noisy statistics instead of a population average",
+                    f"momentum = 1 − {mom:g} = {1 - mom:.3g} (torch_momentum = 1 − "
+                    "keras_momentum), or build the layer with batchnorm.BatchNorm.from_keras(...)",
+                    {"momentum": float(mom), "suggested": 1.0 - float(mom)},
+                )
+            )
+
+        # dead channels and γ ≈ 0
+        if tg is not None and tg.dead_channels:
+            dc = list(tg.dead_channels)
+            findings.append(
+                Finding(
+                    "dead-channels",
+                    "warning",
+                    name,
+                    f"{label}: {len(dc)} of {tg.num_features} channel(s) get a constant input "
+                    f"(variance ≈ 0): {dc[:16]}{' …' if len(dc) > 16 else ''}",
+                    "a constant channel normalizes to 0 and outputs β: capacity wasted (dead "
+                    "ReLUs or pruned filters upstream) and its statistics carry no signal",
+                    "check the layer before it (dead ReLU units: lower learning rate, "
+                    "LeakyReLU); prune the channel if it stays dead",
+                    {"dead_channels": dc, "num_features": tg.num_features},
+                )
+            )
+        w = getattr(m, "weight", None)
+        if isinstance(w, Tensor) and w.numel():
+            wz = w.detach().abs() <= t.dead_gamma
+            nz = int(wz.sum())
+            if nz:
+                allz = nz == w.numel()
+                findings.append(
+                    Finding(
+                        "zero-gamma",
+                        "info" if allz else "warning",
+                        name,
+                        f"{label}: γ ≈ 0 (|γ| ≤ {t.dead_gamma:g}) for {nz} of {w.numel()} channel(s)",
+                        "a channel with γ = 0 outputs β whatever its input: it is switched off"
+                        + (
+                            "; all-zero γ is the zero-γ residual initialization (Goyal et al. "
+                            "2017) — intended at init, a dead branch after training"
+                            if allz
+                            else ""
+                        ),
+                        "if unintended: lower weight decay on γ (exclude BN parameters from it), "
+                        "or prune the channels",
+                        {
+                            "zero_gamma_channels": [int(i) for i in torch.nonzero(wz).flatten()][
+                                :64
+                            ],
+                            "num_features": int(w.numel()),
+                        },
+                    )
+                )
+
+    # -- structure --------------------------------------------------------------------------
+    findings.extend(_structural_findings(graph, layers, inference_gaps, train_gaps, t))
+
+    def key(f: Finding) -> tuple[int, int, str]:
+        return (
+            _SEVERITY_RANK[f.severity],
+            order_rank.get(f.layer, -1 if not f.layer else 10**9),
+            f.check,
+        )
+
+    findings.sort(key=key)
+    return DoctorReport(
+        model=type(model).__name__,
+        num_batches=len(batches),
+        batch_size=_batch_len(batches[0]),
+        order=graph.how,
+        layers=names,
+        findings=findings,
+        train_gaps=train_gaps,
+        inference_gaps=inference_gaps,
+        output_gap=og,
+    )
+
+
+def _structural_findings(
+    g: _Graph,
+    layers: list[tuple[str, nn.Module]],
+    inference_gaps: Mapping[str, LayerGap],
+    train_gaps: Mapping[str, LayerGap],
+    t: Thresholds,
+) -> list[Finding]:
+    out: list[Finding] = []
+    cons = g.consumers()
+    order = f"(order from {g.how})"
+    for name, m in layers:
+        label = f"{type(m).__name__}({getattr(m, 'num_features', '?')})"
+        idxs = g.index_of(name)
+        if not idxs:
+            continue
+        i = idxs[0]
+        # Dropout reaching the BN with no BN in between
+        hit = _upstream_dropout(g, i)
+        if hit is not None:
+            j, path = hit
+            dn = g.nodes[j]
+            chain = " → ".join(_label(g.nodes[k]) for k in reversed(path)) + f" → {label} '{name}'"
+            direct = all(_transparent(g.nodes[k]) for k in path[:-1])
+            eg, tg = inference_gaps.get(name), train_gaps.get(name)
+            shift = ""
+            ev: dict[str, Any] = {"p": _is_dropout(dn), "immediate": direct, "path": chain}
+            sev: Severity = "info"
+            if eg is not None and eg.has_running_stats and not eg.nonfinite:
+                shift = (
+                    f"; measured: eval-mode std / running std = {eg.std_ratio_worst:.3g} at worst "
+                    f"(median {eg.std_ratio_median:.3g})"
+                )
+                if tg is not None and tg.has_running_stats:
+                    shift += f" vs {tg.std_ratio_median:.3g} (median) in train mode"
+                    ev["train_std_ratio_median"] = tg.std_ratio_median
+                ev["eval_std_ratio_worst"] = eg.std_ratio_worst
+                ev["eval_std_ratio_median"] = eg.std_ratio_median
+                if (
+                    eg.std_log_gap > math.log(t.std_ratio_warning)
+                    or eg.mean_shift_max > t.mean_shift_warning
+                ):
+                    sev = "warning"
+            else:
+                sev = "warning"  # nothing measured: the pattern alone
+            out.append(
+                Finding(
+                    "dropout-before-bn",
+                    sev,
+                    name,
+                    f"{'immediately ' if direct else ''}after Dropout(p={_is_dropout(dn):g}): "
+                    f"{chain} {order}{shift}",
+                    "Dropout scales the variance of what BN sees in training but not in eval: "
+                    "the running variance is learned on the noisy train-mode input and is wrong "
+                    "at inference (variance shift, Li et al. 2019, arXiv 1801.05134)",
+                    "move Dropout after the last BN layer (before the classifier), or re-estimate "
+                    "the statistics with Dropout off: " + _FIX_RECAL,
+                    ev,
+                )
+            )
+        # a bias right before BN
+        p, _path = _producer(g, i)
+        if p is not None:
+            pn = g.nodes[p]
+            pm = pn.module
+            bias = getattr(pm, "bias", None) if pm is not None else None
+            if (
+                pn.kind == "module"
+                and isinstance(pm, nn.Linear | nn.modules.conv._ConvNd)
+                and isinstance(bias, Tensor)
+                and bias.numel() == getattr(m, "num_features", -1)
+            ):
+                out.append(
+                    Finding(
+                        "bias-before-bn",
+                        "info",
+                        name,
+                        f"{_label(pn)} has a bias ({bias.numel()} parameters) and feeds {label} "
+                        f"directly {order}",
+                        "BN subtracts the batch mean, so a constant per-channel bias before it "
+                        "cancels exactly and never learns anything; β takes its role",
+                        f"build {_label(pn)} with bias=False (batchnorm.fold puts a bias back "
+                        "when BN is folded into it for deployment)",
+                        {"producer": pn.name, "redundant_parameters": int(bias.numel())},
+                    )
+                )
+        # a normalization right after BN
+        for j in _consumers_through(g, i, cons):
+            cn = g.nodes[j]
+            if (
+                cn.kind == "module"
+                and cn.module is not None
+                and (is_batchnorm(cn.module) or isinstance(cn.module, _OTHER_NORMS))
+            ):
+                out.append(
+                    Finding(
+                        "bn-undone",
+                        "warning",
+                        name,
+                        f"{label} feeds {_label(cn)} directly {order}",
+                        "the second normalization re-centres and re-scales the first one's "
+                        "output, undoing its γ and β: the pair costs compute and parameters and "
+                        "adds nothing",
+                        f"remove one of the two, or put the layer that was meant to be between "
+                        f"them back ({label} → Linear/Conv → activation → {_label(cn)})",
+                        {"next": cn.name},
+                    )
+                )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``batchnorm doctor``."""
+    parser.add_argument(
+        "factory",
+        metavar="MODULE:FACTORY",
+        help="a function returning the model: 'package.module:make_model' or 'path/to/file.py:make_model'",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="inputs: a .pt/.npy/.npz file (first axis = samples), or MODULE:FUNCTION returning "
+        "an iterable of batches",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per batch for file data")
+    parser.add_argument("--num-batches", type=int, default=8, help="batches to measure (default 8)")
+    parser.add_argument("--checkpoint", help="a state_dict (.pt) to load into the model")
+    parser.add_argument(
+        "--key", help="the array/entry to use in an .npz file or a dict saved in a .pt file"
+    )
+    parser.add_argument(
+        "--train-batch-size", type=int, help="the batch size used in training (count check)"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("as-built", "eval", "train"),
+        default="eval",
+        help="put the model in this mode before checking (default eval: the model as deployed)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _load_object(spec: str, what: str) -> Any:
+    if ":" not in spec:
+        raise ValueError(f"{what} must be MODULE:NAME or path/to/file.py:NAME, got {spec!r}")
+    mod_name, _, attr = spec.rpartition(":")
+    if mod_name.endswith(".py") or "/" in mod_name:
+        path = Path(mod_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"{what}: no file {str(path)!r}")
+        spec_ = importlib.util.spec_from_file_location(path.stem, path)
+        if spec_ is None or spec_.loader is None:
+            raise ImportError(f"{what}: cannot import {str(path)!r}")
+        module = importlib.util.module_from_spec(spec_)
+        sys.modules.setdefault(path.stem, module)
+        spec_.loader.exec_module(module)
+    else:
+        module = importlib.import_module(mod_name)
+    if not hasattr(module, attr):
+        raise AttributeError(f"{what}: {mod_name!r} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+def _load_tensor_file(path: Path, key: str | None) -> Tensor:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        import numpy as np
+
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    if suffix == ".npz":
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as z:
+            names = list(z.files)
+            if not names:
+                raise ValueError(f"--data: {str(path)!r} holds no arrays")
+            k = key or next((n for n in ("x", "inputs", "X", "data") if n in names), names[0])
+            if k not in names:
+                raise KeyError(f"--data: {str(path)!r} has no array {k!r} (it has {names})")
+            return torch.from_numpy(z[k])
+    if suffix in (".pt", ".pth"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, Mapping):
+            k = key or next((n for n in ("x", "inputs", "data") if n in obj), None)
+            if k is None or k not in obj:
+                raise KeyError(
+                    f"--data: {str(path)!r} holds a dict {list(obj)}; choose one with --key"
+                )
+            obj = obj[k]
+        if isinstance(obj, list | tuple) and obj:
+            obj = obj[0]
+        if not isinstance(obj, Tensor):
+            raise TypeError(f"--data: {str(path)!r} holds {type(obj).__name__}, not a tensor")
+        return obj
+    raise ValueError(
+        f"--data: unknown file type {suffix!r}; use .pt, .npy, .npz or MODULE:FUNCTION"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``batchnorm doctor``; exit code 1 when a finding of severity error exists, 2 when the
+    model or data cannot be loaded, 0 otherwise."""
+    try:
+        factory = _load_object(args.factory, "MODULE:FACTORY")
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{args.factory} returned {type(model).__name__}, not an nn.Module")
+        if args.checkpoint:
+            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+            if isinstance(state, Mapping) and "state_dict" in state:
+                state = state["state_dict"]
+            model.load_state_dict(state)
+        if args.mode == "eval":
+            model.eval()
+        elif args.mode == "train":
+            model.train()
+        data_path = Path(args.data)
+        data: Any
+        if data_path.suffix.lower() in (".pt", ".pth", ".npy", ".npz") or data_path.is_file():
+            if not data_path.is_file():
+                raise FileNotFoundError(f"--data: no file {args.data!r}")
+            x = _load_tensor_file(data_path, args.key)
+            if x.is_floating_point():
+                x = x.to(next(model.parameters(), torch.empty(0)).dtype)
+            data = x
+        else:
+            data = _load_object(args.data, "--data")()
+        report = doctor(
+            model,
+            data,
+            args.num_batches,
+            batch_size=args.batch_size,
+            train_batch_size=args.train_batch_size,
+        )
+    except (
+        ImportError,
+        AttributeError,
+        ValueError,
+        TypeError,
+        KeyError,
+        FileNotFoundError,
+        RuntimeError,
+    ) as e:
+        print(f"batchnorm doctor: {e}", file=sys.stderr)
+        return 2
+    print(report.to_json() if args.json else report.format_text())
+    return 1 if report.has_errors else 0
