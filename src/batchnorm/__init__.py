@@ -23,11 +23,13 @@ from batchnorm.functional import (
     batch_norm,
 )
 from batchnorm.nn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.recorder import ActivationRecorder
 
 __version__ = "0.1.0"
 
 # public API — each feature adds its names here
 __all__ = [
+    "ActivationRecorder",
     "functional",
     "reference",
     "batch_norm",

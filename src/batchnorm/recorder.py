@@ -1,0 +1,216 @@
+"""Record how the distribution of a layer's inputs evolves over training.
+
+Ioffe & Szegedy (2015, Sec. 4.1, Figure 1b/c) show the 15th, 50th and 85th percentiles of the
+input to one sigmoid over training: drifting without BN, stable with it. :class:`ActivationRecorder`
+records such percentiles for any layers of any model through forward hooks, cheaply: only on
+chosen calls, only for chosen units, as a handful of numbers per record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ActivationRecorder"]
+
+
+class ActivationRecorder:
+    r"""Record quantiles of the inputs (or outputs) of chosen layers over training.
+
+    For a layer whose input is ``x`` with channels (units) on ``axis``, one record is, for each
+    requested quantile :math:`q` and each recorded unit :math:`u`, the empirical quantile
+    :math:`Q_q(\{x_{n,u,\dots}\})` over every other axis (examples and positions), computed by
+    :func:`torch.quantile` (linear interpolation). A record is taken
+
+    * every ``every``-th forward call of the layer (``every=1``: every call), or
+    * with ``every=None``, only inside :meth:`capture` — e.g. on a fixed probe batch at
+      evaluation points, which is what the lab's ``paper-mnist`` experiment does.
+
+    Cost per record: one ``quantile`` over ``(N·L, U)`` values for the recorded units only
+    (``max_samples`` subsamples larger inputs with a fixed stride); nothing on other calls.
+
+    Args:
+        model: the network. layers: module names (``model.get_submodule`` paths, e.g.
+            ``"hidden.2.act"``) or a mapping ``name → module``.
+        quantiles: in [0, 1], e.g. ``(0.15, 0.5, 0.85)``.
+        units: which channels to record: ``None`` (all), an int ``k`` (the first ``k``) or a
+            list of indices.
+        every: record every ``every``-th call; ``None`` for :meth:`capture` only.
+        what: ``"input"`` (a forward pre-hook: what the layer receives) or ``"output"``.
+        axis: the channel axis of the recorded tensor (1 for ``(N, C)`` and ``(N, C, H, W)``).
+        max_samples: cap on the values per unit used for one record.
+
+    Example::
+
+        >>> import torch, batchnorm
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Sigmoid())
+        >>> rec = batchnorm.ActivationRecorder(net, ["1"], quantiles=(0.15, 0.5, 0.85))
+        >>> with rec:
+        ...     for step in range(3):
+        ...         rec.step = step
+        ...         _ = net(torch.randn(32, 4))
+        >>> steps, values = rec.history("1")
+        >>> steps.tolist(), values.shape    # (records, quantiles, units)
+        ([0, 1, 2], (3, 3, 3))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str] | Mapping[str, nn.Module],
+        quantiles: Sequence[float] = (0.15, 0.5, 0.85),
+        *,
+        units: int | Sequence[int] | None = None,
+        every: int | None = 1,
+        what: Literal["input", "output"] = "input",
+        axis: int = 1,
+        max_samples: int | None = 100_000,
+    ) -> None:
+        if isinstance(layers, Mapping):
+            self.layers: dict[str, nn.Module] = dict(layers)
+        else:
+            self.layers = {}
+            for name in layers:
+                try:
+                    self.layers[name] = model.get_submodule(name)
+                except AttributeError:
+                    known = [n for n, _ in model.named_modules() if n][:20]
+                    raise ValueError(
+                        f"ActivationRecorder: the model has no layer {name!r}; layer names "
+                        f"look like {known}"
+                    ) from None
+        if not self.layers:
+            raise ValueError("ActivationRecorder: give at least one layer to record")
+        q = [float(v) for v in quantiles]
+        if not q or not all(0.0 <= v <= 1.0 for v in q):
+            raise ValueError(f"ActivationRecorder: quantiles must be in [0, 1], got {quantiles}")
+        if every is not None and every < 1:
+            raise ValueError(f"ActivationRecorder: every must be >= 1 or None, got {every}")
+        if what not in ("input", "output"):
+            raise ValueError(f"ActivationRecorder: what must be 'input' or 'output', got {what!r}")
+        self.quantiles = tuple(q)
+        self.units = units
+        self.every = every
+        self.what = what
+        self.axis = axis
+        self.max_samples = max_samples
+        #: the step a record is tagged with; set it from the training loop (default: call index)
+        self.step: int | None = None
+        self._q = torch.tensor(q, dtype=torch.float32)
+        self._calls: dict[str, int] = dict.fromkeys(self.layers, 0)
+        self._records: dict[str, list[tuple[int, Tensor]]] = {n: [] for n in self.layers}
+        self._handles: list[Any] = []
+        self._capturing = False
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def attach(self) -> ActivationRecorder:
+        """Install the hooks (idempotent)."""
+        if self._handles:
+            return self
+        for name, module in self.layers.items():
+            if self.what == "input":
+                h = module.register_forward_pre_hook(self._pre_hook(name))
+            else:
+                h = module.register_forward_hook(self._post_hook(name))
+            self._handles.append(h)
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks; the records are kept."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> ActivationRecorder:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    @contextmanager
+    def capture(self, step: int | None = None) -> Iterator[ActivationRecorder]:
+        """Record every hooked call inside the block (tagged with ``step``), whatever
+        ``every`` says; attaches the hooks for the block if they are not attached."""
+        attached_here = not self._handles
+        self.attach()
+        old_step, self._capturing = self.step, True
+        if step is not None:
+            self.step = step
+        try:
+            yield self
+        finally:
+            self._capturing = False
+            self.step = old_step if step is not None else self.step
+            if attached_here:
+                self.detach()
+
+    def _pre_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if args and isinstance(args[0], Tensor):
+                self._observe(name, args[0])
+
+        return hook
+
+    def _post_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if isinstance(output, Tensor):
+                self._observe(name, output)
+
+        return hook
+
+    def _observe(self, name: str, x: Tensor) -> None:
+        call = self._calls[name]
+        self._calls[name] = call + 1
+        if not self._capturing and (self.every is None or call % self.every != 0):
+            return
+        step = self.step if self.step is not None else call
+        self._records[name].append((step, self._quantiles(x.detach())))
+
+    def _quantiles(self, x: Tensor) -> Tensor:
+        """``(Q, U)`` quantiles of ``x`` per unit over all other axes."""
+        if x.dim() == 1:
+            x = x.unsqueeze(1)  # (N,) -> (N, 1): one unit
+        flat = x.movedim(self.axis, -1).reshape(-1, x.shape[self.axis])  # (N·L, C)
+        if self.units is not None:
+            idx = (
+                torch.arange(min(self.units, flat.shape[1]))
+                if isinstance(self.units, int)
+                else torch.as_tensor(list(self.units), dtype=torch.long)
+            )
+            flat = flat.index_select(1, idx)  # (N·L, U)
+        if self.max_samples is not None and flat.shape[0] > self.max_samples:
+            stride = -(-flat.shape[0] // self.max_samples)
+            flat = flat[::stride]
+        flat = flat.float()
+        return torch.quantile(flat, self._q.to(flat.device), dim=0).cpu()  # (Q, U)
+
+    # -- results --------------------------------------------------------------------------
+
+    def history(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(steps (T,), values (T, Q, U))`` recorded for ``layer``."""
+        recs = self._records[layer]
+        if not recs:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, len(self.quantiles), 0))
+        steps = np.array([s for s, _ in recs], dtype=np.int64)
+        values = torch.stack([v for _, v in recs]).numpy().astype(np.float64)
+        return steps, values
+
+    def clear(self) -> None:
+        """Forget all records and call counts."""
+        for n in self.layers:
+            self._records[n] = []
+            self._calls[n] = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"quantiles", "layers": {name: {"steps", "values" (T×Q×U)}}}``."""
+        out: dict[str, Any] = {"quantiles": list(self.quantiles), "layers": {}}
+        for n in self.layers:
+            steps, values = self.history(n)
+            out["layers"][n] = {"steps": steps.tolist(), "values": values.tolist()}
+        return out
