@@ -1,0 +1,571 @@
+"""Synchronized batch normalization across processes, on :mod:`torch.distributed`.
+
+When a batch is split over R replicas, each replica normalizes with the statistics of the whole
+batch instead of its own slice (Ioffe & Szegedy 2015, Algorithm 1, with the mini-batch being the
+union of the per-replica batches). The transport is torch.distributed itself — gloo on CPU,
+NCCL on GPU — through one ``all_gather`` per layer per forward and one per backward.
+
+Protocol (one message per collective, float64)::
+
+    [kind, C, tag, call, count, width, 0, 0 | payload₀ (width) | payload₁ (width)]
+
+* forward: ``payload = (mean_r, M2_r)`` of the rank's slice, ``count = n_r`` (0 allowed);
+* backward: ``payload = (Σdy, Σdy·x̂)`` of the rank's slice;
+* recalibration: ``payload = (mean_r, M2_r)`` of the rank's population statistics.
+
+Why ``all_gather`` of ``(n, mean, M2)`` rather than an ``all_reduce`` of sums: every rank receives
+the same R messages and merges them in rank order with Chan et al.'s parallel formula
+(``mean = Σ nᵣ·meanᵣ / N``, ``M2 = Σ M2ᵣ + Σ nᵣ·(meanᵣ − mean)²``) in float64 — no
+``Σx² − N·mean²`` cancellation, exact for ranks with ``n = 0``, and bitwise identical statistics
+(hence running statistics) on every rank. The header rides in the same message, so checking that
+every rank is at the same layer, the same call and the same channel count costs no extra
+collective. R·(8 + 2·width) doubles per layer are negligible next to a gradient all-reduce.
+
+All messages of one layer have the same length ``8 + 2·width``; :func:`convert_sync_batchnorm`
+gives every layer of a model the model's largest channel count as ``width``, so ranks that
+diverge between layers (a skipped layer, a different channel count in one layer) still exchange
+equal-length messages and get a clear :class:`SyncBatchNormError` on every rank. (Collectives of
+unequal lengths cannot be reported: gloo aborts the receiving process.)
+"""
+
+from __future__ import annotations
+
+import datetime
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from batchnorm import functional as F
+from batchnorm.convert import _copy_state
+from batchnorm.functional import BatchNormInputError, NonFinitePolicy
+from batchnorm.nn.batchnorm import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    _BatchNormBase,
+)
+
+__all__ = [
+    "SyncBatchNorm",
+    "SyncBatchNormError",
+    "convert_sync_batchnorm",
+    "all_reduce_population_stats",
+    "merge_stats",
+]
+
+_HEADER = 8
+_FORWARD, _BACKWARD, _POPULATION = 1, 2, 3
+_KIND_NAMES = {_FORWARD: "forward", _BACKWARD: "backward", _POPULATION: "recalibration"}
+# tag -> layer name, so a rank can name the layer another rank is in (models are identical)
+_TAG_NAMES: dict[int, str] = {}
+
+
+class SyncBatchNormError(RuntimeError):
+    """The ranks of a synchronized layer disagree (layer, call, channel count) or did not all
+    reach it in time; raised on every rank that takes part, naming the layer and a remedy."""
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+
+
+def merge_stats(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge per-group ``(n_r, mean_r, M2_r)`` into ``(N, mean, M2)`` (Chan, Golub & LeVeque 1979,
+    the k-group form of the pairwise update), in float64, groups in order.
+
+    Args:
+        counts: ``(R,)`` sample counts (0 allowed). means, m2s: ``(R, C)``; rows with ``n_r = 0``
+        are ignored whatever they hold.
+
+    Returns ``N`` (0-dim), ``mean`` and ``M2 = Σ (x − mean)²`` (both ``(C,)``); the biased
+    variance is ``M2 / N``.
+    """
+    n = counts.to(torch.float64)
+    total = n.sum()
+    live = (n > 0).view(-1, 1)
+    mu = torch.where(live, means.to(torch.float64), 0.0)
+    m2 = torch.where(live, m2s.to(torch.float64), 0.0)
+    w = n.view(-1, 1)
+    mean = (w * mu).sum(0) / total.clamp_min(1.0)
+    dev = torch.where(live, mu - mean, 0.0)
+    return total, mean, m2.sum(0) + (w * dev * dev).sum(0)
+
+
+# --------------------------------------------------------------------------------------------
+# the exchange
+
+
+@dataclass
+class _Exchange:
+    """Who a layer talks to and how its messages are labelled."""
+
+    group: Any  # a ProcessGroup or None (the default group)
+    timeout: float | None
+    layer: str
+    tag: int
+    width: int
+    channels: int
+
+
+def _tag(name: str | None) -> int:
+    """A stable integer for a layer's qualified name (exact in float64)."""
+    tag = zlib.crc32((name or "").encode()) if name else 0
+    if name:
+        _TAG_NAMES[tag] = name
+    return tag
+
+
+def _world(group: Any) -> tuple[int, int]:
+    """``(world size, rank)`` of ``group``; ``(1, 0)`` without an initialized process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _describe(row: Tensor) -> str:
+    kind, c, tag, call = (int(v) for v in row[:4].tolist())
+    where = f"'{_TAG_NAMES[tag]}'" if tag in _TAG_NAMES else f"a layer with {c} channels"
+    return f"the {_KIND_NAMES.get(kind, '?')} of {where} (call {call}, {c} channels)"
+
+
+def _check_headers(gathered: Tensor, ex: _Exchange, rank: int) -> None:
+    """Every rank must be at the same kind of exchange of the same layer, call and width."""
+    head = gathered[:, :6]
+    if bool((head[:, [0, 2, 3, 5]] == head[rank, [0, 2, 3, 5]]).all()) and bool(
+        (head[:, 1] == head[rank, 1]).all()
+    ):
+        return
+    rows = "; ".join(f"rank {r} is in {_describe(gathered[r])}" for r in range(len(gathered)))
+    same_place = bool((head[:, [0, 2, 3]] == head[rank, [0, 2, 3]]).all())
+    if same_place:
+        channels = ", ".join(f"rank {r}: {int(head[r, 1])}" for r in range(len(gathered)))
+        raise SyncBatchNormError(
+            f"{ex.layer} on rank {rank}: the channel counts differ across ranks ({channels}). "
+            "Build the model identically on every rank (same widths, same checkpoint)."
+        )
+    raise SyncBatchNormError(
+        f"{ex.layer} on rank {rank}: the ranks are not at the same synchronized layer: {rows}. "
+        "A rank skipped a synchronized layer or ran the model a different number of times in "
+        "training mode; every rank must run the same synchronized layers in the same order "
+        "(same control flow on every rank, or model.eval() for local-only passes)."
+    )
+
+
+def _exchange(
+    ex: _Exchange, kind: int, call: int, count: int, payload: Tensor
+) -> tuple[Tensor, Tensor]:
+    """All-gather this rank's message; return the ranks' ``(counts (R,), payloads (R, 2, C))``.
+
+    One collective. Raises :class:`SyncBatchNormError` on every participating rank when the
+    headers disagree, and on a rank whose collective fails or times out.
+    """
+    c, width = ex.channels, ex.width
+    msg = torch.zeros(_HEADER + 2 * width, dtype=torch.float64, device=payload.device)
+    msg[:6] = torch.tensor([kind, c, ex.tag, call, count, width], dtype=torch.float64)
+    body = msg[_HEADER:].view(2, width)  # (2, width): the payload, zero-padded to the width
+    body[:, :c] = payload
+    world, rank = _world(ex.group)
+    if world == 1:
+        gathered = msg.unsqueeze(0)
+    else:
+        out = [torch.empty_like(msg) for _ in range(world)]
+        try:
+            work = dist.all_gather(out, msg, group=ex.group, async_op=True)
+            assert work is not None
+            if ex.timeout is None:
+                work.wait()  # bounded by the process group's timeout
+            else:
+                work.wait(timeout=datetime.timedelta(seconds=ex.timeout))
+        except RuntimeError as err:
+            limit = (
+                f"{ex.timeout:g} s (the layer's timeout)"
+                if ex.timeout is not None
+                else "the process group's timeout"
+            )
+            raise SyncBatchNormError(
+                f"{ex.layer} on rank {rank}: the {_KIND_NAMES[kind]} exchange (call {call}) did "
+                f"not complete within {limit}: another rank did not reach this layer (it skipped "
+                "it, raised an error, or stopped). Every rank must run every synchronized layer "
+                "in training mode, including ranks with an empty batch. Original error: "
+                f"{err}"
+            ) from err
+        gathered = torch.stack(out)  # (R, 8 + 2·width)
+    _check_headers(gathered, ex, rank)
+    payloads = gathered[:, _HEADER:].view(world, 2, width)[:, :, :c]
+    return gathered[:, 4], payloads
+
+
+# --------------------------------------------------------------------------------------------
+# the autograd Function
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Algorithm 1 over the union of the ranks' batches, on a canonical tensor.
+
+    Forward: local ``(n, mean, M2)`` → one all-gather → merged statistics → the core's
+    normalization. Backward: local ``(Σdy, Σdy·x̂)`` → one all-gather → the compact gradient
+    ``dx = γ·invstd/N · (N·dy − Σ_all dy − x̂·Σ_all dy·x̂)``; ``dγ``, ``dβ`` stay local sums
+    (DistributedDataParallel reduces them across ranks like any parameter gradient).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        ex: _Exchange,
+        call: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        cd = F._compute_dtype(x.dtype)
+        xc = x.to(cd)
+        n = xc.numel() // ex.channels
+        if n > 0:
+            local_mean, local_var, _ = F._stats(xc, eps)
+            payload = torch.stack([local_mean, local_var * n]).to(torch.float64)  # (2, C)
+        else:  # an empty slice: count 0, still part of the exchange
+            payload = torch.zeros(2, ex.channels, dtype=torch.float64, device=x.device)
+        counts, data = _exchange(ex, _FORWARD, call, n, payload)
+        total, mean64, m2 = merge_stats(counts, data[:, 0], data[:, 1])
+        if total < 2:
+            raise BatchNormInputError(
+                f"{ex.layer}: expected more than 1 value per channel over all ranks when "
+                f"training, got {int(total)} (this rank's input has shape {tuple(x.shape)}). "
+                "Use larger batches, or call .eval() to use the running statistics."
+            )
+        var64 = m2 / total
+        mean, var = mean64.to(cd), var64.to(cd)
+        invstd = torch.rsqrt(var64 + eps).to(cd)
+        w = None if weight is None else weight.to(cd)
+        b = None if bias is None else bias.to(cd)
+        y = F._normalize(xc, mean, invstd, w, b).to(x.dtype)
+        ctx.save_for_backward(x, weight, mean, invstd)  # type: ignore[arg-type]
+        ctx.ex, ctx.call, ctx.total = ex, call, float(total)  # type: ignore[attr-defined]
+        total_t = total.to(device=x.device)
+        ctx.mark_non_differentiable(mean, var, total_t)
+        return y, mean, var, total_t
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        dy: Tensor,
+        _dmean: Tensor,
+        _dvar: Tensor,
+        _dtotal: Tensor,
+    ) -> tuple[Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
+        ex: _Exchange = ctx.ex  # type: ignore[attr-defined]
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        cd = mean.dtype
+        xc, dyc = x.to(cd), dy.to(cd)
+        dims = F._dims(xc)
+        xhat = (xc - F._b(mean, xc)) * F._b(invstd, xc)
+        sum_dy = dyc.sum(dims)  # this rank's dβ
+        sum_dy_xhat = (dyc * xhat).sum(dims)  # this rank's dγ
+        dx = None
+        # needs_input_grad is a property of the graph, the same on every rank, so skipping the
+        # exchange when no rank needs dx (BN straight on the data) keeps the ranks in step
+        if needs[0]:
+            n = xc.numel() // ex.channels
+            local = torch.stack([sum_dy, sum_dy_xhat]).to(torch.float64)  # (2, C)
+            _, data = _exchange(ex, _BACKWARD, ctx.call, n, local)  # type: ignore[attr-defined]
+            all_dy, all_dy_xhat = data.sum(0).to(cd)  # ranks summed in rank order: identical
+            total: float = ctx.total  # type: ignore[attr-defined]
+            k = invstd / total if weight is None else weight.to(cd) * invstd / total
+            dx = (F._b(k, xc) * (total * dyc - F._b(all_dy, xc) - xhat * F._b(all_dy_xhat, xc))).to(
+                x.dtype
+            )
+        dw = sum_dy_xhat.to(weight.dtype) if needs[1] and weight is not None else None
+        db = None
+        if needs[2]:
+            db = sum_dy.to(dy.dtype if weight is None else weight.dtype)
+        return dx, dw, db, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# the module
+
+
+class SyncBatchNorm(_BatchNormBase):
+    r"""Batch normalization whose training statistics span every rank of a process group.
+
+    .. math:: y = \gamma \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta
+
+    with μ_B and the biased σ²_B taken per channel over the union of the ranks' batches
+    (Ioffe & Szegedy 2015, Algorithm 1, arXiv 1502.03167). Ranks may hold different batch sizes,
+    including empty ones: statistics are weighted by sample count, so outputs, input gradients,
+    the ranks' summed γ/β gradients and the running statistics equal single-process BN on the
+    concatenated batch. The running statistics are bitwise identical on every rank.
+
+    Communication: one ``all_gather`` per forward and one per backward, on ``process_group``
+    (default: the default group); none in eval mode (inherited: the running statistics), none
+    without an initialized process group (then it is plain BN). gloo (CPU) and NCCL (GPU).
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype, axis, center,
+        scale, unbiased_running_var, nonfinite, backend: as :class:`batchnorm.BatchNorm`
+        (``backend`` applies to eval mode; the training path is plain torch around the
+        exchange).
+        process_group: the group whose ranks share statistics (``torch.distributed.new_group``).
+        timeout: seconds to wait for the other ranks at this layer before raising
+        :class:`SyncBatchNormError`; ``None`` uses the process group's timeout
+        (``init_process_group(timeout=...)``).
+        name: the layer's qualified name, used in errors and to check that all ranks are at the
+        same layer (set by :func:`convert_sync_batchnorm`).
+        sync_width: message width (≥ ``num_features``); the same for every layer of a model
+        makes a rank that diverges between layers a clear error (set by
+        :func:`convert_sync_batchnorm`).
+
+    Shape: any ``(…, C, …)`` with C at ``axis``, at least 2-D; a rank's batch may be empty.
+
+    Example::
+
+        >>> import torch, batchnorm
+        >>> bn = batchnorm.SyncBatchNorm(8)  # without a process group: plain BN
+        >>> bn(torch.randn(4, 8, 3, 3)).shape
+        torch.Size([4, 8, 3, 3])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        axis: int = 1,
+        center: bool | None = None,
+        scale: bool | None = None,
+        unbiased_running_var: bool = True,
+        nonfinite: NonFinitePolicy = "warn",
+        backend: str | None = None,
+        timeout: float | None = None,
+        name: str | None = None,
+        sync_width: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            axis=axis,
+            center=center,
+            scale=scale,
+            unbiased_running_var=unbiased_running_var,
+            nonfinite=nonfinite,
+            backend=backend,
+            **kwargs,
+        )
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"{self.layer_name()}: timeout must be > 0 seconds, got {timeout!r}")
+        if sync_width is not None and sync_width < num_features:
+            raise ValueError(
+                f"{self.layer_name()}: sync_width must be >= num_features ({num_features}), "
+                f"got {sync_width}"
+            )
+        self.process_group = process_group
+        self.timeout = timeout
+        self.name = name
+        self.sync_width = sync_width
+        self._sync_calls = 0  # synchronized forwards so far: every rank must agree
+
+    def layer_name(self) -> str:
+        base = super().layer_name()
+        return f"{base} '{self.name}'" if self.name else base
+
+    def _syncing(self) -> bool:
+        return self.training and _world(self.process_group)[0] > 1
+
+    def _check_small(self, input: Tensor, mask: Tensor | None) -> int:
+        # a rank's slice may be tiny or empty: only the count over all ranks matters, and it is
+        # known after the exchange (which raises below 2); a local shortcut would skip the
+        # collective and leave the other ranks waiting
+        if self._syncing():
+            return 2 + input.numel()
+        return super()._check_small(input, mask)  # type: ignore[misc]
+
+    def _forward_train(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:
+            raise BatchNormInputError(
+                f"{self.layer_name()}: SyncBatchNorm does not support a mask (input shape "
+                f"{tuple(input.shape)}); use batchnorm.BatchNorm for masked statistics."
+            )
+        if not self._syncing():
+            # one process, or eval mode without running statistics: the local batch
+            return super()._forward_train(input)
+        ax = self.axis % input.dim()
+        xc, restore = F.canonical_layout(input, ax)  # (N, C, L) or (M, C)
+        ex = _Exchange(
+            group=self.process_group,
+            timeout=self.timeout,
+            layer=self.layer_name(),
+            tag=_tag(self.name),
+            width=self.sync_width or self.num_features,
+            channels=self.num_features,
+        )
+        call = self._sync_calls
+        self._sync_calls += 1
+        y, mean, var, total = _SyncBatchNormFunction.apply(
+            xc, self.weight, self.bias, self.eps, ex, call
+        )
+        self._update_running_stats(mean, var, int(total))
+        return restore(y)
+
+
+# --------------------------------------------------------------------------------------------
+# conversion
+
+# exact types: the variants (ghost, renorm, frozen, …) change what the statistics mean, so a
+# subclass is left as it is rather than silently turned into plain synchronized BN
+_CONVERTIBLE: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+)
+
+
+def _named_bn(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, m in model.named_modules():
+        if type(m) in _CONVERTIBLE or type(m) is SyncBatchNorm:
+            yield name, m
+
+
+def _to_sync(m: nn.Module, name: str, group: Any, timeout: float | None, width: int) -> nn.Module:
+    if isinstance(m, SyncBatchNorm):
+        m.name, m.sync_width = name, width
+        if group is not None:
+            m.process_group = group
+        if timeout is not None:
+            m.timeout = timeout
+        return m
+    assert isinstance(m, (nn.modules.batchnorm._BatchNorm, _BatchNormBase))
+    p = m.weight if m.weight is not None else m.running_mean
+    # torch.nn layers: γ and β may be switched separately (affine=True, bias=False)
+    kwargs: dict[str, Any] = {"center": m.bias is not None, "scale": m.weight is not None}
+    if isinstance(m, _BatchNormBase):
+        kwargs = {
+            "axis": m.axis,
+            "center": m.center,
+            "scale": m.scale,
+            "unbiased_running_var": m.unbiased_running_var,
+            "nonfinite": m.nonfinite,
+            "backend": m.backend,
+        }
+        if hasattr(m, "small_batch"):
+            kwargs["small_batch"] = m.small_batch
+    new = SyncBatchNorm(
+        m.num_features,
+        eps=m.eps,
+        momentum=m.momentum,
+        affine=m.affine,
+        track_running_stats=m.track_running_stats,
+        process_group=group,
+        dtype=None if p is None else p.dtype,
+        timeout=timeout,
+        name=name,
+        sync_width=width,
+        **kwargs,
+    )
+    return _copy_state(m, new)
+
+
+def convert_sync_batchnorm(
+    model: nn.Module, process_group: Any = None, *, timeout: float | None = None
+) -> nn.Module:
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and our
+    ``BatchNorm``/``BatchNorm1d/2d/3d`` in ``model`` with :class:`SyncBatchNorm`, in place,
+    keeping state, mode, device, dtype and options (axis, center/scale, …); return the model (a
+    bare layer is returned converted). Variants (subclasses) are left unchanged.
+
+    Every converted layer gets its qualified name and the model's largest channel count as
+    message width, so ranks that diverge between layers get a clear error. Call it before
+    wrapping the model in ``DistributedDataParallel``.
+
+    Example::
+
+        >>> import torch, batchnorm
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+        >>> net = batchnorm.convert_sync_batchnorm(net)
+        >>> net[1].layer_name()
+        "SyncBatchNorm(8) '1'"
+    """
+    layers = list(_named_bn(model))
+    if not layers:
+        return model
+    width = max(int(m.num_features) for _, m in layers)  # type: ignore[arg-type]
+    if layers[0][0] == "":  # the model is itself a batch-norm layer
+        return _to_sync(model, "", process_group, timeout, width)
+    for full, m in layers:
+        parent_name, _, child = full.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _to_sync(m, full, process_group, timeout, width))
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# recalibration across ranks
+
+
+@torch.no_grad()
+def all_reduce_population_stats(
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    *,
+    process_group: Any = None,
+    timeout: float | None = None,
+    layer: str | None = None,
+    unbiased: bool = False,
+) -> tuple[Tensor, Tensor, int]:
+    """Merge per-rank population statistics into the statistics of all ranks' samples.
+
+    Each rank passes the mean and variance of the ``count`` values per channel it has seen
+    (``count`` may be 0); every rank gets back the same ``(mean, var, total)``, weighted by
+    sample count (Chan's merge in float64, one all-gather). ``unbiased`` says whether ``var``
+    (in and out) carries the ``n/(n−1)`` correction. Without an initialized process group the
+    input is returned unchanged.
+
+    Example::
+
+        >>> import torch
+        >>> m, v, n = all_reduce_population_stats(torch.zeros(3), torch.ones(3), 10)
+        >>> n
+        10
+    """
+    c = mean.numel()
+    biased = var * ((count - 1) / count) if (unbiased and count > 1) else var
+    if count > 0:
+        payload = torch.stack([mean.reshape(-1), biased.reshape(-1) * count]).to(torch.float64)
+    else:
+        payload = torch.zeros(2, c, dtype=torch.float64, device=mean.device)
+    name = layer or "population statistics"
+    ex = _Exchange(process_group, timeout, name, _tag(layer), c, c)
+    counts, data = _exchange(ex, _POPULATION, 0, count, payload)
+    total, m, m2 = merge_stats(counts, data[:, 0], data[:, 1])
+    n = int(total)
+    v = m2 / max(n, 1)
+    if unbiased and n > 1:
+        v = v * (n / (n - 1))
+    return m.to(mean.dtype).view_as(mean), v.to(var.dtype).view_as(var), n
