@@ -36,6 +36,7 @@ __all__ = [
     "inference_affine",
     "batch_norm_inference",
     "running_stats_update",
+    "batch_renorm_forward",
 ]
 
 
@@ -221,3 +222,39 @@ def running_stats_update(
     rm = (1.0 - momentum) * _f64(running_mean) + momentum * _f64(batch_mean)
     rv = (1.0 - momentum) * _f64(running_var) + momentum * v
     return rm, rv
+
+
+def batch_renorm_forward(
+    x: ArrayLike,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    eps: float = 1e-5,
+    axis: int = 1,
+) -> tuple[Array, Array, Array]:
+    """Batch Renormalization's training transform (Ioffe 2017, arXiv 1702.03275, Algorithm 1).
+
+        σ_B = √(σ²_B + ε),  σ = √(Var + ε)
+        r = clip(σ_B/σ, 1/r_max, r_max),  d = clip((μ_B − μ)/σ, −d_max, d_max)
+        y = γ·((x − μ_B)/σ_B · r + d) + β
+
+    with the running ``μ = running_mean`` and ``Var = running_var`` of before this batch; r and d
+    are constants for the gradient. Returns ``(y, r, d)``. With r_max = 1 and d_max = 0 this is
+    :func:`batch_norm_forward`.
+    """
+    x = _f64(x)
+    mean, var = batch_stats(x, axis)
+    sigma_b = np.sqrt(var + eps)
+    sigma = np.sqrt(_f64(running_var) + eps)
+    r = np.clip(sigma_b / sigma, 1.0 / r_max, r_max)
+    d = np.clip((mean - _f64(running_mean)) / sigma, -d_max, d_max)
+    _, xhat = normalize(x, mean, var, None, None, eps, axis)
+    y = xhat * _bcast(r, x.ndim, axis) + _bcast(d, x.ndim, axis)
+    if gamma is not None:
+        y = y * _bcast(_f64(gamma), x.ndim, axis)
+    if beta is not None:
+        y = y + _bcast(_f64(beta), x.ndim, axis)
+    return y, r, d

@@ -1,0 +1,217 @@
+"""In-place activated batch normalization (Rota Bulò, Porzi & Kontschieder 2018, "In-Place
+Activated BatchNorm for Memory-Optimized Training of DNNs", arXiv 1712.02616).
+
+BN followed by an invertible activation, fused so that backward needs only the *output*
+``y = act(γ x̂ + β)``: the output is what the next layer saves anyway, so the BN input ``x`` and
+the pre-activation ``z`` are not kept alive for backward. Backward inverts the activation to get
+``z = act⁻¹(y)`` and ``x̂ = (z − β)/γ``, then runs BN's compact backward:
+
+    dz = dy · act'(z),   dγ = Σ dz·x̂,   dβ = Σ dz,
+    dx = γ/(m·σ_B) · (m·dz − Σdz − x̂·Σ dz·x̂)
+
+This is the same expression as :func:`batchnorm.reference.batch_norm_backward` with x̂ in place of
+``(x − μ_B)/σ_B`` — so the fused kernels' backward is reused by passing ``x := x̂``, ``μ := 0``,
+``invstd := 1`` and ``γ := γ/σ_B``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from batchnorm import functional as F
+from batchnorm.functional import BatchNormInputError
+from batchnorm.nn.batchnorm import BatchNorm
+
+__all__ = ["InPlaceABN", "Activation", "saved_tensor_bytes"]
+
+Activation = Literal["leaky_relu", "elu", "identity"]
+_ACTIVATIONS = ("leaky_relu", "elu", "identity")
+
+
+def _activate_(z: Tensor, act: str, param: float) -> Tensor:
+    """act(z) in place on the fresh BN output (no second activation-sized buffer)."""
+    if act == "leaky_relu":
+        return torch.nn.functional.leaky_relu_(z, param)
+    if act == "elu":
+        return torch.nn.functional.elu_(z, param)
+    return z
+
+
+def _invert(y: Tensor, dy: Tensor, act: str, param: float) -> tuple[Tensor, Tensor]:
+    """``(z, dz)``: the pre-activation recovered from the output, and dy·act'(z)."""
+    if act == "identity":
+        return y, dy
+    neg = y < 0
+    if act == "leaky_relu":  # y = z for z ≥ 0, slope·z below
+        return torch.where(neg, y / param, y), torch.where(neg, dy * param, dy)
+    # elu: y = α(eᶻ − 1) for z < 0, so z = log1p(y/α) and act'(z) = y + α
+    return torch.where(neg, torch.log1p(y / param), y), torch.where(neg, dy * (y + param), dy)
+
+
+class _InPlaceABNFunction(torch.autograd.Function):
+    """Fused BN + activation on a canonical tensor, saving only the output for backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        backend: F.Backend,
+        act: str,
+        param: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        y, mean, var, invstd = backend.forward_train(x, weight, bias, eps)
+        y = _activate_(y, act, param)
+        # only the output (which the next layer saves too) and per-channel vectors are kept
+        ctx.save_for_backward(y, weight, bias, invstd)
+        ctx.act, ctx.param, ctx.backend = act, param, backend
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor, _dmean: Tensor, _dvar: Tensor) -> tuple[Any, ...]:
+        y, weight, bias, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        cd = invstd.dtype
+        z, dz = _invert(y.to(cd), dy.to(cd), ctx.act, ctx.param)
+        xhat = z if bias is None else z - F._b(bias.to(cd), z)
+        if weight is not None:
+            xhat = xhat / F._b(weight.to(cd), z)
+        k = invstd if weight is None else weight.to(cd) * invstd  # γ/σ_B
+        backend: F.Backend = ctx.backend
+        zeros, ones = torch.zeros_like(invstd), torch.ones_like(invstd)
+        dx, dw, db = backend.backward(
+            dz.contiguous(), xhat.contiguous(), zeros, ones, k, (needs[0], needs[1], needs[2])
+        )
+        dx_out = dx.to(y.dtype) if needs[0] and dx is not None else None
+        dw_out = dw.to(weight.dtype) if needs[1] and weight is not None and dw is not None else None
+        db_out = db.to(bias.dtype) if needs[2] and bias is not None and db is not None else None
+        return dx_out, dw_out, db_out, None, None, None, None
+
+
+class InPlaceABN(BatchNorm):
+    r"""Batch normalization fused with an invertible activation, keeping only its output for
+    backward (Rota Bulò et al. 2018).
+
+    .. math:: y = \mathrm{act}\Big(\gamma \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta\Big)
+
+    with ``act`` one of LeakyReLU (slope ``activation_param``, > 0), ELU (α =
+    ``activation_param``, > 0) or the identity. Outputs and gradients equal ``BatchNorm`` followed
+    by the activation; the memory held for backward drops from BN's input + the activation's
+    input to the output alone, which the next layer saves anyway (see
+    :func:`saved_tensor_bytes`). Because backward divides by γ, every γ must be non-zero.
+    Eval mode is Algorithm 2's affine map followed by the activation. Masks are not supported.
+
+    Args: those of :class:`~batchnorm.BatchNorm` (any channel axis), plus ``activation`` and
+    ``activation_param`` (default 0.01 for LeakyReLU, 1.0 for ELU).
+
+    Shape: any ``(…, C, …)`` with C at ``axis``.
+
+    Example::
+
+        >>> import torch, batchnorm
+        >>> layer = batchnorm.InPlaceABN(8, activation="leaky_relu", activation_param=0.01)
+        >>> layer(torch.randn(4, 8, 5, 5)).shape
+        torch.Size([4, 8, 5, 5])
+    """
+
+    activation: str
+    activation_param: float
+
+    def __init__(
+        self,
+        num_features: int,
+        *args: Any,
+        activation: Activation = "leaky_relu",
+        activation_param: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        name = f"InPlaceABN({num_features})"
+        if activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"{name}: activation must be one of {_ACTIVATIONS} (invertible, so backward can "
+                f"recover the input from the output), got {activation!r}; for ReLU use "
+                "leaky_relu with a small slope"
+            )
+        if activation_param is None:
+            activation_param = 1.0 if activation == "elu" else 0.01
+        if activation != "identity" and not activation_param > 0:
+            raise ValueError(
+                f"{name}: activation_param must be > 0 for {activation} (a zero slope is not "
+                f"invertible), got {activation_param!r}"
+            )
+        super().__init__(num_features, *args, **kwargs)
+        self.activation, self.activation_param = activation, float(activation_param)
+
+    def activation_module(self) -> nn.Module:
+        """The activation as a ``torch.nn`` module (used when folding for deployment)."""
+        if self.activation == "leaky_relu":
+            return nn.LeakyReLU(self.activation_param)
+        if self.activation == "elu":
+            return nn.ELU(self.activation_param)
+        return nn.Identity()
+
+    def _forward_train(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:
+            raise BatchNormInputError(
+                f"{self.layer_name()}: masks are not supported by in-place activated BN; use "
+                "batchnorm.BatchNorm with forward(x, mask=...) followed by the activation"
+            )
+        if self.weight is not None and bool((self.weight == 0).any()):
+            zero = torch.nonzero(self.weight == 0).flatten().tolist()
+            raise BatchNormInputError(
+                f"{self.layer_name()}: γ is 0 in channel(s) {zero[:10]}; in-place activated BN "
+                "recovers x̂ = (z − β)/γ in backward, so γ must be non-zero. Re-initialize those "
+                "channels or use BatchNorm followed by the activation."
+            )
+        ax = self.axis % input.dim()
+        count = F._check_count(input, ax, self.layer_name())
+        xc, restore = F.canonical_layout(input, ax)
+        backend = F.get_backend(xc, self.backend)
+        y, mean, var = _InPlaceABNFunction.apply(
+            xc, self.weight, self.bias, self.eps, backend, self.activation, self.activation_param
+        )
+        self._update_running_stats(mean, var, count)
+        return restore(y)
+
+    def _forward_eval(self, input: Tensor) -> Tensor:
+        return self.activation_module()(super()._forward_eval(input))
+
+    def extra_repr(self) -> str:
+        return (
+            super().extra_repr()
+            + f", activation={self.activation!r}, activation_param={self.activation_param}"
+        )
+
+
+def saved_tensor_bytes(fn: Callable[[], Tensor]) -> int:
+    """Bytes held for backward while ``fn()`` builds its graph: the distinct storages packed
+    by autograd (``torch.autograd.graph.saved_tensors_hooks``), each counted once however many
+    operations save it (parameters included).
+
+    Example::
+
+        >>> import torch, batchnorm
+        >>> x = torch.randn(8, 4, requires_grad=True)
+        >>> batchnorm.inplace_abn.saved_tensor_bytes(lambda: (x * x).sum()) == x.numel() * 4
+        True
+    """
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())

@@ -1,0 +1,579 @@
+"""What a trained model needs around batch normalization: exact population statistics
+(:func:`recalibrate`), and deployment without BN (:func:`fold`, :func:`to_inference`).
+
+Recalibration (Algorithm 2 of Ioffe & Szegedy 2015, with exact pooling): the running averages a
+layer keeps during training lag behind the weights (Wu & Johnson 2021, "Rethinking 'Batch' in
+BatchNorm"); after weight averaging (SWA/EMA), pruning, or a change of data (AdaBN, Li et al.
+2016: recompute the statistics on the target domain, no labels needed) they are simply wrong.
+:func:`recalibrate` recomputes them in one pass over the data.
+
+Folding: in eval mode BN is the per-channel affine map ``y = s·z + t`` with
+``s = γ/√(Var[x] + ε)`` and ``t = β − s·E[x]``; after a convolution or linear layer
+``z = W∗x + b`` it folds into it: ``W' = s·W`` (per output channel), ``b' = s·b + t``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from batchnorm.inplace_abn import InPlaceABN
+from batchnorm.nn.batchnorm import _BatchNormBase
+from batchnorm.variants import FrozenBatchNorm, is_frozen
+
+__all__ = [
+    "Moments",
+    "merge_moments",
+    "accumulate_moments",
+    "recalibrate",
+    "fold",
+    "to_inference",
+]
+
+_BN_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, _BatchNormBase)
+
+
+def _axis(m: nn.Module) -> int:
+    return int(getattr(m, "axis", 1))
+
+
+def _t(m: nn.Module, name: str) -> Tensor:
+    """A tensor attribute (parameter or buffer) of a layer known to have it."""
+    t = getattr(m, name)
+    assert isinstance(t, Tensor), name
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# recalibration
+
+
+@dataclass
+class Moments:
+    """Per-channel moments of everything one layer saw: ``count`` values per channel, their
+    ``mean`` and ``m2 = Σ(x − mean)²`` (float64). Exact to merge (:func:`merge_moments`)."""
+
+    count: int
+    mean: Tensor
+    m2: Tensor
+
+    @staticmethod
+    def of(x: Tensor, axis: int, mask: Tensor | None = None) -> Moments:
+        """The moments of one batch; ``mask`` (True at valid positions, the input's shape with
+        or without the channel axis) selects the positions that count."""
+        ax = axis % x.dim()
+        rows = x.detach().to(torch.float64).movedim(ax, -1)  # (..., C)
+        c = rows.shape[-1]
+        if mask is not None:
+            m = mask if mask.dim() == x.dim() - 1 else mask.squeeze(ax)
+            rows = rows[m.expand(rows.shape[:-1])]  # (valid, C)
+        rows = rows.reshape(-1, c)  # (M, C)
+        mean = rows.mean(0)
+        return Moments(rows.shape[0], mean, ((rows - mean) ** 2).sum(0))
+
+    def variance(self, unbiased: bool = True) -> Tensor:
+        return self.m2 / (self.count - 1 if unbiased else self.count)
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    """Chan et al.'s exact pairwise merge: the moments of the union of two sets of values."""
+    if a.count == 0:
+        return b
+    if b.count == 0:
+        return a
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    mean = a.mean + delta * (b.count / n)
+    return Moments(n, mean, a.m2 + b.m2 + delta * delta * (a.count * b.count / n))
+
+
+def _inputs(data: Iterable[Any]) -> Iterator[Any]:
+    """The model inputs of a DataLoader/iterable yielding tensors or ``(x, y, …)`` tuples."""
+    for item in data:
+        yield item[0] if isinstance(item, (tuple, list)) else item
+
+
+def _batch_size(x: Any) -> int:
+    if isinstance(x, Tensor):
+        return int(x.shape[0])
+    raise TypeError(
+        f"recalibrate: expected the data to yield tensors or (x, y) tuples, got {type(x).__name__}"
+    )
+
+
+def _recalibrated_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The BN layers to recalibrate: those with running statistics, not frozen."""
+    return {
+        name or type(m).__name__: m
+        for name, m in model.named_modules()
+        if isinstance(m, _BN_TYPES)
+        and getattr(m, "running_mean", None) is not None
+        and not is_frozen(m)
+    }
+
+
+def accumulate_moments(
+    model: nn.Module, data: Iterable[Any], num_samples: int | None = None
+) -> dict[str, Moments]:
+    """One pass over ``data``: the exact per-channel :class:`Moments` of every BN layer's
+    input, keyed by layer name, weighted by values (samples), not by batches.
+
+    During the pass the model is in eval mode (dropout off, as at inference) except the BN
+    layers, which normalize with batch statistics as in training; their running statistics,
+    momentum, ``num_batches_tracked`` and every module's mode are restored afterwards. This is
+    the local half of :func:`recalibrate`: the moments of several processes merge exactly with
+    :func:`merge_moments` (that is what ``recalibrate(..., distributed=True)`` does).
+    """
+    return _accumulate(model, data, num_samples)[0]
+
+
+@torch.no_grad()
+def _accumulate(
+    model: nn.Module, data: Iterable[Any], num_samples: int | None
+) -> tuple[dict[str, Moments], int]:
+    if num_samples is not None and num_samples < 2:
+        raise ValueError(f"recalibrate: num_samples must be >= 2, got {num_samples}")
+    layers = _recalibrated_layers(model)
+    moments: dict[str, Moments] = {}
+    seen = 0
+    modes = {m: m.training for m in model.modules()}
+    saved = {
+        name: (
+            m.momentum,
+            _t(m, "running_mean").clone(),
+            _t(m, "running_var").clone(),
+            None if m.num_batches_tracked is None else _t(m, "num_batches_tracked").clone(),
+        )
+        for name, m in layers.items()
+    }
+    handles = []
+
+    def hook_for(name: str, layer: nn.Module) -> Any:
+        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0]
+            mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
+            new = Moments.of(x, _axis(layer), mask)
+            moments[name] = merge_moments(moments[name], new) if name in moments else new
+
+        return hook
+
+    try:
+        model.eval()
+        for name, m in layers.items():
+            m.train()
+            # the layers keep normalizing; their own running update becomes a no-op
+            m.momentum = 0.0  # type: ignore[assignment]
+            handles.append(m.register_forward_pre_hook(hook_for(name, m), with_kwargs=True))
+        device = next((p.device for p in model.parameters()), None)
+        for x in _inputs(data):
+            n = _batch_size(x)
+            if num_samples is not None:
+                n = min(n, num_samples - seen)
+                if n < 2:  # a batch of one cannot be normalized with its own statistics
+                    break
+                x = x[:n]
+            model(x if device is None else x.to(device))
+            seen += n
+            if num_samples is not None and seen >= num_samples:
+                break
+        if seen == 0:
+            raise ValueError(
+                "recalibrate: the data yielded no batch (of at least 2 samples); pass a "
+                "DataLoader or iterable of tensors or (x, y) tuples"
+            )
+    finally:
+        for h in handles:
+            h.remove()
+        for name, m in layers.items():
+            momentum, rm, rv, nbt = saved[name]
+            m.momentum = momentum
+            _t(m, "running_mean").copy_(rm)
+            _t(m, "running_var").copy_(rv)
+            if nbt is not None:
+                _t(m, "num_batches_tracked").copy_(nbt)
+        for mod, mode in modes.items():
+            mod.training = mode
+    return moments, seen
+
+
+def _all_gather_moments(moments: dict[str, Moments], names: list[str]) -> dict[str, Moments]:
+    """Merge every rank's moments (``torch.distributed`` must be initialized); layer order is
+    ``names`` on every rank, and a layer a rank never saw contributes a zero count."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "recalibrate(distributed=True) needs an initialized torch.distributed process group "
+            "(torch.distributed.init_process_group); on one process use distributed=False"
+        )
+    out: dict[str, Moments] = {}
+    for name, layer in ((n, moments.get(n)) for n in names):
+        c = 0 if layer is None else layer.mean.numel()
+        local = torch.zeros(3, max(c, 1), dtype=torch.float64)
+        if layer is not None:
+            local[0].fill_(layer.count)
+            local[1] = layer.mean.cpu()
+            local[2] = layer.m2.cpu()
+        size = torch.tensor([local.shape[1]])
+        sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, size)
+        width = int(max(int(s) for s in sizes))
+        padded = torch.zeros(3, width, dtype=torch.float64)
+        padded[:, : local.shape[1]] = local
+        gathered = [torch.zeros_like(padded) for _ in sizes]
+        dist.all_gather(gathered, padded)
+        total = Moments(0, torch.zeros(width, dtype=torch.float64), torch.zeros(width))
+        for g in gathered:
+            total = merge_moments(total, Moments(int(g[0, 0]), g[1], g[2]))
+        if total.count:
+            out[name] = total
+    return out
+
+
+@torch.no_grad()
+def recalibrate(
+    model: nn.Module,
+    data: Iterable[Any],
+    num_samples: int | None = None,
+    *,
+    distributed: bool = False,
+) -> int:
+    """Recompute the running statistics of every BN layer of ``model`` exactly, in one pass.
+
+    Each layer gets ``running_mean = E[x]`` and ``running_var = m/(m−1)·Var[x]`` (biased for
+    layers with ``unbiased_running_var=False``) over all the values it saw — the population
+    statistics of Algorithm 2, weighted by values (samples), where ``torch.optim.swa_utils
+    .update_bn`` weights every batch equally. Layers frozen with :func:`batchnorm.freeze` and
+    layers without running statistics are left alone; every module's train/eval mode and each
+    layer's momentum and ``num_batches_tracked`` are restored. The pass runs the model in eval
+    mode with the BN layers in training mode (batch statistics, dropout off); a layer that
+    saw no data keeps its statistics (with a warning).
+
+    Args:
+        model: any module containing our or ``torch.nn``'s BN layers.
+        data: a DataLoader or iterable yielding input tensors or ``(x, y, …)`` tuples
+            (labels are not used: AdaBN needs none). Batches need ≥ 2 samples.
+        num_samples: use only the first ``num_samples`` samples (the last batch is cut).
+        distributed: merge the moments of all ``torch.distributed`` ranks exactly (each rank
+            passes its own shard of the data) before writing the statistics.
+
+    Returns:
+        The number of samples used (on this process).
+
+    Example::
+
+        >>> import torch, batchnorm
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> data = [torch.randn(16, 3) for _ in range(4)]
+        >>> batchnorm.recalibrate(net, data)
+        64
+    """
+    layers = _recalibrated_layers(model)
+    moments, seen = _accumulate(model, data, num_samples)
+    if distributed:
+        moments = _all_gather_moments(moments, list(layers))
+    for name, m in layers.items():
+        mom = moments.get(name)
+        if mom is None:
+            warnings.warn(
+                f"recalibrate: layer {name!r} ({type(m).__name__}) saw no data in the pass; its "
+                "statistics were left unchanged",
+                UserWarning,
+                stacklevel=2,
+            )
+            continue
+        if mom.count < 2:
+            raise ValueError(
+                f"recalibrate: layer {name!r} saw {mom.count} value(s) per channel; need >= 2"
+            )
+        var = mom.variance(unbiased=bool(getattr(m, "unbiased_running_var", True)))
+        if not bool(torch.isfinite(mom.mean).all() and torch.isfinite(var).all()):
+            raise FloatingPointError(
+                f"recalibrate: layer {name!r} ({type(m).__name__}) saw non-finite values; its "
+                "statistics were left unchanged. Check the data and the weights "
+                "(batchnorm.doctor(model, data) finds where they start)."
+            )
+        rm, rv = _t(m, "running_mean"), _t(m, "running_var")
+        rm.copy_(mom.mean.to(rm))
+        rv.copy_(var.to(rv))
+    return seen
+
+
+# --------------------------------------------------------------------------------------------
+# folding
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_FOLDABLE = (*_CONV, *_CONV_T, nn.Linear)
+_AFFINE_TYPES: tuple[type[nn.Module], ...] = (*_BN_TYPES, FrozenBatchNorm)
+
+
+def _check_inference_ready(bn: nn.Module, name: str, what: str) -> None:
+    if isinstance(bn, FrozenBatchNorm):
+        return  # a fixed map in either mode
+    if bn.training and not is_frozen(bn):
+        raise ValueError(
+            f"{what}: layer {name!r} ({type(bn).__name__}) is in training mode, where it "
+            "normalizes with batch statistics, which cannot be folded into a fixed map. Call "
+            "model.eval() first."
+        )
+    if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
+        raise ValueError(
+            f"{what}: layer {name!r} ({type(bn).__name__}) has no running statistics "
+            "(track_running_stats=False), so its inference map depends on the batch; train it "
+            "with running statistics or compute them with batchnorm.recalibrate."
+        )
+
+
+def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """Algorithm 2's ``(scale, shift)`` of a BN layer in float64."""
+    rm = _t(bn, "running_mean").detach().double()
+    rv = _t(bn, "running_var").detach().double()
+    w, b = getattr(bn, "weight", None), getattr(bn, "bias", None)
+    scale = torch.rsqrt(rv + float(getattr(bn, "eps", 1e-5)))
+    if w is not None:
+        scale = scale * w.detach().double()
+    shift = -rm * scale
+    if b is not None:
+        shift = shift + b.detach().double()
+    return scale, shift
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return int(getattr(layer, "out_features" if isinstance(layer, nn.Linear) else "out_channels"))
+
+
+@torch.no_grad()
+def _folded(layer: nn.Module, bn: nn.Module) -> nn.Module:
+    """A copy of ``layer`` with ``bn``'s inference map folded in (computed in float64)."""
+    scale, shift = _bn_affine(bn)
+    new = copy.deepcopy(layer)
+    weight = _t(layer, "weight")
+    w = weight.detach().double()
+    if isinstance(layer, _CONV_T):
+        # weight (C_in, C_out/groups, k…): output channel g·(C_out/groups) + j is w[i, j] for
+        # the input channels i of group g
+        g = layer.groups
+        shaped = w.reshape(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
+        s = scale.reshape(g, 1, w.shape[1], *([1] * (w.dim() - 2)))
+        w_new = (shaped * s).reshape(w.shape)
+    else:  # Conv (C_out, C_in/groups, k…) and Linear (C_out, C_in)
+        w_new = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    bias = getattr(layer, "bias", None)
+    b = torch.zeros_like(scale) if bias is None else bias.detach().double()
+    b_new = scale * b + shift
+    new.weight = nn.Parameter(w_new.to(weight.dtype), requires_grad=weight.requires_grad)
+    new.bias = nn.Parameter(b_new.to(weight.dtype).to(weight.device))
+    return new
+
+
+def _fx_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
+    """(layer, bn) module names where the BN's only input is the layer's output, used nowhere
+    else — found in the model's traced graph; None when the model cannot be traced."""
+    from torch import fx
+
+    class _Tracer(fx.Tracer):
+        # our BN layers have shape checks in forward: keep them (and the foldable layers) whole
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, (*_AFFINE_TYPES, *_FOLDABLE)) or super().is_leaf_module(
+                m, qualname
+            )
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 — any tracing failure falls back to Sequential adjacency
+        return None
+    mods = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(str(node.target)), _AFFINE_TYPES):
+            continue
+        src = node.args[0] if node.args else None
+        if (
+            isinstance(src, fx.Node)
+            and src.op == "call_module"
+            and isinstance(mods.get(str(src.target)), _FOLDABLE)
+            and len(src.users) == 1
+            and calls[str(src.target)] == 1
+            and calls[str(node.target)] == 1
+            and len(node.args) == 1
+        ):
+            pairs.append((str(src.target), str(node.target)))
+    return pairs
+
+
+def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    pairs = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Sequential):
+            children = list(mod.named_children())
+            for (n1, c1), (n2, c2) in zip(children, children[1:]):
+                if isinstance(c1, _FOLDABLE) and isinstance(c2, _AFFINE_TYPES):
+                    prefix = f"{name}." if name else ""
+                    pairs.append((prefix + n1, prefix + n2))
+    return pairs
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _record_ranks(model: nn.Module, example_input: Any) -> dict[str, int]:
+    """The input rank of every BN layer on ``example_input`` (where the channel axis is)."""
+    ranks: dict[str, int] = {}
+
+    def hook_for(name: str) -> Any:
+        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            ranks[name] = args[0].dim()
+
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(hook_for(name))
+        for name, m in model.named_modules()
+        if isinstance(m, _AFFINE_TYPES)
+    ]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return ranks
+
+
+def _fold_in_place(model: nn.Module, ranks: dict[str, int] | None, what: str) -> list[str]:
+    mods = dict(model.named_modules())
+    pairs = _fx_pairs(model)
+    if pairs is None:
+        pairs = _sequential_pairs(model)
+    folded = []
+    for layer_name, bn_name in pairs:
+        layer, bn = mods[layer_name], mods[bn_name]
+        _check_inference_ready(bn, bn_name, what)
+        if int(_t(bn, "running_mean").numel()) != _out_channels(layer):
+            continue
+        ax = _axis(bn)
+        rank = None if ranks is None else ranks.get(bn_name)
+        if isinstance(layer, nn.Linear):
+            # a Linear layer's features are the last axis
+            ok = (
+                ax == -1
+                or (rank is not None and ax % rank == rank - 1)
+                or (rank is None and ax == 1)
+            )
+        else:
+            ok = ax == 1 or (rank is not None and ax % rank == 1)
+        if not ok:
+            continue
+        _set(model, layer_name, _folded(layer, bn))
+        _set(
+            model, bn_name, bn.activation_module() if isinstance(bn, InPlaceABN) else nn.Identity()
+        )
+        folded.append(bn_name)
+    return folded
+
+
+def fold(model: nn.Module, example_input: Any, *, inplace: bool = False) -> tuple[nn.Module, float]:
+    """Fold every eval-mode BN layer into the ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d``
+    (groups included) or ``Linear`` layer whose output it normalizes, for deployment.
+
+    ``W' = s·W`` per output channel and ``b' = s·b + t`` (a bias is created where there was
+    none) with Algorithm 2's ``s = γ/√(Var[x] + ε)``, ``t = β − s·E[x]``, computed in float64
+    and stored in the layer's dtype; the BN becomes ``nn.Identity`` (an :class:`InPlaceABN`
+    becomes its activation). Pairs are found in the traced graph (``torch.fx``): a BN whose only
+    input is the output of such a layer that nothing else uses; if the model cannot be traced,
+    adjacent pairs inside ``nn.Sequential`` containers. A BN without such a layer is left as is
+    (see :func:`to_inference`).
+
+    Args:
+        model: the model, every BN in eval mode with running statistics — otherwise a
+            ``ValueError`` names the layer.
+        example_input: an input for the model; the output before and after is compared on it.
+        inplace: modify ``model`` itself instead of a copy.
+
+    Returns:
+        ``(folded_model, max_abs_error)``: the error is ``max |model(x) − folded(x)|`` on
+        ``example_input`` (random layers such as dropout see the same random numbers).
+
+    Example::
+
+        >>> import torch, batchnorm
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).eval()
+        >>> folded, err = batchnorm.fold(net, torch.randn(2, 3, 8, 8))
+        >>> [type(m).__name__ for m in folded], err < 1e-5
+        (['Conv2d', 'Identity'], True)
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, _BN_TYPES):
+            _check_inference_ready(m, name or type(m).__name__, "fold")
+    ranks = _record_ranks(model, example_input)
+    reference_out = _run_seeded(model, example_input)
+    new = model if inplace else copy.deepcopy(model)
+    _fold_in_place(new, ranks, "fold")
+    out = _run_seeded(new, example_input)
+    err = float((out.double() - reference_out.double()).abs().max()) if out.numel() else 0.0
+    return new, err
+
+
+def _run_seeded(model: nn.Module, x: Any) -> Tensor:
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        out = model(x)
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"fold: the model returned {type(out).__name__}; the error is measured on a single "
+            "output tensor"
+        )
+    return out
+
+
+@torch.no_grad()
+def to_inference(
+    model: nn.Module, example_input: Any = None, *, inplace: bool = False
+) -> nn.Module:
+    """The model for deployment: BN layers folded into their conv/linear layer where possible
+    (:func:`fold`), every other BN replaced by Algorithm 2's fixed affine map
+    (:class:`~batchnorm.FrozenBatchNorm`; an :class:`InPlaceABN` by the map followed by its
+    activation). The result contains no layer that depends on the batch or the mode.
+
+    ``example_input`` (optional) tells the rank of each BN's input, which decides whether a
+    ``Linear`` + ``BatchNorm`` pair with ``axis=1`` can be folded (only on 2-D input).
+
+    Example::
+
+        >>> import torch, batchnorm
+        >>> net = torch.nn.Sequential(torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)).eval()
+        >>> [type(m).__name__ for m in batchnorm.to_inference(net)]
+        ['FrozenBatchNorm', 'Linear']
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, _BN_TYPES):
+            _check_inference_ready(m, name or type(m).__name__, "to_inference")
+    ranks = None if example_input is None else _record_ranks(model, example_input)
+    new = model if inplace else copy.deepcopy(model)
+    _fold_in_place(new, ranks, "to_inference")
+    if isinstance(new, _BN_TYPES):
+        return _fixed(new)
+    for name, m in list(new.named_modules()):
+        if isinstance(m, _BN_TYPES):
+            _set(new, name, _fixed(m))
+    return new
+
+
+def _fixed(bn: nn.Module) -> nn.Module:
+    frozen = FrozenBatchNorm.from_batchnorm(bn)
+    if isinstance(bn, InPlaceABN):
+        return nn.Sequential(frozen, bn.activation_module())
+    return frozen

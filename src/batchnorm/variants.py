@@ -1,0 +1,558 @@
+"""Batch-norm variants that differ from plain BN in one place each.
+
+* :class:`BatchRenorm` (Ioffe 2017) — the batch statistics are corrected towards the running
+  ones by the constants r and d, so training and inference agree for small or non-i.i.d. batches;
+* :class:`GhostBatchNorm` (Hoffer et al. 2017; Keras' ``virtual_batch_size``) — statistics per
+  virtual batch inside the mini-batch;
+* :class:`FrozenBatchNorm` — Algorithm 2's fixed affine map as a module (torchvision's
+  ``FrozenBatchNorm2d``), and :func:`freeze` / :func:`unfreeze`, which keep a model's BN layers in
+  inference behaviour even when ``model.train()`` is called (fine-tuning with small batches).
+
+Each variant overrides only ``_forward_train`` of :class:`~batchnorm.nn.batchnorm._BatchNormBase`;
+the math is :mod:`batchnorm.functional`'s.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from batchnorm import functional as F
+from batchnorm.functional import BatchNormInputError
+from batchnorm.nn.batchnorm import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    _BatchNormBase,
+)
+
+__all__ = [
+    "BatchRenorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "FrozenStatisticsWarning",
+    "freeze",
+    "unfreeze",
+    "is_frozen",
+]
+
+
+def _per_channel(v: Tensor, x: Tensor, axis: int) -> Tensor:
+    """A per-channel vector shaped to broadcast against ``x`` along ``axis``."""
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return v.view(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Batch Renormalization
+
+
+class _Renorm(_BatchNormBase):
+    r"""Batch Renormalization's training step (Ioffe 2017, arXiv 1702.03275).
+
+    .. math::
+        r = \mathrm{clip}_{[1/r_{max},\,r_{max}]}\Big(\frac{\sigma_B}{\sigma}\Big),\quad
+        d = \mathrm{clip}_{[-d_{max},\,d_{max}]}\Big(\frac{\mu_B - \mu}{\sigma}\Big),\quad
+        y = \gamma\Big(\frac{x - \mu_B}{\sigma_B}\, r + d\Big) + \beta
+
+    with σ_B = √(σ²_B + ε) and σ = √(running_var + ε); r and d are constants for the gradient
+    (``stop_gradient`` in the paper), computed from the running statistics *before* this batch
+    updates them. In eval mode the layer is plain BN with the running statistics. The running
+    statistics are the usual moving averages of μ_B and the unbiased σ²_B (this package's
+    momentum convention), one update per batch.
+
+    Warm-up (the paper's schedule, Sec. 4): r_max = 1 and d_max = 0 (plain BN) for the first
+    ``warmup_steps`` updates, then relaxed linearly to reach ``r_max`` at update ``r_max_step``
+    and ``d_max`` at ``d_max_step`` (paper: 5000, 40k, 25k). Steps are counted by
+    ``num_batches_tracked``; ``warmup_steps=r_max_step=d_max_step=0`` uses the limits from the start.
+    """
+
+    r_max: float
+    d_max: float
+    warmup_steps: int
+    r_max_step: int
+    d_max_step: int
+
+    def __init__(
+        self,
+        num_features: int,
+        *args: Any,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int = 5000,
+        r_max_step: int = 40000,
+        d_max_step: int = 25000,
+        **kwargs: Any,
+    ) -> None:
+        name = type(self).__name__
+        if not r_max >= 1.0:
+            raise ValueError(f"{name}({num_features}): r_max must be >= 1, got {r_max!r}")
+        if not d_max >= 0.0:
+            raise ValueError(f"{name}({num_features}): d_max must be >= 0, got {d_max!r}")
+        if not 0 <= warmup_steps <= min(r_max_step, d_max_step):
+            raise ValueError(
+                f"{name}({num_features}): need 0 <= warmup_steps <= r_max_step and d_max_step, "
+                f"got warmup_steps={warmup_steps}, r_max_step={r_max_step}, d_max_step="
+                f"{d_max_step}; set all three to 0 to use r_max and d_max from the start"
+            )
+        if kwargs.get("track_running_stats", True) is False:
+            raise ValueError(
+                f"{name}({num_features}): batch renormalization corrects the batch statistics "
+                "towards the running ones, so it needs track_running_stats=True"
+            )
+        super().__init__(num_features, *args, **kwargs)
+        self.r_max, self.d_max = float(r_max), float(d_max)
+        self.warmup_steps, self.r_max_step, self.d_max_step = warmup_steps, r_max_step, d_max_step
+        # r and d of the last training step, for monitoring how far the correction reaches
+        self.last_r: Tensor | None = None
+        self.last_d: Tensor | None = None
+
+    def renorm_limits(self) -> tuple[float, float]:
+        """``(r_max, d_max)`` for the next training step, from the warm-up schedule."""
+        assert self.num_batches_tracked is not None
+        t = int(self.num_batches_tracked)
+
+        def ramp(end: int) -> float:
+            if t < self.warmup_steps:
+                return 0.0
+            if end <= self.warmup_steps:
+                return 1.0
+            return min(1.0, (t - self.warmup_steps) / (end - self.warmup_steps))
+
+        return 1.0 + (self.r_max - 1.0) * ramp(self.r_max_step), self.d_max * ramp(self.d_max_step)
+
+    def _forward_train(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        assert self.running_mean is not None and self.running_var is not None
+        # x̂ = (x − μ_B)/σ_B through the exact BN backward; γ, β applied below with r and d
+        xhat, mean, var, count = F.batch_norm_train(
+            input,
+            None,
+            None,
+            self.eps,
+            axis=self.axis,
+            backend=self.backend,
+            layer=self.layer_name(),
+            mask=mask,
+        )
+        r_max, d_max = self.renorm_limits()
+        with torch.no_grad():  # r and d are constants for the gradient (the paper's stop_gradient)
+            sigma = torch.sqrt(self.running_var.to(var.dtype) + self.eps)
+            r = (torch.sqrt(var + self.eps) / sigma).clamp(1.0 / r_max, r_max)
+            d = ((mean - self.running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
+        self.last_r, self.last_d = r, d
+        scale: Tensor = r if self.weight is None else self.weight.to(r.dtype) * r
+        shift: Tensor = d if self.weight is None else self.weight.to(d.dtype) * d
+        if self.bias is not None:
+            shift = shift + self.bias.to(shift.dtype)
+        y = xhat * _per_channel(scale, xhat, self.axis).to(xhat.dtype) + _per_channel(
+            shift, xhat, self.axis
+        ).to(xhat.dtype)
+        self._update_running_stats(mean, var, count)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, warmup_steps="
+            f"{self.warmup_steps}, r_max_step={self.r_max_step}, d_max_step={self.d_max_step}"
+        )
+
+
+class BatchRenorm(_Renorm, BatchNorm):
+    """Batch Renormalization over any channel axis (see :class:`_Renorm` for the formula).
+
+    Args: those of :class:`~batchnorm.BatchNorm`, plus ``r_max`` (≥ 1), ``d_max`` (≥ 0) and the
+    warm-up schedule ``warmup_steps``, ``r_max_step``, ``d_max_step`` (counted in updates).
+
+    Shape: any ``(…, C, …)`` with C at ``axis``.
+
+    Example::
+
+        >>> import torch, batchnorm
+        >>> bn = batchnorm.BatchRenorm(8, r_max=3.0, d_max=5.0, warmup_steps=0, r_max_step=0,
+        ...                            d_max_step=0)
+        >>> bn(torch.randn(4, 8)).shape
+        torch.Size([4, 8])
+    """
+
+    __doc__ = (_Renorm.__doc__ or "") + (__doc__ or "")
+
+
+class BatchRenorm1d(_Renorm, BatchNorm1d):
+    """Batch Renormalization for ``(N, C)`` or ``(N, C, L)`` input; see :class:`BatchRenorm`."""
+
+
+class BatchRenorm2d(_Renorm, BatchNorm2d):
+    """Batch Renormalization for ``(N, C, H, W)`` input; see :class:`BatchRenorm`."""
+
+
+class BatchRenorm3d(_Renorm, BatchNorm3d):
+    """Batch Renormalization for ``(N, C, D, H, W)`` input; see :class:`BatchRenorm`."""
+
+
+# --------------------------------------------------------------------------------------------
+# Ghost batch normalization
+
+
+def ghost_chunks(n: int, virtual_batch_size: int, values_per_sample: int) -> list[int]:
+    """Sizes of the virtual batches a mini-batch of ``n`` samples is split into: as many full
+    ``virtual_batch_size`` chunks as fit, then the remainder — merged into the previous chunk when
+    it would have fewer than 2 values per channel (``values_per_sample`` per sample)."""
+    sizes = [virtual_batch_size] * (n // virtual_batch_size)
+    rest = n - sum(sizes)
+    if rest:
+        if rest * values_per_sample < 2 and sizes:
+            sizes[-1] += rest
+        else:
+            sizes.append(rest)
+    return sizes
+
+
+class _Ghost(_BatchNormBase):
+    r"""Ghost batch normalization (Hoffer, Hubara & Soudry 2017, "Train longer, generalize
+    better"; Keras' ``virtual_batch_size``).
+
+    In training, the mini-batch is split along dimension 0 into virtual batches of
+    ``virtual_batch_size`` samples; each is normalized with its own statistics
+    (y = γ (x − μ_v)/√(σ²_v + ε) + β). An uneven last chunk keeps the remainder (merged into the
+    previous chunk if it would have fewer than 2 values per channel; see :func:`ghost_chunks`).
+
+    Running statistics rule: one update per virtual batch, in order, each with the layer's
+    momentum — exactly what a plain BN layer fed the chunks one after another would store;
+    ``num_batches_tracked`` counts virtual batches. Eval mode is plain BN.
+    """
+
+    virtual_batch_size: int
+
+    def __init__(self, num_features: int, *args: Any, virtual_batch_size: int, **kwargs: Any):
+        if (
+            not isinstance(virtual_batch_size, int)
+            or isinstance(virtual_batch_size, bool)
+            or virtual_batch_size < 1
+        ):
+            raise ValueError(
+                f"{type(self).__name__}({num_features}): virtual_batch_size must be a positive "
+                f"int, got {virtual_batch_size!r}"
+            )
+        super().__init__(num_features, *args, **kwargs)
+        self.virtual_batch_size = virtual_batch_size
+
+    def _forward_train(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.axis % input.dim() == 0:
+            raise BatchNormInputError(
+                f"{self.layer_name()}: ghost batches split dimension 0, which is the channel "
+                f"axis of input with shape {tuple(input.shape)}; put the batch first"
+            )
+        n = input.shape[0]
+        per_sample = input.numel() // max(n * input.shape[self.axis], 1)
+        sizes = ghost_chunks(n, self.virtual_batch_size, per_sample)
+        masks: list[Tensor | None]
+        if mask is None:
+            masks = [None] * len(sizes)
+        else:
+            mask_b = mask.expand(n, *mask.shape[1:]) if mask.shape[0] == 1 else mask
+            masks = list(torch.split(mask_b, sizes))
+        outs = []
+        for chunk, m in zip(torch.split(input, sizes), masks):
+            y, mean, var, count = F.batch_norm_train(
+                chunk,
+                self.weight,
+                self.bias,
+                self.eps,
+                axis=self.axis,
+                backend=self.backend,
+                layer=self.layer_name(),
+                mask=m,
+            )
+            self._update_running_stats(mean, var, count)  # in order, once per virtual batch
+            outs.append(y)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
+
+
+class GhostBatchNorm(_Ghost, BatchNorm):
+    """Ghost batch normalization over any channel axis (the batch is dimension 0).
+
+    Args: those of :class:`~batchnorm.BatchNorm`, plus ``virtual_batch_size`` (keyword).
+
+    Example::
+
+        >>> import torch, batchnorm
+        >>> gbn = batchnorm.GhostBatchNorm(8, virtual_batch_size=16)
+        >>> gbn(torch.randn(64, 8)).shape  # four virtual batches of 16
+        torch.Size([64, 8])
+    """
+
+    __doc__ = (_Ghost.__doc__ or "") + (__doc__ or "")
+
+
+class GhostBatchNorm1d(_Ghost, BatchNorm1d):
+    """Ghost batch normalization for ``(N, C)`` or ``(N, C, L)``; see :class:`GhostBatchNorm`."""
+
+
+class GhostBatchNorm2d(_Ghost, BatchNorm2d):
+    """Ghost batch normalization for ``(N, C, H, W)``; see :class:`GhostBatchNorm`."""
+
+
+class GhostBatchNorm3d(_Ghost, BatchNorm3d):
+    """Ghost batch normalization for ``(N, C, D, H, W)``; see :class:`GhostBatchNorm`."""
+
+
+# --------------------------------------------------------------------------------------------
+# Frozen batch normalization
+
+
+class FrozenStatisticsWarning(UserWarning):
+    """Issued when statistics that were never updated (mean 0, variance 1) are frozen."""
+
+
+class FrozenBatchNorm(nn.Module):
+    r"""Batch normalization with fixed statistics and fixed γ, β: Algorithm 2's affine map
+
+    .. math:: y = \frac{\gamma}{\sqrt{\mathrm{Var}[x] + \epsilon}}\,(x - \mathrm{E}[x]) + \beta
+
+    in training and eval mode alike, with no parameters to learn (torchvision's
+    ``FrozenBatchNorm2d``; e.g. detection backbones fine-tuned with a few images per batch).
+    ``weight``, ``bias``, ``running_mean`` and ``running_var`` are buffers, so a
+    ``torch.nn.BatchNorm`` ``state_dict`` loads into it (``num_batches_tracked`` is ignored).
+
+    Args:
+        num_features: C. eps: ε. axis: the channel axis (any rank).
+
+    Shape: any ``(…, C, …)`` with C at ``axis``.
+
+    Example::
+
+        >>> import torch, batchnorm
+        >>> bn = torch.nn.BatchNorm2d(4).eval()
+        >>> frozen = batchnorm.FrozenBatchNorm2d.from_batchnorm(bn)
+        >>> x = torch.randn(2, 4, 3, 3)
+        >>> bool(torch.allclose(frozen(x), bn(x), atol=1e-6))
+        True
+    """
+
+    _ranks: tuple[int, ...] = ()
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        *,
+        axis: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(
+                f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}"
+            )
+        if self._ranks and axis != 1:
+            raise ValueError(
+                f"{type(self).__name__}: channels are at axis 1; for another axis use "
+                "batchnorm.FrozenBatchNorm(num_features, axis=...)"
+            )
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.num_features, self.eps, self.axis = num_features, eps, axis
+        self.register_buffer("weight", torch.ones(num_features, **kw))
+        self.register_buffer("bias", torch.zeros(num_features, **kw))
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+        self.register_buffer("running_var", torch.ones(num_features, **kw))
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module) -> FrozenBatchNorm:
+        """The fixed affine map of a BN layer (ours or ``torch.nn``'s) with running statistics;
+        γ = 1 and β = 0 where the layer has none. The class's rank check applies; for any rank
+        use :class:`FrozenBatchNorm`."""
+        rm, rv = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+        if rm is None or rv is None:
+            raise ValueError(
+                f"FrozenBatchNorm.from_batchnorm: {type(bn).__name__} has no running statistics "
+                "(track_running_stats=False); nothing to freeze. Recompute them first with "
+                "batchnorm.recalibrate(model, data) on a layer that tracks them."
+            )
+        axis = getattr(bn, "axis", 1)
+        kwargs: dict[str, Any] = {} if cls._ranks else {"axis": axis}
+        if cls._ranks and axis != 1:
+            raise ValueError(
+                f"{cls.__name__}.from_batchnorm: the layer normalizes axis {axis}; use "
+                "batchnorm.FrozenBatchNorm.from_batchnorm"
+            )
+        eps = float(getattr(bn, "eps", 1e-5))
+        new = cls(int(rm.numel()), eps, device=rm.device, dtype=rm.dtype, **kwargs)
+        with torch.no_grad():
+            new.running_mean.copy_(rm)
+            new.running_var.copy_(rv)
+            w, b = getattr(bn, "weight", None), getattr(bn, "bias", None)
+            if w is not None:
+                new.weight.copy_(w.detach())
+            if b is not None:
+                new.bias.copy_(b.detach())
+        return new
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)  # a BN checkpoint loads as is
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def layer_name(self) -> str:
+        return f"{type(self).__name__}({self.num_features})"
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self._ranks and input.dim() not in self._ranks:
+            want = " or ".join(f"{r}D" for r in self._ranks)
+            raise BatchNormInputError(
+                f"{self.layer_name()}: expected {want} input, got {input.dim()}D input of shape "
+                f"{tuple(input.shape)}. For any rank use batchnorm.FrozenBatchNorm(..., axis=...)."
+            )
+        F.check_channels(input, self.num_features, self.axis, self.layer_name())
+        return F.batch_norm_eval(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.eps,
+            axis=self.axis,
+        )
+
+    def extra_repr(self) -> str:
+        s = f"{self.num_features}, eps={self.eps}"
+        return s + (f", axis={self.axis}" if self.axis != 1 else "")
+
+
+class FrozenBatchNorm1d(FrozenBatchNorm):
+    """:class:`FrozenBatchNorm` for ``(N, C)`` or ``(N, C, L)`` input."""
+
+    _ranks = (2, 3)
+
+
+class FrozenBatchNorm2d(FrozenBatchNorm):
+    """:class:`FrozenBatchNorm` for ``(N, C, H, W)`` input (torchvision's FrozenBatchNorm2d)."""
+
+    _ranks = (4,)
+
+
+class FrozenBatchNorm3d(FrozenBatchNorm):
+    """:class:`FrozenBatchNorm` for ``(N, C, D, H, W)`` input."""
+
+    _ranks = (5,)
+
+
+# --------------------------------------------------------------------------------------------
+# freeze / unfreeze
+
+_BN_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, _BatchNormBase)
+_FROZEN = "_batchnorm_frozen"  # attribute marking a frozen layer: the γ/β names we switched off
+
+
+def _stay_in_eval(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook of a frozen layer: whatever ``model.train()`` set, use the statistics."""
+    module.training = False
+
+
+def is_frozen(module: nn.Module) -> bool:
+    """Whether :func:`freeze` froze this BN layer."""
+    return hasattr(module, _FROZEN)
+
+
+def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _BN_TYPES)]
+
+
+def freeze(model: nn.Module, *, affine: bool = False) -> nn.Module:
+    """Freeze every batch-norm layer of ``model`` (ours and ``torch.nn``'s): they normalize with
+    their running statistics and never update them, even after ``model.train()``; with
+    ``affine=True`` γ and β stop receiving gradients too (``requires_grad=False``).
+
+    The layers keep their class and state (a pre-forward hook keeps them in eval mode), so
+    :func:`unfreeze` restores them exactly. Freezing statistics that were never updated (mean 0,
+    variance 1) issues a :class:`FrozenStatisticsWarning`: such a layer only rescales by 1/√(1+ε).
+
+    Returns ``model``. Example::
+
+        >>> import torch, batchnorm
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> _ = net(torch.randn(8, 3))                   # statistics from training
+        >>> _ = batchnorm.freeze(net).train()
+        >>> before = net[1].running_mean.clone(); _ = net(torch.randn(8, 3))
+        >>> bool(torch.equal(before, net[1].running_mean))
+        True
+    """
+    layers = _bn_layers(model)
+    for name, m in layers:
+        label = name or type(m).__name__
+        rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+        if rm is None or rv is None:
+            raise ValueError(
+                f"freeze: layer {label!r} ({type(m).__name__}) has no running statistics "
+                "(track_running_stats=False), so it cannot normalize without a batch; replace it "
+                "or recompute statistics first with a layer that tracks them"
+            )
+        if is_frozen(m):
+            continue
+        if bool((rm == 0).all() and (rv == 1).all()):
+            warnings.warn(
+                f"freeze: layer {label!r} ({type(m).__name__}) still has its initial statistics "
+                "(mean 0, variance 1); frozen, it will not normalize. Train first or run "
+                "batchnorm.recalibrate(model, data) before freezing.",
+                FrozenStatisticsWarning,
+                stacklevel=2,
+            )
+        switched: list[str] = []
+        if affine:
+            for pname in ("weight", "bias"):
+                p = getattr(m, pname, None)
+                if isinstance(p, nn.Parameter) and p.requires_grad:
+                    p.requires_grad_(False)
+                    switched.append(pname)
+        setattr(m, _FROZEN, switched)
+        m.register_forward_pre_hook(_stay_in_eval)
+        m.training = False
+    return model
+
+
+def unfreeze(model: nn.Module) -> nn.Module:
+    """Undo :func:`freeze`: the layers follow ``model``'s train/eval mode again (they take the
+    mode of ``model`` now) and γ, β get back ``requires_grad=True`` if freeze switched it off.
+    Returns ``model``."""
+    for _, m in _bn_layers(model):
+        if not is_frozen(m):
+            continue
+        for pname in getattr(m, _FROZEN):
+            getattr(m, pname).requires_grad_(True)
+        delattr(m, _FROZEN)
+        for key, hook in list(m._forward_pre_hooks.items()):
+            if hook is _stay_in_eval:
+                del m._forward_pre_hooks[key]
+        m.training = model.training
+    return model
