@@ -24,6 +24,7 @@ from batchnorm.functional import (
 )
 from batchnorm.nn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from batchnorm.recorder import ActivationRecorder
+from batchnorm.sync import SyncBatchNorm, convert_sync_batchnorm
 
 __version__ = "0.1.0"
 
@@ -47,4 +48,6 @@ __all__ = [
     "distribution_drift",
     "bn_statistics_mismatch",
     "TimeVaryingNoise",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
 ]
