@@ -1,0 +1,237 @@
+"""Fused CPU kernels for batch normalization (Numba; NumPy arrays in and out, no torch).
+
+Three entry points, on the two canonical layouts of :func:`batchnorm.functional.canonical_layout`
+— ``(N, C, L)`` channels-first and ``(M, C)`` rows × channels — for float32 and float64:
+
+* :func:`forward_train` — per-channel mean and biased variance (shifted sums accumulated in
+  float64) fused with ``y = γ·(x − μ)/√(σ² + ε) + β``; returns ``(y, mean, var, invstd)``,
+  what the backward and the running-statistics update need;
+* :func:`backward` — the per-channel reductions ``Σdy`` and ``Σdy·x̂`` fused with
+  ``dx = γ·invstd/m · (m·dy − Σdy − x̂·Σdy·x̂)``; returns ``(dx, dγ, dβ)``;
+* :func:`forward_eval` — inference, one pass: ``y = x·scale + shift``.
+
+The loops compile on first use, once per signature, and are cached on disk (``cache=True``);
+importing this package compiles nothing. Work is split over Numba's threads
+(``numba.get_num_threads()``) so that every thread is busy also with one channel or a handful of
+rows; inputs below :data:`SERIAL_BELOW` elements run single-threaded, because starting the
+threads would cost more than the work.
+
+Example::
+
+    >>> import numpy as np
+    >>> from batchnorm import kernels, reference
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 4, 10)).astype(np.float32)
+    >>> y, mean, var, invstd = kernels.forward_train(x)
+    >>> bool(np.allclose(y, reference.batch_norm_forward(x)[0], atol=1e-5))
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["forward_train", "backward", "forward_eval", "SERIAL_BELOW", "num_threads"]
+
+#: inputs with fewer elements than this run on one thread (thread start-up dominates below)
+SERIAL_BELOW = 1 << 15
+
+Array = NDArray[Any]
+
+_EMPTY: dict[np.dtype[Any], Array] = {
+    np.dtype(np.float32): np.empty(0, np.float32),
+    np.dtype(np.float64): np.empty(0, np.float64),
+}
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def num_threads() -> int:
+    """The number of threads the kernels split work over (Numba's setting)."""
+    import numba
+
+    return int(numba.get_num_threads())
+
+
+def _kernel(name: str, parallel: bool) -> Any:
+    from batchnorm.kernels._loops import kernel
+
+    return kernel(name, parallel)
+
+
+def _threads(size: int, parallel: bool | None) -> int:
+    if parallel is False or (parallel is None and size < SERIAL_BELOW):
+        return 1
+    return num_threads()
+
+
+def _ncl_blocks(N: int, C: int, L: int, T: int) -> int:
+    """Blocks per channel on ``(N, C, L)``: 1 (fused, a channel per task) when the channels
+    spread evenly over the threads; otherwise enough blocks for about 4 tasks per thread."""
+    if T == 1 or C % T == 0 or C >= 8 * T:
+        return 1
+    return max(1, min(-(-4 * T // C), N * L))
+
+
+def _mc_blocks(M: int, C: int, T: int) -> tuple[int, int]:
+    """Row blocks × channel blocks on ``(M, C)``: one row block per thread when there are rows
+    enough (each thread then re-reads the rows it summed), channel blocks for tiny batches."""
+    if T == 1:
+        return 1, 1
+    if M >= 4 * T:
+        return T, 1
+    return 1, max(1, min(T, C))
+
+
+def _as_input(x: Array, what: str) -> Array:
+    if not isinstance(x, np.ndarray) or x.dtype not in _FLOATS or x.ndim not in (2, 3):
+        raise TypeError(
+            f"batchnorm.kernels: {what} must be a float32/float64 NumPy array of shape (M, C) or "
+            f"(N, C, L), got {type(x).__name__} "
+            f"{getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}"
+        )
+    # a copy, once, rather than reading through foreign strides
+    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+
+
+def _channel_vec(v: Array | None, C: int, dtype: np.dtype[Any], what: str) -> Array:
+    if v is None:
+        return _EMPTY[dtype]
+    a = np.ascontiguousarray(v, dtype=dtype)
+    if a.shape != (C,):
+        raise ValueError(f"batchnorm.kernels: {what} must have shape ({C},), got {a.shape}")
+    return a
+
+
+def _out(out: Array | None, like: Array) -> Array:
+    if out is None:
+        return np.empty_like(like)
+    if out.shape != like.shape or out.dtype != like.dtype or not out.flags.c_contiguous:
+        raise ValueError(
+            f"batchnorm.kernels: out must be a C-contiguous {like.dtype} array of shape "
+            f"{like.shape}, got {out.dtype} {out.shape}"
+        )
+    return out
+
+
+def forward_train(
+    x: Array,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    eps: float = 1e-5,
+    *,
+    out: Array | None = None,
+    parallel: bool | None = None,
+) -> tuple[Array, Array, Array, Array]:
+    """Algorithm 1 (Ioffe & Szegedy 2015) on ``x`` of shape ``(N, C, L)`` or ``(M, C)``.
+
+    Returns ``(y, mean, var, invstd)``: ``y`` like ``x``; the per-channel mean, biased variance
+    and ``1/√(var + ε)`` in ``x``'s dtype. ``weight``/``bias`` (γ/β, shape ``(C,)``) may be None.
+    ``out`` receives ``y`` if given; ``parallel`` forces threads on/off (None: by size).
+    """
+    x = _as_input(x, "x")
+    C = x.shape[1]
+    if x.size // max(C, 1) < 1:
+        raise ValueError(f"batchnorm.kernels: x of shape {x.shape} has no values per channel")
+    w = _channel_vec(weight, C, x.dtype, "weight")
+    b = _channel_vec(bias, C, x.dtype, "bias")
+    y = _out(out, x)
+    return _forward_train(x, w, b, float(eps), y, _threads(x.size, parallel))
+
+
+def _forward_train(
+    x: Array, w: Array, b: Array, eps: float, y: Array, T: int
+) -> tuple[Array, Array, Array, Array]:
+    """:func:`forward_train` on checked arrays (``w``/``b`` empty when absent)."""
+    C = x.shape[1]
+    mean = np.empty(C, x.dtype)
+    var = np.empty(C, x.dtype)
+    invstd = np.empty(C, x.dtype)
+    par = T > 1
+    if x.ndim == 3:
+        N, _, L = x.shape
+        nblk = _ncl_blocks(N, C, L, T)
+        _kernel("ncl_forward_train", par)(x, w, b, eps, nblk, y, mean, var, invstd)
+    else:
+        nrb, ncb = _mc_blocks(x.shape[0], C, T)
+        _kernel("mc_forward_train", par)(x, w, b, eps, nrb, ncb, y, mean, var, invstd)
+    return y, mean, var, invstd
+
+
+def backward(
+    dy: Array,
+    x: Array,
+    mean: Array,
+    invstd: Array,
+    weight: Array | None = None,
+    *,
+    need_dx: bool = True,
+    out: Array | None = None,
+    parallel: bool | None = None,
+) -> tuple[Array | None, Array, Array]:
+    """Gradients of Algorithm 1 given the forward's ``mean`` and ``invstd``.
+
+    ``dγ = Σ dy·x̂``, ``dβ = Σ dy`` and ``dx = γ·invstd/m · (m·dy − dβ − x̂·dγ)`` with
+    ``x̂ = (x − mean)·invstd`` and m the values per channel. Returns ``(dx, dγ, dβ)`` (``dx`` is
+    None when ``need_dx`` is False: the reductions alone, one pass).
+    """
+    x = _as_input(x, "x")
+    dy = _as_input(dy, "dy")
+    if dy.shape != x.shape or dy.dtype != x.dtype:
+        raise ValueError(
+            f"batchnorm.kernels: dy ({dy.dtype} {dy.shape}) must match x ({x.dtype} {x.shape})"
+        )
+    C = x.shape[1]
+    mean = _channel_vec(mean, C, x.dtype, "mean")
+    invstd = _channel_vec(invstd, C, x.dtype, "invstd")
+    w = _channel_vec(weight, C, x.dtype, "weight")
+    dx = _out(out, x) if need_dx else None
+    return _backward(dy, x, mean, invstd, w, dx, _threads(x.size, parallel))
+
+
+def _backward(
+    dy: Array, x: Array, mean: Array, invstd: Array, w: Array, dx: Array | None, T: int
+) -> tuple[Array | None, Array, Array]:
+    """:func:`backward` on checked arrays; ``dx`` None skips the element pass."""
+    C = x.shape[1]
+    dw = np.empty(C, x.dtype)
+    db = np.empty(C, x.dtype)
+    need_dx = dx is not None
+    buf = dx if dx is not None else x  # not written when need_dx is False
+    par = T > 1
+    if x.ndim == 3:
+        N, _, L = x.shape
+        nblk = _ncl_blocks(N, C, L, T)
+        _kernel("ncl_backward", par)(dy, x, mean, invstd, w, nblk, need_dx, buf, dw, db)
+    else:
+        nrb, ncb = _mc_blocks(x.shape[0], C, T)
+        _kernel("mc_backward", par)(dy, x, mean, invstd, w, nrb, ncb, need_dx, buf, dw, db)
+    return dx, dw, db
+
+
+def forward_eval(
+    x: Array,
+    scale: Array,
+    shift: Array,
+    *,
+    out: Array | None = None,
+    parallel: bool | None = None,
+) -> Array:
+    """Batch normalization at inference (Algorithm 2): ``y = x·scale + shift`` per channel, with
+    ``scale = γ/√(Var[x] + ε)`` and ``shift = β − scale·E[x]`` (see
+    :func:`batchnorm.reference.inference_affine`). One read of x, one write of y."""
+    x = _as_input(x, "x")
+    C = x.shape[1]
+    sc = _channel_vec(scale, C, x.dtype, "scale")
+    sh = _channel_vec(shift, C, x.dtype, "shift")
+    return _forward_eval(x, sc, sh, _out(out, x), _threads(x.size, parallel))
+
+
+def _forward_eval(x: Array, scale: Array, shift: Array, y: Array, T: int) -> Array:
+    """:func:`forward_eval` on checked arrays."""
+    if x.ndim == 3:
+        _kernel("ncl_forward_eval", T > 1)(x, scale, shift, y)
+    else:
+        _kernel("mc_forward_eval", T > 1)(x, scale, shift, T, y)
+    return y
