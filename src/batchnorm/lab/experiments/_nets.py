@@ -1,0 +1,205 @@
+"""Networks and helpers shared by the claims experiments (learning-rate, placement, dropout,
+initialization, noisy-bn, ics, smoothness). Not an experiment: it registers nothing.
+
+* :class:`VGGSmall` — a VGG-like CNN (two 3×3 convs per stage, max-pooling between stages) with
+  optional BN and Santurkar et al.'s time-varying noise after each conv's normalization.
+* :class:`DeepLinear` — their deep linear network: ``depth`` square linear layers, optionally
+  with BN after each.
+* helpers to load the data, train one arm through the lab's training loop with caching, and
+  compare arms with their seed-to-seed spread.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from torch import Tensor, nn
+
+from batchnorm.analysis import TimeVaryingNoise
+from batchnorm.lab import train
+from batchnorm.lab.config import BaseConfig
+from batchnorm.lab.models import make_activation
+from batchnorm.lab.results import RunContext, mean_std
+from batchnorm.lab.train import TrainResult
+from batchnorm.nn import BatchNorm1d, BatchNorm2d
+
+__all__ = [
+    "VGGSmall",
+    "DeepLinear",
+    "load_data",
+    "cached_train",
+    "arm_rows",
+    "mean_of",
+    "exceeds_spread",
+    "accuracy_curve",
+    "exponential_decay",
+]
+
+
+class VGGSmall(nn.Module):
+    """A small VGG-like network (Santurkar et al. 2018 use VGG on CIFAR-10; this is its
+    CPU-sized cousin for 28×28 / 8×8 images).
+
+    Stage k: ``[conv3×3 → (bn) → (noise) → act] × convs_per_stage → maxpool2×2``; then
+    ``flatten → linear``. Each conv block is an ``nn.Sequential`` named ``conv``, ``bn``,
+    ``noise``, ``act`` inside ``blocks.<i>`` so layers can be addressed by name.
+
+    Args:
+        in_shape: ``(C, H, W)``. num_classes: output size. widths: channels per stage.
+        bn: normalize each conv output with :class:`batchnorm.BatchNorm2d`.
+        noise: add :class:`~batchnorm.analysis.TimeVaryingNoise` after each conv (after its BN
+            when ``bn``), as in their "noisy BN" experiment.
+        activation: ``relu``, ``sigmoid``, ``tanh``.
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        num_classes: int = 10,
+        widths: Sequence[int] = (8, 16),
+        *,
+        bn: bool = False,
+        noise: bool = False,
+        activation: str = "relu",
+        convs_per_stage: int = 2,
+    ) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        blocks: list[nn.Module] = []
+        pools: list[bool] = []
+        for width in widths:
+            for j in range(convs_per_stage):
+                parts: OrderedDict[str, nn.Module] = OrderedDict()
+                parts["conv"] = nn.Conv2d(c, width, 3, padding=1, bias=not bn)
+                if bn:
+                    parts["bn"] = BatchNorm2d(width)
+                if noise:
+                    parts["noise"] = TimeVaryingNoise()
+                parts["act"] = make_activation(activation)
+                blocks.append(nn.Sequential(parts))
+                last = j == convs_per_stage - 1
+                pool = last and min(h, w) > 2
+                pools.append(pool)
+                if pool:
+                    h, w = h // 2, w // 2
+                c = width
+        self.blocks = nn.ModuleList(blocks)
+        self._pools = pools
+        self.pool = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.out = nn.Linear(c * h * w, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block, pool in zip(self.blocks, self._pools):
+            x = block(x)  # (N, C_k, H_k, W_k)
+            if pool:
+                x = self.pool(x)
+        out: Tensor = self.out(self.flatten(x))
+        return out
+
+
+class DeepLinear(nn.Module):
+    """Santurkar et al.'s deep linear network: ``depth`` layers ``width × width`` without
+    nonlinearity (optionally BN after each), Gaussian init N(0, 1/width) so the signal's scale
+    is preserved on average.
+
+    Shape: ``(N, width)`` → ``(N, width)``.
+    """
+
+    def __init__(self, depth: int = 25, width: int = 10, *, bn: bool = False) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            lin = nn.Linear(width, width, bias=not bn)
+            nn.init.normal_(lin.weight, 0.0, width**-0.5)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+            layers.append(lin)
+            if bn:
+                layers.append(BatchNorm1d(width))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.net(x)
+        return out
+
+
+def load_data(cfg: BaseConfig, ctx: RunContext, n_train: int, n_eval: int) -> Any:
+    """The configured dataset, cut to ``n_train`` training and ``n_eval`` held-out examples
+    (0 = all)."""
+    ds = ctx.load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    return ds.subset(train=n_train or None, test=n_eval or None)
+
+
+def cached_train(
+    ctx: RunContext, key: str, fn: Callable[[], tuple[TrainResult, dict[str, Any]]]
+) -> dict[str, Any]:
+    """Run ``fn`` (train one arm, return its result and extra measurements) once; a resumed run
+    loads it from the run folder. Returns ``{"train": TrainResult dict, "extra": {...}}``."""
+
+    def work() -> dict[str, Any]:
+        res, extra = fn()
+        ctx.log(
+            f"  {key}: {res.steps_done} steps in {res.seconds:.1f} s"
+            + (f", diverged at step {res.diverged_step}" if res.diverged else "")
+        )
+        return {"train": res.to_dict(), "extra": extra}
+
+    out: dict[str, Any] = ctx.cached(key, work)
+    return out
+
+
+def arm_rows(arm: str, seed: int, train: dict[str, Any], **cols: Any) -> list[dict[str, Any]]:
+    """The training rows of one arm and seed, labelled for ``metrics.csv``."""
+    return [{"arm": arm, "seed": seed, **cols, **r} for r in train["rows"]]
+
+
+def accuracy_curve(train: dict[str, Any], key: str = "test_acc") -> tuple[list[int], list[float]]:
+    pts = [(int(r["step"]), float(r[key])) for r in train["rows"] if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def final_acc(train: dict[str, Any], key: str = "test_acc") -> float | None:
+    """The held-out accuracy at the end; ``None`` if the run diverged."""
+    if train.get("diverged"):
+        return None
+    _, accs = accuracy_curve(train, key)
+    return accs[-1] if accs else None
+
+
+def mean_of(values: Sequence[float | None]) -> float | None:
+    vals = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def exceeds_spread(a: Sequence[float | None], b: Sequence[float | None]) -> dict[str, Any]:
+    """Is the difference of the means of ``a`` and ``b`` (per-seed values) larger than the
+    seed-to-seed spread? Spread = std(a) + std(b) (population std over seeds); with one seed
+    the spread is unknown (0) and any difference counts. Missing values (diverged runs) are
+    excluded."""
+    sa, sb = mean_std(list(a)), mean_std(list(b))
+    if sa["mean"] is None or sb["mean"] is None:
+        return {"diff": None, "spread": None, "exceeds": False}
+    diff = sa["mean"] - sb["mean"]
+    spread = sa["std"] + sb["std"]
+    return {"diff": diff, "spread": spread, "exceeds": bool(abs(diff) > spread)}
+
+
+def exponential_decay(lr: float, steps: int, halvings: float) -> Callable[[int], float]:
+    """``lr · 2^(−halvings·t/steps)``: the learning rate halves ``halvings`` times over the run."""
+
+    def schedule(t: int) -> float:
+        return lr * 2.0 ** (-halvings * t / max(1, steps))
+
+    return schedule
+
+
+def steps_to(steps: Sequence[int], curve: Sequence[float | None], target: float) -> int | None:
+    """The first evaluation step after the start (step 0, the untrained network, is excluded:
+    reaching a chance-level target there says nothing about training speed) at which ``curve``
+    reaches ``target``; ``None`` if never."""
+    pts = [(s, v) for s, v in zip(steps, curve) if s > 0]
+    return train.steps_to_target([p[0] for p in pts], [p[1] for p in pts], target)

@@ -1,0 +1,364 @@
+"""``dropout`` — does BN act as a regularizer and reduce the need for dropout, and what does
+dropout before BN do to its statistics?
+
+The paper (Ioffe & Szegedy 2015, Sec. 3.4 and 4.2.1) says BN regularizes the model and that
+dropout can be removed or reduced. Li, Chen, Hu & Yang (2019, arXiv 1801.05134) show that
+dropout placed before a BN layer shifts the variance BN sees between training (dropout on,
+inverted scaling inflates the variance) and inference (dropout off): the running variance no
+longer matches the inputs at test time ("variance shift").
+
+Setup: an MLP trained on a small training subset (``n_train``) long enough to overfit, with
+and without BN before each activation, for each dropout rate in ``dropout_rates``:
+
+* ``noBN-p`` — dropout after every hidden block;
+* ``BN-p`` — the same with BN: the dropout of block k precedes the BN of block k+1 (shift);
+* ``BN-last-p`` — BN, with dropout only before the classifier, after the last BN (no shift).
+
+Measured: final held-out accuracy, the generalization gap (accuracy on the training examples
+minus held-out accuracy), and at the end of training, for every BN layer, the train/eval
+statistics mismatch of :func:`batchnorm.analysis.bn_statistics_mismatch` on held-out inputs
+(``var_ratio`` = actual variance / running variance, 1 = no shift).
+
+Claims:
+
+* BN reduces the benefit of dropout: (best accuracy with dropout − accuracy without) is
+  smaller with BN than without;
+* BN regularizes: without dropout, the BN network's generalization gap is smaller;
+* dropout before BN shifts the variance: the BN layers preceded by dropout have
+  ``|log var_ratio|`` larger than the same layers in the ``BN-last`` arm;
+* the shift costs accuracy: at the largest rate, ``BN-last`` beats ``BN`` by more than the
+  seed-to-seed spread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from batchnorm.analysis import bn_statistics_mismatch
+from batchnorm.lab import models, train
+from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.data import Dataset
+from batchnorm.lab.experiments._nets import arm_rows, cached_train, exceeds_spread, load_data
+from batchnorm.lab.registry import register
+from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
+
+NAME = "dropout"
+SOURCE = "Ioffe & Szegedy 2015, Sec. 3.4 and 4.2.1"
+SOURCE_LI = "Li, Chen, Hu & Yang 2019 (arXiv 1801.05134), Sec. 3"
+
+
+@dataclass
+class DropoutConfig(BaseConfig):
+    """Settings of the dropout experiment (see the module docstring)."""
+
+    seeds: int = 2
+    steps: int = 2000
+    batch_size: int = 60
+    hidden: tuple[int, ...] = (256, 256, 256)
+    dropout_rates: tuple[float, ...] = (0.0, 0.2, 0.5)
+    lr: float = 0.05
+    momentum: float = 0.9
+    eval_every: int = 200
+    final_window: int = 3
+    n_train: int = 5000
+    n_eval: int = 5000
+    n_train_eval: int = 2000
+
+    QUICK = {
+        "steps": 80,
+        "hidden": (32, 32, 32),
+        "eval_every": 20,
+        "n_train": 500,
+        "n_eval": 300,
+        "n_train_eval": 300,
+        "final_window": 2,
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if min(self.steps, self.eval_every, self.final_window) < 1:
+            raise ConfigError("steps, eval_every and final_window must be >= 1")
+        if 0.0 not in self.dropout_rates or len(self.dropout_rates) < 2:
+            raise ConfigError(
+                f"dropout_rates must include 0.0 and at least one positive rate, got "
+                f"{self.dropout_rates}"
+            )
+        if any(not 0 <= p < 1 for p in self.dropout_rates):
+            raise ConfigError(f"dropout rates must be in [0, 1), got {self.dropout_rates}")
+        if len(self.hidden) < 2:
+            raise ConfigError("hidden needs >= 2 layers so that a dropout can precede a BN")
+
+
+def _net(cfg: DropoutConfig, ds: Dataset, bn: bool, p: float, where: str) -> nn.Module:
+    net = models.MLP(
+        ds.num_features,
+        cfg.hidden,
+        ds.num_classes,
+        activation="relu",
+        bn="before" if bn else "none",
+        dropout=p if where == "every" else 0.0,
+    )
+    if where == "last" and p > 0:
+        # dropout only after the last BN, right before the classifier: no BN sees its variance
+        net.out = nn.Sequential(nn.Dropout(p), net.out)
+    return net
+
+
+def _train(
+    cfg: DropoutConfig,
+    ds: Dataset,
+    bn: bool,
+    p: float,
+    where: str,
+    seed: int,
+    progress: bool | None,
+) -> tuple[train.TrainResult, dict[str, Any]]:
+    train.seed_everything(seed)
+    net = _net(cfg, ds, bn, p, where)
+    opt = train.make_optimizer(net.parameters(), "sgd", cfg.lr, cfg.momentum)
+    n = cfg.n_train_eval or ds.x_train.shape[0]
+    res = train.train(
+        net,
+        opt,
+        ds.x_train,
+        ds.y_train,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        eval_sets={"test": (ds.x_test, ds.y_test), "train": (ds.x_train[:n], ds.y_train[:n])},
+        eval_every=cfg.eval_every,
+        seed=seed,
+        threads=cfg.threads,
+        progress=progress,
+        desc=f"bn={bn} p={p:g} {where} seed={seed}",
+    )
+    mismatch = {} if res.diverged else bn_statistics_mismatch(net, ds.x_test)
+    return res, {"mismatch": mismatch}
+
+
+def _final(run: dict[str, Any], key: str, window: int) -> float | None:
+    if run["diverged"]:
+        return None
+    vals = [r[key] for r in run["rows"] if r.get(key) is not None]
+    return float(np.mean(vals[-window:])) if vals else None
+
+
+def _arm_name(bn: bool, p: float, where: str) -> str:
+    return ("BN-last" if where == "last" else "BN" if bn else "noBN") + f"-p{p:g}"
+
+
+def figures(run: RunData, out: Path) -> list[Path]:
+    """Accuracy and generalization gap per dropout rate, and the BN layers' variance ratios."""
+    from batchnorm.lab import plots
+
+    s = run.series
+    rates = [f"p={p:g}" for p in s["rates"]]
+    fig, axes = plots.new_figure(3, size=(4.4, 3.5))
+    plots.grouped_bars(
+        axes[0], rates, s["test"], ylabel="final held-out accuracy", title="held-out accuracy"
+    )
+    vals = [v for g in s["test"].values() for c in g for v in c if v is not None]
+    if vals:
+        axes[0].set_ylim(max(0.0, min(vals) - 0.05), min(1.0, max(vals) + 0.02))
+    plots.grouped_bars(
+        axes[1], rates, s["gap"], ylabel="train acc - held-out acc", title="generalization gap"
+    )
+    vr = s["var_ratio"]
+    layers = sorted({layer for arm in vr.values() for layer in arm})
+    plots.grouped_bars(
+        axes[2],
+        [layer.replace("hidden.", "h").replace(".bn", "") for layer in layers],
+        {arm: [[v] for v in (d.get(layer) for layer in layers)] for arm, d in vr.items()},
+        ylabel="eval variance / running variance",
+        title=f"BN variance shift (p={s['rates'][-1]:g})",
+    )
+    axes[2].axhline(1.0, color="k", lw=1, ls=":")
+    return [plots.save_figure(fig, out / f"{NAME}.png")]
+
+
+@register(
+    NAME,
+    config=DropoutConfig,
+    figures=figures,
+    source=SOURCE + "; " + SOURCE_LI,
+    description="MLP with/without BN x dropout rates on a small training set: does BN reduce "
+    "dropout's benefit and regularize; dropout before BN and the train/eval variance shift",
+)
+def run(cfg: DropoutConfig, ctx: RunContext) -> Results:
+    """Train every arm and seed; claims from accuracies, gaps and measured BN statistics."""
+    ds = load_data(cfg, ctx, cfg.n_train, cfg.n_eval)
+    seeds = cfg.seed_list()
+    rates = sorted(cfg.dropout_rates)
+    top = rates[-1]
+    specs = [(False, p, "every") for p in rates] + [(True, p, "every") for p in rates]
+    specs += [(True, p, "last") for p in rates if p > 0]
+    rows: list[dict[str, Any]] = []
+    results: dict[str, list[dict[str, Any]]] = {}
+    for bn, p, where in specs:
+        name = _arm_name(bn, p, where)
+        results[name] = []
+        for seed in seeds:
+            res = cached_train(
+                ctx,
+                f"{name}-seed{seed}",
+                lambda bn=bn, p=p, where=where, seed=seed: _train(
+                    cfg, ds, bn, p, where, seed, ctx.progress
+                ),
+            )
+            results[name].append(res)
+            rows += arm_rows(name, seed, res["train"], bn=bn, dropout=p, where=where)
+    w = cfg.final_window
+    test = {a: [_final(r["train"], "test_acc", w) for r in rs] for a, rs in results.items()}
+    tr = {a: [_final(r["train"], "train_acc", w) for r in rs] for a, rs in results.items()}
+    gap = {
+        a: [None if x is None or y is None else x - y for x, y in zip(tr[a], test[a])]
+        for a in results
+    }
+    m = {a: mean_std(v)["mean"] for a, v in test.items()}
+    g = {a: mean_std(v)["mean"] for a, v in gap.items()}
+
+    def mismatch(arm: str) -> dict[str, float]:
+        """Per BN layer, the seed-mean variance ratio."""
+        layers: dict[str, list[float]] = {}
+        for r in results[arm]:
+            for layer, d in r["extra"]["mismatch"].items():
+                layers.setdefault(layer, []).append(d["var_ratio"])
+        return {layer: float(np.mean(v)) for layer, v in layers.items()}
+
+    shift_arm, safe_arm = _arm_name(True, top, "every"), _arm_name(True, top, "last")
+    vr_shift, vr_safe = mismatch(shift_arm), mismatch(safe_arm)
+    # BN layers preceded by a dropout in the shift arm: every hidden BN but the first
+    after_drop = [f"hidden.{k}.bn" for k in range(1, len(cfg.hidden))]
+
+    def log_shift(vr: dict[str, float]) -> float | None:
+        vals = [abs(np.log(vr[layer])) for layer in after_drop if vr.get(layer, 0) > 0]
+        return float(np.mean(vals)) if vals else None
+
+    shift_a, shift_b = log_shift(vr_shift), log_shift(vr_safe)
+
+    def benefit(prefix: str) -> float | None:
+        base = m.get(f"{prefix}-p0")
+        with_drop = [m[_arm_name(prefix == "BN", p, "every")] for p in rates if p > 0]
+        with_drop = [v for v in with_drop if v is not None]
+        return None if base is None or not with_drop else max(with_drop) - base
+
+    b_nobn, b_bn = benefit("noBN"), benefit("BN")
+    cost = exceeds_spread(test[safe_arm], test[shift_arm])
+    claims = [
+        Claim(
+            id="bn-reduces-dropout-benefit",
+            statement="BN reduces the benefit of dropout",
+            verdict=b_nobn is not None and b_bn is not None and b_bn < b_nobn,
+            measured={
+                "benefit_without_BN": b_nobn,
+                "benefit_with_BN": b_bn,
+                "acc": {a: m[a] for a in m if not a.startswith("BN-last")},
+            },
+            source=SOURCE + " (BN-x5: dropout removed)",
+            seeds=seeds,
+            details="benefit = best seed-mean final held-out accuracy over the positive "
+            "dropout rates minus the accuracy without dropout; BN's benefit < no-BN's",
+        ),
+        Claim(
+            id="bn-regularizes",
+            statement="BN acts as a regularizer: without dropout, a smaller generalization gap",
+            verdict=g["BN-p0"] is not None
+            and g["noBN-p0"] is not None
+            and g["BN-p0"] < g["noBN-p0"],
+            measured={
+                "gap_noBN": g["noBN-p0"],
+                "gap_BN": g["BN-p0"],
+                "acc_noBN": m["noBN-p0"],
+                "acc_BN": m["BN-p0"],
+            },
+            source=SOURCE,
+            seeds=seeds,
+            details=f"gap = accuracy on {cfg.n_train_eval} training examples - held-out "
+            f"accuracy (mean of the last {w} evaluations), trained on {ds.x_train.shape[0]} "
+            "examples",
+        ),
+        Claim(
+            id="dropout-before-bn-variance-shift",
+            statement=f"dropout (p={top:g}) before BN shifts the variance BN sees between "
+            "training and inference",
+            verdict=shift_a is not None and shift_b is not None and shift_a > shift_b,
+            measured={
+                "var_ratio_dropout_before_bn": vr_shift,
+                "var_ratio_dropout_after_last_bn": vr_safe,
+                "mean_abs_log_ratio": {"shift_arm": shift_a, "safe_arm": shift_b},
+                "expected_ratio_li_et_al": 1 - top,
+            },
+            source=SOURCE_LI,
+            seeds=seeds,
+            details="var_ratio = mean over channels of the held-out batch variance of the BN "
+            f"input in eval mode / running variance; compared on layers {after_drop}",
+        ),
+        Claim(
+            id="variance-shift-hurts",
+            statement=f"moving dropout (p={top:g}) after the last BN improves held-out accuracy "
+            "by more than the seed-to-seed spread",
+            verdict=cost["diff"] is not None and cost["exceeds"] and cost["diff"] > 0,
+            measured={
+                "acc_dropout_after_last_bn": mean_std(test[safe_arm]),
+                "acc_dropout_before_bn": mean_std(test[shift_arm]),
+                "difference": cost["diff"],
+                "spread": cost["spread"],
+            },
+            source=SOURCE_LI,
+            seeds=seeds,
+            details="spread = std + std over seeds",
+        ),
+    ]
+    for c in claims:
+        ctx.log(f"[{'supported' if c.verdict else 'NOT supported'}] {c.statement}")
+    arms = {
+        a: {
+            "final_accuracy": mean_std(test[a]),
+            "train_accuracy": mean_std(tr[a]),
+            "generalization_gap": mean_std(gap[a]),
+            "diverged": sum(bool(r["train"]["diverged"]) for r in results[a]),
+        }
+        for a in results
+    }
+    # per layer and seed: kept whole so the doctor's train/eval check can be compared with it
+    variance_shift = {
+        a: [r["extra"]["mismatch"] for r in rs] for a, rs in results.items() if a.startswith("BN")
+    }
+    series = {
+        "rates": rates,
+        "test": {
+            lbl: [
+                test[_arm_name(bn, p, where)] if (where == "every" or p > 0) else [None]
+                for p in rates
+            ]
+            for lbl, bn, where in (
+                ("no BN", False, "every"),
+                ("BN", True, "every"),
+                ("BN, dropout last", True, "last"),
+            )
+        },  # fmt: skip
+        "gap": {
+            lbl: [
+                gap[_arm_name(bn, p, where)] if (where == "every" or p > 0) else [None]
+                for p in rates
+            ]
+            for lbl, bn, where in (
+                ("no BN", False, "every"),
+                ("BN", True, "every"),
+                ("BN, dropout last", True, "last"),
+            )
+        },  # fmt: skip
+        "var_ratio": {"dropout before BN": vr_shift, "dropout after last BN": vr_safe},
+    }
+    summary = {
+        "dataset": ds.info(),
+        "seeds": seeds,
+        "arms": arms,
+        "claims": claims,
+        "variance_shift": variance_shift,
+    }
+    return Results(rows=rows, summary=summary, series=series)

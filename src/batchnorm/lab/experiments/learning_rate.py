@@ -1,0 +1,456 @@
+"""``learning-rate`` — the paper's ImageNet study (Ioffe & Szegedy 2015, Sec. 4.2, Figures 2/3)
+scaled down to a small CNN, plus a learning-rate sweep (Bjorck, Gomes, Selman & Weinberger
+2018, arXiv 1806.02375: BN enables much larger learning rates).
+
+Protocol:
+
+1. **Sweep** (validation split carved from the training set, first seed): the CNN with and
+   without BN, trained ``sweep_steps`` at each rate of ``sweep_lrs`` (SGD with momentum, no
+   dropout, no weight decay). A rate is *stable* if the loss stays finite and the final
+   validation accuracy is at least halfway from chance to the best accuracy of the whole sweep.
+   η₀ is the no-BN network's best rate (the paper's Inception ran at its best rate).
+2. **Arms** (held-out test subset), like the paper's: ``noBN`` (η₀, dropout, weight decay),
+   ``BN-Baseline`` (same, with BN), ``BN-x5`` (5η₀, dropout removed, weight decay ÷5, learning
+   rate decay ``fast_decay``× faster), ``BN-x30`` (30η₀, same), ``BN-x5-Sigmoid``, ``noBN-x5``
+   (5η₀, no BN) and ``noBN-Sigmoid`` (η₀).
+
+Claims (verdicts computed from the seed-mean accuracy curves):
+
+* BN-Baseline and BN-x5 reach the no-BN arm's best accuracy in fewer steps (paper: BN-x5 in
+  1/14 of the steps);
+* no-BN at 5η₀ diverges or fails to learn;
+* the sigmoid network learns only with BN;
+* the largest stable rate is larger with BN.
+
+*Fails to learn*: the loss became non-finite, or the final accuracy is less than halfway from
+chance to the target (the no-BN arm's best accuracy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batchnorm.lab import models, train
+from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.data import Dataset
+from batchnorm.lab.experiments._nets import (
+    arm_rows,
+    cached_train,
+    exponential_decay,
+    load_data,
+    steps_to,
+)
+from batchnorm.lab.registry import register
+from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
+
+NAME = "learning-rate"
+SOURCE = "Ioffe & Szegedy 2015, Sec. 4.2, Figures 2-3"
+
+# arm -> (bn, activation, lr multiple of η₀, paper's regularization?, fast decay?)
+ARMS: dict[str, tuple[bool, str, float, bool, bool]] = {
+    "noBN": (False, "relu", 1.0, True, False),
+    "BN-Baseline": (True, "relu", 1.0, True, False),
+    "BN-x5": (True, "relu", 5.0, False, True),
+    "BN-x30": (True, "relu", 30.0, False, True),
+    "BN-x5-Sigmoid": (True, "sigmoid", 5.0, False, True),
+    "noBN-x5": (False, "relu", 5.0, True, False),
+    "noBN-Sigmoid": (False, "sigmoid", 1.0, True, False),
+}
+
+
+@dataclass
+class LearningRateConfig(BaseConfig):
+    """Settings of the learning-rate experiment (see the module docstring)."""
+
+    steps: int = 1000
+    batch_size: int = 60
+    channels: tuple[int, ...] = (8, 16)
+    momentum: float = 0.9
+    dropout: float = 0.25
+    weight_decay: float = 5e-4
+    halvings: float = 2.0
+    fast_decay: float = 6.0
+    lr0: float | None = None
+    sweep_lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    sweep_steps: int = 150
+    val_fraction: float = 0.1
+    eval_every: int = 50
+    n_train: int = 0
+    n_eval: int = 2000
+
+    QUICK = {
+        "steps": 60,
+        "sweep_steps": 30,
+        "sweep_lrs": (0.01, 0.1, 1.0),
+        "eval_every": 20,
+        "n_train": 600,
+        "n_eval": 200,
+        "channels": (4, 8),
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if min(self.steps, self.sweep_steps, self.eval_every, self.batch_size) < 1:
+            raise ConfigError("steps, sweep_steps, eval_every and batch_size must be >= 1")
+        if not self.sweep_lrs or min(self.sweep_lrs) <= 0:
+            raise ConfigError(f"sweep_lrs must hold positive rates, got {self.sweep_lrs}")
+        if self.lr0 is not None and self.lr0 <= 0:
+            raise ConfigError(f"lr0 must be positive, got {self.lr0}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def _train(
+    cfg: LearningRateConfig,
+    ds: Dataset,
+    *,
+    bn: bool,
+    activation: str,
+    lr: float,
+    dropout: float,
+    weight_decay: float,
+    halvings: float,
+    steps: int,
+    seed: int,
+    progress: bool | None,
+    desc: str,
+) -> tuple[train.TrainResult, dict[str, Any]]:
+    train.seed_everything(seed)
+    net = models.SmallCNN(
+        ds.input_shape,
+        ds.num_classes,
+        cfg.channels,
+        activation=activation,
+        bn="before" if bn else "none",
+        dropout=dropout,
+    )
+    opt = train.make_optimizer(net.parameters(), "sgd", lr, cfg.momentum, weight_decay)
+    held = "val" if ds.split == "validation" else "test"
+    res = train.train(
+        net,
+        opt,
+        ds.x_train,
+        ds.y_train,
+        steps=steps,
+        batch_size=cfg.batch_size,
+        eval_sets={held: (ds.x_test, ds.y_test)},
+        eval_every=min(cfg.eval_every, steps),
+        seed=seed,
+        lr_schedule=exponential_decay(lr, steps, halvings) if halvings else None,
+        threads=cfg.threads,
+        progress=progress,
+        desc=desc,
+    )
+    return res, {}
+
+
+def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float | None]]:
+    """Seed-mean of an accuracy column at the evaluation steps of the longest run; a step
+    missing from any seed (diverged) gives ``None``."""
+    longest = max(runs, key=lambda r: len(r["rows"]))
+    steps = [int(r["step"]) for r in longest["rows"] if r.get(key) is not None]
+    curve: list[float | None] = []
+    for s in steps:
+        vals = [
+            float(r[key])
+            for run in runs
+            for r in run["rows"]
+            if int(r["step"]) == s and r.get(key) is not None
+        ]
+        curve.append(float(np.mean(vals)) if len(vals) == len(runs) else None)
+    return steps, curve
+
+
+def _final(curve: list[float | None]) -> float | None:
+    return curve[-1] if curve and curve[-1] is not None else None
+
+
+def _learns(final: float | None, chance: float, target: float) -> bool:
+    return final is not None and final >= chance + 0.5 * (target - chance)
+
+
+def figures(run: RunData, out: Path) -> list[Path]:
+    """Held-out accuracy per arm (Figure 2 style), steps to the no-BN arm's best accuracy, and
+    the learning-rate sweep. Reads only the saved run."""
+    from batchnorm.lab import plots
+
+    s = run.series
+    paths = []
+    fig, axes = plots.new_figure(2, size=(5.2, 3.8))
+    groups = {}
+    steps: list[int] = []
+    for arm, d in s["curves"].items():
+        if len(d["steps"]) > len(steps):
+            steps = d["steps"]
+        groups[arm] = d["acc"]
+    # pad diverged runs with None so every group spans the same x
+    groups = {a: [list(r) + [None] * (len(steps) - len(r)) for r in g] for a, g in groups.items()}
+    plots.curves(axes[0], steps, groups, ylabel="held-out accuracy", title="CNN arms")
+    target = run.summary.get("target_accuracy")
+    if target is not None:
+        axes[0].axhline(target, color="k", ls=":", lw=1)
+    reach = run.summary.get("steps_to_target", {})
+    names = list(reach)
+    vals = [np.nan if reach[a] is None else reach[a] for a in names]
+    axes[1].barh(names, vals, color=[plots.color_for(a, i) for i, a in enumerate(names)])
+    for i, v in enumerate(vals):
+        if not np.isfinite(v):
+            axes[1].text(0, i, " not reached", va="center", fontsize=8)
+    axes[1].set_xlabel("steps to the no-BN arm's best accuracy")
+    axes[1].invert_yaxis()
+    axes[1].grid(alpha=0.3, axis="x")
+    paths.append(plots.save_figure(fig, out / f"{NAME}-arms.png"))
+
+    fig, (ax,) = plots.new_figure(1, size=(5.0, 3.6))
+    for i, arm in enumerate(("noBN", "BN")):
+        pts = s["sweep"][arm]
+        lrs = [float(k) for k in pts]
+        accs = [np.nan if v is None else v for v in pts.values()]
+        ax.plot(lrs, accs, "o-", color=plots.color_for("bn" if arm == "BN" else "none", i),
+                label=arm)  # fmt: skip
+        for lr, v in zip(lrs, pts.values()):
+            if v is None:
+                ax.plot([lr], [0], "x", color="k")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (x: diverged)")
+    ax.set_ylabel(f"validation accuracy after {s['sweep_steps']} steps")
+    ax.set_title("learning-rate sweep")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths.append(plots.save_figure(fig, out / f"{NAME}-sweep.png"))
+    return paths
+
+
+@register(
+    NAME,
+    config=LearningRateConfig,
+    figures=figures,
+    source=SOURCE + "; Bjorck et al. 2018",
+    description=(
+        "small CNN: the paper's ImageNet arms (BN-Baseline, BN-x5, BN-x30, sigmoid, no-BN at "
+        "5x) - steps to the no-BN network's best accuracy, divergence, and the largest stable "
+        "learning rate with and without BN"
+    ),
+)
+def run(cfg: LearningRateConfig, ctx: RunContext) -> Results:
+    """Sweep for η₀ and the stable range, then the paper's arms; claims from the curves."""
+    ds = load_data(cfg, ctx, cfg.n_train, cfg.n_eval)
+    seeds = cfg.seed_list()
+    chance = 1.0 / ds.num_classes
+    rows: list[dict[str, Any]] = []
+
+    # 1. sweep on a validation split of the training set
+    val = ds.validation_split(cfg.val_fraction, seed=cfg.seed)
+    sweep: dict[str, dict[str, float | None]] = {"noBN": {}, "BN": {}}
+    for arm in sweep:
+        for lr in cfg.sweep_lrs:
+            res = cached_train(
+                ctx,
+                f"sweep-{arm}-lr{lr:g}",
+                lambda arm=arm, lr=lr: _train(
+                    cfg, val, bn=arm == "BN", activation="relu", lr=lr, dropout=0.0,
+                    weight_decay=0.0, halvings=0.0, steps=cfg.sweep_steps, seed=cfg.seed,
+                    progress=ctx.progress, desc=f"sweep {arm} lr={lr:g}",
+                ),
+            )["train"]  # fmt: skip
+            _, curve = _mean_curve([res], "val_acc")
+            sweep[arm][f"{lr:g}"] = None if res["diverged"] else _final(curve)
+            rows += arm_rows(f"sweep-{arm}", cfg.seed, res, lr=lr, phase="sweep")
+    finite = [v for d in sweep.values() for v in d.values() if v is not None]
+    best_sweep = max(finite) if finite else chance
+    stable_bar = chance + 0.5 * (best_sweep - chance)
+    largest_stable = {
+        arm: max(
+            (float(k) for k, v in d.items() if v is not None and v >= stable_bar), default=None
+        )
+        for arm, d in sweep.items()
+    }
+    nobn_scores = {float(k): v for k, v in sweep["noBN"].items() if v is not None}
+    lr0 = cfg.lr0 or (
+        max(nobn_scores, key=lambda k: (nobn_scores[k], -k)) if nobn_scores else cfg.sweep_lrs[0]
+    )
+    ctx.log(f"eta0 = {lr0:g} (no-BN's best sweep rate); largest stable: {largest_stable}")
+
+    # 2. the paper's arms
+    curves: dict[str, dict[str, Any]] = {}
+    arms_summary: dict[str, Any] = {}
+    mean_curves: dict[str, tuple[list[int], list[float | None]]] = {}
+    for arm, (bn, act, mult, regularized, fast) in ARMS.items():
+        lr = lr0 * mult
+        runs = []
+        for seed in seeds:
+            res = cached_train(
+                ctx,
+                f"arm-{arm}-seed{seed}",
+                lambda bn=bn, act=act, lr=lr, regularized=regularized, fast=fast, seed=seed,
+                arm=arm: _train(
+                    cfg, ds, bn=bn, activation=act, lr=lr,
+                    dropout=cfg.dropout if regularized else 0.0,
+                    weight_decay=cfg.weight_decay if regularized else cfg.weight_decay / 5,
+                    halvings=cfg.halvings * (cfg.fast_decay if fast else 1.0),
+                    steps=cfg.steps, seed=seed, progress=ctx.progress, desc=f"{arm} seed={seed}",
+                ),
+            )["train"]  # fmt: skip
+            runs.append(res)
+            rows += arm_rows(arm, seed, res, lr=lr, phase="arm")
+        steps, curve = _mean_curve(runs, "test_acc")
+        mean_curves[arm] = (steps, curve)
+        curves[arm] = {
+            "steps": steps,
+            "acc": [
+                [
+                    r.get("test_acc")
+                    for r in run["rows"]
+                    if r.get("step") is not None and r.get("test_acc") is not None
+                ]
+                for run in runs
+            ],  # fmt: skip
+        }
+        bests = [max((r["test_acc"] for r in run["rows"] if r.get("test_acc") is not None),
+                     default=None) for run in runs]  # fmt: skip
+        finals = [None if run["diverged"] else run["rows"][-1].get("test_acc") for run in runs]
+        arms_summary[arm] = {
+            "lr": lr,
+            "bn": bn,
+            "activation": act,
+            "final_accuracy": mean_std(finals),
+            "best_accuracy": mean_std(bests),
+            "diverged": sum(bool(r["diverged"]) for r in runs),
+            "train_seconds": mean_std([r["seconds"] for r in runs]),
+        }
+
+    # 3. claims
+    target_curve = [v for v in mean_curves["noBN"][1] if v is not None]
+    target = max(target_curve) if target_curve else 1.0
+    reach = {arm: steps_to(st, cv, target) for arm, (st, cv) in mean_curves.items()}
+    finals = {arm: _final(cv) for arm, (_, cv) in mean_curves.items()}
+    diverged = {arm: arms_summary[arm]["diverged"] > 0 for arm in ARMS}
+    learns = {arm: not diverged[arm] and _learns(finals[arm], chance, target) for arm in ARMS}
+    for arm in ARMS:
+        arms_summary[arm]["steps_to_target"] = reach[arm]
+        arms_summary[arm]["learns"] = learns[arm]
+
+    def speedup(arm: str) -> float | None:
+        a, b = reach["noBN"], reach[arm]
+        return None if a is None or b is None or b == 0 else a / b
+
+    fail_rule = (
+        "fails = loss became non-finite, or the final seed-mean accuracy is below "
+        f"chance + (target - chance)/2 with chance = {chance:.3g}, target = the no-BN arm's "
+        "best seed-mean accuracy"
+    )
+    claims = [
+        Claim(
+            id="bn-trains-faster",
+            statement="BN (at the same learning rate η₀) reaches the no-BN network's best "
+            "accuracy in fewer steps",
+            verdict=reach["BN-Baseline"] is not None
+            and reach["noBN"] is not None
+            and reach["BN-Baseline"] < reach["noBN"],
+            measured={
+                "target_accuracy": target,
+                "noBN_steps": reach["noBN"],
+                "BN-Baseline_steps": reach["BN-Baseline"],
+                "speedup": speedup("BN-Baseline"),
+            },
+            source=SOURCE + " (BN-Baseline vs Inception)",
+            seeds=seeds,
+            details=f"first evaluation (every {cfg.eval_every} steps) at which the seed-mean "
+            "held-out accuracy reaches the target; fewer steps than no-BN",
+        ),
+        Claim(
+            id="bn-x5-14x-fewer-steps",
+            statement="BN-x5 reaches the no-BN network's best accuracy in fewer steps "
+            "(paper: 14x fewer)",
+            verdict=reach["BN-x5"] is not None
+            and reach["noBN"] is not None
+            and reach["BN-x5"] < reach["noBN"],
+            measured={
+                "target_accuracy": target,
+                "steps": {a: reach[a] for a in ARMS},
+                "BN-x5_speedup": speedup("BN-x5"),
+                "BN-x30_speedup": speedup("BN-x30"),
+                "paper_speedup": 14,
+            },
+            source=SOURCE + ", Fig. 3",
+            seeds=seeds,
+            details="steps as above; supported if BN-x5 needs fewer steps than no-BN (the "
+            "speedup factor is reported against the paper's 14)",
+        ),
+        Claim(
+            id="nobn-x5-diverges",
+            statement="without BN, training at 5η₀ diverges or fails to learn",
+            verdict=not learns["noBN-x5"],
+            measured={
+                "eta0": lr0,
+                "diverged": diverged["noBN-x5"],
+                "final_accuracy": finals["noBN-x5"],
+                "learn_threshold": chance + 0.5 * (target - chance),
+            },
+            source=SOURCE + " (Sec. 3.3: higher rates without BN explode or get stuck)",
+            seeds=seeds,
+            details=fail_rule,
+        ),
+        Claim(
+            id="sigmoid-needs-bn",
+            statement="the sigmoid network learns with BN and not without it",
+            verdict=learns["BN-x5-Sigmoid"] and not learns["noBN-Sigmoid"],
+            measured={
+                "BN-x5-Sigmoid_final": finals["BN-x5-Sigmoid"],
+                "noBN-Sigmoid_final": finals["noBN-Sigmoid"],
+                "learn_threshold": chance + 0.5 * (target - chance),
+            },
+            source=SOURCE + " (Inception with sigmoid: BN-x5-Sigmoid 69.8%, without BN ~0.1%)",
+            seeds=seeds,
+            details=fail_rule,
+        ),
+        Claim(
+            id="bn-larger-stable-lr",
+            statement="BN allows a larger stable learning rate",
+            verdict=largest_stable["BN"] is not None
+            and (largest_stable["noBN"] is None or largest_stable["BN"] > largest_stable["noBN"]),
+            measured={
+                "largest_stable_lr_BN": largest_stable["BN"],
+                "largest_stable_lr_noBN": largest_stable["noBN"],
+                "sweep_lrs": list(cfg.sweep_lrs),
+            },
+            source="Bjorck et al. 2018 (arXiv 1806.02375), Sec. 2",
+            seeds=[cfg.seed],
+            details=f"sweep of {cfg.sweep_steps} steps per rate on a validation split; stable = "
+            "finite loss and final validation accuracy >= chance + (best sweep accuracy - "
+            "chance)/2",
+        ),
+    ]
+    for c in claims:
+        ctx.log(f"[{'supported' if c.verdict else 'NOT supported'}] {c.statement}")
+    summary = {
+        "dataset": ds.info(),
+        "seeds": seeds,
+        "arms": arms_summary,
+        "claims": claims,
+        "eta0": lr0,
+        "target_accuracy": target,
+        "steps_to_target": reach,
+        "sweep": sweep,
+        "largest_stable_lr": largest_stable,
+        "sections": [
+            {
+                "title": "Learning-rate sweep (validation split, first seed)",
+                "text": f"{cfg.sweep_steps} steps per rate, SGD momentum {cfg.momentum:g}, no "
+                f"dropout or weight decay. eta0 = {lr0:g}.",
+                "table": {
+                    "headers": ["lr", "no-BN val acc", "BN val acc"],
+                    "rows": [
+                        [lr, sweep["noBN"][f"{lr:g}"], sweep["BN"][f"{lr:g}"]]
+                        for lr in cfg.sweep_lrs
+                    ],
+                },
+            }
+        ],
+    }
+    series = {"curves": curves, "sweep": sweep, "sweep_steps": cfg.sweep_steps}
+    return Results(rows=rows, summary=summary, series=series)

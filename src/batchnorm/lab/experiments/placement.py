@@ -1,0 +1,277 @@
+"""``placement`` — BN before or after the nonlinearity, and no BN.
+
+The paper puts BN before the nonlinearity (Ioffe & Szegedy 2015, Sec. 3.2: normalize
+``x = Wu``, since ``Wu`` is "more likely to have a symmetric, non-sparse distribution");
+many practitioners put it after, and the common advice is "test both". This experiment trains
+the same MLP with BN before, after, and without BN, for ReLU and for a saturating activation
+(sigmoid by default), over several seeds, all at one learning rate.
+
+Measured per arm: final held-out accuracy (mean of the last ``final_window`` evaluations),
+best accuracy, and steps until the seed-mean curve reaches a target (the no-BN arm's final
+seed-mean accuracy).
+
+Claims, per activation (verdicts computed from the per-seed numbers):
+
+* BN before the activation gives a higher final accuracy than after, by more than the
+  seed-to-seed spread (the paper's choice);
+* the placement matters: before and after differ by more than the spread (the "test both" advice);
+* BN trains faster: each placement reaches the no-BN arm's final accuracy in fewer steps than
+  no-BN itself.
+
+Spread = std(before) + std(after), population std over seeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batchnorm.lab import models, train
+from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.data import Dataset
+from batchnorm.lab.experiments._nets import (
+    arm_rows,
+    cached_train,
+    exceeds_spread,
+    load_data,
+    steps_to,
+)
+from batchnorm.lab.registry import register
+from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
+
+NAME = "placement"
+SOURCE = "Ioffe & Szegedy 2015, Sec. 3.2"
+PLACEMENTS = ("none", "before", "after")
+
+
+@dataclass
+class PlacementConfig(BaseConfig):
+    """Settings of the placement experiment (see the module docstring)."""
+
+    seeds: int = 3
+    steps: int = 2000
+    batch_size: int = 60
+    hidden: tuple[int, ...] = (100, 100, 100)
+    activations: tuple[str, ...] = ("relu", "sigmoid")
+    lr: float = 0.05
+    momentum: float = 0.9
+    eval_every: int = 100
+    final_window: int = 3
+    n_train: int = 0
+    n_eval: int = 5000
+
+    QUICK = {
+        "seeds": 2,
+        "steps": 80,
+        "eval_every": 20,
+        "hidden": (32, 32),
+        "n_train": 800,
+        "n_eval": 300,
+        "final_window": 2,
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if min(self.steps, self.eval_every, self.final_window) < 1:
+            raise ConfigError("steps, eval_every and final_window must be >= 1")
+        for a in self.activations:
+            if a not in models.ACTIVATIONS:
+                raise ConfigError(f"unknown activation {a!r}; choose from {models.ACTIVATIONS}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+
+
+def _train(
+    cfg: PlacementConfig, ds: Dataset, act: str, bn: str, seed: int, progress: bool | None
+) -> tuple[train.TrainResult, dict[str, Any]]:
+    train.seed_everything(seed)
+    net = models.MLP(ds.num_features, cfg.hidden, ds.num_classes, activation=act, bn=bn)  # type: ignore[arg-type]
+    opt = train.make_optimizer(net.parameters(), "sgd", cfg.lr, cfg.momentum)
+    res = train.train(
+        net,
+        opt,
+        ds.x_train,
+        ds.y_train,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        eval_sets={"test": (ds.x_test, ds.y_test)},
+        eval_every=cfg.eval_every,
+        seed=seed,
+        threads=cfg.threads,
+        progress=progress,
+        desc=f"{act} bn={bn} seed={seed}",
+    )
+    return res, {}
+
+
+def _final(run: dict[str, Any], window: int) -> float | None:
+    if run["diverged"]:
+        return None
+    accs = [r["test_acc"] for r in run["rows"] if r.get("test_acc") is not None]
+    return float(np.mean(accs[-window:])) if accs else None
+
+
+def _mean_curve(runs: list[dict[str, Any]]) -> tuple[list[int], list[float | None]]:
+    steps = [int(r["step"]) for r in runs[0]["rows"] if r.get("test_acc") is not None]
+    out: list[float | None] = []
+    for s in steps:
+        vals = [
+            r["test_acc"]
+            for run in runs
+            for r in run["rows"]
+            if r["step"] == s and r.get("test_acc") is not None
+        ]
+        out.append(float(np.mean(vals)) if len(vals) == len(runs) else None)
+    return steps, out
+
+
+def figures(run: RunData, out: Path) -> list[Path]:
+    """Held-out accuracy curves per activation and the final accuracies as bars."""
+    from batchnorm.lab import plots
+
+    s = run.series
+    acts = list(s["curves"])
+    fig, axes = plots.new_figure(len(acts) + 1, size=(4.4, 3.4))
+    for ax, act in zip(axes, acts):
+        d = s["curves"][act]
+        plots.curves(
+            ax,
+            d["steps"],
+            {p: d["acc"][p] for p in PLACEMENTS if p in d["acc"]},
+            labels={"none": "no BN", "before": "BN before act", "after": "BN after act"},
+            ylabel="held-out accuracy",
+            title=act,
+        )
+    finals = s["finals"]
+    plots.grouped_bars(
+        axes[-1],
+        acts,
+        {p: [finals[a][p] for a in acts] for p in PLACEMENTS},
+        ylabel="final held-out accuracy",
+        title="final accuracy (mean ± std over seeds)",
+    )
+    lo = [v for a in acts for p in PLACEMENTS for v in finals[a][p] if v is not None]
+    if lo:
+        axes[-1].set_ylim(max(0.0, min(lo) - 0.05), min(1.0, max(lo) + 0.02))
+    return [plots.save_figure(fig, out / f"{NAME}.png")]
+
+
+@register(
+    NAME,
+    config=PlacementConfig,
+    figures=figures,
+    source=SOURCE,
+    description="MLP with BN before vs after the activation (ReLU, sigmoid) and without BN, "
+    "over seeds: final accuracy and steps-to-target against the seed-to-seed spread",
+)
+def run(cfg: PlacementConfig, ctx: RunContext) -> Results:
+    """Train every (activation, placement, seed); claims from the per-seed numbers."""
+    ds = load_data(cfg, ctx, cfg.n_train, cfg.n_eval)
+    seeds = cfg.seed_list()
+    rows: list[dict[str, Any]] = []
+    arms: dict[str, Any] = {}
+    claims: list[Claim] = []
+    curves: dict[str, Any] = {}
+    finals_all: dict[str, dict[str, list[float | None]]] = {}
+    for act in cfg.activations:
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for bn in PLACEMENTS:
+            runs[bn] = []
+            for seed in seeds:
+                res = cached_train(
+                    ctx,
+                    f"{act}-{bn}-seed{seed}",
+                    lambda act=act, bn=bn, seed=seed: _train(cfg, ds, act, bn, seed, ctx.progress),
+                )["train"]
+                runs[bn].append(res)
+                rows += arm_rows(f"{act}/{bn}", seed, res, activation=act, bn=bn)
+        finals = {bn: [_final(r, cfg.final_window) for r in runs[bn]] for bn in PLACEMENTS}
+        finals_all[act] = finals
+        mc = {bn: _mean_curve(runs[bn]) for bn in PLACEMENTS}
+        target = mean_std(finals["none"])["mean"]
+        reach = {bn: None if target is None else steps_to(*mc[bn], target) for bn in PLACEMENTS}
+        curves[act] = {
+            "steps": mc["none"][0],
+            "acc": {
+                bn: [
+                    [r.get("test_acc") for r in run["rows"] if "test_acc" in r] for run in runs[bn]
+                ]
+                for bn in PLACEMENTS
+            },
+        }
+        for bn in PLACEMENTS:
+            arms[f"{act}/{bn}"] = {
+                "final_accuracy": mean_std(finals[bn]),
+                "best_accuracy": mean_std(
+                    [
+                        max(
+                            (r["test_acc"] for r in run["rows"] if r.get("test_acc") is not None),
+                            default=None,
+                        )
+                        for run in runs[bn]
+                    ]
+                ),
+                "steps_to_target": reach[bn],
+                "diverged": sum(bool(r["diverged"]) for r in runs[bn]),
+            }
+        cmp = exceeds_spread(finals["before"], finals["after"])
+        rule = (
+            "final accuracy = mean of the last "
+            f"{cfg.final_window} evaluations; spread = std(before) + std(after) over "
+            f"{len(seeds)} seeds"
+        )
+        measured = {
+            "before": mean_std(finals["before"]),
+            "after": mean_std(finals["after"]),
+            "none": mean_std(finals["none"]),
+            "difference": cmp["diff"],
+            "spread": cmp["spread"],
+        }
+        claims.append(
+            Claim(
+                id=f"before-better-{act}",
+                statement=f"{act}: BN before the activation beats BN after it by more than the "
+                "seed-to-seed spread",
+                verdict=cmp["diff"] is not None and cmp["exceeds"] and cmp["diff"] > 0,
+                measured=measured,
+                source=SOURCE,
+                seeds=seeds,
+                details=rule + "; supported if before - after > spread",
+            )
+        )
+        claims.append(
+            Claim(
+                id=f"placement-matters-{act}",
+                statement=f"{act}: before and after differ by more than the seed-to-seed spread "
+                "(the 'test both' advice)",
+                verdict=cmp["exceeds"],
+                measured={"difference": cmp["diff"], "spread": cmp["spread"]},
+                source="common practice",
+                seeds=seeds,
+                details=rule + "; supported if |before - after| > spread",
+            )
+        )
+        faster = reach["none"] is not None and all(
+            reach[b] is not None and reach[b] < reach["none"] for b in ("before", "after")
+        )
+        claims.append(
+            Claim(
+                id=f"bn-faster-{act}",
+                statement=f"{act}: BN (before and after) reaches the no-BN network's final "
+                "accuracy in fewer steps",
+                verdict=faster,
+                measured={"target_accuracy": target, "steps": reach},
+                source="Ioffe & Szegedy 2015, Sec. 4.1, Fig. 1a",
+                seeds=seeds,
+                details=f"first evaluation (every {cfg.eval_every} steps) at which the seed-mean "
+                "accuracy reaches the no-BN arm's seed-mean final accuracy",
+            )
+        )
+    for c in claims:
+        ctx.log(f"[{'supported' if c.verdict else 'NOT supported'}] {c.statement}")
+    summary = {"dataset": ds.info(), "seeds": seeds, "arms": arms, "claims": claims}
+    series = {"curves": curves, "finals": finals_all}
+    return Results(rows=rows, summary=summary, series=series)
