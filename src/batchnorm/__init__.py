@@ -22,9 +22,28 @@ from batchnorm.functional import (
     NonFiniteStatisticsWarning,
     batch_norm,
 )
+from batchnorm.inplace_abn import InPlaceABN
 from batchnorm.nn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.nn.batchnorm import SmallBatchWarning
 from batchnorm.recorder import ActivationRecorder
 from batchnorm.sync import SyncBatchNorm, convert_sync_batchnorm
+from batchnorm.tools import fold, recalibrate, to_inference
+from batchnorm.variants import (
+    BatchRenorm,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    GhostBatchNorm,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    freeze,
+    unfreeze,
+)
 
 __version__ = "0.1.0"
 
@@ -50,4 +69,23 @@ __all__ = [
     "TimeVaryingNoise",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
+    "BatchRenorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "freeze",
+    "unfreeze",
+    "recalibrate",
+    "fold",
+    "to_inference",
+    "InPlaceABN",
+    "SmallBatchWarning",
 ]

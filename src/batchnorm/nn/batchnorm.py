@@ -291,14 +291,15 @@ class _BatchNormBase(nn.Module):
 
     def _check_small(self, input: Tensor, mask: Tensor | None) -> int:
         count = F.valid_count(input, self.axis, mask)
-        if 2 <= count <= SMALL_COUNT_WARNING and not self._warned_small:
+        # getattr: layers unpickled from before this attribute existed
+        if 2 <= count <= SMALL_COUNT_WARNING and not getattr(self, "_warned_small", False):
             self._warned_small = True
             warnings.warn(
                 f"{self.layer_name()}: training batch of shape {tuple(input.shape)} gives only "
                 f"{count} values per channel; batch statistics this noisy hurt accuracy. Use "
                 "larger batches, GhostBatchNorm/BatchRenorm, or GroupNorm for tiny batches.",
                 SmallBatchWarning,
-                stacklevel=3,
+                stacklevel=5,  # the caller of the layer (through Module.__call__)
             )
         return count
 

@@ -1,0 +1,325 @@
+"""recalibrate against population statistics computed directly from the layers' inputs; fold and
+to_inference against the unfolded model in float64."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import batchnorm
+from batchnorm.nn.batchnorm import _BatchNormBase
+from batchnorm.tools import Moments, accumulate_moments, merge_moments
+
+
+def _bn_inputs(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Oracle: every BN layer's inputs over ``batches``, with the model in eval mode and the
+    BN layers normalizing with batch statistics (without touching the real model)."""
+    m = copy.deepcopy(model).eval()
+    seen: dict[str, list[torch.Tensor]] = {}
+    for name, layer in m.named_modules():
+        if isinstance(layer, (nn.modules.batchnorm._BatchNorm, _BatchNormBase)):
+            layer.train()
+            layer.register_forward_pre_hook(
+                lambda mod, args, n=name: seen.setdefault(n, []).append(args[0].detach())
+            )
+    with torch.no_grad():
+        for b in batches:
+            m(b)
+    return {k: torch.cat(v) for k, v in seen.items()}
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, 6),
+        nn.BatchNorm1d(6),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(6, 4),
+        batchnorm.BatchNorm1d(4),
+        nn.Tanh(),
+        nn.Linear(4, 3),
+        batchnorm.BatchNorm(3, axis=-1, unbiased_running_var=False),
+    ).double()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=5), st.integers(0, 10_000))
+def test_merge_moments_is_exact(sizes, seed) -> None:  # type: ignore[no-untyped-def]
+    g = np.random.default_rng(seed)
+    parts = [torch.from_numpy(g.normal(3, 2, size=(n, 3))) for n in sizes]
+    total = Moments(0, torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+    for p in parts:
+        total = merge_moments(total, Moments.of(p, axis=1))
+    allx = torch.cat(parts)
+    assert total.count == allx.shape[0]
+    torch.testing.assert_close(total.mean, allx.mean(0), rtol=1e-12, atol=1e-12)
+    if allx.shape[0] > 1:
+        torch.testing.assert_close(total.variance(), allx.var(0), rtol=1e-10, atol=1e-12)
+
+
+def test_recalibrate_gives_exact_population_statistics_weighted_by_samples() -> None:
+    net = _net()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(n, 5, generator=g, dtype=torch.float64) * 2 + 1 for n in (16, 16, 5)]
+    oracle = _bn_inputs(net, batches)
+    used = batchnorm.recalibrate(net, batches)
+    assert used == 37
+    for name, unbiased in (("1", True), ("5", True), ("8", False)):
+        layer = net.get_submodule(name)
+        x = oracle[name]
+        torch.testing.assert_close(layer.running_mean, x.mean(0), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            layer.running_var, x.var(0, unbiased=unbiased), rtol=1e-10, atol=1e-12
+        )
+    # torch's update_bn weights the short last batch like the others: a different answer
+    other = _net()
+    torch.optim.swa_utils.update_bn([(b,) for b in batches], other)
+    assert not torch.allclose(other[1].running_mean, net[1].running_mean, rtol=1e-6)
+
+
+def test_recalibrate_restores_modes_momentum_and_counters() -> None:
+    net = _net()
+    net.train()
+    net[3].eval()  # a mixed state must come back as it was
+    net[5].momentum = None
+    modes = {n: m.training for n, m in net.named_modules()}
+    counters = {
+        n: int(m.num_batches_tracked)
+        for n, m in net.named_modules()
+        if hasattr(m, "num_batches_tracked")
+    }
+    batchnorm.recalibrate(net, [torch.randn(8, 5, dtype=torch.float64) for _ in range(3)])
+    assert {n: m.training for n, m in net.named_modules()} == modes
+    assert net[1].momentum == 0.1 and net[5].momentum is None
+    assert counters == {
+        n: int(m.num_batches_tracked)
+        for n, m in net.named_modules()
+        if hasattr(m, "num_batches_tracked")
+    }
+
+
+def test_recalibrate_num_samples_tuples_and_dataloader() -> None:
+    net = _net()
+    x = torch.randn(40, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=12)
+    used = batchnorm.recalibrate(net, loader, num_samples=30)
+    assert used == 30
+    oracle = _bn_inputs(net, [x[:12], x[12:24], x[24:30]])  # the last batch is cut at 30
+    torch.testing.assert_close(net[1].running_mean, oracle["1"].mean(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(net[5].running_var, oracle["5"].var(0), rtol=1e-10, atol=1e-12)
+
+
+def test_adabn_recomputes_statistics_on_the_target_domain() -> None:
+    # a BN layer after a fixed feature map: target statistics are those of the shifted data
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).double()
+    src = [torch.rand(8, 1, 6, 6, dtype=torch.float64) for _ in range(4)]
+    tgt = [0.5 * b + 0.4 for b in src]  # contrast and brightness shifted
+    batchnorm.recalibrate(net, src)
+    src_mean = net[1].running_mean.clone()
+    batchnorm.recalibrate(net, tgt)
+    feats = torch.cat([net[0](b) for b in tgt]).detach()
+    torch.testing.assert_close(net[1].running_mean, feats.mean((0, 2, 3)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        net[1].running_var, feats.transpose(0, 1).reshape(4, -1).var(1), rtol=1e-10, atol=1e-12
+    )
+    assert not torch.allclose(src_mean, net[1].running_mean)
+
+
+def test_recalibrate_with_mask_uses_valid_positions() -> None:
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = batchnorm.BatchNorm1d(2, dtype=torch.float64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(x, mask=x[:, 0] != 0)  # zero padding marks invalid positions
+
+    x = torch.randn(6, 2, 5, dtype=torch.float64)
+    x[:3, :, 3:] = 0
+    model = Masked()
+    batchnorm.recalibrate(model, [x])
+    valid = x.transpose(1, 2)[x[:, 0] != 0]  # (M, C)
+    torch.testing.assert_close(model.bn.running_mean, valid.mean(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model.bn.running_var, valid.var(0), rtol=1e-10, atol=1e-12)
+
+
+def test_recalibrate_skips_frozen_layers_and_reports_misuse() -> None:
+    net = _net()
+    batchnorm.recalibrate(net, [torch.randn(8, 5, dtype=torch.float64)])
+    batchnorm.freeze(net[1:2])
+    frozen = net[1].running_mean.clone()
+    batchnorm.recalibrate(net, [torch.randn(8, 5, dtype=torch.float64) + 3])
+    assert torch.equal(net[1].running_mean, frozen)
+    with pytest.raises(ValueError, match="no batch"):
+        batchnorm.recalibrate(net, [])
+    with pytest.raises(TypeError, match="tensors or \\(x, y\\) tuples"):
+        batchnorm.recalibrate(net, [{"x": 1}])
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        batchnorm.recalibrate(net, [torch.randn(8, 5, dtype=torch.float64)], distributed=True)
+
+
+def test_recalibrate_distributed_on_one_rank_equals_local(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        a, b = _net(), _net()
+        data = [torch.randn(10, 5, dtype=torch.float64) for _ in range(3)]
+        batchnorm.recalibrate(a, data)
+        batchnorm.recalibrate(b, data, distributed=True)
+        for la, lb in zip(a.modules(), b.modules()):
+            if hasattr(la, "running_var"):
+                torch.testing.assert_close(la.running_var, lb.running_var, rtol=1e-12, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_accumulate_moments_is_the_local_half() -> None:
+    net = _net()
+    data = [torch.randn(10, 5, dtype=torch.float64) for _ in range(2)]
+    moments = accumulate_moments(net, data)
+    assert set(moments) == {"1", "5", "8"} and moments["1"].count == 20
+
+
+# --- folding ---------------------------------------------------------------------------------
+
+
+def _randomize_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, _BatchNormBase)):
+            with torch.no_grad():
+                c = m.running_mean.numel()
+                m.running_mean.copy_(torch.randn(c, generator=g))
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.2)
+                if m.weight is not None:
+                    m.weight.copy_(torch.randn(c, generator=g))
+                    m.bias.copy_(torch.randn(c, generator=g))
+    return model.eval()
+
+
+FOLD_CASES = [
+    (lambda: nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)), (2, 3, 9)),
+    (
+        lambda: nn.Sequential(nn.Conv2d(4, 6, 3, bias=False, groups=2), nn.BatchNorm2d(6)),
+        (2, 4, 7, 7),
+    ),
+    (
+        lambda: nn.Sequential(nn.Conv3d(2, 3, 2), batchnorm.BatchNorm3d(3, affine=False)),
+        (2, 2, 4, 4, 4),
+    ),
+    (lambda: nn.Sequential(nn.ConvTranspose1d(4, 6, 3, groups=2), nn.BatchNorm1d(6)), (2, 4, 5)),
+    (
+        lambda: nn.Sequential(nn.ConvTranspose2d(6, 4, 3, groups=2, bias=False), nn.BatchNorm2d(4)),
+        (2, 6, 4, 4),
+    ),
+    (lambda: nn.Sequential(nn.ConvTranspose3d(2, 3, 2), nn.BatchNorm3d(3)), (2, 2, 3, 3, 3)),
+    (lambda: nn.Sequential(nn.Linear(5, 4, bias=False), nn.BatchNorm1d(4)), (6, 5)),
+    (lambda: nn.Sequential(nn.Linear(5, 4), batchnorm.BatchNorm(4, axis=-1)), (2, 3, 5)),
+]
+
+
+@pytest.mark.parametrize("make,shape", FOLD_CASES)
+def test_fold_matches_unfolded_in_float64(make, shape) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = _randomize_bn(make().double())
+    x = torch.randn(*shape, dtype=torch.float64)
+    original = copy.deepcopy(model.state_dict())
+    folded, err = batchnorm.fold(model, x)
+    assert [type(m) for m in folded] == [type(model[0]), nn.Identity]
+    assert folded[0].bias is not None
+    direct = float((folded(x) - model(x)).abs().max().detach())
+    assert err == pytest.approx(direct, abs=1e-15) and err < 1e-12
+    for k, v in model.state_dict().items():  # the original is untouched
+        assert torch.equal(v, original[k])
+
+
+def test_fold_in_float32_is_computed_in_float64() -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+    x = torch.randn(4, 3, 8, 8)
+    folded, err = batchnorm.fold(model, x)
+    assert folded[0].weight.dtype == torch.float32
+    exact = model.double()(x.double())
+    assert float((folded(x).double() - exact).abs().max()) < 1e-4
+    assert err < 1e-4
+
+
+def test_fold_finds_pairs_outside_sequential_and_keeps_shared_or_unpaired_layers() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+            self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), batchnorm.BatchNorm2d(4)
+            self.bn3 = nn.BatchNorm2d(4)  # after an addition: not foldable
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.bn1(self.conv1(x)))
+            y = self.bn2(self.conv2(y))
+            return self.bn3(x + y)
+
+    model = _randomize_bn(Block().double())
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    folded, err = batchnorm.fold(model, x)
+    assert isinstance(folded.bn1, nn.Identity) and isinstance(folded.bn2, nn.Identity)
+    assert isinstance(folded.bn3, nn.BatchNorm2d)
+    assert err < 1e-12
+
+
+def test_fold_refuses_training_mode_and_missing_statistics() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(
+        ValueError, match=r"fold: layer '1' \(BatchNorm2d\) is in training mode.*model.eval\(\)"
+    ):
+        batchnorm.fold(model, x)
+    untracked = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)
+    ).eval()
+    with pytest.raises(ValueError, match=r"'1'.*no running statistics.*recalibrate"):
+        batchnorm.fold(untracked, x)
+    with pytest.raises(ValueError, match="training mode"):
+        batchnorm.to_inference(model)
+
+
+def test_fold_leaves_linear_bn_pair_on_other_axis() -> None:
+    # Linear acts on the last axis, BatchNorm1d normalizes axis 1 of a 3-D input: not foldable
+    model = _randomize_bn(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).double())
+    x = torch.randn(3, 4, 4, dtype=torch.float64)
+    folded, err = batchnorm.fold(model, x)
+    assert isinstance(folded[1], nn.BatchNorm1d) and err == 0.0
+
+
+def test_to_inference_replaces_every_bn_and_keeps_outputs() -> None:
+    model = nn.Sequential(
+        batchnorm.BatchNorm2d(3),
+        nn.Conv2d(3, 4, 3),
+        batchnorm.InPlaceABN(4, activation="elu"),
+        nn.Conv2d(4, 4, 1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 16, 5),
+        batchnorm.GhostBatchNorm1d(5, virtual_batch_size=2),
+    ).double()
+    for _ in range(3):
+        model(torch.randn(8, 3, 6, 6, dtype=torch.float64))  # real statistics
+    model.eval()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    deploy = batchnorm.to_inference(model)
+    kinds = [type(m).__name__ for m in deploy.modules()]
+    assert not any(
+        isinstance(m, (nn.modules.batchnorm._BatchNorm, _BatchNormBase)) for m in deploy.modules()
+    )
+    assert "FrozenBatchNorm" in kinds and "ELU" in kinds
+    torch.testing.assert_close(deploy(x), model(x), rtol=1e-10, atol=1e-10)
+    deploy.train()  # no layer depends on the mode any more
+    torch.testing.assert_close(deploy(x), model(x), rtol=1e-10, atol=1e-10)

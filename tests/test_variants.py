@@ -1,0 +1,355 @@
+"""Batch renorm against the float64 reference, ghost batches against plain BN per chunk, frozen
+BN and freeze/unfreeze against eval-mode BN."""
+
+import copy
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm import reference as ref
+from batchnorm.variants import ghost_chunks, is_frozen
+
+NO_WARMUP = {"warmup_steps": 0, "r_max_step": 0, "d_max_step": 0}
+
+
+def _randomize(bn: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        c = bn.running_mean.numel()
+        bn.running_mean.copy_(torch.randn(c, generator=g) * 2)
+        bn.running_var.copy_(torch.rand(c, generator=g) * 3 + 0.05)
+        if getattr(bn, "weight", None) is not None:
+            bn.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(c, generator=g))
+
+
+# --- batch renormalization -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r_max,d_max", [(1.5, 0.5), (3.0, 5.0), (1.0, 0.0), (1.1, 0.05)])
+@pytest.mark.parametrize(
+    "cls,shape,axis",
+    [
+        (batchnorm.BatchRenorm1d, (16, 4), 1),
+        (batchnorm.BatchRenorm2d, (4, 4, 3, 5), 1),
+        (batchnorm.BatchRenorm3d, (2, 4, 2, 3, 2), 1),
+        (batchnorm.BatchRenorm, (6, 5, 4), -1),
+    ],
+)
+def test_renorm_matches_float64_reference(cls, shape, axis, r_max, d_max) -> None:  # type: ignore[no-untyped-def]
+    kw = {"axis": axis} if cls is batchnorm.BatchRenorm else {}
+    bn = cls(4, r_max=r_max, d_max=d_max, momentum=0.2, dtype=torch.float64, **NO_WARMUP, **kw)
+    _randomize(bn)
+    rm, rv = bn.running_mean.clone().numpy(), bn.running_var.clone().numpy()
+    x = torch.randn(*shape, dtype=torch.float64) * 1.7 + 0.4
+    y = bn(x)
+    want, r, d = ref.batch_renorm_forward(
+        x.numpy(),
+        rm,
+        rv,
+        bn.weight.detach().numpy(),
+        bn.bias.detach().numpy(),
+        r_max=r_max,
+        d_max=d_max,
+        eps=bn.eps,
+        axis=axis,
+    )
+    np.testing.assert_allclose(y.detach().numpy(), want, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(bn.last_r.numpy(), r, rtol=1e-12)
+    np.testing.assert_allclose(bn.last_d.numpy(), d, rtol=1e-12, atol=1e-15)
+    mean, var = ref.batch_stats(x.numpy(), axis)
+    m = ref.channel_count(tuple(x.shape), axis)
+    wm, wv = ref.running_stats_update(rm, rv, mean, var, m, 0.2)
+    np.testing.assert_allclose(bn.running_mean.numpy(), wm, rtol=1e-12)
+    np.testing.assert_allclose(bn.running_var.numpy(), wv, rtol=1e-12)
+
+
+def test_renorm_clipping_is_active_in_the_reference_test() -> None:
+    # the parametrized test above would be vacuous if r and d were never clipped
+    bn = batchnorm.BatchRenorm1d(4, r_max=1.1, d_max=0.05, dtype=torch.float64, **NO_WARMUP)
+    _randomize(bn)
+    bn(torch.randn(16, 4, dtype=torch.float64) * 1.7 + 0.4)
+    assert bool(
+        ((bn.last_r - 1.1).abs() < 1e-12).any() | ((bn.last_r - 1 / 1.1).abs() < 1e-12).any()
+    )
+    assert bool((bn.last_d.abs() - 0.05).abs().min() < 1e-12)
+
+
+def test_renorm_with_rmax_1_dmax_0_is_batch_norm_forward_and_backward() -> None:
+    torch.manual_seed(0)
+    ours = batchnorm.BatchRenorm2d(5, r_max=1.0, d_max=0.0, dtype=torch.float64, **NO_WARMUP)
+    theirs = nn.BatchNorm2d(5, dtype=torch.float64)
+    _randomize(ours)
+    theirs.load_state_dict(ours.state_dict())
+    x1 = torch.randn(4, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    g = torch.randn(4, 5, 3, 3, dtype=torch.float64)
+    y1, y2 = ours(x1), theirs(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-12, atol=1e-12)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-12, atol=1e-12)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x1), theirs(x2), rtol=1e-12, atol=1e-12)
+
+
+def test_renorm_gradient_treats_r_and_d_as_constants() -> None:
+    torch.manual_seed(2)
+    bn = batchnorm.BatchRenorm1d(
+        3, r_max=2.0, d_max=1.0, momentum=0.0, dtype=torch.float64, **NO_WARMUP
+    )
+    _randomize(bn, seed=3)
+    x = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(10, 3, dtype=torch.float64)
+    torch.autograd.backward(bn(x), g)
+    # oracle: the paper's formula with torch ops, r and d detached (stop_gradient)
+    x2 = x.detach().clone().requires_grad_(True)
+    w = bn.weight.detach().clone().requires_grad_(True)
+    b = bn.bias.detach().clone().requires_grad_(True)
+    mu, var = x2.mean(0), x2.var(0, unbiased=False)
+    sb, s = torch.sqrt(var + bn.eps), torch.sqrt(bn.running_var + bn.eps)
+    r = (sb / s).clamp(0.5, 2.0).detach()
+    d = ((mu - bn.running_mean) / s).clamp(-1.0, 1.0).detach()
+    y = w * ((x2 - mu) / sb * r + d) + b
+    torch.autograd.backward(y, g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bn.weight.grad, w.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(bn.bias.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_renorm_warmup_schedule() -> None:
+    bn = batchnorm.BatchRenorm1d(
+        2, r_max=3.0, d_max=5.0, warmup_steps=10, r_max_step=50, d_max_step=30
+    )
+    expected = {
+        0: (1.0, 0.0),
+        9: (1.0, 0.0),
+        10: (1.0, 0.0),
+        20: (1.5, 2.5),
+        30: (2.0, 5.0),
+        50: (3.0, 5.0),
+        1000: (3.0, 5.0),
+    }
+    for step, (r, d) in expected.items():
+        bn.num_batches_tracked.fill_(step)
+        got = bn.renorm_limits()
+        assert got == pytest.approx((r, d)), step
+    # during warm-up the layer is plain BN whatever the running statistics
+    _randomize(bn)
+    bn.num_batches_tracked.zero_()
+    x = torch.randn(8, 2)
+    want = ref.batch_norm_forward(x.numpy(), bn.weight.detach().numpy(), bn.bias.detach().numpy())[
+        0
+    ]
+    np.testing.assert_allclose(bn(x).detach().numpy(), want, rtol=1e-4, atol=1e-5)
+    # the paper's default schedule
+    paper = batchnorm.BatchRenorm2d(2)
+    assert (paper.warmup_steps, paper.r_max_step, paper.d_max_step) == (5000, 40000, 25000)
+
+
+def test_renorm_errors() -> None:
+    with pytest.raises(ValueError, match=r"BatchRenorm1d\(4\): r_max must be >= 1"):
+        batchnorm.BatchRenorm1d(4, r_max=0.5)
+    with pytest.raises(ValueError, match="d_max must be >= 0"):
+        batchnorm.BatchRenorm1d(4, d_max=-1.0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        batchnorm.BatchRenorm1d(4, warmup_steps=100, r_max_step=10)
+    with pytest.raises(ValueError, match="track_running_stats=True"):
+        batchnorm.BatchRenorm1d(4, track_running_stats=False)
+    with pytest.raises(batchnorm.BatchNormInputError, match=r"BatchRenorm2d\(4\): expected 4D"):
+        batchnorm.BatchRenorm2d(4)(torch.randn(3, 4))
+
+
+# --- ghost batches ---------------------------------------------------------------------------
+
+
+def test_ghost_chunks_rule() -> None:
+    assert ghost_chunks(10, 4, 1) == [4, 4, 2]
+    assert ghost_chunks(9, 4, 1) == [4, 5]  # a last chunk of one value merges into the previous
+    assert ghost_chunks(9, 4, 3) == [4, 4, 1]  # one sample with 3 values per channel is enough
+    assert ghost_chunks(3, 8, 1) == [3]
+    assert ghost_chunks(1, 8, 5) == [1]
+    assert sum(ghost_chunks(37, 5, 1)) == 37
+
+
+@pytest.mark.parametrize(
+    "cls,plain,shape,vbs",
+    [
+        (batchnorm.GhostBatchNorm1d, nn.BatchNorm1d, (10, 3), 4),
+        (batchnorm.GhostBatchNorm1d, nn.BatchNorm1d, (9, 3), 4),
+        (batchnorm.GhostBatchNorm2d, nn.BatchNorm2d, (7, 3, 2, 2), 3),
+        (batchnorm.GhostBatchNorm3d, nn.BatchNorm3d, (5, 3, 2, 1, 2), 2),
+        (batchnorm.GhostBatchNorm1d, nn.BatchNorm1d, (6, 3), 16),
+    ],
+)
+def test_ghost_equals_plain_bn_on_each_chunk_in_order(cls, plain, shape, vbs) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    ghost = cls(3, virtual_batch_size=vbs, momentum=0.3, dtype=torch.float64)
+    bn = plain(3, momentum=0.3, dtype=torch.float64)
+    _randomize(ghost)
+    bn.load_state_dict(ghost.state_dict())
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(*shape, dtype=torch.float64)
+    per_sample = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    sizes = ghost_chunks(shape[0], vbs, per_sample)
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = torch.cat([bn(c) for c in torch.split(x2, sizes)])
+    y = ghost(x)
+    torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-12)
+    (y * g).sum().backward()
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ghost.weight.grad, bn.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ghost.running_mean, bn.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ghost.running_var, bn.running_var, rtol=1e-12, atol=1e-12)
+    assert int(ghost.num_batches_tracked) == len(sizes) == int(bn.num_batches_tracked)
+    ghost.eval(), bn.eval()
+    torch.testing.assert_close(ghost(x), bn(x2), rtol=1e-12, atol=1e-12)
+
+
+def test_ghost_statistics_are_per_chunk_not_per_batch() -> None:
+    # two chunks with very different means: each is normalized to mean 0 on its own
+    x = torch.cat([torch.randn(8, 2) + 10, torch.randn(8, 2) - 10])
+    y = batchnorm.GhostBatchNorm1d(2, virtual_batch_size=8)(x)
+    y = y.detach()
+    assert float(y[:8].mean(0).abs().max()) < 1e-5 and float(y[8:].mean(0).abs().max()) < 1e-5
+    y_full = batchnorm.BatchNorm1d(2)(x)
+    assert float(y_full[:8].mean(0).abs().min()) > 0.5
+
+
+def test_ghost_with_mask_and_any_axis() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(6, 5, 3, dtype=torch.float64)  # (N, L, C), channels last
+    mask = torch.rand(6, 5) < 0.7
+    mask[:, 0] = True
+    ghost = batchnorm.GhostBatchNorm(3, axis=-1, virtual_batch_size=2, dtype=torch.float64)
+    plain = batchnorm.BatchNorm(3, axis=-1, dtype=torch.float64)
+    y = ghost(x, mask=mask)
+    y2 = torch.cat([plain(x[i : i + 2], mask=mask[i : i + 2]) for i in range(0, 6, 2)])
+    torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ghost.running_var, plain.running_var, rtol=1e-12, atol=1e-12)
+
+
+def test_ghost_errors() -> None:
+    with pytest.raises(ValueError, match=r"GhostBatchNorm1d\(3\): virtual_batch_size"):
+        batchnorm.GhostBatchNorm1d(3, virtual_batch_size=0)
+    with pytest.raises(TypeError):
+        batchnorm.GhostBatchNorm1d(3)  # type: ignore[call-arg]
+    with pytest.raises(batchnorm.BatchNormInputError, match="dimension 0"):
+        batchnorm.GhostBatchNorm(4, axis=0, virtual_batch_size=2)(torch.randn(4, 6))
+
+
+# --- frozen BN -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "frozen_cls,bn_cls,shape",
+    [
+        (batchnorm.FrozenBatchNorm1d, nn.BatchNorm1d, (4, 3)),
+        (batchnorm.FrozenBatchNorm2d, nn.BatchNorm2d, (2, 3, 4, 4)),
+        (batchnorm.FrozenBatchNorm3d, nn.BatchNorm3d, (2, 3, 2, 2, 2)),
+    ],
+)
+def test_frozen_module_is_eval_bn_in_both_modes(frozen_cls, bn_cls, shape) -> None:  # type: ignore[no-untyped-def]
+    bn = bn_cls(3, dtype=torch.float64)
+    _randomize(bn)
+    bn.eval()
+    frozen = frozen_cls.from_batchnorm(bn)
+    x = torch.randn(*shape, dtype=torch.float64)
+    for mode in (True, False):
+        frozen.train(mode)
+        torch.testing.assert_close(frozen(x), bn(x), rtol=1e-12, atol=1e-12)
+    assert list(frozen.parameters()) == []
+    # a torch.nn.BatchNorm checkpoint loads as is
+    other = frozen_cls(3, dtype=torch.float64)
+    other.load_state_dict(bn.state_dict())
+    torch.testing.assert_close(other(x), bn(x), rtol=1e-12, atol=1e-12)
+
+
+def test_frozen_generic_axis_and_errors() -> None:
+    bn = batchnorm.BatchNorm(3, axis=-1, dtype=torch.float64)
+    _randomize(bn)
+    bn.eval()
+    frozen = batchnorm.FrozenBatchNorm.from_batchnorm(bn)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    torch.testing.assert_close(frozen(x), bn(x))
+    with pytest.raises(ValueError, match="axis -1"):
+        batchnorm.FrozenBatchNorm2d.from_batchnorm(bn)
+    with pytest.raises(ValueError, match="no running statistics"):
+        batchnorm.FrozenBatchNorm1d.from_batchnorm(nn.BatchNorm1d(3, track_running_stats=False))
+    with pytest.raises(batchnorm.BatchNormInputError, match=r"FrozenBatchNorm2d\(3\): expected 4D"):
+        batchnorm.FrozenBatchNorm2d(3)(torch.randn(2, 3))
+    with pytest.raises(batchnorm.BatchNormInputError, match="expected 3 channels"):
+        batchnorm.FrozenBatchNorm1d(3)(torch.randn(2, 4))
+
+
+def _trained_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 4), batchnorm.BatchNorm1d(4)
+    )
+    for _ in range(3):
+        net(torch.randn(16, 3))
+    return net
+
+
+def test_freeze_keeps_statistics_through_train_and_unfreeze_restores() -> None:
+    net = _trained_net()
+    x = torch.randn(8, 3)
+    expected = copy.deepcopy(net).eval()(x)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # trained statistics: no warning
+        batchnorm.freeze(net)
+    net.train()
+    torch.testing.assert_close(net(x), expected)  # normalized with the running statistics
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k]), k  # nothing updated, not even num_batches_tracked
+    assert all(p.requires_grad for p in net.parameters())  # affine stays trainable by default
+    assert is_frozen(net[1]) and is_frozen(net[4])
+    batchnorm.unfreeze(net.train())
+    assert net[1].training and net[4].training and not is_frozen(net[1])
+    net(x)
+    assert not torch.equal(net[1].running_mean, state["1.running_mean"])
+
+
+def test_freeze_affine_and_unfreeze_restore_requires_grad_exactly() -> None:
+    net = _trained_net()
+    net[4].bias.requires_grad_(False)  # the user's choice survives the round trip
+    batchnorm.freeze(net, affine=True)
+    assert not any(p.requires_grad for m in (net[1], net[4]) for p in m.parameters())
+    assert net[0].weight.requires_grad
+    batchnorm.unfreeze(net)
+    assert net[1].weight.requires_grad and net[1].bias.requires_grad
+    assert net[4].weight.requires_grad and not net[4].bias.requires_grad
+
+
+def test_freeze_warns_on_initial_statistics_and_rejects_untracked() -> None:
+    with pytest.warns(batchnorm.variants.FrozenStatisticsWarning, match=r"'1'.*initial statistics"):
+        batchnorm.freeze(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))
+    with pytest.raises(ValueError, match=r"'1'.*track_running_stats=False"):
+        batchnorm.freeze(
+            nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3, track_running_stats=False))
+        )
+
+
+def test_frozen_model_survives_deepcopy_and_save(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    net = batchnorm.freeze(_trained_net())
+    clone = copy.deepcopy(net).train()
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(clone(x), copy.deepcopy(net).eval()(x))
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False).train()
+    before = loaded[1].running_mean.clone()
+    loaded(x)
+    assert torch.equal(before, loaded[1].running_mean)
