@@ -33,6 +33,7 @@ Claims:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def _net(cfg: DropoutConfig, ds: Dataset, bn: bool, p: float, where: str) -> nn.
     )
     if where == "last" and p > 0:
         # dropout only after the last BN, right before the classifier: no BN sees its variance
-        net.out = nn.Sequential(nn.Dropout(p), net.out)
+        net.out = nn.Sequential(nn.Dropout(p), net.out)  # type: ignore[assignment]
     return net
 
 
@@ -205,9 +206,7 @@ def run(cfg: DropoutConfig, ctx: RunContext) -> Results:
             res = cached_train(
                 ctx,
                 f"{name}-seed{seed}",
-                lambda bn=bn, p=p, where=where, seed=seed: _train(
-                    cfg, ds, bn, p, where, seed, ctx.progress
-                ),
+                partial(_train, cfg, ds, bn, p, where, seed, ctx.progress),
             )
             results[name].append(res)
             rows += arm_rows(name, seed, res["train"], bn=bn, dropout=p, where=where)

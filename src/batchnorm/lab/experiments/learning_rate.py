@@ -29,6 +29,7 @@ chance to the target (the no-BN arm's best accuracy).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -251,8 +252,8 @@ def run(cfg: LearningRateConfig, ctx: RunContext) -> Results:
             res = cached_train(
                 ctx,
                 f"sweep-{arm}-lr{lr:g}",
-                lambda arm=arm, lr=lr: _train(
-                    cfg, val, bn=arm == "BN", activation="relu", lr=lr, dropout=0.0,
+                partial(
+                    _train, cfg, val, bn=arm == "BN", activation="relu", lr=lr, dropout=0.0,
                     weight_decay=0.0, halvings=0.0, steps=cfg.sweep_steps, seed=cfg.seed,
                     progress=ctx.progress, desc=f"sweep {arm} lr={lr:g}",
                 ),
@@ -286,9 +287,8 @@ def run(cfg: LearningRateConfig, ctx: RunContext) -> Results:
             res = cached_train(
                 ctx,
                 f"arm-{arm}-seed{seed}",
-                lambda bn=bn, act=act, lr=lr, regularized=regularized, fast=fast, seed=seed,
-                arm=arm: _train(
-                    cfg, ds, bn=bn, activation=act, lr=lr,
+                partial(
+                    _train, cfg, ds, bn=bn, activation=act, lr=lr,
                     dropout=cfg.dropout if regularized else 0.0,
                     weight_decay=cfg.weight_decay if regularized else cfg.weight_decay / 5,
                     halvings=cfg.halvings * (cfg.fast_decay if fast else 1.0),
@@ -327,9 +327,9 @@ def run(cfg: LearningRateConfig, ctx: RunContext) -> Results:
     target_curve = [v for v in mean_curves["noBN"][1] if v is not None]
     target = max(target_curve) if target_curve else 1.0
     reach = {arm: steps_to(st, cv, target) for arm, (st, cv) in mean_curves.items()}
-    finals = {arm: _final(cv) for arm, (_, cv) in mean_curves.items()}
+    final = {arm: _final(cv) for arm, (_, cv) in mean_curves.items()}
     diverged = {arm: arms_summary[arm]["diverged"] > 0 for arm in ARMS}
-    learns = {arm: not diverged[arm] and _learns(finals[arm], chance, target) for arm in ARMS}
+    learns = {arm: not diverged[arm] and _learns(final[arm], chance, target) for arm in ARMS}
     for arm in ARMS:
         arms_summary[arm]["steps_to_target"] = reach[arm]
         arms_summary[arm]["learns"] = learns[arm]
@@ -388,7 +388,7 @@ def run(cfg: LearningRateConfig, ctx: RunContext) -> Results:
             measured={
                 "eta0": lr0,
                 "diverged": diverged["noBN-x5"],
-                "final_accuracy": finals["noBN-x5"],
+                "final_accuracy": final["noBN-x5"],
                 "learn_threshold": chance + 0.5 * (target - chance),
             },
             source=SOURCE + " (Sec. 3.3: higher rates without BN explode or get stuck)",
@@ -400,8 +400,8 @@ def run(cfg: LearningRateConfig, ctx: RunContext) -> Results:
             statement="the sigmoid network learns with BN and not without it",
             verdict=learns["BN-x5-Sigmoid"] and not learns["noBN-Sigmoid"],
             measured={
-                "BN-x5-Sigmoid_final": finals["BN-x5-Sigmoid"],
-                "noBN-Sigmoid_final": finals["noBN-Sigmoid"],
+                "BN-x5-Sigmoid_final": final["BN-x5-Sigmoid"],
+                "noBN-Sigmoid_final": final["noBN-Sigmoid"],
                 "learn_threshold": chance + 0.5 * (target - chance),
             },
             source=SOURCE + " (Inception with sigmoid: BN-x5-Sigmoid 69.8%, without BN ~0.1%)",

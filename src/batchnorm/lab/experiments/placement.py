@@ -24,6 +24,7 @@ Spread = std(before) + std(after), population std over seeds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +185,7 @@ def run(cfg: PlacementConfig, ctx: RunContext) -> Results:
                 res = cached_train(
                     ctx,
                     f"{act}-{bn}-seed{seed}",
-                    lambda act=act, bn=bn, seed=seed: _train(cfg, ds, act, bn, seed, ctx.progress),
+                    partial(_train, cfg, ds, act, bn, seed, ctx.progress),
                 )["train"]
                 runs[bn].append(res)
                 rows += arm_rows(f"{act}/{bn}", seed, res, activation=act, bn=bn)
@@ -254,8 +255,9 @@ def run(cfg: PlacementConfig, ctx: RunContext) -> Results:
                 details=rule + "; supported if |before - after| > spread",
             )
         )
-        faster = reach["none"] is not None and all(
-            reach[b] is not None and reach[b] < reach["none"] for b in ("before", "after")
+        r_none = reach["none"]
+        faster = r_none is not None and all(
+            (r := reach[b]) is not None and r < r_none for b in ("before", "after")
         )
         claims.append(
             Claim(

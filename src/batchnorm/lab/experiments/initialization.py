@@ -1,0 +1,237 @@
+"""``initialization`` — does BN make training less sensitive to the weight initialization?
+
+The paper (Ioffe & Szegedy 2015, Sec. 1 and 3.3) says BN lets us be less careful about
+initialization: the normalized activations do not depend on the scale of the weights
+(``BN(aWu) = BN(Wu)``). The same ReLU MLP is trained with Gaussian weights N(0, s²) for scales
+s over several orders of magnitude (``init_scales``), without BN and with BN before each
+activation, at one learning rate.
+
+Every run is classified: *diverged* (the loss became non-finite), *stalled* (final held-out
+accuracy below chance + (best − chance)/2, with best = the best seed-mean final accuracy of any
+arm), or *trained*.
+
+Claims:
+
+* the final accuracy varies less across the initialization scales with BN (range = max − min of
+  the seed-mean final accuracy over scales);
+* fewer scales fail (diverge or stall) with BN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batchnorm.lab import models, train
+from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.data import Dataset
+from batchnorm.lab.experiments._nets import arm_rows, cached_train, load_data
+from batchnorm.lab.registry import register
+from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
+
+NAME = "initialization"
+SOURCE = "Ioffe & Szegedy 2015, Sec. 1 and 3.3"
+ARMS = ("noBN", "BN")
+
+
+@dataclass
+class InitializationConfig(BaseConfig):
+    """Settings of the initialization experiment (see the module docstring)."""
+
+    seeds: int = 2
+    steps: int = 1000
+    batch_size: int = 60
+    hidden: tuple[int, ...] = (100, 100, 100)
+    activation: str = "relu"
+    init_scales: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0)
+    lr: float = 0.05
+    momentum: float = 0.9
+    eval_every: int = 100
+    final_window: int = 2
+    n_train: int = 0
+    n_eval: int = 5000
+
+    QUICK = {
+        "steps": 60,
+        "hidden": (32, 32),
+        "init_scales": (0.001, 0.1, 10.0),
+        "eval_every": 20,
+        "n_train": 500,
+        "n_eval": 300,
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if min(self.steps, self.eval_every, self.final_window) < 1:
+            raise ConfigError("steps, eval_every and final_window must be >= 1")
+        if len(self.init_scales) < 2 or min(self.init_scales) <= 0:
+            raise ConfigError(f"init_scales needs >= 2 positive scales, got {self.init_scales}")
+
+
+def _train(
+    cfg: InitializationConfig, ds: Dataset, bn: bool, scale: float, seed: int, progress: bool | None
+) -> tuple[train.TrainResult, dict[str, Any]]:
+    train.seed_everything(seed)
+    net = models.MLP(
+        ds.num_features,
+        cfg.hidden,
+        ds.num_classes,
+        activation=cfg.activation,
+        bn="before" if bn else "none",
+        init_std=scale,
+    )
+    opt = train.make_optimizer(net.parameters(), "sgd", cfg.lr, cfg.momentum)
+    res = train.train(
+        net,
+        opt,
+        ds.x_train,
+        ds.y_train,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        eval_sets={"test": (ds.x_test, ds.y_test)},
+        eval_every=cfg.eval_every,
+        seed=seed,
+        threads=cfg.threads,
+        progress=progress,
+        desc=f"bn={bn} init={scale:g} seed={seed}",
+    )
+    return res, {}
+
+
+def _final(run: dict[str, Any], window: int) -> float | None:
+    if run["diverged"]:
+        return None
+    accs = [r["test_acc"] for r in run["rows"] if r.get("test_acc") is not None]
+    return float(np.mean(accs[-window:])) if accs else None
+
+
+def figures(run: RunData, out: Path) -> list[Path]:
+    """Final accuracy against the init scale, with and without BN (diverged runs marked)."""
+    from batchnorm.lab import plots
+
+    s = run.series
+    fig, (ax,) = plots.new_figure(1, size=(5.2, 3.8))
+    scales = s["scales"]
+    for i, arm in enumerate(ARMS):
+        per = s["finals"][arm]  # (scales, seeds)
+        means = [
+            np.mean([v for v in vals if v is not None]) if any(v is not None for v in vals) else 0
+            for vals in per
+        ]
+        c = plots.color_for("bn" if arm == "BN" else "none", i)
+        ax.plot(scales, means, "o-", color=c, label="BN" if arm == "BN" else "no BN")
+        for sc, vals in zip(scales, per):
+            ok = [v for v in vals if v is not None]
+            ax.scatter([sc] * len(ok), ok, color=c, s=10, alpha=0.6)
+            if len(ok) < len(vals):
+                ax.scatter([sc], [0.0], marker="x", color=c, s=40)
+    ax.axhline(s["chance"], color="k", lw=1, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("init std of the weights (x: a seed diverged)")
+    ax.set_ylabel("final held-out accuracy")
+    ax.set_title("sensitivity to initialization")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return [plots.save_figure(fig, out / f"{NAME}.png")]
+
+
+@register(
+    NAME,
+    config=InitializationConfig,
+    figures=figures,
+    source=SOURCE,
+    description="ReLU MLP with Gaussian init over several orders of magnitude, with and "
+    "without BN: final accuracy, divergence and stalls",
+)
+def run(cfg: InitializationConfig, ctx: RunContext) -> Results:
+    """Train every (arm, scale, seed); claims from the per-scale final accuracies."""
+    ds = load_data(cfg, ctx, cfg.n_train, cfg.n_eval)
+    seeds = cfg.seed_list()
+    chance = 1.0 / ds.num_classes
+    rows: list[dict[str, Any]] = []
+    finals: dict[str, list[list[float | None]]] = {a: [] for a in ARMS}
+    diverged: dict[str, list[int]] = {a: [] for a in ARMS}
+    for arm in ARMS:
+        for scale in cfg.init_scales:
+            per_seed: list[float | None] = []
+            n_div = 0
+            for seed in seeds:
+                res = cached_train(
+                    ctx,
+                    f"{arm}-init{scale:g}-seed{seed}",
+                    partial(_train, cfg, ds, arm == "BN", scale, seed, ctx.progress),
+                )["train"]
+                per_seed.append(_final(res, cfg.final_window))
+                n_div += bool(res["diverged"])
+                rows += arm_rows(arm, seed, res, init_std=scale)
+            finals[arm].append(per_seed)
+            diverged[arm].append(n_div)
+    means = {a: [mean_std(v)["mean"] for v in finals[a]] for a in ARMS}
+    best = max((m for a in ARMS for m in means[a] if m is not None), default=chance)
+    bar = chance + 0.5 * (best - chance)
+
+    def status(arm: str, k: int) -> str:
+        if diverged[arm][k] > 0:
+            return "diverged"
+        m = means[arm][k]
+        return "trained" if m is not None and m >= bar else "stalled"
+
+    statuses = {a: [status(a, k) for k in range(len(cfg.init_scales))] for a in ARMS}
+    fails = {a: sum(s != "trained" for s in statuses[a]) for a in ARMS}
+
+    def acc_range(arm: str) -> float:
+        # a diverged scale counts as chance accuracy: it produced no usable network
+        vals = [chance if m is None else m for m in means[arm]]
+        return float(max(vals) - min(vals))
+
+    ranges = {a: acc_range(a) for a in ARMS}
+    per_scale = {a: {f"{sc:g}": means[a][k] for k, sc in enumerate(cfg.init_scales)} for a in ARMS}
+    claims = [
+        Claim(
+            id="bn-init-insensitive",
+            statement="with BN, the final accuracy varies less across initialization scales",
+            verdict=ranges["BN"] < ranges["noBN"],
+            measured={
+                "range_noBN": ranges["noBN"],
+                "range_BN": ranges["BN"],
+                **{f"acc_{a}": per_scale[a] for a in ARMS},
+            },  # fmt: skip
+            source=SOURCE,
+            seeds=seeds,
+            details="range = max - min over scales of the seed-mean final held-out accuracy "
+            "(a diverged scale counts as chance)",
+        ),
+        Claim(
+            id="bn-init-fewer-failures",
+            statement="with BN, fewer initialization scales fail to train (diverge or stall)",
+            verdict=fails["BN"] < fails["noBN"],
+            measured={
+                "failures_noBN": fails["noBN"],
+                "failures_BN": fails["BN"],
+                "status_noBN": dict(zip(map(str, cfg.init_scales), statuses["noBN"])),
+                "status_BN": dict(zip(map(str, cfg.init_scales), statuses["BN"])),
+            },
+            source=SOURCE,
+            seeds=seeds,
+            details=f"diverged = any seed's loss non-finite; stalled = seed-mean final accuracy "
+            f"< chance + (best - chance)/2 = {bar:.3g}",
+        ),
+    ]
+    for c in claims:
+        ctx.log(f"[{'supported' if c.verdict else 'NOT supported'}] {c.statement}")
+    arms = {
+        f"{a} init={sc:g}": {
+            "final_accuracy": mean_std(finals[a][k]),
+            "diverged": diverged[a][k],
+            "status": statuses[a][k],
+        }
+        for a in ARMS
+        for k, sc in enumerate(cfg.init_scales)
+    }
+    summary = {"dataset": ds.info(), "seeds": seeds, "arms": arms, "claims": claims}
+    series = {"scales": list(cfg.init_scales), "finals": finals, "chance": chance}
+    return Results(rows=rows, summary=summary, series=series)
