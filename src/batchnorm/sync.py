@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import datetime
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -373,6 +373,8 @@ class SyncBatchNorm(_BatchNormBase):
             backend=backend,
             **kwargs,
         )
+        self.name = name
+        _tag(name)  # known by name, so that another rank's errors can name this layer
         if timeout is not None and not timeout > 0:
             raise ValueError(f"{self.layer_name()}: timeout must be > 0 seconds, got {timeout!r}")
         if sync_width is not None and sync_width < num_features:
@@ -382,7 +384,6 @@ class SyncBatchNorm(_BatchNormBase):
             )
         self.process_group = process_group
         self.timeout = timeout
-        self.name = name
         self.sync_width = sync_width
         self._sync_calls = 0  # synchronized forwards so far: every rank must agree
 
@@ -455,6 +456,7 @@ def _named_bn(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def _to_sync(m: nn.Module, name: str, group: Any, timeout: float | None, width: int) -> nn.Module:
     if isinstance(m, SyncBatchNorm):
         m.name, m.sync_width = name, width
+        _tag(name)
         if group is not None:
             m.process_group = group
         if timeout is not None:
@@ -528,44 +530,81 @@ def convert_sync_batchnorm(
 # recalibration across ranks
 
 
+Stats = tuple[int, Tensor, Tensor]  # (count, mean, M2) per channel
+
+
 @torch.no_grad()
 def all_reduce_population_stats(
-    mean: Tensor,
-    var: Tensor,
-    count: int,
+    stats: Mapping[str, Stats],
+    channels: Mapping[str, int],
     *,
     process_group: Any = None,
     timeout: float | None = None,
-    layer: str | None = None,
-    unbiased: bool = False,
-) -> tuple[Tensor, Tensor, int]:
-    """Merge per-rank population statistics into the statistics of all ranks' samples.
+) -> dict[str, Stats]:
+    """Merge every rank's population statistics, layer by layer, weighted by sample count.
 
-    Each rank passes the mean and variance of the ``count`` values per channel it has seen
-    (``count`` may be 0); every rank gets back the same ``(mean, var, total)``, weighted by
-    sample count (Chan's merge in float64, one all-gather). ``unbiased`` says whether ``var``
-    (in and out) carries the ``n/(n−1)`` correction. Without an initialized process group the
-    input is returned unchanged.
+    Each rank passes, for the layers it saw data for, ``(count, mean, M2)`` with
+    ``M2 = Σ (x − mean)²`` per channel; ``channels`` lists every layer to merge (name → C) in
+    the same order on every rank (a layer a rank never saw counts 0 there). Every rank gets back
+    the same merged ``(count, mean, M2)`` (float64, Chan's merge in rank order) for each layer
+    some rank saw. This is the cross-rank step of ``batchnorm.tools.recalibrate(...,
+    distributed=True)``.
+
+    Two collectives for the whole model, whatever its depth: a fixed-size handshake (message
+    length and a checksum of the layer names and widths, so that ranks with different models
+    get a clear error instead of a mismatched collective) and one all-gather of every layer's
+    ``[n, mean, M2]``. Without an initialized process group the input is returned as float64.
 
     Example::
 
         >>> import torch
-        >>> m, v, n = all_reduce_population_stats(torch.zeros(3), torch.ones(3), 10)
-        >>> n
+        >>> s = {"bn": (10, torch.zeros(3), torch.ones(3))}
+        >>> merged = all_reduce_population_stats(s, {"bn": 3})
+        >>> merged["bn"][0]
         10
     """
-    c = mean.numel()
-    biased = var * ((count - 1) / count) if (unbiased and count > 1) else var
-    if count > 0:
-        payload = torch.stack([mean.reshape(-1), biased.reshape(-1) * count]).to(torch.float64)
-    else:
-        payload = torch.zeros(2, c, dtype=torch.float64, device=mean.device)
-    name = layer or "population statistics"
-    ex = _Exchange(process_group, timeout, name, _tag(layer), c, c)
-    counts, data = _exchange(ex, _POPULATION, 0, count, payload)
-    total, m, m2 = merge_stats(counts, data[:, 0], data[:, 1])
-    n = int(total)
-    v = m2 / max(n, 1)
-    if unbiased and n > 1:
-        v = v * (n / (n - 1))
-    return m.to(mean.dtype).view_as(mean), v.to(var.dtype).view_as(var), n
+    names = list(channels)
+    layout = ",".join(f"{n}:{channels[n]}" for n in names)
+    ex = _Exchange(process_group, timeout, "recalibrate(distributed=True)", 0, 2, 2)
+    size = len(names) + sum(channels.values())
+    tag = zlib.crc32(layout.encode())
+    dev = next((t.device for _, t, _ in stats.values()), torch.device("cpu"))
+    shake = torch.tensor([[size, tag], [len(names), 0]], dtype=torch.float64, device=dev)
+    _, got = _exchange(ex, _POPULATION, 0, 0, shake)  # (R, 2, 2)
+    if not bool((got[:, 0] == got[0, 0]).all()):
+        per_rank = "; ".join(
+            f"rank {r}: {int(got[r, 1, 0])} layers, message of {int(got[r, 0, 0])} values"
+            for r in range(len(got))
+        )
+        raise SyncBatchNormError(
+            "recalibrate(distributed=True): the ranks have different batch-norm layers "
+            f"(names or widths differ: {per_rank}). Build the model identically on every rank."
+        )
+    # (2, L + ΣC): row 0 = [n_1 … n_L | mean_1 … mean_L], row 1 = [n_1 … n_L | M2_1 … M2_L]
+    payload = torch.zeros(2, size, dtype=torch.float64, device=dev)
+    offset = len(names)
+    spans = []
+    for i, name in enumerate(names):
+        c = channels[name]
+        if name in stats:
+            count, mean, m2 = stats[name]
+            if mean.numel() != c:
+                raise SyncBatchNormError(
+                    f"recalibrate(distributed=True): layer {name!r} has {mean.numel()} channels "
+                    f"of statistics, expected {c}"
+                )
+            payload[:, i] = float(count)
+            payload[0, offset : offset + c] = mean.reshape(-1).to(payload)
+            payload[1, offset : offset + c] = m2.reshape(-1).to(payload)
+        spans.append((offset, c))
+        offset += c
+    ex = _Exchange(process_group, timeout, "recalibrate(distributed=True)", tag, size, size)
+    _, data = _exchange(ex, _POPULATION, 1, 0, payload)  # (R, 2, L + ΣC)
+    out: dict[str, Stats] = {}
+    for i, (name, (start, c)) in enumerate(zip(names, spans)):
+        total, mean, m2 = merge_stats(
+            data[:, 0, i], data[:, 0, start : start + c], data[:, 1, start : start + c]
+        )
+        if total > 0:
+            out[name] = (int(total), mean, m2)
+    return out

@@ -1,0 +1,528 @@
+"""Synchronized BN: real gloo process groups on 127.0.0.1 against single-process BN on the
+concatenated batch (torch.nn.functional.batch_norm as the oracle), plus the failure modes.
+
+Each launch spawns one process group and runs several checks in it (spawning is the slow part);
+workers save what they computed, and the oracle comparisons run here, in the test process.
+Every launch has a deadline and every process group a short timeout, so no test can hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import socket
+import time
+import warnings
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as TF
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import batchnorm
+from batchnorm.functional import NonFiniteStatisticsWarning
+from batchnorm.sync import (
+    SyncBatchNorm,
+    all_reduce_population_stats,
+    convert_sync_batchnorm,
+    merge_stats,
+)
+
+TOL = 1e-10
+PG_TIMEOUT = 10.0  # seconds: bounds every collective in the workers
+
+
+# --------------------------------------------------------------------------------------------
+# launching
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
+    torch.set_num_threads(1)
+    # plain-torch eval path: no kernel compilation in short-lived processes
+    os.environ["BATCHNORM_BACKEND"] = "torch"
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=PG_TIMEOUT),
+    )
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable[..., None], world: int, *args: Any, deadline: float = 50.0) -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` fresh gloo ranks; fail past ``deadline``.
+
+    The ranks come from a fork server that imported torch once (per test process), so each
+    launch costs a fork, not a torch import; they share no state with this process.
+    """
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "batchnorm.sync"])
+    ctx = mp.start_processes(
+        _entry,
+        args=(world, _free_port(), fn, args),
+        nprocs=world,
+        join=False,
+        start_method="forkserver",
+    )
+    end = time.monotonic() + deadline
+    while not ctx.join(timeout=0.2):  # re-raises a worker's exception with its traceback
+        if time.monotonic() > end:
+            for p in ctx.processes:  # the processes this test started
+                p.kill()
+            pytest.fail(f"{fn.__name__} on {world} ranks did not finish within {deadline} s")
+
+
+def _save(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# exactness: cases shared by workers (which compute) and the test (which checks)
+
+# (name, per-sample shape, axis, per-rank batch sizes, momentum)
+CASES: dict[int, list[tuple[str, tuple[int, ...], int, list[int], float | None]]] = {
+    2: [
+        ("uneven-4d", (4, 3, 3), 1, [5, 3], 0.1),
+        ("empty-rank-3d", (3, 5), 1, [6, 0], 0.1),
+        ("axis-last", (5, 6), -1, [3, 4], None),
+    ],
+    3: [
+        ("empty-middle-4d", (3, 2, 2), 1, [2, 0, 5], 0.3),
+        ("one-sample-each-2d", (7,), 1, [1, 1, 1], 0.1),
+        ("axis-last-uneven", (2, 5), -1, [4, 3, 2], None),
+    ],
+}
+STEPS = 2
+
+
+def _case_data(name: str, shape: tuple[int, ...], axis: int, total: int, step: int) -> dict:
+    g = torch.Generator().manual_seed(zlib.crc32(f"{name}/{step}".encode()))
+    c = shape[axis] if axis < 0 else shape[axis - 1]
+    x = torch.randn(total, *shape, generator=g, dtype=torch.float64) * 3 + 1.5
+    dy = torch.randn(total, *shape, generator=g, dtype=torch.float64)
+    gw = torch.Generator().manual_seed(len(name))
+    weight = torch.rand(c, generator=gw, dtype=torch.float64) + 0.5
+    bias = torch.randn(c, generator=gw, dtype=torch.float64)
+    return {"x": x, "dy": dy, "weight": weight, "bias": bias, "c": c}
+
+
+def _slice(t: torch.Tensor, splits: list[int], rank: int) -> torch.Tensor:
+    start = sum(splits[:rank])
+    return t[start : start + splits[rank]]
+
+
+def _exact_worker(rank: int, world: int, out: Path) -> None:
+    results = {}
+    for name, shape, axis, splits, momentum in CASES[world]:
+        total = sum(splits)
+        d0 = _case_data(name, shape, axis, total, 0)
+        bn = SyncBatchNorm(d0["c"], axis=axis, momentum=momentum, dtype=torch.float64)
+        with torch.no_grad():
+            bn.weight.copy_(d0["weight"])
+            bn.bias.copy_(d0["bias"])
+        steps = []
+        for step in range(STEPS):
+            d = _case_data(name, shape, axis, total, step)
+            x = _slice(d["x"], splits, rank).clone().requires_grad_(True)
+            y = bn(x)
+            y.backward(_slice(d["dy"], splits, rank))
+            steps.append(
+                {"y": y.detach(), "dx": x.grad, "dw": bn.weight.grad.clone(), "db": bn.bias.grad}
+            )
+            bn.weight.grad = None
+            bn.bias.grad = None
+        bn.eval()
+        d = _case_data(name, shape, axis, total, 0)
+        steps.append({"eval": bn(_slice(d["x"], splits, rank)).detach()})
+        results[name] = {
+            "steps": steps,
+            "state": {k: v.clone() for k, v in bn.state_dict().items()},
+        }
+    _save(out / f"exact{rank}.pt", results)
+
+
+def _reference(name: str, shape: tuple[int, ...], axis: int, total: int, momentum: float | None):
+    """torch.nn.functional.batch_norm on the concatenated batch, channels moved to axis 1."""
+    d0 = _case_data(name, shape, axis, total, 0)
+    c = d0["c"]
+    rm, rv = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
+    steps = []
+    for step in range(STEPS):
+        d = _case_data(name, shape, axis, total, step)
+        x = d["x"].clone().requires_grad_(True)
+        w = d0["weight"].clone().requires_grad_(True)
+        b = d0["bias"].clone().requires_grad_(True)
+        mom = momentum if momentum is not None else 1.0 / (step + 1)  # cumulative average
+        y = TF.batch_norm(x.movedim(axis, 1), rm, rv, w, b, True, mom, 1e-5).movedim(1, axis)
+        y.backward(d["dy"])
+        steps.append({"y": y.detach(), "dx": x.grad, "dw": w.grad, "db": b.grad})
+    y_eval = TF.batch_norm(
+        d0["x"].movedim(axis, 1), rm, rv, d0["weight"], d0["bias"], False, 0.0, 1e-5
+    ).movedim(1, axis)
+    steps.append({"eval": y_eval})
+    return steps, rm, rv
+
+
+def _check_exact(world: int, out: Path) -> None:
+    ranks = [torch.load(out / f"exact{r}.pt") for r in range(world)]
+    for name, shape, axis, splits, momentum in CASES[world]:
+        ref_steps, rm, rv = _reference(name, shape, axis, sum(splits), momentum)
+        for step in range(STEPS):
+            ref = ref_steps[step]
+            got = [ranks[r][name]["steps"][step] for r in range(world)]
+            for key in ("y", "dx"):
+                cat = torch.cat([g[key] for g in got])
+                assert cat.shape == ref[key].shape, (name, key)
+                assert torch.allclose(cat, ref[key], rtol=0, atol=TOL), (name, step, key)
+            for key in ("dw", "db"):  # summed over ranks, as DistributedDataParallel reduces
+                summed = sum(g[key] for g in got)
+                assert torch.allclose(summed, ref[key], rtol=0, atol=TOL), (name, step, key)
+        cat_eval = torch.cat([ranks[r][name]["steps"][STEPS]["eval"] for r in range(world)])
+        assert torch.allclose(cat_eval, ref_steps[STEPS]["eval"], rtol=0, atol=TOL), name
+        for r in range(world):
+            state = ranks[r][name]["state"]
+            assert torch.allclose(state["running_mean"], rm, rtol=0, atol=TOL), (name, r)
+            assert torch.allclose(state["running_var"], rv, rtol=0, atol=TOL), (name, r)
+            assert int(state["num_batches_tracked"]) == STEPS
+            # identical on every rank, bit for bit: every rank merges the same messages
+            assert torch.equal(state["running_var"], ranks[0][name]["state"]["running_var"])
+        for r, n in enumerate(splits):
+            if n == 0:  # an empty slice: empty output and gradient
+                assert ranks[r][name]["steps"][0]["y"].numel() == 0
+                assert ranks[r][name]["steps"][0]["dx"].shape == (0, *shape)
+
+
+# --------------------------------------------------------------------------------------------
+# DistributedDataParallel, process subgroups, population statistics
+
+
+def _net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 4 * 4, 3),
+    ).double()
+
+
+DDP_SPLITS = [3, 5]
+
+
+def _ddp_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    n = sum(DDP_SPLITS)
+    return torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(
+        n, 3, generator=g, dtype=torch.float64
+    )
+
+
+def _ddp_part(rank: int, world: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(convert_sync_batchnorm(_net(seed=3)))
+    x, g = _ddp_data()
+    (model(_slice(x, DDP_SPLITS, rank)) * _slice(g, DDP_SPLITS, rank)).sum().backward()
+    bn = model.module[1]
+    return {
+        "type": type(bn).__name__,
+        "grads": {k: p.grad.clone() for k, p in model.module.named_parameters()},
+        "running": (bn.running_mean.clone(), bn.running_var.clone()),
+    }
+
+
+def _check_ddp(results: list[dict], world: int) -> None:
+    ref = _net(seed=3)
+    x, g = _ddp_data()
+    (ref(x) * g).sum().backward()
+    for r, res in enumerate(results):
+        assert res["type"] == "SyncBatchNorm"
+        for k, p in ref.named_parameters():
+            # DistributedDataParallel averages gradients over ranks; the sum-loss reference
+            # is their sum
+            assert torch.allclose(res["grads"][k] * world, p.grad, rtol=0, atol=TOL), (r, k)
+        assert torch.allclose(res["running"][0], ref[1].running_mean, rtol=0, atol=TOL)
+        assert torch.allclose(res["running"][1], ref[1].running_var, rtol=0, atol=TOL)
+        assert torch.equal(res["running"][1], results[0]["running"][1])
+
+
+POP_COUNTS = {"a": [5, 0, 7], "b": [0, 0, 4]}  # per rank; layer "b" seen by rank 2 only
+
+
+def _pop_data(name: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    return torch.randn(sum(POP_COUNTS[name]), 3, generator=g, dtype=torch.float64) * 2 + 1
+
+
+def _population_part(rank: int, world: int) -> dict:
+    local = {}
+    for name, counts in POP_COUNTS.items():
+        if counts[rank]:
+            x = _slice(_pop_data(name), counts, rank)
+            mean = x.mean(0)
+            local[name] = (counts[rank], mean, ((x - mean) ** 2).sum(0))
+    merged = all_reduce_population_stats(local, {"a": 3, "b": 3})
+    # end to end: recalibrate(distributed=True) with each rank on its own shard
+    torch.manual_seed(11)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3)).double()
+    shards = torch.randn(3, 2, 6, 2, generator=torch.Generator().manual_seed(5)).double()
+    batchnorm.recalibrate(net, list(shards[rank]), distributed=True)
+    return {"merged": merged, "running": (net[1].running_mean, net[1].running_var)}
+
+
+def _check_population(results: list[dict]) -> None:
+    for name in POP_COUNTS:
+        x = _pop_data(name)
+        for res in results:
+            count, mean, m2 = res["merged"][name]
+            assert count == x.shape[0]
+            assert torch.allclose(mean, x.mean(0), rtol=0, atol=TOL)
+            assert torch.allclose(m2 / (count - 1), x.var(0), rtol=0, atol=TOL)
+    torch.manual_seed(11)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3)).double()
+    shards = torch.randn(3, 2, 6, 2, generator=torch.Generator().manual_seed(5)).double()
+    with torch.no_grad():
+        z = net[0](shards.reshape(-1, 2))  # every sample of every shard
+    for res in results:
+        assert torch.allclose(res["running"][0], z.mean(0), rtol=0, atol=TOL)
+        assert torch.allclose(res["running"][1], z.var(0), rtol=0, atol=TOL)
+
+
+SUB = [0, 2]  # the subgroup of the 3-rank test
+
+
+def _subgroup_part(rank: int, world: int) -> dict:
+    groups = [dist.new_group(SUB), dist.new_group([1])]  # every rank creates every group
+    group = groups[0] if rank in SUB else groups[1]
+    d = _case_data("subgroup", (3, 4), 1, 9, 0)
+    bn = SyncBatchNorm(3, process_group=group, dtype=torch.float64)
+    idx = SUB.index(rank) if rank in SUB else None
+    x = d["x"][:4] if idx == 0 else d["x"][4:] if idx == 1 else d["x"][:2]
+    x = x.clone().requires_grad_(True)
+    y = bn(x)
+    y.backward(torch.ones_like(y) + x.detach())
+    return {"y": y.detach(), "dx": x.grad, "running": bn.running_var.clone()}
+
+
+def _check_subgroup(results: list[dict]) -> None:
+    d = _case_data("subgroup", (3, 4), 1, 9, 0)
+    for rows, members in ((d["x"], [0, 2]), (d["x"][:2], [1])):
+        x = rows.clone().requires_grad_(True)
+        rv = torch.ones(3, dtype=torch.float64)
+        y = TF.batch_norm(x, torch.zeros(3, dtype=torch.float64), rv, training=True)
+        y.backward(torch.ones_like(y) + x.detach())
+        got_y = torch.cat([results[r]["y"] for r in members])
+        got_dx = torch.cat([results[r]["dx"] for r in members])
+        assert torch.allclose(got_y, y, rtol=0, atol=TOL), members
+        assert torch.allclose(got_dx, x.grad, rtol=0, atol=TOL), members
+        for r in members:
+            assert torch.allclose(results[r]["running"], rv, rtol=0, atol=TOL)
+
+
+# --------------------------------------------------------------------------------------------
+# failure modes (2 ranks): every participating rank raises, naming the layer
+
+
+def _catch(fn: Callable[[], Any]) -> str:
+    try:
+        fn()
+    except Exception as err:  # the test inspects type and message
+        return f"{type(err).__name__}: {err}"
+    return ""
+
+
+def _robust_part(rank: int, world: int) -> dict:
+    out: dict[str, Any] = {}
+    x = torch.randn(4, 3, dtype=torch.float64)
+    # non-finite statistics on one rank: every rank follows the layer's policy
+    if rank == 1:
+        x[0, 1] = float("nan")
+    bn = SyncBatchNorm(3, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bn(x)
+    out["warned"] = any(issubclass(w.category, NonFiniteStatisticsWarning) for w in caught)
+    out["untouched"] = bool((bn.running_var == 1).all() and int(bn.num_batches_tracked) == 0)
+    strict = SyncBatchNorm(3, dtype=torch.float64, nonfinite="raise")
+    out["raised"] = _catch(lambda: strict(x))
+    # a channel count that differs across ranks (same model width: the headers tell)
+    widths = [4, 8] if rank == 0 else [6, 8]
+    model = convert_sync_batchnorm(torch.nn.Sequential(*(torch.nn.BatchNorm1d(c) for c in widths)))
+    out["channels"] = _catch(lambda: model[0](torch.randn(5, widths[0])))
+    # a rank that skips a layer: rank 0 is in 'a' while rank 1 is already in 'b'
+    pair = convert_sync_batchnorm(
+        torch.nn.ModuleDict({"a": torch.nn.BatchNorm1d(4), "b": torch.nn.BatchNorm1d(4)})
+    )
+    z = torch.randn(5, 4)
+    out["skipped"] = _catch(lambda: pair["b"](pair["a"](z)) if rank == 0 else pair["b"](z))
+    # a rank that never arrives: the process group's timeout, then the layer's own timeout
+    sub = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=1.0))
+    late = SyncBatchNorm(4, process_group=sub, name="late")
+    own = SyncBatchNorm(4, timeout=0.5, name="own")
+    if rank == 0:
+        t0 = time.monotonic()
+        out["pg_timeout"] = _catch(lambda: late(z))
+        out["own_timeout"] = _catch(lambda: own(z))
+        out["waited"] = time.monotonic() - t0
+    else:
+        time.sleep(2.0)  # absent from both exchanges
+    return out
+
+
+def _check_robust(results: list[dict]) -> None:
+    for r, res in enumerate(results):
+        assert res["warned"] and res["untouched"], r
+        assert res["raised"].startswith("NonFiniteStatisticsError"), res["raised"]
+        msg = res["channels"]
+        assert msg.startswith("SyncBatchNormError") and "channel counts differ" in msg, msg
+        assert "rank 0: 4, rank 1: 6" in msg and "'0'" in msg, msg
+        msg = res["skipped"]
+        assert msg.startswith("SyncBatchNormError"), msg
+        assert "not at the same synchronized layer" in msg and "'a'" in msg and "'b'" in msg, msg
+    first = results[0]
+    for key, layer in (("pg_timeout", "'late'"), ("own_timeout", "'own'")):
+        msg = first[key]
+        assert msg.startswith("SyncBatchNormError") and layer in msg, msg
+        assert "did not reach this layer" in msg, msg
+    assert "0.5 s (the layer's timeout)" in first["own_timeout"]
+    assert first["waited"] < PG_TIMEOUT  # bounded by the short timeouts, not the default
+
+
+# --------------------------------------------------------------------------------------------
+# the launches
+
+
+def _two_ranks(rank: int, world: int, out: Path) -> None:
+    _exact_worker(rank, world, out)
+    _save(
+        out / f"more{rank}.pt", {"ddp": _ddp_part(rank, world), "robust": _robust_part(rank, world)}
+    )
+
+
+def _three_ranks(rank: int, world: int, out: Path) -> None:
+    _exact_worker(rank, world, out)
+    more = {"sub": _subgroup_part(rank, world), "pop": _population_part(rank, world)}
+    _save(out / f"more{rank}.pt", more)
+
+
+@pytest.mark.timeout(120)
+def test_two_ranks_exact_ddp_and_failure_modes(tmp_path: Path) -> None:
+    launch(_two_ranks, 2, tmp_path)
+    _check_exact(2, tmp_path)
+    more = [torch.load(tmp_path / f"more{r}.pt", weights_only=False) for r in range(2)]
+    _check_ddp([m["ddp"] for m in more], 2)
+    _check_robust([m["robust"] for m in more])
+
+
+@pytest.mark.timeout(120)
+def test_three_ranks_exact_subgroup_and_recalibration(tmp_path: Path) -> None:
+    launch(_three_ranks, 3, tmp_path)
+    _check_exact(3, tmp_path)
+    more = [torch.load(tmp_path / f"more{r}.pt", weights_only=False) for r in range(3)]
+    _check_subgroup([m["sub"] for m in more])
+    _check_population([m["pop"] for m in more])
+
+
+# --------------------------------------------------------------------------------------------
+# one process: the math and the conversion
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 6), min_size=1, max_size=5).filter(lambda c: sum(c) >= 1),
+    seed=st.integers(0, 2**16),
+)
+def test_merge_stats_equals_statistics_of_the_union(counts: list[int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    parts = [rng.normal(rng.uniform(-1e3, 1e3), rng.uniform(0.1, 10), (n, 2)) for n in counts]
+    means = np.stack([p.mean(0) if len(p) else np.full(2, np.nan) for p in parts])
+    m2s = np.stack([((p - p.mean(0)) ** 2).sum(0) if len(p) else np.full(2, np.nan) for p in parts])
+    total, mean, m2 = merge_stats(torch.tensor(counts), torch.tensor(means), torch.tensor(m2s))
+    union = np.concatenate(parts)
+    assert int(total) == len(union)
+    np.testing.assert_allclose(mean.numpy(), union.mean(0), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(m2.numpy(), ((union - union.mean(0)) ** 2).sum(0), rtol=1e-9)
+
+
+def test_without_process_group_it_is_plain_bn() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn_like(x)
+    ours = SyncBatchNorm(4, dtype=torch.float64, momentum=None, backend="torch")
+    ref = torch.nn.BatchNorm2d(4, dtype=torch.float64, momentum=None)
+    for m in (ours, ref):
+        x.grad = None
+        m(x).backward(dy)
+        m.grad_x = x.grad.clone()  # type: ignore[assignment]
+    assert torch.allclose(ours.grad_x, ref.grad_x, atol=TOL)
+    assert torch.allclose(ours.running_var, ref.running_var, atol=TOL)
+    assert torch.allclose(ours.weight.grad, ref.weight.grad, atol=TOL)
+
+
+def test_convert_keeps_state_options_and_leaves_variants_alone() -> None:
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.BatchNorm2d(8, momentum=0.3),
+        batchnorm.BatchNorm(5, axis=-1, unbiased_running_var=False, center=False),
+        batchnorm.GhostBatchNorm(4, virtual_batch_size=2),
+        torch.nn.Sequential(torch.nn.BatchNorm1d(16, affine=False)),
+    ).eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_()
+        net[1].weight.uniform_()
+        net[1].num_batches_tracked.fill_(7)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    out = convert_sync_batchnorm(net, timeout=3.0)
+    assert out is net
+    assert [type(m).__name__ for m in (net[1], net[2], net[3], net[4][0])] == [
+        "SyncBatchNorm",
+        "SyncBatchNorm",
+        "GhostBatchNorm",
+        "SyncBatchNorm",
+    ]
+    after = net.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not net[1].training and net[1].momentum == 0.3 and net[1].timeout == 3.0
+    assert net[2].axis == -1 and not net[2].unbiased_running_var and net[2].bias is None
+    assert net[4][0].weight is None and net[4][0].layer_name() == "SyncBatchNorm(16) '4.0'"
+    assert {net[1].sync_width, net[2].sync_width, net[4][0].sync_width} == {16}
+    bare = convert_sync_batchnorm(torch.nn.BatchNorm1d(3))
+    assert isinstance(bare, SyncBatchNorm)
+    # eval mode needs no process group and matches torch.nn
+    x = torch.randn(2, 8, 4, 4)
+    ref = torch.nn.BatchNorm2d(8, momentum=0.3).eval()
+    ref.load_state_dict({k[2:]: v for k, v in before.items() if k.startswith("1.")})
+    assert torch.allclose(net[1](x), ref(x), atol=1e-6)
+
+
+def test_bad_arguments_and_mask_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        SyncBatchNorm(3, timeout=0)
+    with pytest.raises(ValueError, match="sync_width must be >= num_features"):
+        SyncBatchNorm(3, sync_width=2)
+    with pytest.raises(batchnorm.BatchNormInputError, match="does not support a mask"):
+        SyncBatchNorm(3)(torch.randn(4, 3, 5), mask=torch.ones(4, 5, dtype=torch.bool))
+    with pytest.raises(batchnorm.BatchNormInputError, match=r"expected 3 channels"):
+        SyncBatchNorm(3)(torch.randn(4, 5))
