@@ -202,38 +202,24 @@ def _accumulate(
     return moments, seen
 
 
-def _all_gather_moments(moments: dict[str, Moments], names: list[str]) -> dict[str, Moments]:
-    """Merge every rank's moments (``torch.distributed`` must be initialized); layer order is
-    ``names`` on every rank, and a layer a rank never saw contributes a zero count."""
+def _all_gather_moments(
+    moments: dict[str, Moments], channels: dict[str, int]
+) -> dict[str, Moments]:
+    """Merge every rank's moments exactly (``torch.distributed`` must be initialized):
+    :func:`batchnorm.sync.all_reduce_population_stats`, one handshake and one all-gather for the
+    whole model; ``channels`` (name → C) lists the layers in the same order on every rank, and a
+    layer a rank never saw contributes a zero count."""
     import torch.distributed as dist
+
+    from batchnorm.sync import all_reduce_population_stats
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "recalibrate(distributed=True) needs an initialized torch.distributed process group "
             "(torch.distributed.init_process_group); on one process use distributed=False"
         )
-    out: dict[str, Moments] = {}
-    for name, layer in ((n, moments.get(n)) for n in names):
-        c = 0 if layer is None else layer.mean.numel()
-        local = torch.zeros(3, max(c, 1), dtype=torch.float64)
-        if layer is not None:
-            local[0].fill_(layer.count)
-            local[1] = layer.mean.cpu()
-            local[2] = layer.m2.cpu()
-        size = torch.tensor([local.shape[1]])
-        sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-        dist.all_gather(sizes, size)
-        width = int(max(int(s) for s in sizes))
-        padded = torch.zeros(3, width, dtype=torch.float64)
-        padded[:, : local.shape[1]] = local
-        gathered = [torch.zeros_like(padded) for _ in sizes]
-        dist.all_gather(gathered, padded)
-        total = Moments(0, torch.zeros(width, dtype=torch.float64), torch.zeros(width))
-        for g in gathered:
-            total = merge_moments(total, Moments(int(g[0, 0]), g[1], g[2]))
-        if total.count:
-            out[name] = total
-    return out
+    local = {n: (m.count, m.mean, m.m2) for n, m in moments.items()}
+    return {n: Moments(*v) for n, v in all_reduce_population_stats(local, channels).items()}
 
 
 @torch.no_grad()
@@ -277,7 +263,8 @@ def recalibrate(
     layers = _recalibrated_layers(model)
     moments, seen = _accumulate(model, data, num_samples)
     if distributed:
-        moments = _all_gather_moments(moments, list(layers))
+        channels = {n: _t(m, "running_mean").numel() for n, m in layers.items()}
+        moments = _all_gather_moments(moments, channels)
     for name, m in layers.items():
         mom = moments.get(name)
         if mom is None:
