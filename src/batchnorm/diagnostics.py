@@ -49,7 +49,7 @@ import json
 import math
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -127,8 +127,13 @@ class LayerGap:
         batches: batches measured.
         mean_shift_max / mean_shift_median: over channels, in units of the running std.
         std_ratio_worst: the channel ratio farthest from 1 (in log scale); std_ratio_median.
-        noise: the standard error of the mean shift if the running statistics were exact,
-            ``1/sqrt(count · batches)``; gaps below a few times this are sampling noise.
+        noise: the median over channels of the mean shift's sampling noise (its standard
+            error, from the batch-to-batch spread of the batch means, for the probe's average
+            and for the running average alike).
+        mean_shift_significant / std_ratio_significant: the largest mean shift / the std ratio
+            farthest from 1 among channels whose gap exceeds ``Thresholds.noise_factor`` times
+            their own sampling noise (0 and 1 when none does): the numbers findings are judged
+            on.
         nonfinite: a batch statistic was NaN/inf (the input carries non-finite values).
         dead_channels: channels whose input is constant (variance ≈ 0).
         has_running_stats: False for ``track_running_stats=False`` (no gap is defined).
@@ -144,14 +149,16 @@ class LayerGap:
     std_ratio_worst: float
     std_ratio_median: float
     noise: float
+    mean_shift_significant: float
+    std_ratio_significant: float
     nonfinite: bool
     dead_channels: tuple[int, ...]
     has_running_stats: bool
 
     @property
     def std_log_gap(self) -> float:
-        """``|log std_ratio_worst|``: 0 when batch and running std agree."""
-        r = self.std_ratio_worst
+        """``|log std_ratio_significant|``: 0 when batch and running std agree."""
+        r = self.std_ratio_significant
         return abs(math.log(r)) if r > 0 and math.isfinite(r) else math.inf
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,8 +202,8 @@ class Thresholds:
     """Where a measurement becomes a finding (defaults chosen on trained models: a healthy
     model stays well below the warning level, the bugs the doctor knows land above the error
     level). Mean shifts are in units of the running std; std ratios are symmetric in log scale
-    (a ratio r and 1/r are judged alike); a gap must also exceed ``noise_factor`` times its
-    sampling noise."""
+    (a ratio r and 1/r are judged alike); a channel's gap counts only above ``noise_factor``
+    times its own sampling noise."""
 
     mean_shift_warning: float = 0.5
     mean_shift_error: float = 2.0
@@ -322,10 +329,32 @@ def _json_safe(x: Any) -> Any:
 # model helpers
 
 
+def _frozen_tools() -> tuple[type[nn.Module] | None, Callable[[nn.Module], bool] | None]:
+    # imported lazily: the variants are optional for the doctor
+    try:
+        from batchnorm.variants import FrozenBatchNorm, is_frozen
+    except ImportError:  # pragma: no cover — a build without the variants
+        return None, None
+    return FrozenBatchNorm, is_frozen
+
+
 def is_batchnorm(m: nn.Module) -> bool:
-    """A torch.nn batch-norm layer (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, lazy ones) or
-    one of ours (:class:`batchnorm.BatchNorm` and every variant built on its base)."""
-    return isinstance(m, nn.modules.batchnorm._BatchNorm | _BatchNormBase)
+    """A torch.nn batch-norm layer (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, lazy ones), one
+    of ours (:class:`batchnorm.BatchNorm` and every variant built on its base) or a
+    ``FrozenBatchNorm``."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm | _BatchNormBase):
+        return True
+    frozen_cls, _ = _frozen_tools()
+    return frozen_cls is not None and isinstance(m, frozen_cls)
+
+
+def _always_running(m: nn.Module) -> bool:
+    """The layer normalizes with its running statistics even in train mode: a
+    ``FrozenBatchNorm`` or a layer frozen by ``batchnorm.freeze``."""
+    frozen_cls, is_frozen = _frozen_tools()
+    if frozen_cls is not None and isinstance(m, frozen_cls):
+        return True
+    return bool(is_frozen is not None and is_frozen(m))
 
 
 def _bn_axis(m: nn.Module) -> int:
@@ -466,6 +495,8 @@ class _Accumulator:
     def __init__(self) -> None:
         self.mean_sum: Tensor | None = None
         self.var_sum: Tensor | None = None
+        self.mean_sq: Tensor | None = None  # sums of squares: the batch-to-batch spread
+        self.var_sq: Tensor | None = None
         self.batches = 0
         self.count = 0
         self.per_sample = 0.0
@@ -484,6 +515,8 @@ class _Accumulator:
             self.nonfinite = True
         self.mean_sum = mean if self.mean_sum is None else self.mean_sum + mean
         self.var_sum = var if self.var_sum is None else self.var_sum + var
+        self.mean_sq = mean**2 if self.mean_sq is None else self.mean_sq + mean**2
+        self.var_sq = var**2 if self.var_sq is None else self.var_sq + var**2
         self.count = count if self.batches == 0 else min(self.count, count)
         n = max(int(x.shape[0]), 1) if x.dim() > 0 else 1
         self.per_sample = count / n
@@ -568,14 +601,12 @@ def _gap_from(
     scale = var.abs().nan_to_num(0.0).median().item() if var.numel() else 0.0
     dead_mask = var <= t.dead_var * max(1.0, scale)
     dead = tuple(int(i) for i in torch.nonzero(dead_mask).flatten().tolist())
-    noise = 1.0 / math.sqrt(max(acc.count, 1) * acc.batches)
     base = dict(
         layer=name,
         kind=type(m).__name__,
         num_features=nf,
         count=acc.count,
         batches=acc.batches,
-        noise=noise,
         nonfinite=acc.nonfinite,
         dead_channels=dead,
     )
@@ -585,6 +616,9 @@ def _gap_from(
             mean_shift_median=math.nan,
             std_ratio_worst=math.nan,
             std_ratio_median=math.nan,
+            noise=math.nan,
+            mean_shift_significant=0.0,
+            std_ratio_significant=1.0,
             has_running_stats=False,
             **base,  # type: ignore[arg-type]
         )
@@ -595,15 +629,38 @@ def _gap_from(
     denom = (rv + eps).clamp_min(0).sqrt()
     shift = ((mean - rm).abs() / denom)[keep]
     ratio = ((var.clamp_min(0) + eps) / (rv + eps).clamp_min(1e-300)).sqrt()[keep]
-    if bool(torch.isfinite(ratio).all()) and bool((ratio > 0).all()):
-        worst = ratio[(ratio.log().abs()).argmax()].item()
-    else:
-        worst = math.nan
+    logr = ratio.log().abs()
+    finite = bool(torch.isfinite(logr).all())
+    worst = ratio[logr.argmax()].item() if finite else math.nan
+    # sampling noise per channel, from the batch-to-batch spread (heavy tails and spatial
+    # correlation included), for the probe's average of B batches and for the running average
+    # itself (an EMA with momentum m has variance m/(2−m) of one batch's)
+    b = acc.batches
+    assert acc.mean_sq is not None and acc.var_sq is not None
+    if b >= 2:
+        sd_mean = ((acc.mean_sq / b - mean**2).clamp_min(0) * b / (b - 1)).sqrt()
+        raw_var = acc.var_sum / b
+        sd_var = ((acc.var_sq / b - raw_var**2).clamp_min(0) * b / (b - 1)).sqrt()
+    else:  # one batch: the Gaussian formulas
+        sd_mean = (var.clamp_min(0) / max(acc.count, 1)).sqrt()
+        sd_var = var.clamp_min(0) * math.sqrt(2.0 / max(acc.count - 1, 1))
+    mom = getattr(m, "momentum", None)
+    ema = mom / (2.0 - mom) if isinstance(mom, float | int) and 0 < mom < 2 else 0.0
+    factor = math.sqrt(1.0 / b + ema)
+    noise_mean = (sd_mean * factor / denom)[keep]
+    noise_logstd = (0.5 * sd_var / (var.clamp_min(0) + eps) * factor)[keep]
+    sig_mean = shift > t.noise_factor * noise_mean
+    sig_std = logr > t.noise_factor * noise_logstd
     return LayerGap(
         mean_shift_max=shift.max().item(),
         mean_shift_median=shift.median().item(),
         std_ratio_worst=worst,
         std_ratio_median=ratio.median().item(),
+        noise=noise_mean.median().item(),
+        mean_shift_significant=shift[sig_mean].max().item() if bool(sig_mean.any()) else 0.0,
+        std_ratio_significant=(
+            ratio[sig_std][logr[sig_std].argmax()].item() if bool(sig_std.any()) else 1.0
+        ),
         has_running_stats=True,
         **base,  # type: ignore[arg-type]
     )
@@ -875,7 +932,8 @@ def _dataflow(model: nn.Module, batch: Any) -> _Graph:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _fx_graph(_probe_copy(model))
+            # traced in train mode: the dataflow of training (F.dropout(x, p, self.training))
+            return _fx_graph(_probe_copy(model).train())
     except Exception as e:  # noqa: BLE001 — any tracing failure falls back to hooks
         return _hook_graph(model, batch, f"{type(e).__name__}: {e}")
 
@@ -967,15 +1025,11 @@ _FIX_RECAL = (
 
 
 def _severity_of_gap(g: LayerGap, t: Thresholds) -> Severity | None:
-    # a gap counts only above its sampling noise: se(mean shift) = noise, se(log std) ≈ noise/√2
-    floor = t.noise_factor * g.noise
-    shift = g.mean_shift_max
-    logr = g.std_log_gap
-    if shift > max(t.mean_shift_error, floor) or logr > max(math.log(t.std_ratio_error), floor):
+    # judged on channels whose gap is above their own sampling noise (LayerGap)
+    shift, logr = g.mean_shift_significant, g.std_log_gap
+    if shift > t.mean_shift_error or logr > math.log(t.std_ratio_error):
         return "error"
-    if shift > max(t.mean_shift_warning, floor) or logr > max(
-        math.log(t.std_ratio_warning), floor / math.sqrt(2)
-    ):
+    if shift > t.mean_shift_warning or logr > math.log(t.std_ratio_warning):
         return "warning"
     return None
 
@@ -1243,7 +1297,7 @@ def doctor(
             )
         elif tg is not None and tg.has_running_stats and not at_init:
             sev3 = _severity_of_gap(tg, t)
-            frozen_here = model_training and not m.training
+            frozen_here = _always_running(m) or (model_training and not m.training)
             if sev3 is not None:
                 findings.append(
                     Finding(
@@ -1295,7 +1349,7 @@ def doctor(
             if train_batch_size is not None:
                 count = int(round(acc.per_sample * train_batch_size))
                 scaled = True
-            frozen_here = (not m.training) and model_training
+            frozen_here = _always_running(m) or ((not m.training) and model_training)
             if count < t.min_count and not frozen_here:
                 sev5: Severity = "error" if count < 2 else "warning"
                 findings.append(
@@ -1318,10 +1372,13 @@ def doctor(
 
         # modes: frozen by accident, or not frozen while fine-tuning
         params = [
-            p for p in (getattr(m, "weight", None), getattr(m, "bias", None)) if p is not None
+            p
+            for p in (getattr(m, "weight", None), getattr(m, "bias", None))
+            if isinstance(p, nn.Parameter)
         ]
         grads = [bool(p.requires_grad) for p in params]
-        if model_training and not m.training and running is not None:
+        explicit = _always_running(m)  # frozen on purpose: nothing to report about modes
+        if model_training and not m.training and running is not None and not explicit:
             findings.append(
                 Finding(
                     "frozen-stats",
@@ -1337,7 +1394,7 @@ def doctor(
                     {"layer_training": False, "weights_trainable": any(grads)},
                 )
             )
-        if m.training and running is not None and grads and not any(grads):
+        if m.training and running is not None and grads and not any(grads) and not explicit:
             findings.append(
                 Finding(
                     "unfrozen-stats",
