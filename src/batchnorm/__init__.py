@@ -16,6 +16,15 @@ from batchnorm.analysis import (
     loss_landscape,
 )
 from batchnorm.convert import convert_model
+from batchnorm.diagnostics import (
+    DoctorReport,
+    Finding,
+    LayerGap,
+    OutputGap,
+    doctor,
+    output_gap,
+    stat_gaps,
+)
 from batchnorm.functional import (
     BatchNormInputError,
     NonFiniteStatisticsError,
@@ -88,4 +97,11 @@ __all__ = [
     "to_inference",
     "InPlaceABN",
     "SmallBatchWarning",
+    "doctor",
+    "DoctorReport",
+    "Finding",
+    "LayerGap",
+    "OutputGap",
+    "stat_gaps",
+    "output_gap",
 ]
