@@ -250,6 +250,23 @@ def test_recalibrate_cures_initial_running_stats(healthy, digits):
     assert checks(run(broken, digits[0]), "warning") == set()
 
 
+def test_recalibrate_cures_the_dropout_variance_shift(with_dropout, digits):
+    recalibrate = getattr(batchnorm, "recalibrate", None)
+    if recalibrate is None:
+        pytest.skip("batchnorm.recalibrate is not part of this build yet")
+    before = run(with_dropout, digits[0])
+    assert before.by_check("eval-input-shift") and before.output_gap is not None
+    fixed = clone(with_dropout)
+    recalibrate(fixed, torch.split(digits[0], 32))
+    after = run(fixed, digits[0])
+    assert not after.by_check("eval-input-shift")
+    assert after.inference_gaps["6"].std_ratio_median == pytest.approx(1.0, abs=0.05)
+    assert after.output_gap is not None
+    assert after.output_gap.relative_rms < 0.5 * before.output_gap.relative_rms
+    # the structure stays, but with no measured shift it is only worth knowing
+    assert severities(after, "dropout-before-bn") == ["info"]
+
+
 def test_stale_running_stats_after_weights_change(healthy, digits):
     stale = clone(healthy)
     with torch.no_grad():  # the weights moved on; the statistics did not
@@ -259,6 +276,10 @@ def test_stale_running_stats_after_weights_change(healthy, digits):
     assert "error" in severities(report, "stale-running-stats")
     f = report.by_check("stale-running-stats")[0]
     assert f.layer == "1" and f.evidence["std_ratio_worst"] > 2
+    recalibrate = getattr(batchnorm, "recalibrate", None)
+    if recalibrate is not None:  # the fix named in the finding cures it
+        recalibrate(stale, torch.split(digits[0], 32))
+        assert not run(stale, digits[0]).by_check("stale-running-stats")
 
 
 def test_nonfinite_running_stats(healthy, digits):

@@ -186,12 +186,16 @@ class OutputGap:
         agreement: for (N, K>1) outputs, the fraction of rows whose argmax agrees between
             ``y_eval`` and ``y_pooled``; else None.
         batches: batches measured.
+        noise: the sampling noise of ``relative_rms`` (half the gap between the references
+            pooled over the even and over the odd batches); NaN for a single batch. The doctor
+            reports a gap only above ``Thresholds.output_noise_factor`` times it.
     """
 
     relative_rms: float
     batch_relative_rms: float
     agreement: float | None
     batches: int
+    noise: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -212,6 +216,7 @@ class Thresholds:
     noise_factor: float = 5.0
     output_gap_warning: float = 0.15
     output_gap_error: float = 0.5
+    output_noise_factor: float = 3.0
     min_count: int = 16
     keras_momentum: float = 0.5
     dead_gamma: float = 1e-5
@@ -554,8 +559,15 @@ def _run(
     bn_names: Sequence[str],
     hooks_on: bool,
     outputs: list[Tensor | None] | None = None,
+    halves: tuple[dict[str, _Accumulator], dict[str, _Accumulator]] | None = None,
 ) -> tuple[dict[str, _Accumulator], BaseException | None]:
+    """Forward every batch; with ``hooks_on``, accumulate each BN input's statistics (and, with
+    ``halves``, also into the accumulators of the even and the odd batches)."""
     accs = {n: _Accumulator() for n in bn_names}
+    if halves is not None:
+        for half in halves:
+            half.update({n: _Accumulator() for n in bn_names})
+    index = [0]
     handles = []
     if hooks_on:
         for name in bn_names:
@@ -567,6 +579,8 @@ def _run(
             ) -> None:
                 if args and isinstance(args[0], Tensor):
                     accs[name].add(args[0], axis)
+                    if halves is not None:
+                        halves[index[0] % 2][name].add(args[0], axis)
 
             handles.append(m.register_forward_pre_hook(pre))
     err: BaseException | None = None
@@ -574,7 +588,8 @@ def _run(
         with torch.no_grad(), warnings.catch_warnings():
             # our layers warn about non-finite batches; the doctor reports them as findings
             warnings.simplefilter("ignore")
-            for x in batches:
+            for i, x in enumerate(batches):
+                index[0] = i
                 y = _call(model, x)
                 if outputs is not None:
                     t = _first_tensor(y)
@@ -790,6 +805,19 @@ def _agreement(ys: Sequence[Tensor | None], refs: Sequence[Tensor | None]) -> fl
     return agree / total if total else None
 
 
+def _eval_with_stats(
+    model: nn.Module, batches: Sequence[Any], accs: Mapping[str, _Accumulator]
+) -> tuple[list[Tensor | None], BaseException | None]:
+    """Eval-mode outputs of a copy whose running statistics are the pooled ``accs``."""
+    ref = _probe_copy(model)
+    with torch.no_grad():
+        _load_pooled(ref, accs)
+    _set_modes(ref, "eval")
+    ys: list[Tensor | None] = []
+    _, err = _run(ref, batches, [], False, ys)
+    return ys, err
+
+
 @dataclass
 class _Probes:
     train: dict[str, _Accumulator]
@@ -808,7 +836,8 @@ def _probes(model: nn.Module, batches: Sequence[Any], names: Sequence[str]) -> _
         probe = _probe_copy(model)
         _set_modes(probe, "inference")
         yb: list[Tensor | None] = []
-        inf_accs, inf_err = _run(probe, batches, names, True, yb)
+        halves: tuple[dict[str, _Accumulator], dict[str, _Accumulator]] = ({}, {})
+        inf_accs, inf_err = _run(probe, batches, names, True, yb, halves)
         probe = _probe_copy(model)
         _set_modes(probe, "eval")
         ye: list[Tensor | None] = []
@@ -816,18 +845,22 @@ def _probes(model: nn.Module, batches: Sequence[Any], names: Sequence[str]) -> _
         err = eval_err or inf_err
         og: OutputGap | None = None
         if err is None:
-            ref = _probe_copy(model)
-            with torch.no_grad():
-                _load_pooled(ref, inf_accs)
-            _set_modes(ref, "eval")
-            yr: list[Tensor | None] = []
-            _, err = _run(ref, batches, [], False, yr)
+            yr, err = _eval_with_stats(model, batches, inf_accs)
+            noise = math.nan
+            if err is None and len(batches) >= 2:
+                # the reference's own sampling noise: references from the even and the odd
+                # batches differ by about twice the noise of the one from all batches
+                y0, e0 = _eval_with_stats(model, batches, halves[0])
+                y1, e1 = _eval_with_stats(model, batches, halves[1])
+                if e0 is None and e1 is None:
+                    noise = _rel_gap(y0, y1) / 2
             if err is None:
                 og = OutputGap(
                     relative_rms=_rel_gap(ye, yr),
                     batch_relative_rms=_rel_gap(ye, yb),
                     agreement=_agreement(ye, yr),
                     batches=len(ye),
+                    noise=noise,
                 )
     return _Probes(train_accs, train_err, inf_accs, og, err)
 
@@ -1019,8 +1052,8 @@ def _label(n: _Node) -> str:
 # the doctor
 
 _FIX_RECAL = (
-    "batchnorm.recalibrate(model, data) — re-estimates every running mean/var from a few "
-    "hundred batches in train-mode dataflow, leaving the weights alone"
+    "batchnorm.recalibrate(model, data) — recomputes every running mean/var exactly from the "
+    "data (BN on batch statistics, Dropout off), weights untouched"
 )
 
 
@@ -1157,9 +1190,10 @@ def doctor(
     # -- the symptom ------------------------------------------------------------------------
     if og is not None:
         sev: Severity | None = None
-        if og.relative_rms > t.output_gap_error:
+        above_noise = not og.noise > og.relative_rms / t.output_noise_factor  # NaN: no gate
+        if above_noise and og.relative_rms > t.output_gap_error:
             sev = "error"
-        elif og.relative_rms > t.output_gap_warning:
+        elif above_noise and og.relative_rms > t.output_gap_warning:
             sev = "warning"
         if sev is not None:
             agree = "" if og.agreement is None else f"; argmax agrees on {og.agreement:.1%} of rows"
@@ -1170,8 +1204,8 @@ def doctor(
                     "",
                     f"outputs in eval mode differ from outputs with BN on batch statistics "
                     f"(pooled over {og.batches} batches, other layers in eval mode) by "
-                    f"{og.relative_rms:.3f} relative RMS ({og.batch_relative_rms:.3f} with "
-                    f"per-batch statistics){agree}",
+                    f"{og.relative_rms:.3f} relative RMS (sampling noise {og.noise:.3f}; "
+                    f"{og.batch_relative_rms:.3f} with per-batch statistics){agree}",
                     "the model behaves differently in eval mode than in training: the running "
                     "statistics do not match the activations; the per-layer findings below say "
                     "where",
@@ -1331,8 +1365,9 @@ def doctor(
                             "a layer upstream behaves differently in train and eval mode (Dropout "
                             "is the classic one: its train-mode noise inflates the variance the "
                             "running statistics learned — Li et al. 2019, arXiv 1801.05134)",
-                            "move Dropout after the last BN layer, or re-estimate the statistics "
-                            "with Dropout off: " + _FIX_RECAL,
+                            "re-estimate the statistics with Dropout off: "
+                            + _FIX_RECAL
+                            + "; or move Dropout after the last BN layer",
                             {
                                 **{f"eval_{k}": v for k, v in _gap_evidence(eg).items()},
                                 "train_mean_shift_max": tg.mean_shift_max,
