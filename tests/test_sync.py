@@ -68,26 +68,25 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tupl
         dist.destroy_process_group()
 
 
-def launch(fn: Callable[..., None], world: int, *args: Any, deadline: float = 50.0) -> None:
-    """Run ``fn(rank, world, *args)`` on ``world`` fresh gloo ranks; fail past ``deadline``.
+def _start(entry: Callable[..., None], world: int, args: tuple, deadline: float) -> None:
+    """Run ``entry(rank, *args)`` on ``world`` fresh processes; fail past ``deadline`` seconds.
 
-    The ranks come from a fork server that imported torch once (per test process), so each
+    The processes come from a fork server that imported torch once (per test process), so each
     launch costs a fork, not a torch import; they share no state with this process.
     """
     multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "batchnorm.sync"])
-    ctx = mp.start_processes(
-        _entry,
-        args=(world, _free_port(), fn, args),
-        nprocs=world,
-        join=False,
-        start_method="forkserver",
-    )
+    ctx = mp.start_processes(entry, args=args, nprocs=world, join=False, start_method="forkserver")
     end = time.monotonic() + deadline
     while not ctx.join(timeout=0.2):  # re-raises a worker's exception with its traceback
         if time.monotonic() > end:
             for p in ctx.processes:  # the processes this test started
                 p.kill()
-            pytest.fail(f"{fn.__name__} on {world} ranks did not finish within {deadline} s")
+            pytest.fail(f"{world} processes did not finish within {deadline} s")
+
+
+def launch(fn: Callable[..., None], world: int, *args: Any, deadline: float = 50.0) -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks of a fresh process group."""
+    _start(_entry, world, (world, _free_port(), fn, args), deadline)
 
 
 def _save(path: Path, obj: Any) -> None:
@@ -442,6 +441,43 @@ def test_three_ranks_exact_subgroup_and_recalibration(tmp_path: Path) -> None:
     more = [torch.load(tmp_path / f"more{r}.pt", weights_only=False) for r in range(3)]
     _check_subgroup([m["sub"] for m in more])
     _check_population([m["pop"] for m in more])
+
+
+# --------------------------------------------------------------------------------------------
+# the example a user runs with torchrun
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ddp_sync_bn.py"
+
+
+def _example_entry(rank: int, world: int, port: int, out: Path) -> None:
+    import contextlib
+    import importlib.util
+    import io
+
+    # what torchrun sets for each process
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    os.environ["BATCHNORM_BACKEND"] = "torch"
+    spec = importlib.util.spec_from_file_location("ddp_sync_bn", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = example.main(["--steps", "30", "--data", "synthetic", "--per-rank-batch", "4"])
+    (out / f"example{rank}.txt").write_text(f"{code}\n{buf.getvalue()}")
+
+
+@pytest.mark.timeout(120)
+def test_example_trains_with_ddp_and_reports_identical_running_stats(tmp_path: Path) -> None:
+    _start(_example_entry, 2, (2, _free_port(), tmp_path), deadline=60)
+    code, text = (tmp_path / "example0.txt").read_text().split("\n", 1)
+    assert code == "0" and (tmp_path / "example1.txt").read_text().startswith("0")
+    assert "running statistics identical on all ranks: True" in text
+    acc = float(text.split("held-out accuracy: ")[1].split()[0])
+    assert acc > 0.2  # 10 classes: better than chance after 30 steps
 
 
 # --------------------------------------------------------------------------------------------
