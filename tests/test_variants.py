@@ -353,3 +353,23 @@ def test_frozen_model_survives_deepcopy_and_save(tmp_path) -> None:  # type: ign
     before = loaded[1].running_mean.clone()
     loaded(x)
     assert torch.equal(before, loaded[1].running_mean)
+
+
+def test_ghost_batches_compose_with_renorm_by_inheritance() -> None:
+    from batchnorm.variants import _Ghost, _Renorm
+
+    class GhostRenorm1d(_Ghost, _Renorm, batchnorm.BatchNorm1d):
+        pass
+
+    torch.manual_seed(3)
+    kw = {"r_max": 1.5, "d_max": 0.5, "dtype": torch.float64, **NO_WARMUP}
+    both = GhostRenorm1d(3, virtual_batch_size=4, **kw)
+    plain = batchnorm.BatchRenorm1d(3, **kw)
+    _randomize(both)
+    plain.load_state_dict(both.state_dict())
+    x = torch.randn(12, 3, dtype=torch.float64) * 2
+    y = both(x)
+    y2 = torch.cat([plain(c) for c in torch.split(x, 4)])  # renorm of each virtual batch in turn
+    torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(both.running_mean, plain.running_mean, rtol=1e-12, atol=1e-12)
+    assert int(both.num_batches_tracked) == 3

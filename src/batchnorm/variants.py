@@ -233,6 +233,11 @@ class _Ghost(_BatchNormBase):
     Running statistics rule: one update per virtual batch, in order, each with the layer's
     momentum — exactly what a plain BN layer fed the chunks one after another would store;
     ``num_batches_tracked`` counts virtual batches. Eval mode is plain BN.
+
+    Each virtual batch goes through the parent class's training step, so ghost batches combine
+    with batch renormalization by inheritance:
+    ``class GhostRenorm2d(_Ghost, _Renorm, BatchNorm2d)`` renormalizes every virtual batch
+    (its warm-up then counts virtual batches).
     """
 
     virtual_batch_size: int
@@ -265,20 +270,11 @@ class _Ghost(_BatchNormBase):
         else:
             mask_b = mask.expand(n, *mask.shape[1:]) if mask.shape[0] == 1 else mask
             masks = list(torch.split(mask_b, sizes))
-        outs = []
-        for chunk, m in zip(torch.split(input, sizes), masks):
-            y, mean, var, count = F.batch_norm_train(
-                chunk,
-                self.weight,
-                self.bias,
-                self.eps,
-                axis=self.axis,
-                backend=self.backend,
-                layer=self.layer_name(),
-                mask=m,
-            )
-            self._update_running_stats(mean, var, count)  # in order, once per virtual batch
-            outs.append(y)
+        # each virtual batch is one training step of the parent class (plain BN, or batch
+        # renorm in a class combining both), so the running statistics are updated in order,
+        # once per virtual batch
+        parent_step = super()._forward_train  # bound here: a comprehension has no super()
+        outs = [parent_step(c, mask=m) for c, m in zip(torch.split(input, sizes), masks)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
     def extra_repr(self) -> str:
