@@ -1,0 +1,214 @@
+"""``smoothness`` — does BN make the loss landscape smoother? Santurkar, Tsipras, Ilyas & Madry
+(2018, arXiv 1805.11604), Sec. 3.1-3.2, Figure 4.
+
+A small VGG-like CNN is trained with and without BN at the same learning rate η (plain SGD).
+Every ``probe_every`` steps, on the current training batch, :func:`batchnorm.analysis.
+loss_landscape` moves along the gradient, ``θ − s·g`` for step sizes ``s = m·η`` with
+``m`` in ``step_multiples``, and measures:
+
+* **loss variation** — max − min of ``L(θ − s g)`` over the step sizes (their Fig. 4a);
+* **gradient predictiveness** — max over s of ``‖∇L(θ − s g) − ∇L(θ)‖`` (Fig. 4b; smaller =
+  the gradient stays predictive);
+* **effective β-smoothness** — max over s of ``‖∇L(θ − s g) − ∇L(θ)‖ / ‖s g‖`` (Fig. 4c).
+
+Claims: each of the three, averaged over probes (and seeds), is smaller with BN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.nn import functional as F
+
+from batchnorm.analysis import loss_landscape
+from batchnorm.lab import train
+from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.data import Dataset
+from batchnorm.lab.experiments._nets import VGGSmall, arm_rows, cached_train, load_data
+from batchnorm.lab.registry import register
+from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
+
+NAME = "smoothness"
+SOURCE = "Santurkar et al. 2018 (arXiv 1805.11604), Sec. 3.2, Fig. 4"
+ARMS = ("noBN", "BN")
+MEASURES = {
+    "loss_variation": "loss variation along the gradient",
+    "gradient_predictiveness": "gradient change ||∇L(θ - s g) - ∇L(θ)|| (gradient predictiveness)",
+    "beta_smoothness": "effective β-smoothness",
+}
+
+
+@dataclass
+class SmoothnessConfig(BaseConfig):
+    """Settings of the smoothness experiment (see the module docstring)."""
+
+    steps: int = 600
+    batch_size: int = 60
+    widths: tuple[int, ...] = (8, 16)
+    lr: float = 0.05
+    step_multiples: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    probe_every: int = 50
+    eval_every: int = 100
+    n_train: int = 0
+    n_eval: int = 2000
+
+    QUICK = {
+        "steps": 40,
+        "widths": (4, 8),
+        "probe_every": 20,
+        "eval_every": 20,
+        "n_train": 500,
+        "n_eval": 200,
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if min(self.steps, self.probe_every, self.eval_every) < 1:
+            raise ConfigError("steps, probe_every and eval_every must be >= 1")
+        if not self.step_multiples or min(self.step_multiples) <= 0:
+            raise ConfigError(f"step_multiples must be positive, got {self.step_multiples}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+
+
+def _train(
+    cfg: SmoothnessConfig, ds: Dataset, bn: bool, seed: int, progress: bool | None
+) -> tuple[train.TrainResult, dict[str, Any]]:
+    train.seed_everything(seed)
+    model = VGGSmall(ds.input_shape, ds.num_classes, cfg.widths, bn=bn)
+    opt = train.make_optimizer(model.parameters(), "sgd", cfg.lr)
+    sizes = [m * cfg.lr for m in cfg.step_multiples]
+    probes: list[dict[str, Any]] = []
+
+    def callback(info: train.StepInfo) -> None:
+        if info.step % cfg.probe_every == 0:
+            p = loss_landscape(info.model, F.cross_entropy, (info.x, info.y), sizes)
+            probes.append(
+                {
+                    "step": info.step,
+                    "loss0": p.loss0,
+                    "losses": p.losses.tolist(),
+                    "grad_distances": p.grad_distances.tolist(),
+                    "loss_variation": p.loss_variation,
+                    "gradient_predictiveness": p.gradient_predictiveness,
+                    "beta_smoothness": p.beta_smoothness,
+                }
+            )
+
+    res = train.train(
+        model,
+        opt,
+        ds.x_train,
+        ds.y_train,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        eval_sets={"test": (ds.x_test, ds.y_test)},
+        eval_every=cfg.eval_every,
+        seed=seed,
+        callbacks=[callback],
+        threads=cfg.threads,
+        progress=progress,
+        desc=f"bn={bn} seed={seed}",
+    )
+    return res, {"probes": probes, "step_sizes": sizes}
+
+
+def _avg(vals: list[Any]) -> float | None:
+    ok = [float(v) for v in vals if v is not None and np.isfinite(v)]
+    return float(np.mean(ok)) if ok else None
+
+
+def figures(run: RunData, out: Path) -> list[Path]:
+    """The three measures over training, with and without BN (their Fig. 4)."""
+    from batchnorm.lab import plots
+
+    s = run.series
+    fig, axes = plots.new_figure(3, size=(4.4, 3.4))
+    for ax, (key, label) in zip(axes, MEASURES.items()):
+        plots.curves(
+            ax,
+            s["steps"],
+            {a: s[key][a] for a in ARMS},
+            labels={"noBN": "no BN", "BN": "BN"},
+            ylabel=key.replace("_", " "),
+            title=label if len(label) < 40 else key.replace("_", " "),
+        )
+        ax.set_yscale("log")
+    return [plots.save_figure(fig, out / f"{NAME}.png")]
+
+
+@register(
+    NAME,
+    config=SmoothnessConfig,
+    figures=figures,
+    source=SOURCE,
+    description="loss landscape along the gradient during training (loss variation, gradient "
+    "predictiveness, effective beta-smoothness), CNN with and without BN",
+)
+def run(cfg: SmoothnessConfig, ctx: RunContext) -> Results:
+    """Train with and without BN, probing the landscape every ``probe_every`` steps."""
+    ds = load_data(cfg, ctx, cfg.n_train, cfg.n_eval)
+    seeds = cfg.seed_list()
+    rows: list[dict[str, Any]] = []
+    results: dict[str, list[dict[str, Any]]] = {}
+    for arm in ARMS:
+        results[arm] = []
+        for seed in seeds:
+            res = cached_train(
+                ctx, f"{arm}-seed{seed}", partial(_train, cfg, ds, arm == "BN", seed, ctx.progress)
+            )
+            results[arm].append(res)
+            rows += arm_rows(arm, seed, res["train"])
+    means = {
+        key: {
+            a: mean_std([_avg([p[key] for p in r["extra"]["probes"]]) for r in results[a]])["mean"]
+            for a in ARMS
+        }
+        for key in MEASURES
+    }
+    claims = []
+    for key, label in MEASURES.items():
+        b, n = means[key]["BN"], means[key]["noBN"]
+        claims.append(
+            Claim(
+                id=f"bn-smaller-{key.replace('_', '-')}",
+                statement=f"BN makes the {label} smaller",
+                verdict=b is not None and n is not None and b < n,
+                measured={
+                    "BN": b,
+                    "noBN": n,
+                    "ratio_BN_to_noBN": None if not b or not n else b / n,
+                },
+                source=SOURCE,
+                seeds=seeds,
+                details=f"mean over probes (every {cfg.probe_every} steps) and seeds; step sizes "
+                f"{[m * cfg.lr for m in cfg.step_multiples]} (multiples {list(cfg.step_multiples)} "
+                f"of lr {cfg.lr:g}); BN < no-BN",
+            )
+        )
+    for c in claims:
+        ctx.log(f"[{'supported' if c.verdict else 'NOT supported'}] {c.statement}")
+    arms = {}
+    for a in ARMS:
+        last = [r["train"]["rows"][-1] for r in results[a]]
+        arms[a] = {
+            **{key: means[key][a] for key in MEASURES},
+            "final_accuracy": mean_std([r.get("test_acc") for r in last]),
+            "diverged": sum(bool(r["train"]["diverged"]) for r in results[a]),
+        }
+    steps = max(([p["step"] for p in results[a][0]["extra"]["probes"]] for a in ARMS), key=len)
+    series: dict[str, Any] = {"steps": steps}
+    for key in MEASURES:
+        series[key] = {
+            a: [
+                ([p[key] for p in r["extra"]["probes"]] + [None] * len(steps))[: len(steps)]
+                for r in results[a]
+            ]
+            for a in ARMS
+        }
+    summary = {"dataset": ds.info(), "seeds": seeds, "arms": arms, "claims": claims}
+    return Results(rows=rows, summary=summary, series=series)
