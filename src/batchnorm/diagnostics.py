@@ -1251,7 +1251,8 @@ def doctor(
                 tg is not None and _severity_of_gap(tg, t) is not None
             )
             if at_init and (nbt_v in (0, None)):
-                gap_sev = None if tg is None else _severity_of_gap(tg, t)
+                probe_gap = eg if eg is not None and eg.has_running_stats else tg
+                gap_sev = None if probe_gap is None else _severity_of_gap(probe_gap, t)
                 sev2: Severity = (
                     "error" if gap_sev is not None else ("warning" if in_use else "info")
                 )
@@ -1330,15 +1331,27 @@ def doctor(
                 )
             )
         elif tg is not None and tg.has_running_stats and not at_init:
-            sev3 = _severity_of_gap(tg, t)
+            # eval mode is right when the statistics match the inference-time input (Dropout
+            # off); the train-mode gap says whether they are wrong for training too (stale) or
+            # only at inference (a train/eval shift upstream)
+            usable = eg is not None and eg.has_running_stats and not eg.nonfinite
+            sev_inf = _severity_of_gap(eg, t) if usable and eg is not None else None
+            sev_tr = _severity_of_gap(tg, t)
             frozen_here = _always_running(m) or (model_training and not m.training)
-            if sev3 is not None:
+            if (sev_inf is not None and sev_tr is not None) or (not usable and sev_tr is not None):
+                sev3 = sev_inf or sev_tr
+                assert sev3 is not None
+                inf_text = (
+                    f"; with Dropout off (as at inference) the {_gap_text(eg)}"
+                    if usable and eg is not None
+                    else ""
+                )
                 findings.append(
                     Finding(
                         "stale-running-stats",
                         sev3,
                         name,
-                        f"{label}: in train mode the {_gap_text(tg)}",
+                        f"{label}: in train mode the {_gap_text(tg)}{inf_text}",
                         "in eval mode the layer normalizes with running statistics that do not "
                         "describe its input (stale after the weights changed, too few updates, a "
                         "wrong momentum, or data unlike the training data)",
@@ -1348,33 +1361,37 @@ def doctor(
                             if frozen_here
                             else ""
                         ),
-                        _gap_evidence(tg),
+                        _gap_evidence(tg)
+                        | (
+                            {f"inference_{k}": v for k, v in _gap_evidence(eg).items()}
+                            if usable and eg is not None
+                            else {}
+                        ),
                     )
                 )
-            elif eg is not None and eg.has_running_stats and not eg.nonfinite:
-                sev4 = _severity_of_gap(eg, t)
-                if sev4 is not None:
-                    findings.append(
-                        Finding(
-                            "eval-input-shift",
-                            sev4,
-                            name,
-                            f"{label}: the running statistics match the layer's input in train "
-                            f"mode (mean shift {tg.mean_shift_max:.2f}, std ratio "
-                            f"{tg.std_ratio_worst:.3g}) but not in eval mode: {_gap_text(eg)}",
-                            "a layer upstream behaves differently in train and eval mode (Dropout "
-                            "is the classic one: its train-mode noise inflates the variance the "
-                            "running statistics learned — Li et al. 2019, arXiv 1801.05134)",
-                            "re-estimate the statistics with Dropout off: "
-                            + _FIX_RECAL
-                            + "; or move Dropout after the last BN layer",
-                            {
-                                **{f"eval_{k}": v for k, v in _gap_evidence(eg).items()},
-                                "train_mean_shift_max": tg.mean_shift_max,
-                                "train_std_ratio_worst": tg.std_ratio_worst,
-                            },
-                        )
+            elif sev_inf is not None and eg is not None:
+                findings.append(
+                    Finding(
+                        "eval-input-shift",
+                        sev_inf,
+                        name,
+                        f"{label}: the running statistics match the layer's input in train "
+                        f"mode (mean shift {tg.mean_shift_max:.2f}, std ratio "
+                        f"{tg.std_ratio_worst:.3g}) but not with Dropout off, as at inference: "
+                        f"{_gap_text(eg)}",
+                        "a layer upstream behaves differently in train and eval mode (Dropout "
+                        "is the classic one: its train-mode noise inflates the variance the "
+                        "running statistics learned — Li et al. 2019, arXiv 1801.05134)",
+                        "re-estimate the statistics with Dropout off: "
+                        + _FIX_RECAL
+                        + "; or move Dropout after the last BN layer",
+                        {
+                            **{f"inference_{k}": v for k, v in _gap_evidence(eg).items()},
+                            "train_mean_shift_max": tg.mean_shift_max,
+                            "train_std_ratio_worst": tg.std_ratio_worst,
+                        },
                     )
+                )
 
         # per-channel sample count
         acc = train_accs[name] if train_accs[name].batches else pr.inference[name]
@@ -1563,7 +1580,8 @@ def _structural_findings(
             sev: Severity = "info"
             if eg is not None and eg.has_running_stats and not eg.nonfinite:
                 shift = (
-                    f"; measured: eval-mode std / running std = {eg.std_ratio_worst:.3g} at worst "
+                    f"; measured with Dropout off (as at inference): std / running std = "
+                    f"{eg.std_ratio_worst:.3g} at worst "
                     f"(median {eg.std_ratio_median:.3g})"
                 )
                 if tg is not None and tg.has_running_stats:
