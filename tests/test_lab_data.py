@@ -1,0 +1,235 @@
+"""Datasets: IDX reading, lookup order, auto choice, download with checksums from a local
+HTTP server, digits and synthetic data."""
+
+import gzip
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from batchnorm.lab import data
+from batchnorm.lab.data import DatasetCorruptError, DatasetNotFoundError
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """No real dataset is visible: empty cache and system roots, no env variable."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(data.ENV_DATA_DIR, raising=False)
+    monkeypatch.setattr(data, "SYSTEM_DATA_ROOT", tmp_path / "system")
+    return tmp_path
+
+
+def _write_set(folder: Path, n_train=30, n_test=10, seed=0, gz=True, hw=28) -> dict[str, Path]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, hw, hw), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, hw, hw), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    out = {}
+    for stem, arr in arrays.items():
+        p = folder / (stem + (".gz" if gz else ""))
+        data.write_idx(p, arr)
+        out[stem] = p
+    return out
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.float32, np.float64])
+def test_idx_round_trip(tmp_path, suffix, dtype):
+    arr = (np.arange(24).reshape(2, 3, 4) * 3 - 5).astype(dtype)
+    if dtype == np.uint8:
+        arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    p = tmp_path / f"a.idx{suffix}"
+    data.write_idx(p, arr)
+    back = data.read_idx(p)
+    assert back.dtype == arr.dtype and back.shape == arr.shape
+    np.testing.assert_array_equal(back, arr)
+
+
+def test_idx_header_is_the_published_format(tmp_path):
+    # magic 0x00000803 then big-endian sizes, as in the MNIST description
+    p = tmp_path / "x.idx"
+    data.write_idx(p, np.zeros((2, 3, 4), dtype=np.uint8))
+    raw = p.read_bytes()
+    assert raw[:4] == b"\x00\x00\x08\x03"
+    assert raw[4:16] == (2).to_bytes(4, "big") + (3).to_bytes(4, "big") + (4).to_bytes(4, "big")
+
+
+def test_corrupt_files_raise_with_path_and_remedy(tmp_path):
+    p = tmp_path / "t.idx"
+    data.write_idx(p, np.zeros((5, 4), dtype=np.uint8))
+    p.write_bytes(p.read_bytes()[:-3])  # truncated
+    with pytest.raises(DatasetCorruptError, match=r"t\.idx.*truncated.*--download"):
+        data.read_idx(p)
+    bad = tmp_path / "bad.idx"
+    bad.write_bytes(b"\x12\x34\x56\x78rest")
+    with pytest.raises(DatasetCorruptError, match="not an IDX file"):
+        data.read_idx(bad)
+    notgz = tmp_path / "n.idx.gz"
+    notgz.write_bytes(b"plain bytes")
+    with pytest.raises(DatasetCorruptError, match="cannot read"):
+        data.read_idx(notgz)
+
+
+def test_lookup_order_data_dir_env_cache_system(isolated, monkeypatch):
+    tmp = isolated
+    _write_set(tmp / "system" / "mnist", seed=1)
+    assert data.find_idx_files("mnist")["train_images"].parent == tmp / "system" / "mnist"
+    _write_set(tmp / "cache" / "batchnorm" / "mnist", seed=2)
+    assert "cache" in str(data.find_idx_files("mnist")["train_images"])
+    _write_set(tmp / "env" / "mnist", seed=3)
+    monkeypatch.setenv(data.ENV_DATA_DIR, str(tmp / "env"))
+    assert data.find_idx_files("mnist")["train_images"].parent == tmp / "env" / "mnist"
+    _write_set(tmp / "flat", seed=4, gz=False)  # files directly in --data-dir, not gzipped
+    assert data.find_idx_files("mnist", tmp / "flat")["train_images"].parent == tmp / "flat"
+    ds = data.load_dataset("mnist", tmp / "flat")
+    raw = data.read_idx(tmp / "flat" / "train-images-idx3-ubyte")
+    assert ds.x_train.shape == (30, 1, 28, 28) and ds.x_train.dtype == torch.float32
+    np.testing.assert_allclose(ds.x_train[:, 0].numpy(), raw / 255.0, rtol=1e-6)
+    assert ds.source == str(tmp / "flat")
+
+
+def test_dotted_file_names_are_found(isolated):
+    folder = isolated / "dotted"
+    files = _write_set(folder)
+    for stem, p in files.items():
+        p.rename(folder / (stem.replace("-idx", ".idx") + ".gz"))
+    assert data.find_idx_files("fashion-mnist", folder) is not None
+
+
+def test_auto_prefers_mnist_then_fashion_then_digits(isolated):
+    tmp = isolated
+    assert data.resolve_name("auto") == "digits"
+    ds = data.load_dataset("auto")
+    assert ds.name == "digits" and ds.info()["requested"] == "auto"
+    _write_set(tmp / "system" / "fashion-mnist")
+    assert data.resolve_name("auto") == "fashion-mnist"
+    _write_set(tmp / "cache" / "batchnorm" / "mnist")
+    assert data.resolve_name("auto") == "mnist"
+
+
+def test_missing_dataset_says_where_and_how(isolated):
+    with pytest.raises(DatasetNotFoundError) as e:
+        data.load_dataset("fashion-mnist", isolated / "mine")
+    msg = str(e.value)
+    assert str(isolated / "mine") in msg and str(isolated / "system" / "fashion-mnist") in msg
+    assert "--download" in msg and "dataset-fashion-mnist" in msg and "--dataset digits" in msg
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load_dataset("cifar")
+
+
+def test_mismatched_image_and_label_counts(isolated):
+    folder = isolated / "mm"
+    _write_set(folder)
+    data.write_idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(7, dtype=np.uint8))
+    with pytest.raises(DatasetCorruptError, match="mismatched"):
+        data.load_dataset("mnist", folder)
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving tmp_path/www."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    def handler(*a, **k):
+        return _Quiet(*a, directory=str(root), **k)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _md5(p: Path) -> str:
+    return hashlib.md5(p.read_bytes()).hexdigest()
+
+
+def test_download_verifies_checksums_and_falls_back_to_next_mirror(isolated, server):
+    root, url = server
+    files = _write_set(root / "good", n_train=12, n_test=6)
+    sums = {p.name: _md5(p) for p in files.values()}
+    dest = isolated / "dl"
+    # first mirror has nothing (404), the second serves the files
+    out = data.download_dataset("mnist", dest, urls=[url + "/missing/", url + "/good/"], md5=sums)
+    assert out == dest
+    assert {p.name for p in dest.iterdir()} == set(sums)
+    assert all(_md5(dest / n) == s for n, s in sums.items())
+    ds = data.load_dataset("mnist", dest)
+    assert ds.x_train.shape[0] == 12 and ds.x_test.shape[0] == 6
+    # already present and valid: nothing is fetched again (the server may even be gone)
+    data.download_dataset("mnist", dest, urls=["http://127.0.0.1:9/"], md5=sums)
+
+
+def test_download_rejects_a_checksum_mismatch(isolated, server):
+    root, url = server
+    files = _write_set(root / "f", n_train=5, n_test=5)
+    sums = {p.name: _md5(p) for p in files.values()}
+    name = "train-images-idx3-ubyte.gz"
+    with gzip.open(root / "f" / name, "wb") as f:  # tampered content
+        f.write(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + b"abc")
+    dest = isolated / "dl"
+    with pytest.raises(DatasetCorruptError, match="checksum mismatch"):
+        data.download_dataset("fashion-mnist", dest, urls=[url + "/f/"], md5=sums)
+    assert not (dest / name).exists()
+    assert not [p for p in dest.iterdir() if p.name.endswith(".part")]
+
+
+def test_download_reports_unreachable_mirrors(isolated, server):
+    _, url = server
+    with pytest.raises(DatasetNotFoundError, match="download of mnist failed"):
+        data.download_dataset("mnist", isolated / "x", urls=[url + "/none/"], md5={"a.gz": "0"})
+    with pytest.raises(ValueError, match="no download"):
+        data.download_dataset("digits")
+
+
+def test_canonical_sources_are_declared():
+    for name in ("mnist", "fashion-mnist"):
+        src = data.IDX_SOURCES[name]
+        assert set(src.md5) == {s + ".gz" for s in data.IDX_FILES.values()}
+        assert all(len(v) == 32 for v in src.md5.values())
+
+
+def test_digits_split():
+    ds = data.load_dataset("digits")
+    assert ds.name == "digits" and ds.input_shape == (1, 8, 8) and ds.num_features == 64
+    assert ds.x_train.shape[0] + ds.x_test.shape[0] == 1797
+    assert 0.0 <= float(ds.x_train.min()) and float(ds.x_train.max()) <= 1.0
+    # stratified: every class in both splits
+    assert set(ds.y_test.tolist()) == set(range(10)) == set(ds.y_train.tolist())
+
+
+def test_synthetic_is_deterministic_and_learnable_shape():
+    a, b, c = data.synthetic(seed=1), data.synthetic(seed=1), data.synthetic(seed=2)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    assert not torch.equal(a.x_train, c.x_train)
+    assert a.x_train.shape == (2000, 1, 8, 8) and a.num_classes == 10
+
+
+def test_validation_split_is_carved_from_train_only():
+    ds = data.synthetic(n_train=600, n_test=100)
+    v = ds.validation_split(1 / 6, seed=0)
+    assert v.split == "validation" and v.info()["heldout_split"] == "validation"
+    assert v.x_train.shape[0] + v.x_test.shape[0] == 600
+    rows = {tuple(r.tolist()) for r in ds.x_train.reshape(600, -1)}
+    assert all(tuple(r.tolist()) in rows for r in v.x_test.reshape(v.x_test.shape[0], -1))
+    train_rows = {tuple(r.tolist()) for r in v.x_train.reshape(v.x_train.shape[0], -1)}
+    val_rows = {tuple(r.tolist()) for r in v.x_test.reshape(v.x_test.shape[0], -1)}
+    assert not train_rows & val_rows
+    with pytest.raises(ValueError):
+        ds.validation_split(1.5)
