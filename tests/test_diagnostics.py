@@ -267,6 +267,27 @@ def test_recalibrate_cures_the_dropout_variance_shift(with_dropout, digits):
     assert severities(after, "dropout-before-bn") == ["info"]
 
 
+def test_before_after_reports_the_cure_and_leaves_the_model_alone(with_dropout, digits):
+    from batchnorm.diagnostics import before_after
+
+    recalibrate = getattr(batchnorm, "recalibrate", None)
+    if recalibrate is None:
+        pytest.skip("batchnorm.recalibrate is not part of this build yet")
+    state = {k: v.clone() for k, v in with_dropout.state_dict().items()}
+    d = before_after(
+        with_dropout,
+        digits[0],
+        lambda m: recalibrate(m, torch.split(digits[0], 32)),
+        batch_size=32,
+    )
+    assert all(torch.equal(v, with_dropout.state_dict()[k]) for k, v in state.items())
+    assert {"check": "eval-input-shift", "layer": "6"} in d["cured"]
+    assert d["after"]["output_gap"] < d["before"]["output_gap"]
+    assert d["after"]["std_ratio_median"]["6"] == pytest.approx(1.0, abs=0.05)
+    assert d["before"]["std_ratio_median"]["6"] < 0.85
+    json.dumps(d)
+
+
 def test_stale_running_stats_after_weights_change(healthy, digits):
     stale = clone(healthy)
     with torch.no_grad():  # the weights moved on; the statistics did not

@@ -69,6 +69,7 @@ __all__ = [
     "Thresholds",
     "stat_gaps",
     "output_gap",
+    "before_after",
     "is_batchnorm",
     "add_arguments",
     "main",
@@ -278,6 +279,27 @@ class DoctorReport:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(_json_safe(self.to_dict()), indent=indent)
+
+    def summary(self) -> dict[str, Any]:
+        """A compact, JSON-safe digest for experiment summaries: the findings as
+        ``{check, severity, layer}``, the output gap and, per layer, the inference-time
+        (Dropout off) std ratio median and largest mean shift against the running statistics."""
+        og = self.output_gap
+        return _json_safe(
+            {
+                "findings": [
+                    {"check": f.check, "severity": f.severity, "layer": f.layer}
+                    for f in self.findings
+                ],
+                "errors": len(self.errors),
+                "warnings": len(self.warnings),
+                "output_gap": None if og is None else og.relative_rms,
+                "output_gap_noise": None if og is None else og.noise,
+                "argmax_agreement": None if og is None else og.agreement,
+                "std_ratio_median": {k: g.std_ratio_median for k, g in self.inference_gaps.items()},
+                "mean_shift_max": {k: g.mean_shift_max for k, g in self.inference_gaps.items()},
+            }
+        )
 
     def format_text(self, width: int = 100) -> str:
         lines = [
@@ -1660,6 +1682,46 @@ def _structural_findings(
                     )
                 )
     return out
+
+
+def before_after(
+    model: nn.Module,
+    data: Any,
+    fix: Callable[[nn.Module], Any],
+    num_batches: int = 8,
+    *,
+    batch_size: int = 64,
+    thresholds: Thresholds | None = None,
+) -> dict[str, Any]:
+    """The doctor before and after a fix, for experiments that show a finding and its cure.
+
+    ``fix`` is applied to a deep copy of ``model`` (e.g. ``lambda m: batchnorm.recalibrate(m,
+    loader)``); ``model`` itself is not changed. Returns a JSON-safe dict::
+
+        {"before": DoctorReport.summary(), "after": DoctorReport.summary(),
+         "cured": [checks at warning or error level before that are gone or only info after],
+         "remaining": [checks still at warning or error level after]}
+
+    Example::
+
+        >>> d = before_after(net, x_test, lambda m: batchnorm.recalibrate(m, loader))
+        >>> d["before"]["output_gap"], d["after"]["output_gap"], d["cured"]
+    """
+    before = doctor(model, data, num_batches, batch_size=batch_size, thresholds=thresholds)
+    fixed = _probe_copy(model)
+    fix(fixed)
+    after = doctor(fixed, data, num_batches, batch_size=batch_size, thresholds=thresholds)
+
+    def serious(r: DoctorReport) -> set[tuple[str, str]]:
+        return {(f.check, f.layer) for f in r.findings if f.severity != "info"}
+
+    b, a = serious(before), serious(after)
+    return {
+        "before": before.summary(),
+        "after": after.summary(),
+        "cured": [{"check": c, "layer": layer} for c, layer in sorted(b - a)],
+        "remaining": [{"check": c, "layer": layer} for c, layer in sorted(a)],
+    }
 
 
 # --------------------------------------------------------------------------------------------
