@@ -44,6 +44,8 @@ _EMPTY: dict[np.dtype[Any], Array] = {
     np.dtype(np.float32): np.empty(0, np.float32),
     np.dtype(np.float64): np.empty(0, np.float64),
 }
+# a given mean within this relative distance of the batch mean is taken as its rounding (backward)
+_MEAN_TOL = {np.dtype(np.float32): 4.0 * 2.0**-23, np.dtype(np.float64): 4.0 * 2.0**-52}
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -200,13 +202,14 @@ def _backward(
     need_dx = dx is not None
     buf = dx if dx is not None else x  # not written when need_dx is False
     par = T > 1
+    tol = _MEAN_TOL[x.dtype]
     if x.ndim == 3:
         N, _, L = x.shape
         nblk = _ncl_blocks(N, C, L, T)
-        _kernel("ncl_backward", par)(dy, x, mean, invstd, w, nblk, need_dx, buf, dw, db)
+        _kernel("ncl_backward", par)(dy, x, mean, invstd, w, tol, nblk, need_dx, buf, dw, db)
     else:
         nrb, ncb = _mc_blocks(x.shape[0], C, T)
-        _kernel("mc_backward", par)(dy, x, mean, invstd, w, nrb, ncb, need_dx, buf, dw, db)
+        _kernel("mc_backward", par)(dy, x, mean, invstd, w, tol, nrb, ncb, need_dx, buf, dw, db)
     return dx, dw, db
 
 

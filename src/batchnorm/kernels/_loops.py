@@ -56,6 +56,26 @@ def _finalize_stats(
     return mean, var, invstd, scale, shift
 
 
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _backward_coefs(
+    sdy: float, sdyx: float, sx: float, m: int, mh: float, inv: float, g: float, tol: float
+) -> tuple[float, float, float, float, float]:
+    """From Σdy, Σdy·(x − mh), Σ(x − mh): ``(dγ, dβ, A, B, D)`` with dx = A·dy + B·(x − mh) + D.
+
+    When the given mean ``mh`` is the batch mean rounded to the dtype (the offset Σ(x − mh)/m is
+    within ``tol``·|mh|), the rounding is corrected, so float32 keeps float32 accuracy even when
+    |mean| ≫ std; any other given mean is used as it is.
+    """
+    corr = sx / m
+    if abs(corr) > tol * abs(mh):
+        corr = 0.0
+    sdyx_c = sdyx - corr * sdy  # Σ dy·(x − μ), μ = mh + corr
+    dwc = sdyx_c * inv
+    k = g * inv / m
+    bcoef = -k * dwc * inv
+    return dwc, sdy, g * inv, bcoef, -k * sdy - bcoef * corr
+
+
 @numba.njit(inline="always", cache=True)
 def _block_range(j0: int, j1: int, n: int, L: int) -> tuple[int, int]:
     """The l-range ``[lo, hi)`` of row ``n`` inside the flat channel range ``[j0, j1)``."""
@@ -105,7 +125,8 @@ def ncl_forward_train(x, w, b, eps, nblk, y, mean_out, var_out, invstd_out):  # 
             sh_arr[c] = sh
             scf = sc_arr[c]
             shf = sh_arr[c]
-            for n in range(N):
+            for nn in range(N):
+                n = N - 1 - nn  # backwards: the rows summed last are still cached
                 xr = x[n, c]
                 yr = y[n, c]
                 for l in range(L):
@@ -158,7 +179,9 @@ def ncl_forward_train(x, w, b, eps, nblk, y, mean_out, var_out, invstd_out):  # 
         scf = sc_arr[c]
         shf = sh_arr[c]
         if j1 > j0:
-            for n in range(j0 // L, (j1 - 1) // L + 1):
+            n_hi = (j1 - 1) // L
+            for nn in range(n_hi - j0 // L + 1):
+                n = n_hi - nn  # backwards: the rows summed last are still cached
                 lo, hi = _block_range(j0, j1, n, L)
                 xr = x[n, c]
                 yr = y[n, c]
@@ -166,7 +189,7 @@ def ncl_forward_train(x, w, b, eps, nblk, y, mean_out, var_out, invstd_out):  # 
                     yr[l] = (xr[l] - mh) * scf + shf
 
 
-def ncl_backward(dy, x, mean, invstd, w, nblk, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
+def ncl_backward(dy, x, mean, invstd, w, tol, nblk, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
     """Backward on ``(N, C, L)``: Σdy and Σdy·x̂ per channel fused with the dx pass.
 
     dx = γ·invstd/m · (m·dy − Σdy − x̂·Σdy·x̂) = A·dy + B·(x − μ) + D per channel.
@@ -182,27 +205,31 @@ def ncl_backward(dy, x, mean, invstd, w, nblk, need_dx, dx, dw_out, db_out):  # 
             mh = mean[c]
             sdy = 0.0
             sdyx = 0.0
+            sx = 0.0
             for n in range(N):
                 xr = x[n, c]
                 dr = dy[n, c]
                 for l in range(L):
                     g_ = np.float64(dr[l])
+                    xd = np.float64(xr[l] - mh)
                     sdy += g_
-                    sdyx += g_ * np.float64(xr[l] - mh)
-            inv = np.float64(invstd[c])
-            dwc = sdyx * inv
-            db_out[c] = sdy
+                    sdyx += g_ * xd
+                    sx += xd
+            g = np.float64(w[c]) if has_w else 1.0
+            dwc, dbc, ac, bc, dc = _backward_coefs(
+                sdy, sdyx, sx, m, np.float64(mh), np.float64(invstd[c]), g, tol
+            )
+            db_out[c] = dbc
             dw_out[c] = dwc
             if need_dx:
-                g = np.float64(w[c]) if has_w else 1.0
-                kk = g * inv / m
-                a_arr[c] = g * inv
-                b_arr[c] = -kk * dwc * inv
-                d_arr[c] = -kk * sdy
+                a_arr[c] = ac
+                b_arr[c] = bc
+                d_arr[c] = dc
                 af = a_arr[c]
                 bf = b_arr[c]
                 df = d_arr[c]
-                for n in range(N):
+                for nn in range(N):
+                    n = N - 1 - nn  # backwards: the rows summed last are still cached
                     xr = x[n, c]
                     dr = dy[n, c]
                     dxr = dx[n, c]
@@ -211,7 +238,7 @@ def ncl_backward(dy, x, mean, invstd, w, nblk, need_dx, dx, dw_out, db_out):  # 
         return
     J = N * L
     ntask = C * nblk
-    part = np.empty((2, ntask))
+    part = np.empty((3, ntask))
     for t in prange(ntask):
         c = t // nblk
         bi = t % nblk
@@ -220,6 +247,7 @@ def ncl_backward(dy, x, mean, invstd, w, nblk, need_dx, dx, dw_out, db_out):  # 
         mh = mean[c]
         sdy = 0.0
         sdyx = 0.0
+        sx = 0.0
         if j1 > j0:
             for n in range(j0 // L, (j1 - 1) // L + 1):
                 lo, hi = _block_range(j0, j1, n, L)
@@ -227,25 +255,30 @@ def ncl_backward(dy, x, mean, invstd, w, nblk, need_dx, dx, dw_out, db_out):  # 
                 dr = dy[n, c]
                 for l in range(lo, hi):
                     g_ = np.float64(dr[l])
+                    xd = np.float64(xr[l] - mh)
                     sdy += g_
-                    sdyx += g_ * np.float64(xr[l] - mh)
+                    sdyx += g_ * xd
+                    sx += xd
         part[0, t] = sdy
         part[1, t] = sdyx
+        part[2, t] = sx
     for c in range(C):
         sdy = 0.0
         sdyx = 0.0
+        sx = 0.0
         for bi in range(nblk):
             sdy += part[0, c * nblk + bi]
             sdyx += part[1, c * nblk + bi]
-        inv = np.float64(invstd[c])
-        dwc = sdyx * inv
-        db_out[c] = sdy
-        dw_out[c] = dwc
+            sx += part[2, c * nblk + bi]
         g = np.float64(w[c]) if has_w else 1.0
-        kk = g * inv / m
-        a_arr[c] = g * inv
-        b_arr[c] = -kk * dwc * inv
-        d_arr[c] = -kk * sdy
+        dwc, dbc, ac, bc, dc = _backward_coefs(
+            sdy, sdyx, sx, m, np.float64(mean[c]), np.float64(invstd[c]), g, tol
+        )
+        db_out[c] = dbc
+        dw_out[c] = dwc
+        a_arr[c] = ac
+        b_arr[c] = bc
+        d_arr[c] = dc
     if not need_dx:
         return
     for t in prange(ntask):
@@ -258,7 +291,9 @@ def ncl_backward(dy, x, mean, invstd, w, nblk, need_dx, dx, dw_out, db_out):  # 
         bf = b_arr[c]
         df = d_arr[c]
         if j1 > j0:
-            for n in range(j0 // L, (j1 - 1) // L + 1):
+            n_hi = (j1 - 1) // L
+            for nn in range(n_hi - j0 // L + 1):
+                n = n_hi - nn  # backwards: the rows summed last are still cached
                 lo, hi = _block_range(j0, j1, n, L)
                 xr = x[n, c]
                 dr = dy[n, c]
@@ -342,18 +377,19 @@ def mc_forward_train(x, w, b, eps, nrb, ncb, y, mean_out, var_out, invstd_out): 
         r1 = (rb + 1) * M // nrb
         c0 = cb * C // ncb
         c1 = (cb + 1) * C // ncb
-        for i in range(r0, r1):
+        for ii in range(r1 - r0):
+            i = r1 - 1 - ii  # backwards: the rows summed last are still cached
             xr = x[i]
             yr = y[i]
             for c in range(c0, c1):
                 yr[c] = (xr[c] - mh_arr[c]) * sc_arr[c] + sh_arr[c]
 
 
-def mc_backward(dy, x, mean, invstd, w, nrb, ncb, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
+def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
     """Backward on ``(M, C)``: partial Σdy, Σdy·(x − μ) per row block, merged, then the dx pass."""
     M, C = x.shape
     has_w = w.shape[0] > 0
-    part = np.zeros((2, nrb, C))
+    part = np.zeros((3, nrb, C))
     ntask = nrb * ncb
     for t in prange(ntask):
         rb = t // ncb
@@ -364,31 +400,36 @@ def mc_backward(dy, x, mean, invstd, w, nrb, ncb, need_dx, dx, dw_out, db_out): 
         c1 = (cb + 1) * C // ncb
         p1 = part[0, rb]
         p2 = part[1, rb]
+        p3 = part[2, rb]
         for i in range(r0, r1):
             xr = x[i]
             dr = dy[i]
             for c in range(c0, c1):
                 g_ = np.float64(dr[c])
+                xd = np.float64(xr[c] - mean[c])
                 p1[c] += g_
-                p2[c] += g_ * np.float64(xr[c] - mean[c])
+                p2[c] += g_ * xd
+                p3[c] += xd
     a_arr = np.empty(C, dtype=x.dtype)
     b_arr = np.empty(C, dtype=x.dtype)
     d_arr = np.empty(C, dtype=x.dtype)
     for c in range(C):
         sdy = 0.0
         sdyx = 0.0
+        sx = 0.0
         for rb in range(nrb):
             sdy += part[0, rb, c]
             sdyx += part[1, rb, c]
-        inv = np.float64(invstd[c])
-        dwc = sdyx * inv
-        db_out[c] = sdy
-        dw_out[c] = dwc
+            sx += part[2, rb, c]
         g = np.float64(w[c]) if has_w else 1.0
-        k = g * inv / M
-        a_arr[c] = g * inv
-        b_arr[c] = -k * dwc * inv
-        d_arr[c] = -k * sdy
+        dwc, dbc, ac, bc, dc = _backward_coefs(
+            sdy, sdyx, sx, M, np.float64(mean[c]), np.float64(invstd[c]), g, tol
+        )
+        db_out[c] = dbc
+        dw_out[c] = dwc
+        a_arr[c] = ac
+        b_arr[c] = bc
+        d_arr[c] = dc
     if not need_dx:
         return
     for t in prange(ntask):
@@ -398,7 +439,8 @@ def mc_backward(dy, x, mean, invstd, w, nrb, ncb, need_dx, dx, dw_out, db_out): 
         r1 = (rb + 1) * M // nrb
         c0 = cb * C // ncb
         c1 = (cb + 1) * C // ncb
-        for i in range(r0, r1):
+        for ii in range(r1 - r0):
+            i = r1 - 1 - ii  # backwards: the rows summed last are still cached
             xr = x[i]
             dr = dy[i]
             dxr = dx[i]

@@ -1,0 +1,417 @@
+"""Benchmark of the fused kernels against ``torch.nn.BatchNorm*`` and the memory roofline.
+
+For each shape of a suite, on the same tensor, interleaved (one call of each contender in turn,
+so drifting machine load hits both alike), the median over ``repeats`` of:
+
+* ``fwd`` — training forward (batch statistics, running-statistics update, no autograd graph);
+* ``fwd+bwd`` — training forward and backward through autograd (``y.backward(dy)``), output and
+  gradient allocation included;
+* ``eval`` — inference forward;
+* ``copy`` — ``out.copy_(x)`` into a preallocated tensor: the memory bandwidth just measured.
+
+Ours is :class:`batchnorm.BatchNorm1d/2d/3d` with ``backend="numba"``; torch's is
+``torch.nn.BatchNorm1d/2d/3d``. The roofline of a pass is the bytes it must move divided by the
+copy bandwidth: a copy moves 2 values per element (read x, write out), the forward too (read x,
+write y), inference too, and forward + backward 5 (x, y; x, dy, dx) — statistics fused into the
+element passes, so ``roofline = copy time × {fwd: 1, fwd+bwd: 2.5, eval: 1}``.
+
+Command line: ``batchnorm bench [--shapes 60x100 32x64x56x56@cl ...] [--repeats 15]
+[--json PATH]``; Python: :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Case", "SUITE", "parse_case", "run", "format_table", "add_arguments", "main"]
+
+#: bytes each pass must move, in values per element (a copy moves 2)
+PASS_VALUES = {"fwd": 2.0, "fwd+bwd": 5.0, "eval": 2.0}
+PASSES = ("fwd", "fwd+bwd", "eval")
+
+
+@dataclass(frozen=True)
+class Case:
+    """A benchmark input: ``shape`` (channels at axis 1) and memory ``layout``."""
+
+    shape: tuple[int, ...]
+    layout: str = "contiguous"  # or "channels_last" (4-D) / "channels_last_3d" (5-D)
+
+    @property
+    def name(self) -> str:
+        s = "x".join(map(str, self.shape))
+        return s + ("@cl" if self.layout != "contiguous" else "")
+
+    @property
+    def numel(self) -> int:
+        return int(math.prod(self.shape))
+
+
+#: the default suite: dense, NCHW, the conv shapes as channels_last, and NCDHW
+SUITE: tuple[Case, ...] = (
+    Case((60, 100)),  # the paper's MNIST batch of 60 and 100 sigmoid units
+    Case((256, 1024)),
+    Case((8192, 256)),
+    Case((32, 64, 56, 56)),
+    Case((64, 256, 14, 14)),
+    Case((128, 512, 7, 7)),
+    Case((32, 64, 56, 56), "channels_last"),
+    Case((64, 256, 14, 14), "channels_last"),
+    Case((128, 512, 7, 7), "channels_last"),
+    Case((4, 32, 16, 32, 32)),
+)
+
+
+def parse_case(spec: str) -> Case:
+    """``"32x64x56x56"`` → NCHW contiguous; a ``@cl`` suffix → ``channels_last``."""
+    body, _, suffix = spec.partition("@")
+    try:
+        shape = tuple(int(s) for s in body.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"bench: cannot read shape {spec!r}; write it like 32x64x56x56") from None
+    if len(shape) < 2 or len(shape) > 5 or min(shape) < 1:
+        raise ValueError(f"bench: shape {spec!r} must have 2 to 5 positive sizes (N, C, ...)")
+    if suffix not in ("", "cl"):
+        raise ValueError(f"bench: unknown layout suffix in {spec!r}; only '@cl' (channels_last)")
+    layout = "contiguous"
+    if suffix == "cl":
+        if len(shape) not in (4, 5):
+            raise ValueError(f"bench: '@cl' needs a 4-D or 5-D shape, got {spec!r}")
+        layout = "channels_last" if len(shape) == 4 else "channels_last_3d"
+    if math.prod(shape) // shape[1] < 2:
+        raise ValueError(f"bench: shape {spec!r} has fewer than 2 values per channel")
+    return Case(shape, layout)
+
+
+def _modules(case: Case, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+    import batchnorm
+
+    nd = len(case.shape)
+    ours_cls = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d}
+    torch_cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}
+    c = case.shape[1]
+    ours = ours_cls.get(nd, batchnorm.BatchNorm3d)(c, backend="numba", dtype=dtype)
+    theirs = torch_cls.get(nd, nn.BatchNorm3d)(c, dtype=dtype)
+    return ours, theirs
+
+
+def _tensor(case: Case, dtype: torch.dtype, gen: torch.Generator) -> Tensor:
+    t = torch.randn(case.shape, generator=gen, dtype=dtype)
+    if case.layout == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    elif case.layout == "channels_last_3d":
+        t = t.contiguous(memory_format=torch.channels_last_3d)
+    return t
+
+
+def _calls(m: nn.Module, x: Tensor, dy: Tensor) -> dict[str, Callable[[], None]]:
+    """The three timed calls on module ``m`` (each leaves ``m`` in train mode)."""
+    xg = x.detach().clone().requires_grad_(True)
+
+    def fwd() -> None:
+        with torch.no_grad():
+            m(x)
+
+    def fwd_bwd() -> None:
+        xg.grad = None
+        for p in m.parameters():
+            p.grad = None
+        m(xg).backward(dy)
+
+    def evaluate() -> None:
+        m.eval()
+        with torch.no_grad():
+            m(x)
+        m.train()
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd, "eval": evaluate}
+
+
+def _timed(f: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+@dataclass
+class CaseResult:
+    """Medians (seconds) for one case; ratios are time ratios (< 1: ours is faster)."""
+
+    name: str
+    shape: tuple[int, ...]
+    layout: str
+    numel: int
+    copy_s: float
+    copy_gbps: float
+    ours_s: dict[str, float] = field(default_factory=dict)
+    torch_s: dict[str, float] = field(default_factory=dict)
+    roofline_s: dict[str, float] = field(default_factory=dict)
+    ours_over_torch: dict[str, float] = field(default_factory=dict)
+    ours_over_roofline: dict[str, float] = field(default_factory=dict)
+
+
+def _bench_case(case: Case, repeats: int, dtype: torch.dtype, warmup: int) -> CaseResult:
+    gen = torch.Generator().manual_seed(0)
+    x = _tensor(case, dtype, gen)
+    dy = _tensor(case, dtype, gen)
+    out = torch.empty_like(x)
+    ours, theirs = _modules(case, dtype)
+    calls = {"ours": _calls(ours, x, dy), "torch": _calls(theirs, x, dy)}
+
+    def copy() -> None:
+        out.copy_(x)
+
+    for _ in range(warmup):  # first calls compile / load the kernels and warm the allocator
+        copy()
+        for who in calls:
+            for p in PASSES:
+                calls[who][p]()
+    samples: dict[str, list[float]] = {"copy": []}
+    for who in calls:
+        for p in PASSES:
+            samples[f"{who}/{p}"] = []
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            samples["copy"].append(_timed(copy))
+            # alternate who goes first, so neither always runs on a cache warmed by the other
+            order = ("ours", "torch") if r % 2 == 0 else ("torch", "ours")
+            for p in PASSES:
+                for who in order:
+                    samples[f"{who}/{p}"].append(_timed(calls[who][p]))
+    finally:
+        if gc_was:
+            gc.enable()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    itemsize = x.element_size()
+    res = CaseResult(
+        name=case.name,
+        shape=case.shape,
+        layout=case.layout,
+        numel=case.numel,
+        copy_s=med["copy"],
+        copy_gbps=2 * itemsize * case.numel / med["copy"] / 1e9,
+    )
+    for p in PASSES:
+        o, t = med[f"ours/{p}"], med[f"torch/{p}"]
+        roof = med["copy"] * PASS_VALUES[p] / 2.0
+        res.ours_s[p] = o
+        res.torch_s[p] = t
+        res.roofline_s[p] = roof
+        res.ours_over_torch[p] = o / t
+        res.ours_over_roofline[p] = o / roof
+    return res
+
+
+def _geomean(v: Sequence[float]) -> float:
+    return math.exp(sum(math.log(a) for a in v) / len(v)) if v else float("nan")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _targets(results: list[CaseResult]) -> dict[str, Any]:
+    """The project's speed targets, each with the measured value and a computed verdict."""
+    fb_speedups = [1.0 / r.ours_over_torch["fwd+bwd"] for r in results]
+    big = [r for r in results if r.numel >= 4 * 2**20]
+    small_train = [r for r in results if r.shape == (60, 100)]
+    out: dict[str, Any] = {
+        "fwd+bwd geometric-mean speedup >= 2.0": {
+            "value": _geomean(fb_speedups),
+            "met": _geomean(fb_speedups) >= 2.0,
+        },
+        "fwd+bwd no shape slower than torch": {
+            "value": max(r.ours_over_torch["fwd+bwd"] for r in results),
+            "met": all(r.ours_over_torch["fwd+bwd"] <= 1.0 for r in results),
+        },
+        "eval no shape slower than torch": {
+            "value": max(r.ours_over_torch["eval"] for r in results),
+            "met": all(r.ours_over_torch["eval"] <= 1.0 for r in results),
+        },
+    }
+    if big:
+        worst = max(r.ours_over_roofline["fwd+bwd"] for r in big)
+        out["fwd+bwd within 1.6x of roofline (>= 4M elements)"] = {
+            "value": worst,
+            "met": worst <= 1.6,
+        }
+    if small_train:
+        worst = max(
+            max(r.ours_over_torch["fwd"], r.ours_over_torch["fwd+bwd"]) for r in small_train
+        )
+        out["(60, 100) training step no slower than torch"] = {"value": worst, "met": worst <= 1.0}
+    return out
+
+
+def run(
+    cases: Sequence[Case | str] | None = None,
+    repeats: int = 15,
+    dtype: torch.dtype = torch.float32,
+    warmup: int = 2,
+    json_path: str | os.PathLike[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark; return (and with ``json_path`` write, atomically) the results.
+
+    Args:
+        cases: :class:`Case` objects or specs like ``"32x64x56x56@cl"``; default :data:`SUITE`.
+        repeats: timed calls per contender and pass; medians are reported.
+        dtype: ``torch.float32`` (the targets' dtype) or ``torch.float64``.
+        warmup: untimed rounds first (compilation, allocator warm-up).
+        json_path: where to write the JSON.
+        progress: called with each case's name before it runs.
+
+    Returns a dict with ``machine`` (CPU model, cores, threads, load), ``cases`` (per-case
+    medians in seconds and the ratios ours/torch and ours/roofline) and ``targets`` (each with
+    the measured value and whether it is met).
+
+    Example::
+
+        >>> from batchnorm import bench
+        >>> res = bench.run(["60x100"], repeats=3)  # doctest: +SKIP
+        >>> print(bench.format_table(res))  # doctest: +SKIP
+    """
+    if repeats < 1:
+        raise ValueError(f"bench: repeats must be >= 1, got {repeats}")
+    chosen = [c if isinstance(c, Case) else parse_case(c) for c in (cases or SUITE)]
+    import numba
+
+    load_before = os.getloadavg()
+    started = _dt.datetime.now(_dt.timezone.utc)
+    results = []
+    for case in chosen:
+        if progress is not None:
+            progress(case.name)
+        results.append(_bench_case(case, repeats, dtype, warmup))
+    load_after = os.getloadavg()
+    data: dict[str, Any] = {
+        "date": started.isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": _cpu_model(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "numba_threads": numba.get_num_threads(),
+            "loadavg_before": list(load_before),
+            "loadavg_after": list(load_after),
+            "torch": torch.__version__,
+            "numba": numba.__version__,
+            "python": platform.python_version(),
+        },
+        "dtype": str(dtype).replace("torch.", ""),
+        "repeats": repeats,
+        "roofline_values_per_element": PASS_VALUES,
+        "cases": [asdict(r) for r in results],
+        "summary": {
+            f"{p} geomean speedup vs torch": _geomean([1.0 / r.ours_over_torch[p] for r in results])
+            for p in PASSES
+        },
+        "targets": _targets(results),
+    }
+    if json_path is not None:
+        _write_json_atomic(json_path, data)
+    return data
+
+
+def _write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def format_table(data: dict[str, Any]) -> str:
+    """The results as a Markdown table: times in ms, ratios ours/torch and ours/roofline."""
+    head = "| shape | layout | copy ms | GB/s |" + "".join(
+        f" {p} ours ms | {p} torch ms | {p} ours/torch | {p} ours/roof |" for p in PASSES
+    )
+    sep = "|" + "---|" * (4 + 4 * len(PASSES))
+    lines = [head, sep]
+    for c in data["cases"]:
+        row = f"| {'x'.join(map(str, c['shape']))} | {c['layout']} | {c['copy_s'] * 1e3:.3f} |"
+        row += f" {c['copy_gbps']:.1f} |"
+        for p in PASSES:
+            row += (
+                f" {c['ours_s'][p] * 1e3:.3f} | {c['torch_s'][p] * 1e3:.3f} |"
+                f" {c['ours_over_torch'][p]:.2f} | {c['ours_over_roofline'][p]:.2f} |"
+            )
+        lines.append(row)
+    lines.append("")
+    for k, v in data["summary"].items():
+        lines.append(f"- {k}: {v:.2f}x")
+    for k, v in data["targets"].items():
+        lines.append(f"- target {k}: {v['value']:.2f} — {'met' if v['met'] else 'NOT met'}")
+    m = data["machine"]
+    lines.append(
+        f"- machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} ({m['torch_threads']} "
+        f"threads), numba {m['numba']} ({m['numba_threads']} threads); load average "
+        f"{m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after; "
+        f"{data['dtype']}, median of {data['repeats']}; {data['date']}"
+    )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``batchnorm bench`` options."""
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        metavar="SHAPE",
+        help="shapes like 60x100 or 32x64x56x56 (suffix @cl: channels_last); default: the suite",
+    )
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per pass (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark from parsed arguments; print the table."""
+    try:
+        cases = [parse_case(s) for s in args.shapes] if args.shapes else None
+    except ValueError as e:
+        print(f"batchnorm bench: {e}")
+        return 2
+    data = run(
+        cases,
+        repeats=args.repeats,
+        dtype=getattr(torch, args.dtype),
+        warmup=args.warmup,
+        json_path=args.json,
+        progress=lambda name: print(f"  {name} ...", flush=True),
+    )
+    print(format_table(data))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0

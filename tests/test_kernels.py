@@ -1,0 +1,227 @@
+"""The fused kernels against the NumPy float64 reference, and the torch adapter against the
+plain-torch backend: odd shapes, both layouts, both dtypes, threads on and off, stress inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from batchnorm import functional as F
+from batchnorm import kernels as K
+from batchnorm import reference as R
+
+pytest.importorskip("numba")
+
+# relative tolerance (to the largest reference magnitude) per dtype
+TOL = {np.float32: 2e-5, np.float64: 1e-11}
+
+# (N, C, L) channels-first and (M, C) rows × channels; chosen to hit every work split:
+# C=1, L=1, N=2, primes, C not divisible by the thread count (blocked channels), huge C, tiny M
+NCL_SHAPES = [(2, 1, 5), (3, 7, 1), (13, 5, 11), (2, 3, 17), (5, 1, 1000), (4, 2, 3), (7, 64, 3)]
+MC_SHAPES = [(2, 1), (7, 13), (2, 5003), (1000, 1), (101, 3), (3, 2)]
+
+
+def _close(
+    got: np.ndarray, want: np.ndarray, dtype: type, scale: float = 1.0, mag: float = 0.0
+) -> None:
+    """``got`` matches ``want`` to the dtype's tolerance relative to want's magnitude (or to
+    ``mag``, the magnitude of the terms summed, when larger)."""
+    ref = max(float(np.max(np.abs(want))), mag) if want.size else 1.0
+    err = float(np.max(np.abs(got.astype(np.float64) - want))) if want.size else 0.0
+    assert err <= TOL[dtype] * scale * max(ref, 1.0), (err, ref)
+
+
+def _data(shape: tuple[int, ...], dtype: type, seed: int = 0, loc: float = 0.0, std: float = 1.0):
+    rng = np.random.default_rng(seed)
+    C = shape[1]
+    x = (loc + std * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = rng.uniform(0.5, 1.5, C).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+    return x, dy, w, b
+
+
+def _check_all(x, dy, w, b, dtype, parallel, eps=1e-5, scale=1.0):  # type: ignore[no-untyped-def]
+    y, mean, var, invstd = K.forward_train(x, w, b, eps, parallel=parallel)
+    y_ref, _, mean_ref, var_ref = R.batch_norm_forward(x, w, b, eps)
+    assert y.dtype == x.dtype and y.shape == x.shape and mean.dtype == x.dtype
+    _close(y, y_ref, dtype, scale)
+    _close(mean, mean_ref, dtype, scale)
+    _close(var, var_ref, dtype, scale)
+    _close(invstd, 1 / np.sqrt(var_ref + eps), dtype, scale)
+    dx, dw, db = K.backward(dy, x, mean, invstd, w, parallel=parallel)
+    dx_ref, dw_ref, db_ref = R.batch_norm_backward(dy, x, w, eps)
+    assert dx is not None
+    _close(dx, dx_ref, dtype, scale)
+    _close(dw, dw_ref, dtype, scale)
+    _close(db, db_ref, dtype, scale)
+    sc, sh = R.inference_affine(mean_ref, var_ref * 1.5 + 0.1, w, b, eps)
+    y_eval = K.forward_eval(x, sc, sh, parallel=parallel)
+    # the contract is one multiply-add x·scale + shift: its rounding is relative to |x·scale|
+    mag = float(np.max(np.abs(x.astype(np.float64)))) * float(np.max(np.abs(sc)))
+    y_ref = R.batch_norm_inference(x, mean_ref, var_ref * 1.5 + 0.1, w, b, eps)
+    _close(y_eval, y_ref, dtype, mag=mag)
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", NCL_SHAPES + MC_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(shape, dtype, parallel):  # type: ignore[no-untyped-def]
+    x, dy, w, b = _data(shape, dtype, seed=sum(shape))
+    _check_all(x, dy, w, b, dtype, parallel)
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "loc,std",
+    [(1e4, 1.0), (1.0, 1e-3), (-3e3, 1e-1), (0.0, 1e15)],
+    ids=["offset1e4", "tiny-std", "neg-offset", "huge"],
+)
+@pytest.mark.parametrize("shape", [(8, 3, 257), (4099, 5)], ids=["NCL", "MC"])
+def test_stress_inputs(shape, loc, std, dtype, parallel):  # type: ignore[no-untyped-def]
+    """|mean| ≫ std and extreme magnitudes: the naive E[x²] − E[x]² would lose every digit."""
+    x, dy, w, b = _data(shape, dtype, seed=1, loc=loc, std=std)
+    # with |mean|/std = r, x − mean keeps r·ε fewer digits in any dtype (the reference's own
+    # two-pass float64 result included): the tolerance grows with r
+    scale = max(1.0, abs(loc) / std / 1e3)
+    _check_all(x, dy, w, b, dtype, parallel, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_naive_moments_would_fail(dtype):  # type: ignore[no-untyped-def]
+    """The offset stress input really is hard: E[x²] − E[x]² in the dtype is badly wrong there,
+    while the kernel's variance matches the reference."""
+    x = (1e4 + np.random.default_rng(3).standard_normal((64, 2, 50))).astype(dtype)
+    if dtype is np.float64:
+        x = x + 1e8  # push float64 into the same trouble
+    naive = (x * x).mean(axis=(0, 2)) - x.mean(axis=(0, 2)) ** 2
+    _, var_ref = R.batch_stats(x)
+    assert np.max(np.abs(naive - var_ref) / var_ref) > 1e-2
+    _, _, var, _ = K.forward_train(x)
+    _close(var, var_ref, dtype)
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 9), (33, 4)], ids=["NCL", "MC"])
+def test_constant_channel_and_no_affine(shape):  # type: ignore[no-untyped-def]
+    x, dy, _, _ = _data(shape, np.float64)
+    x[:, 1] = 2.5  # zero variance: y = β, finite gradients
+    _check_all(x, dy, None, None, np.float64, None)
+    y, mean, var, invstd = K.forward_train(x, None, None, 1e-3)
+    assert var[1] == 0.0 and np.all(np.isfinite(y)) and np.allclose(y[:, 1], 0.0)
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
+@pytest.mark.parametrize("shape", [(5, 3, 7), (40, 3)], ids=["NCL", "MC"])
+def test_nonfinite_input_gives_nonfinite_stats(shape, parallel):  # type: ignore[no-untyped-def]
+    """NaN/inf must reach the statistics (the running update then refuses the batch)."""
+    x, dy, _, _ = _data(shape, np.float32)
+    x[1, 0] = np.nan
+    x[2, 2] = np.inf
+    _, mean, var, _ = K.forward_train(x, parallel=parallel)
+    assert np.isnan(mean[0]) and np.isnan(var[0])
+    assert not np.isfinite(var[2])
+    assert np.isfinite(mean[1]) and np.isfinite(var[1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_noncontiguous_views_are_not_misread(dtype):  # type: ignore[no-untyped-def]
+    base, dy, w, b = _data((6, 8, 10), dtype)
+    for view in (base[:, ::2], base.transpose(2, 1, 0), base[::-1, :, 1:8]):
+        C = view.shape[1]
+        y, *_ = K.forward_train(view, w[:C], b[:C])
+        _close(y, R.batch_norm_forward(view, w[:C], b[:C])[0], dtype)
+        g = np.ascontiguousarray(np.flip(view, 0))
+        dx, *_ = K.backward(g[:, :, :], view, *K.forward_train(view)[1:4:2], w[:C])
+        assert dx is not None
+        _close(dx, R.batch_norm_backward(g, view, w[:C])[0], dtype)
+
+
+def test_backward_reductions_only_and_out():  # type: ignore[no-untyped-def]
+    x, dy, w, b = _data((9, 4, 6), np.float32)
+    _, mean, _, invstd = K.forward_train(x, w, b)
+    dx, dw, db = K.backward(dy, x, mean, invstd, w, need_dx=False)
+    _, dw_ref, db_ref = R.batch_norm_backward(dy, x, w)
+    assert dx is None
+    _close(dw, dw_ref, np.float32)
+    _close(db, db_ref, np.float32)
+    out = np.full_like(x, np.nan)
+    y, *_ = K.forward_train(x, w, b, out=out)
+    assert y is out and np.all(np.isfinite(out))
+
+
+def test_bad_arguments_are_named():  # type: ignore[no-untyped-def]
+    with pytest.raises(TypeError, match="float32/float64"):
+        K.forward_train(np.zeros((4, 3), np.int64))
+    with pytest.raises(TypeError, match=r"\(M, C\) or"):
+        K.forward_train(np.zeros(5, np.float32))
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
+        K.forward_train(np.zeros((4, 3)), np.ones(4))
+    with pytest.raises(ValueError, match="out must be"):
+        K.forward_train(np.zeros((4, 3)), out=np.zeros((4, 3), np.float32))
+    with pytest.raises(ValueError, match="dy"):
+        K.backward(np.zeros((4, 3)), np.zeros((5, 3)), np.zeros(3), np.ones(3))
+
+
+# ---- the torch adapter -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((6, 5), None),
+        ((4, 3, 7), None),
+        ((3, 4, 5, 6), None),
+        ((3, 4, 5, 6), "cl"),
+        ((2, 3, 2, 4, 5), None),
+    ],
+    ids=["2d", "3d", "4d", "4d-cl", "5d"],
+)
+def test_numba_backend_matches_torch_backend(shape, layout, dtype):  # type: ignore[no-untyped-def]
+    """Forward, running statistics, gradients and eval: backend='numba' vs backend='torch'."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen, dtype=dtype) * 2 + 3
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape, generator=gen, dtype=dtype)
+    C = shape[1]
+    outs = {}
+    for be in ("torch", "numba"):
+        w = torch.linspace(0.5, 1.5, C, dtype=dtype, requires_grad=True)
+        b = torch.linspace(-1, 1, C, dtype=dtype, requires_grad=True)
+        rm, rv = torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype)
+        xg = x.clone().requires_grad_(True)
+        y = F.batch_norm(xg, rm, rv, w, b, training=True, momentum=0.3, backend=be)
+        y.backward(dy)
+        ye = F.batch_norm(x, rm, rv, w, b, training=False, backend=be)
+        outs[be] = (y.detach(), xg.grad, w.grad, b.grad, rm, rv, ye, y.stride())
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    for a, t in zip(outs["numba"][:7], outs["torch"][:7]):
+        torch.testing.assert_close(a, t, **tol)
+    assert outs["numba"][7] == outs["torch"][7]  # same memory layout as the input
+
+
+def test_backend_selection_and_env(monkeypatch):  # type: ignore[no-untyped-def]
+    x = torch.randn(4, 3)
+    assert F.get_backend(x).name == "numba"  # auto: kernels for CPU float32
+    assert F.get_backend(x.half()).name == "torch"
+    assert F.get_backend(x, "torch").name == "torch"
+    monkeypatch.setenv("BATCHNORM_BACKEND", "torch")
+    assert F.get_backend(x).name == "torch"
+    monkeypatch.setenv("BATCHNORM_BACKEND", "numba")
+    assert F.get_backend(x).name == "numba"
+    with pytest.raises(ValueError, match="does not support"):
+        F.get_backend(x.half())
+
+
+def test_gradcheck_through_numba_backend():  # type: ignore[no-untyped-def]
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):  # type: ignore[no-untyped-def]
+        return F.batch_norm_train(x, w, b, backend="numba")[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
