@@ -58,16 +58,16 @@ class DropoutConfig(BaseConfig):
     """Settings of the dropout experiment (see the module docstring)."""
 
     seeds: int = 2
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 60
     hidden: tuple[int, ...] = (256, 256, 256)
     dropout_rates: tuple[float, ...] = (0.0, 0.2, 0.5)
     lr: float = 0.05
     momentum: float = 0.9
-    eval_every: int = 200
+    eval_every: int = 150
     final_window: int = 3
     n_train: int = 5000
-    n_eval: int = 5000
+    n_eval: int = 2000
     n_train_eval: int = 2000
 
     QUICK = {

@@ -47,19 +47,19 @@ ARMS = ("noBN", "BN")
 class ICSConfig(BaseConfig):
     """Settings of the ics experiment (see the module docstring)."""
 
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 60
     widths: tuple[int, ...] = (8, 16)
     cnn_lr: float = 0.05
     dln_depth: int = 25
     dln_width: int = 10
     dln_lr: float = 0.005
-    dln_steps: int = 1000
+    dln_steps: int = 600
     dln_samples: int = 4096
-    probe_every: int = 50
+    probe_every: int = 40
     eval_every: int = 100
     n_train: int = 0
-    n_eval: int = 2000
+    n_eval: int = 1000
 
     QUICK = {
         "steps": 40,

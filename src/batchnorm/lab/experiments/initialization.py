@@ -43,7 +43,7 @@ class InitializationConfig(BaseConfig):
     """Settings of the initialization experiment (see the module docstring)."""
 
     seeds: int = 2
-    steps: int = 1000
+    steps: int = 800
     batch_size: int = 60
     hidden: tuple[int, ...] = (100, 100, 100)
     activation: str = "relu"
@@ -53,7 +53,7 @@ class InitializationConfig(BaseConfig):
     eval_every: int = 100
     final_window: int = 2
     n_train: int = 0
-    n_eval: int = 5000
+    n_eval: int = 2000
 
     QUICK = {
         "steps": 60,

@@ -67,7 +67,7 @@ ARMS: dict[str, tuple[bool, str, float, bool, bool]] = {
 class LearningRateConfig(BaseConfig):
     """Settings of the learning-rate experiment (see the module docstring)."""
 
-    steps: int = 1000
+    steps: int = 800
     batch_size: int = 60
     channels: tuple[int, ...] = (8, 16)
     momentum: float = 0.9
@@ -81,7 +81,8 @@ class LearningRateConfig(BaseConfig):
     val_fraction: float = 0.1
     eval_every: int = 50
     n_train: int = 0
-    n_eval: int = 2000
+    n_eval: int = 1000
+    n_val: int = 1000
 
     QUICK = {
         "steps": 60,
@@ -90,6 +91,7 @@ class LearningRateConfig(BaseConfig):
         "eval_every": 20,
         "n_train": 600,
         "n_eval": 200,
+        "n_val": 200,
         "channels": (4, 8),
     }
 
@@ -139,7 +141,7 @@ def _train(
         steps=steps,
         batch_size=cfg.batch_size,
         eval_sets={held: (ds.x_test, ds.y_test)},
-        eval_every=min(cfg.eval_every, steps),
+        eval_every=steps if held == "val" else min(cfg.eval_every, steps),
         seed=seed,
         lr_schedule=exponential_decay(lr, steps, halvings) if halvings else None,
         threads=cfg.threads,
@@ -245,7 +247,9 @@ def run(cfg: LearningRateConfig, ctx: RunContext) -> Results:
     rows: list[dict[str, Any]] = []
 
     # 1. sweep on a validation split of the training set
-    val = ds.validation_split(cfg.val_fraction, seed=cfg.seed)
+    # the sweep is scored once, at its end, on at most n_val validation examples: evaluating
+    # a CNN on thousands of images costs as much as many training steps
+    val = ds.validation_split(cfg.val_fraction, seed=cfg.seed).subset(test=cfg.n_val or None)
     sweep: dict[str, dict[str, float | None]] = {"noBN": {}, "BN": {}}
     for arm in sweep:
         for lr in cfg.sweep_lrs:

@@ -55,7 +55,7 @@ LEVELS = (0.15, 0.5, 0.85)
 class NoisyBNConfig(BaseConfig):
     """Settings of the noisy-bn experiment (see the module docstring)."""
 
-    steps: int = 800
+    steps: int = 600
     batch_size: int = 60
     widths: tuple[int, ...] = (8, 16)
     lr: float = 0.02
@@ -66,7 +66,7 @@ class NoisyBNConfig(BaseConfig):
     final_window: int = 2
     tolerance: float = 0.02
     n_train: int = 0
-    n_eval: int = 2000
+    n_eval: int = 1000
 
     QUICK = {
         "steps": 60,

@@ -53,7 +53,7 @@ class PlacementConfig(BaseConfig):
     """Settings of the placement experiment (see the module docstring)."""
 
     seeds: int = 3
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 60
     hidden: tuple[int, ...] = (100, 100, 100)
     activations: tuple[str, ...] = ("relu", "sigmoid")
@@ -62,7 +62,7 @@ class PlacementConfig(BaseConfig):
     eval_every: int = 100
     final_window: int = 3
     n_train: int = 0
-    n_eval: int = 5000
+    n_eval: int = 2000
 
     QUICK = {
         "seeds": 2,

@@ -37,7 +37,7 @@ SOURCE = "Santurkar et al. 2018 (arXiv 1805.11604), Sec. 3.2, Fig. 4"
 ARMS = ("noBN", "BN")
 MEASURES = {
     "loss_variation": "loss variation along the gradient",
-    "gradient_predictiveness": "gradient change ||∇L(θ - s g) - ∇L(θ)|| (gradient predictiveness)",
+    "gradient_predictiveness": "gradient change along the gradient (gradient predictiveness)",
     "beta_smoothness": "effective β-smoothness",
 }
 
@@ -46,15 +46,15 @@ MEASURES = {
 class SmoothnessConfig(BaseConfig):
     """Settings of the smoothness experiment (see the module docstring)."""
 
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 60
     widths: tuple[int, ...] = (8, 16)
     lr: float = 0.05
     step_multiples: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-    probe_every: int = 50
+    probe_every: int = 40
     eval_every: int = 100
     n_train: int = 0
-    n_eval: int = 2000
+    n_eval: int = 1000
 
     QUICK = {
         "steps": 40,
