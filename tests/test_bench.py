@@ -1,0 +1,60 @@
+"""``batchnorm bench``: structure of the table and the JSON on a tiny run (no speed asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from batchnorm import bench
+from batchnorm.cli import main as cli_main
+
+pytest.importorskip("numba")
+
+
+def test_parse_case():
+    assert bench.parse_case("60x100") == bench.Case((60, 100))
+    assert bench.parse_case("2x3x4x5@cl") == bench.Case((2, 3, 4, 5), "channels_last")
+    assert bench.parse_case("2x3x4x5x6@cl").layout == "channels_last_3d"
+    for bad in ("60", "60xa", "0x3", "4x3@cl", "4x3@nhwc", "1x3"):
+        with pytest.raises(ValueError, match="bench"):
+            bench.parse_case(bad)
+
+
+def test_suite_is_the_documented_one():
+    names = [c.name for c in bench.SUITE]
+    assert "60x100" in names and "32x64x56x56@cl" in names and "4x32x16x32x32" in names
+    assert len(names) == 10
+
+
+def test_run_and_cli_write_consistent_json(tmp_path, capsys):
+    path = tmp_path / "out" / "bench.json"
+    code = cli_main(["bench", "--shapes", "6x5x3x4@cl", "--repeats", "2", "--json", str(path)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| 6x5x3x4 | channels_last |" in table and "ours/roof" in table
+    data = json.loads(path.read_text())
+    assert data["repeats"] == 2 and data["dtype"] == "float32"
+    (case,) = data["cases"]
+    assert case["shape"] == [6, 5, 3, 4] and case["numel"] == 360
+    for p in bench.PASSES:
+        # the ratios are the ratios of the reported medians
+        assert math.isclose(case["ours_over_torch"][p], case["ours_s"][p] / case["torch_s"][p])
+        roof = case["copy_s"] * bench.PASS_VALUES[p] / 2
+        assert math.isclose(case["roofline_s"][p], roof)
+        assert math.isclose(case["ours_over_roofline"][p], case["ours_s"][p] / roof)
+    target = data["targets"]["fwd+bwd no shape slower than torch"]
+    assert target["met"] == (case["ours_over_torch"]["fwd+bwd"] <= 1.0)
+    assert set(data["machine"]) >= {"cpu", "cores", "loadavg_before", "numba_threads"}
+    assert not list(path.parent.glob(".bench-*"))  # the temporary file was renamed away
+
+
+def test_run_python_api_float64():
+    data = bench.run(["7x3"], repeats=1, warmup=1, dtype=torch.float64)
+    assert data["dtype"] == "float64"
+    assert "(60, 100) training step no slower than torch" not in data["targets"]
+    assert bench.format_table(data).count("\n| 7x3 |") == 1
+    with pytest.raises(ValueError, match="repeats"):
+        bench.run(["7x3"], repeats=0)
