@@ -6,12 +6,22 @@ convention), then saved the way that loses the running statistics (parameters on
 doctor is run on the reloaded model, the fix it names is applied (``batchnorm.recalibrate``),
 and the doctor is run again.
 
-Run:  python examples/doctor_demo.py            (about 5 s on one core)
+Run:  python examples/doctor_demo.py [--out DIR]     (a few seconds on one core)
+
+With ``--out DIR`` it also saves the inputs and both checkpoints, so the command line can be
+tried on them (exit code 1 before the fix, 0 after)::
+
+    batchnorm doctor examples/doctor_demo.py:make_model --data DIR/x_train.pt \
+        --checkpoint DIR/deployed.pt --batch-size 32
+    batchnorm doctor examples/doctor_demo.py:make_model --data DIR/x_train.pt \
+        --checkpoint DIR/recalibrated.pt --batch-size 32
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+from pathlib import Path
 
 import torch
 from sklearn.datasets import load_digits
@@ -37,6 +47,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="also save inputs and checkpoints here")
+    args = parser.parse_args()
     torch.manual_seed(0)
     d = load_digits()
     x = torch.tensor(d.data, dtype=torch.float32) / 16.0
@@ -68,6 +81,10 @@ def main() -> None:
     print(
         f"test accuracy in eval mode:                     {accuracy(deployed, x_test, y_test):.3f}"
     )
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        torch.save(x_train, args.out / "x_train.pt")
+        torch.save(deployed.state_dict(), args.out / "deployed.pt")
     print()
     report = batchnorm.doctor(deployed, x_train, num_batches=8, batch_size=32)
     print(report)
@@ -76,6 +93,8 @@ def main() -> None:
     print("--- after batchnorm.recalibrate(deployed, torch.split(x_train, 32)) ---")
     batchnorm.recalibrate(deployed, torch.split(x_train, 32))
     print(f"test accuracy in eval mode: {accuracy(deployed.eval(), x_test, y_test):.3f}")
+    if args.out:
+        torch.save(deployed.state_dict(), args.out / "recalibrated.pt")
     print()
     print(batchnorm.doctor(deployed, x_train, num_batches=8, batch_size=32))
 

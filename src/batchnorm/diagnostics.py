@@ -755,6 +755,7 @@ def stat_gaps(
     probe = _probe_copy(model)
     _set_modes(probe, mode)
     with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # reproducible Dropout masks; the caller's RNG is restored
         accs, err = _run(probe, batches, [n for n, _ in layers], True)
     if err is not None:
         raise RuntimeError(f"stat_gaps: the model failed in {mode} mode: {err}") from err
@@ -852,6 +853,7 @@ class _Probes:
 def _probes(model: nn.Module, batches: Sequence[Any], names: Sequence[str]) -> _Probes:
     """Train-mode statistics, inference-mode statistics and the output gap, each on a copy."""
     with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # reproducible Dropout masks; the caller's RNG is restored
         probe = _probe_copy(model)
         _set_modes(probe, "train")
         train_accs, train_err = _run(probe, batches, names, True)
@@ -971,6 +973,7 @@ def _hook_graph(model: nn.Module, batch: Any, reason: str) -> _Graph:
             )
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            torch.manual_seed(0)
             warnings.simplefilter("ignore")
             _call(probe, batch)
     finally:
@@ -1283,8 +1286,8 @@ def doctor(
                 )
                 if nbt_v is not None:
                     meas += ", num_batches_tracked = 0"
-                if tg is not None and tg.has_running_stats:
-                    meas += f"; the layer's input has {_gap_text(tg)}"
+                if probe_gap is not None and probe_gap.has_running_stats:
+                    meas += f"; measured: {_gap_text(probe_gap)}"
                 findings.append(
                     Finding(
                         "initial-running-stats",
@@ -1295,7 +1298,10 @@ def doctor(
                         "mode, or a checkpoint without BN buffers was loaded): eval mode "
                         "normalizes with mean 0 / variance 1 instead of the real statistics",
                         _FIX_RECAL + "; or load the checkpoint that holds the BN buffers",
-                        {"num_batches_tracked": nbt_v, **({} if tg is None else _gap_evidence(tg))},
+                        {
+                            "num_batches_tracked": nbt_v,
+                            **({} if probe_gap is None else _gap_evidence(probe_gap)),
+                        },
                     )
                 )
             elif nbt_v == 0 and finite:
