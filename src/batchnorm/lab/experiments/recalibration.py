@@ -1,0 +1,385 @@
+"""``recalibration`` — are BN's moving averages the right statistics at inference, and does
+recomputing them help (on the training distribution, and on a shifted one)?
+
+Claims tested:
+
+* Wu & Johnson 2021 ("Rethinking 'Batch' in BatchNorm", arXiv 2105.07576, Sec. 3): the EMA of
+  the batch statistics lags behind the weights, so evaluating with *precise* population
+  statistics (recomputed with the weights fixed, "PreciseBN") is at least as accurate — and the
+  gap is larger when the weights move fast (large learning rates, early in training).
+* Li et al. 2016 (AdaBN, arXiv 1603.04779): on a shifted domain, recomputing the BN statistics
+  on unlabeled target data recovers accuracy lost with the source statistics.
+
+Protocol:
+
+1. A small CNN with BN (:class:`batchnorm.lab.models.SmallCNN`) trained with SGD + momentum at
+   each learning rate of ``lrs``. At every evaluation checkpoint the held-out accuracy is
+   measured twice: with the EMA running statistics (what the model holds), and after
+   :func:`batchnorm.recalibrate` on ``precise_samples`` training examples in batches of
+   ``batch_size`` (on a copy; training continues with the EMA). Also recorded: how far the EMA
+   means are from the precise ones, in units of the precise standard deviation.
+2. AdaBN, on the model trained at ``adabn_lr``: held-out accuracy on contrast/brightness-shifted
+   images ``clip(c·x + b, 0, 1)`` for each ``(shift_contrast[i], shift_brightness[i])``, with the
+   source statistics and with statistics recomputed on shifted *training* images (no labels;
+   the held-out images are not used to recompute).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from batchnorm.lab import models, train
+from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.data import Dataset
+from batchnorm.lab.experiments._nets import arm_rows, cached_train, load_data, mean_of
+from batchnorm.lab.registry import register
+from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
+from batchnorm.nn.batchnorm import _BatchNormBase
+from batchnorm.tools import recalibrate
+
+NAME = "recalibration"
+SOURCE_WJ = "Wu & Johnson 2021 (arXiv 2105.07576), Sec. 3"
+SOURCE_ADABN = "Li, Wang, Shi, Liu & Hou 2016 (AdaBN, arXiv 1603.04779)"
+
+
+@dataclass
+class RecalibrationConfig(BaseConfig):
+    """Settings of the recalibration experiment (see the module docstring)."""
+
+    seeds: int = 2
+    steps: int = 600
+    batch_size: int = 64
+    lrs: tuple[float, ...] = (0.01, 0.05, 0.25)
+    momentum: float = 0.9
+    bn_momentum: float = 0.1
+    channels: tuple[int, ...] = (16, 32)
+    eval_every: int = 100
+    precise_samples: int = 2000
+    adabn_lr: float | None = None
+    shift_contrast: tuple[float, ...] = (0.5, 1.0, -1.0)
+    shift_brightness: tuple[float, ...] = (0.4, 0.3, 1.0)
+    n_train: int = 20000
+    n_eval: int = 5000
+
+    QUICK = {
+        "seeds": 1,
+        "steps": 40,
+        "batch_size": 16,
+        "lrs": (0.01, 0.2),
+        "channels": (4, 8),
+        "eval_every": 20,
+        "precise_samples": 128,
+        "n_train": 600,
+        "n_eval": 200,
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if min(self.steps, self.eval_every, self.batch_size) < 1 or self.batch_size < 2:
+            raise ConfigError("steps and eval_every must be >= 1 and batch_size >= 2")
+        if len(self.lrs) < 2 or any(lr <= 0 for lr in self.lrs):
+            raise ConfigError(f"lrs needs at least two positive rates, got {self.lrs}")
+        if self.precise_samples < 2:
+            raise ConfigError(f"precise_samples must be >= 2, got {self.precise_samples}")
+        if len(self.shift_contrast) != len(self.shift_brightness) or not self.shift_contrast:
+            raise ConfigError(
+                "shift_contrast and shift_brightness must be non-empty and of equal length, got "
+                f"{self.shift_contrast} and {self.shift_brightness}"
+            )
+        if self.adabn_lr is not None and self.adabn_lr not in self.lrs:
+            raise ConfigError(f"adabn_lr must be one of lrs {self.lrs}, got {self.adabn_lr}")
+
+    def adabn_rate(self) -> float:
+        """The learning rate whose model the AdaBN test uses (default: the middle of ``lrs``)."""
+        lrs = sorted(self.lrs)
+        return self.adabn_lr if self.adabn_lr is not None else lrs[len(lrs) // 2]
+
+
+def shift(x: Tensor, contrast: float, brightness: float) -> Tensor:
+    """A contrast/brightness-shifted copy of images in [0, 1]: ``clip(c·x + b, 0, 1)``."""
+    return (contrast * x + brightness).clamp(0.0, 1.0)
+
+
+def _batches(x: Tensor, n: int, batch_size: int, seed: int) -> list[Tensor]:
+    """``n`` examples of ``x`` in a fixed random order, cut into batches (none of one)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(x.shape[0], generator=g)[: min(n, x.shape[0])]
+    out = [x[idx[i : i + batch_size]] for i in range(0, idx.numel(), batch_size)]
+    return [b for b in out if b.shape[0] >= 2]
+
+
+def _precise(model: nn.Module, batches: list[Tensor]) -> nn.Module:
+    """A copy of ``model`` with recalibrated (precise) BN statistics."""
+    twin = copy.deepcopy(model)
+    recalibrate(twin, batches)
+    return twin
+
+
+def _stat_gap(ema: nn.Module, precise: nn.Module) -> float:
+    """Mean over BN channels of |EMA mean − precise mean| / precise std."""
+    gaps = []
+    for a, b in zip(ema.modules(), precise.modules()):
+        if isinstance(a, _BatchNormBase) and isinstance(b, _BatchNormBase):
+            assert a.running_mean is not None and b.running_mean is not None
+            assert b.running_var is not None
+            d = (a.running_mean - b.running_mean).abs() / torch.sqrt(b.running_var + a.eps)
+            gaps.append(d)
+    return float(torch.cat(gaps).mean()) if gaps else 0.0
+
+
+def _train(
+    cfg: RecalibrationConfig,
+    ds: Dataset,
+    lr: float,
+    seed: int,
+    adabn: bool,
+    progress: bool | None,
+) -> tuple[train.TrainResult, dict[str, Any]]:
+    train.seed_everything(seed)
+    net = models.SmallCNN(
+        ds.input_shape, ds.num_classes, cfg.channels, bn="before", bn_momentum=cfg.bn_momentum
+    )
+    opt = train.make_optimizer(net.parameters(), "sgd", lr, cfg.momentum)
+    calib = _batches(ds.x_train, cfg.precise_samples, cfg.batch_size, seed)
+
+    def on_eval(step: int, model: nn.Module) -> dict[str, Any]:
+        twin = _precise(model, calib)
+        acc, _ = train.evaluate(twin, ds.x_test, ds.y_test)
+        return {"precise_acc": acc, "stat_gap": _stat_gap(model, twin)}
+
+    res = train.train(
+        net,
+        opt,
+        ds.x_train,
+        ds.y_train,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        eval_sets={"test": (ds.x_test, ds.y_test)},
+        eval_every=cfg.eval_every,
+        seed=seed,
+        on_eval=on_eval,
+        eval_at_start=False,
+        threads=cfg.threads,
+        progress=progress,
+        desc=f"lr={lr:g} seed={seed}",
+    )
+    extra: dict[str, Any] = {}
+    if adabn and not res.diverged:
+        with train.torch_threads(cfg.threads):
+            extra["adabn"] = _adabn(cfg, ds, net, seed)
+    return res, extra
+
+
+def _adabn(
+    cfg: RecalibrationConfig, ds: Dataset, net: nn.Module, seed: int
+) -> list[dict[str, Any]]:
+    out = []
+    pairs = [(1.0, 0.0), *zip(cfg.shift_contrast, cfg.shift_brightness)]
+    for c, b in pairs:
+        x_test = shift(ds.x_test, c, b)
+        source_acc, _ = train.evaluate(net, x_test, ds.y_test)
+        target = _precise(
+            net, _batches(shift(ds.x_train, c, b), cfg.precise_samples, cfg.batch_size, seed)
+        )
+        target_acc, _ = train.evaluate(target, x_test, ds.y_test)
+        out.append(
+            {"contrast": c, "brightness": b, "source_acc": source_acc, "target_acc": target_acc}
+        )
+    return out
+
+
+def figures(run: RunData, out: Path) -> list[Path]:
+    """EMA vs precise accuracy over training per learning rate; AdaBN per shift."""
+    from batchnorm.lab import plots
+
+    s = run.series
+    lrs = s["lrs"]
+    fig, axes = plots.new_figure(len(lrs) + 1, size=(4.2, 3.4))
+    for ax, lr in zip(axes, lrs):
+        d = s["curves"][str(lr)]
+        plots.curves(
+            ax,
+            d["steps"],
+            {"EMA statistics": d["ema"], "precise statistics": d["precise"]},
+            ylabel="held-out accuracy",
+            title=f"lr = {lr:g}",
+        )
+    shifts = [f"c={p['contrast']:g}, b={p['brightness']:g}" for p in s["adabn"]["shifts"]]
+    plots.grouped_bars(
+        axes[-1],
+        shifts,
+        {
+            "source statistics": s["adabn"]["source"],
+            "AdaBN (target statistics)": s["adabn"]["target"],
+        },
+        ylabel="held-out accuracy",
+        title=f"AdaBN (lr = {s['adabn']['lr']:g})",
+    )
+    axes[-1].tick_params(axis="x", labelrotation=20, labelsize=7)
+    return [plots.save_figure(fig, out / "recalibration.png")]
+
+
+@register(
+    NAME,
+    config=RecalibrationConfig,
+    figures=figures,
+    source=SOURCE_WJ + "; " + SOURCE_ADABN,
+    description="EMA vs precise (recalibrated) BN statistics over training at several learning "
+    "rates; AdaBN on contrast/brightness-shifted images",
+)
+def run(cfg: RecalibrationConfig, ctx: RunContext) -> Results:
+    """Train each learning rate and seed; claims from EMA vs precise and source vs AdaBN."""
+    ds = load_data(cfg, ctx, cfg.n_train, cfg.n_eval)
+    seeds = cfg.seed_list()
+    lrs = sorted(cfg.lrs)
+    lr_a = cfg.adabn_rate()
+    rows: list[dict[str, Any]] = []
+    runs: dict[float, list[dict[str, Any]]] = {}
+    for lr in lrs:
+        runs[lr] = []
+        for seed in seeds:
+            name = f"lr{lr:g}"
+            res = cached_train(
+                ctx,
+                f"{name}-seed{seed}",
+                partial(_train, cfg, ds, lr, seed, lr == lr_a, ctx.progress),
+            )
+            runs[lr].append(res)
+            rows += arm_rows(name, seed, res["train"], lr=lr)
+
+    def column(res: dict[str, Any], key: str) -> list[float | None]:
+        return [r.get(key) for r in res["train"]["rows"] if r.get("test_acc") is not None]
+
+    curves: dict[str, Any] = {}
+    gain: dict[float, list[float]] = {}  # per lr: precise − EMA at every checkpoint and seed
+    final_gain: dict[float, list[float]] = {}
+    gaps: dict[float, float | None] = {}
+    for lr, rs in runs.items():
+        ok = [r for r in rs if not r["train"]["diverged"]]
+        steps = (
+            [r["step"] for r in ok[0]["train"]["rows"] if r.get("test_acc") is not None]
+            if ok
+            else []
+        )
+        ema = [column(r, "test_acc") for r in ok]
+        precise = [column(r, "precise_acc") for r in ok]
+        curves[str(lr)] = {"steps": steps, "ema": ema, "precise": precise}
+        diffs = [
+            p - e
+            for pe, ee in zip(precise, ema)
+            for p, e in zip(pe, ee)
+            if p is not None and e is not None
+        ]
+        gain[lr] = diffs
+        final_gain[lr] = [
+            p - e
+            for pe, ee in zip(precise, ema)
+            if pe and ee
+            for p, e in [(pe[-1], ee[-1])]
+            if p is not None and e is not None
+        ]
+        gaps[lr] = mean_of([g for r in ok for g in column(r, "stat_gap")])
+    all_gain = [d for v in gain.values() for d in v]
+    mean_gain = {lr: mean_of(v) for lr, v in gain.items()}
+    lo, hi = mean_gain[lrs[0]], mean_gain[lrs[-1]]
+
+    adabn_runs = [r["extra"].get("adabn") for r in runs[lr_a] if r["extra"].get("adabn")]
+    n_shift = len(adabn_runs[0]) if adabn_runs else 0
+    src = [[a[i]["source_acc"] for a in adabn_runs] for i in range(n_shift)]
+    tgt = [[a[i]["target_acc"] for a in adabn_runs] for i in range(n_shift)]
+    shifted = list(range(1, n_shift))  # index 0 is the unshifted test set
+    adabn_gain = {i: mean_of([t - s for s, t in zip(src[i], tgt[i])]) for i in range(n_shift)}
+    wins = [i for i in shifted if (adabn_gain[i] or 0.0) > 0]
+    shift_names = [
+        f"contrast {a['contrast']:g}, brightness {a['brightness']:g}"
+        for a in (adabn_runs[0] if adabn_runs else [])
+    ]
+    claims = [
+        Claim(
+            id="precise-bn-at-least-as-accurate",
+            statement="evaluating with precise (recalibrated) statistics is at least as accurate "
+            "as with the EMA statistics, on average over checkpoints and learning rates",
+            verdict=bool(all_gain) and float(np.mean(all_gain)) >= 0.0,
+            measured={
+                "mean_gain": mean_of(all_gain),
+                "mean_gain_by_lr": {str(k): v for k, v in mean_gain.items()},
+                "final_gain_by_lr": {str(k): mean_of(v) for k, v in final_gain.items()},
+                "ema_vs_precise_mean_gap_in_std": {str(k): v for k, v in gaps.items()},
+                "checkpoints": len(all_gain),
+            },
+            source=SOURCE_WJ,
+            seeds=seeds,
+            details="gain = held-out accuracy(precise) - accuracy(EMA) at every checkpoint and "
+            f"seed; precise statistics from {cfg.precise_samples} training examples in batches "
+            f"of {cfg.batch_size}",
+        ),
+        Claim(
+            id="ema-lags-more-at-high-lr",
+            statement=f"the gain of precise statistics is larger at lr={lrs[-1]:g} than at "
+            f"lr={lrs[0]:g}",
+            verdict=lo is not None and hi is not None and hi > lo,
+            measured={
+                "gain_low_lr": lo,
+                "gain_high_lr": hi,
+                "stat_gap_low_lr": gaps[lrs[0]],
+                "stat_gap_high_lr": gaps[lrs[-1]],
+            },  # fmt: skip
+            source=SOURCE_WJ,
+            seeds=seeds,
+            details="mean gain over checkpoints and seeds at the largest vs the smallest rate",
+        ),
+        Claim(
+            id="adabn-recovers-shifted-accuracy",
+            statement="recomputing BN statistics on unlabeled shifted images (AdaBN) raises "
+            "held-out accuracy on the shifted images, on average and for most shifts",
+            verdict=bool(shifted)
+            and len(wins) > len(shifted) / 2
+            and (mean_of([adabn_gain[i] for i in shifted]) or 0.0) > 0,
+            measured={
+                "shifts": shift_names,
+                "source_acc": [mean_of(v) for v in src],
+                "adabn_acc": [mean_of(v) for v in tgt],
+                "gain": [adabn_gain[i] for i in range(n_shift)],
+                "lr": lr_a,
+            },
+            source=SOURCE_ADABN,
+            seeds=seeds,
+            details="index 0 is the unshifted held-out set (recomputing there is precise BN); "
+            "supported if the mean gain over the shifted sets is positive and positive for more "
+            "than half of them",
+        ),
+    ]
+    for c in claims:
+        ctx.log(f"[{'supported' if c.verdict else 'NOT supported'}] {c.statement}")
+    series = {
+        "lrs": lrs,
+        "curves": curves,
+        "adabn": {
+            "lr": lr_a,
+            "shifts": [
+                {"contrast": a["contrast"], "brightness": a["brightness"]} for a in adabn_runs[0]
+            ]
+            if adabn_runs
+            else [],
+            "source": src,
+            "target": tgt,
+        },
+    }
+    arms = {
+        f"lr{lr:g}": {
+            "final_ema_acc": mean_std([c[-1] for c in curves[str(lr)]["ema"] if c]),
+            "final_precise_acc": mean_std([c[-1] for c in curves[str(lr)]["precise"] if c]),
+            "diverged": sum(bool(r["train"]["diverged"]) for r in runs[lr]),
+        }
+        for lr in lrs
+    }
+    summary = {"dataset": ds.info(), "seeds": seeds, "arms": arms, "claims": claims}
+    return Results(rows=rows, summary=summary, series=series)

@@ -1,0 +1,431 @@
+"""``small-batch`` — what small normalization batches do to BN, and what batch renorm, ghost
+batches and GroupNorm do about it.
+
+Claims tested:
+
+* Wu & He 2018 ("Group Normalization", Sec. 4.1, Figure 1): BN's error rises sharply as the
+  batch it normalizes over shrinks; GroupNorm, which does not look at the batch, stays flat and
+  beats BN at the smallest batches.
+* Ioffe 2017 ("Batch Renormalization", Sec. 4.2-4.3): renormalization recovers much of the
+  accuracy BN loses with small normalization batches, and with non-i.i.d. batches.
+
+Protocol. Every arm trains the same small CNN on the same number of examples per step (a fixed
+batch of ``batch_size``); only the normalization batch changes, so compute stays equal. With
+normalization batch ``g`` the fixed batch is split into ``batch_size/g`` groups, each normalized
+with its own statistics — BN at batch size ``g`` with gradient accumulation over the groups is
+exactly :class:`batchnorm.GhostBatchNorm2d` with ``virtual_batch_size=g`` (the loss over the fixed
+batch is the sum of the groups' losses), so the ``BN`` curve is measured with ghost batches.
+
+* ``BN`` — :class:`~batchnorm.GhostBatchNorm2d` (virtual batch ``g``), for each ``g``;
+* ``renorm`` — batch renorm of each group (ghost batches combined with
+  :class:`~batchnorm.BatchRenorm2d`), for each ``g``, with the paper's warm-up scaled to the
+  run (``renorm_*`` fractions of the updates);
+* ``BN-full`` — BN over the whole fixed batch (the reference: no small-batch problem);
+* ``GN`` — ``torch.nn.GroupNorm`` (independent of the batch by construction).
+
+The running averages are updated once per group; their momentum is rescaled per group,
+``1 − (1 − m)^(g/batch_size)``, so that every arm's averages span the same number of examples.
+
+Non-i.i.d. batches: each group draws its examples from only ``noniid_classes`` classes
+(Ioffe 2017, Sec. 4.3, uses minibatches with few classes), for ``BN`` and ``renorm``; evaluated
+on the ordinary (i.i.d.) held-out set with the running statistics.
+
+Error = 1 − held-out accuracy (eval mode), mean of the last ``final_window`` evaluations.
+This experiment has its own loop (grouped batches need control of batch composition, which
+:func:`batchnorm.lab.train.train` does not offer); it reuses the lab's evaluation, optimizer,
+seeding, caching and result format.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from batchnorm.lab import train
+from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.data import Dataset
+from batchnorm.lab.experiments._nets import arm_rows, cached_train, exceeds_spread, load_data
+from batchnorm.lab.registry import register
+from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
+from batchnorm.nn.batchnorm import BatchNorm2d
+from batchnorm.variants import GhostBatchNorm2d, _Ghost, _Renorm
+
+NAME = "small-batch"
+SOURCE_WU = "Wu & He 2018 (arXiv 1803.08494), Sec. 4.1, Figure 1"
+SOURCE_IOFFE = "Ioffe 2017 (arXiv 1702.03275), Sec. 4.2-4.3"
+
+
+class GhostRenorm2d(_Ghost, _Renorm, BatchNorm2d):
+    """Batch renorm of each virtual batch: ghost batches over :class:`~batchnorm.BatchRenorm2d`
+    (the two variants compose by inheritance; the warm-up counts virtual batches)."""
+
+
+@dataclass
+class SmallBatchConfig(BaseConfig):
+    """Settings of the small-batch experiment (see the module docstring)."""
+
+    seeds: int = 2
+    steps: int = 600
+    batch_size: int = 64
+    group_sizes: tuple[int, ...] = (2, 4, 8, 16, 32)
+    channels: tuple[int, ...] = (16, 32)
+    lr: float = 0.05
+    momentum: float = 0.9
+    bn_momentum: float = 0.1
+    gn_groups: int = 4
+    renorm_r_max: float = 3.0
+    renorm_d_max: float = 5.0
+    renorm_warmup: float = 0.05
+    renorm_r_max_at: float = 0.4
+    renorm_d_max_at: float = 0.25
+    noniid: bool = True
+    noniid_classes: int = 2
+    eval_every: int = 100
+    final_window: int = 2
+    n_train: int = 20000
+    n_eval: int = 5000
+
+    QUICK = {
+        "seeds": 1,
+        "steps": 30,
+        "batch_size": 16,
+        "group_sizes": (2, 8),
+        "channels": (4, 8),
+        "eval_every": 15,
+        "n_train": 600,
+        "n_eval": 200,
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if min(self.steps, self.eval_every, self.final_window, self.batch_size) < 1:
+            raise ConfigError("steps, eval_every, final_window and batch_size must be >= 1")
+        bad = [g for g in self.group_sizes if g < 1 or self.batch_size % g]
+        if bad or not self.group_sizes:
+            raise ConfigError(
+                f"group_sizes must divide batch_size={self.batch_size}, got {self.group_sizes}"
+            )
+        if self.noniid_classes < 1:
+            raise ConfigError(f"noniid_classes must be >= 1, got {self.noniid_classes}")
+        if not 0 <= self.renorm_warmup <= min(self.renorm_r_max_at, self.renorm_d_max_at) <= 1:
+            raise ConfigError(
+                "need 0 <= renorm_warmup <= renorm_r_max_at, renorm_d_max_at <= 1 (fractions of "
+                "the run's updates)"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# model and data
+
+
+def _norm(cfg: SmallBatchConfig, kind: str, g: int, c: int) -> nn.Module:
+    """The normalization layer of one arm for ``c`` channels and normalization batch ``g``."""
+    groups_per_batch = cfg.batch_size // g
+    # per-group momentum with the same horizon in examples as BN over the whole batch
+    m = 1.0 - (1.0 - cfg.bn_momentum) ** (g / cfg.batch_size)
+    if kind == "GN":
+        return nn.GroupNorm(min(cfg.gn_groups, c), c)
+    if kind == "BN-full":
+        return BatchNorm2d(c, momentum=cfg.bn_momentum)
+    if kind == "BN":
+        return GhostBatchNorm2d(c, virtual_batch_size=g, momentum=m)
+    updates = cfg.steps * groups_per_batch  # the warm-up counts virtual batches
+    return GhostRenorm2d(
+        c,
+        virtual_batch_size=g,
+        momentum=m,
+        r_max=cfg.renorm_r_max,
+        d_max=cfg.renorm_d_max,
+        warmup_steps=int(cfg.renorm_warmup * updates),
+        r_max_step=int(cfg.renorm_r_max_at * updates),
+        d_max_step=int(cfg.renorm_d_max_at * updates),
+    )
+
+
+def _net(cfg: SmallBatchConfig, ds: Dataset, kind: str, g: int) -> nn.Module:
+    c, h, w = ds.input_shape
+    layers: list[nn.Module] = []
+    for width in cfg.channels:
+        layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), _norm(cfg, kind, g, width)]
+        layers.append(nn.ReLU())
+        if min(h, w) > 2:
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        c = width
+    layers += [nn.Flatten(), nn.Linear(c * h * w, ds.num_classes)]
+    return nn.Sequential(*layers)
+
+
+def grouped_batches(
+    y: Tensor, batch_size: int, group: int, classes: int | None, gen: torch.Generator
+) -> Iterator[Tensor]:
+    """Endless index batches of ``batch_size``: i.i.d. epochs (``classes=None``), or groups of
+    ``group`` examples each drawn from ``classes`` random classes (non-i.i.d.)."""
+    n = y.shape[0]
+    if classes is None:
+        while True:
+            perm = torch.randperm(n, generator=gen)
+            for i in range(0, n - batch_size + 1, batch_size):
+                yield perm[i : i + batch_size]
+    labels = torch.unique(y)
+    pools = [torch.nonzero(y == c).flatten() for c in labels]
+    k = min(classes, len(pools))
+    while True:
+        parts = []
+        for _ in range(batch_size // group):
+            chosen = torch.randperm(len(pools), generator=gen)[:k]
+            pool = torch.cat([pools[int(c)] for c in chosen])
+            parts.append(pool[torch.randint(len(pool), (group,), generator=gen)])
+        yield torch.cat(parts)
+
+
+def _train_arm(
+    cfg: SmallBatchConfig,
+    ds: Dataset,
+    kind: str,
+    g: int,
+    noniid: bool,
+    seed: int,
+) -> tuple[train.TrainResult, dict[str, Any]]:
+    train.seed_everything(seed)
+    net = _net(cfg, ds, kind, g)
+    opt = train.make_optimizer(net.parameters(), "sgd", cfg.lr, cfg.momentum)
+    gen = torch.Generator().manual_seed(seed)
+    batches = grouped_batches(
+        ds.y_train, cfg.batch_size, g, cfg.noniid_classes if noniid else None, gen
+    )
+    rows: list[dict[str, Any]] = []
+    result = train.TrainResult(rows)
+    t0 = time.perf_counter()
+
+    def eval_row(step: int, loss: float | None) -> None:
+        acc, test_loss = train.evaluate(net, ds.x_test, ds.y_test)
+        rows.append({"step": step, "train_loss": loss, "test_acc": acc, "test_loss": test_loss})
+
+    with train.torch_threads(cfg.threads):
+        net.train()
+        losses: list[float] = []
+        for step in range(1, cfg.steps + 1):
+            idx = next(batches)
+            loss = nn.functional.cross_entropy(net(ds.x_train[idx]), ds.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            lv = loss.item()
+            if not math.isfinite(lv):
+                result.diverged, result.diverged_step = True, step
+                rows.append({"step": step, "train_loss": None})
+                break
+            opt.step()
+            losses.append(lv)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                eval_row(step, float(np.mean(losses)))
+                losses = []
+            result.steps_done = step
+    result.seconds = time.perf_counter() - t0
+    return result, {}
+
+
+# --------------------------------------------------------------------------------------------
+# results
+
+
+def _final_error(res: dict[str, Any], window: int) -> float | None:
+    tr = res["train"]
+    if tr["diverged"]:
+        return None
+    accs = [r["test_acc"] for r in tr["rows"] if r.get("test_acc") is not None]
+    return 1.0 - float(np.mean(accs[-window:])) if accs else None
+
+
+def _arm(kind: str, g: int | None, noniid: bool) -> str:
+    return kind + ("" if g is None else f"-g{g}") + ("-noniid" if noniid else "")
+
+
+def figures(run: RunData, out: Path) -> list[Path]:
+    """Held-out error against the normalization batch size, i.i.d. and non-i.i.d."""
+    from batchnorm.lab import plots
+
+    s = run.series
+    sizes = s["group_sizes"]
+    panels = [("iid", "i.i.d. batches")] + (
+        [("noniid", "non-i.i.d. batches")] if s["noniid"] else []
+    )
+    fig, axes = plots.new_figure(len(panels), size=(4.8, 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        curves = s[key]
+        for i, (name, per_size) in enumerate(curves.items()):
+            means = [mean_std(v)["mean"] for v in per_size]
+            stds = [mean_std(v)["std"] or 0.0 for v in per_size]
+            ys = np.array([np.nan if v is None else 100 * v for v in means])
+            es = np.array([100 * v for v in stds])
+            c = plots.color_for(name, i)
+            ax.errorbar(sizes, ys, yerr=es, marker="o", capsize=3, label=name, color=c)
+        for i, (name, vals) in enumerate(s["flat"].items() if key == "iid" else []):
+            m = mean_std(vals)["mean"]
+            if m is not None:
+                ax.axhline(100 * m, ls="--", lw=1.2, color=plots.color_for(name, i + 3), label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([str(g) for g in sizes])
+        ax.set_xlabel("normalization batch size (examples)")
+        ax.set_ylabel("held-out error (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return [plots.save_figure(fig, out / "small_batch.png")]
+
+
+@register(
+    NAME,
+    config=SmallBatchConfig,
+    figures=figures,
+    source=SOURCE_WU + "; " + SOURCE_IOFFE,
+    description="normalization batches of 2-32 inside a fixed batch: BN (ghost batches) vs "
+    "batch renorm vs GroupNorm vs full-batch BN, i.i.d. and non-i.i.d. batches",
+)
+def run(cfg: SmallBatchConfig, ctx: RunContext) -> Results:
+    """Train every arm, normalization batch size and seed; claims from the held-out errors."""
+    ds = load_data(cfg, ctx, cfg.n_train, cfg.n_eval)
+    seeds = cfg.seed_list()
+    sizes = sorted(cfg.group_sizes)
+    specs: list[tuple[str, int, bool]] = [("BN-full", cfg.batch_size, False)]
+    specs += [("GN", cfg.batch_size, False)]
+    for noniid in [False, True] if cfg.noniid else [False]:
+        specs += [(kind, g, noniid) for kind in ("BN", "renorm") for g in sizes]
+    rows: list[dict[str, Any]] = []
+    err: dict[str, list[float | None]] = {}
+    for kind, g, noniid in specs:
+        name = _arm(kind, None if kind in ("BN-full", "GN") else g, noniid)
+        err[name] = []
+        for seed in seeds:
+            res = cached_train(
+                ctx, f"{name}-seed{seed}", partial(_train_arm, cfg, ds, kind, g, noniid, seed)
+            )
+            err[name].append(_final_error(res, cfg.final_window))
+            rows += arm_rows(name, seed, res["train"], norm=kind, group=g, noniid=noniid)
+
+    def m(name: str) -> float | None:
+        return mean_std(err[name])["mean"]
+
+    g0, g1 = sizes[0], sizes[-1]
+    bn_small = m(_arm("BN", g0, False))
+    rn_small, full, gn = m(_arm("renorm", g0, False)), m("BN-full"), m("GN")
+    rise = exceeds_spread(err[_arm("BN", g0, False)], err[_arm("BN", g1, False)])
+    gn_vs_bn = exceeds_spread(err[_arm("BN", g0, False)], err["GN"])
+    lost = None if bn_small is None or full is None else bn_small - full
+    recovered = (
+        None if lost is None or rn_small is None or lost <= 0 else (bn_small - rn_small) / lost  # type: ignore[operator]
+    )
+    claims = [
+        Claim(
+            id="bn-error-rises-at-small-batches",
+            statement=f"BN's held-out error rises as its normalization batch shrinks from {g1} "
+            f"to {g0}",
+            verdict=rise["diff"] is not None and rise["diff"] > 0 and rise["exceeds"],
+            measured={
+                "error_by_batch": {g: m(_arm("BN", g, False)) for g in sizes},
+                "rise": rise["diff"],
+                "spread": rise["spread"],
+            },
+            source=SOURCE_WU,
+            seeds=seeds,
+            details=f"rise = error(g={g0}) - error(g={g1}) (seed means); supported if positive "
+            "and larger than the seed-to-seed spread (std + std)",
+        ),
+        Claim(
+            id="gn-beats-bn-at-small-batches",
+            statement=f"GroupNorm has a lower error than BN with normalization batch {g0}",
+            verdict=gn_vs_bn["diff"] is not None and gn_vs_bn["diff"] > 0 and gn_vs_bn["exceeds"],
+            measured={
+                "error_BN": bn_small,
+                "error_GN": gn,
+                "error_BN_full": full,
+                "spread": gn_vs_bn["spread"],
+            },  # fmt: skip
+            source=SOURCE_WU,
+            seeds=seeds,
+            details="GN normalizes each example over channel groups, so its error does not "
+            "depend on the normalization batch; supported if error(BN, g) - error(GN) is "
+            "positive and larger than the spread",
+        ),
+        Claim(
+            id="renorm-recovers-small-batch-loss",
+            statement=f"batch renorm recovers at least half of the error BN loses at "
+            f"normalization batch {g0} (relative to BN over the whole batch)",
+            verdict=recovered is not None and recovered >= 0.5,
+            measured={
+                "error_BN": bn_small,
+                "error_renorm": rn_small,
+                "error_BN_full": full,
+                "loss_of_BN": lost,
+                "fraction_recovered": recovered,
+            },  # fmt: skip
+            source=SOURCE_IOFFE,
+            seeds=seeds,
+            details="fraction = (error(BN, g) - error(renorm, g)) / (error(BN, g) - "
+            "error(BN-full)), seed means; undefined (not supported) when BN loses nothing",
+        ),
+    ]
+    if cfg.noniid:
+        diffs = {
+            g: exceeds_spread(err[_arm("BN", g, True)], err[_arm("renorm", g, True)]) for g in sizes
+        }
+        wins = [g for g, d in diffs.items() if d["diff"] is not None and d["diff"] > 0]
+        hurt = exceeds_spread(err[_arm("BN", g1, True)], err[_arm("BN", g1, False)])
+        claims += [
+            Claim(
+                id="noniid-hurts-bn",
+                statement=f"non-i.i.d. batches ({cfg.noniid_classes} classes per group) raise "
+                f"BN's error at normalization batch {g1}",
+                verdict=hurt["diff"] is not None and hurt["diff"] > 0 and hurt["exceeds"],
+                measured={
+                    "error_noniid": m(_arm("BN", g1, True)),
+                    "error_iid": m(_arm("BN", g1, False)),
+                    "spread": hurt["spread"],
+                },  # fmt: skip
+                source=SOURCE_IOFFE,
+                seeds=seeds,
+                details="supported if the difference is positive and larger than the spread",
+            ),
+            Claim(
+                id="renorm-helps-noniid",
+                statement="with non-i.i.d. batches, batch renorm has a lower error than BN at "
+                "most normalization batch sizes",
+                verdict=len(wins) > len(sizes) / 2,
+                measured={
+                    "error_BN": {g: m(_arm("BN", g, True)) for g in sizes},
+                    "error_renorm": {g: m(_arm("renorm", g, True)) for g in sizes},
+                    "sizes_where_renorm_wins": wins,
+                },
+                source=SOURCE_IOFFE,
+                seeds=seeds,
+                details="count of sizes g with seed-mean error(BN) > error(renorm); supported "
+                "if more than half",
+            ),
+        ]
+    for c in claims:
+        ctx.log(f"[{'supported' if c.verdict else 'NOT supported'}] {c.statement}")
+    kinds = ("BN", "renorm")
+    series = {
+        "group_sizes": sizes,
+        "iid": {k: [err[_arm(k, g, False)] for g in sizes] for k in kinds},
+        # per normalization batch size, per seed; empty without the non-i.i.d. arms
+        "noniid": {k: [err[_arm(k, g, True)] for g in sizes] for k in kinds} if cfg.noniid else {},
+        "flat": {"BN over the whole batch": err["BN-full"], "GroupNorm": err["GN"]},
+    }
+    summary = {
+        "dataset": ds.info(),
+        "seeds": seeds,
+        "arms": {a: {"final_error": mean_std(v)} for a, v in err.items()},
+        "claims": claims,
+    }
+    return Results(rows=rows, summary=summary, series=series)
