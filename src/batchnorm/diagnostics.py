@@ -1287,7 +1287,7 @@ def doctor(
                 if nbt_v is not None:
                     meas += ", num_batches_tracked = 0"
                 if probe_gap is not None and probe_gap.has_running_stats:
-                    meas += f"; measured: {_gap_text(probe_gap)}"
+                    meas += f"; its input (Dropout off): {_gap_text(probe_gap)}"
                 findings.append(
                     Finding(
                         "initial-running-stats",
@@ -1304,26 +1304,21 @@ def doctor(
                         },
                     )
                 )
-            elif nbt_v == 0 and finite:
-                cumulative = getattr(m, "momentum", 0.1) is None
+            elif nbt_v == 0 and finite and getattr(m, "momentum", 0.1) is None:
+                # with a fixed momentum a zero counter is harmless (recalibrate leaves it so)
                 findings.append(
                     Finding(
                         "untracked-running-stats",
-                        "warning" if cumulative else "info",
+                        "warning",
                         name,
-                        f"{label}: num_batches_tracked = 0 but the running statistics are not at "
-                        "their initial values",
-                        "the statistics were loaded without their counter (an old checkpoint or a "
-                        "converted one)"
-                        + (
-                            "; with momentum=None (cumulative average) the next train-mode "
-                            "batch replaces them entirely"
-                            if cumulative
-                            else "; harmless with a fixed momentum"
-                        ),
-                        "set layer.num_batches_tracked to the number of batches seen in training"
-                        + (", or give the layer a fixed momentum" if cumulative else ""),
-                        {"num_batches_tracked": 0, "momentum_none": cumulative},
+                        f"{label}: num_batches_tracked = 0 with momentum=None, but the running "
+                        "statistics are not at their initial values",
+                        "the statistics were loaded or computed without their counter; with "
+                        "momentum=None (cumulative average, weight 1/(n+1)) the next train-mode "
+                        "batch replaces them entirely",
+                        "set layer.num_batches_tracked to the number of batches behind the "
+                        "statistics, or give the layer a fixed momentum",
+                        {"num_batches_tracked": 0, "momentum": None},
                     )
                 )
         else:
