@@ -1,0 +1,454 @@
+"""The lab framework: configs, registry, run folders (atomic, resume-or-refuse), the training
+loop, models, plots, reports and the CLI, exercised with a toy experiment."""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm.cli import main as cli_main
+from batchnorm.lab import models, plots, registry, report, results, train
+from batchnorm.lab.config import BaseConfig, ConfigError, config_to_dict, make_config
+from batchnorm.lab.data import synthetic
+from batchnorm.lab.results import Claim, Results, RunContext, RunDir, RunDirConflict
+
+# --------------------------------------------------------------------------------------------
+# configs
+
+
+@dataclass
+class ToyConfig(BaseConfig):
+    steps: int = 60
+    lr: float = 0.5
+    widths: tuple[int, ...] = (16,)
+    bn: bool = True
+    shared_lr: float | None = None
+    QUICK = {"steps": 30}
+
+
+def test_set_converts_to_field_types():
+    cfg = make_config(
+        ToyConfig,
+        sets=["steps=7", "lr=1e-2", "widths=8,4", "bn=false", "shared_lr=0.3", "dataset=digits"],
+    )
+    assert (cfg.steps, cfg.lr, cfg.widths, cfg.bn, cfg.shared_lr) == (7, 0.01, (8, 4), False, 0.3)
+    assert make_config(ToyConfig, sets=["shared_lr=none"]).shared_lr is None
+    assert config_to_dict(cfg)["widths"] == [8, 4]
+
+
+def test_unknown_keys_and_bad_values_are_errors():
+    with pytest.raises(ConfigError, match="unknown config key 'stpes'.*valid keys: .*steps"):
+        make_config(ToyConfig, sets=["stpes=3"])
+    with pytest.raises(ConfigError, match="steps: expected int"):
+        make_config(ToyConfig, sets=["steps=many"])
+    with pytest.raises(ConfigError, match="boolean"):
+        make_config(ToyConfig, sets=["bn=maybe"])
+    with pytest.raises(ConfigError, match="key=value"):
+        make_config(ToyConfig, sets=["steps"])
+    with pytest.raises(ConfigError, match="dataset must be one of"):
+        make_config(ToyConfig, sets=["dataset=cifar"])
+    with pytest.raises(ConfigError, match="seeds"):
+        make_config(ToyConfig, seeds=0)
+
+
+def test_quick_applies_first_and_set_wins():
+    assert make_config(ToyConfig, quick=True).steps == 30
+    cfg = make_config(ToyConfig, quick=True, sets=["steps=5"], seeds=3)
+    assert cfg.steps == 5 and cfg.quick and cfg.seed_list() == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# a toy experiment, registered for these tests only
+
+CALLS = {"n": 0}
+
+
+def _toy_figures(run, out):
+    fig, (ax,) = plots.new_figure(1)
+    rows = run.select(arm="net")
+    plots.curves(ax, [r["step"] for r in rows], {"net": [[r["test_acc"] for r in rows]]})
+    return [plots.save_figure(fig, out / "toy.png")]
+
+
+def _toy_run(cfg: ToyConfig, ctx: RunContext) -> Results:
+    ds = ctx.load_dataset("synthetic")
+
+    def one(seed):
+        CALLS["n"] += 1
+        train.seed_everything(seed)
+        net = models.MLP(ds.num_features, cfg.widths, 10, bn="before" if cfg.bn else "none")
+        opt = torch.optim.SGD(net.parameters(), lr=cfg.lr)
+        res = train.train(
+            net,
+            opt,
+            ds.x_train,
+            ds.y_train,
+            steps=cfg.steps,
+            batch_size=50,
+            eval_sets={"test": (ds.x_test, ds.y_test)},
+            eval_every=20,
+            seed=seed,
+        )
+        return res.to_dict()
+
+    rows, finals = [], []
+    for seed in cfg.seed_list():
+        r = ctx.cached(f"seed{seed}", lambda seed=seed: one(seed))
+        rows += [{"arm": "net", "seed": seed, **x} for x in r["rows"]]
+        finals.append(r["rows"][-1]["test_acc"])
+    m = results.mean_std(finals)
+    claim = Claim(
+        "learns",
+        "the toy network beats chance",
+        m["mean"] > 0.1,
+        {"final_acc": m, "chance": 0.1},
+        source="toy",
+    )
+    return Results(
+        rows,
+        {"dataset": ds.info(), "arms": {"net": {"final_accuracy": m}}, "claims": [claim]},
+        {"note": [1, 2, 3]},
+    )
+
+
+@pytest.fixture
+def toy():
+    registry.register(
+        "toy", config=ToyConfig, figures=_toy_figures, description="toy", source="tests"
+    )(_toy_run)
+    CALLS["n"] = 0
+    yield "toy"
+    registry._REGISTRY.pop("toy", None)
+
+
+def test_discovery_finds_experiment_modules():
+    assert "paper-mnist" in registry.names()
+    exp = registry.get("paper-mnist")
+    assert exp.module == "batchnorm.lab.experiments.paper_mnist"
+    assert issubclass(exp.config_cls, BaseConfig) and exp.figures is not None
+    with pytest.raises(KeyError, match="unknown experiment 'nope'.*paper-mnist"):
+        registry.get("nope")
+
+
+def test_run_writes_everything_and_resumes_or_refuses(toy, tmp_path):
+    out = tmp_path / "run"
+    path = registry.run_experiment(toy, out, quick=True, seeds=2, log=lambda m: None)
+    names = {p.name for p in path.iterdir()}
+    assert {
+        "config.json",
+        "metrics.csv",
+        "series.json",
+        "summary.json",
+        "toy.png",
+        "report.md",
+        "report.html",
+    } <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "complete" and s["experiment"] == "toy"
+    assert s["dataset"]["name"] == "synthetic" and s["seeds"] == [0, 1]
+    assert s["config"]["steps"] == 30 and s["config"]["quick"] is True
+    (c,) = s["claims"]
+    assert c["verdict"] == (c["measured"]["final_acc"]["mean"] > 0.1)  # computed, not typed
+    assert c["seeds"] == [0, 1] and len(c["measured"]["final_acc"]["values"]) == 2
+    run = results.load_run(out)
+    assert [r["step"] for r in run.select(seed=0)] == [0, 20, 30]
+    assert run.series == {"note": [1, 2, 3]}
+    md = (out / "report.md").read_text()
+    assert "the toy network beats chance" in md and "![toy](toy.png)" in md
+    assert "synthetic" in md and '<img src="toy.png"' in (out / "report.html").read_text()
+    assert CALLS["n"] == 2
+
+    # same config: nothing recomputed
+    registry.run_experiment(toy, out, quick=True, seeds=2, log=lambda m: None)
+    assert CALLS["n"] == 2
+    # another config: refused, folder untouched
+    before = (out / "summary.json").read_bytes()
+    with pytest.raises(RunDirConflict, match="steps: 30 there vs 31 now"):
+        registry.run_experiment(toy, out, quick=True, seeds=2, sets=["steps=31"])
+    assert (out / "summary.json").read_bytes() == before
+
+
+def test_interrupted_run_resumes_from_finished_parts(toy, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = train.train
+
+    def dies_on_second(*a, **k):
+        if CALLS["n"] >= 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "train", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        registry.run_experiment(toy, out, quick=True, seeds=2, log=lambda m: None)
+    assert not (out / "summary.json").exists()  # no half-written summary
+    assert (out / "parts" / "seed0.json").is_file()
+    monkeypatch.setattr(train, "train", real)
+    logs = []
+    registry.run_experiment(toy, out, quick=True, seeds=2, log=logs.append)
+    assert any("resuming" in m for m in logs)
+    assert CALLS["n"] == 3  # seed 0 reused, seed 1 trained
+    assert json.loads((out / "summary.json").read_text())["status"] == "complete"
+
+
+def test_non_run_folder_is_refused(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep")
+    with pytest.raises(RunDirConflict, match="not a run folder"):
+        RunDir(tmp_path).prepare("toy", {"a": 1})
+
+
+def test_atomic_write_keeps_old_content_on_failure(tmp_path):
+    p = tmp_path / "s.json"
+    results.atomic_write_json(p, {"a": 1})
+    with pytest.raises(TypeError):
+        results.atomic_write_json(p, {"a": object()})
+    assert json.loads(p.read_text()) == {"a": 1}
+    assert [x.name for x in tmp_path.iterdir()] == ["s.json"]
+    results.atomic_write_json(p, {"nan": float("nan")})
+    assert json.loads(p.read_text()) == {"nan": None}
+
+
+def test_summary_requires_claims_and_dataset(tmp_path):
+    rd = RunDir(tmp_path / "r")
+    rd.prepare("x", {})
+    with pytest.raises(ValueError, match="without 'claims'"):
+        rd.save_results("x", {}, Results([], {"dataset": {}}), 1.0)
+    assert not rd.complete
+
+
+def test_mean_std():
+    m = results.mean_std([1.0, 3.0, None])
+    assert m["mean"] == 2.0 and m["std"] == 1.0 and m["n"] == 2
+    assert results.mean_std([None])["mean"] is None
+
+
+# --------------------------------------------------------------------------------------------
+# the training loop
+
+
+def _setup(seed=0, bn="before"):
+    ds = synthetic(n_train=240, n_test=60, seed=3)
+    train.seed_everything(seed)
+    net = models.MLP(ds.num_features, (16, 16), 10, bn=bn, dropout=0.1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.3)
+    return ds, net, opt
+
+
+def test_train_is_deterministic_and_seeded():
+    def once(seed):
+        ds, net, opt = _setup(seed)
+        return train.train(
+            net,
+            opt,
+            ds.x_train,
+            ds.y_train,
+            steps=25,
+            batch_size=32,
+            eval_sets={"test": (ds.x_test, ds.y_test)},
+            eval_every=10,
+            seed=seed,
+        )
+
+    a, b, c = once(0), once(0), once(1)
+    assert a.rows == b.rows
+    assert a.rows != c.rows
+    assert [r["step"] for r in a.rows] == [0, 10, 20, 25]
+    assert {"train_loss", "test_acc", "test_loss", "lr"} <= set(a.rows[-1])
+    assert a.steps_done == 25 and not a.diverged
+
+
+def test_eval_matches_manual_accuracy_and_callbacks_run():
+    ds, net, opt = _setup()
+    seen = []
+    res = train.train(
+        net,
+        opt,
+        ds.x_train,
+        ds.y_train,
+        steps=12,
+        batch_size=40,
+        eval_every=6,
+        eval_sets={"test": (ds.x_test, ds.y_test)},
+        callbacks=[lambda info: seen.append(info.step)],
+        on_eval=lambda step, m: {"was_training": m.training},
+    )
+    assert seen == list(range(1, 13))
+    assert all(r["was_training"] is False for r in res.rows)  # on_eval sees eval mode
+    assert net.training  # train() leaves the model in train mode
+    net.eval()
+    with torch.no_grad():
+        acc = (net(ds.x_test).argmax(1) == ds.y_test).float().mean().item()
+    assert math.isclose(res.final("test_acc"), acc, rel_tol=1e-6)
+
+
+def test_divergence_stops_the_arm():
+    ds, net, opt = _setup(bn="none")
+    calls = {"n": 0}
+
+    def loss_fn(logits, y):
+        calls["n"] += 1
+        loss = nn.functional.cross_entropy(logits, y)
+        return loss * float("nan") if calls["n"] > 5 else loss
+
+    res = train.train(
+        net,
+        opt,
+        ds.x_train,
+        ds.y_train,
+        steps=50,
+        batch_size=40,
+        eval_every=100,
+        loss_fn=loss_fn,
+        eval_sets={"test": (ds.x_test, ds.y_test)},
+    )
+    assert res.diverged and res.diverged_step == 6 and res.steps_done == 6
+    assert res.rows[-1]["train_loss"] is None and "test_acc" not in res.rows[-1]
+    assert all(torch.isfinite(p).all() for p in net.parameters())  # NaN step not applied
+
+
+def test_lr_schedule_and_bad_arguments():
+    ds, net, opt = _setup()
+    res = train.train(
+        net,
+        opt,
+        ds.x_train,
+        ds.y_train,
+        steps=10,
+        batch_size=40,
+        eval_every=5,
+        lr_schedule=lambda s: 0.1 / (1 + s),
+    )
+    assert math.isclose(res.rows[-1]["lr"], 0.1 / 10)
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        train.train(net, opt, ds.x_train[:10], ds.y_train[:10], steps=1, batch_size=60)
+
+
+def test_steps_to_target():
+    assert train.steps_to_target([0, 10, 20], [0.1, 0.5, 0.9], 0.5) == 10
+    assert train.steps_to_target([0, 10], [0.1, None], 0.5) is None
+
+
+def test_progress_bar_switch(monkeypatch):
+    monkeypatch.setenv("BATCHNORM_PROGRESS", "0")
+    assert train.progress_enabled(True) is False
+    monkeypatch.setenv("BATCHNORM_PROGRESS", "1")
+    assert train.progress_enabled() is True
+    monkeypatch.delenv("BATCHNORM_PROGRESS")
+    assert train.progress_enabled(False) is False
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+@pytest.mark.parametrize("bn", ["none", "before", "after"])
+def test_mlp_bn_placement(bn):
+    net = models.MLP(64, (8, 8), 10, activation="sigmoid", bn=bn, init_std=0.05)
+    block = list(net.hidden[0].named_children())
+    names = [n for n, _ in block]
+    want = {
+        "none": ["linear", "act"],
+        "before": ["linear", "bn", "act"],
+        "after": ["linear", "act", "bn"],
+    }[bn]
+    assert names == want
+    if bn != "none":
+        assert isinstance(net.hidden[0].bn, batchnorm.BatchNorm1d)
+    assert (net.hidden[0].linear.bias is None) == (bn == "before")  # β replaces the bias
+    assert net(torch.rand(5, 1, 8, 8)).shape == (5, 10)
+    assert len(net.activations) == 2 and isinstance(net.activations[0], nn.Sigmoid)
+
+
+def test_init_scale_is_applied():
+    torch.manual_seed(0)
+    net = models.MLP(784, (400,), 10, init_std=0.05)
+    w = net.hidden[0].linear.weight
+    assert abs(w.std().item() - 0.05) < 0.002 and net.hidden[0].linear.bias.abs().max() == 0
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (1, 8, 8)])
+def test_small_cnn_shapes(shape):
+    net = models.SmallCNN(shape, 10, (4, 8, 8), bn="before", dropout=0.2)
+    assert isinstance(net.features[0].bn, batchnorm.BatchNorm2d)
+    assert net(torch.rand(3, *shape)).shape == (3, 10)
+    with pytest.raises(ValueError, match="bn placement"):
+        models.SmallCNN(shape, bn="middle")
+
+
+# --------------------------------------------------------------------------------------------
+# plots, reports, CLI
+
+
+def test_plot_primitives_write_pngs(tmp_path):
+    fig, axes = plots.new_figure(3)
+    plots.curves(axes[0], [0, 1, 2], {"bn": [[0.1, 0.5, None], [0.2, 0.6, 0.7]]})
+    plots.grouped_bars(axes[1], ["a", "b"], {"bn": [[1, 2], [3, None]], "baseline": [[1], [2]]})
+    plots.percentile_bands(axes[2], [1, 2], {"15": [0, 1], "50": [1, 2], "85": [2, 3]})
+    p = plots.save_figure(fig, tmp_path / "f.png")
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_combined_report_lists_every_claim(toy, tmp_path):
+    path = registry.run_experiment(toy, tmp_path / "a" / "toy", quick=True, log=lambda m: None)
+    run = results.load_run(path)
+    md, htm = report.write_combined_report(
+        tmp_path / "a",
+        [(run, [path / "toy.png"])],
+        [("broken_exp", "ImportError: x")],
+        {"quick": True},
+    )
+    text = md.read_text()
+    assert "Claims (" in text and "the toy network beats chance" in text
+    assert "toy/toy.png" in text and "broken_exp" in text and "synthetic" in text
+    assert "<table>" in htm.read_text()
+
+
+def test_cli_list_and_errors(capsys, tmp_path):
+    assert cli_main(["lab", "list"]) == 0
+    assert "paper-mnist" in capsys.readouterr().out
+    code = cli_main(
+        [
+            "lab",
+            "run",
+            "paper-mnist",
+            "--quick",
+            "--out",
+            str(tmp_path / "x"),
+            "--set",
+            "nonsense=1",
+        ]
+    )
+    assert code == 2
+    assert "unknown config key 'nonsense'" in capsys.readouterr().err
+    assert cli_main(["lab", "run", "no-such-experiment"]) == 2
+    assert "unknown experiment" in capsys.readouterr().err
+
+
+def test_cli_run_all_writes_combined_report(toy, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", {"toy": registry._REGISTRY["toy"]})
+    monkeypatch.setattr(registry, "_BROKEN", {})
+    code = cli_main(["lab", "run", "all", "--quick", "--out", str(tmp_path / "all")])
+    assert code == 0
+    assert (tmp_path / "all" / "toy" / "summary.json").is_file()
+    assert "toy network beats chance" in (tmp_path / "all" / "report.md").read_text()
+    out = capsys.readouterr().out
+    assert "dataset used: synthetic" in out and "combined report" in out
+
+
+def test_cli_help_lists_run_options(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["lab", "run", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--quick", "--seeds", "--dataset", "--data-dir", "--out", "--set", "--download"):
+        assert flag in help_text
+
+
+def test_run_data_paths_are_relative(toy, tmp_path):
+    path = registry.run_experiment(toy, tmp_path / "r", quick=True, log=lambda m: None)
+    assert str(tmp_path) not in (path / "report.md").read_text().split("## Settings")[0]
+    assert Path(path / "toy.png").is_file()
