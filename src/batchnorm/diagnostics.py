@@ -278,7 +278,7 @@ class DoctorReport:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(_json_safe(self.to_dict()), indent=indent)
+        return json.dumps(_json_safe(self.to_dict()), indent=indent, ensure_ascii=False)
 
     def summary(self) -> dict[str, Any]:
         """A compact, JSON-safe digest for experiment summaries: the findings as
