@@ -37,6 +37,9 @@ from batchnorm.sync import (
     merge_stats,
 )
 
+# what the fork server imports once for all replicas (DistributedDataParallel imports dynamo,
+# which takes seconds)
+_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "batchnorm.sync"]
 TOL = 1e-10
 PG_TIMEOUT = 10.0  # seconds: bounds every collective in the workers
 
@@ -74,7 +77,7 @@ def _start(entry: Callable[..., None], world: int, args: tuple, deadline: float)
     The processes come from a fork server that imported torch once (per test process), so each
     launch costs a fork, not a torch import; they share no state with this process.
     """
-    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "batchnorm.sync"])
+    multiprocessing.set_forkserver_preload(_PRELOAD)
     ctx = mp.start_processes(entry, args=args, nprocs=world, join=False, start_method="forkserver")
     end = time.monotonic() + deadline
     while not ctx.join(timeout=0.2):  # re-raises a worker's exception with its traceback

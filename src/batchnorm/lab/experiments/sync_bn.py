@@ -49,6 +49,9 @@ from batchnorm.lab.results import Claim, Results, RunContext, RunData, atomic_wr
 NAME = "sync-bn"
 SOURCE = "Ioffe & Szegedy 2015, Sec. 3 (the mini-batch); synchronized BN across replicas"
 ARMS = ("local", "sync")
+# what the fork server imports once for all replicas (DistributedDataParallel imports dynamo,
+# which takes seconds)
+_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "batchnorm.sync"]
 LABELS = {"local": "per-replica BN", "sync": "synchronized BN"}
 
 
@@ -213,7 +216,7 @@ def _run_group(cfg: SyncBNConfig, ds: Dataset, arm: str, batch: int, seed: int) 
     # a fork server that imported torch once starts the replicas quickly and cleanly
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     if method == "forkserver":
-        multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "batchnorm.sync"])
+        multiprocessing.set_forkserver_preload(_PRELOAD)
     with tempfile.TemporaryDirectory(prefix="sync-bn-") as tmp:
         torch.save((ds.x_train, ds.y_train, ds.x_test, ds.y_test), Path(tmp) / "data.pt")
         ctx = mp.start_processes(
