@@ -575,3 +575,9 @@ def test_bad_input_messages(healthy):
         doctor(healthy, 3.0)
     with pytest.raises(ValueError, match="mode"):
         stat_gaps(healthy, torch.zeros(4, 64), mode="test")  # type: ignore[arg-type]
+
+
+def test_a_model_without_bn_is_said_so():
+    report = doctor(nn.Sequential(nn.Linear(3, 2)), torch.randn(10, 3))
+    assert [(f.check, f.severity) for f in report.findings] == [("no-batchnorm", "info")]
+    assert report.layers == [] and not report.has_errors

@@ -507,8 +507,6 @@ def _batch_len(x: Any) -> int:
 
 
 def _call(model: nn.Module, x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return model(**x)
     return model(x)
 
 
@@ -1209,6 +1207,21 @@ def doctor(
                 "train with larger batches (DataLoader(drop_last=True) avoids a last batch of "
                 "1), or batchnorm.freeze(model) to fine-tune on running statistics",
                 {"mode": "train"},
+            )
+        )
+
+    if not layers:
+        findings.append(
+            Finding(
+                "no-batchnorm",
+                "info",
+                "",
+                f"{type(model).__name__} holds no batch-normalization layer the doctor knows "
+                "(torch.nn.BatchNorm*/SyncBatchNorm, batchnorm's layers, FrozenBatchNorm)",
+                "there is nothing to check; a custom BN layer is not recognized",
+                "for a custom layer, batchnorm.convert_model or a subclass of batchnorm.BatchNorm "
+                "makes it visible",
+                {},
             )
         )
 
