@@ -16,12 +16,18 @@ a gap between them, and the doctor measures that gap per layer:
 
   A large gap means the running statistics do not describe what the layer sees: never updated,
   stale after the weights changed, poisoned, or estimated with a wrong momentum.
-* **eval probe** — the same numbers with the model in eval mode: what inference feeds the layer.
-  A gap here but not in the train probe is a train/eval *input* shift upstream, the classic one
+* **inference probe** — the same numbers with every other layer in eval mode (Dropout off) and BN
+  on batch statistics: what inference really feeds the layer. A gap here and in the train probe
+  means stale statistics; a gap only here is a train/eval *input* shift upstream, the classic one
   being Dropout before BN (Li et al. 2019, "Understanding the disharmony between dropout and
   batch normalization by variance shift", arXiv 1801.05134).
-* **output gap** — the relative RMS difference between the model's outputs with BN on batch
-  statistics (other layers in eval mode) and in eval mode: the symptom itself.
+* **output gap** — the relative RMS difference between the model's eval-mode outputs and its
+  outputs with BN on batch statistics pooled over the probed batches: the symptom itself, without
+  the noise of single-batch statistics.
+
+Every gap is judged against its own sampling noise, estimated from the batch-to-batch spread of
+the statistics (see :class:`LayerGap`, :class:`OutputGap` and :class:`Thresholds`), so a healthy
+model on a few batches raises no alarm.
 
 The structural checks (Dropout / a bias / another normalization next to BN) need the dataflow
 order: it comes from a ``torch.fx`` symbolic trace when the model traces, otherwise from the call
@@ -32,8 +38,9 @@ a forked RNG, so the model's parameters, buffers (running statistics, ``num_batc
 train/eval modes and the global RNG stream are the same before and after.
 
 Measurement functions with a stable API for the lab and for users' own checks:
-:func:`stat_gaps` (per-layer gap), :func:`output_gap` (train/eval output gap) and
-:func:`doctor` itself (a :class:`DoctorReport`).
+:func:`stat_gaps` (per-layer gap), :func:`output_gap` (train/eval output gap),
+:func:`before_after` (the report before and after a fix) and :func:`doctor` itself (a
+:class:`DoctorReport`).
 
 The command line: ``batchnorm doctor MODULE:FACTORY --data inputs.pt`` (see :func:`main`); the
 exit code is 1 when a finding of severity ``error`` exists, so it can gate a CI job.
