@@ -581,3 +581,12 @@ def test_a_model_without_bn_is_said_so():
     report = doctor(nn.Sequential(nn.Linear(3, 2)), torch.randn(10, 3))
     assert [(f.check, f.severity) for f in report.findings] == [("no-batchnorm", "info")]
     assert report.layers == [] and not report.has_errors
+
+
+def test_a_fresh_model_in_train_mode_is_not_an_error(digits):
+    fresh = mlp().train()  # about to be trained: initial statistics are expected
+    report = run(fresh, digits[0])
+    assert not report.has_errors
+    assert severities(report, "initial-running-stats") == ["info", "info"]
+    # the same model deployed (eval mode) without training is an error
+    assert severities(run(fresh.eval(), digits[0]), "initial-running-stats") == ["error", "error"]

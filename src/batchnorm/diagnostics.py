@@ -708,6 +708,16 @@ def _gap_from(
     )
 
 
+def _never_updated(m: nn.Module) -> bool:
+    """Running statistics at their initial values (mean 0, variance 1) with a zero counter."""
+    rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+    nbt = getattr(m, "num_batches_tracked", None)
+    if not isinstance(rm, Tensor) or not isinstance(rv, Tensor):
+        return False
+    counted = isinstance(nbt, Tensor) and int(nbt.item()) != 0
+    return not counted and bool((rm == 0).all() and (rv == 1).all())
+
+
 def _running(m: nn.Module) -> tuple[Tensor, Tensor] | None:
     if not _has_running(m):
         return None
@@ -1232,6 +1242,10 @@ def doctor(
             )
         )
 
+    # a model in train mode whose statistics were never updated is about to be trained: its
+    # initial statistics are expected, not a bug
+    before_training = model.training and bool(layers) and all(_never_updated(m) for _, m in layers)
+
     # -- the symptom ------------------------------------------------------------------------
     if og is not None:
         sev: Severity | None = None
@@ -1240,6 +1254,8 @@ def doctor(
             sev = "error"
         elif above_noise and og.relative_rms > t.output_gap_warning:
             sev = "warning"
+        if sev is not None and before_training:
+            sev = "info"
         if sev is not None:
             agree = "" if og.agreement is None else f"; argmax agrees on {og.agreement:.1%} of rows"
             findings.append(
@@ -1292,14 +1308,11 @@ def doctor(
                     )
                 )
             at_init = bool((rm == 0).all() and (rv == 1).all())
-            in_use = (not model_training) or (
-                tg is not None and _severity_of_gap(tg, t) is not None
-            )
             if at_init and (nbt_v in (0, None)):
                 probe_gap = eg if eg is not None and eg.has_running_stats else tg
                 gap_sev = None if probe_gap is None else _severity_of_gap(probe_gap, t)
                 sev2: Severity = (
-                    "error" if gap_sev is not None else ("warning" if in_use else "info")
+                    "info" if before_training else "error" if gap_sev is not None else "warning"
                 )
                 meas = (
                     f"{label}: running_mean is all 0 and running_var all 1 (their initial values)"
