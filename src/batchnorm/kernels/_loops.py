@@ -147,8 +147,8 @@ def ncl_forward_train(x, w, b, eps, nblk, y, mean_out, var_out, invstd_out):  # 
         if j1 > j0:
             for n in range(j0 // L, (j1 - 1) // L + 1):
                 lo, hi = _block_range(j0, j1, n, L)
-                xr = x[n, c]
-                for l in range(lo, hi):
+                xr = x[n, c, lo:hi]  # 0-based loops vectorize (no negative-index fix-ups)
+                for l in range(hi - lo):
                     d = np.float64(xr[l]) - k
                     s1 += d
                     s2 += d * d
@@ -183,9 +183,9 @@ def ncl_forward_train(x, w, b, eps, nblk, y, mean_out, var_out, invstd_out):  # 
             for nn in range(n_hi - j0 // L + 1):
                 n = n_hi - nn  # backwards: the rows summed last are still cached
                 lo, hi = _block_range(j0, j1, n, L)
-                xr = x[n, c]
-                yr = y[n, c]
-                for l in range(lo, hi):
+                xr = x[n, c, lo:hi]
+                yr = y[n, c, lo:hi]
+                for l in range(hi - lo):
                     yr[l] = (xr[l] - mh) * scf + shf
 
 
@@ -251,9 +251,9 @@ def ncl_backward(dy, x, mean, invstd, w, tol, nblk, need_dx, dx, dw_out, db_out)
         if j1 > j0:
             for n in range(j0 // L, (j1 - 1) // L + 1):
                 lo, hi = _block_range(j0, j1, n, L)
-                xr = x[n, c]
-                dr = dy[n, c]
-                for l in range(lo, hi):
+                xr = x[n, c, lo:hi]
+                dr = dy[n, c, lo:hi]
+                for l in range(hi - lo):
                     g_ = np.float64(dr[l])
                     xd = np.float64(xr[l] - mh)
                     sdy += g_
@@ -295,10 +295,10 @@ def ncl_backward(dy, x, mean, invstd, w, tol, nblk, need_dx, dx, dw_out, db_out)
             for nn in range(n_hi - j0 // L + 1):
                 n = n_hi - nn  # backwards: the rows summed last are still cached
                 lo, hi = _block_range(j0, j1, n, L)
-                xr = x[n, c]
-                dr = dy[n, c]
-                dxr = dx[n, c]
-                for l in range(lo, hi):
+                xr = x[n, c, lo:hi]
+                dr = dy[n, c, lo:hi]
+                dxr = dx[n, c, lo:hi]
+                for l in range(hi - lo):
                     dxr[l] = dr[l] * af + (xr[l] - mh) * bf + df
 
 
@@ -342,12 +342,14 @@ def mc_forward_train(x, w, b, eps, nrb, ncb, y, mean_out, var_out, invstd_out): 
         r1 = (rb + 1) * M // nrb
         c0 = cb * C // ncb
         c1 = (cb + 1) * C // ncb
-        p1 = part[0, rb]
-        p2 = part[1, rb]
+        # channel slices: 0-based loops vectorize (no negative-index fix-ups)
+        p1 = part[0, rb, c0:c1]
+        p2 = part[1, rb, c0:c1]
+        kv = kk[c0:c1]
         for i in range(r0, r1):
-            xr = x[i]
-            for c in range(c0, c1):
-                d = np.float64(xr[c]) - kk[c]
+            xr = x[i, c0:c1]
+            for c in range(c1 - c0):
+                d = np.float64(xr[c]) - kv[c]
                 p1[c] += d
                 p2[c] += d * d
     mh_arr = np.empty(C, dtype=x.dtype)
@@ -377,12 +379,15 @@ def mc_forward_train(x, w, b, eps, nrb, ncb, y, mean_out, var_out, invstd_out): 
         r1 = (rb + 1) * M // nrb
         c0 = cb * C // ncb
         c1 = (cb + 1) * C // ncb
+        mv = mh_arr[c0:c1]
+        sv = sc_arr[c0:c1]
+        hv = sh_arr[c0:c1]
         for ii in range(r1 - r0):
             i = r1 - 1 - ii  # backwards: the rows summed last are still cached
-            xr = x[i]
-            yr = y[i]
-            for c in range(c0, c1):
-                yr[c] = (xr[c] - mh_arr[c]) * sc_arr[c] + sh_arr[c]
+            xr = x[i, c0:c1]
+            yr = y[i, c0:c1]
+            for c in range(c1 - c0):
+                yr[c] = (xr[c] - mv[c]) * sv[c] + hv[c]
 
 
 def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
@@ -398,15 +403,16 @@ def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, need_dx, dx, dw_out, db_o
         r1 = (rb + 1) * M // nrb
         c0 = cb * C // ncb
         c1 = (cb + 1) * C // ncb
-        p1 = part[0, rb]
-        p2 = part[1, rb]
-        p3 = part[2, rb]
+        p1 = part[0, rb, c0:c1]
+        p2 = part[1, rb, c0:c1]
+        p3 = part[2, rb, c0:c1]
+        mv = mean[c0:c1]
         for i in range(r0, r1):
-            xr = x[i]
-            dr = dy[i]
-            for c in range(c0, c1):
+            xr = x[i, c0:c1]
+            dr = dy[i, c0:c1]
+            for c in range(c1 - c0):
                 g_ = np.float64(dr[c])
-                xd = np.float64(xr[c] - mean[c])
+                xd = np.float64(xr[c] - mv[c])
                 p1[c] += g_
                 p2[c] += g_ * xd
                 p3[c] += xd
@@ -439,13 +445,17 @@ def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, need_dx, dx, dw_out, db_o
         r1 = (rb + 1) * M // nrb
         c0 = cb * C // ncb
         c1 = (cb + 1) * C // ncb
+        mv = mean[c0:c1]
+        av = a_arr[c0:c1]
+        bv = b_arr[c0:c1]
+        dv = d_arr[c0:c1]
         for ii in range(r1 - r0):
             i = r1 - 1 - ii  # backwards: the rows summed last are still cached
-            xr = x[i]
-            dr = dy[i]
-            dxr = dx[i]
-            for c in range(c0, c1):
-                dxr[c] = dr[c] * a_arr[c] + (xr[c] - mean[c]) * b_arr[c] + d_arr[c]
+            xr = x[i, c0:c1]
+            dr = dy[i, c0:c1]
+            dxr = dx[i, c0:c1]
+            for c in range(c1 - c0):
+                dxr[c] = dr[c] * av[c] + (xr[c] - mv[c]) * bv[c] + dv[c]
 
 
 def mc_forward_eval(x, scale, shift, nrb, y):  # type: ignore[no-untyped-def]
