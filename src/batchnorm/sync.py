@@ -138,9 +138,8 @@ def _describe(row: Tensor) -> str:
 def _check_headers(gathered: Tensor, ex: _Exchange, rank: int) -> None:
     """Every rank must be at the same kind of exchange of the same layer, call and width."""
     head = gathered[:, :6]
-    if bool((head[:, [0, 2, 3, 5]] == head[rank, [0, 2, 3, 5]]).all()) and bool(
-        (head[:, 1] == head[rank, 1]).all()
-    ):
+    keys = [0, 1, 2, 3, 5]  # kind, channels, tag, call, width (the counts may differ)
+    if bool((head[:, keys] == head[rank, keys]).all()):
         return
     rows = "; ".join(f"rank {r} is in {_describe(gathered[r])}" for r in range(len(gathered)))
     same_place = bool((head[:, [0, 2, 3]] == head[rank, [0, 2, 3]]).all())
@@ -281,9 +280,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             all_dy, all_dy_xhat = data.sum(0).to(cd)  # ranks summed in rank order: identical
             total: float = ctx.total  # type: ignore[attr-defined]
             k = invstd / total if weight is None else weight.to(cd) * invstd / total
-            dx = (F._b(k, xc) * (total * dyc - F._b(all_dy, xc) - xhat * F._b(all_dy_xhat, xc))).to(
-                x.dtype
-            )
+            # the core's compact formula (functional._backward_math) with all ranks' sums
+            inner = total * dyc - F._b(all_dy, xc) - xhat * F._b(all_dy_xhat, xc)
+            dx = (F._b(k, xc) * inner).to(x.dtype)
         dw = sum_dy_xhat.to(weight.dtype) if needs[1] and weight is not None else None
         db = None
         if needs[2]:
@@ -312,9 +311,10 @@ class SyncBatchNorm(_BatchNormBase):
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype, axis, center,
-        scale, unbiased_running_var, nonfinite, backend: as :class:`batchnorm.BatchNorm`
-        (``backend`` applies to eval mode; the training path is plain torch around the
-        exchange).
+        scale, unbiased_running_var, nonfinite, backend and further keyword options: as
+        :class:`batchnorm.BatchNorm` (``backend`` applies to eval mode and to single-process
+        use, the synchronized path is plain torch around the exchange; ``small_batch`` applies
+        only without a process group, since a rank's slice may hold 0 or 1 samples).
         process_group: the group whose ranks share statistics (``torch.distributed.new_group``).
         timeout: seconds to wait for the other ranks at this layer before raising
         :class:`SyncBatchNormError`; ``None`` uses the process group's timeout
