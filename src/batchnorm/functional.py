@@ -504,7 +504,14 @@ def batch_norm_train(
     count = _check_count(input, ax, layer)
     xc, restore = canonical_layout(input, ax)
     be = get_backend(xc, backend)
-    y, mean, var = BatchNormFunction.apply(xc, weight, bias, eps, be)
+    if torch.is_grad_enabled() and (
+        xc.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        y, mean, var = BatchNormFunction.apply(xc, weight, bias, eps, be)
+    else:  # no graph to record: skip the autograd Function's per-call cost (small batches)
+        y, mean, var, _ = be.forward_train(xc, weight, bias, eps)
     return restore(y), mean, var, count
 
 
