@@ -35,14 +35,22 @@ def _vec(v: Tensor | None, dtype: torch.dtype) -> np.ndarray:
     """A per-channel tensor as a contiguous NumPy vector of ``dtype`` (empty for None)."""
     if v is None:
         return _EMPTY[dtype]
-    if v.dtype != dtype or not v.is_contiguous() or v.requires_grad:
-        v = v.detach().to(dtype).contiguous()
+    # one cheap check per property: this runs on every call, (60, 100) batches included
+    if v.requires_grad:
+        v = v.detach()
+    if v.dtype != dtype:
+        v = v.to(dtype)
+    if not v.is_contiguous():
+        v = v.contiguous()
     return v.numpy()
 
 
 def _arr(t: Tensor) -> np.ndarray:
-    if t.requires_grad or not t.is_contiguous():
-        t = t.detach().contiguous()
+    """A NumPy view of ``t`` (copied once if it is not contiguous: never read through strides)."""
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
     return t.numpy()
 
 

@@ -56,10 +56,16 @@ def num_threads() -> int:
     return int(numba.get_num_threads())
 
 
-def _kernel(name: str, parallel: bool) -> Any:
-    from batchnorm.kernels._loops import kernel
+_DISPATCHERS: dict[tuple[str, bool], Any] = {}
 
-    return kernel(name, parallel)
+
+def _kernel(name: str, parallel: bool) -> Any:
+    disp = _DISPATCHERS.get((name, parallel))
+    if disp is None:
+        from batchnorm.kernels._loops import kernel  # imports Numba: only when first needed
+
+        disp = _DISPATCHERS[(name, parallel)] = kernel(name, parallel)
+    return disp
 
 
 def _threads(size: int, parallel: bool | None) -> int:
