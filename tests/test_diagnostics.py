@@ -355,6 +355,13 @@ def test_small_per_channel_count(healthy, digits):
     assert severities(one, "small-count") == ["error", "error"]
 
 
+def test_a_short_remainder_of_tensor_data_is_not_a_batch(healthy, digits):
+    # 65 rows in batches of 32: two batches of 32, not a third of 1 (which fails in train mode)
+    report = run(healthy, digits[0][:65], num_batches=8)
+    assert report.num_batches == 2 and not report.by_check("forward-failed")
+    assert report.train_gaps["1"].count == 32
+
+
 def test_conv_count_includes_spatial_positions():
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)).eval()
     x = torch.randn(16, 1, 6, 6)

@@ -472,8 +472,12 @@ def _take_batches(data: Any, num_batches: int, batch_size: int) -> list[Any]:
             raise ValueError(
                 f"doctor: data must be a batch of inputs, got shape {tuple(data.shape)}"
             )
-        chunks = list(torch.split(data, batch_size))[:num_batches]
-        return chunks
+        if batch_size < 1:
+            raise ValueError(f"doctor: batch_size must be >= 1, got {batch_size}")
+        chunks = list(torch.split(data, batch_size))
+        if len(chunks) > 1 and chunks[-1].shape[0] < batch_size:
+            chunks = chunks[:-1]  # a short remainder is not a batch of the user's size
+        return chunks[:num_batches]
     try:
         it = iter(data)
     except TypeError:
