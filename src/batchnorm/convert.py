@@ -4,18 +4,30 @@ users' terms, between conventions).
 ``convert_model(model)`` swaps every ``torch.nn.BatchNorm1d/2d/3d`` for ours, keeping its state
 (parameters, running statistics, ``num_batches_tracked``), its mode (train/eval) and its device
 and dtype; ``convert_model(model, to="torch")`` swaps back.
+
+``keras_to_torch(keras_model, torch_module)`` and ``torch_to_keras(torch_module, keras_model)``
+move batch-norm state between Keras and PyTorch, translating momentum, ε and the biased/unbiased
+moving variance, and report the converted layers' output differences. Keras is imported only
+inside them.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from torch import nn
 
 from batchnorm.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase
 
-__all__ = ["convert_model"]
+__all__ = [
+    "convert_model",
+    "keras_to_torch",
+    "torch_to_keras",
+    "ConversionReport",
+    "LayerConversion",
+]
 
 _TO_OURS: dict[type[nn.Module], type[_BatchNormBase]] = {
     nn.BatchNorm1d: BatchNorm1d,
@@ -123,3 +135,468 @@ def convert_model(model: nn.Module, to: Literal["ours", "torch"] = "ours") -> nn
             if new is not None:
                 setattr(child, cname, new)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Keras ↔ PyTorch: moving batch-norm state between conventions
+#
+# The two frameworks store the same four per-channel vectors under different conventions:
+#
+#   Keras (BatchNormalization)           PyTorch (BatchNorm*d, ours)
+#   gamma, beta                          weight, bias
+#   moving_mean                          running_mean
+#   moving_variance: EMA of the biased   running_var: EMA of the unbiased m/(m−1)·σ²_B
+#     σ²_B (Keras 3)                       (ours: either, `unbiased_running_var`)
+#   momentum weighs the old average      momentum weighs the new batch: 1 − keras momentum
+#   epsilon = 1e-3                       eps = 1e-5
+#
+# Inference uses the stored variance as is in both, so copying it keeps the converted layer's
+# function; `bessel_count=m` rescales it by m/(m−1) to turn the one estimate into the other.
+
+
+@dataclass(frozen=True)
+class LayerConversion:
+    """One converted layer: what was translated and how far the converted layer's output is
+    from the source layer's on a probe batch drawn from the layer's own moving statistics."""
+
+    source: str
+    target: str
+    num_features: int
+    eps: tuple[float, float]  # (source, target) after the conversion
+    momentum: tuple[float | None, float | None]  # each in its own framework's convention
+    variance: str  # how the moving variance was translated
+    max_abs_diff_eval: float  # inference mode (moving statistics)
+    max_abs_diff_train: float  # training mode (batch statistics; the states are not updated)
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    """What :func:`keras_to_torch` / :func:`torch_to_keras` did, layer by layer."""
+
+    direction: str
+    layers: tuple[LayerConversion, ...] = field(default_factory=tuple)
+
+    @property
+    def max_abs_diff(self) -> float:
+        """The largest output difference over all layers and both modes."""
+        diffs = [d for c in self.layers for d in (c.max_abs_diff_eval, c.max_abs_diff_train)]
+        return max(diffs, default=0.0)
+
+    def __str__(self) -> str:
+        lines = [f"{self.direction}: {len(self.layers)} batch-norm layer(s)"]
+        for c in self.layers:
+            lines.append(
+                f"  {c.source} -> {c.target} ({c.num_features} ch): eps {c.eps[0]:g}->{c.eps[1]:g}, "
+                f"momentum {c.momentum[0]}->{c.momentum[1]}, variance {c.variance}; "
+                f"max |Δy| eval {c.max_abs_diff_eval:.2e}, train {c.max_abs_diff_train:.2e}"
+            )
+        return "\n".join(lines)
+
+
+_TorchBN = (nn.modules.batchnorm._BatchNorm, _BatchNormBase)
+_RANKS: dict[type[nn.Module], tuple[int, ...]] = {
+    nn.BatchNorm1d: (2, 3),
+    nn.BatchNorm2d: (4,),
+    nn.BatchNorm3d: (5,),
+    BatchNorm1d: (2, 3),
+    BatchNorm2d: (4,),
+    BatchNorm3d: (5,),
+}
+
+
+def _keras_bn_layers(obj: Any) -> list[tuple[str, Any]]:
+    import keras
+
+    bn = keras.layers.BatchNormalization
+    if isinstance(obj, bn):
+        return [(obj.name, obj)]
+    if not isinstance(obj, keras.layers.Layer):
+        raise TypeError(f"expected a Keras layer or model, got {type(obj).__name__}")
+    # every nested layer in creation order (Sequential/Functional models, nested models and
+    # layers that own sublayers)
+    layers = obj._flatten_layers(include_self=False, recursive=True)
+    return [(layer.name, layer) for layer in layers if isinstance(layer, bn)]
+
+
+def _torch_bn_layers(obj: nn.Module) -> list[tuple[str, Any]]:
+    if not isinstance(obj, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(obj).__name__}")
+    if isinstance(obj, _TorchBN):
+        return [(type(obj).__name__, obj)]
+    return [(n, m) for n, m in obj.named_modules() if isinstance(m, _TorchBN)]
+
+
+def _pairs(
+    keras_layers: list[tuple[str, Any]],
+    torch_layers: list[tuple[str, Any]],
+    pairs: dict[str, str] | None,
+    fn: str,
+) -> list[tuple[str, Any, str, Any]]:
+    if pairs is not None:
+        kd, td = dict(keras_layers), dict(torch_layers)
+        out = []
+        for kn, tn in pairs.items():
+            if kn not in kd:
+                raise ValueError(
+                    f"{fn}: no Keras BatchNormalization layer named {kn!r}; the model has "
+                    f"{sorted(kd)}"
+                )
+            if tn not in td:
+                raise ValueError(
+                    f"{fn}: no torch batch-norm module named {tn!r}; the module has {sorted(td)}"
+                )
+            out.append((kn, kd[kn], tn, td[tn]))
+        return out
+    if len(keras_layers) != len(torch_layers):
+        raise ValueError(
+            f"{fn}: the Keras side has {len(keras_layers)} BatchNormalization layer(s) "
+            f"{[n for n, _ in keras_layers]} but the torch side has {len(torch_layers)} batch-norm "
+            f"module(s) {[n for n, _ in torch_layers]}; they are paired in order, so the counts "
+            "must match. Pass pairs={keras_name: torch_name, ...} to choose the pairs."
+        )
+    if not keras_layers:
+        raise ValueError(f"{fn}: no batch-norm layers found on either side")
+    return [(kn, kl, tn, tm) for (kn, kl), (tn, tm) in zip(keras_layers, torch_layers)]
+
+
+def _keras_rank(layer: Any) -> int | None:
+    spec = getattr(layer, "input_spec", None)
+    return getattr(spec, "ndim", None) if spec is not None else None
+
+
+def _channel_place(axis: int, rank: int | None) -> str:
+    """'first' (axis 1), 'last' (the innermost axis) or the axis itself."""
+    if rank is not None:
+        axis = axis % rank
+        if axis == rank - 1:
+            return "last" if rank > 2 else "first"  # (N, C): both
+        return "first" if axis == 1 else f"axis {axis}"
+    return "first" if axis == 1 else "last" if axis == -1 else f"axis {axis}"
+
+
+def _check_pair(kn: str, kl: Any, tn: str, tm: Any, fn: str) -> tuple[int, int, int]:
+    """Check a Keras/torch pair; return (C, Keras rank, torch rank) for the probe."""
+    where = f"{fn}: Keras layer {kn!r} <-> torch module {tn!r} ({type(tm).__name__})"
+    if getattr(kl, "moving_mean", None) is None:
+        raise ValueError(
+            f"{where}: the Keras layer is not built, so it has no weights yet. Build the model "
+            "first, e.g. model.build(input_shape) or call it once on a batch."
+        )
+    c_k = int(kl.moving_mean.shape[0])
+    c_t = int(tm.num_features)
+    if c_k != c_t:
+        raise ValueError(
+            f"{where}: {c_k} channels in Keras (moving_mean shape ({c_k},)) but {c_t} in torch "
+            f"(num_features={c_t}). Pair the layers explicitly with pairs={{...}} or fix the "
+            "architecture."
+        )
+    if getattr(tm, "running_mean", None) is None:
+        raise ValueError(
+            f"{where}: the torch module has no running statistics (track_running_stats=False); "
+            "create it with track_running_stats=True to hold Keras' moving statistics."
+        )
+    k_rank = _keras_rank(kl)
+    t_ranks = _RANKS.get(type(tm))
+    if k_rank is not None and t_ranks is not None and k_rank not in t_ranks:
+        raise ValueError(
+            f"{where}: the Keras layer normalizes {k_rank}D inputs, the torch module takes "
+            f"{' or '.join(f'{r}D' for r in t_ranks)} inputs. Pair it with a torch module of "
+            "the same rank (BatchNorm1d: 2D/3D, BatchNorm2d: 4D, BatchNorm3d: 5D)."
+        )
+    t_axis = int(getattr(tm, "axis", 1))
+    t_rank = t_ranks[0] if t_ranks else (k_rank or 2)
+    k_place = _channel_place(int(kl.axis), k_rank)
+    t_place = _channel_place(t_axis, t_rank)
+    # channels-first and channels-last layouts hold the same per-channel state (NCHW <-> NHWC);
+    # any other axis must be the same axis on both sides
+    if {k_place, t_place} - {"first", "last"} and k_place != t_place:
+        raise ValueError(
+            f"{where}: the Keras layer normalizes {k_place} (axis={kl.axis}"
+            f"{f' of {k_rank}D inputs' if k_rank else ''}), the torch module {t_place} "
+            f"(axis={t_axis}). The channel axis must correspond: rebuild one side so both "
+            "normalize the same (channel) axis."
+        )
+    return c_k, k_rank or t_rank, t_rank
+
+
+def _probe_shape(n: int, c: int, axis: int, rank: int) -> list[int]:
+    shape = [n] + [1] * (rank - 1)
+    shape[axis % rank] = c
+    return shape
+
+
+def _output_diffs(
+    kl: Any, tm: Any, c: int, k_rank: int, t_rank: int, n: int, seed: int
+) -> tuple[float, float]:
+    """max |y_keras − y_torch| on a probe batch ~ N(moving_mean, moving_var), in inference and
+    in training mode; both layers' states are left as they were."""
+    import copy
+
+    import keras
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    mean = np.asarray(kl.moving_mean.numpy(), dtype=np.float64)
+    std = np.sqrt(np.maximum(np.asarray(kl.moving_variance.numpy(), dtype=np.float64), 0.0))
+    probe = (mean + std * rng.standard_normal((n, c))).astype(np.float32)  # (n, C)
+    k_shape = _probe_shape(n, c, int(kl.axis), k_rank)
+    t_shape = _probe_shape(n, c, int(getattr(tm, "axis", 1)), t_rank)
+    t_dtype = tm.running_mean.dtype
+    t_device = tm.running_mean.device
+    x_t = torch.as_tensor(probe.reshape(t_shape), dtype=t_dtype, device=t_device)
+    saved = [v.numpy() for v in (kl.moving_mean, kl.moving_variance)]
+    diffs = []
+    for training in (False, True):
+        y_k = keras.ops.convert_to_numpy(kl(probe.reshape(k_shape), training=training))
+        # a Keras layer with trainable=False runs in inference mode even when training
+        t_train = training and bool(kl.trainable)
+        twin = copy.deepcopy(tm).train(t_train)
+        with torch.no_grad():
+            y_t = twin(x_t).cpu().numpy()
+        d = np.abs(y_k.reshape(n, c).astype(np.float64) - y_t.reshape(n, c).astype(np.float64))
+        diffs.append(float(d.max()))
+    for v, s in zip((kl.moving_mean, kl.moving_variance), saved):
+        v.assign(s)
+    return diffs[0], diffs[1]
+
+
+def _check_mode(name: str, value: str, fn: str) -> None:
+    if value not in ("copy", "keep"):
+        raise ValueError(f"{fn}: {name} must be 'copy' or 'keep', got {value!r}")
+
+
+def _bessel(bessel_count: int | None, fn: str) -> None:
+    if bessel_count is not None and (not isinstance(bessel_count, int) or bessel_count < 2):
+        raise ValueError(
+            f"{fn}: bessel_count is m, the number of values per channel in a training batch "
+            f"(batch size × spatial size), at least 2; got {bessel_count!r}"
+        )
+
+
+def keras_to_torch(
+    source: Any,
+    target: nn.Module,
+    *,
+    pairs: dict[str, str] | None = None,
+    eps: Literal["copy", "keep"] = "copy",
+    momentum: Literal["copy", "keep"] = "copy",
+    bessel_count: int | None = None,
+    probe_size: int = 64,
+    seed: int = 0,
+) -> ConversionReport:
+    """Move batch-norm state from a Keras layer/model into a torch module (torch.nn's
+    ``BatchNorm*d`` or ours), in place, translating the conventions; return a report with the
+    converted layers' output differences.
+
+    Layers are paired in order (Keras' layer order, torch's ``named_modules`` order) unless
+    ``pairs={keras_name: torch_name}`` says otherwise. Per pair: γ→``weight``, β→``bias`` (1 and
+    0 where Keras has none), ``moving_mean``→``running_mean``, ``moving_variance``→``running_var``.
+
+    Args:
+        source: a built ``keras.layers.BatchNormalization`` (Keras' or ours) or a model holding
+            some. Works with any Keras backend (only weights are read).
+        target: a torch batch-norm module or a module holding some.
+        eps: ``"copy"`` sets the torch ``eps`` to Keras' ε (1e-3 by default) so outputs agree;
+            ``"keep"`` keeps the torch ε and stores ``var + ε_keras − ε_torch`` instead, which
+            keeps inference outputs equal (training outputs then differ slightly).
+        momentum: ``"copy"`` sets ``momentum = 1 − keras_momentum`` (PyTorch's convention);
+            ``"keep"`` leaves it.
+        bessel_count: m, the values per channel in a training batch. Keras' moving variance
+            averages the biased σ²_B; PyTorch's averages m/(m−1)·σ²_B. With m given the variance
+            is scaled by m/(m−1) for targets that store the unbiased one (this changes
+            inference outputs by that factor); without it the variance is copied as stored,
+            which keeps the function.
+        probe_size: the probe batch's size for the reported differences.
+
+    Raises:
+        ValueError: when the layer counts, channel counts, ranks or channel axes don't match,
+            a side is not built or holds no running statistics.
+
+    Example::
+
+        >>> import os; os.environ.setdefault("KERAS_BACKEND", "torch")
+        'torch'
+        >>> import keras, torch
+        >>> from batchnorm.convert import keras_to_torch
+        >>> k = keras.layers.BatchNormalization(momentum=0.9); k.build((None, 8))
+        >>> t = torch.nn.BatchNorm1d(8)
+        >>> report = keras_to_torch(k, t)
+        >>> (t.eps, round(t.momentum, 6), report.max_abs_diff < 1e-5)
+        (0.001, 0.1, True)
+    """
+    import torch
+
+    fn = "keras_to_torch"
+    _check_mode("eps", eps, fn)
+    _check_mode("momentum", momentum, fn)
+    _bessel(bessel_count, fn)
+    plan = _pairs(_keras_bn_layers(source), _torch_bn_layers(target), pairs, fn)
+    checked = [_check_pair(kn, kl, tn, tm, fn) for kn, kl, tn, tm in plan]  # all before writing
+    done = []
+    for (kn, kl, tn, tm), (c, k_rank, t_rank) in zip(plan, checked):
+        gamma = kl.gamma.numpy() if kl.scale else None
+        beta = kl.beta.numpy() if kl.center else None
+        mm = kl.moving_mean.numpy().astype("float64")
+        mv = kl.moving_variance.numpy().astype("float64")
+        for name, value, neutral, attr in (
+            ("gamma", gamma, 1.0, "weight"),
+            ("beta", beta, 0.0, "bias"),
+        ):
+            if getattr(tm, attr, None) is None and value is not None and (value != neutral).any():
+                raise ValueError(
+                    f"{fn}: Keras layer {kn!r} has a learned {name} but torch module {tn!r} has "
+                    f"no {attr}; create it with affine=True."
+                )
+        eps_k = float(kl.epsilon)
+        eps_t = float(tm.eps)
+        if eps == "copy":
+            eps_t = eps_k
+        else:
+            mv = mv + eps_k - eps_t  # same √(var + ε) at inference
+            if (mv < 0).any():
+                raise ValueError(
+                    f"{fn}: eps='keep' needs moving_variance + {eps_k:g} − {eps_t:g} ≥ 0 for layer "
+                    f"{kn!r}; use eps='copy'."
+                )
+        target_unbiased = bool(getattr(tm, "unbiased_running_var", True))
+        if bessel_count is not None and target_unbiased:
+            mv = mv * bessel_count / (bessel_count - 1)
+            how = f"x m/(m-1), m={bessel_count} (biased -> unbiased estimate)"
+        elif target_unbiased:
+            how = "copied as stored (Keras' biased estimate; bessel_count=m rescales)"
+        else:
+            how = "copied (both store the biased estimate)"
+        mom_t = tm.momentum
+        if momentum == "copy":
+            mom_t = 1.0 - float(kl.momentum)
+        with torch.no_grad():
+            for attr, value, neutral in (("weight", gamma, 1.0), ("bias", beta, 0.0)):
+                p = getattr(tm, attr, None)
+                if p is not None:
+                    p.copy_(
+                        torch.as_tensor(value) if value is not None else torch.full_like(p, neutral)
+                    )
+            tm.running_mean.copy_(torch.as_tensor(mm))
+            tm.running_var.copy_(torch.as_tensor(mv))
+        tm.eps = eps_t
+        tm.momentum = mom_t
+        d_eval, d_train = _output_diffs(kl, tm, c, k_rank, t_rank, probe_size, seed)
+        done.append(
+            LayerConversion(
+                kn,
+                tn,
+                c,
+                (eps_k, eps_t),
+                (float(kl.momentum), tm.momentum),
+                how,
+                d_eval,
+                d_train,
+            )
+        )
+    return ConversionReport("keras -> torch", tuple(done))
+
+
+def torch_to_keras(
+    source: nn.Module,
+    target: Any,
+    *,
+    pairs: dict[str, str] | None = None,
+    eps: Literal["copy", "keep"] = "copy",
+    momentum: Literal["copy", "keep"] = "copy",
+    bessel_count: int | None = None,
+    probe_size: int = 64,
+    seed: int = 0,
+) -> ConversionReport:
+    """Move batch-norm state from a torch module (torch.nn's ``BatchNorm*d`` or ours) into a
+    built Keras layer/model, in place, translating the conventions; the mirror of
+    :func:`keras_to_torch` (``pairs`` maps Keras names to torch names there too).
+
+    ``eps="copy"`` sets the Keras layer's ``epsilon`` to the torch ε (it is saved with the
+    model's config); ``"keep"`` stores ``var + ε_torch − ε_keras`` instead (an error where that
+    is negative). ``momentum="copy"`` sets Keras' ``momentum = 1 − torch_momentum`` (a torch
+    ``momentum=None``, the cumulative average, has no Keras counterpart: Keras' is kept).
+    ``bessel_count=m`` scales an unbiased running variance by (m−1)/m into Keras' biased one.
+
+    Example::
+
+        >>> import os; os.environ.setdefault("KERAS_BACKEND", "torch")
+        'torch'
+        >>> import keras, torch
+        >>> from batchnorm.convert import torch_to_keras
+        >>> t = torch.nn.BatchNorm1d(8, momentum=0.05)
+        >>> k = keras.layers.BatchNormalization(); k.build((None, 8))
+        >>> report = torch_to_keras(t, k)
+        >>> (k.epsilon, round(k.momentum, 6), report.max_abs_diff < 1e-5)
+        (1e-05, 0.95, True)
+    """
+    import numpy as np
+
+    fn = "torch_to_keras"
+    _check_mode("eps", eps, fn)
+    _check_mode("momentum", momentum, fn)
+    _bessel(bessel_count, fn)
+    plan = _pairs(_keras_bn_layers(target), _torch_bn_layers(source), pairs, fn)
+    checked = [_check_pair(kn, kl, tn, tm, fn) for kn, kl, tn, tm in plan]
+    done = []
+    for (kn, kl, tn, tm), (c, k_rank, t_rank) in zip(plan, checked):
+
+        def arr(t: Any) -> Any:
+            return None if t is None else t.detach().cpu().double().numpy()
+
+        weight, bias = arr(getattr(tm, "weight", None)), arr(getattr(tm, "bias", None))
+        rm, rv = arr(tm.running_mean), arr(tm.running_var)
+        for name, value, neutral, attr in (
+            ("weight", weight, 1.0, "gamma"),
+            ("bias", bias, 0.0, "beta"),
+        ):
+            if getattr(kl, attr, None) is None and value is not None and (value != neutral).any():
+                raise ValueError(
+                    f"{fn}: torch module {tn!r} has a learned {name} but Keras layer {kn!r} has "
+                    f"no {attr}; create it with {'scale' if attr == 'gamma' else 'center'}=True."
+                )
+        eps_t = float(tm.eps)
+        eps_k = float(kl.epsilon)
+        if eps == "copy":
+            eps_k = eps_t
+        else:
+            rv = rv + eps_t - eps_k
+            if (rv < 0).any():
+                raise ValueError(
+                    f"{fn}: eps='keep' needs running_var + {eps_t:g} − {eps_k:g} ≥ 0 for module "
+                    f"{tn!r}; use eps='copy'."
+                )
+        source_unbiased = bool(getattr(tm, "unbiased_running_var", True))
+        if bessel_count is not None and source_unbiased:
+            rv = rv * (bessel_count - 1) / bessel_count
+            how = f"x (m-1)/m, m={bessel_count} (unbiased -> biased estimate)"
+        elif source_unbiased:
+            how = "copied as stored (PyTorch's unbiased estimate; bessel_count=m rescales)"
+        else:
+            how = "copied (both store the biased estimate)"
+        mom_k = float(kl.momentum)
+        if momentum == "copy" and tm.momentum is not None:
+            mom_k = 1.0 - float(tm.momentum)
+        for attr, value, neutral in (("gamma", weight, 1.0), ("beta", bias, 0.0)):
+            v = getattr(kl, attr, None)
+            if v is not None:
+                full = value if value is not None else np.full(v.shape, neutral)
+                v.assign(np.asarray(full, dtype=v.dtype))
+        kl.moving_mean.assign(np.asarray(rm, dtype=kl.moving_mean.dtype))
+        kl.moving_variance.assign(np.asarray(rv, dtype=kl.moving_variance.dtype))
+        kl.epsilon = eps_k
+        kl.momentum = mom_k
+        d_eval, d_train = _output_diffs(kl, tm, c, k_rank, t_rank, probe_size, seed)
+        done.append(
+            LayerConversion(
+                tn,
+                kn,
+                c,
+                (eps_t, eps_k),
+                (tm.momentum, mom_k),
+                how,
+                d_eval,
+                d_train,
+            )
+        )
+    return ConversionReport("torch -> keras", tuple(done))

@@ -1,0 +1,298 @@
+"""Moving batch-norm state between Keras and PyTorch (batchnorm.convert.keras_to_torch /
+torch_to_keras): the converted layer computes what the source computed, the conventions are
+translated, and mismatches are refused with a clear message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+keras = pytest.importorskip("keras")
+
+import batchnorm  # noqa: E402
+from batchnorm import reference  # noqa: E402
+from batchnorm.convert import ConversionReport, keras_to_torch, torch_to_keras  # noqa: E402
+from batchnorm.keras import BatchNormalization  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="these tests run with KERAS_BACKEND=torch"
+)
+
+KERAS_BN = [keras.layers.BatchNormalization, BatchNormalization]
+
+
+def _keras_bn(cls: Any, c: int, rank: int = 2, seed: int = 0, **kwargs: Any) -> Any:
+    """A built Keras BN layer with a random, non-default state."""
+    layer = cls(**kwargs)
+    shape = [None] + [3] * (rank - 2) + [c] if kwargs.get("axis", -1) == -1 else [None, c, 3, 3]
+    layer.build(tuple(shape[:rank]))
+    rng = np.random.default_rng(seed)
+    layer.set_weights(
+        [
+            rng.uniform(0.5, 2.0, w.shape).astype("float32")
+            * (1 if i % 2 == 0 else rng.choice([-1, 1]))
+            for i, w in enumerate(layer.get_weights())
+        ]
+    )
+    if layer.moving_variance is not None:  # variances must stay positive
+        layer.moving_variance.assign(np.abs(layer.moving_variance.numpy()) + 0.1)
+    return layer
+
+
+def _np(t: Any) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(t), dtype=np.float64)
+
+
+@pytest.mark.parametrize("cls", KERAS_BN)
+def test_layer_keras_to_torch_nn_same_function(cls: Any) -> None:
+    k = _keras_bn(cls, 6, momentum=0.95)
+    t = nn.BatchNorm1d(6)
+    report = keras_to_torch(k, t)
+    assert isinstance(report, ConversionReport) and len(report.layers) == 1
+    assert t.eps == pytest.approx(1e-3) and t.momentum == pytest.approx(0.05)
+    x = np.random.default_rng(1).standard_normal((20, 6)).astype("float32") * 3
+    t.eval()
+    with torch.no_grad():
+        y_t = t(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(y_t, _np(k(x, training=False)), atol=1e-5)
+    t.train()
+    with torch.no_grad():
+        y_t = t(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(y_t, _np(k(x, training=True)), atol=1e-5)
+    # the report's own measurement agrees
+    assert report.max_abs_diff < 1e-5
+    assert k.name in str(report) and "eps 0.001->0.001" in str(report)
+
+
+def test_layer_torch_to_keras_same_function() -> None:
+    t = nn.BatchNorm2d(4, momentum=0.2)
+    with torch.no_grad():
+        t.weight.uniform_(0.5, 2)
+        t.bias.uniform_(-1, 1)
+        t.running_mean.uniform_(-2, 2)
+        t.running_var.uniform_(0.5, 3)
+    k = keras.layers.BatchNormalization()
+    k.build((None, 5, 5, 4))  # channels_last twin of the NCHW torch layer
+    report = torch_to_keras(t, k)
+    assert k.epsilon == pytest.approx(1e-5) and k.momentum == pytest.approx(0.8)
+    x = np.random.default_rng(2).standard_normal((3, 4, 5, 5)).astype("float32") * 2
+    t.eval()
+    with torch.no_grad():
+        y_t = t(torch.tensor(x)).numpy()
+    y_k = _np(k(x.transpose(0, 2, 3, 1), training=False)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(y_t, y_k, atol=1e-5)
+    assert report.max_abs_diff < 1e-5
+    # the translated epsilon is part of the saved config
+    assert keras.layers.BatchNormalization.from_config(k.get_config()).epsilon == pytest.approx(
+        1e-5
+    )
+
+
+def _dense_keras(seed: int, bn: Any, **bn_kwargs: Any) -> Any:
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(8),
+            bn(**bn_kwargs),
+            keras.layers.Activation("relu"),
+            keras.layers.Dense(3),
+            bn(**bn_kwargs),
+        ]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+def _dense_torch() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3), nn.BatchNorm1d(3)
+    )
+
+
+def _copy_dense(model: Any, net: nn.Sequential) -> None:
+    """Dense kernels (in, out) -> Linear weights (out, in): the user's part of a conversion."""
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    linear = [m for m in net if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for d, lin in zip(dense, linear):
+            kernel, bias = d.get_weights()
+            lin.weight.copy_(torch.tensor(kernel.T))
+            lin.bias.copy_(torch.tensor(bias))
+
+
+@pytest.mark.parametrize("cls", KERAS_BN)
+def test_trained_dense_model_roundtrip(cls: Any) -> None:
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((64, 5)) * 4 + 2).astype("float32")
+    model = _dense_keras(0, cls, momentum=0.5)
+    model.fit(x, rng.standard_normal((64, 3)).astype("float32"), epochs=2, batch_size=16, verbose=0)
+    net = _dense_torch()
+    _copy_dense(model, net)
+    report = keras_to_torch(model, net)
+    assert [c.target for c in report.layers] == ["1", "4"]
+    net.eval()
+    with torch.no_grad():
+        y_t = net(torch.tensor(x)).numpy()
+    y_k = model.predict(x, verbose=0)
+    np.testing.assert_allclose(y_t, y_k, rtol=1e-5, atol=1e-5)
+    # and back into a fresh Keras model with other conventions
+    back = _dense_keras(1, keras.layers.BatchNormalization, epsilon=0.1, momentum=0.3)
+    for d_back, d in zip(back.layers, model.layers):  # Dense weights; BN state comes from net
+        if isinstance(d, keras.layers.Dense):
+            d_back.set_weights(d.get_weights())
+    torch_to_keras(net, back)
+    np.testing.assert_allclose(back.predict(x, verbose=0), y_k, rtol=1e-5, atol=1e-5)
+    assert [b.momentum for b in back.layers if isinstance(b, keras.layers.BatchNormalization)] == [
+        pytest.approx(0.5)
+    ] * 2
+
+
+def test_conv_channels_last_to_nchw_model() -> None:
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential(
+        [keras.Input((6, 6, 2)), keras.layers.Conv2D(5, 3), BatchNormalization(momentum=0.6)]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((16, 6, 6, 2)) * 2 + 1).astype("float32")
+    model.fit(
+        x, rng.standard_normal((16, 4, 4, 5)).astype("float32"), epochs=1, batch_size=8, verbose=0
+    )
+    net = nn.Sequential(nn.Conv2d(2, 5, 3), batchnorm.BatchNorm2d(5))
+    kernel, bias = model.layers[0].get_weights()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor(kernel.transpose(3, 2, 0, 1)))  # HWIO -> OIHW
+        net[0].bias.copy_(torch.tensor(bias))
+    keras_to_torch(model, net)
+    net.eval()
+    with torch.no_grad():
+        y_t = net(torch.tensor(x.transpose(0, 3, 1, 2))).numpy()
+    y_k = model.predict(x, verbose=0).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(y_t, y_k, rtol=1e-4, atol=1e-5)
+
+
+def test_continued_training_follows_translated_momentum() -> None:
+    """After conversion both sides keep training alike: the momentum is translated, and our
+    layer with Keras' (biased) variance convention tracks Keras' moving statistics exactly."""
+    k = _keras_bn(keras.layers.BatchNormalization, 4, momentum=0.8)
+    ours = batchnorm.BatchNorm(4, axis=-1, unbiased_running_var=False)
+    tnn = nn.BatchNorm1d(4)
+    keras_to_torch(k, ours)
+    keras_to_torch(k, tnn)
+    rm, rv = (tnn.running_mean.double().numpy(), tnn.running_var.double().numpy())
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        x = (rng.standard_normal((10, 4)) * 2 + 1).astype("float32")
+        k(x, training=True)
+        ours.train()(torch.tensor(x))
+        tnn.train()(torch.tensor(x))
+        mean, var = reference.batch_stats(x, axis=-1)
+        rm, rv = reference.running_stats_update(rm, rv, mean, var, 10, 0.2, unbiased=True)
+    np.testing.assert_allclose(ours.running_mean.numpy(), k.moving_mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose(ours.running_var.numpy(), k.moving_variance.numpy(), atol=1e-6)
+    # torch.nn keeps its own (unbiased) convention from the converted starting point
+    np.testing.assert_allclose(tnn.running_mean.numpy(), rm, atol=1e-6)
+    np.testing.assert_allclose(tnn.running_var.numpy(), rv, atol=1e-6)
+
+
+def test_bessel_count_translates_the_variance_estimate() -> None:
+    k = _keras_bn(keras.layers.BatchNormalization, 3)
+    mv = k.moving_variance.numpy().astype(np.float64)
+    t = nn.BatchNorm1d(3)
+    report = keras_to_torch(k, t, bessel_count=16)
+    np.testing.assert_allclose(t.running_var.numpy(), mv * 16 / 15, rtol=1e-6)
+    assert "m=16" in report.layers[0].variance
+    # the inference output changes by that factor, and the report says so
+    assert report.layers[0].max_abs_diff_eval > 1e-4
+    # our layer storing the biased estimate needs no rescaling
+    ours = batchnorm.BatchNorm(3, axis=-1, unbiased_running_var=False)
+    keras_to_torch(k, ours, bessel_count=16)
+    np.testing.assert_allclose(ours.running_var.numpy(), mv, rtol=1e-6)
+    # and back: unbiased -> biased
+    k2 = _keras_bn(keras.layers.BatchNormalization, 3, seed=9)
+    torch_to_keras(t, k2, bessel_count=16)
+    np.testing.assert_allclose(k2.moving_variance.numpy(), mv, rtol=1e-5)
+    with pytest.raises(ValueError, match="bessel_count"):
+        keras_to_torch(k, t, bessel_count=1)
+
+
+def test_eps_keep_absorbs_the_difference_into_the_variance() -> None:
+    k = _keras_bn(keras.layers.BatchNormalization, 5)
+    mv = k.moving_variance.numpy().astype(np.float64)
+    t = nn.BatchNorm1d(5)
+    report = keras_to_torch(k, t, eps="keep", momentum="keep")
+    assert t.eps == 1e-5 and t.momentum == 0.1
+    np.testing.assert_allclose(t.running_var.numpy(), mv + 1e-3 - 1e-5, rtol=1e-6)
+    c = report.layers[0]
+    assert c.max_abs_diff_eval < 1e-5  # inference unchanged ...
+    assert c.max_abs_diff_train > c.max_abs_diff_eval  # ... training sees the other ε
+    # the reverse would need a negative variance here
+    t2 = nn.BatchNorm1d(5)
+    with torch.no_grad():
+        t2.running_var.fill_(1e-4)
+    with pytest.raises(ValueError, match="eps='copy'"):
+        torch_to_keras(t2, k, eps="keep")
+
+
+def test_torch_cumulative_momentum_keeps_keras_momentum() -> None:
+    t = nn.BatchNorm1d(3, momentum=None)
+    k = _keras_bn(keras.layers.BatchNormalization, 3, momentum=0.9)
+    report = torch_to_keras(t, k)
+    assert k.momentum == pytest.approx(0.9) and report.layers[0].momentum == (None, 0.9)
+
+
+def test_affine_and_center_scale_combinations() -> None:
+    # Keras without beta -> torch bias 0; torch without affine accepts only neutral γ/β
+    k = _keras_bn(keras.layers.BatchNormalization, 4, center=False)
+    t = nn.BatchNorm1d(4)
+    assert keras_to_torch(k, t).max_abs_diff < 1e-5
+    assert float(t.bias.detach().abs().max()) == 0.0
+    plain = nn.BatchNorm1d(4, affine=False)
+    with pytest.raises(ValueError, match="affine=True"):
+        keras_to_torch(k, plain)
+    k_plain = _keras_bn(keras.layers.BatchNormalization, 4, center=False, scale=False)
+    assert keras_to_torch(k_plain, plain).max_abs_diff < 1e-5
+    with pytest.raises(ValueError, match="scale=True"):
+        torch_to_keras(t, k_plain)
+
+
+def test_mismatches_are_refused_with_a_clear_message() -> None:
+    k = _keras_bn(keras.layers.BatchNormalization, 6)
+    with pytest.raises(ValueError, match=r"6 channels in Keras .* but 5 in torch"):
+        keras_to_torch(k, nn.BatchNorm1d(5))
+    k4 = keras.layers.BatchNormalization()
+    k4.build((None, 3, 3, 6))
+    with pytest.raises(ValueError, match="4D inputs, the torch module takes 2D or 3D"):
+        keras_to_torch(k4, nn.BatchNorm1d(6))
+    k_axis = keras.layers.BatchNormalization(axis=2)
+    k_axis.build((None, 3, 6, 4))  # normalizes the width axis of NHWC
+    with pytest.raises(ValueError, match="axis 2"):
+        keras_to_torch(k_axis, nn.BatchNorm2d(6))
+    assert keras_to_torch(k_axis, batchnorm.BatchNorm(6, axis=2)).max_abs_diff < 1e-5
+    with pytest.raises(ValueError, match="not built"):
+        keras_to_torch(keras.layers.BatchNormalization(), nn.BatchNorm1d(6))
+    with pytest.raises(ValueError, match="track_running_stats"):
+        keras_to_torch(k, nn.BatchNorm1d(6, track_running_stats=False))
+    model = _dense_keras(0, keras.layers.BatchNormalization)
+    with pytest.raises(ValueError, match=r"2 BatchNormalization layer\(s\).*1 batch-norm"):
+        keras_to_torch(model, nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8)))
+    with pytest.raises(ValueError, match="eps must be"):
+        keras_to_torch(k, nn.BatchNorm1d(6), eps="same")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Keras layer or model"):
+        keras_to_torch(nn.BatchNorm1d(6), nn.BatchNorm1d(6))
+
+
+def test_explicit_pairs_by_name() -> None:
+    model = _dense_keras(0, keras.layers.BatchNormalization, momentum=0.7)
+    bn_names = [b.name for b in model.layers if isinstance(b, keras.layers.BatchNormalization)]
+    net = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(8))  # another order
+    report = keras_to_torch(model, net, pairs={bn_names[0]: "1", bn_names[1]: "0"})
+    assert [(c.source, c.target) for c in report.layers] == [(bn_names[0], "1"), (bn_names[1], "0")]
+    np.testing.assert_allclose(net[1].running_mean.numpy(), model.layers[1].moving_mean.numpy())
+    with pytest.raises(ValueError, match="no torch batch-norm module named 'x'"):
+        keras_to_torch(model, net, pairs={bn_names[0]: "x"})
