@@ -76,7 +76,7 @@ class PaperMnistConfig(BaseConfig):
     speedup: float = 4.0
 
     QUICK = {
-        "steps": 400,
+        "steps": 300,
         "sweep_steps": 100,
         "lr_grid": (0.3, 3.0),
         "eval_every": 50,
