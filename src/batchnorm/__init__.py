@@ -15,7 +15,7 @@ from batchnorm.analysis import (
     internal_covariate_shift,
     loss_landscape,
 )
-from batchnorm.convert import convert_model
+from batchnorm.convert import ConversionReport, convert_model, keras_to_torch, torch_to_keras
 from batchnorm.diagnostics import (
     DoctorReport,
     Finding,
@@ -70,6 +70,9 @@ __all__ = [
     "NonFiniteStatisticsError",
     "NonFiniteStatisticsWarning",
     "convert_model",
+    "keras_to_torch",
+    "torch_to_keras",
+    "ConversionReport",
     "internal_covariate_shift",
     "loss_landscape",
     "activation_statistics",
