@@ -133,6 +133,16 @@ def test_warnings_do_not_fail_but_are_printed(project, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "WARNING keras-momentum  [1]" in out
+    strict = doctor_cli(
+        f"{project['factory']}:make_keras_momentum",
+        "--data",
+        str(project["npy"]),
+        "--checkpoint",
+        str(project["ckpt"]),
+        "--fail-on",
+        "warning",
+    )
+    assert strict == 1
 
 
 def test_data_from_a_function_and_small_train_batch(project, capsys, monkeypatch):

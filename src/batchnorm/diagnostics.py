@@ -1795,6 +1795,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="put the model in this mode before checking (default eval: the model as deployed)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--fail-on",
+        choices=("error", "warning"),
+        default="error",
+        help="exit 1 when a finding of this severity or worse exists (default error)",
+    )
 
 
 def _load_object(spec: str, what: str) -> Any:
@@ -1855,8 +1861,9 @@ def _load_tensor_file(path: Path, key: str | None) -> Tensor:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``batchnorm doctor``; exit code 1 when a finding of severity error exists, 2 when the
-    model or data cannot be loaded, 0 otherwise."""
+    """Run ``batchnorm doctor``; exit code 1 when a finding of severity error (or, with
+    ``--fail-on warning``, warning) exists, 2 when the model or data cannot be loaded, 0
+    otherwise."""
     try:
         factory = _load_object(args.factory, "MODULE:FACTORY")
         model = factory()
@@ -1901,4 +1908,5 @@ def main(args: argparse.Namespace) -> int:
         print(f"batchnorm doctor: {e}", file=sys.stderr)
         return 2
     print(report.to_json() if args.json else report.format_text())
-    return 1 if report.has_errors else 0
+    failing = {"error"} if args.fail_on == "error" else {"error", "warning"}
+    return 1 if any(f.severity in failing for f in report.findings) else 0
