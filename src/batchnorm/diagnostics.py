@@ -464,6 +464,18 @@ def _as_input(batch: Any) -> Any:
     )
 
 
+def _on_device(batches: list[Any], model: nn.Module) -> list[Any]:
+    """Tensor batches moved to the model's device (a CPU loader for a GPU model just works)."""
+    p: Tensor | None = next(iter(model.parameters()), None)
+    if p is None:
+        p = next(iter(model.buffers()), None)
+    if p is None:
+        return batches
+    return [
+        b.to(p.device) if isinstance(b, Tensor) and b.device != p.device else b for b in batches
+    ]
+
+
 def _take_batches(data: Any, num_batches: int, batch_size: int) -> list[Any]:
     if num_batches < 1:
         raise ValueError(f"doctor: num_batches must be >= 1, got {num_batches}")
@@ -769,7 +781,7 @@ def stat_gaps(
     if mode not in ("train", "inference"):
         raise ValueError(f"stat_gaps: mode must be 'train' or 'inference', got {mode!r}")
     t = thresholds or Thresholds()
-    batches = _take_batches(data, num_batches, batch_size)
+    batches = _on_device(_take_batches(data, num_batches, batch_size), model)
     layers = _bn_layers(model)
     probe = _probe_copy(model)
     _set_modes(probe, mode)
@@ -801,7 +813,7 @@ def output_gap(
 
         >>> batchnorm.output_gap(model, loader).relative_rms   # ≈ 0 for healthy statistics
     """
-    batches = _take_batches(data, num_batches, batch_size)
+    batches = _on_device(_take_batches(data, num_batches, batch_size), model)
     names = [n for n, _ in _bn_layers(model)]
     pr = _probes(model, batches, names)
     if pr.err is not None or pr.output is None:
@@ -1180,7 +1192,7 @@ def doctor(
     t = thresholds or Thresholds()
     if not isinstance(model, nn.Module):
         raise TypeError(f"doctor: model must be a torch.nn.Module, got {type(model).__name__}")
-    batches = _take_batches(data, num_batches, batch_size)
+    batches = _on_device(_take_batches(data, num_batches, batch_size), model)
     layers = _bn_layers(model)
     names = [n for n, _ in layers]
     graph = _dataflow(model, batches[0])
