@@ -212,8 +212,29 @@ def test_backend_selection_and_env(monkeypatch):  # type: ignore[no-untyped-def]
     assert F.get_backend(x).name == "torch"
     monkeypatch.setenv("BATCHNORM_BACKEND", "numba")
     assert F.get_backend(x).name == "numba"
+    assert F.get_backend(x.half()).name == "numba"  # forced: computed through float32
     with pytest.raises(ValueError, match="does not support"):
-        F.get_backend(x.half())
+        F.get_backend(torch.zeros(2, 3, 4, 5), "numba")  # not a canonical layout
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_forced_numba_backend_on_half_inputs(dtype):  # type: ignore[no-untyped-def]
+    """Half inputs: the float32 computation on the same rounded values is the oracle."""
+    x = (torch.randn(16, 4, 9) * 5 + 100).to(dtype).requires_grad_(True)
+    dy = torch.randn(16, 4, 9).to(dtype)
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    y, mean, var, _ = F.batch_norm_train(x, w, b, backend="numba")
+    y.backward(dy)
+    assert y.dtype == dtype and x.grad is not None and x.grad.dtype == dtype
+    assert mean.dtype == torch.float32
+    x32 = x.detach().float().requires_grad_(True)
+    y32, mean32, _, _ = F.batch_norm_train(x32, w, b, backend="torch")
+    y32.backward(dy.float())
+    torch.testing.assert_close(mean, mean32)
+    torch.testing.assert_close(y.float(), y32.to(dtype).float(), atol=3e-2, rtol=0)
+    torch.testing.assert_close(x.grad.float(), x32.grad.to(dtype).float(), atol=3e-2, rtol=3e-2)
+    ye = F.batch_norm_eval(x.detach(), mean, var, w, b, backend="numba")
+    assert ye.dtype == dtype
 
 
 def test_gradcheck_through_numba_backend():  # type: ignore[no-untyped-def]

@@ -25,6 +25,9 @@ from batchnorm import kernels as K
 __all__ = ["NumbaBackend"]
 
 _DTYPES = (torch.float32, torch.float64)
+# half inputs are computed in float32 (statistics in float32, as torch does), for users who
+# force this backend; ``auto`` leaves them to the torch backend
+_HALF = (torch.float16, torch.bfloat16)
 _EMPTY: dict[torch.dtype, np.ndarray] = {
     torch.float32: np.empty(0, np.float32),
     torch.float64: np.empty(0, np.float64),
@@ -55,20 +58,28 @@ def _arr(t: Tensor) -> np.ndarray:
 
 
 class NumbaBackend:
-    """Fused Numba kernels for CPU float32/float64 tensors of shape ``(N, C, L)`` or ``(M, C)``.
+    """Fused Numba kernels for CPU tensors of shape ``(N, C, L)`` or ``(M, C)``.
 
-    Implements :class:`batchnorm.functional.Backend`; statistics are computed with float64
-    accumulation and returned in the input's dtype.
+    Implements :class:`batchnorm.functional.Backend`: float32/float64 natively (statistics
+    accumulated in float64, returned in the input's dtype); float16/bfloat16 through a float32
+    copy (statistics returned in float32).
     """
 
     name = "numba"
 
     def supports(self, x: Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() in (2, 3)
+        return (
+            x.device.type == "cpu"
+            and (x.dtype in _DTYPES or x.dtype in _HALF)
+            and (x.dim() in (2, 3))
+        )
 
     def forward_train(
         self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if x.dtype in _HALF:
+            y32, m32, v32, i32 = self.forward_train(x.float(), weight, bias, eps)
+            return y32.to(x.dtype), m32, v32, i32
         xa = _arr(x)
         y = torch.empty(xa.shape, dtype=x.dtype)
         T = K._threads(xa.size, None)
@@ -86,6 +97,9 @@ class NumbaBackend:
         weight: Tensor | None,
         needs: tuple[bool, bool, bool],
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        if x.dtype in _HALF:
+            dx32, dw32, db32 = self.backward(dy.float(), x.float(), mean, invstd, weight, needs)
+            return (None if dx32 is None else dx32.to(x.dtype)), dw32, db32
         xa = _arr(x)
         dya = _arr(dy if dy.dtype == x.dtype else dy.to(x.dtype))
         dx = torch.empty(xa.shape, dtype=x.dtype) if needs[0] else None
@@ -102,6 +116,8 @@ class NumbaBackend:
         return dx, torch.from_numpy(dw), torch.from_numpy(db)
 
     def forward_eval(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        if x.dtype in _HALF:
+            return self.forward_eval(x.float(), scale, shift).to(x.dtype)
         xa = _arr(x)
         y = torch.empty(xa.shape, dtype=x.dtype)
         K._forward_eval(
