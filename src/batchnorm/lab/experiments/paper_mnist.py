@@ -441,6 +441,8 @@ def run(cfg: PaperMnistConfig, ctx: RunContext) -> Results:
     )
 
     # 1. sweep
+    timing = {"sweep_train_s": 0.0, "full_train_s": 0.0}
+    counted: set[str] = set()
     sweep: dict[str, dict[float, float | None]] = {a: {} for a in ARMS}
     rows: list[dict[str, Any]] = []
     for a in ARMS:
@@ -460,6 +462,7 @@ def run(cfg: PaperMnistConfig, ctx: RunContext) -> Results:
                 ),
             )
             sweep[a][lr] = _final(res["rows"], "val_acc", cfg.final_window)
+            timing["sweep_train_s"] += res["seconds"]
             rows += [
                 {"phase": "sweep", "protocol": "sweep", "arm": a, "seed": cfg.seed, "lr": lr, **r}
                 for r in res["rows"]
@@ -499,6 +502,9 @@ def run(cfg: PaperMnistConfig, ctx: RunContext) -> Results:
                         progress=ctx.progress,
                     ),
                 )
+                if f"{a}-{lr:g}-{seed}" not in counted:  # runs shared by both protocols once
+                    counted.add(f"{a}-{lr:g}-{seed}")
+                    timing["full_train_s"] += res["seconds"]
                 runs[a].append(res)
                 rows += [
                     {
@@ -532,6 +538,19 @@ def run(cfg: PaperMnistConfig, ctx: RunContext) -> Results:
                 f"{chosen['baseline']:g}, BN {chosen['bn']:g}; shared rate {shared:g}"
                 + (" (the baseline's)" if cfg.shared_lr is None else " (set)")
                 + "."
+                + (
+                    " Both arms chose the shared rate, so the tuned and shared protocols are the"
+                    " same runs."
+                    if chosen["bn"] == shared == chosen["baseline"]
+                    else ""
+                )
+                + (
+                    " A chosen rate lies at the edge of the grid: widen lr_grid to be sure it is"
+                    " the best."
+                    if any(lr in (min(cfg.lr_grid), max(cfg.lr_grid)) for lr in chosen.values())
+                    and len(cfg.lr_grid) > 2
+                    else ""
+                )
             ),
             "table": {
                 "headers": ["lr", "baseline val acc", "BN val acc"],
@@ -558,5 +577,6 @@ def run(cfg: PaperMnistConfig, ctx: RunContext) -> Results:
         "claims": claims,
         "learning_rates": {"chosen": chosen, "shared": shared, "sweep": series["sweep"]},
         "sections": sections,
+        "timing": timing,
     }
     return Results(rows=rows, summary=summary, series=series)
