@@ -64,7 +64,7 @@ class SyncBNConfig(BaseConfig):
     per_replica_batches: tuple[int, ...] = (2, 4, 8, 16)
     steps: int = 400
     warmup: int = 10
-    lr: float = 0.05
+    lr: float = 0.05  # at a global batch of 32; scaled linearly with the global batch
     momentum: float = 0.9
     channels: tuple[int, ...] = (16, 32)
     n_train: int = 10000
@@ -144,7 +144,8 @@ def _replica(rank: int, world: int, port: int, job: dict[str, Any], out_dir: str
             return all_gather(*args, **kwargs)
 
         dist.all_gather = counting_all_gather  # this process only: counts the BN exchanges
-        opt = torch.optim.SGD(model.parameters(), lr=job["lr"], momentum=job["momentum"])
+        lr = job["lr"] * world * job["batch"] / 32  # the linear scaling rule (Goyal et al. 2017)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=job["momentum"])
         batches = torch.Generator().manual_seed(job["seed"])
         b = job["batch"]
         losses = []
@@ -166,6 +167,9 @@ def _replica(rank: int, world: int, port: int, job: dict[str, Any], out_dir: str
         net.eval()
         with torch.no_grad():
             acc = float((net(x_test).argmax(1) == y_test).float().mean())
+        # a non-finite loss spreads to every rank through the averaged gradients, so the ranks
+        # keep stepping together (stopping one early would leave the others waiting)
+        diverged = not all(np.isfinite(losses))
         stats = torch.cat(
             [t for m in bns for t in (m.running_mean, m.running_var) if t is not None]
         )
@@ -174,8 +178,9 @@ def _replica(rank: int, world: int, port: int, job: dict[str, Any], out_dir: str
         spread = max(float((s - everyone[0]).abs().max()) for s in everyone)
         result = {
             "rank": rank,
-            "accuracy": acc,
-            "loss": float(np.mean(losses[-10:])),
+            "accuracy": None if diverged else acc,
+            "diverged": diverged,
+            "loss": None if diverged else float(np.mean(losses[-10:])),
             "samples_per_s": world * b * timed / seconds,
             "bn_collectives_per_step": counts["bn"] / timed,
             "ddp_allreduces_per_step": counts["ddp"] / timed,
@@ -315,6 +320,7 @@ def run(cfg: SyncBNConfig, ctx: RunContext) -> Results:
                 "samples_per_s": mean_std(per_seed(arm, b, "samples_per_s")),
                 "bn_collectives_per_step": mean_std(per_seed(arm, b, "bn_collectives_per_step")),
                 "ddp_allreduces_per_step": mean_std(per_seed(arm, b, "ddp_allreduces_per_step")),
+                "diverged": sum(bool(r["diverged"]) for r in res[arm, b]),
                 "running_stats_max_diff": max(per_seed(arm, b, "running_stats_max_diff")),  # type: ignore[type-var]
             }
 
