@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -168,6 +170,32 @@ def test_stat_gaps_matches_hand_computed_formula():
     assert g.noise == pytest.approx(np.median(noise), rel=1e-9)
     big = shift > 5 * noise
     assert g.mean_shift_significant == pytest.approx(shift[big].max() if big.any() else 0.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    scale=st.floats(0.05, 20.0),
+    offset=st.floats(-50.0, 50.0),
+    batches=st.integers(1, 4),
+)
+def test_stat_gaps_is_invariant_to_an_affine_change_of_units(seed, scale, offset, batches):
+    # x -> a·x + b with running_mean -> a·rm + b and running_var -> a²·rv: same gaps
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(16 * batches, 4, generator=g, dtype=torch.float64)
+    rm = torch.randn(4, generator=g, dtype=torch.float64)
+    rv = torch.rand(4, generator=g, dtype=torch.float64) + 0.5
+
+    def gaps(x, rm, rv):
+        bn = nn.BatchNorm1d(4, eps=1e-12, dtype=torch.float64)
+        with torch.no_grad():
+            bn.running_mean.copy_(rm)
+            bn.running_var.copy_(rv)
+        return stat_gaps(nn.Sequential(bn).eval(), x, num_batches=batches, batch_size=16)["0"]
+
+    a, b = gaps(x, rm, rv), gaps(scale * x + offset, scale * rm + offset, scale**2 * rv)
+    for field in ("mean_shift_max", "mean_shift_median", "std_ratio_worst", "noise"):
+        assert getattr(b, field) == pytest.approx(getattr(a, field), rel=1e-6, abs=1e-9), field
 
 
 def test_stat_gaps_of_a_conv_layer_pools_spatial_values():
