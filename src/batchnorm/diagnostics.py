@@ -1159,17 +1159,24 @@ def doctor(
     Checks, each reported with its measurement, the reason and the fix:
 
     * ``train-eval-gap``: outputs with BN on batch statistics vs eval mode (:func:`output_gap`);
-    * ``stale-running-stats``: per layer, batch statistics in train mode vs running statistics
-      (:func:`stat_gaps`); ``eval-input-shift``: the same in eval mode, when only there;
+    * ``stale-running-stats``: per layer, batch statistics vs running statistics, in train mode
+      and with Dropout off (:func:`stat_gaps`); ``eval-input-shift``: a gap only with Dropout
+      off, as at inference;
     * ``initial-running-stats``, ``nonfinite-running-stats``, ``nonfinite-activations``,
-      ``untracked-running-stats`` (``num_batches_tracked`` = 0), ``batch-stats-in-eval``;
+      ``untracked-running-stats`` (``num_batches_tracked`` = 0 with ``momentum=None``),
+      ``batch-stats-in-eval`` (``track_running_stats=False``);
     * ``small-count``: values per channel in a batch below ``thresholds.min_count``;
     * ``frozen-stats`` / ``unfrozen-stats``: BN in eval mode inside a training model, or still
       updating its statistics while its γ/β are frozen;
     * ``dropout-before-bn``, ``bias-before-bn``, ``bn-undone`` (another normalization right
       after), from the dataflow order;
     * ``keras-momentum``: a momentum like 0.99 that is Keras' convention used in PyTorch's;
-    * ``dead-channels`` (constant input) and ``zero-gamma`` (γ ≈ 0).
+    * ``dead-channels`` (constant input) and ``zero-gamma`` (γ ≈ 0);
+    * ``forward-failed`` (the model raises on the data) and ``no-batchnorm``.
+
+    Severities: ``error`` — eval-mode results are wrong now; ``warning`` — likely wrong or
+    fragile; ``info`` — worth knowing. A model in train mode whose statistics were never updated
+    is taken to be about to train (its initial statistics are reported as info).
 
     Args:
         model: any ``nn.Module`` with torch.nn or batchnorm BN layers; never changed (its
