@@ -1666,11 +1666,11 @@ def _structural_findings(
                 if tg is not None and tg.has_running_stats:
                     shift += f" vs {tg.std_ratio_median:.3g} (median) in train mode"
                     ev["train_std_ratio_median"] = tg.std_ratio_median
-                ev["eval_std_ratio_worst"] = eg.std_ratio_worst
-                ev["eval_std_ratio_median"] = eg.std_ratio_median
+                ev["inference_std_ratio_worst"] = eg.std_ratio_worst
+                ev["inference_std_ratio_median"] = eg.std_ratio_median
                 if (
                     eg.std_log_gap > math.log(t.std_ratio_warning)
-                    or eg.mean_shift_max > t.mean_shift_warning
+                    or eg.mean_shift_significant > t.mean_shift_warning
                 ):
                     sev = "warning"
             else:
