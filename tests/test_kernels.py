@@ -3,6 +3,8 @@ plain-torch backend: odd shapes, both layouts, both dtypes, threads on and off, 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -246,3 +248,20 @@ def test_gradcheck_through_numba_backend():  # type: ignore[no-untyped-def]
         return F.batch_norm_train(x, w, b, backend="numba")[0]
 
     assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_forked_child_runs_after_parent_used_threads():
+    """A parallel region in a fork()ed child of a process that used the thread pool would be
+    terminated by the OpenMP runtime; the kernels switch such children to one thread."""
+    x = np.random.default_rng(0).standard_normal((512, 70)).astype(np.float32)
+    y_parent = K.forward_train(x, parallel=True)[0]
+    pid = os.fork()
+    if pid == 0:  # child: must not touch pytest; report through the exit code only
+        try:
+            y = K.forward_train(x, parallel=True)[0]
+            os._exit(0 if np.array_equal(y, y_parent) or np.allclose(y, y_parent) else 3)
+        except BaseException:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,17 @@ def num_threads() -> int:
 
 
 _DISPATCHERS: dict[tuple[str, bool], Any] = {}
+# Numba's OpenMP thread pool does not survive fork(): a child that starts a parallel region
+# after its parent did is terminated. Such children (e.g. multiprocessing workers) run the
+# single-threaded builds instead.
+_state = {"parallel_used": False, "serial_only": False}
+
+
+def _after_fork_in_child() -> None:
+    _state["serial_only"] = _state["parallel_used"]
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _kernel(name: str, parallel: bool) -> Any:
@@ -65,11 +77,13 @@ def _kernel(name: str, parallel: bool) -> Any:
         from batchnorm.kernels._loops import kernel  # imports Numba: only when first needed
 
         disp = _DISPATCHERS[(name, parallel)] = kernel(name, parallel)
+    if parallel:
+        _state["parallel_used"] = True
     return disp
 
 
 def _threads(size: int, parallel: bool | None) -> int:
-    if parallel is False or (parallel is None and size < SERIAL_BELOW):
+    if parallel is False or (parallel is None and size < SERIAL_BELOW) or _state["serial_only"]:
         return 1
     return num_threads()
 
