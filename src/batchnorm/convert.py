@@ -187,7 +187,7 @@ class ConversionReport:
         for c in self.layers:
             lines.append(
                 f"  {c.source} -> {c.target} ({c.num_features} ch): eps {c.eps[0]:g}->{c.eps[1]:g}, "
-                f"momentum {c.momentum[0]}->{c.momentum[1]}, variance {c.variance}; "
+                f"momentum {_fmt(c.momentum[0])}->{_fmt(c.momentum[1])}, variance {c.variance}; "
                 f"max |Δy| eval {c.max_abs_diff_eval:.2e}, train {c.max_abs_diff_train:.2e}"
             )
         return "\n".join(lines)
@@ -361,6 +361,15 @@ def _output_diffs(
     return diffs[0], diffs[1]
 
 
+def _complement(momentum: float) -> float:
+    """1 − momentum, rounded to 12 digits so 1 − 0.99 reads 0.01 (not 0.010000000000000009)."""
+    return round(1.0 - momentum, 12)
+
+
+def _fmt(v: float | None) -> str:
+    return "None" if v is None else f"{v:g}"
+
+
 def _check_mode(name: str, value: str, fn: str) -> None:
     if value not in ("copy", "keep"):
         raise ValueError(f"{fn}: {name} must be 'copy' or 'keep', got {value!r}")
@@ -469,7 +478,7 @@ def keras_to_torch(
             how = "copied (both store the biased estimate)"
         mom_t = tm.momentum
         if momentum == "copy":
-            mom_t = 1.0 - float(kl.momentum)
+            mom_t = _complement(float(kl.momentum))
         with torch.no_grad():
             for attr, value, neutral in (("weight", gamma, 1.0), ("bias", beta, 0.0)):
                 p = getattr(tm, attr, None)
@@ -576,7 +585,7 @@ def torch_to_keras(
             how = "copied (both store the biased estimate)"
         mom_k = float(kl.momentum)
         if momentum == "copy" and tm.momentum is not None:
-            mom_k = 1.0 - float(tm.momentum)
+            mom_k = _complement(float(tm.momentum))
         for attr, value, neutral in (("gamma", weight, 1.0), ("beta", bias, 0.0)):
             v = getattr(kl, attr, None)
             if v is not None:
