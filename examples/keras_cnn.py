@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gzip
 import os
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from batchnorm.keras import BatchNormalization  # noqa: E402
+from batchnorm.lab.data import read_idx  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CHANCE = 0.1  # ten balanced classes
@@ -48,9 +48,9 @@ TOLERANCE = 0.05
 
 @dataclass(frozen=True)
 class Config:
-    n_train: int = 10000
-    n_test: int = 2000
-    epochs: int = 5
+    n_train: int = 4000
+    n_test: int = 1000
+    epochs: int = 3
     batch_size: int = 32
     validation_split: float = 0.2
     learning_rate: float = 0.05
@@ -64,15 +64,6 @@ class Config:
         return cls(n_train=640, n_test=300, epochs=2, filters=(8, 16), units=32)
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """An IDX file (MNIST's format): big-endian dims after a 4-byte magic, then uint8 data."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 @functools.lru_cache(maxsize=2)  # both layers train on the same arrays
 def load_data(config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
     """(x_train, y_train, x_test, y_test, source): images (N, 28, 28, 1) float32 in [0, 1]
@@ -80,10 +71,10 @@ def load_data(config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     rng = np.random.default_rng(config.seed)
     if (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
         xs, ys = (
-            _read_idx(FASHION_MNIST / f"{s}-idx3-ubyte.gz") for s in ("train-images", "t10k-images")
+            read_idx(FASHION_MNIST / f"{s}-idx3-ubyte.gz") for s in ("train-images", "t10k-images")
         )
         ls = [
-            _read_idx(FASHION_MNIST / f"{s}-idx1-ubyte.gz") for s in ("train-labels", "t10k-labels")
+            read_idx(FASHION_MNIST / f"{s}-idx1-ubyte.gz") for s in ("train-labels", "t10k-labels")
         ]
         tr = rng.choice(len(xs), config.n_train, replace=False)
         te = rng.choice(len(ys), config.n_test, replace=False)

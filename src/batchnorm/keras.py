@@ -27,6 +27,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import torch
 
 from batchnorm import functional as F
 from batchnorm.functional import NonFinitePolicy
@@ -209,9 +210,9 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
     def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
         if not self._use_core or getattr(self, "renorm", False):
             return super().call(inputs, training=training, mask=mask)
-        import torch
-
         x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
+        if mask is not None:
+            mask = torch.as_tensor(mask, device=x.device)
         if mask is not None and mask.dim() != x.dim() - 1:
             raise ValueError(
                 f"{self.layer_name()}: the mask should have one dimension less than the inputs "
@@ -259,8 +260,6 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
 def _moments(x: Any, mask: Any, axis: int) -> tuple[Any, Any, int]:
     """Per-channel mean and biased variance over the values where ``mask`` is True (all values
     without a mask), and their count; an all-False mask gives mean 0, variance 0 (as Keras)."""
-    import torch
-
     dims = tuple(d for d in range(x.dim()) if d != axis)
     if mask is None:
         var, mean = torch.var_mean(x, dim=dims, correction=0)
