@@ -450,9 +450,52 @@ class _Branchy(nn.Module):
 
 def test_order_falls_back_to_forward_hooks(digits):
     report = run(_Branchy().eval(), digits[0])
-    assert report.order.startswith("forward-hook call order")
+    assert report.order.startswith("a hooked forward pass")
     assert [f.layer for f in report.by_check("dropout-before-bn")] == ["bn"]
-    assert "forward-hook" in report.by_check("dropout-before-bn")[0].measured
+    assert "hooked forward pass" in report.by_check("dropout-before-bn")[0].measured
+
+
+class _SideBranch(nn.Module):
+    """Untraceable, with a Dropout called right before the BN but on another branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(64, 16, bias=False)
+        self.bn = nn.BatchNorm1d(16)
+        self.side = nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            x = x * 1.0
+        a = self.drop(x)
+        return self.bn(self.fc(x)) + self.side(a)
+
+
+def test_hook_order_follows_tensors_not_just_call_order(digits):
+    report = run(_SideBranch().eval(), digits[0])
+    assert report.order.startswith("a hooked forward pass")
+    assert not report.by_check("dropout-before-bn")  # the Dropout feeds 'side', not 'bn'
+
+
+def test_hooked_pass_sees_functional_dropout_and_views(digits):
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 16, bias=True)
+            self.bn = nn.BatchNorm1d(16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # untraceable
+                x = x * 1.0
+            h = nn.functional.dropout(self.fc(x), 0.3, self.training)
+            return self.bn(h.view(-1, 16))
+
+    report = run(Net().eval(), digits[0])
+    assert report.order.startswith("a hooked forward pass")
+    f = report.by_check("dropout-before-bn")
+    assert [(x.layer, x.evidence["p"], x.evidence["immediate"]) for x in f] == [("bn", 0.3, True)]
+    assert not report.by_check("bias-before-bn")  # the dropout sits between fc and bn
 
 
 def test_functional_dropout_is_found_in_the_graph(digits):

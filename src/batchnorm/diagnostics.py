@@ -63,6 +63,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from batchnorm.functional import canonical_layout
 from batchnorm.nn.batchnorm import _BatchNormBase
@@ -990,31 +991,104 @@ def _fx_graph(model: nn.Module) -> _Graph:
     return _Graph(nodes, "the torch.fx graph")
 
 
+def _tensors(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, list | tuple):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, Mapping):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
 def _hook_graph(model: nn.Module, batch: Any, reason: str) -> _Graph:
-    """Leaf-module call order of one eval-mode forward; each call's input is taken to be the
-    previous call's output (exact for chains such as nn.Sequential, an approximation else)."""
-    probe = _probe_copy(model)
-    probe.eval()
-    order: list[str] = []
-    handles = []
-    for name, m in probe.named_modules():
-        if name and (is_batchnorm(m) or not list(m.children())):
-            handles.append(
-                m.register_forward_pre_hook(lambda _m, _a, name=name: order.append(name))
-            )
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            torch.manual_seed(0)
-            warnings.simplefilter("ignore")
-            _call(probe, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    """The dataflow of one forward pass run for real, for models torch.fx cannot trace: forward
+    hooks record every leaf-module call and a torch-function mode every torch operation between
+    them, each linked to the calls that produced its input tensors (by tensor identity)."""
     nodes = [_Node("input", "input", None, [])]
-    for name in order:
-        nodes.append(_Node(name, "module", model.get_submodule(name), [len(nodes) - 1]))
+    owner: dict[int, int] = {}  # id(tensor) -> index of the node that produced it
+    alive: list[Tensor] = []  # keeps those tensors alive so that their ids stay unique
+    inside = [0]  # > 0 while a hooked module runs: its own operations are not recorded
+
+    def produced(out: Any, index: int) -> None:
+        for t in _tensors(out):
+            owner[id(t)] = index
+            alive.append(t)
+
+    def sources(*objs: Any) -> list[int]:
+        return sorted({owner[id(t)] for o in objs for t in _tensors(o) if id(t) in owner})
+
+    class _Provenance(TorchFunctionMode):
+        def __torch_function__(
+            self,
+            func: Callable[..., Any],
+            types: Any,
+            args: tuple[Any, ...] = (),
+            kwargs: dict[str, Any] | None = None,
+        ) -> Any:
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if inside[0] == 0 and _tensors(out):
+                srcs = sources(args, kwargs)
+                if srcs:
+                    name = getattr(func, "__name__", str(func))
+                    p = None
+                    if name in _DROPOUT_FUNCTIONS:
+                        p_arg = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+                        on = kwargs.get("training", args[2] if len(args) > 2 else True)
+                        p = float(p_arg) if isinstance(p_arg, int | float) and on else 0.0
+                    kind: Literal["method", "function"] = (
+                        "method" if name in _TRANSPARENT_METHODS else "function"
+                    )
+                    nodes.append(_Node(name, kind, None, srcs, p))
+                    produced(out, len(nodes) - 1)
+            return out
+
+    def model_input(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        produced(args, 0)
+
+    def post(_m: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
+        inside[0] -= 1
+        produced(out, len(nodes) - 1)  # hooked modules are leaves: the last node is this call
+
+    def forward(mode: Literal["train", "eval"]) -> None:
+        nodes[1:] = []
+        owner.clear()
+        alive.clear()
+        inside[0] = 0
+        probe = _probe_copy(model)
+        probe.train(mode == "train")
+        handles = [probe.register_forward_pre_hook(model_input)]
+        for name, m in probe.named_modules():
+            if name and (is_batchnorm(m) or not list(m.children())):
+
+                def pre(_m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                    srcs = sources(args)
+                    nodes.append(_Node(name, "module", model.get_submodule(name), srcs))
+                    inside[0] += 1
+
+                handles.append(m.register_forward_pre_hook(pre))
+                handles.append(m.register_forward_hook(post))
+        try:
+            with (
+                torch.no_grad(),
+                torch.random.fork_rng(devices=[]),
+                warnings.catch_warnings(),
+                _Provenance(),
+            ):
+                torch.manual_seed(0)
+                warnings.simplefilter("ignore")
+                _call(probe, batch)
+        finally:
+            for h in handles:
+                h.remove()
+
+    try:
+        forward("train")  # the dataflow of training (Dropout makes fresh tensors)
+    except (ValueError, RuntimeError):
+        forward("eval")  # e.g. a batch of one for BN in train mode
     short = reason.strip().splitlines()[0][:120] if reason.strip() else "unknown reason"
-    return _Graph(nodes, f"forward-hook call order (torch.fx tracing failed: {short})")
+    return _Graph(nodes, f"a hooked forward pass (torch.fx tracing failed: {short})")
 
 
 def _dataflow(model: nn.Module, batch: Any) -> _Graph:
