@@ -30,8 +30,9 @@ the statistics (see :class:`LayerGap`, :class:`OutputGap` and :class:`Thresholds
 model on a few batches raises no alarm.
 
 The structural checks (Dropout / a bias / another normalization next to BN) need the dataflow
-order: it comes from a ``torch.fx`` symbolic trace when the model traces, otherwise from the call
-order of forward hooks; each finding says which.
+order: it comes from a ``torch.fx`` symbolic trace when the model traces, otherwise from one
+forward pass run with hooks that link modules and torch operations by tensor identity; each
+finding says which.
 
 The model is never changed: every forward pass runs on a deep copy under ``torch.no_grad()`` and
 a forked RNG, so the model's parameters, buffers (running statistics, ``num_batches_tracked``),
