@@ -57,7 +57,7 @@ class RecalibrationConfig(BaseConfig):
     seeds: int = 2
     steps: int = 600
     batch_size: int = 64
-    lrs: tuple[float, ...] = (0.01, 0.05, 0.25)
+    lrs: tuple[float, ...] = (0.01, 0.03, 0.1)
     momentum: float = 0.9
     bn_momentum: float = 0.1
     channels: tuple[int, ...] = (16, 32)

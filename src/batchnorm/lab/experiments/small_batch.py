@@ -9,7 +9,9 @@ Claims tested:
 * Ioffe 2017 ("Batch Renormalization", Sec. 4.2-4.3): renormalization recovers much of the
   accuracy BN loses with small normalization batches, and with non-i.i.d. batches.
 
-Protocol. Every arm trains the same small CNN on the same number of examples per step (a fixed
+Protocol. Every arm trains the same small CNN (conv blocks, then a ``hidden``-unit
+fully-connected layer, each followed by the arm's normalization) on the same number of examples
+per step (a fixed
 batch of ``batch_size``); only the normalization batch changes, so compute stays equal. With
 normalization batch ``g`` the fixed batch is split into ``batch_size/g`` groups, each normalized
 with its own statistics — BN at batch size ``g`` with gradient accumulation over the groups is
@@ -56,16 +58,16 @@ from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import arm_rows, cached_train, exceeds_spread, load_data
 from batchnorm.lab.registry import register
 from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
-from batchnorm.nn.batchnorm import BatchNorm2d
-from batchnorm.variants import GhostBatchNorm2d, _Ghost, _Renorm
+from batchnorm.nn.batchnorm import BatchNorm
+from batchnorm.variants import GhostBatchNorm, _Ghost, _Renorm
 
 NAME = "small-batch"
 SOURCE_WU = "Wu & He 2018 (arXiv 1803.08494), Sec. 4.1, Figure 1"
 SOURCE_IOFFE = "Ioffe 2017 (arXiv 1702.03275), Sec. 4.2-4.3"
 
 
-class GhostRenorm2d(_Ghost, _Renorm, BatchNorm2d):
-    """Batch renorm of each virtual batch: ghost batches over :class:`~batchnorm.BatchRenorm2d`
+class GhostRenorm(_Ghost, _Renorm, BatchNorm):
+    """Batch renorm of each virtual batch: ghost batches over :class:`~batchnorm.BatchRenorm`
     (the two variants compose by inheritance; the warm-up counts virtual batches)."""
 
 
@@ -78,6 +80,7 @@ class SmallBatchConfig(BaseConfig):
     batch_size: int = 64
     group_sizes: tuple[int, ...] = (2, 4, 8, 16, 32)
     channels: tuple[int, ...] = (16, 32)
+    hidden: int = 64
     lr: float = 0.05
     momentum: float = 0.9
     bn_momentum: float = 0.1
@@ -100,6 +103,7 @@ class SmallBatchConfig(BaseConfig):
         "batch_size": 16,
         "group_sizes": (2, 8),
         "channels": (4, 8),
+        "hidden": 16,
         "eval_every": 15,
         "n_train": 600,
         "n_eval": 200,
@@ -114,6 +118,8 @@ class SmallBatchConfig(BaseConfig):
             raise ConfigError(
                 f"group_sizes must divide batch_size={self.batch_size}, got {self.group_sizes}"
             )
+        if self.hidden < 0:
+            raise ConfigError(f"hidden must be >= 0 (0: no hidden layer), got {self.hidden}")
         if self.noniid_classes < 1:
             raise ConfigError(f"noniid_classes must be >= 1, got {self.noniid_classes}")
         if not 0 <= self.renorm_warmup <= min(self.renorm_r_max_at, self.renorm_d_max_at) <= 1:
@@ -135,11 +141,11 @@ def _norm(cfg: SmallBatchConfig, kind: str, g: int, c: int) -> nn.Module:
     if kind == "GN":
         return nn.GroupNorm(min(cfg.gn_groups, c), c)
     if kind == "BN-full":
-        return BatchNorm2d(c, momentum=cfg.bn_momentum)
+        return BatchNorm(c, momentum=cfg.bn_momentum)
     if kind == "BN":
-        return GhostBatchNorm2d(c, virtual_batch_size=g, momentum=m)
+        return GhostBatchNorm(c, virtual_batch_size=g, momentum=m)
     updates = cfg.steps * groups_per_batch  # the warm-up counts virtual batches
-    return GhostRenorm2d(
+    return GhostRenorm(
         c,
         virtual_batch_size=g,
         momentum=m,
@@ -161,7 +167,15 @@ def _net(cfg: SmallBatchConfig, ds: Dataset, kind: str, g: int) -> nn.Module:
             layers.append(nn.MaxPool2d(2))
             h, w = h // 2, w // 2
         c = width
-    layers += [nn.Flatten(), nn.Linear(c * h * w, ds.num_classes)]
+    layers.append(nn.Flatten())
+    d = c * h * w
+    if cfg.hidden:
+        # a normalized fully-connected layer: its statistics come from exactly g values per
+        # feature, where the conv layers have g·H·W
+        layers += [nn.Linear(d, cfg.hidden, bias=False), _norm(cfg, kind, g, cfg.hidden)]
+        layers.append(nn.ReLU())
+        d = cfg.hidden
+    layers.append(nn.Linear(d, ds.num_classes))
     return nn.Sequential(*layers)
 
 
