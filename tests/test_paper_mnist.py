@@ -79,7 +79,8 @@ def test_learning_rates_chosen_on_validation_only(quick_run):
         assert s["learning_rates"]["chosen"][arm] == min(
             lr for lr, v in scores.items() if v == best
         )
-    assert s["learning_rates"]["shared"] == s["learning_rates"]["chosen"]["baseline"]
+    assert s["learning_rates"]["shared"] == s["config"]["shared_lr"] == 0.1
+    assert s["arms"]["baseline @ shared lr"]["lr"] == 0.1
     assert s["arms"]["bn @ shared lr"]["lr"] == s["learning_rates"]["shared"]
 
 

@@ -16,8 +16,9 @@ Protocol (fair to both arms, the test set never used for a choice):
    diverged run scores −∞).
 2. **Tuned** — each arm trained for ``steps`` at its own rate, for every seed, evaluated on the
    held-out (test) set every ``eval_every`` steps.
-3. **Shared** — both arms at one rate (``shared_lr``; default: the baseline's chosen rate, the
-   rate a user tuning the plain network would keep when adding BN).
+3. **Shared** — both arms at one rate, ``shared_lr``: by default 0.1, a common first choice
+   for plain SGD (what a new user would try); ``shared_lr=none`` takes the baseline's chosen
+   rate (the rate a user who tuned the plain network would keep when adding BN).
 
 Measured, per protocol: *final* accuracy = mean of the last ``final_window`` evaluations;
 *steps to the baseline's final accuracy* = the first evaluation at which BN's seed-mean curve
@@ -68,7 +69,7 @@ class PaperMnistConfig(BaseConfig):
     lr_grid: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
     sweep_steps: int = 3000
     val_fraction: float = 1 / 6
-    shared_lr: float | None = None
+    shared_lr: float | None = 0.1
     eval_every: int = 500
     final_window: int = 3
     probe_size: int = 2000
