@@ -20,6 +20,8 @@ def test_config_rejects_bad_values() -> None:
         make_config(SyncBNConfig, sets=["steps=5", "warmup=5"])
     with pytest.raises(ConfigError, match="per_replica_batches"):
         make_config(SyncBNConfig, sets=["per_replica_batches=0,2"])
+    with pytest.raises(ConfigError, match="model must be"):
+        make_config(SyncBNConfig, sets=["model=resnet"])
 
 
 @pytest.mark.timeout(180)
