@@ -198,10 +198,14 @@ def figures(run: RunData, out: Path) -> list[Path]:
         axes[0].axhline(target, color="k", ls=":", lw=1)
     reach = run.summary.get("steps_to_target", {})
     names = list(reach)
-    vals = [np.nan if reach[a] is None else reach[a] for a in names]
-    axes[1].barh(names, vals, color=[plots.color_for(a, i) for i, a in enumerate(names)])
-    for i, v in enumerate(vals):
-        if not np.isfinite(v):
+    ys = np.arange(len(names))
+    # an arm that never reaches the target gets no bar (not a NaN bar: it would drop its row)
+    vals = [0 if reach[a] is None else reach[a] for a in names]
+    axes[1].barh(ys, vals, color=[plots.color_for(a, i) for i, a in enumerate(names)])
+    axes[1].set_yticks(ys)
+    axes[1].set_yticklabels(names)
+    for i, a in enumerate(names):
+        if reach[a] is None:
             axes[1].text(0, i, " not reached", va="center", fontsize=8)
     axes[1].set_xlabel("steps to the no-BN arm's best accuracy")
     axes[1].invert_yaxis()
