@@ -8,6 +8,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchnorm import functional as F
 from batchnorm import kernels as K
@@ -265,3 +267,27 @@ def test_forked_child_runs_after_parent_used_threads():
             os._exit(4)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.one_of(
+        st.tuples(st.integers(1, 6), st.integers(1, 9), st.integers(1, 13)),
+        st.tuples(st.integers(2, 40), st.integers(1, 40)),
+    ).filter(lambda s: int(np.prod(s)) // s[1] >= 2),
+    parallel=st.booleans(),
+    seed=st.integers(0, 2**16),
+    loc=st.sampled_from([0.0, 3.0, -1e3]),
+    scale=st.sampled_from([1e-2, 1.0, 1e3]),
+)
+def test_properties_any_shape(shape, parallel, seed, loc, scale):  # type: ignore[no-untyped-def]
+    """Any shape and split: equal to the reference; y has per-channel mean β; Σdx = 0 per
+    channel (BN's output does not change when a channel is shifted)."""
+    x, dy, w, b = _data(shape, np.float64, seed=seed, loc=loc, std=scale)
+    y, mean, var, invstd = K.forward_train(x, w, b, parallel=parallel)
+    axes = tuple(i for i in range(x.ndim) if i != 1)
+    np.testing.assert_allclose(y.mean(axis=axes), b, atol=1e-9 * max(1.0, abs(loc) / scale))
+    dx, dw, db = K.backward(dy, x, mean, invstd, w, parallel=parallel)
+    assert dx is not None
+    np.testing.assert_allclose(dx.sum(axis=axes), 0.0, atol=1e-8 * float(np.abs(dx).max() + 1))
+    _check_all(x, dy, w, b, np.float64, parallel, scale=max(1.0, abs(loc) / scale / 1e3))
