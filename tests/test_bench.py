@@ -52,7 +52,10 @@ def test_run_and_cli_write_consistent_json(tmp_path, capsys):
 
 
 def test_run_python_api_float64():
-    data = bench.run(["7x3"], repeats=1, warmup=1, dtype=torch.float64)
+    before = torch.get_num_threads()
+    data = bench.run(["7x3"], repeats=1, warmup=1, dtype=torch.float64, threads=1)
+    assert data["machine"]["torch_threads"] == 1 and data["machine"]["numba_threads"] == 1
+    assert torch.get_num_threads() == before  # restored
     assert data["dtype"] == "float64"
     assert "(60, 100) training step no slower than torch" not in data["targets"]
     assert bench.format_table(data).count("\n| 7x3 |") == 1

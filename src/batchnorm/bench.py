@@ -282,6 +282,7 @@ def run(
     warmup: int = 2,
     json_path: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; return (and with ``json_path`` write, atomically) the results.
 
@@ -292,6 +293,7 @@ def run(
         warmup: untimed rounds first (compilation, allocator warm-up).
         json_path: where to write the JSON.
         progress: called with each case's name before it runs.
+        threads: threads for both contenders (torch's and Numba's); default: as configured.
 
     Returns a dict with ``machine`` (CPU model, cores, threads, load), ``cases`` (per-case
     medians in seconds and the ratios ours/torch and ours/roofline) and ``targets`` (each with
@@ -306,6 +308,30 @@ def run(
     if repeats < 1:
         raise ValueError(f"bench: repeats must be >= 1, got {repeats}")
     chosen = [c if isinstance(c, Case) else parse_case(c) for c in (cases or SUITE)]
+    import numba
+
+    saved = (torch.get_num_threads(), numba.get_num_threads())
+    if threads is not None:
+        most = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+        if not 1 <= threads <= most:
+            raise ValueError(f"bench: threads must be in 1..{most}, got {threads}")
+        torch.set_num_threads(threads)
+        numba.set_num_threads(threads)
+    try:
+        return _run(chosen, repeats, dtype, warmup, json_path, progress)
+    finally:
+        torch.set_num_threads(saved[0])
+        numba.set_num_threads(saved[1])
+
+
+def _run(
+    chosen: list[Case],
+    repeats: int,
+    dtype: torch.dtype,
+    warmup: int,
+    json_path: str | os.PathLike[str] | None,
+    progress: Callable[[str], None] | None,
+) -> dict[str, Any]:
     import numba
 
     load_before = os.getloadavg()
@@ -402,6 +428,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--threads", type=int, help="threads for torch and the kernels (default: as configured)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -411,6 +440,9 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"batchnorm bench: {e}")
         return 2
+    if args.threads is not None and args.threads < 1:
+        print(f"batchnorm bench: --threads must be >= 1, got {args.threads}")
+        return 2
     data = run(
         cases,
         repeats=args.repeats,
@@ -418,6 +450,7 @@ def main(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         json_path=args.json,
         progress=lambda name: print(f"  {name} ...", flush=True),
+        threads=args.threads,
     )
     print(format_table(data))
     if args.json:
