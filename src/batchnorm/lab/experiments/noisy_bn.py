@@ -177,7 +177,7 @@ def figures(run: RunData, out: Path) -> list[Path]:
         s["probe_steps"][1:],
         {a: s["drift"][a] for a in ARMS},
         ylabel="mean |Δμ| / σ between probes",
-        title=f"distribution drift at {s['layer']}",
+        title="drift of the input of the 2nd-to-last activation",
     )
     for ax, arm, color in ((axes[2], "standard", "#1f77b4"), (axes[3], "noisy-BN", "#d62728")):
         q = np.asarray(s["quantiles"][arm], dtype=float)  # (T, Q)
