@@ -125,8 +125,7 @@ def ncl_forward_train(x, w, b, eps, nblk, y, mean_out, var_out, invstd_out):  # 
             sh_arr[c] = sh
             scf = sc_arr[c]
             shf = sh_arr[c]
-            for nn in range(N):
-                n = N - 1 - nn  # backwards: the rows summed last are still cached
+            for n in range(N):
                 xr = x[n, c]
                 yr = y[n, c]
                 for l in range(L):
@@ -179,9 +178,7 @@ def ncl_forward_train(x, w, b, eps, nblk, y, mean_out, var_out, invstd_out):  # 
         scf = sc_arr[c]
         shf = sh_arr[c]
         if j1 > j0:
-            n_hi = (j1 - 1) // L
-            for nn in range(n_hi - j0 // L + 1):
-                n = n_hi - nn  # backwards: the rows summed last are still cached
+            for n in range(j0 // L, (j1 - 1) // L + 1):
                 lo, hi = _block_range(j0, j1, n, L)
                 xr = x[n, c, lo:hi]
                 yr = y[n, c, lo:hi]
@@ -228,8 +225,7 @@ def ncl_backward(dy, x, mean, invstd, w, tol, nblk, need_dx, dx, dw_out, db_out)
                 af = a_arr[c]
                 bf = b_arr[c]
                 df = d_arr[c]
-                for nn in range(N):
-                    n = N - 1 - nn  # backwards: the rows summed last are still cached
+                for n in range(N):
                     xr = x[n, c]
                     dr = dy[n, c]
                     dxr = dx[n, c]
@@ -291,9 +287,7 @@ def ncl_backward(dy, x, mean, invstd, w, tol, nblk, need_dx, dx, dw_out, db_out)
         bf = b_arr[c]
         df = d_arr[c]
         if j1 > j0:
-            n_hi = (j1 - 1) // L
-            for nn in range(n_hi - j0 // L + 1):
-                n = n_hi - nn  # backwards: the rows summed last are still cached
+            for n in range(j0 // L, (j1 - 1) // L + 1):
                 lo, hi = _block_range(j0, j1, n, L)
                 xr = x[n, c, lo:hi]
                 dr = dy[n, c, lo:hi]
@@ -346,12 +340,29 @@ def mc_forward_train(x, w, b, eps, nrb, ncb, y, mean_out, var_out, invstd_out): 
         p1 = part[0, rb, c0:c1]
         p2 = part[1, rb, c0:c1]
         kv = kk[c0:c1]
-        for i in range(r0, r1):
+        # 4 rows per sweep: the partial sums are loaded and stored once per 4 values
+        i = r0
+        while i + 4 <= r1:
+            x0 = x[i, c0:c1]
+            x1 = x[i + 1, c0:c1]
+            x2 = x[i + 2, c0:c1]
+            x3 = x[i + 3, c0:c1]
+            for c in range(c1 - c0):
+                k = kv[c]
+                d0 = np.float64(x0[c]) - k
+                d1 = np.float64(x1[c]) - k
+                d2 = np.float64(x2[c]) - k
+                d3 = np.float64(x3[c]) - k
+                p1[c] += (d0 + d1) + (d2 + d3)
+                p2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            i += 4
+        while i < r1:
             xr = x[i, c0:c1]
             for c in range(c1 - c0):
                 d = np.float64(xr[c]) - kv[c]
                 p1[c] += d
                 p2[c] += d * d
+            i += 1
     mh_arr = np.empty(C, dtype=x.dtype)
     sc_arr = np.empty(C, dtype=x.dtype)
     sh_arr = np.empty(C, dtype=x.dtype)
@@ -382,8 +393,7 @@ def mc_forward_train(x, w, b, eps, nrb, ncb, y, mean_out, var_out, invstd_out): 
         mv = mh_arr[c0:c1]
         sv = sc_arr[c0:c1]
         hv = sh_arr[c0:c1]
-        for ii in range(r1 - r0):
-            i = r1 - 1 - ii  # backwards: the rows summed last are still cached
+        for i in range(r0, r1):
             xr = x[i, c0:c1]
             yr = y[i, c0:c1]
             for c in range(c1 - c0):
@@ -407,7 +417,31 @@ def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, need_dx, dx, dw_out, db_o
         p2 = part[1, rb, c0:c1]
         p3 = part[2, rb, c0:c1]
         mv = mean[c0:c1]
-        for i in range(r0, r1):
+        i = r0
+        while i + 4 <= r1:  # 4 rows per sweep, as in the forward
+            x0 = x[i, c0:c1]
+            x1 = x[i + 1, c0:c1]
+            x2 = x[i + 2, c0:c1]
+            x3 = x[i + 3, c0:c1]
+            g0r = dy[i, c0:c1]
+            g1r = dy[i + 1, c0:c1]
+            g2r = dy[i + 2, c0:c1]
+            g3r = dy[i + 3, c0:c1]
+            for c in range(c1 - c0):
+                mc = mv[c]
+                e0 = np.float64(x0[c] - mc)
+                e1 = np.float64(x1[c] - mc)
+                e2 = np.float64(x2[c] - mc)
+                e3 = np.float64(x3[c] - mc)
+                g0 = np.float64(g0r[c])
+                g1 = np.float64(g1r[c])
+                g2 = np.float64(g2r[c])
+                g3 = np.float64(g3r[c])
+                p1[c] += (g0 + g1) + (g2 + g3)
+                p2[c] += (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3)
+                p3[c] += (e0 + e1) + (e2 + e3)
+            i += 4
+        while i < r1:
             xr = x[i, c0:c1]
             dr = dy[i, c0:c1]
             for c in range(c1 - c0):
@@ -416,6 +450,7 @@ def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, need_dx, dx, dw_out, db_o
                 p1[c] += g_
                 p2[c] += g_ * xd
                 p3[c] += xd
+            i += 1
     a_arr = np.empty(C, dtype=x.dtype)
     b_arr = np.empty(C, dtype=x.dtype)
     d_arr = np.empty(C, dtype=x.dtype)
@@ -449,8 +484,7 @@ def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, need_dx, dx, dw_out, db_o
         av = a_arr[c0:c1]
         bv = b_arr[c0:c1]
         dv = d_arr[c0:c1]
-        for ii in range(r1 - r0):
-            i = r1 - 1 - ii  # backwards: the rows summed last are still cached
+        for i in range(r0, r1):
             xr = x[i, c0:c1]
             dr = dy[i, c0:c1]
             dxr = dx[i, c0:c1]
