@@ -183,9 +183,22 @@ def _backward_math(
     xhat = (x - _b(mean, x)) * _b(invstd, x)
     dbias = dy.sum(dims)
     dweight = (dy * xhat).sum(dims)
+    return dx_from_sums(dy, xhat, invstd, weight, m, dbias, dweight), dweight, dbias
+
+
+def dx_from_sums(
+    dy: Tensor,
+    xhat: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    m: int | float,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+) -> Tensor:
+    """dx = γ·invstd/m · (m·dy − Σdy − x̂·Σ(dy·x̂)) on a canonical tensor, given the two
+    per-channel sums; ``m`` and the sums may span several processes (synchronized BN)."""
     k = invstd / m if weight is None else weight * invstd / m
-    dx = _b(k, x) * (m * dy - _b(dbias, x) - xhat * _b(dweight, x))
-    return dx, dweight, dbias
+    return _b(k, dy) * (m * dy - _b(sum_dy, dy) - xhat * _b(sum_dy_xhat, dy))
 
 
 class TorchBackend:

@@ -279,10 +279,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             _, data = _exchange(ex, _BACKWARD, ctx.call, n, local)  # type: ignore[attr-defined]
             all_dy, all_dy_xhat = data.sum(0).to(cd)  # ranks summed in rank order: identical
             total: float = ctx.total  # type: ignore[attr-defined]
-            k = invstd / total if weight is None else weight.to(cd) * invstd / total
-            # the core's compact formula (functional._backward_math) with all ranks' sums
-            inner = total * dyc - F._b(all_dy, xc) - xhat * F._b(all_dy_xhat, xc)
-            dx = (F._b(k, xc) * inner).to(x.dtype)
+            w = None if weight is None else weight.to(cd)
+            # the core's compact formula with all ranks' sums and count
+            dx = F.dx_from_sums(dyc, xhat, invstd, w, total, all_dy, all_dy_xhat).to(x.dtype)
         dw = sum_dy_xhat.to(weight.dtype) if needs[1] and weight is not None else None
         db = None
         if needs[2]:
