@@ -87,7 +87,7 @@ def _start(entry: Callable[..., None], world: int, args: tuple, deadline: float)
             pytest.fail(f"{world} processes did not finish within {deadline} s")
 
 
-def launch(fn: Callable[..., None], world: int, *args: Any, deadline: float = 50.0) -> None:
+def launch(fn: Callable[..., None], world: int, *args: Any, deadline: float = 120.0) -> None:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks of a fresh process group."""
     _start(_entry, world, (world, _free_port(), fn, args), deadline)
 
@@ -475,7 +475,7 @@ def _example_entry(rank: int, world: int, port: int, out: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_example_trains_with_ddp_and_reports_identical_running_stats(tmp_path: Path) -> None:
-    _start(_example_entry, 2, (2, _free_port(), tmp_path), deadline=60)
+    _start(_example_entry, 2, (2, _free_port(), tmp_path), deadline=150)
     code, text = (tmp_path / "example0.txt").read_text().split("\n", 1)
     assert code == "0" and (tmp_path / "example1.txt").read_text().startswith("0")
     assert "running statistics identical on all ranks: True" in text
