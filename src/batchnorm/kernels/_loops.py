@@ -428,18 +428,21 @@ def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, need_dx, dx, dw_out, db_o
             g2r = dy[i + 2, c0:c1]
             g3r = dy[i + 3, c0:c1]
             for c in range(c1 - c0):
+                # the 4-term sums in the input dtype, then float64: no cancellation happens
+                # here (x − μ is centred), and converting once per 4 values keeps the loop
+                # memory-bound for float32
                 mc = mv[c]
-                e0 = np.float64(x0[c] - mc)
-                e1 = np.float64(x1[c] - mc)
-                e2 = np.float64(x2[c] - mc)
-                e3 = np.float64(x3[c] - mc)
-                g0 = np.float64(g0r[c])
-                g1 = np.float64(g1r[c])
-                g2 = np.float64(g2r[c])
-                g3 = np.float64(g3r[c])
-                p1[c] += (g0 + g1) + (g2 + g3)
-                p2[c] += (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3)
-                p3[c] += (e0 + e1) + (e2 + e3)
+                e0 = x0[c] - mc
+                e1 = x1[c] - mc
+                e2 = x2[c] - mc
+                e3 = x3[c] - mc
+                g0 = g0r[c]
+                g1 = g1r[c]
+                g2 = g2r[c]
+                g3 = g3r[c]
+                p1[c] += np.float64((g0 + g1) + (g2 + g3))
+                p2[c] += np.float64((g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3))
+                p3[c] += np.float64((e0 + e1) + (e2 + e3))
             i += 4
         while i < r1:
             xr = x[i, c0:c1]
