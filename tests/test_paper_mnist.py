@@ -190,3 +190,27 @@ def test_pick_lr_prefers_best_then_smaller_and_skips_diverged():
     assert pm._pick_lr({0.1: 0.5, 1.0: 0.9, 3.0: None}) == 1.0
     assert pm._pick_lr({0.1: 0.9, 1.0: 0.9}) == 0.1
     assert pm._pick_lr({0.1: None, 1.0: 0.2}) == 1.0
+
+
+def test_sigmoid_inputs_are_recorded_as_in_training_without_touching_running_stats():
+    import copy
+
+    import torch
+
+    from batchnorm.lab.models import MLP
+
+    torch.manual_seed(0)
+    net = MLP(12, (8, 8), 3, bn="before")
+    net.train()
+    net(torch.randn(50, 12) * 3 + 1)  # running statistics away from their initial values
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    probe = torch.randn(40, 12)
+    twin = copy.deepcopy(net).train()
+    with torch.no_grad():
+        want = twin(probe)  # training-mode output (batch statistics of the probe)
+    got = pm.batch_stats_forward(net, probe)
+    torch.testing.assert_close(got, want)
+    assert not net.training  # mode restored
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running statistics untouched
