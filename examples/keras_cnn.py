@@ -48,9 +48,9 @@ TOLERANCE = 0.05
 
 @dataclass(frozen=True)
 class Config:
-    n_train: int = 4000
+    n_train: int = 3000
     n_test: int = 1000
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 32
     validation_split: float = 0.2
     learning_rate: float = 0.05

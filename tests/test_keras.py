@@ -133,6 +133,23 @@ def test_mask_matches_keras() -> None:
         ours(torch.tensor(x), training=True, mask=torch.ones(shape, dtype=torch.bool))
 
 
+def test_mask_from_a_masking_layer_matches_keras() -> None:
+    # a model whose Masking layer hands the mask to the BN layer (padded time steps)
+    x = np.random.default_rng(9).standard_normal((6, 8, 3)).astype("float32") + 2
+    x[:, 5:] = 0.0  # padding: excluded from the statistics
+    outs, states = [], []
+    for cls in (BatchNormalization, keras.layers.BatchNormalization):
+        model = keras.Sequential(
+            [keras.Input((8, 3)), keras.layers.Masking(0.0), cls(momentum=0.5)]
+        )
+        outs.append(model(x, training=True).detach().numpy())
+        states.append(_state(model.layers[-1]))
+    _assert_close(outs[:1], outs[1:])
+    _assert_close(states[0], states[1])
+    # the padding did not enter the statistics
+    np.testing.assert_allclose(states[0][2], 0.5 * x[:, :5].mean(axis=(0, 1)), rtol=1e-5)
+
+
 def test_batch_of_one_matches_keras() -> None:
     # Keras allows a single value per channel in training (σ² = 0, output β)
     ours, ref = _pair((1, 5), -1)
