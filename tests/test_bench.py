@@ -47,7 +47,8 @@ def test_run_and_cli_write_consistent_json(tmp_path, capsys):
         assert math.isclose(case["ours_over_roofline"][p], case["ours_s"][p] / roof)
     target = data["targets"]["fwd+bwd no shape slower than torch"]
     assert target["met"] == (case["ours_over_torch"]["fwd+bwd"] <= 1.0)
-    assert set(data["machine"]) >= {"cpu", "cores", "loadavg_before", "numba_threads"}
+    assert set(data["machine"]) >= {"cpu", "cores", "loadavg_before", "numba_threads", "busy"}
+    assert ("WARNING" in table) == data["machine"]["busy"]
     assert not list(path.parent.glob(".bench-*"))  # the temporary file was renamed away
 
 

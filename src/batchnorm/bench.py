@@ -351,6 +351,8 @@ def _run(
             "numba_threads": numba.get_num_threads(),
             "loadavg_before": list(load_before),
             "loadavg_after": list(load_after),
+            # other processes competed for the cores: medians then measure the scheduler too
+            "busy": max(load_before[0], load_after[0]) > (os.cpu_count() or 1),
             "torch": torch.__version__,
             "numba": numba.__version__,
             "python": platform.python_version(),
@@ -407,6 +409,11 @@ def format_table(data: dict[str, Any]) -> str:
     for k, v in data["targets"].items():
         lines.append(f"- target {k}: {v['value']:.2f} — {'met' if v['met'] else 'NOT met'}")
     m = data["machine"]
+    if m.get("busy"):
+        lines.append(
+            "- WARNING: the load average exceeded the core count while measuring: other "
+            "processes shared the CPU, so these ratios also measure the scheduler"
+        )
     lines.append(
         f"- machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} ({m['torch_threads']} "
         f"threads), numba {m['numba']} ({m['numba_threads']} threads); load average "
