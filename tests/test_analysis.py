@@ -266,6 +266,12 @@ def test_ics_with_dropout_replays_masks_and_checks_layers() -> None:
     assert [s.layer for s in only] == ["3"]
     with pytest.raises(ValueError, match="choose among"):
         internal_covariate_shift(model, nn.functional.cross_entropy, batch, 0.1, layers=["9"])
+    model[3].weight.requires_grad_(False)  # a frozen layer has no gradient to compare
+    with pytest.raises(ValueError, match="no trainable 'weight'"):
+        internal_covariate_shift(model, nn.functional.cross_entropy, batch, 0.1, layers=["3"])
+    # unmeasured frozen weights are fine: they are simply not updated
+    shifts = internal_covariate_shift(model, nn.functional.cross_entropy, batch, 0.1)
+    assert [s.layer for s in shifts] == ["0"]
 
 
 def test_ics_on_conv_bn_model_with_our_layers() -> None:

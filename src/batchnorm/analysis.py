@@ -215,7 +215,7 @@ def internal_covariate_shift(
             ``params -> torch.optim.Optimizer`` whose first step defines ``W'`` (e.g.
             ``lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)``; its state starts fresh).
         layers: names of the modules to measure (their ``weight``); default every
-            ``nn.Linear``/``nn.ConvNd`` in forward order.
+            ``nn.Linear``/``nn.ConvNd`` with a trainable weight, in forward order.
 
     Returns:
         one :class:`LayerShift` per measured layer, in forward order.
@@ -235,7 +235,12 @@ def internal_covariate_shift(
     with _preserved(model):
         order = _forward_order(model, x, seed)
         if layers is None:
-            measured = [n for n in order if isinstance(model.get_submodule(n), _WEIGHT_LAYERS)]
+            measured = [
+                n
+                for n in order
+                if isinstance(m := model.get_submodule(n), _WEIGHT_LAYERS)
+                and m.weight.requires_grad
+            ]
         else:
             unknown = [n for n in layers if n not in order]
             if unknown:
@@ -245,10 +250,12 @@ def internal_covariate_shift(
                 )
             measured = [n for n in order if n in layers]
         for n in measured:
-            if not isinstance(getattr(model.get_submodule(n), "weight", None), nn.Parameter):
+            w = getattr(model.get_submodule(n), "weight", None)
+            if not (isinstance(w, nn.Parameter) and w.requires_grad):
                 raise ValueError(
                     f"internal_covariate_shift: layer {n!r} "
-                    f"({type(model.get_submodule(n)).__name__}) has no trainable 'weight'"
+                    f"({type(model.get_submodule(n)).__name__}) has no trainable 'weight'; "
+                    "measure layers whose weight requires grad (pass layers=[...])"
                 )
         buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
         theta = {k: v.detach().clone() for k, v in model.named_parameters()}
