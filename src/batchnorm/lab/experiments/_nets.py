@@ -36,6 +36,7 @@ __all__ = [
     "exceeds_spread",
     "accuracy_curve",
     "exponential_decay",
+    "steps_to",
 ]
 
 
