@@ -13,7 +13,8 @@ package ``dataset-fashion-mnist``) when present, else scikit-learn's 8×8 digits
 ``keras.layers.BatchNormalization`` on the same data and seed and prints both.
 
 The layers use ``momentum=0.9``: with Keras' default 0.99 the moving statistics keep about
-half their initial value after 70 steps (the quick size has 32), so a short run would be judged on stale statistics.
+half their initial value after 70 steps (the quick size has 32, with 8 and 16 filters), so a
+short run would be judged on stale statistics.
 
 Run::
 

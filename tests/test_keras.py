@@ -381,3 +381,14 @@ def test_classic_example_trains_like_keras(name: str, one_thread: None) -> None:
     # than TOLERANCE (a few validation samples at the quick size) means different behaviour.
     assert abs(ours["val_accuracy"] - ref["val_accuracy"]) <= example.TOLERANCE, (ours, ref)
     assert abs(ours["loss"] - ref["loss"]) <= 0.1 * ref["loss"] + 1e-3, (ours, ref)
+
+
+def test_cnn_example_falls_back_to_digits(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    example = _example("keras_cnn")
+    monkeypatch.setattr(example, "FASHION_MNIST", tmp_path / "absent")
+    x, y, x_test, y_test, source = example.load_data(example.Config.quick())
+    assert "digits" in source
+    assert x.shape == (640, 28, 28, 1) and x_test.shape == (300, 28, 28, 1)
+    assert 0.0 <= x.min() and x.max() <= 1.0 and set(np.unique(y)) == set(range(10))
+    # the 8×8 digit sits upsampled in the middle: the 2-pixel border is empty
+    assert x[:, :2].max() == 0.0 and x[:, 2:26, 2:26].max() > 0.5
