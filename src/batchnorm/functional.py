@@ -578,7 +578,8 @@ def update_running_stats(
 
     Returns False (and changes nothing) when the batch statistics are not finite.
     """
-    if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
+    # var = mean((x − μ)²) is non-finite whenever μ is (inf − inf = NaN): one check covers both
+    if not bool(torch.isfinite(var).all()):
         msg = (
             f"{_name(layer)}: the batch statistics are not finite (NaN or inf in the input); the "
             "running statistics were left unchanged. Check the inputs and the learning rate; "
@@ -588,9 +589,12 @@ def update_running_stats(
             raise NonFiniteStatisticsError(msg)
         warnings.warn(msg, NonFiniteStatisticsWarning, stacklevel=3)
         return False
-    v = var * (count / (count - 1)) if unbiased else var
-    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-    running_var.lerp_(v.to(running_var.dtype), momentum)
+    running_mean.lerp_(
+        mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype), momentum
+    )
+    # (1 − momentum)·running + momentum·(m/(m−1))·σ²_B, with the Bessel factor folded into alpha
+    alpha = momentum * count / (count - 1) if unbiased else momentum
+    running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=alpha)
     return True
 
 
