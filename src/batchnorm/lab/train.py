@@ -117,19 +117,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _numba() -> Any:
+    try:
+        import numba
+    except ImportError:  # the kernels are optional; nothing to configure without them
+        return None
+    return numba
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """Run with ``n`` torch CPU threads, restoring the previous count after. Tiny MLPs are
-    fastest on one thread: the per-op parallel overhead exceeds the work."""
+    """Run with ``n`` CPU threads for torch and for the Numba kernels behind our BN layers,
+    restoring the previous counts after. Tiny MLPs are fastest on one thread: the per-op
+    parallel overhead exceeds the work. On a busy machine it matters even more: an OpenMP
+    thread that has to wait for a descheduled sibling spins, so a parallel kernel can burn
+    many times its work in CPU time (measured: a 50,000-step BN run used > 10 min of CPU instead
+    of ~2.5 min with two Numba threads on an oversubscribed 2-core machine)."""
     if n is None:
         yield
         return
     old = torch.get_num_threads()
     torch.set_num_threads(n)
+    numba = _numba()
+    old_nb = None
+    if numba is not None:
+        old_nb = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
     try:
         yield
     finally:
         torch.set_num_threads(old)
+        if numba is not None and old_nb is not None:
+            numba.set_num_threads(old_nb)
 
 
 def progress_enabled(flag: bool | None = None) -> bool:
