@@ -177,6 +177,17 @@ def test_dropout_keeps_per_layer_variance_shift(tmp_path: Path) -> None:
     # running variance accumulated with dropout on; hidden.0.bn sees the raw input (no dropout)
     assert per_seed[0]["hidden.1.bn"]["var_ratio"] < 0.9
     assert per_seed[0]["hidden.1.bn"]["var_ratio"] < per_seed[0]["hidden.0.bn"]["var_ratio"]
+    # the doctor's measurement on every BN arm, before and after its fix (recalibration)
+    doc = s["doctor"]
+    assert set(doc) == {"BN-p0", "BN-p0.5", "BN-last-p0.5"}
+    for entry in doc["BN-p0.5"]:
+        assert set(entry) >= {"before", "after", "cured", "remaining"}
+        assert isinstance(entry["before"]["output_gap"], float)
+        # findings name a BN layer, or "" for the whole model (the output gap)
+        layers = {f["layer"] for f in entry["before"]["findings"]}
+        assert layers <= {"", "hidden.0.bn", "hidden.1.bn"}
+    report = (out / "report.md").read_text()
+    assert "The doctor on the BN arms" in report
 
 
 def test_unknown_config_key_is_an_error(tmp_path: Path) -> None:

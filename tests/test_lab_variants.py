@@ -87,3 +87,9 @@ def test_recalibration_quick_run(tmp_path) -> None:  # type: ignore[no-untyped-d
         assert g == pytest.approx(tgt - src)
     assert claims["precise-bn-at-least-as-accurate"]["measured"]["checkpoints"] == 2 * 2
     assert (out / "recalibration.png").stat().st_size > 0
+    # the doctor before/after recalibration on each final model (and AdaBN on shifted images)
+    assert "adabn" in s["doctor"]
+    for entries in s["doctor"].values():
+        for d in entries:
+            if d is not None:
+                assert d["after"]["errors"] <= d["before"]["errors"]

@@ -22,7 +22,13 @@ from typing import Any
 
 from batchnorm.lab.results import Claim, RunData, atomic_write_text
 
-__all__ = ["write_report", "write_combined_report", "format_value", "claims_table"]
+__all__ = [
+    "write_report",
+    "write_combined_report",
+    "format_value",
+    "claims_table",
+    "doctor_section",
+]
 
 Block = tuple[Any, ...]
 
@@ -239,3 +245,49 @@ def write_combined_report(
     atomic_write_text(md, _md(blocks))
     atomic_write_text(htm, _html(blocks, "batchnorm lab"))
     return md, htm
+
+
+def doctor_section(title: str, entries: dict[str, list[dict[str, Any] | None]]) -> dict[str, Any]:
+    """A report section from ``batchnorm.diagnostics.before_after`` results (per arm, per seed):
+    what the doctor found, the model's train/eval output gap, and the same after the fix."""
+
+    def checks(summary: dict[str, Any]) -> str:
+        found = sorted({f["check"] for f in summary["findings"] if f["severity"] != "info"})
+        return ", ".join(found) or "none"
+
+    rows: list[list[Any]] = []
+    for arm, per_seed in entries.items():
+        for seed, d in enumerate(per_seed):
+            if d is None:
+                continue
+            rows.append(
+                [
+                    arm,
+                    seed,
+                    checks(d["before"]),
+                    format_value(d["before"]["output_gap"]),
+                    checks(d["after"]),
+                    format_value(d["after"]["output_gap"]),
+                    ", ".join(sorted({c["check"] for c in d["cured"]})) or "—",
+                ]
+            )
+    return {
+        "title": title,
+        "text": (
+            "`batchnorm.doctor` on each trained model, then on a copy after the fix it names "
+            "(`batchnorm.recalibrate`). Output gap: relative RMS difference between the model's "
+            "eval-mode outputs and its outputs with statistics pooled over the batches."
+        ),
+        "table": {
+            "headers": [
+                "arm",
+                "seed",
+                "findings before",
+                "output gap before",
+                "findings after",
+                "output gap after",
+                "cured",
+            ],
+            "rows": rows,
+        },
+    }

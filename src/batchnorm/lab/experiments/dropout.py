@@ -32,21 +32,26 @@ Claims:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from batchnorm.analysis import bn_statistics_mismatch
+from batchnorm.diagnostics import before_after
 from batchnorm.lab import models, train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import arm_rows, cached_train, exceeds_spread, load_data
 from batchnorm.lab.registry import register
+from batchnorm.lab.report import doctor_section
 from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
+from batchnorm.tools import recalibrate
 
 NAME = "dropout"
 SOURCE = "Ioffe & Szegedy 2015, Sec. 3.4 and 4.2.1"
@@ -138,7 +143,19 @@ def _train(
         desc=f"bn={bn} p={p:g} {where} seed={seed}",
     )
     mismatch = {} if res.diverged else bn_statistics_mismatch(net, ds.x_test)
-    return res, {"mismatch": mismatch}
+    extra: dict[str, Any] = {"mismatch": mismatch}
+    if bn and not res.diverged:
+        # the doctor's findings on this arm, and after its fix: statistics recomputed with
+        # Dropout off (batchnorm.recalibrate) on training inputs
+        calib = list(torch.split(ds.x_train[:2000], cfg.batch_size))
+        extra["doctor"] = before_after(
+            net, ds.x_test, lambda m: recalibrate(m, calib), batch_size=cfg.batch_size
+        )
+        fixed = copy.deepcopy(net)
+        recalibrate(fixed, calib)
+        extra["doctor"]["test_acc_before"] = train.evaluate(net, ds.x_test, ds.y_test)[0]
+        extra["doctor"]["test_acc_after"] = train.evaluate(fixed, ds.x_test, ds.y_test)[0]
+    return res, extra
 
 
 def _final(run: dict[str, Any], key: str, window: int) -> float | None:
@@ -353,11 +370,23 @@ def run(cfg: DropoutConfig, ctx: RunContext) -> Results:
         },  # fmt: skip
         "var_ratio": {"dropout before BN": vr_shift, "dropout after last BN": vr_safe},
     }
+    # batchnorm.doctor per BN arm and seed: findings, output gap and held-out accuracy before
+    # and after batchnorm.recalibrate (the fix it names for the variance shift)
+    doctor = {
+        a: [r["extra"].get("doctor") for r in rs] for a, rs in results.items() if a.startswith("BN")
+    }
     summary = {
         "dataset": ds.info(),
         "seeds": seeds,
         "arms": arms,
         "claims": claims,
         "variance_shift": variance_shift,
+        "doctor": doctor,
+        "sections": [
+            doctor_section(
+                "The doctor on the BN arms: variance shift found, and cured by recalibration",
+                doctor,
+            )
+        ],
     }
     return Results(rows=rows, summary=summary, series=series)

@@ -36,11 +36,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from batchnorm.diagnostics import before_after
 from batchnorm.lab import models, train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import arm_rows, cached_train, load_data, mean_of
 from batchnorm.lab.registry import register
+from batchnorm.lab.report import doctor_section
 from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
 from batchnorm.nn.batchnorm import _BatchNormBase
 from batchnorm.tools import recalibrate
@@ -172,9 +174,24 @@ def _train(
         desc=f"lr={lr:g} seed={seed}",
     )
     extra: dict[str, Any] = {}
+    if not res.diverged:
+        with train.torch_threads(cfg.threads):
+            # the doctor on the final model (EMA statistics) and after its fix, precise BN
+            extra["doctor"] = before_after(
+                net, ds.x_test, lambda m: recalibrate(m, calib), batch_size=cfg.batch_size
+            )
     if adabn and not res.diverged:
         with train.torch_threads(cfg.threads):
             extra["adabn"] = _adabn(cfg, ds, net, seed)
+            # on the most shifted images: source statistics vs AdaBN's
+            c, b = cfg.shift_contrast[-1], cfg.shift_brightness[-1]
+            target = _batches(shift(ds.x_train, c, b), cfg.precise_samples, cfg.batch_size, seed)
+            extra["doctor_shifted"] = before_after(
+                net,
+                shift(ds.x_test, c, b),
+                lambda m: recalibrate(m, target),
+                batch_size=cfg.batch_size,
+            )
     return res, extra
 
 
@@ -381,5 +398,21 @@ def run(cfg: RecalibrationConfig, ctx: RunContext) -> Results:
         }
         for lr in lrs
     }
-    summary = {"dataset": ds.info(), "seeds": seeds, "arms": arms, "claims": claims}
+    # batchnorm.doctor on each final model before/after recalibration (and on shifted images
+    # before/after AdaBN): the findings, and the output gap the fix removes
+    doctor = {f"lr{lr:g}": [r["extra"].get("doctor") for r in rs] for lr, rs in runs.items()} | {
+        "adabn": [r["extra"].get("doctor_shifted") for r in runs[lr_a]]
+    }
+    summary = {
+        "dataset": ds.info(),
+        "seeds": seeds,
+        "arms": arms,
+        "claims": claims,
+        "doctor": doctor,
+        "sections": [
+            doctor_section(
+                "The doctor: stale statistics found, and cured by recalibration (and AdaBN)", doctor
+            )
+        ],
+    }
     return Results(rows=rows, summary=summary, series=series)
