@@ -372,6 +372,9 @@ def _robust_part(rank: int, world: int) -> dict:
     widths = [4, 8] if rank == 0 else [6, 8]
     model = convert_sync_batchnorm(torch.nn.Sequential(*(torch.nn.BatchNorm1d(c) for c in widths)))
     out["channels"] = _catch(lambda: model[0](torch.randn(5, widths[0])))
+    # standalone layers of different widths (messages of different lengths): still an error
+    solo = SyncBatchNorm(3 if rank == 0 else 5, name="solo")
+    out["solo"] = _catch(lambda: solo(torch.randn(4, solo.num_features)))
     # a rank that skips a layer: rank 0 is in 'a' while rank 1 is already in 'b'
     pair = convert_sync_batchnorm(
         torch.nn.ModuleDict({"a": torch.nn.BatchNorm1d(4), "b": torch.nn.BatchNorm1d(4)})
@@ -399,6 +402,9 @@ def _check_robust(results: list[dict]) -> None:
         msg = res["channels"]
         assert msg.startswith("SyncBatchNormError") and "channel counts differ" in msg, msg
         assert "rank 0: 4, rank 1: 6" in msg and "'0'" in msg, msg
+        msg = res["solo"]
+        assert msg.startswith("SyncBatchNormError") and "channel counts differ" in msg, msg
+        assert "rank 0: 3, rank 1: 5" in msg and "'solo'" in msg, msg
         msg = res["skipped"]
         assert msg.startswith("SyncBatchNormError"), msg
         assert "not at the same synchronized layer" in msg and "'a'" in msg and "'b'" in msg, msg

@@ -24,8 +24,10 @@ collective. R·(8 + 2·width) doubles per layer are negligible next to a gradien
 All messages of one layer have the same length ``8 + 2·width``; :func:`convert_sync_batchnorm`
 gives every layer of a model the model's largest channel count as ``width``, so ranks that
 diverge between layers (a skipped layer, a different channel count in one layer) still exchange
-equal-length messages and get a clear :class:`SyncBatchNormError` on every rank. (Collectives of
-unequal lengths cannot be reported: gloo aborts the receiving process.)
+equal-length messages and get a clear :class:`SyncBatchNormError` on every rank. Collectives of
+unequal lengths cannot be reported (gloo aborts the receiving process), so a layer's first
+training forward first exchanges its header alone (8 doubles on every rank): widths that differ
+across ranks are reported there, and later calls cost no extra collective.
 """
 
 from __future__ import annotations
@@ -61,8 +63,13 @@ __all__ = [
 ]
 
 _HEADER = 8
-_FORWARD, _BACKWARD, _POPULATION = 1, 2, 3
-_KIND_NAMES = {_FORWARD: "forward", _BACKWARD: "backward", _POPULATION: "recalibration"}
+_FORWARD, _BACKWARD, _POPULATION, _HANDSHAKE = 1, 2, 3, 4
+_KIND_NAMES = {
+    _FORWARD: "forward",
+    _BACKWARD: "backward",
+    _POPULATION: "recalibration",
+    _HANDSHAKE: "first-call check",
+}
 # tag -> layer name, so a rank can name the layer another rank is in (models are identical)
 _TAG_NAMES: dict[int, str] = {}
 
@@ -143,6 +150,13 @@ def _check_headers(gathered: Tensor, ex: _Exchange, rank: int) -> None:
         return
     rows = "; ".join(f"rank {r} is in {_describe(gathered[r])}" for r in range(len(gathered)))
     same_place = bool((head[:, [0, 2, 3]] == head[rank, [0, 2, 3]]).all())
+    if same_place and bool((head[:, 1] == head[rank, 1]).all()):
+        widths = ", ".join(f"rank {r}: {int(head[r, 5])}" for r in range(len(gathered)))
+        raise SyncBatchNormError(
+            f"{ex.layer} on rank {rank}: the message widths differ across ranks ({widths}): the "
+            "models differ elsewhere (convert_sync_batchnorm uses the widest BN layer). Build the "
+            "model identically on every rank."
+        )
     if same_place:
         channels = ", ".join(f"rank {r}: {int(head[r, 1])}" for r in range(len(gathered)))
         raise SyncBatchNormError(
@@ -162,14 +176,31 @@ def _exchange(
 ) -> tuple[Tensor, Tensor]:
     """All-gather this rank's message; return the ranks' ``(counts (R,), payloads (R, 2, C))``.
 
-    One collective. Raises :class:`SyncBatchNormError` on every participating rank when the
+    One collective (and a header-only one at a layer's first forward). Raises
+    :class:`SyncBatchNormError` on every participating rank when the
     headers disagree, and on a rank whose collective fails or times out.
     """
     c, width = ex.channels, ex.width
+    if kind == _FORWARD and call == 0:
+        # once per layer: a header-only message of the same length on every rank, so a rank
+        # whose layer has another width (message length) gets an error here instead of gloo
+        # aborting the process on mismatched lengths; later calls cost no extra collective
+        head = torch.zeros(_HEADER, dtype=torch.float64, device=payload.device)
+        head[:6] = torch.tensor([_HANDSHAKE, c, ex.tag, call, count, width], dtype=torch.float64)
+        _gather(ex, _HANDSHAKE, call, head)
     msg = torch.zeros(_HEADER + 2 * width, dtype=torch.float64, device=payload.device)
     msg[:6] = torch.tensor([kind, c, ex.tag, call, count, width], dtype=torch.float64)
     body = msg[_HEADER:].view(2, width)  # (2, width): the payload, zero-padded to the width
     body[:, :c] = payload
+    gathered = _gather(ex, kind, call, msg)
+    world = gathered.shape[0]
+    payloads = gathered[:, _HEADER:].view(world, 2, width)[:, :, :c]
+    return gathered[:, 4], payloads
+
+
+def _gather(ex: _Exchange, kind: int, call: int, msg: Tensor) -> Tensor:
+    """All-gather ``msg`` over the layer's group (bounded by the timeouts) and check the headers;
+    returns the ranks' messages stacked, (R, len(msg))."""
     world, rank = _world(ex.group)
     if world == 1:
         gathered = msg.unsqueeze(0)
@@ -195,10 +226,9 @@ def _exchange(
                 "in training mode, including ranks with an empty batch. Original error: "
                 f"{err}"
             ) from err
-        gathered = torch.stack(out)  # (R, 8 + 2·width)
+        gathered = torch.stack(out)  # (R, len(msg))
     _check_headers(gathered, ex, rank)
-    payloads = gathered[:, _HEADER:].view(world, 2, width)[:, :, :c]
-    return gathered[:, 4], payloads
+    return gathered
 
 
 # --------------------------------------------------------------------------------------------
