@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"held-out accuracy: {acc:.4f} ({args.data}, {len(y_test)} images)")
         print(f"running statistics identical on all ranks: {identical}")
+    # tear DDP down while the process group is still up on every rank: a DDP reducer destroyed
+    # after its group (or after a peer exited) can block the interpreter's exit
+    del model, opt
+    dist.barrier()
     dist.destroy_process_group()
     return 0 if identical else 1
 
