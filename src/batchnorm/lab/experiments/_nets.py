@@ -163,12 +163,13 @@ def accuracy_curve(train: dict[str, Any], key: str = "test_acc") -> tuple[list[i
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def final_acc(train: dict[str, Any], key: str = "test_acc") -> float | None:
-    """The held-out accuracy at the end; ``None`` if the run diverged."""
+def final_acc(train: dict[str, Any], key: str = "test_acc", window: int = 1) -> float | None:
+    """The mean of the last ``window`` evaluations of ``key`` (the held-out accuracy at the end);
+    ``None`` if the run diverged or has no evaluation."""
     if train.get("diverged"):
         return None
     _, accs = accuracy_curve(train, key)
-    return accs[-1] if accs else None
+    return float(np.mean(accs[-window:])) if accs else None
 
 
 def mean_of(values: Sequence[float | None]) -> float | None:

@@ -47,7 +47,13 @@ from batchnorm.diagnostics import before_after
 from batchnorm.lab import models, train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
-from batchnorm.lab.experiments._nets import arm_rows, cached_train, exceeds_spread, load_data
+from batchnorm.lab.experiments._nets import (
+    arm_rows,
+    cached_train,
+    exceeds_spread,
+    final_acc,
+    load_data,
+)
 from batchnorm.lab.registry import register
 from batchnorm.lab.report import doctor_section
 from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
@@ -158,13 +164,6 @@ def _train(
     return res, extra
 
 
-def _final(run: dict[str, Any], key: str, window: int) -> float | None:
-    if run["diverged"]:
-        return None
-    vals = [r[key] for r in run["rows"] if r.get(key) is not None]
-    return float(np.mean(vals[-window:])) if vals else None
-
-
 def _arm_name(bn: bool, p: float, where: str) -> str:
     return ("BN-last" if where == "last" else "BN" if bn else "noBN") + f"-p{p:g}"
 
@@ -228,8 +227,8 @@ def run(cfg: DropoutConfig, ctx: RunContext) -> Results:
             results[name].append(res)
             rows += arm_rows(name, seed, res["train"], bn=bn, dropout=p, where=where)
     w = cfg.final_window
-    test = {a: [_final(r["train"], "test_acc", w) for r in rs] for a, rs in results.items()}
-    tr = {a: [_final(r["train"], "train_acc", w) for r in rs] for a, rs in results.items()}
+    test = {a: [final_acc(r["train"], "test_acc", w) for r in rs] for a, rs in results.items()}
+    tr = {a: [final_acc(r["train"], "train_acc", w) for r in rs] for a, rs in results.items()}
     gap = {
         a: [None if x is None or y is None else x - y for x, y in zip(tr[a], test[a])]
         for a in results

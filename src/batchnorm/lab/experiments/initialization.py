@@ -29,7 +29,7 @@ import numpy as np
 from batchnorm.lab import models, train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
-from batchnorm.lab.experiments._nets import arm_rows, cached_train, load_data
+from batchnorm.lab.experiments._nets import arm_rows, cached_train, final_acc, load_data
 from batchnorm.lab.registry import register
 from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
 
@@ -102,13 +102,6 @@ def _train(
     return res, {}
 
 
-def _final(run: dict[str, Any], window: int) -> float | None:
-    if run["diverged"]:
-        return None
-    accs = [r["test_acc"] for r in run["rows"] if r.get("test_acc") is not None]
-    return float(np.mean(accs[-window:])) if accs else None
-
-
 def figures(run: RunData, out: Path) -> list[Path]:
     """Final accuracy against the init scale, with and without BN (diverged runs marked)."""
     from batchnorm.lab import plots
@@ -165,7 +158,7 @@ def run(cfg: InitializationConfig, ctx: RunContext) -> Results:
                     f"{arm}-init{scale:g}-seed{seed}",
                     partial(_train, cfg, ds, arm == "BN", scale, seed, ctx.progress),
                 )["train"]
-                per_seed.append(_final(res, cfg.final_window))
+                per_seed.append(final_acc(res, window=cfg.final_window))
                 n_div += bool(res["diverged"])
                 rows += arm_rows(arm, seed, res, init_std=scale)
             finals[arm].append(per_seed)

@@ -35,7 +35,7 @@ from batchnorm.analysis import activation_statistics, distribution_drift
 from batchnorm.lab import train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
-from batchnorm.lab.experiments._nets import VGGSmall, arm_rows, cached_train, load_data
+from batchnorm.lab.experiments._nets import VGGSmall, arm_rows, cached_train, final_acc, load_data
 from batchnorm.lab.registry import register
 from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
 
@@ -146,13 +146,6 @@ def _train(
     return res, extra
 
 
-def _final(run: dict[str, Any], window: int) -> float | None:
-    if run["diverged"]:
-        return None
-    accs = [r["test_acc"] for r in run["rows"] if r.get("test_acc") is not None]
-    return float(np.mean(accs[-window:])) if accs else None
-
-
 def _mean_drift(runs: list[dict[str, Any]], key: str) -> float | None:
     vals = [v for r in runs for v in r["extra"]["drift"][key] if v is not None and np.isfinite(v)]
     return float(np.mean(vals)) if vals else None
@@ -214,7 +207,9 @@ def run(cfg: NoisyBNConfig, ctx: RunContext) -> Results:
             )
             results[arm].append(res)
             rows += arm_rows(arm, seed, res["train"])
-    finals = {a: [_final(r["train"], cfg.final_window) for r in rs] for a, rs in results.items()}
+    finals = {
+        a: [final_acc(r["train"], window=cfg.final_window) for r in rs] for a, rs in results.items()
+    }
     fin = {a: mean_std(v)["mean"] for a, v in finals.items()}
     drift = {a: _mean_drift(rs, "normalized_mean_shift") for a, rs in results.items()}
     std_drift = {a: _mean_drift(rs, "log_std_ratio") for a, rs in results.items()}

@@ -37,6 +37,7 @@ from batchnorm.lab.experiments._nets import (
     arm_rows,
     cached_train,
     exceeds_spread,
+    final_acc,
     load_data,
     steps_to,
 )
@@ -106,13 +107,6 @@ def _train(
         desc=f"{act} bn={bn} seed={seed}",
     )
     return res, {}
-
-
-def _final(run: dict[str, Any], window: int) -> float | None:
-    if run["diverged"]:
-        return None
-    accs = [r["test_acc"] for r in run["rows"] if r.get("test_acc") is not None]
-    return float(np.mean(accs[-window:])) if accs else None
 
 
 def _mean_curve(runs: list[dict[str, Any]]) -> tuple[list[int], list[float | None]]:
@@ -189,7 +183,9 @@ def run(cfg: PlacementConfig, ctx: RunContext) -> Results:
                 )["train"]
                 runs[bn].append(res)
                 rows += arm_rows(f"{act}/{bn}", seed, res, activation=act, bn=bn)
-        finals = {bn: [_final(r, cfg.final_window) for r in runs[bn]] for bn in PLACEMENTS}
+        finals = {
+            bn: [final_acc(r, window=cfg.final_window) for r in runs[bn]] for bn in PLACEMENTS
+        }
         finals_all[act] = finals
         mc = {bn: _mean_curve(runs[bn]) for bn in PLACEMENTS}
         target = mean_std(finals["none"])["mean"]

@@ -201,6 +201,10 @@ def _replica(rank: int, world: int, port: int, job: dict[str, Any], out_dir: str
             "running_stats_max_diff": spread,
         }
         atomic_write_json(Path(out_dir) / f"{rank}.json", result)
+        # tear DDP down while the group is up on every rank (a reducer destroyed after a peer
+        # exited can block this process's exit)
+        del model
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
