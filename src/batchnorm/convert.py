@@ -383,6 +383,28 @@ def _bessel(bessel_count: int | None, fn: str) -> None:
         )
 
 
+def _check_learned(value: Any, neutral: float, missing: bool, fn: str, message: str) -> None:
+    """Refuse to drop a learned γ/β that the target layer has no place for."""
+    if missing and value is not None and (value != neutral).any():
+        raise ValueError(f"{fn}: {message}")
+
+
+def _translate_eps(
+    var: Any, eps_src: float, eps_dst: float, mode: str, fn: str, var_name: str, where: str
+) -> tuple[float, Any]:
+    """The target's ε and variance: ``eps='copy'`` takes the source's ε; ``'keep'`` keeps the
+    target's and shifts the variance so that √(var + ε) — the inference map — is unchanged."""
+    if mode == "copy":
+        return eps_src, var
+    var = var + eps_src - eps_dst
+    if (var < 0).any():
+        raise ValueError(
+            f"{fn}: eps='keep' needs {var_name} + {eps_src:g} − {eps_dst:g} ≥ 0 for {where}; "
+            "use eps='copy'."
+        )
+    return eps_dst, var
+
+
 def keras_to_torch(
     source: Any,
     target: nn.Module,
@@ -452,22 +474,18 @@ def keras_to_torch(
             ("gamma", gamma, 1.0, "weight"),
             ("beta", beta, 0.0, "bias"),
         ):
-            if getattr(tm, attr, None) is None and value is not None and (value != neutral).any():
-                raise ValueError(
-                    f"{fn}: Keras layer {kn!r} has a learned {name} but torch module {tn!r} has "
-                    f"no {attr}; create it with affine=True."
-                )
+            _check_learned(
+                value,
+                neutral,
+                getattr(tm, attr, None) is None,
+                fn,
+                f"Keras layer {kn!r} has a learned {name} but torch module {tn!r} has "
+                f"no {attr}; create it with affine=True.",
+            )
         eps_k = float(kl.epsilon)
-        eps_t = float(tm.eps)
-        if eps == "copy":
-            eps_t = eps_k
-        else:
-            mv = mv + eps_k - eps_t  # same √(var + ε) at inference
-            if (mv < 0).any():
-                raise ValueError(
-                    f"{fn}: eps='keep' needs moving_variance + {eps_k:g} − {eps_t:g} ≥ 0 for layer "
-                    f"{kn!r}; use eps='copy'."
-                )
+        eps_t, mv = _translate_eps(
+            mv, eps_k, float(tm.eps), eps, fn, "moving_variance", f"layer {kn!r}"
+        )
         target_unbiased = bool(getattr(tm, "unbiased_running_var", True))
         if bessel_count is not None and target_unbiased:
             mv = mv * bessel_count / (bessel_count - 1)
@@ -559,22 +577,18 @@ def torch_to_keras(
             ("weight", weight, 1.0, "gamma"),
             ("bias", bias, 0.0, "beta"),
         ):
-            if getattr(kl, attr, None) is None and value is not None and (value != neutral).any():
-                raise ValueError(
-                    f"{fn}: torch module {tn!r} has a learned {name} but Keras layer {kn!r} has "
-                    f"no {attr}; create it with {'scale' if attr == 'gamma' else 'center'}=True."
-                )
+            _check_learned(
+                value,
+                neutral,
+                getattr(kl, attr, None) is None,
+                fn,
+                f"torch module {tn!r} has a learned {name} but Keras layer {kn!r} has "
+                f"no {attr}; create it with {'scale' if attr == 'gamma' else 'center'}=True.",
+            )
         eps_t = float(tm.eps)
-        eps_k = float(kl.epsilon)
-        if eps == "copy":
-            eps_k = eps_t
-        else:
-            rv = rv + eps_t - eps_k
-            if (rv < 0).any():
-                raise ValueError(
-                    f"{fn}: eps='keep' needs running_var + {eps_t:g} − {eps_k:g} ≥ 0 for module "
-                    f"{tn!r}; use eps='copy'."
-                )
+        eps_k, rv = _translate_eps(
+            rv, eps_t, float(kl.epsilon), eps, fn, "running_var", f"module {tn!r}"
+        )
         source_unbiased = bool(getattr(tm, "unbiased_running_var", True))
         if bessel_count is not None and source_unbiased:
             rv = rv * (bessel_count - 1) / bessel_count
