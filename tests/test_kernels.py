@@ -17,12 +17,24 @@ from batchnorm import reference as R
 
 pytest.importorskip("numba")
 
+K_CHUNK = 2048  # batchnorm.kernels._loops.CHUNK, without importing Numba at collection
+
 # relative tolerance (to the largest reference magnitude) per dtype
 TOL = {np.float32: 2e-5, np.float64: 1e-11}
 
 # (N, C, L) channels-first and (M, C) rows × channels; chosen to hit every work split:
 # C=1, L=1, N=2, primes, C not divisible by the thread count (blocked channels), huge C, tiny M
-NCL_SHAPES = [(2, 1, 5), (3, 7, 1), (13, 5, 11), (2, 3, 17), (5, 1, 1000), (4, 2, 3), (7, 64, 3)]
+NCL_SHAPES = [
+    (2, 1, 5),
+    (3, 7, 1),
+    (13, 5, 11),
+    (2, 3, 17),
+    (5, 1, 1000),
+    (4, 2, 3),
+    (7, 64, 3),
+    (3, 4, 600),  # long rows, channels spread evenly: a channel per task
+    (2, 17, 2111),  # long rows, C not a multiple of the threads
+]
 MC_SHAPES = [(2, 1), (7, 13), (2, 5003), (1000, 1), (101, 3), (3, 2)]
 
 
@@ -46,34 +58,68 @@ def _data(shape: tuple[int, ...], dtype: type, seed: int = 0, loc: float = 0.0, 
     return x, dy, w, b
 
 
-def _check_all(x, dy, w, b, dtype, parallel, eps=1e-5, scale=1.0):  # type: ignore[no-untyped-def]
-    y, mean, var, invstd = K.forward_train(x, w, b, eps, parallel=parallel)
+def _check_all(x, dy, w, b, dtype, parallel, eps=1e-5, scale=1.0, stream=None):  # type: ignore[no-untyped-def]
+    y, mean, var, invstd = K.forward_train(x, w, b, eps, parallel=parallel, stream=stream)
     y_ref, _, mean_ref, var_ref = R.batch_norm_forward(x, w, b, eps)
     assert y.dtype == x.dtype and y.shape == x.shape and mean.dtype == x.dtype
     _close(y, y_ref, dtype, scale)
     _close(mean, mean_ref, dtype, scale)
     _close(var, var_ref, dtype, scale)
     _close(invstd, 1 / np.sqrt(var_ref + eps), dtype, scale)
-    dx, dw, db = K.backward(dy, x, mean, invstd, w, parallel=parallel)
+    dx, dw, db = K.backward(dy, x, mean, invstd, w, parallel=parallel, stream=stream)
     dx_ref, dw_ref, db_ref = R.batch_norm_backward(dy, x, w, eps)
     assert dx is not None
     _close(dx, dx_ref, dtype, scale)
     _close(dw, dw_ref, dtype, scale)
     _close(db, db_ref, dtype, scale)
     sc, sh = R.inference_affine(mean_ref, var_ref * 1.5 + 0.1, w, b, eps)
-    y_eval = K.forward_eval(x, sc, sh, parallel=parallel)
+    y_eval = K.forward_eval(x, sc, sh, parallel=parallel, stream=stream)
     # the contract is one multiply-add x·scale + shift: its rounding is relative to |x·scale|
     mag = float(np.max(np.abs(x.astype(np.float64)))) * float(np.max(np.abs(sc)))
     y_ref = R.batch_norm_inference(x, mean_ref, var_ref * 1.5 + 0.1, w, b, eps)
     _close(y_eval, y_ref, dtype, mag=mag)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["stores", "streaming"])
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", NCL_SHAPES + MC_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_reference(shape, dtype, parallel):  # type: ignore[no-untyped-def]
+def test_matches_reference(shape, dtype, parallel, stream):  # type: ignore[no-untyped-def]
     x, dy, w, b = _data(shape, dtype, seed=sum(shape))
-    _check_all(x, dy, w, b, dtype, parallel)
+    _check_all(x, dy, w, b, dtype, parallel, stream=stream)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [0, 1, 3, 7, 15])
+@pytest.mark.parametrize("shape", [(3, 2, 2 * K_CHUNK + 37), (2, 1, 67), (41, 70)], ids=str)
+def test_streaming_stores_at_every_alignment(shape, offset, dtype):  # type: ignore[no-untyped-def]
+    """Streaming stores write whole 64-byte lines: outputs starting anywhere inside a line, rows
+    longer than a chunk, and ragged ends must give exactly the plain stores' values."""
+    x, dy, w, b = _data(shape, dtype, seed=offset)
+    n = int(np.prod(shape))
+    raw = np.zeros(n + offset + 16, dtype)
+    out = raw[offset : offset + n].reshape(shape)
+    y, mean, _, invstd = K.forward_train(x, w, b, out=out, stream=True, parallel=True)
+    y_plain, *_ = K.forward_train(x, w, b, stream=False, parallel=True)
+    np.testing.assert_array_equal(y, y_plain)
+    assert not raw[:offset].any() and not raw[offset + n :].any()  # nothing outside is touched
+    dx, *_ = K.backward(dy, x, mean, invstd, w, out=out, stream=True)
+    np.testing.assert_array_equal(dx, K.backward(dy, x, mean, invstd, w, stream=False)[0])
+    sc, sh = np.full(shape[1], 1.5, dtype), np.full(shape[1], -0.5, dtype)
+    ye = K.forward_eval(x, sc, sh, out=out, stream=True)
+    np.testing.assert_array_equal(ye, K.forward_eval(x, sc, sh, stream=False))
+
+
+def test_float32_overflowing_squares_are_summed_in_float64():  # type: ignore[no-untyped-def]
+    """Values near float32's range square to inf in float32: those segments are summed again in
+    float64, so the statistics stay finite wherever float64 can hold them."""
+    rng = np.random.default_rng(5)
+    for shape in ((4, 3, 50), (64, 3)):
+        x = (rng.standard_normal(shape) * 1e25).astype(np.float32)
+        _, mean, var, invstd = K.forward_train(x)
+        _, var_ref = R.batch_stats(x)
+        assert np.all(np.isfinite(invstd)) and np.all(invstd > 0)
+        np.testing.assert_allclose(1 / invstd.astype(np.float64) ** 2, var_ref, rtol=1e-5)
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
@@ -276,18 +322,48 @@ def test_forked_child_runs_after_parent_used_threads():
         st.tuples(st.integers(2, 40), st.integers(1, 40)),
     ).filter(lambda s: int(np.prod(s)) // s[1] >= 2),
     parallel=st.booleans(),
+    stream=st.booleans(),
     seed=st.integers(0, 2**16),
     loc=st.sampled_from([0.0, 3.0, -1e3]),
     scale=st.sampled_from([1e-2, 1.0, 1e3]),
 )
-def test_properties_any_shape(shape, parallel, seed, loc, scale):  # type: ignore[no-untyped-def]
+def test_properties_any_shape(shape, parallel, stream, seed, loc, scale):  # type: ignore[no-untyped-def]
     """Any shape and split: equal to the reference; y has per-channel mean β; Σdx = 0 per
     channel (BN's output does not change when a channel is shifted)."""
     x, dy, w, b = _data(shape, np.float64, seed=seed, loc=loc, std=scale)
-    y, mean, var, invstd = K.forward_train(x, w, b, parallel=parallel)
+    y, mean, var, invstd = K.forward_train(x, w, b, parallel=parallel, stream=stream)
     axes = tuple(i for i in range(x.ndim) if i != 1)
     np.testing.assert_allclose(y.mean(axis=axes), b, atol=1e-9 * max(1.0, abs(loc) / scale))
-    dx, dw, db = K.backward(dy, x, mean, invstd, w, parallel=parallel)
+    dx, dw, db = K.backward(dy, x, mean, invstd, w, parallel=parallel, stream=stream)
     assert dx is not None
     np.testing.assert_allclose(dx.sum(axis=axes), 0.0, atol=1e-8 * float(np.abs(dx).max() + 1))
-    _check_all(x, dy, w, b, np.float64, parallel, scale=max(1.0, abs(loc) / scale / 1e3))
+    _check_all(
+        x, dy, w, b, np.float64, parallel, scale=max(1.0, abs(loc) / scale / 1e3), stream=stream
+    )
+
+
+def test_output_arrays_are_reused_only_once_dropped():  # type: ignore[no-untyped-def]
+    """Big outputs come back from a cache, but never while a tensor (or a view of it) lives."""
+    from batchnorm import backend_numba as B
+
+    B._OUT.clear()
+    be = B.NumbaBackend()
+    x = torch.randn(64, 8, 1024)  # 2 MiB: above REUSE_ABOVE
+    assert x.numel() * 4 >= B.REUSE_ABOVE
+    y1, *_ = be.forward_train(x, None, None, 1e-5)
+    kept = y1.clone()
+    y2, *_ = be.forward_train(x * 2 + 1, None, None, 1e-5)
+    assert y2.data_ptr() != y1.data_ptr()
+    view = y2[:, :1]
+    ptr2 = y2.data_ptr()
+    del y2
+    y3, *_ = be.forward_train(x - 3, None, None, 1e-5)
+    assert y3.data_ptr() not in (ptr2, y1.data_ptr())  # a view still holds y2's memory
+    del view
+    y4 = be.forward_eval(x, torch.ones(8), torch.zeros(8))
+    assert y4.data_ptr() == ptr2  # dropped: reused
+    torch.testing.assert_close(y4, x)
+    torch.testing.assert_close(y1, kept)  # live outputs were never written over
+    small, *_ = be.forward_train(torch.randn(4, 8, 16), None, None, 1e-5)
+    assert len(B._OUT._arrays) == 3  # small outputs are not cached
+    B._OUT.clear()

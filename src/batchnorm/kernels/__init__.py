@@ -34,10 +34,21 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["forward_train", "backward", "forward_eval", "SERIAL_BELOW", "num_threads"]
+__all__ = [
+    "forward_train",
+    "backward",
+    "forward_eval",
+    "SERIAL_BELOW",
+    "STREAM_ABOVE",
+    "num_threads",
+]
 
 #: inputs with fewer elements than this run on one thread (thread start-up dominates below)
 SERIAL_BELOW = 1 << 15
+#: outputs of at least this many bytes are written with non-temporal (streaming) stores: they
+#: would not stay in the caches anyway, and a streaming store skips reading each line first.
+#: Smaller outputs are stored normally, so that the next layer finds them in the cache.
+STREAM_ABOVE = 16 << 20
 
 Array = NDArray[Any]
 
@@ -88,12 +99,23 @@ def _threads(size: int, parallel: bool | None) -> int:
     return num_threads()
 
 
-def _ncl_blocks(N: int, C: int, L: int, T: int) -> int:
-    """Blocks per channel on ``(N, C, L)``: 1 (fused, a channel per task) when the channels
-    spread evenly over the threads; otherwise enough blocks for about 4 tasks per thread."""
-    if T == 1 or C % T == 0 or C >= 8 * T:
-        return 1
-    return max(1, min(-(-4 * T // C), N * L))
+#: rows at least this long let ``(N, C, L)`` work a channel at a time (its second pass then
+#: reads from the core's cache); shorter rows are walked in memory order
+FUSED_ROWS = 512
+
+
+def _fused(N: int, C: int, L: int, T: int) -> bool:
+    """A channel per task on ``(N, C, L)``: long rows, and channels that spread evenly."""
+    return L >= FUSED_ROWS and (T == 1 or C % T == 0 or C >= 8 * T)
+
+
+def _stream(x: Array, stream: bool | None) -> bool:
+    """Streaming stores for the output like ``x``: big outputs written in long runs (short
+    rows interleave too many partial lines for the write-combining buffers)."""
+    if stream is not None:
+        return bool(stream)
+    run = x.shape[2] if x.ndim == 3 else x.shape[1]
+    return x.nbytes >= STREAM_ABOVE and run >= FUSED_ROWS
 
 
 def _mc_blocks(M: int, C: int, T: int) -> tuple[int, int]:
@@ -145,12 +167,14 @@ def forward_train(
     *,
     out: Array | None = None,
     parallel: bool | None = None,
+    stream: bool | None = None,
 ) -> tuple[Array, Array, Array, Array]:
     """Algorithm 1 (Ioffe & Szegedy 2015) on ``x`` of shape ``(N, C, L)`` or ``(M, C)``.
 
     Returns ``(y, mean, var, invstd)``: ``y`` like ``x``; the per-channel mean, biased variance
     and ``1/√(var + ε)`` in ``x``'s dtype. ``weight``/``bias`` (γ/β, shape ``(C,)``) may be None.
-    ``out`` receives ``y`` if given; ``parallel`` forces threads on/off (None: by size).
+    ``out`` receives ``y`` if given; ``parallel`` forces threads on/off and ``stream``
+    non-temporal stores of the output on/off (None: by size, see :data:`STREAM_ABOVE`).
     """
     x = _as_input(x, "x")
     C = x.shape[1]
@@ -159,11 +183,12 @@ def forward_train(
     w = _channel_vec(weight, C, x.dtype, "weight")
     b = _channel_vec(bias, C, x.dtype, "bias")
     y = _out(out, x)
-    return _forward_train(x, w, b, float(eps), y, _threads(x.size, parallel))
+    T = _threads(x.size, parallel)
+    return _forward_train(x, w, b, float(eps), y, T, _stream(x, stream))
 
 
 def _forward_train(
-    x: Array, w: Array, b: Array, eps: float, y: Array, T: int
+    x: Array, w: Array, b: Array, eps: float, y: Array, T: int, stream: bool = False
 ) -> tuple[Array, Array, Array, Array]:
     """:func:`forward_train` on checked arrays (``w``/``b`` empty when absent)."""
     C = x.shape[1]
@@ -171,13 +196,13 @@ def _forward_train(
     var = np.empty(C, x.dtype)
     invstd = np.empty(C, x.dtype)
     par = T > 1
-    if x.ndim == 3:
-        N, _, L = x.shape
-        nblk = _ncl_blocks(N, C, L, T)
-        _kernel("ncl_forward_train", par)(x, w, b, eps, nblk, y, mean, var, invstd)
+    if x.ndim == 3 and _fused(x.shape[0], C, x.shape[2], T):
+        _kernel("ncl_forward_train_fused", par)(x, w, b, eps, stream, y, mean, var, invstd)
+    elif x.ndim == 3:
+        _kernel("ncl_forward_train", par)(x, w, b, eps, T, stream, y, mean, var, invstd)
     else:
         nrb, ncb = _mc_blocks(x.shape[0], C, T)
-        _kernel("mc_forward_train", par)(x, w, b, eps, nrb, ncb, y, mean, var, invstd)
+        _kernel("mc_forward_train", par)(x, w, b, eps, nrb, ncb, stream, y, mean, var, invstd)
     return y, mean, var, invstd
 
 
@@ -191,12 +216,14 @@ def backward(
     need_dx: bool = True,
     out: Array | None = None,
     parallel: bool | None = None,
+    stream: bool | None = None,
 ) -> tuple[Array | None, Array, Array]:
     """Gradients of Algorithm 1 given the forward's ``mean`` and ``invstd``.
 
     ``dγ = Σ dy·x̂``, ``dβ = Σ dy`` and ``dx = γ·invstd/m · (m·dy − dβ − x̂·dγ)`` with
     ``x̂ = (x − mean)·invstd`` and m the values per channel. Returns ``(dx, dγ, dβ)`` (``dx`` is
-    None when ``need_dx`` is False: the reductions alone, one pass).
+    None when ``need_dx`` is False: the reductions alone, one pass). ``out``, ``parallel`` and
+    ``stream`` as in :func:`forward_train`.
     """
     x = _as_input(x, "x")
     dy = _as_input(dy, "dy")
@@ -209,11 +236,19 @@ def backward(
     invstd = _channel_vec(invstd, C, x.dtype, "invstd")
     w = _channel_vec(weight, C, x.dtype, "weight")
     dx = _out(out, x) if need_dx else None
-    return _backward(dy, x, mean, invstd, w, dx, _threads(x.size, parallel))
+    T = _threads(x.size, parallel)
+    return _backward(dy, x, mean, invstd, w, dx, T, _stream(x, stream))
 
 
 def _backward(
-    dy: Array, x: Array, mean: Array, invstd: Array, w: Array, dx: Array | None, T: int
+    dy: Array,
+    x: Array,
+    mean: Array,
+    invstd: Array,
+    w: Array,
+    dx: Array | None,
+    T: int,
+    stream: bool = False,
 ) -> tuple[Array | None, Array, Array]:
     """:func:`backward` on checked arrays; ``dx`` None skips the element pass."""
     C = x.shape[1]
@@ -223,13 +258,14 @@ def _backward(
     buf = dx if dx is not None else x  # not written when need_dx is False
     par = T > 1
     tol = _MEAN_TOL[x.dtype]
-    if x.ndim == 3:
-        N, _, L = x.shape
-        nblk = _ncl_blocks(N, C, L, T)
-        _kernel("ncl_backward", par)(dy, x, mean, invstd, w, tol, nblk, need_dx, buf, dw, db)
+    outs: tuple[Any, ...] = (stream, need_dx, buf, dw, db)
+    if x.ndim == 3 and _fused(x.shape[0], C, x.shape[2], T):
+        _kernel("ncl_backward_fused", par)(dy, x, mean, invstd, w, tol, *outs)
+    elif x.ndim == 3:
+        _kernel("ncl_backward", par)(dy, x, mean, invstd, w, tol, T, *outs)
     else:
         nrb, ncb = _mc_blocks(x.shape[0], C, T)
-        _kernel("mc_backward", par)(dy, x, mean, invstd, w, tol, nrb, ncb, need_dx, buf, dw, db)
+        _kernel("mc_backward", par)(dy, x, mean, invstd, w, tol, nrb, ncb, *outs)
     return dx, dw, db
 
 
@@ -240,6 +276,7 @@ def forward_eval(
     *,
     out: Array | None = None,
     parallel: bool | None = None,
+    stream: bool | None = None,
 ) -> Array:
     """Batch normalization at inference (Algorithm 2): ``y = x·scale + shift`` per channel, with
     ``scale = γ/√(Var[x] + ε)`` and ``shift = β − scale·E[x]`` (see
@@ -248,13 +285,16 @@ def forward_eval(
     C = x.shape[1]
     sc = _channel_vec(scale, C, x.dtype, "scale")
     sh = _channel_vec(shift, C, x.dtype, "shift")
-    return _forward_eval(x, sc, sh, _out(out, x), _threads(x.size, parallel))
+    T = _threads(x.size, parallel)
+    return _forward_eval(x, sc, sh, _out(out, x), T, _stream(x, stream))
 
 
-def _forward_eval(x: Array, scale: Array, shift: Array, y: Array, T: int) -> Array:
+def _forward_eval(
+    x: Array, scale: Array, shift: Array, y: Array, T: int, stream: bool = False
+) -> Array:
     """:func:`forward_eval` on checked arrays."""
     if x.ndim == 3:
-        _kernel("ncl_forward_eval", T > 1)(x, scale, shift, y)
+        _kernel("ncl_forward_eval", T > 1)(x, scale, shift, T, stream, y)
     else:
-        _kernel("mc_forward_eval", T > 1)(x, scale, shift, T, y)
+        _kernel("mc_forward_eval", T > 1)(x, scale, shift, T, stream, y)
     return y

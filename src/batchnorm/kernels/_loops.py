@@ -2,17 +2,24 @@
 
 Two canonical layouts, both C-contiguous:
 
-* ``(N, C, L)`` — channels first. Work unit: a channel, or a block of one channel's N·L values
-  when there are too few channels to keep every thread busy. Loop order: n, then the contiguous
-  l run, so every read streams.
+* ``(N, C, L)`` — channels first. Long rows (``*_fused``): a channel per task, its statistics
+  then its element pass while the channel is still in the core's cache. Short rows, or channels
+  that do not spread evenly over the threads: every pass walks memory in order — the flat range
+  of the tensor is cut into one contiguous piece per thread, rows ``(n, c)`` (or parts of rows,
+  at the cuts) are visited in address order, and the statistics pass keeps per-thread partial
+  sums per channel. Streaming reads, even work for any C, N or L.
 * ``(M, C)`` — rows × channels. Work unit: a block of rows (or of channels when M is tiny); the
   inner loop runs along the contiguous channels and updates per-channel partial sums.
 
 Numerics (the same in every kernel):
 
-* statistics are shifted sums accumulated in float64: Σ(x − k) and Σ(x − k)² with the shift k a
-  value of the channel (its first one), so cancellation is bounded by m·ε₆₄ and the blocks of a
-  channel, sharing k, merge by plain addition;
+* statistics are shifted sums: Σ(x − k) and Σ(x − k)² with the shift k a value of the channel
+  (its first one). On ``(N, C, L)`` each row segment of at most :data:`CHUNK` values is summed
+  in the input's dtype (vectorized along the row), the segment sums are accumulated in float64;
+  a segment whose sum is not finite (float32 overflow of the squares near float32's range, or a
+  NaN/inf input) is summed again in float64, so overflow never reaches the result and
+  non-finite inputs still do. On ``(M, C)`` every value is accumulated in float64 (vectorized
+  across channels);
 * the element passes subtract the mean rounded to the input's dtype (``mh``; exact by Sterbenz for
   values near it) and fold the rounding ``mean − mh`` into the shift, so float32 outputs keep
   float32 accuracy even when |mean| ≫ std;
@@ -20,9 +27,11 @@ Numerics (the same in every kernel):
   propagate (a non-finite input must give non-finite statistics, which the running-statistics
   update then refuses).
 
-Memory passes (float32, forward + backward): forward reads x twice and writes y once, backward
-reads x and dy twice and writes dx once; with one channel per work unit the second read of a
-channel comes from the core's cache when the channel fits, leaving the compulsory 8 + 12 bytes.
+Memory traffic: forward reads x twice and writes y, backward reads x and dy twice and writes dx
+(the second reads come from cache in the fused kernels when a channel fits). Outputs larger
+than the caches (``stream=True``) are written with non-temporal stores (a 64-byte line at a
+time, from a small per-thread buffer): the line goes to memory without being read into the
+cache first, which saves a third of a copy's traffic.
 """
 
 from __future__ import annotations
@@ -34,10 +43,103 @@ from typing import Any
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import prange
+from numba import types as nbtypes
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # reductions may be reordered (vectorized, FMA-contracted); no nnan/ninf: NaN must propagate
 _FASTMATH = {"reassoc", "contract"}
+
+#: values per row segment summed in the input's dtype before the float64 accumulation; also the
+#: size of the per-thread output buffer of the streaming stores
+CHUNK = 2048
+
+_LINE = 64  # bytes of a cache line: the unit of a non-temporal store
+
+
+# ------------------------------------------------------------------------------------------
+# non-temporal stores (LLVM IR: Numba has no vector types)
+
+
+def _data_ptr(context: Any, builder: Any, arrty: Any, arr: Any) -> Any:
+    return cgutils.create_struct_proxy(arrty)(context, builder, value=arr).data
+
+
+def _nt_line_typer(typingctx, dst, di, src, si):  # type: ignore[no-untyped-def]
+    """``dst[di : di + W] = src[si : si + W]`` (W values = 64 bytes) as one non-temporal store;
+    ``dst[di]`` must be 64-byte aligned."""
+    sig = nbtypes.void(dst, di, src, si)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        d, di_, s, si_ = args
+        lty = context.get_value_type(signature.args[0].dtype)
+        size = context.get_abi_sizeof(lty)
+        vty = ir.VectorType(lty, _LINE // size)
+        sp = builder.gep(_data_ptr(context, builder, signature.args[2], s), [si_])
+        dp = builder.gep(_data_ptr(context, builder, signature.args[0], d), [di_])
+        v = builder.load(builder.bitcast(sp, vty.as_pointer()), align=size)
+        st = builder.store(v, builder.bitcast(dp, vty.as_pointer()), align=_LINE)
+        one = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
+        st.set_metadata("nontemporal", one)
+
+    return sig, codegen
+
+
+_nt_line: Any = intrinsic(_nt_line_typer)
+
+
+def _misalign_typer(typingctx, arr, i):  # type: ignore[no-untyped-def]
+    """The address of ``arr[i]`` modulo 64 bytes."""
+    sig = nbtypes.intp(arr, i)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        p = builder.gep(_data_ptr(context, builder, signature.args[0], args[0]), [args[1]])
+        addr = builder.ptrtoint(p, ir.IntType(64))
+        return builder.and_(addr, ir.Constant(ir.IntType(64), _LINE - 1))
+
+    return sig, codegen
+
+
+_misalign: Any = intrinsic(_misalign_typer)
+
+
+def _fence_typer(typingctx):  # type: ignore[no-untyped-def]
+    """Order this thread's non-temporal stores before anything it does next."""
+    sig = nbtypes.void()
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        builder.fence("seq_cst")  # x86: mfence, which also orders non-temporal stores
+
+    return sig, codegen
+
+
+_fence: Any = intrinsic(_fence_typer)
+
+
+@numba.njit(inline="always", cache=True)
+def _stream_out(dst, lo, buf, n):  # type: ignore[no-untyped-def]
+    """``dst[lo : lo + n] = buf[:n]``: whole aligned lines as non-temporal stores, the ragged
+    ends as plain stores."""
+    size = dst.itemsize
+    w = _LINE // size
+    mis = _misalign(dst, lo)
+    head = 0 if mis == 0 else (_LINE - mis) // size
+    if head > n:
+        head = n
+    for i in range(head):
+        dst[lo + i] = buf[i]
+    i = head
+    while i + w <= n:
+        _nt_line(dst, lo + i, buf, i)
+        i += w
+    for j in range(i, n):
+        dst[lo + j] = buf[j]
+
+
+# ------------------------------------------------------------------------------------------
+# shared pieces
 
 
 @numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
@@ -77,195 +179,227 @@ def _backward_coefs(
 
 
 @numba.njit(inline="always", cache=True)
-def _block_range(j0: int, j1: int, n: int, L: int) -> tuple[int, int]:
-    """The l-range ``[lo, hi)`` of row ``n`` inside the flat channel range ``[j0, j1)``."""
-    lo = j0 - n * L
+def _piece(t: int, T: int, total: int) -> tuple[int, int]:
+    """The flat range ``[j0, j1)`` of piece ``t`` of ``T`` equal pieces of ``total`` values."""
+    return t * total // T, (t + 1) * total // T
+
+
+@numba.njit(inline="always", cache=True)
+def _row_span(j0: int, j1: int, r: int, L: int) -> tuple[int, int]:
+    """The part ``[lo, hi)`` of row ``r`` (length L) inside the flat range ``[j0, j1)``."""
+    lo = j0 - r * L
     if lo < 0:
         lo = 0
-    hi = j1 - n * L
+    hi = j1 - r * L
     if hi > L:
         hi = L
     return lo, hi
+
+
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _shifted_sums(xr, lo, hi, k, zero):  # type: ignore[no-untyped-def]
+    """Σ(x − k) and Σ(x − k)² over ``xr[lo:hi]`` in float64, from segments of :data:`CHUNK`
+    values summed in x's dtype (a non-finite segment is summed again in float64)."""
+    s1 = 0.0
+    s2 = 0.0
+    a = lo
+    while a < hi:
+        e = min(a + CHUNK, hi)
+        seg = xr[a:e]  # 0-based loops vectorize (no negative-index fix-ups)
+        p = zero
+        q = zero
+        for i in range(e - a):
+            d = seg[i] - k
+            p += d
+            q += d * d
+        if math.isfinite(q) and math.isfinite(p):
+            s1 += np.float64(p)
+            s2 += np.float64(q)
+        else:
+            k64 = np.float64(k)
+            for i in range(e - a):
+                d64 = np.float64(seg[i]) - k64
+                s1 += d64
+                s2 += d64 * d64
+        a = e
+    return s1, s2
+
+
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _grad_sums(dr, xr, lo, hi, mh, zero):  # type: ignore[no-untyped-def]
+    """Σdy, Σdy·(x − mh) and Σ(x − mh) over ``[lo, hi)`` of one row, in float64 from segments
+    summed in the dtype (non-finite segments again in float64)."""
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    a = lo
+    while a < hi:
+        e = min(a + CHUNK, hi)
+        xs = xr[a:e]
+        gs = dr[a:e]
+        p = zero
+        q = zero
+        u = zero
+        for i in range(e - a):
+            g_ = gs[i]
+            xd = xs[i] - mh
+            p += g_
+            q += g_ * xd
+            u += xd
+        if math.isfinite(p) and math.isfinite(q) and math.isfinite(u):
+            s0 += np.float64(p)
+            s1 += np.float64(q)
+            s2 += np.float64(u)
+        else:
+            mh64 = np.float64(mh)
+            for i in range(e - a):
+                g64 = np.float64(gs[i])
+                xd64 = np.float64(xs[i]) - mh64
+                s0 += g64
+                s1 += g64 * xd64
+                s2 += xd64
+        a = e
+    return s0, s1, s2
+
+
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _affine_span(yr, xr, lo, hi, mu, sc, sh, stream, buf):  # type: ignore[no-untyped-def]
+    """``y = (x − mu)·sc + sh`` over ``[lo, hi)`` of one row (streamed through ``buf``)."""
+    if not stream:
+        xs = xr[lo:hi]
+        ys = yr[lo:hi]
+        for i in range(hi - lo):
+            ys[i] = (xs[i] - mu) * sc + sh
+        return
+    a = lo
+    while a < hi:
+        e = min(a + CHUNK, hi)
+        xs = xr[a:e]
+        for i in range(e - a):
+            buf[i] = (xs[i] - mu) * sc + sh
+        _stream_out(yr, a, buf, e - a)
+        a = e
+
+
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _dx_span(dxr, dr, xr, lo, hi, mh, af, bf, df, stream, buf):  # type: ignore[no-untyped-def]
+    """``dx = dy·A + (x − mh)·B + D`` over ``[lo, hi)`` of one row (streamed through ``buf``)."""
+    if not stream:
+        xs = xr[lo:hi]
+        gs = dr[lo:hi]
+        os_ = dxr[lo:hi]
+        for i in range(hi - lo):
+            os_[i] = gs[i] * af + (xs[i] - mh) * bf + df
+        return
+    a = lo
+    while a < hi:
+        e = min(a + CHUNK, hi)
+        xs = xr[a:e]
+        gs = dr[a:e]
+        for i in range(e - a):
+            buf[i] = gs[i] * af + (xs[i] - mh) * bf + df
+        _stream_out(dxr, a, buf, e - a)
+        a = e
 
 
 # ------------------------------------------------------------------------------------------
 # (N, C, L)
 
 
-def ncl_forward_train(x, w, b, eps, nblk, y, mean_out, var_out, invstd_out):  # type: ignore[no-untyped-def]
-    """Training forward on ``x (N, C, L)``; ``nblk`` blocks per channel (1: fused per channel)."""
+def ncl_forward_train(x, w, b, eps, T, stream, y, mean_out, var_out, invstd_out):  # type: ignore[no-untyped-def]
+    """Training forward on ``x (N, C, L)`` split into ``T`` contiguous pieces of memory."""
     N, C, L = x.shape
     m = N * L
+    R = N * C
+    total = R * L
     has_w = w.shape[0] > 0
     has_b = b.shape[0] > 0
+    zero = np.zeros(1, dtype=x.dtype)[0]
+    kd = np.empty(C, dtype=x.dtype)  # the shift of each channel: its first value
+    for c in range(C):
+        kd[c] = x[0, c, 0]
+    part = np.zeros((T, 2, C))
+    for t in prange(T):
+        j0, j1 = _piece(t, T, total)
+        p1 = part[t, 0]
+        p2 = part[t, 1]
+        if j1 > j0:
+            for r in range(j0 // L, (j1 - 1) // L + 1):
+                n = r // C
+                c = r - n * C
+                lo, hi = _row_span(j0, j1, r, L)
+                s1, s2 = _shifted_sums(x[n, c], lo, hi, kd[c], zero)
+                p1[c] += s1
+                p2[c] += s2
     mh_arr = np.empty(C, dtype=x.dtype)
     sc_arr = np.empty(C, dtype=x.dtype)
     sh_arr = np.empty(C, dtype=x.dtype)
-    if nblk == 1:
-        # one channel per work unit: statistics, then the element pass while it is cached
-        for c in prange(C):
-            k = np.float64(x[0, c, 0])
-            s1 = 0.0
-            s2 = 0.0
-            for n in range(N):
-                xr = x[n, c]
-                for l in range(L):
-                    d = np.float64(xr[l]) - k
-                    s1 += d
-                    s2 += d * d
-            g = np.float64(w[c]) if has_w else 1.0
-            bb = np.float64(b[c]) if has_b else 0.0
-            mh_arr[c] = k + s1 / m  # the mean rounded to the dtype (stores cast)
-            mh = mh_arr[c]
-            mean, var, invstd, sc, sh = _finalize_stats(s1, s2, m, k, eps, g, bb, np.float64(mh))
-            mean_out[c] = mean
-            var_out[c] = var
-            invstd_out[c] = invstd
-            sc_arr[c] = sc
-            sh_arr[c] = sh
-            scf = sc_arr[c]
-            shf = sh_arr[c]
-            for n in range(N):
-                xr = x[n, c]
-                yr = y[n, c]
-                for l in range(L):
-                    yr[l] = (xr[l] - mh) * scf + shf
-        return
-    # few channels: blocks of each channel's flat range n·L + l, partial sums merged per channel
-    J = N * L
-    ntask = C * nblk
-    part = np.empty((2, ntask))
-    for t in prange(ntask):
-        c = t // nblk
-        bi = t % nblk
-        j0 = bi * J // nblk
-        j1 = (bi + 1) * J // nblk
-        k = np.float64(x[0, c, 0])
-        s1 = 0.0
-        s2 = 0.0
-        if j1 > j0:
-            for n in range(j0 // L, (j1 - 1) // L + 1):
-                lo, hi = _block_range(j0, j1, n, L)
-                xr = x[n, c, lo:hi]  # 0-based loops vectorize (no negative-index fix-ups)
-                for l in range(hi - lo):
-                    d = np.float64(xr[l]) - k
-                    s1 += d
-                    s2 += d * d
-        part[0, t] = s1
-        part[1, t] = s2
     for c in range(C):
         s1 = 0.0
         s2 = 0.0
-        for bi in range(nblk):
-            s1 += part[0, c * nblk + bi]
-            s2 += part[1, c * nblk + bi]
-        k = np.float64(x[0, c, 0])
+        for t in range(T):
+            s1 += part[t, 0, c]
+            s2 += part[t, 1, c]
+        k = np.float64(kd[c])
         g = np.float64(w[c]) if has_w else 1.0
         bb = np.float64(b[c]) if has_b else 0.0
-        mh_arr[c] = k + s1 / m
+        mh_arr[c] = k + s1 / m  # the mean rounded to the dtype (stores cast)
         mean, var, invstd, sc, sh = _finalize_stats(s1, s2, m, k, eps, g, bb, np.float64(mh_arr[c]))
         mean_out[c] = mean
         var_out[c] = var
         invstd_out[c] = invstd
         sc_arr[c] = sc
         sh_arr[c] = sh
-    for t in prange(ntask):
-        c = t // nblk
-        bi = t % nblk
-        j0 = bi * J // nblk
-        j1 = (bi + 1) * J // nblk
-        mh = mh_arr[c]
-        scf = sc_arr[c]
-        shf = sh_arr[c]
+    for t in prange(T):
+        j0, j1 = _piece(t, T, total)
+        buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
         if j1 > j0:
-            for n in range(j0 // L, (j1 - 1) // L + 1):
-                lo, hi = _block_range(j0, j1, n, L)
-                xr = x[n, c, lo:hi]
-                yr = y[n, c, lo:hi]
-                for l in range(hi - lo):
-                    yr[l] = (xr[l] - mh) * scf + shf
+            for r in range(j0 // L, (j1 - 1) // L + 1):
+                n = r // C
+                c = r - n * C
+                lo, hi = _row_span(j0, j1, r, L)
+                _affine_span(y[n, c], x[n, c], lo, hi, mh_arr[c], sc_arr[c], sh_arr[c], stream, buf)
+        if stream:
+            _fence()
 
 
-def ncl_backward(dy, x, mean, invstd, w, tol, nblk, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
-    """Backward on ``(N, C, L)``: Σdy and Σdy·x̂ per channel fused with the dx pass.
+def ncl_backward(dy, x, mean, invstd, w, tol, T, stream, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
+    """Backward on ``(N, C, L)``: Σdy and Σdy·x̂ per channel, then the dx pass.
 
     dx = γ·invstd/m · (m·dy − Σdy − x̂·Σdy·x̂) = A·dy + B·(x − μ) + D per channel.
     """
     N, C, L = x.shape
     m = N * L
+    R = N * C
+    total = R * L
     has_w = w.shape[0] > 0
+    zero = np.zeros(1, dtype=x.dtype)[0]
+    part = np.zeros((T, 3, C))
+    for t in prange(T):
+        j0, j1 = _piece(t, T, total)
+        p0 = part[t, 0]
+        p1 = part[t, 1]
+        p2 = part[t, 2]
+        if j1 > j0:
+            for r in range(j0 // L, (j1 - 1) // L + 1):
+                n = r // C
+                c = r - n * C
+                lo, hi = _row_span(j0, j1, r, L)
+                s0, s1, s2 = _grad_sums(dy[n, c], x[n, c], lo, hi, mean[c], zero)
+                p0[c] += s0
+                p1[c] += s1
+                p2[c] += s2
     a_arr = np.empty(C, dtype=x.dtype)
     b_arr = np.empty(C, dtype=x.dtype)
     d_arr = np.empty(C, dtype=x.dtype)
-    if nblk == 1:
-        for c in prange(C):
-            mh = mean[c]
-            sdy = 0.0
-            sdyx = 0.0
-            sx = 0.0
-            for n in range(N):
-                xr = x[n, c]
-                dr = dy[n, c]
-                for l in range(L):
-                    g_ = np.float64(dr[l])
-                    xd = np.float64(xr[l] - mh)
-                    sdy += g_
-                    sdyx += g_ * xd
-                    sx += xd
-            g = np.float64(w[c]) if has_w else 1.0
-            dwc, dbc, ac, bc, dc = _backward_coefs(
-                sdy, sdyx, sx, m, np.float64(mh), np.float64(invstd[c]), g, tol
-            )
-            db_out[c] = dbc
-            dw_out[c] = dwc
-            if need_dx:
-                a_arr[c] = ac
-                b_arr[c] = bc
-                d_arr[c] = dc
-                af = a_arr[c]
-                bf = b_arr[c]
-                df = d_arr[c]
-                for n in range(N):
-                    xr = x[n, c]
-                    dr = dy[n, c]
-                    dxr = dx[n, c]
-                    for l in range(L):
-                        dxr[l] = dr[l] * af + (xr[l] - mh) * bf + df
-        return
-    J = N * L
-    ntask = C * nblk
-    part = np.empty((3, ntask))
-    for t in prange(ntask):
-        c = t // nblk
-        bi = t % nblk
-        j0 = bi * J // nblk
-        j1 = (bi + 1) * J // nblk
-        mh = mean[c]
-        sdy = 0.0
-        sdyx = 0.0
-        sx = 0.0
-        if j1 > j0:
-            for n in range(j0 // L, (j1 - 1) // L + 1):
-                lo, hi = _block_range(j0, j1, n, L)
-                xr = x[n, c, lo:hi]
-                dr = dy[n, c, lo:hi]
-                for l in range(hi - lo):
-                    g_ = np.float64(dr[l])
-                    xd = np.float64(xr[l] - mh)
-                    sdy += g_
-                    sdyx += g_ * xd
-                    sx += xd
-        part[0, t] = sdy
-        part[1, t] = sdyx
-        part[2, t] = sx
     for c in range(C):
         sdy = 0.0
         sdyx = 0.0
         sx = 0.0
-        for bi in range(nblk):
-            sdy += part[0, c * nblk + bi]
-            sdyx += part[1, c * nblk + bi]
-            sx += part[2, c * nblk + bi]
+        for t in range(T):
+            sdy += part[t, 0, c]
+            sdyx += part[t, 1, c]
+            sx += part[t, 2, c]
         g = np.float64(w[c]) if has_w else 1.0
         dwc, dbc, ac, bc, dc = _backward_coefs(
             sdy, sdyx, sx, m, np.float64(mean[c]), np.float64(invstd[c]), g, tol
@@ -277,49 +411,141 @@ def ncl_backward(dy, x, mean, invstd, w, tol, nblk, need_dx, dx, dw_out, db_out)
         d_arr[c] = dc
     if not need_dx:
         return
-    for t in prange(ntask):
-        c = t // nblk
-        bi = t % nblk
-        j0 = bi * J // nblk
-        j1 = (bi + 1) * J // nblk
-        mh = mean[c]
-        af = a_arr[c]
-        bf = b_arr[c]
-        df = d_arr[c]
+    for t in prange(T):
+        j0, j1 = _piece(t, T, total)
+        buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
         if j1 > j0:
-            for n in range(j0 // L, (j1 - 1) // L + 1):
-                lo, hi = _block_range(j0, j1, n, L)
-                xr = x[n, c, lo:hi]
-                dr = dy[n, c, lo:hi]
-                dxr = dx[n, c, lo:hi]
-                for l in range(hi - lo):
-                    dxr[l] = dr[l] * af + (xr[l] - mh) * bf + df
+            for r in range(j0 // L, (j1 - 1) // L + 1):
+                n = r // C
+                c = r - n * C
+                lo, hi = _row_span(j0, j1, r, L)
+                _dx_span(
+                    dx[n, c],
+                    dy[n, c],
+                    x[n, c],
+                    lo,
+                    hi,
+                    mean[c],
+                    a_arr[c],
+                    b_arr[c],
+                    d_arr[c],
+                    stream,
+                    buf,
+                )
+        if stream:
+            _fence()
 
 
-def ncl_forward_eval(x, scale, shift, y):  # type: ignore[no-untyped-def]
-    """Inference on ``(N, C, L)``: one pass, y = x·scale + shift, rows (n, c) split over threads."""
+def ncl_forward_train_fused(x, w, b, eps, stream, y, mean_out, var_out, invstd_out):  # type: ignore[no-untyped-def]
+    """Training forward on ``x (N, C, L)``, a channel per task: its statistics, then its
+    element pass while the channel is still in the core's cache (long rows, many channels)."""
     N, C, L = x.shape
-    for r in prange(N * C):
-        n = r // C
-        c = r % C
-        sc = scale[c]
-        sh = shift[c]
-        xr = x[n, c]
-        yr = y[n, c]
-        for l in range(L):
-            yr[l] = xr[l] * sc + sh
+    m = N * L
+    has_w = w.shape[0] > 0
+    has_b = b.shape[0] > 0
+    zero = np.zeros(1, dtype=x.dtype)[0]
+    mh_arr = np.empty(C, dtype=x.dtype)
+    sc_arr = np.empty(C, dtype=x.dtype)
+    sh_arr = np.empty(C, dtype=x.dtype)
+    for c in prange(C):
+        kd = x[0, c, 0]
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(N):
+            a1, a2 = _shifted_sums(x[n, c], 0, L, kd, zero)
+            s1 += a1
+            s2 += a2
+        k = np.float64(kd)
+        g = np.float64(w[c]) if has_w else 1.0
+        bb = np.float64(b[c]) if has_b else 0.0
+        mh_arr[c] = k + s1 / m
+        mean, var, invstd, sc, sh = _finalize_stats(s1, s2, m, k, eps, g, bb, np.float64(mh_arr[c]))
+        mean_out[c] = mean
+        var_out[c] = var
+        invstd_out[c] = invstd
+        sc_arr[c] = sc
+        sh_arr[c] = sh
+        buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
+        for n in range(N):
+            _affine_span(y[n, c], x[n, c], 0, L, mh_arr[c], sc_arr[c], sh_arr[c], stream, buf)
+        if stream:
+            _fence()
+
+
+def ncl_backward_fused(dy, x, mean, invstd, w, tol, stream, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
+    """Backward on ``(N, C, L)``, a channel per task: its sums, then its dx pass from cache."""
+    N, C, L = x.shape
+    m = N * L
+    has_w = w.shape[0] > 0
+    zero = np.zeros(1, dtype=x.dtype)[0]
+    a_arr = np.empty(C, dtype=x.dtype)
+    b_arr = np.empty(C, dtype=x.dtype)
+    d_arr = np.empty(C, dtype=x.dtype)
+    for c in prange(C):
+        sdy = 0.0
+        sdyx = 0.0
+        sx = 0.0
+        for n in range(N):
+            s0, s1, s2 = _grad_sums(dy[n, c], x[n, c], 0, L, mean[c], zero)
+            sdy += s0
+            sdyx += s1
+            sx += s2
+        g = np.float64(w[c]) if has_w else 1.0
+        dwc, dbc, ac, bc, dc = _backward_coefs(
+            sdy, sdyx, sx, m, np.float64(mean[c]), np.float64(invstd[c]), g, tol
+        )
+        db_out[c] = dbc
+        dw_out[c] = dwc
+        a_arr[c] = ac
+        b_arr[c] = bc
+        d_arr[c] = dc
+        if need_dx:
+            buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
+            for n in range(N):
+                _dx_span(
+                    dx[n, c],
+                    dy[n, c],
+                    x[n, c],
+                    0,
+                    L,
+                    mean[c],
+                    a_arr[c],
+                    b_arr[c],
+                    d_arr[c],
+                    stream,
+                    buf,
+                )
+            if stream:
+                _fence()
+
+
+def ncl_forward_eval(x, scale, shift, T, stream, y):  # type: ignore[no-untyped-def]
+    """Inference on ``(N, C, L)``: one pass, y = x·scale + shift, in ``T`` pieces of memory."""
+    N, C, L = x.shape
+    total = N * C * L
+    zero = np.zeros(1, dtype=x.dtype)[0]
+    for t in prange(T):
+        j0, j1 = _piece(t, T, total)
+        buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
+        if j1 > j0:
+            for r in range(j0 // L, (j1 - 1) // L + 1):
+                n = r // C
+                c = r - n * C
+                lo, hi = _row_span(j0, j1, r, L)
+                _affine_span(y[n, c], x[n, c], lo, hi, zero, scale[c], shift[c], stream, buf)
+        if stream:
+            _fence()
 
 
 # ------------------------------------------------------------------------------------------
 # (M, C)
 
 
-def mc_forward_train(x, w, b, eps, nrb, ncb, y, mean_out, var_out, invstd_out):  # type: ignore[no-untyped-def]
+def mc_forward_train(x, w, b, eps, nrb, ncb, stream, y, mean_out, var_out, invstd_out):  # type: ignore[no-untyped-def]
     """Training forward on ``x (M, C)``: ``nrb × ncb`` blocks of rows × channels.
 
     Each task streams its rows, updating per-channel partial shifted sums (inner loop along the
-    contiguous channels); partials merge per channel; the element pass reuses the same split, so
-    with ``ncb == 1`` and one row block per thread each thread re-reads the rows it just summed.
+    contiguous channels); partials merge per channel; the element pass reuses the same split.
     """
     M, C = x.shape
     has_w = w.shape[0] > 0
@@ -332,10 +558,8 @@ def mc_forward_train(x, w, b, eps, nrb, ncb, y, mean_out, var_out, invstd_out): 
     for t in prange(ntask):
         rb = t // ncb
         cb = t % ncb
-        r0 = rb * M // nrb
-        r1 = (rb + 1) * M // nrb
-        c0 = cb * C // ncb
-        c1 = (cb + 1) * C // ncb
+        r0, r1 = _piece(rb, nrb, M)
+        c0, c1 = _piece(cb, ncb, C)
         # channel slices: 0-based loops vectorize (no negative-index fix-ups)
         p1 = part[0, rb, c0:c1]
         p2 = part[1, rb, c0:c1]
@@ -372,12 +596,11 @@ def mc_forward_train(x, w, b, eps, nrb, ncb, y, mean_out, var_out, invstd_out): 
         for rb in range(nrb):
             s1 += part[0, rb, c]
             s2 += part[1, rb, c]
+        k = kk[c]
         g = np.float64(w[c]) if has_w else 1.0
         bb = np.float64(b[c]) if has_b else 0.0
-        mh_arr[c] = kk[c] + s1 / M
-        mean, var, invstd, sc, sh = _finalize_stats(
-            s1, s2, M, kk[c], eps, g, bb, np.float64(mh_arr[c])
-        )
+        mh_arr[c] = k + s1 / M
+        mean, var, invstd, sc, sh = _finalize_stats(s1, s2, M, k, eps, g, bb, np.float64(mh_arr[c]))
         mean_out[c] = mean
         var_out[c] = var
         invstd_out[c] = invstd
@@ -386,21 +609,40 @@ def mc_forward_train(x, w, b, eps, nrb, ncb, y, mean_out, var_out, invstd_out): 
     for t in prange(ntask):
         rb = t // ncb
         cb = t % ncb
-        r0 = rb * M // nrb
-        r1 = (rb + 1) * M // nrb
-        c0 = cb * C // ncb
-        c1 = (cb + 1) * C // ncb
-        mv = mh_arr[c0:c1]
-        sv = sc_arr[c0:c1]
-        hv = sh_arr[c0:c1]
-        for i in range(r0, r1):
-            xr = x[i, c0:c1]
-            yr = y[i, c0:c1]
-            for c in range(c1 - c0):
-                yr[c] = (xr[c] - mv[c]) * sv[c] + hv[c]
+        r0, r1 = _piece(rb, nrb, M)
+        c0, c1 = _piece(cb, ncb, C)
+        _mc_affine_rows(y, x, r0, r1, c0, c1, mh_arr, sc_arr, sh_arr, stream)
 
 
-def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _mc_affine_rows(y, x, r0, r1, c0, c1, mu, sc, sh, stream):  # type: ignore[no-untyped-def]
+    """``y = (x − mu)·sc + sh`` (per-channel vectors) over rows ``[r0, r1)``, channels
+    ``[c0, c1)``; streamed through a row buffer when ``stream``."""
+    buf = np.empty(min(c1 - c0, CHUNK) if stream else 0, dtype=x.dtype)
+    for i in range(r0, r1):
+        xr = x[i]
+        yr = y[i]
+        a = c0
+        while a < c1:
+            e = min(a + CHUNK, c1) if stream else c1
+            xs = xr[a:e]
+            mv = mu[a:e]
+            sv = sc[a:e]
+            hv = sh[a:e]
+            if stream:
+                for c in range(e - a):
+                    buf[c] = (xs[c] - mv[c]) * sv[c] + hv[c]
+                _stream_out(yr, a, buf, e - a)
+            else:
+                ys = yr[a:e]
+                for c in range(e - a):
+                    ys[c] = (xs[c] - mv[c]) * sv[c] + hv[c]
+            a = e
+    if stream:
+        _fence()
+
+
+def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, stream, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
     """Backward on ``(M, C)``: partial Σdy, Σdy·(x − μ) per row block, merged, then the dx pass."""
     M, C = x.shape
     has_w = w.shape[0] > 0
@@ -409,10 +651,8 @@ def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, need_dx, dx, dw_out, db_o
     for t in prange(ntask):
         rb = t // ncb
         cb = t % ncb
-        r0 = rb * M // nrb
-        r1 = (rb + 1) * M // nrb
-        c0 = cb * C // ncb
-        c1 = (cb + 1) * C // ncb
+        r0, r1 = _piece(rb, nrb, M)
+        c0, c1 = _piece(cb, ncb, C)
         p1 = part[0, rb, c0:c1]
         p2 = part[1, rb, c0:c1]
         p3 = part[2, rb, c0:c1]
@@ -479,33 +719,42 @@ def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, need_dx, dx, dw_out, db_o
     for t in prange(ntask):
         rb = t // ncb
         cb = t % ncb
-        r0 = rb * M // nrb
-        r1 = (rb + 1) * M // nrb
-        c0 = cb * C // ncb
-        c1 = (cb + 1) * C // ncb
-        mv = mean[c0:c1]
-        av = a_arr[c0:c1]
-        bv = b_arr[c0:c1]
-        dv = d_arr[c0:c1]
-        for i in range(r0, r1):
-            xr = x[i, c0:c1]
-            dr = dy[i, c0:c1]
-            dxr = dx[i, c0:c1]
-            for c in range(c1 - c0):
-                dxr[c] = dr[c] * av[c] + (xr[c] - mv[c]) * bv[c] + dv[c]
-
-
-def mc_forward_eval(x, scale, shift, nrb, y):  # type: ignore[no-untyped-def]
-    """Inference on ``(M, C)``: one pass over ``nrb`` row blocks, y = x·scale + shift."""
-    M, C = x.shape
-    for rb in prange(nrb):
-        r0 = rb * M // nrb
-        r1 = (rb + 1) * M // nrb
+        r0, r1 = _piece(rb, nrb, M)
+        c0, c1 = _piece(cb, ncb, C)
+        buf = np.empty(min(c1 - c0, CHUNK) if stream else 0, dtype=x.dtype)
         for i in range(r0, r1):
             xr = x[i]
-            yr = y[i]
-            for c in range(C):
-                yr[c] = xr[c] * scale[c] + shift[c]
+            dr = dy[i]
+            dxr = dx[i]
+            a = c0
+            while a < c1:
+                e = min(a + CHUNK, c1) if stream else c1
+                xs = xr[a:e]
+                gs = dr[a:e]
+                mv = mean[a:e]
+                av = a_arr[a:e]
+                bv = b_arr[a:e]
+                dv = d_arr[a:e]
+                if stream:
+                    for c in range(e - a):
+                        buf[c] = gs[c] * av[c] + (xs[c] - mv[c]) * bv[c] + dv[c]
+                    _stream_out(dxr, a, buf, e - a)
+                else:
+                    os_ = dxr[a:e]
+                    for c in range(e - a):
+                        os_[c] = gs[c] * av[c] + (xs[c] - mv[c]) * bv[c] + dv[c]
+                a = e
+        if stream:
+            _fence()
+
+
+def mc_forward_eval(x, scale, shift, nrb, stream, y):  # type: ignore[no-untyped-def]
+    """Inference on ``(M, C)``: one pass over ``nrb`` row blocks, y = x·scale + shift."""
+    M, C = x.shape
+    zero = np.zeros(C, dtype=x.dtype)
+    for rb in prange(nrb):
+        r0, r1 = _piece(rb, nrb, M)
+        _mc_affine_rows(y, x, r0, r1, 0, C, zero, scale, shift, stream)
 
 
 # ------------------------------------------------------------------------------------------
@@ -515,7 +764,9 @@ _KERNELS: dict[str, Callable[..., Any]] = {
     f.__name__: f
     for f in (
         ncl_forward_train,
+        ncl_forward_train_fused,
         ncl_backward,
+        ncl_backward_fused,
         ncl_forward_eval,
         mc_forward_train,
         mc_backward,
