@@ -178,6 +178,64 @@ def _backward_coefs(
     return dwc, sdy, g * inv, bcoef, -k * sdy - bcoef * corr
 
 
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _finish_forward(part, kd, m, w, b, eps, mean_out, var_out, invstd_out, like):  # type: ignore[no-untyped-def]
+    """Merge the partial shifted sums ``part (pieces, 2, C)`` per channel, write mean, var and
+    invstd, and return ``(mh, scale, shift)`` in ``like``'s dtype for the element pass."""
+    C = part.shape[2]
+    has_w = w.shape[0] > 0
+    has_b = b.shape[0] > 0
+    mh_arr = np.empty(C, dtype=like.dtype)
+    sc_arr = np.empty(C, dtype=like.dtype)
+    sh_arr = np.empty(C, dtype=like.dtype)
+    for c in range(C):
+        s1 = 0.0
+        s2 = 0.0
+        for t in range(part.shape[0]):
+            s1 += part[t, 0, c]
+            s2 += part[t, 1, c]
+        k = np.float64(kd[c])
+        g = np.float64(w[c]) if has_w else 1.0
+        bb = np.float64(b[c]) if has_b else 0.0
+        mh_arr[c] = k + s1 / m  # the mean rounded to the dtype (stores cast)
+        mean, var, invstd, sc, sh = _finalize_stats(s1, s2, m, k, eps, g, bb, np.float64(mh_arr[c]))
+        mean_out[c] = mean
+        var_out[c] = var
+        invstd_out[c] = invstd
+        sc_arr[c] = sc
+        sh_arr[c] = sh
+    return mh_arr, sc_arr, sh_arr
+
+
+@numba.njit(cache=True, fastmath=_FASTMATH)
+def _finish_backward(part, m, mean, invstd, w, tol, dw_out, db_out):  # type: ignore[no-untyped-def]
+    """Merge the partial sums ``part (pieces, 3, C)`` (Σdy, Σdy·(x − μ), Σ(x − μ)) per channel,
+    write dγ and dβ, and return the dx coefficients ``(A, B, D)`` in ``mean``'s dtype."""
+    C = part.shape[2]
+    has_w = w.shape[0] > 0
+    a_arr = np.empty(C, dtype=mean.dtype)
+    b_arr = np.empty(C, dtype=mean.dtype)
+    d_arr = np.empty(C, dtype=mean.dtype)
+    for c in range(C):
+        sdy = 0.0
+        sdyx = 0.0
+        sx = 0.0
+        for t in range(part.shape[0]):
+            sdy += part[t, 0, c]
+            sdyx += part[t, 1, c]
+            sx += part[t, 2, c]
+        g = np.float64(w[c]) if has_w else 1.0
+        dwc, dbc, ac, bc, dc = _backward_coefs(
+            sdy, sdyx, sx, m, np.float64(mean[c]), np.float64(invstd[c]), g, tol
+        )
+        db_out[c] = dbc
+        dw_out[c] = dwc
+        a_arr[c] = ac
+        b_arr[c] = bc
+        d_arr[c] = dc
+    return a_arr, b_arr, d_arr
+
+
 @numba.njit(inline="always", cache=True)
 def _piece(t: int, T: int, total: int) -> tuple[int, int]:
     """The flat range ``[j0, j1)`` of piece ``t`` of ``T`` equal pieces of ``total`` values."""
@@ -312,8 +370,6 @@ def ncl_forward_train(x, w, b, eps, T, stream, y, mean_out, var_out, invstd_out)
     m = N * L
     R = N * C
     total = R * L
-    has_w = w.shape[0] > 0
-    has_b = b.shape[0] > 0
     zero = np.zeros(1, dtype=x.dtype)[0]
     kd = np.empty(C, dtype=x.dtype)  # the shift of each channel: its first value
     for c in range(C):
@@ -331,25 +387,9 @@ def ncl_forward_train(x, w, b, eps, T, stream, y, mean_out, var_out, invstd_out)
                 s1, s2 = _shifted_sums(x[n, c], lo, hi, kd[c], zero)
                 p1[c] += s1
                 p2[c] += s2
-    mh_arr = np.empty(C, dtype=x.dtype)
-    sc_arr = np.empty(C, dtype=x.dtype)
-    sh_arr = np.empty(C, dtype=x.dtype)
-    for c in range(C):
-        s1 = 0.0
-        s2 = 0.0
-        for t in range(T):
-            s1 += part[t, 0, c]
-            s2 += part[t, 1, c]
-        k = np.float64(kd[c])
-        g = np.float64(w[c]) if has_w else 1.0
-        bb = np.float64(b[c]) if has_b else 0.0
-        mh_arr[c] = k + s1 / m  # the mean rounded to the dtype (stores cast)
-        mean, var, invstd, sc, sh = _finalize_stats(s1, s2, m, k, eps, g, bb, np.float64(mh_arr[c]))
-        mean_out[c] = mean
-        var_out[c] = var
-        invstd_out[c] = invstd
-        sc_arr[c] = sc
-        sh_arr[c] = sh
+    mh_arr, sc_arr, sh_arr = _finish_forward(
+        part, kd, m, w, b, eps, mean_out, var_out, invstd_out, x
+    )
     for t in prange(T):
         j0, j1 = _piece(t, T, total)
         buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
@@ -372,7 +412,6 @@ def ncl_backward(dy, x, mean, invstd, w, tol, T, stream, need_dx, dx, dw_out, db
     m = N * L
     R = N * C
     total = R * L
-    has_w = w.shape[0] > 0
     zero = np.zeros(1, dtype=x.dtype)[0]
     part = np.zeros((T, 3, C))
     for t in prange(T):
@@ -389,26 +428,7 @@ def ncl_backward(dy, x, mean, invstd, w, tol, T, stream, need_dx, dx, dw_out, db
                 p0[c] += s0
                 p1[c] += s1
                 p2[c] += s2
-    a_arr = np.empty(C, dtype=x.dtype)
-    b_arr = np.empty(C, dtype=x.dtype)
-    d_arr = np.empty(C, dtype=x.dtype)
-    for c in range(C):
-        sdy = 0.0
-        sdyx = 0.0
-        sx = 0.0
-        for t in range(T):
-            sdy += part[t, 0, c]
-            sdyx += part[t, 1, c]
-            sx += part[t, 2, c]
-        g = np.float64(w[c]) if has_w else 1.0
-        dwc, dbc, ac, bc, dc = _backward_coefs(
-            sdy, sdyx, sx, m, np.float64(mean[c]), np.float64(invstd[c]), g, tol
-        )
-        db_out[c] = dbc
-        dw_out[c] = dwc
-        a_arr[c] = ac
-        b_arr[c] = bc
-        d_arr[c] = dc
+    a_arr, b_arr, d_arr = _finish_backward(part, m, mean, invstd, w, tol, dw_out, db_out)
     if not need_dx:
         return
     for t in prange(T):
@@ -548,12 +568,10 @@ def mc_forward_train(x, w, b, eps, nrb, ncb, stream, y, mean_out, var_out, invst
     contiguous channels); partials merge per channel; the element pass reuses the same split.
     """
     M, C = x.shape
-    has_w = w.shape[0] > 0
-    has_b = b.shape[0] > 0
     kk = np.empty(C)
     for c in range(C):
         kk[c] = np.float64(x[0, c])
-    part = np.zeros((2, nrb, C))
+    part = np.zeros((nrb, 2, C))
     ntask = nrb * ncb
     for t in prange(ntask):
         rb = t // ncb
@@ -561,8 +579,8 @@ def mc_forward_train(x, w, b, eps, nrb, ncb, stream, y, mean_out, var_out, invst
         r0, r1 = _piece(rb, nrb, M)
         c0, c1 = _piece(cb, ncb, C)
         # channel slices: 0-based loops vectorize (no negative-index fix-ups)
-        p1 = part[0, rb, c0:c1]
-        p2 = part[1, rb, c0:c1]
+        p1 = part[rb, 0, c0:c1]
+        p2 = part[rb, 1, c0:c1]
         kv = kk[c0:c1]
         # 4 rows per sweep: the partial sums are loaded and stored once per 4 values
         i = r0
@@ -587,25 +605,9 @@ def mc_forward_train(x, w, b, eps, nrb, ncb, stream, y, mean_out, var_out, invst
                 p1[c] += d
                 p2[c] += d * d
             i += 1
-    mh_arr = np.empty(C, dtype=x.dtype)
-    sc_arr = np.empty(C, dtype=x.dtype)
-    sh_arr = np.empty(C, dtype=x.dtype)
-    for c in range(C):
-        s1 = 0.0
-        s2 = 0.0
-        for rb in range(nrb):
-            s1 += part[0, rb, c]
-            s2 += part[1, rb, c]
-        k = kk[c]
-        g = np.float64(w[c]) if has_w else 1.0
-        bb = np.float64(b[c]) if has_b else 0.0
-        mh_arr[c] = k + s1 / M
-        mean, var, invstd, sc, sh = _finalize_stats(s1, s2, M, k, eps, g, bb, np.float64(mh_arr[c]))
-        mean_out[c] = mean
-        var_out[c] = var
-        invstd_out[c] = invstd
-        sc_arr[c] = sc
-        sh_arr[c] = sh
+    mh_arr, sc_arr, sh_arr = _finish_forward(
+        part, kk, M, w, b, eps, mean_out, var_out, invstd_out, x
+    )
     for t in prange(ntask):
         rb = t // ncb
         cb = t % ncb
@@ -645,17 +647,16 @@ def _mc_affine_rows(y, x, r0, r1, c0, c1, mu, sc, sh, stream):  # type: ignore[n
 def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, stream, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
     """Backward on ``(M, C)``: partial Σdy, Σdy·(x − μ) per row block, merged, then the dx pass."""
     M, C = x.shape
-    has_w = w.shape[0] > 0
-    part = np.zeros((3, nrb, C))
+    part = np.zeros((nrb, 3, C))
     ntask = nrb * ncb
     for t in prange(ntask):
         rb = t // ncb
         cb = t % ncb
         r0, r1 = _piece(rb, nrb, M)
         c0, c1 = _piece(cb, ncb, C)
-        p1 = part[0, rb, c0:c1]
-        p2 = part[1, rb, c0:c1]
-        p3 = part[2, rb, c0:c1]
+        p1 = part[rb, 0, c0:c1]
+        p2 = part[rb, 1, c0:c1]
+        p3 = part[rb, 2, c0:c1]
         mv = mean[c0:c1]
         i = r0
         while i + 4 <= r1:  # 4 rows per sweep, as in the forward
@@ -694,26 +695,7 @@ def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, stream, need_dx, dx, dw_o
                 p2[c] += g_ * xd
                 p3[c] += xd
             i += 1
-    a_arr = np.empty(C, dtype=x.dtype)
-    b_arr = np.empty(C, dtype=x.dtype)
-    d_arr = np.empty(C, dtype=x.dtype)
-    for c in range(C):
-        sdy = 0.0
-        sdyx = 0.0
-        sx = 0.0
-        for rb in range(nrb):
-            sdy += part[0, rb, c]
-            sdyx += part[1, rb, c]
-            sx += part[2, rb, c]
-        g = np.float64(w[c]) if has_w else 1.0
-        dwc, dbc, ac, bc, dc = _backward_coefs(
-            sdy, sdyx, sx, M, np.float64(mean[c]), np.float64(invstd[c]), g, tol
-        )
-        db_out[c] = dbc
-        dw_out[c] = dwc
-        a_arr[c] = ac
-        b_arr[c] = bc
-        d_arr[c] = dc
+    a_arr, b_arr, d_arr = _finish_backward(part, M, mean, invstd, w, tol, dw_out, db_out)
     if not need_dx:
         return
     for t in prange(ntask):
