@@ -118,14 +118,21 @@ def _stream(x: Array, stream: bool | None) -> bool:
     return x.nbytes >= STREAM_ABOVE and run >= FUSED_ROWS
 
 
-def _mc_blocks(M: int, C: int, T: int) -> tuple[int, int]:
-    """Row blocks × channel blocks on ``(M, C)``: one row block per thread when there are rows
-    enough (each thread then re-reads the rows it summed), channel blocks for tiny batches."""
-    if T == 1:
-        return 1, 1
-    if M >= 4 * T:
-        return T, 1
-    return 1, max(1, min(T, C))
+#: bytes of a channel tile on ``(M, C)`` (:data:`_loops.TILE_BYTES`)
+TILE_BYTES = 8192
+
+
+def _mc_split(M: int, C: int, T: int, itemsize: int) -> tuple[int, int, int]:
+    """Row blocks × channel tiles on ``(M, C)``: ``(nrb, ncb, tile width)``. One row block per
+    thread when there are rows enough (each thread then re-reads the rows it summed); for tiny
+    batches the tiles are narrowed so that every thread gets some."""
+    tw = TILE_BYTES // itemsize
+    nrb = 1
+    if T > 1 and M >= 4 * T:
+        nrb = T
+    elif T > 1:
+        tw = min(tw, max(16, (-(-C // T) + 15) // 16 * 16))
+    return nrb, -(-C // tw), tw
 
 
 def _as_input(x: Array, what: str) -> Array:
@@ -196,13 +203,13 @@ def _forward_train(
     var = np.empty(C, x.dtype)
     invstd = np.empty(C, x.dtype)
     par = T > 1
-    if x.ndim == 3 and _fused(x.shape[0], C, x.shape[2], T):
+    if x.ndim == 2:
+        split = _mc_split(x.shape[0], C, T, x.itemsize)
+        _kernel("mc_forward_train", par)(x, w, b, eps, *split, stream, y, mean, var, invstd)
+    elif _fused(x.shape[0], C, x.shape[2], T):
         _kernel("ncl_forward_train_fused", par)(x, w, b, eps, stream, y, mean, var, invstd)
-    elif x.ndim == 3:
-        _kernel("ncl_forward_train", par)(x, w, b, eps, T, stream, y, mean, var, invstd)
     else:
-        nrb, ncb = _mc_blocks(x.shape[0], C, T)
-        _kernel("mc_forward_train", par)(x, w, b, eps, nrb, ncb, stream, y, mean, var, invstd)
+        _kernel("ncl_forward_train", par)(x, w, b, eps, T, stream, y, mean, var, invstd)
     return y, mean, var, invstd
 
 
@@ -259,13 +266,13 @@ def _backward(
     par = T > 1
     tol = _MEAN_TOL[x.dtype]
     outs: tuple[Any, ...] = (stream, need_dx, buf, dw, db)
-    if x.ndim == 3 and _fused(x.shape[0], C, x.shape[2], T):
+    if x.ndim == 2:
+        split = _mc_split(x.shape[0], C, T, x.itemsize)
+        _kernel("mc_backward", par)(dy, x, mean, invstd, w, tol, *split, *outs)
+    elif _fused(x.shape[0], C, x.shape[2], T):
         _kernel("ncl_backward_fused", par)(dy, x, mean, invstd, w, tol, *outs)
-    elif x.ndim == 3:
-        _kernel("ncl_backward", par)(dy, x, mean, invstd, w, tol, T, *outs)
     else:
-        nrb, ncb = _mc_blocks(x.shape[0], C, T)
-        _kernel("mc_backward", par)(dy, x, mean, invstd, w, tol, nrb, ncb, *outs)
+        _kernel("ncl_backward", par)(dy, x, mean, invstd, w, tol, T, *outs)
     return dx, dw, db
 
 
@@ -296,5 +303,6 @@ def _forward_eval(
     if x.ndim == 3:
         _kernel("ncl_forward_eval", T > 1)(x, scale, shift, T, stream, y)
     else:
-        _kernel("mc_forward_eval", T > 1)(x, scale, shift, T, stream, y)
+        split = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
+        _kernel("mc_forward_eval", T > 1)(x, scale, shift, *split, stream, y)
     return y

@@ -8,8 +8,9 @@ Two canonical layouts, both C-contiguous:
   of the tensor is cut into one contiguous piece per thread, rows ``(n, c)`` (or parts of rows,
   at the cuts) are visited in address order, and the statistics pass keeps per-thread partial
   sums per channel. Streaming reads, even work for any C, N or L.
-* ``(M, C)`` — rows × channels. Work unit: a block of rows (or of channels when M is tiny); the
-  inner loop runs along the contiguous channels and updates per-channel partial sums.
+* ``(M, C)`` — rows × channels. Work unit: a block of rows (one per thread) × a tile of at most
+  :data:`TILE_BYTES` of channels (narrower tiles when M is tiny); the inner loop runs along the
+  contiguous channels of 4 rows at a time and updates per-channel block sums.
 
 Numerics (the same in every kernel):
 
@@ -18,8 +19,8 @@ Numerics (the same in every kernel):
   in the input's dtype (vectorized along the row), the segment sums are accumulated in float64;
   a segment whose sum is not finite (float32 overflow of the squares near float32's range, or a
   NaN/inf input) is summed again in float64, so overflow never reaches the result and
-  non-finite inputs still do. On ``(M, C)`` every value is accumulated in float64 (vectorized
-  across channels);
+  non-finite inputs still do. On ``(M, C)`` the same holds per channel for blocks of
+  :data:`MC_ROWS` rows (vectorized across channels);
 * the element passes subtract the mean rounded to the input's dtype (``mh``; exact by Sterbenz for
   values near it) and fold the rounding ``mean − mh`` into the shift, so float32 outputs keep
   float32 accuracy even when |mean| ≫ std;
@@ -560,118 +561,102 @@ def ncl_forward_eval(x, scale, shift, T, stream, y):  # type: ignore[no-untyped-
 # ------------------------------------------------------------------------------------------
 # (M, C)
 
+#: rows per block on the columns layout: a block's sums are taken in the input's dtype
+#: (vectorized across the contiguous columns), then added to the float64 partial sums
+MC_ROWS = 32
+#: bytes of a column tile: a task's block sums and per-column vectors stay in the core's cache
+TILE_BYTES = 8192
 
-def mc_forward_train(x, w, b, eps, nrb, ncb, stream, y, mean_out, var_out, invstd_out):  # type: ignore[no-untyped-def]
-    """Training forward on ``x (M, C)``: ``nrb × ncb`` blocks of rows × channels.
 
-    Each task streams its rows, updating per-channel partial shifted sums (inner loop along the
-    contiguous channels); partials merge per channel; the element pass reuses the same split.
-    """
-    M, C = x.shape
-    kk = np.empty(C)
-    for c in range(C):
-        kk[c] = np.float64(x[0, c])
-    part = np.zeros((nrb, 2, C))
-    ntask = nrb * ncb
-    for t in prange(ntask):
-        rb = t // ncb
-        cb = t % ncb
-        r0, r1 = _piece(rb, nrb, M)
-        c0, c1 = _piece(cb, ncb, C)
-        # channel slices: 0-based loops vectorize (no negative-index fix-ups)
-        p1 = part[rb, 0, c0:c1]
-        p2 = part[rb, 1, c0:c1]
-        kv = kk[c0:c1]
-        # 4 rows per sweep: the partial sums are loaded and stored once per 4 values
-        i = r0
-        while i + 4 <= r1:
-            x0 = x[i, c0:c1]
-            x1 = x[i + 1, c0:c1]
-            x2 = x[i + 2, c0:c1]
-            x3 = x[i + 3, c0:c1]
-            for c in range(c1 - c0):
-                k = kv[c]
-                d0 = np.float64(x0[c]) - k
-                d1 = np.float64(x1[c]) - k
-                d2 = np.float64(x2[c]) - k
-                d3 = np.float64(x3[c]) - k
-                p1[c] += (d0 + d1) + (d2 + d3)
-                p2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-            i += 4
-        while i < r1:
-            xr = x[i, c0:c1]
-            for c in range(c1 - c0):
-                d = np.float64(xr[c]) - kv[c]
-                p1[c] += d
-                p2[c] += d * d
-            i += 1
-    mh_arr, sc_arr, sh_arr = _finish_forward(
-        part, kk, M, w, b, eps, mean_out, var_out, invstd_out, x
-    )
-    for t in prange(ntask):
-        rb = t // ncb
-        cb = t % ncb
-        r0, r1 = _piece(rb, nrb, M)
-        c0, c1 = _piece(cb, ncb, C)
-        _mc_affine_rows(y, x, r0, r1, c0, c1, mh_arr, sc_arr, sh_arr, stream)
+@numba.njit(inline="always", cache=True)
+def _tile(t, nrb, ncb, tw, M, W):  # type: ignore[no-untyped-def]
+    """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of task ``t`` (``nrb`` row blocks ×
+    ``ncb`` tiles of ``tw`` columns), and its row block."""
+    rb = t // ncb
+    cb = t % ncb
+    r0, r1 = _piece(rb, nrb, M)
+    c0 = cb * tw
+    return rb, r0, r1, c0, min(c0 + tw, W)
 
 
 @numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
-def _mc_affine_rows(y, x, r0, r1, c0, c1, mu, sc, sh, stream):  # type: ignore[no-untyped-def]
-    """``y = (x − mu)·sc + sh`` (per-channel vectors) over rows ``[r0, r1)``, channels
-    ``[c0, c1)``; streamed through a row buffer when ``stream``."""
-    buf = np.empty(min(c1 - c0, CHUNK) if stream else 0, dtype=x.dtype)
-    for i in range(r0, r1):
-        xr = x[i]
-        yr = y[i]
-        a = c0
-        while a < c1:
-            e = min(a + CHUNK, c1) if stream else c1
-            xs = xr[a:e]
-            mv = mu[a:e]
-            sv = sc[a:e]
-            hv = sh[a:e]
-            if stream:
-                for c in range(e - a):
-                    buf[c] = (xs[c] - mv[c]) * sv[c] + hv[c]
-                _stream_out(yr, a, buf, e - a)
+def _mc_shifted_sums(x, r0, r1, c0, c1, k, p1, p2):  # type: ignore[no-untyped-def]
+    """Add Σ(x − k) and Σ(x − k)² over rows ``[r0, r1)`` to ``p1``/``p2`` (float64, one entry
+    per column of ``[c0, c1)``): blocks of :data:`MC_ROWS` rows summed in x's dtype, 4 rows per
+    sweep (the block sums are loaded and stored once per 4 values); a column whose block sum is
+    not finite is summed again in float64."""
+    n = c1 - c0
+    kv = k[c0:c1]  # column slices: 0-based loops vectorize (no negative-index fix-ups)
+    s1 = np.empty(n, x.dtype)
+    s2 = np.empty(n, x.dtype)
+    i = r0
+    while i < r1:
+        e = min(i + MC_ROWS, r1)
+        for c in range(n):
+            s1[c] = 0
+            s2[c] = 0
+        r = i
+        while r + 4 <= e:
+            x0 = x[r, c0:c1]
+            x1 = x[r + 1, c0:c1]
+            x2 = x[r + 2, c0:c1]
+            x3 = x[r + 3, c0:c1]
+            for c in range(n):
+                kc = kv[c]
+                d0 = x0[c] - kc
+                d1 = x1[c] - kc
+                d2 = x2[c] - kc
+                d3 = x3[c] - kc
+                s1[c] += (d0 + d1) + (d2 + d3)
+                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            r += 4
+        while r < e:
+            xs = x[r, c0:c1]
+            for c in range(n):
+                d = xs[c] - kv[c]
+                s1[c] += d
+                s2[c] += d * d
+            r += 1
+        for c in range(n):
+            if math.isfinite(s1[c]) and math.isfinite(s2[c]):
+                p1[c] += np.float64(s1[c])
+                p2[c] += np.float64(s2[c])
             else:
-                ys = yr[a:e]
-                for c in range(e - a):
-                    ys[c] = (xs[c] - mv[c]) * sv[c] + hv[c]
-            a = e
-    if stream:
-        _fence()
+                k64 = np.float64(kv[c])
+                for r in range(i, e):
+                    d64 = np.float64(x[r, c0 + c]) - k64
+                    p1[c] += d64
+                    p2[c] += d64 * d64
+        i = e
 
 
-def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, stream, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
-    """Backward on ``(M, C)``: partial Σdy, Σdy·(x − μ) per row block, merged, then the dx pass."""
-    M, C = x.shape
-    part = np.zeros((nrb, 3, C))
-    ntask = nrb * ncb
-    for t in prange(ntask):
-        rb = t // ncb
-        cb = t % ncb
-        r0, r1 = _piece(rb, nrb, M)
-        c0, c1 = _piece(cb, ncb, C)
-        p1 = part[rb, 0, c0:c1]
-        p2 = part[rb, 1, c0:c1]
-        p3 = part[rb, 2, c0:c1]
-        mv = mean[c0:c1]
-        i = r0
-        while i + 4 <= r1:  # 4 rows per sweep, as in the forward
-            x0 = x[i, c0:c1]
-            x1 = x[i + 1, c0:c1]
-            x2 = x[i + 2, c0:c1]
-            x3 = x[i + 3, c0:c1]
-            g0r = dy[i, c0:c1]
-            g1r = dy[i + 1, c0:c1]
-            g2r = dy[i + 2, c0:c1]
-            g3r = dy[i + 3, c0:c1]
-            for c in range(c1 - c0):
-                # the 4-term sums in the input dtype, then float64: no cancellation happens
-                # here (x − μ is centred), and converting once per 4 values keeps the loop
-                # memory-bound for float32
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _mc_grad_sums(dy, x, r0, r1, c0, c1, mean, p1, p2, p3):  # type: ignore[no-untyped-def]
+    """Add Σdy, Σdy·(x − mean) and Σ(x − mean) over rows ``[r0, r1)`` of columns ``[c0, c1)``
+    to ``p1``, ``p2``, ``p3`` (float64), as :func:`_mc_shifted_sums` does."""
+    n = c1 - c0
+    mv = mean[c0:c1]
+    s1 = np.empty(n, x.dtype)
+    s2 = np.empty(n, x.dtype)
+    s3 = np.empty(n, x.dtype)
+    i = r0
+    while i < r1:
+        e = min(i + MC_ROWS, r1)
+        for c in range(n):
+            s1[c] = 0
+            s2[c] = 0
+            s3[c] = 0
+        r = i
+        while r + 4 <= e:
+            x0 = x[r, c0:c1]
+            x1 = x[r + 1, c0:c1]
+            x2 = x[r + 2, c0:c1]
+            x3 = x[r + 3, c0:c1]
+            g0r = dy[r, c0:c1]
+            g1r = dy[r + 1, c0:c1]
+            g2r = dy[r + 2, c0:c1]
+            g3r = dy[r + 3, c0:c1]
+            for c in range(n):
                 mc = mv[c]
                 e0 = x0[c] - mc
                 e1 = x1[c] - mc
@@ -681,62 +666,180 @@ def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, stream, need_dx, dx, dw_o
                 g1 = g1r[c]
                 g2 = g2r[c]
                 g3 = g3r[c]
-                p1[c] += np.float64((g0 + g1) + (g2 + g3))
-                p2[c] += np.float64((g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3))
-                p3[c] += np.float64((e0 + e1) + (e2 + e3))
-            i += 4
-        while i < r1:
-            xr = x[i, c0:c1]
-            dr = dy[i, c0:c1]
+                s1[c] += (g0 + g1) + (g2 + g3)
+                s2[c] += (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3)
+                s3[c] += (e0 + e1) + (e2 + e3)
+            r += 4
+        while r < e:
+            xs = x[r, c0:c1]
+            gs = dy[r, c0:c1]
+            for c in range(n):
+                g = gs[c]
+                d = xs[c] - mv[c]
+                s1[c] += g
+                s2[c] += g * d
+                s3[c] += d
+            r += 1
+        for c in range(n):
+            if math.isfinite(s1[c]) and math.isfinite(s2[c]) and math.isfinite(s3[c]):
+                p1[c] += np.float64(s1[c])
+                p2[c] += np.float64(s2[c])
+                p3[c] += np.float64(s3[c])
+            else:
+                m64 = np.float64(mv[c])
+                for r in range(i, e):
+                    g64 = np.float64(dy[r, c0 + c])
+                    d64 = np.float64(x[r, c0 + c]) - m64
+                    p1[c] += g64
+                    p2[c] += g64 * d64
+                    p3[c] += d64
+        i = e
+
+
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _mc_affine(y, x, r0, r1, c0, c1, mu, sc, sh, stream):  # type: ignore[no-untyped-def]
+    """``y = (x − mu)·sc + sh`` (per-channel vectors) over rows ``[r0, r1)``, channels
+    ``[c0, c1)``; streamed through a buffer when ``stream``."""
+    if not stream:
+        mv = mu[c0:c1]
+        sv = sc[c0:c1]
+        hv = sh[c0:c1]
+        for i in range(r0, r1):
+            xs = x[i, c0:c1]
+            ys = y[i, c0:c1]
             for c in range(c1 - c0):
-                g_ = np.float64(dr[c])
-                xd = np.float64(xr[c] - mv[c])
-                p1[c] += g_
-                p2[c] += g_ * xd
-                p3[c] += xd
-            i += 1
+                ys[c] = (xs[c] - mv[c]) * sv[c] + hv[c]
+        return
+    buf = np.empty(CHUNK, dtype=x.dtype)
+    C = x.shape[1]
+    if c1 - c0 == C and C <= CHUNK:
+        # whole rows: contiguous in memory, streamed a group of rows at a time
+        yf = y.reshape(y.size)
+        R = CHUNK // C
+        i = r0
+        while i < r1:
+            e = min(i + R, r1)
+            for r in range(i, e):
+                xs = x[r]
+                bs = buf[(r - i) * C : (r - i + 1) * C]
+                for c in range(C):
+                    bs[c] = (xs[c] - mu[c]) * sc[c] + sh[c]
+            _stream_out(yf, i * C, buf, (e - i) * C)
+            i = e
+        _fence()
+        return
+    for i in range(r0, r1):
+        a = c0
+        while a < c1:
+            e = min(a + CHUNK, c1)
+            xs = x[i, a:e]
+            mv = mu[a:e]
+            sv = sc[a:e]
+            hv = sh[a:e]
+            for c in range(e - a):
+                buf[c] = (xs[c] - mv[c]) * sv[c] + hv[c]
+            _stream_out(y[i], a, buf, e - a)
+            a = e
+    _fence()
+
+
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _mc_dx(dx, dy, x, r0, r1, c0, c1, mean, af, bf, df, stream):  # type: ignore[no-untyped-def]
+    """``dx = dy·A + (x − mean)·B + D`` (per-channel vectors) over rows ``[r0, r1)``, channels
+    ``[c0, c1)``; streamed through a buffer when ``stream``."""
+    if not stream:
+        mv = mean[c0:c1]
+        av = af[c0:c1]
+        bv = bf[c0:c1]
+        dv = df[c0:c1]
+        for i in range(r0, r1):
+            xs = x[i, c0:c1]
+            gs = dy[i, c0:c1]
+            os_ = dx[i, c0:c1]
+            for c in range(c1 - c0):
+                os_[c] = gs[c] * av[c] + (xs[c] - mv[c]) * bv[c] + dv[c]
+        return
+    buf = np.empty(CHUNK, dtype=x.dtype)
+    C = x.shape[1]
+    if c1 - c0 == C and C <= CHUNK:
+        dxf = dx.reshape(dx.size)
+        R = CHUNK // C
+        i = r0
+        while i < r1:
+            e = min(i + R, r1)
+            for r in range(i, e):
+                xs = x[r]
+                gs = dy[r]
+                bs = buf[(r - i) * C : (r - i + 1) * C]
+                for c in range(C):
+                    bs[c] = gs[c] * af[c] + (xs[c] - mean[c]) * bf[c] + df[c]
+            _stream_out(dxf, i * C, buf, (e - i) * C)
+            i = e
+        _fence()
+        return
+    for i in range(r0, r1):
+        a = c0
+        while a < c1:
+            e = min(a + CHUNK, c1)
+            xs = x[i, a:e]
+            gs = dy[i, a:e]
+            mv = mean[a:e]
+            av = af[a:e]
+            bv = bf[a:e]
+            dv = df[a:e]
+            for c in range(e - a):
+                buf[c] = gs[c] * av[c] + (xs[c] - mv[c]) * bv[c] + dv[c]
+            _stream_out(dx[i], a, buf, e - a)
+            a = e
+    _fence()
+
+
+def mc_forward_train(x, w, b, eps, nrb, ncb, tw, stream, y, mean_out, var_out, invstd_out):  # type: ignore[no-untyped-def]
+    """Training forward on ``x (M, C)``: ``nrb`` row blocks × ``ncb`` tiles of ``tw``
+    channels.
+
+    Each task streams its tile of rows, adding to per-channel partial shifted sums (the shift:
+    each channel's first value); the partials merge per channel; the element pass reuses the
+    same split.
+    """
+    M, C = x.shape
+    kk = x[0].copy()
+    part = np.zeros((nrb, 2, C))
+    for t in prange(nrb * ncb):
+        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, C)
+        _mc_shifted_sums(x, r0, r1, c0, c1, kk, part[rb, 0, c0:c1], part[rb, 1, c0:c1])
+    mh, sc, sh = _finish_forward(part, kk, M, w, b, eps, mean_out, var_out, invstd_out, x)
+    for t in prange(nrb * ncb):
+        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, C)
+        _mc_affine(y, x, r0, r1, c0, c1, mh, sc, sh, stream)
+
+
+def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, tw, stream, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
+    """Backward on ``(M, C)``: partial Σdy, Σdy·(x − μ), Σ(x − μ) per row block, merged per
+    channel, then the dx pass over the same split."""
+    M, C = x.shape
+    part = np.zeros((nrb, 3, C))
+    for t in prange(nrb * ncb):
+        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, C)
+        _mc_grad_sums(
+            dy, x, r0, r1, c0, c1, mean,
+            part[rb, 0, c0:c1], part[rb, 1, c0:c1], part[rb, 2, c0:c1],
+        )  # fmt: skip
     a_arr, b_arr, d_arr = _finish_backward(part, M, mean, invstd, w, tol, dw_out, db_out)
     if not need_dx:
         return
-    for t in prange(ntask):
-        rb = t // ncb
-        cb = t % ncb
-        r0, r1 = _piece(rb, nrb, M)
-        c0, c1 = _piece(cb, ncb, C)
-        buf = np.empty(min(c1 - c0, CHUNK) if stream else 0, dtype=x.dtype)
-        for i in range(r0, r1):
-            xr = x[i]
-            dr = dy[i]
-            dxr = dx[i]
-            a = c0
-            while a < c1:
-                e = min(a + CHUNK, c1) if stream else c1
-                xs = xr[a:e]
-                gs = dr[a:e]
-                mv = mean[a:e]
-                av = a_arr[a:e]
-                bv = b_arr[a:e]
-                dv = d_arr[a:e]
-                if stream:
-                    for c in range(e - a):
-                        buf[c] = gs[c] * av[c] + (xs[c] - mv[c]) * bv[c] + dv[c]
-                    _stream_out(dxr, a, buf, e - a)
-                else:
-                    os_ = dxr[a:e]
-                    for c in range(e - a):
-                        os_[c] = gs[c] * av[c] + (xs[c] - mv[c]) * bv[c] + dv[c]
-                a = e
-        if stream:
-            _fence()
+    for t in prange(nrb * ncb):
+        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, C)
+        _mc_dx(dx, dy, x, r0, r1, c0, c1, mean, a_arr, b_arr, d_arr, stream)
 
 
-def mc_forward_eval(x, scale, shift, nrb, stream, y):  # type: ignore[no-untyped-def]
-    """Inference on ``(M, C)``: one pass over ``nrb`` row blocks, y = x·scale + shift."""
+def mc_forward_eval(x, scale, shift, nrb, ncb, tw, stream, y):  # type: ignore[no-untyped-def]
+    """Inference on ``(M, C)``: one pass, y = x·scale + shift."""
     M, C = x.shape
     zero = np.zeros(C, dtype=x.dtype)
-    for rb in prange(nrb):
-        r0, r1 = _piece(rb, nrb, M)
-        _mc_affine_rows(y, x, r0, r1, 0, C, zero, scale, shift, stream)
+    for t in prange(nrb * ncb):
+        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, C)
+        _mc_affine(y, x, r0, r1, c0, c1, zero, scale, shift, stream)
 
 
 # ------------------------------------------------------------------------------------------
