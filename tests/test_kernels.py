@@ -362,10 +362,27 @@ def test_output_arrays_are_reused_only_once_dropped():  # type: ignore[no-untype
     y3, *_ = be.forward_train(x - 3, None, None, 1e-5)
     assert y3.data_ptr() not in (ptr2, y1.data_ptr())  # a view still holds y2's memory
     del view
-    y4 = be.forward_eval(x, torch.ones(8), torch.zeros(8))
+    y4 = be.forward_eval(x, torch.zeros(8), torch.ones(8) - 1e-5, None, None, 1e-5)
     assert y4.data_ptr() == ptr2  # dropped: reused
     torch.testing.assert_close(y4, x)
     torch.testing.assert_close(y1, kept)  # live outputs were never written over
     small, *_ = be.forward_train(torch.randn(4, 8, 16), None, None, 1e-5)
     assert len(B._OUT._arrays) == 3  # small outputs are not cached
     B._OUT.clear()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_inference_affine_matches_reference(dtype: type, affine: bool) -> None:
+    rng = np.random.default_rng(3)
+    mean = rng.normal(2.0, 3.0, 37).astype(dtype)
+    var = rng.uniform(0.0, 4.0, 37).astype(dtype)
+    w = rng.uniform(0.5, 1.5, 37).astype(dtype) if affine else None
+    b = rng.standard_normal(37).astype(dtype) if affine else None
+    sc, sh = K.inference_affine(mean, var, w, b, eps=1e-3)
+    sc_ref, sh_ref = R.inference_affine(mean, var, w, b, eps=1e-3)
+    assert sc.dtype == sh.dtype == np.dtype(dtype)
+    _close(sc, sc_ref, dtype)
+    _close(sh, sh_ref, dtype)
+    with pytest.raises(ValueError, match=r"var must have shape \(37,\)"):
+        K.inference_affine(mean, var[:5])

@@ -176,13 +176,24 @@ class NumbaBackend:
             torch.from_numpy(db),
         )
 
-    def forward_eval(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    def forward_eval(
+        self,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> Tensor:
         if x.dtype in _HALF:
-            return self.forward_eval(x.float(), scale, shift).to(x.dtype)
+            return self.forward_eval(x.float(), mean, var, weight, bias, eps).to(x.dtype)
         xa = _arr(x)
         ya = _OUT.empty_like(xa)
         T = K._threads(xa.size, None)
-        sc, sh = _vec(scale, x.dtype), _vec(shift, x.dtype)
+        dt = x.dtype
+        sc, sh = K._inference_affine(
+            _vec(mean, dt), _vec(var, dt), _vec(weight, dt), _vec(bias, dt), float(eps)
+        )
         K._forward_eval(xa, sc, sh, ya, T, K._stream(xa, None))
         return torch.from_numpy(ya)
 

@@ -151,8 +151,17 @@ class Backend(Protocol):
         """Return ``(dx, dweight, dbias)``; an entry may be None where ``needs`` says so."""
         ...
 
-    def forward_eval(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        """Return ``x·scale + shift`` per channel (BN at inference)."""
+    def forward_eval(
+        self,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> Tensor:
+        """Return ``x·scale + shift`` per channel (BN at inference, Algorithm 2) with
+        ``scale = γ/√(var + ε)`` and ``shift = β − scale·mean``."""
         ...
 
 
@@ -241,8 +250,17 @@ class TorchBackend:
         dx, dw, db = _backward_math(dy.to(cd), x.to(cd), mean, invstd, w)
         return dx.to(x.dtype), dw, db
 
-    def forward_eval(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        cd = scale.dtype
+    def forward_eval(
+        self,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> Tensor:
+        cd = _compute_dtype(x.dtype)
+        scale, shift = _inference_affine(mean, var, weight, bias, eps, cd)
         return (x.to(cd) * _b(scale, x) + _b(shift, x)).to(x.dtype)
 
 
@@ -543,21 +561,33 @@ def batch_norm_eval(
     """Normalize with population statistics (Algorithm 2): the affine map
     ``y = x·scale + shift`` with ``scale = γ/√(Var[x] + ε)`` and ``shift = β − scale·E[x]``."""
     xc, restore = canonical_layout(input, axis)
-    cd = _compute_dtype(input.dtype)
-    scale = torch.rsqrt(running_var.to(cd) + eps)
-    if weight is not None:
-        scale = scale * weight.to(cd)
-    shift = -running_mean.to(cd) * scale
-    if bias is not None:
-        shift = shift + bias.to(cd)
     needs_graph = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (input, weight, bias, running_mean, running_var)
     )
-    if needs_graph:
-        y = (xc.to(cd) * _b(scale, xc) + _b(shift, xc)).to(input.dtype)
+    if needs_graph:  # differentiable in every argument: torch operations
+        y = _TORCH.forward_eval(xc, running_mean, running_var, weight, bias, eps)
     else:
-        y = get_backend(xc, backend).forward_eval(xc, scale, shift)
+        be = get_backend(xc, backend)
+        y = be.forward_eval(xc, running_mean, running_var, weight, bias, eps)
     return restore(y)
+
+
+def _inference_affine(
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    cd: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """Algorithm 2's ``(scale, shift)`` in dtype ``cd``, with torch operations (differentiable)."""
+    scale = torch.rsqrt(var.to(cd) + eps)
+    if weight is not None:
+        scale = scale * weight.to(cd)
+    shift = -mean.to(cd) * scale
+    if bias is not None:
+        shift = shift + bias.to(cd)
+    return scale, shift
 
 
 @torch.no_grad()

@@ -38,6 +38,7 @@ __all__ = [
     "forward_train",
     "backward",
     "forward_eval",
+    "inference_affine",
     "SERIAL_BELOW",
     "STREAM_ABOVE",
     "num_threads",
@@ -306,3 +307,35 @@ def _forward_eval(
         split = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
         _kernel("mc_forward_eval", T > 1)(x, scale, shift, *split, stream, y)
     return y
+
+
+def inference_affine(
+    mean: Array,
+    var: Array,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    eps: float = 1e-5,
+) -> tuple[Array, Array]:
+    """The per-channel ``(scale, shift)`` of :func:`forward_eval` from population statistics:
+    ``scale = γ/√(var + ε)``, ``shift = β − scale·mean``, computed in float64 and returned in
+    ``mean``'s dtype (float32 or float64)."""
+    m = np.ascontiguousarray(mean)
+    if m.dtype not in _FLOATS or m.ndim != 1:
+        raise TypeError(
+            f"batchnorm.kernels: mean must be a 1-D float32/float64 array, got {m.dtype} {m.shape}"
+        )
+    C = m.shape[0]
+    v = _channel_vec(var, C, m.dtype, "var")
+    w = _channel_vec(weight, C, m.dtype, "weight")
+    b = _channel_vec(bias, C, m.dtype, "bias")
+    return _inference_affine(m, v, w, b, float(eps))
+
+
+def _inference_affine(
+    mean: Array, var: Array, w: Array, b: Array, eps: float
+) -> tuple[Array, Array]:
+    """:func:`inference_affine` on checked vectors (``w``/``b`` empty when absent)."""
+    scale = np.empty_like(mean)
+    shift = np.empty_like(mean)
+    _kernel("inference_affine", False)(mean, var, w, b, eps, scale, shift)
+    return scale, shift

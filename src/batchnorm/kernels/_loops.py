@@ -842,6 +842,22 @@ def mc_forward_eval(x, scale, shift, nrb, ncb, tw, stream, y):  # type: ignore[n
         _mc_affine(y, x, r0, r1, c0, c1, zero, scale, shift, stream)
 
 
+def inference_affine(mean, var, w, b, eps, scale_out, shift_out):  # type: ignore[no-untyped-def]
+    """Algorithm 2's affine map per channel, in float64, stored in the outputs' dtype:
+    ``scale = γ/√(var + ε)``, ``shift = β − scale·mean`` (γ, β empty: 1, 0)."""
+    has_w = w.shape[0] > 0
+    has_b = b.shape[0] > 0
+    for c in range(mean.shape[0]):
+        sc = 1.0 / math.sqrt(np.float64(var[c]) + eps)
+        if has_w:
+            sc *= np.float64(w[c])
+        sh = -sc * np.float64(mean[c])
+        if has_b:
+            sh += np.float64(b[c])
+        scale_out[c] = sc
+        shift_out[c] = sh
+
+
 # ------------------------------------------------------------------------------------------
 # compiled variants, built on first use
 
@@ -856,6 +872,7 @@ _KERNELS: dict[str, Callable[..., Any]] = {
         mc_forward_train,
         mc_backward,
         mc_forward_eval,
+        inference_affine,
     )
 }
 _COMPILED: dict[tuple[str, bool], Any] = {}
