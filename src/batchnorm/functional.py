@@ -590,7 +590,6 @@ def _inference_affine(
     return scale, shift
 
 
-@torch.no_grad()
 def update_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -609,42 +608,53 @@ def update_running_stats(
 
     Returns False (and changes nothing) when the batch statistics are not finite.
     """
-    # var = mean((x − μ)²) is non-finite whenever μ is (inf − inf = NaN): one check covers both
-    numpy_ok = (torch.float32, torch.float64)
-    on_cpu = (
-        var.device.type == running_var.device.type == mean.device.type == "cpu"
-        and var.dtype in numpy_ok
-        and running_var.dtype in numpy_ok
-        and running_mean.dtype in numpy_ok
-    )
-    var = var.detach()
-    mean = mean.detach()
-    # on CPU the check and the update run on NumPy views of the same memory: each torch call
-    # on a C-sized vector costs more than the arithmetic (it decides the small-batch step time)
-    finite = bool(np.isfinite(var.numpy()).all()) if on_cpu else bool(torch.isfinite(var).all())
-    if not finite:
-        msg = (
-            f"{_name(layer)}: the batch statistics are not finite (NaN or inf in the input); the "
-            "running statistics were left unchanged. Check the inputs and the learning rate; "
-            "batchnorm.doctor(model, data) finds where non-finite values start."
-        )
-        if nonfinite == "raise":
-            raise NonFiniteStatisticsError(msg)
-        warnings.warn(msg, NonFiniteStatisticsWarning, stacklevel=3)
-        return False
     # (1 − momentum)·running + momentum·(m/(m−1))·σ²_B, with the Bessel factor folded into alpha
     alpha = momentum * count / (count - 1) if unbiased else momentum
-    if on_cpu and running_mean.is_contiguous() and running_var.is_contiguous():
+    # on CPU the check and the update run on NumPy views of the same memory: each torch call
+    # on a C-sized vector costs more than the arithmetic (it decides the small-batch step time)
+    if (
+        var.device.type == "cpu"
+        and var.dtype in _NUMPY_OK
+        and mean.dtype in _NUMPY_OK
+        and running_var.dtype in _NUMPY_OK
+        and running_mean.dtype in _NUMPY_OK
+        and running_mean.is_contiguous()
+        and running_var.is_contiguous()
+    ):
+        v = (var.detach() if var.requires_grad else var).numpy()
+        # var = mean((x − μ)²) is non-finite whenever μ is (inf − inf = NaN): one check
+        if not np.isfinite(v).all():
+            return _refuse_nonfinite(nonfinite, layer)
         rm, rv = running_mean.numpy(), running_var.numpy()
-        rm += momentum * (mean.numpy().astype(rm.dtype, copy=False) - rm)  # lerp
+        mu = (mean.detach() if mean.requires_grad else mean).numpy()
+        rm += momentum * (mu.astype(rm.dtype, copy=False) - rm)  # lerp
         rv *= 1.0 - momentum
-        rv += alpha * var.numpy().astype(rv.dtype, copy=False)
+        rv += alpha * v.astype(rv.dtype, copy=False)
         return True
-    running_mean.lerp_(
-        mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype), momentum
-    )
-    running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=alpha)
+    with torch.no_grad():
+        if not bool(torch.isfinite(var).all()):
+            return _refuse_nonfinite(nonfinite, layer)
+        running_mean.lerp_(
+            mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype), momentum
+        )
+        running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=alpha)
     return True
+
+
+_NUMPY_OK = (torch.float32, torch.float64)
+
+
+def _refuse_nonfinite(nonfinite: NonFinitePolicy, layer: str | None) -> bool:
+    """The non-finite-statistics policy of :func:`update_running_stats`: raise or warn."""
+    msg = (
+        f"{_name(layer)}: the batch statistics are not finite (NaN or inf in the input); the "
+        "running statistics were left unchanged. Check the inputs and the learning rate; "
+        "batchnorm.doctor(model, data) finds where non-finite values start."
+    )
+    if nonfinite == "raise":
+        raise NonFiniteStatisticsError(msg)
+    warnings.warn(msg, NonFiniteStatisticsWarning, stacklevel=3)  # update_running_stats's caller
+    return False
 
 
 def batch_norm(
