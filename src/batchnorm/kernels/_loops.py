@@ -9,7 +9,7 @@ Two canonical layouts, both C-contiguous:
   at the cuts) are visited in address order, and the statistics pass keeps per-thread partial
   sums per channel. Streaming reads, even work for any C, N or L.
 * ``(M, C)`` — rows × channels. Work unit: a block of rows (one per thread) × a tile of at most
-  :data:`TILE_BYTES` of channels (narrower tiles when M is tiny); the inner loop runs along the
+  8 KiB of channels (narrower tiles when M is tiny); the inner loop runs along the
   contiguous channels of 4 rows at a time and updates per-channel block sums.
 
 Numerics (the same in every kernel):
@@ -561,17 +561,15 @@ def ncl_forward_eval(x, scale, shift, T, stream, y):  # type: ignore[no-untyped-
 # ------------------------------------------------------------------------------------------
 # (M, C)
 
-#: rows per block on the columns layout: a block's sums are taken in the input's dtype
-#: (vectorized across the contiguous columns), then added to the float64 partial sums
+#: rows per block on ``(M, C)``: a block's sums are taken in the input's dtype (vectorized
+#: across the contiguous channels), then added to the float64 partial sums
 MC_ROWS = 32
-#: bytes of a column tile: a task's block sums and per-column vectors stay in the core's cache
-TILE_BYTES = 8192
 
 
 @numba.njit(inline="always", cache=True)
 def _tile(t, nrb, ncb, tw, M, W):  # type: ignore[no-untyped-def]
-    """Rows ``[r0, r1)`` and columns ``[c0, c1)`` of task ``t`` (``nrb`` row blocks ×
-    ``ncb`` tiles of ``tw`` columns), and its row block."""
+    """Rows ``[r0, r1)`` and channels ``[c0, c1)`` of task ``t`` (``nrb`` row blocks ×
+    ``ncb`` tiles of ``tw`` channels), and its row block."""
     rb = t // ncb
     cb = t % ncb
     r0, r1 = _piece(rb, nrb, M)
@@ -582,11 +580,11 @@ def _tile(t, nrb, ncb, tw, M, W):  # type: ignore[no-untyped-def]
 @numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
 def _mc_shifted_sums(x, r0, r1, c0, c1, k, p1, p2):  # type: ignore[no-untyped-def]
     """Add Σ(x − k) and Σ(x − k)² over rows ``[r0, r1)`` to ``p1``/``p2`` (float64, one entry
-    per column of ``[c0, c1)``): blocks of :data:`MC_ROWS` rows summed in x's dtype, 4 rows per
-    sweep (the block sums are loaded and stored once per 4 values); a column whose block sum is
+    per channel of ``[c0, c1)``): blocks of :data:`MC_ROWS` rows summed in x's dtype, 4 rows per
+    sweep (the block sums are loaded and stored once per 4 values); a channel whose block sum is
     not finite is summed again in float64."""
     n = c1 - c0
-    kv = k[c0:c1]  # column slices: 0-based loops vectorize (no negative-index fix-ups)
+    kv = k[c0:c1]  # channel slices: 0-based loops vectorize (no negative-index fix-ups)
     s1 = np.empty(n, x.dtype)
     s2 = np.empty(n, x.dtype)
     i = r0
@@ -632,7 +630,7 @@ def _mc_shifted_sums(x, r0, r1, c0, c1, k, p1, p2):  # type: ignore[no-untyped-d
 
 @numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
 def _mc_grad_sums(dy, x, r0, r1, c0, c1, mean, p1, p2, p3):  # type: ignore[no-untyped-def]
-    """Add Σdy, Σdy·(x − mean) and Σ(x − mean) over rows ``[r0, r1)`` of columns ``[c0, c1)``
+    """Add Σdy, Σdy·(x − mean) and Σ(x − mean) over rows ``[r0, r1)`` of channels ``[c0, c1)``
     to ``p1``, ``p2``, ``p3`` (float64), as :func:`_mc_shifted_sums` does."""
     n = c1 - c0
     mv = mean[c0:c1]
