@@ -590,6 +590,9 @@ def _inference_affine(
     return scale, shift
 
 
+_NUMPY_OK = (torch.float32, torch.float64)  # dtypes the NumPy update path takes
+
+
 def update_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -639,9 +642,6 @@ def update_running_stats(
         )
         running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=alpha)
     return True
-
-
-_NUMPY_OK = (torch.float32, torch.float64)
 
 
 def _refuse_nonfinite(nonfinite: NonFinitePolicy, layer: str | None) -> bool:

@@ -709,23 +709,6 @@ def _mc_affine(y, x, r0, r1, c0, c1, mu, sc, sh, stream):  # type: ignore[no-unt
                 ys[c] = (xs[c] - mv[c]) * sv[c] + hv[c]
         return
     buf = np.empty(CHUNK, dtype=x.dtype)
-    C = x.shape[1]
-    if c1 - c0 == C and C <= CHUNK:
-        # whole rows: contiguous in memory, streamed a group of rows at a time
-        yf = y.reshape(y.size)
-        R = CHUNK // C
-        i = r0
-        while i < r1:
-            e = min(i + R, r1)
-            for r in range(i, e):
-                xs = x[r]
-                bs = buf[(r - i) * C : (r - i + 1) * C]
-                for c in range(C):
-                    bs[c] = (xs[c] - mu[c]) * sc[c] + sh[c]
-            _stream_out(yf, i * C, buf, (e - i) * C)
-            i = e
-        _fence()
-        return
     for i in range(r0, r1):
         a = c0
         while a < c1:
@@ -758,23 +741,6 @@ def _mc_dx(dx, dy, x, r0, r1, c0, c1, mean, af, bf, df, stream):  # type: ignore
                 os_[c] = gs[c] * av[c] + (xs[c] - mv[c]) * bv[c] + dv[c]
         return
     buf = np.empty(CHUNK, dtype=x.dtype)
-    C = x.shape[1]
-    if c1 - c0 == C and C <= CHUNK:
-        dxf = dx.reshape(dx.size)
-        R = CHUNK // C
-        i = r0
-        while i < r1:
-            e = min(i + R, r1)
-            for r in range(i, e):
-                xs = x[r]
-                gs = dy[r]
-                bs = buf[(r - i) * C : (r - i + 1) * C]
-                for c in range(C):
-                    bs[c] = gs[c] * af[c] + (xs[c] - mean[c]) * bf[c] + df[c]
-            _stream_out(dxf, i * C, buf, (e - i) * C)
-            i = e
-        _fence()
-        return
     for i in range(r0, r1):
         a = c0
         while a < c1:
