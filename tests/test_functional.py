@@ -287,6 +287,67 @@ def test_nonfinite_batch_never_reaches_running_stats() -> None:
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad", [False, True], ids=["no-graph", "graph"])
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("shape,axis", [((60, 100), 1), ((3, 5, 4, 6), 1), ((2, 3, 4, 5), -1)])
+def test_batch_norm_step_is_train_then_update(
+    backend: str, grad: bool, unbiased: bool, shape: tuple[int, ...], axis: int
+) -> None:
+    c = shape[axis]
+    x = _rand(shape, dtype=torch.float32).requires_grad_(grad)
+    w = (torch.rand(c) + 0.5).requires_grad_(grad)
+    b = torch.randn(c).requires_grad_(grad)
+    rm, rv = torch.randn(c), torch.rand(c) + 0.5
+    rm2, rv2, nbt = rm.clone(), rv.clone(), torch.tensor(4)
+    y_want, mean, var, count = F.batch_norm_train(x, w, b, 1e-3, axis=axis, backend=backend)
+    F.update_running_stats(rm, rv, mean, var, count, 0.2, unbiased=unbiased)
+    y, updated = F.batch_norm_step(
+        x, rm2, rv2, w, b, 0.2, 1e-3, axis=axis, unbiased_running_var=unbiased,
+        backend=backend, num_batches_tracked=nbt,
+    )  # fmt: skip
+    assert updated and int(nbt) == 5
+    assert y.requires_grad == grad and y.stride() == x.stride()
+    torch.testing.assert_close(y, y_want)
+    torch.testing.assert_close(rm2, rm, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rv2, rv, rtol=1e-6, atol=1e-6)
+    if grad:  # the same graph as batch_norm_train's
+        dy = _rand(shape, seed=2, dtype=torch.float32)
+        got = torch.autograd.grad(y, (x, w, b), dy)
+        want = torch.autograd.grad(y_want, (x, w, b), dy)
+        for g_got, g_want in zip(got, want):
+            torch.testing.assert_close(g_got, g_want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_step_buffers_the_kernels_cannot_view(backend: str) -> None:
+    # float64 buffers for a float32 input, a non-contiguous running_var: still updated exactly
+    x = _rand((30, 4), dtype=torch.float32)
+    rm = torch.zeros(4, dtype=torch.float64)
+    rv = torch.ones(8)[::2]
+    y, updated = F.batch_norm_step(x, rm, rv, momentum=0.5, backend=backend)
+    assert updated
+    torch.testing.assert_close(rm, 0.5 * x.double().mean(0))
+    torch.testing.assert_close(rv, 0.5 + 0.5 * x.var(0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad", [False, True], ids=["no-graph", "graph"])
+def test_batch_norm_step_nonfinite_changes_nothing(backend: str, grad: bool) -> None:
+    x = torch.randn(8, 3)
+    x[2, 1] = float("inf")
+    x.requires_grad_(grad)
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(7)
+    with pytest.warns(NonFiniteStatisticsWarning, match="left unchanged") as rec:
+        _, updated = F.batch_norm_step(x, rm, rv, backend=backend, num_batches_tracked=nbt)
+    assert rec[0].filename == __file__  # the warning points at the caller
+    assert not updated and int(nbt) == 7
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    with pytest.raises(NonFiniteStatisticsError, match="BN"):
+        F.batch_norm_step(x, rm, rv, backend=backend, nonfinite="raise", layer="BN")
+    assert torch.equal(rm, torch.zeros(3)) and int(nbt) == 7
+
+
 def test_error_messages() -> None:
     with pytest.raises(BatchNormInputError, match=r"did you mean axis=-1\?"):
         F.batch_norm(

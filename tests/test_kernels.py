@@ -386,3 +386,45 @@ def test_inference_affine_matches_reference(dtype: type, affine: bool) -> None:
     _close(sh, sh_ref, dtype)
     with pytest.raises(ValueError, match=r"var must have shape \(37,\)"):
         K.inference_affine(mean, var[:5])
+
+
+@pytest.mark.parametrize("buf_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_running_update_matches_reference(buf_dtype: type, unbiased: bool) -> None:
+    g = np.random.default_rng(3)
+    C, m, momentum = 7, 12, 0.3
+    rm0 = g.normal(size=C).astype(buf_dtype)
+    rv0 = g.uniform(0.5, 2.0, size=C).astype(buf_dtype)
+    mean = g.normal(size=C).astype(np.float32)
+    var = g.uniform(0.1, 3.0, size=C).astype(np.float32)
+    want_m, want_v = R.running_stats_update(
+        rm0.astype(np.float64), rv0.astype(np.float64), mean, var, m, momentum, unbiased=unbiased
+    )
+    rm, rv, nbt = rm0.copy(), rv0.copy(), np.zeros((), np.int64)
+    alpha = momentum * m / (m - 1) if unbiased else momentum
+    assert K.running_update(rm, rv, mean, var, momentum, alpha, nbt)
+    tol = TOL[buf_dtype]
+    np.testing.assert_allclose(rm, want_m, rtol=tol, atol=tol)
+    np.testing.assert_allclose(rv, want_v, rtol=tol, atol=tol)
+    assert int(nbt) == 1
+    # a non-finite batch changes nothing, the counter included
+    for bad in (np.nan, np.inf):
+        v_bad = var.copy()
+        v_bad[C - 1] = bad
+        before = rm.copy(), rv.copy()
+        assert not K.running_update(rm, rv, mean, v_bad, momentum, alpha, nbt)
+        assert np.array_equal(rm, before[0]) and np.array_equal(rv, before[1]) and int(nbt) == 1
+
+
+def test_running_update_refuses_what_it_cannot_update_in_place() -> None:
+    v = np.ones(3, np.float32)
+    with pytest.raises(TypeError, match="running_mean must be a contiguous float32/float64"):
+        K.running_update(np.zeros(3, np.int64), v.copy(), v, v, 0.1)
+    with pytest.raises(TypeError, match="running_var"):
+        K.running_update(v.copy(), np.ones(6, np.float32)[::2], v, v, 0.1)
+    with pytest.raises(ValueError, match=r"must both have shape \(C,\)"):
+        K.running_update(v.copy(), np.ones(4, np.float32), v, v, 0.1)
+    with pytest.raises(ValueError, match=r"mean must have shape \(3,\)"):
+        K.running_update(v.copy(), v.copy(), np.ones(2), v, 0.1)
+    with pytest.raises(ValueError, match="one int64 value"):
+        K.running_update(v.copy(), v.copy(), v, v, 0.1, num_batches_tracked=np.zeros(2, np.int64))

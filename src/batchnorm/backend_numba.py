@@ -102,6 +102,39 @@ def _arr(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def _train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The training forward on NumPy views: ``(y, mean, var, invstd)`` as arrays."""
+    xa = _arr(x)
+    ya = _OUT.empty_like(xa)
+    _, mean, var, invstd = K._forward_train(
+        xa,
+        _vec(weight, x.dtype),
+        _vec(bias, x.dtype),
+        float(eps),
+        ya,
+        K._threads(xa.size, None),
+        K._stream(xa, None),
+    )
+    return ya, mean, var, invstd
+
+
+def _updatable(running: functional.RunningStats) -> bool:
+    """Whether the kernels can update these running buffers in place through NumPy views."""
+    rm, rv, _, _, nbt = running
+    return (
+        rm.dtype in _DTYPES
+        and rv.dtype in _DTYPES
+        and rm.is_cpu
+        and rv.is_cpu
+        and rm.is_contiguous()
+        and rv.is_contiguous()
+        and not (rm.requires_grad or rv.requires_grad)
+        and (nbt is None or (nbt.dtype == torch.int64 and nbt.is_cpu and nbt.numel() == 1))
+    )
+
+
 class NumbaBackend:
     """Fused Numba kernels for CPU tensors of shape ``(N, C, L)`` or ``(M, C)``.
 
@@ -113,11 +146,7 @@ class NumbaBackend:
     name = "numba"
 
     def supports(self, x: Tensor) -> bool:
-        return (
-            x.device.type == "cpu"
-            and (x.dtype in _DTYPES or x.dtype in _HALF)
-            and (x.dim() in (2, 3))
-        )
+        return x.is_cpu and (x.dtype in _DTYPES or x.dtype in _HALF) and (x.dim() in (2, 3))
 
     def forward_train(
         self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
@@ -125,23 +154,42 @@ class NumbaBackend:
         if x.dtype in _HALF:
             y32, m32, v32, i32 = self.forward_train(x.float(), weight, bias, eps)
             return y32.to(x.dtype), m32, v32, i32
-        xa = _arr(x)
-        ya = _OUT.empty_like(xa)
-        T = K._threads(xa.size, None)
-        _, mean, var, invstd = K._forward_train(
-            xa,
-            _vec(weight, x.dtype),
-            _vec(bias, x.dtype),
-            float(eps),
-            ya,
-            T,
-            K._stream(xa, None),
-        )
+        ya, mean, var, invstd = _train(x, weight, bias, eps)
         return (
             torch.from_numpy(ya),
             torch.from_numpy(mean),
             torch.from_numpy(var),
             torch.from_numpy(invstd),
+        )
+
+    def forward_train_update(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running: functional.RunningStats,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
+        if x.dtype in _HALF or not _updatable(running):
+            y, mean, var, invstd = self.forward_train(x, weight, bias, eps)
+            return y, mean, var, invstd, functional.blend_running(running, mean, var)
+        ya, ma, va, ia = _train(x, weight, bias, eps)
+        nbt = running.num_batches_tracked
+        updated = K._running_update(
+            running.mean.numpy(),
+            running.var.numpy(),
+            ma,
+            va,
+            running.momentum,
+            running.alpha,
+            K._NO_COUNTER if nbt is None else nbt.view(1).numpy(),
+        )
+        return (
+            torch.from_numpy(ya),
+            torch.from_numpy(ma),
+            torch.from_numpy(va),
+            torch.from_numpy(ia),
+            updated,
         )
 
     def backward(

@@ -30,7 +30,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -40,7 +40,10 @@ __all__ = [
     "batch_norm",
     "batch_norm_train",
     "batch_norm_eval",
+    "batch_norm_step",
     "update_running_stats",
+    "blend_running",
+    "RunningStats",
     "canonical_layout",
     "check_channels",
     "check_mask",
@@ -78,6 +81,10 @@ def _prod(dims: tuple[int, ...] | torch.Size) -> int:
     return int(math.prod(dims))
 
 
+def _same(y: Tensor) -> Tensor:
+    return y
+
+
 def canonical_layout(x: Tensor, axis: int = 1) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """View ``x`` as ``(N, C, L)`` or ``(M, C)`` contiguous; return the view and a function that
     brings a tensor of the canonical shape back to ``x``'s shape and memory layout.
@@ -88,9 +95,12 @@ def canonical_layout(x: Tensor, axis: int = 1) -> tuple[Tensor, Callable[[Tensor
     """
     nd = x.dim()
     ax = axis % nd
+    contiguous = x.is_contiguous()
+    if contiguous and ax == 1 and (nd == 2 or (nd == 3 and x.shape[2] != 1)):
+        return x, _same  # canonical already: (M, C) or (N, C, L)
     shape = x.shape
     c = shape[ax]
-    if not x.is_contiguous():
+    if not contiguous:
         last = x.movedim(ax, -1)  # channels innermost?
         if last.is_contiguous():
             moved_shape = last.shape
@@ -125,6 +135,19 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # backends
 
 
+class RunningStats(NamedTuple):
+    """Running buffers a training step blends its batch statistics into, in place:
+    ``mean += momentum·(μ_B − mean)``, ``var = (1 − momentum)·var + alpha·σ²_B`` (σ²_B biased;
+    ``alpha = momentum·m/(m − 1)`` stores the unbiased variance, PyTorch's choice), and
+    ``num_batches_tracked += 1`` if given — all only when the batch statistics are finite."""
+
+    mean: Tensor
+    var: Tensor
+    momentum: float
+    alpha: float
+    num_batches_tracked: Tensor | None = None
+
+
 class Backend(Protocol):
     """What a compute backend provides, on canonical layouts (``(N, C, L)`` or ``(M, C)``,
     contiguous). Statistics are returned in the compute dtype (float32 for half inputs)."""
@@ -137,6 +160,18 @@ class Backend(Protocol):
         self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Return ``(y, mean, var, invstd)`` with the biased batch variance ``var``."""
+        ...
+
+    def forward_train_update(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running: RunningStats,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
+        """:meth:`forward_train`, then the batch statistics blended into ``running`` (see
+        :func:`blend_running`); the last value says whether they were (False: not finite)."""
         ...
 
     def backward(
@@ -236,6 +271,17 @@ class TorchBackend:
             return y64.to(x.dtype), m64.float(), v64.float(), i64.float()
         return _normalize(xc, mean, invstd, w, b).to(x.dtype), mean, var, invstd
 
+    def forward_train_update(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running: RunningStats,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
+        y, mean, var, invstd = self.forward_train(x, weight, bias, eps)
+        return y, mean, var, invstd, blend_running(running, mean, var)
+
     def backward(
         self,
         dy: Tensor,
@@ -303,7 +349,7 @@ def get_backend(x: Tensor, backend: str | None = None) -> Backend:
     ``auto`` — the Numba kernels for CPU float32/float64 tensors, plain torch otherwise."""
     choice = backend or os.environ.get("BATCHNORM_BACKEND", "auto")
     if choice == "auto":
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        if x.is_cpu and x.dtype in (torch.float32, torch.float64):
             if _kernels_available():
                 numba_backend = _instance("numba")
                 if numba_backend.supports(x):
@@ -459,8 +505,15 @@ class BatchNormFunction(torch.autograd.Function):
         bias: Tensor | None,
         eps: float,
         backend: Backend,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, var, invstd = backend.forward_train(x, weight, bias, eps)
+        running: RunningStats | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, bool]:
+        if running is None:
+            y, mean, var, invstd = backend.forward_train(x, weight, bias, eps)
+            updated = False
+        else:
+            y, mean, var, invstd, updated = backend.forward_train_update(
+                x, weight, bias, eps, running
+            )
         ctx.save_for_backward(x, weight, mean, invstd)  # type: ignore[arg-type]
         ctx.eps = eps  # type: ignore[attr-defined]
         ctx.param_dtype = (  # type: ignore[attr-defined]
@@ -468,11 +521,11 @@ class BatchNormFunction(torch.autograd.Function):
         )
         ctx.backend = backend  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return y, mean, var, updated
 
     @staticmethod
     def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, dy: Tensor, _dmean: Tensor, _dvar: Tensor
+        ctx: torch.autograd.function.FunctionCtx, dy: Tensor, *_unused: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
@@ -493,7 +546,7 @@ class BatchNormFunction(torch.autograd.Function):
         pd = ctx.param_dtype  # type: ignore[attr-defined]
         dw_out = dw.to(pd) if (needs[1] and dw is not None) else None
         db_out = db.to(pd) if (needs[2] and db is not None) else None
-        return (dx if needs[0] else None), dw_out, db_out, None, None
+        return (dx if needs[0] else None), dw_out, db_out, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,10 +594,52 @@ def batch_norm_train(
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     ):
-        y, mean, var = BatchNormFunction.apply(xc, weight, bias, eps, be)
+        y, mean, var, _ = BatchNormFunction.apply(xc, weight, bias, eps, be)
     else:  # no graph to record: skip the autograd Function's per-call cost (small batches)
         y, mean, var, _ = be.forward_train(xc, weight, bias, eps)
     return restore(y), mean, var, count
+
+
+def batch_norm_step(
+    input: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    axis: int = 1,
+    unbiased_running_var: bool = True,
+    nonfinite: NonFinitePolicy = "warn",
+    backend: str | None = None,
+    layer: str | None = None,
+    num_batches_tracked: Tensor | None = None,
+) -> tuple[Tensor, bool]:
+    """A training step: :func:`batch_norm_train` and :func:`update_running_stats` in one backend
+    call (the kernels update the running buffers in the same compiled call that normalizes).
+
+    Returns ``(y, updated)``; ``updated`` is False when the batch statistics were not finite
+    (the running buffers, and ``num_batches_tracked`` — incremented otherwise — are then left
+    unchanged, and ``nonfinite`` says whether to warn or raise).
+    """
+    ax = axis % input.dim() if input.dim() else axis
+    count = _check_count(input, ax, layer)
+    xc, restore = canonical_layout(input, ax)
+    be = get_backend(xc, backend)
+    alpha = momentum * count / (count - 1) if unbiased_running_var else momentum
+    running = RunningStats(running_mean, running_var, momentum, alpha, num_batches_tracked)
+    if torch.is_grad_enabled() and (
+        xc.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        y, _, _, updated = BatchNormFunction.apply(xc, weight, bias, eps, be, running)
+    else:
+        y, _, _, _, updated = be.forward_train_update(xc, weight, bias, eps, running)
+    if not updated:
+        _refuse_nonfinite(nonfinite, layer)
+    return restore(y), updated
 
 
 def batch_norm_eval(
@@ -613,10 +708,19 @@ def update_running_stats(
     """
     # (1 − momentum)·running + momentum·(m/(m−1))·σ²_B, with the Bessel factor folded into alpha
     alpha = momentum * count / (count - 1) if unbiased else momentum
+    if blend_running(RunningStats(running_mean, running_var, momentum, alpha), mean, var):
+        return True
+    return _refuse_nonfinite(nonfinite, layer)
+
+
+def blend_running(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
+    """Blend a batch's ``mean`` and biased ``var`` into ``running`` in place (see
+    :class:`RunningStats`); return False, changing nothing, when they are not finite."""
+    running_mean, running_var, momentum, alpha, nbt = running
     # on CPU the check and the update run on NumPy views of the same memory: each torch call
     # on a C-sized vector costs more than the arithmetic (it decides the small-batch step time)
     if (
-        var.device.type == "cpu"
+        var.is_cpu
         and var.dtype in _NUMPY_OK
         and mean.dtype in _NUMPY_OK
         and running_var.dtype in _NUMPY_OK
@@ -627,25 +731,29 @@ def update_running_stats(
         v = (var.detach() if var.requires_grad else var).numpy()
         # var = mean((x − μ)²) is non-finite whenever μ is (inf − inf = NaN): one check
         if not np.isfinite(v).all():
-            return _refuse_nonfinite(nonfinite, layer)
+            return False
         rm, rv = running_mean.numpy(), running_var.numpy()
         mu = (mean.detach() if mean.requires_grad else mean).numpy()
         rm += momentum * (mu.astype(rm.dtype, copy=False) - rm)  # lerp
         rv *= 1.0 - momentum
         rv += alpha * v.astype(rv.dtype, copy=False)
-        return True
-    with torch.no_grad():
-        if not bool(torch.isfinite(var).all()):
-            return _refuse_nonfinite(nonfinite, layer)
-        running_mean.lerp_(
-            mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype), momentum
-        )
-        running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=alpha)
+    else:
+        with torch.no_grad():
+            if not bool(torch.isfinite(var).all()):
+                return False
+            running_mean.lerp_(
+                mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype),
+                momentum,
+            )
+            running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=alpha)
+    if nbt is not None:
+        nbt.add_(1)
     return True
 
 
-def _refuse_nonfinite(nonfinite: NonFinitePolicy, layer: str | None) -> bool:
-    """The non-finite-statistics policy of :func:`update_running_stats`: raise or warn."""
+def _refuse_nonfinite(nonfinite: NonFinitePolicy, layer: str | None, stacklevel: int = 3) -> bool:
+    """The non-finite-statistics policy of :func:`update_running_stats`: raise or warn (the
+    warning points ``stacklevel`` frames up: by default the caller of this function's caller)."""
     msg = (
         f"{_name(layer)}: the batch statistics are not finite (NaN or inf in the input); the "
         "running statistics were left unchanged. Check the inputs and the learning rate; "
@@ -653,7 +761,7 @@ def _refuse_nonfinite(nonfinite: NonFinitePolicy, layer: str | None) -> bool:
     )
     if nonfinite == "raise":
         raise NonFiniteStatisticsError(msg)
-    warnings.warn(msg, NonFiniteStatisticsWarning, stacklevel=3)  # update_running_stats's caller
+    warnings.warn(msg, NonFiniteStatisticsWarning, stacklevel=stacklevel)
     return False
 
 
@@ -698,6 +806,22 @@ def batch_norm(
         ref = running_mean if running_mean is not None else weight
         if ref is not None:
             check_channels(input, ref.numel(), axis, layer)
+    if training and mask is None and running_mean is not None and running_var is not None:
+        y, _ = batch_norm_step(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            momentum,
+            eps,
+            axis=axis,
+            unbiased_running_var=unbiased_running_var,
+            nonfinite=nonfinite,
+            backend=backend,
+            layer=layer,
+        )
+        return y
     if training:
         y, mean, var, count = batch_norm_train(
             input, weight, bias, eps, axis=axis, backend=backend, layer=layer, mask=mask

@@ -39,6 +39,7 @@ __all__ = [
     "backward",
     "forward_eval",
     "inference_affine",
+    "running_update",
     "SERIAL_BELOW",
     "STREAM_ABOVE",
     "num_threads",
@@ -339,3 +340,56 @@ def _inference_affine(
     shift = np.empty_like(mean)
     _kernel("inference_affine", False)(mean, var, w, b, eps, scale, shift)
     return scale, shift
+
+
+_NO_COUNTER = np.empty(0, np.int64)
+
+
+def running_update(
+    running_mean: Array,
+    running_var: Array,
+    mean: Array,
+    var: Array,
+    momentum: float,
+    alpha: float | None = None,
+    num_batches_tracked: Array | None = None,
+) -> bool:
+    """Blend a batch's statistics into running buffers, in place, in PyTorch's convention:
+    ``running_mean += momentum·(mean − running_mean)`` and
+    ``running_var = (1 − momentum)·running_var + alpha·var`` (computed in float64). ``alpha``
+    is the weight of the batch variance: ``momentum·m/(m − 1)`` stores the unbiased variance of
+    a batch of m values per channel, ``momentum`` (the default) the biased one.
+    ``num_batches_tracked`` (int64, one element), if given, is incremented.
+
+    Returns False and changes nothing when ``var`` is not finite — a non-finite batch never
+    reaches the running statistics.
+    """
+    rm, rv = running_mean, running_var
+    for name, a in (("running_mean", rm), ("running_var", rv)):
+        if not isinstance(a, np.ndarray) or a.dtype not in _FLOATS or not a.flags.c_contiguous:
+            raise TypeError(
+                f"batchnorm.kernels: {name} must be a contiguous float32/float64 array updated in "
+                f"place, got {type(a).__name__} {getattr(a, 'dtype', '')}"
+            )
+    C = rm.shape[0]
+    if rm.shape != (C,) or rv.shape != (C,):
+        raise ValueError(
+            f"batchnorm.kernels: running_mean {rm.shape} and running_var {rv.shape} must both "
+            "have shape (C,)"
+        )
+    m = _channel_vec(mean, C, np.dtype(np.float64), "mean")
+    v = _channel_vec(var, C, np.dtype(np.float64), "var")
+    nbt = _NO_COUNTER
+    if num_batches_tracked is not None:
+        if num_batches_tracked.dtype != np.int64 or num_batches_tracked.size != 1:
+            raise ValueError("batchnorm.kernels: num_batches_tracked must be one int64 value")
+        nbt = num_batches_tracked.reshape(1)
+    weight = momentum if alpha is None else alpha
+    return _running_update(rm, rv, m, v, float(momentum), float(weight), nbt)
+
+
+def _running_update(
+    rm: Array, rv: Array, mean: Array, var: Array, momentum: float, alpha: float, nbt: Array
+) -> bool:
+    """:func:`running_update` on checked arrays (``nbt`` empty: no counter)."""
+    return bool(_kernel("running_update", False)(mean, var, rm, rv, momentum, alpha, nbt))

@@ -822,6 +822,24 @@ def inference_affine(mean, var, w, b, eps, scale_out, shift_out):  # type: ignor
         shift_out[c] = sh
 
 
+def running_update(mean, var, rm, rv, momentum, alpha, nbt):  # type: ignore[no-untyped-def]
+    """Blend a batch's ``mean``/``var`` into the running buffers ``rm``/``rv`` in place, in
+    float64: ``rm += momentum·(mean − rm)``, ``rv = (1 − momentum)·rv + alpha·var``, and add one
+    to ``nbt[0]`` (``nbt`` empty: no counter). Returns False, changing nothing, when ``var`` is
+    not finite (it is whenever ``mean`` is not: inf − inf is NaN)."""
+    C = var.shape[0]
+    for c in range(C):
+        if not math.isfinite(var[c]):
+            return False
+    for c in range(C):
+        r = np.float64(rm[c])
+        rm[c] = r + momentum * (np.float64(mean[c]) - r)
+        rv[c] = (1.0 - momentum) * np.float64(rv[c]) + alpha * np.float64(var[c])
+    if nbt.shape[0] > 0:
+        nbt[0] += 1
+    return True
+
+
 # ------------------------------------------------------------------------------------------
 # compiled variants, built on first use
 
@@ -837,6 +855,7 @@ _KERNELS: dict[str, Callable[..., Any]] = {
         mc_backward,
         mc_forward_eval,
         inference_affine,
+        running_update,
     )
 }
 _COMPILED: dict[tuple[str, bool], Any] = {}

@@ -245,6 +245,25 @@ class _BatchNormBase(nn.Module):
             self.num_batches_tracked.add_(1)
 
     def _forward_train(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is None and self.training and self.track_running_stats:
+            # the running update rides in the same backend call as the normalization
+            assert self.running_mean is not None and self.running_var is not None
+            y, _ = F.batch_norm_step(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                self._momentum_factor(),
+                self.eps,
+                axis=self.axis,
+                unbiased_running_var=self.unbiased_running_var,
+                nonfinite=self.nonfinite,
+                backend=self.backend,
+                layer=self.layer_name(),
+                num_batches_tracked=self.num_batches_tracked,
+            )
+            return y
         y, mean, var, count = F.batch_norm_train(
             input,
             self.weight,
