@@ -544,8 +544,8 @@ class BatchNormFunction(torch.autograd.Function):
             backend: Backend = ctx.backend  # type: ignore[attr-defined]
             dx, dw, db = backend.backward(dy.contiguous(), x, mean, invstd, weight, needs)
         pd = ctx.param_dtype  # type: ignore[attr-defined]
-        dw_out = dw.to(pd) if (needs[1] and dw is not None) else None
-        db_out = db.to(pd) if (needs[2] and db is not None) else None
+        dw_out = None if not needs[1] or dw is None else (dw if dw.dtype == pd else dw.to(pd))
+        db_out = None if not needs[2] or db is None else (db if db.dtype == pd else db.to(pd))
         return (dx if needs[0] else None), dw_out, db_out, None, None, None
 
 
@@ -656,8 +656,12 @@ def batch_norm_eval(
     """Normalize with population statistics (Algorithm 2): the affine map
     ``y = x·scale + shift`` with ``scale = γ/√(Var[x] + ε)`` and ``shift = β − scale·E[x]``."""
     xc, restore = canonical_layout(input, axis)
-    needs_graph = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias, running_mean, running_var)
+    needs_graph = torch.is_grad_enabled() and (
+        input.requires_grad
+        or running_mean.requires_grad
+        or running_var.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
     )
     if needs_graph:  # differentiable in every argument: torch operations
         y = _TORCH.forward_eval(xc, running_mean, running_var, weight, bias, eps)
