@@ -35,9 +35,9 @@ NCL_SHAPES = [
     (3, 4, 600),  # long rows, channels spread evenly: a channel per task
     (2, 17, 2111),  # long rows, C not a multiple of the threads
 ]
-# (M, C) work in row blocks of 32 rows, 4 rows a sweep, and tiles of 2048 (float32) / 1024
-# (float64) channels: ragged sweeps and blocks, several tiles with a partial last one
-MC_SHAPES = [(2, 1), (7, 13), (2, 5003), (1000, 1), (101, 3), (3, 2), (70, 37), (37, 2500)]
+# (M, C) work in row blocks of 128 rows and tiles of 2048 (float32) / 1024 (float64) channels:
+# ragged blocks, several tiles with a partial last one
+MC_SHAPES = [(2, 1), (7, 13), (2, 5003), (1000, 1), (101, 3), (3, 2), (300, 37), (37, 2500)]
 
 
 def _close(

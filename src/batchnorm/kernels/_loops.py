@@ -10,7 +10,9 @@ Two canonical layouts, both C-contiguous:
   sums per channel. Streaming reads, even work for any C, N or L.
 * ``(M, C)`` — rows × channels. Work unit: a block of rows (one per thread) × a tile of at most
   8 KiB of channels (narrower tiles when M is tiny); the inner loop runs along the
-  contiguous channels of 4 rows at a time and updates per-channel block sums.
+  contiguous channels of one row at a time and updates per-channel block sums (one row per
+  sweep keeps each thread's reads a single sequential stream, which the hardware prefetcher
+  follows; several rows per sweep measured 30 % slower on large inputs).
 
 Numerics (the same in every kernel):
 
@@ -563,7 +565,7 @@ def ncl_forward_eval(x, scale, shift, T, stream, y):  # type: ignore[no-untyped-
 
 #: rows per block on ``(M, C)``: a block's sums are taken in the input's dtype (vectorized
 #: across the contiguous channels), then added to the float64 partial sums
-MC_ROWS = 32
+MC_ROWS = 128
 
 
 @numba.njit(inline="always", cache=True)
@@ -580,11 +582,12 @@ def _tile(t, nrb, ncb, tw, M, W):  # type: ignore[no-untyped-def]
 @numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
 def _mc_shifted_sums(x, r0, r1, c0, c1, k, p1, p2):  # type: ignore[no-untyped-def]
     """Add Σ(x − k) and Σ(x − k)² over rows ``[r0, r1)`` to ``p1``/``p2`` (float64, one entry
-    per channel of ``[c0, c1)``): blocks of :data:`MC_ROWS` rows summed in x's dtype, 4 rows per
-    sweep (the block sums are loaded and stored once per 4 values); a channel whose block sum is
-    not finite is summed again in float64."""
+    per channel of ``[c0, c1)``): blocks of :data:`MC_ROWS` rows summed in x's dtype, a row per
+    sweep; a block whose sums are all finite is added with vector loops, else each channel whose
+    block sum is not finite is summed again in float64."""
     n = c1 - c0
     kv = k[c0:c1]  # channel slices: 0-based loops vectorize (no negative-index fix-ups)
+    zero = x.dtype.type(0)
     s1 = np.empty(n, x.dtype)
     s2 = np.empty(n, x.dtype)
     i = r0
@@ -593,28 +596,23 @@ def _mc_shifted_sums(x, r0, r1, c0, c1, k, p1, p2):  # type: ignore[no-untyped-d
         for c in range(n):
             s1[c] = 0
             s2[c] = 0
-        r = i
-        while r + 4 <= e:
-            x0 = x[r, c0:c1]
-            x1 = x[r + 1, c0:c1]
-            x2 = x[r + 2, c0:c1]
-            x3 = x[r + 3, c0:c1]
-            for c in range(n):
-                kc = kv[c]
-                d0 = x0[c] - kc
-                d1 = x1[c] - kc
-                d2 = x2[c] - kc
-                d3 = x3[c] - kc
-                s1[c] += (d0 + d1) + (d2 + d3)
-                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-            r += 4
-        while r < e:
+        for r in range(i, e):
             xs = x[r, c0:c1]
             for c in range(n):
                 d = xs[c] - kv[c]
                 s1[c] += d
                 s2[c] += d * d
-            r += 1
+        # NaN unless every block sum is finite (inf·0 = NaN): one vectorized test per block
+        bad = zero
+        for c in range(n):
+            bad += (s1[c] + s2[c]) * zero
+        if bad == 0:
+            for c in range(n):
+                p1[c] += np.float64(s1[c])
+            for c in range(n):
+                p2[c] += np.float64(s2[c])
+            i = e
+            continue
         for c in range(n):
             if math.isfinite(s1[c]) and math.isfinite(s2[c]):
                 p1[c] += np.float64(s1[c])
@@ -634,6 +632,7 @@ def _mc_grad_sums(dy, x, r0, r1, c0, c1, mean, p1, p2, p3):  # type: ignore[no-u
     to ``p1``, ``p2``, ``p3`` (float64), as :func:`_mc_shifted_sums` does."""
     n = c1 - c0
     mv = mean[c0:c1]
+    zero = x.dtype.type(0)
     s1 = np.empty(n, x.dtype)
     s2 = np.empty(n, x.dtype)
     s3 = np.empty(n, x.dtype)
@@ -644,31 +643,7 @@ def _mc_grad_sums(dy, x, r0, r1, c0, c1, mean, p1, p2, p3):  # type: ignore[no-u
             s1[c] = 0
             s2[c] = 0
             s3[c] = 0
-        r = i
-        while r + 4 <= e:
-            x0 = x[r, c0:c1]
-            x1 = x[r + 1, c0:c1]
-            x2 = x[r + 2, c0:c1]
-            x3 = x[r + 3, c0:c1]
-            g0r = dy[r, c0:c1]
-            g1r = dy[r + 1, c0:c1]
-            g2r = dy[r + 2, c0:c1]
-            g3r = dy[r + 3, c0:c1]
-            for c in range(n):
-                mc = mv[c]
-                e0 = x0[c] - mc
-                e1 = x1[c] - mc
-                e2 = x2[c] - mc
-                e3 = x3[c] - mc
-                g0 = g0r[c]
-                g1 = g1r[c]
-                g2 = g2r[c]
-                g3 = g3r[c]
-                s1[c] += (g0 + g1) + (g2 + g3)
-                s2[c] += (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3)
-                s3[c] += (e0 + e1) + (e2 + e3)
-            r += 4
-        while r < e:
+        for r in range(i, e):
             xs = x[r, c0:c1]
             gs = dy[r, c0:c1]
             for c in range(n):
@@ -677,7 +652,18 @@ def _mc_grad_sums(dy, x, r0, r1, c0, c1, mean, p1, p2, p3):  # type: ignore[no-u
                 s1[c] += g
                 s2[c] += g * d
                 s3[c] += d
-            r += 1
+        bad = zero
+        for c in range(n):
+            bad += (s1[c] + s2[c] + s3[c]) * zero
+        if bad == 0:
+            for c in range(n):
+                p1[c] += np.float64(s1[c])
+            for c in range(n):
+                p2[c] += np.float64(s2[c])
+            for c in range(n):
+                p3[c] += np.float64(s3[c])
+            i = e
+            continue
         for c in range(n):
             if math.isfinite(s1[c]) and math.isfinite(s2[c]) and math.isfinite(s3[c]):
                 p1[c] += np.float64(s1[c])
