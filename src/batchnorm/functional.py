@@ -96,9 +96,14 @@ def canonical_layout(x: Tensor, axis: int = 1) -> tuple[Tensor, Callable[[Tensor
     nd = x.dim()
     ax = axis % nd
     contiguous = x.is_contiguous()
-    if contiguous and ax == 1 and (nd == 2 or (nd == 3 and x.shape[2] != 1)):
-        return x, _same  # canonical already: (M, C) or (N, C, L)
     shape = x.shape
+    if contiguous and ax == 1:  # the common case, in as few torch calls as possible
+        if nd == 2 or (nd == 3 and shape[2] != 1):
+            return x, _same  # canonical already: (M, C) or (N, C, L)
+        if nd > 3:
+            flat = x.flatten(2)
+            if flat.shape[2] != 1:
+                return flat, lambda y: y.reshape(shape)  # (N, C, L)
     c = shape[ax]
     if not contiguous:
         last = x.movedim(ax, -1)  # channels innermost?
