@@ -367,8 +367,28 @@ def test_output_arrays_are_reused_only_once_dropped():  # type: ignore[no-untype
     torch.testing.assert_close(y4, x)
     torch.testing.assert_close(y1, kept)  # live outputs were never written over
     small, *_ = be.forward_train(torch.randn(4, 8, 16), None, None, 1e-5)
-    assert len(B._OUT._arrays) == 3  # small outputs are not cached
+    assert len(B._OUT) == 3  # small outputs are not cached
     B._OUT.clear()
+
+
+def test_output_cache_keeps_the_shapes_used_last_within_its_budget():  # type: ignore[no-untyped-def]
+    from batchnorm import backend_numba as B
+
+    cache = B._Outputs(max_bytes=5 << 20)
+    a = np.empty((512, 1024), np.float32)  # 2 MiB
+    b = np.empty((1024, 512), np.float32)  # 2 MiB, another shape
+    first = cache.empty_like(a)
+    ptr = first.ctypes.data
+    del first
+    assert cache.empty_like(a).ctypes.data == ptr  # dropped: handed out again
+    cache.empty_like(b)
+    cache.empty_like(a)  # a is used again: b is now the least recent shape
+    c = np.empty((256, 2048), np.float32)
+    cache.empty_like(c)  # over the budget: b's arrays go first
+    assert len(cache) == 2 and cache._bytes <= cache.max_bytes
+    assert cache.empty_like(a).ctypes.data == ptr
+    held = [cache.empty_like(c) for _ in range(3)]  # one shape over budget: its oldest go
+    assert cache._bytes <= cache.max_bytes and all(h.shape == c.shape for h in held)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

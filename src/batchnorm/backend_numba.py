@@ -15,6 +15,8 @@ Select it with ``backend="numba"`` (an argument of every function and module) or
 from __future__ import annotations
 
 import sys
+from collections import OrderedDict
+from typing import Any
 
 import numba  # noqa: F401  (ImportError here means "no kernels": functional falls back to torch)
 import numpy as np
@@ -42,36 +44,48 @@ class _Outputs:
     A training loop asks for the same big outputs every step; memory fresh from the operating
     system costs a page fault per 4 KiB the first time it is written — for a 25 MB activation
     more time than the kernel's own pass. Arrays of at least :data:`REUSE_ABOVE` bytes are kept
-    here (at most ``max_bytes`` in all, newest first) and handed out again when nothing but this
-    cache refers to them any more (their reference count says so: the tensor made by
-    ``torch.from_numpy`` holds a reference for as long as it, or any view of it, lives).
+    here per shape and dtype (at most ``max_bytes`` in all; the shapes used least recently go
+    first) and handed out again when nothing but this cache refers to them any more (their
+    reference count says so: the tensor made by ``torch.from_numpy`` holds a reference for as
+    long as it, or any view of it, lives).
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._arrays: list[np.ndarray] = []
+        self._by_key: OrderedDict[tuple[tuple[int, ...], np.dtype[Any]], list[np.ndarray]] = (
+            OrderedDict()
+        )
+        self._bytes = 0
 
     def empty_like(self, a: np.ndarray) -> np.ndarray:
         if a.nbytes < REUSE_ABOVE:
             return np.empty_like(a)
-        for i in range(len(self._arrays)):
-            b = self._arrays[i]
-            # references: the list, ``b`` and getrefcount's argument — nobody else
-            if b.shape == a.shape and b.dtype == a.dtype and sys.getrefcount(b) == 3:
-                self._arrays.insert(0, self._arrays.pop(i))
-                return b
+        key = (a.shape, a.dtype)
+        arrays = self._by_key.get(key)
+        if arrays is None:
+            arrays = self._by_key[key] = []
+        else:
+            self._by_key.move_to_end(key)
+            for b in arrays:
+                # references: the list, ``b`` and getrefcount's argument — nobody else
+                if sys.getrefcount(b) == 3:
+                    return b
         b = np.empty_like(a)
-        self._arrays.insert(0, b)
-        total = 0
-        for i, c in enumerate(self._arrays):
-            total += c.nbytes
-            if total > self.max_bytes:
-                del self._arrays[i:]
-                break
+        arrays.append(b)
+        self._bytes += b.nbytes
+        while self._bytes > self.max_bytes and len(self._by_key) > 1:
+            _, old = self._by_key.popitem(last=False)
+            self._bytes -= sum(c.nbytes for c in old)
+        while self._bytes > self.max_bytes and len(arrays) > 1:
+            self._bytes -= arrays.pop(0).nbytes
         return b
 
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._by_key.values())
+
     def clear(self) -> None:
-        self._arrays.clear()
+        self._by_key.clear()
+        self._bytes = 0
 
 
 #: outputs at least this big are reused (smaller ones come from the allocator's own free lists)
@@ -237,12 +251,18 @@ class NumbaBackend:
             return self.forward_eval(x.float(), mean, var, weight, bias, eps).to(x.dtype)
         xa = _arr(x)
         ya = _OUT.empty_like(xa)
-        T = K._threads(xa.size, None)
         dt = x.dtype
-        sc, sh = K._inference_affine(
-            _vec(mean, dt), _vec(var, dt), _vec(weight, dt), _vec(bias, dt), float(eps)
+        K._forward_eval_stats(
+            xa,
+            _vec(mean, dt),
+            _vec(var, dt),
+            _vec(weight, dt),
+            _vec(bias, dt),
+            float(eps),
+            ya,
+            K._threads(xa.size, None),
+            K._stream(xa, None),
         )
-        K._forward_eval(xa, sc, sh, ya, T, K._stream(xa, None))
         return torch.from_numpy(ya)
 
 

@@ -302,11 +302,43 @@ def _forward_eval(
     x: Array, scale: Array, shift: Array, y: Array, T: int, stream: bool = False
 ) -> Array:
     """:func:`forward_eval` on checked arrays."""
+    E = _EMPTY[x.dtype]
+    return _eval(x, scale, shift, E, E, 0.0, False, y, T, stream)
+
+
+def _forward_eval_stats(
+    x: Array,
+    mean: Array,
+    var: Array,
+    w: Array,
+    b: Array,
+    eps: float,
+    y: Array,
+    T: int,
+    stream: bool = False,
+) -> Array:
+    """Inference from the population statistics (vectors of x's dtype; ``w``/``b`` empty when
+    absent): :func:`inference_affine` and :func:`forward_eval` in one compiled call."""
+    return _eval(x, mean, var, w, b, eps, True, y, T, stream)
+
+
+def _eval(
+    x: Array,
+    p0: Array,
+    p1: Array,
+    w: Array,
+    b: Array,
+    eps: float,
+    stats: bool,
+    y: Array,
+    T: int,
+    stream: bool,
+) -> Array:
     if x.ndim == 3:
-        _kernel("ncl_forward_eval", T > 1)(x, scale, shift, T, stream, y)
+        _kernel("ncl_forward_eval", T > 1)(x, p0, p1, w, b, eps, stats, T, stream, y)
     else:
         split = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
-        _kernel("mc_forward_eval", T > 1)(x, scale, shift, *split, stream, y)
+        _kernel("mc_forward_eval", T > 1)(x, p0, p1, w, b, eps, stats, *split, stream, y)
     return y
 
 

@@ -542,8 +542,39 @@ def ncl_backward_fused(dy, x, mean, invstd, w, tol, stream, need_dx, dx, dw_out,
                 _fence()
 
 
-def ncl_forward_eval(x, scale, shift, T, stream, y):  # type: ignore[no-untyped-def]
-    """Inference on ``(N, C, L)``: one pass, y = x·scale + shift, in ``T`` pieces of memory."""
+@numba.njit(inline="always", cache=True)
+def _affine_into(mean, var, w, b, eps, scale_out, shift_out):  # type: ignore[no-untyped-def]
+    """Algorithm 2's affine map per channel, in float64, stored in the outputs' dtype:
+    ``scale = γ/√(var + ε)``, ``shift = β − scale·mean`` (γ, β empty: 1, 0)."""
+    has_w = w.shape[0] > 0
+    has_b = b.shape[0] > 0
+    for c in range(mean.shape[0]):
+        sc = 1.0 / math.sqrt(np.float64(var[c]) + eps)
+        if has_w:
+            sc *= np.float64(w[c])
+        sh = -sc * np.float64(mean[c])
+        if has_b:
+            sh += np.float64(b[c])
+        scale_out[c] = sc
+        shift_out[c] = sh
+
+
+@numba.njit(inline="always", cache=True)
+def _eval_coefs(p0, p1, w, b, eps, stats):  # type: ignore[no-untyped-def]
+    """``(scale, shift)``: computed from the population ``mean = p0``, ``var = p1`` when
+    ``stats``, else ``p0`` and ``p1`` themselves."""
+    if not stats:
+        return p0, p1
+    scale = np.empty_like(p0)
+    shift = np.empty_like(p0)
+    _affine_into(p0, p1, w, b, eps, scale, shift)
+    return scale, shift
+
+
+def ncl_forward_eval(x, p0, p1, w, b, eps, stats, T, stream, y):  # type: ignore[no-untyped-def]
+    """Inference on ``(N, C, L)``: one pass, y = x·scale + shift, in ``T`` pieces of memory
+    (``scale``, ``shift`` from :func:`_eval_coefs`)."""
+    scale, shift = _eval_coefs(p0, p1, w, b, eps, stats)
     N, C, L = x.shape
     total = N * C * L
     zero = np.zeros(1, dtype=x.dtype)[0]
@@ -783,8 +814,9 @@ def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, tw, stream, need_dx, dx, 
         _mc_dx(dx, dy, x, r0, r1, c0, c1, mean, a_arr, b_arr, d_arr, stream)
 
 
-def mc_forward_eval(x, scale, shift, nrb, ncb, tw, stream, y):  # type: ignore[no-untyped-def]
-    """Inference on ``(M, C)``: one pass, y = x·scale + shift."""
+def mc_forward_eval(x, p0, p1, w, b, eps, stats, nrb, ncb, tw, stream, y):  # type: ignore[no-untyped-def]
+    """Inference on ``(M, C)``: one pass, y = x·scale + shift (as :func:`ncl_forward_eval`)."""
+    scale, shift = _eval_coefs(p0, p1, w, b, eps, stats)
     M, C = x.shape
     zero = np.zeros(C, dtype=x.dtype)
     for t in prange(nrb * ncb):
@@ -793,19 +825,8 @@ def mc_forward_eval(x, scale, shift, nrb, ncb, tw, stream, y):  # type: ignore[n
 
 
 def inference_affine(mean, var, w, b, eps, scale_out, shift_out):  # type: ignore[no-untyped-def]
-    """Algorithm 2's affine map per channel, in float64, stored in the outputs' dtype:
-    ``scale = γ/√(var + ε)``, ``shift = β − scale·mean`` (γ, β empty: 1, 0)."""
-    has_w = w.shape[0] > 0
-    has_b = b.shape[0] > 0
-    for c in range(mean.shape[0]):
-        sc = 1.0 / math.sqrt(np.float64(var[c]) + eps)
-        if has_w:
-            sc *= np.float64(w[c])
-        sh = -sc * np.float64(mean[c])
-        if has_b:
-            sh += np.float64(b[c])
-        scale_out[c] = sc
-        shift_out[c] = sh
+    """Algorithm 2's per-channel ``(scale, shift)`` into the outputs (see :func:`_affine_into`)."""
+    _affine_into(mean, var, w, b, eps, scale_out, shift_out)
 
 
 def running_update(mean, var, rm, rv, momentum, alpha, nbt):  # type: ignore[no-untyped-def]
