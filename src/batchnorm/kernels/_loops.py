@@ -246,6 +246,15 @@ def _piece(t: int, T: int, total: int) -> tuple[int, int]:
 
 
 @numba.njit(inline="always", cache=True)
+def _next_row(n: int, c: int, C: int) -> tuple[int, int]:
+    """The row after ``(n, c)`` in address order (no division per row)."""
+    c += 1
+    if c == C:
+        return n + 1, 0
+    return n, c
+
+
+@numba.njit(inline="always", cache=True)
 def _row_span(j0: int, j1: int, r: int, L: int) -> tuple[int, int]:
     """The part ``[lo, hi)`` of row ``r`` (length L) inside the flat range ``[j0, j1)``."""
     lo = j0 - r * L
@@ -383,13 +392,15 @@ def ncl_forward_train(x, w, b, eps, T, stream, y, mean_out, var_out, invstd_out)
         p1 = part[t, 0]
         p2 = part[t, 1]
         if j1 > j0:
-            for r in range(j0 // L, (j1 - 1) // L + 1):
-                n = r // C
-                c = r - n * C
+            r0 = j0 // L
+            n = r0 // C
+            c = r0 - n * C
+            for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
                 lo, hi = _row_span(j0, j1, r, L)
                 s1, s2 = _shifted_sums(x[n, c], lo, hi, kd[c], zero)
                 p1[c] += s1
                 p2[c] += s2
+                n, c = _next_row(n, c, C)
     mh_arr, sc_arr, sh_arr = _finish_forward(
         part, kd, m, w, b, eps, mean_out, var_out, invstd_out, x
     )
@@ -397,11 +408,13 @@ def ncl_forward_train(x, w, b, eps, T, stream, y, mean_out, var_out, invstd_out)
         j0, j1 = _piece(t, T, total)
         buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
         if j1 > j0:
-            for r in range(j0 // L, (j1 - 1) // L + 1):
-                n = r // C
-                c = r - n * C
+            r0 = j0 // L
+            n = r0 // C
+            c = r0 - n * C
+            for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
                 lo, hi = _row_span(j0, j1, r, L)
                 _affine_span(y[n, c], x[n, c], lo, hi, mh_arr[c], sc_arr[c], sh_arr[c], stream, buf)
+                n, c = _next_row(n, c, C)
         if stream:
             _fence()
 
@@ -423,14 +436,16 @@ def ncl_backward(dy, x, mean, invstd, w, tol, T, stream, need_dx, dx, dw_out, db
         p1 = part[t, 1]
         p2 = part[t, 2]
         if j1 > j0:
-            for r in range(j0 // L, (j1 - 1) // L + 1):
-                n = r // C
-                c = r - n * C
+            r0 = j0 // L
+            n = r0 // C
+            c = r0 - n * C
+            for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
                 lo, hi = _row_span(j0, j1, r, L)
                 s0, s1, s2 = _grad_sums(dy[n, c], x[n, c], lo, hi, mean[c], zero)
                 p0[c] += s0
                 p1[c] += s1
                 p2[c] += s2
+                n, c = _next_row(n, c, C)
     a_arr, b_arr, d_arr = _finish_backward(part, m, mean, invstd, w, tol, dw_out, db_out)
     if not need_dx:
         return
@@ -438,9 +453,10 @@ def ncl_backward(dy, x, mean, invstd, w, tol, T, stream, need_dx, dx, dw_out, db
         j0, j1 = _piece(t, T, total)
         buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
         if j1 > j0:
-            for r in range(j0 // L, (j1 - 1) // L + 1):
-                n = r // C
-                c = r - n * C
+            r0 = j0 // L
+            n = r0 // C
+            c = r0 - n * C
+            for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
                 lo, hi = _row_span(j0, j1, r, L)
                 _dx_span(
                     dx[n, c],
@@ -455,6 +471,7 @@ def ncl_backward(dy, x, mean, invstd, w, tol, T, stream, need_dx, dx, dw_out, db
                     stream,
                     buf,
                 )
+                n, c = _next_row(n, c, C)
         if stream:
             _fence()
 
@@ -582,11 +599,13 @@ def ncl_forward_eval(x, p0, p1, w, b, eps, stats, T, stream, y):  # type: ignore
         j0, j1 = _piece(t, T, total)
         buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
         if j1 > j0:
-            for r in range(j0 // L, (j1 - 1) // L + 1):
-                n = r // C
-                c = r - n * C
+            r0 = j0 // L
+            n = r0 // C
+            c = r0 - n * C
+            for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
                 lo, hi = _row_span(j0, j1, r, L)
                 _affine_span(y[n, c], x[n, c], lo, hi, zero, scale[c], shift[c], stream, buf)
+                n, c = _next_row(n, c, C)
         if stream:
             _fence()
 
