@@ -348,6 +348,50 @@ def test_batch_norm_step_nonfinite_changes_nothing(backend: str, grad: bool) -> 
     assert torch.equal(rm, torch.zeros(3)) and int(nbt) == 7
 
 
+def _layout(t: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if name == "strided":  # neither layout: a transposed copy viewed back
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    return t.contiguous()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dy_layout", ["contiguous", "channels_last", "expanded"])
+def test_gradients_for_any_pair_of_memory_layouts(
+    backend: str, x_layout: str, dy_layout: str
+) -> None:
+    base = _rand((3, 4, 5, 6), dtype=torch.float32)
+    dy_base = _rand((3, 4, 5, 6), seed=5, dtype=torch.float32)
+    dy = dy_base[:1].expand(3, -1, -1, -1) if dy_layout == "expanded" else dy_base
+    dy = dy if dy_layout == "expanded" else _layout(dy, dy_layout)
+    grads = []
+    for f in ("ours", "torch.nn"):
+        x = _layout(base.clone(), x_layout).requires_grad_()
+        w = (torch.rand(4, generator=torch.Generator().manual_seed(1)) + 0.5).requires_grad_()
+        b = torch.zeros(4).requires_grad_()
+        if f == "ours":
+            y, *_ = F.batch_norm_train(x, w, b, 1e-5, backend=backend)
+            assert y.stride() == x.stride() or x_layout == "strided"
+        else:
+            y = torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+        grads.append(torch.autograd.grad(y, (x, w, b), dy))
+    for g_ours, g_torch in zip(*grads):
+        torch.testing.assert_close(g_ours, g_torch, rtol=1e-4, atol=1e-4)
+
+
+def test_second_derivatives_through_channels_last() -> None:
+    x = _rand((2, 3, 2, 3)).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64).requires_grad_()
+
+    def f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm_train(x, w, b, 1e-3)[0]
+
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
 def test_error_messages() -> None:
     with pytest.raises(BatchNormInputError, match=r"did you mean axis=-1\?"):
         F.batch_norm(

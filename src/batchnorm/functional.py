@@ -495,11 +495,13 @@ def _masked_train(
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Algorithm 1 on a canonical tensor with the compact backward; differentiable twice.
+    """Algorithm 1 with the compact backward; differentiable twice.
 
-    First-order backward runs on the backend (fused kernels on CPU). When a graph of the
-    backward is requested (``create_graph=True``), the backward is recomputed with torch
-    operations from ``x`` — statistics included — so that second derivatives are exact.
+    Takes the input in its own shape and memory layout and brings it to the canonical layout
+    inside (no view nodes in the graph). First-order backward runs on the backend (fused kernels
+    on CPU). When a graph of the backward is requested (``create_graph=True``), the backward is
+    recomputed with torch operations from ``x`` — statistics included — so that second
+    derivatives are exact.
     """
 
     @staticmethod
@@ -509,24 +511,26 @@ class BatchNormFunction(torch.autograd.Function):
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
-        backend: Backend,
-        running: RunningStats | None = None,
+        backend: str | None,
+        running: RunningStats | None,
+        axis: int,
     ) -> tuple[Tensor, Tensor, Tensor, bool]:
+        xc, restore = canonical_layout(x, axis)
+        be = get_backend(xc, backend)
         if running is None:
-            y, mean, var, invstd = backend.forward_train(x, weight, bias, eps)
+            y, mean, var, invstd = be.forward_train(xc, weight, bias, eps)
             updated = False
         else:
-            y, mean, var, invstd, updated = backend.forward_train_update(
-                x, weight, bias, eps, running
-            )
+            y, mean, var, invstd, updated = be.forward_train_update(xc, weight, bias, eps, running)
         ctx.save_for_backward(x, weight, mean, invstd)  # type: ignore[arg-type]
         ctx.eps = eps  # type: ignore[attr-defined]
+        ctx.axis = axis  # type: ignore[attr-defined]
         ctx.param_dtype = (  # type: ignore[attr-defined]
             weight.dtype if weight is not None else (bias.dtype if bias is not None else x.dtype)
         )
-        ctx.backend = backend  # type: ignore[attr-defined]
+        ctx.backend = be  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(mean, var)
-        return y, mean, var, updated
+        return restore(y), mean, var, updated
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -534,24 +538,39 @@ class BatchNormFunction(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+        axis = ctx.axis  # type: ignore[attr-defined]
+        if dy.stride() != x.stride():  # dy in x's memory layout: both then share one canonical view
+            dy = torch.empty_like(x, dtype=dy.dtype).copy_(dy)
+        xc, restore = canonical_layout(x, axis)
+        dyc, _ = canonical_layout(dy, axis)
         dx: Tensor | None
         dw: Tensor | None
         db: Tensor | None
         if torch.is_grad_enabled():
             # double backward: statistics recomputed differentiably from x
             cd = _compute_dtype(x.dtype)
-            xc = x.to(cd)
-            m, _, inv = _stats(xc, ctx.eps)  # type: ignore[attr-defined]
+            xcd = xc.to(cd)
+            m, _, inv = _stats(xcd, ctx.eps)  # type: ignore[attr-defined]
             w = None if weight is None else weight.to(cd)
-            gx, dw, db = _backward_math(dy.to(cd), xc, m, inv, w)
+            gx, dw, db = _backward_math(dyc.to(cd), xcd, m, inv, w)
             dx = gx.to(x.dtype)
         else:
             backend: Backend = ctx.backend  # type: ignore[attr-defined]
-            dx, dw, db = backend.backward(dy.contiguous(), x, mean, invstd, weight, needs)
+            dx, dw, db = backend.backward(dyc, xc, mean, invstd, weight, needs)
         pd = ctx.param_dtype  # type: ignore[attr-defined]
         dw_out = None if not needs[1] or dw is None else (dw if dw.dtype == pd else dw.to(pd))
         db_out = None if not needs[2] or db is None else (db if db.dtype == pd else db.to(pd))
-        return (dx if needs[0] else None), dw_out, db_out, None, None, None
+        dx_out = restore(dx) if (needs[0] and dx is not None) else None
+        return dx_out, dw_out, db_out, None, None, None, None
+
+
+def _graph_needed(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether autograd must record this normalization (else the Function's cost is skipped)."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,16 +611,12 @@ def batch_norm_train(
         y, mean, var = _masked_train(input, weight, bias, eps, ax, m, count)
         return y, mean, var, count
     count = _check_count(input, ax, layer)
+    if _graph_needed(input, weight, bias):
+        y, mean, var, _ = BatchNormFunction.apply(input, weight, bias, eps, backend, None, ax)
+        return y, mean, var, count
+    # no graph to record: skip the autograd Function's per-call cost (small batches)
     xc, restore = canonical_layout(input, ax)
-    be = get_backend(xc, backend)
-    if torch.is_grad_enabled() and (
-        xc.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
-        y, mean, var, _ = BatchNormFunction.apply(xc, weight, bias, eps, be)
-    else:  # no graph to record: skip the autograd Function's per-call cost (small batches)
-        y, mean, var, _ = be.forward_train(xc, weight, bias, eps)
+    y, mean, var, _ = get_backend(xc, backend).forward_train(xc, weight, bias, eps)
     return restore(y), mean, var, count
 
 
@@ -630,21 +645,18 @@ def batch_norm_step(
     """
     ax = axis % input.dim() if input.dim() else axis
     count = _check_count(input, ax, layer)
-    xc, restore = canonical_layout(input, ax)
-    be = get_backend(xc, backend)
     alpha = momentum * count / (count - 1) if unbiased_running_var else momentum
     running = RunningStats(running_mean, running_var, momentum, alpha, num_batches_tracked)
-    if torch.is_grad_enabled() and (
-        xc.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
-        y, _, _, updated = BatchNormFunction.apply(xc, weight, bias, eps, be, running)
+    if _graph_needed(input, weight, bias):
+        y, _, _, updated = BatchNormFunction.apply(input, weight, bias, eps, backend, running, ax)
     else:
-        y, _, _, _, updated = be.forward_train_update(xc, weight, bias, eps, running)
+        xc, restore = canonical_layout(input, ax)
+        be = get_backend(xc, backend)
+        yc, _, _, _, updated = be.forward_train_update(xc, weight, bias, eps, running)
+        y = restore(yc)
     if not updated:
         _refuse_nonfinite(nonfinite, layer)
-    return restore(y), updated
+    return y, updated
 
 
 def batch_norm_eval(
