@@ -97,23 +97,20 @@ def _vec(v: Tensor | None, dtype: torch.dtype) -> np.ndarray:
     """A per-channel tensor as a contiguous NumPy vector of ``dtype`` (empty for None)."""
     if v is None:
         return _EMPTY[dtype]
-    # one cheap check per property: this runs on every call, (60, 100) batches included
-    if v.requires_grad:
-        v = v.detach()
+    # one cheap check per property: this runs on every call, (60, 100) batches included;
+    # numpy(force=True) detaches in the same call
     if v.dtype != dtype:
         v = v.to(dtype)
     if not v.is_contiguous():
         v = v.contiguous()
-    return v.numpy()
+    return v.numpy(force=True)
 
 
 def _arr(t: Tensor) -> np.ndarray:
     """A NumPy view of ``t`` (copied once if it is not contiguous: never read through strides)."""
-    if t.requires_grad:
-        t = t.detach()
     if not t.is_contiguous():
         t = t.contiguous()
-    return t.numpy()
+    return t.numpy(force=True)
 
 
 def _train(
@@ -196,7 +193,7 @@ class NumbaBackend:
             va,
             running.momentum,
             running.alpha,
-            K._NO_COUNTER if nbt is None else nbt.view(1).numpy(),
+            K._NO_COUNTER if nbt is None else nbt.numpy().reshape(1),
         )
         return (
             torch.from_numpy(ya),
