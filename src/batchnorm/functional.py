@@ -514,7 +514,7 @@ class BatchNormFunction(torch.autograd.Function):
         backend: str | None,
         running: RunningStats | None,
         axis: int,
-    ) -> tuple[Tensor, Tensor, Tensor, bool]:
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], bool]:
         xc, restore = canonical_layout(x, axis)
         be = get_backend(xc, backend)
         if running is None:
@@ -529,8 +529,10 @@ class BatchNormFunction(torch.autograd.Function):
             weight.dtype if weight is not None else (bias.dtype if bias is not None else x.dtype)
         )
         ctx.backend = be  # type: ignore[attr-defined]
-        ctx.mark_non_differentiable(mean, var)
-        return restore(y), mean, var, updated
+        # the statistics leave inside a tuple: autograd passes non-tensor outputs through
+        # untouched (no graph edges, no zero gradients made up for them in backward)
+        ctx.set_materialize_grads(False)
+        return restore(y), (mean, var), updated
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -539,6 +541,8 @@ class BatchNormFunction(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
         axis = ctx.axis  # type: ignore[attr-defined]
+        if dy is None:  # y did not reach the loss
+            return (None,) * 7
         if dy.stride() != x.stride():  # dy in x's memory layout: both then share one canonical view
             dy = torch.empty_like(x, dtype=dy.dtype).copy_(dy)
         xc, restore = canonical_layout(x, axis)
@@ -612,7 +616,7 @@ def batch_norm_train(
         return y, mean, var, count
     count = _check_count(input, ax, layer)
     if _graph_needed(input, weight, bias):
-        y, mean, var, _ = BatchNormFunction.apply(input, weight, bias, eps, backend, None, ax)
+        y, (mean, var), _ = BatchNormFunction.apply(input, weight, bias, eps, backend, None, ax)
         return y, mean, var, count
     # no graph to record: skip the autograd Function's per-call cost (small batches)
     xc, restore = canonical_layout(input, ax)
@@ -648,7 +652,7 @@ def batch_norm_step(
     alpha = momentum * count / (count - 1) if unbiased_running_var else momentum
     running = RunningStats(running_mean, running_var, momentum, alpha, num_batches_tracked)
     if _graph_needed(input, weight, bias):
-        y, _, _, updated = BatchNormFunction.apply(input, weight, bias, eps, backend, running, ax)
+        y, _, updated = BatchNormFunction.apply(input, weight, bias, eps, backend, running, ax)
     else:
         xc, restore = canonical_layout(input, ax)
         be = get_backend(xc, backend)
