@@ -448,3 +448,15 @@ def test_running_update_refuses_what_it_cannot_update_in_place() -> None:
         K.running_update(v.copy(), v.copy(), np.ones(2), v, 0.1)
     with pytest.raises(ValueError, match="one int64 value"):
         K.running_update(v.copy(), v.copy(), v, v, 0.1, num_batches_tracked=np.zeros(2, np.int64))
+
+
+def test_num_threads_follows_numba_setting() -> None:
+    import numba
+
+    before = numba.get_num_threads()
+    try:
+        for n in (1, before):
+            numba.set_num_threads(n)
+            assert K.num_threads() == n == numba.get_num_threads()
+    finally:
+        numba.set_num_threads(before)

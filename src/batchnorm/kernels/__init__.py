@@ -64,10 +64,21 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def num_threads() -> int:
-    """The number of threads the kernels split work over (Numba's setting)."""
-    import numba
+    """The number of threads the kernels split work over (Numba's setting, which
+    ``numba.set_num_threads`` may change at any time)."""
+    read = _NUM_THREADS.get("read")
+    if read is None:
+        import numba
+        from numba.np.ufunc import parallel
 
-    return int(numba.get_num_threads())
+        numba.get_num_threads()  # starts the threading layer
+        # the layer's own reader: numba.get_num_threads() takes two locks on every call, which
+        # cost ~30 us when the caches are cold after a large pass
+        read = _NUM_THREADS["read"] = getattr(parallel, "_get_num_threads", numba.get_num_threads)
+    return int(read())
+
+
+_NUM_THREADS: dict[str, Any] = {}
 
 
 _DISPATCHERS: dict[tuple[str, bool], Any] = {}
