@@ -641,7 +641,8 @@ def batch_norm_step(
     num_batches_tracked: Tensor | None = None,
 ) -> tuple[Tensor, bool]:
     """A training step: :func:`batch_norm_train` and :func:`update_running_stats` in one backend
-    call (the kernels update the running buffers in the same compiled call that normalizes).
+    call (the kernels update the running buffers right after normalizing, without a round trip
+    through torch operations).
 
     Returns ``(y, updated)``; ``updated`` is False when the batch statistics were not finite
     (the running buffers, and ``num_batches_tracked`` — incremented otherwise — are then left
@@ -776,9 +777,9 @@ def blend_running(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
     return True
 
 
-def _refuse_nonfinite(nonfinite: NonFinitePolicy, layer: str | None, stacklevel: int = 3) -> bool:
-    """The non-finite-statistics policy of :func:`update_running_stats`: raise or warn (the
-    warning points ``stacklevel`` frames up: by default the caller of this function's caller)."""
+def _refuse_nonfinite(nonfinite: NonFinitePolicy, layer: str | None) -> bool:
+    """The non-finite-statistics policy of :func:`update_running_stats` and
+    :func:`batch_norm_step`: raise or warn (the warning points at their caller)."""
     msg = (
         f"{_name(layer)}: the batch statistics are not finite (NaN or inf in the input); the "
         "running statistics were left unchanged. Check the inputs and the learning rate; "
@@ -786,7 +787,7 @@ def _refuse_nonfinite(nonfinite: NonFinitePolicy, layer: str | None, stacklevel:
     )
     if nonfinite == "raise":
         raise NonFiniteStatisticsError(msg)
-    warnings.warn(msg, NonFiniteStatisticsWarning, stacklevel=stacklevel)
+    warnings.warn(msg, NonFiniteStatisticsWarning, stacklevel=3)
     return False
 
 
