@@ -10,6 +10,9 @@ Three entry points, on the two canonical layouts of :func:`batchnorm.functional.
   ``dx = γ·invstd/m · (m·dy − Σdy − x̂·Σdy·x̂)``; returns ``(dx, dγ, dβ)``;
 * :func:`forward_eval` — inference, one pass: ``y = x·scale + shift``.
 
+and two per-channel helpers: :func:`inference_affine` (``scale``, ``shift`` from population
+statistics) and :func:`running_update` (the moving averages, refusing a non-finite batch).
+
 The loops compile on first use, once per signature, and are cached on disk (``cache=True``);
 importing this package compiles nothing. Work is split over Numba's threads
 (``numba.get_num_threads()``) so that every thread is busy also with one channel or a handful of
