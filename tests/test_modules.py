@@ -264,3 +264,17 @@ def test_torch_bias_false_spelling_is_supported() -> None:
     assert type(net[0]) is batchnorm.BatchNorm1d and net[0].bias is None
     back = batchnorm.convert_model(net, to="torch")
     assert type(back[0]) is nn.BatchNorm1d and back[0].bias is None
+
+
+def test_tracking_switched_off_after_construction_leaves_buffers_alone() -> None:
+    ours, theirs = batchnorm.BatchNorm1d(3), nn.BatchNorm1d(3)
+    x = torch.randn(16, 3) * 2 + 1
+    for bn in (ours, theirs):
+        bn.track_running_stats = False  # as torch.nn: training then uses and updates nothing
+        y = bn(x)
+        assert torch.equal(bn.running_mean, torch.zeros(3))
+        assert torch.equal(bn.running_var, torch.ones(3))
+        assert int(bn.num_batches_tracked) == 0
+        torch.testing.assert_close(
+            y, (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + bn.eps)
+        )
