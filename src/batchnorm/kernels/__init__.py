@@ -309,15 +309,8 @@ def forward_eval(
     sc = _channel_vec(scale, C, x.dtype, "scale")
     sh = _channel_vec(shift, C, x.dtype, "shift")
     T = _threads(x.size, parallel)
-    return _forward_eval(x, sc, sh, _out(out, x), T, _stream(x, stream))
-
-
-def _forward_eval(
-    x: Array, scale: Array, shift: Array, y: Array, T: int, stream: bool = False
-) -> Array:
-    """:func:`forward_eval` on checked arrays."""
     E = _EMPTY[x.dtype]
-    return _eval(x, scale, shift, E, E, 0.0, False, y, T, stream)
+    return _eval(x, sc, sh, E, E, 0.0, False, _out(out, x), T, _stream(x, stream))
 
 
 def _forward_eval_stats(
@@ -375,16 +368,9 @@ def inference_affine(
     v = _channel_vec(var, C, m.dtype, "var")
     w = _channel_vec(weight, C, m.dtype, "weight")
     b = _channel_vec(bias, C, m.dtype, "bias")
-    return _inference_affine(m, v, w, b, float(eps))
-
-
-def _inference_affine(
-    mean: Array, var: Array, w: Array, b: Array, eps: float
-) -> tuple[Array, Array]:
-    """:func:`inference_affine` on checked vectors (``w``/``b`` empty when absent)."""
-    scale = np.empty_like(mean)
-    shift = np.empty_like(mean)
-    _kernel("inference_affine", False)(mean, var, w, b, eps, scale, shift)
+    scale = np.empty_like(m)
+    shift = np.empty_like(m)
+    _kernel("inference_affine", False)(m, v, w, b, float(eps), scale, shift)
     return scale, shift
 
 

@@ -246,6 +246,14 @@ def _piece(t: int, T: int, total: int) -> tuple[int, int]:
 
 
 @numba.njit(inline="always", cache=True)
+def _first_row(j0: int, L: int, C: int) -> tuple[int, int, int]:
+    """The row holding flat index ``j0`` of an ``(N, C, L)`` tensor, and its ``(n, c)``."""
+    r0 = j0 // L
+    n = r0 // C
+    return r0, n, r0 - n * C
+
+
+@numba.njit(inline="always", cache=True)
 def _next_row(n: int, c: int, C: int) -> tuple[int, int]:
     """The row after ``(n, c)`` in address order (no division per row)."""
     c += 1
@@ -392,9 +400,7 @@ def ncl_forward_train(x, w, b, eps, T, stream, y, mean_out, var_out, invstd_out)
         p1 = part[t, 0]
         p2 = part[t, 1]
         if j1 > j0:
-            r0 = j0 // L
-            n = r0 // C
-            c = r0 - n * C
+            r0, n, c = _first_row(j0, L, C)
             for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
                 lo, hi = _row_span(j0, j1, r, L)
                 s1, s2 = _shifted_sums(x[n, c], lo, hi, kd[c], zero)
@@ -408,9 +414,7 @@ def ncl_forward_train(x, w, b, eps, T, stream, y, mean_out, var_out, invstd_out)
         j0, j1 = _piece(t, T, total)
         buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
         if j1 > j0:
-            r0 = j0 // L
-            n = r0 // C
-            c = r0 - n * C
+            r0, n, c = _first_row(j0, L, C)
             for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
                 lo, hi = _row_span(j0, j1, r, L)
                 _affine_span(y[n, c], x[n, c], lo, hi, mh_arr[c], sc_arr[c], sh_arr[c], stream, buf)
@@ -436,9 +440,7 @@ def ncl_backward(dy, x, mean, invstd, w, tol, T, stream, need_dx, dx, dw_out, db
         p1 = part[t, 1]
         p2 = part[t, 2]
         if j1 > j0:
-            r0 = j0 // L
-            n = r0 // C
-            c = r0 - n * C
+            r0, n, c = _first_row(j0, L, C)
             for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
                 lo, hi = _row_span(j0, j1, r, L)
                 s0, s1, s2 = _grad_sums(dy[n, c], x[n, c], lo, hi, mean[c], zero)
@@ -453,9 +455,7 @@ def ncl_backward(dy, x, mean, invstd, w, tol, T, stream, need_dx, dx, dw_out, db
         j0, j1 = _piece(t, T, total)
         buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
         if j1 > j0:
-            r0 = j0 // L
-            n = r0 // C
-            c = r0 - n * C
+            r0, n, c = _first_row(j0, L, C)
             for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
                 lo, hi = _row_span(j0, j1, r, L)
                 _dx_span(
@@ -599,9 +599,7 @@ def ncl_forward_eval(x, p0, p1, w, b, eps, stats, T, stream, y):  # type: ignore
         j0, j1 = _piece(t, T, total)
         buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
         if j1 > j0:
-            r0 = j0 // L
-            n = r0 // C
-            c = r0 - n * C
+            r0, n, c = _first_row(j0, L, C)
             for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
                 lo, hi = _row_span(j0, j1, r, L)
                 _affine_span(y[n, c], x[n, c], lo, hi, zero, scale[c], shift[c], stream, buf)
