@@ -112,6 +112,25 @@ def test_streaming_stores_at_every_alignment(shape, offset, dtype):  # type: ign
     np.testing.assert_array_equal(ye, K.forward_eval(x, sc, sh, stream=False))
 
 
+def test_streaming_policy_by_size_layout_and_pass():  # type: ignore[no-untyped-def]
+    """Which outputs are streamed when nothing forces it (np.empty touches no pages)."""
+    big = K.STREAM_ABOVE // 4  # float32 values in STREAM_ABOVE bytes
+    mc = np.empty((big // 64, 64), np.float32)  # rows of whole 64-byte lines
+    assert [K._stream(mc, None, k) for k in ("forward", "backward", "eval")] == [True] * 3
+    odd = np.empty((big // 100 + 1, 100), np.float32)  # 400-byte rows: partial lines
+    assert not any(K._stream(odd, None, k) for k in ("forward", "backward", "eval"))
+    small = np.empty((big // 64 - 1, 64), np.float32)
+    assert not K._stream(small, None, "forward") and K._stream(small, True, "forward")
+    huge = np.empty((K.STREAM_DX_BELOW // 256, 64), np.float32)
+    assert K._stream(huge, None, "forward") and not K._stream(huge, None, "backward")
+    long_rows = np.empty((big // (4 * K.FUSED_ROWS), 4, K.FUSED_ROWS), np.float32)
+    assert K._stream(long_rows, None, "forward") and K._stream(long_rows, None, "backward")
+    assert not K._stream(long_rows, None, "eval") and K._stream(long_rows, True, "eval")
+    short_rows = np.empty((big // 196, 1, 196), np.float32)
+    assert not K._stream(short_rows, None, "forward")
+    assert not K._stream(mc, False, "forward")
+
+
 def test_float32_overflowing_squares_are_summed_in_float64():  # type: ignore[no-untyped-def]
     """Values near float32's range square to inf in float32: those segments are summed again in
     float64, so the statistics stay finite wherever float64 can hold them."""

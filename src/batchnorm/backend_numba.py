@@ -227,7 +227,7 @@ class NumbaBackend:
             _vec(weight, x.dtype),
             dxa,
             T,
-            K._stream(xa, None),
+            K._stream(xa, None, "backward"),
         )
         return (
             (None if dxa is None else torch.from_numpy(dxa)),
@@ -258,7 +258,7 @@ class NumbaBackend:
             float(eps),
             ya,
             K._threads(xa.size, None),
-            K._stream(xa, None),
+            K._stream(xa, None, "eval"),
         )
         return torch.from_numpy(ya)
 

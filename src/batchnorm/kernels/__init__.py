@@ -32,7 +32,7 @@ Example::
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -45,15 +45,19 @@ __all__ = [
     "running_update",
     "SERIAL_BELOW",
     "STREAM_ABOVE",
+    "STREAM_DX_BELOW",
     "num_threads",
 ]
 
 #: inputs with fewer elements than this run on one thread (thread start-up dominates below)
 SERIAL_BELOW = 1 << 15
-#: outputs of at least this many bytes are written with non-temporal (streaming) stores: they
-#: would not stay in the caches anyway, and a streaming store skips reading each line first.
-#: Smaller outputs are stored normally, so that the next layer finds them in the cache.
-STREAM_ABOVE = 16 << 20
+#: outputs of at least this many bytes are written with non-temporal (streaming) stores: the
+#: line goes to memory without being read first, and the inputs a second pass re-reads stay in
+#: the cache. Smaller outputs are stored normally, so that the next layer finds them there.
+STREAM_ABOVE = 4 << 20
+#: ... except the ``(M, C)`` backward's ``dx`` for inputs of at least this many bytes: ``x`` and
+#: ``dy`` no longer fit in the last-level cache together, and streaming measured slower there
+STREAM_DX_BELOW = 16 << 20
 
 Array = NDArray[Any]
 
@@ -125,13 +129,25 @@ def _fused(N: int, C: int, L: int, T: int) -> bool:
     return L >= FUSED_ROWS and (T == 1 or C % T == 0 or C >= 8 * T)
 
 
-def _stream(x: Array, stream: bool | None) -> bool:
-    """Streaming stores for the output like ``x``: big outputs written in long runs (short
-    rows interleave too many partial lines for the write-combining buffers)."""
+def _stream(
+    x: Array, stream: bool | None, kind: Literal["forward", "backward", "eval"] = "forward"
+) -> bool:
+    """Streaming stores for the output like ``x`` of a ``"forward"``, ``"backward"`` or
+    ``"eval"`` pass: big outputs written in long runs (short rows that do not fill whole
+    64-byte lines interleave too many partial lines for the write-combining buffers).
+
+    The choices follow kernel-only measurements on the benchmark's shapes: on ``(M, C)`` a row
+    block is one run when each row is whole lines; the ``(N, C, L)`` inference pass, a plain
+    read-and-write, was as often slower as faster with streaming stores and stores normally.
+    """
     if stream is not None:
         return bool(stream)
-    run = x.shape[2] if x.ndim == 3 else x.shape[1]
-    return x.nbytes >= STREAM_ABOVE and run >= FUSED_ROWS
+    if x.nbytes < STREAM_ABOVE:
+        return False
+    if x.ndim == 2:
+        whole_lines = x.shape[1] >= FUSED_ROWS or (x.shape[1] * x.itemsize) % 64 == 0
+        return whole_lines and (kind != "backward" or x.nbytes < STREAM_DX_BELOW)
+    return x.shape[2] >= FUSED_ROWS and kind != "eval"
 
 
 #: bytes of a channel tile on ``(M, C)``: a task's block sums stay in the core's cache
@@ -260,7 +276,7 @@ def backward(
     w = _channel_vec(weight, C, x.dtype, "weight")
     dx = _out(out, x) if need_dx else None
     T = _threads(x.size, parallel)
-    return _backward(dy, x, mean, invstd, w, dx, T, _stream(x, stream))
+    return _backward(dy, x, mean, invstd, w, dx, T, _stream(x, stream, "backward"))
 
 
 def _backward(
@@ -310,7 +326,7 @@ def forward_eval(
     sh = _channel_vec(shift, C, x.dtype, "shift")
     T = _threads(x.size, parallel)
     E = _EMPTY[x.dtype]
-    return _eval(x, sc, sh, E, E, 0.0, False, _out(out, x), T, _stream(x, stream))
+    return _eval(x, sc, sh, E, E, 0.0, False, _out(out, x), T, _stream(x, stream, "eval"))
 
 
 def _forward_eval_stats(
