@@ -93,7 +93,9 @@ def test_matches_reference(shape, dtype, parallel, stream):  # type: ignore[no-u
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("offset", [0, 1, 3, 7, 15])
-@pytest.mark.parametrize("shape", [(3, 2, 2 * K_CHUNK + 37), (2, 1, 67), (41, 70)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(3, 2, 2 * K_CHUNK + 37), (2, 1, 67), (5, 7, 130), (41, 70)], ids=str
+)
 def test_streaming_stores_at_every_alignment(shape, offset, dtype):  # type: ignore[no-untyped-def]
     """Streaming stores write whole 64-byte lines: outputs starting anywhere inside a line, rows
     longer than a chunk, and ragged ends must give exactly the plain stores' values."""
@@ -105,11 +107,14 @@ def test_streaming_stores_at_every_alignment(shape, offset, dtype):  # type: ign
     y_plain, *_ = K.forward_train(x, w, b, stream=False, parallel=True)
     np.testing.assert_array_equal(y, y_plain)
     assert not raw[:offset].any() and not raw[offset + n :].any()  # nothing outside is touched
-    dx, *_ = K.backward(dy, x, mean, invstd, w, out=out, stream=True)
-    np.testing.assert_array_equal(dx, K.backward(dy, x, mean, invstd, w, stream=False)[0])
-    sc, sh = np.full(shape[1], 1.5, dtype), np.full(shape[1], -0.5, dtype)
-    ye = K.forward_eval(x, sc, sh, out=out, stream=True)
-    np.testing.assert_array_equal(ye, K.forward_eval(x, sc, sh, stream=False))
+    for par in (False, True):  # one piece, and pieces that split rows
+        dx, *_ = K.backward(dy, x, mean, invstd, w, out=out, stream=True, parallel=par)
+        dx_plain = K.backward(dy, x, mean, invstd, w, stream=False, parallel=par)[0]
+        np.testing.assert_array_equal(dx, dx_plain)
+        sc, sh = np.full(shape[1], 1.5, dtype), np.full(shape[1], -0.5, dtype)
+        ye = K.forward_eval(x, sc, sh, out=out, stream=True, parallel=par)
+        np.testing.assert_array_equal(ye, K.forward_eval(x, sc, sh, stream=False, parallel=par))
+        assert not raw[:offset].any() and not raw[offset + n :].any()
 
 
 def test_streaming_policy_by_size_layout_and_pass():  # type: ignore[no-untyped-def]
