@@ -45,6 +45,9 @@ def test_run_and_cli_write_consistent_json(tmp_path, capsys):
         roof = case["copy_s"] * bench.PASS_VALUES[p] / 2
         assert math.isclose(case["roofline_s"][p], roof)
         assert math.isclose(case["ours_over_roofline"][p], case["ours_s"][p] / roof)
+        fastest = data["summary"][f"{p} geomean speedup vs torch, fastest repeats"]
+        assert math.isclose(fastest, case["torch_min_s"][p] / case["ours_min_s"][p])
+        assert f"- {p} geomean speedup vs torch, fastest repeats: {fastest:.2f}x" in table
     target = data["targets"]["fwd+bwd no shape slower than torch"]
     assert target["met"] == (case["ours_over_torch"]["fwd+bwd"] <= 1.0)
     assert set(data["machine"]) >= {"cpu", "cores", "loadavg_before", "numba_threads", "busy"}
