@@ -117,23 +117,31 @@ def test_streaming_stores_at_every_alignment(shape, offset, dtype):  # type: ign
         assert not raw[:offset].any() and not raw[offset + n :].any()
 
 
-def test_streaming_policy_by_size_layout_and_pass():  # type: ignore[no-untyped-def]
+def test_streaming_policy_by_size_and_layout():  # type: ignore[no-untyped-def]
     """Which outputs are streamed when nothing forces it (np.empty touches no pages)."""
     big = K.STREAM_ABOVE // 4  # float32 values in STREAM_ABOVE bytes
     mc = np.empty((big // 64, 64), np.float32)  # rows of whole 64-byte lines
-    assert [K._stream(mc, None, k) for k in ("forward", "backward", "eval")] == [True] * 3
+    assert K._stream(mc, None) and not K._stream(mc, False)
     odd = np.empty((big // 100 + 1, 100), np.float32)  # 400-byte rows: partial lines
-    assert not any(K._stream(odd, None, k) for k in ("forward", "backward", "eval"))
+    assert not K._stream(odd, None) and K._stream(odd, True)
+    assert K._stream(np.empty((big // 600 + 1, 600), np.float32), None)  # long rows
     small = np.empty((big // 64 - 1, 64), np.float32)
-    assert not K._stream(small, None, "forward") and K._stream(small, True, "forward")
-    huge = np.empty((K.STREAM_DX_BELOW // 256, 64), np.float32)
-    assert K._stream(huge, None, "forward") and not K._stream(huge, None, "backward")
+    assert not K._stream(small, None) and K._stream(small, True)
     long_rows = np.empty((big // (4 * K.FUSED_ROWS), 4, K.FUSED_ROWS), np.float32)
-    assert K._stream(long_rows, None, "forward") and K._stream(long_rows, None, "backward")
-    assert not K._stream(long_rows, None, "eval") and K._stream(long_rows, True, "eval")
-    short_rows = np.empty((big // 196, 1, 196), np.float32)
-    assert not K._stream(short_rows, None, "forward")
-    assert not K._stream(mc, False, "forward")
+    assert K._stream(long_rows, None)
+    short_rows = np.empty((big // 196 + 1, 1, 196), np.float32)
+    assert not K._stream(short_rows, None)
+
+
+def test_outputs_start_on_a_cache_line():  # type: ignore[no-untyped-def]
+    """Outputs the kernels allocate (and the empty_aligned helper) start a 64-byte line."""
+    for shape, dtype in (((5,), np.float32), ((12345, 7), np.float64), ((3, 4, 5), np.float32)):
+        a = K.empty_aligned(shape, dtype)
+        assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+        assert a.__array_interface__["data"][0] % K.LINE_BYTES == 0
+    x = np.random.default_rng(0).standard_normal((40, 3, 9)).astype(np.float32)
+    y, *_ = K.forward_train(x)
+    assert y.__array_interface__["data"][0] % K.LINE_BYTES == 0
 
 
 def test_float32_overflowing_squares_are_summed_in_float64():  # type: ignore[no-untyped-def]
@@ -378,6 +386,7 @@ def test_output_arrays_are_reused_only_once_dropped():  # type: ignore[no-untype
     x = torch.randn(64, 8, 1024)  # 2 MiB: above REUSE_ABOVE
     assert x.numel() * 4 >= B.REUSE_ABOVE
     y1, *_ = be.forward_train(x, None, None, 1e-5)
+    assert y1.data_ptr() % K.LINE_BYTES == 0  # whole cache lines for the streaming stores
     kept = y1.clone()
     y2, *_ = be.forward_train(x * 2 + 1, None, None, 1e-5)
     assert y2.data_ptr() != y1.data_ptr()

@@ -70,7 +70,7 @@ class _Outputs:
                 # references: the list, ``b`` and getrefcount's argument — nobody else
                 if sys.getrefcount(b) == 3:
                     return b
-        b = np.empty_like(a)
+        b = K.empty_aligned(a.shape, a.dtype)  # whole cache lines for the streaming stores
         arrays.append(b)
         self._bytes += b.nbytes
         while self._bytes > self.max_bytes and len(self._by_key) > 1:
@@ -227,7 +227,7 @@ class NumbaBackend:
             _vec(weight, x.dtype),
             dxa,
             T,
-            K._stream(xa, None, "backward"),
+            K._stream(xa, None),
         )
         return (
             (None if dxa is None else torch.from_numpy(dxa)),
@@ -258,7 +258,7 @@ class NumbaBackend:
             float(eps),
             ya,
             K._threads(xa.size, None),
-            K._stream(xa, None, "eval"),
+            K._stream(xa, None),
         )
         return torch.from_numpy(ya)
 

@@ -32,7 +32,7 @@ Example::
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -44,8 +44,9 @@ __all__ = [
     "inference_affine",
     "running_update",
     "SERIAL_BELOW",
+    "LINE_BYTES",
     "STREAM_ABOVE",
-    "STREAM_DX_BELOW",
+    "empty_aligned",
     "num_threads",
 ]
 
@@ -55,9 +56,9 @@ SERIAL_BELOW = 1 << 15
 #: line goes to memory without being read first, and the inputs a second pass re-reads stay in
 #: the cache. Smaller outputs are stored normally, so that the next layer finds them there.
 STREAM_ABOVE = 4 << 20
-#: ... except the ``(M, C)`` backward's ``dx`` for inputs of at least this many bytes: ``x`` and
-#: ``dy`` no longer fit in the last-level cache together, and streaming measured slower there
-STREAM_DX_BELOW = 16 << 20
+#: bytes of a cache line: outputs start on a line boundary, so that rows of whole lines are
+#: written by streaming stores alone (NumPy's large arrays start 16 bytes into a page)
+LINE_BYTES = 64
 
 Array = NDArray[Any]
 
@@ -129,25 +130,17 @@ def _fused(N: int, C: int, L: int, T: int) -> bool:
     return L >= FUSED_ROWS and (T == 1 or C % T == 0 or C >= 8 * T)
 
 
-def _stream(
-    x: Array, stream: bool | None, kind: Literal["forward", "backward", "eval"] = "forward"
-) -> bool:
-    """Streaming stores for the output like ``x`` of a ``"forward"``, ``"backward"`` or
-    ``"eval"`` pass: big outputs written in long runs (short rows that do not fill whole
-    64-byte lines interleave too many partial lines for the write-combining buffers).
-
-    The choices follow kernel-only measurements on the benchmark's shapes: on ``(M, C)`` a row
-    block is one run when each row is whole lines; the ``(N, C, L)`` inference pass, a plain
-    read-and-write, was as often slower as faster with streaming stores and stores normally.
-    """
+def _stream(x: Array, stream: bool | None) -> bool:
+    """Streaming stores for the output like ``x``: big outputs written in long runs. Short
+    rows that do not fill whole 64-byte lines interleave too many partial lines for the
+    write-combining buffers; on ``(M, C)`` a thread's block of rows is one run when each row
+    is whole lines (outputs start on a line: :func:`empty_aligned`)."""
     if stream is not None:
         return bool(stream)
     if x.nbytes < STREAM_ABOVE:
         return False
-    if x.ndim == 2:
-        whole_lines = x.shape[1] >= FUSED_ROWS or (x.shape[1] * x.itemsize) % 64 == 0
-        return whole_lines and (kind != "backward" or x.nbytes < STREAM_DX_BELOW)
-    return x.shape[2] >= FUSED_ROWS and kind != "eval"
+    run = x.shape[1] if x.ndim == 2 else x.shape[2]
+    return run >= FUSED_ROWS or (x.ndim == 2 and (run * x.itemsize) % LINE_BYTES == 0)
 
 
 #: bytes of a channel tile on ``(M, C)``: a task's block sums stay in the core's cache
@@ -187,9 +180,18 @@ def _channel_vec(v: Array | None, C: int, dtype: np.dtype[Any], what: str) -> Ar
     return a
 
 
+def empty_aligned(shape: tuple[int, ...], dtype: Any) -> Array:
+    """An uninitialized C-contiguous array whose first element starts a 64-byte cache line."""
+    dt = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    raw = np.empty(nbytes + LINE_BYTES, np.uint8)
+    start = -raw.__array_interface__["data"][0] % LINE_BYTES
+    return raw[start : start + nbytes].view(dt).reshape(shape)
+
+
 def _out(out: Array | None, like: Array) -> Array:
     if out is None:
-        return np.empty_like(like)
+        return empty_aligned(like.shape, like.dtype)
     if out.shape != like.shape or out.dtype != like.dtype or not out.flags.c_contiguous:
         raise ValueError(
             f"batchnorm.kernels: out must be a C-contiguous {like.dtype} array of shape "
@@ -276,7 +278,7 @@ def backward(
     w = _channel_vec(weight, C, x.dtype, "weight")
     dx = _out(out, x) if need_dx else None
     T = _threads(x.size, parallel)
-    return _backward(dy, x, mean, invstd, w, dx, T, _stream(x, stream, "backward"))
+    return _backward(dy, x, mean, invstd, w, dx, T, _stream(x, stream))
 
 
 def _backward(
@@ -326,7 +328,7 @@ def forward_eval(
     sh = _channel_vec(shift, C, x.dtype, "shift")
     T = _threads(x.size, parallel)
     E = _EMPTY[x.dtype]
-    return _eval(x, sc, sh, E, E, 0.0, False, _out(out, x), T, _stream(x, stream, "eval"))
+    return _eval(x, sc, sh, E, E, 0.0, False, _out(out, x), T, _stream(x, stream))
 
 
 def _forward_eval_stats(
