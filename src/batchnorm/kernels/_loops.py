@@ -275,32 +275,73 @@ def _row_span(j0: int, j1: int, r: int, L: int) -> tuple[int, int]:
 
 
 @numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _segment_shifted_sums(seg, n, k, zero):  # type: ignore[no-untyped-def]
+    """Σ(x − k) and Σ(x − k)² over ``seg[:n]`` (n ≤ :data:`CHUNK`) summed in x's dtype and
+    returned in float64; a non-finite sum is taken again in float64."""
+    p = zero
+    q = zero
+    for i in range(n):
+        d = seg[i] - k
+        p += d
+        q += d * d
+    if math.isfinite(q) and math.isfinite(p):
+        return np.float64(p), np.float64(q)
+    k64 = np.float64(k)
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(n):
+        d64 = np.float64(seg[i]) - k64
+        s1 += d64
+        s2 += d64 * d64
+    return s1, s2
+
+
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
 def _shifted_sums(xr, lo, hi, k, zero):  # type: ignore[no-untyped-def]
     """Σ(x − k) and Σ(x − k)² over ``xr[lo:hi]`` in float64, from segments of :data:`CHUNK`
-    values summed in x's dtype (a non-finite segment is summed again in float64)."""
+    values summed in x's dtype (a non-finite segment is summed again in float64).
+
+    The segment's loops live in their own function: with the float64 fallback written inside
+    this loop, LLVM left short rows 2.3–3.5× slower (49 values: 36 ns a row against 11 ns)."""
     s1 = 0.0
     s2 = 0.0
     a = lo
     while a < hi:
         e = min(a + CHUNK, hi)
-        seg = xr[a:e]  # 0-based loops vectorize (no negative-index fix-ups)
-        p = zero
-        q = zero
-        for i in range(e - a):
-            d = seg[i] - k
-            p += d
-            q += d * d
-        if math.isfinite(q) and math.isfinite(p):
-            s1 += np.float64(p)
-            s2 += np.float64(q)
-        else:
-            k64 = np.float64(k)
-            for i in range(e - a):
-                d64 = np.float64(seg[i]) - k64
-                s1 += d64
-                s2 += d64 * d64
+        # 0-based loops vectorize (no negative-index fix-ups)
+        t1, t2 = _segment_shifted_sums(xr[a:e], e - a, k, zero)
+        s1 += t1
+        s2 += t2
         a = e
     return s1, s2
+
+
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _segment_grad_sums(gs, xs, n, mh, zero):  # type: ignore[no-untyped-def]
+    """Σdy, Σdy·(x − mh) and Σ(x − mh) over ``[:n]`` (n ≤ :data:`CHUNK`) summed in the dtype
+    and returned in float64; non-finite sums are taken again in float64."""
+    p = zero
+    q = zero
+    u = zero
+    for i in range(n):
+        g_ = gs[i]
+        xd = xs[i] - mh
+        p += g_
+        q += g_ * xd
+        u += xd
+    if math.isfinite(p) and math.isfinite(q) and math.isfinite(u):
+        return np.float64(p), np.float64(q), np.float64(u)
+    mh64 = np.float64(mh)
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(n):
+        g64 = np.float64(gs[i])
+        xd64 = np.float64(xs[i]) - mh64
+        s0 += g64
+        s1 += g64 * xd64
+        s2 += xd64
+    return s0, s1, s2
 
 
 @numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
@@ -313,29 +354,10 @@ def _grad_sums(dr, xr, lo, hi, mh, zero):  # type: ignore[no-untyped-def]
     a = lo
     while a < hi:
         e = min(a + CHUNK, hi)
-        xs = xr[a:e]
-        gs = dr[a:e]
-        p = zero
-        q = zero
-        u = zero
-        for i in range(e - a):
-            g_ = gs[i]
-            xd = xs[i] - mh
-            p += g_
-            q += g_ * xd
-            u += xd
-        if math.isfinite(p) and math.isfinite(q) and math.isfinite(u):
-            s0 += np.float64(p)
-            s1 += np.float64(q)
-            s2 += np.float64(u)
-        else:
-            mh64 = np.float64(mh)
-            for i in range(e - a):
-                g64 = np.float64(gs[i])
-                xd64 = np.float64(xs[i]) - mh64
-                s0 += g64
-                s1 += g64 * xd64
-                s2 += xd64
+        t0, t1, t2 = _segment_grad_sums(dr[a:e], xr[a:e], e - a, mh, zero)
+        s0 += t0
+        s1 += t1
+        s2 += t2
         a = e
     return s0, s1, s2
 
