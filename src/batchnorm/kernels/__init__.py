@@ -130,6 +130,12 @@ def _fused(N: int, C: int, L: int, T: int) -> bool:
     return L >= FUSED_ROWS and (T == 1 or C % T == 0 or C >= 8 * T)
 
 
+def _whole_rows(L: int) -> bool:
+    """Pieces of whole rows on ``(N, C, L)`` for short rows: the row loop then knows each row's
+    bounds (no partial rows at the cuts; a thread gets at most one row more than another)."""
+    return L < FUSED_ROWS
+
+
 def _stream(x: Array, stream: bool | None) -> bool:
     """Streaming stores for the output like ``x``: big outputs written in long runs. Short
     rows that do not fill whole 64-byte lines interleave too many partial lines for the
@@ -243,7 +249,8 @@ def _forward_train(
     elif _fused(x.shape[0], C, x.shape[2], T):
         _kernel("ncl_forward_train_fused", par)(x, w, b, eps, stream, y, mean, var, invstd)
     else:
-        _kernel("ncl_forward_train", par)(x, w, b, eps, T, stream, y, mean, var, invstd)
+        whole = _whole_rows(x.shape[2])
+        _kernel("ncl_forward_train", par)(x, w, b, eps, T, whole, stream, y, mean, var, invstd)
     return y, mean, var, invstd
 
 
@@ -306,7 +313,8 @@ def _backward(
     elif _fused(x.shape[0], C, x.shape[2], T):
         _kernel("ncl_backward_fused", par)(dy, x, mean, invstd, w, tol, *outs)
     else:
-        _kernel("ncl_backward", par)(dy, x, mean, invstd, w, tol, T, *outs)
+        whole = _whole_rows(x.shape[2])
+        _kernel("ncl_backward", par)(dy, x, mean, invstd, w, tol, T, whole, *outs)
     return dx, dw, db
 
 
@@ -360,7 +368,8 @@ def _eval(
     stream: bool,
 ) -> Array:
     if x.ndim == 3:
-        _kernel("ncl_forward_eval", T > 1)(x, p0, p1, w, b, eps, stats, T, stream, y)
+        whole = _whole_rows(x.shape[2])
+        _kernel("ncl_forward_eval", T > 1)(x, p0, p1, w, b, eps, stats, T, whole, stream, y)
     else:
         split = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
         _kernel("mc_forward_eval", T > 1)(x, p0, p1, w, b, eps, stats, *split, stream, y)

@@ -4,10 +4,12 @@ Two canonical layouts, both C-contiguous:
 
 * ``(N, C, L)`` — channels first. Long rows (``*_fused``): a channel per task, its statistics
   then its element pass while the channel is still in the core's cache. Short rows, or channels
-  that do not spread evenly over the threads: every pass walks memory in order — the flat range
-  of the tensor is cut into one contiguous piece per thread, rows ``(n, c)`` (or parts of rows,
-  at the cuts) are visited in address order, and the statistics pass keeps per-thread partial
-  sums per channel. Streaming reads, even work for any C, N or L.
+  that do not spread evenly over the threads: every pass walks memory in order — the tensor
+  is cut into one contiguous piece per thread, rows ``(n, c)`` are visited in address order,
+  and the statistics pass keeps per-thread partial sums per channel. Short rows (fewer than
+  512 values) are cut into pieces of whole rows, so the row loop knows each row's bounds
+  (5–33 % faster than cutting inside rows); long rows into equal pieces of the flat range.
+  Streaming reads, even work for any C, N or L.
 * ``(M, C)`` — rows × channels. Work unit: a block of rows (one per thread) × a tile of at most
   8 KiB of channels (narrower tiles when M is tiny); the inner loop runs along the
   contiguous channels of one row at a time and updates per-channel block sums (one row per
@@ -263,6 +265,13 @@ def _next_row(n: int, c: int, C: int) -> tuple[int, int]:
 
 
 @numba.njit(inline="always", cache=True)
+def _next_channel(c: int, C: int) -> int:
+    """The channel of the row after a row of channel ``c``."""
+    c += 1
+    return 0 if c == C else c
+
+
+@numba.njit(inline="always", cache=True)
 def _row_span(j0: int, j1: int, r: int, L: int) -> tuple[int, int]:
     """The part ``[lo, hi)`` of row ``r`` (length L) inside the flat range ``[j0, j1)``."""
     lo = j0 - r * L
@@ -406,8 +415,9 @@ def _dx_span(dxr, dr, xr, lo, hi, mh, af, bf, df, stream, buf):  # type: ignore[
 # (N, C, L)
 
 
-def ncl_forward_train(x, w, b, eps, T, stream, y, mean_out, var_out, invstd_out):  # type: ignore[no-untyped-def]
-    """Training forward on ``x (N, C, L)`` split into ``T`` contiguous pieces of memory."""
+def ncl_forward_train(x, w, b, eps, T, whole, stream, y, mean_out, var_out, invstd_out):  # type: ignore[no-untyped-def]
+    """Training forward on ``x (N, C, L)`` split into ``T`` contiguous pieces of memory (of
+    whole rows when ``whole``)."""
     N, C, L = x.shape
     m = N * L
     R = N * C
@@ -417,11 +427,21 @@ def ncl_forward_train(x, w, b, eps, T, stream, y, mean_out, var_out, invstd_out)
     for c in range(C):
         kd[c] = x[0, c, 0]
     part = np.zeros((T, 2, C))
+    xr = x.reshape(R, L)
+    yr = y.reshape(R, L)
     for t in prange(T):
         j0, j1 = _piece(t, T, total)
         p1 = part[t, 0]
         p2 = part[t, 1]
-        if j1 > j0:
+        if whole:  # the row loop with the row's bounds known to the compiler
+            r0, r1 = _piece(t, T, R)
+            c = r0 % C
+            for r in range(r0, r1):
+                s1, s2 = _shifted_sums(xr[r], 0, L, kd[c], zero)
+                p1[c] += s1
+                p2[c] += s2
+                c = _next_channel(c, C)
+        elif j1 > j0:
             r0, n, c = _first_row(j0, L, C)
             for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
                 lo, hi = _row_span(j0, j1, r, L)
@@ -435,7 +455,13 @@ def ncl_forward_train(x, w, b, eps, T, stream, y, mean_out, var_out, invstd_out)
     for t in prange(T):
         j0, j1 = _piece(t, T, total)
         buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
-        if j1 > j0:
+        if whole:
+            r0, r1 = _piece(t, T, R)
+            c = r0 % C
+            for r in range(r0, r1):
+                _affine_span(yr[r], xr[r], 0, L, mh_arr[c], sc_arr[c], sh_arr[c], stream, buf)
+                c = _next_channel(c, C)
+        elif j1 > j0:
             r0, n, c = _first_row(j0, L, C)
             for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
                 lo, hi = _row_span(j0, j1, r, L)
@@ -445,7 +471,7 @@ def ncl_forward_train(x, w, b, eps, T, stream, y, mean_out, var_out, invstd_out)
             _fence()
 
 
-def ncl_backward(dy, x, mean, invstd, w, tol, T, stream, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
+def ncl_backward(dy, x, mean, invstd, w, tol, T, whole, stream, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
     """Backward on ``(N, C, L)``: Σdy and Σdy·x̂ per channel, then the dx pass.
 
     dx = γ·invstd/m · (m·dy − Σdy − x̂·Σdy·x̂) = A·dy + B·(x − μ) + D per channel.
@@ -456,12 +482,24 @@ def ncl_backward(dy, x, mean, invstd, w, tol, T, stream, need_dx, dx, dw_out, db
     total = R * L
     zero = np.zeros(1, dtype=x.dtype)[0]
     part = np.zeros((T, 3, C))
+    xr = x.reshape(R, L)
+    dyr = dy.reshape(R, L)
+    dxr = dx.reshape(R, L)
     for t in prange(T):
         j0, j1 = _piece(t, T, total)
         p0 = part[t, 0]
         p1 = part[t, 1]
         p2 = part[t, 2]
-        if j1 > j0:
+        if whole:
+            r0, r1 = _piece(t, T, R)
+            c = r0 % C
+            for r in range(r0, r1):
+                s0, s1, s2 = _grad_sums(dyr[r], xr[r], 0, L, mean[c], zero)
+                p0[c] += s0
+                p1[c] += s1
+                p2[c] += s2
+                c = _next_channel(c, C)
+        elif j1 > j0:
             r0, n, c = _first_row(j0, L, C)
             for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
                 lo, hi = _row_span(j0, j1, r, L)
@@ -476,7 +514,15 @@ def ncl_backward(dy, x, mean, invstd, w, tol, T, stream, need_dx, dx, dw_out, db
     for t in prange(T):
         j0, j1 = _piece(t, T, total)
         buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
-        if j1 > j0:
+        if whole:
+            r0, r1 = _piece(t, T, R)
+            c = r0 % C
+            for r in range(r0, r1):
+                _dx_span(
+                    dxr[r], dyr[r], xr[r], 0, L, mean[c], a_arr[c], b_arr[c], d_arr[c], stream, buf
+                )
+                c = _next_channel(c, C)
+        elif j1 > j0:
             r0, n, c = _first_row(j0, L, C)
             for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
                 lo, hi = _row_span(j0, j1, r, L)
@@ -610,17 +656,26 @@ def _eval_coefs(p0, p1, w, b, eps, stats):  # type: ignore[no-untyped-def]
     return scale, shift
 
 
-def ncl_forward_eval(x, p0, p1, w, b, eps, stats, T, stream, y):  # type: ignore[no-untyped-def]
+def ncl_forward_eval(x, p0, p1, w, b, eps, stats, T, whole, stream, y):  # type: ignore[no-untyped-def]
     """Inference on ``(N, C, L)``: one pass, y = x·scale + shift, in ``T`` pieces of memory
     (``scale``, ``shift`` from :func:`_eval_coefs`)."""
     scale, shift = _eval_coefs(p0, p1, w, b, eps, stats)
     N, C, L = x.shape
-    total = N * C * L
+    R = N * C
+    total = R * L
     zero = np.zeros(1, dtype=x.dtype)[0]
+    xr = x.reshape(R, L)
+    yr = y.reshape(R, L)
     for t in prange(T):
         j0, j1 = _piece(t, T, total)
         buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
-        if j1 > j0:
+        if whole:
+            r0, r1 = _piece(t, T, R)
+            c = r0 % C
+            for r in range(r0, r1):
+                _affine_span(yr[r], xr[r], 0, L, zero, scale[c], shift[c], stream, buf)
+                c = _next_channel(c, C)
+        elif j1 > j0:
             r0, n, c = _first_row(j0, L, C)
             for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
                 lo, hi = _row_span(j0, j1, r, L)
