@@ -494,3 +494,28 @@ def test_num_threads_follows_numba_setting() -> None:
             assert K.num_threads() == n == numba.get_num_threads()
     finally:
         numba.set_num_threads(before)
+
+
+def test_core_suite_passes_on_the_other_backend() -> None:
+    """The core tests run here on the backend this process selects (the kernels, by default);
+    run them once more with the other one forced, in a fresh process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    current = os.environ.get("BATCHNORM_BACKEND", "auto")
+    other = "numba" if current == "torch" else "torch"
+    env = {**os.environ, "BATCHNORM_BACKEND": other}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        + [str(here / "test_functional.py"), str(here / "test_modules.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    assert proc.returncode == 0, f"BATCHNORM_BACKEND={other}:\n{tail}"
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
