@@ -260,11 +260,18 @@ def test_bad_arguments_are_named():  # type: ignore[no-untyped-def]
         ((3, 4, 5, 6), None),
         ((3, 4, 5, 6), "cl"),
         ((2, 3, 2, 4, 5), None),
+        # above SERIAL_BELOW: threads, and each of the kernels' work splits through the adapter
+        ((4096, 24), None),  # (M, C) row blocks
+        ((8, 32, 16, 16), "cl"),  # (M, C) from channels_last
+        ((2, 8, 4, 1024), None),  # (N, C, L) a channel per task (long rows, C % threads == 0)
+        ((64, 16, 7, 7), None),  # (N, C, L) pieces of whole short rows
+        ((3, 5, 4096), None),  # (N, C, L) long rows cut between threads (odd C)
     ],
-    ids=["2d", "3d", "4d", "4d-cl", "5d"],
+    ids=["2d", "3d", "4d", "4d-cl", "5d", "2d-mc", "4d-cl-mc", "4d-fused", "4d-rows", "3d-cut"],
 )
 def test_numba_backend_matches_torch_backend(shape, layout, dtype):  # type: ignore[no-untyped-def]
-    """Forward, running statistics, gradients and eval: backend='numba' vs backend='torch'."""
+    """Forward, running statistics, gradients and eval: backend='numba' vs backend='torch'
+    (small shapes on one thread; large ones on every split the kernels use with threads)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen, dtype=dtype) * 2 + 3
     if layout == "cl":
