@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -65,3 +66,36 @@ def test_run_python_api_float64():
     assert bench.format_table(data).count("\n| 7x3 |") == 1
     with pytest.raises(ValueError, match="repeats"):
         bench.run(["7x3"], repeats=0)
+
+
+def test_plot_and_from_json_read_saved_results(tmp_path, capsys, monkeypatch):
+    """--from-json measures nothing: it prints the saved table, and --plot draws it."""
+    pytest.importorskip("matplotlib")
+    saved = tmp_path / "bench.json"
+    assert (
+        cli_main(["bench", "--shapes", "7x3", "2x3x4x5@cl", "--repeats", "1", "--json", str(saved)])
+        == 0
+    )
+    measured = capsys.readouterr().out
+    data = json.loads(saved.read_text())
+
+    def no_run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("--from-json must not measure")
+
+    monkeypatch.setattr(bench, "run", no_run)
+    png = tmp_path / "fig" / "bench.png"
+    assert cli_main(["bench", "--from-json", str(saved), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert bench.format_table(data) in out and bench.format_table(data) in measured
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert not list(png.parent.glob(".*"))  # written atomically: no temporary file left
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"cases": 3}')
+    for path in (bad, tmp_path / "missing.json"):
+        assert cli_main(["bench", "--from-json", str(path)]) == 2
+        assert f"cannot read --from-json {path}" in capsys.readouterr().out
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
+    assert cli_main(["bench", "--from-json", str(saved), "--plot", str(png)]) == 2
+    assert "plotting needs matplotlib" in capsys.readouterr().out

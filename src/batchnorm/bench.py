@@ -38,7 +38,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Case", "SUITE", "parse_case", "run", "format_table", "add_arguments", "main"]
+__all__ = [
+    "Case",
+    "SUITE",
+    "parse_case",
+    "run",
+    "format_table",
+    "load",
+    "plot",
+    "add_arguments",
+    "main",
+]
 
 #: bytes each pass must move, in values per element (a copy moves 2)
 PASS_VALUES = {"fwd": 2.0, "fwd+bwd": 5.0, "eval": 2.0}
@@ -435,6 +445,66 @@ def format_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def load(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Results written by :func:`run` with ``json_path`` (e.g. ``docs/bench.json``)."""
+    with open(path) as f:
+        data: dict[str, Any] = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
+        raise ValueError(f"{os.fspath(path)} holds no benchmark results (no 'cases' list)")
+    return data
+
+
+def _label(case: dict[str, Any]) -> str:
+    shape = "x".join(map(str, case["shape"]))
+    return shape + ("" if case["layout"] == "contiguous" else "\n" + case["layout"])
+
+
+def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
+    """Draw saved results as a PNG at ``path`` (needs matplotlib): per case and pass, our time
+    over torch's (top; below 1: ours is faster) and over the roofline (bottom), with the
+    targets as lines. Reads ``data`` only — nothing is measured here."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(
+            "batchnorm bench: plotting needs matplotlib (pip install matplotlib, or the "
+            "package's [lab] extra)"
+        ) from e
+    import numpy as np
+
+    from batchnorm.lab import plots
+
+    cases = data["cases"]
+    xs = np.arange(len(cases))
+    width = 0.8 / len(PASSES)
+    fig, (top, bottom) = plots.new_figure(1, 2, size=(max(8.0, 1.05 * len(cases)), 3.6))
+    for ax, key, ylabel in (
+        (top, "ours_over_torch", "time ours / torch.nn"),
+        (bottom, "ours_over_roofline", "time ours / roofline (log)"),
+    ):
+        for i, p in enumerate(PASSES):
+            vals = [c[key][p] for c in cases]
+            bars = ax.bar(xs + (i - 1) * width, vals, width, label=p, color=plots.color_for(p, i))
+            ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([_label(c) for c in cases], fontsize=7)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+    top.axhline(1.0, color="black", lw=1.0, label="torch's time")
+    top.axhline(0.5, color="gray", lw=1.0, ls="--", label="2x faster (target, mean)")
+    bottom.set_yscale("log")
+    bottom.axhline(1.6, color="gray", lw=1.0, ls="--", label="1.6x (target, >= 4M values)")
+    for ax in (top, bottom):
+        ax.legend(fontsize=7, ncol=5)
+    m = data["machine"]
+    top.set_title(
+        f"batchnorm bench, {data['dtype']}, median of {data['repeats']}: {m['cpu']}, "
+        f"{m['cores']} cores, {data['date'][:10]}",
+        fontsize=9,
+    )
+    return os.fspath(plots.save_figure(fig, path))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``batchnorm bench`` options."""
     parser.add_argument(
@@ -450,6 +520,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, help="threads for torch and the kernels (default: as configured)"
     )
+    parser.add_argument("--plot", metavar="PNG", help="also draw the ratios as a PNG")
+    parser.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="measure nothing: print (and with --plot draw) results saved with --json",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -462,16 +538,29 @@ def main(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         print(f"batchnorm bench: --threads must be >= 1, got {args.threads}")
         return 2
-    data = run(
-        cases,
-        repeats=args.repeats,
-        dtype=getattr(torch, args.dtype),
-        warmup=args.warmup,
-        json_path=args.json,
-        progress=lambda name: print(f"  {name} ...", flush=True),
-        threads=args.threads,
-    )
+    if args.from_json:
+        try:
+            data = load(args.from_json)
+        except (OSError, ValueError) as e:
+            print(f"batchnorm bench: cannot read --from-json {args.from_json}: {e}")
+            return 2
+    else:
+        data = run(
+            cases,
+            repeats=args.repeats,
+            dtype=getattr(torch, args.dtype),
+            warmup=args.warmup,
+            json_path=args.json,
+            progress=lambda name: print(f"  {name} ...", flush=True),
+            threads=args.threads,
+        )
     print(format_table(data))
-    if args.json:
+    if args.json and not args.from_json:
         print(f"wrote {args.json}")
+    if args.plot:
+        try:
+            print(f"wrote {plot(data, args.plot)}")
+        except RuntimeError as e:
+            print(e)
+            return 2
     return 0
