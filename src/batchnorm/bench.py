@@ -462,7 +462,14 @@ def _label(case: dict[str, Any]) -> str:
 def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
     """Draw saved results as a PNG at ``path`` (needs matplotlib): per case and pass, our time
     over torch's (top; below 1: ours is faster) and over the roofline (bottom), with the
-    targets as lines. Reads ``data`` only — nothing is measured here."""
+    targets as lines. Reads ``data`` only — nothing is measured here.
+
+    Example::
+
+        >>> from batchnorm import bench
+        >>> bench.plot(bench.load("docs/bench.json"), "bench.png")  # doctest: +SKIP
+        'bench.png'
+    """
     try:
         import matplotlib  # noqa: F401
     except ImportError as e:
