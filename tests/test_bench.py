@@ -99,3 +99,29 @@ def test_plot_and_from_json_read_saved_results(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
     assert cli_main(["bench", "--from-json", str(saved), "--plot", str(png)]) == 2
     assert "plotting needs matplotlib" in capsys.readouterr().out
+
+
+def test_unwritable_outputs_fail_before_measuring_and_writes_lose_no_table(
+    tmp_path, capsys, monkeypatch
+):
+    def no_run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("must not measure when an output cannot be written")
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with monkeypatch.context() as m:
+        m.setattr(bench, "run", no_run)
+        assert cli_main(["bench", "--shapes", "7x3", "--json", str(afile / "x.json")]) == 2
+        assert "cannot write --json" in capsys.readouterr().out
+        assert cli_main(["bench", "--shapes", "7x3", "--plot", str(tmp_path)]) == 2
+        assert "it is a directory" in capsys.readouterr().out
+
+    def failing_write(path, data):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bench, "_write_json_atomic", failing_write)
+    path = tmp_path / "new" / "bench.json"  # a directory that does not exist yet is fine
+    assert cli_main(["bench", "--shapes", "7x3", "--repeats", "1", "--json", str(path)]) == 2
+    out = capsys.readouterr().out
+    assert "| 7x3 | contiguous |" in out  # the measurements were printed before the failure
+    assert "No space left on device" in out

@@ -474,8 +474,7 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
         import matplotlib  # noqa: F401
     except ImportError as e:
         raise RuntimeError(
-            "batchnorm bench: plotting needs matplotlib (pip install matplotlib, or the "
-            "package's [lab] extra)"
+            "plotting needs matplotlib (pip install matplotlib, or the package's [lab] extra)"
         ) from e
     import numpy as np
 
@@ -535,6 +534,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _unwritable(path: str | None) -> str | None:
+    """Why a file cannot be written at ``path`` (None if it can, or if no path is given)."""
+    if not path:
+        return None
+    if os.path.isdir(path):
+        return "it is a directory"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # created on writing: check the first existing ancestor
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        return f"{parent} is not a writable directory"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed arguments; print the table."""
     try:
@@ -545,6 +558,11 @@ def main(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         print(f"batchnorm bench: --threads must be >= 1, got {args.threads}")
         return 2
+    for opt, out in (("--json", args.json), ("--plot", args.plot)):
+        problem = _unwritable(out)
+        if problem:  # found before measuring, not after
+            print(f"batchnorm bench: cannot write {opt} {out}: {problem}")
+            return 2
     if args.from_json:
         try:
             data = load(args.from_json)
@@ -557,17 +575,17 @@ def main(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             dtype=getattr(torch, args.dtype),
             warmup=args.warmup,
-            json_path=args.json,
             progress=lambda name: print(f"  {name} ...", flush=True),
             threads=args.threads,
         )
-    print(format_table(data))
-    if args.json and not args.from_json:
-        print(f"wrote {args.json}")
-    if args.plot:
-        try:
+    print(format_table(data))  # first: a failing write below loses no measurement
+    try:
+        if args.json and not args.from_json:
+            _write_json_atomic(args.json, data)
+            print(f"wrote {args.json}")
+        if args.plot:
             print(f"wrote {plot(data, args.plot)}")
-        except RuntimeError as e:
-            print(e)
-            return 2
+    except (OSError, RuntimeError) as e:
+        print(f"batchnorm bench: {e}")
+        return 2
     return 0
