@@ -90,6 +90,10 @@ def test_plot_and_from_json_read_saved_results(tmp_path, capsys, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert not list(png.parent.glob(".*"))  # written atomically: no temporary file left
 
+    for extra in (["--json", str(tmp_path / "again.json")], ["--shapes", "7x3"]):
+        assert cli_main(["bench", "--from-json", str(saved), *extra]) == 2
+        assert "--from-json measures nothing" in capsys.readouterr().out
+
     bad = tmp_path / "bad.json"
     bad.write_text('{"cases": 3}')
     for path in (bad, tmp_path / "missing.json"):

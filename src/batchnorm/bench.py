@@ -558,6 +558,12 @@ def main(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         print(f"batchnorm bench: --threads must be >= 1, got {args.threads}")
         return 2
+    if args.from_json and (args.json or args.shapes):
+        print(
+            "batchnorm bench: --from-json measures nothing, so --json and --shapes do not apply; "
+            "use --from-json PATH [--plot PNG]"
+        )
+        return 2
     for opt, out in (("--json", args.json), ("--plot", args.plot)):
         problem = _unwritable(out)
         if problem:  # found before measuring, not after
@@ -580,7 +586,7 @@ def main(args: argparse.Namespace) -> int:
         )
     print(format_table(data))  # first: a failing write below loses no measurement
     try:
-        if args.json and not args.from_json:
+        if args.json:
             _write_json_atomic(args.json, data)
             print(f"wrote {args.json}")
         if args.plot:
