@@ -102,7 +102,11 @@ def test_plot_and_from_json_read_saved_results(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
     assert cli_main(["bench", "--from-json", str(saved), "--plot", str(png)]) == 2
-    assert "plotting needs matplotlib" in capsys.readouterr().out
+    assert "--plot needs matplotlib" in capsys.readouterr().out
+    monkeypatch.setattr(bench, "run", no_run)  # refused before measuring
+    assert cli_main(["bench", "--shapes", "7x3", "--plot", str(png)]) == 2
+    with pytest.raises(RuntimeError, match="plotting needs matplotlib"):
+        bench.plot(data, png)
 
 
 def test_unwritable_outputs_fail_before_measuring_and_writes_lose_no_table(

@@ -564,6 +564,15 @@ def main(args: argparse.Namespace) -> int:
             "use --from-json PATH [--plot PNG]"
         )
         return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(
+                "batchnorm bench: --plot needs matplotlib (pip install matplotlib, or the "
+                "package's [lab] extra)"
+            )
+            return 2
     for opt, out in (("--json", args.json), ("--plot", args.plot)):
         problem = _unwritable(out)
         if problem:  # found before measuring, not after
