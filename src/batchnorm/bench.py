@@ -459,6 +459,17 @@ def _label(case: dict[str, Any]) -> str:
     return shape + ("" if case["layout"] == "contiguous" else "\n" + case["layout"])
 
 
+_MPL_REMEDY = "pip install matplotlib, or the package's [lab] extra"
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
     """Draw saved results as a PNG at ``path`` (needs matplotlib): per case and pass, our time
     over torch's (top; below 1: ours is faster) and over the roofline (bottom), with the
@@ -470,12 +481,8 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
         >>> bench.plot(bench.load("docs/bench.json"), "bench.png")  # doctest: +SKIP
         'bench.png'
     """
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as e:
-        raise RuntimeError(
-            "plotting needs matplotlib (pip install matplotlib, or the package's [lab] extra)"
-        ) from e
+    if not _has_matplotlib():
+        raise RuntimeError(f"plotting needs matplotlib ({_MPL_REMEDY})")
     import numpy as np
 
     from batchnorm.lab import plots
@@ -564,15 +571,9 @@ def main(args: argparse.Namespace) -> int:
             "use --from-json PATH [--plot PNG]"
         )
         return 2
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print(
-                "batchnorm bench: --plot needs matplotlib (pip install matplotlib, or the "
-                "package's [lab] extra)"
-            )
-            return 2
+    if args.plot and not _has_matplotlib():
+        print(f"batchnorm bench: --plot needs matplotlib ({_MPL_REMEDY})")
+        return 2
     for opt, out in (("--json", args.json), ("--plot", args.plot)):
         problem = _unwritable(out)
         if problem:  # found before measuring, not after
