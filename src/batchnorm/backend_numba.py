@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from batchnorm import functional
+from batchnorm import functional, native
 from batchnorm import kernels as K
 
 __all__ = ["NumbaBackend"]
@@ -146,6 +146,25 @@ def _updatable(running: functional.RunningStats) -> bool:
     )
 
 
+def _node_dims(x: Tensor, xc: Tensor, *vectors: Tensor | None) -> tuple[int, int, int] | None:
+    """``(N, C, L)`` for the compiled node (``L = 0``: rows × channels), or None when it does
+    not take this call: inputs the kernels would split over threads, other dtypes, per-channel
+    tensors it cannot read as they are (each must be absent or C contiguous values of x's
+    dtype in CPU memory), or an input that had to be copied to reach its
+    canonical view."""
+    if xc.numel() >= K.SERIAL_BELOW or x.dtype not in _DTYPES or xc.data_ptr() != x.data_ptr():
+        return None
+    s = xc.shape
+    C = s[1]
+    dt = x.dtype
+    for v in vectors:  # (a loop, not all(...): this runs on every small call)
+        if v is not None and not (
+            v.dtype == dt and v.is_cpu and v.is_contiguous() and v.numel() == C
+        ):
+            return None
+    return (s[0], C, s[2]) if len(s) == 3 else (s[0], C, 0)
+
+
 class NumbaBackend:
     """Fused Numba kernels for CPU tensors of shape ``(N, C, L)`` or ``(M, C)``.
 
@@ -234,6 +253,50 @@ class NumbaBackend:
             torch.from_numpy(dw),
             torch.from_numpy(db),
         )
+
+    def train_node(
+        self,
+        x: Tensor,
+        xc: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running: functional.RunningStats | None,
+        axis: int,
+    ) -> tuple[Tensor, Tensor, bool] | None:
+        if running is None:
+            d = _node_dims(x, xc, weight, bias)
+        else:
+            rm, rv, momentum, alpha, nbt = running
+            if rm.requires_grad or rv.requires_grad:
+                return None
+            if nbt is not None and not (
+                nbt.dtype == torch.int64 and nbt.is_cpu and nbt.numel() == 1
+            ):
+                return None
+            d = _node_dims(x, xc, weight, bias, rm, rv)
+        ext = None if d is None else native.load()
+        if d is None or ext is None:
+            return None
+        if running is None:
+            return ext.train(x, weight, bias, None, None, None, *d, eps, 0.0, 0.0, axis)  # type: ignore[no-any-return]
+        return ext.train(x, weight, bias, rm, rv, nbt, *d, eps, momentum, alpha, axis)  # type: ignore[no-any-return]
+
+    def eval_node(
+        self,
+        x: Tensor,
+        xc: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> Tensor | None:
+        d = _node_dims(x, xc, mean, var, weight, bias)
+        ext = None if d is None else native.load()
+        if d is None or ext is None:
+            return None
+        return ext.evaluate(x, mean, var, weight, bias, *d, eps)  # type: ignore[no-any-return]
 
     def forward_eval(
         self,

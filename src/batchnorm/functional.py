@@ -30,7 +30,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from typing import Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -204,6 +204,36 @@ class Backend(Protocol):
         ``scale = γ/√(var + ε)`` and ``shift = β − scale·mean``."""
         ...
 
+    def train_node(
+        self,
+        x: Tensor,
+        xc: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running: RunningStats | None,
+        axis: int,
+    ) -> tuple[Tensor, Tensor, bool] | None:
+        """The whole training normalization of ``x`` (canonical view ``xc``) as one compiled
+        autograd node — graph, backward and running update included: ``(y, stats, updated)``
+        with ``stats`` rows mean, biased variance, invstd. None when the backend has no such
+        node for this call (:class:`BatchNormFunction` then records the graph)."""
+        ...
+
+    def eval_node(
+        self,
+        x: Tensor,
+        xc: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> Tensor | None:
+        """:meth:`forward_eval` on ``x`` (canonical view ``xc``) in one compiled call, output
+        in ``x``'s shape and layout; None when the backend has none for this call."""
+        ...
+
 
 def _normalize(
     x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
@@ -313,6 +343,12 @@ class TorchBackend:
         cd = _compute_dtype(x.dtype)
         scale, shift = _inference_affine(mean, var, weight, bias, eps, cd)
         return (x.to(cd) * _b(scale, x) + _b(shift, x)).to(x.dtype)
+
+    def train_node(self, *args: Any) -> None:
+        return None
+
+    def eval_node(self, *args: Any) -> None:
+        return None
 
 
 _TORCH = TorchBackend()
@@ -543,29 +579,42 @@ class BatchNormFunction(torch.autograd.Function):
         axis = ctx.axis  # type: ignore[attr-defined]
         if dy is None:  # y did not reach the loss
             return (None,) * 7
-        if dy.stride() != x.stride():  # dy in x's memory layout: both then share one canonical view
-            dy = torch.empty_like(x, dtype=dy.dtype).copy_(dy)
-        xc, restore = canonical_layout(x, axis)
-        dyc, _ = canonical_layout(dy, axis)
         dx: Tensor | None
         dw: Tensor | None
         db: Tensor | None
-        if torch.is_grad_enabled():
-            # double backward: statistics recomputed differentiably from x
-            cd = _compute_dtype(x.dtype)
-            xcd = xc.to(cd)
-            m, _, inv = _stats(xcd, ctx.eps)  # type: ignore[attr-defined]
-            w = None if weight is None else weight.to(cd)
-            gx, dw, db = _backward_math(dyc.to(cd), xcd, m, inv, w)
-            dx = gx.to(x.dtype)
+        if torch.is_grad_enabled():  # a graph of the backward: torch operations
+            dx, dw, db = graph_backward(dy, x, weight, ctx.eps, axis)  # type: ignore[attr-defined]
         else:
+            if dy.stride() != x.stride():  # dy in x's layout: both share one canonical view
+                dy = torch.empty_like(x, dtype=dy.dtype).copy_(dy)
+            xc, restore = canonical_layout(x, axis)
+            dyc, _ = canonical_layout(dy, axis)
             backend: Backend = ctx.backend  # type: ignore[attr-defined]
-            dx, dw, db = backend.backward(dyc, xc, mean, invstd, weight, needs)
+            dxc, dw, db = backend.backward(dyc, xc, mean, invstd, weight, needs)
+            dx = None if dxc is None else restore(dxc)
         pd = ctx.param_dtype  # type: ignore[attr-defined]
         dw_out = None if not needs[1] or dw is None else (dw if dw.dtype == pd else dw.to(pd))
         db_out = None if not needs[2] or db is None else (db if db.dtype == pd else db.to(pd))
-        dx_out = restore(dx) if (needs[0] and dx is not None) else None
+        dx_out = dx if needs[0] else None
         return dx_out, dw_out, db_out, None, None, None, None
+
+
+def graph_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, axis: int
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(dx, dγ, dβ)`` of :class:`BatchNormFunction` for ``create_graph=True``: differentiable
+    in ``dy``, ``x`` and ``weight`` (the compiled node of :mod:`batchnorm.native` calls it)."""
+    if dy.stride() != x.stride():
+        dy = torch.empty_like(x, dtype=dy.dtype).copy_(dy)
+    xc, restore = canonical_layout(x, axis)
+    dyc, _ = canonical_layout(dy, axis)
+    # statistics recomputed differentiably from x
+    cd = _compute_dtype(x.dtype)
+    xcd = xc.to(cd)
+    m, _, inv = _stats(xcd, eps)
+    w = None if weight is None else weight.to(cd)
+    gx, dw, db = _backward_math(dyc.to(cd), xcd, m, inv, w)
+    return restore(gx.to(x.dtype)), dw, db
 
 
 def _graph_needed(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
@@ -615,12 +664,16 @@ def batch_norm_train(
         y, mean, var = _masked_train(input, weight, bias, eps, ax, m, count)
         return y, mean, var, count
     count = _check_count(input, ax, layer)
+    xc, restore = canonical_layout(input, ax)
+    be = get_backend(xc, backend)
+    node = be.train_node(input, xc, weight, bias, eps, None, ax)
+    if node is not None:
+        return node[0], node[1][0], node[1][1], count
     if _graph_needed(input, weight, bias):
         y, (mean, var), _ = BatchNormFunction.apply(input, weight, bias, eps, backend, None, ax)
         return y, mean, var, count
     # no graph to record: skip the autograd Function's per-call cost (small batches)
-    xc, restore = canonical_layout(input, ax)
-    y, mean, var, _ = get_backend(xc, backend).forward_train(xc, weight, bias, eps)
+    y, mean, var, _ = be.forward_train(xc, weight, bias, eps)
     return restore(y), mean, var, count
 
 
@@ -652,11 +705,14 @@ def batch_norm_step(
     count = _check_count(input, ax, layer)
     alpha = momentum * count / (count - 1) if unbiased_running_var else momentum
     running = RunningStats(running_mean, running_var, momentum, alpha, num_batches_tracked)
-    if _graph_needed(input, weight, bias):
+    xc, restore = canonical_layout(input, ax)
+    be = get_backend(xc, backend)
+    node = be.train_node(input, xc, weight, bias, eps, running, ax)
+    if node is not None:
+        y, _, updated = node
+    elif _graph_needed(input, weight, bias):
         y, _, updated = BatchNormFunction.apply(input, weight, bias, eps, backend, running, ax)
     else:
-        xc, restore = canonical_layout(input, ax)
-        be = get_backend(xc, backend)
         yc, _, _, _, updated = be.forward_train_update(xc, weight, bias, eps, running)
         y = restore(yc)
     if not updated:
@@ -689,6 +745,9 @@ def batch_norm_eval(
         y = _TORCH.forward_eval(xc, running_mean, running_var, weight, bias, eps)
     else:
         be = get_backend(xc, backend)
+        node = be.eval_node(input, xc, running_mean, running_var, weight, bias, eps)
+        if node is not None:
+            return node
         y = be.forward_eval(xc, running_mean, running_var, weight, bias, eps)
     return restore(y)
 

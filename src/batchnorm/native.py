@@ -1,0 +1,85 @@
+"""The compiled autograd node of the ``"numba"`` backend, for single-threaded inputs.
+
+At the paper's (60, 100) batch the kernels take a few microseconds; the rest of a training
+step is the path around them — the Python ``autograd.Function`` and its Python backward, the
+NumPy views of every tensor. For inputs below :data:`batchnorm.kernels.SERIAL_BELOW` elements
+this module runs the training step (statistics, output, running update, graph) and the
+backward in C++ (``native.cpp``, built with ``torch.utils.cpp_extension`` on first use and
+cached by torch), calling the same Numba loops through C entries
+(:mod:`batchnorm.kernels._entries`). A graph of the backward (``create_graph=True``) is
+recomputed in Python with torch operations, as the ``autograd.Function`` does.
+
+It is used automatically when it builds (a C++ compiler is needed, once per machine);
+``BATCHNORM_NATIVE=0`` turns it off (the ``autograd.Function`` path then serves every size),
+and a failed build falls back to that path with one warning. :func:`load` builds it now, e.g.
+before timing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+__all__ = ["load", "enabled"]
+
+_SOURCE = Path(__file__).with_name("native.cpp")
+_NAME = "batchnorm_native"
+_state: dict[str, Any] = {"ext": None, "tried": False}
+
+
+def enabled() -> bool:
+    """Whether the node may be used (``BATCHNORM_NATIVE`` is not ``0``)."""
+    return os.environ.get("BATCHNORM_NATIVE", "1") != "0"
+
+
+def _built(cpp_extension: Any) -> bool:
+    """Whether torch's extension cache already holds a build (then loading takes a second)."""
+    try:
+        where = Path(cpp_extension._get_build_directory(_NAME, False))
+    except Exception:
+        return False
+    return (where / f"{_NAME}.so").exists()
+
+
+def load() -> Any | None:
+    """The built extension (building it on the first call), or None when it is turned off or
+    cannot be built (then with one warning that says why)."""
+    if _state["tried"]:
+        return _state["ext"]
+    _state["tried"] = True
+    if not enabled():
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        from batchnorm import functional
+        from batchnorm.kernels import _entries
+
+        addresses = _entries.addresses()
+        if not _built(cpp_extension):
+            print(
+                "batchnorm: building the compiled autograd node for small inputs (once; "
+                "BATCHNORM_NATIVE=0 skips it)",
+                file=sys.stderr,
+            )
+        ext = cpp_extension.load(
+            name=_NAME,
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O2"],
+            verbose=False,
+        )
+        ext.set_kernels(*addresses, functional.graph_backward)
+    except Exception as e:  # no compiler, no headers, a failed build: the Python path serves
+        warnings.warn(
+            f"batchnorm: the native autograd node could not be built ({type(e).__name__}: "
+            f"{str(e)[:300]}); small inputs use the Python autograd path (a few tens of "
+            "microseconds slower per call). Set BATCHNORM_NATIVE=0 to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    _state["ext"] = ext
+    return ext
