@@ -503,17 +503,22 @@ def test_num_threads_follows_numba_setting() -> None:
         numba.set_num_threads(before)
 
 
-def test_core_suite_passes_on_the_other_backend() -> None:
-    """The core tests run here on the backend this process selects (the kernels, by default);
-    run them once more with the other one forced, in a fresh process."""
+@pytest.mark.parametrize("switch", ["BATCHNORM_BACKEND", "BATCHNORM_NATIVE"])
+def test_core_suite_passes_on_the_other_backend(switch: str) -> None:
+    """The core tests run here on the backend this process selects (the kernels, by default,
+    small inputs through the compiled node); run them once more in a fresh process with the
+    other backend forced, and once with the node turned off (the autograd Function path)."""
     import subprocess
     import sys
     from pathlib import Path
 
     here = Path(__file__).parent
-    current = os.environ.get("BATCHNORM_BACKEND", "auto")
-    other = "numba" if current == "torch" else "torch"
-    env = {**os.environ, "BATCHNORM_BACKEND": other}
+    if switch == "BATCHNORM_BACKEND":
+        current = os.environ.get("BATCHNORM_BACKEND", "auto")
+        other = "numba" if current == "torch" else "torch"
+    else:
+        other = "1" if os.environ.get("BATCHNORM_NATIVE") == "0" else "0"
+    env = {**os.environ, switch: other}
     env.pop("PYTEST_XDIST_WORKER", None)
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
@@ -524,5 +529,5 @@ def test_core_suite_passes_on_the_other_backend() -> None:
         timeout=900,
     )
     tail = (proc.stdout + proc.stderr)[-3000:]
-    assert proc.returncode == 0, f"BATCHNORM_BACKEND={other}:\n{tail}"
+    assert proc.returncode == 0, f"{switch}={other}:\n{tail}"
     assert " passed" in proc.stdout and " failed" not in proc.stdout, tail

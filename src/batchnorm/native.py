@@ -31,8 +31,9 @@ _state: dict[str, Any] = {"ext": None, "tried": False}
 
 
 def enabled() -> bool:
-    """Whether the node may be used (``BATCHNORM_NATIVE`` is not ``0``)."""
-    return os.environ.get("BATCHNORM_NATIVE", "1") != "0"
+    """Whether the node may be used: ``BATCHNORM_NATIVE`` is not ``0`` (read at every call,
+    like ``BATCHNORM_BACKEND``)."""
+    return os.environ.get("BATCHNORM_NATIVE") != "0"
 
 
 def _built(cpp_extension: Any) -> bool:
@@ -47,11 +48,11 @@ def _built(cpp_extension: Any) -> bool:
 def load() -> Any | None:
     """The built extension (building it on the first call), or None when it is turned off or
     cannot be built (then with one warning that says why)."""
+    if not enabled():
+        return None
     if _state["tried"]:
         return _state["ext"]
     _state["tried"] = True
-    if not enabled():
-        return None
     try:
         from torch.utils import cpp_extension
 

@@ -1,0 +1,188 @@
+"""The compiled autograd node (batchnorm.native) against the Python autograd Function path
+(BATCHNORM_NATIVE=0) and against backend='torch': outputs, gradients, running statistics,
+inference, and what it must refuse or fall back from."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import batchnorm
+from batchnorm import functional as F
+from batchnorm import kernels as K
+from batchnorm import native
+
+NODE = "CppNode"  # torch's name for a C++ autograd Function's node
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built() -> None:
+    if not native.enabled():
+        pytest.skip("BATCHNORM_NATIVE=0: the node is turned off in this run")
+    if native.load() is None:
+        pytest.skip("the native node could not be built here (see the warning)")
+
+
+def _step(
+    x: torch.Tensor, layout: str | None, axis: int, affine: tuple[bool, bool], dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """One training step and one inference call through the functional API; every result."""
+    C = x.shape[axis]
+    gen = torch.Generator().manual_seed(1)
+    w = torch.linspace(0.5, 1.5, C, dtype=dtype).requires_grad_(True) if affine[0] else None
+    b = torch.linspace(-1, 1, C, dtype=dtype).requires_grad_(True) if affine[1] else None
+    rm, rv = torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype)
+    nbt = torch.tensor(0)
+    xg = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
+    y, updated = F.batch_norm_step(xg, rm, rv, w, b, 0.3, axis=axis, num_batches_tracked=nbt)
+    dy = torch.randn(y.shape, generator=gen, dtype=dtype)
+    y.backward(dy)
+    ye = F.batch_norm_eval(x, rm, rv, w, b, axis=axis)
+    grads = [t.grad for t in (xg, w, b) if t is not None]
+    assert updated
+    return (
+        y.detach(),
+        *grads,
+        rm,
+        rv,
+        nbt,
+        ye,
+        torch.tensor(y.stride()),
+        torch.tensor(ye.stride()),
+    )
+
+
+CASES = [
+    ((60, 100), None, 1),
+    ((7, 3), None, 1),
+    ((5, 4, 9), None, 1),
+    ((3, 4, 5, 6), None, 1),
+    ((3, 4, 5, 6), "cl", 1),
+    ((2, 3, 2, 4, 5), "cl3d", 1),
+    ((4, 7, 5), None, -1),
+    ((2, 3, 600), None, 1),  # long rows: a channel at a time
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("affine", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("shape,layout,axis", CASES)
+def test_node_matches_the_function_path_and_torch(
+    monkeypatch: pytest.MonkeyPatch,
+    shape: tuple[int, ...],
+    layout: str | None,
+    axis: int,
+    affine: tuple[bool, bool],
+    dtype: torch.dtype,
+) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype) * 3 + 2
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "cl3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    node = _step(x, layout, axis, affine, dtype)
+    monkeypatch.setenv("BATCHNORM_NATIVE", "0")
+    function = _step(x, layout, axis, affine, dtype)
+    monkeypatch.setenv("BATCHNORM_BACKEND", "torch")
+    oracle = _step(x, layout, axis, affine, dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-11, "atol": 1e-11}
+    assert len(node) == len(function) == len(oracle)
+    for a, f, t in zip(node, function, oracle):
+        torch.testing.assert_close(a, f, rtol=0, atol=0)  # the same loops: the same bits
+        torch.testing.assert_close(a, t, **tol)
+
+
+def _grad_fn_name(x: torch.Tensor, **kw: object) -> str:
+    y, _, _, _ = F.batch_norm_train(x.requires_grad_(True), **kw)  # type: ignore[arg-type]
+    assert y.grad_fn is not None
+    return y.grad_fn.name()
+
+
+def test_node_takes_single_threaded_dense_float_inputs_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    assert NODE in _grad_fn_name(torch.randn(60, 100))
+    assert NODE in _grad_fn_name(torch.randn(8, 4, 5, 5).to(memory_format=torch.channels_last))
+    assert NODE in _grad_fn_name(torch.randn(8, 4, 5, 5, dtype=torch.float64))
+    # threaded sizes, half inputs, inputs that must be copied to a canonical layout, weights of
+    # another dtype: the autograd Function
+    big = torch.randn(K.SERIAL_BELOW // 8 + 1, 8)
+    assert NODE not in _grad_fn_name(big)
+    assert NODE not in _grad_fn_name(torch.randn(6, 4).half(), backend="numba")
+    strided = torch.randn(6, 8, 5)[:, ::2]  # channels neither contiguous nor innermost
+    assert NODE not in _grad_fn_name(strided)
+    assert NODE not in _grad_fn_name(torch.randn(6, 4), weight=torch.ones(4, dtype=torch.float64))
+    monkeypatch.setenv("BATCHNORM_BACKEND", "torch")
+    assert NODE not in _grad_fn_name(torch.randn(60, 100))
+    monkeypatch.setenv("BATCHNORM_BACKEND", "numba")
+    monkeypatch.setenv("BATCHNORM_NATIVE", "0")
+    assert NODE not in _grad_fn_name(torch.randn(60, 100))
+
+
+def test_node_refuses_a_saved_input_changed_in_place() -> None:
+    x = torch.randn(6, 4, requires_grad=True)
+    h = x * 1.0
+    y, _, _, _ = F.batch_norm_train(h)
+    assert y.grad_fn is not None and NODE in y.grad_fn.name()
+    with torch.no_grad():
+        h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_node_gradient_for_odd_upstream_layouts() -> None:
+    """dy broadcast from a sum, or in another memory layout than x: copied once to x's."""
+    x = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+    xt = x.clone().requires_grad_(True)
+    xn = x.clone().requires_grad_(True)
+    w = torch.rand(3, requires_grad=True)
+    dy = torch.randn(4, 3, 5, 5)  # contiguous, x channels_last
+    for loss in (lambda y: y.sum(), lambda y: (y * dy).sum(), lambda y: (y**2).sum()):
+        yn = batchnorm.functional.batch_norm(xn, None, None, w, training=True)
+        yt = torch.nn.functional.batch_norm(xt, None, None, w, training=True)
+        assert yn.grad_fn is not None and NODE in yn.grad_fn.name()
+        gn = torch.autograd.grad(loss(yn), (xn, w))
+        gt = torch.autograd.grad(loss(yt), (xt, w))
+        for a, t in zip(gn, gt):
+            torch.testing.assert_close(a, t, rtol=1e-4, atol=1e-4)
+
+
+def test_node_gradients_only_where_asked() -> None:
+    x = torch.randn(10, 4)
+    w = torch.rand(4, requires_grad=True)
+    b = torch.randn(4)  # frozen bias, input without grad
+    y = F.batch_norm(x, None, None, w, b, training=True)
+    assert y.grad_fn is not None and NODE in y.grad_fn.name()
+    y.sum().backward(retain_graph=True)
+    assert w.grad is not None and b.grad is None and x.grad is None
+    (gw,) = torch.autograd.grad((y * y).sum(), (w,))
+    yt = torch.nn.functional.batch_norm(x, None, None, w, b, training=True)
+    (gt,) = torch.autograd.grad((yt * yt).sum(), (w,))
+    torch.testing.assert_close(gw, gt)
+
+
+def test_failed_build_falls_back_to_the_function_path_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args: object, **kwargs: object) -> None:
+        raise OSError("g++: not found")
+
+    monkeypatch.setitem(native._state, "tried", False)
+    monkeypatch.setitem(native._state, "ext", None)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    x = torch.randn(60, 100)
+    with pytest.warns(RuntimeWarning, match=r"could not be built \(OSError: g\+\+: not found\)"):
+        y1, *_ = F.batch_norm_train(x.clone().requires_grad_(True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        y2, *_ = F.batch_norm_train(x.clone().requires_grad_(True))
+    assert y1.grad_fn is not None and "BatchNormFunction" in y1.grad_fn.name()
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(y1, torch.nn.functional.batch_norm(x, None, None, training=True))
