@@ -186,3 +186,24 @@ def test_failed_build_falls_back_to_the_function_path_with_one_warning(
     assert y1.grad_fn is not None and "BatchNormFunction" in y1.grad_fn.name()
     torch.testing.assert_close(y1, y2)
     torch.testing.assert_close(y1, torch.nn.functional.batch_norm(x, None, None, training=True))
+
+
+def test_node_stays_out_of_jit_traces() -> None:
+    """torch.jit.trace records torch operations only: a call it cannot see must not be made
+    while tracing (the trace would replay a constant)."""
+    seen = []
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        xc, _ = F.canonical_layout(x)
+        be = F.get_backend(xc, "numba")
+        seen.append(be.train_node(x, xc, None, None, 1e-5, None, 1))
+        seen.append(be.eval_node(x, xc, torch.zeros(4), torch.ones(4), None, None, 1e-5))
+        return x * 2
+
+    torch.jit.trace(f, torch.randn(6, 4), check_trace=False)  # one run, while tracing
+    assert seen == [None, None]
+    m = batchnorm.BatchNorm1d(4).eval()
+    m.running_mean.fill_(3.0)
+    traced = torch.jit.trace(m, torch.randn(6, 4), check_trace=False)
+    x2 = torch.randn(6, 4) * 5 + 3
+    torch.testing.assert_close(traced(x2), m(x2))

@@ -150,9 +150,11 @@ def _node_dims(x: Tensor, xc: Tensor, *vectors: Tensor | None) -> tuple[int, int
     """``(N, C, L)`` for the compiled node (``L = 0``: rows × channels), or None when it does
     not take this call: inputs the kernels would split over threads, other dtypes, per-channel
     tensors it cannot read as they are (each must be absent or C contiguous values of x's
-    dtype in CPU memory), or an input that had to be copied to reach its
-    canonical view."""
+    dtype in CPU memory), an input that had to be copied to reach its canonical view, or a
+    call inside ``torch.jit.trace`` (which records torch operations only)."""
     if xc.numel() >= K.SERIAL_BELOW or x.dtype not in _DTYPES or xc.data_ptr() != x.data_ptr():
+        return None
+    if torch._C._get_tracing_state() is not None:  # torch.jit.trace would not see the call
         return None
     s = xc.shape
     C = s[1]
