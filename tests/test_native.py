@@ -8,6 +8,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import batchnorm
 from batchnorm import functional as F
@@ -207,3 +209,52 @@ def test_node_stays_out_of_jit_traces() -> None:
     traced = torch.jit.trace(m, torch.randn(6, 4), check_trace=False)
     x2 = torch.randn(6, 4) * 5 + 3
     torch.testing.assert_close(traced(x2), m(x2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 40),
+    c=st.integers(1, 24),
+    l=st.sampled_from([0, 1, 2, 7, 49, 511, 512, 700, 1500]),
+    channels_last=st.booleans(),
+    double=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_node_equals_the_function_path_on_random_shapes(
+    n: int, c: int, l: int, channels_last: bool, double: bool, seed: int
+) -> None:
+    """Any single-threaded shape, either layout: the node and the Function path give the same
+    bits (output, gradients, running statistics)."""
+    import os
+
+    shape = (n, c) if l == 0 else (n, c, l)
+    if n * c * max(l, 1) >= K.SERIAL_BELOW:
+        shape = (2, c) if l == 0 else (2, c, min(l, K.SERIAL_BELOW // (4 * c)))
+    dtype = torch.float64 if double else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=dtype) * 4 - 1
+    if channels_last and x.dim() == 3:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)  # channels innermost: (M, C)
+    dy = torch.randn(shape, generator=gen, dtype=dtype)
+    w0 = torch.rand(c, generator=gen, dtype=dtype) + 0.5
+    b0 = torch.randn(c, generator=gen, dtype=dtype)
+    results = []
+    before = os.environ.pop("BATCHNORM_NATIVE", None)
+    try:
+        for native_on in (True, False):
+            if not native_on:
+                os.environ["BATCHNORM_NATIVE"] = "0"
+            w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+            rm, rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
+            xg = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
+            y, _ = F.batch_norm_step(xg, rm, rv, w, b, 0.2, backend="numba")
+            assert y.grad_fn is not None and (NODE in y.grad_fn.name()) == native_on
+            y.backward(dy)
+            results.append((y.detach(), xg.grad, w.grad, b.grad, rm, rv))
+    finally:
+        if before is None:
+            os.environ.pop("BATCHNORM_NATIVE", None)
+        else:
+            os.environ["BATCHNORM_NATIVE"] = before
+    for a, f in zip(*results):
+        torch.testing.assert_close(a, f, rtol=0, atol=0)
