@@ -258,3 +258,21 @@ def test_node_equals_the_function_path_on_random_shapes(
             os.environ["BATCHNORM_NATIVE"] = before
     for a, f in zip(*results):
         torch.testing.assert_close(a, f, rtol=0, atol=0)
+
+
+def test_node_under_inference_mode_and_anomaly_detection() -> None:
+    ours, theirs = batchnorm.BatchNorm1d(5), torch.nn.BatchNorm1d(5)
+    with torch.inference_mode():
+        x = torch.randn(8, 5) * 3 + 1
+        torch.testing.assert_close(ours(x), theirs(x))
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+        ours.eval()
+        theirs.eval()
+        torch.testing.assert_close(ours(x), theirs(x))
+    ours.train()
+    xg = torch.randn(8, 5, requires_grad=True)
+    with torch.autograd.detect_anomaly():
+        y = ours(xg)
+        assert y.grad_fn is not None and NODE in y.grad_fn.name()
+        y.pow(2).sum().backward()
+    assert xg.grad is not None and bool(torch.isfinite(xg.grad).all())
