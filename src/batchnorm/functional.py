@@ -534,7 +534,7 @@ class BatchNormFunction(torch.autograd.Function):
     """Algorithm 1 with the compact backward; differentiable twice.
 
     Takes the input in its own shape and memory layout and brings it to the canonical layout
-    inside (no view nodes in the graph). First-order backward runs on the backend (fused kernels
+    inside (no view nodes in the graph). First-order backward runs on the backend ``be`` (resolved by the caller, fused kernels
     on CPU). When a graph of the backward is requested (``create_graph=True``), the backward is
     recomputed with torch operations from ``x`` — statistics included — so that second
     derivatives are exact.
@@ -547,12 +547,11 @@ class BatchNormFunction(torch.autograd.Function):
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
-        backend: str | None,
+        be: Backend,
         running: RunningStats | None,
         axis: int,
     ) -> tuple[Tensor, tuple[Tensor, Tensor], bool]:
         xc, restore = canonical_layout(x, axis)
-        be = get_backend(xc, backend)
         if running is None:
             y, mean, var, invstd = be.forward_train(xc, weight, bias, eps)
             updated = False
@@ -670,7 +669,7 @@ def batch_norm_train(
     if node is not None:
         return node[0], node[1][0], node[1][1], count
     if _graph_needed(input, weight, bias):
-        y, (mean, var), _ = BatchNormFunction.apply(input, weight, bias, eps, backend, None, ax)
+        y, (mean, var), _ = BatchNormFunction.apply(input, weight, bias, eps, be, None, ax)
         return y, mean, var, count
     # no graph to record: skip the autograd Function's per-call cost (small batches)
     y, mean, var, _ = be.forward_train(xc, weight, bias, eps)
@@ -711,7 +710,7 @@ def batch_norm_step(
     if node is not None:
         y, _, updated = node
     elif _graph_needed(input, weight, bias):
-        y, _, updated = BatchNormFunction.apply(input, weight, bias, eps, backend, running, ax)
+        y, _, updated = BatchNormFunction.apply(input, weight, bias, eps, be, running, ax)
     else:
         yc, _, _, _, updated = be.forward_train_update(xc, weight, bias, eps, running)
         y = restore(yc)
