@@ -534,10 +534,10 @@ class BatchNormFunction(torch.autograd.Function):
     """Algorithm 1 with the compact backward; differentiable twice.
 
     Takes the input in its own shape and memory layout and brings it to the canonical layout
-    inside (no view nodes in the graph). First-order backward runs on the backend ``be`` (resolved by the caller, fused kernels
-    on CPU). When a graph of the backward is requested (``create_graph=True``), the backward is
-    recomputed with torch operations from ``x`` — statistics included — so that second
-    derivatives are exact.
+    inside (no view nodes in the graph). First-order backward runs on the backend ``be``, which
+    the caller resolved (fused kernels on CPU). When a graph of the backward is requested
+    (``create_graph=True``), the backward is recomputed with torch operations from ``x`` —
+    statistics included — so that second derivatives are exact.
     """
 
     @staticmethod
