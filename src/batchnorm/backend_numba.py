@@ -131,6 +131,11 @@ def _train(
     return ya, mean, var, invstd
 
 
+def _counter_ok(nbt: Tensor | None) -> bool:
+    """``num_batches_tracked`` the kernels can add to in place: absent, or one CPU int64."""
+    return nbt is None or (nbt.dtype == torch.int64 and nbt.is_cpu and nbt.numel() == 1)
+
+
 def _updatable(running: functional.RunningStats) -> bool:
     """Whether the kernels can update these running buffers in place through NumPy views."""
     rm, rv, _, _, nbt = running
@@ -142,7 +147,7 @@ def _updatable(running: functional.RunningStats) -> bool:
         and rm.is_contiguous()
         and rv.is_contiguous()
         and not (rm.requires_grad or rv.requires_grad)
-        and (nbt is None or (nbt.dtype == torch.int64 and nbt.is_cpu and nbt.numel() == 1))
+        and _counter_ok(nbt)
     )
 
 
@@ -270,11 +275,7 @@ class NumbaBackend:
             d = _node_dims(x, xc, weight, bias)
         else:
             rm, rv, momentum, alpha, nbt = running
-            if rm.requires_grad or rv.requires_grad:
-                return None
-            if nbt is not None and not (
-                nbt.dtype == torch.int64 and nbt.is_cpu and nbt.numel() == 1
-            ):
+            if rm.requires_grad or rv.requires_grad or not _counter_ok(nbt):
                 return None
             d = _node_dims(x, xc, weight, bias, rm, rv)
         ext = None if d is None else native.load()
