@@ -151,25 +151,12 @@ def _updatable(running: functional.RunningStats) -> bool:
     )
 
 
-def _node_dims(x: Tensor, xc: Tensor, *vectors: Tensor | None) -> tuple[int, int, int] | None:
-    """``(N, C, L)`` for the compiled node (``L = 0``: rows × channels), or None when it does
-    not take this call: inputs the kernels would split over threads, other dtypes, per-channel
-    tensors it cannot read as they are (each must be absent or C contiguous values of x's
-    dtype in CPU memory), an input that had to be copied to reach its canonical view, or a
+def _node() -> Any | None:
+    """The compiled node (:mod:`batchnorm.native`), or None: turned off, not buildable, or a
     call inside ``torch.jit.trace`` (which records torch operations only)."""
-    if xc.numel() >= K.SERIAL_BELOW or x.dtype not in _DTYPES or xc.data_ptr() != x.data_ptr():
+    if torch._C._get_tracing_state() is not None:
         return None
-    if torch._C._get_tracing_state() is not None:  # torch.jit.trace would not see the call
-        return None
-    s = xc.shape
-    C = s[1]
-    dt = x.dtype
-    for v in vectors:  # (a loop, not all(...): this runs on every small call)
-        if v is not None and not (
-            v.dtype == dt and v.is_cpu and v.is_contiguous() and v.numel() == C
-        ):
-            return None
-    return (s[0], C, s[2]) if len(s) == 3 else (s[0], C, 0)
+    return native.load()
 
 
 class NumbaBackend:
@@ -183,7 +170,7 @@ class NumbaBackend:
     name = "numba"
 
     def supports(self, x: Tensor) -> bool:
-        return x.is_cpu and (x.dtype in _DTYPES or x.dtype in _HALF) and (x.dim() in (2, 3))
+        return x.is_cpu and (x.dtype in _DTYPES or x.dtype in _HALF)
 
     def forward_train(
         self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
@@ -264,42 +251,35 @@ class NumbaBackend:
     def train_node(
         self,
         x: Tensor,
-        xc: Tensor,
+        axis: int,
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
         running: functional.RunningStats | None,
-        axis: int,
     ) -> tuple[Tensor, Tensor, bool] | None:
-        if running is None:
-            d = _node_dims(x, xc, weight, bias)
-        else:
-            rm, rv, momentum, alpha, nbt = running
-            if rm.requires_grad or rv.requires_grad or not _counter_ok(nbt):
-                return None
-            d = _node_dims(x, xc, weight, bias, rm, rv)
-        ext = None if d is None else native.load()
-        if d is None or ext is None:
+        ext = _node()
+        if ext is None:
             return None
+        T = K._threads(x.numel(), None)
         if running is None:
-            return ext.train(x, weight, bias, None, None, None, *d, eps, 0.0, 0.0, axis)  # type: ignore[no-any-return]
-        return ext.train(x, weight, bias, rm, rv, nbt, *d, eps, momentum, alpha, axis)  # type: ignore[no-any-return]
+            return ext.train(x, axis, weight, bias, None, None, None, T, eps, 0.0, 0.0)  # type: ignore[no-any-return]
+        rm, rv, momentum, alpha, nbt = running
+        return ext.train(x, axis, weight, bias, rm, rv, nbt, T, eps, momentum, alpha)  # type: ignore[no-any-return]
 
     def eval_node(
         self,
         x: Tensor,
-        xc: Tensor,
+        axis: int,
         mean: Tensor,
         var: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
     ) -> Tensor | None:
-        d = _node_dims(x, xc, mean, var, weight, bias)
-        ext = None if d is None else native.load()
-        if d is None or ext is None:
+        ext = _node()
+        if ext is None:
             return None
-        return ext.evaluate(x, mean, var, weight, bias, *d, eps)  # type: ignore[no-any-return]
+        return ext.evaluate(x, axis, mean, var, weight, bias, K._threads(x.numel(), None), eps)  # type: ignore[no-any-return]
 
     def forward_eval(
         self,

@@ -27,7 +27,6 @@ is issued; with ``"raise"`` a :class:`NonFiniteStatisticsError` is raised before
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, Protocol
@@ -35,6 +34,8 @@ from typing import Any, Literal, NamedTuple, Protocol
 import numpy as np
 import torch
 from torch import Tensor
+
+from batchnorm import _env
 
 __all__ = [
     "batch_norm",
@@ -207,31 +208,32 @@ class Backend(Protocol):
     def train_node(
         self,
         x: Tensor,
-        xc: Tensor,
+        axis: int,
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
         running: RunningStats | None,
-        axis: int,
     ) -> tuple[Tensor, Tensor, bool] | None:
-        """The whole training normalization of ``x`` (canonical view ``xc``) as one compiled
-        autograd node — graph, backward and running update included: ``(y, stats, updated)``
-        with ``stats`` rows mean, biased variance, invstd. None when the backend has no such
-        node for this call (:class:`BatchNormFunction` then records the graph)."""
+        """The whole training normalization of ``x`` (channels on ``axis``, any layout) as one
+        compiled autograd node — graph, backward and running update included:
+        ``(y, stats, updated)`` with ``stats`` rows mean, biased variance, invstd. None when
+        the backend has no such node for this call (:class:`BatchNormFunction` then records
+        the graph)."""
         ...
 
     def eval_node(
         self,
         x: Tensor,
-        xc: Tensor,
+        axis: int,
         mean: Tensor,
         var: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
         eps: float,
     ) -> Tensor | None:
-        """:meth:`forward_eval` on ``x`` (canonical view ``xc``) in one compiled call, output
-        in ``x``'s shape and layout; None when the backend has none for this call."""
+        """:meth:`forward_eval` on ``x`` (channels on ``axis``, any layout) in one compiled
+        call, output in ``x``'s shape and layout; None when the backend has none for this
+        call."""
         ...
 
 
@@ -388,7 +390,7 @@ def _kernels_available() -> bool:
 def get_backend(x: Tensor, backend: str | None = None) -> Backend:
     """The backend for tensor ``x``: ``backend`` if given, else ``$BATCHNORM_BACKEND``, else
     ``auto`` — the Numba kernels for CPU float32/float64 tensors, plain torch otherwise."""
-    choice = backend or os.environ.get("BATCHNORM_BACKEND", "auto")
+    choice = backend or _env.get("BATCHNORM_BACKEND") or "auto"
     if choice == "auto":
         if x.is_cpu and x.dtype in (torch.float32, torch.float64):
             if _kernels_available():
@@ -663,11 +665,11 @@ def batch_norm_train(
         y, mean, var = _masked_train(input, weight, bias, eps, ax, m, count)
         return y, mean, var, count
     count = _check_count(input, ax, layer)
-    xc, restore = canonical_layout(input, ax)
-    be = get_backend(xc, backend)
-    node = be.train_node(input, xc, weight, bias, eps, None, ax)
+    be = get_backend(input, backend)
+    node = be.train_node(input, ax, weight, bias, eps, None)
     if node is not None:
         return node[0], node[1][0], node[1][1], count
+    xc, restore = canonical_layout(input, ax)
     if _graph_needed(input, weight, bias):
         y, (mean, var), _ = BatchNormFunction.apply(input, weight, bias, eps, be, None, ax)
         return y, mean, var, count
@@ -704,14 +706,14 @@ def batch_norm_step(
     count = _check_count(input, ax, layer)
     alpha = momentum * count / (count - 1) if unbiased_running_var else momentum
     running = RunningStats(running_mean, running_var, momentum, alpha, num_batches_tracked)
-    xc, restore = canonical_layout(input, ax)
-    be = get_backend(xc, backend)
-    node = be.train_node(input, xc, weight, bias, eps, running, ax)
+    be = get_backend(input, backend)
+    node = be.train_node(input, ax, weight, bias, eps, running)
     if node is not None:
         y, _, updated = node
     elif _graph_needed(input, weight, bias):
         y, _, updated = BatchNormFunction.apply(input, weight, bias, eps, be, running, ax)
     else:
+        xc, restore = canonical_layout(input, ax)
         yc, _, _, _, updated = be.forward_train_update(xc, weight, bias, eps, running)
         y = restore(yc)
     if not updated:
@@ -732,7 +734,6 @@ def batch_norm_eval(
 ) -> Tensor:
     """Normalize with population statistics (Algorithm 2): the affine map
     ``y = x·scale + shift`` with ``scale = γ/√(Var[x] + ε)`` and ``shift = β − scale·E[x]``."""
-    xc, restore = canonical_layout(input, axis)
     needs_graph = torch.is_grad_enabled() and (
         input.requires_grad
         or running_mean.requires_grad
@@ -740,15 +741,14 @@ def batch_norm_eval(
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    if needs_graph:  # differentiable in every argument: torch operations
-        y = _TORCH.forward_eval(xc, running_mean, running_var, weight, bias, eps)
-    else:
-        be = get_backend(xc, backend)
-        node = be.eval_node(input, xc, running_mean, running_var, weight, bias, eps)
+    be = _TORCH if needs_graph else get_backend(input, backend)
+    if not needs_graph:
+        node = be.eval_node(input, axis, running_mean, running_var, weight, bias, eps)
         if node is not None:
             return node
-        y = be.forward_eval(xc, running_mean, running_var, weight, bias, eps)
-    return restore(y)
+    xc, restore = canonical_layout(input, axis)
+    # with a graph: differentiable in every argument, torch operations
+    return restore(be.forward_eval(xc, running_mean, running_var, weight, bias, eps))
 
 
 def _inference_affine(

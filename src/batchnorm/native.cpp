@@ -1,16 +1,26 @@
-// The compiled autograd node of the "numba" backend for single-threaded inputs.
+// The compiled autograd node of the "numba" backend.
 //
-// At small sizes a training step spends most of its time around the kernels, not in them:
-// the Python autograd Function, its Python backward, and the NumPy views of every tensor. This
-// node records the graph and runs the backward in C++ and hands the kernels raw pointers. The
-// kernels are the same Numba loops, compiled as C-callable entries
-// (batchnorm/kernels/_entries.py) whose addresses Python registers once with set_kernels().
-// The math lives there; this file only allocates, passes pointers and records the graph.
-// Built on first use by batchnorm/native.py (torch.utils.cpp_extension).
+// Around the kernels, a layer call costs Python work: the autograd Function and its Python
+// backward, the NumPy views of every tensor, the checks and the canonical view. At (60, 100)
+// that is most of a training step; on large inputs it is 100-200 us when the caches are cold
+// after a large pass. This node takes the input as it comes, checks it, records the graph and
+// runs the backward in C++, and hands the kernels raw pointers. The kernels are the same Numba
+// loops, compiled as C-callable entries (batchnorm/kernels/_entries.py) whose addresses Python
+// registers once with set_kernels(); the caller passes the thread count, saved here for the
+// backward. The math lives there; this file only checks, allocates, passes pointers and
+// records the graph. Built on first use by batchnorm/native.py (torch.utils.cpp_extension).
 
 #include <torch/extension.h>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <new>
+#include <vector>
 #include <optional>
 #include <tuple>
 
@@ -25,12 +35,12 @@ using at::Tensor;
 using fwd_t = int32_t (*)(void* x, int64_t N, int64_t C, int64_t L, void* w, int64_t nw,
                           void* b, int64_t nb, double eps, void* y, void* mean, void* var,
                           void* invstd, void* rm, void* rv, int64_t nrun, void* nbt,
-                          int64_t nnbt, double momentum, double alpha);
+                          int64_t nnbt, double momentum, double alpha, int64_t T);
 using bwd_t = void (*)(void* dy, void* x, int64_t N, int64_t C, int64_t L, void* mean,
                        void* invstd, void* w, int64_t nw, int32_t need_dx, void* dx, void* dw,
-                       void* db);
+                       void* db, int64_t T);
 using eval_t = void (*)(void* x, int64_t N, int64_t C, int64_t L, void* rm, void* rv, void* w,
-                        int64_t nw, void* b, int64_t nb, double eps, void* y);
+                        int64_t nw, void* b, int64_t nb, double eps, void* y, int64_t T);
 
 struct Entries {
   fwd_t fwd = nullptr;
@@ -58,7 +68,105 @@ Tensor or_undefined(const std::optional<Tensor>& t) { return t.has_value() ? *t 
 
 struct Dims {
   int64_t N, C, L;  // L == 0: rows x channels (N rows)
+  int64_t T;        // threads (1: the serial loops)
 };
+
+// The canonical (N, C, L) of x with its channels on `axis`, as
+// batchnorm.functional.canonical_layout views it — contiguous x: (prod(before), C,
+// prod(after)), rows x channels when prod(after) is 1; channels innermost in memory
+// (channels_last, axis=-1): rows x channels — or nothing for inputs this node leaves to the
+// Python path: other dtypes or devices, no values, and layouts canonical_layout would copy.
+std::optional<Dims> dims_of(const Tensor& x, int64_t axis, int64_t T) {
+  const auto dt = x.scalar_type();
+  if ((dt != at::kFloat && dt != at::kDouble) || !x.is_cpu() || x.layout() != at::kStrided ||
+      x.dim() < 2 || x.numel() == 0) {
+    return std::nullopt;
+  }
+  const int64_t nd = x.dim();
+  const int64_t ax = ((axis % nd) + nd) % nd;
+  const int64_t C = x.size(ax);
+  if (x.is_contiguous()) {
+    int64_t n = 1, l = 1;
+    for (int64_t i = 0; i < ax; ++i) n *= x.size(i);
+    for (int64_t i = ax + 1; i < nd; ++i) l *= x.size(i);
+    return Dims{n, C, l == 1 ? 0 : l, T};
+  }
+  if (x.movedim(ax, -1).is_contiguous()) return Dims{x.numel() / C, C, 0, T};
+  return std::nullopt;
+}
+
+// absent, or C contiguous CPU values of x's dtype (what the kernels read as they are)
+bool vector_ok(const std::optional<Tensor>& v, const Tensor& x, int64_t C) {
+  return !v.has_value() || !v->defined() ||
+         (v->scalar_type() == x.scalar_type() && v->is_cpu() &&
+          v->layout() == at::kStrided && v->is_contiguous() && v->numel() == C);
+}
+
+// Large outputs are reused once nothing but this cache refers to their memory: a training
+// loop asks for the same big outputs every step, and memory fresh from the operating system
+// costs a page fault per 4 KiB the first time it is written (for a 25 MB activation, more time
+// than the pass itself). Buffers of at least 4 MiB sit on 2 MiB boundaries and ask Linux for
+// huge pages (as NumPy's large arrays do; elsewhere torch's allocator serves); all start on a
+// 64-byte line, whole lines for the streaming stores. Budget and threshold come from Python
+// (backend_numba.REUSE_ABOVE and the Function path's cache budget). The autograd engine may
+// run a backward while another thread runs a forward: the cache is guarded by a mutex.
+struct Outputs {
+  std::mutex lock;
+  std::vector<c10::Storage> held;  // least recently used first
+  size_t bytes = 0;
+  size_t reuse_above = 0;  // 0: no reuse (torch's allocator for every output)
+  size_t max_bytes = 0;
+};
+Outputs OUT;
+
+void release(void* p) { std::free(p); }
+
+c10::Storage fresh(size_t nbytes) {
+#ifndef __linux__
+  return c10::Storage(c10::Storage::use_byte_size_t(), nbytes, c10::GetCPUAllocator(), false);
+#else
+  constexpr size_t kLine = 64, kHuge = size_t{2} << 20;
+  const size_t align = nbytes >= 2 * kHuge ? kHuge : kLine;
+  const size_t size = (nbytes + align - 1) / align * align;
+  void* p = std::aligned_alloc(align, size);
+  if (p == nullptr) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  if (align == kHuge) madvise(p, size, MADV_HUGEPAGE);  // advice only: failure is harmless
+#endif
+  return c10::Storage(c10::Storage::use_byte_size_t(), nbytes,
+                      c10::DataPtr(p, p, &release, c10::Device(c10::kCPU)), nullptr, false);
+#endif
+}
+
+// An output shaped and strided like the dense x (channels_last stays channels_last): a tensor
+// of its own over reused memory (not a view: in-place operations on it stay legal)
+Tensor output_like(const Tensor& x) {
+  const size_t n = x.nbytes();
+  if (OUT.reuse_above == 0 || n < OUT.reuse_above) return at::empty_like(x);
+  c10::Storage st;
+  {
+    std::lock_guard<std::mutex> guard(OUT.lock);
+    auto& h = OUT.held;
+    for (size_t i = 0; i < h.size(); ++i) {
+      if (h[i].nbytes() == n && h[i].use_count() == 1) {  // only this cache holds it
+        st = h[i];
+        h.erase(h.begin() + static_cast<std::ptrdiff_t>(i));
+        break;
+      }
+    }
+    if (!st) {
+      st = fresh(n);
+      OUT.bytes += n;
+    }
+    h.push_back(st);  // most recently used last
+    // over budget: forget the least recently used (memory still in use is freed by its users)
+    while (OUT.bytes > OUT.max_bytes && h.size() > 1) {
+      OUT.bytes -= h.front().nbytes();
+      h.erase(h.begin());
+    }
+  }
+  return at::empty({0}, x.options()).set_(st, 0, x.sizes(), x.strides());
+}
 
 struct Node : public torch::autograd::Function<Node> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& w,
@@ -67,17 +175,19 @@ struct Node : public torch::autograd::Function<Node> {
                         const std::optional<Tensor>& nbt, Dims d, double eps, double momentum,
                         double alpha, int64_t axis, Tensor* stats, bool* updated) {
     const Entries& e = entries(x);
-    Tensor y = at::empty_like(x);  // x is dense: y gets its strides (channels_last stays)
+    Tensor y = output_like(x);
     *stats = at::empty({3, d.C}, x.options().memory_format(at::MemoryFormat::Contiguous));
     void* base = stats->data_ptr();
     const int64_t row = d.C * static_cast<int64_t>(x.element_size());
     char* s = static_cast<char*>(base);
     *updated = e.fwd(x.data_ptr(), d.N, d.C, d.L, ptr(w), len(w), ptr(b), len(b), eps,
                      y.data_ptr(), s, s + row, s + 2 * row, ptr(rm), ptr(rv),
-                     rm.has_value() ? d.C : 0, ptr(nbt), len(nbt), momentum, alpha) != 0;
+                     rm.has_value() ? d.C : 0, ptr(nbt), len(nbt), momentum, alpha,
+                     d.T) != 0;
     ctx->save_for_backward({x, or_undefined(w), *stats});
     ctx->saved_data["N"] = d.N;
     ctx->saved_data["L"] = d.L;
+    ctx->saved_data["T"] = d.T;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["axis"] = axis;
     ctx->saved_data["bias"] = b.has_value();
@@ -113,14 +223,14 @@ struct Node : public torch::autograd::Function<Node> {
     const int64_t C = saved[2].size(1);
     char* st = static_cast<char*>(saved[2].data_ptr());  // rows: mean, var, invstd
     const int64_t row = C * static_cast<int64_t>(x.element_size());
-    Tensor dx = need_x ? at::empty_like(x) : Tensor();
+    Tensor dx = need_x ? output_like(x) : Tensor();
     Tensor g = at::empty({2, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
     char* gp = static_cast<char*>(g.data_ptr());
     entries(x).bwd(dy.data_ptr(), x.data_ptr(), ctx->saved_data["N"].toInt(), C,
                    ctx->saved_data["L"].toInt(), st, st + 2 * row,
                    w.defined() ? w.data_ptr() : nullptr, w.defined() ? w.numel() : 0,
                    need_x ? 1 : 0, need_x ? dx.data_ptr() : x.data_ptr(), gp,
-                   gp + row);
+                   gp + row, ctx->saved_data["T"].toInt());
     out[0] = dx;
     if (need_w) out[1] = g[0];
     if (need_b) out[2] = g[1];
@@ -128,38 +238,69 @@ struct Node : public torch::autograd::Function<Node> {
   }
 };
 
-// (y, stats (3, C): mean, biased var, invstd; updated)
-std::tuple<Tensor, Tensor, bool> train(const Tensor& x, const std::optional<Tensor>& w,
-                                       const std::optional<Tensor>& b,
-                                       const std::optional<Tensor>& rm,
-                                       const std::optional<Tensor>& rv,
-                                       const std::optional<Tensor>& nbt, int64_t N, int64_t C,
-                                       int64_t L, double eps, double momentum, double alpha,
-                                       int64_t axis) {
+// (y, stats (3, C): mean, biased var, invstd; updated), or None when the node does not take
+// the call (see dims_of and vector_ok; running buffers must not require grad, the counter must
+// be one CPU int64). T: the threads the kernels would use (batchnorm.kernels._threads).
+std::optional<std::tuple<Tensor, Tensor, bool>> train(
+    const Tensor& x, int64_t axis, const std::optional<Tensor>& w,
+    const std::optional<Tensor>& b, const std::optional<Tensor>& rm,
+    const std::optional<Tensor>& rv, const std::optional<Tensor>& nbt, int64_t T, double eps,
+    double momentum, double alpha) {
+  const auto d = dims_of(x, axis, T);
+  if (!d || !vector_ok(w, x, d->C) || !vector_ok(b, x, d->C)) return std::nullopt;
+  if (rm.has_value() != rv.has_value()) return std::nullopt;
+  if (rm.has_value() && (!rm->defined() || !rv->defined() || !vector_ok(rm, x, d->C) ||
+                         !vector_ok(rv, x, d->C) || rm->requires_grad() ||
+                         rv->requires_grad())) {
+    return std::nullopt;
+  }
+  if (nbt.has_value() && nbt->defined() &&
+      (nbt->scalar_type() != at::kLong || !nbt->is_cpu() || nbt->numel() != 1 ||
+       !nbt->is_contiguous())) {
+    return std::nullopt;
+  }
   Tensor stats;
   bool updated = false;
-  Tensor y = Node::apply(x, w, b, rm, rv, nbt, Dims{N, C, L}, eps,
-                         momentum, alpha, axis, &stats, &updated);
-  return {y, stats, updated};
+  const int64_t ax = ((axis % x.dim()) + x.dim()) % x.dim();
+  Tensor y = Node::apply(x, w, b, rm, rv, nbt, *d, eps, momentum, alpha, ax, &stats, &updated);
+  return std::make_tuple(y, stats, updated);
 }
 
-Tensor evaluate(const Tensor& x, const Tensor& rm, const Tensor& rv,
-                const std::optional<Tensor>& w, const std::optional<Tensor>& b, int64_t N,
-                int64_t C, int64_t L, double eps) {
-  Tensor y = at::empty_like(x);
-  entries(x).eval(x.data_ptr(), N, C, L, rm.data_ptr(), rv.data_ptr(), ptr(w), len(w), ptr(b),
-                  len(b), eps, y.data_ptr());
+// inference from population statistics, or None when the node does not take the call
+std::optional<Tensor> evaluate(const Tensor& x, int64_t axis, const Tensor& rm,
+                               const Tensor& rv, const std::optional<Tensor>& w,
+                               const std::optional<Tensor>& b, int64_t T, double eps) {
+  const auto d = dims_of(x, axis, T);
+  if (!d || !vector_ok(rm, x, d->C) || !vector_ok(rv, x, d->C) || !vector_ok(w, x, d->C) ||
+      !vector_ok(b, x, d->C)) {
+    return std::nullopt;
+  }
+  Tensor y = output_like(x);
+  entries(x).eval(x.data_ptr(), d->N, d->C, d->L, rm.data_ptr(), rv.data_ptr(), ptr(w), len(w),
+                  ptr(b), len(b), eps, y.data_ptr(), d->T);
   return y;
 }
 
 void set_kernels(int64_t fwd32, int64_t bwd32, int64_t eval32, int64_t fwd64, int64_t bwd64,
-                 int64_t eval64, py::object graph_backward) {
+                 int64_t eval64, py::object graph_backward, int64_t reuse_above,
+                 int64_t max_bytes) {
   F32 = {reinterpret_cast<fwd_t>(fwd32), reinterpret_cast<bwd_t>(bwd32),
          reinterpret_cast<eval_t>(eval32)};
   F64 = {reinterpret_cast<fwd_t>(fwd64), reinterpret_cast<bwd_t>(bwd64),
          reinterpret_cast<eval_t>(eval64)};
   delete GRAPH_BACKWARD;
   GRAPH_BACKWARD = new py::object(std::move(graph_backward));
+  std::lock_guard<std::mutex> guard(OUT.lock);
+  OUT.reuse_above = static_cast<size_t>(reuse_above);
+  OUT.max_bytes = static_cast<size_t>(max_bytes);
+  OUT.held.clear();
+  OUT.bytes = 0;
+}
+
+// buffers the output cache holds (for tests)
+int64_t cached_outputs() {
+  std::lock_guard<std::mutex> guard(OUT.lock);
+  return static_cast<int64_t>(OUT.held.size());
 }
 
 }  // namespace
@@ -168,4 +309,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_kernels", &set_kernels);
   m.def("train", &train);
   m.def("evaluate", &evaluate);
+  m.def("cached_outputs", &cached_outputs);
 }

@@ -17,11 +17,12 @@ before timing.
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
+
+from batchnorm import _env
 
 __all__ = ["load", "enabled"]
 
@@ -33,7 +34,7 @@ _state: dict[str, Any] = {"ext": None, "tried": False}
 def enabled() -> bool:
     """Whether the node may be used: ``BATCHNORM_NATIVE`` is not ``0`` (read at every call,
     like ``BATCHNORM_BACKEND``)."""
-    return os.environ.get("BATCHNORM_NATIVE") != "0"
+    return _env.get("BATCHNORM_NATIVE") != "0"
 
 
 def _built(cpp_extension: Any) -> bool:
@@ -72,7 +73,14 @@ def load() -> Any | None:
             extra_cflags=["-O2"],
             verbose=False,
         )
-        ext.set_kernels(*addresses, functional.graph_backward)
+        from batchnorm import backend_numba
+
+        ext.set_kernels(
+            *addresses,
+            functional.graph_backward,
+            backend_numba.REUSE_ABOVE,
+            backend_numba._OUT.max_bytes,
+        )
     except Exception as e:  # no compiler, no headers, a failed build: the Python path serves
         warnings.warn(
             f"batchnorm: the native autograd node could not be built ({type(e).__name__}: "

@@ -117,7 +117,10 @@ def _kernel(name: str, parallel: bool) -> Any:
 def _threads(size: int, parallel: bool | None) -> int:
     if parallel is False or (parallel is None and size < SERIAL_BELOW) or _state["serial_only"]:
         return 1
-    return num_threads()
+    T = num_threads()
+    if T > 1:
+        _state["parallel_used"] = True  # also for callers that run the loops through C entries
+    return T
 
 
 #: rows at least this long let ``(N, C, L)`` work a channel at a time (its second pass then
@@ -143,10 +146,15 @@ def _stream(x: Array, stream: bool | None) -> bool:
     is whole lines (outputs start on a line: :func:`empty_aligned`)."""
     if stream is not None:
         return bool(stream)
-    if x.nbytes < STREAM_ABOVE:
+    return _stream_for(x.nbytes, x.shape[-1], x.ndim, x.itemsize)
+
+
+def _stream_for(nbytes: int, run: int, ndim: int, itemsize: int) -> bool:
+    """:func:`_stream`'s choice from the sizes: ``run`` is the last axis (the row length of
+    ``(N, C, L)``, the channels of ``(M, C)``)."""
+    if nbytes < STREAM_ABOVE:
         return False
-    run = x.shape[1] if x.ndim == 2 else x.shape[2]
-    return run >= FUSED_ROWS or (x.ndim == 2 and (run * x.itemsize) % LINE_BYTES == 0)
+    return run >= FUSED_ROWS or (ndim == 2 and (run * itemsize) % LINE_BYTES == 0)
 
 
 #: bytes of a channel tile on ``(M, C)``: a task's block sums stay in the core's cache
