@@ -226,13 +226,11 @@ def test_node_stays_out_of_jit_traces() -> None:
 def test_node_equals_the_function_path_on_random_shapes(
     n: int, c: int, l: int, channels_last: bool, double: bool, seed: int
 ) -> None:
-    """Any single-threaded shape, either layout: the node and the Function path give the same
-    bits (output, gradients, running statistics)."""
+    """Any shape, either layout, one thread or more: the node and the Function path give the
+    same bits (output, gradients, running statistics)."""
     import os
 
-    shape = (n, c) if l == 0 else (n, c, l)
-    if n * c * max(l, 1) >= K.SERIAL_BELOW:
-        shape = (2, c) if l == 0 else (2, c, min(l, K.SERIAL_BELOW // (4 * c)))
+    shape = (n, c) if l == 0 else (n, c, l)  # up to 1.4M values: threads above SERIAL_BELOW
     dtype = torch.float64 if double else torch.float32
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen, dtype=dtype) * 4 - 1
@@ -279,3 +277,126 @@ def test_node_under_inference_mode_and_anomaly_detection() -> None:
         assert y.grad_fn is not None and NODE in y.grad_fn.name()
         y.pow(2).sum().backward()
     assert xg.grad is not None and bool(torch.isfinite(xg.grad).all())
+
+
+def _strides(t: torch.Tensor) -> list[int]:
+    return [s for s, n in zip(t.stride(), t.shape) if n > 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=2, max_size=5),
+    axis_pick=st.integers(0, 9),
+    order_seed=st.integers(0, 2**16),
+)
+def test_node_takes_exactly_the_layouts_viewed_without_a_copy(
+    shape: list[int], axis_pick: int, order_seed: int
+) -> None:
+    """The node derives (N, C, L) from the input as it comes: it must take the input exactly
+    when canonical_layout views it without a copy, and then give the Function path's bits."""
+    import os
+
+    nd = len(shape)
+    axis = axis_pick % nd - (nd if axis_pick % 2 else 0)  # either sign
+    gen = torch.Generator().manual_seed(order_seed)
+    order = torch.randperm(nd, generator=gen).tolist()  # a random memory order of the axes
+    base = torch.randn([shape[i] for i in order], generator=gen, dtype=torch.float64)
+    x = base.permute([order.index(i) for i in range(nd)])  # shape `shape`, strides permuted
+    if x.numel() // x.shape[axis] < 2:
+        return  # training needs two values per channel
+    xc, _ = F.canonical_layout(x, axis)
+    viewed = xc.data_ptr() == x.data_ptr()
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    results = []
+    before = os.environ.pop("BATCHNORM_NATIVE", None)
+    try:
+        for native_on in (True, False):
+            if not native_on:
+                os.environ["BATCHNORM_NATIVE"] = "0"
+            xg = x.detach().requires_grad_(True)
+            y, *_ = F.batch_norm_train(xg, axis=axis, backend="numba")
+            assert y.grad_fn is not None
+            assert (NODE in y.grad_fn.name()) == (native_on and viewed), (shape, axis, order)
+            y.backward(dy)
+            c = x.shape[axis]
+            ye = F.batch_norm_eval(
+                x, torch.full((c,), 0.5, dtype=x.dtype), torch.ones(c, dtype=x.dtype), axis=axis
+            )
+            if viewed:  # the input's memory order (the strides of size-1 axes mean nothing)
+                assert _strides(y) == _strides(x) and _strides(ye) == _strides(x)
+            results.append((y.detach(), xg.grad, ye))
+    finally:
+        if before is not None:
+            os.environ["BATCHNORM_NATIVE"] = before
+        else:
+            os.environ.pop("BATCHNORM_NATIVE", None)
+    for a, f in zip(*results):
+        torch.testing.assert_close(a, f, rtol=0, atol=0)
+
+
+def test_large_outputs_are_reused_only_once_dropped() -> None:
+    """The node's outputs of REUSE_ABOVE bytes or more come from its cache, but never while a
+    tensor or a view holds them; a reused output can be resized like any torch output."""
+    from batchnorm import backend_numba as B
+
+    ext = native.load()
+    x = torch.randn(64, 8, 1024)  # 2 MiB
+    assert x.numel() * 4 >= B.REUSE_ABOVE
+    rm, rv = torch.zeros(8), torch.ones(8)
+
+    def infer(t: torch.Tensor) -> torch.Tensor:
+        y = F.batch_norm_eval(t, rm, rv)
+        assert y is not None
+        return y
+
+    y1 = infer(x)
+    assert y1.data_ptr() % K.LINE_BYTES == 0  # whole lines for the streaming stores
+    kept = y1.clone()
+    y2 = infer(x * 2)
+    assert y2.data_ptr() != y1.data_ptr()
+    view, ptr2 = y2[:, :1], y2.data_ptr()
+    del y2
+    y3 = infer(x - 3)
+    assert y3.data_ptr() not in (ptr2, y1.data_ptr())  # a view still holds y2's memory
+    del view
+    y4 = infer(x)
+    assert y4.data_ptr() == ptr2  # dropped: reused
+    torch.testing.assert_close(y4, x / (1 + 1e-5) ** 0.5)
+    torch.testing.assert_close(y1, kept)  # live outputs were never written over
+    held = ext.cached_outputs()
+    infer(torch.randn(4, 8, 16))
+    assert ext.cached_outputs() == held  # small outputs come from torch's allocator
+    y4.resize_(2 * x.numel())  # a reused output is resizable (it moves to torch's memory)
+    y4[-1] = 1.0
+    del y4
+    y5 = infer(x)  # its cache entry is not handed out at the wrong size
+    torch.testing.assert_close(y5, x / (1 + 1e-5) ** 0.5)
+
+
+def test_backward_recorded_before_a_fork_runs_in_the_child() -> None:
+    """OpenMP's pool does not survive fork(): a threaded node's backward run in a forked
+    child must not start the parent's threads (it runs on one thread, same gradients)."""
+    import multiprocessing as mp
+    import sys
+
+    if sys.platform != "linux":
+        pytest.skip("fork start method")
+    x = (torch.randn(4096, 24, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+    assert x.numel() >= K.SERIAL_BELOW  # threaded
+    y, *_ = F.batch_norm_train(x)
+    assert y.grad_fn is not None and NODE in y.grad_fn.name()
+    dy = torch.randn(x.shape, dtype=torch.float64)
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+
+    def run() -> None:
+        (gx,) = torch.autograd.grad(y, x, dy)
+        child.send(gx.numpy())
+
+    p = ctx.Process(target=run)
+    p.start()
+    got = parent.recv() if parent.poll(60) else None
+    p.join(30)
+    assert p.exitcode == 0 and got is not None
+    (expected,) = torch.autograd.grad(y, x, dy)
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-12, atol=1e-12)

@@ -151,14 +151,6 @@ def _updatable(running: functional.RunningStats) -> bool:
     )
 
 
-def _node() -> Any | None:
-    """The compiled node (:mod:`batchnorm.native`), or None: turned off, not buildable, or a
-    call inside ``torch.jit.trace`` (which records torch operations only)."""
-    if torch._C._get_tracing_state() is not None:
-        return None
-    return native.load()
-
-
 class NumbaBackend:
     """Fused Numba kernels for CPU tensors of shape ``(N, C, L)`` or ``(M, C)``.
 
@@ -257,7 +249,8 @@ class NumbaBackend:
         eps: float,
         running: functional.RunningStats | None,
     ) -> tuple[Tensor, Tensor, bool] | None:
-        ext = _node()
+        # not inside torch.jit.trace, which records torch operations only
+        ext = native.load() if torch._C._get_tracing_state() is None else None
         if ext is None:
             return None
         T = K._threads(x.numel(), None)
@@ -276,7 +269,7 @@ class NumbaBackend:
         bias: Tensor | None,
         eps: float,
     ) -> Tensor | None:
-        ext = _node()
+        ext = native.load() if torch._C._get_tracing_state() is None else None
         if ext is None:
             return None
         return ext.evaluate(x, axis, mean, var, weight, bias, K._threads(x.numel(), None), eps)  # type: ignore[no-any-return]

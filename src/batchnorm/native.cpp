@@ -12,8 +12,13 @@
 
 #include <torch/extension.h>
 
+#include <c10/core/CPUAllocator.h>
+
 #ifdef __linux__
 #include <sys/mman.h>
+#endif
+#ifdef __unix__
+#include <pthread.h>
 #endif
 
 #include <cstdint>
@@ -112,7 +117,8 @@ bool vector_ok(const std::optional<Tensor>& v, const Tensor& x, int64_t C) {
 // run a backward while another thread runs a forward: the cache is guarded by a mutex.
 struct Outputs {
   std::mutex lock;
-  std::vector<c10::Storage> held;  // least recently used first
+  // least recently used first, with the size each had when made (a user may resize_ one)
+  std::vector<std::pair<c10::Storage, size_t>> held;
   size_t bytes = 0;
   size_t reuse_above = 0;  // 0: no reuse (torch's allocator for every output)
   size_t max_bytes = 0;
@@ -123,7 +129,7 @@ void release(void* p) { std::free(p); }
 
 c10::Storage fresh(size_t nbytes) {
 #ifndef __linux__
-  return c10::Storage(c10::Storage::use_byte_size_t(), nbytes, c10::GetCPUAllocator(), false);
+  return c10::Storage(c10::Storage::use_byte_size_t(), nbytes, c10::GetCPUAllocator(), true);
 #else
   constexpr size_t kLine = 64, kHuge = size_t{2} << 20;
   const size_t align = nbytes >= 2 * kHuge ? kHuge : kLine;
@@ -133,8 +139,10 @@ c10::Storage fresh(size_t nbytes) {
 #ifdef MADV_HUGEPAGE
   if (align == kHuge) madvise(p, size, MADV_HUGEPAGE);  // advice only: failure is harmless
 #endif
+  // resizable as torch's own outputs are (a resize_ moves it to torch's allocator)
   return c10::Storage(c10::Storage::use_byte_size_t(), nbytes,
-                      c10::DataPtr(p, p, &release, c10::Device(c10::kCPU)), nullptr, false);
+                      c10::DataPtr(p, p, &release, c10::Device(c10::kCPU)),
+                      c10::GetCPUAllocator(), true);
 #endif
 }
 
@@ -147,9 +155,12 @@ Tensor output_like(const Tensor& x) {
   {
     std::lock_guard<std::mutex> guard(OUT.lock);
     auto& h = OUT.held;
+    size_t made = n;
     for (size_t i = 0; i < h.size(); ++i) {
-      if (h[i].nbytes() == n && h[i].use_count() == 1) {  // only this cache holds it
-        st = h[i];
+      // only this cache holds it (every tensor and view over it counts)
+      if (h[i].first.nbytes() == n && h[i].first.use_count() == 1) {
+        st = h[i].first;
+        made = h[i].second;
         h.erase(h.begin() + static_cast<std::ptrdiff_t>(i));
         break;
       }
@@ -158,15 +169,21 @@ Tensor output_like(const Tensor& x) {
       st = fresh(n);
       OUT.bytes += n;
     }
-    h.push_back(st);  // most recently used last
+    h.emplace_back(st, made);  // most recently used last
     // over budget: forget the least recently used (memory still in use is freed by its users)
     while (OUT.bytes > OUT.max_bytes && h.size() > 1) {
-      OUT.bytes -= h.front().nbytes();
+      OUT.bytes -= h.front().second;
       h.erase(h.begin());
     }
   }
   return at::empty({0}, x.options()).set_(st, 0, x.sizes(), x.strides());
 }
+
+// OpenMP's thread pool does not survive fork(): a backward recorded before a fork and run in
+// the child runs its loops on one thread (forward calls in the child get their thread count
+// from Python, which knows whether the parent started the pool).
+int64_t FORKS = 0;
+void forked_child() { ++FORKS; }
 
 struct Node : public torch::autograd::Function<Node> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& w,
@@ -188,6 +205,7 @@ struct Node : public torch::autograd::Function<Node> {
     ctx->saved_data["N"] = d.N;
     ctx->saved_data["L"] = d.L;
     ctx->saved_data["T"] = d.T;
+    ctx->saved_data["forks"] = FORKS;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["axis"] = axis;
     ctx->saved_data["bias"] = b.has_value();
@@ -230,7 +248,8 @@ struct Node : public torch::autograd::Function<Node> {
                    ctx->saved_data["L"].toInt(), st, st + 2 * row,
                    w.defined() ? w.data_ptr() : nullptr, w.defined() ? w.numel() : 0,
                    need_x ? 1 : 0, need_x ? dx.data_ptr() : x.data_ptr(), gp,
-                   gp + row, ctx->saved_data["T"].toInt());
+                   gp + row,
+                   ctx->saved_data["forks"].toInt() == FORKS ? ctx->saved_data["T"].toInt() : 1);
     out[0] = dx;
     if (need_w) out[1] = g[0];
     if (need_b) out[2] = g[1];
@@ -306,6 +325,9 @@ int64_t cached_outputs() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef __unix__
+  pthread_atfork(nullptr, nullptr, &forked_child);
+#endif
   m.def("set_kernels", &set_kernels);
   m.def("train", &train);
   m.def("evaluate", &evaluate);

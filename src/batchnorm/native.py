@@ -1,18 +1,22 @@
-"""The compiled autograd node of the ``"numba"`` backend, for single-threaded inputs.
+"""The compiled autograd node of the ``"numba"`` backend.
 
 At the paper's (60, 100) batch the kernels take a few microseconds; the rest of a training
 step is the path around them — the Python ``autograd.Function`` and its Python backward, the
-NumPy views of every tensor. For inputs below :data:`batchnorm.kernels.SERIAL_BELOW` elements
-this module runs the training step (statistics, output, running update, graph) and the
-backward in C++ (``native.cpp``, built with ``torch.utils.cpp_extension`` on first use and
-cached by torch), calling the same Numba loops through C entries
-(:mod:`batchnorm.kernels._entries`). A graph of the backward (``create_graph=True``) is
+NumPy views of every tensor, the checks and the canonical view. On large inputs that path
+costs 100–200 µs when the caches are cold after a large pass, about what torch's own layer
+spends in all. This module runs the training step (statistics, output, running update,
+graph), its backward and inference in C++ (``native.cpp``, built with
+``torch.utils.cpp_extension`` on first use and cached by torch), taking the input in any
+layout that :func:`batchnorm.functional.canonical_layout` views without a copy and calling
+the same Numba loops, single- or multi-threaded, through C entries
+(:mod:`batchnorm.kernels._entries`). Large outputs are reused from a cache of its own once
+dropped, as the Function path's are. A graph of the backward (``create_graph=True``) is
 recomputed in Python with torch operations, as the ``autograd.Function`` does.
 
-It is used automatically when it builds (a C++ compiler is needed, once per machine);
-``BATCHNORM_NATIVE=0`` turns it off (the ``autograd.Function`` path then serves every size),
-and a failed build falls back to that path with one warning. :func:`load` builds it now, e.g.
-before timing.
+It is used automatically when it builds (a C++ compiler and ``ninja`` are needed, once per
+machine); ``BATCHNORM_NATIVE=0`` turns it off (the ``autograd.Function`` path then serves
+every call), and a failed build falls back to that path with one warning. :func:`load`
+builds it now, e.g. before timing.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def load() -> Any | None:
         addresses = _entries.addresses()
         if not _built(cpp_extension):
             print(
-                "batchnorm: building the compiled autograd node for small inputs (once; "
+                "batchnorm: building the compiled autograd node (once, ~30 s; "
                 "BATCHNORM_NATIVE=0 skips it)",
                 file=sys.stderr,
             )
@@ -84,8 +88,8 @@ def load() -> Any | None:
     except Exception as e:  # no compiler, no headers, a failed build: the Python path serves
         warnings.warn(
             f"batchnorm: the native autograd node could not be built ({type(e).__name__}: "
-            f"{str(e)[:300]}); small inputs use the Python autograd path (a few tens of "
-            "microseconds slower per call). Set BATCHNORM_NATIVE=0 to skip the attempt.",
+            f"{str(e)[:300]}); the Python autograd path serves instead (tens of microseconds "
+            "slower per call). Set BATCHNORM_NATIVE=0 to skip the attempt.",
             RuntimeWarning,
             stacklevel=2,
         )

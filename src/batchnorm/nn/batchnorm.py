@@ -207,10 +207,26 @@ class _BatchNormBase(nn.Module):
         """How error messages name this layer."""
         return f"{type(self).__name__}({self.num_features})"
 
+    #: the input ranks accepted (empty: any rank of 2 or more); BatchNorm1d/2d/3d narrow them
+    _ranks: tuple[int, ...] = ()
+
     def _check_input_dim(self, input: Tensor) -> None:
         """Rank check; BatchNorm1d/2d/3d narrow it as torch.nn does."""
 
     def _check_input(self, input: Tensor) -> None:
+        nd = input.dim()
+        ax = self.axis
+        # an accepted input in one expression: this runs on every call, and with the caches
+        # cold after a large pass each function call and message costs microseconds; the
+        # checks below say what is wrong
+        if (
+            nd >= 2
+            and (not self._ranks or nd in self._ranks)
+            and -nd <= ax < nd
+            and input.shape[ax] == self.num_features
+            and input.is_floating_point()
+        ):
+            return
         self._check_input_dim(input)
         F.check_channels(input, self.num_features, self.axis, self.layer_name())
 
@@ -427,7 +443,6 @@ class BatchNorm(_BatchNormBase):
 class _FixedRank(_BatchNormBase):
     """torch.nn's BatchNormNd: channels at axis 1 and a fixed set of accepted ranks."""
 
-    _ranks: tuple[int, ...] = ()
     _layout: str = ""
 
     def __init__(self, num_features: int, *args: Any, **kwargs: Any) -> None:
