@@ -400,3 +400,27 @@ def test_backward_recorded_before_a_fork_runs_in_the_child() -> None:
     assert p.exitcode == 0 and got is not None
     (expected,) = torch.autograd.grad(y, x, dy)
     torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_node_from_several_python_threads_at_once() -> None:
+    """The threaded loops run without the GIL and the output cache is shared: calls from
+    several Python threads at once give what the same calls give one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(64, 8, 1024, generator=gen) * (i + 1) + i for i in range(8)]  # 2 MiB
+
+    def work(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        xg = x.clone().requires_grad_(True)
+        y, mean, var, _ = F.batch_norm_train(xg)
+        y.backward(torch.cos(x))
+        ye = F.batch_norm_eval(x, mean, var)
+        assert xg.grad is not None
+        return y.detach().clone(), xg.grad.clone(), ye.clone()
+
+    alone = [work(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(work, xs * 3))
+    for i, got in enumerate(together):
+        for a, b in zip(got, alone[i % len(xs)]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -179,6 +179,24 @@ Tensor output_like(const Tensor& x) {
   return at::empty({0}, x.options()).set_(st, 0, x.sizes(), x.strides());
 }
 
+// The GIL released while the threaded loops run (they touch no Python object), as torch's own
+// operations do: other Python threads go on meanwhile. Single-threaded calls keep it (they take
+// microseconds). The autograd engine runs backwards without the GIL.
+class Unlocked {
+ public:
+  explicit Unlocked(int64_t T) {
+    if (T > 1 && PyGILState_Check()) state_ = PyEval_SaveThread();
+  }
+  ~Unlocked() {
+    if (state_ != nullptr) PyEval_RestoreThread(state_);
+  }
+  Unlocked(const Unlocked&) = delete;
+  Unlocked& operator=(const Unlocked&) = delete;
+
+ private:
+  PyThreadState* state_ = nullptr;
+};
+
 // OpenMP's thread pool does not survive fork(): a backward recorded before a fork and run in
 // the child runs its loops on one thread (forward calls in the child get their thread count
 // from Python, which knows whether the parent started the pool).
@@ -197,10 +215,13 @@ struct Node : public torch::autograd::Function<Node> {
     void* base = stats->data_ptr();
     const int64_t row = d.C * static_cast<int64_t>(x.element_size());
     char* s = static_cast<char*>(base);
-    *updated = e.fwd(x.data_ptr(), d.N, d.C, d.L, ptr(w), len(w), ptr(b), len(b), eps,
-                     y.data_ptr(), s, s + row, s + 2 * row, ptr(rm), ptr(rv),
-                     rm.has_value() ? d.C : 0, ptr(nbt), len(nbt), momentum, alpha,
-                     d.T) != 0;
+    {
+      const Unlocked other_threads_run(d.T);
+      *updated = e.fwd(x.data_ptr(), d.N, d.C, d.L, ptr(w), len(w), ptr(b), len(b), eps,
+                       y.data_ptr(), s, s + row, s + 2 * row, ptr(rm), ptr(rv),
+                       rm.has_value() ? d.C : 0, ptr(nbt), len(nbt), momentum, alpha,
+                       d.T) != 0;
+    }
     ctx->save_for_backward({x, or_undefined(w), *stats});
     ctx->saved_data["N"] = d.N;
     ctx->saved_data["L"] = d.L;
@@ -295,6 +316,7 @@ std::optional<Tensor> evaluate(const Tensor& x, int64_t axis, const Tensor& rm,
     return std::nullopt;
   }
   Tensor y = output_like(x);
+  const Unlocked other_threads_run(d->T);
   entries(x).eval(x.data_ptr(), d->N, d->C, d->L, rm.data_ptr(), rv.data_ptr(), ptr(w), len(w),
                   ptr(b), len(b), eps, y.data_ptr(), d->T);
   return y;
