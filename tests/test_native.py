@@ -424,3 +424,23 @@ def test_node_from_several_python_threads_at_once() -> None:
     for i, got in enumerate(together):
         for a, b in zip(got, alone[i % len(xs)]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_entries_are_cached_under_a_digest_of_the_loops_they_compile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Numba's disk cache checks only the cached function's own file: the entries' names carry
+    a digest of the loop sources, so an edited loop is compiled anew, never loaded stale."""
+    from pathlib import Path
+
+    from batchnorm.kernels import _entries
+
+    before = _entries._stamp()
+    assert before == _entries._stamp()
+    read = Path.read_bytes
+
+    def edited(self: Path) -> bytes:
+        return read(self) + (b"\n# edited" if self.name == "_loops.py" else b"")
+
+    monkeypatch.setattr(Path, "read_bytes", edited)
+    assert _entries._stamp() != before

@@ -64,13 +64,13 @@ def load() -> Any | None:
         from batchnorm import functional
         from batchnorm.kernels import _entries
 
-        addresses = _entries.addresses()
         if not _built(cpp_extension):
             print(
-                "batchnorm: building the compiled autograd node (once, ~30 s; "
-                "BATCHNORM_NATIVE=0 skips it)",
+                "batchnorm: building the compiled autograd node and compiling its kernels "
+                "(once, about a minute; BATCHNORM_NATIVE=0 skips it)",
                 file=sys.stderr,
             )
+        addresses = _entries.addresses()
         ext = cpp_extension.load(
             name=_NAME,
             sources=[str(_SOURCE)],

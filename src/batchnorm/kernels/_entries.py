@@ -13,6 +13,8 @@ counter), as the empty arrays of the array API do.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import numba
@@ -21,7 +23,7 @@ from numba import carray, cfunc
 from numba import types as nb
 
 from batchnorm import kernels as K
-from batchnorm.kernels._loops import kernel
+from batchnorm.kernels._loops import _renamed, kernel
 
 __all__ = ["addresses"]
 
@@ -46,7 +48,7 @@ _NCL_EVAL, _NCL_EVAL_P = _pair("ncl_forward_eval")
 _RUNNING = kernel("running_update", False)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(inline="always")
 def _stream(x):  # type: ignore[no-untyped-def]
     """Streaming stores for an output like ``x``: the array API's choice (``kernels._stream``)."""
     return _stream_for(x.size * x.itemsize, x.shape[-1], x.ndim, x.itemsize)
@@ -57,7 +59,7 @@ _TOL4 = K._MEAN_TOL[np.dtype(np.float32)]
 _TOL8 = K._MEAN_TOL[np.dtype(np.float64)]
 
 
-@numba.njit(cache=True)
+@numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _fwd_mc(x, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untyped-def]
     stream = _stream(x)
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
@@ -67,7 +69,7 @@ def _fwd_mc(x, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untyped-d
         _MC_FWD(x, w, b, eps, nrb, ncb, tw, stream, y, mean, var, invstd)
 
 
-@numba.njit(cache=True)
+@numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _fwd_ncl(x, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untyped-def]
     stream = _stream(x)
     N, C, L = x.shape
@@ -103,7 +105,7 @@ def _fwd(
     return 1 if ok else 0
 
 
-@numba.njit(cache=True)
+@numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _bwd_mc(dy, x, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-untyped-def]
     stream = _stream(x)
     tol = _TOL4 if x.itemsize == 4 else _TOL8
@@ -114,7 +116,7 @@ def _bwd_mc(dy, x, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-unt
         _MC_BWD(dy, x, mean, invstd, w, tol, nrb, ncb, tw, stream, need, dx, dw, db)
 
 
-@numba.njit(cache=True)
+@numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _bwd_ncl(dy, x, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-untyped-def]
     stream = _stream(x)
     tol = _TOL4 if x.itemsize == 4 else _TOL8
@@ -147,7 +149,7 @@ def _bwd(dyp, xp, N, C, L, mp, ip, wp, nw, need_dx, dxp, dwp, dbp, T):  # type: 
         _bwd_ncl(dy3, x3, mean, invstd, w, need, dx3, dw, db, T)
 
 
-@numba.njit(cache=True)
+@numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _eval_mc(x, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
     stream = _stream(x)
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
@@ -157,7 +159,7 @@ def _eval_mc(x, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
         _MC_EVAL(x, rm, rv, w, b, eps, True, nrb, ncb, tw, stream, y)
 
 
-@numba.njit(cache=True)
+@numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _eval_ncl(x, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
     stream = _stream(x)
     whole = _whole_rows(x.shape[2])
@@ -189,11 +191,24 @@ def _build(dtype: Any) -> tuple[Any, Any, Any]:
     )  # fmt: skip
     bwd = nb.void(p, p, i64, i64, i64, p, p, p, i64, nb.int32, p, p, p, i64)
     ev = nb.void(p, i64, i64, i64, p, p, p, i64, p, i64, f64, p, i64)
+    tag = "_" + _stamp()
     return (
-        cfunc(fwd, cache=True)(_fwd),
-        cfunc(bwd, cache=True)(_bwd),
-        cfunc(ev, cache=True)(_eval),
+        cfunc(fwd, cache=True)(_renamed(_fwd, tag)),
+        cfunc(bwd, cache=True)(_renamed(_bwd, tag)),
+        cfunc(ev, cache=True)(_renamed(_eval, tag)),
     )
+
+
+def _stamp() -> str:
+    """A digest of the sources compiled into the entries. Numba's disk cache checks only the
+    file of the function it caches, not the loops that function calls from other files: the
+    entries are cached under names carrying this digest, so that a changed loop is compiled
+    anew instead of an old build being loaded."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in ("_loops.py", "__init__.py", "_entries.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 _BUILT: list[int] = []
