@@ -387,16 +387,20 @@ def _kernels_available() -> bool:
     return True
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
 def get_backend(x: Tensor, backend: str | None = None) -> Backend:
     """The backend for tensor ``x``: ``backend`` if given, else ``$BATCHNORM_BACKEND``, else
     ``auto`` — the Numba kernels for CPU float32/float64 tensors, plain torch otherwise."""
     choice = backend or _env.get("BATCHNORM_BACKEND") or "auto"
     if choice == "auto":
-        if x.is_cpu and x.dtype in (torch.float32, torch.float64):
-            if _kernels_available():
+        if x.is_cpu and x.dtype in _KERNEL_DTYPES:
+            numba_backend = _INSTANCES.get("numba")  # (every call: no function call when made)
+            if numba_backend is None and _kernels_available():
                 numba_backend = _instance("numba")
-                if numba_backend.supports(x):
-                    return numba_backend
+            if numba_backend is not None and numba_backend.supports(x):
+                return numba_backend
         return _TORCH
     chosen = _instance(choice)
     if not chosen.supports(x):

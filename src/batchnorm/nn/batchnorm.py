@@ -232,7 +232,10 @@ class _BatchNormBase(nn.Module):
 
     def _use_batch_stats(self) -> bool:
         # as torch.nn: batch statistics in training, or always without running buffers
-        return self.training or self._tensors()[2] is None
+        if self.training:
+            return True
+        rm = self._buffers.get("running_mean", self)  # (read directly: see _tensors)
+        return (self.running_mean if rm is self else rm) is None
 
     def _momentum_factor(self) -> float:
         """The momentum for this step; for ``momentum=None``, 1/n (the cumulative average)."""
