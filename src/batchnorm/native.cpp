@@ -116,9 +116,13 @@ bool vector_ok(const std::optional<Tensor>& v, const Tensor& x, int64_t C) {
 // (backend_numba.REUSE_ABOVE and the Function path's cache budget). The autograd engine may
 // run a backward while another thread runs a forward: the cache is guarded by a mutex.
 struct Outputs {
+  struct Held {
+    c10::Storage storage;
+    size_t bytes;      // its size when made
+    const void* data;  // its memory when made
+  };
   std::mutex lock;
-  // least recently used first, with the size each had when made (a user may resize_ one)
-  std::vector<std::pair<c10::Storage, size_t>> held;
+  std::vector<Held> held;  // least recently used first
   size_t bytes = 0;
   size_t reuse_above = 0;  // 0: no reuse (torch's allocator for every output)
   size_t max_bytes = 0;
@@ -155,24 +159,30 @@ Tensor output_like(const Tensor& x) {
   {
     std::lock_guard<std::mutex> guard(OUT.lock);
     auto& h = OUT.held;
-    size_t made = n;
-    for (size_t i = 0; i < h.size(); ++i) {
-      // only this cache holds it (every tensor and view over it counts)
-      if (h[i].first.nbytes() == n && h[i].first.use_count() == 1) {
-        st = h[i].first;
-        made = h[i].second;
+    for (size_t i = 0; i < h.size();) {
+      const auto& e = h[i];
+      if (e.storage.data() != e.data) {
+        // moved (a resize_, share_memory_): no longer this cache's memory to hand out
+        OUT.bytes -= e.bytes;
         h.erase(h.begin() + static_cast<std::ptrdiff_t>(i));
-        break;
+        continue;
       }
+      // only this cache holds it (every tensor and view over it counts)
+      if (!st && e.bytes == n && e.storage.use_count() == 1) {
+        st = e.storage;
+        h.erase(h.begin() + static_cast<std::ptrdiff_t>(i));
+        continue;
+      }
+      ++i;
     }
     if (!st) {
       st = fresh(n);
       OUT.bytes += n;
     }
-    h.emplace_back(st, made);  // most recently used last
+    h.push_back({st, n, st.data()});  // most recently used last
     // over budget: forget the least recently used (memory still in use is freed by its users)
     while (OUT.bytes > OUT.max_bytes && h.size() > 1) {
-      OUT.bytes -= h.front().second;
+      OUT.bytes -= h.front().bytes;
       h.erase(h.begin());
     }
   }
