@@ -533,3 +533,20 @@ def test_core_suite_passes_on_the_other_backend(switch: str) -> None:
     tail = (proc.stdout + proc.stderr)[-3000:]
     assert proc.returncode == 0, f"{switch}={other}:\n{tail}"
     assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["environ-dict", "environ-get"])
+def test_environment_switches_are_read_at_every_call(monkeypatch, fast):  # type: ignore[no-untyped-def]
+    """batchnorm._env.get reads os.environ as it is now, through its dictionary or (where
+    that is not there) os.environ.get — set, changed, unset, and non-ASCII values."""
+    from batchnorm import _env
+
+    monkeypatch.setattr(_env, "_FAST", fast and _env._FAST)
+    monkeypatch.delenv("BATCHNORM_PROBE", raising=False)
+    assert _env.get("BATCHNORM_PROBE") is None
+    monkeypatch.setenv("BATCHNORM_PROBE", "0")
+    assert _env.get("BATCHNORM_PROBE") == "0"
+    monkeypatch.setenv("BATCHNORM_PROBE", "numba é")
+    assert _env.get("BATCHNORM_PROBE") == "numba é"
+    monkeypatch.delenv("BATCHNORM_PROBE")
+    assert _env.get("BATCHNORM_PROBE") is None
