@@ -550,3 +550,30 @@ def test_environment_switches_are_read_at_every_call(monkeypatch, fast):  # type
     assert _env.get("BATCHNORM_PROBE") == "numba é"
     monkeypatch.delenv("BATCHNORM_PROBE")
     assert _env.get("BATCHNORM_PROBE") is None
+
+
+def test_inference_under_torch_func_transforms_uses_torch_operations(monkeypatch):  # type: ignore[no-untyped-def]
+    """vmap and grad wrap tensors without memory of their own: the default backend hands them
+    to plain torch operations (the kernels and the compiled node would raise), so inference
+    works under the transforms and matches torch.nn."""
+    import batchnorm
+
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    ours, theirs = batchnorm.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        ours.running_mean.uniform_(-1, 1)
+        ours.running_var.uniform_(0.5, 2.0)
+        ours.weight.uniform_(0.5, 1.5)
+    theirs.load_state_dict(ours.state_dict())
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(3, 5, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.func.vmap(ours)(x), torch.func.vmap(theirs)(x))
+
+    def loss(m):  # type: ignore[no-untyped-def]
+        return lambda t: m(t).pow(2).sum()
+
+    torch.testing.assert_close(
+        torch.func.grad(loss(ours))(x[0]), torch.func.grad(loss(theirs))(x[0])
+    )

@@ -388,14 +388,20 @@ def _kernels_available() -> bool:
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+_functorch_wrapped: Callable[[Tensor], bool] = getattr(
+    getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False
+)
 
 
 def get_backend(x: Tensor, backend: str | None = None) -> Backend:
     """The backend for tensor ``x``: ``backend`` if given, else ``$BATCHNORM_BACKEND``, else
-    ``auto`` — the Numba kernels for CPU float32/float64 tensors, plain torch otherwise."""
+    ``auto`` — the Numba kernels for CPU float32/float64 tensors, plain torch otherwise (also
+    for the wrapped tensors of ``torch.func`` transforms)."""
     choice = backend or _env.get("BATCHNORM_BACKEND") or "auto"
     if choice == "auto":
-        if x.is_cpu and x.dtype in _KERNEL_DTYPES:
+        # inside torch.func transforms (vmap, grad, ...) tensors are wrappers without memory of
+        # their own: plain torch operations, which the transforms know
+        if x.is_cpu and x.dtype in _KERNEL_DTYPES and not _functorch_wrapped(x):
             numba_backend = _INSTANCES.get("numba")  # (every call: no function call when made)
             if numba_backend is None and _kernels_available():
                 numba_backend = _instance("numba")

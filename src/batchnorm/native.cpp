@@ -80,11 +80,12 @@ struct Dims {
 // batchnorm.functional.canonical_layout views it — contiguous x: (prod(before), C,
 // prod(after)), rows x channels when prod(after) is 1; channels innermost in memory
 // (channels_last, axis=-1): rows x channels — or nothing for inputs this node leaves to the
-// Python path: other dtypes or devices, no values, and layouts canonical_layout would copy.
+// Python path: other dtypes or devices, no values or no memory of its own (the wrappers of
+// torch.func transforms), and layouts canonical_layout would copy.
 std::optional<Dims> dims_of(const Tensor& x, int64_t axis, int64_t T) {
   const auto dt = x.scalar_type();
   if ((dt != at::kFloat && dt != at::kDouble) || !x.is_cpu() || x.layout() != at::kStrided ||
-      x.dim() < 2 || x.numel() == 0) {
+      !x.has_storage() || x.dim() < 2 || x.numel() == 0) {
     return std::nullopt;
   }
   const int64_t nd = x.dim();
