@@ -4,7 +4,10 @@ inference, and what it must refuse or fall back from."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -102,6 +105,21 @@ def test_node_matches_the_function_path_and_torch(
     for a, f, t in zip(node, function, oracle):
         torch.testing.assert_close(a, f, rtol=0, atol=0)  # the same loops: the same bits
         torch.testing.assert_close(a, t, **tol)
+
+
+@contextlib.contextmanager
+def _native(on: bool) -> Iterator[None]:
+    """BATCHNORM_NATIVE unset (node on) or "0" (off) inside, as it was after (for hypothesis
+    tests, which cannot take the function-scoped monkeypatch fixture)."""
+    before = os.environ.pop("BATCHNORM_NATIVE", None)
+    if not on:
+        os.environ["BATCHNORM_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("BATCHNORM_NATIVE", None)
+        if before is not None:
+            os.environ["BATCHNORM_NATIVE"] = before
 
 
 def _grad_fn_name(x: torch.Tensor, **kw: object) -> str:
@@ -228,8 +246,6 @@ def test_node_equals_the_function_path_on_random_shapes(
 ) -> None:
     """Any shape, either layout, one thread or more: the node and the Function path give the
     same bits (output, gradients, running statistics)."""
-    import os
-
     shape = (n, c) if l == 0 else (n, c, l)  # up to 1.4M values: threads above SERIAL_BELOW
     dtype = torch.float64 if double else torch.float32
     gen = torch.Generator().manual_seed(seed)
@@ -240,11 +256,8 @@ def test_node_equals_the_function_path_on_random_shapes(
     w0 = torch.rand(c, generator=gen, dtype=dtype) + 0.5
     b0 = torch.randn(c, generator=gen, dtype=dtype)
     results = []
-    before = os.environ.pop("BATCHNORM_NATIVE", None)
-    try:
-        for native_on in (True, False):
-            if not native_on:
-                os.environ["BATCHNORM_NATIVE"] = "0"
+    for native_on in (True, False):
+        with _native(native_on):
             w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
             rm, rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
             xg = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
@@ -252,11 +265,6 @@ def test_node_equals_the_function_path_on_random_shapes(
             assert y.grad_fn is not None and (NODE in y.grad_fn.name()) == native_on
             y.backward(dy)
             results.append((y.detach(), xg.grad, w.grad, b.grad, rm, rv))
-    finally:
-        if before is None:
-            os.environ.pop("BATCHNORM_NATIVE", None)
-        else:
-            os.environ["BATCHNORM_NATIVE"] = before
     for a, f in zip(*results):
         torch.testing.assert_close(a, f, rtol=0, atol=0)
 
@@ -294,8 +302,6 @@ def test_node_takes_exactly_the_layouts_viewed_without_a_copy(
 ) -> None:
     """The node derives (N, C, L) from the input as it comes: it must take the input exactly
     when canonical_layout views it without a copy, and then give the Function path's bits."""
-    import os
-
     nd = len(shape)
     axis = axis_pick % nd - (nd if axis_pick % 2 else 0)  # either sign
     gen = torch.Generator().manual_seed(order_seed)
@@ -308,11 +314,8 @@ def test_node_takes_exactly_the_layouts_viewed_without_a_copy(
     viewed = xc.data_ptr() == x.data_ptr()
     dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
     results = []
-    before = os.environ.pop("BATCHNORM_NATIVE", None)
-    try:
-        for native_on in (True, False):
-            if not native_on:
-                os.environ["BATCHNORM_NATIVE"] = "0"
+    for native_on in (True, False):
+        with _native(native_on):
             xg = x.detach().requires_grad_(True)
             y, *_ = F.batch_norm_train(xg, axis=axis, backend="numba")
             assert y.grad_fn is not None
@@ -325,11 +328,6 @@ def test_node_takes_exactly_the_layouts_viewed_without_a_copy(
             if viewed:  # the input's memory order (the strides of size-1 axes mean nothing)
                 assert _strides(y) == _strides(x) and _strides(ye) == _strides(x)
             results.append((y.detach(), xg.grad, ye))
-    finally:
-        if before is not None:
-            os.environ["BATCHNORM_NATIVE"] = before
-        else:
-            os.environ.pop("BATCHNORM_NATIVE", None)
     for a, f in zip(*results):
         torch.testing.assert_close(a, f, rtol=0, atol=0)
 

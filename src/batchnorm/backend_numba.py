@@ -131,11 +131,6 @@ def _train(
     return ya, mean, var, invstd
 
 
-def _counter_ok(nbt: Tensor | None) -> bool:
-    """``num_batches_tracked`` the kernels can add to in place: absent, or one CPU int64."""
-    return nbt is None or (nbt.dtype == torch.int64 and nbt.is_cpu and nbt.numel() == 1)
-
-
 def _updatable(running: functional.RunningStats) -> bool:
     """Whether the kernels can update these running buffers in place through NumPy views."""
     rm, rv, _, _, nbt = running
@@ -147,8 +142,14 @@ def _updatable(running: functional.RunningStats) -> bool:
         and rm.is_contiguous()
         and rv.is_contiguous()
         and not (rm.requires_grad or rv.requires_grad)
-        and _counter_ok(nbt)
+        and (nbt is None or (nbt.dtype == torch.int64 and nbt.is_cpu and nbt.numel() == 1))
     )
+
+
+def _node() -> Any | None:
+    """The compiled node (:mod:`batchnorm.native`), or None: turned off, not buildable, or a
+    call inside ``torch.jit.trace`` (which records torch operations only)."""
+    return native.load() if torch._C._get_tracing_state() is None else None
 
 
 class NumbaBackend:
@@ -249,8 +250,7 @@ class NumbaBackend:
         eps: float,
         running: functional.RunningStats | None,
     ) -> tuple[Tensor, Tensor, bool] | None:
-        # not inside torch.jit.trace, which records torch operations only
-        ext = native.load() if torch._C._get_tracing_state() is None else None
+        ext = _node()
         if ext is None:
             return None
         T = K._threads(x.numel(), None)
@@ -269,7 +269,7 @@ class NumbaBackend:
         bias: Tensor | None,
         eps: float,
     ) -> Tensor | None:
-        ext = native.load() if torch._C._get_tracing_state() is None else None
+        ext = _node()
         if ext is None:
             return None
         return ext.evaluate(x, axis, mean, var, weight, bias, K._threads(x.numel(), None), eps)  # type: ignore[no-any-return]

@@ -402,11 +402,10 @@ def get_backend(x: Tensor, backend: str | None = None) -> Backend:
         # inside torch.func transforms (vmap, grad, ...) tensors are wrappers without memory of
         # their own: plain torch operations, which the transforms know
         if x.is_cpu and x.dtype in _KERNEL_DTYPES and not _functorch_wrapped(x):
-            numba_backend = _INSTANCES.get("numba")  # (every call: no function call when made)
-            if numba_backend is None and _kernels_available():
+            if _kernels_available():
                 numba_backend = _instance("numba")
-            if numba_backend is not None and numba_backend.supports(x):
-                return numba_backend
+                if numba_backend.supports(x):
+                    return numba_backend
         return _TORCH
     chosen = _instance(choice)
     if not chosen.supports(x):
@@ -596,10 +595,7 @@ class BatchNormFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # a graph of the backward: torch operations
             dx, dw, db = graph_backward(dy, x, weight, ctx.eps, axis)  # type: ignore[attr-defined]
         else:
-            if dy.stride() != x.stride():  # dy in x's layout: both share one canonical view
-                dy = torch.empty_like(x, dtype=dy.dtype).copy_(dy)
-            xc, restore = canonical_layout(x, axis)
-            dyc, _ = canonical_layout(dy, axis)
+            dyc, xc, restore = _canonical_pair(dy, x, axis)
             backend: Backend = ctx.backend  # type: ignore[attr-defined]
             dxc, dw, db = backend.backward(dyc, xc, mean, invstd, weight, needs)
             dx = None if dxc is None else restore(dxc)
@@ -610,15 +606,24 @@ class BatchNormFunction(torch.autograd.Function):
         return dx_out, dw_out, db_out, None, None, None, None
 
 
+def _canonical_pair(
+    dy: Tensor, x: Tensor, axis: int
+) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
+    """The canonical views of ``dy`` and ``x`` and ``x``'s restore: ``dy`` is first brought to
+    ``x``'s memory layout, so that both share one canonical view."""
+    if dy.stride() != x.stride():
+        dy = torch.empty_like(x, dtype=dy.dtype).copy_(dy)
+    xc, restore = canonical_layout(x, axis)
+    dyc, _ = canonical_layout(dy, axis)
+    return dyc, xc, restore
+
+
 def graph_backward(
     dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, axis: int
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(dx, dγ, dβ)`` of :class:`BatchNormFunction` for ``create_graph=True``: differentiable
     in ``dy``, ``x`` and ``weight`` (the compiled node of :mod:`batchnorm.native` calls it)."""
-    if dy.stride() != x.stride():
-        dy = torch.empty_like(x, dtype=dy.dtype).copy_(dy)
-    xc, restore = canonical_layout(x, axis)
-    dyc, _ = canonical_layout(dy, axis)
+    dyc, xc, restore = _canonical_pair(dy, x, axis)
     # statistics recomputed differentiably from x
     cd = _compute_dtype(x.dtype)
     xcd = xc.to(cd)

@@ -74,6 +74,7 @@ Tensor or_undefined(const std::optional<Tensor>& t) { return t.has_value() ? *t 
 struct Dims {
   int64_t N, C, L;  // L == 0: rows x channels (N rows)
   int64_t T;        // threads (1: the serial loops)
+  int64_t axis;     // the channel axis of x, in [0, x.dim())
 };
 
 // The canonical (N, C, L) of x with its channels on `axis`, as
@@ -95,9 +96,9 @@ std::optional<Dims> dims_of(const Tensor& x, int64_t axis, int64_t T) {
     int64_t n = 1, l = 1;
     for (int64_t i = 0; i < ax; ++i) n *= x.size(i);
     for (int64_t i = ax + 1; i < nd; ++i) l *= x.size(i);
-    return Dims{n, C, l == 1 ? 0 : l, T};
+    return Dims{n, C, l == 1 ? 0 : l, T, ax};
   }
-  if (x.movedim(ax, -1).is_contiguous()) return Dims{x.numel() / C, C, 0, T};
+  if (x.movedim(ax, -1).is_contiguous()) return Dims{x.numel() / C, C, 0, T, ax};
   return std::nullopt;
 }
 
@@ -219,7 +220,7 @@ struct Node : public torch::autograd::Function<Node> {
                         const std::optional<Tensor>& b,
                         const std::optional<Tensor>& rm, const std::optional<Tensor>& rv,
                         const std::optional<Tensor>& nbt, Dims d, double eps, double momentum,
-                        double alpha, int64_t axis, Tensor* stats, bool* updated) {
+                        double alpha, Tensor* stats, bool* updated) {
     const Entries& e = entries(x);
     Tensor y = output_like(x);
     *stats = at::empty({3, d.C}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -239,7 +240,7 @@ struct Node : public torch::autograd::Function<Node> {
     ctx->saved_data["T"] = d.T;
     ctx->saved_data["forks"] = FORKS;
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["axis"] = axis;
+    ctx->saved_data["axis"] = d.axis;
     ctx->saved_data["bias"] = b.has_value();
     return y;
   }
@@ -312,8 +313,7 @@ std::optional<std::tuple<Tensor, Tensor, bool>> train(
   }
   Tensor stats;
   bool updated = false;
-  const int64_t ax = ((axis % x.dim()) + x.dim()) % x.dim();
-  Tensor y = Node::apply(x, w, b, rm, rv, nbt, *d, eps, momentum, alpha, ax, &stats, &updated);
+  Tensor y = Node::apply(x, w, b, rm, rv, nbt, *d, eps, momentum, alpha, &stats, &updated);
   return std::make_tuple(y, stats, updated);
 }
 

@@ -232,10 +232,11 @@ class _BatchNormBase(nn.Module):
 
     def _use_batch_stats(self) -> bool:
         # as torch.nn: batch statistics in training, or always without running buffers
-        if self.training:
-            return True
-        rm = self._buffers.get("running_mean", self)  # (read directly: see _tensors)
-        return (self.running_mean if rm is self else rm) is None
+        b = self._buffers  # (read directly: see _tensors)
+        return (
+            self.training
+            or (b["running_mean"] if "running_mean" in b else self.running_mean) is None
+        )
 
     def _momentum_factor(self) -> float:
         """The momentum for this step; for ``momentum=None``, 1/n (the cumulative average)."""
