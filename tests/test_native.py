@@ -366,8 +366,10 @@ def test_large_outputs_are_reused_only_once_dropped() -> None:
     assert ext.cached_outputs() == held  # small outputs come from torch's allocator
     y4.resize_(2 * x.numel())  # a reused output is resizable (it moves to torch's memory)
     y4[-1] = 1.0
+    moved = y4.data_ptr()
     del y4
-    y5 = infer(x)  # its cache entry is not handed out at the wrong size
+    y5 = infer(x)  # memory that moved is no longer the cache's to hand out
+    assert y5.data_ptr() != moved
     torch.testing.assert_close(y5, x / (1 + 1e-5) ** 0.5)
 
 
