@@ -22,6 +22,7 @@ Command line: ``batchnorm bench [--shapes 60x100 32x64x56x56@cl ...] [--repeats 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -31,7 +32,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -252,6 +253,27 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _machine(
+    load_before: tuple[float, float, float], load_after: tuple[float, float, float]
+) -> dict[str, Any]:
+    """What a run ran on: CPU, cores, threads of both pools, versions and the load average."""
+    import numba
+
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "numba_threads": numba.get_num_threads(),
+        "loadavg_before": list(load_before),
+        "loadavg_after": list(load_after),
+        # other processes competed for the cores: medians then measure the scheduler too
+        "busy": max(load_before[0], load_after[0]) > (os.cpu_count() or 1),
+        "torch": torch.__version__,
+        "numba": numba.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def _targets(results: list[CaseResult]) -> dict[str, Any]:
     """The project's speed targets, each with the measured value and a computed verdict."""
     fb_speedups = [1.0 / r.ours_over_torch["fwd+bwd"] for r in results]
@@ -318,6 +340,14 @@ def run(
     if repeats < 1:
         raise ValueError(f"bench: repeats must be >= 1, got {repeats}")
     chosen = [c if isinstance(c, Case) else parse_case(c) for c in (cases or SUITE)]
+    with threads_set(threads):
+        return _run(chosen, repeats, dtype, warmup, json_path, progress)
+
+
+@contextlib.contextmanager
+def threads_set(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` threads in torch's pool and Numba's (None: as configured); both
+    are restored after."""
     import numba
 
     saved = (torch.get_num_threads(), numba.get_num_threads())
@@ -328,7 +358,7 @@ def run(
         torch.set_num_threads(threads)
         numba.set_num_threads(threads)
     try:
-        return _run(chosen, repeats, dtype, warmup, json_path, progress)
+        yield
     finally:
         torch.set_num_threads(saved[0])
         numba.set_num_threads(saved[1])
@@ -342,8 +372,6 @@ def _run(
     json_path: str | os.PathLike[str] | None,
     progress: Callable[[str], None] | None,
 ) -> dict[str, Any]:
-    import numba
-
     load_before = os.getloadavg()
     started = _dt.datetime.now(_dt.timezone.utc)
     results = []
@@ -354,19 +382,7 @@ def _run(
     load_after = os.getloadavg()
     data: dict[str, Any] = {
         "date": started.isoformat(timespec="seconds"),
-        "machine": {
-            "cpu": _cpu_model(),
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "numba_threads": numba.get_num_threads(),
-            "loadavg_before": list(load_before),
-            "loadavg_after": list(load_after),
-            # other processes competed for the cores: medians then measure the scheduler too
-            "busy": max(load_before[0], load_after[0]) > (os.cpu_count() or 1),
-            "torch": torch.__version__,
-            "numba": numba.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": _machine(load_before, load_after),
         "dtype": str(dtype).replace("torch.", ""),
         "repeats": repeats,
         "roofline_values_per_element": PASS_VALUES,

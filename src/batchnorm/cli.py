@@ -16,6 +16,10 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "lab": ("batchnorm.lab.cli", "run the experiments that test claims about batch normalization"),
     "bench": ("batchnorm.bench", "benchmark the fused kernels against torch.nn and a memory copy"),
+    "bench-network": (
+        "batchnorm.bench_network",
+        "time whole training steps with torch.nn's BN layers, ours, and none",
+    ),
     "doctor": ("batchnorm.diagnostics", "check a model for the classic batch-normalization bugs"),
 }
 

@@ -1,0 +1,401 @@
+"""Training steps of whole networks: ``torch.nn``'s batch-norm layers, ours, and none.
+
+:mod:`batchnorm.bench` times the layers alone. Here a network's full training step — forward,
+cross-entropy loss, backward, an SGD step with momentum — is timed three ways on the same
+batch, from the same weights:
+
+* ``torch`` — the network with ``torch.nn.BatchNorm1d/2d``;
+* ``ours`` — the same network after :func:`batchnorm.convert_model` (``backend="auto"``: what
+  a user of the package gets);
+* ``no BN`` — every batch-norm layer replaced by ``nn.Identity``: the rest of the step, so
+  ``step − no-BN step`` estimates what the batch-norm layers cost inside the network (with
+  the interactions: the layers' memory traffic evicts what the convolutions would reuse, and
+  their thread pool meets torch's).
+
+The three are interleaved (one step of each in turn, the order reversed every repeat) and
+medians reported. Before timing, the first step's losses of ``torch`` and ``ours`` are
+compared: both compute the same function, so a timing never compares different work.
+
+Networks (:data:`NETWORKS`): ``mlp`` — the paper's MNIST network (784-100-100-100-10, sigmoid,
+BN before each nonlinearity, Sec. 4.1), batch 60; ``cnn`` — four conv3×3-BN-ReLU-maxpool
+blocks (32, 64, 128, 256 channels) on 3×32×32 inputs, batch 64; ``cnn@cl`` — the same in
+``channels_last``.
+
+Command line: ``batchnorm bench-network [--networks mlp cnn cnn@cl] [--repeats 21]
+[--json PATH] [--plot PNG]``; Python: :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import gc
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from batchnorm import bench
+
+__all__ = ["Network", "NETWORKS", "run", "format_table", "plot", "add_arguments", "main"]
+
+#: the contenders, in the table's order
+VARIANTS = ("torch", "ours", "no BN")
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network to time: ``build()`` returns it with this package's BN layers."""
+
+    name: str
+    description: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]  # one example, without the batch
+    batch: int
+    num_classes: int = 10
+    channels_last: bool = False
+
+
+def _mlp() -> nn.Module:
+    from batchnorm.lab.models import MLP
+
+    return MLP(784, (100, 100, 100), 10, activation="sigmoid", bn="before")
+
+
+def _cnn() -> nn.Module:
+    from batchnorm.lab.models import SmallCNN
+
+    return SmallCNN((3, 32, 32), 10, channels=(32, 64, 128, 256), activation="relu", bn="before")
+
+
+_CNN_TEXT = "4 x (conv3x3-BN-ReLU-maxpool), 32-64-128-256 channels, 3x32x32 inputs"
+
+#: the networks by name
+NETWORKS: dict[str, Network] = {
+    "mlp": Network(
+        "mlp", "the paper's MNIST MLP: 784-100-100-100-10, sigmoid, BN before", _mlp, (784,), 60
+    ),
+    "cnn": Network("cnn", _CNN_TEXT, _cnn, (3, 32, 32), 64),
+    "cnn@cl": Network("cnn@cl", _CNN_TEXT + ", channels_last", _cnn, (3, 32, 32), 64, 10, True),
+}
+
+
+@dataclass
+class NetworkResult:
+    """Medians (seconds) of one network's training step per variant."""
+
+    name: str
+    description: str
+    batch: int
+    layout: str
+    bn_inputs: list[list[int]]  # the input shape of every batch-norm layer
+    loss_gap: float  # |loss(ours) − loss(torch)| of the first step, before any update
+    step_s: dict[str, float] = field(default_factory=dict)
+    step_min_s: dict[str, float] = field(default_factory=dict)
+    ours_over_torch: float = math.nan
+    # step − no-BN step: what the batch-norm layers cost inside the network
+    bn_s: dict[str, float] = field(default_factory=dict)
+
+
+def _is_bn(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m).__name__.startswith(
+        "BatchNorm"
+    )
+
+
+def _without_bn(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every batch-norm layer replaced by ``nn.Identity``."""
+    out = copy.deepcopy(model)
+    for parent in list(out.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_bn(child):
+                setattr(parent, name, nn.Identity())
+    return out
+
+
+def _variants(net: Network) -> dict[str, nn.Module]:
+    """The three variants of ``net``, with the same weights."""
+    from batchnorm.convert import convert_model
+
+    ours = net.build()
+    theirs = convert_model(copy.deepcopy(ours), to="torch")
+    models = {"torch": theirs, "ours": ours, "no BN": _without_bn(ours)}
+    for m in models.values():
+        m.train()
+        if net.channels_last:
+            m.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return models
+
+
+def _bn_inputs(model: nn.Module, x: Tensor) -> list[list[int]]:
+    shapes: list[list[int]] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args: shapes.append(list(args[0].shape)))
+        for m in model.modules()
+        if _is_bn(m)
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def _bench_network(net: Network, repeats: int, warmup: int, batch: int | None) -> NetworkResult:
+    torch.manual_seed(0)
+    n = batch or net.batch
+    models = _variants(net)
+    x = torch.randn((n, *net.input_shape))
+    if net.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, net.num_classes, (n,))
+    with torch.no_grad():  # the same function before any update (train mode: batch statistics)
+        state = {k: copy.deepcopy(m.state_dict()) for k, m in models.items()}
+        first = {k: nn.functional.cross_entropy(models[k](x), target) for k in ("torch", "ours")}
+        for k, m in models.items():
+            m.load_state_dict(state[k])  # undo the running-statistics update of that call
+    res = NetworkResult(
+        name=net.name,
+        description=net.description,
+        batch=n,
+        layout="channels_last" if net.channels_last else "contiguous",
+        bn_inputs=_bn_inputs(copy.deepcopy(models["ours"]), x),
+        loss_gap=abs(float(first["ours"]) - float(first["torch"])),
+    )
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
+
+    def step(k: str) -> None:
+        opts[k].zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(models[k](x), target).backward()
+        opts[k].step()
+
+    for _ in range(warmup):
+        for k in VARIANTS:
+            step(k)
+    samples: dict[str, list[float]] = {k: [] for k in VARIANTS}
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            for k in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+                t0 = time.perf_counter()
+                step(k)
+                samples[k].append(time.perf_counter() - t0)
+    finally:
+        if gc_was:
+            gc.enable()
+    res.step_s = {k: statistics.median(v) for k, v in samples.items()}
+    res.step_min_s = {k: min(v) for k, v in samples.items()}
+    res.ours_over_torch = res.step_s["ours"] / res.step_s["torch"]
+    res.bn_s = {k: res.step_s[k] - res.step_s["no BN"] for k in ("torch", "ours")}
+    return res
+
+
+def run(
+    networks: Sequence[str] | None = None,
+    repeats: int = 21,
+    warmup: int = 3,
+    batch: int | None = None,
+    json_path: str | os.PathLike[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Time the training steps; return (and with ``json_path`` write, atomically) the results.
+
+    Args:
+        networks: names from :data:`NETWORKS`; default all.
+        repeats: timed steps per variant; medians are reported.
+        warmup: untimed steps of each variant first (compilation, allocator warm-up).
+        batch: batch size for every network (default: each network's own).
+        json_path: where to write the JSON. progress: called with each network's name.
+        threads: threads for torch's pool and Numba's (default: as configured).
+
+    Example::
+
+        >>> from batchnorm import bench_network
+        >>> res = bench_network.run(["mlp"], repeats=3)  # doctest: +SKIP
+        >>> print(bench_network.format_table(res))  # doctest: +SKIP
+    """
+    if repeats < 1:
+        raise ValueError(f"bench-network: repeats must be >= 1, got {repeats}")
+    if batch is not None and batch < 2:
+        raise ValueError(f"bench-network: batch must be >= 2 (batch statistics), got {batch}")
+    names = list(networks or NETWORKS)
+    unknown = [n for n in names if n not in NETWORKS]
+    if unknown:
+        raise ValueError(
+            f"bench-network: unknown network(s) {', '.join(unknown)}; "
+            f"choose from {', '.join(NETWORKS)}"
+        )
+    with bench.threads_set(threads):
+        load_before = os.getloadavg()
+        started = _dt.datetime.now(_dt.timezone.utc)
+        results = []
+        for name in names:
+            if progress is not None:
+                progress(name)
+            results.append(_bench_network(NETWORKS[name], repeats, warmup, batch))
+        data: dict[str, Any] = {
+            "date": started.isoformat(timespec="seconds"),
+            "machine": bench._machine(load_before, os.getloadavg()),
+            "dtype": "float32",
+            "repeats": repeats,
+            "networks": [asdict(r) for r in results],
+        }
+    if json_path is not None:
+        bench._write_json_atomic(json_path, data)
+    return data
+
+
+def format_table(data: dict[str, Any]) -> str:
+    """The results as a Markdown table (step times in ms)."""
+    lines = [
+        "| network | batch | layout | BN layers | torch step ms | ours step ms | no-BN step ms "
+        "| ours/torch | BN in step, torch ms | BN in step, ours ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["networks"]:
+        s = r["step_s"]
+        lines.append(
+            f"| {r['name']} | {r['batch']} | {r['layout']} | {len(r['bn_inputs'])} |"
+            f" {s['torch'] * 1e3:.2f} | {s['ours'] * 1e3:.2f} | {s['no BN'] * 1e3:.2f} |"
+            f" {r['ours_over_torch']:.2f} | {r['bn_s']['torch'] * 1e3:.2f} |"
+            f" {r['bn_s']['ours'] * 1e3:.2f} |"
+        )
+    lines.append("")
+    for r in data["networks"]:
+        shapes = ", ".join("x".join(map(str, s)) for s in r["bn_inputs"])
+        lines.append(f"- {r['name']}: {r['description']}; BN inputs {shapes}")
+    m = data["machine"]
+    if m.get("busy"):
+        lines.append(
+            "- WARNING: the load average exceeded the core count while measuring: other "
+            "processes shared the CPU, so these times also measure the scheduler"
+        )
+    lines.append(
+        f"- machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} ({m['torch_threads']} "
+        f"threads), numba {m['numba']} ({m['numba_threads']} threads); load average "
+        f"{m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after; "
+        f"{data['dtype']}, median of {data['repeats']} steps; {data['date']}"
+    )
+    return "\n".join(lines)
+
+
+def load(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Results written by :func:`run` with ``json_path``."""
+    import json
+
+    with open(path) as f:
+        data: dict[str, Any] = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("networks"), list):
+        raise ValueError(f"{os.fspath(path)} holds no network results (no 'networks' list)")
+    return data
+
+
+def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
+    """Draw saved results as a PNG (needs matplotlib): per network, the step time of each
+    variant, split into the no-BN part and the batch-norm part. Reads ``data`` only."""
+    if not bench._has_matplotlib():
+        raise RuntimeError(f"plotting needs matplotlib ({bench._MPL_REMEDY})")
+    from batchnorm.lab import plots
+
+    nets = data["networks"]
+    fig, axes = plots.new_figure(len(nets), 1, size=(2.6, 3.4))
+    for j, (ax, r) in enumerate(zip(axes, nets, strict=True)):  # one panel each: own scale
+        base = r["step_s"]["no BN"] * 1e3
+        for i, k in enumerate(("torch", "ours")):
+            ax.bar(i, base, 0.7, color="0.8", label="rest of the step" if i == 0 else None)
+            bar = ax.bar(
+                i,
+                r["step_s"][k] * 1e3 - base,
+                0.7,
+                bottom=base,
+                color=plots.color_for(k, i),
+                label="BN layers" if i == 0 else None,
+            )
+            ax.bar_label(bar, labels=[f"{r['step_s'][k] * 1e3:.2f} ms"], fontsize=7, padding=1)
+        ax.set_xticks([0, 1])
+        ax.set_xticklabels(["torch.nn BN", "batchnorm"], fontsize=8)
+        ax.set_title(f"{r['name']}, batch {r['batch']}: {r['ours_over_torch']:.2f}x", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        ax.margins(y=0.12)
+        if j == 0:
+            ax.set_ylabel("training step, ms (median)")
+            ax.legend(fontsize=7, loc="lower left")
+    m = data["machine"]
+    fig.suptitle(
+        f"training step with torch.nn's BN and with batchnorm's (ours/torch in the titles), "
+        f"median of {data['repeats']}: {m['cpu']}, {m['cores']} cores, {data['date'][:10]}",
+        fontsize=8,
+    )
+    return os.fspath(plots.save_figure(fig, path))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``batchnorm bench-network`` options."""
+    parser.add_argument(
+        "--networks", nargs="+", choices=list(NETWORKS), help="default: all of them"
+    )
+    parser.add_argument("--repeats", type=int, default=21, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--batch", type=int, help="batch size (default: each network's own)")
+    parser.add_argument("--threads", type=int, help="threads for torch and the kernels")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="also draw the step times as a PNG")
+    parser.add_argument(
+        "--from-json", metavar="PATH", help="measure nothing: print (and plot) saved results"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run from parsed arguments; print the table."""
+    if args.plot and not bench._has_matplotlib():
+        print(f"batchnorm bench-network: --plot needs matplotlib ({bench._MPL_REMEDY})")
+        return 2
+    for opt, out in (("--json", args.json), ("--plot", args.plot)):
+        problem = bench._unwritable(out)
+        if problem:
+            print(f"batchnorm bench-network: cannot write {opt} {out}: {problem}")
+            return 2
+    if args.from_json:
+        if args.json or args.networks:
+            print("batchnorm bench-network: --from-json measures nothing; use --plot with it")
+            return 2
+        try:
+            data = load(args.from_json)
+        except (OSError, ValueError) as e:
+            print(f"batchnorm bench-network: cannot read --from-json {args.from_json}: {e}")
+            return 2
+    else:
+        try:
+            data = run(
+                args.networks,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                batch=args.batch,
+                progress=lambda name: print(f"  {name} ...", flush=True),
+                threads=args.threads,
+            )
+        except ValueError as e:
+            print(f"batchnorm bench-network: {e}")
+            return 2
+    print(format_table(data))
+    try:
+        if args.json:
+            bench._write_json_atomic(args.json, data)
+            print(f"wrote {args.json}")
+        if args.plot:
+            print(f"wrote {plot(data, args.plot)}")
+    except (OSError, RuntimeError) as e:
+        print(f"batchnorm bench-network: {e}")
+        return 2
+    return 0

@@ -1,0 +1,84 @@
+"""``batchnorm bench-network``: the three variants compute what they should, the table and JSON
+report the medians they measured (no speed asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from batchnorm import bench_network as bn_net
+from batchnorm.cli import main as cli_main
+
+pytest.importorskip("numba")
+
+
+def _bn_layers(m: nn.Module) -> list[nn.Module]:
+    return [c for c in m.modules() if bn_net._is_bn(c)]
+
+
+def test_variants_share_weights_and_differ_only_in_the_bn_layers():
+    models = bn_net._variants(bn_net.NETWORKS["cnn"])
+    ours, theirs, none = models["ours"], models["torch"], models["no BN"]
+    assert all(type(b).__module__.startswith("batchnorm") for b in _bn_layers(ours))
+    assert all(type(b).__module__.startswith("torch") for b in _bn_layers(theirs))
+    assert len(_bn_layers(ours)) == len(_bn_layers(theirs)) == 4 and not _bn_layers(none)
+    for (k1, v1), (k2, v2) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    x = torch.randn(5, 3, 32, 32)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+
+
+def test_run_reports_its_medians_and_the_same_loss(tmp_path):
+    path = tmp_path / "net.json"
+    data = bn_net.run(["mlp", "cnn@cl"], repeats=3, warmup=1, batch=6, json_path=path)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(data))
+    mlp, cnn = data["networks"]
+    assert mlp["bn_inputs"] == [[6, 100]] * 3
+    assert cnn["layout"] == "channels_last"
+    assert cnn["bn_inputs"] == [[6, 32, 32, 32], [6, 64, 16, 16], [6, 128, 8, 8], [6, 256, 4, 4]]
+    for r in (mlp, cnn):
+        assert r["batch"] == 6
+        assert r["loss_gap"] < 1e-4  # torch's and ours compute the same function
+        s = r["step_s"]
+        assert set(s) == set(bn_net.VARIANTS) and min(s.values()) > 0
+        assert all(r["step_min_s"][k] <= s[k] for k in s)
+        assert math.isclose(r["ours_over_torch"], s["ours"] / s["torch"])
+        for k in ("torch", "ours"):
+            assert math.isclose(r["bn_s"][k], s[k] - s["no BN"])
+    table = bn_net.format_table(data)
+    assert table.count("\n| mlp | 6 | contiguous | 3 |") == 1
+    assert "BN inputs 6x32x32x32, 6x64x16x16" in table
+
+
+def test_cli_json_plot_and_from_json(tmp_path, capsys):
+    out, png = tmp_path / "r" / "net.json", tmp_path / "net.png"
+    args = ["bench-network", "--networks", "mlp", "--repeats", "2", "--batch", "4"]
+    assert cli_main([*args, "--json", str(out), "--plot", str(png)]) == 0
+    first = capsys.readouterr().out
+    assert "| mlp | 4 |" in first and png.stat().st_size > 0
+    png.unlink()
+    assert cli_main(["bench-network", "--from-json", str(out), "--plot", str(png)]) == 0
+    again = capsys.readouterr().out
+    assert again.splitlines()[:3] == [ln for ln in first.splitlines() if ln.startswith("|")][:3]
+    assert png.stat().st_size > 0
+
+
+def test_bad_requests_say_what_to_do(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown network.*choose from mlp"):
+        bn_net.run(["resnet"])
+    with pytest.raises(ValueError, match="batch must be >= 2"):
+        bn_net.run(["mlp"], batch=1)
+    with pytest.raises(ValueError, match="repeats"):
+        bn_net.run(["mlp"], repeats=0)
+    assert cli_main(["bench-network", "--networks", "mlp", "--batch", "1"]) == 2
+    assert "batch must be >= 2" in capsys.readouterr().out
+    bad = tmp_path / "x.json"
+    bad.write_text('{"cases": []}')
+    assert cli_main(["bench-network", "--from-json", str(bad)]) == 2
+    assert "no 'networks' list" in capsys.readouterr().out
+    assert cli_main(["bench-network", "--json", str(tmp_path)]) == 2  # a directory
+    assert "it is a directory" in capsys.readouterr().out
