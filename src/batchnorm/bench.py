@@ -446,19 +446,28 @@ def format_table(data: dict[str, Any]) -> str:
         lines.append(f"- {k}: {v:.2f}x")
     for k, v in data["targets"].items():
         lines.append(f"- target {k}: {v['value']:.2f} — {'met' if v['met'] else 'NOT met'}")
+    lines += machine_lines(data, "ratios", "")
+    return "\n".join(lines)
+
+
+def machine_lines(data: dict[str, Any], measured: str, unit: str) -> list[str]:
+    """The table's footer: a warning when other processes shared the CPU, and the machine,
+    versions, load and repeats of the run (``measured``: what a busy machine distorts;
+    ``unit``: what the repeats count, e.g. ``" steps"``)."""
     m = data["machine"]
+    out = []
     if m.get("busy"):
-        lines.append(
+        out.append(
             "- WARNING: the load average exceeded the core count while measuring: other "
-            "processes shared the CPU, so these ratios also measure the scheduler"
+            f"processes shared the CPU, so these {measured} also measure the scheduler"
         )
-    lines.append(
+    out.append(
         f"- machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} ({m['torch_threads']} "
         f"threads), numba {m['numba']} ({m['numba_threads']} threads); load average "
         f"{m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after; "
-        f"{data['dtype']}, median of {data['repeats']}; {data['date']}"
+        f"{data['dtype']}, median of {data['repeats']}{unit}; {data['date']}"
     )
-    return "\n".join(lines)
+    return out
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:

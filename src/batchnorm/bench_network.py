@@ -275,18 +275,7 @@ def format_table(data: dict[str, Any]) -> str:
     for r in data["networks"]:
         shapes = ", ".join("x".join(map(str, s)) for s in r["bn_inputs"])
         lines.append(f"- {r['name']}: {r['description']}; BN inputs {shapes}")
-    m = data["machine"]
-    if m.get("busy"):
-        lines.append(
-            "- WARNING: the load average exceeded the core count while measuring: other "
-            "processes shared the CPU, so these times also measure the scheduler"
-        )
-    lines.append(
-        f"- machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} ({m['torch_threads']} "
-        f"threads), numba {m['numba']} ({m['numba_threads']} threads); load average "
-        f"{m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after; "
-        f"{data['dtype']}, median of {data['repeats']} steps; {data['date']}"
-    )
+    lines += bench.machine_lines(data, "times", " steps")
     return "\n".join(lines)
 
 
