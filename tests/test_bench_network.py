@@ -34,14 +34,16 @@ def test_variants_share_weights_and_differ_only_in_the_bn_layers():
 
 def test_run_reports_its_medians_and_the_same_loss(tmp_path):
     path = tmp_path / "net.json"
-    data = bn_net.run(["mlp", "cnn@cl"], repeats=3, warmup=1, batch=6, json_path=path)
+    data = bn_net.run(
+        ["mlp", "cnn@cl"], repeats=3, warmup=1, batch=6, json_path=path, min_seconds=0
+    )
     assert json.loads(path.read_text()) == json.loads(json.dumps(data))
     mlp, cnn = data["networks"]
     assert mlp["bn_inputs"] == [[6, 100]] * 3
     assert cnn["layout"] == "channels_last"
     assert cnn["bn_inputs"] == [[6, 32, 32, 32], [6, 64, 16, 16], [6, 128, 8, 8], [6, 256, 4, 4]]
     for r in (mlp, cnn):
-        assert r["batch"] == 6
+        assert r["batch"] == 6 and r["repeats"] == 3
         assert r["loss_gap"] < 1e-4  # torch's and ours compute the same function
         s = r["step_s"]
         assert set(s) == set(bn_net.VARIANTS) and min(s.values()) > 0
@@ -57,6 +59,7 @@ def test_run_reports_its_medians_and_the_same_loss(tmp_path):
 def test_cli_json_plot_and_from_json(tmp_path, capsys):
     out, png = tmp_path / "r" / "net.json", tmp_path / "net.png"
     args = ["bench-network", "--networks", "mlp", "--repeats", "2", "--batch", "4"]
+    args += ["--min-seconds", "0"]
     assert cli_main([*args, "--json", str(out), "--plot", str(png)]) == 0
     first = capsys.readouterr().out
     assert "| mlp | 4 |" in first and png.stat().st_size > 0
@@ -82,3 +85,11 @@ def test_bad_requests_say_what_to_do(tmp_path, capsys):
     assert "no 'networks' list" in capsys.readouterr().out
     assert cli_main(["bench-network", "--json", str(tmp_path)]) == 2  # a directory
     assert "it is a directory" in capsys.readouterr().out
+
+
+def test_short_steps_are_repeated_for_min_seconds():
+    (r,) = bn_net.run(["mlp"], repeats=2, warmup=1, batch=4, min_seconds=0.05)["networks"]
+    assert r["repeats"] > 2  # a step of the 4-sample MLP takes a few milliseconds at most
+    assert r["repeats"] <= bn_net.MAX_REPEATS
+    with pytest.raises(ValueError, match="min_seconds"):
+        bn_net.run(["mlp"], min_seconds=-1)

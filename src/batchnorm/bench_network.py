@@ -22,7 +22,8 @@ blocks (32, 64, 128, 256 channels) on 3×32×32 inputs, batch 64; ``cnn@cl`` —
 ``channels_last``.
 
 Command line: ``batchnorm bench-network [--networks mlp cnn cnn@cl] [--repeats 21]
-[--json PATH] [--plot PNG]``; Python: :func:`run`.
+[--min-seconds 1] [--json PATH] [--plot PNG]``; Python: :func:`run`. Short steps are repeated
+until each variant has run ``--min-seconds`` (the paper's MLP: about a thousand steps).
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ __all__ = ["Network", "NETWORKS", "run", "format_table", "plot", "add_arguments"
 
 #: the contenders, in the table's order
 VARIANTS = ("torch", "ours", "no BN")
+
+#: at most this many timed steps per variant, however short a step is
+MAX_REPEATS = 2000
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class NetworkResult:
     layout: str
     bn_inputs: list[list[int]]  # the input shape of every batch-norm layer
     loss_gap: float  # |loss(ours) − loss(torch)| of the first step, before any update
+    repeats: int = 0  # timed steps per variant
     step_s: dict[str, float] = field(default_factory=dict)
     step_min_s: dict[str, float] = field(default_factory=dict)
     ours_over_torch: float = math.nan
@@ -150,7 +155,9 @@ def _bn_inputs(model: nn.Module, x: Tensor) -> list[list[int]]:
     return shapes
 
 
-def _bench_network(net: Network, repeats: int, warmup: int, batch: int | None) -> NetworkResult:
+def _bench_network(
+    net: Network, repeats: int, warmup: int, batch: int | None, min_seconds: float
+) -> NetworkResult:
     torch.manual_seed(0)
     n = batch or net.batch
     models = _variants(net)
@@ -181,11 +188,18 @@ def _bench_network(net: Network, repeats: int, warmup: int, batch: int | None) -
     for _ in range(warmup):
         for k in VARIANTS:
             step(k)
+    t0 = time.perf_counter()
+    step("torch")
+    # short steps are repeated for at least min_seconds per variant: a median of 21 one-ms
+    # steps still moves by several per cent from run to run
+    res.repeats = max(
+        repeats, min(MAX_REPEATS, math.ceil(min_seconds / (time.perf_counter() - t0)))
+    )
     samples: dict[str, list[float]] = {k: [] for k in VARIANTS}
     gc_was = gc.isenabled()
     gc.disable()
     try:
-        for r in range(repeats):
+        for r in range(res.repeats):
             for k in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
                 t0 = time.perf_counter()
                 step(k)
@@ -208,16 +222,19 @@ def run(
     json_path: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
     threads: int | None = None,
+    min_seconds: float = 1.0,
 ) -> dict[str, Any]:
     """Time the training steps; return (and with ``json_path`` write, atomically) the results.
 
     Args:
         networks: names from :data:`NETWORKS`; default all.
-        repeats: timed steps per variant; medians are reported.
+        repeats: timed steps per variant at least; medians are reported.
         warmup: untimed steps of each variant first (compilation, allocator warm-up).
         batch: batch size for every network (default: each network's own).
         json_path: where to write the JSON. progress: called with each network's name.
         threads: threads for torch's pool and Numba's (default: as configured).
+        min_seconds: short steps are repeated more often, until each variant has run about
+            this long (at most :data:`MAX_REPEATS` steps); the count is in each result.
 
     Example::
 
@@ -227,6 +244,8 @@ def run(
     """
     if repeats < 1:
         raise ValueError(f"bench-network: repeats must be >= 1, got {repeats}")
+    if not min_seconds >= 0:
+        raise ValueError(f"bench-network: min_seconds must be >= 0, got {min_seconds}")
     if batch is not None and batch < 2:
         raise ValueError(f"bench-network: batch must be >= 2 (batch statistics), got {batch}")
     names = list(networks or NETWORKS)
@@ -243,7 +262,7 @@ def run(
         for name in names:
             if progress is not None:
                 progress(name)
-            results.append(_bench_network(NETWORKS[name], repeats, warmup, batch))
+            results.append(_bench_network(NETWORKS[name], repeats, warmup, batch, min_seconds))
         data: dict[str, Any] = {
             "date": started.isoformat(timespec="seconds"),
             "machine": bench._machine(load_before, os.getloadavg()),
@@ -274,8 +293,10 @@ def format_table(data: dict[str, Any]) -> str:
     lines.append("")
     for r in data["networks"]:
         shapes = ", ".join("x".join(map(str, s)) for s in r["bn_inputs"])
-        lines.append(f"- {r['name']}: {r['description']}; BN inputs {shapes}")
-    lines += bench.machine_lines(data, "times", " steps")
+        lines.append(
+            f"- {r['name']}: {r['description']}; BN inputs {shapes}; median of {r['repeats']} steps"
+        )
+    lines += bench.machine_lines(data, "times", " steps or more")
     return "\n".join(lines)
 
 
@@ -323,7 +344,8 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
     m = data["machine"]
     fig.suptitle(
         f"training step with torch.nn's BN and with batchnorm's (ours/torch in the titles), "
-        f"median of {data['repeats']}: {m['cpu']}, {m['cores']} cores, {data['date'][:10]}",
+        f"medians of {data['repeats']} steps or more: {m['cpu']}, {m['cores']} cores, "
+        f"{data['date'][:10]}",
         fontsize=8,
     )
     return os.fspath(plots.save_figure(fig, path))
@@ -334,7 +356,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--networks", nargs="+", choices=list(NETWORKS), help="default: all of them"
     )
-    parser.add_argument("--repeats", type=int, default=21, help="timed steps per variant")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=21,
+        help="timed steps per variant (at least; see --min-seconds)",
+    )
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=1.0,
+        help="repeat short steps until each variant ran this long (default 1)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--batch", type=int, help="batch size (default: each network's own)")
     parser.add_argument("--threads", type=int, help="threads for torch and the kernels")
@@ -373,6 +406,7 @@ def main(args: argparse.Namespace) -> int:
                 batch=args.batch,
                 progress=lambda name: print(f"  {name} ...", flush=True),
                 threads=args.threads,
+                min_seconds=args.min_seconds,
             )
         except ValueError as e:
             print(f"batchnorm bench-network: {e}")
