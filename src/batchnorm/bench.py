@@ -596,14 +596,10 @@ def main(args: argparse.Namespace) -> int:
             "use --from-json PATH [--plot PNG]"
         )
         return 2
-    if args.plot and not _has_matplotlib():
-        print(f"batchnorm bench: --plot needs matplotlib ({_MPL_REMEDY})")
+    problem = outputs_problem(args)
+    if problem:  # found before measuring, not after
+        print(f"batchnorm bench: {problem}")
         return 2
-    for opt, out in (("--json", args.json), ("--plot", args.plot)):
-        problem = _unwritable(out)
-        if problem:  # found before measuring, not after
-            print(f"batchnorm bench: cannot write {opt} {out}: {problem}")
-            return 2
     if args.from_json:
         try:
             data = load(args.from_json)
@@ -619,14 +615,37 @@ def main(args: argparse.Namespace) -> int:
             progress=lambda name: print(f"  {name} ...", flush=True),
             threads=args.threads,
         )
-    print(format_table(data))  # first: a failing write below loses no measurement
+    return print_and_write("batchnorm bench", data, args, format_table(data), plot)
+
+
+def outputs_problem(args: argparse.Namespace) -> str | None:
+    """Why the ``--json``/``--plot`` outputs cannot be written (None if they can), checked
+    before anything is measured."""
+    if args.plot and not _has_matplotlib():
+        return f"--plot needs matplotlib ({_MPL_REMEDY})"
+    for opt, out in (("--json", args.json), ("--plot", args.plot)):
+        problem = _unwritable(out)
+        if problem:
+            return f"cannot write {opt} {out}: {problem}"
+    return None
+
+
+def print_and_write(
+    prog: str,
+    data: dict[str, Any],
+    args: argparse.Namespace,
+    table: str,
+    draw: Callable[[dict[str, Any], str], str],
+) -> int:
+    """Print ``table``, then write ``--json`` and draw ``--plot``; the exit code."""
+    print(table)  # first: a failing write below loses no measurement
     try:
         if args.json:
             _write_json_atomic(args.json, data)
             print(f"wrote {args.json}")
         if args.plot:
-            print(f"wrote {plot(data, args.plot)}")
+            print(f"wrote {draw(data, args.plot)}")
     except (OSError, RuntimeError) as e:
-        print(f"batchnorm bench: {e}")
+        print(f"{prog}: {e}")
         return 2
     return 0

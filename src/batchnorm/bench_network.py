@@ -140,6 +140,7 @@ def _variants(net: Network) -> dict[str, nn.Module]:
 
 
 def _bn_inputs(model: nn.Module, x: Tensor) -> list[list[int]]:
+    """The input shape of every batch-norm layer of ``model`` in a forward of ``x``."""
     shapes: list[list[int]] = []
     hooks = [
         m.register_forward_pre_hook(lambda _m, args: shapes.append(list(args[0].shape)))
@@ -168,14 +169,15 @@ def _bench_network(
     with torch.no_grad():  # the same function before any update (train mode: batch statistics)
         state = {k: copy.deepcopy(m.state_dict()) for k, m in models.items()}
         first = {k: nn.functional.cross_entropy(models[k](x), target) for k in ("torch", "ours")}
+        bn_inputs = _bn_inputs(models["ours"], x)
         for k, m in models.items():
-            m.load_state_dict(state[k])  # undo the running-statistics update of that call
+            m.load_state_dict(state[k])  # undo the running-statistics updates of those calls
     res = NetworkResult(
         name=net.name,
         description=net.description,
         batch=n,
         layout="channels_last" if net.channels_last else "contiguous",
-        bn_inputs=_bn_inputs(copy.deepcopy(models["ours"]), x),
+        bn_inputs=bn_inputs,
         loss_gap=abs(float(first["ours"]) - float(first["torch"])),
     )
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
@@ -380,14 +382,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run from parsed arguments; print the table."""
-    if args.plot and not bench._has_matplotlib():
-        print(f"batchnorm bench-network: --plot needs matplotlib ({bench._MPL_REMEDY})")
+    problem = bench.outputs_problem(args)
+    if problem:
+        print(f"batchnorm bench-network: {problem}")
         return 2
-    for opt, out in (("--json", args.json), ("--plot", args.plot)):
-        problem = bench._unwritable(out)
-        if problem:
-            print(f"batchnorm bench-network: cannot write {opt} {out}: {problem}")
-            return 2
     if args.from_json:
         if args.json or args.networks:
             print("batchnorm bench-network: --from-json measures nothing; use --plot with it")
@@ -411,14 +409,4 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"batchnorm bench-network: {e}")
             return 2
-    print(format_table(data))
-    try:
-        if args.json:
-            bench._write_json_atomic(args.json, data)
-            print(f"wrote {args.json}")
-        if args.plot:
-            print(f"wrote {plot(data, args.plot)}")
-    except (OSError, RuntimeError) as e:
-        print(f"batchnorm bench-network: {e}")
-        return 2
-    return 0
+    return bench.print_and_write("batchnorm bench-network", data, args, format_table(data), plot)
