@@ -345,16 +345,16 @@ def run(
 
 
 @contextlib.contextmanager
-def threads_set(threads: int | None) -> Iterator[None]:
+def threads_set(threads: int | None, who: str = "bench") -> Iterator[None]:
     """Run with ``threads`` threads in torch's pool and Numba's (None: as configured); both
-    are restored after."""
+    are restored after. ``who`` starts the error message."""
     import numba
 
     saved = (torch.get_num_threads(), numba.get_num_threads())
     if threads is not None:
         most = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
         if not 1 <= threads <= most:
-            raise ValueError(f"bench: threads must be in 1..{most}, got {threads}")
+            raise ValueError(f"{who}: threads must be in 1..{most}, got {threads}")
         torch.set_num_threads(threads)
         numba.set_num_threads(threads)
     try:

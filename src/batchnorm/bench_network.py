@@ -257,7 +257,7 @@ def run(
             f"bench-network: unknown network(s) {', '.join(unknown)}; "
             f"choose from {', '.join(NETWORKS)}"
         )
-    with bench.threads_set(threads):
+    with bench.threads_set(threads, "bench-network"):
         load_before = os.getloadavg()
         started = _dt.datetime.now(_dt.timezone.utc)
         results = []
@@ -406,7 +406,7 @@ def main(args: argparse.Namespace) -> int:
                 threads=args.threads,
                 min_seconds=args.min_seconds,
             )
-        except ValueError as e:
-            print(f"batchnorm bench-network: {e}")
+        except ValueError as e:  # its message starts with "bench-network:"
+            print(f"batchnorm {e}")
             return 2
     return bench.print_and_write("batchnorm bench-network", data, args, format_table(data), plot)
