@@ -90,8 +90,14 @@ def test_bad_requests_say_what_to_do(tmp_path, capsys):
 
 
 def test_short_steps_are_repeated_for_min_seconds():
+    assert bn_net.repeats_for(2, 0.05, 0.001) == 50
+    assert bn_net.repeats_for(2, 0.05, 0.03) == 2  # long steps: the requested count
+    assert bn_net.repeats_for(7, 0.0, 0.001) == 7
+    assert bn_net.repeats_for(2, 100.0, 1e-6) == bn_net.MAX_REPEATS
+    assert bn_net.repeats_for(2, 1.0, 0.0) == bn_net.MAX_REPEATS  # a clock too coarse to see
     (r,) = bn_net.run(["mlp"], repeats=2, warmup=1, batch=4, min_seconds=0.05)["networks"]
-    assert r["repeats"] > 2  # a step of the 4-sample MLP takes a few milliseconds at most
-    assert r["repeats"] <= bn_net.MAX_REPEATS
+    # the count follows from the probe step however loaded the machine is
+    assert r["probe_s"] > 0 and r["repeats"] == bn_net.repeats_for(2, 0.05, r["probe_s"])
+    assert len(r["step_s"]) == len(bn_net.VARIANTS)
     with pytest.raises(ValueError, match="min_seconds"):
         bn_net.run(["mlp"], min_seconds=-1)

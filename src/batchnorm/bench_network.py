@@ -102,6 +102,7 @@ class NetworkResult:
     bn_inputs: list[list[int]]  # the input shape of every batch-norm layer
     loss_gap: float  # |loss(ours) − loss(torch)| of the first step, before any update
     repeats: int = 0  # timed steps per variant
+    probe_s: float = math.nan  # the one untimed step that sets ``repeats`` from min_seconds
     step_s: dict[str, float] = field(default_factory=dict)
     step_min_s: dict[str, float] = field(default_factory=dict)
     ours_over_torch: float = math.nan
@@ -156,6 +157,18 @@ def _bn_inputs(model: nn.Module, x: Tensor) -> list[list[int]]:
     return shapes
 
 
+def repeats_for(repeats: int, min_seconds: float, step_s: float) -> int:
+    """Timed steps per variant: at least ``repeats``, and enough that a step of ``step_s``
+    seconds runs about ``min_seconds`` in all (at most :data:`MAX_REPEATS`).
+
+    Short steps need the extra repeats: a median of 21 one-millisecond steps still moves by
+    several per cent from run to run.
+    """
+    if step_s <= 0:
+        return max(repeats, MAX_REPEATS if min_seconds > 0 else repeats)
+    return max(repeats, min(MAX_REPEATS, math.ceil(min_seconds / step_s)))
+
+
 def _bench_network(
     net: Network, repeats: int, warmup: int, batch: int | None, min_seconds: float
 ) -> NetworkResult:
@@ -192,11 +205,8 @@ def _bench_network(
             step(k)
     t0 = time.perf_counter()
     step("torch")
-    # short steps are repeated for at least min_seconds per variant: a median of 21 one-ms
-    # steps still moves by several per cent from run to run
-    res.repeats = max(
-        repeats, min(MAX_REPEATS, math.ceil(min_seconds / (time.perf_counter() - t0)))
-    )
+    res.probe_s = time.perf_counter() - t0
+    res.repeats = repeats_for(repeats, min_seconds, res.probe_s)
     samples: dict[str, list[float]] = {k: [] for k in VARIANTS}
     gc_was = gc.isenabled()
     gc.disable()
