@@ -12,12 +12,13 @@ from torch import nn
 
 from batchnorm import bench_network as bn_net
 from batchnorm.cli import main as cli_main
+from batchnorm.diagnostics import is_batchnorm
 
 pytest.importorskip("numba")
 
 
 def _bn_layers(m: nn.Module) -> list[nn.Module]:
-    return [c for c in m.modules() if bn_net._is_bn(c)]
+    return [c for c in m.modules() if is_batchnorm(c)]
 
 
 def test_variants_share_weights_and_differ_only_in_the_bn_layers():

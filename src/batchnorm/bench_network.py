@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import bench
+from batchnorm.diagnostics import is_batchnorm
 
 __all__ = ["Network", "NETWORKS", "run", "format_table", "plot", "add_arguments", "main"]
 
@@ -110,18 +111,12 @@ class NetworkResult:
     bn_s: dict[str, float] = field(default_factory=dict)
 
 
-def _is_bn(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m).__name__.startswith(
-        "BatchNorm"
-    )
-
-
 def _without_bn(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every batch-norm layer replaced by ``nn.Identity``."""
     out = copy.deepcopy(model)
     for parent in list(out.modules()):
         for name, child in list(parent.named_children()):
-            if _is_bn(child):
+            if is_batchnorm(child):
                 setattr(parent, name, nn.Identity())
     return out
 
@@ -146,7 +141,7 @@ def _bn_inputs(model: nn.Module, x: Tensor) -> list[list[int]]:
     hooks = [
         m.register_forward_pre_hook(lambda _m, args: shapes.append(list(args[0].shape)))
         for m in model.modules()
-        if _is_bn(m)
+        if is_batchnorm(m)
     ]
     try:
         with torch.no_grad():
@@ -164,8 +159,10 @@ def repeats_for(repeats: int, min_seconds: float, step_s: float) -> int:
     Short steps need the extra repeats: a median of 21 one-millisecond steps still moves by
     several per cent from run to run.
     """
-    if step_s <= 0:
-        return max(repeats, MAX_REPEATS if min_seconds > 0 else repeats)
+    if min_seconds == 0:
+        return repeats
+    if step_s <= 0:  # a clock too coarse to see the step
+        return max(repeats, MAX_REPEATS)
     return max(repeats, min(MAX_REPEATS, math.ceil(min_seconds / step_s)))
 
 
