@@ -117,6 +117,25 @@ def test_streaming_stores_at_every_alignment(shape, offset, dtype):  # type: ign
         assert not raw[:offset].any() and not raw[offset + n :].any()
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
+def test_rows_by_channels_sums_both_sweeps(parallel):  # type: ignore[no-untyped-def]
+    """``(M, C)`` inputs below ``MC_QUAD_BELOW`` bytes are summed four rows per sweep, larger
+    ones a row per sweep: both sides of the threshold (a row count that is no multiple of 4,
+    so the leftover rows of each block take the one-row loop) match the reference, and a
+    non-finite value inside a four-row sweep still reaches the statistics."""
+    from batchnorm.kernels._loops import MC_QUAD_BELOW
+
+    rows = MC_QUAD_BELOW // (4 * 64)
+    for M in (rows - 3, rows + 5):
+        x, dy, w, b = _data((M, 64), np.float32, seed=M, loc=3.0)
+        _check_all(x, dy, w, b, np.float32, parallel)
+    x, _, _, _ = _data((131, 6), np.float32, seed=1)
+    x[2, 4] = np.nan
+    _, mean, var, _ = K.forward_train(x, parallel=parallel)
+    assert np.isnan(mean[4]) and np.isnan(var[4])
+    assert np.all(np.isfinite(np.delete(mean, 4))) and np.all(np.isfinite(np.delete(var, 4)))
+
+
 def test_streaming_policy_by_size_and_layout():  # type: ignore[no-untyped-def]
     """Which outputs are streamed when nothing forces it (np.empty touches no pages)."""
     big = K.STREAM_ABOVE // 4  # float32 values in STREAM_ABOVE bytes
