@@ -855,16 +855,23 @@ def _mc_grad_sums(dy, x, r0, r1, c0, c1, mean, p1, p2, p3):  # type: ignore[no-u
 @numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
 def _mc_affine(y, x, r0, r1, c0, c1, mu, sc, sh, stream):  # type: ignore[no-untyped-def]
     """``y = (x − mu)·sc + sh`` (per-channel vectors) over rows ``[r0, r1)``, channels
-    ``[c0, c1)``; streamed through a buffer when ``stream``."""
+    ``[c0, c1)``; streamed through a buffer when ``stream`` (``mu`` must then have the
+    channels). Without streaming, an empty ``mu`` means ``y = x·sc + sh``: inference in the
+    cache, one load fewer per value (0.70-0.98 of the time measured)."""
+    centered = mu.shape[0] > 0
     if not stream:
-        mv = mu[c0:c1]
         sv = sc[c0:c1]
         hv = sh[c0:c1]
+        mv = mu[c0:c1] if centered else sv
         for i in range(r0, r1):
             xs = x[i, c0:c1]
             ys = y[i, c0:c1]
-            for c in range(c1 - c0):
-                ys[c] = (xs[c] - mv[c]) * sv[c] + hv[c]
+            if centered:
+                for c in range(c1 - c0):
+                    ys[c] = (xs[c] - mv[c]) * sv[c] + hv[c]
+            else:
+                for c in range(c1 - c0):
+                    ys[c] = xs[c] * sv[c] + hv[c]
         return
     buf = np.empty(CHUNK, dtype=x.dtype)
     for i in range(r0, r1):
@@ -959,10 +966,13 @@ def mc_forward_eval(x, p0, p1, w, b, eps, stats, nrb, ncb, tw, stream, y):  # ty
     """Inference on ``(M, C)``: one pass, y = x·scale + shift (as :func:`ncl_forward_eval`)."""
     scale, shift = _eval_coefs(p0, p1, w, b, eps, stats)
     M, C = x.shape
-    zero = np.zeros(C, dtype=x.dtype)
+    # no mean to subtract: an empty one where the loop can skip it (plain stores); the
+    # streaming loop, bound by memory anyway, subtracts zeros (skipping it there measured
+    # 2-2.6x slower single-threaded)
+    mu = np.zeros(C if stream else 0, dtype=x.dtype)
     for t in prange(nrb * ncb):
         rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, C)
-        _mc_affine(y, x, r0, r1, c0, c1, zero, scale, shift, stream)
+        _mc_affine(y, x, r0, r1, c0, c1, mu, scale, shift, stream)
 
 
 def inference_affine(mean, var, w, b, eps, scale_out, shift_out):  # type: ignore[no-untyped-def]
