@@ -115,6 +115,20 @@ def test_recalibrate_num_samples_tuples_and_dataloader() -> None:
     torch.testing.assert_close(net[5].running_var, oracle["5"].var(0), rtol=1e-10, atol=1e-12)
 
 
+def test_recalibrate_skips_a_last_batch_of_one_sample() -> None:
+    """A DataLoader's uneven last batch of one sample cannot be normalized by a BN layer in
+    train mode: it is skipped, and the statistics are those of the other samples."""
+    net = _net()
+    x = torch.randn(25, 5, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=12)
+    assert batchnorm.recalibrate(net, loader) == 24  # batches of 12, 12 and 1
+    oracle = _bn_inputs(net, [x[:12], x[12:24]])
+    torch.testing.assert_close(net[1].running_mean, oracle["1"].mean(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(net[5].running_var, oracle["5"].var(0), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="no batch"):
+        batchnorm.recalibrate(net, [x[:1], x[1:2]])
+
+
 def test_adabn_recomputes_statistics_on_the_target_domain() -> None:
     # a BN layer after a fixed feature map: target statistics are those of the shifted data
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).double()

@@ -178,6 +178,10 @@ def _accumulate(
                 if n < 2:  # a batch of one cannot be normalized with its own statistics
                     break
                 x = x[:n]
+            elif n < 2:
+                # e.g. a DataLoader's last batch of one sample: skipped, not a failure (a BN
+                # layer in train mode cannot normalize one sample of a 2-D input)
+                continue
             model(x if device is None else x.to(device))
             seen += n
             if num_samples is not None and seen >= num_samples:
@@ -244,7 +248,8 @@ def recalibrate(
     Args:
         model: any module containing our or ``torch.nn``'s BN layers.
         data: a DataLoader or iterable yielding input tensors or ``(x, y, …)`` tuples
-            (labels are not used: AdaBN needs none). Batches need ≥ 2 samples.
+            (labels are not used: AdaBN needs none). A batch of one sample (a DataLoader's
+            uneven last batch) is skipped.
         num_samples: use only the first ``num_samples`` samples (the last batch is cut).
         distributed: merge the moments of all ``torch.distributed`` ranks exactly (each rank
             passes its own shard of the data) before writing the statistics.
