@@ -427,6 +427,13 @@ def test_cli_list_and_errors(capsys, tmp_path):
     assert "unknown config key 'nonsense'" in capsys.readouterr().err
     assert cli_main(["lab", "run", "no-such-experiment"]) == 2
     assert "unknown experiment" in capsys.readouterr().err
+    afile = tmp_path / "a.txt"
+    afile.write_text("keep")
+    for out, says in ((afile, "is a file"), (afile / "sub", "cannot create the run folder")):
+        assert cli_main(["lab", "run", "paper-mnist", "--quick", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Choose another --out" in err and "Traceback" not in err
+    assert afile.read_text() == "keep"
 
 
 def test_cli_run_all_writes_combined_report(toy, tmp_path, capsys, monkeypatch):

@@ -52,7 +52,8 @@ T = TypeVar("T")
 
 
 class RunDirConflict(RuntimeError):
-    """The ``--out`` folder holds a run of another experiment or config."""
+    """The ``--out`` folder cannot take this run: it holds a run of another experiment or
+    config, or files of no run, or it is a file or cannot be created."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,13 +267,21 @@ class RunDir:
                     "Choose another --out, or delete that folder to start over."
                 )
             return "complete" if self.complete else "resume"
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirConflict(f"{self.path} is a file, not a folder. Choose another --out.")
         if self.path.exists() and any(self.path.iterdir()):
             raise RunDirConflict(
                 f"{self.path} exists, is not empty and has no config.json: not a run folder. "
                 "Choose another --out."
             )
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cfg_path, want)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(cfg_path, want)
+        except OSError as e:
+            raise RunDirConflict(
+                f"cannot create the run folder {self.path}: {e.strerror or e}. "
+                "Choose another --out (a folder you can write to)."
+            ) from e
         return "new"
 
     @staticmethod
