@@ -92,17 +92,17 @@ def test_plot_and_from_json_read_saved_results(tmp_path, capsys, monkeypatch):
 
     for extra in (["--json", str(tmp_path / "again.json")], ["--shapes", "7x3"]):
         assert cli_main(["bench", "--from-json", str(saved), *extra]) == 2
-        assert "--from-json measures nothing" in capsys.readouterr().out
+        assert "--from-json measures nothing" in capsys.readouterr().err
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"cases": 3}')
     for path in (bad, tmp_path / "missing.json"):
         assert cli_main(["bench", "--from-json", str(path)]) == 2
-        assert f"cannot read --from-json {path}" in capsys.readouterr().out
+        assert f"cannot read --from-json {path}" in capsys.readouterr().err
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
     assert cli_main(["bench", "--from-json", str(saved), "--plot", str(png)]) == 2
-    assert "--plot needs matplotlib" in capsys.readouterr().out
+    assert "--plot needs matplotlib" in capsys.readouterr().err
     assert cli_main(["bench", "--shapes", "7x3", "--plot", str(png)]) == 2  # before run()
     with pytest.raises(RuntimeError, match="plotting needs matplotlib"):
         bench.plot(data, png)
@@ -119,9 +119,19 @@ def test_unwritable_outputs_fail_before_measuring_and_writes_lose_no_table(
     with monkeypatch.context() as m:
         m.setattr(bench, "run", no_run)
         assert cli_main(["bench", "--shapes", "7x3", "--json", str(afile / "x.json")]) == 2
-        assert "cannot write --json" in capsys.readouterr().out
+        assert "cannot write --json" in capsys.readouterr().err
         assert cli_main(["bench", "--shapes", "7x3", "--plot", str(tmp_path)]) == 2
-        assert "it is a directory" in capsys.readouterr().out
+        assert "it is a directory" in capsys.readouterr().err
+        # errors go to stderr with the command's name once; bad counts fail before measuring
+        for bad_args, says in (
+            (["--shapes", "abc"], "batchnorm bench: cannot read shape 'abc'"),
+            (["--repeats", "0"], "batchnorm bench: --repeats must be >= 1, got 0"),
+            (["--warmup", "-1"], "batchnorm bench: --warmup must be >= 0, got -1"),
+            (["--threads", "0"], "batchnorm bench: --threads must be >= 1, got 0"),
+        ):
+            assert cli_main(["bench", *bad_args]) == 2
+            captured = capsys.readouterr()
+            assert captured.err.startswith(says) and not captured.out
 
     def failing_write(path, data):  # type: ignore[no-untyped-def]
         raise OSError(28, "No space left on device")
@@ -129,6 +139,6 @@ def test_unwritable_outputs_fail_before_measuring_and_writes_lose_no_table(
     monkeypatch.setattr(bench, "_write_json_atomic", failing_write)
     path = tmp_path / "new" / "bench.json"  # a directory that does not exist yet is fine
     assert cli_main(["bench", "--shapes", "7x3", "--repeats", "1", "--json", str(path)]) == 2
-    out = capsys.readouterr().out
-    assert "| 7x3 | contiguous |" in out  # the measurements were printed before the failure
-    assert "No space left on device" in out
+    captured = capsys.readouterr()
+    assert "| 7x3 | contiguous |" in captured.out  # measurements printed before the failure
+    assert "No space left on device" in captured.err

@@ -79,15 +79,15 @@ def test_bad_requests_say_what_to_do(tmp_path, capsys):
     with pytest.raises(ValueError, match="repeats"):
         bn_net.run(["mlp"], repeats=0)
     assert cli_main(["bench-network", "--networks", "mlp", "--batch", "1"]) == 2
-    assert capsys.readouterr().out.startswith("batchnorm bench-network: batch must be >= 2")
+    assert capsys.readouterr().err.startswith("batchnorm bench-network: batch must be >= 2")
     assert cli_main(["bench-network", "--networks", "mlp", "--threads", "0"]) == 2
-    assert capsys.readouterr().out.startswith("batchnorm bench-network: threads must be in 1..")
+    assert capsys.readouterr().err.startswith("batchnorm bench-network: threads must be in 1..")
     bad = tmp_path / "x.json"
     bad.write_text('{"cases": []}')
     assert cli_main(["bench-network", "--from-json", str(bad)]) == 2
-    assert "no 'networks' list" in capsys.readouterr().out
+    assert "no 'networks' list" in capsys.readouterr().err
     assert cli_main(["bench-network", "--json", str(tmp_path)]) == 2  # a directory
-    assert "it is a directory" in capsys.readouterr().out
+    assert "it is a directory" in capsys.readouterr().err
 
 
 def test_short_steps_are_repeated_for_min_seconds():

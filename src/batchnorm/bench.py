@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -580,32 +581,46 @@ def _unwritable(path: str | None) -> str | None:
     return None
 
 
+def fail(prog: str, msg: str) -> int:
+    """Print ``prog: msg`` on stderr (one prefix: a message that already starts with the
+    command's short name loses it) and return the exit code of a refused request."""
+    short = prog.removeprefix("batchnorm ") + ": "
+    print(f"{prog}: {msg.removeprefix(short)}", file=sys.stderr)
+    return 2
+
+
+def counts_problem(args: argparse.Namespace) -> str | None:
+    """Why ``--repeats``/``--warmup``/``--threads`` cannot be used (None if they can)."""
+    if args.repeats < 1:
+        return f"--repeats must be >= 1, got {args.repeats}"
+    if args.warmup < 0:
+        return f"--warmup must be >= 0, got {args.warmup}"
+    if args.threads is not None and args.threads < 1:
+        return f"--threads must be >= 1, got {args.threads}"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed arguments; print the table."""
+    prog = "batchnorm bench"
     try:
         cases = [parse_case(s) for s in args.shapes] if args.shapes else None
     except ValueError as e:
-        print(f"batchnorm bench: {e}")
-        return 2
-    if args.threads is not None and args.threads < 1:
-        print(f"batchnorm bench: --threads must be >= 1, got {args.threads}")
-        return 2
+        return fail(prog, str(e))
     if args.from_json and (args.json or args.shapes):
-        print(
-            "batchnorm bench: --from-json measures nothing, so --json and --shapes do not apply; "
-            "use --from-json PATH [--plot PNG]"
+        return fail(
+            prog,
+            "--from-json measures nothing, so --json and --shapes do not apply; "
+            "use --from-json PATH [--plot PNG]",
         )
-        return 2
-    problem = outputs_problem(args)
+    problem = counts_problem(args) or outputs_problem(args)
     if problem:  # found before measuring, not after
-        print(f"batchnorm bench: {problem}")
-        return 2
+        return fail(prog, problem)
     if args.from_json:
         try:
             data = load(args.from_json)
         except (OSError, ValueError) as e:
-            print(f"batchnorm bench: cannot read --from-json {args.from_json}: {e}")
-            return 2
+            return fail(prog, f"cannot read --from-json {args.from_json}: {e}")
     else:
         data = run(
             cases,
@@ -615,7 +630,7 @@ def main(args: argparse.Namespace) -> int:
             progress=lambda name: print(f"  {name} ...", flush=True),
             threads=args.threads,
         )
-    return print_and_write("batchnorm bench", data, args, format_table(data), plot)
+    return print_and_write(prog, data, args, format_table(data), plot)
 
 
 def outputs_problem(args: argparse.Namespace) -> str | None:
@@ -646,6 +661,5 @@ def print_and_write(
         if args.plot:
             print(f"wrote {draw(data, args.plot)}")
     except (OSError, RuntimeError) as e:
-        print(f"{prog}: {e}")
-        return 2
+        return fail(prog, str(e))
     return 0

@@ -389,19 +389,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run from parsed arguments; print the table."""
+    prog = "batchnorm bench-network"
     problem = bench.outputs_problem(args)
     if problem:
-        print(f"batchnorm bench-network: {problem}")
-        return 2
+        return bench.fail(prog, problem)
     if args.from_json:
         if args.json or args.networks:
-            print("batchnorm bench-network: --from-json measures nothing; use --plot with it")
-            return 2
+            return bench.fail(prog, "--from-json measures nothing; use --plot with it")
         try:
             data = load(args.from_json)
         except (OSError, ValueError) as e:
-            print(f"batchnorm bench-network: cannot read --from-json {args.from_json}: {e}")
-            return 2
+            return bench.fail(prog, f"cannot read --from-json {args.from_json}: {e}")
     else:
         try:
             data = run(
@@ -413,7 +411,6 @@ def main(args: argparse.Namespace) -> int:
                 threads=args.threads,
                 min_seconds=args.min_seconds,
             )
-        except ValueError as e:  # its message starts with "bench-network:"
-            print(f"batchnorm {e}")
-            return 2
-    return bench.print_and_write("batchnorm bench-network", data, args, format_table(data), plot)
+        except ValueError as e:
+            return bench.fail(prog, str(e))
+    return bench.print_and_write(prog, data, args, format_table(data), plot)
