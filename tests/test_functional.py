@@ -412,6 +412,34 @@ def test_error_messages() -> None:
         F.batch_norm(torch.randn(4, 3), None, None, training=True, backend="nope")
 
 
+def test_functional_errors_name_the_argument_at_fault() -> None:
+    """Each per-channel tensor is checked against the input's channels and named when wrong;
+    running buffers come in pairs; a 1-D input has no batch axis."""
+    x = torch.randn(4, 5)
+    rm, rv = torch.zeros(5), torch.ones(5)
+    for kwargs, what in (
+        (dict(running_mean=torch.zeros(3), running_var=torch.ones(3)), "running_mean"),
+        (dict(running_mean=rm, running_var=torch.ones(5, 1)), "running_var"),
+        (dict(running_mean=None, running_var=None, weight=torch.ones(3)), "weight"),
+        (dict(running_mean=None, running_var=None, bias=torch.ones(6)), "bias"),
+    ):
+        with pytest.raises(BatchNormInputError, match=rf"^batch_norm: {what} has shape .*\(5,\)"):
+            F.batch_norm(x, training=True, **kwargs)
+    with pytest.raises(BatchNormInputError, match="running_mean was given without running_var"):
+        F.batch_norm(x, rm.clone(), None, training=True)
+    with pytest.raises(BatchNormInputError, match="running_var was given without running_mean"):
+        F.batch_norm(x, None, rv.clone(), training=False)
+    with pytest.raises(BatchNormInputError, match="running_mean must be floating point"):
+        F.batch_norm(x, torch.zeros(5, dtype=torch.long), rv, training=True)
+    with pytest.raises(BatchNormInputError, match=r"at least 2D\), got 1D input of shape \(5,\)"):
+        F.batch_norm(torch.randn(5), None, None, training=True)
+    with pytest.raises(BatchNormInputError, match="axis=3 is out of range"):
+        F.batch_norm(x, None, None, training=True, axis=3)
+    rm0 = rm.clone()
+    F.batch_norm(x * 2 + 3, rm0, rv.clone(), training=True)  # well-formed: runs and updates
+    assert not torch.equal(rm0, rm)
+
+
 def test_canonical_layout_views_without_copy() -> None:
     x = torch.randn(2, 3, 4, 5)
     v, restore = F.canonical_layout(x, 1)

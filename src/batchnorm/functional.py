@@ -446,16 +446,21 @@ def check_channels(x: Tensor, num_features: int, axis: int, layer: str | None = 
         )
     c = x.shape[axis]
     if c != num_features:
-        hint = ""
-        candidates = [i for i in range(nd) if x.shape[i] == num_features and i != axis % nd]
-        if candidates:
-            j = candidates[-1]
-            j_str = str(j - nd) if j == nd - 1 else str(j)
-            hint = f" Axis {j_str} has size {num_features}: did you mean axis={j_str}?"
         raise BatchNormInputError(
             f"{name}: expected {num_features} channels along axis {axis} of input with shape "
-            f"{tuple(x.shape)}, got {c}.{hint}"
+            f"{tuple(x.shape)}, got {c}.{_axis_hint(x, num_features, axis)}"
         )
+
+
+def _axis_hint(x: Tensor, num_features: int, axis: int) -> str:
+    """`` Axis j has size C: did you mean axis=j?`` for another axis of ``x`` of that size."""
+    nd = x.dim()
+    candidates = [i for i in range(nd) if x.shape[i] == num_features and i != axis % nd]
+    if not candidates:
+        return ""
+    j = candidates[-1]
+    j_str = str(j - nd) if j == nd - 1 else str(j)
+    return f" Axis {j_str} has size {num_features}: did you mean axis={j_str}?"
 
 
 def _check_count(x: Tensor, axis: int, layer: str | None) -> int:
@@ -864,6 +869,52 @@ def _refuse_nonfinite(nonfinite: NonFinitePolicy, layer: str | None) -> bool:
     return False
 
 
+def _check_call(
+    input: Tensor,
+    axis: int,
+    layer: str | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> None:
+    """:func:`batch_norm`'s arguments, each named when it is the one at fault: a floating
+    input with batch and channel axes, running buffers both given or both absent, and every
+    per-channel tensor floating with one value per channel of the input."""
+    name = _name(layer)
+    if input.dim() >= 1 and -input.dim() <= axis < input.dim():
+        check_channels(input, input.shape[axis], axis, layer)  # dtype, dimensions
+    else:
+        check_channels(input, 0, axis, layer)  # raises: too few dimensions, or axis
+    if (running_mean is None) != (running_var is None):
+        given, missing = (
+            ("running_mean", "running_var")
+            if running_var is None
+            else ("running_var", "running_mean")
+        )
+        raise BatchNormInputError(
+            f"{name}: {given} was given without {missing}: pass both running buffers (they are "
+            "updated together in training and used together in eval mode), or neither."
+        )
+    c = input.shape[axis]
+    vectors = {"running_mean": running_mean, "running_var": running_var}
+    vectors.update(weight=weight, bias=bias)
+    for what, v in vectors.items():
+        if v is None:
+            continue
+        if not v.is_floating_point():
+            raise BatchNormInputError(
+                f"{name}: {what} must be floating point, got dtype {v.dtype} with shape "
+                f"{tuple(v.shape)}. Create it as a float tensor, e.g. torch.zeros({c})."
+            )
+        if v.dim() != 1 or v.numel() != c:
+            raise BatchNormInputError(
+                f"{name}: {what} has shape {tuple(v.shape)}, but the input of shape "
+                f"{tuple(input.shape)} has {c} channels along axis {axis}: per-channel "
+                f"tensors need shape ({c},).{_axis_hint(input, v.numel(), axis)}"
+            )
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -901,10 +952,7 @@ def batch_norm(
         >>> bool(y.mean(dim=(0, 2, 3)).abs().max() < 1e-5)
         True
     """
-    if input.dim() >= 2 and 0 <= axis % input.dim() < input.dim():
-        ref = running_mean if running_mean is not None else weight
-        if ref is not None:
-            check_channels(input, ref.numel(), axis, layer)
+    _check_call(input, axis, layer, running_mean, running_var, weight, bias)
     if training and mask is None and running_mean is not None and running_var is not None:
         y, _ = batch_norm_step(
             input,
