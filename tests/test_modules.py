@@ -183,6 +183,10 @@ def test_module_error_messages() -> None:
     # eval mode accepts a single sample, as torch.nn does
     bn = batchnorm.BatchNorm1d(5).eval()
     assert bn(torch.randn(1, 5)).shape == (1, 5)
+    # ... unless the layer has no running statistics: then the remedy is not .eval()
+    with pytest.raises(batchnorm.BatchNormInputError, match="keeps no running statistics") as e:
+        batchnorm.BatchNorm1d(5, track_running_stats=False).eval()(torch.randn(1, 5))
+    assert ".eval()" not in str(e.value) and "(1, 5)" in str(e.value)
 
 
 def _net() -> nn.Module:

@@ -373,6 +373,14 @@ class _BatchNormBase(nn.Module):
             count = self._check_small(input, mask)
             if count < 2 and self.small_batch != "raise":
                 return self._forward_single(input, mask)
+            if count < 2 and not self.training:
+                raise BatchNormInputError(
+                    f"{self.layer_name()}: expected more than 1 value per channel, got input of "
+                    f"shape {tuple(input.shape)}: this layer keeps no running statistics "
+                    "(track_running_stats=False), so it normalizes with batch statistics in "
+                    "eval mode too. Use a batch of 2 or more, small_batch='skip' (y = β for a "
+                    "single value), or track_running_stats=True."
+                )
             if mask is None:
                 return self._forward_train(input)
             if "mask" not in inspect.signature(self._forward_train).parameters:
