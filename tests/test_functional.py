@@ -451,3 +451,29 @@ def test_canonical_layout_views_without_copy() -> None:
     nc = x.transpose(2, 3)  # neither layout: copied once, values preserved
     v, restore = F.canonical_layout(nc, 1)
     assert torch.equal(restore(v), nc)
+
+
+def test_running_update_refuses_values_beyond_the_buffers_dtype() -> None:
+    """A finite batch variance whose running value would not fit the buffers' dtype (float16
+    buffers, or a float32 update that overflows) leaves them unchanged, on every path."""
+    import batchnorm
+    from batchnorm import kernels as K
+
+    for backend in ("numba", "torch"):
+        bn = batchnorm.BatchNorm1d(4, backend=backend).half()
+        with pytest.warns(NonFiniteStatisticsWarning, match="beyond the range"):
+            bn((torch.randn(64, 4) * 1000).half())  # variance ~1e6 > float16's 65504
+        assert torch.equal(bn.running_var, torch.ones(4, dtype=torch.half))
+        assert int(bn.num_batches_tracked) == 0
+    # float32: finite inputs, an update (1 − m)·rv + α·var beyond float32's range
+    big = torch.full((3,), 3e38)
+    strided = (torch.zeros(6)[::2], torch.full((6,), 3e38)[::2])  # the torch branch
+    for rm, rv in ((torch.zeros(3), big.clone()), strided):
+        with pytest.warns(NonFiniteStatisticsWarning):
+            assert not F.update_running_stats(rm, rv, torch.zeros(3), big, 2, 0.5)
+        assert torch.equal(rv, big) and torch.equal(rm, torch.zeros(3))
+    rm, rv, nbt = np.zeros(3, np.float32), np.full(3, 3e38, np.float32), np.zeros(1, np.int64)
+    assert not K.running_update(rm, rv, np.zeros(3), np.full(3, 3e38), 0.5, 1.0, nbt)
+    assert (rv == np.float32(3e38)).all() and (rm == 0).all() and nbt[0] == 0
+    assert K.running_update(rm, rv, np.ones(3), np.full(3, 3e38), 0.5, 0.5, nbt)  # fits
+    assert nbt[0] == 1 and np.isfinite(rv).all()

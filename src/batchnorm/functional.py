@@ -838,18 +838,25 @@ def blend_running(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
             return False
         rm, rv = running_mean.numpy(), running_var.numpy()
         mu = (mean.detach() if mean.requires_grad else mean).numpy()
-        rm += momentum * (mu.astype(rm.dtype, copy=False) - rm)  # lerp
-        rv *= 1.0 - momentum
-        rv += alpha * v.astype(rv.dtype, copy=False)
+        # the new values are checked in the buffers' dtype before they are stored: a finite
+        # variance beyond that dtype's range must not become an inf running variance
+        with np.errstate(over="ignore", invalid="ignore"):
+            new_m = rm + momentum * (mu.astype(rm.dtype, copy=False) - rm)  # lerp
+            new_v = rv * (1.0 - momentum) + alpha * v.astype(rv.dtype, copy=False)
+        if not (np.isfinite(new_v).all() and np.isfinite(new_m).all()):
+            return False
+        rm[...] = new_m
+        rv[...] = new_v
     else:
         with torch.no_grad():
             if not bool(torch.isfinite(var).all()):
                 return False
-            running_mean.lerp_(
-                mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype),
-                momentum,
-            )
-            running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=alpha)
+            blended_m = torch.lerp(running_mean, mean.to(running_mean.dtype), momentum)
+            blended_v = running_var.mul(1.0 - momentum).add(var.to(running_var.dtype), alpha=alpha)
+            if not bool(torch.isfinite(blended_v).all() and torch.isfinite(blended_m).all()):
+                return False
+            running_mean.copy_(blended_m)
+            running_var.copy_(blended_v)
     if nbt is not None:
         nbt.add_(1)
     return True
@@ -859,8 +866,9 @@ def _refuse_nonfinite(nonfinite: NonFinitePolicy, layer: str | None) -> bool:
     """The non-finite-statistics policy of :func:`update_running_stats` and
     :func:`batch_norm_step`: raise or warn (the warning points at their caller)."""
     msg = (
-        f"{_name(layer)}: the batch statistics are not finite (NaN or inf in the input); the "
-        "running statistics were left unchanged. Check the inputs and the learning rate; "
+        f"{_name(layer)}: the batch statistics are not finite (NaN or inf in the input, or a "
+        "variance beyond the range of the running buffers' dtype); the running statistics "
+        "were left unchanged. Check the inputs and the learning rate; "
         "batchnorm.doctor(model, data) finds where non-finite values start."
     )
     if nonfinite == "raise":

@@ -428,8 +428,8 @@ def running_update(
     a batch of m values per channel, ``momentum`` (the default) the biased one.
     ``num_batches_tracked`` (int64, one element), if given, is incremented.
 
-    Returns False and changes nothing when ``var`` is not finite — a non-finite batch never
-    reaches the running statistics.
+    Returns False and changes nothing when ``var`` is not finite or a new value does not fit
+    the buffers' dtype — a non-finite value never reaches the running statistics.
     """
     rm, rv = running_mean, running_var
     for name, a in (("running_mean", rm), ("running_var", rv)):

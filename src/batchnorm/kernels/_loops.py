@@ -984,15 +984,25 @@ def running_update(mean, var, rm, rv, momentum, alpha, nbt):  # type: ignore[no-
     """Blend a batch's ``mean``/``var`` into the running buffers ``rm``/``rv`` in place, in
     float64: ``rm += momentum·(mean − rm)``, ``rv = (1 − momentum)·rv + alpha·var``, and add one
     to ``nbt[0]`` (``nbt`` empty: no counter). Returns False, changing nothing, when ``var`` is
-    not finite (it is whenever ``mean`` is not: inf − inf is NaN)."""
+    not finite (it is whenever ``mean`` is not: inf − inf is NaN) or a new value does not fit
+    the buffers' dtype."""
     C = var.shape[0]
     for c in range(C):
         if not math.isfinite(var[c]):
             return False
+    # the new values in the buffers' dtype first: a finite variance beyond that dtype's range
+    # (float32 squares near its limit) must not be stored as an inf running variance
+    new_m = np.empty_like(rm)
+    new_v = np.empty_like(rv)
     for c in range(C):
         r = np.float64(rm[c])
-        rm[c] = r + momentum * (np.float64(mean[c]) - r)
-        rv[c] = (1.0 - momentum) * np.float64(rv[c]) + alpha * np.float64(var[c])
+        new_m[c] = r + momentum * (np.float64(mean[c]) - r)
+        new_v[c] = (1.0 - momentum) * np.float64(rv[c]) + alpha * np.float64(var[c])
+        if not (math.isfinite(new_m[c]) and math.isfinite(new_v[c])):
+            return False
+    for c in range(C):
+        rm[c] = new_m[c]
+        rv[c] = new_v[c]
     if nbt.shape[0] > 0:
         nbt[0] += 1
     return True
