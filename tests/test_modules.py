@@ -282,3 +282,39 @@ def test_tracking_switched_off_after_construction_leaves_buffers_alone() -> None
         torch.testing.assert_close(
             y, (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + bn.eps)
         )
+
+
+@pytest.mark.parametrize("backend", [None, "numba", "torch"])
+def test_jit_trace_in_train_and_eval_mode_matches_torch(backend) -> None:  # type: ignore[no-untyped-def]
+    """torch.jit.trace (with its own check that two runs give one graph) records torch
+    operations: the traced layer normalizes new inputs, updates its running statistics and
+    gives gradients as torch.nn does, and still refuses a non-finite batch."""
+    import warnings
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 5, 5)
+    for training in (True, False):
+        ours = batchnorm.BatchNorm2d(4, backend=backend).train(training)
+        ref = torch.nn.BatchNorm2d(4).train(training)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings about shape checks
+            traced = torch.jit.trace(ours, x)
+        ours.load_state_dict(ref.state_dict())  # undo the trace runs' updates
+        x2 = (torch.randn(8, 4, 5, 5) * 3 + 1).requires_grad_(True)
+        x3 = x2.detach().clone().requires_grad_(True)
+        y, y_ref = traced(x2), ref(x3)
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(ours.running_mean, ref.running_mean)
+        torch.testing.assert_close(ours.running_var, ref.running_var)
+        assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_ref.backward(g)
+        torch.testing.assert_close(x2.grad, x3.grad)
+        if training:
+            before = ours.running_var.clone()
+            bad = torch.randn(8, 4, 5, 5)
+            bad[0, 1, 0, 0] = float("nan")
+            traced(bad)
+            torch.testing.assert_close(ours.running_var, before)  # refused inside the graph
+            assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)

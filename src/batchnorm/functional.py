@@ -396,7 +396,12 @@ _functorch_wrapped: Callable[[Tensor], bool] = getattr(
 def get_backend(x: Tensor, backend: str | None = None) -> Backend:
     """The backend for tensor ``x``: ``backend`` if given, else ``$BATCHNORM_BACKEND``, else
     ``auto`` — the Numba kernels for CPU float32/float64 tensors, plain torch otherwise (also
-    for the wrapped tensors of ``torch.func`` transforms)."""
+    for the wrapped tensors of ``torch.func`` transforms). Inside ``torch.jit.trace``: plain
+    torch, whatever was asked for."""
+    if _tracing():
+        # torch.jit.trace records torch operations only: a kernel call would be recorded as
+        # constants, so a trace always gets the plain-torch path
+        return _TORCH
     choice = backend or _env.get("BATCHNORM_BACKEND") or "auto"
     if choice == "auto":
         # inside torch.func transforms (vmap, grad, ...) tensors are wrappers without memory of
@@ -638,6 +643,12 @@ def graph_backward(
     return restore(gx.to(x.dtype)), dw, db
 
 
+def _tracing() -> bool:
+    """Inside ``torch.jit.trace``: the plain-torch backend (see :func:`get_backend`) is called
+    without the autograd Function, so that autograd and the tracer see torch operations."""
+    return torch._C._get_tracing_state() is not None
+
+
 def _graph_needed(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     """Whether autograd must record this normalization (else the Function's cost is skipped)."""
     return torch.is_grad_enabled() and (
@@ -690,7 +701,7 @@ def batch_norm_train(
     if node is not None:
         return node[0], node[1][0], node[1][1], count
     xc, restore = canonical_layout(input, ax)
-    if _graph_needed(input, weight, bias):
+    if _graph_needed(input, weight, bias) and not _tracing():
         y, (mean, var), _ = BatchNormFunction.apply(input, weight, bias, eps, be, None, ax)
         return y, mean, var, count
     # no graph to record: skip the autograd Function's per-call cost (small batches)
@@ -730,7 +741,7 @@ def batch_norm_step(
     node = be.train_node(input, ax, weight, bias, eps, running)
     if node is not None:
         y, _, updated = node
-    elif _graph_needed(input, weight, bias):
+    elif _graph_needed(input, weight, bias) and not _tracing():
         y, _, updated = BatchNormFunction.apply(input, weight, bias, eps, be, running, ax)
     else:
         xc, restore = canonical_layout(input, ax)
@@ -823,6 +834,8 @@ def blend_running(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
     running_mean, running_var, momentum, alpha, nbt = running
     # on CPU the check and the update run on NumPy views of the same memory: each torch call
     # on a C-sized vector costs more than the arithmetic (it decides the small-batch step time)
+    if _tracing():
+        return _blend_traced(running, mean, var)
     if (
         var.is_cpu
         and var.dtype in _NUMPY_OK
@@ -859,6 +872,22 @@ def blend_running(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
             running_var.copy_(blended_v)
     if nbt is not None:
         nbt.add_(1)
+    return True
+
+
+def _blend_traced(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
+    """:func:`blend_running` inside ``torch.jit.trace``: the refusal of non-finite values as
+    tensor operations (``where``), so that the traced graph keeps it for every later input
+    (a Python test would be recorded as a constant). No warning can come from a trace."""
+    running_mean, running_var, momentum, alpha, nbt = running
+    with torch.no_grad():
+        blended_m = torch.lerp(running_mean, mean.to(running_mean.dtype), momentum)
+        blended_v = running_var.mul(1.0 - momentum).add(var.to(running_var.dtype), alpha=alpha)
+        ok = torch.isfinite(blended_v).all() & torch.isfinite(blended_m).all()
+        running_mean.copy_(torch.where(ok, blended_m, running_mean))
+        running_var.copy_(torch.where(ok, blended_v, running_var))
+        if nbt is not None:
+            nbt.add_(ok.to(nbt.dtype))
     return True
 
 
