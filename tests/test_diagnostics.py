@@ -400,6 +400,16 @@ def test_conv_count_includes_spatial_positions():
 def test_batch_of_one_fails_in_train_mode(healthy, digits):
     report = run(healthy, digits[0][:3], batch_size=1)
     assert "forward-failed" in {f.check for f in report.errors}
+    (f,) = report.by_check("forward-failed")  # eval mode runs; train mode does not
+    assert f.evidence["mode"] == "train" and "2 values per channel" in f.why
+
+
+def test_data_that_does_not_fit_the_model_is_one_finding(healthy, digits):
+    """Wrong feature count: the same error in eval and train mode is reported once, without
+    the batch-size explanation that belongs to a train-mode-only failure."""
+    report = run(healthy, digits[0][:, :7])
+    (f,) = report.by_check("forward-failed")
+    assert f.evidence["mode"] == "eval" and "per channel" not in f.why
 
 
 # --------------------------------------------------------------------------------------------

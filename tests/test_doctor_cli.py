@@ -185,6 +185,23 @@ def test_bad_arguments_exit_2_with_a_message(project, capsys, spec, data, messag
     assert re.search(message, err), err
 
 
+def test_key_and_checkpoint_errors_name_the_option(project, capsys):
+    f = f"{project['factory']}:make_model"
+    d = project["dir"]
+    torch.save({"a": torch.zeros(4, 8), "b": torch.zeros(4)}, d / "ab.pt")
+    cases = (
+        (["--data", str(d / "ab.pt")], "holds a dict ['a', 'b']; choose one with --key"),
+        (["--data", str(d / "ab.pt"), "--key", "zz"], "has no entry 'zz' (it has ['a', 'b'])"),
+        (["--data", str(project["npz"]), "--key", "zz"], "has no array 'zz'"),
+        (["--data", str(project["pt"]), "--checkpoint", str(d / "none.pt")], "--checkpoint: no"),
+    )
+    for args, says in cases:
+        assert doctor_cli(f, *args) == 2
+        err = capsys.readouterr().err
+        assert says in err, err
+        assert not err.startswith('batchnorm doctor: "'), err  # not a KeyError's repr
+
+
 def test_console_entry_point(project):
     proc = subprocess.run(
         [

@@ -1297,7 +1297,11 @@ def doctor(
         if g is not None and eval_err is None:
             inference_gaps[name] = g
 
-    if eval_err is not None:
+    # the same error in both modes is said once: with the batch-size remedy when it is BN's
+    # "values per channel" error, else as the data not fitting the model (the eval finding)
+    same = eval_err is not None and str(train_err) == str(eval_err)
+    per_channel = "value per channel" in str(train_err)
+    if eval_err is not None and not (same and per_channel):
         findings.append(
             Finding(
                 "forward-failed",
@@ -1310,17 +1314,23 @@ def doctor(
                 {"mode": "eval"},
             )
         )
-    if train_err is not None:
+    if train_err is not None and not (same and not per_channel):
         findings.append(
             Finding(
                 "forward-failed",
                 "error",
                 "",
                 f"the model raised in train mode on the given data: {train_err}",
-                "training with this data would fail the same way (a BN layer in train mode "
-                "needs at least 2 values per channel)",
+                "training with this data would fail the same way"
+                + (
+                    " (a BN layer in train mode needs at least 2 values per channel)"
+                    if per_channel
+                    else ""
+                ),
                 "train with larger batches (DataLoader(drop_last=True) avoids a last batch of "
-                "1), or batchnorm.freeze(model) to fine-tune on running statistics",
+                "1), or batchnorm.freeze(model) to fine-tune on running statistics"
+                if per_channel
+                else "fix the error above and run the doctor again",
                 {"mode": "train"},
             )
         )
@@ -1939,10 +1949,12 @@ def _load_tensor_file(path: Path, key: str | None) -> Tensor:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(obj, Mapping):
             k = key or next((n for n in ("x", "inputs", "data") if n in obj), None)
-            if k is None or k not in obj:
+            if k is None:
                 raise KeyError(
                     f"--data: {str(path)!r} holds a dict {list(obj)}; choose one with --key"
                 )
+            if k not in obj:
+                raise KeyError(f"--data: {str(path)!r} has no entry {k!r} (it has {list(obj)})")
             obj = obj[k]
         if isinstance(obj, list | tuple) and obj:
             obj = obj[0]
@@ -1964,6 +1976,8 @@ def main(args: argparse.Namespace) -> int:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{args.factory} returned {type(model).__name__}, not an nn.Module")
         if args.checkpoint:
+            if not Path(args.checkpoint).is_file():
+                raise FileNotFoundError(f"--checkpoint: no file {args.checkpoint!r}")
             state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
             if isinstance(state, Mapping) and "state_dict" in state:
                 state = state["state_dict"]
@@ -1999,7 +2013,9 @@ def main(args: argparse.Namespace) -> int:
         FileNotFoundError,
         RuntimeError,
     ) as e:
-        print(f"batchnorm doctor: {e}", file=sys.stderr)
+        # a KeyError's str() is the repr of its message: print the message itself
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"batchnorm doctor: {msg}", file=sys.stderr)
         return 2
     print(report.to_json() if args.json else report.format_text())
     failing = {"error"} if args.fail_on == "error" else {"error", "warning"}
