@@ -447,3 +447,17 @@ def test_entries_are_cached_under_a_digest_of_the_loops_they_compile(
 
     monkeypatch.setattr(Path, "read_bytes", edited)
     assert _entries._stamp() != before
+
+
+def test_build_cache_name_is_per_checkout_and_source(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """torch's extension cache is keyed by name alone: the name follows the source file's
+    place and contents, so two checkouts never rebuild each other's build."""
+    here = native._name()
+    assert here == native._name() and here.startswith("batchnorm_native_")
+    assert here.isidentifier()  # it is the module's name too
+    copy = tmp_path / "native.cpp"
+    copy.write_bytes(native._SOURCE.read_bytes())
+    monkeypatch.setattr(native, "_SOURCE", copy)
+    elsewhere = native._name()
+    copy.write_bytes(copy.read_bytes() + b"\n// changed\n")
+    assert len({here, elsewhere, native._name()}) == 3

@@ -31,7 +31,17 @@ from batchnorm import _env
 __all__ = ["load", "enabled"]
 
 _SOURCE = Path(__file__).with_name("native.cpp")
-_NAME = "batchnorm_native"
+
+
+def _name() -> str:
+    """The extension's name in torch's build cache (``~/.cache/torch_extensions``), which is
+    keyed by name alone: one per source file and its contents, so that two checkouts or
+    versions do not rebuild each other's build, silently, at every first call."""
+    import hashlib
+
+    h = hashlib.sha256(str(_SOURCE.resolve()).encode())
+    h.update(_SOURCE.read_bytes())
+    return f"batchnorm_native_{h.hexdigest()[:12]}"
 _state: dict[str, Any] = {"ext": None, "tried": False}
 
 
@@ -43,11 +53,12 @@ def enabled() -> bool:
 
 def _built(cpp_extension: Any) -> bool:
     """Whether torch's extension cache already holds a build (then loading takes a second)."""
+    name = _name()
     try:
-        where = Path(cpp_extension._get_build_directory(_NAME, False))
+        where = Path(cpp_extension._get_build_directory(name, False))
     except Exception:
         return False
-    return (where / f"{_NAME}.so").exists()
+    return (where / f"{name}.so").exists()
 
 
 def load() -> Any | None:
@@ -72,7 +83,7 @@ def load() -> Any | None:
             )
         addresses = _entries.addresses()
         ext = cpp_extension.load(
-            name=_NAME,
+            name=_name(),
             sources=[str(_SOURCE)],
             extra_cflags=["-O2"],
             verbose=False,
