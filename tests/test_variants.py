@@ -245,6 +245,13 @@ def test_ghost_errors() -> None:
         batchnorm.GhostBatchNorm1d(3)  # type: ignore[call-arg]
     with pytest.raises(batchnorm.BatchNormInputError, match="dimension 0"):
         batchnorm.GhostBatchNorm(4, axis=0, virtual_batch_size=2)(torch.randn(4, 6))
+    # one sample per virtual batch of 2-D input: the remedy is the virtual batch size
+    with pytest.raises(
+        batchnorm.BatchNormInputError, match=r"shape \(5, 4\) give 1 value.*virtual_batch_size=2"
+    ):
+        batchnorm.GhostBatchNorm1d(4, virtual_batch_size=1)(torch.randn(5, 4))
+    y = batchnorm.GhostBatchNorm2d(4, virtual_batch_size=1)(torch.randn(5, 4, 3, 3))
+    assert y.shape == (5, 4, 3, 3)  # one image still has 9 values per channel
 
 
 # --- frozen BN -------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ def _name() -> str:
     h = hashlib.sha256(str(_SOURCE.resolve()).encode())
     h.update(_SOURCE.read_bytes())
     return f"batchnorm_native_{h.hexdigest()[:12]}"
+
+
 _state: dict[str, Any] = {"ext": None, "tried": False}
 
 

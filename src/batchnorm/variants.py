@@ -263,6 +263,13 @@ class _Ghost(_BatchNormBase):
             )
         n = input.shape[0]
         per_sample = input.numel() // max(n * input.shape[self.axis], 1)
+        if n >= 2 and self.virtual_batch_size * per_sample < 2:
+            raise BatchNormInputError(
+                f"{self.layer_name()}: virtual batches of {self.virtual_batch_size} sample(s) "
+                f"of input with shape {tuple(input.shape)} give {self.virtual_batch_size * per_sample} "
+                "value per channel; batch statistics need at least 2. Use "
+                "virtual_batch_size=2 or more."
+            )
         sizes = ghost_chunks(n, self.virtual_batch_size, per_sample)
         masks: list[Tensor | None]
         if mask is None:
