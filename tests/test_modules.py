@@ -318,3 +318,21 @@ def test_jit_trace_in_train_and_eval_mode_matches_torch(backend) -> None:  # typ
             traced(bad)
             torch.testing.assert_close(ours.running_var, before)  # refused inside the graph
             assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+
+
+def test_empty_batch_gives_an_empty_output_and_changes_nothing() -> None:
+    """As torch.nn: an empty batch is an empty output (train and eval); the running statistics
+    and the counter stay as they were (torch.nn counts the empty batch)."""
+    for cls, shape in ((batchnorm.BatchNorm1d, (0, 5)), (batchnorm.BatchNorm2d, (0, 5, 3, 3))):
+        ours, ref = cls(5), getattr(torch.nn, cls.__name__)(5)
+        for training in (True, False):
+            ours.train(training)
+            ref.train(training)
+            x = torch.randn(*shape, requires_grad=True)
+            y = ours(x)
+            assert y.shape == ref(x).shape == shape and y.dtype == x.dtype
+            y.sum().backward()
+            assert x.grad is not None and x.grad.shape == shape
+        assert torch.equal(ours.running_mean, torch.zeros(5))
+        assert torch.equal(ours.running_var, torch.ones(5))
+        assert int(ours.num_batches_tracked) == 0

@@ -369,6 +369,10 @@ class _BatchNormBase(nn.Module):
         self._check_input(input)
         if mask is not None:
             mask = F.check_mask(input, mask, self.axis, self.layer_name())
+        if input.numel() == 0:
+            # an empty batch (a detector's frame without boxes): an empty output, as torch.nn
+            # gives; nothing to learn from, so the running statistics and counter stay as they are
+            return input.clone()
         if self._use_batch_stats():
             count = self._check_small(input, mask)
             if count < 2 and self.small_batch != "raise":
