@@ -364,6 +364,8 @@ class SyncBatchNorm(_BatchNormBase):
         torch.Size([4, 8, 3, 3])
     """
 
+    _empty_is_local = False  # an empty rank still joins the exchange
+
     def __init__(
         self,
         num_features: int,

@@ -66,6 +66,9 @@ class _BatchNormBase(nn.Module):
     running_mean: Tensor | None
     running_var: Tensor | None
     num_batches_tracked: Tensor | None
+    #: an empty batch is answered locally with an empty output (False where the training step
+    #: is collective: every rank must take part, with whatever it holds)
+    _empty_is_local: bool = True
 
     def __init__(
         self,
@@ -369,7 +372,7 @@ class _BatchNormBase(nn.Module):
         self._check_input(input)
         if mask is not None:
             mask = F.check_mask(input, mask, self.axis, self.layer_name())
-        if input.numel() == 0:
+        if input.numel() == 0 and self._empty_is_local:
             # an empty batch (a detector's frame without boxes): an empty output, as torch.nn
             # gives; nothing to learn from, so the running statistics and counter stay as they are
             return input.clone()
