@@ -337,3 +337,26 @@ def test_to_inference_replaces_every_bn_and_keeps_outputs() -> None:
     torch.testing.assert_close(deploy(x), model(x), rtol=1e-10, atol=1e-10)
     deploy.train()  # no layer depends on the mode any more
     torch.testing.assert_close(deploy(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_to_inference_without_example_input_does_not_guess_the_linear_bn_axis() -> None:
+    """Linear → BatchNorm1d on (N, L, F) input with L == F: BN's axis 1 is not the Linear
+    layer's feature axis. Without an example input the rank is unknown: the pair is not folded
+    (a warning says so) and the output is unchanged; with one, a 2-D pair is folded."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5))
+    x = torch.randn(8, 5, 4)
+    for _ in range(3):
+        net(x)
+    net.eval()
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 2.0)
+        net[1].bias.normal_()
+    with pytest.warns(UserWarning, match=r"pairs \['1'\] were not folded.*example_input"):
+        plain = batchnorm.to_inference(net)
+    torch.testing.assert_close(plain(x), net(x))
+    torch.testing.assert_close(batchnorm.to_inference(net, x)(x), net(x))
+    flat = torch.randn(8, 4)
+    folded = batchnorm.to_inference(net, flat)
+    assert [type(m).__name__ for m in folded] == ["Linear", "Identity"]
+    torch.testing.assert_close(folded(flat), net(flat))

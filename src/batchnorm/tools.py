@@ -451,6 +451,7 @@ def _fold_in_place(model: nn.Module, ranks: dict[str, int] | None, what: str) ->
     if pairs is None:
         pairs = _sequential_pairs(model)
     folded = []
+    unknown_rank = []
     for layer_name, bn_name in pairs:
         layer, bn = mods[layer_name], mods[bn_name]
         _check_inference_ready(bn, bn_name, what)
@@ -459,12 +460,12 @@ def _fold_in_place(model: nn.Module, ranks: dict[str, int] | None, what: str) ->
         ax = _axis(bn)
         rank = None if ranks is None else ranks.get(bn_name)
         if isinstance(layer, nn.Linear):
-            # a Linear layer's features are the last axis
-            ok = (
-                ax == -1
-                or (rank is not None and ax % rank == rank - 1)
-                or (rank is None and ax == 1)
-            )
+            # a Linear layer's features are the last axis: a BN on axis 1 normalizes them only
+            # on 2-D input, which only an example input can tell (on (N, L, F) input with
+            # L == F, folding would scale the wrong axis without an error)
+            ok = ax == -1 or (rank is not None and ax % rank == rank - 1)
+            if rank is None and ax == 1:
+                unknown_rank.append(bn_name)
         else:
             ok = ax == 1 or (rank is not None and ax % rank == 1)
         if not ok:
@@ -474,6 +475,13 @@ def _fold_in_place(model: nn.Module, ranks: dict[str, int] | None, what: str) ->
             model, bn_name, bn.activation_module() if isinstance(bn, InPlaceABN) else nn.Identity()
         )
         folded.append(bn_name)
+    if unknown_rank:
+        warnings.warn(
+            f"{what}: Linear → BN pairs {unknown_rank} were not folded: whether the BN's "
+            "axis 1 is the Linear layer's feature axis depends on the input's rank (2-D: yes; "
+            f"(N, L, F): no). Pass example_input to {what} to fold them.",
+            stacklevel=3,
+        )
     return folded
 
 
@@ -541,7 +549,8 @@ def to_inference(
     activation). The result contains no layer that depends on the batch or the mode.
 
     ``example_input`` (optional) tells the rank of each BN's input, which decides whether a
-    ``Linear`` + ``BatchNorm`` pair with ``axis=1`` can be folded (only on 2-D input).
+    ``Linear`` + ``BatchNorm`` pair with ``axis=1`` can be folded (only on 2-D input); without
+    it such pairs are not folded (their BN becomes ``FrozenBatchNorm``), with a warning.
 
     Example::
 
