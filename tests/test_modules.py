@@ -222,6 +222,48 @@ def test_convert_model_both_ways_keeps_state_and_mode() -> None:
         batchnorm.convert_model(keras_like, to="torch")
 
 
+def test_convert_model_keeps_freezing_sharing_and_dtype() -> None:
+    """A frozen layer stays frozen (and unfreeze still restores γ/β's gradients), a layer
+    registered under two names stays one layer, and affine=False layers keep their dtype."""
+    from batchnorm.variants import is_frozen
+
+    torch.manual_seed(0)
+    for to in ("ours", "torch"):
+        net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        for _ in range(3):
+            net(torch.randn(16, 3))
+        if to == "torch":
+            net = batchnorm.convert_model(net)
+        batchnorm.freeze(net, affine=True)
+        batchnorm.convert_model(net, to=to)  # type: ignore[arg-type]
+        before = net[1].running_mean.clone()
+        net.train()
+        net(torch.randn(16, 3))
+        assert is_frozen(net[1]) and torch.equal(net[1].running_mean, before)
+        batchnorm.unfreeze(net)
+        assert net[1].weight.requires_grad and net[1].bias.requires_grad and net[1].training
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.seq = nn.Sequential(nn.Identity(), self.bn)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.seq(x) + self.bn(2 * x)
+
+    m = batchnorm.convert_model(Shared())
+    assert m.seq[1] is m.bn and type(m.bn) is batchnorm.BatchNorm2d
+    assert len(list(m.parameters())) == 2
+
+    for dt in (torch.float64, torch.float16):
+        b = nn.BatchNorm2d(3, affine=False).to(dt)
+        ours = batchnorm.convert_model(nn.Sequential(b))[0]
+        assert ours.running_mean.dtype == dt and ours.running_var.dtype == dt
+        back = batchnorm.convert_model(nn.Sequential(ours), to="torch")[0]
+        assert back.running_var.dtype == dt
+
+
 def test_placements_from_the_readme_train() -> None:
     torch.manual_seed(0)
     before = nn.Sequential(

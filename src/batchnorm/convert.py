@@ -73,6 +73,8 @@ def _torch_class_for(m: _BatchNormBase, name: str) -> type[nn.modules.batchnorm.
 
 
 def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:
+    from batchnorm.variants import _FROZEN, _stay_in_eval, is_frozen
+
     tensors = [*src.parameters(recurse=False), *src.buffers(recurse=False)]
     if tensors:
         dst = dst.to(device=tensors[0].device)
@@ -80,7 +82,22 @@ def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:
     for name, t in src.named_parameters(recurse=False):
         getattr(dst, name).requires_grad_(t.requires_grad)
     dst.train(src.training)
+    if is_frozen(src):
+        # frozen stays frozen (as freeze does it), and unfreeze can still give back the γ/β
+        # gradients that freeze switched off
+        setattr(dst, _FROZEN, list(getattr(src, _FROZEN)))
+        dst.register_forward_pre_hook(_stay_in_eval)
+        dst.training = False
     return dst
+
+
+def _dtype(m: nn.Module) -> Any:
+    """The dtype of a layer's state: γ's, else the running statistics' (affine=False)."""
+    for name in ("weight", "running_mean"):
+        t = getattr(m, name, None)
+        if t is not None:
+            return t.dtype
+    return None
 
 
 def _convert_one(m: nn.Module, to: str, name: str) -> nn.Module | None:
@@ -92,7 +109,7 @@ def _convert_one(m: nn.Module, to: str, name: str) -> nn.Module | None:
             momentum=m.momentum,
             affine=m.affine,
             track_running_stats=m.track_running_stats,
-            dtype=(m.weight.dtype if m.weight is not None else None),
+            dtype=_dtype(m),
             bias=m.bias is not None or not m.affine,
         )
         return _copy_state(m, new)
@@ -104,7 +121,7 @@ def _convert_one(m: nn.Module, to: str, name: str) -> nn.Module | None:
             momentum=m.momentum,
             affine=m.scale,
             track_running_stats=m.track_running_stats,
-            dtype=(m.weight.dtype if m.weight is not None else None),
+            dtype=_dtype(m),
             **_bias_kwarg(m.scale, m.center),
         )
         return _copy_state(m, new)
@@ -128,10 +145,13 @@ def convert_model(model: nn.Module, to: Literal["ours", "torch"] = "ours") -> nn
     top = _convert_one(model, to, "")
     if top is not None:
         return top
-    for name, child in list(model.named_modules()):
+    done: dict[int, nn.Module | None] = {}  # a layer registered twice is converted once
+    for name, child in list(model.named_modules(remove_duplicate=False)):
         for cname, c in list(child.named_children()):
-            full = f"{name}.{cname}" if name else cname
-            new = _convert_one(c, to, full)
+            if id(c) not in done:
+                full = f"{name}.{cname}" if name else cname
+                done[id(c)] = _convert_one(c, to, full)
+            new = done[id(c)]
             if new is not None:
                 setattr(child, cname, new)
     return model
