@@ -360,3 +360,31 @@ def test_to_inference_without_example_input_does_not_guess_the_linear_bn_axis() 
     folded = batchnorm.to_inference(net, flat)
     assert [type(m).__name__ for m in folded] == ["Linear", "Identity"]
     torch.testing.assert_close(folded(flat), net(flat))
+
+
+def test_fold_untraceable_model_with_a_bn_registered_twice() -> None:
+    """A model torch.fx cannot trace falls back to Sequential pairs; a BN in the Sequential
+    that is registered under another name first (and used there too) still folds correctly."""
+
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(8)
+            self.seq = nn.Sequential(nn.Conv2d(3, 8, 3), self.bn)
+            self.c2 = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > -1e9:  # data-dependent control flow: not traceable
+                return self.seq(x) + self.bn(self.c2(x))
+            return x
+
+    torch.manual_seed(0)
+    net = Untraceable()
+    for _ in range(3):
+        net(torch.randn(4, 3, 8, 8))
+    net.eval()
+    x = torch.randn(4, 3, 8, 8)
+    folded, err = batchnorm.fold(net, x)
+    assert isinstance(folded.seq[1], nn.Identity) and err < 1e-4
+    frozen = batchnorm.to_inference(net)
+    torch.testing.assert_close(frozen(x), net(x), rtol=1e-4, atol=1e-4)

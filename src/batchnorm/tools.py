@@ -446,7 +446,9 @@ def _record_ranks(model: nn.Module, example_input: Any) -> dict[str, int]:
 
 
 def _fold_in_place(model: nn.Module, ranks: dict[str, int] | None, what: str) -> list[str]:
-    mods = dict(model.named_modules())
+    # every name a layer is registered under: a pair found in a Sequential may name a layer
+    # that is also an attribute elsewhere (registered there first)
+    mods = dict(model.named_modules(remove_duplicate=False))
     pairs = _fx_pairs(model)
     if pairs is None:
         pairs = _sequential_pairs(model)
