@@ -3,6 +3,7 @@ loop, models, plots, reports and the CLI, exercised with a toy experiment."""
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,6 +201,17 @@ def test_non_run_folder_is_refused(tmp_path):
     (tmp_path / "precious.txt").write_text("keep")
     with pytest.raises(RunDirConflict, match="not a run folder"):
         RunDir(tmp_path).prepare("toy", {"a": 1})
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    """Results and reports are as readable as files made by open() (0666 less the umask), not
+    mkstemp's private 0600."""
+    old = os.umask(0o022)
+    try:
+        results.atomic_write_text(tmp_path / "r.md", "x")
+        assert (tmp_path / "r.md").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
 
 
 def test_atomic_write_keeps_old_content_on_failure(tmp_path):

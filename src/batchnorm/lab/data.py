@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from batchnorm.lab.results import usual_mode
+
 __all__ = [
     "DATASET_NAMES",
     "IDX_SOURCES",
@@ -358,6 +360,7 @@ def download_dataset(
             fd, tmp_name = tempfile.mkstemp(dir=out, prefix=f".{fname}.", suffix=".part")
             tmp = Path(tmp_name)
             try:
+                usual_mode(fd)
                 with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
                     shutil.copyfileobj(r, f)
                 got = _md5(tmp)

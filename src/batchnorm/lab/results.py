@@ -60,12 +60,27 @@ class RunDirConflict(RuntimeError):
 # atomic writes
 
 
+_MODE: list[int] = []
+
+
+def usual_mode(fd: int) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (0600) the mode of a file made by ``open``
+    (0666 less the umask), so results and reports are as readable as the user's other files."""
+    if not _MODE:
+        mask = os.umask(0)
+        os.umask(mask)
+        _MODE.append(0o666 & ~mask)
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, _MODE[0])
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to a temporary file next to ``path``, fsync, then ``os.replace``."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
+        usual_mode(fd)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
