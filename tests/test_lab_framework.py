@@ -420,6 +420,19 @@ def test_combined_report_lists_every_claim(toy, tmp_path):
     assert "<table>" in htm.read_text()
 
 
+def test_cli_interrupt_says_how_to_resume(capsys, tmp_path, monkeypatch):
+    from batchnorm.lab import cli as lab_cli
+
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lab_cli, "_run_one", interrupted)
+    out = tmp_path / "run"
+    assert cli_main(["lab", "run", "paper-mnist", "--quick", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"finished parts in {out} are kept" in err and "Traceback" not in err
+
+
 def test_cli_list_and_errors(capsys, tmp_path):
     assert cli_main(["lab", "list"]) == 0
     assert "paper-mnist" in capsys.readouterr().out

@@ -124,6 +124,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             print(f"error: {msg}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            where = args.out or f"runs/{args.name}{'-quick' if args.quick else ''}"
+            print(
+                f"interrupted: the finished parts in {where} are kept; the same command "
+                "resumes from them",
+                file=sys.stderr,
+            )
+            return 130
         _print_claims(path)
         return 0
     from batchnorm.lab.report import write_combined_report
