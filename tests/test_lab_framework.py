@@ -163,6 +163,7 @@ def test_run_writes_everything_and_resumes_or_refuses(toy, tmp_path):
     md = (out / "report.md").read_text()
     assert "the toy network beats chance" in md and "![toy](toy.png)" in md
     assert "synthetic" in md and '<img src="toy.png"' in (out / "report.html").read_text()
+    assert "Quick size (`--quick`)" in md and "few seeds" in md  # a smoke test, said so
     assert CALLS["n"] == 2
 
     # same config: nothing recomputed
@@ -195,6 +196,13 @@ def test_interrupted_run_resumes_from_finished_parts(toy, tmp_path, monkeypatch)
     assert any("resuming" in m for m in logs)
     assert CALLS["n"] == 3  # seed 0 reused, seed 1 trained
     assert json.loads((out / "summary.json").read_text())["status"] == "complete"
+
+
+def test_quick_reports_say_they_are_smoke_tests(toy, tmp_path):
+    one = registry.run_experiment(toy, tmp_path / "one", quick=True, seeds=1, log=lambda m: None)
+    assert "one seed: every seed-to-seed spread is 0" in (one / "report.md").read_text()
+    full = registry.run_experiment(toy, tmp_path / "full", seeds=1, log=lambda m: None)
+    assert "Quick size" not in (full / "report.md").read_text()
 
 
 def test_non_run_folder_is_refused(tmp_path):

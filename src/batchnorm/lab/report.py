@@ -174,6 +174,19 @@ def _run_blocks(run: RunData, figures: Sequence[Path], base: Path, level: int = 
     )
     if s.get("command"):
         blocks.append(("code", s["command"]))
+    cfg = s.get("config", run.config) or {}
+    if cfg.get("quick"):
+        seeds = s.get("seeds")
+        one = isinstance(seeds, list) and len(seeds) == 1
+        blocks.append(
+            (
+                "p",
+                "**Quick size (`--quick`): a smoke test of the pipeline.** The verdicts below "
+                "follow the same rules as a full run, but at this size (few steps"
+                + (", one seed: every seed-to-seed spread is 0" if one else ", few seeds")
+                + ") they are not evidence either way; run without `--quick` for that.",
+            )
+        )
     blocks.append(("h", level + 1, "Claims"))
     blocks.append(claims_table([(name, c) for c in run.claims]))
     details = [f"`{c.id}`: {c.details}" for c in run.claims if c.details]
