@@ -407,7 +407,7 @@ def test_small_cnn_shapes(shape):
 def test_plot_primitives_write_pngs(tmp_path):
     fig, axes = plots.new_figure(3)
     plots.curves(axes[0], [0, 1, 2], {"bn": [[0.1, 0.5, None], [0.2, 0.6, 0.7]]})
-    plots.grouped_bars(axes[1], ["a", "b"], {"bn": [[1, 2], [3, None]], "baseline": [[1], [2]]})
+    plots.grouped_points(axes[1], ["a", "b"], {"bn": [[1, 2], [3, None]], "baseline": [[1], [2]]})
     plots.percentile_bands(axes[2], [1, 2], {"15": [0, 1], "50": [1, 2], "85": [2, 3]})
     p = plots.save_figure(fig, tmp_path / "f.png")
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,7 @@
 nothing here trains.
 
 * :func:`curves` — one line per group: the mean over seeds with a shaded ±1 std band;
-* :func:`grouped_bars` — bars grouped by category with ±1 std error bars over seeds;
+* :func:`grouped_points` — means grouped by category with ±1 std error bars over seeds;
 * :func:`percentile_bands` — low/median/high percentile trajectories (Figure 1b/c style);
 * :func:`new_figure` / :func:`save_figure` — Agg figures saved atomically as PNG.
 
@@ -27,7 +27,7 @@ import numpy as np
 
 from batchnorm.lab.results import atomic_write_bytes
 
-__all__ = ["new_figure", "save_figure", "curves", "grouped_bars", "percentile_bands", "COLORS"]
+__all__ = ["new_figure", "save_figure", "curves", "grouped_points", "percentile_bands", "COLORS"]
 
 # one color per arm, stable across figures
 COLORS = {
@@ -108,7 +108,7 @@ def curves(
     ax.legend(fontsize=8)
 
 
-def grouped_bars(
+def grouped_points(
     ax: Any,
     categories: Sequence[str],
     series: Mapping[str, Sequence[Sequence[float | None]]],
@@ -116,8 +116,10 @@ def grouped_bars(
     ylabel: str = "",
     title: str = "",
 ) -> None:
-    """Bars: one group per category, one bar per series, height = mean over seeds, error bar =
-    ±1 std. ``series[name][k]`` holds the per-seed values for ``categories[k]``."""
+    """Means with error bars: one group per category, one marker per series at the mean over
+    seeds, error bar = ±1 std. Markers, not bars: the axis may then be zoomed to the values
+    (a bar's length must start at 0 to mean anything). ``series[name][k]`` holds the per-seed
+    values for ``categories[k]``."""
     n = max(1, len(series))
     width = 0.8 / n
     xs = np.arange(len(categories))
@@ -128,17 +130,18 @@ def grouped_bars(
             ok = v[np.isfinite(v)]
             means.append(float(ok.mean()) if ok.size else np.nan)
             stds.append(float(ok.std()) if ok.size > 1 else 0.0)
-        ax.bar(
+        ax.errorbar(
             xs + (i - (n - 1) / 2) * width,
             means,
-            width,
             yerr=stds,
+            fmt="o",
             capsize=3,
             label=name,
             color=color_for(name, i),
         )
     ax.set_xticks(xs)
     ax.set_xticklabels(categories)
+    ax.set_xlim(-0.5, len(categories) - 0.5)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)

@@ -175,18 +175,18 @@ def figures(run: RunData, out: Path) -> list[Path]:
     s = run.series
     rates = [f"p={p:g}" for p in s["rates"]]
     fig, axes = plots.new_figure(3, size=(4.4, 3.5))
-    plots.grouped_bars(
+    plots.grouped_points(
         axes[0], rates, s["test"], ylabel="final held-out accuracy", title="held-out accuracy"
     )
     vals = [v for g in s["test"].values() for c in g for v in c if v is not None]
     if vals:
         axes[0].set_ylim(max(0.0, min(vals) - 0.05), min(1.0, max(vals) + 0.02))
-    plots.grouped_bars(
+    plots.grouped_points(
         axes[1], rates, s["gap"], ylabel="train acc - held-out acc", title="generalization gap"
     )
     vr = s["var_ratio"]
     layers = sorted({layer for arm in vr.values() for layer in arm})
-    plots.grouped_bars(
+    plots.grouped_points(
         axes[2],
         [layer.replace("hidden.", "h").replace(".bn", "") for layer in layers],
         {arm: [[v] for v in (d.get(layer) for layer in layers)] for arm, d in vr.items()},

@@ -141,7 +141,7 @@ def figures(run: RunData, out: Path) -> list[Path]:
             title=act,
         )
     finals = s["finals"]
-    plots.grouped_bars(
+    plots.grouped_points(
         axes[-1],
         acts,
         {p: [finals[a][p] for a in acts] for p in PLACEMENTS},

@@ -230,7 +230,7 @@ def figures(run: RunData, out: Path) -> list[Path]:
             title=f"lr = {lr:g}",
         )
     shifts = [f"c={p['contrast']:g}, b={p['brightness']:g}" for p in s["adabn"]["shifts"]]
-    plots.grouped_bars(
+    plots.grouped_points(
         axes[-1],
         shifts,
         {

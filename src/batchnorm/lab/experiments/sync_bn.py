@@ -276,7 +276,7 @@ def figures(run: RunData, out: Path) -> list[Path]:
     s = run.series
     cats = [f"b={b}" for b in s["batches"]]
     fig, axes = plots.new_figure(2, size=(4.8, 3.4))
-    plots.grouped_bars(
+    plots.grouped_points(
         axes[0],
         cats,
         {LABELS[a]: s["accuracy"][a] for a in ARMS},
@@ -286,7 +286,7 @@ def figures(run: RunData, out: Path) -> list[Path]:
     vals = [v for a in ARMS for per in s["accuracy"][a] for v in per if v is not None]
     if vals:
         axes[0].set_ylim(max(0.0, min(vals) - 0.05), min(1.0, max(vals) + 0.03))
-    plots.grouped_bars(
+    plots.grouped_points(
         axes[1],
         cats,
         {LABELS[a]: s["samples_per_s"][a] for a in ARMS},
