@@ -272,6 +272,24 @@ def test_argument_errors() -> None:
         BatchNormalization(nonfinite="ignore")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="synchronized"):
         BatchNormalization(synchronized=True)  # as Keras: TensorFlow only
+    for axis in ([1, 2], True):
+        with pytest.raises(TypeError, match="axis must be one int"):
+            BatchNormalization(axis=axis)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"axis=3 is out of range for inputs of rank 3"):
+        BatchNormalization(axis=3)(torch.randn(4, 5, 6), training=True)
+
+
+def test_empty_batch_is_an_empty_output_without_warnings() -> None:
+    import warnings
+
+    layer = BatchNormalization()
+    layer(torch.randn(8, 3), training=True)
+    before = _state(layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = layer(torch.zeros(0, 3), training=True)
+    assert tuple(y.shape) == (0, 3)
+    _assert_close(_state(layer), before, tol=0)
 
 
 def test_nonfinite_batch_never_reaches_moving_stats() -> None:

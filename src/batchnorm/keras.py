@@ -138,6 +138,11 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
             )
         if nonfinite not in ("warn", "raise"):
             raise ValueError(f"{name}: nonfinite must be 'warn' or 'raise', got {nonfinite!r}")
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(
+                f"{name}: axis must be one int, the channel axis (-1 for channels_last, 1 for "
+                f"channels_first), got {axis!r}"
+            )
         if compute_backend not in (None, "auto", "torch", "numba"):
             raise ValueError(
                 f"{name}: compute_backend must be None, 'auto', 'torch' or 'numba', got "
@@ -205,6 +210,16 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
             self.moving_mean.assign(rm)
             self.moving_variance.assign(rv)
 
+    def build(self, input_shape: Any) -> None:
+        rank = len(input_shape)
+        if not -rank <= self.axis < rank:
+            raise ValueError(
+                f"BatchNormalization({self.name!r}): axis={self.axis} is out of range for inputs "
+                f"of rank {rank} (shape {tuple(input_shape)}). Use the channel axis: -1 for "
+                "channels_last, 1 for channels_first."
+            )
+        super().build(input_shape)
+
     # -- forward -------------------------------------------------------------------------------
 
     def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
@@ -222,6 +237,8 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
         # as Keras: statistics in float32 for half inputs, float64 stays float64
         cd = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(cd)
+        if x.numel() == 0:  # an empty batch: an empty output, the moving statistics untouched
+            return keras.ops.cast(x, self.compute_dtype)
         axis = self.axis % x.dim()
         gamma = self.gamma.value.to(cd) if self.scale else None
         beta = self.beta.value.to(cd) if self.center else None
