@@ -571,3 +571,12 @@ def test_bad_arguments_and_mask_are_clear_errors() -> None:
         SyncBatchNorm(3)(torch.randn(4, 3, 5), mask=torch.ones(4, 5, dtype=torch.bool))
     with pytest.raises(batchnorm.BatchNormInputError, match=r"expected 3 channels"):
         SyncBatchNorm(3)(torch.randn(4, 5))
+
+
+def test_empty_batch_without_a_process_group_is_plain_bn() -> None:
+    """Alone, SyncBatchNorm is plain BN: an empty batch gives an empty output, as BatchNorm
+    does (with a process group an empty rank joins the exchange instead: see the uneven-batch
+    tests)."""
+    bn = batchnorm.SyncBatchNorm(4)
+    y = bn(torch.randn(0, 4))
+    assert y.shape == (0, 4) and int(bn.num_batches_tracked) == 0

@@ -364,7 +364,10 @@ class SyncBatchNorm(_BatchNormBase):
         torch.Size([4, 8, 3, 3])
     """
 
-    _empty_is_local = False  # an empty rank still joins the exchange
+    @property
+    def _empty_is_local(self) -> bool:  # type: ignore[override]
+        # an empty rank still joins the exchange; alone, it is plain BN
+        return not self._syncing()
 
     def __init__(
         self,
