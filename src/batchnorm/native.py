@@ -80,7 +80,7 @@ def load() -> Any | None:
         if not _built(cpp_extension):
             print(
                 "batchnorm: building the compiled autograd node and compiling its kernels "
-                "(once, about a minute; BATCHNORM_NATIVE=0 skips it)",
+                "(once, a minute or a few; BATCHNORM_NATIVE=0 skips it)",
                 file=sys.stderr,
             )
         addresses = _entries.addresses()
