@@ -388,3 +388,33 @@ def test_fold_untraceable_model_with_a_bn_registered_twice() -> None:
     assert isinstance(folded.seq[1], nn.Identity) and err < 1e-4
     frozen = batchnorm.to_inference(net)
     torch.testing.assert_close(frozen(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fold_knows_the_rank_of_a_linear_bn_registered_twice() -> None:
+    """The example input's ranks are recorded under every name of a layer, so a Linear → BN
+    pair found in a Sequential under the BN's second name folds (2-D input) without a
+    warning."""
+    import warnings
+
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(5)
+            self.seq = nn.Sequential(nn.Linear(4, 5), self.bn)
+            self.lin2 = nn.Linear(4, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > -1e9:  # not traceable
+                return self.seq(x) + self.bn(self.lin2(x))
+            return x
+
+    torch.manual_seed(0)
+    net = Untraceable()
+    for _ in range(3):
+        net(torch.randn(16, 4))
+    net.eval()
+    x = torch.randn(16, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folded, err = batchnorm.fold(net, x)
+    assert isinstance(folded.seq[1], nn.Identity) and err < 1e-4

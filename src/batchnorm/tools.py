@@ -431,9 +431,9 @@ def _record_ranks(model: nn.Module, example_input: Any) -> dict[str, int]:
 
         return hook
 
-    handles = [
+    handles = [  # under every name a layer is registered under (see _fold_in_place)
         m.register_forward_pre_hook(hook_for(name))
-        for name, m in model.named_modules()
+        for name, m in model.named_modules(remove_duplicate=False)
         if isinstance(m, _AFFINE_TYPES)
     ]
     try:
