@@ -864,8 +864,7 @@ def blend_running(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
         with torch.no_grad():
             if not bool(torch.isfinite(var).all()):
                 return False
-            blended_m = torch.lerp(running_mean, mean.to(running_mean.dtype), momentum)
-            blended_v = running_var.mul(1.0 - momentum).add(var.to(running_var.dtype), alpha=alpha)
+            blended_m, blended_v = _blended(running, mean, var)
             if not bool(torch.isfinite(blended_v).all() and torch.isfinite(blended_m).all()):
                 return False
             running_mean.copy_(blended_m)
@@ -875,14 +874,21 @@ def blend_running(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
     return True
 
 
+def _blended(running: RunningStats, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """The blended running mean and variance, new tensors in the buffers' dtype (torch ops)."""
+    running_mean, running_var, momentum, alpha, _ = running
+    blended_m = torch.lerp(running_mean, mean.to(running_mean.dtype), momentum)
+    blended_v = running_var.mul(1.0 - momentum).add(var.to(running_var.dtype), alpha=alpha)
+    return blended_m, blended_v
+
+
 def _blend_traced(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
     """:func:`blend_running` inside ``torch.jit.trace``: the refusal of non-finite values as
     tensor operations (``where``), so that the traced graph keeps it for every later input
     (a Python test would be recorded as a constant). No warning can come from a trace."""
-    running_mean, running_var, momentum, alpha, nbt = running
+    running_mean, running_var, _, _, nbt = running
     with torch.no_grad():
-        blended_m = torch.lerp(running_mean, mean.to(running_mean.dtype), momentum)
-        blended_v = running_var.mul(1.0 - momentum).add(var.to(running_var.dtype), alpha=alpha)
+        blended_m, blended_v = _blended(running, mean, var)
         ok = torch.isfinite(blended_v).all() & torch.isfinite(blended_m).all()
         running_mean.copy_(torch.where(ok, blended_m, running_mean))
         running_var.copy_(torch.where(ok, blended_v, running_var))
@@ -919,10 +925,9 @@ def _check_call(
     input with batch and channel axes, running buffers both given or both absent, and every
     per-channel tensor floating with one value per channel of the input."""
     name = _name(layer)
-    if input.dim() >= 1 and -input.dim() <= axis < input.dim():
-        check_channels(input, input.shape[axis], axis, layer)  # dtype, dimensions
-    else:
-        check_channels(input, 0, axis, layer)  # raises: too few dimensions, or axis
+    in_range = -input.dim() <= axis < input.dim()
+    # dtype, dimensions and axis (the channel count is the input's own: checked below)
+    check_channels(input, input.shape[axis] if in_range else 0, axis, layer)
     if (running_mean is None) != (running_var is None):
         given, missing = (
             ("running_mean", "running_var")
@@ -934,8 +939,12 @@ def _check_call(
             "updated together in training and used together in eval mode), or neither."
         )
     c = input.shape[axis]
-    vectors = {"running_mean": running_mean, "running_var": running_var}
-    vectors.update(weight=weight, bias=bias)
+    vectors = {
+        "running_mean": running_mean,
+        "running_var": running_var,
+        "weight": weight,
+        "bias": bias,
+    }
     for what, v in vectors.items():
         if v is None:
             continue
