@@ -146,12 +146,6 @@ def _updatable(running: functional.RunningStats) -> bool:
     )
 
 
-def _node() -> Any | None:
-    """The compiled node (:mod:`batchnorm.native`), or None: turned off, not buildable, or a
-    call inside ``torch.jit.trace`` (which records torch operations only)."""
-    return native.load() if torch._C._get_tracing_state() is None else None
-
-
 class NumbaBackend:
     """Fused Numba kernels for CPU tensors of shape ``(N, C, L)`` or ``(M, C)``.
 
@@ -250,7 +244,7 @@ class NumbaBackend:
         eps: float,
         running: functional.RunningStats | None,
     ) -> tuple[Tensor, Tensor, bool] | None:
-        ext = _node()
+        ext = native.load()  # None: turned off or not buildable
         if ext is None:
             return None
         T = K._threads(x.numel(), None)
@@ -269,7 +263,7 @@ class NumbaBackend:
         bias: Tensor | None,
         eps: float,
     ) -> Tensor | None:
-        ext = _node()
+        ext = native.load()  # None: turned off or not buildable
         if ext is None:
             return None
         return ext.evaluate(x, axis, mean, var, weight, bias, K._threads(x.numel(), None), eps)  # type: ignore[no-any-return]
