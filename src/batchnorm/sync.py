@@ -364,11 +364,6 @@ class SyncBatchNorm(_BatchNormBase):
         torch.Size([4, 8, 3, 3])
     """
 
-    @property
-    def _empty_is_local(self) -> bool:  # type: ignore[override]
-        # an empty rank still joins the exchange; alone, it is plain BN
-        return not self._syncing()
-
     def __init__(
         self,
         num_features: int,

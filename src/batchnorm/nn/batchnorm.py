@@ -66,9 +66,6 @@ class _BatchNormBase(nn.Module):
     running_mean: Tensor | None
     running_var: Tensor | None
     num_batches_tracked: Tensor | None
-    #: an empty batch is answered locally with an empty output (False where the training step
-    #: is collective: every rank must take part, with whatever it holds)
-    _empty_is_local: bool = True
 
     def __init__(
         self,
@@ -233,6 +230,10 @@ class _BatchNormBase(nn.Module):
         self._check_input_dim(input)
         F.check_channels(input, self.num_features, self.axis, self.layer_name())
 
+    def _syncing(self) -> bool:
+        """Whether this training step is collective across processes (SyncBatchNorm)."""
+        return False
+
     def _use_batch_stats(self) -> bool:
         # as torch.nn: batch statistics in training, or always without running buffers
         b = self._buffers  # (read directly: see _tensors)
@@ -372,9 +373,10 @@ class _BatchNormBase(nn.Module):
         self._check_input(input)
         if mask is not None:
             mask = F.check_mask(input, mask, self.axis, self.layer_name())
-        if input.numel() == 0 and self._empty_is_local:
+        if input.numel() == 0 and not self._syncing():
             # an empty batch (a detector's frame without boxes): an empty output, as torch.nn
             # gives; nothing to learn from, so the running statistics and counter stay as they are
+            # (a synchronizing layer's empty rank still joins the exchange)
             return input.clone()
         if self._use_batch_stats():
             count = self._check_small(input, mask)
