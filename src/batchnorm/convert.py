@@ -73,7 +73,7 @@ def _torch_class_for(m: _BatchNormBase, name: str) -> type[nn.modules.batchnorm.
 
 
 def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:
-    from batchnorm.variants import _FROZEN, _stay_in_eval, is_frozen
+    from batchnorm.variants import freeze_like
 
     tensors = [*src.parameters(recurse=False), *src.buffers(recurse=False)]
     if tensors:
@@ -82,12 +82,7 @@ def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:
     for name, t in src.named_parameters(recurse=False):
         getattr(dst, name).requires_grad_(t.requires_grad)
     dst.train(src.training)
-    if is_frozen(src):
-        # frozen stays frozen (as freeze does it), and unfreeze can still give back the γ/β
-        # gradients that freeze switched off
-        setattr(dst, _FROZEN, list(getattr(src, _FROZEN)))
-        dst.register_forward_pre_hook(_stay_in_eval)
-        dst.training = False
+    freeze_like(src, dst)  # frozen stays frozen; unfreeze still restores γ/β's gradients
     return dst
 
 

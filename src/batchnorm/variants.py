@@ -538,10 +538,23 @@ def freeze(model: nn.Module, *, affine: bool = False) -> nn.Module:
                 if isinstance(p, nn.Parameter) and p.requires_grad:
                     p.requires_grad_(False)
                     switched.append(pname)
-        setattr(m, _FROZEN, switched)
-        m.register_forward_pre_hook(_stay_in_eval)
-        m.training = False
+        _mark_frozen(m, switched)
     return model
+
+
+def _mark_frozen(m: nn.Module, switched: list[str]) -> None:
+    """Freeze one layer: the marker (γ/β names whose gradients were switched off) and the
+    pre-forward hook that keeps it in eval mode."""
+    setattr(m, _FROZEN, switched)
+    m.register_forward_pre_hook(_stay_in_eval)
+    m.training = False
+
+
+def freeze_like(src: nn.Module, dst: nn.Module) -> None:
+    """Freeze ``dst`` as ``src`` is frozen (nothing if it is not), so that :func:`unfreeze`
+    restores ``dst`` as it would ``src`` — for a layer replaced by another class."""
+    if is_frozen(src):
+        _mark_frozen(dst, list(getattr(src, _FROZEN)))
 
 
 def unfreeze(model: nn.Module) -> nn.Module:
