@@ -53,9 +53,8 @@ def enabled() -> bool:
     return _env.get("BATCHNORM_NATIVE") != "0"
 
 
-def _built(cpp_extension: Any) -> bool:
+def _built(cpp_extension: Any, name: str) -> bool:
     """Whether torch's extension cache already holds a build (then loading takes a second)."""
-    name = _name()
     try:
         where = Path(cpp_extension._get_build_directory(name, False))
     except Exception:
@@ -77,7 +76,8 @@ def load() -> Any | None:
         from batchnorm import functional
         from batchnorm.kernels import _entries
 
-        if not _built(cpp_extension):
+        name = _name()
+        if not _built(cpp_extension, name):
             print(
                 "batchnorm: building the compiled autograd node and compiling its kernels "
                 "(once, a minute or a few; BATCHNORM_NATIVE=0 skips it)",
@@ -85,7 +85,7 @@ def load() -> Any | None:
             )
         addresses = _entries.addresses()
         ext = cpp_extension.load(
-            name=_name(),
+            name=name,
             sources=[str(_SOURCE)],
             extra_cflags=["-O2"],
             verbose=False,
