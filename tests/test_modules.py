@@ -256,6 +256,13 @@ def test_convert_model_keeps_freezing_sharing_and_dtype() -> None:
     assert m.seq[1] is m.bn and type(m.bn) is batchnorm.BatchNorm2d
     assert len(list(m.parameters())) == 2
 
+    bn = nn.BatchNorm1d(4)  # listed twice in one container
+    for to in ("ours", "torch"):
+        twice = batchnorm.convert_model(nn.Sequential(bn, nn.ReLU(), bn), to=to)  # type: ignore[arg-type]
+        assert twice[0] is twice[2]
+        assert isinstance(twice[0], batchnorm.BatchNorm1d if to == "ours" else nn.BatchNorm1d)
+        bn = twice[0]
+
     for dt in (torch.float64, torch.float16):
         b = nn.BatchNorm2d(3, affine=False).to(dt)
         ours = batchnorm.convert_model(nn.Sequential(b))[0]
@@ -378,3 +385,27 @@ def test_empty_batch_gives_an_empty_output_and_changes_nothing() -> None:
         assert torch.equal(ours.running_mean, torch.zeros(5))
         assert torch.equal(ours.running_var, torch.ones(5))
         assert int(ours.num_batches_tracked) == 0
+
+
+def test_generic_batchnorm_to_torch_takes_its_class_from_the_input_rank() -> None:
+    """Our BatchNorm (axis 1) works on any rank, each torch.nn class on one: the class comes
+    from the rank an example input shows; without one the conversion is refused (it used to
+    give BatchNorm2d, which failed at the next forward on 2-D input)."""
+    torch.manual_seed(0)
+    for shape, cls in (
+        ((16, 5), nn.BatchNorm1d),
+        ((4, 5, 7), nn.BatchNorm1d),
+        ((2, 5, 3, 3), nn.BatchNorm2d),
+        ((2, 5, 2, 3, 3), nn.BatchNorm3d),
+    ):
+        net = nn.Sequential(batchnorm.BatchNorm(5), nn.ReLU())
+        x = torch.randn(shape) * 2 + 1
+        net(x)
+        state = {k: v.clone() for k, v in net.state_dict().items()}
+        with pytest.raises(ValueError, match=r"'0'.*any input rank.*example_input"):
+            batchnorm.convert_model(net, to="torch")
+        back = batchnorm.convert_model(net, to="torch", example_input=x)
+        assert type(back[0]) is cls and back[0].training
+        for k, v in back.state_dict().items():
+            assert torch.equal(v, state[k]), k  # the example run changed nothing
+        back(x)  # the converted model runs on the model's input

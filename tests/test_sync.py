@@ -555,6 +555,9 @@ def test_convert_keeps_state_options_and_leaves_variants_alone() -> None:
     assert {net[1].sync_width, net[2].sync_width, net[4][0].sync_width} == {16}
     bare = convert_sync_batchnorm(torch.nn.BatchNorm1d(3))
     assert isinstance(bare, SyncBatchNorm)
+    bn = torch.nn.BatchNorm1d(3)  # listed twice in one container: one layer, synced at both
+    twice = convert_sync_batchnorm(torch.nn.Sequential(bn, torch.nn.ReLU(), bn))
+    assert isinstance(twice[0], SyncBatchNorm) and twice[0] is twice[2]
     # eval mode needs no process group and matches torch.nn
     x = torch.randn(2, 8, 4, 4)
     ref = torch.nn.BatchNorm2d(8, momentum=0.3).eval()

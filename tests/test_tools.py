@@ -418,3 +418,102 @@ def test_fold_knows_the_rank_of_a_linear_bn_registered_twice() -> None:
         warnings.simplefilter("error")
         folded, err = batchnorm.fold(net, x)
     assert isinstance(folded.seq[1], nn.Identity) and err < 1e-4
+
+
+def test_fold_leaves_layers_that_transform_their_weight() -> None:
+    """A conv whose forward rewrites its weight (weight standardization), a parametrized one
+    (spectral_norm) and one with the legacy weight_norm hook are not folded: folding would
+    give a wrong model (standardization undoes the scale) or fail; each pair is named in a
+    warning and its BN kept as a fixed map."""
+    import torch.nn.functional as F
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    class StdConv2d(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = self.weight
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    class PlainSubclass(nn.Conv2d):  # inherits forward: folds
+        pass
+
+    torch.manual_seed(0)
+    layers = {
+        "overrides forward": StdConv2d(3, 4, 3),
+        "parametrized": spectral_norm(nn.Conv2d(3, 4, 3)),
+    }
+    with pytest.warns(FutureWarning):  # the legacy hook-based form, deprecated but in use
+        layers["forward hooks"] = torch.nn.utils.weight_norm(nn.Conv2d(3, 4, 3))
+    x = torch.randn(2, 3, 8, 8)
+    for why, conv in layers.items():
+        net = nn.Sequential(conv, nn.BatchNorm2d(4), nn.ReLU())
+        with torch.no_grad():
+            net[1].weight.uniform_(0.5, 2)
+            net[1].bias.uniform_(-1, 1)
+        for _ in range(3):
+            net(torch.randn(8, 3, 8, 8) * 2 + 1)
+        net.eval()
+        with torch.no_grad():
+            ref = net(x)
+        with pytest.warns(UserWarning, match=f"'0' → '1'.*{why}"):
+            folded, err = batchnorm.fold(net, x)
+        assert type(folded[1]) is nn.BatchNorm2d and err < 1e-5, why
+        with pytest.warns(UserWarning, match=why):
+            inf = batchnorm.to_inference(net)
+        assert type(inf[1]).__name__ == "FrozenBatchNorm", why
+        with torch.no_grad():
+            torch.testing.assert_close(inf(x), ref, rtol=1e-5, atol=1e-5)
+    net = nn.Sequential(PlainSubclass(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    folded, err = batchnorm.fold(net, x)
+    assert isinstance(folded[1], nn.Identity) and err < 1e-5
+
+
+def test_a_layer_listed_twice_in_one_sequential() -> None:
+    """``Sequential(conv, conv, bn)`` (one conv used twice) folds at the conv that feeds the BN
+    only, and to_inference replaces a BN listed twice at both places, as one layer."""
+
+    class Untraceable(nn.Module):  # pairs from Sequential adjacency
+        def __init__(self) -> None:
+            super().__init__()
+            conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.seq = nn.Sequential(conv, conv, nn.BatchNorm2d(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.seq(x) if x.sum() > -1e9 else x
+
+    torch.manual_seed(0)
+    net = Untraceable()
+    for _ in range(3):
+        net(torch.randn(4, 3, 6, 6))
+    net.eval()
+    x = torch.randn(2, 3, 6, 6)
+    folded, err = batchnorm.fold(net, x)
+    assert isinstance(folded.seq[2], nn.Identity) and err < 1e-5
+    assert folded.seq[0] is not folded.seq[1]
+
+    bn = nn.BatchNorm1d(4)
+    net2 = nn.Sequential(bn, nn.ReLU(), bn)
+    for _ in range(3):
+        net2(torch.randn(8, 4) * 3 + 2)
+    net2.eval()
+    x2 = torch.randn(8, 4) * 3 + 2
+    with torch.no_grad():
+        ref = net2(x2)
+    inf = batchnorm.to_inference(net2)
+    assert type(inf[2]).__name__ == "FrozenBatchNorm" and inf[0] is inf[2]
+    inf.train()  # nothing left depends on the mode
+    with torch.no_grad():
+        torch.testing.assert_close(inf(x2), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_recalibrate_does_not_warn_of_small_batches_nor_use_up_the_warning() -> None:
+    import warnings
+
+    net = nn.Sequential(nn.Linear(3, 5), batchnorm.BatchNorm1d(5))
+    loader = torch.utils.data.DataLoader(torch.randn(100, 3), batch_size=32)  # last batch: 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batchnorm.recalibrate(net, loader)
+    net.train()
+    with pytest.warns(batchnorm.SmallBatchWarning):
+        net(torch.randn(3, 3))

@@ -17,6 +17,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from batchnorm.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase
@@ -49,7 +50,17 @@ def _bias_kwarg(has_gamma: bool, has_beta: bool) -> dict[str, bool]:
     return {"bias": has_beta} if (_TORCH_HAS_BIAS_ARG and has_gamma) else {}
 
 
-def _torch_class_for(m: _BatchNormBase, name: str) -> type[nn.modules.batchnorm._BatchNorm]:
+_TORCH_BY_RANK: dict[int, type[nn.modules.batchnorm._BatchNorm]] = {
+    2: nn.BatchNorm1d,
+    3: nn.BatchNorm1d,
+    4: nn.BatchNorm2d,
+    5: nn.BatchNorm3d,
+}
+
+
+def _torch_class_for(
+    m: _BatchNormBase, name: str, rank: int | None
+) -> type[nn.modules.batchnorm._BatchNorm]:
     if type(m) in _TO_TORCH:
         return _TO_TORCH[type(m)]
     problems = []
@@ -69,7 +80,16 @@ def _torch_class_for(m: _BatchNormBase, name: str) -> type[nn.modules.batchnorm.
             + "; ".join(problems)
             + ". Keep our layer for it, or rebuild it with BatchNorm1d/2d/3d."
         )
-    return nn.BatchNorm2d  # rank unknown: BatchNorm2d's state is the same; refine by use
+    if rank not in _TORCH_BY_RANK:
+        # torch.nn's classes check the input's rank: the wrong one fails at the next forward
+        seen = "example_input did not reach it" if rank is None else f"it saw {rank}-D input"
+        raise ValueError(
+            f"convert_model: layer {name!r} ({m.layer_name()}) works on any input rank, but "
+            f"each torch.nn class takes one (BatchNorm1d: 2-D/3-D, 2d: 4-D, 3d: 5-D) and {seen}. "
+            "Pass example_input=<a batch for the model> so the rank can be seen, or build the "
+            "layer as BatchNorm1d/2d/3d."
+        )
+    return _TORCH_BY_RANK[rank]
 
 
 def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:
@@ -95,7 +115,7 @@ def _dtype(m: nn.Module) -> Any:
     return None
 
 
-def _convert_one(m: nn.Module, to: str, name: str) -> nn.Module | None:
+def _convert_one(m: nn.Module, to: str, name: str, ranks: dict[int, int]) -> nn.Module | None:
     if to == "ours" and type(m) in _TO_OURS:
         assert isinstance(m, nn.modules.batchnorm._BatchNorm)
         new: nn.Module = _TO_OURS[type(m)](
@@ -109,7 +129,7 @@ def _convert_one(m: nn.Module, to: str, name: str) -> nn.Module | None:
         )
         return _copy_state(m, new)
     if to == "torch" and isinstance(m, _BatchNormBase):
-        cls = _torch_class_for(m, name)
+        cls = _torch_class_for(m, name, ranks.get(id(m)))
         new = cls(
             m.num_features,
             eps=m.eps,
@@ -123,9 +143,36 @@ def _convert_one(m: nn.Module, to: str, name: str) -> nn.Module | None:
     return None
 
 
-def convert_model(model: nn.Module, to: Literal["ours", "torch"] = "ours") -> nn.Module:
+def _input_ranks(model: nn.Module, example_input: Any) -> dict[int, int]:
+    """The input rank of each of our generic ``BatchNorm`` layers on ``example_input`` (by id)."""
+    ranks: dict[int, int] = {}
+
+    def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        ranks[id(mod)] = args[0].dim()
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if type(m) is BatchNorm]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.no_grad():
+            model.eval()  # the running statistics stay as they are
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return ranks
+
+
+def convert_model(
+    model: nn.Module, to: Literal["ours", "torch"] = "ours", *, example_input: Any = None
+) -> nn.Module:
     """Replace every batch-norm layer of ``model`` in place with the other implementation and
     return the model (a bare batch-norm layer is returned converted).
+
+    Our generic :class:`~batchnorm.BatchNorm` (channel axis 1) takes any input rank, each
+    ``torch.nn`` class one: converting it ``to="torch"`` needs ``example_input``, a batch the
+    model is run on once (in eval mode, nothing updated) to see each such layer's input rank.
 
     Example::
 
@@ -137,15 +184,20 @@ def convert_model(model: nn.Module, to: Literal["ours", "torch"] = "ours") -> nn
     """
     if to not in ("ours", "torch"):
         raise ValueError(f"convert_model: to must be 'ours' or 'torch', got {to!r}")
-    top = _convert_one(model, to, "")
+    needs_rank = to == "torch" and any(type(m) is BatchNorm for m in model.modules())
+    ranks = _input_ranks(model, example_input) if needs_rank and example_input is not None else {}
+    top = _convert_one(model, to, "", ranks)
     if top is not None:
         return top
     done: dict[int, nn.Module | None] = {}  # a layer registered twice is converted once
     for name, child in list(model.named_modules(remove_duplicate=False)):
-        for cname, c in list(child.named_children()):
+        # _modules: every entry, a layer listed twice in one container included
+        for cname, c in list(child._modules.items()):
+            if c is None:
+                continue
             if id(c) not in done:
                 full = f"{name}.{cname}" if name else cname
-                done[id(c)] = _convert_one(c, to, full)
+                done[id(c)] = _convert_one(c, to, full, ranks)
             new = done[id(c)]
             if new is not None:
                 setattr(child, cname, new)

@@ -477,7 +477,8 @@ _CONVERTIBLE: tuple[type[nn.Module], ...] = (
 
 
 def _named_bn(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    for name, m in model.named_modules():
+    # every name a layer is registered under (a layer listed twice is replaced at both)
+    for name, m in model.named_modules(remove_duplicate=False):
         if type(m) in _CONVERTIBLE or type(m) is SyncBatchNorm:
             yield name, m
 
@@ -548,10 +549,13 @@ def convert_sync_batchnorm(
     width = max(int(m.num_features) for _, m in layers)  # type: ignore[arg-type]
     if layers[0][0] == "":  # the model is itself a batch-norm layer
         return _to_sync(model, "", process_group, timeout, width)
+    synced: dict[int, nn.Module] = {}  # a shared layer stays one layer (named where first met)
     for full, m in layers:
+        if id(m) not in synced:
+            synced[id(m)] = _to_sync(m, full, process_group, timeout, width)
         parent_name, _, child = full.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _to_sync(m, full, process_group, timeout, width))
+        setattr(parent, child, synced[id(m)])
     return model
 
 

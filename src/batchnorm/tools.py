@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm.inplace_abn import InPlaceABN
-from batchnorm.nn.batchnorm import _BatchNormBase
+from batchnorm.nn.batchnorm import SmallBatchWarning, _BatchNormBase
 from batchnorm.variants import FrozenBatchNorm, is_frozen
 
 __all__ = [
@@ -152,6 +152,9 @@ def _accumulate(
         )
         for name, m in layers.items()
     }
+    # the moments pool exactly over all batches, so a small one does no harm here: no warning,
+    # and the layers' once-only warning is left for the user's own training batches
+    warned = {m: getattr(m, "_warned_small", None) for m in layers.values()}
     handles = []
 
     def hook_for(name: str, layer: nn.Module) -> Any:
@@ -163,46 +166,51 @@ def _accumulate(
 
         return hook
 
-    try:
-        model.eval()
-        for name, m in layers.items():
-            m.train()
-            # the layers keep normalizing; their own running update becomes a no-op
-            m.momentum = 0.0  # type: ignore[assignment]
-            handles.append(m.register_forward_pre_hook(hook_for(name, m), with_kwargs=True))
-        device = next((p.device for p in model.parameters()), None)
-        for x in _inputs(data):
-            n = _batch_size(x)
-            if num_samples is not None:
-                n = min(n, num_samples - seen)
-                if n < 2:  # a batch of one cannot be normalized with its own statistics
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SmallBatchWarning)
+        try:
+            model.eval()
+            for name, m in layers.items():
+                m.train()
+                # the layers keep normalizing; their own running update becomes a no-op
+                m.momentum = 0.0  # type: ignore[assignment]
+                handles.append(m.register_forward_pre_hook(hook_for(name, m), with_kwargs=True))
+            device = next((p.device for p in model.parameters()), None)
+            for x in _inputs(data):
+                n = _batch_size(x)
+                if num_samples is not None:
+                    n = min(n, num_samples - seen)
+                    if n < 2:  # a batch of one cannot be normalized with its own statistics
+                        break
+                    x = x[:n]
+                elif n < 2:
+                    # e.g. a DataLoader's last batch of one sample: skipped, not a failure (a BN
+                    # layer in train mode cannot normalize one sample of a 2-D input)
+                    continue
+                model(x if device is None else x.to(device))
+                seen += n
+                if num_samples is not None and seen >= num_samples:
                     break
-                x = x[:n]
-            elif n < 2:
-                # e.g. a DataLoader's last batch of one sample: skipped, not a failure (a BN
-                # layer in train mode cannot normalize one sample of a 2-D input)
-                continue
-            model(x if device is None else x.to(device))
-            seen += n
-            if num_samples is not None and seen >= num_samples:
-                break
-        if seen == 0:
-            raise ValueError(
-                "recalibrate: the data yielded no batch (of at least 2 samples); pass a "
-                "DataLoader or iterable of tensors or (x, y) tuples"
-            )
-    finally:
-        for h in handles:
-            h.remove()
-        for name, m in layers.items():
-            momentum, rm, rv, nbt = saved[name]
-            m.momentum = momentum
-            _t(m, "running_mean").copy_(rm)
-            _t(m, "running_var").copy_(rv)
-            if nbt is not None:
-                _t(m, "num_batches_tracked").copy_(nbt)
-        for mod, mode in modes.items():
-            mod.training = mode
+            if seen == 0:
+                raise ValueError(
+                    "recalibrate: the data yielded no batch (of at least 2 samples); pass a "
+                    "DataLoader or iterable of tensors or (x, y) tuples"
+                )
+        finally:
+            for h in handles:
+                h.remove()
+            for name, m in layers.items():
+                momentum, rm, rv, nbt = saved[name]
+                m.momentum = momentum
+                _t(m, "running_mean").copy_(rm)
+                _t(m, "running_var").copy_(rv)
+                if nbt is not None:
+                    _t(m, "num_batches_tracked").copy_(nbt)
+            for mod, mode in modes.items():
+                mod.training = mode
+            for m, flag in warned.items():
+                if flag is not None:
+                    m._warned_small = flag
     return moments, seen
 
 
@@ -304,6 +312,24 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _FOLDABLE = (*_CONV, *_CONV_T, nn.Linear)
 _AFFINE_TYPES: tuple[type[nn.Module], ...] = (*_BN_TYPES, FrozenBatchNorm)
+
+
+def _not_foldable(layer: nn.Module) -> str | None:
+    """Why ``layer``'s output is not ``W·x + b`` of its own parameters (None: it is), so a BN
+    after it cannot be folded into them."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(layer):
+        return (
+            "its weight is parametrized (weight_norm, spectral_norm, ...); remove that first: "
+            "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')"
+        )
+    base = next(c for c in type(layer).__mro__ if c in _FOLDABLE)
+    if type(layer).forward is not base.forward:
+        return f"{type(layer).__name__} overrides forward (it may transform its weight)"
+    if layer._forward_pre_hooks or layer._forward_hooks:
+        return "it has forward hooks (e.g. torch.nn.utils.weight_norm's), which may change it"
+    return None
 
 
 def _check_inference_ready(bn: nn.Module, name: str, what: str) -> None:
@@ -408,7 +434,9 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
     pairs = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Sequential):
-            children = list(mod.named_children())
+            # every entry, a layer used twice included (named_children lists it once, which
+            # would make the entries around the repeat look adjacent)
+            children = [(n, c) for n, c in mod._modules.items() if c is not None]
             for (n1, c1), (n2, c2) in zip(children, children[1:]):
                 if isinstance(c1, _FOLDABLE) and isinstance(c2, _AFFINE_TYPES):
                     prefix = f"{name}." if name else ""
@@ -454,10 +482,15 @@ def _fold_in_place(model: nn.Module, ranks: dict[str, int] | None, what: str) ->
         pairs = _sequential_pairs(model)
     folded = []
     unknown_rank = []
+    refused = []
     for layer_name, bn_name in pairs:
         layer, bn = mods[layer_name], mods[bn_name]
         _check_inference_ready(bn, bn_name, what)
         if int(_t(bn, "running_mean").numel()) != _out_channels(layer):
+            continue
+        why = _not_foldable(layer)
+        if why is not None:
+            refused.append(f"{layer_name!r} → {bn_name!r}: {why}")
             continue
         ax = _axis(bn)
         rank = None if ranks is None else ranks.get(bn_name)
@@ -482,6 +515,11 @@ def _fold_in_place(model: nn.Module, ranks: dict[str, int] | None, what: str) ->
             f"{what}: Linear → BN pairs {unknown_rank} were not folded: whether the BN's "
             "axis 1 is the Linear layer's feature axis depends on the input's rank (2-D: yes; "
             f"(N, L, F): no). Pass example_input to {what} to fold them.",
+            stacklevel=3,
+        )
+    if refused:
+        warnings.warn(
+            f"{what}: pairs not folded (their BN is kept as a fixed map): " + "; ".join(refused),
             stacklevel=3,
         )
     return folded
@@ -569,9 +607,12 @@ def to_inference(
     _fold_in_place(new, ranks, "to_inference")
     if isinstance(new, _BN_TYPES):
         return _fixed(new)
-    for name, m in list(new.named_modules()):
+    fixed: dict[int, nn.Module] = {}  # a layer registered under two names stays one layer
+    for name, m in list(new.named_modules(remove_duplicate=False)):
         if isinstance(m, _BN_TYPES):
-            _set(new, name, _fixed(m))
+            if id(m) not in fixed:
+                fixed[id(m)] = _fixed(m)
+            _set(new, name, fixed[id(m)])
     return new
 
 
