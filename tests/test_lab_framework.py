@@ -4,6 +4,7 @@ loop, models, plots, reports and the CLI, exercised with a toy experiment."""
 import json
 import math
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -492,3 +493,126 @@ def test_run_data_paths_are_relative(toy, tmp_path):
     path = registry.run_experiment(toy, tmp_path / "r", quick=True, log=lambda m: None)
     assert str(tmp_path) not in (path / "report.md").read_text().split("## Settings")[0]
     assert Path(path / "toy.png").is_file()
+
+
+def test_set_refuses_non_finite_numbers_and_the_quick_field():
+    for bad in ("lr=nan", "lr=inf", "lr=-inf"):
+        with pytest.raises(ConfigError, match="finite"):
+            make_config(ToyConfig, sets=[bad])
+    with pytest.raises(ConfigError, match="--quick flag"):
+        make_config(ToyConfig, quick=True, sets=["quick=false"])
+
+
+def test_resume_refuses_data_other_than_its_parts_were_computed_on(toy, tmp_path, monkeypatch):
+    """The config records what was asked for (a name such as 'auto'); a resumed run must not
+    mix parts computed on one dataset with training on another that the same request finds."""
+    from batchnorm.lab import data
+
+    out = tmp_path / "run"
+    real_train, real_load = train.train, data.load_dataset
+
+    def dies_on_second(*a, **k):
+        if CALLS["n"] >= 2:
+            raise KeyboardInterrupt
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(train, "train", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        registry.run_experiment(toy, out, quick=True, seeds=2, log=lambda m: None)
+    monkeypatch.setattr(train, "train", real_train)
+
+    def other_data(*a, **k):
+        import dataclasses
+
+        ds = real_load(*a, **k)
+        return dataclasses.replace(ds, x_train=ds.x_train[:-10], y_train=ds.y_train[:-10])
+
+    monkeypatch.setattr(data, "load_dataset", other_data)
+    with pytest.raises(RunDirConflict, match="saved parts of this run were computed on synthetic"):
+        registry.run_experiment(toy, out, quick=True, seeds=2, log=lambda m: None)
+    assert not (out / "summary.json").exists() and CALLS["n"] == 2
+    monkeypatch.setattr(data, "load_dataset", real_load)  # the same data again: it resumes
+    registry.run_experiment(toy, out, quick=True, seeds=2, log=lambda m: None)
+    assert json.loads((out / "summary.json").read_text())["status"] == "complete"
+
+
+def test_a_run_that_failed_before_any_result_does_not_block_the_corrected_one(toy, tmp_path):
+    out = tmp_path / "run"
+    results.RunDir(out).prepare("toy", {"dataset": "mnist"})  # what a failed start leaves
+    (out / "parts").mkdir()
+    path = registry.run_experiment(toy, out, quick=True, log=lambda m: None)
+    assert json.loads((path / "summary.json").read_text())["status"] == "complete"
+
+
+def test_cli_name_after_set_values(toy, tmp_path, capsys):
+    code = cli_main(
+        ["lab", "run", "--quick", "--set", "steps=5", "toy", "--out", str(tmp_path / "r")]
+    )
+    assert code == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["steps"] == 5
+    assert cli_main(["lab", "run", "--quick", "--set", "steps=5"]) == 2
+    assert "experiment name" in capsys.readouterr().err
+
+
+def test_cli_run_all_keeps_foreign_files_and_its_report(toy, tmp_path, capsys, monkeypatch):
+    from batchnorm.lab import cli as lab_cli
+
+    monkeypatch.setattr(registry, "_REGISTRY", {"toy": registry._REGISTRY["toy"]})
+    monkeypatch.setattr(registry, "_BROKEN", {})
+    mine = tmp_path / "proj"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes\n")
+    assert cli_main(["lab", "run", "all", "--quick", "--out", str(mine)]) == 2
+    assert "holds no report of 'lab run all'" in capsys.readouterr().err
+    assert (mine / "report.md").read_text() == "my notes\n" and not (mine / "toy").exists()
+
+    root = tmp_path / "all"
+    assert cli_main(["lab", "run", "all", "--quick", "--out", str(root)]) == 0
+    good = (root / "report.md").read_text()
+    # other settings: every experiment refused (its folder holds another run), report kept
+    assert cli_main(["lab", "run", "all", "--quick", "--set", "steps=7", "--out", str(root)]) == 1
+    assert "left as it was" in capsys.readouterr().err
+    assert (root / "report.md").read_text() == good
+
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lab_cli, "_run_one", interrupted)
+    assert cli_main(["lab", "run", "all", "--quick", "--out", str(root)]) == 130
+    err = capsys.readouterr().err
+    assert "resumes from them" in err and "Traceback" not in err
+
+
+def test_cli_unwritable_run_folder_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+    from batchnorm.lab import cli as lab_cli
+
+    def read_only(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(lab_cli, "_run_one", read_only)
+    out = tmp_path / "run"
+    assert cli_main(["lab", "run", "paper-mnist", "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the run's files in {out}: Permission denied" in err
+
+
+def test_output_to_a_closed_pipe_does_not_stop_the_work():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from batchnorm.lab.cli import _say\n"
+        "for i in range(2000):\n"
+        "    _say('line %d ' % i + 'x' * 200)\n"
+        "print('finished', file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        f"{shlex.quote(sys.executable)} -c {shlex.quote(script)} | head -c 10",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.stdout == "line 0 xxx"
+    assert "finished" in proc.stderr and "Traceback" not in proc.stderr

@@ -14,12 +14,14 @@ only re-renders a finished run); another config there is refused.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 from batchnorm.lab.data import DATASET_NAMES
+from batchnorm.lab.report import COMBINED_TITLE
 
 __all__ = ["add_arguments", "main"]
 
@@ -32,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run an experiment (or 'all')",
         description="Run an experiment and write its results, figures and report.",
     )
-    run.add_argument("name", help="experiment name (see 'batchnorm lab list') or 'all'")
+    # optional here so that a name after --set's values is found (see _name)
+    run.add_argument("name", nargs="?", help="experiment name (see 'batchnorm lab list') or 'all'")
     run.add_argument("--quick", action="store_true", help="smoke size: well under a minute")
     run.add_argument("--seeds", type=int, default=None, help="number of seeds (mean ± spread)")
     run.add_argument(
@@ -64,6 +67,29 @@ def _flat(sets: list[list[str]]) -> list[str]:
     return [s for group in sets for s in group]
 
 
+def _name(args: argparse.Namespace) -> str | None:
+    """The experiment name; ``--set k=v NAME`` leaves it among --set's values (``nargs='+'``),
+    where it is the one item without ``=``."""
+    if args.name is not None:
+        return str(args.name)
+    for group in reversed(args.sets):
+        if group and "=" not in group[-1]:
+            return group.pop()
+    return None
+
+
+def _say(msg: str, *, err: bool = False) -> None:
+    """Print a line; when the reader of stdout has gone (``| head``) the run goes on, its
+    files being the result, and further output is dropped."""
+    stream = sys.stderr if err else sys.stdout
+    try:
+        print(msg, file=stream, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
 def _cmd_list() -> int:
     from batchnorm.lab import registry
 
@@ -82,25 +108,22 @@ def _print_claims(path: Path) -> None:
     from batchnorm.lab.results import load_run
 
     run = load_run(path)
-    print(f"dataset used: {run.summary['dataset'].get('name')}")
+    _say(f"dataset used: {run.summary['dataset'].get('name')}")
     for c in run.claims:
         mark = "SUPPORTED    " if c.verdict else "NOT SUPPORTED"
-        print(f"  [{mark}] {c.statement} — {format_value(c.measured)}")
-    print(f"report: {path / 'report.md'}")
+        _say(f"  [{mark}] {c.statement} — {format_value(c.measured)}")
+    _say(f"report: {path / 'report.md'}")
 
 
 def _run_one(name: str, args: argparse.Namespace, out: Any, command: str) -> Path:
     from batchnorm.lab import registry
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
 
     return registry.run_experiment(
         name,
         out,
         quick=args.quick,
         sets=_flat(args.sets),
-        log=log,
+        log=_say,
         command=command,
         seeds=args.seeds,
         dataset=args.dataset,
@@ -110,50 +133,96 @@ def _run_one(name: str, args: argparse.Namespace, out: Any, command: str) -> Pat
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from batchnorm.lab import registry
     from batchnorm.lab.config import ConfigError
     from batchnorm.lab.data import DatasetCorruptError, DatasetNotFoundError
     from batchnorm.lab.results import RunDirConflict
 
+    name = _name(args)
+    if name is None:
+        _say("batchnorm lab run: error: an experiment name (or 'all') is required", err=True)
+        return 2
+    args.name = name
     command = _command(args)
     expected = (ConfigError, DatasetNotFoundError, DatasetCorruptError, RunDirConflict, KeyError)
-    if args.name != "all":
+    where = args.out or f"runs/{name}{'-quick' if args.quick else ''}"
+    if name != "all":
         try:
-            path = _run_one(args.name, args, args.out, command)
+            path = _run_one(name, args, args.out, command)
         except expected as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            print(f"error: {msg}", file=sys.stderr)
+            _say(f"error: {msg}", err=True)
+            return 2
+        except OSError as e:  # e.g. re-rendering a finished run in a read-only folder
+            _say(f"error: cannot write the run's files in {where}: {e.strerror or e}", err=True)
             return 2
         except KeyboardInterrupt:
-            where = args.out or f"runs/{args.name}{'-quick' if args.quick else ''}"
-            print(
-                f"interrupted: the finished parts in {where} are kept; the same command "
-                "resumes from them",
-                file=sys.stderr,
-            )
+            _interrupted(where)
             return 130
         _print_claims(path)
         return 0
+    return _cmd_run_all(args, command)
+
+
+def _interrupted(where: str) -> None:
+    _say(
+        f"interrupted: the finished parts in {where} are kept; the same command resumes from them",
+        err=True,
+    )
+
+
+def _all_root(root: Path) -> str | None:
+    """Why ``root`` cannot hold the combined report of ``lab run all`` (None: it can): it must
+    be new, empty, or a folder ``lab run all`` wrote before."""
+    if not root.exists():
+        return None
+    if not root.is_dir():
+        return f"{root} is a file, not a folder"
+    if not any(root.iterdir()):
+        return None
+    report = root / "report.md"
+    if report.is_file():
+        with report.open(encoding="utf-8", errors="replace") as f:
+            if f.readline().strip() == f"# {COMBINED_TITLE}":
+                return None
+    return f"{root} exists, is not empty and holds no report of 'lab run all'"
+
+
+def _cmd_run_all(args: argparse.Namespace, command: str) -> int:
+    from batchnorm.lab import registry
     from batchnorm.lab.report import write_combined_report
     from batchnorm.lab.results import RunData, load_run
 
     root = Path(args.out) if args.out else Path("runs") / ("all-quick" if args.quick else "all")
+    why = _all_root(root)
+    if why is not None:  # its files (a report.md of the user's) would be overwritten
+        _say(f"error: {why}; nothing was run. Choose another --out.", err=True)
+        return 2
     done: list[tuple[RunData, list[Path]]] = []
     failures: list[tuple[str, str]] = []
-    for name in registry.names():
-        print(f"== {name}", flush=True)
-        try:
-            path = _run_one(name, args, root / name, command)
-        except Exception as e:  # one failing experiment must not hide the others' results
-            failures.append((name, f"{type(e).__name__}: {e}"))
-            print(f"error: {name}: {type(e).__name__}: {e}", file=sys.stderr)
-            continue
-        run = load_run(path)
-        figs = sorted(path.glob("*.png"))
-        done.append((run, figs))
-        _print_claims(path)
+    try:
+        for name in registry.names():
+            _say(f"== {name}")
+            try:
+                path = _run_one(name, args, root / name, command)
+            except Exception as e:  # one failing experiment must not hide the others' results
+                failures.append((name, f"{type(e).__name__}: {e}"))
+                _say(f"error: {name}: {type(e).__name__}: {e}", err=True)
+                continue
+            run = load_run(path)
+            figs = sorted(path.glob("*.png"))
+            done.append((run, figs))
+            _print_claims(path)
+    except KeyboardInterrupt:
+        _interrupted(str(root))
+        return 130
     for mod, err in registry.broken().items():
         failures.append((mod, err.strip().splitlines()[-1]))
+    if not done and (root / "report.md").is_file():
+        _say(
+            f"no experiment finished; the combined report in {root} was left as it was",
+            err=True,
+        )
+        return 1
     settings = {
         "quick": args.quick,
         "seeds": args.seeds or "default",
@@ -161,7 +230,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "sets": " ".join(_flat(args.sets)) or "none",
     }
     md, _ = write_combined_report(root, done, failures, settings)
-    print(f"combined report: {md}")
+    _say(f"combined report: {md}")
     return 1 if failures else 0
 
 

@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -117,9 +118,14 @@ def parse_value(text: str, tp: Any, key: str = "value") -> Any:
         raise ConfigError(f"{key}: expected a boolean (true/false), got {text!r}")
     if tp in (int, float, str):
         try:
-            return tp(text)
+            value = tp(text)
         except ValueError:
             raise ConfigError(f"{key}: expected {tp.__name__}, got {text!r}") from None
+        if tp is float and not math.isfinite(value):
+            # NaN compares unequal to every bound a validate() checks, and a config file
+            # cannot record it
+            raise ConfigError(f"{key}: expected a finite number, got {text!r}")
+        return value
     raise ConfigError(f"{key}: cannot set fields of type {tp!r} from the command line")
 
 
@@ -157,6 +163,9 @@ def make_config(
         merged["quick"] = True
     merged.update({k: v for k, v in values.items() if v is not None})
     for k, v in _parse_sets(sets).items():
+        if k == "quick" and "quick" in fields:
+            # the flag also labels the report as a smoke test; a --set could drop that label
+            raise ConfigError("quick: use the --quick flag (quick=True in Python), not --set")
         if k not in fields:
             raise ConfigError(
                 f"unknown config key {k!r} for {cls.__name__}; valid keys: {', '.join(fields)}"

@@ -232,6 +232,10 @@ def write_report(run: RunData, figures: Sequence[Path]) -> tuple[Path, Path]:
     return md, htm
 
 
+#: the title of ``lab run all``'s report (its first line tells the command its own folder)
+COMBINED_TITLE = "batchnorm lab: all experiments"
+
+
 def write_combined_report(
     out: Path,
     runs: Sequence[tuple[RunData, Sequence[Path]]],
@@ -240,7 +244,7 @@ def write_combined_report(
 ) -> tuple[Path, Path]:
     """One report for ``lab run all``: a table of every claim of every run, then each run's
     section with its figures; experiments that failed are listed with their error."""
-    blocks: list[Block] = [("h", 1, "batchnorm lab: all experiments")]
+    blocks: list[Block] = [("h", 1, COMBINED_TITLE)]
     if settings:
         blocks.append(("p", "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items())))
     datasets = sorted({str(r.summary.get("dataset", {}).get("name")) for r, _ in runs})

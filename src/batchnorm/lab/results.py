@@ -275,6 +275,11 @@ class RunDir:
                 have = json.loads(cfg_path.read_text())
             except json.JSONDecodeError:
                 have = None
+            if have != json.loads(json.dumps(_jsonable(want))) and self._nothing_computed():
+                # a run that failed before its first result (a bad setting, a missing
+                # dataset): nothing to protect, and the corrected command must not be refused
+                atomic_write_json(cfg_path, want)
+                return "new"
             if have != json.loads(json.dumps(_jsonable(want))):
                 diff = self._diff(have, want)
                 raise RunDirConflict(
@@ -298,6 +303,16 @@ class RunDir:
                 "Choose another --out (a folder you can write to)."
             ) from e
         return "new"
+
+    def _nothing_computed(self) -> bool:
+        """The folder holds a config.json and nothing else (an empty ``parts/`` at most)."""
+        for entry in self.path.iterdir():
+            if entry.name == "config.json":
+                continue
+            if entry.name == "parts" and entry.is_dir() and not any(entry.iterdir()):
+                continue
+            return False
+        return True
 
     @staticmethod
     def _diff(have: Any, want: dict[str, Any]) -> str:
@@ -407,6 +422,23 @@ class RunContext:
                 f"{ds.x_test.shape[0]} held-out)"
                 + (" — chosen by --dataset auto" if name == "auto" else "")
             )
+            # the config names what was asked for ("auto", a folder); a resumed run must go on
+            # with the data its saved parts were computed on
+            found = {
+                "name": ds.name,
+                "source": str(ds.source),
+                "train": list(ds.x_train.shape),
+                "test": list(ds.x_test.shape),
+            }
+            first = self.cached(f"dataset-{key}", lambda: found)
+            if first != found:
+                raise RunDirConflict(
+                    f"the saved parts of this run were computed on {first['name']} "
+                    f"({first['source']}, {first['train'][0]} train), but --dataset {name} now "
+                    f"finds {found['name']} ({found['source']}, {found['train'][0]} train); the "
+                    "folder was not changed. Make the same data available again, or choose "
+                    "another --out to start over."
+                )
             self.datasets[key] = ds
         return self.datasets[key]
 
