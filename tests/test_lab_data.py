@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import http.server
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ import torch
 
 from batchnorm.lab import data
 from batchnorm.lab.data import DatasetCorruptError, DatasetNotFoundError
+
+SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
 @pytest.fixture
@@ -79,6 +82,14 @@ def test_corrupt_files_raise_with_path_and_remedy(tmp_path):
         data.read_idx(notgz)
 
 
+def test_corrupt_deflate_stream_raises_dataset_error(tmp_path):
+    # a valid gzip header followed by a deflate block of the reserved type: zlib.error inside
+    p = tmp_path / "z.idx.gz"
+    p.write_bytes(gzip.compress(b"")[:10] + b"\xff" * 20)
+    with pytest.raises(DatasetCorruptError, match=r"z\.idx\.gz: cannot read.*--download"):
+        data.read_idx(p)
+
+
 def test_lookup_order_data_dir_env_cache_system(isolated, monkeypatch):
     tmp = isolated
     _write_set(tmp / "system" / "mnist", seed=1)
@@ -117,6 +128,7 @@ def test_auto_prefers_mnist_then_fashion_then_digits(isolated):
 
 
 def test_missing_dataset_says_where_and_how(isolated):
+    (isolated / "mine").mkdir()  # an existing folder without the files
     with pytest.raises(DatasetNotFoundError) as e:
         data.load_dataset("fashion-mnist", isolated / "mine")
     msg = str(e.value)
@@ -132,6 +144,119 @@ def test_mismatched_image_and_label_counts(isolated):
     data.write_idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(7, dtype=np.uint8))
     with pytest.raises(DatasetCorruptError, match="mismatched"):
         data.load_dataset("mnist", folder)
+
+
+def test_empty_sets_and_differing_image_shapes_are_corrupt(isolated):
+    empty = isolated / "empty"
+    _write_set(empty, n_train=0, n_test=0)
+    with pytest.raises(DatasetCorruptError, match=r"train-images-idx3-ubyte.* 0 examples"):
+        data.load_dataset("mnist", empty)
+    shapes = isolated / "shapes"
+    _write_set(shapes)
+    data.write_idx(shapes / "t10k-images-idx3-ubyte.gz", np.zeros((10, 20, 20), dtype=np.uint8))
+    with pytest.raises(DatasetCorruptError, match=r"are 28x28 .*t10k-images.* are 20x20"):
+        data.load_dataset("mnist", shapes)
+
+
+def _publish(monkeypatch, name: str, files: dict[str, Path], raw: bool = False) -> None:
+    """Make ``files`` the published ones of ``name``: their .gz MD5s, or (raw) the MD5s of
+    their decompressed content."""
+    if raw:
+        sums = {
+            stem: hashlib.md5(gzip.decompress(p.read_bytes())).hexdigest()
+            for stem, p in files.items()
+        }
+        new = replace(data.IDX_SOURCES[name], md5={}, raw_md5=sums)
+    else:
+        new = replace(data.IDX_SOURCES[name], md5={p.name: _md5(p) for p in files.values()})
+    monkeypatch.setitem(data.IDX_SOURCES, name, new)
+
+
+def test_files_in_a_flat_folder_are_named_by_their_checksums(isolated, monkeypatch):
+    flat = isolated / "flat"  # same file names as MNIST: only the content tells them apart
+    _publish(monkeypatch, "fashion-mnist", _write_set(flat, seed=5))
+    ds = data.load_dataset("auto", flat)
+    assert ds.name == "fashion-mnist" and ds.info()["identified"] is True
+    assert ds.source == str(flat)
+    assert data.resolve_name("auto", flat) == "fashion-mnist"
+    assert data.load_dataset("fashion-mnist", flat).name == "fashion-mnist"
+    monkeypatch.setenv(data.ENV_DATA_DIR, str(flat))  # the same through the environment
+    assert data.load_dataset("auto").name == "fashion-mnist"
+    # asking for the other dataset is refused, naming the folder and the remedy
+    with pytest.raises(data.DatasetMismatchError) as e:
+        data.load_dataset("mnist", flat)
+    msg = str(e.value)
+    assert "\n" not in msg and str(flat) in msg and "--dataset fashion-mnist" in msg
+    assert isinstance(e.value, DatasetNotFoundError)  # the CLI reports it as a clean error
+
+
+def test_recompressed_files_are_named_by_their_content(isolated, monkeypatch):
+    # e.g. Debian's package recompresses the .gz files: only the content's MD5 still matches
+    flat = isolated / "flat"
+    _publish(monkeypatch, "mnist", _write_set(flat, seed=6), raw=True)
+    assert data.load_dataset("auto", flat).name == "mnist"
+    with pytest.raises(data.DatasetMismatchError, match="are mnist"):
+        data.load_dataset("fashion-mnist", flat)
+    for p in list(flat.iterdir()):  # and uncompressed
+        p.with_suffix("").write_bytes(gzip.decompress(p.read_bytes()))
+        p.unlink()
+    files = data.find_idx_files("mnist", flat)
+    assert files is not None and files["train_images"].suffix == ""
+    assert data.identify_idx_files(files) == "mnist"
+
+
+def test_unidentified_files_keep_the_requested_name_and_auto_says_so(isolated):
+    flat = isolated / "flat"
+    _write_set(flat, seed=7)  # matches no published checksum
+    ds = data.load_dataset("fashion-mnist", flat)
+    assert ds.name == "fashion-mnist" and ds.info()["identified"] is False
+    assert data.load_dataset("mnist", flat).name == "mnist"
+    auto = data.load_dataset("auto", flat)
+    assert auto.name == data.UNIDENTIFIED == data.resolve_name("auto", flat)
+    assert "unidentified" in auto.name and auto.source == str(flat)
+    # in a folder named after a dataset, the folder's name is what auto reports
+    _write_set(isolated / "mine" / "fashion-mnist", seed=8)
+    assert data.load_dataset("auto", isolated / "mine").name == "fashion-mnist"
+
+
+def test_files_of_two_datasets_or_renamed_published_files_are_refused(isolated, monkeypatch):
+    a, b = _write_set(isolated / "a", seed=1), _write_set(isolated / "b", seed=2)
+    _publish(monkeypatch, "mnist", a)
+    _publish(monkeypatch, "fashion-mnist", b)
+    mixed = isolated / "mixed"
+    _write_set(mixed, seed=3)
+    (mixed / "t10k-labels-idx1-ubyte.gz").write_bytes(a["t10k-labels-idx1-ubyte"].read_bytes())
+    (mixed / "t10k-images-idx3-ubyte.gz").write_bytes(b["t10k-images-idx3-ubyte"].read_bytes())
+    with pytest.raises(DatasetCorruptError, match=f"{mixed}: the IDX files mix datasets"):
+        data.load_dataset("auto", mixed)
+    swapped = isolated / "swapped"
+    _write_set(swapped, seed=4)
+    (swapped / "train-labels-idx1-ubyte.gz").write_bytes(a["t10k-labels-idx1-ubyte"].read_bytes())
+    with pytest.raises(DatasetCorruptError, match="t10k-labels-idx1-ubyte file .*not train-lab"):
+        data.load_dataset("mnist", swapped)
+
+
+@pytest.mark.skipif(not SYSTEM_FASHION.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_the_installed_fashion_mnist_is_identified():
+    # Debian recompresses the .gz files: this checks the published content digests
+    files = data.find_idx_files("fashion-mnist", SYSTEM_FASHION)
+    assert files is not None and data.identify_idx_files(files) == "fashion-mnist"
+
+
+def test_a_given_folder_that_does_not_exist_is_an_error(isolated, monkeypatch):
+    _write_set(isolated / "system" / "fashion-mnist")  # what would be used instead
+    typo = isolated / "does-not-exist"
+    for name in ("auto", "mnist", "fashion-mnist"):
+        with pytest.raises(DatasetNotFoundError, match=f"--data-dir {typo} does not exist"):
+            data.load_dataset(name, typo)
+    a_file = isolated / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(DatasetNotFoundError, match="is not a folder"):
+        data.load_dataset("auto", a_file)
+    assert data.load_dataset("digits", typo).name == "digits"  # no folder is read for digits
+    monkeypatch.setenv(data.ENV_DATA_DIR, str(typo))
+    with pytest.raises(DatasetNotFoundError, match=f"{data.ENV_DATA_DIR} is {typo}, which does"):
+        data.load_dataset("auto")
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -192,8 +317,10 @@ def test_download_rejects_a_checksum_mismatch(isolated, server):
 
 def test_download_reports_unreachable_mirrors(isolated, server):
     _, url = server
-    with pytest.raises(DatasetNotFoundError, match="download of mnist failed"):
+    with pytest.raises(DatasetNotFoundError, match="download of mnist failed") as e:
         data.download_dataset("mnist", isolated / "x", urls=[url + "/none/"], md5={"a.gz": "0"})
+    # the same ways out as when the files are not found
+    assert "--data-dir FOLDER" in str(e.value) and "--dataset digits" in str(e.value)
     with pytest.raises(ValueError, match="no download"):
         data.download_dataset("digits")
 

@@ -9,7 +9,15 @@ Names accepted by ``--dataset`` (:data:`DATASET_NAMES`):
   ``data_dir`` (``--data-dir``; the files directly in it or in ``data_dir/<name>/``),
   ``$BATCHNORM_DATA_DIR`` (same two forms), the user cache ``$XDG_CACHE_HOME/batchnorm/<name>/``
   (default ``~/.cache/batchnorm/<name>/``, where ``--download`` stores them) and
-  ``/usr/share/datasets/<name>/`` (Debian's ``dataset-fashion-mnist`` installs there).
+  ``/usr/share/datasets/<name>/`` (Debian's ``dataset-fashion-mnist`` installs there). A
+  ``data_dir`` or ``$BATCHNORM_DATA_DIR`` that is not a folder is an error, not skipped.
+
+Both datasets use the same file names, so the files found are identified by content: the MD5 of
+each file (and of its decompressed content) is compared with the published ones
+(:data:`IDX_SOURCES`). Files of the other dataset than the one requested are refused
+(:class:`DatasetMismatchError`). Files matching no published checksum (your own IDX files) are
+loaded under the requested name; under ``auto`` they are named by their folder
+(``…/mnist/``, ``…/fashion-mnist/``) or else reported as :data:`UNIDENTIFIED`.
 * ``digits`` — scikit-learn's 1,797 8×8 digits, split 80/20 (stratified, fixed seed).
 * ``synthetic`` — Gaussian class clusters shaped like 8×8 images; for tests.
 
@@ -33,6 +41,7 @@ import shutil
 import struct
 import tempfile
 import urllib.request
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,6 +59,9 @@ __all__ = [
     "Dataset",
     "DatasetNotFoundError",
     "DatasetCorruptError",
+    "DatasetMismatchError",
+    "UNIDENTIFIED",
+    "identify_idx_files",
     "read_idx",
     "write_idx",
     "find_idx_files",
@@ -71,11 +83,13 @@ IDX_FILES = {
 
 @dataclass(frozen=True)
 class IdxSource:
-    """Where a dataset is published and the MD5 of each published ``.gz`` file."""
+    """Where a dataset is published, the MD5 of each published ``.gz`` file (``md5``) and of its
+    decompressed content (``raw_md5``, keyed by the name without ``.gz``)."""
 
     urls: tuple[str, ...]
     md5: dict[str, str]
     homepage: str
+    raw_md5: dict[str, str] = field(default_factory=dict)
 
 
 # Canonical locations and the checksums published with them (the same ones torchvision uses).
@@ -92,6 +106,12 @@ IDX_SOURCES: dict[str, IdxSource] = {
             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
         },
         homepage="http://yann.lecun.com/exdb/mnist/",
+        raw_md5={
+            "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+            "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+            "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+            "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+        },
     ),
     "fashion-mnist": IdxSource(
         urls=(
@@ -105,11 +125,21 @@ IDX_SOURCES: dict[str, IdxSource] = {
             "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
         },
         homepage="https://github.com/zalandoresearch/fashion-mnist",
+        raw_md5={
+            "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+            "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+            "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+            "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+        },
     ),
 }
 
 SYSTEM_DATA_ROOT = Path("/usr/share/datasets")
 ENV_DATA_DIR = "BATCHNORM_DATA_DIR"
+
+# ``Dataset.name`` under ``--dataset auto`` for IDX files that match no published checksum and do
+# not sit in a folder named after a dataset: what they are is not known, so no name is claimed.
+UNIDENTIFIED = "unidentified IDX files"
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -122,12 +152,18 @@ class DatasetCorruptError(ValueError):
     sizes) or a download does not match its published checksum."""
 
 
+class DatasetMismatchError(DatasetNotFoundError):
+    """The files found for the requested dataset are, by their published checksums, those of the
+    other dataset (MNIST and Fashion-MNIST share the file names)."""
+
+
 @dataclass(frozen=True)
 class Dataset:
     """An image classification dataset held as tensors.
 
     Attributes:
-        name: the dataset actually used (``mnist``, ``fashion-mnist``, ``digits``, ``synthetic``).
+        name: the dataset actually used (``mnist``, ``fashion-mnist``, ``digits``, ``synthetic``,
+            or :data:`UNIDENTIFIED` for unknown IDX files under ``auto``).
         x_train, x_test: float32 ``(N, C, H, W)`` in [0, 1]. y_train, y_test: int64 ``(N,)``.
         num_classes: number of labels. source: where the data came from (files or generator).
         split: ``"test"`` for the official held-out set, ``"validation"`` for a split carved
@@ -219,13 +255,22 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     uint32 sizes, then the data. Raises :class:`DatasetCorruptError` naming the file and the
     problem."""
     p = Path(path)
+    return _parse_idx(p, _read_raw(p))
+
+
+def _read_raw(p: Path) -> bytes:
+    """The content of ``p``, decompressed if it is a ``.gz``."""
     try:
         with _open(p) as f:
-            raw = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raw: bytes = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise DatasetCorruptError(
             f"{p}: cannot read ({e}); delete it and fetch it again (--download)"
         ) from e
+    return raw
+
+
+def _parse_idx(p: Path, raw: bytes) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DatasetCorruptError(
             f"{p}: not an IDX file (bad magic {raw[:4].hex() or 'empty'}); delete it and fetch "
@@ -301,21 +346,98 @@ def find_idx_files(
     return None
 
 
+def _check_given_dirs(data_dir: str | os.PathLike[str] | None) -> None:
+    """A folder the user named (``--data-dir``, ``$BATCHNORM_DATA_DIR``) must exist: one that
+    does not is a typo, not a reason to quietly use data from somewhere else."""
+    env = os.environ.get(ENV_DATA_DIR) or None
+    for folder, what, remedy in (
+        (
+            data_dir,
+            f"--data-dir {data_dir}",
+            "pass the folder that holds the IDX files, or "
+            "leave --data-dir out to use the usual places",
+        ),
+        (
+            env,
+            f"${ENV_DATA_DIR} is {env}, which",
+            "set it to the folder that holds the IDX files, or unset it to use the usual places",
+        ),
+    ):
+        if folder is not None and not Path(folder).is_dir():
+            state = "is not a folder" if Path(folder).exists() else "does not exist"
+            raise DatasetNotFoundError(f"{what} {state}; {remedy}")
+
+
+def _known_md5() -> dict[str, tuple[str, str]]:
+    """MD5 -> (dataset, role) for every published file, gzipped and decompressed."""
+    known: dict[str, tuple[str, str]] = {}
+    for dataset, src in IDX_SOURCES.items():
+        for role, stem in IDX_FILES.items():
+            for digest in (src.md5.get(f"{stem}.gz"), src.raw_md5.get(stem)):
+                if digest:
+                    known[digest] = (dataset, role)
+    return known
+
+
+def _read_set(files: dict[str, Path]) -> tuple[dict[str, np.ndarray], str | None]:
+    """The arrays of the four files and the dataset whose published checksums they match
+    (``None``: no file matches). Files of two datasets mixed, or a published file under another
+    role's name, raise :class:`DatasetCorruptError`."""
+    known = _known_md5()
+    arrays: dict[str, np.ndarray] = {}
+    matched: dict[str, str] = {}
+    for role, p in files.items():
+        raw = _read_raw(p)
+        digests = [hashlib.md5(raw).hexdigest()] + ([_md5(p)] if p.suffix == ".gz" else [])
+        hit = next((known[d] for d in digests if d in known), None)
+        if hit is not None:
+            dataset, its_role = hit
+            if its_role != role:
+                raise DatasetCorruptError(
+                    f"{p}: this is {dataset}'s {IDX_FILES[its_role]} file (by its MD5), not "
+                    f"{IDX_FILES[role]}; give the files their original names"
+                )
+            matched[role] = dataset
+        arrays[role] = _parse_idx(p, raw)
+    datasets = sorted(set(matched.values()))
+    if len(datasets) > 1:
+        which = ", ".join(f"{files[r].name} is {d}" for r, d in matched.items())
+        raise DatasetCorruptError(
+            f"{files['train_images'].parent}: the IDX files mix datasets ({which}); keep the "
+            "four files of one dataset together in a folder"
+        )
+    return arrays, (datasets[0] if datasets else None)
+
+
+def identify_idx_files(files: dict[str, Path]) -> str | None:
+    """``mnist`` / ``fashion-mnist`` when the files (as :func:`find_idx_files` returns them)
+    match that dataset's published MD5s (of the ``.gz`` files or of their content), else
+    ``None``. Reads every file."""
+    return _read_set(files)[1]
+
+
 def _how_to_get(name: str, data_dir: str | os.PathLike[str] | None) -> str:
     looked = "\n".join(f"  {d}" for d in search_dirs(name, data_dir))
-    src = IDX_SOURCES[name]
     files = ", ".join(f"{s}.gz" for s in IDX_FILES.values())
+    return (
+        f"dataset {name!r} not found: looked for {files} (gzipped or not) in\n{looked}\n"
+        f"To get it:\n  - batchnorm lab run ... --dataset {name} --download "
+        f"(fetches into {_cache_root() / name}, checksums verified)\n" + _other_ways(name)
+    )
+
+
+def _other_ways(name: str, first: str = "or ") -> str:
+    """The remedies that need no download by this program, one ``  - `` line each; ``first``
+    leads the line after the Debian one."""
     debian = (
-        "\n  - on Debian/Ubuntu: apt-get install dataset-fashion-mnist"
+        "  - on Debian/Ubuntu: apt-get install dataset-fashion-mnist\n"
         if name == "fashion-mnist"
         else ""
     )
     return (
-        f"dataset {name!r} not found: looked for {files} (gzipped or not) in\n{looked}\n"
-        f"To get it:\n  - batchnorm lab run ... --dataset {name} --download "
-        f"(fetches into {_cache_root() / name}, checksums verified){debian}\n"
-        f"  - or download the four files from {src.homepage} into a folder and pass "
-        f"--data-dir FOLDER (or set {ENV_DATA_DIR})\n"
+        f"{debian}  - {'or ' if debian else first}download the four files from "
+        f"{IDX_SOURCES[name].homepage} into a folder and pass --data-dir FOLDER (or set "
+        f"{ENV_DATA_DIR})\n"
         "  - or use --dataset digits (bundled with scikit-learn, works offline)"
     )
 
@@ -376,15 +498,56 @@ def download_dataset(
         else:
             mismatch = any("checksum" in e for e in errors)
             cls = DatasetCorruptError if mismatch else DatasetNotFoundError
-            raise cls(f"download of {name} failed:\n  " + "\n  ".join(errors))
+            raise cls(
+                f"download of {name} failed:\n  "
+                + "\n  ".join(errors)
+                + "\nWithout the download:\n"
+                + _other_ways(name, first="")
+            )
     return out
 
 
-def _load_idx(name: str, data_dir: str | os.PathLike[str] | None) -> Dataset:
-    files = find_idx_files(name, data_dir)
-    if files is None:
-        raise DatasetNotFoundError(_how_to_get(name, data_dir))
-    arrays = {role: read_idx(p) for role, p in files.items()}
+def _find_auto(data_dir: str | os.PathLike[str] | None) -> tuple[str, dict[str, Path]] | None:
+    """The IDX files ``auto`` takes (MNIST's lookup first, then Fashion-MNIST's) and the name
+    whose lookup found them — which is not what they are when they lie directly in a folder."""
+    for candidate in ("mnist", "fashion-mnist"):
+        files = find_idx_files(candidate, data_dir)
+        if files is not None:
+            return candidate, files
+    return None
+
+
+def _idx_name(requested: str, folder: Path, identified: str | None) -> str:
+    """The name to report for IDX files in ``folder``, never a guess: what their checksums say,
+    else the requested name, else (``auto``) the folder's name if it is a dataset's, else
+    :data:`UNIDENTIFIED`. Files of another dataset than the requested one are refused."""
+    if requested != "auto":
+        if identified is not None and identified != requested:
+            raise DatasetMismatchError(
+                f"--dataset {requested}: the IDX files in {folder} are {identified} (their MD5s "
+                f"match the published {identified} files), not {requested}; use --dataset "
+                f"{identified} (or auto), or point --data-dir / ${ENV_DATA_DIR} at a folder "
+                f"holding the {requested} files"
+            )
+        return requested
+    if identified is not None:
+        return identified
+    return folder.name if folder.name in IDX_SOURCES else UNIDENTIFIED
+
+
+def _load_idx(requested: str, data_dir: str | os.PathLike[str] | None) -> Dataset:
+    if requested == "auto":
+        found = _find_auto(data_dir)
+        if found is None:
+            raise DatasetNotFoundError(_how_to_get("mnist", data_dir))
+        files = found[1]
+    else:
+        files_or_none = find_idx_files(requested, data_dir)
+        if files_or_none is None:
+            raise DatasetNotFoundError(_how_to_get(requested, data_dir))
+        files = files_or_none
+    arrays, identified = _read_set(files)
+    name = _idx_name(requested, files["train_images"].parent, identified)
     for split in ("train", "test"):
         xi, yi = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if xi.ndim != 3 or yi.ndim != 1 or xi.shape[0] != yi.shape[0]:
@@ -393,6 +556,19 @@ def _load_idx(name: str, data_dir: str | os.PathLike[str] | None) -> Dataset:
                 f"{files[f'{split}_labels']} has shape {yi.shape}; expected (N, H, W) images and "
                 "(N,) labels of the same N — the files are mismatched or corrupt"
             )
+        if xi.shape[0] == 0:
+            raise DatasetCorruptError(
+                f"{name}: {files[f'{split}_images']} and {files[f'{split}_labels']} hold 0 "
+                "examples; the files are empty or corrupt — fetch them again (--download)"
+            )
+    train_hw, test_hw = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
+    if train_hw != test_hw:
+        raise DatasetCorruptError(
+            f"{name}: the training images ({files['train_images']}) are {train_hw[0]}x"
+            f"{train_hw[1]} but the test images ({files['test_images']}) are {test_hw[0]}x"
+            f"{test_hw[1]}; the files are mismatched — keep the four files of one dataset "
+            "together in a folder"
+        )
 
     def images(a: np.ndarray) -> Tensor:
         # (N, H, W) uint8 -> (N, 1, H, W) float32 in [0, 1]
@@ -410,6 +586,7 @@ def _load_idx(name: str, data_dir: str | os.PathLike[str] | None) -> Dataset:
         y_test=labels(arrays["test_labels"]),
         num_classes=int(max(int(y_train.max()) + 1, 10)),
         source=str(files["train_images"].parent),
+        extra={"identified": identified is not None},
     )
 
 
@@ -457,16 +634,18 @@ def synthetic(
 
 
 def resolve_name(name: str, data_dir: str | os.PathLike[str] | None = None) -> str:
-    """The dataset ``name`` stands for: ``auto`` becomes mnist, fashion-mnist or digits,
-    whichever is found first."""
+    """The dataset ``name`` stands for: ``auto`` becomes mnist, fashion-mnist (the IDX files
+    found first, named as :func:`load_dataset` names them — reads them to check their
+    checksums) or digits."""
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     if name != "auto":
         return name
-    for candidate in ("mnist", "fashion-mnist"):
-        if find_idx_files(candidate, data_dir) is not None:
-            return candidate
-    return "digits"
+    found = _find_auto(data_dir)
+    if found is None:
+        return "digits"
+    files = found[1]
+    return _idx_name("auto", files["train_images"].parent, identify_idx_files(files))
 
 
 def load_dataset(
@@ -480,17 +659,22 @@ def load_dataset(
 
     ``download=True`` fetches MNIST / Fashion-MNIST into the user cache first when they are not
     found (for ``auto``: MNIST). Raises :class:`DatasetNotFoundError` saying where the files were
-    looked for and how to get them, :class:`DatasetCorruptError` for unreadable files."""
+    looked for and how to get them (also for a ``data_dir`` or ``$BATCHNORM_DATA_DIR`` that is not
+    a folder), :class:`DatasetMismatchError` when the files found are the other dataset's,
+    :class:`DatasetCorruptError` for unreadable or inconsistent files."""
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    if name == "auto" or name in IDX_SOURCES:
+        _check_given_dirs(data_dir)
     if name == "auto" and download and find_idx_files("mnist", data_dir) is None:
         download_dataset("mnist")
-    resolved = resolve_name(name, data_dir)
-    if resolved in IDX_SOURCES:
-        if download and find_idx_files(resolved, data_dir) is None:
-            download_dataset(resolved)
-        ds = _load_idx(resolved, data_dir)
-    elif resolved == "digits":
+    if name == "auto":
+        ds = _load_idx(name, data_dir) if _find_auto(data_dir) else _load_digits(seed=0)
+    elif name in IDX_SOURCES:
+        if download and find_idx_files(name, data_dir) is None:
+            download_dataset(name)
+        ds = _load_idx(name, data_dir)
+    elif name == "digits":
         ds = _load_digits(seed=0)
     else:
         ds = synthetic(seed=seed)
