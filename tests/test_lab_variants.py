@@ -93,3 +93,103 @@ def test_recalibration_quick_run(tmp_path) -> None:  # type: ignore[no-untyped-d
         for d in entries:
             if d is not None:
                 assert d["after"]["errors"] <= d["before"]["errors"]
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        ["hidden="],  # no hidden layer: nowhere to put BN, every arm the same network
+        ["hidden=32,0"],
+        ["n_train=10"],  # fewer than one batch of 60
+        ["n_train=100", "batch_size=200"],
+        ["n_train=-100"],
+        ["n_eval=-5"],
+        ["batch_size=0"],
+        ["momentum=-1"],
+        ["activations="],
+    ],
+    ids=" ".join,
+)
+def test_placement_config_rejects_bad_values(sets) -> None:  # type: ignore[no-untyped-def]
+    from batchnorm.lab.experiments.placement import PlacementConfig
+
+    with pytest.raises(ConfigError):
+        make_config(PlacementConfig, quick=True, sets=sets)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.1, 0.0])
+def test_placement_config_rejects_bad_lr(value: float) -> None:
+    from batchnorm.lab.experiments.placement import PlacementConfig
+
+    with pytest.raises(ConfigError, match="lr must be positive and finite"):
+        make_config(PlacementConfig, quick=True, sets={"lr": value})
+
+
+def test_placement_config_accepts_small_but_whole_batches() -> None:
+    from batchnorm.lab.experiments.placement import PlacementConfig
+
+    cfg = make_config(PlacementConfig, quick=True, sets=["n_train=60", "hidden=8"])
+    assert cfg.n_train == cfg.batch_size == 60 and cfg.hidden == (8,)
+
+
+class _FakeCtx:
+    """Stands in for a RunContext: hands out a 100-example dataset, counting the loads."""
+
+    def __init__(self) -> None:
+        self.loads = 0
+
+    def load_dataset(self, name, data_dir, download):  # type: ignore[no-untyped-def]
+        from batchnorm.lab.data import Dataset
+
+        self.loads += 1
+        x, y = torch.zeros(100, 1, 2, 2), torch.zeros(100, dtype=torch.long)
+        return Dataset("synthetic", x, y, x[:40], y[:40], 2, "test")
+
+
+@pytest.mark.parametrize("n_train, n_eval", [(-100, 0), (0, -5), (-1, -1)])
+def test_load_data_refuses_negative_counts(n_train: int, n_eval: int) -> None:
+    from batchnorm.lab.config import BaseConfig
+    from batchnorm.lab.experiments._nets import load_data
+
+    ctx = _FakeCtx()
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        load_data(BaseConfig(), ctx, n_train, n_eval)  # type: ignore[arg-type]
+    assert ctx.loads == 0  # refused before loading anything
+
+
+def test_load_data_cuts_and_checks_one_batch() -> None:
+    from batchnorm.lab.config import BaseConfig
+    from batchnorm.lab.experiments._nets import load_data
+
+    ds = load_data(BaseConfig(), _FakeCtx(), 30, 0)  # type: ignore[arg-type]
+    assert ds.x_train.shape[0] == 30 and ds.x_test.shape[0] == 40  # 0 = all
+    assert load_data(BaseConfig(), _FakeCtx(), 0, 0, batch_size=100).x_train.shape[0] == 100  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="has 100 examples, fewer than batch_size=120"):
+        load_data(BaseConfig(), _FakeCtx(), 0, 0, batch_size=120)  # type: ignore[arg-type]
+
+
+def test_learning_rate_negative_counts_are_a_clean_error(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from batchnorm.cli import main as cli_main
+
+    args = ["lab", "run", "learning-rate", "--quick", "--dataset", "digits"]
+    code = cli_main([*args, "--set", "n_train=-100", "--out", str(tmp_path / "lr")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: n_train must be >= 0"), err
+    code = cli_main([*args, "--set", "n_val=-5", "--out", str(tmp_path / "lr2")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: n_val must be >= 0"), err
+
+
+def test_initialization_measured_scales_use_one_format(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = run_experiment(
+        "initialization", tmp_path / "init", quick=True, dataset="digits",
+        sets=["steps=6", "eval_every=3", "n_train=100", "n_eval=50", "init_scales=0.1,10",
+              "hidden=8", "seeds=1"],
+        log=lambda m: None, progress=False,
+    )  # fmt: skip
+    claims = {c["id"]: c for c in _summary(out)["claims"]}
+    acc = claims["bn-init-insensitive"]["measured"]
+    status = claims["bn-init-fewer-failures"]["measured"]
+    for arm in ("noBN", "BN"):
+        assert list(acc[f"acc_{arm}"]) == ["0.1", "10"]
+        assert list(status[f"status_{arm}"]) == ["0.1", "10"]  # not "10.0"

@@ -137,7 +137,8 @@ def test_claims_are_computed_from_the_measurements(quick_run):
             )
             for st in steps
         ]
-        reach = next((st for st, v in zip(steps, curve) if v >= target), None)
+        # step 0 (the untrained network) never counts as reaching the target
+        reach = next((st for st, v in zip(steps, curve) if st > 0 and v >= target), None)
         assert fa["measured"]["bn_steps_to_it"] == reach
         budget = s["config"]["steps"] / s["config"]["speedup"]
         assert fa["verdict"] is (reach is not None and reach <= budget)
@@ -214,3 +215,200 @@ def test_sigmoid_inputs_are_recorded_as_in_training_without_touching_running_sta
     assert not net.training  # mode restored
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k  # running statistics untouched
+
+
+# --------------------------------------------------------------------------------------------
+# claim rules on constructed measurements (no training)
+
+
+def _cfg(**sets):
+    from batchnorm.lab.config import make_config
+
+    return make_config(pm.PaperMnistConfig, quick=True, sets=sets)  # steps 300, eval every 50
+
+
+def _fake_run(accs, *, diverge_at=None, drift=0.5):
+    """One seed's saved run: ``accs`` at steps 0, 50, 100, …; ``diverge_at``: the loss became
+    non-finite at that step (the last row then has no metrics, as train.train writes it)."""
+    rows = [{"step": 50 * i, "test_acc": a} for i, a in enumerate(accs)]
+    run = {"rows": rows, "diverged": diverge_at is not None, "seconds": 1.0}
+    if diverge_at is not None:
+        rows.append({"step": diverge_at, "train_loss": None})
+    if drift is not None:
+        run["percentiles"] = {"drift": drift}
+    return run
+
+
+def _claims(baseline, bn, **sets):
+    claims, arms = pm._compare(
+        _cfg(**sets), "shared", {"baseline": 3.0, "bn": 0.3}, {"baseline": baseline, "bn": bn}, [0]
+    )
+    return {c.id.rsplit("-", 1)[0]: c for c in claims}, arms
+
+
+def test_faster_does_not_count_step_0():
+    # the baseline ends at chance; the untrained BN net is a little above it at step 0, but BN
+    # only gets there again (after training) at step 150 > the budget 300 / 4
+    base = [_fake_run([0.1] * 7)]
+    bn = [_fake_run([0.12, 0.05, 0.08, 0.5, 0.9, 0.9, 0.9])]
+    c, _ = _claims(base, bn)
+    fa = c["faster"]
+    assert fa.measured["bn_steps_to_it"] == 150 and fa.measured["bn_steps_per_seed"] == [150]
+    assert fa.verdict is False
+    assert fa.measured["fraction_of_steps"] == 0.5
+    # reached at the first evaluation after the start: supported
+    c, _ = _claims(base, [_fake_run([0.1, 0.5, 0.9, 0.9, 0.9, 0.9, 0.9])])
+    assert c["faster"].measured["bn_steps_to_it"] == 50 and c["faster"].verdict is True
+
+
+def test_only_the_baseline_diverged_ranks_it_lowest():
+    base = [_fake_run([0.1, 0.2], diverge_at=73, drift=0.01)]
+    bn = [_fake_run([0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3], drift=0.4)]
+    c, arms = _claims(base, bn)
+    assert arms["baseline"]["diverged"] == 1
+    assert c["higher"].verdict is True  # BN finished: at or above a diverged baseline
+    assert c["faster"].verdict is True and c["faster"].measured["bn_steps_to_it"] == 50
+    assert c["stable"].verdict is True  # a diverged arm counts as the largest drift
+    for claim in c.values():
+        assert claim.measured["diverged"] == "baseline diverged in 1 of 1 seeds (ranks lowest)"
+    assert c["higher"].measured["difference"] is None
+    assert c["faster"].measured["baseline_final_acc"] is None  # no -inf in summary.json
+    # one diverged seed of two is enough: the seed-mean of a run that scored -inf is -inf
+    base2 = [_fake_run([0.1, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95]), *base]
+    bn2 = bn * 2
+    c, _ = _claims(base2, bn2)
+    assert c["higher"].verdict is True
+    assert c["higher"].measured["diverged"].startswith("baseline diverged in 1 of 2 seeds")
+
+
+def test_only_bn_diverged_is_not_supported():
+    base = [_fake_run([0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3], drift=0.4)]
+    bn = [_fake_run([0.1, 0.9], diverge_at=60, drift=0.01)]
+    c, _ = _claims(base, bn)
+    assert c["higher"].verdict is False and c["stable"].verdict is False
+    # it did reach the baseline's final accuracy (at step 50) before it diverged
+    assert c["faster"].measured["bn_steps_to_it"] == 50 and c["faster"].verdict is True
+    assert c["higher"].measured["diverged"] == "bn diverged in 1 of 1 seeds (ranks lowest)"
+
+
+def test_both_diverged_supports_nothing():
+    base = [_fake_run([0.1, 0.2], diverge_at=60, drift=0.5)]
+    bn = [_fake_run([0.1, 0.3], diverge_at=70, drift=0.1)]
+    c, _ = _claims(base, bn)
+    assert [claim.verdict for claim in c.values()] == [False, False, False]
+    for claim in c.values():
+        assert "both arms diverged: not supported" in claim.measured["diverged"]
+    assert c["faster"].measured["bn_steps_to_it"] is None
+
+
+def test_nothing_diverged_keeps_the_plain_comparisons():
+    base = [_fake_run([0.1, 0.5, 0.6, 0.7, 0.8, 0.8, 0.8], drift=0.2)]
+    bn = [_fake_run([0.1, 0.6, 0.7, 0.75, 0.76, 0.77, 0.78], drift=0.3)]
+    c, _ = _claims(base, bn)
+    assert c["higher"].verdict is False and c["stable"].verdict is False
+    assert c["faster"].measured["bn_steps_to_it"] is None and c["faster"].verdict is False
+    assert all(claim.measured["diverged"] == "none" for claim in c.values())
+
+
+def test_measured_learning_rates_read_cleanly():
+    from batchnorm.lab.report import format_value
+
+    c, _ = _claims([_fake_run([0.1] * 7)], [_fake_run([0.1] * 7)])
+    for claim in c.values():
+        text = format_value(claim.measured)
+        assert "lr_baseline=3, lr_bn=0.3" in text and "lr=lr" not in text, text
+
+
+# --------------------------------------------------------------------------------------------
+# config validation and part keys
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        {"batch_size": 0},
+        {"batch_size": -5},
+        {"probe_size": 0},
+        {"hidden": ()},
+        {"hidden": (100, 0)},
+        {"val_fraction": 0.0},
+        {"val_fraction": 1.5},
+        {"val_fraction": math.nan},
+        {"activation": "foo"},
+        {"optimizer": "foo"},
+        {"percentiles": (15.0, 50.0, 150.0)},
+        {"percentiles": (-1.0, 50.0)},
+        {"percentiles": (85.0, 50.0, 15.0)},
+        {"percentiles": (15.0, math.nan)},
+        {"momentum": -1.0},
+        {"momentum": math.inf},
+        {"init_std": -1.0},
+        {"init_std": math.nan},
+        {"lr_grid": (0.1, math.inf)},
+        {"lr_grid": (math.nan,)},
+        {"shared_lr": math.nan},
+        {"speedup": math.inf},
+        {"speedup": math.nan},
+        {"final_window": 0},
+    ],
+    ids=repr,
+)
+def test_config_rejects_bad_values(sets):
+    from batchnorm.lab.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        _cfg(**sets)
+
+
+def test_config_accepts_the_defaults_and_good_values():
+    _cfg()
+    _cfg(optimizer="adam", activation="relu", percentiles=(0.0, 100.0), shared_lr=None)
+
+
+@pytest.mark.parametrize("bad", ["batch_size=0", "probe_size=0", "hidden=", "percentiles=15,150"])
+def test_cli_reports_bad_values_before_training(tmp_path, capsys, bad):
+    out = tmp_path / "run"
+    args = ["lab", "run", "paper-mnist", "--quick", "--dataset", "digits", "--out", str(out)]
+    assert cli_main([*args, "--set", bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert not (out / "parts").exists() or not any((out / "parts").glob("sweep-*"))
+
+
+def test_batch_larger_than_the_training_split_is_a_clean_error(tmp_path, capsys):
+    args = ["lab", "run", "paper-mnist", "--quick", "--dataset", "digits"]
+    assert cli_main([*args, "--set", "batch_size=5000", "--out", str(tmp_path / "r")]) == 2
+    assert "batch_size=5000 is larger than the" in capsys.readouterr().err
+
+
+def test_lr_key_is_exact_and_keeps_ordinary_rates_readable():
+    assert [pm.lr_key(x) for x in (0.03, 0.3, 1.0, 3.0, 10.0, 1e-4)] == [
+        "0.03", "0.3", "1", "3", "10", "0.0001",
+    ]  # fmt: skip
+    close = [1.0, 1.0000001, 1.00000001, 0.1 + 0.2, 0.3]
+    keys = [pm.lr_key(x) for x in close]
+    assert len(set(keys)) == len(close)
+    assert [float(k) for k in keys] == close
+
+
+def test_rates_equal_at_6_digits_are_trained_separately(tmp_path):
+    from batchnorm.lab.registry import run_experiment
+
+    sets = [
+        "lr_grid=1,1.0000001", "shared_lr=1.0000001", "steps=20", "sweep_steps=20",
+        "eval_every=10", "hidden=8", "probe_size=50", "final_window=1",
+    ]  # fmt: skip
+    out = run_experiment(
+        "paper-mnist", tmp_path / "r", quick=True, dataset="digits", sets=sets,
+        log=lambda m: None, progress=False,
+    )  # fmt: skip
+    parts = {p.name for p in (out / "parts").glob("*-lr*")}
+    for a in pm.ARMS:
+        assert f"sweep-{a}-lr1-seed0.json" in parts
+        assert f"sweep-{a}-lr1.0000001-seed0.json" in parts
+        assert f"full-{pm.PARTS_VERSION}-{a}-lr1.0000001-seed0.json" in parts
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["learning_rates"]["sweep"]["bn"]) == {"1", "1.0000001"}
+    with open(out / "metrics.csv", newline="") as f:
+        lrs = {float(r["lr"]) for r in csv.DictReader(f) if r["phase"] == "sweep"}
+    assert lrs == {1.0, 1.0000001}

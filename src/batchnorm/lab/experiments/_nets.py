@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from batchnorm.analysis import TimeVaryingNoise
 from batchnorm.lab import train
-from batchnorm.lab.config import BaseConfig
+from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.models import make_activation
 from batchnorm.lab.results import RunContext, mean_std
 from batchnorm.lab.train import TrainResult
@@ -128,11 +128,31 @@ class DeepLinear(nn.Module):
         return out
 
 
-def load_data(cfg: BaseConfig, ctx: RunContext, n_train: int, n_eval: int) -> Any:
+def load_data(
+    cfg: BaseConfig,
+    ctx: RunContext,
+    n_train: int,
+    n_eval: int,
+    *,
+    batch_size: int | None = None,
+) -> Any:
     """The configured dataset, cut to ``n_train`` training and ``n_eval`` held-out examples
-    (0 = all)."""
+    (0 = all).
+
+    Raises :class:`ConfigError` for a negative count (a slice would silently mean "all but the
+    last N"), checked before any data is loaded, and — if ``batch_size`` is given — when the
+    training set ends up smaller than one batch."""
+    for name, n in (("n_train", n_train), ("n_eval", n_eval)):
+        if n < 0:
+            raise ConfigError(f"{name} must be >= 0 (0 = all examples), got {n}")
     ds = ctx.load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
-    return ds.subset(train=n_train or None, test=n_eval or None)
+    ds = ds.subset(train=n_train or None, test=n_eval or None)
+    if batch_size is not None and ds.x_train.shape[0] < batch_size:
+        raise ConfigError(
+            f"the training set has {ds.x_train.shape[0]} examples, fewer than "
+            f"batch_size={batch_size}; use a smaller batch_size or more data (n_train)"
+        )
+    return ds
 
 
 def cached_train(
@@ -205,3 +225,12 @@ def steps_to(steps: Sequence[int], curve: Sequence[float | None], target: float)
     reaches ``target``; ``None`` if never."""
     pts = [(s, v) for s, v in zip(steps, curve) if s > 0]
     return train.steps_to_target([p[0] for p in pts], [p[1] for p in pts], target)
+
+
+def lr_key(lr: float) -> str:
+    """A label that identifies the rate ``lr`` exactly, for part names and saved sweeps: the
+    short ``:g`` form (``0.3``, ``3``) when it reads back as the same number, else ``repr``
+    (``1.0000001``, which ``:g`` would round to ``1``). Distinct rates never share a label: a
+    label always reads back as its own rate."""
+    short = f"{lr:g}"
+    return short if float(short) == lr else repr(lr)

@@ -182,7 +182,8 @@ def run(cfg: InitializationConfig, ctx: RunContext) -> Results:
         return float(max(vals) - min(vals))
 
     ranges = {a: acc_range(a) for a in ARMS}
-    per_scale = {a: {f"{sc:g}": means[a][k] for k, sc in enumerate(cfg.init_scales)} for a in ARMS}
+    scale_keys = [f"{sc:g}" for sc in cfg.init_scales]  # the same labels everywhere
+    per_scale = {a: dict(zip(scale_keys, means[a])) for a in ARMS}
     claims = [
         Claim(
             id="bn-init-insensitive",
@@ -205,8 +206,7 @@ def run(cfg: InitializationConfig, ctx: RunContext) -> Results:
             measured={
                 "failures_noBN": fails["noBN"],
                 "failures_BN": fails["BN"],
-                "status_noBN": dict(zip(map(str, cfg.init_scales), statuses["noBN"])),
-                "status_BN": dict(zip(map(str, cfg.init_scales), statuses["BN"])),
+                **{f"status_{a}": dict(zip(scale_keys, statuses[a])) for a in ARMS},
             },
             source=SOURCE,
             seeds=seeds,

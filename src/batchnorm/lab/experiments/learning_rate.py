@@ -43,6 +43,7 @@ from batchnorm.lab.experiments._nets import (
     cached_train,
     exponential_decay,
     load_data,
+    lr_key,
     steps_to,
 )
 from batchnorm.lab.registry import register
@@ -105,6 +106,8 @@ class LearningRateConfig(BaseConfig):
             raise ConfigError(f"lr0 must be positive, got {self.lr0}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.n_val < 0:
+            raise ConfigError(f"n_val must be >= 0 (0: the whole split), got {self.n_val}")
 
 
 def _train(
@@ -259,7 +262,7 @@ def run(cfg: LearningRateConfig, ctx: RunContext) -> Results:
         for lr in cfg.sweep_lrs:
             res = cached_train(
                 ctx,
-                f"sweep-{arm}-lr{lr:g}",
+                f"sweep-{arm}-lr{lr_key(lr)}",
                 partial(
                     _train, cfg, val, bn=arm == "BN", activation="relu", lr=lr, dropout=0.0,
                     weight_decay=0.0, halvings=0.0, steps=cfg.sweep_steps, seed=cfg.seed,
@@ -267,7 +270,7 @@ def run(cfg: LearningRateConfig, ctx: RunContext) -> Results:
                 ),
             )["train"]  # fmt: skip
             _, curve = _mean_curve([res], "val_acc")
-            sweep[arm][f"{lr:g}"] = None if res["diverged"] else _final(curve)
+            sweep[arm][lr_key(lr)] = None if res["diverged"] else _final(curve)
             rows += arm_rows(f"sweep-{arm}", cfg.seed, res, lr=lr, phase="sweep")
     finite = [v for d in sweep.values() for v in d.values() if v is not None]
     best_sweep = max(finite) if finite else chance
@@ -453,7 +456,7 @@ def run(cfg: LearningRateConfig, ctx: RunContext) -> Results:
                 "table": {
                     "headers": ["lr", "no-BN val acc", "BN val acc"],
                     "rows": [
-                        [lr, sweep["noBN"][f"{lr:g}"], sweep["BN"][f"{lr:g}"]]
+                        [lr, sweep["noBN"][lr_key(lr)], sweep["BN"][lr_key(lr)]]
                         for lr in cfg.sweep_lrs
                     ],
                 },

@@ -21,8 +21,11 @@ Protocol (fair to both arms, the test set never used for a choice):
    rate (the rate a user who tuned the plain network would keep when adding BN).
 
 Measured, per protocol: *final* accuracy = mean of the last ``final_window`` evaluations;
-*steps to the baseline's final accuracy* = the first evaluation at which BN's seed-mean curve
-reaches the baseline's seed-mean final accuracy; *drift* of the sigmoid-input percentiles.
+*steps to the baseline's final accuracy* = the first evaluation after step 0 (the untrained
+network does not count) at which BN's seed-mean curve reaches the baseline's seed-mean final
+accuracy; *drift* of the sigmoid-input percentiles. As in the sweep, a diverged run ranks
+lowest: an arm with a diverged seed has final accuracy −∞ and drift +∞ in the claims, and when
+both arms diverged no claim is supported.
 
 Drift measure: the last hidden layer's sigmoid inputs on a fixed probe of ``probe_size``
 held-out examples are recorded at every evaluation (step 0 included), as the network computes
@@ -50,11 +53,13 @@ import torch
 from batchnorm.lab import models, train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
+from batchnorm.lab.experiments._nets import lr_key, steps_to
 from batchnorm.lab.registry import register
 from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
 from batchnorm.recorder import ActivationRecorder
 
 ARMS = ("baseline", "bn")
+OPTIMIZERS = ("sgd", "adam")  # what train.make_optimizer builds
 # bumped when what a saved training run contains changes, so a resumed run never mixes versions
 PARTS_VERSION = "v2"
 SOURCE = "Ioffe & Szegedy 2015, Sec. 4.1, Figure 1"
@@ -91,16 +96,44 @@ class PaperMnistConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.steps < 1 or self.sweep_steps < 1 or self.eval_every < 1:
-            raise ConfigError("steps, sweep_steps and eval_every must be >= 1")
-        if not self.lr_grid or any(lr <= 0 for lr in self.lr_grid):
-            raise ConfigError(f"lr_grid must hold positive rates, got {self.lr_grid}")
-        if self.shared_lr is not None and self.shared_lr <= 0:
-            raise ConfigError(f"shared_lr must be positive, got {self.shared_lr}")
+        if min(self.steps, self.sweep_steps, self.eval_every, self.batch_size) < 1:
+            raise ConfigError("steps, sweep_steps, eval_every and batch_size must be >= 1")
+        if self.probe_size < 1:
+            raise ConfigError(f"probe_size must be >= 1, got {self.probe_size}")
+        if not self.hidden or min(self.hidden) < 1:
+            # the recorded sigmoid is in the last hidden layer, and BN goes into hidden layers
+            raise ConfigError(f"hidden must list at least one layer width >= 1, got {self.hidden}")
+        if self.activation not in models.ACTIVATIONS:
+            raise ConfigError(
+                f"unknown activation {self.activation!r}; choose from {models.ACTIVATIONS}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
+        if not (math.isfinite(self.momentum) and self.momentum >= 0):
+            raise ConfigError(f"momentum must be >= 0 and finite, got {self.momentum}")
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            raise ConfigError(f"init_std must be positive and finite, got {self.init_std}")
+        if not self.lr_grid or not all(math.isfinite(lr) and lr > 0 for lr in self.lr_grid):
+            raise ConfigError(f"lr_grid must hold positive, finite rates, got {self.lr_grid}")
+        if self.shared_lr is not None and not (
+            math.isfinite(self.shared_lr) and self.shared_lr > 0
+        ):
+            raise ConfigError(f"shared_lr must be positive and finite, got {self.shared_lr}")
+        if not 0 < self.val_fraction < 1:  # also refuses nan
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if len(self.percentiles) < 2:
             raise ConfigError("percentiles needs at least a low and a high percentile")
-        if self.final_window < 1 or self.speedup <= 0:
-            raise ConfigError("final_window must be >= 1 and speedup > 0")
+        if not all(math.isfinite(q) and 0 <= q <= 100 for q in self.percentiles):
+            raise ConfigError(
+                f"percentiles are in percent and must lie in [0, 100], got {self.percentiles}"
+            )
+        if any(lo >= hi for lo, hi in zip(self.percentiles, self.percentiles[1:])):
+            # the drift measure uses the first and the last as the low and high percentile
+            raise ConfigError(f"percentiles must be strictly increasing, got {self.percentiles}")
+        if self.final_window < 1:
+            raise ConfigError(f"final_window must be >= 1, got {self.final_window}")
+        if not (math.isfinite(self.speedup) and self.speedup > 0):
+            raise ConfigError(f"speedup must be positive and finite, got {self.speedup}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,6 +278,23 @@ def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[f
     return steps, curve
 
 
+def _ranked(mean: float | None, diverged: list[bool], worst: float) -> float | None:
+    """An arm's seed-mean for ranking the arms: ``worst`` if any seed diverged (as in
+    :func:`_pick_lr`, a diverged run ranks lowest), else ``mean`` (``None``: not measured)."""
+    return worst if any(diverged) else mean
+
+
+def _diverged_text(div: dict[str, list[bool]]) -> str:
+    """Which arms diverged, for the measured values: ``"none"`` or e.g. ``"baseline diverged
+    in 1 of 2 seeds (ranks lowest)"``."""
+    parts = [f"{a} diverged in {sum(d)} of {len(d)} seeds" for a, d in div.items() if any(d)]
+    if not parts:
+        return "none"
+    if len(parts) == len(div):
+        return " and ".join(parts) + " (both arms diverged: not supported)"
+    return parts[0] + " (ranks lowest)"
+
+
 def _compare(
     cfg: PaperMnistConfig,
     protocol: str,
@@ -252,24 +302,40 @@ def _compare(
     runs: dict[str, list[dict[str, Any]]],
     seeds: list[int],
 ) -> tuple[list[Claim], dict[str, Any]]:
-    """The three claims for one protocol, computed from its runs."""
+    """The three claims for one protocol, computed from its runs.
+
+    A diverged run ranks lowest, as in the sweep (:func:`_pick_lr`): an arm with a diverged
+    seed has final accuracy −∞ and drift +∞, so BN finishing is at or above a diverged baseline,
+    reaches its (−∞) final accuracy at BN's first evaluation after step 0 and drifts less; when
+    both arms diverged, none of the claims is supported."""
     key = "test_acc"
     w = cfg.final_window
+    div = {a: [bool(r["diverged"]) for r in runs[a]] for a in ARMS}
+    both_diverged = all(any(div[a]) for a in ARMS)
+    diverged_text = _diverged_text(div)
     finals = {a: [_final(r["rows"], key, w) for r in runs[a]] for a in ARMS}
     fin = {a: mean_std(finals[a]) for a in ARMS}
-    base_final = fin["baseline"]["mean"]
-    bn_final = fin["bn"]["mean"]
+    score = {a: _ranked(fin[a]["mean"], div[a], -math.inf) for a in ARMS}
+    base_final = score["baseline"]  # the target BN has to reach (−∞: the baseline diverged)
+    bn_final = score["bn"]
     steps, bn_curve = _mean_curve(runs["bn"], key)
-    reach = train.steps_to_target(steps, bn_curve, base_final) if base_final is not None else None
+    # step 0 (the untrained network) never counts: an untrained BN net "reaching" a baseline
+    # that ended at chance says nothing about training speed
+    reach = None if base_final is None or both_diverged else steps_to(steps, bn_curve, base_final)
     budget = cfg.steps / cfg.speedup
     per_seed_reach = [
-        train.steps_to_target(*_column(r["rows"], key), base_final)
-        if base_final is not None
-        else None
+        None
+        if base_final is None or both_diverged
+        else steps_to(*_column(r["rows"], key), base_final)
         for r in runs["bn"]
     ]
+    fb, fn = _finite(base_final), _finite(bn_final)
     label = "each arm at its own best learning rate" if protocol == "tuned" else "a shared rate"
-    lr_text = f"lr baseline={lrs['baseline']:g}, bn={lrs['bn']:g}"
+    lr_info = {"lr_baseline": lrs["baseline"], "lr_bn": lrs["bn"]}
+    ranking = (
+        "an arm with a diverged seed ranks lowest (as in the learning-rate sweep); not "
+        "supported if both arms diverged"
+    )
     claims = [
         Claim(
             id=f"faster-{protocol}",
@@ -279,40 +345,49 @@ def _compare(
             ),
             verdict=reach is not None and reach <= budget,
             measured={
-                "baseline_final_acc": base_final,
+                "baseline_final_acc": _finite(base_final),
                 "bn_steps_to_it": reach,
                 "step_budget": budget,
                 "fraction_of_steps": None if reach is None else reach / cfg.steps,
                 "bn_steps_per_seed": per_seed_reach,
-                "lr": lr_text,
+                "diverged": diverged_text,
+                **lr_info,
             },
             source=SOURCE + "a",
             seeds=seeds,
             details=(
-                f"first evaluation at which BN's seed-mean test accuracy >= the baseline's "
-                f"seed-mean final accuracy (mean of the last {w} evaluations); supported if at "
-                f"or before step {budget:g} of {cfg.steps}"
+                f"first evaluation after step 0 (the untrained network does not count) at which "
+                f"BN's seed-mean test accuracy >= the baseline's seed-mean final accuracy (mean "
+                f"of the last {w} evaluations); supported if at or before step {budget:g} of "
+                f"{cfg.steps}; {ranking}, so any BN evaluation reaches a diverged baseline"
             ),
         ),
         Claim(
             id=f"higher-{protocol}",
             statement=f"BN ends at or above the baseline ({label})",
-            verdict=base_final is not None and bn_final is not None and bn_final >= base_final,
+            verdict=not both_diverged
+            and base_final is not None
+            and bn_final is not None
+            and bn_final >= base_final,
             measured={
                 "baseline_final_acc": fin["baseline"],
                 "bn_final_acc": fin["bn"],
-                "difference": None
-                if base_final is None or bn_final is None
-                else bn_final - base_final,
-                "lr": lr_text,
+                "difference": None if fb is None or fn is None else fn - fb,
+                "diverged": diverged_text,
+                **lr_info,
             },
             source=SOURCE + "a",
             seeds=seeds,
-            details=f"seed-mean final test accuracy (mean of the last {w} evaluations), BN >= baseline",
+            details=(
+                f"seed-mean final test accuracy (mean of the last {w} evaluations), BN >= "
+                f"baseline; {ranking}"
+            ),
         ),
     ]
     drifts = {a: [r.get("percentiles", {}).get("drift") for r in runs[a]] for a in ARMS}  # per seed
     dm = {a: mean_std(drifts[a]) for a in ARMS}
+    drift_rank = {a: _ranked(dm[a]["mean"], div[a], math.inf) for a in ARMS}
+    d_bn, d_base = drift_rank["bn"], drift_rank["baseline"]
     claims.append(
         Claim(
             id=f"stable-{protocol}",
@@ -320,17 +395,21 @@ def _compare(
                 f"the BN network's sigmoid-input percentiles drift less than the baseline's "
                 f"({label})"
             ),
-            verdict=dm["bn"]["mean"] is not None
-            and dm["baseline"]["mean"] is not None
-            and dm["bn"]["mean"] < dm["baseline"]["mean"],
-            measured={"baseline_drift": dm["baseline"], "bn_drift": dm["bn"], "lr": lr_text},
+            verdict=not both_diverged and d_bn is not None and d_base is not None and d_bn < d_base,
+            measured={
+                "baseline_drift": dm["baseline"],
+                "bn_drift": dm["bn"],
+                "diverged": diverged_text,
+                **lr_info,
+            },
             source=SOURCE + "b,c",
             seeds=seeds,
             details=(
                 "drift = median over the last hidden layer's units of mean_{q,t} |p_q(t) - "
                 "p_q(T)| / max_t (p_85(t) - p_15(t)), on a fixed held-out probe at every "
                 "evaluation, computed as in training (BN with the probe's batch statistics); "
-                "seed-mean, BN < baseline"
+                "seed-mean, BN < baseline; an arm with a diverged seed counts as the largest "
+                "drift; not supported if both arms diverged"
             ),
         )
     )
@@ -349,6 +428,10 @@ def _compare(
             "train_seconds": mean_std([r["seconds"] for r in runs[a]]),
         }
     return claims, arms
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
 
 
 def _column(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float | None]]:
@@ -460,6 +543,12 @@ def run(cfg: PaperMnistConfig, ctx: RunContext) -> Results:
     ds: Dataset = ctx.load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
     seeds = cfg.seed_list()
     val = ds.validation_split(cfg.val_fraction, seed=cfg.seed)
+    if val.x_train.shape[0] < cfg.batch_size:  # the sweep trains on the smaller set
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is larger than the {val.x_train.shape[0]} training "
+            f"examples left after the validation split ({ds.x_train.shape[0]} in {ds.name}); "
+            "use a smaller batch_size or val_fraction"
+        )
     ctx.log(
         f"sweep: lr in {list(cfg.lr_grid)}, {cfg.sweep_steps} steps each, on a validation split "
         f"of {val.x_test.shape[0]} training examples"
@@ -467,13 +556,13 @@ def run(cfg: PaperMnistConfig, ctx: RunContext) -> Results:
 
     # 1. sweep
     timing = {"sweep_train_s": 0.0, "full_train_s": 0.0}
-    counted: set[str] = set()
+    counted: set[tuple[str, float, int]] = set()
     sweep: dict[str, dict[float, float | None]] = {a: {} for a in ARMS}
     rows: list[dict[str, Any]] = []
     for a in ARMS:
         for lr in cfg.lr_grid:
             res = ctx.cached(
-                f"sweep-{a}-lr{lr:g}-seed{cfg.seed}",
+                f"sweep-{a}-lr{lr_key(lr)}-seed{cfg.seed}",
                 partial(
                     _train_one,
                     cfg,
@@ -502,7 +591,7 @@ def run(cfg: PaperMnistConfig, ctx: RunContext) -> Results:
     # 2./3. full runs (a run at the same arm, rate and seed is shared by both protocols)
     protocols = {"tuned": chosen, "shared": {a: shared for a in ARMS}}
     series: dict[str, Any] = {
-        "sweep": {a: {f"{lr:g}": v for lr, v in sweep[a].items()} for a in ARMS},
+        "sweep": {a: {lr_key(lr): v for lr, v in sweep[a].items()} for a in ARMS},
         "sweep_steps": cfg.sweep_steps,
     }
     claims: list[Claim] = []
@@ -514,7 +603,7 @@ def run(cfg: PaperMnistConfig, ctx: RunContext) -> Results:
             for seed in seeds:
                 lr = lrs[a]
                 res = ctx.cached(
-                    f"full-{PARTS_VERSION}-{a}-lr{lr:g}-seed{seed}",
+                    f"full-{PARTS_VERSION}-{a}-lr{lr_key(lr)}-seed{seed}",
                     partial(
                         _train_one,
                         cfg,
@@ -527,8 +616,8 @@ def run(cfg: PaperMnistConfig, ctx: RunContext) -> Results:
                         progress=ctx.progress,
                     ),
                 )
-                if f"{a}-{lr:g}-{seed}" not in counted:  # runs shared by both protocols once
-                    counted.add(f"{a}-{lr:g}-{seed}")
+                if (a, lr, seed) not in counted:  # runs shared by both protocols once
+                    counted.add((a, lr, seed))
                     timing["full_train_s"] += res["seconds"]
                 runs[a].append(res)
                 rows += [

@@ -23,6 +23,7 @@ Spread = std(before) + std(after), population std over seeds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -79,11 +80,33 @@ class PlacementConfig(BaseConfig):
         super().validate()
         if min(self.steps, self.eval_every, self.final_window) < 1:
             raise ConfigError("steps, eval_every and final_window must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.hidden or min(self.hidden) < 1:
+            # with no hidden layer there is nowhere to put BN: every arm is the same network
+            raise ConfigError(
+                f"hidden must list at least one layer width >= 1 (BN goes into the hidden "
+                f"layers), got {self.hidden}"
+            )
+        if not self.activations:
+            raise ConfigError("activations must name at least one activation")
         for a in self.activations:
             if a not in models.ACTIVATIONS:
                 raise ConfigError(f"unknown activation {a!r}; choose from {models.ACTIVATIONS}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be positive and finite, got {self.lr}")
+        if not (math.isfinite(self.momentum) and self.momentum >= 0):
+            raise ConfigError(f"momentum must be >= 0 and finite, got {self.momentum}")
+        if self.n_train < 0 or self.n_eval < 0:
+            raise ConfigError(
+                f"n_train and n_eval must be >= 0 (0 = all examples), got {self.n_train}, "
+                f"{self.n_eval}"
+            )
+        if 0 < self.n_train < self.batch_size:
+            raise ConfigError(
+                f"n_train={self.n_train} is smaller than batch_size={self.batch_size}: not one "
+                "full batch to train on"
+            )
 
 
 def _train(
@@ -164,7 +187,7 @@ def figures(run: RunData, out: Path) -> list[Path]:
 )
 def run(cfg: PlacementConfig, ctx: RunContext) -> Results:
     """Train every (activation, placement, seed); claims from the per-seed numbers."""
-    ds = load_data(cfg, ctx, cfg.n_train, cfg.n_eval)
+    ds = load_data(cfg, ctx, cfg.n_train, cfg.n_eval, batch_size=cfg.batch_size)
     seeds = cfg.seed_list()
     rows: list[dict[str, Any]] = []
     arms: dict[str, Any] = {}
