@@ -1,6 +1,8 @@
 """The module shells as drop-ins for torch.nn.BatchNorm1d/2d/3d, the any-axis BatchNorm, the
 conventions, checkpoint interop, conversion and the error messages."""
 
+import collections
+import copy
 import io
 import warnings
 
@@ -176,8 +178,12 @@ def test_module_error_messages() -> None:
         batchnorm.BatchNorm1d(5)(torch.randn(1, 5))
     with pytest.raises(batchnorm.BatchNormInputError, match="floating-point"):
         batchnorm.BatchNorm1d(5)(torch.ones(4, 5, dtype=torch.int32))
-    with pytest.raises(ValueError, match="momentum must be in"):
-        batchnorm.BatchNorm1d(5, momentum=1.5)
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(5\): momentum must be a finite number"):
+        batchnorm.BatchNorm1d(5, momentum=float("nan"))
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(5\): eps must be >= 0.*1e-5"):
+        batchnorm.BatchNorm1d(5, eps=-1e-5)
+    with pytest.raises(ValueError, match=r"BatchNorm1d: num_features must be a positive integer"):
+        batchnorm.BatchNorm1d(4.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="axis 1"):
         batchnorm.BatchNorm2d(5, axis=-1)
     # eval mode accepts a single sample, as torch.nn does
@@ -409,3 +415,223 @@ def test_generic_batchnorm_to_torch_takes_its_class_from_the_input_rank() -> Non
         for k, v in back.state_dict().items():
             assert torch.equal(v, state[k]), k  # the example run changed nothing
         back(x)  # the converted model runs on the model's input
+
+
+# -- drop-in behaviour the audit found missing (inplace, transforms, fake/meta, FX, ...) --------
+
+
+def _inplace_case(case: str, monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, dict]:  # type: ignore[type-arg]
+    """An input and the layer's dtype/options for one path through the autograd Function."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 3)
+    if case == "native_off":
+        monkeypatch.setenv("BATCHNORM_NATIVE", "0")
+    if case == "transposed":  # neither contiguous nor channels_last: copied once
+        x = torch.randn(4, 3, 5, 6).transpose(1, 3)
+    return x, {
+        "half": {"dtype": torch.float16},
+        "bfloat16": {"dtype": torch.bfloat16},
+        "backend_torch": {"backend": "torch"},
+    }.get(case, {})
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["half", "bfloat16", "autocast", "backend_torch", "native_off", "transposed", "mixed_dtype"],
+)
+def test_inplace_op_on_the_output_in_training_matches_torch(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """conv-BN-ReLU(inplace=True): the output of every path may be modified in place (it used
+    to be a view made inside the autograd Function), and the gradients are torch.nn's."""
+    x0, opts = _inplace_case(case, monkeypatch)
+    dtype = opts.get("dtype", torch.float32)
+    conv = nn.Conv2d(6, 6, 1)
+    grads = []
+    for bn in (batchnorm.BatchNorm2d(6, **opts), nn.BatchNorm2d(6, dtype=dtype)):
+        with torch.no_grad():
+            bn.weight.copy_(torch.linspace(0.5, 1.5, 6))
+            bn.bias.copy_(torch.linspace(-0.5, 0.5, 6))
+        x = x0.to(dtype).requires_grad_(True)
+        inp = x.bfloat16() if case == "mixed_dtype" else x  # input dtype ≠ parameter dtype
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+            if case == "autocast":  # a conv before the layer gives it bf16 (ResNet's pattern)
+                inp = conv(inp)
+            y = nn.ReLU(inplace=True)(bn(inp))
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        y.backward(g.to(y.dtype))
+        assert bn.weight.grad is not None and bn.bias.grad is not None
+        grads.append((y.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_var.clone()))
+    low = dtype != torch.float32 or case in ("autocast", "mixed_dtype")
+    tol = {"rtol": 2e-2, "atol": 5e-2} if low else {"rtol": 1e-4, "atol": 1e-5}
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours.float(), theirs.float(), **tol)
+
+
+def test_empty_batch_keeps_weight_and_bias_in_the_graph() -> None:
+    """An empty batch gives zero gradients to γ and β, as torch.nn does (they used to get None,
+    which DDP reports as unused parameters at the next step); the output stays empty."""
+    for training in (True, False):
+        ours, ref = batchnorm.BatchNorm2d(4), nn.BatchNorm2d(4)
+        ours.train(training)
+        ref.train(training)
+        for bn in (ours, ref):
+            y = bn(torch.randn(0, 4, 3, 3, requires_grad=True))
+            assert y.shape == (0, 4, 3, 3)
+            y.sum().backward()
+        for p, q in ((ours.weight, ref.weight), (ours.bias, ref.bias)):
+            assert p.grad is not None and q.grad is not None
+            assert torch.equal(p.grad, q.grad) and torch.equal(p.grad, torch.zeros(4))
+
+
+def test_running_buffers_set_to_none_use_batch_statistics_as_torch() -> None:
+    """track_running_stats=True with running_mean = running_var = None: batch statistics in
+    training and eval, the batches still counted (it used to fail on a bare assert)."""
+    torch.manual_seed(0)
+    ours, ref = batchnorm.BatchNorm2d(4), nn.BatchNorm2d(4)
+    for bn in (ours, ref):
+        bn.running_mean = None
+        bn.running_var = None
+    for training in (True, True, False):
+        ours.train(training)
+        ref.train(training)
+        x = torch.randn(8, 4, 5, 5)
+        torch.testing.assert_close(ours(x), ref(x))
+    assert ours.num_batches_tracked is not None and ref.num_batches_tracked is not None
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 2
+
+
+def test_old_checkpoint_keeps_the_layers_own_counter() -> None:
+    """A checkpoint from before num_batches_tracked (metadata version < 2) leaves the layer's
+    counter as it is (torch 2.13); with momentum=None a reset would let the next batch
+    overwrite the running statistics."""
+    src = nn.BatchNorm1d(3)
+    state = collections.OrderedDict(
+        (k, v) for k, v in src.state_dict().items() if k != "num_batches_tracked"
+    )
+    state._metadata = collections.OrderedDict({"": {"version": 1}})  # type: ignore[attr-defined]
+    ours, ref = batchnorm.BatchNorm1d(3, momentum=None), nn.BatchNorm1d(3, momentum=None)
+    for bn in (ours, ref):
+        for _ in range(5):
+            bn(torch.randn(16, 3))
+        bn.load_state_dict(state)
+    assert ours.num_batches_tracked is not None
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 5  # type: ignore[arg-type]
+    fresh = batchnorm.BatchNorm1d(3, device="meta")
+    fresh.load_state_dict(state, assign=True)  # no counter with values: 0, as torch
+    assert int(fresh.num_batches_tracked) == 0  # type: ignore[arg-type]
+
+
+def test_constructor_accepts_what_torch_accepts_and_repr_matches() -> None:
+    """NumPy integer channel counts, eps=0 and momentum > 1 are accepted as torch.nn accepts
+    them (the last two with a warning); the repr shows torch 2.13's ``bias=``."""
+    bn = batchnorm.BatchNorm1d(np.int64(4))  # type: ignore[arg-type]
+    assert bn.num_features == 4 and type(bn.num_features) is int
+    assert bn(torch.randn(8, 4)).shape == (8, 4)
+    with pytest.warns(UserWarning, match=r"BatchNorm1d\(4\): eps=0 .*NaN"):
+        assert batchnorm.BatchNorm1d(4, eps=0.0).eps == nn.BatchNorm1d(4, eps=0.0).eps == 0.0
+    with pytest.warns(UserWarning, match=r"BatchNorm1d\(4\): momentum=1.5 is outside \[0, 1\]"):
+        assert batchnorm.BatchNorm1d(4, momentum=1.5).momentum == 1.5
+    for kw in ({}, {"bias": False}, {"affine": False}, {"track_running_stats": False}):
+        assert repr(batchnorm.BatchNorm1d(4, **kw)) == repr(nn.BatchNorm1d(4, **kw))  # type: ignore[arg-type]
+    assert "scale=False" in repr(batchnorm.BatchNorm(4, scale=False))
+
+
+def test_fx_symbolic_trace_keeps_the_layer_a_leaf() -> None:
+    """torch.fx.symbolic_trace records our layers as call_module nodes, as it does torch.nn's
+    (it used to trace into them and fail on the shape checks); the traced module gives the same
+    outputs and running statistics in training and eval, and follows .eval()."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4), nn.ReLU())
+    ref = copy.deepcopy(net)
+    gm = torch.fx.symbolic_trace(net)
+    assert [n.op for n in gm.graph.nodes].count("call_module") == 3
+    for training in (True, False):
+        gm.train(training)
+        ref.train(training)
+        x = torch.randn(2, 3, 6, 6)
+        torch.testing.assert_close(gm(x), ref(x))
+    bn = gm.get_submodule("1")
+    assert isinstance(bn, batchnorm.BatchNorm2d)
+    torch.testing.assert_close(bn.running_mean, ref[1].running_mean)
+
+
+def test_meta_device_training_forward_propagates_shapes() -> None:
+    """Training on the meta device gives torch.nn's shape and device (no value is read)."""
+    for shape in ((8, 4), (8, 4, 5, 5)):
+        ours = batchnorm.BatchNorm(4, device="meta")
+        y = ours(torch.empty(shape, device="meta", requires_grad=True))
+        assert y.shape == shape and y.device.type == "meta"
+        y.sum().backward()
+        assert ours.weight is not None and ours.weight.grad is not None
+        assert ours.weight.grad.device.type == "meta"
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_fake_tensor_mode_propagates_shapes_without_reading_memory(
+    native_on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under FakeTensorMode (torch.compile's shape propagation) training and eval under
+    no_grad give torch.nn's shapes; the kernels never see a fake tensor (it used to segfault)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if not native_on:
+        monkeypatch.setenv("BATCHNORM_NATIVE", "0")
+    for training in (True, False):
+        ours, ref = batchnorm.BatchNorm2d(4).train(training), nn.BatchNorm2d(4).train(training)
+        before = ours.running_mean.clone()  # type: ignore[union-attr]
+        shapes = []
+        for bn in (ours, ref):
+            with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+                shapes.append(tuple(bn(torch.empty(8, 4, 5, 5)).shape))
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            shapes.append(tuple(ours(torch.empty(8, 4, 5, 5)).shape))  # with a graph
+        assert shapes == [(8, 4, 5, 5)] * 3
+        assert torch.equal(ours.running_mean, before)  # type: ignore[arg-type]
+
+
+def test_vmap_ensemble_in_eval_mode_equals_the_loop() -> None:
+    """torch.func's ensembling recipe: stacked parameters and buffers, one plain input for all
+    members (batched weights used to reach the kernels)."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    models = [batchnorm.BatchNorm1d(3).eval() for _ in range(4)]
+    for i, m in enumerate(models):
+        with torch.no_grad():
+            m.weight.fill_(i + 1.0)  # type: ignore[union-attr]
+            m.running_mean.fill_(0.5 * i)  # type: ignore[union-attr]
+            m.running_var.fill_(1.0 + i)  # type: ignore[union-attr]
+    params, buffers = stack_module_state(models)  # type: ignore[arg-type]
+    base = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(5, 3)
+
+    def member(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:  # type: ignore[type-arg]
+        return functional_call(base, (p, b), (x,))  # type: ignore[no-any-return]
+
+    with torch.no_grad():
+        ys = vmap(member, in_dims=(0, 0, None))(params, buffers, x)
+        torch.testing.assert_close(ys, torch.stack([m(x) for m in models]))
+    ys = vmap(member, in_dims=(0, 0, None))(params, buffers, x)  # with a graph
+    torch.testing.assert_close(ys, torch.stack([m(x) for m in models]).detach())
+
+
+@pytest.mark.parametrize("path", ["native", "native_off", "backend_torch"])
+def test_batched_gradients_match_torch(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) in training: the
+    batched dy goes to the torch-operations backward (the kernels cannot read it)."""
+    if path == "native_off":
+        monkeypatch.setenv("BATCHNORM_NATIVE", "0")
+    torch.manual_seed(0)
+    x0 = torch.randn(6, 3, dtype=torch.float64)
+    kw = {"backend": "torch"} if path == "backend_torch" else {}
+    results = []
+    for bn in (batchnorm.BatchNorm1d(3, dtype=torch.float64, **kw), nn.BatchNorm1d(3).double()):
+        x = x0.clone().requires_grad_(True)
+        y = bn(x)
+        (jx,) = torch.autograd.grad(
+            y, x, torch.eye(18, dtype=torch.float64).view(18, 6, 3), is_grads_batched=True
+        )
+        jac = torch.autograd.functional.jacobian(bn, x0, vectorize=True)
+        results.append((jx, jac))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs)

@@ -461,3 +461,47 @@ def test_build_cache_name_is_per_checkout_and_source(tmp_path, monkeypatch) -> N
     elsewhere = native._name()
     copy.write_bytes(copy.read_bytes() + b"\n// changed\n")
     assert len({here, elsewhere, native._name()}) == 3
+
+
+def test_node_refuses_tensors_without_readable_memory() -> None:
+    """The node's own guard (Python routes these calls to torch operations first): a
+    FakeTensor input or batched (vmap) weights or buffers make train/evaluate return None
+    instead of reading through pointers that do not exist (a FakeTensor used to segfault)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import vmap
+
+    ext = native.load()
+    assert ext is not None
+    x, w = torch.randn(8, 4, 5, 5), torch.ones(4)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        fake_w = mode.from_tensor(w)
+    assert ext.train(fake, 1, w, None, None, None, None, 1, 1e-5, 0.0, 0.0) is None
+    assert ext.train(x, 1, fake_w, None, None, None, None, 1, 1e-5, 0.0, 0.0) is None
+    assert ext.evaluate(fake, 1, rm, rv, None, None, 1, 1e-5) is None
+    seen: list[object] = []
+
+    def member(wb: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
+        seen.append(ext.evaluate(x, 1, mb, rv, wb, None, 1, 1e-5))
+        seen.append(ext.train(x, 1, wb, None, None, None, None, 1, 1e-5, 0.0, 0.0))
+        return wb.sum()
+
+    vmap(member)(torch.ones(3, 4), torch.zeros(3, 4))
+    assert seen == [None, None]
+
+
+def test_node_backward_takes_batched_gradients() -> None:
+    """A batched dy (is_grads_batched=True) reaches the node's backward: it recomputes with
+    torch operations instead of reading dy's (absent) memory; the result is torch.nn's."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    y, _, _, _ = F.batch_norm_train(x, w)
+    assert y.grad_fn is not None and NODE in y.grad_fn.name()
+    eye = torch.eye(18, dtype=torch.float64).view(18, 6, 3)
+    jx, jw = torch.autograd.grad(y, (x, w), eye, is_grads_batched=True)
+    y_ref = torch.nn.functional.batch_norm(x, None, None, w, training=True)
+    jx_ref, jw_ref = torch.autograd.grad(y_ref, (x, w), eye, is_grads_batched=True)
+    torch.testing.assert_close(jx, jx_ref)
+    torch.testing.assert_close(jw, jw_ref)

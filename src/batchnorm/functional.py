@@ -299,7 +299,8 @@ class TorchBackend:
         mean, var, invstd = _stats(xc, eps)
         w = None if weight is None else weight.to(cd)
         b = None if bias is None else bias.to(cd)
-        if cd == torch.float32 and not bool(torch.isfinite(var).all()):
+        # (values cannot be read on meta and fake tensors: no check, shapes propagate)
+        if cd == torch.float32 and _concrete(var) and not bool(torch.isfinite(var).all()):
             # the spread overflowed float32 (|x| near float32's range): redo in float64; the
             # returned variance may still be inf in float32 (the running update then skips it)
             x64 = x.to(torch.float64)
@@ -388,25 +389,55 @@ def _kernels_available() -> bool:
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
-_functorch_wrapped: Callable[[Tensor], bool] = getattr(
-    getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda t: False
-)
+_has_storage: Callable[[Tensor], bool] = torch._C._has_storage
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+_PYTHON_KEY = torch._C.DispatchKey.Python
 
 
-def get_backend(x: Tensor, backend: str | None = None) -> Backend:
+def _has_memory(t: Tensor | None) -> bool:
+    """Whether ``t`` is absent or holds its values in memory of its own that NumPy and the
+    kernels may read: not a wrapper of ``torch.func`` transforms or batched gradients (no
+    storage), not a FakeTensor or another subclass Python dispatches (storage without data)."""
+    if t is None:
+        return True
+    if not _has_storage(t):  # torch.func's wrappers, legacy vmap's batched tensors
+        return False
+    # exact types first: the dispatch-key test costs ~0.5 µs, paid only by subclasses
+    return type(t) in _PLAIN_TYPES or not torch._C._dispatch_keys(t).has(_PYTHON_KEY)
+
+
+def _concrete(t: Tensor) -> bool:
+    """Whether ``t``'s values can be read in Python (``bool``, ``.item()``): not on the meta
+    device, not fake, not wrapped by a transform. Checks of values are skipped otherwise, so
+    that shapes propagate as they do through torch.nn."""
+    return not t.is_meta and _has_memory(t)
+
+
+def get_backend(
+    x: Tensor, backend: str | None = None, *, also: tuple[Tensor | None, ...] = ()
+) -> Backend:
     """The backend for tensor ``x``: ``backend`` if given, else ``$BATCHNORM_BACKEND``, else
-    ``auto`` — the Numba kernels for CPU float32/float64 tensors, plain torch otherwise (also
-    for the wrapped tensors of ``torch.func`` transforms). Inside ``torch.jit.trace``: plain
-    torch, whatever was asked for."""
+    ``auto`` — the Numba kernels for CPU float32/float64 tensors, plain torch otherwise.
+
+    Plain torch, whatever was asked for, inside ``torch.jit.trace``, under a Python dispatch
+    mode (``FakeTensorMode``, ...), and when ``x`` or one of the call's other tensors ``also``
+    (weight, bias, running buffers) has no memory of its own (the wrappers of ``torch.func``
+    transforms, FakeTensors): the kernels would read through pointers that do not exist."""
     if _tracing():
         # torch.jit.trace records torch operations only: a kernel call would be recorded as
         # constants, so a trace always gets the plain-torch path
         return _TORCH
+    if (
+        not _has_memory(x)
+        or torch._C._len_torch_dispatch_stack() > 0
+        or not all(_has_memory(t) for t in also)
+    ):
+        # inside torch.func transforms (vmap, grad, ...), FakeTensorMode and the like: torch
+        # operations, which the transforms and modes know
+        return _TORCH
     choice = backend or _env.get("BATCHNORM_BACKEND") or "auto"
     if choice == "auto":
-        # inside torch.func transforms (vmap, grad, ...) tensors are wrappers without memory of
-        # their own: plain torch operations, which the transforms know
-        if x.is_cpu and x.dtype in _KERNEL_DTYPES and not _functorch_wrapped(x):
+        if x.is_cpu and x.dtype in _KERNEL_DTYPES:
             if _kernels_available():
                 numba_backend = _instance("numba")
                 if numba_backend.supports(x):
@@ -555,7 +586,9 @@ class BatchNormFunction(torch.autograd.Function):
     """Algorithm 1 with the compact backward; differentiable twice.
 
     Takes the input in its own shape and memory layout and brings it to the canonical layout
-    inside (no view nodes in the graph). First-order backward runs on the backend ``be``, which
+    inside (no view node before it in the graph, no second copy of an oddly strided input);
+    returns the output in that canonical shape together with the ``restore`` that gives it the
+    input's shape, applied by the caller (so that the output may be modified in place). First-order backward runs on the backend ``be``, which
     the caller resolved (fused kernels on CPU). When a graph of the backward is requested
     (``create_graph=True``), the backward is recomputed with torch operations from ``x`` —
     statistics included — so that second derivatives are exact.
@@ -571,7 +604,7 @@ class BatchNormFunction(torch.autograd.Function):
         be: Backend,
         running: RunningStats | None,
         axis: int,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor], bool]:
+    ) -> tuple[Tensor, tuple[Tensor, Tensor], bool, Callable[[Tensor], Tensor]]:
         xc, restore = canonical_layout(x, axis)
         if running is None:
             y, mean, var, invstd = be.forward_train(xc, weight, bias, eps)
@@ -585,10 +618,14 @@ class BatchNormFunction(torch.autograd.Function):
             weight.dtype if weight is not None else (bias.dtype if bias is not None else x.dtype)
         )
         ctx.backend = be  # type: ignore[attr-defined]
+        ctx.restore = restore  # type: ignore[attr-defined]
         # the statistics leave inside a tuple: autograd passes non-tensor outputs through
         # untouched (no graph edges, no zero gradients made up for them in backward)
         ctx.set_materialize_grads(False)
-        return restore(y), (mean, var), updated
+        # y leaves in the canonical shape, with ``restore`` for the caller: a view made here
+        # would be a view created inside a custom Function, which autograd forbids to modify
+        # in place (conv-BN-ReLU(inplace=True)); made outside, it is an ordinary view
+        return y, (mean, var), updated, restore
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -602,12 +639,16 @@ class BatchNormFunction(torch.autograd.Function):
         dx: Tensor | None
         dw: Tensor | None
         db: Tensor | None
-        if torch.is_grad_enabled():  # a graph of the backward: torch operations
-            dx, dw, db = graph_backward(dy, x, weight, ctx.eps, axis)  # type: ignore[attr-defined]
+        # dy comes in the canonical shape of y (see forward)
+        if torch.is_grad_enabled() or not _has_memory(dy):
+            # a graph of the backward, or a dy the kernels cannot read (batched gradients:
+            # is_grads_batched=True, jacobian(vectorize=True)): torch operations
+            dy_x = ctx.restore(dy)  # type: ignore[attr-defined]
+            dx, dw, db = graph_backward(dy_x, x, weight, ctx.eps, axis)  # type: ignore[attr-defined]
         else:
-            dyc, xc, restore = _canonical_pair(dy, x, axis)
+            xc, restore = canonical_layout(x, axis)
             backend: Backend = ctx.backend  # type: ignore[attr-defined]
-            dxc, dw, db = backend.backward(dyc, xc, mean, invstd, weight, needs)
+            dxc, dw, db = backend.backward(dy, xc, mean, invstd, weight, needs)
             dx = None if dxc is None else restore(dxc)
         pd = ctx.param_dtype  # type: ignore[attr-defined]
         dw_out = None if not needs[1] or dw is None else (dw if dw.dtype == pd else dw.to(pd))
@@ -696,15 +737,17 @@ def batch_norm_train(
         y, mean, var = _masked_train(input, weight, bias, eps, ax, m, count)
         return y, mean, var, count
     count = _check_count(input, ax, layer)
-    be = get_backend(input, backend)
+    be = get_backend(input, backend, also=(weight, bias))
     node = be.train_node(input, ax, weight, bias, eps, None)
     if node is not None:
         return node[0], node[1][0], node[1][1], count
-    xc, restore = canonical_layout(input, ax)
     if _graph_needed(input, weight, bias) and not _tracing():
-        y, (mean, var), _ = BatchNormFunction.apply(input, weight, bias, eps, be, None, ax)
-        return y, mean, var, count
+        yc, (mean, var), _, restore = BatchNormFunction.apply(
+            input, weight, bias, eps, be, None, ax
+        )
+        return restore(yc), mean, var, count
     # no graph to record: skip the autograd Function's per-call cost (small batches)
+    xc, restore = canonical_layout(input, ax)
     y, mean, var, _ = be.forward_train(xc, weight, bias, eps)
     return restore(y), mean, var, count
 
@@ -737,12 +780,15 @@ def batch_norm_step(
     count = _check_count(input, ax, layer)
     alpha = momentum * count / (count - 1) if unbiased_running_var else momentum
     running = RunningStats(running_mean, running_var, momentum, alpha, num_batches_tracked)
-    be = get_backend(input, backend)
+    be = get_backend(
+        input, backend, also=(weight, bias, running_mean, running_var, num_batches_tracked)
+    )
     node = be.train_node(input, ax, weight, bias, eps, running)
     if node is not None:
         y, _, updated = node
     elif _graph_needed(input, weight, bias) and not _tracing():
-        y, _, updated = BatchNormFunction.apply(input, weight, bias, eps, be, running, ax)
+        yc, _, updated, restore = BatchNormFunction.apply(input, weight, bias, eps, be, running, ax)
+        y = restore(yc)
     else:
         xc, restore = canonical_layout(input, ax)
         yc, _, _, _, updated = be.forward_train_update(xc, weight, bias, eps, running)
@@ -772,7 +818,11 @@ def batch_norm_eval(
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    be = _TORCH if needs_graph else get_backend(input, backend)
+    be = (
+        _TORCH
+        if needs_graph
+        else get_backend(input, backend, also=(running_mean, running_var, weight, bias))
+    )
     if not needs_graph:
         node = be.eval_node(input, axis, running_mean, running_var, weight, bias, eps)
         if node is not None:
@@ -834,7 +884,8 @@ def blend_running(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
     running_mean, running_var, momentum, alpha, nbt = running
     # on CPU the check and the update run on NumPy views of the same memory: each torch call
     # on a C-sized vector costs more than the arithmetic (it decides the small-batch step time)
-    if _tracing():
+    if _tracing() or not (_concrete(var) and _concrete(mean) and _concrete(running_var)):
+        # meta and fake tensors (shape propagation), or a trace: no value read in Python
         return _blend_traced(running, mean, var)
     if (
         var.is_cpu
@@ -883,9 +934,10 @@ def _blended(running: RunningStats, mean: Tensor, var: Tensor) -> tuple[Tensor, 
 
 
 def _blend_traced(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
-    """:func:`blend_running` inside ``torch.jit.trace``: the refusal of non-finite values as
-    tensor operations (``where``), so that the traced graph keeps it for every later input
-    (a Python test would be recorded as a constant). No warning can come from a trace."""
+    """:func:`blend_running` inside ``torch.jit.trace`` and on values Python cannot read
+    (meta and fake tensors): the refusal of non-finite values as tensor operations
+    (``where``), so that the traced graph keeps it for every later input (a Python test would
+    be recorded as a constant). No warning can come from a trace."""
     running_mean, running_var, _, _, nbt = running
     with torch.no_grad():
         blended_m, blended_v = _blended(running, mean, var)

@@ -77,6 +77,18 @@ struct Dims {
   int64_t axis;     // the channel axis of x, in [0, x.dim())
 };
 
+// Whether t's values sit in memory of its own that the kernels may read through data_ptr():
+// not a wrapper of torch.func transforms or batched gradients (no storage), not a FakeTensor
+// or another tensor Python dispatches (storage without data, or data that is not its values).
+// Python routes such calls to torch operations first; this is the second guard.
+bool readable(const Tensor& t) {
+  const auto keys = t.key_set();
+  return t.has_storage() && !keys.has(c10::DispatchKey::Python) &&
+         !keys.has(c10::DispatchKey::FuncTorchBatched) &&
+         !keys.has(c10::DispatchKey::FuncTorchGradWrapper) &&
+         !keys.has(c10::DispatchKey::BatchedNestedTensor);
+}
+
 // The canonical (N, C, L) of x with its channels on `axis`, as
 // batchnorm.functional.canonical_layout views it — contiguous x: (prod(before), C,
 // prod(after)), rows x channels when prod(after) is 1; channels innermost in memory
@@ -86,7 +98,7 @@ struct Dims {
 std::optional<Dims> dims_of(const Tensor& x, int64_t axis, int64_t T) {
   const auto dt = x.scalar_type();
   if ((dt != at::kFloat && dt != at::kDouble) || !x.is_cpu() || x.layout() != at::kStrided ||
-      !x.has_storage() || x.dim() < 2 || x.numel() == 0) {
+      !readable(x) || x.dim() < 2 || x.numel() == 0 || x.data_ptr() == nullptr) {
     return std::nullopt;
   }
   const int64_t nd = x.dim();
@@ -106,7 +118,8 @@ std::optional<Dims> dims_of(const Tensor& x, int64_t axis, int64_t T) {
 bool vector_ok(const std::optional<Tensor>& v, const Tensor& x, int64_t C) {
   return !v.has_value() || !v->defined() ||
          (v->scalar_type() == x.scalar_type() && v->is_cpu() &&
-          v->layout() == at::kStrided && v->is_contiguous() && v->numel() == C);
+          v->layout() == at::kStrided && readable(*v) && v->is_contiguous() &&
+          v->numel() == C && v->data_ptr() != nullptr);
 }
 
 // Large outputs are reused once nothing but this cache refers to their memory: a training
@@ -257,8 +270,10 @@ struct Node : public torch::autograd::Function<Node> {
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_w = has_w && ctx->needs_input_grad(1);
     const bool need_b = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(has_w ? 2 : 1);
-    if (at::GradMode::is_enabled()) {
-      // a graph of the backward is wanted: Python recomputes it with torch operations
+    if (at::GradMode::is_enabled() || !readable(dy)) {
+      // a graph of the backward is wanted, or dy has no values to read here (batched
+      // gradients: is_grads_batched=True, jacobian(vectorize=True)): Python recomputes the
+      // backward with torch operations
       py::gil_scoped_acquire gil;
       py::tuple r = (*GRAPH_BACKWARD)(dy, x, w.defined() ? py::cast(w) : py::none(),
                                       ctx->saved_data["eps"].toDouble(),
@@ -308,7 +323,7 @@ std::optional<std::tuple<Tensor, Tensor, bool>> train(
   }
   if (nbt.has_value() && nbt->defined() &&
       (nbt->scalar_type() != at::kLong || !nbt->is_cpu() || nbt->numel() != 1 ||
-       !nbt->is_contiguous())) {
+       !readable(*nbt) || !nbt->is_contiguous())) {
     return std::nullopt;
   }
   Tensor stats;

@@ -20,6 +20,8 @@ Conventions, one sentence each:
 from __future__ import annotations
 
 import inspect
+import math
+import operator
 import warnings
 from typing import Any, Literal
 
@@ -88,15 +90,46 @@ class _BatchNormBase(nn.Module):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < 1:
-            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
-        if not eps > 0:
-            raise ValueError(f"{name}({num_features}): eps must be > 0, got {eps!r}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
+        try:
+            # any integral type (NumPy's, say), as torch.nn takes; a bool is a mistake
+            n = -1 if isinstance(num_features, bool) else operator.index(num_features)
+        except TypeError:
+            n = -1
+        if n < 1:
             raise ValueError(
-                f"{name}({num_features}): momentum must be in [0, 1] (PyTorch's convention: the "
-                f"weight of the new batch), got {momentum!r}"
+                f"{name}: num_features must be a positive integer (the number of channels C), "
+                f"got {num_features!r}"
             )
+        num_features = n
+        if not eps >= 0:
+            raise ValueError(
+                f"{name}({num_features}): eps must be >= 0 (it is added to the variance), got "
+                f"{eps!r}; the usual value is 1e-5"
+            )
+        if eps == 0:
+            # torch.nn accepts it; a constant channel then divides 0 by 0
+            warnings.warn(
+                f"{name}({num_features}): eps=0 makes a constant channel (zero variance) "
+                "normalize to NaN; the usual value is 1e-5",
+                UserWarning,
+                stacklevel=3,
+            )
+        if momentum is not None:
+            if not math.isfinite(momentum):
+                raise ValueError(
+                    f"{name}({num_features}): momentum must be a finite number (PyTorch's "
+                    f"convention: the weight of the new batch) or None, got {momentum!r}"
+                )
+            if not 0.0 <= momentum <= 1.0:
+                # torch.nn accepts it; outside [0, 1] the running average extrapolates
+                warnings.warn(
+                    f"{name}({num_features}): momentum={momentum!r} is outside [0, 1] (PyTorch's "
+                    "convention: the weight of the new batch); the running statistics "
+                    "extrapolate and the running variance can turn negative. Keras' momentum "
+                    "0.99 is PyTorch's 0.01.",
+                    UserWarning,
+                    stacklevel=3,
+                )
         if nonfinite not in ("warn", "raise"):
             raise ValueError(
                 f"{name}({num_features}): nonfinite must be 'warn' or 'raise', got {nonfinite!r}"
@@ -168,14 +201,15 @@ class _BatchNormBase(nn.Module):
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
+        # torch.nn 2.13's fields first (bias= says whether β exists, as there)
         s = (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
         )
         if self.axis != 1:
             s += f", axis={self.axis}"
-        if self.center != self.scale:
-            s += f", center={self.center}, scale={self.scale}"
+        if self.affine and not self.scale:
+            s += ", scale=False"  # β without γ (Keras' scale=False): affine and bias= miss it
         if not self.unbiased_running_var:
             s += ", unbiased_running_var=False"
         if self.small_batch != "raise":
@@ -195,8 +229,14 @@ class _BatchNormBase(nn.Module):
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            # checkpoints from before num_batches_tracked existed (as torch.nn does)
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            # checkpoints from before num_batches_tracked existed: the layer keeps its own
+            # counter (as torch.nn 2.13 does), or starts at 0 if it has none with values
+            nbt = self.num_batches_tracked
+            state_dict[key] = (
+                nbt
+                if nbt is not None and nbt.device.type != "meta"
+                else torch.tensor(0, dtype=torch.long)
+            )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -245,18 +285,24 @@ class _BatchNormBase(nn.Module):
     def _momentum_factor(self) -> float:
         """The momentum for this step; for ``momentum=None``, 1/n (the cumulative average)."""
         if self.momentum is None:
-            assert self.num_batches_tracked is not None
-            return 1.0 / (float(self.num_batches_tracked) + 1.0)
+            nbt = self.num_batches_tracked
+            # without a counter torch.nn's factor stays 0 (the average never moves)
+            return 0.0 if nbt is None else 1.0 / (float(nbt) + 1.0)
         return self.momentum
 
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: int) -> None:
         if not (self.training and self.track_running_stats):
             return
-        assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
+        _, _, rm, rv, nbt = self._tensors()
+        if rm is None or rv is None:
+            # running buffers set to None ("always batch statistics"): nothing to blend into,
+            # but the batch is counted, as torch.nn does
+            if nbt is not None:
+                nbt.add_(1)
+            return
         updated = F.update_running_stats(
-            self.running_mean,
-            self.running_var,
+            rm,
+            rv,
             mean,
             var,
             count,
@@ -265,8 +311,8 @@ class _BatchNormBase(nn.Module):
             nonfinite=self.nonfinite,
             layer=self.layer_name(),
         )
-        if updated:
-            self.num_batches_tracked.add_(1)
+        if updated and nbt is not None:
+            nbt.add_(1)
 
     def _tensors(
         self,
@@ -353,6 +399,32 @@ class _BatchNormBase(nn.Module):
             y = y + 0 * self.weight.view(shape).to(input.dtype)  # dγ = Σ dy·x̂ = 0
         return y
 
+    def _fx_leaf(self, input: torch.fx.Proxy, mask: Tensor | None) -> Tensor:
+        """Under ``torch.fx.symbolic_trace``: this layer as one ``call_module`` node, the leaf
+        FX makes of torch.nn's layers (its default tracer would trace into ours, whose checks
+        branch on values a Proxy does not have). The traced module calls the layer itself."""
+        tracer = input.tracer
+        if not isinstance(tracer, torch.fx.Tracer):
+            raise TypeError(
+                f"{self.layer_name()}: traced by {type(tracer).__name__}, which cannot record a "
+                "call of this layer; trace with torch.fx.symbolic_trace or a torch.fx.Tracer"
+            )
+        args = (input,) if mask is None else (input, mask)
+        proxy = tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
+        return proxy  # type: ignore[return-value]
+
+    def _empty_output(self, input: Tensor) -> Tensor:
+        """The (empty) output of an empty batch, still connected to γ and β: their gradients
+        are zeros, as torch.nn gives, and DDP finds every parameter used in the step."""
+        y = input.clone()
+        shape = [1] * input.dim()
+        shape[self.axis % input.dim()] = -1
+        weight, bias, _, _, _ = self._tensors()
+        for p in (weight, bias):
+            if p is not None and p.requires_grad:
+                y = y + p.view(shape).to(input.dtype) * 0  # (0, C, …): still empty
+        return y
+
     def _check_small(self, input: Tensor, mask: Tensor | None) -> int:
         count = F.valid_count(input, self.axis, mask)
         # getattr: layers unpickled from before this attribute existed
@@ -370,6 +442,8 @@ class _BatchNormBase(nn.Module):
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; ``mask`` (boolean, True at valid positions, shaped like
         ``input`` without the channel axis) restricts the batch statistics to valid positions."""
+        if isinstance(input, torch.fx.Proxy):
+            return self._fx_leaf(input, mask)
         self._check_input(input)
         if mask is not None:
             mask = F.check_mask(input, mask, self.axis, self.layer_name())
@@ -377,7 +451,7 @@ class _BatchNormBase(nn.Module):
             # an empty batch (a detector's frame without boxes): an empty output, as torch.nn
             # gives; nothing to learn from, so the running statistics and counter stay as they are
             # (a synchronizing layer's empty rank still joins the exchange)
-            return input.clone()
+            return self._empty_output(input)
         if self._use_batch_stats():
             count = self._check_small(input, mask)
             if count < 2 and self.small_batch != "raise":
