@@ -635,3 +635,25 @@ def test_batched_gradients_match_torch(path: str, monkeypatch: pytest.MonkeyPatc
         results.append((jx, jac))
     for ours, theirs in zip(*results):
         torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("cls", ["BatchNorm1d", "BatchNorm2d"])
+def test_forward_mode_ad_in_training_matches_torch(cls: str) -> None:
+    """Forward-mode AD (``forward_ad.dual_level``) differentiates torch operations only: such
+    calls take plain torch without the autograd Function; tangents and the running update
+    equal torch.nn's."""
+    import torch.autograd.forward_ad as fwAD
+
+    shape = (8, 4) if cls == "BatchNorm1d" else (8, 4, 5, 5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1
+    t = torch.randn(shape, generator=g, dtype=torch.float64)
+    ours, theirs = getattr(batchnorm, cls)(4).double(), getattr(nn, cls)(4).double()
+    outs = []
+    for bn in (ours, theirs):
+        with fwAD.dual_level():
+            primal, tangent = fwAD.unpack_dual(bn(fwAD.make_dual(x, t)))
+        outs.append((primal.detach(), tangent.detach()))
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert int(ours.num_batches_tracked) == 1

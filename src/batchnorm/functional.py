@@ -33,6 +33,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _fw_ad
 from torch import Tensor
 
 from batchnorm import _env
@@ -419,13 +420,14 @@ def get_backend(
     """The backend for tensor ``x``: ``backend`` if given, else ``$BATCHNORM_BACKEND``, else
     ``auto`` — the Numba kernels for CPU float32/float64 tensors, plain torch otherwise.
 
-    Plain torch, whatever was asked for, inside ``torch.jit.trace``, under a Python dispatch
+    Plain torch, whatever was asked for, inside ``torch.jit.trace`` and forward-mode AD
+    (:func:`_torch_ops_only`), under a Python dispatch
     mode (``FakeTensorMode``, ...), and when ``x`` or one of the call's other tensors ``also``
     (weight, bias, running buffers) has no memory of its own (the wrappers of ``torch.func``
     transforms, FakeTensors): the kernels would read through pointers that do not exist."""
-    if _tracing():
-        # torch.jit.trace records torch operations only: a kernel call would be recorded as
-        # constants, so a trace always gets the plain-torch path
+    if _torch_ops_only():
+        # torch.jit.trace records torch operations only (a kernel call would be recorded as
+        # constants); forward-mode AD differentiates torch operations only
         return _TORCH
     if (
         not _has_memory(x)
@@ -690,6 +692,13 @@ def _tracing() -> bool:
     return torch._C._get_tracing_state() is not None
 
 
+def _torch_ops_only() -> bool:
+    """Inside ``torch.jit.trace`` or a forward-mode AD level (``forward_ad.dual_level``): the
+    plain-torch backend without the autograd Function, so that the tracer and autograd see
+    torch operations (the Function and the compiled node have no forward-mode derivative)."""
+    return _tracing() or _fw_ad._current_level >= 0
+
+
 def _graph_needed(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     """Whether autograd must record this normalization (else the Function's cost is skipped)."""
     return torch.is_grad_enabled() and (
@@ -741,7 +750,7 @@ def batch_norm_train(
     node = be.train_node(input, ax, weight, bias, eps, None)
     if node is not None:
         return node[0], node[1][0], node[1][1], count
-    if _graph_needed(input, weight, bias) and not _tracing():
+    if _graph_needed(input, weight, bias) and not _torch_ops_only():
         yc, (mean, var), _, restore = BatchNormFunction.apply(
             input, weight, bias, eps, be, None, ax
         )
@@ -786,7 +795,7 @@ def batch_norm_step(
     node = be.train_node(input, ax, weight, bias, eps, running)
     if node is not None:
         y, _, updated = node
-    elif _graph_needed(input, weight, bias) and not _tracing():
+    elif _graph_needed(input, weight, bias) and not _torch_ops_only():
         yc, _, updated, restore = BatchNormFunction.apply(input, weight, bias, eps, be, running, ax)
         y = restore(yc)
     else:
