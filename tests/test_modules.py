@@ -657,3 +657,33 @@ def test_forward_mode_ad_in_training_matches_torch(cls: str) -> None:
     torch.testing.assert_close(outs[0], outs[1])
     torch.testing.assert_close(ours.running_var, theirs.running_var)
     assert int(ours.num_batches_tracked) == 1
+
+
+def test_torch_compile_fullgraph_matches_torch() -> None:
+    """Under torch.compile our layers are torch operations (no kernel call, no value read in
+    Python), so ``fullgraph=True`` compiles them, as it does torch.nn's; outputs, gradients
+    and running statistics equal torch.nn's over two training steps and in eval mode."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 4, 5, 5, generator=g, dtype=torch.float64) * 2 + 1 for _ in range(2)]
+    ours, theirs = batchnorm.BatchNorm2d(4).double(), nn.BatchNorm2d(4).double()
+    with torch.no_grad():
+        for bn in (ours, theirs):
+            bn.weight.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the compiler's own notes
+        compiled = torch.compile(ours, fullgraph=True, backend="eager")
+        for x in xs:
+            xo, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            yo, yt = compiled(xo), theirs(xt)
+            torch.testing.assert_close(yo, yt)
+            (yo * yo).sum().backward()
+            (yt * yt).sum().backward()
+            torch.testing.assert_close(xo.grad, xt.grad)
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+        assert int(ours.num_batches_tracked) == 2
+        ours.eval()
+        theirs.eval()
+        torch.testing.assert_close(compiled(xs[0]), theirs(xs[0]))

@@ -409,9 +409,10 @@ def _has_memory(t: Tensor | None) -> bool:
 
 def _concrete(t: Tensor) -> bool:
     """Whether ``t``'s values can be read in Python (``bool``, ``.item()``): not on the meta
-    device, not fake, not wrapped by a transform. Checks of values are skipped otherwise, so
+    device, not fake, not wrapped by a transform, not inside ``torch.compile``. Checks of values are skipped otherwise, so
     that shapes propagate as they do through torch.nn."""
-    return not t.is_meta and _has_memory(t)
+    # under torch.compile values are symbolic too: the graph keeps tensor operations only
+    return not torch.compiler.is_compiling() and not t.is_meta and _has_memory(t)
 
 
 def get_backend(
@@ -696,7 +697,7 @@ def _torch_ops_only() -> bool:
     """Inside ``torch.jit.trace`` or a forward-mode AD level (``forward_ad.dual_level``): the
     plain-torch backend without the autograd Function, so that the tracer and autograd see
     torch operations (the Function and the compiled node have no forward-mode derivative)."""
-    return _tracing() or _fw_ad._current_level >= 0
+    return _tracing() or _fw_ad._current_level >= 0 or torch.compiler.is_compiling()
 
 
 def _graph_needed(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
