@@ -687,3 +687,11 @@ def test_torch_compile_fullgraph_matches_torch() -> None:
         ours.eval()
         theirs.eval()
         torch.testing.assert_close(compiled(xs[0]), theirs(xs[0]))
+
+
+def test_channel_mismatch_is_caught_as_torch_nn_errors_are_and_gives_a_remedy() -> None:
+    bn = batchnorm.BatchNorm2d(8)
+    with pytest.raises(RuntimeError, match=r"BatchNorm2d\(8\).*\(2, 3, 5, 5\), got 3\. Build the"):
+        bn(torch.randn(2, 3, 5, 5))  # torch.nn raises RuntimeError here
+    with pytest.raises(ValueError, match="did you mean axis"):
+        bn(torch.randn(2, 3, 5, 8))

@@ -62,9 +62,10 @@ __all__ = [
 NonFinitePolicy = Literal["warn", "raise"]
 
 
-class BatchNormInputError(ValueError):
+class BatchNormInputError(ValueError, RuntimeError):
     """Raised for an input a batch-normalization layer cannot normalize; the message names the
-    layer, the shape and a remedy."""
+    layer, the shape and a remedy. Also a ``RuntimeError``, which ``torch.nn``'s layers raise
+    for such input, so handlers written for them catch it."""
 
 
 class NonFiniteStatisticsError(FloatingPointError):
@@ -485,9 +486,13 @@ def check_channels(x: Tensor, num_features: int, axis: int, layer: str | None = 
         )
     c = x.shape[axis]
     if c != num_features:
+        hint = _axis_hint(x, num_features, axis) or (
+            f" Build the layer with {c} channels, or give the previous layer {num_features} "
+            "output channels (out_channels / out_features)."
+        )
         raise BatchNormInputError(
             f"{name}: expected {num_features} channels along axis {axis} of input with shape "
-            f"{tuple(x.shape)}, got {c}.{_axis_hint(x, num_features, axis)}"
+            f"{tuple(x.shape)}, got {c}.{hint}"
         )
 
 
