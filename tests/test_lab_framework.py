@@ -177,8 +177,8 @@ def test_run_writes_everything_and_resumes_or_refuses(toy, tmp_path):
     assert (out / "summary.json").read_bytes() == before
 
 
-def test_interrupted_run_resumes_from_finished_parts(toy, tmp_path, monkeypatch):
-    out = tmp_path / "run"
+def _interrupted_toy_run(toy, out, monkeypatch):
+    """A two-seed toy run stopped by Ctrl-C in its second training run (seed 0 saved)."""
     real = train.train
 
     def dies_on_second(*a, **k):
@@ -189,9 +189,14 @@ def test_interrupted_run_resumes_from_finished_parts(toy, tmp_path, monkeypatch)
     monkeypatch.setattr(train, "train", dies_on_second)
     with pytest.raises(KeyboardInterrupt):
         registry.run_experiment(toy, out, quick=True, seeds=2, log=lambda m: None)
+    monkeypatch.setattr(train, "train", real)
+
+
+def test_interrupted_run_resumes_from_finished_parts(toy, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _interrupted_toy_run(toy, out, monkeypatch)
     assert not (out / "summary.json").exists()  # no half-written summary
     assert (out / "parts" / "seed0.json").is_file()
-    monkeypatch.setattr(train, "train", real)
     logs = []
     registry.run_experiment(toy, out, quick=True, seeds=2, log=logs.append)
     assert any("resuming" in m for m in logs)
@@ -509,17 +514,8 @@ def test_resume_refuses_data_other_than_its_parts_were_computed_on(toy, tmp_path
     from batchnorm.lab import data
 
     out = tmp_path / "run"
-    real_train, real_load = train.train, data.load_dataset
-
-    def dies_on_second(*a, **k):
-        if CALLS["n"] >= 2:
-            raise KeyboardInterrupt
-        return real_train(*a, **k)
-
-    monkeypatch.setattr(train, "train", dies_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        registry.run_experiment(toy, out, quick=True, seeds=2, log=lambda m: None)
-    monkeypatch.setattr(train, "train", real_train)
+    real_load = data.load_dataset
+    _interrupted_toy_run(toy, out, monkeypatch)
 
     def other_data(*a, **k):
         import dataclasses

@@ -362,6 +362,13 @@ def test_to_inference_without_example_input_does_not_guess_the_linear_bn_axis() 
     torch.testing.assert_close(folded(flat), net(flat))
 
 
+def _with_statistics(net: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """``net`` after three training batches of ``shape``, in eval mode."""
+    for _ in range(3):
+        net(torch.randn(shape))
+    return net.eval()
+
+
 def test_fold_untraceable_model_with_a_bn_registered_twice() -> None:
     """A model torch.fx cannot trace falls back to Sequential pairs; a BN in the Sequential
     that is registered under another name first (and used there too) still folds correctly."""
@@ -379,10 +386,7 @@ def test_fold_untraceable_model_with_a_bn_registered_twice() -> None:
             return x
 
     torch.manual_seed(0)
-    net = Untraceable()
-    for _ in range(3):
-        net(torch.randn(4, 3, 8, 8))
-    net.eval()
+    net = _with_statistics(Untraceable(), (4, 3, 8, 8))
     x = torch.randn(4, 3, 8, 8)
     folded, err = batchnorm.fold(net, x)
     assert isinstance(folded.seq[1], nn.Identity) and err < 1e-4
@@ -482,10 +486,7 @@ def test_a_layer_listed_twice_in_one_sequential() -> None:
             return self.seq(x) if x.sum() > -1e9 else x
 
     torch.manual_seed(0)
-    net = Untraceable()
-    for _ in range(3):
-        net(torch.randn(4, 3, 6, 6))
-    net.eval()
+    net = _with_statistics(Untraceable(), (4, 3, 6, 6))
     x = torch.randn(2, 3, 6, 6)
     folded, err = batchnorm.fold(net, x)
     assert isinstance(folded.seq[2], nn.Identity) and err < 1e-5
