@@ -522,11 +522,17 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
     top.axhline(1.0, color="black", lw=1.0, label="torch's time")
     top.axhline(0.5, color="gray", lw=1.0, ls="--", label="2x faster (target, mean)")
     bottom.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    for which in (bottom.yaxis.set_major_formatter, bottom.yaxis.set_minor_formatter):
+        which(FormatStrFormatter("%g"))  # 2, 3, 4 rather than 2×10⁰
     bottom.axhline(1.6, color="gray", lw=1.0, ls="--", label="1.6x (target, >= 4M values)")
+    top.set_ylim(0, 1.18 * max(1.0, *(c["ours_over_torch"][p] for c in cases for p in PASSES)))
     for ax in (top, bottom):
-        ax.legend(fontsize=7, ncol=5)
+        # above the plot: inside, the legend hid the labels of the bars under it
+        ax.legend(fontsize=7, ncol=6, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False)
     m = data["machine"]
-    top.set_title(
+    fig.suptitle(
         f"batchnorm bench, {data['dtype']}, median of {data['repeats']}: {m['cpu']}, "
         f"{m['cores']} cores, {data['date'][:10]}",
         fontsize=9,
