@@ -4,15 +4,28 @@ the numbers stored next to them (each verdict is recomputed here from ``measured
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from batchnorm.lab import registry
-from batchnorm.lab.results import load_run
+from batchnorm.lab.experiments import (
+    _nets,
+    dropout,
+    ics,
+    initialization,
+    learning_rate,
+    noisy_bn,
+    paper_mnist,
+    placement,
+    smoothness,
+)
+from batchnorm.lab.results import Claim, _jsonable, load_run
 
 EXPERIMENTS = (
     "learning-rate",
@@ -27,6 +40,58 @@ EXPERIMENTS = (
 
 def _lt(a: Any, b: Any) -> bool:
     return a is not None and b is not None and a < b
+
+
+def _sub(a: Any, b: Any) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _ranked_diff(m: dict[str, Any], plain: float | None, worst: float = -math.inf) -> Any:
+    """first - second of the two arms in ``m["diverged_seeds"]`` (in that order), ranked: an
+    arm with a diverged seed scores ``worst``; ``None`` when both diverged."""
+    (_, da), (_, db) = m["diverged_seeds"].items()
+    if da and db:
+        return None
+    if da:
+        return worst
+    if db:
+        return -worst
+    return plain
+
+
+def _rank(value: Any, diverged: int, worst: float) -> Any:
+    return worst if diverged else value
+
+
+def _beats_spread(m: dict[str, Any], sign: bool = True) -> bool:
+    d = _ranked_diff(m, m["difference"])
+    if d is None:
+        return False
+    return bool(d > m["spread"] and d > 0) if sign else bool(abs(d) > m["spread"])
+
+
+def _benefit(m: dict[str, Any], prefix: str) -> float | None:
+    ranked = {
+        a: _rank(acc, m["diverged_seeds"][a], -math.inf)
+        for a, acc in m["acc"].items()
+        if a.startswith(prefix + "-p")
+    }
+    drops = [v for a, v in ranked.items() if a != prefix + "-p0" and v is not None]
+    base = ranked.get(prefix + "-p0")
+    if not drops or base is None:
+        return None
+    d = max(drops) - base
+    return None if math.isnan(d) else d
+
+
+def _bn_faster(m: dict[str, Any]) -> bool:
+    d, steps = m["diverged_seeds"], m["steps"]
+    return all(
+        steps[b] is not None
+        and not (d["none"] and d[b])
+        and (bool(d["none"]) or _lt(steps[b], steps["none"]))
+        for b in ("before", "after")
+    )
 
 
 # claim id (or id prefix) -> the verdict recomputed from the claim's measured numbers
@@ -51,48 +116,63 @@ RECOMPUTE: dict[str, Callable[[dict[str, Any]], bool]] = {
             or m["largest_stable_lr_BN"] > m["largest_stable_lr_noBN"]
         )
     ),
-    # placement
-    "before-better-": lambda m: (
-        m["difference"] is not None and m["difference"] > m["spread"] and m["difference"] > 0
-    ),
-    "placement-matters-": lambda m: (
-        m["difference"] is not None and abs(m["difference"]) > m["spread"]
-    ),
-    "bn-faster-": lambda m: (
-        m["steps"]["none"] is not None
-        and all(_lt(m["steps"][b], m["steps"]["none"]) for b in ("before", "after"))
-    ),
+    # placement (an arm with a diverged seed ranks lowest: m["diverged_seeds"])
+    "before-better-": _beats_spread,
+    "placement-matters-": lambda m: _beats_spread(m, sign=False),
+    "bn-faster-": _bn_faster,
     # dropout
-    "bn-reduces-dropout-benefit": lambda m: _lt(m["benefit_with_BN"], m["benefit_without_BN"]),
-    "bn-regularizes": lambda m: _lt(m["gap_BN"], m["gap_noBN"]),
-    "dropout-before-bn-variance-shift": lambda m: _lt(
-        m["mean_abs_log_ratio"]["safe_arm"], m["mean_abs_log_ratio"]["shift_arm"]
+    "bn-reduces-dropout-benefit": lambda m: _lt(_benefit(m, "BN"), _benefit(m, "noBN")),
+    "bn-regularizes": lambda m: (
+        not all(m["diverged_seeds"].values())
+        and _lt(
+            _rank(m["gap_BN"], m["diverged_seeds"]["BN-p0"], math.inf),
+            _rank(m["gap_noBN"], m["diverged_seeds"]["noBN-p0"], math.inf),
+        )
     ),
-    "variance-shift-hurts": lambda m: (
-        m["difference"] is not None and m["difference"] > m["spread"] and m["difference"] > 0
-    ),
+    "dropout-before-bn-variance-shift": lambda m: (
+        (
+            d := _ranked_diff(
+                m,
+                _sub(m["mean_abs_log_ratio"]["shift_arm"], m["mean_abs_log_ratio"]["safe_arm"]),
+                math.inf,
+            )
+        )
+        is not None
+        and d > 0
+    ),  # fmt: skip
+    "variance-shift-hurts": _beats_spread,
     # initialization
     "bn-init-insensitive": lambda m: m["range_BN"] < m["range_noBN"],
     "bn-init-fewer-failures": lambda m: m["failures_BN"] < m["failures_noBN"],
     # noisy-bn
     "noisy-bn-as-good-as-bn": lambda m: (
-        m["difference"] is not None and m["difference"] >= -m["tolerance"]
+        (d := _ranked_diff(m, m["difference"])) is not None and d >= -m["tolerance"]
     ),
     "noisy-bn-beats-standard": lambda m: (
-        m["noisy_BN"]["mean"] is not None
-        and (m["standard"]["mean"] is None or m["noisy_BN"]["mean"] > m["standard"]["mean"])
+        (d := _ranked_diff(m, _sub(m["noisy_BN"]["mean"], m["standard"]["mean"]))) is not None
+        and d > 0
     ),
-    "noisy-bn-less-stable": lambda m: _lt(
-        m["mean_shift_per_probe"]["standard"], m["mean_shift_per_probe"]["noisy-BN"]
-    ),
-    # ics
+    "noisy-bn-less-stable": lambda m: (
+        (
+            d := _ranked_diff(
+                m,
+                _sub(m["mean_shift_per_probe"]["noisy-BN"], m["mean_shift_per_probe"]["standard"]),
+                math.inf,
+            )
+        )
+        is not None
+        and d > 0
+    ),  # fmt: skip
+    # ics (diverged_seeds in the order noBN, BN; a diverged arm's shift is +inf)
     "bn-does-not-reduce-ics-": lambda m: (
-        m["one_minus_cos_BN"] is not None
-        and m["one_minus_cos_noBN"] is not None
-        and m["one_minus_cos_BN"] >= m["one_minus_cos_noBN"]
+        (d := _ranked_diff(m, _sub(m["one_minus_cos_noBN"], m["one_minus_cos_BN"]), math.inf))
+        is not None
+        and d <= 0
     ),
-    # smoothness
-    "bn-smaller-": lambda m: _lt(m["BN"], m["noBN"]),
+    # smoothness (noBN, BN; a diverged arm or a non-finite probe is +inf)
+    "bn-smaller-": lambda m: (
+        (d := _ranked_diff(m, _sub(m["noBN"], m["BN"]), math.inf)) is not None and d > 0
+    ),
 }
 
 
@@ -197,3 +277,369 @@ def test_unknown_config_key_is_an_error(tmp_path: Path) -> None:
         registry.run_experiment(
             "smoothness", tmp_path / "x", quick=True, dataset="digits", sets=["nope=1"]
         )
+
+
+# --------------------------------------------------------------------------------------------
+# claim verdicts on constructed measurements: each experiment's run() with its training stubbed
+# (every part comes from ``make(key)``, through the JSON round trip of RunContext.cached, so
+# NaN/inf arrive as null exactly as from a saved part)
+
+
+class _FakeData:
+    num_classes = 10
+    num_features = 64
+    input_shape = (1, 8, 8)
+    split = "test"
+    x_train = np.zeros((500, 64))
+
+    def info(self) -> dict[str, Any]:
+        return {"name": "fake"}
+
+    def subset(self, **kwargs: Any) -> _FakeData:
+        return self
+
+    def validation_split(self, *args: Any, **kwargs: Any) -> _FakeData:
+        return self
+
+
+class _StubCtx:
+    progress = False
+
+    def __init__(self, make: Callable[[str], Any]) -> None:
+        self.make, self.keys = make, []
+
+    def log(self, msg: str) -> None:
+        pass
+
+    def cached(self, key: str, fn: Any) -> Any:
+        self.keys.append(key)
+        return json.loads(json.dumps(_jsonable(self.make(key))))
+
+    def load_dataset(self, *args: Any, **kwargs: Any) -> _FakeData:
+        return _FakeData()
+
+
+def _stub_run(
+    monkeypatch: pytest.MonkeyPatch, module: Any, cfg: Any, make: Callable[[str], Any]
+) -> tuple[dict[str, Claim], _StubCtx]:
+    monkeypatch.setattr(module, "load_data", lambda *a, **k: _FakeData(), raising=False)
+    ctx = _StubCtx(make)
+    res = module.run(cfg, ctx)
+    return {c.id: c for c in res.summary["claims"]}, ctx
+
+
+def _train(
+    accs: list[float], *, diverged: bool = False, key: str = "test_acc", **cols: list[float]
+) -> dict[str, Any]:
+    """A saved training run: ``accs`` at steps 0, 20, 40, …; a diverged run ends with a row
+    without metrics, as train.train writes it."""
+    rows = [
+        {"step": 20 * i, key: a, "train_loss": 0.5, **{c: v[i] for c, v in cols.items()}}
+        for i, a in enumerate(accs)
+    ]
+    if diverged:
+        rows.append({"step": 20 * len(accs), key: None, "train_loss": None})
+    return {
+        "rows": rows,
+        "diverged": diverged,
+        "diverged_step": None,
+        "steps_done": 0,
+        "seconds": 1,
+    }
+
+
+def test_ranking_helpers_are_the_reference_rule() -> None:
+    assert _nets.ranked(0.9, [False, True], -math.inf) == -math.inf
+    assert _nets.ranked(0.9, [False, False], -math.inf) == 0.9
+    both = _nets.exceeds_spread([None], [None], [True], [True], names=("x", "y"))
+    assert both["diff"] is None and both["exceeds"] is False
+    assert both["measured"]["diverged"].endswith("(both arms diverged: not supported)")
+    # the surviving seed of a partly diverged arm does not win
+    one = _nets.exceeds_spread([None, 0.95], [0.9, 0.9], [True, False], [False, False])
+    assert one["diff"] == -math.inf and one["exceeds"] is True
+    assert one["measured"]["difference"] is None  # no -inf in summary.json
+    assert one["measured"]["diverged"] == "a diverged in 1 of 2 seeds (ranks lowest)"
+    assert one["measured"]["diverged_seeds"] == {"a": 1, "b": 0}
+    # errors: the diverged arm has the largest error
+    err = _nets.exceeds_spread([None], [0.1], [True], [False], worst=math.inf)
+    assert err["diff"] == math.inf and err["exceeds"] is True
+    # one seed: the spread is unknown, and the measured values say so
+    single = _nets.exceeds_spread([0.5], [0.4], [False], [False])
+    assert (
+        single["exceeds"] is True and "unknown with one seed" in single["measured"]["spread_note"]
+    )
+    assert "unknown with one seed" in _nets.spread_rule(1)
+    assert "over 3 seeds" in _nets.spread_rule(3)
+    assert (
+        "spread_note"
+        not in _nets.exceeds_spread([0.5, 0.6], [0.4, 0.4], [0, 0], [0, 0])["measured"]
+    )
+    # paper-mnist uses the same helpers (one home)
+    assert paper_mnist.ranked is _nets.ranked and paper_mnist.diverged_text is _nets.diverged_text
+
+
+def _placement(before: Callable[[int], dict[str, Any]], after: Callable[[int], dict[str, Any]]):  # type: ignore[no-untyped-def]
+    def make(key: str) -> dict[str, Any]:
+        _, arm, seed = key.split("-")
+        s = int(seed[4:])
+        if arm == "none":
+            return {"train": _train([0.1, 0.5, 0.7, 0.8]), "extra": {}}
+        return {"train": (before if arm == "before" else after)(s), "extra": {}}
+
+    return make
+
+
+def test_placement_arm_with_a_diverged_seed_ranks_lowest(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = placement.PlacementConfig(seeds=3, activations=("relu",), final_window=1)
+    # before diverges in 2 of 3 seeds; its surviving seed ends above after
+    make = _placement(
+        lambda s: _train([0.1, 0.3], diverged=True) if s < 2 else _train([0.1, 0.9, 0.95]),
+        lambda s: _train([0.1, 0.6, 0.85, 0.9]),
+    )
+    c, _ = _stub_run(monkeypatch, placement, cfg, make)
+    assert c["before-better-relu"].verdict is False
+    assert c["placement-matters-relu"].verdict is True  # they differ: one trained, one diverged
+    m = c["before-better-relu"].measured
+    assert m["diverged"] == "before diverged in 2 of 3 seeds (ranks lowest)"
+    assert m["before"]["values"] == [None, None, 0.95]  # the mean_std stays descriptive
+    # after diverges in every seed: before beats it
+    make = _placement(lambda s: _train([0.1, 0.9, 0.95]), lambda s: _train([0.1], diverged=True))
+    c, _ = _stub_run(monkeypatch, placement, cfg, make)
+    assert c["before-better-relu"].verdict is True and c["placement-matters-relu"].verdict is True
+    # both diverged: nothing supported
+    make = _placement(
+        lambda s: _train([0.1], diverged=True), lambda s: _train([0.1], diverged=True)
+    )
+    c, _ = _stub_run(monkeypatch, placement, cfg, make)
+    assert not c["before-better-relu"].verdict and not c["placement-matters-relu"].verdict
+    for claim in c.values():
+        assert _recompute(claim.id)(claim.measured) == claim.verdict
+
+
+def test_placement_diverged_no_bn_is_reached_at_the_first_evaluation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = placement.PlacementConfig(seeds=2, activations=("relu",), final_window=1)
+
+    def make(key: str) -> dict[str, Any]:
+        _, arm, seed = key.split("-")
+        if arm == "none":
+            if seed == "seed0":
+                return {"train": _train([0.1, 0.2], diverged=True), "extra": {}}
+            return {"train": _train([0.1, 0.5, 0.9, 0.99]), "extra": {}}
+        return {"train": _train([0.1, 0.6, 0.8, 0.9]), "extra": {}}
+
+    c, _ = _stub_run(monkeypatch, placement, cfg, make)
+    f = c["bn-faster-relu"]
+    assert f.verdict is True and f.measured["steps"] == {"none": None, "before": 20, "after": 20}
+    assert f.measured["diverged"] == "none diverged in 1 of 2 seeds (ranks lowest)"
+    assert _recompute(f.id)(f.measured) is True
+
+
+def test_placement_states_an_unknown_spread_with_one_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = placement.PlacementConfig(seeds=1, activations=("relu",), final_window=1)
+    make = _placement(lambda s: _train([0.1, 0.91]), lambda s: _train([0.1, 0.9]))
+    c, _ = _stub_run(monkeypatch, placement, cfg, make)
+    claim = c["before-better-relu"]
+    assert claim.verdict is True  # any difference passes: kept, but said
+    assert "unknown with one seed" in claim.details
+    assert "unknown with one seed" in claim.measured["spread_note"]
+
+
+def _dropout_make(diverged_arms: dict[str, int]) -> Callable[[str], dict[str, Any]]:
+    acc = {"noBN-p0": 0.80, "noBN-p0.5": 0.84, "BN-p0": 0.85, "BN-p0.5": 0.86, "BN-last-p0.5": 0.88}
+
+    def make(key: str) -> dict[str, Any]:
+        name, seed = key.rsplit("-seed", 1)
+        mm = (
+            {
+                f"hidden.{k}.bn": {"var_ratio": 0.6 if name.startswith("BN-p") else 1.0}
+                for k in (0, 1)
+            }
+            if name.startswith("BN")
+            else {}
+        )
+        if int(seed) < diverged_arms.get(name, 0):
+            return {
+                "train": _train([0.1, 0.1], diverged=True, train_acc=[0.1, 0.1]),
+                "extra": {"mismatch": {}},
+            }
+        return {
+            "train": _train([0.1, acc[name]], train_acc=[0.1, 0.99]),
+            "extra": {"mismatch": mm},
+        }
+
+    return make
+
+
+def test_dropout_arm_with_a_diverged_seed_ranks_lowest(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = dropout.DropoutConfig(seeds=2, final_window=1, hidden=(32, 32), dropout_rates=(0.0, 0.5))
+    c, _ = _stub_run(monkeypatch, dropout, cfg, _dropout_make({"BN-last-p0.5": 1}))
+    hurt = c["variance-shift-hurts"]
+    assert hurt.verdict is False  # its surviving seed (0.88) would have beaten 0.86
+    assert hurt.measured["diverged"] == "BN-last-p0.5 diverged in 1 of 2 seeds (ranks lowest)"
+    assert "supported if after-last - before > spread" in hurt.details
+    assert "supported if BN's gap < no-BN's gap" in c["bn-regularizes"].details
+    # no-BN without dropout diverged: its gap is +inf, so BN regularizes; dropout's benefit
+    # without BN is +inf, so BN reduces it
+    c, _ = _stub_run(monkeypatch, dropout, cfg, _dropout_make({"noBN-p0": 1}))
+    assert c["bn-regularizes"].verdict is True
+    assert c["bn-reduces-dropout-benefit"].verdict is True
+    assert c["bn-reduces-dropout-benefit"].measured["benefit_without_BN"] is None
+    # both arms compared diverged: not supported
+    c, _ = _stub_run(monkeypatch, dropout, cfg, _dropout_make({"noBN-p0": 1, "BN-p0": 2}))
+    assert c["bn-regularizes"].verdict is False
+    assert "not supported" in c["bn-regularizes"].measured["diverged"]
+    for claim in c.values():
+        assert _recompute(claim.id)(claim.measured) == claim.verdict
+
+
+def test_dropout_and_init_part_names_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = dropout.DropoutConfig(
+        seeds=1, final_window=1, hidden=(32, 32), dropout_rates=(0.0, 0.5, 0.5000001)
+    )
+    acc = {"p0": 0.8, "p0.5": 0.84, "p0.5000001": 0.85}
+
+    def make(key: str) -> dict[str, Any]:
+        name = key.rsplit("-seed", 1)[0]
+        return {"train": _train([0.1, acc[name.rsplit("-", 1)[1]]], train_acc=[0.1, 0.9]),
+                "extra": {"mismatch": {}}}  # fmt: skip
+
+    _, ctx = _stub_run(monkeypatch, dropout, cfg, make)
+    assert {"noBN-p0-seed0", "BN-p0.5-seed0", "BN-p0.5000001-seed0"} <= set(ctx.keys)
+    assert len(ctx.keys) == len(set(ctx.keys)) == 8
+    cfg2 = initialization.InitializationConfig(seeds=1, init_scales=(0.001, 10.0, 10.000001))
+    _, ctx = _stub_run(
+        monkeypatch, initialization, cfg2, lambda key: {"train": _train([0.1, 0.9]), "extra": {}}
+    )
+    assert {"noBN-init0.001-seed0", "BN-init10-seed0", "BN-init10.000001-seed0"} <= set(ctx.keys)
+    assert len(set(ctx.keys)) == 6
+    assert [_nets.exact_key(x) for x in (0.0, 0.5, 1e-5, 10.0)] == ["0", "0.5", "1e-05", "10"]
+
+
+def _noisy_make(diverged_arms: set[str]) -> Callable[[str], dict[str, Any]]:
+    def extra(d: float) -> dict[str, Any]:
+        return {
+            "layer": "x",
+            "probe_steps": [0, 20],
+            "drift": {"normalized_mean_shift": [d], "log_std_ratio": [d]},
+            "quantiles_unit0": [[0, 0, 0], [0, 0, 0]],
+        }
+
+    acc = {"standard": 0.80, "BN": 0.90, "noisy-BN": 0.90, "standard+noise": 0.6}
+    drift = {"standard": 0.6, "BN": 0.1, "noisy-BN": 0.5, "standard+noise": 0.5}
+
+    def make(key: str) -> dict[str, Any]:
+        arm, seed = key.rsplit("-seed", 1)
+        if arm in diverged_arms and seed == "0":
+            return {"train": _train([0.1, 0.2], diverged=True), "extra": extra(math.nan)}
+        return {"train": _train([0.1, acc[arm]]), "extra": extra(drift[arm])}
+
+    return make
+
+
+def test_noisy_bn_arm_with_a_diverged_seed_ranks_lowest(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = noisy_bn.NoisyBNConfig(seeds=2, final_window=1)
+    c, _ = _stub_run(monkeypatch, noisy_bn, cfg, _noisy_make({"noisy-BN"}))
+    assert c["noisy-bn-as-good-as-bn"].verdict is False
+    assert c["noisy-bn-beats-standard"].verdict is False
+    assert c["noisy-bn-less-stable"].verdict is True  # a diverged arm's drift is +inf
+    assert "noisy-BN diverged in 1 of 2 seeds" in c["noisy-bn-as-good-as-bn"].measured["diverged"]
+    assert "supported if noisy-BN's drift > the standard network's" in (
+        c["noisy-bn-less-stable"].details
+    )
+    # a standard network with one diverged seed counts as beaten (and as the larger drift)
+    c, _ = _stub_run(monkeypatch, noisy_bn, cfg, _noisy_make({"standard"}))
+    assert c["noisy-bn-beats-standard"].verdict is True
+    assert c["noisy-bn-less-stable"].verdict is False
+    c, _ = _stub_run(monkeypatch, noisy_bn, cfg, _noisy_make({"standard", "noisy-BN"}))
+    assert not c["noisy-bn-beats-standard"].verdict and not c["noisy-bn-less-stable"].verdict
+    for claim in c.values():
+        assert _recompute(claim.id)(claim.measured) == claim.verdict
+
+
+def test_smoothness_infinite_probe_of_a_diverged_run_counts_as_largest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def probe(step: int, v: float) -> dict[str, Any]:
+        return {k: v for k in smoothness.MEASURES} | {"step": step}
+
+    def make(key: str) -> dict[str, Any]:
+        if key.startswith("noBN"):
+            return {
+                "train": _train([0.1, 0.3], diverged=True),
+                "extra": {"probes": [probe(20, 0.5), probe(40, math.inf)]},
+            }
+        return {"train": _train([0.1, 0.8, 0.9]), "extra": {"probes": [probe(20, 1.0)] * 2}}
+
+    c, _ = _stub_run(monkeypatch, smoothness, smoothness.SmoothnessConfig(seeds=1), make)
+    assert all(claim.verdict for claim in c.values()), c
+    for claim in c.values():
+        assert claim.measured["diverged_seeds"] == {"noBN": 1, "BN": 0}
+        assert _recompute(claim.id)(claim.measured) is True
+
+
+def test_ics_diverged_arm_has_the_largest_shift(monkeypatch: pytest.MonkeyPatch) -> None:
+    def make(key: str) -> dict[str, Any]:
+        net, arm, _ = key.split("-")
+        cos = 0.9 if arm == "BN" else 0.5  # BN's shift (1 - cos) is the smaller one...
+        probes = [{"step": 20, "cosine": [cos, math.nan], "relative_l2": [0.1], "l2": [0.1]}]
+        # ...but BN diverged in the cnn: its shift ranks as +inf, so BN does not reduce it
+        return {"train": _train([0.1, 0.5], diverged=arm == "BN" and net == "cnn"),
+                "extra": {"probes": probes}}  # fmt: skip
+
+    c, _ = _stub_run(monkeypatch, ics, ics.ICSConfig(seeds=1), make)
+    assert c["bn-does-not-reduce-ics-cnn"].verdict is True
+    assert c["bn-does-not-reduce-ics-dln"].verdict is False
+    assert c["bn-does-not-reduce-ics-cnn"].measured["diverged"].startswith("BN diverged in 1")
+    for claim in c.values():
+        assert _recompute(claim.id)(claim.measured) == claim.verdict
+
+
+def test_initialization_scale_with_any_diverged_seed_counts_as_chance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cfg = initialization.InitializationConfig(
+        seeds=2, init_scales=(0.001, 0.1, 10.0), final_window=1
+    )
+    acc = {"noBN": {"0.001": 0.85, "0.1": 0.90, "10": 0.88}, "BN": {"0.001": 0.80, "0.1": 0.90, "10": 0.85}}  # fmt: skip
+
+    def make(key: str) -> dict[str, Any]:
+        arm, scale, seed = key.split("-")
+        if arm == "noBN" and scale == "init10" and seed == "seed0":  # 1 of 2 seeds diverges
+            return {"train": _train([0.1, 0.1], diverged=True), "extra": {}}
+        return {"train": _train([0.1, acc[arm][scale[4:]]]), "extra": {}}
+
+    c, _ = _stub_run(monkeypatch, initialization, cfg, make)
+    ins = c["bn-init-insensitive"]
+    assert ins.measured["range_noBN"] == pytest.approx(0.90 - 0.10)  # 10 counts as chance
+    assert ins.measured["diverged_scales_noBN"] == ["10"]
+    assert ins.verdict is True
+    assert c["bn-init-fewer-failures"].measured["status_noBN"]["10"] == "diverged"
+
+
+def test_learning_rate_target_excludes_step_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    curves = {
+        "noBN": [0.12, 0.10, 0.11, 0.11],  # never improves on its untrained accuracy
+        "BN-Baseline": [0.10, 0.50, 0.80, 0.90],
+        "BN-x5": [0.10, 0.6, 0.85, 0.9],
+        "BN-x30": [0.1, 0.5, 0.7, 0.8],
+        "BN-x5-Sigmoid": [0.1, 0.4, 0.6, 0.7],
+        "noBN-x5": [0.1, 0.1, 0.1, 0.1],
+        "noBN-Sigmoid": [0.1, 0.1, 0.1, 0.1],
+    }
+
+    def make(key: str) -> dict[str, Any]:
+        if key.startswith("sweep-"):
+            return {"train": _train([0.1, 0.5], key="val_acc"), "extra": {}}
+        return {"train": _train(curves[key[4:].rsplit("-seed", 1)[0]]), "extra": {}}
+
+    cfg = learning_rate.LearningRateConfig(seeds=1, sweep_lrs=(0.01, 0.1, 1.0))
+    c, _ = _stub_run(monkeypatch, learning_rate, cfg, make)
+    fast = c["bn-trains-faster"]
+    assert fast.measured["target_accuracy"] == 0.11  # not the untrained 0.12
+    assert fast.measured["noBN_steps"] == 40 and fast.measured["BN-Baseline_steps"] == 20
+    assert fast.verdict is True and c["bn-x5-14x-fewer-steps"].verdict is True
+    assert c["nobn-x5-diverges"].measured["learn_threshold"] == pytest.approx(0.1 + 0.5 * 0.01)
+    for claim in c.values():
+        assert _recompute(claim.id)(claim.measured) == claim.verdict

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from batchnorm.lab.config import ConfigError, make_config
+from batchnorm.lab.experiments import recalibration, small_batch
 from batchnorm.lab.experiments.recalibration import RecalibrationConfig, shift
 from batchnorm.lab.experiments.small_batch import SmallBatchConfig, grouped_batches
 from batchnorm.lab.registry import run_experiment
+from test_lab_claims import _stub_run, _train
 
 
 def test_grouped_batches_iid_and_noniid_composition() -> None:
@@ -193,3 +195,79 @@ def test_initialization_measured_scales_use_one_format(tmp_path) -> None:  # typ
     for arm in ("noBN", "BN"):
         assert list(acc[f"acc_{arm}"]) == ["0.1", "10"]
         assert list(status[f"status_{arm}"]) == ["0.1", "10"]  # not "10.0"
+
+
+@pytest.mark.parametrize(
+    ("config", "sets", "message"),
+    [
+        (SmallBatchConfig, ["group_sizes=8"], "at least 2 distinct normalization batch sizes"),
+        (SmallBatchConfig, ["group_sizes=8,8"], "at least 2 distinct normalization batch sizes"),
+        (RecalibrationConfig, ["lrs=0.1,0.1"], "at least two distinct positive rates"),
+    ],
+)
+def test_configs_refuse_comparisons_that_cannot_be_supported(config, sets, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError, match=message):
+        make_config(config, sets=sets)
+
+
+def test_small_batch_bn_that_diverges_has_the_largest_error(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    cfg = SmallBatchConfig(seeds=2, group_sizes=(2, 8), batch_size=16, final_window=1)
+    acc = {"BN-full": 0.90, "GN": 0.85, "BN-g8": 0.89, "renorm-g2": 0.80, "renorm-g8": 0.88,
+           "BN-g8-noniid": 0.70, "renorm-g2-noniid": 0.75, "renorm-g8-noniid": 0.65}  # fmt: skip
+
+    def make(key):  # type: ignore[no-untyped-def]
+        name = key.rsplit("-seed", 1)[0]
+        if name.startswith("BN-g2"):  # BN at normalization batch 2 diverges in every seed
+            return {"train": _train([0.1, 0.2], diverged=True), "extra": {}}
+        return {"train": _train([0.1, acc[name]]), "extra": {}}
+
+    c, _ = _stub_run(monkeypatch, small_batch, cfg, make)
+    assert c["bn-error-rises-at-small-batches"].verdict is True
+    assert c["gn-beats-bn-at-small-batches"].verdict is True
+    rec = c["renorm-recovers-small-batch-loss"]
+    assert rec.verdict is True and rec.measured["fraction_recovered"] == 1.0
+    assert c["renorm-helps-noniid"].measured["sizes_where_renorm_wins"] == [2]
+    assert c["bn-error-rises-at-small-batches"].measured["diverged"] == (
+        "BN-g2 diverged in 2 of 2 seeds (ranks lowest)"
+    )
+    # renorm diverging too: both compared arms diverged, nothing recovered or beaten
+
+    def make2(key):  # type: ignore[no-untyped-def]
+        name = key.rsplit("-seed", 1)[0]
+        if name.startswith(("BN-g2", "renorm-g2")):
+            return {"train": _train([0.1, 0.2], diverged=True), "extra": {}}
+        return {"train": _train([0.1, acc[name]]), "extra": {}}
+
+    c, _ = _stub_run(monkeypatch, small_batch, cfg, make2)
+    assert c["renorm-recovers-small-batch-loss"].verdict is False
+    assert c["renorm-helps-noniid"].measured["sizes_where_renorm_wins"] == []
+
+
+def test_small_batch_states_an_unknown_spread_with_one_seed(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    cfg = SmallBatchConfig(seeds=1, group_sizes=(2, 8), batch_size=16, final_window=1)
+    c, _ = _stub_run(
+        monkeypatch, small_batch, cfg, lambda key: {"train": _train([0.1, 0.8]), "extra": {}}
+    )
+    for cid in ("bn-error-rises-at-small-batches", "gn-beats-bn-at-small-batches",
+                "noniid-hurts-bn"):  # fmt: skip
+        assert "unknown with one seed" in c[cid].details
+        assert "unknown with one seed" in c[cid].measured["spread_note"]
+
+
+def test_recalibration_close_rates_are_separate_parts(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def make(key):  # type: ignore[no-untyped-def]
+        high = key.startswith("lr0.1000001")
+        rows = _train([0.5, 0.6], precise_acc=[0.55, 0.7 if high else 0.62], stat_gap=[0.1, 0.1])
+        adabn = [{"contrast": 1, "brightness": 0, "source_acc": 0.6, "target_acc": 0.6},
+                 {"contrast": 0.5, "brightness": 0.4, "source_acc": 0.3, "target_acc": 0.5}]  # fmt: skip
+        return {"train": rows, "extra": {"adabn": adabn}}
+
+    cfg = RecalibrationConfig(
+        seeds=1, lrs=(0.1, 0.1000001), shift_contrast=(0.5,), shift_brightness=(0.4,)
+    )
+    cfg.validate()
+    c, ctx = _stub_run(monkeypatch, recalibration, cfg, make)
+    assert ctx.keys == ["lr0.1-seed0", "lr0.1000001-seed0"]  # 0.1 keeps its readable name
+    lag = c["ema-lags-more-at-high-lr"]
+    assert "lr=0.1000001 than at lr=0.1" in lag.statement
+    assert lag.verdict is True  # the high rate's own run, not the low rate's part

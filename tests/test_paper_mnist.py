@@ -381,12 +381,12 @@ def test_batch_larger_than_the_training_split_is_a_clean_error(tmp_path, capsys)
     assert "batch_size=5000 is larger than the" in capsys.readouterr().err
 
 
-def test_lr_key_is_exact_and_keeps_ordinary_rates_readable():
-    assert [pm.lr_key(x) for x in (0.03, 0.3, 1.0, 3.0, 10.0, 1e-4)] == [
+def test_exact_key_is_exact_and_keeps_ordinary_rates_readable():
+    assert [pm.exact_key(x) for x in (0.03, 0.3, 1.0, 3.0, 10.0, 1e-4)] == [
         "0.03", "0.3", "1", "3", "10", "0.0001",
     ]  # fmt: skip
     close = [1.0, 1.0000001, 1.00000001, 0.1 + 0.2, 0.3]
-    keys = [pm.lr_key(x) for x in close]
+    keys = [pm.exact_key(x) for x in close]
     assert len(set(keys)) == len(close)
     assert [float(k) for k in keys] == close
 

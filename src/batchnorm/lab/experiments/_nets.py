@@ -6,13 +6,19 @@ initialization, noisy-bn, ics, smoothness). Not an experiment: it registers noth
 * :class:`DeepLinear` — their deep linear network: ``depth`` square linear layers, optionally
   with BN after each.
 * helpers to load the data, train one arm through the lab's training loop with caching, and
-  compare arms with their seed-to-seed spread.
+  compare arms with their seed-to-seed spread;
+* the one home of the claims' ranking rule (:func:`ranked`, :data:`RANK_RULE`): a diverged
+  run ranks lowest, as in paper-mnist's learning-rate sweep — an arm with a diverged seed has
+  accuracy −∞ and error, drift or non-smoothness +∞, and when both compared arms diverged no
+  claim is supported;
+* :func:`exact_key`, the exact label of a number for part names.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,11 +38,20 @@ __all__ = [
     "load_data",
     "cached_train",
     "arm_rows",
+    "final_acc",
     "mean_of",
     "exceeds_spread",
+    "RANK_RULE",
+    "ranked",
+    "finite",
+    "diverged_flags",
+    "diverged_text",
+    "divergence",
+    "spread_rule",
     "accuracy_curve",
     "exponential_decay",
     "steps_to",
+    "exact_key",
 ]
 
 
@@ -193,21 +208,108 @@ def final_acc(train: dict[str, Any], key: str = "test_acc", window: int = 1) -> 
 
 
 def mean_of(values: Sequence[float | None]) -> float | None:
+    """The mean of the finite values (``None`` if there is none): a descriptive statistic,
+    never a verdict's ranking (see :func:`ranked`)."""
     vals = [float(v) for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(vals)) if vals else None
 
 
-def exceeds_spread(a: Sequence[float | None], b: Sequence[float | None]) -> dict[str, Any]:
-    """Is the difference of the means of ``a`` and ``b`` (per-seed values) larger than the
-    seed-to-seed spread? Spread = std(a) + std(b) (population std over seeds); with one seed
-    the spread is unknown (0) and any difference counts. Missing values (diverged runs) are
-    excluded."""
+# --------------------------------------------------------------------------------------------
+# ranking arms for the claims: a diverged run ranks lowest (the one home of this rule)
+
+RANK_RULE = (
+    "an arm with a diverged seed ranks lowest (accuracy -inf; error, drift, non-smoothness "
+    "+inf); not supported if both compared arms diverged"
+)
+
+
+def ranked(mean: float | None, diverged: Sequence[bool], worst: float) -> float | None:
+    """An arm's seed-mean for ranking the arms: ``worst`` (``-inf`` for an accuracy, ``+inf``
+    for an error or a drift) if any seed diverged — a diverged run ranks lowest, and one
+    diverged seed is enough (the seed-mean of a run that scored ``worst`` is ``worst``) — else
+    ``mean`` (``None``: not measured)."""
+    return worst if any(diverged) else mean
+
+
+def finite(x: float | None) -> float | None:
+    """``x`` if it is a finite number, else ``None`` (no ``±inf`` in the measured values)."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+def diverged_flags(runs: Sequence[dict[str, Any]]) -> list[bool]:
+    """Per seed, whether the run diverged; ``runs`` are TrainResult dicts or ``{"train": …}``."""
+    return [bool(r["train"]["diverged"] if "train" in r else r["diverged"]) for r in runs]
+
+
+def diverged_text(div: Mapping[str, Sequence[bool]], what: str = "diverged") -> str:
+    """Which arms diverged, for the measured values: ``"none"`` or e.g. ``"baseline diverged
+    in 1 of 2 seeds (ranks lowest)"``; ``"… (both arms diverged: not supported)"`` when every
+    arm compared did."""
+    parts = [f"{a} {what} in {sum(d)} of {len(d)} seeds" for a, d in div.items() if any(d)]
+    if not parts:
+        return "none"
+    if len(parts) == len(div):
+        every = "both arms" if len(div) == 2 else "all arms"
+        return " and ".join(parts) + f" ({every} {what}: not supported)"
+    return " and ".join(parts) + (" (ranks lowest)" if len(parts) == 1 else " (rank lowest)")
+
+
+def divergence(div: Mapping[str, Sequence[bool]], what: str = "diverged") -> dict[str, Any]:
+    """The measured values that say which arms diverged: the text of :func:`diverged_text`
+    and the count per arm (``diverged_seeds``), from which a verdict can be recomputed."""
+    return {
+        "diverged": diverged_text(div, what),
+        "diverged_seeds": {a: int(sum(d)) for a, d in div.items()},
+    }
+
+
+def spread_rule(n_seeds: int, what: str = "std + std") -> str:
+    """The spread's definition for a claim's details; with one seed it is unknown."""
+    if n_seeds > 1:
+        return f"spread = {what} (population std over {n_seeds} seeds)"
+    return (
+        f"spread = {what}, unknown with one seed (taken as 0, so any difference passes: run "
+        "more seeds)"
+    )
+
+
+def exceeds_spread(
+    a: Sequence[float | None],
+    b: Sequence[float | None],
+    diverged_a: Sequence[bool],
+    diverged_b: Sequence[bool],
+    *,
+    names: tuple[str, str] = ("a", "b"),
+    worst: float = -math.inf,
+) -> dict[str, Any]:
+    """Is the difference of the ranked means of ``a`` and ``b`` (per-seed values) larger than
+    the seed-to-seed spread?
+
+    Spread = std(a) + std(b) (population std over the finite values); with one seed the spread
+    is unknown (0) and any difference counts. Ranking (:func:`ranked`): an arm with a diverged
+    seed scores ``worst`` (``-inf`` for accuracies, ``+inf`` for errors), so when only one arm
+    diverged ``diff`` is ``±inf`` and exceeds any spread; when both diverged (or a mean is
+    missing) ``diff`` is ``None`` and nothing exceeds.
+
+    Returns ``diff`` (for the verdict, may be ``±inf``), ``spread``, ``exceeds`` and
+    ``measured``: the values for the claim (``difference`` finite or ``None``, ``spread``,
+    which arms diverged, and a note when the spread is unknown with one seed)."""
     sa, sb = mean_std(list(a)), mean_std(list(b))
-    if sa["mean"] is None or sb["mean"] is None:
-        return {"diff": None, "spread": None, "exceeds": False}
-    diff = sa["mean"] - sb["mean"]
-    spread = sa["std"] + sb["std"]
-    return {"diff": diff, "spread": spread, "exceeds": bool(abs(diff) > spread)}
+    div = {names[0]: list(diverged_a), names[1]: list(diverged_b)}
+    both = any(diverged_a) and any(diverged_b)
+    ra, rb = ranked(sa["mean"], diverged_a, worst), ranked(sb["mean"], diverged_b, worst)
+    spread = (sa["std"] or 0.0) + (sb["std"] or 0.0)
+    one_seed = min(len(a), len(b)) < 2
+    if both or ra is None or rb is None:
+        diff, exceeds = None, False
+    else:
+        diff = ra - rb
+        exceeds = bool(abs(diff) > spread)
+    measured: dict[str, Any] = {"difference": finite(diff), "spread": spread}
+    if one_seed:
+        measured["spread_note"] = "unknown with one seed: any difference passes"
+    measured.update(divergence(div))
+    return {"diff": diff, "spread": spread, "exceeds": exceeds, "measured": measured}
 
 
 def exponential_decay(lr: float, steps: int, halvings: float) -> Callable[[int], float]:
@@ -227,10 +329,11 @@ def steps_to(steps: Sequence[int], curve: Sequence[float | None], target: float)
     return train.steps_to_target([p[0] for p in pts], [p[1] for p in pts], target)
 
 
-def lr_key(lr: float) -> str:
-    """A label that identifies the rate ``lr`` exactly, for part names and saved sweeps: the
-    short ``:g`` form (``0.3``, ``3``) when it reads back as the same number, else ``repr``
-    (``1.0000001``, which ``:g`` would round to ``1``). Distinct rates never share a label: a
-    label always reads back as its own rate."""
-    short = f"{lr:g}"
-    return short if float(short) == lr else repr(lr)
+def exact_key(x: float) -> str:
+    """A label that identifies the number ``x`` exactly, for part names, arm names and saved
+    sweeps (learning rates, dropout rates, init scales): the short ``:g`` form (``0.3``, ``3``,
+    ``0.001``) when it reads back as the same number, else ``repr`` (``1.0000001``, which ``:g``
+    would round to ``1``). Distinct values never share a label: a label always reads back as its
+    own value, and ordinary values keep their readable ``:g`` labels (so saved parts resume)."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(x)

@@ -27,12 +27,17 @@ Claims:
 * dropout before BN shifts the variance: the BN layers preceded by dropout have
   ``|log var_ratio|`` larger than the same layers in the ``BN-last`` arm;
 * the shift costs accuracy: at the largest rate, ``BN-last`` beats ``BN`` by more than the
-  seed-to-seed spread.
+  seed-to-seed spread (std + std over seeds; unknown with one seed, when any difference passes).
+
+As in paper-mnist, a diverged run ranks lowest: an arm with a diverged seed has held-out
+accuracy −∞ and generalization gap and ``|log var_ratio|`` +∞ in the claims, whatever its
+surviving seeds measured; a claim whose compared arms both diverged is not supported.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -48,11 +53,18 @@ from batchnorm.lab import models, train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
+    RANK_RULE,
     arm_rows,
     cached_train,
+    diverged_flags,
+    divergence,
+    exact_key,
     exceeds_spread,
     final_acc,
+    finite,
     load_data,
+    ranked,
+    spread_rule,
 )
 from batchnorm.lab.registry import register
 from batchnorm.lab.report import doctor_section
@@ -165,7 +177,8 @@ def _train(
 
 
 def _arm_name(bn: bool, p: float, where: str) -> str:
-    return ("BN-last" if where == "last" else "BN" if bn else "noBN") + f"-p{p:g}"
+    # exact: two close rates never share an arm (or its saved parts); 0.5 stays "p0.5"
+    return ("BN-last" if where == "last" else "BN" if bn else "noBN") + f"-p{exact_key(p)}"
 
 
 def figures(run: RunData, out: Path) -> list[Path]:
@@ -233,11 +246,13 @@ def run(cfg: DropoutConfig, ctx: RunContext) -> Results:
         a: [None if x is None or y is None else x - y for x, y in zip(tr[a], test[a])]
         for a in results
     }
-    m = {a: mean_std(v)["mean"] for a, v in test.items()}
-    g = {a: mean_std(v)["mean"] for a, v in gap.items()}
+    div = {a: diverged_flags(rs) for a, rs in results.items()}
+    # ranked seed-means (a diverged seed: accuracy −∞, gap +∞), for the verdicts
+    m = {a: ranked(mean_std(v)["mean"], div[a], -math.inf) for a, v in test.items()}
+    g = {a: ranked(mean_std(v)["mean"], div[a], math.inf) for a, v in gap.items()}
 
     def mismatch(arm: str) -> dict[str, float]:
-        """Per BN layer, the seed-mean variance ratio."""
+        """Per BN layer, the seed-mean variance ratio (over the seeds that trained)."""
         layers: dict[str, list[float]] = {}
         for r in results[arm]:
             for layer, d in r["extra"]["mismatch"].items():
@@ -249,68 +264,97 @@ def run(cfg: DropoutConfig, ctx: RunContext) -> Results:
     # BN layers preceded by a dropout in the shift arm: every hidden BN but the first
     after_drop = [f"hidden.{k}.bn" for k in range(1, len(cfg.hidden))]
 
-    def log_shift(vr: dict[str, float]) -> float | None:
+    def log_shift(arm: str, vr: dict[str, float]) -> float | None:
         vals = [abs(np.log(vr[layer])) for layer in after_drop if vr.get(layer, 0) > 0]
-        return float(np.mean(vals)) if vals else None
+        return ranked(float(np.mean(vals)) if vals else None, div[arm], math.inf)
 
-    shift_a, shift_b = log_shift(vr_shift), log_shift(vr_safe)
+    shift_a, shift_b = log_shift(shift_arm, vr_shift), log_shift(safe_arm, vr_safe)
+    shift_both = any(div[shift_arm]) and any(div[safe_arm])
+
+    def difference(x: float | None, y: float | None) -> float | None:
+        """``x - y`` of ranked values; ``None`` if either is missing or both are infinite of
+        the same sign (both arms ranked lowest: undefined)."""
+        if x is None or y is None:
+            return None
+        d = x - y
+        return None if math.isnan(d) else d
 
     def benefit(prefix: str) -> float | None:
         base = m.get(f"{prefix}-p0")
-        with_drop = [m[_arm_name(prefix == "BN", p, "every")] for p in rates if p > 0]
-        with_drop = [v for v in with_drop if v is not None]
-        return None if base is None or not with_drop else max(with_drop) - base
+        arms = [_arm_name(prefix == "BN", p, "every") for p in rates if p > 0]
+        with_drop = [v for a in arms if (v := m[a]) is not None]
+        return None if not with_drop else difference(max(with_drop), base)
 
     b_nobn, b_bn = benefit("noBN"), benefit("BN")
-    cost = exceeds_spread(test[safe_arm], test[shift_arm])
+    benefit_arms = [_arm_name(bn, p, "every") for bn in (False, True) for p in rates]
+    reg_arms = ["noBN-p0", "BN-p0"]
+    reg_both = all(any(div[a]) for a in reg_arms)
+    cost = exceeds_spread(
+        test[safe_arm],
+        test[shift_arm],
+        div[safe_arm],
+        div[shift_arm],
+        names=(safe_arm, shift_arm),
+    )
     claims = [
         Claim(
             id="bn-reduces-dropout-benefit",
             statement="BN reduces the benefit of dropout",
             verdict=b_nobn is not None and b_bn is not None and b_bn < b_nobn,
             measured={
-                "benefit_without_BN": b_nobn,
-                "benefit_with_BN": b_bn,
-                "acc": {a: m[a] for a in m if not a.startswith("BN-last")},
+                "benefit_without_BN": finite(b_nobn),
+                "benefit_with_BN": finite(b_bn),
+                "acc": {a: mean_std(test[a])["mean"] for a in benefit_arms},
+                **divergence({a: div[a] for a in benefit_arms}),
             },
             source=SOURCE + " (BN-x5: dropout removed)",
             seeds=seeds,
             details="benefit = best seed-mean final held-out accuracy over the positive "
-            "dropout rates minus the accuracy without dropout; BN's benefit < no-BN's",
+            "dropout rates minus the accuracy without dropout; supported if BN's benefit < "
+            f"no-BN's; {RANK_RULE} (a diverged arm without dropout makes the benefit +inf, "
+            "diverged arms with every rate make it -inf; undefined, not supported, when both)",
         ),
         Claim(
             id="bn-regularizes",
             statement="BN acts as a regularizer: without dropout, a smaller generalization gap",
-            verdict=g["BN-p0"] is not None
+            verdict=not reg_both
+            and g["BN-p0"] is not None
             and g["noBN-p0"] is not None
             and g["BN-p0"] < g["noBN-p0"],
             measured={
-                "gap_noBN": g["noBN-p0"],
-                "gap_BN": g["BN-p0"],
-                "acc_noBN": m["noBN-p0"],
-                "acc_BN": m["BN-p0"],
+                "gap_noBN": mean_std(gap["noBN-p0"])["mean"],
+                "gap_BN": mean_std(gap["BN-p0"])["mean"],
+                "acc_noBN": mean_std(test["noBN-p0"])["mean"],
+                "acc_BN": mean_std(test["BN-p0"])["mean"],
+                **divergence({a: div[a] for a in reg_arms}),
             },
             source=SOURCE,
             seeds=seeds,
             details=f"gap = accuracy on {cfg.n_train_eval} training examples - held-out "
             f"accuracy (mean of the last {w} evaluations), trained on {ds.x_train.shape[0]} "
-            "examples",
+            f"examples, without dropout; supported if BN's gap < no-BN's gap; {RANK_RULE}",
         ),
         Claim(
             id="dropout-before-bn-variance-shift",
             statement=f"dropout (p={top:g}) before BN shifts the variance BN sees between "
             "training and inference",
-            verdict=shift_a is not None and shift_b is not None and shift_a > shift_b,
+            verdict=not shift_both
+            and shift_a is not None
+            and shift_b is not None
+            and shift_a > shift_b,
             measured={
                 "var_ratio_dropout_before_bn": vr_shift,
                 "var_ratio_dropout_after_last_bn": vr_safe,
-                "mean_abs_log_ratio": {"shift_arm": shift_a, "safe_arm": shift_b},
+                "mean_abs_log_ratio": {"shift_arm": finite(shift_a), "safe_arm": finite(shift_b)},
                 "expected_ratio_li_et_al": 1 - top,
+                **divergence({shift_arm: div[shift_arm], safe_arm: div[safe_arm]}),
             },
             source=SOURCE_LI,
             seeds=seeds,
             details="var_ratio = mean over channels of the held-out batch variance of the BN "
-            f"input in eval mode / running variance; compared on layers {after_drop}",
+            f"input in eval mode / running variance; compared on layers {after_drop}: "
+            "supported if the mean |log var_ratio| of the dropout-before-BN arm > that of the "
+            f"dropout-after-last-BN arm; {RANK_RULE}",
         ),
         Claim(
             id="variance-shift-hurts",
@@ -320,12 +364,14 @@ def run(cfg: DropoutConfig, ctx: RunContext) -> Results:
             measured={
                 "acc_dropout_after_last_bn": mean_std(test[safe_arm]),
                 "acc_dropout_before_bn": mean_std(test[shift_arm]),
-                "difference": cost["diff"],
-                "spread": cost["spread"],
+                **cost["measured"],
             },
             source=SOURCE_LI,
             seeds=seeds,
-            details="spread = std + std over seeds",
+            details=f"final held-out accuracy = mean of the last {w} evaluations; "
+            + spread_rule(len(seeds))
+            + "; supported if after-last - before > spread; "
+            + RANK_RULE,
         ),
     ]
     for c in claims:

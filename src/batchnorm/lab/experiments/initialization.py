@@ -13,7 +13,8 @@ arm), or *trained*.
 Claims:
 
 * the final accuracy varies less across the initialization scales with BN (range = max − min of
-  the seed-mean final accuracy over scales);
+  the seed-mean final accuracy over scales, where a diverged scale — any seed diverged, as in
+  the classification — counts as chance: it produced no usable network);
 * fewer scales fail (diverge or stall) with BN.
 """
 
@@ -29,7 +30,7 @@ import numpy as np
 from batchnorm.lab import models, train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
-from batchnorm.lab.experiments._nets import arm_rows, cached_train, final_acc, load_data
+from batchnorm.lab.experiments._nets import arm_rows, cached_train, exact_key, final_acc, load_data
 from batchnorm.lab.registry import register
 from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
 
@@ -97,7 +98,7 @@ def _train(
         seed=seed,
         threads=cfg.threads,
         progress=progress,
-        desc=f"bn={bn} init={scale:g} seed={seed}",
+        desc=f"bn={bn} init={exact_key(scale)} seed={seed}",
     )
     return res, {}
 
@@ -155,7 +156,7 @@ def run(cfg: InitializationConfig, ctx: RunContext) -> Results:
             for seed in seeds:
                 res = cached_train(
                     ctx,
-                    f"{arm}-init{scale:g}-seed{seed}",
+                    f"{arm}-init{exact_key(scale)}-seed{seed}",
                     partial(_train, cfg, ds, arm == "BN", scale, seed, ctx.progress),
                 )["train"]
                 per_seed.append(final_acc(res, window=cfg.final_window))
@@ -177,12 +178,15 @@ def run(cfg: InitializationConfig, ctx: RunContext) -> Results:
     fails = {a: sum(s != "trained" for s in statuses[a]) for a in ARMS}
 
     def acc_range(arm: str) -> float:
-        # a diverged scale counts as chance accuracy: it produced no usable network
-        vals = [chance if m is None else m for m in means[arm]]
+        # a diverged scale (any seed diverged, as in status) counts as chance accuracy: it
+        # produced no usable network, whatever its other seeds reached
+        vals = [
+            chance if diverged[arm][k] > 0 or m is None else m for k, m in enumerate(means[arm])
+        ]
         return float(max(vals) - min(vals))
 
     ranges = {a: acc_range(a) for a in ARMS}
-    scale_keys = [f"{sc:g}" for sc in cfg.init_scales]  # the same labels everywhere
+    scale_keys = [exact_key(sc) for sc in cfg.init_scales]  # the same labels everywhere
     per_scale = {a: dict(zip(scale_keys, means[a])) for a in ARMS}
     claims = [
         Claim(
@@ -193,11 +197,17 @@ def run(cfg: InitializationConfig, ctx: RunContext) -> Results:
                 "range_noBN": ranges["noBN"],
                 "range_BN": ranges["BN"],
                 **{f"acc_{a}": per_scale[a] for a in ARMS},
+                # the scales counted as chance (their acc_ above is over the surviving seeds)
+                **{
+                    f"diverged_scales_{a}": [k for k, n in zip(scale_keys, diverged[a]) if n > 0]
+                    for a in ARMS
+                },
             },  # fmt: skip
             source=SOURCE,
             seeds=seeds,
-            details="range = max - min over scales of the seed-mean final held-out accuracy "
-            "(a diverged scale counts as chance)",
+            details="range = max - min over scales of the seed-mean final held-out accuracy; a "
+            "diverged scale (any seed's loss non-finite) counts as chance accuracy "
+            f"({chance:.3g}); supported if BN's range < no-BN's",
         ),
         Claim(
             id="bn-init-fewer-failures",
@@ -217,7 +227,7 @@ def run(cfg: InitializationConfig, ctx: RunContext) -> Results:
     for c in claims:
         ctx.log(f"[{'supported' if c.verdict else 'NOT supported'}] {c.statement}")
     arms = {
-        f"{a} init={sc:g}": {
+        f"{a} init={exact_key(sc)}": {
             "final_accuracy": mean_std(finals[a][k]),
             "diverged": diverged[a][k],
             "status": statuses[a][k],

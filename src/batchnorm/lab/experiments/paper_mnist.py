@@ -53,7 +53,13 @@ import torch
 from batchnorm.lab import models, train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
-from batchnorm.lab.experiments._nets import lr_key, steps_to
+from batchnorm.lab.experiments._nets import (
+    diverged_text,
+    exact_key,
+    finite,
+    ranked,
+    steps_to,
+)
 from batchnorm.lab.registry import register
 from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
 from batchnorm.recorder import ActivationRecorder
@@ -278,23 +284,6 @@ def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[f
     return steps, curve
 
 
-def _ranked(mean: float | None, diverged: list[bool], worst: float) -> float | None:
-    """An arm's seed-mean for ranking the arms: ``worst`` if any seed diverged (as in
-    :func:`_pick_lr`, a diverged run ranks lowest), else ``mean`` (``None``: not measured)."""
-    return worst if any(diverged) else mean
-
-
-def _diverged_text(div: dict[str, list[bool]]) -> str:
-    """Which arms diverged, for the measured values: ``"none"`` or e.g. ``"baseline diverged
-    in 1 of 2 seeds (ranks lowest)"``."""
-    parts = [f"{a} diverged in {sum(d)} of {len(d)} seeds" for a, d in div.items() if any(d)]
-    if not parts:
-        return "none"
-    if len(parts) == len(div):
-        return " and ".join(parts) + " (both arms diverged: not supported)"
-    return parts[0] + " (ranks lowest)"
-
-
 def _compare(
     cfg: PaperMnistConfig,
     protocol: str,
@@ -312,10 +301,10 @@ def _compare(
     w = cfg.final_window
     div = {a: [bool(r["diverged"]) for r in runs[a]] for a in ARMS}
     both_diverged = all(any(div[a]) for a in ARMS)
-    diverged_text = _diverged_text(div)
+    div_text = diverged_text(div)
     finals = {a: [_final(r["rows"], key, w) for r in runs[a]] for a in ARMS}
     fin = {a: mean_std(finals[a]) for a in ARMS}
-    score = {a: _ranked(fin[a]["mean"], div[a], -math.inf) for a in ARMS}
+    score = {a: ranked(fin[a]["mean"], div[a], -math.inf) for a in ARMS}
     base_final = score["baseline"]  # the target BN has to reach (−∞: the baseline diverged)
     bn_final = score["bn"]
     steps, bn_curve = _mean_curve(runs["bn"], key)
@@ -329,7 +318,7 @@ def _compare(
         else steps_to(*_column(r["rows"], key), base_final)
         for r in runs["bn"]
     ]
-    fb, fn = _finite(base_final), _finite(bn_final)
+    fb, fn = finite(base_final), finite(bn_final)
     label = "each arm at its own best learning rate" if protocol == "tuned" else "a shared rate"
     lr_info = {"lr_baseline": lrs["baseline"], "lr_bn": lrs["bn"]}
     ranking = (
@@ -345,12 +334,12 @@ def _compare(
             ),
             verdict=reach is not None and reach <= budget,
             measured={
-                "baseline_final_acc": _finite(base_final),
+                "baseline_final_acc": finite(base_final),
                 "bn_steps_to_it": reach,
                 "step_budget": budget,
                 "fraction_of_steps": None if reach is None else reach / cfg.steps,
                 "bn_steps_per_seed": per_seed_reach,
-                "diverged": diverged_text,
+                "diverged": div_text,
                 **lr_info,
             },
             source=SOURCE + "a",
@@ -373,7 +362,7 @@ def _compare(
                 "baseline_final_acc": fin["baseline"],
                 "bn_final_acc": fin["bn"],
                 "difference": None if fb is None or fn is None else fn - fb,
-                "diverged": diverged_text,
+                "diverged": div_text,
                 **lr_info,
             },
             source=SOURCE + "a",
@@ -386,7 +375,7 @@ def _compare(
     ]
     drifts = {a: [r.get("percentiles", {}).get("drift") for r in runs[a]] for a in ARMS}  # per seed
     dm = {a: mean_std(drifts[a]) for a in ARMS}
-    drift_rank = {a: _ranked(dm[a]["mean"], div[a], math.inf) for a in ARMS}
+    drift_rank = {a: ranked(dm[a]["mean"], div[a], math.inf) for a in ARMS}
     d_bn, d_base = drift_rank["bn"], drift_rank["baseline"]
     claims.append(
         Claim(
@@ -399,7 +388,7 @@ def _compare(
             measured={
                 "baseline_drift": dm["baseline"],
                 "bn_drift": dm["bn"],
-                "diverged": diverged_text,
+                "diverged": div_text,
                 **lr_info,
             },
             source=SOURCE + "b,c",
@@ -428,10 +417,6 @@ def _compare(
             "train_seconds": mean_std([r["seconds"] for r in runs[a]]),
         }
     return claims, arms
-
-
-def _finite(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
 
 
 def _column(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float | None]]:
@@ -562,7 +547,7 @@ def run(cfg: PaperMnistConfig, ctx: RunContext) -> Results:
     for a in ARMS:
         for lr in cfg.lr_grid:
             res = ctx.cached(
-                f"sweep-{a}-lr{lr_key(lr)}-seed{cfg.seed}",
+                f"sweep-{a}-lr{exact_key(lr)}-seed{cfg.seed}",
                 partial(
                     _train_one,
                     cfg,
@@ -591,7 +576,7 @@ def run(cfg: PaperMnistConfig, ctx: RunContext) -> Results:
     # 2./3. full runs (a run at the same arm, rate and seed is shared by both protocols)
     protocols = {"tuned": chosen, "shared": {a: shared for a in ARMS}}
     series: dict[str, Any] = {
-        "sweep": {a: {lr_key(lr): v for lr, v in sweep[a].items()} for a in ARMS},
+        "sweep": {a: {exact_key(lr): v for lr, v in sweep[a].items()} for a in ARMS},
         "sweep_steps": cfg.sweep_steps,
     }
     claims: list[Claim] = []
@@ -603,7 +588,7 @@ def run(cfg: PaperMnistConfig, ctx: RunContext) -> Results:
             for seed in seeds:
                 lr = lrs[a]
                 res = ctx.cached(
-                    f"full-{PARTS_VERSION}-{a}-lr{lr_key(lr)}-seed{seed}",
+                    f"full-{PARTS_VERSION}-{a}-lr{exact_key(lr)}-seed{seed}",
                     partial(
                         _train_one,
                         cfg,

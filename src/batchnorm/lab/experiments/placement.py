@@ -18,7 +18,12 @@ Claims, per activation (verdicts computed from the per-seed numbers):
 * BN trains faster: each placement reaches the no-BN arm's final accuracy in fewer steps than
   no-BN itself.
 
-Spread = std(before) + std(after), population std over seeds.
+Spread = std(before) + std(after), population std over seeds (unknown with one seed: then any
+difference passes, and the claims say so). As in paper-mnist, a diverged run ranks lowest: a
+placement with a diverged seed has final accuracy −∞ (it loses the comparison, whatever its
+surviving seeds reached), and when both compared arms diverged no claim is supported; a no-BN
+arm with a diverged seed has a −∞ final accuracy, which each BN placement reaches at its first
+evaluation after step 0, while no-BN itself never does.
 """
 
 from __future__ import annotations
@@ -35,11 +40,17 @@ from batchnorm.lab import models, train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
+    RANK_RULE,
     arm_rows,
     cached_train,
+    diverged_flags,
+    divergence,
     exceeds_spread,
     final_acc,
+    finite,
     load_data,
+    ranked,
+    spread_rule,
     steps_to,
 )
 from batchnorm.lab.registry import register
@@ -209,10 +220,18 @@ def run(cfg: PlacementConfig, ctx: RunContext) -> Results:
         finals = {
             bn: [final_acc(r, window=cfg.final_window) for r in runs[bn]] for bn in PLACEMENTS
         }
+        div = {bn: diverged_flags(runs[bn]) for bn in PLACEMENTS}
         finals_all[act] = finals
         mc = {bn: _mean_curve(runs[bn]) for bn in PLACEMENTS}
-        target = mean_std(finals["none"])["mean"]
-        reach = {bn: None if target is None else steps_to(*mc[bn], target) for bn in PLACEMENTS}
+        # the target: no-BN's seed-mean final accuracy, ranked (−∞ if a no-BN seed diverged)
+        target = ranked(mean_std(finals["none"])["mean"], div["none"], -math.inf)
+        # a diverged no-BN arm never reaches its own (−∞) final accuracy: it ranks lowest
+        reach = {
+            bn: None
+            if target is None or (bn == "none" and any(div[bn]))
+            else steps_to(*mc[bn], target)
+            for bn in PLACEMENTS
+        }
         curves[act] = {
             "steps": mc["none"][0],
             "acc": {
@@ -237,18 +256,23 @@ def run(cfg: PlacementConfig, ctx: RunContext) -> Results:
                 "steps_to_target": reach[bn],
                 "diverged": sum(bool(r["diverged"]) for r in runs[bn]),
             }
-        cmp = exceeds_spread(finals["before"], finals["after"])
+        cmp = exceeds_spread(
+            finals["before"],
+            finals["after"],
+            div["before"],
+            div["after"],
+            names=("before", "after"),
+        )
         rule = (
-            "final accuracy = mean of the last "
-            f"{cfg.final_window} evaluations; spread = std(before) + std(after) over "
-            f"{len(seeds)} seeds"
+            f"final accuracy = mean of the last {cfg.final_window} evaluations; "
+            + spread_rule(len(seeds), "std(before) + std(after)")
+            + f"; {RANK_RULE}"
         )
         measured = {
             "before": mean_std(finals["before"]),
             "after": mean_std(finals["after"]),
             "none": mean_std(finals["none"]),
-            "difference": cmp["diff"],
-            "spread": cmp["spread"],
+            **cmp["measured"],
         }
         claims.append(
             Claim(
@@ -268,15 +292,18 @@ def run(cfg: PlacementConfig, ctx: RunContext) -> Results:
                 statement=f"{act}: before and after differ by more than the seed-to-seed spread "
                 "(the 'test both' advice)",
                 verdict=cmp["exceeds"],
-                measured={"difference": cmp["diff"], "spread": cmp["spread"]},
+                measured=dict(cmp["measured"]),
                 source="common practice",
                 seeds=seeds,
                 details=rule + "; supported if |before - after| > spread",
             )
         )
-        r_none = reach["none"]
-        faster = r_none is not None and all(
-            (r := reach[b]) is not None and r < r_none for b in ("before", "after")
+        r_none, none_div = reach["none"], any(div["none"])
+        faster = all(
+            (r := reach[b]) is not None
+            and not (none_div and any(div[b]))  # both compared arms diverged
+            and (none_div or (r_none is not None and r < r_none))
+            for b in ("before", "after")
         )
         claims.append(
             Claim(
@@ -284,11 +311,15 @@ def run(cfg: PlacementConfig, ctx: RunContext) -> Results:
                 statement=f"{act}: BN (before and after) reaches the no-BN network's final "
                 "accuracy in fewer steps",
                 verdict=faster,
-                measured={"target_accuracy": target, "steps": reach},
+                measured={"target_accuracy": finite(target), "steps": reach, **divergence(div)},
                 source="Ioffe & Szegedy 2015, Sec. 4.1, Fig. 1a",
                 seeds=seeds,
-                details=f"first evaluation (every {cfg.eval_every} steps) at which the seed-mean "
-                "accuracy reaches the no-BN arm's seed-mean final accuracy",
+                details=f"first evaluation after step 0 (every {cfg.eval_every} steps; the "
+                "untrained network does not count) at which the seed-mean accuracy reaches the "
+                "no-BN arm's seed-mean final accuracy; supported if both placements get there in "
+                "fewer steps than no-BN; a no-BN arm with a diverged seed has final accuracy "
+                "-inf and never reaches it itself (ranks lowest); not supported for a placement "
+                "that diverged when no-BN did too",
             )
         )
     for c in claims:

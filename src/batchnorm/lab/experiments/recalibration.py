@@ -40,7 +40,7 @@ from batchnorm.diagnostics import before_after
 from batchnorm.lab import models, train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
-from batchnorm.lab.experiments._nets import arm_rows, cached_train, load_data, mean_of
+from batchnorm.lab.experiments._nets import arm_rows, cached_train, exact_key, load_data, mean_of
 from batchnorm.lab.registry import register
 from batchnorm.lab.report import doctor_section
 from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
@@ -87,8 +87,9 @@ class RecalibrationConfig(BaseConfig):
         super().validate()
         if min(self.steps, self.eval_every, self.batch_size) < 1 or self.batch_size < 2:
             raise ConfigError("steps and eval_every must be >= 1 and batch_size >= 2")
-        if len(self.lrs) < 2 or any(lr <= 0 for lr in self.lrs):
-            raise ConfigError(f"lrs needs at least two positive rates, got {self.lrs}")
+        if len(set(self.lrs)) < 2 or any(lr <= 0 for lr in self.lrs):
+            # the claims compare the gain at the smallest and the largest rate
+            raise ConfigError(f"lrs needs at least two distinct positive rates, got {self.lrs}")
         if self.precise_samples < 2:
             raise ConfigError(f"precise_samples must be >= 2, got {self.precise_samples}")
         if len(self.shift_contrast) != len(self.shift_brightness) or not self.shift_contrast:
@@ -171,7 +172,7 @@ def _train(
         eval_at_start=False,
         threads=cfg.threads,
         progress=progress,
-        desc=f"lr={lr:g} seed={seed}",
+        desc=f"lr={exact_key(lr)} seed={seed}",
     )
     extra: dict[str, Any] = {}
     if not res.diverged:
@@ -263,7 +264,7 @@ def run(cfg: RecalibrationConfig, ctx: RunContext) -> Results:
     for lr in lrs:
         runs[lr] = []
         for seed in seeds:
-            name = f"lr{lr:g}"
+            name = f"lr{exact_key(lr)}"  # exact: close rates never share a saved part
             res = cached_train(
                 ctx,
                 f"{name}-seed{seed}",
@@ -340,8 +341,8 @@ def run(cfg: RecalibrationConfig, ctx: RunContext) -> Results:
         ),
         Claim(
             id="ema-lags-more-at-high-lr",
-            statement=f"the gain of precise statistics is larger at lr={lrs[-1]:g} than at "
-            f"lr={lrs[0]:g}",
+            statement=f"the gain of precise statistics is larger at lr={exact_key(lrs[-1])} "
+            f"than at lr={exact_key(lrs[0])}",
             verdict=lo is not None and hi is not None and hi > lo,
             measured={
                 "gain_low_lr": lo,
@@ -351,7 +352,9 @@ def run(cfg: RecalibrationConfig, ctx: RunContext) -> Results:
             },  # fmt: skip
             source=SOURCE_WJ,
             seeds=seeds,
-            details="mean gain over checkpoints and seeds at the largest vs the smallest rate",
+            details="mean gain over checkpoints and seeds (runs that diverged excluded) at the "
+            "largest vs the smallest rate; supported if the gain at the largest rate > the gain "
+            "at the smallest",
         ),
         Claim(
             id="adabn-recovers-shifted-accuracy",
@@ -391,7 +394,7 @@ def run(cfg: RecalibrationConfig, ctx: RunContext) -> Results:
         },
     }
     arms = {
-        f"lr{lr:g}": {
+        f"lr{exact_key(lr)}": {
             "final_ema_acc": mean_std([c[-1] for c in curves[str(lr)]["ema"] if c]),
             "final_precise_acc": mean_std([c[-1] for c in curves[str(lr)]["precise"] if c]),
             "diverged": sum(bool(r["train"]["diverged"]) for r in runs[lr]),
@@ -400,9 +403,9 @@ def run(cfg: RecalibrationConfig, ctx: RunContext) -> Results:
     }
     # batchnorm.doctor on each final model before/after recalibration (and on shifted images
     # before/after AdaBN): the findings, and the output gap the fix removes
-    doctor = {f"lr{lr:g}": [r["extra"].get("doctor") for r in rs] for lr, rs in runs.items()} | {
-        "adabn": [r["extra"].get("doctor_shifted") for r in runs[lr_a]]
-    }
+    doctor = {
+        f"lr{exact_key(lr)}": [r["extra"].get("doctor") for r in rs] for lr, rs in runs.items()
+    } | {"adabn": [r["extra"].get("doctor_shifted") for r in runs[lr_a]]}
     summary = {
         "dataset": ds.info(),
         "seeds": seeds,

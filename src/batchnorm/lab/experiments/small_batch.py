@@ -33,6 +33,10 @@ Non-i.i.d. batches: each group draws its examples from only ``noniid_classes`` c
 on the ordinary (i.i.d.) held-out set with the running statistics.
 
 Error = 1 − held-out accuracy (eval mode), mean of the last ``final_window`` evaluations.
+As in paper-mnist, a diverged run ranks lowest: an arm with a diverged seed has error +∞ in the
+claims (BN failing outright at a small batch is the strongest form of "its error rises"), and a
+comparison whose two arms both diverged supports nothing. "By more than the seed-to-seed
+spread": spread = std + std over seeds, unknown with one seed (then any difference passes).
 This experiment has its own loop (grouped batches need control of batch composition, which
 :func:`batchnorm.lab.train.train` does not offer); it reuses the lab's evaluation, optimizer,
 seeding, caching and result format.
@@ -55,7 +59,17 @@ from torch import Tensor, nn
 from batchnorm.lab import train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
-from batchnorm.lab.experiments._nets import arm_rows, cached_train, exceeds_spread, load_data
+from batchnorm.lab.experiments._nets import (
+    RANK_RULE,
+    arm_rows,
+    cached_train,
+    divergence,
+    exceeds_spread,
+    finite,
+    load_data,
+    ranked,
+    spread_rule,
+)
 from batchnorm.lab.registry import register
 from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
 from batchnorm.nn.batchnorm import BatchNorm
@@ -117,6 +131,12 @@ class SmallBatchConfig(BaseConfig):
         if bad or not self.group_sizes:
             raise ConfigError(
                 f"group_sizes must divide batch_size={self.batch_size}, got {self.group_sizes}"
+            )
+        if len(set(self.group_sizes)) < 2:
+            # the claims compare BN's error at the smallest and the largest normalization batch
+            raise ConfigError(
+                f"group_sizes needs at least 2 distinct normalization batch sizes to compare, "
+                f"got {self.group_sizes}"
             )
         if self.hidden < 0:
             raise ConfigError(f"hidden must be >= 0 (0: no hidden layer), got {self.hidden}")
@@ -317,28 +337,54 @@ def run(cfg: SmallBatchConfig, ctx: RunContext) -> Results:
         specs += [(kind, g, noniid) for kind in ("BN", "renorm") for g in sizes]
     rows: list[dict[str, Any]] = []
     err: dict[str, list[float | None]] = {}
+    div: dict[str, list[bool]] = {}
     for kind, g, noniid in specs:
         name = _arm(kind, None if kind in ("BN-full", "GN") else g, noniid)
-        err[name] = []
+        err[name], div[name] = [], []
         for seed in seeds:
             res = cached_train(
                 ctx, f"{name}-seed{seed}", partial(_train_arm, cfg, ds, kind, g, noniid, seed)
             )
             err[name].append(_final_error(res, cfg.final_window))
+            div[name].append(bool(res["train"]["diverged"]))
             rows += arm_rows(name, seed, res["train"], norm=kind, group=g, noniid=noniid)
 
     def m(name: str) -> float | None:
+        """The seed-mean error (descriptive: over the seeds that trained)."""
         return mean_std(err[name])["mean"]
 
+    def r(name: str) -> float | None:
+        """The ranked seed-mean error for the verdicts: +inf if a seed diverged."""
+        return ranked(m(name), div[name], math.inf)
+
+    def cmp(x: str, y: str) -> dict[str, Any]:
+        """error(x) - error(y) against the spread, x and y ranked."""
+        return exceeds_spread(err[x], err[y], div[x], div[y], names=(x, y), worst=math.inf)
+
     g0, g1 = sizes[0], sizes[-1]
-    bn_small = m(_arm("BN", g0, False))
-    rn_small, full, gn = m(_arm("renorm", g0, False)), m("BN-full"), m("GN")
-    rise = exceeds_spread(err[_arm("BN", g0, False)], err[_arm("BN", g1, False)])
-    gn_vs_bn = exceeds_spread(err[_arm("BN", g0, False)], err["GN"])
+    bn0, bn1, rn0 = _arm("BN", g0, False), _arm("BN", g1, False), _arm("renorm", g0, False)
+    bn_small = m(bn0)
+    rn_small, full, gn = m(rn0), m("BN-full"), m("GN")
+    rise = cmp(bn0, bn1)
+    gn_vs_bn = cmp(bn0, "GN")
+    # fraction recovered from the ranked errors: a diverged BN (+inf) that renorm avoids is
+    # recovered entirely (the limit of (inf - e_rn) / (inf - e_full) is 1); a diverged renorm
+    # recovers nothing (-inf); both diverged, or a diverged BN-full (BN loses nothing), leave it
+    # undefined (not supported)
+    e_bn, e_rn, e_full = r(bn0), r(rn0), r("BN-full")
+    recovered: float | None = None
+    if e_bn is not None and e_rn is not None and e_full is not None:
+        lost_r = e_bn - e_full  # nan or -inf when BN-full diverged
+        if math.isinf(e_bn) and math.isinf(e_rn):  # both compared arms diverged
+            recovered = None
+        elif not lost_r > 0:  # BN loses nothing (or BN-full diverged): undefined
+            recovered = None
+        elif math.isinf(lost_r):
+            recovered = 1.0
+        else:
+            recovered = (e_bn - e_rn) / lost_r
     lost = None if bn_small is None or full is None else bn_small - full
-    recovered = (
-        None if lost is None or rn_small is None or lost <= 0 else (bn_small - rn_small) / lost  # type: ignore[operator]
-    )
+    spread_text = spread_rule(len(seeds))
     claims = [
         Claim(
             id="bn-error-rises-at-small-batches",
@@ -347,13 +393,13 @@ def run(cfg: SmallBatchConfig, ctx: RunContext) -> Results:
             verdict=rise["diff"] is not None and rise["diff"] > 0 and rise["exceeds"],
             measured={
                 "error_by_batch": {g: m(_arm("BN", g, False)) for g in sizes},
-                "rise": rise["diff"],
-                "spread": rise["spread"],
+                "rise": rise["measured"]["difference"],
+                **{k: v for k, v in rise["measured"].items() if k != "difference"},
             },
             source=SOURCE_WU,
             seeds=seeds,
             details=f"rise = error(g={g0}) - error(g={g1}) (seed means); supported if positive "
-            "and larger than the seed-to-seed spread (std + std)",
+            f"and larger than the seed-to-seed spread; {spread_text}; {RANK_RULE}",
         ),
         Claim(
             id="gn-beats-bn-at-small-batches",
@@ -363,13 +409,13 @@ def run(cfg: SmallBatchConfig, ctx: RunContext) -> Results:
                 "error_BN": bn_small,
                 "error_GN": gn,
                 "error_BN_full": full,
-                "spread": gn_vs_bn["spread"],
+                **{k: v for k, v in gn_vs_bn["measured"].items() if k != "difference"},
             },  # fmt: skip
             source=SOURCE_WU,
             seeds=seeds,
             details="GN normalizes each example over channel groups, so its error does not "
             "depend on the normalization batch; supported if error(BN, g) - error(GN) is "
-            "positive and larger than the spread",
+            f"positive and larger than the spread; {spread_text}; {RANK_RULE}",
         ),
         Claim(
             id="renorm-recovers-small-batch-loss",
@@ -381,20 +427,21 @@ def run(cfg: SmallBatchConfig, ctx: RunContext) -> Results:
                 "error_renorm": rn_small,
                 "error_BN_full": full,
                 "loss_of_BN": lost,
-                "fraction_recovered": recovered,
+                "fraction_recovered": finite(recovered),
+                **divergence({a: div[a] for a in (bn0, rn0, "BN-full")}),
             },  # fmt: skip
             source=SOURCE_IOFFE,
             seeds=seeds,
             details="fraction = (error(BN, g) - error(renorm, g)) / (error(BN, g) - "
-            "error(BN-full)), seed means; undefined (not supported) when BN loses nothing",
+            "error(BN-full)), seed means; supported if >= 0.5; undefined (not supported) when "
+            f"BN loses nothing; {RANK_RULE}: a diverged BN that renorm avoids is recovered "
+            "entirely (fraction 1), a diverged renorm recovers nothing",
         ),
     ]
     if cfg.noniid:
-        diffs = {
-            g: exceeds_spread(err[_arm("BN", g, True)], err[_arm("renorm", g, True)]) for g in sizes
-        }
+        diffs = {g: cmp(_arm("BN", g, True), _arm("renorm", g, True)) for g in sizes}
         wins = [g for g, d in diffs.items() if d["diff"] is not None and d["diff"] > 0]
-        hurt = exceeds_spread(err[_arm("BN", g1, True)], err[_arm("BN", g1, False)])
+        hurt = cmp(_arm("BN", g1, True), bn1)
         claims += [
             Claim(
                 id="noniid-hurts-bn",
@@ -403,12 +450,13 @@ def run(cfg: SmallBatchConfig, ctx: RunContext) -> Results:
                 verdict=hurt["diff"] is not None and hurt["diff"] > 0 and hurt["exceeds"],
                 measured={
                     "error_noniid": m(_arm("BN", g1, True)),
-                    "error_iid": m(_arm("BN", g1, False)),
-                    "spread": hurt["spread"],
+                    "error_iid": m(bn1),
+                    **{k: v for k, v in hurt["measured"].items() if k != "difference"},
                 },  # fmt: skip
                 source=SOURCE_IOFFE,
                 seeds=seeds,
-                details="supported if the difference is positive and larger than the spread",
+                details="supported if error(non-i.i.d.) - error(i.i.d.) is positive and larger "
+                f"than the spread; {spread_text}; {RANK_RULE}",
             ),
             Claim(
                 id="renorm-helps-noniid",
@@ -419,11 +467,18 @@ def run(cfg: SmallBatchConfig, ctx: RunContext) -> Results:
                     "error_BN": {g: m(_arm("BN", g, True)) for g in sizes},
                     "error_renorm": {g: m(_arm("renorm", g, True)) for g in sizes},
                     "sizes_where_renorm_wins": wins,
+                    **divergence(
+                        {
+                            _arm(k, g, True): div[_arm(k, g, True)]
+                            for g in sizes
+                            for k in ("BN", "renorm")
+                        }
+                    ),
                 },
                 source=SOURCE_IOFFE,
                 seeds=seeds,
                 details="count of sizes g with seed-mean error(BN) > error(renorm); supported "
-                "if more than half",
+                f"if more than half; {RANK_RULE} (at a size where both diverged, no win)",
             ),
         ]
     for c in claims:

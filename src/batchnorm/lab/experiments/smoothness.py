@@ -12,6 +12,11 @@ loss_landscape` moves along the gradient, ``θ − s·g`` for step sizes ``s = m
 * **effective β-smoothness** — max over s of ``‖∇L(θ − s g) − ∇L(θ)‖ / ‖s g‖`` (Fig. 4c).
 
 Claims: each of the three, averaged over probes (and seeds), is smaller with BN.
+
+As in paper-mnist, a diverged run ranks lowest: a seed whose run diverged, or whose probes of
+the measure include a non-finite value (the loss or gradient along the step overflowed: no
+smoothness at all), makes the arm's measure +∞; when both arms have such a seed no claim is
+supported. (Non-finite values are stored as null, so a saved probe of null counts as one.)
 """
 
 from __future__ import annotations
@@ -28,7 +33,15 @@ from batchnorm.analysis import loss_landscape
 from batchnorm.lab import train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
-from batchnorm.lab.experiments._nets import VGGSmall, arm_rows, cached_train, load_data
+from batchnorm.lab.experiments._nets import (
+    RANK_RULE,
+    VGGSmall,
+    arm_rows,
+    cached_train,
+    divergence,
+    load_data,
+    ranked,
+)
 from batchnorm.lab.registry import register
 from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
 
@@ -122,6 +135,13 @@ def _avg(vals: list[Any]) -> float | None:
     return float(np.mean(ok)) if ok else None
 
 
+def _blew_up(run: dict[str, Any], key: str) -> bool:
+    """The run diverged, or one of its probes of ``key`` is not finite (null once saved)."""
+    return bool(run["train"]["diverged"]) or any(
+        p[key] is None or not np.isfinite(p[key]) for p in run["extra"]["probes"]
+    )
+
+
 def figures(run: RunData, out: Path) -> list[Path]:
     """The three measures over training, with and without BN (their Fig. 4)."""
     from batchnorm.lab import plots
@@ -163,6 +183,7 @@ def run(cfg: SmoothnessConfig, ctx: RunContext) -> Results:
             )
             results[arm].append(res)
             rows += arm_rows(arm, seed, res["train"])
+    # descriptive seed-means over the finite probes; the verdicts rank (+inf for a blow-up)
     means = {
         key: {
             a: mean_std([_avg([p[key] for p in r["extra"]["probes"]]) for r in results[a]])["mean"]
@@ -170,24 +191,30 @@ def run(cfg: SmoothnessConfig, ctx: RunContext) -> Results:
         }
         for key in MEASURES
     }
+    what = "diverged or had a non-finite probe"
     claims = []
     for key, label in MEASURES.items():
+        div = {a: [_blew_up(r, key) for r in results[a]] for a in ARMS}
+        both = all(any(d) for d in div.values())
         b, n = means[key]["BN"], means[key]["noBN"]
+        rb, rn = ranked(b, div["BN"], np.inf), ranked(n, div["noBN"], np.inf)
         claims.append(
             Claim(
                 id=f"bn-smaller-{key.replace('_', '-')}",
                 statement=f"BN makes the {label} smaller",
-                verdict=b is not None and n is not None and b < n,
+                verdict=not both and rb is not None and rn is not None and rb < rn,
                 measured={
                     "BN": b,
                     "noBN": n,
                     "ratio_BN_to_noBN": None if not b or not n else b / n,
+                    **divergence(div, what),
                 },
                 source=SOURCE,
                 seeds=seeds,
                 details=f"mean over probes (every {cfg.probe_every} steps) and seeds; step sizes "
                 f"{[m * cfg.lr for m in cfg.step_multiples]} (multiples {list(cfg.step_multiples)} "
-                f"of lr {cfg.lr:g}); BN < no-BN",
+                f"of lr {cfg.lr:g}); supported if BN < no-BN; {RANK_RULE} (a seed with a "
+                "non-finite probe counts as diverged: +inf)",
             )
         )
     for c in claims:

@@ -25,6 +25,10 @@ Claims (verdicts computed from the per-seed numbers):
 * synchronized BN lowers training throughput at every per-replica batch measured;
 * synchronized BN adds exactly 2 collectives per BN layer per step, per-replica BN none;
 * synchronized BN keeps the running statistics identical on every rank; per-replica BN does not.
+
+As in paper-mnist, a diverged run ranks lowest: an arm with a diverged seed has accuracy −∞ in
+the accuracy claims, and a comparison whose two arms both diverged supports nothing. Spread =
+std + std over seeds, unknown with one seed (the ``--quick`` size): then any difference passes.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import numpy as np
 
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
-from batchnorm.lab.experiments._nets import exceeds_spread
+from batchnorm.lab.experiments._nets import RANK_RULE, exceeds_spread, spread_rule
 from batchnorm.lab.registry import register
 from batchnorm.lab.results import Claim, Results, RunContext, RunData, atomic_write_json, mean_std
 
@@ -316,7 +320,7 @@ def run(cfg: SyncBNConfig, ctx: RunContext) -> Results:
     full = ctx.load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
     ds = full.subset(train=cfg.n_train or None, test=cfg.n_eval or None)
     seeds = cfg.seed_list()
-    batches = list(cfg.per_replica_batches)
+    batches = sorted(cfg.per_replica_batches)  # the claims compare the smallest and the largest
     rows: list[dict[str, Any]] = []
     res: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for b in batches:
@@ -331,6 +335,23 @@ def run(cfg: SyncBNConfig, ctx: RunContext) -> Results:
     def per_seed(arm: str, b: int, key: str) -> list[float | None]:
         return [r[key] for r in res[arm, b]]
 
+    def diverged(arm: str, b: int) -> list[bool]:
+        return [bool(r["diverged"]) for r in res[arm, b]]
+
+    def stats_diff(arm: str, b: int) -> float:
+        # a non-finite difference (NaN running statistics, stored as null) is no agreement
+        vals = per_seed(arm, b, "running_stats_max_diff")
+        return max(float("inf") if v is None else float(v) for v in vals)
+
+    def accuracy_cmp(b: int) -> dict[str, Any]:
+        return exceeds_spread(
+            per_seed("sync", b, "accuracy"),
+            per_seed("local", b, "accuracy"),
+            diverged("sync", b),
+            diverged("local", b),
+            names=(f"sync/b={b}", f"local/b={b}"),
+        )
+
     arms: dict[str, Any] = {}
     for arm in ARMS:
         for b in batches:
@@ -340,12 +361,12 @@ def run(cfg: SyncBNConfig, ctx: RunContext) -> Results:
                 "bn_collectives_per_step": mean_std(per_seed(arm, b, "bn_collectives_per_step")),
                 "ddp_allreduces_per_step": mean_std(per_seed(arm, b, "ddp_allreduces_per_step")),
                 "diverged": sum(bool(r["diverged"]) for r in res[arm, b]),
-                "running_stats_max_diff": max(per_seed(arm, b, "running_stats_max_diff")),  # type: ignore[type-var]
+                "running_stats_max_diff": stats_diff(arm, b),
             }
 
     claims: list[Claim] = []
     b0, b1 = batches[0], batches[-1]
-    small = exceeds_spread(per_seed("sync", b0, "accuracy"), per_seed("local", b0, "accuracy"))
+    small = accuracy_cmp(b0)
     claims.append(
         Claim(
             id="sync-more-accurate-small-batch",
@@ -356,18 +377,17 @@ def run(cfg: SyncBNConfig, ctx: RunContext) -> Results:
             measured={
                 "sync": mean_std(per_seed("sync", b0, "accuracy")),
                 "local": mean_std(per_seed("local", b0, "accuracy")),
-                "difference": small["diff"],
-                "spread": small["spread"],
+                **small["measured"],
             },
             source=SOURCE,
             seeds=seeds,
             details="accuracy of rank 0's model in eval mode after "
-            f"{cfg.steps} steps; spread = std(sync) + std(local) over {len(seeds)} seeds; "
-            "supported if sync - local > spread",
+            f"{cfg.steps} steps; {spread_rule(len(seeds), 'std(sync) + std(local)')}; "
+            f"supported if sync - local > spread; {RANK_RULE}",
         )
     )
     if len(batches) >= 2:
-        large = exceeds_spread(per_seed("sync", b1, "accuracy"), per_seed("local", b1, "accuracy"))
+        large = accuracy_cmp(b1)
         claims.append(
             Claim(
                 id="sync-advantage-shrinks",
@@ -378,12 +398,18 @@ def run(cfg: SyncBNConfig, ctx: RunContext) -> Results:
                 and large["diff"] is not None
                 and small["diff"] > 0
                 and large["diff"] < small["diff"],
-                measured={f"advantage_b{b0}": small["diff"], f"advantage_b{b1}": large["diff"]},
+                measured={
+                    f"advantage_b{b0}": small["measured"]["difference"],
+                    f"advantage_b{b1}": large["measured"]["difference"],
+                    f"diverged_b{b0}": small["measured"]["diverged"],
+                    f"diverged_b{b1}": large["measured"]["diverged"],
+                },
                 source=SOURCE,
                 seeds=seeds,
                 details="advantage = mean accuracy(sync) - mean accuracy(local) over seeds; "
                 "supported if the advantage at the smallest batch is positive and larger than at "
-                "the largest",
+                f"the largest; {RANK_RULE} (a diverged arm makes the advantage +-inf: local "
+                "diverging at the smallest batch only is the largest advantage)",
             )
         )
     ratios = {}
@@ -401,7 +427,8 @@ def run(cfg: SyncBNConfig, ctx: RunContext) -> Results:
             source=SOURCE,
             seeds=seeds,
             details=f"global samples/s over steps {cfg.warmup}..{cfg.steps} (mean over seeds), "
-            f"{cfg.world} processes with one thread each on one machine",
+            f"{cfg.world} processes with one thread each on one machine; supported if the ratio "
+            "sync / local is < 1 at every per-replica batch",
         )
     )
     n_bn = res["sync", b0][0]["bn_layers"]
@@ -432,7 +459,9 @@ def run(cfg: SyncBNConfig, ctx: RunContext) -> Results:
             },
             source=SOURCE,
             seeds=seeds,
-            details="all_gather calls counted in every replica over the timed steps",
+            details="all_gather calls counted in every replica over the timed steps; supported "
+            "if every synchronized run makes exactly 2 x bn_layers per step and every "
+            "per-replica run none",
         )
     )
     sync_diff = max(arms[f"sync/b={b}"]["running_stats_max_diff"] for b in batches)
@@ -446,7 +475,9 @@ def run(cfg: SyncBNConfig, ctx: RunContext) -> Results:
             measured={"sync_max_abs_diff": sync_diff, "local_min_of_max_abs_diff": local_diff},
             source=SOURCE,
             seeds=seeds,
-            details="largest |running stat(rank r) - running stat(rank 0)| after training",
+            details="largest |running stat(rank r) - running stat(rank 0)| after training "
+            "(non-finite statistics count as +inf); supported if it is 0 for synchronized BN "
+            "at every batch and > 0 for per-replica BN at every batch",
         )
     )
     series = {
