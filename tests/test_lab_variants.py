@@ -271,3 +271,17 @@ def test_recalibration_close_rates_are_separate_parts(monkeypatch) -> None:  # t
     lag = c["ema-lags-more-at-high-lr"]
     assert "lr=0.1000001 than at lr=0.1" in lag.statement
     assert lag.verdict is True  # the high rate's own run, not the low rate's part
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["paper-mnist", "placement", "dropout", "initialization", "noisy-bn", "ics", "smoothness"],
+)
+def test_bn1d_experiments_refuse_a_batch_of_one_before_training(name: str) -> None:
+    """A batch of one cannot be normalized by a fully connected network's BN layers: refused
+    by the config, not by a traceback after part of the run has trained and been saved."""
+    from batchnorm.lab import registry
+    from batchnorm.lab.config import ConfigError, make_config
+
+    with pytest.raises(ConfigError, match="batch_size must be >= 2"):
+        make_config(registry.get(name).config_cls, quick=True, sets=["batch_size=1"])

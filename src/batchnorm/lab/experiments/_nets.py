@@ -49,6 +49,7 @@ __all__ = [
     "divergence",
     "spread_rule",
     "accuracy_curve",
+    "check_bn1d_batch",
     "exponential_decay",
     "steps_to",
     "exact_key",
@@ -310,6 +311,17 @@ def exceeds_spread(
         measured["spread_note"] = "unknown with one seed: any difference passes"
     measured.update(divergence(div))
     return {"diff": diff, "spread": spread, "exceeds": exceeds, "measured": measured}
+
+
+def check_bn1d_batch(batch_size: int) -> None:
+    """Refuse a training batch too small for the BN layers of a fully connected network: each
+    feature is normalized over the batch alone, which needs at least 2 samples (a run would
+    otherwise fail at its first BN step, after whatever trained before it)."""
+    if batch_size < 2:
+        raise ConfigError(
+            f"batch_size must be >= 2, got {batch_size}: BN after a fully connected layer "
+            "normalizes each feature over the batch, which needs at least 2 samples"
+        )
 
 
 def exponential_decay(lr: float, steps: int, halvings: float) -> Callable[[int], float]:

@@ -56,6 +56,7 @@ from batchnorm.lab.experiments._nets import (
     RANK_RULE,
     arm_rows,
     cached_train,
+    check_bn1d_batch,
     diverged_flags,
     divergence,
     exact_key,
@@ -105,6 +106,7 @@ class DropoutConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_bn1d_batch(self.batch_size)
         if min(self.steps, self.eval_every, self.final_window) < 1:
             raise ConfigError("steps, eval_every and final_window must be >= 1")
         if 0.0 not in self.dropout_rates or len(self.dropout_rates) < 2:

@@ -41,6 +41,7 @@ from batchnorm.lab.experiments._nets import (
     VGGSmall,
     arm_rows,
     cached_train,
+    check_bn1d_batch,
     diverged_flags,
     divergence,
     load_data,
@@ -87,6 +88,7 @@ class ICSConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_bn1d_batch(self.batch_size)
         if min(self.steps, self.dln_steps, self.probe_every, self.eval_every) < 1:
             raise ConfigError("steps, dln_steps, probe_every and eval_every must be >= 1")
         if self.dln_depth < 2 or self.dln_width < 1:

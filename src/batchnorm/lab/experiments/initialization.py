@@ -30,7 +30,14 @@ import numpy as np
 from batchnorm.lab import models, train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
-from batchnorm.lab.experiments._nets import arm_rows, cached_train, exact_key, final_acc, load_data
+from batchnorm.lab.experiments._nets import (
+    arm_rows,
+    cached_train,
+    check_bn1d_batch,
+    exact_key,
+    final_acc,
+    load_data,
+)
 from batchnorm.lab.registry import register
 from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
 
@@ -67,6 +74,7 @@ class InitializationConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_bn1d_batch(self.batch_size)
         if min(self.steps, self.eval_every, self.final_window) < 1:
             raise ConfigError("steps, eval_every and final_window must be >= 1")
         if len(self.init_scales) < 2 or min(self.init_scales) <= 0:

@@ -45,6 +45,7 @@ from batchnorm.lab.experiments._nets import (
     VGGSmall,
     arm_rows,
     cached_train,
+    check_bn1d_batch,
     diverged_flags,
     divergence,
     final_acc,
@@ -96,6 +97,7 @@ class NoisyBNConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_bn1d_batch(self.batch_size)
         if min(self.steps, self.eval_every, self.probe_every, self.probe_size) < 1:
             raise ConfigError("steps, eval_every, probe_every and probe_size must be >= 1")
         if self.tolerance < 0:

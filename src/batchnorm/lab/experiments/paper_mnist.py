@@ -54,6 +54,7 @@ from batchnorm.lab import models, train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
+    check_bn1d_batch,
     diverged_text,
     exact_key,
     finite,
@@ -102,6 +103,7 @@ class PaperMnistConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_bn1d_batch(self.batch_size)
         if min(self.steps, self.sweep_steps, self.eval_every, self.batch_size) < 1:
             raise ConfigError("steps, sweep_steps, eval_every and batch_size must be >= 1")
         if self.probe_size < 1:

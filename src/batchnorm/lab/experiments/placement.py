@@ -43,6 +43,7 @@ from batchnorm.lab.experiments._nets import (
     RANK_RULE,
     arm_rows,
     cached_train,
+    check_bn1d_batch,
     diverged_flags,
     divergence,
     exceeds_spread,
@@ -89,6 +90,7 @@ class PlacementConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_bn1d_batch(self.batch_size)
         if min(self.steps, self.eval_every, self.final_window) < 1:
             raise ConfigError("steps, eval_every and final_window must be >= 1")
         if self.batch_size < 1:

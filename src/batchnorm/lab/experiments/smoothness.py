@@ -38,6 +38,7 @@ from batchnorm.lab.experiments._nets import (
     VGGSmall,
     arm_rows,
     cached_train,
+    check_bn1d_batch,
     divergence,
     load_data,
     ranked,
@@ -80,6 +81,7 @@ class SmoothnessConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_bn1d_batch(self.batch_size)
         if min(self.steps, self.probe_every, self.eval_every) < 1:
             raise ConfigError("steps, probe_every and eval_every must be >= 1")
         if not self.step_multiples or min(self.step_multiples) <= 0:
