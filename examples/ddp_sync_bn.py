@@ -15,6 +15,8 @@ the running statistics are identical on all ranks.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
@@ -50,14 +52,39 @@ def load_data(name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return ds.x_train, ds.y_train, ds.x_test, ds.y_test
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--per-rank-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=300, help="at least 1")
+    p.add_argument(
+        "--per-rank-batch",
+        type=int,
+        default=8,
+        help="at least 1; a small global batch may need a smaller --lr",
+    )
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--data", choices=("digits", "synthetic"), default="digits")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
+    # SyncBatchNorm needs more than 1 value per channel over all ranks; here every BN layer
+    # follows a convolution and sees at least 4×4 values per channel per sample, so 1 will do
+    if args.per_rank_batch < 1:
+        p.error(f"--per-rank-batch must be at least 1, got {args.per_rank_batch}")
+    missing = [
+        v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ
+    ]
+    if missing:
+        print(
+            f"{p.prog}: not started by torchrun ({', '.join(missing)} not set); run with: "
+            "torchrun --standalone --nproc_per_node=2 examples/ddp_sync_bn.py",
+            file=sys.stderr,
+        )
+        return 2
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT
@@ -90,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     identical = all(torch.equal(everyone[0], s) for s in everyone)
     if rank == 0:
         print(
-            f"{world} ranks x {b} samples per step (global batch {world * b}), "
-            f"{args.steps} steps in {seconds:.1f} s"
+            f"{_count(world, 'rank')} x {_count(b, 'sample')} per step (global batch {world * b}), "
+            f"{_count(args.steps, 'step')} in {seconds:.1f} s"
         )
         print(f"held-out accuracy: {acc:.4f} ({args.data}, {len(y_test)} images)")
         print(f"running statistics identical on all ranks: {identical}")

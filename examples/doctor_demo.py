@@ -50,6 +50,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="also save inputs and checkpoints here")
     args = parser.parse_args()
+    if args.out:  # before the training: a bad --out should not cost the run
+        if args.out.exists() and not args.out.is_dir():
+            parser.error(f"--out {args.out}: exists and is not a folder")
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--out {args.out}: cannot create the folder ({e.strerror or e})")
     torch.manual_seed(0)
     d = load_digits()
     x = torch.tensor(d.data, dtype=torch.float32) / 16.0
@@ -82,7 +89,6 @@ def main() -> None:
         f"test accuracy in eval mode:                     {accuracy(deployed, x_test, y_test):.3f}"
     )
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
         torch.save(x_train, args.out / "x_train.pt")
         torch.save(deployed.state_dict(), args.out / "deployed.pt")
     print()

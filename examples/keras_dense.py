@@ -108,12 +108,18 @@ def run(config: Config, layer: str = "batchnorm") -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small size (a smoke test)")
-    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="at least 1 (default: 20, 3 with --quick)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layer", choices=["batchnorm", "keras", "both"], default="both")
     args = parser.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    if args.seed < 0:
+        parser.error(f"--seed must be at least 0, got {args.seed}")
     config = Config.quick() if args.quick else Config()
-    overrides = {"seed": args.seed} | ({"epochs": args.epochs} if args.epochs else {})
+    overrides = {"seed": args.seed} | ({"epochs": args.epochs} if args.epochs is not None else {})
     config = Config(**{**config.__dict__, **overrides})
     layers = ["batchnorm", "keras"] if args.layer == "both" else [args.layer]
     print(f"{config}  (Keras backend: {keras.backend.backend()})")

@@ -127,7 +127,9 @@ def test_unwritable_outputs_fail_before_measuring_and_writes_lose_no_table(
             (["--shapes", "abc"], "batchnorm bench: cannot read shape 'abc'"),
             (["--repeats", "0"], "batchnorm bench: --repeats must be >= 1, got 0"),
             (["--warmup", "-1"], "batchnorm bench: --warmup must be >= 0, got -1"),
-            (["--threads", "0"], "batchnorm bench: --threads must be >= 1, got 0"),
+            (["--threads", "0"], "batchnorm bench: --threads must be in 1.."),
+            (["--threads", "999"], "batchnorm bench: --threads must be in 1.."),
+            (["--plot", "out.xyz"], "batchnorm bench: --plot out.xyz: cannot write .xyz"),
         ):
             assert cli_main(["bench", *bad_args]) == 2
             captured = capsys.readouterr()
@@ -142,3 +144,36 @@ def test_unwritable_outputs_fail_before_measuring_and_writes_lose_no_table(
     captured = capsys.readouterr()
     assert "| 7x3 | contiguous |" in captured.out  # measurements printed before the failure
     assert "No space left on device" in captured.err
+
+
+def test_saved_results_of_another_shape_and_a_closed_pipe(tmp_path, capsys):
+    """--from-json of a file whose entries lack what the table needs is a one-line error; a
+    reader that quits (``| head``) neither loses the --json file nor ends in a traceback."""
+    import shlex
+    import subprocess
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"cases": [{"x": 1}]}))
+    assert cli_main(["bench", "--from-json", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "no usable benchmark data" in err and "Traceback" not in err
+
+    out = tmp_path / "b.json"
+    main = "import sys; from batchnorm.cli import main; sys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", main, "bench", "--shapes", "7x3", "--repeats", "2"]
+    proc = subprocess.run(
+        shlex.join([*cmd, "--json", str(out)]) + " | head -c 1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert json.loads(out.read_text())["cases"][0]["shape"] == [7, 3]
+
+
+def test_plot_follows_the_extension(tmp_path):
+    pytest.importorskip("matplotlib")
+    data = bench.load("docs/bench.json")
+    path = bench.plot(data, str(tmp_path / "b.pdf"))
+    assert open(path, "rb").read(4) == b"%PDF"

@@ -81,7 +81,9 @@ def test_bad_requests_say_what_to_do(tmp_path, capsys):
     assert cli_main(["bench-network", "--networks", "mlp", "--batch", "1"]) == 2
     assert capsys.readouterr().err.startswith("batchnorm bench-network: batch must be >= 2")
     assert cli_main(["bench-network", "--networks", "mlp", "--threads", "0"]) == 2
-    assert capsys.readouterr().err.startswith("batchnorm bench-network: threads must be in 1..")
+    assert capsys.readouterr().err.startswith("batchnorm bench-network: --threads must be in 1..")
+    assert cli_main(["bench-network", "--networks", "mlp", "--warmup", "-2"]) == 2
+    assert capsys.readouterr().err.startswith("batchnorm bench-network: --warmup must be >= 0")
     bad = tmp_path / "x.json"
     bad.write_text('{"cases": []}')
     assert cli_main(["bench-network", "--from-json", str(bad)]) == 2

@@ -598,9 +598,9 @@ def test_output_to_a_closed_pipe_does_not_stop_the_work():
 
     script = (
         "import sys\n"
-        "from batchnorm.lab.cli import _say\n"
+        "from batchnorm._console import say\n"
         "for i in range(2000):\n"
-        "    _say('line %d ' % i + 'x' * 200)\n"
+        "    say('line %d ' % i + 'x' * 200)\n"
         "print('finished', file=sys.stderr)\n"
     )
     proc = subprocess.run(

@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from batchnorm._console import say
 
 __all__ = [
     "Case",
@@ -581,7 +582,7 @@ def fail(prog: str, msg: str) -> int:
     """Print ``prog: msg`` on stderr (one prefix: a message that already starts with the
     command's short name loses it) and return the exit code of a refused request."""
     short = prog.removeprefix("batchnorm ") + ": "
-    print(f"{prog}: {msg.removeprefix(short)}", file=sys.stderr)
+    say(f"{prog}: {msg.removeprefix(short)}", err=True)
     return 2
 
 
@@ -591,8 +592,12 @@ def counts_problem(args: argparse.Namespace) -> str | None:
         return f"--repeats must be >= 1, got {args.repeats}"
     if args.warmup < 0:
         return f"--warmup must be >= 0, got {args.warmup}"
-    if args.threads is not None and args.threads < 1:
-        return f"--threads must be >= 1, got {args.threads}"
+    if args.threads is not None:
+        import numba
+
+        most = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+        if not 1 <= args.threads <= most:
+            return f"--threads must be in 1..{most} (this machine's threads), got {args.threads}"
     return None
 
 
@@ -609,8 +614,9 @@ def main(args: argparse.Namespace) -> int:
             "--from-json measures nothing, so --json and --shapes do not apply; "
             "use --from-json PATH [--plot PNG]",
         )
-    problem = counts_problem(args) or outputs_problem(args)
-    if problem:  # found before measuring, not after
+    # found before measuring, not after (the counts only matter when measuring)
+    problem = (None if args.from_json else counts_problem(args)) or outputs_problem(args)
+    if problem:
         return fail(prog, problem)
     if args.from_json:
         try:
@@ -623,10 +629,10 @@ def main(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             dtype=getattr(torch, args.dtype),
             warmup=args.warmup,
-            progress=lambda name: print(f"  {name} ...", flush=True),
+            progress=lambda name: say(f"  {name} ..."),
             threads=args.threads,
         )
-    return print_and_write(prog, data, args, format_table(data), plot)
+    return print_and_write(prog, data, args, format_table, plot)
 
 
 def outputs_problem(args: argparse.Namespace) -> str | None:
@@ -638,6 +644,13 @@ def outputs_problem(args: argparse.Namespace) -> str | None:
         problem = _unwritable(out)
         if problem:
             return f"cannot write {opt} {out}: {problem}"
+    if args.plot:
+        from batchnorm.lab.plots import figure_format
+
+        try:
+            figure_format(args.plot)
+        except ValueError as e:
+            return f"--plot {args.plot}: {e}"
     return None
 
 
@@ -645,17 +658,30 @@ def print_and_write(
     prog: str,
     data: dict[str, Any],
     args: argparse.Namespace,
-    table: str,
+    table: Callable[[dict[str, Any]], str],
     draw: Callable[[dict[str, Any], str], str],
 ) -> int:
-    """Print ``table``, then write ``--json`` and draw ``--plot``; the exit code."""
-    print(table)  # first: a failing write below loses no measurement
-    try:
-        if args.json:
+    """Write ``--json``, print the ``table`` of ``data``, draw ``--plot``; the exit code. The
+    JSON comes first and the lines go through :func:`batchnorm._console.say`, so neither a
+    reader that quits (``| head``) nor a failing table or figure loses the measurements."""
+    wrote_json = None
+    if args.json:
+        try:
             _write_json_atomic(args.json, data)
-            print(f"wrote {args.json}")
-        if args.plot:
-            print(f"wrote {draw(data, args.plot)}")
-    except (OSError, RuntimeError) as e:
-        return fail(prog, str(e))
+            wrote_json = f"wrote {args.json}"
+        except OSError as e:
+            fail(prog, f"cannot write --json {args.json}: {e.strerror or e}")
+    try:
+        say(table(data))
+    except (KeyError, TypeError, ValueError) as e:  # saved results of another shape
+        return fail(prog, f"the results hold no usable benchmark data (missing or bad {e})")
+    if wrote_json:
+        say(wrote_json)
+    elif args.json:
+        return 2
+    if args.plot:
+        try:
+            say(f"wrote {draw(data, args.plot)}")
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
+            return fail(prog, f"cannot draw --plot {args.plot}: {e}")
     return 0

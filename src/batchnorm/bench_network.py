@@ -35,6 +35,7 @@ import gc
 import math
 import os
 import statistics
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import bench
+from batchnorm._console import say
 from batchnorm.diagnostics import is_batchnorm
 
 __all__ = ["Network", "NETWORKS", "run", "format_table", "plot", "add_arguments", "main"]
@@ -351,12 +353,15 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
             ax.set_ylabel("training step, ms (median)")
             ax.legend(fontsize=7, loc="lower left")
     m = data["machine"]
-    fig.suptitle(
+    title = (
         f"training step with torch.nn's BN and with batchnorm's (ours/torch in the titles), "
         f"medians of {data['repeats']} steps or more: {m['cpu']}, {m['cores']} cores, "
-        f"{data['date'][:10]}",
-        fontsize=8,
+        f"{data['date'][:10]}"
     )
+    # wrapped to the figure's width (about 18 characters per inch at this size): one panel
+    # is narrower than the line
+    width = int(18 * fig.get_figwidth())
+    fig.suptitle(textwrap.fill(title, width), fontsize=8)
     return os.fspath(plots.save_figure(fig, path))
 
 
@@ -391,11 +396,19 @@ def main(args: argparse.Namespace) -> int:
     """Run from parsed arguments; print the table."""
     prog = "batchnorm bench-network"
     problem = bench.outputs_problem(args)
+    if not args.from_json:  # what is measured, checked before measuring
+        problem = problem or bench.counts_problem(args)
+        if args.min_seconds < 0:
+            problem = problem or f"--min-seconds must be >= 0, got {args.min_seconds}"
     if problem:
         return bench.fail(prog, problem)
     if args.from_json:
         if args.json or args.networks:
-            return bench.fail(prog, "--from-json measures nothing; use --plot with it")
+            return bench.fail(
+                prog,
+                "--from-json measures nothing, so --json and --networks do not apply; use "
+                "--from-json PATH [--plot PNG]",
+            )
         try:
             data = load(args.from_json)
         except (OSError, ValueError) as e:
@@ -407,10 +420,10 @@ def main(args: argparse.Namespace) -> int:
                 repeats=args.repeats,
                 warmup=args.warmup,
                 batch=args.batch,
-                progress=lambda name: print(f"  {name} ...", flush=True),
+                progress=lambda name: say(f"  {name} ..."),
                 threads=args.threads,
                 min_seconds=args.min_seconds,
             )
         except ValueError as e:
             return bench.fail(prog, str(e))
-    return bench.print_and_write(prog, data, args, format_table(data), plot)
+    return bench.print_and_write(prog, data, args, format_table, plot)

@@ -14,12 +14,12 @@ only re-renders a finished run); another config there is refused.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
+from batchnorm._console import say as _say
 from batchnorm.lab.data import DATASET_NAMES
 from batchnorm.lab.report import COMBINED_TITLE
 
@@ -76,18 +76,6 @@ def _name(args: argparse.Namespace) -> str | None:
         if group and "=" not in group[-1]:
             return group.pop()
     return None
-
-
-def _say(msg: str, *, err: bool = False) -> None:
-    """Print a line; when the reader of stdout has gone (``| head``) the run goes on, its
-    files being the result, and further output is dropped."""
-    stream = sys.stderr if err else sys.stdout
-    try:
-        print(msg, file=stream, flush=True)
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
 
 
 def _cmd_list() -> int:

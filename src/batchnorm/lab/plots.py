@@ -57,13 +57,29 @@ def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (4.6,
     return fig, list(np.asarray(axes).ravel())
 
 
+def figure_format(path: str | os.PathLike[str]) -> str:
+    """The image format of ``path``'s extension (``.png``, ``.pdf``, ``.svg``, …; none: PNG);
+    ``ValueError`` naming the formats matplotlib writes for any other extension."""
+    from matplotlib.figure import Figure
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    known = Figure().canvas.get_supported_filetypes()
+    if fmt not in known:
+        raise ValueError(
+            f"cannot write .{fmt} figures; use one of " + ", ".join(f".{k}" for k in sorted(known))
+        )
+    return fmt
+
+
 def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
-    """Save ``fig`` as PNG atomically and close it."""
+    """Save ``fig`` atomically in the format of ``path``'s extension (PNG without one; see
+    :func:`figure_format`) and close it."""
     import matplotlib.pyplot as plt
 
+    fmt = figure_format(path)
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format=fmt, dpi=dpi)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)

@@ -1,0 +1,22 @@
+"""Printing for the command-line tools: a line to stdout or stderr that survives a reader
+which has gone (``batchnorm bench | head``): the work goes on, its files being the result,
+and further output is dropped."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+__all__ = ["say"]
+
+
+def say(msg: str, *, err: bool = False) -> None:
+    """Print ``msg`` (to stderr if ``err``); a closed pipe silences the stream instead of
+    raising ``BrokenPipeError``."""
+    stream = sys.stderr if err else sys.stdout
+    try:
+        print(msg, file=stream, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
