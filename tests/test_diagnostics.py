@@ -666,6 +666,8 @@ def test_bad_input_messages(healthy):
         doctor(healthy, torch.zeros(4, 64), num_batches=0)
     with pytest.raises(TypeError, match="iterable of batches"):
         doctor(healthy, 3.0)
+    with pytest.raises(ValueError, match="train_batch_size must be >= 1, got 0"):
+        doctor(healthy, torch.zeros(4, 64), train_batch_size=0)
     with pytest.raises(ValueError, match="mode"):
         stat_gaps(healthy, torch.zeros(4, 64), mode="test")  # type: ignore[arg-type]
 

@@ -223,3 +223,224 @@ def test_console_entry_point(project):
     assert proc.returncode == 1, proc.stderr
     assert "initial-running-stats" in proc.stdout
     assert "2 batch(es) of 64" in proc.stdout
+
+
+def one_line_error(capsys) -> str:
+    """The whole of stderr, which must be one line (no traceback)."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "doctor: doctor:" not in err, err
+    return err.strip()
+
+
+@pytest.fixture
+def forget_modules():
+    """Names of modules a test imports from its tmp_path, removed from sys.modules after it."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize(
+    "option, name, says",
+    [
+        ("--data", "corrupt.pt", "not a torch.save file"),
+        ("--data", "trunc.pt", "corrupt or truncated torch file"),
+        ("--data", "numpy_in.pt", "holds objects other than tensors"),
+        ("--data", "empty.pt", "not a torch.save file"),
+        ("--checkpoint", "corrupt.pt", "not a torch.save file"),
+        ("--checkpoint", "trunc.pt", "corrupt or truncated torch file"),
+        ("--checkpoint", "x.pt", "holds a Tensor, not a state dict"),
+        ("--data", "corrupt.npy", "not a NumPy .npy file"),
+        ("--data", "trunc.npy", "corrupt or truncated"),
+        ("--data", "corrupt.npz", "not a NumPy .npz file"),
+        ("--data", "trunc.npz", "corrupt or truncated"),
+    ],
+)
+def test_unreadable_files_are_one_line_naming_option_file_and_reason(
+    project, capsys, option, name, says
+):
+    d = project["dir"]
+    (d / "corrupt.pt").write_bytes(b"not a pickle at all")
+    (d / "empty.pt").write_bytes(b"")
+    (d / "trunc.pt").write_bytes(project["ckpt"].read_bytes()[:700])
+    torch.save(np.zeros((64, 8), dtype=np.float32), d / "numpy_in.pt")
+    (d / "corrupt.npy").write_bytes(b"not numpy")
+    (d / "trunc.npy").write_bytes(project["npy"].read_bytes()[:300])
+    (d / "corrupt.npz").write_bytes(b"PK\n")
+    (d / "trunc.npz").write_bytes(project["npz"].read_bytes()[:600])
+    args = ["--data", str(d / name)] if option == "--data" else ["--data", str(project["npy"])]
+    if option == "--checkpoint":
+        args += ["--checkpoint", str(d / name)]
+    code = doctor_cli(f"{project['factory']}:make_model", *args)
+    err = one_line_error(capsys)
+    assert code == 2
+    assert err.startswith(f"batchnorm doctor: {option}: cannot read {str(d / name)!r} ("), err
+    assert says in err, err
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_option(project, capsys):
+    torch.save({"fc.weight": torch.zeros(2, 2)}, project["dir"] / "other.pt")
+    code = doctor_cli(
+        f"{project['factory']}:make_model",
+        "--data",
+        str(project["npy"]),
+        "--checkpoint",
+        str(project["dir"] / "other.pt"),
+    )
+    assert code == 2
+    assert "--checkpoint: " in capsys.readouterr().err
+
+
+def test_a_syntax_error_in_the_factory_file_is_one_line_with_file_and_line(project, capsys):
+    bad = project["dir"] / "syn.py"
+    bad.write_text("import torch\n\ndef f(:\n    pass\n")
+    code = doctor_cli(f"{bad}:f", "--data", str(project["npy"]))
+    err = one_line_error(capsys)
+    assert code == 2
+    assert f"syntax error in {str(bad)!r}, line 3" in err, err
+
+
+def test_module_in_the_current_folder_is_found_as_python_would(
+    project, capsys, monkeypatch, forget_modules
+):
+    d = project["dir"]
+    (d / "here_model.py").write_text(FACTORY)
+    forget_modules += ["here_model"]
+    monkeypatch.chdir(d)
+    path_before = list(sys.path)
+    code = doctor_cli(
+        "here_model:make_model",
+        "--data",
+        "here_model:batches",
+        "--checkpoint",
+        str(project["ckpt"]),
+        "--json",
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["num_batches"] == 4
+    assert sys.path == path_before  # put there only while the user's code runs
+
+
+def test_a_model_file_can_import_a_module_beside_it(project, capsys, monkeypatch, forget_modules):
+    sub = project["dir"] / "models"
+    sub.mkdir()
+    (sub / "beside_defs.py").write_text(FACTORY)
+    (sub / "entry.py").write_text(
+        "from beside_defs import make_model\n\n\ndef make():\n    return make_model()\n"
+    )
+    forget_modules += ["beside_defs", "entry"]
+    monkeypatch.chdir(project["dir"].parent)  # not the file's folder
+    code = doctor_cli(f"{sub / 'entry.py'}:make", "--data", str(project["npy"]), "--json")
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1 and report["layers"] == ["1"]
+
+
+@pytest.mark.parametrize(
+    "spec, option",
+    [("nowhere_mod:make_model", "MODULE:FACTORY"), ("{factory}:make_model", "--data")],
+)
+def test_a_module_not_found_says_how_to_fix_it(project, capsys, monkeypatch, spec, option):
+    monkeypatch.chdir(project["dir"].parent)
+    data = "nowhere_mod:batches" if option == "--data" else str(project["npy"])
+    code = doctor_cli(spec.format(factory=project["factory"]), "--data", data)
+    err = one_line_error(capsys)
+    assert code == 2
+    assert f"{option}: no module named 'nowhere_mod'" in err, err
+    assert "path/to/file.py:" in err and "PYTHONPATH" in err, err
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--train-batch-size", "0"),
+        ("--train-batch-size", "-3"),
+        ("--batch-size", "0"),
+        ("--num-batches", "0"),
+    ],
+)
+def test_counts_below_one_are_refused_with_the_option_name(project, capsys, option, value):
+    code = doctor_cli(
+        f"{project['factory']}:make_model", "--data", str(project["npy"]), option, value
+    )
+    err = one_line_error(capsys)
+    assert code == 2
+    assert err == f"batchnorm doctor: {option} must be >= 1, got {value}"
+
+
+def test_library_messages_lose_their_prefix_on_the_command_line(project, capsys):
+    (project["dir"] / "empty_gen.py").write_text("def none():\n    return iter(())\n")
+    code = doctor_cli(
+        f"{project['factory']}:make_model",
+        "--data",
+        f"{project['dir'] / 'empty_gen.py'}:none",
+    )
+    assert code == 2
+    assert one_line_error(capsys) == "batchnorm doctor: data yielded no batches"
+
+
+@pytest.mark.parametrize("fmt", ["npy", "pt", "function"])
+def test_a_key_that_names_nothing_is_refused(project, capsys, fmt):
+    data = f"{project['factory']}:batches" if fmt == "function" else str(project[fmt])
+    code = doctor_cli(f"{project['factory']}:make_model", "--data", data, "--key", "features")
+    err = one_line_error(capsys)
+    assert code == 2
+    assert err.startswith("batchnorm doctor: --key 'features': "), err
+    assert "names nothing there" in err or "holds one array" in err, err
+
+
+def test_npz_without_key_uses_the_only_or_the_input_array_and_refuses_to_guess(project, capsys):
+    d = project["dir"]
+    x = np.load(project["npy"])
+    np.savez(d / "one.npz", whatever=x)
+    np.savez(d / "named.npz", y=np.zeros(256), x=x)
+    f = f"{project['factory']}:make_model"
+    for name in ("one.npz", "named.npz"):
+        assert doctor_cli(f, "--data", str(d / name), "--json") == 1
+        assert json.loads(capsys.readouterr().out)["layers"] == ["1"]
+    assert doctor_cli(f, "--data", str(project["npz"])) == 2
+    err = one_line_error(capsys)
+    assert "holds arrays ['features', 'y']; choose one with --key" in err, err
+
+
+def test_an_exception_in_the_users_code_says_where_it_came_from(project, capsys):
+    d = project["dir"]
+    (d / "raising.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            def make_model():
+                raise RuntimeError("boom")
+
+            def batches():
+                raise ValueError("no data today")
+
+            def bad_batches():
+                yield torch.zeros(4, 8)
+                raise OSError("disk gone")
+            """
+        )
+    )
+    r, f = f"{d / 'raising.py'}", f"{project['factory']}:make_model"
+    cases = (
+        (
+            [f"{r}:make_model", "--data", str(project["npy"])],
+            "make_model() raised RuntimeError: boom",
+        ),
+        ([f, "--data", f"{r}:batches"], "batches() raised ValueError: no data today"),
+        ([f, "--data", f"{r}:bad_batches"], "bad_batches() raised OSError while being read"),
+    )
+    for args, says in cases:
+        assert doctor_cli(*args) == 2
+        err = one_line_error(capsys)
+        assert says in err, err
+
+
+def test_an_exception_while_importing_the_factory_file_is_one_line(project, capsys):
+    bad = project["dir"] / "import_fails.py"
+    bad.write_text("raise RuntimeError('config missing')\n")
+    assert doctor_cli(f"{bad}:f", "--data", str(project["npy"])) == 2
+    err = one_line_error(capsys)
+    assert f"importing {str(bad)!r} raised RuntimeError: config missing" in err, err

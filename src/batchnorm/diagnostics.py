@@ -50,14 +50,16 @@ exit code is 1 when a finding of severity ``error`` exists, so it can gate a CI 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib
 import importlib.util
 import json
 import math
+import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -1274,6 +1276,8 @@ def doctor(
     t = thresholds or Thresholds()
     if not isinstance(model, nn.Module):
         raise TypeError(f"doctor: model must be a torch.nn.Module, got {type(model).__name__}")
+    if train_batch_size is not None and train_batch_size < 1:
+        raise ValueError(f"doctor: train_batch_size must be >= 1, got {train_batch_size}")
     batches = _on_device(_take_batches(data, num_batches, batch_size), model)
     layers = _bn_layers(model)
     names = [n for n, _ in layers]
@@ -1907,10 +1911,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _LoadError(Exception):
+    """The model or the data cannot be loaded: printed as one line, exit code 2."""
+
+
+_PATH_HINT = (
+    "give the file as path/to/file.py:{attr}, or set PYTHONPATH to the folder that holds the module"
+)
+
+
+@contextlib.contextmanager
+def _import_paths(*folders: str) -> Iterator[None]:
+    """``folders`` first on ``sys.path`` while the user's code runs (as ``python`` puts the
+    current folder or the script's folder there), restored afterwards."""
+    saved = list(sys.path)
+    for folder in reversed(folders):
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def _import_failure(e: BaseException, what: str, source: str, attr: str) -> _LoadError:
+    """One line for an exception raised while importing the user's module or file."""
+    if isinstance(e, SyntaxError):
+        where = e.filename or source
+        line = f", line {e.lineno}" if e.lineno else ""
+        return _LoadError(f"{what}: syntax error in {where!r}{line}: {e.msg}")
+    if isinstance(e, ModuleNotFoundError):
+        hint = _PATH_HINT.format(attr=attr)
+        return _LoadError(f"{what}: importing {source!r}: no module named {e.name!r} ({hint})")
+    return _LoadError(f"{what}: importing {source!r} raised {type(e).__name__}: {e}")
+
+
 def _load_object(spec: str, what: str) -> Any:
+    """The object ``NAME`` of ``MODULE:NAME`` or ``path/to/file.py:NAME``; the current folder
+    (and, for a file, the file's folder) is on ``sys.path`` while the module is imported."""
     if ":" not in spec:
         raise ValueError(f"{what} must be MODULE:NAME or path/to/file.py:NAME, got {spec!r}")
     mod_name, _, attr = spec.rpartition(":")
+    module: Any
     if mod_name.endswith(".py") or "/" in mod_name:
         path = Path(mod_name)
         if not path.is_file():
@@ -1920,33 +1961,134 @@ def _load_object(spec: str, what: str) -> Any:
             raise ImportError(f"{what}: cannot import {str(path)!r}")
         module = importlib.util.module_from_spec(spec_)
         sys.modules.setdefault(path.stem, module)
-        spec_.loader.exec_module(module)
+        try:
+            with _import_paths(str(path.resolve().parent), os.getcwd()):
+                spec_.loader.exec_module(module)
+        except Exception as e:
+            if sys.modules.get(path.stem) is module:
+                del sys.modules[path.stem]
+            raise _import_failure(e, what, str(path), attr) from e
     else:
-        module = importlib.import_module(mod_name)
+        try:
+            with _import_paths(os.getcwd()):
+                module = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and (mod_name == e.name or mod_name.startswith(e.name + ".")):
+                hint = _PATH_HINT.format(attr=attr)
+                raise _LoadError(f"{what}: no module named {e.name!r} ({hint})") from e
+            raise _import_failure(e, what, mod_name, attr) from e
+        except Exception as e:
+            raise _import_failure(e, what, mod_name, attr) from e
     if not hasattr(module, attr):
         raise AttributeError(f"{what}: {mod_name!r} has no attribute {attr!r}")
     return getattr(module, attr)
 
 
-def _load_tensor_file(path: Path, key: str | None) -> Tensor:
+def _call_user(func: Any, spec: str) -> Any:
+    """``func()``; an exception raised inside it is said to come from it."""
+    name = spec.rpartition(":")[2]
+    if not callable(func):
+        raise TypeError(f"{spec} is a {type(func).__name__}, not a function")
+    try:
+        return func()
+    except Exception as e:
+        raise _LoadError(f"{name}() raised {type(e).__name__}: {e}") from e
+
+
+def _file_kind(path: Path) -> str | None:
+    """'zip' (torch.save, .npz), 'pickle' (old torch.save), 'npy', or None, from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if head.startswith(b"\x80"):
+        return "pickle"
+    if head == b"\x93NUMPY":
+        return "npy"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    """``Type: the first sentence of the message`` (torch's messages go on for a paragraph)."""
+    text = str(e).strip()
+    first = text.splitlines()[0].split(". ")[0].rstrip(".") if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _cannot_read(option: str, path: Path, reason: str) -> _LoadError:
+    return _LoadError(f"{option}: cannot read {str(path)!r} ({reason})")
+
+
+def _torch_load(path: Path, option: str) -> Any:
+    """``torch.load(path, weights_only=True)``, a one-line :class:`_LoadError` when it fails."""
+    try:
+        kind = _file_kind(path)
+    except OSError as e:
+        raise _cannot_read(option, path, _first_line(e)) from e
+    if kind not in ("zip", "pickle"):
+        what = "a NumPy .npy file; name it .npy" if kind == "npy" else "not a torch.save file"
+        raise _cannot_read(option, path, what)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        i = text.find("Unsupported global:")
+        if i >= 0:
+            glob = text[i:].splitlines()[0].partition(" was not")[0].rstrip(".")
+            reason = f"it holds objects other than tensors, dicts and lists; {glob}"
+        else:
+            reason = f"corrupt or truncated torch file: {_first_line(e)}"
+        raise _cannot_read(option, path, reason) from e
+
+
+def _numpy_array(path: Path, key: str | None) -> Tensor:
+    import numpy as np
+
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        import numpy as np
-
-        return torch.from_numpy(np.load(path, allow_pickle=False))
-    if suffix == ".npz":
-        import numpy as np
-
+    try:
+        kind = _file_kind(path)
+    except OSError as e:
+        raise _cannot_read("--data", path, _first_line(e)) from e
+    if (suffix, kind) not in ((".npy", "npy"), (".npz", "zip")):
+        raise _cannot_read("--data", path, f"not a NumPy {suffix} file")
+    try:
+        if suffix == ".npy":
+            if key is not None:
+                raise _LoadError(
+                    f"--key {key!r}: {str(path)!r} is a .npy file, which holds one array; "
+                    "--key names an array in an .npz file or an entry of a dict in a .pt file"
+                )
+            return torch.from_numpy(np.load(path, allow_pickle=False))
         with np.load(path, allow_pickle=False) as z:
             names = list(z.files)
             if not names:
                 raise ValueError(f"--data: {str(path)!r} holds no arrays")
-            k = key or next((n for n in ("x", "inputs", "X", "data") if n in names), names[0])
+            k = key or next((n for n in ("x", "inputs", "X", "data") if n in names), None)
+            if k is None:
+                if len(names) > 1:
+                    raise _LoadError(
+                        f"--data: {str(path)!r} holds arrays {names}; choose one with --key"
+                    )
+                k = names[0]
             if k not in names:
                 raise KeyError(f"--data: {str(path)!r} has no array {k!r} (it has {names})")
             return torch.from_numpy(z[k])
+    except (_LoadError, KeyError):
+        raise
+    except ValueError as e:
+        if str(e).startswith("--data:"):
+            raise
+        raise _cannot_read("--data", path, f"corrupt or truncated: {_first_line(e)}") from e
+    except Exception as e:
+        raise _cannot_read("--data", path, f"corrupt or truncated: {_first_line(e)}") from e
+
+
+def _load_tensor_file(path: Path, key: str | None) -> Tensor:
+    suffix = path.suffix.lower()
+    if suffix in (".npy", ".npz"):
+        return _numpy_array(path, key)
     if suffix in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path, "--data")
         if isinstance(obj, Mapping):
             k = key or next((n for n in ("x", "inputs", "data") if n in obj), None)
             if k is None:
@@ -1956,6 +2098,11 @@ def _load_tensor_file(path: Path, key: str | None) -> Tensor:
             if k not in obj:
                 raise KeyError(f"--data: {str(path)!r} has no entry {k!r} (it has {list(obj)})")
             obj = obj[k]
+        elif key is not None:
+            raise _LoadError(
+                f"--key {key!r}: {str(path)!r} holds a {type(obj).__name__}, not a dict, so "
+                "--key names nothing there; leave it out"
+            )
         if isinstance(obj, list | tuple) and obj:
             obj = obj[0]
         if not isinstance(obj, Tensor):
@@ -1966,45 +2113,80 @@ def _load_tensor_file(path: Path, key: str | None) -> Tensor:
     )
 
 
+def _option_problem(args: argparse.Namespace) -> str | None:
+    """The first bad numeric option, said with the option's name."""
+    for option, value in (
+        ("--batch-size", args.batch_size),
+        ("--num-batches", args.num_batches),
+        ("--train-batch-size", args.train_batch_size),
+    ):
+        if value is not None and value < 1:
+            return f"{option} must be >= 1, got {value}"
+    return None
+
+
+def _load_checkpoint(model: nn.Module, file: str) -> None:
+    path = Path(file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint: no file {file!r}")
+    state = _torch_load(path, "--checkpoint")
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise _cannot_read(
+            "--checkpoint", path, f"it holds a {type(state).__name__}, not a state dict"
+        )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise _LoadError(f"--checkpoint: {file!r} does not fit the model: {e}") from e
+
+
+def _first_batches(data: Any, num_batches: int, spec: str) -> Any:
+    """Up to ``num_batches`` batches of what ``--data MODULE:FUNCTION`` returned, so that an
+    exception raised while producing them is said to come from the user's function."""
+    try:
+        it = iter(data)
+    except TypeError:
+        return data  # not iterable: doctor() says so
+    name = spec.rpartition(":")[2]
+    out: list[Any] = []
+    try:
+        for batch in it:
+            out.append(batch)
+            if len(out) >= num_batches:
+                break
+    except Exception as e:
+        raise _LoadError(
+            f"the batches of {name}() raised {type(e).__name__} while being read: {e}"
+        ) from e
+    return out
+
+
+def _spec_folders(*specs: str) -> list[str]:
+    """The folders of the ``path/to/file.py:NAME`` specs, then the current folder."""
+    out: list[str] = []
+    for spec in specs:
+        mod_name = spec.rpartition(":")[0]
+        if mod_name.endswith(".py") or "/" in mod_name:
+            out.append(str(Path(mod_name).resolve().parent))
+    return [*out, os.getcwd()]
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``batchnorm doctor``; exit code 1 when a finding of severity error (or, with
     ``--fail-on warning``, warning) exists, 2 when the model or data cannot be loaded, 0
-    otherwise."""
+    otherwise. The user's code runs with the current folder (and the folder of a
+    ``path/to/file.py:NAME``) first on ``sys.path``, as ``python`` would have it."""
+    problem = _option_problem(args)
+    if problem is not None:
+        print(f"batchnorm doctor: {problem}", file=sys.stderr)
+        return 2
     try:
-        factory = _load_object(args.factory, "MODULE:FACTORY")
-        model = factory()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{args.factory} returned {type(model).__name__}, not an nn.Module")
-        if args.checkpoint:
-            if not Path(args.checkpoint).is_file():
-                raise FileNotFoundError(f"--checkpoint: no file {args.checkpoint!r}")
-            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-            if isinstance(state, Mapping) and "state_dict" in state:
-                state = state["state_dict"]
-            model.load_state_dict(state)
-        if args.mode == "eval":
-            model.eval()
-        elif args.mode == "train":
-            model.train()
-        data_path = Path(args.data)
-        data: Any
-        if data_path.suffix.lower() in (".pt", ".pth", ".npy", ".npz") or data_path.is_file():
-            if not data_path.is_file():
-                raise FileNotFoundError(f"--data: no file {args.data!r}")
-            x = _load_tensor_file(data_path, args.key)
-            if x.is_floating_point():
-                x = x.to(next(model.parameters(), torch.empty(0)).dtype)
-            data = x
-        else:
-            data = _load_object(args.data, "--data")()
-        report = doctor(
-            model,
-            data,
-            args.num_batches,
-            batch_size=args.batch_size,
-            train_batch_size=args.train_batch_size,
-        )
+        with _import_paths(*_spec_folders(args.factory, args.data)):
+            report = _run_cli(args)
     except (
+        _LoadError,
         ImportError,
         AttributeError,
         ValueError,
@@ -2014,9 +2196,46 @@ def main(args: argparse.Namespace) -> int:
         RuntimeError,
     ) as e:
         # a KeyError's str() is the repr of its message: print the message itself
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        msg = msg.removeprefix("doctor: ")  # the prefix of the library's messages
         print(f"batchnorm doctor: {msg}", file=sys.stderr)
         return 2
     print(report.to_json() if args.json else report.format_text())
     failing = {"error"} if args.fail_on == "error" else {"error", "warning"}
     return 1 if any(f.severity in failing for f in report.findings) else 0
+
+
+def _run_cli(args: argparse.Namespace) -> DoctorReport:
+    model = _call_user(_load_object(args.factory, "MODULE:FACTORY"), args.factory)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{args.factory} returned {type(model).__name__}, not an nn.Module")
+    if args.checkpoint:
+        _load_checkpoint(model, args.checkpoint)
+    if args.mode == "eval":
+        model.eval()
+    elif args.mode == "train":
+        model.train()
+    data_path = Path(args.data)
+    data: Any
+    if data_path.suffix.lower() in (".pt", ".pth", ".npy", ".npz") or data_path.is_file():
+        if not data_path.is_file():
+            raise FileNotFoundError(f"--data: no file {args.data!r}")
+        x = _load_tensor_file(data_path, args.key)
+        if x.is_floating_point():
+            x = x.to(next(model.parameters(), torch.empty(0)).dtype)
+        data = x
+    else:
+        if args.key is not None:
+            raise _LoadError(
+                f"--key {args.key!r}: --data {args.data} is a function, so --key names "
+                "nothing there; leave it out"
+            )
+        data = _call_user(_load_object(args.data, "--data"), args.data)
+        data = _first_batches(data, args.num_batches, args.data)
+    return doctor(
+        model,
+        data,
+        args.num_batches,
+        batch_size=args.batch_size,
+        train_batch_size=args.train_batch_size,
+    )
