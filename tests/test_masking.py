@@ -211,3 +211,25 @@ def test_small_count_warns_once_per_layer() -> None:
         bn(torch.randn(3, 4))  # once per layer
         batchnorm.BatchNorm1d(4)(torch.randn(32, 4))  # a normal batch: no warning
         batchnorm.BatchNorm2d(4)(torch.randn(2, 4, 3, 3))  # 18 values per channel: fine
+
+
+def test_non_finite_padding_does_not_reach_the_valid_gradients() -> None:
+    """NaN or inf in the padding: the valid positions' gradients are those of BN on the
+    packed valid values (a 0·NaN in a product's backward made every one of them NaN); the
+    padded outputs keep the non-finite value."""
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x, mask = _padded(seed=7)
+        x.transpose(1, 2)[~mask] = bad
+        x.requires_grad_(True)
+        ours = batchnorm.BatchNorm1d(3, dtype=torch.float64)
+        packed_bn = nn.BatchNorm1d(3, dtype=torch.float64)
+        y = ours(x, mask=mask)
+        packed_x = x.detach().transpose(1, 2)[mask].clone().requires_grad_(True)
+        packed_y = packed_bn(packed_x)
+        g = torch.randn_like(packed_y)
+        (y.transpose(1, 2)[mask] * g).sum().backward()
+        (packed_y * g).sum().backward()
+        torch.testing.assert_close(x.grad.transpose(1, 2)[mask], packed_x.grad)
+        torch.testing.assert_close(ours.weight.grad, packed_bn.weight.grad)
+        pad_out = y.detach().transpose(1, 2)[~mask]
+        assert bool((pad_out.isnan() if bad != bad else pad_out == bad).all())

@@ -695,3 +695,34 @@ def test_channel_mismatch_is_caught_as_torch_nn_errors_are_and_gives_a_remedy() 
         bn(torch.randn(2, 3, 5, 5))  # torch.nn raises RuntimeError here
     with pytest.raises(ValueError, match="did you mean axis"):
         bn(torch.randn(2, 3, 5, 8))
+
+
+def test_eps_zero_gives_nan_for_a_constant_channel_on_every_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """eps=0 (accepted, with a warning, as torch.nn accepts it): a constant channel's
+    1/√(0 + 0) is inf, so that channel is NaN and the others are exact, on the kernels, the
+    compiled node and plain torch alike (a division by zero in the kernels left the whole
+    output unwritten)."""
+    import warnings
+
+    import numpy as np
+
+    from batchnorm import kernels
+
+    x = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]])
+    expected = torch.tensor([[0.0, -1.2247449], [0.0, 0.0], [0.0, 1.2247449]])
+    for env in ({}, {"BATCHNORM_NATIVE": "0"}, {"BATCHNORM_BACKEND": "torch"}):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                y = batchnorm.BatchNorm1d(2, eps=0)(x)
+        assert torch.isnan(y[:, 0]).all(), env
+        torch.testing.assert_close(y[:, 1], expected[:, 1])
+    y_np, _, var, invstd = kernels.forward_train(x.numpy(), eps=0.0)
+    assert np.isnan(y_np[:, 0]).all() and np.isinf(invstd[0]) and var[0] == 0
+    np.testing.assert_allclose(y_np[:, 1], expected[:, 1].numpy(), rtol=1e-6)
+    scale, _ = kernels.inference_affine(np.zeros(1), np.zeros(1), eps=0.0)
+    assert np.isinf(scale[0])

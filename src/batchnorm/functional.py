@@ -568,21 +568,27 @@ def _masked_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Algorithm 1 with statistics over the valid positions only; every position is normalized
     with them (as Keras does). Plain torch ops, so autograd gives the exact backward — through
-    the statistics — and padded positions never reach the gradient of the statistics."""
+    the statistics — and padded positions never reach the statistics. A NaN or inf in the
+    padding is passed through to the output as it is and takes no part in the arithmetic, so
+    it cannot reach the valid positions' gradients either (``0·NaN`` in a product's backward
+    would make them all NaN)."""
     cd = _compute_dtype(x.dtype)
     xc = x.to(cd)
     dims = tuple(i for i in range(x.dim()) if i != ax)
     shape = [1] * x.dim()
     shape[ax] = -1
-    # torch.where, not a product: a NaN/inf in the padding must not reach the statistics
-    mean = torch.where(mask, xc, 0).sum(dims) / count  # (C,)
-    diff = xc - mean.view(shape)
-    var = torch.where(mask, diff * diff, 0).sum(dims) / count  # biased σ²_B over valid values
+    bad = ~mask & ~torch.isfinite(xc)  # non-finite padding
+    xs = torch.where(bad, 0, xc)
+    # torch.where, not a product: the padding must not reach the statistics
+    mean = torch.where(mask, xs, 0).sum(dims) / count  # (C,)
+    diff = xs - mean.view(shape)
+    var = torch.where(mask, diff, 0).square().sum(dims) / count  # biased σ²_B over valid values
     y = diff * torch.rsqrt(var + eps).view(shape)
     if weight is not None:
         y = y * weight.to(cd).view(shape)
     if bias is not None:
         y = y + bias.to(cd).view(shape)
+    y = torch.where(bad, xc, y)
     return y.to(x.dtype), mean.detach(), var.detach()
 
 

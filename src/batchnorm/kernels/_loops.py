@@ -149,6 +149,15 @@ def _stream_out(dst, lo, buf, n):  # type: ignore[no-untyped-def]
 # shared pieces
 
 
+@numba.njit(inline="always", cache=True)
+def _rsqrt(v: float) -> float:
+    """``1/√v`` in float64 with IEEE's answer for ``v = 0`` (``inf``; a zero variance with
+    ``eps = 0``): Numba's Python error model would raise instead, and a raise inside the C
+    entries is swallowed, leaving the outputs unwritten."""
+    r = math.sqrt(v)
+    return math.inf if r == 0.0 else 1.0 / r
+
+
 @numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
 def _finalize_stats(
     s1: float, s2: float, m: int, k: float, eps: float, g: float, bb: float, mh: float
@@ -159,7 +168,7 @@ def _finalize_stats(
     var = (s2 - s1 * (s1 / m)) / m
     if var < 0.0:  # rounding only; NaN stays NaN (NaN < 0 is False)
         var = 0.0
-    invstd = 1.0 / math.sqrt(var + eps)
+    invstd = _rsqrt(var + eps)
     scale = g * invstd
     shift = bb - (mean - mh) * scale
     return mean, var, invstd, scale, shift
@@ -636,7 +645,7 @@ def _affine_into(mean, var, w, b, eps, scale_out, shift_out):  # type: ignore[no
     has_w = w.shape[0] > 0
     has_b = b.shape[0] > 0
     for c in range(mean.shape[0]):
-        sc = 1.0 / math.sqrt(np.float64(var[c]) + eps)
+        sc = _rsqrt(np.float64(var[c]) + eps)
         if has_w:
             sc *= np.float64(w[c])
         sh = -sc * np.float64(mean[c])
