@@ -596,3 +596,79 @@ def test_inference_under_torch_func_transforms_uses_torch_operations(monkeypatch
     torch.testing.assert_close(
         torch.func.grad(loss(ours))(x[0]), torch.func.grad(loss(theirs))(x[0])
     )
+
+
+def test_read_only_outputs_and_buffers_are_refused_before_compiling(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def no_compile(name: str, parallel: bool) -> None:
+        raise AssertionError(f"kernel {name} requested for an argument error")
+
+    monkeypatch.setattr(K, "_kernel", no_compile)
+    x = np.random.default_rng(0).random((8, 3))
+    ro = np.empty_like(x)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        K.forward_train(x, out=ro)
+    with pytest.raises(ValueError, match="out is read-only"):
+        K.backward(x, x, np.zeros(3), np.ones(3), out=ro)
+    with pytest.raises(ValueError, match="out is read-only"):
+        K.forward_eval(x, np.ones(3), np.zeros(3), out=ro)
+    with pytest.raises(TypeError, match="out must be a NumPy array"):
+        K.forward_train(x, out=[0.0] * 24)  # type: ignore[arg-type]
+    v = np.ones(3)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        bufs = {"running_mean": np.zeros(3), "running_var": np.ones(3)}
+        bufs["num_batches_tracked"] = np.zeros((), np.int64)
+        bufs[name].flags.writeable = False
+        with pytest.raises(ValueError, match=f"{name} is read-only"):
+            K.running_update(
+                bufs["running_mean"],
+                bufs["running_var"],
+                v,
+                v,
+                0.1,
+                num_batches_tracked=bufs["num_batches_tracked"],
+            )
+
+
+def test_empty_inputs_say_what_is_missing(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(K, "_kernel", None)  # nothing may be compiled
+    with pytest.raises(ValueError, match=r"\(0, 3\) has no values per channel"):
+        K.forward_train(np.ones((0, 3)))
+    with pytest.raises(ValueError, match=r"\(0, 3\) has no values per channel"):
+        K.backward(np.ones((0, 3)), np.ones((0, 3)), np.zeros(3), np.ones(3))
+    with pytest.raises(ValueError, match=r"\(2, 3, 0\) has no values per channel"):
+        K.backward(np.ones((2, 3, 0)), np.ones((2, 3, 0)), np.zeros(3), np.ones(3))
+    for shape in [(4, 0), (2, 0, 5)]:
+        with pytest.raises(ValueError, match=r"has no channels \(C = 0"):
+            K.forward_train(np.ones(shape))
+        with pytest.raises(ValueError, match=r"has no channels \(C = 0"):
+            K.backward(np.ones(shape), np.ones(shape), np.zeros(0), np.ones(0))
+
+
+def test_running_update_counter_must_be_an_array() -> None:
+    v = np.ones(3)
+    with pytest.raises(TypeError, match="num_batches_tracked must be a one-element int64 NumPy"):
+        K.running_update(np.zeros(3), np.ones(3), v, v, 0.1, None, 3)  # type: ignore[arg-type]
+
+
+def test_empty_aligned_refuses_negative_dimensions() -> None:
+    for shape in [(-1, 4), (4, -1), (-8,)]:
+        with pytest.raises(ValueError, match="negative dimensions are not allowed"):
+            K.empty_aligned(shape, np.float32)
+    a = K.empty_aligned((0, 4), np.float64)
+    assert a.shape == (0, 4) and a.dtype == np.float64
+
+
+def test_inference_affine_refuses_0d_statistics() -> None:
+    one = np.ones(1)
+    with pytest.raises(
+        TypeError, match=r"mean must be a 1-D float32/float64 array, got float64 \(\)"
+    ):
+        K.inference_affine(np.float64(0.0), one)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="mean must be a 1-D"):
+        K.inference_affine(np.array(0.0), one)
+    for k in range(3):
+        args: list[object] = [np.zeros(1), one, one, one]
+        args[k + 1] = np.array(1.0)
+        with pytest.raises(ValueError, match=r"must have shape \(1,\), got \(\)"):
+            K.inference_affine(*args)  # type: ignore[arg-type]

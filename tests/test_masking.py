@@ -233,3 +233,18 @@ def test_non_finite_padding_does_not_reach_the_valid_gradients() -> None:
         torch.testing.assert_close(ours.weight.grad, packed_bn.weight.grad)
         pad_out = y.detach().transpose(1, 2)[~mask]
         assert bool((pad_out.isnan() if bad != bad else pad_out == bad).all())
+
+
+@pytest.mark.parametrize("kind", ["numpy", "list"])
+def test_mask_that_is_not_a_tensor_asks_for_a_boolean_tensor(kind: str) -> None:
+    x, mask = _padded()
+    bad = mask.numpy() if kind == "numpy" else mask.tolist()
+    bn = batchnorm.BatchNorm1d(3)
+    with pytest.raises(batchnorm.BatchNormInputError) as info:
+        bn(x.float(), mask=bad)
+    msg = str(info.value)
+    assert "BatchNorm1d(3)" in msg and "boolean torch.Tensor" in msg
+    assert ("numpy.ndarray of dtype bool" if kind == "numpy" else "got a list") in msg
+    assert "torch.as_tensor" in msg
+    with pytest.raises(batchnorm.BatchNormInputError, match="boolean torch.Tensor"):
+        F.check_mask(x, bad)  # type: ignore[arg-type]

@@ -95,3 +95,30 @@ def test_running_stats_update_conventions() -> None:
         np.zeros(2), np.ones(2), np.zeros(2), np.array([4.0, 4.0]), 5, 0.1, unbiased=False
     )
     np.testing.assert_allclose(rv_b, [0.9 + 0.4] * 2)
+
+
+@pytest.mark.parametrize("axis", [3, -4, 7])
+def test_axes_outside_the_input_are_refused(axis: int) -> None:
+    x = np.random.default_rng(0).standard_normal((8, 5, 3))
+    for call in (
+        lambda: ref.batch_norm_forward(x, axis=axis),
+        lambda: ref.batch_stats(x, axis),
+        lambda: ref.reduce_axes(x.ndim, axis),
+        lambda: ref.channel_count(x.shape, axis),
+        lambda: ref.batch_norm_inference(x, np.zeros(3), np.ones(3), axis=axis),
+    ):
+        with pytest.raises(np.exceptions.AxisError, match="out of bounds for array of dimension 3"):
+            call()
+    assert ref.reduce_axes(3, -3) == (1, 2) and ref.channel_count(x.shape, -1) == 40
+
+
+def test_running_stats_update_unbiased_needs_two_values() -> None:
+    args = (np.zeros(2), np.ones(2), np.ones(2), np.full(2, 4.0))
+    for count in (1, 0):
+        with pytest.raises(ValueError, match=f"at least 2 values per channel, got count={count}"):
+            ref.running_stats_update(*args, count, 0.1)
+    # torch refuses one value per channel in training as well
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        torch.nn.BatchNorm1d(2)(torch.randn(1, 2))
+    _, rv = ref.running_stats_update(*args, 1, 0.1, unbiased=False)
+    np.testing.assert_allclose(rv, [0.9 + 0.4] * 2)

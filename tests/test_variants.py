@@ -380,3 +380,23 @@ def test_ghost_batches_compose_with_renorm_by_inheritance() -> None:
     torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(both.running_mean, plain.running_mean, rtol=1e-12, atol=1e-12)
     assert int(both.num_batches_tracked) == 3
+
+
+def test_frozen_forward_takes_a_mask_and_only_validates_it() -> None:
+    bn = nn.BatchNorm1d(3, dtype=torch.float64)
+    _randomize(bn)
+    bn.eval()
+    frozen = batchnorm.FrozenBatchNorm1d.from_batchnorm(bn)
+    x = torch.randn(4, 3, 10, dtype=torch.float64)
+    mask = torch.arange(10)[None, :] < torch.tensor([10, 7, 3, 1])[:, None]
+    for mode in (True, False):
+        frozen.train(mode)
+        torch.testing.assert_close(frozen(x, mask=mask), bn(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(frozen(x, mask[:, None, :]), frozen(x))
+    with pytest.raises(batchnorm.BatchNormInputError, match=r"FrozenBatchNorm1d\(3\).*\(4, 10\)"):
+        frozen(x, mask=mask[:, :5])
+    with pytest.raises(batchnorm.BatchNormInputError, match="boolean"):
+        frozen(x, mask=mask.float())
+    generic = batchnorm.FrozenBatchNorm(3, axis=-1)
+    xl = torch.randn(2, 5, 3)
+    torch.testing.assert_close(generic(xl, mask=torch.ones(2, 5, dtype=torch.bool)), generic(xl))

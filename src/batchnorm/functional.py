@@ -526,6 +526,16 @@ def check_mask(input: Tensor, mask: Tensor, axis: int = 1, layer: str | None = N
     channel axis (e.g. ``(N, L)`` for ``(N, C, L)``), or with a size-1 channel axis."""
     ax = axis % input.dim()
     expected = tuple(s for i, s in enumerate(input.shape) if i != ax)
+    if not isinstance(mask, Tensor):
+        kind = type(mask).__name__
+        dtype = getattr(mask, "dtype", None)
+        got = f"{type(mask).__module__}.{kind}" if kind == "ndarray" else kind
+        got += f" of dtype {dtype}" if dtype is not None else ""
+        raise BatchNormInputError(
+            f"{_name(layer)}: expected the mask as a boolean torch.Tensor of shape {expected} "
+            f"(True at valid positions), got a {got}. Convert it, e.g. "
+            "torch.as_tensor(mask, dtype=torch.bool, device=input.device)."
+        )
     if mask.dtype != torch.bool:
         raise BatchNormInputError(
             f"{_name(layer)}: expected a boolean mask (True at valid positions), got dtype "

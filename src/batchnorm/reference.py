@@ -44,22 +44,30 @@ def _f64(a: ArrayLike) -> Array:
     return np.asarray(a, dtype=np.float64)
 
 
+def _axis(axis: int, ndim: int) -> int:
+    """``axis`` as an index in ``range(ndim)`` (negative counts from the end); NumPy's
+    ``AxisError`` (a ``ValueError`` and ``IndexError``) when the array has no such axis."""
+    if not -ndim <= axis < ndim:
+        raise np.exceptions.AxisError(axis, ndim)
+    return axis % ndim
+
+
 def reduce_axes(ndim: int, axis: int = 1) -> tuple[int, ...]:
     """All axes except the channel axis: the axes the statistics are taken over."""
-    axis = axis % ndim
+    axis = _axis(axis, ndim)
     return tuple(i for i in range(ndim) if i != axis)
 
 
 def _bcast(v: Array, ndim: int, axis: int) -> Array:
     """A per-channel vector shaped to broadcast against an ``ndim`` array along ``axis``."""
     shape = [1] * ndim
-    shape[axis % ndim] = -1
+    shape[_axis(axis, ndim)] = -1
     return v.reshape(shape)
 
 
 def channel_count(shape: tuple[int, ...], axis: int = 1) -> int:
     """m: the number of values each channel's statistics are taken over."""
-    axis = axis % len(shape)
+    axis = _axis(axis, len(shape))
     return int(np.prod([s for i, s in enumerate(shape) if i != axis], dtype=np.int64))
 
 
@@ -214,11 +222,19 @@ def running_stats_update(
     ``new = (1 − momentum)·old + momentum·batch`` (momentum weighs the new batch).
 
     ``batch_var`` is the biased σ²_B; with ``unbiased`` the stored variance is m/(m−1)·σ²_B
-    (PyTorch), otherwise σ²_B itself (Keras).
+    (PyTorch), otherwise σ²_B itself (Keras). The factor needs ``count`` ≥ 2: for one value per
+    channel it is undefined, and ``unbiased`` raises ``ValueError`` (``torch.nn.BatchNorm``
+    refuses to train on one value per channel).
     """
     v = _f64(batch_var)
     if unbiased:
-        v = v * count / max(count - 1, 1)
+        if count < 2:
+            raise ValueError(
+                f"running_stats_update: the unbiased variance m/(m-1)·σ²_B needs at least 2 "
+                f"values per channel, got count={count} (torch.nn.BatchNorm refuses to train on "
+                "one value per channel); pass unbiased=False to store the biased σ²_B"
+            )
+        v = v * count / (count - 1)
     rm = (1.0 - momentum) * _f64(running_mean) + momentum * _f64(batch_mean)
     rv = (1.0 - momentum) * _f64(running_var) + momentum * v
     return rm, rv

@@ -430,7 +430,9 @@ class FrozenBatchNorm(nn.Module):
     def layer_name(self) -> str:
         return f"{type(self).__name__}({self.num_features})"
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The fixed affine map. ``mask`` (boolean, True at valid positions, as for the other
+        modules) is only validated: the map does not depend on the batch, as in eval mode."""
         if self._ranks and input.dim() not in self._ranks:
             want = " or ".join(f"{r}D" for r in self._ranks)
             raise BatchNormInputError(
@@ -438,6 +440,8 @@ class FrozenBatchNorm(nn.Module):
                 f"{tuple(input.shape)}. For any rank use batchnorm.FrozenBatchNorm(..., axis=...)."
             )
         F.check_channels(input, self.num_features, self.axis, self.layer_name())
+        if mask is not None:
+            F.check_mask(input, mask, self.axis, self.layer_name())
         return F.batch_norm_eval(
             input,
             self.running_mean,

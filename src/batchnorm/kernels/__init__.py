@@ -185,17 +185,41 @@ def _as_input(x: Array, what: str) -> Array:
     return x if x.flags.c_contiguous else np.ascontiguousarray(x)
 
 
+def _check_sizes(x: Array, what: str = "x") -> None:
+    """Refuse an input with no channels or no values per channel (nothing to take statistics
+    over), before anything is compiled."""
+    if x.shape[1] == 0:
+        raise ValueError(
+            f"batchnorm.kernels: {what} of shape {x.shape} has no channels (C = 0 at axis 1)"
+        )
+    if x.size == 0:
+        raise ValueError(f"batchnorm.kernels: {what} of shape {x.shape} has no values per channel")
+
+
+def _check_writeable(a: Array, what: str) -> None:
+    if not a.flags.writeable:
+        raise ValueError(
+            f"batchnorm.kernels: {what} is read-only (flags.writeable is False) and cannot be "
+            "written in place; pass a writeable array, e.g. a copy"
+        )
+
+
 def _channel_vec(v: Array | None, C: int, dtype: np.dtype[Any], what: str) -> Array:
     if v is None:
         return _EMPTY[dtype]
-    a = np.ascontiguousarray(v, dtype=dtype)
+    a = np.asarray(v, dtype=dtype)  # not ascontiguousarray: it would make a 0-d array 1-D
     if a.shape != (C,):
         raise ValueError(f"batchnorm.kernels: {what} must have shape ({C},), got {a.shape}")
-    return a
+    return np.ascontiguousarray(a)
 
 
 def empty_aligned(shape: tuple[int, ...], dtype: Any) -> Array:
     """An uninitialized C-contiguous array whose first element starts a 64-byte cache line."""
+    dims = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    if any(int(d) < 0 for d in dims):
+        raise ValueError(
+            f"batchnorm.kernels.empty_aligned: negative dimensions are not allowed, got {dims}"
+        )
     dt = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
     raw = np.empty(nbytes + LINE_BYTES, np.uint8)
@@ -206,11 +230,16 @@ def empty_aligned(shape: tuple[int, ...], dtype: Any) -> Array:
 def _out(out: Array | None, like: Array) -> Array:
     if out is None:
         return empty_aligned(like.shape, like.dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(
+            f"batchnorm.kernels: out must be a NumPy array or None, got {type(out).__name__}"
+        )
     if out.shape != like.shape or out.dtype != like.dtype or not out.flags.c_contiguous:
         raise ValueError(
             f"batchnorm.kernels: out must be a C-contiguous {like.dtype} array of shape "
             f"{like.shape}, got {out.dtype} {out.shape}"
         )
+    _check_writeable(out, "out")
     return out
 
 
@@ -232,9 +261,8 @@ def forward_train(
     non-temporal stores of the output on/off (None: by size, see :data:`STREAM_ABOVE`).
     """
     x = _as_input(x, "x")
+    _check_sizes(x)
     C = x.shape[1]
-    if x.size // max(C, 1) < 1:
-        raise ValueError(f"batchnorm.kernels: x of shape {x.shape} has no values per channel")
     w = _channel_vec(weight, C, x.dtype, "weight")
     b = _channel_vec(bias, C, x.dtype, "bias")
     y = _out(out, x)
@@ -287,6 +315,7 @@ def backward(
         raise ValueError(
             f"batchnorm.kernels: dy ({dy.dtype} {dy.shape}) must match x ({x.dtype} {x.shape})"
         )
+    _check_sizes(x)
     C = x.shape[1]
     mean = _channel_vec(mean, C, x.dtype, "mean")
     invstd = _channel_vec(invstd, C, x.dtype, "invstd")
@@ -394,11 +423,12 @@ def inference_affine(
     """The per-channel ``(scale, shift)`` of :func:`forward_eval` from population statistics:
     ``scale = γ/√(var + ε)``, ``shift = β − scale·mean``, computed in float64 and returned in
     ``mean``'s dtype (float32 or float64)."""
-    m = np.ascontiguousarray(mean)
+    m = np.asarray(mean)  # not ascontiguousarray: it would make a 0-d array 1-D
     if m.dtype not in _FLOATS or m.ndim != 1:
         raise TypeError(
             f"batchnorm.kernels: mean must be a 1-D float32/float64 array, got {m.dtype} {m.shape}"
         )
+    m = np.ascontiguousarray(m)
     C = m.shape[0]
     v = _channel_vec(var, C, m.dtype, "var")
     w = _channel_vec(weight, C, m.dtype, "weight")
@@ -438,6 +468,7 @@ def running_update(
                 f"batchnorm.kernels: {name} must be a contiguous float32/float64 array updated in "
                 f"place, got {type(a).__name__} {getattr(a, 'dtype', '')}"
             )
+        _check_writeable(a, name)
     C = rm.shape[0]
     if rm.shape != (C,) or rv.shape != (C,):
         raise ValueError(
@@ -448,8 +479,15 @@ def running_update(
     v = _channel_vec(var, C, np.dtype(np.float64), "var")
     nbt = _NO_COUNTER
     if num_batches_tracked is not None:
+        if not isinstance(num_batches_tracked, np.ndarray):
+            raise TypeError(
+                "batchnorm.kernels: num_batches_tracked must be a one-element int64 NumPy array "
+                "(it is incremented in place), got "
+                f"{type(num_batches_tracked).__name__}; e.g. np.zeros((), np.int64)"
+            )
         if num_batches_tracked.dtype != np.int64 or num_batches_tracked.size != 1:
             raise ValueError("batchnorm.kernels: num_batches_tracked must be one int64 value")
+        _check_writeable(num_batches_tracked, "num_batches_tracked")
         nbt = num_batches_tracked.reshape(1)
     weight = momentum if alpha is None else alpha
     return _running_update(rm, rv, m, v, float(momentum), float(weight), nbt)
