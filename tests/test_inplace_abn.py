@@ -1,12 +1,14 @@
 """InPlaceABN against BatchNorm followed by the activation (float64, 1e-10), and the memory it
 holds for backward measured with saved_tensors_hooks."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 import batchnorm
-from batchnorm.inplace_abn import saved_tensor_bytes
+from batchnorm.inplace_abn import InPlaceABNPrecisionWarning, saved_tensor_bytes
 
 ACTS = [
     ("leaky_relu", 0.01, lambda: nn.LeakyReLU(0.01)),
@@ -127,3 +129,106 @@ def test_errors_name_the_layer() -> None:
         batchnorm.BatchNormInputError, match=r"InPlaceABN\(4\): γ is 0 in channel\(s\) \[2\]"
     ):
         layer(torch.randn(8, 4))
+
+
+def _elu_grads(x: torch.Tensor, dy: torch.Tensor, beta: float = 0.0):  # type: ignore[no-untyped-def]
+    """(InPlaceABN in x's dtype, BatchNorm + nn.ELU by autograd in float64): (dx, dγ, dβ) each."""
+    out = []
+    for fused in (True, False):
+        dt = x.dtype if fused else torch.float64
+        layer = (batchnorm.InPlaceABN(x.shape[1], activation="elu") if fused else
+                 batchnorm.BatchNorm1d(x.shape[1])).to(dt)  # fmt: skip
+        with torch.no_grad():
+            layer.bias.fill_(beta)
+        xi = x.detach().to(dt).requires_grad_(True)
+        y = layer(xi) if fused else nn.functional.elu(layer(xi))
+        y.backward(dy.to(dt))
+        out.append((xi.grad.double(), layer.weight.grad.double(), layer.bias.grad.double()))
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_saturated_elu_gives_finite_gradients() -> None:
+    # one outlier per channel 0: x̂ ≈ −32, ELU gives exactly −1 in float32, log1p(−1) = −inf
+    # (was: dγ[0] = NaN and NaN in all of channel 0's dx)
+    torch.manual_seed(0)
+    x, dy = torch.randn(1024, 4), torch.randn(1024, 4, dtype=torch.float64)
+    x[0, 0] = -1000.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one saturated element per channel is exact: no warning
+        (dx, dw, db), (rdx, rdw, rdb) = _elu_grads(x, dy)
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
+    assert _rel(dw, rdw) < 1e-5 and _rel(db, rdb) < 1e-5
+    assert _rel(dx, rdx) < 1e-5  # the saturated element's x̂ comes from Σ x̂ = 0
+    # float64 saturates below about −37
+    x64 = torch.randn(256, 4, dtype=torch.float64)
+    with pytest.warns(InPlaceABNPrecisionWarning, match="ELU outputs of one channel"):
+        (dx, dw, db), (rdx, rdw, rdb) = _elu_grads(x64, dy[:256], beta=-40.0)
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all() and torch.isfinite(db).all()
+    # the true gradients are ~e⁻⁴⁰·|dy|; InPlaceABN's are 0 up to that
+    for a, b in ((dx, rdx), (dw, rdw), (db, rdb)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+
+
+def test_several_saturated_elus_in_a_channel_warn_and_stay_exact_in_sum() -> None:
+    torch.manual_seed(1)
+    x, dy = torch.randn(4096, 4), torch.randn(4096, 4, dtype=torch.float64)
+    x[:3, 0] = torch.tensor([-2000.0, -2200.0, -2500.0])  # x̂ ≈ −33, −36, −41: all saturated
+    with pytest.warns(InPlaceABNPrecisionWarning, match=r"InPlaceABN\(4\): 3 ELU outputs"):
+        (dx, dw, db), (rdx, rdw, rdb) = _elu_grads(x, dy)
+    assert torch.isfinite(dx).all()
+    assert _rel(dw, rdw) < 1e-5 and _rel(db, rdb) < 1e-5
+    assert _rel(dx[3:], rdx[3:]) < 1e-5  # unsaturated elements: exact
+    torch.testing.assert_close(dx[:3, 0].sum(), rdx[:3, 0].sum(), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "act,param,expected", [("leaky_relu", 0.1, -0.2), ("elu", 1.0, -0.8646647167633873)]
+)
+def test_small_batch_skip_applies_the_activation(act: str, param: float, expected: float) -> None:
+    layer = batchnorm.InPlaceABN(
+        3, activation=act, activation_param=param, small_batch="skip", dtype=torch.float64
+    )
+    with torch.no_grad():
+        layer.bias.fill_(-2.0)
+    x = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, torch.full((1, 3), expected, dtype=torch.float64))
+    y.sum().backward()
+    slope = param if act == "leaky_relu" else expected + 1.0  # act'(β)
+    torch.testing.assert_close(layer.bias.grad, torch.full((3,), slope, dtype=torch.float64))
+    # "running" goes through _forward_eval: activated once, not twice
+    running = batchnorm.InPlaceABN(
+        3, activation=act, activation_param=param, small_batch="running", dtype=torch.float64
+    )
+    with torch.no_grad():
+        running.bias.fill_(-2.0)
+    z = torch.zeros(1, 3, dtype=torch.float64)
+    torch.testing.assert_close(running(z), torch.full((1, 3), expected, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "dtype,gamma,bound",
+    [(torch.float32, 1e-6, "0.000345"), (torch.float64, 1e-8, "1.49e-08")],
+)
+def test_gamma_small_relative_to_beta_warns_once(dtype, gamma, bound) -> None:  # type: ignore[no-untyped-def]
+    layer = batchnorm.InPlaceABN(4, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.weight[1] = gamma
+        layer.bias.fill_(1.0)
+    x = torch.randn(64, 4, dtype=dtype)
+    msg = rf"InPlaceABN\(4\): \|γ\| < √ε·\|β\| = {bound}·\|β\| .* in channel\(s\) \[1\]"
+    with pytest.warns(InPlaceABNPrecisionWarning, match=msg):
+        layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # once per layer
+        ok = batchnorm.InPlaceABN(4, dtype=dtype)
+        with torch.no_grad():
+            ok.weight.fill_(1e-2)
+            ok.bias.fill_(1.0)
+        ok(x)  # |γ| = 0.01·|β| is above the bound

@@ -31,7 +31,7 @@ from batchnorm.functional import (
     NonFiniteStatisticsWarning,
     batch_norm,
 )
-from batchnorm.inplace_abn import InPlaceABN
+from batchnorm.inplace_abn import InPlaceABN, InPlaceABNPrecisionWarning
 from batchnorm.nn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from batchnorm.nn.batchnorm import SmallBatchWarning
 from batchnorm.recorder import ActivationRecorder
@@ -99,6 +99,7 @@ __all__ = [
     "fold",
     "to_inference",
     "InPlaceABN",
+    "InPlaceABNPrecisionWarning",
     "SmallBatchWarning",
     "doctor",
     "DoctorReport",

@@ -12,10 +12,30 @@ the pre-activation ``z`` are not kept alive for backward. Backward inverts the a
 This is the same expression as :func:`batchnorm.reference.batch_norm_backward` with x̂ in place of
 ``(x − μ_B)/σ_B`` — so the fused kernels' backward is reused by passing ``x := x̂``, ``μ := 0``,
 ``invstd := 1`` and ``γ := γ/σ_B``.
+
+Precision limits of the inversion (where a gradient becomes approximate, warned about once per
+layer with :class:`InPlaceABNPrecisionWarning`):
+
+* **ELU saturation.** Once ``y = −α`` exactly in floating point (pre-activation ``z`` below about
+  −17 in float32, −37 in float64), ``z`` cannot be recovered. Such an element's true ``dz`` is
+  ``dy·α·eᶻ`` (below ``ε·α·|dy|``), so it is taken as 0 and the element adds nothing to dβ, dγ
+  or the other elements' dx. Its own dx needs its x̂, which is replaced by the exact mean of the
+  channel's saturated x̂ (``Σ x̂ = 0`` over the batch, so their sum is ``−Σ`` of the others): with
+  one saturated element in a channel everything is exact to rounding; with several, dx at the
+  saturated positions is exact in sum but each is off by ``γ/(m·σ_B)·dγ·(x̂ᵢ − mean)``.
+* **|γ| small relative to |β|.** ``x̂ = (z − β)/γ`` cancels: z carries a rounding error of
+  ``ε·|β|``, so x̂ is off by about ``ε·|β|/|γ|`` and loses more than half its digits once
+  ``|γ| < √ε·|β|`` (3.5e-4·|β| in float32, 1.5e-8·|β| in float64; ε of the input's dtype). dγ
+  and dx are then inaccurate (dβ is not: it does not use x̂). Measured, float32, β = 1,
+  LeakyReLU, 64×4 batch, largest error relative to the largest true gradient: γ = 3e-4 (at the
+  bound): dγ 5e-5, dx 1.3e-5; γ = 1e-6: dγ 1.8e-2, dx 5e-3; γ = 1e-8: z = β exactly, x̂ = 0,
+  dγ = 0 (100 % off), dx 1e-1.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -27,7 +47,13 @@ from batchnorm import functional as F
 from batchnorm.functional import BatchNormInputError
 from batchnorm.nn.batchnorm import BatchNorm
 
-__all__ = ["InPlaceABN", "Activation", "saved_tensor_bytes"]
+__all__ = ["InPlaceABN", "Activation", "InPlaceABNPrecisionWarning", "saved_tensor_bytes"]
+
+
+class InPlaceABNPrecisionWarning(RuntimeWarning):
+    """InPlaceABN's backward cannot recover x̂ from the output to full precision (a saturated
+    ELU, or |γ| small relative to |β|), so some gradients are approximate."""
+
 
 Activation = Literal["leaky_relu", "elu", "identity"]
 _ACTIVATIONS = ("leaky_relu", "elu", "identity")
@@ -66,12 +92,13 @@ class _InPlaceABNFunction(torch.autograd.Function):
         backend: F.Backend,
         act: str,
         param: float,
+        on_saturated: Callable[[int], None],
     ) -> tuple[Tensor, Tensor, Tensor]:
         y, mean, var, invstd = backend.forward_train(x, weight, bias, eps)
         y = _activate_(y, act, param)
         # only the output (which the next layer saves too) and per-channel vectors are kept
         ctx.save_for_backward(y, weight, bias, invstd)
-        ctx.act, ctx.param, ctx.backend = act, param, backend
+        ctx.act, ctx.param, ctx.backend, ctx.on_saturated = act, param, backend, on_saturated
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -82,9 +109,18 @@ class _InPlaceABNFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         cd = invstd.dtype
         z, dz = _invert(y.to(cd), dy.to(cd), ctx.act, ctx.param)
+        # a saturated ELU (y = −α exactly): z = log1p(−1) = −inf is not recoverable; its true
+        # dz = dy·α·eᶻ is below ε·α·|dy|, so it contributes nothing (not 0·inf = NaN)
+        sat = torch.isinf(z) if ctx.act == "elu" else None
+        if sat is not None and not bool(sat.any()):
+            sat = None
+        if sat is not None:
+            dz = dz.masked_fill(sat, 0.0)
         xhat = z if bias is None else z - F._b(bias.to(cd), z)
         if weight is not None:
             xhat = xhat / F._b(weight.to(cd), z)
+        if sat is not None:
+            xhat = _fill_saturated(xhat, sat, ctx.on_saturated)
         k = invstd if weight is None else weight.to(cd) * invstd  # γ/σ_B
         backend: F.Backend = ctx.backend
         zeros, ones = torch.zeros_like(invstd), torch.ones_like(invstd)
@@ -94,7 +130,20 @@ class _InPlaceABNFunction(torch.autograd.Function):
         dx_out = dx.to(y.dtype) if needs[0] and dx is not None else None
         dw_out = dw.to(weight.dtype) if needs[1] and weight is not None and dw is not None else None
         db_out = db.to(bias.dtype) if needs[2] and bias is not None and db is not None else None
-        return dx_out, dw_out, db_out, None, None, None, None
+        return dx_out, dw_out, db_out, None, None, None, None, None
+
+
+def _fill_saturated(xhat: Tensor, sat: Tensor, on_saturated: Callable[[int], None]) -> Tensor:
+    """x̂ with each saturated position set to the mean x̂ of its channel's saturated positions.
+
+    Over a batch ``Σ x̂ = 0`` exactly, so the saturated x̂ sum to ``−Σ`` of the recovered ones:
+    exact for one saturated element per channel, exact in sum (the mean) for several.
+    ``on_saturated(k)`` is told the largest number of saturated elements in one channel."""
+    dims = (0,) if xhat.dim() == 2 else (0, 2)
+    k = sat.sum(dims)
+    mean = -xhat.masked_fill(sat, 0.0).sum(dims) / k.clamp(min=1).to(xhat.dtype)
+    on_saturated(int(k.max()))
+    return torch.where(sat, F._b(mean, xhat), xhat)
 
 
 class InPlaceABN(BatchNorm):
@@ -107,7 +156,10 @@ class InPlaceABN(BatchNorm):
     ``activation_param``, > 0) or the identity. Outputs and gradients equal ``BatchNorm`` followed
     by the activation; the memory held for backward drops from BN's input + the activation's
     input to the output alone, which the next layer saves anyway (see
-    :func:`saved_tensor_bytes`). Because backward divides by γ, every γ must be non-zero.
+    :func:`saved_tensor_bytes`). Because backward divides by γ, every γ must be non-zero; a
+    saturated ELU (y = −α exactly) or |γ| < √ε·|β| makes some gradients approximate, with an
+    :class:`InPlaceABNPrecisionWarning` (see the module docstring for the exact limits).
+    ``small_batch="skip"`` gives act(β).
     Eval mode is Algorithm 2's affine map followed by the activation. Masks are not supported.
 
     Args: those of :class:`~batchnorm.BatchNorm` (any channel axis), plus ``activation`` and
@@ -150,6 +202,42 @@ class InPlaceABN(BatchNorm):
             )
         super().__init__(num_features, *args, **kwargs)
         self.activation, self.activation_param = activation, float(activation_param)
+        self._warned_saturated = False
+        self._warned_small_gamma = False
+
+    def _on_saturated(self, k: int) -> None:
+        """Called by backward when ELU outputs are saturated; warns once if dx is approximate."""
+        if k >= 2 and not getattr(self, "_warned_saturated", False):
+            self._warned_saturated = True
+            warnings.warn(
+                f"{self.layer_name()}: {k} ELU outputs of one channel are saturated (y = −α "
+                "exactly, pre-activation below about ln ε), so their pre-activations cannot be "
+                "recovered in backward; their dx uses the mean x̂ of the channel's saturated "
+                "elements (exact in sum, not per element). dγ, dβ and the other elements' dx "
+                "are unaffected. Use BatchNorm followed by nn.ELU for exact gradients.",
+                InPlaceABNPrecisionWarning,
+                stacklevel=2,
+            )
+
+    def _check_small_gamma(self, dtype: torch.dtype) -> None:
+        """Warn once if |γ| < √ε·|β| in some channel: x̂ = (z − β)/γ, recovered in backward,
+        then loses more than half its digits to cancellation and dγ is inaccurate."""
+        if getattr(self, "_warned_small_gamma", False) or self.weight is None or self.bias is None:
+            return
+        bound = math.sqrt(torch.finfo(dtype).eps)
+        with torch.no_grad():
+            small = self.weight.abs() < bound * self.bias.abs()
+        if bool(small.any()):
+            self._warned_small_gamma = True
+            ch = torch.nonzero(small).flatten().tolist()
+            warnings.warn(
+                f"{self.layer_name()}: |γ| < √ε·|β| = {bound:.3g}·|β| ({dtype}) in channel(s) "
+                f"{ch[:10]}; in-place activated BN recovers x̂ = (z − β)/γ in backward, which "
+                f"then has an error of about ε·|β|/|γ| > √ε, so dγ and dx are inaccurate (dβ "
+                "is not). Use BatchNorm followed by the activation for such channels.",
+                InPlaceABNPrecisionWarning,
+                stacklevel=6,  # the caller of the layer (through Module.__call__)
+            )
 
     def activation_module(self) -> nn.Module:
         """The activation as a ``torch.nn`` module (used when folding for deployment)."""
@@ -172,18 +260,33 @@ class InPlaceABN(BatchNorm):
                 "recovers x̂ = (z − β)/γ in backward, so γ must be non-zero. Re-initialize those "
                 "channels or use BatchNorm followed by the activation."
             )
+        self._check_small_gamma(input.dtype)
         ax = self.axis % input.dim()
         count = F._check_count(input, ax, self.layer_name())
         xc, restore = F.canonical_layout(input, ax)
         backend = F.get_backend(xc, self.backend)
         y, mean, var = _InPlaceABNFunction.apply(
-            xc, self.weight, self.bias, self.eps, backend, self.activation, self.activation_param
+            xc,
+            self.weight,
+            self.bias,
+            self.eps,
+            backend,
+            self.activation,
+            self.activation_param,
+            self._on_saturated,
         )
         self._update_running_stats(mean, var, count)
         return restore(y)
 
     def _forward_eval(self, input: Tensor) -> Tensor:
         return self.activation_module()(super()._forward_eval(input))
+
+    def _forward_single(self, input: Tensor, mask: Tensor | None) -> Tensor:
+        """One value per channel (``small_batch``): ``"running"`` goes through
+        :meth:`_forward_eval`, which applies the activation; ``"skip"`` gives act(β)."""
+        if self.small_batch == "running" and self.running_mean is not None:
+            return super()._forward_single(input, mask)  # → self._forward_eval: activated
+        return self.activation_module()(super()._forward_single(input, mask))
 
     def extra_repr(self) -> str:
         return (
