@@ -290,6 +290,39 @@ def test_ics_on_conv_bn_model_with_our_layers() -> None:
     assert all(-1.0 - 1e-9 <= s.cosine <= 1.0 + 1e-9 for s in shifts)
 
 
+@pytest.mark.parametrize(
+    "update", [0.1, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)], ids=["lr", "factory"]
+)
+def test_every_measurement_keeps_the_models_grads(update) -> None:
+    # a pending opt.step() after a measurement must still see the user's gradients
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 8), batchnorm.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    batch = (torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+    model[3].bias.grad = None  # None-ness is kept too
+    saved = {k: p.grad for k, p in model.named_parameters()}
+    values = {k: g.clone() for k, g in saved.items() if g is not None}
+
+    def check() -> None:
+        for k, p in model.named_parameters():
+            g = saved[k]
+            if g is None:
+                assert p.grad is None, k
+            else:
+                assert p.grad is g and torch.equal(g, values[k]), k
+
+    internal_covariate_shift(model, nn.functional.cross_entropy, batch, update)
+    check()
+    loss_landscape(model, nn.functional.cross_entropy, batch, [0.1])
+    check()
+    activation_statistics(model, batch[0])
+    bn_statistics_mismatch(model, batch[0])
+    check()
+    fresh = nn.Sequential(nn.Linear(6, 3))  # never backpropagated: grads stay None
+    internal_covariate_shift(fresh, nn.functional.cross_entropy, batch, update)
+    assert all(p.grad is None for p in fresh.parameters())
+
+
 # ------------------------------------------------------------------------------------------
 # activation statistics, drift, train/eval mismatch
 
@@ -307,6 +340,44 @@ def test_activation_statistics_match_numpy() -> None:
     )
     with pytest.raises(ValueError, match="no modules named"):
         activation_statistics(model, x, layers=["1"])
+
+
+def test_activation_statistics_units_on_a_bn_layers_axis() -> None:
+    # (N, T, C) with BatchNorm(C, axis=-1): the units are the 4 channels, not the 10 steps
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(6, 4), batchnorm.BatchNorm(4, axis=-1))
+    x = torch.randn(8, 10, 6)
+    with torch.no_grad():
+        out = model(x).numpy()  # train mode, as activation_statistics runs it
+    u = out.reshape(-1, 4).T  # (C, N·T)
+    for stats in (activation_statistics(model, x), activation_statistics(model, x, ["1"])):
+        assert stats["1"].mean.shape == (4,)
+        np.testing.assert_allclose(stats["1"].mean, u.mean(axis=1), atol=1e-12)
+        np.testing.assert_allclose(stats["1"].std, u.std(axis=1), rtol=1e-10)
+        np.testing.assert_allclose(
+            stats["1"].quantiles, np.quantile(u, stats["1"].levels, axis=1), rtol=1e-10
+        )
+    # other layers keep axis 1: the Linear's output (8, 10, 4) has 10 units there
+    assert activation_statistics(model, x, ["0"])["0"].mean.shape == (10,)
+
+
+def test_activation_statistics_layer_the_forward_never_calls() -> None:
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+            self.bn = batchnorm.BatchNorm1d(3)
+            self.unused = nn.Linear(4, 3)
+            self.unused_bn = batchnorm.BatchNorm1d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.a(x))
+
+    model, x = TwoHeads(), torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"\['unused'\] were not called by the model's forward"):
+        activation_statistics(model, x, layers=["a", "unused"])
+    # by default, BN layers the forward skips are left out (as bn_statistics_mismatch does)
+    assert list(activation_statistics(model, x)) == ["bn"]
 
 
 def test_distribution_drift_of_known_shift_and_scale() -> None:

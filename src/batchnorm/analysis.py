@@ -18,9 +18,10 @@ be pointed at any network:
 * :class:`TimeVaryingNoise` — Santurkar et al.'s injected distribution noise (App. A.2.1), the
   module that makes a BN network's activations deliberately unstable.
 
-Every measurement leaves the model as it found it: parameters, buffers (running statistics) and
-train/eval mode are restored, and random layers (dropout, noise) see the same random numbers in
-every forward pass of one measurement so that only the weights differ between passes.
+Every measurement leaves the model as it found it: parameters, their ``.grad`` (values, or
+``None``), buffers (running statistics) and train/eval mode are restored, and random layers
+(dropout, noise) see the same random numbers in every forward pass of one measurement so that
+only the weights differ between passes.
 """
 
 from __future__ import annotations
@@ -61,8 +62,16 @@ _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 @contextlib.contextmanager
 def _preserved(model: nn.Module) -> Iterator[None]:
-    """Restore parameters, buffers and train/eval modes of ``model`` on exit."""
+    """Restore parameters, their ``.grad``, buffers and train/eval modes of ``model`` on exit.
+
+    A ``.grad`` that was ``None`` is ``None`` again; one that was a tensor is the same tensor
+    object again, holding the same values (a pending ``optimizer.step()`` is unaffected).
+    """
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    grads: dict[str, tuple[Tensor, Tensor] | None] = {
+        k: None if v.grad is None else (v.grad, v.grad.detach().clone())
+        for k, v in model.named_parameters()
+    }
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     modes = {name: m.training for name, m in model.named_modules()}
     try:
@@ -71,6 +80,13 @@ def _preserved(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for k, v in model.named_parameters():
                 v.copy_(params[k])
+                saved = grads[k]
+                if saved is None:
+                    v.grad = None
+                else:
+                    g, values = saved
+                    g.copy_(values)
+                    v.grad = g
             for k, b in model.named_buffers():
                 b.copy_(buffers[k])
         for name, m in model.named_modules():
@@ -446,8 +462,8 @@ def loss_landscape(
 
 @dataclass(frozen=True)
 class ActivationStats:
-    """Per-unit statistics of one layer's output over a batch (units = axis 1; the batch and
-    any spatial axes are reduced).
+    """Per-unit statistics of one layer's output over a batch (units = the channel axis: a
+    batch-norm layer's ``axis``, axis 1 for any other layer; every other axis is reduced).
 
     Attributes:
         mean, std: shape ``(C,)``; std is the biased (population) standard deviation.
@@ -468,14 +484,21 @@ class ActivationStats:
         }
 
 
-def _per_unit(t: Tensor) -> Tensor:
-    """``(N, C, *)`` → ``(C, N·∏*)``: each row holds one unit's values."""
+def _per_unit(t: Tensor, axis: int = 1) -> Tensor:
+    """Units on ``axis`` → ``(C, M)``: each row holds one unit's values over every other axis."""
     if t.dim() < 2:
         raise ValueError(
             f"activation_statistics: a layer output of shape {tuple(t.shape)} has no unit axis; "
             "measure a layer whose output is (N, C) or (N, C, ...)"
         )
-    return t.detach().double().transpose(0, 1).reshape(t.shape[1], -1)
+    t = t.detach().double().movedim(axis, 0)
+    return t.reshape(t.shape[0], -1)
+
+
+def _unit_axis(m: nn.Module) -> int:
+    """The channel axis of ``m``'s output: a batch-norm layer's ``axis`` (as in
+    :func:`bn_statistics_mismatch`), 1 for every other layer."""
+    return int(getattr(m, "axis", 1)) if hasattr(m, "running_mean") else 1
 
 
 def activation_statistics(
@@ -489,11 +512,17 @@ def activation_statistics(
     The model runs in its current mode without gradients; running statistics are restored, and
     random layers are replayed with a fixed seed per call.
 
+    Units are the channels of a batch-norm layer (any module with ``running_mean``) on its
+    ``axis`` attribute (e.g. ``BatchNorm(C, axis=-1)`` on ``(N, T, C)``: C units), and axis 1 of
+    every other layer's output (``(N, C)``, ``(N, C, ...)``).
+
     Args:
         model: any ``nn.Module``.
         inputs: a batch ``x`` for ``model(x)``.
         layers: module names (default: every batch-norm layer — any module with
-            ``running_mean`` — or, if there is none, every ``nn.Linear``/``nn.ConvNd``).
+            ``running_mean`` — or, if there is none, every ``nn.Linear``/``nn.ConvNd``; default
+            layers the forward pass does not call are left out). A named layer that the forward
+            pass does not call is an error.
         levels: the quantile levels in ``[0, 1]``.
 
     Returns:
@@ -520,7 +549,7 @@ def activation_statistics(
     for n in chosen:
 
         def hook(_m: nn.Module, _i: object, out: Tensor, n: str = n) -> None:
-            captured[n] = _per_unit(out)
+            captured[n] = _per_unit(out, _unit_axis(_m))
 
         handles.append(modules[n].register_forward_hook(hook))
     seed = _rng_seed()
@@ -530,8 +559,17 @@ def activation_statistics(
     finally:
         for h in handles:
             h.remove()
+    not_called = [n for n in chosen if n not in captured]
+    if not_called and layers is not None:
+        raise ValueError(
+            f"activation_statistics: layers {not_called} were not called by the model's forward "
+            "pass on these inputs, so they have no output to measure; choose layers the forward "
+            "uses"
+        )
     result = {}
     for n in chosen:
+        if n not in captured:
+            continue  # a default layer the forward skips (e.g. an unused head)
         u = captured[n]  # (C, M)
         result[n] = ActivationStats(
             mean=u.mean(dim=1).numpy(),

@@ -8,6 +8,7 @@ chosen calls, only for chosen units, as a handful of numbers per record.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -32,18 +33,21 @@ class ActivationRecorder:
       evaluation points, which is what the lab's ``paper-mnist`` experiment does.
 
     Cost per record: one ``quantile`` over ``(N·L, U)`` values for the recorded units only
-    (``max_samples`` subsamples larger inputs with a fixed stride); nothing on other calls.
+    (``max_samples`` subsamples larger inputs: a random subset of the ``N·L`` rows drawn from a
+    fixed seed, the same from run to run, which cannot alias with periodic structure such as
+    alternating columns the way a fixed stride would); nothing on other calls.
 
     Args:
         model: the network. layers: module names (``model.get_submodule`` paths, e.g.
             ``"hidden.2.act"``) or a mapping ``name → module``.
         quantiles: in [0, 1], e.g. ``(0.15, 0.5, 0.85)``.
-        units: which channels to record: ``None`` (all), an int ``k`` (the first ``k``) or a
-            list of indices.
+        units: which channels to record: ``None`` (all), an int ``k >= 1`` (the first ``k``;
+            all if the layer has fewer) or a non-empty list of indices ``>= 0`` (each must be
+            below the layer's channel count; checked when the layer is recorded).
         every: record every ``every``-th call; ``None`` for :meth:`capture` only.
         what: ``"input"`` (a forward pre-hook: what the layer receives) or ``"output"``.
         axis: the channel axis of the recorded tensor (1 for ``(N, C)`` and ``(N, C, H, W)``).
-        max_samples: cap on the values per unit used for one record.
+        max_samples: cap on the values per unit used for one record (``None``: no cap).
 
     Example::
 
@@ -93,8 +97,12 @@ class ActivationRecorder:
             raise ValueError(f"ActivationRecorder: every must be >= 1 or None, got {every}")
         if what not in ("input", "output"):
             raise ValueError(f"ActivationRecorder: what must be 'input' or 'output', got {what!r}")
+        if max_samples is not None and max_samples < 1:
+            raise ValueError(
+                f"ActivationRecorder: max_samples must be >= 1 or None (no cap), got {max_samples}"
+            )
         self.quantiles = tuple(q)
-        self.units = units
+        self.units: int | tuple[int, ...] | None = _check_units(units)
         self.every = every
         self.what = what
         self.axis = axis
@@ -106,6 +114,7 @@ class ActivationRecorder:
         self._records: dict[str, list[tuple[int, Tensor]]] = {n: [] for n in self.layers}
         self._handles: list[Any] = []
         self._capturing = False
+        self._subsets: dict[int, Tensor] = {}  # rows kept when subsampling, by row count
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -170,23 +179,42 @@ class ActivationRecorder:
         if not self._capturing and (self.every is None or call % self.every != 0):
             return
         step = self.step if self.step is not None else call
-        self._records[name].append((step, self._quantiles(x.detach())))
+        self._records[name].append((step, self._quantiles(x.detach(), name)))
 
-    def _quantiles(self, x: Tensor) -> Tensor:
+    def _subset(self, rows: int, keep: int) -> Tensor:
+        """Sorted indices of ``keep`` of ``rows`` rows, drawn without replacement from a fixed
+        seed: reproducible run to run, and unlike a stride, blind to periodic structure."""
+        idx = self._subsets.get(rows)
+        if idx is None or idx.numel() != keep:
+            if len(self._subsets) >= 16:  # many input sizes (variable lengths): bound the cache
+                self._subsets.clear()
+            gen = torch.Generator().manual_seed(0)
+            idx = torch.randperm(rows, generator=gen)[:keep].sort().values
+            self._subsets[rows] = idx
+        return idx
+
+    def _quantiles(self, x: Tensor, name: str = "") -> Tensor:
         """``(Q, U)`` quantiles of ``x`` per unit over all other axes."""
         if x.dim() == 1:
             x = x.unsqueeze(1)  # (N,) -> (N, 1): one unit
         flat = x.movedim(self.axis, -1).reshape(-1, x.shape[self.axis])  # (N·L, C)
         if self.units is not None:
-            idx = (
-                torch.arange(min(self.units, flat.shape[1]))
-                if isinstance(self.units, int)
-                else torch.as_tensor(list(self.units), dtype=torch.long)
-            )
-            flat = flat.index_select(1, idx)  # (N·L, U)
+            c = flat.shape[1]
+            if isinstance(self.units, int):
+                idx = torch.arange(min(self.units, c))
+            else:
+                bad = [u for u in self.units if u >= c]
+                if bad:
+                    raise ValueError(
+                        f"ActivationRecorder: units={list(self.units)} but layer {name!r} has "
+                        f"{c} units on axis {self.axis} (shape {tuple(x.shape)}); indices "
+                        f"{bad} are out of range: pass indices below {c}, or units=None for all"
+                    )
+                idx = torch.as_tensor(self.units, dtype=torch.long)
+            flat = flat.index_select(1, idx.to(flat.device))  # (N·L, U)
         if self.max_samples is not None and flat.shape[0] > self.max_samples:
-            stride = -(-flat.shape[0] // self.max_samples)
-            flat = flat[::stride]
+            rows = self._subset(flat.shape[0], self.max_samples)
+            flat = flat.index_select(0, rows.to(flat.device))
         flat = flat.float()
         return torch.quantile(flat, self._q.to(flat.device), dim=0).cpu()  # (Q, U)
 
@@ -194,6 +222,11 @@ class ActivationRecorder:
 
     def history(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps (T,), values (T, Q, U))`` recorded for ``layer``."""
+        if layer not in self._records:
+            raise KeyError(
+                f"ActivationRecorder.history: {layer!r} is not a recorded layer; the recorded "
+                f"layers are {list(self._records)}"
+            )
         recs = self._records[layer]
         if not recs:
             return np.zeros(0, dtype=np.int64), np.zeros((0, len(self.quantiles), 0))
@@ -214,3 +247,48 @@ class ActivationRecorder:
             steps, values = self.history(n)
             out["layers"][n] = {"steps": steps.tolist(), "values": values.tolist()}
         return out
+
+
+def _check_units(units: int | Sequence[int] | None) -> int | tuple[int, ...] | None:
+    """Validate ``units`` up front (the channel count is only known when a layer runs)."""
+    if units is None:
+        return None
+    if isinstance(units, bool):
+        raise ValueError(
+            f"ActivationRecorder: units must be None, an int >= 1 or a list of indices, got "
+            f"{units!r}"
+        )
+    if not isinstance(units, Sequence | np.ndarray | Tensor):
+        try:
+            k = operator.index(units)
+        except TypeError:
+            raise ValueError(
+                f"ActivationRecorder: units must be None, an int >= 1 or a list of indices, got "
+                f"{type(units).__name__}"
+            ) from None
+        if k < 1:
+            raise ValueError(
+                f"ActivationRecorder: units={k} records no unit; pass k >= 1 for the first k "
+                "units, a list of indices, or units=None for all"
+            )
+        return k
+    try:
+        if any(isinstance(u, bool) for u in units):
+            raise TypeError
+        idx = tuple(operator.index(u) for u in units)
+    except TypeError:
+        raise ValueError(
+            f"ActivationRecorder: units must be a list of integer indices, got {units!r}"
+        ) from None
+    if not idx:
+        raise ValueError(
+            "ActivationRecorder: units=[] records no unit; list at least one index, or pass "
+            "units=None for all"
+        )
+    negative = [u for u in idx if u < 0]
+    if negative:
+        raise ValueError(
+            f"ActivationRecorder: units={list(idx)} has negative indices {negative}; pass indices "
+            ">= 0 (e.g. C - 1 for the last of C units)"
+        )
+    return idx
