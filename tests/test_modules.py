@@ -417,7 +417,7 @@ def test_generic_batchnorm_to_torch_takes_its_class_from_the_input_rank() -> Non
         back(x)  # the converted model runs on the model's input
 
 
-# -- drop-in behaviour the audit found missing (inplace, transforms, fake/meta, FX, ...) --------
+# -- drop-in behaviour of torch.nn: inplace, transforms, fake/meta, FX, ... -----------------------------
 
 
 def _inplace_case(case: str, monkeypatch: pytest.MonkeyPatch) -> tuple[torch.Tensor, dict]:  # type: ignore[type-arg]
