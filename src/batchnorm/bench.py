@@ -552,11 +552,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per pass (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write the results as JSON (missing folders are made)"
+    )
     parser.add_argument(
         "--threads", type=int, help="threads for torch and the kernels (default: as configured)"
     )
-    parser.add_argument("--plot", metavar="PNG", help="also draw the ratios as a PNG")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw the ratios, in the format of the extension (.png, .pdf, .svg, ...)",
+    )
     parser.add_argument(
         "--from-json",
         metavar="PATH",

@@ -385,8 +385,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--batch", type=int, help="batch size (default: each network's own)")
     parser.add_argument("--threads", type=int, help="threads for torch and the kernels")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--plot", metavar="PNG", help="also draw the step times as a PNG")
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write the results as JSON (missing folders are made)"
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw the step times, in the format of the extension (.png, .pdf, .svg, ...)",
+    )
     parser.add_argument(
         "--from-json", metavar="PATH", help="measure nothing: print (and plot) saved results"
     )
