@@ -115,7 +115,7 @@ def _dtype(m: nn.Module) -> Any:
     return None
 
 
-def _convert_one(m: nn.Module, to: str, name: str, ranks: dict[int, int]) -> nn.Module | None:
+def _convert_one(m: nn.Module, to: str, name: str, ranks: dict[str, int]) -> nn.Module | None:
     if to == "ours" and type(m) in _TO_OURS:
         assert isinstance(m, nn.modules.batchnorm._BatchNorm)
         new: nn.Module = _TO_OURS[type(m)](
@@ -129,7 +129,7 @@ def _convert_one(m: nn.Module, to: str, name: str, ranks: dict[int, int]) -> nn.
         )
         return _copy_state(m, new)
     if to == "torch" and isinstance(m, _BatchNormBase):
-        cls = _torch_class_for(m, name, ranks.get(id(m)))
+        cls = _torch_class_for(m, name, ranks.get(name))
         new = cls(
             m.num_features,
             eps=m.eps,
@@ -141,27 +141,6 @@ def _convert_one(m: nn.Module, to: str, name: str, ranks: dict[int, int]) -> nn.
         )
         return _copy_state(m, new)
     return None
-
-
-def _input_ranks(model: nn.Module, example_input: Any) -> dict[int, int]:
-    """The input rank of each of our generic ``BatchNorm`` layers on ``example_input`` (by id)."""
-    ranks: dict[int, int] = {}
-
-    def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
-        ranks[id(mod)] = args[0].dim()
-
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if type(m) is BatchNorm]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        with torch.no_grad():
-            model.eval()  # the running statistics stay as they are
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
-    return ranks
 
 
 def convert_model(
@@ -184,8 +163,12 @@ def convert_model(
     """
     if to not in ("ours", "torch"):
         raise ValueError(f"convert_model: to must be 'ours' or 'torch', got {to!r}")
-    needs_rank = to == "torch" and any(type(m) is BatchNorm for m in model.modules())
-    ranks = _input_ranks(model, example_input) if needs_rank and example_input is not None else {}
+    ranks: dict[str, int] = {}  # our generic BatchNorm's input rank, by name
+    if to == "torch" and example_input is not None:
+        if any(type(m) is BatchNorm for m in model.modules()):
+            from batchnorm.tools import _record_ranks
+
+            ranks = _record_ranks(model, example_input, lambda m: type(m) is BatchNorm)
     top = _convert_one(model, to, "", ranks)
     if top is not None:
         return top
@@ -401,7 +384,6 @@ def _output_diffs(
 
     import keras
     import numpy as np
-    import torch
 
     rng = np.random.default_rng(seed)
     mean = np.asarray(kl.moving_mean.numpy(), dtype=np.float64)
@@ -523,7 +505,6 @@ def keras_to_torch(
         >>> (t.eps, round(t.momentum, 6), report.max_abs_diff < 1e-5)
         (0.001, 0.1, True)
     """
-    import torch
 
     fn = "keras_to_torch"
     _check_mode("eps", eps, fn)

@@ -1946,8 +1946,8 @@ def _import_failure(e: BaseException, what: str, source: str, attr: str) -> _Loa
 
 
 def _load_object(spec: str, what: str) -> Any:
-    """The object ``NAME`` of ``MODULE:NAME`` or ``path/to/file.py:NAME``; the current folder
-    (and, for a file, the file's folder) is on ``sys.path`` while the module is imported."""
+    """The object ``NAME`` of ``MODULE:NAME`` or ``path/to/file.py:NAME`` (imported with the
+    ``sys.path`` that :func:`main` sets up: the current folder and the files' folders)."""
     if ":" not in spec:
         raise ValueError(f"{what} must be MODULE:NAME or path/to/file.py:NAME, got {spec!r}")
     mod_name, _, attr = spec.rpartition(":")
@@ -1962,16 +1962,14 @@ def _load_object(spec: str, what: str) -> Any:
         module = importlib.util.module_from_spec(spec_)
         sys.modules.setdefault(path.stem, module)
         try:
-            with _import_paths(str(path.resolve().parent), os.getcwd()):
-                spec_.loader.exec_module(module)
+            spec_.loader.exec_module(module)
         except Exception as e:
             if sys.modules.get(path.stem) is module:
                 del sys.modules[path.stem]
             raise _import_failure(e, what, str(path), attr) from e
     else:
         try:
-            with _import_paths(os.getcwd()):
-                module = importlib.import_module(mod_name)
+            module = importlib.import_module(mod_name)
         except ModuleNotFoundError as e:
             if e.name is not None and (mod_name == e.name or mod_name.startswith(e.name + ".")):
                 hint = _PATH_HINT.format(attr=attr)

@@ -915,8 +915,9 @@ def blend_running(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
     running_mean, running_var, momentum, alpha, nbt = running
     # on CPU the check and the update run on NumPy views of the same memory: each torch call
     # on a C-sized vector costs more than the arithmetic (it decides the small-batch step time)
-    if _tracing() or not (_concrete(var) and _concrete(mean) and _concrete(running_var)):
-        # meta and fake tensors (shape propagation), or a trace: no value read in Python
+    if _tracing() or not (_concrete(var) and _concrete(running_var)):
+        # meta and fake tensors (shape propagation), or a trace: no value read in Python (mean
+        # comes from the same computation as var)
         return _blend_traced(running, mean, var)
     if (
         var.is_cpu

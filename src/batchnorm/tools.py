@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -449,8 +449,14 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _record_ranks(model: nn.Module, example_input: Any) -> dict[str, int]:
-    """The input rank of every BN layer on ``example_input`` (where the channel axis is)."""
+def _record_ranks(
+    model: nn.Module, example_input: Any, select: Callable[[nn.Module], bool] | None = None
+) -> dict[str, int]:
+    """The input rank of every BN layer (every layer ``select`` picks) on ``example_input``,
+    under every name it is registered under (see :func:`_fold_in_place`): where the channel
+    axis is. The model runs once in eval mode, without a graph (nothing updated; modes
+    restored)."""
+    pick = select or (lambda m: isinstance(m, _AFFINE_TYPES))
     ranks: dict[str, int] = {}
 
     def hook_for(name: str) -> Any:
@@ -459,17 +465,21 @@ def _record_ranks(model: nn.Module, example_input: Any) -> dict[str, int]:
 
         return hook
 
-    handles = [  # under every name a layer is registered under (see _fold_in_place)
+    handles = [
         m.register_forward_pre_hook(hook_for(name))
         for name, m in model.named_modules(remove_duplicate=False)
-        if isinstance(m, _AFFINE_TYPES)
+        if pick(m)
     ]
+    modes = {m: m.training for m in model.modules()}
     try:
         with torch.no_grad():
+            model.eval()
             model(example_input)
     finally:
         for h in handles:
             h.remove()
+        for m, mode in modes.items():
+            m.training = mode
     return ranks
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "exceeds_spread",
     "RANK_RULE",
     "ranked",
+    "all_diverged",
     "finite",
     "diverged_flags",
     "diverged_text",
@@ -232,6 +233,11 @@ def ranked(mean: float | None, diverged: Sequence[bool], worst: float) -> float 
     return worst if any(diverged) else mean
 
 
+def all_diverged(*arms: Sequence[bool]) -> bool:
+    """Whether every compared arm has a diverged seed (then no claim comparing them holds)."""
+    return all(any(d) for d in arms)
+
+
 def finite(x: float | None) -> float | None:
     """``x`` if it is a finite number, else ``None`` (no ``±inf`` in the measured values)."""
     return x if x is not None and math.isfinite(x) else None
@@ -297,7 +303,7 @@ def exceeds_spread(
     which arms diverged, and a note when the spread is unknown with one seed)."""
     sa, sb = mean_std(list(a)), mean_std(list(b))
     div = {names[0]: list(diverged_a), names[1]: list(diverged_b)}
-    both = any(diverged_a) and any(diverged_b)
+    both = all_diverged(diverged_a, diverged_b)
     ra, rb = ranked(sa["mean"], diverged_a, worst), ranked(sb["mean"], diverged_b, worst)
     spread = (sa["std"] or 0.0) + (sb["std"] or 0.0)
     one_seed = min(len(a), len(b)) < 2

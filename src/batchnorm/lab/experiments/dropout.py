@@ -54,6 +54,7 @@ from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     RANK_RULE,
+    all_diverged,
     arm_rows,
     cached_train,
     check_bn1d_batch,
@@ -271,7 +272,7 @@ def run(cfg: DropoutConfig, ctx: RunContext) -> Results:
         return ranked(float(np.mean(vals)) if vals else None, div[arm], math.inf)
 
     shift_a, shift_b = log_shift(shift_arm, vr_shift), log_shift(safe_arm, vr_safe)
-    shift_both = any(div[shift_arm]) and any(div[safe_arm])
+    shift_both = all_diverged(div[shift_arm], div[safe_arm])
 
     def difference(x: float | None, y: float | None) -> float | None:
         """``x - y`` of ranked values; ``None`` if either is missing or both are infinite of
@@ -290,7 +291,7 @@ def run(cfg: DropoutConfig, ctx: RunContext) -> Results:
     b_nobn, b_bn = benefit("noBN"), benefit("BN")
     benefit_arms = [_arm_name(bn, p, "every") for bn in (False, True) for p in rates]
     reg_arms = ["noBN-p0", "BN-p0"]
-    reg_both = all(any(div[a]) for a in reg_arms)
+    reg_both = all_diverged(*(div[a] for a in reg_arms))
     cost = exceeds_spread(
         test[safe_arm],
         test[shift_arm],

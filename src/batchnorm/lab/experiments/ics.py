@@ -39,6 +39,7 @@ from batchnorm.lab.experiments._nets import (
     RANK_RULE,
     DeepLinear,
     VGGSmall,
+    all_diverged,
     arm_rows,
     cached_train,
     check_bn1d_batch,
@@ -277,7 +278,7 @@ def run(cfg: ICSConfig, ctx: RunContext) -> Results:
                 "diverged": sum(bool(r["train"]["diverged"]) for r in tr),
             }
         div = {a: diverged_flags(results[a]) for a in ARMS}
-        both = all(any(d) for d in div.values())
+        both = all_diverged(*div.values())
         b, n = one_minus_cos["BN"], one_minus_cos["noBN"]
         rb, rn = ranked(b, div["BN"], np.inf), ranked(n, div["noBN"], np.inf)
         claims.append(

@@ -43,6 +43,7 @@ from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     RANK_RULE,
     VGGSmall,
+    all_diverged,
     arm_rows,
     cached_train,
     check_bn1d_batch,
@@ -237,7 +238,7 @@ def run(cfg: NoisyBNConfig, ctx: RunContext) -> Results:
     nb, b, st = fin["noisy-BN"], fin["BN"], fin["standard"]
 
     def both(x: str, y: str) -> bool:
-        return any(div[x]) and any(div[y])
+        return all_diverged(div[x], div[y])
 
     def pair(x: str, y: str) -> dict[str, Any]:
         return divergence({x: div[x], y: div[y]})

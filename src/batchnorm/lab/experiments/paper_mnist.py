@@ -54,6 +54,7 @@ from batchnorm.lab import models, train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
+    all_diverged,
     check_bn1d_batch,
     diverged_text,
     exact_key,
@@ -302,7 +303,7 @@ def _compare(
     key = "test_acc"
     w = cfg.final_window
     div = {a: [bool(r["diverged"]) for r in runs[a]] for a in ARMS}
-    both_diverged = all(any(div[a]) for a in ARMS)
+    both_diverged = all_diverged(*(div[a] for a in ARMS))
     div_text = diverged_text(div)
     finals = {a: [_final(r["rows"], key, w) for r in runs[a]] for a in ARMS}
     fin = {a: mean_std(finals[a]) for a in ARMS}

@@ -41,6 +41,7 @@ from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     RANK_RULE,
+    all_diverged,
     arm_rows,
     cached_train,
     check_bn1d_batch,
@@ -303,7 +304,7 @@ def run(cfg: PlacementConfig, ctx: RunContext) -> Results:
         r_none, none_div = reach["none"], any(div["none"])
         faster = all(
             (r := reach[b]) is not None
-            and not (none_div and any(div[b]))  # both compared arms diverged
+            and not all_diverged(div["none"], div[b])
             and (none_div or (r_none is not None and r < r_none))
             for b in ("before", "after")
         )

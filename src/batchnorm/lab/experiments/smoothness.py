@@ -36,6 +36,7 @@ from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     RANK_RULE,
     VGGSmall,
+    all_diverged,
     arm_rows,
     cached_train,
     check_bn1d_batch,
@@ -197,7 +198,7 @@ def run(cfg: SmoothnessConfig, ctx: RunContext) -> Results:
     claims = []
     for key, label in MEASURES.items():
         div = {a: [_blew_up(r, key) for r in results[a]] for a in ARMS}
-        both = all(any(d) for d in div.values())
+        both = all_diverged(*div.values())
         b, n = means[key]["BN"], means[key]["noBN"]
         rb, rn = ranked(b, div["BN"], np.inf), ranked(n, div["noBN"], np.inf)
         claims.append(
