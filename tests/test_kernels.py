@@ -192,6 +192,24 @@ def test_stress_inputs(shape, loc, std, dtype, parallel):  # type: ignore[no-unt
     _check_all(x, dy, w, b, dtype, parallel, scale=scale)
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
+@pytest.mark.parametrize("std", [1e20, 1e25, 1e30])
+@pytest.mark.parametrize("shape", [(8, 3, 57), (3, 4, 600), (601, 5)], ids=["NCL", "fused", "MC"])
+def test_float32_backward_keeps_the_xhat_term_at_huge_spreads(shape, std, parallel):  # type: ignore[no-untyped-def]
+    """dx of a float32 input with a spread of 1e20 and beyond is of the size of 1/spread: the
+    x̂ term's coefficient invstd²·Σdy·x̂/m is then below float32's range unless invstd is
+    factored out. Checked relative to dx's own magnitude (the stress test's absolute floor of
+    1 would accept any dx this small)."""
+    x, dy, w, _ = _data(shape, np.float32, seed=4, std=std)
+    _, mean, _, invstd = K.forward_train(x, w, None)
+    dx, dw, _ = K.backward(dy, x, mean, invstd, w, parallel=parallel)
+    dx_ref, dw_ref, _ = R.batch_norm_backward(dy, x, w)
+    assert dx is not None
+    err = np.max(np.abs(dx.astype(np.float64) - dx_ref)) / np.max(np.abs(dx_ref))
+    assert err < 1e-5, err
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4 * np.max(np.abs(dw_ref)))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_naive_moments_would_fail(dtype):  # type: ignore[no-untyped-def]
     """The offset stress input really is hard: E[x²] − E[x]² in the dtype is badly wrong there,

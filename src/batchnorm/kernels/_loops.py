@@ -178,7 +178,12 @@ def _finalize_stats(
 def _backward_coefs(
     sdy: float, sdyx: float, sx: float, m: int, mh: float, inv: float, g: float, tol: float
 ) -> tuple[float, float, float, float, float]:
-    """From Σdy, Σdy·(x − mh), Σ(x − mh): ``(dγ, dβ, A, B, D)`` with dx = A·dy + B·(x − mh) + D.
+    """From Σdy, Σdy·(x − mh), Σ(x − mh): ``(dγ, dβ, A, B, D)`` with
+    dx = (dy + (x − mh)·B + D)·A.
+
+    A = γ·invstd is factored out of the x̂ term: B = −dγ·invstd/m is of the size of
+    1/(x − mh), while A·B is of the size of invstd²/(x − mh), which leaves float32's range
+    (below 1e-38) for spreads from about 1e20 on and took the x̂ term of dx with it.
 
     When the given mean ``mh`` is the batch mean rounded to the dtype (the offset Σ(x − mh)/m is
     within ``tol``·|mh|), the rounding is corrected, so float32 keeps float32 accuracy even when
@@ -189,9 +194,8 @@ def _backward_coefs(
         corr = 0.0
     sdyx_c = sdyx - corr * sdy  # Σ dy·(x − μ), μ = mh + corr
     dwc = sdyx_c * inv
-    k = g * inv / m
-    bcoef = -k * dwc * inv
-    return dwc, sdy, g * inv, bcoef, -k * sdy - bcoef * corr
+    bcoef = -dwc * inv / m
+    return dwc, sdy, g * inv, bcoef, -sdy / m - bcoef * corr
 
 
 @numba.njit(cache=True, fastmath=_FASTMATH)
@@ -403,13 +407,13 @@ def _affine_span(yr, xr, lo, hi, mu, sc, sh, stream, buf):  # type: ignore[no-un
 
 @numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
 def _dx_span(dxr, dr, xr, lo, hi, mh, af, bf, df, stream, buf):  # type: ignore[no-untyped-def]
-    """``dx = dy·A + (x − mh)·B + D`` over ``[lo, hi)`` of one row (streamed through ``buf``)."""
+    """``dx = (dy + (x − mh)·B + D)·A`` over ``[lo, hi)`` of one row (streamed through ``buf``)."""
     if not stream:
         xs = xr[lo:hi]
         gs = dr[lo:hi]
         os_ = dxr[lo:hi]
         for i in range(hi - lo):
-            os_[i] = gs[i] * af + (xs[i] - mh) * bf + df
+            os_[i] = (gs[i] + (xs[i] - mh) * bf + df) * af
         return
     a = lo
     while a < hi:
@@ -417,7 +421,7 @@ def _dx_span(dxr, dr, xr, lo, hi, mh, af, bf, df, stream, buf):  # type: ignore[
         xs = xr[a:e]
         gs = dr[a:e]
         for i in range(e - a):
-            buf[i] = gs[i] * af + (xs[i] - mh) * bf + df
+            buf[i] = (gs[i] + (xs[i] - mh) * bf + df) * af
         _stream_out(dxr, a, buf, e - a)
         a = e
 
@@ -485,7 +489,7 @@ def ncl_forward_train(x, w, b, eps, T, whole, stream, y, mean_out, var_out, invs
 def ncl_backward(dy, x, mean, invstd, w, tol, T, whole, stream, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
     """Backward on ``(N, C, L)``: Σdy and Σdy·x̂ per channel, then the dx pass.
 
-    dx = γ·invstd/m · (m·dy − Σdy − x̂·Σdy·x̂) = A·dy + B·(x − μ) + D per channel.
+    dx = γ·invstd/m · (m·dy − Σdy − x̂·Σdy·x̂) = (dy + (x − μ)·B + D)·A per channel.
     """
     N, C, L = x.shape
     m = N * L
@@ -900,7 +904,7 @@ def _mc_affine(y, x, r0, r1, c0, c1, mu, sc, sh, stream):  # type: ignore[no-unt
 
 @numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
 def _mc_dx(dx, dy, x, r0, r1, c0, c1, mean, af, bf, df, stream):  # type: ignore[no-untyped-def]
-    """``dx = dy·A + (x − mean)·B + D`` (per-channel vectors) over rows ``[r0, r1)``, channels
+    """``dx = (dy + (x − mean)·B + D)·A`` (per-channel vectors) over rows ``[r0, r1)``, channels
     ``[c0, c1)``; streamed through a buffer when ``stream``."""
     if not stream:
         mv = mean[c0:c1]
@@ -912,7 +916,7 @@ def _mc_dx(dx, dy, x, r0, r1, c0, c1, mean, af, bf, df, stream):  # type: ignore
             gs = dy[i, c0:c1]
             os_ = dx[i, c0:c1]
             for c in range(c1 - c0):
-                os_[c] = gs[c] * av[c] + (xs[c] - mv[c]) * bv[c] + dv[c]
+                os_[c] = (gs[c] + (xs[c] - mv[c]) * bv[c] + dv[c]) * av[c]
         return
     buf = np.empty(CHUNK, dtype=x.dtype)
     for i in range(r0, r1):
@@ -926,7 +930,7 @@ def _mc_dx(dx, dy, x, r0, r1, c0, c1, mean, af, bf, df, stream):  # type: ignore
             bv = bf[a:e]
             dv = df[a:e]
             for c in range(e - a):
-                buf[c] = gs[c] * av[c] + (xs[c] - mv[c]) * bv[c] + dv[c]
+                buf[c] = (gs[c] + (xs[c] - mv[c]) * bv[c] + dv[c]) * av[c]
             _stream_out(dx[i], a, buf, e - a)
             a = e
     _fence()
