@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from batchnorm import functional as F
@@ -408,6 +408,8 @@ def test_forked_child_runs_after_parent_used_threads():
     loc=st.sampled_from([0.0, 3.0, -1e3]),
     scale=st.sampled_from([1e-2, 1.0, 1e3]),
 )
+# two rows near −1000: the reference's own x − μ_B lost digits there (see test_reference)
+@example(shape=(2, 8), parallel=False, stream=False, seed=0, loc=-1e3, scale=1.0)
 def test_properties_any_shape(shape, parallel, stream, seed, loc, scale):  # type: ignore[no-untyped-def]
     """Any shape and split: equal to the reference; y has per-channel mean β; Σdx = 0 per
     channel (BN's output does not change when a channel is shifted)."""

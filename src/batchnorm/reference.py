@@ -71,14 +71,23 @@ def channel_count(shape: tuple[int, ...], axis: int = 1) -> int:
     return int(np.prod([s for i, s in enumerate(shape) if i != axis], dtype=np.int64))
 
 
+def _centered(x: Array, axis: int) -> tuple[Array, Array]:
+    """``(μ_B, x − μ_B)`` per channel. The mean is rounded to float64; the mean of ``x − μ_B``
+    (that rounding, exactly representable where x − μ_B is exact) is subtracted again, so the
+    centered values keep their digits when |μ_B| ≫ the spread (the corrected two-pass
+    algorithm of Chan, Golub & LeVeque)."""
+    axes = reduce_axes(x.ndim, axis)
+    mean = x.mean(axis=axes)
+    d = x - _bcast(mean, x.ndim, axis)
+    return mean, d - d.mean(axis=axes, keepdims=True)
+
+
 def batch_stats(x: ArrayLike, axis: int = 1) -> tuple[Array, Array]:
     """Mini-batch mean μ_B and biased variance σ²_B = (1/m)Σ(x − μ_B)² per channel (Algorithm 1)."""
     x = _f64(x)
-    axes = reduce_axes(x.ndim, axis)
-    mean = x.mean(axis=axes)
     # two-pass: subtract the mean before squaring (stable where E[x²] − E[x]² is not)
-    var = ((x - _bcast(mean, x.ndim, axis)) ** 2).mean(axis=axes)
-    return mean, var
+    mean, d = _centered(x, axis)
+    return mean, (d**2).mean(axis=reduce_axes(x.ndim, axis))
 
 
 def normalize(
@@ -136,12 +145,13 @@ def batch_norm_backward(
     dy = _f64(dy)
     axes = reduce_axes(x.ndim, axis)
     m = channel_count(x.shape, axis)
-    mean, var = batch_stats(x, axis)
+    _, d = _centered(x, axis)
+    var = (d**2).mean(axis=axes)
     invstd = 1.0 / np.sqrt(var + eps)
-    xhat = (x - _bcast(mean, x.ndim, axis)) * _bcast(invstd, x.ndim, axis)
+    xhat = d * _bcast(invstd, x.ndim, axis)
     dbeta = dy.sum(axis=axes)
     dgamma = (dy * xhat).sum(axis=axes)
-    g = np.ones_like(mean) if gamma is None else _f64(gamma)
+    g = np.ones_like(var) if gamma is None else _f64(gamma)
     k = _bcast(g * invstd / m, x.ndim, axis)
     dx = k * (m * dy - _bcast(dbeta, x.ndim, axis) - xhat * _bcast(dgamma, x.ndim, axis))
     return dx, dgamma, dbeta
