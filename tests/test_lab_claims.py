@@ -8,12 +8,15 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from batchnorm.lab import registry
+from batchnorm.lab import train as lab_train
 from batchnorm.lab.experiments import (
     _nets,
     dropout,
@@ -164,14 +167,14 @@ RECOMPUTE: dict[str, Callable[[dict[str, Any]], bool]] = {
         and d > 0
     ),  # fmt: skip
     # ics (diverged_seeds in the order noBN, BN; a diverged arm's shift is +inf)
-    "bn-does-not-reduce-ics-": lambda m: (
-        (d := _ranked_diff(m, _sub(m["one_minus_cos_noBN"], m["one_minus_cos_BN"]), math.inf))
-        is not None
-        and d <= 0
+    "bn-does-not-reduce-ics-": lambda m: all(
+        (d := _ranked_diff(m, m[f"difference_{k}"], math.inf)) is not None
+        and not (d > 0 and d > m[f"spread_{k}"])
+        for k in ("one_minus_cos", "relative_l2")
     ),
     # smoothness (noBN, BN; a diverged arm or a non-finite probe is +inf)
     "bn-smaller-": lambda m: (
-        (d := _ranked_diff(m, _sub(m["noBN"], m["BN"]), math.inf)) is not None and d > 0
+        (d := _ranked_diff(m, m["difference"], math.inf)) is not None and d > 0 and d > m["spread"]
     ),
 }
 
@@ -583,7 +586,9 @@ def test_ics_diverged_arm_has_the_largest_shift(monkeypatch: pytest.MonkeyPatch)
     def make(key: str) -> dict[str, Any]:
         net, arm, _ = key.split("-")
         cos = 0.9 if arm == "BN" else 0.5  # BN's shift (1 - cos) is the smaller one...
-        probes = [{"step": 20, "cosine": [cos, math.nan], "relative_l2": [0.1], "l2": [0.1]}]
+        # the first layer's shift is 0 by definition (cos 1): left out of the means
+        probes = [{"step": 20, "cosine": [1.0, cos, math.nan], "relative_l2": [0.0, 0.1],
+                   "l2": [0.0, 0.1]}]  # fmt: skip
         # ...but BN diverged in the cnn: its shift ranks as +inf, so BN does not reduce it
         return {"train": _train([0.1, 0.5], diverged=arm == "BN" and net == "cnn"),
                 "extra": {"probes": probes}}  # fmt: skip
@@ -594,6 +599,95 @@ def test_ics_diverged_arm_has_the_largest_shift(monkeypatch: pytest.MonkeyPatch)
     assert c["bn-does-not-reduce-ics-cnn"].measured["diverged"].startswith("BN diverged in 1")
     for claim in c.values():
         assert _recompute(claim.id)(claim.measured) == claim.verdict
+
+
+def test_ics_and_smoothness_need_differences_beyond_the_seed_spread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two seeds: a BN advantage smaller than the seed-to-seed spread decides nothing (it did
+    before: any difference of the seed-means counted); one larger than the spread does."""
+
+    def ics_make(gap: float) -> Callable[[str], dict[str, Any]]:
+        def make(key: str) -> dict[str, Any]:
+            _, arm, seed = key.split("-")
+            noise = 0.1 if seed == "seed0" else -0.1  # spread 0.2 (std 0.1 per arm)
+            shift = 0.5 + noise - (gap if arm == "BN" else 0.0)
+            probes = [{"step": 20, "cosine": [1.0, 1 - shift], "relative_l2": [0.0, shift],
+                       "l2": [0.0, shift]}]  # fmt: skip
+            return {"train": _train([0.1, 0.5]), "extra": {"probes": probes}}
+
+        return make
+
+    cfg = ics.ICSConfig(seeds=2)
+    c, _ = _stub_run(monkeypatch, ics, cfg, ics_make(0.15))  # BN smaller, within the spread
+    assert c["bn-does-not-reduce-ics-cnn"].verdict is True
+    c, _ = _stub_run(monkeypatch, ics, cfg, ics_make(0.3))  # BN smaller beyond the spread
+    assert c["bn-does-not-reduce-ics-cnn"].verdict is False
+    assert c["bn-does-not-reduce-ics-cnn"].measured["spread_one_minus_cos"] == pytest.approx(0.2)
+    for claim in c.values():
+        assert _recompute(claim.id)(claim.measured) == claim.verdict
+
+    def smooth_make(gap: float) -> Callable[[str], dict[str, Any]]:
+        def make(key: str) -> dict[str, Any]:
+            arm, seed = key.split("-")
+            v = 1.0 + (0.1 if seed == "seed0" else -0.1) - (gap if arm == "BN" else 0.0)
+            probes = [{k: v for k in smoothness.MEASURES} | {"step": 20}]
+            return {"train": _train([0.1, 0.5]), "extra": {"probes": probes}}
+
+        return make
+
+    cfg_s = smoothness.SmoothnessConfig(seeds=2)
+    c, _ = _stub_run(monkeypatch, smoothness, cfg_s, smooth_make(0.15))
+    assert not any(claim.verdict for claim in c.values())
+    c, _ = _stub_run(monkeypatch, smoothness, cfg_s, smooth_make(0.3))
+    assert all(claim.verdict for claim in c.values())
+    for claim in c.values():
+        assert _recompute(claim.id)(claim.measured) == claim.verdict
+
+
+def test_ics_and_smoothness_probe_before_the_update() -> None:
+    """The probes see the weights the batch's gradient was taken at (Santurkar et al.'s
+    definitions), not the weights after the step on that batch."""
+    seen: list[tuple[int, float, float]] = []
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(12, 3), torch.randint(0, 2, (12,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+
+    def before(info: Any) -> None:
+        seen.append((info.step, float(model.weight.detach().sum()), float(model.weight.grad.sum())))
+
+    def after(info: Any) -> None:
+        step, w_before, g = seen[-1]
+        assert info.step == step
+        assert float(model.weight.detach().sum()) == pytest.approx(w_before - 0.5 * g, abs=1e-5)
+
+    lab_train.train(model, opt, x, y, steps=3, batch_size=4, eval_every=10,
+                    before_step=[before], callbacks=[after], progress=False)  # fmt: skip
+    assert [s for s, _, _ in seen] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("module", [ics, smoothness], ids=["ics", "smoothness"])
+def test_the_landscape_experiments_probe_through_before_step(
+    module: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hooks: dict[str, Any] = {}
+    real = lab_train.train
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        hooks.update(before=list(kw.get("before_step", ())), after=list(kw.get("callbacks", ())))
+        kw["steps"] = 0
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module.train, "train", spy)
+    if module is ics:
+        ics._train(ics.ICSConfig(dln_samples=64), None, "dln", True, 0, False)
+    else:
+        x = torch.zeros(120, 1, 8, 8)
+        y = torch.zeros(120, dtype=torch.long)
+        data = SimpleNamespace(input_shape=(1, 8, 8), num_classes=10, x_train=x, y_train=y,
+                               x_test=x, y_test=y)  # fmt: skip
+        smoothness._train(smoothness.SmoothnessConfig(), data, True, 0, False)  # type: ignore[arg-type]
+    assert len(hooks["before"]) == 1 and hooks["after"] == []
 
 
 def test_initialization_scale_with_any_diverged_seed_counts_as_chance(

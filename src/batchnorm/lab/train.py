@@ -58,9 +58,11 @@ __all__ = [
 
 @dataclass
 class StepInfo:
-    """What a step callback sees after the optimizer step."""
+    """What a step callback sees: after the optimizer step (``callbacks``), or after the
+    backward pass and before the step (``before_step``: the model still holds the weights the
+    batch's gradient was taken at, and ``.grad`` the gradient the step will use)."""
 
-    step: int  # steps done so far (1-based after the first update)
+    step: int  # the update's 1-based number (after it: steps done so far)
     loss: float
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -214,6 +216,7 @@ def train(
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     lr_schedule: Callable[[int], float] | None = None,
     callbacks: Sequence[Callable[[StepInfo], None]] = (),
+    before_step: Sequence[Callable[[StepInfo], None]] = (),
     on_eval: Callable[[int, nn.Module], Mapping[str, Any] | None] | None = None,
     eval_at_start: bool = True,
     threads: int | None = 1,
@@ -233,6 +236,9 @@ def train(
             (call :func:`seed_everything` before building the model).
         lr_schedule: step → learning rate, applied before each update.
         callbacks: called after every update with a :class:`StepInfo`.
+        before_step: called before every update, after its backward pass (a measurement of
+            the update about to be taken, on its batch, at the weights its gradient was taken
+            at); it must leave the parameters and their ``.grad`` as it found them.
         on_eval: called at each evaluation point as ``on_eval(step, model)`` (model in eval
             mode, no grad); its dict is merged into the row.
         threads: torch CPU threads while training (``None``: leave as is).
@@ -317,6 +323,10 @@ def train(
                 )
                 step += 1
                 break
+            if before_step:
+                info = StepInfo(step + 1, lv, model, optimizer, xb, yb)
+                for cb in before_step:
+                    cb(info)
             optimizer.step()
             step += 1
             loss_sum += lv
