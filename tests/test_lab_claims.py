@@ -471,6 +471,15 @@ def test_dropout_arm_with_a_diverged_seed_ranks_lowest(monkeypatch: pytest.Monke
     assert hurt.verdict is False  # its surviving seed (0.88) would have beaten 0.86
     assert hurt.measured["diverged"] == "BN-last-p0.5 diverged in 1 of 2 seeds (ranks lowest)"
     assert "supported if after-last - before > spread" in hurt.details
+    # the arms differ in the amount of dropout too: the shift's own share is reported apart
+    assert "one dropout layer instead of one per hidden block" in hurt.statement
+    assert hurt.measured["recalibration_gain"] == {"shift_arm": None, "safe_arm": None}
+    runs = [
+        {"extra": {"doctor": {"test_acc_before": 0.80, "test_acc_after": 0.83}}},
+        {"extra": {"doctor": {"test_acc_before": 0.70, "test_acc_after": 0.71}}},
+        {"extra": {}},
+    ]
+    assert dropout._recalibration_gain(runs) == pytest.approx(0.02)
     assert "supported if BN's gap < no-BN's gap" in c["bn-regularizes"].details
     # no-BN without dropout diverged: its gap is +inf, so BN regularizes; dropout's benefit
     # without BN is +inf, so BN reduces it

@@ -293,9 +293,9 @@ def run(cfg: ICSConfig, ctx: RunContext) -> Results:
         measured: dict[str, Any] = {
             f"{k}_{a}": means[k][a] for k in ("one_minus_cos", "relative_l2", "l2") for a in ARMS
         }
-        for k, c in cmp.items():
-            measured[f"difference_{k}"] = c["measured"]["difference"]
-            measured[f"spread_{k}"] = c["measured"]["spread"]
+        for k, cv in cmp.items():
+            measured[f"difference_{k}"] = cv["measured"]["difference"]
+            measured[f"spread_{k}"] = cv["measured"]["spread"]
         if len(seeds) < 2:
             measured["spread_note"] = "unknown with one seed: any difference counts"
         measured.update(divergence(div))
@@ -304,7 +304,7 @@ def run(cfg: ICSConfig, ctx: RunContext) -> Results:
                 id=f"bn-does-not-reduce-ics-{net}",
                 statement=f"{net.upper()}: BN does not reduce internal covariate shift "
                 "(Santurkar et al. Def. 2.1)",
-                verdict=all(c["diff"] is not None for c in cmp.values())
+                verdict=all(cv["diff"] is not None for cv in cmp.values())
                 and not any(reduced.values()),
                 measured=measured,
                 source=SOURCE,
