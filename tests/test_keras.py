@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -264,24 +266,84 @@ def test_other_keras_backend_falls_back_to_keras_ops(monkeypatch: pytest.MonkeyP
 
 
 def test_argument_errors() -> None:
-    with pytest.raises(ValueError, match="momentum must be in"):
-        BatchNormalization(momentum=1.5)
-    with pytest.raises(ValueError, match="epsilon must be > 0"):
-        BatchNormalization(epsilon=0.0)
+    with pytest.raises(ValueError, match="momentum must be a finite number"):
+        BatchNormalization(momentum=float("nan"))
+    with pytest.raises(ValueError, match="epsilon must be >= 0"):
+        BatchNormalization(epsilon=-1e-3)
     with pytest.raises(ValueError, match="nonfinite"):
         BatchNormalization(nonfinite="ignore")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="synchronized"):
         BatchNormalization(synchronized=True)  # as Keras: TensorFlow only
-    for axis in ([1, 2], True):
-        with pytest.raises(TypeError, match="axis must be one int"):
+    for axis in ([1, 2], True, 1.5):
+        with pytest.raises(TypeError, match="axis must be one integer"):
             BatchNormalization(axis=axis)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"axis=3 is out of range for inputs of rank 3"):
         BatchNormalization(axis=3)(torch.randn(4, 5, 6), training=True)
 
 
-def test_empty_batch_is_an_empty_output_without_warnings() -> None:
-    import warnings
+def test_numpy_integer_axis_as_keras() -> None:
+    x = np.random.default_rng(0).standard_normal((8, 3, 4)).astype("float32")
+    for axis in (np.int64(1), np.int32(-1)):
+        ours, ref = _pair(x.shape, axis)  # type: ignore[arg-type]
+        assert ours.axis == ref.axis and type(ours.axis) is int
+        assert ours.get_config()["axis"] == ref.get_config()["axis"]
+        _assert_close(
+            _forward_backward(ours, x, np.ones_like(x), True),
+            _forward_backward(ref, x, np.ones_like(x), True),
+        )
 
+
+def test_epsilon_zero_as_keras() -> None:
+    x = np.random.default_rng(1).standard_normal((16, 5)).astype("float32")
+    up = np.random.default_rng(2).standard_normal(x.shape).astype("float32")
+    for training in (True, False):
+        ours, ref = _pair(x.shape, -1, epsilon=0.0)
+        assert ours.epsilon == 0.0
+        _assert_close(
+            _forward_backward(ours, x, up, training), _forward_backward(ref, x, up, training)
+        )
+        _assert_close(_state(ours), _state(ref))
+
+
+def test_momentum_outside_unit_interval_warns_and_follows_keras() -> None:
+    x = np.random.default_rng(3).standard_normal((16, 4)).astype("float32")
+    with pytest.warns(UserWarning, match=r"momentum=1.01 is outside \[0, 1\]"):
+        ours, ref = _pair(x.shape, -1, momentum=1.01)
+    assert ours.momentum == ref.momentum == 1.01
+    ours(x, training=True)
+    ref(x, training=True)
+    _assert_close(_state(ours), _state(ref))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BatchNormalization(momentum=1.0)
+        BatchNormalization(momentum=0)
+
+
+def test_positional_arguments_in_keras_order() -> None:
+    ours = list(inspect.signature(BatchNormalization).parameters)
+    theirs = [
+        n
+        for n, p in inspect.signature(keras.layers.BatchNormalization).parameters.items()
+        if p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    assert ours[: len(theirs)] == theirs
+    if "renorm" in theirs:
+        args = (-1, 0.9, 1e-2, True, True, "zeros", "ones", "zeros", "ones", None, None)
+        args += (None, None, True, {"rmax": 2.0}, 0.5)
+        layer = BatchNormalization(*args)
+        ref = keras.layers.BatchNormalization(*args)
+        assert (layer.renorm, layer.renorm_clipping, layer.renorm_momentum) == (
+            True,
+            {"rmax": 2.0},
+            0.5,
+        )
+        config = layer.get_config()
+        for key, value in ref.get_config().items():
+            if key != "name":
+                assert config[key] == value, key
+
+
+def test_empty_batch_is_an_empty_output_without_warnings() -> None:
     layer = BatchNormalization()
     layer(torch.randn(8, 3), training=True)
     before = _state(layer)

@@ -4,6 +4,7 @@ translated, and mismatches are refused with a clear message."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -296,3 +297,151 @@ def test_explicit_pairs_by_name() -> None:
     np.testing.assert_allclose(net[1].running_mean.numpy(), model.layers[1].moving_mean.numpy())
     with pytest.raises(ValueError, match="no torch batch-norm module named 'x'"):
         keras_to_torch(model, net, pairs={bn_names[0]: "x"})
+
+
+# ---------------------------------------------------------------------------------------------
+# batch renormalization, failures and ε = 0
+
+HAS_RENORM = "renorm" in inspect.signature(keras.layers.BatchNormalization).parameters
+
+
+def _variables(layer: Any) -> dict[str, np.ndarray]:
+    return {v.path: np.array(v.numpy(), copy=True) for v in layer.variables}
+
+
+def _assert_same_variables(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> None:
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        np.testing.assert_array_equal(after[k], v, err_msg=k)
+
+
+def _torch_tensors(m: nn.Module) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in [*m.parameters(), *m.buffers()]]
+
+
+def _assert_same_tensors(before: list[torch.Tensor], m: nn.Module) -> None:
+    after = _torch_tensors(m)
+    assert len(before) == len(after)
+    for b, a in zip(before, after):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", KERAS_BN)
+def test_probe_leaves_the_keras_source_untouched(cls: Any) -> None:
+    kwargs = {"renorm": True, "renorm_momentum": 0.5} if HAS_RENORM else {}
+    k = _keras_bn(cls, 4, **kwargs)
+    for name in ("moving_stddev", "renorm_stddev"):  # positive, as Keras keeps them
+        if hasattr(k, name):
+            getattr(k, name).assign(np.abs(getattr(k, name).numpy()) + 0.1)
+    before = _variables(k)
+    t = nn.BatchNorm1d(4)
+    report = keras_to_torch(k, t)
+    _assert_same_variables(before, _variables(k))
+    x = np.random.default_rng(4).standard_normal((6, 4)).astype("float32")
+    t.eval()
+    with torch.no_grad():
+        y_t = t(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(y_t, _np(k(x, training=False)), atol=1e-5)
+    assert report.layers[0].max_abs_diff_eval < 1e-5
+    if HAS_RENORM:
+        assert "batch renormalization" in str(report)
+
+
+@pytest.mark.skipif(not HAS_RENORM, reason="this Keras has no batch renormalization")
+@pytest.mark.parametrize("cls", KERAS_BN)
+def test_torch_to_keras_renorm_layer_keeps_the_variance_when_training(cls: Any) -> None:
+    t = nn.BatchNorm1d(4).eval()
+    with torch.no_grad():
+        t.running_mean.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0]))
+        t.running_var.fill_(100.0)
+    k = cls(renorm=True, momentum=0.9)
+    k.build((None, 4))
+    report = torch_to_keras(t, k)
+    std = np.sqrt(100.0 + k.epsilon)
+    for name in ("moving_stddev", "renorm_stddev"):
+        np.testing.assert_allclose(getattr(k, name).numpy(), std, rtol=1e-6)
+    np.testing.assert_allclose(k.renorm_mean.numpy(), t.running_mean.numpy())
+    np.testing.assert_allclose(k.moving_variance.numpy(), 100.0)
+    assert report.layers[0].max_abs_diff_eval < 1e-4 and "renorm" in str(report)
+    # Keras' renorm update derives the moving variance from moving_stddev: it stays near 100
+    x = np.random.default_rng(0).standard_normal((64, 4)).astype("float32") * 10
+    k(x, training=True)
+    batch_std = np.sqrt(x.var(axis=0) + k.epsilon)
+    expected = (0.9 * std + 0.1 * batch_std) ** 2 - k.epsilon
+    np.testing.assert_allclose(k.moving_variance.numpy(), expected, rtol=1e-4)
+
+
+def test_failed_probe_restores_every_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    import batchnorm.convert as bc
+
+    real = bc._output_diffs
+    calls = []
+
+    def failing(*args: Any, **kwargs: Any) -> tuple[float, float]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("probe failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bc, "_output_diffs", failing)
+    model = _dense_keras(0, BatchNormalization, momentum=0.7)
+    model.fit(np.ones((8, 5), "float32"), np.zeros((8, 3), "float32"), epochs=1, verbose=0)
+    net = _dense_torch()
+    k_before, t_before = _variables(model), _torch_tensors(net)
+    eps_mom = [(m.eps, m.momentum) for m in net if isinstance(m, nn.BatchNorm1d)]
+    with pytest.raises(RuntimeError, match="probe failed"):
+        keras_to_torch(model, net)
+    _assert_same_tensors(t_before, net)
+    assert [(m.eps, m.momentum) for m in net if isinstance(m, nn.BatchNorm1d)] == eps_mom
+    _assert_same_variables(k_before, _variables(model))
+
+    calls.clear()
+    k_config = [(b.epsilon, b.momentum) for b in model.layers if hasattr(b, "epsilon")]
+    with pytest.raises(RuntimeError, match="probe failed"):
+        torch_to_keras(net, model)
+    _assert_same_variables(k_before, _variables(model))
+    assert [(b.epsilon, b.momentum) for b in model.layers if hasattr(b, "epsilon")] == k_config
+    _assert_same_tensors(t_before, net)
+
+
+def test_a_later_pair_that_cannot_be_translated_writes_nothing() -> None:
+    model = _dense_keras(0, keras.layers.BatchNormalization)
+    second = [b for b in model.layers if isinstance(b, keras.layers.BatchNormalization)][1]
+    second.moving_variance.assign(np.full(3, 1e-6, "float32"))  # + 1e-3 − 0.1 < 0
+    net = _dense_torch()
+    for m in net:
+        if isinstance(m, nn.BatchNorm1d):
+            m.eps = 0.1
+    t_before = _torch_tensors(net)
+    with pytest.raises(ValueError, match="eps='keep'"):
+        keras_to_torch(model, net, eps="keep")
+    _assert_same_tensors(t_before, net)
+
+
+def test_eps_zero_converts_both_ways() -> None:
+    # torch.nn runs eps=0 in inference only: the training-mode difference is not measured
+    t = nn.BatchNorm1d(3, eps=0.0).eval()
+    with torch.no_grad():
+        t.running_mean.fill_(7.0)
+        t.running_var.fill_(4.0)
+    k = BatchNormalization()
+    k.build((None, 3))
+    report = torch_to_keras(t, k)
+    assert k.epsilon == 0.0
+    np.testing.assert_array_equal(k.moving_mean.numpy(), 7.0)
+    np.testing.assert_array_equal(k.moving_variance.numpy(), 4.0)
+    layer = report.layers[0]
+    assert layer.max_abs_diff_eval < 1e-6 and np.isnan(layer.max_abs_diff_train)
+    assert report.max_abs_diff == layer.max_abs_diff_eval
+    assert "train n/a" in str(report) and "eps=0" in str(report)
+
+    src = _keras_bn(keras.layers.BatchNormalization, 3, epsilon=0.0)
+    before = _variables(src)
+    tt = nn.BatchNorm1d(3)
+    report = keras_to_torch(src, tt)
+    _assert_same_variables(before, _variables(src))
+    assert tt.eps == 0.0 and report.layers[0].max_abs_diff_eval < 1e-5
+    ours = batchnorm.BatchNorm1d(3)  # ours trains with eps=0: both modes are measured
+    report = keras_to_torch(src, ours)
+    assert ours.eps == 0.0 and report.max_abs_diff < 1e-5
+    assert not np.isnan(report.layers[0].max_abs_diff_train)

@@ -14,6 +14,7 @@ inside them.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -216,7 +217,10 @@ class LayerConversion:
     momentum: tuple[float | None, float | None]  # each in its own framework's convention
     variance: str  # how the moving variance was translated
     max_abs_diff_eval: float  # inference mode (moving statistics)
-    max_abs_diff_train: float  # training mode (batch statistics; the states are not updated)
+    # training mode (batch statistics; the states are not updated); NaN where it cannot be
+    # measured (a torch.nn module with eps=0, which torch refuses to run in training mode)
+    max_abs_diff_train: float
+    notes: tuple[str, ...] = ()  # what else the conversion did or could not keep
 
 
 @dataclass(frozen=True)
@@ -228,9 +232,10 @@ class ConversionReport:
 
     @property
     def max_abs_diff(self) -> float:
-        """The largest output difference over all layers and both modes."""
+        """The largest output difference over all layers and both modes (a mode that could
+        not be measured, NaN in its layer, is left out)."""
         diffs = [d for c in self.layers for d in (c.max_abs_diff_eval, c.max_abs_diff_train)]
-        return max(diffs, default=0.0)
+        return max((d for d in diffs if not math.isnan(d)), default=0.0)
 
     def __str__(self) -> str:
         lines = [f"{self.direction}: {len(self.layers)} batch-norm layer(s)"]
@@ -238,8 +243,9 @@ class ConversionReport:
             lines.append(
                 f"  {c.source} -> {c.target} ({c.num_features} ch): eps {c.eps[0]:g}->{c.eps[1]:g}, "
                 f"momentum {_fmt(c.momentum[0])}->{_fmt(c.momentum[1])}, variance {c.variance}; "
-                f"max |Δy| eval {c.max_abs_diff_eval:.2e}, train {c.max_abs_diff_train:.2e}"
+                f"max |Δy| eval {c.max_abs_diff_eval:.2e}, train {_fmt_diff(c.max_abs_diff_train)}"
             )
+            lines.extend(f"    note: {n}" for n in c.notes)
         return "\n".join(lines)
 
 
@@ -375,11 +381,32 @@ def _probe_shape(n: int, c: int, axis: int, rank: int) -> list[int]:
     return shape
 
 
+def _torch_trains(tm: Any) -> bool:
+    """Whether the torch module can run in training mode: torch.nn's batch norm refuses ε = 0
+    there (ours accepts it)."""
+    return not (isinstance(tm, nn.modules.batchnorm._BatchNorm) and float(tm.eps) <= 0.0)
+
+
+def _max_diff(a: Any, b: Any) -> float:
+    """max |a − b|, where NaN against NaN (and equal infinities) count as equal and NaN against
+    a number as an infinite difference."""
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        d = np.where(a == b, 0.0, np.abs(a - b))
+    d[np.isnan(a) & np.isnan(b)] = 0.0
+    d[np.isnan(d)] = np.inf
+    return float(d.max()) if d.size else 0.0
+
+
 def _output_diffs(
     kl: Any, tm: Any, c: int, k_rank: int, t_rank: int, n: int, seed: int
 ) -> tuple[float, float]:
     """max |y_keras − y_torch| on a probe batch ~ N(moving_mean, moving_var), in inference and
-    in training mode; both layers' states are left as they were."""
+    in training mode (NaN where the torch module cannot run in training mode). Nothing is
+    written: the Keras layer runs through ``stateless_call``, the torch module as a copy."""
     import copy
 
     import keras
@@ -391,23 +418,71 @@ def _output_diffs(
     probe = (mean + std * rng.standard_normal((n, c))).astype(np.float32)  # (n, C)
     k_shape = _probe_shape(n, c, int(kl.axis), k_rank)
     t_shape = _probe_shape(n, c, int(getattr(tm, "axis", 1)), t_rank)
+    x_k = keras.ops.cast(keras.ops.convert_to_tensor(probe.reshape(k_shape)), kl.compute_dtype)
     t_dtype = tm.running_mean.dtype
     t_device = tm.running_mean.device
     x_t = torch.as_tensor(probe.reshape(t_shape), dtype=t_dtype, device=t_device)
-    saved = [v.numpy() for v in (kl.moving_mean, kl.moving_variance)]
+    trainable = [v.value for v in kl.trainable_variables]
+    non_trainable = [v.value for v in kl.non_trainable_variables]
     diffs = []
     for training in (False, True):
-        y_k = keras.ops.convert_to_numpy(kl(probe.reshape(k_shape), training=training))
         # a Keras layer with trainable=False runs in inference mode even when training
         t_train = training and bool(kl.trainable)
-        twin = copy.deepcopy(tm).train(t_train)
+        if t_train and not _torch_trains(tm):
+            diffs.append(math.nan)
+            continue
         with torch.no_grad():
-            y_t = twin(x_t).cpu().numpy()
-        d = np.abs(y_k.reshape(n, c).astype(np.float64) - y_t.reshape(n, c).astype(np.float64))
-        diffs.append(float(d.max()))
-    for v, s in zip((kl.moving_mean, kl.moving_variance), saved):
-        v.assign(s)
+            y, _ = kl.stateless_call(trainable, non_trainable, x_k, training=training)
+            y_k = keras.ops.convert_to_numpy(y)
+            y_t = copy.deepcopy(tm).train(t_train)(x_t).cpu().numpy()
+        diffs.append(_max_diff(y_k.reshape(n, c), y_t.reshape(n, c)))
     return diffs[0], diffs[1]
+
+
+def _torch_state(tm: Any) -> tuple[dict[str, Any], float, Any]:
+    tensors = {
+        name: t.detach().clone()
+        for name in ("weight", "bias", "running_mean", "running_var")
+        if (t := getattr(tm, name, None)) is not None
+    }
+    return tensors, tm.eps, tm.momentum
+
+
+def _restore_torch_state(tm: Any, state: tuple[dict[str, Any], float, Any]) -> None:
+    tensors, tm.eps, tm.momentum = state
+    with torch.no_grad():
+        for name, t in tensors.items():
+            getattr(tm, name).copy_(t)
+
+
+def _keras_state(kl: Any) -> tuple[list[Any], float, float]:
+    return [v.numpy() for v in kl.variables], kl.epsilon, kl.momentum
+
+
+def _restore_keras_state(kl: Any, state: tuple[list[Any], float, float]) -> None:
+    values, kl.epsilon, kl.momentum = state
+    for v, value in zip(kl.variables, values):
+        v.assign(value)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One pair's translated state, computed before anything is written."""
+
+    kn: str
+    kl: Any
+    tn: str
+    tm: Any
+    shape: tuple[int, int, int]  # (C, Keras rank, torch rank) for the probe
+    gamma: Any  # the values for the target's scale/shift (None: neutral) and statistics
+    beta: Any
+    mean: Any
+    var: Any
+    eps_source: float
+    eps: float  # the target's ε
+    momentum: float | None  # the target's momentum
+    how: str
+    notes: tuple[str, ...] = ()
 
 
 def _complement(momentum: float) -> float:
@@ -417,6 +492,19 @@ def _complement(momentum: float) -> float:
 
 def _fmt(v: float | None) -> str:
     return "None" if v is None else f"{v:g}"
+
+
+def _fmt_diff(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{v:.2e}"
+
+
+def _eps_note(tm: Any, eps_t: float) -> tuple[str, ...]:
+    if isinstance(tm, nn.modules.batchnorm._BatchNorm) and eps_t <= 0.0:
+        return (
+            "torch.nn's batch norm refuses eps=0 in training mode: the torch module runs in "
+            "inference only, and the training-mode difference is not measured",
+        )
+    return ()
 
 
 def _check_mode(name: str, value: str, fn: str) -> None:
@@ -489,9 +577,20 @@ def keras_to_torch(
             which keeps the function.
         probe_size: the probe batch's size for the reported differences.
 
+    Every pair is checked and translated before anything is written, and if a later step
+    fails the targets are restored: a conversion that raises leaves both sides as they were.
+    The source is only read (the report's probe runs it through ``stateless_call``).
+
+    A Keras layer with batch renormalization (``renorm=True``) infers with ``moving_mean`` and
+    ``moving_variance``, which are copied; torch has no batch renormalization, so the training
+    functions differ (the report says so). ε = 0 (legal in Keras) is copied as well; torch.nn's
+    layers refuse it in training mode, so their training-mode difference is reported as NaN
+    (``eps="keep"`` keeps the torch ε instead).
+
     Raises:
         ValueError: when the layer counts, channel counts, ranks or channel axes don't match,
-            a side is not built or holds no running statistics.
+            a side is not built or holds no running statistics, or ``eps="keep"`` would make a
+            variance negative.
 
     Example::
 
@@ -511,8 +610,9 @@ def keras_to_torch(
     _check_mode("momentum", momentum, fn)
     _bessel(bessel_count, fn)
     plan = _pairs(_keras_bn_layers(source), _torch_bn_layers(target), pairs, fn)
-    checked = [_check_pair(kn, kl, tn, tm, fn) for kn, kl, tn, tm in plan]  # all before writing
-    done = []
+    checked = [_check_pair(kn, kl, tn, tm, fn) for kn, kl, tn, tm in plan]
+    # every value is translated (and can fail) before anything is written
+    steps = []
     for (kn, kl, tn, tm), (c, k_rank, t_rank) in zip(plan, checked):
         gamma = kl.gamma.numpy() if kl.scale else None
         beta = kl.beta.numpy() if kl.center else None
@@ -545,30 +645,66 @@ def keras_to_torch(
         mom_t = tm.momentum
         if momentum == "copy":
             mom_t = _complement(float(kl.momentum))
-        with torch.no_grad():
-            for attr, value, neutral in (("weight", gamma, 1.0), ("bias", beta, 0.0)):
-                p = getattr(tm, attr, None)
-                if p is not None:
-                    p.copy_(
-                        torch.as_tensor(value) if value is not None else torch.full_like(p, neutral)
-                    )
-            tm.running_mean.copy_(torch.as_tensor(mm))
-            tm.running_var.copy_(torch.as_tensor(mv))
-        tm.eps = eps_t
-        tm.momentum = mom_t
-        d_eval, d_train = _output_diffs(kl, tm, c, k_rank, t_rank, probe_size, seed)
-        done.append(
-            LayerConversion(
-                kn,
-                tn,
-                c,
-                (eps_k, eps_t),
-                (float(kl.momentum), tm.momentum),
-                how,
-                d_eval,
-                d_train,
+        notes = _eps_note(tm, eps_t)
+        if getattr(kl, "renorm", False):
+            notes += (
+                "the Keras layer uses batch renormalization (renorm=True), which torch's batch "
+                "norm does not: inference is the same, training-mode outputs differ",
+            )
+        steps.append(
+            _Step(
+                kn=kn,
+                kl=kl,
+                tn=tn,
+                tm=tm,
+                shape=(c, k_rank, t_rank),
+                gamma=gamma,
+                beta=beta,
+                mean=mm,
+                var=mv,
+                eps_source=eps_k,
+                eps=eps_t,
+                momentum=mom_t,
+                how=how,
+                notes=notes,
             )
         )
+    saved = [(tm, _torch_state(tm)) for _, _, _, tm in plan]
+    done = []
+    try:
+        for st in steps:
+            tm = st.tm
+            with torch.no_grad():
+                for attr, value, neutral in (("weight", st.gamma, 1.0), ("bias", st.beta, 0.0)):
+                    p = getattr(tm, attr, None)
+                    if p is not None:
+                        p.copy_(
+                            torch.as_tensor(value)
+                            if value is not None
+                            else torch.full_like(p, neutral)
+                        )
+                tm.running_mean.copy_(torch.as_tensor(st.mean))
+                tm.running_var.copy_(torch.as_tensor(st.var))
+            tm.eps = st.eps
+            tm.momentum = st.momentum
+            d_eval, d_train = _output_diffs(st.kl, tm, *st.shape, probe_size, seed)
+            done.append(
+                LayerConversion(
+                    st.kn,
+                    st.tn,
+                    st.shape[0],
+                    (st.eps_source, st.eps),
+                    (float(st.kl.momentum), tm.momentum),
+                    st.how,
+                    d_eval,
+                    d_train,
+                    st.notes,
+                )
+            )
+    except BaseException:
+        for tm, state in reversed(saved):  # the first snapshot of a module is restored last
+            _restore_torch_state(tm, state)
+        raise
     return ConversionReport("keras -> torch", tuple(done))
 
 
@@ -592,6 +728,11 @@ def torch_to_keras(
     is negative). ``momentum="copy"`` sets Keras' ``momentum = 1 − torch_momentum`` (a torch
     ``momentum=None``, the cumulative average, has no Keras counterpart: Keras' is kept).
     ``bessel_count=m`` scales an unbiased running variance by (m−1)/m into Keras' biased one.
+    A Keras target with batch renormalization (``renorm=True``) also gets ``moving_stddev``,
+    ``renorm_stddev`` = √(var + ε) and ``renorm_mean`` = the mean, the values Keras keeps
+    consistent with its moving statistics. As in :func:`keras_to_torch`, nothing is written when
+    the conversion fails, the source is only read, and a torch.nn source with ε = 0 (which
+    torch runs in inference only) gets a NaN training-mode difference.
 
     Example::
 
@@ -613,12 +754,13 @@ def torch_to_keras(
     _bessel(bessel_count, fn)
     plan = _pairs(_keras_bn_layers(target), _torch_bn_layers(source), pairs, fn)
     checked = [_check_pair(kn, kl, tn, tm, fn) for kn, kl, tn, tm in plan]
-    done = []
-    for (kn, kl, tn, tm), (c, k_rank, t_rank) in zip(plan, checked):
 
-        def arr(t: Any) -> Any:
-            return None if t is None else t.detach().cpu().double().numpy()
+    def arr(t: Any) -> Any:
+        return None if t is None else t.detach().cpu().double().numpy()
 
+    # every value is translated (and can fail) before anything is written
+    steps = []
+    for (kn, kl, tn, tm), shape in zip(plan, checked):
         weight, bias = arr(getattr(tm, "weight", None)), arr(getattr(tm, "bias", None))
         rm, rv = arr(tm.running_mean), arr(tm.running_var)
         for name, value, neutral, attr in (
@@ -648,26 +790,68 @@ def torch_to_keras(
         mom_k = float(kl.momentum)
         if momentum == "copy" and tm.momentum is not None:
             mom_k = _complement(float(tm.momentum))
-        for attr, value, neutral in (("gamma", weight, 1.0), ("beta", bias, 0.0)):
-            v = getattr(kl, attr, None)
-            if v is not None:
-                full = value if value is not None else np.full(v.shape, neutral)
-                v.assign(np.asarray(full, dtype=v.dtype))
-        kl.moving_mean.assign(np.asarray(rm, dtype=kl.moving_mean.dtype))
-        kl.moving_variance.assign(np.asarray(rv, dtype=kl.moving_variance.dtype))
-        kl.epsilon = eps_k
-        kl.momentum = mom_k
-        d_eval, d_train = _output_diffs(kl, tm, c, k_rank, t_rank, probe_size, seed)
-        done.append(
-            LayerConversion(
-                tn,
-                kn,
-                c,
-                (eps_t, eps_k),
-                (tm.momentum, mom_k),
-                how,
-                d_eval,
-                d_train,
+        notes = _eps_note(tm, eps_t)
+        if getattr(kl, "renorm", False):
+            notes += (
+                "the Keras layer uses batch renormalization (renorm=True): its moving_stddev, "
+                "renorm_mean and renorm_stddev were set to the translated statistics "
+                "(sqrt(var + eps)); inference is the same, training-mode outputs differ",
+            )
+        steps.append(
+            _Step(
+                kn=kn,
+                kl=kl,
+                tn=tn,
+                tm=tm,
+                shape=shape,
+                gamma=weight,
+                beta=bias,
+                mean=rm,
+                var=rv,
+                eps_source=eps_t,
+                eps=eps_k,
+                momentum=mom_k,
+                how=how,
+                notes=notes,
             )
         )
+    saved = [(kl, _keras_state(kl)) for _, kl, _, _ in plan]
+    done = []
+    try:
+        for st in steps:
+            kl = st.kl
+            for attr, value, neutral in (("gamma", st.gamma, 1.0), ("beta", st.beta, 0.0)):
+                v = getattr(kl, attr, None)
+                if v is not None:
+                    full = value if value is not None else np.full(v.shape, neutral)
+                    v.assign(np.asarray(full, dtype=v.dtype))
+            kl.moving_mean.assign(np.asarray(st.mean, dtype=kl.moving_mean.dtype))
+            kl.moving_variance.assign(np.asarray(st.var, dtype=kl.moving_variance.dtype))
+            if getattr(kl, "renorm", False):
+                # Keras' batch renormalization keeps √(var + ε) and derives the moving variance
+                # from it at each training step; its renorm statistics start from the same values
+                std = np.sqrt(np.maximum(st.var + st.eps, 0.0))
+                kl.moving_stddev.assign(np.asarray(std, dtype=kl.moving_stddev.dtype))
+                kl.renorm_mean.assign(np.asarray(st.mean, dtype=kl.renorm_mean.dtype))
+                kl.renorm_stddev.assign(np.asarray(std, dtype=kl.renorm_stddev.dtype))
+            kl.epsilon = st.eps
+            kl.momentum = st.momentum
+            d_eval, d_train = _output_diffs(kl, st.tm, *st.shape, probe_size, seed)
+            done.append(
+                LayerConversion(
+                    st.tn,
+                    st.kn,
+                    st.shape[0],
+                    (st.eps_source, st.eps),
+                    (st.tm.momentum, st.momentum),
+                    st.how,
+                    d_eval,
+                    d_train,
+                    st.notes,
+                )
+            )
+    except BaseException:
+        for kl, state in reversed(saved):  # the first snapshot of a layer is restored last
+            _restore_keras_state(kl, state)
+        raise
     return ConversionReport("torch -> keras", tuple(done))

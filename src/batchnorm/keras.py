@@ -4,8 +4,10 @@
 it (``training`` argument, ``trainable=False`` meaning inference mode, moving statistics, masks,
 ``get_config``/``from_config``, ``.keras`` files). It *is* a ``keras.layers.BatchNormalization``
 (a subclass): it inherits the weights (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``,
-same names, order and initializers) and overrides only ``call``, so Keras' weights, checkpoints
-and tooling work unchanged and ``set_weights(keras_bn.get_weights())`` moves state both ways.
+same names, order and initializers), so Keras' weights, checkpoints and tooling work unchanged and
+``set_weights(keras_bn.get_weights())`` moves state both ways. It overrides ``call`` (the forward
+pass), ``__init__`` (argument checks and two arguments of its own), ``build`` (a clearer error for
+an axis out of range) and ``get_config`` (the two extra arguments).
 
 Backends: with ``KERAS_BACKEND=torch`` the forward pass runs on
 :func:`batchnorm.functional.batch_norm_train` / :func:`~batchnorm.functional.batch_norm_eval`
@@ -22,6 +24,9 @@ Importing this module imports keras (``import batchnorm`` does not). The library
 
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
 import warnings
 from typing import Any
 
@@ -35,6 +40,9 @@ from batchnorm.functional import NonFinitePolicy
 __all__ = ["BatchNormalization", "uses_batchnorm_core"]
 
 _WARNED_BACKEND = False
+
+# older Keras 3 releases have no batch renormalization (renorm, renorm_clipping, ...)
+_KERAS_HAS_RENORM = "renorm" in inspect.signature(keras.layers.BatchNormalization).parameters
 
 
 def _keras_backend() -> str:
@@ -69,21 +77,28 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
     Args:
         axis: the channel axis (``-1`` for ``channels_last``, ``1`` after a ``channels_first``
             ``Conv2D``).
-        momentum: weight of the old moving average (Keras' convention), in [0, 1].
-        epsilon: ε added to the variance (Keras' default 1e-3; PyTorch's is 1e-5).
+        momentum: weight of the old moving average (Keras' convention), usually in [0, 1]
+            (0.9-0.999). A finite value outside [0, 1] is accepted, as Keras does, with a
+            warning: the moving statistics then extrapolate instead of averaging.
+        epsilon: ε ≥ 0 added to the variance (Keras' default 1e-3; PyTorch's is 1e-5). ε = 0 is
+            accepted as in Keras; a constant channel then normalizes to NaN.
         center, scale: learn β / γ.
         beta_initializer, gamma_initializer, moving_mean_initializer,
             moving_variance_initializer: Keras initializers.
         beta_regularizer, gamma_regularizer, beta_constraint, gamma_constraint: as in Keras.
+        renorm, renorm_clipping, renorm_momentum: Keras' batch renormalization (where the
+            installed Keras has it); ``renorm=True`` runs Keras' own implementation.
         synchronized: as in Keras (``True`` is only accepted on the TensorFlow backend).
         compute_backend: the core's compute backend: ``None``/``"auto"``, ``"torch"`` or
-            ``"numba"`` (see :mod:`batchnorm.functional`).
+            ``"numba"`` (see :mod:`batchnorm.functional`). Keyword-only.
         nonfinite: ``"warn"`` (default) skips the moving update of a batch whose statistics are
             NaN/inf with a warning; ``"raise"`` raises
             :class:`~batchnorm.functional.NonFiniteStatisticsError`. (Keras' own layer would
-            write the NaN into the moving statistics.)
+            write the NaN into the moving statistics.) Keyword-only.
         **kwargs: Keras layer arguments (``name``, ``dtype``, ``trainable``, …) and any further
-            arguments of the installed ``keras.layers.BatchNormalization`` (``renorm``, …).
+            arguments of the installed ``keras.layers.BatchNormalization``.
+
+    The positional arguments are Keras' own, in Keras' order.
 
     Call arguments: ``inputs`` of any rank with C channels along ``axis``; ``training``;
     ``mask`` with one dimension less than ``inputs`` (no channel axis), ``True`` where values
@@ -120,36 +135,56 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
         gamma_regularizer: Any = None,
         beta_constraint: Any = None,
         gamma_constraint: Any = None,
-        *,
+        renorm: bool = False,
+        renorm_clipping: dict[str, float] | None = None,
+        renorm_momentum: float = 0.99,
         synchronized: bool = False,
+        *,
         compute_backend: str | None = None,
         nonfinite: NonFinitePolicy = "warn",
         **kwargs: Any,
     ) -> None:
         name = f"BatchNormalization({kwargs.get('name') or 'unnamed'})"
-        if not 0.0 <= float(momentum) <= 1.0:
+        if not math.isfinite(float(momentum)):
             raise ValueError(
-                f"{name}: momentum must be in [0, 1] (Keras' convention: the weight of the old "
-                f"moving average, typically 0.9-0.999), got {momentum!r}"
+                f"{name}: momentum must be a finite number (Keras' convention: the weight of the "
+                f"old moving average, typically 0.9-0.999), got {momentum!r}"
             )
-        if not float(epsilon) > 0.0:
+        if not 0.0 <= float(momentum) <= 1.0:
+            warnings.warn(
+                f"{name}: momentum={momentum!r} is outside [0, 1]: the moving statistics "
+                "extrapolate (moving·momentum + batch·(1 − momentum)) instead of averaging. "
+                "Keras' momentum weighs the old average, typically 0.9-0.999.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if not float(epsilon) >= 0.0:
             raise ValueError(
-                f"{name}: epsilon must be > 0 (Keras' default is 1e-3), got {epsilon!r}"
+                f"{name}: epsilon must be >= 0 (Keras' default is 1e-3), got {epsilon!r}"
             )
         if nonfinite not in ("warn", "raise"):
             raise ValueError(f"{name}: nonfinite must be 'warn' or 'raise', got {nonfinite!r}")
-        if isinstance(axis, bool) or not isinstance(axis, int):
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(
-                f"{name}: axis must be one int, the channel axis (-1 for channels_last, 1 for "
-                f"channels_first), got {axis!r}"
+                f"{name}: axis must be one integer, the channel axis (-1 for channels_last, 1 "
+                f"for channels_first), got {axis!r}"
             )
         if compute_backend not in (None, "auto", "torch", "numba"):
             raise ValueError(
                 f"{name}: compute_backend must be None, 'auto', 'torch' or 'numba', got "
                 f"{compute_backend!r}"
             )
+        if _KERAS_HAS_RENORM:
+            kwargs.update(
+                renorm=renorm, renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum
+            )
+        elif renorm:
+            raise ValueError(
+                f"{name}: renorm=True needs a Keras whose BatchNormalization has batch "
+                f"renormalization; Keras {keras.__version__} has none. Upgrade Keras."
+            )
         super().__init__(
-            axis=axis,
+            axis=int(axis),
             momentum=momentum,
             epsilon=epsilon,
             center=center,
@@ -165,9 +200,9 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
             synchronized=synchronized,
             **kwargs,
         )
-        self.compute_backend = compute_backend
+        self.compute_backend: str | None = compute_backend
         self.nonfinite: NonFinitePolicy = nonfinite
-        self._use_core = uses_batchnorm_core()
+        self._use_core: bool = uses_batchnorm_core()
         if not self._use_core:
             global _WARNED_BACKEND
             if not _WARNED_BACKEND:
