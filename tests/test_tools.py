@@ -82,6 +82,24 @@ def test_recalibrate_gives_exact_population_statistics_weighted_by_samples() -> 
     assert not torch.allclose(other[1].running_mean, net[1].running_mean, rtol=1e-6)
 
 
+def test_recalibrate_pools_the_variance_unlike_algorithm_2_and_says_so() -> None:
+    torch.manual_seed(0)
+    bn = batchnorm.BatchNorm1d(3, dtype=torch.float64)
+    batches = [torch.randn(8, 3, dtype=torch.float64) + 3 * i for i in range(4)]  # unshuffled
+    batchnorm.recalibrate(nn.Sequential(bn), batches)
+    pooled = torch.cat(batches).var(0)
+    torch.testing.assert_close(bn.running_var, pooled, rtol=1e-12, atol=1e-12)
+    # Algorithm 2: m/(m−1)·E_B[σ²_B], the average within-batch variance (torch's update_bn)
+    alg2 = torch.stack([b.var(0) for b in batches]).mean(0)
+    ref = nn.Sequential(nn.BatchNorm1d(3, dtype=torch.float64))
+    torch.optim.swa_utils.update_bn(batches, ref)
+    torch.testing.assert_close(ref[0].running_var, alg2, rtol=1e-12, atol=1e-12)
+    assert bool((bn.running_var > 5 * alg2).all())  # the spread of the batch means counts
+    doc = " ".join((batchnorm.recalibrate.__doc__ or "").split())
+    assert "pooled mean and variance of all the values it saw" in doc
+    assert "differs from Algorithm 2's" in doc and "population statistics of Algorithm 2" not in doc
+
+
 def test_recalibrate_restores_modes_momentum_and_counters() -> None:
     net = _net()
     net.train()

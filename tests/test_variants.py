@@ -142,6 +142,9 @@ def test_renorm_warmup_schedule() -> None:
         bn.num_batches_tracked.fill_(step)
         got = bn.renorm_limits()
         assert got == pytest.approx((r, d)), step
+        # the tensor form a traced or compiled module computes gives the same limits
+        as_tensors = bn._schedule(bn.num_batches_tracked.double())
+        assert tuple(float(v) for v in as_tensors) == got, step
     # during warm-up the layer is plain BN whatever the running statistics
     _randomize(bn)
     bn.num_batches_tracked.zero_()
@@ -156,9 +159,9 @@ def test_renorm_warmup_schedule() -> None:
 
 
 def test_renorm_errors() -> None:
-    with pytest.raises(ValueError, match=r"BatchRenorm1d\(4\): r_max must be >= 1"):
+    with pytest.raises(ValueError, match=r"BatchRenorm1d\(4\): r_max must be a number >= 1"):
         batchnorm.BatchRenorm1d(4, r_max=0.5)
-    with pytest.raises(ValueError, match="d_max must be >= 0"):
+    with pytest.raises(ValueError, match="d_max must be a number >= 0"):
         batchnorm.BatchRenorm1d(4, d_max=-1.0)
     with pytest.raises(ValueError, match="warmup_steps"):
         batchnorm.BatchRenorm1d(4, warmup_steps=100, r_max_step=10)
@@ -166,6 +169,50 @@ def test_renorm_errors() -> None:
         batchnorm.BatchRenorm1d(4, track_running_stats=False)
     with pytest.raises(batchnorm.BatchNormInputError, match=r"BatchRenorm2d\(4\): expected 4D"):
         batchnorm.BatchRenorm2d(4)(torch.randn(3, 4))
+
+
+@pytest.mark.parametrize(
+    "arg,value,want",
+    [
+        ("r_max", None, "a number"),
+        ("d_max", "5", "a number"),
+        ("warmup_steps", None, "an int"),
+        ("r_max_step", 40000.0, "an int"),
+        ("d_max_step", True, "an int"),
+    ],
+)
+def test_renorm_rejects_non_numeric_arguments_by_name(arg, value, want) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(
+        ValueError,
+        match=rf"BatchRenorm1d\(3\): {arg} must be {want}, got .*; pass e\.g\. {arg}=",
+    ):
+        batchnorm.BatchRenorm1d(3, **{arg: value})
+    bn = batchnorm.BatchRenorm1d(3, r_max=np.float64(2.0), warmup_steps=np.int64(0))
+    assert (bn.r_max, bn.warmup_steps) == (2.0, 0) and type(bn.warmup_steps) is int
+
+
+def test_renorm_warmup_follows_the_counter_under_jit_trace_and_compile() -> None:
+    torch.manual_seed(0)
+    kw = {"r_max": 3.0, "d_max": 5.0, "warmup_steps": 1, "r_max_step": 3, "d_max_step": 4}
+    base = batchnorm.BatchRenorm2d(3, dtype=torch.float64, **kw)
+    eager = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(
+            copy.deepcopy(base), torch.randn(4, 3, 3, 3, dtype=torch.float64), check_trace=False
+        )
+    traced.load_state_dict(base.state_dict())  # undo the step tracing ran
+    compiled_module = copy.deepcopy(base)
+    compiled = torch.compile(compiled_module, backend="eager")
+    for t in range(6):
+        x = torch.randn(4, 3, 3, 3, dtype=torch.float64) * (1 + 2 * t) + 3 * t
+        want = eager(x)
+        torch.testing.assert_close(traced(x), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(compiled(x), want, rtol=1e-12, atol=1e-12)
+    assert float(eager.last_r.max()) == pytest.approx(3.0)  # the limits were reached and clip
+    for m in (traced, compiled_module):
+        torch.testing.assert_close(m.running_var, eager.running_var, rtol=1e-12, atol=1e-12)
+        assert int(m.num_batches_tracked) == 6
 
 
 # --- ghost batches ---------------------------------------------------------------------------
@@ -238,6 +285,56 @@ def test_ghost_with_mask_and_any_axis() -> None:
     torch.testing.assert_close(ghost.running_var, plain.running_var, rtol=1e-12, atol=1e-12)
 
 
+def test_ghost_mask_merges_virtual_batches_with_fewer_than_two_valid_values() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    lengths = torch.tensor([5, 5, 4, 2, 1, 0])  # sorted by length, as bucketing gives
+    mask = torch.arange(5)[None, :] < lengths[:, None]
+    ghost = batchnorm.GhostBatchNorm1d(3, virtual_batch_size=2, dtype=torch.float64)
+    plain = batchnorm.BatchNorm1d(3, dtype=torch.float64)
+    y = ghost(x, mask=mask)  # the last virtual batch has 1 valid value: merged into the previous
+    y2 = torch.cat([plain(x[:2], mask=mask[:2]), plain(x[2:], mask=mask[2:])])
+    torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ghost.running_var, plain.running_var, rtol=1e-12, atol=1e-12)
+    assert int(ghost.num_batches_tracked) == 2
+    # a first virtual batch without valid values is merged into the next one
+    first = torch.tensor([0, 1, 5, 5])
+    m2 = torch.arange(5)[None, :] < first[:, None]
+    ghost2 = batchnorm.GhostBatchNorm1d(3, virtual_batch_size=2, dtype=torch.float64)
+    plain2 = batchnorm.BatchNorm1d(3, dtype=torch.float64)
+    torch.testing.assert_close(ghost2(x[:4], mask=m2), plain2(x[:4], mask=m2), rtol=0, atol=1e-12)
+    # one virtual batch per sample of length-1 sequences: joined until each has 2 values
+    ones = torch.tensor([1, 1, 1, 1])
+    m3 = torch.arange(5)[None, :] < ones[:, None]
+    ghost3 = batchnorm.GhostBatchNorm1d(3, virtual_batch_size=1, dtype=torch.float64)
+    plain3 = batchnorm.BatchNorm1d(3, dtype=torch.float64)
+    torch.testing.assert_close(
+        ghost3(x[:4], mask=m3),
+        torch.cat([plain3(x[:2], mask=m3[:2]), plain3(x[2:4], mask=m3[2:])]),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+    # fewer than 2 valid values in the whole batch: the usual error, naming the whole input
+    with pytest.raises(batchnorm.BatchNormInputError, match=r"GhostBatchNorm1d\(3\).*\(4, 3, 5\)"):
+        ghost(x[:4], mask=torch.arange(5)[None, :] < torch.tensor([1, 0, 0, 0])[:, None])
+
+
+def test_ghost_eval_without_running_statistics_uses_the_whole_batch() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, dtype=torch.float64) + torch.arange(8.0, dtype=torch.float64)[:, None]
+    ghost = batchnorm.GhostBatchNorm1d(
+        3, virtual_batch_size=2, track_running_stats=False, dtype=torch.float64
+    )
+    plain = nn.BatchNorm1d(3, track_running_stats=False, dtype=torch.float64)
+    ghost.eval(), plain.eval()
+    torch.testing.assert_close(ghost(x), plain(x), rtol=1e-12, atol=1e-12)
+    mask = torch.ones(8, dtype=torch.bool)
+    torch.testing.assert_close(ghost(x, mask=mask), plain(x), rtol=1e-12, atol=1e-12)
+    ghost.train()  # training still splits into virtual batches
+    torch.testing.assert_close(ghost(x[:2]), plain.train()(x[:2]), rtol=1e-12, atol=1e-12)
+    assert float((ghost(x) - plain(x)).abs().max()) > 0.5
+
+
 def test_ghost_errors() -> None:
     with pytest.raises(ValueError, match=r"GhostBatchNorm1d\(3\): virtual_batch_size"):
         batchnorm.GhostBatchNorm1d(3, virtual_batch_size=0)
@@ -279,6 +376,26 @@ def test_frozen_module_is_eval_bn_in_both_modes(frozen_cls, bn_cls, shape) -> No
     other = frozen_cls(3, dtype=torch.float64)
     other.load_state_dict(bn.state_dict())
     torch.testing.assert_close(other(x), bn(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kw", [{"affine": False}, {"bias": False}], ids=["affine=False", "bias=False"]
+)
+def test_frozen_loads_a_checkpoint_without_weight_or_bias(kw) -> None:  # type: ignore[no-untyped-def]
+    bn = nn.BatchNorm2d(3, dtype=torch.float64, **kw)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        bn.running_var.copy_(torch.tensor([0.3, 1.5, 4.0]))
+        if bn.weight is not None:
+            bn.weight.copy_(torch.tensor([1.5, 0.7, 2.0]))
+    bn.eval()
+    frozen = batchnorm.FrozenBatchNorm2d(3, dtype=torch.float64)
+    with torch.no_grad():
+        frozen.weight.fill_(7.0), frozen.bias.fill_(7.0)
+    frozen.load_state_dict(bn.state_dict())
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(frozen(x), bn(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(frozen(x), batchnorm.FrozenBatchNorm2d.from_batchnorm(bn)(x))
 
 
 def test_frozen_generic_axis_and_errors() -> None:
@@ -337,6 +454,47 @@ def test_freeze_affine_and_unfreeze_restore_requires_grad_exactly() -> None:
     batchnorm.unfreeze(net)
     assert net[1].weight.requires_grad and net[1].bias.requires_grad
     assert net[4].weight.requires_grad and not net[4].bias.requires_grad
+
+
+def test_freeze_affine_after_freeze_switches_affine_off_and_unfreeze_restores() -> None:
+    net = _trained_net()
+    net[4].bias.requires_grad_(False)
+    batchnorm.freeze(net)  # stage 1: statistics
+    assert all(p.requires_grad for p in net[1].parameters())
+    batchnorm.freeze(net, affine=True)  # stage 2: γ and β too
+    assert not any(p.requires_grad for m in (net[1], net[4]) for p in m.parameters())
+    net.train()
+    net(torch.randn(8, 3)).sum().backward()
+    assert net[1].weight.grad is None and net[4].weight.grad is None
+    assert net[0].weight.grad is not None
+    batchnorm.freeze(net, affine=True)  # again: nothing more to switch off or record
+    batchnorm.unfreeze(net)
+    assert net[1].weight.requires_grad and net[1].bias.requires_grad
+    assert net[4].weight.requires_grad and not net[4].bias.requires_grad
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_unfreeze_of_a_layer_itself_restores_its_mode(mode) -> None:  # type: ignore[no-untyped-def]
+    bn = nn.BatchNorm1d(3)
+    bn(torch.randn(8, 3))
+    bn.train(mode)
+    batchnorm.freeze(bn)
+    bn(torch.randn(4, 3))
+    assert not bn.training
+    batchnorm.unfreeze(bn)
+    assert bn.training is mode and not is_frozen(bn)
+    # nested layers take the model's mode, as before
+    net = _trained_net().train()
+    batchnorm.freeze(net)
+    batchnorm.unfreeze(net.eval())
+    assert not net[1].training and not net[4].training
+    # a layer replaced by another class keeps the frozen state and the mode to restore
+    from batchnorm.variants import freeze_like
+
+    src = batchnorm.freeze(nn.BatchNorm1d(3).train(mode))
+    dst = batchnorm.BatchNorm1d(3)
+    freeze_like(src, dst)
+    assert is_frozen(dst) and batchnorm.unfreeze(dst).training is mode
 
 
 def test_freeze_warns_on_initial_statistics_and_rejects_untracked() -> None:
@@ -400,3 +558,13 @@ def test_frozen_forward_takes_a_mask_and_only_validates_it() -> None:
     generic = batchnorm.FrozenBatchNorm(3, axis=-1)
     xl = torch.randn(2, 5, 3)
     torch.testing.assert_close(generic(xl, mask=torch.ones(2, 5, dtype=torch.bool)), generic(xl))
+
+
+def test_small_batch_warning_names_remedies_the_layer_does_not_already_use() -> None:
+    x = torch.randn(4, 3)
+    with pytest.warns(batchnorm.SmallBatchWarning) as plain:
+        batchnorm.BatchNorm1d(3)(x)
+    with pytest.warns(batchnorm.SmallBatchWarning) as renorm:
+        batchnorm.BatchRenorm1d(3)(x)
+    assert "BatchRenorm" in str(plain[0].message)
+    assert "Use larger batches, or GroupNorm" in str(renorm[0].message)

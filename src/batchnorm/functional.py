@@ -903,6 +903,8 @@ def update_running_stats(
     Returns False (and changes nothing) when the batch statistics are not finite.
     """
     # (1 − momentum)·running + momentum·(m/(m−1))·σ²_B, with the Bessel factor folded into alpha
+    if isinstance(count, Tensor):  # a traced count: the factor in float64, as for a Python int
+        count = count.to(torch.float64)  # type: ignore[assignment]
     alpha = momentum * count / (count - 1) if unbiased else momentum
     if blend_running(RunningStats(running_mean, running_var, momentum, alpha), mean, var):
         return True

@@ -1,9 +1,10 @@
 """What a trained model needs around batch normalization: exact population statistics
 (:func:`recalibrate`), and deployment without BN (:func:`fold`, :func:`to_inference`).
 
-Recalibration (Algorithm 2 of Ioffe & Szegedy 2015, with exact pooling): the running averages a
-layer keeps during training lag behind the weights (Wu & Johnson 2021, "Rethinking 'Batch' in
-BatchNorm"); after weight averaging (SWA/EMA), pruning, or a change of data (AdaBN, Li et al.
+Recalibration (population statistics as the mean and variance pooled over all the values seen,
+where Algorithm 2 of Ioffe & Szegedy 2015 averages the per-batch variances): the running averages
+a layer keeps during training lag behind the weights (Wu & Johnson 2021, "Rethinking 'Batch' in
+BatchNorm", whose "precise BN" pools the same way); after weight averaging (SWA/EMA), pruning, or a change of data (AdaBN, Li et al.
 2016: recompute the statistics on the target domain, no labels needed) they are simply wrong.
 :func:`recalibrate` recomputes them in one pass over the data.
 
@@ -244,11 +245,15 @@ def recalibrate(
 ) -> int:
     """Recompute the running statistics of every BN layer of ``model`` exactly, in one pass.
 
-    Each layer gets ``running_mean = E[x]`` and ``running_var = m/(m−1)·Var[x]`` (biased for
-    layers with ``unbiased_running_var=False``) over all the values it saw — the population
-    statistics of Algorithm 2, weighted by values (samples), where ``torch.optim.swa_utils
-    .update_bn`` weights every batch equally. Layers frozen with :func:`batchnorm.freeze` and
-    layers without running statistics are left alone; every module's train/eval mode and each
+    Each layer gets the pooled mean and variance of all the values it saw in the pass:
+    ``running_mean = E[x]`` and ``running_var = m/(m−1)·Var[x]`` with m the total number of
+    values per channel (biased, without m/(m−1), for layers with ``unbiased_running_var=False``).
+    This differs from Algorithm 2's ``m/(m−1)·E_B[σ²_B]`` (m the batch size), the average of the
+    variances within each batch, which ``torch.optim.swa_utils.update_bn`` computes: the pooled
+    variance also counts the spread between the batch means. For shuffled (i.i.d.) batches the
+    two estimate the same quantity; when the batch means differ (unshuffled, class-sorted or
+    per-domain batches) the pooled variance can be much larger. Layers frozen with
+    :func:`batchnorm.freeze` and layers without running statistics are left alone; every module's train/eval mode and each
     layer's momentum and ``num_batches_tracked`` are restored. The pass runs the model in eval
     mode with the BN layers in training mode (batch statistics, dropout off); a layer that
     saw no data keeps its statistics (with a warning).

@@ -15,6 +15,7 @@ the math is :mod:`batchnorm.functional`'s.
 from __future__ import annotations
 
 import warnings
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -61,6 +62,11 @@ def _per_channel(v: Tensor, x: Tensor, axis: int) -> Tensor:
 # Batch Renormalization
 
 
+def _limits_dtype(t: Tensor) -> torch.dtype:
+    """float64 for the warm-up arithmetic (the Python floats' precision) where the device has it."""
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
 class _Renorm(_BatchNormBase):
     r"""Batch Renormalization's training step (Ioffe 2017, arXiv 1702.03275).
 
@@ -99,10 +105,29 @@ class _Renorm(_BatchNormBase):
         **kwargs: Any,
     ) -> None:
         name = type(self).__name__
+        for arg, value, kind, example in (
+            ("r_max", r_max, Real, "3.0"),
+            ("d_max", d_max, Real, "5.0"),
+            ("warmup_steps", warmup_steps, Integral, "5000"),
+            ("r_max_step", r_max_step, Integral, "40000"),
+            ("d_max_step", d_max_step, Integral, "25000"),
+        ):
+            if not isinstance(value, kind) or isinstance(value, bool):
+                want = "a number" if kind is Real else "an int"
+                raise ValueError(
+                    f"{name}({num_features}): {arg} must be {want}, got {value!r} of type "
+                    f"{type(value).__name__}; pass e.g. {arg}={example} (the paper's value)"
+                )
         if not r_max >= 1.0:
-            raise ValueError(f"{name}({num_features}): r_max must be >= 1, got {r_max!r}")
+            raise ValueError(
+                f"{name}({num_features}): r_max must be a number >= 1 (1 disables the scale "
+                f"correction), got {r_max!r}"
+            )
         if not d_max >= 0.0:
-            raise ValueError(f"{name}({num_features}): d_max must be >= 0, got {d_max!r}")
+            raise ValueError(
+                f"{name}({num_features}): d_max must be a number >= 0 (0 disables the shift "
+                f"correction), got {d_max!r}"
+            )
         if not 0 <= warmup_steps <= min(r_max_step, d_max_step):
             raise ValueError(
                 f"{name}({num_features}): need 0 <= warmup_steps <= r_max_step and d_max_step, "
@@ -116,7 +141,11 @@ class _Renorm(_BatchNormBase):
             )
         super().__init__(num_features, *args, **kwargs)
         self.r_max, self.d_max = float(r_max), float(d_max)
-        self.warmup_steps, self.r_max_step, self.d_max_step = warmup_steps, r_max_step, d_max_step
+        self.warmup_steps, self.r_max_step, self.d_max_step = (
+            int(warmup_steps),
+            int(r_max_step),
+            int(d_max_step),
+        )
         # r and d of the last training step, for monitoring how far the correction reaches
         self.last_r: Tensor | None = None
         self.last_d: Tensor | None = None
@@ -124,16 +153,31 @@ class _Renorm(_BatchNormBase):
     def renorm_limits(self) -> tuple[float, float]:
         """``(r_max, d_max)`` for the next training step, from the warm-up schedule."""
         assert self.num_batches_tracked is not None
-        t = int(self.num_batches_tracked)
+        return self._schedule(int(self.num_batches_tracked))
 
-        def ramp(end: int) -> float:
-            if t < self.warmup_steps:
-                return 0.0
-            if end <= self.warmup_steps:
-                return 1.0
-            return min(1.0, (t - self.warmup_steps) / (end - self.warmup_steps))
+    def _schedule(self, t: Any) -> tuple[Any, Any]:
+        """``(r_max, d_max)`` after ``t`` updates: Python floats for an int ``t``, tensors for a
+        floating tensor ``t`` (traced or compiled modules then follow the counter)."""
+        w = self.warmup_steps
+
+        def ramp(end: int) -> Any:
+            # 0 before update w, then linear up to 1 at update `end` (a step at w if end == w)
+            v = t - w + 1 if end <= w else (t - w) / (end - w)
+            return v.clamp(0.0, 1.0) if isinstance(v, Tensor) else min(1.0, max(0.0, v))
 
         return 1.0 + (self.r_max - 1.0) * ramp(self.r_max_step), self.d_max * ramp(self.d_max_step)
+
+    def _clip_bounds(self, var: Tensor) -> tuple[Any, Any, Any]:
+        """``(1/r_max, r_max, d_max)`` for this step: Python floats in eager mode; under
+        ``torch.jit.trace`` or ``torch.compile``, tensors computed from ``num_batches_tracked``
+        in the graph, so the traced or compiled module follows the warm-up schedule."""
+        nbt = self.num_batches_tracked
+        assert nbt is not None
+        if not (F._tracing() or torch.compiler.is_compiling()):
+            r_max, d_max = self.renorm_limits()
+            return 1.0 / r_max, r_max, d_max
+        r_max_t, d_max_t = self._schedule(nbt.to(_limits_dtype(nbt)))
+        return (1.0 / r_max_t).to(var.dtype), r_max_t.to(var.dtype), d_max_t.to(var.dtype)
 
     def _forward_train(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         assert self.running_mean is not None and self.running_var is not None
@@ -148,11 +192,11 @@ class _Renorm(_BatchNormBase):
             layer=self.layer_name(),
             mask=mask,
         )
-        r_max, d_max = self.renorm_limits()
         with torch.no_grad():  # r and d are constants for the gradient (the paper's stop_gradient)
+            r_lo, r_hi, d_hi = self._clip_bounds(var)
             sigma = torch.sqrt(self.running_var.to(var.dtype) + self.eps)
-            r = (torch.sqrt(var + self.eps) / sigma).clamp(1.0 / r_max, r_max)
-            d = ((mean - self.running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
+            r = torch.clamp(torch.sqrt(var + self.eps) / sigma, min=r_lo, max=r_hi)
+            d = torch.clamp((mean - self.running_mean.to(mean.dtype)) / sigma, min=-d_hi, max=d_hi)
         self.last_r, self.last_d = r, d
         scale: Tensor = r if self.weight is None else self.weight.to(r.dtype) * r
         shift: Tensor = d if self.weight is None else self.weight.to(d.dtype) * d
@@ -221,6 +265,35 @@ def ghost_chunks(n: int, virtual_batch_size: int, values_per_sample: int) -> lis
     return sizes
 
 
+def _valid_per_sample(input: Tensor, mask: Tensor, axis: int) -> list[int]:
+    """How many valid values per channel each sample (dimension 0) of ``input`` has; ``mask``
+    as :func:`~batchnorm.functional.check_mask` returns it, expanded along dimension 0."""
+    shape = list(input.shape)
+    shape[axis % input.dim()] = 1
+    return [int(c) for c in mask.expand(shape).reshape(input.shape[0], -1).sum(1).tolist()]
+
+
+def _merge_sparse_chunks(sizes: list[int], valid: list[int]) -> list[int]:
+    """The virtual batch ``sizes`` with every chunk of fewer than 2 valid values per channel
+    (``valid``: per sample) joined with the chunks after it until it has 2; a remainder that
+    never reaches 2 joins the last chunk that did (or is the whole batch if none did)."""
+    merged: list[int] = []
+    size = count = start = 0
+    for chunk in sizes:
+        count += sum(valid[start : start + chunk])
+        start += chunk
+        size += chunk
+        if count >= 2:
+            merged.append(size)
+            size = count = 0
+    if size:
+        if merged:
+            merged[-1] += size
+        else:
+            merged.append(size)
+    return merged
+
+
 class _Ghost(_BatchNormBase):
     r"""Ghost batch normalization (Hoffer, Hubara & Soudry 2017, "Train longer, generalize
     better"; Keras' ``virtual_batch_size``).
@@ -229,10 +302,17 @@ class _Ghost(_BatchNormBase):
     ``virtual_batch_size`` samples; each is normalized with its own statistics
     (y = γ (x − μ_v)/√(σ²_v + ε) + β). An uneven last chunk keeps the remainder (merged into the
     previous chunk if it would have fewer than 2 values per channel; see :func:`ghost_chunks`).
+    With a ``mask``, a virtual batch left with fewer than 2 valid values per channel (short
+    sequences sorted into one bucket, say) is joined with the virtual batches after it until
+    it has 2, and a last one that never gets there joins the previous one; if the whole batch
+    has fewer than 2 valid values, the usual error of a batch too small for batch statistics
+    is raised.
 
     Running statistics rule: one update per virtual batch, in order, each with the layer's
     momentum — exactly what a plain BN layer fed the chunks one after another would store;
-    ``num_batches_tracked`` counts virtual batches. Eval mode is plain BN.
+    ``num_batches_tracked`` counts virtual batches. Eval mode is plain BN: with running
+    statistics it normalizes with them; without (``track_running_stats=False``) it normalizes
+    with the statistics of the whole batch, not per virtual batch, as ``torch.nn`` does.
 
     Each virtual batch goes through the parent class's training step, so ghost batches combine
     with batch renormalization by inheritance:
@@ -256,6 +336,11 @@ class _Ghost(_BatchNormBase):
         self.virtual_batch_size = virtual_batch_size
 
     def _forward_train(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        parent_step = super()._forward_train  # bound here: a comprehension has no super()
+        if not self.training:
+            # eval mode without running statistics: the whole batch's statistics, as torch.nn
+            # uses for track_running_stats=False
+            return parent_step(input, mask=mask)
         if self.axis % input.dim() == 0:
             raise BatchNormInputError(
                 f"{self.layer_name()}: ghost batches split dimension 0, which is the channel "
@@ -276,11 +361,11 @@ class _Ghost(_BatchNormBase):
             masks = [None] * len(sizes)
         else:
             mask_b = mask.expand(n, *mask.shape[1:]) if mask.shape[0] == 1 else mask
+            sizes = _merge_sparse_chunks(sizes, _valid_per_sample(input, mask_b, self.axis))
             masks = list(torch.split(mask_b, sizes))
         # each virtual batch is one training step of the parent class (plain BN, or batch
         # renorm in a class combining both), so the running statistics are updated in order,
         # once per virtual batch
-        parent_step = super()._forward_train  # bound here: a comprehension has no super()
         outs = [parent_step(c, mask=m) for c, m in zip(torch.split(input, sizes), masks)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
@@ -332,7 +417,9 @@ class FrozenBatchNorm(nn.Module):
     in training and eval mode alike, with no parameters to learn (torchvision's
     ``FrozenBatchNorm2d``; e.g. detection backbones fine-tuned with a few images per batch).
     ``weight``, ``bias``, ``running_mean`` and ``running_var`` are buffers, so a
-    ``torch.nn.BatchNorm`` ``state_dict`` loads into it (``num_batches_tracked`` is ignored).
+    ``torch.nn.BatchNorm`` ``state_dict`` loads into it (``num_batches_tracked`` is ignored; a
+    checkpoint without ``weight`` or ``bias``, from ``affine=False`` or ``bias=False``, loads
+    as γ = 1 or β = 0, as :meth:`from_batchnorm` gives).
 
     Args:
         num_features: C. eps: ε. axis: the channel axis (any rank).
@@ -423,6 +510,12 @@ class FrozenBatchNorm(nn.Module):
         error_msgs: list[str],
     ) -> None:
         state_dict.pop(prefix + "num_batches_tracked", None)  # a BN checkpoint loads as is
+        rm = state_dict.get(prefix + "running_mean")
+        if isinstance(rm, Tensor):
+            # a BN layer without γ (affine=False, Keras' scale=False) or β (bias=False,
+            # center=False) has none in its checkpoint: its map uses γ = 1, β = 0
+            state_dict.setdefault(prefix + "weight", torch.ones_like(rm))
+            state_dict.setdefault(prefix + "bias", torch.zeros_like(rm))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -480,6 +573,7 @@ class FrozenBatchNorm3d(FrozenBatchNorm):
 
 _BN_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, _BatchNormBase)
 _FROZEN = "_batchnorm_frozen"  # attribute marking a frozen layer: the γ/β names we switched off
+_FROZEN_MODE = "_batchnorm_frozen_training"  # a frozen layer's train/eval mode before freeze
 
 
 def _stay_in_eval(module: nn.Module, args: Any) -> None:
@@ -499,7 +593,8 @@ def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def freeze(model: nn.Module, *, affine: bool = False) -> nn.Module:
     """Freeze every batch-norm layer of ``model`` (ours and ``torch.nn``'s): they normalize with
     their running statistics and never update them, even after ``model.train()``; with
-    ``affine=True`` γ and β stop receiving gradients too (``requires_grad=False``).
+    ``affine=True`` γ and β stop receiving gradients too (``requires_grad=False``), also on
+    layers an earlier call froze without it (staged fine-tuning: statistics first, then γ, β).
 
     The layers keep their class and state (a pre-forward hook keeps them in eval mode), so
     :func:`unfreeze` restores them exactly. Freezing statistics that were never updated (mean 0,
@@ -526,6 +621,8 @@ def freeze(model: nn.Module, *, affine: bool = False) -> nn.Module:
                 "or recompute statistics first with a layer that tracks them"
             )
         if is_frozen(m):
+            if affine:  # frozen before without γ/β: switch them off now, for unfreeze too
+                getattr(m, _FROZEN).extend(_switch_off_affine(m))
             continue
         if bool((rm == 0).all() and (rv == 1).all()):
             warnings.warn(
@@ -535,21 +632,26 @@ def freeze(model: nn.Module, *, affine: bool = False) -> nn.Module:
                 FrozenStatisticsWarning,
                 stacklevel=2,
             )
-        switched: list[str] = []
-        if affine:
-            for pname in ("weight", "bias"):
-                p = getattr(m, pname, None)
-                if isinstance(p, nn.Parameter) and p.requires_grad:
-                    p.requires_grad_(False)
-                    switched.append(pname)
-        _mark_frozen(m, switched)
+        _mark_frozen(m, _switch_off_affine(m) if affine else [], m.training)
     return model
 
 
-def _mark_frozen(m: nn.Module, switched: list[str]) -> None:
-    """Freeze one layer: the marker (γ/β names whose gradients were switched off) and the
-    pre-forward hook that keeps it in eval mode."""
+def _switch_off_affine(m: nn.Module) -> list[str]:
+    """Set ``requires_grad=False`` on the layer's γ and β; the names of those switched off."""
+    switched: list[str] = []
+    for pname in ("weight", "bias"):
+        p = getattr(m, pname, None)
+        if isinstance(p, nn.Parameter) and p.requires_grad:
+            p.requires_grad_(False)
+            switched.append(pname)
+    return switched
+
+
+def _mark_frozen(m: nn.Module, switched: list[str], training: bool) -> None:
+    """Freeze one layer: the marker (γ/β names whose gradients were switched off), its mode
+    before freezing, and the pre-forward hook that keeps it in eval mode."""
     setattr(m, _FROZEN, switched)
+    setattr(m, _FROZEN_MODE, training)
     m.register_forward_pre_hook(_stay_in_eval)
     m.training = False
 
@@ -558,21 +660,25 @@ def freeze_like(src: nn.Module, dst: nn.Module) -> None:
     """Freeze ``dst`` as ``src`` is frozen (nothing if it is not), so that :func:`unfreeze`
     restores ``dst`` as it would ``src`` — for a layer replaced by another class."""
     if is_frozen(src):
-        _mark_frozen(dst, list(getattr(src, _FROZEN)))
+        _mark_frozen(dst, list(getattr(src, _FROZEN)), getattr(src, _FROZEN_MODE, src.training))
 
 
 def unfreeze(model: nn.Module) -> nn.Module:
     """Undo :func:`freeze`: the layers follow ``model``'s train/eval mode again (they take the
-    mode of ``model`` now) and γ, β get back ``requires_grad=True`` if freeze switched it off.
+    mode of ``model`` now; a BN layer passed as ``model`` itself gets back the mode it had
+    when it was frozen) and γ, β get back ``requires_grad=True`` if freeze switched it off.
     Returns ``model``."""
     for _, m in _bn_layers(model):
         if not is_frozen(m):
             continue
         for pname in getattr(m, _FROZEN):
             getattr(m, pname).requires_grad_(True)
+        mode = getattr(m, _FROZEN_MODE, model.training)
         delattr(m, _FROZEN)
+        if hasattr(m, _FROZEN_MODE):
+            delattr(m, _FROZEN_MODE)
         for key, hook in list(m._forward_pre_hooks.items()):
             if hook is _stay_in_eval:
                 del m._forward_pre_hooks[key]
-        m.training = model.training
+        m.training = mode if m is model else model.training
     return model

@@ -430,10 +430,18 @@ class _BatchNormBase(nn.Module):
         # getattr: layers unpickled from before this attribute existed
         if 2 <= count <= SMALL_COUNT_WARNING and not getattr(self, "_warned_small", False):
             self._warned_small = True
+            # remedies the layer is not already using (a renorm layer has r_max, a ghost layer
+            # virtual_batch_size: its statistics come from virtual batches)
+            if hasattr(self, "virtual_batch_size"):
+                remedy = "a larger virtual_batch_size, larger batches, or GroupNorm"
+            elif hasattr(self, "r_max"):
+                remedy = "larger batches, or GroupNorm for tiny batches"
+            else:
+                remedy = "larger batches, BatchRenorm, or GroupNorm for tiny batches"
             warnings.warn(
                 f"{self.layer_name()}: training batch of shape {tuple(input.shape)} gives only "
                 f"{count} values per channel; batch statistics this noisy hurt accuracy. Use "
-                "larger batches, GhostBatchNorm/BatchRenorm, or GroupNorm for tiny batches.",
+                f"{remedy}.",
                 SmallBatchWarning,
                 stacklevel=5,  # the caller of the layer (through Module.__call__)
             )
