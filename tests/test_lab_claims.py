@@ -17,6 +17,7 @@ import torch
 
 from batchnorm.lab import registry
 from batchnorm.lab import train as lab_train
+from batchnorm.lab.config import ConfigError
 from batchnorm.lab.experiments import (
     _nets,
     dropout,
@@ -74,16 +75,21 @@ def _beats_spread(m: dict[str, Any], sign: bool = True) -> bool:
 
 
 def _benefit(m: dict[str, Any], prefix: str) -> float | None:
-    ranked = {
-        a: _rank(acc, m["diverged_seeds"][a], -math.inf)
-        for a, acc in m["acc"].items()
-        if a.startswith(prefix + "-p")
+    """Held-out accuracy at the rate chosen on the validation set minus that without dropout."""
+    val = {
+        a: _rank(v, m["diverged_seeds"][a], -math.inf)
+        for a, v in m["val_acc"].items()
+        if a.startswith(prefix + "-p") and a != prefix + "-p0"
     }
-    drops = [v for a, v in ranked.items() if a != prefix + "-p0" and v is not None]
-    base = ranked.get(prefix + "-p0")
-    if not drops or base is None:
+    scored = [(v, a) for a, v in val.items() if v is not None]
+    if not scored:
         return None
-    d = max(drops) - base
+    best = max(scored)[1]
+    assert m["chosen"][prefix] == best
+    acc = {a: _rank(v, m["diverged_seeds"][a], -math.inf) for a, v in m["acc"].items()}
+    if acc[best] is None or acc.get(prefix + "-p0") is None:
+        return None
+    d = acc[best] - acc[prefix + "-p0"]
     return None if math.isnan(d) else d
 
 
@@ -283,6 +289,9 @@ class _FakeData:
     input_shape = (1, 8, 8)
     split = "test"
     x_train = np.zeros((500, 64))
+    y_train = np.zeros(500)
+    x_test = np.zeros((100, 64))
+    y_test = np.zeros(100)
 
     def info(self) -> dict[str, Any]:
         return {"name": "fake"}
@@ -457,7 +466,7 @@ def _dropout_make(diverged_arms: dict[str, int]) -> Callable[[str], dict[str, An
                 "extra": {"mismatch": {}},
             }
         return {
-            "train": _train([0.1, acc[name]], train_acc=[0.1, 0.99]),
+            "train": _train([0.1, acc[name]], train_acc=[0.1, 0.99], val_acc=[0.1, acc[name]]),
             "extra": {"mismatch": mm},
         }
 
@@ -465,7 +474,9 @@ def _dropout_make(diverged_arms: dict[str, int]) -> Callable[[str], dict[str, An
 
 
 def test_dropout_arm_with_a_diverged_seed_ranks_lowest(monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = dropout.DropoutConfig(seeds=2, final_window=1, hidden=(32, 32), dropout_rates=(0.0, 0.5))
+    cfg = dropout.DropoutConfig(
+        seeds=2, final_window=1, hidden=(32, 32), dropout_rates=(0.0, 0.5), n_train=300, n_val=100
+    )
     c, _ = _stub_run(monkeypatch, dropout, cfg, _dropout_make({"BN-last-p0.5": 1}))
     hurt = c["variance-shift-hurts"]
     assert hurt.verdict is False  # its surviving seed (0.88) would have beaten 0.86
@@ -495,15 +506,49 @@ def test_dropout_arm_with_a_diverged_seed_ranks_lowest(monkeypatch: pytest.Monke
         assert _recompute(claim.id)(claim.measured) == claim.verdict
 
 
+def test_dropout_rate_is_chosen_on_the_validation_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rate whose benefit is judged is the one with the best validation accuracy, not the
+    best test accuracy (choosing by test accuracy inflated both benefits)."""
+    test = {"noBN-p0": 0.80, "noBN-p0.2": 0.81, "noBN-p0.5": 0.86, "BN-p0": 0.85,
+            "BN-p0.2": 0.87, "BN-p0.5": 0.84, "BN-last-p0.2": 0.8, "BN-last-p0.5": 0.8}  # fmt: skip
+    val = dict(test, **{"noBN-p0.2": 0.90, "noBN-p0.5": 0.82})  # no-BN's best on validation: 0.2
+
+    def make(key: str) -> dict[str, Any]:
+        name = key.rsplit("-seed", 1)[0]
+        return {"train": _train([0.1, test[name]], train_acc=[0.1, 0.9], val_acc=[0.1, val[name]]),
+                "extra": {"mismatch": {}}}  # fmt: skip
+
+    cfg = dropout.DropoutConfig(
+        seeds=1, final_window=1, hidden=(32, 32), dropout_rates=(0.0, 0.2, 0.5), n_train=300,
+        n_val=100,
+    )  # fmt: skip
+    c, _ = _stub_run(monkeypatch, dropout, cfg, make)
+    claim = c["bn-reduces-dropout-benefit"]
+    assert claim.measured["chosen"] == {"noBN": "noBN-p0.2", "BN": "BN-p0.2"}
+    # no-BN's benefit is 0.01 (at 0.2), not 0.06 (at 0.5, the best test accuracy): BN's 0.02
+    # is larger, so BN does not reduce it here
+    assert claim.measured["benefit_without_BN"] == pytest.approx(0.01)
+    assert claim.verdict is False
+    assert _recompute(claim.id)(claim.measured) is False
+    with pytest.raises(ConfigError, match="n_val"):
+        dropout._split(dropout.DropoutConfig(n_train=450, n_val=100), _FakeData())  # type: ignore[arg-type]
+
+
 def test_dropout_and_init_part_names_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = dropout.DropoutConfig(
-        seeds=1, final_window=1, hidden=(32, 32), dropout_rates=(0.0, 0.5, 0.5000001)
+        seeds=1,
+        final_window=1,
+        hidden=(32, 32),
+        dropout_rates=(0.0, 0.5, 0.5000001),
+        n_train=300,
+        n_val=100,
     )
     acc = {"p0": 0.8, "p0.5": 0.84, "p0.5000001": 0.85}
 
     def make(key: str) -> dict[str, Any]:
         name = key.rsplit("-seed", 1)[0]
-        return {"train": _train([0.1, acc[name.rsplit("-", 1)[1]]], train_acc=[0.1, 0.9]),
+        a = acc[name.rsplit("-", 1)[1]]
+        return {"train": _train([0.1, a], train_acc=[0.1, 0.9], val_acc=[0.1, a]),
                 "extra": {"mismatch": {}}}  # fmt: skip
 
     _, ctx = _stub_run(monkeypatch, dropout, cfg, make)

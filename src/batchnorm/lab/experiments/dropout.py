@@ -21,8 +21,10 @@ statistics mismatch of :func:`batchnorm.analysis.bn_statistics_mismatch` on held
 
 Claims:
 
-* BN reduces the benefit of dropout: (best accuracy with dropout − accuracy without) is
-  smaller with BN than without;
+* BN reduces the benefit of dropout: (held-out accuracy with the best dropout rate − accuracy
+  without) is smaller with BN than without; the best rate is chosen on a validation set of
+  ``n_val`` training images that no arm trains on (choosing it by the test accuracy it is then
+  judged on would inflate both benefits);
 * BN regularizes: without dropout, the BN network's generalization gap is smaller;
 * dropout before BN shifts the variance: the BN layers preceded by dropout have
   ``|log var_ratio|`` larger than the same layers in the ``BN-last`` arm;
@@ -50,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from batchnorm.analysis import bn_statistics_mismatch
 from batchnorm.diagnostics import before_after
@@ -99,6 +101,7 @@ class DropoutConfig(BaseConfig):
     n_train: int = 5000
     n_eval: int = 2000
     n_train_eval: int = 2000
+    n_val: int = 2000
 
     QUICK = {
         "steps": 80,
@@ -107,6 +110,7 @@ class DropoutConfig(BaseConfig):
         "n_train": 500,
         "n_eval": 300,
         "n_train_eval": 300,
+        "n_val": 200,
         "final_window": 2,
     }
 
@@ -124,6 +128,8 @@ class DropoutConfig(BaseConfig):
             raise ConfigError(f"dropout rates must be in [0, 1), got {self.dropout_rates}")
         if len(self.hidden) < 2:
             raise ConfigError("hidden needs >= 2 layers so that a dropout can precede a BN")
+        if self.n_val < 1:
+            raise ConfigError(f"n_val must be >= 1 (the validation images), got {self.n_val}")
 
 
 def _net(cfg: DropoutConfig, ds: Dataset, bn: bool, p: float, where: str) -> nn.Module:
@@ -141,9 +147,25 @@ def _net(cfg: DropoutConfig, ds: Dataset, bn: bool, p: float, where: str) -> nn.
     return net
 
 
+def _split(cfg: DropoutConfig, ds: Dataset) -> tuple[Dataset, tuple[Tensor, Tensor]]:
+    """The training set (its first ``n_train`` images, all but the validation images when
+    ``n_train`` is 0) and the ``n_val`` training images after them, for choosing the rate."""
+    total = ds.x_train.shape[0]
+    n = cfg.n_train or total - cfg.n_val
+    if n < cfg.batch_size or n + cfg.n_val > total:
+        raise ConfigError(
+            f"dropout: {total} training images do not hold n_train={cfg.n_train} training and "
+            f"n_val={cfg.n_val} validation images (at least batch_size={cfg.batch_size} for "
+            "training); lower n_train or n_val"
+        )
+    val = (ds.x_train[n : n + cfg.n_val], ds.y_train[n : n + cfg.n_val])
+    return ds.subset(train=n, test=ds.x_test.shape[0]), val
+
+
 def _train(
     cfg: DropoutConfig,
     ds: Dataset,
+    val: tuple[Tensor, Tensor],
     bn: bool,
     p: float,
     where: str,
@@ -161,7 +183,11 @@ def _train(
         ds.y_train,
         steps=cfg.steps,
         batch_size=cfg.batch_size,
-        eval_sets={"test": (ds.x_test, ds.y_test), "train": (ds.x_train[:n], ds.y_train[:n])},
+        eval_sets={
+            "test": (ds.x_test, ds.y_test),
+            "train": (ds.x_train[:n], ds.y_train[:n]),
+            "val": val,
+        },
         eval_every=cfg.eval_every,
         seed=seed,
         threads=cfg.threads,
@@ -241,7 +267,8 @@ def figures(run: RunData, out: Path) -> list[Path]:
 )
 def run(cfg: DropoutConfig, ctx: RunContext) -> Results:
     """Train every arm and seed; claims from accuracies, gaps and measured BN statistics."""
-    ds = load_data(cfg, ctx, cfg.n_train, cfg.n_eval)
+    full = load_data(cfg, ctx, cfg.n_train and cfg.n_train + cfg.n_val, cfg.n_eval)
+    ds, val = _split(cfg, full)
     seeds = cfg.seed_list()
     rates = sorted(cfg.dropout_rates)
     top = rates[-1]
@@ -256,12 +283,13 @@ def run(cfg: DropoutConfig, ctx: RunContext) -> Results:
             res = cached_train(
                 ctx,
                 f"{name}-seed{seed}",
-                partial(_train, cfg, ds, bn, p, where, seed, ctx.progress),
+                partial(_train, cfg, ds, val, bn, p, where, seed, ctx.progress),
             )
             results[name].append(res)
             rows += arm_rows(name, seed, res["train"], bn=bn, dropout=p, where=where)
     w = cfg.final_window
     test = {a: [final_acc(r["train"], "test_acc", w) for r in rs] for a, rs in results.items()}
+    valid = {a: [final_acc(r["train"], "val_acc", w) for r in rs] for a, rs in results.items()}
     tr = {a: [final_acc(r["train"], "train_acc", w) for r in rs] for a, rs in results.items()}
     gap = {
         a: [None if x is None or y is None else x - y for x, y in zip(tr[a], test[a])]
@@ -300,11 +328,17 @@ def run(cfg: DropoutConfig, ctx: RunContext) -> Results:
         d = x - y
         return None if math.isnan(d) else d
 
-    def benefit(prefix: str) -> float | None:
-        base = m.get(f"{prefix}-p0")
+    # ranked validation accuracy: the rate with dropout is chosen on it, never on the test set
+    mv = {a: ranked(mean_std(v)["mean"], div[a], -math.inf) for a, v in valid.items()}
+
+    def chosen(prefix: str) -> str | None:
         arms = [_arm_name(prefix == "BN", p, "every") for p in rates if p > 0]
-        with_drop = [v for a in arms if (v := m[a]) is not None]
-        return None if not with_drop else difference(max(with_drop), base)
+        scored = [(v, a) for a in arms if (v := mv[a]) is not None]
+        return max(scored)[1] if scored else None
+
+    def benefit(prefix: str) -> float | None:
+        best = chosen(prefix)
+        return None if best is None else difference(m[best], m.get(f"{prefix}-p0"))
 
     b_nobn, b_bn = benefit("noBN"), benefit("BN")
     benefit_arms = [_arm_name(bn, p, "every") for bn in (False, True) for p in rates]
@@ -326,12 +360,15 @@ def run(cfg: DropoutConfig, ctx: RunContext) -> Results:
                 "benefit_without_BN": finite(b_nobn),
                 "benefit_with_BN": finite(b_bn),
                 "acc": {a: mean_std(test[a])["mean"] for a in benefit_arms},
+                "val_acc": {a: mean_std(valid[a])["mean"] for a in benefit_arms},
+                "chosen": {"noBN": chosen("noBN"), "BN": chosen("BN")},
                 **divergence({a: div[a] for a in benefit_arms}),
             },
             source=SOURCE + " (BN-x5: dropout removed)",
             seeds=seeds,
-            details="benefit = best seed-mean final held-out accuracy over the positive "
-            "dropout rates minus the accuracy without dropout; supported if BN's benefit < "
+            details="benefit = seed-mean final held-out accuracy at the positive dropout rate "
+            f"with the best validation accuracy ({cfg.n_val} training images no arm trains on) "
+            "minus the accuracy without dropout; supported if BN's benefit < "
             f"no-BN's; {RANK_RULE} (a diverged arm without dropout makes the benefit +inf, "
             "diverged arms with every rate make it -inf; undefined, not supported, when both)",
         ),
