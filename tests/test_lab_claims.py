@@ -779,8 +779,8 @@ def test_initialization_scales_the_hidden_layers_only(monkeypatch: pytest.Monkey
     for bn in (False, True):
         initialization._train(cfg, data, bn, 10.0, 0, False)  # type: ignore[arg-type]
     for net in nets:
-        assert all(float(b.linear.weight.std()) > 5 for b in net.hidden)  # type: ignore[union-attr]
-        assert float(net.out.weight.std()) < 0.2  # type: ignore[union-attr, arg-type]
+        assert all(float(b.linear.weight.detach().std()) > 5 for b in net.hidden)  # type: ignore[union-attr]
+        assert float(net.out.weight.detach().std()) < 0.2  # type: ignore[union-attr, arg-type]
 
 
 def test_initialization_scale_with_any_diverged_seed_counts_as_chance(
