@@ -505,3 +505,46 @@ def test_node_backward_takes_batched_gradients() -> None:
     jx_ref, jw_ref = torch.autograd.grad(y_ref, (x, w), eye, is_grads_batched=True)
     torch.testing.assert_close(jx, jx_ref)
     torch.testing.assert_close(jw, jw_ref)
+
+
+def test_inference_takes_the_node_directly_only_where_the_general_path_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The short inference path calls the node exactly when the general one would have chosen
+    it: not with another backend asked for (argument or environment), not when a graph is
+    needed, not under jit.trace, and not when the node is off."""
+    calls: list[int] = []
+    marker = torch.full((2, 3), 7.0)
+
+    class Ext:
+        def evaluate(self, *args: object) -> torch.Tensor:
+            calls.append(1)
+            return marker
+
+    monkeypatch.setattr(native, "_state", {"ext": Ext(), "tried": True})
+    x = torch.randn(2, 3)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    w = torch.ones(3, requires_grad=True)
+
+    def run(**kw: object) -> torch.Tensor:
+        calls.clear()
+        return F.batch_norm_eval(x, rm, rv, w, None, 1e-5, **kw)  # type: ignore[arg-type]
+
+    with torch.no_grad():
+        assert run() is marker and calls == [1]
+        assert run(backend="numba") is marker and calls == [1]
+        assert run(backend="torch") is not marker and calls == []
+        monkeypatch.setenv("BATCHNORM_BACKEND", "torch")
+        assert run() is not marker and calls == []
+        monkeypatch.delenv("BATCHNORM_BACKEND")
+        monkeypatch.setenv("BATCHNORM_NATIVE", "0")
+        assert run() is not marker and calls == []
+        monkeypatch.delenv("BATCHNORM_NATIVE")
+    y = run()  # grad enabled and γ requires grad: the differentiable torch path
+    assert y is not marker and y.requires_grad and calls == []
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        calls.clear()
+        traced = torch.jit.trace(lambda t: F.batch_norm_eval(t, rm, rv), (x,), check_trace=False)
+        assert calls == []  # tracing records torch operations, not a call of the node
+        assert traced(x) is not marker

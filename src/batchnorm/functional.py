@@ -36,7 +36,7 @@ import torch
 import torch.autograd.forward_ad as _fw_ad
 from torch import Tensor
 
-from batchnorm import _env
+from batchnorm import _env, kernels, native
 
 __all__ = [
     "batch_norm",
@@ -849,6 +849,10 @@ def batch_norm_eval(
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
+    if not needs_graph:
+        y = _node_eval(input, running_mean, running_var, weight, bias, eps, axis, backend)
+        if y is not None:
+            return y
     be = (
         _TORCH
         if needs_graph
@@ -861,6 +865,44 @@ def batch_norm_eval(
     xc, restore = canonical_layout(input, axis)
     # with a graph: differentiable in every argument, torch operations
     return restore(be.forward_eval(xc, running_mean, running_var, weight, bias, eps))
+
+
+def _node_eval(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    axis: int,
+    backend: str | None,
+) -> Tensor | None:
+    """Inference through the compiled node (:mod:`batchnorm.native`) in as few Python steps as
+    the checks allow, or None for the general path. A layer call after a large pass finds the
+    caches cold, and there every Python call costs microseconds: :func:`get_backend` and the
+    backend's own dispatch took ~60 µs more than these checks. What this skips is checked by
+    the node itself (dtype, device, layout, tensors with memory of their own: it returns None
+    for anything else) or needs no check here (the node is built only where the kernels run)."""
+    if backend not in (None, "auto", "numba"):
+        return None
+    if backend is None and _env.get("BATCHNORM_BACKEND") not in (None, "", "auto", "numba"):
+        return None
+    ext = native.loaded()
+    if (
+        ext is None
+        or _get_tracing_state() is not None  # _torch_ops_only(), inlined
+        or _fw_ad._current_level >= 0
+        or torch.compiler.is_compiling()
+        or _dispatch_stack_depth() > 0  # FakeTensorMode and other Python dispatch modes
+    ):
+        return None
+    return ext.evaluate(  # type: ignore[no-any-return]
+        x, axis, mean, var, weight, bias, kernels._threads(x.numel(), None), eps
+    )
+
+
+_get_tracing_state: Callable[[], Any] = torch._C._get_tracing_state
+_dispatch_stack_depth: Callable[[], int] = torch._C._len_torch_dispatch_stack
 
 
 def _inference_affine(

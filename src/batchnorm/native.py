@@ -28,7 +28,7 @@ from typing import Any
 
 from batchnorm import _env
 
-__all__ = ["load", "enabled"]
+__all__ = ["load", "loaded", "enabled"]
 
 _SOURCE = Path(__file__).with_name("native.cpp")
 
@@ -51,6 +51,12 @@ def enabled() -> bool:
     """Whether the node may be used: ``BATCHNORM_NATIVE`` is not ``0`` (read at every call,
     like ``BATCHNORM_BACKEND``)."""
     return _env.get("BATCHNORM_NATIVE") != "0"
+
+
+def loaded() -> Any | None:
+    """The extension if it is already built and loaded and not turned off, else None (never
+    builds: :func:`load` does)."""
+    return _state["ext"] if enabled() else None
 
 
 def _built(cpp_extension: Any, name: str) -> bool:
