@@ -548,3 +548,34 @@ def test_inference_takes_the_node_directly_only_where_the_general_path_would(
         traced = torch.jit.trace(lambda t: F.batch_norm_eval(t, rm, rv), (x,), check_trace=False)
         assert calls == []  # tracing records torch operations, not a call of the node
         assert traced(x) is not marker
+
+
+def test_training_step_takes_the_node_directly_only_where_the_general_path_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+    marker = torch.full((4, 3), 7.0)
+
+    class Ext:
+        def train(self, *args: object) -> tuple[torch.Tensor, torch.Tensor, bool]:
+            calls.append(1)
+            return marker, torch.zeros(3, 3), True
+
+    monkeypatch.setattr(native, "_state", {"ext": Ext(), "tried": True})
+    x = torch.randn(4, 3)
+
+    def run(**kw: object) -> torch.Tensor:
+        calls.clear()
+        y, _ = F.batch_norm_step(x, torch.zeros(3), torch.ones(3), **kw)  # type: ignore[arg-type]
+        return y
+
+    assert run() is marker and calls == [1]
+    assert run(backend="torch") is not marker and calls == []
+    monkeypatch.setenv("BATCHNORM_BACKEND", "torch")
+    assert run() is not marker and calls == []
+    monkeypatch.delenv("BATCHNORM_BACKEND")
+    monkeypatch.setenv("BATCHNORM_NATIVE", "0")
+    assert run() is not marker and calls == []
+    monkeypatch.delenv("BATCHNORM_NATIVE")
+    with torch.autograd.forward_ad.dual_level():
+        assert run() is not marker and calls == []

@@ -810,11 +810,19 @@ def batch_norm_step(
     ax = axis % input.dim() if input.dim() else axis
     count = _check_count(input, ax, layer)
     alpha = momentum * count / (count - 1) if unbiased_running_var else momentum
+    node = None
+    if (ext := _ready_node(backend)) is not None:
+        T = kernels._threads(input.numel(), None)
+        node = ext.train(
+            input, ax, weight, bias, running_mean, running_var, num_batches_tracked, T, eps,
+            momentum, alpha,
+        )  # fmt: skip
     running = RunningStats(running_mean, running_var, momentum, alpha, num_batches_tracked)
-    be = get_backend(
-        input, backend, also=(weight, bias, running_mean, running_var, num_batches_tracked)
-    )
-    node = be.train_node(input, ax, weight, bias, eps, running)
+    if node is None:
+        be = get_backend(
+            input, backend, also=(weight, bias, running_mean, running_var, num_batches_tracked)
+        )
+        node = be.train_node(input, ax, weight, bias, eps, running)
     if node is not None:
         y, _, updated = node
     elif _graph_needed(input, weight, bias) and not _torch_ops_only():
@@ -849,10 +857,11 @@ def batch_norm_eval(
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    if not needs_graph:
-        y = _node_eval(input, running_mean, running_var, weight, bias, eps, axis, backend)
+    if not needs_graph and (ext := _ready_node(backend)) is not None:
+        T = kernels._threads(input.numel(), None)
+        y = ext.evaluate(input, axis, running_mean, running_var, weight, bias, T, eps)
         if y is not None:
-            return y
+            return y  # type: ignore[no-any-return]
     be = (
         _TORCH
         if needs_graph
@@ -867,22 +876,15 @@ def batch_norm_eval(
     return restore(be.forward_eval(xc, running_mean, running_var, weight, bias, eps))
 
 
-def _node_eval(
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    axis: int,
-    backend: str | None,
-) -> Tensor | None:
-    """Inference through the compiled node (:mod:`batchnorm.native`) in as few Python steps as
-    the checks allow, or None for the general path. A layer call after a large pass finds the
-    caches cold, and there every Python call costs microseconds: :func:`get_backend` and the
-    backend's own dispatch took ~60 µs more than these checks. What this skips is checked by
-    the node itself (dtype, device, layout, tensors with memory of their own: it returns None
-    for anything else) or needs no check here (the node is built only where the kernels run)."""
+def _ready_node(backend: str | None) -> Any | None:
+    """The compiled node (:mod:`batchnorm.native`) when the general backend choice
+    (:func:`get_backend`) would reach it, found in a few checks, or None for the general path.
+
+    A layer call after a large pass finds the caches cold, and there every Python call costs
+    microseconds: :func:`get_backend` and the backend's own dispatch took ~60 µs more than
+    these checks. What this skips is checked by the node itself (dtype, device, layout,
+    tensors with memory of their own: it declines anything else, and the general path takes
+    over) or needs no check (the node is only built where the kernels run)."""
     if backend not in (None, "auto", "numba"):
         return None
     if backend is None and _env.get("BATCHNORM_BACKEND") not in (None, "", "auto", "numba"):
@@ -896,9 +898,7 @@ def _node_eval(
         or _dispatch_stack_depth() > 0  # FakeTensorMode and other Python dispatch modes
     ):
         return None
-    return ext.evaluate(  # type: ignore[no-any-return]
-        x, axis, mean, var, weight, bias, kernels._threads(x.numel(), None), eps
-    )
+    return ext
 
 
 _get_tracing_state: Callable[[], Any] = torch._C._get_tracing_state
