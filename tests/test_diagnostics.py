@@ -165,7 +165,8 @@ def test_stat_gaps_matches_hand_computed_formula():
     assert g.std_ratio_worst == pytest.approx(ratio[np.abs(np.log(ratio)).argmax()], rel=1e-9)
     assert g.count == 32 and g.batches == 3
     # sampling noise: batch-to-batch spread of the means, for a 3-batch average and an EMA(0.1)
-    sd = xs.mean(axis=1).std(axis=0, ddof=1)
+    # (the Gaussian standard error sqrt(var / count) is its floor)
+    sd = np.maximum(xs.mean(axis=1).std(axis=0, ddof=1), np.sqrt(var / 32))
     noise = sd * math.sqrt(1 / 3 + 0.1 / 1.9) / np.sqrt(rv + bn.eps)
     assert g.noise == pytest.approx(np.median(noise), rel=1e-9)
     big = shift > 5 * noise

@@ -444,3 +444,17 @@ def test_an_exception_while_importing_the_factory_file_is_one_line(project, caps
     assert doctor_cli(f"{bad}:f", "--data", str(project["npy"])) == 2
     err = one_line_error(capsys)
     assert f"importing {str(bad)!r} raised RuntimeError: config missing" in err, err
+
+
+def test_a_checkpoint_without_bn_buffers_is_loaded_and_diagnosed(project, capsys):
+    state = torch.load(project["ckpt"], weights_only=True)
+    params = {k: v for k, v in state.items() if "running" not in k and "num_batches" not in k}
+    path = project["dir"] / "params_only.pt"
+    torch.save(params, path)
+    code = doctor_cli(
+        f"{project['factory']}:make_model", "--data", str(project["pt"]), "--checkpoint", str(path)
+    )
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "ERROR   initial-running-stats  [1]" in captured.out
+    assert "holds no BN buffers" in captured.err

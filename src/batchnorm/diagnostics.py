@@ -88,7 +88,7 @@ __all__ = [
 
 Severity = Literal["error", "warning", "info"]
 _SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
-Evidence = Mapping[str, float | int | str | bool | None | list[int]]
+Evidence = Mapping[str, float | int | str | bool | None | list[int] | list[float]]
 
 # --------------------------------------------------------------------------------------------
 # report types
@@ -219,7 +219,8 @@ class Thresholds:
     model stays well below the warning level, the bugs the doctor knows land above the error
     level). Mean shifts are in units of the running std; std ratios are symmetric in log scale
     (a ratio r and 1/r are judged alike); a channel's gap counts only above ``noise_factor``
-    times its own sampling noise."""
+    times its own sampling noise. The output gap is judged only on at least ``min_batches``
+    batches: its sampling noise is estimated from the spread between batches."""
 
     mean_shift_warning: float = 0.5
     mean_shift_error: float = 2.0
@@ -229,6 +230,7 @@ class Thresholds:
     output_gap_warning: float = 0.15
     output_gap_error: float = 0.5
     output_noise_factor: float = 3.0
+    min_batches: int = 2
     min_count: int = 16
     keras_momentum: float = 0.5
     dead_gamma: float = 1e-5
@@ -552,6 +554,7 @@ class _Accumulator:
         self.batches = 0
         self.count = 0
         self.per_sample = 0.0
+        self.ndim = 0
         self.nonfinite = False
 
     def add(self, x: Tensor, axis: int) -> None:
@@ -572,10 +575,24 @@ class _Accumulator:
         self.count = count if self.batches == 0 else min(self.count, count)
         n = max(int(x.shape[0]), 1) if x.dim() > 0 else 1
         self.per_sample = count / n
+        self.ndim = x.dim()
         self.batches += 1
 
 
 def _probe_copy(model: nn.Module) -> nn.Module:
+    from torch.nn.parameter import is_lazy
+
+    lazy = [
+        n or type(model).__name__
+        for n, mod in model.named_modules()
+        if any(is_lazy(t) for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False)))
+    ]
+    if lazy:
+        raise TypeError(
+            f"doctor: the model has uninitialized lazy modules ({', '.join(lazy[:8])}"
+            f"{', …' if len(lazy) > 8 else ''}); run one forward pass on a batch "
+            "(model(batch)) to initialize them, then run the doctor"
+        )
     try:
         return copy.deepcopy(model)
     except Exception as e:  # noqa: BLE001 — any failure means we cannot probe safely
@@ -607,13 +624,19 @@ def _run(
     hooks_on: bool,
     outputs: list[Tensor | None] | None = None,
     halves: tuple[dict[str, _Accumulator], dict[str, _Accumulator]] | None = None,
+    sites: dict[str, list[_Accumulator]] | None = None,
 ) -> tuple[dict[str, _Accumulator], BaseException | None]:
     """Forward every batch; with ``hooks_on``, accumulate each BN input's statistics (and, with
-    ``halves``, also into the accumulators of the even and the odd batches)."""
+    ``halves``, also into the accumulators of the even and the odd batches; with ``sites``, into
+    one accumulator per call of the layer within a forward pass: the k-th call of a layer used
+    several times per forward goes to ``sites[name][k]``)."""
     accs = {n: _Accumulator() for n in bn_names}
     if halves is not None:
         for half in halves:
             half.update({n: _Accumulator() for n in bn_names})
+    if sites is not None:
+        sites.update({n: [] for n in bn_names})
+    calls: dict[str, int] = {}
     index = [0]
     handles = []
     if hooks_on:
@@ -628,6 +651,12 @@ def _run(
                     accs[name].add(args[0], axis)
                     if halves is not None:
                         halves[index[0] % 2][name].add(args[0], axis)
+                    if sites is not None:
+                        k = calls.get(name, 0)
+                        calls[name] = k + 1
+                        if k == len(sites[name]):
+                            sites[name].append(_Accumulator())
+                        sites[name][k].add(args[0], axis)
 
             handles.append(m.register_forward_pre_hook(pre))
     err: BaseException | None = None
@@ -637,6 +666,7 @@ def _run(
             warnings.simplefilter("ignore")
             for i, x in enumerate(batches):
                 index[0] = i
+                calls.clear()
                 y = _call(model, x)
                 if outputs is not None:
                     t = _first_tensor(y)
@@ -696,16 +726,18 @@ def _gap_from(
     worst = ratio[logr.argmax()].item() if finite else math.nan
     # sampling noise per channel, from the batch-to-batch spread (heavy tails and spatial
     # correlation included), for the probe's average of B batches and for the running average
-    # itself (an EMA with momentum m has variance m/(2−m) of one batch's)
+    # itself (an EMA with momentum m has variance m/(2−m) of one batch's); the Gaussian
+    # formulas are a floor, since a spread measured on a few batches is often far too small
     b = acc.batches
     assert acc.mean_sq is not None and acc.var_sq is not None
+    sd_mean = (var.clamp_min(0) / max(acc.count, 1)).sqrt()
+    sd_var = var.clamp_min(0) * math.sqrt(2.0 / max(acc.count - 1, 1))
     if b >= 2:
-        sd_mean = ((acc.mean_sq / b - mean**2).clamp_min(0) * b / (b - 1)).sqrt()
+        spread_mean = ((acc.mean_sq / b - mean**2).clamp_min(0) * b / (b - 1)).sqrt()
         raw_var = acc.var_sum / b
-        sd_var = ((acc.var_sq / b - raw_var**2).clamp_min(0) * b / (b - 1)).sqrt()
-    else:  # one batch: the Gaussian formulas
-        sd_mean = (var.clamp_min(0) / max(acc.count, 1)).sqrt()
-        sd_var = var.clamp_min(0) * math.sqrt(2.0 / max(acc.count - 1, 1))
+        spread_var = ((acc.var_sq / b - raw_var**2).clamp_min(0) * b / (b - 1)).sqrt()
+        sd_mean = torch.maximum(sd_mean, spread_mean)
+        sd_var = torch.maximum(sd_var, spread_var)
     mom = getattr(m, "momentum", None)
     ema = mom / (2.0 - mom) if isinstance(mom, float | int) and 0 < mom < 2 else 0.0
     factor = math.sqrt(1.0 / b + ema)
@@ -736,6 +768,34 @@ def _never_updated(m: nn.Module) -> bool:
         return False
     counted = isinstance(nbt, Tensor) and int(nbt.item()) != 0
     return not counted and bool((rm == 0).all() and (rv == 1).all())
+
+
+def _updates(m: nn.Module) -> bool:
+    """The layer updates its running statistics when the model trains: in train mode and not
+    frozen."""
+    return m.training and not _always_running(m)
+
+
+def _bad_running(m: nn.Module) -> tuple[list[int], list[int]] | None:
+    """The channels with a non-finite running mean/var and those with a negative running var,
+    or None when there are none."""
+    rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+    if not isinstance(rm, Tensor) or not isinstance(rv, Tensor):
+        return None
+    rm, rv = rm.detach().reshape(-1), rv.detach().reshape(-1)
+    nonfinite = ~(torch.isfinite(rm) & torch.isfinite(rv))
+    negative = (rv < 0) & ~nonfinite
+    if not bool(nonfinite.any() or negative.any()):
+        return None
+    return (
+        [int(i) for i in torch.nonzero(nonfinite).flatten()],
+        [int(i) for i in torch.nonzero(negative).flatten()],
+    )
+
+
+def _channels_text(channels: Sequence[int], limit: int = 16) -> str:
+    shown = ", ".join(str(c) for c in channels[:limit])
+    return f"[{shown}{', …' if len(channels) > limit else ''}]"
 
 
 def _running(m: nn.Module) -> tuple[Tensor, Tensor] | None:
@@ -880,6 +940,7 @@ def _eval_with_stats(
 class _Probes:
     train: dict[str, _Accumulator]
     train_err: BaseException | None
+    train_sites: dict[str, list[_Accumulator]]  # per call within a forward pass
     inference: dict[str, _Accumulator]
     output: OutputGap | None
     err: BaseException | None  # the model failed in eval/inference mode
@@ -891,7 +952,8 @@ def _probes(model: nn.Module, batches: Sequence[Any], names: Sequence[str]) -> _
         torch.manual_seed(0)  # reproducible Dropout masks; the caller's RNG is restored
         probe = _probe_copy(model)
         _set_modes(probe, "train")
-        train_accs, train_err = _run(probe, batches, names, True)
+        train_sites: dict[str, list[_Accumulator]] = {}
+        train_accs, train_err = _run(probe, batches, names, True, sites=train_sites)
         probe = _probe_copy(model)
         _set_modes(probe, "inference")
         yb: list[Tensor | None] = []
@@ -921,7 +983,7 @@ def _probes(model: nn.Module, batches: Sequence[Any], names: Sequence[str]) -> _
                     batches=len(ye),
                     noise=noise,
                 )
-    return _Probes(train_accs, train_err, inf_accs, og, err)
+    return _Probes(train_accs, train_err, train_sites, inf_accs, og, err)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1171,6 +1233,18 @@ def _upstream_dropout(g: _Graph, i: int) -> tuple[int, list[int]] | None:
     return None
 
 
+def _bias_on_bn_axis(producer: nn.Module, bn: nn.Module, rank: int | None) -> bool:
+    """The producer's bias runs along the axis BN normalizes per channel, so BN's mean
+    subtraction cancels it: a Linear's bias is along its output's last axis, a convolution's
+    along axis 1 (the BN input's rank comes from the measurement)."""
+    if rank is None or rank < 2:
+        return False
+    axis = _bn_axis(bn) % rank
+    if isinstance(producer, nn.Linear):
+        return axis == rank - 1
+    return axis == 1
+
+
 def _label(n: _Node) -> str:
     if n.kind == "module":
         return f"{type(n.module).__name__} '{n.name}'"
@@ -1188,6 +1262,119 @@ _FIX_RECAL = (
     "batchnorm.recalibrate(model, data) — recomputes every running mean/var exactly from the "
     "data (BN on batch statistics, Dropout off), weights untouched"
 )
+
+
+_FIX_COUNTER = (
+    "; the layer has momentum=None (a cumulative average), so afterwards set its counter to the "
+    "number of batches behind the statistics — layer.num_batches_tracked.fill_(number of "
+    "batches) — or the next train-mode batch replaces them entirely"
+)
+
+
+def _initial_fix(m: nn.Module) -> str:
+    """The fix for statistics at their initial values: recalibrate (around a freeze), or load
+    the buffers; with momentum=None, also the counter."""
+    counter = _FIX_COUNTER if _cumulative(m) else ""
+    frozen_cls, is_frozen = _frozen_tools()
+    if frozen_cls is not None and isinstance(m, frozen_cls):
+        return (
+            "load the checkpoint that holds the BN buffers, or estimate the statistics before "
+            "converting to FrozenBatchNorm: " + _FIX_RECAL + " on the unfrozen model"
+        )
+    if is_frozen is not None and is_frozen(m):
+        return (
+            "batchnorm.unfreeze(model), then "
+            + _FIX_RECAL
+            + counter
+            + ", then batchnorm.freeze(model) again (recalibrate leaves frozen layers alone); "
+            "or load the checkpoint that holds the BN buffers"
+        )
+    return _FIX_RECAL + counter + "; or load the checkpoint that holds the BN buffers"
+
+
+def _cumulative(m: nn.Module) -> bool:
+    """A torch.nn layer averaging cumulatively (``momentum=None``, counter-weighted)."""
+    return hasattr(m, "momentum") and m.momentum is None and hasattr(m, "num_batches_tracked")
+
+
+def _shared_finding(
+    name: str,
+    m: nn.Module,
+    label: str,
+    pooled: _Accumulator,
+    sites: Sequence[_Accumulator],
+    running: tuple[Tensor, Tensor],
+    og: OutputGap | None,
+    t: Thresholds,
+) -> Finding | None:
+    """``shared-bn``: the calls of one layer within a forward pass see inputs whose statistics
+    differ (each call's batch statistics against those of all calls together, beyond their
+    sampling noise). Train mode normalizes each call with its own statistics, eval mode all of
+    them with running statistics that average the calls."""
+    if pooled.mean_sum is None or pooled.var_sum is None or not pooled.batches:
+        return None
+    mix_mean = pooled.mean_sum / pooled.batches
+    mix_var = pooled.var_sum / pooled.batches
+    if _stores_biased(m) and pooled.count > 1:
+        mix_var = mix_var * (pooled.count - 1) / pooled.count
+    if not bool(torch.isfinite(mix_mean).all() and torch.isfinite(mix_var).all()):
+        return None
+    apart = [_gap_from(name, m, a, (mix_mean, mix_var), t) for a in sites]
+    sevs = [_severity_of_gap(g, t) for g in apart if g is not None and not g.nonfinite]
+    found = [s for s in sevs if s is not None]
+    if not found:
+        return None
+    sev: Severity = min(found, key=lambda s: _SEVERITY_RANK[s])
+    rm, rv = (r.detach().to(torch.float64).reshape(-1) for r in running)
+    calls: list[str] = []
+    per_call: dict[str, list[float]] = {
+        "call_mean_median": [],
+        "call_var_median": [],
+        "call_mean_shift_max": [],
+        "call_std_ratio_median": [],
+    }
+    for k, a in enumerate(sites):
+        g = _gap_from(name, m, a, running, t)
+        if g is None or a.mean_sum is None or a.var_sum is None:
+            continue
+        mean = (a.mean_sum / a.batches).median().item()
+        var = (a.var_sum / a.batches).median().item()
+        calls.append(
+            f"call {k + 1}: batch mean {mean:.3g}, batch var {var:.3g} (medians over channels), "
+            f"up to {g.mean_shift_max:.2f} running std from running_mean, batch std / running "
+            f"std {g.std_ratio_median:.3g} (median)"
+        )
+        for key, v in zip(per_call, (mean, var, g.mean_shift_max, g.std_ratio_median)):
+            per_call[key].append(v)
+    run_mean, run_var = rm.median().item(), rv.median().item()
+    symptom = (
+        ""
+        if og is None or not math.isfinite(og.batch_relative_rms)
+        else f"; the model's eval-mode outputs differ from its train-mode ones (per-batch "
+        f"statistics) by {og.batch_relative_rms:.3f} relative RMS"
+    )
+    return Finding(
+        "shared-bn",
+        sev,
+        name,
+        f"{label} is called {len(sites)} times per forward pass on inputs with different "
+        f"statistics: " + "; ".join(calls) + f"; running_mean {run_mean:.3g}, running_var "
+        f"{run_var:.3g} (medians over channels){symptom}",
+        "in train mode each call is normalized with its own batch statistics, but there is one "
+        "set of running statistics, the average over all the calls: in eval mode every call is "
+        "normalized with that mixture, so eval mode computes a different function than training",
+        "give each input its own BN layer (with trained weights: copy the shared layer into "
+        "each, then " + _FIX_RECAL + "); or, if one normalization for all the inputs is "
+        "intended, accept the mixed statistics: pass the inputs through the layer in one call "
+        "(torch.cat along the batch axis) so that training normalizes with them too",
+        {
+            "calls": len(sites),
+            **per_call,
+            "running_mean_median": run_mean,
+            "running_var_median": run_var,
+            "batch_relative_rms": None if og is None else og.batch_relative_rms,
+        },
+    )
 
 
 def _severity_of_gap(g: LayerGap, t: Thresholds) -> Severity | None:
@@ -1355,13 +1542,40 @@ def doctor(
         )
 
     # a model in train mode whose statistics were never updated is about to be trained: its
-    # initial statistics are expected, not a bug
-    before_training = model.training and bool(layers) and all(_never_updated(m) for _, m in layers)
+    # initial statistics are expected, not a bug — unless a layer is frozen (FrozenBatchNorm,
+    # batchnorm.freeze, or held in eval mode), which keeps its initial statistics for good
+    before_training = (
+        model.training
+        and bool(layers)
+        and all(_never_updated(m) and _updates(m) for _, m in layers)
+    )
+    bad_stats: dict[str, tuple[list[int], list[int]]] = {}
+    for name, m in layers:
+        bad = _bad_running(m)
+        if bad is not None:
+            bad_stats[name] = bad
 
     # -- the symptom ------------------------------------------------------------------------
-    if og is not None:
+    if og is not None and layers and og.batches < t.min_batches:
+        findings.append(
+            Finding(
+                "few-batches",
+                "info",
+                "",
+                f"the train/eval output gap was measured on {og.batches} batch(es): "
+                f"{og.relative_rms:.3f} relative RMS, not judged",
+                "the gap of a healthy model on few batches is mostly sampling noise, and the "
+                f"noise is estimated from the spread between batches: the check needs at least "
+                f"{t.min_batches} batches",
+                f"run the doctor on at least {t.min_batches} batches (num_batches, and data "
+                "holding that many full batches)",
+                {"batches": og.batches, "min_batches": t.min_batches},
+            )
+        )
+    elif og is not None and not (bad_stats and not math.isfinite(og.relative_rms)):
+        # (non-finite running statistics make the eval outputs non-finite: said per layer)
         sev: Severity | None = None
-        above_noise = not og.noise > og.relative_rms / t.output_noise_factor  # NaN: no gate
+        above_noise = not og.noise > og.relative_rms / t.output_noise_factor
         if above_noise and og.relative_rms > t.output_gap_error:
             sev = "error"
         elif above_noise and og.relative_rms > t.output_gap_warning:
@@ -1400,23 +1614,43 @@ def doctor(
             nbt = getattr(m, "num_batches_tracked", None)
             nbt_v = int(nbt.item()) if isinstance(nbt, Tensor) else None
             finite = bool(torch.isfinite(rm).all() and torch.isfinite(rv).all())
-            negative = bool((rv < 0).any()) if finite else False
-            if not finite or negative:
-                bad = int((~torch.isfinite(rm)).sum() + (~torch.isfinite(rv)).sum())
+            if name in bad_stats:
+                nf_ch, neg_ch = bad_stats[name]
+                n_bad = int((~torch.isfinite(rm)).sum() + (~torch.isfinite(rv)).sum())
+                parts = []
+                if n_bad:
+                    parts.append(
+                        f"{n_bad} non-finite value(s) in running_mean/running_var (channels "
+                        f"{_channels_text(nf_ch)})"
+                    )
+                if neg_ch:
+                    parts.append(
+                        f"running_var is negative in {len(neg_ch)} of {rv.numel()} channel(s) "
+                        f"{_channels_text(neg_ch)}"
+                    )
                 findings.append(
                     Finding(
                         "nonfinite-running-stats",
                         "error",
                         name,
-                        f"{label}: {bad} non-finite value(s) in running_mean/running_var"
-                        + (", negative running_var" if negative else ""),
+                        f"{label}: " + "; ".join(parts),
                         "in eval mode every output of this layer (and everything after it) "
-                        "is NaN; torch.nn writes a NaN batch straight into the running averages",
-                        "find the batch that produced NaN/inf, then "
+                        "is NaN"
+                        + (" (a negative variance has no square root)" if neg_ch else "")
+                        + "; torch.nn writes a NaN batch straight into the running averages",
+                        "find the batch that produced NaN/inf"
+                        + (" or the code that wrote the negative variance" if neg_ch else "")
+                        + ", then "
                         + _FIX_RECAL
                         + "; batchnorm.convert_model(model) makes the layers skip non-finite "
                         "batches instead of storing them",
-                        {"nonfinite_values": bad, "negative_var": negative},
+                        {
+                            "nonfinite_values": n_bad,
+                            "nonfinite_channels": nf_ch,
+                            "negative_var": bool(neg_ch),
+                            "negative_var_count": len(neg_ch),
+                            "negative_var_channels": neg_ch,
+                        },
                     )
                 )
             at_init = bool((rm == 0).all() and (rv == 1).all())
@@ -1424,7 +1658,11 @@ def doctor(
                 probe_gap = eg if eg is not None and eg.has_running_stats else tg
                 gap_sev = None if probe_gap is None else _severity_of_gap(probe_gap, t)
                 sev2: Severity = (
-                    "info" if before_training else "error" if gap_sev is not None else "warning"
+                    "info"
+                    if before_training
+                    else "error"
+                    if gap_sev is not None or (model_training and not _updates(m))
+                    else "warning"
                 )
                 meas = (
                     f"{label}: running_mean is all 0 and running_var all 1 (their initial values)"
@@ -1442,7 +1680,7 @@ def doctor(
                         "the running statistics were never updated (no training step in train "
                         "mode, or a checkpoint without BN buffers was loaded): eval mode "
                         "normalizes with mean 0 / variance 1 instead of the real statistics",
-                        _FIX_RECAL + "; or load the checkpoint that holds the BN buffers",
+                        _initial_fix(m),
                         {
                             "num_batches_tracked": nbt_v,
                             **({} if probe_gap is None else _gap_evidence(probe_gap)),
@@ -1498,7 +1736,7 @@ def doctor(
                     {"count": tg.count},
                 )
             )
-        elif tg is not None and tg.has_running_stats and not at_init:
+        elif tg is not None and tg.has_running_stats and not at_init and name not in bad_stats:
             # eval mode is right when the statistics match the inference-time input (Dropout
             # off); the train-mode gap says whether they are wrong for training too (stale) or
             # only at inference (a train/eval shift upstream)
@@ -1561,6 +1799,13 @@ def doctor(
                     )
                 )
 
+        # one layer called several times per forward on inputs with different statistics
+        sites = pr.train_sites.get(name, [])
+        if len(sites) > 1 and train_err is None and running is not None:
+            shared = _shared_finding(name, m, label, train_accs[name], sites, running, og, t)
+            if shared is not None:
+                findings.append(shared)
+
         # per-channel sample count
         acc = train_accs[name] if train_accs[name].batches else pr.inference[name]
         if acc.batches:
@@ -1569,6 +1814,12 @@ def doctor(
             if train_batch_size is not None:
                 count = int(round(acc.per_sample * train_batch_size))
                 scaled = True
+            # GhostBatchNorm normalizes each virtual batch with its own statistics
+            vbs = getattr(m, "virtual_batch_size", None)
+            ghost = isinstance(vbs, int) and vbs >= 1 and isinstance(m, _BatchNormBase)
+            if ghost:
+                assert isinstance(vbs, int)
+                count = min(count, int(round(acc.per_sample * vbs)))
             frozen_here = _always_running(m) or ((not m.training) and model_training)
             if count < t.min_count and not frozen_here:
                 sev5: Severity = "error" if count < 2 else "warning"
@@ -1577,14 +1828,17 @@ def doctor(
                         "small-count",
                         sev5,
                         name,
-                        f"{label}: {count} value(s) per channel in a batch"
+                        f"{label}: {count} value(s) per channel in a "
+                        + (f"virtual batch of {vbs} sample(s)" if ghost else "batch")
                         + (f" at batch size {train_batch_size}" if scaled else "")
                         + f" (threshold {t.min_count})",
                         "batch statistics from so few values are noisy: training normalizes with "
                         "noise the eval-mode running averages do not have (Wu & He 2018 see BN "
                         "degrade below batch 16)"
                         + ("; fewer than 2 values fails in train mode" if count < 2 else ""),
-                        "use larger batches, GroupNorm/LayerNorm, or batchnorm.freeze(model) "
+                        "use "
+                        + ("a larger virtual_batch_size, " if ghost else "larger batches, ")
+                        + "GroupNorm/LayerNorm, or batchnorm.freeze(model) "
                         "to fine-tune on the running statistics",
                         {"count": count, "threshold": t.min_count},
                     )
@@ -1696,7 +1950,8 @@ def doctor(
                 )
 
     # -- structure --------------------------------------------------------------------------
-    findings.extend(_structural_findings(graph, layers, inference_gaps, train_gaps, t))
+    ranks = {n: a.ndim for accs in (pr.inference, train_accs) for n, a in accs.items() if a.batches}
+    findings.extend(_structural_findings(graph, layers, inference_gaps, train_gaps, t, ranks))
 
     def key(f: Finding) -> tuple[int, int, str]:
         return (
@@ -1725,7 +1980,10 @@ def _structural_findings(
     inference_gaps: Mapping[str, LayerGap],
     train_gaps: Mapping[str, LayerGap],
     t: Thresholds,
+    ranks: Mapping[str, int],
 ) -> list[Finding]:
+    """The findings from the dataflow order; ``ranks`` is the number of dimensions of each BN
+    layer's input, as measured."""
     out: list[Finding] = []
     cons = g.consumers()
     order = f"(order from {g.how})"
@@ -1790,6 +2048,8 @@ def _structural_findings(
                 and isinstance(pm, nn.Linear | nn.modules.conv._ConvNd)
                 and isinstance(bias, Tensor)
                 and bias.numel() == getattr(m, "num_features", -1)
+                and _consumers_through(g, p, cons) == [i]
+                and _bias_on_bn_axis(pm, m, ranks.get(name))
             ):
                 out.append(
                     Finding(
@@ -2134,10 +2394,38 @@ def _load_checkpoint(model: nn.Module, file: str) -> None:
         raise _cannot_read(
             "--checkpoint", path, f"it holds a {type(state).__name__}, not a state dict"
         )
+    missing, unexpected = _state_mismatch(model, state)
+    bn_buffers = [k for k in missing if k.rpartition(".")[2] in _BN_BUFFERS]
+    if missing and not unexpected and len(bn_buffers) == len(missing):
+        # the checkpoint lacks only BN buffers: load the rest, so that the report shows what
+        # the model does with the statistics it then has
+        try:
+            model.load_state_dict(state, strict=False)
+        except RuntimeError as e:
+            raise _LoadError(f"--checkpoint: {file!r} does not fit the model: {e}") from e
+        layers = sorted({k.rpartition(".")[0] for k in bn_buffers})
+        print(
+            f"batchnorm doctor: note: --checkpoint {file!r} holds no BN buffers (running_mean/"
+            f"running_var/num_batches_tracked) for {len(layers)} layer(s) ({', '.join(layers[:8])}"
+            f"{', …' if len(layers) > 8 else ''}); loaded the rest, those layers keep the "
+            "statistics the model was built with",
+            file=sys.stderr,
+        )
+        return
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise _LoadError(f"--checkpoint: {file!r} does not fit the model: {e}") from e
+
+
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _state_mismatch(model: nn.Module, state: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """The model's state keys the checkpoint lacks, and the checkpoint's keys the model lacks."""
+    own = set(model.state_dict().keys())
+    given = {str(k) for k in state.keys()}
+    return sorted(own - given), sorted(given - own)
 
 
 def _first_batches(data: Any, num_batches: int, spec: str) -> Any:

@@ -1,0 +1,210 @@
+"""batchnorm.doctor on models with a shared BN layer, few batches, frozen initial statistics,
+a bias that BN does not cancel, GhostBatchNorm, a negative running variance, lazy layers."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm.diagnostics import DoctorReport, doctor
+from batchnorm.variants import FrozenBatchNorm1d
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def found(report: DoctorReport) -> list[tuple[str, str]]:
+    return [(f.severity, f.check) for f in report.findings]
+
+
+def mlp(bn: nn.Module) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(16, 16, bias=False), bn, nn.ReLU(), nn.Linear(16, 4))
+
+
+def fill_stats(model: nn.Module, x: torch.Tensor, batch: int = 64, epochs: int = 1) -> nn.Module:
+    model.train()
+    with torch.no_grad():
+        for _ in range(epochs):
+            for b in torch.split(x, batch):
+                model(b)
+    return model.eval()
+
+
+class _Shared(nn.Module):
+    def __init__(self, scale: float, shift: float) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16, bias=False)
+        self.bn = nn.BatchNorm1d(16, momentum=None)
+        self.out = nn.Linear(32, 4)
+        self.scale, self.shift = scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        both = torch.cat([self.bn(h), self.bn(h * self.scale + self.shift)], 1)
+        return self.out(torch.relu(both))
+
+
+def test_shared_bn_on_inputs_with_different_statistics_is_an_error():
+    torch.manual_seed(0)
+    x = torch.randn(512, 16)
+    model = fill_stats(_Shared(5.0, 3.0), x, epochs=3)
+    (f,) = doctor(model, x).by_check("shared-bn")
+    assert (f.severity, f.layer, f.evidence["calls"]) == ("error", "bn", 2)
+    assert "called 2 times per forward pass" in f.measured
+    assert "call 1:" in f.measured and "call 2:" in f.measured and "running_mean" in f.measured
+    assert "its own BN layer" in f.fix
+    assert len(f.evidence["call_mean_median"]) == 2
+
+
+def test_shared_bn_on_inputs_alike_is_fine():
+    torch.manual_seed(0)
+    x = torch.randn(512, 16)
+    model = fill_stats(_Shared(1.0, 0.0), x, epochs=3)
+    report = doctor(model, x)
+    assert report.by_check("shared-bn") == []
+    assert [f for f in report.findings if f.severity != "info"] == []
+
+
+def _calibrated() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(4096, 16) * 2 + 1
+    model = fill_stats(mlp(nn.BatchNorm1d(16, momentum=None)), x, epochs=3)
+    return model, x
+
+
+@pytest.mark.parametrize(("num_batches", "batch_size"), [(1, 64), (1, 16), (2, 16), (2, 64)])
+def test_a_calibrated_model_on_few_batches_raises_no_alarm(num_batches, batch_size):
+    model, x = _calibrated()
+    for seed in range(5):
+        xs = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))]
+        report = doctor(model, xs, num_batches=num_batches, batch_size=batch_size)
+        assert [f for f in report.findings if f.severity != "info"] == [], (seed, found(report))
+        if num_batches == 1:
+            (f,) = report.by_check("few-batches")
+            assert f.evidence["min_batches"] == 2 and "at least 2 batches" in f.why
+            assert "recalibrate" not in f.fix
+
+
+def test_few_batches_still_find_initial_statistics():
+    torch.manual_seed(0)
+    x = torch.randn(64, 16) * 2 + 1
+    report = doctor(mlp(nn.BatchNorm1d(16)).eval(), x, num_batches=1)
+    assert ("error", "initial-running-stats") in found(report)
+
+
+def test_frozen_layer_with_initial_statistics_in_a_training_model_is_an_error():
+    torch.manual_seed(0)
+    x = torch.randn(512, 16) * 2 + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frozen = batchnorm.freeze(mlp(nn.BatchNorm1d(16))).train()
+    built_frozen = mlp(FrozenBatchNorm1d(16)).train()
+    held_eval = mlp(nn.BatchNorm1d(16)).train()
+    held_eval[1].eval()
+    for model in (frozen, built_frozen, held_eval):
+        report = doctor(model, x)
+        assert report.has_errors, found(report)
+        assert report.by_check("initial-running-stats")[0].severity == "error"
+    assert "unfreeze" in doctor(frozen, x).by_check("initial-running-stats")[0].fix
+
+
+def test_a_fresh_model_about_to_train_is_still_info():
+    torch.manual_seed(0)
+    x = torch.randn(512, 16) * 2 + 1
+    report = doctor(mlp(nn.BatchNorm1d(16)).train(), x)
+    assert not report.has_errors
+    assert report.by_check("initial-running-stats")[0].severity == "info"
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.out = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return self.out(h + self.bn(h))
+
+
+class _LastAxis(nn.Module):
+    def __init__(self, bn: nn.Module) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.lin(x))
+
+
+def test_a_bias_that_bn_does_not_cancel_is_not_reported():
+    torch.manual_seed(0)
+    residual = fill_stats(_Residual(), torch.randn(256, 16), batch=32)
+    assert doctor(residual, torch.randn(256, 16), batch_size=32).by_check("bias-before-bn") == []
+    x = torch.randn(256, 8, 8)  # (N, C, L): the Linear acts on L, BatchNorm1d normalizes C
+    last = fill_stats(_LastAxis(nn.BatchNorm1d(8)), x, batch=32)
+    assert doctor(last, x, batch_size=32).by_check("bias-before-bn") == []
+
+
+def test_a_bias_along_the_channel_axis_of_our_bn_is_reported():
+    torch.manual_seed(0)
+    x = torch.randn(256, 8, 8)  # (N, L, C): the Linear acts on C, our BN with axis=-1 too
+    model = fill_stats(_LastAxis(batchnorm.BatchNorm(8, axis=-1)), x, batch=32)
+    assert [f.layer for f in doctor(model, x, batch_size=32).by_check("bias-before-bn")] == ["bn"]
+
+
+def test_the_fix_for_initial_statistics_with_cumulative_momentum_settles():
+    torch.manual_seed(0)
+    x = torch.randn(512, 16) * 2 + 1
+    model = mlp(nn.BatchNorm1d(16, momentum=None)).eval()
+    (f,) = doctor(model, x).by_check("initial-running-stats")
+    assert "num_batches_tracked" in f.fix
+    batches = torch.split(x, 64)
+    batchnorm.recalibrate(model, batches)
+    if int(model[1].num_batches_tracked) == 0:  # the fix's second step
+        model[1].num_batches_tracked.fill_(len(batches))
+    report = doctor(model, x)
+    assert [f for f in report.findings if f.severity != "info"] == [], found(report)
+
+
+def test_ghost_batch_norm_counts_values_per_virtual_batch():
+    torch.manual_seed(0)
+    x = torch.randn(512, 16)
+    ghost = fill_stats(mlp(batchnorm.GhostBatchNorm1d(16, virtual_batch_size=4)), x, epochs=5)
+    (f,) = doctor(ghost, x, batch_size=64).by_check("small-count")
+    assert (f.severity, f.evidence["count"]) == ("warning", 4)
+    assert "virtual batch of 4" in f.measured
+    roomy = fill_stats(mlp(batchnorm.GhostBatchNorm1d(16, virtual_batch_size=32)), x, epochs=5)
+    assert doctor(roomy, x, batch_size=64).by_check("small-count") == []
+
+
+def test_negative_running_var_is_counted_and_not_repeated_as_inf():
+    torch.manual_seed(0)
+    x = torch.randn(512, 16)
+    model = fill_stats(mlp(nn.BatchNorm1d(16, momentum=None)), x)
+    model[1].running_var[3] = -0.5
+    model[1].running_var[7] = -1.0
+    report = doctor(model, x)
+    (f,) = report.by_check("nonfinite-running-stats")
+    assert "negative in 2 of 16 channel(s) [3, 7]" in f.measured
+    assert not f.measured.startswith("BatchNorm1d(16): 0 ")
+    assert f.evidence["negative_var_count"] == 2
+    assert f.evidence["negative_var_channels"] == [3, 7]
+    for g in report.findings:
+        assert "inf" not in g.measured, (g.check, g.measured)
+
+
+def test_an_uninitialized_lazy_layer_is_explained():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LazyBatchNorm1d())
+    with pytest.raises(TypeError, match="run one forward pass"):
+        doctor(model, torch.randn(64, 4))
