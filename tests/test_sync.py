@@ -290,7 +290,18 @@ def _population_part(rank: int, world: int) -> dict:
     net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3)).double()
     shards = torch.randn(3, 2, 6, 2, generator=torch.Generator().manual_seed(5)).double()
     batchnorm.recalibrate(net, list(shards[rank]), distributed=True)
-    return {"merged": merged, "running": (net[1].running_mean, net[1].running_var)}
+    # a rank whose data yields no batch of 2 takes part with count 0
+    torch.manual_seed(11)
+    sparse = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3)).double()
+    mine = list(shards[rank]) if rank != 1 else [shards[1, 0, :1]]
+    used = batchnorm.recalibrate(sparse, mine, distributed=True, process_group=None, timeout=5.0)
+    empty = _catch(lambda: batchnorm.recalibrate(sparse, [], distributed=True, timeout=5.0))
+    return {
+        "merged": merged,
+        "running": (net[1].running_mean, net[1].running_var),
+        "sparse": (used, sparse[1].running_mean, sparse[1].running_var),
+        "empty": empty,
+    }
 
 
 def _check_population(results: list[dict]) -> None:
@@ -309,6 +320,14 @@ def _check_population(results: list[dict]) -> None:
     for res in results:
         assert torch.allclose(res["running"][0], z.mean(0), rtol=0, atol=TOL)
         assert torch.allclose(res["running"][1], z.var(0), rtol=0, atol=TOL)
+    with torch.no_grad():
+        z = net[0](torch.cat([shards[0], shards[2]]).reshape(-1, 2))  # rank 1 had no batch
+    for r, res in enumerate(results):
+        used, mean, var = res["sparse"]
+        assert used == (0 if r == 1 else 12), (r, used)
+        assert torch.allclose(mean, z.mean(0), rtol=0, atol=TOL)
+        assert torch.allclose(var, z.var(0), rtol=0, atol=TOL)
+        assert res["empty"].startswith("ValueError") and "no rank's data" in res["empty"], r
 
 
 SUB = [0, 2]  # the subgroup of the 3-rank test
@@ -324,7 +343,17 @@ def _subgroup_part(rank: int, world: int) -> dict:
     x = x.clone().requires_grad_(True)
     y = bn(x)
     y.backward(torch.ones_like(y) + x.detach())
-    return {"y": y.detach(), "dx": x.grad, "running": bn.running_var.clone()}
+    # torch's SyncBatchNorm keeps its group through the conversion (no group given)
+    tsb = torch.nn.SyncBatchNorm(3, process_group=group, dtype=torch.float64)
+    tsb = convert_sync_batchnorm(torch.nn.Sequential(tsb))[0]
+    tsb(x.detach())
+    return {
+        "y": y.detach(),
+        "dx": x.grad,
+        "running": bn.running_var.clone(),
+        "torch_kept": tsb.process_group is group,
+        "torch_running": tsb.running_var.clone(),
+    }
 
 
 def _check_subgroup(results: list[dict]) -> None:
@@ -340,6 +369,8 @@ def _check_subgroup(results: list[dict]) -> None:
         assert torch.allclose(got_dx, x.grad, rtol=0, atol=TOL), members
         for r in members:
             assert torch.allclose(results[r]["running"], rv, rtol=0, atol=TOL)
+            assert results[r]["torch_kept"], r
+            assert torch.allclose(results[r]["torch_running"], rv, rtol=0, atol=TOL), r
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,6 +412,27 @@ def _robust_part(rank: int, world: int) -> dict:
     )
     z = torch.randn(5, 4)
     out["skipped"] = _catch(lambda: pair["b"](pair["a"](z)) if rank == 0 else pair["b"](z))
+    # a layer wider than the first collective holds (the rest goes in a second one)
+    full = torch.randn(5, 2100, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    wide = SyncBatchNorm(2100, dtype=torch.float64)
+    mine = (full[:3] if rank == 0 else full[3:]).clone().requires_grad_(True)
+    wide(mine).pow(2).sum().backward()
+    ref = full.clone().requires_grad_(True)
+    y_ref = TF.batch_norm(ref, None, None, training=True)
+    y_ref.pow(2).sum().backward()
+    assert ref.grad is not None and mine.grad is not None
+    out["wide"] = float((mine.grad - (ref.grad[:3] if rank == 0 else ref.grad[3:])).abs().max())
+    # standalone layers of different widths, one skipped by rank 1 after the first call
+    a, b = SyncBatchNorm(4, name="sa", timeout=5.0), SyncBatchNorm(6, name="sb", timeout=5.0)
+    a(torch.randn(5, 4))
+    b(torch.randn(5, 6))
+    out["skipped_later"] = _catch(lambda: a(z) if rank == 0 else b(torch.randn(5, 6)))
+    # recalibration with synchronized layers and a different number of batches per rank
+    recal = convert_sync_batchnorm(
+        torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)), timeout=5.0
+    )
+    batches = [torch.randn(4, 3)] * (2 if rank == 0 else 1)
+    out["uneven"] = _catch(lambda: batchnorm.recalibrate(recal, batches, distributed=True))
     # a rank that never arrives: the process group's timeout, then the layer's own timeout
     sub = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=1.0))
     late = SyncBatchNorm(4, process_group=sub, name="late")
@@ -408,6 +460,14 @@ def _check_robust(results: list[dict]) -> None:
         msg = res["skipped"]
         assert msg.startswith("SyncBatchNormError"), msg
         assert "not at the same synchronized layer" in msg and "'a'" in msg and "'b'" in msg, msg
+        assert res["wide"] < TOL, res["wide"]
+        msg = res["skipped_later"]
+        assert msg.startswith("SyncBatchNormError"), msg
+        assert "not at the same synchronized layer" in msg and "'sa' (call 1" in msg, msg
+        assert "'sb' (call 1" in msg and "same control flow" in msg, msg
+        msg = res["uneven"]
+        assert msg.startswith("SyncBatchNormError"), msg
+        assert "'1' (call 1" in msg and "same number of batches" in msg, msg
     first = results[0]
     for key, layer in (("pg_timeout", "'late'"), ("own_timeout", "'own'")):
         msg = first[key]
@@ -426,6 +486,18 @@ def _two_ranks(rank: int, world: int, out: Path) -> None:
     _save(
         out / f"more{rank}.pt", {"ddp": _ddp_part(rank, world), "robust": _robust_part(rank, world)}
     )
+    # a rank whose process exits: the other is told so, not that it timed out
+    ready = out / "ready"
+    if rank == 1:
+        end = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < end:  # rank 0 is done with rank 1
+            time.sleep(0.05)
+        os._exit(0)
+    ready.touch()
+    gone = SyncBatchNorm(3, timeout=8.0, name="gone")
+    t0 = time.monotonic()
+    msg = _catch(lambda: gone(torch.randn(4, 3)))
+    (out / "peer_exit.txt").write_text(f"{time.monotonic() - t0}\n{msg}")
 
 
 def _three_ranks(rank: int, world: int, out: Path) -> None:
@@ -441,6 +513,10 @@ def test_two_ranks_exact_ddp_and_failure_modes(tmp_path: Path) -> None:
     more = [torch.load(tmp_path / f"more{r}.pt", weights_only=False) for r in range(2)]
     _check_ddp([m["ddp"] for m in more], 2)
     _check_robust([m["robust"] for m in more])
+    waited, msg = (tmp_path / "peer_exit.txt").read_text().split("\n", 1)
+    assert msg.startswith("SyncBatchNormError") and "'gone'" in msg, msg
+    assert "another rank closed its connection" in msg and "did not complete" not in msg, msg
+    assert float(waited) < 8.0
 
 
 @pytest.mark.timeout(120)
@@ -563,6 +639,65 @@ def test_convert_keeps_state_options_and_leaves_variants_alone() -> None:
     ref = torch.nn.BatchNorm2d(8, momentum=0.3).eval()
     ref.load_state_dict({k[2:]: v for k, v in before.items() if k.startswith("1.")})
     assert torch.allclose(net[1](x), ref(x), atol=1e-6)
+
+
+class _PlainSubclass(torch.nn.BatchNorm2d):
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.register_buffer("seen", torch.tensor(3))
+        self.tag = "mine"
+
+
+class _ForwardSubclass(torch.nn.BatchNorm1d):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input) * 2
+
+
+class _OurSubclass(batchnorm.BatchNorm2d):
+    pass
+
+
+class _GhostSubclass(batchnorm.GhostBatchNorm):
+    pass
+
+
+def test_convert_takes_subclasses_like_torch_and_skips_nothing_silently() -> None:
+    net = torch.nn.Sequential(
+        _PlainSubclass(4),
+        _ForwardSubclass(3),
+        _OurSubclass(2),
+        _GhostSubclass(2, virtual_batch_size=2),
+    )
+    with torch.no_grad():
+        net[0].running_mean.fill_(0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert_sync_batchnorm(net)
+    texts = [str(w.message) for w in caught]
+    assert [type(m).__name__ for m in net] == [
+        "SyncBatchNorm",
+        "SyncBatchNorm",
+        "SyncBatchNorm",
+        "_GhostSubclass",
+    ]
+    # the subclass's own state is kept, and its state_dict still loads
+    assert int(net[0].seen) == 3 and net[0].tag == "mine"
+    assert torch.equal(net[0].running_mean, torch.full((4,), 0.5))
+    net[0].load_state_dict(_PlainSubclass(4).state_dict())
+    assert len(texts) == 2, texts
+    assert any("'1'" in t and "forward" in t and "not kept" in t for t in texts), texts
+    assert any("'3'" in t and "_GhostSubclass" in t and "left unchanged" in t for t in texts)
+    # lazy layers: materialized ones are converted, uninitialized ones are a clear error
+    lazy = torch.nn.LazyBatchNorm1d()
+    lazy.initialize_parameters(torch.randn(2, 5))  # initialized, still of the lazy class
+    assert isinstance(convert_sync_batchnorm(torch.nn.Sequential(lazy))[0], SyncBatchNorm)
+    ran = torch.nn.Sequential(torch.nn.LazyBatchNorm1d())
+    ran(torch.randn(4, 3))  # a forward turns it into BatchNorm1d
+    assert convert_sync_batchnorm(ran)[0].num_features == 3
+    with pytest.raises(ValueError, match="'1' \\(LazyBatchNorm2d\\) is not initialized"):
+        convert_sync_batchnorm(
+            torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.LazyBatchNorm2d())
+        )
 
 
 def test_bad_arguments_and_mask_are_clear_errors() -> None:

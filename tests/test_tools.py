@@ -214,6 +214,25 @@ def test_recalibrate_distributed_on_one_rank_equals_local(tmp_path) -> None:  # 
         dist.destroy_process_group()
 
 
+def test_recalibrate_distributed_takes_group_and_timeout_and_needs_data_on_some_rank(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        net = _net()
+        group = dist.new_group([0])
+        data = [torch.randn(10, 5, dtype=torch.float64)]
+        assert batchnorm.recalibrate(net, data, distributed=True, process_group=group, timeout=5)
+        with pytest.raises(ValueError, match="no rank's data yielded a batch"):
+            batchnorm.recalibrate(net, [data[0][:1]], distributed=True, timeout=5.0)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_accumulate_moments_is_the_local_half() -> None:
     net = _net()
     data = [torch.randn(10, 5, dtype=torch.float64) for _ in range(2)]

@@ -19,20 +19,24 @@ the same R messages and merges them in rank order with Chan et al.'s parallel fo
 ``Σx² − N·mean²`` cancellation, exact for ranks with ``n = 0``, and bitwise identical statistics
 (hence running statistics) on every rank. The header rides in the same message, so checking that
 every rank is at the same layer, the same call and the same channel count costs no extra
-collective. R·(8 + 2·width) doubles per layer are negligible next to a gradient all-reduce.
+collective. R·max(8 + 2·width, 8 + 2·2048) doubles per layer are negligible next to a gradient
+all-reduce.
 
 All messages of one layer have the same length ``8 + 2·width``; :func:`convert_sync_batchnorm`
-gives every layer of a model the model's largest channel count as ``width``, so ranks that
-diverge between layers (a skipped layer, a different channel count in one layer) still exchange
-equal-length messages and get a clear :class:`SyncBatchNormError` on every rank. Collectives of
-unequal lengths cannot be reported (gloo aborts the receiving process), so a layer's first
-training forward first exchanges its header alone (8 doubles on every rank): widths that differ
-across ranks are reported there, and later calls cost no extra collective.
+gives every layer of a model the model's largest channel count as ``width``. Collectives of
+unequal lengths cannot be reported (gloo aborts the receiving process), so the first collective
+of every exchange has one fixed length, 8 + 2·2048 doubles (the header and the start of the
+payload, zero-padded),
+whatever the layer or the kind of exchange; a wider message sends its rest in a second
+collective once the headers agree. Ranks at different layers, calls or kinds of exchange (a
+skipped layer, a recalibration pass with a different number of batches) or with different
+channel counts get a clear :class:`SyncBatchNormError` on every rank instead of a crash.
 """
 
 from __future__ import annotations
 
 import datetime
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -63,13 +67,18 @@ __all__ = [
 ]
 
 _HEADER = 8
-_FORWARD, _BACKWARD, _POPULATION, _HANDSHAKE = 1, 2, 3, 4
+# doubles in the first collective of every exchange: the header and payloads of up to 2048
+# channels, the width convert_sync_batchnorm gives every layer of most CNNs anyway (wider
+# messages send their rest in a second collective)
+_FIRST = _HEADER + 2 * 2048
+_FORWARD, _BACKWARD, _POPULATION = 1, 2, 3
 _KIND_NAMES = {
     _FORWARD: "forward",
     _BACKWARD: "backward",
     _POPULATION: "recalibration",
-    _HANDSHAKE: "first-call check",
 }
+# the message of another rank's gloo error when that rank's process closed its connections
+_CLOSED = ("closed by peer", "connection closed", "connection reset", "broken pipe", "refused")
 # tag -> layer name, so a rank can name the layer another rank is in (models are identical)
 _TAG_NAMES: dict[int, str] = {}
 
@@ -163,6 +172,15 @@ def _check_headers(gathered: Tensor, ex: _Exchange, rank: int) -> None:
             f"{ex.layer} on rank {rank}: the channel counts differ across ranks ({channels}). "
             "Build the model identically on every rank (same widths, same checkpoint)."
         )
+    kinds = set(head[:, 0].tolist())
+    if _POPULATION in kinds and len(kinds) > 1:
+        raise SyncBatchNormError(
+            f"{ex.layer} on rank {rank}: the ranks are not at the same synchronized layer: {rows}. "
+            "recalibrate(distributed=True) runs the model's synchronized layers once per batch, "
+            "so every rank must pass the same number of batches (of at least 2 samples, after "
+            "num_samples); give every rank an equal share of the data, or convert the "
+            "synchronized layers to plain BN for the recalibration pass."
+        )
     raise SyncBatchNormError(
         f"{ex.layer} on rank {rank}: the ranks are not at the same synchronized layer: {rows}. "
         "A rank skipped a synchronized layer or ran the model a different number of times in "
@@ -176,29 +194,29 @@ def _exchange(
 ) -> tuple[Tensor, Tensor]:
     """All-gather this rank's message; return the ranks' ``(counts (R,), payloads (R, 2, C))``.
 
-    One collective (and a header-only one at a layer's first forward). Raises
-    :class:`SyncBatchNormError` on every participating rank when the
+    The first collective always carries :data:`_FIRST` doubles on every rank (the header and
+    the start of the payload, zero-padded), whatever the layer or the kind of exchange, so ranks
+    at different layers, calls or widths are reported from the headers instead of exchanging
+    messages of different lengths; a longer message sends its rest in a second collective once
+    the headers agree. Raises :class:`SyncBatchNormError` on every participating rank when the
     headers disagree, and on a rank whose collective fails or times out.
     """
     c, width = ex.channels, ex.width
-    if kind == _FORWARD and call == 0:
-        # once per layer: a header-only message of the same length on every rank, so a rank
-        # whose layer has another width (message length) gets an error here instead of gloo
-        # aborting the process on mismatched lengths; later calls cost no extra collective
-        head = torch.zeros(_HEADER, dtype=torch.float64, device=payload.device)
-        head[:6] = torch.tensor([_HANDSHAKE, c, ex.tag, call, count, width], dtype=torch.float64)
-        _gather(ex, _HANDSHAKE, call, head)
-    msg = torch.zeros(_HEADER + 2 * width, dtype=torch.float64, device=payload.device)
+    full = _HEADER + 2 * width
+    msg = torch.zeros(max(full, _FIRST), dtype=torch.float64, device=payload.device)
     msg[:6] = torch.tensor([kind, c, ex.tag, call, count, width], dtype=torch.float64)
-    body = msg[_HEADER:].view(2, width)  # (2, width): the payload, zero-padded to the width
+    body = msg[_HEADER:full].view(2, width)  # (2, width): the payload, zero-padded to the width
     body[:, :c] = payload
-    gathered = _gather(ex, kind, call, msg)
+    gathered = _gather(ex, kind, call, msg[:_FIRST])
+    if full > _FIRST:  # the headers agree, so every rank sends a rest of the same length
+        rest = _gather(ex, kind, call, msg[_FIRST:full], check=False)
+        gathered = torch.cat([gathered, rest], dim=1)
     world = gathered.shape[0]
-    payloads = gathered[:, _HEADER:].view(world, 2, width)[:, :, :c]
+    payloads = gathered[:, _HEADER:full].reshape(world, 2, width)[:, :, :c]
     return gathered[:, 4], payloads
 
 
-def _gather(ex: _Exchange, kind: int, call: int, msg: Tensor) -> Tensor:
+def _gather(ex: _Exchange, kind: int, call: int, msg: Tensor, *, check: bool = True) -> Tensor:
     """All-gather ``msg`` over the layer's group (bounded by the timeouts) and check the headers;
     returns the ranks' messages stacked, (R, len(msg))."""
     world, rank = _world(ex.group)
@@ -214,20 +232,27 @@ def _gather(ex: _Exchange, kind: int, call: int, msg: Tensor) -> Tensor:
             else:
                 work.wait(timeout=datetime.timedelta(seconds=ex.timeout))
         except RuntimeError as err:
+            what = f"{ex.layer} on rank {rank}: the {_KIND_NAMES[kind]} exchange (call {call})"
+            if any(s in str(err).lower() for s in _CLOSED):
+                raise SyncBatchNormError(
+                    f"{what} failed: another rank closed its connection (it crashed or exited, "
+                    "e.g. after an error of its own: see that rank's output). Every rank must "
+                    f"run every synchronized layer in training mode. Original error: {err}"
+                ) from err
             limit = (
                 f"{ex.timeout:g} s (the layer's timeout)"
                 if ex.timeout is not None
                 else "the process group's timeout"
             )
             raise SyncBatchNormError(
-                f"{ex.layer} on rank {rank}: the {_KIND_NAMES[kind]} exchange (call {call}) did "
-                f"not complete within {limit}: another rank did not reach this layer (it skipped "
-                "it, raised an error, or stopped). Every rank must run every synchronized layer "
-                "in training mode, including ranks with an empty batch. Original error: "
-                f"{err}"
+                f"{what} did not complete within {limit}: another rank did not reach this layer "
+                "(it skipped it, raised an error, or stopped). Every rank must run every "
+                "synchronized layer in training mode, including ranks with an empty batch. "
+                f"Original error: {err}"
             ) from err
         gathered = torch.stack(out)  # (R, len(msg))
-    _check_headers(gathered, ex, rank)
+    if check:
+        _check_headers(gathered, ex, rank)
     return gathered
 
 
@@ -334,7 +359,8 @@ class SyncBatchNorm(_BatchNormBase):
     the ranks' summed γ/β gradients and the running statistics equal single-process BN on the
     concatenated batch. The running statistics are bitwise identical on every rank.
 
-    Communication: one ``all_gather`` per forward and one per backward, on ``process_group``
+    Communication: one ``all_gather`` per forward and one per backward (two each for messages
+    wider than 2048 channels), on ``process_group``
     (default: the default group); none in eval mode (inherited: the running statistics), none
     without an initialized process group (then it is plain BN). gloo (CPU) and NCCL (GPU).
 
@@ -462,25 +488,94 @@ class SyncBatchNorm(_BatchNormBase):
 # --------------------------------------------------------------------------------------------
 # conversion
 
-# exact types: the variants (ghost, renorm, frozen, …) change what the statistics mean, so a
-# subclass is left as it is rather than silently turned into plain synchronized BN
-_CONVERTIBLE: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    BatchNorm,
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-)
+# converted whatever their subclass: torch.nn's batch norm (as torch's own converter does) and
+# our plain layers; our variants (ghost, renorm, frozen, …) change what the statistics mean, so
+# they are left as they are
+_TORCH_BN: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+_OURS: tuple[type[nn.Module], ...] = (BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d)
+# the attributes a layer class may define without changing what the layer computes
+_PLAIN_ATTRS = {"__module__", "__qualname__", "__doc__", "__init__", "__annotations__"}
+_PLAIN_ATTRS |= {"__dict__", "__weakref__", "__firstlineno__", "__static_attributes__"}
+
+
+def _ours(cls: type) -> bool:
+    return cls.__module__.split(".")[0] == "batchnorm"
+
+
+def _convertible(m: nn.Module) -> bool:
+    cls = type(m)
+    if isinstance(m, _TORCH_BN):
+        return True
+    if cls in _OURS:
+        return True
+    # a user's subclass of our plain layers (not of a variant)
+    return isinstance(m, _OURS) and all(not _ours(k) or k in _OURS for k in _user_classes(cls))
+
+
+def _user_classes(cls: type) -> list[type]:
+    """The classes of ``cls``'s MRO below the library's base layer (torch's or ours)."""
+    out = []
+    for k in cls.__mro__:
+        if k in _OURS or k.__module__.startswith("torch."):
+            break
+        out.append(k)
+    return out
 
 
 def _named_bn(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     # every name a layer is registered under (a layer listed twice is replaced at both)
     for name, m in model.named_modules(remove_duplicate=False):
-        if type(m) in _CONVERTIBLE or type(m) is SyncBatchNorm:
+        if isinstance(m, SyncBatchNorm) or _convertible(m):
             yield name, m
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, _BatchNormBase)) and not _ours(
+            type(m)
+        ):
+            warnings.warn(
+                f"convert_sync_batchnorm: layer {name!r} ({type(m).__name__}) subclasses a "
+                "batch-norm variant of batchnorm and is left unchanged (not synchronized); "
+                "replace it yourself if it should share statistics across ranks",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def _check_lazy(m: nn.Module, name: str) -> None:
+    if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+        raise ValueError(
+            f"convert_sync_batchnorm: layer {name!r} ({type(m).__name__}) is not initialized, so "
+            "its channel count (and the model's message width) is unknown; run one forward "
+            "pass first (a dry run materializes lazy layers) or give it num_features"
+        )
+
+
+def _extra_state(m: nn.Module, new: nn.Module, name: str) -> None:
+    """Carry a subclass's own parameters, buffers, submodules and attributes over to ``new``,
+    and warn when the class changes the computation, which the synchronized layer cannot keep."""
+    classes = _user_classes(type(m))
+    if not classes:
+        return
+    for key, p in m._parameters.items():
+        if key not in new._parameters and not hasattr(new, key):
+            new.register_parameter(key, p)
+    for key, b in m._buffers.items():
+        if key not in new._buffers and not hasattr(new, key):
+            new.register_buffer(key, b, persistent=key not in m._non_persistent_buffers_set)
+    for key, child in m._modules.items():
+        if not hasattr(new, key):
+            new.add_module(key, child)
+    for key, value in vars(m).items():
+        if not key.startswith("_") and not hasattr(new, key):
+            setattr(new, key, value)
+    overrides = sorted({a for k in classes for a in vars(k)} - _PLAIN_ATTRS)
+    if overrides:
+        warnings.warn(
+            f"convert_sync_batchnorm: layer {name!r} ({type(m).__name__}) was converted to "
+            "SyncBatchNorm, which does plain synchronized batch normalization: the class's "
+            f"own {', '.join(overrides)} are not kept (its parameters, buffers and attributes "
+            "are). Synchronize such a layer yourself if they change the computation.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _to_sync(m: nn.Module, name: str, group: Any, timeout: float | None, width: int) -> nn.Module:
@@ -513,13 +608,17 @@ def _to_sync(m: nn.Module, name: str, group: Any, timeout: float | None, width: 
         momentum=m.momentum,
         affine=m.affine,
         track_running_stats=m.track_running_stats,
-        process_group=group,
+        # torch.nn.SyncBatchNorm: its own group unless one is given
+        process_group=group if group is not None else getattr(m, "process_group", None),
         dtype=None if p is None else p.dtype,
         timeout=timeout,
         name=name,
         sync_width=width,
         **kwargs,
     )
+    _extra_state(m, new, name)
+    if hasattr(m, "qconfig"):
+        new.qconfig = m.qconfig
     return _copy_state(m, new)
 
 
@@ -529,7 +628,13 @@ def convert_sync_batchnorm(
     """Replace every ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and our
     ``BatchNorm``/``BatchNorm1d/2d/3d`` in ``model`` with :class:`SyncBatchNorm`, in place,
     keeping state, mode, device, dtype and options (axis, center/scale, …); return the model (a
-    bare layer is returned converted). Variants (subclasses) are left unchanged.
+    bare layer is returned converted). Like torch's converter, subclasses of torch.nn's batch
+    norm (and of our plain layers) are converted too: their own parameters, buffers and
+    attributes are kept, and a warning names any method the class overrides (the synchronized
+    layer does plain batch normalization). Our variants (ghost, renorm, frozen, …) are left
+    unchanged, with a warning for a user's subclass of one; an uninitialized ``LazyBatchNorm``
+    is an error (its channel count is unknown until a forward pass). A
+    ``torch.nn.SyncBatchNorm`` keeps its ``process_group`` unless ``process_group`` is given.
 
     Every converted layer gets its qualified name and the model's largest channel count as
     message width, so ranks that diverge between layers get a clear error. Call it before
@@ -544,6 +649,8 @@ def convert_sync_batchnorm(
         "SyncBatchNorm(8) '1'"
     """
     layers = list(_named_bn(model))
+    for full, m in layers:
+        _check_lazy(m, full)
     if not layers:
         return model
     width = max(int(m.num_features) for _, m in layers)  # type: ignore[arg-type]
@@ -583,7 +690,8 @@ def all_reduce_population_stats(
     some rank saw. This is the cross-rank step of ``batchnorm.tools.recalibrate(...,
     distributed=True)``.
 
-    Two collectives for the whole model, whatever its depth: a fixed-size handshake (message
+    Two collectives for the whole model, whatever its depth (three when the statistics exceed
+    4096 values): a fixed-size handshake (message
     length and a checksum of the layer names and widths, so that ranks with different models
     get a clear error instead of a mismatched collective) and one all-gather of every layer's
     ``[n, mean, M2]``. Without an initialized process group the input is returned as float64.

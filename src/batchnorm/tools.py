@@ -136,7 +136,7 @@ def accumulate_moments(
 
 @torch.no_grad()
 def _accumulate(
-    model: nn.Module, data: Iterable[Any], num_samples: int | None
+    model: nn.Module, data: Iterable[Any], num_samples: int | None, require_data: bool = True
 ) -> tuple[dict[str, Moments], int]:
     if num_samples is not None and num_samples < 2:
         raise ValueError(f"recalibrate: num_samples must be >= 2, got {num_samples}")
@@ -192,7 +192,7 @@ def _accumulate(
                 seen += n
                 if num_samples is not None and seen >= num_samples:
                     break
-            if seen == 0:
+            if seen == 0 and require_data:
                 raise ValueError(
                     "recalibrate: the data yielded no batch (of at least 2 samples); pass a "
                     "DataLoader or iterable of tensors or (x, y) tuples"
@@ -216,12 +216,17 @@ def _accumulate(
 
 
 def _all_gather_moments(
-    moments: dict[str, Moments], channels: dict[str, int]
-) -> dict[str, Moments]:
+    moments: dict[str, Moments],
+    channels: dict[str, int],
+    seen: int,
+    process_group: Any,
+    timeout: float | None,
+) -> tuple[dict[str, Moments], int]:
     """Merge every rank's moments exactly (``torch.distributed`` must be initialized):
     :func:`batchnorm.sync.all_reduce_population_stats`, one handshake and one all-gather for the
     whole model; ``channels`` (name → C) lists the layers in the same order on every rank, and a
-    layer a rank never saw contributes a zero count."""
+    layer a rank never saw contributes a zero count. Returns the merged moments and the number of
+    samples over all ranks (``seen`` is this rank's)."""
     import torch.distributed as dist
 
     from batchnorm.sync import all_reduce_population_stats
@@ -232,7 +237,13 @@ def _all_gather_moments(
             "(torch.distributed.init_process_group); on one process use distributed=False"
         )
     local = {n: (m.count, m.mean, m.m2) for n, m in moments.items()}
-    return {n: Moments(*v) for n, v in all_reduce_population_stats(local, channels).items()}
+    # the samples ride along as one more entry ("" is no layer's name)
+    local[""] = (seen, torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    merged = all_reduce_population_stats(
+        local, {"": 1, **channels}, process_group=process_group, timeout=timeout
+    )
+    total = merged.pop("", (0, None, None))[0]
+    return {n: Moments(*v) for n, v in merged.items()}, total
 
 
 @torch.no_grad()
@@ -242,6 +253,8 @@ def recalibrate(
     num_samples: int | None = None,
     *,
     distributed: bool = False,
+    process_group: Any = None,
+    timeout: float | None = None,
 ) -> int:
     """Recompute the running statistics of every BN layer of ``model`` exactly, in one pass.
 
@@ -265,7 +278,15 @@ def recalibrate(
             uneven last batch) is skipped.
         num_samples: use only the first ``num_samples`` samples (the last batch is cut).
         distributed: merge the moments of all ``torch.distributed`` ranks exactly (each rank
-            passes its own shard of the data) before writing the statistics.
+            passes its own shard of the data) before writing the statistics. A rank whose shard
+            yields no batch takes part with count 0; the pass fails (on every rank) only when no
+            rank has data. With synchronized layers (:class:`batchnorm.SyncBatchNorm`) every
+            rank must pass the same number of batches.
+        process_group: with ``distributed``, the group whose ranks share statistics (default:
+            the default group).
+        timeout: with ``distributed``, seconds to wait for the other ranks at the merge before
+            raising :class:`batchnorm.sync.SyncBatchNormError`; ``None`` uses the process
+            group's timeout.
 
     Returns:
         The number of samples used (on this process).
@@ -279,10 +300,15 @@ def recalibrate(
         64
     """
     layers = _recalibrated_layers(model)
-    moments, seen = _accumulate(model, data, num_samples)
+    moments, seen = _accumulate(model, data, num_samples, require_data=not distributed)
     if distributed:
         channels = {n: _t(m, "running_mean").numel() for n, m in layers.items()}
-        moments = _all_gather_moments(moments, channels)
+        moments, total = _all_gather_moments(moments, channels, seen, process_group, timeout)
+        if total == 0:
+            raise ValueError(
+                "recalibrate(distributed=True): no rank's data yielded a batch (of at least 2 "
+                "samples); pass each rank a DataLoader or iterable of tensors or (x, y) tuples"
+            )
     for name, m in layers.items():
         mom = moments.get(name)
         if mom is None:
