@@ -7,6 +7,19 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 # Progress bars stay quiet in test logs.
 os.environ.setdefault("BATCHNORM_PROGRESS", "0")
 
+from collections.abc import Iterator  # noqa: E402
+
 import matplotlib  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for a module of tiny models (no oversubscription of shared cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

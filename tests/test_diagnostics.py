@@ -24,18 +24,12 @@ from batchnorm.diagnostics import (
     stat_gaps,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread avoids oversubscribing the shared cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: one torch thread (conftest.one_torch_thread) for the whole module
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def digits(_one_thread) -> tuple[torch.Tensor, torch.Tensor]:
+def digits(one_torch_thread) -> tuple[torch.Tensor, torch.Tensor]:
     d = load_digits()
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(d.target), generator=g)

@@ -13,13 +13,8 @@ import batchnorm
 from batchnorm.diagnostics import DoctorReport, doctor
 from batchnorm.variants import FrozenBatchNorm1d
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: one torch thread (conftest.one_torch_thread) for the whole module
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def found(report: DoctorReport) -> list[tuple[str, str]]:

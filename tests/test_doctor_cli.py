@@ -47,12 +47,8 @@ FACTORY = textwrap.dedent(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: one torch thread (conftest.one_torch_thread) for the whole module
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
