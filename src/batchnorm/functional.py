@@ -822,7 +822,8 @@ def batch_norm_step(
         be = get_backend(
             input, backend, also=(weight, bias, running_mean, running_var, num_batches_tracked)
         )
-        node = be.train_node(input, ax, weight, bias, eps, running)
+        if ext is None:  # a node that declined above would decline again
+            node = be.train_node(input, ax, weight, bias, eps, running)
     if node is not None:
         y, _, updated = node
     elif _graph_needed(input, weight, bias) and not _torch_ops_only():
@@ -857,7 +858,8 @@ def batch_norm_eval(
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    if not needs_graph and (ext := _ready_node(backend)) is not None:
+    ext = None if needs_graph else _ready_node(backend)
+    if ext is not None:
         T = kernels._threads(input.numel(), None)
         y = ext.evaluate(input, axis, running_mean, running_var, weight, bias, T, eps)
         if y is not None:
@@ -867,7 +869,7 @@ def batch_norm_eval(
         if needs_graph
         else get_backend(input, backend, also=(running_mean, running_var, weight, bias))
     )
-    if not needs_graph:
+    if not needs_graph and ext is None:  # a node that declined above would decline again
         node = be.eval_node(input, axis, running_mean, running_var, weight, bias, eps)
         if node is not None:
             return node
