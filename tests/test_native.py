@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -507,6 +507,22 @@ def test_node_backward_takes_batched_gradients() -> None:
     torch.testing.assert_close(jw, jw_ref)
 
 
+def _switches_take_the_general_path(
+    monkeypatch: pytest.MonkeyPatch,
+    run: Callable[..., torch.Tensor],
+    marker: torch.Tensor,
+    calls: list[int],
+) -> None:
+    """Another backend by argument or environment, or the node turned off: no node call."""
+    assert run(backend="torch") is not marker and calls == []
+    monkeypatch.setenv("BATCHNORM_BACKEND", "torch")
+    assert run() is not marker and calls == []
+    monkeypatch.delenv("BATCHNORM_BACKEND")
+    monkeypatch.setenv("BATCHNORM_NATIVE", "0")
+    assert run() is not marker and calls == []
+    monkeypatch.delenv("BATCHNORM_NATIVE")
+
+
 def test_inference_takes_the_node_directly_only_where_the_general_path_would(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -533,13 +549,7 @@ def test_inference_takes_the_node_directly_only_where_the_general_path_would(
     with torch.no_grad():
         assert run() is marker and calls == [1]
         assert run(backend="numba") is marker and calls == [1]
-        assert run(backend="torch") is not marker and calls == []
-        monkeypatch.setenv("BATCHNORM_BACKEND", "torch")
-        assert run() is not marker and calls == []
-        monkeypatch.delenv("BATCHNORM_BACKEND")
-        monkeypatch.setenv("BATCHNORM_NATIVE", "0")
-        assert run() is not marker and calls == []
-        monkeypatch.delenv("BATCHNORM_NATIVE")
+        _switches_take_the_general_path(monkeypatch, run, marker, calls)
     y = run()  # grad enabled and γ requires grad: the differentiable torch path
     assert y is not marker and y.requires_grad and calls == []
     with torch.no_grad(), warnings.catch_warnings():
@@ -570,12 +580,6 @@ def test_training_step_takes_the_node_directly_only_where_the_general_path_would
         return y
 
     assert run() is marker and calls == [1]
-    assert run(backend="torch") is not marker and calls == []
-    monkeypatch.setenv("BATCHNORM_BACKEND", "torch")
-    assert run() is not marker and calls == []
-    monkeypatch.delenv("BATCHNORM_BACKEND")
-    monkeypatch.setenv("BATCHNORM_NATIVE", "0")
-    assert run() is not marker and calls == []
-    monkeypatch.delenv("BATCHNORM_NATIVE")
+    _switches_take_the_general_path(monkeypatch, run, marker, calls)
     with torch.autograd.forward_ad.dual_level():
         assert run() is not marker and calls == []
