@@ -527,9 +527,7 @@ def _named_bn(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, m in model.named_modules(remove_duplicate=False):
         if isinstance(m, SyncBatchNorm) or _convertible(m):
             yield name, m
-        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, _BatchNormBase)) and not _ours(
-            type(m)
-        ):
+        elif isinstance(m, (*_TORCH_BN, _BatchNormBase)) and not _ours(type(m)):
             warnings.warn(
                 f"convert_sync_batchnorm: layer {name!r} ({type(m).__name__}) subclasses a "
                 "batch-norm variant of batchnorm and is left unchanged (not synchronized); "
