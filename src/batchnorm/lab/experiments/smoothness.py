@@ -199,23 +199,18 @@ def run(cfg: SmoothnessConfig, ctx: RunContext) -> Results:
             results[arm].append(res)
             rows += arm_rows(arm, seed, res["train"])
     # descriptive seed-means over the finite probes; the verdicts rank (+inf for a blow-up)
-    means = {
-        key: {
-            a: mean_std([_avg([p[key] for p in r["extra"]["probes"]]) for r in results[a]])["mean"]
-            for a in ARMS
-        }
+    per_seed = {
+        key: {a: [_avg([p[key] for p in r["extra"]["probes"]]) for r in results[a]] for a in ARMS}
         for key in MEASURES
     }
+    means = {key: {a: mean_std(v[a])["mean"] for a in ARMS} for key, v in per_seed.items()}
     what = "diverged or had a non-finite probe"
     claims = []
     for key, label in MEASURES.items():
-        per_seed = {
-            a: [_avg([p[key] for p in r["extra"]["probes"]]) for r in results[a]] for a in ARMS
-        }
         div = {a: [_blew_up(r, key) for r in results[a]] for a in ARMS}
         # noBN − BN: positive when BN's is smaller; a blown-up arm ranks +inf
         cmp = exceeds_spread(
-            per_seed["noBN"], per_seed["BN"], div["noBN"], div["BN"],
+            per_seed[key]["noBN"], per_seed[key]["BN"], div["noBN"], div["BN"],
             names=("noBN", "BN"), worst=np.inf,
         )  # fmt: skip
         b, n = means[key]["BN"], means[key]["noBN"]
