@@ -57,6 +57,7 @@ __all__ = [
     "TorchBackend",
     "get_backend",
     "register_backend",
+    "batch_norm_scriptable",
 ]
 
 NonFinitePolicy = Literal["warn", "raise"]
@@ -1027,15 +1028,20 @@ def _blend_traced(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
     return True
 
 
+def _nonfinite_message(layer: str) -> str:
+    """What a refused non-finite batch is told (also by the TorchScript path)."""
+    return (
+        f"{layer}: the batch statistics are not finite (NaN or inf in the input, or a variance "
+        "beyond the range of the running buffers' dtype); the running statistics were left "
+        "unchanged. Check the inputs and the learning rate; batchnorm.doctor(model, data) finds "
+        "where non-finite values start."
+    )
+
+
 def _refuse_nonfinite(nonfinite: NonFinitePolicy, layer: str | None) -> bool:
     """The non-finite-statistics policy of :func:`update_running_stats` and
     :func:`batch_norm_step`: raise or warn (the warning points at their caller)."""
-    msg = (
-        f"{_name(layer)}: the batch statistics are not finite (NaN or inf in the input, or a "
-        "variance beyond the range of the running buffers' dtype); the running statistics "
-        "were left unchanged. Check the inputs and the learning rate; "
-        "batchnorm.doctor(model, data) finds where non-finite values start."
-    )
+    msg = _nonfinite_message(_name(layer))
     if nonfinite == "raise":
         raise NonFiniteStatisticsError(msg)
     warnings.warn(msg, NonFiniteStatisticsWarning, stacklevel=3)
@@ -1171,3 +1177,81 @@ def batch_norm(
     return batch_norm_eval(
         input, running_mean, running_var, weight, bias, eps, axis=axis, backend=backend
     )
+
+
+# --------------------------------------------------------------------------------------------
+# TorchScript
+
+
+def batch_norm_scriptable(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    use_batch_stats: bool,
+    update_running: bool,
+    momentum: float | None,
+    eps: float,
+    axis: int,
+    unbiased_running_var: bool,
+    nonfinite: str,
+    layer: str,
+) -> Tensor:
+    """The layers' computation in TorchScript's subset of Python, for ``torch.jit.script``:
+    torch operations only (the backends and the kernels need the Python interpreter), autograd
+    for the gradients, the same conventions — biased batch variance, running variance unbiased
+    unless ``unbiased_running_var=False``, ``momentum=None`` as the cumulative average, and no
+    non-finite batch ever blended into the running statistics (``nonfinite``: ``"warn"`` or
+    ``"raise"``). ``update_running``: blend this batch's statistics into the running ones (and
+    count it); float16/bfloat16 are computed in float32, as elsewhere."""
+    nd = input.dim()
+    ax = axis + nd if axis < 0 else axis
+    C = input.shape[ax]
+    shape: list[int] = []
+    dims: list[int] = []
+    for d in range(nd):
+        shape.append(C if d == ax else 1)
+        if d != ax:
+            dims.append(d)
+    cdtype = input.dtype
+    if cdtype == torch.float16 or cdtype == torch.bfloat16:
+        cdtype = torch.float32
+    x = input.to(cdtype)
+    if use_batch_stats:
+        var, mean = torch.var_mean(x, dims, correction=0)
+        if update_running and running_mean is not None and running_var is not None:
+            factor = 0.0
+            if momentum is not None:
+                factor = momentum
+            elif num_batches_tracked is not None:
+                factor = 1.0 / (float(num_batches_tracked) + 1.0)
+            count = input.numel() // C
+            alpha = factor * count / (count - 1) if unbiased_running_var else factor
+            with torch.no_grad():
+                new_m = torch.lerp(running_mean, mean.detach().to(running_mean.dtype), factor)
+                new_v = running_var * (1.0 - factor) + alpha * var.detach().to(running_var.dtype)
+                if bool(torch.isfinite(new_m).all()) and bool(torch.isfinite(new_v).all()):
+                    running_mean.copy_(new_m)
+                    running_var.copy_(new_v)
+                    if num_batches_tracked is not None:
+                        num_batches_tracked.add_(1)
+                elif nonfinite == "raise":
+                    raise NonFiniteStatisticsError(_nonfinite_message(layer))
+                else:
+                    # (a UserWarning: TorchScript issues no other category)
+                    warnings.warn(_nonfinite_message(layer), stacklevel=2)
+        elif update_running and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+    else:
+        if running_mean is None or running_var is None:
+            raise BatchNormInputError(f"{layer}: running statistics are required in eval mode")
+        mean = running_mean.to(cdtype)
+        var = running_var.to(cdtype)
+    y = (x - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
+    if weight is not None:
+        y = y * weight.to(cdtype).view(shape)
+    if bias is not None:
+        y = y + bias.to(cdtype).view(shape)
+    return y.to(input.dtype)

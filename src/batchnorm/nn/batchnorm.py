@@ -23,7 +23,7 @@ import inspect
 import math
 import operator
 import warnings
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -51,23 +51,25 @@ class _BatchNormBase(nn.Module):
     _version = 2
     __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine", "axis"]
 
-    num_features: int
-    eps: float
-    momentum: float | None
-    affine: bool
-    track_running_stats: bool
-    axis: int
-    center: bool
-    scale: bool
-    unbiased_running_var: bool
-    nonfinite: NonFinitePolicy
-    backend: str | None
-    small_batch: SmallBatchPolicy
-    weight: nn.Parameter | None
-    bias: nn.Parameter | None
-    running_mean: Tensor | None
-    running_var: Tensor | None
-    num_batches_tracked: Tensor | None
+    if TYPE_CHECKING:  # for type checkers only: torch.jit.script types attributes by value
+        num_features: int
+        eps: float
+        momentum: float | None
+        affine: bool
+        track_running_stats: bool
+        axis: int
+        center: bool
+        scale: bool
+        unbiased_running_var: bool
+        nonfinite: NonFinitePolicy
+        backend: str | None
+        small_batch: SmallBatchPolicy
+        weight: nn.Parameter | None
+        bias: nn.Parameter | None
+        running_mean: Tensor | None
+        running_var: Tensor | None
+        num_batches_tracked: Tensor | None
+        _ranks: tuple[int, ...]
 
     def __init__(
         self,
@@ -248,7 +250,7 @@ class _BatchNormBase(nn.Module):
         return f"{type(self).__name__}({self.num_features})"
 
     #: the input ranks accepted (empty: any rank of 2 or more); BatchNorm1d/2d/3d narrow them
-    _ranks: tuple[int, ...] = ()
+    _ranks = ()
 
     def _check_input_dim(self, input: Tensor) -> None:
         """Rank check; BatchNorm1d/2d/3d narrow it as torch.nn does."""
@@ -450,6 +452,35 @@ class _BatchNormBase(nn.Module):
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """Normalize ``input``; ``mask`` (boolean, True at valid positions, shaped like
         ``input`` without the channel axis) restricts the batch statistics to valid positions."""
+        if torch.jit.is_scripting():
+            return self._forward_scripted(input, mask)
+        return self._forward_eager(input, mask)
+
+    # -- torch.jit.script ---------------------------------------------------------------------
+
+    #: methods whose override makes a subclass compute something TorchScript's path does not
+    _SCRIPT_EXACT = ("_forward_train", "_forward_eval", "_forward_single", "_syncing", "forward")
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script`` (for this layer and for a model holding it): the
+        scripted layer runs :func:`batchnorm.functional.batch_norm_scriptable`, so a subclass
+        that computes differently (the variants, synchronized BN) is refused by name."""
+        cls = type(self)
+        for name in self._SCRIPT_EXACT:
+            if getattr(cls, name) is not getattr(_BatchNormBase, name):
+                raise TypeError(
+                    f"{self.layer_name()}: torch.jit.script supports batchnorm.BatchNorm and "
+                    f"BatchNorm1d/2d/3d; {cls.__name__} computes outside TorchScript. Use "
+                    "torch.jit.trace, torch.compile or torch.export for this layer."
+                )
+        # what the scripted forward reads, as attributes TorchScript can type
+        self._script_name = self.layer_name()
+        self._script_min_rank = min(self._ranks, default=2)
+        self._script_max_rank = max(self._ranks, default=1 << 30)
+        return self
+
+    @torch.jit.unused
+    def _forward_eager(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
             return self._fx_leaf(input, mask)
         self._check_input(input)
@@ -481,6 +512,67 @@ class _BatchNormBase(nn.Module):
                 )
             return self._forward_train(input, mask=mask)  # type: ignore[call-arg]
         return self._forward_eval(input)
+
+    def _forward_scripted(self, input: Tensor, mask: Tensor | None) -> Tensor:
+        """``forward`` compiled by ``torch.jit.script``: the eager checks' essentials and the
+        computation of :func:`batchnorm.functional.batch_norm_scriptable` (torch operations)."""
+        name = self._script_name
+        nd = input.dim()
+        if nd < self._script_min_rank or nd > self._script_max_rank:
+            raise BatchNormInputError(
+                f"{name}: expected input of rank {self._script_min_rank} to "
+                f"{self._script_max_rank}, got {nd}D input of shape {input.shape}"
+            )
+        if not input.is_floating_point():
+            raise BatchNormInputError(
+                f"{name}: expected a floating-point input, got shape {input.shape}; convert it "
+                "first, e.g. x.float()"
+            )
+        if self.axis < -nd or self.axis >= nd or input.shape[self.axis] != self.num_features:
+            raise BatchNormInputError(
+                f"{name}: expected {self.num_features} channels along axis {self.axis} of input "
+                f"with shape {input.shape}"
+            )
+        if mask is not None:
+            raise BatchNormInputError(
+                f"{name}: a scripted layer takes no mask; call the layer unscripted for masked "
+                "statistics"
+            )
+        if input.numel() == 0:
+            return input.clone()
+        use_batch = self.training or self.running_mean is None
+        if use_batch and input.numel() // self.num_features < 2:
+            if self.small_batch == "running" and self.running_mean is not None:
+                use_batch = False
+            elif self.small_batch == "skip":
+                shape = [1] * nd
+                shape[self.axis % nd] = -1
+                y = input * 0
+                if self.bias is not None:
+                    y = y + self.bias.view(shape).to(input.dtype)
+                return y
+            else:
+                raise BatchNormInputError(
+                    f"{name}: expected more than 1 value per channel when training, got input "
+                    f"of shape {input.shape}; use a batch of 2 or more, or small_batch='skip' "
+                    "or 'running'"
+                )
+        return F.batch_norm_scriptable(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            use_batch,
+            use_batch and self.training and self.track_running_stats,
+            self.momentum,
+            self.eps,
+            self.axis,
+            self.unbiased_running_var,
+            self.nonfinite,
+            name,
+        )
 
 
 class BatchNorm(_BatchNormBase):
