@@ -164,3 +164,22 @@ def test_eager_layer_is_unchanged_by_scripting_a_copy() -> None:
     x = torch.randn(4, 3, 2, 2)
     y = m(x)
     torch.testing.assert_close(y, nn.functional.batch_norm(x, None, None, training=True))
+
+
+@pytest.mark.parametrize(
+    "cls,shape", [(batchnorm.FrozenBatchNorm2d, (3, 4, 5, 5)), (batchnorm.FrozenBatchNorm, (6, 4))]
+)
+def test_frozen_batchnorm_scripts_like_torch_nn_in_eval(cls, shape) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(3)
+    bn = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(4)
+    bn(torch.randn(shape) * 2 + 1)  # running statistics away from 0 and 1
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+    bn.eval()
+    frozen = torch.jit.script(cls.from_batchnorm(bn))
+    frozen.train()  # frozen: training mode changes nothing
+    x = torch.randn(shape)
+    torch.testing.assert_close(frozen(x), bn(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match=r"FrozenBatchNorm.*\(4\).*channels"):
+        frozen(torch.randn(shape[0], 3, *shape[2:]))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from numbers import Integral, Real
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -436,11 +436,13 @@ class FrozenBatchNorm(nn.Module):
         True
     """
 
-    _ranks: tuple[int, ...] = ()
-    weight: Tensor
-    bias: Tensor
-    running_mean: Tensor
-    running_var: Tensor
+    if TYPE_CHECKING:  # for type checkers only: torch.jit.script types attributes by value
+        _ranks: tuple[int, ...]
+        weight: Tensor
+        bias: Tensor
+        running_mean: Tensor
+        running_var: Tensor
+    _ranks = ()
 
     def __init__(
         self,
@@ -526,6 +528,50 @@ class FrozenBatchNorm(nn.Module):
     def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         """The fixed affine map. ``mask`` (boolean, True at valid positions, as for the other
         modules) is only validated: the map does not depend on the batch, as in eval mode."""
+        if torch.jit.is_scripting():
+            return self._forward_scripted(input)
+        return self._forward_eager(input, mask)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script``: what the scripted forward reads, as attributes
+        TorchScript can type."""
+        self._script_name = self.layer_name()
+        self._script_min_rank = min(self._ranks, default=2)
+        self._script_max_rank = max(self._ranks, default=1 << 30)
+        return self
+
+    def _forward_scripted(self, input: Tensor) -> Tensor:
+        """``forward`` compiled by ``torch.jit.script`` (torch operations; no mask)."""
+        nd = input.dim()
+        if nd < self._script_min_rank or nd > self._script_max_rank:
+            raise BatchNormInputError(
+                f"{self._script_name}: expected input of rank {self._script_min_rank} to "
+                f"{self._script_max_rank}, got {nd}D input of shape {input.shape}"
+            )
+        if self.axis < -nd or self.axis >= nd or input.shape[self.axis] != self.num_features:
+            raise BatchNormInputError(
+                f"{self._script_name}: expected {self.num_features} channels along axis "
+                f"{self.axis} of input with shape {input.shape}"
+            )
+        return F.batch_norm_scriptable(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            None,
+            False,
+            False,
+            None,
+            self.eps,
+            self.axis,
+            True,
+            "warn",
+            self._script_name,
+        )
+
+    @torch.jit.unused
+    def _forward_eager(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if self._ranks and input.dim() not in self._ranks:
             want = " or ".join(f"{r}D" for r in self._ranks)
             raise BatchNormInputError(
