@@ -58,6 +58,7 @@ __all__ = [
     "get_backend",
     "register_backend",
     "batch_norm_scriptable",
+    "check_scripted_input",
 ]
 
 NonFinitePolicy = Literal["warn", "raise"]
@@ -1181,6 +1182,30 @@ def batch_norm(
 
 # --------------------------------------------------------------------------------------------
 # TorchScript
+
+
+def check_scripted_input(
+    input: Tensor, num_features: int, axis: int, min_rank: int, max_rank: int, layer: str
+) -> None:
+    """The input checks of a scripted layer (TorchScript's subset of the eager ones): the rank,
+    a floating dtype and ``num_features`` channels along ``axis``, each error naming the layer
+    and the shape."""
+    nd = input.dim()
+    if nd < min_rank or nd > max_rank:
+        raise BatchNormInputError(
+            f"{layer}: expected input of rank {min_rank} to {max_rank}, got {nd}D input of "
+            f"shape {input.shape}"
+        )
+    if not input.is_floating_point():
+        raise BatchNormInputError(
+            f"{layer}: expected a floating-point input, got shape {input.shape}; convert it "
+            "first, e.g. x.float()"
+        )
+    if axis < -nd or axis >= nd or input.shape[axis] != num_features:
+        raise BatchNormInputError(
+            f"{layer}: expected {num_features} channels along axis {axis} of input with shape "
+            f"{input.shape}"
+        )
 
 
 def batch_norm_scriptable(

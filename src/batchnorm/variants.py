@@ -542,17 +542,14 @@ class FrozenBatchNorm(nn.Module):
 
     def _forward_scripted(self, input: Tensor) -> Tensor:
         """``forward`` compiled by ``torch.jit.script`` (torch operations; no mask)."""
-        nd = input.dim()
-        if nd < self._script_min_rank or nd > self._script_max_rank:
-            raise BatchNormInputError(
-                f"{self._script_name}: expected input of rank {self._script_min_rank} to "
-                f"{self._script_max_rank}, got {nd}D input of shape {input.shape}"
-            )
-        if self.axis < -nd or self.axis >= nd or input.shape[self.axis] != self.num_features:
-            raise BatchNormInputError(
-                f"{self._script_name}: expected {self.num_features} channels along axis "
-                f"{self.axis} of input with shape {input.shape}"
-            )
+        F.check_scripted_input(
+            input,
+            self.num_features,
+            self.axis,
+            self._script_min_rank,
+            self._script_max_rank,
+            self._script_name,
+        )
         return F.batch_norm_scriptable(
             input,
             self.weight,

@@ -469,9 +469,10 @@ class _BatchNormBase(nn.Module):
         for name in self._SCRIPT_EXACT:
             if getattr(cls, name) is not getattr(_BatchNormBase, name):
                 raise TypeError(
-                    f"{self.layer_name()}: torch.jit.script supports batchnorm.BatchNorm and "
-                    f"BatchNorm1d/2d/3d; {cls.__name__} computes outside TorchScript. Use "
-                    "torch.jit.trace, torch.compile or torch.export for this layer."
+                    f"{self.layer_name()}: torch.jit.script supports batchnorm.BatchNorm, "
+                    f"BatchNorm1d/2d/3d and FrozenBatchNorm*; {cls.__name__} computes outside "
+                    "TorchScript. Use torch.jit.trace, torch.compile or torch.export for this "
+                    "layer."
                 )
         # what the scripted forward reads, as attributes TorchScript can type
         self._script_name = self.layer_name()
@@ -518,21 +519,9 @@ class _BatchNormBase(nn.Module):
         computation of :func:`batchnorm.functional.batch_norm_scriptable` (torch operations)."""
         name = self._script_name
         nd = input.dim()
-        if nd < self._script_min_rank or nd > self._script_max_rank:
-            raise BatchNormInputError(
-                f"{name}: expected input of rank {self._script_min_rank} to "
-                f"{self._script_max_rank}, got {nd}D input of shape {input.shape}"
-            )
-        if not input.is_floating_point():
-            raise BatchNormInputError(
-                f"{name}: expected a floating-point input, got shape {input.shape}; convert it "
-                "first, e.g. x.float()"
-            )
-        if self.axis < -nd or self.axis >= nd or input.shape[self.axis] != self.num_features:
-            raise BatchNormInputError(
-                f"{name}: expected {self.num_features} channels along axis {self.axis} of input "
-                f"with shape {input.shape}"
-            )
+        F.check_scripted_input(
+            input, self.num_features, self.axis, self._script_min_rank, self._script_max_rank, name
+        )
         if mask is not None:
             raise BatchNormInputError(
                 f"{name}: a scripted layer takes no mask; call the layer unscripted for masked "
