@@ -183,3 +183,33 @@ def test_frozen_batchnorm_scripts_like_torch_nn_in_eval(cls, shape) -> None:  # 
     torch.testing.assert_close(frozen(x), bn(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(Exception, match=r"FrozenBatchNorm.*\(4\).*channels"):
         frozen(torch.randn(shape[0], 3, *shape[2:]))
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: batchnorm.BatchRenorm2d(4),
+        lambda: batchnorm.GhostBatchNorm2d(4, virtual_batch_size=2),
+        lambda: batchnorm.SyncBatchNorm(4),
+        lambda: batchnorm.InPlaceABN(4),
+    ],
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_refused_subclasses_trace_and_compile(layer, training: bool) -> None:  # type: ignore[no-untyped-def]
+    """What the refusal recommends works: traced and compiled, each layer gives its eager
+    output and running statistics in train and eval mode."""
+    torch.manual_seed(4)
+    x = torch.randn(4, 4, 3, 3) * 2 + 1
+    once, twice, traced_src, compiled_src = layer(), layer(), layer(), layer()
+    for m in (once, twice, traced_src, compiled_src):
+        m.train(training)
+    traced = torch.jit.trace(traced_src, (x,), check_trace=False)  # tracing runs it once
+    compiled = torch.compile(compiled_src, backend="eager")
+    twice(x)
+    torch.testing.assert_close(traced(x), twice(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled(x), once(x), rtol=1e-5, atol=1e-5)
+    for name, buf in once.named_buffers():
+        torch.testing.assert_close(getattr(compiled_src, name), buf, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            getattr(traced_src, name), getattr(twice, name), rtol=1e-6, atol=1e-6
+        )

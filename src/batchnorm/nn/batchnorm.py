@@ -471,8 +471,7 @@ class _BatchNormBase(nn.Module):
                 raise TypeError(
                     f"{self.layer_name()}: torch.jit.script supports batchnorm.BatchNorm, "
                     f"BatchNorm1d/2d/3d and FrozenBatchNorm*; {cls.__name__} computes outside "
-                    "TorchScript. Use torch.jit.trace, torch.compile or torch.export for this "
-                    "layer."
+                    "TorchScript. Use torch.jit.trace or torch.compile for this layer."
                 )
         # what the scripted forward reads, as attributes TorchScript can type
         self._script_name = self.layer_name()
