@@ -726,3 +726,50 @@ def test_eps_zero_gives_nan_for_a_constant_channel_on_every_path(
     np.testing.assert_allclose(y_np[:, 1], expected[:, 1].numpy(), rtol=1e-6)
     scale, _ = kernels.inference_affine(np.zeros(1), np.zeros(1), eps=0.0)
     assert np.isinf(scale[0])
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls,shape", PAIRS)
+def test_torch_func_transforms_match_torch_nn(ours_cls, torch_cls, shape) -> None:  # type: ignore[no-untyped-def]
+    """torch.func.grad, jacrev and per-sample gradients (vmap of grad) through a layer with
+    batch statistics and no running buffers (the meta-learning recipe), and in eval mode:
+    the values of torch.nn's layer."""
+    torch.manual_seed(5)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    for kwargs, training in (({"track_running_stats": False}, True), ({}, False)):
+        ours = ours_cls(6, dtype=torch.float64, **kwargs).train(training)
+        theirs = torch_cls(6, dtype=torch.float64, **kwargs).train(training)
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 2.0)
+            ours.bias.uniform_(-1.0, 1.0)
+            if not training:
+                ours.running_mean.uniform_(-1.0, 1.0)
+                ours.running_var.uniform_(0.5, 2.0)
+        theirs.load_state_dict(ours.state_dict())
+        results = []
+        for m in (ours, theirs):
+            p = {k: v.detach() for k, v in m.named_parameters()}
+
+            def loss(p, xx, m=m):  # type: ignore[no-untyped-def]
+                return torch.func.functional_call(m, p, (xx,)).pow(3).sum()
+
+            gp, gx = torch.func.grad(loss, argnums=(0, 1))(p, x)
+            jac = torch.func.jacrev(lambda xx, m=m, p=p: torch.func.functional_call(m, p, (xx,)))(
+                x[:2]
+            )
+            pairs = x.unsqueeze(1).repeat(1, 2, *([1] * (x.dim() - 1)))  # two samples per group
+            per_group = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(p, pairs)
+            results.append([gp["weight"], gp["bias"], gx, jac, per_group["weight"]])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_torch_func_grad_with_running_buffers_fails_as_torch_nn_and_keeps_them() -> None:
+    """Training with running buffers mutates captured tensors, which torch.func refuses for
+    torch.nn's layer too; the buffers stay untouched."""
+    x = torch.randn(8, 3)
+    for m in (batchnorm.BatchNorm1d(3), nn.BatchNorm1d(3)):
+        p = dict(m.named_parameters())
+        with pytest.raises(RuntimeError, match="captured"):
+            torch.func.grad(lambda p, m=m: torch.func.functional_call(m, p, (x,)).sum())(p)
+        assert torch.equal(m.running_mean, torch.zeros(3))
+        assert torch.equal(m.running_var, torch.ones(3))

@@ -717,10 +717,22 @@ def _tracing() -> bool:
 
 
 def _torch_ops_only() -> bool:
-    """Inside ``torch.jit.trace`` or a forward-mode AD level (``forward_ad.dual_level``): the
-    plain-torch backend without the autograd Function, so that the tracer and autograd see
-    torch operations (the Function and the compiled node have no forward-mode derivative)."""
-    return _tracing() or _fw_ad._current_level >= 0 or torch.compiler.is_compiling()
+    """Inside ``torch.jit.trace``, a forward-mode AD level (``forward_ad.dual_level``),
+    ``torch.compile`` or a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, …): the
+    plain-torch backend without the autograd Function, so that the tracer, the compiler and
+    autograd see torch operations (the Function and the compiled node have no forward-mode
+    derivative, and transforms wrap tensors that neither can take)."""
+    return (
+        _tracing()
+        or _fw_ad._current_level >= 0
+        or torch.compiler.is_compiling()
+        or _functorch_level() is not None
+    )
+
+
+#: the innermost active ``torch.func`` transform (grad, vmap, jacrev, …), None outside them:
+#: inside one, tensors are wrappers the Function (no ``setup_context``) and kernels cannot take
+_functorch_level: Callable[[], int | None] = torch._C._functorch.maybe_current_level
 
 
 def _graph_needed(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
