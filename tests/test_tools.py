@@ -555,3 +555,22 @@ def test_recalibrate_does_not_warn_of_small_batches_nor_use_up_the_warning() -> 
     net.train()
     with pytest.warns(batchnorm.SmallBatchWarning):
         net(torch.randn(3, 3))
+
+
+def test_torch_fusion_tools_take_our_layers_or_their_conversion() -> None:
+    """torch.nn.utils.fusion reads our layers' attributes; eager-mode quantization fusion
+    looks layers up by class, which convert_model(to='torch') gives it."""
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4), nn.ReLU())
+    for _ in range(3):
+        net(torch.randn(8, 3, 6, 6) * 2 + 1)
+    net.eval()
+    x = torch.randn(2, 3, 6, 6)
+    fused = torch.nn.utils.fusion.fuse_conv_bn_eval(net[0], net[1])
+    torch.testing.assert_close(fused(x), net[1](net[0](x)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(AssertionError, match="fuser method"):
+        torch.ao.quantization.fuse_modules(net, [["0", "1", "2"]])
+    q = torch.ao.quantization.fuse_modules(
+        batchnorm.convert_model(net, to="torch"), [["0", "1", "2"]]
+    )
+    torch.testing.assert_close(q(x), net(x), rtol=1e-5, atol=1e-5)
