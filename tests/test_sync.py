@@ -8,6 +8,7 @@ Every launch has a deadline and every process group a short timeout, so no test 
 
 from __future__ import annotations
 
+import copy
 import datetime
 import multiprocessing
 import os
@@ -718,3 +719,14 @@ def test_empty_batch_without_a_process_group_is_plain_bn() -> None:
     bn = batchnorm.SyncBatchNorm(4)
     y = bn(torch.randn(0, 4))
     assert y.shape == (0, 4) and int(bn.num_batches_tracked) == 0
+
+
+def test_torch_converter_skips_our_layers_which_ours_converts() -> None:
+    """The README's warning: torch's converter leaves our layers per-replica; ours takes
+    both kinds."""
+    net = torch.nn.Sequential(batchnorm.BatchNorm2d(4), torch.nn.BatchNorm2d(4))
+    by_torch = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(net))
+    assert type(by_torch[0]) is batchnorm.BatchNorm2d
+    assert type(by_torch[1]) is torch.nn.SyncBatchNorm
+    by_us = batchnorm.convert_sync_batchnorm(net)
+    assert all(type(m) is batchnorm.SyncBatchNorm for m in by_us)
