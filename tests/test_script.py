@@ -22,6 +22,14 @@ PAIRS = [
     (batchnorm.BatchNorm3d, nn.BatchNorm3d, (2, 6, 3, 4, 2)),
 ]
 
+# layers that compute differently from the scripted path: refused by torch.jit.script
+REFUSED = [
+    lambda: batchnorm.BatchRenorm2d(4),
+    lambda: batchnorm.GhostBatchNorm2d(4, virtual_batch_size=2),
+    lambda: batchnorm.SyncBatchNorm(4),
+    lambda: batchnorm.InPlaceABN(4),
+]
+
 OPTIONS = [
     {},
     {"momentum": None},
@@ -144,15 +152,7 @@ def test_scripted_layer_errors_name_the_layer_and_the_shape() -> None:
     assert int(skip.num_batches_tracked) == 0
 
 
-@pytest.mark.parametrize(
-    "layer",
-    [
-        lambda: batchnorm.BatchRenorm2d(4),
-        lambda: batchnorm.GhostBatchNorm2d(4, virtual_batch_size=2),
-        lambda: batchnorm.SyncBatchNorm(4),
-        lambda: batchnorm.InPlaceABN(4),
-    ],
-)
+@pytest.mark.parametrize("layer", REFUSED)
 def test_subclasses_that_compute_differently_are_refused(layer) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(TypeError, match=r"torch\.jit\.script supports batchnorm\.BatchNorm"):
         torch.jit.script(nn.Sequential(nn.Identity(), layer()))
@@ -185,15 +185,7 @@ def test_frozen_batchnorm_scripts_like_torch_nn_in_eval(cls, shape) -> None:  # 
         frozen(torch.randn(shape[0], 3, *shape[2:]))
 
 
-@pytest.mark.parametrize(
-    "layer",
-    [
-        lambda: batchnorm.BatchRenorm2d(4),
-        lambda: batchnorm.GhostBatchNorm2d(4, virtual_batch_size=2),
-        lambda: batchnorm.SyncBatchNorm(4),
-        lambda: batchnorm.InPlaceABN(4),
-    ],
-)
+@pytest.mark.parametrize("layer", REFUSED)
 @pytest.mark.parametrize("training", [True, False])
 def test_refused_subclasses_trace_and_compile(layer, training: bool) -> None:  # type: ignore[no-untyped-def]
     """What the refusal recommends works: traced and compiled, each layer gives its eager
