@@ -110,3 +110,124 @@ def test_diverged_per_replica_bn_ranks_lowest(monkeypatch: pytest.MonkeyPatch) -
         "both arms diverged: not supported"
         in (c["sync-more-accurate-small-batch"].measured["diverged"])
     )
+
+
+def test_mlp_refuses_a_per_replica_batch_of_one() -> None:
+    """Per-replica BN1d needs 2 samples per replica: refused by the config, not by a replica's
+    traceback after other runs have trained."""
+    with pytest.raises(ConfigError, match="per_replica_batches must be >= 2 with model=mlp"):
+        make_config(SyncBNConfig, sets=["model=mlp", "per_replica_batches=1,4"])
+    make_config(SyncBNConfig, sets=["model=cnn", "per_replica_batches=1,4"])  # b·H·W values
+
+
+def _seeded(key: str, acc: dict[tuple[str, int], list[float]], sps=None):  # type: ignore[no-untyped-def]
+    arm, b, seed = key.split("-")
+    rec = _record(acc[arm, int(b[1:])][int(seed[4:])], sync=arm == "sync")
+    if sps is not None:
+        rec["samples_per_s"] = sps[arm, int(b[1:])][int(seed[4:])]
+    return rec
+
+
+def test_advantage_shrinks_only_beyond_the_spread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # advantage +0.20 at b=2 and +0.05 at b=16: a shrink of 0.15, but the synchronized arm at
+    # b=16 varies by ±0.15 between seeds
+    acc = {
+        ("sync", 2): [0.95, 0.85], ("local", 2): [0.70, 0.70],
+        ("sync", 16): [0.95, 0.65], ("local", 16): [0.75, 0.75],
+    }  # fmt: skip
+    cfg = SyncBNConfig(seeds=2, per_replica_batches=(2, 16))
+    c, _ = _stub_run(monkeypatch, sync_bn, cfg, lambda k: _seeded(k, acc))
+    m = c["sync-advantage-shrinks"].measured
+    assert m["shrink"] == pytest.approx(0.15) and m["spread"] == pytest.approx(0.20)
+    assert c["sync-advantage-shrinks"].verdict is False
+    acc["sync", 16] = [0.81, 0.79]
+    c, _ = _stub_run(monkeypatch, sync_bn, cfg, lambda k: _seeded(k, acc))
+    assert c["sync-advantage-shrinks"].verdict is True
+
+
+def test_throughput_cost_needs_more_than_the_spread(monkeypatch: pytest.MonkeyPatch) -> None:
+    acc = {(a, 2): [0.8, 0.8] for a in ("sync", "local")}
+    # synchronized BN 2 % slower on average, its seeds 20 % apart
+    sps = {("sync", 2): [80.0, 120.0], ("local", 2): [101.0, 103.0]}
+    cfg = SyncBNConfig(seeds=2, per_replica_batches=(2,))
+    c, _ = _stub_run(monkeypatch, sync_bn, cfg, lambda k: _seeded(k, acc, sps))
+    cost = c["sync-costs-throughput"]
+    assert cost.measured["throughput_ratio_sync_over_local"]["b=2"] < 1.0
+    assert cost.measured["spread_samples_per_s"]["b=2"] == pytest.approx(21.0)
+    assert cost.verdict is False
+    sps["sync", 2] = [60.0, 62.0]
+    c, _ = _stub_run(monkeypatch, sync_bn, cfg, lambda k: _seeded(k, acc, sps))
+    assert c["sync-costs-throughput"].verdict is True
+
+
+def test_accuracy_plot_says_whose_model_it_shows(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from batchnorm.lab import plots
+    from batchnorm.lab.results import RunData
+
+    figs = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figs.append(fig) or Path(path))
+    series = {
+        "world": 2, "batches": [2],
+        "accuracy": {"local": [[0.7]], "sync": [[0.8]]},
+        "samples_per_s": {"local": [[100.0]], "sync": [[80.0]]},
+    }  # fmt: skip
+    sync_bn.figures(RunData(tmp_path, {}, {}, [], series), tmp_path)
+    assert "rank 0" in figs[0].axes[0].get_ylabel()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("model", ["cnn", "mlp"])
+def test_synchronized_arm_trains_as_one_process_on_the_global_batch(
+    model: str, tmp_path: Path
+) -> None:
+    """The synchronized arm's replicas, run for a few steps, end with the weights and running
+    statistics of a single process trained on the concatenated global batches (plain BN, the
+    same seed, learning rate and batch draws); the per-replica arm does not."""
+    import torch
+    import torch.multiprocessing as mp
+    import torch.nn.functional as F
+
+    from batchnorm.lab import models
+
+    world, b, steps, seed = 2, 4, 6, 3
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(200, 1, 8, 8, generator=g), torch.randint(0, 10, (200,), generator=g)
+    torch.save((x, y, x[:50], y[:50]), tmp_path / "data.pt")
+
+    def replicas(arm: str) -> list[dict[str, torch.Tensor]]:
+        job = {
+            "arm": arm, "batch": b, "seed": seed, "steps": steps, "warmup": 1, "lr": 0.05,
+            "momentum": 0.9, "model": model, "channels": (4, 8), "hidden": (16, 16),
+            "classes": 10, "timeout": 60.0, "save_state": True,
+        }  # fmt: skip
+        mp.start_processes(
+            sync_bn._replica, args=(world, sync_bn._free_port(), job, str(tmp_path)),
+            nprocs=world, start_method="spawn",
+        )  # fmt: skip
+        return [torch.load(tmp_path / f"state{r}.pt") for r in range(world)]
+
+    torch.manual_seed(seed)
+    net = (
+        models.SmallCNN((1, 8, 8), 10, (4, 8), bn="before")
+        if model == "cnn"
+        else models.MLP(64, (16, 16), 10, activation="relu", bn="before")
+    )
+    opt = torch.optim.SGD(net.parameters(), lr=0.05 * world * b / 32, momentum=0.9)
+    draws = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(x), (world * b,), generator=draws)  # the global batch
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ref = net.state_dict()
+
+    def largest_diff(states: list[dict[str, torch.Tensor]]) -> float:
+        return max(
+            float((s[k].double() - v.double()).abs().max()) for s in states for k, v in ref.items()
+        )
+
+    assert largest_diff(replicas("sync")) < 1e-5
+    assert largest_diff(replicas("local")) > 1e-3  # the check can tell the arms apart
