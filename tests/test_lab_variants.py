@@ -63,14 +63,17 @@ def test_small_batch_quick_run(tmp_path) -> None:  # type: ignore[no-untyped-def
     # verdicts follow from the saved numbers
     rec = claims["renorm-recovers-small-batch-loss"]["measured"]
     frac = rec["fraction_recovered"]
+    gain, loss = rec["gain_of_renorm"], rec["loss_of_BN_ranked"]  # None: a diverged BN
     assert claims["renorm-recovers-small-batch-loss"]["verdict"] == (
         frac is not None and frac >= 0.5
-    )
+        and (gain is None or gain > rec["spread_renorm_vs_BN"])
+        and (loss is None or loss > rec["spread_BN_vs_BN_full"])
+    )  # fmt: skip
     errs = claims["bn-error-rises-at-small-batches"]["measured"]["error_by_batch"]
     assert set(errs) == {"2", "8"} and all(0.0 <= v <= 1.0 for v in errs.values())
     assert (out / "small_batch.png").stat().st_size > 0
     arms = {r.split(",")[0] for r in (out / "metrics.csv").read_text().splitlines()[1:]}
-    assert {"BN-full", "GN", "BN-g2", "renorm-g8-noniid"} <= arms
+    assert {"BN-full", "GN", "BN-g2", "renorm-g8-noniid", "GN-g8-noniid"} <= arms
 
 
 def test_recalibration_quick_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -213,7 +216,8 @@ def test_configs_refuse_comparisons_that_cannot_be_supported(config, sets, messa
 def test_small_batch_bn_that_diverges_has_the_largest_error(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     cfg = SmallBatchConfig(seeds=2, group_sizes=(2, 8), batch_size=16, final_window=1)
     acc = {"BN-full": 0.90, "GN": 0.85, "BN-g8": 0.89, "renorm-g2": 0.80, "renorm-g8": 0.88,
-           "BN-g8-noniid": 0.70, "renorm-g2-noniid": 0.75, "renorm-g8-noniid": 0.65}  # fmt: skip
+           "BN-g8-noniid": 0.70, "renorm-g2-noniid": 0.75, "renorm-g8-noniid": 0.65,
+           "GN-g8-noniid": 0.84}  # fmt: skip
 
     def make(key):  # type: ignore[no-untyped-def]
         name = key.rsplit("-seed", 1)[0]

@@ -30,7 +30,15 @@ The running averages are updated once per group; their momentum is rescaled per 
 
 Non-i.i.d. batches: each group draws its examples from only ``noniid_classes`` classes
 (Ioffe 2017, Sec. 4.3, uses minibatches with few classes), for ``BN`` and ``renorm``; evaluated
-on the ordinary (i.i.d.) held-out set with the running statistics.
+on the ordinary (i.i.d.) held-out set with the running statistics. Such batches change more than
+what BN normalizes over: the gradient batch, too, holds few classes (at the largest ``g`` only
+``noniid_classes · batch_size/g``), and it is drawn with replacement. ``GN`` trained on the same
+non-i.i.d. batches (``GN-g<largest>-noniid``) is the control: the claim that non-i.i.d. batches
+hurt BN needs BN's rise in error to exceed GroupNorm's.
+
+Comparisons of seed means need a difference larger than the seed-to-seed spread: the rise of
+BN's error, GroupNorm against BN, the error renorm recovers (renorm beats BN, and BN loses
+against BN-full, each by more than the spread) and renorm against BN at each non-i.i.d. size.
 
 Error = 1 − held-out accuracy (eval mode), mean of the last ``final_window`` evaluations.
 As in paper-mnist, a diverged run ranks lowest: an arm with a diverged seed has error +∞ in the
@@ -303,15 +311,18 @@ def figures(run: RunData, out: Path) -> list[Path]:
             es = np.array([100 * v for v in stds])
             c = plots.color_for(name, i)
             ax.errorbar(sizes, ys, yerr=es, marker="o", capsize=3, label=name, color=c)
-        for i, (name, vals) in enumerate(s["flat"].items() if key == "iid" else []):
+        # the non-i.i.d. panel's GroupNorm line keeps the colour of GroupNorm's i.i.d. line
+        flat, first = (s["flat"], 3) if key == "iid" else (s.get("flat_noniid", {}), 4)
+        for i, (name, vals) in enumerate(flat.items()):
             m = mean_std(vals)["mean"]
             if m is not None:
-                ax.axhline(100 * m, ls="--", lw=1.2, color=plots.color_for(name, i + 3), label=name)
+                c = plots.color_for(name, i + first)
+                ax.axhline(100 * m, ls="--", lw=1.2, color=c, label=name)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes)
         ax.set_xticklabels([str(g) for g in sizes])
         ax.set_xlabel("normalization batch size (examples)")
-        ax.set_ylabel("held-out error (%)")
+        ax.set_ylabel("held-out error (%), mean ± std over seeds")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -335,11 +346,14 @@ def run(cfg: SmallBatchConfig, ctx: RunContext) -> Results:
     specs += [("GN", cfg.batch_size, False)]
     for noniid in [False, True] if cfg.noniid else [False]:
         specs += [(kind, g, noniid) for kind in ("BN", "renorm") for g in sizes]
+    if cfg.noniid:
+        # the control: GroupNorm (independent of the batch) on the same non-i.i.d. batches
+        specs += [("GN", sizes[-1], True)]
     rows: list[dict[str, Any]] = []
     err: dict[str, list[float | None]] = {}
     div: dict[str, list[bool]] = {}
     for kind, g, noniid in specs:
-        name = _arm(kind, None if kind in ("BN-full", "GN") else g, noniid)
+        name = _arm(kind, None if kind == "BN-full" or (kind == "GN" and not noniid) else g, noniid)
         err[name], div[name] = [], []
         for seed in seeds:
             res = cached_train(
@@ -384,6 +398,11 @@ def run(cfg: SmallBatchConfig, ctx: RunContext) -> Results:
         else:
             recovered = (e_bn - e_rn) / lost_r
     lost = None if bn_small is None or full is None else bn_small - full
+    # the recovered fraction is a ratio of two differences of seed means: both must exceed the
+    # seed-to-seed spread (renorm beats BN, BN loses against BN-full), else it is noise over noise
+    gain, loss = cmp(bn0, rn0), cmp(bn0, "BN-full")
+    gain_ok = gain["diff"] is not None and gain["diff"] > 0 and gain["exceeds"]
+    loss_ok = loss["diff"] is not None and loss["diff"] > 0 and loss["exceeds"]
     spread_text = spread_rule(len(seeds))
     claims = [
         Claim(
@@ -421,42 +440,69 @@ def run(cfg: SmallBatchConfig, ctx: RunContext) -> Results:
             id="renorm-recovers-small-batch-loss",
             statement=f"batch renorm recovers at least half of the error BN loses at "
             f"normalization batch {g0} (relative to BN over the whole batch)",
-            verdict=recovered is not None and recovered >= 0.5,
+            verdict=recovered is not None and recovered >= 0.5 and gain_ok and loss_ok,
             measured={
                 "error_BN": bn_small,
                 "error_renorm": rn_small,
                 "error_BN_full": full,
                 "loss_of_BN": lost,
                 "fraction_recovered": finite(recovered),
+                "gain_of_renorm": finite(gain["diff"]),
+                "spread_renorm_vs_BN": gain["spread"],
+                "loss_of_BN_ranked": finite(loss["diff"]),
+                "spread_BN_vs_BN_full": loss["spread"],
                 **divergence({a: div[a] for a in (bn0, rn0, "BN-full")}),
             },  # fmt: skip
             source=SOURCE_IOFFE,
             seeds=seeds,
             details="fraction = (error(BN, g) - error(renorm, g)) / (error(BN, g) - "
-            "error(BN-full)), seed means; supported if >= 0.5; undefined (not supported) when "
-            f"BN loses nothing; {RANK_RULE}: a diverged BN that renorm avoids is recovered "
-            "entirely (fraction 1), a diverged renorm recovers nothing",
+            "error(BN-full)), seed means; supported if >= 0.5 and both differences are positive "
+            "and larger than their seed-to-seed spread (gain of renorm over BN, loss of BN "
+            f"against BN-full); undefined (not supported) when BN loses nothing; {spread_text}; "
+            f"{RANK_RULE}: a diverged BN that renorm avoids is recovered entirely (fraction 1), "
+            "a diverged renorm recovers nothing",
         ),
     ]
     if cfg.noniid:
         diffs = {g: cmp(_arm("BN", g, True), _arm("renorm", g, True)) for g in sizes}
-        wins = [g for g, d in diffs.items() if d["diff"] is not None and d["diff"] > 0]
-        hurt = cmp(_arm("BN", g1, True), bn1)
+        wins = [
+            g for g, d in diffs.items() if d["diff"] is not None and d["diff"] > 0 and d["exceeds"]
+        ]
+        bn_ni, gn_ni = _arm("BN", g1, True), _arm("GN", g1, True)
+
+        def rise_of(noniid_arm: str, iid_arm: str) -> list[float | None]:
+            """Per seed, error(non-i.i.d.) - error(i.i.d.)."""
+            return [
+                None if a is None or b is None else a - b
+                for a, b in zip(err[noniid_arm], err[iid_arm])
+            ]
+
+        bn_rise, gn_rise = rise_of(bn_ni, bn1), rise_of(gn_ni, "GN")
+        hurt = exceeds_spread(
+            bn_rise, gn_rise, div[bn_ni], div[gn_ni], names=(bn_ni, gn_ni), worst=math.inf
+        )
         claims += [
             Claim(
                 id="noniid-hurts-bn",
                 statement=f"non-i.i.d. batches ({cfg.noniid_classes} classes per group) raise "
-                f"BN's error at normalization batch {g1}",
+                f"BN's error at normalization batch {g1} more than GroupNorm's on the same "
+                "batches",
                 verdict=hurt["diff"] is not None and hurt["diff"] > 0 and hurt["exceeds"],
                 measured={
-                    "error_noniid": m(_arm("BN", g1, True)),
+                    "error_noniid": m(bn_ni),
                     "error_iid": m(bn1),
-                    **{k: v for k, v in hurt["measured"].items() if k != "difference"},
+                    "rise_BN": mean_std(bn_rise)["mean"],
+                    "error_GN_noniid": m(gn_ni),
+                    "error_GN_iid": m("GN"),
+                    "rise_GN": mean_std(gn_rise)["mean"],
+                    **hurt["measured"],
                 },  # fmt: skip
                 source=SOURCE_IOFFE,
                 seeds=seeds,
-                details="supported if error(non-i.i.d.) - error(i.i.d.) is positive and larger "
-                f"than the spread; {spread_text}; {RANK_RULE}",
+                details="rise = error(non-i.i.d.) - error(i.i.d.) per seed; the non-i.i.d. "
+                "batches also make the gradient batch hold few classes, so GroupNorm on the "
+                "same batches is the control; supported if rise(BN) - rise(GN) (seed means) is "
+                f"positive and larger than the spread; {spread_text}; {RANK_RULE}",
             ),
             Claim(
                 id="renorm-helps-noniid",
@@ -477,8 +523,9 @@ def run(cfg: SmallBatchConfig, ctx: RunContext) -> Results:
                 },
                 source=SOURCE_IOFFE,
                 seeds=seeds,
-                details="count of sizes g with seed-mean error(BN) > error(renorm); supported "
-                f"if more than half; {RANK_RULE} (at a size where both diverged, no win)",
+                details="count of sizes g at which the seed-mean error(BN) - error(renorm) is "
+                "positive and larger than the seed-to-seed spread; supported if more than half; "
+                f"{spread_text}; {RANK_RULE} (at a size where both diverged, no win)",
             ),
         ]
     for c in claims:
@@ -490,6 +537,10 @@ def run(cfg: SmallBatchConfig, ctx: RunContext) -> Results:
         # per normalization batch size, per seed; empty without the non-i.i.d. arms
         "noniid": {k: [err[_arm(k, g, True)] for g in sizes] for k in kinds} if cfg.noniid else {},
         "flat": {"BN over the whole batch": err["BN-full"], "GroupNorm": err["GN"]},
+        # GroupNorm on the non-i.i.d. batches of the largest normalization batch (the control)
+        "flat_noniid": {f"GroupNorm (non-i.i.d. groups of {g1})": err[_arm("GN", g1, True)]}
+        if cfg.noniid
+        else {},
     }
     summary = {
         "dataset": ds.info(),

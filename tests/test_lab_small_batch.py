@@ -1,0 +1,129 @@
+"""The small-batch experiment's verdicts on constructed measurements: comparisons of seed means
+need a difference larger than the seed-to-seed spread, and the non-i.i.d. claim is judged
+against GroupNorm trained on the same batches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from batchnorm.lab.experiments import small_batch
+from batchnorm.lab.experiments.small_batch import SmallBatchConfig
+from test_lab_claims import _stub_run, _train
+
+
+def _make(acc: dict[str, tuple[float, float]]) -> Any:
+    """Parts whose final accuracy is ``acc[arm][seed]``."""
+
+    def make(key: str) -> dict[str, Any]:
+        name, seed = key.rsplit("-seed", 1)
+        return {"train": _train([0.1, acc[name][int(seed)]]), "extra": {}}
+
+    return make
+
+
+BASE = {
+    "BN-full": (0.90, 0.90),
+    "GN": (0.86, 0.86),
+    "BN-g2": (0.60, 0.60),
+    "BN-g8": (0.89, 0.89),
+    "renorm-g2": (0.85, 0.85),
+    "renorm-g8": (0.89, 0.89),
+    "BN-g2-noniid": (0.50, 0.50),
+    "BN-g8-noniid": (0.70, 0.70),
+    "renorm-g2-noniid": (0.70, 0.70),
+    "renorm-g8-noniid": (0.80, 0.80),
+    "GN-g8-noniid": (0.84, 0.84),
+}
+CFG = SmallBatchConfig(seeds=2, group_sizes=(2, 8), batch_size=16, final_window=1)
+
+
+def test_renorm_wins_with_noniid_batches_only_beyond_the_spread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    acc = dict(BASE)
+    # renorm's mean error is lower at both sizes, by 0.02; the seeds differ by 0.2
+    acc["BN-g2-noniid"] = (0.40, 0.60)
+    acc["renorm-g2-noniid"] = (0.42, 0.62)
+    acc["BN-g8-noniid"] = (0.60, 0.80)
+    acc["renorm-g8-noniid"] = (0.62, 0.82)
+    c, _ = _stub_run(monkeypatch, small_batch, CFG, _make(acc))
+    claim = c["renorm-helps-noniid"]
+    assert claim.measured["sizes_where_renorm_wins"] == []
+    assert claim.verdict is False
+    # the same means with seeds that agree: renorm wins at both sizes
+    acc["BN-g2-noniid"] = acc["BN-g8-noniid"] = (0.50, 0.50)
+    acc["renorm-g2-noniid"] = acc["renorm-g8-noniid"] = (0.52, 0.52)
+    c, _ = _stub_run(monkeypatch, small_batch, CFG, _make(acc))
+    assert c["renorm-helps-noniid"].measured["sizes_where_renorm_wins"] == [2, 8]
+    assert c["renorm-helps-noniid"].verdict is True
+
+
+def test_renorm_recovery_needs_differences_beyond_the_spread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    acc = dict(BASE)
+    # BN loses 0.04 against BN-full and renorm recovers 0.03 of it (75 %), but the seeds of BN
+    # differ by 0.3: both differences are within the spread
+    acc["BN-g2"] = (0.71, 1.01)  # mean 0.86
+    acc["renorm-g2"] = (0.89, 0.89)
+    c, _ = _stub_run(monkeypatch, small_batch, CFG, _make(acc))
+    rec = c["renorm-recovers-small-batch-loss"]
+    assert rec.measured["fraction_recovered"] == pytest.approx(0.75)
+    assert rec.measured["spread_renorm_vs_BN"] == pytest.approx(0.15)
+    assert rec.verdict is False
+    # the same means without the seed-to-seed spread
+    acc["BN-g2"] = (0.86, 0.86)
+    c, _ = _stub_run(monkeypatch, small_batch, CFG, _make(acc))
+    assert c["renorm-recovers-small-batch-loss"].verdict is True
+
+
+def test_noniid_hurts_bn_is_judged_against_groupnorm_on_the_same_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    acc = dict(BASE)
+    # non-i.i.d. batches cost BN 0.19 at g=8, and GroupNorm, which does not look at the
+    # batch, 0.20 on the same batches: the rise is not BN's
+    acc["GN-g8-noniid"] = (0.66, 0.66)
+    c, ctx = _stub_run(monkeypatch, small_batch, CFG, _make(acc))
+    assert "GN-g8-noniid-seed0" in ctx.keys
+    hurt = c["noniid-hurts-bn"]
+    assert hurt.measured["rise_BN"] == pytest.approx(0.19)
+    assert hurt.measured["rise_GN"] == pytest.approx(0.20)
+    assert hurt.verdict is False
+    # GroupNorm barely affected: BN's rise is its own
+    acc["GN-g8-noniid"] = (0.85, 0.85)
+    c, _ = _stub_run(monkeypatch, small_batch, CFG, _make(acc))
+    assert c["noniid-hurts-bn"].verdict is True
+    assert c["noniid-hurts-bn"].measured["difference"] == pytest.approx(0.18)
+
+
+def test_small_batch_figure_says_what_its_bars_are(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchnorm.lab import plots
+
+    seen: list[Any] = []
+
+    class Run:
+        series = {
+            "group_sizes": [2, 8],
+            "noniid": {"BN": [[0.5, 0.6], [0.2, 0.3]]},
+            "iid": {"BN": [[0.4, 0.5], [0.1, 0.2]]},
+            "flat": {"GroupNorm": [0.2, 0.2]},
+            "flat_noniid": {"GroupNorm (non-i.i.d. groups of 8)": [0.3, 0.3]},
+        }
+
+    orig = plots.save_figure
+
+    def save(fig: Any, path: Any) -> Any:
+        seen.append(fig)
+        return orig(fig, path)
+
+    monkeypatch.setattr(plots, "save_figure", save)
+    small_batch.figures(Run(), tmp_path)  # type: ignore[arg-type]
+    (fig,) = seen
+    assert all("mean ± std over seeds" in ax.get_ylabel() for ax in fig.axes)
+    labels = fig.axes[1].get_legend_handles_labels()[1]
+    assert "GroupNorm (non-i.i.d. groups of 8)" in labels
