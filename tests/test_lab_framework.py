@@ -337,6 +337,24 @@ def test_divergence_stops_the_arm():
     assert all(torch.isfinite(p).all() for p in net.parameters())  # NaN step not applied
 
 
+def test_weights_made_non_finite_by_the_last_update_count_as_diverged():
+    ds, net, opt = _setup(bn="none")
+    res = train.train(
+        net,
+        opt,
+        ds.x_train,
+        ds.y_train,
+        steps=6,
+        batch_size=40,
+        eval_every=3,
+        lr_schedule=lambda step: float("inf") if step == 5 else 0.01,  # the 6th update
+        eval_sets={"test": (ds.x_test, ds.y_test)},
+    )
+    assert res.diverged and res.diverged_step == 6 and res.steps_done == 6
+    assert res.rows[-1]["train_loss"] is None and "test_acc" not in res.rows[-1]
+    assert [r["step"] for r in res.rows] == [0, 3, 6]  # the earlier evaluations kept
+
+
 def test_lr_schedule_and_bad_arguments():
     ds, net, opt = _setup()
     res = train.train(

@@ -245,7 +245,8 @@ def train(
         progress: force the progress bar on/off (default: :func:`progress_enabled`).
 
     Returns: a :class:`TrainResult`; if the loss becomes NaN/inf the run stops there with
-    ``diverged=True`` and a final row whose metrics are ``None``.
+    ``diverged=True`` and a final row whose metrics are ``None`` (likewise if the last update
+    left a weight NaN/inf).
     """
     if steps < 0 or batch_size < 1 or eval_every < 1:
         raise ValueError(
@@ -342,6 +343,13 @@ def train(
                 bar.update(100)
     if bar is not None:
         bar.close()
+    if not result.diverged and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        # the last update made the weights non-finite: no later loss would say so
+        result.diverged = True
+        result.diverged_step = step
+        if rows and rows[-1]["step"] == step:
+            rows.pop()  # its metrics came from non-finite weights
+        rows.append({"step": step, "train_loss": None, "lr": optimizer.param_groups[0]["lr"]})
     result.steps_done = step
     result.seconds = time.perf_counter() - t0
     return result
