@@ -93,27 +93,37 @@ def _benefit(m: dict[str, Any], prefix: str) -> float | None:
     return None if math.isnan(d) else d
 
 
+def _fewer_steps(nobn: list[Any], arm: list[Any], never: int, difference: float) -> bool:
+    """Every seed of ``arm`` reaches the target, and no-BN (a seed that never reaches it counts
+    as ``never``) needs more steps on average by more than std + std of the steps."""
+    if None in arm:
+        return False
+    a = [never if v is None else v for v in nobn]
+    diff = float(np.mean(a) - np.mean(arm))
+    assert diff == pytest.approx(difference)
+    return diff > 0 and diff > float(np.std(a) + np.std(arm))
+
+
 def _bn_faster(m: dict[str, Any]) -> bool:
-    d, steps = m["diverged_seeds"], m["steps"]
-    return all(
-        steps[b] is not None
-        and not (d["none"] and d[b])
-        and (bool(d["none"]) or _lt(steps[b], steps["none"]))
-        for b in ("before", "after")
-    )
+    """placement: both placements reach the target in fewer steps than no-BN (see
+    :func:`_fewer_steps`); a diverged seed ranks lowest (no-BN's: the placement wins; the
+    placement's: it loses)."""
+    d, per = m["diverged_seeds"], m["steps_per_seed"]
+
+    def wins(b: str) -> bool:
+        if d[b] or None in per[b]:
+            return False
+        never = m["never_reached_as"]
+        return bool(d["none"]) or _fewer_steps(per["none"], per[b], never, m["difference"][b])
+
+    return all(wins(b) for b in ("before", "after"))
 
 
 def _reaches_faster(m: dict[str, Any], arm: str) -> bool:
-    """learning-rate: every seed of ``arm`` reaches the target, and no-BN (a seed that never
-    reaches it counts as ``never_reached_as``) needs more steps on average by more than std +
-    std of the steps."""
-    b = m["steps_per_seed"][arm]
-    a = [m["never_reached_as"] if v is None else v for v in m["steps_per_seed"]["noBN"]]
-    if any(v is None for v in b):
-        return False
-    diff = float(np.mean(a) - np.mean(b))
-    assert diff == pytest.approx(m["difference"])
-    return diff > 0 and diff > float(np.std(a) + np.std(b))
+    """learning-rate: ``arm`` reaches the target in fewer steps than no-BN (see
+    :func:`_fewer_steps`)."""
+    per = m["steps_per_seed"]
+    return _fewer_steps(per["noBN"], per[arm], m["never_reached_as"], m["difference"])
 
 
 # claim id (or id prefix) -> the verdict recomputed from the claim's measured numbers

@@ -347,6 +347,54 @@ def steps_to(steps: Sequence[int], curve: Sequence[float | None], target: float)
     return train.steps_to_target([p[0] for p in pts], [p[1] for p in pts], target)
 
 
+def seed_steps(
+    runs: Sequence[dict[str, Any]], target: float | None, key: str = "test_acc"
+) -> list[int | None]:
+    """Per seed, the first evaluation after step 0 at which ``key`` reaches ``target``;
+    ``None`` if never, or if the run diverged (a diverged run is never the faster one)."""
+    return [
+        None if target is None or run["diverged"] else steps_to(*accuracy_curve(run, key), target)
+        for run in runs
+    ]
+
+
+def mean_steps(per_seed: Sequence[int | None]) -> float | None:
+    """The seed-mean steps to the target; ``None`` if a seed never reached it."""
+    if not per_seed or any(v is None for v in per_seed):
+        return None
+    return float(np.mean([float(v) for v in per_seed if v is not None]))
+
+
+FASTER_RULE = (
+    "an arm reaches the target in fewer steps than no-BN if every seed of it reaches the "
+    "target and the seed-mean steps of no-BN minus those of the arm are positive and larger "
+    "than the spread; a no-BN seed that never reaches the target counts as reaching it right "
+    "after the run (steps + 1: a lower bound, which favours no-BN); a diverged seed never "
+    "reaches it"
+)
+
+
+def faster(nobn: Sequence[int | None], arm: Sequence[int | None], censor: int) -> dict[str, Any]:
+    """Does ``arm`` reach the target in fewer steps than ``nobn`` (steps per seed, ``None``:
+    never reached) by more than the seed-to-seed spread (std + std; unknown, 0, with one seed)?
+    A no-BN seed that never reached counts as ``censor`` (the run's length + 1); the arm must
+    reach in every seed. Returns ``verdict`` and the measured ``difference`` (no-BN − arm,
+    ``None`` if the arm missed in a seed) and ``spread`` (see :data:`FASTER_RULE`)."""
+    ref: list[int | None] = [censor if v is None else v for v in nobn]
+    a, b = mean_std(list(ref)), mean_std(list(arm))
+    m_a, m_b = mean_steps(ref), mean_steps(arm)
+    spread = (a["std"] or 0.0) + (b["std"] or 0.0)
+    if m_a is None or m_b is None:
+        diff, verdict = None, False
+    else:
+        diff = m_a - m_b
+        verdict = bool(diff > 0 and diff > spread)
+    measured: dict[str, Any] = {"difference": diff, "spread": spread, "never_reached_as": censor}
+    if min(len(nobn), len(arm)) < 2:
+        measured["spread_note"] = "unknown with one seed: any difference passes"
+    return {"verdict": verdict, "measured": measured}
+
+
 def exact_key(x: float) -> str:
     """A label that identifies the number ``x`` exactly, for part names, arm names and saved
     sweeps (learning rates, dropout rates, init scales): the short ``:g`` form (``0.3``, ``3``,

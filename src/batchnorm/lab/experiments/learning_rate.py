@@ -55,13 +55,16 @@ from batchnorm.lab import models, train
 from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
+    FASTER_RULE,
     arm_rows,
     cached_train,
     exact_key,
     exponential_decay,
+    faster,
     load_data,
+    mean_steps,
+    seed_steps,
     spread_rule,
-    steps_to,
 )
 from batchnorm.lab.registry import register
 from batchnorm.lab.results import Claim, Results, RunContext, RunData, mean_std
@@ -202,54 +205,6 @@ def _final(curve: list[float | None]) -> float | None:
 
 def _learns(final: float | None, chance: float, target: float) -> bool:
     return final is not None and final >= chance + 0.5 * (target - chance)
-
-
-def _seed_steps(runs: list[dict[str, Any]], target: float) -> list[int | None]:
-    """Per seed, the first test evaluation after step 0 that reaches ``target`` (``None``:
-    never, or not before the run diverged)."""
-    out = []
-    for run in runs:
-        pts = [
-            (int(r["step"]), r["test_acc"]) for r in run["rows"] if r.get("test_acc") is not None
-        ]
-        out.append(steps_to([p[0] for p in pts], [p[1] for p in pts], target))
-    return out
-
-
-def _mean_steps(per_seed: list[int | None]) -> float | None:
-    """The seed-mean steps to the target; ``None`` if any seed never reached it."""
-    if not per_seed or any(v is None for v in per_seed):
-        return None
-    return float(np.mean([float(v) for v in per_seed if v is not None]))
-
-
-FASTER_RULE = (
-    "an arm reaches the target in fewer steps than no-BN if every seed of it reaches the "
-    "target and the seed-mean steps of no-BN minus those of the arm are positive and larger "
-    "than the spread; a no-BN seed that never reaches the target counts as reaching it right "
-    "after the run (steps + 1: a lower bound, which favours no-BN)"
-)
-
-
-def faster(nobn: list[int | None], arm: list[int | None], censor: int) -> dict[str, Any]:
-    """Does ``arm`` reach the target in fewer steps than ``nobn`` (steps per seed, ``None``:
-    never reached) by more than the seed-to-seed spread (std + std; unknown, 0, with one seed)?
-    A no-BN seed that never reached counts as ``censor`` (the run's length + 1); the arm must
-    reach in every seed. Returns ``verdict`` and the measured ``difference`` (no-BN − arm,
-    ``None`` if the arm missed in a seed) and ``spread``."""
-    ref: list[int | None] = [censor if v is None else v for v in nobn]
-    a, b = mean_std(list(ref)), mean_std(list(arm))
-    m_a, m_b = _mean_steps(ref), _mean_steps(arm)
-    spread = (a["std"] or 0.0) + (b["std"] or 0.0)
-    if m_a is None or m_b is None:
-        diff, verdict = None, False
-    else:
-        diff = m_a - m_b
-        verdict = bool(diff > 0 and diff > spread)
-    measured: dict[str, Any] = {"difference": diff, "spread": spread, "never_reached_as": censor}
-    if min(len(nobn), len(arm)) < 2:
-        measured["spread_note"] = "unknown with one seed: any difference passes"
-    return {"verdict": verdict, "measured": measured}
 
 
 def figures(run: RunData, out: Path) -> list[Path]:
@@ -432,8 +387,8 @@ def run(cfg: LearningRateConfig, ctx: RunContext) -> Results:
     test_at = dict(zip(*mean_curves["noBN"]))
     at_step = None if target_step is None else test_at.get(target_step)
     target = at_step if at_step is not None else 1.0
-    reach_seeds = {arm: _seed_steps(runs, target) for arm, runs in arm_runs.items()}
-    reach = {arm: _mean_steps(v) for arm, v in reach_seeds.items()}
+    reach_seeds = {arm: seed_steps(runs, target) for arm, runs in arm_runs.items()}
+    reach = {arm: mean_steps(v) for arm, v in reach_seeds.items()}
     quicker = {
         arm: faster(reach_seeds["noBN"], reach_seeds[arm], cfg.steps + 1)
         for arm in ("BN-Baseline", "BN-x5")
