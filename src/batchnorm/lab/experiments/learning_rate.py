@@ -230,17 +230,26 @@ def figures(run: RunData, out: Path) -> list[Path]:
         axes[0].text(0, target, " target: no-BN at its best validation step", va="bottom",
                      fontsize=7)  # fmt: skip
     reach = run.summary.get("steps_to_target", {})
+    arms = run.summary.get("arms", {})
     names = list(reach)
     ys = np.arange(len(names))
-    # an arm that never reaches the target gets no bar (not a NaN bar: it would drop its row)
+    # an arm that never reaches the target gets no bar (not a NaN bar: it would drop its row);
+    # each seed's steps are dots, so a seed that missed does not hide the others
     vals = [0 if reach[a] is None else reach[a] for a in names]
-    axes[1].barh(ys, vals, color=[plots.color_for(a, i) for i, a in enumerate(names)])
+    axes[1].barh(ys, vals, color=[plots.color_for(a, i) for i, a in enumerate(names)], alpha=0.6)
     axes[1].set_yticks(ys)
     axes[1].set_yticklabels(names)
+    last = steps[-1] if steps else 1
     for i, a in enumerate(names):
-        if reach[a] is None:
-            axes[1].text(0, i, " not reached", va="center", fontsize=8)
-    axes[1].set_xlabel("steps to the target, mean over seeds (test accuracy)")
+        per = arms.get(a, {}).get("steps_to_target_per_seed") or []
+        hit = [v for v in per if v is not None]
+        axes[1].plot(hit, [i] * len(hit), "o", ms=4, color="k")
+        if len(hit) < len(per) or reach[a] is None:
+            missed = f"{len(per) - len(hit)} of {len(per)} seeds" if per else "all seeds"
+            at = max(hit, default=0)
+            axes[1].text(at, i, f"  not reached in {missed}", va="center", fontsize=7)
+    axes[1].set_xlim(0, last)
+    axes[1].set_xlabel("steps to the target (bar: mean over seeds, dots: each seed)")
     axes[1].invert_yaxis()
     axes[1].grid(alpha=0.3, axis="x")
     paths.append(plots.save_figure(fig, out / f"{NAME}-arms.png"))

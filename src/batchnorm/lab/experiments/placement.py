@@ -208,8 +208,8 @@ def figures(run: RunData, out: Path) -> list[Path]:
         axes[-1],
         acts,
         {LABELS[p]: [finals[a][p] for a in acts] for p in PLACEMENTS},
-        ylabel=f"final held-out accuracy ({last})",
-        title="final accuracy\n(mean ± std over the seeds that did not diverge)",
+        ylabel=f"final accuracy ({last})",
+        title="final held-out accuracy\n(mean ± std, seeds that did not diverge)",
     )
     lo = [v for a in acts for p in PLACEMENTS for v in finals[a][p] if v is not None]
     if lo:
