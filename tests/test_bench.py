@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -177,3 +180,30 @@ def test_plot_follows_the_extension(tmp_path):
     data = bench.load("docs/bench.json")
     path = bench.plot(data, str(tmp_path / "b.pdf"))
     assert open(path, "rb").read(4) == b"%PDF"
+
+
+def test_other_share_is_the_cpu_other_processes_used() -> None:
+    cores = os.cpu_count() or 1
+    # 2 CPU-seconds used by all processes in 1 s, 1.5 of them by this one
+    assert bench.other_share((10.0, 1.0, 0.0), (12.0, 2.5, 1.0)) == pytest.approx(0.5 / cores)
+    assert bench.other_share(None, (1.0, 1.0, 1.0)) is None
+
+
+@pytest.mark.skipif(bench.cpu_sample() is None, reason="needs /proc/stat")
+def test_other_share_sees_another_process_and_not_this_one() -> None:
+    cores = os.cpu_count() or 1
+    spin = "import time\nt = time.perf_counter()\nwhile time.perf_counter() - t < 1.0: pass\n"
+    before = bench.cpu_sample()
+    subprocess.run([sys.executable, "-c", spin], check=True)
+    after = bench.cpu_sample()
+    share = bench.other_share(before, after)
+    assert share is not None and share >= 0.6 / cores  # one busy core, some start-up aside
+    before = bench.cpu_sample()
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.6:  # this process's own work is not "other"
+        pass
+    after = bench.cpu_sample()
+    assert before is not None and after is not None
+    total = (after[0] - before[0]) / ((after[2] - before[2]) * cores)
+    share = bench.other_share(before, after)
+    assert share is not None and share <= total - 0.8 / cores

@@ -254,12 +254,53 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: other processes using more than this share of the machine's CPU time during a run make
+#: its medians measure the scheduler as well (the run is flagged as busy)
+BUSY_SHARE = 0.10
+
+
+def cpu_sample() -> tuple[float, float, float] | None:
+    """``(CPU seconds used by every process, this process's CPU seconds, wall seconds)`` now,
+    from ``/proc/stat`` (Linux; ``None`` elsewhere). Two samples tell how much of the machine
+    other processes used in between (:func:`other_share`)."""
+    import resource
+
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # up to steal; guest is in user
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return busy, own.ru_utime + own.ru_stime, time.perf_counter()
+
+
+def other_share(
+    before: tuple[float, float, float] | None, after: tuple[float, float, float] | None
+) -> float | None:
+    """The share of the machine's CPU time (0 … 1) that other processes (and the hypervisor's
+    steal) used between two :func:`cpu_sample` s; ``None`` without samples."""
+    if before is None or after is None:
+        return None
+    wall = after[2] - before[2]
+    if wall <= 0:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return min(1.0, max(0.0, others / (wall * (os.cpu_count() or 1))))
+
+
 def _machine(
-    load_before: tuple[float, float, float], load_after: tuple[float, float, float]
+    load_before: tuple[float, float, float],
+    load_after: tuple[float, float, float],
+    sample_before: tuple[float, float, float] | None = None,
 ) -> dict[str, Any]:
-    """What a run ran on: CPU, cores, threads of both pools, versions and the load average."""
+    """What a run ran on: CPU, cores, threads of both pools, versions, the load average, and
+    the share of the CPU other processes used while it measured (from ``sample_before``, a
+    :func:`cpu_sample` taken when it started)."""
     import numba
 
+    share = other_share(sample_before, cpu_sample())
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -267,8 +308,13 @@ def _machine(
         "numba_threads": numba.get_num_threads(),
         "loadavg_before": list(load_before),
         "loadavg_after": list(load_after),
-        # other processes competed for the cores: medians then measure the scheduler too
-        "busy": max(load_before[0], load_after[0]) > (os.cpu_count() or 1),
+        "other_cpu_share": share,
+        # other processes competed for the cores: medians then measure the scheduler too. The
+        # load average counts the run's own threads (and the run before it), so it decides only
+        # where /proc/stat cannot be read
+        "busy": share > BUSY_SHARE
+        if share is not None
+        else max(load_before[0], load_after[0]) > (os.cpu_count() or 1),
         "torch": torch.__version__,
         "numba": numba.__version__,
         "python": platform.python_version(),
@@ -374,6 +420,7 @@ def _run(
     progress: Callable[[str], None] | None,
 ) -> dict[str, Any]:
     load_before = os.getloadavg()
+    sample = cpu_sample()
     started = _dt.datetime.now(_dt.timezone.utc)
     results = []
     for case in chosen:
@@ -383,7 +430,7 @@ def _run(
     load_after = os.getloadavg()
     data: dict[str, Any] = {
         "date": started.isoformat(timespec="seconds"),
-        "machine": _machine(load_before, load_after),
+        "machine": _machine(load_before, load_after, sample),
         "dtype": str(dtype).replace("torch.", ""),
         "repeats": repeats,
         "roofline_values_per_element": PASS_VALUES,
@@ -448,15 +495,22 @@ def machine_lines(data: dict[str, Any], measured: str, unit: str) -> list[str]:
     ``unit``: what the repeats count, e.g. ``" steps"``)."""
     m = data["machine"]
     out = []
+    share = m.get("other_cpu_share")
     if m.get("busy"):
-        out.append(
-            "- WARNING: the load average exceeded the core count while measuring: other "
-            f"processes shared the CPU, so these {measured} also measure the scheduler"
+        used = (
+            f"other processes used {share:.0%} of the CPU time while measuring"
+            if share is not None
+            else "the load average exceeded the core count while measuring"
         )
+        out.append(
+            f"- WARNING: {used}: they shared the cores, so these {measured} also measure the "
+            "scheduler"
+        )
+    others = "" if share is None else f"; other processes {share:.0%} of the CPU"
     out.append(
         f"- machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} ({m['torch_threads']} "
         f"threads), numba {m['numba']} ({m['numba_threads']} threads); load average "
-        f"{m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after; "
+        f"{m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after{others}; "
         f"{data['dtype']}, median of {data['repeats']}{unit}; {data['date']}"
     )
     return out

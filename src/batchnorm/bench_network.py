@@ -268,6 +268,7 @@ def run(
         )
     with bench.threads_set(threads, "bench-network"):
         load_before = os.getloadavg()
+        sample = bench.cpu_sample()
         started = _dt.datetime.now(_dt.timezone.utc)
         results = []
         for name in names:
@@ -276,7 +277,7 @@ def run(
             results.append(_bench_network(NETWORKS[name], repeats, warmup, batch, min_seconds))
         data: dict[str, Any] = {
             "date": started.isoformat(timespec="seconds"),
-            "machine": bench._machine(load_before, os.getloadavg()),
+            "machine": bench._machine(load_before, os.getloadavg(), sample),
             "dtype": "float32",
             "repeats": repeats,
             "networks": [asdict(r) for r in results],
