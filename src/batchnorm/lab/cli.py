@@ -123,6 +123,7 @@ def _run_one(name: str, args: argparse.Namespace, out: Any, command: str) -> Pat
 def _cmd_run(args: argparse.Namespace) -> int:
     from batchnorm.lab.config import ConfigError
     from batchnorm.lab.data import DatasetCorruptError, DatasetNotFoundError
+    from batchnorm.lab.registry import UnknownExperiment
     from batchnorm.lab.results import RunDirConflict
 
     name = _name(args)
@@ -131,13 +132,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     args.name = name
     command = _command(args)
-    expected = (ConfigError, DatasetNotFoundError, DatasetCorruptError, RunDirConflict, KeyError)
+    # a KeyError from inside a run is a bug and keeps its traceback; only an unknown name is
+    # the user's error
+    expected = (
+        ConfigError,
+        DatasetNotFoundError,
+        DatasetCorruptError,
+        RunDirConflict,
+        UnknownExperiment,
+    )
     where = args.out or f"runs/{name}{'-quick' if args.quick else ''}"
     if name != "all":
         try:
             path = _run_one(name, args, args.out, command)
         except expected as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            msg = e.args[0] if isinstance(e, UnknownExperiment) and e.args else str(e)
             _say(f"error: {msg}", err=True)
             return 2
         except OSError as e:  # e.g. re-rendering a finished run in a read-only folder

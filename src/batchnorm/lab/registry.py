@@ -43,8 +43,12 @@ does not stop the other experiments from working.
 
 from __future__ import annotations
 
+import ast
+import functools
+import hashlib
 import importlib
 import pkgutil
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +67,8 @@ __all__ = [
     "broken",
     "discover",
     "run_experiment",
+    "code_fingerprint",
+    "UnknownExperiment",
 ]
 
 FiguresFn = Callable[[RunData, Path], list[Path]]
@@ -84,6 +90,10 @@ class Experiment:
 
 _REGISTRY: dict[str, Experiment] = {}
 _BROKEN: dict[str, str] = {}
+
+
+class UnknownExperiment(KeyError):
+    """No experiment is registered under that name (the message lists the known ones)."""
 
 
 def register(
@@ -136,7 +146,7 @@ def get(name: str) -> Experiment:
     discover()
     if name not in _REGISTRY:
         hint = f" (broken modules: {', '.join(_BROKEN)})" if _BROKEN else ""
-        raise KeyError(f"unknown experiment {name!r}; known: {', '.join(names())}{hint}")
+        raise UnknownExperiment(f"unknown experiment {name!r}; known: {', '.join(names())}{hint}")
     return _REGISTRY[name]
 
 
@@ -155,6 +165,64 @@ def broken() -> dict[str, str]:
     return dict(_BROKEN)
 
 
+# package files that only present saved results (or run other experiments): editing them
+# leaves every saved part valid
+_PRESENTATION = {
+    "cli.py",
+    "_console.py",
+    "bench.py",
+    "bench_network.py",
+    "keras.py",
+    "lab/cli.py",
+    "lab/plots.py",
+    "lab/report.py",
+    "lab/registry.py",
+}
+
+
+@functools.lru_cache(maxsize=256)
+def _source_digest(path: str, mtime_ns: int, size: int) -> str:
+    # the parsed tree, so that comments and formatting do not count as a change
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        tree = ast.dump(ast.parse(text))
+    except SyntaxError:
+        tree = text
+    return hashlib.sha256(tree.encode("utf-8")).hexdigest()
+
+
+def code_fingerprint(module: str) -> str:
+    """A short hash of the code that computes the results of the experiment defined in
+    ``module``: that module, every module of the ``batchnorm`` package except the ones that only
+    present results and the other experiments, and the torch and NumPy versions. A saved part
+    is reused only under the same fingerprint (see :meth:`RunContext.cached
+    <batchnorm.lab.results.RunContext.cached>`)."""
+    import numpy
+    import torch
+
+    import batchnorm
+
+    root = Path(batchnorm.__file__).resolve().parent
+    mod = sys.modules.get(module)
+    own = Path(mod.__file__).resolve() if mod is not None and mod.__file__ else None
+    files = []
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root).as_posix()
+        if rel in _PRESENTATION:
+            continue
+        if rel.startswith("lab/experiments/") and not f.name.startswith("_") and f != own:
+            continue
+        files.append(f)
+    if own is not None and own not in files:
+        files.append(own)
+    h = hashlib.sha256(f"torch {torch.__version__}; numpy {numpy.__version__}".encode())
+    for f in files:
+        st = f.stat()
+        name = f.relative_to(root).as_posix() if f.is_relative_to(root) else f.name
+        h.update(f"\n{name} {_source_digest(str(f), st.st_mtime_ns, st.st_size)}".encode())
+    return h.hexdigest()[:16]
+
+
 def run_experiment(
     name: str,
     out: str | Path | None = None,
@@ -171,9 +239,10 @@ def run_experiment(
 
     ``values`` are typed config fields (``seeds=3``, ``dataset="digits"``; ``None`` = not given),
     ``sets`` are ``key=value`` strings converted to the fields' types. A folder holding the same
-    config resumes (finished parts are reused; a finished run only gets its figures and report
-    re-rendered); a folder holding another run raises
-    :class:`~batchnorm.lab.results.RunDirConflict` and is left untouched."""
+    config resumes (finished parts saved by the same code, see :func:`code_fingerprint`, are
+    reused, others recomputed; a finished run only gets its figures and report re-rendered);
+    a folder holding another run raises :class:`~batchnorm.lab.results.RunDirConflict` and is
+    left untouched."""
     import time
 
     from batchnorm.lab.config import config_to_dict, make_config
@@ -192,7 +261,7 @@ def run_experiment(
     else:
         if state == "resume":
             say(f"{name}: resuming the unfinished run in {path}")
-        ctx = RunContext(rd, log=say, progress=progress)
+        ctx = RunContext(rd, log=say, progress=progress, code=code_fingerprint(exp.module))
         t0 = time.perf_counter()
         results = exp.run(cfg, ctx)
         results.summary.setdefault("description", exp.description)

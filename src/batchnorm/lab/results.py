@@ -21,6 +21,7 @@ Summary schema (``SUMMARY_SCHEMA``): ``{"schema", "experiment", "status": "compl
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -252,6 +253,36 @@ def load_run(path: str | os.PathLike[str]) -> RunData:
 # --------------------------------------------------------------------------------------------
 # run folders
 
+#: key prefix of the part recording the data a run found (not a result: see ``_nothing_computed``)
+DATASET_PART = "dataset-"
+
+
+def part_path(folder: Path, key: str) -> Path:
+    """``folder/parts/<key>.json``; a key with characters unsafe in file names gets them
+    replaced and a hash of the key appended, so that two keys never share a file."""
+    safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)
+    if safe != key:
+        safe += "-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:10]
+    return folder / "parts" / f"{safe}.json"
+
+
+def _read_part(path: Path, key: str, code: str | None) -> tuple[Any, str | None]:
+    """``(value, None)`` if ``path`` holds a reusable part of ``key`` computed by ``code``, else
+    ``(None, why)`` (``""`` when there is no part at all)."""
+    if not path.is_file():
+        return None, ""
+    try:
+        part = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None, "is unreadable (damaged file)"
+    if not isinstance(part, dict) or "value" not in part:
+        return None, "is not in the part format"
+    if part.get("key") != key:
+        return None, f"holds the part {part.get('key')!r}"
+    if part.get("code") != code:
+        return None, "was computed by other code (the lab, the library, torch or NumPy changed)"
+    return part["value"], None
+
 
 class RunDir:
     """A run folder: creation, resume-or-refuse, atomic writes."""
@@ -261,7 +292,13 @@ class RunDir:
 
     @property
     def complete(self) -> bool:
-        return (self.path / "summary.json").is_file()
+        """A readable ``summary.json`` marking a finished run (a damaged one is not trusted:
+        the run is computed again from its parts and the summary rewritten)."""
+        try:
+            summary = json.loads((self.path / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return False
+        return isinstance(summary, dict) and summary.get("status") == "complete"
 
     def prepare(self, experiment: str, config: dict[str, Any]) -> str:
         """Claim the folder for ``experiment`` with ``config``: returns ``"new"``, ``"resume"``
@@ -277,7 +314,11 @@ class RunDir:
                 have = None
             if have != json.loads(json.dumps(_jsonable(want))) and self._nothing_computed():
                 # a run that failed before its first result (a bad setting, a missing
-                # dataset): nothing to protect, and the corrected command must not be refused
+                # dataset): nothing to protect, and the corrected command must not be refused;
+                # the data that run found is no record of the new one's
+                if (self.path / "parts").is_dir():
+                    for record in (self.path / "parts").iterdir():
+                        record.unlink()
                 atomic_write_json(cfg_path, want)
                 return "new"
             if have != json.loads(json.dumps(_jsonable(want))):
@@ -305,12 +346,15 @@ class RunDir:
         return "new"
 
     def _nothing_computed(self) -> bool:
-        """The folder holds a config.json and nothing else (an empty ``parts/`` at most)."""
+        """The folder holds a config.json and nothing else (a ``parts/`` holding at most the
+        record of the data found, which a run writes before its first result)."""
         for entry in self.path.iterdir():
             if entry.name == "config.json":
                 continue
-            if entry.name == "parts" and entry.is_dir() and not any(entry.iterdir()):
-                continue
+            if entry.name == "parts" and entry.is_dir():
+                # (a temporary file of an interrupted write is ".<name>.<random>.tmp")
+                if all(f.name.lstrip(".").startswith(DATASET_PART) for f in entry.iterdir()):
+                    continue
             return False
         return True
 
@@ -378,7 +422,9 @@ class RunContext:
     """What ``run(config, ctx)`` gets besides its config: logging, data loading, and
     :meth:`cached` — finished units of work survive an interruption and are reused on resume.
 
-    ``ctx.progress`` tells the training loop whether to show a progress bar."""
+    ``ctx.progress`` tells the training loop whether to show a progress bar; ``code``
+    fingerprints the code computing the run (:func:`batchnorm.lab.registry.code_fingerprint`):
+    saved parts are reused only under the same one."""
 
     def __init__(
         self,
@@ -386,8 +432,10 @@ class RunContext:
         *,
         log: Callable[[str], None] | None = None,
         progress: bool | None = None,
+        code: str | None = None,
     ) -> None:
         self.run_dir = run_dir
+        self.code = code
         self._log = log or (lambda msg: None)
         self.progress = progress
         self.datasets: dict[str, Any] = {}
@@ -396,17 +444,23 @@ class RunContext:
         self._log(msg)
 
     def cached(self, key: str, fn: Callable[[], T]) -> T:
-        """``fn()``'s JSON-able result, saved under ``parts/<key>.json``; loaded instead of
-        recomputed when it exists (a resumed run)."""
+        """``fn()``'s JSON-able result, saved under ``parts/<key>.json`` with ``key`` and the
+        fingerprint of the code that computed it (``code``); loaded instead of recomputed when
+        a part of that key and code exists (a resumed run). A part that is unreadable, holds
+        another key (two keys that map to one file name) or was computed by other code (an
+        edit of the lab or the library, another torch or NumPy) is recomputed and replaced, so
+        a run never mixes results of two versions of the code."""
         if self.run_dir is None:
             return fn()
-        safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)
-        path = self.run_dir.path / "parts" / f"{safe}.json"
-        if path.is_file():
-            data: T = json.loads(path.read_text())["value"]
+        path = part_path(self.run_dir.path, key)
+        saved, why = _read_part(path, key, self.code)
+        if why is None:
+            data: T = saved
             return data
+        if why:
+            self.log(f"  part {key!r} {why}; computing it again")
         value = fn()
-        atomic_write_json(path, {"key": key, "value": value})
+        atomic_write_json(path, {"key": key, "code": self.code, "value": value})
         loaded: T = json.loads(path.read_text())["value"]  # same types on first run and resume
         return loaded
 
@@ -430,7 +484,7 @@ class RunContext:
                 "train": list(ds.x_train.shape),
                 "test": list(ds.x_test.shape),
             }
-            first = self.cached(f"dataset-{key}", lambda: found)
+            first = self.cached(f"{DATASET_PART}{key}", lambda: found)
             if first != found:
                 raise RunDirConflict(
                     f"the saved parts of this run were computed on {first['name']} "

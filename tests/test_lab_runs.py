@@ -1,0 +1,211 @@
+"""Run folders under resume: parts are reused only for the code and key that computed them,
+damaged files are never trusted, a failed start does not block the corrected command, and a
+bug inside a run is not reported as a user's mistake."""
+
+import importlib.util
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from batchnorm.cli import main as cli_main
+from batchnorm.lab import registry, results
+from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.results import Claim, Results, RunContext, RunDir
+
+
+@dataclass
+class RunsToyConfig(BaseConfig):
+    steps: int = 20
+    fail: str = ""
+
+
+CALLS = {"n": 0}
+
+
+def _toy_run(cfg: RunsToyConfig, ctx: RunContext) -> Results:
+    ds = ctx.load_dataset("synthetic")
+    if cfg.steps > 1000:  # a setting found bad only once the data is there
+        raise ConfigError(f"steps={cfg.steps} is too many; use --set steps=20")
+
+    def one(seed: int) -> dict:
+        CALLS["n"] += 1
+        # a value that depends on the seed and on nothing saved before
+        return {"seed": seed, "acc": 0.5 + 0.01 * seed, "steps": cfg.steps}
+
+    finals = []
+    for seed in cfg.seed_list():
+        part = ctx.cached(f"seed{seed}", lambda seed=seed: one(seed))
+        if cfg.fail == "keyerror":
+            part["missing"]  # noqa: B018  (a bug in an experiment)
+        finals.append(part["acc"])
+    m = results.mean_std(finals)
+    claim = Claim("toy", "toy claim", m["mean"] > 0.1, {"acc": m})
+    return Results(
+        [{"arm": "a", "seed": s, "step": 0, "acc": a} for s, a in zip(cfg.seed_list(), finals)],
+        {"dataset": ds.info(), "claims": [claim]},
+    )
+
+
+@pytest.fixture
+def toy():
+    registry.register("runs-toy", config=RunsToyConfig, description="toy")(_toy_run)
+    CALLS["n"] = 0
+    yield "runs-toy"
+    registry._REGISTRY.pop("runs-toy", None)
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def test_parts_computed_by_other_code_are_recomputed(toy, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    registry.run_experiment(toy, out, seeds=2, log=_quiet)
+    assert CALLS["n"] == 2
+    first = json.loads((out / "summary.json").read_text())["claims"]
+    (out / "summary.json").unlink()  # an unfinished run, resumed by the same code: reused
+    registry.run_experiment(toy, out, seeds=2, log=_quiet)
+    assert CALLS["n"] == 2
+
+    (out / "summary.json").unlink()  # the same folder resumed after the code changed
+    monkeypatch.setattr(registry, "code_fingerprint", lambda module: "other-code")
+    logs: list[str] = []
+    registry.run_experiment(toy, out, seeds=2, log=logs.append)
+    assert CALLS["n"] == 4  # both parts computed again, none mixed in from the old code
+    assert all(any(f"'seed{i}' was computed by other code" in m for m in logs) for i in (0, 1))
+    assert json.loads((out / "summary.json").read_text())["claims"] == first
+    part = json.loads((out / "parts" / "seed0.json").read_text())
+    assert part["code"] == "other-code" and part["key"] == "seed0"
+
+
+def test_parts_without_a_code_record_are_recomputed(toy, tmp_path):
+    """A part written before parts recorded their code."""
+    out = tmp_path / "run"
+    registry.run_experiment(toy, out, log=_quiet)
+    p = out / "parts" / "seed0.json"
+    old = json.loads(p.read_text())
+    del old["code"]
+    old["value"]["acc"] = 0.0  # what that older code computed
+    p.write_text(json.dumps(old))
+    (out / "summary.json").unlink()
+    registry.run_experiment(toy, out, log=_quiet)
+    assert CALLS["n"] == 2
+    s = json.loads((out / "summary.json").read_text())
+    assert s["claims"][0]["measured"]["acc"]["mean"] == 0.5
+
+
+def _load_module(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_code_fingerprint_follows_the_code_not_its_comments(tmp_path):
+    src = tmp_path / "fp_exp_mod.py"
+    src.write_text("X = 1\n")
+    try:
+        _load_module(src, "fp_exp_mod")
+        a = registry.code_fingerprint("fp_exp_mod")
+        src.write_text("# a comment\nX = 1  # one\n")
+        os.utime(src, ns=(1, 1))
+        assert registry.code_fingerprint("fp_exp_mod") == a
+        src.write_text("X = 2\n")
+        os.utime(src, ns=(2, 2))
+        assert registry.code_fingerprint("fp_exp_mod") != a
+    finally:
+        sys.modules.pop("fp_exp_mod", None)
+
+
+def test_fingerprint_ignores_other_experiments_and_presentation():
+    import batchnorm.lab.experiments.placement as placement
+
+    fp = registry.code_fingerprint(placement.__name__)
+    assert fp == registry.code_fingerprint(placement.__name__)
+    assert fp != registry.code_fingerprint("batchnorm.lab.experiments.dropout")
+
+
+def test_damaged_part_is_recomputed_not_trusted(toy, tmp_path):
+    out = tmp_path / "run"
+    registry.run_experiment(toy, out, seeds=2, log=_quiet)
+    p = out / "parts" / "seed1.json"
+    p.write_text(p.read_text()[:30])  # a truncated file (a copy cut short, a full disk)
+    (out / "summary.json").unlink()
+    logs: list[str] = []
+    registry.run_experiment(toy, out, seeds=2, log=logs.append)
+    assert CALLS["n"] == 3
+    assert any("'seed1' is unreadable" in m for m in logs)
+    assert json.loads(p.read_text())["value"]["acc"] == 0.51
+
+
+def test_keys_that_share_a_file_name_do_not_share_a_part(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.prepare("x", {})
+    ctx = RunContext(rd)
+    assert ctx.cached("a|b", lambda: 1) == 1
+    assert ctx.cached("a_b", lambda: 2) == 2
+    assert ctx.cached("a/b", lambda: 3) == 3
+    assert [ctx.cached(k, lambda: -1) for k in ("a|b", "a_b", "a/b")] == [1, 2, 3]
+
+
+def test_damaged_summary_is_not_taken_for_a_finished_run(toy, tmp_path):
+    out = tmp_path / "run"
+    registry.run_experiment(toy, out, seeds=2, log=_quiet)
+    good = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").write_text('{"schema": 1, "exp')
+    assert not RunDir(out).complete
+    registry.run_experiment(toy, out, seeds=2, log=_quiet)
+    assert CALLS["n"] == 2  # rebuilt from the saved parts
+    again = json.loads((out / "summary.json").read_text())
+    assert again["claims"] == good["claims"] and again["status"] == "complete"
+
+
+def test_corrected_command_takes_over_a_run_that_failed_after_loading_its_data(
+    toy, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    args = ["lab", "run", toy, "--out", str(out)]
+    assert cli_main([*args, "--set", "steps=5000"]) == 2
+    assert "steps=5000 is too many" in capsys.readouterr().err
+    assert [p.name.startswith("dataset-") for p in (out / "parts").iterdir()] == [True]
+    assert cli_main([*args, "--set", "steps=20"]) == 0
+    assert json.loads((out / "summary.json").read_text())["config"]["steps"] == 20
+    # the record of the failed start went with it
+    assert len(list((out / "parts").glob("dataset-*"))) == 1
+
+
+def test_a_key_error_inside_a_run_keeps_its_traceback(toy, tmp_path, capsys):
+    """Only an unknown experiment name is a one-line user error; a KeyError raised by the
+    experiment is a bug, not to be shown as ``error: missing``."""
+    with pytest.raises(KeyError, match="missing"):
+        cli_main(["lab", "run", toy, "--out", str(tmp_path / "run"), "--set", "fail=keyerror"])
+    assert cli_main(["lab", "run", "no-such-exp", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown experiment 'no-such-exp'" in err and "Traceback" not in err
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(toy, tmp_path, monkeypatch):
+    ref = registry.run_experiment(toy, tmp_path / "ref", seeds=3, log=_quiet)
+    CALLS["n"] = 0
+    real = results.RunContext.cached
+
+    def dies_on_third(self, key, fn):
+        if key == "seed2":
+            raise KeyboardInterrupt
+        return real(self, key, fn)
+
+    monkeypatch.setattr(results.RunContext, "cached", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        registry.run_experiment(toy, tmp_path / "int", seeds=3, log=_quiet)
+    monkeypatch.setattr(results.RunContext, "cached", real)
+    out = registry.run_experiment(toy, tmp_path / "int", seeds=3, log=_quiet)
+    assert CALLS["n"] == 3
+    a, b = (json.loads((p / "summary.json").read_text()) for p in (ref, out))
+    for s in (a, b):
+        s.pop("runtime_s"), s.pop("finished")
+    assert a == b
+    assert (ref / "metrics.csv").read_text() == (out / "metrics.csv").read_text()
