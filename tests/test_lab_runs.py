@@ -5,6 +5,7 @@ bug inside a run is not reported as a user's mistake."""
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -209,3 +210,19 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(toy, tmp_path, monk
         s.pop("runtime_s"), s.pop("finished")
     assert a == b
     assert (ref / "metrics.csv").read_text() == (out / "metrics.csv").read_text()
+
+
+@pytest.mark.parametrize("name", ["small-batch", "initialization"])
+def test_a_batch_larger_than_the_data_is_a_one_line_error(tmp_path, name) -> None:  # type: ignore[no-untyped-def]
+    """small-batch looped forever (hence a subprocess with a time limit); the others raised a
+    traceback from the training loop."""
+    args = ["lab", "run", name, "--quick", "--dataset", "digits", "--out", str(tmp_path / "r")]
+    code = "import sys; from batchnorm.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args, "--set", "batch_size=5000"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 2
+    assert "fewer than batch_size=5000" in done.stderr and "Traceback" not in done.stderr

@@ -43,6 +43,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from batchnorm.lab.config import ConfigError
+
 __all__ = [
     "TrainResult",
     "StepInfo",
@@ -255,7 +257,7 @@ def train(
         )
     n = x_train.shape[0]
     if n < batch_size:
-        raise ValueError(
+        raise ConfigError(  # a setting to change: the CLI prints one line
             f"train: the training set has {n} examples, fewer than batch_size={batch_size}; "
             "use a smaller batch or more data"
         )

@@ -214,6 +214,12 @@ def grouped_batches(
     ``group`` examples each drawn from ``classes`` random classes (non-i.i.d.)."""
     n = y.shape[0]
     if classes is None:
+        if n < batch_size:  # no batch fits: the loop below would never yield
+            raise ConfigError(
+                f"small-batch: the training set has {n} examples, fewer than "
+                f"batch_size={batch_size}; use a smaller batch_size or more training data "
+                "(n_train)"
+            )
         while True:
             perm = torch.randperm(n, generator=gen)
             for i in range(0, n - batch_size + 1, batch_size):
