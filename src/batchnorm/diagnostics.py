@@ -68,6 +68,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from batchnorm._console import say
 from batchnorm.functional import canonical_layout
 from batchnorm.nn.batchnorm import _BatchNormBase
 
@@ -2466,7 +2467,7 @@ def main(args: argparse.Namespace) -> int:
     ``path/to/file.py:NAME``) first on ``sys.path``, as ``python`` would have it."""
     problem = _option_problem(args)
     if problem is not None:
-        print(f"batchnorm doctor: {problem}", file=sys.stderr)
+        say(f"batchnorm doctor: {problem}", err=True)
         return 2
     try:
         with _import_paths(*_spec_folders(args.factory, args.data)):
@@ -2484,9 +2485,11 @@ def main(args: argparse.Namespace) -> int:
         # a KeyError's str() is the repr of its message: print the message itself
         msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
         msg = msg.removeprefix("doctor: ")  # the prefix of the library's messages
-        print(f"batchnorm doctor: {msg}", file=sys.stderr)
+        # one line: torch's load_state_dict errors span several
+        say(f"batchnorm doctor: {' '.join(msg.split())}", err=True)
         return 2
-    print(report.to_json() if args.json else report.format_text())
+    # a reader that quits (`| head`) must not turn the exit code into a traceback's
+    say(report.to_json() if args.json else report.format_text())
     failing = {"error"} if args.fail_on == "error" else {"error", "warning"}
     return 1 if any(f.severity in failing for f in report.findings) else 0
 

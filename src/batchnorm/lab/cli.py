@@ -82,12 +82,12 @@ def _cmd_list() -> int:
     from batchnorm.lab import registry
 
     for exp in registry.all_experiments():
-        print(f"{exp.name:24s} {exp.description}")
+        _say(f"{exp.name:24s} {exp.description}")
         if exp.source:
-            print(f"{'':24s} source: {exp.source}")
+            _say(f"{'':24s} source: {exp.source}")
     for mod, err in registry.broken().items():
         last = err.strip().splitlines()[-1]
-        print(f"{mod} (broken: {last})", file=sys.stderr)
+        _say(f"{mod} (broken: {last})", err=True)
     return 0
 
 
