@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -104,3 +105,11 @@ def test_short_steps_are_repeated_for_min_seconds():
     assert len(r["step_s"]) == len(bn_net.VARIANTS)
     with pytest.raises(ValueError, match="min_seconds"):
         bn_net.run(["mlp"], min_seconds=-1)
+
+
+def test_one_slow_probe_step_does_not_set_the_repeats() -> None:
+    """A step descheduled once (50 ms among 1 ms steps) cut a run of ~700 steps to ~20."""
+    delays = iter([0.05, 0.001, 0.001, 0.001, 0.001])
+    step_s = bn_net.probe(lambda: time.sleep(next(delays)))
+    assert step_s < 0.01
+    assert bn_net.repeats_for(21, 0.7, step_s) > 60

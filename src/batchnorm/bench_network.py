@@ -105,7 +105,7 @@ class NetworkResult:
     bn_inputs: list[list[int]]  # the input shape of every batch-norm layer
     loss_gap: float  # |loss(ours) − loss(torch)| of the first step, before any update
     repeats: int = 0  # timed steps per variant
-    probe_s: float = math.nan  # the one untimed step that sets ``repeats`` from min_seconds
+    probe_s: float = math.nan  # median of the untimed steps that set ``repeats`` from min_seconds
     step_s: dict[str, float] = field(default_factory=dict)
     step_min_s: dict[str, float] = field(default_factory=dict)
     ours_over_torch: float = math.nan
@@ -168,6 +168,21 @@ def repeats_for(repeats: int, min_seconds: float, step_s: float) -> int:
     return max(repeats, min(MAX_REPEATS, math.ceil(min_seconds / step_s)))
 
 
+#: untimed steps whose median sets the number of timed ones (one step descheduled by another
+#: process must not cut a run of ~700 steps to ~20)
+PROBES = 5
+
+
+def probe(step: Callable[[], None], n: int = PROBES) -> float:
+    """The median time of ``n`` calls of ``step``, in seconds."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def _bench_network(
     net: Network, repeats: int, warmup: int, batch: int | None, min_seconds: float
 ) -> NetworkResult:
@@ -202,9 +217,7 @@ def _bench_network(
     for _ in range(warmup):
         for k in VARIANTS:
             step(k)
-    t0 = time.perf_counter()
-    step("torch")
-    res.probe_s = time.perf_counter() - t0
+    res.probe_s = probe(lambda: step("torch"))
     res.repeats = repeats_for(repeats, min_seconds, res.probe_s)
     samples: dict[str, list[float]] = {k: [] for k in VARIANTS}
     gc_was = gc.isenabled()
