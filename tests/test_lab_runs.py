@@ -226,3 +226,12 @@ def test_a_batch_larger_than_the_data_is_a_one_line_error(tmp_path, name) -> Non
     )
     assert done.returncode == 2
     assert "fewer than batch_size=5000" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_combined_report_takes_the_figures_the_run_report_shows(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from batchnorm.lab.cli import report_figures
+
+    (tmp_path / "report.md").write_text("# x\n\n![arms](arms.png)\n", encoding="utf-8")
+    for name in ("arms.png", "old-name.png"):
+        (tmp_path / name).write_bytes(b"\x89PNG")
+    assert [p.name for p in report_figures(tmp_path)] == ["arms.png"]

@@ -184,6 +184,14 @@ def _all_root(root: Path) -> str | None:
     return f"{root} exists, is not empty and holds no report of 'lab run all'"
 
 
+def report_figures(path: Path) -> list[Path]:
+    """The figures a run folder's own report shows: a PNG left there by an earlier version of
+    the experiment (another file name) is not one of them."""
+    md = path / "report.md"
+    text = md.read_text(encoding="utf-8") if md.is_file() else ""
+    return [p for p in sorted(path.glob("*.png")) if f"]({p.name})" in text]
+
+
 def _cmd_run_all(args: argparse.Namespace, command: str) -> int:
     from batchnorm.lab import registry
     from batchnorm.lab.report import write_combined_report
@@ -206,7 +214,7 @@ def _cmd_run_all(args: argparse.Namespace, command: str) -> int:
                 _say(f"error: {name}: {type(e).__name__}: {e}", err=True)
                 continue
             run = load_run(path)
-            figs = sorted(path.glob("*.png"))
+            figs = report_figures(path)
             done.append((run, figs))
             _print_claims(path)
     except KeyboardInterrupt:
