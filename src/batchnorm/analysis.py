@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 __all__ = [
     "LayerShift",
@@ -115,6 +114,30 @@ def _check_batch(batch: Batch, where: str) -> Batch:
     return batch[0], batch[1]
 
 
+@contextlib.contextmanager
+def _swapped(model: nn.Module, values: dict[str, Tensor]) -> Iterator[None]:
+    """Run ``model`` with the parameters named in ``values`` replaced by those tensors.
+
+    Each module slot holding a parameter gets the tensor for that parameter object, so a module
+    used under several names and a parameter tied between modules are swapped everywhere, and
+    the very same ``nn.Parameter`` objects are put back on exit (an optimizer holding them stays
+    attached; ``torch.func.functional_call`` re-registers a module reachable under two names
+    with a plain tensor).
+    """
+    by_id = {id(p): values[k] for k, p in model.named_parameters() if k in values}
+    saved: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        for m in model.modules():  # each module object once
+            for k, p in m._parameters.items():
+                if p is not None and id(p) in by_id:
+                    saved.append((m, k, p))
+                    m._parameters[k] = by_id[id(p)]  # type: ignore[assignment]
+        yield
+    finally:
+        for m, k, p in saved:
+            m._parameters[k] = p
+
+
 def _loss_and_grads(
     model: nn.Module,
     params: dict[str, Tensor],
@@ -126,8 +149,8 @@ def _loss_and_grads(
     """Loss at ``params`` (a full name → tensor mapping) and its gradient w.r.t. ``wrt``."""
     x, y = batch
     leaves = {k: (v.detach().requires_grad_(k in wrt)) for k, v in params.items()}
-    with _replay_rng(seed):
-        out = functional_call(model, leaves, (x,))
+    with _replay_rng(seed), _swapped(model, leaves):
+        out = model(x)
     loss = loss_fn(out, y)
     if loss.dim() != 0:
         raise ValueError(
@@ -142,7 +165,12 @@ def _loss_and_grads(
 
 
 def _forward_order(model: nn.Module, x: Tensor, seed: int) -> list[str]:
-    """Names of the modules owning parameters, in the order the forward pass first calls them."""
+    """Names of the modules owning parameters, in the order the forward pass first calls them.
+
+    A call counts when the module's ``forward`` starts (a pre-hook), so a module that owns
+    parameters and calls submodules (a learned input scale, a position embedding) precedes them.
+    The forward runs in the model's mode and may update running statistics; callers restore them.
+    """
     owners = {
         name: m
         for name, m in model.named_modules()
@@ -152,11 +180,11 @@ def _forward_order(model: nn.Module, x: Tensor, seed: int) -> list[str]:
     handles = []
     for name, m in owners.items():
 
-        def hook(_m: nn.Module, _i: object, _o: object, name: str = name) -> None:
+        def hook(_m: nn.Module, _i: object, name: str = name) -> None:
             if name not in order:
                 order.append(name)
 
-        handles.append(m.register_forward_hook(hook))
+        handles.append(m.register_forward_pre_hook(hook))
     try:
         with torch.no_grad(), _replay_rng(seed):
             model(x)
@@ -168,10 +196,11 @@ def _forward_order(model: nn.Module, x: Tensor, seed: int) -> list[str]:
     return order
 
 
-def _param_names(model: nn.Module, module_name: str) -> list[str]:
+def _param_names(model: nn.Module, module_name: str, canonical: dict[int, str]) -> list[str]:
+    """Trainable parameters a module owns, by their names in ``model.named_parameters()``
+    (``canonical``: id → first name, so a tied parameter has one name wherever it is used)."""
     m = model.get_submodule(module_name)
-    prefix = f"{module_name}." if module_name else ""
-    return [prefix + k for k, p in m.named_parameters(recurse=False) if p.requires_grad]
+    return [canonical[id(p)] for p in m.parameters(recurse=False) if p.requires_grad]
 
 
 def _flat(ts: Iterable[Tensor]) -> Tensor:
@@ -220,7 +249,11 @@ def internal_covariate_shift(
     where ``W'`` are the weights after the optimizer's step computed from ``G`` on the same batch
     (Santurkar, Tsipras, Ilyas & Madry 2018, arXiv 1805.11604, Definition 2.1). A layer's
     "preceding layers" are all parameter-owning modules (convolutions, linear and batch-norm
-    layers) that the forward pass calls before it. ``G'`` is what layer *i* would see if it
+    layers) that the forward pass calls before it (a module counts when its ``forward`` starts,
+    so a container's own parameters precede its children; a module used twice counts at its
+    first use). A parameter tied between modules is one parameter: the measured layer's own
+    parameters keep ``W_i`` even when an earlier layer shares them, and ``G`` is the gradient of
+    the shared tensor. Every pass starts from the model's own running statistics. ``G'`` is what layer *i* would see if it
     accounted for its inputs' change; ``‖G − G'‖`` large / ``cos`` small means a large shift.
 
     Args:
@@ -249,6 +282,10 @@ def internal_covariate_shift(
     x, y = _check_batch(batch, "internal_covariate_shift")
     seed = _rng_seed()
     with _preserved(model):
+        # the state every pass starts from: taken before the ordering pass, which in train mode
+        # updates running statistics (a layer that normalizes with them, such as batch
+        # renormalization, must see the model's own buffers in G and G')
+        buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
         order = _forward_order(model, x, seed)
         if layers is None:
             measured = [
@@ -273,9 +310,9 @@ def internal_covariate_shift(
                     f"({type(model.get_submodule(n)).__name__}) has no trainable 'weight'; "
                     "measure layers whose weight requires grad (pass layers=[...])"
                 )
-        buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
         theta = {k: v.detach().clone() for k, v in model.named_parameters()}
         trainable = [k for k, v in model.named_parameters() if v.requires_grad]
+        canonical = {id(v): k for k, v in model.named_parameters()}
 
         def restore_buffers() -> None:
             # train-mode BN updates running statistics in every pass; each pass starts equal
@@ -283,6 +320,7 @@ def internal_covariate_shift(
                 for k, b in model.named_buffers():
                     b.copy_(buffers[k])
 
+        restore_buffers()
         _, g_all = _loss_and_grads(model, theta, loss_fn, (x, y), seed, trainable)
         grads = dict(zip(trainable, g_all))
 
@@ -306,9 +344,11 @@ def internal_covariate_shift(
 
         results = []
         for name in measured:
-            wname = f"{name}.weight" if name else "weight"
+            wname = canonical[id(model.get_submodule(name).weight)]
             before = order[: order.index(name)]
-            updated = {p for n in before for p in _param_names(model, n)}
+            # the layer's own parameters stay at W_i even when tied to an earlier layer's
+            own = set(_param_names(model, name, canonical))
+            updated = {p for n in before for p in _param_names(model, n, canonical)} - own
             mixed = {k: (theta_new[k] if k in updated else theta[k]) for k in theta}
             restore_buffers()
             _, (g_prime,) = _loss_and_grads(model, mixed, loss_fn, (x, y), seed, [wname])
@@ -627,10 +667,11 @@ def bn_statistics_mismatch(model: nn.Module, inputs: Tensor) -> dict[str, dict[s
     the model in eval mode and compares them with the statistics its input really has
     (μ_B, σ²_B, per channel):
 
-    * ``var_ratio`` = mean_c σ²_B / σ²_run — 1 when they agree; below 1 is Li et al.'s (2019)
-      "variance shift" of dropout-before-BN (the running variance was accumulated with dropout's
-      inflated variance);
-    * ``mean_shift`` = mean_c |μ_B − μ_run| / √σ²_run.
+    * ``var_ratio`` = mean_c σ²_B / (σ²_run + ε) — the variance of the eval-mode normalized
+      input x̂ (ε is the layer's ``eps``, what BN divides by); 1 when they agree; below 1 is
+      Li et al.'s (2019) "variance shift" of dropout-before-BN (the running variance was
+      accumulated with dropout's inflated variance); σ²_B is the biased batch variance;
+    * ``mean_shift`` = mean_c |μ_B − μ_run| / √(σ²_run + ε).
 
     Layers without running statistics are skipped. The model is left unchanged.
 

@@ -1,0 +1,283 @@
+"""Oracle tests of batchnorm.analysis: each quantity recomputed by hand with explicit autograd.
+
+Santurkar et al. (2018) Def. 2.1 on models whose structure is not a plain chain of modules
+(running statistics used in training mode, a parameter owned by a container, a module used
+twice, weights tied between modules), the optimizer the shift is defined with, and the state
+every measurement must leave behind.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm.analysis import (
+    bn_statistics_mismatch,
+    internal_covariate_shift,
+    loss_landscape,
+)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+CE = nn.functional.cross_entropy
+
+
+def _grads(model: nn.Module, batch) -> dict[str, torch.Tensor]:
+    """∇L of every (deduplicated) parameter, on a copy: the model itself is not touched."""
+    m = copy.deepcopy(model)
+    x, y = batch
+    names, params = zip(*m.named_parameters())
+    gs = torch.autograd.grad(CE(m(x), y), params)
+    return dict(zip(names, gs))
+
+
+def _by_hand(model: nn.Module, batch, lr: float, update: list[str], measured: str):
+    """(‖G‖, ‖G − G'‖) with G' the gradient of ``measured`` after ``W ← W − lr·G`` for the
+    parameters named in ``update`` only (names of ``model.named_parameters()``)."""
+    g = _grads(model, batch)
+    moved = copy.deepcopy(model)  # deepcopy keeps shared modules and tied weights shared
+    with torch.no_grad():
+        for k, p in moved.named_parameters():
+            if k in update:
+                p.sub_(lr * g[k])
+    gp = _grads(moved, batch)[measured]
+    return float(g[measured].norm()), float((g[measured] - gp).norm())
+
+
+def _snapshot(model: nn.Module):
+    return (
+        {k: (p, p.detach().clone()) for k, p in model.named_parameters()},
+        {k: b.detach().clone() for k, b in model.named_buffers()},
+    )
+
+
+def _assert_untouched(model: nn.Module, snap) -> None:
+    params, buffers = snap
+    now = dict(model.named_parameters())
+    assert now.keys() == params.keys()
+    for k, (obj, values) in params.items():
+        assert now[k] is obj, f"{k} is no longer the same nn.Parameter object"
+        assert isinstance(now[k], nn.Parameter), k
+        assert torch.equal(now[k], values), k
+    for k, b in model.named_buffers():
+        assert torch.equal(b, buffers[k]), k
+
+
+# ------------------------------------------------------------------------------------------
+# internal covariate shift
+
+
+def test_ics_uses_the_models_own_running_statistics() -> None:
+    # batch renormalization normalizes with its running statistics in training mode, so G and
+    # G' must be taken at the model's buffers, not after an extra forward pass updated them
+    torch.manual_seed(0)
+
+    def renorm() -> nn.Module:
+        return batchnorm.BatchRenorm1d(8, momentum=0.5, warmup_steps=0, r_max_step=0, d_max_step=0)
+
+    model = nn.Sequential(
+        nn.Linear(5, 8), renorm(), nn.Tanh(), nn.Linear(8, 8), renorm(), nn.Tanh(), nn.Linear(8, 3)
+    )
+    for _ in range(3):  # running statistics far from this batch's
+        model(3 * torch.randn(16, 5) + 1)
+    batch = (torch.randn(16, 5), torch.randint(0, 3, (16,)))
+    snap = _snapshot(model)
+    shifts = internal_covariate_shift(model, CE, batch, 0.3)
+    _assert_untouched(model, snap)
+    params = [k for k, _ in model.named_parameters()]
+    for s, first_after in zip(shifts, ["0.weight", "3.weight", "6.weight"]):
+        update = params[: params.index(first_after)]
+        gn, l2 = _by_hand(model, batch, 0.3, update, f"{s.layer}.weight")
+        assert s.grad_norm == pytest.approx(gn, rel=1e-10)
+        assert s.l2 == pytest.approx(l2, rel=1e-8, abs=1e-14)
+    assert shifts[0].l2 == 0.0
+
+
+class _ScaledInput(nn.Module):
+    """A container owning a parameter it applies before calling its child (a learned gain)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.randn(5))
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x * self.gain)
+
+
+def test_ics_container_parameter_used_first_precedes_its_child() -> None:
+    torch.manual_seed(1)
+    model = _ScaledInput()
+    batch = (torch.randn(16, 5), torch.randint(0, 3, (16,)))
+    (shift,) = internal_covariate_shift(model, CE, batch, 0.5)
+    assert shift.layer == "fc"
+    gn, l2 = _by_hand(model, batch, 0.5, ["gain"], "fc.weight")
+    assert l2 > 1e-4  # the gain changes fc's input: a real shift
+    assert shift.grad_norm == pytest.approx(gn, rel=1e-12)
+    assert shift.l2 == pytest.approx(l2, rel=1e-10)
+
+
+def _shared_module_model() -> nn.Sequential:
+    shared = nn.Linear(4, 4)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(4, 3))
+
+
+def test_ics_and_landscape_with_a_module_used_twice() -> None:
+    torch.manual_seed(2)
+    model = _shared_module_model()
+    batch = (torch.randn(16, 5), torch.randint(0, 3, (16,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snap = _snapshot(model)
+    shifts = internal_covariate_shift(model, CE, batch, 0.2)
+    _assert_untouched(model, snap)
+    # named_modules lists the shared module once, at its first use
+    assert [s.layer for s in shifts] == ["0", "2", "5"]
+    expected = {
+        "0": _by_hand(model, batch, 0.2, [], "0.weight"),
+        "2": _by_hand(model, batch, 0.2, ["0.weight", "0.bias"], "2.weight"),
+        "5": _by_hand(model, batch, 0.2, ["0.weight", "0.bias", "2.weight", "2.bias"], "5.weight"),
+    }
+    for s in shifts:
+        gn, l2 = expected[s.layer]
+        assert s.grad_norm == pytest.approx(gn, rel=1e-10)
+        assert s.l2 == pytest.approx(l2, rel=1e-8, abs=1e-14)
+
+    probe = loss_landscape(model, CE, batch, [0.1, 0.4])
+    _assert_untouched(model, snap)
+    g = _grads(model, batch)
+    assert probe.grad_norm == pytest.approx(
+        float(torch.cat([v.reshape(-1) for v in g.values()]).norm()), rel=1e-12
+    )
+    # the optimizer still trains the model's parameters
+    shared = model.get_submodule("4")
+    assert isinstance(shared, nn.Linear)
+    before = shared.weight.detach().clone()
+    CE(model(batch[0]), batch[1]).backward()
+    opt.step()
+    assert not torch.equal(shared.weight, before)
+
+
+def test_ics_with_weights_tied_between_modules() -> None:
+    torch.manual_seed(3)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), a, nn.Tanh(), b, nn.Linear(4, 3))
+    batch = (torch.randn(16, 5), torch.randint(0, 3, (16,)))
+    snap = _snapshot(model)
+    shifts = internal_covariate_shift(model, CE, batch, 0.2)
+    _assert_untouched(model, snap)
+    assert [s.layer for s in shifts] == ["0", "2", "4", "5"]
+    by_layer = {s.layer: s for s in shifts}
+    # layer 4's own weight is the tied "2.weight": it keeps W_i; layer 2's bias and layer 0 move
+    gn, l2 = _by_hand(model, batch, 0.2, ["0.weight", "0.bias", "2.bias"], "2.weight")
+    assert by_layer["4"].grad_norm == pytest.approx(gn, rel=1e-10)
+    assert by_layer["4"].l2 == pytest.approx(l2, rel=1e-8)
+    everything_before = ["0.weight", "0.bias", "2.weight", "2.bias", "4.bias"]
+    gn, l2 = _by_hand(model, batch, 0.2, everything_before, "5.weight")
+    assert by_layer["5"].l2 == pytest.approx(l2, rel=1e-8)
+
+
+def test_ics_step_is_plain_sgd_and_a_users_momentum_state_is_untouched() -> None:
+    # a float update is W' = W − η·G with no momentum, whatever optimizer trains the model
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 8), batchnorm.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    batch = (torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        opt.zero_grad()
+        CE(model(batch[0]), batch[1]).backward()
+        opt.step()
+    state = {id(p): opt.state[p]["momentum_buffer"].clone() for p in model.parameters()}
+    snap = _snapshot(model)
+    shifts = internal_covariate_shift(model, CE, batch, 0.05)
+    fresh_momentum = internal_covariate_shift(
+        model, CE, batch, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)
+    )
+    _assert_untouched(model, snap)
+    for p in model.parameters():
+        assert torch.equal(opt.state[p]["momentum_buffer"], state[id(p)])
+    gn, l2 = _by_hand(model, batch, 0.05, ["0.weight", "0.bias", "1.weight", "1.bias"], "3.weight")
+    assert shifts[1].l2 == pytest.approx(l2, rel=1e-8)
+    # a fresh momentum buffer's first step is the plain gradient step
+    assert fresh_momentum[1].l2 == pytest.approx(l2, rel=1e-8)
+
+
+def test_ics_in_eval_mode_uses_running_statistics() -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 8), batchnorm.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    for _ in range(3):
+        model(2 * torch.randn(32, 6) - 1)
+    model.eval()
+    batch = (torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    snap = _snapshot(model)
+    (_, last) = internal_covariate_shift(model, CE, batch, 0.3)
+    _assert_untouched(model, snap)
+    assert not model.training
+    gn, l2 = _by_hand(model, batch, 0.3, ["0.weight", "0.bias", "1.weight", "1.bias"], "3.weight")
+    assert last.grad_norm == pytest.approx(gn, rel=1e-12)
+    assert last.l2 == pytest.approx(l2, rel=1e-10)
+
+
+# ------------------------------------------------------------------------------------------
+# loss landscape
+
+
+def test_landscape_by_hand_on_a_bn_network_over_all_parameters() -> None:
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(5, 8), batchnorm.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    batch = (torch.randn(16, 5), torch.randint(0, 3, (16,)))
+    etas = [0.05, 0.2, 0.8]
+    snap = _snapshot(model)
+    probe = loss_landscape(model, CE, batch, etas)
+    _assert_untouched(model, snap)
+    g = _grads(model, batch)
+    g0 = torch.cat([v.reshape(-1) for v in g.values()])
+    losses, dists = [], []
+    for eta in etas:
+        moved = copy.deepcopy(model)
+        with torch.no_grad():
+            for k, p in moved.named_parameters():
+                p.sub_(eta * g[k])
+        losses.append(float(CE(moved(batch[0]), batch[1]).detach()))
+        gm = _grads(moved, batch)
+        dists.append(float((torch.cat([v.reshape(-1) for v in gm.values()]) - g0).norm()))
+    np.testing.assert_allclose(probe.losses, losses, rtol=1e-12)
+    np.testing.assert_allclose(probe.grad_distances, dists, rtol=1e-9)
+    assert probe.loss_variation == pytest.approx(max(losses) - min(losses), rel=1e-9)
+    assert probe.gradient_predictiveness == pytest.approx(max(dists), rel=1e-9)
+    beta = max(d / (e * float(g0.norm())) for d, e in zip(dists, etas))
+    assert probe.beta_smoothness == pytest.approx(beta, rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------
+# train/eval statistics mismatch
+
+
+def test_bn_mismatch_divides_by_the_variance_bn_normalizes_with() -> None:
+    # var_ratio is the variance of the eval-mode normalized input x̂ = (x − μ_run)/√(σ²_run + ε)
+    # around its batch mean, so a running variance of 0 gives a finite ratio
+    bn = nn.BatchNorm1d(3, eps=0.1)
+    rm = torch.tensor([0.0, 1.0, -1.0])
+    rv = torch.tensor([0.0, 4.0, 0.5])
+    bn.load_state_dict({**bn.state_dict(), "running_mean": rm, "running_var": rv})
+    x = torch.randn(64, 3)
+    out = bn_statistics_mismatch(bn, x)[""]
+    var = x.var(dim=0, unbiased=False)
+    denom = rv + 0.1
+    assert out["var_ratio"] == pytest.approx(float((var / denom).mean()), rel=1e-12)
+    xhat = (x - rm) / denom.sqrt()
+    assert out["var_ratio"] == pytest.approx(float(xhat.var(dim=0, unbiased=False).mean()), 1e-12)
+    shift = (x.mean(dim=0) - rm).abs() / denom.sqrt()
+    assert out["mean_shift"] == pytest.approx(float(shift.mean()), rel=1e-12)
