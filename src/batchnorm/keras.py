@@ -6,8 +6,9 @@ it (``training`` argument, ``trainable=False`` meaning inference mode, moving st
 (a subclass): it inherits the weights (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``,
 same names, order and initializers), so Keras' weights, checkpoints and tooling work unchanged and
 ``set_weights(keras_bn.get_weights())`` moves state both ways. It overrides ``call`` (the forward
-pass), ``__init__`` (argument checks and two arguments of its own), ``build`` (a clearer error for
-an axis out of range) and ``get_config`` (the two extra arguments).
+pass), ``__init__`` (argument checks and two arguments of its own), ``build`` (clearer errors for
+an axis out of range or a channel axis of unknown size), Keras' input check (its error for a wrong
+rank or channel count gets a remedy) and ``get_config`` (the two extra arguments).
 
 Backends: with ``KERAS_BACKEND=torch`` the forward pass runs on
 :func:`batchnorm.functional.batch_norm_train` / :func:`~batchnorm.functional.batch_norm_eval`
@@ -228,8 +229,11 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
     def _update_moving(self, mean: Any, var: Any, count: int) -> None:
         """Blend the batch statistics into the moving ones through Keras' ``assign`` (so Keras'
         stateless scopes and trackers see the update); the rule itself is the core's."""
-        rm = self.moving_mean.value.detach().clone()
-        rv = self.moving_variance.value.detach().clone()
+        store = self.moving_mean.value.dtype
+        # blended in the statistics' dtype (float32 for float16/bfloat16 variables) and rounded
+        # once into the variables' dtype, as Keras does: a blend in half precision rounds twice
+        rm = self.moving_mean.value.detach().to(mean.dtype, copy=True)
+        rv = self.moving_variance.value.detach().to(mean.dtype, copy=True)
         updated = F.update_running_stats(
             rm,
             rv,
@@ -241,9 +245,19 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
             nonfinite=self.nonfinite,
             layer=self.layer_name(),
         )
-        if updated:
-            self.moving_mean.assign(rm)
-            self.moving_variance.assign(rv)
+        if not updated:
+            return
+        new_m, new_v = rm.to(store), rv.to(store)
+        if store != rm.dtype:  # a value beyond the half variables' range would be stored as inf
+            ok = torch.isfinite(new_m).all() & torch.isfinite(new_v).all()
+            if F._tracing() or not F._concrete(ok):  # no Python read of a traced value
+                new_m = torch.where(ok, new_m, self.moving_mean.value.detach())
+                new_v = torch.where(ok, new_v, self.moving_variance.value.detach())
+            elif not bool(ok):
+                F._refuse_nonfinite(self.nonfinite, self.layer_name())
+                return
+        self.moving_mean.assign(new_m)
+        self.moving_variance.assign(new_v)
 
     def build(self, input_shape: Any) -> None:
         rank = len(input_shape)
@@ -253,7 +267,27 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
                 f"of rank {rank} (shape {tuple(input_shape)}). Use the channel axis: -1 for "
                 "channels_last, 1 for channels_first."
             )
+        if input_shape[self.axis] is None:
+            raise ValueError(
+                f"BatchNormalization({self.name!r}): the channel axis (axis={self.axis}) of the "
+                f"input shape {tuple(input_shape)} has unknown size; the layer keeps one gamma, "
+                "beta, moving mean and variance per channel, so it needs the channel count. Give "
+                "that dimension a size in keras.Input(...), or set axis to the channel axis."
+            )
         super().build(input_shape)
+
+    def _assert_input_compatibility(self, arg_0: Any) -> None:
+        # Keras checks a built layer's input against the rank and channel count it was built
+        # for; its message names the layer and the shape, this adds what to do about it
+        try:
+            super()._assert_input_compatibility(arg_0)
+        except ValueError as e:
+            raise ValueError(
+                f"{self.layer_name()}: {str(e).rstrip('.')}. The layer's per-channel weights fit only the rank "
+                "and channel count it was built for: check the axis (1 for channels_first "
+                "inputs, -1 for channels_last), or give this input its own BatchNormalization "
+                "layer."
+            ) from e
 
     # -- forward -------------------------------------------------------------------------------
 
