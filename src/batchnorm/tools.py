@@ -456,6 +456,8 @@ def _fx_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
             and calls[str(src.target)] == 1
             and calls[str(node.target)] == 1
             and len(node.args) == 1
+            # a BN called with a mask keyword: the nn.Identity left by folding takes no mask
+            and not node.kwargs
         ):
             pairs.append((str(src.target), str(node.target)))
     return pairs
@@ -478,6 +480,15 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` at every name ``old`` is registered under (forward may call a layer by a
+    name other than the one ``torch.fx`` reports), in ``old``'s train/eval mode."""
+    new.train(old.training)
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if m is old and name:
+            _set(model, name, new)
 
 
 def _record_ranks(
@@ -519,6 +530,7 @@ def _fold_in_place(model: nn.Module, ranks: dict[str, int] | None, what: str) ->
     # that is also an attribute elsewhere (registered there first)
     mods = dict(model.named_modules(remove_duplicate=False))
     pairs = _fx_pairs(model)
+    traced = pairs is not None
     if pairs is None:
         pairs = _sequential_pairs(model)
     folded = []
@@ -546,10 +558,15 @@ def _fold_in_place(model: nn.Module, ranks: dict[str, int] | None, what: str) ->
             ok = ax == 1 or (rank is not None and ax % rank == 1)
         if not ok:
             continue
-        _set(model, layer_name, _folded(layer, bn))
-        _set(
-            model, bn_name, bn.activation_module() if isinstance(bn, InPlaceABN) else nn.Identity()
-        )
+        after = bn.activation_module() if isinstance(bn, InPlaceABN) else nn.Identity()
+        if traced:
+            # each is called once in the whole forward, by whichever name: replace at all
+            _replace(model, layer, _folded(layer, bn))
+            _replace(model, bn, after)
+        else:
+            # a Sequential pair is one place; the layers' other names may be used elsewhere
+            _set(model, layer_name, _folded(layer, bn).train(layer.training))
+            _set(model, bn_name, after.train(bn.training))
         folded.append(bn_name)
     if unknown_rank:
         warnings.warn(
@@ -647,12 +664,12 @@ def to_inference(
     new = model if inplace else copy.deepcopy(model)
     _fold_in_place(new, ranks, "to_inference")
     if isinstance(new, _BN_TYPES):
-        return _fixed(new)
+        return _fixed(new).train(new.training)
     fixed: dict[int, nn.Module] = {}  # a layer registered under two names stays one layer
     for name, m in list(new.named_modules(remove_duplicate=False)):
         if isinstance(m, _BN_TYPES):
             if id(m) not in fixed:
-                fixed[id(m)] = _fixed(m)
+                fixed[id(m)] = _fixed(m).train(m.training)
             _set(new, name, fixed[id(m)])
     return new
 
