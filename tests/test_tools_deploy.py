@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -126,3 +127,12 @@ def test_fold_and_to_inference_keep_every_module_in_the_model_s_mode() -> None:
         assert [n for n, m in model.named_modules() if m.training] == []
     bn = _with_statistics(nn.BatchNorm1d(3), 4, 3)
     assert not batchnorm.to_inference(bn).training
+
+
+def test_recalibrate_refuses_one_tensor_with_the_remedy() -> None:
+    """Iterating a tensor yields its rows; the model then failed with a rank error."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    x = torch.randn(8, 3, 6, 6)
+    with pytest.raises(TypeError, match=r"one tensor of shape \(8, 3, 6, 6\).*x\.split"):
+        batchnorm.recalibrate(net, x)
+    assert batchnorm.recalibrate(net, x.split(4)) == 8

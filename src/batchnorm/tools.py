@@ -299,6 +299,12 @@ def recalibrate(
         >>> batchnorm.recalibrate(net, data)
         64
     """
+    if isinstance(data, torch.Tensor):
+        # iterating a tensor yields its rows: single examples without a batch axis
+        raise TypeError(
+            f"recalibrate: data is one tensor of shape {tuple(data.shape)}; pass batches: "
+            "[x], x.split(batch_size) or a DataLoader"
+        )
     layers = _recalibrated_layers(model)
     moments, seen = _accumulate(model, data, num_samples, require_data=not distributed)
     if distributed:
