@@ -23,3 +23,13 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def float64_default() -> Iterator[None]:
+    """float64 as torch's default dtype for a test (closed-form and hand-computed comparisons),
+    restored afterwards for the other tests in the worker."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

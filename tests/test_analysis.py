@@ -19,14 +19,8 @@ from batchnorm.analysis import (
     loss_landscape,
 )
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    # closed-form comparisons need float64; restore the default for other tests in the worker
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# closed-form and hand-computed comparisons need float64 (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

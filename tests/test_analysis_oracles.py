@@ -22,13 +22,8 @@ from batchnorm.analysis import (
     loss_landscape,
 )
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# closed-form and hand-computed comparisons need float64 (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 CE = nn.functional.cross_entropy
