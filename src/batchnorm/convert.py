@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -542,6 +543,43 @@ def _translate_eps(
     return eps_dst, var
 
 
+def _write_all(
+    direction: str,
+    steps: list[_Step],
+    write: Callable[[_Step], tuple[str, str, float | None, float | None]],
+    saved: list[tuple[Any, Any]],
+    restore: Callable[[Any, Any], None],
+    probe_size: int,
+    seed: int,
+) -> ConversionReport:
+    """Both directions' writes, all or nothing: ``write`` sets one target layer and returns
+    ``(source name, target name, source momentum, target momentum)``; each pair's outputs are
+    then compared; on any failure every target is put back from ``saved`` (with ``restore``)."""
+    done = []
+    try:
+        for st in steps:
+            src, dst, m_src, m_dst = write(st)
+            d_eval, d_train = _output_diffs(st.kl, st.tm, *st.shape, probe_size, seed)
+            done.append(
+                LayerConversion(
+                    src,
+                    dst,
+                    st.shape[0],
+                    (st.eps_source, st.eps),
+                    (m_src, m_dst),
+                    st.how,
+                    d_eval,
+                    d_train,
+                    st.notes,
+                )
+            )
+    except BaseException:
+        for module, state in reversed(saved):  # the first snapshot of a layer is restored last
+            restore(module, state)
+        raise
+    return ConversionReport(direction, tuple(done))
+
+
 def keras_to_torch(
     source: Any,
     target: nn.Module,
@@ -670,42 +708,23 @@ def keras_to_torch(
             )
         )
     saved = [(tm, _torch_state(tm)) for _, _, _, tm in plan]
-    done = []
-    try:
-        for st in steps:
-            tm = st.tm
-            with torch.no_grad():
-                for attr, value, neutral in (("weight", st.gamma, 1.0), ("bias", st.beta, 0.0)):
-                    p = getattr(tm, attr, None)
-                    if p is not None:
-                        p.copy_(
-                            torch.as_tensor(value)
-                            if value is not None
-                            else torch.full_like(p, neutral)
-                        )
-                tm.running_mean.copy_(torch.as_tensor(st.mean))
-                tm.running_var.copy_(torch.as_tensor(st.var))
-            tm.eps = st.eps
-            tm.momentum = st.momentum
-            d_eval, d_train = _output_diffs(st.kl, tm, *st.shape, probe_size, seed)
-            done.append(
-                LayerConversion(
-                    st.kn,
-                    st.tn,
-                    st.shape[0],
-                    (st.eps_source, st.eps),
-                    (float(st.kl.momentum), tm.momentum),
-                    st.how,
-                    d_eval,
-                    d_train,
-                    st.notes,
-                )
-            )
-    except BaseException:
-        for tm, state in reversed(saved):  # the first snapshot of a module is restored last
-            _restore_torch_state(tm, state)
-        raise
-    return ConversionReport("keras -> torch", tuple(done))
+
+    def write(st: _Step) -> tuple[str, str, float | None, float | None]:
+        tm = st.tm
+        with torch.no_grad():
+            for attr, value, neutral in (("weight", st.gamma, 1.0), ("bias", st.beta, 0.0)):
+                p = getattr(tm, attr, None)
+                if p is not None:
+                    p.copy_(
+                        torch.as_tensor(value) if value is not None else torch.full_like(p, neutral)
+                    )
+            tm.running_mean.copy_(torch.as_tensor(st.mean))
+            tm.running_var.copy_(torch.as_tensor(st.var))
+        tm.eps = st.eps
+        tm.momentum = st.momentum
+        return st.kn, st.tn, float(st.kl.momentum), tm.momentum
+
+    return _write_all("keras -> torch", steps, write, saved, _restore_torch_state, probe_size, seed)
 
 
 def torch_to_keras(
@@ -816,42 +835,25 @@ def torch_to_keras(
             )
         )
     saved = [(kl, _keras_state(kl)) for _, kl, _, _ in plan]
-    done = []
-    try:
-        for st in steps:
-            kl = st.kl
-            for attr, value, neutral in (("gamma", st.gamma, 1.0), ("beta", st.beta, 0.0)):
-                v = getattr(kl, attr, None)
-                if v is not None:
-                    full = value if value is not None else np.full(v.shape, neutral)
-                    v.assign(np.asarray(full, dtype=v.dtype))
-            kl.moving_mean.assign(np.asarray(st.mean, dtype=kl.moving_mean.dtype))
-            kl.moving_variance.assign(np.asarray(st.var, dtype=kl.moving_variance.dtype))
-            if getattr(kl, "renorm", False):
-                # Keras' batch renormalization keeps √(var + ε) and derives the moving variance
-                # from it at each training step; its renorm statistics start from the same values
-                std = np.sqrt(np.maximum(st.var + st.eps, 0.0))
-                kl.moving_stddev.assign(np.asarray(std, dtype=kl.moving_stddev.dtype))
-                kl.renorm_mean.assign(np.asarray(st.mean, dtype=kl.renorm_mean.dtype))
-                kl.renorm_stddev.assign(np.asarray(std, dtype=kl.renorm_stddev.dtype))
-            kl.epsilon = st.eps
-            kl.momentum = st.momentum
-            d_eval, d_train = _output_diffs(kl, st.tm, *st.shape, probe_size, seed)
-            done.append(
-                LayerConversion(
-                    st.tn,
-                    st.kn,
-                    st.shape[0],
-                    (st.eps_source, st.eps),
-                    (st.tm.momentum, st.momentum),
-                    st.how,
-                    d_eval,
-                    d_train,
-                    st.notes,
-                )
-            )
-    except BaseException:
-        for kl, state in reversed(saved):  # the first snapshot of a layer is restored last
-            _restore_keras_state(kl, state)
-        raise
-    return ConversionReport("torch -> keras", tuple(done))
+
+    def write(st: _Step) -> tuple[str, str, float | None, float | None]:
+        kl = st.kl
+        for attr, value, neutral in (("gamma", st.gamma, 1.0), ("beta", st.beta, 0.0)):
+            v = getattr(kl, attr, None)
+            if v is not None:
+                full = value if value is not None else np.full(v.shape, neutral)
+                v.assign(np.asarray(full, dtype=v.dtype))
+        kl.moving_mean.assign(np.asarray(st.mean, dtype=kl.moving_mean.dtype))
+        kl.moving_variance.assign(np.asarray(st.var, dtype=kl.moving_variance.dtype))
+        if getattr(kl, "renorm", False):
+            # Keras' batch renormalization keeps √(var + ε) and derives the moving variance
+            # from it at each training step; its renorm statistics start from the same values
+            std = np.sqrt(np.maximum(st.var + st.eps, 0.0))
+            kl.moving_stddev.assign(np.asarray(std, dtype=kl.moving_stddev.dtype))
+            kl.renorm_mean.assign(np.asarray(st.mean, dtype=kl.renorm_mean.dtype))
+            kl.renorm_stddev.assign(np.asarray(std, dtype=kl.renorm_stddev.dtype))
+        kl.epsilon = st.eps
+        kl.momentum = st.momentum
+        return st.tn, st.kn, st.tm.momentum, st.momentum
+
+    return _write_all("torch -> keras", steps, write, saved, _restore_keras_state, probe_size, seed)
