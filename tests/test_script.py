@@ -4,6 +4,7 @@ errors, and the subclasses it refuses."""
 
 import io
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -185,6 +186,17 @@ def test_frozen_batchnorm_scripts_like_torch_nn_in_eval(cls, shape) -> None:  # 
         frozen(torch.randn(shape[0], 3, *shape[2:]))
 
 
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    """Compiled code of this test's layers forgotten afterwards: every layer class shares the
+    base forward's code object, and its compilations would count against the recompile limit
+    of later tests that compile with fullgraph=True."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("layer", REFUSED)
 @pytest.mark.parametrize("training", [True, False])
 def test_refused_subclasses_trace_and_compile(layer, training: bool) -> None:  # type: ignore[no-untyped-def]
