@@ -52,11 +52,52 @@ def test_run_and_cli_write_consistent_json(tmp_path, capsys):
         fastest = data["summary"][f"{p} geomean speedup vs torch, fastest repeats"]
         assert math.isclose(fastest, case["torch_min_s"][p] / case["ours_min_s"][p])
         assert f"- {p} geomean speedup vs torch, fastest repeats: {fastest:.2f}x" in table
+        # the per-channel affine reference, timed in the same rounds
+        assert case["affine_s"][p] > 0
+        ref = data["summary"][
+            f"{p} geomean speedup vs torch of a per-channel affine (no statistics)"
+        ]
+        assert math.isclose(ref, case["torch_s"][p] / case["affine_s"][p])
+    head = next(line for line in table.splitlines() if line.startswith("| shape |"))
+    assert head.endswith(" fwd+bwd affine ms |")
+    row = next(line for line in table.splitlines() if line.startswith("| 6x5x3x4 |"))
+    assert row.endswith(f" {case['affine_s']['fwd+bwd'] * 1e3:.3f} |")
     target = data["targets"]["fwd+bwd no shape slower than torch"]
     assert target["met"] == (case["ours_over_torch"]["fwd+bwd"] <= 1.0)
     assert set(data["machine"]) >= {"cpu", "cores", "loadavg_before", "numba_threads", "busy"}
     assert ("WARNING" in table) == data["machine"]["busy"]
     assert not list(path.parent.glob(".bench-*"))  # the temporary file was renamed away
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 7), (2, 3, 4, 5), (2, 3, 2, 2, 2)])
+def test_the_affine_reference_is_one_addcmul_per_channel(shape):
+    """The reference layer without statistics computes x·γ + β with γ, β along axis 1 and
+    records one node, whose gradients are the affine map's."""
+    torch.manual_seed(0)
+    m = bench.Affine(shape[1], len(shape), torch.float64)
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    view = (1, shape[1]) + (1,) * (len(shape) - 2)
+    torch.testing.assert_close(y, x * m.weight.view(view) + m.bias.view(view))
+    assert y.grad_fn is not None and y.grad_fn.name() == "AddcmulBackward0"
+    torch.autograd.gradcheck(m, (x,))
+    # channels_last keeps its layout
+    if len(shape) == 4:
+        xc = x.detach().contiguous(memory_format=torch.channels_last)
+        assert m(xc).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_results_saved_before_the_affine_reference_still_print(tmp_path):
+    data = bench.run(["7x3"], repeats=1, warmup=1)
+    for case in data["cases"]:
+        del case["affine_s"]
+    row = next(line for line in bench.format_table(data).splitlines() if line.startswith("| 7x3"))
+    assert row.endswith(" — |")
+    if bench._has_matplotlib():
+        assert os.path.exists(bench.plot(data, tmp_path / "old.png"))
 
 
 def test_run_python_api_float64():

@@ -9,6 +9,11 @@ so drifting machine load hits both alike), the median over ``repeats`` of:
 * ``eval`` — inference forward;
 * ``copy`` — ``out.copy_(x)`` into a preallocated tensor: the memory bandwidth just measured.
 
+A third contender, timed in the same rounds, is a per-channel affine layer without statistics
+(:class:`Affine`: ``y = x·γ + β`` in one ``torch.addcmul``, γ and β learnable): what any
+per-channel layer pays for the module call, autograd and one pass over the tensor. It tells
+per-call cost from the kernels' work — on small inputs it takes most of torch's time too.
+
 Ours is :class:`batchnorm.BatchNorm1d/2d/3d` with ``backend="numba"``; torch's is
 ``torch.nn.BatchNorm1d/2d/3d``. The roofline of a pass is the bytes it must move divided by the
 copy bandwidth: a copy moves 2 values per element (read x, write out), the forward too (read x,
@@ -25,6 +30,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import gc
+import itertools
 import json
 import math
 import os
@@ -41,6 +47,7 @@ from torch import Tensor, nn
 from batchnorm._console import say
 
 __all__ = [
+    "Affine",
     "Case",
     "SUITE",
     "parse_case",
@@ -122,6 +129,20 @@ def _modules(case: Case, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
     return ours, theirs
 
 
+class Affine(nn.Module):
+    """``y = x·γ + β`` per channel (axis 1) in one ``torch.addcmul``: the benchmark's reference
+    layer without statistics (one pass forward, one node in the autograd graph)."""
+
+    def __init__(self, num_features: int, ndim: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(num_features, dtype=dtype))
+        self._view = (1, num_features) + (1,) * (ndim - 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addcmul(self.bias.view(self._view), x, self.weight.view(self._view))
+
+
 def _tensor(case: Case, dtype: torch.dtype, gen: torch.Generator) -> Tensor:
     t = torch.randn(case.shape, generator=gen, dtype=dtype)
     if case.layout == "channels_last":
@@ -173,6 +194,8 @@ class CaseResult:
     ours_s: dict[str, float] = field(default_factory=dict)
     torch_s: dict[str, float] = field(default_factory=dict)
     roofline_s: dict[str, float] = field(default_factory=dict)
+    # the per-channel affine reference (Affine): module call, autograd and one pass, no statistics
+    affine_s: dict[str, float] = field(default_factory=dict)
     ours_over_torch: dict[str, float] = field(default_factory=dict)
     ours_over_roofline: dict[str, float] = field(default_factory=dict)
     # fastest of the repeats: less sensitive than the median to other processes on the machine
@@ -187,7 +210,14 @@ def _bench_case(case: Case, repeats: int, dtype: torch.dtype, warmup: int) -> Ca
     dy = _tensor(case, dtype, gen)
     out = torch.empty_like(x)
     ours, theirs = _modules(case, dtype)
-    calls = {"ours": _calls(ours, x, dy), "torch": _calls(theirs, x, dy)}
+    affine = Affine(case.shape[1], len(case.shape), dtype)
+    calls = {
+        "ours": _calls(ours, x, dy),
+        "torch": _calls(theirs, x, dy),
+        "affine": _calls(affine, x, dy),
+    }
+    # every order of the three in turn, so none always runs on a cache warmed by another
+    orders = list(itertools.permutations(calls))
 
     def copy() -> None:
         out.copy_(x)
@@ -206,10 +236,8 @@ def _bench_case(case: Case, repeats: int, dtype: torch.dtype, warmup: int) -> Ca
     try:
         for r in range(repeats):
             samples["copy"].append(_timed(copy))
-            # alternate who goes first, so neither always runs on a cache warmed by the other
-            order = ("ours", "torch") if r % 2 == 0 else ("torch", "ours")
             for p in PASSES:
-                for who in order:
+                for who in orders[r % len(orders)]:
                     samples[f"{who}/{p}"].append(_timed(calls[who][p]))
     finally:
         if gc_was:
@@ -232,6 +260,7 @@ def _bench_case(case: Case, repeats: int, dtype: torch.dtype, warmup: int) -> Ca
         res.ours_s[p] = o
         res.torch_s[p] = t
         res.roofline_s[p] = roof
+        res.affine_s[p] = med[f"affine/{p}"]
         res.ours_over_torch[p] = o / t
         res.ours_over_roofline[p] = o / roof
         res.ours_min_s[p] = fastest[f"ours/{p}"]
@@ -450,6 +479,13 @@ def _run(
                 )
                 for p in PASSES
             },
+            # the reference layer without statistics: how much of torch's time is per-call cost
+            **{
+                f"{p} geomean speedup vs torch of a per-channel affine (no statistics)": _geomean(
+                    [r.torch_s[p] / r.affine_s[p] for r in results]
+                )
+                for p in PASSES
+            },
         },
         "targets": _targets(results),
     }
@@ -465,11 +501,13 @@ def _write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> No
 
 
 def format_table(data: dict[str, Any]) -> str:
-    """The results as a Markdown table: times in ms, ratios ours/torch and ours/roofline."""
+    """The results as a Markdown table: times in ms, ratios ours/torch and ours/roofline, and
+    the forward + backward of the per-channel affine reference (:class:`Affine`)."""
     head = "| shape | layout | copy ms | GB/s |" + "".join(
         f" {p} ours ms | {p} torch ms | {p} ours/torch | {p} ours/roof |" for p in PASSES
     )
-    sep = "|" + "---|" * (4 + 4 * len(PASSES))
+    head += " fwd+bwd affine ms |"
+    sep = "|" + "---|" * (5 + 4 * len(PASSES))
     lines = [head, sep]
     for c in data["cases"]:
         row = f"| {'x'.join(map(str, c['shape']))} | {c['layout']} | {c['copy_s'] * 1e3:.3f} |"
@@ -479,6 +517,8 @@ def format_table(data: dict[str, Any]) -> str:
                 f" {c['ours_s'][p] * 1e3:.3f} | {c['torch_s'][p] * 1e3:.3f} |"
                 f" {c['ours_over_torch'][p]:.2f} | {c['ours_over_roofline'][p]:.2f} |"
             )
+        affine = c.get("affine_s", {}).get("fwd+bwd")  # absent from results saved before it
+        row += " — |" if affine is None else f" {affine * 1e3:.3f} |"
         lines.append(row)
     lines.append("")
     for k, v in data["summary"].items():
@@ -543,8 +583,9 @@ def _has_matplotlib() -> bool:
 
 def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
     """Draw saved results as a PNG at ``path`` (needs matplotlib): per case and pass, our time
-    over torch's (top; below 1: ours is faster) and over the roofline (bottom), with the
-    targets as lines. Reads ``data`` only — nothing is measured here.
+    over torch's (top; below 1: ours is faster; a black dash marks the forward + backward of
+    the per-channel affine reference) and over the roofline (bottom), with the targets as
+    lines. Reads ``data`` only — nothing is measured here.
 
     Example::
 
@@ -574,6 +615,17 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
         ax.set_xticklabels([_label(c) for c in cases], fontsize=7)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, axis="y")
+    if all("affine_s" in c for c in cases):  # results saved before the reference have none
+        top.scatter(
+            xs,
+            [c["affine_s"]["fwd+bwd"] / c["torch_s"]["fwd+bwd"] for c in cases],
+            marker="_",
+            s=260,
+            linewidths=2.0,
+            color="black",
+            zorder=3,
+            label="per-channel affine, fwd+bwd",
+        )
     top.axhline(1.0, color="black", lw=1.0, label="torch's time")
     top.axhline(0.5, color="gray", lw=1.0, ls="--", label="2x faster (target, mean)")
     bottom.set_yscale("log")
