@@ -645,6 +645,9 @@ class BatchNormFunction(torch.autograd.Function):
         )
         ctx.backend = be  # type: ignore[attr-defined]
         ctx.restore = restore  # type: ignore[attr-defined]
+        # x's strides now: a saved-tensor hook (torch.autograd.graph.saved_tensors_hooks) may
+        # give x back in another layout, which dy's canonical view then no longer matches
+        ctx.x_stride = x.stride()  # type: ignore[attr-defined]
         # the statistics leave inside a tuple: autograd passes non-tensor outputs through
         # untouched (no graph edges, no zero gradients made up for them in backward)
         ctx.set_materialize_grads(False)
@@ -672,7 +675,12 @@ class BatchNormFunction(torch.autograd.Function):
             dy_x = ctx.restore(dy)  # type: ignore[attr-defined]
             dx, dw, db = graph_backward(dy_x, x, weight, ctx.eps, axis)  # type: ignore[attr-defined]
         else:
-            xc, restore = canonical_layout(x, axis)
+            if x.stride() == ctx.x_stride:  # type: ignore[attr-defined]
+                xc, restore = canonical_layout(x, axis)
+            else:
+                # x came back from a saved-tensor hook in another layout (pack with
+                # .contiguous(), say): dy is brought to x's shape and layout first
+                dy, xc, restore = _canonical_pair(ctx.restore(dy), x, axis)  # type: ignore[attr-defined]
             backend: Backend = ctx.backend  # type: ignore[attr-defined]
             dxc, dw, db = backend.backward(dy, xc, mean, invstd, weight, needs)
             dx = None if dxc is None else restore(dxc)

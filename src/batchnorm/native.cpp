@@ -248,8 +248,6 @@ struct Node : public torch::autograd::Function<Node> {
                        d.T) != 0;
     }
     ctx->save_for_backward({x, or_undefined(w), *stats});
-    ctx->saved_data["N"] = d.N;
-    ctx->saved_data["L"] = d.L;
     ctx->saved_data["T"] = d.T;
     ctx->saved_data["forks"] = FORKS;
     ctx->saved_data["eps"] = eps;
@@ -270,14 +268,23 @@ struct Node : public torch::autograd::Function<Node> {
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_w = has_w && ctx->needs_input_grad(1);
     const bool need_b = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(has_w ? 2 : 1);
-    if (at::GradMode::is_enabled() || !readable(dy)) {
-      // a graph of the backward is wanted, or dy has no values to read here (batched
-      // gradients: is_grads_batched=True, jacobian(vectorize=True)): Python recomputes the
-      // backward with torch operations
+    const Tensor& stats = saved[2];
+    const int64_t axis = ctx->saved_data["axis"].toInt();
+    // the layout is read from x as it comes back: a saved-tensor hook
+    // (torch.autograd.graph.saved_tensors_hooks) may return it in another layout or dtype
+    const auto d = dims_of(x, axis, ctx->saved_data["T"].toInt());
+    const bool kernels_take = d && vector_ok(w, x, d->C) &&
+                              stats.scalar_type() == x.scalar_type() && stats.is_cpu() &&
+                              readable(stats) && stats.is_contiguous() && stats.dim() == 2 &&
+                              stats.size(0) == 3 && stats.size(1) == d->C;
+    if (at::GradMode::is_enabled() || !readable(dy) || !kernels_take) {
+      // a graph of the backward is wanted, dy has no values to read here (batched
+      // gradients: is_grads_batched=True, jacobian(vectorize=True)), or x or the statistics
+      // came back from a saved-tensor hook in a form the kernels do not read: Python
+      // recomputes the backward with torch operations
       py::gil_scoped_acquire gil;
       py::tuple r = (*GRAPH_BACKWARD)(dy, x, w.defined() ? py::cast(w) : py::none(),
-                                      ctx->saved_data["eps"].toDouble(),
-                                      ctx->saved_data["axis"].toInt());
+                                      ctx->saved_data["eps"].toDouble(), axis);
       if (need_x) out[0] = r[0].cast<Tensor>();
       if (need_w && !r[1].is_none()) out[1] = r[1].cast<Tensor>();
       if (need_b && !r[2].is_none()) out[2] = r[2].cast<Tensor>();
@@ -286,14 +293,13 @@ struct Node : public torch::autograd::Function<Node> {
     if (dy.strides() != x.strides() || dy.scalar_type() != x.scalar_type()) {
       dy = at::empty_like(x).copy_(dy);  // dy in x's layout: both walk one canonical view
     }
-    const int64_t C = saved[2].size(1);
-    char* st = static_cast<char*>(saved[2].data_ptr());  // rows: mean, var, invstd
+    const int64_t C = d->C;
+    char* st = static_cast<char*>(stats.data_ptr());  // rows: mean, var, invstd
     const int64_t row = C * static_cast<int64_t>(x.element_size());
     Tensor dx = need_x ? output_like(x) : Tensor();
     Tensor g = at::empty({2, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
     char* gp = static_cast<char*>(g.data_ptr());
-    entries(x).bwd(dy.data_ptr(), x.data_ptr(), ctx->saved_data["N"].toInt(), C,
-                   ctx->saved_data["L"].toInt(), st, st + 2 * row,
+    entries(x).bwd(dy.data_ptr(), x.data_ptr(), d->N, C, d->L, st, st + 2 * row,
                    w.defined() ? w.data_ptr() : nullptr, w.defined() ? w.numel() : 0,
                    need_x ? 1 : 0, need_x ? dx.data_ptr() : x.data_ptr(), gp,
                    gp + row,
