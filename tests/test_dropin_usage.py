@@ -85,3 +85,27 @@ def test_saved_tensor_hooks_that_change_the_layout_keep_torch_gradients(
         results.append((y.detach(), x.grad, bn.weight.grad, bn.bias.grad))
     for ours, theirs in zip(*results):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_warnings_of_a_layer_name_the_line_that_called_it() -> None:
+    """The warnings a layer issues while training (a small batch, a non-finite batch, on the
+    compiled node, the masked path and through nn.Sequential) and at construction name the
+    user's line, as torch's own warnings do: they used to name torch's Module.__call__ or this
+    package's own files, which ``-W`` filters by module and the printed location then missed."""
+    torch.manual_seed(0)
+    bad = torch.randn(8, 3)
+    bad[0, 0] = float("nan")
+    calls: list[Callable[[], object]] = [
+        lambda: batchnorm.BatchNorm1d(3)(torch.randn(3, 3)),  # SmallBatchWarning
+        lambda: batchnorm.BatchNorm1d(3)(bad),
+        lambda: nn.Sequential(nn.Identity(), batchnorm.BatchNorm1d(3))(bad),
+        lambda: batchnorm.BatchNorm(3)(bad, mask=torch.ones(8, dtype=torch.bool)),
+        lambda: batchnorm.BatchNorm2d(3)(torch.full((64, 3, 32, 32), float("nan"))),
+        lambda: batchnorm.functional.batch_norm(bad, torch.zeros(3), torch.ones(3), training=True),
+        lambda: batchnorm.BatchNorm(3, eps=0),
+        lambda: batchnorm.BatchNorm2d(3, momentum=2.0),
+    ]
+    for call in calls:
+        with pytest.warns(Warning) as rec:
+            call()
+        assert [w.filename for w in rec] == [__file__] * len(rec), [str(w.message) for w in rec]

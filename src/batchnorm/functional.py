@@ -27,6 +27,8 @@ is issued; with ``"raise"`` a :class:`NonFiniteStatisticsError` is raised before
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, Protocol
@@ -1059,13 +1061,36 @@ def _nonfinite_message(layer: str) -> str:
     )
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_LAB_DIR = _PACKAGE_DIR + "lab" + os.sep
+_TORCH_MODULES_DIR = os.path.dirname(os.path.abspath(torch.nn.modules.module.__file__)) + os.sep
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` with which the function calling this makes ``warnings.warn`` name
+    the user's line: the first frame outside this package (the lab excepted) and outside
+    ``torch.nn``'s modules (``Module.__call__``, ``Sequential``), however deep a layer, a
+    subclass or the functional API calls."""
+    frame = sys._getframe(1)  # the function that warns: stacklevel 1
+    level = 1
+    while frame.f_back is not None:
+        name = frame.f_code.co_filename
+        inside = name.startswith(_PACKAGE_DIR) and not name.startswith(_LAB_DIR)
+        if not (inside or name.startswith(_TORCH_MODULES_DIR)):
+            break
+        frame = frame.f_back
+        level += 1
+    return level
+
+
 def _refuse_nonfinite(nonfinite: NonFinitePolicy, layer: str | None) -> bool:
     """The non-finite-statistics policy of :func:`update_running_stats` and
-    :func:`batch_norm_step`: raise or warn (the warning points at their caller)."""
+    :func:`batch_norm_step`: raise or warn (the warning names the user's line that called the
+    layer or the function)."""
     msg = _nonfinite_message(_name(layer))
     if nonfinite == "raise":
         raise NonFiniteStatisticsError(msg)
-    warnings.warn(msg, NonFiniteStatisticsWarning, stacklevel=3)
+    warnings.warn(msg, NonFiniteStatisticsWarning, stacklevel=_user_stacklevel())
     return False
 
 

@@ -114,7 +114,7 @@ class _BatchNormBase(nn.Module):
                 f"{name}({num_features}): eps=0 makes a constant channel (zero variance) "
                 "normalize to NaN; the usual value is 1e-5",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=F._user_stacklevel(),
             )
         if momentum is not None:
             if not math.isfinite(momentum):
@@ -130,7 +130,7 @@ class _BatchNormBase(nn.Module):
                     "extrapolate and the running variance can turn negative. Keras' momentum "
                     "0.99 is PyTorch's 0.01.",
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=F._user_stacklevel(),
                 )
         if nonfinite not in ("warn", "raise"):
             raise ValueError(
@@ -445,7 +445,7 @@ class _BatchNormBase(nn.Module):
                 f"{count} values per channel; batch statistics this noisy hurt accuracy. Use "
                 f"{remedy}.",
                 SmallBatchWarning,
-                stacklevel=5,  # the caller of the layer (through Module.__call__)
+                stacklevel=F._user_stacklevel(),  # the user's line that called the layer
             )
         return count
 
