@@ -109,3 +109,140 @@ def test_warnings_of_a_layer_name_the_line_that_called_it() -> None:
         with pytest.warns(Warning) as rec:
             call()
         assert [w.filename for w in rec] == [__file__] * len(rec), [str(w.message) for w in rec]
+
+
+class _Block(nn.Module):
+    """conv → BN → ReLU → conv → BN, plus the residual, then ReLU (ResNet's basic block)."""
+
+    def __init__(self, c: int, bn: type[nn.Module]) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.b1 = bn(c)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.b2 = bn(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b1(self.c1(x)))
+        return torch.relu(self.b2(self.c2(h)) + x)
+
+
+def _resnet(bn: type[nn.Module]) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        bn(8),
+        nn.ReLU(inplace=True),
+        _Block(8, bn),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_resnet_style_training_matches_torch(
+    path: str, channels_last: bool, optimizer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few optimizer steps (with gradient accumulation over two micro-batches) of a small
+    residual CNN, in float64: parameters, running statistics and num_batches_tracked end
+    where torch.nn's do, and so does the eval output."""
+    _path(path, monkeypatch)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    ours = _resnet(batchnorm.BatchNorm2d).double().to(memory_format=fmt)
+    theirs = _resnet(nn.BatchNorm2d).double().to(memory_format=fmt)
+    theirs.load_state_dict(ours.state_dict())
+
+    def make(params):  # type: ignore[no-untyped-def]
+        if optimizer == "sgd":
+            return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+    opts = [make(ours.parameters()), make(theirs.parameters())]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for _ in range(2):
+            x = torch.randn(6, 3, 6, 6, generator=gen, dtype=torch.float64) * 2 + 1
+            x = x.contiguous(memory_format=fmt)
+            target = torch.randint(0, 4, (6,), generator=gen)
+            for model in (ours, theirs):
+                (nn.functional.cross_entropy(model(x), target) / 2).backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    for (key, v), w in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(v, w, rtol=1e-9, atol=1e-10, msg=key)
+    ours.eval(), theirs.eval()
+    x = torch.randn(4, 3, 6, 6, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_inference_mode_and_no_grad_match_torch(
+    path: str, training: bool, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torch.inference_mode and torch.no_grad, in train mode (recalibration) and eval
+    mode: torch.nn's output (an inference tensor under inference_mode), running statistics
+    and counter; small inputs and inputs the kernels take in several threads."""
+    _path(path, monkeypatch)
+    for shape in [(8, 3), (48, 3, 48, 48)]:
+        cls = (batchnorm.BatchNorm1d, nn.BatchNorm1d) if len(shape) == 2 else None
+        ours, theirs = _pair(*(cls or (batchnorm.BatchNorm2d, nn.BatchNorm2d)), 3)
+        ours.train(training), theirs.train(training)
+        x = torch.randn(shape) * 2 + 1
+        ctx = torch.inference_mode if mode == "inference_mode" else torch.no_grad
+        with ctx():
+            y_ours, y_theirs = ours(x), theirs(x)
+        assert y_ours.is_inference() == y_theirs.is_inference()
+        torch.testing.assert_close(y_ours, y_theirs, rtol=1e-4, atol=1e-5)
+        for key, v in theirs.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[key], v, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_matches_torch(
+    path: str, reentrant: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.utils.checkpoint in both modes: gradients as torch.nn's, and the recomputation
+    updates the running statistics a second time, as torch.nn's layer does."""
+    _path(path, monkeypatch)
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 3, 6, 6)
+    results = []
+    for bn_cls in (batchnorm.BatchNorm2d, nn.BatchNorm2d):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), bn_cls(4), nn.ReLU())
+        x = x0.clone().requires_grad_()
+        y = torch.utils.checkpoint.checkpoint(net, x, use_reentrant=reentrant)
+        y.square().sum().backward()
+        bn = net[1]
+        results.append((x.grad, bn.weight.grad, net[0].weight.grad, bn.running_var))
+        assert int(bn.num_batches_tracked) == 2
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("training", [True, False])
+def test_gradient_penalty_double_backward_matches_torch(
+    path: str, training: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.autograd.grad(create_graph=True) through a conv-BN net (a WGAN-GP style penalty
+    on the input gradient), channels_last, then backward into every parameter."""
+    _path(path, monkeypatch)
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 3, 6, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    results = []
+    for bn_cls in (batchnorm.BatchNorm2d, nn.BatchNorm2d):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), bn_cls(4), nn.Tanh()).double().train(training)
+        x = x0.clone().requires_grad_()
+        (g,) = torch.autograd.grad(net(x).square().sum(), x, create_graph=True)
+        g.square().sum().backward()
+        results.append((g, x.grad, net[0].weight.grad, net[1].weight.grad, net[1].bias.grad))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-10)
