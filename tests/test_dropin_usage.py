@@ -246,3 +246,43 @@ def test_gradient_penalty_double_backward_matches_torch(
         results.append((g, x.grad, net[0].weight.grad, net[1].weight.grad, net[1].bias.grad))
     for ours, theirs in zip(*results):
         torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-10)
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass that keeps its class through torch operations (as fastai's
+    TensorBase does)."""
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(8, 3), (48, 3, 48, 48)])
+def test_tensor_subclass_input_keeps_its_class_as_in_torch(
+    path: str, training: bool, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subclass input gives an output of that class, as torch.nn's layer gives (the kernels
+    and the compiled node returned a plain tensor in training, so the class changed with
+    train/eval), with torch.nn's values, gradients and running statistics."""
+    _path(path, monkeypatch)
+    classes = (
+        (batchnorm.BatchNorm1d, nn.BatchNorm1d)
+        if len(shape) == 2
+        else (batchnorm.BatchNorm2d, nn.BatchNorm2d)
+    )
+    torch.manual_seed(0)
+    x0 = torch.randn(shape) * 2 + 1
+    results = []
+    for bn in _pair(*classes, 3):
+        bn.train(training)
+        x = x0.clone().as_subclass(_Tagged).requires_grad_()
+        y = bn(x)
+        assert type(y) is _Tagged
+        (y * y).sum().backward()
+        results.append((y.as_subclass(torch.Tensor).detach(), x.grad, bn.weight.grad))
+        results[-1] += tuple(bn.state_dict().values())
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(
+            torch.as_tensor(ours).as_subclass(torch.Tensor),
+            torch.as_tensor(theirs).as_subclass(torch.Tensor),
+            rtol=1e-4,
+            atol=1e-4,
+        )

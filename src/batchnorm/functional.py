@@ -412,6 +412,17 @@ def _has_memory(t: Tensor | None) -> bool:
     return type(t) in _PLAIN_TYPES or not torch._C._dispatch_keys(t).has(_PYTHON_KEY)
 
 
+def _overridden(t: Tensor) -> bool:
+    """Whether ``t`` is a tensor subclass whose ``__torch_function__`` runs for torch
+    operations (fastai's ``TensorBase``, say): torch.nn's output keeps such a class, which
+    only torch operations give (the kernels and the compiled node return plain tensors).
+    ``Parameter`` turns it off."""
+    return type(t) not in _PLAIN_TYPES and _has_torch_function_unary(t)
+
+
+_has_torch_function_unary: Callable[[Any], bool] = torch._C._has_torch_function_unary
+
+
 def _concrete(t: Tensor) -> bool:
     """Whether ``t``'s values can be read in Python (``bool``, ``.item()``): not on the meta
     device, not fake, not wrapped by a transform, not inside ``torch.compile``. Checks of values are skipped otherwise, so
@@ -439,9 +450,11 @@ def get_backend(
         not _has_memory(x)
         or torch._C._len_torch_dispatch_stack() > 0
         or not all(_has_memory(t) for t in also)
+        or _overridden(x)
     ):
         # inside torch.func transforms (vmap, grad, ...), FakeTensorMode and the like: torch
-        # operations, which the transforms and modes know
+        # operations, which the transforms and modes know; a tensor subclass's
+        # __torch_function__ sees them and keeps its class for the output, as in torch.nn
         return _TORCH
     choice = backend or _env.get("BATCHNORM_BACKEND") or "auto"
     if choice == "auto":
@@ -835,7 +848,7 @@ def batch_norm_step(
     count = _check_count(input, ax, layer)
     alpha = momentum * count / (count - 1) if unbiased_running_var else momentum
     node = None
-    if (ext := _ready_node(backend)) is not None:
+    if (ext := _ready_node(backend, input)) is not None:
         T = kernels._threads(input.numel(), None)
         node = ext.train(
             input, ax, weight, bias, running_mean, running_var, num_batches_tracked, T, eps,
@@ -882,7 +895,7 @@ def batch_norm_eval(
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    ext = None if needs_graph else _ready_node(backend)
+    ext = None if needs_graph else _ready_node(backend, input)
     if ext is not None:
         T = kernels._threads(input.numel(), None)
         y = ext.evaluate(input, axis, running_mean, running_var, weight, bias, T, eps)
@@ -902,7 +915,7 @@ def batch_norm_eval(
     return restore(be.forward_eval(xc, running_mean, running_var, weight, bias, eps))
 
 
-def _ready_node(backend: str | None) -> Any | None:
+def _ready_node(backend: str | None, x: Tensor) -> Any | None:
     """The compiled node (:mod:`batchnorm.native`) when the general backend choice
     (:func:`get_backend`) would reach it, found in a few checks, or None for the general path.
 
@@ -918,6 +931,7 @@ def _ready_node(backend: str | None) -> Any | None:
     ext = native.loaded()
     if (
         ext is None
+        or (type(x) not in _PLAIN_TYPES and _has_torch_function_unary(x))  # _overridden(x)
         or _get_tracing_state() is not None  # _torch_ops_only(), inlined
         or _fw_ad._current_level >= 0
         or torch.compiler.is_compiling()
