@@ -286,3 +286,36 @@ def test_tensor_subclass_input_keeps_its_class_as_in_torch(
             rtol=1e-4,
             atol=1e-4,
         )
+
+
+def test_swa_update_bn_skips_our_layers_and_recalibrate_is_its_counterpart() -> None:
+    """As the README says: torch's update_bn finds BN layers by class, so ours are neither
+    reset nor recomputed (its passes are ordinary training steps for them, momentum updates);
+    recalibrate recomputes both kinds."""
+
+    def model(cls: type[nn.Module]) -> nn.Sequential:
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(3, 4), cls(4))
+
+    torch.manual_seed(0)
+    batches = [torch.randn(16, 3) + 2 for _ in range(3)]
+    with torch.no_grad():
+        h = model(nn.BatchNorm1d)[0](torch.cat(batches))
+    theirs, ours = model(nn.BatchNorm1d), model(batchnorm.BatchNorm1d)
+    for m in (theirs, ours):
+        torch.optim.swa_utils.update_bn(batches, m)
+    torch.testing.assert_close(theirs[1].running_mean, h.mean(0), rtol=1e-4, atol=1e-5)
+    # a model without torch.nn's layers: update_bn returns before any pass
+    assert torch.equal(ours[1].running_mean, torch.zeros(4))
+    assert int(ours[1].num_batches_tracked) == 0
+    # beside one of torch.nn's: its passes are three ordinary training steps for ours
+    # (momentum 0.1 from zero)
+    mixed = nn.Sequential(model(batchnorm.BatchNorm1d), nn.BatchNorm1d(4))
+    torch.optim.swa_utils.update_bn(batches, mixed)
+    ema = torch.zeros(4)
+    for hb in h.split(16):
+        ema = 0.9 * ema + 0.1 * hb.mean(0)
+    torch.testing.assert_close(mixed[0][1].running_mean, ema, rtol=1e-4, atol=1e-5)
+    batchnorm.recalibrate(ours, batches)
+    torch.testing.assert_close(ours[1].running_mean, h.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours[1].running_var, h.var(0), rtol=1e-4, atol=1e-5)
