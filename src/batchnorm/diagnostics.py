@@ -455,6 +455,11 @@ _DROPOUT_FUNCTIONS = {
 # data
 
 
+# keys under which a dict batch (a Dataset returning dicts) holds the model input, in order;
+# batchnorm.recalibrate takes the same batches
+INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values")
+
+
 def _as_input(batch: Any) -> Any:
     """The model input of one batch: a tensor as is; (inputs, targets, ...) -> inputs."""
     if isinstance(batch, Tensor):
@@ -462,7 +467,7 @@ def _as_input(batch: Any) -> Any:
     if isinstance(batch, list | tuple) and batch:
         return batch[0]
     if isinstance(batch, Mapping):
-        for key in ("input", "inputs", "x", "image", "images", "pixel_values"):
+        for key in INPUT_KEYS:
             if key in batch:
                 return batch[key]
     raise TypeError(

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from batchnorm.diagnostics import INPUT_KEYS
 from batchnorm.inplace_abn import InPlaceABN
 from batchnorm.nn.batchnorm import SmallBatchWarning, _BatchNormBase
 from batchnorm.variants import FrozenBatchNorm, is_frozen
@@ -95,16 +96,57 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
 
 
 def _inputs(data: Iterable[Any]) -> Iterator[Any]:
-    """The model inputs of a DataLoader/iterable yielding tensors or ``(x, y, …)`` tuples."""
+    """The model inputs of a DataLoader/iterable yielding tensors, ``(x, y, …)`` tuples or dicts
+    with one of :data:`batchnorm.diagnostics.INPUT_KEYS`."""
     for item in data:
-        yield item[0] if isinstance(item, (tuple, list)) else item
+        if isinstance(item, (tuple, list)):
+            yield item[0] if item else item
+        elif isinstance(item, Mapping):
+            key = next((k for k in INPUT_KEYS if k in item), None)
+            if key is None:
+                raise TypeError(
+                    f"recalibrate: a batch is a dict with keys {sorted(map(str, item))}, none of "
+                    f"which is a known input key {INPUT_KEYS}; pass the inputs yourself, e.g. "
+                    "(batch['my_input'] for batch in loader)"
+                )
+            yield item[key]
+        else:
+            yield item
+
+
+def _first_tensor(x: Any) -> Tensor | None:
+    """The first tensor in a model input (a tensor, or tuples/lists/dicts of them)."""
+    if isinstance(x, Tensor):
+        return x
+    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (tuple, list)) else ()
+    return next((t for t in map(_first_tensor, values) if t is not None), None)
+
+
+def _map_tensors(x: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``x`` with ``fn`` applied to every tensor in it (tuples, lists, dicts kept)."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, Mapping):
+        return {k: _map_tensors(v, fn) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map_tensors(v, fn) for v in x)
+    return x
+
+
+def _first_samples(x: Any, n: int, size: int) -> Any:
+    """The first ``n`` samples of a model input of ``size`` samples: every tensor in it whose
+    dimension 0 is the batch, cut."""
+    return _map_tensors(x, lambda t: t[:n] if t.dim() and t.shape[0] == size else t)
 
 
 def _batch_size(x: Any) -> int:
-    if isinstance(x, Tensor):
-        return int(x.shape[0])
+    t = _first_tensor(x)
+    if t is not None and t.dim() > 0:
+        return int(t.shape[0])
     raise TypeError(
-        f"recalibrate: expected the data to yield tensors or (x, y) tuples, got {type(x).__name__}"
+        "recalibrate: expected the data to yield tensors or (x, y) tuples (or dicts with one of "
+        f"the keys {INPUT_KEYS}) holding a batch of inputs, got a model input of type "
+        f"{type(x).__name__}"
     )
 
 
@@ -178,17 +220,17 @@ def _accumulate(
                 handles.append(m.register_forward_pre_hook(hook_for(name, m), with_kwargs=True))
             device = next((p.device for p in model.parameters()), None)
             for x in _inputs(data):
-                n = _batch_size(x)
+                n = size = _batch_size(x)
                 if num_samples is not None:
                     n = min(n, num_samples - seen)
                     if n < 2:  # a batch of one cannot be normalized with its own statistics
                         break
-                    x = x[:n]
+                    x = _first_samples(x, n, size)
                 elif n < 2:
                     # e.g. a DataLoader's last batch of one sample: skipped, not a failure (a BN
                     # layer in train mode cannot normalize one sample of a 2-D input)
                     continue
-                model(x if device is None else x.to(device))
+                model(x if device is None else _map_tensors(x, lambda t: t.to(device)))
                 seen += n
                 if num_samples is not None and seen >= num_samples:
                     break
@@ -273,8 +315,11 @@ def recalibrate(
 
     Args:
         model: any module containing our or ``torch.nn``'s BN layers.
-        data: a DataLoader or iterable yielding input tensors or ``(x, y, …)`` tuples
-            (labels are not used: AdaBN needs none). A batch of one sample (a DataLoader's
+        data: a DataLoader or iterable yielding input tensors, ``(x, y, …)`` tuples or dicts
+            with one of the keys :data:`batchnorm.diagnostics.INPUT_KEYS` (``"input"``, ``"x"``, ``"image"``, …),
+            as :func:`batchnorm.doctor` takes them (labels are not used: AdaBN needs none).
+            The input may be a tuple or dict of tensors (a model of several inputs), the batch
+            along dimension 0 of its first tensor. A batch of one sample (a DataLoader's
             uneven last batch) is skipped.
         num_samples: use only the first ``num_samples`` samples (the last batch is cut).
         distributed: merge the moments of all ``torch.distributed`` ranks exactly (each rank

@@ -1,0 +1,65 @@
+"""The tools used the way projects use them: DataLoaders of dicts and multi-input models for
+recalibrate, checked against statistics computed directly from the layers' inputs."""
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+
+
+class _DictDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """A dataset returning dicts, as many vision and text pipelines do."""
+
+    def __init__(self, x: torch.Tensor, key: str = "image") -> None:
+        self.x, self.key = x, key
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        return {self.key: self.x[i], "label": i % 3}
+
+
+def test_recalibrate_takes_a_dataloader_of_dicts_like_the_doctor() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6)).double()
+    x = torch.randn(50, 5, dtype=torch.float64) * 2 + 1
+    loader = torch.utils.data.DataLoader(_DictDataset(x), batch_size=16)
+    assert batchnorm.recalibrate(net, loader) == 50
+    with torch.no_grad():
+        feats = net[0](x)
+    torch.testing.assert_close(net[1].running_mean, feats.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net[1].running_var, feats.var(0), rtol=1e-12, atol=1e-12)
+    # num_samples cuts the dict's input as it cuts a tensor
+    assert batchnorm.recalibrate(net, loader, num_samples=20) == 20
+    with torch.no_grad():
+        feats = net[0](x[:20])
+    torch.testing.assert_close(net[1].running_mean, feats.mean(0), rtol=1e-12, atol=1e-12)
+    # a dict without a known input key names its keys and the remedy
+    unknown = torch.utils.data.DataLoader(_DictDataset(x, key="feats"), batch_size=16)
+    with pytest.raises(TypeError, match=r"\['feats', 'label'\].*batch\['my_input'\]"):
+        batchnorm.recalibrate(net, unknown)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        xa, xb = inputs
+        return self.bn(self.a(xa) + self.b(xb))
+
+
+def test_recalibrate_takes_a_model_of_several_inputs() -> None:
+    torch.manual_seed(0)
+    net = _TwoInputs().double()
+    xa, xb = torch.randn(30, 3, dtype=torch.float64), torch.randn(30, 2, dtype=torch.float64)
+    data = [((xa[i : i + 10], xb[i : i + 10]), torch.zeros(10)) for i in range(0, 30, 10)]
+    assert batchnorm.recalibrate(net, data, num_samples=25) == 25
+    with torch.no_grad():
+        feats = (net.a(xa) + net.b(xb))[:25]
+    torch.testing.assert_close(net.bn.running_mean, feats.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net.bn.running_var, feats.var(0), rtol=1e-12, atol=1e-12)
