@@ -63,3 +63,48 @@ def test_recalibrate_takes_a_model_of_several_inputs() -> None:
         feats = (net.a(xa) + net.b(xb))[:25]
     torch.testing.assert_close(net.bn.running_mean, feats.mean(0), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(net.bn.running_var, feats.var(0), rtol=1e-12, atol=1e-12)
+
+
+class _Segmenter(nn.Module):
+    """torchvision's segmentation models' shape: a backbone and two heads, returning a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(4, 2, 1, bias=False), nn.BatchNorm2d(2))
+        self.aux = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        f = self.backbone(x)
+        return {"out": self.head(f), "aux": [self.aux(f), f]}
+
+
+def test_fold_takes_a_model_whose_output_is_a_dict_of_tensors() -> None:
+    torch.manual_seed(0)
+    model = _Segmenter().double()
+    for _ in range(3):
+        model(torch.randn(4, 3, 6, 6, dtype=torch.float64))
+    model.eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    folded, err = batchnorm.fold(model, x)
+    assert isinstance(folded.backbone[1], nn.Identity) and isinstance(folded.head[1], nn.Identity)
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    # the error is the largest over every output tensor
+    diffs = [
+        float((got["out"] - want["out"]).abs().max()),
+        float((got["aux"][0] - want["aux"][0]).abs().max()),
+        float((got["aux"][1] - want["aux"][1]).abs().max()),
+    ]
+    assert max(diffs) < 1e-12 and err == max(diffs)
+
+    class _NoTensor(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2)).eval()
+
+        def forward(self, x: torch.Tensor) -> str:
+            return str(self.body(x).shape)
+
+    with pytest.raises(TypeError, match=r"returned str.*return a tensor.*to_inference"):
+        batchnorm.fold(_NoTensor(), torch.randn(1, 3, 2, 2))

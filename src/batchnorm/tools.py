@@ -654,7 +654,8 @@ def fold(model: nn.Module, example_input: Any, *, inplace: bool = False) -> tupl
 
     Returns:
         ``(folded_model, max_abs_error)``: the error is ``max |model(x) − folded(x)|`` on
-        ``example_input`` (random layers such as dropout see the same random numbers).
+        ``example_input`` (random layers such as dropout see the same random numbers), over
+        every tensor of the output when it is a tuple, list or dict of tensors.
 
     Example::
 
@@ -672,20 +673,47 @@ def fold(model: nn.Module, example_input: Any, *, inplace: bool = False) -> tupl
     new = model if inplace else copy.deepcopy(model)
     _fold_in_place(new, ranks, "fold")
     out = _run_seeded(new, example_input)
-    err = float((out.double() - reference_out.double()).abs().max()) if out.numel() else 0.0
+    if len(out) != len(reference_out):
+        raise RuntimeError(
+            f"fold: the folded model returned {len(out)} tensor(s), the model "
+            f"{len(reference_out)}; the model's outputs depend on more than its layers"
+        )
+    err = max(
+        (
+            float((a.double() - b.double()).abs().max())
+            for a, b in zip(out, reference_out)
+            if a.numel()
+        ),
+        default=0.0,
+    )
     return new, err
 
 
-def _run_seeded(model: nn.Module, x: Any) -> Tensor:
+def _output_tensors(out: Any) -> list[Tensor]:
+    """Every tensor of a model's output, in order: a tensor, or tuples, lists, dicts of them
+    (torchvision's segmentation models return ``{"out": …, "aux": …}``)."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _output_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _output_tensors(v)]
+    return []
+
+
+def _run_seeded(model: nn.Module, x: Any) -> list[Tensor]:
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         out = model(x)
-    if not isinstance(out, Tensor):
+    tensors = _output_tensors(out)
+    if not tensors:
         raise TypeError(
-            f"fold: the model returned {type(out).__name__}; the error is measured on a single "
-            "output tensor"
+            f"fold: the model returned {type(out).__name__}, which holds no tensor to measure "
+            "the folding error on; return a tensor, or tuples/lists/dicts of tensors (wrap the "
+            "model in a module whose forward does), or use batchnorm.to_inference, which "
+            "measures nothing"
         )
-    return out
+    return tensors
 
 
 @torch.no_grad()
