@@ -108,3 +108,22 @@ def test_fold_takes_a_model_whose_output_is_a_dict_of_tensors() -> None:
 
     with pytest.raises(TypeError, match=r"returned str.*return a tensor.*to_inference"):
         batchnorm.fold(_NoTensor(), torch.randn(1, 3, 2, 2))
+
+
+def test_freeze_refusing_a_layer_leaves_every_layer_as_it_was() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(3, 4),
+        nn.BatchNorm1d(4),
+        nn.Linear(4, 4),
+        nn.BatchNorm1d(4, track_running_stats=False),
+    )
+    for _ in range(2):
+        net(torch.randn(8, 3))
+    with pytest.raises(ValueError, match=r"'3'.*track_running_stats=False.*nothing was frozen"):
+        batchnorm.freeze(net, affine=True)
+    # the first layer was not frozen before the second was refused: it still trains
+    assert not batchnorm.variants.is_frozen(net[1]) and net[1].weight.requires_grad
+    before = net[1].running_mean.clone()
+    net.train()(torch.randn(8, 3) + 5)
+    assert not torch.equal(before, net[1].running_mean)

@@ -654,15 +654,18 @@ def freeze(model: nn.Module, *, affine: bool = False) -> nn.Module:
         True
     """
     layers = _bn_layers(model)
+    # every layer is checked before any is frozen: an error leaves the model as it was
+    for name, m in layers:
+        if getattr(m, "running_mean", None) is None or getattr(m, "running_var", None) is None:
+            raise ValueError(
+                f"freeze: layer {name or type(m).__name__!r} ({type(m).__name__}) has no running "
+                "statistics (track_running_stats=False), so it cannot normalize without a batch; "
+                "replace it or recompute statistics first with a layer that tracks them (nothing "
+                "was frozen)"
+            )
     for name, m in layers:
         label = name or type(m).__name__
-        rm, rv = getattr(m, "running_mean", None), getattr(m, "running_var", None)
-        if rm is None or rv is None:
-            raise ValueError(
-                f"freeze: layer {label!r} ({type(m).__name__}) has no running statistics "
-                "(track_running_stats=False), so it cannot normalize without a batch; replace it "
-                "or recompute statistics first with a layer that tracks them"
-            )
+        rm, rv = _tensor(m, "running_mean"), _tensor(m, "running_var")
         if is_frozen(m):
             if affine:  # frozen before without γ/β: switch them off now, for unfreeze too
                 getattr(m, _FROZEN).extend(_switch_off_affine(m))
@@ -677,6 +680,13 @@ def freeze(model: nn.Module, *, affine: bool = False) -> nn.Module:
             )
         _mark_frozen(m, _switch_off_affine(m) if affine else [], m.training)
     return model
+
+
+def _tensor(m: nn.Module, name: str) -> Tensor:
+    """A buffer of a layer known to have it."""
+    t = getattr(m, name)
+    assert isinstance(t, Tensor), name
+    return t
 
 
 def _switch_off_affine(m: nn.Module) -> list[str]:
