@@ -127,3 +127,30 @@ def test_freeze_refusing_a_layer_leaves_every_layer_as_it_was() -> None:
     before = net[1].running_mean.clone()
     net.train()(torch.randn(8, 3) + 5)
     assert not torch.equal(before, net[1].running_mean)
+
+
+class _Overflow(nn.Module):
+    """Linear → BN → BN, the second layer's input infinite when the data hold a value > 100."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn1, self.bn2 = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn1(self.lin(x))
+        return self.bn2(y * torch.where(x.abs().amax() > 100, torch.inf, 1.0))
+
+
+def test_recalibrate_failing_on_a_later_layer_changes_no_layer() -> None:
+    torch.manual_seed(0)
+    net = _Overflow().double()
+    batchnorm.recalibrate(net, [torch.randn(16, 3, dtype=torch.float64)])
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(16, 3, dtype=torch.float64) * 5 + 3
+    x[0, 0] = 1000.0
+    # the first layer's new statistics are finite, but a model half recalibrated would mix the
+    # statistics of two passes over different data
+    with pytest.raises(FloatingPointError, match=r"'bn2'.*non-finite"):
+        batchnorm.recalibrate(net, [x])
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k]), k

@@ -360,6 +360,8 @@ def recalibrate(
                 "recalibrate(distributed=True): no rank's data yielded a batch (of at least 2 "
                 "samples); pass each rank a DataLoader or iterable of tensors or (x, y) tuples"
             )
+    # every layer's statistics are checked before any is written: an error leaves them all
+    new: dict[str, tuple[Tensor, Tensor]] = {}
     for name, m in layers.items():
         mom = moments.get(name)
         if mom is None:
@@ -372,17 +374,21 @@ def recalibrate(
             continue
         if mom.count < 2:
             raise ValueError(
-                f"recalibrate: layer {name!r} saw {mom.count} value(s) per channel; need >= 2"
+                f"recalibrate: layer {name!r} ({type(m).__name__}) saw {mom.count} value(s) per "
+                "channel (its masks leave too few valid positions); need >= 2. Pass more data. "
+                "No layer's statistics were changed."
             )
         var = mom.variance(unbiased=bool(getattr(m, "unbiased_running_var", True)))
         if not bool(torch.isfinite(mom.mean).all() and torch.isfinite(var).all()):
             raise FloatingPointError(
-                f"recalibrate: layer {name!r} ({type(m).__name__}) saw non-finite values; its "
-                "statistics were left unchanged. Check the data and the weights "
+                f"recalibrate: layer {name!r} ({type(m).__name__}) saw non-finite values; no "
+                "layer's statistics were changed. Check the data and the weights "
                 "(batchnorm.doctor(model, data) finds where they start)."
             )
-        rm, rv = _t(m, "running_mean"), _t(m, "running_var")
-        rm.copy_(mom.mean.to(rm))
+        new[name] = (mom.mean, var)
+    for name, (mean, var) in new.items():
+        rm, rv = _t(layers[name], "running_mean"), _t(layers[name], "running_var")
+        rm.copy_(mean.to(rm))
         rv.copy_(var.to(rv))
     return seen
 
