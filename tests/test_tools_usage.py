@@ -154,3 +154,18 @@ def test_recalibrate_failing_on_a_later_layer_changes_no_layer() -> None:
         batchnorm.recalibrate(net, [x])
     for k, v in net.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("length", [7, 6])  # 6: as many positions as channels
+def test_doctor_measures_a_channels_last_frozen_layer_along_its_axis(length: int) -> None:
+    torch.manual_seed(0)
+    bn = batchnorm.BatchNorm(6, axis=-1)
+    net = nn.Sequential(nn.Linear(4, 6, bias=False), bn)
+    x = torch.randn(256, length, 4) * 3 + 1
+    batchnorm.recalibrate(net, x.split(32))  # exact statistics: nothing to find
+    frozen = nn.Sequential(net[0], batchnorm.FrozenBatchNorm.from_batchnorm(bn))
+    for model in (net.eval(), frozen):
+        report = batchnorm.doctor(model, x, num_batches=8, batch_size=32)
+        assert [f.check for f in report.findings] == [], report
+        gaps = batchnorm.stat_gaps(model, x, num_batches=8, mode="inference")
+        assert gaps["1"].num_features == 6 and gaps["1"].mean_shift_max < 0.2

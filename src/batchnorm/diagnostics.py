@@ -399,7 +399,11 @@ def _always_running(m: nn.Module) -> bool:
 
 
 def _bn_axis(m: nn.Module) -> int:
-    return int(getattr(m, "axis", 1)) if isinstance(m, _BatchNormBase) else 1
+    """The channel axis: ``axis`` of our layers (``FrozenBatchNorm`` included), 1 for torch.nn's
+    (whose subclasses may use the name ``axis`` for something else)."""
+    frozen_cls, _ = _frozen_tools()
+    ours = isinstance(m, _BatchNormBase) or (frozen_cls is not None and isinstance(m, frozen_cls))
+    return int(getattr(m, "axis", 1)) if ours else 1
 
 
 def _stores_biased(m: nn.Module) -> bool:
