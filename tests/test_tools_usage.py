@@ -169,3 +169,26 @@ def test_doctor_measures_a_channels_last_frozen_layer_along_its_axis(length: int
         assert [f.check for f in report.findings] == [], report
         gaps = batchnorm.stat_gaps(model, x, num_batches=8, mode="inference")
         assert gaps["1"].num_features == 6 and gaps["1"].mean_shift_max < 0.2
+
+
+def test_doctor_does_not_call_a_bias_before_a_frozen_layer_redundant() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(256, 4)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    batchnorm.recalibrate(net, x.split(32))
+    report = batchnorm.doctor(net.eval(), x, num_batches=4, batch_size=32)
+    assert [f.check for f in report.findings] == ["bias-before-bn"]  # the batch mean cancels it
+    # frozen, the layer subtracts its fixed running mean: the bias shifts the output and
+    # learns during fine-tuning; removing it, as the finding says, would change the model
+    frozen = nn.Sequential(
+        net[0], batchnorm.FrozenBatchNorm1d.from_batchnorm(net[1]), net[2], net[3]
+    ).train()
+    with torch.no_grad():
+        shifted = frozen(x)
+        net[0].bias.add_(1.0)
+        assert not torch.allclose(frozen(x), shifted)
+        net[0].bias.sub_(1.0)
+    batchnorm.freeze(net)
+    for model in (frozen, net.train()):
+        report = batchnorm.doctor(model, x, num_batches=4, batch_size=32)
+        assert report.by_check("bias-before-bn") == [], report

@@ -2047,9 +2047,10 @@ def _structural_findings(
                     ev,
                 )
             )
-        # a bias right before BN
+        # a bias right before BN (a frozen layer subtracts its fixed running mean, not the
+        # batch mean: the bias before it is not cancelled, it is the one shift that learns)
         p, _path = _producer(g, i)
-        if p is not None:
+        if p is not None and not _always_running(m):
             pn = g.nodes[p]
             pm = pn.module
             bias = getattr(pm, "bias", None) if pm is not None else None
