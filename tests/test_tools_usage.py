@@ -192,3 +192,25 @@ def test_doctor_does_not_call_a_bias_before_a_frozen_layer_redundant() -> None:
     for model in (frozen, net.train()):
         report = batchnorm.doctor(model, x, num_batches=4, batch_size=32)
         assert report.by_check("bias-before-bn") == [], report
+
+
+def test_doctor_on_a_frozen_model_fine_tuned_with_single_samples() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(256, 4) * 2 + 1
+    net = nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    batchnorm.recalibrate(net, x.split(32))
+    frozen = nn.Sequential(
+        net[0], batchnorm.FrozenBatchNorm1d.from_batchnorm(net[1]), net[2], net[3]
+    ).train()
+    batchnorm.freeze(net)
+    # batches of one sample are what freezing is for: nothing is non-finite, nothing is wrong
+    for model in (frozen, net.train()):
+        report = batchnorm.doctor(model, x, num_batches=16, batch_size=1)
+        assert [f.check for f in report.findings] == [], report
+        assert report.output_gap is not None and report.output_gap.relative_rms < 0.3
+    # and statistics that are off are still found with single samples, as with batches of 2
+    with torch.no_grad():
+        frozen[1].running_mean.add_(3.0)
+    for bs in (1, 2):
+        report = batchnorm.doctor(frozen, x, num_batches=16, batch_size=bs)
+        assert {f.check for f in report.errors} == {"train-eval-gap", "stale-running-stats"}

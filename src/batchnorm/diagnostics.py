@@ -576,7 +576,9 @@ class _Accumulator:
         count = flat.shape[1]
         mean = flat.mean(dim=1)
         var = flat.var(dim=1, unbiased=True) if count > 1 else torch.full_like(mean, math.nan)
-        if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+        # one value per channel has no variance (NaN here): not a non-finite input (a frozen
+        # layer normalizes a batch of 1 with its running statistics)
+        if not (torch.isfinite(mean).all() and (count < 2 or torch.isfinite(var).all())):
             self.nonfinite = True
         self.mean_sum = mean if self.mean_sum is None else self.mean_sum + mean
         self.var_sum = var if self.var_sum is None else self.var_sum + var
@@ -587,6 +589,19 @@ class _Accumulator:
         self.per_sample = count / n
         self.ndim = x.dim()
         self.batches += 1
+
+    def variance(self) -> Tensor | None:
+        """The mean of the unbiased batch variances; with one value per channel in a batch
+        (which has no variance: a frozen layer fed single samples), the unbiased variance of
+        those values across the batches; None with fewer than 2 such batches."""
+        if self.var_sum is None or self.mean_sum is None or self.mean_sq is None:
+            return None
+        b = self.batches
+        if self.count >= 2:
+            return self.var_sum / b
+        if b < 2:
+            return None
+        return (self.mean_sq / b - (self.mean_sum / b) ** 2).clamp_min(0) * b / (b - 1)
 
 
 def _probe_copy(model: nn.Module) -> nn.Module:
@@ -696,7 +711,8 @@ def _gap_from(
         return None
     nf = int(getattr(m, "num_features", acc.mean_sum.numel()))
     mean = acc.mean_sum / acc.batches
-    var = acc.var_sum / acc.batches
+    pooled = acc.variance()
+    var = acc.var_sum / acc.batches if pooled is None else pooled
     if _stores_biased(m) and acc.count > 1:
         var = var * (acc.count - 1) / acc.count  # compare like with like: Keras' biased σ²
     eps = float(getattr(m, "eps", 1e-5))
@@ -747,7 +763,7 @@ def _gap_from(
         raw_var = acc.var_sum / b
         spread_var = ((acc.var_sq / b - raw_var**2).clamp_min(0) * b / (b - 1)).sqrt()
         sd_mean = torch.maximum(sd_mean, spread_mean)
-        sd_var = torch.maximum(sd_var, spread_var)
+        sd_var = torch.fmax(sd_var, spread_var)  # no spread with one value per batch (NaN)
     mom = getattr(m, "momentum", None)
     ema = mom / (2.0 - mom) if isinstance(mom, float | int) and 0 < mom < 2 else 0.0
     factor = math.sqrt(1.0 / b + ema)
@@ -901,10 +917,12 @@ def _load_pooled(model: nn.Module, accs: Mapping[str, _Accumulator]) -> None:
         acc = accs.get(name)
         if acc is None or not acc.batches or acc.nonfinite or not _has_running(m):
             continue
-        assert acc.mean_sum is not None and acc.var_sum is not None
+        var = acc.variance()
+        if var is None:
+            continue
+        assert acc.mean_sum is not None
         mean = acc.mean_sum / acc.batches
-        var = acc.var_sum / acc.batches
-        if _stores_biased(m):
+        if _stores_biased(m) and acc.count > 1:
             var = var * (acc.count - 1) / acc.count
         rm, rv = m.running_mean, m.running_var
         assert isinstance(rm, Tensor) and isinstance(rv, Tensor)
