@@ -214,3 +214,17 @@ def test_doctor_on_a_frozen_model_fine_tuned_with_single_samples() -> None:
     for bs in (1, 2):
         report = batchnorm.doctor(frozen, x, num_batches=16, batch_size=bs)
         assert {f.check for f in report.errors} == {"train-eval-gap", "stale-running-stats"}
+
+
+def test_recalibrate_skips_a_batch_of_one_sample_with_num_samples_too() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()
+    x = torch.randn(30, 3, dtype=torch.float64)
+    # batches bucketed by length can hold one sample anywhere, not only at the end
+    data = [x[:1], x[1:9], x[9:10], x[10:30]]
+    assert batchnorm.recalibrate(net, data, num_samples=20) == 20
+    with torch.no_grad():
+        feats = net[0](torch.cat([x[1:9], x[10:22]]))
+    torch.testing.assert_close(net[1].running_mean, feats.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net[1].running_var, feats.var(0), rtol=1e-12, atol=1e-12)
+    assert batchnorm.recalibrate(net, data) == 28  # the same batches skipped without a limit

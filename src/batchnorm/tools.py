@@ -221,15 +221,15 @@ def _accumulate(
             device = next((p.device for p in model.parameters()), None)
             for x in _inputs(data):
                 n = size = _batch_size(x)
-                if num_samples is not None:
-                    n = min(n, num_samples - seen)
-                    if n < 2:  # a batch of one cannot be normalized with its own statistics
-                        break
-                    x = _first_samples(x, n, size)
-                elif n < 2:
+                if n < 2:
                     # e.g. a DataLoader's last batch of one sample: skipped, not a failure (a BN
                     # layer in train mode cannot normalize one sample of a 2-D input)
                     continue
+                if num_samples is not None:
+                    n = min(n, num_samples - seen)
+                    if n < 2:  # one sample left to take: too few to normalize on its own
+                        break
+                    x = _first_samples(x, n, size)
                 model(x if device is None else _map_tensors(x, lambda t: t.to(device)))
                 seen += n
                 if num_samples is not None and seen >= num_samples:
