@@ -228,3 +228,43 @@ def test_recalibrate_skips_a_batch_of_one_sample_with_num_samples_too() -> None:
     torch.testing.assert_close(net[1].running_mean, feats.mean(0), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(net[1].running_var, feats.var(0), rtol=1e-12, atol=1e-12)
     assert batchnorm.recalibrate(net, data) == 28  # the same batches skipped without a limit
+
+
+def test_recalibrate_takes_images_one_at_a_time() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        batchnorm.BatchNorm2d(4),
+    ).double()
+    images = torch.randn(6, 3, 10, 10, dtype=torch.float64)
+    # a DataLoader of batch size 1, as for segmentation or AdaBN on single test images: each
+    # layer gets 64 or 36 values per channel from one image
+    assert batchnorm.recalibrate(net, [(img[None], 0) for img in images]) == 6
+    with torch.no_grad():
+        first = net[0](images)
+        second = net[3](net[2](nn.functional.batch_norm(first, None, None, training=True)))
+    torch.testing.assert_close(net[1].running_mean, first.mean((0, 2, 3)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        net[1].running_var, first.transpose(0, 1).reshape(4, -1).var(1), rtol=1e-10, atol=1e-12
+    )
+    # the second layer's inputs come from the first one normalized per image (batch statistics
+    # of each batch, as in training)
+    per_image = torch.cat(
+        [
+            net[3](net[2](nn.functional.batch_norm(first[i : i + 1], None, None, training=True)))
+            for i in range(6)
+        ]
+    )
+    assert not torch.allclose(per_image, second)
+    torch.testing.assert_close(
+        net[4].running_mean, per_image.mean((0, 2, 3)), rtol=1e-10, atol=1e-12
+    )
+    assert batchnorm.recalibrate(net, [img[None] for img in images], num_samples=4) == 4
+    # feature vectors one at a time still cannot be normalized: skipped, then no batch at all
+    vec = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match="no batch"):
+        batchnorm.recalibrate(vec, [torch.randn(1, 3) for _ in range(4)])
+    assert batchnorm.recalibrate(vec, [torch.randn(1, 3), torch.randn(5, 3)]) == 5

@@ -177,8 +177,8 @@ def _check_headers(gathered: Tensor, ex: _Exchange, rank: int) -> None:
         raise SyncBatchNormError(
             f"{ex.layer} on rank {rank}: the ranks are not at the same synchronized layer: {rows}. "
             "recalibrate(distributed=True) runs the model's synchronized layers once per batch, "
-            "so every rank must pass the same number of batches (of at least 2 samples, after "
-            "num_samples); give every rank an equal share of the data, or convert the "
+            "so every rank must pass the same number of batches (after num_samples); give "
+            "every rank an equal share of the data, or convert the "
             "synchronized layers to plain BN for the recalibration pass."
         )
     raise SyncBatchNormError(

@@ -200,12 +200,14 @@ def _accumulate(
     warned = {m: getattr(m, "_warned_small", None) for m in layers.values()}
     handles = []
 
+    pending: dict[str, Moments] = {}  # the current batch's, merged once its forward succeeds
+
     def hook_for(name: str, layer: nn.Module) -> Any:
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = args[0]
             mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
             new = Moments.of(x, _axis(layer), mask)
-            moments[name] = merge_moments(moments[name], new) if name in moments else new
+            pending[name] = merge_moments(pending[name], new) if name in pending else new
 
         return hook
 
@@ -221,23 +223,30 @@ def _accumulate(
             device = next((p.device for p in model.parameters()), None)
             for x in _inputs(data):
                 n = size = _batch_size(x)
-                if n < 2:
-                    # e.g. a DataLoader's last batch of one sample: skipped, not a failure (a BN
-                    # layer in train mode cannot normalize one sample of a 2-D input)
-                    continue
                 if num_samples is not None:
                     n = min(n, num_samples - seen)
-                    if n < 2:  # one sample left to take: too few to normalize on its own
-                        break
                     x = _first_samples(x, n, size)
-                model(x if device is None else _map_tensors(x, lambda t: t.to(device)))
+                pending.clear()
+                try:
+                    model(x if device is None else _map_tensors(x, lambda t: t.to(device)))
+                except ValueError as e:
+                    # one sample gives a layer one value per channel (a feature vector, unlike
+                    # an image) in train mode: skipped, e.g. a DataLoader's last batch of one
+                    if n != 1 or "value per channel" not in str(e):
+                        raise
+                    if size == 1:
+                        continue
+                    break  # the one sample left to take under num_samples
+                for name, new in pending.items():
+                    moments[name] = merge_moments(moments[name], new) if name in moments else new
                 seen += n
                 if num_samples is not None and seen >= num_samples:
                     break
             if seen == 0 and require_data:
                 raise ValueError(
-                    "recalibrate: the data yielded no batch (of at least 2 samples); pass a "
-                    "DataLoader or iterable of tensors or (x, y) tuples"
+                    "recalibrate: the data yielded no batch (that the layers can normalize: "
+                    "2 or more samples, or one sample with 2 or more values per channel, such "
+                    "as an image); pass a DataLoader or iterable of tensors or (x, y) tuples"
                 )
         finally:
             for h in handles:
@@ -319,8 +328,10 @@ def recalibrate(
             with one of the keys :data:`batchnorm.diagnostics.INPUT_KEYS` (``"input"``, ``"x"``, ``"image"``, …),
             as :func:`batchnorm.doctor` takes them (labels are not used: AdaBN needs none).
             The input may be a tuple or dict of tensors (a model of several inputs), the batch
-            along dimension 0 of its first tensor. A batch of one sample (a DataLoader's
-            uneven last batch) is skipped.
+            along dimension 0 of its first tensor. A batch of one sample counts when the
+            layers can normalize it (an image: its pixels) and is skipped when a layer gets one
+            value per channel from it (a feature vector, e.g. a DataLoader's uneven last
+            batch).
         num_samples: use only the first ``num_samples`` samples (the last batch is cut).
         distributed: merge the moments of all ``torch.distributed`` ranks exactly (each rank
             passes its own shard of the data) before writing the statistics. A rank whose shard
