@@ -730,3 +730,40 @@ def test_torch_converter_skips_our_layers_which_ours_converts() -> None:
     assert type(by_torch[1]) is torch.nn.SyncBatchNorm
     by_us = batchnorm.convert_sync_batchnorm(net)
     assert all(type(m) is batchnorm.SyncBatchNorm for m in by_us)
+
+
+def _doctor_on_rank_zero(rank: int, world: int, out: Path) -> None:
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(
+        torch.nn.Linear(3, 4, bias=False), torch.nn.BatchNorm1d(4), torch.nn.ReLU()
+    )
+    ours = batchnorm.convert_sync_batchnorm(copy.deepcopy(body), timeout=5.0)
+    theirs = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(body))
+    if rank == 0:
+        x = torch.randn(128, 3)
+        found = []
+        for model in (ours.eval(), theirs.eval()):
+            start = time.monotonic()
+            report = batchnorm.doctor(model, x, num_batches=4, batch_size=32)
+            found.append(
+                ([(f.check, f.severity) for f in report.findings], time.monotonic() - start)
+            )
+        _save(out / "doctor.pt", found)
+    else:  # the other rank takes part in nothing: it waits for rank 0's report
+        end = time.monotonic() + 60
+        while not (out / "doctor.pt").exists() and time.monotonic() < end:
+            time.sleep(0.1)
+
+
+@pytest.mark.timeout(120)
+def test_doctor_on_one_rank_of_a_synchronized_model_does_not_wait_for_the_others(
+    tmp_path: Path,
+) -> None:
+    # diagnostics usually run on rank 0 alone: the doctor's probes normalize with the local
+    # batch instead of waiting at every synchronized layer for ranks that never come
+    launch(_doctor_on_rank_zero, 2, tmp_path)
+    found = torch.load(tmp_path / "doctor.pt", weights_only=False)
+    for checks, seconds in found:
+        assert ("forward-failed", "error") not in checks, checks
+        assert ("initial-running-stats", "error") in checks, checks
+        assert seconds < 4.0

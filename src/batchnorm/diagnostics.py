@@ -619,13 +619,34 @@ def _probe_copy(model: nn.Module) -> nn.Module:
             "(model(batch)) to initialize them, then run the doctor"
         )
     try:
-        return copy.deepcopy(model)
+        probe = copy.deepcopy(model)
     except Exception as e:  # noqa: BLE001 — any failure means we cannot probe safely
         raise TypeError(
             f"doctor: the model ({type(model).__name__}) cannot be deep-copied ({e}); the doctor "
             "probes a copy so the model itself is never changed. Pass a copyable model (e.g. "
             "rebuild it and load_state_dict) or remove non-copyable attributes."
         ) from e
+    _unsynchronized(probe)
+    return probe
+
+
+class _LocalTorchSyncBatchNorm(nn.SyncBatchNorm):
+    """torch.nn.SyncBatchNorm computing plain BN on the local batch (the base class's forward)."""
+
+    forward = nn.modules.batchnorm._BatchNorm.forward
+
+
+def _unsynchronized(probe: nn.Module) -> None:
+    """Make the synchronized BN layers of a probe copy normalize with the local batch: the
+    doctor runs on one process (often rank 0 alone), where a synchronized layer in train mode
+    would wait for the other ranks until the process group's timeout."""
+    from batchnorm.sync import SyncBatchNorm
+
+    for m in probe.modules():
+        if type(m) is nn.SyncBatchNorm:
+            m.__class__ = _LocalTorchSyncBatchNorm
+        elif isinstance(m, SyncBatchNorm):
+            m._local_only = True
 
 
 def _set_modes(model: nn.Module, how: Literal["train", "eval", "inference"]) -> None:

@@ -446,8 +446,12 @@ class SyncBatchNorm(_BatchNormBase):
         base = super().layer_name()
         return f"{base} '{self.name}'" if self.name else base
 
+    # True: training normalizes with this rank's batch alone, without communication (the
+    # doctor's probe copies, so that one rank can be checked on its own without a hang)
+    _local_only = False
+
     def _syncing(self) -> bool:
-        return self.training and _world(self.process_group)[0] > 1
+        return self.training and not self._local_only and _world(self.process_group)[0] > 1
 
     def _check_small(self, input: Tensor, mask: Tensor | None) -> int:
         # a rank's slice may be tiny or empty: only the count over all ranks matters, and it is
