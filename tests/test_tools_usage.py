@@ -263,8 +263,16 @@ def test_recalibrate_takes_images_one_at_a_time() -> None:
         net[4].running_mean, per_image.mean((0, 2, 3)), rtol=1e-10, atol=1e-12
     )
     assert batchnorm.recalibrate(net, [img[None] for img in images], num_samples=4) == 4
+    assert batchnorm.recalibrate(net, [images[:3]], num_samples=1) == 1  # one image suffices
+    with torch.no_grad():
+        one = net[0](images[:1])
+    torch.testing.assert_close(net[1].running_mean, one.mean((0, 2, 3)), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"num_samples must be >= 1.*got 0"):
+        batchnorm.recalibrate(net, [images], num_samples=0)
     # feature vectors one at a time still cannot be normalized: skipped, then no batch at all
     vec = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     with pytest.raises(ValueError, match="no batch"):
         batchnorm.recalibrate(vec, [torch.randn(1, 3) for _ in range(4)])
     assert batchnorm.recalibrate(vec, [torch.randn(1, 3), torch.randn(5, 3)]) == 5
+    with pytest.raises(ValueError, match="no batch"):
+        batchnorm.recalibrate(vec, [torch.randn(4, 3)], num_samples=1)

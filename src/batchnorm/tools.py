@@ -180,8 +180,11 @@ def accumulate_moments(
 def _accumulate(
     model: nn.Module, data: Iterable[Any], num_samples: int | None, require_data: bool = True
 ) -> tuple[dict[str, Moments], int]:
-    if num_samples is not None and num_samples < 2:
-        raise ValueError(f"recalibrate: num_samples must be >= 2, got {num_samples}")
+    if num_samples is not None and num_samples < 1:
+        raise ValueError(
+            f"recalibrate: num_samples must be >= 1 (one image gives its pixels), got "
+            f"{num_samples}; pass None to use all the data"
+        )
     layers = _recalibrated_layers(model)
     moments: dict[str, Moments] = {}
     seen = 0
