@@ -732,6 +732,49 @@ def test_torch_converter_skips_our_layers_which_ours_converts() -> None:
     assert all(type(m) is batchnorm.SyncBatchNorm for m in by_us)
 
 
+def test_convert_model_takes_synchronized_layers_both_ways() -> None:
+    """convert_model swaps torch.nn.SyncBatchNorm and ours like the other classes: state,
+    mode, process group and options kept (torch's layer was left in place, ours refused)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.BatchNorm2d(4)
+    )
+    for _ in range(2):
+        net(torch.randn(4, 3, 6, 6))
+    group = object()  # what the layers hold as their group (nothing communicates here)
+    theirs = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(net), group)
+    theirs[3].eval()
+    states = {i: copy.deepcopy(theirs[i].state_dict()) for i in (1, 3)}
+    ours = batchnorm.convert_model(theirs)  # in place: the group object is kept, not copied
+    for i in (1, 3):
+        layer = ours[i]
+        assert type(layer) is batchnorm.SyncBatchNorm and layer.process_group is group
+        assert layer.name == str(i) and layer.sync_width == 4
+        assert layer.training == (i == 1)
+        for key, value in states[i].items():
+            assert torch.equal(layer.state_dict()[key], value), key
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():  # eval mode, no process group needed: one function
+        torch.testing.assert_close(ours.eval()(x), net.eval()(x))
+    ours[1].train()
+    back = batchnorm.convert_model(ours, to="torch")
+    for i in (1, 3):
+        assert type(back[i]) is torch.nn.SyncBatchNorm and back[i].process_group is group
+        assert back[i].training == (i == 1)
+        for key, value in states[i].items():
+            assert torch.equal(back[i].state_dict()[key], value), key
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(x), net(x))
+    # a per-layer timeout has no place in torch's layer: dropped with a warning saying so
+    timed = batchnorm.convert_sync_batchnorm(copy.deepcopy(net), timeout=30.0)
+    with pytest.warns(UserWarning, match="no per-layer timeout, so timeout=30.0 is dropped"):
+        batchnorm.convert_model(timed, to="torch")
+    # what torch.nn.SyncBatchNorm cannot express is still refused by name
+    odd = torch.nn.Sequential(batchnorm.SyncBatchNorm(4, axis=-1))
+    with pytest.raises(ValueError, match=r"layer '0' .*axis=-1"):
+        batchnorm.convert_model(odd, to="torch")
+
+
 def _doctor_on_rank_zero(rank: int, world: int, out: Path) -> None:
     torch.manual_seed(0)
     body = torch.nn.Sequential(

@@ -1,9 +1,9 @@
 """Conversion between ``torch.nn``'s batch-norm layers and ours (and, in :mod:`batchnorm.keras`
 users' terms, between conventions).
 
-``convert_model(model)`` swaps every ``torch.nn.BatchNorm1d/2d/3d`` for ours, keeping its state
-(parameters, running statistics, ``num_batches_tracked``), its mode (train/eval) and its device
-and dtype; ``convert_model(model, to="torch")`` swaps back.
+``convert_model(model)`` swaps every ``torch.nn.BatchNorm1d/2d/3d`` (and ``SyncBatchNorm``) for
+ours, keeping its state (parameters, running statistics, ``num_batches_tracked``), its mode
+(train/eval) and its device and dtype; ``convert_model(model, to="torch")`` swaps back.
 
 ``keras_to_torch(keras_model, torch_module)`` and ``torch_to_keras(torch_module, keras_model)``
 move batch-norm state between Keras and PyTorch, translating momentum, ε and the biased/unbiased
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -60,11 +61,19 @@ _TORCH_BY_RANK: dict[int, type[nn.modules.batchnorm._BatchNorm]] = {
 }
 
 
+def _our_sync(m: nn.Module) -> bool:
+    """``m`` is our :class:`~batchnorm.sync.SyncBatchNorm` itself (not a subclass)."""
+    from batchnorm.sync import SyncBatchNorm  # sync imports this module
+
+    return type(m) is SyncBatchNorm
+
+
 def _torch_class_for(
     m: _BatchNormBase, name: str, rank: int | None
 ) -> type[nn.modules.batchnorm._BatchNorm]:
     if type(m) in _TO_TORCH:
         return _TO_TORCH[type(m)]
+    sync = _our_sync(m)
     problems = []
     if m.axis != 1:
         problems.append(f"axis={m.axis} (torch.nn normalizes axis 1)")
@@ -74,7 +83,7 @@ def _torch_class_for(
         problems.append("γ without β (this torch version has no bias=False)")
     if not m.unbiased_running_var:
         problems.append("a biased running variance (torch.nn stores the unbiased one)")
-    if type(m) is not BatchNorm:
+    if type(m) is not BatchNorm and not sync:
         problems.append(f"{type(m).__name__} has no torch.nn counterpart")
     if problems:
         raise ValueError(
@@ -82,6 +91,8 @@ def _torch_class_for(
             + "; ".join(problems)
             + ". Keep our layer for it, or rebuild it with BatchNorm1d/2d/3d."
         )
+    if sync:  # torch.nn.SyncBatchNorm takes any rank
+        return nn.SyncBatchNorm
     if rank not in _TORCH_BY_RANK:
         # torch.nn's classes check the input's rank: the wrong one fails at the next forward
         seen = "example_input did not reach it" if rank is None else f"it saw {rank}-D input"
@@ -117,7 +128,15 @@ def _dtype(m: nn.Module) -> Any:
     return None
 
 
-def _convert_one(m: nn.Module, to: str, name: str, ranks: dict[str, int]) -> nn.Module | None:
+def _convert_one(
+    m: nn.Module, to: str, name: str, ranks: dict[str, int], width: int
+) -> nn.Module | None:
+    if to == "ours" and type(m) is nn.SyncBatchNorm:
+        from batchnorm.sync import _to_sync
+
+        # as convert_sync_batchnorm converts it: its process group, the layer's name and the
+        # model's message width
+        return _to_sync(m, name, None, None, width)
     if to == "ours" and type(m) in _TO_OURS:
         assert isinstance(m, nn.modules.batchnorm._BatchNorm)
         new: nn.Module = _TO_OURS[type(m)](
@@ -132,6 +151,17 @@ def _convert_one(m: nn.Module, to: str, name: str, ranks: dict[str, int]) -> nn.
         return _copy_state(m, new)
     if to == "torch" and isinstance(m, _BatchNormBase):
         cls = _torch_class_for(m, name, ranks.get(name))
+        group: dict[str, Any] = {}
+        if cls is nn.SyncBatchNorm:
+            group["process_group"] = getattr(m, "process_group", None)
+            if getattr(m, "timeout", None) is not None:
+                warnings.warn(
+                    f"convert_model: layer {name!r} ({m.layer_name()}): torch.nn.SyncBatchNorm "
+                    f"has no per-layer timeout, so timeout={m.timeout} is dropped (the process "
+                    "group's timeout applies: init_process_group(timeout=...))",
+                    UserWarning,
+                    stacklevel=3,
+                )
         new = cls(
             m.num_features,
             eps=m.eps,
@@ -139,6 +169,7 @@ def _convert_one(m: nn.Module, to: str, name: str, ranks: dict[str, int]) -> nn.
             affine=m.scale,
             track_running_stats=m.track_running_stats,
             dtype=_dtype(m),
+            **group,
             **_bias_kwarg(m.scale, m.center),
         )
         return _copy_state(m, new)
@@ -150,6 +181,11 @@ def convert_model(
 ) -> nn.Module:
     """Replace every batch-norm layer of ``model`` in place with the other implementation and
     return the model (a bare batch-norm layer is returned converted).
+
+    ``torch.nn.SyncBatchNorm`` and our :class:`~batchnorm.SyncBatchNorm` swap too, keeping the
+    process group (ours gets the layer's name and the message width that
+    :func:`~batchnorm.convert_sync_batchnorm` gives; torch's has no per-layer timeout, so a
+    timeout set on ours is dropped with a warning).
 
     Our generic :class:`~batchnorm.BatchNorm` (channel axis 1) takes any input rank, each
     ``torch.nn`` class one: converting it ``to="torch"`` needs ``example_input``, a batch the
@@ -171,7 +207,13 @@ def convert_model(
             from batchnorm.tools import _record_ranks
 
             ranks = _record_ranks(model, example_input, lambda m: type(m) is BatchNorm)
-    top = _convert_one(model, to, "", ranks)
+    # the message width of synchronized layers converted to ours, as convert_sync_batchnorm
+    # gives it: the largest channel count among the model's synchronized layers
+    width = max(
+        (int(m.num_features) for m in model.modules() if type(m) is nn.SyncBatchNorm),  # type: ignore[arg-type]
+        default=0,
+    )
+    top = _convert_one(model, to, "", ranks, width)
     if top is not None:
         return top
     done: dict[int, nn.Module | None] = {}  # a layer registered twice is converted once
@@ -182,7 +224,7 @@ def convert_model(
                 continue
             if id(c) not in done:
                 full = f"{name}.{cname}" if name else cname
-                done[id(c)] = _convert_one(c, to, full, ranks)
+                done[id(c)] = _convert_one(c, to, full, ranks, width)
             new = done[id(c)]
             if new is not None:
                 setattr(child, cname, new)
