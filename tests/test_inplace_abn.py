@@ -131,6 +131,28 @@ def test_errors_name_the_layer() -> None:
         layer(torch.randn(8, 4))
 
 
+def test_zero_gamma_without_a_graph_is_an_ordinary_forward() -> None:
+    """Only backward divides by γ: under no_grad (recalibration, the doctor's probes) a zero γ
+    normalizes as BatchNorm followed by the activation does, running statistics included."""
+    torch.manual_seed(0)
+    layer = batchnorm.InPlaceABN(4, activation="leaky_relu", activation_param=0.1)
+    ref = batchnorm.BatchNorm1d(4)
+    with torch.no_grad():
+        for m in (layer, ref):
+            m.weight.copy_(torch.tensor([1.0, 0.5, 0.0, 2.0]))
+            m.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    x = torch.randn(16, 4) * 3 + 1
+    with torch.no_grad():
+        y = layer(x)
+        want = torch.nn.functional.leaky_relu(ref(x), 0.1)
+    torch.testing.assert_close(y, want)
+    assert torch.allclose(y[:, 2], torch.full((16,), 0.3))  # act(β) where γ = 0
+    torch.testing.assert_close(layer.running_mean, ref.running_mean)
+    torch.testing.assert_close(layer.running_var, ref.running_var)
+    with pytest.raises(batchnorm.BatchNormInputError, match="γ is 0"):  # a graph: refused
+        layer(x)
+
+
 def _elu_grads(x: torch.Tensor, dy: torch.Tensor, beta: float = 0.0):  # type: ignore[no-untyped-def]
     """(InPlaceABN in x's dtype, BatchNorm + nn.ELU by autograd in float64): (dx, dγ, dβ) each."""
     out = []

@@ -156,7 +156,8 @@ class InPlaceABN(BatchNorm):
     ``activation_param``, > 0) or the identity. Outputs and gradients equal ``BatchNorm`` followed
     by the activation; the memory held for backward drops from BN's input + the activation's
     input to the output alone, which the next layer saves anyway (see
-    :func:`saved_tensor_bytes`). Because backward divides by γ, every γ must be non-zero; a
+    :func:`saved_tensor_bytes`). Because backward divides by γ, every γ must be non-zero when
+    a graph is recorded (without one, under ``no_grad``, γ = 0 is accepted); a
     saturated ELU (y = −α exactly) or |γ| < √ε·|β| makes some gradients approximate, with an
     :class:`InPlaceABNPrecisionWarning` (see the module docstring for the exact limits).
     ``small_batch="skip"`` gives act(β).
@@ -253,14 +254,20 @@ class InPlaceABN(BatchNorm):
                 f"{self.layer_name()}: masks are not supported by in-place activated BN; use "
                 "batchnorm.BatchNorm with forward(x, mask=...) followed by the activation"
             )
-        if self.weight is not None and bool((self.weight == 0).any()):
+        # backward divides by γ; without a graph (no_grad: recalibration, probes, evaluation
+        # in train mode) nothing does, and γ = 0 is an ordinary forward
+        graph = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, self.weight, self.bias)
+        )
+        if graph and self.weight is not None and bool((self.weight == 0).any()):
             zero = torch.nonzero(self.weight == 0).flatten().tolist()
             raise BatchNormInputError(
                 f"{self.layer_name()}: γ is 0 in channel(s) {zero[:10]}; in-place activated BN "
                 "recovers x̂ = (z − β)/γ in backward, so γ must be non-zero. Re-initialize those "
                 "channels or use BatchNorm followed by the activation."
             )
-        self._check_small_gamma(input.dtype)
+        if graph:
+            self._check_small_gamma(input.dtype)
         ax = self.axis % input.dim()
         count = F._check_count(input, ax, self.layer_name())
         xc, restore = F.canonical_layout(input, ax)
