@@ -27,7 +27,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar, Union
 
-__all__ = ["BaseConfig", "ConfigError", "make_config", "config_to_dict", "parse_value"]
+__all__ = [
+    "BaseConfig",
+    "ConfigError",
+    "make_config",
+    "config_to_dict",
+    "parse_value",
+    "check_positive",
+    "check_non_negative",
+    "check_fraction",
+    "check_widths",
+]
 
 
 class ConfigError(ValueError):
@@ -78,6 +88,42 @@ class BaseConfig:
 
 
 C = TypeVar("C", bound=BaseConfig)
+
+
+# Range checks for ``validate``: a value out of range must stop the run before it starts, as one
+# line naming the field, not as a traceback from torch (an optimizer, a layer) minutes into it.
+
+
+def check_positive(**values: float) -> None:
+    """Each value finite and > 0 (learning rates, scales)."""
+    for k, v in values.items():
+        if not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"{k} must be positive and finite, got {v}")
+
+
+def check_non_negative(**values: float) -> None:
+    """Each value finite and >= 0 (SGD momentum, weight decay, decay factors)."""
+    for k, v in values.items():
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"{k} must be >= 0 and finite, got {v}")
+
+
+def check_fraction(**values: float) -> None:
+    """Each value in [0, 1] (a BN layer's momentum: the weight of the new batch)."""
+    for k, v in values.items():
+        if not 0 <= v <= 1:
+            raise ConfigError(f"{k} must be in [0, 1], got {v}")
+
+
+def check_widths(**values: tuple[int, ...]) -> None:
+    """Each a non-empty list of layer widths (channels, units), all >= 1."""
+    for k, v in values.items():
+        if not v or min(v) < 1:
+            raise ConfigError(
+                f"{k} must list at least one layer width, each >= 1 (e.g. --set {k}=8,16), got "
+                f"{','.join(map(str, v)) or 'nothing'}"
+            )
+
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}

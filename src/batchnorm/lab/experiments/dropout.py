@@ -57,7 +57,13 @@ from torch import Tensor, nn
 from batchnorm.analysis import bn_statistics_mismatch
 from batchnorm.diagnostics import before_after
 from batchnorm.lab import models, train
-from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.config import (
+    BaseConfig,
+    ConfigError,
+    check_non_negative,
+    check_positive,
+    check_widths,
+)
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     RANK_RULE,
@@ -116,6 +122,13 @@ class DropoutConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_widths(hidden=self.hidden)
+        check_positive(lr=self.lr)
+        check_non_negative(momentum=self.momentum)
+        if self.n_train_eval < 0:
+            raise ConfigError(
+                f"n_train_eval must be >= 0 (0 = all training examples), got {self.n_train_eval}"
+            )
         check_bn1d_batch(self.batch_size)
         if min(self.steps, self.eval_every, self.final_window) < 1:
             raise ConfigError("steps, eval_every and final_window must be >= 1")

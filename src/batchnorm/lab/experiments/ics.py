@@ -36,7 +36,11 @@ from torch.nn import functional as F
 
 from batchnorm.analysis import internal_covariate_shift
 from batchnorm.lab import train
-from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.config import (
+    BaseConfig,
+    ConfigError,
+    check_widths,
+)
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     RANK_RULE,
@@ -92,6 +96,12 @@ class ICSConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_widths(widths=self.widths)
+        if self.dln_samples < self.batch_size:
+            raise ConfigError(
+                f"dln_samples={self.dln_samples} is fewer than batch_size={self.batch_size}: not "
+                "one batch for the deep linear network to train on"
+            )
         check_bn1d_batch(self.batch_size)
         if min(self.steps, self.dln_steps, self.probe_every, self.eval_every) < 1:
             raise ConfigError("steps, dln_steps, probe_every and eval_every must be >= 1")

@@ -31,7 +31,13 @@ from typing import Any
 import numpy as np
 
 from batchnorm.lab import models, train
-from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.config import (
+    BaseConfig,
+    ConfigError,
+    check_non_negative,
+    check_positive,
+    check_widths,
+)
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     arm_rows,
@@ -77,6 +83,9 @@ class InitializationConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_widths(hidden=self.hidden)
+        check_positive(lr=self.lr)
+        check_non_negative(momentum=self.momentum)
         check_bn1d_batch(self.batch_size)
         if min(self.steps, self.eval_every, self.final_window) < 1:
             raise ConfigError("steps, eval_every and final_window must be >= 1")

@@ -52,7 +52,12 @@ from typing import Any
 import numpy as np
 
 from batchnorm.lab import models, train
-from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.config import (
+    BaseConfig,
+    ConfigError,
+    check_non_negative,
+    check_widths,
+)
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     FASTER_RULE,
@@ -118,6 +123,15 @@ class LearningRateConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_widths(channels=self.channels)
+        check_non_negative(
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            halvings=self.halvings,
+            fast_decay=self.fast_decay,
+        )
+        if not 0 < self.val_fraction < 1:  # also refuses nan
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if min(self.steps, self.sweep_steps, self.eval_every, self.batch_size) < 1:
             raise ConfigError("steps, sweep_steps, eval_every and batch_size must be >= 1")
         if not self.sweep_lrs or min(self.sweep_lrs) <= 0:

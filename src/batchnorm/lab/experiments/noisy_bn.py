@@ -40,7 +40,13 @@ import torch
 
 from batchnorm.analysis import activation_statistics, distribution_drift
 from batchnorm.lab import train
-from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.config import (
+    BaseConfig,
+    ConfigError,
+    check_non_negative,
+    check_positive,
+    check_widths,
+)
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     RANK_RULE,
@@ -102,6 +108,11 @@ class NoisyBNConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_widths(widths=self.widths)
+        check_positive(lr=self.lr)
+        check_non_negative(momentum=self.momentum)
+        if self.final_window < 1:
+            raise ConfigError(f"final_window must be >= 1, got {self.final_window}")
         check_bn1d_batch(self.batch_size)
         if min(self.steps, self.eval_every, self.probe_every, self.probe_size) < 1:
             raise ConfigError("steps, eval_every, probe_every and probe_size must be >= 1")

@@ -48,7 +48,13 @@ from torch import Tensor, nn
 
 from batchnorm.diagnostics import before_after
 from batchnorm.lab import models, train
-from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.config import (
+    BaseConfig,
+    ConfigError,
+    check_fraction,
+    check_non_negative,
+    check_widths,
+)
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     arm_rows,
@@ -103,6 +109,9 @@ class RecalibrationConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_widths(channels=self.channels)
+        check_non_negative(momentum=self.momentum)
+        check_fraction(bn_momentum=self.bn_momentum)
         if min(self.steps, self.eval_every, self.batch_size) < 1 or self.batch_size < 2:
             raise ConfigError("steps and eval_every must be >= 1 and batch_size >= 2")
         if len(set(self.lrs)) < 2 or any(lr <= 0 for lr in self.lrs):

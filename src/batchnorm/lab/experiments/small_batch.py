@@ -65,7 +65,14 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm.lab import train
-from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.config import (
+    BaseConfig,
+    ConfigError,
+    check_fraction,
+    check_non_negative,
+    check_positive,
+    check_widths,
+)
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     RANK_RULE,
@@ -133,6 +140,24 @@ class SmallBatchConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_widths(channels=self.channels)
+        check_positive(lr=self.lr)
+        check_non_negative(momentum=self.momentum, renorm_d_max=self.renorm_d_max)
+        check_fraction(bn_momentum=self.bn_momentum)
+        if not (math.isfinite(self.renorm_r_max) and self.renorm_r_max >= 1):
+            raise ConfigError(
+                f"renorm_r_max must be >= 1 (1: no scale correction), got {self.renorm_r_max}"
+            )
+        if self.gn_groups < 1:
+            raise ConfigError(f"gn_groups must be >= 1, got {self.gn_groups}")
+        # GroupNorm splits each layer's channels into min(gn_groups, width) equal groups
+        widths = [*self.channels, *([self.hidden] if self.hidden > 0 else [])]
+        uneven = [w for w in widths if w % min(self.gn_groups, w)]
+        if uneven:
+            raise ConfigError(
+                f"gn_groups={self.gn_groups} does not divide the widths {uneven} (channels, "
+                "hidden) into equal groups; choose a divisor of every width"
+            )
         if min(self.steps, self.eval_every, self.final_window, self.batch_size) < 1:
             raise ConfigError("steps, eval_every, final_window and batch_size must be >= 1")
         bad = [g for g in self.group_sizes if g < 1 or self.batch_size % g]

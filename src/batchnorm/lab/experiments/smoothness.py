@@ -34,7 +34,11 @@ from torch.nn import functional as F
 
 from batchnorm.analysis import loss_landscape
 from batchnorm.lab import train
-from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.config import (
+    BaseConfig,
+    ConfigError,
+    check_widths,
+)
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     RANK_RULE,
@@ -85,6 +89,7 @@ class SmoothnessConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_widths(widths=self.widths)
         check_bn1d_batch(self.batch_size)
         if min(self.steps, self.probe_every, self.eval_every) < 1:
             raise ConfigError("steps, probe_every and eval_every must be >= 1")

@@ -55,7 +55,12 @@ from typing import Any
 
 import numpy as np
 
-from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.config import (
+    BaseConfig,
+    ConfigError,
+    check_non_negative,
+    check_widths,
+)
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     RANK_RULE,
@@ -107,6 +112,13 @@ class SyncBNConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_widths(channels=self.channels, hidden=self.hidden)
+        check_non_negative(momentum=self.momentum)
+        if self.n_train < 0 or self.n_eval < 0:
+            raise ConfigError(
+                f"n_train and n_eval must be >= 0 (0 = all examples), got {self.n_train}, "
+                f"{self.n_eval}"
+            )
         if self.world < 2:
             raise ConfigError(f"world must be >= 2 replicas, got {self.world}")
         if not self.per_replica_batches or min(self.per_replica_batches) < 1:
