@@ -2,13 +2,61 @@
 folders and failed downloads — one line naming what was wrong and the remedy, no traceback,
 no half-written files."""
 
+import json
 import re
+from dataclasses import dataclass
 
 import pytest
 
 from batchnorm.cli import main as cli_main
-from batchnorm.lab import registry
-from batchnorm.lab.config import ConfigError, make_config
+from batchnorm.lab import registry, results
+from batchnorm.lab.config import BaseConfig, ConfigError, make_config
+from batchnorm.lab.results import Claim, DamagedRunFile, Results, RunContext, RunDir
+
+# --------------------------------------------------------------------------------------------
+# a toy experiment: parts, metrics rows, a series and a figure read from them
+
+
+@dataclass
+class UsageToyConfig(BaseConfig):
+    steps: int = 3
+
+
+CALLS = {"n": 0}
+
+
+def _toy_run(cfg: UsageToyConfig, ctx: RunContext) -> Results:
+    ds = ctx.load_dataset("synthetic")
+
+    def one(seed: int) -> dict:
+        CALLS["n"] += 1
+        return {"acc": [0.1 * (seed + 1) * s for s in range(cfg.steps)]}
+
+    rows = []
+    finals = []
+    for seed in cfg.seed_list():
+        part = ctx.cached(f"seed{seed}", lambda seed=seed: one(seed))
+        rows += [{"arm": "a", "seed": seed, "step": s, "acc": a} for s, a in enumerate(part["acc"])]
+        finals.append(part["acc"][-1])
+    m = results.mean_std(finals)
+    claim = Claim("toy", "toy claim", m["mean"] > 0.1, {"acc": m})
+    return Results(
+        rows, {"dataset": ds.info(), "claims": [claim]}, {"curve": [r["acc"] for r in rows]}
+    )
+
+
+def _toy_figures(run, out):
+    assert run.series["curve"] == [r["acc"] for r in run.rows]  # reads what was saved
+    return []
+
+
+@pytest.fixture
+def toy():
+    registry.register("usage-toy", config=UsageToyConfig, figures=_toy_figures)(_toy_run)
+    CALLS["n"] = 0
+    yield "usage-toy"
+    registry._REGISTRY.pop("usage-toy", None)
+
 
 # settings that used to pass validation and then failed inside torch (an optimizer, a layer)
 # with a traceback, or were silently misread (a negative count slicing off the end)
@@ -77,3 +125,64 @@ def test_default_and_quick_configs_of_every_experiment_are_valid():
     for exp in registry.all_experiments():
         make_config(exp.config_cls)
         make_config(exp.config_cls, quick=True)
+
+
+# --------------------------------------------------------------------------------------------
+# a finished run whose files were damaged afterwards
+
+
+def _cut_mid_line(text: str) -> str:
+    return text[: text.rindex("\n", 0, len(text) - 1) + 5]
+
+
+def _drop_last_row(text: str) -> str:
+    return "".join(text.splitlines(keepends=True)[:-1])
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("metrics.csv", _cut_mid_line),
+        ("metrics.csv", _drop_last_row),  # still valid CSV: only the digest tells
+        ("metrics.csv", None),  # deleted
+        ("series.json", lambda t: t[: len(t) // 2]),
+        ("series.json", lambda t: t.replace("0.", "9.", 1)),
+    ],
+)
+def test_a_finished_run_with_a_damaged_file_is_rebuilt_from_its_parts(
+    toy, tmp_path, capsys, name, damage
+):
+    out = tmp_path / "run"
+    args = ["lab", "run", toy, "--seeds", "2", "--out", str(out)]
+    assert cli_main(args) == 0
+    good = {n: (out / n).read_bytes() for n in ("metrics.csv", "series.json", "summary.json")}
+    assert CALLS["n"] == 2
+    if damage is None:
+        (out / name).unlink()
+    else:
+        (out / name).write_text(damage((out / name).read_text()))
+    assert not RunDir(out).complete
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    std = capsys.readouterr()
+    assert "Traceback" not in std.err
+    assert f"{name} is" in std.out and "rebuilding the run's files from its parts" in std.out
+    assert CALLS["n"] == 2  # nothing trained again
+    for n in ("metrics.csv", "series.json"):
+        assert (out / n).read_bytes() == good[n]
+    again = json.loads((out / "summary.json").read_text())
+    assert again["claims"] == json.loads(good["summary.json"])["claims"]
+    assert RunDir(out).complete
+
+
+def test_load_run_names_the_damaged_file(toy, tmp_path):
+    out = tmp_path / "run"
+    registry.run_experiment(toy, out, seeds=2, log=lambda m: None)
+    metrics = (out / "metrics.csv").read_text()
+    (out / "metrics.csv").write_text(_cut_mid_line(metrics))
+    with pytest.raises(DamagedRunFile, match=r"metrics\.csv: damaged, line \d+"):
+        results.load_run(out)
+    (out / "metrics.csv").write_text(metrics)
+    (out / "series.json").write_text('{"curve": [')
+    with pytest.raises(DamagedRunFile, match=r"series\.json: damaged, not readable as JSON"):
+        results.load_run(out)

@@ -259,7 +259,9 @@ def run_experiment(
     if state == "complete":
         say(f"{name}: {path} already holds this finished run; re-rendering figures and report")
     else:
-        if state == "resume":
+        if state == "resume" and (path / "summary.json").exists():
+            say(f"{name}: {rd.damaged()}; rebuilding the run's files from its parts")
+        elif state == "resume":
             say(f"{name}: resuming the unfinished run in {path}")
         ctx = RunContext(rd, log=say, progress=progress, code=code_fingerprint(exp.module))
         t0 = time.perf_counter()

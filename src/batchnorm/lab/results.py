@@ -15,7 +15,9 @@ Every file is written to a temporary file in the same folder and renamed with
 
 Summary schema (``SUMMARY_SCHEMA``): ``{"schema", "experiment", "status": "complete",
 "dataset": {name, source, sizes…}, "config", "seeds", "arms": {arm: {...}}, "claims": [Claim…],
-"runtime_s", "finished"}`` plus anything experiment-specific.
+"runtime_s", "finished", "files": {"metrics.csv": sha256, "series.json": sha256}}`` plus anything
+experiment-specific. A re-run trusts a finished run only if those files still have the recorded
+digests (:meth:`RunDir.damaged`); otherwise it rebuilds them from ``parts/``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "RunDir",
     "RunContext",
     "RunDirConflict",
+    "DamagedRunFile",
     "SUMMARY_SCHEMA",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -234,19 +237,51 @@ def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+class DamagedRunFile(ValueError):
+    """A file of a run folder that cannot be read back (truncated, edited, not JSON or CSV)."""
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedRunFile(f"{path}: damaged, not readable as JSON ({e})") from None
+
+
+def _load_rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = []
+            for r in reader:
+                # a row with fewer or more cells than the header (a cut-off last line)
+                if None in r or None in r.values():
+                    raise DamagedRunFile(
+                        f"{path}: damaged, line {reader.line_num} does not have the header's "
+                        f"{len(reader.fieldnames or [])} columns"
+                    )
+                rows.append({k: _parse_cell(v) for k, v in r.items()})
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DamagedRunFile(f"{path}: damaged, not readable as CSV ({e})") from None
+    return rows
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes (the summary records those of the files it completes)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def load_run(path: str | os.PathLike[str]) -> RunData:
-    """Load a completed run folder (raises ``FileNotFoundError`` if it has no summary)."""
+    """Load a completed run folder (raises ``FileNotFoundError`` if it has no summary,
+    :class:`DamagedRunFile` naming the file if one cannot be read back)."""
     p = Path(path)
     summary_path = p / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"{p}: no summary.json — the run did not complete")
-    config = json.loads((p / "config.json").read_text())
-    summary = json.loads(summary_path.read_text())
-    rows: list[dict[str, Any]] = []
-    if (p / "metrics.csv").is_file():
-        with open(p / "metrics.csv", newline="") as f:
-            rows = [{k: _parse_cell(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    series = json.loads((p / "series.json").read_text()) if (p / "series.json").is_file() else {}
+    config = _load_json(p / "config.json")
+    summary = _load_json(summary_path)
+    rows = _load_rows(p / "metrics.csv") if (p / "metrics.csv").is_file() else []
+    series = _load_json(p / "series.json") if (p / "series.json").is_file() else {}
     return RunData(p, config, summary, rows, series)
 
 
@@ -292,13 +327,37 @@ class RunDir:
 
     @property
     def complete(self) -> bool:
-        """A readable ``summary.json`` marking a finished run (a damaged one is not trusted:
-        the run is computed again from its parts and the summary rewritten)."""
+        """A readable ``summary.json`` marking a finished run whose files are as the run wrote
+        them (a damaged one is not trusted: the run is computed again from its parts and its
+        files rewritten)."""
+        return self.damaged() is None
+
+    def damaged(self) -> str | None:
+        """Why the folder does not hold a finished run that can be read back (``None``: it
+        does): no summary, a summary that is unreadable or not marked complete, or a
+        ``metrics.csv`` / ``series.json`` missing, changed since the summary recorded its
+        digest, or unreadable."""
         try:
             summary = json.loads((self.path / "summary.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return f"{self.path / 'summary.json'} is missing"
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return False
-        return isinstance(summary, dict) and summary.get("status") == "complete"
+            return f"{self.path / 'summary.json'} is damaged"
+        if not isinstance(summary, dict) or summary.get("status") != "complete":
+            return f"{self.path / 'summary.json'} does not mark a finished run"
+        files = summary.get("files")
+        for name, digest in (files if isinstance(files, dict) else {}).items():
+            try:
+                same = file_digest(self.path / name) == digest
+            except OSError:
+                return f"{self.path / name} is missing"
+            if not same:
+                return f"{self.path / name} is damaged (it changed after the run wrote it)"
+        try:
+            load_run(self.path)
+        except (OSError, ValueError) as e:
+            return str(e)
+        return None
 
     def prepare(self, experiment: str, config: dict[str, Any]) -> str:
         """Claim the folder for ``experiment`` with ``config``: returns ``"new"``, ``"resume"``
@@ -399,8 +458,8 @@ class RunDir:
         for c in claims:
             if not c.seeds:
                 c.seeds = list(seeds)
-        self.write_rows("metrics.csv", results.rows)
-        self.write_json("series.json", results.series)
+        written = [self.write_rows("metrics.csv", results.rows)]
+        written.append(self.write_json("series.json", results.series))
         full = {
             "schema": SUMMARY_SCHEMA,
             "experiment": experiment,
@@ -412,6 +471,8 @@ class RunDir:
             "claims": [c.to_dict() for c in claims],
             "runtime_s": round(runtime_s, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            # what a re-run checks before it trusts them (see ``damaged``)
+            "files": {p.name: file_digest(p) for p in written},
         }
         summary.pop("claims")
         full.update(summary)
