@@ -2,15 +2,21 @@
 folders and failed downloads — one line naming what was wrong and the remedy, no traceback,
 no half-written files."""
 
+import hashlib
+import http.server
 import json
 import re
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from batchnorm.cli import main as cli_main
-from batchnorm.lab import registry, results
+from batchnorm.lab import data, registry, results
 from batchnorm.lab.config import BaseConfig, ConfigError, make_config
+from batchnorm.lab.data import DatasetNotFoundError
 from batchnorm.lab.results import Claim, DamagedRunFile, Results, RunContext, RunDir
 
 # --------------------------------------------------------------------------------------------
@@ -186,3 +192,101 @@ def test_load_run_names_the_damaged_file(toy, tmp_path):
     (out / "series.json").write_text('{"curve": [')
     with pytest.raises(DamagedRunFile, match=r"series\.json: damaged, not readable as JSON"):
         results.load_run(out)
+
+
+# --------------------------------------------------------------------------------------------
+# downloads, from a local HTTP server on 127.0.0.1
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """No real dataset is visible: empty cache and system roots, no env variable."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(data.ENV_DATA_DIR, raising=False)
+    monkeypatch.setattr(data, "SYSTEM_DATA_ROOT", tmp_path / "system")
+    return tmp_path
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; a file named in ``short`` is sent with a Content-Length larger than
+    what follows (a connection that drops mid-file)."""
+
+    short: dict[str, int] = {}
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        name = self.path.rsplit("/", 1)[-1]
+        if name in self.short:
+            body = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: self.short[name]])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        super().do_GET()
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    short: dict[str, int] = {}
+    handler_cls = type("H", (_Handler,), {"short": short})
+
+    def handler(*a, **k):
+        return handler_cls(*a, directory=str(root), **k)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}", short
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _serve_set(folder: Path) -> dict[str, str]:
+    """The four files of a small IDX set, gzipped, in ``folder``; returns their MD5s."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, 20, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, 10, dtype=np.uint8),
+    }
+    sums = {}
+    for stem, arr in arrays.items():
+        p = folder / f"{stem}.gz"
+        data.write_idx(p, arr)
+        sums[p.name] = hashlib.md5(p.read_bytes()).hexdigest()
+    return sums
+
+
+def test_download_into_an_unwritable_folder_names_that_folder(isolated, server):
+    root, url, _ = server
+    sums = _serve_set(root / "m")
+    blocker = isolated / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DatasetNotFoundError, match=f"cannot download mnist into {blocker}/mnist"):
+        data.download_dataset("mnist", blocker / "mnist", urls=[url + "/m/"], md5=sums)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_cli_download_into_an_unwritable_cache_is_one_line_naming_the_cache(
+    isolated, monkeypatch, capsys
+):
+    cache = isolated / "cache-file"
+    cache.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))  # the cache cannot be created
+    out = isolated / "run"
+    argv = ["lab", "run", "placement", "--quick", "--dataset", "mnist", "--download"]
+    assert cli_main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"cannot download mnist into {cache}/batchnorm/mnist" in err
+    assert "XDG_CACHE_HOME" in err and "--data-dir" in err
+    assert "run's files" not in err  # the run folder was not the problem

@@ -471,7 +471,19 @@ def download_dataset(
     bases = list(urls) if urls is not None else list(src.urls)
     sums = dict(md5) if md5 is not None else src.md5
     out = Path(dest) if dest is not None else _cache_root() / name
-    out.mkdir(parents=True, exist_ok=True)
+
+    def unwritable(e: OSError) -> DatasetNotFoundError:
+        # the folder downloaded into, not the run's: say which, and the ways around it
+        return DatasetNotFoundError(
+            f"cannot download {name} into {out}: {e.strerror or e}; "
+            + ("set XDG_CACHE_HOME to a folder you can write to, " if dest is None else "")
+            + "or download the four files yourself and pass --data-dir FOLDER"
+        )
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise unwritable(e) from None
     for fname, want in sums.items():
         target = out / fname
         if target.is_file() and _md5(target) == want:
@@ -479,7 +491,10 @@ def download_dataset(
         errors: list[str] = []
         for base in bases:
             url = base.rstrip("/") + "/" + fname
-            fd, tmp_name = tempfile.mkstemp(dir=out, prefix=f".{fname}.", suffix=".part")
+            try:
+                fd, tmp_name = tempfile.mkstemp(dir=out, prefix=f".{fname}.", suffix=".part")
+            except OSError as e:
+                raise unwritable(e) from None
             tmp = Path(tmp_name)
             try:
                 usual_mode(fd)
