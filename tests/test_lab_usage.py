@@ -16,7 +16,7 @@ import pytest
 from batchnorm.cli import main as cli_main
 from batchnorm.lab import data, registry, results
 from batchnorm.lab.config import BaseConfig, ConfigError, make_config
-from batchnorm.lab.data import DatasetNotFoundError
+from batchnorm.lab.data import DatasetCorruptError, DatasetNotFoundError
 from batchnorm.lab.results import Claim, DamagedRunFile, Results, RunContext, RunDir
 
 # --------------------------------------------------------------------------------------------
@@ -290,3 +290,40 @@ def test_cli_download_into_an_unwritable_cache_is_one_line_naming_the_cache(
     assert f"cannot download mnist into {cache}/batchnorm/mnist" in err
     assert "XDG_CACHE_HOME" in err and "--data-dir" in err
     assert "run's files" not in err  # the run folder was not the problem
+
+
+def test_a_download_cut_short_says_so_and_leaves_no_file(isolated, server):
+    root, url, short = server
+    sums = _serve_set(root / "m")
+    name = "train-images-idx3-ubyte.gz"
+    size = (root / "m" / name).stat().st_size
+    short[name] = size // 2  # the connection drops halfway through this file
+    dest = isolated / "dl"
+    with pytest.raises(DatasetNotFoundError) as e:
+        data.download_dataset("mnist", dest, urls=[url + "/m/"], md5=sums)
+    msg = str(e.value)
+    assert f"stopped after {size // 2} of {size} bytes" in msg and "run the command again" in msg
+    assert "checksum" not in msg  # the file was cut, not wrong
+    assert not isinstance(e.value, DatasetCorruptError)
+    assert not (dest / name).exists()
+    assert not [p for p in dest.iterdir() if p.name.endswith(".part")]
+    # the next attempt, on a connection that holds, completes the set
+    short.clear()
+    data.download_dataset("mnist", dest, urls=[url + "/m/"], md5=sums)
+    assert data.load_dataset("mnist", dest).x_train.shape == (20, 1, 28, 28)
+
+
+def test_download_404_and_tampered_file_are_clear_and_leave_no_file(isolated, server):
+    root, url, _ = server
+    sums = _serve_set(root / "m")
+    dest = isolated / "dl"
+    with pytest.raises(
+        DatasetNotFoundError, match=r"/gone/train-images-idx3-ubyte.gz: HTTP Error 404"
+    ):
+        data.download_dataset("mnist", dest, urls=[url + "/gone/"], md5=sums)
+    (root / "m" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b not the published file")
+    with pytest.raises(DatasetCorruptError, match="t10k-labels-idx1-ubyte.gz: checksum mismatch"):
+        data.download_dataset("mnist", dest, urls=[url + "/m/"], md5=sums)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        set(sums) - {"t10k-labels-idx1-ubyte.gz"}
+    )

@@ -500,6 +500,14 @@ def download_dataset(
                 usual_mode(fd)
                 with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
                     shutil.copyfileobj(r, f)
+                    size, length = f.tell(), r.headers.get("Content-Length", "")
+                if length.isdigit() and size < int(length):
+                    # a dropped connection ends the read quietly: not a wrong file, a cut one
+                    errors.append(
+                        f"{url}: the transfer stopped after {size} of {length} bytes "
+                        "(connection closed); run the command again"
+                    )
+                    continue
                 got = _md5(tmp)
                 if got != want:
                     errors.append(f"{url}: checksum mismatch (md5 {got}, expected {want})")
