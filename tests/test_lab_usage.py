@@ -327,3 +327,38 @@ def test_download_404_and_tampered_file_are_clear_and_leave_no_file(isolated, se
     assert sorted(p.name for p in dest.iterdir()) == sorted(
         set(sums) - {"t10k-labels-idx1-ubyte.gz"}
     )
+
+
+# --------------------------------------------------------------------------------------------
+# progress bars
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_a_progress_bar_is_cleared_when_training_stops_early(error, capsys, monkeypatch):
+    import torch
+    from torch import nn
+
+    from batchnorm.lab import train
+
+    monkeypatch.delenv("BATCHNORM_PROGRESS", raising=False)  # the tests' default turns bars off
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+
+    def stop(info):
+        if info.step == 250:
+            raise error
+
+    try:
+        train.train(
+            model, opt, x, y, steps=1000, batch_size=8, callbacks=[stop], progress=True, desc="t"
+        )
+    except error:
+        # read while the exception is being handled, as the command line prints its message
+        err = capsys.readouterr().err
+    else:
+        raise AssertionError("training did not stop")
+    assert "0/1000" in err  # the bar was drawn, on stderr
+    # ... and its line cleared, so that the message printed next starts on a clean line
+    assert err.rstrip(" ").endswith("\r"), repr(err[-80:])
+    assert "/1000" not in err.rsplit("\r", 2)[-2]

@@ -155,6 +155,17 @@ def torch_threads(n: int | None) -> Iterator[None]:
             numba.set_num_threads(old_nb)
 
 
+@contextlib.contextmanager
+def _closing(bar: Any) -> Iterator[None]:
+    """Close the progress bar however training ends: a bar left open by Ctrl-C or an error
+    keeps the line, and the message that follows is printed onto the end of it."""
+    try:
+        yield
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def progress_enabled(flag: bool | None = None) -> bool:
     """Progress bars: off when ``BATCHNORM_PROGRESS=0``, else on a TTY only (CI logs stay
     quiet); ``flag`` forces it."""
@@ -293,7 +304,7 @@ def train(
 
         bar = tqdm(total=steps, desc=desc, leave=False, mininterval=0.5, file=sys.stderr)
 
-    with torch_threads(threads):
+    with torch_threads(threads), _closing(bar):
         model.train()
         if eval_at_start:
             eval_row(0, None)
@@ -343,8 +354,6 @@ def train(
                 loss_sum, loss_count = 0.0, 0
             if bar is not None and step % 100 == 0:
                 bar.update(100)
-    if bar is not None:
-        bar.close()
     if not result.diverged and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         # the last update made the weights non-finite: no later loss would say so
         result.diverged = True
