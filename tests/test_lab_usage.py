@@ -362,3 +362,52 @@ def test_a_progress_bar_is_cleared_when_training_stops_early(error, capsys, monk
     # ... and its line cleared, so that the message printed next starts on a clean line
     assert err.rstrip(" ").endswith("\r"), repr(err[-80:])
     assert "/1000" not in err.rsplit("\r", 2)[-2]
+
+
+# --------------------------------------------------------------------------------------------
+# damaged dataset files: the message's remedy works when followed
+
+
+def _damage_truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[:500])
+
+
+def _damage_header(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[:6])
+
+
+def _damage_magic(p: Path) -> None:
+    raw = p.read_bytes()
+    p.write_bytes(b"\x08\x03" + raw[2:])
+
+
+def _damage_empty_set(p: Path) -> None:
+    # a valid header of 0 images (and the labels file likewise)
+    data.write_idx(p, np.zeros((0, 28, 28), dtype=np.uint8))
+    data.write_idx(p.parent / "train-labels-idx1-ubyte", np.zeros(0, dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "damage", [_damage_truncate, _damage_header, _damage_magic, _damage_empty_set]
+)
+def test_a_damaged_idx_file_message_names_it_and_its_remedy_works(isolated, server, damage):
+    root, url, _ = server
+    sums = _serve_set(root / "m")
+    # the set as --download leaves it in the user cache, then damaged (decompressed files)
+    cache = isolated / "cache" / "batchnorm" / "mnist"
+    data.download_dataset("mnist", cache, urls=[url + "/m/"], md5=sums)
+    for gz in list(cache.glob("*.gz")):
+        (cache / gz.stem).write_bytes(data._read_raw(gz))
+        gz.unlink()
+    bad = cache / "train-images-idx3-ubyte"
+    damage(bad)
+    with pytest.raises(DatasetCorruptError) as e:
+        data.load_dataset("mnist", download=True)  # --download alone does not replace it
+    msg = str(e.value)
+    assert str(bad) in msg and re.search(r"delete (it|them) and fetch (it|them) again", msg)
+    # the remedy, as written: delete, then --download
+    for p in cache.iterdir():
+        if p.name in msg:
+            p.unlink()
+    data.download_dataset("mnist", cache, urls=[url + "/m/"], md5=sums)  # what --download does
+    assert data.load_dataset("mnist").x_train.shape == (20, 1, 28, 28)

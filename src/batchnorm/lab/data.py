@@ -280,13 +280,16 @@ def _parse_idx(p: Path, raw: bytes) -> np.ndarray:
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DatasetCorruptError(f"{p}: truncated IDX header; fetch it again (--download)")
+        raise DatasetCorruptError(
+            f"{p}: truncated IDX header; delete it and fetch it again (--download)"
+        )
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(raw) - header != expected:
         raise DatasetCorruptError(
             f"{p}: IDX header says shape {dims} ({expected} data bytes) but the file has "
-            f"{len(raw) - header}; the file is truncated or corrupt — fetch it again (--download)"
+            f"{len(raw) - header}; the file is truncated or corrupt — delete it and fetch it "
+            "again (--download)"
         )
     arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=False)
@@ -582,7 +585,7 @@ def _load_idx(requested: str, data_dir: str | os.PathLike[str] | None) -> Datase
         if xi.shape[0] == 0:
             raise DatasetCorruptError(
                 f"{name}: {files[f'{split}_images']} and {files[f'{split}_labels']} hold 0 "
-                "examples; the files are empty or corrupt — fetch them again (--download)"
+                "examples; the files are empty or corrupt — delete them and fetch them again (--download)"
             )
     train_hw, test_hw = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
     if train_hw != test_hw:
