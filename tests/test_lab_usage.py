@@ -411,3 +411,14 @@ def test_a_damaged_idx_file_message_names_it_and_its_remedy_works(isolated, serv
             p.unlink()
     data.download_dataset("mnist", cache, urls=[url + "/m/"], md5=sums)  # what --download does
     assert data.load_dataset("mnist").x_train.shape == (20, 1, 28, 28)
+
+
+@pytest.mark.parametrize("name", ["placement", "all"])
+def test_an_empty_out_is_refused_not_taken_for_the_current_folder(
+    name, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)  # an empty current folder would have taken the run's files
+    assert cli_main(["lab", "run", name, "--quick", "--out", ""]) == 2
+    err = capsys.readouterr().err
+    assert "--out is empty" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

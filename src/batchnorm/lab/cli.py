@@ -131,6 +131,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _say("batchnorm lab run: error: an experiment name (or 'all') is required", err=True)
         return 2
     args.name = name
+    if args.out is not None and not args.out.strip():
+        # Path("") is the current folder: an unset shell variable ("--out $OUT") would put the
+        # run's files among whatever is there
+        _say(
+            "batchnorm lab run: error: --out is empty; give a folder, or leave --out out for "
+            f"the default runs/{name}{'-quick' if args.quick else ''}",
+            err=True,
+        )
+        return 2
     command = _command(args)
     # a KeyError from inside a run is a bug and keeps its traceback; only an unknown name is
     # the user's error
