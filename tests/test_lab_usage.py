@@ -422,3 +422,30 @@ def test_an_empty_out_is_refused_not_taken_for_the_current_folder(
     err = capsys.readouterr().err
     assert "--out is empty" in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# batchnorm.analysis on models it cannot measure
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_internal_covariate_shift_without_a_measurable_layer_says_so(frozen):
+    import torch
+    from torch import nn
+
+    import batchnorm
+
+    if frozen:  # every Linear frozen: fine-tuning only the BN layers
+        model = nn.Sequential(nn.Linear(4, 8), batchnorm.BatchNorm1d(8), nn.Linear(8, 2))
+        for m in (model[0], model[2]):
+            m.requires_grad_(False)
+    else:  # no Linear/Conv at all
+        model = nn.Sequential(batchnorm.BatchNorm1d(4), nn.Tanh())
+    batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+
+    def loss_fn(out, y):
+        return nn.functional.cross_entropy(out[:, :2], y)
+
+    with pytest.raises(ValueError, match=r"Sequential has no nn\.Linear/nn\.ConvNd layer") as e:
+        batchnorm.internal_covariate_shift(model, loss_fn, batch, update=0.1)
+    assert "pass layers=[...]" in str(e.value)

@@ -302,6 +302,13 @@ def internal_covariate_shift(
                     f"are not modules of the model; choose among {order}"
                 )
             measured = [n for n in order if n in layers]
+        if not measured:
+            # nothing to measure: torch.autograd.grad would fail on an empty list of inputs
+            raise ValueError(
+                f"internal_covariate_shift: {type(model).__name__} has no nn.Linear/nn.ConvNd "
+                "layer with a trainable weight (requires_grad) to measure; pass layers=[...] "
+                f"naming modules with a trainable 'weight' among {order}, or unfreeze them"
+            )
         for n in measured:
             w = getattr(model.get_submodule(n), "weight", None)
             if not (isinstance(w, nn.Parameter) and w.requires_grad):
