@@ -449,3 +449,41 @@ def test_internal_covariate_shift_without_a_measurable_layer_says_so(frozen):
     with pytest.raises(ValueError, match=r"Sequential has no nn\.Linear/nn\.ConvNd layer") as e:
         batchnorm.internal_covariate_shift(model, loss_fn, batch, update=0.1)
     assert "pass layers=[...]" in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------
+# lab run all, interrupted on its first pass
+
+
+def test_lab_run_all_interrupted_before_its_report_resumes(toy, tmp_path, capsys, monkeypatch):
+    from batchnorm.lab import cli as lab_cli
+
+    # two experiments only, the second registered for this test alone
+    monkeypatch.setattr(registry, "_REGISTRY", {"usage-toy": registry._REGISTRY["usage-toy"]})
+    monkeypatch.setattr(registry, "_BROKEN", {})
+    registry.register("usage-toy-2", config=UsageToyConfig, figures=_toy_figures)(_toy_run)
+    real = lab_cli._run_one
+
+    def stopped_in_the_second(name, *args, **kwargs):
+        if name == "usage-toy-2":
+            raise KeyboardInterrupt  # Ctrl-C while the second experiment runs
+        return real(name, *args, **kwargs)
+
+    root = tmp_path / "all"
+    argv = ["lab", "run", "all", "--quick", "--out", str(root)]
+    monkeypatch.setattr(lab_cli, "_run_one", stopped_in_the_second)
+    assert cli_main(argv) == 130
+    assert "the same command resumes from them" in capsys.readouterr().err
+    assert (root / "usage-toy" / "summary.json").is_file() and not (root / "report.md").exists()
+    # ... and the same command does resume
+    monkeypatch.setattr(lab_cli, "_run_one", real)
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    assert CALLS["n"] == 2  # usage-toy's run reused; usage-toy-2 computed now
+    report = (root / "report.md").read_text()
+    assert "usage-toy-2" in report and "Claims (2 of 2 supported)" in report
+    # a folder of other files is still refused
+    other = tmp_path / "other"
+    (other / "usage-toy").mkdir(parents=True)
+    (other / "notes.txt").write_text("mine")
+    assert cli_main(["lab", "run", "all", "--quick", "--out", str(other)]) == 2
+    assert "holds no report of 'lab run all'" in capsys.readouterr().err

@@ -190,7 +190,31 @@ def _all_root(root: Path) -> str | None:
         with report.open(encoding="utf-8", errors="replace") as f:
             if f.readline().strip() == f"# {COMBINED_TITLE}":
                 return None
+    elif _only_run_folders(root):
+        return None  # a first 'lab run all' interrupted before its report: resume it
     return f"{root} exists, is not empty and holds no report of 'lab run all'"
+
+
+def _only_run_folders(root: Path) -> bool:
+    """Every entry of ``root`` is the run folder of the experiment it is named after (or its
+    still empty folder): what ``lab run all`` leaves when stopped before its report."""
+    import json
+
+    from batchnorm.lab import registry
+
+    names = set(registry.names())
+    for entry in root.iterdir():
+        if not (entry.is_dir() and entry.name in names):
+            return False
+        if not any(entry.iterdir()):
+            continue
+        try:
+            have = json.loads((entry / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        if not (isinstance(have, dict) and have.get("experiment") == entry.name):
+            return False
+    return True
 
 
 def report_figures(path: Path) -> list[Path]:
