@@ -487,3 +487,58 @@ def test_lab_run_all_interrupted_before_its_report_resumes(toy, tmp_path, capsys
     (other / "notes.txt").write_text("mine")
     assert cli_main(["lab", "run", "all", "--quick", "--out", str(other)]) == 2
     assert "holds no report of 'lab run all'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C in a terminal during sync-bn: SIGINT reaches the whole process group
+
+
+def test_ctrl_c_during_sync_bn_stops_at_once_in_one_line(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sync"
+    cmd = [sys.executable, "-m", "batchnorm.cli", "lab", "run", "sync-bn", "--quick"]
+    cmd += ["--dataset", "digits", "--out", str(out), "--set", "steps=100000"]
+    cmd += ["--set", "group_timeout=200"]  # replicas left behind would hold the exit this long
+    env = {**os.environ, "BATCHNORM_PROGRESS": "0"}
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # wait until the first group of replicas is training
+            if "2 replicas" in line:
+                break
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: every process of the group
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert took < 30, f"took {took:.0f} s to stop"
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        f"interrupted: the finished parts in {out} are kept; the same command resumes from them"
+    ]
+    # no replica outlives the run (the fork server and resource tracker leave with it)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        left = subprocess.run(["ps", "-o", "pid,args", "-g", str(proc.pid)], capture_output=True)
+        raise AssertionError(f"processes left: {left.stdout.decode()}")

@@ -45,7 +45,9 @@ import datetime
 import json
 import multiprocessing
 import os
+import signal
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -145,6 +147,7 @@ class SyncBNConfig(BaseConfig):
 def _replica(rank: int, world: int, port: int, job: dict[str, Any], out_dir: str) -> None:
     """Train one replica of one arm; rank 0 also evaluates. Reads ``data.pt`` and writes
     ``<rank>.json`` in ``out_dir``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills replicas
     os.environ["BATCHNORM_BACKEND"] = "torch"  # the same compute backend in both arms
     import torch
     import torch.distributed as dist
@@ -282,6 +285,17 @@ def _run_group(cfg: SyncBNConfig, ds: Dataset, arm: str, batch: int, seed: int) 
         multiprocessing.set_forkserver_preload(_PRELOAD)
     with tempfile.TemporaryDirectory(prefix="sync-bn-") as tmp:
         torch.save((ds.x_train, ds.y_train, ds.x_test, ds.y_test), Path(tmp) / "data.pt")
+        if method == "forkserver" and threading.current_thread() is threading.main_thread():
+            # Ctrl-C is this process's to handle: a fork server started while SIGINT is ignored
+            # keeps ignoring it (no traceback from its import of torch) and so do the replicas
+            # it forks (see _replica)
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                from multiprocessing import forkserver
+
+                forkserver.ensure_running()
+            finally:
+                signal.signal(signal.SIGINT, old)
         ctx = mp.start_processes(
             _replica,
             args=(cfg.world, _free_port(), job, tmp),
@@ -290,14 +304,20 @@ def _run_group(cfg: SyncBNConfig, ds: Dataset, arm: str, batch: int, seed: int) 
             start_method=method,
         )
         end = time.monotonic() + cfg.group_timeout
-        while not ctx.join(timeout=0.5):  # re-raises a replica's error
-            if time.monotonic() > end:
-                for p in ctx.processes:
+        try:
+            while not ctx.join(timeout=0.5):  # re-raises a replica's error
+                if time.monotonic() > end:
+                    raise TimeoutError(
+                        f"sync-bn: {arm} b={batch} seed={seed} did not finish within "
+                        f"{cfg.group_timeout} s (raise --set group_timeout=...)"
+                    )
+        except BaseException:
+            # interrupted or failed: no replica may outlive the run (the interpreter would wait
+            # for it at exit, up to the group's timeout)
+            for p in ctx.processes:
+                if p.is_alive():
                     p.kill()
-                raise TimeoutError(
-                    f"sync-bn: {arm} b={batch} seed={seed} did not finish within "
-                    f"{cfg.group_timeout} s (raise --set group_timeout=...)"
-                )
+            raise
         per_rank = [json.loads((Path(tmp) / f"{r}.json").read_text()) for r in range(cfg.world)]
     out = dict(per_rank[0])
     out["rank_accuracies"] = [r["accuracy"] for r in per_rank]
