@@ -542,3 +542,42 @@ def test_ctrl_c_during_sync_bn_stops_at_once_in_one_line(tmp_path):
     else:
         left = subprocess.run(["ps", "-o", "pid,args", "-g", str(proc.pid)], capture_output=True)
         raise AssertionError(f"processes left: {left.stdout.decode()}")
+
+
+def test_ctrl_c_in_doctor_is_a_note_not_a_traceback(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "model.py").write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))\n"
+    )
+    (tmp_path / "slow.py").write_text(
+        "import sys, time, torch\n"
+        "def batches():\n"
+        "    print('reading', file=sys.stderr, flush=True)\n"
+        "    while True:\n"
+        "        time.sleep(0.2)\n"
+        "        yield torch.randn(16, 4)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    cmd = [sys.executable, "-m", "batchnorm.cli", "doctor", "model.py:make"]
+    cmd += ["--data", "slow:batches", "--num-batches", "1000"]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the doctor is reading the data
+            if "reading" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err and err.strip() == "batchnorm doctor: interrupted"

@@ -47,7 +47,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    code: int = args._module.main(args)
+    try:
+        code: int = args._module.main(args)
+    except KeyboardInterrupt:
+        # Ctrl-C is how a user stops a long benchmark or diagnosis: a note, not a traceback
+        # (``lab run`` catches it itself, to say how to resume)
+        print(f"batchnorm {args.command}: interrupted", file=sys.stderr)
+        return 130
     return code
 
 
