@@ -581,3 +581,24 @@ def test_ctrl_c_in_doctor_is_a_note_not_a_traceback(tmp_path):
             proc.kill()
     assert proc.returncode == 130
     assert "Traceback" not in err and err.strip() == "batchnorm doctor: interrupted"
+
+
+# --------------------------------------------------------------------------------------------
+# ActivationRecorder on a layer whose tensor has no such axis
+
+
+@pytest.mark.parametrize("axis", [2, 3, -3])
+def test_recorder_axis_beyond_the_tensor_names_the_layer_and_shape(axis):
+    import torch
+    from torch import nn
+
+    import batchnorm
+
+    net = nn.Sequential(nn.Linear(4, 3), nn.Sigmoid())
+    rec = batchnorm.ActivationRecorder(net, ["1"], axis=axis)
+    with rec, pytest.raises(ValueError, match=rf"axis={axis} but layer '1' records a 2-D tensor"):
+        net(torch.randn(8, 4))
+    ok = batchnorm.ActivationRecorder(net, ["1"], axis=-1)  # the last axis: the 3 units
+    with ok:
+        net(torch.randn(8, 4))
+    assert ok.history("1")[1].shape == (1, 3, 3)

@@ -197,6 +197,12 @@ class ActivationRecorder:
         """``(Q, U)`` quantiles of ``x`` per unit over all other axes."""
         if x.dim() == 1:
             x = x.unsqueeze(1)  # (N,) -> (N, 1): one unit
+        if not -x.dim() <= self.axis < x.dim():
+            raise ValueError(
+                f"ActivationRecorder: axis={self.axis} but layer {name!r} records a "
+                f"{x.dim()}-D tensor (shape {tuple(x.shape)}); pass the channel axis of that "
+                f"tensor, between {-x.dim()} and {x.dim() - 1} (1 for (N, C) and (N, C, H, W))"
+            )
         flat = x.movedim(self.axis, -1).reshape(-1, x.shape[self.axis])  # (N·L, C)
         if self.units is not None:
             c = flat.shape[1]
