@@ -602,3 +602,23 @@ def test_recorder_axis_beyond_the_tensor_names_the_layer_and_shape(axis):
     with ok:
         net(torch.randn(8, 4))
     assert ok.history("1")[1].shape == (1, 3, 3)
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_config_json_that_is_not_text_is_a_one_line_refusal(toy, tmp_path, capsys, finished):
+    out = tmp_path / "run"
+    if finished:
+        registry.run_experiment(toy, out, log=lambda m: None)
+    else:
+        out.mkdir()
+    (out / "config.json").write_bytes(b"\xff\xfe\x00 damaged")
+    before = sorted(p.name for p in out.iterdir())
+    code = cli_main(["lab", "run", toy, "--out", str(out)])
+    err = capsys.readouterr().err
+    if finished:  # results there: refused, nothing touched
+        assert code == 2 and "Traceback" not in err
+        assert "its config.json is unreadable" in err and len(err.strip().splitlines()) == 1
+        assert sorted(p.name for p in out.iterdir()) == before
+    else:  # nothing computed there: the command takes the folder over
+        assert code == 0, err
+        assert json.loads((out / "config.json").read_text())["experiment"] == toy

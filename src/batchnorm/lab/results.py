@@ -368,8 +368,8 @@ class RunDir:
         cfg_path = self.path / "config.json"
         if cfg_path.is_file():
             try:
-                have = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError:
+                have = json.loads(cfg_path.read_text(encoding="utf-8"))
+            except ValueError:  # not JSON, or not even text (UnicodeDecodeError)
                 have = None
             if have != json.loads(json.dumps(_jsonable(want))) and self._nothing_computed():
                 # a run that failed before its first result (a bad setting, a missing
