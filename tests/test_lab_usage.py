@@ -622,3 +622,18 @@ def test_a_config_json_that_is_not_text_is_a_one_line_refusal(toy, tmp_path, cap
     else:  # nothing computed there: the command takes the folder over
         assert code == 0, err
         assert json.loads((out / "config.json").read_text())["experiment"] == toy
+
+
+def test_lab_run_all_into_a_folder_it_cannot_create_stops_before_running(
+    toy, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(registry, "_REGISTRY", {"usage-toy": registry._REGISTRY["usage-toy"]})
+    monkeypatch.setattr(registry, "_BROKEN", {})
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    root = blocker / "all"  # cannot be created: its parent is a file
+    assert cli_main(["lab", "run", "all", "--quick", "--out", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"cannot create the folder {root}" in err and "nothing was run" in err
+    assert CALLS["n"] == 0

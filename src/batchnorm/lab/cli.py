@@ -235,6 +235,15 @@ def _cmd_run_all(args: argparse.Namespace, command: str) -> int:
     if why is not None:  # its files (a report.md of the user's) would be overwritten
         _say(f"error: {why}; nothing was run. Choose another --out.", err=True)
         return 2
+    try:  # before an hour of experiments, not when writing their combined report
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _say(
+            f"error: cannot create the folder {root}: {e.strerror or e}; nothing was run. "
+            "Choose another --out (a folder you can write to).",
+            err=True,
+        )
+        return 2
     done: list[tuple[RunData, list[Path]]] = []
     failures: list[tuple[str, str]] = []
     try:
@@ -267,7 +276,11 @@ def _cmd_run_all(args: argparse.Namespace, command: str) -> int:
         "dataset": args.dataset or "auto",
         "sets": " ".join(_flat(args.sets)) or "none",
     }
-    md, _ = write_combined_report(root, done, failures, settings)
+    try:
+        md, _ = write_combined_report(root, done, failures, settings)
+    except OSError as e:  # e.g. the disk filled up
+        _say(f"error: cannot write the combined report in {root}: {e.strerror or e}", err=True)
+        return 2
     _say(f"combined report: {md}")
     return 1 if failures else 0
 
