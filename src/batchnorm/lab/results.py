@@ -471,11 +471,12 @@ class RunDir:
             "claims": [c.to_dict() for c in claims],
             "runtime_s": round(runtime_s, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            # what a re-run checks before it trusts them (see ``damaged``)
-            "files": {p.name: file_digest(p) for p in written},
         }
         summary.pop("claims")
         full.update(summary)
+        # what a re-run checks before it trusts them (see ``damaged``); set last, so that no
+        # experiment's own key of that name can stand in for it
+        full["files"] = {p.name: file_digest(p) for p in written}
         return self.write_json("summary.json", full)
 
 
