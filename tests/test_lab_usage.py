@@ -99,6 +99,12 @@ BAD_SETTINGS = [
     ("sync-bn", "channels=0", "channels must list"),
     ("sync-bn", "hidden=-1", "hidden must list"),
     ("sync-bn", "n_train=-1", "n_train and n_eval must be >= 0"),
+    # no probe within the run: claims judged on no measurement ("not supported", all None)
+    ("ics", "probe_every=1000", "probe_every=1000 is more than steps"),
+    ("smoothness", "probe_every=1000", "probe_every=1000 is more than steps"),
+    ("noisy-bn", "probe_every=1000", "probe_every=1000 is more than steps"),
+    # the probe goes through BN with its own batch statistics (a traceback after the sweep)
+    ("paper-mnist", "probe_size=1", "probe_size must be >= 2"),
 ]
 
 

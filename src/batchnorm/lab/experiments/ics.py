@@ -97,6 +97,13 @@ class ICSConfig(BaseConfig):
     def validate(self) -> None:
         super().validate()
         check_widths(widths=self.widths)
+        if self.probe_every > min(self.steps, self.dln_steps):
+            # no probe would be taken: the claims would be judged on no measurement at all
+            raise ConfigError(
+                f"probe_every={self.probe_every} is more than steps={self.steps} or "
+                f"dln_steps={self.dln_steps}: a network would be measured never; lower "
+                "probe_every"
+            )
         if self.dln_samples < self.batch_size:
             raise ConfigError(
                 f"dln_samples={self.dln_samples} is fewer than batch_size={self.batch_size}: not "

@@ -109,6 +109,12 @@ class NoisyBNConfig(BaseConfig):
     def validate(self) -> None:
         super().validate()
         check_widths(widths=self.widths)
+        if self.probe_every > self.steps:
+            # no probe would be taken: the claims would be judged on no measurement at all
+            raise ConfigError(
+                f"probe_every={self.probe_every} is more than steps={self.steps}: no "
+                "measurement would be taken; lower probe_every"
+            )
         check_positive(lr=self.lr)
         check_non_negative(momentum=self.momentum)
         if self.final_window < 1:

@@ -109,8 +109,9 @@ class PaperMnistConfig(BaseConfig):
         check_bn1d_batch(self.batch_size)
         if min(self.steps, self.sweep_steps, self.eval_every, self.batch_size) < 1:
             raise ConfigError("steps, sweep_steps, eval_every and batch_size must be >= 1")
-        if self.probe_size < 1:
-            raise ConfigError(f"probe_size must be >= 1, got {self.probe_size}")
+        if self.probe_size < 2:
+            # the probe goes through BN with its own batch statistics: 2 samples at least
+            raise ConfigError(f"probe_size must be >= 2, got {self.probe_size}")
         if not self.hidden or min(self.hidden) < 1:
             # the recorded sigmoid is in the last hidden layer, and BN goes into hidden layers
             raise ConfigError(f"hidden must list at least one layer width >= 1, got {self.hidden}")

@@ -90,6 +90,12 @@ class SmoothnessConfig(BaseConfig):
     def validate(self) -> None:
         super().validate()
         check_widths(widths=self.widths)
+        if self.probe_every > self.steps:
+            # no probe would be taken: the claims would be judged on no measurement at all
+            raise ConfigError(
+                f"probe_every={self.probe_every} is more than steps={self.steps}: no "
+                "measurement would be taken; lower probe_every"
+            )
         check_bn1d_batch(self.batch_size)
         if min(self.steps, self.probe_every, self.eval_every) < 1:
             raise ConfigError("steps, probe_every and eval_every must be >= 1")
