@@ -36,6 +36,7 @@ __all__ = [
     "VGGSmall",
     "DeepLinear",
     "load_data",
+    "check_final_window",
     "cached_train",
     "arm_rows",
     "final_acc",
@@ -327,6 +328,18 @@ def check_bn1d_batch(batch_size: int) -> None:
         raise ConfigError(
             f"batch_size must be >= 2, got {batch_size}: BN after a fully connected layer "
             "normalizes each feature over the batch, which needs at least 2 samples"
+        )
+
+
+def check_final_window(final_window: int, steps: int, eval_every: int) -> None:
+    """Refuse a final-accuracy window longer than the evaluations after step 0: the mean of the
+    last ``final_window`` evaluations would average in the untrained network."""
+    trained = -(-steps // eval_every)  # evaluations after step 0
+    if final_window > trained:
+        raise ConfigError(
+            f"final_window={final_window} is more than the {trained} evaluations after step 0 "
+            f"(steps={steps}, eval_every={eval_every}): the final accuracy would include the "
+            "untrained network; lower final_window or eval_every"
         )
 
 

@@ -71,6 +71,7 @@ from batchnorm.lab.experiments._nets import (
     arm_rows,
     cached_train,
     check_bn1d_batch,
+    check_final_window,
     diverged_flags,
     divergence,
     exact_key,
@@ -132,6 +133,7 @@ class DropoutConfig(BaseConfig):
         check_bn1d_batch(self.batch_size)
         if min(self.steps, self.eval_every, self.final_window) < 1:
             raise ConfigError("steps, eval_every and final_window must be >= 1")
+        check_final_window(self.final_window, self.steps, self.eval_every)
         if 0.0 not in self.dropout_rates or len(self.dropout_rates) < 2:
             raise ConfigError(
                 f"dropout_rates must include 0.0 and at least one positive rate, got "

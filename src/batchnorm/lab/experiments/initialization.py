@@ -43,6 +43,7 @@ from batchnorm.lab.experiments._nets import (
     arm_rows,
     cached_train,
     check_bn1d_batch,
+    check_final_window,
     exact_key,
     final_acc,
     load_data,
@@ -89,6 +90,7 @@ class InitializationConfig(BaseConfig):
         check_bn1d_batch(self.batch_size)
         if min(self.steps, self.eval_every, self.final_window) < 1:
             raise ConfigError("steps, eval_every and final_window must be >= 1")
+        check_final_window(self.final_window, self.steps, self.eval_every)
         if len(self.init_scales) < 2 or min(self.init_scales) <= 0:
             raise ConfigError(f"init_scales needs >= 2 positive scales, got {self.init_scales}")
 

@@ -55,6 +55,7 @@ from batchnorm.lab.experiments._nets import (
     arm_rows,
     cached_train,
     check_bn1d_batch,
+    check_final_window,
     diverged_flags,
     divergence,
     exceeds_spread,
@@ -119,6 +120,7 @@ class NoisyBNConfig(BaseConfig):
         check_non_negative(momentum=self.momentum)
         if self.final_window < 1:
             raise ConfigError(f"final_window must be >= 1, got {self.final_window}")
+        check_final_window(self.final_window, self.steps, self.eval_every)
         check_bn1d_batch(self.batch_size)
         if min(self.steps, self.eval_every, self.probe_every, self.probe_size) < 1:
             raise ConfigError("steps, eval_every, probe_every and probe_size must be >= 1")

@@ -78,6 +78,7 @@ from batchnorm.lab.experiments._nets import (
     RANK_RULE,
     arm_rows,
     cached_train,
+    check_final_window,
     divergence,
     exceeds_spread,
     finite,
@@ -160,6 +161,7 @@ class SmallBatchConfig(BaseConfig):
             )
         if min(self.steps, self.eval_every, self.final_window, self.batch_size) < 1:
             raise ConfigError("steps, eval_every, final_window and batch_size must be >= 1")
+        check_final_window(self.final_window, self.steps, self.eval_every)
         bad = [g for g in self.group_sizes if g < 1 or self.batch_size % g]
         if bad or not self.group_sizes:
             raise ConfigError(
