@@ -486,6 +486,7 @@ def test_lab_run_all_interrupted_before_its_report_resumes(toy, tmp_path, capsys
     assert cli_main(argv) == 130
     assert "the same command resumes from them" in capsys.readouterr().err
     assert (root / "usage-toy" / "summary.json").is_file() and not (root / "report.md").exists()
+    (root / ".report.md.x1y2.tmp").write_text("# batchnorm lab")  # a write cut short by a kill
     # ... and the same command does resume
     monkeypatch.setattr(lab_cli, "_run_one", real)
     assert cli_main(argv) == 0, capsys.readouterr().err

@@ -204,6 +204,8 @@ def _only_run_folders(root: Path) -> bool:
 
     names = set(registry.names())
     for entry in root.iterdir():
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            continue  # an atomic write of the report, cut short by a kill
         if not (entry.is_dir() and entry.name in names):
             return False
         if not any(entry.iterdir()):
