@@ -649,3 +649,17 @@ def test_lab_run_all_into_a_folder_it_cannot_create_stops_before_running(
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert f"cannot create the folder {root}" in err and "nothing was run" in err
     assert CALLS["n"] == 0
+
+
+@pytest.mark.parametrize("with_config", [False, True])
+def test_a_run_killed_in_its_first_write_does_not_block_the_folder(
+    toy, tmp_path, capsys, with_config
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    # what a kill during the atomic write of config.json (or of a first part) leaves
+    (out / ".config.json.k3j2.tmp").write_text('{"experiment": "usage-to')
+    if with_config:  # config of other settings, nothing computed: taken over
+        (out / "config.json").write_text(json.dumps({"experiment": toy, "config": {"steps": 9}}))
+    assert cli_main(["lab", "run", toy, "--out", str(out)]) == 0, capsys.readouterr().err
+    assert RunDir(out).complete

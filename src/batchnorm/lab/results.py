@@ -319,6 +319,11 @@ def _read_part(path: Path, key: str, code: str | None) -> tuple[Any, str | None]
     return part["value"], None
 
 
+def _temporary(entry: Path) -> bool:
+    """A temporary file of an atomic write (``.<name>.<random>.tmp``) left by a killed run."""
+    return entry.is_file() and entry.name.startswith(".") and entry.name.endswith(".tmp")
+
+
 class RunDir:
     """A run folder: creation, resume-or-refuse, atomic writes."""
 
@@ -389,7 +394,7 @@ class RunDir:
             return "complete" if self.complete else "resume"
         if self.path.exists() and not self.path.is_dir():
             raise RunDirConflict(f"{self.path} is a file, not a folder. Choose another --out.")
-        if self.path.exists() and any(self.path.iterdir()):
+        if self.path.exists() and any(not _temporary(e) for e in self.path.iterdir()):
             raise RunDirConflict(
                 f"{self.path} exists, is not empty and has no config.json: not a run folder. "
                 "Choose another --out."
@@ -408,7 +413,7 @@ class RunDir:
         """The folder holds a config.json and nothing else (a ``parts/`` holding at most the
         record of the data found, which a run writes before its first result)."""
         for entry in self.path.iterdir():
-            if entry.name == "config.json":
+            if entry.name == "config.json" or _temporary(entry):
                 continue
             if entry.name == "parts" and entry.is_dir():
                 # (a temporary file of an interrupted write is ".<name>.<random>.tmp")
