@@ -663,3 +663,20 @@ def test_a_run_killed_in_its_first_write_does_not_block_the_folder(
         (out / "config.json").write_text(json.dumps({"experiment": toy, "config": {"steps": 9}}))
     assert cli_main(["lab", "run", toy, "--out", str(out)]) == 0, capsys.readouterr().err
     assert RunDir(out).complete
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "ascii"])
+def test_output_on_a_terminal_without_utf8_is_printed_not_a_traceback(encoding, monkeypatch):
+    import io
+    import sys
+
+    from batchnorm._console import say
+
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding=encoding)
+    monkeypatch.setattr(sys, "stdout", stream)
+    say("dataset: digits — chosen by --dataset auto; 0.91 ± 0.01")
+    stream.flush()
+    text = raw.getvalue().decode(encoding)
+    assert text.startswith("dataset: digits ? chosen by --dataset auto; 0.91 ")
+    assert text.endswith(" 0.01\n")
