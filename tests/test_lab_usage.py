@@ -680,3 +680,17 @@ def test_output_on_a_terminal_without_utf8_is_printed_not_a_traceback(encoding, 
     text = raw.getvalue().decode(encoding)
     assert text.startswith("dataset: digits ? chosen by --dataset auto; 0.91 ")
     assert text.endswith(" 0.01\n")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["lab", "run", "--help"], ["doctor", "--help"]])
+def test_help_prints_on_an_ascii_terminal(argv):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchnorm.cli", *argv], capture_output=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.startswith(b"usage: batchnorm")

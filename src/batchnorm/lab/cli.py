@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # optional here so that a name after --set's values is found (see _name)
     run.add_argument("name", nargs="?", help="experiment name (see 'batchnorm lab list') or 'all'")
     run.add_argument("--quick", action="store_true", help="smoke size: well under a minute")
-    run.add_argument("--seeds", type=int, default=None, help="number of seeds (mean ± spread)")
+    run.add_argument("--seeds", type=int, default=None, help="number of seeds (mean +/- spread)")
     run.add_argument(
         "--dataset",
         choices=DATASET_NAMES,
