@@ -400,6 +400,19 @@ def test_npz_without_key_uses_the_only_or_the_input_array_and_refuses_to_guess(p
     assert "holds arrays ['features', 'y']; choose one with --key" in err, err
 
 
+@pytest.mark.parametrize("key", ["images", "pixel_values", "input"])
+def test_the_command_line_takes_the_input_keys_of_the_python_api(project, capsys, key):
+    """A dict or .npz under one of diagnostics.INPUT_KEYS needs no --key, as in doctor()."""
+    d = project["dir"]
+    x = torch.load(project["pt"])
+    torch.save({key: x, "labels": torch.zeros(256)}, d / "keyed.pt")
+    np.savez(d / "keyed.npz", labels=np.zeros(256), **{key: x.numpy()})
+    f = f"{project['factory']}:make_model"
+    for name in ("keyed.pt", "keyed.npz"):
+        assert doctor_cli(f, "--data", str(d / name), "--json") == 1
+        assert json.loads(capsys.readouterr().out)["layers"] == ["1"]
+
+
 def test_an_exception_in_the_users_code_says_where_it_came_from(project, capsys):
     d = project["dir"]
     (d / "raising.py").write_text(

@@ -462,6 +462,9 @@ _DROPOUT_FUNCTIONS = {
 # keys under which a dict batch (a Dataset returning dicts) holds the model input, in order;
 # batchnorm.recalibrate takes the same batches
 INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values")
+#: the entries ``batchnorm doctor --data`` takes without ``--key`` from an ``.npz`` file or a
+#: dict saved in a ``.pt`` file: the input keys the Python API knows, and two usual names
+DATA_KEYS = (*INPUT_KEYS, "X", "data")
 
 
 def _as_input(batch: Any) -> Any:
@@ -2371,7 +2374,7 @@ def _numpy_array(path: Path, key: str | None) -> Tensor:
             names = list(z.files)
             if not names:
                 raise ValueError(f"--data: {str(path)!r} holds no arrays")
-            k = key or next((n for n in ("x", "inputs", "X", "data") if n in names), None)
+            k = key or next((n for n in DATA_KEYS if n in names), None)
             if k is None:
                 if len(names) > 1:
                     raise _LoadError(
@@ -2398,7 +2401,7 @@ def _load_tensor_file(path: Path, key: str | None) -> Tensor:
     if suffix in (".pt", ".pth"):
         obj = _torch_load(path, "--data")
         if isinstance(obj, Mapping):
-            k = key or next((n for n in ("x", "inputs", "data") if n in obj), None)
+            k = key or next((n for n in DATA_KEYS if n in obj), None)
             if k is None:
                 raise KeyError(
                     f"--data: {str(path)!r} holds a dict {list(obj)}; choose one with --key"
