@@ -209,15 +209,6 @@ def test_load_run_names_the_damaged_file(toy, tmp_path):
 # downloads, from a local HTTP server on 127.0.0.1
 
 
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """No real dataset is visible: empty cache and system roots, no env variable."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv(data.ENV_DATA_DIR, raising=False)
-    monkeypatch.setattr(data, "SYSTEM_DATA_ROOT", tmp_path / "system")
-    return tmp_path
-
-
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves a folder; a file named in ``short`` is sent with a Content-Length larger than
     what follows (a connection that drops mid-file)."""
@@ -694,3 +685,27 @@ def test_help_prints_on_an_ascii_terminal(argv):
     )
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.startswith(b"usage: batchnorm")
+
+
+def test_a_replica_sees_its_runner_gone_also_before_it_is_collected():
+    """sync-bn's replicas end when the process running the experiment is gone; an exited
+    process not yet collected by its parent (a zombie) counts as gone."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from batchnorm.lab.experiments.sync_bn import _alive
+
+    assert _alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert _alive(child.pid)
+    finally:
+        child.kill()
+    deadline = time.monotonic() + 10
+    while _alive(child.pid) and time.monotonic() < deadline:  # killed, not yet collected
+        time.sleep(0.05)
+    assert not _alive(child.pid)
+    assert child.poll() is not None  # collected only now
+    assert not _alive(child.pid)

@@ -144,10 +144,44 @@ class SyncBNConfig(BaseConfig):
 # one replica (runs in its own process)
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs: not gone and not a zombie (an exited process whose own
+    parent has not collected it yet still answers ``os.kill(pid, 0)``)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # a process of another user took the number
+            return False
+        return True
+
+
+def _exit_with(parent: int, every: float = 0.5) -> None:
+    """End this replica when the process that runs the experiment is gone: a replica still
+    being started when the run was interrupted (or one whose parent was killed) is not among
+    those the parent kills, and would wait at a collective for the group's timeout, holding
+    the parent's output pipes open."""
+
+    def watch() -> None:
+        while _alive(parent):
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="sync-bn-parent-watch", daemon=True).start()
+
+
 def _replica(rank: int, world: int, port: int, job: dict[str, Any], out_dir: str) -> None:
     """Train one replica of one arm; rank 0 also evaluates. Reads ``data.pt`` and writes
     ``<rank>.json`` in ``out_dir``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills replicas
+    _exit_with(job["parent"])
     os.environ["BATCHNORM_BACKEND"] = "torch"  # the same compute backend in both arms
     import torch
     import torch.distributed as dist
@@ -278,6 +312,7 @@ def _run_group(cfg: SyncBNConfig, ds: Dataset, arm: str, batch: int, seed: int) 
         "hidden": tuple(cfg.hidden),
         "classes": ds.num_classes,
         "timeout": min(cfg.group_timeout, 300.0),
+        "parent": os.getpid(),  # replicas end when this process does (_exit_with)
     }
     # a fork server that imported torch once starts the replicas quickly and cleanly
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
