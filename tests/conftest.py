@@ -33,3 +33,15 @@ def float64_default() -> Iterator[None]:
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """The lab's data lookup sees no real dataset: empty cache and system roots, no
+    environment variable (the download and dataset tests)."""
+    from batchnorm.lab import data
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(data.ENV_DATA_DIR, raising=False)
+    monkeypatch.setattr(data, "SYSTEM_DATA_ROOT", tmp_path / "system")
+    return tmp_path

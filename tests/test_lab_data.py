@@ -18,15 +18,6 @@ from batchnorm.lab.data import DatasetCorruptError, DatasetNotFoundError
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    """No real dataset is visible: empty cache and system roots, no env variable."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv(data.ENV_DATA_DIR, raising=False)
-    monkeypatch.setattr(data, "SYSTEM_DATA_ROOT", tmp_path / "system")
-    return tmp_path
-
-
 def _write_set(folder: Path, n_train=30, n_test=10, seed=0, gz=True, hw=28) -> dict[str, Path]:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
