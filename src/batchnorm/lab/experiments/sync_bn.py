@@ -181,7 +181,8 @@ def _replica(rank: int, world: int, port: int, job: dict[str, Any], out_dir: str
     """Train one replica of one arm; rank 0 also evaluates. Reads ``data.pt`` and writes
     ``<rank>.json`` in ``out_dir``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills replicas
-    _exit_with(job["parent"])
+    if job.get("parent") is not None:  # the runner's pid (_run_group); a direct caller may omit it
+        _exit_with(job["parent"])
     os.environ["BATCHNORM_BACKEND"] = "torch"  # the same compute backend in both arms
     import torch
     import torch.distributed as dist
