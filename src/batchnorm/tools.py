@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from batchnorm.diagnostics import INPUT_KEYS
+from batchnorm.diagnostics import INPUT_KEYS, _first_tensor, _tensors
 from batchnorm.inplace_abn import InPlaceABN
 from batchnorm.nn.batchnorm import SmallBatchWarning, _BatchNormBase
 from batchnorm.variants import FrozenBatchNorm, is_frozen
@@ -112,14 +112,6 @@ def _inputs(data: Iterable[Any]) -> Iterator[Any]:
             yield item[key]
         else:
             yield item
-
-
-def _first_tensor(x: Any) -> Tensor | None:
-    """The first tensor in a model input (a tensor, or tuples/lists/dicts of them)."""
-    if isinstance(x, Tensor):
-        return x
-    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (tuple, list)) else ()
-    return next((t for t in map(_first_tensor, values) if t is not None), None)
 
 
 def _map_tensors(x: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -709,23 +701,12 @@ def fold(model: nn.Module, example_input: Any, *, inplace: bool = False) -> tupl
     return new, err
 
 
-def _output_tensors(out: Any) -> list[Tensor]:
-    """Every tensor of a model's output, in order: a tensor, or tuples, lists, dicts of them
-    (torchvision's segmentation models return ``{"out": …, "aux": …}``)."""
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _output_tensors(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _output_tensors(v)]
-    return []
-
-
 def _run_seeded(model: nn.Module, x: Any) -> list[Tensor]:
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         out = model(x)
-    tensors = _output_tensors(out)
+    # every tensor of the output, in order (torchvision's segmentation models return dicts)
+    tensors = _tensors(out)
     if not tensors:
         raise TypeError(
             f"fold: the model returned {type(out).__name__}, which holds no tensor to measure "
