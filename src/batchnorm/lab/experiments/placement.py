@@ -52,6 +52,7 @@ from batchnorm.lab.experiments._nets import (
     arm_rows,
     cached_train,
     check_bn1d_batch,
+    check_final_window,
     diverged_flags,
     divergence,
     exceeds_spread,
@@ -104,14 +105,7 @@ class PlacementConfig(BaseConfig):
         check_bn1d_batch(self.batch_size)
         if min(self.steps, self.eval_every, self.final_window) < 1:
             raise ConfigError("steps, eval_every and final_window must be >= 1")
-        trained = -(-self.steps // self.eval_every)  # evaluations after step 0
-        if self.final_window > trained:
-            # a longer window would average in step 0, the untrained network
-            raise ConfigError(
-                f"final_window={self.final_window} is more than the {trained} evaluations after "
-                f"step 0 (steps={self.steps}, eval_every={self.eval_every}): the final accuracy "
-                "would include the untrained network; lower final_window or eval_every"
-            )
+        check_final_window(self.final_window, self.steps, self.eval_every)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.hidden or min(self.hidden) < 1:
