@@ -37,6 +37,7 @@ __all__ = [
     "DeepLinear",
     "load_data",
     "check_final_window",
+    "check_probe_every",
     "cached_train",
     "arm_rows",
     "final_acc",
@@ -340,6 +341,16 @@ def check_final_window(final_window: int, steps: int, eval_every: int) -> None:
             f"final_window={final_window} is more than the {trained} evaluations after step 0 "
             f"(steps={steps}, eval_every={eval_every}): the final accuracy would include the "
             "untrained network; lower final_window or eval_every"
+        )
+
+
+def check_probe_every(probe_every: int, steps: int) -> None:
+    """Refuse a probe interval longer than the run: no probe would be taken, and the claims
+    would be judged on no measurement at all."""
+    if probe_every > steps:
+        raise ConfigError(
+            f"probe_every={probe_every} is more than steps={steps}: no measurement would be "
+            "taken; lower probe_every"
         )
 
 

@@ -56,6 +56,7 @@ from batchnorm.lab.experiments._nets import (
     cached_train,
     check_bn1d_batch,
     check_final_window,
+    check_probe_every,
     diverged_flags,
     divergence,
     exceeds_spread,
@@ -110,12 +111,7 @@ class NoisyBNConfig(BaseConfig):
     def validate(self) -> None:
         super().validate()
         check_widths(widths=self.widths)
-        if self.probe_every > self.steps:
-            # no probe would be taken: the claims would be judged on no measurement at all
-            raise ConfigError(
-                f"probe_every={self.probe_every} is more than steps={self.steps}: no "
-                "measurement would be taken; lower probe_every"
-            )
+        check_probe_every(self.probe_every, self.steps)
         check_positive(lr=self.lr)
         check_non_negative(momentum=self.momentum)
         if self.final_window < 1:

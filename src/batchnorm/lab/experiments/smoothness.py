@@ -46,6 +46,7 @@ from batchnorm.lab.experiments._nets import (
     arm_rows,
     cached_train,
     check_bn1d_batch,
+    check_probe_every,
     divergence,
     exceeds_spread,
     load_data,
@@ -90,12 +91,7 @@ class SmoothnessConfig(BaseConfig):
     def validate(self) -> None:
         super().validate()
         check_widths(widths=self.widths)
-        if self.probe_every > self.steps:
-            # no probe would be taken: the claims would be judged on no measurement at all
-            raise ConfigError(
-                f"probe_every={self.probe_every} is more than steps={self.steps}: no "
-                "measurement would be taken; lower probe_every"
-            )
+        check_probe_every(self.probe_every, self.steps)
         check_bn1d_batch(self.batch_size)
         if min(self.steps, self.probe_every, self.eval_every) < 1:
             raise ConfigError("steps, probe_every and eval_every must be >= 1")
