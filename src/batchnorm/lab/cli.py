@@ -198,21 +198,20 @@ def _all_root(root: Path) -> str | None:
 def _only_run_folders(root: Path) -> bool:
     """Every entry of ``root`` is the run folder of the experiment it is named after (or its
     still empty folder): what ``lab run all`` leaves when stopped before its report."""
-    import json
-
     from batchnorm.lab import registry
+    from batchnorm.lab.results import _load_json, _temporary
 
     names = set(registry.names())
     for entry in root.iterdir():
-        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+        if _temporary(entry):
             continue  # an atomic write of the report, cut short by a kill
         if not (entry.is_dir() and entry.name in names):
             return False
         if not any(entry.iterdir()):
             continue
         try:
-            have = json.loads((entry / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            have = _load_json(entry / "config.json")
+        except (OSError, ValueError):  # missing, or damaged (DamagedRunFile)
             return False
         if not (isinstance(have, dict) and have.get("experiment") == entry.name):
             return False
