@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from batchnorm.diagnostics import INPUT_KEYS, _first_tensor, _tensors
 from batchnorm.inplace_abn import InPlaceABN
 from batchnorm.nn.batchnorm import SmallBatchWarning, _BatchNormBase
-from batchnorm.variants import FrozenBatchNorm, is_frozen
+from batchnorm.variants import FrozenBatchNorm, _tensor, is_frozen
 
 __all__ = [
     "Moments",
@@ -43,13 +43,6 @@ _BN_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, _Batc
 
 def _axis(m: nn.Module) -> int:
     return int(getattr(m, "axis", 1))
-
-
-def _t(m: nn.Module, name: str) -> Tensor:
-    """A tensor attribute (parameter or buffer) of a layer known to have it."""
-    t = getattr(m, name)
-    assert isinstance(t, Tensor), name
-    return t
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,9 +177,9 @@ def _accumulate(
     saved = {
         name: (
             m.momentum,
-            _t(m, "running_mean").clone(),
-            _t(m, "running_var").clone(),
-            None if m.num_batches_tracked is None else _t(m, "num_batches_tracked").clone(),
+            _tensor(m, "running_mean").clone(),
+            _tensor(m, "running_var").clone(),
+            None if m.num_batches_tracked is None else _tensor(m, "num_batches_tracked").clone(),
         )
         for name, m in layers.items()
     }
@@ -249,10 +242,10 @@ def _accumulate(
             for name, m in layers.items():
                 momentum, rm, rv, nbt = saved[name]
                 m.momentum = momentum
-                _t(m, "running_mean").copy_(rm)
-                _t(m, "running_var").copy_(rv)
+                _tensor(m, "running_mean").copy_(rm)
+                _tensor(m, "running_var").copy_(rv)
                 if nbt is not None:
-                    _t(m, "num_batches_tracked").copy_(nbt)
+                    _tensor(m, "num_batches_tracked").copy_(nbt)
             for mod, mode in modes.items():
                 mod.training = mode
             for m, flag in warned.items():
@@ -359,7 +352,7 @@ def recalibrate(
     layers = _recalibrated_layers(model)
     moments, seen = _accumulate(model, data, num_samples, require_data=not distributed)
     if distributed:
-        channels = {n: _t(m, "running_mean").numel() for n, m in layers.items()}
+        channels = {n: _tensor(m, "running_mean").numel() for n, m in layers.items()}
         moments, total = _all_gather_moments(moments, channels, seen, process_group, timeout)
         if total == 0:
             raise ValueError(
@@ -393,7 +386,7 @@ def recalibrate(
             )
         new[name] = (mom.mean, var)
     for name, (mean, var) in new.items():
-        rm, rv = _t(layers[name], "running_mean"), _t(layers[name], "running_var")
+        rm, rv = _tensor(layers[name], "running_mean"), _tensor(layers[name], "running_var")
         rm.copy_(mean.to(rm))
         rv.copy_(var.to(rv))
     return seen
@@ -445,8 +438,8 @@ def _check_inference_ready(bn: nn.Module, name: str, what: str) -> None:
 
 def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
     """Algorithm 2's ``(scale, shift)`` of a BN layer in float64."""
-    rm = _t(bn, "running_mean").detach().double()
-    rv = _t(bn, "running_var").detach().double()
+    rm = _tensor(bn, "running_mean").detach().double()
+    rv = _tensor(bn, "running_var").detach().double()
     w, b = getattr(bn, "weight", None), getattr(bn, "bias", None)
     scale = torch.rsqrt(rv + float(getattr(bn, "eps", 1e-5)))
     if w is not None:
@@ -466,7 +459,7 @@ def _folded(layer: nn.Module, bn: nn.Module) -> nn.Module:
     """A copy of ``layer`` with ``bn``'s inference map folded in (computed in float64)."""
     scale, shift = _bn_affine(bn)
     new = copy.deepcopy(layer)
-    weight = _t(layer, "weight")
+    weight = _tensor(layer, "weight")
     w = weight.detach().double()
     if isinstance(layer, _CONV_T):
         # weight (C_in, C_out/groups, k…): output channel g·(C_out/groups) + j is w[i, j] for
@@ -602,7 +595,7 @@ def _fold_in_place(model: nn.Module, ranks: dict[str, int] | None, what: str) ->
     for layer_name, bn_name in pairs:
         layer, bn = mods[layer_name], mods[bn_name]
         _check_inference_ready(bn, bn_name, what)
-        if int(_t(bn, "running_mean").numel()) != _out_channels(layer):
+        if int(_tensor(bn, "running_mean").numel()) != _out_channels(layer):
             continue
         why = _not_foldable(layer)
         if why is not None:

@@ -683,7 +683,7 @@ def freeze(model: nn.Module, *, affine: bool = False) -> nn.Module:
 
 
 def _tensor(m: nn.Module, name: str) -> Tensor:
-    """A buffer of a layer known to have it."""
+    """A tensor attribute (parameter or buffer) of a layer known to have it."""
     t = getattr(m, name)
     assert isinstance(t, Tensor), name
     return t
