@@ -429,6 +429,139 @@ def test_node_from_several_python_threads_at_once() -> None:
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+_LAZY = r"""
+import sys
+import torch
+from batchnorm import functional as F
+from batchnorm.kernels import _entries
+
+_entries.NOTICE_AFTER = float(sys.argv[1])
+# a float32 convolutional layer: (N, C, L) training entries, then inference
+x = torch.randn(8, 4, 6, 6, requires_grad=True)
+rm, rv = torch.zeros(4), torch.ones(4)
+y, _ = F.batch_norm_step(x, rm, rv, None, None, 0.1)
+assert "CppNode" in y.grad_fn.name()
+print("forward", _entries.built(), flush=True)
+y.backward(torch.cos(y.detach()))
+print("backward", _entries.built(), flush=True)
+F.batch_norm_eval(x.detach(), rm, rv)
+print("eval", _entries.built(), flush=True)
+# a forward on (N, C, L) whose saved input comes back channels_last: the backward needs the
+# rows x channels entry, resolved on the autograd engine's side (without the GIL held)
+x2 = torch.randn(8, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+with torch.autograd.graph.saved_tensors_hooks(
+    lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t,
+    lambda t: t,
+):
+    y2, *_ = F.batch_norm_train(x2)
+y2.backward(torch.sin(y2.detach()))
+x3 = x2.detach().clone().requires_grad_(True)
+F.batch_norm_train(x3, backend="torch")[0].backward(torch.sin(y2.detach()))
+torch.testing.assert_close(x2.grad, x3.grad, rtol=1e-10, atol=1e-10)
+print("hooks", _entries.built(), flush=True)
+"""
+
+
+def _lazy_run(notice_after: float) -> tuple[list[str], str]:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("BATCHNORM_BACKEND",)}
+    r = subprocess.run(
+        [sys.executable, "-c", _LAZY, str(notice_after)],
+        capture_output=True, text=True, timeout=1500, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.splitlines(), r.stderr
+
+
+def test_a_process_compiles_only_the_entries_its_inputs_need() -> None:
+    """Each loop takes seconds to compile and all twelve entries minutes: the node asks for an
+    entry (dtype × layout × pass) the first time a call needs it, also from a backward that
+    the autograd engine runs, where the saved input came back in the other layout."""
+    lines, _ = _lazy_run(60.0)
+    f32_ncl = [(0, 1, 0)]
+    assert lines[0] == f"forward {f32_ncl}"
+    assert lines[1] == f"backward {[(0, 1, 0), (0, 1, 1)]}"
+    assert lines[2] == f"eval {[(0, 1, 0), (0, 1, 1), (0, 1, 2)]}"
+    # float64: the (N, C, L) forward, and the rows × channels backward for channels_last
+    assert lines[3] == f"hooks {[(0, 1, 0), (0, 1, 1), (0, 1, 2), (1, 0, 1), (1, 1, 0)]}"
+
+
+def test_an_entry_slow_to_load_is_announced_once() -> None:
+    """Compiling an entry takes tens of seconds: past NOTICE_AFTER a line on stderr says what
+    is being compiled (here with NOTICE_AFTER = 0, so that loading from the disk cache,
+    which takes a moment too, is announced)."""
+    _, err = _lazy_run(0.0)
+    notices = [line for line in err.splitlines() if "compiling the" in line]
+    assert (
+        notices.count(
+            "batchnorm: compiling the training kernels for float32 (N, C, L) inputs (once per "
+            "machine, tens of seconds; cached on disk next to the package)"
+        )
+        == 1
+    ), err
+    assert sum("backward kernels for float64 rows × channels" in n for n in notices) == 1
+    assert len(notices) == 5, notices
+
+
+def test_an_entry_that_cannot_be_compiled_is_an_error_in_forward_and_backward() -> None:
+    """Entries are resolved when first needed, also inside a backward run by the autograd
+    engine: a resolver that fails there raises in the caller, naming why, and the node works
+    again once a working resolver is back."""
+    from batchnorm import backend_numba
+    from batchnorm.kernels import _entries
+
+    ext = native.load()
+    assert ext is not None
+
+    def broken(dtype: int, layout: int, pass_: int) -> int:
+        raise RuntimeError(f"no compiler for entry {(dtype, layout, pass_)}")
+
+    def install(resolve: Callable[[int, int, int], int]) -> None:
+        ext.set_kernels(
+            resolve, F.graph_backward, backend_numba.REUSE_ABOVE, backend_numba._OUT.max_bytes
+        )
+
+    x = torch.randn(16, 3, 5, requires_grad=True)
+    try:
+        install(broken)
+        with pytest.raises(RuntimeError, match=r"no compiler for entry \(0, 1, 0\)"):
+            F.batch_norm_train(x)
+        install(_entries.address)
+        y, *_ = F.batch_norm_train(x)
+        install(broken)  # forgets the resolved entries: the backward must ask again
+        with pytest.raises(RuntimeError, match=r"no compiler for entry \(0, 1, 1\)"):
+            y.backward(torch.ones_like(y))
+    finally:
+        install(_entries.address)
+    y, *_ = F.batch_norm_train(x)
+    y.backward(torch.cos(y.detach()))
+    expected = x.detach().clone().requires_grad_(True)
+    yt, *_ = F.batch_norm_train(expected, backend="torch")
+    yt.backward(torch.cos(yt.detach()))
+    torch.testing.assert_close(x.grad, expected.grad)
+
+
+def test_a_failed_compilation_names_the_entry_and_the_ways_around_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from batchnorm.kernels import _entries
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise ValueError("LLVM ran out of memory")
+
+    monkeypatch.setattr(_entries, "_BUILT", {})
+    monkeypatch.setattr(_entries, "cfunc", fail)
+    with pytest.raises(RuntimeError) as e:
+        _entries.address(1, 0, 2)
+    assert str(e.value).startswith(
+        "batchnorm: the inference kernels for float64 rows × channels inputs could not be "
+        "compiled (ValueError: LLVM ran out of memory)"
+    )
+    assert "BATCHNORM_NATIVE=0" in str(e.value) and "BATCHNORM_BACKEND=torch" in str(e.value)
+
+
 def test_entries_are_cached_under_a_digest_of_the_loops_they_compile(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

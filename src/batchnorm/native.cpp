@@ -5,9 +5,9 @@
 // that is most of a training step; on large inputs it is 100-200 us when the caches are cold
 // after a large pass. This node takes the input as it comes, checks it, records the graph and
 // runs the backward in C++, and hands the kernels raw pointers. The kernels are the same Numba
-// loops, compiled as C-callable entries (batchnorm/kernels/_entries.py) whose addresses Python
-// registers once with set_kernels(); the caller passes the thread count, saved here for the
-// backward. The math lives there; this file only checks, allocates, passes pointers and
+// loops, compiled as C-callable entries (batchnorm/kernels/_entries.py), each resolved through
+// Python the first time a call needs it (set_kernels() registers the resolver); the caller
+// passes the thread count, saved here for the backward. The math lives there; this file only checks, allocates, passes pointers and
 // records the graph. Built on first use by batchnorm/native.py (torch.utils.cpp_extension).
 
 #include <torch/extension.h>
@@ -21,6 +21,7 @@
 #include <pthread.h>
 #endif
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
@@ -47,18 +48,28 @@ using bwd_t = void (*)(void* dy, void* x, int64_t N, int64_t C, int64_t L, void*
 using eval_t = void (*)(void* x, int64_t N, int64_t C, int64_t L, void* rm, void* rv, void* w,
                         int64_t nw, void* b, int64_t nb, double eps, void* y, int64_t T);
 
-struct Entries {
-  fwd_t fwd = nullptr;
-  bwd_t bwd = nullptr;
-  eval_t eval = nullptr;
-};
-
-Entries F32, F64;
+// The entries by dtype (float32, float64), layout (rows x channels, (N, C, L)) and pass
+// (training forward, backward, inference): resolved by Python (batchnorm.kernels._entries.address,
+// which compiles or loads the one asked for) the first time a call needs it, so that a process
+// compiles only what its inputs use.
+enum Pass { kForward = 0, kBackward = 1, kEval = 2 };
+std::atomic<void*> ENTRY[2][2][3];
+py::object* RESOLVE = nullptr;
 // Python's differentiable backward (torch operations), for create_graph=True
 py::object* GRAPH_BACKWARD = nullptr;
 
-const Entries& entries(const Tensor& x) {
-  return x.scalar_type() == at::kFloat ? F32 : F64;
+void* entry(const Tensor& x, int64_t L, Pass pass) {
+  const int dt = x.scalar_type() == at::kFloat ? 0 : 1;
+  const int layout = L == 0 ? 0 : 1;
+  std::atomic<void*>& slot = ENTRY[dt][layout][pass];
+  void* p = slot.load(std::memory_order_acquire);
+  if (p == nullptr) {
+    // also from the autograd engine's threads, which run without the GIL
+    py::gil_scoped_acquire gil;
+    p = reinterpret_cast<void*>((*RESOLVE)(dt, layout, static_cast<int>(pass)).cast<int64_t>());
+    slot.store(p, std::memory_order_release);
+  }
+  return p;
 }
 
 void* ptr(const std::optional<Tensor>& t) {
@@ -234,7 +245,7 @@ struct Node : public torch::autograd::Function<Node> {
                         const std::optional<Tensor>& rm, const std::optional<Tensor>& rv,
                         const std::optional<Tensor>& nbt, Dims d, double eps, double momentum,
                         double alpha, Tensor* stats, bool* updated) {
-    const Entries& e = entries(x);
+    const auto fwd = reinterpret_cast<fwd_t>(entry(x, d.L, kForward));
     Tensor y = output_like(x);
     *stats = at::empty({3, d.C}, x.options().memory_format(at::MemoryFormat::Contiguous));
     void* base = stats->data_ptr();
@@ -242,7 +253,7 @@ struct Node : public torch::autograd::Function<Node> {
     char* s = static_cast<char*>(base);
     {
       const Unlocked other_threads_run(d.T);
-      *updated = e.fwd(x.data_ptr(), d.N, d.C, d.L, ptr(w), len(w), ptr(b), len(b), eps,
+      *updated = fwd(x.data_ptr(), d.N, d.C, d.L, ptr(w), len(w), ptr(b), len(b), eps,
                        y.data_ptr(), s, s + row, s + 2 * row, ptr(rm), ptr(rv),
                        rm.has_value() ? d.C : 0, ptr(nbt), len(nbt), momentum, alpha,
                        d.T) != 0;
@@ -299,11 +310,11 @@ struct Node : public torch::autograd::Function<Node> {
     Tensor dx = need_x ? output_like(x) : Tensor();
     Tensor g = at::empty({2, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
     char* gp = static_cast<char*>(g.data_ptr());
-    entries(x).bwd(dy.data_ptr(), x.data_ptr(), d->N, C, d->L, st, st + 2 * row,
-                   w.defined() ? w.data_ptr() : nullptr, w.defined() ? w.numel() : 0,
-                   need_x ? 1 : 0, need_x ? dx.data_ptr() : x.data_ptr(), gp,
-                   gp + row,
-                   ctx->saved_data["forks"].toInt() == FORKS ? ctx->saved_data["T"].toInt() : 1);
+    const auto bwd = reinterpret_cast<bwd_t>(entry(x, d->L, kBackward));
+    bwd(dy.data_ptr(), x.data_ptr(), d->N, C, d->L, st, st + 2 * row,
+        w.defined() ? w.data_ptr() : nullptr, w.defined() ? w.numel() : 0, need_x ? 1 : 0,
+        need_x ? dx.data_ptr() : x.data_ptr(), gp, gp + row,
+        ctx->saved_data["forks"].toInt() == FORKS ? ctx->saved_data["T"].toInt() : 1);
     out[0] = dx;
     if (need_w) out[1] = g[0];
     if (need_b) out[2] = g[1];
@@ -347,20 +358,25 @@ std::optional<Tensor> evaluate(const Tensor& x, int64_t axis, const Tensor& rm,
       !vector_ok(b, x, d->C)) {
     return std::nullopt;
   }
+  const auto eval = reinterpret_cast<eval_t>(entry(x, d->L, kEval));
   Tensor y = output_like(x);
   const Unlocked other_threads_run(d->T);
-  entries(x).eval(x.data_ptr(), d->N, d->C, d->L, rm.data_ptr(), rv.data_ptr(), ptr(w), len(w),
+  eval(x.data_ptr(), d->N, d->C, d->L, rm.data_ptr(), rv.data_ptr(), ptr(w), len(w),
                   ptr(b), len(b), eps, y.data_ptr(), d->T);
   return y;
 }
 
-void set_kernels(int64_t fwd32, int64_t bwd32, int64_t eval32, int64_t fwd64, int64_t bwd64,
-                 int64_t eval64, py::object graph_backward, int64_t reuse_above,
+// resolve(dtype, layout, pass) -> address of the entry (see entry()); entries resolved before
+// are forgotten
+void set_kernels(py::object resolve, py::object graph_backward, int64_t reuse_above,
                  int64_t max_bytes) {
-  F32 = {reinterpret_cast<fwd_t>(fwd32), reinterpret_cast<bwd_t>(bwd32),
-         reinterpret_cast<eval_t>(eval32)};
-  F64 = {reinterpret_cast<fwd_t>(fwd64), reinterpret_cast<bwd_t>(bwd64),
-         reinterpret_cast<eval_t>(eval64)};
+  for (auto& by_layout : ENTRY) {
+    for (auto& by_pass : by_layout) {
+      for (auto& slot : by_pass) slot.store(nullptr, std::memory_order_release);
+    }
+  }
+  delete RESOLVE;
+  RESOLVE = new py::object(std::move(resolve));
   delete GRAPH_BACKWARD;
   GRAPH_BACKWARD = new py::object(std::move(graph_backward));
   std::lock_guard<std::mutex> guard(OUT.lock);

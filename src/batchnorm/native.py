@@ -85,11 +85,10 @@ def load() -> Any | None:
         name = _name()
         if not _built(cpp_extension, name):
             print(
-                "batchnorm: building the compiled autograd node and compiling its kernels "
-                "(once, a minute or a few; BATCHNORM_NATIVE=0 skips it)",
+                "batchnorm: building the compiled autograd node (once, about half a minute; "
+                "BATCHNORM_NATIVE=0 skips it)",
                 file=sys.stderr,
             )
-        addresses = _entries.addresses()
         ext = cpp_extension.load(
             name=name,
             sources=[str(_SOURCE)],
@@ -99,7 +98,7 @@ def load() -> Any | None:
         from batchnorm import backend_numba
 
         ext.set_kernels(
-            *addresses,
+            _entries.address,
             functional.graph_backward,
             backend_numba.REUSE_ABOVE,
             backend_numba._OUT.max_bytes,

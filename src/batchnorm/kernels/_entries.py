@@ -6,14 +6,20 @@ runs the same loops, with the same choice of loop and work split, as
 :func:`batchnorm.kernels._forward_eval_stats`, on ``T`` threads (``T == 1``: the serial
 builds; the caller chooses T with :func:`batchnorm.kernels._threads`, as the array API does),
 with streaming stores where :func:`batchnorm.kernels._stream` would choose them.
-``L == 0`` means the rows × channels layout ``(N, C)``; otherwise ``(N, C, L)``. Vectors of
-length 0 (a null pointer) mean "absent" (no weight, no bias, no running buffers, no
-counter), as the empty arrays of the array API do.
+One entry per pass (training forward, backward, inference), layout (rows × channels
+``(N, C)``, where ``L`` is 0, or ``(N, C, L)``) and dtype, each compiled the first time it is
+asked for (:func:`address`): a float32 convolutional network compiles the ``(N, C, L)``
+training entries at its first step and the inference entry at its first evaluation, nothing
+for float64 or rows × channels (each loop takes several seconds to compile, all twelve entries
+together minutes). Vectors of length 0 (a null pointer) mean "absent" (no weight, no bias, no
+running buffers, no counter), as the empty arrays of the array API do.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +31,7 @@ from numba import types as nb
 from batchnorm import kernels as K
 from batchnorm.kernels._loops import _renamed, kernel
 
-__all__ = ["addresses"]
+__all__ = ["address", "built", "NOTICE_AFTER"]
 
 _mc_split = numba.njit(K._mc_split)
 _fused = numba.njit(K._fused)
@@ -84,25 +90,41 @@ def _fwd_ncl(x, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untyped-
         _NCL_FWD(x, w, b, eps, 1, _whole_rows(L), stream, y, mean, var, invstd)
 
 
-def _fwd(
-    xp, N, C, L, wp, nw, bp, nb_, eps, yp, mp, vp, ip, rmp, rvp, nrun, nbtp, nnbt, mom, alpha, T
-):  # type: ignore[no-untyped-def]
-    w = carray(wp, (nw,))
-    b = carray(bp, (nb_,))
-    mean = carray(mp, (C,))
-    var = carray(vp, (C,))
-    invstd = carray(ip, (C,))
-    if L == 0:
-        _fwd_mc(carray(xp, (N, C)), w, b, eps, carray(yp, (N, C)), mean, var, invstd, T)
-    else:
-        s3 = (N, C, L)
-        _fwd_ncl(carray(xp, s3), w, b, eps, carray(yp, s3), mean, var, invstd, T)
+@numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
+def _vectors(nw, wp, nb_, bp, C, mp, vp, ip):  # type: ignore[no-untyped-def]
+    return (
+        carray(wp, (nw,)), carray(bp, (nb_,)),
+        carray(mp, (C,)), carray(vp, (C,)), carray(ip, (C,)),
+    )  # fmt: skip
+
+
+@numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
+def _update(mean, var, rmp, rvp, nrun, nbtp, nnbt, mom, alpha):  # type: ignore[no-untyped-def]
+    """The running-statistics update after a training forward: 1 when the buffers were
+    updated (0: none asked for, or a non-finite batch refused)."""
     if nrun == 0:
         return 0
     rm = carray(rmp, (nrun,))
     rv = carray(rvp, (nrun,))
     ok = _RUNNING(mean, var, rm, rv, mom, alpha, carray(nbtp, (nnbt,)))
     return 1 if ok else 0
+
+
+def _fwd_rows(
+    xp, N, C, L, wp, nw, bp, nb_, eps, yp, mp, vp, ip, rmp, rvp, nrun, nbtp, nnbt, mom, alpha, T
+):  # type: ignore[no-untyped-def]
+    w, b, mean, var, invstd = _vectors(nw, wp, nb_, bp, C, mp, vp, ip)
+    _fwd_mc(carray(xp, (N, C)), w, b, eps, carray(yp, (N, C)), mean, var, invstd, T)
+    return _update(mean, var, rmp, rvp, nrun, nbtp, nnbt, mom, alpha)
+
+
+def _fwd_channels(
+    xp, N, C, L, wp, nw, bp, nb_, eps, yp, mp, vp, ip, rmp, rvp, nrun, nbtp, nnbt, mom, alpha, T
+):  # type: ignore[no-untyped-def]
+    w, b, mean, var, invstd = _vectors(nw, wp, nb_, bp, C, mp, vp, ip)
+    s3 = (N, C, L)
+    _fwd_ncl(carray(xp, s3), w, b, eps, carray(yp, s3), mean, var, invstd, T)
+    return _update(mean, var, rmp, rvp, nrun, nbtp, nnbt, mom, alpha)
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
@@ -132,21 +154,20 @@ def _bwd_ncl(dy, x, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-un
         _NCL_BWD(dy, x, mean, invstd, w, tol, 1, _whole_rows(L), stream, need, dx, dw, db)
 
 
-def _bwd(dyp, xp, N, C, L, mp, ip, wp, nw, need_dx, dxp, dwp, dbp, T):  # type: ignore[no-untyped-def]
-    mean = carray(mp, (C,))
-    invstd = carray(ip, (C,))
-    w = carray(wp, (nw,))
-    dw = carray(dwp, (C,))
-    db = carray(dbp, (C,))
-    need = need_dx != 0
-    if L == 0:
-        s2 = (N, C)
-        dy, x, dx = carray(dyp, s2), carray(xp, s2), carray(dxp, s2)
-        _bwd_mc(dy, x, mean, invstd, w, need, dx, dw, db, T)
-    else:
-        s3 = (N, C, L)
-        dy3, x3, dx3 = carray(dyp, s3), carray(xp, s3), carray(dxp, s3)
-        _bwd_ncl(dy3, x3, mean, invstd, w, need, dx3, dw, db, T)
+def _bwd_rows(dyp, xp, N, C, L, mp, ip, wp, nw, need_dx, dxp, dwp, dbp, T):  # type: ignore[no-untyped-def]
+    s2 = (N, C)
+    _bwd_mc(
+        carray(dyp, s2), carray(xp, s2), carray(mp, (C,)), carray(ip, (C,)), carray(wp, (nw,)),
+        need_dx != 0, carray(dxp, s2), carray(dwp, (C,)), carray(dbp, (C,)), T,
+    )  # fmt: skip
+
+
+def _bwd_channels(dyp, xp, N, C, L, mp, ip, wp, nw, need_dx, dxp, dwp, dbp, T):  # type: ignore[no-untyped-def]
+    s3 = (N, C, L)
+    _bwd_ncl(
+        carray(dyp, s3), carray(xp, s3), carray(mp, (C,)), carray(ip, (C,)), carray(wp, (nw,)),
+        need_dx != 0, carray(dxp, s3), carray(dwp, (C,)), carray(dbp, (C,)), T,
+    )  # fmt: skip
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
@@ -169,34 +190,48 @@ def _eval_ncl(x, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
         _NCL_EVAL(x, rm, rv, w, b, eps, True, 1, whole, stream, y)
 
 
-def _eval(xp, N, C, L, rmp, rvp, wp, nw, bp, nb_, eps, yp, T):  # type: ignore[no-untyped-def]
-    rm = carray(rmp, (C,))
-    rv = carray(rvp, (C,))
-    w = carray(wp, (nw,))
-    b = carray(bp, (nb_,))
-    if L == 0:
-        _eval_mc(carray(xp, (N, C)), rm, rv, w, b, eps, carray(yp, (N, C)), T)
-    else:
-        s3 = (N, C, L)
-        _eval_ncl(carray(xp, s3), rm, rv, w, b, eps, carray(yp, s3), T)
+def _eval_rows(xp, N, C, L, rmp, rvp, wp, nw, bp, nb_, eps, yp, T):  # type: ignore[no-untyped-def]
+    _eval_mc(
+        carray(xp, (N, C)), carray(rmp, (C,)), carray(rvp, (C,)), carray(wp, (nw,)),
+        carray(bp, (nb_,)), eps, carray(yp, (N, C)), T,
+    )  # fmt: skip
 
 
-def _build(dtype: Any) -> tuple[Any, Any, Any]:
-    """The three entries for one float dtype (compiled on first use; cached on disk)."""
+def _eval_channels(xp, N, C, L, rmp, rvp, wp, nw, bp, nb_, eps, yp, T):  # type: ignore[no-untyped-def]
+    s3 = (N, C, L)
+    _eval_ncl(
+        carray(xp, s3), carray(rmp, (C,)), carray(rvp, (C,)), carray(wp, (nw,)),
+        carray(bp, (nb_,)), eps, carray(yp, s3), T,
+    )  # fmt: skip
+
+
+#: the entries, by layout (0: rows × channels, 1: ``(N, C, L)``) and pass (0: training forward,
+#: 1: backward, 2: inference) — the indices ``address`` takes, as ``native.cpp`` passes them
+_ENTRIES = (
+    (_fwd_rows, _bwd_rows, _eval_rows),
+    (_fwd_channels, _bwd_channels, _eval_channels),
+)
+_DTYPES = (nb.float32, nb.float64)
+_WHAT = (
+    ("float32", "float64"),
+    ("rows × channels", "(N, C, L)"),
+    ("training", "backward", "inference"),
+)
+#: seconds an entry may take to load before a notice says that it is being compiled
+NOTICE_AFTER = 2.0
+
+
+def _signature(dtype: Any, pass_: int) -> Any:
     p = nb.CPointer(dtype)
     i64, f64 = nb.int64, nb.float64
-    fwd = nb.int32(
-        p, i64, i64, i64, p, i64, p, i64, f64, p, p, p, p, p, p, i64, nb.CPointer(i64), i64,
-        f64, f64, i64,
-    )  # fmt: skip
-    bwd = nb.void(p, p, i64, i64, i64, p, p, p, i64, nb.int32, p, p, p, i64)
-    ev = nb.void(p, i64, i64, i64, p, p, p, i64, p, i64, f64, p, i64)
-    tag = "_" + _stamp()
-    return (
-        cfunc(fwd, cache=True)(_renamed(_fwd, tag)),
-        cfunc(bwd, cache=True)(_renamed(_bwd, tag)),
-        cfunc(ev, cache=True)(_renamed(_eval, tag)),
-    )
+    if pass_ == 0:
+        return nb.int32(
+            p, i64, i64, i64, p, i64, p, i64, f64, p, p, p, p, p, p, i64, nb.CPointer(i64), i64,
+            f64, f64, i64,
+        )  # fmt: skip
+    if pass_ == 1:
+        return nb.void(p, p, i64, i64, i64, p, p, p, i64, nb.int32, p, p, p, i64)
+    return nb.void(p, i64, i64, i64, p, p, p, i64, p, i64, f64, p, i64)
 
 
 def _stamp() -> str:
@@ -211,15 +246,54 @@ def _stamp() -> str:
     return h.hexdigest()[:16]
 
 
-_BUILT: list[int] = []
+_BUILT: dict[tuple[int, int, int], Any] = {}
+_LOCK = threading.Lock()
 
 
-def addresses() -> list[int]:
-    """The entries' addresses: forward, backward, inference for float32, then for float64."""
-    if not _BUILT:
-        # the entries link the multi-threaded loops: the threading layer must be up before
-        # they are compiled or loaded from the cache (its symbols are resolved then)
-        K.num_threads()
-        for dtype in (nb.float32, nb.float64):
-            _BUILT.extend(f.address for f in _build(dtype))
-    return _BUILT
+def _what(dtype: int, layout: int, pass_: int) -> str:
+    return f"{_WHAT[2][pass_]} kernels for {_WHAT[0][dtype]} {_WHAT[1][layout]} inputs"
+
+
+def _notice(dtype: int, layout: int, pass_: int) -> None:
+    print(
+        f"batchnorm: compiling the {_what(dtype, layout, pass_)} (once per machine, tens of "
+        "seconds; cached on disk next to the package)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def address(dtype: int, layout: int, pass_: int) -> int:
+    """The address of one entry — ``dtype`` 0 float32, 1 float64; ``layout`` 0 rows ×
+    channels, 1 ``(N, C, L)``; ``pass_`` 0 training forward, 1 backward, 2 inference —
+    compiled (or loaded from Numba's disk cache) the first time it is asked for: a process
+    compiles only what its inputs need. A notice goes to stderr when that takes longer than
+    :data:`NOTICE_AFTER` seconds."""
+    key = (dtype, layout, pass_)
+    with _LOCK:
+        f: Any = _BUILT.get(key)
+        if f is None:
+            # the entries link the multi-threaded loops: the threading layer must be up before
+            # they are compiled or loaded from the cache (its symbols are resolved then)
+            K.num_threads()
+            notice = threading.Timer(NOTICE_AFTER, _notice, key)
+            notice.daemon = True
+            notice.start()
+            try:
+                body = _renamed(_ENTRIES[layout][pass_], "_" + _stamp())
+                f = cfunc(_signature(_DTYPES[dtype], pass_), cache=True)(body)
+            except Exception as e:
+                raise RuntimeError(
+                    f"batchnorm: the {_what(*key)} could not be compiled "
+                    f"({type(e).__name__}: {str(e)[:300]}); BATCHNORM_NATIVE=0 and "
+                    "BATCHNORM_BACKEND=torch avoid the compiled paths"
+                ) from e
+            finally:
+                notice.cancel()
+            _BUILT[key] = f
+    return int(f.address)
+
+
+def built() -> list[tuple[int, int, int]]:
+    """The ``(dtype, layout, pass)`` of the entries this process has compiled or loaded."""
+    return sorted(_BUILT)
