@@ -85,7 +85,7 @@ def load() -> Any | None:
         name = _name()
         if not _built(cpp_extension, name):
             print(
-                "batchnorm: building the compiled autograd node (once, about half a minute; "
+                "batchnorm: building the compiled autograd node (once, about a minute; "
                 "BATCHNORM_NATIVE=0 skips it)",
                 file=sys.stderr,
             )
