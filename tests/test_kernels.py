@@ -692,3 +692,31 @@ def test_inference_affine_refuses_0d_statistics() -> None:
         args[k + 1] = np.array(1.0)
         with pytest.raises(ValueError, match=r"must have shape \(1,\), got \(\)"):
             K.inference_affine(*args)  # type: ignore[arg-type]
+
+
+def test_a_first_call_slow_to_load_its_loop_is_announced_once() -> None:
+    """Each loop takes seconds to compile on a machine's first call: past NOTICE_AFTER a line
+    on stderr names it (NOTICE_AFTER = 0 here, so that loading from the disk cache, which
+    takes a moment too, is announced); later calls and already loaded loops say nothing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from batchnorm import kernels as K\n"
+        "K.NOTICE_AFTER = 0.0\n"
+        "x = np.random.default_rng(0).normal(size=(4, 3, 5))\n"
+        "for _ in range(3):\n"
+        "    y, mean, var, invstd = K.forward_train(x, parallel=False)\n"
+        "    K.backward(np.ones_like(x), x, mean, invstd, parallel=False)\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    notices = [line for line in r.stderr.splitlines() if line.startswith("batchnorm: compiling")]
+    assert notices == [
+        "batchnorm: compiling the single-threaded loop ncl_forward_train (once per machine, "
+        "several seconds; cached on disk next to the package)",
+        "batchnorm: compiling the single-threaded loop ncl_backward (once per machine, "
+        "several seconds; cached on disk next to the package)",
+    ], r.stderr[-2000:]

@@ -435,7 +435,9 @@ import torch
 from batchnorm import functional as F
 from batchnorm.kernels import _entries
 
-_entries.NOTICE_AFTER = float(sys.argv[1])
+from batchnorm import kernels
+
+kernels.NOTICE_AFTER = float(sys.argv[1])
 # a float32 convolutional layer: (N, C, L) training entries, then inference
 x = torch.randn(8, 4, 6, 6, requires_grad=True)
 rm, rv = torch.zeros(4), torch.ones(4)

@@ -32,6 +32,8 @@ Example::
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -103,6 +105,38 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+#: seconds a first call may take to load compiled loops before a notice on stderr says that
+#: they are being compiled (each loop takes seconds; cached on disk afterwards)
+NOTICE_AFTER = 2.0
+
+
+def _compiling(what: str, how_long: str) -> threading.Timer:
+    """A started timer that prints, after :data:`NOTICE_AFTER` seconds, that ``what`` is being
+    compiled; cancel it once the compiled code is there."""
+    line = (
+        f"batchnorm: compiling the {what} (once per machine, {how_long}; cached on disk next to "
+        "the package)"
+    )
+    notice = threading.Timer(NOTICE_AFTER, lambda: print(line, file=sys.stderr, flush=True))
+    notice.daemon = True
+    notice.start()
+    return notice
+
+
+def _announced(disp: Any, name: str, parallel: bool) -> Any:
+    """``disp`` for a first call, which compiles or loads it, with a notice if that is slow."""
+
+    def first(*args: Any) -> Any:
+        threads = "multi-threaded" if parallel else "single-threaded"
+        notice = _compiling(f"{threads} loop {name}", "several seconds")
+        try:
+            return disp(*args)
+        finally:
+            notice.cancel()
+
+    return first
+
+
 def _kernel(name: str, parallel: bool) -> Any:
     disp = _DISPATCHERS.get((name, parallel))
     if disp is None:
@@ -111,6 +145,8 @@ def _kernel(name: str, parallel: bool) -> Any:
         disp = _DISPATCHERS[(name, parallel)] = kernel(name, parallel)
     if parallel:
         _state["parallel_used"] = True
+    if not disp.overloads:  # nothing compiled or loaded yet in this process
+        return _announced(disp, name, parallel)
     return disp
 
 

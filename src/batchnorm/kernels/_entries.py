@@ -18,7 +18,6 @@ running buffers, no counter), as the empty arrays of the array API do.
 from __future__ import annotations
 
 import hashlib
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from numba import types as nb
 from batchnorm import kernels as K
 from batchnorm.kernels._loops import _renamed, kernel
 
-__all__ = ["address", "built", "NOTICE_AFTER"]
+__all__ = ["address", "built"]
 
 _mc_split = numba.njit(K._mc_split)
 _fused = numba.njit(K._fused)
@@ -217,8 +216,6 @@ _WHAT = (
     ("rows × channels", "(N, C, L)"),
     ("training", "backward", "inference"),
 )
-#: seconds an entry may take to load before a notice says that it is being compiled
-NOTICE_AFTER = 2.0
 
 
 def _signature(dtype: Any, pass_: int) -> Any:
@@ -254,21 +251,12 @@ def _what(dtype: int, layout: int, pass_: int) -> str:
     return f"{_WHAT[2][pass_]} kernels for {_WHAT[0][dtype]} {_WHAT[1][layout]} inputs"
 
 
-def _notice(dtype: int, layout: int, pass_: int) -> None:
-    print(
-        f"batchnorm: compiling the {_what(dtype, layout, pass_)} (once per machine, tens of "
-        "seconds; cached on disk next to the package)",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
 def address(dtype: int, layout: int, pass_: int) -> int:
     """The address of one entry — ``dtype`` 0 float32, 1 float64; ``layout`` 0 rows ×
     channels, 1 ``(N, C, L)``; ``pass_`` 0 training forward, 1 backward, 2 inference —
     compiled (or loaded from Numba's disk cache) the first time it is asked for: a process
     compiles only what its inputs need. A notice goes to stderr when that takes longer than
-    :data:`NOTICE_AFTER` seconds."""
+    :data:`batchnorm.kernels.NOTICE_AFTER` seconds."""
     key = (dtype, layout, pass_)
     with _LOCK:
         f: Any = _BUILT.get(key)
@@ -276,9 +264,7 @@ def address(dtype: int, layout: int, pass_: int) -> int:
             # the entries link the multi-threaded loops: the threading layer must be up before
             # they are compiled or loaded from the cache (its symbols are resolved then)
             K.num_threads()
-            notice = threading.Timer(NOTICE_AFTER, _notice, key)
-            notice.daemon = True
-            notice.start()
+            notice = K._compiling(_what(*key), "tens of seconds")
             try:
                 body = _renamed(_ENTRIES[layout][pass_], "_" + _stamp())
                 f = cfunc(_signature(_DTYPES[dtype], pass_), cache=True)(body)
