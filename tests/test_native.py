@@ -718,3 +718,66 @@ def test_training_step_takes_the_node_directly_only_where_the_general_path_would
     _switches_take_the_general_path(monkeypatch, run, marker, calls)
     with torch.autograd.forward_ad.dual_level():
         assert run() is not marker and calls == []
+
+
+def test_compile_command_compiles_the_entries_asked_for(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``batchnorm compile`` asks for each selected entry (dtype × layout × pass), in order,
+    and prints one line per entry."""
+    from batchnorm import cli
+    from batchnorm.kernels import _entries
+
+    asked: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(_entries, "address", lambda *key: asked.append(key) or 1)
+    code = cli.main(
+        ["compile", "--dtype", "float64", "--layout", "rows", "--pass", "train", "eval"]
+    )
+    assert code == 0
+    assert asked == [(1, 0, 0), (1, 0, 2)]
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == [
+        "training kernels for float64 rows × channels inputs",
+        "inference kernels for float64 rows × channels inputs",
+    ]
+    asked.clear()
+    assert cli.main(["compile"]) == 0
+    assert len(asked) == 12 and len(set(asked)) == 12  # every entry once
+
+
+def test_compile_command_makes_the_entries_ready_in_a_fresh_process() -> None:
+    """After ``batchnorm compile`` for one entry a process holds it: a first call needing it
+    compiles nothing more."""
+    import subprocess
+    import sys
+
+    code = (
+        "from batchnorm import cli\n"
+        "from batchnorm.kernels import _entries\n"
+        "assert cli.main(['compile', '--dtype', 'float32', '--layout', 'channels', '--pass', "
+        "'eval']) == 0\n"
+        "print(_entries.built())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("inference kernels for float32 (N, C, L) inputs: ready (")
+    assert lines[1] == "[(0, 1, 2)]"
+
+
+def test_compile_command_without_the_node_compiles_the_function_path(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With the node turned off the command says so and readies the Function path's loops
+    (every loop, single- and multi-threaded) instead; exit 0, as nothing failed."""
+    from batchnorm import cli
+
+    monkeypatch.setenv("BATCHNORM_NATIVE", "0")
+    code = cli.main(["compile", "--dtype", "float64"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "the compiled node is turned off (BATCHNORM_NATIVE=0)" in captured.err
+    assert captured.out.strip().startswith("18 loops of the Function path: ready")
+    for name, parallel in K._DISPATCHERS:
+        assert K._DISPATCHERS[(name, parallel)].overloads, (name, parallel)
+    assert len(K._DISPATCHERS) == 18

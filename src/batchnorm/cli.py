@@ -21,6 +21,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "time whole training steps with torch.nn's BN layers, ours, and none",
     ),
     "doctor": ("batchnorm.diagnostics", "check a model for the classic batch-normalization bugs"),
+    "compile": (
+        "batchnorm.native",
+        "compile the kernels now instead of at the first calls (e.g. while building an image)",
+    ),
 }
 
 

@@ -21,14 +21,17 @@ builds it now, e.g. before timing.
 
 from __future__ import annotations
 
+import argparse
 import sys
+import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from batchnorm import _env
 
-__all__ = ["load", "loaded", "enabled"]
+__all__ = ["load", "loaded", "enabled", "compile_entries", "compile_loops"]
 
 _SOURCE = Path(__file__).with_name("native.cpp")
 
@@ -114,3 +117,117 @@ def load() -> Any | None:
         return None
     _state["ext"] = ext
     return ext
+
+
+# ------------------------------------------------------------------------------------------
+# `batchnorm compile`: compile ahead of the first call (e.g. while building an image)
+
+#: the command's names for the entries' indices (see ``kernels._entries.address``)
+DTYPES = {"float32": 0, "float64": 1}
+LAYOUTS = {"rows": 0, "channels": 1}  # rows × channels (2-D, channels_last); (N, C, L)
+PASSES = {"train": 0, "backward": 1, "eval": 2}
+
+
+def compile_entries(
+    dtypes: Sequence[str] = tuple(DTYPES),
+    layouts: Sequence[str] = tuple(LAYOUTS),
+    passes: Sequence[str] = tuple(PASSES),
+    progress: bool = True,
+) -> list[tuple[str, float]]:
+    """Compile (or load from the disk cache) the node's kernel entries now instead of at the
+    first calls that need them: each of ``dtypes`` × ``layouts`` × ``passes`` (names as in
+    :data:`DTYPES`, :data:`LAYOUTS`, :data:`PASSES`). Builds the node first. Returns
+    ``(entry, seconds)`` per entry; raises RuntimeError when the node is turned off or cannot
+    be built."""
+    from tqdm.auto import tqdm
+
+    from batchnorm.kernels import _entries
+
+    if load() is None:
+        why = "turned off (BATCHNORM_NATIVE=0)" if not enabled() else "not built here (see above)"
+        raise RuntimeError(f"the compiled node is {why}")
+    keys = [(DTYPES[d], LAYOUTS[lay], PASSES[p]) for d in dtypes for lay in layouts for p in passes]
+    done = []
+    for key in tqdm(keys, desc="compiling", disable=not progress, file=sys.stderr, leave=False):
+        t0 = time.perf_counter()
+        _entries.address(*key)
+        done.append((_entries._what(*key), time.perf_counter() - t0))
+    return done
+
+
+def compile_loops(dtypes: Sequence[str] = tuple(DTYPES), progress: bool = True) -> list[str]:
+    """Compile (or load) every loop of the array API — the path of ``BATCHNORM_NATIVE=0``, half
+    inputs and ``batchnorm.kernels`` itself — single- and multi-threaded, for ``dtypes``.
+    Returns the loops' names."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from batchnorm import kernels as K
+
+    # (N, C, L) with short rows, with long rows (a channel per task), and rows × channels
+    shapes = [(2, 3, 5), (2, 2, K.FUSED_ROWS), (8, 3)]
+    work = [(np.dtype(d), s, par) for d in dtypes for s in shapes for par in (False, True)]
+    for dt, shape, par in tqdm(
+        work, desc="compiling", disable=not progress, file=sys.stderr, leave=False
+    ):
+        x = np.linspace(-1.0, 1.0, int(np.prod(shape)), dtype=dt).reshape(shape)
+        y, mean, var, invstd = K.forward_train(x, parallel=par)
+        K.backward(np.ones_like(x), x, mean, invstd, parallel=par)
+        scale, shift = K.inference_affine(mean, var)
+        K.forward_eval(x, scale, shift, parallel=par)
+        K.running_update(np.zeros_like(mean), np.ones_like(var), mean, var, 0.1)
+    return sorted(f"{n} ({'multi' if p else 'single'}-threaded)" for n, p in K._DISPATCHERS)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES), help="default: both"
+    )
+    parser.add_argument(
+        "--layout",
+        nargs="+",
+        choices=list(LAYOUTS),
+        default=list(LAYOUTS),
+        help="rows: 2-D, channels_last and axis=-1 inputs; channels: (N, C, ...) inputs "
+        "(default: both)",
+    )
+    parser.add_argument(
+        "--pass",
+        dest="passes",
+        nargs="+",
+        choices=list(PASSES),
+        default=list(PASSES),
+        help="default: all three",
+    )
+    parser.add_argument(
+        "--function-path",
+        action="store_true",
+        help="also the loops of the Python autograd path (BATCHNORM_NATIVE=0, half inputs)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """``batchnorm compile``: what a first training step would otherwise compile, now."""
+    from batchnorm import kernels as K
+
+    progress = sys.stderr.isatty()
+    code = 0
+    notice_after, K.NOTICE_AFTER = K.NOTICE_AFTER, None  # each line below says it instead
+    try:
+        try:
+            for what, seconds in compile_entries(args.dtype, args.layout, args.passes, progress):
+                print(f"{what}: ready ({seconds:.1f} s)", flush=True)
+        except RuntimeError as e:
+            print(
+                f"batchnorm compile: {e}; the Function path's loops serve instead", file=sys.stderr
+            )
+            args.function_path = True
+            code = 1 if enabled() else 0
+        if args.function_path:
+            t0 = time.perf_counter()
+            loops = compile_loops(args.dtype, progress)
+            seconds = time.perf_counter() - t0
+            print(f"{len(loops)} loops of the Function path: ready ({seconds:.1f} s)")
+    finally:
+        K.NOTICE_AFTER = notice_after
+    return code

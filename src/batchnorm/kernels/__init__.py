@@ -106,8 +106,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 #: seconds a first call may take to load compiled loops before a notice on stderr says that
-#: they are being compiled (each loop takes seconds; cached on disk afterwards)
-NOTICE_AFTER = 2.0
+#: they are being compiled (each loop takes seconds; cached on disk afterwards); None: no notice
+NOTICE_AFTER: float | None = 2.0
 
 
 def _compiling(what: str, how_long: str) -> threading.Timer:
@@ -117,9 +117,11 @@ def _compiling(what: str, how_long: str) -> threading.Timer:
         f"batchnorm: compiling the {what} (once per machine, {how_long}; cached on disk next to "
         "the package)"
     )
-    notice = threading.Timer(NOTICE_AFTER, lambda: print(line, file=sys.stderr, flush=True))
+    after = NOTICE_AFTER
+    notice = threading.Timer(after or 0.0, lambda: print(line, file=sys.stderr, flush=True))
     notice.daemon = True
-    notice.start()
+    if after is not None:
+        notice.start()
     return notice
 
 
