@@ -16,7 +16,9 @@ recomputed in Python with torch operations, as the ``autograd.Function`` does.
 It is used automatically when it builds (a C++ compiler and ``ninja`` are needed, once per
 machine); ``BATCHNORM_NATIVE=0`` turns it off (the ``autograd.Function`` path then serves
 every call), and a failed build falls back to that path with one warning. :func:`load`
-builds it now, e.g. before timing.
+builds it now, e.g. before timing; its kernel entries are compiled as the first calls need
+them, or all at once by ``batchnorm compile`` (:func:`compile_entries`, and
+:func:`compile_loops` for the Function path).
 """
 
 from __future__ import annotations
