@@ -7,8 +7,9 @@
 // runs the backward in C++, and hands the kernels raw pointers. The kernels are the same Numba
 // loops, compiled as C-callable entries (batchnorm/kernels/_entries.py), each resolved through
 // Python the first time a call needs it (set_kernels() registers the resolver); the caller
-// passes the thread count, saved here for the backward. The math lives there; this file only checks, allocates, passes pointers and
-// records the graph. Built on first use by batchnorm/native.py (torch.utils.cpp_extension).
+// passes the thread count, saved here for the backward. The math lives there; this file only
+// checks, allocates, passes pointers and records the graph. Built on first use by
+// batchnorm/native.py (torch.utils.cpp_extension).
 
 #include <torch/extension.h>
 
@@ -49,9 +50,9 @@ using eval_t = void (*)(void* x, int64_t N, int64_t C, int64_t L, void* rm, void
                         int64_t nw, void* b, int64_t nb, double eps, void* y, int64_t T);
 
 // The entries by dtype (float32, float64), layout (rows x channels, (N, C, L)) and pass
-// (training forward, backward, inference): resolved by Python (batchnorm.kernels._entries.address,
-// which compiles or loads the one asked for) the first time a call needs it, so that a process
-// compiles only what its inputs use.
+// (training forward, backward, inference): resolved by Python
+// (batchnorm.kernels._entries.address, which compiles or loads the one asked for) the first
+// time a call needs it, so that a process compiles only what its inputs use.
 enum Pass { kForward = 0, kBackward = 1, kEval = 2 };
 std::atomic<void*> ENTRY[2][2][3];
 py::object* RESOLVE = nullptr;
