@@ -288,12 +288,52 @@ def test_tensor_subclass_input_keeps_its_class_as_in_torch(
         )
 
 
-def test_swa_update_bn_skips_our_layers_and_recalibrate_is_its_counterpart() -> None:
-    """As the README says: torch's update_bn finds BN layers by class, so ours are neither
-    reset nor recomputed (its passes are ordinary training steps for them, momentum updates);
-    recalibrate recomputes both kinds."""
+def test_torch_finds_our_fixed_rank_layers_by_class() -> None:
+    """BatchNorm1d/2d/3d derive from torch.nn's classes: code that finds BN layers with
+    isinstance (freezing BN, weight-decay groups, torch's own tools) finds ours; the any-axis
+    BatchNorm and our SyncBatchNorm are not torch.nn classes (torch's layers are axis 1)."""
+    pairs = [
+        (batchnorm.BatchNorm1d(3), nn.BatchNorm1d),
+        (batchnorm.BatchNorm2d(3), nn.BatchNorm2d),
+        (batchnorm.BatchNorm3d(3), nn.BatchNorm3d),
+        (batchnorm.GhostBatchNorm2d(3, virtual_batch_size=2), nn.BatchNorm2d),
+        (batchnorm.BatchRenorm1d(3), nn.BatchNorm1d),
+    ]
+    for layer, cls in pairs:
+        assert isinstance(layer, cls) and isinstance(layer, nn.modules.batchnorm._BatchNorm)
+        # one set of parameters and buffers: torch.nn's constructor does not run
+        assert [n for n, _ in layer.named_parameters()] == ["weight", "bias"]
+        assert list(layer.state_dict()) == [
+            "weight", "bias", "running_mean", "running_var", "num_batches_tracked"
+        ]  # fmt: skip
+    for other in (batchnorm.BatchNorm(3, axis=-1), batchnorm.SyncBatchNorm(3)):
+        assert not isinstance(other, nn.modules.batchnorm._BatchNorm)
+    # the usual "freeze every BN layer" loop reaches ours
+    net = nn.Sequential(nn.Conv2d(1, 3, 1), batchnorm.BatchNorm2d(3)).train()
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    before = net[1].running_mean.clone()
+    net(torch.randn(4, 1, 5, 5) + 3)
+    assert torch.equal(net[1].running_mean, before)
+    # torch.func's helper for vmap: no running statistics, batch statistics in eval too
+    ours = nn.Sequential(nn.Linear(3, 4), batchnorm.BatchNorm1d(4))
+    theirs = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    theirs.load_state_dict(ours.state_dict())
+    for m in (ours, theirs):
+        torch.func.replace_all_batch_norm_modules_(m)
+        m.eval()
+    assert ours[1].running_mean is None and not ours[1].track_running_stats
+    x = torch.randn(5, 8, 3)
+    torch.testing.assert_close(torch.func.vmap(ours)(x), torch.func.vmap(theirs)(x))
 
-    def model(cls: type[nn.Module]) -> nn.Sequential:
+
+def test_swa_update_bn_recomputes_our_layers_and_recalibrate_is_its_counterpart() -> None:
+    """torch's update_bn finds BN layers by class: it resets and recomputes our
+    BatchNorm1d/2d/3d exactly as torch.nn's (cumulative average, momentum restored); the
+    any-axis BatchNorm it does not find (not a torch.nn class) — recalibrate takes every kind."""
+
+    def model(cls: Callable[[int], nn.Module]) -> nn.Sequential:
         torch.manual_seed(1)
         return nn.Sequential(nn.Linear(3, 4), cls(4))
 
@@ -302,20 +342,27 @@ def test_swa_update_bn_skips_our_layers_and_recalibrate_is_its_counterpart() -> 
     with torch.no_grad():
         h = model(nn.BatchNorm1d)[0](torch.cat(batches))
     theirs, ours = model(nn.BatchNorm1d), model(batchnorm.BatchNorm1d)
+    with torch.no_grad():
+        ours[1].running_mean.fill_(9.0)  # reset first, as torch's are
     for m in (theirs, ours):
         torch.optim.swa_utils.update_bn(batches, m)
     torch.testing.assert_close(theirs[1].running_mean, h.mean(0), rtol=1e-4, atol=1e-5)
-    # a model without torch.nn's layers: update_bn returns before any pass
-    assert torch.equal(ours[1].running_mean, torch.zeros(4))
-    assert int(ours[1].num_batches_tracked) == 0
-    # beside one of torch.nn's: its passes are three ordinary training steps for ours
+    for key, value in theirs[1].state_dict().items():
+        torch.testing.assert_close(ours[1].state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    assert ours[1].momentum == 0.1 and int(ours[1].num_batches_tracked) == 3
+    # the any-axis layer: a model without torch.nn's classes gets no pass at all
+    anyaxis = model(lambda c: batchnorm.BatchNorm(c, axis=-1))
+    torch.optim.swa_utils.update_bn(batches, anyaxis)
+    assert torch.equal(anyaxis[1].running_mean, torch.zeros(4))
+    assert int(anyaxis[1].num_batches_tracked) == 0
+    # beside one of torch.nn's: its passes are three ordinary training steps for it
     # (momentum 0.1 from zero)
-    mixed = nn.Sequential(model(batchnorm.BatchNorm1d), nn.BatchNorm1d(4))
+    mixed = nn.Sequential(model(lambda c: batchnorm.BatchNorm(c, axis=-1)), nn.BatchNorm1d(4))
     torch.optim.swa_utils.update_bn(batches, mixed)
     ema = torch.zeros(4)
     for hb in h.split(16):
         ema = 0.9 * ema + 0.1 * hb.mean(0)
     torch.testing.assert_close(mixed[0][1].running_mean, ema, rtol=1e-4, atol=1e-5)
-    batchnorm.recalibrate(ours, batches)
-    torch.testing.assert_close(ours[1].running_mean, h.mean(0), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ours[1].running_var, h.var(0), rtol=1e-4, atol=1e-5)
+    batchnorm.recalibrate(anyaxis, batches)
+    torch.testing.assert_close(anyaxis[1].running_mean, h.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(anyaxis[1].running_var, h.var(0), rtol=1e-4, atol=1e-5)

@@ -721,15 +721,32 @@ def test_empty_batch_without_a_process_group_is_plain_bn() -> None:
     assert y.shape == (0, 4) and int(bn.num_batches_tracked) == 0
 
 
-def test_torch_converter_skips_our_layers_which_ours_converts() -> None:
-    """The README's warning: torch's converter leaves our layers per-replica; ours takes
-    both kinds."""
-    net = torch.nn.Sequential(batchnorm.BatchNorm2d(4), torch.nn.BatchNorm2d(4))
+def test_torch_converter_takes_our_fixed_rank_layers_and_ours_takes_both() -> None:
+    """As the README says: torch's converter finds our BatchNorm1d/2d/3d by class and makes
+    torch.nn.SyncBatchNorm of them (state copied), the any-axis BatchNorm it leaves
+    per-replica; ours converts every kind to batchnorm.SyncBatchNorm and leaves the variants
+    (also those built on BatchNorm2d) as they are."""
+    net = torch.nn.Sequential(
+        batchnorm.BatchNorm2d(4), torch.nn.BatchNorm2d(4), batchnorm.BatchNorm(4, axis=1)
+    )
+    with torch.no_grad():
+        net[0].running_mean.fill_(0.25)
+        net[0].weight.fill_(2.0)
     by_torch = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(net))
-    assert type(by_torch[0]) is batchnorm.BatchNorm2d
-    assert type(by_torch[1]) is torch.nn.SyncBatchNorm
+    assert [type(m) for m in by_torch] == [
+        torch.nn.SyncBatchNorm,
+        torch.nn.SyncBatchNorm,
+        batchnorm.BatchNorm,
+    ]
+    assert torch.equal(by_torch[0].running_mean, torch.full((4,), 0.25))
+    assert torch.equal(by_torch[0].weight, torch.full((4,), 2.0))
     by_us = batchnorm.convert_sync_batchnorm(net)
     assert all(type(m) is batchnorm.SyncBatchNorm for m in by_us)
+    variants = torch.nn.Sequential(
+        batchnorm.GhostBatchNorm2d(4, virtual_batch_size=2), batchnorm.BatchRenorm3d(4)
+    )
+    kept = batchnorm.convert_sync_batchnorm(variants)
+    assert [type(m) for m in kept] == [batchnorm.GhostBatchNorm2d, batchnorm.BatchRenorm3d]
 
 
 def test_convert_model_takes_synchronized_layers_both_ways() -> None:

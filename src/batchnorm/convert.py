@@ -424,10 +424,16 @@ def _probe_shape(n: int, c: int, axis: int, rank: int) -> list[int]:
     return shape
 
 
+def _torch_impl(tm: Any) -> bool:
+    """Whether ``tm`` computes with torch.nn's batch norm (our BatchNorm1d/2d/3d derive from
+    torch.nn's classes, but compute with ours)."""
+    return isinstance(tm, nn.modules.batchnorm._BatchNorm) and not isinstance(tm, _BatchNormBase)
+
+
 def _torch_trains(tm: Any) -> bool:
     """Whether the torch module can run in training mode: torch.nn's batch norm refuses ε = 0
     there (ours accepts it)."""
-    return not (isinstance(tm, nn.modules.batchnorm._BatchNorm) and float(tm.eps) <= 0.0)
+    return not (_torch_impl(tm) and float(tm.eps) <= 0.0)
 
 
 def _max_diff(a: Any, b: Any) -> float:
@@ -542,7 +548,7 @@ def _fmt_diff(v: float) -> str:
 
 
 def _eps_note(tm: Any, eps_t: float) -> tuple[str, ...]:
-    if isinstance(tm, nn.modules.batchnorm._BatchNorm) and eps_t <= 0.0:
+    if _torch_impl(tm) and eps_t <= 0.0:
         return (
             "torch.nn's batch norm refuses eps=0 in training mode: the torch module runs in "
             "inference only, and the training-mode difference is not measured",

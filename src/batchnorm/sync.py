@@ -508,8 +508,8 @@ def _ours(cls: type) -> bool:
 
 def _convertible(m: nn.Module) -> bool:
     cls = type(m)
-    if isinstance(m, _TORCH_BN):
-        return True
+    if isinstance(m, _TORCH_BN) and not isinstance(m, _BatchNormBase):
+        return True  # torch.nn's (ours derive from its classes: decided below)
     if cls in _OURS:
         return True
     # a user's subclass of our plain layers (not of a variant)

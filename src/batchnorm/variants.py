@@ -235,15 +235,15 @@ class BatchRenorm(_Renorm, BatchNorm):
     __doc__ = (_Renorm.__doc__ or "") + (__doc__ or "")
 
 
-class BatchRenorm1d(_Renorm, BatchNorm1d):
+class BatchRenorm1d(_Renorm, BatchNorm1d):  # type: ignore[misc]  # γ/β: see _FixedRank
     """Batch Renormalization for ``(N, C)`` or ``(N, C, L)`` input; see :class:`BatchRenorm`."""
 
 
-class BatchRenorm2d(_Renorm, BatchNorm2d):
+class BatchRenorm2d(_Renorm, BatchNorm2d):  # type: ignore[misc]  # γ/β: see _FixedRank
     """Batch Renormalization for ``(N, C, H, W)`` input; see :class:`BatchRenorm`."""
 
 
-class BatchRenorm3d(_Renorm, BatchNorm3d):
+class BatchRenorm3d(_Renorm, BatchNorm3d):  # type: ignore[misc]  # γ/β: see _FixedRank
     """Batch Renormalization for ``(N, C, D, H, W)`` input; see :class:`BatchRenorm`."""
 
 
@@ -389,15 +389,15 @@ class GhostBatchNorm(_Ghost, BatchNorm):
     __doc__ = (_Ghost.__doc__ or "") + (__doc__ or "")
 
 
-class GhostBatchNorm1d(_Ghost, BatchNorm1d):
+class GhostBatchNorm1d(_Ghost, BatchNorm1d):  # type: ignore[misc]  # γ/β: see _FixedRank
     """Ghost batch normalization for ``(N, C)`` or ``(N, C, L)``; see :class:`GhostBatchNorm`."""
 
 
-class GhostBatchNorm2d(_Ghost, BatchNorm2d):
+class GhostBatchNorm2d(_Ghost, BatchNorm2d):  # type: ignore[misc]  # γ/β: see _FixedRank
     """Ghost batch normalization for ``(N, C, H, W)``; see :class:`GhostBatchNorm`."""
 
 
-class GhostBatchNorm3d(_Ghost, BatchNorm3d):
+class GhostBatchNorm3d(_Ghost, BatchNorm3d):  # type: ignore[misc]  # γ/β: see _FixedRank
     """Ghost batch normalization for ``(N, C, D, H, W)``; see :class:`GhostBatchNorm`."""
 
 

@@ -3,7 +3,9 @@ checks; the math lives in the functional core.
 
 ``BatchNorm1d/2d/3d`` are drop-in replacements for ``torch.nn.BatchNorm1d/2d/3d``: same
 constructor arguments, attributes, ``state_dict`` keys (``weight``, ``bias``, ``running_mean``,
-``running_var``, ``num_batches_tracked``) and train/eval behaviour, so checkpoints load both ways.
+``running_var``, ``num_batches_tracked``) and train/eval behaviour, so checkpoints load both ways;
+they derive from torch.nn's classes (``isinstance(m, nn.BatchNorm2d)`` holds, as code that finds
+BN layers by class expects) while computing with ours.
 :class:`BatchNorm` takes any channel axis and any rank, and speaks Keras' conventions through
 :meth:`BatchNorm.from_keras`.
 
@@ -90,7 +92,9 @@ class _BatchNormBase(nn.Module):
         backend: str | None = None,
         small_batch: SmallBatchPolicy = "raise",
     ) -> None:
-        super().__init__()
+        # nn.Module's own: BatchNorm1d/2d/3d also derive from torch.nn's classes, whose
+        # constructors would build a second set of parameters
+        nn.Module.__init__(self)
         name = type(self).__name__
         try:
             # any integral type (NumPy's, say), as torch.nn takes; a bool is a mistake
@@ -624,7 +628,12 @@ class BatchNorm(_BatchNormBase):
 
 
 class _FixedRank(_BatchNormBase):
-    """torch.nn's BatchNormNd: channels at axis 1 and a fixed set of accepted ranks."""
+    """torch.nn's BatchNormNd: channels at axis 1 and a fixed set of accepted ranks.
+
+    BatchNorm1d/2d/3d also derive from torch.nn's classes, whose stubs type γ and β as
+    ``Parameter`` (torch.nn declares them by assignment); here either may be ``None``
+    (``affine=False``, ``bias=False``, Keras' ``center``/``scale``), hence the type checker's
+    silenced complaint on those class lines."""
 
     _layout: str = ""
 
@@ -652,7 +661,7 @@ class _FixedRank(_BatchNormBase):
             )
 
 
-class BatchNorm1d(_FixedRank):
+class BatchNorm1d(_FixedRank, nn.BatchNorm1d):  # type: ignore[misc]  # γ/β: see _FixedRank
     """Drop-in for ``torch.nn.BatchNorm1d``: input ``(N, C)`` or ``(N, C, L)``.
     See :class:`BatchNorm` for the formula and arguments."""
 
@@ -660,7 +669,7 @@ class BatchNorm1d(_FixedRank):
     _layout = "(N, C) or (N, C, L)"
 
 
-class BatchNorm2d(_FixedRank):
+class BatchNorm2d(_FixedRank, nn.BatchNorm2d):  # type: ignore[misc]  # γ/β: see _FixedRank
     """Drop-in for ``torch.nn.BatchNorm2d``: input ``(N, C, H, W)``, NCHW or ``channels_last``.
     See :class:`BatchNorm` for the formula and arguments."""
 
@@ -668,7 +677,7 @@ class BatchNorm2d(_FixedRank):
     _layout = "(N, C, H, W)"
 
 
-class BatchNorm3d(_FixedRank):
+class BatchNorm3d(_FixedRank, nn.BatchNorm3d):  # type: ignore[misc]  # γ/β: see _FixedRank
     """Drop-in for ``torch.nn.BatchNorm3d``: input ``(N, C, D, H, W)``.
     See :class:`BatchNorm` for the formula and arguments."""
 
