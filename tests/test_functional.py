@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
 from batchnorm import functional as F
 from batchnorm import reference as ref
@@ -152,6 +153,111 @@ def test_eval_mode_gradcheck() -> None:
 
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def _graph_names(fn: object, depth: int) -> set[str]:
+    """The class names of the autograd nodes within ``depth`` steps of ``fn``."""
+    if fn is None or depth == 0:
+        return set()
+    names = {type(fn).__name__}
+    for nxt, _ in getattr(fn, "next_functions", ()):
+        names |= _graph_names(nxt, depth - 1)
+    return names
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "shape,axis,channels_last",
+    [((5, 3), 1, False), ((3, 2, 4), 1, False), ((3, 4, 2), -1, False), ((2, 3, 2, 3), 1, True)],
+)
+def test_eval_mode_is_differentiable_in_every_argument(
+    backend: str, shape: tuple[int, ...], axis: int, channels_last: bool
+) -> None:
+    """Algorithm 2 with gradients (BN frozen in eval mode while the rest trains): first and
+    second derivatives in x, γ, β and the running statistics themselves."""
+    c = shape[axis]
+    x = _rand(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64).requires_grad_()
+    rm = torch.randn(c, dtype=torch.float64).requires_grad_()
+    rv = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
+
+    def fn(x: Tensor, rm: Tensor, rv: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        return F.batch_norm_eval(x, rm, rv, w, b, 1e-3, axis=axis, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, rm, rv, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, rm, rv, w, b))
+    # the kernels' Function with the kernel backend, torch operations with the torch one
+    names = _graph_names(fn(x, rm, rv, w, b).grad_fn, depth=3)
+    assert ("BatchNormEvalFunctionBackward" in names) == (backend == "auto"), names
+
+    def no_affine(x: Tensor) -> Tensor:
+        return F.batch_norm_eval(x, rm.detach(), rv.detach(), axis=axis, backend=backend)
+
+    assert torch.autograd.gradcheck(no_affine, (x,))
+    assert torch.autograd.gradgradcheck(no_affine, (x,))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
+def test_eval_mode_gradients_match_torch_nn_and_the_output_matches_no_grad(layout: str) -> None:
+    """float32 through the modules: the gradients of BN in eval mode are torch.nn's; the
+    output is the same with gradients as without (one kernel pass either way); a ReLU in place
+    after it is legal."""
+    import batchnorm
+
+    torch.manual_seed(0)
+    shape = (6, 40) if layout == "rows" else (4, 8, 5, 7)
+    x0 = torch.randn(*shape) * 3 + 2
+    if layout == "channels_last":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    ours = (batchnorm.BatchNorm1d if layout == "rows" else batchnorm.BatchNorm2d)(c)
+    theirs = (torch.nn.BatchNorm1d if layout == "rows" else torch.nn.BatchNorm2d)(c)
+    with torch.no_grad():
+        ours.running_mean.uniform_(1, 3)
+        ours.running_var.uniform_(0.5, 4)
+        ours.weight.uniform_(0.5, 2)
+        ours.bias.uniform_(-1, 1)
+    theirs.load_state_dict(ours.state_dict())
+    ours.eval()
+    theirs.eval()
+    dy = torch.randn_like(x0)
+    grads = []
+    for m in (ours, theirs):
+        x = x0.clone().requires_grad_()
+        y = torch.relu_(m(x))
+        y.backward(dy)
+        grads.append((y.detach(), x.grad, m.weight.grad, m.bias.grad))
+    for a, e in zip(*grads, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        plain = ours(x0)
+    assert torch.equal(ours(x0.clone().requires_grad_()).detach(), plain)
+    assert int(ours.num_batches_tracked) == 0  # eval mode: nothing learned
+
+
+def test_eval_mode_backward_follows_a_saved_tensor_hook_that_changes_the_layout() -> None:
+    """A hook that packs the saved input contiguously hands channels_last x back in NCHW:
+    dy is brought to x's layout before the kernels read both."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    w = torch.rand(4, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    dy = torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last)
+    got = []
+    for backend in ("auto", "torch"):
+        for t in (x, w, b):
+            t.grad = None
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.contiguous(), lambda t: t):
+            y = F.batch_norm_eval(x, rm, rv, w, b, backend=backend)
+        y.backward(dy)
+        got.append((x.grad, w.grad, b.grad))
+    for a, e in zip(*got, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -706,6 +706,104 @@ class BatchNormFunction(torch.autograd.Function):
         return dx_out, dw_out, db_out, None, None, None, None
 
 
+class BatchNormEvalFunction(torch.autograd.Function):
+    """Algorithm 2 with gradients: ``y = γ·(x − μ)/√(σ² + ε) + β`` with the population
+    ``μ``, ``σ²`` — differentiable in the input, γ, β and the running statistics themselves.
+
+    The forward is the backend's single pass (the same as without gradients). The first-order
+    backward is two passes on the backend: ``dx = dy·γ/√(σ² + ε)`` (the inference pass with
+    zero mean and no β) and the per-channel sums ``Σdy`` and ``Σdy·(x − μ)`` (the training
+    backward's sums, without its dx), from which ``dγ``, ``dβ``, ``dμ`` and ``dσ²`` follow per
+    channel. A graph of the backward (``create_graph=True``), or a ``dy`` without memory of its
+    own, recomputes the output with torch operations and differentiates that.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        be: Backend,
+        axis: int,
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        y = be.eval_node(x, axis, mean, var, weight, bias, eps)
+        if y is None:
+            xc, restore = canonical_layout(x, axis)
+            y = be.forward_eval(xc, mean, var, weight, bias, eps)
+        else:
+            restore = _same
+        ctx.save_for_backward(x, mean, var, weight, bias)  # type: ignore[arg-type]
+        ctx.eps = eps  # type: ignore[attr-defined]
+        ctx.axis = axis  # type: ignore[attr-defined]
+        ctx.backend = be  # type: ignore[attr-defined]
+        ctx.restore = restore  # type: ignore[attr-defined]
+        ctx.set_materialize_grads(False)
+        # y leaves in the canonical shape with its ``restore``, as BatchNormFunction's does:
+        # the caller's view of it may be modified in place (BN then ReLU(inplace=True))
+        return y, restore
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, dy: Tensor | None, *_unused: Any
+    ) -> tuple[Tensor | None, ...]:
+        x, mean, var, weight, bias = ctx.saved_tensors  # type: ignore[attr-defined]
+        needs = ctx.needs_input_grad[:5]  # type: ignore[attr-defined]
+        eps: float = ctx.eps  # type: ignore[attr-defined]
+        axis: int = ctx.axis  # type: ignore[attr-defined]
+        none: tuple[None, ...] = (None,) * 3
+        if dy is None:
+            return (None,) * 5 + none
+        dy_x = ctx.restore(dy)  # type: ignore[attr-defined]
+        inputs = (x, mean, var, weight, bias)
+        if torch.is_grad_enabled() or not _has_memory(dy):
+            # torch operations, differentiated by autograd: a graph for second derivatives,
+            # or a dy the kernels cannot read (batched gradients)
+            wanted = [t for t, n in zip(inputs, needs, strict=True) if n and t is not None]
+            with torch.enable_grad():
+                xc, restore = canonical_layout(x, axis)
+                y = restore(_TORCH.forward_eval(xc, mean, var, weight, bias, eps))
+            got = iter(
+                torch.autograd.grad(
+                    y, wanted, dy_x, create_graph=torch.is_grad_enabled(), allow_unused=True
+                )
+            )
+            grads = [next(got) if n and t is not None else None for t, n in zip(inputs, needs)]
+            return (*grads, *none)
+        be: Backend = ctx.backend  # type: ignore[attr-defined]
+        cd = _compute_dtype(x.dtype)
+        inv = torch.rsqrt(var.to(cd) + eps)
+        dx = dw = db = dmean = dvar = None
+        if needs[0]:
+            # dy·γ/√(σ² + ε): the inference pass with zero mean and no β (the compiled node's
+            # when it takes dy: its outputs reuse memory, which a fresh dx would page in)
+            zero = torch.zeros_like(var)
+            dx = be.eval_node(dy_x, axis, zero, var, weight, None, eps)
+            if dx is None:
+                dyc, restore = canonical_layout(dy_x, axis)
+                dx = restore(be.forward_eval(dyc, zero, var, weight, None, eps))
+        if any(needs[1:]):
+            dyc, xc, _ = _canonical_pair(dy_x, x, axis)
+            # Σdy·(x − μ)·inv and Σdy per channel (the training backward's sums, no dx)
+            _, s1, s0 = be.backward(dyc, xc, mean.to(cd), inv, None, (False, True, True))
+            assert s1 is not None and s0 is not None
+            s1, s0 = s1.to(cd), s0.to(cd)
+            g = None if weight is None else weight.to(cd)
+            scale = inv if g is None else inv * g
+            if needs[1]:
+                dmean = (-scale * s0).to(mean.dtype)
+            if needs[2]:
+                dvar = (-0.5 * s1 * inv * scale).to(var.dtype)
+            if needs[3] and weight is not None:
+                dw = s1.to(weight.dtype)
+            if needs[4] and bias is not None:
+                db = s0.to(bias.dtype)
+        return dx, dmean, dvar, dw, db, *none
+
+
 def _canonical_pair(
     dy: Tensor, x: Tensor, axis: int
 ) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
@@ -901,12 +999,17 @@ def batch_norm_eval(
         y = ext.evaluate(input, axis, running_mean, running_var, weight, bias, T, eps)
         if y is not None:
             return y  # type: ignore[no-any-return]
-    be = (
-        _TORCH
-        if needs_graph
-        else get_backend(input, backend, also=(running_mean, running_var, weight, bias))
-    )
-    if not needs_graph and ext is None:  # a node that declined above would decline again
+    be = get_backend(input, backend, also=(running_mean, running_var, weight, bias))
+    if needs_graph and be is not _TORCH and not _torch_ops_only():
+        # eval mode with gradients (fine-tuning with BN frozen in eval mode, gradients with
+        # respect to the input): the kernels' single pass, and a backward of two passes
+        yc, restore = BatchNormEvalFunction.apply(
+            input, running_mean, running_var, weight, bias, eps, be, axis
+        )
+        return restore(yc)  # type: ignore[no-any-return]
+    if needs_graph:
+        be = _TORCH
+    elif ext is None:  # a node that declined above would decline again
         node = be.eval_node(input, axis, running_mean, running_var, weight, bias, eps)
         if node is not None:
             return node
