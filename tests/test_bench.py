@@ -255,3 +255,38 @@ def test_other_share_sees_another_process_and_not_this_one() -> None:
     assert own * wall * cores >= 0.5
     share = bench.other_share(before, after)
     assert share == pytest.approx(max(0.0, total - own), abs=0.05 / (wall * cores) + 1e-9)
+
+
+def test_eval_with_gradients_is_timed_on_request(tmp_path, capsys):
+    """--passes eval+bwd times BN in eval mode with a backward (ours and torch's modules stay
+    in train mode after); the table, summary, targets and plot follow the passes timed."""
+    path = tmp_path / "b.json"
+    code = cli_main(
+        ["bench", "--shapes", "6x5x3x4", "--repeats", "2", "--passes", "eval+bwd", "eval"]
+        + ["--json", str(path)]
+    )
+    assert code == 0
+    table = capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert data["passes"] == ["eval", "eval+bwd"]  # the table's order
+    (case,) = data["cases"]
+    assert set(case["ours_s"]) == {"eval", "eval+bwd"}
+    roof = case["copy_s"] * bench.PASS_VALUES["eval+bwd"] / 2
+    assert math.isclose(case["roofline_s"]["eval+bwd"], roof)
+    assert "eval+bwd ours/torch" in table and "fwd+bwd ours ms" not in table
+    assert list(data["targets"]) == ["eval no shape slower than torch"]
+    assert "- eval+bwd geomean speedup vs torch: " in table
+    row = next(line for line in table.splitlines() if line.startswith("| 6x5x3x4 |"))
+    assert row.endswith(" — |")  # no fwd+bwd affine reference without fwd+bwd
+    if bench._has_matplotlib():
+        assert os.path.exists(bench.plot(bench.load(path), tmp_path / "p.png"))
+    with pytest.raises(ValueError, match="passes must be some of"):
+        bench.run(["7x3"], repeats=1, passes=("bwd",))
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--passes", "bwd"])
+    # the timed call: eval mode with gradients reaching x, γ and β, train mode after
+    m = bench._modules(bench.Case((6, 5)), torch.float32)[0]
+    x, dy = torch.randn(6, 5), torch.randn(6, 5)
+    bench._calls(m, x, dy)["eval+bwd"]()
+    assert m.training and int(m.num_batches_tracked) == 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())

@@ -201,6 +201,25 @@ def test_eval_mode_is_differentiable_in_every_argument(
     assert torch.autograd.gradgradcheck(no_affine, (x,))
 
 
+def test_eval_mode_gradients_for_some_of_the_arguments() -> None:
+    """Only the arguments that require gradients get them (the running mean alone, the
+    running variance alone, β without γ), each exact."""
+    x = _rand((4, 3, 5)).requires_grad_()
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    w, b = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x, m: F.batch_norm_eval(x, m, rv, w, None), (x, rm.requires_grad_())
+    )
+    rm.requires_grad_(False)
+    assert torch.autograd.gradcheck(
+        lambda v: F.batch_norm_eval(x.detach(), rm, v, None, b), (rv.requires_grad_(),)
+    )
+    rv.requires_grad_(False)
+    assert torch.autograd.gradcheck(
+        lambda b: F.batch_norm_eval(x.detach(), rm, rv, None, b), (b.requires_grad_(),)
+    )
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "rows"])
 def test_eval_mode_gradients_match_torch_nn_and_the_output_matches_no_grad(layout: str) -> None:
     """float32 through the modules: the gradients of BN in eval mode are torch.nn's; the

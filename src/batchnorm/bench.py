@@ -7,6 +7,8 @@ so drifting machine load hits both alike), the median over ``repeats`` of:
 * ``fwd+bwd`` — training forward and backward through autograd (``y.backward(dy)``), output and
   gradient allocation included;
 * ``eval`` — inference forward;
+* ``eval+bwd`` (on request: ``--passes``) — inference forward and backward through autograd:
+  BN kept in eval mode inside a network that trains (fine-tuning with frozen statistics);
 * ``copy`` — ``out.copy_(x)`` into a preallocated tensor: the memory bandwidth just measured.
 
 A third contender, timed in the same rounds, is a per-channel affine layer without statistics
@@ -18,10 +20,10 @@ Ours is :class:`batchnorm.BatchNorm1d/2d/3d` with ``backend="numba"``; torch's i
 ``torch.nn.BatchNorm1d/2d/3d``. The roofline of a pass is the bytes it must move divided by the
 copy bandwidth: a copy moves 2 values per element (read x, write out), the forward too (read x,
 write y), inference too, and forward + backward 5 (x, y; x, dy, dx) — statistics fused into the
-element passes, so ``roofline = copy time × {fwd: 1, fwd+bwd: 2.5, eval: 1}``.
+element passes, so ``roofline = copy time × {fwd: 1, fwd+bwd: 2.5, eval: 1, eval+bwd: 2.5}``.
 
 Command line: ``batchnorm bench [--shapes 60x100 32x64x56x56@cl ...] [--repeats 15]
-[--json PATH]``; Python: :func:`run`.
+[--passes fwd fwd+bwd eval eval+bwd] [--json PATH]``; Python: :func:`run`.
 """
 
 from __future__ import annotations
@@ -60,8 +62,10 @@ __all__ = [
 ]
 
 #: bytes each pass must move, in values per element (a copy moves 2)
-PASS_VALUES = {"fwd": 2.0, "fwd+bwd": 5.0, "eval": 2.0}
+PASS_VALUES = {"fwd": 2.0, "fwd+bwd": 5.0, "eval": 2.0, "eval+bwd": 5.0}
+#: the passes timed by default (the speed targets'); ALL_PASSES adds those timed on request
 PASSES = ("fwd", "fwd+bwd", "eval")
+ALL_PASSES = (*PASSES, "eval+bwd")
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,15 @@ def _calls(m: nn.Module, x: Tensor, dy: Tensor) -> dict[str, Callable[[], None]]
             m(x)
         m.train()
 
-    return {"fwd": fwd, "fwd+bwd": fwd_bwd, "eval": evaluate}
+    def evaluate_bwd() -> None:
+        xg.grad = None
+        for p in m.parameters():
+            p.grad = None
+        m.eval()
+        m(xg).backward(dy)
+        m.train()
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd, "eval": evaluate, "eval+bwd": evaluate_bwd}
 
 
 def _timed(f: Callable[[], None]) -> float:
@@ -204,7 +216,9 @@ class CaseResult:
     copy_min_s: float = 0.0
 
 
-def _bench_case(case: Case, repeats: int, dtype: torch.dtype, warmup: int) -> CaseResult:
+def _bench_case(
+    case: Case, repeats: int, dtype: torch.dtype, warmup: int, passes: Sequence[str] = PASSES
+) -> CaseResult:
     gen = torch.Generator().manual_seed(0)
     x = _tensor(case, dtype, gen)
     dy = _tensor(case, dtype, gen)
@@ -225,18 +239,18 @@ def _bench_case(case: Case, repeats: int, dtype: torch.dtype, warmup: int) -> Ca
     for _ in range(warmup):  # first calls compile / load the kernels and warm the allocator
         copy()
         for who in calls:
-            for p in PASSES:
+            for p in passes:
                 calls[who][p]()
     samples: dict[str, list[float]] = {"copy": []}
     for who in calls:
-        for p in PASSES:
+        for p in passes:
             samples[f"{who}/{p}"] = []
     gc_was = gc.isenabled()
     gc.disable()
     try:
         for r in range(repeats):
             samples["copy"].append(_timed(copy))
-            for p in PASSES:
+            for p in passes:
                 for who in orders[r % len(orders)]:
                     samples[f"{who}/{p}"].append(_timed(calls[who][p]))
     finally:
@@ -254,7 +268,7 @@ def _bench_case(case: Case, repeats: int, dtype: torch.dtype, warmup: int) -> Ca
         copy_gbps=2 * itemsize * case.numel / med["copy"] / 1e9,
         copy_min_s=fastest["copy"],
     )
-    for p in PASSES:
+    for p in passes:
         o, t = med[f"ours/{p}"], med[f"torch/{p}"]
         roof = med["copy"] * PASS_VALUES[p] / 2.0
         res.ours_s[p] = o
@@ -350,32 +364,36 @@ def _machine(
     }
 
 
-def _targets(results: list[CaseResult]) -> dict[str, Any]:
-    """The project's speed targets, each with the measured value and a computed verdict."""
-    fb_speedups = [1.0 / r.ours_over_torch["fwd+bwd"] for r in results]
+def _targets(results: list[CaseResult], passes: Sequence[str] = PASSES) -> dict[str, Any]:
+    """The project's speed targets, each with the measured value and a computed verdict
+    (those whose passes were timed)."""
     big = [r for r in results if r.numel >= 4 * 2**20]
     small_train = [r for r in results if r.shape == (60, 100)]
-    out: dict[str, Any] = {
-        "fwd+bwd geometric-mean speedup >= 2.0": {
+    out: dict[str, Any] = {}
+    if "fwd+bwd" in passes:
+        fb_speedups = [1.0 / r.ours_over_torch["fwd+bwd"] for r in results]
+        out["fwd+bwd geometric-mean speedup >= 2.0"] = {
             "value": _geomean(fb_speedups),
             "met": _geomean(fb_speedups) >= 2.0,
-        },
-        "fwd+bwd no shape slower than torch": {
+        }
+        out["fwd+bwd no shape slower than torch"] = {
             "value": max(r.ours_over_torch["fwd+bwd"] for r in results),
             "met": all(r.ours_over_torch["fwd+bwd"] <= 1.0 for r in results),
-        },
-        "eval no shape slower than torch": {
+        }
+    if "eval" in passes:
+        out["eval no shape slower than torch"] = {
             "value": max(r.ours_over_torch["eval"] for r in results),
             "met": all(r.ours_over_torch["eval"] <= 1.0 for r in results),
-        },
-    }
+        }
+    if "fwd+bwd" not in passes:
+        return out
     if big:
         worst = max(r.ours_over_roofline["fwd+bwd"] for r in big)
         out["fwd+bwd within 1.6x of roofline (>= 4M elements)"] = {
             "value": worst,
             "met": worst <= 1.6,
         }
-    if small_train:
+    if small_train and "fwd" in passes:
         worst = max(
             max(r.ours_over_torch["fwd"], r.ours_over_torch["fwd+bwd"]) for r in small_train
         )
@@ -391,6 +409,7 @@ def run(
     json_path: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
     threads: int | None = None,
+    passes: Sequence[str] = PASSES,
 ) -> dict[str, Any]:
     """Run the benchmark; return (and with ``json_path`` write, atomically) the results.
 
@@ -402,6 +421,7 @@ def run(
         json_path: where to write the JSON.
         progress: called with each case's name before it runs.
         threads: threads for both contenders (torch's and Numba's); default: as configured.
+        passes: which of :data:`ALL_PASSES` to time; default :data:`PASSES`.
 
     Returns a dict with ``machine`` (CPU model, cores, threads, load), ``cases`` (per-case
     medians in seconds and the ratios ours/torch and ours/roofline) and ``targets`` (each with
@@ -415,9 +435,15 @@ def run(
     """
     if repeats < 1:
         raise ValueError(f"bench: repeats must be >= 1, got {repeats}")
+    unknown = [p for p in passes if p not in ALL_PASSES]
+    if unknown or not passes:
+        raise ValueError(
+            f"bench: passes must be some of {', '.join(ALL_PASSES)}, got {list(passes)!r}"
+        )
     chosen = [c if isinstance(c, Case) else parse_case(c) for c in (cases or SUITE)]
+    timed = tuple(p for p in ALL_PASSES if p in passes)  # the table's order
     with threads_set(threads):
-        return _run(chosen, repeats, dtype, warmup, json_path, progress)
+        return _run(chosen, repeats, dtype, warmup, json_path, progress, timed)
 
 
 @contextlib.contextmanager
@@ -447,6 +473,7 @@ def _run(
     warmup: int,
     json_path: str | os.PathLike[str] | None,
     progress: Callable[[str], None] | None,
+    passes: tuple[str, ...] = PASSES,
 ) -> dict[str, Any]:
     load_before = os.getloadavg()
     sample = cpu_sample()
@@ -455,13 +482,14 @@ def _run(
     for case in chosen:
         if progress is not None:
             progress(case.name)
-        results.append(_bench_case(case, repeats, dtype, warmup))
+        results.append(_bench_case(case, repeats, dtype, warmup, passes))
     load_after = os.getloadavg()
     data: dict[str, Any] = {
         "date": started.isoformat(timespec="seconds"),
         "machine": _machine(load_before, load_after, sample),
         "dtype": str(dtype).replace("torch.", ""),
         "repeats": repeats,
+        "passes": list(passes),
         "roofline_values_per_element": PASS_VALUES,
         "cases": [asdict(r) for r in results],
         "summary": {
@@ -469,7 +497,7 @@ def _run(
                 f"{p} geomean speedup vs torch": _geomean(
                     [1.0 / r.ours_over_torch[p] for r in results]
                 )
-                for p in PASSES
+                for p in passes
             },
             # the same from each side's fastest repeat: a time that is sometimes much slower
             # (memory fresh from the operating system) moves the median, not the minimum
@@ -477,17 +505,17 @@ def _run(
                 f"{p} geomean speedup vs torch, fastest repeats": _geomean(
                     [r.torch_min_s[p] / r.ours_min_s[p] for r in results]
                 )
-                for p in PASSES
+                for p in passes
             },
             # the reference layer without statistics: how much of torch's time is per-call cost
             **{
                 f"{p} geomean speedup vs torch of a per-channel affine (no statistics)": _geomean(
                     [r.torch_s[p] / r.affine_s[p] for r in results]
                 )
-                for p in PASSES
+                for p in passes
             },
         },
-        "targets": _targets(results),
+        "targets": _targets(results, passes),
     }
     if json_path is not None:
         _write_json_atomic(json_path, data)
@@ -503,16 +531,17 @@ def _write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> No
 def format_table(data: dict[str, Any]) -> str:
     """The results as a Markdown table: times in ms, ratios ours/torch and ours/roofline, and
     the forward + backward of the per-channel affine reference (:class:`Affine`)."""
+    passes = timed_passes(data)
     head = "| shape | layout | copy ms | GB/s |" + "".join(
-        f" {p} ours ms | {p} torch ms | {p} ours/torch | {p} ours/roof |" for p in PASSES
+        f" {p} ours ms | {p} torch ms | {p} ours/torch | {p} ours/roof |" for p in passes
     )
     head += " fwd+bwd affine ms |"
-    sep = "|" + "---|" * (5 + 4 * len(PASSES))
+    sep = "|" + "---|" * (5 + 4 * len(passes))
     lines = [head, sep]
     for c in data["cases"]:
         row = f"| {'x'.join(map(str, c['shape']))} | {c['layout']} | {c['copy_s'] * 1e3:.3f} |"
         row += f" {c['copy_gbps']:.1f} |"
-        for p in PASSES:
+        for p in passes:
             row += (
                 f" {c['ours_s'][p] * 1e3:.3f} | {c['torch_s'][p] * 1e3:.3f} |"
                 f" {c['ours_over_torch'][p]:.2f} | {c['ours_over_roofline'][p]:.2f} |"
@@ -527,6 +556,11 @@ def format_table(data: dict[str, Any]) -> str:
         lines.append(f"- target {k}: {v['value']:.2f} — {'met' if v['met'] else 'NOT met'}")
     lines += machine_lines(data, "ratios", "")
     return "\n".join(lines)
+
+
+def timed_passes(data: dict[str, Any]) -> tuple[str, ...]:
+    """The passes saved results hold (results saved before ``passes`` existed: the default)."""
+    return tuple(data.get("passes") or PASSES)
 
 
 def machine_lines(data: dict[str, Any], measured: str, unit: str) -> list[str]:
@@ -600,22 +634,25 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
     from batchnorm.lab import plots
 
     cases = data["cases"]
+    passes = timed_passes(data)
     xs = np.arange(len(cases))
-    width = 0.8 / len(PASSES)
+    width = 0.8 / len(passes)
     fig, (top, bottom) = plots.new_figure(1, 2, size=(max(8.0, 1.05 * len(cases)), 3.6))
     for ax, key, ylabel in (
         (top, "ours_over_torch", "time ours / torch.nn"),
         (bottom, "ours_over_roofline", "time ours / roofline (log)"),
     ):
-        for i, p in enumerate(PASSES):
+        for i, p in enumerate(passes):
             vals = [c[key][p] for c in cases]
-            bars = ax.bar(xs + (i - 1) * width, vals, width, label=p, color=plots.color_for(p, i))
+            at = xs + (i - (len(passes) - 1) / 2) * width
+            bars = ax.bar(at, vals, width, label=p, color=plots.color_for(p, i))
             ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
         ax.set_xticks(xs)
         ax.set_xticklabels([_label(c) for c in cases], fontsize=7)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, axis="y")
-    if all("affine_s" in c for c in cases):  # results saved before the reference have none
+    with_affine = "fwd+bwd" in passes and all("affine_s" in c for c in cases)
+    if with_affine:  # results saved before the reference have none
         top.scatter(
             xs,
             [c["affine_s"]["fwd+bwd"] / c["torch_s"]["fwd+bwd"] for c in cases],
@@ -634,8 +671,8 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
     for which in (bottom.yaxis.set_major_formatter, bottom.yaxis.set_minor_formatter):
         which(FormatStrFormatter("%g"))  # 2, 3, 4 rather than 2×10⁰
     bottom.axhline(1.6, color="gray", lw=1.0, ls="--", label="1.6x (target, >= 4M values)")
-    shown = [c["ours_over_torch"][p] for c in cases for p in PASSES]
-    if all("affine_s" in c for c in cases):  # every dash inside the panel
+    shown = [c["ours_over_torch"][p] for c in cases for p in passes]
+    if with_affine:  # every dash inside the panel
         shown += [c["affine_s"]["fwd+bwd"] / c["torch_s"]["fwd+bwd"] for c in cases]
     top.set_ylim(0, 1.18 * max(1.0, *shown))
     for ax in (top, bottom):
@@ -661,6 +698,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per pass (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument(
+        "--passes",
+        nargs="+",
+        choices=ALL_PASSES,
+        default=list(PASSES),
+        metavar="PASS",
+        help=f"what to time, some of {', '.join(ALL_PASSES)} (eval+bwd: BN in eval mode with "
+        f"gradients); default: {' '.join(PASSES)}",
+    )
     parser.add_argument(
         "--json", metavar="PATH", help="also write the results as JSON (missing folders are made)"
     )
@@ -746,6 +792,7 @@ def main(args: argparse.Namespace) -> int:
             warmup=args.warmup,
             progress=lambda name: say(f"  {name} ..."),
             threads=args.threads,
+            passes=args.passes,
         )
     return print_and_write(prog, data, args, format_table, plot)
 

@@ -774,8 +774,6 @@ class BatchNormEvalFunction(torch.autograd.Function):
             grads = [next(got) if n and t is not None else None for t, n in zip(inputs, needs)]
             return (*grads, *none)
         be: Backend = ctx.backend  # type: ignore[attr-defined]
-        cd = _compute_dtype(x.dtype)
-        inv = torch.rsqrt(var.to(cd) + eps)
         dx = dw = db = dmean = dvar = None
         if needs[0]:
             # dy·γ/√(σ² + ε): the inference pass with zero mean and no β (the compiled node's
@@ -786,21 +784,22 @@ class BatchNormEvalFunction(torch.autograd.Function):
                 dyc, restore = canonical_layout(dy_x, axis)
                 dx = restore(be.forward_eval(dyc, zero, var, weight, None, eps))
         if any(needs[1:]):
+            cd = _compute_dtype(x.dtype)
+            inv = torch.rsqrt(var.to(cd) + eps)
             dyc, xc, _ = _canonical_pair(dy_x, x, axis)
             # Σdy·(x − μ)·inv and Σdy per channel (the training backward's sums, no dx)
             _, s1, s0 = be.backward(dyc, xc, mean.to(cd), inv, None, (False, True, True))
             assert s1 is not None and s0 is not None
-            s1, s0 = s1.to(cd), s0.to(cd)
-            g = None if weight is None else weight.to(cd)
-            scale = inv if g is None else inv * g
-            if needs[1]:
-                dmean = (-scale * s0).to(mean.dtype)
-            if needs[2]:
-                dvar = (-0.5 * s1 * inv * scale).to(var.dtype)
             if needs[3] and weight is not None:
                 dw = s1.to(weight.dtype)
             if needs[4] and bias is not None:
                 db = s0.to(bias.dtype)
+            if needs[1] or needs[2]:  # the running statistics themselves require gradients
+                scale = inv if weight is None else inv * weight.to(cd)
+                if needs[1]:
+                    dmean = (-scale * s0.to(cd)).to(mean.dtype)
+                if needs[2]:
+                    dvar = (-0.5 * s1.to(cd) * inv * scale).to(var.dtype)
         return dx, dmean, dvar, dw, db, *none
 
 
