@@ -4,6 +4,7 @@ plain-torch backend: odd shapes, both layouts, both dtypes, threads on and off, 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -720,3 +721,37 @@ def test_a_first_call_slow_to_load_its_loop_is_announced_once() -> None:
         "batchnorm: compiling the single-threaded loop ncl_backward (once per machine, "
         "several seconds; cached on disk next to the package)",
     ], r.stderr[-2000:]
+
+
+def test_a_notice_during_a_progress_bar_gets_a_line_of_its_own(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A compile notice that fires while a training run draws its progress bar (the lab's
+    first run on a fresh machine): the bar is cleared before the line and drawn again after,
+    instead of the notice running on from the bar's half-line."""
+    import sys
+    import time
+
+    from tqdm import tqdm
+
+    from batchnorm import kernels as K
+
+    bar = tqdm(total=10, file=sys.stderr, desc="steps", mininterval=0)
+    bar.update(3)
+    before = K.NOTICE_AFTER
+    K.NOTICE_AFTER = 0.0
+    try:
+        notice = K._compiling("multi-threaded loop demo", "several seconds")
+        notice.join(5)
+    finally:
+        K.NOTICE_AFTER = before
+    time.sleep(0.01)
+    bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    line = "batchnorm: compiling the multi-threaded loop demo (once per machine"
+    assert line in err
+    head, _, tail = err.partition(line)
+    # the bar's text was wiped (carriage return, blanks, carriage return) just before it
+    assert re.search(r"\r *\r$", head), repr(head[-80:])
+    assert "steps:  40%" in tail  # drawn again after it

@@ -89,10 +89,11 @@ def load() -> Any | None:
 
         name = _name()
         if not _built(cpp_extension, name):
-            print(
+            from batchnorm.kernels import notify
+
+            notify(
                 "batchnorm: building the compiled autograd node (once, about a minute; "
-                "BATCHNORM_NATIVE=0 skips it)",
-                file=sys.stderr,
+                "BATCHNORM_NATIVE=0 skips it)"
             )
         ext = cpp_extension.load(
             name=name,

@@ -110,6 +110,19 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 NOTICE_AFTER: float | None = 2.0
 
 
+def notify(line: str) -> None:
+    """Print ``line`` on stderr between progress bars: tqdm's bars on stderr are cleared
+    first and drawn again after it (a notice printed over a bar would leave the bar's
+    half-line and the notice run together); plain ``print`` without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(line, file=sys.stderr, flush=True)
+        return
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
 def _compiling(what: str, how_long: str) -> threading.Timer:
     """A started timer that prints, after :data:`NOTICE_AFTER` seconds, that ``what`` is being
     compiled; cancel it once the compiled code is there."""
@@ -118,7 +131,7 @@ def _compiling(what: str, how_long: str) -> threading.Timer:
         "the package)"
     )
     after = NOTICE_AFTER
-    notice = threading.Timer(after or 0.0, lambda: print(line, file=sys.stderr, flush=True))
+    notice = threading.Timer(after or 0.0, lambda: notify(line))
     notice.daemon = True
     if after is not None:
         notice.start()
