@@ -351,3 +351,36 @@ def test_validation_split_is_carved_from_train_only():
     assert not train_rows & val_rows
     with pytest.raises(ValueError):
         ds.validation_split(1.5)
+
+
+@pytest.mark.parametrize("requested", ["mnist", "auto"])
+def test_download_fetches_a_damaged_cached_file_again(isolated, server, monkeypatch, requested):
+    """A download in the cache that was cut or damaged later: without --download the run
+    says the file is corrupt; with --download the damaged file is fetched again (the intact
+    ones are kept) and the run loads. The user's own files elsewhere are never replaced."""
+    root, url = server
+    files = _write_set(root / "good", n_train=12, n_test=6)
+    _publish(monkeypatch, "mnist", files)
+    monkeypatch.setitem(
+        data.IDX_SOURCES, "mnist", replace(data.IDX_SOURCES["mnist"], urls=(url + "/good/",))
+    )
+    assert data.load_dataset(requested, download=True).x_train.shape[0] == 12
+    cached = isolated / "cache" / "batchnorm" / "mnist"
+    damaged = cached / "train-images-idx3-ubyte.gz"
+    damaged.write_bytes(damaged.read_bytes()[:40])  # cut short
+    kept = cached / "t10k-labels-idx1-ubyte.gz"
+    kept_mtime = kept.stat().st_mtime_ns
+    with pytest.raises(DatasetCorruptError):
+        data.load_dataset(requested)
+    assert data.load_dataset(requested, download=True).x_train.shape[0] == 12
+    assert _md5(damaged) == _md5(files["train-images-idx3-ubyte"])
+    assert kept.stat().st_mtime_ns == kept_mtime  # intact: not fetched again
+    # a damaged file of the user's own folder: reported, not overwritten
+    mine = isolated / "mine"
+    own = _write_set(mine, n_train=12, n_test=6)
+    own_damaged = own["train-images-idx3-ubyte"]
+    own_damaged.write_bytes(own_damaged.read_bytes()[:40])
+    before = own_damaged.read_bytes()
+    with pytest.raises(DatasetCorruptError):
+        data.load_dataset(requested, mine, download=True)
+    assert own_damaged.read_bytes() == before

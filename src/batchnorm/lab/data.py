@@ -674,6 +674,20 @@ def resolve_name(name: str, data_dir: str | os.PathLike[str] | None = None) -> s
     return _idx_name("auto", files["train_images"].parent, identify_idx_files(files))
 
 
+def _refresh_cache(name: str, data_dir: str | os.PathLike[str] | None) -> None:
+    """With ``--download``: when the files that would be loaded are this program's downloads
+    in the user cache, fetch again the ones whose checksum no longer matches (an interrupted
+    copy, a damaged disk) instead of failing on them. Files anywhere else are the user's and
+    are left alone."""
+    found = find_idx_files(name, data_dir)
+    if found is None:
+        return
+    cache = _cache_root() / name
+    published = IDX_SOURCES[name].md5
+    if all(p.parent == cache and p.name in published for p in found.values()):
+        download_dataset(name)  # keeps the files whose checksum matches
+
+
 def load_dataset(
     name: str = "auto",
     data_dir: str | os.PathLike[str] | None = None,
@@ -684,7 +698,8 @@ def load_dataset(
     """Load a dataset by ``--dataset`` name (see the module docstring for the lookup order).
 
     ``download=True`` fetches MNIST / Fashion-MNIST into the user cache first when they are not
-    found (for ``auto``: MNIST). Raises :class:`DatasetNotFoundError` saying where the files were
+    found (for ``auto``: MNIST), and fetches again downloaded files in the cache whose checksum
+    no longer matches. Raises :class:`DatasetNotFoundError` saying where the files were
     looked for and how to get them (also for a ``data_dir`` or ``$BATCHNORM_DATA_DIR`` that is not
     a folder), :class:`DatasetMismatchError` when the files found are the other dataset's,
     :class:`DatasetCorruptError` for unreadable or inconsistent files."""
@@ -694,11 +709,15 @@ def load_dataset(
         _check_given_dirs(data_dir)
     if name == "auto" and download and find_idx_files("mnist", data_dir) is None:
         download_dataset("mnist")
+    elif name == "auto" and download:
+        _refresh_cache("mnist", data_dir)
     if name == "auto":
         ds = _load_idx(name, data_dir) if _find_auto(data_dir) else _load_digits(seed=0)
     elif name in IDX_SOURCES:
         if download and find_idx_files(name, data_dir) is None:
             download_dataset(name)
+        elif download:
+            _refresh_cache(name, data_dir)
         ds = _load_idx(name, data_dir)
     elif name == "digits":
         ds = _load_digits(seed=0)
