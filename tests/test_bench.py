@@ -290,3 +290,12 @@ def test_eval_with_gradients_is_timed_on_request(tmp_path, capsys):
     bench._calls(m, x, dy)["eval+bwd"]()
     assert m.training and int(m.num_batches_tracked) == 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def test_half_precision_dtypes_can_be_benchmarked(capsys):
+    """--dtype bfloat16/float16: both modules in that dtype (ours converting around the
+    kernels), the dtype named in the footer."""
+    for dt in ("bfloat16", "float16"):
+        assert cli_main(["bench", "--shapes", "6x5", "--repeats", "1", "--dtype", dt]) == 0
+        out = capsys.readouterr().out
+        assert "| 6x5 | contiguous |" in out and f"; {dt}, median of 1;" in out
