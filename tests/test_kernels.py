@@ -81,6 +81,25 @@ def _check_all(x, dy, w, b, dtype, parallel, eps=1e-5, scale=1.0, stream=None): 
     mag = float(np.max(np.abs(x.astype(np.float64)))) * float(np.max(np.abs(sc)))
     y_ref = R.batch_norm_inference(x, mean_ref, var_ref * 1.5 + 0.1, w, b, eps)
     _close(y_eval, y_ref, dtype, mag=mag)
+    # the backward of inference: dx = dy·scale and Σdy·(x − μ), Σdy in one pass
+    pm = mean_ref.astype(dtype) + dtype(0.25)  # a population mean other than the batch's
+    pv = (var_ref * 1.5 + 0.1).astype(dtype)
+    dxe, sdyx, sdy = K.backward_eval(dy, x, pm, pv, w, eps, parallel=parallel, stream=stream)
+    axes = (0,) if x.ndim == 2 else (0, 2)
+    view = (1, -1) if x.ndim == 2 else (1, -1, 1)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    sc64 = 1.0 / np.sqrt(pv.astype(np.float64) + eps)
+    if w is not None:
+        sc64 = sc64 * w.astype(np.float64)
+    assert dxe is not None and dxe.dtype == x.dtype and sdyx.dtype == np.float64
+    _close(dxe, dy64 * sc64.reshape(view), dtype)
+    centered = x64 - pm.astype(np.float64).reshape(view)
+    _close(sdyx, (dy64 * centered).sum(axes), dtype, mag=float(np.abs(dy64 * centered).sum()))
+    _close(sdy, dy64.sum(axes), dtype, mag=float(np.abs(dy64).sum()))
+    none, sdyx2, sdy2 = K.backward_eval(dy, x, pm, pv, w, eps, need_dx=False, parallel=parallel)
+    assert none is None
+    np.testing.assert_allclose(sdyx2, sdyx, rtol=1e-12, atol=1e-12 * float(np.abs(sdyx).max()))
+    np.testing.assert_allclose(sdy2, sdy, rtol=1e-12, atol=1e-12 * float(np.abs(sdy).max()))
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["stores", "streaming"])
@@ -115,6 +134,10 @@ def test_streaming_stores_at_every_alignment(shape, offset, dtype):  # type: ign
         sc, sh = np.full(shape[1], 1.5, dtype), np.full(shape[1], -0.5, dtype)
         ye = K.forward_eval(x, sc, sh, out=out, stream=True, parallel=par)
         np.testing.assert_array_equal(ye, K.forward_eval(x, sc, sh, stream=False, parallel=par))
+        assert not raw[:offset].any() and not raw[offset + n :].any()
+        de, *_ = K.backward_eval(dy, x, mean, sc, w, out=out, stream=True, parallel=par)
+        de_plain = K.backward_eval(dy, x, mean, sc, w, stream=False, parallel=par)[0]
+        np.testing.assert_array_equal(de, de_plain)
         assert not raw[:offset].any() and not raw[offset + n :].any()
 
 
@@ -755,3 +778,21 @@ def test_a_notice_during_a_progress_bar_gets_a_line_of_its_own(
     # the bar's text was wiped (carriage return, blanks, carriage return) just before it
     assert re.search(r"\r *\r$", head), repr(head[-80:])
     assert "steps:  40%" in tail  # drawn again after it
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 9), (3, 2, 700), (40, 3)], ids=["NCL", "long", "MC"])
+def test_inference_backward_with_non_finite_values(shape):  # type: ignore[no-untyped-def]
+    """An inf in x reaches Σdy·(x − μ) of its channel only; dx = dy·scale stays finite
+    everywhere (it does not depend on x), and float32 sums near float32's range are taken again
+    in float64 instead of overflowing."""
+    x, dy, w, _ = _data(shape, np.float32, seed=3)
+    x[1, 1] = np.inf
+    m, v = np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)
+    dx, sdyx, sdy = K.backward_eval(dy, x, m, v, w)
+    assert dx is not None and np.isfinite(dx).all()
+    assert not np.isfinite(sdyx[1]) and np.isfinite(np.delete(sdyx, 1)).all()
+    assert np.isfinite(sdy).all()
+    big = np.full(shape, 3e38, np.float32)
+    _, sdyx_big, _ = K.backward_eval(np.ones_like(big), big, m, v, w)
+    count = big.size // shape[1]
+    np.testing.assert_allclose(sdyx_big, 3e38 * count, rtol=1e-6)

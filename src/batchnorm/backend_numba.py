@@ -235,6 +235,40 @@ class NumbaBackend:
             torch.from_numpy(db),
         )
 
+    def backward_eval(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        eps: float,
+        need_dx: bool,
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        if x.dtype in _HALF:
+            dx32, s1, s0 = self.backward_eval(
+                dy.float(), x.float(), mean, var, weight, eps, need_dx
+            )
+            return (None if dx32 is None else dx32.to(x.dtype)), s1, s0
+        xa = _arr(x)
+        dya = _arr(dy if dy.dtype == x.dtype else dy.to(x.dtype))
+        dxa = _OUT.empty_like(xa) if need_dx else None
+        dt = x.dtype
+        T = K._threads(xa.size, None)
+        _, sdyx, sdy = K._backward_eval(
+            dya,
+            xa,
+            _vec(mean, dt),
+            _vec(var, dt),
+            _vec(weight, dt),
+            float(eps),
+            dxa,
+            T,
+            K._stream(xa, None),
+        )
+        dx = None if dxa is None else torch.from_numpy(dxa)
+        return dx, torch.from_numpy(sdyx), torch.from_numpy(sdy)
+
     def train_node(
         self,
         x: Tensor,

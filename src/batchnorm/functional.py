@@ -211,6 +211,21 @@ class Backend(Protocol):
         ``scale = γ/√(var + ε)`` and ``shift = β − scale·mean``."""
         ...
 
+    def backward_eval(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        eps: float,
+        need_dx: bool,
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """The backward of :meth:`forward_eval`: ``(dx, Σdy·(x − mean), Σdy)`` with
+        ``dx = dy·γ/√(var + ε)`` (None unless ``need_dx``) and the sums per channel, in the
+        compute dtype or float64."""
+        ...
+
     def train_node(
         self,
         x: Tensor,
@@ -352,6 +367,28 @@ class TorchBackend:
         cd = _compute_dtype(x.dtype)
         scale, shift = _inference_affine(mean, var, weight, bias, eps, cd)
         return (x.to(cd) * _b(scale, x) + _b(shift, x)).to(x.dtype)
+
+    def backward_eval(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        eps: float,
+        need_dx: bool,
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        cd = _compute_dtype(x.dtype)
+        dyc = dy.to(cd)
+        dims = (0, 2) if x.dim() == 3 else (0,)
+        sdyx = (dyc * (x.to(cd) - _b(mean.to(cd), x))).sum(dims)
+        dx = None
+        if need_dx:
+            scale = torch.rsqrt(var.to(cd) + eps)
+            if weight is not None:
+                scale = scale * weight.to(cd)
+            dx = (dyc * _b(scale, x)).to(x.dtype)
+        return dx, sdyx, dyc.sum(dims)
 
     def train_node(self, *args: Any) -> None:
         return None
@@ -711,10 +748,9 @@ class BatchNormEvalFunction(torch.autograd.Function):
     ``μ``, ``σ²`` — differentiable in the input, γ, β and the running statistics themselves.
 
     The forward is the backend's single pass (the same as without gradients). The first-order
-    backward is two passes on the backend: ``dx = dy·γ/√(σ² + ε)`` (the inference pass with
-    zero mean and no β) and the per-channel sums ``Σdy`` and ``Σdy·(x − μ)`` (the training
-    backward's sums, without its dx), from which ``dγ``, ``dβ``, ``dμ`` and ``dσ²`` follow per
-    channel. A graph of the backward (``create_graph=True``), or a ``dy`` without memory of its
+    backward is one pass on the backend (:meth:`Backend.backward_eval`): ``dx = dy·γ/√(σ² + ε)``
+    and the per-channel sums ``Σdy`` and ``Σdy·(x − μ)``, from which ``dγ``, ``dβ``, ``dμ`` and
+    ``dσ²`` follow per channel. A graph of the backward (``create_graph=True``), or a ``dy`` without memory of its
     own, recomputes the output with torch operations and differentiates that.
     """
 
@@ -774,32 +810,25 @@ class BatchNormEvalFunction(torch.autograd.Function):
             grads = [next(got) if n and t is not None else None for t, n in zip(inputs, needs)]
             return (*grads, *none)
         be: Backend = ctx.backend  # type: ignore[attr-defined]
-        dx = dw = db = dmean = dvar = None
-        if needs[0]:
-            # dy·γ/√(σ² + ε): the inference pass with zero mean and no β (the compiled node's
-            # when it takes dy: its outputs reuse memory, which a fresh dx would page in)
-            zero = torch.zeros_like(var)
-            dx = be.eval_node(dy_x, axis, zero, var, weight, None, eps)
-            if dx is None:
-                dyc, restore = canonical_layout(dy_x, axis)
-                dx = restore(be.forward_eval(dyc, zero, var, weight, None, eps))
+        dw = db = dmean = dvar = None
+        # one pass: dx = dy·γ/√(σ² + ε) and the per-channel Σdy·(x − μ), Σdy
+        dyc, xc, restore = _canonical_pair(dy_x, x, axis)
+        dxc, s1, s0 = be.backward_eval(dyc, xc, mean, var, weight, eps, needs[0])
+        dx = None if dxc is None else restore(dxc)
         if any(needs[1:]):
             cd = _compute_dtype(x.dtype)
             inv = torch.rsqrt(var.to(cd) + eps)
-            dyc, xc, _ = _canonical_pair(dy_x, x, axis)
-            # Σdy·(x − μ)·inv and Σdy per channel (the training backward's sums, no dx)
-            _, s1, s0 = be.backward(dyc, xc, mean.to(cd), inv, None, (False, True, True))
-            assert s1 is not None and s0 is not None
+            s1, s0 = s1.to(cd), s0.to(cd)
             if needs[3] and weight is not None:
-                dw = s1.to(weight.dtype)
+                dw = (s1 * inv).to(weight.dtype)
             if needs[4] and bias is not None:
                 db = s0.to(bias.dtype)
             if needs[1] or needs[2]:  # the running statistics themselves require gradients
                 scale = inv if weight is None else inv * weight.to(cd)
                 if needs[1]:
-                    dmean = (-scale * s0.to(cd)).to(mean.dtype)
+                    dmean = (-scale * s0).to(mean.dtype)
                 if needs[2]:
-                    dvar = (-0.5 * s1.to(cd) * inv * scale).to(var.dtype)
+                    dvar = (-0.5 * s1 * inv * inv * scale).to(var.dtype)
         return dx, dmean, dvar, dw, db, *none
 
 

@@ -178,6 +178,7 @@ def compile_loops(dtypes: Sequence[str] = tuple(DTYPES), progress: bool = True) 
         K.backward(np.ones_like(x), x, mean, invstd, parallel=par)
         scale, shift = K.inference_affine(mean, var)
         K.forward_eval(x, scale, shift, parallel=par)
+        K.backward_eval(np.ones_like(x), x, mean, var, parallel=par)
         K.running_update(np.zeros_like(mean), np.ones_like(var), mean, var, 0.1)
     return sorted(f"{n} ({'multi' if p else 'single'}-threaded)" for n, p in K._DISPATCHERS)
 

@@ -43,6 +43,7 @@ __all__ = [
     "forward_train",
     "backward",
     "forward_eval",
+    "backward_eval",
     "inference_affine",
     "running_update",
     "SERIAL_BELOW",
@@ -462,6 +463,74 @@ def _eval(
         split = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
         _kernel("mc_forward_eval", T > 1)(x, p0, p1, w, b, eps, stats, *split, stream, y)
     return y
+
+
+def backward_eval(
+    dy: Array,
+    x: Array,
+    mean: Array,
+    var: Array,
+    weight: Array | None = None,
+    eps: float = 1e-5,
+    *,
+    need_dx: bool = True,
+    out: Array | None = None,
+    parallel: bool | None = None,
+    stream: bool | None = None,
+) -> tuple[Array | None, Array, Array]:
+    """Gradients of inference (Algorithm 2) with the population ``mean`` and ``var``:
+    ``dx = dy·γ/√(var + ε)`` and, per channel, ``Σ dy·(x − mean)`` and ``Σ dy`` in float64 (so
+    ``dγ = Σ dy·(x − mean)/√(var + ε)``, ``dβ = Σ dy``). One pass: dx needs no sum, so each
+    stretch is summed and written while it is in the cache. Returns ``(dx, Σdy·(x − mean),
+    Σdy)`` (``dx`` None when ``need_dx`` is False); ``out``, ``parallel`` and ``stream`` as in
+    :func:`forward_train`."""
+    x = _as_input(x, "x")
+    dy = _as_input(dy, "dy")
+    if dy.shape != x.shape or dy.dtype != x.dtype:
+        raise ValueError(
+            f"batchnorm.kernels: dy ({dy.dtype} {dy.shape}) must match x ({x.dtype} {x.shape})"
+        )
+    _check_sizes(x)
+    C = x.shape[1]
+    m = _channel_vec(mean, C, x.dtype, "mean")
+    v = _channel_vec(var, C, x.dtype, "var")
+    w = _channel_vec(weight, C, x.dtype, "weight")
+    dx = _out(out, x) if need_dx else None
+    T = _threads(x.size, parallel)
+    return _backward_eval(dy, x, m, v, w, float(eps), dx, T, _stream(x, stream))
+
+
+def _backward_eval(
+    dy: Array,
+    x: Array,
+    mean: Array,
+    var: Array,
+    w: Array,
+    eps: float,
+    dx: Array | None,
+    T: int,
+    stream: bool = False,
+) -> tuple[Array | None, Array, Array]:
+    """:func:`backward_eval` on checked arrays; ``dx`` None skips writing it."""
+    C = x.shape[1]
+    scale = np.empty(C, x.dtype)
+    shift = np.empty(C, x.dtype)
+    _kernel("inference_affine", False)(mean, var, w, _EMPTY[x.dtype], eps, scale, shift)
+    sums = np.zeros((2, C))
+    need_dx = dx is not None
+    buf = dx if dx is not None else x  # not written when need_dx is False
+    par = T > 1
+    if x.ndim == 2:
+        split = _mc_split(x.shape[0], C, T, x.itemsize)
+        _kernel("mc_backward_eval", par)(
+            dy, x, mean, scale, *split, stream and need_dx, need_dx, buf, sums
+        )
+    else:
+        whole = _whole_rows(x.shape[2])
+        _kernel("ncl_backward_eval", par)(
+            dy, x, mean, scale, T, whole, stream and need_dx, need_dx, buf, sums
+        )
+    return dx, sums[0], sums[1]
 
 
 def inference_affine(

@@ -700,6 +700,71 @@ def ncl_forward_eval(x, p0, p1, w, b, eps, stats, T, whole, stream, y):  # type:
             _fence()
 
 
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _eval_grad_span(dxr, dr, xr, lo, hi, m, sc, zero, need_dx, stream, buf):  # type: ignore[no-untyped-def]
+    """Σdy and Σdy·(x − m) over ``[lo, hi)`` of one row, and ``dx = dy·sc`` there: segment by
+    segment of :data:`CHUNK` values, each written while it is in the core's cache."""
+    s0 = 0.0
+    s1 = 0.0
+    a = lo
+    while a < hi:
+        e = min(a + CHUNK, hi)
+        t0, t1, _ = _grad_sums(dr, xr, a, e, m, zero)
+        s0 += t0
+        s1 += t1
+        if need_dx:
+            _affine_span(dxr, dr, a, e, zero, sc, zero, stream, buf)
+        a = e
+    return s0, s1
+
+
+def ncl_backward_eval(dy, x, mean, scale, T, whole, stream, need_dx, dx, sums_out):  # type: ignore[no-untyped-def]
+    """Backward of inference on ``(N, C, L)`` in one pass: ``dx = dy·scale`` and the per-channel
+    Σdy·(x − mean), Σdy added to ``sums_out (2, C)`` (float64). Nothing waits on the sums, so
+    each segment is summed and its dx written while it is in the core's cache."""
+    N, C, L = x.shape
+    R = N * C
+    total = R * L
+    zero = np.zeros(1, dtype=x.dtype)[0]
+    part = np.zeros((T, 2, C))
+    xr = x.reshape(R, L)
+    dyr = dy.reshape(R, L)
+    dxr = dx.reshape(R, L)
+    for t in prange(T):
+        p0 = part[t, 0]
+        p1 = part[t, 1]
+        buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
+        if whole:
+            r0, r1 = _piece(t, T, R)
+            c = r0 % C
+            for r in range(r0, r1):
+                s0, s1 = _eval_grad_span(
+                    dxr[r], dyr[r], xr[r], 0, L, mean[c], scale[c], zero, need_dx, stream, buf
+                )
+                p0[c] += s0
+                p1[c] += s1
+                c = _next_channel(c, C)
+        else:
+            j0, j1 = _piece(t, T, total)
+            if j1 > j0:
+                r0, n, c = _first_row(j0, L, C)
+                for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
+                    lo, hi = _row_span(j0, j1, r, L)
+                    s0, s1 = _eval_grad_span(
+                        dxr[r], dyr[r], xr[r], lo, hi, mean[c], scale[c], zero, need_dx, stream,
+                        buf,
+                    )  # fmt: skip
+                    p0[c] += s0
+                    p1[c] += s1
+                    n, c = _next_row(n, c, C)
+        if stream and need_dx:
+            _fence()
+    for c in range(C):
+        for t in range(T):
+            sums_out[0, c] += part[t, 1, c]
+            sums_out[1, c] += part[t, 0, c]
+
+
 # ------------------------------------------------------------------------------------------
 # (M, C)
 
@@ -988,6 +1053,32 @@ def mc_forward_eval(x, p0, p1, w, b, eps, stats, nrb, ncb, tw, stream, y):  # ty
         _mc_affine(y, x, r0, r1, c0, c1, mu, scale, shift, stream)
 
 
+def mc_backward_eval(dy, x, mean, scale, nrb, ncb, tw, stream, need_dx, dx, sums_out):  # type: ignore[no-untyped-def]
+    """Backward of inference on ``(M, C)`` in one pass (as :func:`ncl_backward_eval`): each
+    block of :data:`MC_ROWS` rows of a task's tile is summed, then its ``dx = dy·scale``
+    written while it is in the core's cache."""
+    M, C = x.shape
+    part = np.zeros((nrb, 3, C))
+    shift = np.zeros(C, dtype=x.dtype)
+    mu = np.zeros(C if stream else 0, dtype=x.dtype)  # as in mc_forward_eval
+    for t in prange(nrb * ncb):
+        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, C)
+        i = r0
+        while i < r1:
+            e = min(i + MC_ROWS, r1)
+            _mc_grad_sums(
+                dy, x, i, e, c0, c1, mean,
+                part[rb, 0, c0:c1], part[rb, 1, c0:c1], part[rb, 2, c0:c1],
+            )  # fmt: skip
+            if need_dx:
+                _mc_affine(dx, dy, i, e, c0, c1, mu, scale, shift, stream)
+            i = e
+    for c in range(C):
+        for rb in range(nrb):
+            sums_out[0, c] += part[rb, 1, c]
+            sums_out[1, c] += part[rb, 0, c]
+
+
 def inference_affine(mean, var, w, b, eps, scale_out, shift_out):  # type: ignore[no-untyped-def]
     """Algorithm 2's per-channel ``(scale, shift)`` into the outputs (see :func:`_affine_into`)."""
     _affine_into(mean, var, w, b, eps, scale_out, shift_out)
@@ -1032,9 +1123,11 @@ _KERNELS: dict[str, Callable[..., Any]] = {
         ncl_backward,
         ncl_backward_fused,
         ncl_forward_eval,
+        ncl_backward_eval,
         mc_forward_train,
         mc_backward,
         mc_forward_eval,
+        mc_backward_eval,
         inference_affine,
         running_update,
     )
