@@ -342,6 +342,19 @@ def _forward_train(
     return y, mean, var, invstd
 
 
+def _grad_inputs(dy: Array, x: Array) -> tuple[Array, Array]:
+    """``dy`` and ``x`` checked and made C-contiguous: the same shape and dtype, sizes the
+    kernels take."""
+    x = _as_input(x, "x")
+    dy = _as_input(dy, "dy")
+    if dy.shape != x.shape or dy.dtype != x.dtype:
+        raise ValueError(
+            f"batchnorm.kernels: dy ({dy.dtype} {dy.shape}) must match x ({x.dtype} {x.shape})"
+        )
+    _check_sizes(x)
+    return dy, x
+
+
 def backward(
     dy: Array,
     x: Array,
@@ -361,13 +374,7 @@ def backward(
     None when ``need_dx`` is False: the reductions alone, one pass). ``out``, ``parallel`` and
     ``stream`` as in :func:`forward_train`.
     """
-    x = _as_input(x, "x")
-    dy = _as_input(dy, "dy")
-    if dy.shape != x.shape or dy.dtype != x.dtype:
-        raise ValueError(
-            f"batchnorm.kernels: dy ({dy.dtype} {dy.shape}) must match x ({x.dtype} {x.shape})"
-        )
-    _check_sizes(x)
+    dy, x = _grad_inputs(dy, x)
     C = x.shape[1]
     mean = _channel_vec(mean, C, x.dtype, "mean")
     invstd = _channel_vec(invstd, C, x.dtype, "invstd")
@@ -484,13 +491,7 @@ def backward_eval(
     stretch is summed and written while it is in the cache. Returns ``(dx, Σdy·(x − mean),
     Σdy)`` (``dx`` None when ``need_dx`` is False); ``out``, ``parallel`` and ``stream`` as in
     :func:`forward_train`."""
-    x = _as_input(x, "x")
-    dy = _as_input(dy, "dy")
-    if dy.shape != x.shape or dy.dtype != x.dtype:
-        raise ValueError(
-            f"batchnorm.kernels: dy ({dy.dtype} {dy.shape}) must match x ({x.dtype} {x.shape})"
-        )
-    _check_sizes(x)
+    dy, x = _grad_inputs(dy, x)
     C = x.shape[1]
     m = _channel_vec(mean, C, x.dtype, "mean")
     v = _channel_vec(var, C, x.dtype, "var")
