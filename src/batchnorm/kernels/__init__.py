@@ -112,16 +112,17 @@ NOTICE_AFTER: float | None = 2.0
 
 
 def notify(line: str) -> None:
-    """Print ``line`` on stderr between progress bars: tqdm's bars on stderr are cleared
-    first and drawn again after it (a notice printed over a bar would leave the bar's
-    half-line and the notice run together); plain ``print`` without tqdm."""
+    """Print ``line`` on stderr on a line of its own: on a terminal the line a progress bar may
+    be drawing is cleared first (carriage return, erase to the end of the line), so that the
+    notice does not run on from the bar's half-line; the bar draws itself again below it at
+    its next update. Plain print elsewhere. (Written directly, not through tqdm's lock: the
+    notice comes from a timer thread, and tqdm's lock is a multiprocessing lock.)"""
+    stream = sys.stderr
     try:
-        from tqdm import tqdm
-    except ImportError:
-        print(line, file=sys.stderr, flush=True)
-        return
-    tqdm.write(line, file=sys.stderr)
-    sys.stderr.flush()
+        tty = stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        tty = False
+    print(("\r\x1b[K" if tty else "") + line, file=stream, flush=True)
 
 
 def _compiling(what: str, how_long: str) -> threading.Timer:
