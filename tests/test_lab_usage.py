@@ -496,6 +496,17 @@ def test_lab_run_all_interrupted_before_its_report_resumes(toy, tmp_path, capsys
 # Ctrl-C in a terminal during sync-bn: SIGINT reaches the whole process group
 
 
+def _sigint_as_a_shell_leaves_it() -> None:
+    """In the child, before it runs: SIGINT with its default action and not blocked, as a
+    shell starts a job. A child inherits both from the process that starts it, and a test
+    worker that ran other tests before may have either changed; the command under test must
+    see Ctrl-C as a terminal delivers it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def test_ctrl_c_during_sync_bn_stops_at_once_in_one_line(tmp_path):
     import os
     import signal
@@ -515,6 +526,7 @@ def test_ctrl_c_during_sync_bn_stops_at_once_in_one_line(tmp_path):
         text=True,
         env=env,
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        preexec_fn=_sigint_as_a_shell_leaves_it,
     )
     try:
         assert proc.stdout is not None
@@ -570,7 +582,13 @@ def test_ctrl_c_in_doctor_is_a_note_not_a_traceback(tmp_path):
     cmd = [sys.executable, "-m", "batchnorm.cli", "doctor", "model.py:make"]
     cmd += ["--data", "slow:batches", "--num-batches", "1000"]
     proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=_sigint_as_a_shell_leaves_it,
     )
     try:
         assert proc.stderr is not None
