@@ -602,3 +602,18 @@ def test_running_update_refuses_values_beyond_the_buffers_dtype() -> None:
     assert (rv == np.float32(3e38)).all() and (rm == 0).all() and nbt[0] == 0
     assert K.running_update(rm, rv, np.ones(3), np.full(3, 3e38), 0.5, 0.5, nbt)  # fits
     assert nbt[0] == 1 and np.isfinite(rv).all()
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 4, 7)])
+def test_eval_backward_of_both_backends_agree(shape: tuple[int, ...]) -> None:
+    """Backend.backward_eval: the kernels' one pass against torch operations (the oracle),
+    dx and both per-channel sums."""
+    x, dy = _rand(shape) * 3 + 1, _rand(shape)
+    mean, var = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    w = torch.rand(4, dtype=torch.float64) + 0.5
+    ours = F.get_backend(x, "numba").backward_eval(dy, x, mean, var, w, 1e-3, True)
+    oracle = F.get_backend(x, "torch").backward_eval(dy, x, mean, var, w, 1e-3, True)
+    for a, e in zip(ours, oracle, strict=True):
+        assert a is not None and e is not None
+        torch.testing.assert_close(a.to(e.dtype), e, rtol=1e-10, atol=1e-10)
+    assert F.get_backend(x, "numba").backward_eval(dy, x, mean, var, w, 1e-3, False)[0] is None

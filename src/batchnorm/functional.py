@@ -384,9 +384,7 @@ class TorchBackend:
         sdyx = (dyc * (x.to(cd) - _b(mean.to(cd), x))).sum(dims)
         dx = None
         if need_dx:
-            scale = torch.rsqrt(var.to(cd) + eps)
-            if weight is not None:
-                scale = scale * weight.to(cd)
+            scale, _ = _inference_affine(mean, var, weight, None, eps, cd)
             dx = (dyc * _b(scale, x)).to(x.dtype)
         return dx, sdyx, dyc.sum(dims)
 
@@ -750,8 +748,9 @@ class BatchNormEvalFunction(torch.autograd.Function):
     The forward is the backend's single pass (the same as without gradients). The first-order
     backward is one pass on the backend (:meth:`Backend.backward_eval`): ``dx = dy·γ/√(σ² + ε)``
     and the per-channel sums ``Σdy`` and ``Σdy·(x − μ)``, from which ``dγ``, ``dβ``, ``dμ`` and
-    ``dσ²`` follow per channel. A graph of the backward (``create_graph=True``), or a ``dy`` without memory of its
-    own, recomputes the output with torch operations and differentiates that.
+    ``dσ²`` follow per channel. A graph of the backward (``create_graph=True``), or a ``dy``
+    without memory of its own, recomputes the output with torch operations and differentiates
+    that.
     """
 
     @staticmethod
@@ -1030,7 +1029,7 @@ def batch_norm_eval(
     be = get_backend(input, backend, also=(running_mean, running_var, weight, bias))
     if needs_graph and be is not _TORCH and not _torch_ops_only():
         # eval mode with gradients (fine-tuning with BN frozen in eval mode, gradients with
-        # respect to the input): the kernels' single pass, and a backward of two passes
+        # respect to the input): the kernels' single pass forward, and one pass back
         yc, restore = BatchNormEvalFunction.apply(
             input, running_mean, running_var, weight, bias, eps, be, axis
         )
