@@ -34,6 +34,9 @@ NCL_SHAPES = [
     (7, 64, 3),
     (3, 4, 600),  # long rows, channels spread evenly: a channel per task
     (2, 17, 2111),  # long rows, C not a multiple of the threads
+    (5, 3, 31),  # the longest short rows: (N, C·L) for the (M, C) loops
+    (3, 5, 32),  # the shortest rows the (N, C, L) loops take, pieces of whole rows
+    (4, 1, 97),  # one channel of rows of a prime length
 ]
 # (M, C) work in row blocks of 128 rows and tiles of 2048 (float32) / 1024 (float64) channels:
 # ragged blocks, several tiles with a partial last one
@@ -173,6 +176,10 @@ def test_streaming_policy_by_size_and_layout():  # type: ignore[no-untyped-def]
     assert K._stream(long_rows, None)
     short_rows = np.empty((big // 196 + 1, 1, 196), np.float32)
     assert not K._stream(short_rows, None)
+    # rows shorter than SHORT_ROWS are written as the (N, C·L) rows the (M, C) loops see
+    grouped = np.empty((big // (16 * 4) + 1, 16, 4), np.float32)  # 256-byte rows of (N, C·L)
+    assert K._stream(grouped, None)
+    assert not K._stream(np.empty((big // 15 + 1, 5, 3), np.float32), None)  # 60-byte rows
 
 
 def test_outputs_start_on_a_cache_line():  # type: ignore[no-untyped-def]
@@ -205,7 +212,9 @@ def test_float32_overflowing_squares_are_summed_in_float64():  # type: ignore[no
     [(1e4, 1.0), (1.0, 1e-3), (-3e3, 1e-1), (0.0, 1e15)],
     ids=["offset1e4", "tiny-std", "neg-offset", "huge"],
 )
-@pytest.mark.parametrize("shape", [(8, 3, 257), (4099, 5)], ids=["NCL", "MC"])
+@pytest.mark.parametrize(
+    "shape", [(8, 3, 257), (700, 3, 6), (4099, 5)], ids=["NCL", "NCL-short", "MC"]
+)
 def test_stress_inputs(shape, loc, std, dtype, parallel):  # type: ignore[no-untyped-def]
     """|mean| ≫ std and extreme magnitudes: the naive E[x²] − E[x]² would lose every digit."""
     x, dy, w, b = _data(shape, dtype, seed=1, loc=loc, std=std)
@@ -217,7 +226,11 @@ def test_stress_inputs(shape, loc, std, dtype, parallel):  # type: ignore[no-unt
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
 @pytest.mark.parametrize("std", [1e20, 1e25, 1e30])
-@pytest.mark.parametrize("shape", [(8, 3, 57), (3, 4, 600), (601, 5)], ids=["NCL", "fused", "MC"])
+@pytest.mark.parametrize(
+    "shape",
+    [(8, 3, 57), (60, 4, 9), (3, 4, 600), (601, 5)],
+    ids=["NCL", "NCL-short", "fused", "MC"],
+)
 def test_float32_backward_keeps_the_xhat_term_at_huge_spreads(shape, std, parallel):  # type: ignore[no-untyped-def]
     """dx of a float32 input with a spread of 1e20 and beyond is of the size of 1/spread: the
     x̂ term's coefficient invstd²·Σdy·x̂/m is then below float32's range unless invstd is
@@ -247,7 +260,7 @@ def test_naive_moments_would_fail(dtype):  # type: ignore[no-untyped-def]
     _close(var, var_ref, dtype)
 
 
-@pytest.mark.parametrize("shape", [(6, 4, 9), (33, 4)], ids=["NCL", "MC"])
+@pytest.mark.parametrize("shape", [(6, 4, 40), (6, 4, 9), (33, 4)], ids=["NCL", "NCL-short", "MC"])
 def test_constant_channel_and_no_affine(shape):  # type: ignore[no-untyped-def]
     x, dy, _, _ = _data(shape, np.float64)
     x[:, 1] = 2.5  # zero variance: y = β, finite gradients
@@ -257,7 +270,7 @@ def test_constant_channel_and_no_affine(shape):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
-@pytest.mark.parametrize("shape", [(5, 3, 7), (40, 3)], ids=["NCL", "MC"])
+@pytest.mark.parametrize("shape", [(5, 3, 40), (5, 3, 7), (40, 3)], ids=["NCL", "NCL-short", "MC"])
 def test_nonfinite_input_gives_nonfinite_stats(shape, parallel):  # type: ignore[no-untyped-def]
     """NaN/inf must reach the statistics (the running update then refuses the batch)."""
     x, dy, _, _ = _data(shape, np.float32)
@@ -728,7 +741,7 @@ def test_a_first_call_slow_to_load_its_loop_is_announced_once() -> None:
         "import numpy as np\n"
         "from batchnorm import kernels as K\n"
         "K.NOTICE_AFTER = 0.0\n"
-        "x = np.random.default_rng(0).normal(size=(4, 3, 5))\n"
+        "x = np.random.default_rng(0).normal(size=(4, 3, K.SHORT_ROWS))\n"
         "for _ in range(3):\n"
         "    y, mean, var, invstd = K.forward_train(x, parallel=False)\n"
         "    K.backward(np.ones_like(x), x, mean, invstd, parallel=False)\n"

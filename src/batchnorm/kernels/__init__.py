@@ -186,6 +186,26 @@ def _fused(N: int, C: int, L: int, T: int) -> bool:
     return L >= FUSED_ROWS and (T == 1 or C % T == 0 or C >= 8 * T)
 
 
+#: rows shorter than this on ``(N, C, L)`` run the ``(M, C)`` loops on the view ``(N, C·L)``,
+#: each channel's ``L`` columns side by side: long contiguous rows instead of a loop and a
+#: scalar tail per few values (see :func:`_rows_view`)
+SHORT_ROWS = 32
+
+
+def _short(L: int) -> bool:
+    return L < SHORT_ROWS
+
+
+def _rows_view(x: Array) -> tuple[Array, int] | None:
+    """``(view, G)``: the rows × columns view the ``(M, C)`` loops take, with ``G`` columns per
+    channel — ``x`` itself and 1 for a 2-D input, ``(N, C·L)`` and ``L`` for ``(N, C, L)`` with
+    short rows; None for long rows (the ``(N, C, L)`` loops)."""
+    if x.ndim == 2:
+        return x, 1
+    N, C, L = x.shape
+    return (x.reshape(N, C * L), L) if _short(L) else None
+
+
 def _whole_rows(L: int) -> bool:
     """Pieces of whole rows on ``(N, C, L)`` for short rows: the row loop then knows each row's
     bounds (no partial rows at the cuts; a thread gets at most one row more than another)."""
@@ -199,6 +219,8 @@ def _stream(x: Array, stream: bool | None) -> bool:
     is whole lines (outputs start on a line: :func:`empty_aligned`)."""
     if stream is not None:
         return bool(stream)
+    if x.ndim == 3 and _short(x.shape[2]):  # the loops see (N, C·L)
+        return _stream_for(x.nbytes, x.shape[1] * x.shape[2], 2, x.itemsize)
     return _stream_for(x.nbytes, x.shape[-1], x.ndim, x.itemsize)
 
 
@@ -332,9 +354,12 @@ def _forward_train(
     var = np.empty(C, x.dtype)
     invstd = np.empty(C, x.dtype)
     par = T > 1
-    if x.ndim == 2:
-        split = _mc_split(x.shape[0], C, T, x.itemsize)
-        _kernel("mc_forward_train", par)(x, w, b, eps, *split, stream, y, mean, var, invstd)
+    rows = _rows_view(x)
+    if rows is not None:
+        x2, G = rows
+        split = _mc_split(x2.shape[0], x2.shape[1], T, x.itemsize)
+        y2 = y.reshape(x2.shape)
+        _kernel("mc_forward_train", par)(x2, G, w, b, eps, *split, stream, y2, mean, var, invstd)
     elif _fused(x.shape[0], C, x.shape[2], T):
         _kernel("ncl_forward_train_fused", par)(x, w, b, eps, stream, y, mean, var, invstd)
     else:
@@ -403,11 +428,16 @@ def _backward(
     buf = dx if dx is not None else x  # not written when need_dx is False
     par = T > 1
     tol = _MEAN_TOL[x.dtype]
+    rows = _rows_view(x)
+    if rows is not None:
+        x2, G = rows
+        split = _mc_split(x2.shape[0], x2.shape[1], T, x.itemsize)
+        outs2 = (stream, need_dx, buf.reshape(x2.shape), dw, db)
+        dy2 = dy.reshape(x2.shape)
+        _kernel("mc_backward", par)(dy2, x2, G, mean, invstd, w, tol, *split, *outs2)
+        return dx, dw, db
     outs: tuple[Any, ...] = (stream, need_dx, buf, dw, db)
-    if x.ndim == 2:
-        split = _mc_split(x.shape[0], C, T, x.itemsize)
-        _kernel("mc_backward", par)(dy, x, mean, invstd, w, tol, *split, *outs)
-    elif _fused(x.shape[0], C, x.shape[2], T):
+    if _fused(x.shape[0], C, x.shape[2], T):
         _kernel("ncl_backward_fused", par)(dy, x, mean, invstd, w, tol, *outs)
     else:
         whole = _whole_rows(x.shape[2])
@@ -464,12 +494,15 @@ def _eval(
     T: int,
     stream: bool,
 ) -> Array:
-    if x.ndim == 3:
+    rows = _rows_view(x)
+    if rows is None:
         whole = _whole_rows(x.shape[2])
         _kernel("ncl_forward_eval", T > 1)(x, p0, p1, w, b, eps, stats, T, whole, stream, y)
     else:
-        split = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
-        _kernel("mc_forward_eval", T > 1)(x, p0, p1, w, b, eps, stats, *split, stream, y)
+        x2, G = rows
+        split = _mc_split(x2.shape[0], x2.shape[1], T, x.itemsize)
+        y2 = y.reshape(x2.shape)
+        _kernel("mc_forward_eval", T > 1)(x2, G, p0, p1, w, b, eps, stats, *split, stream, y2)
     return y
 
 
@@ -522,11 +555,14 @@ def _backward_eval(
     need_dx = dx is not None
     buf = dx if dx is not None else x  # not written when need_dx is False
     par = T > 1
-    if x.ndim == 2:
-        split = _mc_split(x.shape[0], C, T, x.itemsize)
+    rows = _rows_view(x)
+    if rows is not None:
+        x2, G = rows
+        split = _mc_split(x2.shape[0], x2.shape[1], T, x.itemsize)
         _kernel("mc_backward_eval", par)(
-            dy, x, mean, scale, *split, stream and need_dx, need_dx, buf, sums
-        )
+            dy.reshape(x2.shape), x2, G, mean, scale, *split, stream and need_dx, need_dx,
+            buf.reshape(x2.shape), sums,
+        )  # fmt: skip
     else:
         whole = _whole_rows(x.shape[2])
         _kernel("ncl_backward_eval", par)(

@@ -35,6 +35,7 @@ __all__ = ["address", "built"]
 _mc_split = numba.njit(K._mc_split)
 _fused = numba.njit(K._fused)
 _whole_rows = numba.njit(K._whole_rows)
+_short = numba.njit(K._short)
 _stream_for = numba.njit(K._stream_for)
 
 
@@ -65,20 +66,23 @@ _TOL8 = K._MEAN_TOL[np.dtype(np.float64)]
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
-def _fwd_mc(x, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untyped-def]
+def _fwd_mc(x, G, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untyped-def]
     stream = _stream(x)
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     if T > 1:
-        _MC_FWD_P(x, w, b, eps, nrb, ncb, tw, stream, y, mean, var, invstd)
+        _MC_FWD_P(x, G, w, b, eps, nrb, ncb, tw, stream, y, mean, var, invstd)
     else:
-        _MC_FWD(x, w, b, eps, nrb, ncb, tw, stream, y, mean, var, invstd)
+        _MC_FWD(x, G, w, b, eps, nrb, ncb, tw, stream, y, mean, var, invstd)
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _fwd_ncl(x, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untyped-def]
     stream = _stream(x)
     N, C, L = x.shape
-    if _fused(N, C, L, T):
+    if _short(L):  # the (M, C) loops on (N, C·L), as kernels._rows_view
+        s2 = (N, C * L)
+        _fwd_mc(x.reshape(s2), L, w, b, eps, y.reshape(s2), mean, var, invstd, T)
+    elif _fused(N, C, L, T):
         if T > 1:
             _FUSED_FWD_P(x, w, b, eps, stream, y, mean, var, invstd)
         else:
@@ -113,7 +117,7 @@ def _fwd_rows(
     xp, N, C, L, wp, nw, bp, nb_, eps, yp, mp, vp, ip, rmp, rvp, nrun, nbtp, nnbt, mom, alpha, T
 ):  # type: ignore[no-untyped-def]
     w, b, mean, var, invstd = _vectors(nw, wp, nb_, bp, C, mp, vp, ip)
-    _fwd_mc(carray(xp, (N, C)), w, b, eps, carray(yp, (N, C)), mean, var, invstd, T)
+    _fwd_mc(carray(xp, (N, C)), 1, w, b, eps, carray(yp, (N, C)), mean, var, invstd, T)
     return _update(mean, var, rmp, rvp, nrun, nbtp, nnbt, mom, alpha)
 
 
@@ -127,14 +131,14 @@ def _fwd_channels(
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
-def _bwd_mc(dy, x, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-untyped-def]
+def _bwd_mc(dy, x, G, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-untyped-def]
     stream = _stream(x)
     tol = _TOL4 if x.itemsize == 4 else _TOL8
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     if T > 1:
-        _MC_BWD_P(dy, x, mean, invstd, w, tol, nrb, ncb, tw, stream, need, dx, dw, db)
+        _MC_BWD_P(dy, x, G, mean, invstd, w, tol, nrb, ncb, tw, stream, need, dx, dw, db)
     else:
-        _MC_BWD(dy, x, mean, invstd, w, tol, nrb, ncb, tw, stream, need, dx, dw, db)
+        _MC_BWD(dy, x, G, mean, invstd, w, tol, nrb, ncb, tw, stream, need, dx, dw, db)
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
@@ -142,7 +146,10 @@ def _bwd_ncl(dy, x, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-un
     stream = _stream(x)
     tol = _TOL4 if x.itemsize == 4 else _TOL8
     N, C, L = x.shape
-    if _fused(N, C, L, T):
+    if _short(L):  # the (M, C) loops on (N, C·L), as kernels._rows_view
+        s2 = (N, C * L)
+        _bwd_mc(dy.reshape(s2), x.reshape(s2), L, mean, invstd, w, need, dx.reshape(s2), dw, db, T)
+    elif _fused(N, C, L, T):
         if T > 1:
             _FUSED_BWD_P(dy, x, mean, invstd, w, tol, stream, need, dx, dw, db)
         else:
@@ -156,7 +163,7 @@ def _bwd_ncl(dy, x, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-un
 def _bwd_rows(dyp, xp, N, C, L, mp, ip, wp, nw, need_dx, dxp, dwp, dbp, T):  # type: ignore[no-untyped-def]
     s2 = (N, C)
     _bwd_mc(
-        carray(dyp, s2), carray(xp, s2), carray(mp, (C,)), carray(ip, (C,)), carray(wp, (nw,)),
+        carray(dyp, s2), carray(xp, s2), 1, carray(mp, (C,)), carray(ip, (C,)), carray(wp, (nw,)),
         need_dx != 0, carray(dxp, s2), carray(dwp, (C,)), carray(dbp, (C,)), T,
     )  # fmt: skip
 
@@ -170,19 +177,24 @@ def _bwd_channels(dyp, xp, N, C, L, mp, ip, wp, nw, need_dx, dxp, dwp, dbp, T): 
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
-def _eval_mc(x, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
+def _eval_mc(x, G, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
     stream = _stream(x)
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     if T > 1:
-        _MC_EVAL_P(x, rm, rv, w, b, eps, True, nrb, ncb, tw, stream, y)
+        _MC_EVAL_P(x, G, rm, rv, w, b, eps, True, nrb, ncb, tw, stream, y)
     else:
-        _MC_EVAL(x, rm, rv, w, b, eps, True, nrb, ncb, tw, stream, y)
+        _MC_EVAL(x, G, rm, rv, w, b, eps, True, nrb, ncb, tw, stream, y)
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _eval_ncl(x, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
+    N, C, L = x.shape
+    if _short(L):  # the (M, C) loops on (N, C·L), as kernels._rows_view
+        s2 = (N, C * L)
+        _eval_mc(x.reshape(s2), L, rm, rv, w, b, eps, y.reshape(s2), T)
+        return
     stream = _stream(x)
-    whole = _whole_rows(x.shape[2])
+    whole = _whole_rows(L)
     if T > 1:
         _NCL_EVAL_P(x, rm, rv, w, b, eps, True, T, whole, stream, y)
     else:
@@ -191,7 +203,7 @@ def _eval_ncl(x, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
 
 def _eval_rows(xp, N, C, L, rmp, rvp, wp, nw, bp, nb_, eps, yp, T):  # type: ignore[no-untyped-def]
     _eval_mc(
-        carray(xp, (N, C)), carray(rmp, (C,)), carray(rvp, (C,)), carray(wp, (nw,)),
+        carray(xp, (N, C)), 1, carray(rmp, (C,)), carray(rvp, (C,)), carray(wp, (nw,)),
         carray(bp, (nb_,)), eps, carray(yp, (N, C)), T,
     )  # fmt: skip
 

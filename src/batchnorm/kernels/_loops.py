@@ -9,8 +9,13 @@ Two canonical layouts, both C-contiguous:
   and the statistics pass keeps per-thread partial sums per channel. Short rows (fewer than
   512 values) are cut into pieces of whole rows, so the row loop knows each row's bounds
   (5–33 % faster than cutting inside rows); long rows into equal pieces of the flat range.
-  Streaming reads, even work for any C, N or L.
-* ``(M, C)`` — rows × channels. Work unit: a block of rows (one per thread) × a tile of at most
+  Streaming reads, even work for any C, N or L. Rows shorter than ``SHORT_ROWS`` (see
+  :mod:`batchnorm.kernels`) go to the ``(M, C)`` loops instead, on the view ``(N, C·L)`` with
+  ``G = L`` columns per channel.
+* ``(M, C·G)`` — rows × channels, ``G`` columns per channel (1 for 2-D inputs,
+  ``channels_last`` and ``axis=-1``; ``L`` for short channels-first rows): partial sums are kept
+  per column and added up per channel, per-channel vectors are spread over the columns. Work
+  unit: a block of rows (one per thread) × a tile of at most
   8 KiB of channels (narrower tiles when M is tiny); the inner loop runs along the
   contiguous channels of one row at a time and updates per-channel block sums (one row per
   sweep keeps each thread's reads a single sequential stream, which the hardware prefetcher
@@ -779,6 +784,29 @@ MC_ROWS = 128
 MC_QUAD_BELOW = 4 << 20
 
 
+@numba.njit(cache=True)
+def _spread(v, G):  # type: ignore[no-untyped-def]
+    """A per-channel vector ``v (C,)`` as the per-column vector of a grouped view ``(M, C·G)``
+    (each channel's ``G`` columns side by side): every value repeated ``G`` times."""
+    out = np.empty(v.shape[0] * G, dtype=v.dtype)
+    for c in range(v.shape[0]):
+        for g in range(G):
+            out[c * G + g] = v[c]
+    return out
+
+
+@numba.njit(cache=True)
+def _gather(part, G):  # type: ignore[no-untyped-def]
+    """Partial sums per column ``part (P, K, C·G)`` added up per channel: ``(P, K, C)``."""
+    P, K, W = part.shape
+    out = np.zeros((P, K, W // G))
+    for p in range(P):
+        for k in range(K):
+            for j in range(W):
+                out[p, k, j // G] += part[p, k, j]
+    return out
+
+
 @numba.njit(inline="always", cache=True)
 def _tile(t, nrb, ncb, tw, M, W):  # type: ignore[no-untyped-def]
     """Rows ``[r0, r1)`` and channels ``[c0, c1)`` of task ``t`` (``nrb`` row blocks ×
@@ -1001,82 +1029,98 @@ def _mc_dx(dx, dy, x, r0, r1, c0, c1, mean, af, bf, df, stream):  # type: ignore
     _fence()
 
 
-def mc_forward_train(x, w, b, eps, nrb, ncb, tw, stream, y, mean_out, var_out, invstd_out):  # type: ignore[no-untyped-def]
-    """Training forward on ``x (M, C)``: ``nrb`` row blocks × ``ncb`` tiles of ``tw``
-    channels.
+def mc_forward_train(x, G, w, b, eps, nrb, ncb, tw, stream, y, mean_out, var_out, invstd_out):  # type: ignore[no-untyped-def]
+    """Training forward on ``x (M, C·G)``, ``G`` columns per channel (1 for rows × channels;
+    ``L`` for ``(N, C, L)`` with short rows seen as ``(N, C·L)``): ``nrb`` row blocks × ``ncb``
+    tiles of ``tw`` columns.
 
-    Each task streams its tile of rows, adding to per-channel partial shifted sums (the shift:
-    each channel's first value); the partials merge per channel; the element pass reuses the
+    Each task streams its tile of rows, adding to per-column partial shifted sums (the shift:
+    the channel's first value); the partials merge per channel; the element pass reuses the
     same split.
     """
-    M, C = x.shape
-    kk = x[0].copy()
-    part = np.zeros((nrb, 2, C))
+    M, W = x.shape
+    kc = np.empty(W // G, dtype=x.dtype)
+    for c in range(W // G):
+        kc[c] = x[0, c * G]
+    kk = _spread(kc, G)
+    part = np.zeros((nrb, 2, W))
     for t in prange(nrb * ncb):
-        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, C)
+        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, W)
         _mc_shifted_sums(x, r0, r1, c0, c1, kk, part[rb, 0, c0:c1], part[rb, 1, c0:c1])
-    mh, sc, sh = _finish_forward(part, kk, M, w, b, eps, mean_out, var_out, invstd_out, x)
+    mh, sc, sh = _finish_forward(
+        _gather(part, G), kc, M * G, w, b, eps, mean_out, var_out, invstd_out, x
+    )
+    mh, sc, sh = _spread(mh, G), _spread(sc, G), _spread(sh, G)
     for t in prange(nrb * ncb):
-        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, C)
+        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, W)
         _mc_affine(y, x, r0, r1, c0, c1, mh, sc, sh, stream)
 
 
-def mc_backward(dy, x, mean, invstd, w, tol, nrb, ncb, tw, stream, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
-    """Backward on ``(M, C)``: partial Σdy, Σdy·(x − μ), Σ(x − μ) per row block, merged per
-    channel, then the dx pass over the same split."""
-    M, C = x.shape
-    part = np.zeros((nrb, 3, C))
+def mc_backward(dy, x, G, mean, invstd, w, tol, nrb, ncb, tw, stream, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
+    """Backward on ``(M, C·G)`` (as :func:`mc_forward_train`): partial Σdy, Σdy·(x − μ),
+    Σ(x − μ) per row block and column, merged per channel, then the dx pass over the same
+    split."""
+    M, W = x.shape
+    part = np.zeros((nrb, 3, W))
+    mean_w = _spread(mean, G)
     for t in prange(nrb * ncb):
-        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, C)
+        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, W)
         _mc_grad_sums(
-            dy, x, r0, r1, c0, c1, mean,
+            dy, x, r0, r1, c0, c1, mean_w,
             part[rb, 0, c0:c1], part[rb, 1, c0:c1], part[rb, 2, c0:c1],
         )  # fmt: skip
-    a_arr, b_arr, d_arr = _finish_backward(part, M, mean, invstd, w, tol, dw_out, db_out)
+    a_arr, b_arr, d_arr = _finish_backward(
+        _gather(part, G), M * G, mean, invstd, w, tol, dw_out, db_out
+    )
     if not need_dx:
         return
+    a_arr, b_arr, d_arr = _spread(a_arr, G), _spread(b_arr, G), _spread(d_arr, G)
     for t in prange(nrb * ncb):
-        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, C)
-        _mc_dx(dx, dy, x, r0, r1, c0, c1, mean, a_arr, b_arr, d_arr, stream)
+        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, W)
+        _mc_dx(dx, dy, x, r0, r1, c0, c1, mean_w, a_arr, b_arr, d_arr, stream)
 
 
-def mc_forward_eval(x, p0, p1, w, b, eps, stats, nrb, ncb, tw, stream, y):  # type: ignore[no-untyped-def]
-    """Inference on ``(M, C)``: one pass, y = x·scale + shift (as :func:`ncl_forward_eval`)."""
+def mc_forward_eval(x, G, p0, p1, w, b, eps, stats, nrb, ncb, tw, stream, y):  # type: ignore[no-untyped-def]
+    """Inference on ``(M, C·G)``: one pass, y = x·scale + shift (as :func:`ncl_forward_eval`)."""
     scale, shift = _eval_coefs(p0, p1, w, b, eps, stats)
-    M, C = x.shape
+    scale, shift = _spread(scale, G), _spread(shift, G)
+    M, W = x.shape
     # no mean to subtract: an empty one where the loop can skip it (plain stores); the
     # streaming loop, bound by memory anyway, subtracts zeros (skipping it there measured
     # 2-2.6x slower single-threaded)
-    mu = np.zeros(C if stream else 0, dtype=x.dtype)
+    mu = np.zeros(W if stream else 0, dtype=x.dtype)
     for t in prange(nrb * ncb):
-        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, C)
+        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, W)
         _mc_affine(y, x, r0, r1, c0, c1, mu, scale, shift, stream)
 
 
-def mc_backward_eval(dy, x, mean, scale, nrb, ncb, tw, stream, need_dx, dx, sums_out):  # type: ignore[no-untyped-def]
-    """Backward of inference on ``(M, C)`` in one pass (as :func:`ncl_backward_eval`): each
+def mc_backward_eval(dy, x, G, mean, scale, nrb, ncb, tw, stream, need_dx, dx, sums_out):  # type: ignore[no-untyped-def]
+    """Backward of inference on ``(M, C·G)`` in one pass (as :func:`ncl_backward_eval`): each
     block of :data:`MC_ROWS` rows of a task's tile is summed, then its ``dx = dy·scale``
     written while it is in the core's cache."""
-    M, C = x.shape
-    part = np.zeros((nrb, 3, C))
-    shift = np.zeros(C, dtype=x.dtype)
-    mu = np.zeros(C if stream else 0, dtype=x.dtype)  # as in mc_forward_eval
+    M, W = x.shape
+    part = np.zeros((nrb, 3, W))
+    mean_w = _spread(mean, G)
+    scale_w = _spread(scale, G)
+    shift = np.zeros(W, dtype=x.dtype)
+    mu = np.zeros(W if stream else 0, dtype=x.dtype)  # as in mc_forward_eval
     for t in prange(nrb * ncb):
-        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, C)
+        rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, W)
         i = r0
         while i < r1:
             e = min(i + MC_ROWS, r1)
             _mc_grad_sums(
-                dy, x, i, e, c0, c1, mean,
+                dy, x, i, e, c0, c1, mean_w,
                 part[rb, 0, c0:c1], part[rb, 1, c0:c1], part[rb, 2, c0:c1],
             )  # fmt: skip
             if need_dx:
-                _mc_affine(dx, dy, i, e, c0, c1, mu, scale, shift, stream)
+                _mc_affine(dx, dy, i, e, c0, c1, mu, scale_w, shift, stream)
             i = e
-    for c in range(C):
+    sums = _gather(part, G)
+    for c in range(W // G):
         for rb in range(nrb):
-            sums_out[0, c] += part[rb, 1, c]
-            sums_out[1, c] += part[rb, 0, c]
+            sums_out[0, c] += sums[rb, 1, c]
+            sums_out[1, c] += sums[rb, 0, c]
 
 
 def inference_affine(mean, var, w, b, eps, scale_out, shift_out):  # type: ignore[no-untyped-def]
