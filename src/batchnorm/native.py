@@ -167,8 +167,9 @@ def compile_loops(dtypes: Sequence[str] = tuple(DTYPES), progress: bool = True) 
 
     from batchnorm import kernels as K
 
-    # (N, C, L) with short rows, with long rows (a channel per task), and rows × channels
-    shapes = [(2, 3, 5), (2, 2, K.FUSED_ROWS), (8, 3)]
+    # (N, C, L) with rows the (N, C, L) loops take in whole-row pieces, with long rows (a
+    # channel per task), and rows × channels (also the path of rows shorter than SHORT_ROWS)
+    shapes = [(2, 3, K.SHORT_ROWS), (2, 2, K.FUSED_ROWS), (8, 3)]
     work = [(np.dtype(d), s, par) for d in dtypes for s in shapes for par in (False, True)]
     for dt, shape, par in tqdm(
         work, desc="compiling", disable=not progress, file=sys.stderr, leave=False
