@@ -293,8 +293,8 @@ def test_eval_with_gradients_is_timed_on_request(tmp_path, capsys):
 
 
 def test_half_precision_dtypes_can_be_benchmarked(capsys):
-    """--dtype bfloat16/float16: both modules in that dtype (ours converting around the
-    kernels), the dtype named in the footer."""
+    """--dtype bfloat16/float16: both modules in that dtype (ours on torch's operator, as
+    ``auto`` chooses for half inputs), the dtype named in the footer."""
     for dt in ("bfloat16", "float16"):
         assert cli_main(["bench", "--shapes", "6x5", "--repeats", "1", "--dtype", dt]) == 0
         out = capsys.readouterr().out

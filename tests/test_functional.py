@@ -298,6 +298,109 @@ def test_half_inputs_use_float32_statistics(dtype: torch.dtype) -> None:
     assert rm.dtype == torch.float32
 
 
+def _half_case(layout: str, dtype: torch.dtype) -> tuple[Tensor, type[torch.nn.Module]]:
+    import batchnorm
+
+    shape = {"2d": (48, 6), "ncl": (8, 6, 10)}.get(layout, (8, 6, 5, 4))
+    x = _rand(shape, seed=3, dtype=torch.float32).mul(3.0).add(5.0)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    cls = batchnorm.BatchNorm2d if x.dim() == 4 else batchnorm.BatchNorm1d
+    return x.to(dtype), cls
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d", "ncl"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_take_torchs_operator_and_match_torch_nn(
+    dtype: torch.dtype, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPU float16/bfloat16 inputs go to torch's fused operator (``aten``), whose reads and
+    writes of half values are one pass: outputs, gradients in x, γ, β and the running
+    statistics are torch.nn's, in training, inference, and inference with gradients."""
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)  # the default choice (``auto``)
+    x0, cls = _half_case(layout, dtype)
+    assert F.get_backend(x0).name == "aten"
+    assert F.get_backend(x0.float()).name != "aten"  # float32/float64: the kernels (or torch)
+    got = []
+    for bn in (cls(6), getattr(torch.nn, cls.__name__)(6)):
+        with torch.no_grad():
+            bn.weight.copy_(torch.linspace(0.5, 1.5, 6))
+            bn.bias.copy_(torch.linspace(-0.5, 0.5, 6))
+        dy = _rand(tuple(x0.shape), seed=4, dtype=torch.float32).to(dtype)
+        out = []
+        for mode in ("train", "eval"):
+            bn.train(mode == "train")
+            bn.zero_grad()
+            x = x0.clone().requires_grad_(True)
+            y = bn(x)
+            y.backward(dy)
+            assert y.dtype == dtype and x.grad is not None and x.grad.dtype == dtype
+            out += [y.detach(), x.grad, bn.weight.grad, bn.bias.grad]
+            out += [bn.running_mean.clone(), bn.running_var.clone()]
+        got.append(out)
+    # channels_last reaches the operator as its (M, C) view, whose loop rounds a value or two
+    # of the half output differently from the 4-D channels_last loop torch.nn runs
+    exact = layout != "channels_last"
+    tol = {"rtol": 1e-6, "atol": 1e-6} if exact else {"rtol": 2e-2, "atol": 2e-2}
+    for ours, theirs in zip(*got, strict=True):
+        torch.testing.assert_close(ours, theirs, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_backend_holds_to_the_contract_of_the_float32_computation(
+    dtype: torch.dtype,
+) -> None:
+    """Every method of the ``aten`` backend against the plain-torch backend, which computes
+    half inputs in float32: results agree to the half dtype's rounding of the outputs."""
+    aten, plain = F._instance("aten"), F._instance("torch")
+    tol = {"rtol": 1e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 2e-3, "atol": 2e-3}
+    for shape in ((8, 6, 10), (48, 6)):
+        x = _rand(shape, seed=6, dtype=torch.float32).mul(2.0).add(3.0).to(dtype)
+        dy = _rand(shape, seed=7, dtype=torch.float32).to(dtype)
+        w, b = torch.linspace(0.5, 1.5, 6), torch.linspace(-1.0, 1.0, 6)
+        a = aten.forward_train(x, w, b, 1e-3)
+        p = plain.forward_train(x, w, b, 1e-3)
+        assert [t.dtype for t in a] == [t.dtype for t in p] == [dtype] + [torch.float32] * 3
+        for u, v in zip(a, p, strict=True):
+            torch.testing.assert_close(u.float(), v.float(), **tol)
+        _, mean, var, invstd = p
+        torch.testing.assert_close(a[2], var, rtol=1e-5, atol=1e-6)  # var recovered from invstd
+        needs = (True, True, True)
+        for u, v in zip(
+            aten.backward(dy, x, mean, invstd, w, needs),
+            plain.backward(dy, x, mean, invstd, w, needs),
+            strict=True,
+        ):
+            assert u is not None and v is not None
+            torch.testing.assert_close(u.float(), v.float(), **tol)
+        torch.testing.assert_close(
+            aten.forward_eval(x, mean, var, w, b, 1e-3).float(),
+            plain.forward_eval(x, mean, var, w, b, 1e-3).float(),
+            **tol,
+        )
+        for need_dx in (True, False):
+            ea = aten.backward_eval(dy, x, mean, var, w, 1e-3, need_dx)
+            ep = plain.backward_eval(dy, x, mean, var, w, 1e-3, need_dx)
+            assert (ea[0] is None) == (ep[0] is None) == (not need_dx)
+            for u, v in zip(ea, ep, strict=True):
+                if u is not None and v is not None:
+                    torch.testing.assert_close(u.float(), v.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_with_a_nan_leave_the_running_statistics_alone(dtype: torch.dtype) -> None:
+    """torch's operator would blend a NaN into its running buffers; the ``aten`` backend never
+    hands them over, and the batch is refused as on every other path."""
+    x = _rand((16, 3, 4), dtype=torch.float32).to(dtype)
+    x[2, 1, 3] = float("nan")
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(NonFiniteStatisticsError):
+        F.batch_norm(x, rm, rv, training=True, nonfinite="raise")
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    with pytest.raises(ValueError, match="backend 'aten' does not support torch.float32"):
+        F.batch_norm(x.float(), None, None, training=True, backend="aten")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("offset", [1e4, 1e5, 1e6])
 @pytest.mark.parametrize("shape", [(256, 3), (16, 3, 8, 8)])

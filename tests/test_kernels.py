@@ -371,7 +371,7 @@ def test_backend_selection_and_env(monkeypatch):  # type: ignore[no-untyped-def]
     monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)  # also when the suite runs forced
     x = torch.randn(4, 3)
     assert F.get_backend(x).name == "numba"  # auto: kernels for CPU float32
-    assert F.get_backend(x.half()).name == "torch"
+    assert F.get_backend(x.half()).name == "aten"  # torch's fused operator
     assert F.get_backend(x, "torch").name == "torch"
     monkeypatch.setenv("BATCHNORM_BACKEND", "torch")
     assert F.get_backend(x).name == "torch"
