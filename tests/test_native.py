@@ -522,7 +522,11 @@ def test_an_entry_that_cannot_be_compiled_is_an_error_in_forward_and_backward() 
 
     def install(resolve: Callable[[int, int, int], int]) -> None:
         ext.set_kernels(
-            resolve, F.graph_backward, backend_numba.REUSE_ABOVE, backend_numba._OUT.max_bytes
+            resolve,
+            F.graph_backward,
+            F.graph_backward_eval,
+            backend_numba.REUSE_ABOVE,
+            backend_numba._OUT.max_bytes,
         )
 
     x = torch.randn(16, 3, 5, requires_grad=True)
@@ -663,14 +667,21 @@ def test_inference_takes_the_node_directly_only_where_the_general_path_would(
 ) -> None:
     """The short inference path calls the node exactly when the general one would have chosen
     it: not with another backend asked for (argument or environment), not under jit.trace,
-    and not when the node is off; when a graph is needed, inside the eval Function."""
+    and not when the node is off; when a graph is needed, the node's recorded inference
+    (``evaluate_grad``), or, when that declines, the eval Function with the node's pass
+    inside."""
     calls: list[int] = []
     marker = torch.full((2, 3), 7.0)
+    recorded: list[torch.Tensor | None] = [None]  # what evaluate_grad answers
 
     class Ext:
         def evaluate(self, *args: object) -> torch.Tensor:
             calls.append(1)
             return marker
+
+        def evaluate_grad(self, *args: object) -> torch.Tensor | None:
+            calls.append(2)
+            return recorded[0]
 
     monkeypatch.setattr(native, "_state", {"ext": Ext(), "tried": True})
     x = torch.randn(2, 3)
@@ -686,9 +697,12 @@ def test_inference_takes_the_node_directly_only_where_the_general_path_would(
         assert run(backend="numba") is marker and calls == [1]
         _switches_take_the_general_path(monkeypatch, run, marker, calls)
     marker = marker.clone()  # (the Function below marks its output as its own)
-    y = run()  # grad enabled and γ requires grad: the eval Function, the node's pass inside
-    assert calls == [1] and y.requires_grad
+    y = run()  # grad enabled and γ requires grad: the node declines, the eval Function
+    assert calls == [2, 1] and y.requires_grad
     assert type(y.grad_fn).__name__ == "BatchNormEvalFunctionBackward"
+    recorded[0] = torch.ones(2, 3)
+    assert run() is recorded[0] and calls == [2]  # the node takes it
+    recorded[0] = None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         calls.clear()
@@ -744,7 +758,7 @@ def test_compile_command_compiles_the_entries_asked_for(
     ]
     asked.clear()
     assert cli.main(["compile"]) == 0
-    assert len(asked) == 12 and len(set(asked)) == 12  # every entry once
+    assert len(asked) == 16 and len(set(asked)) == 16  # every entry once (4 passes)
 
 
 def test_compile_command_makes_the_entries_ready_in_a_fresh_process() -> None:
@@ -785,3 +799,114 @@ def test_compile_command_without_the_node_compiles_the_function_path(
     for name, parallel in K._DISPATCHERS:
         assert K._DISPATCHERS[(name, parallel)].overloads, (name, parallel)
     assert len(K._DISPATCHERS) == 22
+
+
+def _eval_case(
+    shape: tuple[int, ...], layout: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen, dtype=dtype) * 2 + 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    axis = -1 if layout == "axis-1" else 1
+    C = shape[axis]
+    rm = torch.linspace(-1, 1, C, dtype=dtype)
+    rv = torch.linspace(0.5, 2.0, C, dtype=dtype)
+    w = torch.linspace(0.5, 1.5, C, dtype=dtype)
+    b = torch.linspace(-0.5, 0.5, C, dtype=dtype)
+    return x, rm, rv, w, b, axis
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((60, 100), "contiguous"),
+        ((8, 6, 5, 4), "contiguous"),
+        ((8, 6, 5, 4), "channels_last"),
+        ((4, 3, 40), "contiguous"),  # (N, C, L) loops
+        ((5, 3, 7), "contiguous"),  # short rows: rows × channels loops on (N, C·L)
+        ((3, 4, 6), "axis-1"),
+    ],
+)
+def test_eval_mode_with_gradients_runs_in_the_node(
+    shape: tuple[int, ...], layout: str, dtype: torch.dtype
+) -> None:
+    """Inference with gradients (BN frozen in eval mode while the rest trains, input gradients
+    of an evaluated model) is recorded by the node: one pass forward, one pass back in C++.
+    Output and gradients in x, γ, β are those of torch operations on Algorithm 2, for every
+    subset of the arguments that require them."""
+    x0, rm, rv, w0, b0, axis = _eval_case(shape, layout, dtype)
+    dy = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for wants in [
+        (True, True, True),
+        (True, False, False),
+        (False, True, False),
+        (False, False, True),
+    ]:
+        got = []
+        for backend in ("numba", "torch"):
+            x, w, b = (t.clone().requires_grad_(r) for t, r in zip((x0, w0, b0), wants))
+            y = F.batch_norm_eval(x, rm, rv, w, b, 1e-3, axis=axis, backend=backend)
+            if backend == "numba":
+                assert y.grad_fn is not None and NODE in y.grad_fn.name(), y.grad_fn
+                assert y.stride() == x0.stride()
+            y.backward(dy)
+            got.append([y.detach()] + [t.grad for t in (x, w, b)])
+        for ours, theirs in zip(*got, strict=True):
+            if theirs is None:
+                assert ours is None
+            else:
+                assert ours is not None and ours.dtype == theirs.dtype
+                torch.testing.assert_close(ours, theirs, **tol)
+
+
+def test_eval_mode_node_gradcheck_and_graph_of_the_backward() -> None:
+    """The node's first derivatives (gradcheck), and second ones: a graph of the backward
+    (create_graph=True) is recomputed with torch operations (gradgradcheck). Running
+    statistics that require gradients are left to the Python Function, which gives them."""
+    for layout, shape in (("contiguous", (4, 3, 5)), ("channels_last", (2, 3, 2, 3))):
+        x, rm, rv, w, b, axis = _eval_case(shape, layout, torch.float64)
+        args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
+
+        def fn(
+            x: torch.Tensor,
+            w: torch.Tensor,
+            b: torch.Tensor,
+            rm: torch.Tensor = rm,
+            rv: torch.Tensor = rv,
+            axis: int = axis,
+        ) -> torch.Tensor:
+            return F.batch_norm_eval(x, rm, rv, w, b, 1e-3, axis=axis)
+
+        assert NODE in fn(*args).grad_fn.name()
+        assert torch.autograd.gradcheck(fn, args)
+        assert torch.autograd.gradgradcheck(fn, args)
+        y = F.batch_norm_eval(x, rm.requires_grad_(), rv, w, b, 1e-3, axis=axis)
+        assert y.grad_fn is not None and "BatchNormEvalFunction" in y.grad_fn.name()
+        rm.requires_grad_(False)
+
+
+def test_eval_mode_node_backward_reads_what_a_saved_tensor_hook_returns() -> None:
+    """A saved-tensor hook may hand x back in another layout (or offload and reload it): the
+    backward reads x as it comes back (here channels_last, the rows × channels loops, dy
+    brought to its layout), and the gradients are the same."""
+    x, rm, rv, w, b, _ = _eval_case((4, 3, 5, 2), "contiguous", torch.float64)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    grads = []
+    for hook in (False, True):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+        def pack(t: torch.Tensor, hook: bool = hook) -> torch.Tensor:
+            if hook and t.dim() == 4:  # x (the vectors are saved too)
+                return t.contiguous(memory_format=torch.channels_last)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = F.batch_norm_eval(xs, rm, rv, ws, b, 1e-3)
+        assert NODE in y.grad_fn.name()
+        y.backward(dy)
+        grads.append((xs.grad, ws.grad))
+    for a, e in zip(*grads, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)

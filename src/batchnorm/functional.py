@@ -974,6 +974,37 @@ def graph_backward(
     return restore(gx.to(x.dtype)), dw, db
 
 
+def graph_backward_eval(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    axis: int,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dx, dγ, dβ)`` of inference (Algorithm 2, population statistics held constant) with
+    torch operations — differentiable in ``dy``, ``x`` and ``weight`` for
+    ``create_graph=True`` (the compiled node of :mod:`batchnorm.native` calls it)."""
+    dyc, xc, restore = _canonical_pair(dy, x, axis)
+    cd = _compute_dtype(x.dtype)
+    dims = _dims(xc)
+    g = dyc.to(cd)
+    inv = torch.rsqrt(var.to(cd) + eps)
+    dx = dw = db = None
+    if need_x:
+        scale = inv if weight is None else inv * weight.to(cd)
+        dx = restore((g * _b(scale, xc)).to(x.dtype))
+    if need_w and weight is not None:
+        dw = ((g * (xc.to(cd) - _b(mean.to(cd), xc))).sum(dims) * inv).to(weight.dtype)
+    if need_b:
+        db = g.sum(dims).to(x.dtype)
+    return dx, dw, db
+
+
 def _tracing() -> bool:
     """Inside ``torch.jit.trace``: the plain-torch backend (see :func:`get_backend`) is called
     without the autograd Function, so that autograd and the tracer see torch operations."""
@@ -1136,10 +1167,13 @@ def batch_norm_eval(
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    ext = None if needs_graph else _ready_node(backend, input)
+    ext = _ready_node(backend, input)
     if ext is not None:
         T = kernels._threads(input.numel(), None)
-        y = ext.evaluate(input, axis, running_mean, running_var, weight, bias, T, eps)
+        # with a graph: the node records itself (its backward one pass, in C++); it declines
+        # running statistics that require gradients (the Function below takes those)
+        run = ext.evaluate_grad if needs_graph else ext.evaluate
+        y = run(input, axis, running_mean, running_var, weight, bias, T, eps)
         if y is not None:
             return y  # type: ignore[no-any-return]
     be = get_backend(input, backend, also=(running_mean, running_var, weight, bias))

@@ -23,6 +23,7 @@
 #endif
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
@@ -48,16 +49,23 @@ using bwd_t = void (*)(void* dy, void* x, int64_t N, int64_t C, int64_t L, void*
                        void* db, int64_t T);
 using eval_t = void (*)(void* x, int64_t N, int64_t C, int64_t L, void* rm, void* rv, void* w,
                         int64_t nw, void* b, int64_t nb, double eps, void* y, int64_t T);
+// backward of inference: dx = dy·γ/√(var + ε) (when need_dx) and, added to sums (2, C)
+// float64, Σdy·(x − mean) and Σdy
+using beval_t = void (*)(void* dy, void* x, int64_t N, int64_t C, int64_t L, void* rm,
+                         void* rv, void* w, int64_t nw, double eps, int32_t need_dx, void* dx,
+                         double* sums, int64_t T);
 
 // The entries by dtype (float32, float64), layout (rows x channels, (N, C, L)) and pass
-// (training forward, backward, inference): resolved by Python
+// (training forward, backward, inference, backward of inference): resolved by Python
 // (batchnorm.kernels._entries.address, which compiles or loads the one asked for) the first
 // time a call needs it, so that a process compiles only what its inputs use.
-enum Pass { kForward = 0, kBackward = 1, kEval = 2 };
-std::atomic<void*> ENTRY[2][2][3];
+enum Pass { kForward = 0, kBackward = 1, kEval = 2, kEvalBackward = 3 };
+std::atomic<void*> ENTRY[2][2][4];
 py::object* RESOLVE = nullptr;
 // Python's differentiable backward (torch operations), for create_graph=True
 py::object* GRAPH_BACKWARD = nullptr;
+// the same for inference (batchnorm.functional.graph_backward_eval)
+py::object* GRAPH_BACKWARD_EVAL = nullptr;
 
 void* entry(const Tensor& x, int64_t L, Pass pass) {
   const int dt = x.scalar_type() == at::kFloat ? 0 : 1;
@@ -323,6 +331,107 @@ struct Node : public torch::autograd::Function<Node> {
   }
 };
 
+// dγ (into out[3]) and dβ (into out[4]) of inference from the sums Σdy·(x − mean), Σdy
+template <typename T>
+void per_channel(variable_list& out, bool need_w, bool need_b, const double* s,
+                 const Tensor& rv, int64_t C, double eps, const at::TensorOptions& options) {
+  const T* var = rv.data_ptr<T>();
+  if (need_w) {
+    Tensor dw = at::empty({C}, options);
+    T* p = dw.data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      p[c] = static_cast<T>(s[c] / std::sqrt(static_cast<double>(var[c]) + eps));
+    }
+    out[3] = dw;
+  }
+  if (need_b) {
+    Tensor db = at::empty({C}, options);
+    T* p = db.data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) p[c] = static_cast<T>(s[C + c]);
+    out[4] = db;
+  }
+}
+
+// Inference with gradients (BN kept in eval mode while the rest trains; gradients with respect
+// to the input of an evaluated model): the same single pass forward as without gradients, and
+// one pass back — dx = dy·γ/√(var + ε) with Σdy·(x − mean) and Σdy in the same sweep, from
+// which dγ and dβ follow per channel. The running statistics are constants here (the
+// Python path takes calls where they require gradients).
+struct EvalNode : public torch::autograd::Function<EvalNode> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& rm,
+                        const Tensor& rv, const std::optional<Tensor>& w,
+                        const std::optional<Tensor>& b, Dims d, double eps) {
+    const auto eval = reinterpret_cast<eval_t>(entry(x, d.L, kEval));
+    Tensor y = output_like(x);
+    {
+      const Unlocked other_threads_run(d.T);
+      eval(x.data_ptr(), d.N, d.C, d.L, rm.data_ptr(), rv.data_ptr(), ptr(w), len(w), ptr(b),
+           len(b), eps, y.data_ptr(), d.T);
+    }
+    ctx->save_for_backward({x, rm, rv, or_undefined(w)});
+    ctx->saved_data["T"] = d.T;
+    ctx->saved_data["forks"] = FORKS;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["axis"] = d.axis;
+    ctx->saved_data["bias"] = b.has_value() && b->defined();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(7);
+    Tensor dy = grads[0];
+    if (!dy.defined()) return out;
+    auto saved = ctx->get_saved_variables();
+    const Tensor& x = saved[0];
+    const Tensor& rm = saved[1];
+    const Tensor& rv = saved[2];
+    const Tensor& w = saved[3];
+    // needs_input_grad counts tensor inputs only (x, rm, rv, then w and b when present)
+    const bool has_w = w.defined();
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_w = has_w && ctx->needs_input_grad(3);
+    const bool need_b = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(has_w ? 4 : 3);
+    const int64_t axis = ctx->saved_data["axis"].toInt();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const auto d = dims_of(x, axis, ctx->saved_data["T"].toInt());
+    const bool kernels_take = d && vector_ok(w, x, d->C) && vector_ok(rm, x, d->C) &&
+                              vector_ok(rv, x, d->C);
+    if (at::GradMode::is_enabled() || !readable(dy) || !kernels_take) {
+      // a graph of the backward, a dy without values of its own, or saved tensors a hook
+      // returned in a form the kernels do not read: torch operations in Python
+      py::gil_scoped_acquire gil;
+      py::tuple r = (*GRAPH_BACKWARD_EVAL)(dy, x, rm, rv, w.defined() ? py::cast(w) : py::none(),
+                                           eps, axis, need_x, need_w, need_b);
+      if (need_x && !r[0].is_none()) out[0] = r[0].cast<Tensor>();
+      if (need_w && !r[1].is_none()) out[3] = r[1].cast<Tensor>();
+      if (need_b && !r[2].is_none()) out[4] = r[2].cast<Tensor>();
+      return out;
+    }
+    if (dy.strides() != x.strides() || dy.scalar_type() != x.scalar_type()) {
+      dy = at::empty_like(x).copy_(dy);  // dy in x's layout: both walk one canonical view
+    }
+    const int64_t C = d->C;
+    Tensor dx = need_x ? output_like(x) : Tensor();
+    std::vector<double> sums(static_cast<size_t>(2 * C), 0.0);  // Σdy·(x − mean), Σdy
+    double* s = sums.data();
+    const auto beval = reinterpret_cast<beval_t>(entry(x, d->L, kEvalBackward));
+    beval(dy.data_ptr(), x.data_ptr(), d->N, C, d->L, rm.data_ptr(), rv.data_ptr(),
+          has_w ? w.data_ptr() : nullptr, has_w ? w.numel() : 0, eps, need_x ? 1 : 0,
+          need_x ? dx.data_ptr() : x.data_ptr(), s,
+          ctx->saved_data["forks"].toInt() == FORKS ? ctx->saved_data["T"].toInt() : 1);
+    out[0] = dx;
+    // dγ = Σdy·(x − mean)/√(var + ε) and dβ = Σdy, from the float64 sums into x's dtype (the
+    // vectors' dtype: vector_ok), per channel here rather than through tensor operations
+    const auto vectors = x.options().memory_format(at::MemoryFormat::Contiguous);
+    if (x.scalar_type() == at::kFloat) {
+      per_channel<float>(out, need_w, need_b, s, rv, C, eps, vectors);
+    } else {
+      per_channel<double>(out, need_w, need_b, s, rv, C, eps, vectors);
+    }
+    return out;
+  }
+};
+
 // (y, stats (3, C): mean, biased var, invstd; updated), or None when the node does not take
 // the call (see dims_of and vector_ok; running buffers must not require grad, the counter must
 // be one CPU int64). T: the threads the kernels would use (batchnorm.kernels._threads).
@@ -367,10 +476,23 @@ std::optional<Tensor> evaluate(const Tensor& x, int64_t axis, const Tensor& rm,
   return y;
 }
 
+// inference recorded for gradients (EvalNode), or None when the node does not take the call:
+// as evaluate(), and running statistics that do not require gradients
+std::optional<Tensor> evaluate_grad(const Tensor& x, int64_t axis, const Tensor& rm,
+                                    const Tensor& rv, const std::optional<Tensor>& w,
+                                    const std::optional<Tensor>& b, int64_t T, double eps) {
+  const auto d = dims_of(x, axis, T);
+  if (!d || !vector_ok(rm, x, d->C) || !vector_ok(rv, x, d->C) || !vector_ok(w, x, d->C) ||
+      !vector_ok(b, x, d->C) || rm.requires_grad() || rv.requires_grad()) {
+    return std::nullopt;
+  }
+  return EvalNode::apply(x, rm, rv, w, b, *d, eps);
+}
+
 // resolve(dtype, layout, pass) -> address of the entry (see entry()); entries resolved before
 // are forgotten
-void set_kernels(py::object resolve, py::object graph_backward, int64_t reuse_above,
-                 int64_t max_bytes) {
+void set_kernels(py::object resolve, py::object graph_backward, py::object graph_backward_eval,
+                 int64_t reuse_above, int64_t max_bytes) {
   for (auto& by_layout : ENTRY) {
     for (auto& by_pass : by_layout) {
       for (auto& slot : by_pass) slot.store(nullptr, std::memory_order_release);
@@ -380,6 +502,8 @@ void set_kernels(py::object resolve, py::object graph_backward, int64_t reuse_ab
   RESOLVE = new py::object(std::move(resolve));
   delete GRAPH_BACKWARD;
   GRAPH_BACKWARD = new py::object(std::move(graph_backward));
+  delete GRAPH_BACKWARD_EVAL;
+  GRAPH_BACKWARD_EVAL = new py::object(std::move(graph_backward_eval));
   std::lock_guard<std::mutex> guard(OUT.lock);
   OUT.reuse_above = static_cast<size_t>(reuse_above);
   OUT.max_bytes = static_cast<size_t>(max_bytes);
@@ -402,5 +526,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_kernels", &set_kernels);
   m.def("train", &train);
   m.def("evaluate", &evaluate);
+  m.def("evaluate_grad", &evaluate_grad);
   m.def("cached_outputs", &cached_outputs);
 }

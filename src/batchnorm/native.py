@@ -106,6 +106,7 @@ def load() -> Any | None:
         ext.set_kernels(
             _entries.address,
             functional.graph_backward,
+            functional.graph_backward_eval,
             backend_numba.REUSE_ABOVE,
             backend_numba._OUT.max_bytes,
         )
@@ -128,7 +129,7 @@ def load() -> Any | None:
 #: the command's names for the entries' indices (see ``kernels._entries.address``)
 DTYPES = {"float32": 0, "float64": 1}
 LAYOUTS = {"rows": 0, "channels": 1}  # rows × channels (2-D, channels_last); (N, C, L)
-PASSES = {"train": 0, "backward": 1, "eval": 2}
+PASSES = {"train": 0, "backward": 1, "eval": 2, "eval-backward": 3}
 
 
 def compile_entries(
@@ -202,7 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=list(PASSES),
         default=list(PASSES),
-        help="default: all three",
+        help="default: all four (eval-backward: inference with gradients)",
     )
     parser.add_argument(
         "--function-path",

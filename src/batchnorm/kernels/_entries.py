@@ -51,7 +51,10 @@ _NCL_BWD, _NCL_BWD_P = _pair("ncl_backward")
 _FUSED_BWD, _FUSED_BWD_P = _pair("ncl_backward_fused")
 _MC_EVAL, _MC_EVAL_P = _pair("mc_forward_eval")
 _NCL_EVAL, _NCL_EVAL_P = _pair("ncl_forward_eval")
+_MC_BEVAL, _MC_BEVAL_P = _pair("mc_backward_eval")
+_NCL_BEVAL, _NCL_BEVAL_P = _pair("ncl_backward_eval")
 _RUNNING = kernel("running_update", False)
+_AFFINE = kernel("inference_affine", False)
 
 
 @numba.njit(inline="always")
@@ -216,17 +219,67 @@ def _eval_channels(xp, N, C, L, rmp, rvp, wp, nw, bp, nb_, eps, yp, T):  # type:
     )  # fmt: skip
 
 
+@numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
+def _beval_mc(dy, x, G, mean, var, w, eps, need, dx, sums, T):  # type: ignore[no-untyped-def]
+    scale = np.empty(mean.shape[0], x.dtype)
+    shift = np.empty(mean.shape[0], x.dtype)
+    _AFFINE(mean, var, w, w[:0], eps, scale, shift)
+    stream = _stream(x) and need
+    nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
+    if T > 1:
+        _MC_BEVAL_P(dy, x, G, mean, scale, nrb, ncb, tw, stream, need, dx, sums)
+    else:
+        _MC_BEVAL(dy, x, G, mean, scale, nrb, ncb, tw, stream, need, dx, sums)
+
+
+@numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
+def _beval_ncl(dy, x, mean, var, w, eps, need, dx, sums, T):  # type: ignore[no-untyped-def]
+    N, C, L = x.shape
+    if _short(L):  # the (M, C) loops on (N, C·L), as kernels._rows_view
+        s2 = (N, C * L)
+        _beval_mc(
+            dy.reshape(s2), x.reshape(s2), L, mean, var, w, eps, need, dx.reshape(s2), sums, T
+        )
+        return
+    scale = np.empty(C, x.dtype)
+    shift = np.empty(C, x.dtype)
+    _AFFINE(mean, var, w, w[:0], eps, scale, shift)
+    stream = _stream(x) and need
+    whole = _whole_rows(L)
+    if T > 1:
+        _NCL_BEVAL_P(dy, x, mean, scale, T, whole, stream, need, dx, sums)
+    else:
+        _NCL_BEVAL(dy, x, mean, scale, 1, whole, stream, need, dx, sums)
+
+
+def _beval_rows(dyp, xp, N, C, L, mp, vp, wp, nw, eps, need_dx, dxp, sp, T):  # type: ignore[no-untyped-def]
+    s2 = (N, C)
+    _beval_mc(
+        carray(dyp, s2), carray(xp, s2), 1, carray(mp, (C,)), carray(vp, (C,)),
+        carray(wp, (nw,)), eps, need_dx != 0, carray(dxp, s2), carray(sp, (2, C)), T,
+    )  # fmt: skip
+
+
+def _beval_channels(dyp, xp, N, C, L, mp, vp, wp, nw, eps, need_dx, dxp, sp, T):  # type: ignore[no-untyped-def]
+    s3 = (N, C, L)
+    _beval_ncl(
+        carray(dyp, s3), carray(xp, s3), carray(mp, (C,)), carray(vp, (C,)), carray(wp, (nw,)),
+        eps, need_dx != 0, carray(dxp, s3), carray(sp, (2, C)), T,
+    )  # fmt: skip
+
+
 #: the entries, by layout (0: rows × channels, 1: ``(N, C, L)``) and pass (0: training forward,
-#: 1: backward, 2: inference) — the indices ``address`` takes, as ``native.cpp`` passes them
+#: 1: backward, 2: inference, 3: backward of inference) — the indices ``address`` takes, as
+#: ``native.cpp`` passes them
 _ENTRIES = (
-    (_fwd_rows, _bwd_rows, _eval_rows),
-    (_fwd_channels, _bwd_channels, _eval_channels),
+    (_fwd_rows, _bwd_rows, _eval_rows, _beval_rows),
+    (_fwd_channels, _bwd_channels, _eval_channels, _beval_channels),
 )
 _DTYPES = (nb.float32, nb.float64)
 _WHAT = (
     ("float32", "float64"),
     ("rows × channels", "(N, C, L)"),
-    ("training", "backward", "inference"),
+    ("training", "backward", "inference", "inference backward"),
 )
 
 
@@ -240,6 +293,8 @@ def _signature(dtype: Any, pass_: int) -> Any:
         )  # fmt: skip
     if pass_ == 1:
         return nb.void(p, p, i64, i64, i64, p, p, p, i64, nb.int32, p, p, p, i64)
+    if pass_ == 3:  # sums: (2, C) float64, Σdy·(x − mean) then Σdy, added to
+        return nb.void(p, p, i64, i64, i64, p, p, p, i64, f64, nb.int32, p, nb.CPointer(f64), i64)
     return nb.void(p, i64, i64, i64, p, p, p, i64, p, i64, f64, p, i64)
 
 
@@ -265,7 +320,8 @@ def _what(dtype: int, layout: int, pass_: int) -> str:
 
 def address(dtype: int, layout: int, pass_: int) -> int:
     """The address of one entry — ``dtype`` 0 float32, 1 float64; ``layout`` 0 rows ×
-    channels, 1 ``(N, C, L)``; ``pass_`` 0 training forward, 1 backward, 2 inference —
+    channels, 1 ``(N, C, L)``; ``pass_`` 0 training forward, 1 backward, 2 inference, 3 the
+    backward of inference —
     compiled (or loaded from Numba's disk cache) the first time it is asked for: a process
     compiles only what its inputs need. A notice goes to stderr when that takes longer than
     :data:`batchnorm.kernels.NOTICE_AFTER` seconds."""
