@@ -4,10 +4,11 @@
 // backward, the NumPy views of every tensor, the checks and the canonical view. At (60, 100)
 // that is most of a training step; on large inputs it is 100-200 us when the caches are cold
 // after a large pass. This node takes the input as it comes, checks it, records the graph and
-// runs the backward in C++, and hands the kernels raw pointers. The kernels are the same Numba
-// loops, compiled as C-callable entries (batchnorm/kernels/_entries.py), each resolved through
-// Python the first time a call needs it (set_kernels() registers the resolver); the caller
-// passes the thread count, saved here for the backward. The math lives there; this file only
+// runs the backward in C++ (also of inference recorded with gradients), and hands the kernels
+// raw pointers. The kernels are the same Numba loops, compiled as C-callable entries
+// (batchnorm/kernels/_entries.py), each resolved through Python the first time a call needs
+// it (set_kernels() registers the resolver); the caller passes the thread count, saved here
+// for the backward. The math lives there; this file only
 // checks, allocates, passes pointers and records the graph. Built on first use by
 // batchnorm/native.py (torch.utils.cpp_extension).
 

@@ -5,7 +5,8 @@ step is the path around them — the Python ``autograd.Function`` and its Python
 NumPy views of every tensor, the checks and the canonical view. On large inputs that path
 costs 100–200 µs when the caches are cold after a large pass, about what torch's own layer
 spends in all. This module runs the training step (statistics, output, running update,
-graph), its backward and inference in C++ (``native.cpp``, built with
+graph), its backward, inference, and inference with gradients (eval mode in a graph) in C++
+(``native.cpp``, built with
 ``torch.utils.cpp_extension`` on first use and cached by torch), taking the input in any
 layout that :func:`batchnorm.functional.canonical_layout` views without a copy and calling
 the same Numba loops, single- or multi-threaded, through C entries
