@@ -787,7 +787,10 @@ MC_QUAD_BELOW = 4 << 20
 @numba.njit(cache=True)
 def _spread(v, G):  # type: ignore[no-untyped-def]
     """A per-channel vector ``v (C,)`` as the per-column vector of a grouped view ``(M, C·G)``
-    (each channel's ``G`` columns side by side): every value repeated ``G`` times."""
+    (each channel's ``G`` columns side by side): every value repeated ``G`` times (``v``
+    itself for ``G == 1``)."""
+    if G == 1:
+        return v
     out = np.empty(v.shape[0] * G, dtype=v.dtype)
     for c in range(v.shape[0]):
         for g in range(G):
@@ -797,7 +800,10 @@ def _spread(v, G):  # type: ignore[no-untyped-def]
 
 @numba.njit(cache=True)
 def _gather(part, G):  # type: ignore[no-untyped-def]
-    """Partial sums per column ``part (P, K, C·G)`` added up per channel: ``(P, K, C)``."""
+    """Partial sums per column ``part (P, K, C·G)`` added up per channel: ``(P, K, C)``
+    (``part`` itself for ``G == 1``)."""
+    if G == 1:
+        return part
     P, K, W = part.shape
     out = np.zeros((P, K, W // G))
     for p in range(P):
