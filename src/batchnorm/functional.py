@@ -407,14 +407,15 @@ def _vec(v: Tensor | None, fill: float, like: Tensor) -> Tensor:
     return v.to(cd)
 
 
-class AtenBackend:
+class AtenBackend(TorchBackend):
     """torch's own fused batch-norm operators (``aten::native_batch_norm`` and its backward)
     for half-precision inputs, which the kernels do not read: torch's CPU operator reads and
     writes float16/bfloat16 directly and keeps statistics in float32, one pass where plain torch
     operations make several (2.5–4× torch.nn's time, and the kernels need a float32 copy each
     way). The per-channel vectors are given in float32, so statistics and parameter gradients are
     float32 whatever the parameters' dtype; the running statistics are blended here
-    (:func:`blend_running`: a non-finite batch is refused), never by the operator."""
+    (:func:`blend_running`: a non-finite batch is refused), never by the operator. The rest of
+    the contract (the training step's update, no compiled node) is the plain-torch backend's."""
 
     name = "aten"
 
@@ -439,17 +440,6 @@ class AtenBackend:
         else:
             var = (invstd.reciprocal().square() - eps).clamp_min(0.0)
         return y, mean, var, invstd
-
-    def forward_train_update(
-        self,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        running: RunningStats,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
-        y, mean, var, invstd = self.forward_train(x, weight, bias, eps)
-        return y, mean, var, invstd, blend_running(running, mean, var)
 
     def backward(
         self,
@@ -495,12 +485,6 @@ class AtenBackend:
         )
         # the operator's dγ is Σdy·(x − μ)/√(var + ε): the contract's sum is that times √(var + ε)
         return (dx if need_dx else None), gw * torch.sqrt(v + eps), gb
-
-    def train_node(self, *args: Any) -> None:
-        return None
-
-    def eval_node(self, *args: Any) -> None:
-        return None
 
 
 _TORCH = TorchBackend()
