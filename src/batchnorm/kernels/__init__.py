@@ -1,14 +1,17 @@
 """Fused CPU kernels for batch normalization (Numba; NumPy arrays in and out, no torch).
 
-Three entry points, on the two canonical layouts of :func:`batchnorm.functional.canonical_layout`
-— ``(N, C, L)`` channels-first and ``(M, C)`` rows × channels — for float32 and float64:
+Four entry points, on the two canonical layouts of :func:`batchnorm.functional.canonical_layout`
+— ``(N, C, L)`` channels-first and ``(M, C)`` rows × channels — for float32 and float64 (rows
+shorter than :data:`SHORT_ROWS` run the rows × channels loops on the view ``(N, C·L)``):
 
 * :func:`forward_train` — per-channel mean and biased variance (shifted sums accumulated in
   float64) fused with ``y = γ·(x − μ)/√(σ² + ε) + β``; returns ``(y, mean, var, invstd)``,
   what the backward and the running-statistics update need;
 * :func:`backward` — the per-channel reductions ``Σdy`` and ``Σdy·x̂`` fused with
   ``dx = γ·invstd/m · (m·dy − Σdy − x̂·Σdy·x̂)``; returns ``(dx, dγ, dβ)``;
-* :func:`forward_eval` — inference, one pass: ``y = x·scale + shift``.
+* :func:`forward_eval` — inference, one pass: ``y = x·scale + shift``;
+* :func:`backward_eval` — the backward of inference, one pass: ``dx = dy·γ/√(var + ε)`` with
+  ``Σdy·(x − mean)`` and ``Σdy`` in the same sweep.
 
 and two per-channel helpers: :func:`inference_affine` (``scale``, ``shift`` from population
 statistics) and :func:`running_update` (the moving averages, refusing a non-finite batch).

@@ -2,15 +2,18 @@
 
 Each entry takes raw pointers and sizes, views them as arrays (``numba.carray``: no copy) and
 runs the same loops, with the same choice of loop and work split, as
-:func:`batchnorm.kernels._forward_train`, :func:`batchnorm.kernels._backward` and
-:func:`batchnorm.kernels._forward_eval_stats`, on ``T`` threads (``T == 1``: the serial
+:func:`batchnorm.kernels._forward_train`, :func:`batchnorm.kernels._backward`,
+:func:`batchnorm.kernels._forward_eval_stats` and :func:`batchnorm.kernels._backward_eval`
+(short channels-first rows on the rows × channels loops, as :func:`batchnorm.kernels._rows_view`
+chooses), on ``T`` threads (``T == 1``: the serial
 builds; the caller chooses T with :func:`batchnorm.kernels._threads`, as the array API does),
 with streaming stores where :func:`batchnorm.kernels._stream` would choose them.
-One entry per pass (training forward, backward, inference), layout (rows × channels
+One entry per pass (training forward, backward, inference, backward of inference), layout
+(rows × channels
 ``(N, C)``, where ``L`` is 0, or ``(N, C, L)``) and dtype, each compiled the first time it is
 asked for (:func:`address`): a float32 convolutional network compiles the ``(N, C, L)``
 training entries at its first step and the inference entry at its first evaluation, nothing
-for float64 or rows × channels (each loop takes several seconds to compile, all twelve entries
+for float64 or rows × channels (each loop takes several seconds to compile, all sixteen entries
 together minutes). Vectors of length 0 (a null pointer) mean "absent" (no weight, no bias, no
 running buffers, no counter), as the empty arrays of the array API do.
 """
