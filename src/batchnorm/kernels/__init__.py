@@ -50,6 +50,7 @@ __all__ = [
     "inference_affine",
     "running_update",
     "SERIAL_BELOW",
+    "SHORT_ROWS",
     "LINE_BYTES",
     "STREAM_ABOVE",
     "empty_aligned",
