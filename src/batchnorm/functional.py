@@ -30,7 +30,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
@@ -897,17 +897,7 @@ class BatchNormEvalFunction(torch.autograd.Function):
         if torch.is_grad_enabled() or not _has_memory(dy):
             # torch operations, differentiated by autograd: a graph for second derivatives,
             # or a dy the kernels cannot read (batched gradients)
-            wanted = [t for t, n in zip(inputs, needs, strict=True) if n and t is not None]
-            with torch.enable_grad():
-                xc, restore = canonical_layout(x, axis)
-                y = restore(_TORCH.forward_eval(xc, mean, var, weight, bias, eps))
-            got = iter(
-                torch.autograd.grad(
-                    y, wanted, dy_x, create_graph=torch.is_grad_enabled(), allow_unused=True
-                )
-            )
-            grads = [next(got) if n and t is not None else None for t, n in zip(inputs, needs)]
-            return (*grads, *none)
+            return (*graph_backward_eval(dy_x, inputs, needs, eps, axis), *none)
         be: Backend = ctx.backend  # type: ignore[attr-defined]
         dw = db = dmean = dvar = None
         # one pass: dx = dy·γ/√(σ² + ε) and the per-channel Σdy·(x − μ), Σdy
@@ -960,33 +950,24 @@ def graph_backward(
 
 def graph_backward_eval(
     dy: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor | None,
+    inputs: tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None],
+    needs: Sequence[bool],
     eps: float,
     axis: int,
-    need_x: bool,
-    need_w: bool,
-    need_b: bool,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """``(dx, dγ, dβ)`` of inference (Algorithm 2, population statistics held constant) with
-    torch operations — differentiable in ``dy``, ``x`` and ``weight`` for
-    ``create_graph=True`` (the compiled node of :mod:`batchnorm.native` calls it)."""
-    dyc, xc, restore = _canonical_pair(dy, x, axis)
-    cd = _compute_dtype(x.dtype)
-    dims = _dims(xc)
-    g = dyc.to(cd)
-    inv = torch.rsqrt(var.to(cd) + eps)
-    dx = dw = db = None
-    if need_x:
-        scale = inv if weight is None else inv * weight.to(cd)
-        dx = restore((g * _b(scale, xc)).to(x.dtype))
-    if need_w and weight is not None:
-        dw = ((g * (xc.to(cd) - _b(mean.to(cd), xc))).sum(dims) * inv).to(weight.dtype)
-    if need_b:
-        db = g.sum(dims).to(x.dtype)
-    return dx, dw, db
+) -> list[Tensor | None]:
+    """The gradients of inference (Algorithm 2) in ``inputs`` — ``(x, mean, var, weight,
+    bias)`` — where ``needs`` says so, by differentiating the plain-torch forward: a graph for
+    ``create_graph=True``, or a ``dy`` the kernels cannot read (batched gradients). Used by
+    :class:`BatchNormEvalFunction` and by the compiled node of :mod:`batchnorm.native`."""
+    x, mean, var, weight, bias = inputs
+    wanted = [t for t, n in zip(inputs, needs, strict=True) if n and t is not None]
+    with torch.enable_grad():
+        xc, restore = canonical_layout(x, axis)
+        y = restore(_TORCH.forward_eval(xc, mean, var, weight, bias, eps))
+    got = iter(
+        torch.autograd.grad(y, wanted, dy, create_graph=torch.is_grad_enabled(), allow_unused=True)
+    )
+    return [next(got) if n and t is not None else None for t, n in zip(inputs, needs)]
 
 
 def _tracing() -> bool:

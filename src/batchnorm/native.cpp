@@ -369,12 +369,11 @@ struct EvalNode : public torch::autograd::Function<EvalNode> {
       eval(x.data_ptr(), d.N, d.C, d.L, rm.data_ptr(), rv.data_ptr(), ptr(w), len(w), ptr(b),
            len(b), eps, y.data_ptr(), d.T);
     }
-    ctx->save_for_backward({x, rm, rv, or_undefined(w)});
+    ctx->save_for_backward({x, rm, rv, or_undefined(w), or_undefined(b)});
     ctx->saved_data["T"] = d.T;
     ctx->saved_data["forks"] = FORKS;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["axis"] = d.axis;
-    ctx->saved_data["bias"] = b.has_value() && b->defined();
     return y;
   }
 
@@ -387,11 +386,12 @@ struct EvalNode : public torch::autograd::Function<EvalNode> {
     const Tensor& rm = saved[1];
     const Tensor& rv = saved[2];
     const Tensor& w = saved[3];
+    const Tensor& b = saved[4];
     // needs_input_grad counts tensor inputs only (x, rm, rv, then w and b when present)
     const bool has_w = w.defined();
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_w = has_w && ctx->needs_input_grad(3);
-    const bool need_b = ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(has_w ? 4 : 3);
+    const bool need_b = b.defined() && ctx->needs_input_grad(has_w ? 4 : 3);
     const int64_t axis = ctx->saved_data["axis"].toInt();
     const double eps = ctx->saved_data["eps"].toDouble();
     const auto d = dims_of(x, axis, ctx->saved_data["T"].toInt());
@@ -401,11 +401,13 @@ struct EvalNode : public torch::autograd::Function<EvalNode> {
       // a graph of the backward, a dy without values of its own, or saved tensors a hook
       // returned in a form the kernels do not read: torch operations in Python
       py::gil_scoped_acquire gil;
-      py::tuple r = (*GRAPH_BACKWARD_EVAL)(dy, x, rm, rv, w.defined() ? py::cast(w) : py::none(),
-                                           eps, axis, need_x, need_w, need_b);
-      if (need_x && !r[0].is_none()) out[0] = r[0].cast<Tensor>();
-      if (need_w && !r[1].is_none()) out[3] = r[1].cast<Tensor>();
-      if (need_b && !r[2].is_none()) out[4] = r[2].cast<Tensor>();
+      auto opt = [](const Tensor& t) { return t.defined() ? py::cast(t) : py::none(); };
+      py::list r = (*GRAPH_BACKWARD_EVAL)(
+          dy, py::make_tuple(x, rm, rv, opt(w), opt(b)),
+          py::make_tuple(need_x, false, false, need_w, need_b), eps, axis);
+      for (const int i : {0, 3, 4}) {
+        if (!r[i].is_none()) out[i] = r[i].cast<Tensor>();
+      }
       return out;
     }
     if (dy.strides() != x.strides() || dy.scalar_type() != x.scalar_type()) {

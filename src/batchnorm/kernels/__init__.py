@@ -200,14 +200,19 @@ def _short(L: int) -> bool:
     return L < SHORT_ROWS
 
 
-def _rows_view(x: Array) -> tuple[Array, int] | None:
-    """``(view, G)``: the rows × columns view the ``(M, C)`` loops take, with ``G`` columns per
-    channel — ``x`` itself and 1 for a 2-D input, ``(N, C·L)`` and ``L`` for ``(N, C, L)`` with
-    short rows; None for long rows (the ``(N, C, L)`` loops)."""
+def _rows_view(x: Array, T: int) -> tuple[Array, int, tuple[int, int, int]] | None:
+    """``(view, G, split)``: the rows × columns view the ``(M, C)`` loops take, with ``G``
+    columns per channel — ``x`` itself and 1 for a 2-D input, ``(N, C·L)`` and ``L`` for
+    ``(N, C, L)`` with short rows — and its work split over ``T`` threads (:func:`_mc_split`);
+    None for long rows (the ``(N, C, L)`` loops)."""
     if x.ndim == 2:
-        return x, 1
-    N, C, L = x.shape
-    return (x.reshape(N, C * L), L) if _short(L) else None
+        x2, G = x, 1
+    elif _short(x.shape[2]):
+        N, C, L = x.shape
+        x2, G = x.reshape(N, C * L), L
+    else:
+        return None
+    return x2, G, _mc_split(x2.shape[0], x2.shape[1], T, x.itemsize)
 
 
 def _whole_rows(L: int) -> bool:
@@ -358,10 +363,9 @@ def _forward_train(
     var = np.empty(C, x.dtype)
     invstd = np.empty(C, x.dtype)
     par = T > 1
-    rows = _rows_view(x)
+    rows = _rows_view(x, T)
     if rows is not None:
-        x2, G = rows
-        split = _mc_split(x2.shape[0], x2.shape[1], T, x.itemsize)
+        x2, G, split = rows
         y2 = y.reshape(x2.shape)
         _kernel("mc_forward_train", par)(x2, G, w, b, eps, *split, stream, y2, mean, var, invstd)
     elif _fused(x.shape[0], C, x.shape[2], T):
@@ -432,10 +436,9 @@ def _backward(
     buf = dx if dx is not None else x  # not written when need_dx is False
     par = T > 1
     tol = _MEAN_TOL[x.dtype]
-    rows = _rows_view(x)
+    rows = _rows_view(x, T)
     if rows is not None:
-        x2, G = rows
-        split = _mc_split(x2.shape[0], x2.shape[1], T, x.itemsize)
+        x2, G, split = rows
         outs2 = (stream, need_dx, buf.reshape(x2.shape), dw, db)
         dy2 = dy.reshape(x2.shape)
         _kernel("mc_backward", par)(dy2, x2, G, mean, invstd, w, tol, *split, *outs2)
@@ -498,13 +501,12 @@ def _eval(
     T: int,
     stream: bool,
 ) -> Array:
-    rows = _rows_view(x)
+    rows = _rows_view(x, T)
     if rows is None:
         whole = _whole_rows(x.shape[2])
         _kernel("ncl_forward_eval", T > 1)(x, p0, p1, w, b, eps, stats, T, whole, stream, y)
     else:
-        x2, G = rows
-        split = _mc_split(x2.shape[0], x2.shape[1], T, x.itemsize)
+        x2, G, split = rows
         y2 = y.reshape(x2.shape)
         _kernel("mc_forward_eval", T > 1)(x2, G, p0, p1, w, b, eps, stats, *split, stream, y2)
     return y
@@ -559,10 +561,9 @@ def _backward_eval(
     need_dx = dx is not None
     buf = dx if dx is not None else x  # not written when need_dx is False
     par = T > 1
-    rows = _rows_view(x)
+    rows = _rows_view(x, T)
     if rows is not None:
-        x2, G = rows
-        split = _mc_split(x2.shape[0], x2.shape[1], T, x.itemsize)
+        x2, G, split = rows
         _kernel("mc_backward_eval", par)(
             dy.reshape(x2.shape), x2, G, mean, scale, *split, stream and need_dx, need_dx,
             buf.reshape(x2.shape), sums,
