@@ -401,6 +401,109 @@ def test_half_inputs_with_a_nan_leave_the_running_statistics_alone(dtype: torch.
         F.batch_norm(x.float(), None, None, training=True, backend="aten")
 
 
+def _f32(bn: torch.nn.Module) -> tuple[Tensor, ...]:
+    """A module's running statistics, γ and β in float32."""
+    return tuple(t.detach().float() for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_running_buffers_are_blended_once(dtype: torch.dtype) -> None:
+    """A module converted to half precision keeps half running buffers: the batch statistics
+    are blended in float32 and rounded once into them — the float64 blend of the reference's
+    statistics rounded to the buffers' dtype. A blend in half precision rounds twice and lands
+    an ulp off in places (so does torch.nn's bfloat16 module, which rounds the batch mean to
+    bfloat16 first; its float16 module rounds once, as ours)."""
+    import batchnorm
+
+    x = (_rand((64, 32), seed=8, dtype=torch.float32) * 3 + 7).to(dtype)
+    ours, theirs = batchnorm.BatchNorm1d(32, dtype=dtype), torch.nn.BatchNorm1d(32, dtype=dtype)
+    for bn in (ours, theirs):
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.linspace(-2.0, 2.0, 32))
+            bn.running_var.copy_(torch.linspace(0.5, 3.0, 32))
+    _, mean, var = ref.batch_norm_forward(x.double().numpy(), eps=1e-5)[1:]
+    m_ref = torch.from_numpy(mean)
+    v_ref = torch.from_numpy(var * 64 / 63)  # the unbiased batch variance
+    expect = ours.running_mean.clone(), ours.running_var.clone()
+    twice = expect
+    for _ in range(3):
+        ours(x)
+        theirs(x)
+        expect = (
+            (expect[0].double() + 0.1 * (m_ref - expect[0].double())).to(dtype),
+            (0.9 * expect[1].double() + 0.1 * v_ref).to(dtype),
+        )
+        twice = (
+            twice[0].lerp(m_ref.to(dtype), 0.1),
+            twice[1].mul(0.9).add(v_ref.to(dtype), alpha=0.1),
+        )
+        assert ours.running_mean.dtype == ours.running_var.dtype == dtype
+        assert torch.equal(ours.running_mean, expect[0])
+        assert torch.equal(ours.running_var, expect[1])
+        assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
+        if dtype == torch.float16:
+            assert torch.equal(ours.running_mean, theirs.running_mean)
+            assert torch.equal(ours.running_var, theirs.running_var)
+    # the test can tell: the blend in half precision ends elsewhere
+    assert not (torch.equal(twice[0], expect[0]) and torch.equal(twice[1], expect[1]))
+    ours.eval()
+    theirs.eval()
+    ours.load_state_dict(theirs.state_dict())
+    with torch.no_grad():  # inference takes the module's half vectors as they are
+        assert torch.equal(ours(x), theirs(x))
+        ours.weight.copy_(torch.linspace(0.5, 1.5, 32))
+        assert torch.equal(ours(x), F.batch_norm_eval(x, *_f32(ours)).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_running_buffers_blend_alike_on_every_path(dtype: torch.dtype) -> None:
+    """The NumPy update (contiguous CPU buffers), the torch-ops one (any other buffer, here
+    strided views) and the traced one round the float32 blend once, to the same values."""
+    mean, var = torch.linspace(-3.0, 5.0, 16) + 0.01, torch.linspace(0.1, 9.0, 16) + 0.001
+    start_m, start_v = (
+        torch.linspace(1.0, 2.0, 16).to(dtype),
+        torch.linspace(2.0, 4.0, 16).to(dtype),
+    )
+    got = []
+    for how in ("numpy", "torch", "traced"):
+        rm, rv = start_m.clone(), start_v.clone()
+        if how == "torch":
+            rm = torch.zeros(32, dtype=dtype)[::2].copy_(start_m)
+            rv = torch.zeros(32, dtype=dtype)[::2].copy_(start_v)
+        running = F.RunningStats(rm, rv, 0.3, 0.3 * 10 / 9, None)
+        if how == "traced":
+            assert F._blend_traced(running, mean, var)
+        else:
+            assert F.blend_running(running, mean, var)
+        got.append((rm.clone(), rv.clone()))
+    expect_m = (start_m.double() + 0.3 * (mean.double() - start_m.double())).to(dtype)
+    expect_v = (0.7 * start_v.double() + 0.3 * 10 / 9 * var.double()).to(dtype)
+    for rm, rv in got:
+        assert torch.equal(rm, expect_m) and torch.equal(rv, expect_v)
+
+
+def test_half_running_buffers_refuse_a_variance_beyond_their_range() -> None:
+    """A float16 running variance cannot hold 1e6: the batch is refused, not stored as inf."""
+    rm, rv = torch.zeros(1, dtype=torch.float16), torch.ones(1, dtype=torch.float16)
+    x = torch.tensor([[0.0], [2000.0]], dtype=torch.float16)
+    with pytest.warns(NonFiniteStatisticsWarning, match="beyond the range"):
+        F.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    assert torch.equal(rm, torch.zeros(1, dtype=torch.float16)) and float(rv) == 1.0
+    big = torch.tensor([[0.0], [3e4]], dtype=torch.bfloat16)  # bfloat16 holds it
+    rb, vb = torch.zeros(1, dtype=torch.bfloat16), torch.ones(1, dtype=torch.bfloat16)
+    F.batch_norm(big, rb, vb, training=True, momentum=1.0)
+    half = float(big[1, 0]) / 2  # 3e4 rounds to 29952 in bfloat16
+    assert float(rb) == pytest.approx(half, rel=1e-2)
+    assert float(vb) == pytest.approx(2 * half**2, rel=1e-2)
+    # values float32 holds but the half dtype does not (rounded to inf) are refused
+    assert F._rounded(np.array([3.38e38], np.float32), torch.bfloat16) is not None
+    assert F._rounded(np.array([1.0, 3.4e38], np.float32), torch.bfloat16) is None
+    assert F._rounded(np.array([65504.0], np.float32), torch.float16) is not None
+    assert F._rounded(np.array([65520.0, 1.0], np.float32), torch.float16) is None
+    r = F._rounded(np.array([1.0 + 2.0**-8, -(1.0 + 3 * 2.0**-8)], np.float32), torch.bfloat16)
+    assert r is not None and r.tolist() == [1.0, -(1.0 + 2.0**-6)]  # to nearest, ties to even
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("offset", [1e4, 1e5, 1e6])
 @pytest.mark.parametrize("shape", [(256, 3), (16, 3, 8, 8)])

@@ -465,8 +465,15 @@ class AtenBackend(TorchBackend):
         bias: Tensor | None,
         eps: float,
     ) -> Tensor:
-        w, b = _vec(weight, 1.0, x), _vec(bias, 0.0, x)
-        m, v = _vec(mean, 0.0, x), _vec(var, 1.0, x)
+        if all(t is None or t.dtype == x.dtype for t in (weight, bias)) and (
+            mean.dtype == var.dtype == x.dtype
+        ):
+            # a module converted to the half dtype: its vectors as they are (the operator
+            # computes in float32 from them; four conversions cost more than the call)
+            w, b, m, v = weight, bias, mean, var
+        else:
+            w, b = _vec(weight, 1.0, x), _vec(bias, 0.0, x)
+            m, v = _vec(mean, 0.0, x), _vec(var, 1.0, x)
         return _ATEN.native_batch_norm(x, w, b, m, v, False, 0.0, eps)[0]  # type: ignore[no-any-return]
 
     def backward_eval(
@@ -1209,6 +1216,31 @@ def _inference_affine(
 
 
 _NUMPY_OK = (torch.float32, torch.float64)  # dtypes the NumPy update path takes
+# running buffers the NumPy update path blends: half ones in the statistics' dtype (float32)
+_BUFFER_OK = (*_NUMPY_OK, torch.float16, torch.bfloat16)
+_BF16_EXPONENT = 0x7F80  # the exponent bits of a bfloat16: all set for inf and NaN
+
+
+def _blend_view(buf: Tensor, stats: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    """A running buffer as NumPy: float32/float64 buffers are their own memory (written in
+    place), half ones a copy in ``stats`` (the dtype of the batch statistics)."""
+    if buf.dtype in _NUMPY_OK:
+        return buf.numpy()
+    if buf.dtype == torch.float16:
+        return buf.numpy().astype(stats)
+    return buf.float().numpy().astype(stats, copy=False)  # bfloat16: NumPy has no such dtype
+
+
+def _rounded(new: np.ndarray[Any, Any], dtype: torch.dtype) -> Tensor | None:
+    """Blended values rounded to the half ``dtype`` of a running buffer (to nearest, as
+    torch's conversion); None when one of them leaves that dtype's range (inf)."""
+    if dtype == torch.float16:
+        with np.errstate(over="ignore"):
+            h = new.astype(np.float16)
+        return torch.from_numpy(h) if np.isfinite(h).all() else None
+    t = torch.from_numpy(new).to(dtype)
+    bits = t.view(torch.int16).numpy()
+    return None if ((bits & _BF16_EXPONENT) == _BF16_EXPONENT).any() else t
 
 
 def update_running_stats(
@@ -1252,8 +1284,8 @@ def blend_running(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
         var.is_cpu
         and var.dtype in _NUMPY_OK
         and mean.dtype in _NUMPY_OK
-        and running_var.dtype in _NUMPY_OK
-        and running_mean.dtype in _NUMPY_OK
+        and running_var.dtype in _BUFFER_OK
+        and running_mean.dtype in _BUFFER_OK
         and running_mean.is_contiguous()
         and running_var.is_contiguous()
     ):
@@ -1261,17 +1293,24 @@ def blend_running(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
         # var = mean((x − μ)²) is non-finite whenever μ is (inf − inf = NaN): one check
         if not np.isfinite(v).all():
             return False
-        rm, rv = running_mean.numpy(), running_var.numpy()
         mu = (mean.detach() if mean.requires_grad else mean).numpy()
+        rm, rv = _blend_view(running_mean, v.dtype), _blend_view(running_var, v.dtype)
         # the new values are checked in the buffers' dtype before they are stored: a finite
         # variance beyond that dtype's range must not become an inf running variance
         with np.errstate(over="ignore", invalid="ignore"):
             new_m = rm + momentum * (mu.astype(rm.dtype, copy=False) - rm)  # lerp
             new_v = rv * (1.0 - momentum) + alpha * v.astype(rv.dtype, copy=False)
-        if not (np.isfinite(new_v).all() and np.isfinite(new_m).all()):
-            return False
-        rm[...] = new_m
-        rv[...] = new_v
+        if running_mean.dtype in _NUMPY_OK and running_var.dtype in _NUMPY_OK:
+            if not (np.isfinite(new_v).all() and np.isfinite(new_m).all()):
+                return False
+            rm[...] = new_m
+            rv[...] = new_v
+        else:  # half buffers: blended in the statistics' dtype, rounded once into theirs
+            m_t, v_t = _rounded(new_m, running_mean.dtype), _rounded(new_v, running_var.dtype)
+            if m_t is None or v_t is None:
+                return False
+            running_mean.copy_(m_t)
+            running_var.copy_(v_t)
     else:
         with torch.no_grad():
             if not bool(torch.isfinite(var).all()):
@@ -1287,11 +1326,15 @@ def blend_running(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
 
 
 def _blended(running: RunningStats, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-    """The blended running mean and variance, new tensors in the buffers' dtype (torch ops)."""
+    """The blended running mean and variance, new tensors in the buffers' dtype (torch ops):
+    computed in the wider of the buffers' and the statistics' dtypes and rounded once (half
+    buffers are blended in float32, as torch.nn's operator and Keras do)."""
     running_mean, running_var, momentum, alpha, _ = running
-    blended_m = torch.lerp(running_mean, mean.to(running_mean.dtype), momentum)
-    blended_v = running_var.mul(1.0 - momentum).add(var.to(running_var.dtype), alpha=alpha)
-    return blended_m, blended_v
+    cm = torch.promote_types(running_mean.dtype, mean.dtype)
+    cv = torch.promote_types(running_var.dtype, var.dtype)
+    blended_m = torch.lerp(running_mean.to(cm), mean.to(cm), momentum)
+    blended_v = running_var.to(cv).mul(1.0 - momentum).add(var.to(cv), alpha=alpha)
+    return blended_m.to(running_mean.dtype), blended_v.to(running_var.dtype)
 
 
 def _blend_traced(running: RunningStats, mean: Tensor, var: Tensor) -> bool:

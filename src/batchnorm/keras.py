@@ -229,11 +229,11 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
     def _update_moving(self, mean: Any, var: Any, count: int) -> None:
         """Blend the batch statistics into the moving ones through Keras' ``assign`` (so Keras'
         stateless scopes and trackers see the update); the rule itself is the core's."""
-        store = self.moving_mean.value.dtype
         # blended in the statistics' dtype (float32 for float16/bfloat16 variables) and rounded
-        # once into the variables' dtype, as Keras does: a blend in half precision rounds twice
-        rm = self.moving_mean.value.detach().to(mean.dtype, copy=True)
-        rv = self.moving_variance.value.detach().to(mean.dtype, copy=True)
+        # once into the variables' dtype, as Keras does (the core's rule for half buffers); a
+        # value beyond the variables' range refuses the batch
+        rm = self.moving_mean.value.detach().clone()
+        rv = self.moving_variance.value.detach().clone()
         updated = F.update_running_stats(
             rm,
             rv,
@@ -245,19 +245,9 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
             nonfinite=self.nonfinite,
             layer=self.layer_name(),
         )
-        if not updated:
-            return
-        new_m, new_v = rm.to(store), rv.to(store)
-        if store != rm.dtype:  # a value beyond the half variables' range would be stored as inf
-            ok = torch.isfinite(new_m).all() & torch.isfinite(new_v).all()
-            if F._tracing() or not F._concrete(ok):  # no Python read of a traced value
-                new_m = torch.where(ok, new_m, self.moving_mean.value.detach())
-                new_v = torch.where(ok, new_v, self.moving_variance.value.detach())
-            elif not bool(ok):
-                F._refuse_nonfinite(self.nonfinite, self.layer_name())
-                return
-        self.moving_mean.assign(new_m)
-        self.moving_variance.assign(new_v)
+        if updated:
+            self.moving_mean.assign(rm)
+            self.moving_variance.assign(rv)
 
     def build(self, input_shape: Any) -> None:
         rank = len(input_shape)
