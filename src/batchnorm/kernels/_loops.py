@@ -130,6 +130,38 @@ def _fence_typer(typingctx):  # type: ignore[no-untyped-def]
 _fence: Any = intrinsic(_fence_typer)
 
 
+def _prefetch_typer(typingctx, arr, i):  # type: ignore[no-untyped-def]
+    """Ask for the line holding ``arr.flat[i]`` (C-contiguous ``arr``) to be brought into the cache (a hint: no fault, no
+    effect on results; LLVM's ``prefetch`` for a read, kept in every cache level)."""
+    sig = nbtypes.void(arr, i)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        p = builder.gep(_data_ptr(context, builder, signature.args[0], args[0]), [args[1]])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        # read (0), highest locality (3), data cache (1)
+        consts = [ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)]
+        builder.call(fn, [builder.bitcast(p, i8p), *consts])
+
+    return sig, codegen
+
+
+_prefetch: Any = intrinsic(_prefetch_typer)
+
+
+@numba.njit(inline="always", cache=True)
+def _prefetch_row(a, r, c0, c1):  # type: ignore[no-untyped-def]
+    """Prefetch the lines of row ``r`` of the 2-D ``a`` over columns ``[c0, c1)``."""
+    step = _LINE // a.itemsize
+    base = r * a.shape[1]
+    j = c0
+    while j < c1:
+        _prefetch(a, base + j)
+        j += step
+
+
 @numba.njit(inline="always", cache=True)
 def _stream_out(dst, lo, buf, n):  # type: ignore[no-untyped-def]
     """``dst[lo : lo + n] = buf[:n]``: whole aligned lines as non-temporal stores, the ragged
@@ -782,6 +814,14 @@ MC_ROWS = 128
 #: a row per sweep (one sequential read stream per thread, which the prefetcher follows;
 #: four rows per sweep measured 1.2-1.6x slower there)
 MC_QUAD_BELOW = 4 << 20
+#: rows ahead of the one being read whose lines are prefetched on ``(M, C)`` inputs of at least
+#: :data:`MC_QUAD_BELOW` bytes: the hardware prefetcher alone left the statistics pass of
+#: ``channels_last`` activations reading memory 15-25 % slower (interleaved medians,
+#: caches flushed: 32×64×56×56 1.34-1.49 → 1.16-1.25 ms, 64×256×14×14 0.69 → 0.63)
+MC_PREFETCH_ROWS = 8
+#: rows of a tile up to this many bytes get the prefetches (longer rows are long sequential
+#: runs the hardware prefetcher follows; at 4 KiB the prefetches measured 5-8 % slower)
+MC_PREFETCH_RUN = 1024
 
 
 @numba.njit(cache=True)
@@ -814,6 +854,13 @@ def _gather(part, G):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always", cache=True)
+def _prefetching(x, quad, c0, c1):  # type: ignore[no-untyped-def]
+    """Whether a row-at-a-time loop over ``x (M, C)``, channels ``[c0, c1)``, prefetches
+    rows ahead (:data:`MC_PREFETCH_ROWS`): inputs beyond the caches, short tile rows."""
+    return not quad and (c1 - c0) * x.itemsize <= MC_PREFETCH_RUN
+
+
+@numba.njit(inline="always", cache=True)
 def _tile(t, nrb, ncb, tw, M, W):  # type: ignore[no-untyped-def]
     """Rows ``[r0, r1)`` and channels ``[c0, c1)`` of task ``t`` (``nrb`` row blocks ×
     ``ncb`` tiles of ``tw`` channels), and its row block."""
@@ -836,6 +883,7 @@ def _mc_shifted_sums(x, r0, r1, c0, c1, k, p1, p2):  # type: ignore[no-untyped-d
     s1 = np.empty(n, x.dtype)
     s2 = np.empty(n, x.dtype)
     quad = x.size * x.itemsize < MC_QUAD_BELOW
+    pf = _prefetching(x, quad, c0, c1)
     i = r0
     while i < r1:
         e = min(i + MC_ROWS, r1)
@@ -859,6 +907,8 @@ def _mc_shifted_sums(x, r0, r1, c0, c1, k, p1, p2):  # type: ignore[no-untyped-d
                     s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
                 q += 4
         for r in range(q, e):
+            if pf and r + MC_PREFETCH_ROWS < r1:
+                _prefetch_row(x, r + MC_PREFETCH_ROWS, c0, c1)
             xs = x[r, c0:c1]
             for c in range(n):
                 d = xs[c] - kv[c]
@@ -899,6 +949,7 @@ def _mc_grad_sums(dy, x, r0, r1, c0, c1, mean, p1, p2, p3):  # type: ignore[no-u
     s2 = np.empty(n, x.dtype)
     s3 = np.empty(n, x.dtype)
     quad = x.size * x.itemsize < MC_QUAD_BELOW
+    pf = _prefetching(x, quad, c0, c1)
     i = r0
     while i < r1:
         e = min(i + MC_ROWS, r1)
@@ -928,6 +979,9 @@ def _mc_grad_sums(dy, x, r0, r1, c0, c1, mean, p1, p2, p3):  # type: ignore[no-u
                     s3[c] += (d0 + d1) + (d2 + d3)
                 q += 4
         for r in range(q, e):
+            if pf and r + MC_PREFETCH_ROWS < r1:
+                _prefetch_row(x, r + MC_PREFETCH_ROWS, c0, c1)
+                _prefetch_row(dy, r + MC_PREFETCH_ROWS, c0, c1)
             xs = x[r, c0:c1]
             gs = dy[r, c0:c1]
             for c in range(n):
@@ -986,7 +1040,10 @@ def _mc_affine(y, x, r0, r1, c0, c1, mu, sc, sh, stream):  # type: ignore[no-unt
                     ys[c] = xs[c] * sv[c] + hv[c]
         return
     buf = np.empty(CHUNK, dtype=x.dtype)
+    pf = _prefetching(x, False, c0, c1)
     for i in range(r0, r1):
+        if pf and i + MC_PREFETCH_ROWS < r1:
+            _prefetch_row(x, i + MC_PREFETCH_ROWS, c0, c1)
         a = c0
         while a < c1:
             e = min(a + CHUNK, c1)
@@ -1018,7 +1075,11 @@ def _mc_dx(dx, dy, x, r0, r1, c0, c1, mean, af, bf, df, stream):  # type: ignore
                 os_[c] = (gs[c] + (xs[c] - mv[c]) * bv[c] + dv[c]) * av[c]
         return
     buf = np.empty(CHUNK, dtype=x.dtype)
+    pf = _prefetching(x, False, c0, c1)
     for i in range(r0, r1):
+        if pf and i + MC_PREFETCH_ROWS < r1:
+            _prefetch_row(x, i + MC_PREFETCH_ROWS, c0, c1)
+            _prefetch_row(dy, i + MC_PREFETCH_ROWS, c0, c1)
         a = c0
         while a < c1:
             e = min(a + CHUNK, c1)
