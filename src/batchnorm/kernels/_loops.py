@@ -21,7 +21,9 @@ Two canonical layouts, both C-contiguous:
   sweep keeps each thread's reads a single sequential stream, which the hardware prefetcher
   follows; several rows per sweep measured 30 % slower on large inputs). Inputs that fit in
   the cache (below :data:`MC_QUAD_BELOW` bytes) are summed four rows per sweep: a load and a
-  store of the block sums per four values instead of per value.
+  store of the block sums per four values instead of per value. Larger inputs whose tile rows
+  are short (at most :data:`MC_PREFETCH_RUN` bytes) prefetch :data:`MC_PREFETCH_ROWS` rows
+  ahead in every pass.
 
 Numerics (the same in every kernel):
 
