@@ -249,6 +249,26 @@ class Unlocked {
 int64_t FORKS = 0;
 void forked_child() { ++FORKS; }
 
+// What both nodes keep of a call for their backward: the work split, the fork generation it
+// was made in, ε and the channel axis
+void save_call(AutogradContext* ctx, const Dims& d, double eps) {
+  ctx->saved_data["T"] = d.T;
+  ctx->saved_data["forks"] = FORKS;
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["axis"] = d.axis;
+}
+
+// The threads a backward runs its loops on: the forward's, or one after a fork
+int64_t backward_threads(AutogradContext* ctx) {
+  return ctx->saved_data["forks"].toInt() == FORKS ? ctx->saved_data["T"].toInt() : 1;
+}
+
+// dy in x's layout and dtype: both walk one canonical view
+Tensor like_x(const Tensor& dy, const Tensor& x) {
+  if (dy.strides() == x.strides() && dy.scalar_type() == x.scalar_type()) return dy;
+  return at::empty_like(x).copy_(dy);
+}
+
 struct Node : public torch::autograd::Function<Node> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& w,
                         const std::optional<Tensor>& b,
@@ -269,10 +289,7 @@ struct Node : public torch::autograd::Function<Node> {
                        d.T) != 0;
     }
     ctx->save_for_backward({x, or_undefined(w), *stats});
-    ctx->saved_data["T"] = d.T;
-    ctx->saved_data["forks"] = FORKS;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["axis"] = d.axis;
+    save_call(ctx, d, eps);
     ctx->saved_data["bias"] = b.has_value();
     return y;
   }
@@ -311,9 +328,7 @@ struct Node : public torch::autograd::Function<Node> {
       if (need_b && !r[2].is_none()) out[2] = r[2].cast<Tensor>();
       return out;
     }
-    if (dy.strides() != x.strides() || dy.scalar_type() != x.scalar_type()) {
-      dy = at::empty_like(x).copy_(dy);  // dy in x's layout: both walk one canonical view
-    }
+    dy = like_x(dy, x);
     const int64_t C = d->C;
     char* st = static_cast<char*>(stats.data_ptr());  // rows: mean, var, invstd
     const int64_t row = C * static_cast<int64_t>(x.element_size());
@@ -324,7 +339,7 @@ struct Node : public torch::autograd::Function<Node> {
     bwd(dy.data_ptr(), x.data_ptr(), d->N, C, d->L, st, st + 2 * row,
         w.defined() ? w.data_ptr() : nullptr, w.defined() ? w.numel() : 0, need_x ? 1 : 0,
         need_x ? dx.data_ptr() : x.data_ptr(), gp, gp + row,
-        ctx->saved_data["forks"].toInt() == FORKS ? ctx->saved_data["T"].toInt() : 1);
+        backward_threads(ctx));
     out[0] = dx;
     if (need_w) out[1] = g[0];
     if (need_b) out[2] = g[1];
@@ -370,10 +385,7 @@ struct EvalNode : public torch::autograd::Function<EvalNode> {
            len(b), eps, y.data_ptr(), d.T);
     }
     ctx->save_for_backward({x, rm, rv, or_undefined(w), or_undefined(b)});
-    ctx->saved_data["T"] = d.T;
-    ctx->saved_data["forks"] = FORKS;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["axis"] = d.axis;
+    save_call(ctx, d, eps);
     return y;
   }
 
@@ -410,9 +422,7 @@ struct EvalNode : public torch::autograd::Function<EvalNode> {
       }
       return out;
     }
-    if (dy.strides() != x.strides() || dy.scalar_type() != x.scalar_type()) {
-      dy = at::empty_like(x).copy_(dy);  // dy in x's layout: both walk one canonical view
-    }
+    dy = like_x(dy, x);
     const int64_t C = d->C;
     Tensor dx = need_x ? output_like(x) : Tensor();
     std::vector<double> sums(static_cast<size_t>(2 * C), 0.0);  // Σdy·(x − mean), Σdy
@@ -421,7 +431,7 @@ struct EvalNode : public torch::autograd::Function<EvalNode> {
     beval(dy.data_ptr(), x.data_ptr(), d->N, C, d->L, rm.data_ptr(), rv.data_ptr(),
           has_w ? w.data_ptr() : nullptr, has_w ? w.numel() : 0, eps, need_x ? 1 : 0,
           need_x ? dx.data_ptr() : x.data_ptr(), s,
-          ctx->saved_data["forks"].toInt() == FORKS ? ctx->saved_data["T"].toInt() : 1);
+          backward_threads(ctx));
     out[0] = dx;
     // dγ = Σdy·(x − mean)/√(var + ε) and dβ = Σdy, from the float64 sums into x's dtype (the
     // vectors' dtype: vector_ok), per channel here rather than through tensor operations
