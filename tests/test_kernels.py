@@ -206,6 +206,28 @@ def test_float32_overflowing_squares_are_summed_in_float64():  # type: ignore[no
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
+@pytest.mark.parametrize("shape", [(5, 3, 49), (3, 1, 50), (7, 4, 127), (9, 5, 128)])
+def test_row_pairs_sum_each_row_on_its_own(shape, parallel):  # type: ignore[no-untyped-def]
+    """Whole rows shorter than ``PAIR_BELOW`` are summed two per sweep: a pair whose other row
+    overflows float32 (its channel's squares summed again in float64) leaves this row's sums
+    alone; an odd number of rows per thread, one channel (both rows of a pair in it) and the
+    row lengths on both sides of the threshold all match the float64 statistics."""
+    from batchnorm.kernels._loops import PAIR_BELOW
+
+    assert shape[2] < PAIR_BELOW or shape[2] == PAIR_BELOW
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape) * 2.0 + 3.0
+    x[:, 0] *= 1e25  # float32 squares overflow in channel 0 only
+    x = x.astype(np.float32)
+    _, mean, var, invstd = K.forward_train(x, parallel=parallel)
+    mean_ref, var_ref = R.batch_stats(x)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-5)
+    # channel 0's variance is beyond float32 (var is inf there); its 1/√(σ² + ε) is not
+    np.testing.assert_allclose(1 / invstd.astype(np.float64) ** 2, var_ref, rtol=1e-5)
+    np.testing.assert_allclose(var[1:], var_ref[1:], rtol=1e-5)
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     "loc,std",
