@@ -37,6 +37,8 @@ NCL_SHAPES = [
     (5, 3, 31),  # the longest short rows: (N, C·L) for the (M, C) loops
     (3, 5, 32),  # the shortest rows the (N, C, L) loops take, pieces of whole rows
     (4, 1, 97),  # one channel of rows of a prime length
+    (5, 3, 49),  # 7×7 rows: the element loops run on into the next row (kernels._loops._OVERRUN)
+    (3, 1, 81),  # overrun rows of one channel
 ]
 # (M, C) work in row blocks of 128 rows and tiles of 2048 (float32) / 1024 (float64) channels:
 # ragged blocks, several tiles with a partial last one

@@ -552,6 +552,62 @@ def _dx_span(dxr, dr, xr, lo, hi, mh, af, bf, df, stream, buf):  # type: ignore[
         _dx_plain(dxr, dr, xr, lo, hi, mh, af, bf, df)
 
 
+# _OVERRUN: the element passes over whole rows of (N, C, L) run each row's loop on to the next
+# multiple of OVERRUN values, into the next row, which its own turn then writes again: LLVM's
+# vector loop takes 32 float32 values a step and leaves the rest of a row to scalar code (17
+# of 49 values on a 7×7 row). A thread's last row stops at its end (the next row may be
+# another thread's, already written). Rows whose rest is at most half a step are not overrun:
+# kernel calls (interleaved, medians of 201) on rows of 49: forward 0.93-0.97×, backward
+# 0.91-0.96×, inference 0.87-0.93×; on rows of 196 (a rest of 4) overrun measured 0.98-1.04×.
+
+#: the element loops' step (AVX2, float32: 8 lanes × 4), to which whole rows are overrun
+OVERRUN = 32
+
+
+@numba.njit(inline="always", cache=True)
+def _overrun(L):  # type: ignore[no-untyped-def]
+    """The values an element loop runs over on a whole row of ``L`` that is not a thread's
+    last (see _OVERRUN)."""
+    if L % OVERRUN <= OVERRUN // 2:
+        return L
+    return (L + OVERRUN - 1) // OVERRUN * OVERRUN
+
+
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _affine_rows(yr, xr, r0, r1, C, mu, sc, sh):  # type: ignore[no-untyped-def]
+    """``y = (x − mu[c])·sc[c] + sh[c]`` over whole rows ``[r0, r1)`` of ``(N·C, L)`` (``L ≥
+    OVERRUN``), each row but the last overrun into the next (:func:`_overrun`)."""
+    L = xr.shape[1]
+    n = _overrun(L)
+    xf = xr.reshape(-1)
+    yf = yr.reshape(-1)
+    c = r0 % C
+    for r in range(r0, r1 - 1):
+        _affine_plain(yf, xf, r * L, r * L + n, mu[c], sc[c], sh[c])
+        c = _next_channel(c, C)
+    if r1 > r0:
+        r = r1 - 1
+        _affine_plain(yf, xf, r * L, r * L + L, mu[c], sc[c], sh[c])
+
+
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _dx_rows(dxr, dyr, xr, r0, r1, C, mean, af, bf, df):  # type: ignore[no-untyped-def]
+    """``dx = (dy + (x − mean[c])·bf[c] + df[c])·af[c]`` over whole rows ``[r0, r1)`` of
+    ``(N·C, L)`` (``L ≥ OVERRUN``), overrun as :func:`_affine_rows`."""
+    L = xr.shape[1]
+    n = _overrun(L)
+    xf = xr.reshape(-1)
+    gf = dyr.reshape(-1)
+    of = dxr.reshape(-1)
+    c = r0 % C
+    for r in range(r0, r1 - 1):
+        _dx_plain(of, gf, xf, r * L, r * L + n, mean[c], af[c], bf[c], df[c])
+        c = _next_channel(c, C)
+    if r1 > r0:
+        r = r1 - 1
+        _dx_plain(of, gf, xf, r * L, r * L + L, mean[c], af[c], bf[c], df[c])
+
+
 # ------------------------------------------------------------------------------------------
 # (N, C, L)
 
@@ -593,10 +649,7 @@ def ncl_forward_train(x, w, b, eps, T, whole, stream, y, mean_out, var_out, invs
         buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
         if whole and not stream:  # the plain loop chosen outside the row loop (see _ROW_LOOPS)
             r0, r1 = _piece(t, T, R)
-            c = r0 % C
-            for r in range(r0, r1):
-                _affine_plain(yr[r], xr[r], 0, L, mh_arr[c], sc_arr[c], sh_arr[c])
-                c = _next_channel(c, C)
+            _affine_rows(yr, xr, r0, r1, C, mh_arr, sc_arr, sh_arr)
         elif j1 > j0:
             r0, n, c = _first_row(j0, L, C)
             for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
@@ -652,10 +705,7 @@ def ncl_backward(dy, x, mean, invstd, w, tol, T, whole, stream, need_dx, dx, dw_
         buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
         if whole and not stream:  # (see _ROW_LOOPS)
             r0, r1 = _piece(t, T, R)
-            c = r0 % C
-            for r in range(r0, r1):
-                _dx_plain(dxr[r], dyr[r], xr[r], 0, L, mean[c], a_arr[c], b_arr[c], d_arr[c])
-                c = _next_channel(c, C)
+            _dx_rows(dxr, dyr, xr, r0, r1, C, mean, a_arr, b_arr, d_arr)
         elif j1 > j0:
             r0, n, c = _first_row(j0, L, C)
             for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
@@ -805,10 +855,7 @@ def ncl_forward_eval(x, p0, p1, w, b, eps, stats, T, whole, stream, y):  # type:
         buf = np.empty(CHUNK if stream else 0, dtype=x.dtype)
         if whole and not stream:  # (see _ROW_LOOPS)
             r0, r1 = _piece(t, T, R)
-            c = r0 % C
-            for r in range(r0, r1):
-                _affine_plain(yr[r], xr[r], 0, L, zero, scale[c], shift[c])
-                c = _next_channel(c, C)
+            _affine_rows(yr, xr, r0, r1, C, np.zeros(C, dtype=x.dtype), scale, shift)
         elif j1 > j0:
             r0, n, c = _first_row(j0, L, C)
             for r in range(r0, (j1 - 1) // L + 1):  # rows in address order: (n, c) stepped
