@@ -208,6 +208,32 @@ def test_float32_overflowing_squares_are_summed_in_float64():  # type: ignore[no
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
+@pytest.mark.parametrize("shape", [(5, 3, 49), (4, 2, 81), (40, 3)])
+def test_outputs_in_place_of_an_input(shape, parallel):  # type: ignore[no-untyped-def]
+    """An output given as an input's own memory (``out=x``, ``out=dy``) gets the values it
+    would get elsewhere: the element loops that run on into the next row
+    (kernels._loops._OVERRUN) must not, or that row's head is read after it was written."""
+    x, dy, w, b = _data(shape, np.float32, seed=3, loc=2.0)
+    y, mean, var, invstd = K.forward_train(x, w, b, parallel=parallel)
+    dx, _, _ = K.backward(dy, x, mean, invstd, w, parallel=parallel)
+    sc, sh = R.inference_affine(mean, var, w, b, 1e-5)
+    sc, sh = sc.astype(np.float32), sh.astype(np.float32)
+    ye = K.forward_eval(x, sc, sh, parallel=parallel)
+    xi = x.copy()
+    got, *_ = K.forward_train(xi, w, b, out=xi, parallel=parallel)
+    assert got is xi
+    np.testing.assert_array_equal(xi, y)
+    for alias in ("dy", "x"):
+        xi, dyi = x.copy(), dy.copy()
+        target = dyi if alias == "dy" else xi
+        K.backward(dyi, xi, mean, invstd, w, out=target, parallel=parallel)
+        np.testing.assert_array_equal(target, dx)
+    xi = x.copy()
+    K.forward_eval(xi, sc, sh, out=xi, parallel=parallel)
+    np.testing.assert_array_equal(xi, ye)
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
 @pytest.mark.parametrize("shape", [(5, 3, 49), (3, 1, 50), (7, 4, 127), (9, 5, 128)])
 def test_row_pairs_sum_each_row_on_its_own(shape, parallel):  # type: ignore[no-untyped-def]
     """Whole rows shorter than ``PAIR_BELOW`` are summed two per sweep: a pair whose other row
