@@ -118,7 +118,7 @@ def test_matches_reference(shape, dtype, parallel, stream):  # type: ignore[no-u
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("offset", [0, 1, 3, 7, 15])
 @pytest.mark.parametrize(
-    "shape", [(3, 2, 2 * K_CHUNK + 37), (2, 1, 67), (5, 7, 130), (41, 70)], ids=str
+    "shape", [(3, 2, 2 * K_CHUNK + 37), (2, 1, 67), (5, 7, 130), (7, 5, 49), (41, 70)], ids=str
 )
 def test_streaming_stores_at_every_alignment(shape, offset, dtype):  # type: ignore[no-untyped-def]
     """Streaming stores write whole 64-byte lines: outputs starting anywhere inside a line, rows
@@ -228,9 +228,10 @@ def test_outputs_in_place_of_an_input(shape, parallel):  # type: ignore[no-untyp
         target = dyi if alias == "dy" else xi
         K.backward(dyi, xi, mean, invstd, w, out=target, parallel=parallel)
         np.testing.assert_array_equal(target, dx)
-    xi = x.copy()
-    K.forward_eval(xi, sc, sh, out=xi, parallel=parallel)
-    np.testing.assert_array_equal(xi, ye)
+    for stream in (None, True):  # True: short rows streamed row by row
+        xi = x.copy()
+        K.forward_eval(xi, sc, sh, out=xi, parallel=parallel, stream=stream)
+        np.testing.assert_array_equal(xi, ye)
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
