@@ -228,7 +228,7 @@ def test_outputs_in_place_of_an_input(shape, parallel):  # type: ignore[no-untyp
         target = dyi if alias == "dy" else xi
         K.backward(dyi, xi, mean, invstd, w, out=target, parallel=parallel)
         np.testing.assert_array_equal(target, dx)
-    for stream in (None, True):  # True: short rows streamed row by row
+    for stream in (None, True):  # True: the streamed loops (short (N, C, L) rows row by row)
         xi = x.copy()
         K.forward_eval(xi, sc, sh, out=xi, parallel=parallel, stream=stream)
         np.testing.assert_array_equal(xi, ye)
