@@ -61,6 +61,18 @@ _AFFINE = kernel("inference_affine", False)
 
 
 @numba.njit(inline="always")
+def _one(L):  # type: ignore[no-untyped-def]
+    """1 as a value, not a constant (``L`` is 0 in the rows × channels entries). The entries
+    pass the loops no constants (``T`` for the serial builds' thread count, ``T > 0`` for
+    "statistics given"): a constant argument makes Numba compile a specialization of the loop
+    of its own, again for the entries though the array API compiled it already (the entries
+    took 102 s to compile after that API's 69 s), and one that may run slower — with the
+    constant True, the ``(N, C, L)`` inference entry ran 14–17 % slower than the loop called
+    from Python on long rows (32×64×3136, paired medians)."""
+    return max(L, 1)
+
+
+@numba.njit(inline="always")
 def _stream(x):  # type: ignore[no-untyped-def]
     """Streaming stores for an output like ``x``: the array API's choice (``kernels._stream``)."""
     return _stream_for(x.size * x.itemsize, x.shape[-1], x.ndim, x.itemsize)
@@ -96,7 +108,7 @@ def _fwd_ncl(x, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untyped-
     elif T > 1:
         _NCL_FWD_P(x, w, b, eps, T, _whole_rows(L), stream, y, mean, var, invstd)
     else:
-        _NCL_FWD(x, w, b, eps, 1, _whole_rows(L), stream, y, mean, var, invstd)
+        _NCL_FWD(x, w, b, eps, T, _whole_rows(L), stream, y, mean, var, invstd)
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
@@ -123,7 +135,7 @@ def _fwd_rows(
     xp, N, C, L, wp, nw, bp, nb_, eps, yp, mp, vp, ip, rmp, rvp, nrun, nbtp, nnbt, mom, alpha, T
 ):  # type: ignore[no-untyped-def]
     w, b, mean, var, invstd = _vectors(nw, wp, nb_, bp, C, mp, vp, ip)
-    _fwd_mc(carray(xp, (N, C)), 1, w, b, eps, carray(yp, (N, C)), mean, var, invstd, T)
+    _fwd_mc(carray(xp, (N, C)), _one(L), w, b, eps, carray(yp, (N, C)), mean, var, invstd, T)
     return _update(mean, var, rmp, rvp, nrun, nbtp, nnbt, mom, alpha)
 
 
@@ -163,13 +175,14 @@ def _bwd_ncl(dy, x, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-un
     elif T > 1:
         _NCL_BWD_P(dy, x, mean, invstd, w, tol, T, _whole_rows(L), stream, need, dx, dw, db)
     else:
-        _NCL_BWD(dy, x, mean, invstd, w, tol, 1, _whole_rows(L), stream, need, dx, dw, db)
+        _NCL_BWD(dy, x, mean, invstd, w, tol, T, _whole_rows(L), stream, need, dx, dw, db)
 
 
 def _bwd_rows(dyp, xp, N, C, L, mp, ip, wp, nw, need_dx, dxp, dwp, dbp, T):  # type: ignore[no-untyped-def]
     s2 = (N, C)
     _bwd_mc(
-        carray(dyp, s2), carray(xp, s2), 1, carray(mp, (C,)), carray(ip, (C,)), carray(wp, (nw,)),
+        carray(dyp, s2), carray(xp, s2), _one(L), carray(mp, (C,)), carray(ip, (C,)),
+        carray(wp, (nw,)),
         need_dx != 0, carray(dxp, s2), carray(dwp, (C,)), carray(dbp, (C,)), T,
     )  # fmt: skip
 
@@ -187,9 +200,9 @@ def _eval_mc(x, G, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
     stream = _stream(x)
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     if T > 1:
-        _MC_EVAL_P(x, G, rm, rv, w, b, eps, True, nrb, ncb, tw, stream, y)
+        _MC_EVAL_P(x, G, rm, rv, w, b, eps, T > 0, nrb, ncb, tw, stream, y)
     else:
-        _MC_EVAL(x, G, rm, rv, w, b, eps, True, nrb, ncb, tw, stream, y)
+        _MC_EVAL(x, G, rm, rv, w, b, eps, T > 0, nrb, ncb, tw, stream, y)
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
@@ -201,19 +214,16 @@ def _eval_ncl(x, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
         return
     stream = _stream(x)
     whole = _whole_rows(L)
-    # "statistics given" as a value the compiler cannot fold (T is at least 1): given the
-    # constant True, LLVM compiled this entry 6–18 % slower than the loop called from Python
-    # on long rows (32×64×3136, paired medians), though the flag only chooses the coefficients
-    stats = T > 0
+    stats = T > 0  # True, as a value (see _one)
     if T > 1:
         _NCL_EVAL_P(x, rm, rv, w, b, eps, stats, T, whole, stream, y)
     else:
-        _NCL_EVAL(x, rm, rv, w, b, eps, stats, 1, whole, stream, y)
+        _NCL_EVAL(x, rm, rv, w, b, eps, stats, T, whole, stream, y)
 
 
 def _eval_rows(xp, N, C, L, rmp, rvp, wp, nw, bp, nb_, eps, yp, T):  # type: ignore[no-untyped-def]
     _eval_mc(
-        carray(xp, (N, C)), 1, carray(rmp, (C,)), carray(rvp, (C,)), carray(wp, (nw,)),
+        carray(xp, (N, C)), _one(L), carray(rmp, (C,)), carray(rvp, (C,)), carray(wp, (nw,)),
         carray(bp, (nb_,)), eps, carray(yp, (N, C)), T,
     )  # fmt: skip
 
@@ -256,13 +266,13 @@ def _beval_ncl(dy, x, mean, var, w, eps, need, dx, sums, T):  # type: ignore[no-
     if T > 1:
         _NCL_BEVAL_P(dy, x, mean, scale, T, whole, stream, need, dx, sums)
     else:
-        _NCL_BEVAL(dy, x, mean, scale, 1, whole, stream, need, dx, sums)
+        _NCL_BEVAL(dy, x, mean, scale, T, whole, stream, need, dx, sums)
 
 
 def _beval_rows(dyp, xp, N, C, L, mp, vp, wp, nw, eps, need_dx, dxp, sp, T):  # type: ignore[no-untyped-def]
     s2 = (N, C)
     _beval_mc(
-        carray(dyp, s2), carray(xp, s2), 1, carray(mp, (C,)), carray(vp, (C,)),
+        carray(dyp, s2), carray(xp, s2), _one(L), carray(mp, (C,)), carray(vp, (C,)),
         carray(wp, (nw,)), eps, need_dx != 0, carray(dxp, s2), carray(sp, (2, C)), T,
     )  # fmt: skip
 
