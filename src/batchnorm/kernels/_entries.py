@@ -63,12 +63,12 @@ _AFFINE = kernel("inference_affine", False)
 @numba.njit(inline="always")
 def _one(L):  # type: ignore[no-untyped-def]
     """1 as a value, not a constant (``L`` is 0 in the rows × channels entries). The entries
-    pass the loops no constants (``T`` for the serial builds' thread count, ``T > 0`` for
-    "statistics given"): a constant argument makes Numba compile a specialization of the loop
-    of its own, again for the entries though the array API compiled it already (the entries
-    took 102 s to compile after that API's 69 s), and one that may run slower — with the
-    constant True, the ``(N, C, L)`` inference entry ran 14–17 % slower than the loop called
-    from Python on long rows (32×64×3136, paired medians)."""
+    hand the loops no constants — ``max(T, 1)`` for the serial builds' thread count, ``T >= 0``
+    for "statistics given" — because a constant argument makes Numba compile a specialization
+    of the loop of its own (the array API's build is not reused: the eight float32 entries
+    took 102–111 s to compile after that API's loops, 57–59 s without), and LLVM may compile it
+    slower (with the constant True, the ``(N, C, L)`` inference entry ran 14–17 % slower than
+    the loop called from Python on rows of 3136, paired medians)."""
     return max(L, 1)
 
 
@@ -108,7 +108,7 @@ def _fwd_ncl(x, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untyped-
     elif T > 1:
         _NCL_FWD_P(x, w, b, eps, T, _whole_rows(L), stream, y, mean, var, invstd)
     else:
-        _NCL_FWD(x, w, b, eps, T, _whole_rows(L), stream, y, mean, var, invstd)
+        _NCL_FWD(x, w, b, eps, max(T, 1), _whole_rows(L), stream, y, mean, var, invstd)
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
@@ -175,7 +175,7 @@ def _bwd_ncl(dy, x, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-un
     elif T > 1:
         _NCL_BWD_P(dy, x, mean, invstd, w, tol, T, _whole_rows(L), stream, need, dx, dw, db)
     else:
-        _NCL_BWD(dy, x, mean, invstd, w, tol, T, _whole_rows(L), stream, need, dx, dw, db)
+        _NCL_BWD(dy, x, mean, invstd, w, tol, max(T, 1), _whole_rows(L), stream, need, dx, dw, db)
 
 
 def _bwd_rows(dyp, xp, N, C, L, mp, ip, wp, nw, need_dx, dxp, dwp, dbp, T):  # type: ignore[no-untyped-def]
@@ -200,9 +200,9 @@ def _eval_mc(x, G, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
     stream = _stream(x)
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     if T > 1:
-        _MC_EVAL_P(x, G, rm, rv, w, b, eps, T > 0, nrb, ncb, tw, stream, y)
+        _MC_EVAL_P(x, G, rm, rv, w, b, eps, T >= 0, nrb, ncb, tw, stream, y)
     else:
-        _MC_EVAL(x, G, rm, rv, w, b, eps, T > 0, nrb, ncb, tw, stream, y)
+        _MC_EVAL(x, G, rm, rv, w, b, eps, T >= 0, nrb, ncb, tw, stream, y)
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
@@ -214,11 +214,11 @@ def _eval_ncl(x, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
         return
     stream = _stream(x)
     whole = _whole_rows(L)
-    stats = T > 0  # True, as a value (see _one)
+    stats = T >= 0  # True, as a value (see _one)
     if T > 1:
         _NCL_EVAL_P(x, rm, rv, w, b, eps, stats, T, whole, stream, y)
     else:
-        _NCL_EVAL(x, rm, rv, w, b, eps, stats, T, whole, stream, y)
+        _NCL_EVAL(x, rm, rv, w, b, eps, stats, max(T, 1), whole, stream, y)
 
 
 def _eval_rows(xp, N, C, L, rmp, rvp, wp, nw, bp, nb_, eps, yp, T):  # type: ignore[no-untyped-def]
@@ -266,7 +266,7 @@ def _beval_ncl(dy, x, mean, var, w, eps, need, dx, sums, T):  # type: ignore[no-
     if T > 1:
         _NCL_BEVAL_P(dy, x, mean, scale, T, whole, stream, need, dx, sums)
     else:
-        _NCL_BEVAL(dy, x, mean, scale, T, whole, stream, need, dx, sums)
+        _NCL_BEVAL(dy, x, mean, scale, max(T, 1), whole, stream, need, dx, sums)
 
 
 def _beval_rows(dyp, xp, N, C, L, mp, vp, wp, nw, eps, need_dx, dxp, sp, T):  # type: ignore[no-untyped-def]
