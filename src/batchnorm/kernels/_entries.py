@@ -199,10 +199,11 @@ def _bwd_channels(dyp, xp, N, C, L, mp, ip, wp, nw, need_dx, dxp, dwp, dbp, T): 
 def _eval_mc(x, G, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
     stream = _stream(x)
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
+    stats = T >= 0  # True, as a value (see _one)
     if T > 1:
-        _MC_EVAL_P(x, G, rm, rv, w, b, eps, T >= 0, nrb, ncb, tw, stream, y)
+        _MC_EVAL_P(x, G, rm, rv, w, b, eps, stats, nrb, ncb, tw, stream, y)
     else:
-        _MC_EVAL(x, G, rm, rv, w, b, eps, T >= 0, nrb, ncb, tw, stream, y)
+        _MC_EVAL(x, G, rm, rv, w, b, eps, stats, nrb, ncb, tw, stream, y)
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
