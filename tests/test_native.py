@@ -910,3 +910,51 @@ def test_eval_mode_node_backward_reads_what_a_saved_tensor_hook_returns() -> Non
         grads.append((xs.grad, ws.grad))
     for a, e in zip(*grads, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def _constant_arguments_to_loops(source: str) -> tuple[set[str], list[str]]:
+    """Calls in ``_entries``' source that hand a loop (a ``kernel(...)`` dispatcher, or a
+    layout helper that passes its arguments on to one) a literal constant."""
+    import ast
+    import re
+
+    tree = ast.parse(source)
+    loops = {
+        t.id
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        for tgt in node.targets
+        for t in (tgt.elts if isinstance(tgt, ast.Tuple) else [tgt])
+        if isinstance(t, ast.Name) and re.fullmatch(r"_(MC|NCL|FUSED)_[A-Z_]+", t.id)
+    }
+    loops |= {
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef)
+        and re.fullmatch(r"_b?(fwd|bwd|eval)_(mc|ncl)", node.name)
+    }
+    return loops, [
+        f"{node.func.id}(…{ast.unparse(arg)}…) at line {node.lineno}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in loops
+        for arg in node.args
+        if isinstance(arg, ast.Constant)
+    ]
+
+
+def test_the_entries_hand_the_loops_no_constants() -> None:
+    """A constant argument (``1``, ``True``) makes Numba compile a literal-typed
+    specialization of the loop for the entries alone — compile time the array API's build
+    already paid — which LLVM also compiled slower for the ``(N, C, L)`` inference entry."""
+    from pathlib import Path
+
+    from batchnorm.kernels import _entries
+
+    loops, constants = _constant_arguments_to_loops(Path(_entries.__file__).read_text())
+    assert len(loops) == 28  # ten loops, serial and threaded, and the eight layout helpers
+    assert constants == []
+    # the check sees constants where they are
+    _, seen = _constant_arguments_to_loops(
+        "_MC_EVAL, _MC_EVAL_P = _pair('mc_forward_eval')\n_MC_EVAL(x, 1, True)\n"
+    )
+    assert seen == ["_MC_EVAL(…1…) at line 2", "_MC_EVAL(…True…) at line 2"]
