@@ -958,3 +958,57 @@ def test_the_entries_hand_the_loops_no_constants() -> None:
         "_MC_EVAL, _MC_EVAL_P = _pair('mc_forward_eval')\n_MC_EVAL(x, 1, True)\n"
     )
     assert seen == ["_MC_EVAL(…1…) at line 2", "_MC_EVAL(…True…) at line 2"]
+
+
+def _settings_read(f: Callable[..., object], seen: set[str]) -> set[str]:
+    """The module constants of :mod:`batchnorm.kernels` that ``f`` and the kernels functions
+    it calls read (upper-case names)."""
+    names: set[str] = set()
+    for name in f.__code__.co_names:
+        value = getattr(K, name, None)
+        if name.isupper() and isinstance(value, int):
+            names.add(name)
+        elif callable(value) and getattr(value, "__module__", None) == K.__name__:
+            if name not in seen:
+                seen.add(name)
+                names |= _settings_read(value, seen)
+    return names
+
+
+def test_the_entries_digest_holds_every_setting_their_helpers_read() -> None:
+    """Numba freezes a global's value into what it compiles: a setting the entries' helpers
+    read but their digest left out would let an entry compiled with, say,
+    ``kernels.SHORT_ROWS = 0`` be loaded from the disk cache by every later process."""
+    import numba
+
+    from batchnorm.kernels import _entries
+
+    helpers = [
+        v.py_func
+        for v in vars(_entries).values()
+        if isinstance(v, numba.core.registry.CPUDispatcher) and v.py_func.__module__ == K.__name__
+    ]
+    assert {h.__name__ for h in helpers} == {
+        "_fused",
+        "_mc_split",
+        "_short",
+        "_stream_for",
+        "_whole_rows",
+    }
+    read: set[str] = set()
+    for h in helpers:
+        read |= _settings_read(h, set())
+    assert read == set(_entries.TUNABLES)
+
+
+@pytest.mark.parametrize("name", ["SHORT_ROWS", "STREAM_ABOVE", "TILE_BYTES"])
+def test_the_entries_digest_changes_with_a_setting(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchnorm.kernels import _entries
+
+    before = _entries._stamp()
+    monkeypatch.setattr(K, name, getattr(K, name) + 1)
+    assert _entries._stamp() != before
+    monkeypatch.undo()
+    assert _entries._stamp() == before

@@ -33,7 +33,7 @@ from numba import types as nb
 from batchnorm import kernels as K
 from batchnorm.kernels._loops import _renamed, kernel
 
-__all__ = ["address", "built"]
+__all__ = ["TUNABLES", "address", "built"]
 
 _mc_split = numba.njit(K._mc_split)
 _fused = numba.njit(K._fused)
@@ -316,15 +316,29 @@ def _signature(dtype: Any, pass_: int) -> Any:
     return nb.void(p, i64, i64, i64, p, p, p, i64, p, i64, f64, p, i64)
 
 
+#: the settings of :mod:`batchnorm.kernels` that the compiled helpers above read (``_fused``,
+#: ``_short``, ``_whole_rows``, ``_stream_for``, ``_mc_split``). Numba freezes a global's value
+#: into the code it compiles, so a process's entries follow the values in force at its first
+#: call of :func:`address` (change them before the first call through the compiled node; the
+#: array API reads them at every call), and the entries' digest (:func:`_stamp`) includes them.
+TUNABLES = ("FUSED_ROWS", "LINE_BYTES", "SHORT_ROWS", "STREAM_ABOVE", "TILE_BYTES")
+
+_STAMP: list[str] = []  # this process's digest, taken at the first call of address()
+
+
 def _stamp() -> str:
-    """A digest of the sources compiled into the entries. Numba's disk cache checks only the
-    file of the function it caches, not the loops that function calls from other files: the
-    entries are cached under names carrying this digest, so that a changed loop is compiled
-    anew instead of an old build being loaded."""
+    """A digest of the sources compiled into the entries and of the :data:`TUNABLES`' values.
+    Numba's disk cache checks only the file of the function it caches, not the loops that
+    function calls from other files, nor the values of the globals it froze: the entries are
+    cached under names carrying this digest, so that a changed loop is compiled anew instead
+    of an old build being loaded, and an entry compiled while a setting was changed (say
+    ``kernels.SHORT_ROWS = 0`` for a measurement) is not loaded by later processes that
+    keep the default."""
     h = hashlib.sha256()
     here = Path(__file__).parent
     for name in ("_loops.py", "__init__.py", "_entries.py"):
         h.update((here / name).read_bytes())
+    h.update(repr([(n, getattr(K, n)) for n in TUNABLES]).encode())
     return h.hexdigest()[:16]
 
 
@@ -352,7 +366,9 @@ def address(dtype: int, layout: int, pass_: int) -> int:
             K.num_threads()
             notice = K._compiling(_what(*key), "tens of seconds")
             try:
-                body = _renamed(_ENTRIES[layout][pass_], "_" + _stamp())
+                if not _STAMP:
+                    _STAMP.append(_stamp())
+                body = _renamed(_ENTRIES[layout][pass_], "_" + _STAMP[0])
                 f = cfunc(_signature(_DTYPES[dtype], pass_), cache=True)(body)
             except Exception as e:
                 raise RuntimeError(
