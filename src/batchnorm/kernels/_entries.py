@@ -20,6 +20,7 @@ running buffers, no counter), as the empty arrays of the array API do.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from pathlib import Path
@@ -323,8 +324,6 @@ def _signature(dtype: Any, pass_: int) -> Any:
 #: array API reads them at every call), and the entries' digest (:func:`_stamp`) includes them.
 TUNABLES = ("FUSED_ROWS", "LINE_BYTES", "SHORT_ROWS", "STREAM_ABOVE", "TILE_BYTES")
 
-_STAMP: list[str] = []  # this process's digest, taken at the first call of address()
-
 
 def _stamp() -> str:
     """A digest of the sources compiled into the entries and of the :data:`TUNABLES`' values.
@@ -340,6 +339,10 @@ def _stamp() -> str:
         h.update((here / name).read_bytes())
     h.update(repr([(n, getattr(K, n)) for n in TUNABLES]).encode())
     return h.hexdigest()[:16]
+
+
+#: this process's digest, taken when its first entry is compiled or loaded
+_process_stamp = functools.cache(_stamp)
 
 
 _BUILT: dict[tuple[int, int, int], Any] = {}
@@ -366,9 +369,7 @@ def address(dtype: int, layout: int, pass_: int) -> int:
             K.num_threads()
             notice = K._compiling(_what(*key), "tens of seconds")
             try:
-                if not _STAMP:
-                    _STAMP.append(_stamp())
-                body = _renamed(_ENTRIES[layout][pass_], "_" + _STAMP[0])
+                body = _renamed(_ENTRIES[layout][pass_], "_" + _process_stamp())
                 f = cfunc(_signature(_DTYPES[dtype], pass_), cache=True)(body)
             except Exception as e:
                 raise RuntimeError(
