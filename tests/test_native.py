@@ -1012,3 +1012,151 @@ def test_the_entries_digest_changes_with_a_setting(
     assert _entries._stamp() != before
     monkeypatch.undo()
     assert _entries._stamp() == before
+
+
+# -- half precision: torch's operator called from the node ----------------------------------
+
+_HALF_LAYOUTS = {
+    "2d": ((48, 6), None),
+    "ncl": ((8, 6, 10), None),
+    "nchw": ((8, 6, 5, 4), None),
+    "channels_last": ((8, 6, 5, 4), torch.channels_last),
+    "ncdhw": ((4, 6, 3, 4, 5), None),
+    "channels_last_3d": ((4, 6, 3, 4, 5), torch.channels_last_3d),
+}
+
+
+def _half_run(
+    dtype: torch.dtype, layout: str, buffers: torch.dtype | None, momentum: float | None
+) -> list[torch.Tensor]:
+    """Three training steps and an inference call of a layer on half input, each with a
+    backward; every output, gradient, running buffer and the counter, and their strides."""
+    shape, fmt = _HALF_LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(5)
+    bn = batchnorm.BatchNorm(
+        6, momentum=momentum, unbiased_running_var=momentum is not None, dtype=buffers or dtype
+    )
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 1.5, 6))
+        bn.bias.copy_(torch.linspace(-0.5, 0.5, 6))
+    out: list[torch.Tensor] = []
+    for step in range(4):
+        bn.train(step < 3)
+        bn.zero_grad()
+        x = (torch.randn(shape, generator=gen) * (step + 1) + 3.0).to(dtype)
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        x.requires_grad_(True)
+        y = bn(x)
+        y.backward(torch.randn(shape, generator=gen).to(dtype))
+        assert y.dtype == dtype and y.grad_fn is not None
+        assert y.grad_fn.name() == "NativeBatchNormBackward0"  # torch's operator, no Function
+        assert x.grad is not None and bn.weight.grad is not None and bn.bias.grad is not None
+        out += [y.detach(), x.grad, bn.weight.grad, bn.bias.grad]
+        out += [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()]
+        out += [torch.tensor(y.stride()), torch.tensor(x.grad.stride())]
+    return out
+
+
+@pytest.mark.parametrize("layout", list(_HALF_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("buffers", "momentum"),
+    [(None, 0.1), (torch.float32, None), (torch.float64, 0.3)],
+    ids=["half-buffers", "float32-cumulative", "float64-biased"],
+)
+def test_half_node_equals_the_python_path(
+    dtype: torch.dtype,
+    layout: str,
+    buffers: torch.dtype | None,
+    momentum: float | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Half inputs in the node (torch's operator called from C++, the running update there):
+    the same bits as the Python path of BATCHNORM_NATIVE=0 — outputs and their layout,
+    gradients, running buffers of half, float32 or float64 (blended in float32 or float64 and
+    rounded once) with the unbiased or the biased variance, the counter."""
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    with _native(False):
+        python = _half_run(dtype, layout, buffers, momentum)
+
+    def python_path(*args: object) -> None:
+        raise AssertionError("the node declined a half input")
+
+    monkeypatch.setattr(F, "_operator_layout", python_path)
+    node = _half_run(dtype, layout, buffers, momentum)
+    assert len(node) == len(python) == 36
+    for a, p in zip(node, python, strict=True):
+        assert a.dtype == p.dtype
+        torch.testing.assert_close(a, p, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["node", "python"])
+def test_half_batches_the_running_buffers_cannot_take_are_refused(
+    on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN in the batch, or a blend beyond float16's range: buffers and counter unchanged,
+    the batch refused as on every other path — in the node and in the Python path."""
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    with _native(on):
+        bn = batchnorm.BatchNorm1d(3, dtype=torch.float16, nonfinite="raise")
+        with torch.no_grad():
+            bn.running_var.fill_(60000.0)  # 0.9·60000 + 0.1·var > 65504 for var > 115040
+        before = [t.clone() for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+        nan = torch.randn(16, 3).half()
+        nan[2, 1] = float("nan")
+        wide = (torch.randn(16, 3) * 600.0).half()  # variance about 360000
+        tame = torch.randn(16, 3).half()
+        for x in (nan, wide):
+            with pytest.raises(F.NonFiniteStatisticsError):
+                bn(x)
+            after = (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+            for a, b in zip(after, before, strict=True):
+                assert torch.equal(a, b)
+        bn(tame)  # the same layer takes a batch it can blend
+        assert int(bn.num_batches_tracked) == 1
+        assert bool((bn.running_var < 60000.0).all())
+
+
+def test_half_inputs_the_node_declines_take_the_python_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Channels not on dim 1 (the operator's), or a layout it would copy: the node declines,
+    the Python path normalizes the canonical view — torch.nn's results on the moved tensor."""
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    seen: list[int] = []
+    layout = F._operator_layout
+
+    def counted(x: torch.Tensor, axis: int) -> tuple[torch.Tensor, Callable[..., torch.Tensor]]:
+        seen.append(axis)
+        return layout(x, axis)
+
+    monkeypatch.setattr(F, "_operator_layout", counted)
+    x = torch.randn(8, 5, 6).bfloat16()  # (N, L, C): channels last on a 3-D input
+    ours = batchnorm.BatchNorm(6, axis=-1, dtype=torch.bfloat16)
+    theirs = torch.nn.BatchNorm1d(6, dtype=torch.bfloat16)
+    y = ours(x)
+    assert seen == [2]  # (the layer's axis, made non-negative)
+    y_ref = theirs(x.transpose(1, 2)).transpose(1, 2)
+    assert y.stride() == x.stride()  # the input's layout
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-2, atol=1e-2)
+
+
+def test_half_second_derivatives_are_torchs() -> None:
+    """The operator is recorded by autograd itself, so a graph of the backward is its own:
+    a gradient penalty (the norm of dL/dx, differentiated again) equals torch.nn's."""
+    gen = torch.Generator().manual_seed(9)
+    x0 = torch.randn(16, 4, 3, generator=gen)
+    dy = torch.randn(16, 4, 3, generator=gen).bfloat16()
+    got = []
+    for bn in (batchnorm.BatchNorm1d(4), torch.nn.BatchNorm1d(4)):
+        x = x0.bfloat16().requires_grad_(True)
+        (g,) = torch.autograd.grad(bn(x), x, dy, create_graph=True)
+        (g.float() ** 2).sum().backward()
+        assert x.grad is not None and bn.weight.grad is not None
+        got.append((x.grad, bn.weight.grad))
+    for ours, theirs in zip(*got, strict=True):
+        assert bool(ours.abs().sum() > 0)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

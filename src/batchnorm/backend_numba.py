@@ -278,7 +278,8 @@ class NumbaBackend:
         eps: float,
         running: functional.RunningStats | None,
     ) -> tuple[Tensor, Tensor, bool] | None:
-        ext = native.load()  # None: turned off or not buildable
+        # (half inputs: the node would run torch's operator, the "aten" backend's path)
+        ext = None if x.dtype in _HALF else native.load()  # None: turned off or not buildable
         if ext is None:
             return None
         T = K._threads(x.numel(), None)
@@ -297,7 +298,7 @@ class NumbaBackend:
         bias: Tensor | None,
         eps: float,
     ) -> Tensor | None:
-        ext = native.load()  # None: turned off or not buildable
+        ext = None if x.dtype in _HALF else native.load()  # (half: see train_node)
         if ext is None:
             return None
         return ext.evaluate(x, axis, mean, var, weight, bias, K._threads(x.numel(), None), eps)  # type: ignore[no-any-return]

@@ -388,10 +388,27 @@ class TorchBackend:
             dx = (dyc * _b(scale, x)).to(x.dtype)
         return dx, sdyx, dyc.sum(dims)
 
-    def train_node(self, *args: Any) -> None:
+    def train_node(
+        self,
+        x: Tensor,
+        axis: int,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running: RunningStats | None,
+    ) -> tuple[Tensor, Tensor, bool] | None:
         return None
 
-    def eval_node(self, *args: Any) -> None:
+    def eval_node(
+        self,
+        x: Tensor,
+        axis: int,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> Tensor | None:
         return None
 
 
@@ -414,8 +431,10 @@ class AtenBackend(TorchBackend):
     operations make several (2.5–4× torch.nn's time, and the kernels need a float32 copy each
     way). The per-channel vectors are given in float32, so statistics and parameter gradients are
     float32 whatever the parameters' dtype; the running statistics are blended here
-    (:func:`blend_running`: a non-finite batch is refused), never by the operator. The rest of
-    the contract (the training step's update, no compiled node) is the plain-torch backend's."""
+    (:func:`blend_running`: a non-finite batch is refused), never by the operator. A layer
+    call runs the operator once, as autograd records it (:meth:`train_node`,
+    :meth:`eval_node`), from the compiled node where it is built — the Python path around it
+    cost more than the operator at small sizes and with the caches cold after a large pass."""
 
     name = "aten"
 
@@ -431,15 +450,52 @@ class AtenBackend(TorchBackend):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         w, b = _vec(weight, 1.0, x), _vec(bias, 0.0, x)
         y, mean, invstd = _ATEN.native_batch_norm(x, w, b, None, None, True, 0.0, eps)
-        # the operator returns 1/√(var + ε); the variance back from it (relative error of
-        # the order of float32's rounding of var + ε), never below zero
-        if invstd.is_cpu and _concrete(invstd):  # NumPy: C-sized, a torch call costs more
-            with np.errstate(divide="ignore", invalid="ignore"):
-                inv = invstd.numpy()
-                var = torch.from_numpy(np.maximum(np.reciprocal(inv * inv) - eps, 0.0))
-        else:
-            var = (invstd.reciprocal().square() - eps).clamp_min(0.0)
-        return y, mean, var, invstd
+        return y, mean, _var_from_invstd(invstd, eps), invstd
+
+    def train_node(
+        self,
+        x: Tensor,
+        axis: int,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        running: RunningStats | None,
+    ) -> tuple[Tensor, Tensor, bool]:
+        """The operator called on ``x`` as it is and recorded by autograd itself (its backward
+        is torch's C++ ``native_batch_norm_backward``, second derivatives included): no Python
+        autograd Function, whose per-call cost is most of a small half-precision step. The
+        compiled node (:mod:`batchnorm.native`) makes the same call, running update included,
+        from C++; this is the path of the inputs it declines and of ``BATCHNORM_NATIVE=0``."""
+        ext = _half_node()
+        if ext is not None:
+            rm, rv, momentum, alpha, nbt = running or (None, None, 0.0, 0.0, None)
+            node = ext.train(x, axis, weight, bias, rm, rv, nbt, 1, eps, momentum, alpha)
+            if node is not None:
+                return node  # type: ignore[no-any-return]
+        xn, restore = _operator_layout(x, axis)
+        w, b = _vec(weight, 1.0, xn), _vec(bias, 0.0, xn)
+        y, mean, invstd = _ATEN.native_batch_norm(xn, w, b, None, None, True, 0.0, eps)
+        var = _var_from_invstd(invstd, eps)
+        updated = running is not None and blend_running(running, mean, var)
+        return restore(y), torch.stack((mean, var, invstd)), updated
+
+    def eval_node(
+        self,
+        x: Tensor,
+        axis: int,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+    ) -> Tensor:
+        ext = _half_node()  # the same call from C++ (see train_node)
+        if ext is not None:
+            y = ext.evaluate(x, axis, mean, var, weight, bias, 1, eps)
+            if y is not None:
+                return y  # type: ignore[no-any-return]
+        xn, restore = _operator_layout(x, axis)
+        return restore(self.forward_eval(xn, mean, var, weight, bias, eps))
 
     def backward(
         self,
@@ -492,6 +548,36 @@ class AtenBackend(TorchBackend):
         )
         # the operator's dγ is Σdy·(x − μ)/√(var + ε): the contract's sum is that times √(var + ε)
         return (dx if need_dx else None), gw * torch.sqrt(v + eps), gb
+
+
+def _half_node() -> Any | None:
+    """The compiled node for half inputs (built on first use), None where it is turned off or
+    cannot be built; it is built with the kernels' entries, so only where they import."""
+    return native.load() if _kernels_available() else None
+
+
+def _var_from_invstd(invstd: Tensor, eps: float) -> Tensor:
+    """The biased variance from the operator's 1/√(var + ε) (relative error of the order of
+    float32's rounding of var + ε), never below zero."""
+    if invstd.is_cpu and _concrete(invstd):  # NumPy: C-sized, a torch call costs more
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = invstd.numpy()
+            return torch.from_numpy(np.maximum(np.reciprocal(inv * inv) - eps, 0.0))
+    return (invstd.reciprocal().square() - eps).clamp_min(0.0)
+
+
+def _operator_layout(x: Tensor, axis: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``x`` as torch's operator reads it without a copy (channels on dim 1, contiguous or
+    ``channels_last``/``channels_last_3d``: its output then has ``x``'s layout), else the
+    canonical view (:func:`canonical_layout`), with the function that brings the output back."""
+    nd = x.dim()
+    if axis % nd == 1 and (
+        x.is_contiguous()
+        or (nd == 4 and x.is_contiguous(memory_format=torch.channels_last))
+        or (nd == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
+    ):
+        return x, _same
+    return canonical_layout(x, axis)
 
 
 _TORCH = TorchBackend()
@@ -1103,7 +1189,7 @@ def batch_norm_step(
         be = get_backend(
             input, backend, also=(weight, bias, running_mean, running_var, num_batches_tracked)
         )
-        if ext is None:  # a node that declined above would decline again
+        if ext is None or be.name != "numba":  # the kernels' node declined above
             node = be.train_node(input, ax, weight, bias, eps, running)
     if node is not None:
         y, _, updated = node
@@ -1149,6 +1235,9 @@ def batch_norm_eval(
         if y is not None:
             return y  # type: ignore[no-any-return]
     be = get_backend(input, backend, also=(running_mean, running_var, weight, bias))
+    if be is _ATEN_BACKEND and not (running_mean.requires_grad or running_var.requires_grad):
+        # torch's operator, recorded by autograd itself when there is a graph to record
+        return be.eval_node(input, axis, running_mean, running_var, weight, bias, eps)
     if needs_graph and be is not _TORCH and not _torch_ops_only():
         # eval mode with gradients (fine-tuning with BN frozen in eval mode, gradients with
         # respect to the input): the kernels' single pass forward, and one pass back
@@ -1175,14 +1264,16 @@ def _ready_node(backend: str | None, x: Tensor) -> Any | None:
     microseconds: :func:`get_backend` and the backend's own dispatch took ~60 µs more than
     these checks. What this skips is checked by the node itself (dtype, device, layout,
     tensors with memory of their own: it declines anything else, and the general path takes
-    over) or needs no check (the node is only built where the kernels run)."""
-    if backend not in (None, "auto", "numba"):
-        return None
-    if backend is None and _env.get("BATCHNORM_BACKEND") not in (None, "", "auto", "numba"):
+    over) or needs no check (the node is only built where the kernels can run)."""
+    choice = backend if backend is not None else _env.get("BATCHNORM_BACKEND")
+    if choice not in (None, "", "auto", "numba"):
         return None
     ext = native.loaded()
     if (
         ext is None
+        # the node computes half inputs with torch's operator (the "aten" backend); the
+        # kernels, when named, take them in float32 copies
+        or (choice == "numba" and x.dtype in _HALF_DTYPES)
         or (type(x) not in _PLAIN_TYPES and _has_torch_function_unary(x))  # _overridden(x)
         or _get_tracing_state() is not None  # _torch_ops_only(), inlined
         or _fw_ad._current_level >= 0

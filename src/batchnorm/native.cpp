@@ -11,6 +11,9 @@
 // for the backward. The math lives there; this file only
 // checks, allocates, passes pointers and records the graph. Built on first use by
 // batchnorm/native.py (torch.utils.cpp_extension).
+//
+// Half-precision inputs (the "aten" backend) take the same entry points to torch's own
+// operator, with the running update here (see train_half).
 
 #include <torch/extension.h>
 
@@ -27,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <algorithm>
 #include <mutex>
 #include <new>
 #include <vector>
@@ -445,6 +449,182 @@ struct EvalNode : public torch::autograd::Function<EvalNode> {
   }
 };
 
+// ---- half precision (float16, bfloat16) -------------------------------------------------
+// torch's own operator reads and writes half values in one pass with float32 statistics
+// (batchnorm.functional.AtenBackend); called from here, a layer call is one C++ call, and
+// autograd records the operator itself (its backward is torch's, in C++). The operator is
+// never handed the running buffers: they are blended here, so that a non-finite batch is
+// refused (the operator would blend a NaN in). What this does not take, Python does.
+
+bool is_half(const Tensor& x) {
+  const auto dt = x.scalar_type();
+  return dt == at::kHalf || dt == at::kBFloat16;
+}
+
+// x as the operator reads it without a copy, its output then in x's layout: channels on
+// dim 1, contiguous or channels_last (4-D) / channels_last_3d (5-D)
+bool half_input(const Tensor& x, int64_t axis) {
+  if (!is_half(x) || !x.is_cpu() || x.layout() != at::kStrided || !readable(x) ||
+      x.dim() < 2 || x.numel() == 0) {
+    return false;
+  }
+  const int64_t nd = x.dim();
+  if (((axis % nd) + nd) % nd != 1) return false;
+  return x.is_contiguous() || (nd == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+         (nd == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+}
+
+// absent, or C floating-point values on the CPU (converted to float32 where needed)
+bool half_vector_ok(const std::optional<Tensor>& v, int64_t C) {
+  return !v.has_value() || !v->defined() ||
+         (v->is_cpu() && v->layout() == at::kStrided && readable(*v) && v->dim() == 1 &&
+          v->numel() == C && at::isFloatingType(v->scalar_type()));
+}
+
+// A per-channel vector in float32 (`fill` when absent): the operator then keeps its
+// statistics and the parameters' gradients in float32 whatever the parameters' dtype. The
+// conversion is recorded by autograd (a half γ gets its gradient back in its dtype).
+Tensor float_vector(const std::optional<Tensor>& v, double fill, const Tensor& x) {
+  if (v.has_value() && v->defined()) return v->to(at::kFloat);
+  return at::full({x.size(1)}, fill, x.options().dtype(at::kFloat));
+}
+
+// The running buffers blended as batchnorm.functional.blend_running does on NumPy views: in
+// A (float32; float64 for float64 buffers), rounded once into the buffers' dtype B; false,
+// nothing written, when a blended value is not finite there. One operation per statement and
+// no contraction into fused multiply-adds (-ffp-contract=off): NumPy's roundings.
+template <typename B, typename A>
+bool blend(const Tensor& rm, const Tensor& rv, const float* mean, const float* var, int64_t C,
+           double momentum, double alpha) {
+  B* m = rm.data_ptr<B>();
+  B* v = rv.data_ptr<B>();
+  const A mom = static_cast<A>(momentum);
+  const A keep = static_cast<A>(1.0 - momentum);
+  const A a = static_cast<A>(alpha);
+  std::vector<B> new_m(static_cast<size_t>(C)), new_v(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) {
+    const A r = static_cast<A>(m[c]);
+    const A diff = static_cast<A>(mean[c]) - r;
+    const A step = mom * diff;
+    const A kept = static_cast<A>(v[c]) * keep;
+    const A added = a * static_cast<A>(var[c]);
+    new_m[c] = static_cast<B>(r + step);
+    new_v[c] = static_cast<B>(kept + added);
+    if (!std::isfinite(static_cast<double>(new_m[c])) ||
+        !std::isfinite(static_cast<double>(new_v[c]))) {
+      return false;
+    }
+  }
+  std::copy(new_m.begin(), new_m.end(), m);
+  std::copy(new_v.begin(), new_v.end(), v);
+  return true;
+}
+
+bool blend_buffers(const Tensor& rm, const Tensor& rv, const float* mean, const float* var,
+                   int64_t C, double momentum, double alpha) {
+  switch (rm.scalar_type()) {
+    case at::kHalf:
+      return blend<at::Half, float>(rm, rv, mean, var, C, momentum, alpha);
+    case at::kBFloat16:
+      return blend<at::BFloat16, float>(rm, rv, mean, var, C, momentum, alpha);
+    case at::kFloat:
+      return blend<float, float>(rm, rv, mean, var, C, momentum, alpha);
+    default:
+      return blend<double, double>(rm, rv, mean, var, C, momentum, alpha);
+  }
+}
+
+// running buffers the blend takes: absent, or both of one floating dtype, C contiguous CPU
+// values of their own, no gradients
+bool half_running_ok(const std::optional<Tensor>& rm, const std::optional<Tensor>& rv,
+                     int64_t C) {
+  if (rm.has_value() != rv.has_value()) return false;
+  if (!rm.has_value()) return true;
+  if (!rm->defined() || !rv->defined()) return false;
+  const auto dt = rm->scalar_type();
+  if (rv->scalar_type() != dt ||
+      (dt != at::kHalf && dt != at::kBFloat16 && dt != at::kFloat && dt != at::kDouble)) {
+    return false;
+  }
+  for (const Tensor* t : {&*rm, &*rv}) {
+    if (!t->is_cpu() || t->layout() != at::kStrided || !readable(*t) || !t->is_contiguous() ||
+        t->numel() != C || t->requires_grad()) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// absent, or one CPU int64
+bool counter_ok(const std::optional<Tensor>& nbt) {
+  return !nbt.has_value() || !nbt->defined() ||
+         (nbt->scalar_type() == at::kLong && nbt->is_cpu() && nbt->numel() == 1 &&
+          readable(*nbt) && nbt->is_contiguous());
+}
+
+std::tuple<Tensor, Tensor, bool> train_half(
+    const Tensor& x, const std::optional<Tensor>& w, const std::optional<Tensor>& b,
+    const std::optional<Tensor>& rm, const std::optional<Tensor>& rv,
+    const std::optional<Tensor>& nbt, double eps, double momentum, double alpha) {
+  const int64_t C = x.size(1);
+  const Tensor wf = float_vector(w, 1.0, x), bf = float_vector(b, 0.0, x);
+  Tensor y, mean, invstd;
+  {
+    const Unlocked other_threads_run(2);
+    std::tie(y, mean, invstd) = at::native_batch_norm(x, wf, bf, {}, {}, true, 0.0, eps);
+  }
+  // rows: mean, biased variance (back from 1/√(var + ε), never below zero), invstd
+  Tensor stats = at::empty({3, C}, mean.options().memory_format(at::MemoryFormat::Contiguous));
+  float* s = stats.data_ptr<float>();
+  const Tensor m = mean.contiguous(), inv = invstd.contiguous();
+  const float* mp = m.data_ptr<float>();
+  const float* ip = inv.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  for (int64_t c = 0; c < C; ++c) {
+    const float square = ip[c] * ip[c];
+    const float var = 1.0f / square - e;
+    s[c] = mp[c];
+    s[C + c] = var < 0.0f ? 0.0f : var;  // NaN stays NaN, as with NumPy's maximum
+    s[2 * C + c] = ip[c];
+  }
+  bool updated = false;
+  if (rm.has_value()) {
+    const float* var = s + C;
+    bool finite = true;  // the variance is not finite whenever the mean is not
+    for (int64_t c = 0; c < C && finite; ++c) finite = std::isfinite(var[c]);
+    updated = finite && blend_buffers(*rm, *rv, s, var, C, momentum, alpha);
+    if (updated && nbt.has_value() && nbt->defined()) ++*nbt->data_ptr<int64_t>();
+  }
+  return std::make_tuple(y, stats, updated);
+}
+
+bool half_eval_ok(const Tensor& x, int64_t axis, const Tensor& rm, const Tensor& rv,
+                  const std::optional<Tensor>& w, const std::optional<Tensor>& b) {
+  if (!half_input(x, axis)) return false;
+  const int64_t C = x.size(1);
+  return half_vector_ok(rm, C) && half_vector_ok(rv, C) && half_vector_ok(w, C) &&
+         half_vector_ok(b, C) && !rm.requires_grad() && !rv.requires_grad();
+}
+
+// inference: the module's vectors as they are when all are x's dtype (the operator computes
+// in float32 from them; four conversions cost more than the call), else all in float32
+Tensor evaluate_half(const Tensor& x, const Tensor& rm, const Tensor& rv,
+                     const std::optional<Tensor>& w, const std::optional<Tensor>& b,
+                     double eps) {
+  const auto dt = x.scalar_type();
+  auto same = [dt](const std::optional<Tensor>& v) {
+    return !v.has_value() || !v->defined() || v->scalar_type() == dt;
+  };
+  const bool as_they_are =
+      same(w) && same(b) && rm.scalar_type() == dt && rv.scalar_type() == dt;
+  const Tensor wf = as_they_are ? or_undefined(w) : float_vector(w, 1.0, x);
+  const Tensor bf = as_they_are ? or_undefined(b) : float_vector(b, 0.0, x);
+  const Tensor m = as_they_are ? rm : rm.to(at::kFloat);
+  const Tensor v = as_they_are ? rv : rv.to(at::kFloat);
+  const Unlocked other_threads_run(2);
+  return std::get<0>(at::native_batch_norm(x, wf, bf, m, v, false, 0.0, eps));
+}
+
 // (y, stats (3, C): mean, biased var, invstd; updated), or None when the node does not take
 // the call (see dims_of and vector_ok; running buffers must not require grad, the counter must
 // be one CPU int64). T: the threads the kernels would use (batchnorm.kernels._threads).
@@ -453,6 +633,14 @@ std::optional<std::tuple<Tensor, Tensor, bool>> train(
     const std::optional<Tensor>& b, const std::optional<Tensor>& rm,
     const std::optional<Tensor>& rv, const std::optional<Tensor>& nbt, int64_t T, double eps,
     double momentum, double alpha) {
+  if (half_input(x, axis)) {
+    const int64_t C = x.size(1);
+    if (!half_vector_ok(w, C) || !half_vector_ok(b, C) || !half_running_ok(rm, rv, C) ||
+        !counter_ok(nbt)) {
+      return std::nullopt;
+    }
+    return train_half(x, w, b, rm, rv, nbt, eps, momentum, alpha);
+  }
   const auto d = dims_of(x, axis, T);
   if (!d || !vector_ok(w, x, d->C) || !vector_ok(b, x, d->C)) return std::nullopt;
   if (rm.has_value() != rv.has_value()) return std::nullopt;
@@ -476,6 +664,10 @@ std::optional<std::tuple<Tensor, Tensor, bool>> train(
 std::optional<Tensor> evaluate(const Tensor& x, int64_t axis, const Tensor& rm,
                                const Tensor& rv, const std::optional<Tensor>& w,
                                const std::optional<Tensor>& b, int64_t T, double eps) {
+  if (is_half(x)) {
+    if (!half_eval_ok(x, axis, rm, rv, w, b)) return std::nullopt;
+    return evaluate_half(x, rm, rv, w, b, eps);
+  }
   const auto d = dims_of(x, axis, T);
   if (!d || !vector_ok(rm, x, d->C) || !vector_ok(rv, x, d->C) || !vector_ok(w, x, d->C) ||
       !vector_ok(b, x, d->C)) {
@@ -494,6 +686,10 @@ std::optional<Tensor> evaluate(const Tensor& x, int64_t axis, const Tensor& rm,
 std::optional<Tensor> evaluate_grad(const Tensor& x, int64_t axis, const Tensor& rm,
                                     const Tensor& rv, const std::optional<Tensor>& w,
                                     const std::optional<Tensor>& b, int64_t T, double eps) {
+  if (is_half(x)) {  // the operator is recorded by autograd itself
+    if (!half_eval_ok(x, axis, rm, rv, w, b)) return std::nullopt;
+    return evaluate_half(x, rm, rv, w, b, eps);
+  }
   const auto d = dims_of(x, axis, T);
   if (!d || !vector_ok(rm, x, d->C) || !vector_ok(rv, x, d->C) || !vector_ok(w, x, d->C) ||
       !vector_ok(b, x, d->C) || rm.requires_grad() || rv.requires_grad()) {

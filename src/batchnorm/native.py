@@ -12,7 +12,10 @@ layout that :func:`batchnorm.functional.canonical_layout` views without a copy a
 the same Numba loops, single- or multi-threaded, through C entries
 (:mod:`batchnorm.kernels._entries`). Large outputs are reused from a cache of its own once
 dropped, as the Function path's are. A graph of the backward (``create_graph=True``) is
-recomputed in Python with torch operations, as the ``autograd.Function`` does.
+recomputed in Python with torch operations, as the ``autograd.Function`` does. Half-precision
+inputs (the ``"aten"`` backend) go through the same calls to torch's own operator, which
+autograd records, with the running update in C++ (the Python path around that operator cost
+more than the operator itself at small sizes).
 
 It is used automatically when it builds (a C++ compiler and ``ninja`` are needed, once per
 machine); ``BATCHNORM_NATIVE=0`` turns it off (the ``autograd.Function`` path then serves
@@ -99,7 +102,7 @@ def load() -> Any | None:
         ext = cpp_extension.load(
             name=name,
             sources=[str(_SOURCE)],
-            extra_cflags=["-O2"],
+            extra_cflags=["-O2", "-ffp-contract=off"],  # NumPy's roundings (blend)
             verbose=False,
         )
         from batchnorm import backend_numba
