@@ -376,6 +376,24 @@ def test_large_outputs_are_reused_only_once_dropped() -> None:
     torch.testing.assert_close(y5, odd / (1 + 1e-5) ** 0.5)
 
 
+
+def test_the_most_recently_used_free_output_is_reused_first() -> None:
+    """Of several free cached outputs of the size asked for, the one handed out last: the
+    likeliest still in the processor's caches (what malloc's reuse of the chunk just freed
+    gives torch's outputs). The cache then stays at the buffers it has."""
+    ext = native.load()
+    x = torch.randn(64, 8, 1024)  # 2 MiB
+    rm, rv = torch.zeros(8), torch.ones(8)
+    first = F.batch_norm_eval(x, rm, rv)
+    second = F.batch_norm_eval(x, rm, rv)  # the first is held: another buffer
+    ptrs = (first.data_ptr(), second.data_ptr())
+    assert ptrs[0] != ptrs[1]
+    del first, second
+    held = ext.cached_outputs()
+    for _ in range(3):
+        assert F.batch_norm_eval(x, rm, rv).data_ptr() == ptrs[1]
+    assert ext.cached_outputs() == held
+
 def test_backward_recorded_before_a_fork_runs_in_the_child() -> None:
     """OpenMP's pool does not survive fork(): a threaded node's backward run in a forked
     child must not start the parent's threads (it runs on one thread, same gradients)."""

@@ -199,7 +199,8 @@ Tensor output_like(const Tensor& x) {
   {
     std::lock_guard<std::mutex> guard(OUT.lock);
     auto& h = OUT.held;
-    for (size_t i = 0; i < h.size();) {
+    // from the most recently used: the free buffer likeliest still in the cache
+    for (size_t i = h.size(); i-- > 0;) {
       const auto& e = h[i];
       if (e.storage.data() != e.data) {
         // moved (a resize_, share_memory_): no longer this cache's memory to hand out
@@ -211,9 +212,7 @@ Tensor output_like(const Tensor& x) {
       if (!st && e.bytes == n && e.storage.use_count() == 1) {
         st = e.storage;
         h.erase(h.begin() + static_cast<std::ptrdiff_t>(i));
-        continue;
       }
-      ++i;
     }
     if (!st) {
       st = fresh(n);
