@@ -560,6 +560,26 @@ def test_output_cache_keeps_the_shapes_used_last_within_its_budget():  # type: i
     assert cache._bytes <= cache.max_bytes and all(h.shape == c.shape for h in held)
 
 
+def test_output_cache_hands_out_the_free_array_used_last():  # type: ignore[no-untyped-def]
+    """Of several free arrays of a shape, the one handed out most recently (likeliest still in
+    the processor's caches) — and that one then counts as the most recent."""
+    from batchnorm import backend_numba as B
+
+    cache = B._Outputs(max_bytes=64 << 20)
+    a = np.empty((512, 1024), np.float32)  # 2 MiB
+    first, second, third = (cache.empty_like(a) for _ in range(3))
+    ptrs = [t.ctypes.data for t in (first, second, third)]
+    assert len(set(ptrs)) == 3
+    del first, third
+    got = cache.empty_like(a)
+    assert got.ctypes.data == ptrs[2]  # the third, the last handed out
+    again = cache.empty_like(a)  # the other free one (the first)
+    assert again.ctypes.data == ptrs[0]
+    del got, again, second
+    assert cache.empty_like(a).ctypes.data == ptrs[0]  # handed out last of the three
+    assert len(cache) == 3
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 def test_inference_affine_matches_reference(dtype: type, affine: bool) -> None:

@@ -47,7 +47,7 @@ class _Outputs:
     here per shape and dtype (at most ``max_bytes`` in all; the shapes used least recently go
     first) and handed out again when nothing but this cache refers to them any more (their
     reference count says so: the tensor made by ``torch.from_numpy`` holds a reference for as
-    long as it, or any view of it, lives).
+    long as it, or any view of it, lives) — of several free ones, the one handed out last.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -66,9 +66,12 @@ class _Outputs:
             arrays = self._by_key[key] = []
         else:
             self._by_key.move_to_end(key)
-            for b in arrays:
+            # the most recently handed out first: the likeliest still in the caches
+            for i in range(len(arrays) - 1, -1, -1):
+                b = arrays[i]
                 # references: the list, ``b`` and getrefcount's argument — nobody else
                 if sys.getrefcount(b) == 3:
+                    arrays.append(arrays.pop(i))  # (the list's order: least recent first)
                     return b
         b = K.empty_aligned(a.shape, a.dtype)  # whole cache lines for the streaming stores
         arrays.append(b)
