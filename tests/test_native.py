@@ -376,7 +376,6 @@ def test_large_outputs_are_reused_only_once_dropped() -> None:
     torch.testing.assert_close(y5, odd / (1 + 1e-5) ** 0.5)
 
 
-
 def test_the_most_recently_used_free_output_is_reused_first() -> None:
     """Of several free cached outputs of the size asked for, the one handed out last: the
     likeliest still in the processor's caches (what malloc's reuse of the chunk just freed
@@ -393,6 +392,7 @@ def test_the_most_recently_used_free_output_is_reused_first() -> None:
     for _ in range(3):
         assert F.batch_norm_eval(x, rm, rv).data_ptr() == ptrs[1]
     assert ext.cached_outputs() == held
+
 
 def test_backward_recorded_before_a_fork_runs_in_the_child() -> None:
     """OpenMP's pool does not survive fork(): a threaded node's backward run in a forked
