@@ -1178,3 +1178,44 @@ def test_half_second_derivatives_are_torchs() -> None:
     for ours, theirs in zip(*got, strict=True):
         assert bool(ours.abs().sum() > 0)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 9),
+    c=st.integers(1, 40),
+    spatial=st.sampled_from([(), (1,), (7,), (3, 5), (2, 3, 4)]),
+    channels_last=st.booleans(),
+    bfloat=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_half_node_equals_the_python_path_on_random_shapes(
+    n: int, c: int, spatial: tuple[int, ...], channels_last: bool, bfloat: bool, seed: int
+) -> None:
+    """Any shape of rank 2–5, channels_last where the rank has one: the node and the Python
+    path give the same bits for a half training step, its backward and an inference."""
+    shape = (n, c, *spatial)
+    dtype = torch.bfloat16 if bfloat else torch.float16
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen) * 3 + 2).to(dtype)
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if channels_last and fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    w0, b0 = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    results = []
+    for native_on in (True, False):
+        with _native(native_on):
+            w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+            rm, rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
+            xg = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
+            y, updated = F.batch_norm_step(xg, rm, rv, w, b, 0.2)
+            assert updated and y.grad_fn is not None
+            assert y.grad_fn.name() == "NativeBatchNormBackward0"
+            y.backward(dy)
+            ye = F.batch_norm_eval(x, rm, rv, w.detach(), b.detach())
+            results.append(
+                (y.detach(), xg.grad, w.grad, b.grad, rm, rv, ye, torch.tensor(y.stride()))
+            )
+    for a, f in zip(*results, strict=True):
+        torch.testing.assert_close(a, f, rtol=0, atol=0)
