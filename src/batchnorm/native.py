@@ -164,8 +164,8 @@ def compile_entries(
 
 
 def compile_loops(dtypes: Sequence[str] = tuple(DTYPES), progress: bool = True) -> list[str]:
-    """Compile (or load) every loop of the array API — the path of ``BATCHNORM_NATIVE=0``, half
-    inputs and ``batchnorm.kernels`` itself — single- and multi-threaded, for ``dtypes``.
+    """Compile (or load) every loop of the array API — the path of ``BATCHNORM_NATIVE=0``, of
+    half inputs with ``backend="numba"`` and of ``batchnorm.kernels`` itself — single- and multi-threaded, for ``dtypes``.
     Returns the loops' names."""
     import numpy as np
     from tqdm.auto import tqdm
@@ -212,7 +212,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--function-path",
         action="store_true",
-        help="also the loops of the Python autograd path (BATCHNORM_NATIVE=0, half inputs)",
+        help="also the loops of the Python autograd path (BATCHNORM_NATIVE=0, forced numba)",
     )
 
 
