@@ -608,7 +608,8 @@ def test_entries_are_cached_under_a_digest_of_the_loops_they_compile(
 
 def test_build_cache_name_is_per_checkout_and_source(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """torch's extension cache is keyed by name alone: the name follows the source file's
-    place and contents, so two checkouts never rebuild each other's build."""
+    place and contents and the compiler's flags, so two checkouts never rebuild each other's
+    build, and a build with other flags is not taken for this one."""
     here = native._name()
     assert here == native._name() and here.startswith("batchnorm_native_")
     assert here.isidentifier()  # it is the module's name too
@@ -617,7 +618,9 @@ def test_build_cache_name_is_per_checkout_and_source(tmp_path, monkeypatch) -> N
     monkeypatch.setattr(native, "_SOURCE", copy)
     elsewhere = native._name()
     copy.write_bytes(copy.read_bytes() + b"\n// changed\n")
-    assert len({here, elsewhere, native._name()}) == 3
+    changed = native._name()
+    monkeypatch.setattr(native, "_CFLAGS", ("-O2",))
+    assert len({here, elsewhere, changed, native._name()}) == 4
 
 
 def test_node_refuses_tensors_without_readable_memory() -> None:

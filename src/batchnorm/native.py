@@ -40,16 +40,21 @@ from batchnorm import _env
 __all__ = ["load", "loaded", "enabled", "compile_entries", "compile_loops"]
 
 _SOURCE = Path(__file__).with_name("native.cpp")
+#: the compiler's flags; no contraction into fused multiply-adds: the running blend of half
+#: inputs rounds as NumPy's does (see native.cpp's blend)
+_CFLAGS = ("-O2", "-ffp-contract=off")
 
 
 def _name() -> str:
     """The extension's name in torch's build cache (``~/.cache/torch_extensions``), which is
-    keyed by name alone: one per source file and its contents, so that two checkouts or
-    versions do not rebuild each other's build, silently, at every first call."""
+    keyed by name alone: one per source file, its contents and the flags it is built with, so
+    that two checkouts or versions do not rebuild each other's build, silently, at every first
+    call, and a change of flags is built anew."""
     import hashlib
 
     h = hashlib.sha256(str(_SOURCE.resolve()).encode())
     h.update(_SOURCE.read_bytes())
+    h.update(" ".join(_CFLAGS).encode())
     return f"batchnorm_native_{h.hexdigest()[:12]}"
 
 
@@ -102,7 +107,7 @@ def load() -> Any | None:
         ext = cpp_extension.load(
             name=name,
             sources=[str(_SOURCE)],
-            extra_cflags=["-O2", "-ffp-contract=off"],  # NumPy's roundings (blend)
+            extra_cflags=list(_CFLAGS),
             verbose=False,
         )
         from batchnorm import backend_numba
