@@ -299,3 +299,88 @@ def test_half_precision_dtypes_can_be_benchmarked(capsys):
         assert cli_main(["bench", "--shapes", "6x5", "--repeats", "1", "--dtype", dt]) == 0
         out = capsys.readouterr().out
         assert "| 6x5 | contiguous |" in out and f"; {dt}, median of 1;" in out
+
+
+def _fake_run(ratios: dict[str, float], scale: float) -> dict:
+    """A saved run of two cases whose times are ``scale`` times a base and whose ratios ours/
+    torch are ``ratios`` (per case name), as :func:`bench.run` would save it."""
+    results = []
+    for name, shape in (("60x100", (60, 100)), ("8x4x5x5", (8, 4, 5, 5))):
+        r = ratios[name]
+        results.append(
+            bench.CaseResult(
+                name=name,
+                shape=shape,
+                layout="contiguous",
+                numel=math.prod(shape),
+                copy_s=1e-4 * scale,
+                copy_gbps=10.0 / scale,
+                ours_s={"fwd+bwd": r * 1e-3 * scale},
+                torch_s={"fwd+bwd": 1e-3 * scale},
+                roofline_s={"fwd+bwd": 2.5e-4 * scale},
+                affine_s={"fwd+bwd": 5e-4 * scale},
+                ours_over_torch={"fwd+bwd": r},
+                ours_over_roofline={"fwd+bwd": 4.0 * r},
+                ours_min_s={"fwd+bwd": r * 1e-3 * scale / 2},
+                torch_min_s={"fwd+bwd": 1e-3 * scale / 2},
+                copy_min_s=1e-4 * scale / 2,
+            )
+        )
+    machine = {"cpu": "test", "cores": 2, "torch": "t", "numba": "n", "python": "p"}
+    machine |= {"torch_threads": 2, "numba_threads": 2}
+    machine |= {"loadavg_before": [0.1] * 3, "loadavg_after": [0.2 * scale] * 3}
+    machine |= {"other_cpu_share": 0.01 * scale, "busy": scale > 2}
+    return bench._assemble(results, "2026-01-01T00:00:00", machine, "float32", 5, ("fwd+bwd",))
+
+
+def test_combine_takes_each_value_as_the_median_over_the_processes():
+    """Times and ratios: the median over the processes, case by case; fastest repeats: the
+    fastest of all; the targets computed from the medians, each process's kept beside them."""
+    runs = [
+        _fake_run({"60x100": 0.9, "8x4x5x5": 0.4}, 1.0),
+        _fake_run({"60x100": 1.3, "8x4x5x5": 0.5}, 3.0),
+        _fake_run({"60x100": 0.8, "8x4x5x5": 0.2}, 2.0),
+    ]
+    data = bench.combine(runs)
+    assert data["processes"] == 3
+    small, conv = data["cases"]
+    assert small["ours_over_torch"]["fwd+bwd"] == 0.9 and conv["ours_over_torch"]["fwd+bwd"] == 0.4
+    assert small["ours_s"]["fwd+bwd"] == pytest.approx(1.6e-3)  # 0.9 ms, 3.9 ms, 1.6 ms
+    assert small["copy_s"] == pytest.approx(2e-4) and small["copy_min_s"] == pytest.approx(5e-5)
+    assert small["ours_min_s"]["fwd+bwd"] == pytest.approx(0.45e-3)  # the first run's
+    assert data["targets"]["fwd+bwd no shape slower than torch"] == {"value": 0.9, "met": True}
+    geomean = data["targets"]["fwd+bwd geometric-mean speedup >= 2.0"]["value"]
+    assert geomean == pytest.approx(math.sqrt(1 / 0.9 * 1 / 0.4))
+    each = [t["fwd+bwd no shape slower than torch"] for t in data["process_targets"]]
+    assert each == [0.9, 1.3, 0.8]  # the second process alone would have failed the target
+    assert data["machine"]["busy"] is True  # one process shared the CPU: said
+    assert data["machine"]["other_cpu_share"] == pytest.approx(0.03)
+    table = bench.format_table(data)
+    assert "(each process: 0.90 / 1.30 / 0.80)" in table
+    assert "median of 5, then over 3 processes" in table
+    other = _fake_run({"60x100": 0.9, "8x4x5x5": 0.4}, 1.0)
+    other["cases"] = other["cases"][:1]
+    with pytest.raises(ValueError, match="different cases"):
+        bench.combine([runs[0], other])
+    with pytest.raises(ValueError, match="no runs"):
+        bench.combine([])
+
+
+def test_cli_runs_the_benchmark_in_fresh_processes(tmp_path, capsys, monkeypatch):
+    """--processes N: N processes one after another, their results combined; the JSON says
+    how many and what each measured. (Timed on plain torch here: the child processes need no
+    compiled kernels.)"""
+    monkeypatch.setenv("BATCHNORM_BACKEND", "torch")
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--shapes", "7x3", "--repeats", "2", "--passes", "fwd", "eval"]
+    assert cli_main([*argv, "--processes", "2", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "process 1 of 2" in out and "process 2 of 2" in out
+    assert "then over 2 processes" in out
+    data = json.loads(path.read_text())
+    assert data["processes"] == 2 and len(data["process_targets"]) == 2
+    assert data["passes"] == ["fwd", "eval"] and data["cases"][0]["name"] == "7x3"
+    assert "eval no shape slower than torch" in data["process_targets"][1]
+    for bad in (["--processes", "0"], ["--processes", "2", "--from-json", str(path)]):
+        assert cli_main([*argv, *bad]) == 2
+        assert "--processes" in capsys.readouterr().err

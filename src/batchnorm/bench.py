@@ -487,10 +487,32 @@ def _run(
             progress(case.name)
         results.append(_bench_case(case, repeats, dtype, warmup, passes))
     load_after = os.getloadavg()
-    data: dict[str, Any] = {
-        "date": started.isoformat(timespec="seconds"),
-        "machine": _machine(load_before, load_after, sample),
-        "dtype": str(dtype).replace("torch.", ""),
+    data = _assemble(
+        results,
+        started.isoformat(timespec="seconds"),
+        _machine(load_before, load_after, sample),
+        str(dtype).replace("torch.", ""),
+        repeats,
+        passes,
+    )
+    if json_path is not None:
+        _write_json_atomic(json_path, data)
+    return data
+
+
+def _assemble(
+    results: list[CaseResult],
+    date: str,
+    machine: dict[str, Any],
+    dtype: str,
+    repeats: int,
+    passes: Sequence[str],
+) -> dict[str, Any]:
+    """The saved form of a run: its cases, the summary's geometric means and the targets."""
+    return {
+        "date": date,
+        "machine": machine,
+        "dtype": dtype,
         "repeats": repeats,
         "passes": list(passes),
         "roofline_values_per_element": PASS_VALUES,
@@ -520,8 +542,74 @@ def _run(
         },
         "targets": _targets(results, passes),
     }
-    if json_path is not None:
-        _write_json_atomic(json_path, data)
+
+
+def combine(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Results of the same benchmark run in several processes (:func:`run`'s dicts), as one:
+    per case and pass the median over the processes of each time and of each ratio (each
+    process's ratios come from its own interleaved medians), the fastest repeat over all, and
+    the summary and targets computed from those medians. ``processes`` says how many, and
+    ``process_targets`` holds each process's own target values.
+
+    A process is a draw of its own on many machines: where memory lands and how the caches
+    share it stays fixed for a process's life, and the same call can take 1.2× the time in
+    one process that it takes in the next, which no number of repeats inside one process
+    averages out.
+    """
+    if not runs:
+        raise ValueError("combine: no runs")
+    first = runs[0]
+    passes = timed_passes(first)
+
+    def suite(r: dict[str, Any]) -> list[tuple[str, str]]:
+        return [(c["name"], c["layout"]) for c in r["cases"]]
+
+    for r in runs[1:]:
+        if suite(r) != suite(first) or timed_passes(r) != passes or r["dtype"] != first["dtype"]:
+            raise ValueError("combine: the runs time different cases, passes or dtypes")
+    results = []
+    for i, c in enumerate(first["cases"]):
+        per = [r["cases"][i] for r in runs]
+
+        def med(key: str, per: list[dict[str, Any]] = per) -> float:
+            return statistics.median(q[key] for q in per)
+
+        def each(
+            key: str, pick: Callable[..., float], per: list[dict[str, Any]] = per
+        ) -> dict[str, float]:
+            return {p: pick([q[key][p] for q in per]) for p in passes}
+
+        median = statistics.median
+        results.append(
+            CaseResult(
+                name=c["name"],
+                shape=tuple(c["shape"]),
+                layout=c["layout"],
+                numel=c["numel"],
+                copy_s=med("copy_s"),
+                copy_gbps=med("copy_gbps"),
+                ours_s=each("ours_s", median),
+                torch_s=each("torch_s", median),
+                roofline_s=each("roofline_s", median),
+                affine_s=each("affine_s", median),
+                ours_over_torch=each("ours_over_torch", median),
+                ours_over_roofline=each("ours_over_roofline", median),
+                ours_min_s=each("ours_min_s", min),
+                torch_min_s=each("torch_min_s", min),
+                copy_min_s=min(q["copy_min_s"] for q in per),
+            )
+        )
+    machines = [r["machine"] for r in runs]
+    shares = [m.get("other_cpu_share") for m in machines]
+    machine = {
+        **machines[0],
+        "loadavg_after": machines[-1]["loadavg_after"],
+        "other_cpu_share": None if None in shares else max(shares),
+        "busy": any(m.get("busy") for m in machines),
+    }
+    data = _assemble(results, first["date"], machine, first["dtype"], first["repeats"], passes)
+    data["processes"] = len(runs)
+    data["process_targets"] = [{k: v["value"] for k, v in r["targets"].items()} for r in runs]
     return data
 
 
@@ -555,8 +643,12 @@ def format_table(data: dict[str, Any]) -> str:
     lines.append("")
     for k, v in data["summary"].items():
         lines.append(f"- {k}: {v:.2f}x")
+    per_process = data.get("process_targets")
     for k, v in data["targets"].items():
-        lines.append(f"- target {k}: {v['value']:.2f} — {'met' if v['met'] else 'NOT met'}")
+        each = ""
+        if per_process:
+            each = " (each process: " + " / ".join(f"{t[k]:.2f}" for t in per_process) + ")"
+        lines.append(f"- target {k}: {v['value']:.2f}{each} — {'met' if v['met'] else 'NOT met'}")
     lines += machine_lines(data, "ratios", "")
     return "\n".join(lines)
 
@@ -588,9 +680,15 @@ def machine_lines(data: dict[str, Any], measured: str, unit: str) -> list[str]:
         f"- machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} ({m['torch_threads']} "
         f"threads), numba {m['numba']} ({m['numba_threads']} threads); load average "
         f"{m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after{others}; "
-        f"{data['dtype']}, median of {data['repeats']}{unit}; {data['date']}"
+        f"{data['dtype']}, median of {data['repeats']}{unit}{_over_processes(data)}; "
+        f"{data['date']}"
     )
     return out
+
+
+def _over_processes(data: dict[str, Any]) -> str:
+    n = data.get("processes", 1)
+    return f", then over {n} processes" if n > 1 else ""
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -728,6 +826,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="measure nothing: print (and with --plot draw) results saved with --json",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the whole benchmark in N fresh processes, one after another, and report the "
+        "median over them (a process's memory placement stays fixed for its life: on many "
+        "machines the same call differs more between processes than within one)",
+    )
 
 
 def _unwritable(path: str | None) -> str | None:
@@ -774,12 +881,14 @@ def main(args: argparse.Namespace) -> int:
         cases = [parse_case(s) for s in args.shapes] if args.shapes else None
     except ValueError as e:
         return fail(prog, str(e))
-    if args.from_json and (args.json or args.shapes):
+    if args.from_json and (args.json or args.shapes or args.processes != 1):
         return fail(
             prog,
-            "--from-json measures nothing, so --json and --shapes do not apply; "
+            "--from-json measures nothing, so --json, --shapes and --processes do not apply; "
             "use --from-json PATH [--plot PNG]",
         )
+    if args.processes < 1:
+        return fail(prog, f"--processes must be >= 1, got {args.processes}")
     # found before measuring, not after (the counts only matter when measuring)
     problem = (None if args.from_json else counts_problem(args)) or outputs_problem(args)
     if problem:
@@ -789,6 +898,13 @@ def main(args: argparse.Namespace) -> int:
             data = load(args.from_json)
         except (OSError, ValueError) as e:
             return fail(prog, f"cannot read --from-json {args.from_json}: {e}")
+    elif args.processes > 1:
+        try:
+            data = run_in_processes(
+                _child_arguments(args), args.processes, progress=lambda line: say(line)
+            )
+        except RuntimeError as e:
+            return fail(prog, str(e))
     else:
         data = run(
             cases,
@@ -800,6 +916,55 @@ def main(args: argparse.Namespace) -> int:
             passes=args.passes,
         )
     return print_and_write(prog, data, args, format_table, plot)
+
+
+def _child_arguments(args: argparse.Namespace) -> list[str]:
+    """The options of one process of ``--processes``: what to measure, and how."""
+    argv = ["--repeats", str(args.repeats), "--warmup", str(args.warmup), "--dtype", args.dtype]
+    argv += ["--passes", *args.passes]
+    if args.shapes:
+        argv += ["--shapes", *args.shapes]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    return argv
+
+
+def run_in_processes(
+    argv: Sequence[str],
+    processes: int,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """``batchnorm bench`` with the options ``argv`` run in ``processes`` fresh Python
+    processes, one after another, its results combined (:func:`combine`). The processes'
+    progress and warnings go to this one's stderr; their tables are not printed.
+
+    Example::
+
+        >>> from batchnorm import bench
+        >>> data = bench.run_in_processes(["--shapes", "60x100", "--repeats", "51"], 3)  # doctest: +SKIP
+        >>> print(bench.format_table(data))  # doctest: +SKIP
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    if processes < 1:
+        raise ValueError(f"bench: processes must be >= 1, got {processes}")
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="batchnorm-bench-") as tmp:
+        for i in range(processes):
+            if progress is not None:
+                progress(f"process {i + 1} of {processes}")
+            out = os.path.join(tmp, f"process{i}.json")
+            cmd = [sys.executable, "-m", "batchnorm.cli", "bench", *argv, "--json", out]
+            done = subprocess.run(cmd, stdout=subprocess.DEVNULL, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"process {i + 1} of {processes} failed (exit {done.returncode}; its "
+                    "messages are above)"
+                )
+            runs.append(load(out))
+    return combine(runs)
 
 
 def outputs_problem(args: argparse.Namespace) -> str | None:
