@@ -23,7 +23,8 @@ write y), inference too, and forward + backward 5 (x, y; x, dy, dx) — statisti
 element passes, so ``roofline = copy time × {fwd: 1, fwd+bwd: 2.5, eval: 1, eval+bwd: 2.5}``.
 
 Command line: ``batchnorm bench [--shapes 60x100 32x64x56x56@cl ...] [--repeats 15]
-[--passes fwd fwd+bwd eval eval+bwd] [--json PATH]``; Python: :func:`run`.
+[--passes fwd fwd+bwd eval eval+bwd] [--processes N] [--json PATH]``; Python: :func:`run`,
+and :func:`run_in_processes` / :func:`combine` for the median over fresh processes.
 """
 
 from __future__ import annotations
