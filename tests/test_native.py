@@ -232,6 +232,36 @@ def test_node_stays_out_of_jit_traces() -> None:
     torch.testing.assert_close(traced(x2), m(x2))
 
 
+def _step_on_both_paths(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    w0: torch.Tensor,
+    b0: torch.Tensor,
+    buffers: torch.dtype,
+    evaluate: bool = False,
+    **kw: object,
+) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+    """A training step (momentum 0.2) and its backward with the node on, then off: per path
+    the output's grad_fn name and (y, dx, dγ, dβ, running mean, running var, y's strides),
+    with ``evaluate`` also an inference from the updated buffers."""
+    out = []
+    for native_on in (True, False):
+        with _native(native_on):
+            c = w0.shape[0]
+            w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+            rm, rv = torch.zeros(c, dtype=buffers), torch.ones(c, dtype=buffers)
+            xg = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
+            y, updated = F.batch_norm_step(xg, rm, rv, w, b, 0.2, **kw)  # type: ignore[arg-type]
+            assert updated and y.grad_fn is not None
+            name = y.grad_fn.name()
+            y.backward(dy)
+            got = [y.detach(), xg.grad, w.grad, b.grad, rm, rv, torch.tensor(y.stride())]
+            if evaluate:
+                got.append(F.batch_norm_eval(x, rm, rv, w0, b0))
+            out.append((name, tuple(t for t in got if t is not None)))
+    return out
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(2, 40),
@@ -255,17 +285,9 @@ def test_node_equals_the_function_path_on_random_shapes(
     dy = torch.randn(shape, generator=gen, dtype=dtype)
     w0 = torch.rand(c, generator=gen, dtype=dtype) + 0.5
     b0 = torch.randn(c, generator=gen, dtype=dtype)
-    results = []
-    for native_on in (True, False):
-        with _native(native_on):
-            w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
-            rm, rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
-            xg = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
-            y, _ = F.batch_norm_step(xg, rm, rv, w, b, 0.2, backend="numba")
-            assert y.grad_fn is not None and (NODE in y.grad_fn.name()) == native_on
-            y.backward(dy)
-            results.append((y.detach(), xg.grad, w.grad, b.grad, rm, rv))
-    for a, f in zip(*results):
+    (on_name, on), (off_name, off) = _step_on_both_paths(x, dy, w0, b0, dtype, backend="numba")
+    assert NODE in on_name and NODE not in off_name
+    for a, f in zip(on, off, strict=True):
         torch.testing.assert_close(a, f, rtol=0, atol=0)
 
 
@@ -1206,19 +1228,7 @@ def test_half_node_equals_the_python_path_on_random_shapes(
         x = x.contiguous(memory_format=fmt)
     dy = torch.randn(shape, generator=gen).to(dtype)
     w0, b0 = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
-    results = []
-    for native_on in (True, False):
-        with _native(native_on):
-            w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
-            rm, rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
-            xg = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
-            y, updated = F.batch_norm_step(xg, rm, rv, w, b, 0.2)
-            assert updated and y.grad_fn is not None
-            assert y.grad_fn.name() == "NativeBatchNormBackward0"
-            y.backward(dy)
-            ye = F.batch_norm_eval(x, rm, rv, w.detach(), b.detach())
-            results.append(
-                (y.detach(), xg.grad, w.grad, b.grad, rm, rv, ye, torch.tensor(y.stride()))
-            )
-    for a, f in zip(*results, strict=True):
+    (on_name, on), (off_name, off) = _step_on_both_paths(x, dy, w0, b0, dtype, evaluate=True)
+    assert on_name == off_name == "NativeBatchNormBackward0"
+    for a, f in zip(on, off, strict=True):
         torch.testing.assert_close(a, f, rtol=0, atol=0)
