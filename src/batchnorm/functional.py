@@ -239,8 +239,8 @@ class Backend(Protocol):
         compiled autograd node — graph, backward and running update included:
         ``(y, stats, updated)`` with ``stats`` rows mean, biased variance, invstd. None when
         the backend has no such node for this call (:class:`BatchNormFunction` then records
-        the graph)."""
-        ...
+        the graph) — what a backend derived from this class without its own answers."""
+        return None
 
     def eval_node(
         self,
@@ -254,8 +254,8 @@ class Backend(Protocol):
     ) -> Tensor | None:
         """:meth:`forward_eval` on ``x`` (channels on ``axis``, any layout) in one compiled
         call, output in ``x``'s shape and layout; None when the backend has none for this
-        call."""
-        ...
+        call (the default, as :meth:`train_node`)."""
+        return None
 
 
 def _normalize(
@@ -304,8 +304,9 @@ def dx_from_sums(
     return _b(k, dy) * (m * dy - _b(sum_dy, dy) - xhat * _b(sum_dy_xhat, dy))
 
 
-class TorchBackend:
-    """Plain torch operations: every device and dtype; also the oracle for the kernels."""
+class TorchBackend(Backend):
+    """Plain torch operations: every device and dtype; also the oracle for the kernels (no
+    compiled node: :meth:`Backend.train_node` and :meth:`Backend.eval_node` answer None)."""
 
     name = "torch"
 
@@ -387,29 +388,6 @@ class TorchBackend:
             scale, _ = _inference_affine(mean, var, weight, None, eps, cd)
             dx = (dyc * _b(scale, x)).to(x.dtype)
         return dx, sdyx, dyc.sum(dims)
-
-    def train_node(
-        self,
-        x: Tensor,
-        axis: int,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        running: RunningStats | None,
-    ) -> tuple[Tensor, Tensor, bool] | None:
-        return None
-
-    def eval_node(
-        self,
-        x: Tensor,
-        axis: int,
-        mean: Tensor,
-        var: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-    ) -> Tensor | None:
-        return None
 
 
 _ATEN = torch.ops.aten
