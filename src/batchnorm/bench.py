@@ -545,6 +545,13 @@ def _assemble(
     }
 
 
+#: a case's per-pass values (:class:`CaseResult`); those ending in ``min_s`` are fastest repeats
+_PER_PASS = (
+    "ours_s", "torch_s", "roofline_s", "affine_s", "ours_over_torch", "ours_over_roofline",
+    "ours_min_s", "torch_min_s",
+)  # fmt: skip
+
+
 def combine(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Results of the same benchmark run in several processes (:func:`run`'s dicts), as one:
     per case and pass the median over the processes of each time and of each ratio (each
@@ -568,36 +575,25 @@ def combine(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for r in runs[1:]:
         if suite(r) != suite(first) or timed_passes(r) != passes or r["dtype"] != first["dtype"]:
             raise ValueError("combine: the runs time different cases, passes or dtypes")
+    median = statistics.median
     results = []
     for i, c in enumerate(first["cases"]):
         per = [r["cases"][i] for r in runs]
-
-        def med(key: str, per: list[dict[str, Any]] = per) -> float:
-            return statistics.median(q[key] for q in per)
-
-        def each(
-            key: str, pick: Callable[..., float], per: list[dict[str, Any]] = per
-        ) -> dict[str, float]:
-            return {p: pick([q[key][p] for q in per]) for p in passes}
-
-        median = statistics.median
+        by_pass = {
+            key: {p: (min if key.endswith("min_s") else median)([q[key][p] for q in per])
+                  for p in passes}
+            for key in _PER_PASS
+        }  # fmt: skip
         results.append(
             CaseResult(
                 name=c["name"],
                 shape=tuple(c["shape"]),
                 layout=c["layout"],
                 numel=c["numel"],
-                copy_s=med("copy_s"),
-                copy_gbps=med("copy_gbps"),
-                ours_s=each("ours_s", median),
-                torch_s=each("torch_s", median),
-                roofline_s=each("roofline_s", median),
-                affine_s=each("affine_s", median),
-                ours_over_torch=each("ours_over_torch", median),
-                ours_over_roofline=each("ours_over_roofline", median),
-                ours_min_s=each("ours_min_s", min),
-                torch_min_s=each("torch_min_s", min),
+                copy_s=median(q["copy_s"] for q in per),
+                copy_gbps=median(q["copy_gbps"] for q in per),
                 copy_min_s=min(q["copy_min_s"] for q in per),
+                **by_pass,
             )
         )
     machines = [r["machine"] for r in runs]

@@ -648,11 +648,7 @@ std::optional<std::tuple<Tensor, Tensor, bool>> train(
                          rv->requires_grad())) {
     return std::nullopt;
   }
-  if (nbt.has_value() && nbt->defined() &&
-      (nbt->scalar_type() != at::kLong || !nbt->is_cpu() || nbt->numel() != 1 ||
-       !readable(*nbt) || !nbt->is_contiguous())) {
-    return std::nullopt;
-  }
+  if (!counter_ok(nbt)) return std::nullopt;
   Tensor stats;
   bool updated = false;
   Tensor y = Node::apply(x, w, b, rm, rv, nbt, *d, eps, momentum, alpha, &stats, &updated);
