@@ -170,8 +170,8 @@ def compile_entries(
 
 def compile_loops(dtypes: Sequence[str] = tuple(DTYPES), progress: bool = True) -> list[str]:
     """Compile (or load) every loop of the array API — the path of ``BATCHNORM_NATIVE=0``, of
-    half inputs with ``backend="numba"`` and of ``batchnorm.kernels`` itself — single- and multi-threaded, for ``dtypes``.
-    Returns the loops' names."""
+    half inputs with ``backend="numba"`` and of ``batchnorm.kernels`` itself — single- and
+    multi-threaded, for ``dtypes``. Returns the loops' names."""
     import numpy as np
     from tqdm.auto import tqdm
 
