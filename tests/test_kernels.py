@@ -182,6 +182,31 @@ def test_streaming_policy_by_size_and_layout():  # type: ignore[no-untyped-def]
     grouped = np.empty((big // (16 * 4) + 1, 16, 4), np.float32)  # 256-byte rows of (N, C·L)
     assert K._stream(grouped, None)
     assert not K._stream(np.empty((big // 15 + 1, 5, 3), np.float32), None)  # 60-byte rows
+    # the output's start: rows of whole lines in an output 16 bytes into a line (where
+    # np.empty_like puts a large array) are partial lines at both ends, so they are not
+    # streamed; long rows are, wherever they start
+    for x in (mc, grouped, np.empty((big // 600 + 1, 600), np.float32)):
+        on = K.empty_aligned(x.shape, x.dtype)
+        off = K.empty_aligned((x.size + 16,), x.dtype)[4 : 4 + x.size].reshape(x.shape)
+        assert K._stream(x, None, on) == K._stream(x, None)
+        assert K._stream(x, None, off) == (x.shape[-1] >= K.FUSED_ROWS)
+        assert K._stream(x, True, off) and not K._stream(x, False, on)
+
+
+def test_compiled_entries_choose_streaming_as_the_array_api() -> None:
+    """The entries the compiled node calls pick streaming stores by the same rule, output
+    start included."""
+    from batchnorm.kernels import _entries
+
+    big = K.STREAM_ABOVE // 4
+    shapes = [(big // 64, 64), (big // 100 + 1, 100), (big // 600 + 1, 600), (big // 64 - 1, 64)]
+    shapes += [(big // (16 * 4) + 1, 64), (big // (4 * K.FUSED_ROWS), 4, K.FUSED_ROWS)]
+    for shape in shapes:
+        x = np.empty(shape, np.float32)
+        for off in (0, 4, 16):
+            raw = K.empty_aligned((x.size + 16,), x.dtype)
+            y = raw[off : off + x.size].reshape(shape)
+            assert _entries._stream(x, y) == K._stream(x, None, y), (shape, off)
 
 
 def test_outputs_start_on_a_cache_line():  # type: ignore[no-untyped-def]

@@ -32,7 +32,7 @@ from numba import carray, cfunc
 from numba import types as nb
 
 from batchnorm import kernels as K
-from batchnorm.kernels._loops import _renamed, kernel
+from batchnorm.kernels._loops import _address, _renamed, kernel
 
 __all__ = ["TUNABLES", "address", "built"]
 
@@ -74,9 +74,11 @@ def _one(L):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always")
-def _stream(x):  # type: ignore[no-untyped-def]
-    """Streaming stores for an output like ``x``: the array API's choice (``kernels._stream``)."""
-    return _stream_for(x.size * x.itemsize, x.shape[-1], x.ndim, x.itemsize)
+def _stream(x, y):  # type: ignore[no-untyped-def]
+    """Streaming stores for the output ``y`` like ``x``: the array API's choice
+    (``kernels._stream``)."""
+    aligned = _address(y) % K.LINE_BYTES == 0
+    return _stream_for(x.size * x.itemsize, x.shape[-1], x.ndim, x.itemsize, aligned)
 
 
 # the backward's mean tolerance (see ``kernels._MEAN_TOL``), by itemsize
@@ -86,7 +88,7 @@ _TOL8 = K._MEAN_TOL[np.dtype(np.float64)]
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _fwd_mc(x, G, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untyped-def]
-    stream = _stream(x)
+    stream = _stream(x, y)
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     if T > 1:
         _MC_FWD_P(x, G, w, b, eps, nrb, ncb, tw, stream, y, mean, var, invstd)
@@ -96,7 +98,7 @@ def _fwd_mc(x, G, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untype
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _fwd_ncl(x, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untyped-def]
-    stream = _stream(x)
+    stream = _stream(x, y)
     N, C, L = x.shape
     if _short(L):  # the (M, C) loops on (N, C·L), as kernels._rows_view
         s2 = (N, C * L)
@@ -151,7 +153,7 @@ def _fwd_channels(
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _bwd_mc(dy, x, G, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-untyped-def]
-    stream = _stream(x)
+    stream = _stream(x, dx)
     tol = _TOL4 if x.itemsize == 4 else _TOL8
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     if T > 1:
@@ -162,7 +164,7 @@ def _bwd_mc(dy, x, G, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _bwd_ncl(dy, x, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-untyped-def]
-    stream = _stream(x)
+    stream = _stream(x, dx)
     tol = _TOL4 if x.itemsize == 4 else _TOL8
     N, C, L = x.shape
     if _short(L):  # the (M, C) loops on (N, C·L), as kernels._rows_view
@@ -198,7 +200,7 @@ def _bwd_channels(dyp, xp, N, C, L, mp, ip, wp, nw, need_dx, dxp, dwp, dbp, T): 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _eval_mc(x, G, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
-    stream = _stream(x)
+    stream = _stream(x, y)
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     stats = T >= 0  # True, as a value (see _one)
     if T > 1:
@@ -214,7 +216,7 @@ def _eval_ncl(x, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
         s2 = (N, C * L)
         _eval_mc(x.reshape(s2), L, rm, rv, w, b, eps, y.reshape(s2), T)
         return
-    stream = _stream(x)
+    stream = _stream(x, y)
     whole = _whole_rows(L)
     stats = T >= 0  # True, as a value (see _one)
     if T > 1:
@@ -243,7 +245,7 @@ def _beval_mc(dy, x, G, mean, var, w, eps, need, dx, sums, T):  # type: ignore[n
     scale = np.empty(mean.shape[0], x.dtype)
     shift = np.empty(mean.shape[0], x.dtype)
     _AFFINE(mean, var, w, w[:0], eps, scale, shift)
-    stream = _stream(x) and need
+    stream = _stream(x, dx) and need
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     if T > 1:
         _MC_BEVAL_P(dy, x, G, mean, scale, nrb, ncb, tw, stream, need, dx, sums)
@@ -263,7 +265,7 @@ def _beval_ncl(dy, x, mean, var, w, eps, need, dx, sums, T):  # type: ignore[no-
     scale = np.empty(C, x.dtype)
     shift = np.empty(C, x.dtype)
     _AFFINE(mean, var, w, w[:0], eps, scale, shift)
-    stream = _stream(x) and need
+    stream = _stream(x, dx) and need
     whole = _whole_rows(L)
     if T > 1:
         _NCL_BEVAL_P(dy, x, mean, scale, T, whole, stream, need, dx, sums)
