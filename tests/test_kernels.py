@@ -259,6 +259,44 @@ def test_outputs_in_place_of_an_input(shape, parallel):  # type: ignore[no-untyp
         np.testing.assert_array_equal(xi, ye)
 
 
+def test_outputs_overlapping_an_input_in_part_are_refused() -> None:
+    """An ``out`` one value along from ``x`` (or ``dy``, or over a per-channel vector) would
+    have values overwritten before they are read — the results came back with inf in them.
+    Each call refuses it, naming the input, and writes nothing."""
+    rng = np.random.default_rng(11)
+    shape = (60, 100)
+    n = 6000
+    buf = rng.standard_normal(n + 1).astype(np.float32)
+    x, shifted = buf[:n].reshape(shape), buf[1:].reshape(shape)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    w = np.ones(100, np.float32)
+    _, mean, var, invstd = K.forward_train(x.copy())
+    before = buf.copy()
+    calls = [
+        lambda o: K.forward_train(x, out=o),
+        lambda o: K.forward_eval(x, w, w, out=o),
+        lambda o: K.backward(dy, x, mean, invstd, out=o),
+        lambda o: K.backward_eval(dy, x, mean, var, out=o),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"out overlaps x \(float32 \(60, 100\)\) in part"):
+            call(shifted)
+    np.testing.assert_array_equal(buf, before)
+    gbuf = np.concatenate([dy.ravel(), [0.0]]).astype(np.float32)
+    with pytest.raises(ValueError, match="out overlaps dy"):
+        K.backward(gbuf[:n].reshape(shape), x, mean, invstd, out=gbuf[1:].reshape(shape))
+    # an output whose memory holds a per-channel vector the call reads
+    o = np.empty(shape, np.float32)
+    with pytest.raises(ValueError, match="out overlaps scale"):
+        K.forward_eval(x, o[0], w, out=o)
+    with pytest.raises(ValueError, match="out overlaps mean"):
+        K.backward(dy, x, o[1], invstd, out=o)
+    # the whole memory of an input is still a legal out (in place)
+    xi = x.copy()
+    y, *_ = K.forward_train(xi, out=xi)
+    assert y is xi and np.all(np.isfinite(xi))
+
+
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
 @pytest.mark.parametrize("shape", [(5, 3, 49), (3, 1, 50), (7, 4, 127), (9, 5, 128)])
 def test_row_pairs_sum_each_row_on_its_own(shape, parallel):  # type: ignore[no-untyped-def]

@@ -232,7 +232,7 @@ def _stream(x: Array, stream: bool | None, out: Array | None = None) -> bool:
     stores (100352 × 64 float32)."""
     if stream is not None:
         return bool(stream)
-    aligned = out is None or out.__array_interface__["data"][0] % LINE_BYTES == 0
+    aligned = out is None or _address(out) % LINE_BYTES == 0
     if x.ndim == 3 and _short(x.shape[2]):  # the loops see (N, C·L)
         return _stream_for(x.nbytes, x.shape[1] * x.shape[2], 2, x.itemsize, aligned)
     return _stream_for(x.nbytes, x.shape[-1], x.ndim, x.itemsize, aligned)
@@ -316,7 +316,11 @@ def empty_aligned(shape: tuple[int, ...], dtype: Any) -> Array:
     return raw[start : start + nbytes].view(dt).reshape(shape)
 
 
-def _out(out: Array | None, like: Array) -> Array:
+def _out(out: Array | None, like: Array, reads: dict[str, Array] | None = None) -> Array:
+    """The output array: ``out`` checked, or a fresh line-aligned one. ``reads`` names the
+    arrays the call reads (``like`` among them): ``out`` may be one of them exactly — each
+    value is read before its own place is written — but not overlap one in part, where a
+    value would be overwritten before it is read."""
     if out is None:
         return empty_aligned(like.shape, like.dtype)
     if not isinstance(out, np.ndarray):
@@ -329,7 +333,27 @@ def _out(out: Array | None, like: Array) -> Array:
             f"{like.shape}, got {out.dtype} {out.shape}"
         )
     _check_writeable(out, "out")
+    for name, a in (reads or {}).items():
+        if _overlaps_in_part(out, a):
+            raise ValueError(
+                f"batchnorm.kernels: out overlaps {name} ({a.dtype} {a.shape}) in part, so "
+                f"values of {name} would be overwritten before they are read; pass {name} "
+                "itself as out (in place) or an array of its own"
+            )
     return out
+
+
+def _overlaps_in_part(out: Array, a: Array) -> bool:
+    """Whether ``out`` shares memory with ``a`` other than as the same C-contiguous array of
+    the same size (both are C-contiguous or 1-D here, so NumPy's bounds test is exact)."""
+    if not np.may_share_memory(out, a):
+        return False
+    same = a.flags.c_contiguous and a.nbytes == out.nbytes
+    return not (same and _address(a) == _address(out))
+
+
+def _address(a: Array) -> int:
+    return int(a.__array_interface__["data"][0])
 
 
 def forward_train(
@@ -354,7 +378,7 @@ def forward_train(
     C = x.shape[1]
     w = _channel_vec(weight, C, x.dtype, "weight")
     b = _channel_vec(bias, C, x.dtype, "bias")
-    y = _out(out, x)
+    y = _out(out, x, {"x": x, "weight": w, "bias": b})
     T = _threads(x.size, parallel)
     return _forward_train(x, w, b, float(eps), y, T, _stream(x, stream, y))
 
@@ -418,7 +442,8 @@ def backward(
     mean = _channel_vec(mean, C, x.dtype, "mean")
     invstd = _channel_vec(invstd, C, x.dtype, "invstd")
     w = _channel_vec(weight, C, x.dtype, "weight")
-    dx = _out(out, x) if need_dx else None
+    reads = {"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": w}
+    dx = _out(out, x, reads) if need_dx else None
     T = _threads(x.size, parallel)
     return _backward(dy, x, mean, invstd, w, dx, T, _stream(x, stream, dx))
 
@@ -475,7 +500,7 @@ def forward_eval(
     sh = _channel_vec(shift, C, x.dtype, "shift")
     T = _threads(x.size, parallel)
     E = _EMPTY[x.dtype]
-    y = _out(out, x)
+    y = _out(out, x, {"x": x, "scale": sc, "shift": sh})
     return _eval(x, sc, sh, E, E, 0.0, False, y, T, _stream(x, stream, y))
 
 
@@ -542,7 +567,8 @@ def backward_eval(
     m = _channel_vec(mean, C, x.dtype, "mean")
     v = _channel_vec(var, C, x.dtype, "var")
     w = _channel_vec(weight, C, x.dtype, "weight")
-    dx = _out(out, x) if need_dx else None
+    reads = {"dy": dy, "x": x, "mean": m, "var": v, "weight": w}
+    dx = _out(out, x, reads) if need_dx else None
     T = _threads(x.size, parallel)
     return _backward_eval(dy, x, m, v, w, float(eps), dx, T, _stream(x, stream, dx))
 
