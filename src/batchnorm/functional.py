@@ -996,9 +996,17 @@ def _canonical_pair(
     dy: Tensor, x: Tensor, axis: int
 ) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
     """The canonical views of ``dy`` and ``x`` and ``x``'s restore: ``dy`` is first brought to
-    ``x``'s memory layout, so that both share one canonical view."""
+    ``x``'s memory layout, so that both share one canonical view. An ``x`` with gaps or
+    overlaps in memory (a channel slice of a ``channels_last`` tensor, an expanded one) is
+    first made contiguous, as :func:`canonical_layout` would copy it: ``empty_like`` would
+    lay such an ``x`` out densely in another order, and ``dy`` would be read in that order
+    against ``x`` in row-major order."""
     if dy.stride() != x.stride():
-        dy = torch.empty_like(x, dtype=dy.dtype).copy_(dy)
+        like = torch.empty_like(x, dtype=dy.dtype)
+        if like.stride() != x.stride():  # x is not dense: strides not preserved
+            x = x.contiguous()
+            like = torch.empty_like(x, dtype=dy.dtype)
+        dy = like.copy_(dy) if like.stride() != dy.stride() else dy
     xc, restore = canonical_layout(x, axis)
     dyc, _ = canonical_layout(dy, axis)
     return dyc, xc, restore
