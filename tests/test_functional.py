@@ -3,6 +3,7 @@ and hypothesis properties. Runs on whichever backend BATCHNORM_BACKEND selects (
 the torch-vs-kernel comparison is made explicit with the ``backend`` parameter."""
 
 import warnings
+from collections.abc import Callable
 
 import hypothesis.extra.numpy as hnp
 import numpy as np
@@ -874,3 +875,164 @@ def test_eval_backward_of_both_backends_agree(shape: tuple[int, ...]) -> None:
         assert a is not None and e is not None
         torch.testing.assert_close(a.to(e.dtype), e, rtol=1e-10, atol=1e-10)
     assert F.get_backend(x, "numba").backward_eval(dy, x, mean, var, w, 1e-3, False)[0] is None
+
+
+def _orders(rank: int) -> st.SearchStrategy[list[int]]:
+    """Orders of dims in memory, outermost first: any, or the channels innermost."""
+    channels_last = [0, *range(2, rank), 1]
+    return st.one_of(st.just(channels_last), st.permutations(range(rank)))
+
+
+def _dense_in(t: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """``t``'s values in dense memory laid out in ``order`` (outermost dim first)."""
+    return t.permute(*order).contiguous().permute(*[order.index(i) for i in range(t.dim())])
+
+
+@st.composite
+def _strided_inputs(
+    draw: st.DrawFn,
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], str]:
+    """``(leaf, view, kind)``: a float64 input ``view(leaf)`` with arbitrary strides —
+    dense in a permuted order, every other index along an axis, a slice of the channels, or
+    expanded along an axis of size 1 — and ranks 2 to 5 (the size-1 dims' strides included,
+    which a permuted layout leaves other than ``contiguous(memory_format=...)`` would)."""
+    rank = draw(st.integers(2, 5))
+    shape = [draw(st.integers(2, 5)), draw(st.integers(1, 4))]
+    shape += [draw(st.integers(1, 4)) for _ in range(rank - 2)]
+    kind = draw(st.sampled_from(["permuted", "every other", "channel slice", "expanded"]))
+    base = list(shape)
+    d = draw(st.integers(0, rank - 1))
+    if kind == "every other":
+        base[d] *= 2
+    elif kind == "channel slice":
+        base[1] += 2
+    elif kind == "expanded":
+        d = draw(st.sampled_from([0, *range(2, rank)]))
+        base[d] = 1
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    leaf = torch.randn(base, generator=g, dtype=torch.float64) * 3 + 1
+    if kind in ("permuted", "channel slice"):  # a dense layout in a random order of dims
+        leaf = _dense_in(leaf, draw(_orders(rank)))
+    leaf.requires_grad_()
+
+    def view(t: torch.Tensor) -> torch.Tensor:
+        if kind == "every other":
+            return t[(slice(None),) * d + (slice(None, None, 2),)]
+        if kind == "channel slice":
+            return t[:, : shape[1]]
+        if kind == "expanded":
+            return t.expand(shape)
+        return t
+
+    return leaf, view, kind
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    inp=_strided_inputs(),
+    dy_order=st.data(),
+    backend=st.sampled_from(["torch", "numba"]),
+    training=st.booleans(),
+    track=st.booleans(),
+)
+def test_any_strides_give_what_a_contiguous_copy_gives(
+    inp: tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], str],
+    dy_order: st.DataObject,
+    backend: str,
+    training: bool,
+    track: bool,
+) -> None:
+    """Output, first and second derivatives (a gradient penalty) and running statistics of
+    any strided input, with the upstream gradient in any dense layout, equal torch.nn's on a
+    contiguous copy (the oracle is the copy: torch.nn itself got the gradients of some of
+    these layouts wrong, see the README)."""
+    import batchnorm
+
+    leaf, view, kind = inp
+    x = view(leaf)
+    c = x.shape[1]
+    if (training or not track) and bool(
+        (x.detach().var(dim=[0, *range(2, x.dim())], unbiased=False) < 1e-6).any()
+    ):
+        return  # a constant channel: x̂ is rounding noise
+    cls = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d}
+    ncls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}
+    ours = cls.get(x.dim(), batchnorm.BatchNorm3d)(
+        c, backend=backend, track_running_stats=track, dtype=torch.float64
+    )
+    theirs = ncls.get(x.dim(), torch.nn.BatchNorm3d)(
+        c, track_running_stats=track, dtype=torch.float64
+    )
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 2)
+        ours.bias.uniform_(-1, 1)
+        if track:
+            ours.running_mean.uniform_(-1, 1)  # type: ignore[union-attr]
+            ours.running_var.uniform_(0.5, 2)  # type: ignore[union-attr]
+    theirs.load_state_dict(ours.state_dict())
+    ours.train(training)
+    theirs.train(training)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dy = _dense_in(dy, dy_order.draw(_orders(x.dim())))
+    xc = x.detach().contiguous().requires_grad_()
+
+    def on_leaf(dxe: torch.Tensor, d_leaf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's dx against the leaf's: summed where the leaf was expanded, else
+        the leaf's read through the same view."""
+        if kind == "expanded":
+            dims = [d for d in range(x.dim()) if leaf.shape[d] == 1 and x.shape[d] > 1]
+            return (dxe.sum(dim=dims, keepdim=True) if dims else dxe), d_leaf
+        return dxe, view(d_leaf)
+
+    y = ours(x)
+    d_leaf, dw, db = torch.autograd.grad(y, (leaf, ours.weight, ours.bias), dy)
+    dyc = dy.contiguous()  # (torch.nn errs for some pairs of layouts: README)
+    ye = theirs(xc)
+    dxe, dwe, dbe = torch.autograd.grad(ye, (xc, theirs.weight, theirs.bias), dyc)
+    # a gradient penalty: second derivatives through the backward
+    (g,) = torch.autograd.grad((ours(x) * dy).sum(), (x,), create_graph=True)
+    # (allow_unused: in eval mode g does not depend on x)
+    dd_leaf, ddw = torch.autograd.grad(
+        g.square().sum(), (leaf, ours.weight), allow_unused=True, materialize_grads=True
+    )
+    (ge,) = torch.autograd.grad((theirs(xc) * dyc).sum(), (xc,), create_graph=True)
+    ddxe, ddwe = torch.autograd.grad(
+        ge.square().sum(), (xc, theirs.weight), allow_unused=True, materialize_grads=True
+    )
+    for a, e in (
+        (y, ye),
+        on_leaf(dxe, d_leaf)[::-1],
+        (dw, dwe),
+        (db, dbe),
+        on_leaf(ddxe, dd_leaf)[::-1],
+        (ddw, ddwe),
+    ):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+    if track:
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+def test_channels_innermost_with_a_size_one_dim_gets_the_contiguous_gradients() -> None:
+    """``(N, H, C)`` transposed to ``(N, C, H)`` and unsqueezed to ``(N, C, H, 1)``: strides
+    ``(H·C, 1, C, 1)``, channels innermost with a size-1 dim whose stride is 1. Gradients equal
+    those of the contiguous copy (torch.nn 2.13's BatchNorm2d differs there: README)."""
+    import batchnorm
+
+    t = torch.randn(2, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    dy = torch.arange(12, dtype=torch.float64).reshape(2, 2, 3, 1)
+    grads = []
+    for make in (
+        lambda a: a.transpose(1, 2).unsqueeze(-1),
+        lambda a: a.transpose(1, 2).unsqueeze(-1).contiguous(),
+    ):
+        for backend in ("torch", "numba"):
+            a = t.clone().requires_grad_()
+            x = make(a)
+            m = batchnorm.BatchNorm2d(2, backend=backend, dtype=torch.float64)
+            m(x).backward(dy)
+            grads.append((a.grad, m.weight.grad))
+    assert grads[0][0] is not None
+    for g in grads[1:]:
+        for a, e in zip(g, grads[0], strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
