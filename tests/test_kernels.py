@@ -409,6 +409,46 @@ def test_noncontiguous_views_are_not_misread(dtype):  # type: ignore[no-untyped-
         _close(dx, R.batch_norm_backward(g, view, w[:C])[0], dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (2, 3, 4, 5, 2), (4, 2, 1, 1)])
+def test_inputs_of_any_rank_keep_their_shape(shape, dtype):  # type: ignore[no-untyped-def]
+    """``(N, C, H, W)`` and ``(N, C, D, H, W)`` arrays, contiguous or not, are taken as the
+    ``(N, C, L)`` they are in memory; every output comes back in the input's shape, ``out``
+    is given in it, and the values are the reference's."""
+    x, dy, w, b = _data(shape, dtype, seed=4, loc=3.0)
+    C = shape[1]
+    for xv, g in ((x, dy), (np.flip(x, 0), np.flip(dy, -1))):  # views with negative strides
+        y, mean, var, invstd = K.forward_train(xv, w, b)
+        y_ref, *_ = R.batch_norm_forward(xv, w, b)
+        assert y.shape == shape
+        _close(y, y_ref, dtype)
+        dx, dw, db = K.backward(g, xv, mean, invstd, w)
+        dx_ref, dw_ref, db_ref = R.batch_norm_backward(g, xv, w)
+        assert dx is not None and dx.shape == shape
+        _close(dx, dx_ref, dtype)
+        _close(dw, dw_ref, dtype, mag=float(np.sum(np.abs(g))) / C)
+        sc, sh = (a.astype(dtype) for a in R.inference_affine(mean, var, w, b))
+        ye = K.forward_eval(xv, sc, sh)
+        assert ye.shape == shape
+        per_channel = (1, C) + (1,) * (len(shape) - 2)
+        _close(ye, xv * sc.reshape(per_channel) + sh.reshape(per_channel), dtype)
+        dxe, s1, s0 = K.backward_eval(g, xv, mean, var, w)
+        assert dxe is not None and dxe.shape == shape
+        sums = g.astype(np.float64).sum(axis=(0, *range(2, len(shape))))
+        _close(s0, sums, dtype, mag=float(np.abs(g).sum()) / C)
+    out = np.full_like(x, np.nan)
+    got, *_ = K.forward_train(x, w, b, out=out)
+    assert got is out and np.all(np.isfinite(out))
+    got = K.forward_eval(x, w, b, out=out)
+    assert got is out
+    with pytest.raises(
+        ValueError, match=rf"out must be a C-contiguous .* shape \({shape[0]}, {C}, "
+    ):
+        K.forward_train(x, out=np.empty((shape[0], C, x[0, 0].size), dtype))
+    with pytest.raises(ValueError, match=r"dy \(.*\) must match x"):
+        K.backward(dy.reshape(shape[0], C, -1), x, mean, invstd)
+
+
 def test_backward_reductions_only_and_out():  # type: ignore[no-untyped-def]
     x, dy, w, b = _data((9, 4, 6), np.float32)
     _, mean, _, invstd = K.forward_train(x, w, b)
@@ -425,7 +465,9 @@ def test_backward_reductions_only_and_out():  # type: ignore[no-untyped-def]
 def test_bad_arguments_are_named():  # type: ignore[no-untyped-def]
     with pytest.raises(TypeError, match="float32/float64"):
         K.forward_train(np.zeros((4, 3), np.int64))
-    with pytest.raises(TypeError, match=r"\(M, C\) or"):
+    with pytest.raises(
+        TypeError, match=r"\(M, C\) or \(N, C, \.\.\.\), got ndarray float32 \(5,\)"
+    ):
         K.forward_train(np.zeros(5, np.float32))
     with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
         K.forward_train(np.zeros((4, 3)), np.ones(4))

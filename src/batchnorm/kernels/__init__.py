@@ -2,7 +2,9 @@
 
 Four entry points, on the two canonical layouts of :func:`batchnorm.functional.canonical_layout`
 — ``(N, C, L)`` channels-first and ``(M, C)`` rows × channels — for float32 and float64 (rows
-shorter than :data:`SHORT_ROWS` run the rows × channels loops on the view ``(N, C·L)``):
+shorter than :data:`SHORT_ROWS` run the rows × channels loops on the view ``(N, C·L)``; an
+``(N, C, H, W)`` or ``(N, C, D, H, W)`` array is taken as the ``(N, C, L)`` it is in memory,
+and its outputs come back in its shape):
 
 * :func:`forward_train` — per-channel mean and biased variance (shifted sums accumulated in
   float64) fused with ``y = γ·(x − μ)/√(σ² + ε) + β``; returns ``(y, mean, var, invstd)``,
@@ -34,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -263,26 +266,42 @@ def _mc_split(M: int, C: int, T: int, itemsize: int) -> tuple[int, int, int]:
     return nrb, -(-C // tw), tw
 
 
-def _as_input(x: Array, what: str) -> Array:
-    if not isinstance(x, np.ndarray) or x.dtype not in _FLOATS or x.ndim not in (2, 3):
+def _as_input(x: Array, what: str) -> tuple[Array, tuple[int, ...]]:
+    """``(array, shape)``: ``x`` C-contiguous as the loops take it — ``(M, C)``, ``(N, C, L)``,
+    or ``(N, C, d1, d2, ...)`` viewed as ``(N, C, d1·d2·...)`` — and ``x``'s own shape, which
+    the outputs get back."""
+    if not isinstance(x, np.ndarray) or x.dtype not in _FLOATS or x.ndim < 2:
         raise TypeError(
             f"batchnorm.kernels: {what} must be a float32/float64 NumPy array of shape (M, C) or "
-            f"(N, C, L), got {type(x).__name__} "
+            f"(N, C, ...), got {type(x).__name__} "
             f"{getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}"
         )
+    shape = tuple(x.shape)
     # a copy, once, rather than reading through foreign strides
-    return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    x = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    if x.ndim > 3:
+        x = x.reshape(shape[0], shape[1], math.prod(shape[2:]))
+    return x, shape
 
 
-def _check_sizes(x: Array, what: str = "x") -> None:
+def _shaped(y: Array, out: Array | None, shape: tuple[int, ...]) -> Array:
+    """An output computed in the loops' shape, handed back in the input's (``out`` itself when
+    it was given)."""
+    if out is not None:
+        return out
+    return y if y.shape == shape else y.reshape(shape)
+
+
+def _check_sizes(x: Array, what: str = "x", shape: tuple[int, ...] | None = None) -> None:
     """Refuse an input with no channels or no values per channel (nothing to take statistics
-    over), before anything is compiled."""
+    over), before anything is compiled; ``shape``: the input's own, for the message."""
+    shape = x.shape if shape is None else shape
     if x.shape[1] == 0:
         raise ValueError(
-            f"batchnorm.kernels: {what} of shape {x.shape} has no channels (C = 0 at axis 1)"
+            f"batchnorm.kernels: {what} of shape {shape} has no channels (C = 0 at axis 1)"
         )
     if x.size == 0:
-        raise ValueError(f"batchnorm.kernels: {what} of shape {x.shape} has no values per channel")
+        raise ValueError(f"batchnorm.kernels: {what} of shape {shape} has no values per channel")
 
 
 def _check_writeable(a: Array, what: str) -> None:
@@ -316,8 +335,14 @@ def empty_aligned(shape: tuple[int, ...], dtype: Any) -> Array:
     return raw[start : start + nbytes].view(dt).reshape(shape)
 
 
-def _out(out: Array | None, like: Array, reads: dict[str, Array] | None = None) -> Array:
-    """The output array: ``out`` checked, or a fresh line-aligned one. ``reads`` names the
+def _out(
+    out: Array | None,
+    like: Array,
+    reads: dict[str, Array] | None = None,
+    shape: tuple[int, ...] | None = None,
+) -> Array:
+    """The output array in ``like``'s shape: ``out`` checked against the input's ``shape``
+    (default ``like``'s) and viewed so, or a fresh line-aligned one. ``reads`` names the
     arrays the call reads (``like`` among them): ``out`` may be one of them exactly — each
     value is read before its own place is written — but not overlap one in part, where a
     value would be overwritten before it is read."""
@@ -327,12 +352,14 @@ def _out(out: Array | None, like: Array, reads: dict[str, Array] | None = None) 
         raise TypeError(
             f"batchnorm.kernels: out must be a NumPy array or None, got {type(out).__name__}"
         )
-    if out.shape != like.shape or out.dtype != like.dtype or not out.flags.c_contiguous:
+    shape = like.shape if shape is None else shape
+    if out.shape != shape or out.dtype != like.dtype or not out.flags.c_contiguous:
         raise ValueError(
             f"batchnorm.kernels: out must be a C-contiguous {like.dtype} array of shape "
-            f"{like.shape}, got {out.dtype} {out.shape}"
+            f"{shape}, got {out.dtype} {out.shape}"
         )
     _check_writeable(out, "out")
+    out = out.reshape(like.shape)  # a view: out is C-contiguous
     for name, a in (reads or {}).items():
         if _overlaps_in_part(out, a):
             raise ValueError(
@@ -366,21 +393,23 @@ def forward_train(
     parallel: bool | None = None,
     stream: bool | None = None,
 ) -> tuple[Array, Array, Array, Array]:
-    """Algorithm 1 (Ioffe & Szegedy 2015) on ``x`` of shape ``(N, C, L)`` or ``(M, C)``.
+    """Algorithm 1 (Ioffe & Szegedy 2015) on ``x`` of shape ``(M, C)`` or ``(N, C, ...)``
+    (``(N, C, H, W)`` is taken as the ``(N, C, H·W)`` it is in memory).
 
     Returns ``(y, mean, var, invstd)``: ``y`` like ``x``; the per-channel mean, biased variance
     and ``1/√(var + ε)`` in ``x``'s dtype. ``weight``/``bias`` (γ/β, shape ``(C,)``) may be None.
     ``out`` receives ``y`` if given; ``parallel`` forces threads on/off and ``stream``
     non-temporal stores of the output on/off (None: by size, see :data:`STREAM_ABOVE`).
     """
-    x = _as_input(x, "x")
-    _check_sizes(x)
+    x, shape = _as_input(x, "x")
+    _check_sizes(x, shape=shape)
     C = x.shape[1]
     w = _channel_vec(weight, C, x.dtype, "weight")
     b = _channel_vec(bias, C, x.dtype, "bias")
-    y = _out(out, x, {"x": x, "weight": w, "bias": b})
+    y = _out(out, x, {"x": x, "weight": w, "bias": b}, shape)
     T = _threads(x.size, parallel)
-    return _forward_train(x, w, b, float(eps), y, T, _stream(x, stream, y))
+    _, mean, var, invstd = _forward_train(x, w, b, float(eps), y, T, _stream(x, stream, y))
+    return _shaped(y, out, shape), mean, var, invstd
 
 
 def _forward_train(
@@ -405,17 +434,17 @@ def _forward_train(
     return y, mean, var, invstd
 
 
-def _grad_inputs(dy: Array, x: Array) -> tuple[Array, Array]:
-    """``dy`` and ``x`` checked and made C-contiguous: the same shape and dtype, sizes the
-    kernels take."""
-    x = _as_input(x, "x")
-    dy = _as_input(dy, "dy")
-    if dy.shape != x.shape or dy.dtype != x.dtype:
+def _grad_inputs(dy: Array, x: Array) -> tuple[Array, Array, tuple[int, ...]]:
+    """``dy`` and ``x`` checked and made C-contiguous in the loops' shape (the same shape and
+    dtype, sizes the kernels take), and ``x``'s own shape."""
+    x, shape = _as_input(x, "x")
+    dy, dy_shape = _as_input(dy, "dy")
+    if dy_shape != shape or dy.dtype != x.dtype:
         raise ValueError(
-            f"batchnorm.kernels: dy ({dy.dtype} {dy.shape}) must match x ({x.dtype} {x.shape})"
+            f"batchnorm.kernels: dy ({dy.dtype} {dy_shape}) must match x ({x.dtype} {shape})"
         )
-    _check_sizes(x)
-    return dy, x
+    _check_sizes(x, shape=shape)
+    return dy, x, shape
 
 
 def backward(
@@ -437,15 +466,16 @@ def backward(
     None when ``need_dx`` is False: the reductions alone, one pass). ``out``, ``parallel`` and
     ``stream`` as in :func:`forward_train`.
     """
-    dy, x = _grad_inputs(dy, x)
+    dy, x, shape = _grad_inputs(dy, x)
     C = x.shape[1]
     mean = _channel_vec(mean, C, x.dtype, "mean")
     invstd = _channel_vec(invstd, C, x.dtype, "invstd")
     w = _channel_vec(weight, C, x.dtype, "weight")
     reads = {"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": w}
-    dx = _out(out, x, reads) if need_dx else None
+    dx = _out(out, x, reads, shape) if need_dx else None
     T = _threads(x.size, parallel)
-    return _backward(dy, x, mean, invstd, w, dx, T, _stream(x, stream, dx))
+    _, dw, db = _backward(dy, x, mean, invstd, w, dx, T, _stream(x, stream, dx))
+    return (None if dx is None else _shaped(dx, out, shape)), dw, db
 
 
 def _backward(
@@ -494,14 +524,15 @@ def forward_eval(
     """Batch normalization at inference (Algorithm 2): ``y = x·scale + shift`` per channel, with
     ``scale = γ/√(Var[x] + ε)`` and ``shift = β − scale·E[x]`` (see
     :func:`batchnorm.reference.inference_affine`). One read of x, one write of y."""
-    x = _as_input(x, "x")
+    x, shape = _as_input(x, "x")
     C = x.shape[1]
     sc = _channel_vec(scale, C, x.dtype, "scale")
     sh = _channel_vec(shift, C, x.dtype, "shift")
     T = _threads(x.size, parallel)
     E = _EMPTY[x.dtype]
-    y = _out(out, x, {"x": x, "scale": sc, "shift": sh})
-    return _eval(x, sc, sh, E, E, 0.0, False, y, T, _stream(x, stream, y))
+    y = _out(out, x, {"x": x, "scale": sc, "shift": sh}, shape)
+    _eval(x, sc, sh, E, E, 0.0, False, y, T, _stream(x, stream, y))
+    return _shaped(y, out, shape)
 
 
 def _forward_eval_stats(
@@ -562,15 +593,16 @@ def backward_eval(
     stretch is summed and written while it is in the cache. Returns ``(dx, Σdy·(x − mean),
     Σdy)`` (``dx`` None when ``need_dx`` is False); ``out``, ``parallel`` and ``stream`` as in
     :func:`forward_train`."""
-    dy, x = _grad_inputs(dy, x)
+    dy, x, shape = _grad_inputs(dy, x)
     C = x.shape[1]
     m = _channel_vec(mean, C, x.dtype, "mean")
     v = _channel_vec(var, C, x.dtype, "var")
     w = _channel_vec(weight, C, x.dtype, "weight")
     reads = {"dy": dy, "x": x, "mean": m, "var": v, "weight": w}
-    dx = _out(out, x, reads) if need_dx else None
+    dx = _out(out, x, reads, shape) if need_dx else None
     T = _threads(x.size, parallel)
-    return _backward_eval(dy, x, m, v, w, float(eps), dx, T, _stream(x, stream, dx))
+    _, s1, s0 = _backward_eval(dy, x, m, v, w, float(eps), dx, T, _stream(x, stream, dx))
+    return (None if dx is None else _shaped(dx, out, shape)), s1, s0
 
 
 def _backward_eval(
