@@ -58,6 +58,46 @@ def test_run_reports_its_medians_and_the_same_loss(tmp_path):
     assert "BN inputs 6x32x32x32, 6x64x16x16" in table
 
 
+def test_inference_mode_times_eval_forwards_that_change_nothing(monkeypatch, tmp_path, capsys):
+    """``mode="eval"``: every variant in eval mode, a forward under no_grad per step — the
+    weights and the running statistics are the same after the run as before it, and the
+    first outputs of torch's and ours agree (eval mode: the running statistics)."""
+    made: list[tuple[dict[str, nn.Module], dict[str, dict[str, torch.Tensor]]]] = []
+    variants = bn_net._variants
+
+    def keep(net: bn_net.Network) -> dict[str, nn.Module]:
+        models = variants(net)
+        for m in _bn_layers(models["ours"]):
+            with torch.no_grad():  # running statistics that differ from the defaults
+                m.running_mean.uniform_(-0.5, 0.5)  # type: ignore[operator]
+                m.running_var.uniform_(0.5, 2.0)  # type: ignore[operator]
+        for a, b in zip(_bn_layers(models["ours"]), _bn_layers(models["torch"]), strict=True):
+            b.load_state_dict(a.state_dict())
+        before = {k: {n: t.clone() for n, t in m.state_dict().items()} for k, m in models.items()}
+        made.append((models, before))
+        return models
+
+    monkeypatch.setattr(bn_net, "_variants", keep)
+    data = bn_net.run(["mlp", "cnn"], repeats=3, warmup=1, batch=6, min_seconds=0, mode="eval")
+    assert data["mode"] == "eval"
+    for r in data["networks"]:
+        assert r["mode"] == "eval" and r["loss_gap"] < 1e-4 and r["repeats"] == 3
+    assert len(made) == 2
+    for models, before in made:
+        for k, m in models.items():
+            assert not m.training
+            for n, t in m.state_dict().items():
+                assert torch.equal(t, before[k][n]), (k, n)
+    assert "- timed: inference" in bn_net.format_table(data)
+    out = tmp_path / "eval.json"
+    args = ["bench-network", "--networks", "mlp", "--repeats", "2", "--batch", "4"]
+    assert cli_main([*args, "--min-seconds", "0", "--mode", "eval", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["mode"] == "eval"
+    assert "- timed: inference" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="mode must be one of train, eval"):
+        bn_net.run(["mlp"], mode="test")
+
+
 def test_cli_json_plot_and_from_json(tmp_path, capsys):
     out, png = tmp_path / "r" / "net.json", tmp_path / "net.png"
     args = ["bench-network", "--networks", "mlp", "--repeats", "2", "--batch", "4"]

@@ -1,7 +1,9 @@
-"""Training steps of whole networks: ``torch.nn``'s batch-norm layers, ours, and none.
+"""Training steps and inference of whole networks: ``torch.nn``'s batch-norm layers, ours, and
+none.
 
 :mod:`batchnorm.bench` times the layers alone. Here a network's full training step — forward,
-cross-entropy loss, backward, an SGD step with momentum — is timed three ways on the same
+cross-entropy loss, backward, an SGD step with momentum — or, with ``mode="eval"``, its
+inference (eval mode, a forward under ``torch.no_grad()``) is timed three ways on the same
 batch, from the same weights:
 
 * ``torch`` — the network with ``torch.nn.BatchNorm1d/2d``;
@@ -14,15 +16,18 @@ batch, from the same weights:
 
 The three are interleaved (one step of each in turn, the order reversed every repeat) and
 medians reported. Before timing, the first step's losses of ``torch`` and ``ours`` are
-compared: both compute the same function, so a timing never compares different work.
+compared (in the mode timed): both compute the same function, so a timing never compares
+different work. In inference the batch-norm layers' output is what the next layer reads, so
+this is where a layer that leaves its output in the cache and one that streams it to memory
+differ — which the layer alone (:mod:`batchnorm.bench`) cannot show.
 
 Networks (:data:`NETWORKS`): ``mlp`` — the paper's MNIST network (784-100-100-100-10, sigmoid,
 BN before each nonlinearity, Sec. 4.1), batch 60; ``cnn`` — four conv3×3-BN-ReLU-maxpool
 blocks (32, 64, 128, 256 channels) on 3×32×32 inputs, batch 64; ``cnn@cl`` — the same in
 ``channels_last``.
 
-Command line: ``batchnorm bench-network [--networks mlp cnn cnn@cl] [--repeats 21]
-[--min-seconds 1] [--json PATH] [--plot PNG]``; Python: :func:`run`. Short steps are repeated
+Command line: ``batchnorm bench-network [--networks mlp cnn cnn@cl] [--mode train|eval]
+[--repeats 21] [--min-seconds 1] [--json PATH] [--plot PNG]``; Python: :func:`run`. Short steps are repeated
 until each variant has run ``--min-seconds`` (the paper's MLP: about a thousand steps).
 """
 
@@ -52,6 +57,10 @@ __all__ = ["Network", "NETWORKS", "run", "format_table", "plot", "add_arguments"
 
 #: the contenders, in the table's order
 VARIANTS = ("torch", "ours", "no BN")
+
+#: what is timed: a training step, or inference (eval mode, no gradients)
+MODES = ("train", "eval")
+_TIMED = {"train": "training step", "eval": "inference"}
 
 #: at most this many timed steps per variant, however short a step is
 MAX_REPEATS = 2000
@@ -96,7 +105,7 @@ NETWORKS: dict[str, Network] = {
 
 @dataclass
 class NetworkResult:
-    """Medians (seconds) of one network's training step per variant."""
+    """Medians (seconds) of one network's training step (or inference) per variant."""
 
     name: str
     description: str
@@ -111,6 +120,7 @@ class NetworkResult:
     ours_over_torch: float = math.nan
     # step − no-BN step: what the batch-norm layers cost inside the network
     bn_s: dict[str, float] = field(default_factory=dict)
+    mode: str = "train"  # see MODES
 
 
 def _without_bn(model: nn.Module) -> nn.Module:
@@ -184,16 +194,23 @@ def probe(step: Callable[[], None], n: int = PROBES) -> float:
 
 
 def _bench_network(
-    net: Network, repeats: int, warmup: int, batch: int | None, min_seconds: float
+    net: Network,
+    repeats: int,
+    warmup: int,
+    batch: int | None,
+    min_seconds: float,
+    mode: str = "train",
 ) -> NetworkResult:
     torch.manual_seed(0)
     n = batch or net.batch
     models = _variants(net)
+    for m in models.values():
+        m.train(mode == "train")
     x = torch.randn((n, *net.input_shape))
     if net.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, net.num_classes, (n,))
-    with torch.no_grad():  # the same function before any update (train mode: batch statistics)
+    with torch.no_grad():  # the same function before any update, in the mode timed
         state = {k: copy.deepcopy(m.state_dict()) for k, m in models.items()}
         first = {k: nn.functional.cross_entropy(models[k](x), target) for k in ("torch", "ours")}
         bn_inputs = _bn_inputs(models["ours"], x)
@@ -206,10 +223,15 @@ def _bench_network(
         layout="channels_last" if net.channels_last else "contiguous",
         bn_inputs=bn_inputs,
         loss_gap=abs(float(first["ours"]) - float(first["torch"])),
+        mode=mode,
     )
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
 
     def step(k: str) -> None:
+        if mode == "eval":
+            with torch.no_grad():
+                models[k](x)
+            return
         opts[k].zero_grad(set_to_none=True)
         nn.functional.cross_entropy(models[k](x), target).backward()
         opts[k].step()
@@ -247,8 +269,10 @@ def run(
     progress: Callable[[str], None] | None = None,
     threads: int | None = None,
     min_seconds: float = 1.0,
+    mode: str = "train",
 ) -> dict[str, Any]:
-    """Time the training steps; return (and with ``json_path`` write, atomically) the results.
+    """Time the training steps (or inference); return (and with ``json_path`` write,
+    atomically) the results.
 
     Args:
         networks: names from :data:`NETWORKS`; default all.
@@ -259,6 +283,8 @@ def run(
         threads: threads for torch's pool and Numba's (default: as configured).
         min_seconds: short steps are repeated more often, until each variant has run about
             this long (at most :data:`MAX_REPEATS` steps); the count is in each result.
+        mode: ``"train"`` (a training step) or ``"eval"`` (inference: eval mode, a forward
+            under ``torch.no_grad()``).
 
     Example::
 
@@ -270,6 +296,8 @@ def run(
         raise ValueError(f"bench-network: repeats must be >= 1, got {repeats}")
     if not min_seconds >= 0:
         raise ValueError(f"bench-network: min_seconds must be >= 0, got {min_seconds}")
+    if mode not in MODES:
+        raise ValueError(f"bench-network: mode must be one of {', '.join(MODES)}, got {mode!r}")
     if batch is not None and batch < 2:
         raise ValueError(f"bench-network: batch must be >= 2 (batch statistics), got {batch}")
     names = list(networks or NETWORKS)
@@ -287,9 +315,12 @@ def run(
         for name in names:
             if progress is not None:
                 progress(name)
-            results.append(_bench_network(NETWORKS[name], repeats, warmup, batch, min_seconds))
+            results.append(
+                _bench_network(NETWORKS[name], repeats, warmup, batch, min_seconds, mode)
+            )
         data: dict[str, Any] = {
             "date": started.isoformat(timespec="seconds"),
+            "mode": mode,
             "machine": bench._machine(load_before, os.getloadavg(), sample),
             "dtype": "float32",
             "repeats": repeats,
@@ -301,7 +332,8 @@ def run(
 
 
 def format_table(data: dict[str, Any]) -> str:
-    """The results as a Markdown table (step times in ms)."""
+    """The results as a Markdown table (step times in ms; in inference mode a "step" is one
+    forward)."""
     lines = [
         "| network | batch | layout | BN layers | torch step ms | ours step ms | no-BN step ms "
         "| ours/torch | BN in step, torch ms | BN in step, ours ms |",
@@ -321,8 +353,15 @@ def format_table(data: dict[str, Any]) -> str:
         lines.append(
             f"- {r['name']}: {r['description']}; BN inputs {shapes}; median of {r['repeats']} steps"
         )
+    lines.append(f"- timed: {_mode_text(data)}")
     lines += bench.machine_lines(data, "times", " steps or more")
     return "\n".join(lines)
+
+
+def _mode_text(data: dict[str, Any]) -> str:
+    if data.get("mode", "train") == "eval":  # (results saved before the option: training)
+        return "inference — eval mode, a forward under torch.no_grad()"
+    return "a training step — forward, cross-entropy, backward, SGD with momentum"
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -364,11 +403,12 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
         ax.grid(alpha=0.3, axis="y")
         ax.margins(y=0.12)
         if j == 0:
-            ax.set_ylabel("training step, ms (median)")
+            ax.set_ylabel(f"{_TIMED[data.get('mode', 'train')]}, ms (median)")
             ax.legend(fontsize=7, loc="lower left")
     m = data["machine"]
     title = (
-        f"training step with torch.nn's BN and with batchnorm's (ours/torch in the titles), "
+        f"{_TIMED[data.get('mode', 'train')]} with torch.nn's BN and with batchnorm's "
+        "(ours/torch in the titles), "
         f"medians of {data['repeats']} steps or more: {m['cpu']}, {m['cores']} cores, "
         f"{data['date'][:10]}"
     )
@@ -383,6 +423,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``batchnorm bench-network`` options."""
     parser.add_argument(
         "--networks", nargs="+", choices=list(NETWORKS), help="default: all of them"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="train",
+        help="what to time: a training step (default) or inference (eval mode, no gradients)",
     )
     parser.add_argument(
         "--repeats",
@@ -443,6 +489,7 @@ def main(args: argparse.Namespace) -> int:
                 progress=lambda name: say(f"  {name} ..."),
                 threads=args.threads,
                 min_seconds=args.min_seconds,
+                mode=args.mode,
             )
         except ValueError as e:
             return bench.fail(prog, str(e))
