@@ -744,6 +744,31 @@ def test_running_update_refuses_what_it_cannot_update_in_place() -> None:
         K.running_update(v.copy(), v.copy(), v, v, 0.1, num_batches_tracked=np.zeros(2, np.int64))
 
 
+def test_running_update_refuses_buffers_that_share_memory() -> None:
+    """The two buffers as one array (or overlapping), or a buffer given as the other one's
+    batch statistic: a value would be read after it was written. Refused, nothing changed; a
+    batch statistic that is the same buffer's own memory stays legal (it blends to itself)."""
+    m, v = np.full(3, 2.0), np.full(3, 3.0)
+    cases = [
+        (lambda rm, rv: (rm, rm, m, v), "running_mean and running_var"),
+        (lambda rm, rv: (rm, rv, m, rm), "running_mean and var"),
+        (lambda rm, rv: (rm, rv, rv, v), "running_var and mean"),
+    ]
+    for make, names in cases:
+        rm, rv = np.zeros(3), np.ones(3)
+        with pytest.raises(ValueError, match=f"{names} share memory"):
+            K.running_update(*make(rm, rv), 0.1)
+        assert np.all(rm == 0) and np.all(rv == 1)
+    buf = np.zeros(4)
+    rm, rv = buf[:3], buf[1:]  # overlapping in part
+    with pytest.raises(ValueError, match="running_mean and running_var share memory"):
+        K.running_update(rm, rv, m, v, 0.1)
+    rm, rv = np.zeros(3), np.ones(3)
+    assert K.running_update(rm, rv, rm, rv, 0.1)  # each buffer its own statistic
+    np.testing.assert_allclose(rm, 0.0)
+    np.testing.assert_allclose(rv, 1.0)
+
+
 def test_num_threads_follows_numba_setting() -> None:
     import numba
 

@@ -704,6 +704,17 @@ def running_update(
         )
     m = _channel_vec(mean, C, np.dtype(np.float64), "mean")
     v = _channel_vec(var, C, np.dtype(np.float64), "var")
+    # each buffer is written while the others are read, channel by channel
+    for (na, a), (nb, b) in (
+        (("running_mean", rm), ("running_var", rv)),
+        (("running_mean", rm), ("var", v)),
+        (("running_var", rv), ("mean", m)),
+    ):
+        if np.may_share_memory(a, b):
+            raise ValueError(
+                f"batchnorm.kernels: {na} and {nb} share memory, so one would be read after the "
+                f"other was written; pass arrays of their own (e.g. {nb}.copy())"
+            )
     nbt = _NO_COUNTER
     if num_batches_tracked is not None:
         if not isinstance(num_batches_tracked, np.ndarray):
