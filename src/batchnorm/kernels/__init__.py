@@ -331,7 +331,7 @@ def empty_aligned(shape: tuple[int, ...], dtype: Any) -> Array:
     dt = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
     raw = np.empty(nbytes + LINE_BYTES, np.uint8)
-    start = -raw.__array_interface__["data"][0] % LINE_BYTES
+    start = -_address(raw) % LINE_BYTES
     return raw[start : start + nbytes].view(dt).reshape(shape)
 
 
