@@ -136,3 +136,121 @@ def test_recalibrate_refuses_one_tensor_with_the_remedy() -> None:
     with pytest.raises(TypeError, match=r"one tensor of shape \(8, 3, 6, 6\).*x\.split"):
         batchnorm.recalibrate(net, x)
     assert batchnorm.recalibrate(net, x.split(4)) == 8
+
+
+def _eval_layers() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """Every layer kind in eval mode with statistics, γ and β away from their defaults."""
+    layers: list[tuple[str, nn.Module, tuple[int, ...]]] = [
+        ("BatchNorm1d", batchnorm.BatchNorm1d(3), (4, 3)),
+        ("BatchNorm1d (N, C, L)", batchnorm.BatchNorm1d(3), (4, 3, 6)),
+        ("BatchNorm2d", batchnorm.BatchNorm2d(3), (4, 3, 5, 5)),
+        ("BatchNorm2d 1x1", batchnorm.BatchNorm2d(3), (4, 3, 1, 1)),
+        ("BatchNorm3d", batchnorm.BatchNorm3d(3), (2, 3, 2, 3, 4)),
+        ("BatchNorm axis=-1", batchnorm.BatchNorm(3, axis=-1), (4, 5, 3)),
+        ("FrozenBatchNorm2d", batchnorm.FrozenBatchNorm2d(3), (4, 3, 5, 5)),
+        ("BatchRenorm2d", batchnorm.BatchRenorm2d(3), (4, 3, 5, 5)),
+        ("GhostBatchNorm2d", batchnorm.GhostBatchNorm2d(3, virtual_batch_size=2), (4, 3, 5, 5)),
+        ("SyncBatchNorm", batchnorm.SyncBatchNorm(3), (4, 3, 5, 5)),
+        ("InPlaceABN", batchnorm.InPlaceABN(3), (4, 3, 5, 5)),
+    ]
+    gen = torch.Generator().manual_seed(0)
+    for _, m, _ in layers:
+        with torch.no_grad():
+            for name, b in m.named_buffers():
+                if name.endswith("running_mean"):
+                    b.copy_(torch.rand(b.shape, generator=gen) * 2 - 1)
+                elif name.endswith("running_var"):
+                    b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
+            for p in m.parameters():
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+        m.eval()
+    return layers
+
+
+def _other_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.randn(7, *shape[1:], generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_exported_inference_is_torchs_batch_norm_node_for_any_batch(strict: bool) -> None:
+    """torch.export records inference as torch.nn's layers do — one ``aten.batch_norm`` node,
+    no element-wise chain — with the batch dimension free: the exported program gives the
+    eager layer's output on a batch of another size."""
+    for name, m, shape in _eval_layers():
+        x = torch.randn(*shape)
+        ep = torch.export.export(
+            m, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=strict
+        )
+        ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+        assert ops.count("aten.batch_norm.default") == 1, (name, ops)
+        assert not any(op.startswith(("aten.mul", "aten.add", "aten.rsqrt")) for op in ops), (
+            name,
+            ops,
+        )
+        x7 = _other_batch(shape)
+        torch.testing.assert_close(ep.module()(x7), m(x7), msg=name)
+
+
+@pytest.mark.filterwarnings("error::torch.jit.TracerWarning")
+def test_traced_inference_records_torchs_operator_and_takes_other_sizes() -> None:
+    """torch.jit.trace (also the tracer of ``torch.onnx.export``) records ``aten::batch_norm``:
+    the trace of a (4, 3, 1, 1) batch normalizes a (7, 3, 1, 1) one (the element-wise form
+    recorded reshapes to the traced sizes and failed), channels_last stays channels_last, and
+    half inputs with float32 statistics give the eager output. As for torch.nn's layers, no
+    ``TracerWarning``: the input checks record nothing."""
+    for name, m, shape in _eval_layers():
+        traced = torch.jit.trace(m, torch.randn(*shape), check_trace=False)
+        assert "aten::batch_norm" in str(traced.graph), name
+        x7 = _other_batch(shape)
+        torch.testing.assert_close(traced(x7), m(x7), msg=name)
+    m = batchnorm.BatchNorm2d(3).eval()
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    traced = torch.jit.trace(m, x, check_trace=False)
+    y = traced(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, m(x))
+    for dt in (torch.bfloat16, torch.float16):
+        xh = torch.randn(2, 3, 4, 4).to(dt)
+        traced = torch.jit.trace(m, xh, check_trace=False)
+        assert traced(xh).dtype == dt
+        torch.testing.assert_close(traced(xh), m(xh))
+
+
+def test_onnx_export_gives_batch_normalization_nodes_that_take_any_batch() -> None:
+    """``torch.onnx.export`` of an evaluated model: each layer is one ONNX
+    ``BatchNormalization`` (after a conv, folded into it by the exporter, as for torch.nn),
+    and the ONNX reference runtime gives the eager output on a batch of another size."""
+    import io
+    import warnings
+
+    onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+
+    conv_bn = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4), nn.ReLU()).eval()
+    with torch.no_grad():
+        conv_bn[1].running_var.uniform_(0.5, 2.0)
+        conv_bn[1].running_mean.uniform_(-1.0, 1.0)
+    cases = _eval_layers()
+    cases.append(("Conv2d + BatchNorm2d + ReLU", conv_bn, (4, 3, 8, 8)))
+    for name, m, shape in cases:
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings, the legacy exporter's notice
+            torch.onnx.export(
+                m,
+                (torch.randn(*shape),),
+                buf,
+                dynamo=False,
+                input_names=["x"],
+                dynamic_axes={"x": {0: "batch"}},
+            )
+        model = onnx.load_from_string(buf.getvalue())
+        ops = [n.op_type for n in model.graph.node]
+        if name.startswith("Conv2d"):
+            assert ops == ["Conv", "Relu"], ops  # folded into the convolution
+        else:
+            assert ops.count("BatchNormalization") == 1, (name, ops)
+            assert not {"Mul", "Add", "Reshape", "Sqrt"} & set(ops), (name, ops)
+        x7 = _other_batch(shape)
+        (y,) = ReferenceEvaluator(model).run(None, {"x": x7.numpy()})
+        torch.testing.assert_close(torch.from_numpy(y), m(x7).detach(), msg=name)

@@ -31,7 +31,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -1055,6 +1055,25 @@ def _tracing() -> bool:
     return torch._C._get_tracing_state() is not None
 
 
+_T = TypeVar("_T")
+
+
+def _untraced(f: Callable[..., _T], *args: Any) -> _T:
+    """``f(*args)`` with ``torch.jit.trace``'s recording paused: for checks of an input's
+    sizes, whose outcome is a constant of the trace either way — so that they record no
+    operations and raise no ``TracerWarning`` (torch.nn's layers check nothing there)."""
+    state = torch._C._get_tracing_state()
+    _set_tracing_state(None)
+    try:
+        return f(*args)
+    finally:
+        _set_tracing_state(state)
+
+
+#: (not in torch's type stubs)
+_set_tracing_state: Callable[[Any], None] = torch._C._set_tracing_state  # type: ignore[attr-defined]
+
+
 def _torch_ops_only() -> bool:
     """Inside ``torch.jit.trace``, a forward-mode AD level (``forward_ad.dual_level``),
     ``torch.compile`` or a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, …): the
@@ -1204,6 +1223,8 @@ def batch_norm_eval(
 ) -> Tensor:
     """Normalize with population statistics (Algorithm 2): the affine map
     ``y = x·scale + shift`` with ``scale = γ/√(Var[x] + ε)`` and ``shift = β − scale·E[x]``."""
+    if _exporting() and not (running_mean.requires_grad or running_var.requires_grad):
+        return _operator_eval(input, running_mean, running_var, weight, bias, eps, axis)
     needs_graph = torch.is_grad_enabled() and (
         input.requires_grad
         or running_mean.requires_grad
@@ -1240,6 +1261,44 @@ def batch_norm_eval(
     xc, restore = canonical_layout(input, axis)
     # with a graph: differentiable in every argument, torch operations
     return restore(be.forward_eval(xc, running_mean, running_var, weight, bias, eps))
+
+
+def _exporting() -> bool:
+    """Inside ``torch.jit.trace`` (the tracer of ``torch.onnx.export`` and of ``torch.export``)
+    or ``torch.compile``/strict ``torch.export`` (TorchDynamo): a graph is being recorded for
+    another runtime or compiler."""
+    return _tracing() or torch.compiler.is_compiling()
+
+
+def _operator_eval(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    axis: int,
+) -> Tensor:
+    """Inference through torch's own operator (``torch.batch_norm``), for recorded graphs: it
+    is what ``torch.nn``'s layers record, so an exported model holds one batch-norm node per
+    layer — ONNX ``BatchNormalization``, ``aten._native_batch_norm_legit_no_training`` in
+    ``torch.export`` — which runtimes and compilers fold into the convolution before it, and
+    which takes any batch and spatial size (the element-wise form recorded reshapes to the
+    traced input's sizes). Vectors of ``x``'s dtype are passed as they are (no casts in the
+    graph); others are converted to the compute dtype (float32 for half inputs)."""
+    vecs = (weight, bias, mean, var)
+    dt = x.dtype if all(t is None or t.dtype == x.dtype for t in vecs) else _compute_dtype(x.dtype)
+
+    def as_dt(t: Tensor | None) -> Tensor | None:
+        return t if t is None or t.dtype == dt else t.to(dt)
+
+    ax = axis % x.dim()
+    # channels elsewhere: moved to dim 1 and back (transposes: no sizes fixed in the graph)
+    xn = x if ax == 1 else x.movedim(ax, 1)
+    y = torch.batch_norm(
+        xn, as_dt(weight), as_dt(bias), as_dt(mean), as_dt(var), False, 0.0, eps, False
+    )
+    return y if ax == 1 else y.movedim(1, ax)
 
 
 def _ready_node(backend: str | None, x: Tensor) -> Any | None:

@@ -276,6 +276,11 @@ class _BatchNormBase(nn.Module):
         self._check_input_dim(input)
         F.check_channels(input, self.num_features, self.axis, self.layer_name())
 
+    def _checked(self, input: Tensor) -> bool:
+        """Check ``input`` (:meth:`_check_input`); whether it is empty."""
+        self._check_input(input)
+        return input.numel() == 0
+
     def _syncing(self) -> bool:
         """Whether this training step is collective across processes (SyncBatchNorm)."""
         return False
@@ -487,10 +492,11 @@ class _BatchNormBase(nn.Module):
     def _forward_eager(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
             return self._fx_leaf(input, mask)
-        self._check_input(input)
+        # (while tracing: the checks' outcomes are constants of the trace, as torch.nn's)
+        empty = F._untraced(self._checked, input) if F._tracing() else self._checked(input)
         if mask is not None:
             mask = F.check_mask(input, mask, self.axis, self.layer_name())
-        if input.numel() == 0 and not self._syncing():
+        if empty and not self._syncing():
             # an empty batch (a detector's frame without boxes): an empty output, as torch.nn
             # gives; nothing to learn from, so the running statistics and counter stay as they are
             # (a synchronizing layer's empty rank still joins the exchange)
