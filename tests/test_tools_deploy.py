@@ -216,14 +216,18 @@ def test_traced_inference_records_torchs_operator_and_takes_other_sizes() -> Non
         torch.testing.assert_close(traced(xh), m(xh))
 
 
-def test_onnx_export_gives_batch_normalization_nodes_that_take_any_batch() -> None:
-    """``torch.onnx.export`` of an evaluated model: each layer is one ONNX
-    ``BatchNormalization`` (after a conv, folded into it by the exporter, as for torch.nn),
-    and the ONNX reference runtime gives the eager output on a batch of another size."""
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_onnx_export_gives_batch_normalization_nodes_that_take_any_batch(dynamo: bool) -> None:
+    """``torch.onnx.export`` of an evaluated model, with torch.export (the default, through
+    onnxscript) and with the tracer: each layer is one ONNX ``BatchNormalization`` (after a
+    conv, folded into it by the exporter, as for torch.nn), and the ONNX reference runtime
+    gives the eager output on a batch of another size."""
     import io
     import warnings
 
     onnx = pytest.importorskip("onnx")
+    if dynamo:
+        pytest.importorskip("onnxscript")
     from onnx.reference import ReferenceEvaluator
 
     conv_bn = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4), nn.ReLU()).eval()
@@ -233,18 +237,18 @@ def test_onnx_export_gives_batch_normalization_nodes_that_take_any_batch() -> No
     cases = _eval_layers()
     cases.append(("Conv2d + BatchNorm2d + ReLU", conv_bn, (4, 3, 8, 8)))
     for name, m, shape in cases:
-        buf = io.BytesIO()
+        x = torch.randn(*shape)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings, the legacy exporter's notice
-            torch.onnx.export(
-                m,
-                (torch.randn(*shape),),
-                buf,
-                dynamo=False,
-                input_names=["x"],
-                dynamic_axes={"x": {0: "batch"}},
-            )
-        model = onnx.load_from_string(buf.getvalue())
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+            if dynamo:
+                batch = {0: torch.export.Dim("batch")}
+                model = torch.onnx.export(m, (x,), dynamic_shapes=(batch,)).model_proto
+            else:
+                buf = io.BytesIO()
+                torch.onnx.export(
+                    m, (x,), buf, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "b"}}
+                )
+                model = onnx.load_from_string(buf.getvalue())
         ops = [n.op_type for n in model.graph.node]
         if name.startswith("Conv2d"):
             assert ops == ["Conv", "Relu"], ops  # folded into the convolution
@@ -252,5 +256,5 @@ def test_onnx_export_gives_batch_normalization_nodes_that_take_any_batch() -> No
             assert ops.count("BatchNormalization") == 1, (name, ops)
             assert not {"Mul", "Add", "Reshape", "Sqrt"} & set(ops), (name, ops)
         x7 = _other_batch(shape)
-        (y,) = ReferenceEvaluator(model).run(None, {"x": x7.numpy()})
+        (y,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x7.numpy()})
         torch.testing.assert_close(torch.from_numpy(y), m(x7).detach(), msg=name)
