@@ -65,8 +65,8 @@ def test_inference_mode_times_eval_forwards_that_change_nothing(monkeypatch, tmp
     made: list[tuple[dict[str, nn.Module], dict[str, dict[str, torch.Tensor]]]] = []
     variants = bn_net._variants
 
-    def keep(net: bn_net.Network) -> dict[str, nn.Module]:
-        models = variants(net)
+    def keep(net: bn_net.Network, compile: bool = False) -> dict[str, nn.Module]:
+        models = variants(net, compile)
         for m in _bn_layers(models["ours"]):
             with torch.no_grad():  # running statistics that differ from the defaults
                 m.running_mean.uniform_(-0.5, 0.5)  # type: ignore[operator]
@@ -153,3 +153,39 @@ def test_one_slow_probe_step_does_not_set_the_repeats() -> None:
     step_s = bn_net.probe(lambda: time.sleep(next(delays)))
     assert step_s < 0.01
     assert bn_net.repeats_for(21, 0.7, step_s) > 60
+
+
+def test_compiled_variant_is_torchs_network_compiled_and_reported(tmp_path, capsys):
+    """``compile=True`` adds torch.nn's network under torch.compile: same weights, the same
+    first loss as torch.nn's, its median in the results, the table and the plot."""
+    models = bn_net._variants(bn_net.NETWORKS["mlp"], compile=True)
+    assert list(models) == [*bn_net.VARIANTS, bn_net.COMPILED]
+    compiled = models[bn_net.COMPILED]
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    inner = compiled._orig_mod
+    assert inner is not models["torch"]  # a copy: its own optimizer state and statistics
+    for (k1, v1), (k2, v2) in zip(
+        inner.state_dict().items(), models["torch"].state_dict().items(), strict=True
+    ):
+        assert k1 == k2 and torch.equal(v1, v2)
+    data = bn_net.run(["mlp"], repeats=2, warmup=1, batch=6, min_seconds=0, compile=True)
+    assert data["compiled"] is True
+    (r,) = data["networks"]
+    assert r["compiled_loss_gap"] < 1e-4
+    s = r["step_s"]
+    assert set(s) == {*bn_net.VARIANTS, bn_net.COMPILED} and min(s.values()) > 0
+    assert math.isclose(r["ours_over_compiled"], s["ours"] / s[bn_net.COMPILED])
+    table = bn_net.format_table(data)
+    assert "| torch compiled step ms | ours/torch compiled |" in table
+    assert f" {s[bn_net.COMPILED] * 1e3:.2f} | {r['ours_over_compiled']:.2f} |" in table
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "c.json"
+    out.write_text(json.dumps(data))
+    png = tmp_path / "c.png"
+    assert cli_main(["bench-network", "--from-json", str(out), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 0
+    assert cli_main(["bench-network", "--from-json", str(out), "--compile"]) == 2
+    assert "--compile do not apply" in capsys.readouterr().err
+    plain = bn_net.run(["mlp"], repeats=2, warmup=0, batch=6, min_seconds=0)
+    assert plain["compiled"] is False and "compiled" not in bn_net.format_table(plain)
+    assert math.isnan(plain["networks"][0]["ours_over_compiled"])

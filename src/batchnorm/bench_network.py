@@ -12,7 +12,11 @@ batch, from the same weights:
 * ``no BN`` — every batch-norm layer replaced by ``nn.Identity``: the rest of the step, so
   ``step − no-BN step`` estimates what the batch-norm layers cost inside the network (with
   the interactions: the layers' memory traffic evicts what the convolutions would reuse, and
-  their thread pool meets torch's).
+  their thread pool meets torch's);
+* with ``compile=True`` (``--compile``) also ``torch compiled`` — the ``torch.nn`` network
+  under ``torch.compile`` (its default backend, compiled in the untimed warm-up steps): the
+  other way to speed a network up, which generates the normalization with the layers around
+  it instead of calling a kernel.
 
 The three are interleaved (one step of each in turn, the order reversed every repeat) and
 medians reported. Before timing, the first step's losses of ``torch`` and ``ours`` are
@@ -27,13 +31,14 @@ blocks (32, 64, 128, 256 channels) on 3×32×32 inputs, batch 64; ``cnn@cl`` —
 ``channels_last``.
 
 Command line: ``batchnorm bench-network [--networks mlp cnn cnn@cl] [--mode train|eval]
-[--repeats 21] [--min-seconds 1] [--json PATH] [--plot PNG]``; Python: :func:`run`. Short steps are repeated
+[--compile] [--repeats 21] [--min-seconds 1] [--json PATH] [--plot PNG]``; Python: :func:`run`. Short steps are repeated
 until each variant has run ``--min-seconds`` (the paper's MLP: about a thousand steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as _dt
 import gc
@@ -42,7 +47,7 @@ import os
 import statistics
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -57,6 +62,8 @@ __all__ = ["Network", "NETWORKS", "run", "format_table", "plot", "add_arguments"
 
 #: the contenders, in the table's order
 VARIANTS = ("torch", "ours", "no BN")
+#: the contender ``compile=True`` adds
+COMPILED = "torch compiled"
 
 #: what is timed: a training step, or inference (eval mode, no gradients)
 MODES = ("train", "eval")
@@ -113,11 +120,14 @@ class NetworkResult:
     layout: str
     bn_inputs: list[list[int]]  # the input shape of every batch-norm layer
     loss_gap: float  # |loss(ours) − loss(torch)| of the first step, before any update
+    # |loss(torch compiled) − loss(torch)| likewise (NaN: not compiled)
+    compiled_loss_gap: float = math.nan
     repeats: int = 0  # timed steps per variant
     probe_s: float = math.nan  # median of the untimed steps that set ``repeats`` from min_seconds
     step_s: dict[str, float] = field(default_factory=dict)
     step_min_s: dict[str, float] = field(default_factory=dict)
     ours_over_torch: float = math.nan
+    ours_over_compiled: float = math.nan  # (NaN: not compiled)
     # step − no-BN step: what the batch-norm layers cost inside the network
     bn_s: dict[str, float] = field(default_factory=dict)
     mode: str = "train"  # see MODES
@@ -133,17 +143,23 @@ def _without_bn(model: nn.Module) -> nn.Module:
     return out
 
 
-def _variants(net: Network) -> dict[str, nn.Module]:
-    """The three variants of ``net``, with the same weights."""
+def _variants(net: Network, compile: bool = False) -> dict[str, nn.Module]:
+    """The variants of ``net`` (:data:`VARIANTS`, and :data:`COMPILED` with ``compile``), with
+    the same weights."""
     from batchnorm.convert import convert_model
 
     ours = net.build()
     theirs = convert_model(copy.deepcopy(ours), to="torch")
     models = {"torch": theirs, "ours": ours, "no BN": _without_bn(ours)}
+    if compile:
+        models[COMPILED] = copy.deepcopy(theirs)
     for m in models.values():
         m.train()
         if net.channels_last:
             m.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if compile:
+        # (the compiled module shares the copy's parameters and buffers)
+        models[COMPILED] = torch.compile(models[COMPILED])  # type: ignore[assignment]
     return models
 
 
@@ -200,10 +216,12 @@ def _bench_network(
     batch: int | None,
     min_seconds: float,
     mode: str = "train",
+    compile: bool = False,
 ) -> NetworkResult:
     torch.manual_seed(0)
     n = batch or net.batch
-    models = _variants(net)
+    models = _variants(net, compile)
+    variants = tuple(models)
     for m in models.values():
         m.train(mode == "train")
     x = torch.randn((n, *net.input_shape))
@@ -212,7 +230,8 @@ def _bench_network(
     target = torch.randint(0, net.num_classes, (n,))
     with torch.no_grad():  # the same function before any update, in the mode timed
         state = {k: copy.deepcopy(m.state_dict()) for k, m in models.items()}
-        first = {k: nn.functional.cross_entropy(models[k](x), target) for k in ("torch", "ours")}
+        compared = ("torch", "ours", COMPILED) if compile else ("torch", "ours")
+        first = {k: nn.functional.cross_entropy(models[k](x), target) for k in compared}
         bn_inputs = _bn_inputs(models["ours"], x)
         for k, m in models.items():
             m.load_state_dict(state[k])  # undo the running-statistics updates of those calls
@@ -225,6 +244,8 @@ def _bench_network(
         loss_gap=abs(float(first["ours"]) - float(first["torch"])),
         mode=mode,
     )
+    if compile:
+        res.compiled_loss_gap = abs(float(first[COMPILED]) - float(first["torch"]))
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
 
     def step(k: str) -> None:
@@ -236,17 +257,18 @@ def _bench_network(
         nn.functional.cross_entropy(models[k](x), target).backward()
         opts[k].step()
 
-    for _ in range(warmup):
-        for k in VARIANTS:
+    # (a compiled variant compiles in its first steps: at least two untimed ones)
+    for _ in range(max(warmup, 2) if compile else warmup):
+        for k in variants:
             step(k)
     res.probe_s = probe(lambda: step("torch"))
     res.repeats = repeats_for(repeats, min_seconds, res.probe_s)
-    samples: dict[str, list[float]] = {k: [] for k in VARIANTS}
+    samples: dict[str, list[float]] = {k: [] for k in variants}
     gc_was = gc.isenabled()
     gc.disable()
     try:
         for r in range(res.repeats):
-            for k in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+            for k in variants if r % 2 == 0 else variants[::-1]:
                 t0 = time.perf_counter()
                 step(k)
                 samples[k].append(time.perf_counter() - t0)
@@ -256,6 +278,8 @@ def _bench_network(
     res.step_s = {k: statistics.median(v) for k, v in samples.items()}
     res.step_min_s = {k: min(v) for k, v in samples.items()}
     res.ours_over_torch = res.step_s["ours"] / res.step_s["torch"]
+    if compile:
+        res.ours_over_compiled = res.step_s["ours"] / res.step_s[COMPILED]
     res.bn_s = {k: res.step_s[k] - res.step_s["no BN"] for k in ("torch", "ours")}
     return res
 
@@ -270,6 +294,7 @@ def run(
     threads: int | None = None,
     min_seconds: float = 1.0,
     mode: str = "train",
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Time the training steps (or inference); return (and with ``json_path`` write,
     atomically) the results.
@@ -285,6 +310,8 @@ def run(
             this long (at most :data:`MAX_REPEATS` steps); the count is in each result.
         mode: ``"train"`` (a training step) or ``"eval"`` (inference: eval mode, a forward
             under ``torch.no_grad()``).
+        compile: also time the ``torch.nn`` network under ``torch.compile`` (:data:`COMPILED`;
+            compiling takes seconds to a minute per network, in the warm-up).
 
     Example::
 
@@ -307,7 +334,7 @@ def run(
             f"bench-network: unknown network(s) {', '.join(unknown)}; "
             f"choose from {', '.join(NETWORKS)}"
         )
-    with bench.threads_set(threads, "bench-network"):
+    with bench.threads_set(threads, "bench-network"), _compiling_here(compile):
         load_before = os.getloadavg()
         sample = bench.cpu_sample()
         started = _dt.datetime.now(_dt.timezone.utc)
@@ -316,11 +343,12 @@ def run(
             if progress is not None:
                 progress(name)
             results.append(
-                _bench_network(NETWORKS[name], repeats, warmup, batch, min_seconds, mode)
+                _bench_network(NETWORKS[name], repeats, warmup, batch, min_seconds, mode, compile)
             )
         data: dict[str, Any] = {
             "date": started.isoformat(timespec="seconds"),
             "mode": mode,
+            "compiled": compile,
             "machine": bench._machine(load_before, os.getloadavg(), sample),
             "dtype": "float32",
             "repeats": repeats,
@@ -331,22 +359,41 @@ def run(
     return data
 
 
+@contextlib.contextmanager
+def _compiling_here(compile: bool) -> Iterator[None]:
+    """With ``compile``: torch.compile's code generation in this process rather than in a pool
+    of worker processes, which would count as other processes' use of the CPU (the warning
+    the machine lines give)."""
+    if not compile:
+        yield
+        return
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(compile_threads=1):
+        yield
+
+
 def format_table(data: dict[str, Any]) -> str:
     """The results as a Markdown table (step times in ms; in inference mode a "step" is one
     forward)."""
+    compiled = bool(data.get("compiled"))  # (results saved before the option: not compiled)
+    extra = " torch compiled step ms | ours/torch compiled |" if compiled else ""
     lines = [
         "| network | batch | layout | BN layers | torch step ms | ours step ms | no-BN step ms "
-        "| ours/torch | BN in step, torch ms | BN in step, ours ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ours/torch | BN in step, torch ms | BN in step, ours ms |" + extra,
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 if compiled else 0),
     ]
     for r in data["networks"]:
         s = r["step_s"]
-        lines.append(
+        row = (
             f"| {r['name']} | {r['batch']} | {r['layout']} | {len(r['bn_inputs'])} |"
             f" {s['torch'] * 1e3:.2f} | {s['ours'] * 1e3:.2f} | {s['no BN'] * 1e3:.2f} |"
             f" {r['ours_over_torch']:.2f} | {r['bn_s']['torch'] * 1e3:.2f} |"
             f" {r['bn_s']['ours'] * 1e3:.2f} |"
         )
+        if compiled:
+            row += f" {s[COMPILED] * 1e3:.2f} | {r['ours_over_compiled']:.2f} |"
+        lines.append(row)
     lines.append("")
     for r in data["networks"]:
         shapes = ", ".join("x".join(map(str, s)) for s in r["bn_inputs"])
@@ -354,6 +401,11 @@ def format_table(data: dict[str, Any]) -> str:
             f"- {r['name']}: {r['description']}; BN inputs {shapes}; median of {r['repeats']} steps"
         )
     lines.append(f"- timed: {_mode_text(data)}")
+    if compiled:
+        lines.append(
+            "- torch compiled: the torch.nn network under torch.compile (default backend), "
+            "compiled in the warm-up"
+        )
     lines += bench.machine_lines(data, "times", " steps or more")
     return "\n".join(lines)
 
@@ -383,9 +435,14 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
     from batchnorm.lab import plots
 
     nets = data["networks"]
-    fig, axes = plots.new_figure(len(nets), 1, size=(2.6, 3.4))
+    compiled = bool(data.get("compiled"))
+    fig, axes = plots.new_figure(len(nets), 1, size=(3.2 if compiled else 2.6, 3.4))
     for j, (ax, r) in enumerate(zip(axes, nets, strict=True)):  # one panel each: own scale
         base = r["step_s"]["no BN"] * 1e3
+        if compiled:  # one bar: its no-BN part was not compiled, so not measured
+            t = r["step_s"][COMPILED] * 1e3
+            bar = ax.bar(2, t, 0.7, color="white", edgecolor="0.3", hatch="//")
+            ax.bar_label(bar, labels=[f"{t:.2f} ms"], fontsize=7, padding=1)
         for i, k in enumerate(("torch", "ours")):
             ax.bar(i, base, 0.7, color="0.8", label="rest of the step" if i == 0 else None)
             bar = ax.bar(
@@ -397,8 +454,9 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
                 label="BN layers" if i == 0 else None,
             )
             ax.bar_label(bar, labels=[f"{r['step_s'][k] * 1e3:.2f} ms"], fontsize=7, padding=1)
-        ax.set_xticks([0, 1])
-        ax.set_xticklabels(["torch.nn BN", "batchnorm"], fontsize=8)
+        names = ["torch.nn BN", "batchnorm"] + (["torch.nn BN,\ncompiled"] if compiled else [])
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, fontsize=8)
         ax.set_title(f"{r['name']}, batch {r['batch']}: {r['ours_over_torch']:.2f}x", fontsize=8)
         ax.grid(alpha=0.3, axis="y")
         ax.margins(y=0.12)
@@ -408,7 +466,8 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
     m = data["machine"]
     title = (
         f"{_TIMED[data.get('mode', 'train')]} with torch.nn's BN and with batchnorm's "
-        "(ours/torch in the titles), "
+        + ("(and torch.nn's under torch.compile) " if compiled else "")
+        + "(ours/torch in the titles), "
         f"medians of {data['repeats']} steps or more: {m['cpu']}, {m['cores']} cores, "
         f"{data['date'][:10]}"
     )
@@ -429,6 +488,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=MODES,
         default="train",
         help="what to time: a training step (default) or inference (eval mode, no gradients)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the torch.nn network under torch.compile (compiled in the warm-up: "
+        "seconds to a minute per network)",
     )
     parser.add_argument(
         "--repeats",
@@ -469,11 +534,11 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         return bench.fail(prog, problem)
     if args.from_json:
-        if args.json or args.networks:
+        if args.json or args.networks or args.compile:
             return bench.fail(
                 prog,
-                "--from-json measures nothing, so --json and --networks do not apply; use "
-                "--from-json PATH [--plot PNG]",
+                "--from-json measures nothing, so --json, --networks and --compile do not "
+                "apply; use --from-json PATH [--plot PNG]",
             )
         try:
             data = load(args.from_json)
@@ -490,6 +555,7 @@ def main(args: argparse.Namespace) -> int:
                 threads=args.threads,
                 min_seconds=args.min_seconds,
                 mode=args.mode,
+                compile=args.compile,
             )
         except ValueError as e:
             return bench.fail(prog, str(e))
