@@ -331,7 +331,8 @@ def test_torch_finds_our_fixed_rank_layers_by_class() -> None:
 def test_swa_update_bn_recomputes_our_layers_and_recalibrate_is_its_counterpart() -> None:
     """torch's update_bn finds BN layers by class: it resets and recomputes our
     BatchNorm1d/2d/3d exactly as torch.nn's (cumulative average, momentum restored); the
-    any-axis BatchNorm it does not find (not a torch.nn class) — recalibrate takes every kind."""
+    any-axis BatchNorm and SyncBatchNorm it does not find (not torch.nn classes) — recalibrate
+    takes every kind."""
 
     def model(cls: Callable[[int], nn.Module]) -> nn.Sequential:
         torch.manual_seed(1)
@@ -366,3 +367,10 @@ def test_swa_update_bn_recomputes_our_layers_and_recalibrate_is_its_counterpart(
     batchnorm.recalibrate(anyaxis, batches)
     torch.testing.assert_close(anyaxis[1].running_mean, h.mean(0), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(anyaxis[1].running_var, h.var(0), rtol=1e-4, atol=1e-5)
+    # our SyncBatchNorm (any axis too) is not found either; recalibrate takes it
+    synced = model(batchnorm.SyncBatchNorm)
+    torch.optim.swa_utils.update_bn(batches, synced)
+    assert torch.equal(synced[1].running_mean, torch.zeros(4))
+    batchnorm.recalibrate(synced, batches)
+    torch.testing.assert_close(synced[1].running_mean, h.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(synced[1].running_var, h.var(0), rtol=1e-4, atol=1e-5)
