@@ -39,10 +39,13 @@ NCL_SHAPES = [
     (4, 1, 97),  # one channel of rows of a prime length
     (5, 3, 49),  # 7×7 rows: the element loops run on into the next row (kernels._loops._OVERRUN)
     (3, 1, 81),  # overrun rows of one channel
+    (512, 3, 4),  # short rows of few channels: (N, C·L) taken 8 rows at a time (kernels._widen)
 ]
 # (M, C) work in row blocks of 128 rows and tiles of 2048 (float32) / 1024 (float64) channels:
 # ragged blocks, several tiles with a partial last one
 MC_SHAPES = [(2, 1), (7, 13), (2, 5003), (1000, 1), (101, 3), (3, 2), (300, 37), (37, 2500)]
+# few channels: several rows taken as one (kernels._widen)
+MC_SHAPES += [(4096, 32), (1024, 3)]
 
 
 def _close(
@@ -162,6 +165,39 @@ def test_rows_by_channels_sums_both_sweeps(parallel):  # type: ignore[no-untyped
     _, mean, var, _ = K.forward_train(x, parallel=parallel)
     assert np.isnan(mean[4]) and np.isnan(var[4])
     assert np.all(np.isfinite(np.delete(mean, 4))) and np.all(np.isfinite(np.delete(var, 4)))
+
+
+def test_rows_of_few_channels_are_taken_several_at_a_time() -> None:
+    """Rows × channels views with short rows run the loops on ``R`` rows as one (the vectors
+    repeated): R is the largest power of two that keeps the rows within WIDE_ROW_BYTES,
+    divides the rows and leaves WIDE_MIN_ROWS of them; the shapes the reference tests use
+    for it do take it, and the compiled node's path (channels_last modules) matches torch.nn."""
+    assert K._widen(65536, 32, 4) == K.WIDE_ROW_BYTES // (32 * 4)
+    assert K._widen(65536, 32, 8) == K.WIDE_ROW_BYTES // (32 * 8)
+    assert K._widen(4095, 32, 4) == 1  # odd: no row count divides
+    assert K._widen(96, 2, 4) == 1  # 2 rows as one would leave 48 < WIDE_MIN_ROWS
+    assert K._widen(1 << 20, K.WIDE_ROW_BYTES // 4, 4) == 1  # rows long enough
+    assert K._widen(768, 3, 4) == 8  # 16 rows as one would leave 48 < WIDE_MIN_ROWS
+    for shape, reps in (((4096, 32), 4), ((1024, 3), 16), ((512, 3, 4), 8), ((4096, 5), 16)):
+        rows = K._rows_view(np.empty(shape, np.float32), 2)
+        assert rows is not None and rows[2] == reps, (shape, rows and rows[2])
+        width = shape[1] * (shape[2] if len(shape) == 3 else 1)
+        assert rows[0].shape == (shape[0] // reps, reps * width)
+    torch.manual_seed(0)
+    for shape in ((64, 3, 8, 8), (32, 32, 8, 8)):  # rows of 3 and 32 channels
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).to(memory_format=torch.channels_last)
+        ours = F.batch_norm_train(x.requires_grad_(), None, None, 1e-5, backend="numba")[0]
+        x_ref = x.detach().clone().requires_grad_()
+        ref = torch.nn.functional.batch_norm(x_ref, None, None, training=True)
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+        g = torch.randn_like(ref)
+        (dx,) = torch.autograd.grad(ours, x, g)
+        (dx_ref,) = torch.autograd.grad(ref, x_ref, g)
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-10, atol=1e-10)
+        rm, rv = torch.rand(shape[1], dtype=x.dtype), torch.rand(shape[1], dtype=x.dtype) + 0.5
+        y_eval = F.batch_norm_eval(x.detach(), rm, rv, backend="numba")
+        ref_eval = torch.nn.functional.batch_norm(x.detach(), rm, rv, training=False)
+        torch.testing.assert_close(y_eval, ref_eval, rtol=1e-10, atol=1e-10)
 
 
 def test_streaming_policy_by_size_and_layout():  # type: ignore[no-untyped-def]
@@ -327,7 +363,9 @@ def test_row_pairs_sum_each_row_on_its_own(shape, parallel):  # type: ignore[no-
     ids=["offset1e4", "tiny-std", "neg-offset", "huge"],
 )
 @pytest.mark.parametrize(
-    "shape", [(8, 3, 257), (700, 3, 6), (4099, 5)], ids=["NCL", "NCL-short", "MC"]
+    "shape",
+    [(8, 3, 257), (700, 3, 6), (4099, 5), (4096, 5)],
+    ids=["NCL", "NCL-short", "MC", "MC-widened"],
 )
 def test_stress_inputs(shape, loc, std, dtype, parallel):  # type: ignore[no-untyped-def]
     """|mean| ≫ std and extreme magnitudes: the naive E[x²] − E[x]² would lose every digit."""

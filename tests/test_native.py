@@ -1037,6 +1037,7 @@ def test_the_entries_digest_holds_every_setting_their_helpers_read() -> None:
         "_short",
         "_stream_for",
         "_whole_rows",
+        "_widen",
     }
     read: set[str] = set()
     for h in helpers:
@@ -1044,7 +1045,9 @@ def test_the_entries_digest_holds_every_setting_their_helpers_read() -> None:
     assert read == set(_entries.TUNABLES)
 
 
-@pytest.mark.parametrize("name", ["SHORT_ROWS", "STREAM_ABOVE", "TILE_BYTES"])
+@pytest.mark.parametrize(
+    "name", ["SHORT_ROWS", "STREAM_ABOVE", "TILE_BYTES", "WIDE_ROW_BYTES", "WIDE_MIN_ROWS"]
+)
 def test_the_entries_digest_changes_with_a_setting(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -41,6 +41,7 @@ _fused = numba.njit(K._fused)
 _whole_rows = numba.njit(K._whole_rows)
 _short = numba.njit(K._short)
 _stream_for = numba.njit(K._stream_for)
+_widen = numba.njit(K._widen)
 
 
 def _pair(name: str) -> tuple[Any, Any]:
@@ -86,14 +87,26 @@ _TOL4 = K._MEAN_TOL[np.dtype(np.float32)]
 _TOL8 = K._MEAN_TOL[np.dtype(np.float64)]
 
 
+@numba.njit(inline="always")
+def _wide(x):  # type: ignore[no-untyped-def]
+    """``(R, shape)``: ``R`` rows of the rows × columns view ``x`` taken as one, and the view's
+    shape so (``kernels._rows_view``)."""
+    M, W = x.shape
+    R = _widen(M, W, x.itemsize)
+    return R, (M // R, R * W)
+
+
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _fwd_mc(x, G, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untyped-def]
+    R, s2 = _wide(x)
+    x = x.reshape(s2)
+    y = y.reshape(s2)
     stream = _stream(x, y)
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     if T > 1:
-        _MC_FWD_P(x, G, w, b, eps, nrb, ncb, tw, stream, y, mean, var, invstd)
+        _MC_FWD_P(x, G, R, w, b, eps, nrb, ncb, tw, stream, y, mean, var, invstd)
     else:
-        _MC_FWD(x, G, w, b, eps, nrb, ncb, tw, stream, y, mean, var, invstd)
+        _MC_FWD(x, G, R, w, b, eps, nrb, ncb, tw, stream, y, mean, var, invstd)
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
@@ -153,13 +166,17 @@ def _fwd_channels(
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _bwd_mc(dy, x, G, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-untyped-def]
+    R, s2 = _wide(x)
+    x = x.reshape(s2)
+    dy = dy.reshape(s2)
+    dx = dx.reshape(s2)
     stream = _stream(x, dx)
     tol = _TOL4 if x.itemsize == 4 else _TOL8
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     if T > 1:
-        _MC_BWD_P(dy, x, G, mean, invstd, w, tol, nrb, ncb, tw, stream, need, dx, dw, db)
+        _MC_BWD_P(dy, x, G, R, mean, invstd, w, tol, nrb, ncb, tw, stream, need, dx, dw, db)
     else:
-        _MC_BWD(dy, x, G, mean, invstd, w, tol, nrb, ncb, tw, stream, need, dx, dw, db)
+        _MC_BWD(dy, x, G, R, mean, invstd, w, tol, nrb, ncb, tw, stream, need, dx, dw, db)
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
@@ -200,13 +217,16 @@ def _bwd_channels(dyp, xp, N, C, L, mp, ip, wp, nw, need_dx, dxp, dwp, dbp, T): 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _eval_mc(x, G, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
+    R, s2 = _wide(x)
+    x = x.reshape(s2)
+    y = y.reshape(s2)
     stream = _stream(x, y)
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     stats = T >= 0  # True, as a value (see _one)
     if T > 1:
-        _MC_EVAL_P(x, G, rm, rv, w, b, eps, stats, nrb, ncb, tw, stream, y)
+        _MC_EVAL_P(x, G, R, rm, rv, w, b, eps, stats, nrb, ncb, tw, stream, y)
     else:
-        _MC_EVAL(x, G, rm, rv, w, b, eps, stats, nrb, ncb, tw, stream, y)
+        _MC_EVAL(x, G, R, rm, rv, w, b, eps, stats, nrb, ncb, tw, stream, y)
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
@@ -245,12 +265,16 @@ def _beval_mc(dy, x, G, mean, var, w, eps, need, dx, sums, T):  # type: ignore[n
     scale = np.empty(mean.shape[0], x.dtype)
     shift = np.empty(mean.shape[0], x.dtype)
     _AFFINE(mean, var, w, w[:0], eps, scale, shift)
+    R, s2 = _wide(x)
+    x = x.reshape(s2)
+    dy = dy.reshape(s2)
+    dx = dx.reshape(s2)
     stream = _stream(x, dx) and need
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     if T > 1:
-        _MC_BEVAL_P(dy, x, G, mean, scale, nrb, ncb, tw, stream, need, dx, sums)
+        _MC_BEVAL_P(dy, x, G, R, mean, scale, nrb, ncb, tw, stream, need, dx, sums)
     else:
-        _MC_BEVAL(dy, x, G, mean, scale, nrb, ncb, tw, stream, need, dx, sums)
+        _MC_BEVAL(dy, x, G, R, mean, scale, nrb, ncb, tw, stream, need, dx, sums)
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
@@ -320,11 +344,19 @@ def _signature(dtype: Any, pass_: int) -> Any:
 
 
 #: the settings of :mod:`batchnorm.kernels` that the compiled helpers above read (``_fused``,
-#: ``_short``, ``_whole_rows``, ``_stream_for``, ``_mc_split``). Numba freezes a global's value
+#: ``_short``, ``_whole_rows``, ``_stream_for``, ``_mc_split``, ``_widen``). Numba freezes a global's value
 #: into the code it compiles, so a process's entries follow the values in force at its first
 #: call of :func:`address` (change them before the first call through the compiled node; the
 #: array API reads them at every call), and the entries' digest (:func:`_stamp`) includes them.
-TUNABLES = ("FUSED_ROWS", "LINE_BYTES", "SHORT_ROWS", "STREAM_ABOVE", "TILE_BYTES")
+TUNABLES = (
+    "FUSED_ROWS",
+    "LINE_BYTES",
+    "SHORT_ROWS",
+    "STREAM_ABOVE",
+    "TILE_BYTES",
+    "WIDE_MIN_ROWS",
+    "WIDE_ROW_BYTES",
+)
 
 
 def _stamp() -> str:

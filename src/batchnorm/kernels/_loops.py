@@ -12,9 +12,11 @@ Two canonical layouts, both C-contiguous:
   Streaming reads, even work for any C, N or L. Rows shorter than ``SHORT_ROWS`` (see
   :mod:`batchnorm.kernels`) go to the ``(M, C)`` loops instead, on the view ``(N, C·L)`` with
   ``G = L`` columns per channel.
-* ``(M, C·G)`` — rows × channels, ``G`` columns per channel (1 for 2-D inputs,
-  ``channels_last`` and ``axis=-1``; ``L`` for short channels-first rows): partial sums are kept
-  per column and added up per channel, per-channel vectors are spread over the columns. Work
+* ``(M, C·G·R)`` — rows × channels, ``G`` columns per channel (1 for 2-D inputs,
+  ``channels_last`` and ``axis=-1``; ``L`` for short channels-first rows), the ``C`` channels
+  ``R`` times in a row (``R`` consecutive rows of a rows × channels input with few channels,
+  seen as one: see :func:`batchnorm.kernels._widen`; else 1): partial sums are kept per column
+  and added up per channel, per-channel vectors are spread over the columns. Work
   unit: a block of rows (one per thread) × a tile of at most
   8 KiB of channels (narrower tiles when M is tiny); the inner loop runs along the
   contiguous channels of one row at a time and updates per-channel block sums (one row per
@@ -1017,31 +1019,32 @@ MC_PREFETCH_RUN = 1024
 
 
 @numba.njit(cache=True)
-def _spread(v, G):  # type: ignore[no-untyped-def]
-    """A per-channel vector ``v (C,)`` as the per-column vector of a grouped view ``(M, C·G)``
-    (each channel's ``G`` columns side by side): every value repeated ``G`` times (``v``
-    itself for ``G == 1``)."""
-    if G == 1:
+def _spread(v, G, R):  # type: ignore[no-untyped-def]
+    """A per-channel vector ``v (C,)`` as the per-column vector of a view ``(M, C·G·R)`` (each
+    channel's ``G`` columns side by side, the ``C`` channels ``R`` times in a row): column
+    ``j`` holds ``v[(j // G) % C]`` (``v`` itself for ``G == R == 1``)."""
+    if G == 1 and R == 1:
         return v
-    out = np.empty(v.shape[0] * G, dtype=v.dtype)
-    for c in range(v.shape[0]):
-        for g in range(G):
-            out[c * G + g] = v[c]
+    C = v.shape[0]
+    out = np.empty(C * G * R, dtype=v.dtype)
+    for j in range(C * G * R):
+        out[j] = v[(j // G) % C]
     return out
 
 
 @numba.njit(cache=True)
-def _gather(part, G):  # type: ignore[no-untyped-def]
-    """Partial sums per column ``part (P, K, C·G)`` added up per channel: ``(P, K, C)``
-    (``part`` itself for ``G == 1``)."""
-    if G == 1:
+def _gather(part, G, R):  # type: ignore[no-untyped-def]
+    """Partial sums per column ``part (P, K, C·G·R)`` added up per channel: ``(P, K, C)``
+    (``part`` itself for ``G == R == 1``)."""
+    if G == 1 and R == 1:
         return part
     P, K, W = part.shape
-    out = np.zeros((P, K, W // G))
+    C = W // (G * R)
+    out = np.zeros((P, K, C))
     for p in range(P):
         for k in range(K):
             for j in range(W):
-                out[p, k, j // G] += part[p, k, j]
+                out[p, k, (j // G) % C] += part[p, k, j]
     return out
 
 
@@ -1317,40 +1320,43 @@ def _mc_dx(dx, dy, x, r0, r1, c0, c1, mean, af, bf, df, stream):  # type: ignore
         _mc_dx_plain(dx, dy, x, r0, r1, c0, c1, mean, af, bf, df)
 
 
-def mc_forward_train(x, G, w, b, eps, nrb, ncb, tw, stream, y, mean_out, var_out, invstd_out):  # type: ignore[no-untyped-def]
-    """Training forward on ``x (M, C·G)``, ``G`` columns per channel (1 for rows × channels;
-    ``L`` for ``(N, C, L)`` with short rows seen as ``(N, C·L)``): ``nrb`` row blocks × ``ncb``
-    tiles of ``tw`` columns.
+def mc_forward_train(x, G, R, w, b, eps, nrb, ncb, tw, stream, y, mean_out, var_out, invstd_out):  # type: ignore[no-untyped-def]
+    """Training forward on ``x (M, C·G·R)``, ``G`` columns per channel (1 for rows × channels;
+    ``L`` for ``(N, C, L)`` with short rows seen as ``(N, C·L)``), the channels ``R`` times in a
+    row: ``nrb`` row blocks × ``ncb`` tiles of ``tw`` columns.
 
     Each task streams its tile of rows, adding to per-column partial shifted sums (the shift:
     the channel's first value); the partials merge per channel; the element pass reuses the
     same split.
     """
     M, W = x.shape
-    kc = np.empty(W // G, dtype=x.dtype)
-    for c in range(W // G):
-        kc[c] = x[0, c * G]
-    kk = _spread(kc, G)
+    C = W // (G * R)
+    kc = np.empty(C, dtype=x.dtype)
+    for c in range(C):
+        kc[c] = x[0, c * G]  # (every copy of a channel takes the same shift: sums add up)
+    kk = _spread(kc, G, R)
     part = np.zeros((nrb, 2, W))
     for t in prange(nrb * ncb):
         rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, W)
         _mc_shifted_sums(x, r0, r1, c0, c1, kk, part[rb, 0, c0:c1], part[rb, 1, c0:c1])
     mh, sc, sh = _finish_forward(
-        _gather(part, G), kc, M * G, w, b, eps, mean_out, var_out, invstd_out, x
+        _gather(part, G, R), kc, M * G * R, w, b, eps, mean_out, var_out, invstd_out, x
     )
-    mh, sc, sh = _spread(mh, G), _spread(sc, G), _spread(sh, G)
+    mh, sc, sh = _spread(mh, G, R), _spread(sc, G, R), _spread(sh, G, R)
     for t in prange(nrb * ncb):
         rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, W)
         _mc_affine(y, x, r0, r1, c0, c1, mh, sc, sh, stream)
 
 
-def mc_backward(dy, x, G, mean, invstd, w, tol, nrb, ncb, tw, stream, need_dx, dx, dw_out, db_out):  # type: ignore[no-untyped-def]
-    """Backward on ``(M, C·G)`` (as :func:`mc_forward_train`): partial Σdy, Σdy·(x − μ),
+def mc_backward(
+    dy, x, G, R, mean, invstd, w, tol, nrb, ncb, tw, stream, need_dx, dx, dw_out, db_out
+):  # type: ignore[no-untyped-def]
+    """Backward on ``(M, C·G·R)`` (as :func:`mc_forward_train`): partial Σdy, Σdy·(x − μ),
     Σ(x − μ) per row block and column, merged per channel, then the dx pass over the same
     split."""
     M, W = x.shape
     part = np.zeros((nrb, 3, W))
-    mean_w = _spread(mean, G)
+    mean_w = _spread(mean, G, R)
     for t in prange(nrb * ncb):
         rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, W)
         _mc_grad_sums(
@@ -1358,20 +1364,21 @@ def mc_backward(dy, x, G, mean, invstd, w, tol, nrb, ncb, tw, stream, need_dx, d
             part[rb, 0, c0:c1], part[rb, 1, c0:c1], part[rb, 2, c0:c1],
         )  # fmt: skip
     a_arr, b_arr, d_arr = _finish_backward(
-        _gather(part, G), M * G, mean, invstd, w, tol, dw_out, db_out
+        _gather(part, G, R), M * G * R, mean, invstd, w, tol, dw_out, db_out
     )
     if not need_dx:
         return
-    a_arr, b_arr, d_arr = _spread(a_arr, G), _spread(b_arr, G), _spread(d_arr, G)
+    a_arr, b_arr, d_arr = _spread(a_arr, G, R), _spread(b_arr, G, R), _spread(d_arr, G, R)
     for t in prange(nrb * ncb):
         rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, W)
         _mc_dx(dx, dy, x, r0, r1, c0, c1, mean_w, a_arr, b_arr, d_arr, stream)
 
 
-def mc_forward_eval(x, G, p0, p1, w, b, eps, stats, nrb, ncb, tw, stream, y):  # type: ignore[no-untyped-def]
-    """Inference on ``(M, C·G)``: one pass, y = x·scale + shift (as :func:`ncl_forward_eval`)."""
+def mc_forward_eval(x, G, R, p0, p1, w, b, eps, stats, nrb, ncb, tw, stream, y):  # type: ignore[no-untyped-def]
+    """Inference on ``(M, C·G·R)``: one pass, y = x·scale + shift (as
+    :func:`ncl_forward_eval`)."""
     scale, shift = _eval_coefs(p0, p1, w, b, eps, stats)
-    scale, shift = _spread(scale, G), _spread(shift, G)
+    scale, shift = _spread(scale, G, R), _spread(shift, G, R)
     M, W = x.shape
     # no mean to subtract: an empty one where the loop can skip it (plain stores); the
     # streaming loop, bound by memory anyway, subtracts zeros (skipping it there measured
@@ -1382,14 +1389,14 @@ def mc_forward_eval(x, G, p0, p1, w, b, eps, stats, nrb, ncb, tw, stream, y):  #
         _mc_affine(y, x, r0, r1, c0, c1, mu, scale, shift, stream)
 
 
-def mc_backward_eval(dy, x, G, mean, scale, nrb, ncb, tw, stream, need_dx, dx, sums_out):  # type: ignore[no-untyped-def]
-    """Backward of inference on ``(M, C·G)`` in one pass (as :func:`ncl_backward_eval`): each
+def mc_backward_eval(dy, x, G, R, mean, scale, nrb, ncb, tw, stream, need_dx, dx, sums_out):  # type: ignore[no-untyped-def]
+    """Backward of inference on ``(M, C·G·R)`` in one pass (as :func:`ncl_backward_eval`): each
     block of :data:`MC_ROWS` rows of a task's tile is summed, then its ``dx = dy·scale``
     written while it is in the core's cache."""
     M, W = x.shape
     part = np.zeros((nrb, 3, W))
-    mean_w = _spread(mean, G)
-    scale_w = _spread(scale, G)
+    mean_w = _spread(mean, G, R)
+    scale_w = _spread(scale, G, R)
     shift = np.zeros(W, dtype=x.dtype)
     mu = np.zeros(W if stream else 0, dtype=x.dtype)  # as in mc_forward_eval
     for t in prange(nrb * ncb):
@@ -1404,8 +1411,8 @@ def mc_backward_eval(dy, x, G, mean, scale, nrb, ncb, tw, stream, need_dx, dx, s
             if need_dx:
                 _mc_affine(dx, dy, i, e, c0, c1, mu, scale_w, shift, stream)
             i = e
-    sums = _gather(part, G)
-    for c in range(W // G):
+    sums = _gather(part, G, R)
+    for c in range(W // (G * R)):
         for rb in range(nrb):
             sums_out[0, c] += sums[rb, 1, c]
             sums_out[1, c] += sums[rb, 0, c]
