@@ -237,12 +237,21 @@ def test_compiled_entries_choose_streaming_as_the_array_api() -> None:
     big = K.STREAM_ABOVE // 4
     shapes = [(big // 64, 64), (big // 100 + 1, 100), (big // 600 + 1, 600), (big // 64 - 1, 64)]
     shapes += [(big // (16 * 4) + 1, 64), (big // (4 * K.FUSED_ROWS), 4, K.FUSED_ROWS)]
+    # rows of 8 channels (32 bytes: partial lines) are taken 16 at a time: whole lines
+    shapes += [(big // 8, 8)]
+    assert K._stream(np.empty((big // 8, 8), np.float32), None)
     for shape in shapes:
         x = np.empty(shape, np.float32)
         for off in (0, 4, 16):
             raw = K.empty_aligned((x.size + 16,), x.dtype)
             y = raw[off : off + x.size].reshape(shape)
-            assert _entries._stream(x, y) == K._stream(x, None, y), (shape, off)
+            # the entries choose on the view the loops run on (_entries._wide: R rows as one)
+            xw, yw = x, y
+            if x.ndim == 2:
+                reps = K._widen(*x.shape, x.itemsize)
+                xw = x.reshape(x.shape[0] // reps, -1)
+                yw = y.reshape(xw.shape)
+            assert _entries._stream(xw, yw) == K._stream(x, None, y), (shape, off)
 
 
 def test_outputs_start_on_a_cache_line():  # type: ignore[no-untyped-def]
