@@ -1282,10 +1282,10 @@ def _operator_eval(
     """Inference through torch's own operator (``torch.batch_norm``), for recorded graphs: it
     is what ``torch.nn``'s layers record, so an exported model holds one batch-norm node per
     layer — ONNX ``BatchNormalization``, ``aten.batch_norm`` in ``torch.export`` — which
-    runtimes and compilers fold into the convolution before it, and
-    which takes any batch and spatial size (the element-wise form recorded reshapes to the
-    traced input's sizes). Vectors of ``x``'s dtype are passed as they are (no casts in the
-    graph); others are converted to the compute dtype (float32 for half inputs)."""
+    runtimes and compilers fold into the convolution before it, and which takes any batch and
+    spatial size (the element-wise form recorded reshapes to the traced input's sizes).
+    Vectors of ``x``'s dtype are passed as they are (no casts in the graph); others are
+    converted to the compute dtype (float32 for half inputs)."""
     vecs = (weight, bias, mean, var)
     dt = x.dtype if all(t is None or t.dtype == x.dtype for t in vecs) else _compute_dtype(x.dtype)
 

@@ -344,10 +344,11 @@ def _signature(dtype: Any, pass_: int) -> Any:
 
 
 #: the settings of :mod:`batchnorm.kernels` that the compiled helpers above read (``_fused``,
-#: ``_short``, ``_whole_rows``, ``_stream_for``, ``_mc_split``, ``_widen``). Numba freezes a global's value
-#: into the code it compiles, so a process's entries follow the values in force at its first
-#: call of :func:`address` (change them before the first call through the compiled node; the
-#: array API reads them at every call), and the entries' digest (:func:`_stamp`) includes them.
+#: ``_short``, ``_whole_rows``, ``_stream_for``, ``_mc_split``, ``_widen``). Numba freezes a
+#: global's value into the code it compiles, so a process's entries follow the values in force
+#: at its first call of :func:`address` (change them before the first call through the
+#: compiled node; the array API reads them at every call), and the entries' digest
+#: (:func:`_stamp`) includes them.
 TUNABLES = (
     "FUSED_ROWS",
     "LINE_BYTES",
