@@ -246,11 +246,9 @@ def test_compiled_entries_choose_streaming_as_the_array_api() -> None:
             raw = K.empty_aligned((x.size + 16,), x.dtype)
             y = raw[off : off + x.size].reshape(shape)
             # the entries choose on the view the loops run on (_entries._wide: R rows as one)
-            xw, yw = x, y
-            if x.ndim == 2:
-                reps = K._widen(*x.shape, x.itemsize)
-                xw = x.reshape(x.shape[0] // reps, -1)
-                yw = y.reshape(xw.shape)
+            rows = K._rows_view(x, 1)
+            xw = x if rows is None or x.ndim == 3 else rows[0]
+            yw = y.reshape(xw.shape)
             assert _entries._stream(xw, yw) == K._stream(x, None, y), (shape, off)
 
 

@@ -1059,10 +1059,13 @@ _T = TypeVar("_T")
 
 
 def _untraced(f: Callable[..., _T], *args: Any) -> _T:
-    """``f(*args)`` with ``torch.jit.trace``'s recording paused: for checks of an input's
-    sizes, whose outcome is a constant of the trace either way — so that they record no
-    operations and raise no ``TracerWarning`` (torch.nn's layers check nothing there)."""
+    """``f(*args)``, with ``torch.jit.trace``'s recording paused while a trace is taken: for
+    checks of an input's sizes, whose outcome is a constant of the trace either way — so that
+    they record no operations and raise no ``TracerWarning`` (torch.nn's layers check nothing
+    there)."""
     state = torch._C._get_tracing_state()
+    if state is None:
+        return f(*args)
     _set_tracing_state(None)
     try:
         return f(*args)

@@ -575,12 +575,8 @@ class FrozenBatchNorm(nn.Module):
                 f"{self.layer_name()}: expected {want} input, got {input.dim()}D input of shape "
                 f"{tuple(input.shape)}. For any rank use batchnorm.FrozenBatchNorm(..., axis=...)."
             )
-        args = (input, self.num_features, self.axis, self.layer_name())
         # (while tracing: the check's outcome is a constant of the trace, as in BatchNorm)
-        if F._tracing():
-            F._untraced(F.check_channels, *args)
-        else:
-            F.check_channels(*args)
+        F._untraced(F.check_channels, input, self.num_features, self.axis, self.layer_name())
         if mask is not None:
             F.check_mask(input, mask, self.axis, self.layer_name())
         return F.batch_norm_eval(

@@ -268,12 +268,10 @@ def _stream(x: Array, stream: bool | None, out: Array | None = None) -> bool:
     if stream is not None:
         return bool(stream)
     aligned = out is None or _address(out) % LINE_BYTES == 0
-    if x.ndim == 3 and not _short(x.shape[2]):
+    rows = _rows_view(x, 1)  # the rows the loops run on: (N, C·L), R rows as one, ...
+    if rows is None:
         return _stream_for(x.nbytes, x.shape[2], 3, x.itemsize, aligned)
-    # the loops see rows × columns: (N, C·L) for short rows, R rows at a time (_rows_view)
-    M, W = (x.shape[0], x.size // x.shape[0]) if x.size else x.shape[:2]
-    run = W * _widen(M, W, x.itemsize)
-    return _stream_for(x.nbytes, run, 2, x.itemsize, aligned)
+    return _stream_for(x.nbytes, rows[0].shape[1], 2, x.itemsize, aligned)
 
 
 def _stream_for(nbytes: int, run: int, ndim: int, itemsize: int, aligned: bool) -> bool:
