@@ -34,7 +34,9 @@ NCL_SHAPES = [
     (7, 64, 3),
     (3, 4, 600),  # long rows, channels spread evenly: a channel per task
     (2, 17, 2111),  # long rows, C not a multiple of the threads
-    (5, 3, 31),  # the longest short rows: (N, C·L) for the (M, C) loops
+    (5, 3, 31),  # the longest short rows, few samples: row by row (kernels._short)
+    (121, 3, 31),  # ... samples enough (N ≥ L²/8): (N, C·L) for the (M, C) loops
+    (16, 5, 11),  # the fewest samples that take the view for rows of 11
     (3, 5, 32),  # the shortest rows the (N, C, L) loops take, pieces of whole rows
     (4, 1, 97),  # one channel of rows of a prime length
     (5, 3, 49),  # 7×7 rows: the element loops run on into the next row (kernels._loops._OVERRUN)
@@ -198,6 +200,25 @@ def test_rows_of_few_channels_are_taken_several_at_a_time() -> None:
         y_eval = F.batch_norm_eval(x.detach(), rm, rv, backend="numba")
         ref_eval = torch.nn.functional.batch_norm(x.detach(), rm, rv, training=False)
         torch.testing.assert_close(y_eval, ref_eval, rtol=1e-10, atol=1e-10)
+
+
+def test_short_rows_take_the_rows_view_when_there_are_samples_enough() -> None:
+    """``(N, C, L)`` with rows shorter than SHORT_ROWS runs the ``(M, C)`` loops on ``(N, C·L)``
+    once N ≥ L² / SHORT_N_DIVISOR (the view's cost per column against the row loop's cost per
+    row); fewer samples, and rows of SHORT_ROWS or more, stay ``(N, C, L)``."""
+    assert K.SHORT_N_DIVISOR == 8
+    for N, L, view in ((1, 1, True), (2, 4, True), (1, 4, False), (32, 16, True),
+                       (31, 16, False), (16, 11, True), (15, 11, False),
+                       (121, 31, True), (120, 31, False), (1 << 20, K.SHORT_ROWS, False)):  # fmt: skip
+        assert K._short(N, L) == view, (N, L)
+        rows = K._rows_view(np.empty((N, 3, L), np.float32), 1)
+        assert (rows is not None) == view, (N, L)
+        if view:
+            assert rows is not None and rows[1] == L and rows[0].size == N * 3 * L
+    # the compiled entries decide with the same helper
+    from batchnorm.kernels import _entries
+
+    assert _entries._short.py_func is K._short
 
 
 def test_streaming_policy_by_size_and_layout():  # type: ignore[no-untyped-def]

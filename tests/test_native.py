@@ -1046,7 +1046,15 @@ def test_the_entries_digest_holds_every_setting_their_helpers_read() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["SHORT_ROWS", "STREAM_ABOVE", "TILE_BYTES", "WIDE_ROW_BYTES", "WIDE_MIN_ROWS"]
+    "name",
+    [
+        "SHORT_N_DIVISOR",
+        "SHORT_ROWS",
+        "STREAM_ABOVE",
+        "TILE_BYTES",
+        "WIDE_ROW_BYTES",
+        "WIDE_MIN_ROWS",
+    ],
 )
 def test_the_entries_digest_changes_with_a_setting(
     name: str, monkeypatch: pytest.MonkeyPatch

@@ -113,7 +113,7 @@ def _fwd_mc(x, G, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untype
 def _fwd_ncl(x, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untyped-def]
     stream = _stream(x, y)
     N, C, L = x.shape
-    if _short(L):  # the (M, C) loops on (N, C·L), as kernels._rows_view
+    if _short(N, L):  # the (M, C) loops on (N, C·L), as kernels._rows_view
         s2 = (N, C * L)
         _fwd_mc(x.reshape(s2), L, w, b, eps, y.reshape(s2), mean, var, invstd, T)
     elif _fused(N, C, L, T):
@@ -184,7 +184,7 @@ def _bwd_ncl(dy, x, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-un
     stream = _stream(x, dx)
     tol = _TOL4 if x.itemsize == 4 else _TOL8
     N, C, L = x.shape
-    if _short(L):  # the (M, C) loops on (N, C·L), as kernels._rows_view
+    if _short(N, L):  # the (M, C) loops on (N, C·L), as kernels._rows_view
         s2 = (N, C * L)
         _bwd_mc(dy.reshape(s2), x.reshape(s2), L, mean, invstd, w, need, dx.reshape(s2), dw, db, T)
     elif _fused(N, C, L, T):
@@ -232,7 +232,7 @@ def _eval_mc(x, G, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _eval_ncl(x, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
     N, C, L = x.shape
-    if _short(L):  # the (M, C) loops on (N, C·L), as kernels._rows_view
+    if _short(N, L):  # the (M, C) loops on (N, C·L), as kernels._rows_view
         s2 = (N, C * L)
         _eval_mc(x.reshape(s2), L, rm, rv, w, b, eps, y.reshape(s2), T)
         return
@@ -280,7 +280,7 @@ def _beval_mc(dy, x, G, mean, var, w, eps, need, dx, sums, T):  # type: ignore[n
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _beval_ncl(dy, x, mean, var, w, eps, need, dx, sums, T):  # type: ignore[no-untyped-def]
     N, C, L = x.shape
-    if _short(L):  # the (M, C) loops on (N, C·L), as kernels._rows_view
+    if _short(N, L):  # the (M, C) loops on (N, C·L), as kernels._rows_view
         s2 = (N, C * L)
         _beval_mc(
             dy.reshape(s2), x.reshape(s2), L, mean, var, w, eps, need, dx.reshape(s2), sums, T
@@ -352,6 +352,7 @@ def _signature(dtype: Any, pass_: int) -> Any:
 TUNABLES = (
     "FUSED_ROWS",
     "LINE_BYTES",
+    "SHORT_N_DIVISOR",
     "SHORT_ROWS",
     "STREAM_ABOVE",
     "TILE_BYTES",
