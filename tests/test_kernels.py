@@ -180,6 +180,13 @@ def test_rows_of_few_channels_are_taken_several_at_a_time() -> None:
     assert K._widen(96, 2, 4) == 1  # 2 rows as one would leave 48 < WIDE_MIN_ROWS
     assert K._widen(1 << 20, K.WIDE_ROW_BYTES // 4, 4) == 1  # rows long enough
     assert K._widen(768, 3, 4) == 8  # 16 rows as one would leave 48 < WIDE_MIN_ROWS
+    # inference stored normally takes rows of up to EVAL_WIDE_ROW_BYTES
+    assert K._widen(65536, 32, 4, True) == K.EVAL_WIDE_ROW_BYTES // (32 * 4)
+    assert K._widen(6272, 128, 4, True) == 8 and K._widen(6272, 128, 4) == 1
+    assert K._widen(1 << 20, K.EVAL_WIDE_ROW_BYTES // 4, 4, True) == 1
+    x = np.empty((6272, 128), np.float32)
+    wide = K._rows_view(x, 2, plain_eval=True)
+    assert wide is not None and wide[2] == 8 and wide[0].shape == (784, 1024)
     for shape, reps in (((4096, 32), 4), ((1024, 3), 16), ((512, 3, 4), 8), ((4096, 5), 16)):
         rows = K._rows_view(np.empty(shape, np.float32), 2)
         assert rows is not None and rows[2] == reps, (shape, rows and rows[2])

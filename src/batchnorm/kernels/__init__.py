@@ -222,31 +222,38 @@ def _short(N: int, L: int) -> bool:
 #: cache, but with the caches flushed the backward of 100352 × 64 took 2.07–2.09 ms so
 #: against 1.92–1.94 at 512 bytes or a row at a time.
 WIDE_ROW_BYTES = 512
+#: ... and up to this many bytes for inference outputs stored normally (not streamed): with the
+#: input in memory (a 48 MB sweep before each call), rows of 512 bytes left the loop waiting on
+#: it. Kernel calls, 2 threads, medians of 41, rows of 512 bytes / 4 KiB: 6272 × 128 cold 158 /
+#: 118 µs, hot 48 / 49; 12544 × 64 177 / 123, 58 / 51; 4096 × 64 89 / 80, 27 / 28. Streamed
+#: outputs keep WIDE_ROW_BYTES (4 KiB there: 100352 × 64 cold 606 / 601, 8192 × 256 205 /
+#: 262, 12544 × 256 300 / 330)
+EVAL_WIDE_ROW_BYTES = 4096
 #: ... as long as at least this many of the longer rows remain
 WIDE_MIN_ROWS = 64
 
 
-def _widen(M: int, W: int, itemsize: int) -> int:
+def _widen(M: int, W: int, itemsize: int, plain_eval: bool = False) -> int:
     """``R``: how many consecutive rows of a rows × columns view ``(M, W)`` the ``(M, C)``
     loops take as one row of ``R·W`` columns (the per-channel vectors repeated ``R`` times) —
-    the largest power of two with ``R·W·itemsize ≤`` :data:`WIDE_ROW_BYTES` that divides ``M``
-    and leaves at least :data:`WIDE_MIN_ROWS` rows; 1 for rows long enough."""
+    the largest power of two with ``R·W·itemsize ≤`` :data:`WIDE_ROW_BYTES` (with
+    ``plain_eval``, an inference pass not streamed: :data:`EVAL_WIDE_ROW_BYTES`) that divides
+    ``M`` and leaves at least :data:`WIDE_MIN_ROWS` rows; 1 for rows long enough."""
+    limit = EVAL_WIDE_ROW_BYTES if plain_eval else WIDE_ROW_BYTES
     R = 1
-    while (
-        2 * R * W * itemsize <= WIDE_ROW_BYTES
-        and M % (2 * R) == 0
-        and M // (2 * R) >= WIDE_MIN_ROWS
-    ):
+    while 2 * R * W * itemsize <= limit and M % (2 * R) == 0 and M // (2 * R) >= WIDE_MIN_ROWS:
         R *= 2
     return R
 
 
-def _rows_view(x: Array, T: int) -> tuple[Array, int, int, tuple[int, int, int]] | None:
+def _rows_view(
+    x: Array, T: int, plain_eval: bool = False
+) -> tuple[Array, int, int, tuple[int, int, int]] | None:
     """``(view, G, R, split)``: the rows × columns view the ``(M, C)`` loops take, with ``G``
     columns per channel — ``x`` itself and 1 for a 2-D input, ``(N, C·L)`` and ``L`` for
-    ``(N, C, L)`` with short rows — and ``R`` of its rows taken as one (:func:`_widen`), and its
-    work split over ``T`` threads (:func:`_mc_split`); None for long rows (the ``(N, C, L)``
-    loops)."""
+    ``(N, C, L)`` with short rows — and ``R`` of its rows taken as one (:func:`_widen`;
+    ``plain_eval``: for an inference pass not streamed), and its work split over ``T`` threads
+    (:func:`_mc_split`); None for long rows (the ``(N, C, L)`` loops)."""
     if x.ndim == 2:
         x2, G = x, 1
     elif _short(x.shape[0], x.shape[2]):
@@ -255,7 +262,7 @@ def _rows_view(x: Array, T: int) -> tuple[Array, int, int, tuple[int, int, int]]
     else:
         return None
     M, W = x2.shape
-    R = _widen(M, W, x.itemsize)
+    R = _widen(M, W, x.itemsize, plain_eval)
     if R > 1:
         x2 = x2.reshape(M // R, R * W)
     return x2, G, R, _mc_split(x2.shape[0], x2.shape[1], T, x.itemsize)
@@ -608,7 +615,7 @@ def _eval(
     T: int,
     stream: bool,
 ) -> Array:
-    rows = _rows_view(x, T)
+    rows = _rows_view(x, T, plain_eval=not stream)
     if rows is None:
         whole = _whole_rows(x.shape[2])
         _kernel("ncl_forward_eval", T > 1)(x, p0, p1, w, b, eps, stats, T, whole, stream, y)

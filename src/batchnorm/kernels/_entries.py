@@ -88,11 +88,11 @@ _TOL8 = K._MEAN_TOL[np.dtype(np.float64)]
 
 
 @numba.njit(inline="always")
-def _wide(x):  # type: ignore[no-untyped-def]
+def _wide(x, plain_eval=False):  # type: ignore[no-untyped-def]
     """``(R, shape)``: ``R`` rows of the rows × columns view ``x`` taken as one, and the view's
     shape so (``kernels._rows_view``)."""
     M, W = x.shape
-    R = _widen(M, W, x.itemsize)
+    R = _widen(M, W, x.itemsize, plain_eval)
     return R, (M // R, R * W)
 
 
@@ -218,9 +218,11 @@ def _bwd_channels(dyp, xp, N, C, L, mp, ip, wp, nw, need_dx, dxp, dwp, dbp, T): 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _eval_mc(x, G, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
     R, s2 = _wide(x)
+    stream = _stream(x.reshape(s2), y.reshape(s2))
+    if not stream:  # stored normally: longer rows (kernels.EVAL_WIDE_ROW_BYTES)
+        R, s2 = _wide(x, True)
     x = x.reshape(s2)
     y = y.reshape(s2)
-    stream = _stream(x, y)
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     stats = T >= 0  # True, as a value (see _one)
     if T > 1:
@@ -358,6 +360,7 @@ TUNABLES = (
     "TILE_BYTES",
     "WIDE_MIN_ROWS",
     "WIDE_ROW_BYTES",
+    "EVAL_WIDE_ROW_BYTES",
 )
 
 
