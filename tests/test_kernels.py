@@ -105,7 +105,9 @@ def _check_all(x, dy, w, b, dtype, parallel, eps=1e-5, scale=1.0, stream=None): 
     centered = x64 - pm.astype(np.float64).reshape(view)
     _close(sdyx, (dy64 * centered).sum(axes), dtype, mag=float(np.abs(dy64 * centered).sum()))
     _close(sdy, dy64.sum(axes), dtype, mag=float(np.abs(dy64).sum()))
-    none, sdyx2, sdy2 = K.backward_eval(dy, x, pm, pv, w, eps, need_dx=False, parallel=parallel)
+    none, sdyx2, sdy2 = K.backward_eval(
+        dy, x, pm, pv, w, eps, need_dx=False, parallel=parallel, stream=stream
+    )
     assert none is None
     np.testing.assert_allclose(sdyx2, sdyx, rtol=1e-12, atol=1e-12 * float(np.abs(sdyx).max()))
     np.testing.assert_allclose(sdy2, sdy, rtol=1e-12, atol=1e-12 * float(np.abs(sdy).max()))
@@ -180,13 +182,18 @@ def test_rows_of_few_channels_are_taken_several_at_a_time() -> None:
     assert K._widen(96, 2, 4) == 1  # 2 rows as one would leave 48 < WIDE_MIN_ROWS
     assert K._widen(1 << 20, K.WIDE_ROW_BYTES // 4, 4) == 1  # rows long enough
     assert K._widen(768, 3, 4) == 8  # 16 rows as one would leave 48 < WIDE_MIN_ROWS
-    # inference stored normally takes rows of up to EVAL_WIDE_ROW_BYTES
-    assert K._widen(65536, 32, 4, True) == K.EVAL_WIDE_ROW_BYTES // (32 * 4)
-    assert K._widen(6272, 128, 4, True) == 8 and K._widen(6272, 128, 4) == 1
-    assert K._widen(1 << 20, K.EVAL_WIDE_ROW_BYTES // 4, 4, True) == 1
+    # outputs stored normally take rows of up to PLAIN_WIDE_ROW_BYTES, EVAL_WIDE_ROW_BYTES in
+    # inference
+    assert K._widen(65536, 32, 4, False) == K.PLAIN_WIDE_ROW_BYTES // (32 * 4)
+    assert K._widen(65536, 32, 4, False, True) == K.EVAL_WIDE_ROW_BYTES // (32 * 4)
+    assert K._widen(6272, 128, 4, False, True) == 8 and K._widen(6272, 128, 4, False) == 4
+    assert K._widen(6272, 128, 4) == 1 and K._widen(6272, 128, 4, True, True) == 1
+    assert K._widen(1 << 20, K.EVAL_WIDE_ROW_BYTES // 4, 4, False, True) == 1
     x = np.empty((6272, 128), np.float32)
-    wide = K._rows_view(x, 2, plain_eval=True)
+    wide = K._rows_view(x, 2, stream=False, inference=True)
     assert wide is not None and wide[2] == 8 and wide[0].shape == (784, 1024)
+    wide = K._rows_view(x, 2, stream=False)
+    assert wide is not None and wide[2] == 4 and wide[0].shape == (1568, 512)
     for shape, reps in (((4096, 32), 4), ((1024, 3), 16), ((512, 3, 4), 8), ((4096, 5), 16)):
         rows = K._rows_view(np.empty(shape, np.float32), 2)
         assert rows is not None and rows[2] == reps, (shape, rows and rows[2])
@@ -654,7 +661,8 @@ def test_forked_child_runs_after_parent_used_threads():
     if pid == 0:  # child: must not touch pytest; report through the exit code only
         try:
             y = K.forward_train(x, parallel=True)[0]
-            os._exit(0 if np.array_equal(y, y_parent) or np.allclose(y, y_parent) else 3)
+            # one thread sums in other blocks than two: float32 rounding apart (y is O(1))
+            os._exit(0 if np.allclose(y, y_parent, rtol=1e-5, atol=1e-5) else 3)
         except BaseException:
             os._exit(4)
     _, status = os.waitpid(pid, 0)

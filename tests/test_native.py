@@ -1054,6 +1054,7 @@ def test_the_entries_digest_holds_every_setting_their_helpers_read() -> None:
         "TILE_BYTES",
         "WIDE_ROW_BYTES",
         "WIDE_MIN_ROWS",
+        "PLAIN_WIDE_ROW_BYTES",
         "EVAL_WIDE_ROW_BYTES",
     ],
 )

@@ -222,24 +222,34 @@ def _short(N: int, L: int) -> bool:
 #: cache, but with the caches flushed the backward of 100352 × 64 took 2.07–2.09 ms so
 #: against 1.92–1.94 at 512 bytes or a row at a time.
 WIDE_ROW_BYTES = 512
-#: ... and up to this many bytes for inference outputs stored normally (not streamed): with the
-#: input in memory (a 48 MB sweep before each call), rows of 512 bytes left the loop waiting on
-#: it. Kernel calls, 2 threads, medians of 41, rows of 512 bytes / 4 KiB: 6272 × 128 cold 158 /
-#: 118 µs, hot 48 / 49; 12544 × 64 177 / 123, 58 / 51; 4096 × 64 89 / 80, 27 / 28. Streamed
-#: outputs keep WIDE_ROW_BYTES (4 KiB there: 100352 × 64 cold 606 / 601, 8192 × 256 205 /
-#: 262, 12544 × 256 300 / 330)
+#: ... and up to this many bytes when the pass's output is stored normally (not streamed: inputs
+#: under STREAM_ABOVE, rows of partial lines), where the 1 KiB slowdown above does not show.
+#: Kernel calls, 2 threads, medians of 41, rows of 512 bytes / 2 KiB / 4 KiB, caches warm and
+#: after a 48 MB sweep: 6272 × 128 forward 95 / 79 / 83 µs (cold 260 / 226 / 236), backward
+#: 137 / 117 / 127 (380 / 318 / 331); 12544 × 64 forward 112 / 88 / 94 (281 / 233 / 263),
+#: backward 151 / 126 / 143 (393 / 323 / 354); 16384 × 32 forward 82 / 67 / 71, backward
+#: 110 / 96 / 103
+PLAIN_WIDE_ROW_BYTES = 2048
+#: ... and this many for the inference pass stored normally: with the input in memory, rows of
+#: 512 bytes left the loop waiting on it. Rows of 512 bytes / 2 KiB / 4 KiB after a 48 MB sweep:
+#: 6272 × 128 158 / 129 / 118 µs (hot 48 / 52 / 49), 12544 × 64 177 / 134 / 123 (58 / 54 / 51),
+#: 4096 × 64 89 / 78 / 80. Streamed outputs keep WIDE_ROW_BYTES (4 KiB there: 100352 × 64 cold
+#: 606 / 601, 8192 × 256 205 / 262, 12544 × 256 300 / 330)
 EVAL_WIDE_ROW_BYTES = 4096
 #: ... as long as at least this many of the longer rows remain
 WIDE_MIN_ROWS = 64
 
 
-def _widen(M: int, W: int, itemsize: int, plain_eval: bool = False) -> int:
+def _widen(M: int, W: int, itemsize: int, stream: bool = True, inference: bool = False) -> int:
     """``R``: how many consecutive rows of a rows × columns view ``(M, W)`` the ``(M, C)``
     loops take as one row of ``R·W`` columns (the per-channel vectors repeated ``R`` times) —
-    the largest power of two with ``R·W·itemsize ≤`` :data:`WIDE_ROW_BYTES` (with
-    ``plain_eval``, an inference pass not streamed: :data:`EVAL_WIDE_ROW_BYTES`) that divides
-    ``M`` and leaves at least :data:`WIDE_MIN_ROWS` rows; 1 for rows long enough."""
-    limit = EVAL_WIDE_ROW_BYTES if plain_eval else WIDE_ROW_BYTES
+    the largest power of two with ``R·W·itemsize`` within :data:`WIDE_ROW_BYTES` (a streamed
+    output; also the view on which streaming is decided), :data:`PLAIN_WIDE_ROW_BYTES` (an
+    output stored normally) or :data:`EVAL_WIDE_ROW_BYTES` (the same in an ``inference`` pass)
+    that divides ``M`` and leaves at least :data:`WIDE_MIN_ROWS` rows; 1 for rows long enough."""
+    limit = WIDE_ROW_BYTES
+    if not stream:
+        limit = EVAL_WIDE_ROW_BYTES if inference else PLAIN_WIDE_ROW_BYTES
     R = 1
     while 2 * R * W * itemsize <= limit and M % (2 * R) == 0 and M // (2 * R) >= WIDE_MIN_ROWS:
         R *= 2
@@ -247,13 +257,13 @@ def _widen(M: int, W: int, itemsize: int, plain_eval: bool = False) -> int:
 
 
 def _rows_view(
-    x: Array, T: int, plain_eval: bool = False
+    x: Array, T: int, stream: bool = True, inference: bool = False
 ) -> tuple[Array, int, int, tuple[int, int, int]] | None:
     """``(view, G, R, split)``: the rows × columns view the ``(M, C)`` loops take, with ``G``
     columns per channel — ``x`` itself and 1 for a 2-D input, ``(N, C·L)`` and ``L`` for
-    ``(N, C, L)`` with short rows — and ``R`` of its rows taken as one (:func:`_widen`;
-    ``plain_eval``: for an inference pass not streamed), and its work split over ``T`` threads
-    (:func:`_mc_split`); None for long rows (the ``(N, C, L)`` loops)."""
+    ``(N, C, L)`` with short rows — and ``R`` of its rows taken as one (:func:`_widen`, for a
+    pass whose output is streamed or not, inference or not), and its work split over ``T``
+    threads (:func:`_mc_split`); None for long rows (the ``(N, C, L)`` loops)."""
     if x.ndim == 2:
         x2, G = x, 1
     elif _short(x.shape[0], x.shape[2]):
@@ -262,7 +272,7 @@ def _rows_view(
     else:
         return None
     M, W = x2.shape
-    R = _widen(M, W, x.itemsize, plain_eval)
+    R = _widen(M, W, x.itemsize, stream, inference)
     if R > 1:
         x2 = x2.reshape(M // R, R * W)
     return x2, G, R, _mc_split(x2.shape[0], x2.shape[1], T, x.itemsize)
@@ -472,7 +482,7 @@ def _forward_train(
     var = np.empty(C, x.dtype)
     invstd = np.empty(C, x.dtype)
     par = T > 1
-    rows = _rows_view(x, T)
+    rows = _rows_view(x, T, stream)
     if rows is not None:
         x2, G, R, split = rows
         y2 = y.reshape(x2.shape)
@@ -548,7 +558,7 @@ def _backward(
     buf = dx if dx is not None else x  # not written when need_dx is False
     par = T > 1
     tol = _MEAN_TOL[x.dtype]
-    rows = _rows_view(x, T)
+    rows = _rows_view(x, T, stream)
     if rows is not None:
         x2, G, R, split = rows
         outs2 = (stream, need_dx, buf.reshape(x2.shape), dw, db)
@@ -615,7 +625,7 @@ def _eval(
     T: int,
     stream: bool,
 ) -> Array:
-    rows = _rows_view(x, T, plain_eval=not stream)
+    rows = _rows_view(x, T, stream, inference=True)
     if rows is None:
         whole = _whole_rows(x.shape[2])
         _kernel("ncl_forward_eval", T > 1)(x, p0, p1, w, b, eps, stats, T, whole, stream, y)
@@ -678,18 +688,17 @@ def _backward_eval(
     need_dx = dx is not None
     buf = dx if dx is not None else x  # not written when need_dx is False
     par = T > 1
-    rows = _rows_view(x, T)
+    rows = _rows_view(x, T, stream)  # the view as asked for: the sums do not depend on need_dx
+    stream = stream and need_dx
     if rows is not None:
         x2, G, R, split = rows
         _kernel("mc_backward_eval", par)(
-            dy.reshape(x2.shape), x2, G, R, mean, scale, *split, stream and need_dx, need_dx,
+            dy.reshape(x2.shape), x2, G, R, mean, scale, *split, stream, need_dx,
             buf.reshape(x2.shape), sums,
         )  # fmt: skip
     else:
         whole = _whole_rows(x.shape[2])
-        _kernel("ncl_backward_eval", par)(
-            dy, x, mean, scale, T, whole, stream and need_dx, need_dx, buf, sums
-        )
+        _kernel("ncl_backward_eval", par)(dy, x, mean, scale, T, whole, stream, need_dx, buf, sums)
     return dx, sums[0], sums[1]
 
 

@@ -88,20 +88,25 @@ _TOL8 = K._MEAN_TOL[np.dtype(np.float64)]
 
 
 @numba.njit(inline="always")
-def _wide(x, plain_eval=False):  # type: ignore[no-untyped-def]
-    """``(R, shape)``: ``R`` rows of the rows × columns view ``x`` taken as one, and the view's
-    shape so (``kernels._rows_view``)."""
+def _wide(x, y, inference=False):  # type: ignore[no-untyped-def]
+    """``(R, shape, stream)``: ``R`` rows of the rows × columns view ``x`` taken as one, the
+    view's shape so, and whether the output ``y`` is streamed (``kernels._rows_view``: decided
+    on the view of WIDE_ROW_BYTES; an output stored normally takes longer rows)."""
     M, W = x.shape
-    R = _widen(M, W, x.itemsize, plain_eval)
-    return R, (M // R, R * W)
+    R = _widen(M, W, x.itemsize)
+    s2 = (M // R, R * W)
+    stream = _stream(x.reshape(s2), y.reshape(s2))
+    if not stream:
+        R = _widen(M, W, x.itemsize, False, inference)
+        s2 = (M // R, R * W)
+    return R, s2, stream
 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _fwd_mc(x, G, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untyped-def]
-    R, s2 = _wide(x)
+    R, s2, stream = _wide(x, y)
     x = x.reshape(s2)
     y = y.reshape(s2)
-    stream = _stream(x, y)
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     if T > 1:
         _MC_FWD_P(x, G, R, w, b, eps, nrb, ncb, tw, stream, y, mean, var, invstd)
@@ -166,11 +171,10 @@ def _fwd_channels(
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _bwd_mc(dy, x, G, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-untyped-def]
-    R, s2 = _wide(x)
+    R, s2, stream = _wide(x, dx)
     x = x.reshape(s2)
     dy = dy.reshape(s2)
     dx = dx.reshape(s2)
-    stream = _stream(x, dx)
     tol = _TOL4 if x.itemsize == 4 else _TOL8
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     if T > 1:
@@ -217,10 +221,7 @@ def _bwd_channels(dyp, xp, N, C, L, mp, ip, wp, nw, need_dx, dxp, dwp, dbp, T): 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _eval_mc(x, G, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
-    R, s2 = _wide(x)
-    stream = _stream(x.reshape(s2), y.reshape(s2))
-    if not stream:  # stored normally: longer rows (kernels.EVAL_WIDE_ROW_BYTES)
-        R, s2 = _wide(x, True)
+    R, s2, stream = _wide(x, y, True)
     x = x.reshape(s2)
     y = y.reshape(s2)
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
@@ -267,11 +268,11 @@ def _beval_mc(dy, x, G, mean, var, w, eps, need, dx, sums, T):  # type: ignore[n
     scale = np.empty(mean.shape[0], x.dtype)
     shift = np.empty(mean.shape[0], x.dtype)
     _AFFINE(mean, var, w, w[:0], eps, scale, shift)
-    R, s2 = _wide(x)
+    R, s2, stream = _wide(x, dx)
+    stream = stream and need
     x = x.reshape(s2)
     dy = dy.reshape(s2)
     dx = dx.reshape(s2)
-    stream = _stream(x, dx) and need
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
     if T > 1:
         _MC_BEVAL_P(dy, x, G, R, mean, scale, nrb, ncb, tw, stream, need, dx, sums)
@@ -360,6 +361,7 @@ TUNABLES = (
     "TILE_BYTES",
     "WIDE_MIN_ROWS",
     "WIDE_ROW_BYTES",
+    "PLAIN_WIDE_ROW_BYTES",
     "EVAL_WIDE_ROW_BYTES",
 )
 
