@@ -939,6 +939,37 @@ def _eval_grad_span(dxr, dr, xr, lo, hi, m, sc, zero, need_dx, stream, buf):  # 
     return s0, s1
 
 
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _eval_grad_row(dxs, ds, xs, n, m, sc, zero, need_dx):  # type: ignore[no-untyped-def]
+    """Σdy and Σdy·(x − m) over a whole short row ``[:n]`` (n < FUSED_ROWS ≤ CHUNK) summed in
+    the dtype — again in float64 when not finite — and ``dx = dy·sc`` written in the same
+    sweep when ``need_dx``. (Through :func:`_grad_sums` and a second loop for dx, rows of 20
+    values took 1.7× the time: 29.8 against 17.5 µs on 8×512×20, 2 threads.)"""
+    p = zero
+    q = zero
+    if need_dx:
+        for i in range(n):
+            g = ds[i]
+            p += g
+            q += g * (xs[i] - m)
+            dxs[i] = g * sc
+    else:
+        for i in range(n):
+            g = ds[i]
+            p += g
+            q += g * (xs[i] - m)
+    if math.isfinite(p) and math.isfinite(q):
+        return np.float64(p), np.float64(q)
+    m64 = np.float64(m)
+    s0 = 0.0
+    s1 = 0.0
+    for i in range(n):
+        g64 = np.float64(ds[i])
+        s0 += g64
+        s1 += g64 * (np.float64(xs[i]) - m64)
+    return s0, s1
+
+
 def ncl_backward_eval(dy, x, mean, scale, T, whole, stream, need_dx, dx, sums_out):  # type: ignore[no-untyped-def]
     """Backward of inference on ``(N, C, L)`` in one pass: ``dx = dy·scale`` and the per-channel
     Σdy·(x − mean), Σdy added to ``sums_out (2, C)`` (float64). Nothing waits on the sums, so
@@ -959,11 +990,9 @@ def ncl_backward_eval(dy, x, mean, scale, T, whole, stream, need_dx, dx, sums_ou
             r0, r1 = _piece(t, T, R)
             c = r0 % C
             for r in range(r0, r1):
-                s0, s1, _ = _grad_sums(dyr[r], xr[r], 0, L, mean[c], zero)
+                s0, s1 = _eval_grad_row(dxr[r], dyr[r], xr[r], L, mean[c], scale[c], zero, need_dx)
                 p0[c] += s0
                 p1[c] += s1
-                if need_dx:
-                    _affine_plain(dxr[r], dyr[r], 0, L, zero, scale[c], zero)
                 c = _next_channel(c, C)
         elif whole:  # streaming dx: the same whole-row pieces, so the sums add up alike
             r0, r1 = _piece(t, T, R)
