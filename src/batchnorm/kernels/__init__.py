@@ -688,8 +688,8 @@ def _backward_eval(
     need_dx = dx is not None
     buf = dx if dx is not None else x  # not written when need_dx is False
     par = T > 1
-    rows = _rows_view(x, T, stream)  # the view as asked for: the sums do not depend on need_dx
-    stream = stream and need_dx
+    # streaming as asked for, also without dx: the loops' sums then do not depend on need_dx
+    rows = _rows_view(x, T, stream)
     if rows is not None:
         x2, G, R, split = rows
         _kernel("mc_backward_eval", par)(

@@ -268,8 +268,7 @@ def _beval_mc(dy, x, G, mean, var, w, eps, need, dx, sums, T):  # type: ignore[n
     scale = np.empty(mean.shape[0], x.dtype)
     shift = np.empty(mean.shape[0], x.dtype)
     _AFFINE(mean, var, w, w[:0], eps, scale, shift)
-    R, s2, stream = _wide(x, dx)
-    stream = stream and need
+    R, s2, stream = _wide(x, dx)  # streaming also without dx, as the array API takes it
     x = x.reshape(s2)
     dy = dy.reshape(s2)
     dx = dx.reshape(s2)
@@ -292,7 +291,7 @@ def _beval_ncl(dy, x, mean, var, w, eps, need, dx, sums, T):  # type: ignore[no-
     scale = np.empty(C, x.dtype)
     shift = np.empty(C, x.dtype)
     _AFFINE(mean, var, w, w[:0], eps, scale, shift)
-    stream = _stream(x, dx) and need
+    stream = _stream(x, dx)  # also without dx, as the array API takes it
     whole = _whole_rows(L)
     if T > 1:
         _NCL_BEVAL_P(dy, x, mean, scale, T, whole, stream, need, dx, sums)

@@ -1248,6 +1248,66 @@ def _mc_grad_sums(dy, x, r0, r1, c0, c1, mean, p1, p2, p3):  # type: ignore[no-u
 
 
 @numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
+def _mc_eval_grad(dy, x, r0, r1, c0, c1, mean, scale, p1, p2, need_dx, dx):  # type: ignore[no-untyped-def]
+    """Add Σdy and Σdy·(x − mean) over rows ``[r0, r1)`` of channels ``[c0, c1)`` to ``p1``,
+    ``p2`` (float64), blocks of :data:`MC_ROWS` rows summed in the dtype as in
+    :func:`_mc_grad_sums`, and write ``dx = dy·scale`` (plain stores) in the same sweep when
+    ``need_dx``: the inference backward reads dy and x once. (Summing with
+    :func:`_mc_grad_sums`, then writing dx from the block in cache: 1.6–1.9× the time of a
+    one-sweep loop on 16384 × 32 to 6272 × 128, 2 threads, in the cache.)"""
+    n = c1 - c0
+    mv = mean[c0:c1]
+    sv = scale[c0:c1]
+    zero = x.dtype.type(0)
+    s1 = np.empty(n, x.dtype)
+    s2 = np.empty(n, x.dtype)
+    i = r0
+    while i < r1:
+        e = min(i + MC_ROWS, r1)
+        for c in range(n):
+            s1[c] = 0
+            s2[c] = 0
+        if need_dx:
+            for r in range(i, e):
+                xs = x[r, c0:c1]
+                gs = dy[r, c0:c1]
+                os_ = dx[r, c0:c1]
+                for c in range(n):
+                    g = gs[c]
+                    s1[c] += g
+                    s2[c] += g * (xs[c] - mv[c])
+                    os_[c] = g * sv[c]
+        else:
+            for r in range(i, e):
+                xs = x[r, c0:c1]
+                gs = dy[r, c0:c1]
+                for c in range(n):
+                    g = gs[c]
+                    s1[c] += g
+                    s2[c] += g * (xs[c] - mv[c])
+        bad = zero  # NaN unless every block sum is finite, as in _mc_grad_sums
+        for c in range(n):
+            bad += (s1[c] + s2[c]) * zero
+        if bad == 0:
+            for c in range(n):
+                p1[c] += np.float64(s1[c])
+            for c in range(n):
+                p2[c] += np.float64(s2[c])
+        else:
+            for c in range(n):
+                if math.isfinite(s1[c]) and math.isfinite(s2[c]):
+                    p1[c] += np.float64(s1[c])
+                    p2[c] += np.float64(s2[c])
+                else:
+                    m64 = np.float64(mv[c])
+                    for r in range(i, e):
+                        g64 = np.float64(dy[r, c0 + c])
+                        p1[c] += g64
+                        p2[c] += g64 * (np.float64(x[r, c0 + c]) - m64)
+        i = e
+
+
+@numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
 def _mc_affine_centered(y, x, r0, r1, c0, c1, mu, sc, sh):  # type: ignore[no-untyped-def]
     mv = mu[c0:c1]
     sv = sc[c0:c1]
@@ -1424,9 +1484,11 @@ def mc_forward_eval(x, G, R, p0, p1, w, b, eps, stats, nrb, ncb, tw, stream, y):
 
 
 def mc_backward_eval(dy, x, G, R, mean, scale, nrb, ncb, tw, stream, need_dx, dx, sums_out):  # type: ignore[no-untyped-def]
-    """Backward of inference on ``(M, C·G·R)`` in one pass (as :func:`ncl_backward_eval`): each
-    block of :data:`MC_ROWS` rows of a task's tile is summed, then its ``dx = dy·scale``
-    written while it is in the core's cache."""
+    """Backward of inference on ``(M, C·G·R)`` in one pass (as :func:`ncl_backward_eval`):
+    with ``dx`` stored normally each row of a task's tile is summed and its ``dx = dy·scale``
+    written in the same sweep (:func:`_mc_eval_grad`); streamed (``stream``: asked for, also
+    without ``need_dx``, so that the sums do not depend on it), each block of :data:`MC_ROWS`
+    rows is summed, then its dx streamed out while the block is in the core's cache."""
     M, W = x.shape
     part = np.zeros((nrb, 3, W))
     mean_w = _spread(mean, G, R)
@@ -1435,6 +1497,11 @@ def mc_backward_eval(dy, x, G, R, mean, scale, nrb, ncb, tw, stream, need_dx, dx
     mu = np.zeros(W if stream else 0, dtype=x.dtype)  # as in mc_forward_eval
     for t in prange(nrb * ncb):
         rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, W)
+        if not stream:
+            p0 = part[rb, 0, c0:c1]
+            p1 = part[rb, 1, c0:c1]
+            _mc_eval_grad(dy, x, r0, r1, c0, c1, mean_w, scale_w, p0, p1, need_dx, dx)
+            continue
         i = r0
         while i < r1:
             e = min(i + MC_ROWS, r1)
