@@ -1492,8 +1492,9 @@ def mc_backward_eval(dy, x, G, R, mean, scale, nrb, ncb, tw, stream, need_dx, dx
     part = np.zeros((nrb, 3, W))
     mean_w = _spread(mean, G, R)
     scale_w = _spread(scale, G, R)
-    shift = np.zeros(W, dtype=x.dtype)
-    mu = np.zeros(W if stream else 0, dtype=x.dtype)  # as in mc_forward_eval
+    # the streamed block loop's zero shift and mean (see mc_forward_eval); unused otherwise
+    shift = np.zeros(W if stream else 0, dtype=x.dtype)
+    mu = np.zeros(W if stream else 0, dtype=x.dtype)
     for t in prange(nrb * ncb):
         rb, r0, r1, c0, c1 = _tile(t, nrb, ncb, tw, M, W)
         if not stream:
