@@ -4,6 +4,7 @@ plain-torch backend: odd shapes, both layouts, both dtypes, threads on and off, 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,6 +265,65 @@ def test_streaming_policy_by_size_and_layout():  # type: ignore[no-untyped-def]
         assert K._stream(x, True, off) and not K._stream(x, False, on)
 
 
+def test_outputs_whose_pass_fits_half_the_cache_are_stored_normally(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Above STREAM_ABOVE, an output is stored normally while the arrays its pass reads and
+    writes (2 forward, 3 backward) fill at most half of the last-level cache: on the (M, C)
+    loops in every pass, on (N, C, L) in inference only."""
+    monkeypatch.setattr(K, "LLC_BYTES", 48 << 20)  # half: 24 MiB
+    for nbytes, fwd_kept, bwd_kept in (
+        (K.STREAM_ABOVE, True, True),
+        (8 << 20, True, True),
+        ((8 << 20) + 8192, True, False),
+        (12 << 20, True, False),
+        ((12 << 20) + 8192, False, False),
+    ):
+        n = nbytes // 4
+        mc = np.empty((n // 64, 64), np.float32)  # rows of whole lines: streamed by size
+        ncl = np.empty((n // (2 * 1024), 2, 1024), np.float32)  # long rows: streamed by size
+        grouped = np.empty((n // (16 * 4), 16, 4), np.float32)  # the (M, C) loops' view
+        assert mc.nbytes == ncl.nbytes == grouped.nbytes == nbytes
+        for x in (mc, ncl, grouped):
+            assert K._stream(x, None)  # no pass named: by size
+            assert K._stream(x, None, tensors=2, inference=True) != fwd_kept, (x.shape, nbytes)
+            assert K._stream(x, None, tensors=3, inference=True) != bwd_kept, (x.shape, nbytes)
+            assert K._stream(x, True, tensors=2, inference=True)  # forced stays forced
+        for x in (mc, grouped):
+            assert K._stream(x, None, tensors=2) != fwd_kept
+            assert K._stream(x, None, tensors=3) != bwd_kept
+        assert K._stream(ncl, None, tensors=2) and K._stream(ncl, None, tensors=3)  # training
+    # an unknown cache size keeps the STREAM_ABOVE rule for every pass
+    monkeypatch.setattr(K, "LLC_BYTES", 0)
+    x = np.empty((K.STREAM_ABOVE // 256, 64), np.float32)
+    assert K._stream(x, None, tensors=2, inference=True)
+    # below STREAM_ABOVE nothing streams, whatever the cache
+    small = np.empty(((K.STREAM_ABOVE - 256) // 256, 64), np.float32)
+    assert not K._stream(small, None) and not K._stream(small, None, tensors=2)
+
+
+def test_last_level_cache_size_from_sysfs(tmp_path: Path) -> None:
+    """The highest-level data or unified cache of cpu0; 0 when sysfs has none."""
+    for name, kind, level, size in (
+        ("index0", "Data", 1, "48K"),
+        ("index1", "Instruction", 1, "32K"),
+        ("index2", "Unified", 2, "1024K"),
+        ("index3", "Unified", 3, "32768K"),
+        ("other", "Unified", 9, "1G"),  # not a cache index
+    ):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "type").write_text(kind + "\n")
+        (d / "level").write_text(f"{level}\n")
+        (d / "size").write_text(size + "\n")
+    assert K._llc_bytes(str(tmp_path)) == 32 << 20
+    (tmp_path / "index3" / "size").write_text("2M\n")
+    assert K._llc_bytes(str(tmp_path)) == 2 << 20
+    (tmp_path / "index3" / "size").write_text("unreadable\n")
+    assert K._llc_bytes(str(tmp_path)) == 1 << 20  # the level-2 cache then
+    assert K._llc_bytes(str(tmp_path / "missing")) == 0
+
+
 def test_compiled_entries_choose_streaming_as_the_array_api() -> None:
     """The entries the compiled node calls pick streaming stores by the same rule, output
     start included."""
@@ -274,6 +334,10 @@ def test_compiled_entries_choose_streaming_as_the_array_api() -> None:
     shapes += [(big // (16 * 4) + 1, 64), (big // (4 * K.FUSED_ROWS), 4, K.FUSED_ROWS)]
     # rows of 8 channels (32 bytes: partial lines) are taken 16 at a time: whole lines
     shapes += [(big // 8, 8)]
+    # forward and backward arrays that fill half the cache, and just more (where it is known)
+    for part in (K.LLC_BYTES // 16, K.LLC_BYTES // 24):  # float32 values
+        if part // 64 > big // 64:
+            shapes += [(part // 64, 64), (part // 64 + 1, 64), (part // 1024, 2, 512)]
     assert K._stream(np.empty((big // 8, 8), np.float32), None)
     for shape in shapes:
         x = np.empty(shape, np.float32)
@@ -285,6 +349,10 @@ def test_compiled_entries_choose_streaming_as_the_array_api() -> None:
             xw = x if rows is None or x.ndim == 3 else rows[0]
             yw = y.reshape(xw.shape)
             assert _entries._stream(xw, yw) == K._stream(x, None, y), (shape, off)
+            # outputs the cache may keep (the entries froze LLC_BYTES)
+            for t in (2, 3):
+                kept = K._stream(x, None, y, tensors=t, inference=True)
+                assert _entries._stream(xw, yw, t) == kept, (shape, off, t)
 
 
 def test_outputs_start_on_a_cache_line():  # type: ignore[no-untyped-def]

@@ -1051,6 +1051,7 @@ def test_the_entries_digest_holds_every_setting_their_helpers_read() -> None:
         "SHORT_N_DIVISOR",
         "SHORT_ROWS",
         "STREAM_ABOVE",
+        "LLC_BYTES",
         "TILE_BYTES",
         "WIDE_ROW_BYTES",
         "WIDE_MIN_ROWS",

@@ -129,7 +129,7 @@ def _train(
         float(eps),
         ya,
         K._threads(xa.size, None),
-        K._stream(xa, None, ya),
+        K._stream(xa, None, ya, tensors=2),
     )
     return ya, mean, var, invstd
 
@@ -230,7 +230,7 @@ class NumbaBackend:
             _vec(weight, x.dtype),
             dxa,
             T,
-            K._stream(xa, None, dxa),
+            K._stream(xa, None, dxa, tensors=3),
         )
         return (
             (None if dxa is None else torch.from_numpy(dxa)),
@@ -267,7 +267,7 @@ class NumbaBackend:
             float(eps),
             dxa,
             T,
-            K._stream(xa, None, dxa),
+            K._stream(xa, None, dxa, tensors=3, inference=True),
         )
         dx = None if dxa is None else torch.from_numpy(dxa)
         return dx, torch.from_numpy(sdyx), torch.from_numpy(sdy)
@@ -329,7 +329,7 @@ class NumbaBackend:
             float(eps),
             ya,
             K._threads(xa.size, None),
-            K._stream(xa, None, ya),
+            K._stream(xa, None, ya, tensors=2, inference=True),
         )
         return torch.from_numpy(ya)
 

@@ -75,11 +75,12 @@ def _one(L):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always")
-def _stream(x, y):  # type: ignore[no-untyped-def]
+def _stream(x, y, tensors=0):  # type: ignore[no-untyped-def]
     """Streaming stores for the output ``y`` like ``x``: the array API's choice
-    (``kernels._stream``)."""
+    (``kernels._stream``; ``tensors``: the pass's arrays of x's size when the cache may keep
+    its output, see ``kernels._stream_for``)."""
     aligned = _address(y) % K.LINE_BYTES == 0
-    return _stream_for(x.size * x.itemsize, x.shape[-1], x.ndim, x.itemsize, aligned)
+    return _stream_for(x.size * x.itemsize, x.shape[-1], x.ndim, x.itemsize, aligned, tensors)
 
 
 # the backward's mean tolerance (see ``kernels._MEAN_TOL``), by itemsize
@@ -88,14 +89,15 @@ _TOL8 = K._MEAN_TOL[np.dtype(np.float64)]
 
 
 @numba.njit(inline="always")
-def _wide(x, y, inference=False):  # type: ignore[no-untyped-def]
+def _wide(x, y, inference=False, tensors=0):  # type: ignore[no-untyped-def]
     """``(R, shape, stream)``: ``R`` rows of the rows × columns view ``x`` taken as one, the
     view's shape so, and whether the output ``y`` is streamed (``kernels._rows_view``: decided
-    on the view of WIDE_ROW_BYTES; an output stored normally takes longer rows)."""
+    on the view of WIDE_ROW_BYTES; an output stored normally takes longer rows; ``tensors``:
+    as ``_stream``)."""
     M, W = x.shape
     R = _widen(M, W, x.itemsize)
     s2 = (M // R, R * W)
-    stream = _stream(x.reshape(s2), y.reshape(s2))
+    stream = _stream(x.reshape(s2), y.reshape(s2), tensors)
     if not stream:
         R = _widen(M, W, x.itemsize, False, inference)
         s2 = (M // R, R * W)
@@ -104,7 +106,7 @@ def _wide(x, y, inference=False):  # type: ignore[no-untyped-def]
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _fwd_mc(x, G, w, b, eps, y, mean, var, invstd, T):  # type: ignore[no-untyped-def]
-    R, s2, stream = _wide(x, y)
+    R, s2, stream = _wide(x, y, False, 2)
     x = x.reshape(s2)
     y = y.reshape(s2)
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
@@ -171,7 +173,7 @@ def _fwd_channels(
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _bwd_mc(dy, x, G, mean, invstd, w, need, dx, dw, db, T):  # type: ignore[no-untyped-def]
-    R, s2, stream = _wide(x, dx)
+    R, s2, stream = _wide(x, dx, False, 3)
     x = x.reshape(s2)
     dy = dy.reshape(s2)
     dx = dx.reshape(s2)
@@ -221,7 +223,7 @@ def _bwd_channels(dyp, xp, N, C, L, mp, ip, wp, nw, need_dx, dxp, dwp, dbp, T): 
 
 @numba.njit  # not cached itself: compiled into the cached entries (see _stamp)
 def _eval_mc(x, G, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
-    R, s2, stream = _wide(x, y, True)
+    R, s2, stream = _wide(x, y, True, 2)
     x = x.reshape(s2)
     y = y.reshape(s2)
     nrb, ncb, tw = _mc_split(x.shape[0], x.shape[1], T, x.itemsize)
@@ -239,7 +241,7 @@ def _eval_ncl(x, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
         s2 = (N, C * L)
         _eval_mc(x.reshape(s2), L, rm, rv, w, b, eps, y.reshape(s2), T)
         return
-    stream = _stream(x, y)
+    stream = _stream(x, y, 2)
     whole = _whole_rows(L)
     stats = T >= 0  # True, as a value (see _one)
     if T > 1:
@@ -268,7 +270,7 @@ def _beval_mc(dy, x, G, mean, var, w, eps, need, dx, sums, T):  # type: ignore[n
     scale = np.empty(mean.shape[0], x.dtype)
     shift = np.empty(mean.shape[0], x.dtype)
     _AFFINE(mean, var, w, w[:0], eps, scale, shift)
-    R, s2, stream = _wide(x, dx)  # streaming also without dx, as the array API takes it
+    R, s2, stream = _wide(x, dx, False, 3)  # also without dx, as the array API takes it
     x = x.reshape(s2)
     dy = dy.reshape(s2)
     dx = dx.reshape(s2)
@@ -291,7 +293,7 @@ def _beval_ncl(dy, x, mean, var, w, eps, need, dx, sums, T):  # type: ignore[no-
     scale = np.empty(C, x.dtype)
     shift = np.empty(C, x.dtype)
     _AFFINE(mean, var, w, w[:0], eps, scale, shift)
-    stream = _stream(x, dx)  # also without dx, as the array API takes it
+    stream = _stream(x, dx, 3)  # also without dx, as the array API takes it
     whole = _whole_rows(L)
     if T > 1:
         _NCL_BEVAL_P(dy, x, mean, scale, T, whole, stream, need, dx, sums)
@@ -357,6 +359,7 @@ TUNABLES = (
     "SHORT_N_DIVISOR",
     "SHORT_ROWS",
     "STREAM_ABOVE",
+    "LLC_BYTES",
     "TILE_BYTES",
     "WIDE_MIN_ROWS",
     "WIDE_ROW_BYTES",
