@@ -66,6 +66,12 @@ def test_run_and_cli_write_consistent_json(tmp_path, capsys):
     assert target["met"] == (case["ours_over_torch"]["fwd+bwd"] <= 1.0)
     assert set(data["machine"]) >= {"cpu", "cores", "loadavg_before", "numba_threads", "busy"}
     assert ("WARNING" in table) == data["machine"]["busy"]
+    # the cache size the streaming policy used, said where known
+    from batchnorm import kernels
+
+    llc = data["machine"]["llc_bytes"]
+    assert llc == kernels.LLC_BYTES
+    assert ("MiB last-level cache;" in table) == (llc > 0)
     assert not list(path.parent.glob(".bench-*"))  # the temporary file was renamed away
 
 

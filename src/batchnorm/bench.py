@@ -347,10 +347,14 @@ def _machine(
     :func:`cpu_sample` taken when it started)."""
     import numba
 
+    from batchnorm import kernels
+
     share = other_share(sample_before, cpu_sample())
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
+        # the size the kernels' streaming policy reads (0: unknown)
+        "llc_bytes": kernels.LLC_BYTES,
         "torch_threads": torch.get_num_threads(),
         "numba_threads": numba.get_num_threads(),
         "loadavg_before": list(load_before),
@@ -673,8 +677,10 @@ def machine_lines(data: dict[str, Any], measured: str, unit: str) -> list[str]:
             "scheduler"
         )
     others = "" if share is None else f"; other processes {share:.0%} of the CPU"
+    llc = m.get("llc_bytes")  # (absent from older results)
+    cache = f", {llc / 2**20:g} MiB last-level cache" if llc else ""
     out.append(
-        f"- machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} ({m['torch_threads']} "
+        f"- machine: {m['cpu']}, {m['cores']} cores{cache}; torch {m['torch']} ({m['torch_threads']} "
         f"threads), numba {m['numba']} ({m['numba_threads']} threads); load average "
         f"{m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after{others}; "
         f"{data['dtype']}, median of {data['repeats']}{unit}{_over_processes(data)}; "
