@@ -268,9 +268,9 @@ def test_streaming_policy_by_size_and_layout():  # type: ignore[no-untyped-def]
 def test_outputs_whose_pass_fits_half_the_cache_are_stored_normally(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Above STREAM_ABOVE, an output is stored normally while the arrays its pass reads and
-    writes (2 forward, 3 backward) fill at most half of the last-level cache: on the (M, C)
-    loops in every pass, on (N, C, L) in inference only."""
+    """Above STREAM_ABOVE, an output of the (M, C) loops is stored normally while the arrays
+    its pass reads and writes (2 forward, 3 backward) fill at most half of the last-level
+    cache; channels-first long rows stream by size alone."""
     monkeypatch.setattr(K, "LLC_BYTES", 48 << 20)  # half: 24 MiB
     for nbytes, fwd_kept, bwd_kept in (
         (K.STREAM_ABOVE, True, True),
@@ -284,19 +284,16 @@ def test_outputs_whose_pass_fits_half_the_cache_are_stored_normally(
         ncl = np.empty((n // (2 * 1024), 2, 1024), np.float32)  # long rows: streamed by size
         grouped = np.empty((n // (16 * 4), 16, 4), np.float32)  # the (M, C) loops' view
         assert mc.nbytes == ncl.nbytes == grouped.nbytes == nbytes
-        for x in (mc, ncl, grouped):
-            assert K._stream(x, None)  # no pass named: by size
-            assert K._stream(x, None, tensors=2, inference=True) != fwd_kept, (x.shape, nbytes)
-            assert K._stream(x, None, tensors=3, inference=True) != bwd_kept, (x.shape, nbytes)
-            assert K._stream(x, True, tensors=2, inference=True)  # forced stays forced
         for x in (mc, grouped):
-            assert K._stream(x, None, tensors=2) != fwd_kept
-            assert K._stream(x, None, tensors=3) != bwd_kept
-        assert K._stream(ncl, None, tensors=2) and K._stream(ncl, None, tensors=3)  # training
+            assert K._stream(x, None)  # no pass named: by size
+            assert K._stream(x, None, tensors=2) != fwd_kept, (x.shape, nbytes)
+            assert K._stream(x, None, tensors=3) != bwd_kept, (x.shape, nbytes)
+            assert K._stream(x, True, tensors=2)  # forced stays forced
+        assert K._stream(ncl, None, tensors=2) and K._stream(ncl, None, tensors=3)
     # an unknown cache size keeps the STREAM_ABOVE rule for every pass
     monkeypatch.setattr(K, "LLC_BYTES", 0)
     x = np.empty((K.STREAM_ABOVE // 256, 64), np.float32)
-    assert K._stream(x, None, tensors=2, inference=True)
+    assert K._stream(x, None, tensors=2)
     # below STREAM_ABOVE nothing streams, whatever the cache
     small = np.empty(((K.STREAM_ABOVE - 256) // 256, 64), np.float32)
     assert not K._stream(small, None) and not K._stream(small, None, tensors=2)
@@ -351,8 +348,8 @@ def test_compiled_entries_choose_streaming_as_the_array_api() -> None:
             assert _entries._stream(xw, yw) == K._stream(x, None, y), (shape, off)
             # outputs the cache may keep (the entries froze LLC_BYTES)
             for t in (2, 3):
-                kept = K._stream(x, None, y, tensors=t, inference=True)
-                assert _entries._stream(xw, yw, t) == kept, (shape, off, t)
+                kept = K._stream(x, None, y, tensors=t)
+                assert _entries._stream(xw, yw, t if x.ndim == 2 else 0) == kept, (shape, off, t)
 
 
 def test_outputs_start_on_a_cache_line():  # type: ignore[no-untyped-def]

@@ -267,7 +267,7 @@ class NumbaBackend:
             float(eps),
             dxa,
             T,
-            K._stream(xa, None, dxa, tensors=3, inference=True),
+            K._stream(xa, None, dxa, tensors=3),
         )
         dx = None if dxa is None else torch.from_numpy(dxa)
         return dx, torch.from_numpy(sdyx), torch.from_numpy(sdy)
@@ -329,7 +329,7 @@ class NumbaBackend:
             float(eps),
             ya,
             K._threads(xa.size, None),
-            K._stream(xa, None, ya, tensors=2, inference=True),
+            K._stream(xa, None, ya, tensors=2),
         )
         return torch.from_numpy(ya)
 

@@ -323,18 +323,11 @@ def _whole_rows(L: int) -> bool:
     return L < FUSED_ROWS
 
 
-def _stream(
-    x: Array,
-    stream: bool | None,
-    out: Array | None = None,
-    *,
-    tensors: int = 0,
-    inference: bool = False,
-) -> bool:
+def _stream(x: Array, stream: bool | None, out: Array | None = None, *, tensors: int = 0) -> bool:
     """Streaming stores for the output like ``x``: big outputs written in long runs, unless the
-    cache may keep the output: ``tensors`` is the number of arrays of x's size the pass reads
-    and writes (2 for a forward pass, 3 for a backward; 0: streamed by size alone) — on the
-    ``(M, C)`` loops, and on ``(N, C, L)`` in ``inference`` (see :func:`_stream_for`). Short
+    cache may keep the output of the ``(M, C)`` loops: ``tensors`` is the number of arrays of
+    x's size the pass reads and writes (2 for a forward pass, 3 for a backward; 0: streamed by
+    size alone; see :func:`_stream_for`). Short
     rows that do not fill whole 64-byte lines interleave too many partial lines for the
     write-combining buffers; on ``(M, C)`` a thread's block of rows is one run when each row
     is whole lines and the output ``out`` starts on a line (as :func:`empty_aligned` and
@@ -346,9 +339,8 @@ def _stream(
         return bool(stream)
     aligned = out is None or _address(out) % LINE_BYTES == 0
     rows = _rows_view(x, 1)  # the rows the loops run on: (N, C·L), R rows as one, ...
-    if rows is None:
-        kept = tensors if inference else 0
-        return _stream_for(x.nbytes, x.shape[2], 3, x.itemsize, aligned, kept)
+    if rows is None:  # channels-first long rows: by size (see _stream_for)
+        return _stream_for(x.nbytes, x.shape[2], 3, x.itemsize, aligned)
     return _stream_for(x.nbytes, rows[0].shape[1], 2, x.itemsize, aligned, tensors)
 
 
@@ -358,15 +350,18 @@ def _stream_for(
     """:func:`_stream`'s choice from the sizes: ``run`` is the last axis (the row length of
     ``(N, C, L)``, the channels of ``(M, C)``); ``aligned``: the output starts on a line;
     ``tensors``: the pass's arrays of this size, whose output is stored normally while they
-    fill at most half of the last-level cache (:data:`LLC_BYTES`): the next call finds them
-    there, where a streamed output goes to memory. Through the modules, one process
-    alternating the choices with torch's module (medians of 96, 32 MiB L3): 4–8 MiB rows ×
-    columns forward 0.67–0.91 and inference 0.58–0.88 of the streamed time, channels-first
-    8 MiB inference 0.58–0.80; the backward at 4 MiB 0.91–0.98 (forward + backward), the
-    inference backward 0.83–0.94. Not kept: 11–12.8 MB forward outputs (0.88–1.11 stored
-    normally), the backward's dx at 8 MiB (1.01–1.10: its second pass re-reads x and dy),
-    and the channels-first training passes, whose fused loops re-read a channel from the
-    core's own cache (y at 8 MiB 1.05–1.13, dx at 4 MiB 1.01–1.06 with the forward)."""
+    fill at most half of the last-level cache (:data:`LLC_BYTES`): the next call, and the next
+    layer, find it there, where a streamed output has gone to memory. Through the modules, one
+    process alternating the choices with torch's module (medians of 96, 32 MiB L3), rows ×
+    channels of 4–8 MiB: forward 0.67–0.91 and inference 0.58–0.88 of the streamed time, the
+    backward at 4 MiB 0.91–0.98 (forward + backward) and the inference backward 0.83–0.86;
+    the ``cnn@cl`` network's training step 23.9 → 21.0 ms (medians of six runs). Not kept:
+    11–12.8 MB forward outputs (0.88–1.11 stored normally), the backward's dx at 8 MiB
+    (1.01–1.10: its second pass re-reads x and dy), and channels-first long rows (callers pass
+    no ``tensors``): their inference at 8 MiB measured 0.58–0.80 alone, but the ``cnn``
+    network's inference, whose first BN output is such, went 19.5 → 20.6 ms (and the same in
+    two earlier rounds), and the fused training loops, which re-read a channel from the core's
+    own cache, were slower stored normally (y at 8 MiB 1.05–1.13, dx at 4 MiB 1.01–1.06)."""
     if nbytes < STREAM_ABOVE or 0 < 2 * tensors * nbytes <= LLC_BYTES:
         return False
     return run >= FUSED_ROWS or (ndim == 2 and aligned and (run * itemsize) % LINE_BYTES == 0)
@@ -656,7 +651,7 @@ def forward_eval(
     T = _threads(x.size, parallel)
     E = _EMPTY[x.dtype]
     y = _out(out, x, {"x": x, "scale": sc, "shift": sh}, shape)
-    _eval(x, sc, sh, E, E, 0.0, False, y, T, _stream(x, stream, y, tensors=2, inference=True))
+    _eval(x, sc, sh, E, E, 0.0, False, y, T, _stream(x, stream, y, tensors=2))
     return _shaped(y, out, shape)
 
 
@@ -727,7 +722,7 @@ def backward_eval(
     reads = {"dy": dy, "x": x, "mean": m, "var": v, "weight": w}
     dx = _out(out, x, reads, shape) if need_dx else None
     T = _threads(x.size, parallel)
-    s = _stream(x, stream, dx, tensors=3, inference=True)
+    s = _stream(x, stream, dx, tensors=3)
     _, s1, s0 = _backward_eval(dy, x, m, v, w, float(eps), dx, T, s)
     return (None if dx is None else _shaped(dx, out, shape)), s1, s0
 

@@ -241,7 +241,7 @@ def _eval_ncl(x, rm, rv, w, b, eps, y, T):  # type: ignore[no-untyped-def]
         s2 = (N, C * L)
         _eval_mc(x.reshape(s2), L, rm, rv, w, b, eps, y.reshape(s2), T)
         return
-    stream = _stream(x, y, 2)
+    stream = _stream(x, y)
     whole = _whole_rows(L)
     stats = T >= 0  # True, as a value (see _one)
     if T > 1:
@@ -293,7 +293,7 @@ def _beval_ncl(dy, x, mean, var, w, eps, need, dx, sums, T):  # type: ignore[no-
     scale = np.empty(C, x.dtype)
     shift = np.empty(C, x.dtype)
     _AFFINE(mean, var, w, w[:0], eps, scale, shift)
-    stream = _stream(x, dx, 3)  # also without dx, as the array API takes it
+    stream = _stream(x, dx)  # also without dx, as the array API takes it
     whole = _whole_rows(L)
     if T > 1:
         _NCL_BEVAL_P(dy, x, mean, scale, T, whole, stream, need, dx, sums)
