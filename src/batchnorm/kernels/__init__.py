@@ -353,10 +353,11 @@ def _stream_for(
     fill at most half of the last-level cache (:data:`LLC_BYTES`): the next call, and the next
     layer, find it there, where a streamed output has gone to memory. Through the modules, one
     process alternating the choices with torch's module (medians of 96, 32 MiB L3), rows ×
-    channels of 4–8 MiB: forward 0.67–0.91 and inference 0.58–0.88 of the streamed time, the
+    channels of 4–8 MiB: forward 0.67–0.91 and inference 0.62–0.89 of the streamed time, the
     backward at 4 MiB 0.91–0.98 (forward + backward) and the inference backward 0.83–0.86;
     the ``cnn@cl`` network's training step 23.9 → 21.0 ms (medians of six runs). Not kept:
-    11–12.8 MB forward outputs (0.88–1.11 stored normally), the backward's dx at 8 MiB
+    forward outputs of 11–12.8 MB (mixed at 11–11.5 MB, 0.88–1.08; 1.05–1.11 in every pass at
+    12.8 MB), the backward's dx at 8 MiB
     (1.01–1.10: its second pass re-reads x and dy), and channels-first long rows (callers pass
     no ``tensors``): their inference at 8 MiB measured 0.58–0.80 alone, but the ``cnn``
     network's inference, whose first BN output is such, went 19.5 → 20.6 ms (and the same in
