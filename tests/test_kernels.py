@@ -299,6 +299,45 @@ def test_outputs_whose_pass_fits_half_the_cache_are_stored_normally(
     assert not K._stream(small, None) and not K._stream(small, None, tensors=2)
 
 
+@pytest.mark.parametrize("shape", [(16384, 64), (4096, 64, 4)], ids=str)
+def test_outputs_kept_in_the_cache_match_the_reference(
+    shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 4 MiB with a 32 MiB cache every pass of the (M, C) loops stores normally (rows
+    widened as for outputs in the cache) where they streamed before: the same results."""
+    monkeypatch.setattr(K, "LLC_BYTES", 32 << 20)
+    x, dy, w, b = _data(shape, np.float32, seed=3)
+    assert x.nbytes == K.STREAM_ABOVE
+    assert not K._stream(x, None, tensors=2) and not K._stream(x, None, tensors=3)
+    assert K._stream(x, None)  # streamed by size alone
+    _check_all(x, dy, w, b, np.float32, True)
+
+
+def test_modules_at_the_cache_boundary_match_torch() -> None:
+    """Through the compiled node (its entries froze this machine's LLC_BYTES): a 4 MiB
+    channels_last activation and a 12 MiB one, kept in the cache or streamed as the machine
+    decides, give torch.nn's outputs and gradients."""
+    import batchnorm
+
+    for shape in ((16, 64, 32, 32), (48, 64, 32, 32)):
+        g = torch.Generator().manual_seed(sum(shape))
+        x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+        dy = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+        ours = batchnorm.BatchNorm2d(64, backend="numba")
+        theirs = torch.nn.BatchNorm2d(64)
+        outs = []
+        for m in (ours, theirs):
+            xg = x.clone().requires_grad_(True)
+            y = m(xg)
+            y.backward(dy)
+            m.eval()
+            with torch.no_grad():
+                ye = m(x)
+            outs.append((y.detach(), xg.grad, m.weight.grad, m.bias.grad, ye))
+        for a, t in zip(*outs, strict=True):
+            torch.testing.assert_close(a, t, rtol=1e-4, atol=1e-4)
+
+
 def test_last_level_cache_size_from_sysfs(tmp_path: Path) -> None:
     """The highest-level data or unified cache of cpu0; 0 when sysfs has none."""
     for name, kind, level, size in (
