@@ -1122,6 +1122,21 @@ def _add_block_sums(s1, s2, p1, p2, n, zero):  # type: ignore[no-untyped-def]
     return False
 
 
+@numba.njit(inline="always", cache=True)
+def _block_sums(x, n):  # type: ignore[no-untyped-def]
+    """``(zero, s1, s2)``: x's dtype's zero and two block-sum vectors of ``n`` channels in it,
+    for the block loops of :func:`_mc_shifted_sums` and :func:`_mc_eval_grad`."""
+    return x.dtype.type(0), np.empty(n, x.dtype), np.empty(n, x.dtype)
+
+
+@numba.njit(inline="always", cache=True)
+def _clear(s1, s2, n):  # type: ignore[no-untyped-def]
+    """Zero the first ``n`` entries of both block-sum vectors (a new block)."""
+    for c in range(n):
+        s1[c] = 0
+        s2[c] = 0
+
+
 @numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
 def _mc_shifted_sums(x, r0, r1, c0, c1, k, p1, p2):  # type: ignore[no-untyped-def]
     """Add Σ(x − k) and Σ(x − k)² over rows ``[r0, r1)`` to ``p1``/``p2`` (float64, one entry
@@ -1130,17 +1145,13 @@ def _mc_shifted_sums(x, r0, r1, c0, c1, k, p1, p2):  # type: ignore[no-untyped-d
     block sum is not finite is summed again in float64."""
     n = c1 - c0
     kv = k[c0:c1]  # channel slices: 0-based loops vectorize (no negative-index fix-ups)
-    zero = x.dtype.type(0)
-    s1 = np.empty(n, x.dtype)
-    s2 = np.empty(n, x.dtype)
+    zero, s1, s2 = _block_sums(x, n)
     quad = x.size * x.itemsize < MC_QUAD_BELOW
     pf = _prefetching(x, quad, c0, c1)
     i = r0
     while i < r1:
         e = min(i + MC_ROWS, r1)
-        for c in range(n):
-            s1[c] = 0
-            s2[c] = 0
+        _clear(s1, s2, n)
         q = i
         if quad:
             while q + 4 <= e:
@@ -1268,15 +1279,11 @@ def _mc_eval_grad(dy, x, r0, r1, c0, c1, mean, scale, p1, p2, need_dx, dx):  # t
     n = c1 - c0
     mv = mean[c0:c1]
     sv = scale[c0:c1]
-    zero = x.dtype.type(0)
-    s1 = np.empty(n, x.dtype)
-    s2 = np.empty(n, x.dtype)
+    zero, s1, s2 = _block_sums(x, n)
     i = r0
     while i < r1:
         e = min(i + MC_ROWS, r1)
-        for c in range(n):
-            s1[c] = 0
-            s2[c] = 0
+        _clear(s1, s2, n)
         if need_dx:
             for r in range(i, e):
                 xs = x[r, c0:c1]
