@@ -5,10 +5,12 @@ inference, and what it must refuse or fall back from."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -1246,3 +1248,136 @@ def test_half_node_equals_the_python_path_on_random_shapes(
     assert on_name == off_name == "NativeBatchNormBackward0"
     for a, f in zip(on, off, strict=True):
         torch.testing.assert_close(a, f, rtol=0, atol=0)
+
+
+_OVER_DY_CASES = [
+    ((60, 100), torch.contiguous_format),
+    ((4, 8, 5, 5), torch.contiguous_format),  # short rows on the (N, C·L) view
+    ((4, 8, 5, 5), torch.channels_last),
+    ((3, 8, 1031), torch.contiguous_format),  # long rows: a channel per task
+    ((16, 64, 32, 32), torch.contiguous_format),  # 4 MiB long rows: dx streamed
+    ((16, 64, 32, 32), torch.channels_last),  # 4 MiB rows x channels: kept in a 32 MiB L3
+    ((48, 64, 32, 32), torch.channels_last),  # 12 MiB rows x channels: streamed
+    ((64, 128, 7, 7), torch.contiguous_format),  # rows of 49, row by row
+]
+
+
+def _dx_streamed(shape: tuple[int, ...], layout: torch.memory_format) -> bool:
+    """Whether the kernels stream a backward's dx for x of this shape and layout (the rule of
+    the array API on the canonical view, which the entries follow)."""
+    C = shape[1]
+    rest = math.prod(shape[2:])
+    if layout == torch.channels_last or len(shape) == 2:
+        canon = np.empty((shape[0] * rest, C), np.float32)
+    else:
+        canon = np.empty((shape[0], C, rest), np.float32)
+    return K._stream(canon, None, tensors=3)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("shape", "layout"), _OVER_DY_CASES, ids=str)
+def test_dx_is_written_over_a_gradient_nothing_else_holds(
+    shape: tuple[int, ...], layout: torch.memory_format, train: bool
+) -> None:
+    """The gradient the engine hands the node for y — here MulBackward's dy = r·(loss's
+    gradient), made for this node alone — becomes dx's memory where the kernels stream dx
+    (one count more of written_over_dy; none where dx is stored normally), and the gradients
+    of x, γ and β are torch.nn's either way. r, which made dy, is left as it was."""
+    ext = native.load()
+    C = shape[1]
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g).contiguous(memory_format=layout)
+    r = torch.randn(shape, generator=g).contiguous(memory_format=layout)
+    r0 = r.clone()
+    grads = []
+    counts = []
+    theirs = torch.nn.BatchNorm2d(C) if len(shape) == 4 else torch.nn.BatchNorm1d(C)
+    for m in (batchnorm.BatchNorm(C, backend="numba"), theirs):
+        m.train()
+        with torch.no_grad():
+            m(x * 0.5 + 1)  # running statistics other than 0 and 1 for eval mode
+        m.train(train)
+        xg = x.clone(memory_format=torch.preserve_format).requires_grad_(True)
+        before = ext.written_over_dy()
+        (m(xg) * r).sum().backward()
+        counts.append(ext.written_over_dy() - before)
+        grads.append((xg.grad, m.weight.grad, m.bias.grad))
+    assert counts == [int(_dx_streamed(shape, layout)), 0]
+    # (dγ and dβ: sums over up to 49152 values, torch's in float32)
+    for a, t, tol in zip(*grads, (1e-4, 1e-3, 1e-3), strict=True):
+        torch.testing.assert_close(a, t, rtol=tol, atol=tol)
+    assert torch.equal(r, r0)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_gradient_someone_else_holds_is_only_read(train: bool) -> None:
+    """dy passed by the caller (y.backward(dy)), kept by a hook or read through a view is
+    never written over: the node writes dx to memory of its own. y.retain_grad() keeps a copy
+    (torch's hook clones), which holds the gradient whatever becomes of dy."""
+    ext = native.load()
+    shape = (16, 64, 32, 32)  # 4 MiB of long rows: dx streamed
+    assert _dx_streamed(shape, torch.contiguous_format)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g)
+    r = torch.randn(shape, generator=g)
+    m = batchnorm.BatchNorm2d(64, backend="numba").train(train)
+
+    def run(how: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        xg = x.clone().requires_grad_(True)
+        y = m(xg)
+        kept: list[torch.Tensor] = []
+        before = ext.written_over_dy()
+        if how == "caller":
+            dy = r * 1.0
+            y.backward(dy)
+            kept.append(dy)
+        else:
+            if how == "hook":
+                y.register_hook(kept.append)
+            elif how == "view":
+                y.register_hook(lambda t: kept.append(t[:1]))
+            else:
+                y.retain_grad()
+            (y * r).sum().backward()
+            if how == "retain":
+                assert y.grad is not None
+                kept.append(y.grad)
+        if how != "retain":
+            assert ext.written_over_dy() == before, how
+        assert xg.grad is not None
+        return xg.grad, y.detach(), kept
+
+    for how in ("caller", "hook", "view", "retain"):
+        dx, _, kept = run(how)
+        expected = r[:1] if how == "view" else r
+        torch.testing.assert_close(kept[0], expected, rtol=0, atol=0)
+        assert dx.data_ptr() != kept[0].data_ptr()
+
+
+def test_a_gradient_in_memory_lent_by_numpy_is_only_read() -> None:
+    """A backward upstream that hands over a gradient over a NumPy array it keeps
+    (torch.from_numpy: the memory is the array's, not torch's) never has dx written over it,
+    though dx of this size is streamed."""
+    ext = native.load()
+    shape = (16, 64, 1024)  # 4 MiB of long rows: dx streamed
+    assert _dx_streamed(shape, torch.contiguous_format)
+    arr = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    before_arr = arr.copy()
+
+    class Lend(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: object, y: torch.Tensor) -> torch.Tensor:
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(arr)
+
+    for train in (True, False):
+        m = batchnorm.BatchNorm1d(64, backend="numba").train(train)
+        xg = torch.randn(shape).requires_grad_(True)
+        before = ext.written_over_dy()
+        Lend.apply(m(xg)).sum().backward()
+        assert ext.written_over_dy() == before
+        np.testing.assert_array_equal(arr, before_arr)
+        assert xg.grad is not None and xg.grad.data_ptr() != arr.ctypes.data

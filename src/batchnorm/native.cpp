@@ -49,16 +49,18 @@ using fwd_t = int32_t (*)(void* x, int64_t N, int64_t C, int64_t L, void* w, int
                           void* b, int64_t nb, double eps, void* y, void* mean, void* var,
                           void* invstd, void* rm, void* rv, int64_t nrun, void* nbt,
                           int64_t nnbt, double momentum, double alpha, int64_t T);
-using bwd_t = void (*)(void* dy, void* x, int64_t N, int64_t C, int64_t L, void* mean,
-                       void* invstd, void* w, int64_t nw, int32_t need_dx, void* dx, void* dw,
-                       void* db, int64_t T);
+// the backwards: need_dx 0 (no dx), 1 (into dx) or 2 (into dx, or over dy where the entry
+// streams dx); they return 1 when dx went over dy
+using bwd_t = int32_t (*)(void* dy, void* x, int64_t N, int64_t C, int64_t L, void* mean,
+                          void* invstd, void* w, int64_t nw, int32_t need_dx, void* dx,
+                          void* dw, void* db, int64_t T);
 using eval_t = void (*)(void* x, int64_t N, int64_t C, int64_t L, void* rm, void* rv, void* w,
                         int64_t nw, void* b, int64_t nb, double eps, void* y, int64_t T);
 // backward of inference: dx = dy·γ/√(var + ε) (when need_dx) and, added to sums (2, C)
 // float64, Σdy·(x − mean) and Σdy
-using beval_t = void (*)(void* dy, void* x, int64_t N, int64_t C, int64_t L, void* rm,
-                         void* rv, void* w, int64_t nw, double eps, int32_t need_dx, void* dx,
-                         double* sums, int64_t T);
+using beval_t = int32_t (*)(void* dy, void* x, int64_t N, int64_t C, int64_t L, void* rm,
+                            void* rv, void* w, int64_t nw, double eps, int32_t need_dx,
+                            void* dx, double* sums, int64_t T);
 
 // The entries by dtype (float32, float64), layout (rows x channels, (N, C, L)) and pass
 // (training forward, backward, inference, backward of inference): resolved by Python
@@ -272,6 +274,43 @@ Tensor like_x(const Tensor& dy, const Tensor& x) {
   return at::empty_like(x).copy_(dy);
 }
 
+// Whether dy's memory may take dx: nothing but this backward refers to dy or its memory
+// (the autograd engine moved the gradient it made for this node here — say a ReLU's or a
+// convolution's backward output — or like_x just copied it), the memory is torch's (or this
+// file's) own allocation, not an array lent by NumPy or another library that may still read
+// it (torch.from_numpy, DLPack, shared memory), and it is laid out as x. The kernels read
+// each value of dy before its place is written. The entry takes the offer where it streams
+// dx (kernels._entries._wide_over): dx then lands in lines the layer above has just written,
+// in the cache, instead of a buffer that must first come in from memory. A dy anyone else
+// still holds — the caller's of y.backward(dy), one a hook kept, a view's storage, a buffer
+// of the output cache — has other references and is only read.
+bool only_here(const Tensor& dy, const Tensor& x) {
+  if (!dy.has_storage()) return false;
+  const auto& st = dy.storage();
+  const auto deleter = st.data_ptr().get_deleter();
+  const bool own_memory =
+      st.resizable() && deleter != nullptr &&
+      (deleter == c10::GetCPUAllocator()->raw_deleter() || deleter == &release);
+  return own_memory && dy.use_count() == 1 && st.use_count() == 1 && dy.storage_offset() == 0 &&
+         dy.sizes() == x.sizes() && dy.strides() == x.strides() &&
+         dy.scalar_type() == x.scalar_type() && !dy.requires_grad() && !dy.is_neg() &&
+         !dy.is_conj() && readable(dy);
+}
+
+std::atomic<int64_t> OVER_DY{0};  // backwards whose dx went over dy (for tests)
+
+// the need_dx a backward entry gets
+int32_t need_dx(bool need_x, const Tensor& dy, const Tensor& x) {
+  return need_x ? (only_here(dy, x) ? 2 : 1) : 0;
+}
+
+// dx as the entry left it: over dy (it returned 1), or in the buffer it was given
+Tensor dx_from(int32_t over, const Tensor& dy, const Tensor& dx) {
+  if (over == 0) return dx;
+  OVER_DY.fetch_add(1, std::memory_order_relaxed);
+  return dy;
+}
+
 struct Node : public torch::autograd::Function<Node> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const std::optional<Tensor>& w,
                         const std::optional<Tensor>& b,
@@ -297,9 +336,11 @@ struct Node : public torch::autograd::Function<Node> {
     return y;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  // grads by reference: dy is moved out of torch's list, so that only_here sees whether
+  // anything else holds it
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     variable_list out(13);
-    Tensor dy = grads[0];
+    Tensor dy = std::move(grads[0]);
     if (!dy.defined()) return out;
     auto saved = ctx->get_saved_variables();
     const Tensor& x = saved[0];
@@ -339,11 +380,12 @@ struct Node : public torch::autograd::Function<Node> {
     Tensor g = at::empty({2, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
     char* gp = static_cast<char*>(g.data_ptr());
     const auto bwd = reinterpret_cast<bwd_t>(entry(x, d->L, kBackward));
-    bwd(dy.data_ptr(), x.data_ptr(), d->N, C, d->L, st, st + 2 * row,
-        w.defined() ? w.data_ptr() : nullptr, w.defined() ? w.numel() : 0, need_x ? 1 : 0,
-        need_x ? dx.data_ptr() : x.data_ptr(), gp, gp + row,
-        backward_threads(ctx));
-    out[0] = dx;
+    const int32_t over =
+        bwd(dy.data_ptr(), x.data_ptr(), d->N, C, d->L, st, st + 2 * row,
+            w.defined() ? w.data_ptr() : nullptr, w.defined() ? w.numel() : 0,
+            need_dx(need_x, dy, x), need_x ? dx.data_ptr() : x.data_ptr(), gp, gp + row,
+            backward_threads(ctx));
+    out[0] = dx_from(over, dy, dx);
     if (need_w) out[1] = g[0];
     if (need_b) out[2] = g[1];
     return out;
@@ -392,9 +434,9 @@ struct EvalNode : public torch::autograd::Function<EvalNode> {
     return y;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     variable_list out(7);
-    Tensor dy = grads[0];
+    Tensor dy = std::move(grads[0]);  // (by reference: see Node::backward)
     if (!dy.defined()) return out;
     auto saved = ctx->get_saved_variables();
     const Tensor& x = saved[0];
@@ -431,11 +473,12 @@ struct EvalNode : public torch::autograd::Function<EvalNode> {
     std::vector<double> sums(static_cast<size_t>(2 * C), 0.0);  // Σdy·(x − mean), Σdy
     double* s = sums.data();
     const auto beval = reinterpret_cast<beval_t>(entry(x, d->L, kEvalBackward));
-    beval(dy.data_ptr(), x.data_ptr(), d->N, C, d->L, rm.data_ptr(), rv.data_ptr(),
-          has_w ? w.data_ptr() : nullptr, has_w ? w.numel() : 0, eps, need_x ? 1 : 0,
-          need_x ? dx.data_ptr() : x.data_ptr(), s,
-          backward_threads(ctx));
-    out[0] = dx;
+    const int32_t over =
+        beval(dy.data_ptr(), x.data_ptr(), d->N, C, d->L, rm.data_ptr(), rv.data_ptr(),
+              has_w ? w.data_ptr() : nullptr, has_w ? w.numel() : 0, eps,
+              need_dx(need_x, dy, x), need_x ? dx.data_ptr() : x.data_ptr(), s,
+              backward_threads(ctx));
+    out[0] = dx_from(over, dy, dx);
     // dγ = Σdy·(x − mean)/√(var + ε) and dβ = Σdy, from the float64 sums into x's dtype (the
     // vectors' dtype: vector_ok), per channel here rather than through tensor operations
     const auto vectors = x.options().memory_format(at::MemoryFormat::Contiguous);
@@ -721,6 +764,8 @@ int64_t cached_outputs() {
   return static_cast<int64_t>(OUT.held.size());
 }
 
+int64_t written_over_dy() { return OVER_DY.load(); }
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -732,4 +777,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("evaluate", &evaluate);
   m.def("evaluate_grad", &evaluate_grad);
   m.def("cached_outputs", &cached_outputs);
+  m.def("written_over_dy", &written_over_dy);
 }
