@@ -53,6 +53,7 @@ def test_run_reports_its_medians_and_the_same_loss(tmp_path):
         assert math.isclose(r["ours_over_torch"], s["ours"] / s["torch"])
         for k in ("torch", "ours"):
             assert math.isclose(r["bn_s"][k], s[k] - s["no BN"])
+        assert set(r["bn_own_s"]) == {"torch", "ours"} and min(r["bn_own_s"].values()) > 0
     table = bn_net.format_table(data)
     assert table.count("\n| mlp | 6 | contiguous | 3 |") == 1
     assert "BN inputs 6x32x32x32, 6x64x16x16" in table
@@ -189,3 +190,45 @@ def test_compiled_variant_is_torchs_network_compiled_and_reported(tmp_path, caps
     plain = bn_net.run(["mlp"], repeats=2, warmup=0, batch=6, min_seconds=0)
     assert plain["compiled"] is False and "compiled" not in bn_net.format_table(plain)
     assert math.isnan(plain["networks"][0]["ours_over_compiled"])
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bn_own_time_sums_the_layers_forwards_and_their_backward_nodes(mode):
+    """The profiled time of the BN layers: their forward scopes, and in training the nodes
+    that made their outputs (torch's NativeBatchNormBackward0, our compiled node) — not the
+    linear layers around them; a model whose step is nothing but its BN layer spends about
+    all of the profiled time in it."""
+    import batchnorm
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 512)
+    for bn in (nn.BatchNorm1d(512), batchnorm.BatchNorm1d(512, backend="numba")):
+        model = nn.Sequential(nn.Linear(512, 512), bn, nn.Linear(512, 10)).train(mode == "train")
+
+        def step(model: nn.Module = model) -> None:
+            if mode == "eval":
+                with torch.no_grad():
+                    model(x)
+            else:
+                model(x).sum().backward()
+
+        step()
+        own, keys = bn_net.bn_own_time(model, step, n=3)
+        assert own > 0
+        assert bn_net._FORWARD_SCOPE in keys
+        backward = keys - {bn_net._FORWARD_SCOPE}
+        if mode == "eval":
+            assert not backward
+        else:
+            (node,) = backward
+            theirs = type(bn).__module__.startswith("torch")
+            assert ("NativeBatchNorm" in node) if theirs else ("CppNode" in node)
+            assert "Addmm" not in node
+        assert not any(h for h in bn._forward_hooks.values()) and not bn._forward_pre_hooks
+        alone = nn.Sequential(bn)
+        alone.eval()
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            own_alone, _ = bn_net.bn_own_time(alone, lambda m=alone: m(x), n=3)
+            wall = (time.perf_counter() - t0) / 3
+        assert 0 < own_alone <= wall

@@ -12,7 +12,9 @@ batch, from the same weights:
 * ``no BN`` — every batch-norm layer replaced by ``nn.Identity``: the rest of the step, so
   ``step − no-BN step`` estimates what the batch-norm layers cost inside the network (with
   the interactions: the layers' memory traffic evicts what the convolutions would reuse, and
-  their thread pool meets torch's);
+  their thread pool meets torch's). The layers' own time inside the step is also measured
+  directly, over :data:`PROFILED_STEPS` more steps of ``torch`` and ``ours`` under
+  ``torch.profiler`` (:func:`bn_own_time`);
 * with ``compile=True`` (``--compile``) also ``torch compiled`` — the ``torch.nn`` network
   under ``torch.compile`` (its default backend, compiled in the untimed warm-up steps): the
   other way to speed a network up, which generates the normalization with the layers around
@@ -58,7 +60,16 @@ from batchnorm import bench
 from batchnorm._console import say
 from batchnorm.diagnostics import is_batchnorm
 
-__all__ = ["Network", "NETWORKS", "run", "format_table", "plot", "add_arguments", "main"]
+__all__ = [
+    "Network",
+    "NETWORKS",
+    "run",
+    "bn_own_time",
+    "format_table",
+    "plot",
+    "add_arguments",
+    "main",
+]
 
 #: the contenders, in the table's order
 VARIANTS = ("torch", "ours", "no BN")
@@ -131,6 +142,9 @@ class NetworkResult:
     # step − no-BN step: what the batch-norm layers cost inside the network
     bn_s: dict[str, float] = field(default_factory=dict)
     mode: str = "train"  # see MODES
+    # the batch-norm layers' own time per step, measured inside the step by torch.profiler
+    # (their forwards, and in training the backward nodes of their outputs), "torch" and "ours"
+    bn_own_s: dict[str, float] = field(default_factory=dict)
 
 
 def _without_bn(model: nn.Module) -> nn.Module:
@@ -197,6 +211,53 @@ def repeats_for(repeats: int, min_seconds: float, step_s: float) -> int:
 #: untimed steps whose median sets the number of timed ones (one step descheduled by another
 #: process must not cut a run of ~700 steps to ~20)
 PROBES = 5
+
+
+#: steps of "torch" and of "ours" run under torch.profiler after the timed ones
+PROFILED_STEPS = 10
+#: the profiler's name for the scope around a batch-norm layer's forward
+_FORWARD_SCOPE = "batch-norm layer forward"
+
+
+def bn_own_time(
+    model: nn.Module, step: Callable[[], None], n: int = PROFILED_STEPS
+) -> tuple[float, set[str]]:
+    """The batch-norm layers' own time per step of ``model`` (seconds), from ``torch.profiler``
+    over ``n`` calls of ``step``, and the names of the profiler's events it sums: the forward
+    of each layer (a scope its forward hooks open and close) and, when the step runs a
+    backward, the autograd nodes that made the layers' outputs (by the node's name). Unlike
+    ``step − no-BN step`` it cannot come out negative when the rest of the step is slower in
+    one run than in another. The profiler's own cost per recorded operation (microseconds) is
+    in it: torch's layer records more operations than ours, which weighs in layers of tens of
+    microseconds (the MLP's), not in layers of a tenth of a millisecond and more."""
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    nodes: set[str] = set()
+    open_scopes: list[Any] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        scope = record_function(_FORWARD_SCOPE)
+        scope.__enter__()
+        open_scopes.append(scope)
+
+    def leave(module: nn.Module, args: Any, out: Any) -> None:
+        open_scopes.pop().__exit__(None, None, None)
+        if isinstance(out, Tensor) and out.grad_fn is not None:
+            nodes.add(out.grad_fn.name())
+
+    layers = [m for m in model.modules() if is_batchnorm(m)]
+    handles = [m.register_forward_pre_hook(enter) for m in layers]
+    handles += [m.register_forward_hook(leave) for m in layers]
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(n):
+                step()
+    finally:
+        for h in handles:
+            h.remove()
+    events = [e for e in prof.key_averages() if e.key == _FORWARD_SCOPE or e.key in nodes]
+    return sum(e.cpu_time_total for e in events) / 1e6 / n, {e.key for e in events}
 
 
 def probe(step: Callable[[], None], n: int = PROBES) -> float:
@@ -281,6 +342,7 @@ def _bench_network(
     if compile:
         res.ours_over_compiled = res.step_s["ours"] / res.step_s[COMPILED]
     res.bn_s = {k: res.step_s[k] - res.step_s["no BN"] for k in ("torch", "ours")}
+    res.bn_own_s = {k: bn_own_time(models[k], lambda k=k: step(k))[0] for k in ("torch", "ours")}
     return res
 
 
@@ -380,16 +442,19 @@ def format_table(data: dict[str, Any]) -> str:
     extra = " torch compiled step ms | ours/torch compiled |" if compiled else ""
     lines = [
         "| network | batch | layout | BN layers | torch step ms | ours step ms | no-BN step ms "
-        "| ours/torch | BN in step, torch ms | BN in step, ours ms |" + extra,
-        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 if compiled else 0),
+        "| ours/torch | BN in step, torch ms | BN in step, ours ms | BN own, torch ms "
+        "| BN own, ours ms |" + extra,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 if compiled else 0),
     ]
     for r in data["networks"]:
         s = r["step_s"]
+        own = r.get("bn_own_s") or {}  # (results saved before the profiled steps: none)
         row = (
             f"| {r['name']} | {r['batch']} | {r['layout']} | {len(r['bn_inputs'])} |"
             f" {s['torch'] * 1e3:.2f} | {s['ours'] * 1e3:.2f} | {s['no BN'] * 1e3:.2f} |"
             f" {r['ours_over_torch']:.2f} | {r['bn_s']['torch'] * 1e3:.2f} |"
             f" {r['bn_s']['ours'] * 1e3:.2f} |"
+            + "".join(f" {own[k] * 1e3:.2f} |" if k in own else " — |" for k in ("torch", "ours"))
         )
         if compiled:
             row += f" {s[COMPILED] * 1e3:.2f} | {r['ours_over_compiled']:.2f} |"
@@ -401,6 +466,11 @@ def format_table(data: dict[str, Any]) -> str:
             f"- {r['name']}: {r['description']}; BN inputs {shapes}; median of {r['repeats']} steps"
         )
     lines.append(f"- timed: {_mode_text(data)}")
+    lines.append(
+        "- BN in step: step − no-BN step (the rest of the step's run-to-run spread is in it); "
+        f"BN own: the layers' forwards and backward nodes inside the step, torch.profiler over "
+        f"{PROFILED_STEPS} more steps of each"
+    )
     if compiled:
         lines.append(
             "- torch compiled: the torch.nn network under torch.compile (default backend), "
