@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import copy
 import datetime as _dt
+import functools
 import gc
 import math
 import os
@@ -342,7 +343,8 @@ def _bench_network(
     if compile:
         res.ours_over_compiled = res.step_s["ours"] / res.step_s[COMPILED]
     res.bn_s = {k: res.step_s[k] - res.step_s["no BN"] for k in ("torch", "ours")}
-    res.bn_own_s = {k: bn_own_time(models[k], lambda k=k: step(k))[0] for k in ("torch", "ours")}
+    for k in ("torch", "ours"):
+        res.bn_own_s[k] = bn_own_time(models[k], functools.partial(step, k))[0]
     return res
 
 
