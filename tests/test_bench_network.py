@@ -232,3 +232,13 @@ def test_bn_own_time_sums_the_layers_forwards_and_their_backward_nodes(mode):
             own_alone, _ = bn_net.bn_own_time(alone, lambda m=alone: m(x), n=3)
             wall = (time.perf_counter() - t0) / 3
         assert 0 < own_alone <= wall
+
+
+def test_results_saved_before_the_profiled_steps_still_print():
+    """docs/bench_network.json holds no ``bn_own_s``: its rows print a dash there."""
+    from pathlib import Path
+
+    data = bn_net.load(Path(__file__).parent.parent / "docs" / "bench_network.json")
+    assert all("bn_own_s" not in r for r in data["networks"])
+    rows = [line for line in bn_net.format_table(data).splitlines() if line.startswith("| mlp")]
+    assert rows and rows[0].endswith("| — | — |")
