@@ -3,6 +3,7 @@ plain-torch backend: odd shapes, both layouts, both dtypes, threads on and off, 
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -417,8 +418,9 @@ def test_float32_overflowing_squares_are_summed_in_float64():  # type: ignore[no
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "threads"])
 @pytest.mark.parametrize("shape", [(5, 3, 49), (4, 2, 81), (40, 3)])
 def test_outputs_in_place_of_an_input(shape, parallel):  # type: ignore[no-untyped-def]
-    """An output given as an input's own memory (``out=x``, ``out=dy``) gets the values it
-    would get elsewhere: the element loops that run on into the next row
+    """An output given as an input's own memory (``out=x``, ``out=dy``; the backward's also
+    streamed, as the compiled node's dx over dy is) gets the values it would get elsewhere:
+    the element loops that run on into the next row
     (kernels._loops._OVERRUN) must not, or that row's head is read after it was written."""
     x, dy, w, b = _data(shape, np.float32, seed=3, loc=2.0)
     y, mean, var, invstd = K.forward_train(x, w, b, parallel=parallel)
@@ -430,10 +432,10 @@ def test_outputs_in_place_of_an_input(shape, parallel):  # type: ignore[no-untyp
     got, *_ = K.forward_train(xi, w, b, out=xi, parallel=parallel)
     assert got is xi
     np.testing.assert_array_equal(xi, y)
-    for alias in ("dy", "x"):
+    for alias, stream in itertools.product(("dy", "x"), (None, True)):
         xi, dyi = x.copy(), dy.copy()
         target = dyi if alias == "dy" else xi
-        K.backward(dyi, xi, mean, invstd, w, out=target, parallel=parallel)
+        K.backward(dyi, xi, mean, invstd, w, out=target, parallel=parallel, stream=stream)
         np.testing.assert_array_equal(target, dx)
     for stream in (None, True):  # True: the streamed loops (short (N, C, L) rows row by row)
         xi = x.copy()

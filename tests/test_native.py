@@ -1259,6 +1259,7 @@ _OVER_DY_CASES = [
     ((16, 64, 32, 32), torch.channels_last),  # 4 MiB rows x channels: kept in a 32 MiB L3
     ((48, 64, 32, 32), torch.channels_last),  # 12 MiB rows x channels: streamed
     ((64, 128, 7, 7), torch.contiguous_format),  # rows of 49, row by row
+    ((700, 3, 512), torch.contiguous_format),  # 4.3 MB of long rows, 3 channels: row by row
 ]
 
 
