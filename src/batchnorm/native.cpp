@@ -283,7 +283,9 @@ Tensor like_x(const Tensor& dy, const Tensor& x) {
 // dx (kernels._entries._wide_over): dx then lands in lines the layer above has just written,
 // in the cache, instead of a buffer that must first come in from memory. A dy anyone else
 // still holds — the caller's of y.backward(dy), one a hook kept, a view's storage, a buffer
-// of the output cache — has other references and is only read.
+// of the output cache — has other references and is only read. The entry still gets a dx
+// buffer for the case it declines (the decision is the kernels' size rule, in the entry):
+// from the output cache that is a lookup, and a buffer it leaves unwritten goes back free.
 bool only_here(const Tensor& dy, const Tensor& x) {
   if (!dy.has_storage()) return false;
   const auto& st = dy.storage();
