@@ -1,6 +1,7 @@
-"""The README's shell examples: every ``batchnorm ...`` command it shows parses with the real
-argument parsers (flags, choices, ``--set`` keys and values against the experiment's config
-class, files it reads), and the command-line behaviour it describes holds."""
+"""The README's shell examples (and those of the kernels' measurement log it links to): every
+``batchnorm ...`` command they show parses with the real argument parsers (flags, choices,
+``--set`` keys and values against the experiment's config class, files it reads), their links
+resolve, and the command-line behaviour the README describes holds."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from batchnorm import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+#: the kernels' measurement log, linked from the README's benchmark section
+KERNELS_LOG = ROOT / "docs" / "kernels-log.md"
 
 FENCE = re.compile(r"^```(\S*)[^\n]*\n(.*?)^```", re.S | re.M)
 NOT_SHELL = {"python", "py", "text"}
@@ -38,7 +41,7 @@ def _words(line: str) -> list[str]:
     return words[1:] if words[:1] == ["batchnorm"] else []
 
 
-def readme_commands(text: str) -> list[tuple[str, list[str]]]:
+def readme_commands(text: str, name: str = "README.md") -> list[tuple[str, list[str]]]:
     """``(where, argv)`` for every ``batchnorm`` command of the shell blocks (``a && b``,
     ``; echo``, backslash continuations and synopsis lines continued by an indented ``[...]``
     line included) and of the inline code spans."""
@@ -50,7 +53,7 @@ def readme_commands(text: str) -> list[tuple[str, list[str]]]:
         lines = block.group(2).split("\n")
         i = 0
         while i < len(lines):
-            where, line = f"README.md:{first + i}", lines[i]
+            where, line = f"{name}:{first + i}", lines[i]
             while line.rstrip().endswith("\\") and i + 1 < len(lines):
                 i += 1
                 line = line.rstrip()[:-1] + " " + lines[i]
@@ -66,7 +69,7 @@ def readme_commands(text: str) -> list[tuple[str, list[str]]]:
     for span in re.finditer(r"`(batchnorm [^`]+)`", text):
         if any(start <= span.start() < end for start, end in fences):
             continue
-        where = f"README.md:{text.count(chr(10), 0, span.start()) + 1} (inline)"
+        where = f"{name}:{text.count(chr(10), 0, span.start()) + 1} (inline)"
         words = _words(span.group(1).replace("\n", " "))
         if words:
             found.append((where, words))
@@ -149,7 +152,9 @@ def command_problems(argv: list[str]) -> list[str]:
     return problems
 
 
-COMMANDS = readme_commands(README.read_text(encoding="utf-8"))
+COMMANDS = readme_commands(README.read_text(encoding="utf-8")) + readme_commands(
+    KERNELS_LOG.read_text(encoding="utf-8"), "docs/kernels-log.md"
+)
 
 
 def test_readme_shows_the_commands() -> None:
@@ -193,17 +198,49 @@ def _anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
+def _anchors(path: Path) -> set[str]:
+    prose = FENCE.sub("", path.read_text(encoding="utf-8"))
+    return {_anchor(h) for h in re.findall(r"^#+\s+(.*)$", prose, flags=re.M)}
+
+
+def _link_problems(path: Path) -> tuple[list[str], int]:
+    """The links of the Markdown file ``path`` (relative to its folder) whose file or heading
+    does not exist, and the files it names from the repository's root (``docs/…``) that do
+    not; and how many links and names there were."""
+    text = path.read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)\s]+)\)", FENCE.sub("", text))
+    missing: list[str] = []
+    for t in targets:
+        if t.startswith(("http://", "https://")):
+            continue
+        file, _, anchor = t.partition("#")
+        where = (path.parent / file).resolve() if file else path
+        if not where.exists():
+            missing.append(t)
+        elif anchor and where.suffix == ".md" and anchor not in _anchors(where):
+            missing.append(t)
+    named = re.findall(r"(?<![\w/.])((?:examples|docs|tests)/[\w./-]+\.\w+)", text)
+    missing += sorted({f for f in named if not (ROOT / f.rstrip(".")).exists()})
+    return missing, len(targets) + len(named)
+
+
 def test_readme_links_and_named_files_resolve() -> None:
-    text = README.read_text(encoding="utf-8")
-    prose = FENCE.sub("", text)
-    anchors = {_anchor(h) for h in re.findall(r"^#+\s+(.*)$", prose, flags=re.M)}
-    targets = re.findall(r"\]\(([^)\s]+)\)", prose)
-    missing = [t for t in targets if t.startswith("#") and t[1:] not in anchors]
-    files = [t for t in targets if not t.startswith(("#", "http://", "https://"))]
-    files += re.findall(r"(?<![\w/.])((?:examples|docs|tests)/[\w./-]+\.\w+)", text)
-    missing += sorted({f for f in files if not (ROOT / f.split("#")[0].rstrip(".")).exists()})
-    assert len(anchors) > 10 and len(files) > 10
+    missing, count = _link_problems(README)
+    assert len(_anchors(README)) > 10 and count > 20
     assert missing == []
+    missing, count = _link_problems(KERNELS_LOG)
+    assert count >= 1 and missing == []
+
+
+def test_the_link_check_catches_a_missing_heading(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# Top\n\n[up](#top) [gone](#nowhere) [file](other.md) [there](page.md#top) "
+        "and docs/nosuch-file.json\n",
+        encoding="utf-8",
+    )
+    missing, count = _link_problems(page)
+    assert count == 5 and missing == ["#nowhere", "other.md", "docs/nosuch-file.json"]
 
 
 # --- the command-line behaviour the README describes ---------------------------------------
