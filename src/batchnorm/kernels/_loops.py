@@ -1029,7 +1029,9 @@ MC_ROWS = 128
 #: sums of a channel are then loaded and stored once per four values instead of per value
 #: (the sum loops 1.2-2.3x faster while x is in the cache); larger inputs stream from memory
 #: a row per sweep (one sequential read stream per thread, which the prefetcher follows;
-#: four rows per sweep measured 1.2-1.6x slower there)
+#: four rows per sweep measured 1.2-1.6x slower there; with four rows prefetched ahead the
+#: statistics pass ran 0.5-0.7x the time with x in the L3 and 0.84-0.97x from memory, the
+#: gradient sums 1.2-1.5x slower, and the modules no faster: docs/kernels-log.md)
 MC_QUAD_BELOW = 4 << 20
 #: rows ahead of the one being read whose lines are prefetched on ``(M, C)`` inputs of at least
 #: :data:`MC_QUAD_BELOW` bytes: the hardware prefetcher alone left the statistics pass of
