@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -390,3 +391,76 @@ def test_cli_runs_the_benchmark_in_fresh_processes(tmp_path, capsys, monkeypatch
     for bad in (["--processes", "0"], ["--processes", "2", "--from-json", str(path)]):
         assert cli_main([*argv, *bad]) == 2
         assert "--processes" in capsys.readouterr().err
+
+
+def test_cold_sweeps_the_caches_before_every_timed_call(tmp_path, capsys, monkeypatch):
+    """--cold: a sweep comes before each timed call, the copy's included, and none inside a
+    timed call; the results say so (JSON, table), and the default asks for no sweep (which
+    allocates and reads nothing: the next test). (Plain torch: no compiled kernels needed.)"""
+    monkeypatch.setenv("BATCHNORM_BACKEND", "torch")
+    log: list[str] = []
+    real_sweeper, real_timed = bench._cache_sweeper, bench._timed
+
+    def sweeper(cold: bool):
+        inner = real_sweeper(cold)
+
+        def sweep() -> None:
+            inner()
+            log.append("sweep" if cold else "no sweep")
+
+        return sweep
+
+    def timed(f):
+        log.append("timed")
+        return real_timed(f)
+
+    monkeypatch.setattr(bench, "_cache_sweeper", sweeper)
+    monkeypatch.setattr(bench, "_timed", timed)
+    path = tmp_path / "cold.json"
+    argv = ["bench", "--shapes", "7x3", "--repeats", "3", "--warmup", "0", "--passes", "fwd"]
+    assert cli_main([*argv, "--cold", "--json", str(path)]) == 0
+    # per round: the copy, then the three contenders' forward, each after its own sweep
+    assert log == ["sweep", "timed"] * (3 * (1 + 3))
+    table = capsys.readouterr().out
+    assert "- cold: the caches were swept before every timed call" in table
+    data = json.loads(path.read_text())
+    assert data["cold"] is True
+    log.clear()
+    data = bench.run(["7x3"], repeats=2, warmup=0, passes=["fwd"])
+    assert data["cold"] is False and "- cold:" not in bench.format_table(data)
+    assert log == ["no sweep", "timed"] * (2 * (1 + 3))  # the default's sweeper: a no-op
+    # results of the two kinds do not combine, and --from-json measures nothing
+    with pytest.raises(ValueError, match="--cold"):
+        bench.combine([json.loads(path.read_text()), data])
+    assert cli_main(["bench", "--from-json", str(path), "--cold"]) == 2
+    assert "--cold" in capsys.readouterr().err
+
+
+def test_the_cold_sweep_reads_twice_the_last_level_cache(monkeypatch):
+    """The sweep's buffer: twice the cache size the kernels read, at least 64 MiB."""
+    from batchnorm import kernels
+
+    seen: list[int] = []
+    real_ones = torch.ones
+
+    def ones(n, *a, **k):
+        seen.append(int(n) * 4)
+        return real_ones(n, *a, **k)
+
+    monkeypatch.setattr(bench.torch, "ones", ones)
+    for llc, expected in ((32 << 20, 64 << 20), (48 << 20, 96 << 20), (0, 64 << 20)):
+        monkeypatch.setattr(kernels, "LLC_BYTES", llc)
+        bench._cache_sweeper(True)()
+        assert seen[-1] == expected
+    seen.clear()
+    bench._cache_sweeper(False)()
+    assert seen == []
+
+
+def test_processes_pass_cold_on() -> None:
+    args = argparse.Namespace(
+        repeats=3, warmup=1, dtype="float32", passes=["fwd"], shapes=None, threads=None, cold=True
+    )
+    assert bench._child_arguments(args)[-1] == "--cold"
+    args.cold = False
+    assert "--cold" not in bench._child_arguments(args)

@@ -22,9 +22,18 @@ copy bandwidth: a copy moves 2 values per element (read x, write out), the forwa
 write y), inference too, and forward + backward 5 (x, y; x, dy, dx) — statistics fused into the
 element passes, so ``roofline = copy time × {fwd: 1, fwd+bwd: 2.5, eval: 1, eval+bwd: 2.5}``.
 
+By default each call finds the caches as the calls before it left them: on tensors that fit
+the last-level cache the copy, timed first in each round right after a pass over x, reads part
+of x from the cache while the layers' passes, between the other contenders', mostly read from
+memory. With ``cold`` (``--cold``) a sweep over twice the last-level cache (at least 64 MiB),
+untimed, comes before every timed call, the copy's included: every contender then reads from
+memory, and ``ours/roof`` says how close the layers come to the bandwidth of a copy from
+memory. The targets are defined for the default run.
+
 Command line: ``batchnorm bench [--shapes 60x100 32x64x56x56@cl ...] [--repeats 15]
-[--passes fwd fwd+bwd eval eval+bwd] [--processes N] [--json PATH]``; Python: :func:`run`,
-and :func:`run_in_processes` / :func:`combine` for the median over fresh processes.
+[--passes fwd fwd+bwd eval eval+bwd] [--cold] [--processes N] [--json PATH]``; Python:
+:func:`run`, and :func:`run_in_processes` / :func:`combine` for the median over fresh
+processes.
 """
 
 from __future__ import annotations
@@ -191,6 +200,27 @@ def _calls(m: nn.Module, x: Tensor, dy: Tensor) -> dict[str, Callable[[], None]]
     return {"fwd": fwd, "fwd+bwd": fwd_bwd, "eval": evaluate, "eval+bwd": evaluate_bwd}
 
 
+#: the least the cold mode sweeps between timed calls (it sweeps twice the last-level cache)
+COLD_SWEEP_MIN_BYTES = 64 << 20
+
+
+def _cache_sweeper(cold: bool) -> Callable[[], None]:
+    """What runs before every timed call: nothing, or with ``cold`` a read of a buffer twice
+    the last-level cache (at least :data:`COLD_SWEEP_MIN_BYTES`), which leaves none of the
+    previous calls' tensors in any cache (their dirty lines written back during the sweep)."""
+    if not cold:
+        return lambda: None
+    from batchnorm import kernels
+
+    nbytes = max(2 * kernels.LLC_BYTES, COLD_SWEEP_MIN_BYTES)
+    buf = torch.ones(nbytes // 4)
+
+    def sweep() -> None:
+        buf.sum()
+
+    return sweep
+
+
 def _timed(f: Callable[[], None]) -> float:
     t0 = time.perf_counter()
     f()
@@ -221,7 +251,12 @@ class CaseResult:
 
 
 def _bench_case(
-    case: Case, repeats: int, dtype: torch.dtype, warmup: int, passes: Sequence[str] = PASSES
+    case: Case,
+    repeats: int,
+    dtype: torch.dtype,
+    warmup: int,
+    passes: Sequence[str] = PASSES,
+    cold: bool = False,
 ) -> CaseResult:
     gen = torch.Generator().manual_seed(0)
     x = _tensor(case, dtype, gen)
@@ -245,6 +280,7 @@ def _bench_case(
         for who in calls:
             for p in passes:
                 calls[who][p]()
+    sweep = _cache_sweeper(cold)
     samples: dict[str, list[float]] = {"copy": []}
     for who in calls:
         for p in passes:
@@ -253,9 +289,11 @@ def _bench_case(
     gc.disable()
     try:
         for r in range(repeats):
+            sweep()
             samples["copy"].append(_timed(copy))
             for p in passes:
                 for who in orders[r % len(orders)]:
+                    sweep()
                     samples[f"{who}/{p}"].append(_timed(calls[who][p]))
     finally:
         if gc_was:
@@ -418,6 +456,7 @@ def run(
     progress: Callable[[str], None] | None = None,
     threads: int | None = None,
     passes: Sequence[str] = PASSES,
+    cold: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark; return (and with ``json_path`` write, atomically) the results.
 
@@ -430,6 +469,8 @@ def run(
         progress: called with each case's name before it runs.
         threads: threads for both contenders (torch's and Numba's); default: as configured.
         passes: which of :data:`ALL_PASSES` to time; default :data:`PASSES`.
+        cold: sweep the caches before every timed call (the module's docstring says when
+            that matters); the targets are defined for the default, False.
 
     Returns a dict with ``machine`` (CPU model, cores, threads, load), ``cases`` (per-case
     medians in seconds and the ratios ours/torch and ours/roofline) and ``targets`` (each with
@@ -451,7 +492,7 @@ def run(
     chosen = [c if isinstance(c, Case) else parse_case(c) for c in (cases or SUITE)]
     timed = tuple(p for p in ALL_PASSES if p in passes)  # the table's order
     with threads_set(threads):
-        return _run(chosen, repeats, dtype, warmup, json_path, progress, timed)
+        return _run(chosen, repeats, dtype, warmup, json_path, progress, timed, cold)
 
 
 @contextlib.contextmanager
@@ -482,6 +523,7 @@ def _run(
     json_path: str | os.PathLike[str] | None,
     progress: Callable[[str], None] | None,
     passes: tuple[str, ...] = PASSES,
+    cold: bool = False,
 ) -> dict[str, Any]:
     load_before = os.getloadavg()
     sample = cpu_sample()
@@ -490,7 +532,7 @@ def _run(
     for case in chosen:
         if progress is not None:
             progress(case.name)
-        results.append(_bench_case(case, repeats, dtype, warmup, passes))
+        results.append(_bench_case(case, repeats, dtype, warmup, passes, cold))
     load_after = os.getloadavg()
     data = _assemble(
         results,
@@ -499,6 +541,7 @@ def _run(
         str(dtype).replace("torch.", ""),
         repeats,
         passes,
+        cold,
     )
     if json_path is not None:
         _write_json_atomic(json_path, data)
@@ -512,6 +555,7 @@ def _assemble(
     dtype: str,
     repeats: int,
     passes: Sequence[str],
+    cold: bool = False,
 ) -> dict[str, Any]:
     """The saved form of a run: its cases, the summary's geometric means and the targets."""
     return {
@@ -520,6 +564,8 @@ def _assemble(
         "dtype": dtype,
         "repeats": repeats,
         "passes": list(passes),
+        # caches swept before every timed call (results saved before the option: False)
+        "cold": cold,
         "roofline_values_per_element": PASS_VALUES,
         "cases": [asdict(r) for r in results],
         "summary": {
@@ -577,8 +623,16 @@ def combine(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return [(c["name"], c["layout"]) for c in r["cases"]]
 
     for r in runs[1:]:
-        if suite(r) != suite(first) or timed_passes(r) != passes or r["dtype"] != first["dtype"]:
-            raise ValueError("combine: the runs time different cases, passes or dtypes")
+        if (
+            suite(r) != suite(first)
+            or timed_passes(r) != passes
+            or r["dtype"] != first["dtype"]
+            or r.get("cold", False) != first.get("cold", False)
+        ):
+            raise ValueError(
+                "combine: the runs time different cases, passes or dtypes, or one swept the "
+                "caches (--cold) and another did not"
+            )
     median = statistics.median
     results = []
     for i, c in enumerate(first["cases"]):
@@ -608,7 +662,15 @@ def combine(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "other_cpu_share": None if None in shares else max(shares),
         "busy": any(m.get("busy") for m in machines),
     }
-    data = _assemble(results, first["date"], machine, first["dtype"], first["repeats"], passes)
+    data = _assemble(
+        results,
+        first["date"],
+        machine,
+        first["dtype"],
+        first["repeats"],
+        passes,
+        first.get("cold", False),
+    )
     data["processes"] = len(runs)
     data["process_targets"] = [{k: v["value"] for k, v in r["targets"].items()} for r in runs]
     return data
@@ -650,6 +712,11 @@ def format_table(data: dict[str, Any]) -> str:
         if per_process:
             each = " (each process: " + " / ".join(f"{t[k]:.2f}" for t in per_process) + ")"
         lines.append(f"- target {k}: {v['value']:.2f}{each} — {'met' if v['met'] else 'NOT met'}")
+    if data.get("cold"):
+        lines.append(
+            "- cold: the caches were swept before every timed call, the copy's included; the "
+            "targets are defined for the default run"
+        )
     lines += machine_lines(data, "ratios", "")
     return "\n".join(lines)
 
@@ -784,7 +851,8 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
         ax.legend(fontsize=7, ncol=6, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False)
     m = data["machine"]
     fig.suptitle(
-        f"batchnorm bench, {data['dtype']}, median of {data['repeats']}: {m['cpu']}, "
+        f"batchnorm bench, {data['dtype']}, median of {data['repeats']}"
+        f"{', caches swept before every call' if data.get('cold') else ''}: {m['cpu']}, "
         f"{m['cores']} cores, {data['date'][:10]}",
         fontsize=9,
     )
@@ -828,6 +896,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--from-json",
         metavar="PATH",
         help="measure nothing: print (and with --plot draw) results saved with --json",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="sweep the caches before every timed call, the copy's included, so that every "
+        "contender reads from memory (the targets are defined without it)",
     )
     parser.add_argument(
         "--processes",
@@ -884,11 +958,11 @@ def main(args: argparse.Namespace) -> int:
         cases = [parse_case(s) for s in args.shapes] if args.shapes else None
     except ValueError as e:
         return fail(prog, str(e))
-    if args.from_json and (args.json or args.shapes or args.processes != 1):
+    if args.from_json and (args.json or args.shapes or args.processes != 1 or args.cold):
         return fail(
             prog,
-            "--from-json measures nothing, so --json, --shapes and --processes do not apply; "
-            "use --from-json PATH [--plot PNG]",
+            "--from-json measures nothing, so --json, --shapes, --cold and --processes do not "
+            "apply; use --from-json PATH [--plot PNG]",
         )
     if args.processes < 1:
         return fail(prog, f"--processes must be >= 1, got {args.processes}")
@@ -917,6 +991,7 @@ def main(args: argparse.Namespace) -> int:
             progress=lambda name: say(f"  {name} ..."),
             threads=args.threads,
             passes=args.passes,
+            cold=args.cold,
         )
     return print_and_write(prog, data, args, format_table, plot)
 
@@ -929,6 +1004,8 @@ def _child_arguments(args: argparse.Namespace) -> list[str]:
         argv += ["--shapes", *args.shapes]
     if args.threads is not None:
         argv += ["--threads", str(args.threads)]
+    if args.cold:
+        argv.append("--cold")
     return argv
 
 
