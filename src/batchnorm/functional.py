@@ -1226,7 +1226,14 @@ def batch_norm_eval(
 ) -> Tensor:
     """Normalize with population statistics (Algorithm 2): the affine map
     ``y = x·scale + shift`` with ``scale = γ/√(Var[x] + ε)`` and ``shift = β − scale·E[x]``."""
-    if _exporting() and not (running_mean.requires_grad or running_var.requires_grad):
+    # the node is ready only outside a trace and torch.compile, so the export check is
+    # needed only without it (each check a Python call: microseconds with the caches cold)
+    ext = _ready_node(backend, input)
+    if (
+        ext is None
+        and _exporting()
+        and not (running_mean.requires_grad or running_var.requires_grad)
+    ):
         return _operator_eval(input, running_mean, running_var, weight, bias, eps, axis)
     needs_graph = torch.is_grad_enabled() and (
         input.requires_grad
@@ -1235,7 +1242,6 @@ def batch_norm_eval(
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    ext = _ready_node(backend, input)
     if ext is not None:
         T = kernels._threads(input.numel(), None)
         # with a graph: the node records itself (its backward one pass, in C++); it declines
@@ -1316,7 +1322,7 @@ def _ready_node(backend: str | None, x: Tensor) -> Any | None:
     choice = backend if backend is not None else _env.get("BATCHNORM_BACKEND")
     if choice not in (None, "", "auto", "numba"):
         return None
-    ext = native.loaded()
+    ext = native._state["ext"] if _env.get("BATCHNORM_NATIVE") != "0" else None  # loaded()
     if (
         ext is None
         # the node computes half inputs with torch's operator (the "aten" backend); the
