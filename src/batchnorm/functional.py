@@ -1322,7 +1322,7 @@ def _ready_node(backend: str | None, x: Tensor) -> Any | None:
     choice = backend if backend is not None else _env.get("BATCHNORM_BACKEND")
     if choice not in (None, "", "auto", "numba"):
         return None
-    ext = native._state["ext"] if _env.get("BATCHNORM_NATIVE") != "0" else None  # loaded()
+    ext = native.loaded()
     if (
         ext is None
         # the node computes half inputs with torch's operator (the "aten" backend); the

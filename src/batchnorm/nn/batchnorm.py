@@ -493,10 +493,7 @@ class _BatchNormBase(nn.Module):
         if isinstance(input, torch.fx.Proxy):
             return self._fx_leaf(input, mask)
         # (while tracing: the checks' outcomes are constants of the trace, as torch.nn's)
-        if F._get_tracing_state() is None:  # F._untraced without its call
-            empty = self._checked(input)
-        else:
-            empty = F._untraced(self._checked, input)
+        empty = F._untraced(self._checked, input)
         if mask is not None:
             mask = F.check_mask(input, mask, self.axis, self.layer_name())
         if empty and not self._syncing():
