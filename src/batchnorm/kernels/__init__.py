@@ -357,14 +357,14 @@ def _stream_for(
     backward at 4 MiB 0.91–0.98 (forward + backward) and the inference backward 0.83–0.86;
     the ``cnn@cl`` network's training step 23.9 → 21.0 ms (medians of six runs). Not kept:
     forward outputs of 11–12.8 MB (mixed at 11–11.5 MB, 0.88–1.08; 1.05–1.11 in every pass at
-    12.8 MB), the backward's dx at 8 MiB
-    (1.01–1.10: its second pass re-reads x and dy), and channels-first long rows (callers pass
-    no ``tensors``): their inference at 8 MiB measured 0.58–0.80 alone, but the ``cnn``
-    network's inference, whose first BN output is such, went 19.5 → 20.6 ms (the same in two
-    earlier rounds; checked again, the suite's 8 MiB inference 1.69–1.72 → 1.14–1.23 of
-    torch's time while ``cnn``'s ours/torch went 1.07 → 1.10: the output's buffer is cold in
-    a network, so a plain store first reads each line in), and the fused training loops, which re-read a channel from the core's
-    own cache, were slower stored normally (y at 8 MiB 1.05–1.13, dx at 4 MiB 1.01–1.06)."""
+    12.8 MB), the backward's dx at 8 MiB (1.01–1.10: its second pass re-reads x and dy), and
+    channels-first long rows (callers pass no ``tensors``): their inference at 8 MiB measured
+    0.58–0.80 alone, but the ``cnn`` network's inference, whose first BN output is such, went
+    19.5 → 20.6 ms (the same in two earlier rounds; checked again, the suite's 8 MiB inference
+    1.69–1.72 → 1.14–1.23 of torch's time while ``cnn``'s ours/torch went 1.07 → 1.10: the
+    output's buffer is cold in a network, so a plain store first reads each line in), and the
+    fused training loops, which re-read a channel from the core's own cache, were slower
+    stored normally (y at 8 MiB 1.05–1.13, dx at 4 MiB 1.01–1.06)."""
     if nbytes < STREAM_ABOVE or 0 < 2 * tensors * nbytes <= LLC_BYTES:
         return False
     return run >= FUSED_ROWS or (ndim == 2 and aligned and (run * itemsize) % LINE_BYTES == 0)
