@@ -804,6 +804,41 @@ def test_properties_any_shape(shape, parallel, stream, seed, loc, scale):  # typ
     )
 
 
+# row lengths and channel counts on both sides of the rules that pick a loop: SHORT_ROWS (32),
+# the overrun step (32) and its half, FUSED_ROWS (512), CHUNK (2048), tiles of 2048 float32
+# channels, rows of few channels taken several at a time (kernels._widen)
+_RULE_L = [1, 2, 4, 15, 31, 32, 33, 48, 49, 196, 511, 512, 513, 2049]
+_RULE_C = [1, 2, 3, 8, 64, 100, 2047, 2049]
+_RULE_VALUES = 300_000  # at most this many values: a few milliseconds of reference each
+
+
+@st.composite
+def _rule_shapes(draw: st.DrawFn) -> tuple[int, ...]:
+    """``(N, C, L)`` or ``(M, C)`` with L and C from the rules' boundaries and the batch drawn
+    within :data:`_RULE_VALUES` (the thread rule, SERIAL_BELOW, falls inside it)."""
+    C = draw(st.sampled_from(_RULE_C))
+    if draw(st.booleans()):
+        L = draw(st.sampled_from(_RULE_L))
+        return (draw(st.integers(2, max(2, min(64, _RULE_VALUES // (C * L))))), C, L)
+    return (draw(st.integers(2, max(2, min(3000, _RULE_VALUES // C)))), C)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=_rule_shapes(),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_loop_each_size_rule_picks_matches_the_reference(shape, dtype, seed):  # type: ignore[no-untyped-def]
+    """Threads and the work split left to the size rules (the other tests of the array API
+    force them or pick their shapes): any shape near a rule's boundary gives the reference's
+    forward, backward, inference and inference backward. (Streaming, from 4 MiB, stays off at
+    these sizes; the streamed loops are forced on in test_matches_reference and the
+    property test above.)"""
+    x, dy, w, b = _data(shape, dtype, seed=seed, loc=2.0, std=0.5)
+    _check_all(x, dy, w, b, dtype, None, stream=None)
+
+
 def test_output_arrays_are_reused_only_once_dropped():  # type: ignore[no-untyped-def]
     """Big outputs come back from a cache, but never while a tensor (or a view of it) lives."""
     from batchnorm import backend_numba as B
