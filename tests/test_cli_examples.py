@@ -210,6 +210,7 @@ def _link_problems(path: Path) -> tuple[list[str], int]:
     text = path.read_text(encoding="utf-8")
     targets = re.findall(r"\]\(([^)\s]+)\)", FENCE.sub("", text))
     missing: list[str] = []
+    headings: dict[Path, set[str]] = {}  # each linked file's anchors, read once
     for t in targets:
         if t.startswith(("http://", "https://")):
             continue
@@ -217,8 +218,11 @@ def _link_problems(path: Path) -> tuple[list[str], int]:
         where = (path.parent / file).resolve() if file else path
         if not where.exists():
             missing.append(t)
-        elif anchor and where.suffix == ".md" and anchor not in _anchors(where):
-            missing.append(t)
+        elif anchor and where.suffix == ".md":
+            if where not in headings:
+                headings[where] = _anchors(where)
+            if anchor not in headings[where]:
+                missing.append(t)
     named = re.findall(r"(?<![\w/.])((?:examples|docs|tests)/[\w./-]+\.\w+)", text)
     missing += sorted({f for f in named if not (ROOT / f.rstrip(".")).exists()})
     return missing, len(targets) + len(named)
