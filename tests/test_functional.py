@@ -823,6 +823,33 @@ def test_functional_errors_name_the_argument_at_fault() -> None:
     assert not torch.equal(rm0, rm)
 
 
+@pytest.mark.parametrize("backend", ["auto", "numba", "torch"])
+def test_the_lower_level_functions_refuse_per_channel_tensors_of_another_length(
+    backend: str,
+) -> None:
+    """batch_norm_train / _step / _eval and update_running_stats take no per-channel tensor
+    but of C values: the kernels would read and write past a shorter one's end."""
+    x = torch.randn(8, 3, 4)
+    short, good = torch.ones(2), torch.ones(3)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    kw = dict(backend=backend, layer="bn1")
+    with pytest.raises(BatchNormInputError, match=r"^bn1: weight has shape \(2,\).*3 values"):
+        F.batch_norm_train(x, short, good, **kw)
+    with pytest.raises(BatchNormInputError, match=r"^bn1: bias has shape \(2,\)"):
+        F.batch_norm_train(x, good, short, mask=torch.ones(8, 4, dtype=torch.bool), **kw)
+    for at in range(4):
+        tensors = [rm.clone(), rv.clone(), good, good]
+        tensors[at] = short
+        with pytest.raises(BatchNormInputError, match=r"^bn1: .* has shape \(2,\)"):
+            F.batch_norm_step(x, tensors[0], tensors[1], tensors[2], tensors[3], **kw)
+        with pytest.raises(BatchNormInputError, match=r"^bn1: .* has shape \(2,\)"):
+            F.batch_norm_eval(x, *tensors, **kw)
+    _, mean, var, count = F.batch_norm_train(x, backend=backend)
+    with pytest.raises(BatchNormInputError, match=r"^bn1: running_var has shape \(2,\)"):
+        F.update_running_stats(rm, short.clone(), mean, var, count, 0.1, layer="bn1")
+    assert torch.equal(rm, torch.zeros(3))  # nothing blended before the refusal
+
+
 def test_canonical_layout_views_without_copy() -> None:
     x = torch.randn(2, 3, 4, 5)
     v, restore = F.canonical_layout(x, 1)

@@ -5,11 +5,12 @@ import collections
 import copy
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import batchnorm
 from batchnorm import reference as ref
@@ -193,6 +194,139 @@ def test_module_error_messages() -> None:
     with pytest.raises(batchnorm.BatchNormInputError, match="keeps no running statistics") as e:
         batchnorm.BatchNorm1d(5, track_running_stats=False).eval()(torch.randn(1, 5))
     assert ".eval()" not in str(e.value) and "(1, 5)" in str(e.value)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: batchnorm.BatchNorm2d(3, **kw),
+        lambda **kw: batchnorm.BatchNorm(3, axis=-1, **kw),
+        lambda **kw: batchnorm.GhostBatchNorm2d(3, virtual_batch_size=2, **kw),
+        lambda **kw: batchnorm.BatchRenorm2d(3, **kw),
+        lambda **kw: batchnorm.FrozenBatchNorm2d(3, **kw),
+    ],
+    ids=["BatchNorm2d", "BatchNorm", "GhostBatchNorm2d", "BatchRenorm2d", "FrozenBatchNorm2d"],
+)
+def test_a_device_mismatch_names_the_layer_the_devices_and_a_remedy(make, training: bool) -> None:
+    # input and layer on different devices (meta stands in for an accelerator on this CPU-only
+    # suite): torch's own words name neither the layer nor a remedy
+    bn = make().train(training)
+    name = bn.layer_name()
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(batchnorm.BatchNormInputError) as e:
+        bn(torch.randn(4, 3, 2, 3, device="meta"))
+    message = str(e.value)
+    assert message.startswith(f"{name}: the input of shape (4, 3, 2, 3) is on meta")
+    assert "running_var on cpu" in message and "model.to(x.device)" in message
+    assert isinstance(e.value.__cause__, RuntimeError)  # torch's error kept as the cause
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # a layer built on the meta device and never materialized, given real input
+    lazy = make(device="meta").train(training)
+    with pytest.raises(batchnorm.BatchNormInputError) as e:
+        lazy(torch.randn(4, 3, 2, 3))
+    message = str(e.value)
+    assert message.startswith(f"{name}: ") and "on the meta device" in message
+    assert "(4, 3, 2, 3) on cpu" in message and "model.to_empty(device='cpu')" in message
+
+
+def test_a_failure_on_one_device_keeps_torchs_own_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the device check only renames device mismatches: another failure inside torch reaches
+    # the caller as it was raised
+    bn = batchnorm.BatchNorm2d(3)
+    error = RuntimeError("out of memory")
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(batchnorm.functional, "batch_norm_step", fail)
+    with pytest.raises(RuntimeError) as e:
+        bn(torch.randn(4, 3, 2, 2))
+    assert e.value is error
+    assert batchnorm.functional.device_error(torch.randn(2, 3), {"weight": bn.weight}) is None
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    ("what", "bad"),
+    [
+        ("weight", torch.ones(2)),
+        ("bias", torch.zeros(4)),
+        ("running_mean", torch.zeros(2)),
+        ("running_var", torch.ones(1)),
+        ("running_mean", torch.zeros(3, dtype=torch.int64)),
+    ],
+)
+def test_a_swapped_per_channel_tensor_of_another_length_is_refused_by_name(
+    what: str, bad: Tensor, training: bool, backend: str
+) -> None:
+    # the kernels read and write C values of each per-channel tensor: a shorter one (model
+    # surgery that changed the weight but not the running buffers) must be refused, not read
+    # or written past its end; torch.nn refuses it too
+    bn = batchnorm.BatchNorm2d(3, backend=backend).train(training)
+    if what in ("weight", "bias"):
+        setattr(bn, what, nn.Parameter(bad.clone(), requires_grad=bad.is_floating_point()))
+    else:
+        setattr(bn, what, bad.clone())
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(batchnorm.BatchNormInputError) as e:
+        bn(torch.randn(4, 3, 2, 2))
+    message = str(e.value)
+    assert message.startswith(f"BatchNorm2d(3): {what} ")
+    assert "floating point" in message if not bad.is_floating_point() else "3 values" in message
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(RuntimeError):  # torch.nn's layer refuses it as well
+        ref = nn.BatchNorm2d(3).train(training)
+        setattr(ref, what, getattr(bn, what))
+        ref(torch.randn(4, 3, 2, 2))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_per_channel_tensors_of_any_shape_holding_c_values_work_as_in_torch_nn(
+    training: bool,
+) -> None:
+    # torch.nn takes a weight of shape (C, 1): so do the layers, on every backend
+    w, b = torch.randn(3), torch.randn(3)
+    x = torch.randn(4, 3, 2, 2)
+    for make in (nn.BatchNorm2d, lambda c: batchnorm.BatchNorm2d(c, backend="torch")):
+        ours, ref = batchnorm.BatchNorm2d(3), make(3)
+        for m in (ours, ref):
+            m.train(training)
+            m.weight = nn.Parameter(w.reshape(3, 1).clone())
+            m.bias = nn.Parameter(b.clone())
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+        ref.load_state_dict(ours.state_dict())
+        torch.testing.assert_close(ours(x), ref(x))
+        torch.testing.assert_close(ours.running_mean, ref.running_mean)
+        torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+def test_the_readme_error_examples_are_what_the_layers_say() -> None:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("Errors name the layer, the shape and a remedy", 1)[1]
+    block = section.split("```", 2)[1]
+    shown = [line for line in block.splitlines() if line.strip()]
+    swapped = batchnorm.BatchNorm2d(8)
+    swapped.weight = nn.Parameter(torch.ones(6))
+    calls = [
+        lambda: batchnorm.BatchNorm2d(8)(torch.randn(2, 8, 5)),
+        lambda: batchnorm.BatchNorm1d(5)(torch.randn(4, 3, 5)),
+        lambda: batchnorm.BatchNorm2d(8)(torch.randn(2, 3, 5, 5)),
+        lambda: batchnorm.BatchNorm1d(5)(torch.randn(1, 5)),
+        lambda: batchnorm.BatchNorm1d(5)(torch.ones(4, 5, dtype=torch.int32)),
+        lambda: swapped(torch.randn(2, 8, 5, 5)),
+        lambda: batchnorm.BatchNorm2d(8, device="meta")(torch.randn(2, 8, 5, 5)),
+    ]
+    said = []
+    for call in calls:
+        with pytest.raises(batchnorm.BatchNormInputError) as e:
+            call()
+        said.append(str(e.value))
+    assert shown == said
 
 
 def _net() -> nn.Module:

@@ -97,13 +97,16 @@ _OUT = _Outputs(max_bytes=512 << 20)
 
 
 def _vec(v: Tensor | None, dtype: torch.dtype) -> np.ndarray:
-    """A per-channel tensor as a contiguous NumPy vector of ``dtype`` (empty for None)."""
+    """A per-channel tensor as a contiguous NumPy vector of ``dtype`` (empty for None); one of
+    another shape holding C values (a ``(C, 1)`` weight, which ``torch.nn`` takes) flattened."""
     if v is None:
         return _EMPTY[dtype]
     # one cheap check per property: this runs on every call, (60, 100) batches included;
     # numpy(force=True) detaches in the same call
     if v.dtype != dtype:
         v = v.to(dtype)
+    if v.dim() != 1:
+        v = v.reshape(-1)
     if not v.is_contiguous():
         v = v.contiguous()
     return v.numpy(force=True)
@@ -144,6 +147,8 @@ def _updatable(running: functional.RunningStats) -> bool:
         and rv.is_cpu
         and rm.is_contiguous()
         and rv.is_contiguous()
+        and rm.dim() == 1
+        and rv.dim() == 1
         and not (rm.requires_grad or rv.requires_grad)
         and (nbt is None or (nbt.dtype == torch.int64 and nbt.is_cpu and nbt.numel() == 1))
     )

@@ -30,7 +30,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 import numpy as np
@@ -50,6 +50,8 @@ __all__ = [
     "RunningStats",
     "canonical_layout",
     "check_channels",
+    "check_vectors",
+    "device_error",
     "check_mask",
     "valid_count",
     "BatchNormInputError",
@@ -719,6 +721,37 @@ def check_channels(x: Tensor, num_features: int, axis: int, layer: str | None = 
         )
 
 
+def device_error(
+    input: Tensor, tensors: Mapping[str, Tensor | None], layer: str | None = None
+) -> BatchNormInputError | None:
+    """The error to raise for ``input`` and a layer's ``tensors`` (weight, bias, running
+    buffers, by name) on different devices, or for a layer still on the meta device (shapes
+    without values) given real input; ``None`` when they agree. Asked only after a call failed,
+    so a correct call pays nothing for it."""
+    held = {name: t for name, t in tensors.items() if t is not None}
+    if all(t.device == input.device for t in held.values()):
+        return None
+    shape = tuple(input.shape)
+    meta = [name for name, t in held.items() if t.is_meta]
+    if meta and not input.is_meta:
+        return BatchNormInputError(
+            f"{_name(layer)}: {', '.join(meta)} on the meta device (shapes without values), "
+            f"the input of shape {shape} on {input.device}. Materialize the layer first: "
+            f"model.to_empty(device={str(input.device)!r}), then load_state_dict(...) or "
+            "reset_parameters()."
+        )
+    by_device: dict[str, list[str]] = {}
+    for name, t in held.items():
+        if t.device != input.device:
+            by_device.setdefault(str(t.device), []).append(name)
+    where = "; ".join(f"{', '.join(names)} on {device}" for device, names in by_device.items())
+    return BatchNormInputError(
+        f"{_name(layer)}: the input of shape {shape} is on {input.device}, the layer's {where}. "
+        "Move the model to the input's device (model.to(x.device)) or the input to the "
+        "model's."
+    )
+
+
 def _axis_hint(x: Tensor, num_features: int, axis: int) -> str:
     """`` Axis j has size C: did you mean axis=j?`` for another axis of ``x`` of that size."""
     nd = x.dim()
@@ -1133,6 +1166,7 @@ def batch_norm_train(
     ax = axis % input.dim() if input.dim() else axis
     if mask is not None:
         m = check_mask(input, mask, ax, layer)
+        check_vectors(input, ax, {"weight": weight, "bias": bias}, layer)
         count = valid_count(input, ax, m)
         if count < 2:
             raise BatchNormInputError(
@@ -1143,6 +1177,7 @@ def batch_norm_train(
         y, mean, var = _masked_train(input, weight, bias, eps, ax, m, count)
         return y, mean, var, count
     count = _check_count(input, ax, layer)
+    check_vectors(input, ax, {"weight": weight, "bias": bias}, layer)
     be = get_backend(input, backend, also=(weight, bias))
     node = be.train_node(input, ax, weight, bias, eps, None)
     if node is not None:
@@ -1194,6 +1229,14 @@ def batch_norm_step(
         )  # fmt: skip
     running = RunningStats(running_mean, running_var, momentum, alpha, num_batches_tracked)
     if node is None:
+        # (the node declines tensors of another length: checked here, off its path)
+        vectors = {
+            "weight": weight,
+            "bias": bias,
+            "running_mean": running_mean,
+            "running_var": running_var,
+        }
+        check_vectors(input, ax, vectors, layer)
         be = get_backend(
             input, backend, also=(weight, bias, running_mean, running_var, num_batches_tracked)
         )
@@ -1223,18 +1266,11 @@ def batch_norm_eval(
     *,
     axis: int = 1,
     backend: str | None = None,
+    layer: str | None = None,
 ) -> Tensor:
     """Normalize with population statistics (Algorithm 2): the affine map
     ``y = x·scale + shift`` with ``scale = γ/√(Var[x] + ε)`` and ``shift = β − scale·E[x]``."""
-    # the node is ready only outside a trace and torch.compile, so the export check is
-    # needed only without it (each check a Python call: microseconds with the caches cold)
     ext = _ready_node(backend, input)
-    if (
-        ext is None
-        and _exporting()
-        and not (running_mean.requires_grad or running_var.requires_grad)
-    ):
-        return _operator_eval(input, running_mean, running_var, weight, bias, eps, axis)
     needs_graph = torch.is_grad_enabled() and (
         input.requires_grad
         or running_mean.requires_grad
@@ -1250,6 +1286,22 @@ def batch_norm_eval(
         y = run(input, axis, running_mean, running_var, weight, bias, T, eps)
         if y is not None:
             return y  # type: ignore[no-any-return]
+    # (the node declines tensors of another length: checked here, off its path)
+    vectors = {
+        "running_mean": running_mean,
+        "running_var": running_var,
+        "weight": weight,
+        "bias": bias,
+    }
+    check_vectors(input, axis % input.dim(), vectors, layer)
+    # the node is ready only outside a trace and torch.compile, so the export check is
+    # needed only without it (each check a Python call: microseconds with the caches cold)
+    if (
+        ext is None
+        and _exporting()
+        and not (running_mean.requires_grad or running_var.requires_grad)
+    ):
+        return _operator_eval(input, running_mean, running_var, weight, bias, eps, axis)
     be = get_backend(input, backend, also=(running_mean, running_var, weight, bias))
     if be is _ATEN_BACKEND and not (running_mean.requires_grad or running_var.requires_grad):
         # torch's operator, recorded by autograd itself when there is a graph to record
@@ -1351,12 +1403,13 @@ def _inference_affine(
     cd: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     """Algorithm 2's ``(scale, shift)`` in dtype ``cd``, with torch operations (differentiable)."""
-    scale = torch.rsqrt(var.to(cd) + eps)
+    # (flattened: the layers take per-channel tensors of any shape holding C values)
+    scale = torch.rsqrt(var.to(cd).reshape(-1) + eps)
     if weight is not None:
-        scale = scale * weight.to(cd)
-    shift = -mean.to(cd) * scale
+        scale = scale * weight.to(cd).reshape(-1)
+    shift = -mean.to(cd).reshape(-1) * scale
     if bias is not None:
-        shift = shift + bias.to(cd)
+        shift = shift + bias.to(cd).reshape(-1)
     return scale, shift
 
 
@@ -1406,6 +1459,13 @@ def update_running_stats(
 
     Returns False (and changes nothing) when the batch statistics are not finite.
     """
+    for what, buf in (("running_mean", running_mean), ("running_var", running_var)):
+        if buf.numel() != mean.numel() or not buf.is_floating_point():
+            raise BatchNormInputError(
+                f"{_name(layer)}: {what} has shape {tuple(buf.shape)} and dtype {buf.dtype}, "
+                f"but the batch statistics have {mean.numel()} channels: running buffers need "
+                f"{mean.numel()} floating-point values, e.g. torch.zeros({mean.numel()})."
+            )
     # (1 − momentum)·running + momentum·(m/(m−1))·σ²_B, with the Bessel factor folded into alpha
     if isinstance(count, Tensor):  # a traced count: the factor in float64, as for a Python int
         count = count.to(torch.float64)  # type: ignore[assignment]
@@ -1567,13 +1627,31 @@ def _check_call(
             f"{name}: {given} was given without {missing}: pass both running buffers (they are "
             "updated together in training and used together in eval mode), or neither."
         )
-    c = input.shape[axis]
     vectors = {
         "running_mean": running_mean,
         "running_var": running_var,
         "weight": weight,
         "bias": bias,
     }
+    check_vectors(input, axis, vectors, layer, flat=True)
+
+
+def check_vectors(
+    input: Tensor,
+    axis: int,
+    vectors: Mapping[str, Tensor | None],
+    layer: str | None = None,
+    flat: bool = False,
+) -> None:
+    """Raise :class:`BatchNormInputError`, naming the tensor at fault, unless each given
+    per-channel tensor in ``vectors`` (weight, bias, running buffers, by name) is floating
+    point with one value per channel of ``input`` — of shape ``(C,)`` with ``flat``, of any
+    shape holding ``C`` values otherwise (what ``torch.nn``'s layers accept). The kernels
+    read and write exactly ``C`` values of each: a shorter tensor must never reach them."""
+    if _get_tracing_state() is not None:  # sizes read while tracing would be traced values
+        return _untraced(check_vectors, input, axis, vectors, layer, flat)
+    name = _name(layer)
+    c = input.shape[axis]
     for what, v in vectors.items():
         if v is None:
             continue
@@ -1582,11 +1660,19 @@ def _check_call(
                 f"{name}: {what} must be floating point, got dtype {v.dtype} with shape "
                 f"{tuple(v.shape)}. Create it as a float tensor, e.g. torch.zeros({c})."
             )
-        if v.dim() != 1 or v.numel() != c:
+        if v.numel() != c or (flat and v.dim() != 1):
+            # the functional call's axis is the caller's to choose; a layer's is fixed, and its
+            # tensors of another length were swapped after it was built
+            remedy = (
+                f"per-channel tensors need shape ({c},).{_axis_hint(input, v.numel(), axis)}"
+                if flat
+                else f"per-channel tensors need {c} values. After changing a layer's channel "
+                "count (pruning, model surgery), replace weight, bias, running_mean and "
+                "running_var together and set num_features to match."
+            )
             raise BatchNormInputError(
                 f"{name}: {what} has shape {tuple(v.shape)}, but the input of shape "
-                f"{tuple(input.shape)} has {c} channels along axis {axis}: per-channel "
-                f"tensors need shape ({c},).{_axis_hint(input, v.numel(), axis)}"
+                f"{tuple(input.shape)} has {c} channels along axis {axis}: {remedy}"
             )
 
 
@@ -1668,7 +1754,7 @@ def batch_norm(
     if mask is not None:
         check_mask(input, mask, axis, layer)
     return batch_norm_eval(
-        input, running_mean, running_var, weight, bias, eps, axis=axis, backend=backend
+        input, running_mean, running_var, weight, bias, eps, axis=axis, backend=backend, layer=layer
     )
 
 

@@ -579,15 +579,29 @@ class FrozenBatchNorm(nn.Module):
         F._untraced(F.check_channels, input, self.num_features, self.axis, self.layer_name())
         if mask is not None:
             F.check_mask(input, mask, self.axis, self.layer_name())
-        return F.batch_norm_eval(
-            input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            self.eps,
-            axis=self.axis,
-        )
+        try:
+            return F.batch_norm_eval(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                self.eps,
+                axis=self.axis,
+                layer=self.layer_name(),
+            )
+        except (RuntimeError, NotImplementedError) as e:
+            # a device mismatch named, as BatchNorm does (F.device_error)
+            tensors = {
+                "weight": self.weight,
+                "bias": self.bias,
+                "running_mean": self.running_mean,
+                "running_var": self.running_var,
+            }
+            error = F.device_error(input, tensors, self.layer_name())
+            if error is None or isinstance(e, F.BatchNormInputError):
+                raise
+            raise error from e
 
     def extra_repr(self) -> str:
         s = f"{self.num_features}, eps={self.eps}"

@@ -390,6 +390,7 @@ class _BatchNormBase(nn.Module):
             self.eps,
             axis=self.axis,
             backend=self.backend,
+            layer=self.layer_name(),
         )
 
     def _forward_single(self, input: Tensor, mask: Tensor | None) -> Tensor:
@@ -492,36 +493,48 @@ class _BatchNormBase(nn.Module):
     def _forward_eager(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
             return self._fx_leaf(input, mask)
-        # (while tracing: the checks' outcomes are constants of the trace, as torch.nn's)
-        empty = F._untraced(self._checked, input)
-        if mask is not None:
-            mask = F.check_mask(input, mask, self.axis, self.layer_name())
-        if empty and not self._syncing():
-            # an empty batch (a detector's frame without boxes): an empty output, as torch.nn
-            # gives; nothing to learn from, so the running statistics and counter stay as they are
-            # (a synchronizing layer's empty rank still joins the exchange)
-            return self._empty_output(input)
-        if self._use_batch_stats():
-            count = self._check_small(input, mask)
-            if count < 2 and self.small_batch != "raise":
-                return self._forward_single(input, mask)
-            if count < 2 and not self.training:
-                raise BatchNormInputError(
-                    f"{self.layer_name()}: expected more than 1 value per channel, got input of "
-                    f"shape {tuple(input.shape)}: this layer keeps no running statistics "
-                    "(track_running_stats=False), so it normalizes with batch statistics in "
-                    "eval mode too. Use a batch of 2 or more, small_batch='skip' (y = β for a "
-                    "single value), or track_running_stats=True."
-                )
-            if mask is None:
-                return self._forward_train(input)
-            if "mask" not in inspect.signature(self._forward_train).parameters:
-                raise BatchNormInputError(
-                    f"{self.layer_name()}: this layer does not support a mask; pass mask=None "
-                    "or use batchnorm.BatchNorm"
-                )
-            return self._forward_train(input, mask=mask)  # type: ignore[call-arg]
-        return self._forward_eval(input)
+        try:
+            # (while tracing: the checks' outcomes are constants of the trace, as torch.nn's)
+            empty = F._untraced(self._checked, input)
+            if mask is not None:
+                mask = F.check_mask(input, mask, self.axis, self.layer_name())
+            if empty and not self._syncing():
+                # an empty batch (a detector's frame without boxes): an empty output, as
+                # torch.nn gives; nothing to learn from, so the running statistics and counter
+                # stay as they are (a synchronizing layer's empty rank still joins the exchange)
+                return self._empty_output(input)
+            if self._use_batch_stats():
+                count = self._check_small(input, mask)
+                if count < 2 and self.small_batch != "raise":
+                    return self._forward_single(input, mask)
+                if count < 2 and not self.training:
+                    raise BatchNormInputError(
+                        f"{self.layer_name()}: expected more than 1 value per channel, got input "
+                        f"of shape {tuple(input.shape)}: this layer keeps no running statistics "
+                        "(track_running_stats=False), so it normalizes with batch statistics in "
+                        "eval mode too. Use a batch of 2 or more, small_batch='skip' (y = β for a "
+                        "single value), or track_running_stats=True."
+                    )
+                if mask is None:
+                    return self._forward_train(input)
+                if "mask" not in inspect.signature(self._forward_train).parameters:
+                    raise BatchNormInputError(
+                        f"{self.layer_name()}: this layer does not support a mask; pass mask=None "
+                        "or use batchnorm.BatchNorm"
+                    )
+                return self._forward_train(input, mask=mask)  # type: ignore[call-arg]
+            return self._forward_eval(input)
+        except (RuntimeError, NotImplementedError) as e:
+            # a failure inside torch: tell a device mismatch (the model not moved with its
+            # input, a layer left on the meta device) by name instead of torch's words
+            if isinstance(e, F.BatchNormInputError):
+                raise
+            weight, bias, rm, rv, _ = self._tensors()
+            tensors = {"weight": weight, "bias": bias, "running_mean": rm, "running_var": rv}
+            error = F.device_error(input, tensors, self.layer_name())
+            if error is None:
+                raise
+            raise error from e
 
     def _forward_scripted(self, input: Tensor, mask: Tensor | None) -> Tensor:
         """``forward`` compiled by ``torch.jit.script``: the eager checks' essentials and the
