@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -127,6 +129,41 @@ def test_fold_and_to_inference_keep_every_module_in_the_model_s_mode() -> None:
         assert [n for n, m in model.named_modules() if m.training] == []
     bn = _with_statistics(nn.BatchNorm1d(3), 4, 3)
     assert not batchnorm.to_inference(bn).training
+
+
+@pytest.mark.parametrize("breakage", ["nan mean", "inf var", "negative var"])
+@pytest.mark.parametrize("what", ["fold", "to_inference"])
+def test_broken_running_statistics_are_refused_not_folded(breakage: str, what: str) -> None:
+    # a checkpoint whose running statistics broke (torch.nn stores a NaN batch's statistics):
+    # folded, NaN would be written into the convolution's weights and the model look deployed
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU()).eval()
+    bn = net[1]
+    if breakage == "nan mean":
+        bn.running_mean[[1, 4]] = float("nan")
+        channels = "2 of 6 channels (1, 4)"
+    elif breakage == "inf var":
+        bn.running_var[5] = float("inf")
+        channels = "1 of 6 channels (5)"
+    else:
+        bn.running_var.fill_(-1.0)
+        channels = "6 of 6 channels (0, 1, 2, 3, 4, 5)"
+    conv_before = net[0].weight.detach().clone()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(
+        ValueError,
+        match=rf"^{what}: layer '1' \(BatchNorm2d\).*{re.escape(channels)}.*batchnorm\.recalibrate",
+    ):
+        if what == "fold":
+            batchnorm.fold(net, x, inplace=True)
+        else:
+            batchnorm.to_inference(net, inplace=True)
+    assert isinstance(net[1], nn.BatchNorm2d) and torch.equal(net[0].weight, conv_before)
+    # the remedy named: statistics computed again, after which the layer folds
+    batchnorm.recalibrate(net, [torch.randn(8, 3, 8, 8) for _ in range(3)])
+    folded, err = batchnorm.fold(net, x)
+    assert isinstance(folded[1], nn.Identity) and torch.isfinite(folded[0].weight).all()
+    assert err < 1e-5
 
 
 def test_recalibrate_refuses_one_tensor_with_the_remedy() -> None:

@@ -434,6 +434,19 @@ def _check_inference_ready(bn: nn.Module, name: str, what: str) -> None:
             "(track_running_stats=False), so its inference map depends on the batch; train it "
             "with running statistics or compute them with batchnorm.recalibrate."
         )
+    rm, rv = _tensor(bn, "running_mean").detach(), _tensor(bn, "running_var").detach()
+    eps = float(getattr(bn, "eps", 1e-5))
+    bad = ~(rm.isfinite() & rv.isfinite() & (rv.double() + eps > 0))
+    if bool(bad.any()):
+        channels = bad.reshape(-1).nonzero().reshape(-1).tolist()
+        shown = ", ".join(map(str, channels[:8])) + (", ..." if len(channels) > 8 else "")
+        raise ValueError(
+            f"{what}: layer {name!r} ({type(bn).__name__}) has running statistics that are not "
+            f"finite or a running variance at or below -eps in {len(channels)} of "
+            f"{rm.numel()} channels ({shown}): its inference map would be NaN or infinite there. "
+            "Compute the statistics again with "
+            "batchnorm.recalibrate(model, data), or load a checkpoint saved before they broke."
+        )
 
 
 def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
