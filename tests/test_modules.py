@@ -285,6 +285,42 @@ def test_a_swapped_per_channel_tensor_of_another_length_is_refused_by_name(
 
 
 @pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("what", ["weight", "bias", "running_mean", "running_var"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: batchnorm.InPlaceABN(3),
+        lambda: batchnorm.BatchRenorm2d(3),
+        lambda: batchnorm.GhostBatchNorm2d(3, virtual_batch_size=4),
+        lambda: batchnorm.SyncBatchNorm(3),
+        lambda: batchnorm.FrozenBatchNorm2d(3),
+        lambda: batchnorm.BatchNorm(3, axis=-1),
+    ],
+    ids=["InPlaceABN", "BatchRenorm2d", "GhostBatchNorm2d", "SyncBatchNorm", "Frozen", "axis-1"],
+)
+def test_every_layer_refuses_a_per_channel_tensor_of_another_length_by_name(
+    make, what: str, training: bool
+) -> None:
+    # the variants' own training paths (renorm's r and d, InPlaceABN's function, which writes
+    # over its input) check as BatchNorm's do, before anything is read or written
+    bn = make().train(training)
+    short = torch.ones(2)
+    if isinstance(getattr(bn, what), nn.Parameter):
+        setattr(bn, what, nn.Parameter(short))
+    else:
+        setattr(bn, what, short)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    x = torch.randn(8, 2, 2, 3) if getattr(bn, "axis", 1) == -1 else torch.randn(8, 3, 2, 2)
+    kept = x.clone()
+    with pytest.raises(batchnorm.BatchNormInputError) as e:
+        bn(x)
+    assert str(e.value).startswith(f"{bn.layer_name()}: {what} has shape (2,)")
+    assert torch.equal(x, kept)  # InPlaceABN's input not written over
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("training", [True, False])
 def test_per_channel_tensors_of_any_shape_holding_c_values_work_as_in_torch_nn(
     training: bool,
 ) -> None:

@@ -254,6 +254,8 @@ class InPlaceABN(BatchNorm):
                 f"{self.layer_name()}: masks are not supported by in-place activated BN; use "
                 "batchnorm.BatchNorm with forward(x, mask=...) followed by the activation"
             )
+        # before anything reads them, or the input is written over: C values of each
+        F.check_vectors(input, self.axis % input.dim(), self._per_channel(), self.layer_name())
         # backward divides by γ; without a graph (no_grad: recalibration, probes, evaluation
         # in train mode) nothing does, and γ = 0 is an ordinary forward
         graph = torch.is_grad_enabled() and any(

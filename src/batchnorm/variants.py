@@ -181,6 +181,7 @@ class _Renorm(_BatchNormBase):
 
     def _forward_train(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         assert self.running_mean is not None and self.running_var is not None
+        F.check_vectors(input, self.axis % input.dim(), self._per_channel(), self.layer_name())
         # x̂ = (x − μ_B)/σ_B through the exact BN backward; γ, β applied below with r and d
         xhat, mean, var, count = F.batch_norm_train(
             input,

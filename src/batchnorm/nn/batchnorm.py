@@ -344,6 +344,12 @@ class _BatchNormBase(nn.Module):
                 self.num_batches_tracked,
             )  # fmt: skip
 
+    def _per_channel(self) -> dict[str, Tensor | None]:
+        """The layer's per-channel tensors by name (for :func:`batchnorm.functional.check_vectors`
+        and :func:`batchnorm.functional.device_error`)."""
+        weight, bias, rm, rv, _ = self._tensors()
+        return {"weight": weight, "bias": bias, "running_mean": rm, "running_var": rv}
+
     def _forward_train(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         weight, bias, rm, rv, nbt = self._tensors()
         if mask is None and self.training and self.track_running_stats and rm is not None:
@@ -529,9 +535,7 @@ class _BatchNormBase(nn.Module):
             # input, a layer left on the meta device) by name instead of torch's words
             if isinstance(e, F.BatchNormInputError):
                 raise
-            weight, bias, rm, rv, _ = self._tensors()
-            tensors = {"weight": weight, "bias": bias, "running_mean": rm, "running_var": rv}
-            error = F.device_error(input, tensors, self.layer_name())
+            error = F.device_error(input, self._per_channel(), self.layer_name())
             if error is None:
                 raise
             raise error from e
