@@ -434,6 +434,10 @@ def _robust_part(rank: int, world: int) -> dict:
     )
     batches = [torch.randn(4, 3)] * (2 if rank == 0 else 1)
     out["uneven"] = _catch(lambda: batchnorm.recalibrate(recal, batches, distributed=True))
+    # a weight swapped for a shorter one: refused by name before the exchange
+    swapped = SyncBatchNorm(4, name="swapped")
+    swapped.weight = torch.nn.Parameter(torch.ones(3))
+    out["swapped"] = _catch(lambda: swapped(torch.randn(5, 4)))
     # a rank that never arrives: the process group's timeout, then the layer's own timeout
     sub = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=1.0))
     late = SyncBatchNorm(4, process_group=sub, name="late")
@@ -466,6 +470,10 @@ def _check_robust(results: list[dict]) -> None:
         assert msg.startswith("SyncBatchNormError"), msg
         assert "not at the same synchronized layer" in msg and "'sa' (call 1" in msg, msg
         assert "'sb' (call 1" in msg and "same control flow" in msg, msg
+        msg = res["swapped"]
+        assert msg.startswith(
+            "BatchNormInputError: SyncBatchNorm(4) 'swapped': weight has shape (3,)"
+        ), msg
         msg = res["uneven"]
         assert msg.startswith("SyncBatchNormError"), msg
         assert "'1' (call 1" in msg and "same number of batches" in msg, msg

@@ -471,6 +471,8 @@ class SyncBatchNorm(_BatchNormBase):
             # one process, or eval mode without running statistics: the local batch
             return super()._forward_train(input)
         ax = self.axis % input.dim()
+        # before the exchange: a rank that fails inside it leaves the others waiting
+        F.check_vectors(input, ax, self._per_channel(), self.layer_name())
         xc, restore = F.canonical_layout(input, ax)  # (N, C, L) or (M, C)
         ex = _Exchange(
             group=self.process_group,
