@@ -1229,3 +1229,32 @@ def test_inference_backward_with_non_finite_values(shape):  # type: ignore[no-un
     _, sdyx_big, _ = K.backward_eval(np.ones_like(big), big, m, v, w)
     count = big.size // shape[1]
     np.testing.assert_allclose(sdyx_big, 3e38 * count, rtol=1e-6)
+
+
+def test_the_kernels_python_path_refuses_vectors_of_another_length() -> None:
+    """The adapter hands the kernels C values of each per-channel tensor: one of another
+    length (a weight replaced through ``.data`` between a forward and its backward, which no
+    layer check sees) raises instead of being read past its end; running buffers of another
+    length are never updated in place by the kernels."""
+    from batchnorm import functional as F
+    from batchnorm.backend_numba import NumbaBackend
+
+    be = NumbaBackend()
+    x, dy = torch.randn(8, 3, 5), torch.randn(8, 3, 5)
+    w, short = torch.ones(3), torch.ones(2)
+    _, mean, var, invstd = be.forward_train(x, w, None, 1e-5)
+    for call in (
+        lambda: be.forward_train(x, short, None, 1e-5),
+        lambda: be.forward_train(x, w, short, 1e-5),
+        lambda: be.backward(dy, x, mean, invstd, short, (True, True, True)),
+        lambda: be.backward(dy, x, mean, short, w, (True, False, False)),
+        lambda: be.forward_eval(x, mean, var, short, None, 1e-5),
+        lambda: be.backward_eval(dy, x, mean, short, w, 1e-5, True),
+    ):
+        with pytest.raises(F.BatchNormInputError, match=r"shape \(2,\) was given for 3 channels"):
+            call()
+    rm, rv = torch.zeros(2), torch.ones(2)
+    running = F.RunningStats(rm, rv, 0.1, 0.1, None)
+    with pytest.raises(ValueError, match="could not be broadcast"):  # NumPy's, not the kernels'
+        be.forward_train_update(x, w, None, 1e-5, running)
+    assert torch.equal(rm, torch.zeros(2)) and torch.equal(rv, torch.ones(2))

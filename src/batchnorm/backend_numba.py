@@ -96,11 +96,19 @@ REUSE_ABOVE = 1 << 20
 _OUT = _Outputs(max_bytes=512 << 20)
 
 
-def _vec(v: Tensor | None, dtype: torch.dtype) -> np.ndarray:
+def _vec(v: Tensor | None, dtype: torch.dtype, C: int) -> np.ndarray:
     """A per-channel tensor as a contiguous NumPy vector of ``dtype`` (empty for None); one of
-    another shape holding C values (a ``(C, 1)`` weight, which ``torch.nn`` takes) flattened."""
+    another shape holding C values (a ``(C, 1)`` weight, which ``torch.nn`` takes) flattened.
+    The kernels read ``C`` values: one of another length raises (the layers refuse such
+    tensors before the forward; this catches one replaced between forward and backward)."""
     if v is None:
         return _EMPTY[dtype]
+    if v.numel() != C:
+        raise functional.BatchNormInputError(
+            f"batch_norm: a per-channel tensor of shape {tuple(v.shape)} was given for {C} "
+            "channels; was a weight or bias replaced (e.g. through .data) between the forward "
+            "and the backward? Replace parameters between steps, not inside one."
+        )
     # one cheap check per property: this runs on every call, (60, 100) batches included;
     # numpy(force=True) detaches in the same call
     if v.dtype != dtype:
@@ -127,8 +135,8 @@ def _train(
     ya = _OUT.empty_like(xa)
     _, mean, var, invstd = K._forward_train(
         xa,
-        _vec(weight, x.dtype),
-        _vec(bias, x.dtype),
+        _vec(weight, x.dtype, xa.shape[1]),
+        _vec(bias, x.dtype, xa.shape[1]),
         float(eps),
         ya,
         K._threads(xa.size, None),
@@ -137,11 +145,14 @@ def _train(
     return ya, mean, var, invstd
 
 
-def _updatable(running: functional.RunningStats) -> bool:
-    """Whether the kernels can update these running buffers in place through NumPy views."""
+def _updatable(running: functional.RunningStats, C: int) -> bool:
+    """Whether the kernels can update these running buffers of ``C`` channels in place through
+    NumPy views (they write ``C`` values of each)."""
     rm, rv, _, _, nbt = running
     return (
-        rm.dtype in _DTYPES
+        rm.numel() == C
+        and rv.numel() == C
+        and rm.dtype in _DTYPES
         and rv.dtype in _DTYPES
         and rm.is_cpu
         and rv.is_cpu
@@ -189,7 +200,7 @@ class NumbaBackend:
         eps: float,
         running: functional.RunningStats,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
-        if x.dtype in _HALF or not _updatable(running):
+        if x.dtype in _HALF or not _updatable(running, x.shape[1]):
             y, mean, var, invstd = self.forward_train(x, weight, bias, eps)
             return y, mean, var, invstd, functional.blend_running(running, mean, var)
         ya, ma, va, ia = _train(x, weight, bias, eps)
@@ -230,9 +241,9 @@ class NumbaBackend:
         _, dw, db = K._backward(
             dya,
             xa,
-            _vec(mean, x.dtype),
-            _vec(invstd, x.dtype),
-            _vec(weight, x.dtype),
+            _vec(mean, x.dtype, xa.shape[1]),
+            _vec(invstd, x.dtype, xa.shape[1]),
+            _vec(weight, x.dtype, xa.shape[1]),
             dxa,
             T,
             K._stream(xa, None, dxa, tensors=3),
@@ -266,9 +277,9 @@ class NumbaBackend:
         _, sdyx, sdy = K._backward_eval(
             dya,
             xa,
-            _vec(mean, dt),
-            _vec(var, dt),
-            _vec(weight, dt),
+            _vec(mean, dt, xa.shape[1]),
+            _vec(var, dt, xa.shape[1]),
+            _vec(weight, dt, xa.shape[1]),
             float(eps),
             dxa,
             T,
@@ -327,10 +338,10 @@ class NumbaBackend:
         dt = x.dtype
         K._forward_eval_stats(
             xa,
-            _vec(mean, dt),
-            _vec(var, dt),
-            _vec(weight, dt),
-            _vec(bias, dt),
+            _vec(mean, dt, xa.shape[1]),
+            _vec(var, dt, xa.shape[1]),
+            _vec(weight, dt, xa.shape[1]),
+            _vec(bias, dt, xa.shape[1]),
             float(eps),
             ya,
             K._threads(xa.size, None),
