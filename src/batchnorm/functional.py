@@ -1164,9 +1164,9 @@ def batch_norm_train(
     ``count`` is their number; every position is normalized with them.
     """
     ax = axis % input.dim() if input.dim() else axis
+    check_vectors(input, ax, {"weight": weight, "bias": bias}, layer)
     if mask is not None:
         m = check_mask(input, mask, ax, layer)
-        check_vectors(input, ax, {"weight": weight, "bias": bias}, layer)
         count = valid_count(input, ax, m)
         if count < 2:
             raise BatchNormInputError(
@@ -1177,7 +1177,6 @@ def batch_norm_train(
         y, mean, var = _masked_train(input, weight, bias, eps, ax, m, count)
         return y, mean, var, count
     count = _check_count(input, ax, layer)
-    check_vectors(input, ax, {"weight": weight, "bias": bias}, layer)
     be = get_backend(input, backend, also=(weight, bias))
     node = be.train_node(input, ax, weight, bias, eps, None)
     if node is not None:
