@@ -1,6 +1,8 @@
 """The tools used the way projects use them: DataLoaders of dicts and multi-input models for
 recalibrate, checked against statistics computed directly from the layers' inputs."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -40,6 +42,36 @@ def test_recalibrate_takes_a_dataloader_of_dicts_like_the_doctor() -> None:
     unknown = torch.utils.data.DataLoader(_DictDataset(x, key="feats"), batch_size=16)
     with pytest.raises(TypeError, match=r"\['feats', 'label'\].*batch\['my_input'\]"):
         batchnorm.recalibrate(net, unknown)
+
+
+class _DictModel(nn.Module):
+    """A model that takes its batch dict whole (``model(batch)``), as many pipelines do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn = nn.Linear(5, 6), nn.BatchNorm1d(6)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.bn(self.lin(batch["feats"]))
+
+
+def test_a_model_that_takes_the_whole_dict_follows_the_named_remedy() -> None:
+    torch.manual_seed(0)
+    net = _DictModel().double()
+    x = torch.randn(48, 5, dtype=torch.float64) * 2 + 1
+    loader = torch.utils.data.DataLoader(_DictDataset(x, key="feats"), batch_size=16)
+    remedy = re.escape("((batch,) for batch in loader)")
+    with pytest.raises(TypeError, match=rf"^doctor: .*\['feats', 'label'\].*{remedy}"):
+        batchnorm.doctor(net, loader)
+    with pytest.raises(TypeError, match=rf"^recalibrate: .*\['feats', 'label'\].*{remedy}"):
+        batchnorm.recalibrate(net, loader)
+    # the remedy as written: each batch wrapped in a tuple, the model called on the dict
+    report = batchnorm.doctor(net, ((batch,) for batch in loader), num_batches=3)
+    assert report.num_batches == 3
+    assert batchnorm.recalibrate(net, ((batch,) for batch in loader)) == 48
+    with torch.no_grad():
+        feats = net.lin(x)
+    torch.testing.assert_close(net.bn.running_mean, feats.mean(0), rtol=1e-12, atol=1e-12)
 
 
 class _TwoInputs(nn.Module):

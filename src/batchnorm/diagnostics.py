@@ -477,9 +477,16 @@ def _as_input(batch: Any) -> Any:
         for key in INPUT_KEYS:
             if key in batch:
                 return batch[key]
+        raise TypeError(
+            f"doctor: a batch is a dict with keys {sorted(map(str, batch))}, none of which is a "
+            f"known input key {INPUT_KEYS}; pass the inputs yourself, e.g. "
+            "(batch['my_input'] for batch in loader), or ((batch,) for batch in loader) for a "
+            "model that takes the whole dict"
+        )
     raise TypeError(
         f"doctor: cannot find the model input in a batch of type {type(batch).__name__}; pass "
-        "tensors, (inputs, targets) tuples, or dicts with an 'inputs'/'x' key"
+        "tensors, (inputs, targets) tuples, or dicts with an 'inputs'/'x' key; for a model "
+        "that takes such a batch whole, wrap each in a tuple: ((batch,) for batch in loader)"
     )
 
 

@@ -100,7 +100,8 @@ def _inputs(data: Iterable[Any]) -> Iterator[Any]:
                 raise TypeError(
                     f"recalibrate: a batch is a dict with keys {sorted(map(str, item))}, none of "
                     f"which is a known input key {INPUT_KEYS}; pass the inputs yourself, e.g. "
-                    "(batch['my_input'] for batch in loader)"
+                    "(batch['my_input'] for batch in loader), or ((batch,) for batch in loader) "
+                    "for a model that takes the whole dict"
                 )
             yield item[key]
         else:
