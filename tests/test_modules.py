@@ -244,7 +244,9 @@ def test_a_failure_on_one_device_keeps_torchs_own_error(monkeypatch: pytest.Monk
     with pytest.raises(RuntimeError) as e:
         bn(torch.randn(4, 3, 2, 2))
     assert e.value is error
-    assert batchnorm.functional.device_error(torch.randn(2, 3), {"weight": bn.weight}) is None
+    assert (
+        batchnorm.functional.device_error(error, torch.randn(2, 3), {"weight": bn.weight}) is None
+    )
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])

@@ -722,14 +722,20 @@ def check_channels(x: Tensor, num_features: int, axis: int, layer: str | None = 
 
 
 def device_error(
-    input: Tensor, tensors: Mapping[str, Tensor | None], layer: str | None = None
+    failure: BaseException,
+    input: Tensor,
+    tensors: Mapping[str, Tensor | None],
+    layer: str | None = None,
 ) -> BatchNormInputError | None:
-    """The error to raise for ``input`` and a layer's ``tensors`` (weight, bias, running
-    buffers, by name) on different devices, or for a layer still on the meta device (shapes
-    without values) given real input; ``None`` when they agree. Asked only after a call failed,
-    so a correct call pays nothing for it."""
+    """The error to raise instead of ``failure`` (what a layer's call raised) when ``input`` and
+    the layer's ``tensors`` (weight, bias, running buffers, by name) are on different devices,
+    or the layer is still on the meta device (shapes without values) given real input; ``None``
+    when ``failure`` is to be raised as it is (one of this package's own errors, or devices
+    that agree). Asked only after a call failed, so a correct call pays nothing for it."""
     held = {name: t for name, t in tensors.items() if t is not None}
-    if all(t.device == input.device for t in held.values()):
+    if isinstance(failure, BatchNormInputError) or all(
+        t.device == input.device for t in held.values()
+    ):
         return None
     shape = tuple(input.shape)
     meta = [name for name, t in held.items() if t.is_meta]

@@ -599,8 +599,8 @@ class FrozenBatchNorm(nn.Module):
                 "running_mean": self.running_mean,
                 "running_var": self.running_var,
             }
-            error = F.device_error(input, tensors, self.layer_name())
-            if error is None or isinstance(e, F.BatchNormInputError):
+            error = F.device_error(e, input, tensors, self.layer_name())
+            if error is None:
                 raise
             raise error from e
 

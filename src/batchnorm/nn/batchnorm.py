@@ -533,9 +533,7 @@ class _BatchNormBase(nn.Module):
         except (RuntimeError, NotImplementedError) as e:
             # a failure inside torch: tell a device mismatch (the model not moved with its
             # input, a layer left on the meta device) by name instead of torch's words
-            if isinstance(e, F.BatchNormInputError):
-                raise
-            error = F.device_error(input, self._per_channel(), self.layer_name())
+            error = F.device_error(e, input, self._per_channel(), self.layer_name())
             if error is None:
                 raise
             raise error from e
