@@ -4,6 +4,7 @@ HTTP server, digits and synthetic data."""
 import gzip
 import hashlib
 import http.server
+import re
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -147,6 +148,54 @@ def test_empty_sets_and_differing_image_shapes_are_corrupt(isolated):
     data.write_idx(shapes / "t10k-images-idx3-ubyte.gz", np.zeros((10, 20, 20), dtype=np.uint8))
     with pytest.raises(DatasetCorruptError, match=r"are 28x28 .*t10k-images.* are 20x20"):
         data.load_dataset("mnist", shapes)
+
+
+def test_a_header_whose_sizes_overflow_is_corrupt_not_a_crash(tmp_path):
+    """(2**31)·(2**31)·4 wraps to 0 in int64: a header-only file must not pass as empty data."""
+    p = tmp_path / "huge.idx"
+    p.write_bytes(b"\x00\x00\x08\x03" + b"".join(n.to_bytes(4, "big") for n in (2**31, 2**31, 4)))
+    with pytest.raises(
+        DatasetCorruptError, match=r"huge\.idx: IDX header says shape .* but the file"
+    ):
+        data.read_idx(p)
+
+
+@pytest.mark.parametrize(
+    "role, array, match",
+    [
+        ("train-labels-idx1-ubyte", np.full(30, -1, np.int8), "negative labels"),
+        ("train-labels-idx1-ubyte", np.zeros(30, np.float32), "float32 labels"),
+        ("t10k-images-idx3-ubyte", np.full((10, 28, 28), 4095, np.int16), "int16 pixels"),
+        ("train-images-idx3-ubyte", np.full((30, 28, 28), 2.0, np.float32), "from 2 to 2"),
+        ("train-images-idx3-ubyte", np.full((30, 28, 28), np.nan, np.float32), "from nan"),
+        ("train-images-idx3-ubyte", np.zeros((30, 0, 0), np.uint8), "0x0 images"),
+    ],
+)
+def test_content_the_lab_cannot_use_is_refused_by_file(isolated, role, array, match):
+    folder = isolated / "own"
+    _write_set(folder)
+    if array.shape[1:] == (0, 0):
+        data.write_idx(folder / "t10k-images-idx3-ubyte.gz", np.zeros((10, 0, 0), np.uint8))
+    data.write_idx(folder / f"{role}.gz", array)
+    with pytest.raises(DatasetCorruptError, match=rf"{role}\.gz holds .*{re.escape(match)}"):
+        data.load_dataset("mnist", folder)
+
+
+def test_float_pixels_in_the_unit_interval_are_used_as_they_are(isolated):
+    folder = isolated / "floats"
+    _write_set(folder)
+    pixels = np.random.default_rng(1).random((30, 28, 28)).astype(np.float32)
+    data.write_idx(folder / "train-images-idx3-ubyte.gz", pixels)
+    ds = data.load_dataset("mnist", folder)
+    np.testing.assert_array_equal(ds.x_train[:, 0].numpy(), pixels)
+
+
+def test_the_fingerprint_follows_the_values_not_only_the_shapes():
+    a, b = data.synthetic(seed=0), data.synthetic(seed=0)
+    assert a.fingerprint() == b.fingerprint()
+    assert replace(a, x_train=a.x_train + 1e-7).fingerprint() != a.fingerprint()
+    assert replace(a, y_test=a.y_test.flip(0)).fingerprint() != a.fingerprint()
+    assert a.validation_split().fingerprint() != a.fingerprint()
 
 
 def _publish(monkeypatch, name: str, files: dict[str, Path], raw: bool = False) -> None:

@@ -22,7 +22,9 @@ loaded under the requested name; under ``auto`` they are named by their folder
 * ``synthetic`` — Gaussian class clusters shaped like 8×8 images; for tests.
 
 Every image set is returned as a :class:`Dataset` of float32 tensors in ``(N, C, H, W)`` with
-pixel values scaled to [0, 1] and int64 labels.
+pixel values scaled to [0, 1] and int64 labels (IDX images: uint8 pixels divided by 255, or
+floats already in [0, 1]; other pixel types, and labels that are not non-negative integers,
+are refused with :class:`DatasetCorruptError`).
 
 Example::
 
@@ -36,10 +38,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
+import math
 import os
-import shutil
 import struct
 import tempfile
+import time
 import urllib.request
 import zlib
 from collections.abc import Sequence
@@ -222,6 +226,16 @@ class Dataset:
             split="validation",
         )
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the four tensors' shapes and values: equal exactly when the examples,
+        labels and split are (a resumed run checks it against the data its parts used)."""
+        h = hashlib.sha256()
+        for t in (self.x_train, self.y_train, self.x_test, self.y_test):
+            a = np.ascontiguousarray(t.detach().cpu().numpy())
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
     def subset(self, train: int | None = None, test: int | None = None) -> Dataset:
         """The first ``train`` / ``test`` examples (smoke runs)."""
         return replace(
@@ -284,7 +298,7 @@ def _parse_idx(p: Path, raw: bytes) -> np.ndarray:
             f"{p}: truncated IDX header; delete it and fetch it again (--download)"
         )
     dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(dims)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize  # Python ints: sizes of 2**32 must not wrap
     if len(raw) - header != expected:
         raise DatasetCorruptError(
             f"{p}: IDX header says shape {dims} ({expected} data bytes) but the file has "
@@ -453,6 +467,44 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
+#: a transfer slower than this (bytes per second, over any ``timeout`` seconds) is given up
+MIN_DOWNLOAD_RATE = 1024
+#: a temporary download file untouched for this long (seconds) belongs to no running download
+ABANDONED_PART_AGE = 3600.0
+
+
+def _copy_response(r: Any, f: Any, timeout: float) -> None:
+    """Copy the body of ``r`` into ``f``. The socket timeout bounds each read; this also gives
+    up a transfer that keeps trickling (fewer than :data:`MIN_DOWNLOAD_RATE` bytes per second
+    over ``timeout`` seconds), which no per-read timeout ever ends."""
+    window_start, window_bytes = time.monotonic(), 0
+    read = getattr(r, "read1", r.read)  # read1: what has arrived, not a full block's wait
+    while block := read(1 << 16):
+        f.write(block)
+        window_bytes += len(block)
+        elapsed = time.monotonic() - window_start
+        if elapsed >= timeout:
+            if window_bytes < MIN_DOWNLOAD_RATE * elapsed:
+                raise TimeoutError(
+                    f"the transfer slowed to {window_bytes / elapsed:.0f} bytes/s (under "
+                    f"{MIN_DOWNLOAD_RATE} for {elapsed:.0f} s); run the command again later"
+                )
+            window_start, window_bytes = time.monotonic(), 0
+
+
+def _remove_abandoned_parts(folder: Path) -> None:
+    """Delete the temporary files of downloads killed before they could clean up (a
+    ``SIGTERM``, a power cut): those not written to for :data:`ABANDONED_PART_AGE` seconds — a
+    running download writes at least every ``timeout`` seconds."""
+    now = time.time()
+    for part in folder.glob(".*.part"):
+        try:
+            if part.is_file() and now - part.stat().st_mtime > ABANDONED_PART_AGE:
+                part.unlink()
+        except OSError:
+            pass  # another process removed it first, or it is not ours to remove
+
+
 def download_dataset(
     name: str,
     dest: str | os.PathLike[str] | None = None,
@@ -487,6 +539,7 @@ def download_dataset(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise unwritable(e) from None
+    _remove_abandoned_parts(out)
     for fname, want in sums.items():
         target = out / fname
         if target.is_file() and _md5(target) == want:
@@ -502,7 +555,7 @@ def download_dataset(
             try:
                 usual_mode(fd)
                 with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
-                    shutil.copyfileobj(r, f)
+                    _copy_response(r, f, timeout)
                     size, length = f.tell(), r.headers.get("Content-Length", "")
                 if length.isdigit() and size < int(length):
                     # a dropped connection ends the read quietly: not a wrong file, a cut one
@@ -517,8 +570,10 @@ def download_dataset(
                     continue
                 os.replace(tmp, target)
                 break
-            except OSError as e:
-                errors.append(f"{url}: {e}")
+            except (OSError, http.client.HTTPException) as e:
+                # HTTPException: a malformed answer (a cut chunked body, a bad status line) —
+                # not an OSError, and no reason not to try the next mirror
+                errors.append(f"{url}: {type(e).__name__}: {e}" if not str(e) else f"{url}: {e}")
             finally:
                 tmp.unlink(missing_ok=True)
         else:
@@ -596,9 +651,13 @@ def _load_idx(requested: str, data_dir: str | os.PathLike[str] | None) -> Datase
             "together in a folder"
         )
 
+    for split in ("train", "test"):
+        _check_content(name, files, split, arrays[f"{split}_images"], arrays[f"{split}_labels"])
+
     def images(a: np.ndarray) -> Tensor:
-        # (N, H, W) uint8 -> (N, 1, H, W) float32 in [0, 1]
-        return torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)
+        # (N, H, W) -> (N, 1, H, W) float32 in [0, 1]: uint8 pixels scaled, floats already so
+        x = a.astype(np.float32)
+        return torch.from_numpy(x / 255.0 if a.dtype == np.uint8 else x).unsqueeze(1)
 
     def labels(a: np.ndarray) -> Tensor:
         return torch.from_numpy(a.astype(np.int64))
@@ -614,6 +673,41 @@ def _load_idx(requested: str, data_dir: str | os.PathLike[str] | None) -> Datase
         source=str(files["train_images"].parent),
         extra={"identified": identified is not None},
     )
+
+
+def _check_content(
+    name: str, files: dict[str, Path], split: str, xi: np.ndarray, yi: np.ndarray
+) -> None:
+    """Refuse IDX content the lab cannot use as it is: images of no pixels, pixels that are
+    neither uint8 (0..255, scaled to [0, 1]) nor floats in [0, 1], labels that are not
+    non-negative integers."""
+    img, lab = files[f"{split}_images"], files[f"{split}_labels"]
+    if xi.shape[1] == 0 or xi.shape[2] == 0:
+        raise DatasetCorruptError(
+            f"{name}: {img} holds {xi.shape[1]}x{xi.shape[2]} images (no pixels); the file is "
+            "corrupt or not an image set"
+        )
+    if np.issubdtype(xi.dtype, np.floating):
+        lo, hi = float(xi.min()), float(xi.max())
+        if not (0.0 <= lo and hi <= 1.0):  # also false for NaN
+            raise DatasetCorruptError(
+                f"{name}: {img} holds {xi.dtype} pixels from {lo:g} to {hi:g}; floating-point "
+                "pixels must lie in [0, 1] — rescale them, or write the images as uint8 (0..255)"
+            )
+    elif xi.dtype != np.uint8:
+        raise DatasetCorruptError(
+            f"{name}: {img} holds {xi.dtype} pixels, whose range the lab cannot know; write "
+            "the images as uint8 (0..255) or as floats in [0, 1]"
+        )
+    if not np.issubdtype(yi.dtype, np.integer):
+        raise DatasetCorruptError(
+            f"{name}: {lab} holds {yi.dtype} labels; class labels must be integers 0..K-1"
+        )
+    if yi.size and int(yi.min()) < 0:
+        raise DatasetCorruptError(
+            f"{name}: {lab} holds negative labels (the smallest is {int(yi.min())}); class "
+            "labels must be integers 0..K-1"
+        )
 
 
 def _load_digits(seed: int = 0) -> Dataset:
