@@ -1,6 +1,7 @@
 """The lab framework: configs, registry, run folders (atomic, resume-or-refuse), the training
 loop, models, plots, reports and the CLI, exercised with a toy experiment."""
 
+import dataclasses
 import json
 import math
 import os
@@ -535,16 +536,17 @@ def test_resume_refuses_data_other_than_its_parts_were_computed_on(toy, tmp_path
     real_load = data.load_dataset
     _interrupted_toy_run(toy, out, monkeypatch)
 
-    def other_data(*a, **k):
-        import dataclasses
-
-        ds = real_load(*a, **k)
+    def fewer(ds):
         return dataclasses.replace(ds, x_train=ds.x_train[:-10], y_train=ds.y_train[:-10])
 
-    monkeypatch.setattr(data, "load_dataset", other_data)
-    with pytest.raises(RunDirConflict, match="saved parts of this run were computed on synthetic"):
-        registry.run_experiment(toy, out, quick=True, seeds=2, log=lambda m: None)
-    assert not (out / "summary.json").exists() and CALLS["n"] == 2
+    def other_values(ds):  # the same name, source and sizes: files replaced by others
+        return dataclasses.replace(ds, x_train=ds.x_train.flip(0))
+
+    for change, says in ((fewer, "computed on synthetic"), (other_values, "other values")):
+        monkeypatch.setattr(data, "load_dataset", lambda *a, c=change, **k: c(real_load(*a, **k)))
+        with pytest.raises(RunDirConflict, match=says):
+            registry.run_experiment(toy, out, quick=True, seeds=2, log=lambda m: None)
+        assert not (out / "summary.json").exists() and CALLS["n"] == 2
     monkeypatch.setattr(data, "load_dataset", real_load)  # the same data again: it resumes
     registry.run_experiment(toy, out, quick=True, seeds=2, log=lambda m: None)
     assert json.loads((out / "summary.json").read_text())["status"] == "complete"

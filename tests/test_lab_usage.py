@@ -5,8 +5,10 @@ no half-written files."""
 import hashlib
 import http.server
 import json
+import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,6 +222,10 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self):
         name = self.path.rsplit("/", 1)[-1]
+        how, _, rest = self.path.lstrip("/").partition("/")
+        if how in ("chunkcut", "badstatus", "drip"):  # /HOW/<folder>/<file>: a broken answer
+            self._broken(how, (Path(self.directory) / rest).read_bytes())
+            return
         if name in self.short:
             body = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
             self.send_response(200)
@@ -230,6 +236,27 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.close_connection = True
             return
         super().do_GET()
+
+    def _broken(self, how: str, body: bytes) -> None:
+        self.close_connection = True
+        if how == "badstatus":  # not HTTP at all
+            self.wfile.write(b"HELLO THERE\r\n\r\n")
+            return
+        self.send_response(200)
+        if how == "chunkcut":  # a chunk announced whole, half of it sent, then closed
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(f"{len(body):x}\r\n".encode() + body[: len(body) // 2])
+            return
+        self.send_header("Content-Length", str(len(body)))  # drip: 20 bytes per 0.05 s
+        self.end_headers()
+        try:
+            for i in range(0, len(body), 20):
+                self.wfile.write(body[i : i + 20])
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:  # the client gave up
+            pass
 
 
 @pytest.fixture
@@ -313,6 +340,50 @@ def test_a_download_cut_short_says_so_and_leaves_no_file(isolated, server):
     short.clear()
     data.download_dataset("mnist", dest, urls=[url + "/m/"], md5=sums)
     assert data.load_dataset("mnist", dest).x_train.shape == (20, 1, 28, 28)
+
+
+@pytest.mark.parametrize("how", ["chunkcut", "badstatus"])
+def test_a_malformed_answer_is_reported_and_the_next_mirror_tried(isolated, server, how):
+    """A chunked body cut mid-chunk or an answer that is not HTTP raises http.client's own
+    errors, which are not OSErrors: reported like any failed mirror, the next one tried."""
+    root, url, _ = server
+    sums = _serve_set(root / "m")
+    dest = isolated / "dl"
+    data.download_dataset("mnist", dest, urls=[f"{url}/{how}/m/", url + "/m/"], md5=sums)
+    assert data.load_dataset("mnist", dest).x_train.shape == (20, 1, 28, 28)
+    with pytest.raises(DatasetNotFoundError, match=f"download of mnist failed:\n  {url}/{how}"):
+        data.download_dataset("mnist", isolated / "dl2", urls=[f"{url}/{how}/m/"], md5=sums)
+    assert not [p for p in (isolated / "dl2").iterdir() if p.name.endswith(".part")]
+
+
+def test_a_transfer_that_only_trickles_is_given_up(isolated, server):
+    """Each read returns within the timeout, so only the rate over a window ends it."""
+    root, url, _ = server
+    sums = _serve_set(root / "m")
+    dest = isolated / "dl"
+    start = time.monotonic()
+    with pytest.raises(DatasetNotFoundError, match=r"the transfer slowed to \d+ bytes/s"):
+        data.download_dataset("mnist", dest, urls=[url + "/drip/m/"], md5=sums, timeout=0.5)
+    assert time.monotonic() - start < 10
+    assert not [p for p in dest.iterdir() if p.name.endswith(".part")]
+
+
+def test_temporary_files_of_killed_downloads_are_removed_once_abandoned(isolated, server):
+    """A download killed by SIGTERM cannot clean up; the next one removes its temporary file
+    once nothing has written to it for an hour, and leaves a recent one (another process's)."""
+    root, url, _ = server
+    sums = _serve_set(root / "m")
+    dest = isolated / "dl"
+    dest.mkdir()
+    old = dest / ".train-images-idx3-ubyte.gz.k1ll3d.part"
+    recent = dest / ".t10k-images-idx3-ubyte.gz.4ct1v3.part"
+    for p in (old, recent):
+        p.write_bytes(b"partial")
+    stale = time.time() - data.ABANDONED_PART_AGE - 60
+    os.utime(old, (stale, stale))
+    data.download_dataset("mnist", dest, urls=[url + "/m/"], md5=sums)
+    assert not old.exists() and recent.exists()
+    assert {p.name for p in dest.iterdir() if not p.name.startswith(".")} == set(sums)
 
 
 def test_download_404_and_tampered_file_are_clear_and_leave_no_file(isolated, server):
@@ -636,13 +707,24 @@ def test_a_config_json_that_is_not_text_is_a_one_line_refusal(toy, tmp_path, cap
     before = sorted(p.name for p in out.iterdir())
     code = cli_main(["lab", "run", toy, "--out", str(out)])
     err = capsys.readouterr().err
-    if finished:  # results there: refused, nothing touched
-        assert code == 2 and "Traceback" not in err
-        assert "its config.json is unreadable" in err and len(err.strip().splitlines()) == 1
-        assert sorted(p.name for p in out.iterdir()) == before
-    else:  # nothing computed there: the command takes the folder over
-        assert code == 0, err
-        assert json.loads((out / "config.json").read_text())["experiment"] == toy
+    # with results there or not: refused, nothing touched (whose file it is cannot be known)
+    assert code == 2 and "Traceback" not in err
+    assert "is not a lab run's config" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert (out / "config.json").read_bytes() == b"\xff\xfe\x00 damaged"
+
+
+@pytest.mark.parametrize(
+    "content", ['{"port": 8080}', "my notes", '{"experiment": "x", "config": {}, "more": 1}']
+)
+def test_a_folder_holding_someone_elses_config_json_is_not_taken_over(toy, tmp_path, content):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text(content)
+    with pytest.raises(results.RunDirConflict, match="not a lab run's config"):
+        registry.run_experiment(toy, out, log=lambda m: None)
+    assert (out / "config.json").read_text() == content
+    assert [p.name for p in out.iterdir()] == ["config.json"]
 
 
 def test_lab_run_all_into_a_folder_it_cannot_create_stops_before_running(

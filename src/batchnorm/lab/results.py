@@ -292,6 +292,16 @@ def load_run(path: str | os.PathLike[str]) -> RunData:
 DATASET_PART = "dataset-"
 
 
+def _is_run_config(obj: Any) -> bool:
+    """What :meth:`RunDir.prepare` writes: ``{"experiment": name, "config": {...}}``."""
+    return (
+        isinstance(obj, dict)
+        and set(obj) == {"experiment", "config"}
+        and isinstance(obj["experiment"], str)
+        and isinstance(obj["config"], dict)
+    )
+
+
 def part_path(folder: Path, key: str) -> Path:
     """``folder/parts/<key>.json``; a key with characters unsafe in file names gets them
     replaced and a hash of the key appended, so that two keys never share a file."""
@@ -376,6 +386,12 @@ class RunDir:
                 have = json.loads(cfg_path.read_text(encoding="utf-8"))
             except ValueError:  # not JSON, or not even text (UnicodeDecodeError)
                 have = None
+            if not _is_run_config(have):
+                raise RunDirConflict(
+                    f"{cfg_path} is not a lab run's config (it must be a JSON object with "
+                    '"experiment" and "config"); the folder was not touched. Choose '
+                    "another --out."
+                )
             if have != json.loads(json.dumps(_jsonable(want))) and self._nothing_computed():
                 # a run that failed before its first result (a bad setting, a missing
                 # dataset): nothing to protect, and the corrected command must not be refused;
@@ -423,9 +439,7 @@ class RunDir:
         return True
 
     @staticmethod
-    def _diff(have: Any, want: dict[str, Any]) -> str:
-        if not isinstance(have, dict):
-            return "its config.json is unreadable"
+    def _diff(have: dict[str, Any], want: dict[str, Any]) -> str:
         if have.get("experiment") != want["experiment"]:
             return f"experiment {have.get('experiment')!r}, not {want['experiment']!r}"
         a, b = have.get("config", {}), json.loads(json.dumps(_jsonable(want["config"])))
@@ -550,18 +564,30 @@ class RunContext:
                 "source": str(ds.source),
                 "train": list(ds.x_train.shape),
                 "test": list(ds.x_test.shape),
+                "sha256": ds.fingerprint(),  # files of the same shapes, other content
             }
             first = self.cached(f"{DATASET_PART}{key}", lambda: found)
-            if first != found:
+            if any(first.get(k, v) != v for k, v in found.items()):  # (records before sha256)
                 raise RunDirConflict(
-                    f"the saved parts of this run were computed on {first['name']} "
-                    f"({first['source']}, {first['train'][0]} train), but --dataset {name} now "
-                    f"finds {found['name']} ({found['source']}, {found['train'][0]} train); the "
-                    "folder was not changed. Make the same data available again, or choose "
-                    "another --out to start over."
+                    f"the saved parts of this run were computed on {_data_seen(first)}, but "
+                    f"--dataset {name} now finds {_data_seen(found, first)}; the folder was "
+                    "not changed. Make the same data available again, or choose another --out "
+                    "to start over."
                 )
             self.datasets[key] = ds
         return self.datasets[key]
+
+
+def _data_seen(record: dict[str, Any], before: dict[str, Any] | None = None) -> str:
+    """``name (source, N train)`` of a dataset record; against an earlier record of the same
+    name, source and sizes, what differs is the content."""
+    text = f"{record['name']} ({record['source']}, {record['train'][0]} train"
+    same_look = before is not None and all(
+        before.get(k) == record[k] for k in ("name", "source", "train", "test")
+    )
+    if same_look:
+        text += ", the same sizes but other values: the files were replaced"
+    return text + ")"
 
 
 def iter_claims(runs: Iterable[RunData]) -> Iterable[tuple[RunData, Claim]]:
