@@ -547,6 +547,32 @@ def test_jit_trace_in_train_and_eval_mode_matches_torch(backend) -> None:  # typ
             assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
 
 
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_a_traced_layer_keeps_its_buffers_out_of_autograd(backend) -> None:  # type: ignore[no-untyped-def]
+    """torch.jit.trace does not record ``torch.no_grad()``: the running-statistics update
+    replayed by a trace must not give the buffers a history (one more step's graph kept
+    alive per step), and a saved and reloaded trace must still train — as torch.nn's."""
+    import io
+    import warnings
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4, backend=backend))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about shape checks
+        traced = torch.jit.trace(net, torch.randn(2, 3, 8, 8), check_trace=False)
+    for _ in range(3):
+        traced(torch.randn(2, 3, 8, 8)).sum().backward()
+    bn = getattr(traced, "1")
+    for buf in (bn.running_mean, bn.running_var, bn.num_batches_tracked):
+        assert not buf.requires_grad and buf.grad_fn is None
+    saved = io.BytesIO()
+    torch.jit.save(traced, saved)
+    saved.seek(0)
+    loaded = torch.jit.load(saved)
+    before = getattr(loaded, "1").running_mean.clone()
+    loaded(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert not torch.equal(getattr(loaded, "1").running_mean, before)
+
+
 def test_empty_batch_gives_an_empty_output_and_changes_nothing() -> None:
     """As torch.nn: an empty batch is an empty output (train and eval); the running statistics
     and the counter stay as they were (torch.nn counts the empty batch)."""

@@ -1551,8 +1551,11 @@ def _blend_traced(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
     """:func:`blend_running` inside ``torch.jit.trace`` and on values Python cannot read
     (meta and fake tensors): the refusal of non-finite values as tensor operations
     (``where``), so that the traced graph keeps it for every later input (a Python test would
-    be recorded as a constant). No warning can come from a trace."""
+    be recorded as a constant). No warning can come from a trace. A trace does not record
+    ``no_grad`` either: the statistics are detached, or the replayed update would give the
+    buffers an autograd history (each step's graph kept alive by the next)."""
     running_mean, running_var, _, _, nbt = running
+    mean, var = mean.detach(), var.detach()
     with torch.no_grad():
         blended_m, blended_v = _blended(running, mean, var)
         ok = torch.isfinite(blended_v).all() & torch.isfinite(blended_m).all()
