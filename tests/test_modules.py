@@ -400,6 +400,29 @@ def test_convert_model_both_ways_keeps_state_and_mode() -> None:
         batchnorm.convert_model(keras_like, to="torch")
 
 
+@pytest.mark.parametrize("convert", ["ours", "torch", "sync"])
+def test_an_optimizer_built_before_the_conversion_still_trains_the_layer(convert: str) -> None:
+    """As torch.nn.SyncBatchNorm.convert_sync_batchnorm: the converted layer holds the very
+    parameter and buffer objects of the old one, so an optimizer (or anything else) holding
+    them keeps working — a copy would leave γ and β untrained, silently."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    if convert == "torch":
+        net = batchnorm.convert_model(net)
+    old, old_type = [*net[1].parameters(), *net[1].buffers()], type(net[1])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    if convert == "sync":
+        net = batchnorm.convert_sync_batchnorm(net)
+    else:
+        net = batchnorm.convert_model(net, to=convert)  # type: ignore[arg-type]
+    assert type(net[1]) is not old_type
+    assert all(a is b for a, b in zip([*net[1].parameters(), *net[1].buffers()], old, strict=True))
+    net(torch.randn(4, 3, 6, 6)).square().sum().backward()
+    opt.step()
+    assert not torch.equal(net[1].weight, torch.ones(4))
+    assert not torch.equal(net[1].bias, torch.zeros(4))
+
+
 def test_convert_model_keeps_freezing_sharing_and_dtype() -> None:
     """A frozen layer stays frozen (and unfreeze still restores γ/β's gradients), a layer
     registered under two names stays one layer, and affine=False layers keep their dtype."""

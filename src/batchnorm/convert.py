@@ -106,14 +106,21 @@ def _torch_class_for(
 
 
 def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Give ``dst`` (a new layer of another class) the state of ``src``: its very parameter
+    and buffer objects — as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does — so that an
+    optimizer built before the conversion still trains γ and β, and anything else holding the
+    running statistics still sees them; its mode and frozen state."""
     from batchnorm.variants import freeze_like
 
     tensors = [*src.parameters(recurse=False), *src.buffers(recurse=False)]
     if tensors:
         dst = dst.to(device=tensors[0].device)
-    dst.load_state_dict(src.state_dict())
-    for name, t in src.named_parameters(recurse=False):
-        getattr(dst, name).requires_grad_(t.requires_grad)
+    dst.load_state_dict(src.state_dict())  # checks that the two hold the same state
+    for name, p in src.named_parameters(recurse=False):
+        setattr(dst, name, p)
+    for name, b in src.named_buffers(recurse=False):
+        if name in dst._buffers:
+            dst._buffers[name] = b
     dst.train(src.training)
     freeze_like(src, dst)  # frozen stays frozen; unfreeze still restores γ/β's gradients
     return dst
