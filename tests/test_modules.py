@@ -3,6 +3,7 @@ conventions, checkpoint interop, conversion and the error messages."""
 
 import collections
 import copy
+import inspect
 import io
 import warnings
 from pathlib import Path
@@ -398,6 +399,35 @@ def test_convert_model_both_ways_keeps_state_and_mode() -> None:
     keras_like = nn.Sequential(batchnorm.BatchNorm.from_keras(4))
     with pytest.raises(ValueError, match="cannot become a torch.nn layer"):
         batchnorm.convert_model(keras_like, to="torch")
+
+
+_LAYER_CLASSES = [
+    getattr(batchnorm, n)
+    for n in batchnorm.__all__
+    if isinstance(getattr(batchnorm, n), type)
+    and issubclass(getattr(batchnorm, n), nn.Module)
+    and "num_features" in inspect.signature(getattr(batchnorm, n)).parameters
+]
+
+
+@pytest.mark.parametrize("cls", _LAYER_CLASSES, ids=lambda c: c.__name__)
+def test_every_layer_states_the_arguments_it_takes(cls: type[nn.Module]) -> None:
+    """No ``*args, **kwargs`` in what ``inspect.signature`` shows: every argument named, each
+    accepted by the constructor, and ``torch.nn.utils.skip_init`` (which looks for
+    ``device``) builds the layer as it builds torch.nn's."""
+    from torch.nn.utils import skip_init
+
+    params = inspect.signature(cls).parameters
+    kinds = {p.kind for p in params.values()}
+    assert not kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
+    required = {k: v for k, v in {"virtual_batch_size": 2}.items() if k in params}
+    for name, p in params.items():
+        if name == "num_features":
+            continue
+        value = required[name] if p.default is inspect.Parameter.empty else p.default
+        cls(4, **{**required, name: value})  # type: ignore[call-arg]
+    layer = skip_init(cls, 4, **required)
+    assert layer.running_mean.shape == (4,) and not layer.running_mean.is_meta  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("convert", ["ours", "torch", "sync"])
@@ -982,6 +1012,32 @@ def test_torch_func_transforms_match_torch_nn(ours_cls, torch_cls, shape) -> Non
             results.append([gp["weight"], gp["bias"], gx, jac, per_group["weight"]])
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: batchnorm.BatchNorm1d(3), lambda: batchnorm.BatchRenorm1d(3)]
+)
+def test_vmap_of_a_layer_updating_unbatched_buffers_says_why_and_keeps_them(make) -> None:  # type: ignore[no-untyped-def]
+    """torch.nn refuses it naming the running statistics; torch's words for ours were about an
+    in-place operation and a bug report. The named error, the remedies it names working."""
+    x = torch.randn(2, 5, 3)
+    with pytest.raises(RuntimeError, match="running_mean or running_var"):
+        torch.func.vmap(nn.BatchNorm1d(3))(x)
+    m = make()
+    with pytest.raises(batchnorm.BatchNormInputError, match=r"1d\(3\): under torch.func.vmap"):
+        torch.func.vmap(m)(x)
+    assert torch.equal(m.running_mean, torch.zeros(3)) and int(m.num_batches_tracked) == 0
+    per_example = torch.stack([nn.functional.batch_norm(xi, None, None, training=True) for xi in x])
+    torch.testing.assert_close(torch.func.vmap(m.eval())(x), x / (1 + 1e-5) ** 0.5)
+    fresh = make()
+    torch.func.replace_all_batch_norm_modules_(fresh)
+    if isinstance(fresh, batchnorm.BatchRenorm1d):  # renorm needs its running statistics
+        with pytest.raises(batchnorm.BatchNormInputError, match="were set to None"):
+            torch.func.vmap(fresh)(x)
+        with pytest.raises(ValueError, match="needs track_running_stats=True"):
+            batchnorm.BatchRenorm1d(3, 1e-5, 0.1, True, False)  # given positionally too
+    else:
+        torch.testing.assert_close(torch.func.vmap(fresh)(x), per_example)
 
 
 def test_torch_func_grad_with_running_buffers_fails_as_torch_nn_and_keeps_them() -> None:

@@ -52,6 +52,7 @@ __all__ = [
     "check_channels",
     "check_vectors",
     "device_error",
+    "vmap_error",
     "check_mask",
     "valid_count",
     "BatchNormInputError",
@@ -755,6 +756,31 @@ def device_error(
         f"{_name(layer)}: the input of shape {shape} is on {input.device}, the layer's {where}. "
         "Move the model to the input's device (model.to(x.device)) or the input to the "
         "model's."
+    )
+
+
+def vmap_error(
+    failure: BaseException,
+    input: Tensor,
+    running: Sequence[Tensor | None],
+    layer: str | None = None,
+) -> BatchNormInputError | None:
+    """The error to raise instead of ``failure`` when a layer that updates its running
+    ``running`` statistics in place was called on a ``torch.func.vmap``-batched input with
+    unbatched buffers (one statistic per vmapped example, one buffer to hold them): torch's own
+    words blame an in-place operation and suggest a bug report. ``None`` otherwise."""
+    if isinstance(failure, BatchNormInputError) or _functorch_level() is None:
+        return None
+    batched = torch._C._functorch.is_batchedtensor
+    held = [t for t in running if t is not None]
+    if not held or not batched(input) or any(batched(t) for t in held):
+        return None
+    return BatchNormInputError(
+        f"{_name(layer)}: under torch.func.vmap each vmapped example has its own batch "
+        "statistics, but running_mean and running_var are single tensors to update in place; "
+        "the running statistics were left unchanged. Call the layer in eval mode, build it "
+        "with track_running_stats=False (or run torch.func.replace_all_batch_norm_modules_ on "
+        "the model), or vmap over stacked buffers too (torch.func.stack_module_state)."
     )
 
 

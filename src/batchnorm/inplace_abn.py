@@ -45,7 +45,7 @@ from torch.autograd.function import once_differentiable
 
 from batchnorm import functional as F
 from batchnorm.functional import BatchNormInputError
-from batchnorm.nn.batchnorm import BatchNorm
+from batchnorm.nn.batchnorm import BatchNorm, forwarding_signature
 
 __all__ = ["InPlaceABN", "Activation", "InPlaceABNPrecisionWarning", "saved_tensor_bytes"]
 
@@ -302,6 +302,11 @@ class InPlaceABN(BatchNorm):
             super().extra_repr()
             + f", activation={self.activation!r}, activation_param={self.activation_param}"
         )
+
+
+InPlaceABN.__init__.__signature__ = forwarding_signature(  # type: ignore[attr-defined]
+    InPlaceABN.__init__, BatchNorm.__init__
+)
 
 
 def saved_tensor_bytes(fn: Callable[[], Tensor]) -> int:

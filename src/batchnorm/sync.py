@@ -56,6 +56,7 @@ from batchnorm.nn.batchnorm import (
     BatchNorm2d,
     BatchNorm3d,
     _BatchNormBase,
+    forwarding_signature,
 )
 
 __all__ = [
@@ -502,6 +503,11 @@ _OURS: tuple[type[nn.Module], ...] = (BatchNorm, BatchNorm1d, BatchNorm2d, Batch
 # the attributes a layer class may define without changing what the layer computes
 _PLAIN_ATTRS = {"__module__", "__qualname__", "__doc__", "__init__", "__annotations__"}
 _PLAIN_ATTRS |= {"__dict__", "__weakref__", "__firstlineno__", "__static_attributes__"}
+
+
+SyncBatchNorm.__init__.__signature__ = forwarding_signature(  # type: ignore[attr-defined]
+    SyncBatchNorm.__init__, _BatchNormBase.__init__
+)
 
 
 def _ours(cls: type) -> bool:

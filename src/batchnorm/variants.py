@@ -29,6 +29,7 @@ from batchnorm.nn.batchnorm import (
     BatchNorm2d,
     BatchNorm3d,
     _BatchNormBase,
+    forwarding_signature,
 )
 
 __all__ = [
@@ -134,12 +135,12 @@ class _Renorm(_BatchNormBase):
                 f"got warmup_steps={warmup_steps}, r_max_step={r_max_step}, d_max_step="
                 f"{d_max_step}; set all three to 0 to use r_max and d_max from the start"
             )
-        if kwargs.get("track_running_stats", True) is False:
+        super().__init__(num_features, *args, **kwargs)
+        if not self.track_running_stats:  # (also when given positionally)
             raise ValueError(
                 f"{name}({num_features}): batch renormalization corrects the batch statistics "
                 "towards the running ones, so it needs track_running_stats=True"
             )
-        super().__init__(num_features, *args, **kwargs)
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.warmup_steps, self.r_max_step, self.d_max_step = (
             int(warmup_steps),
@@ -180,7 +181,13 @@ class _Renorm(_BatchNormBase):
         return (1.0 / r_max_t).to(var.dtype), r_max_t.to(var.dtype), d_max_t.to(var.dtype)
 
     def _forward_train(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
-        assert self.running_mean is not None and self.running_var is not None
+        if self.running_mean is None or self.running_var is None:
+            raise BatchNormInputError(
+                f"{self.layer_name()}: running_mean / running_var were set to None (by "
+                "torch.func.replace_all_batch_norm_modules_, say), but batch renormalization "
+                "corrects the batch statistics towards the running ones. Keep the running "
+                "buffers, or use batchnorm.BatchNorm* (track_running_stats=False) here."
+            )
         F.check_vectors(input, self.axis % input.dim(), self._per_channel(), self.layer_name())
         # x̂ = (x − μ_B)/σ_B through the exact BN backward; γ, β applied below with r and d
         xhat, mean, var, count = F.batch_norm_train(
@@ -214,6 +221,11 @@ class _Renorm(_BatchNormBase):
             super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, warmup_steps="
             f"{self.warmup_steps}, r_max_step={self.r_max_step}, d_max_step={self.d_max_step}"
         )
+
+
+_Renorm.__init__.__signature__ = forwarding_signature(  # type: ignore[attr-defined]
+    _Renorm.__init__, _BatchNormBase.__init__
+)
 
 
 class BatchRenorm(_Renorm, BatchNorm):
@@ -372,6 +384,11 @@ class _Ghost(_BatchNormBase):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
+
+
+_Ghost.__init__.__signature__ = forwarding_signature(  # type: ignore[attr-defined]
+    _Ghost.__init__, _BatchNormBase.__init__
+)
 
 
 class GhostBatchNorm(_Ghost, BatchNorm):

@@ -534,6 +534,9 @@ class _BatchNormBase(nn.Module):
             # a failure inside torch: tell a device mismatch (the model not moved with its
             # input, a layer left on the meta device) by name instead of torch's words
             error = F.device_error(e, input, self._per_channel(), self.layer_name())
+            if error is None and self.training:
+                running = (self.running_mean, self.running_var)
+                error = F.vmap_error(e, input, running, self.layer_name())
             if error is None:
                 raise
             raise error from e
@@ -648,6 +651,26 @@ class BatchNorm(_BatchNormBase):
         )
 
 
+def forwarding_signature(own: Any, base: Any) -> inspect.Signature:
+    """The signature of ``own`` — an ``__init__`` taking ``*args, **kwargs`` on to ``base``'s
+    — with those two replaced by what ``base`` takes, so that ``inspect.signature(cls)``
+    tells the real arguments (``torch.nn.utils.skip_init`` looks for ``device`` there; IDEs
+    and docs show them)."""
+    kinds = inspect.Parameter
+    mine = [
+        p
+        for p in inspect.signature(own).parameters.values()
+        if p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)
+    ]
+    taken = {p.name for p in mine}
+    theirs = [p for p in inspect.signature(base).parameters.values() if p.name not in taken]
+    positional = [p for p in mine if p.kind is not kinds.KEYWORD_ONLY]
+    positional += [p for p in theirs if p.kind is kinds.POSITIONAL_OR_KEYWORD]
+    keyword = [p for p in mine if p.kind is kinds.KEYWORD_ONLY]
+    keyword += [p for p in theirs if p.kind is kinds.KEYWORD_ONLY]
+    return inspect.signature(own).replace(parameters=positional + keyword)
+
+
 class _FixedRank(_BatchNormBase):
     """torch.nn's BatchNormNd: channels at axis 1 and a fixed set of accepted ranks.
 
@@ -680,6 +703,11 @@ class _FixedRank(_BatchNormBase):
                 f"{self.layer_name()}: expected {want} input {self._layout}, got "
                 f"{input.dim()}D input of shape {tuple(input.shape)}.{remedy}"
             )
+
+
+_FixedRank.__init__.__signature__ = forwarding_signature(  # type: ignore[attr-defined]
+    _FixedRank.__init__, _BatchNormBase.__init__
+)
 
 
 class BatchNorm1d(_FixedRank, nn.BatchNorm1d):  # type: ignore[misc]  # γ/β: see _FixedRank
