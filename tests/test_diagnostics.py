@@ -538,6 +538,15 @@ def test_bn_undone_by_a_normalization_right_after(digits):
         nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.BatchNorm1d(16)
     ).eval()
     assert not run(good, digits[0]).by_check("bn-undone")
+    # a frozen BN next is a fixed affine map, which re-normalizes nothing: not flagged
+    for freeze in (batchnorm.FrozenBatchNorm1d.from_batchnorm, batchnorm.freeze):
+        frozen_next = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.BatchNorm1d(16))
+        frozen_next[2] = freeze(frozen_next[2].eval())
+        assert not run(frozen_next.eval(), digits[0]).by_check("bn-undone")
+    # a frozen BN followed by a live one: the live one undoes the frozen one's map
+    first_frozen = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.BatchNorm1d(16))
+    batchnorm.freeze(first_frozen[1])
+    assert [f.layer for f in run(first_frozen.eval(), digits[0]).by_check("bn-undone")] == ["1"]
 
 
 # --------------------------------------------------------------------------------------------

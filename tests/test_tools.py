@@ -475,12 +475,20 @@ def test_fold_leaves_layers_that_transform_their_weight() -> None:
             w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
             return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
+    class StdConvByConvForward(nn.Conv2d):  # the other common way to write it
+        def _conv_forward(
+            self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+        ) -> torch.Tensor:
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+            return super()._conv_forward(x, w, b)
+
     class PlainSubclass(nn.Conv2d):  # inherits forward: folds
         pass
 
     torch.manual_seed(0)
     layers = {
         "overrides forward": StdConv2d(3, 4, 3),
+        "overrides _conv_forward": StdConvByConvForward(3, 4, 3),
         "parametrized": spectral_norm(nn.Conv2d(3, 4, 3)),
     }
     with pytest.warns(FutureWarning):  # the legacy hook-based form, deprecated but in use
@@ -507,6 +515,23 @@ def test_fold_leaves_layers_that_transform_their_weight() -> None:
     net = nn.Sequential(PlainSubclass(3, 4, 3), nn.BatchNorm2d(4)).eval()
     folded, err = batchnorm.fold(net, x)
     assert isinstance(folded[1], nn.Identity) and err < 1e-5
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_folding_keeps_a_frozen_layer_frozen(bias: bool) -> None:
+    """The folded bias trains as the old bias did (or as the weight, when the conv had no
+    bias): a frozen backbone must not gain a trainable bias."""
+    for frozen in (True, False):
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=bias), nn.BatchNorm2d(4)).eval()
+        for p in net[0].parameters():
+            p.requires_grad_(not frozen)
+        for folded in (
+            batchnorm.fold(net, torch.randn(2, 3, 6, 6))[0],
+            batchnorm.to_inference(net),
+        ):
+            conv = folded[0]
+            assert isinstance(folded[1], nn.Identity)
+            assert conv.weight.requires_grad is conv.bias.requires_grad is (not frozen)
 
 
 def test_a_layer_listed_twice_in_one_sequential() -> None:

@@ -2125,13 +2125,15 @@ def _structural_findings(
                         {"producer": pn.name, "redundant_parameters": int(bias.numel())},
                     )
                 )
-        # a normalization right after BN
+        # a normalization right after BN (a frozen BN next is a fixed affine map: it re-centres
+        # nothing by the batch, so it undoes nothing)
         for j in _consumers_through(g, i, cons):
             cn = g.nodes[j]
             if (
                 cn.kind == "module"
                 and cn.module is not None
                 and (is_batchnorm(cn.module) or isinstance(cn.module, _OTHER_NORMS))
+                and not _always_running(cn.module)
             ):
                 out.append(
                     Finding(

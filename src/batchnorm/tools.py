@@ -413,8 +413,9 @@ def _not_foldable(layer: nn.Module) -> str | None:
             "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')"
         )
     base = next(c for c in type(layer).__mro__ if c in _FOLDABLE)
-    if type(layer).forward is not base.forward:
-        return f"{type(layer).__name__} overrides forward (it may transform its weight)"
+    for method in ("forward", "_conv_forward", "_output_padding"):  # what computes the output
+        if getattr(type(layer), method, None) is not getattr(base, method, None):
+            return f"{type(layer).__name__} overrides {method} (it may transform its weight)"
     if layer._forward_pre_hooks or layer._forward_hooks:
         return "it has forward hooks (e.g. torch.nn.utils.weight_norm's), which may change it"
     return None
@@ -488,7 +489,9 @@ def _folded(layer: nn.Module, bn: nn.Module) -> nn.Module:
     b = torch.zeros_like(scale) if bias is None else bias.detach().double()
     b_new = scale * b + shift
     new.weight = nn.Parameter(w_new.to(weight.dtype), requires_grad=weight.requires_grad)
-    new.bias = nn.Parameter(b_new.to(weight.dtype).to(weight.device))
+    # a frozen layer stays frozen: the bias as the old bias (or, if it had none, the weight)
+    trained = (bias if bias is not None else weight).requires_grad
+    new.bias = nn.Parameter(b_new.to(weight.dtype).to(weight.device), requires_grad=trained)
     return new
 
 
