@@ -494,6 +494,30 @@ def test_cli_list_and_errors(capsys, tmp_path):
     assert afile.read_text() == "keep"
 
 
+def test_run_all_says_an_error_shared_by_every_experiment_once(toy, tmp_path, capsys, monkeypatch):
+    """``--dataset mnist`` without the files fails every experiment that reads data with the
+    same long message: printed once, then named."""
+    from batchnorm.lab import cli as lab_cli
+    from batchnorm.lab.data import DatasetNotFoundError
+
+    monkeypatch.setattr(
+        registry, "_REGISTRY", {n: registry._REGISTRY["toy"] for n in ("toy", "toy2", "toy3")}
+    )
+    monkeypatch.setattr(registry, "_BROKEN", {})
+
+    def no_data(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name == "toy3":
+            raise ValueError("something else")
+        raise DatasetNotFoundError("mnist not found; looked in:\n  - here\n  - there")
+
+    monkeypatch.setattr(lab_cli, "_run_one", no_data)
+    assert cli_main(["lab", "run", "all", "--quick", "--out", str(tmp_path / "all")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("mnist not found") == 1 and "error: toy2: the same error as toy" in err
+    assert "error: toy3: ValueError: something else" in err
+    assert (tmp_path / "all" / "report.md").read_text().count("mnist not found") == 2
+
+
 def test_cli_run_all_writes_combined_report(toy, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", {"toy": registry._REGISTRY["toy"]})
     monkeypatch.setattr(registry, "_BROKEN", {})

@@ -254,7 +254,11 @@ def _cmd_run_all(args: argparse.Namespace, command: str) -> int:
                 path = _run_one(name, args, root / name, command)
             except Exception as e:  # one failing experiment must not hide the others' results
                 failures.append((name, f"{type(e).__name__}: {e}"))
-                _say(f"error: {name}: {type(e).__name__}: {e}", err=True)
+                first = next((n for n, msg in failures[:-1] if msg == failures[-1][1]), None)
+                if first is None:
+                    _say(f"error: {name}: {type(e).__name__}: {e}", err=True)
+                else:  # (a missing dataset: every experiment that reads it says the same)
+                    _say(f"error: {name}: the same error as {first}", err=True)
                 continue
             run = load_run(path)
             figs = report_figures(path)
