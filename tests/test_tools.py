@@ -2,6 +2,7 @@
 to_inference against the unfolded model in float64."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -532,6 +533,35 @@ def test_folding_keeps_a_frozen_layer_frozen(bias: bool) -> None:
             conv = folded[0]
             assert isinstance(folded[1], nn.Identity)
             assert conv.weight.requires_grad is conv.bias.requires_grad is (not frozen)
+
+
+def test_to_inference_warns_when_pairs_come_from_sequential_order() -> None:
+    """An untraceable model's pairs are taken from nn.Sequential order, which is not data
+    flow: here the conv's output is also added after the BN, so the folded model differs.
+    fold measures that; to_inference cannot, and says so."""
+
+    class UsesConvOutputTwice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > -1e9:  # data-dependent: torch.fx cannot trace it
+                h = self.seq[0](x)
+                return self.seq[1](h) + h
+            return x
+
+    torch.manual_seed(0)
+    net = _with_statistics(UsesConvOutputTwice(), (8, 3, 6, 6))
+    x = torch.randn(2, 3, 6, 6)
+    _, err = batchnorm.fold(net, x)
+    assert err > 1e-2  # wrong, and measured
+    with pytest.warns(UserWarning, match=r"could not be traced .*\['seq.1'\].*batchnorm.fold"):
+        batchnorm.to_inference(net)
+    traceable = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batchnorm.to_inference(traceable)  # pairs from the graph: nothing to warn about
 
 
 def test_a_layer_listed_twice_in_one_sequential() -> None:

@@ -653,6 +653,15 @@ def _fold_in_place(model: nn.Module, ranks: dict[str, int] | None, what: str) ->
             f"{what}: pairs not folded (their BN is kept as a fixed map): " + "; ".join(refused),
             stacklevel=3,
         )
+    if folded and not traced and what == "to_inference":
+        # fold measures its result; to_inference cannot, and order is not data flow
+        warnings.warn(
+            f"{what}: the model could not be traced (torch.fx), so the BN layers {folded} were "
+            "folded into the layer before them in their nn.Sequential — right only if nothing "
+            "else uses that layer's output. batchnorm.fold(model, example_input) measures the "
+            "difference.",
+            stacklevel=3,
+        )
     return folded
 
 
