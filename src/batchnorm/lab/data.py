@@ -573,7 +573,8 @@ def download_dataset(
             except (OSError, http.client.HTTPException) as e:
                 # HTTPException: a malformed answer (a cut chunked body, a bad status line) —
                 # not an OSError, and no reason not to try the next mirror
-                errors.append(f"{url}: {type(e).__name__}: {e}" if not str(e) else f"{url}: {e}")
+                kind = f"{type(e).__name__}: " if isinstance(e, http.client.HTTPException) else ""
+                errors.append(f"{url}: {kind}{e}")
             finally:
                 tmp.unlink(missing_ok=True)
         else:
