@@ -557,8 +557,26 @@ def _operator_layout(x: Tensor, axis: int) -> tuple[Tensor, Callable[[Tensor], T
         or (nd == 4 and x.is_contiguous(memory_format=torch.channels_last))
         or (nd == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
     ):
-        return x, _same
+        if 1 not in x.shape or x.stride() in (_made_strides(x, False), _made_strides(x, True)):
+            return x, _same
     return canonical_layout(x, axis)
+
+
+def _made_strides(x: Tensor, channels_last: bool) -> tuple[int, ...]:
+    """The strides ``x.contiguous(memory_format=...)`` gives a tensor of ``x``'s shape (C
+    innermost with ``channels_last``), size-1 dims included. ``is_contiguous`` ignores a size-1
+    dim's stride, and torch 2.13's CPU batch-norm backward does not: given
+    ``t.transpose(1, 2).unsqueeze(-1)`` (strides ``(H·C, 1, C, 1)``) and a contiguous upstream
+    gradient it returns wrong input and weight gradients; such inputs take the canonical view."""
+    shape = x.shape
+    nd = len(shape)
+    order = [1, *range(nd - 1, 1, -1), 0] if channels_last and nd > 2 else range(nd - 1, -1, -1)
+    strides = [0] * nd
+    step = 1
+    for d in order:
+        strides[d] = step
+        step *= shape[d]
+    return tuple(strides)
 
 
 _TORCH = TorchBackend()

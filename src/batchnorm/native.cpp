@@ -505,6 +505,26 @@ bool is_half(const Tensor& x) {
   return dt == at::kHalf || dt == at::kBFloat16;
 }
 
+// whether x's strides are those x.contiguous(memory_format) gives its shape (C innermost for
+// channels_last), size-1 dims included
+bool made_strides(const Tensor& x, bool channels_last) {
+  const int64_t nd = x.dim();
+  std::vector<int64_t> order;
+  if (channels_last && nd > 2) {
+    order.push_back(1);
+    for (int64_t d = nd - 1; d > 1; --d) order.push_back(d);
+    order.push_back(0);
+  } else {
+    for (int64_t d = nd - 1; d >= 0; --d) order.push_back(d);
+  }
+  int64_t step = 1;
+  for (const int64_t d : order) {
+    if (x.stride(d) != step) return false;
+    step *= x.size(d);
+  }
+  return true;
+}
+
 // x as the operator reads it without a copy, its output then in x's layout: channels on
 // dim 1, contiguous or channels_last (4-D) / channels_last_3d (5-D)
 bool half_input(const Tensor& x, int64_t axis) {
@@ -514,8 +534,14 @@ bool half_input(const Tensor& x, int64_t axis) {
   }
   const int64_t nd = x.dim();
   if (((axis % nd) + nd) % nd != 1) return false;
-  return x.is_contiguous() || (nd == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-         (nd == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+  if (!(x.is_contiguous() || (nd == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+        (nd == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)))) {
+    return false;
+  }
+  // is_contiguous ignores a size-1 dim's stride, torch's CPU backward does not (it returns
+  // wrong gradients for t.transpose(1, 2).unsqueeze(-1)): such inputs go to Python, which
+  // gives the operator its canonical view (batchnorm.functional._made_strides)
+  return made_strides(x, false) || made_strides(x, true);
 }
 
 // absent, or C floating-point values on the CPU (converted to float32 where needed)
