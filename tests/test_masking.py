@@ -248,3 +248,35 @@ def test_mask_that_is_not_a_tensor_asks_for_a_boolean_tensor(kind: str) -> None:
     assert "torch.as_tensor" in msg
     with pytest.raises(batchnorm.BatchNormInputError, match="boolean torch.Tensor"):
         F.check_mask(x, bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_masked_statistics_keep_the_unmasked_paths_accuracy(backend) -> None:  # type: ignore[no-untyped-def]
+    """A mean of 1e6 (float32's last digit is 0.06) and a spread of 1e20 (a float32 variance
+    of 1e40 overflows): an all-True mask gives the kernels' unmasked result, and a real mask
+    the exact one over its valid positions, whatever backend is asked for (the masked
+    statistics are torch operations, in float64; the unmasked plain-torch path keeps float32
+    statistics, as torch.nn does)."""
+    g = torch.Generator().manual_seed(0)
+    for x in (
+        (1e6 + torch.randn(8, 3, 64, dtype=torch.float64, generator=g)).float(),
+        torch.randn(4, 3, 6, generator=g) * 1e20,
+    ):
+        n, c, length = x.shape
+        bn = batchnorm.BatchNorm1d(c, affine=False, backend=backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the 1e40 variance does not fit the buffers
+            plain = bn(x)
+            every = bn(x, mask=torch.ones(n, length, dtype=torch.bool))
+        if backend is None:
+            torch.testing.assert_close(every, plain, rtol=1e-6, atol=1e-6)
+        mask = torch.rand(n, length, generator=g) < 0.6
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y = batchnorm.BatchNorm1d(c, affine=False, backend=backend)(x, mask=mask)
+        x64, m = x.double(), mask[:, None, :].expand_as(x)
+        valid = [x64[:, k][m[:, k]] for k in range(c)]
+        mean = torch.stack([v.mean() for v in valid]).view(1, c, 1)
+        var = torch.stack([v.var(unbiased=False) for v in valid]).view(1, c, 1)
+        exact = (x64 - mean) / torch.sqrt(var + 1e-5)
+        torch.testing.assert_close(y.double(), exact, rtol=0, atol=1e-6)

@@ -895,17 +895,20 @@ def _masked_train(
     shape[ax] = -1
     bad = ~mask & ~torch.isfinite(xc)  # non-finite padding
     xs = torch.where(bad, 0, xc)
-    # torch.where, not a product: the padding must not reach the statistics
-    mean = torch.where(mask, xs, 0).sum(dims) / count  # (C,)
-    diff = xs - mean.view(shape)
-    var = torch.where(mask, diff, 0).square().sum(dims) / count  # biased σ²_B over valid values
-    y = diff * torch.rsqrt(var + eps).view(shape)
+    # torch.where, not a product: the padding must not reach the statistics. x̂ in float64,
+    # as the unmasked paths accumulate their statistics: in float32 a mean of 1e6 is off by
+    # its last digit (outputs off by 0.1) and a spread of 1e20 overflows the variance
+    x64 = xs.to(torch.float64)
+    mean = torch.where(mask, x64, 0).sum(dims) / count  # (C,)
+    diff = x64 - mean.view(shape)  # (x − μ in float32 would be off by μ's rounding)
+    var = torch.where(mask, diff, 0).square().sum(dims) / count  # biased σ²_B
+    y = (diff * torch.rsqrt(var + eps).view(shape)).to(cd)
     if weight is not None:
         y = y * weight.to(cd).view(shape)
     if bias is not None:
         y = y + bias.to(cd).view(shape)
     y = torch.where(bad, xc, y)
-    return y.to(x.dtype), mean.detach(), var.detach()
+    return y.to(x.dtype), mean.detach().to(cd), var.detach().to(cd)
 
 
 # --------------------------------------------------------------------------------------------
