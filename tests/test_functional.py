@@ -405,6 +405,38 @@ def _f32(bn: torch.nn.Module) -> tuple[Tensor, ...]:
     return tuple(t.detach().float() for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias))
 
 
+@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_store_the_variance_itself_not_one_recovered_from_invstd(
+    dtype: torch.dtype, native: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1/invstd² − ε cancels for a variance far below ε (relative error 0.24 at a spread of
+    1e-6) and is infinite for ε = 0 and a constant channel (the batch was refused, with a
+    warning about non-finite statistics): the running variance and the returned statistics
+    are the operator's own variance, on the compiled node and without it."""
+    import batchnorm
+
+    monkeypatch.setenv("BATCHNORM_NATIVE", native)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 4, generator=g) * 1e-3).to(dtype)  # variance ~1e-6 ≪ ε = 1e-5 ... 1e-3
+    for eps in (1e-5, 1e-3):
+        bn = batchnorm.BatchNorm1d(4, momentum=1.0, eps=eps)
+        bn(x)
+        exact = x.double().var(0, unbiased=True)
+        torch.testing.assert_close(bn.running_var.double(), exact, rtol=1e-5, atol=0)
+        _, _, var, _ = F.batch_norm_train(x, None, None, eps)
+        torch.testing.assert_close(
+            var.double(), x.double().var(0, unbiased=False), rtol=1e-5, atol=0
+        )
+    constant = torch.randn(8, 3, 5, generator=g).to(dtype)
+    constant[:, 1] = 2.0
+    bn = batchnorm.BatchNorm1d(3, eps=0.0)  # (warns at construction)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", batchnorm.NonFiniteStatisticsWarning)
+        bn(constant)
+    assert int(bn.num_batches_tracked) == 1 and float(bn.running_var[1]) == pytest.approx(0.9)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_running_buffers_are_blended_once(dtype: torch.dtype) -> None:
     """A module converted to half precision keeps half running buffers: the batch statistics
@@ -821,6 +853,20 @@ def test_functional_errors_name_the_argument_at_fault() -> None:
     rm0 = rm.clone()
     F.batch_norm(x * 2 + 3, rm0, rv.clone(), training=True)  # well-formed: runs and updates
     assert not torch.equal(rm0, rm)
+
+
+def test_update_running_stats_refuses_one_value_per_channel_as_the_reference_does() -> None:
+    from batchnorm import reference as ref
+
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="count=1"):
+        ref.running_stats_update(rm.numpy(), rv.numpy(), np.zeros(3), np.ones(3), 1, 0.1)
+    for count in (1, 0):
+        with pytest.raises(F.BatchNormInputError, match=f"needs m ≥ 2 .*count={count}"):
+            F.update_running_stats(rm, rv, torch.zeros(3), torch.ones(3), count, momentum=0.1)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    assert F.update_running_stats(rm, rv, torch.ones(3), torch.ones(3), 1, 0.5, unbiased=False)
+    torch.testing.assert_close(rm, torch.full((3,), 0.5))
 
 
 @pytest.mark.parametrize("backend", ["auto", "numba", "torch"])

@@ -280,3 +280,34 @@ def test_masked_statistics_keep_the_unmasked_paths_accuracy(backend) -> None:  #
         var = torch.stack([v.var(unbiased=False) for v in valid]).view(1, c, 1)
         exact = (x64 - mean) / torch.sqrt(var + 1e-5)
         torch.testing.assert_close(y.double(), exact, rtol=0, atol=1e-6)
+
+
+def test_the_output_keeps_the_inputs_layout_whatever_the_masks() -> None:
+    """Elementwise results take their layout from every operand: a mask built as a transposed
+    view must not make a contiguous input's output non-contiguous (nor drop channels_last)."""
+    x = torch.randn(4, 7, 3)
+    mask = (torch.arange(7)[:, None] < torch.tensor([7, 5, 3, 2])[None, :]).t()
+    y = batchnorm.BatchNorm(3, axis=-1)(x, mask=mask)
+    assert y.stride() == x.stride()
+    torch.testing.assert_close(y, batchnorm.BatchNorm(3, axis=-1)(x, mask=mask.contiguous()))
+    x4 = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    m4 = (torch.rand(2, 5, 4, generator=torch.Generator().manual_seed(0)) > 0.3).transpose(1, 2)
+    y4 = batchnorm.BatchNorm2d(3)(x4, mask=m4)
+    assert y4.stride() == x4.stride()
+    y4.sum().backward()  # still differentiable
+    assert x4.grad is not None
+
+
+def test_masks_propagate_shapes_on_meta_and_fake_tensors_and_a_meta_mask_is_named() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    meta = batchnorm.BatchNorm1d(3).to("meta")
+    x = torch.randn(4, 3, 5, device="meta")
+    assert meta(x, mask=torch.ones(4, 5, dtype=torch.bool, device="meta")).shape == (4, 3, 5)
+    bn = batchnorm.BatchNorm1d(3)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = bn(torch.randn(4, 3, 5), mask=torch.ones(4, 5, dtype=torch.bool))
+        assert y.shape == (4, 3, 5)
+    assert torch.equal(bn.running_mean, torch.zeros(3))
+    with pytest.raises(batchnorm.BatchNormInputError, match=r"BatchNorm1d\(3\): the mask .* meta"):
+        bn(torch.randn(4, 3, 5), mask=torch.ones(4, 5, dtype=torch.bool, device="meta"))

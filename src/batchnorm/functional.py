@@ -430,8 +430,13 @@ class AtenBackend(TorchBackend):
         self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         w, b = _vec(weight, 1.0, x), _vec(bias, 0.0, x)
-        y, mean, invstd = _ATEN.native_batch_norm(x, w, b, None, None, True, 0.0, eps)
-        return y, mean, _var_from_invstd(invstd, eps), invstd
+        # the operator's own running update with momentum 1 into scratch buffers: its unbiased
+        # variance, computed directly (1/invstd² − ε cancels when var ≪ ε, and is infinite for
+        # ε = 0 and a constant channel)
+        scratch = torch.zeros(2, w.numel(), dtype=w.dtype, device=w.device)
+        y, mean, invstd = _ATEN.native_batch_norm(x, w, b, scratch[0], scratch[1], True, 1.0, eps)
+        n = x.numel() // max(w.numel(), 1)
+        return y, mean, scratch[1] * ((n - 1) / n if n > 1 else 0.0), invstd
 
     def train_node(
         self,
@@ -454,9 +459,7 @@ class AtenBackend(TorchBackend):
             if node is not None:
                 return node  # type: ignore[no-any-return]
         xn, restore = _operator_layout(x, axis)
-        w, b = _vec(weight, 1.0, xn), _vec(bias, 0.0, xn)
-        y, mean, invstd = _ATEN.native_batch_norm(xn, w, b, None, None, True, 0.0, eps)
-        var = _var_from_invstd(invstd, eps)
+        y, mean, var, invstd = self.forward_train(xn, weight, bias, eps)
         updated = running is not None and blend_running(running, mean, var)
         return restore(y), torch.stack((mean, var, invstd)), updated
 
@@ -535,16 +538,6 @@ def _half_node() -> Any | None:
     """The compiled node for half inputs (built on first use), None where it is turned off or
     cannot be built; it is built with the kernels' entries, so only where they import."""
     return native.load() if _kernels_available() else None
-
-
-def _var_from_invstd(invstd: Tensor, eps: float) -> Tensor:
-    """The biased variance from the operator's 1/√(var + ε) (relative error of the order of
-    float32's rounding of var + ε), never below zero."""
-    if invstd.is_cpu and _concrete(invstd):  # NumPy: C-sized, a torch call costs more
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inv = invstd.numpy()
-            return torch.from_numpy(np.maximum(np.reciprocal(inv * inv) - eps, 0.0))
-    return (invstd.reciprocal().square() - eps).clamp_min(0.0)
 
 
 def _operator_layout(x: Tensor, axis: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -858,6 +851,13 @@ def check_mask(input: Tensor, mask: Tensor, axis: int = 1, layer: str | None = N
             "torch.arange(L)[None, :] < lengths[:, None]."
         )
     if m.device != input.device:
+        if m.is_meta and not input.is_meta:
+            raise BatchNormInputError(
+                f"{_name(layer)}: the mask of shape {tuple(mask.shape)} is on the meta device "
+                f"(no values), the input of shape {tuple(input.shape)} on {input.device}. Build "
+                "the mask on the input's device, e.g. "
+                "torch.arange(L, device=x.device)[None, :] < lengths[:, None]."
+            )
         m = m.to(input.device)
     return m
 
@@ -870,6 +870,9 @@ def valid_count(input: Tensor, axis: int = 1, mask: Tensor | None = None) -> int
         return input.numel() // max(input.shape[ax], 1)
     shape = list(input.shape)
     shape[ax] = 1
+    if not torch.compiler.is_compiling() and not _concrete(mask):
+        # meta and fake tensors (shape propagation): no values to count, every position taken
+        return _prod(tuple(shape))
     return int(mask.expand(shape).sum())
 
 
@@ -907,8 +910,13 @@ def _masked_train(
         y = y * weight.to(cd).view(shape)
     if bias is not None:
         y = y + bias.to(cd).view(shape)
-    y = torch.where(bad, xc, y)
-    return y.to(x.dtype), mean.detach().to(cd), var.detach().to(cd)
+    y = torch.where(bad, xc, y).to(x.dtype)
+    out = torch.empty_like(x)  # x's layout (that of its dense copy, for a strided view)
+    if y.stride() != out.stride():
+        # elementwise results take their layout from every operand, the mask's too (a
+        # transposed mask made a contiguous input's output non-contiguous): x's, as promised
+        y = out.copy_(y)
+    return y, mean.detach().to(cd), var.detach().to(cd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1521,6 +1529,12 @@ def update_running_stats(
     # (1 − momentum)·running + momentum·(m/(m−1))·σ²_B, with the Bessel factor folded into alpha
     if isinstance(count, Tensor):  # a traced count: the factor in float64, as for a Python int
         count = count.to(torch.float64)  # type: ignore[assignment]
+    elif unbiased and count < 2:
+        raise BatchNormInputError(
+            f"{_name(layer)}: the unbiased running variance m/(m−1)·σ²_B needs m ≥ 2 values "
+            f"per channel, got count={count}. Train on batches of 2 or more values per channel, "
+            "or pass unbiased=False to store σ²_B itself."
+        )
     alpha = momentum * count / (count - 1) if unbiased else momentum
     if blend_running(RunningStats(running_mean, running_var, momentum, alpha), mean, var):
         return True

@@ -639,22 +639,30 @@ std::tuple<Tensor, Tensor, bool> train_half(
   const int64_t C = x.size(1);
   const Tensor wf = float_vector(w, 1.0, x), bf = float_vector(b, 0.0, x);
   Tensor y, mean, invstd;
+  // the operator's own running update with momentum 1 into scratch buffers: its unbiased
+  // variance, computed directly (1/invstd² − ε cancels when var ≪ ε, and is infinite for
+  // ε = 0 and a constant channel)
+  const Tensor scratch = at::zeros({2, C}, wf.options());
+  const Tensor sm = scratch[0], sv = scratch[1];
   {
     const Unlocked other_threads_run(2);
-    std::tie(y, mean, invstd) = at::native_batch_norm(x, wf, bf, {}, {}, true, 0.0, eps);
+    std::tie(y, mean, invstd) = at::native_batch_norm(x, wf, bf, sm, sv, true, 1.0, eps);
   }
-  // rows: mean, biased variance (back from 1/√(var + ε), never below zero), invstd
+  // rows: mean, biased variance, invstd
   Tensor stats = at::empty({3, C}, mean.options().memory_format(at::MemoryFormat::Contiguous));
   float* s = stats.data_ptr<float>();
   const Tensor m = mean.contiguous(), inv = invstd.contiguous();
   const float* mp = m.data_ptr<float>();
   const float* ip = inv.data_ptr<float>();
-  const float e = static_cast<float>(eps);
+  const float* vp = sv.data_ptr<float>();
+  const int64_t n = x.numel() / C;
+  // the factor rounded to float32 and the product in float32: what the Python path's
+  // tensor-times-Python-float gives, bit for bit
+  const float biased = static_cast<float>(
+      n > 1 ? static_cast<double>(n - 1) / static_cast<double>(n) : 0.0);
   for (int64_t c = 0; c < C; ++c) {
-    const float square = ip[c] * ip[c];
-    const float var = 1.0f / square - e;
     s[c] = mp[c];
-    s[C + c] = var < 0.0f ? 0.0f : var;  // NaN stays NaN, as with NumPy's maximum
+    s[C + c] = vp[c] * biased;
     s[2 * C + c] = ip[c];
   }
   bool updated = false;
