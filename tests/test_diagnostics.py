@@ -407,6 +407,47 @@ def test_data_that_does_not_fit_the_model_is_one_finding(healthy, digits):
     assert f.evidence["mode"] == "eval" and "per channel" not in f.why
 
 
+class _Raises(nn.Module):
+    """A BN model whose forward fails on the data with ``kind`` — behind a data-dependent
+    branch (which torch.fx cannot trace) when ``branchy``."""
+
+    def __init__(self, kind: type[Exception], branchy: bool) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(20)
+        self.kind, self.branchy = kind, branchy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(x)
+        if self.branchy and bool(h.mean() > -1e9):
+            h = h + 1
+        raise self.kind(f"the model's own {self.kind.__name__}")
+
+
+def test_one_nan_in_the_data_is_that_finding_not_a_train_eval_gap():
+    """The NaN reaches the reference outputs too: those rows compare nothing (it was an inf
+    train/eval gap, an error with recalibrate as its fix, on a healthy model)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Linear(20, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4)
+    )
+    with torch.no_grad():
+        for _ in range(50):
+            m(torch.randn(64, 20))
+    m.eval()
+    x = torch.randn(512, 20)
+    assert not run(m, x).findings
+    x[3, 2] = float("nan")
+    assert [f.check for f in run(m, x).findings] == ["nonfinite-activations"]
+
+
+@pytest.mark.parametrize("branchy", [False, True], ids=["traceable", "untraceable"])
+@pytest.mark.parametrize("kind", [IndexError, AssertionError, KeyError, TypeError, RuntimeError])
+def test_whatever_the_model_raises_is_a_forward_failed_finding(kind, branchy):
+    report = run(_Raises(kind, branchy).eval(), torch.randn(256, 20))
+    (f,) = report.by_check("forward-failed")
+    assert f.severity == "error" and f"the model's own {kind.__name__}" in f.measured
+
+
 # --------------------------------------------------------------------------------------------
 # structure: Dropout, bias, normalization after BN
 
