@@ -39,7 +39,10 @@ def test_run_reports_its_medians_and_the_same_loss(tmp_path):
     data = bn_net.run(
         ["mlp", "cnn@cl"], repeats=3, warmup=1, batch=6, json_path=path, min_seconds=0
     )
-    assert json.loads(path.read_text()) == json.loads(json.dumps(data))
+    # standard JSON: NaN (nothing compiled) written as null, read back as NaN
+    strict = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert strict["networks"][0]["ours_over_compiled"] is None
+    assert repr(bn_net.load(path)) == repr(data)
     mlp, cnn = data["networks"]
     assert mlp["bn_inputs"] == [[6, 100]] * 3
     assert cnn["layout"] == "channels_last"
@@ -132,6 +135,32 @@ def test_bad_requests_say_what_to_do(tmp_path, capsys):
     assert "no 'networks' list" in capsys.readouterr().err
     assert cli_main(["bench-network", "--json", str(tmp_path)]) == 2  # a directory
     assert "it is a directory" in capsys.readouterr().err
+    for bad_seconds in ("inf", "-1", "nan"):
+        assert cli_main(["bench-network", "--networks", "mlp", "--min-seconds", bad_seconds]) == 2
+        assert "--min-seconds must be finite and >= 0" in capsys.readouterr().err
+
+
+def test_networks_that_compute_different_functions_are_not_timed(monkeypatch, capsys):
+    """The first-loss check acts: a torch twin that differs from ours (weights scaled here)
+    stops the run before anything is timed."""
+    from batchnorm import convert
+
+    real = convert.convert_model
+
+    def differing(model, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real(model, *args, **kwargs)
+        if kwargs.get("to") == "torch" or (args and args[0] == "torch"):
+            with torch.no_grad():
+                for p in out.parameters():
+                    p.mul_(3)
+        return out
+
+    monkeypatch.setattr(convert, "convert_model", differing)
+    with pytest.raises(ValueError, match="do not compute the same function.*nothing was timed"):
+        bn_net.run(["mlp"], repeats=1, warmup=0, batch=6, min_seconds=0)
+    args = ["bench-network", "--networks", "mlp", "--repeats", "1", "--min-seconds", "0"]
+    assert cli_main(args) == 2
+    assert "do not compute the same function" in capsys.readouterr().err
 
 
 def test_short_steps_are_repeated_for_min_seconds():

@@ -76,6 +76,8 @@ __all__ = [
 VARIANTS = ("torch", "ours", "no BN")
 #: the contender ``compile=True`` adds
 COMPILED = "torch compiled"
+#: the first losses of the networks timed must agree to this, relative to max(1, |loss|)
+LOSS_TOLERANCE = 1e-3
 
 #: what is timed: a training step, or inference (eval mode, no gradients)
 MODES = ("train", "eval")
@@ -308,6 +310,14 @@ def _bench_network(
     )
     if compile:
         res.compiled_loss_gap = abs(float(first[COMPILED]) - float(first["torch"]))
+    for k in compared[1:]:  # a timing must not compare different work
+        got, want = float(first[k]), float(first["torch"])
+        if not abs(got - want) <= LOSS_TOLERANCE * max(1.0, abs(want)):
+            raise ValueError(
+                f"{net.name}: the first loss of the {k} network is {got:.6g}, torch.nn's "
+                f"{want:.6g}: they do not compute the same function, so their times would "
+                "not compare the same work; nothing was timed"
+            )
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
 
     def step(k: str) -> None:
@@ -489,14 +499,23 @@ def _mode_text(data: dict[str, Any]) -> str:
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Results written by :func:`run` with ``json_path``."""
+    """Results written by :func:`run` with ``json_path`` (a value that is not a number there,
+    ``null`` in the JSON, comes back as NaN, as :func:`run` gives it)."""
     import json
 
     with open(path) as f:
         data: dict[str, Any] = json.load(f)
     if not isinstance(data, dict) or not isinstance(data.get("networks"), list):
         raise ValueError(f"{os.fspath(path)} holds no network results (no 'networks' list)")
+    for r in data["networks"]:
+        for key in _MAYBE_NAN:
+            if isinstance(r, dict) and key in r and r[key] is None:
+                r[key] = math.nan
     return data
+
+
+#: result fields that are NaN when there is nothing to measure (no --compile)
+_MAYBE_NAN = ("compiled_loss_gap", "ours_over_compiled")
 
 
 def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
@@ -601,8 +620,8 @@ def main(args: argparse.Namespace) -> int:
     problem = bench.outputs_problem(args)
     if not args.from_json:  # what is measured, checked before measuring
         problem = problem or bench.counts_problem(args)
-        if args.min_seconds < 0:
-            problem = problem or f"--min-seconds must be >= 0, got {args.min_seconds}"
+        if not 0 <= args.min_seconds < math.inf:
+            problem = problem or f"--min-seconds must be finite and >= 0, got {args.min_seconds}"
     if problem:
         return bench.fail(prog, problem)
     if args.from_json:
