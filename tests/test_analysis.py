@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -464,3 +465,42 @@ def test_time_varying_noise_channels_last_and_errors() -> None:
         TimeVaryingNoise(scale_low=2.0, scale_high=1.0)
     with pytest.raises(ValueError, match="expected input"):
         TimeVaryingNoise()(torch.randn(5))
+
+
+def test_a_nan_batch_is_refused_not_measured_as_zeros() -> None:
+    """From a NaN loss every measure is NaN, and the comparisons behind the cosine and β read
+    NaN as zero: a clear error instead of a cosine of 0 and a β-smoothness of 0."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    x[0, 0] = float("nan")
+    ce = nn.functional.cross_entropy
+    with pytest.raises(ValueError, match="internal_covariate_shift: the loss .* not finite"):
+        batchnorm.internal_covariate_shift(net, ce, (x, y), 0.1)
+    with pytest.raises(ValueError, match="loss_landscape: the loss .* not finite"):
+        batchnorm.loss_landscape(net, ce, (x, y), [0.1, 0.2])
+
+
+def test_measurements_differentiate_inside_no_grad_and_refuse_inference_mode() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    ce = nn.functional.cross_entropy
+    want = batchnorm.internal_covariate_shift(net, ce, batch, 0.1)
+    with torch.no_grad():  # e.g. inside an evaluation loop
+        assert batchnorm.internal_covariate_shift(net, ce, batch, 0.1) == want
+        probe = batchnorm.loss_landscape(net, ce, batch, [0.1])
+    assert probe.grad_norm == batchnorm.loss_landscape(net, ce, batch, [0.1]).grad_norm
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside inference_mode"):
+        batchnorm.loss_landscape(net, ce, batch, [0.1])
+
+
+def test_drift_from_a_layer_without_spread_is_nan_not_no_change() -> None:
+    net = nn.Sequential(nn.Linear(3, 4))
+    before = batchnorm.activation_statistics(net, torch.ones(16, 3))  # constant: σ = 0
+    after = batchnorm.activation_statistics(net, torch.randn(16, 3))
+    drift = batchnorm.distribution_drift(before, after)["0"]
+    assert math.isnan(drift["normalized_mean_shift"]) and math.isnan(drift["log_std_ratio"])
+    assert drift["mean_shift"] > 0
+    same = batchnorm.distribution_drift(after, after)["0"]
+    assert same["normalized_mean_shift"] == 0.0 and same["log_std_ratio"] == 0.0

@@ -27,6 +27,7 @@ only the weights differ between passes.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -148,10 +149,22 @@ def _loss_and_grads(
 ) -> tuple[float, list[Tensor]]:
     """Loss at ``params`` (a full name → tensor mapping) and its gradient w.r.t. ``wrt``."""
     x, y = batch
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "the measurement differentiates the loss, which torch.inference_mode() forbids; "
+            "call it outside inference_mode"
+        )
     leaves = {k: (v.detach().requires_grad_(k in wrt)) for k, v in params.items()}
-    with _replay_rng(seed), _swapped(model, leaves):
+    # (inside torch.no_grad() too: the gradients are the measurement)
+    with torch.enable_grad(), _replay_rng(seed), _swapped(model, leaves):
         out = model(x)
-    loss = loss_fn(out, y)
+        loss = loss_fn(out, y)
+        return _grads_of(loss, leaves, wrt)
+
+
+def _grads_of(
+    loss: Tensor, leaves: dict[str, Tensor], wrt: Sequence[str]
+) -> tuple[float, list[Tensor]]:
     if loss.dim() != 0:
         raise ValueError(
             f"loss_fn must return a scalar, got shape {tuple(loss.shape)}; "
@@ -162,6 +175,19 @@ def _loss_and_grads(
         torch.zeros_like(leaves[k]) if g is None else g.detach() for k, g in zip(wrt, grads)
     ]
     return float(loss.detach()), out_grads
+
+
+def _check_start(loss: float, grads: Sequence[Tensor], where: str) -> None:
+    """The loss and gradient at the model's own parameters must be finite: from NaN every
+    measure is NaN, and its comparisons would read as zeros (a cosine of 0, a β of 0)."""
+    bad = not math.isfinite(loss) or not all(bool(torch.isfinite(g).all()) for g in grads)
+    if bad:
+        what = "loss" if not math.isfinite(loss) else "gradient"
+        raise ValueError(
+            f"{where}: the {what} at the model's parameters is not finite (loss {loss}); "
+            "check the batch for NaN/inf and the model for overflow — nothing can be measured "
+            "from there"
+        )
 
 
 def _forward_order(model: nn.Module, x: Tensor, seed: int) -> list[str]:
@@ -328,7 +354,8 @@ def internal_covariate_shift(
                     b.copy_(buffers[k])
 
         restore_buffers()
-        _, g_all = _loss_and_grads(model, theta, loss_fn, (x, y), seed, trainable)
+        loss0, g_all = _loss_and_grads(model, theta, loss_fn, (x, y), seed, trainable)
+        _check_start(loss0, g_all, "internal_covariate_shift")
         grads = dict(zip(trainable, g_all))
 
         # W' from one optimizer step on the same gradients
@@ -485,6 +512,7 @@ def loss_landscape(
             return _loss_and_grads(model, p, loss_fn, (x, y), seed, names)
 
         loss0, g_parts = evaluate(theta)
+        _check_start(loss0, g_parts, "loss_landscape")
         g0 = _flat(g_parts)
         losses, dists = [], []
         for eta in etas:
@@ -636,8 +664,9 @@ def distribution_drift(
 
     * ``mean_shift`` = mean_c |μ'_c − μ_c|;
     * ``normalized_mean_shift`` = mean_c |μ'_c − μ_c| / σ_c (in units of the earlier spread;
-      units with σ_c = 0 are skipped);
-    * ``log_std_ratio`` = mean_c |log(σ'_c / σ_c)| (0 when the spread is unchanged);
+      units with σ_c = 0 are skipped; NaN when every unit has σ_c = 0);
+    * ``log_std_ratio`` = mean_c |log(σ'_c / σ_c)| (0 when the spread is unchanged; units with
+      either σ = 0 skipped, NaN when none is left);
     * ``quantile_shift`` = mean over units and levels of |q'_c − q_c|.
 
     Returns:
@@ -658,10 +687,11 @@ def distribution_drift(
         both = ok & (b.std > 0)
         out[n] = {
             "mean_shift": float(dmu.mean()),
-            "normalized_mean_shift": float((dmu[ok] / a.std[ok]).mean()) if ok.any() else 0.0,
+            # NaN when no unit had a spread to compare with (0 would read as "no change")
+            "normalized_mean_shift": float((dmu[ok] / a.std[ok]).mean()) if ok.any() else math.nan,
             "log_std_ratio": float(np.abs(np.log(b.std[both] / a.std[both])).mean())
             if both.any()
-            else 0.0,
+            else math.nan,
             "quantile_shift": float(np.abs(b.quantiles - a.quantiles).mean()),
         }
     return out

@@ -681,21 +681,10 @@ def combine(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
-    """Standard JSON (``allow_nan=False``): a value that is not a finite number is ``null``,
-    which every reader takes (``NaN`` is not JSON)."""
-    from batchnorm.lab.results import atomic_write_text
+    """Standard JSON: a value that is not a finite number is ``null`` (``NaN`` is not JSON)."""
+    from batchnorm.lab.results import atomic_write_json
 
-    atomic_write_text(path, json.dumps(_finite_or_null(data), indent=2, allow_nan=False) + "\n")
-
-
-def _finite_or_null(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite_or_null(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite_or_null(v) for v in obj]
-    return obj
+    atomic_write_json(path, data)
 
 
 def format_table(data: dict[str, Any]) -> str:
