@@ -504,3 +504,21 @@ def test_drift_from_a_layer_without_spread_is_nan_not_no_change() -> None:
     assert drift["mean_shift"] > 0
     same = batchnorm.distribution_drift(after, after)["0"]
     assert same["normalized_mean_shift"] == 0.0 and same["log_std_ratio"] == 0.0
+
+
+def test_activation_statistics_pools_repeated_calls_and_takes_tuple_outputs() -> None:
+    torch.manual_seed(0)
+    a = nn.Linear(4, 4)
+    net = nn.Sequential(a, nn.ReLU(), a)  # one layer called twice per forward
+    x = torch.randn(64, 4)
+    stats = batchnorm.activation_statistics(net, x, layers=["0"])["0"]
+    with torch.no_grad():
+        both = torch.cat([a(x), a(torch.relu(a(x)))])
+    np.testing.assert_allclose(stats.mean, both.mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.std, both.std(0, unbiased=False).numpy(), rtol=1e-5)
+    lstm = nn.Sequential(nn.LSTM(3, 5, batch_first=True))
+    assert batchnorm.activation_statistics(lstm, torch.randn(4, 2, 3), ["0"])["0"].mean.shape == (
+        2,
+    )
+    bare = batchnorm.activation_statistics(nn.BatchNorm1d(3), torch.randn(8, 3))
+    assert list(bare) == [""] and bare[""].mean.shape == (3,)  # as a bare Linear gives ""

@@ -198,3 +198,69 @@ def test_records_inputs_to_our_bn_network():
     np.testing.assert_allclose(
         rec.history("hidden.1.act")[1][0], np.quantile(pre, Q, axis=0), rtol=1e-5, atol=1e-6
     )
+
+
+def test_capture_blocks_nest() -> None:
+    net = nn.Sequential(nn.Identity())
+    rec = batchnorm.ActivationRecorder(net, ["0"], every=None)
+    x = torch.randn(4, 2)
+    with rec.capture(5):
+        with rec.capture(6):
+            net(x)
+        net(x)  # still inside capture(5)
+    net(x)  # outside: every=None records nothing
+    assert rec.history("0")[0].tolist() == [6, 5]
+
+
+def test_keyword_inputs_tuple_outputs_and_calls_without_tensors() -> None:
+    class ByKeyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(input=x)
+
+    net = ByKeyword()
+    rec = batchnorm.ActivationRecorder(net, ["fc"])
+    with rec:
+        net(torch.randn(8, 3))
+    assert rec.history("fc")[1].shape == (1, 3, 3)
+    lstm = nn.Sequential(nn.LSTM(3, 5))
+    out = batchnorm.ActivationRecorder(lstm, ["0"], what="output", axis=-1)
+    with out:
+        y, _ = lstm(torch.randn(4, 2, 3))
+    np.testing.assert_allclose(
+        out.history("0")[1][0],
+        torch.quantile(y.detach().reshape(-1, 5), out._q, dim=0).numpy(),
+        rtol=1e-6,
+    )
+
+    class NoTensor(nn.Module):
+        def forward(self, x: object = None) -> object:
+            return x
+
+    holder = nn.Sequential(NoTensor())
+    silent = batchnorm.ActivationRecorder(holder, ["0"])
+    with silent, pytest.warns(UserWarning, match="no tensor input to record"):
+        holder(None)
+        holder(None)  # (once)
+    assert silent.history("0")[0].size == 0
+
+
+def test_changing_widths_empty_batches_float64_and_every_are_handled() -> None:
+    net = nn.Sequential(nn.Identity())
+    rec = batchnorm.ActivationRecorder(net, ["0"])
+    with rec:
+        net(torch.randn(5, 4))
+        net(torch.randn(0, 4))  # an empty batch: skipped, not a failure inside the forward
+        net(torch.randn(5, 6))
+    with pytest.raises(ValueError, match=r"recorded with \[4, 6\] units"):
+        rec.history("0")
+    exact = batchnorm.ActivationRecorder(net, ["0"], quantiles=(0.5,))
+    with exact:
+        net(torch.tensor([[1 + 1e-12], [1 + 3e-12], [1 + 2e-12]], dtype=torch.float64))
+    assert exact.history("0")[1][0, 0, 0] == 1 + 2e-12
+    for bad in (1.5, 0, True):
+        with pytest.raises(ValueError, match="every must be an int >= 1"):
+            batchnorm.ActivationRecorder(net, ["0"], every=bad)  # type: ignore[arg-type]

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from batchnorm.recorder import first_tensor
+
 __all__ = [
     "LayerShift",
     "LandscapeProbe",
@@ -587,6 +589,9 @@ def activation_statistics(
     The model runs in its current mode without gradients; running statistics are restored, and
     random layers are replayed with a fixed seed per call.
 
+    A layer called several times in one forward pass is measured over all its calls; of a tuple
+    output (an LSTM's) the first tensor is measured.
+
     Units are the channels of a batch-norm layer (any module with ``running_mean``) on its
     ``axis`` attribute (e.g. ``BatchNorm(C, axis=-1)`` on ``(N, T, C)``: C units), and axis 1 of
     every other layer's output (``(N, C)``, ``(N, C, ...)``).
@@ -605,7 +610,7 @@ def activation_statistics(
     """
     modules = dict(model.named_modules())
     if layers is None:
-        chosen = [n for n, m in modules.items() if hasattr(m, "running_mean") and n]
+        chosen = [n for n, m in modules.items() if hasattr(m, "running_mean")]
         if not chosen:
             chosen = [n for n, m in modules.items() if isinstance(m, _WEIGHT_LAYERS)]
     else:
@@ -619,12 +624,15 @@ def activation_statistics(
     q = torch.tensor(list(levels), dtype=torch.float64)
     if q.numel() == 0 or bool(((q < 0) | (q > 1)).any()):
         raise ValueError(f"activation_statistics: levels must be in [0, 1], got {list(levels)}")
-    captured: dict[str, Tensor] = {}
+    captured: dict[str, list[Tensor]] = {}
     handles = []
     for n in chosen:
 
-        def hook(_m: nn.Module, _i: object, out: Tensor, n: str = n) -> None:
-            captured[n] = _per_unit(out, _unit_axis(_m))
+        def hook(_m: nn.Module, _i: object, out: object, n: str = n) -> None:
+            # of a tuple output (an LSTM's) the first tensor; every call of the forward pooled
+            t = first_tensor(out)
+            if t is not None:
+                captured.setdefault(n, []).append(_per_unit(t, _unit_axis(_m)))
 
         handles.append(modules[n].register_forward_hook(hook))
     seed = _rng_seed()
@@ -645,7 +653,13 @@ def activation_statistics(
     for n in chosen:
         if n not in captured:
             continue  # a default layer the forward skips (e.g. an unused head)
-        u = captured[n]  # (C, M)
+        if len({c.shape[0] for c in captured[n]}) > 1:
+            raise ValueError(
+                f"activation_statistics: layer {n!r} is called several times per forward with "
+                f"outputs of {sorted({c.shape[0] for c in captured[n]})} units; its calls "
+                "cannot be pooled — measure a layer of one width"
+            )
+        u = torch.cat(captured[n], dim=1)  # (C, M): every call's values
         result[n] = ActivationStats(
             mean=u.mean(dim=1).numpy(),
             std=u.std(dim=1, unbiased=False).numpy(),

@@ -71,6 +71,7 @@ from torch.overrides import TorchFunctionMode
 from batchnorm._console import say
 from batchnorm.functional import canonical_layout
 from batchnorm.nn.batchnorm import _BatchNormBase
+from batchnorm.recorder import first_tensor
 
 __all__ = [
     "doctor",
@@ -533,25 +534,8 @@ def _take_batches(data: Any, num_batches: int, batch_size: int) -> list[Any]:
     return out
 
 
-def _first_tensor(y: Any) -> Tensor | None:
-    if isinstance(y, Tensor):
-        return y
-    if isinstance(y, list | tuple):
-        for v in y:
-            t = _first_tensor(v)
-            if t is not None:
-                return t
-    if isinstance(y, Mapping):
-        for v in y.values():
-            t = _first_tensor(v)
-            if t is not None:
-                return t
-    logits = getattr(y, "logits", None)
-    return logits if isinstance(logits, Tensor) else None
-
-
 def _batch_len(x: Any) -> int:
-    t = _first_tensor(x)
+    t = first_tensor(x)
     return int(t.shape[0]) if t is not None and t.dim() > 0 else 1
 
 
@@ -725,7 +709,7 @@ def _run(
                 calls.clear()
                 y = _call(model, x)
                 if outputs is not None:
-                    t = _first_tensor(y)
+                    t = first_tensor(y)
                     outputs.append(None if t is None else t.detach().to(torch.float64))
     except Exception as e:  # noqa: BLE001 — whatever the model raises is a finding
         # (an IndexError, the AssertionError of an `assert x.shape[1] == ...`, a KeyError)

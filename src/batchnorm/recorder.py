@@ -9,6 +9,7 @@ chosen calls, only for chosen units, as a handful of numbers per record.
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -31,6 +32,14 @@ class ActivationRecorder:
     * every ``every``-th forward call of the layer (``every=1``: every call), or
     * with ``every=None``, only inside :meth:`capture` — e.g. on a fixed probe batch at
       evaluation points, which is what the lab's ``paper-mnist`` experiment does.
+
+    A layer called with its tensor by keyword (``self.fc(input=x)``) is recorded; of a tuple
+    output (an LSTM's) the first tensor; a call with no tensor warns once, an empty batch is
+    skipped.
+
+    Memory: a record keeps its ``Q×U`` values and about half a kilobyte of bookkeeping, for as
+    long as the recorder lives — with ``every=1`` a long training run grows it by one record per
+    layer and step; record every k-th call, or ``history()`` then ``clear()`` as you go.
 
     Cost per record: one ``quantile`` over ``(N·L, U)`` values for the recorded units only
     (``max_samples`` subsamples larger inputs: a random subset of the ``N·L`` rows drawn from a
@@ -93,8 +102,12 @@ class ActivationRecorder:
         q = [float(v) for v in quantiles]
         if not q or not all(0.0 <= v <= 1.0 for v in q):
             raise ValueError(f"ActivationRecorder: quantiles must be in [0, 1], got {quantiles}")
-        if every is not None and every < 1:
-            raise ValueError(f"ActivationRecorder: every must be >= 1 or None, got {every}")
+        if every is not None and (
+            not isinstance(every, int) or isinstance(every, bool) or every < 1
+        ):
+            raise ValueError(
+                f"ActivationRecorder: every must be an int >= 1 or None, got {every!r}"
+            )
         if what not in ("input", "output"):
             raise ValueError(f"ActivationRecorder: what must be 'input' or 'output', got {what!r}")
         if max_samples is not None and max_samples < 1:
@@ -113,7 +126,8 @@ class ActivationRecorder:
         self._calls: dict[str, int] = dict.fromkeys(self.layers, 0)
         self._records: dict[str, list[tuple[int, Tensor]]] = {n: [] for n in self.layers}
         self._handles: list[Any] = []
-        self._capturing = False
+        self._capturing = 0  # open capture blocks (they nest)
+        self._warned: set[str] = set()
         self._subsets: dict[int, Tensor] = {}  # rows kept when subsampling, by row count
 
     # -- hooks ----------------------------------------------------------------------------
@@ -124,7 +138,7 @@ class ActivationRecorder:
             return self
         for name, module in self.layers.items():
             if self.what == "input":
-                h = module.register_forward_pre_hook(self._pre_hook(name))
+                h = module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True)
             else:
                 h = module.register_forward_hook(self._post_hook(name))
             self._handles.append(h)
@@ -148,35 +162,47 @@ class ActivationRecorder:
         ``every`` says; attaches the hooks for the block if they are not attached."""
         attached_here = not self._handles
         self.attach()
-        old_step, self._capturing = self.step, True
+        old_step = self.step
+        self._capturing += 1
         if step is not None:
             self.step = step
         try:
             yield self
         finally:
-            self._capturing = False
+            self._capturing -= 1
             self.step = old_step if step is not None else self.step
             if attached_here:
                 self.detach()
 
     def _pre_hook(self, name: str) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if args and isinstance(args[0], Tensor):
-                self._observe(name, args[0])
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            # the first tensor argument, given by position or by keyword (self.fc(input=x))
+            self._observe(name, first_tensor([*args, *kwargs.values()]), module)
 
         return hook
 
     def _post_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if isinstance(output, Tensor):
-                self._observe(name, output)
+            # a tuple output (an LSTM's (output, (h, c))): its first tensor
+            self._observe(name, first_tensor(output), module)
 
         return hook
 
-    def _observe(self, name: str, x: Tensor) -> None:
+    def _observe(self, name: str, x: Tensor | None, module: nn.Module) -> None:
         call = self._calls[name]
         self._calls[name] = call + 1
         if not self._capturing and (self.every is None or call % self.every != 0):
+            return
+        if x is None:
+            if name not in self._warned:
+                self._warned.add(name)
+                warnings.warn(
+                    f"ActivationRecorder: layer {name!r} ({type(module).__name__}) was called "
+                    f"with no tensor {self.what} to record; nothing is recorded for it",
+                    stacklevel=3,
+                )
+            return
+        if x.numel() == 0:  # an empty batch: no values to take quantiles of
             return
         step = self.step if self.step is not None else call
         self._records[name].append((step, self._quantiles(x.detach(), name)))
@@ -221,8 +247,9 @@ class ActivationRecorder:
         if self.max_samples is not None and flat.shape[0] > self.max_samples:
             rows = self._subset(flat.shape[0], self.max_samples)
             flat = flat.index_select(0, rows.to(flat.device))
-        flat = flat.float()
-        return torch.quantile(flat, self._q.to(flat.device), dim=0).cpu()  # (Q, U)
+        if flat.dtype != torch.float64:  # (float64 keeps its digits)
+            flat = flat.float()
+        return torch.quantile(flat, self._q.to(flat), dim=0).cpu()  # (Q, U)
 
     # -- results --------------------------------------------------------------------------
 
@@ -237,7 +264,14 @@ class ActivationRecorder:
         if not recs:
             return np.zeros(0, dtype=np.int64), np.zeros((0, len(self.quantiles), 0))
         steps = np.array([s for s, _ in recs], dtype=np.int64)
-        values = torch.stack([v for _, v in recs]).numpy().astype(np.float64)
+        widths = sorted({v.shape[1] for _, v in recs})
+        if len(widths) > 1:
+            raise ValueError(
+                f"ActivationRecorder.history: layer {layer!r} was recorded with {widths} units "
+                "(its input changed width between calls); record a fixed number of units "
+                "(units=k or a list of indices), or clear() between the phases"
+            )
+        values = torch.stack([v.double() for _, v in recs]).numpy()
         return steps, values
 
     def clear(self) -> None:
@@ -253,6 +287,26 @@ class ActivationRecorder:
             steps, values = self.history(n)
             out["layers"][n] = {"steps": steps.tolist(), "values": values.tolist()}
         return out
+
+
+def first_tensor(y: Any) -> Tensor | None:
+    """The first tensor in ``y``: ``y`` itself, or the first found depth first in its tuples,
+    lists and dict values (a layer's tuple output, a model's dict output), else its
+    ``logits``."""
+    if isinstance(y, Tensor):
+        return y
+    if isinstance(y, list | tuple):
+        for v in y:
+            t = first_tensor(v)
+            if t is not None:
+                return t
+    if isinstance(y, Mapping):
+        for v in y.values():
+            t = first_tensor(v)
+            if t is not None:
+                return t
+    logits = getattr(y, "logits", None)  # a model output object (transformers' ModelOutput)
+    return logits if isinstance(logits, Tensor) else None
 
 
 def _check_units(units: int | Sequence[int] | None) -> int | tuple[int, ...] | None:

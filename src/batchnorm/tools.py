@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from batchnorm.diagnostics import INPUT_KEYS, _first_tensor, _tensors
+from batchnorm.diagnostics import INPUT_KEYS, _tensors
 from batchnorm.inplace_abn import InPlaceABN
 from batchnorm.nn.batchnorm import SmallBatchWarning, _BatchNormBase
+from batchnorm.recorder import first_tensor
 from batchnorm.variants import FrozenBatchNorm, _tensor, is_frozen
 
 __all__ = [
@@ -126,7 +127,7 @@ def _first_samples(x: Any, n: int, size: int) -> Any:
 
 
 def _batch_size(x: Any) -> int:
-    t = _first_tensor(x)
+    t = first_tensor(x)
     if t is not None and t.dim() > 0:
         return int(t.shape[0])
     raise TypeError(
