@@ -393,7 +393,8 @@ def internal_covariate_shift(
             gn, gpn = float(g.norm()), float(gp.norm())
             diff = float((g - gp).norm())
             if gn > 0 and gpn > 0:
-                cos = float((g * gp).sum() / (gn * gpn))
+                # (rounding can take the quotient a hair past ±1)
+                cos = min(1.0, max(-1.0, float((g * gp).sum() / (gn * gpn))))
             else:
                 cos = 1.0 if diff == 0 else 0.0
             results.append(LayerShift(layer=name, grad_norm=gn, l2=diff, cosine=cos))
