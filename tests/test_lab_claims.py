@@ -174,7 +174,7 @@ RECOMPUTE: dict[str, Callable[[dict[str, Any]], bool]] = {
     ),  # fmt: skip
     "variance-shift-hurts": _beats_spread,
     # initialization
-    "bn-init-insensitive": lambda m: m["range_BN"] < m["range_noBN"],
+    "bn-init-insensitive": lambda m: m["range_BN"] < m["range_noBN"] and m["trained_scales_BN"] > 0,
     "bn-init-fewer-failures": lambda m: m["failures_BN"] < m["failures_noBN"],
     # noisy-bn
     "noisy-bn-as-good-as-bn": lambda m: (
@@ -828,6 +828,59 @@ def test_initialization_scale_with_any_diverged_seed_counts_as_chance(
     assert c["bn-init-fewer-failures"].measured["status_noBN"]["10"] == "diverged"
 
 
+def test_initialization_an_arm_failing_at_every_scale_is_not_insensitive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A range of 0 from failing alike everywhere is no insensitivity; and the best arm at
+    0.26 against chance 0.1 has not "trained" merely for being the best."""
+    cfg = initialization.InitializationConfig(
+        seeds=1, init_scales=(0.001, 0.1, 10.0), final_window=1
+    )
+    acc = {"noBN": {"0.001": 0.1, "0.1": 0.9, "10": 0.1}, "BN": {"0.001": 0.1, "0.1": 0.1, "10": 0.1}}  # fmt: skip
+
+    def make(key: str) -> dict[str, Any]:
+        arm, scale, _ = key.split("-")
+        if arm == "BN":
+            return {"train": _train([0.1, 0.1], diverged=True), "extra": {}}
+        return {"train": _train([0.1, acc[arm][scale[4:]]]), "extra": {}}
+
+    c, _ = _stub_run(monkeypatch, initialization, cfg, make)
+    ins = c["bn-init-insensitive"]
+    assert ins.measured["range_BN"] == 0.0 and ins.measured["trained_scales_BN"] == 0
+    assert ins.verdict is False
+    low = {"noBN": {"0.001": 0.1, "0.1": 0.1, "10": 0.1}, "BN": {"0.001": 0.1, "0.1": 0.26, "10": 0.1}}  # fmt: skip
+
+    def barely(key: str) -> dict[str, Any]:
+        arm, scale, _ = key.split("-")
+        return {"train": _train([0.1, low[arm][scale[4:]]]), "extra": {}}
+
+    c, _ = _stub_run(monkeypatch, initialization, cfg, barely)
+    fewer = c["bn-init-fewer-failures"]
+    assert fewer.measured["status_BN"]["0.1"] == "stalled" and fewer.verdict is False
+
+
+def test_learning_rate_stable_is_judged_against_each_arms_own_best(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No-BN learning more slowly than BN (0.32 at its best rate, where BN reaches 0.9) is not
+    unstable there: the largest stable rates compare where each arm still works."""
+    sweep = {"noBN": [0.25, 0.32, 0.13], "BN": [0.6, 0.9, 0.1]}
+
+    def make(key: str) -> dict[str, Any]:
+        if key.startswith("sweep-"):
+            arm, lr = key[6:].split("-lr")
+            k = {"0.01": 0, "0.1": 1, "1": 2}[lr]
+            return {"train": _train([0.1, sweep[arm][k]], key="val_acc"), "extra": {}}
+        return {"train": _train([0.1, 0.5, 0.8], val_acc=[0.1, 0.5, 0.8]), "extra": {}}
+
+    cfg = learning_rate.LearningRateConfig(seeds=1, sweep_lrs=(0.01, 0.1, 1.0))
+    c, _ = _stub_run(monkeypatch, learning_rate, cfg, make)
+    stable = c["bn-larger-stable-lr"]
+    assert stable.measured["largest_stable_lr_noBN"] == 0.1
+    assert stable.measured["largest_stable_lr_BN"] == 0.1
+    assert stable.verdict is False  # the old bar (BN's 0.9 for both) said no-BN had none
+
+
 def test_learning_rate_target_excludes_step_0(monkeypatch: pytest.MonkeyPatch) -> None:
     curves = {
         "noBN": [0.12, 0.10, 0.11, 0.11],  # never improves on its untrained accuracy
@@ -851,6 +904,7 @@ def test_learning_rate_target_excludes_step_0(monkeypatch: pytest.MonkeyPatch) -
     assert fast.measured["target_accuracy"] == 0.11  # not the untrained 0.12
     assert fast.measured["noBN_steps"] == 40 and fast.measured["BN-Baseline_steps"] == 20
     assert fast.verdict is True and c["bn-x5-14x-fewer-steps"].verdict is True
-    assert c["nobn-x5-diverges"].measured["learn_threshold"] == pytest.approx(0.1 + 0.5 * 0.01)
+    # halfway to a target at chance is chance itself: the floor (a quarter of the way to 1)
+    assert c["nobn-x5-diverges"].measured["learn_threshold"] == pytest.approx(0.1 + 0.25 * 0.9)
     for claim in c.values():
         assert _recompute(claim.id)(claim.measured) == claim.verdict

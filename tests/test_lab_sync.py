@@ -231,3 +231,27 @@ def test_synchronized_arm_trains_as_one_process_on_the_global_batch(
 
     assert largest_diff(replicas("sync")) < 1e-5
     assert largest_diff(replicas("local")) > 1e-3  # the check can tell the arms apart
+
+
+def test_the_collectives_claim_counts_every_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 making its 2 collectives per layer while another replica makes an extra one is
+    not 'exactly 2 per layer in every replica'."""
+
+    def make(key: str):  # type: ignore[no-untyped-def]
+        sync = key.startswith("sync")
+        r = _record(0.9, sync=sync)
+        r["rank_bn_collectives_per_step"] = [4.0, 5.0] if sync else [0.0, 0.0]
+        return r
+
+    c, _ = _stub_run(monkeypatch, sync_bn, SyncBNConfig(seeds=1, per_replica_batches=(2,)), make)
+    claim = c["two-collectives-per-layer"]
+    assert claim.verdict is False and claim.measured["sync_per_step"] == [4.0, 5.0]
+
+    def agree(key: str):  # type: ignore[no-untyped-def]
+        sync = key.startswith("sync")
+        r = _record(0.9, sync=sync)
+        r["rank_bn_collectives_per_step"] = [4.0, 4.0] if sync else [0.0, 0.0]
+        return r
+
+    c, _ = _stub_run(monkeypatch, sync_bn, SyncBNConfig(seeds=1, per_replica_batches=(2,)), agree)
+    assert c["two-collectives-per-layer"].verdict is True

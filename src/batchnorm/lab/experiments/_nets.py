@@ -211,6 +211,20 @@ def final_acc(train: dict[str, Any], key: str = "test_acc", window: int = 1) -> 
     return float(np.mean(accs[-window:])) if accs else None
 
 
+#: an arm "learned" only once it is this fraction of the way from chance to perfect accuracy
+LEARNED_FLOOR = 0.25
+#: an arm is off chance (not stuck there) once it is this fraction of the way to perfect
+ABOVE_CHANCE_FLOOR = 0.1
+
+
+def learned_bar(chance: float, reference: float, floor: float = LEARNED_FLOOR) -> float:
+    """The accuracy an arm must reach to count as having learned: halfway from chance to
+    ``reference`` (the best or target accuracy it is judged against), and never below
+    ``floor`` of the way from chance to 1 — a bar relative to a reference alone falls to
+    chance when the reference is there, and the best arm would always clear it."""
+    return chance + max(0.5 * (reference - chance), floor * (1.0 - chance))
+
+
 def mean_of(values: Sequence[float | None]) -> float | None:
     """The mean of the finite values (``None`` if there is none): a descriptive statistic,
     never a verdict's ranking (see :func:`ranked`)."""

@@ -46,6 +46,7 @@ from batchnorm.lab.experiments._nets import (
     check_final_window,
     exact_key,
     final_acc,
+    learned_bar,
     load_data,
 )
 from batchnorm.lab.registry import register
@@ -189,7 +190,8 @@ def run(cfg: InitializationConfig, ctx: RunContext) -> Results:
             diverged[arm].append(n_div)
     means = {a: [mean_std(v)["mean"] for v in finals[a]] for a in ARMS}
     best = max((m for a in ARMS for m in means[a] if m is not None), default=chance)
-    bar = chance + 0.5 * (best - chance)
+    # the best arm is not "trained" merely for being the best (0.26 against chance 0.1)
+    bar = learned_bar(chance, best)
 
     def status(arm: str, k: int) -> str:
         if diverged[arm][k] > 0:
@@ -215,8 +217,10 @@ def run(cfg: InitializationConfig, ctx: RunContext) -> Results:
         Claim(
             id="bn-init-insensitive",
             statement="with BN, the final accuracy varies less across initialization scales",
-            verdict=ranges["BN"] < ranges["noBN"],
+            # an arm that trains at no scale is uniformly failed, not insensitive (range 0)
+            verdict=ranges["BN"] < ranges["noBN"] and fails["BN"] < len(cfg.init_scales),
             measured={
+                "trained_scales_BN": len(cfg.init_scales) - fails["BN"],
                 "range_noBN": ranges["noBN"],
                 "range_BN": ranges["BN"],
                 **{f"acc_{a}": per_scale[a] for a in ARMS},
@@ -230,7 +234,8 @@ def run(cfg: InitializationConfig, ctx: RunContext) -> Results:
             seeds=seeds,
             details="range = max - min over scales of the seed-mean final held-out accuracy; a "
             "diverged scale (any seed's loss non-finite) counts as chance accuracy "
-            f"({chance:.3g}); supported if BN's range < no-BN's",
+            f"({chance:.3g}); supported if BN's range < no-BN's and BN trained at one scale "
+            "at least (an arm failing at every scale has range 0 without being insensitive)",
         ),
         Claim(
             id="bn-init-fewer-failures",
@@ -244,7 +249,7 @@ def run(cfg: InitializationConfig, ctx: RunContext) -> Results:
             source=SOURCE,
             seeds=seeds,
             details=f"diverged = any seed's loss non-finite; stalled = seed-mean final accuracy "
-            f"< chance + (best - chance)/2 = {bar:.3g}",
+            f"< chance + max((best - chance)/2, 0.25 x (1 - chance)) = {bar:.3g}",
         ),
     ]
     for c in claims:

@@ -357,6 +357,8 @@ def _run_group(cfg: SyncBNConfig, ds: Dataset, arm: str, batch: int, seed: int) 
         per_rank = [json.loads((Path(tmp) / f"{r}.json").read_text()) for r in range(cfg.world)]
     out = dict(per_rank[0])
     out["rank_accuracies"] = [r["accuracy"] for r in per_rank]
+    # every replica's count: the claim is about each of them, not rank 0's alone
+    out["rank_bn_collectives_per_step"] = [r["bn_collectives_per_step"] for r in per_rank]
     return out
 
 
@@ -562,12 +564,18 @@ def run(cfg: SyncBNConfig, ctx: RunContext) -> Results:
         )
     )
     n_bn = res["sync", b0][0]["bn_layers"]
-    sync_counts = [
-        c for b in batches for c in per_seed("sync", b, "bn_collectives_per_step") if c is not None
-    ]
-    local_counts = [
-        c for b in batches for c in per_seed("local", b, "bn_collectives_per_step") if c is not None
-    ]
+
+    def every_replica(arm: str) -> list[float]:
+        # (a part saved before the per-replica counts were kept holds rank 0's)
+        return [
+            c
+            for b in batches
+            for r in res[arm, b]
+            for c in r.get("rank_bn_collectives_per_step", [r["bn_collectives_per_step"]])
+            if c is not None
+        ]
+
+    sync_counts, local_counts = every_replica("sync"), every_replica("local")
     claims.append(
         Claim(
             id="two-collectives-per-layer",
