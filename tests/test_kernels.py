@@ -1258,3 +1258,57 @@ def test_the_kernels_python_path_refuses_vectors_of_another_length() -> None:
     with pytest.raises(ValueError, match="could not be broadcast"):  # NumPy's, not the kernels'
         be.forward_train_update(x, w, None, 1e-5, running)
     assert torch.equal(rm, torch.zeros(2)) and torch.equal(rv, torch.ones(2))
+
+
+def test_required_vectors_given_as_none_are_refused_not_read_past_their_end() -> None:
+    """Only γ and β may be None (an empty array the loops read as absent); a required vector
+    given as None was that empty array too, read C values past its end: garbage outputs and
+    running buffers."""
+    rng = np.random.default_rng(0)
+    x, dy = rng.normal(size=(6, 3)), rng.normal(size=(6, 3))
+    y, mean, var, invstd = K.forward_train(x)
+    rm, rv = np.zeros(3), np.ones(3)
+    calls = {
+        "scale": lambda: K.forward_eval(x, None, np.zeros(3)),
+        "shift": lambda: K.forward_eval(x, np.ones(3), None),
+        "invstd": lambda: K.backward(dy, x, mean, None),
+        "mean": lambda: K.backward(dy, x, None, invstd),
+        "var": lambda: K.backward_eval(dy, x, mean, None),
+        "var ": lambda: K.inference_affine(mean, None),
+        "mean ": lambda: K.running_update(rm, rv, None, var, 0.1),
+    }
+    for what, call in calls.items():
+        with pytest.raises(TypeError, match=f"{what.strip()} is required"):
+            call()
+    assert np.array_equal(rm, np.zeros(3)) and np.array_equal(rv, np.ones(3))
+    with pytest.raises(ValueError, match=r"must both have shape \(C,\)"):
+        K.running_update(np.zeros(()), np.ones(()), np.zeros(()), np.ones(()), 0.1)
+
+
+def test_an_output_not_aligned_to_its_item_size_is_refused() -> None:
+    """The streaming stores fault on a misaligned address (a segmentation fault, whatever the
+    size with stream=True)."""
+    x = np.random.default_rng(0).normal(size=(4, 2, 64))
+    raw = np.empty(x.nbytes + 8, np.uint8)
+    out = raw[4 : 4 + x.nbytes].view(np.float64).reshape(x.shape)
+    assert out.flags.c_contiguous and not out.flags.aligned
+    for stream in (True, None, False):
+        with pytest.raises(ValueError, match="must start at a multiple of its item size"):
+            K.forward_eval(x, np.ones(2), np.zeros(2), out=out, stream=stream)
+
+
+@pytest.mark.parametrize("shape", [(8, 4), (4, 3, 40), (2, 3, 600)])
+def test_a_read_only_input_without_dx(shape) -> None:  # type: ignore[no-untyped-def]
+    """need_dx=False handed x to the loops as the unused dx buffer: a read-only x could not be
+    compiled as one (a Numba TypingError)."""
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    dy = np.ones_like(x)
+    _, mean, var, invstd = K.forward_train(x)
+    want = K.backward(dy, x, mean, invstd)[1:]
+    want_eval = K.backward_eval(dy, x, mean, var)[1:]
+    x.flags.writeable = False
+    got = K.backward(dy, x, mean, invstd, need_dx=False)
+    got_eval = K.backward_eval(dy, x, mean, var, need_dx=False)
+    assert got[0] is None and got_eval[0] is None
+    for a, b in zip((*got[1:], *got_eval[1:]), (*want, *want_eval), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

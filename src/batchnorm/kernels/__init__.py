@@ -433,8 +433,15 @@ def _check_writeable(a: Array, what: str) -> None:
         )
 
 
-def _channel_vec(v: Array | None, C: int, dtype: np.dtype[Any], what: str) -> Array:
+def _channel_vec(
+    v: Array | None, C: int, dtype: np.dtype[Any], what: str, optional: bool = False
+) -> Array:
+    """``v`` as a contiguous ``(C,)`` array of ``dtype``; None only where ``optional`` (γ, β:
+    an empty array, which the loops read as absent — a required vector given as None would be
+    read past its end)."""
     if v is None:
+        if not optional:
+            raise TypeError(f"batchnorm.kernels: {what} is required (a ({C},) array), got None")
         return _EMPTY[dtype]
     a = np.asarray(v, dtype=dtype)  # not ascontiguousarray: it would make a 0-d array 1-D
     if a.shape != (C,):
@@ -478,6 +485,12 @@ def _out(
         raise ValueError(
             f"batchnorm.kernels: out must be a C-contiguous {like.dtype} array of shape "
             f"{shape}, got {out.dtype} {out.shape}"
+        )
+    if not out.flags.aligned:  # (the streaming stores fault on a misaligned address)
+        raise ValueError(
+            f"batchnorm.kernels: out must start at a multiple of its item size "
+            f"({like.dtype.itemsize} bytes), got address {_address(out)}; pass "
+            "batchnorm.kernels.empty_aligned(shape, dtype), or None for a fresh output"
         )
     _check_writeable(out, "out")
     out = out.reshape(like.shape)  # a view: out is C-contiguous
@@ -525,8 +538,8 @@ def forward_train(
     x, shape = _as_input(x, "x")
     _check_sizes(x, shape=shape)
     C = x.shape[1]
-    w = _channel_vec(weight, C, x.dtype, "weight")
-    b = _channel_vec(bias, C, x.dtype, "bias")
+    w = _channel_vec(weight, C, x.dtype, "weight", optional=True)
+    b = _channel_vec(bias, C, x.dtype, "bias", optional=True)
     y = _out(out, x, {"x": x, "weight": w, "bias": b}, shape)
     T = _threads(x.size, parallel)
     s = _stream(x, stream, y, tensors=2)
@@ -593,7 +606,7 @@ def backward(
     C = x.shape[1]
     mean = _channel_vec(mean, C, x.dtype, "mean")
     invstd = _channel_vec(invstd, C, x.dtype, "invstd")
-    w = _channel_vec(weight, C, x.dtype, "weight")
+    w = _channel_vec(weight, C, x.dtype, "weight", optional=True)
     reads = {"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": w}
     dx = _out(out, x, reads, shape) if need_dx else None
     T = _threads(x.size, parallel)
@@ -616,7 +629,9 @@ def _backward(
     dw = np.empty(C, x.dtype)
     db = np.empty(C, x.dtype)
     need_dx = dx is not None
-    buf = dx if dx is not None else x  # not written when need_dx is False
+    # not written when need_dx is False (a read-only x cannot even be typed as the buffer:
+    # an unfilled one of its shape then, whose pages are never touched)
+    buf = dx if dx is not None else (x if x.flags.writeable else np.empty_like(x))
     par = T > 1
     tol = _MEAN_TOL[x.dtype]
     rows = _rows_view(x, T, stream)
@@ -721,7 +736,7 @@ def backward_eval(
     C = x.shape[1]
     m = _channel_vec(mean, C, x.dtype, "mean")
     v = _channel_vec(var, C, x.dtype, "var")
-    w = _channel_vec(weight, C, x.dtype, "weight")
+    w = _channel_vec(weight, C, x.dtype, "weight", optional=True)
     reads = {"dy": dy, "x": x, "mean": m, "var": v, "weight": w}
     dx = _out(out, x, reads, shape) if need_dx else None
     T = _threads(x.size, parallel)
@@ -748,7 +763,9 @@ def _backward_eval(
     _kernel("inference_affine", False)(mean, var, w, _EMPTY[x.dtype], eps, scale, shift)
     sums = np.zeros((2, C))
     need_dx = dx is not None
-    buf = dx if dx is not None else x  # not written when need_dx is False
+    # not written when need_dx is False (a read-only x cannot even be typed as the buffer:
+    # an unfilled one of its shape then, whose pages are never touched)
+    buf = dx if dx is not None else (x if x.flags.writeable else np.empty_like(x))
     par = T > 1
     # streaming as asked for, also without dx: the loops' sums then do not depend on need_dx
     rows = _rows_view(x, T, stream)
@@ -782,8 +799,8 @@ def inference_affine(
     m = np.ascontiguousarray(m)
     C = m.shape[0]
     v = _channel_vec(var, C, m.dtype, "var")
-    w = _channel_vec(weight, C, m.dtype, "weight")
-    b = _channel_vec(bias, C, m.dtype, "bias")
+    w = _channel_vec(weight, C, m.dtype, "weight", optional=True)
+    b = _channel_vec(bias, C, m.dtype, "bias", optional=True)
     scale = np.empty_like(m)
     shift = np.empty_like(m)
     _kernel("inference_affine", False)(m, v, w, b, float(eps), scale, shift)
@@ -820,7 +837,7 @@ def running_update(
                 f"place, got {type(a).__name__} {getattr(a, 'dtype', '')}"
             )
         _check_writeable(a, name)
-    C = rm.shape[0]
+    C = rm.shape[0] if rm.ndim == 1 else -1
     if rm.shape != (C,) or rv.shape != (C,):
         raise ValueError(
             f"batchnorm.kernels: running_mean {rm.shape} and running_var {rv.shape} must both "
