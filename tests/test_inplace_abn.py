@@ -254,3 +254,66 @@ def test_gamma_small_relative_to_beta_warns_once(dtype, gamma, bound) -> None:  
             ok.weight.fill_(1e-2)
             ok.bias.fill_(1.0)
         ok(x)  # |γ| = 0.01·|β| is above the bound
+
+
+@pytest.mark.parametrize("dtype, alpha", [(torch.bfloat16, 0.3), (torch.float16, 0.7)])
+def test_a_saturated_elu_in_half_precision_gives_no_nan(dtype: torch.dtype, alpha: float) -> None:
+    """Rounding puts a saturated output a hair below −α in half precision (−0.30078 for α =
+    0.3 in bfloat16): log1p(y/α) was NaN there, and the whole channel's gradients with it."""
+    x = torch.tensor([[-4.0], [1.0], [1.0], [1.0], [1.0]], dtype=dtype)
+    ours = batchnorm.InPlaceABN(1, activation="elu", activation_param=alpha).to(dtype)
+    ref = nn.BatchNorm1d(1).to(dtype)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.fill_(8.0)  # the first pre-activation ≈ −16: saturated
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours(x1).float().sum().backward()
+    nn.functional.elu(ref(x2), alpha).float().sum().backward()
+    assert torch.isfinite(x1.grad).all() and torch.isfinite(ours.weight.grad).all()
+    torch.testing.assert_close(
+        ours.weight.grad.float(), ref.weight.grad.float(), rtol=2e-2, atol=2e-2
+    )
+    torch.testing.assert_close(x1.grad.float(), x2.grad.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("act, param", [("leaky_relu", 0.01), ("elu", 0.5)])
+def test_the_derivative_at_a_pre_activation_of_zero_is_torchs(act: str, param: float) -> None:
+    """A constant channel's x̂ is 0, and with β = 0 every element sits at z = 0, where torch's
+    LeakyReLU takes the slope and its ELU α (the outputs agree; the gradients did not)."""
+    activation = nn.LeakyReLU(param) if act == "leaky_relu" else nn.ELU(param)
+    for x in (
+        torch.tensor([[-1.0], [0.0], [1.0]], dtype=torch.float64),
+        torch.full((4, 1), 3.0, dtype=torch.float64),  # a constant channel: all at z = 0
+    ):
+        ours = batchnorm.InPlaceABN(1, activation=act, activation_param=param).double()
+        ref = nn.BatchNorm1d(1).double()
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.linspace(-1, 2, x.shape[0], dtype=torch.float64)[:, None]
+        (ours(x1) * g).sum().backward()
+        (activation(ref(x2)) * g).sum().backward()
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_elu_outputs_near_saturation_are_warned_about() -> None:
+    """Short of saturation log1p(y/α) keeps few of y's digits: in float64 at a pre-activation
+    of −35 dx was off by 0.7 % without a word."""
+    x = torch.linspace(-2.2, 2.2, 32, dtype=torch.float64)[:, None]
+    ours = batchnorm.InPlaceABN(1, activation="elu").double()
+    with torch.no_grad():
+        ours.weight.fill_(21.0)
+    x1 = x.clone().requires_grad_()
+    y = ours(x1)
+    assert not bool((y == -1).any())  # nothing saturated exactly
+    with pytest.warns(batchnorm.InPlaceABNPrecisionWarning, match="within √ε of saturation"):
+        y.sum().backward()
+    mild = batchnorm.InPlaceABN(1, activation="elu").double()  # pre-activations within ±2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", batchnorm.InPlaceABNPrecisionWarning)
+        mild(x.clone().requires_grad_()).sum().backward()
+
+
+def test_masks_are_refused_in_eval_mode_too() -> None:
+    m = batchnorm.InPlaceABN(3).eval()
+    with pytest.raises(batchnorm.BatchNormInputError, match="masks are not supported"):
+        m(torch.randn(4, 3, 5), mask=torch.ones(4, 5, dtype=torch.bool))

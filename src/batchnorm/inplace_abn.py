@@ -23,6 +23,10 @@ layer with :class:`InPlaceABNPrecisionWarning`):
   channel's saturated x̂ (``Σ x̂ = 0`` over the batch, so their sum is ``−Σ`` of the others): with
   one saturated element in a channel everything is exact to rounding; with several, dx at the
   saturated positions is exact in sum but each is off by ``γ/(m·σ_B)·dγ·(x̂ᵢ − mean)``.
+* **ELU near saturation.** Short of that, ``z = log1p(y/α)`` keeps fewer than half of ``y``'s
+  digits once ``eᶻ = 1 + y/α < √ε`` (ε of the output's dtype: z below about −18 in float64,
+  −8 in float32, −3 in bfloat16): x̂, dx and dγ are approximate there (float64, γ = 21 putting
+  the lowest pre-activation at −35: dx off by 0.7 %), with a warning.
 * **|γ| small relative to |β|.** ``x̂ = (z − β)/γ`` cancels: z carries a rounding error of
   ``ε·|β|``, so x̂ is off by about ``ε·|β|/|γ|`` and loses more than half its digits once
   ``|γ| < √ε·|β|`` (3.5e-4·|β| in float32, 1.5e-8·|β| in float64; ε of the input's dtype). dγ
@@ -69,14 +73,19 @@ def _activate_(z: Tensor, act: str, param: float) -> Tensor:
 
 
 def _invert(y: Tensor, dy: Tensor, act: str, param: float) -> tuple[Tensor, Tensor]:
-    """``(z, dz)``: the pre-activation recovered from the output, and dy·act'(z)."""
+    """``(z, dz)``: the pre-activation recovered from the output, and dy·act'(z) — with
+    torch's derivative at z = 0 (and at NaN): LeakyReLU's is the slope unless z > 0, ELU's is
+    α + y where z ≤ 0 (a constant channel's x̂ = 0 with β = 0 sits exactly there)."""
     if act == "identity":
         return y, dy
-    neg = y < 0
-    if act == "leaky_relu":  # y = z for z ≥ 0, slope·z below
-        return torch.where(neg, y / param, y), torch.where(neg, dy * param, dy)
-    # elu: y = α(eᶻ − 1) for z < 0, so z = log1p(y/α) and act'(z) = y + α
-    return torch.where(neg, torch.log1p(y / param), y), torch.where(neg, dy * (y + param), dy)
+    if act == "leaky_relu":  # y = z for z > 0, slope·z otherwise
+        pos = y > 0
+        return torch.where(pos, y, y / param), torch.where(pos, dy, dy * param)
+    # elu: y = α(eᶻ − 1) for z ≤ 0, so z = log1p(y/α) and act'(z) = y + α. y/α is clamped at
+    # −1: rounding in half precision puts a saturated output a hair below −α (NaN otherwise)
+    neg = y <= 0
+    z = torch.log1p((y / param).clamp(min=-1.0))
+    return torch.where(neg, z, y), torch.where(neg, dy * (y + param), dy)
 
 
 class _InPlaceABNFunction(torch.autograd.Function):
@@ -92,7 +101,7 @@ class _InPlaceABNFunction(torch.autograd.Function):
         backend: F.Backend,
         act: str,
         param: float,
-        on_saturated: Callable[[int], None],
+        on_saturated: Callable[..., None],
     ) -> tuple[Tensor, Tensor, Tensor]:
         y, mean, var, invstd = backend.forward_train(x, weight, bias, eps)
         y = _activate_(y, act, param)
@@ -112,6 +121,12 @@ class _InPlaceABNFunction(torch.autograd.Function):
         # a saturated ELU (y = −α exactly): z = log1p(−1) = −inf is not recoverable; its true
         # dz = dy·α·eᶻ is below ε·α·|dy|, so it contributes nothing (not 0·inf = NaN)
         sat = torch.isinf(z) if ctx.act == "elu" else None
+        if sat is not None:
+            # short of saturation, z = log1p(y/α) keeps fewer than half of y's digits once
+            # eᶻ = 1 + y/α < √ε (ε of y's dtype): the recovered x̂, and dx, are approximate
+            near = (~sat) & (y.to(cd) / ctx.param + 1 < math.sqrt(torch.finfo(y.dtype).eps))
+            if bool(near.any()):
+                ctx.on_saturated(0, near=int(near.sum()))
         if sat is not None and not bool(sat.any()):
             sat = None
         if sat is not None:
@@ -133,7 +148,7 @@ class _InPlaceABNFunction(torch.autograd.Function):
         return dx_out, dw_out, db_out, None, None, None, None, None
 
 
-def _fill_saturated(xhat: Tensor, sat: Tensor, on_saturated: Callable[[int], None]) -> Tensor:
+def _fill_saturated(xhat: Tensor, sat: Tensor, on_saturated: Callable[..., None]) -> Tensor:
     """x̂ with each saturated position set to the mean x̂ of its channel's saturated positions.
 
     Over a batch ``Σ x̂ = 0`` exactly, so the saturated x̂ sum to ``−Σ`` of the recovered ones:
@@ -206,8 +221,20 @@ class InPlaceABN(BatchNorm):
         self._warned_saturated = False
         self._warned_small_gamma = False
 
-    def _on_saturated(self, k: int) -> None:
-        """Called by backward when ELU outputs are saturated; warns once if dx is approximate."""
+    def _on_saturated(self, k: int, near: int = 0) -> None:
+        """Called by backward when ELU outputs are saturated (``k``: the most in one channel)
+        or, ``near`` of them, close to it; warns once for each if dx is approximate."""
+        if near and not getattr(self, "_warned_near_saturation", False):
+            self._warned_near_saturation = True
+            warnings.warn(
+                f"{self.layer_name()}: {near} ELU outputs are within √ε of saturation (1 + y/α "
+                "< √ε of the output's dtype), where z = log1p(y/α) keeps fewer than half of "
+                "y's digits: the x̂ recovered for them, and dx and dγ, are approximate (in "
+                "float64, 0.7 % of dx at a pre-activation of −35). Use BatchNorm followed by "
+                "nn.ELU for exact gradients.",
+                InPlaceABNPrecisionWarning,
+                stacklevel=2,
+            )
         if k >= 2 and not getattr(self, "_warned_saturated", False):
             self._warned_saturated = True
             warnings.warn(
@@ -286,6 +313,14 @@ class InPlaceABN(BatchNorm):
         )
         self._update_running_stats(mean, var, count)
         return restore(y)
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:  # in eval mode as in training (eval would ignore it silently)
+            raise BatchNormInputError(
+                f"{self.layer_name()}: masks are not supported by in-place activated BN; use "
+                "batchnorm.BatchNorm with forward(x, mask=...) followed by the activation"
+            )
+        return super().forward(input)
 
     def _forward_eval(self, input: Tensor) -> Tensor:
         return self.activation_module()(super()._forward_eval(input))
