@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -237,21 +238,16 @@ def test_the_collectives_claim_counts_every_replica(monkeypatch: pytest.MonkeyPa
     """Rank 0 making its 2 collectives per layer while another replica makes an extra one is
     not 'exactly 2 per layer in every replica'."""
 
-    def make(key: str):  # type: ignore[no-untyped-def]
-        sync = key.startswith("sync")
-        r = _record(0.9, sync=sync)
-        r["rank_bn_collectives_per_step"] = [4.0, 5.0] if sync else [0.0, 0.0]
-        return r
+    def claim_with(sync_counts: list[float]) -> Any:
+        def make(key: str):  # type: ignore[no-untyped-def]
+            sync = key.startswith("sync")
+            r = _record(0.9, sync=sync)
+            r["rank_bn_collectives_per_step"] = sync_counts if sync else [0.0, 0.0]
+            return r
 
-    c, _ = _stub_run(monkeypatch, sync_bn, SyncBNConfig(seeds=1, per_replica_batches=(2,)), make)
-    claim = c["two-collectives-per-layer"]
-    assert claim.verdict is False and claim.measured["sync_per_step"] == [4.0, 5.0]
+        cfg = SyncBNConfig(seeds=1, per_replica_batches=(2,))
+        return _stub_run(monkeypatch, sync_bn, cfg, make)[0]["two-collectives-per-layer"]
 
-    def agree(key: str):  # type: ignore[no-untyped-def]
-        sync = key.startswith("sync")
-        r = _record(0.9, sync=sync)
-        r["rank_bn_collectives_per_step"] = [4.0, 4.0] if sync else [0.0, 0.0]
-        return r
-
-    c, _ = _stub_run(monkeypatch, sync_bn, SyncBNConfig(seeds=1, per_replica_batches=(2,)), agree)
-    assert c["two-collectives-per-layer"].verdict is True
+    odd = claim_with([4.0, 5.0])
+    assert odd.verdict is False and odd.measured["sync_per_step"] == [4.0, 5.0]
+    assert claim_with([4.0, 4.0]).verdict is True
