@@ -173,6 +173,21 @@ def test_unwritable_outputs_fail_before_measuring_and_writes_lose_no_table(
         assert "cannot write --json" in capsys.readouterr().err
         assert cli_main(["bench", "--shapes", "7x3", "--plot", str(tmp_path)]) == 2
         assert "it is a directory" in capsys.readouterr().err
+        # a folder os.access calls writable (root is let in everywhere) is tried for real,
+        # and the trial leaves nothing behind
+        m.setattr(bench.os, "access", lambda *a, **k: True)
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            if os.geteuid() != 0:  # root writes into a 0o500 folder: /proc stands in for it
+                assert cli_main(["bench", "--shapes", "7x3", "--json", str(locked / "x.json")]) == 2
+                assert "is not writable" in capsys.readouterr().err
+            assert cli_main(["bench", "--shapes", "7x3", "--json", "/proc/x.json"]) == 2
+            assert "/proc is not writable" in capsys.readouterr().err
+        finally:
+            locked.chmod(0o700)
+        assert list(tmp_path.glob("**/.batchnorm-write-test-*")) == []
         # errors go to stderr with the command's name once; bad counts fail before measuring
         for bad_args, says in (
             (["--shapes", "abc"], "batchnorm bench: cannot read shape 'abc'"),

@@ -48,6 +48,7 @@ import math
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -930,6 +931,12 @@ def _unwritable(path: str | None) -> str | None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         return f"{parent} is not a writable directory"
+    try:  # os.access says yes to root everywhere (/proc, read-only mounts): try it
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".batchnorm-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"{parent} is not writable ({e.strerror or e})"
     return None
 
 
