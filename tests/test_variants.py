@@ -568,3 +568,67 @@ def test_small_batch_warning_names_remedies_the_layer_does_not_already_use() -> 
         batchnorm.BatchRenorm1d(3)(x)
     assert "BatchRenorm" in str(plain[0].message)
     assert "Use larger batches, or GroupNorm" in str(renorm[0].message)
+
+
+def test_a_refused_batch_does_not_advance_the_counter_in_a_trace_or_compiled_graph() -> None:
+    """Inside a graph the refusal of a non-finite batch is a torch.where, and the counter has
+    to follow it there too: it advanced anyway, and renorm's warm-up schedule — read from the
+    counter — switched its limits on early (outputs off by 7.8)."""
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    bad = torch.randn(6, 3)
+    bad[0, 0] = float("nan")
+    x = torch.randn(6, 3) * 4 + 2
+    eager = batchnorm.BatchRenorm1d(3, warmup_steps=1, r_max_step=1, d_max_step=1)
+    graphs = copy.deepcopy(eager)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(graphs, (torch.randn(6, 3),), check_trace=False)
+        graphs.load_state_dict(eager.state_dict())
+        eager(bad)
+        traced(bad)
+    assert int(eager.num_batches_tracked) == int(graphs.num_batches_tracked) == 0
+    assert graphs.renorm_limits() == eager.renorm_limits() == (1.0, 0.0)
+    torch.testing.assert_close(traced(x), eager(x))
+    compiled_layer = batchnorm.BatchRenorm1d(3)
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    compiled(bad)
+    assert int(compiled_layer.num_batches_tracked) == 0
+
+    class Masked(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = batchnorm.BatchNorm1d(3)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.bn(t, mask=torch.ones(t.shape[0], dtype=torch.bool))
+
+    masked = Masked()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m_traced = torch.jit.trace(masked, (torch.randn(6, 3),), check_trace=False)
+    with torch.no_grad():
+        masked.bn.num_batches_tracked.zero_()
+        masked.bn.running_var.fill_(1.0)
+    m_traced(bad)
+    assert int(masked.bn.num_batches_tracked) == 0
+    assert torch.equal(masked.bn.running_var, torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: batchnorm.BatchNorm1d(3),
+        lambda: batchnorm.BatchRenorm1d(3),
+        lambda: batchnorm.GhostBatchNorm1d(3, virtual_batch_size=2),
+    ],
+)
+def test_a_small_first_batch_compiles_with_fullgraph(make) -> None:  # type: ignore[no-untyped-def]
+    """The small-batch warning is Python torch.compile cannot trace (torch.nn's layer compiles
+    the same call): it is not given while compiling."""
+    torch._dynamo.reset()
+    layer = make()
+    y = torch.compile(layer, fullgraph=True, backend="aot_eager")(torch.randn(4, 3))
+    assert y.shape == (4, 3) and int(layer.num_batches_tracked) >= 1

@@ -1512,12 +1512,15 @@ def update_running_stats(
     unbiased: bool = True,
     nonfinite: NonFinitePolicy = "warn",
     layer: str | None = None,
+    num_batches_tracked: Tensor | None = None,
 ) -> bool:
     """Blend a batch's statistics into the running ones, in place, in PyTorch's convention:
     ``running = (1 − momentum)·running + momentum·batch``. The stored variance is the unbiased
     ``m/(m−1)·σ²_B`` (PyTorch) or, with ``unbiased=False``, the biased ``σ²_B`` (Keras).
 
-    Returns False (and changes nothing) when the batch statistics are not finite.
+    Returns False (and changes nothing) when the batch statistics are not finite;
+    ``num_batches_tracked``, if given, is incremented when they were blended in — inside a
+    trace too, where the refusal is part of the graph (the returned value is then True).
     """
     for what, buf in (("running_mean", running_mean), ("running_var", running_var)):
         if buf.numel() != mean.numel() or not buf.is_floating_point():
@@ -1536,7 +1539,8 @@ def update_running_stats(
             "or pass unbiased=False to store σ²_B itself."
         )
     alpha = momentum * count / (count - 1) if unbiased else momentum
-    if blend_running(RunningStats(running_mean, running_var, momentum, alpha), mean, var):
+    running = RunningStats(running_mean, running_var, momentum, alpha, num_batches_tracked)
+    if blend_running(running, mean, var):
         return True
     return _refuse_nonfinite(nonfinite, layer)
 

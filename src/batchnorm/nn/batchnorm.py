@@ -311,7 +311,9 @@ class _BatchNormBase(nn.Module):
             if nbt is not None:
                 nbt.add_(1)
             return
-        updated = F.update_running_stats(
+        # the counter goes with the blend (inside a trace, as part of the graph: a refused
+        # batch must not advance it there either)
+        F.update_running_stats(
             rm,
             rv,
             mean,
@@ -321,9 +323,8 @@ class _BatchNormBase(nn.Module):
             unbiased=self.unbiased_running_var,
             nonfinite=self.nonfinite,
             layer=self.layer_name(),
+            num_batches_tracked=nbt,
         )
-        if updated and nbt is not None:
-            nbt.add_(1)
 
     def _tensors(
         self,
@@ -446,7 +447,12 @@ class _BatchNormBase(nn.Module):
     def _check_small(self, input: Tensor, mask: Tensor | None) -> int:
         count = F.valid_count(input, self.axis, mask)
         # getattr: layers unpickled from before this attribute existed
-        if 2 <= count <= SMALL_COUNT_WARNING and not getattr(self, "_warned_small", False):
+        # (not while torch.compile traces: it cannot trace a warning, and would not replay it)
+        if (
+            2 <= count <= SMALL_COUNT_WARNING
+            and not getattr(self, "_warned_small", False)
+            and not torch.compiler.is_compiling()
+        ):
             self._warned_small = True
             # remedies the layer is not already using (a renorm layer has r_max, a ghost layer
             # virtual_batch_size: its statistics come from virtual batches)
