@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import batchnorm
 from batchnorm import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,3 +308,47 @@ def test_doctor_checkpoint_that_does_not_fit_is_one_line(
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("batchnorm doctor: --checkpoint: 'other.pt' does not fit the model: ")
     assert "size mismatch for 0.weight" in err and "Missing key(s)" in err
+
+
+def test_a_bad_backend_in_the_environment_is_one_line_before_any_work(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from batchnorm.cli import main as cli_main
+
+    monkeypatch.setenv("BATCHNORM_BACKEND", "Torch")
+    out = tmp_path / "run"
+    assert cli_main(["lab", "run", "placement", "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "$BATCHNORM_BACKEND is 'Torch'" in err and "aten, auto, numba, torch" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    with pytest.raises(ValueError, match=r"\$BATCHNORM_BACKEND='Torch': unknown"):
+        batchnorm.BatchNorm1d(3)(torch.randn(8, 3))
+    monkeypatch.setenv("BATCHNORM_BACKEND", "")  # empty: auto
+    assert cli_main(["lab", "list"]) == 0
+    assert (
+        cli_main(["lab", "run", "placement", "--quick", "--data-dir", " ", "--out", str(out)]) == 2
+    )
+    assert "--data-dir is empty" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "false", " off ", "No"])
+def test_the_native_switch_takes_every_spelling_of_off(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    from batchnorm import native
+
+    monkeypatch.setenv("BATCHNORM_NATIVE", value)
+    assert not native.enabled()
+    monkeypatch.setenv("BATCHNORM_NATIVE", "1")
+    assert native.enabled()
+
+
+def test_compile_into_a_closed_pipe_is_no_traceback() -> None:
+    proc = subprocess.run(
+        f"{sys.executable} -m batchnorm.cli compile --dtype float32 --layout rows | head -c 0",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["get"]
+__all__ = ["OFF", "get", "is_off"]
+
+#: the spellings of "off" a switch accepts (trimmed, any case), as BATCHNORM_PROGRESS does
+OFF = ("0", "false", "no", "off")
 
 # CPython keeps os.environ's contents in ``_data``: bytes keys and values on POSIX
 _DATA = getattr(os.environ, "_data", None)
@@ -28,3 +31,9 @@ def get(name: str) -> str | None:
         key = _KEYS[name] = os.fsencode(name)
     value = _DATA.get(key)  # type: ignore[union-attr]
     return None if value is None else os.fsdecode(value)
+
+
+def is_off(name: str) -> bool:
+    """Whether the switch ``name`` is set to one of :data:`OFF`."""
+    value = get(name)
+    return value is not None and value.strip().lower() in OFF

@@ -51,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from batchnorm.functional import backend_env_problem
+
+    problem = backend_env_problem()
+    if problem is not None:
+        print(f"batchnorm {args.command}: {problem}", file=sys.stderr)
+        return 2
     try:
         code: int = args._module.main(args)
     except KeyboardInterrupt:

@@ -588,6 +588,19 @@ def register_backend(name: str, factory: Callable[[], Backend]) -> None:
     _INSTANCES.pop(name, None)
 
 
+def backend_env_problem() -> str | None:
+    """Why ``$BATCHNORM_BACKEND`` names no backend (None if it is unset, empty or valid): the
+    commands check it before any work, so a typo is one line, not a traceback mid-run."""
+    value = _env.get("BATCHNORM_BACKEND")
+    valid = sorted({*_BACKENDS, "numba", "auto"})
+    if value in (None, "") or value in valid:
+        return None
+    return (
+        f"$BATCHNORM_BACKEND is {value!r}, which names no batch-norm backend; set it to one of "
+        f"{', '.join(valid)}, or unset it (auto)"
+    )
+
+
 def _instance(name: str) -> Backend:
     if name not in _INSTANCES:
         if name not in _BACKENDS and name == "numba":
@@ -684,11 +697,22 @@ def get_backend(
         elif x.is_cpu and x.dtype in _HALF_DTYPES:
             return _ATEN_BACKEND
         return _TORCH
-    chosen = _instance(choice)
+    from_env = not backend
+    try:
+        chosen = _instance(choice)
+    except ValueError as e:
+        if from_env:  # a stray or mistyped environment, not the code: say where it came from
+            raise ValueError(f"$BATCHNORM_BACKEND={choice!r}: {e}") from None
+        raise
     if not chosen.supports(x):
+        remedy = (
+            "set BATCHNORM_BACKEND=torch (or auto), or unset it ($BATCHNORM_BACKEND chose it)"
+            if from_env
+            else "use backend='torch' (or 'auto')"
+        )
         raise ValueError(
             f"batch-norm backend {choice!r} does not support {x.dtype} tensors on {x.device}; "
-            "use backend='torch' (or 'auto')"
+            + remedy
         )
     return chosen
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from batchnorm import _env
+from batchnorm._console import say
 
 __all__ = ["load", "loaded", "enabled", "compile_entries", "compile_loops"]
 
@@ -62,9 +63,10 @@ _state: dict[str, Any] = {"ext": None, "tried": False}
 
 
 def enabled() -> bool:
-    """Whether the node may be used: ``BATCHNORM_NATIVE`` is not ``0`` (read at every call,
+    """Whether the node may be used: ``BATCHNORM_NATIVE`` is not ``0``/``false``/``no``/``off``
+    (trimmed, any case; read at every call,
     like ``BATCHNORM_BACKEND``)."""
-    return _env.get("BATCHNORM_NATIVE") != "0"
+    return not _env.is_off("BATCHNORM_NATIVE")
 
 
 def loaded() -> Any | None:
@@ -231,18 +233,16 @@ def main(args: argparse.Namespace) -> int:
     try:
         try:
             for what, seconds in compile_entries(args.dtype, args.layout, args.passes, progress):
-                print(f"{what}: ready ({seconds:.1f} s)", flush=True)
+                say(f"{what}: ready ({seconds:.1f} s)")  # (a closed pipe: no traceback)
         except RuntimeError as e:
-            print(
-                f"batchnorm compile: {e}; the Function path's loops serve instead", file=sys.stderr
-            )
+            say(f"batchnorm compile: {e}; the Function path's loops serve instead", err=True)
             args.function_path = True
             code = 1 if enabled() else 0
         if args.function_path:
             t0 = time.perf_counter()
             loops = compile_loops(args.dtype, progress)
             seconds = time.perf_counter() - t0
-            print(f"{len(loops)} loops of the Function path: ready ({seconds:.1f} s)")
+            say(f"{len(loops)} loops of the Function path: ready ({seconds:.1f} s)")
     finally:
         K.NOTICE_AFTER = notice_after
     return code

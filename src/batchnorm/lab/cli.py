@@ -140,6 +140,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             err=True,
         )
         return 2
+    if args.data_dir is not None and not args.data_dir.strip():
+        # as --out: Path("") is the current folder, searched first without a word
+        _say(
+            "batchnorm lab run: error: --data-dir is empty; give the folder holding the IDX "
+            "files, or leave --data-dir out for the usual search",
+            err=True,
+        )
+        return 2
     command = _command(args)
     # a KeyError from inside a run is a bug and keeps its traceback; only an unknown name is
     # the user's error

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from batchnorm import _env
 from batchnorm.lab.config import ConfigError
 
 __all__ = [
@@ -170,7 +171,7 @@ def progress_enabled(flag: bool | None = None) -> bool:
     """Progress bars: off when ``BATCHNORM_PROGRESS=0``, else on a TTY only (CI logs stay
     quiet); ``flag`` forces it."""
     env = os.environ.get("BATCHNORM_PROGRESS")
-    if env is not None and env.strip().lower() in ("0", "false", "no", "off"):
+    if _env.is_off("BATCHNORM_PROGRESS"):
         return False
     if flag is not None:
         return flag
