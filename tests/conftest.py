@@ -8,6 +8,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("BATCHNORM_PROGRESS", "0")
 
 from collections.abc import Iterator  # noqa: E402
+from typing import Any  # noqa: E402
 
 import matplotlib  # noqa: E402
 import pytest  # noqa: E402
@@ -45,3 +46,18 @@ def isolated(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     monkeypatch.delenv(data.ENV_DATA_DIR, raising=False)
     monkeypatch.setattr(data, "SYSTEM_DATA_ROOT", tmp_path / "system")
     return tmp_path
+
+
+def run_into_closed_pipe(command: str, keep: int = 0, timeout: float = 120) -> Any:
+    """Run the shell ``command`` with its stdout piped into ``head -c keep``, which exits after
+    ``keep`` bytes: the writer's next line meets a closed pipe. Returns the CompletedProcess
+    (text, both streams captured)."""
+    import subprocess
+
+    return subprocess.run(
+        f"{command} | head -c {keep}",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

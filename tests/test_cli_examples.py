@@ -344,11 +344,8 @@ def test_the_native_switch_takes_every_spelling_of_off(
 
 
 def test_compile_into_a_closed_pipe_is_no_traceback() -> None:
-    proc = subprocess.run(
-        f"{sys.executable} -m batchnorm.cli compile --dtype float32 --layout rows | head -c 0",
-        shell=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    from conftest import run_into_closed_pipe
+
+    command = f"{sys.executable} -m batchnorm.cli compile --dtype float32 --layout rows"
+    proc = run_into_closed_pipe(command, timeout=600)
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr

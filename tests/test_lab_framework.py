@@ -637,7 +637,6 @@ def test_cli_unwritable_run_folder_is_a_one_line_error(capsys, tmp_path, monkeyp
 
 
 def test_output_to_a_closed_pipe_does_not_stop_the_work():
-    import subprocess
     import sys
 
     script = (
@@ -647,12 +646,8 @@ def test_output_to_a_closed_pipe_does_not_stop_the_work():
         "    say('line %d ' % i + 'x' * 200)\n"
         "print('finished', file=sys.stderr)\n"
     )
-    proc = subprocess.run(
-        f"{shlex.quote(sys.executable)} -c {shlex.quote(script)} | head -c 10",
-        shell=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    from conftest import run_into_closed_pipe
+
+    proc = run_into_closed_pipe(f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}", 10)
     assert proc.stdout == "line 0 xxx"
     assert "finished" in proc.stderr and "Traceback" not in proc.stderr
