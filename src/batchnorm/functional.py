@@ -588,11 +588,16 @@ def register_backend(name: str, factory: Callable[[], Backend]) -> None:
     _INSTANCES.pop(name, None)
 
 
+def _backend_names() -> list[str]:
+    """Every name ``backend=`` and ``$BATCHNORM_BACKEND`` take."""
+    return sorted({*_BACKENDS, "numba", "auto"})
+
+
 def backend_env_problem() -> str | None:
     """Why ``$BATCHNORM_BACKEND`` names no backend (None if it is unset, empty or valid): the
     commands check it before any work, so a typo is one line, not a traceback mid-run."""
     value = _env.get("BATCHNORM_BACKEND")
-    valid = sorted({*_BACKENDS, "numba", "auto"})
+    valid = _backend_names()
     if value in (None, "") or value in valid:
         return None
     return (
@@ -609,8 +614,7 @@ def _instance(name: str) -> Backend:
             import batchnorm.backend_numba  # noqa: F401
         if name not in _BACKENDS:
             raise ValueError(
-                f"unknown batch-norm backend {name!r}; choose one of "
-                f"{sorted({*_BACKENDS, 'numba', 'auto'})}"
+                f"unknown batch-norm backend {name!r}; choose one of {_backend_names()}"
             )
         _INSTANCES[name] = _BACKENDS[name]()
     return _INSTANCES[name]

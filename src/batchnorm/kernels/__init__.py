@@ -504,6 +504,13 @@ def _out(
     return out
 
 
+def _unused_dx(x: Array) -> Array:
+    """The dx buffer the loops take when ``need_dx`` is False (never written): ``x`` itself, or
+    for a read-only ``x``, which Numba cannot type as one, an unfilled array of its shape whose
+    pages are never touched."""
+    return x if x.flags.writeable else np.empty_like(x)
+
+
 def _overlaps_in_part(out: Array, a: Array) -> bool:
     """Whether ``out`` shares memory with ``a`` other than as the same C-contiguous array of
     the same size (both are C-contiguous or 1-D here, so NumPy's bounds test is exact)."""
@@ -629,9 +636,7 @@ def _backward(
     dw = np.empty(C, x.dtype)
     db = np.empty(C, x.dtype)
     need_dx = dx is not None
-    # not written when need_dx is False (a read-only x cannot even be typed as the buffer:
-    # an unfilled one of its shape then, whose pages are never touched)
-    buf = dx if dx is not None else (x if x.flags.writeable else np.empty_like(x))
+    buf = dx if dx is not None else _unused_dx(x)
     par = T > 1
     tol = _MEAN_TOL[x.dtype]
     rows = _rows_view(x, T, stream)
@@ -763,9 +768,7 @@ def _backward_eval(
     _kernel("inference_affine", False)(mean, var, w, _EMPTY[x.dtype], eps, scale, shift)
     sums = np.zeros((2, C))
     need_dx = dx is not None
-    # not written when need_dx is False (a read-only x cannot even be typed as the buffer:
-    # an unfilled one of its shape then, whose pages are never touched)
-    buf = dx if dx is not None else (x if x.flags.writeable else np.empty_like(x))
+    buf = dx if dx is not None else _unused_dx(x)
     par = T > 1
     # streaming as asked for, also without dx: the loops' sums then do not depend on need_dx
     rows = _rows_view(x, T, stream)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import sys
 import time
@@ -170,7 +169,7 @@ def _closing(bar: Any) -> Iterator[None]:
 def progress_enabled(flag: bool | None = None) -> bool:
     """Progress bars: off when ``BATCHNORM_PROGRESS=0``, else on a TTY only (CI logs stay
     quiet); ``flag`` forces it."""
-    env = os.environ.get("BATCHNORM_PROGRESS")
+    env = _env.get("BATCHNORM_PROGRESS")
     if _env.is_off("BATCHNORM_PROGRESS"):
         return False
     if flag is not None:
