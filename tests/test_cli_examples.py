@@ -6,6 +6,7 @@ resolve, and the command-line behaviour the README describes holds."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import subprocess
@@ -349,3 +350,28 @@ def test_compile_into_a_closed_pipe_is_no_traceback() -> None:
     command = f"{sys.executable} -m batchnorm.cli compile --dtype float32 --layout rows"
     proc = run_into_closed_pipe(command, timeout=600)
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
+
+
+def test_a_thread_count_numba_refuses_is_named_before_numba_is_imported(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # Numba's own refusal is a ValueError from inside its import, naming no variable
+    from batchnorm.cli import main as cli_main
+
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "0")
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", "--shapes", "60x100", "--repeats", "3", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    assert "$NUMBA_NUM_THREADS is '0'" in err and "unset it" in err
+    code = "import torch, batchnorm; batchnorm.BatchNorm1d(3)(torch.randn(8, 3))"
+    for value, refused in (("0", True), ("-1", True), ("1", False), ("many", False)):
+        env = {k: v for k, v in os.environ.items() if k != "BATCHNORM_BACKEND"}
+        env["NUMBA_NUM_THREADS"] = value  # the default backend, auto, takes the kernels
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert (run.returncode != 0) == refused, (value, run.stderr)
+        if refused:
+            last = run.stderr.strip().splitlines()[-1]
+            assert last.startswith(f"ValueError: $NUMBA_NUM_THREADS is '{value}'"), run.stderr
+            assert "set it to a count from 1 to" in last
+            assert "site-packages/numba" not in run.stderr  # raised before Numba's import

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["OFF", "get", "is_off"]
+__all__ = ["OFF", "get", "is_off", "numba_threads_problem", "check_numba_threads"]
 
 #: the spellings of "off" a switch accepts (trimmed, any case), as BATCHNORM_PROGRESS does
 OFF = ("0", "false", "no", "off")
@@ -37,3 +37,30 @@ def is_off(name: str) -> bool:
     """Whether the switch ``name`` is set to one of :data:`OFF`."""
     value = get(name)
     return value is not None and value.strip().lower() in OFF
+
+
+def numba_threads_problem() -> str | None:
+    """Why ``$NUMBA_NUM_THREADS`` keeps Numba from importing (None if it does not): Numba
+    refuses a count below 1 with a bare ``ValueError`` from deep inside its own import (a
+    value that is not an integer it only warns about, and ignores)."""
+    value = get("NUMBA_NUM_THREADS")
+    if value is None or not value.strip():
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        return None
+    if count >= 1:
+        return None
+    return (
+        f"$NUMBA_NUM_THREADS is {value!r}, but the kernels' threads must number at least 1; "
+        f"set it to a count from 1 to {os.cpu_count() or 1}, or unset it (all cores)"
+    )
+
+
+def check_numba_threads() -> None:
+    """Raise :class:`ValueError` with :func:`numba_threads_problem`'s message, before Numba is
+    imported (the kernels and their torch adapter call it first)."""
+    problem = numba_threads_problem()
+    if problem is not None:
+        raise ValueError(problem)

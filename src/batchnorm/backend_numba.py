@@ -18,13 +18,16 @@ import sys
 from collections import OrderedDict
 from typing import Any
 
-import numba  # noqa: F401  (ImportError here means "no kernels": functional falls back to torch)
 import numpy as np
 import torch
 from torch import Tensor
 
-from batchnorm import functional, native
+from batchnorm import _env, functional, native
 from batchnorm import kernels as K
+
+# a bad $NUMBA_NUM_THREADS: a one-line reason, not Numba's traceback from inside its import
+_env.check_numba_threads()
+import numba  # noqa: E402, F401  (ImportError here means "no kernels": functional falls back to torch)
 
 __all__ = ["NumbaBackend"]
 

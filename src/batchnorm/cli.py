@@ -51,9 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from batchnorm import _env
     from batchnorm.functional import backend_env_problem
 
-    problem = backend_env_problem()
+    problem = backend_env_problem() or _env.numba_threads_problem()
     if problem is not None:
         print(f"batchnorm {args.command}: {problem}", file=sys.stderr)
         return 2

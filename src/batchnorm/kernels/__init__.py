@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from batchnorm import _env
+
 __all__ = [
     "forward_train",
     "backward",
@@ -126,6 +128,7 @@ def num_threads() -> int:
     ``numba.set_num_threads`` may change at any time)."""
     read = _NUM_THREADS.get("read")
     if read is None:
+        _env.check_numba_threads()
         import numba
         from numba.np.ufunc import parallel
 
@@ -204,6 +207,7 @@ def _announced(disp: Any, name: str, parallel: bool) -> Any:
 def _kernel(name: str, parallel: bool) -> Any:
     disp = _DISPATCHERS.get((name, parallel))
     if disp is None:
+        _env.check_numba_threads()
         from batchnorm.kernels._loops import kernel  # imports Numba: only when first needed
 
         disp = _DISPATCHERS[(name, parallel)] = kernel(name, parallel)
