@@ -374,3 +374,48 @@ def test_swa_update_bn_recomputes_our_layers_and_recalibrate_is_its_counterpart(
     batchnorm.recalibrate(synced, batches)
     torch.testing.assert_close(synced[1].running_mean, h.mean(0), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(synced[1].running_var, h.var(0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("train", [True, False])
+def test_outputs_are_laid_out_as_torch_nn_lays_them_out(
+    path: str, train: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a sequence model's `bn(h.transpose(1, 2))` followed by a view: torch.nn's output of a 3-D
+    # input is contiguous whatever the input's strides; channels_last 4-D/5-D stays so
+    _path(path, monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        (batchnorm.BatchNorm1d, nn.BatchNorm1d, torch.randn(4, 6, 5, generator=g).transpose(1, 2)),
+        (batchnorm.BatchNorm1d, nn.BatchNorm1d, torch.randn(5, 4, generator=g).t()),
+        (
+            batchnorm.BatchNorm2d,
+            nn.BatchNorm2d,
+            torch.randn(2, 4, 3, 5, generator=g).permute(0, 3, 1, 2),
+        ),
+        (
+            batchnorm.BatchNorm2d,
+            nn.BatchNorm2d,
+            torch.randn(2, 3, 4, 5, generator=g).permute(0, 3, 2, 1),
+        ),
+        (
+            batchnorm.BatchNorm3d,
+            nn.BatchNorm3d,
+            torch.randn(2, 5, 3, 3, 4, generator=g).to(memory_format=torch.channels_last_3d),
+        ),
+    ]
+    for ours_cls, torch_cls, x in cases:
+        ours, theirs = _pair(ours_cls, torch_cls, x.shape[1])
+        ours.train(train), theirs.train(train)
+        for scripted in (False, True):
+            layer = torch.jit.script(ours) if scripted else ours
+            xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+            yo, yt = layer(xo), theirs(xt)
+            assert yo.stride() == yt.stride(), (ours_cls.__name__, x.stride(), scripted)
+            dy = torch.randn(yt.shape, generator=g)
+            yo.backward(dy), yt.backward(dy)
+            torch.testing.assert_close(yo, yt, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(xo.grad, xt.grad, atol=1e-5, rtol=1e-5)
+    # the any-axis layer keeps the input's layout, as documented
+    x = torch.randn(4, 6, 5, generator=g).transpose(1, 2)
+    assert batchnorm.BatchNorm(5).train(train)(x).stride() == x.stride()

@@ -49,6 +49,7 @@ __all__ = [
     "blend_running",
     "RunningStats",
     "canonical_layout",
+    "torch_nn_layout",
     "check_channels",
     "check_vectors",
     "device_error",
@@ -538,6 +539,22 @@ def _half_node() -> Any | None:
     """The compiled node for half inputs (built on first use), None where it is turned off or
     cannot be built; it is built with the kernels' entries, so only where they import."""
     return native.load() if _kernels_available() else None
+
+
+def torch_nn_layout(x: Tensor) -> Tensor:
+    """``x`` laid out as torch.nn's BatchNormNd lays out its output: as it is when contiguous,
+    or ``channels_last`` (4-D) / ``channels_last_3d`` (5-D), else a contiguous copy — a 3-D
+    ``t.transpose(1, 2)`` included, so that ``y.view(N, -1)`` works as with torch.nn. The
+    drop-in modules take their input so (in eager mode and under TorchScript); the any-axis
+    :class:`batchnorm.BatchNorm` keeps any layout."""
+    if x.is_contiguous():
+        return x
+    nd = x.dim()
+    if nd == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    if nd == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x
+    return x.contiguous()
 
 
 def _operator_layout(x: Tensor, axis: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:

@@ -53,6 +53,10 @@ class _BatchNormBase(nn.Module):
     _version = 2
     __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine", "axis"]
 
+    #: outputs laid out as torch.nn's BatchNormNd lays them out (the drop-in classes; see
+    #: :func:`batchnorm.functional.torch_nn_layout`), else in the input's layout
+    _torch_layout: bool = False
+
     if TYPE_CHECKING:  # for type checkers only: torch.jit.script types attributes by value
         num_features: int
         eps: float
@@ -497,6 +501,7 @@ class _BatchNormBase(nn.Module):
                 )
         # what the scripted forward reads, as attributes TorchScript can type
         self._script_name = self.layer_name()
+        self._script_torch_layout = self._torch_layout
         self._script_min_rank = min(self._ranks, default=2)
         self._script_max_rank = max(self._ranks, default=1 << 30)
         return self
@@ -505,6 +510,8 @@ class _BatchNormBase(nn.Module):
     def _forward_eager(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
             return self._fx_leaf(input, mask)
+        if self._torch_layout:
+            input = F.torch_nn_layout(input)
         try:
             # (while tracing: the checks' outcomes are constants of the trace, as torch.nn's)
             empty = F._untraced(self._checked, input)
@@ -552,6 +559,8 @@ class _BatchNormBase(nn.Module):
         computation of :func:`batchnorm.functional.batch_norm_scriptable` (torch operations)."""
         name = self._script_name
         nd = input.dim()
+        if self._script_torch_layout:
+            input = F.torch_nn_layout(input)
         F.check_scripted_input(
             input, self.num_features, self.axis, self._script_min_rank, self._script_max_rank, name
         )
@@ -686,6 +695,7 @@ class _FixedRank(_BatchNormBase):
     silenced complaint on those class lines."""
 
     _layout: str = ""
+    _torch_layout = True
 
     def __init__(self, num_features: int, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("axis", 1) != 1:
