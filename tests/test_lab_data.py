@@ -169,6 +169,8 @@ def test_a_header_whose_sizes_overflow_is_corrupt_not_a_crash(tmp_path):
         ("train-images-idx3-ubyte", np.full((30, 28, 28), 2.0, np.float32), "from 2 to 2"),
         ("train-images-idx3-ubyte", np.full((30, 28, 28), np.nan, np.float32), "from nan"),
         ("train-images-idx3-ubyte", np.zeros((30, 0, 0), np.uint8), "0x0 images"),
+        # a classifier of 2**31 outputs: memory, not a message, would stop the run
+        ("t10k-labels-idx1-ubyte", np.full(10, 2**31 - 1, np.int32), "label of 2147483647"),
     ],
 )
 def test_content_the_lab_cannot_use_is_refused_by_file(isolated, role, array, match):
@@ -179,6 +181,22 @@ def test_content_the_lab_cannot_use_is_refused_by_file(isolated, role, array, ma
     data.write_idx(folder / f"{role}.gz", array)
     with pytest.raises(DatasetCorruptError, match=rf"{role}\.gz holds .*{re.escape(match)}"):
         data.load_dataset("mnist", folder)
+
+
+def test_a_class_only_the_test_split_holds_gets_an_output(isolated):
+    # the classifier's outputs come from both splits: a test label of 15 after training labels
+    # 0..9 would otherwise fail the first evaluation with torch's IndexError
+    folder = isolated / "own"
+    _write_set(folder)
+    data.write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.full(10, 15, np.uint8))
+    assert data.load_dataset("mnist", folder).num_classes == 16
+
+
+def test_a_header_of_more_dimensions_than_numpy_reads_is_corrupt(tmp_path):
+    p = tmp_path / "deep.idx"
+    p.write_bytes(b"\x00\x00\x08\xff" + (1).to_bytes(4, "big") * 255 + b"\x07")
+    with pytest.raises(DatasetCorruptError, match=r"deep\.idx: IDX header declares 255 dim"):
+        data.read_idx(p)
 
 
 def test_float_pixels_in_the_unit_interval_are_used_as_they_are(isolated):

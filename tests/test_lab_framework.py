@@ -57,6 +57,12 @@ def test_unknown_keys_and_bad_values_are_errors():
         make_config(ToyConfig, sets=["dataset=cifar"])
     with pytest.raises(ConfigError, match="seeds"):
         make_config(ToyConfig, seeds=0)
+    # a built-in set reads no files: a folder or a download asked for would be ignored
+    for sets in (["data_dir=/nowhere"], ["download=true"], ["data_dir=x", "download=true"]):
+        for dataset in ("digits", "synthetic"):
+            with pytest.raises(ConfigError, match=f"would be ignored: dataset '{dataset}' is"):
+                make_config(ToyConfig, sets=[f"dataset={dataset}", *sets])
+    assert make_config(ToyConfig, sets=["dataset=mnist", "download=true"]).download
 
 
 def test_quick_applies_first_and_set_wins():

@@ -105,6 +105,19 @@ BAD_SETTINGS = [
     ("ics", "probe_every=1000", "probe_every=1000 is more than steps"),
     ("smoothness", "probe_every=1000", "probe_every=1000 is more than steps"),
     ("noisy-bn", "probe_every=1000", "probe_every=1000 is more than steps"),
+    # a count below 1: a division by zero in the window check, or advice to lower it further
+    ("ics", "probe_every=0", "probe_every.* must be >= 1"),
+    ("smoothness", "probe_every=-1", "probe_every and steps must be >= 1"),
+    ("noisy-bn", "probe_every=0", "probe_every and steps must be >= 1"),
+    ("noisy-bn", "eval_every=0", "final_window, steps and eval_every must be >= 1"),
+    ("noisy-bn", "eval_every=-1", "final_window, steps and eval_every must be >= 1"),
+    ("dropout", "eval_every=0", "eval_every.* must be >= 1"),
+    ("initialization", "eval_every=0", "eval_every.* must be >= 1"),
+    ("small-batch", "eval_every=0", "eval_every.* must be >= 1"),
+    # an activation the network builder does not know: a traceback at the first build, mid-run
+    ("initialization", "activation=foo", "unknown activation 'foo'"),
+    ("paper-mnist", "activation=foo", "unknown activation 'foo'"),
+    ("placement", "activations=relu,foo", "unknown activation 'foo'"),
     # the probe goes through BN with its own batch statistics (a traceback after the sweep)
     ("paper-mnist", "probe_size=1", "probe_size must be >= 2"),
     # a final-accuracy window reaching back to step 0 averaged in the untrained network

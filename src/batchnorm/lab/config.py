@@ -85,6 +85,19 @@ class BaseConfig:
             raise ConfigError(
                 f"dataset must be one of {', '.join(DATASET_NAMES)}, got {self.dataset!r}"
             )
+        if self.dataset in ("digits", "synthetic") and (self.data_dir is not None or self.download):
+            given = " and ".join(
+                flag
+                for flag, on in (
+                    ("--data-dir", self.data_dir is not None),
+                    ("--download", self.download),
+                )
+                if on
+            )
+            raise ConfigError(
+                f"{given} would be ignored: dataset {self.dataset!r} is built in and reads no "
+                "files; drop it, or choose --dataset auto, mnist or fashion-mnist"
+            )
 
 
 C = TypeVar("C", bound=BaseConfig)

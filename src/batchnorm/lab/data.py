@@ -284,6 +284,12 @@ def _read_raw(p: Path) -> bytes:
     return raw
 
 
+#: the most classes a labels file may name: every class is an output of the classifiers
+MAX_CLASSES = 1 << 16
+#: the most dimensions an IDX header may declare (NumPy's limit)
+MAX_IDX_DIMS = 64
+
+
 def _parse_idx(p: Path, raw: bytes) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DatasetCorruptError(
@@ -292,6 +298,11 @@ def _parse_idx(p: Path, raw: bytes) -> np.ndarray:
         )
     dtype = np.dtype(_IDX_DTYPES[raw[2]][1])
     ndim = raw[3]
+    if ndim > MAX_IDX_DIMS:
+        raise DatasetCorruptError(
+            f"{p}: IDX header declares {ndim} dimensions (at most {MAX_IDX_DIMS} can be read); "
+            "the file is corrupt — delete it and fetch it again (--download)"
+        )
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DatasetCorruptError(
@@ -663,14 +674,16 @@ def _load_idx(requested: str, data_dir: str | os.PathLike[str] | None) -> Datase
     def labels(a: np.ndarray) -> Tensor:
         return torch.from_numpy(a.astype(np.int64))
 
-    y_train = labels(arrays["train_labels"])
+    y_train, y_test = labels(arrays["train_labels"]), labels(arrays["test_labels"])
+    largest = max(int(y.max()) for y in (y_train, y_test) if y.numel())
     return Dataset(
         name=name,
         x_train=images(arrays["train_images"]),
         y_train=y_train,
         x_test=images(arrays["test_images"]),
-        y_test=labels(arrays["test_labels"]),
-        num_classes=int(max(int(y_train.max()) + 1, 10)),
+        y_test=y_test,
+        # a class seen only in the test split still needs its output (never the right answer)
+        num_classes=max(largest + 1, 10),
         source=str(files["train_images"].parent),
         extra={"identified": identified is not None},
     )
@@ -708,6 +721,11 @@ def _check_content(
         raise DatasetCorruptError(
             f"{name}: {lab} holds negative labels (the smallest is {int(yi.min())}); class "
             "labels must be integers 0..K-1"
+        )
+    if yi.size and int(yi.max()) >= MAX_CLASSES:
+        raise DatasetCorruptError(
+            f"{name}: {lab} holds a label of {int(yi.max())}: the classifier would need that "
+            f"many outputs; class labels must be integers 0..K-1 with K <= {MAX_CLASSES}"
         )
 
 

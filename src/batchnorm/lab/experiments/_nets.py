@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from batchnorm.analysis import TimeVaryingNoise
 from batchnorm.lab import train
 from batchnorm.lab.config import BaseConfig, ConfigError
-from batchnorm.lab.models import make_activation
+from batchnorm.lab.models import ACTIVATIONS, make_activation
 from batchnorm.lab.results import RunContext, mean_std
 from batchnorm.lab.train import TrainResult
 from batchnorm.nn import BatchNorm1d, BatchNorm2d
@@ -346,9 +346,22 @@ def check_bn1d_batch(batch_size: int) -> None:
         )
 
 
+def check_activations(*names: str) -> None:
+    """Refuse an activation :func:`batchnorm.lab.models.make_activation` does not know, before
+    anything runs (the network would otherwise fail at its first build, mid-run)."""
+    for name in names:
+        if name not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {name!r}; choose from {ACTIVATIONS}")
+
+
 def check_final_window(final_window: int, steps: int, eval_every: int) -> None:
     """Refuse a final-accuracy window longer than the evaluations after step 0: the mean of the
     last ``final_window`` evaluations would average in the untrained network."""
+    if min(final_window, steps, eval_every) < 1:
+        raise ConfigError(
+            f"final_window, steps and eval_every must be >= 1, got {final_window}, {steps} "
+            f"and {eval_every}"
+        )
     trained = -(-steps // eval_every)  # evaluations after step 0
     if final_window > trained:
         raise ConfigError(
@@ -361,6 +374,8 @@ def check_final_window(final_window: int, steps: int, eval_every: int) -> None:
 def check_probe_every(probe_every: int, steps: int) -> None:
     """Refuse a probe interval longer than the run: no probe would be taken, and the claims
     would be judged on no measurement at all."""
+    if min(probe_every, steps) < 1:
+        raise ConfigError(f"probe_every and steps must be >= 1, got {probe_every} and {steps}")
     if probe_every > steps:
         raise ConfigError(
             f"probe_every={probe_every} is more than steps={steps}: no measurement would be "

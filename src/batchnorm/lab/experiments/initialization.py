@@ -42,6 +42,7 @@ from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     arm_rows,
     cached_train,
+    check_activations,
     check_bn1d_batch,
     check_final_window,
     exact_key,
@@ -86,6 +87,7 @@ class InitializationConfig(BaseConfig):
     def validate(self) -> None:
         super().validate()
         check_widths(hidden=self.hidden)
+        check_activations(self.activation)
         check_positive(lr=self.lr)
         check_non_negative(momentum=self.momentum)
         check_bn1d_batch(self.batch_size)

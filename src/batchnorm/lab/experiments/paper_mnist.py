@@ -55,6 +55,7 @@ from batchnorm.lab.config import BaseConfig, ConfigError
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     all_diverged,
+    check_activations,
     check_bn1d_batch,
     diverged_text,
     exact_key,
@@ -115,10 +116,7 @@ class PaperMnistConfig(BaseConfig):
         if not self.hidden or min(self.hidden) < 1:
             # the recorded sigmoid is in the last hidden layer, and BN goes into hidden layers
             raise ConfigError(f"hidden must list at least one layer width >= 1, got {self.hidden}")
-        if self.activation not in models.ACTIVATIONS:
-            raise ConfigError(
-                f"unknown activation {self.activation!r}; choose from {models.ACTIVATIONS}"
-            )
+        check_activations(self.activation)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
         if not (math.isfinite(self.momentum) and self.momentum >= 0):

@@ -51,6 +51,7 @@ from batchnorm.lab.experiments._nets import (
     accuracy_curve,
     arm_rows,
     cached_train,
+    check_activations,
     check_bn1d_batch,
     check_final_window,
     diverged_flags,
@@ -116,9 +117,7 @@ class PlacementConfig(BaseConfig):
             )
         if not self.activations:
             raise ConfigError("activations must name at least one activation")
-        for a in self.activations:
-            if a not in models.ACTIVATIONS:
-                raise ConfigError(f"unknown activation {a!r}; choose from {models.ACTIVATIONS}")
+        check_activations(*self.activations)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be positive and finite, got {self.lr}")
         if not (math.isfinite(self.momentum) and self.momentum >= 0):
