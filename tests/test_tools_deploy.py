@@ -295,3 +295,41 @@ def test_onnx_export_gives_batch_normalization_nodes_that_take_any_batch(dynamo:
         x7 = _other_batch(shape)
         (y,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x7.numpy()})
         torch.testing.assert_close(torch.from_numpy(y), m(x7).detach(), msg=name)
+
+
+@pytest.mark.parametrize("what", ["fold", "to_inference"])
+def test_a_frozen_layer_with_broken_statistics_is_refused_too(what: str) -> None:
+    # a FrozenBatchNorm is a fixed map in either mode, but its map from NaN statistics is NaN
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), batchnorm.FrozenBatchNorm2d(4))
+    with torch.no_grad():
+        net[1].running_mean[1] = float("nan")
+        net[1].running_var[2] = -1.0
+    conv_before = net[0].weight.detach().clone()
+    with pytest.raises(
+        ValueError, match=rf"^{what}: layer '1' \(FrozenBatchNorm2d\).*2 of 4 channels \(1, 2\)"
+    ):
+        if what == "fold":
+            batchnorm.fold(net, torch.randn(2, 3, 4, 4), inplace=True)
+        else:
+            batchnorm.to_inference(net, inplace=True)
+    assert isinstance(net[1], batchnorm.FrozenBatchNorm2d)
+    assert torch.equal(net[0].weight, conv_before)
+
+
+def test_a_conv_on_unbatched_input_keeps_its_bn_unfolded() -> None:
+    # Conv1d on (C, L) gives (C_out, L): the BN's axis 1 is then L, not the conv's channels,
+    # and folding its statistics into the conv's output channels changes the model
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4)).train()
+    for _ in range(3):
+        net(torch.randn(3, 4))
+    net.eval()
+    x = torch.randn(3, 4)
+    deployed = batchnorm.to_inference(net, x)
+    assert isinstance(deployed[1], batchnorm.FrozenBatchNorm)
+    torch.testing.assert_close(deployed(x), net(x), rtol=1e-6, atol=1e-6)
+    folded, err = batchnorm.fold(net, x)
+    assert not isinstance(folded[1], nn.Identity) and err < 1e-6
+    # batched input: the same pair folds
+    deployed = batchnorm.to_inference(net, torch.randn(2, 3, 4))
+    assert isinstance(deployed[1], nn.Identity)

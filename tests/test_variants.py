@@ -570,6 +570,27 @@ def test_small_batch_warning_names_remedies_the_layer_does_not_already_use() -> 
     assert "Use larger batches, or GroupNorm" in str(renorm[0].message)
 
 
+def test_ghost_layers_warn_on_the_virtual_batches_they_normalize_with() -> None:
+    # a batch of 64 split into virtual batches of 2 samples is a batch of 2 to BN
+    with pytest.warns(batchnorm.SmallBatchWarning, match=r"as few as 2 values per channel"):
+        batchnorm.GhostBatchNorm1d(3, virtual_batch_size=2)(torch.randn(64, 3))
+    # ... and so is its smallest chunk: 64 in fives leaves a last virtual batch of 4
+    with pytest.warns(batchnorm.SmallBatchWarning, match=r"as few as 4 values per channel"):
+        batchnorm.GhostBatchNorm1d(3, virtual_batch_size=5)(torch.randn(64, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", batchnorm.SmallBatchWarning)
+        batchnorm.GhostBatchNorm1d(3, virtual_batch_size=8)(torch.randn(64, 3))
+        batchnorm.GhostBatchNorm2d(3, virtual_batch_size=2)(torch.randn(64, 3, 2, 2))  # 8 each
+        batchnorm.GhostBatchNorm1d(3, virtual_batch_size=2).eval()(torch.randn(64, 3))
+    # masked: the virtual batch with the fewest valid values decides — samples 4 and 5 keep
+    # 2 + 1 of their 4 positions, the other virtual batches 8 values each
+    x, mask = torch.randn(8, 3, 4), torch.ones(8, 4, dtype=torch.bool)
+    mask[4, 2:] = False
+    mask[5, 1:] = False
+    with pytest.warns(batchnorm.SmallBatchWarning, match=r"as few as 3 values per channel"):
+        batchnorm.GhostBatchNorm1d(3, virtual_batch_size=2)(x, mask=mask)
+
+
 def test_a_refused_batch_does_not_advance_the_counter_in_a_trace_or_compiled_graph() -> None:
     """Inside a graph the refusal of a non-finite batch is a torch.where, and the counter has
     to follow it there too: it advanced anyway, and renorm's warm-up schedule — read from the

@@ -423,9 +423,9 @@ def _not_foldable(layer: nn.Module) -> str | None:
 
 
 def _check_inference_ready(bn: nn.Module, name: str, what: str) -> None:
-    if isinstance(bn, FrozenBatchNorm):
-        return  # a fixed map in either mode
-    if bn.training and not is_frozen(bn):
+    # a FrozenBatchNorm is a fixed map in either mode, from statistics that may still be broken
+    fixed = isinstance(bn, FrozenBatchNorm)
+    if bn.training and not fixed and not is_frozen(bn):
         raise ValueError(
             f"{what}: layer {name!r} ({type(bn).__name__}) is in training mode, where it "
             "normalizes with batch statistics, which cannot be folded into a fixed map. Call "
@@ -447,8 +447,13 @@ def _check_inference_ready(bn: nn.Module, name: str, what: str) -> None:
             f"{what}: layer {name!r} ({type(bn).__name__}) has running statistics that are not "
             f"finite or a running variance at or below -eps in {len(channels)} of "
             f"{rm.numel()} channels ({shown}): its inference map would be NaN or infinite there. "
-            "Compute the statistics again with "
-            "batchnorm.recalibrate(model, data), or load a checkpoint saved before they broke."
+            + (
+                "Load statistics saved before they broke (a FrozenBatchNorm keeps what it was "
+                "given; recalibrate leaves it alone)."
+                if fixed
+                else "Compute the statistics again with batchnorm.recalibrate(model, data), or "
+                "load a checkpoint saved before they broke."
+            )
         )
 
 
@@ -629,7 +634,10 @@ def _fold_in_place(model: nn.Module, ranks: dict[str, int] | None, what: str) ->
             if rank is None and ax == 1:
                 unknown_rank.append(bn_name)
         else:
-            ok = ax == 1 or (rank is not None and ax % rank == 1)
+            # channels at axis 1 of batched input; unbatched input (C, L) puts them at axis 0,
+            # where a BN on axis 1 normalizes positions, not the layer's output channels
+            batched = len(layer.weight.shape)
+            ok = (ax == 1 or (rank is not None and ax % rank == 1)) and rank in (None, batched)
         if not ok:
             continue
         after = bn.activation_module() if isinstance(bn, InPlaceABN) else nn.Identity()

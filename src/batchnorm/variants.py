@@ -14,6 +14,7 @@ the math is :mod:`batchnorm.functional`'s.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any
@@ -368,19 +369,46 @@ class _Ghost(_BatchNormBase):
                 "value per channel; batch statistics need at least 2. Use "
                 "virtual_batch_size=2 or more."
             )
-        sizes = ghost_chunks(n, self.virtual_batch_size, per_sample)
+        sizes, mask_b = self._virtual_batches(input, mask)
         masks: list[Tensor | None]
-        if mask is None:
+        if mask_b is None:
             masks = [None] * len(sizes)
         else:
-            mask_b = mask.expand(n, *mask.shape[1:]) if mask.shape[0] == 1 else mask
-            sizes = _merge_sparse_chunks(sizes, _valid_per_sample(input, mask_b, self.axis))
             masks = list(torch.split(mask_b, sizes))
         # each virtual batch is one training step of the parent class (plain BN, or batch
         # renorm in a class combining both), so the running statistics are updated in order,
         # once per virtual batch
         outs = [parent_step(c, mask=m) for c, m in zip(torch.split(input, sizes), masks)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+    def _virtual_batches(
+        self, input: Tensor, mask: Tensor | None
+    ) -> tuple[list[int], Tensor | None]:
+        """The sizes (samples) of the virtual batches ``input`` is split into, and ``mask``
+        expanded along dimension 0 (None without one)."""
+        n = input.shape[0]
+        per_sample = input.numel() // max(n * input.shape[self.axis], 1)
+        sizes = ghost_chunks(n, self.virtual_batch_size, per_sample)
+        if mask is None:
+            return sizes, None
+        mask_b = mask.expand(n, *mask.shape[1:]) if mask.shape[0] == 1 else mask
+        return _merge_sparse_chunks(sizes, _valid_per_sample(input, mask_b, self.axis)), mask_b
+
+    def _statistics_count(self, input: Tensor, mask: Tensor | None, count: int) -> int:
+        """Values per channel of the smallest virtual batch: what the small-batch warning
+        judges (a batch of 64 split into virtual batches of 2 samples is a batch of 2 to BN)."""
+        n = input.shape[0]
+        if not self.training or self.axis % input.dim() == 0 or n < 2:
+            return count
+        per_sample = input.numel() // max(n * input.shape[self.axis], 1)
+        if self.virtual_batch_size * per_sample < 2:
+            return count  # refused by the training step, with its own message
+        sizes, mask_b = self._virtual_batches(input, mask)
+        if mask_b is None:
+            return min(sizes) * per_sample
+        valid = _valid_per_sample(input, mask_b, self.axis)
+        bounds = [0, *itertools.accumulate(sizes)]
+        return min(sum(valid[a:b]) for a, b in zip(bounds, bounds[1:]))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"

@@ -448,12 +448,18 @@ class _BatchNormBase(nn.Module):
                 y = y + p.view(shape).to(input.dtype) * 0  # (0, C, …): still empty
         return y
 
+    def _statistics_count(self, input: Tensor, mask: Tensor | None, count: int) -> int:
+        """The fewest values per channel any set of batch statistics of this call is taken
+        from: the batch's ``count`` (a ghost layer's virtual batches take fewer)."""
+        return count
+
     def _check_small(self, input: Tensor, mask: Tensor | None) -> int:
         count = F.valid_count(input, self.axis, mask)
+        used = self._statistics_count(input, mask, count) if count >= 2 else count
         # getattr: layers unpickled from before this attribute existed
         # (not while torch.compile traces: it cannot trace a warning, and would not replay it)
         if (
-            2 <= count <= SMALL_COUNT_WARNING
+            2 <= used <= SMALL_COUNT_WARNING
             and not getattr(self, "_warned_small", False)
             and not torch.compiler.is_compiling()
         ):
@@ -466,10 +472,14 @@ class _BatchNormBase(nn.Module):
                 remedy = "larger batches, or GroupNorm for tiny batches"
             else:
                 remedy = "larger batches, BatchRenorm, or GroupNorm for tiny batches"
+            gives = (
+                f"gives only {count} values per channel"
+                if used == count
+                else f"is normalized in virtual batches of as few as {used} values per channel"
+            )
             warnings.warn(
-                f"{self.layer_name()}: training batch of shape {tuple(input.shape)} gives only "
-                f"{count} values per channel; batch statistics this noisy hurt accuracy. Use "
-                f"{remedy}.",
+                f"{self.layer_name()}: training batch of shape {tuple(input.shape)} {gives}; "
+                f"batch statistics this noisy hurt accuracy. Use {remedy}.",
                 SmallBatchWarning,
                 stacklevel=F._user_stacklevel(),  # the user's line that called the layer
             )
