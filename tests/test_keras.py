@@ -368,6 +368,62 @@ def test_nonfinite_batch_never_reaches_moving_stats() -> None:
         strict(x, training=True)
 
 
+def test_renorm_keeps_the_nonfinite_policy() -> None:
+    # Keras' renorm step is Keras' own; a NaN batch would have written NaN into moving_mean,
+    # moving_variance and moving_stddev, whatever nonfinite said
+    x = torch.randn(8, 3)
+    x[2, 1] = float("nan")
+    layer = BatchNormalization(renorm=True)
+    layer.build(x.shape)
+    layer(torch.randn(8, 3), training=True)  # a finite step first: its update is kept
+    before = _state(layer)
+    with pytest.warns(NonFiniteStatisticsWarning) as caught:
+        layer(x, training=True)
+    assert caught[0].filename == __file__  # the user's line, not Keras' call machinery
+    _assert_close(_state(layer), before, tol=0)
+    assert all(np.isfinite(w).all() for w in _state(layer))
+    strict = BatchNormalization(renorm=True, nonfinite="raise")
+    strict.build(x.shape)
+    before = _state(strict)
+    with pytest.raises(NonFiniteStatisticsError):
+        strict(x, training=True)
+    _assert_close(_state(strict), before, tol=0)
+    with warnings.catch_warnings():  # inference and finite batches: no check fires
+        warnings.simplefilter("error")
+        strict(x, training=False)
+        strict(torch.randn(8, 3), training=True)
+
+
+def test_nonfinite_warnings_name_the_line_that_called_the_layer() -> None:
+    x = torch.randn(8, 3)
+    x[0, 0] = float("inf")
+    layer = BatchNormalization()
+    with pytest.warns(NonFiniteStatisticsWarning) as caught:
+        layer(x, training=True)
+    assert caught[0].filename == __file__, caught[0].filename
+
+
+def test_rank_one_input_trains_as_one_value_per_channel() -> None:
+    # no batch axis: every channel holds one value (σ²_B = 0, output β exactly)
+    layer = BatchNormalization(center=True)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    layer.build(x.shape)
+    layer.beta.assign(np.full(5, 0.25, "float32"))
+    y = layer(x, training=True)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(y), np.full(5, 0.25, "float32"))
+    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.01 * x.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), np.full(5, 0.99), rtol=1e-6)
+
+
+def test_a_mask_that_does_not_fit_the_inputs_is_named() -> None:
+    layer = BatchNormalization(name="bn_mask")
+    x = torch.randn(4, 6, 3)
+    for training in (True, False):
+        with pytest.raises(ValueError, match=r"bn_mask.*a mask of shape \(4, 5\) does not fit"):
+            layer(x, training=training, mask=torch.ones(4, 5, dtype=torch.bool))
+    layer(x, training=True, mask=torch.ones(4, 1, dtype=torch.bool))  # broadcasts, as Keras
+
+
 def test_config_roundtrip() -> None:
     layer = BatchNormalization(
         axis=1,

@@ -445,3 +445,40 @@ def test_eps_zero_converts_both_ways() -> None:
     report = keras_to_torch(src, ours)
     assert ours.eps == 0.0 and report.max_abs_diff < 1e-5
     assert not np.isnan(report.layers[0].max_abs_diff_train)
+
+
+def test_statistics_a_half_layer_cannot_hold_are_refused_before_writing() -> None:
+    # a running variance of 1e5 stored into float16 is inf: inference would give NaN
+    t = nn.BatchNorm1d(3).eval()
+    with torch.no_grad():
+        t.running_var.copy_(torch.tensor([1.0, 1e5, 4.0]))
+    k = BatchNormalization(dtype="float16")
+    k.build((None, 3))
+    k_before = _state_np(k)
+    with pytest.raises(
+        ValueError,
+        match=r"running_var of torch module .* does not fit the "
+        r"float16 of Keras layer .* 1 channel\(s\) \[1\]",
+    ):
+        torch_to_keras(t, k)
+    assert all(np.array_equal(a, b) for a, b in zip(_state_np(k), k_before))
+    # the other way: a Keras moving variance of 1e5 into a .half() torch module
+    k32 = _keras_bn(BatchNormalization, 3)
+    k32.moving_variance.assign(np.array([1.0, 1e5, 4.0], "float32"))
+    th = nn.BatchNorm1d(3).half().eval()
+    t_before = _torch_tensors(th)
+    with pytest.raises(
+        ValueError,
+        match=r"moving_variance of Keras layer .* does not fit the "
+        r"float16 of torch module",
+    ):
+        keras_to_torch(k32, th)
+    _assert_same_tensors(t_before, th)
+    # values within range convert: 1e3 is a float16
+    k32.moving_variance.assign(np.array([1.0, 1e3, 4.0], "float32"))
+    keras_to_torch(k32, th)
+    assert torch.isfinite(th.running_var).all() and float(th.running_var[1]) == 1000.0
+
+
+def _state_np(layer: Any) -> list[np.ndarray]:
+    return [np.asarray(w).copy() for w in layer.get_weights()]

@@ -16,10 +16,11 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -582,6 +583,28 @@ def _check_learned(value: Any, neutral: float, missing: bool, fn: str, message: 
         raise ValueError(f"{fn}: {message}")
 
 
+def _check_fits(fn: str, values: Sequence[tuple[str, Any, Any]], source: str, target: str) -> None:
+    """Refuse a finite value that the target's variable cannot hold (a running variance of 1e5
+    into float16 would be stored as inf, and inference would give NaN): ``values`` holds
+    ``(name, value, dtype)``, the dtype a torch dtype or a name of one (Keras')."""
+    for name, value, dtype in values:
+        if value is None or dtype is None:
+            continue
+        dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        src = torch.as_tensor(np.asarray(value, dtype=np.float64))
+        bad = torch.isfinite(src) & ~torch.isfinite(src.to(dt))
+        if bool(bad.any()):
+            channels = bad.reshape(-1).nonzero().reshape(-1).tolist()
+            largest = float(src.reshape(-1)[channels].abs().max())
+            raise ValueError(
+                f"{fn}: the {name} of {source} does not fit the "
+                f"{str(dt).replace('torch.', '')} of {target} in {len(channels)} channel(s) "
+                f"{channels[:8]} (|value| up to {largest:g}); "
+                "convert into a layer of a wider dtype (float32), or recompute the statistics in "
+                "this dtype"
+            )
+
+
 def _translate_eps(
     var: Any, eps_src: float, eps_dst: float, mode: str, fn: str, var_name: str, where: str
 ) -> tuple[float, Any]:
@@ -735,6 +758,17 @@ def keras_to_torch(
             how = "copied as stored (Keras' biased estimate; bessel_count=m rescales)"
         else:
             how = "copied (both store the biased estimate)"
+        _check_fits(
+            fn,
+            [
+                ("gamma", gamma, getattr(getattr(tm, "weight", None), "dtype", None)),
+                ("beta", beta, getattr(getattr(tm, "bias", None), "dtype", None)),
+                ("moving_mean", mm, tm.running_mean.dtype),
+                ("moving_variance", mv, tm.running_var.dtype),
+            ],
+            f"Keras layer {kn!r}",
+            f"torch module {tn!r}",
+        )
         mom_t = tm.momentum
         if momentum == "copy":
             mom_t = _complement(float(kl.momentum))
@@ -861,6 +895,23 @@ def torch_to_keras(
             how = "copied as stored (PyTorch's unbiased estimate; bessel_count=m rescales)"
         else:
             how = "copied (both store the biased estimate)"
+        renorm_std = np.sqrt(np.maximum(rv + eps_k, 0.0)) if getattr(kl, "renorm", False) else None
+        _check_fits(
+            fn,
+            [
+                ("weight", weight, getattr(getattr(kl, "gamma", None), "dtype", None)),
+                ("bias", bias, getattr(getattr(kl, "beta", None), "dtype", None)),
+                ("running_mean", rm, kl.moving_mean.dtype),
+                ("running_var", rv, kl.moving_variance.dtype),
+                (
+                    "sqrt(running_var + eps)",
+                    renorm_std,
+                    getattr(kl, "moving_stddev", kl.moving_variance).dtype,
+                ),
+            ],
+            f"torch module {tn!r}",
+            f"Keras layer {kn!r}",
+        )
         mom_k = float(kl.momentum)
         if momentum == "copy" and tm.momentum is not None:
             mom_k = _complement(float(tm.momentum))

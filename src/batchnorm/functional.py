@@ -1695,13 +1695,20 @@ def _user_stacklevel() -> int:
     """The ``stacklevel`` with which the function calling this makes ``warnings.warn`` name
     the user's line: the first frame outside this package (the lab excepted) and outside
     ``torch.nn``'s modules (``Module.__call__``, ``Sequential``), however deep a layer, a
-    subclass or the functional API calls."""
+    subclass or the functional API calls — and outside Keras, when it has been imported (its
+    ``Layer.__call__`` and traceback filtering, around :class:`batchnorm.keras`'s layer)."""
     frame = sys._getframe(1)  # the function that warns: stacklevel 1
     level = 1
+    keras = sys.modules.get("keras")
+    keras_file = getattr(keras, "__file__", None)
+    keras_dir = os.path.dirname(os.path.abspath(keras_file)) + os.sep if keras_file else None
     while frame.f_back is not None:
         name = frame.f_code.co_filename
         inside = name.startswith(_PACKAGE_DIR) and not name.startswith(_LAB_DIR)
-        if not (inside or name.startswith(_TORCH_MODULES_DIR)):
+        framework = name.startswith(_TORCH_MODULES_DIR) or bool(
+            keras_dir and name.startswith(keras_dir)
+        )
+        if not (inside or framework):
             break
         frame = frame.f_back
         level += 1

@@ -282,8 +282,10 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
     # -- forward -------------------------------------------------------------------------------
 
     def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
-        if not self._use_core or getattr(self, "renorm", False):
+        if not self._use_core:
             return super().call(inputs, training=training, mask=mask)
+        if getattr(self, "renorm", False):
+            return self._renorm_call(inputs, training, mask)
         x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
         if mask is not None:
             mask = torch.as_tensor(mask, device=x.device)
@@ -299,6 +301,14 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
         if x.numel() == 0:  # an empty batch: an empty output, the moving statistics untouched
             return keras.ops.cast(x, self.compute_dtype)
         axis = self.axis % x.dim()
+        if mask is not None:
+            fits = tuple(n for d, n in enumerate(x.shape) if d != axis)
+            if any(m not in (n, 1) for m, n in zip(mask.shape, fits)):
+                raise ValueError(
+                    f"{self.layer_name()}: a mask of shape {tuple(mask.shape)} does not fit "
+                    f"inputs of shape {tuple(x.shape)}: it should have the inputs' shape without "
+                    f"the channel axis, {fits}."
+                )
         gamma = self.gamma.value.to(cd) if self.scale else None
         beta = self.beta.value.to(cd) if self.center else None
         kw: dict[str, Any] = {"axis": axis, "backend": self.compute_backend}
@@ -312,7 +322,13 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
                 # a mask, or a single value per channel (Keras allows it: σ²_B = 0): statistics
                 # from torch ops, differentiable, normalized by the same core function
                 mean, var, count = _moments(x, mask, axis)
-                y = F.batch_norm_eval(x, mean, var, gamma, beta, self.epsilon, **kw)
+                # centered first: a single value per channel gives β exactly (x·s − μ·s does
+                # not cancel in rounding)
+                shape = [1] * x.dim()
+                shape[axis] = -1
+                xc = x - mean.view(shape)
+                zero = torch.zeros_like(mean)
+                y = F.batch_norm_eval(xc, zero, var, gamma, beta, self.epsilon, **kw)
             if count > 0:
                 self._update_moving(mean, var, count)
         else:
@@ -327,6 +343,25 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
             )
         return keras.ops.cast(y, self.compute_dtype)
 
+    def _renorm_call(self, inputs: Any, training: bool | None, mask: Any) -> Any:
+        """Keras' batch renormalization, with this layer's ``nonfinite`` policy: a training
+        batch that leaves a moving statistic NaN/inf where it was finite is undone (every
+        moving variable put back) and warned about, or raised on."""
+        state = [v for v in self.non_trainable_variables if v.trainable is False]
+        if not (training and self.trainable):
+            return super().call(inputs, training=training, mask=mask)
+        before = [v.value.detach().clone() for v in state]
+        y = super().call(inputs, training=training, mask=mask)
+        broke = any(
+            bool((~torch.isfinite(v.value) & torch.isfinite(b)).any())
+            for v, b in zip(state, before)
+        )
+        if broke:
+            for v, b in zip(state, before):
+                v.assign(b)
+            F._refuse_nonfinite(self.nonfinite, self.layer_name())
+        return y
+
     def get_config(self) -> dict[str, Any]:
         config: dict[str, Any] = super().get_config()
         config.update({"compute_backend": self.compute_backend, "nonfinite": self.nonfinite})
@@ -337,6 +372,11 @@ def _moments(x: Any, mask: Any, axis: int) -> tuple[Any, Any, int]:
     """Per-channel mean and biased variance over the values where ``mask`` is True (all values
     without a mask), and their count; an all-False mask gives mean 0, variance 0 (as Keras)."""
     dims = tuple(d for d in range(x.dim()) if d != axis)
+    if not dims:
+        # rank 1: one value per channel (and torch reduces over every dim when given none)
+        valid = torch.ones((), dtype=torch.bool) if mask is None else mask.to(torch.bool)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        return torch.where(valid, x, zero), torch.zeros_like(x), int(valid.item())
     if mask is None:
         var, mean = torch.var_mean(x, dim=dims, correction=0)
         return mean, var, x.numel() // max(x.shape[axis], 1)
