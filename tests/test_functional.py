@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
+import batchnorm
 from batchnorm import functional as F
 from batchnorm import reference as ref
 from batchnorm.functional import (
@@ -825,6 +826,22 @@ def test_error_messages() -> None:
         )
     with pytest.raises(ValueError, match="unknown batch-norm backend"):
         F.batch_norm(torch.randn(4, 3), None, None, training=True, backend="nope")
+
+
+def test_a_backend_that_does_not_exist_or_fit_names_the_layer() -> None:
+    # a mistyped backend= is refused where it is written, not at the first forward
+    with pytest.raises(ValueError, match=r"^BatchNorm2d\(8\): unknown batch-norm backend 'nmuba'"):
+        batchnorm.BatchNorm2d(8, backend="nmuba")
+    layer = batchnorm.BatchNorm2d(8, backend="aten")
+    for training in (True, False):
+        with pytest.raises(
+            ValueError, match=r"^BatchNorm2d\(8\): batch-norm backend 'aten' does not support"
+        ):
+            layer.train(training)(torch.randn(2, 8, 3, 3))
+    layer.backend = "zzz"  # set afterwards: named at the call
+    with pytest.raises(ValueError, match=r"^BatchNorm2d\(8\): unknown batch-norm backend 'zzz'"):
+        layer(torch.randn(2, 8, 3, 3))
+    assert batchnorm.BatchNorm2d(8, backend="auto").backend == "auto"
 
 
 def test_functional_errors_name_the_argument_at_fault() -> None:

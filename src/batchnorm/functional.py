@@ -683,7 +683,11 @@ def _concrete(t: Tensor) -> bool:
 
 
 def get_backend(
-    x: Tensor, backend: str | None = None, *, also: tuple[Tensor | None, ...] = ()
+    x: Tensor,
+    backend: str | None = None,
+    *,
+    also: tuple[Tensor | None, ...] = (),
+    layer: str | None = None,
 ) -> Backend:
     """The backend for tensor ``x``: ``backend`` if given, else ``$BATCHNORM_BACKEND``, else
     ``auto`` — the Numba kernels for CPU float32/float64 tensors, torch's fused operator
@@ -693,7 +697,9 @@ def get_backend(
     (:func:`_torch_ops_only`), under a Python dispatch
     mode (``FakeTensorMode``, ...), and when ``x`` or one of the call's other tensors ``also``
     (weight, bias, running buffers) has no memory of its own (the wrappers of ``torch.func``
-    transforms, FakeTensors): the kernels would read through pointers that do not exist."""
+    transforms, FakeTensors): the kernels would read through pointers that do not exist.
+    ``layer`` names the calling layer in the errors of a backend that does not exist or does
+    not take ``x``."""
     if _torch_ops_only():
         # torch.jit.trace records torch operations only (a kernel call would be recorded as
         # constants); forward-mode AD differentiates torch operations only
@@ -719,11 +725,14 @@ def get_backend(
             return _ATEN_BACKEND
         return _TORCH
     from_env = not backend
+    where = f"{layer}: " if layer else ""
     try:
         chosen = _instance(choice)
     except ValueError as e:
         if from_env:  # a stray or mistyped environment, not the code: say where it came from
-            raise ValueError(f"$BATCHNORM_BACKEND={choice!r}: {e}") from None
+            raise ValueError(f"{where}$BATCHNORM_BACKEND={choice!r}: {e}") from None
+        if layer:
+            raise ValueError(f"{where}{e}") from None
         raise
     if not chosen.supports(x):
         remedy = (
@@ -732,8 +741,8 @@ def get_backend(
             else "use backend='torch' (or 'auto')"
         )
         raise ValueError(
-            f"batch-norm backend {choice!r} does not support {x.dtype} tensors on {x.device}; "
-            + remedy
+            f"{where}batch-norm backend {choice!r} does not support {x.dtype} tensors on "
+            f"{x.device}; " + remedy
         )
     return chosen
 
@@ -1283,7 +1292,7 @@ def batch_norm_train(
         y, mean, var = _masked_train(input, weight, bias, eps, ax, m, count)
         return y, mean, var, count
     count = _check_count(input, ax, layer)
-    be = get_backend(input, backend, also=(weight, bias))
+    be = get_backend(input, backend, also=(weight, bias), layer=layer)
     node = be.train_node(input, ax, weight, bias, eps, None)
     if node is not None:
         return node[0], node[1][0], node[1][1], count
@@ -1343,7 +1352,10 @@ def batch_norm_step(
         }
         check_vectors(input, ax, vectors, layer)
         be = get_backend(
-            input, backend, also=(weight, bias, running_mean, running_var, num_batches_tracked)
+            input,
+            backend,
+            also=(weight, bias, running_mean, running_var, num_batches_tracked),
+            layer=layer,
         )
         if ext is None or be.name != "numba":  # the kernels' node declined above
             node = be.train_node(input, ax, weight, bias, eps, running)
@@ -1407,7 +1419,7 @@ def batch_norm_eval(
         and not (running_mean.requires_grad or running_var.requires_grad)
     ):
         return _operator_eval(input, running_mean, running_var, weight, bias, eps, axis)
-    be = get_backend(input, backend, also=(running_mean, running_var, weight, bias))
+    be = get_backend(input, backend, also=(running_mean, running_var, weight, bias), layer=layer)
     if be is _ATEN_BACKEND and not (running_mean.requires_grad or running_var.requires_grad):
         # torch's operator, recorded by autograd itself when there is a graph to record
         return be.eval_node(input, axis, running_mean, running_var, weight, bias, eps)

@@ -300,7 +300,7 @@ class InPlaceABN(BatchNorm):
         ax = self.axis % input.dim()
         count = F._check_count(input, ax, self.layer_name())
         xc, restore = F.canonical_layout(input, ax)
-        backend = F.get_backend(xc, self.backend)
+        backend = F.get_backend(xc, self.backend, layer=self.layer_name())
         y, mean, var = _InPlaceABNFunction.apply(
             xc,
             self.weight,

@@ -155,6 +155,12 @@ class _BatchNormBase(nn.Module):
                 "the running statistics, so it needs track_running_stats=True; use "
                 "small_batch='skip' instead"
             )
+        if backend is not None and backend not in F._backend_names():
+            raise ValueError(
+                f"{name}({num_features}): unknown batch-norm backend {backend!r}; choose one of "
+                f"{F._backend_names()} (None: $BATCHNORM_BACKEND, else auto), or register it "
+                "first with batchnorm.functional.register_backend"
+            )
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
