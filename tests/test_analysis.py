@@ -522,3 +522,32 @@ def test_activation_statistics_pools_repeated_calls_and_takes_tuple_outputs() ->
     )
     bare = batchnorm.activation_statistics(nn.BatchNorm1d(3), torch.randn(8, 3))
     assert list(bare) == [""] and bare[""].mean.shape == (3,)  # as a bare Linear gives ""
+
+
+def test_activation_statistics_of_a_float64_layer_followed_by_an_in_place_op() -> None:
+    # the layer's float64 output was kept as it is and reduced after the forward, when the
+    # in-place ReLU after it (torchvision's ResNets) had rewritten it: ReLU's statistics
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(4, 6), batchnorm.BatchNorm1d(6), nn.ReLU(inplace=True), nn.Linear(6, 2)
+    ).double()
+    x = torch.randn(64, 4, dtype=torch.float64)
+    stats = activation_statistics(net, x, layers=["1"])["1"]
+    with torch.no_grad():
+        ref = net[1](net[0](x))  # train mode: the same batch statistics
+    np.testing.assert_allclose(stats.mean, ref.mean(0).numpy(), atol=1e-12)
+    np.testing.assert_allclose(
+        stats.quantiles[0], torch.quantile(ref, 0.05, dim=0).numpy(), atol=1e-12
+    )
+    assert (stats.quantiles[0] < 0).all()  # ReLU's would be 0
+
+
+def test_drift_between_statistics_at_other_levels_is_refused() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), batchnorm.BatchNorm1d(6))
+    x = torch.randn(32, 4)
+    median = activation_statistics(net, x, layers=["1"], levels=(0.5,))
+    five = activation_statistics(net, x, layers=["1"])
+    with pytest.raises(ValueError, match=r"layer '1' was measured at quantile levels \[0.5\]"):
+        distribution_drift(median, five)
+    assert distribution_drift(five, five)["1"]["quantile_shift"] == 0.0

@@ -174,7 +174,10 @@ RECOMPUTE: dict[str, Callable[[dict[str, Any]], bool]] = {
     ),  # fmt: skip
     "variance-shift-hurts": _beats_spread,
     # initialization
-    "bn-init-insensitive": lambda m: m["range_BN"] < m["range_noBN"] and m["trained_scales_BN"] > 0,
+    "bn-init-insensitive": lambda m: (
+        m["trained_scales_BN"] > 0
+        and (m["trained_scales_noBN"] == 0 or m["range_BN"] < m["range_noBN"])
+    ),
     "bn-init-fewer-failures": lambda m: m["failures_BN"] < m["failures_noBN"],
     # noisy-bn
     "noisy-bn-as-good-as-bn": lambda m: (
@@ -858,6 +861,19 @@ def test_initialization_an_arm_failing_at_every_scale_is_not_insensitive(
     fewer = c["bn-init-fewer-failures"]
     assert fewer.measured["status_BN"]["0.1"] == "stalled" and fewer.verdict is False
 
+    # the other way round: no-BN failing at every scale is not insensitive either, and BN
+    # trained at every scale (range 0.06 > 0) is the less sensitive arm
+    flip = {"noBN": {"0.001": 0.1, "0.1": 0.1, "10": 0.1}, "BN": {"0.001": 0.8, "0.1": 0.86, "10": 0.82}}  # fmt: skip
+
+    def nobn_fails(key: str) -> dict[str, Any]:
+        arm, scale, _ = key.split("-")
+        return {"train": _train([0.1, flip[arm][scale[4:]]]), "extra": {}}
+
+    c, _ = _stub_run(monkeypatch, initialization, cfg, nobn_fails)
+    ins = c["bn-init-insensitive"]
+    assert ins.measured["range_noBN"] == 0.0 and ins.measured["trained_scales_noBN"] == 0
+    assert ins.measured["trained_scales_BN"] == 3 and ins.verdict is True
+
 
 def test_learning_rate_stable_is_judged_against_each_arms_own_best(
     monkeypatch: pytest.MonkeyPatch,
@@ -906,5 +922,40 @@ def test_learning_rate_target_excludes_step_0(monkeypatch: pytest.MonkeyPatch) -
     assert fast.verdict is True and c["bn-x5-14x-fewer-steps"].verdict is True
     # halfway to a target at chance is chance itself: the floor (a quarter of the way to 1)
     assert c["nobn-x5-diverges"].measured["learn_threshold"] == pytest.approx(0.1 + 0.25 * 0.9)
+    for claim in c.values():
+        assert _recompute(claim.id)(claim.measured) == claim.verdict
+
+
+def test_learning_rate_target_comes_from_the_no_bn_seeds_that_were_evaluated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A no-BN seed diverging before its first evaluation left every step of the seed-mean
+    curve empty, and the target fell back to an accuracy of 1.0 that nothing reaches: BN,
+    reaching the surviving seeds' best far sooner, was judged not faster."""
+    curves = {
+        "noBN": [0.1, 0.3, 0.5, 0.7],
+        "BN-Baseline": [0.1, 0.75, 0.8, 0.85],
+        "BN-x5": [0.1, 0.8, 0.85, 0.9],
+        "BN-x30": [0.1, 0.7, 0.8, 0.85],
+        "BN-x5-Sigmoid": [0.1, 0.5, 0.6, 0.7],
+        "noBN-x5": [0.1, 0.1, 0.1, 0.1],
+        "noBN-Sigmoid": [0.1, 0.1, 0.1, 0.1],
+    }
+
+    def make(key: str) -> dict[str, Any]:
+        if key.startswith("sweep-"):
+            return {"train": _train([0.1, 0.5], key="val_acc"), "extra": {}}
+        arm, seed = key[4:].rsplit("-seed", 1)
+        if arm == "noBN" and seed == "1":  # non-finite before step 20, its first evaluation
+            return {"train": _train([0.1], diverged=True, val_acc=[0.1]), "extra": {}}
+        acc = curves[arm]
+        return {"train": _train(acc, val_acc=acc), "extra": {}}
+
+    cfg = learning_rate.LearningRateConfig(seeds=2, sweep_lrs=(0.01, 0.1, 1.0))
+    c, _ = _stub_run(monkeypatch, learning_rate, cfg, make)
+    fast = c["bn-trains-faster"]
+    assert fast.measured["target_accuracy"] == 0.7 and fast.measured["target_step"] == 60
+    assert fast.measured["steps_per_seed"]["BN-Baseline"] == [20, 20]
+    assert fast.verdict is True
     for claim in c.values():
         assert _recompute(claim.id)(claim.measured) == claim.verdict

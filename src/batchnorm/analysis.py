@@ -569,7 +569,10 @@ def _per_unit(t: Tensor, axis: int = 1) -> Tensor:
             f"activation_statistics: a layer output of shape {tuple(t.shape)} has no unit axis; "
             "measure a layer whose output is (N, C) or (N, C, ...)"
         )
-    t = t.detach().double().movedim(axis, 0)
+    # a copy also of a float64 output (.double() would return it as is): the values are reduced
+    # after the forward, and an in-place operation after the layer (ReLU(inplace=True)) would
+    # have rewritten them by then
+    t = t.detach().to(torch.float64, copy=True).movedim(axis, 0)
     return t.reshape(t.shape[0], -1)
 
 
@@ -696,6 +699,12 @@ def distribution_drift(
             raise ValueError(
                 f"distribution_drift: layer {n!r} has {a.mean.shape[0]} units before and "
                 f"{b.mean.shape[0]} after; compare checkpoints of the same architecture"
+            )
+        if a.levels.shape != b.levels.shape or not np.array_equal(a.levels, b.levels):
+            raise ValueError(
+                f"distribution_drift: layer {n!r} was measured at quantile levels "
+                f"{a.levels.tolist()} before and {b.levels.tolist()} after; measure both with "
+                "the same levels"
             )
         dmu = np.abs(b.mean - a.mean)
         ok = a.std > 0

@@ -39,8 +39,9 @@ set for Fashion-MNIST). The untrained network does not count, as in
 improves on its untrained accuracy would set a target that no arm "reaches" after the start,
 itself included).
 
-*Fails to learn*: the loss became non-finite, or the final seed-mean test accuracy is less
-than halfway from chance to the target.
+*Fails to learn*: the loss became non-finite, or the final seed-mean test accuracy is below
+:func:`~batchnorm.lab.experiments._nets.learned_bar` — chance + max((target − chance)/2,
+0.25·(1 − chance)).
 """
 
 from __future__ import annotations
@@ -199,9 +200,12 @@ def _train(
     return res, {}
 
 
-def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float | None]]:
+def _mean_curve(
+    runs: list[dict[str, Any]], key: str, every_seed: bool = True
+) -> tuple[list[int], list[float | None]]:
     """Seed-mean of an accuracy column at the evaluation steps of the longest run; a step
-    missing from any seed (diverged) gives ``None``."""
+    missing from any seed (diverged) gives ``None`` — or, with ``every_seed=False``, the mean
+    of the seeds that have it."""
     longest = max(runs, key=lambda r: len(r["rows"]))
     steps = [int(r["step"]) for r in longest["rows"] if r.get(key) is not None]
     curve: list[float | None] = []
@@ -212,7 +216,8 @@ def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[list[int], list[f
             for r in run["rows"]
             if int(r["step"]) == s and r.get(key) is not None
         ]
-        curve.append(float(np.mean(vals)) if len(vals) == len(runs) else None)
+        enough = len(vals) == len(runs) if every_seed else bool(vals)
+        curve.append(float(np.mean(vals)) if enough else None)
     return steps, curve
 
 
@@ -417,11 +422,19 @@ def run(cfg: LearningRateConfig, ctx: RunContext) -> Results:
     # the target excludes step 0 (the untrained network), like steps_to: no-BN's test accuracy
     # at the step where its validation accuracy was best; the steps to it are counted on the
     # test curves
-    chosen = [(v, -s) for s, v in zip(*val_curves["noBN"]) if s > 0 and v is not None]
+    val_nobn, test_nobn = val_curves["noBN"], mean_curves["noBN"]
+    if not any(v is not None for s, v in zip(*val_nobn) if s > 0):
+        # a no-BN seed diverged before its first evaluation (η₀ is at the edge of stability):
+        # the target comes from the seeds that were evaluated
+        val_nobn = _mean_curve(arm_runs["noBN"], "val_acc", every_seed=False)
+        test_nobn = _mean_curve(arm_runs["noBN"], "test_acc", every_seed=False)
+    chosen = [(v, -s) for s, v in zip(*val_nobn) if s > 0 and v is not None]
     target_step = -max(chosen)[1] if chosen else None
-    test_at = dict(zip(*mean_curves["noBN"]))
+    test_at = dict(zip(*test_nobn))
     at_step = None if target_step is None else test_at.get(target_step)
-    target = at_step if at_step is not None else 1.0
+    # no no-BN seed evaluated at all: the lowest accuracy that counts as learning, which no-BN
+    # never reached
+    target = at_step if at_step is not None else learned_bar(chance, chance)
     reach_seeds = {arm: seed_steps(runs, target) for arm, runs in arm_runs.items()}
     reach = {arm: mean_steps(v) for arm, v in reach_seeds.items()}
     quicker = {
