@@ -245,11 +245,11 @@ class DoctorReport:
     the measurements behind them. ``str(report)`` is the text report, :meth:`to_dict` /
     :meth:`to_json` the machine-readable one.
 
-    Example::
+    Example (``model`` and ``loader`` are yours)::
 
-        >>> report = batchnorm.doctor(model, loader)
-        >>> print(report)
-        >>> if report.has_errors: ...
+        report = batchnorm.doctor(model, loader)
+        print(report)
+        if report.has_errors: ...
     """
 
     model: str
@@ -879,10 +879,10 @@ def stat_gaps(
     Raises:
         RuntimeError: the model fails on the data in that mode.
 
-    Example::
+    Example (``model`` and ``loader`` are yours)::
 
-        >>> gaps = batchnorm.stat_gaps(model, loader)
-        >>> max(g.mean_shift_max for g in gaps.values())   # ≈ 0 after recalibration
+        gaps = batchnorm.stat_gaps(model, loader)
+        max(g.mean_shift_max for g in gaps.values())   # ≈ 0 after recalibration
     """
     if mode not in ("train", "inference"):
         raise ValueError(f"stat_gaps: mode must be 'train' or 'inference', got {mode!r}")
@@ -915,9 +915,9 @@ def output_gap(
     Raises:
         RuntimeError: the model fails on the data.
 
-    Example::
+    Example (``model`` and ``loader`` are yours)::
 
-        >>> batchnorm.output_gap(model, loader).relative_rms   # ≈ 0 for healthy statistics
+        batchnorm.output_gap(model, loader).relative_rms   # ≈ 0 for healthy statistics
     """
     batches = _on_device(_take_batches(data, num_batches, batch_size), model)
     names = [n for n, _ in _bn_layers(model)]
@@ -1505,12 +1505,12 @@ def doctor(
             per-channel count check scales to it.
         thresholds: where measurements become findings (:class:`Thresholds`).
 
-    Example::
+    Example (``model`` and ``loader`` are yours; README's *A real example* runs one)::
 
-        >>> report = batchnorm.doctor(model, loader, num_batches=8)
-        >>> print(report)                 # text
-        >>> report.to_json()              # machine-readable
-        >>> [f.check for f in report.errors]
+        report = batchnorm.doctor(model, loader, num_batches=8)
+        print(report)                 # text
+        report.to_json()              # machine-readable
+        [f.check for f in report.errors]
     """
     t = thresholds or Thresholds()
     if not isinstance(model, nn.Module):
@@ -2163,10 +2163,10 @@ def before_after(
          "cured": [checks at warning or error level before that are gone or only info after],
          "remaining": [checks still at warning or error level after]}
 
-    Example::
+    Example (``net``, ``x_test`` and ``loader`` are yours)::
 
-        >>> d = before_after(net, x_test, lambda m: batchnorm.recalibrate(m, loader))
-        >>> d["before"]["output_gap"], d["after"]["output_gap"], d["cured"]
+        d = before_after(net, x_test, lambda m: batchnorm.recalibrate(m, loader))
+        d["before"]["output_gap"], d["after"]["output_gap"], d["cured"]
     """
     before = doctor(model, data, num_batches, batch_size=batch_size, thresholds=thresholds)
     fixed = _probe_copy(model)
