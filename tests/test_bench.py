@@ -23,7 +23,8 @@ def test_parse_case():
     assert bench.parse_case("60x100") == bench.Case((60, 100))
     assert bench.parse_case("2x3x4x5@cl") == bench.Case((2, 3, 4, 5), "channels_last")
     assert bench.parse_case("2x3x4x5x6@cl").layout == "channels_last_3d"
-    for bad in ("60", "60xa", "0x3", "4x3@cl", "4x3@nhwc", "1x3"):
+    # int() alone took "1_0" as 10, "+4" and " 4"; an empty "@" suffix was contiguous
+    for bad in ("60", "60xa", "0x3", "4x3@cl", "4x3@nhwc", "1x3", "2x3@", "2x1_0", "+4x3", " 4x 3"):
         with pytest.raises(ValueError, match="bench"):
             bench.parse_case(bad)
 
@@ -141,9 +142,19 @@ def test_plot_and_from_json_read_saved_results(tmp_path, capsys, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert not list(png.parent.glob(".*"))  # written atomically: no temporary file left
 
-    for extra in (["--json", str(tmp_path / "again.json")], ["--shapes", "7x3"]):
+    for extra in (
+        ["--json", str(tmp_path / "again.json")],
+        ["--shapes", "7x3"],
+        # options of a measurement, which a saved table would silently not follow
+        ["--dtype", "float64"],
+        ["--repeats", "99"],
+        ["--threads", "1"],
+        ["--passes", "eval"],
+        ["--warmup", "5"],
+    ):
         assert cli_main(["bench", "--from-json", str(saved), *extra]) == 2
-        assert "--from-json measures nothing" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "--from-json measures nothing" in err and extra[0] in err
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"cases": 3}')

@@ -966,6 +966,16 @@ def test_running_update_refuses_what_it_cannot_update_in_place() -> None:
         K.running_update(v.copy(), v.copy(), v, v, 0.1, num_batches_tracked=np.zeros(2, np.int64))
 
 
+def test_arguments_that_are_not_numbers_are_named() -> None:
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(TypeError, match=r"weight must be a \(3,\) array of numbers, got str"):
+        K.forward_train(x, "abc")
+    rm, rv = np.zeros(3), np.ones(3)
+    with pytest.raises(TypeError, match=r"momentum must be a number, got None.*1/\(n \+ 1\)"):
+        K.running_update(rm, rv, np.ones(3), np.ones(3), None)  # type: ignore[arg-type]
+    assert np.all(rm == 0)
+
+
 def test_running_update_refuses_buffers_that_share_memory() -> None:
     """The two buffers as one array (or overlapping), or a buffer given as the other one's
     batch statistic: a value would be read after it was written. Refused, nothing changed; a
@@ -976,11 +986,12 @@ def test_running_update_refuses_buffers_that_share_memory() -> None:
         (lambda rm, rv: (rm, rv, m, rm), "running_mean and var"),
         (lambda rm, rv: (rm, rv, rv, v), "running_var and mean"),
     ]
-    for make, names in cases:
-        rm, rv = np.zeros(3), np.ones(3)
-        with pytest.raises(ValueError, match=f"{names} share memory"):
-            K.running_update(*make(rm, rv), 0.1)
-        assert np.all(rm == 0) and np.all(rv == 1)
+    for dtype in (np.float64, np.float32):  # float32 statistics are read through copies
+        for make, names in cases:
+            rm, rv = np.zeros(3, dtype), np.ones(3, dtype)
+            with pytest.raises(ValueError, match=f"{names} share memory"):
+                K.running_update(*make(rm, rv), 0.1)
+            assert np.all(rm == 0) and np.all(rv == 1)
     buf = np.zeros(4)
     rm, rv = buf[:3], buf[1:]  # overlapping in part
     with pytest.raises(ValueError, match="running_mean and running_var share memory"):

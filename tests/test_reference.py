@@ -157,3 +157,19 @@ def test_backward_keeps_its_digits_when_the_mean_is_not_a_float() -> None:
     dx, _, _ = ref.batch_norm_backward(dy, x, g)
     want = _exact_backward(x, dy, g, 1e-5)
     assert np.max(np.abs(dx - want)) <= 1e-14 * np.max(np.abs(want))
+
+
+def test_forward_takes_xhat_from_the_corrected_centered_values() -> None:
+    """x̂ came from x minus the uncorrected mean: a constant channel of 1e30 normalized to
+    −2.7e17 (σ²_B was right, 0), and at an offset of 1e12 y was off by 1.5e-4."""
+    const = np.full((64, 1), 1e30)
+    y, xhat, _, var = ref.batch_norm_forward(const)
+    assert var[0] == 0.0 and np.all(y == 0.0) and np.all(xhat == 0.0)
+    y, _, _, _ = ref.batch_norm_forward(np.full((100, 1), 1000000.1))
+    assert np.all(y == 0.0)
+    rng = np.random.default_rng(3)
+    x = 1e12 + rng.integers(-8, 9, (16, 2)).astype(np.float64)  # exact in float64
+    d = x - x.mean(axis=0, dtype=np.longdouble).astype(np.float64)  # exact here: means of ints/16
+    want = d / np.sqrt((d**2).mean(axis=0) + 1e-5)
+    y, _, _, _ = ref.batch_norm_forward(x)
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-12)

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -113,11 +114,13 @@ SUITE: tuple[Case, ...] = (
 
 def parse_case(spec: str) -> Case:
     """``"32x64x56x56"`` → NCHW contiguous; a ``@cl`` suffix → ``channels_last``."""
-    body, _, suffix = spec.partition("@")
-    try:
-        shape = tuple(int(s) for s in body.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"bench: cannot read shape {spec!r}; write it like 32x64x56x56") from None
+    if not re.fullmatch(r"[0-9]+(x[0-9]+)+(@[a-z0-9]+)?", spec.lower()):
+        # (int() alone would take "1_0", "+4" and " 4", and partition an empty "@" suffix)
+        raise ValueError(
+            f"bench: cannot read shape {spec!r}; write it like 32x64x56x56, or 32x64x56x56@cl"
+        )
+    body, _, suffix = spec.lower().partition("@")
+    shape = tuple(int(s) for s in body.split("x"))
     if len(shape) < 2 or len(shape) > 5 or min(shape) < 1:
         raise ValueError(f"bench: shape {spec!r} must have 2 to 5 positive sizes (N, C, ...)")
     if suffix not in ("", "cl"):
@@ -970,12 +973,27 @@ def main(args: argparse.Namespace) -> int:
         cases = [parse_case(s) for s in args.shapes] if args.shapes else None
     except ValueError as e:
         return fail(prog, str(e))
-    if args.from_json and (args.json or args.shapes or args.processes != 1 or args.cold):
-        return fail(
-            prog,
-            "--from-json measures nothing, so --json, --shapes, --cold and --processes do not "
-            "apply; use --from-json PATH [--plot PNG]",
-        )
+    if args.from_json:
+        # measuring options given with it would be ignored without a word
+        defaults = {"repeats": 15, "warmup": 2, "dtype": "float32", "passes": list(PASSES)}
+        given = [f"--{k}" for k, v in defaults.items() if getattr(args, k) != v]
+        given += [
+            f"--{k}"
+            for k, on in (
+                ("json", bool(args.json)),
+                ("shapes", bool(args.shapes)),
+                ("threads", args.threads is not None),
+                ("cold", bool(args.cold)),
+                ("processes", args.processes != 1),
+            )
+            if on
+        ]
+        if given:
+            return fail(
+                prog,
+                f"--from-json measures nothing, so {', '.join(given)} do not apply; use "
+                "--from-json PATH [--plot FILE]",
+            )
     if args.processes < 1:
         return fail(prog, f"--processes must be >= 1, got {args.processes}")
     # found before measuring, not after (the counts only matter when measuring)

@@ -82,12 +82,17 @@ def _centered(x: Array, axis: int) -> tuple[Array, Array]:
     return mean, d - d.mean(axis=axes, keepdims=True)
 
 
+def _moments(x: Array, axis: int) -> tuple[Array, Array, Array]:
+    """``(μ_B, x − μ_B, σ²_B)``: two passes, the mean subtracted before squaring (stable where
+    E[x²] − E[x]² is not), with :func:`_centered`'s correction."""
+    mean, d = _centered(x, axis)
+    return mean, d, (d**2).mean(axis=reduce_axes(x.ndim, axis))
+
+
 def batch_stats(x: ArrayLike, axis: int = 1) -> tuple[Array, Array]:
     """Mini-batch mean μ_B and biased variance σ²_B = (1/m)Σ(x − μ_B)² per channel (Algorithm 1)."""
-    x = _f64(x)
-    # two-pass: subtract the mean before squaring (stable where E[x²] − E[x]² is not)
-    mean, d = _centered(x, axis)
-    return mean, (d**2).mean(axis=reduce_axes(x.ndim, axis))
+    mean, _, var = _moments(_f64(x), axis)
+    return mean, var
 
 
 def normalize(
@@ -102,13 +107,19 @@ def normalize(
     """x̂ = (x − μ)/√(σ² + ε) and y = γ x̂ + β; returns ``(y, xhat)``."""
     x = _f64(x)
     m = _bcast(_f64(mean), x.ndim, axis)
-    v = _bcast(_f64(var), x.ndim, axis)
-    xhat = (x - m) / np.sqrt(v + eps)
+    return _scaled(x - m, var, gamma, beta, eps, axis)
+
+
+def _scaled(
+    d: Array, var: ArrayLike, gamma: ArrayLike | None, beta: ArrayLike | None, eps: float, axis: int
+) -> tuple[Array, Array]:
+    """``(y, x̂)`` from the centered values ``d = x − μ``: x̂ = d/√(σ² + ε), y = γ x̂ + β."""
+    xhat = d / np.sqrt(_bcast(_f64(var), d.ndim, axis) + eps)
     y = xhat
     if gamma is not None:
-        y = y * _bcast(_f64(gamma), x.ndim, axis)
+        y = y * _bcast(_f64(gamma), d.ndim, axis)
     if beta is not None:
-        y = y + _bcast(_f64(beta), x.ndim, axis)
+        y = y + _bcast(_f64(beta), d.ndim, axis)
     return y, xhat
 
 
@@ -119,9 +130,11 @@ def batch_norm_forward(
     eps: float = 1e-5,
     axis: int = 1,
 ) -> tuple[Array, Array, Array, Array]:
-    """Algorithm 1, the training transform. Returns ``(y, xhat, mean, var)`` with biased ``var``."""
-    mean, var = batch_stats(x, axis)
-    y, xhat = normalize(x, mean, var, gamma, beta, eps, axis)
+    """Algorithm 1, the training transform. Returns ``(y, xhat, mean, var)`` with biased ``var``.
+    x̂ is taken from the same corrected centered values as σ²_B (see :func:`batch_stats`), so a
+    constant channel gives exactly 0 and |μ_B| ≫ spread keeps its digits."""
+    mean, d, var = _moments(_f64(x), axis)
+    y, xhat = _scaled(d, var, gamma, beta, eps, axis)
     return y, xhat, mean, var
 
 
@@ -145,8 +158,7 @@ def batch_norm_backward(
     dy = _f64(dy)
     axes = reduce_axes(x.ndim, axis)
     m = channel_count(x.shape, axis)
-    _, d = _centered(x, axis)
-    var = (d**2).mean(axis=axes)
+    _, d, var = _moments(x, axis)
     invstd = 1.0 / np.sqrt(var + eps)
     xhat = d * _bcast(invstd, x.ndim, axis)
     dbeta = dy.sum(axis=axes)

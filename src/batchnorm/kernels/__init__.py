@@ -447,7 +447,13 @@ def _channel_vec(
         if not optional:
             raise TypeError(f"batchnorm.kernels: {what} is required (a ({C},) array), got None")
         return _EMPTY[dtype]
-    a = np.asarray(v, dtype=dtype)  # not ascontiguousarray: it would make a 0-d array 1-D
+    try:
+        a = np.asarray(v, dtype=dtype)  # not ascontiguousarray: it would make a 0-d array 1-D
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"batchnorm.kernels: {what} must be a ({C},) array of numbers, got "
+            f"{type(v).__name__} ({e})"
+        ) from None
     if a.shape != (C,):
         raise ValueError(f"batchnorm.kernels: {what} must have shape ({C},), got {a.shape}")
     return np.ascontiguousarray(a)
@@ -850,15 +856,24 @@ def running_update(
             f"batchnorm.kernels: running_mean {rm.shape} and running_var {rv.shape} must both "
             "have shape (C,)"
         )
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.number)):
+        raise TypeError(
+            f"batchnorm.kernels.running_update: momentum must be a number, got {momentum!r}; "
+            "for torch's momentum=None (a cumulative average) pass 1/(n + 1) for the n-th batch "
+            "counted from 0"
+        )
     m = _channel_vec(mean, C, np.dtype(np.float64), "mean")
     v = _channel_vec(var, C, np.dtype(np.float64), "var")
-    # each buffer is written while the others are read, channel by channel
+    # each buffer is written while the others are read, channel by channel (the statistics as
+    # given: float32 ones are read through float64 copies, but the call is the same mistake)
     for (na, a), (nb, b) in (
         (("running_mean", rm), ("running_var", rv)),
         (("running_mean", rm), ("var", v)),
         (("running_var", rv), ("mean", m)),
+        (("running_mean", rm), ("var", var)),
+        (("running_var", rv), ("mean", mean)),
     ):
-        if np.may_share_memory(a, b):
+        if isinstance(b, np.ndarray) and np.may_share_memory(a, b):
             raise ValueError(
                 f"batchnorm.kernels: {na} and {nb} share memory, so one would be read after the "
                 f"other was written; pass arrays of their own (e.g. {nb}.copy())"
@@ -872,7 +887,11 @@ def running_update(
                 f"{type(num_batches_tracked).__name__}; e.g. np.zeros((), np.int64)"
             )
         if num_batches_tracked.dtype != np.int64 or num_batches_tracked.size != 1:
-            raise ValueError("batchnorm.kernels: num_batches_tracked must be one int64 value")
+            raise ValueError(
+                "batchnorm.kernels: num_batches_tracked must be one int64 value, got "
+                f"{num_batches_tracked.dtype} of shape {num_batches_tracked.shape}; e.g. "
+                "np.zeros((), np.int64)"
+            )
         _check_writeable(num_batches_tracked, "num_batches_tracked")
         nbt = num_batches_tracked.reshape(1)
     weight = momentum if alpha is None else alpha
