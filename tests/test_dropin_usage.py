@@ -419,3 +419,90 @@ def test_outputs_are_laid_out_as_torch_nn_lays_them_out(
     # the any-axis layer keeps the input's layout, as documented
     x = torch.randn(4, 6, 5, generator=g).transpose(1, 2)
     assert batchnorm.BatchNorm(5).train(train)(x).stride() == x.stride()
+
+
+def test_vmap_over_an_eval_layer_with_a_channels_last_input() -> None:
+    # the layout check asked the transform's wrapper about channels_last, which vmap refuses
+    torch.manual_seed(0)
+    ours, theirs = _pair(batchnorm.BatchNorm2d, nn.BatchNorm2d, 4)
+    ours.eval(), theirs.eval()
+    x = torch.randn(5, 2, 4, 3, 3).contiguous(memory_format=torch.channels_last_3d)
+    got = torch.func.vmap(ours)(x)
+    torch.testing.assert_close(got, torch.func.vmap(theirs)(x))
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: batchnorm.BatchNorm(4, axis=-1), (2, 3, 4)),
+        (lambda: batchnorm.BatchNorm1d(4), (2, 4, 1)),
+    ],
+)
+def test_a_training_trace_takes_other_batch_sizes(make: Callable[[], nn.Module], shape) -> None:  # type: ignore[no-untyped-def]
+    # the canonical view reshaped to the traced batch's product, a constant of the trace
+    torch.manual_seed(0)
+    layer, eager = make(), make()
+    traced = torch.jit.trace(layer, torch.randn(shape), check_trace=False)
+    eager.load_state_dict(layer.state_dict())
+    x = torch.randn(6, *shape[1:])
+    torch.testing.assert_close(traced(x), eager(x))
+    torch.testing.assert_close(layer.running_mean, eager.running_mean)
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: batchnorm.BatchNorm(4, axis=-1, track_running_stats=False), (2, 3, 4)),
+        (lambda: batchnorm.BatchNorm1d(4, track_running_stats=False), (2, 4, 1)),
+        (lambda: batchnorm.BatchNorm(4, axis=-1), (2, 3, 4)),
+    ],
+)
+def test_an_eval_export_with_a_dynamic_batch(make: Callable[[], nn.Module], shape) -> None:  # type: ignore[no-untyped-def]
+    # a batch-size constant in the graph (the canonical view's reshape, the small-batch
+    # warning's comparison) made torch.export refuse a dynamic batch; and the any-axis layer's
+    # recorded output came back transposed, unlike eager's
+    torch.manual_seed(0)
+    layer = make().eval()
+    batch = torch.export.Dim("batch", min=2, max=64)
+    exported = torch.export.export(layer, (torch.randn(shape),), dynamic_shapes=({0: batch},))
+    x = torch.randn(6, *shape[1:])
+    got, want = exported.module()(x), layer(x)
+    torch.testing.assert_close(got, want)
+    assert got.stride() == want.stride() == x.stride()
+    assert torch.jit.trace(layer, torch.randn(shape))(x).stride() == x.stride()
+
+
+def test_a_scripted_half_layer_blends_before_rounding() -> None:
+    # the batch variance (69984) was rounded to float16 (inf) before the blend, and the
+    # finite batch refused
+    layer = batchnorm.BatchNorm1d(2).half()
+    ref = nn.BatchNorm1d(2).half()
+    scripted = torch.jit.script(layer)
+    x = torch.tensor([[-264.0, 1.0], [264.0, 2.0], [-264.0, 1.0], [264.0, 2.0]]).half()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scripted(x)
+    ref(x)
+    torch.testing.assert_close(layer.running_var, ref.running_var)
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_inductor_follows_the_cumulative_average_of_momentum_none() -> None:
+    # inductor kept the first 1/n given as a Python float (add's alpha, lerp's weight) for
+    # every later step: running statistics off by up to 3 from the third step on
+    import warnings
+
+    torch.manual_seed(0)
+    ours, ref = batchnorm.BatchNorm2d(4, momentum=None), nn.BatchNorm2d(4, momentum=None)
+    compiled = torch.compile(ours, backend="inductor")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(4):
+            x = torch.randn(4, 4, 3, 3) * 2 + 1
+            with torch.no_grad():
+                compiled(x)
+                ref(x)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-5, atol=1e-5)

@@ -122,10 +122,12 @@ def canonical_layout(x: Tensor, axis: int = 1) -> tuple[Tensor, Callable[[Tensor
             moved_shape = last.shape
             return last.reshape(-1, c), lambda y: y.reshape(moved_shape).movedim(-1, ax)
         x = x.contiguous()
-    n, l = _prod(shape[:ax]), _prod(shape[ax + 1 :])
+    # the leading sizes as -1: a recorded graph (jit.trace, torch.export with a dynamic batch)
+    # would otherwise hold the traced batch's product as a constant
+    l = _prod(shape[ax + 1 :])
     if l == 1:
-        return x.reshape(n, c), lambda y: y.reshape(shape)  # (M, C)
-    return x.reshape(n, c, l), lambda y: y.reshape(shape)  # (N, C, L)
+        return x.reshape(-1, c), lambda y: y.reshape(shape)  # (M, C)
+    return x.reshape(-1, c, l), lambda y: y.reshape(shape)  # (N, C, L)
 
 
 def _dims(t: Tensor) -> tuple[int, ...]:
@@ -1471,12 +1473,27 @@ def _operator_eval(
         return t if t is None or t.dtype == dt else t.to(dt)
 
     ax = axis % x.dim()
-    # channels elsewhere: moved to dim 1 and back (transposes: no sizes fixed in the graph)
+    # channels elsewhere: moved to dim 1 and back (transposes: no sizes fixed in the graph). A
+    # contiguous (N, L, C) moved so is a channels_last (N, C, L, 1), whose layout the operator
+    # keeps, as it keeps 4-D/5-D channels_last: the output comes back laid out as the eager
+    # layer's, not transposed (a later .view would fail only in the recorded graph)
     xn = x if ax == 1 else x.movedim(ax, 1)
+    lift = x.dim() == 3 and ax != 1
     y = torch.batch_norm(
-        xn, as_dt(weight), as_dt(bias), as_dt(mean), as_dt(var), False, 0.0, eps, False
+        xn.unsqueeze(-1) if lift else xn,
+        as_dt(weight),
+        as_dt(bias),
+        as_dt(mean),
+        as_dt(var),
+        False,
+        0.0,
+        eps,
+        False,
     )
-    return y if ax == 1 else y.movedim(1, ax)
+    if lift:
+        y = y.squeeze(-1)
+    y = y if ax == 1 else y.movedim(1, ax)
+    return y.contiguous() if x.is_contiguous() else y
 
 
 def _ready_node(backend: str | None, x: Tensor) -> Any | None:
@@ -1664,8 +1681,17 @@ def _blended(running: RunningStats, mean: Tensor, var: Tensor) -> tuple[Tensor, 
     running_mean, running_var, momentum, alpha, _ = running
     cm = torch.promote_types(running_mean.dtype, mean.dtype)
     cv = torch.promote_types(running_var.dtype, var.dtype)
-    blended_m = torch.lerp(running_mean.to(cm), mean.to(cm), momentum)
-    blended_v = running_var.to(cv).mul(1.0 - momentum).add(var.to(cv), alpha=alpha)
+    if torch.compiler.is_compiling():
+        # momentum=None's factor is a Python float read from the counter: inductor (torch
+        # 2.13) keeps the first value of such a float given as add's alpha or lerp's weight for
+        # every later step, with no guard to recompile. As 0-d tensors, the values flow.
+        m = torch.tensor(momentum, dtype=cm)
+        a = torch.tensor(alpha, dtype=cv)
+        blended_m = running_mean.to(cm) + m * (mean.to(cm) - running_mean.to(cm))
+        blended_v = running_var.to(cv) * (1.0 - m.to(cv)) + a * var.to(cv)
+    else:
+        blended_m = torch.lerp(running_mean.to(cm), mean.to(cm), momentum)
+        blended_v = running_var.to(cv).mul(1.0 - momentum).add(var.to(cv), alpha=alpha)
     return blended_m.to(running_mean.dtype), blended_v.to(running_var.dtype)
 
 
@@ -1970,8 +1996,14 @@ def batch_norm_scriptable(
             count = input.numel() // C
             alpha = factor * count / (count - 1) if unbiased_running_var else factor
             with torch.no_grad():
-                new_m = torch.lerp(running_mean, mean.detach().to(running_mean.dtype), factor)
-                new_v = running_var * (1.0 - factor) + alpha * var.detach().to(running_var.dtype)
+                # blended in the wider of the statistics' and the buffers' dtypes and rounded
+                # once into the buffers, as the eager path does: a half buffer would otherwise
+                # get the batch variance rounded first (69984 is inf in float16)
+                bt = torch.promote_types(cdtype, running_mean.dtype)
+                new_m = torch.lerp(running_mean.to(bt), mean.detach().to(bt), factor)
+                new_v = running_var.to(bt) * (1.0 - factor) + alpha * var.detach().to(bt)
+                new_m = new_m.to(running_mean.dtype)
+                new_v = new_v.to(running_var.dtype)
                 if bool(torch.isfinite(new_m).all()) and bool(torch.isfinite(new_v).all()):
                     running_mean.copy_(new_m)
                     running_var.copy_(new_v)
