@@ -435,7 +435,7 @@ def test_rates_equal_at_6_digits_are_trained_separately(tmp_path):
 
     sets = [
         "lr_grid=1,1.0000001", "shared_lr=1.0000001", "steps=20", "sweep_steps=20",
-        "eval_every=10", "hidden=8", "probe_size=50", "final_window=1",
+        "eval_every=5", "hidden=8", "probe_size=50", "final_window=1",
     ]  # fmt: skip
     out = run_experiment(
         "paper-mnist", tmp_path / "r", quick=True, dataset="digits", sets=sets,
