@@ -359,6 +359,43 @@ def test_download_verifies_checksums_and_falls_back_to_next_mirror(isolated, ser
     data.download_dataset("mnist", dest, urls=["http://127.0.0.1:9/"], md5=sums)
 
 
+def test_a_failed_mirror_is_reported_and_tried_last_for_the_other_files(
+    isolated, server, capsys, monkeypatch
+):
+    # a success on the second mirror said nothing of the first, and a mirror that had failed
+    # was tried first again for every file (a hanging one: the timeout four times over)
+    root, url = server
+    files = _write_set(root / "good", n_train=6, n_test=4)
+    sums = {p.name: _md5(p) for p in files.values()}
+    asked: list[str] = []
+    real_urlopen = data.urllib.request.urlopen
+
+    def urlopen(u, *a, **k):  # type: ignore[no-untyped-def]
+        asked.append(u)
+        return real_urlopen(u, *a, **k)
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    data.download_dataset("mnist", isolated / "dl", urls=[url + "/gone/", url + "/good/"], md5=sums)
+    err = capsys.readouterr().err
+    assert f"download: {url}/gone/train-images-idx3-ubyte.gz: HTTP Error 404" in err
+    assert "trying the next mirror" in err and len(err.strip().splitlines()) == 1
+    assert sum("/gone/" in u for u in asked) == 1 and sum("/good/" in u for u in asked) == 4
+
+
+def test_a_download_the_cache_cannot_hold_is_one_error_naming_the_folder(isolated, server):
+    # a folder in the file's place (as a full or read-only disk): every mirror would fail the
+    # same way, and each was blamed in turn, the file fetched again from every one
+    root, url = server
+    files = _write_set(root / "good", n_train=6, n_test=4)
+    sums = {p.name: _md5(p) for p in files.values()}
+    dest = isolated / "dl"
+    (dest / "train-images-idx3-ubyte.gz").mkdir(parents=True)
+    with pytest.raises(
+        DatasetNotFoundError, match=rf"cannot download mnist into {dest}: .*Is a directory"
+    ):
+        data.download_dataset("mnist", dest, urls=[url + "/good/", url + "/good/"], md5=sums)
+
+
 def test_download_rejects_a_checksum_mismatch(isolated, server):
     root, url = server
     files = _write_set(root / "f", n_train=5, n_test=5)

@@ -36,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import http.client
@@ -44,6 +45,7 @@ import os
 import struct
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Sequence
@@ -55,6 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from batchnorm._console import say
 from batchnorm.lab.results import usual_mode
 
 __all__ = [
@@ -516,6 +519,24 @@ def _remove_abandoned_parts(folder: Path) -> None:
             pass  # another process removed it first, or it is not ours to remove
 
 
+#: errors of writing into the cache folder, not of the transfer
+_LOCAL_ERRNOS = frozenset(
+    getattr(errno, n)
+    for n in ("ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EISDIR", "ENOTDIR")
+    if hasattr(errno, n)
+)
+
+
+def _local_write_error(e: BaseException) -> bool:
+    """Whether ``e`` came from writing the download into its folder (a full or read-only disk,
+    a folder in the file's place), not from a mirror (URLError, a timeout, a reset)."""
+    return (
+        isinstance(e, OSError)
+        and not isinstance(e, urllib.error.URLError)
+        and e.errno in _LOCAL_ERRNOS
+    )
+
+
 def download_dataset(
     name: str,
     dest: str | os.PathLike[str] | None = None,
@@ -541,7 +562,9 @@ def download_dataset(
     def unwritable(e: OSError) -> DatasetNotFoundError:
         # the folder downloaded into, not the run's: say which, and the ways around it
         return DatasetNotFoundError(
-            f"cannot download {name} into {out}: {e.strerror or e}; "
+            f"cannot download {name} into {out}: "
+            + (f"{e.filename}: " if getattr(e, "filename", None) else "")
+            + f"{e.strerror or e}; "
             + ("set XDG_CACHE_HOME to a folder you can write to, " if dest is None else "")
             + "or download the four files yourself and pass --data-dir FOLDER"
         )
@@ -551,43 +574,53 @@ def download_dataset(
     except OSError as e:
         raise unwritable(e) from None
     _remove_abandoned_parts(out)
+    failed: list[str] = []  # mirrors that failed a file: tried last for the files after it
     for fname, want in sums.items():
         target = out / fname
         if target.is_file() and _md5(target) == want:
             continue
         errors: list[str] = []
-        for base in bases:
+        for base in sorted(bases, key=lambda b: b in failed):
             url = base.rstrip("/") + "/" + fname
             try:
                 fd, tmp_name = tempfile.mkstemp(dir=out, prefix=f".{fname}.", suffix=".part")
             except OSError as e:
                 raise unwritable(e) from None
             tmp = Path(tmp_name)
+            problem = None
             try:
                 usual_mode(fd)
                 with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
                     _copy_response(r, f, timeout)
                     size, length = f.tell(), r.headers.get("Content-Length", "")
+                got = _md5(tmp)
                 if length.isdigit() and size < int(length):
                     # a dropped connection ends the read quietly: not a wrong file, a cut one
-                    errors.append(
+                    problem = (
                         f"{url}: the transfer stopped after {size} of {length} bytes "
                         "(connection closed); run the command again"
                     )
-                    continue
-                got = _md5(tmp)
-                if got != want:
-                    errors.append(f"{url}: checksum mismatch (md5 {got}, expected {want})")
-                    continue
-                os.replace(tmp, target)
-                break
+                elif got != want:
+                    problem = f"{url}: checksum mismatch (md5 {got}, expected {want})"
+                else:
+                    os.replace(tmp, target)
             except (OSError, http.client.HTTPException) as e:
+                if _local_write_error(e):
+                    # the cache folder's fault (full, read-only, a folder in the file's place):
+                    # every mirror would fail the same way
+                    raise unwritable(e) from None  # type: ignore[arg-type]
                 # HTTPException: a malformed answer (a cut chunked body, a bad status line) —
                 # not an OSError, and no reason not to try the next mirror
                 kind = f"{type(e).__name__}: " if isinstance(e, http.client.HTTPException) else ""
-                errors.append(f"{url}: {kind}{e}")
+                problem = f"{url}: {kind}{e}"
             finally:
                 tmp.unlink(missing_ok=True)
+            if problem is None:
+                break
+            errors.append(problem)
+            if base not in failed:
+                failed.append(base)
+            say(f"download: {problem}; trying the next mirror", err=True)
         else:
             mismatch = any("checksum" in e for e in errors)
             cls = DatasetCorruptError if mismatch else DatasetNotFoundError
