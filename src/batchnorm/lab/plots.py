@@ -57,6 +57,17 @@ def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (4.6,
     return fig, list(np.asarray(axes).ravel())
 
 
+def log_axis(ax: Any, values: Sequence[float]) -> None:
+    """A log-scaled x axis labelled at ``values`` (the grid's learning rates or scales) and
+    nowhere else: matplotlib's minor labels of a narrow range (3×10⁻¹, 4×10⁻¹, …) overlap."""
+    from matplotlib.ticker import NullFormatter
+
+    ticks = sorted({float(v) for v in values if v > 0})
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def figure_format(path: str | os.PathLike[str]) -> str:
     """The image format of ``path``'s extension (``.png``, ``.pdf``, ``.svg``, …; none: PNG);
     ``ValueError`` naming the formats matplotlib writes for any other extension."""

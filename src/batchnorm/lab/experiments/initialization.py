@@ -151,7 +151,7 @@ def figures(run: RunData, out: Path) -> list[Path]:
             if len(ok) < len(vals):
                 ax.scatter([sc], [0.0], marker="x", color=c, s=40)
     ax.axhline(s["chance"], color="k", lw=1, ls=":")
-    ax.set_xscale("log")
+    plots.log_axis(ax, scales)
     ax.set_xlabel("init std of the weights (x: a seed diverged)")
     ax.set_ylabel("final held-out accuracy")
     ax.set_title("sensitivity to initialization")

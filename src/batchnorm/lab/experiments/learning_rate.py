@@ -286,7 +286,7 @@ def figures(run: RunData, out: Path) -> list[Path]:
         for lr, v in zip(lrs, pts.values()):
             if v is None:
                 ax.plot([lr], [0], "x", color="k")
-    ax.set_xscale("log")
+    plots.log_axis(ax, [float(k) for arm in ("noBN", "BN") for k in s["sweep"][arm]])
     ax.set_xlabel("learning rate (x: diverged)")
     ax.set_ylabel(f"validation accuracy after {s['sweep_steps']} steps")
     ax.set_title("learning-rate sweep")

@@ -550,7 +550,7 @@ def figures(run: RunData, out: Path) -> list[Path]:
                 color=plots.color_for(a),
                 label="BN" if a == "bn" else "baseline",
             )
-        ax.set_xscale("log")
+        plots.log_axis(ax, [float(lr) for a in ARMS for lr in s["sweep"][a]])
         ax.set_xlabel("learning rate")
         ax.set_ylabel(f"validation accuracy\n(mean of the last evaluations to {s['sweep_steps']})")
         ax.set_title("learning-rate sweep (validation split)")
