@@ -525,7 +525,7 @@ class _BatchNormBase(nn.Module):
     def _forward_eager(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
             return self._fx_leaf(input, mask)
-        if self._torch_layout and F._has_memory(input):
+        if self._torch_layout and (torch.compiler.is_compiling() or F._has_memory(input)):
             # (torch.func's wrappers cannot be asked about memory formats; the transforms run
             # torch operations, which lay out as torch.nn's)
             input = F.torch_nn_layout(input)
