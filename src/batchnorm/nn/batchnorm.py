@@ -461,13 +461,14 @@ class _BatchNormBase(nn.Module):
 
     def _check_small(self, input: Tensor, mask: Tensor | None) -> int:
         count = F.valid_count(input, self.axis, mask)
-        # getattr: layers unpickled from before this attribute existed. Not while torch.compile
-        # or torch.export traces: it cannot trace a warning, and would not replay it — and a
-        # comparison of a dynamic batch's count would pin the exported batch size to it
-        if getattr(self, "_warned_small", False) or torch.compiler.is_compiling():
+        # getattr: layers unpickled from before this attribute existed. A symbolic count (a
+        # dynamic batch in torch.export) is not compared: that would pin the exported batch
+        # size. Not while torch.compile traces either: it cannot trace a warning, and would
+        # not replay it (asked last: it costs a call on every step)
+        if not isinstance(count, int) or getattr(self, "_warned_small", False):
             return count
         used = self._statistics_count(input, mask, count) if count >= 2 else count
-        if 2 <= used <= SMALL_COUNT_WARNING:
+        if 2 <= used <= SMALL_COUNT_WARNING and not torch.compiler.is_compiling():
             self._warned_small = True
             # remedies the layer is not already using (a renorm layer has r_max, a ghost layer
             # virtual_batch_size: its statistics come from virtual batches)
@@ -525,7 +526,11 @@ class _BatchNormBase(nn.Module):
     def _forward_eager(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
             return self._fx_leaf(input, mask)
-        if self._torch_layout and (torch.compiler.is_compiling() or F._has_memory(input)):
+        if (
+            self._torch_layout
+            and not input.is_contiguous()
+            and (torch.compiler.is_compiling() or F._has_memory(input))
+        ):
             # (torch.func's wrappers cannot be asked about memory formats; the transforms run
             # torch operations, which lay out as torch.nn's)
             input = F.torch_nn_layout(input)
