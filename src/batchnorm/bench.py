@@ -868,6 +868,15 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
     return os.fspath(plots.save_figure(fig, path))
 
 
+#: the defaults of the options that shape a measurement (``--from-json`` refuses others)
+_MEASURE_DEFAULTS: dict[str, Any] = {
+    "repeats": 15,
+    "warmup": 2,
+    "dtype": "float32",
+    "passes": list(PASSES),
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``batchnorm bench`` options."""
     parser.add_argument(
@@ -876,16 +885,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SHAPE",
         help="shapes like 60x100 or 32x64x56x56 (suffix @cl: channels_last); default: the suite",
     )
-    parser.add_argument("--repeats", type=int, default=15, help="timed calls per pass (median)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument(
-        "--dtype", choices=("float32", "float64", "bfloat16", "float16"), default="float32"
+        "--repeats",
+        type=int,
+        default=_MEASURE_DEFAULTS["repeats"],
+        help="timed calls per pass (median)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=_MEASURE_DEFAULTS["warmup"], help="untimed rounds first"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float64", "bfloat16", "float16"),
+        default=_MEASURE_DEFAULTS["dtype"],
     )
     parser.add_argument(
         "--passes",
         nargs="+",
         choices=ALL_PASSES,
-        default=list(PASSES),
+        default=_MEASURE_DEFAULTS["passes"],
         metavar="PASS",
         help=f"what to time, some of {', '.join(ALL_PASSES)} (eval+bwd: BN in eval mode with "
         f"gradients); default: {' '.join(PASSES)}",
@@ -975,8 +993,7 @@ def main(args: argparse.Namespace) -> int:
         return fail(prog, str(e))
     if args.from_json:
         # measuring options given with it would be ignored without a word
-        defaults = {"repeats": 15, "warmup": 2, "dtype": "float32", "passes": list(PASSES)}
-        given = [f"--{k}" for k, v in defaults.items() if getattr(args, k) != v]
+        given = [f"--{k}" for k, v in _MEASURE_DEFAULTS.items() if getattr(args, k) != v]
         given += [
             f"--{k}"
             for k, on in (

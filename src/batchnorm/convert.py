@@ -583,6 +583,12 @@ def _check_learned(value: Any, neutral: float, missing: bool, fn: str, message: 
         raise ValueError(f"{fn}: {message}")
 
 
+def _dtype_of(layer: Any, attr: str) -> Any:
+    """The dtype of ``layer``'s variable or tensor ``attr`` (None where it has none)."""
+    v = getattr(layer, attr, None)
+    return None if v is None else v.dtype
+
+
 def _check_fits(fn: str, values: Sequence[tuple[str, Any, Any]], source: str, target: str) -> None:
     """Refuse a finite value that the target's variable cannot hold (a running variance of 1e5
     into float16 would be stored as inf, and inference would give NaN): ``values`` holds
@@ -761,8 +767,8 @@ def keras_to_torch(
         _check_fits(
             fn,
             [
-                ("gamma", gamma, getattr(getattr(tm, "weight", None), "dtype", None)),
-                ("beta", beta, getattr(getattr(tm, "bias", None), "dtype", None)),
+                ("gamma", gamma, _dtype_of(tm, "weight")),
+                ("beta", beta, _dtype_of(tm, "bias")),
                 ("moving_mean", mm, tm.running_mean.dtype),
                 ("moving_variance", mv, tm.running_var.dtype),
             ],
@@ -899,14 +905,14 @@ def torch_to_keras(
         _check_fits(
             fn,
             [
-                ("weight", weight, getattr(getattr(kl, "gamma", None), "dtype", None)),
-                ("bias", bias, getattr(getattr(kl, "beta", None), "dtype", None)),
+                ("weight", weight, _dtype_of(kl, "gamma")),
+                ("bias", bias, _dtype_of(kl, "beta")),
                 ("running_mean", rm, kl.moving_mean.dtype),
                 ("running_var", rv, kl.moving_variance.dtype),
                 (
                     "sqrt(running_var + eps)",
                     renorm_std,
-                    getattr(kl, "moving_stddev", kl.moving_variance).dtype,
+                    _dtype_of(kl, "moving_stddev"),
                 ),
             ],
             f"torch module {tn!r}",

@@ -347,9 +347,9 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
         """Keras' batch renormalization, with this layer's ``nonfinite`` policy: a training
         batch that leaves a moving statistic NaN/inf where it was finite is undone (every
         moving variable put back) and warned about, or raised on."""
-        state = [v for v in self.non_trainable_variables if v.trainable is False]
         if not (training and self.trainable):
             return super().call(inputs, training=training, mask=mask)
+        state = self.non_trainable_variables  # moving mean, variance, stddev, renorm's two
         before = [v.value.detach().clone() for v in state]
         y = super().call(inputs, training=training, mask=mask)
         broke = any(

@@ -279,6 +279,11 @@ def ghost_chunks(n: int, virtual_batch_size: int, values_per_sample: int) -> lis
     return sizes
 
 
+def _values_per_sample(input: Tensor, axis: int) -> int:
+    """Values per channel that each sample (dimension 0) of ``input`` holds."""
+    return input.numel() // max(input.shape[0] * input.shape[axis], 1)
+
+
 def _valid_per_sample(input: Tensor, mask: Tensor, axis: int) -> list[int]:
     """How many valid values per channel each sample (dimension 0) of ``input`` has; ``mask``
     as :func:`~batchnorm.functional.check_mask` returns it, expanded along dimension 0."""
@@ -361,7 +366,7 @@ class _Ghost(_BatchNormBase):
                 f"axis of input with shape {tuple(input.shape)}; put the batch first"
             )
         n = input.shape[0]
-        per_sample = input.numel() // max(n * input.shape[self.axis], 1)
+        per_sample = _values_per_sample(input, self.axis)
         if n >= 2 and self.virtual_batch_size * per_sample < 2:
             raise BatchNormInputError(
                 f"{self.layer_name()}: virtual batches of {self.virtual_batch_size} sample(s) "
@@ -369,7 +374,7 @@ class _Ghost(_BatchNormBase):
                 "value per channel; batch statistics need at least 2. Use "
                 "virtual_batch_size=2 or more."
             )
-        sizes, mask_b = self._virtual_batches(input, mask)
+        sizes, mask_b, _ = self._virtual_batches(input, mask)
         masks: list[Tensor | None]
         if mask_b is None:
             masks = [None] * len(sizes)
@@ -383,30 +388,28 @@ class _Ghost(_BatchNormBase):
 
     def _virtual_batches(
         self, input: Tensor, mask: Tensor | None
-    ) -> tuple[list[int], Tensor | None]:
-        """The sizes (samples) of the virtual batches ``input`` is split into, and ``mask``
-        expanded along dimension 0 (None without one)."""
+    ) -> tuple[list[int], Tensor | None, list[int] | None]:
+        """The sizes (samples) of the virtual batches ``input`` is split into, ``mask``
+        expanded along dimension 0 and its valid values per sample (None, None without one)."""
         n = input.shape[0]
-        per_sample = input.numel() // max(n * input.shape[self.axis], 1)
-        sizes = ghost_chunks(n, self.virtual_batch_size, per_sample)
+        sizes = ghost_chunks(n, self.virtual_batch_size, _values_per_sample(input, self.axis))
         if mask is None:
-            return sizes, None
+            return sizes, None, None
         mask_b = mask.expand(n, *mask.shape[1:]) if mask.shape[0] == 1 else mask
-        return _merge_sparse_chunks(sizes, _valid_per_sample(input, mask_b, self.axis)), mask_b
+        valid = _valid_per_sample(input, mask_b, self.axis)
+        return _merge_sparse_chunks(sizes, valid), mask_b, valid
 
     def _statistics_count(self, input: Tensor, mask: Tensor | None, count: int) -> int:
         """Values per channel of the smallest virtual batch: what the small-batch warning
         judges (a batch of 64 split into virtual batches of 2 samples is a batch of 2 to BN)."""
-        n = input.shape[0]
-        if not self.training or self.axis % input.dim() == 0 or n < 2:
+        if not self.training or self.axis % input.dim() == 0 or input.shape[0] < 2:
             return count
-        per_sample = input.numel() // max(n * input.shape[self.axis], 1)
+        per_sample = _values_per_sample(input, self.axis)
         if self.virtual_batch_size * per_sample < 2:
             return count  # refused by the training step, with its own message
-        sizes, mask_b = self._virtual_batches(input, mask)
-        if mask_b is None:
+        sizes, _, valid = self._virtual_batches(input, mask)
+        if valid is None:
             return min(sizes) * per_sample
-        valid = _valid_per_sample(input, mask_b, self.axis)
         bounds = [0, *itertools.accumulate(sizes)]
         return min(sum(valid[a:b]) for a, b in zip(bounds, bounds[1:]))
 
