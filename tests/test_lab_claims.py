@@ -897,6 +897,25 @@ def test_learning_rate_stable_is_judged_against_each_arms_own_best(
     assert stable.verdict is False  # the old bar (BN's 0.9 for both) said no-BN had none
 
 
+def _learning_rate_arms(
+    curves: dict[str, list[float]], diverged_early: tuple[str, str] | None = None
+) -> Callable[[str], dict[str, Any]]:
+    """Saved runs of the learning-rate experiment: every sweep run at 0.5, each arm's test and
+    validation accuracy at steps 0, 20, … from ``curves``; ``diverged_early`` (arm, seed) ends
+    with a non-finite loss before its first evaluation."""
+
+    def make(key: str) -> dict[str, Any]:
+        if key.startswith("sweep-"):
+            return {"train": _train([0.1, 0.5], key="val_acc"), "extra": {}}
+        arm, seed = key[4:].rsplit("-seed", 1)
+        if (arm, seed) == diverged_early:
+            return {"train": _train([0.1], diverged=True, val_acc=[0.1]), "extra": {}}
+        acc = curves[arm]
+        return {"train": _train(acc, val_acc=acc), "extra": {}}
+
+    return make
+
+
 def test_learning_rate_target_excludes_step_0(monkeypatch: pytest.MonkeyPatch) -> None:
     curves = {
         "noBN": [0.12, 0.10, 0.11, 0.11],  # never improves on its untrained accuracy
@@ -907,15 +926,8 @@ def test_learning_rate_target_excludes_step_0(monkeypatch: pytest.MonkeyPatch) -
         "noBN-x5": [0.1, 0.1, 0.1, 0.1],
         "noBN-Sigmoid": [0.1, 0.1, 0.1, 0.1],
     }
-
-    def make(key: str) -> dict[str, Any]:
-        if key.startswith("sweep-"):
-            return {"train": _train([0.1, 0.5], key="val_acc"), "extra": {}}
-        acc = curves[key[4:].rsplit("-seed", 1)[0]]
-        return {"train": _train(acc, val_acc=acc), "extra": {}}
-
     cfg = learning_rate.LearningRateConfig(seeds=1, sweep_lrs=(0.01, 0.1, 1.0))
-    c, _ = _stub_run(monkeypatch, learning_rate, cfg, make)
+    c, _ = _stub_run(monkeypatch, learning_rate, cfg, _learning_rate_arms(curves))
     fast = c["bn-trains-faster"]
     assert fast.measured["target_accuracy"] == 0.11  # not the untrained 0.12
     assert fast.measured["noBN_steps"] == 40 and fast.measured["BN-Baseline_steps"] == 20
@@ -941,16 +953,8 @@ def test_learning_rate_target_comes_from_the_no_bn_seeds_that_were_evaluated(
         "noBN-x5": [0.1, 0.1, 0.1, 0.1],
         "noBN-Sigmoid": [0.1, 0.1, 0.1, 0.1],
     }
-
-    def make(key: str) -> dict[str, Any]:
-        if key.startswith("sweep-"):
-            return {"train": _train([0.1, 0.5], key="val_acc"), "extra": {}}
-        arm, seed = key[4:].rsplit("-seed", 1)
-        if arm == "noBN" and seed == "1":  # non-finite before step 20, its first evaluation
-            return {"train": _train([0.1], diverged=True, val_acc=[0.1]), "extra": {}}
-        acc = curves[arm]
-        return {"train": _train(acc, val_acc=acc), "extra": {}}
-
+    # no-BN's seed 1: non-finite before step 20, its first evaluation
+    make = _learning_rate_arms(curves, diverged_early=("noBN", "1"))
     cfg = learning_rate.LearningRateConfig(seeds=2, sweep_lrs=(0.01, 0.1, 1.0))
     c, _ = _stub_run(monkeypatch, learning_rate, cfg, make)
     fast = c["bn-trains-faster"]
