@@ -851,25 +851,24 @@ def test_initialization_an_arm_failing_at_every_scale_is_not_insensitive(
     ins = c["bn-init-insensitive"]
     assert ins.measured["range_BN"] == 0.0 and ins.measured["trained_scales_BN"] == 0
     assert ins.verdict is False
+
+    def finals(acc: dict[str, dict[str, float]]) -> Callable[[str], dict[str, Any]]:
+        # each arm and scale trains from chance to its final accuracy in ``acc``
+        def make(key: str) -> dict[str, Any]:
+            arm, scale, _ = key.split("-")
+            return {"train": _train([0.1, acc[arm][scale[4:]]]), "extra": {}}
+
+        return make
+
     low = {"noBN": {"0.001": 0.1, "0.1": 0.1, "10": 0.1}, "BN": {"0.001": 0.1, "0.1": 0.26, "10": 0.1}}  # fmt: skip
-
-    def barely(key: str) -> dict[str, Any]:
-        arm, scale, _ = key.split("-")
-        return {"train": _train([0.1, low[arm][scale[4:]]]), "extra": {}}
-
-    c, _ = _stub_run(monkeypatch, initialization, cfg, barely)
+    c, _ = _stub_run(monkeypatch, initialization, cfg, finals(low))
     fewer = c["bn-init-fewer-failures"]
     assert fewer.measured["status_BN"]["0.1"] == "stalled" and fewer.verdict is False
 
     # the other way round: no-BN failing at every scale is not insensitive either, and BN
     # trained at every scale (range 0.06 > 0) is the less sensitive arm
     flip = {"noBN": {"0.001": 0.1, "0.1": 0.1, "10": 0.1}, "BN": {"0.001": 0.8, "0.1": 0.86, "10": 0.82}}  # fmt: skip
-
-    def nobn_fails(key: str) -> dict[str, Any]:
-        arm, scale, _ = key.split("-")
-        return {"train": _train([0.1, flip[arm][scale[4:]]]), "extra": {}}
-
-    c, _ = _stub_run(monkeypatch, initialization, cfg, nobn_fails)
+    c, _ = _stub_run(monkeypatch, initialization, cfg, finals(flip))
     ins = c["bn-init-insensitive"]
     assert ins.measured["range_noBN"] == 0.0 and ins.measured["trained_scales_noBN"] == 0
     assert ins.measured["trained_scales_BN"] == 3 and ins.verdict is True
