@@ -663,6 +663,25 @@ def test_bad_arguments_are_named():  # type: ignore[no-untyped-def]
         K.backward(np.zeros((4, 3)), np.zeros((5, 3)), np.zeros(3), np.ones(3))
 
 
+def test_each_entry_point_names_itself_in_its_argument_errors() -> None:
+    """The checks the entry points share name the function that was called, not the package."""
+    x = np.zeros((4, 3), np.float32)
+    v3, v4 = np.ones(3, np.float32), np.ones(4, np.float32)
+    calls = {
+        "forward_train": lambda: K.forward_train(x, v4),
+        "backward": lambda: K.backward(x, x, v3, v4),
+        "forward_eval": lambda: K.forward_eval(x, v3, v4),
+        "backward_eval": lambda: K.backward_eval(x, x, v3, v4),
+        "inference_affine": lambda: K.inference_affine(v3, v4),
+        "running_update": lambda: K.running_update(v3.copy(), v3.copy(), v3, v4, 0.1),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^batchnorm\.kernels\.{name}: \w+ must have shape"):
+            call()
+    with pytest.raises(TypeError, match=r"^batchnorm\.kernels\.running_update: momentum"):
+        K.running_update(v3.copy(), v3.copy(), v3, v3, None)  # type: ignore[arg-type]
+
+
 # ---- the torch adapter -------------------------------------------------------------------
 
 

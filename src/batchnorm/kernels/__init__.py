@@ -36,11 +36,13 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -534,6 +536,28 @@ def _address(a: Array) -> int:
     return int(a.__array_interface__["data"][0])
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+_PREFIX = "batchnorm.kernels: "
+
+
+def _named(fn: _F) -> _F:
+    """``fn`` with its argument errors naming it: the checks it shares with the other entry
+    points say ``batchnorm.kernels:``, which becomes ``batchnorm.kernels.<fn>:``."""
+    where = f"batchnorm.kernels.{fn.__name__}: "
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (TypeError, ValueError) as e:
+            if e.args and isinstance(e.args[0], str) and e.args[0].startswith(_PREFIX):
+                e.args = (where + e.args[0][len(_PREFIX) :], *e.args[1:])
+            raise
+
+    return checked  # type: ignore[return-value]
+
+
+@_named
 def forward_train(
     x: Array,
     weight: Array | None = None,
@@ -600,6 +624,7 @@ def _grad_inputs(dy: Array, x: Array) -> tuple[Array, Array, tuple[int, ...]]:
     return dy, x, shape
 
 
+@_named
 def backward(
     dy: Array,
     x: Array,
@@ -665,6 +690,7 @@ def _backward(
     return dx, dw, db
 
 
+@_named
 def forward_eval(
     x: Array,
     scale: Array,
@@ -728,6 +754,7 @@ def _eval(
     return y
 
 
+@_named
 def backward_eval(
     dy: Array,
     x: Array,
@@ -794,6 +821,7 @@ def _backward_eval(
     return dx, sums[0], sums[1]
 
 
+@_named
 def inference_affine(
     mean: Array,
     var: Array,
@@ -823,6 +851,7 @@ def inference_affine(
 _NO_COUNTER = np.empty(0, np.int64)
 
 
+@_named
 def running_update(
     running_mean: Array,
     running_var: Array,
@@ -858,7 +887,7 @@ def running_update(
         )
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.number)):
         raise TypeError(
-            f"batchnorm.kernels.running_update: momentum must be a number, got {momentum!r}; "
+            f"batchnorm.kernels: momentum must be a number, got {momentum!r}; "
             "for torch's momentum=None (a cumulative average) pass 1/(n + 1) for the n-th batch "
             "counted from 0"
         )
