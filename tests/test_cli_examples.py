@@ -365,7 +365,7 @@ def test_a_thread_count_numba_refuses_is_named_before_numba_is_imported(
     assert len(err.strip().splitlines()) == 1 and not out.exists()
     assert "$NUMBA_NUM_THREADS is '0'" in err and "unset it" in err
     code = "import torch, batchnorm; batchnorm.BatchNorm1d(3)(torch.randn(8, 3))"
-    for value, refused in (("0", True), ("-1", True), ("1", False), ("many", False)):
+    for value, refused in (("0", True), ("-1", True), ("1", False), ("many", True), ("2.0", True)):
         env = {k: v for k, v in os.environ.items() if k != "BATCHNORM_BACKEND"}
         env["NUMBA_NUM_THREADS"] = value  # the default backend, auto, takes the kernels
         run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -374,4 +374,5 @@ def test_a_thread_count_numba_refuses_is_named_before_numba_is_imported(
             last = run.stderr.strip().splitlines()[-1]
             assert last.startswith(f"ValueError: $NUMBA_NUM_THREADS is '{value}'"), run.stderr
             assert "set it to a count from 1 to" in last
+            assert ("whole number" in last) == (value in ("many", "2.0"))
             assert "site-packages/numba" not in run.stderr  # raised before Numba's import

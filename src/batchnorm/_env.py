@@ -40,21 +40,22 @@ def is_off(name: str) -> bool:
 
 
 def numba_threads_problem() -> str | None:
-    """Why ``$NUMBA_NUM_THREADS`` keeps Numba from importing (None if it does not): Numba
-    refuses a count below 1 with a bare ``ValueError`` from deep inside its own import (a
-    value that is not an integer it only warns about, and ignores)."""
+    """Why ``$NUMBA_NUM_THREADS`` is refused (None if it is not): Numba refuses a count below 1
+    with a bare ``ValueError`` from deep inside its own import, and a value that is not a whole
+    number it ignores (all cores) with a traceback printed as a warning."""
     value = get("NUMBA_NUM_THREADS")
     if value is None or not value.strip():
         return None
+    remedy = f"set it to a count from 1 to {os.cpu_count() or 1}, or unset it (all cores)"
     try:
         count = int(value)
     except ValueError:
-        return None
+        return f"$NUMBA_NUM_THREADS is {value!r}, which is not a whole number of threads; {remedy}"
     if count >= 1:
         return None
     return (
         f"$NUMBA_NUM_THREADS is {value!r}, but the kernels' threads must number at least 1; "
-        f"set it to a count from 1 to {os.cpu_count() or 1}, or unset it (all cores)"
+        f"{remedy}"
     )
 
 
