@@ -276,3 +276,24 @@ def test_bn_mismatch_divides_by_the_variance_bn_normalizes_with() -> None:
     assert out["var_ratio"] == pytest.approx(float(xhat.var(dim=0, unbiased=False).mean()), 1e-12)
     shift = (x.mean(dim=0) - rm).abs() / denom.sqrt()
     assert out["mean_shift"] == pytest.approx(float(shift.mean()), rel=1e-12)
+
+
+def test_bn_mismatch_of_a_layer_called_twice_pools_both_calls() -> None:
+    # a BN layer shared by two branches accumulates its running statistics from both calls;
+    # its input's statistics are those of both inputs together, not of the last call alone
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(x) + self.bn(3.0 * x + 5.0)
+
+    model = Shared()
+    x = torch.randn(40, 2, dtype=torch.float64)
+    out = bn_statistics_mismatch(model, x)["bn"]
+    both = torch.cat([x, 3.0 * x + 5.0])  # running statistics: mean 0, var 1
+    var = both.var(dim=0, unbiased=False)
+    assert out["var_ratio"] == pytest.approx(float((var / (1 + 1e-5)).mean()), rel=1e-12)
+    shift = both.mean(dim=0).abs() / (1 + 1e-5) ** 0.5
+    assert out["mean_shift"] == pytest.approx(float(shift.mean()), rel=1e-12)

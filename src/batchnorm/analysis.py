@@ -734,7 +734,9 @@ def bn_statistics_mismatch(model: nn.Module, inputs: Tensor) -> dict[str, dict[s
       accumulated with dropout's inflated variance); σ²_B is the biased batch variance;
     * ``mean_shift`` = mean_c |μ_B − μ_run| / √(σ²_run + ε).
 
-    Layers without running statistics are skipped. The model is left unchanged.
+    A layer called several times in one forward pass is measured over all its calls (its
+    running statistics were accumulated from all of them). Layers without running statistics
+    are skipped. The model is left unchanged.
 
     Returns:
         ``{layer: {"var_ratio": …, "mean_shift": …}}``.
@@ -745,15 +747,14 @@ def bn_statistics_mismatch(model: nn.Module, inputs: Tensor) -> dict[str, dict[s
         if isinstance(getattr(m, "running_mean", None), Tensor)
         and isinstance(getattr(m, "running_var", None), Tensor)
     }
-    captured: dict[str, tuple[Tensor, Tensor]] = {}
+    captured: dict[str, list[Tensor]] = {}
     handles = []
     for n, m in modules.items():
         axis = int(getattr(m, "axis", 1))
 
         def hook(mod: nn.Module, inp: tuple[Tensor, ...], n: str = n, axis: int = axis) -> None:
-            t = inp[0].detach().double()
-            u = t.movedim(axis, 0).reshape(t.shape[axis], -1)  # (C, M)
-            captured[n] = (u.mean(dim=1), u.var(dim=1, unbiased=False))
+            t = inp[0].detach().to(torch.float64, copy=True)
+            captured.setdefault(n, []).append(t.movedim(axis, 0).reshape(t.shape[axis], -1))
 
         handles.append(m.register_forward_pre_hook(hook))
     seed = _rng_seed()
@@ -768,7 +769,8 @@ def bn_statistics_mismatch(model: nn.Module, inputs: Tensor) -> dict[str, dict[s
     for n, m in modules.items():
         if n not in captured:
             continue
-        mu, var = captured[n]
+        u = torch.cat(captured[n], dim=1)  # (C, M) over every call
+        mu, var = u.mean(dim=1), u.var(dim=1, unbiased=False)
         rm = m.running_mean.detach().double()  # type: ignore[union-attr]
         rv = m.running_var.detach().double()  # type: ignore[union-attr]
         eps = float(getattr(m, "eps", 1e-5))
