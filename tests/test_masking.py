@@ -311,3 +311,23 @@ def test_masks_propagate_shapes_on_meta_and_fake_tensors_and_a_meta_mask_is_name
     assert torch.equal(bn.running_mean, torch.zeros(3))
     with pytest.raises(batchnorm.BatchNormInputError, match=r"BatchNorm1d\(3\): the mask .* meta"):
         bn(torch.randn(4, 3, 5), mask=torch.ones(4, 5, dtype=torch.bool, device="meta"))
+
+
+def test_a_compiled_layer_takes_masks_as_the_eager_layer_does() -> None:
+    # the valid count is data, so the compiled layer breaks its graph to read it (fullgraph=True
+    # cannot take a mask); outputs, gradients and running statistics are the eager layer's
+    torch._dynamo.reset()
+    x, mask = _padded()
+    eager = batchnorm.BatchNorm1d(3).double()
+    compiled_bn = batchnorm.BatchNorm1d(3).double()
+    compiled = torch.compile(compiled_bn, backend="eager")
+    for _ in range(2):
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ye, yc = eager(xe, mask=mask), compiled(xc, mask=mask)
+        torch.testing.assert_close(yc, ye)
+        (ye * x).sum().backward()
+        (yc * x).sum().backward()
+        torch.testing.assert_close(xc.grad, xe.grad)
+    torch.testing.assert_close(compiled_bn.running_mean, eager.running_mean)
+    torch.testing.assert_close(compiled_bn.running_var, eager.running_var)
+    assert int(compiled_bn.num_batches_tracked) == 2
