@@ -222,6 +222,43 @@ def test_bessel_count_translates_the_variance_estimate() -> None:
         keras_to_torch(k, t, bessel_count=1)
 
 
+def test_bessel_count_takes_numpy_integers_and_probe_size_is_checked() -> None:
+    k = _keras_bn(keras.layers.BatchNormalization, 3)
+    mv = k.moving_variance.numpy().astype(np.float64)
+    t = nn.BatchNorm1d(3)
+    keras_to_torch(k, t, bessel_count=np.prod((4, 4)))  # m = N·L computed with NumPy
+    np.testing.assert_allclose(t.running_var.numpy(), mv * 16 / 15, rtol=1e-6)
+    for bad in (1, 0, -1, 2.5, True):
+        for convert, args in ((keras_to_torch, (k, t)), (torch_to_keras, (t, k))):
+            name = convert.__name__
+            with pytest.raises(ValueError, match=rf"^{name}: probe_size .* at least 2 .*; got"):
+                convert(*args, probe_size=bad)  # type: ignore[operator]
+    before = t.running_var.clone()
+    with pytest.raises(ValueError, match="bessel_count"):
+        keras_to_torch(k, t, bessel_count=np.float64(16.0))  # type: ignore[arg-type]
+    assert torch.equal(t.running_var, before)
+
+
+@pytest.mark.parametrize("keras_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("torch_dtype", [torch.float32, torch.bfloat16])
+def test_bfloat16_layers_convert_both_ways(keras_dtype: str, torch_dtype: torch.dtype) -> None:
+    k = _keras_bn(keras.layers.BatchNormalization, 4, dtype=keras_dtype)
+    t = nn.BatchNorm1d(4).to(torch_dtype)
+    report = keras_to_torch(k, t)
+    for name, attr in (("gamma", "weight"), ("beta", "bias")):
+        want = np.asarray(getattr(k, name).numpy(), dtype=np.float64)
+        got = getattr(t, attr).detach().double().numpy()
+        np.testing.assert_allclose(got, want, rtol=2**-7)  # bfloat16's 8 bits of precision
+    assert report.max_abs_diff < 0.1
+    k2 = _keras_bn(keras.layers.BatchNormalization, 4, seed=5, dtype=keras_dtype)
+    torch_to_keras(t, k2)
+    np.testing.assert_allclose(
+        np.asarray(k2.moving_mean.numpy(), dtype=np.float64),
+        t.running_mean.double().numpy(),
+        rtol=2**-7,
+    )
+
+
 def test_eps_keep_absorbs_the_difference_into_the_variance() -> None:
     k = _keras_bn(keras.layers.BatchNormalization, 5)
     mv = k.moving_variance.numpy().astype(np.float64)

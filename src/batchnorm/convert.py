@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -490,8 +491,9 @@ def _output_diffs(
             continue
         with torch.no_grad():
             y, _ = kl.stateless_call(trainable, non_trainable, x_k, training=training)
-            y_k = keras.ops.convert_to_numpy(y)
-            y_t = copy.deepcopy(tm).train(t_train)(x_t).cpu().numpy()
+            # (in float64: NumPy has no bfloat16 of torch's, and Keras' is ml_dtypes')
+            y_k = np.asarray(keras.ops.convert_to_numpy(y), dtype=np.float64)
+            y_t = copy.deepcopy(tm).train(t_train)(x_t).detach().cpu().double().numpy()
         diffs.append(_max_diff(y_k.reshape(n, c), y_t.reshape(n, c)))
     return diffs[0], diffs[1]
 
@@ -569,11 +571,25 @@ def _check_mode(name: str, value: str, fn: str) -> None:
         raise ValueError(f"{fn}: {name} must be 'copy' or 'keep', got {value!r}")
 
 
+def _whole(value: Any) -> bool:
+    """Whether ``value`` is a whole number (a NumPy integer too; not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _bessel(bessel_count: int | None, fn: str) -> None:
-    if bessel_count is not None and (not isinstance(bessel_count, int) or bessel_count < 2):
+    if bessel_count is not None and (not _whole(bessel_count) or bessel_count < 2):
         raise ValueError(
             f"{fn}: bessel_count is m, the number of values per channel in a training batch "
-            f"(batch size × spatial size), at least 2; got {bessel_count!r}"
+            f"(batch size × spatial size), a whole number of at least 2; got {bessel_count!r}"
+        )
+
+
+def _check_probe(probe_size: int, fn: str) -> None:
+    if not _whole(probe_size) or probe_size < 2:
+        raise ValueError(
+            f"{fn}: probe_size is the batch size of the probe whose outputs are compared, a "
+            f"whole number of at least 2 (training mode needs 2 values per channel); got "
+            f"{probe_size!r}"
         )
 
 
@@ -697,7 +713,7 @@ def keras_to_torch(
             is scaled by m/(m−1) for targets that store the unbiased one (this changes
             inference outputs by that factor); without it the variance is copied as stored,
             which keeps the function.
-        probe_size: the probe batch's size for the reported differences.
+        probe_size: the probe batch's size for the reported differences (at least 2).
 
     Every pair is checked and translated before anything is written, and if a later step
     fails the targets are restored: a conversion that raises leaves both sides as they were.
@@ -731,13 +747,14 @@ def keras_to_torch(
     _check_mode("eps", eps, fn)
     _check_mode("momentum", momentum, fn)
     _bessel(bessel_count, fn)
+    _check_probe(probe_size, fn)
     plan = _pairs(_keras_bn_layers(source), _torch_bn_layers(target), pairs, fn)
     checked = [_check_pair(kn, kl, tn, tm, fn) for kn, kl, tn, tm in plan]
     # every value is translated (and can fail) before anything is written
     steps = []
     for (kn, kl, tn, tm), (c, k_rank, t_rank) in zip(plan, checked):
-        gamma = kl.gamma.numpy() if kl.scale else None
-        beta = kl.beta.numpy() if kl.center else None
+        gamma = kl.gamma.numpy().astype("float64") if kl.scale else None
+        beta = kl.beta.numpy().astype("float64") if kl.center else None
         mm = kl.moving_mean.numpy().astype("float64")
         mv = kl.moving_variance.numpy().astype("float64")
         for name, value, neutral, attr in (
@@ -866,6 +883,7 @@ def torch_to_keras(
     _check_mode("eps", eps, fn)
     _check_mode("momentum", momentum, fn)
     _bessel(bessel_count, fn)
+    _check_probe(probe_size, fn)
     plan = _pairs(_keras_bn_layers(target), _torch_bn_layers(source), pairs, fn)
     checked = [_check_pair(kn, kl, tn, tm, fn) for kn, kl, tn, tm in plan]
 
