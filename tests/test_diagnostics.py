@@ -656,6 +656,26 @@ def test_not_frozen_while_fine_tuning(healthy, digits):
     assert not report.by_check("unfrozen-stats") and not report.by_check("frozen-stats")
 
 
+def test_frozen_layers_show_no_train_eval_gap(healthy, digits):
+    # a frozen layer normalizes with its running statistics in train mode too, so its model has
+    # no train/eval gap, whatever those statistics are (pretrained on other data, say)
+    x = digits[0]
+    with torch.no_grad():
+        shifted = clone(healthy)
+        for i in (1, 4):
+            shifted[i].running_mean.add_(0.5)
+            shifted[i].running_var.mul_(3.0)
+    frozen = batchnorm.freeze(clone(shifted)).train()
+    with torch.no_grad():
+        assert torch.equal(frozen(x[:64]), clone(frozen).eval()(x[:64]))
+    for model in (frozen, clone(frozen).eval()):
+        report = run(model, x)
+        assert report.output_gap is not None and report.output_gap.relative_rms == 0.0
+        assert not report.by_check("train-eval-gap")
+    # the same statistics in layers that are not frozen: the gap is there and found
+    assert run(clone(shifted).eval(), x).by_check("train-eval-gap")
+
+
 # --------------------------------------------------------------------------------------------
 # our layers, report formats
 

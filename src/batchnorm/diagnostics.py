@@ -928,10 +928,13 @@ def output_gap(
 
 
 def _load_pooled(model: nn.Module, accs: Mapping[str, _Accumulator]) -> None:
-    """Set each BN layer's running statistics to the pooled batch statistics of ``accs``."""
+    """Set each BN layer's running statistics to the pooled batch statistics of ``accs``; a
+    frozen layer keeps its own, with which it normalizes in training too."""
     for name, m in _bn_layers(model):
         acc = accs.get(name)
         if acc is None or not acc.batches or acc.nonfinite or not _has_running(m):
+            continue
+        if _always_running(m):
             continue
         var = acc.variance()
         if var is None:
