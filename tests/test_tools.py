@@ -101,6 +101,23 @@ def test_recalibrate_pools_the_variance_unlike_algorithm_2_and_says_so() -> None
     assert "differs from Algorithm 2's" in doc and "population statistics of Algorithm 2" not in doc
 
 
+def test_recalibrate_refuses_statistics_the_layers_dtype_cannot_hold() -> None:
+    # a float16 layer whose input varies by 1000 has a variance of about 1e6 > 65504: refused,
+    # and the other layer's statistics, which would fit, are not written either
+    net = nn.Sequential(batchnorm.BatchNorm1d(3), nn.Linear(3, 3), batchnorm.BatchNorm1d(3))
+    net = net.half()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.eye(3) * 1000)
+    data = [torch.randn(16, 3).half() for _ in range(4)]
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(OverflowError, match=r"layer '2' \(BatchNorm1d\) holds .* torch.float16"):
+        batchnorm.recalibrate(net, data)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    batchnorm.recalibrate(net.float(), [x.float() for x in data])
+    assert float(net[2].running_var.min()) > 65504
+
+
 def test_recalibrate_restores_modes_momentum_and_counters() -> None:
     net = _net()
     net.train()

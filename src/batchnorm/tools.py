@@ -386,11 +386,20 @@ def recalibrate(
                 "layer's statistics were changed. Check the data and the weights "
                 "(batchnorm.doctor(model, data) finds where they start)."
             )
-        new[name] = (mom.mean, var)
+        rm, rv = _tensor(m, "running_mean"), _tensor(m, "running_var")
+        mean_t, var_t = mom.mean.to(rm), var.to(rv)
+        if not bool(torch.isfinite(mean_t).all() and torch.isfinite(var_t).all()):
+            big = max(float(mom.mean.abs().max()), float(var.abs().max()))
+            raise OverflowError(
+                f"recalibrate: layer {name!r} ({type(m).__name__}) holds its statistics in "
+                f"{rm.dtype}, which cannot hold the data's (up to {big:.3g}); no layer's "
+                "statistics were changed. Recalibrate the model in float32 (model.float()), or "
+                "rescale the data or the weights before this layer."
+            )
+        new[name] = (mean_t, var_t)
     for name, (mean, var) in new.items():
-        rm, rv = _tensor(layers[name], "running_mean"), _tensor(layers[name], "running_var")
-        rm.copy_(mean.to(rm))
-        rv.copy_(var.to(rv))
+        _tensor(layers[name], "running_mean").copy_(mean)
+        _tensor(layers[name], "running_var").copy_(var)
     return seen
 
 
