@@ -333,3 +333,29 @@ def test_a_conv_on_unbatched_input_keeps_its_bn_unfolded() -> None:
     # batched input: the same pair folds
     deployed = batchnorm.to_inference(net, torch.randn(2, 3, 4))
     assert isinstance(deployed[1], nn.Identity)
+
+
+@pytest.mark.parametrize("what", ["fold", "to_inference"])
+def test_a_pair_whose_folded_weights_overflow_the_dtype_is_kept(what: str) -> None:
+    # float16: γ/√(var + ε) = 300/√(1.1e-5) ≈ 9e4 > 65504, so the folded weight would be inf
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)
+    )
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[1].running_var.fill_(1e-6)
+        net[1].weight.fill_(300.0)
+    net = net.half().eval()
+    x = (torch.randn(2, 3, 6, 6) * 1e-3).half()
+    with pytest.warns(
+        UserWarning, match=r"'0' → '1': the folded weight does not fit torch.float16"
+    ):
+        if what == "fold":
+            out, err = batchnorm.fold(net, x)
+            assert err < 1.0
+        else:
+            out = batchnorm.to_inference(net, x)
+    assert bool(torch.isfinite(out[0].weight).all())
+    assert not isinstance(out[1], nn.Identity)  # kept as the BN (fold) or its fixed map
+    assert isinstance(out[3], nn.Identity)  # the pair that fits is folded
+    assert bool(torch.isfinite(out(x)).all())

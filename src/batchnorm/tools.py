@@ -510,6 +510,22 @@ def _folded(layer: nn.Module, bn: nn.Module) -> nn.Module:
     return new
 
 
+def _overflow(new: nn.Module, old: nn.Module) -> str | None:
+    """Why the folded layer ``new`` cannot replace ``old``: a weight or bias that became
+    infinite in the layers' dtype (float16's 65504 is reached by a large γ/√(var + ε))."""
+    for name in ("weight", "bias"):
+        t, before = getattr(new, name, None), getattr(old, name, None)
+        if t is None or bool(torch.isfinite(t).all()):
+            continue
+        if before is not None and not bool(torch.isfinite(before).all()):
+            continue  # not finite before folding either: not the folding's doing
+        return (
+            f"the folded {name} does not fit {t.dtype} (it would hold inf); fold in float32 "
+            "(model.float()) to fold this pair"
+        )
+    return None
+
+
 def _fx_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
     """(layer, bn) module names where the BN's only input is the layer's output, used nowhere
     else — found in the model's traced graph; None when the model cannot be traced."""
@@ -649,14 +665,19 @@ def _fold_in_place(model: nn.Module, ranks: dict[str, int] | None, what: str) ->
             ok = (ax == 1 or (rank is not None and ax % rank == 1)) and rank in (None, batched)
         if not ok:
             continue
+        new_layer = _folded(layer, bn)
+        overflow = _overflow(new_layer, layer)
+        if overflow is not None:
+            refused.append(f"{layer_name!r} → {bn_name!r}: {overflow}")
+            continue
         after = bn.activation_module() if isinstance(bn, InPlaceABN) else nn.Identity()
         if traced:
             # each is called once in the whole forward, by whichever name: replace at all
-            _replace(model, layer, _folded(layer, bn))
+            _replace(model, layer, new_layer)
             _replace(model, bn, after)
         else:
             # a Sequential pair is one place; the layers' other names may be used elsewhere
-            _set(model, layer_name, _folded(layer, bn).train(layer.training))
+            _set(model, layer_name, new_layer.train(layer.training))
             _set(model, bn_name, after.train(bn.training))
         folded.append(bn_name)
     if unknown_rank:
@@ -765,7 +786,9 @@ def to_inference(
 
     ``example_input`` (optional) tells the rank of each BN's input, which decides whether a
     ``Linear`` + ``BatchNorm`` pair with ``axis=1`` can be folded (only on 2-D input); without
-    it such pairs are not folded (their BN becomes ``FrozenBatchNorm``), with a warning.
+    it such pairs are not folded (their BN becomes ``FrozenBatchNorm``), with a warning; and
+    whether a convolution runs on unbatched input (``(C, L)``, where its BN's axis 1 holds
+    positions: not folded) — without it, convolutions are taken to run on batched input.
 
     Example::
 
