@@ -3,6 +3,7 @@ BN and freeze/unfreeze against eval-mode BN."""
 
 import copy
 import io
+import math
 import warnings
 
 import numpy as np
@@ -189,6 +190,25 @@ def test_renorm_rejects_non_numeric_arguments_by_name(arg, value, want) -> None:
         batchnorm.BatchRenorm1d(3, **{arg: value})
     bn = batchnorm.BatchRenorm1d(3, r_max=np.float64(2.0), warmup_steps=np.int64(0))
     assert (bn.r_max, bn.warmup_steps) == (2.0, 0) and type(bn.warmup_steps) is int
+
+
+def test_renorm_infinite_limits_are_plain_bn_in_warm_up_and_unclipped_after() -> None:
+    # r_max = inf or d_max = inf: no clipping once warmed up; during warm-up the limits are
+    # still 1 and 0 (their ramp's inf·0 must not turn into NaN)
+    bn = batchnorm.BatchRenorm1d(
+        2, r_max=math.inf, d_max=math.inf, warmup_steps=10, r_max_step=20, d_max_step=30
+    )
+    for step, want in ((0, (1.0, 0.0)), (10, (1.0, 0.0)), (11, (math.inf, math.inf))):
+        bn.num_batches_tracked.fill_(step)
+        assert bn.renorm_limits() == want, step
+        as_tensors = bn._schedule(bn.num_batches_tracked.double())
+        assert tuple(float(v) for v in as_tensors) == want, step
+    bn.num_batches_tracked.zero_()
+    x = torch.randn(8, 2) * 3 + 1
+    y = bn(x)
+    plain = nn.BatchNorm1d(2)(x)
+    torch.testing.assert_close(y, plain)
+    assert bool(torch.isfinite(bn.last_r).all() and torch.isfinite(bn.last_d).all())
 
 
 def test_renorm_warmup_follows_the_counter_under_jit_trace_and_compile() -> None:

@@ -167,7 +167,17 @@ class _Renorm(_BatchNormBase):
             v = t - w + 1 if end <= w else (t - w) / (end - w)
             return v.clamp(0.0, 1.0) if isinstance(v, Tensor) else min(1.0, max(0.0, v))
 
-        return 1.0 + (self.r_max - 1.0) * ramp(self.r_max_step), self.d_max * ramp(self.d_max_step)
+        def toward(start: float, limit: float, r: Any) -> Any:
+            # start + (limit − start)·r, exactly start at r = 0 also for an infinite limit
+            # (no clipping once warmed up), where the product would be inf·0 = NaN
+            if isinstance(r, Tensor):
+                return torch.where(r > 0, start + (limit - start) * r, torch.full_like(r, start))
+            return start + (limit - start) * r if r > 0 else start
+
+        return (
+            toward(1.0, self.r_max, ramp(self.r_max_step)),
+            toward(0.0, self.d_max, ramp(self.d_max_step)),
+        )
 
     def _clip_bounds(self, var: Tensor) -> tuple[Any, Any, Any]:
         """``(1/r_max, r_max, d_max)`` for this step: Python floats in eager mode; under
