@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import math
 import multiprocessing
 import os
 import socket
@@ -710,8 +711,19 @@ def test_convert_takes_subclasses_like_torch_and_skips_nothing_silently() -> Non
 
 
 def test_bad_arguments_and_mask_are_clear_errors() -> None:
-    with pytest.raises(ValueError, match="timeout must be > 0"):
-        SyncBatchNorm(3, timeout=0)
+    # every exchange would fail (inf overflows the wait's timedelta) or time out at once
+    for bad in (0, -5, math.inf, math.nan, 1e20, True, "30"):
+        with pytest.raises(ValueError, match=r"^SyncBatchNorm\(3\): timeout must be a number"):
+            SyncBatchNorm(3, timeout=bad)  # type: ignore[arg-type]
+        model = torch.nn.Sequential(SyncBatchNorm(3, timeout=5.0))
+        with pytest.raises(ValueError, match=r"^convert_sync_batchnorm: timeout must be"):
+            convert_sync_batchnorm(model, timeout=bad)  # type: ignore[arg-type]
+        assert model[0].timeout == 5.0
+        with pytest.raises(ValueError, match=r"^recalibrate\(distributed=True\): timeout must"):
+            batchnorm.recalibrate(model, [torch.randn(4, 3)], distributed=True, timeout=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"^all_reduce_population_stats: timeout must"):
+            all_reduce_population_stats({}, {}, timeout=bad)  # type: ignore[arg-type]
+    assert SyncBatchNorm(3, timeout=np.float32(2.5)).timeout == 2.5
     with pytest.raises(ValueError, match="sync_width must be >= num_features"):
         SyncBatchNorm(3, sync_width=2)
     with pytest.raises(batchnorm.BatchNormInputError, match="does not support a mask"):

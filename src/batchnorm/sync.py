@@ -36,6 +36,7 @@ channel counts get a clear :class:`SyncBatchNormError` on every rank instead of 
 from __future__ import annotations
 
 import datetime
+import numbers
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping
@@ -431,8 +432,7 @@ class SyncBatchNorm(_BatchNormBase):
         )
         self.name = name
         _tag(name)  # known by name, so that another rank's errors can name this layer
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"{self.layer_name()}: timeout must be > 0 seconds, got {timeout!r}")
+        check_timeout(timeout, self.layer_name())
         if sync_width is not None and sync_width < num_features:
             raise ValueError(
                 f"{self.layer_name()}: sync_width must be >= num_features ({num_features}), "
@@ -588,6 +588,23 @@ def _extra_state(m: nn.Module, new: nn.Module, name: str) -> None:
         )
 
 
+#: the longest wait ``datetime.timedelta`` (what ``torch.distributed`` waits with) can express
+_MAX_TIMEOUT = datetime.timedelta.max.total_seconds()
+
+
+def check_timeout(timeout: Any, where: str) -> None:
+    """Refuse a ``timeout`` (seconds to wait for the other ranks) that is not None or a number
+    in ``(0, _MAX_TIMEOUT]``: it would fail (or time out at once) in every exchange."""
+    if timeout is None:
+        return
+    number = isinstance(timeout, numbers.Real) and not isinstance(timeout, bool)
+    if not (number and 0 < timeout <= _MAX_TIMEOUT):
+        raise ValueError(
+            f"{where}: timeout must be a number of seconds > 0 and at most {_MAX_TIMEOUT:.3g} "
+            f"(or None: the process group's timeout), got {timeout!r}"
+        )
+
+
 def _to_sync(m: nn.Module, name: str, group: Any, timeout: float | None, width: int) -> nn.Module:
     if isinstance(m, SyncBatchNorm):
         m.name, m.sync_width = name, width
@@ -658,6 +675,7 @@ def convert_sync_batchnorm(
         >>> net[1].layer_name()
         "SyncBatchNorm(8) '1'"
     """
+    check_timeout(timeout, "convert_sync_batchnorm")
     layers = list(_named_bn(model))
     for full, m in layers:
         _check_lazy(m, full)
@@ -714,6 +732,7 @@ def all_reduce_population_stats(
         >>> merged["bn"][0]
         10
     """
+    check_timeout(timeout, "all_reduce_population_stats")
     names = list(channels)
     layout = ",".join(f"{n}:{channels[n]}" for n in names)
     ex = _Exchange(process_group, timeout, "recalibrate(distributed=True)", 0, 2, 2)

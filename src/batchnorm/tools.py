@@ -351,6 +351,10 @@ def recalibrate(
             f"recalibrate: data is one tensor of shape {tuple(data.shape)}; pass batches: "
             "[x], x.split(batch_size) or a DataLoader"
         )
+    if distributed:
+        from batchnorm.sync import check_timeout
+
+        check_timeout(timeout, "recalibrate(distributed=True)")  # before the pass over the data
     layers = _recalibrated_layers(model)
     moments, seen = _accumulate(model, data, num_samples, require_data=not distributed)
     if distributed:
