@@ -944,8 +944,40 @@ def test_channel_mismatch_is_caught_as_torch_nn_errors_are_and_gives_a_remedy() 
     bn = batchnorm.BatchNorm2d(8)
     with pytest.raises(RuntimeError, match=r"BatchNorm2d\(8\).*\(2, 3, 5, 5\), got 3\. Build the"):
         bn(torch.randn(2, 3, 5, 5))  # torch.nn raises RuntimeError here
-    with pytest.raises(ValueError, match="did you mean axis"):
+    with pytest.raises(ValueError, match=r"move them there \(x.movedim\(-1, 1\)\) or use"):
         bn(torch.randn(2, 3, 5, 8))
+
+
+@pytest.mark.parametrize(
+    "layer,any_axis",
+    [
+        (batchnorm.BatchNorm1d(5), batchnorm.BatchNorm),
+        (batchnorm.FrozenBatchNorm1d(5), batchnorm.FrozenBatchNorm),
+        (batchnorm.GhostBatchNorm1d(5, virtual_batch_size=2), batchnorm.GhostBatchNorm),
+        (batchnorm.BatchRenorm1d(5), batchnorm.BatchRenorm),
+    ],
+)
+def test_the_channel_axis_hint_suggests_what_the_layer_takes(
+    layer: nn.Module, any_axis: type
+) -> None:
+    # a layer with channels fixed at axis 1 refuses axis=-1, so the hint points to moving the
+    # channels or to the class that takes any axis — which does take the suggestion
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match=r"Axis -1 has size 5") as info:
+        layer(x)
+    message = str(info.value)
+    assert "did you mean" not in message
+    assert "x.movedim(-1, 1)" in message
+    assert f"batchnorm.{any_axis.__name__}(5, axis=-1)" in message
+    layer(x.movedim(-1, 1))
+    kwargs = {"virtual_batch_size": 2} if any_axis is batchnorm.GhostBatchNorm else {}
+    assert any_axis(5, axis=-1, **kwargs)(x).shape == x.shape
+    # the layer of any axis is told to pick the axis; the batch axis is never suggested
+    with pytest.raises(ValueError, match=r"did you mean axis=-1\?"):
+        any_axis(5, **kwargs)(x)
+    with pytest.raises(ValueError, match=r"Build the layer with 3 channels") as info:
+        type(layer)(8, **kwargs)(torch.randn(8, 3))
+    assert "axis=0" not in str(info.value)
 
 
 def test_eps_zero_gives_nan_for_a_constant_channel_on_every_path(

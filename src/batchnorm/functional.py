@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -757,9 +758,12 @@ def _name(layer: str | None) -> str:
     return layer or "batch_norm"
 
 
-def check_channels(x: Tensor, num_features: int, axis: int, layer: str | None = None) -> None:
+def check_channels(
+    x: Tensor, num_features: int, axis: int, layer: str | None = None, fixed: type | None = None
+) -> None:
     """Raise :class:`BatchNormInputError` unless ``x`` is a floating tensor with
-    ``num_features`` channels along ``axis``."""
+    ``num_features`` channels along ``axis``. ``fixed``: the layer's class, whose channels are
+    fixed at axis 1 (the remedy then names the class that takes any axis)."""
     name = _name(layer)
     if not (x.is_floating_point()):
         raise BatchNormInputError(
@@ -779,7 +783,8 @@ def check_channels(x: Tensor, num_features: int, axis: int, layer: str | None = 
         )
     c = x.shape[axis]
     if c != num_features:
-        hint = _axis_hint(x, num_features, axis) or (
+        any_axis = None if fixed is None else any_axis_class(fixed) or "BatchNorm"
+        hint = _axis_hint(x, num_features, axis, any_axis) or (
             f" Build the layer with {c} channels, or give the previous layer {num_features} "
             "output channels (out_channels / out_features)."
         )
@@ -787,6 +792,17 @@ def check_channels(x: Tensor, num_features: int, axis: int, layer: str | None = 
             f"{name}: expected {num_features} channels along axis {axis} of input with shape "
             f"{tuple(x.shape)}, got {c}.{hint}"
         )
+
+
+def any_axis_class(cls: type) -> str | None:
+    """For a class of channels fixed at axis 1 (a ``…1d/2d/3d`` of ``batchnorm``, or a subclass
+    of one): the name of its ``batchnorm`` class that takes any axis (``GhostBatchNorm2d`` →
+    ``GhostBatchNorm``)."""
+    for klass in cls.__mro__:
+        name = klass.__name__
+        if klass.__module__.startswith("batchnorm.") and re.fullmatch(r"\w+[123]d", name):
+            return name[:-2]
+    return None
 
 
 def device_error(
@@ -851,14 +867,22 @@ def vmap_error(
     )
 
 
-def _axis_hint(x: Tensor, num_features: int, axis: int) -> str:
-    """`` Axis j has size C: did you mean axis=j?`` for another axis of ``x`` of that size."""
+def _axis_hint(x: Tensor, num_features: int, axis: int, any_axis: str | None = None) -> str:
+    """`` Axis j has size C: did you mean axis=j?`` for another axis of ``x`` of that size (not
+    the batch axis 0); for a layer whose channels are fixed at axis 1 (BatchNorm1d/2d/3d and
+    their variants), how to move them there, or ``any_axis``, the class that takes any axis."""
     nd = x.dim()
-    candidates = [i for i in range(nd) if x.shape[i] == num_features and i != axis % nd]
+    candidates = [i for i in range(1, nd) if x.shape[i] == num_features and i != axis % nd]
     if not candidates:
         return ""
     j = candidates[-1]
     j_str = str(j - nd) if j == nd - 1 else str(j)
+    if any_axis is not None:
+        return (
+            f" Axis {j_str} has size {num_features}: this layer takes channels at axis 1, as "
+            f"torch.nn does; move them there (x.movedim({j_str}, 1)) or use "
+            f"batchnorm.{any_axis}({num_features}, axis={j_str})."
+        )
     return f" Axis {j_str} has size {num_features}: did you mean axis={j_str}?"
 
 

@@ -635,7 +635,9 @@ class FrozenBatchNorm(nn.Module):
                 f"{tuple(input.shape)}. For any rank use batchnorm.FrozenBatchNorm(..., axis=...)."
             )
         # (while tracing: the check's outcome is a constant of the trace, as in BatchNorm)
-        F._untraced(F.check_channels, input, self.num_features, self.axis, self.layer_name())
+        fixed = type(self) if self._ranks else None
+        name = self.layer_name()
+        F._untraced(F.check_channels, input, self.num_features, self.axis, name, fixed)
         if mask is not None:
             F.check_mask(input, mask, self.axis, self.layer_name())
         try:

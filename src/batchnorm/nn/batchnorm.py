@@ -284,7 +284,8 @@ class _BatchNormBase(nn.Module):
         ):
             return
         self._check_input_dim(input)
-        F.check_channels(input, self.num_features, self.axis, self.layer_name())
+        fixed = type(self) if self._torch_layout else None
+        F.check_channels(input, self.num_features, self.axis, self.layer_name(), fixed)
 
     def _checked(self, input: Tensor) -> bool:
         """Check ``input`` (:meth:`_check_input`); whether it is empty."""
