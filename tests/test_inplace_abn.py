@@ -1,6 +1,7 @@
 """InPlaceABN against BatchNorm followed by the activation (float64, 1e-10), and the memory it
 holds for backward measured with saved_tensors_hooks."""
 
+import math
 import warnings
 
 import pytest
@@ -120,8 +121,11 @@ def test_saved_tensor_bytes_counts_a_storage_once() -> None:
 def test_errors_name_the_layer() -> None:
     with pytest.raises(ValueError, match=r"InPlaceABN\(4\): activation must be one of"):
         batchnorm.InPlaceABN(4, activation="relu")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="activation_param must be > 0"):
-        batchnorm.InPlaceABN(4, activation="leaky_relu", activation_param=0.0)
+    for activation in ("leaky_relu", "elu"):
+        for bad in (0.0, -1.0, math.inf, math.nan):
+            # a zero or infinite slope (or ELU scale) cannot be inverted in backward
+            with pytest.raises(ValueError, match="activation_param must be a finite number > 0"):
+                batchnorm.InPlaceABN(4, activation=activation, activation_param=bad)  # type: ignore[arg-type]
     layer = batchnorm.InPlaceABN(4)
     with torch.no_grad():
         layer.weight[2] = 0.0

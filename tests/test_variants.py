@@ -673,3 +673,17 @@ def test_a_small_first_batch_compiles_with_fullgraph(make) -> None:  # type: ign
     layer = make()
     y = torch.compile(layer, fullgraph=True, backend="aot_eager")(torch.randn(4, 3))
     assert y.shape == (4, 3) and int(layer.num_batches_tracked) >= 1
+
+
+def test_variants_take_numpy_integer_counts_as_torch_nn_does() -> None:
+    # torch.nn.BatchNorm1d(np.int64(4)) works; sizes computed with NumPy must work here too
+    frozen = batchnorm.FrozenBatchNorm1d(np.int64(4))
+    assert frozen.num_features == 4 and type(frozen.num_features) is int
+    ghost = batchnorm.GhostBatchNorm1d(np.int32(4), virtual_batch_size=np.int64(8))
+    assert ghost.virtual_batch_size == 8 and type(ghost.virtual_batch_size) is int
+    assert ghost(torch.randn(16, 4)).shape == (16, 4)
+    for bad in (True, 0, 2.0, "4"):
+        with pytest.raises(ValueError, match="num_features must be a positive int"):
+            batchnorm.FrozenBatchNorm1d(bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="virtual_batch_size must be a positive int"):
+            batchnorm.GhostBatchNorm1d(4, virtual_batch_size=bad)  # type: ignore[arg-type]

@@ -211,10 +211,10 @@ class InPlaceABN(BatchNorm):
             )
         if activation_param is None:
             activation_param = 1.0 if activation == "elu" else 0.01
-        if activation != "identity" and not activation_param > 0:
+        if activation != "identity" and not 0 < activation_param < math.inf:
             raise ValueError(
-                f"{name}: activation_param must be > 0 for {activation} (a zero slope is not "
-                f"invertible), got {activation_param!r}"
+                f"{name}: activation_param must be a finite number > 0 for {activation} (a zero "
+                f"or infinite slope is not invertible), got {activation_param!r}"
             )
         super().__init__(num_features, *args, **kwargs)
         self.activation, self.activation_param = activation, float(activation_param)

@@ -31,6 +31,7 @@ from batchnorm.nn.batchnorm import (
     BatchNorm3d,
     _BatchNormBase,
     forwarding_signature,
+    positive_int,
 )
 
 __all__ = [
@@ -352,17 +353,14 @@ class _Ghost(_BatchNormBase):
     virtual_batch_size: int
 
     def __init__(self, num_features: int, *args: Any, virtual_batch_size: int, **kwargs: Any):
-        if (
-            not isinstance(virtual_batch_size, int)
-            or isinstance(virtual_batch_size, bool)
-            or virtual_batch_size < 1
-        ):
+        vbs = positive_int(virtual_batch_size)
+        if vbs is None:
             raise ValueError(
                 f"{type(self).__name__}({num_features}): virtual_batch_size must be a positive "
                 f"int, got {virtual_batch_size!r}"
             )
         super().__init__(num_features, *args, **kwargs)
-        self.virtual_batch_size = virtual_batch_size
+        self.virtual_batch_size = vbs
 
     def _forward_train(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         parent_step = super()._forward_train  # bound here: a comprehension has no super()
@@ -513,10 +511,12 @@ class FrozenBatchNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_features, int) or num_features < 1:
+        n = positive_int(num_features)
+        if n is None:
             raise ValueError(
                 f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}"
             )
+        num_features = n
         if self._ranks and axis != 1:
             raise ValueError(
                 f"{type(self).__name__}: channels are at axis 1; for another axis use "

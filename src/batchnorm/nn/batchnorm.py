@@ -46,6 +46,18 @@ class SmallBatchWarning(UserWarning):
     statistics are then noisy and BN's training and inference behaviour drift apart."""
 
 
+def positive_int(value: Any) -> int | None:
+    """``value`` as an int if it is a positive integer of any integral type (NumPy's, say, as
+    torch.nn takes), else None (a bool is a mistake, not a count)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        n = operator.index(value)
+    except TypeError:
+        return None
+    return n if n >= 1 else None
+
+
 class _BatchNormBase(nn.Module):
     """Parameters, buffers and the train/eval choice; subclasses check dimensions and may
     override :meth:`_forward_train` / :meth:`_forward_eval` (the variants do)."""
@@ -100,12 +112,8 @@ class _BatchNormBase(nn.Module):
         # constructors would build a second set of parameters
         nn.Module.__init__(self)
         name = type(self).__name__
-        try:
-            # any integral type (NumPy's, say), as torch.nn takes; a bool is a mistake
-            n = -1 if isinstance(num_features, bool) else operator.index(num_features)
-        except TypeError:
-            n = -1
-        if n < 1:
+        n = positive_int(num_features)
+        if n is None:
             raise ValueError(
                 f"{name}: num_features must be a positive integer (the number of channels C), "
                 f"got {num_features!r}"
