@@ -162,6 +162,54 @@ def test_nonfinite_input_skips_update_and_counter() -> None:
         strict(bad)
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["numba", "numba-python", "torch", "float64", "half", "bfloat16", "script", "trace"],
+)
+def test_a_broken_channel_in_loaded_statistics_does_not_freeze_the_others(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a checkpoint with NaN in one channel's running statistics (torch.nn stores them): as in
+    # torch.nn, that channel stays NaN and the others keep learning from finite batches, with
+    # no warning blaming the input
+    dtype = {"float64": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}.get(
+        path, torch.float32
+    )
+    backend = "torch" if path in ("torch", "half", "bfloat16") else "auto"
+    if path.startswith("numba"):
+        backend = "numba"
+    if path == "numba-python":
+        monkeypatch.setenv("BATCHNORM_NATIVE", "0")
+    theirs = nn.BatchNorm2d(4).to(dtype)
+    broken = {**theirs.state_dict()}
+    broken["running_mean"] = torch.tensor([float("nan"), 0.0, 0.0, 0.0], dtype=dtype)
+    broken["running_var"] = torch.tensor([1.0, float("nan"), 1.0, 1.0], dtype=dtype)
+    theirs.load_state_dict(broken)
+    ours = batchnorm.BatchNorm2d(4, backend=backend, nonfinite="raise").to(dtype)
+    ours.load_state_dict(broken)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(6, 4, 3, 3, generator=g) * 3 + 2).to(dtype) for _ in range(3)]
+    layer: nn.Module = ours
+    if path == "script":
+        layer = torch.jit.script(ours)
+    elif path == "trace":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            layer = torch.jit.trace(ours, batches[0], check_trace=False)
+        layer.load_state_dict(broken)  # undo the step tracing ran
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for b in batches:
+            theirs(b)
+            layer(b)
+    state = layer.state_dict()
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(state[name], getattr(theirs, name), equal_nan=True)
+    assert int(state["num_batches_tracked"]) == 3
+    assert bool(torch.isfinite(state["running_mean"][1:]).all())
+    assert bool(torch.isfinite(state["running_var"][[0, 2, 3]]).all())
+
+
 def test_module_error_messages() -> None:
     with pytest.raises(
         batchnorm.BatchNormInputError,
@@ -1082,3 +1130,32 @@ def test_torch_func_grad_with_running_buffers_fails_as_torch_nn_and_keeps_them()
             torch.func.grad(lambda p, m=m: torch.func.functional_call(m, p, (x,)).sum())(p)
         assert torch.equal(m.running_mean, torch.zeros(3))
         assert torch.equal(m.running_var, torch.ones(3))
+
+
+@pytest.mark.parametrize("how", ["compile", "export"])
+def test_nonfinite_raise_raises_from_a_compiled_or_exported_graph(how: str) -> None:
+    # Python cannot raise from inside a graph: the graph asserts that the update kept every
+    # value finite, with the eager error's message; nothing is written
+    torch._dynamo.reset()
+    bn = batchnorm.BatchNorm2d(4, nonfinite="raise")
+    x = torch.randn(6, 4, 3, 3)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    if how == "compile":
+        run = torch.compile(bn, fullgraph=True, backend="eager")
+        run(x)
+    else:
+        run = torch.export.export(bn, (x,)).module()
+        bn = run  # the exported module holds its own buffers
+        run(x)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"BatchNorm2d\(4\): the batch statistics are not"):
+        run(bad)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # the default policy skips the batch in the graph, as a trace does
+    warn = batchnorm.BatchNorm2d(4)
+    compiled = torch.compile(warn, fullgraph=True, backend="eager")
+    compiled(x)
+    compiled(bad)
+    assert int(warn.num_batches_tracked) == 1 and bool(torch.isfinite(warn.running_var).all())

@@ -151,7 +151,7 @@ def _train(
 def _updatable(running: functional.RunningStats, C: int) -> bool:
     """Whether the kernels can update these running buffers of ``C`` channels in place through
     NumPy views (they write ``C`` values of each)."""
-    rm, rv, _, _, nbt = running
+    rm, rv, _, _, nbt, _ = running
     return (
         rm.numel() == C
         and rv.numel() == C
@@ -307,7 +307,7 @@ class NumbaBackend:
         T = K._threads(x.numel(), None)
         if running is None:
             return ext.train(x, axis, weight, bias, None, None, None, T, eps, 0.0, 0.0)  # type: ignore[no-any-return]
-        rm, rv, momentum, alpha, nbt = running
+        rm, rv, momentum, alpha, nbt, _ = running
         return ext.train(x, axis, weight, bias, rm, rv, nbt, T, eps, momentum, alpha)  # type: ignore[no-any-return]
 
     def eval_node(

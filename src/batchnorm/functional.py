@@ -165,6 +165,9 @@ class RunningStats(NamedTuple):
     momentum: float
     alpha: float
     num_batches_tracked: Tensor | None = None
+    #: while torch.compile or torch.export traces a ``nonfinite="raise"`` layer: the message
+    #: of the error the graph raises for a non-finite batch (a trace cannot raise from Python)
+    graph_error: str | None = None
 
 
 class Backend(Protocol):
@@ -458,7 +461,7 @@ class AtenBackend(TorchBackend):
         from C++; this is the path of the inputs it declines and of ``BATCHNORM_NATIVE=0``."""
         ext = _half_node()
         if ext is not None:
-            rm, rv, momentum, alpha, nbt = running or (None, None, 0.0, 0.0, None)
+            rm, rv, momentum, alpha, nbt, _ = running or (None, None, 0.0, 0.0, None, None)
             node = ext.train(x, axis, weight, bias, rm, rv, nbt, 1, eps, momentum, alpha)
             if node is not None:
                 return node  # type: ignore[no-any-return]
@@ -1367,7 +1370,14 @@ def batch_norm_step(
             input, ax, weight, bias, running_mean, running_var, num_batches_tracked, T, eps,
             momentum, alpha,
         )  # fmt: skip
-    running = RunningStats(running_mean, running_var, momentum, alpha, num_batches_tracked)
+    running = RunningStats(
+        running_mean,
+        running_var,
+        momentum,
+        alpha,
+        num_batches_tracked,
+        _graph_error(nonfinite, layer),
+    )
     if node is None:
         # (the node declines tensors of another length: checked here, off its path)
         vectors = {
@@ -1574,7 +1584,6 @@ def _inference_affine(
 _NUMPY_OK = (torch.float32, torch.float64)  # dtypes the NumPy update path takes
 # running buffers the NumPy update path blends: half ones in the statistics' dtype (float32)
 _BUFFER_OK = (*_NUMPY_OK, torch.float16, torch.bfloat16)
-_BF16_EXPONENT = 0x7F80  # the exponent bits of a bfloat16: all set for inf and NaN
 
 
 def _blend_view(buf: Tensor, stats: np.dtype[Any]) -> np.ndarray[Any, Any]:
@@ -1587,16 +1596,25 @@ def _blend_view(buf: Tensor, stats: np.dtype[Any]) -> np.ndarray[Any, Any]:
     return buf.float().numpy().astype(stats, copy=False)  # bfloat16: NumPy has no such dtype
 
 
-def _rounded(new: np.ndarray[Any, Any], dtype: torch.dtype) -> Tensor | None:
-    """Blended values rounded to the half ``dtype`` of a running buffer (to nearest, as
-    torch's conversion); None when one of them leaves that dtype's range (inf)."""
-    if dtype == torch.float16:
+def _kept_finite(new: Any, old: Any) -> bool:
+    """Whether every value of ``new`` is finite where the value of ``old`` it replaces is (NumPy
+    arrays or tensors): a buffer value that is not finite already (a broken checkpoint) stays
+    so, as in torch.nn, without holding back the other channels."""
+    if isinstance(new, Tensor):
+        return bool((torch.isfinite(new) | ~torch.isfinite(old)).all())
+    return bool((np.isfinite(new) | ~np.isfinite(old)).all())
+
+
+def _rounded(new: np.ndarray[Any, Any], old: Tensor) -> Tensor | None:
+    """Blended values rounded to the half dtype of the running buffer ``old`` (to nearest, as
+    torch's conversion); None when one of them leaves that dtype's range (inf) where the value
+    it replaces is finite."""
+    if old.dtype == torch.float16:
         with np.errstate(over="ignore"):
-            h = new.astype(np.float16)
-        return torch.from_numpy(h) if np.isfinite(h).all() else None
-    t = torch.from_numpy(new).to(dtype)
-    bits = t.view(torch.int16).numpy()
-    return None if ((bits & _BF16_EXPONENT) == _BF16_EXPONENT).any() else t
+            t = torch.from_numpy(new.astype(np.float16))
+    else:
+        t = torch.from_numpy(new).to(old.dtype)
+    return t if _kept_finite(t, old) else None
 
 
 def update_running_stats(
@@ -1637,7 +1655,10 @@ def update_running_stats(
             "or pass unbiased=False to store σ²_B itself."
         )
     alpha = momentum * count / (count - 1) if unbiased else momentum
-    running = RunningStats(running_mean, running_var, momentum, alpha, num_batches_tracked)
+    graph_error = _graph_error(nonfinite, layer)
+    running = RunningStats(
+        running_mean, running_var, momentum, alpha, num_batches_tracked, graph_error
+    )
     if blend_running(running, mean, var):
         return True
     return _refuse_nonfinite(nonfinite, layer)
@@ -1646,7 +1667,7 @@ def update_running_stats(
 def blend_running(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
     """Blend a batch's ``mean`` and biased ``var`` into ``running`` in place (see
     :class:`RunningStats`); return False, changing nothing, when they are not finite."""
-    running_mean, running_var, momentum, alpha, nbt = running
+    running_mean, running_var, momentum, alpha, nbt, _ = running
     # on CPU the check and the update run on NumPy views of the same memory: each torch call
     # on a C-sized vector costs more than the arithmetic (it decides the small-batch step time)
     if _tracing() or not (_concrete(var) and _concrete(running_var)):
@@ -1674,12 +1695,12 @@ def blend_running(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
             new_m = rm + momentum * (mu.astype(rm.dtype, copy=False) - rm)  # lerp
             new_v = rv * (1.0 - momentum) + alpha * v.astype(rv.dtype, copy=False)
         if running_mean.dtype in _NUMPY_OK and running_var.dtype in _NUMPY_OK:
-            if not (np.isfinite(new_v).all() and np.isfinite(new_m).all()):
+            if not (_kept_finite(new_v, rv) and _kept_finite(new_m, rm)):
                 return False
             rm[...] = new_m
             rv[...] = new_v
         else:  # half buffers: blended in the statistics' dtype, rounded once into theirs
-            m_t, v_t = _rounded(new_m, running_mean.dtype), _rounded(new_v, running_var.dtype)
+            m_t, v_t = _rounded(new_m, running_mean), _rounded(new_v, running_var)
             if m_t is None or v_t is None:
                 return False
             running_mean.copy_(m_t)
@@ -1689,7 +1710,7 @@ def blend_running(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
             if not bool(torch.isfinite(var).all()):
                 return False
             blended_m, blended_v = _blended(running, mean, var)
-            if not bool(torch.isfinite(blended_v).all() and torch.isfinite(blended_m).all()):
+            if not (_kept_finite(blended_v, running_var) and _kept_finite(blended_m, running_mean)):
                 return False
             running_mean.copy_(blended_m)
             running_var.copy_(blended_v)
@@ -1702,7 +1723,7 @@ def _blended(running: RunningStats, mean: Tensor, var: Tensor) -> tuple[Tensor, 
     """The blended running mean and variance, new tensors in the buffers' dtype (torch ops):
     computed in the wider of the buffers' and the statistics' dtypes and rounded once (half
     buffers are blended in float32, as torch.nn's operator and Keras do)."""
-    running_mean, running_var, momentum, alpha, _ = running
+    running_mean, running_var, momentum, alpha, _, _ = running
     cm = torch.promote_types(running_mean.dtype, mean.dtype)
     cv = torch.promote_types(running_var.dtype, var.dtype)
     if torch.compiler.is_compiling():
@@ -1726,16 +1747,27 @@ def _blend_traced(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
     be recorded as a constant). No warning can come from a trace. A trace does not record
     ``no_grad`` either: the statistics are detached, or the replayed update would give the
     buffers an autograd history (each step's graph kept alive by the next)."""
-    running_mean, running_var, _, _, nbt = running
+    running_mean, running_var, _, _, nbt, _ = running
     mean, var = mean.detach(), var.detach()
     with torch.no_grad():
         blended_m, blended_v = _blended(running, mean, var)
-        ok = torch.isfinite(blended_v).all() & torch.isfinite(blended_m).all()
+        kept_v = torch.isfinite(blended_v) | ~torch.isfinite(running_var)
+        kept_m = torch.isfinite(blended_m) | ~torch.isfinite(running_mean)
+        ok = kept_v.all() & kept_m.all()
+        if running.graph_error is not None:
+            torch._assert_async(ok, running.graph_error)
         running_mean.copy_(torch.where(ok, blended_m, running_mean))
         running_var.copy_(torch.where(ok, blended_v, running_var))
         if nbt is not None:
             nbt.add_(ok.to(nbt.dtype))
     return True
+
+
+def _graph_error(nonfinite: NonFinitePolicy, layer: str | None) -> str | None:
+    """:attr:`RunningStats.graph_error` for a call with policy ``nonfinite``."""
+    if nonfinite != "raise" or not torch.compiler.is_compiling():
+        return None
+    return _nonfinite_message(_name(layer))
 
 
 def _nonfinite_message(layer: str) -> str:
@@ -2028,7 +2060,10 @@ def batch_norm_scriptable(
                 new_v = running_var.to(bt) * (1.0 - factor) + alpha * var.detach().to(bt)
                 new_m = new_m.to(running_mean.dtype)
                 new_v = new_v.to(running_var.dtype)
-                if bool(torch.isfinite(new_m).all()) and bool(torch.isfinite(new_v).all()):
+                # a buffer value that is not finite already stays so (the others update)
+                kept_m = torch.isfinite(new_m) | ~torch.isfinite(running_mean)
+                kept_v = torch.isfinite(new_v) | ~torch.isfinite(running_var)
+                if bool(torch.isfinite(var).all() & kept_m.all() & kept_v.all()):
                     running_mean.copy_(new_m)
                     running_var.copy_(new_v)
                     if num_batches_tracked is not None:

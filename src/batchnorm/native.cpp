@@ -561,7 +561,8 @@ Tensor float_vector(const std::optional<Tensor>& v, double fill, const Tensor& x
 
 // The running buffers blended as batchnorm.functional.blend_running does on NumPy views: in
 // A (float32; float64 for float64 buffers), rounded once into the buffers' dtype B; false,
-// nothing written, when a blended value is not finite there. One operation per statement and
+// nothing written, when a blended value is not finite there (unless the value it replaces was
+// not finite either: a broken channel stays so, the others update). One operation per statement and
 // no contraction into fused multiply-adds (-ffp-contract=off): NumPy's roundings.
 template <typename B, typename A>
 bool blend(const Tensor& rm, const Tensor& rv, const float* mean, const float* var, int64_t C,
@@ -580,10 +581,11 @@ bool blend(const Tensor& rm, const Tensor& rv, const float* mean, const float* v
     const A added = a * static_cast<A>(var[c]);
     new_m[c] = static_cast<B>(r + step);
     new_v[c] = static_cast<B>(kept + added);
-    if (!std::isfinite(static_cast<double>(new_m[c])) ||
-        !std::isfinite(static_cast<double>(new_v[c]))) {
-      return false;
-    }
+    const bool m_broke = !std::isfinite(static_cast<double>(new_m[c])) &&
+                         std::isfinite(static_cast<double>(m[c]));
+    const bool v_broke = !std::isfinite(static_cast<double>(new_v[c])) &&
+                         std::isfinite(static_cast<double>(v[c]));
+    if (m_broke || v_broke) return false;
   }
   std::copy(new_m.begin(), new_m.end(), m);
   std::copy(new_v.begin(), new_v.end(), v);

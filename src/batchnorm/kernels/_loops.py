@@ -1538,7 +1538,8 @@ def running_update(mean, var, rm, rv, momentum, alpha, nbt):  # type: ignore[no-
     float64: ``rm += momentum·(mean − rm)``, ``rv = (1 − momentum)·rv + alpha·var``, and add one
     to ``nbt[0]`` (``nbt`` empty: no counter). Returns False, changing nothing, when ``var`` is
     not finite (it is whenever ``mean`` is not: inf − inf is NaN) or a new value does not fit
-    the buffers' dtype."""
+    the buffers' dtype; a buffer value that is not finite already (a broken checkpoint) stays
+    so, as in torch.nn, without holding back the other channels."""
     C = var.shape[0]
     for c in range(C):
         if not math.isfinite(var[c]):
@@ -1551,7 +1552,9 @@ def running_update(mean, var, rm, rv, momentum, alpha, nbt):  # type: ignore[no-
         r = np.float64(rm[c])
         new_m[c] = r + momentum * (np.float64(mean[c]) - r)
         new_v[c] = (1.0 - momentum) * np.float64(rv[c]) + alpha * np.float64(var[c])
-        if not (math.isfinite(new_m[c]) and math.isfinite(new_v[c])):
+        if (not math.isfinite(new_m[c]) and math.isfinite(rm[c])) or (
+            not math.isfinite(new_v[c]) and math.isfinite(rv[c])
+        ):
             return False
     for c in range(C):
         rm[c] = new_m[c]
