@@ -1159,3 +1159,44 @@ def test_nonfinite_raise_raises_from_a_compiled_or_exported_graph(how: str) -> N
     compiled(x)
     compiled(bad)
     assert int(warn.num_batches_tracked) == 1 and bool(torch.isfinite(warn.running_var).all())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: batchnorm.BatchNorm2d(4),
+        lambda: batchnorm.BatchRenorm2d(4),
+        lambda: batchnorm.GhostBatchNorm2d(4, virtual_batch_size=3),
+        lambda: batchnorm.FrozenBatchNorm2d(4),
+        lambda: batchnorm.InPlaceABN(4),
+        lambda: batchnorm.SyncBatchNorm(4),
+    ],
+    ids=["bn", "renorm", "ghost", "frozen", "inplace-abn", "sync"],
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_a_negative_eps_set_after_construction_is_named(make, training: bool) -> None:  # type: ignore[no-untyped-def]
+    # torch.nn refuses it in its forward; unchecked, every output would be NaN
+    layer = make().train(training)
+    layer.eps = -1.0
+    x = torch.randn(6, 4, 3, 3)
+    with pytest.raises(
+        ValueError, match=r"\(4\): eps must be >= 0 \(it is added to the variance\)"
+    ):
+        layer(x)
+
+
+def test_the_functions_refuse_a_negative_eps() -> None:
+    from batchnorm import functional as F
+
+    x, rm, rv = torch.randn(6, 4), torch.zeros(4), torch.ones(4)
+    calls = [
+        lambda: F.batch_norm(x, rm, rv, training=True, eps=-1.0),
+        lambda: F.batch_norm(x, rm, rv, training=False, eps=-1.0),
+        lambda: F.batch_norm_train(x, eps=-1.0),
+        lambda: F.batch_norm_step(x, rm, rv, eps=-1.0),
+        lambda: F.batch_norm_eval(x, rm, rv, eps=-1.0),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"eps must be >= 0"):
+            call()
+    assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4))

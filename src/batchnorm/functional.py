@@ -32,7 +32,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple, Protocol, TypeVar
+from typing import Any, Literal, NamedTuple, NoReturn, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -1282,6 +1282,15 @@ def _graph_needed(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool
     )
 
 
+def _bad_eps(eps: Any, layer: str | None) -> NoReturn:
+    """Refuse an ``eps`` below 0 (or NaN), which a layer's attribute may have been set to after
+    the constructor checked it: the variance plus eps would be negative, every output NaN."""
+    raise BatchNormInputError(
+        f"{_name(layer)}: eps must be >= 0 (it is added to the variance), got {eps!r}; the usual "
+        "value is 1e-5"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # public functions
 
@@ -1307,6 +1316,8 @@ def batch_norm_train(
     axis — see :func:`check_mask`), the statistics are taken over the valid positions only and
     ``count`` is their number; every position is normalized with them.
     """
+    if not eps >= 0:
+        _bad_eps(eps, layer)
     ax = axis % input.dim() if input.dim() else axis
     check_vectors(input, ax, {"weight": weight, "bias": bias}, layer)
     if mask is not None:
@@ -1360,6 +1371,8 @@ def batch_norm_step(
     (the running buffers, and ``num_batches_tracked`` — incremented otherwise — are then left
     unchanged, and ``nonfinite`` says whether to warn or raise).
     """
+    if not eps >= 0:
+        _bad_eps(eps, layer)
     ax = axis % input.dim() if input.dim() else axis
     count = _check_count(input, ax, layer)
     alpha = momentum * count / (count - 1) if unbiased_running_var else momentum
@@ -1423,6 +1436,8 @@ def batch_norm_eval(
 ) -> Tensor:
     """Normalize with population statistics (Algorithm 2): the affine map
     ``y = x·scale + shift`` with ``scale = γ/√(Var[x] + ε)`` and ``shift = β − scale·E[x]``."""
+    if not eps >= 0:
+        _bad_eps(eps, layer)
     ext = _ready_node(backend, input)
     needs_graph = torch.is_grad_enabled() and (
         input.requires_grad
@@ -1933,6 +1948,8 @@ def batch_norm(
         True
     """
     _check_call(input, axis, layer, running_mean, running_var, weight, bias)
+    if not eps >= 0:
+        _bad_eps(eps, layer)
     if training and mask is None and running_mean is not None and running_var is not None:
         y, _ = batch_norm_step(
             input,

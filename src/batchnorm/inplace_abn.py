@@ -281,6 +281,8 @@ class InPlaceABN(BatchNorm):
                 f"{self.layer_name()}: masks are not supported by in-place activated BN; use "
                 "batchnorm.BatchNorm with forward(x, mask=...) followed by the activation"
             )
+        if not self.eps >= 0:
+            F._bad_eps(self.eps, self.layer_name())
         # before anything reads them, or the input is written over: C values of each
         F.check_vectors(input, self.axis % input.dim(), self._per_channel(), self.layer_name())
         # backward divides by γ; without a graph (no_grad: recalibration, probes, evaluation
