@@ -1200,3 +1200,20 @@ def test_the_functions_refuse_a_negative_eps() -> None:
         with pytest.raises(ValueError, match=r"eps must be >= 0"):
             call()
     assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4))
+
+
+@pytest.mark.parametrize("missing", ["running_mean", "running_var"])
+@pytest.mark.parametrize("training", [True, False])
+def test_one_running_buffer_set_to_none_is_named(missing: str, training: bool) -> None:
+    # torch.nn refuses it (ValueError in training, RuntimeError in eval); both set to None is
+    # batch statistics always, as torch.nn
+    layer = batchnorm.BatchNorm2d(4).train(training)
+    setattr(layer, missing, None)
+    x = torch.randn(6, 4, 3, 3)
+    with pytest.raises(ValueError, match=rf"BatchNorm2d\(4\): {missing} is None but"):
+        layer(x)
+    with pytest.raises(RuntimeError, match=rf"{missing} is None"):
+        layer(x)
+    other = "running_var" if missing == "running_mean" else "running_mean"
+    setattr(layer, other, None)
+    torch.testing.assert_close(layer(x), nn.functional.batch_norm(x, None, None, training=True))

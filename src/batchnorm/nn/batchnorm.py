@@ -25,7 +25,7 @@ import inspect
 import math
 import operator
 import warnings
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -307,9 +307,19 @@ class _BatchNormBase(nn.Module):
     def _use_batch_stats(self) -> bool:
         # as torch.nn: batch statistics in training, or always without running buffers
         b = self._buffers  # (read directly: see _tensors)
-        return (
-            self.training
-            or (b["running_mean"] if "running_mean" in b else self.running_mean) is None
+        no_mean = (b["running_mean"] if "running_mean" in b else self.running_mean) is None
+        if no_mean != ((b["running_var"] if "running_var" in b else self.running_var) is None):
+            self._one_buffer_missing()
+        return self.training or no_mean
+
+    def _one_buffer_missing(self) -> NoReturn:
+        given, missing = ("running_var", "running_mean")
+        if self.running_var is None:
+            given, missing = missing, given
+        raise BatchNormInputError(
+            f"{self.layer_name()}: {missing} is None but {given} is not; the running statistics "
+            "are used together: set both to None (batch statistics always, as "
+            "track_running_stats=False) or restore the missing one (e.g. from a state_dict)"
         )
 
     def _momentum_factor(self) -> float:
