@@ -7,6 +7,7 @@ import inspect
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1217,3 +1218,47 @@ def test_one_running_buffer_set_to_none_is_named(missing: str, training: bool) -
     other = "running_var" if missing == "running_mean" else "running_mean"
     setattr(layer, other, None)
     torch.testing.assert_close(layer(x), nn.functional.batch_norm(x, None, None, training=True))
+
+
+@pytest.mark.parametrize(
+    "backend,dtype,native",
+    [
+        ("auto", torch.float32, True),
+        ("numba", torch.float64, True),
+        ("numba", torch.float32, False),
+        ("torch", torch.float32, True),
+        ("auto", torch.bfloat16, True),
+        ("auto", torch.bfloat16, False),
+        ("auto", "bfloat16-input", True),
+        ("auto", "bfloat16-input", False),
+    ],
+)
+def test_an_eval_output_s_gradient_uses_the_statistics_it_was_computed_with(
+    backend: str, dtype: Any, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an eval-mode output, then a training step of the same layer (which updates the running
+    # buffers in place), then the backward of that output: its gradient is that of the function
+    # that computed it (torch.nn's operator reads the buffers at backward time instead)
+    if not native:
+        monkeypatch.setenv("BATCHNORM_NATIVE", "0")
+    torch.manual_seed(0)
+    # "bfloat16-input": bfloat16 inputs into a float32 layer (mixed precision)
+    mixed = dtype == "bfloat16-input"
+    dtype = torch.bfloat16 if mixed else dtype
+    layer = batchnorm.BatchNorm2d(4, backend=backend).to(torch.float32 if mixed else dtype)
+    for _ in range(2):
+        layer(torch.randn(8, 4, 3, 3, dtype=dtype) * 2 + 1)
+    frozen = copy.deepcopy(layer).eval()  # the statistics the eval output is computed with
+    x = (torch.randn(8, 4, 3, 3) * 2 + 1).to(dtype).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    layer.eval()
+    y = layer(x)
+    layer.train()
+    layer(torch.randn(8, 4, 3, 3, dtype=dtype) * 5 - 3)  # moves the running statistics
+    y.float().pow(2).sum().backward()
+    frozen(x_ref).float().pow(2).sum().backward()
+    assert not torch.equal(frozen.running_var, layer.running_var)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol)
+    for p, q in zip(layer.parameters(), frozen.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=tol, atol=tol)

@@ -521,6 +521,10 @@ class AtenBackend(TorchBackend):
         else:
             w, b = _vec(weight, 1.0, x), _vec(bias, 0.0, x)
             m, v = _vec(mean, 0.0, x), _vec(var, 1.0, x)
+        if _graph_needed(x, w, b):
+            # the operator saves the statistics for its backward, which would read the buffers
+            # as a later training step of the layer left them: a copy as they are now
+            m, v = m.clone(), v.clone()
         return _ATEN.native_batch_norm(x, w, b, m, v, False, 0.0, eps)[0]  # type: ignore[no-any-return]
 
     def backward_eval(
@@ -1119,7 +1123,11 @@ class BatchNormEvalFunction(torch.autograd.Function):
             y = be.forward_eval(xc, mean, var, weight, bias, eps)
         else:
             restore = _same
-        ctx.save_for_backward(x, mean, var, weight, bias)  # type: ignore[arg-type]
+        # the statistics as this forward used them (a training step of the layer before the
+        # backward updates its buffers in place); ones that require gradients stay themselves
+        mean_used = mean if mean.requires_grad else mean.clone()
+        var_used = var if var.requires_grad else var.clone()
+        ctx.save_for_backward(x, mean_used, var_used, weight, bias)  # type: ignore[arg-type]
         ctx.eps = eps  # type: ignore[attr-defined]
         ctx.axis = axis  # type: ignore[attr-defined]
         ctx.backend = be  # type: ignore[attr-defined]

@@ -431,7 +431,9 @@ struct EvalNode : public torch::autograd::Function<EvalNode> {
       eval(x.data_ptr(), d.N, d.C, d.L, rm.data_ptr(), rv.data_ptr(), ptr(w), len(w), ptr(b),
            len(b), eps, y.data_ptr(), d.T);
     }
-    ctx->save_for_backward({x, rm, rv, or_undefined(w), or_undefined(b)});
+    // the statistics as this forward used them: a training step of the same layer before the
+    // backward updates the buffers in place (C values each)
+    ctx->save_for_backward({x, rm.clone(), rv.clone(), or_undefined(w), or_undefined(b)});
     save_call(ctx, d, eps);
     return y;
   }
@@ -699,8 +701,16 @@ Tensor evaluate_half(const Tensor& x, const Tensor& rm, const Tensor& rv,
       same(w) && same(b) && rm.scalar_type() == dt && rv.scalar_type() == dt;
   const Tensor wf = as_they_are ? or_undefined(w) : float_vector(w, 1.0, x);
   const Tensor bf = as_they_are ? or_undefined(b) : float_vector(b, 0.0, x);
-  const Tensor m = as_they_are ? rm : rm.to(at::kFloat);
-  const Tensor v = as_they_are ? rv : rv.to(at::kFloat);
+  // with a graph, the operator saves the statistics for its backward, which would read the
+  // buffers as a later training step of the layer left them: a copy (C values) as they are now
+  auto recorded = [](const Tensor& v) {
+    return at::GradMode::is_enabled() && v.defined() && v.requires_grad();
+  };
+  const bool graph = recorded(x) || recorded(wf) || recorded(bf);
+  const Tensor m0 = as_they_are ? rm : rm.to(at::kFloat);  // (the buffer itself if float32)
+  const Tensor v0 = as_they_are ? rv : rv.to(at::kFloat);
+  const Tensor m = graph ? m0.clone() : m0;
+  const Tensor v = graph ? v0.clone() : v0;
   const Unlocked other_threads_run(2);
   return std::get<0>(at::native_batch_norm(x, wf, bf, m, v, false, 0.0, eps));
 }
