@@ -2,6 +2,7 @@
 values and gradients on each path: the compiled node, the autograd Function (native off) and
 plain torch operations."""
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -506,3 +507,18 @@ def test_inductor_follows_the_cumulative_average_of_momentum_none() -> None:
                 ref(x)
     torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_type_fusers_take_our_layers_after_convert_model() -> None:
+    # torch.ao's fuser looks layers up by exact class: it refuses ours, and takes the model
+    # once convert_model has given it torch.nn's classes (the same statistics)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4), nn.ReLU())
+    net(torch.randn(8, 3, 6, 6))
+    net.eval()
+    with pytest.raises(AssertionError, match="did not find fuser method"):
+        torch.ao.quantization.fuse_modules(copy.deepcopy(net), [["0", "1", "2"]])
+    fused = torch.ao.quantization.fuse_modules(
+        batchnorm.convert_model(copy.deepcopy(net), to="torch"), [["0", "1", "2"]]
+    )
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(fused(x), net(x), rtol=1e-5, atol=1e-5)

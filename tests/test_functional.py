@@ -529,12 +529,20 @@ def test_half_running_buffers_refuse_a_variance_beyond_their_range() -> None:
     half = float(big[1, 0]) / 2  # 3e4 rounds to 29952 in bfloat16
     assert float(rb) == pytest.approx(half, rel=1e-2)
     assert float(vb) == pytest.approx(2 * half**2, rel=1e-2)
+
     # values float32 holds but the half dtype does not (rounded to inf) are refused
-    assert F._rounded(np.array([3.38e38], np.float32), torch.bfloat16) is not None
-    assert F._rounded(np.array([1.0, 3.4e38], np.float32), torch.bfloat16) is None
-    assert F._rounded(np.array([65504.0], np.float32), torch.float16) is not None
-    assert F._rounded(np.array([65520.0, 1.0], np.float32), torch.float16) is None
-    r = F._rounded(np.array([1.0 + 2.0**-8, -(1.0 + 3 * 2.0**-8)], np.float32), torch.bfloat16)
+    def buffer(dtype: torch.dtype, n: int = 2) -> torch.Tensor:  # finite buffer values
+        return torch.ones(n, dtype=dtype)
+
+    assert F._rounded(np.array([3.38e38], np.float32), buffer(torch.bfloat16, 1)) is not None
+    assert F._rounded(np.array([1.0, 3.4e38], np.float32), buffer(torch.bfloat16)) is None
+    assert F._rounded(np.array([65504.0], np.float32), buffer(torch.float16, 1)) is not None
+    assert F._rounded(np.array([65520.0, 1.0], np.float32), buffer(torch.float16)) is None
+    # a buffer value that is not finite already may stay so
+    nan_first = torch.tensor([float("nan"), 1.0], dtype=torch.float16)
+    assert F._rounded(np.array([np.nan, 1.0], np.float32), nan_first) is not None
+    pair = np.array([1.0 + 2.0**-8, -(1.0 + 3 * 2.0**-8)], np.float32)
+    r = F._rounded(pair, buffer(torch.bfloat16))
     assert r is not None and r.tolist() == [1.0, -(1.0 + 2.0**-6)]  # to nearest, ties to even
 
 

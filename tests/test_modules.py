@@ -1152,6 +1152,7 @@ def test_nonfinite_raise_raises_from_a_compiled_or_exported_graph(how: str) -> N
     before = {k: v.clone() for k, v in bn.state_dict().items()}
     with pytest.raises(RuntimeError, match=r"BatchNorm2d\(4\): the batch statistics are not"):
         run(bad)
+    assert torch.is_grad_enabled()  # the error leaves the caller's autograd as it was
     for k, v in bn.state_dict().items():
         assert torch.equal(v, before[k]), k
     # the default policy skips the batch in the graph, as a trace does
@@ -1262,3 +1263,32 @@ def test_an_eval_output_s_gradient_uses_the_statistics_it_was_computed_with(
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol)
     for p, q in zip(layer.parameters(), frozen.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=tol, atol=tol)
+
+
+def test_outputs_are_laid_out_as_torch_nn_s_for_views_of_any_strides() -> None:
+    # torch.nn's output takes the input's suggested memory format: a slice of a channels_last
+    # tensor's channels, or a strided step over it, comes out channels_last; other views
+    # contiguous. Eager and scripted layers, training and eval, against torch.nn itself.
+    rng = np.random.default_rng(0)
+    cases = 0
+    for _ in range(150):
+        nd = int(rng.choice([4, 5]))
+        base = torch.randn(*[int(rng.choice([2, 3, 4, 6])) for _ in range(nd)])
+        view = base.permute(*[int(i) for i in rng.permutation(nd)])
+        view = view[tuple(slice(None, None, int(rng.choice([1, 1, 2]))) for _ in range(nd))]
+        if view.shape[0] < 2 or view.is_contiguous():
+            continue
+        c = view.shape[1]
+        theirs = (nn.BatchNorm2d if nd == 4 else nn.BatchNorm3d)(c)
+        ours = (batchnorm.BatchNorm2d if nd == 4 else batchnorm.BatchNorm3d)(c)
+        scripted = torch.jit.script(
+            (batchnorm.BatchNorm2d if nd == 4 else batchnorm.BatchNorm3d)(c)
+        )
+        for training in (True, False):
+            want = theirs.train(training)(view)
+            for layer in (ours, scripted):
+                got = layer.train(training)(view)
+                assert got.stride() == want.stride(), (view.shape, view.stride(), training)
+                torch.testing.assert_close(got, want)
+        cases += 1
+    assert cases > 50

@@ -552,11 +552,11 @@ def _half_node() -> Any | None:
 
 
 def torch_nn_layout(x: Tensor) -> Tensor:
-    """``x`` laid out as torch.nn's BatchNormNd lays out its output: as it is when contiguous,
-    or ``channels_last`` (4-D) / ``channels_last_3d`` (5-D), else a contiguous copy — a 3-D
+    """``x`` laid out as torch.nn's BatchNormNd lays out its output (the input's suggested
+    memory format): as it is when contiguous, or ``channels_last`` (4-D) / ``channels_last_3d``
+    (5-D); a copy in that format for a view of such a tensor; else a contiguous copy — a 3-D
     ``t.transpose(1, 2)`` included, so that ``y.view(N, -1)`` works as with torch.nn. The
-    drop-in modules take their input so (in eager mode and under TorchScript); the any-axis
-    :class:`batchnorm.BatchNorm` keeps any layout."""
+    drop-in modules take their input so (in eager mode and under TorchScript)."""
     if x.is_contiguous():
         return x
     nd = x.dim()
@@ -564,7 +564,32 @@ def torch_nn_layout(x: Tensor) -> Tensor:
         return x
     if nd == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
         return x
+    # torch's suggested memory format: a view of a channels-last tensor (a slice of its
+    # channels, a strided step) comes out channels-last
+    if nd == 4 and _channels_last_strides(list(x.shape), list(x.stride()), [1, 3, 2, 0]):
+        return x.contiguous(memory_format=torch.channels_last)
+    if nd == 5 and _channels_last_strides(list(x.shape), list(x.stride()), [1, 4, 3, 2, 0]):
+        return x.contiguous(memory_format=torch.channels_last_3d)
     return x.contiguous()
+
+
+def _channels_last_strides(sizes: list[int], strides: list[int], order: list[int]) -> bool:
+    """Whether ``strides`` order the dimensions as ``order`` lists them, innermost first (c10's
+    ``is_channels_last_strides_2d/3d``, which ``suggest_memory_format`` asks; TorchScript
+    compiles it)."""
+    if strides[1] == 0:
+        return False
+    smallest = 0
+    for d in order:
+        if sizes[d] == 0 or strides[d] < smallest:
+            return False
+        if d == 0 and smallest == strides[1]:
+            # (N, 1, 1, 1)-like: the batch axis no further out than the channels'
+            return False
+        smallest = strides[d]
+        if sizes[d] > 1:
+            smallest *= sizes[d]
+    return True
 
 
 def _operator_layout(x: Tensor, axis: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -1777,12 +1802,14 @@ def _blend_traced(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
         kept_v = torch.isfinite(blended_v) | ~torch.isfinite(running_var)
         kept_m = torch.isfinite(blended_m) | ~torch.isfinite(running_mean)
         ok = kept_v.all() & kept_m.all()
-        if running.graph_error is not None:
-            torch._assert_async(ok, running.graph_error)
         running_mean.copy_(torch.where(ok, blended_m, running_mean))
         running_var.copy_(torch.where(ok, blended_v, running_var))
         if nbt is not None:
             nbt.add_(ok.to(nbt.dtype))
+    if running.graph_error is not None:
+        # (outside no_grad: an error raised inside a compiled no_grad region leaves gradients
+        # disabled for the caller; the buffers above are unchanged when it fires)
+        torch._assert_async(ok, running.graph_error)
     return True
 
 

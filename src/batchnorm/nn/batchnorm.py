@@ -66,7 +66,8 @@ class _BatchNormBase(nn.Module):
     __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine", "axis"]
 
     #: outputs laid out as torch.nn's BatchNormNd lays them out (the drop-in classes; see
-    #: :func:`batchnorm.functional.torch_nn_layout`), else in the input's layout
+    #: :func:`batchnorm.functional.torch_nn_layout`), else in the input's layout when it is
+    #: contiguous or has its channels innermost (other views: contiguous)
     _torch_layout: bool = False
 
     if TYPE_CHECKING:  # for type checkers only: torch.jit.script types attributes by value
