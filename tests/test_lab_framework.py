@@ -642,6 +642,38 @@ def test_cli_unwritable_run_folder_is_a_one_line_error(capsys, tmp_path, monkeyp
     assert f"cannot write the run's files in {out}: Permission denied" in err
 
 
+def test_cli_tells_a_timeout_and_other_system_errors_from_write_errors(
+    capsys, tmp_path, monkeypatch
+):  # type: ignore[no-untyped-def]
+    import errno
+
+    from batchnorm.lab import cli as lab_cli
+
+    out = tmp_path / "run"
+    argv = ["lab", "run", "sync-bn", "--quick", "--out", str(out)]
+
+    def raising(error: BaseException):  # type: ignore[no-untyped-def]
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            raise error
+
+        return run
+
+    # a process group slower than its timeout (TimeoutError is an OSError): its own message
+    slow = TimeoutError("sync-bn: local b=2 seed=0 did not finish within 0.5 s (raise ...)")
+    monkeypatch.setattr(lab_cli, "_run_one", raising(slow))
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: sync-bn: local b=2 seed=0 did not finish" in err and "cannot write" not in err
+    # a full disk is a write error, with or without a file name
+    monkeypatch.setattr(lab_cli, "_run_one", raising(OSError(errno.ENOSPC, "No space left")))
+    assert cli_main(argv) == 2
+    assert "cannot write the run's files" in capsys.readouterr().err
+    # any other system error is not blamed on the files: it keeps its traceback
+    monkeypatch.setattr(lab_cli, "_run_one", raising(ConnectionResetError(104, "reset")))
+    with pytest.raises(ConnectionResetError):
+        cli_main(argv)
+
+
 def test_output_to_a_closed_pipe_does_not_stop_the_work():
     import sys
 
@@ -657,3 +689,21 @@ def test_output_to_a_closed_pipe_does_not_stop_the_work():
     proc = run_into_closed_pipe(f"{shlex.quote(sys.executable)} -c {shlex.quote(script)}", 10)
     assert proc.stdout == "line 0 xxx"
     assert "finished" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_doctor_table_names_the_seeds_that_ran() -> None:
+    # a run with --set seed=5 (two seeds: 5 and 6): its rows say 5 and 6, not list positions
+    def entry(gap: float) -> dict[str, object]:
+        summary = {"findings": [{"check": "stale-running-stats", "severity": "warning"}]}
+        return {
+            "before": {**summary, "output_gap": gap},
+            "after": {"findings": [], "output_gap": gap / 10},
+            "cured": [{"check": "stale-running-stats"}],
+        }
+
+    section = report.doctor_section(
+        "t", {"BN": [entry(0.5), None], "adabn": [entry(0.2), entry(0.3)]}, [5, 6]
+    )
+    rows = section["table"]["rows"]
+    assert [(r[0], r[1]) for r in rows] == [("BN", 5), ("adabn", 5), ("adabn", 6)]
+    assert rows[2][2] == "stale-running-stats" and rows[2][4] == "none"

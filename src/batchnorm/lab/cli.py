@@ -120,6 +120,17 @@ def _run_one(name: str, args: argparse.Namespace, out: Any, command: str) -> Pat
     )
 
 
+def _file_error(e: OSError) -> bool:
+    """Whether ``e`` is about files (a folder that cannot be written, a full disk), not another
+    operating-system error such as a timeout or a broken connection."""
+    import errno
+
+    files = (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError)
+    if isinstance(e, (*files, NotADirectoryError)) or e.filename is not None:
+        return True
+    return e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EIO)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from batchnorm.lab.config import ConfigError
     from batchnorm.lab.data import DatasetCorruptError, DatasetNotFoundError
@@ -157,6 +168,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         DatasetCorruptError,
         RunDirConflict,
         UnknownExperiment,
+        TimeoutError,  # a process group slower than --set group_timeout (its message says so)
     )
     where = args.out or f"runs/{name}{'-quick' if args.quick else ''}"
     if name != "all":
@@ -167,6 +179,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             _say(f"error: {msg}", err=True)
             return 2
         except OSError as e:  # e.g. re-rendering a finished run in a read-only folder
+            if not _file_error(e):
+                raise  # not about the run's files: its traceback says where
             _say(f"error: cannot write the run's files in {where}: {e.strerror or e}", err=True)
             return 2
         except KeyboardInterrupt:

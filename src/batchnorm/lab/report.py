@@ -264,9 +264,12 @@ def write_combined_report(
     return md, htm
 
 
-def doctor_section(title: str, entries: dict[str, list[dict[str, Any] | None]]) -> dict[str, Any]:
-    """A report section from ``batchnorm.diagnostics.before_after`` results (per arm, per seed):
-    what the doctor found, the model's train/eval output gap, and the same after the fix."""
+def doctor_section(
+    title: str, entries: dict[str, list[dict[str, Any] | None]], seeds: list[int]
+) -> dict[str, Any]:
+    """A report section from ``batchnorm.diagnostics.before_after`` results (per arm, one per
+    seed of ``seeds``, in order): what the doctor found, the model's train/eval output gap, and
+    the same after the fix."""
 
     def checks(summary: dict[str, Any]) -> str:
         found = sorted({f["check"] for f in summary["findings"] if f["severity"] != "info"})
@@ -274,7 +277,7 @@ def doctor_section(title: str, entries: dict[str, list[dict[str, Any] | None]]) 
 
     rows: list[list[Any]] = []
     for arm, per_seed in entries.items():
-        for seed, d in enumerate(per_seed):
+        for seed, d in zip(seeds, per_seed, strict=True):
             if d is None:
                 continue
             rows.append(

@@ -512,6 +512,7 @@ def run(cfg: DropoutConfig, ctx: RunContext) -> Results:
             doctor_section(
                 "The doctor on the BN arms: variance shift found, and cured by recalibration",
                 doctor,
+                seeds,
             )
         ],
     }

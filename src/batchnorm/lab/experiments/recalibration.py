@@ -524,7 +524,9 @@ def run(cfg: RecalibrationConfig, ctx: RunContext) -> Results:
         "doctor": doctor,
         "sections": [
             doctor_section(
-                "The doctor: stale statistics found, and cured by recalibration (and AdaBN)", doctor
+                "The doctor: stale statistics found, and cured by recalibration (and AdaBN)",
+                doctor,
+                seeds,
             )
         ],
     }
