@@ -707,3 +707,27 @@ def test_the_doctor_table_names_the_seeds_that_ran() -> None:
     rows = section["table"]["rows"]
     assert [(r[0], r[1]) for r in rows] == [("BN", 5), ("adabn", 5), ("adabn", 6)]
     assert rows[2][2] == "stale-running-stats" and rows[2][4] == "none"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["small-batch", "--set", "group_sizes=1,16"], "a group of 1 sample gives the hidden"),
+        (["placement", "--set", "activations=relu,relu"], "activations lists relu more than once"),
+        (["paper-mnist", "--set", "lr_grid=0.3,0.1,0.3"], "lr_grid lists 0.3 more than once"),
+        (["sync-bn", "--set", "per_replica_batches=2,2"], "per_replica_batches lists 2 more"),
+        (["placement", "--set", "lr=1e39"], "lr must be within float32's range"),
+        (["smoothness", "--set", "lr=1e39"], "lr must be within float32's range"),
+        (["initialization", "--set", "seed=18446744073709551615"], "seed must be from"),
+        (["ics", "--seeds", "3", "--set", f"seed={2**62 - 1}"], "seed must be from"),
+    ],
+)
+def test_settings_that_would_fail_mid_run_are_refused_before_it(argv, message, capsys, tmp_path):  # type: ignore[no-untyped-def]
+    # each of these trained for minutes before failing with a traceback (a batch of one value,
+    # an optimizer's float32 overflow, a seed past the generators' range), or ran an arm twice
+    # and counted its claims twice
+    out = tmp_path / "run"
+    assert cli_main(["lab", "run", *argv, "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

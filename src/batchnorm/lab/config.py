@@ -77,8 +77,21 @@ class BaseConfig:
         """Check value ranges; experiments extend this (call ``super().validate()``)."""
         if self.seeds < 1:
             raise ConfigError(f"seeds must be >= 1, got {self.seeds}")
+        if not (-MAX_SEED <= self.seed and self.seed + self.seeds - 1 <= MAX_SEED):
+            raise ConfigError(
+                f"seed must be from {-MAX_SEED} to {MAX_SEED} with seeds-1 added, got seed="
+                f"{self.seed} and seeds={self.seeds}"
+            )
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, float) and math.isfinite(v) and abs(v) > FLOAT32_MAX:
+                    raise ConfigError(
+                        f"{f.name} must be within float32's range (at most {FLOAT32_MAX:.4g} "
+                        f"in size), got {v}"
+                    )
         from batchnorm.lab.data import DATASET_NAMES
 
         if self.dataset not in DATASET_NAMES:
@@ -107,6 +120,15 @@ C = TypeVar("C", bound=BaseConfig)
 # line naming the field, not as a traceback from torch (an optimizer, a layer) minutes into it.
 
 
+#: the largest float32: learning rates, momenta and scales end up in float32 tensors (an
+#: optimizer's, a model's), where a larger finite value overflows mid-run
+FLOAT32_MAX = 3.4028234663852886e38
+
+#: the seeds a run may use (``seed`` to ``seed + seeds − 1``, offsets added): what torch's and
+#: Python's generators take
+MAX_SEED = 2**62
+
+
 def check_positive(**values: float) -> None:
     """Each value finite and > 0 (learning rates, scales)."""
     for k, v in values.items():
@@ -119,6 +141,17 @@ def check_non_negative(**values: float) -> None:
     for k, v in values.items():
         if not (math.isfinite(v) and v >= 0):
             raise ConfigError(f"{k} must be >= 0 and finite, got {v}")
+
+
+def check_distinct(**values: tuple[Any, ...]) -> None:
+    """Each list of arms or grid points without repeats (a repeat would run and count twice)."""
+    for k, v in values.items():
+        repeated = sorted({x for x in v if v.count(x) > 1}, key=str)
+        if repeated:
+            raise ConfigError(
+                f"{k} lists {', '.join(map(str, repeated))} more than once: each value is an arm "
+                f"of the experiment; list each once (got {','.join(map(str, v))})"
+            )
 
 
 def check_fraction(**values: float) -> None:

@@ -60,6 +60,7 @@ from batchnorm.lab import models, train
 from batchnorm.lab.config import (
     BaseConfig,
     ConfigError,
+    check_distinct,
     check_non_negative,
     check_positive,
     check_widths,
@@ -123,6 +124,7 @@ class DropoutConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_distinct(dropout_rates=self.dropout_rates)
         check_widths(hidden=self.hidden)
         check_positive(lr=self.lr)
         check_non_negative(momentum=self.momentum)

@@ -35,6 +35,7 @@ from batchnorm.lab import models, train
 from batchnorm.lab.config import (
     BaseConfig,
     ConfigError,
+    check_distinct,
     check_non_negative,
     check_positive,
     check_widths,
@@ -87,6 +88,7 @@ class InitializationConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_distinct(init_scales=self.init_scales)
         check_widths(hidden=self.hidden)
         check_activations(self.activation)
         check_positive(lr=self.lr)

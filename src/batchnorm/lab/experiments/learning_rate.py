@@ -57,6 +57,7 @@ from batchnorm.lab import models, train
 from batchnorm.lab.config import (
     BaseConfig,
     ConfigError,
+    check_distinct,
     check_non_negative,
     check_widths,
 )
@@ -127,6 +128,7 @@ class LearningRateConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_distinct(sweep_lrs=self.sweep_lrs)
         check_widths(channels=self.channels)
         check_non_negative(
             momentum=self.momentum,

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from batchnorm.lab import models, train
-from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.config import BaseConfig, ConfigError, check_distinct
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     all_diverged,
@@ -109,6 +109,7 @@ class PaperMnistConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_distinct(lr_grid=self.lr_grid, percentiles=self.percentiles)
         check_bn1d_batch(self.batch_size)
         if min(self.steps, self.sweep_steps, self.eval_every, self.batch_size) < 1:
             raise ConfigError("steps, sweep_steps, eval_every and batch_size must be >= 1")

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from batchnorm.lab import models, train
-from batchnorm.lab.config import BaseConfig, ConfigError
+from batchnorm.lab.config import BaseConfig, ConfigError, check_distinct
 from batchnorm.lab.data import Dataset
 from batchnorm.lab.experiments._nets import (
     FASTER_RULE,
@@ -103,6 +103,7 @@ class PlacementConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_distinct(activations=self.activations)
         check_bn1d_batch(self.batch_size)
         if min(self.steps, self.eval_every, self.final_window) < 1:
             raise ConfigError("steps, eval_every and final_window must be >= 1")

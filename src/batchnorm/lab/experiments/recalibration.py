@@ -51,6 +51,7 @@ from batchnorm.lab import models, train
 from batchnorm.lab.config import (
     BaseConfig,
     ConfigError,
+    check_distinct,
     check_fraction,
     check_non_negative,
     check_widths,
@@ -109,6 +110,7 @@ class RecalibrationConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_distinct(lrs=self.lrs)
         check_widths(channels=self.channels)
         check_non_negative(momentum=self.momentum)
         check_fraction(bn_momentum=self.bn_momentum)

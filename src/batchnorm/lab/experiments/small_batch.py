@@ -68,6 +68,7 @@ from batchnorm.lab import train
 from batchnorm.lab.config import (
     BaseConfig,
     ConfigError,
+    check_distinct,
     check_fraction,
     check_non_negative,
     check_positive,
@@ -141,6 +142,7 @@ class SmallBatchConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_distinct(group_sizes=self.group_sizes)
         check_widths(channels=self.channels)
         check_positive(lr=self.lr)
         check_non_negative(momentum=self.momentum, renorm_d_max=self.renorm_d_max)
@@ -175,6 +177,13 @@ class SmallBatchConfig(BaseConfig):
             )
         if self.hidden < 0:
             raise ConfigError(f"hidden must be >= 0 (0: no hidden layer), got {self.hidden}")
+        if self.hidden > 0 and min(self.group_sizes) < 2:
+            # the hidden layer's BN1d sees one value per unit from a group of one sample
+            raise ConfigError(
+                f"group_sizes={','.join(map(str, self.group_sizes))}: a group of 1 sample gives "
+                "the hidden layer's BN one value per unit, which has no variance; use groups of "
+                "2 or more, or --set hidden=0 (the convolutions' BN still has the pixels)"
+            )
         if self.noniid_classes < 1:
             raise ConfigError(f"noniid_classes must be >= 1, got {self.noniid_classes}")
         if not 0 <= self.renorm_warmup <= min(self.renorm_r_max_at, self.renorm_d_max_at) <= 1:

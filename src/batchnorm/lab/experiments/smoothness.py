@@ -37,6 +37,7 @@ from batchnorm.lab import train
 from batchnorm.lab.config import (
     BaseConfig,
     ConfigError,
+    check_distinct,
     check_widths,
 )
 from batchnorm.lab.data import Dataset
@@ -90,6 +91,7 @@ class SmoothnessConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_distinct(step_multiples=self.step_multiples)
         check_widths(widths=self.widths)
         check_probe_every(self.probe_every, self.steps)
         check_bn1d_batch(self.batch_size)

@@ -60,6 +60,7 @@ import numpy as np
 from batchnorm.lab.config import (
     BaseConfig,
     ConfigError,
+    check_distinct,
     check_non_negative,
     check_widths,
 )
@@ -114,6 +115,7 @@ class SyncBNConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_distinct(per_replica_batches=self.per_replica_batches)
         check_widths(channels=self.channels, hidden=self.hidden)
         check_non_negative(momentum=self.momentum)
         if self.n_train < 0 or self.n_eval < 0:
