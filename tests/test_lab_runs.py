@@ -235,3 +235,17 @@ def test_combined_report_takes_the_figures_the_run_report_shows(tmp_path) -> Non
     for name in ("arms.png", "old-name.png"):
         (tmp_path / name).write_bytes(b"\x89PNG")
     assert [p.name for p in report_figures(tmp_path)] == ["arms.png"]
+
+
+def test_fingerprint_covers_the_compiled_node_s_cpp_source(tmp_path):
+    # the lab's BN layers train through the C++ node: a change there must not let saved parts
+    # of the old code be mixed in
+    import batchnorm.lab.experiments.placement as placement
+
+    root, files = registry._fingerprinted(placement.__name__)
+    assert "native.cpp" in {f.relative_to(root).as_posix() for f in files}
+    cpp = tmp_path / "node.cpp"
+    cpp.write_text("int f() { return 1; }  // one\n")
+    a = registry._source_digest(str(cpp), 1, 1)
+    cpp.write_text("int f() { return 2; }  // one\n")
+    assert registry._source_digest(str(cpp), 2, 2) != a

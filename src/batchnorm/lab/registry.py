@@ -182,31 +182,48 @@ _PRESENTATION = {
 
 @functools.lru_cache(maxsize=256)
 def _source_digest(path: str, mtime_ns: int, size: int) -> str:
-    # the parsed tree, so that comments and formatting do not count as a change
+    # Python's parsed tree, so that comments and formatting do not count as a change (other
+    # sources, the C++ node's, as they are)
     text = Path(path).read_text(encoding="utf-8")
-    try:
-        tree = ast.dump(ast.parse(text))
-    except SyntaxError:
-        tree = text
+    tree = text
+    if path.endswith(".py"):
+        try:
+            tree = ast.dump(ast.parse(text))
+        except SyntaxError:
+            pass
     return hashlib.sha256(tree.encode("utf-8")).hexdigest()
 
 
 def code_fingerprint(module: str) -> str:
     """A short hash of the code that computes the results of the experiment defined in
-    ``module``: that module, every module of the ``batchnorm`` package except the ones that only
-    present results and the other experiments, and the torch and NumPy versions. A saved part
+    ``module``: that module, every module (and the C++ source) of the ``batchnorm`` package except
+    the ones that only present results and the other experiments, and the torch and NumPy
+    versions. A saved part
     is reused only under the same fingerprint (see :meth:`RunContext.cached
     <batchnorm.lab.results.RunContext.cached>`)."""
     import numpy
     import torch
 
+    root, files = _fingerprinted(module)
+    h = hashlib.sha256(f"torch {torch.__version__}; numpy {numpy.__version__}".encode())
+    for f in files:
+        st = f.stat()
+        name = f.relative_to(root).as_posix() if f.is_relative_to(root) else f.name
+        h.update(f"\n{name} {_source_digest(str(f), st.st_mtime_ns, st.st_size)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _fingerprinted(module: str) -> tuple[Path, list[Path]]:
+    """The package's folder and the source files :func:`code_fingerprint` hashes."""
     import batchnorm
 
     root = Path(batchnorm.__file__).resolve().parent
     mod = sys.modules.get(module)
     own = Path(mod.__file__).resolve() if mod is not None and mod.__file__ else None
     files = []
-    for f in sorted(root.rglob("*.py")):
+    # the C++ of the compiled training node computes too (the layers train through it)
+    sources = [*root.rglob("*.py"), *root.rglob("*.cpp")]
+    for f in sorted(sources):
         rel = f.relative_to(root).as_posix()
         if rel in _PRESENTATION:
             continue
@@ -215,12 +232,7 @@ def code_fingerprint(module: str) -> str:
         files.append(f)
     if own is not None and own not in files:
         files.append(own)
-    h = hashlib.sha256(f"torch {torch.__version__}; numpy {numpy.__version__}".encode())
-    for f in files:
-        st = f.stat()
-        name = f.relative_to(root).as_posix() if f.is_relative_to(root) else f.name
-        h.update(f"\n{name} {_source_digest(str(f), st.st_mtime_ns, st.st_size)}".encode())
-    return h.hexdigest()[:16]
+    return root, files
 
 
 def run_experiment(
