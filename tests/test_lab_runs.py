@@ -249,3 +249,37 @@ def test_fingerprint_covers_the_compiled_node_s_cpp_source(tmp_path):
     a = registry._source_digest(str(cpp), 1, 1)
     cpp.write_text("int f() { return 2; }  // one\n")
     assert registry._source_digest(str(cpp), 2, 2) != a
+
+
+def test_results_hold_arrays_and_tensors_as_lists(tmp_path):
+    import numpy as np
+    import torch
+
+    from batchnorm.lab.results import RunContext, RunDir, atomic_write_json
+
+    value = {
+        "vector": np.arange(3),
+        "one": np.array([7]),
+        "matrix": torch.tensor([[1.0, float("nan")], [2.0, 3.0]]),
+        "scalar": np.float64(0.5),
+        "zero_d": torch.tensor(2),
+    }
+    path = tmp_path / "v.json"
+    atomic_write_json(path, value)
+    assert json.loads(path.read_text()) == {
+        "vector": [0, 1, 2],
+        "one": [7],  # a one-element array stays a list
+        "matrix": [[1.0, None], [2.0, 3.0]],  # NaN as null, as for floats
+        "scalar": 0.5,
+        "zero_d": 2,
+    }
+    rd = RunDir(tmp_path / "run")
+    rd.prepare("x", {})
+    ctx = RunContext(rd)
+    assert ctx.cached("unit", lambda: np.arange(4)) is not None
+    assert json.loads(next((tmp_path / "run" / "parts").glob("*.json")).read_text())["value"] == [
+        0,
+        1,
+        2,
+        3,
+    ]

@@ -107,10 +107,12 @@ def _jsonable(obj: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return _jsonable(obj.item())
-    if hasattr(obj, "tolist"):
+    if hasattr(obj, "tolist") and callable(obj.tolist):
+        # NumPy arrays and scalars, torch tensors: nested lists, or a number for a 0-d one (a
+        # one-element array stays a list: .item() would make it a number)
         return _jsonable(obj.tolist())
+    if hasattr(obj, "item") and callable(obj.item):  # other scalars that only have .item()
+        return _jsonable(obj.item())
     if isinstance(obj, Claim):
         return _jsonable(obj.to_dict())
     return obj
