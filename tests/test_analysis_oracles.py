@@ -297,3 +297,18 @@ def test_bn_mismatch_of_a_layer_called_twice_pools_both_calls() -> None:
     assert out["var_ratio"] == pytest.approx(float((var / (1 + 1e-5)).mean()), rel=1e-12)
     shift = both.mean(dim=0).abs() / (1 + 1e-5) ** 0.5
     assert out["mean_shift"] == pytest.approx(float(shift.mean()), rel=1e-12)
+
+
+def test_bn_mismatch_of_a_layer_called_by_keyword() -> None:
+    class ByKeyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(input=x)
+
+    x = torch.randn(40, 3, dtype=torch.float64) * 2 + 1
+    out = bn_statistics_mismatch(ByKeyword(), x)["bn"]
+    var = x.var(dim=0, unbiased=False)
+    assert out["var_ratio"] == pytest.approx(float((var / (1 + 1e-5)).mean()), rel=1e-12)

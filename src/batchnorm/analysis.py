@@ -752,11 +752,21 @@ def bn_statistics_mismatch(model: nn.Module, inputs: Tensor) -> dict[str, dict[s
     for n, m in modules.items():
         axis = int(getattr(m, "axis", 1))
 
-        def hook(mod: nn.Module, inp: tuple[Tensor, ...], n: str = n, axis: int = axis) -> None:
-            t = inp[0].detach().to(torch.float64, copy=True)
+        def hook(
+            mod: nn.Module,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            n: str = n,
+            axis: int = axis,
+        ) -> None:
+            # the input: the first positional argument, or by keyword (bn(input=x))
+            x = first_tensor(args) if args else kwargs.get("input", kwargs.get("x"))
+            if not isinstance(x, Tensor):
+                return
+            t = x.detach().to(torch.float64, copy=True)
             captured.setdefault(n, []).append(t.movedim(axis, 0).reshape(t.shape[axis], -1))
 
-        handles.append(m.register_forward_pre_hook(hook))
+        handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     seed = _rng_seed()
     try:
         with _preserved(model), torch.no_grad(), _replay_rng(seed):
