@@ -147,6 +147,10 @@ def test_landscape_rejects_bad_arguments() -> None:
     batch = (torch.randn(4, 2), torch.randn(4, 1))
     with pytest.raises(ValueError, match="step_sizes"):
         loss_landscape(model, _mse, batch, [0.0, 0.1])
+    with pytest.raises(ValueError, match="positive finite numbers"):
+        loss_landscape(model, _mse, batch, [0.1, float("inf")])  # NaN losses and β otherwise
+    with pytest.raises(ValueError, match="no parameters span the direction"):
+        loss_landscape(model, _mse, batch, [0.1], params=[])
     with pytest.raises(ValueError, match="unknown parameters"):
         loss_landscape(model, _mse, batch, [0.1], params=["nope"])
     with pytest.raises(ValueError, match="scalar"):

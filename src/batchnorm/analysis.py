@@ -487,10 +487,10 @@ def loss_landscape(
     """
     x, y = _check_batch(batch, "loss_landscape")
     etas = np.asarray(list(step_sizes), dtype=np.float64)
-    if etas.ndim != 1 or etas.size == 0 or not np.all(etas > 0):
+    if etas.ndim != 1 or etas.size == 0 or not np.all((etas > 0) & np.isfinite(etas)):
         raise ValueError(
-            f"loss_landscape: step_sizes must be a non-empty list of positive numbers, got "
-            f"{list(step_sizes)!r}"
+            f"loss_landscape: step_sizes must be a non-empty list of positive finite numbers, "
+            f"got {list(step_sizes)!r}"
         )
     seed = _rng_seed()
     with _preserved(model):
@@ -505,6 +505,11 @@ def loss_landscape(
         if unknown:
             raise ValueError(
                 f"loss_landscape: unknown parameters {unknown}; choose among {list(theta)}"
+            )
+        if not names:
+            raise ValueError(
+                "loss_landscape: no parameters span the direction (params is empty, or none "
+                f"requires grad); name some of {list(theta)}"
             )
 
         def evaluate(p: dict[str, Tensor]) -> tuple[float, list[Tensor]]:
