@@ -457,6 +457,12 @@ def test_combined_report_lists_every_claim(toy, tmp_path):
     assert "Claims (" in text and "the toy network beats chance" in text
     assert "toy/toy.png" in text and "broken_exp" in text and "synthetic" in text
     assert "<table>" in htm.read_text()
+    # a quick run says so above the claims table, as each run's own report does
+    notice = text.index("**Quick size (`--quick`) for every run")
+    assert notice < text.index("## Claims (")
+    full = registry.run_experiment(toy, tmp_path / "b" / "toy", log=lambda m: None)
+    md, _ = report.write_combined_report(tmp_path / "b", [(results.load_run(full), [])])
+    assert "Quick size" not in md.read_text()
 
 
 def test_cli_interrupt_says_how_to_resume(capsys, tmp_path, monkeypatch):

@@ -249,6 +249,21 @@ def write_combined_report(
         blocks.append(("p", "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items())))
     datasets = sorted({str(r.summary.get("dataset", {}).get("name")) for r, _ in runs})
     blocks.append(("p", f"Datasets used: {', '.join(datasets) or '–'}."))
+    quick = [
+        str(r.summary.get("experiment"))
+        for r, _ in runs
+        if (r.summary.get("config", r.config) or {}).get("quick")
+    ]
+    if quick:
+        which = "every run" if len(quick) == len(runs) else "the runs of " + ", ".join(quick)
+        blocks.append(
+            (
+                "p",
+                f"**Quick size (`--quick`) for {which}: a smoke test of the pipeline.** Their "
+                "verdicts below follow the same rules as full runs, but at this size they are "
+                "not evidence either way; run without `--quick` for that.",
+            )
+        )
     all_claims = [(str(r.summary.get("experiment")), c) for r, _ in runs for c in r.claims]
     n_ok = sum(c.verdict for _, c in all_claims)
     blocks.append(("h", 2, f"Claims ({n_ok} of {len(all_claims)} supported)"))
