@@ -737,3 +737,46 @@ def test_settings_that_would_fail_mid_run_are_refused_before_it(argv, message, c
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_percentile_bands_draw_only_the_median_solid_and_empty_axes_say_why(tmp_path):
+    fig, axes = plots.new_figure(3)
+    plots.percentile_bands(axes[0], [1, 2], {"15": [0, 1], "85": [2, 3]})
+    plots.percentile_bands(axes[1], [1, 2], {"15": [0, 1], "50": [1, 2], "85": [2, 3]})
+    styles = [{line.get_label(): line.get_linestyle() for line in ax.lines} for ax in axes[:2]]
+    assert styles[0] == {"15th": "--", "85th": "--"}  # no median: no line drawn as one
+    assert styles[1] == {"15th": "--", "50th": "-", "85th": "--"}
+    # every run diverged before its first measurement: the axis says so, no empty legend
+    plots.curves(axes[2], [0, 10], {"bn": [[None, None]], "none": [[None, None]]})
+    assert any("no finite values" in t.get_text() for t in axes[2].texts)
+    assert axes[2].get_legend() is None
+    plots.save_figure(fig, tmp_path / "f.png")
+
+
+def test_noisy_bn_percentile_panels_use_the_arms_colors(monkeypatch, tmp_path):
+    from batchnorm.lab.experiments import noisy_bn
+
+    drawn: dict[str, str] = {}
+    curve_colors: dict[str, str] = {}
+
+    def bands(ax, x, percentiles, *, color, title, **kw):  # type: ignore[no-untyped-def]
+        drawn[title.split(":")[0]] = color
+
+    def curves(ax, x, groups, **kw):  # type: ignore[no-untyped-def]
+        for i, name in enumerate(groups):
+            curve_colors[name] = plots.color_for(name, i)
+
+    monkeypatch.setattr(plots, "percentile_bands", bands)
+    monkeypatch.setattr(plots, "curves", curves)
+    arms = list(noisy_bn.ARMS)
+    series = {
+        "steps": [0],
+        "probe_steps": [0, 1],
+        "acc": {a: [[0.5]] for a in arms},
+        "drift": {a: [[0.1]] for a in arms},
+        "quantiles": {a: [[0.0, 1.0], [0.0, 1.0]] for a in arms},
+        "levels": [0.15, 0.85],
+    }
+    run = type("Run", (), {"series": series})()
+    noisy_bn.figures(run, tmp_path)  # type: ignore[arg-type]
+    assert drawn == {"standard": curve_colors["standard"], "noisy-BN": curve_colors["noisy-BN"]}

@@ -107,7 +107,9 @@ def curves(
     title: str = "",
 ) -> None:
     """Plot, per group, the mean over seeds of ``groups[name]`` (shape ``(seeds, len(x))``;
-    ``None`` marks a missing point, e.g. after divergence) with a ±1 std band."""
+    ``None`` marks a missing point, e.g. after divergence) with a ±1 std band; an axis left
+    without a single finite point says so in its middle."""
+    drawn = False
     for i, (name, runs) in enumerate(groups.items()):
         arr = np.array([[np.nan if v is None else float(v) for v in r] for r in runs], dtype=float)
         if arr.size == 0:
@@ -125,6 +127,7 @@ def curves(
             label += f" (n={arr.shape[0]})"
         xs = np.asarray(x, dtype=float)[: mean.shape[0]]
         ax.plot(xs, mean, color=c, label=label, lw=1.5)
+        drawn = drawn or bool(np.isfinite(mean[: xs.shape[0]]).any())
         if arr.shape[0] > 1:
             ax.fill_between(xs, mean - std, mean + std, color=c, alpha=0.2, lw=0)
     ax.set_xlabel(xlabel)
@@ -132,7 +135,24 @@ def curves(
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        _no_data(ax)
+
+
+def _no_data(ax: Any) -> None:
+    """Say on an empty axis why it is empty (a blank frame reads like a plotting failure)."""
+    ax.text(
+        0.5,
+        0.5,
+        "no finite values to plot:\nevery run diverged or stopped\nbefore its first measurement",
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=9,
+        color="0.35",
+    )
 
 
 def grouped_points(
@@ -192,7 +212,7 @@ def percentile_bands(
     xs = np.asarray(x, dtype=float)
     for k in keys:
         ys = np.asarray(percentiles[k], dtype=float)
-        mid = k == keys[len(keys) // 2]
+        mid = float(k) == 50.0  # the median, if it is among them
         ax.plot(
             xs, ys, color=color, lw=1.6 if mid else 1.0, ls="-" if mid else "--", label=f"{k}th"
         )

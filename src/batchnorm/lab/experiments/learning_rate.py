@@ -250,9 +250,10 @@ def figures(run: RunData, out: Path) -> list[Path]:
     plots.curves(axes[0], steps, groups, ylabel="test accuracy", title="CNN arms")
     target = run.summary.get("target_accuracy")
     if target is not None:
-        axes[0].axhline(target, color="k", ls=":", lw=1)
-        axes[0].text(0, target, " target: no-BN at its best validation step", va="bottom",
-                     fontsize=7)  # fmt: skip
+        # in the legend, which a label next to the line could end up under
+        label = "target: no-BN at its best validation step"
+        axes[0].axhline(target, color="k", ls=":", lw=1, label=label)
+        axes[0].legend(fontsize=7)
     reach = run.summary.get("steps_to_target", {})
     arms = run.summary.get("arms", {})
     names = list(reach)

@@ -210,7 +210,9 @@ def figures(run: RunData, out: Path) -> list[Path]:
         ylabel="mean |Δμ| / σ between probes",
         title="drift of the input of the 2nd-to-last activation",
     )
-    for ax, arm, color in ((axes[2], "standard", "#1f77b4"), (axes[3], "noisy-BN", "#d62728")):
+    for ax, arm in ((axes[2], "standard"), (axes[3], "noisy-BN")):
+        # each arm in its color of the other panels (the curves' by position among the arms)
+        color = plots.color_for(arm, list(ARMS).index(arm))
         q = np.asarray(s["quantiles"][arm], dtype=float)  # (T, Q)
         plots.percentile_bands(
             ax,
