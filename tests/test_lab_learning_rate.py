@@ -163,7 +163,8 @@ def test_learning_rate_figure_labels_the_target_and_the_steps(
     learning_rate.figures(Run(), tmp_path)  # type: ignore[arg-type]
     arms = seen[0]
     assert arms.axes[0].get_ylabel() == "test accuracy"
-    assert "best validation step" in " ".join(t.get_text() for t in arms.axes[0].texts)
+    legend = arms.axes[0].get_legend()
+    assert "best validation step" in " ".join(t.get_text() for t in legend.get_texts())
     assert "mean over seeds" in arms.axes[1].get_xlabel()
 
 
