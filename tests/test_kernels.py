@@ -1152,6 +1152,14 @@ def test_empty_inputs_say_what_is_missing(monkeypatch) -> None:  # type: ignore[
             K.forward_train(np.ones(shape))
         with pytest.raises(ValueError, match=r"has no channels \(C = 0"):
             K.backward(np.ones(shape), np.ones(shape), np.zeros(0), np.ones(0))
+    # inference needs no statistics: an empty input of any shape gives its empty output (short
+    # rows of no channels divided by C = 0 in the loops)
+    for shape in [(4, 0), (2, 0, 5), (2, 0, 3, 3), (0, 0, 5), (0, 3), (0, 3, 5)]:
+        c = shape[1]
+        y = K.forward_eval(
+            np.ones(shape, np.float32), np.ones(c, np.float32), np.zeros(c, np.float32)
+        )
+        assert y.shape == shape and y.dtype == np.float32
 
 
 def test_running_update_counter_must_be_an_array() -> None:
@@ -1342,3 +1350,28 @@ def test_a_read_only_input_without_dx(shape) -> None:  # type: ignore[no-untyped
     assert got[0] is None and got_eval[0] is None
     for a, b in zip((*got[1:], *got_eval[1:]), (*want, *want_eval), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_the_threaded_fused_forward_keeps_float32_accuracy_at_large_offsets() -> None:
+    # a channel per task (rows of 512 and more, C a multiple of the threads): Numba's parallel
+    # build read the float32-rounded mean back unrounded, so the rounding's correction was lost
+    x = (1e8 + np.random.default_rng(6).normal(0, 100, (8, 8, 1000))).astype(np.float32)
+    y_ref = R.batch_norm_forward(x)[0]
+    for parallel in (False, True):
+        y = K.forward_train(x, parallel=parallel)[0]
+        assert np.abs(y - y_ref).max() < 1e-5, parallel
+
+
+@pytest.mark.parametrize("shape", [(64, 4, 4096), (8, 8, 1000), (4096, 4, 16), (262144, 4)])
+def test_one_outlier_at_a_channel_s_first_value_costs_no_float32_digits(shape) -> None:  # type: ignore[no-untyped-def]
+    # the shifted sums' shift was the channel's first value: 1e4 there among unit normals made
+    # the float32 sums cancel (variance off by 1e-3, y by 0.7)
+    x = np.random.default_rng(10).normal(0, 1, shape).astype(np.float32)
+    first = (0, slice(None), 0) if len(shape) == 3 else (0, slice(None))
+    x[first] = 1e4
+    y_ref, _, _, var_ref = R.batch_norm_forward(x)
+    y, _, var, _ = K.forward_train(x)
+    assert np.abs(var / var_ref - 1).max() < 1e-5
+    others = np.ones(shape, bool)
+    others[first] = False
+    assert np.abs(y - y_ref)[others].max() < 1e-5

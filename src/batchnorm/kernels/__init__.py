@@ -710,7 +710,8 @@ def forward_eval(
     T = _threads(x.size, parallel)
     E = _EMPTY[x.dtype]
     y = _out(out, x, {"x": x, "scale": sc, "shift": sh}, shape)
-    _eval(x, sc, sh, E, E, 0.0, False, y, T, _stream(x, stream, y, tensors=2))
+    if x.size:  # (an empty batch, or no channels: nothing to compute, as for every shape)
+        _eval(x, sc, sh, E, E, 0.0, False, y, T, _stream(x, stream, y, tensors=2))
     return _shaped(y, out, shape)
 
 

@@ -63,7 +63,7 @@ from llvmlite import ir
 from numba import prange
 from numba import types as nbtypes
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 # reductions may be reordered (vectorized, FMA-contracted); no nnan/ninf: NaN must propagate
 _FASTMATH = {"reassoc", "contract"}
@@ -220,6 +220,32 @@ def _rsqrt(v: float) -> float:
     entries is swallowed, leaving the outputs unwritten."""
     r = math.sqrt(v)
     return math.inf if r == 0.0 else 1.0 / r
+
+
+def _rounded_as(v: float, like: Any) -> Any:
+    """``v`` rounded to the dtype of the scalar ``like`` (float32 or float64)."""
+    return type(like)(v)
+
+
+@overload(_rounded_as, inline="always")
+def _rounded_as_compiled(v, like):  # type: ignore[no-untyped-def]
+    # an explicit conversion: a value stored into a float32 array and read back in the same
+    # prange iteration comes back unrounded from Numba's parallel build (the stored float64)
+    if isinstance(like, nbtypes.Float) and like.bitwidth == 32:
+        return lambda v, like: np.float32(v)
+    return lambda v, like: np.float64(v)
+
+
+@numba.njit(inline="always", cache=True)
+def _median3(a: Any, b: Any, c: Any) -> Any:
+    """The middle one of three values: a channel's shift, from its first, middle and last value,
+    so that one value far from the others (an outlier where the first value is taken) cannot
+    put the shift far from the mean — the float32 shifted sums would then cancel."""
+    if a > b:
+        a, b = b, a
+    if b > c:
+        b = c
+    return a if a > b else b
 
 
 @numba.njit(inline="always", cache=True, fastmath=_FASTMATH)
@@ -675,9 +701,9 @@ def ncl_forward_train(x, w, b, eps, T, whole, stream, y, mean_out, var_out, invs
     R = N * C
     total = R * L
     zero = np.zeros(1, dtype=x.dtype)[0]
-    kd = np.empty(C, dtype=x.dtype)  # the shift of each channel: its first value
+    kd = np.empty(C, dtype=x.dtype)  # the shift of each channel: see _median3
     for c in range(C):
-        kd[c] = x[0, c, 0]
+        kd[c] = _median3(x[0, c, 0], x[N // 2, c, L // 2], x[N - 1, c, L - 1])
     part = np.zeros((T, 2, C))
     xr = x.reshape(R, L)
     yr = y.reshape(R, L)
@@ -795,7 +821,7 @@ def ncl_forward_train_fused(x, w, b, eps, stream, y, mean_out, var_out, invstd_o
     sc_arr = np.empty(C, dtype=x.dtype)
     sh_arr = np.empty(C, dtype=x.dtype)
     for c in prange(C):
-        kd = x[0, c, 0]
+        kd = _median3(x[0, c, 0], x[N // 2, c, L // 2], x[N - 1, c, L - 1])
         s1 = 0.0
         s2 = 0.0
         for n in range(N):
@@ -805,8 +831,9 @@ def ncl_forward_train_fused(x, w, b, eps, stream, y, mean_out, var_out, invstd_o
         k = np.float64(kd)
         g = np.float64(w[c]) if has_w else 1.0
         bb = np.float64(b[c]) if has_b else 0.0
-        mh_arr[c] = k + s1 / m
-        mean, var, invstd, sc, sh = _finalize_stats(s1, s2, m, k, eps, g, bb, np.float64(mh_arr[c]))
+        mh = _rounded_as(k + s1 / m, zero)  # the mean in the dtype, for the element pass
+        mh_arr[c] = mh
+        mean, var, invstd, sc, sh = _finalize_stats(s1, s2, m, k, eps, g, bb, np.float64(mh))
         mean_out[c] = mean
         var_out[c] = var
         invstd_out[c] = invstd
@@ -1428,14 +1455,14 @@ def mc_forward_train(x, G, R, w, b, eps, nrb, ncb, tw, stream, y, mean_out, var_
     row: ``nrb`` row blocks × ``ncb`` tiles of ``tw`` columns.
 
     Each task streams its tile of rows, adding to per-column partial shifted sums (the shift:
-    the channel's first value); the partials merge per channel; the element pass reuses the
-    same split.
+    see _median3); the partials merge per channel; the element pass reuses the same split.
     """
     M, W = x.shape
     C = W // (G * R)
     kc = np.empty(C, dtype=x.dtype)
     for c in range(C):
-        kc[c] = x[0, c * G]  # (every copy of a channel takes the same shift: sums add up)
+        # (see _median3; every copy of a channel takes the same shift: the sums add up)
+        kc[c] = _median3(x[0, c * G], x[M // 2, c * G + G // 2], x[M - 1, c * G + G - 1])
     kk = _spread(kc, G, R)
     part = np.zeros((nrb, 2, W))
     for t in prange(nrb * ncb):
