@@ -114,13 +114,43 @@ def test_cli_json_plot_and_from_json(tmp_path, capsys):
     again = capsys.readouterr().out
     assert again.splitlines()[:3] == [ln for ln in first.splitlines() if ln.startswith("|")][:3]
     assert png.stat().st_size > 0
+    # measuring options with --from-json would be ignored: refused, naming them
+    for extra in (["--mode", "eval"], ["--repeats", "7"], ["--min-seconds", "3"], ["--batch", "5"]):
+        assert cli_main(["bench-network", "--from-json", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"--from-json measures nothing, so {extra[0]} do not apply" in err
+
+
+def test_inference_takes_a_batch_of_one_and_the_plot_draws_no_negative_bar(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    # eval mode normalizes with the running statistics: one sample is ordinary inference
+    data = bn_net.run(["mlp"], batch=1, mode="eval", repeats=1, warmup=0, min_seconds=0)
+    assert data["networks"][0]["batch"] == 1
+    with pytest.raises(ValueError, match="batch must be >= 2 \\(batch statistics\\) in train"):
+        bn_net.run(["mlp"], batch=1)
+    # a step timed below the no-BN step (the README's cnn@cl inference run has ours at 11.1 ms
+    # against no BN's 7.4 and torch's 15.1; here ours below no BN): no bar of negative height
+    import matplotlib.axes
+
+    heights: list[tuple[float, float]] = []
+    real_bar = matplotlib.axes.Axes.bar
+
+    def bar(self, x, height, *args, **kwargs):  # type: ignore[no-untyped-def]
+        heights.append((float(height), float(kwargs.get("bottom") or 0.0)))
+        return real_bar(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    data["networks"][0]["step_s"].update({"no BN": 7.4e-3, "torch": 15.1e-3, "ours": 6.9e-3})
+    bn_net.plot(data, tmp_path / "p.png")
+    assert heights and all(h >= 0 for h, _ in heights)
+    tops = [h + b for h, b in heights]
+    assert max(tops) == pytest.approx(15.1) and min(abs(t - 6.9) for t in tops) < 1e-9
 
 
 def test_bad_requests_say_what_to_do(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown network.*choose from mlp"):
         bn_net.run(["resnet"])
     with pytest.raises(ValueError, match="batch must be >= 2"):
-        bn_net.run(["mlp"], batch=1)
+        bn_net.run(["mlp"], batch=1)  # (in train mode, the default)
     with pytest.raises(ValueError, match="repeats"):
         bn_net.run(["mlp"], repeats=0)
     assert cli_main(["bench-network", "--networks", "mlp", "--batch", "1"]) == 2

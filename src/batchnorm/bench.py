@@ -877,6 +877,22 @@ _MEASURE_DEFAULTS: dict[str, Any] = {
 }
 
 
+def from_json_problem(
+    args: argparse.Namespace, defaults: dict[str, Any], **given: bool
+) -> str | None:
+    """Why measuring options given with ``--from-json``, which measures nothing, are refused
+    (they would be ignored without a word): those of ``defaults`` changed from their default,
+    and those ``given`` marks True; None when there are none."""
+    named = [f"--{k}" for k, v in defaults.items() if getattr(args, k) != v]
+    named += [f"--{k}" for k, on in given.items() if on]
+    if not named:
+        return None
+    flags = ", ".join(n.replace("_", "-") for n in named)
+    return (
+        f"--from-json measures nothing, so {flags} do not apply; use --from-json PATH [--plot FILE]"
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``batchnorm bench`` options."""
     parser.add_argument(
@@ -992,25 +1008,17 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         return fail(prog, str(e))
     if args.from_json:
-        # measuring options given with it would be ignored without a word
-        given = [f"--{k}" for k, v in _MEASURE_DEFAULTS.items() if getattr(args, k) != v]
-        given += [
-            f"--{k}"
-            for k, on in (
-                ("json", bool(args.json)),
-                ("shapes", bool(args.shapes)),
-                ("threads", args.threads is not None),
-                ("cold", bool(args.cold)),
-                ("processes", args.processes != 1),
-            )
-            if on
-        ]
-        if given:
-            return fail(
-                prog,
-                f"--from-json measures nothing, so {', '.join(given)} do not apply; use "
-                "--from-json PATH [--plot FILE]",
-            )
+        problem = from_json_problem(
+            args,
+            _MEASURE_DEFAULTS,
+            json=bool(args.json),
+            shapes=bool(args.shapes),
+            threads=args.threads is not None,
+            cold=bool(args.cold),
+            processes=args.processes != 1,
+        )
+        if problem:
+            return fail(prog, problem)
     if args.processes < 1:
         return fail(prog, f"--processes must be >= 1, got {args.processes}")
     # found before measuring, not after (the counts only matter when measuring)

@@ -399,8 +399,9 @@ def run(
         raise ValueError(f"bench-network: min_seconds must be >= 0, got {min_seconds}")
     if mode not in MODES:
         raise ValueError(f"bench-network: mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if batch is not None and batch < 2:
-        raise ValueError(f"bench-network: batch must be >= 2 (batch statistics), got {batch}")
+    if batch is not None and batch < (2 if mode == "train" else 1):
+        need = "2 (batch statistics)" if mode == "train" else "1"
+        raise ValueError(f"bench-network: batch must be >= {need} in {mode} mode, got {batch}")
     names = list(networks or NETWORKS)
     unknown = [n for n in names if n not in NETWORKS]
     if unknown:
@@ -535,16 +536,20 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
             bar = ax.bar(2, t, 0.7, color="white", edgecolor="0.3", hatch="//")
             ax.bar_label(bar, labels=[f"{t:.2f} ms"], fontsize=7, padding=1)
         for i, k in enumerate(("torch", "ours")):
-            ax.bar(i, base, 0.7, color="0.8", label="rest of the step" if i == 0 else None)
+            t = r["step_s"][k] * 1e3
+            # a step timed below the no-BN step (noise, or BN's cost under it) has no BN part
+            # to show: its bar is the step alone, not a segment of negative height
+            rest = min(base, t)
+            ax.bar(i, rest, 0.7, color="0.8", label="rest of the step" if i == 0 else None)
             bar = ax.bar(
                 i,
-                r["step_s"][k] * 1e3 - base,
+                t - rest,
                 0.7,
-                bottom=base,
+                bottom=rest,
                 color=plots.color_for(k, i),
                 label="BN layers" if i == 0 else None,
             )
-            ax.bar_label(bar, labels=[f"{r['step_s'][k] * 1e3:.2f} ms"], fontsize=7, padding=1)
+            ax.bar_label(bar, labels=[f"{t:.2f} ms"], fontsize=7, padding=1)
         names = ["torch.nn BN", "batchnorm"] + (["torch.nn BN,\ncompiled"] if compiled else [])
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, fontsize=8)
@@ -553,7 +558,7 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
         ax.margins(y=0.12)
         if j == 0:
             ax.set_ylabel(f"{_TIMED[data.get('mode', 'train')]}, ms (median)")
-            ax.legend(fontsize=7, loc="lower left")
+            ax.legend(fontsize=7, loc="best")  # (where it hides no bar and no label)
     m = data["machine"]
     title = (
         f"{_TIMED[data.get('mode', 'train')]} with torch.nn's BN and with batchnorm's "
@@ -569,6 +574,15 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
     return os.fspath(plots.save_figure(fig, path))
 
 
+#: the measuring options' defaults (one home: the parser's, and --from-json's check)
+_MEASURE_DEFAULTS: dict[str, Any] = {
+    "mode": "train",
+    "repeats": 21,
+    "min_seconds": 1.0,
+    "warmup": 3,
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``batchnorm bench-network`` options."""
     parser.add_argument(
@@ -577,7 +591,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         choices=MODES,
-        default="train",
+        default=_MEASURE_DEFAULTS["mode"],
         help="what to time: a training step (default) or inference (eval mode, no gradients)",
     )
     parser.add_argument(
@@ -589,16 +603,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats",
         type=int,
-        default=21,
+        default=_MEASURE_DEFAULTS["repeats"],
         help="timed steps per variant (at least; see --min-seconds)",
     )
     parser.add_argument(
         "--min-seconds",
         type=float,
-        default=1.0,
+        default=_MEASURE_DEFAULTS["min_seconds"],
         help="repeat short steps until each variant ran this long (default 1)",
     )
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument(
+        "--warmup", type=int, default=_MEASURE_DEFAULTS["warmup"], help="untimed steps first"
+    )
     parser.add_argument("--batch", type=int, help="batch size (default: each network's own)")
     parser.add_argument("--threads", type=int, help="threads for torch and the kernels")
     parser.add_argument(
@@ -625,12 +641,17 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         return bench.fail(prog, problem)
     if args.from_json:
-        if args.json or args.networks or args.compile:
-            return bench.fail(
-                prog,
-                "--from-json measures nothing, so --json, --networks and --compile do not "
-                "apply; use --from-json PATH [--plot PNG]",
-            )
+        problem = bench.from_json_problem(
+            args,
+            _MEASURE_DEFAULTS,
+            json=bool(args.json),
+            networks=bool(args.networks),
+            compile=bool(args.compile),
+            batch=args.batch is not None,
+            threads=args.threads is not None,
+        )
+        if problem:
+            return bench.fail(prog, problem)
         try:
             data = load(args.from_json)
         except (OSError, ValueError) as e:
