@@ -204,8 +204,8 @@ def test_initialization_measured_scales_use_one_format(tmp_path) -> None:  # typ
     ("config", "sets", "message"),
     [
         (SmallBatchConfig, ["group_sizes=8"], "at least 2 distinct normalization batch sizes"),
-        (SmallBatchConfig, ["group_sizes=8,8"], "at least 2 distinct normalization batch sizes"),
-        (RecalibrationConfig, ["lrs=0.1,0.1"], "at least two distinct positive rates"),
+        (SmallBatchConfig, ["group_sizes=8,8"], "group_sizes lists 8 more than once"),
+        (RecalibrationConfig, ["lrs=0.1,0.1"], "lrs lists 0.1 more than once"),
     ],
 )
 def test_configs_refuse_comparisons_that_cannot_be_supported(config, sets, message) -> None:  # type: ignore[no-untyped-def]
