@@ -1162,3 +1162,44 @@ def test_channels_innermost_with_a_size_one_dim_gets_the_contiguous_gradients() 
     for g in grads[1:]:
         for a, e in zip(g, grads[0], strict=True):
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_the_step_train_and_eval_functions_check_their_input_as_batch_norm_does() -> None:
+    # an axis that does not exist wrapped around to another one (and the step wrote the
+    # running buffers from it); integer and 0-d inputs gave truncated values or bare errors
+    x = torch.randn(4, 3, 5, 6)
+    rm, rv = torch.zeros(6), torch.ones(6)
+    calls = {
+        "batch_norm_train": lambda: F.batch_norm_train(x, axis=-5),
+        "batch_norm_step": lambda: F.batch_norm_step(x, rm, rv, axis=-5),
+        "batch_norm_eval": lambda: F.batch_norm_eval(x, torch.zeros(3), torch.ones(3), axis=5),
+    }
+    for name, call in calls.items():
+        with pytest.raises(BatchNormInputError, match=rf"^{name}: axis=-?5 is out of range"):
+            call()
+    assert torch.equal(rm, torch.zeros(6)) and torch.equal(rv, torch.ones(6))
+    ints = torch.tensor([[1, -2, 3], [0, 4, -1]])
+    with pytest.raises(BatchNormInputError, match="^batch_norm_eval: expected a floating-point"):
+        F.batch_norm_eval(ints, torch.full((3,), 0.3), torch.full((3,), 4.0))
+    with pytest.raises(BatchNormInputError, match="^batch_norm_train: expected a floating-point"):
+        F.batch_norm_train(ints)
+    for scalar_call in (
+        lambda: F.batch_norm_train(torch.tensor(1.0)),
+        lambda: F.batch_norm_eval(torch.tensor(1.0), torch.zeros(1), torch.ones(1)),
+        lambda: F.batch_norm_eval(torch.randn(3), torch.zeros(3), torch.ones(3)),
+    ):
+        with pytest.raises(BatchNormInputError, match="at least 2D"):
+            scalar_call()
+    with pytest.raises(ValueError, match="nonfinite must be 'warn' or 'raise'.*'rasie'"):
+        F.batch_norm_step(torch.randn(4, 6), rm, rv, nonfinite="rasie")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="nonfinite must be 'warn' or 'raise'"):
+        F.update_running_stats(rm, rv, torch.zeros(6), torch.ones(6), 4, 0.1, nonfinite="x")  # type: ignore[arg-type]
+    # torch's function normalizes an empty training batch to an empty output; so does ours
+    y = F.batch_norm(torch.randn(0, 6, 4), rm, rv, None, None, True)
+    assert y.shape == (0, 6, 4) and torch.equal(rm, torch.zeros(6))
+    # the TorchScript path names a batch with no variance instead of dividing by zero
+    with pytest.raises(BatchNormInputError, match="needs m ≥ 2 values per channel"):
+        F.batch_norm_scriptable(
+            torch.randn(1, 3), None, None, torch.zeros(3), torch.ones(3), None,
+            True, True, 0.1, 1e-5, 1, True, "warn", "BN(3)",
+        )  # fmt: skip

@@ -99,11 +99,13 @@ def _same(y: Tensor) -> Tensor:
 
 def canonical_layout(x: Tensor, axis: int = 1) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """View ``x`` as ``(N, C, L)`` or ``(M, C)`` contiguous; return the view and a function that
-    brings a tensor of the canonical shape back to ``x``'s shape and memory layout.
+    brings a tensor of the canonical shape back to ``x``'s shape (and its memory layout, for the
+    two layouts viewed without a copy).
 
     Any channel axis of a contiguous tensor is a ``(prod(before), C, prod(after))`` view; a tensor
     whose channel axis is innermost in memory (``channels_last``, ``axis=-1``) is an ``(M, C)``
-    view. Anything else is copied once with ``.contiguous()`` — never read through wrong strides.
+    view. Anything else is copied once with ``.contiguous()`` — never read through wrong strides —
+    and comes back contiguous.
     """
     nd = x.dim()
     ax = axis % nd
@@ -1315,6 +1317,23 @@ def _graph_needed(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool
     )
 
 
+def _check_input(input: Tensor, axis: int, layer: str | None) -> None:
+    """The public functions' input check: a floating input of at least 2 dimensions whose
+    ``axis`` exists (one expression when it holds: the layers call these functions on every
+    step; :func:`check_channels` says what is wrong otherwise)."""
+    nd = input.dim()
+    if not (nd >= 2 and -nd <= axis < nd and input.is_floating_point()):
+        check_channels(input, input.shape[axis] if 0 < nd and -nd <= axis < nd else 0, axis, layer)
+
+
+def _check_policy(nonfinite: Any, layer: str | None) -> None:
+    if nonfinite != "warn" and nonfinite != "raise":
+        raise ValueError(
+            f"{_name(layer)}: nonfinite must be 'warn' or 'raise' (what to do with a batch whose "
+            f"statistics are not finite), got {nonfinite!r}"
+        )
+
+
 def _bad_eps(eps: Any, layer: str | None) -> NoReturn:
     """Refuse an ``eps`` below 0 (or NaN), which a layer's attribute may have been set to after
     the constructor checked it: the variance plus eps would be negative, every output NaN."""
@@ -1341,8 +1360,8 @@ def batch_norm_train(
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Normalize with the batch's own statistics (Algorithm 1).
 
-    Returns ``(y, mean, var, count)``: the output (same shape, dtype and memory layout as
-    ``input``), the per-channel batch mean and biased variance (float32 for half inputs) and
+    Returns ``(y, mean, var, count)``: the output (same shape and dtype as ``input``; its
+    layout when contiguous or with the channels innermost, else contiguous), the per-channel batch mean and biased variance (float32 for half inputs) and
     the number ``m`` of values each channel's statistics were taken over.
 
     With ``mask`` (boolean, True at valid positions, shaped like ``input`` without the channel
@@ -1351,6 +1370,8 @@ def batch_norm_train(
     """
     if not eps >= 0:
         _bad_eps(eps, layer)
+    layer = layer or "batch_norm_train"
+    _check_input(input, axis, layer)
     ax = axis % input.dim() if input.dim() else axis
     check_vectors(input, ax, {"weight": weight, "bias": bias}, layer)
     if mask is not None:
@@ -1406,6 +1427,9 @@ def batch_norm_step(
     """
     if not eps >= 0:
         _bad_eps(eps, layer)
+    layer = layer or "batch_norm_step"
+    _check_input(input, axis, layer)
+    _check_policy(nonfinite, layer)
     ax = axis % input.dim() if input.dim() else axis
     count = _check_count(input, ax, layer)
     alpha = momentum * count / (count - 1) if unbiased_running_var else momentum
@@ -1471,6 +1495,8 @@ def batch_norm_eval(
     ``y = x·scale + shift`` with ``scale = γ/√(Var[x] + ε)`` and ``shift = β − scale·E[x]``."""
     if not eps >= 0:
         _bad_eps(eps, layer)
+    layer = layer or "batch_norm_eval"
+    _check_input(input, axis, layer)
     ext = _ready_node(backend, input)
     needs_graph = torch.is_grad_enabled() and (
         input.requires_grad
@@ -1686,6 +1712,7 @@ def update_running_stats(
     ``num_batches_tracked``, if given, is incremented when they were blended in — inside a
     trace too, where the refusal is part of the graph (the returned value is then True).
     """
+    _check_policy(nonfinite, layer)
     for what, buf in (("running_mean", running_mean), ("running_var", running_var)):
         if buf.numel() != mean.numel() or not buf.is_floating_point():
             raise BatchNormInputError(
@@ -1985,6 +2012,10 @@ def batch_norm(
     _check_call(input, axis, layer, running_mean, running_var, weight, bias)
     if not eps >= 0:
         _bad_eps(eps, layer)
+    if training and input.numel() == 0:
+        # an empty batch (a detector's frame without boxes): an empty output, as torch's
+        # function gives; nothing to learn from, so the running statistics stay as they are
+        return input.clone()
     if training and mask is None and running_mean is not None and running_var is not None:
         y, _ = batch_norm_step(
             input,
@@ -2102,6 +2133,12 @@ def batch_norm_scriptable(
             elif num_batches_tracked is not None:
                 factor = 1.0 / (float(num_batches_tracked) + 1.0)
             count = input.numel() // C
+            if unbiased_running_var and count < 2:
+                raise BatchNormInputError(
+                    f"{layer}: the unbiased running variance m/(m−1)·σ²_B needs m ≥ 2 values per "
+                    f"channel, got input of shape {list(input.shape)}. Train on batches of 2 or "
+                    "more values per channel, or set unbiased_running_var=False."
+                )
             alpha = factor * count / (count - 1) if unbiased_running_var else factor
             with torch.no_grad():
                 # blended in the wider of the statistics' and the buffers' dtypes and rounded
