@@ -555,3 +555,71 @@ def test_drift_between_statistics_at_other_levels_is_refused() -> None:
     with pytest.raises(ValueError, match=r"layer '1' was measured at quantile levels \[0.5\]"):
         distribution_drift(median, five)
     assert distribution_drift(five, five)["1"]["quantile_shift"] == 0.0
+
+
+def test_ics_skips_what_it_cannot_measure_and_names_what_it_refuses() -> None:
+    # an unused head (no gradient: autograd failed on it) and a weight_norm layer (its weight
+    # is computed: the call was refused as a whole) are left out by default
+    class UnusedHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.head = nn.Linear(4, 3), nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x)
+
+    x = torch.randn(6, 4)
+    shifts = internal_covariate_shift(
+        UnusedHead(), nn.functional.mse_loss, (x, torch.zeros(6, 3)), 0.1
+    )
+    assert [s.layer for s in shifts] == ["a"]
+    with pytest.raises(ValueError, match=r"layers \['head'\] are not called by the forward"):
+        internal_covariate_shift(
+            UnusedHead(), nn.functional.mse_loss, (x, torch.zeros(6, 3)), 0.1, layers=["head"]
+        )
+    normed = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Linear(4, 5)), nn.ReLU(), nn.Linear(5, 3)
+    )
+    batch = (x, torch.randint(0, 3, (6,)))
+    assert [
+        s.layer for s in internal_covariate_shift(normed, nn.functional.cross_entropy, batch, 0.1)
+    ] == ["2"]
+    with pytest.raises(TypeError, match="layers must be a list of module names"):
+        internal_covariate_shift(normed, nn.functional.cross_entropy, batch, 0.1, layers="2")  # type: ignore[arg-type]
+    for bad in (None, "0.1", True):
+        with pytest.raises(TypeError, match="update must be a learning rate"):
+            internal_covariate_shift(normed, nn.functional.cross_entropy, batch, bad)  # type: ignore[arg-type]
+    # an update that overflows G' (float32 here): its angle is NaN, not 0 ("orthogonal")
+    net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).float()
+    batch32 = (x.float(), batch[1])
+    last = internal_covariate_shift(net, nn.functional.cross_entropy, batch32, 1e60)[-1]
+    assert math.isnan(last.cosine)
+
+
+def test_statistics_functions_refuse_inputs_they_cannot_measure() -> None:
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    with pytest.raises(TypeError, match="layers must be a list of module names"):
+        activation_statistics(net, torch.randn(8, 4), layers="1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="gave no values"):
+        activation_statistics(net.eval(), torch.randn(0, 4))
+    with pytest.raises(ValueError, match="levels must be in"):
+        activation_statistics(net, torch.randn(8, 4), levels=[math.nan])
+    batch = (torch.randn(4, 2), torch.randn(4, 1))
+    with pytest.raises(TypeError, match="step_sizes must be a list"):
+        loss_landscape(nn.Linear(2, 1), _mse, batch, 0.1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"params names \['weight'\] more than once"):
+        loss_landscape(nn.Linear(2, 1), _mse, batch, [0.1], params=["weight", "weight"])
+
+
+def test_activation_quantiles_beyond_torch_s_limit_of_values() -> None:
+    # torch.quantile takes at most 2**24 values; more (a batch of 256 at 256×256) are computed
+    # by NumPy, the same linear interpolation
+    from batchnorm.recorder import quantiles
+
+    x = torch.randn(1, (1 << 24) + 8, dtype=torch.float64)
+    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    big = quantiles(x, q, dim=1)
+    want = np.quantile(x.numpy(), q.numpy(), axis=1)
+    np.testing.assert_allclose(big.numpy(), want, rtol=0, atol=0)
+    small = x[:, :1000]
+    torch.testing.assert_close(quantiles(small, q, dim=1), torch.quantile(small, q, dim=1))

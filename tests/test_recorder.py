@@ -232,7 +232,7 @@ def test_keyword_inputs_tuple_outputs_and_calls_without_tensors() -> None:
         y, _ = lstm(torch.randn(4, 2, 3))
     np.testing.assert_allclose(
         out.history("0")[1][0],
-        torch.quantile(y.detach().reshape(-1, 5), out._q, dim=0).numpy(),
+        torch.quantile(y.detach().reshape(-1, 5), out._q.float(), dim=0).numpy(),
         rtol=1e-6,
     )
 
@@ -264,3 +264,15 @@ def test_changing_widths_empty_batches_float64_and_every_are_handled() -> None:
     for bad in (1.5, 0, True):
         with pytest.raises(ValueError, match="every must be an int >= 1"):
             batchnorm.ActivationRecorder(net, ["0"], every=bad)  # type: ignore[arg-type]
+
+
+def test_recorder_keeps_float64_levels_and_refuses_a_string_of_layers() -> None:
+    # the levels were float32: 0.15 of [0, 1e12] came out 1.50000006e11 from float64 values
+    net = nn.Sequential(nn.Identity()).double()
+    rec = ActivationRecorder(net, ["0"], quantiles=(0.15, 0.3, 0.7), what="output")
+    with rec.capture():
+        net(torch.tensor([[0.0], [1e12]], dtype=torch.float64))
+    _, values = rec.history("0")  # (T, Q, U)
+    assert values[0, :, 0].tolist() == [1.5e11, 3e11, 7e11]
+    with pytest.raises(TypeError, match="layers must be a list of layer names"):
+        ActivationRecorder(net, "0")  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from batchnorm.recorder import first_tensor
+from batchnorm.recorder import first_tensor, quantiles
 
 __all__ = [
     "LayerShift",
@@ -192,8 +193,9 @@ def _check_start(loss: float, grads: Sequence[Tensor], where: str) -> None:
         )
 
 
-def _forward_order(model: nn.Module, x: Tensor, seed: int) -> list[str]:
-    """Names of the modules owning parameters, in the order the forward pass first calls them.
+def _forward_order(model: nn.Module, x: Tensor, seed: int) -> tuple[list[str], int]:
+    """Names of the modules owning parameters, in the order the forward pass first calls them,
+    then the ones it never calls; and how many it called.
 
     A call counts when the module's ``forward`` starts (a pre-hook), so a module that owns
     parameters and calls submodules (a learned input scale, a position embedding) precedes them.
@@ -220,8 +222,9 @@ def _forward_order(model: nn.Module, x: Tensor, seed: int) -> list[str]:
         for h in handles:
             h.remove()
     # modules never called (unused heads) come last: they precede nothing
+    called = len(order)
     order += [n for n in owners if n not in order]
-    return order
+    return order, called
 
 
 def _param_names(model: nn.Module, module_name: str, canonical: dict[int, str]) -> list[str]:
@@ -308,21 +311,34 @@ def internal_covariate_shift(
         (['0', '2'], 0.0)
     """
     x, y = _check_batch(batch, "internal_covariate_shift")
+    if not callable(update) and (not isinstance(update, numbers.Real) or isinstance(update, bool)):
+        raise TypeError(
+            "internal_covariate_shift: update must be a learning rate (a number) or a function "
+            f"making an optimizer from the parameters, got {update!r}"
+        )
     seed = _rng_seed()
     with _preserved(model):
         # the state every pass starts from: taken before the ordering pass, which in train mode
         # updates running statistics (a layer that normalizes with them, such as batch
         # renormalization, must see the model's own buffers in G and G')
         buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-        order = _forward_order(model, x, seed)
+        order, called = _forward_order(model, x, seed)
         if layers is None:
+            # the layers the forward calls (an unused head has no gradient to shift), with a
+            # trainable weight of their own (a parametrized one, weight_norm say, is computed)
             measured = [
                 n
-                for n in order
+                for n in order[:called]
                 if isinstance(m := model.get_submodule(n), _WEIGHT_LAYERS)
+                and isinstance(m.weight, nn.Parameter)
                 and m.weight.requires_grad
             ]
         else:
+            if isinstance(layers, str):
+                raise TypeError(
+                    f"internal_covariate_shift: layers must be a list of module names, got the "
+                    f"string {layers!r}; pass layers=[{layers!r}]"
+                )
             unknown = [n for n in layers if n not in order]
             if unknown:
                 raise ValueError(
@@ -330,6 +346,13 @@ def internal_covariate_shift(
                     f"are not modules of the model; choose among {order}"
                 )
             measured = [n for n in order if n in layers]
+            unused = [n for n in measured if order.index(n) >= called]
+            if unused:
+                raise ValueError(
+                    f"internal_covariate_shift: layers {unused} are not called by the forward "
+                    "pass on this batch, so their loss gradient is 0 and cannot shift; measure "
+                    f"layers among {order[:called]}"
+                )
         if not measured:
             # nothing to measure: torch.autograd.grad would fail on an empty list of inputs
             raise ValueError(
@@ -342,8 +365,9 @@ def internal_covariate_shift(
             if not (isinstance(w, nn.Parameter) and w.requires_grad):
                 raise ValueError(
                     f"internal_covariate_shift: layer {n!r} "
-                    f"({type(model.get_submodule(n)).__name__}) has no trainable 'weight'; "
-                    "measure layers whose weight requires grad (pass layers=[...])"
+                    f"({type(model.get_submodule(n)).__name__}) has no trainable 'weight' "
+                    "parameter of its own (frozen, or computed by a parametrization such as "
+                    "weight_norm); measure layers whose weight is a parameter that requires grad"
                 )
         theta = {k: v.detach().clone() for k, v in model.named_parameters()}
         trainable = [k for k, v in model.named_parameters() if v.requires_grad]
@@ -392,7 +416,9 @@ def internal_covariate_shift(
             gp = g_prime.double()
             gn, gpn = float(g.norm()), float(gp.norm())
             diff = float((g - gp).norm())
-            if gn > 0 and gpn > 0:
+            if not (math.isfinite(gn) and math.isfinite(gpn)):
+                cos = math.nan  # G' not finite (the step overflowed): no angle to report
+            elif gn > 0 and gpn > 0:
                 # (rounding can take the quotient a hair past ±1)
                 cos = min(1.0, max(-1.0, float((g * gp).sum() / (gn * gpn))))
             else:
@@ -486,6 +512,11 @@ def loss_landscape(
         (2,)
     """
     x, y = _check_batch(batch, "loss_landscape")
+    if not isinstance(step_sizes, Iterable) or isinstance(step_sizes, str):
+        raise TypeError(
+            f"loss_landscape: step_sizes must be a list of step sizes, got {step_sizes!r}; "
+            f"pass step_sizes=[{step_sizes!r}]"
+        )
     etas = np.asarray(list(step_sizes), dtype=np.float64)
     if etas.ndim != 1 or etas.size == 0 or not np.all((etas > 0) & np.isfinite(etas)):
         raise ValueError(
@@ -506,6 +537,10 @@ def loss_landscape(
             raise ValueError(
                 f"loss_landscape: unknown parameters {unknown}; choose among {list(theta)}"
             )
+        repeated = sorted({k for k in names if names.count(k) > 1})
+        if repeated:
+            # each would count its gradient twice in ‖g‖ and the gradient distances
+            raise ValueError(f"loss_landscape: params names {repeated} more than once")
         if not names:
             raise ValueError(
                 "loss_landscape: no parameters span the direction (params is empty, or none "
@@ -623,6 +658,11 @@ def activation_statistics(
         if not chosen:
             chosen = [n for n, m in modules.items() if isinstance(m, _WEIGHT_LAYERS)]
     else:
+        if isinstance(layers, str):
+            raise TypeError(
+                f"activation_statistics: layers must be a list of module names, got the string "
+                f"{layers!r}; pass layers=[{layers!r}]"
+            )
         chosen = list(layers)
         missing = [n for n in chosen if n not in modules]
         if missing:
@@ -631,7 +671,7 @@ def activation_statistics(
                 f"{[n for n in modules if n]}"
             )
     q = torch.tensor(list(levels), dtype=torch.float64)
-    if q.numel() == 0 or bool(((q < 0) | (q > 1)).any()):
+    if q.numel() == 0 or not bool(((q >= 0) & (q <= 1)).all()):  # (NaN is neither)
         raise ValueError(f"activation_statistics: levels must be in [0, 1], got {list(levels)}")
     captured: dict[str, list[Tensor]] = {}
     handles = []
@@ -669,10 +709,15 @@ def activation_statistics(
                 "cannot be pooled — measure a layer of one width"
             )
         u = torch.cat(captured[n], dim=1)  # (C, M): every call's values
+        if u.shape[1] == 0:
+            raise ValueError(
+                f"activation_statistics: layer {n!r} gave no values (an empty batch of shape "
+                f"{tuple(inputs.shape)}?); pass inputs with at least one sample"
+            )
         result[n] = ActivationStats(
             mean=u.mean(dim=1).numpy(),
             std=u.std(dim=1, unbiased=False).numpy(),
-            quantiles=torch.quantile(u, q, dim=1).numpy(),
+            quantiles=quantiles(u, q, dim=1).numpy(),
             levels=q.numpy(),
         )
     return result

@@ -84,6 +84,11 @@ class ActivationRecorder:
         axis: int = 1,
         max_samples: int | None = 100_000,
     ) -> None:
+        if isinstance(layers, str):
+            raise TypeError(
+                f"ActivationRecorder: layers must be a list of layer names (or a mapping), got "
+                f"the string {layers!r}; pass [{layers!r}]"
+            )
         if isinstance(layers, Mapping):
             self.layers: dict[str, nn.Module] = dict(layers)
         else:
@@ -122,7 +127,7 @@ class ActivationRecorder:
         self.max_samples = max_samples
         #: the step a record is tagged with; set it from the training loop (default: call index)
         self.step: int | None = None
-        self._q = torch.tensor(q, dtype=torch.float32)
+        self._q = torch.tensor(q, dtype=torch.float64)  # (converted to the values' dtype)
         self._calls: dict[str, int] = dict.fromkeys(self.layers, 0)
         self._records: dict[str, list[tuple[int, Tensor]]] = {n: [] for n in self.layers}
         self._handles: list[Any] = []
@@ -249,7 +254,7 @@ class ActivationRecorder:
             flat = flat.index_select(0, rows.to(flat.device))
         if flat.dtype != torch.float64:  # (float64 keeps its digits)
             flat = flat.float()
-        return torch.quantile(flat, self._q.to(flat), dim=0).cpu()  # (Q, U)
+        return quantiles(flat, self._q).cpu()  # (Q, U)
 
     # -- results --------------------------------------------------------------------------
 
@@ -287,6 +292,19 @@ class ActivationRecorder:
             steps, values = self.history(n)
             out["layers"][n] = {"steps": steps.tolist(), "values": values.tolist()}
         return out
+
+
+#: the most values torch.quantile takes in one call (2**24); NumPy takes more
+_QUANTILE_MAX = 1 << 24
+
+
+def quantiles(values: Tensor, levels: Tensor, dim: int = 0) -> Tensor:
+    """``torch.quantile(values, levels, dim)`` (linear interpolation) in ``values``' dtype, for
+    any number of values: beyond torch's limit of 2**24 NumPy computes them, the same way."""
+    if values.numel() <= _QUANTILE_MAX:
+        return torch.quantile(values, levels.to(values), dim=dim)
+    q = np.quantile(values.cpu().numpy(), levels.double().numpy(), axis=dim)
+    return torch.from_numpy(np.asarray(q)).to(values.dtype)
 
 
 def first_tensor(y: Any) -> Tensor | None:
