@@ -1318,11 +1318,12 @@ def _graph_needed(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool
 
 
 def _check_input(input: Tensor, axis: int, layer: str | None) -> None:
-    """The public functions' input check: a floating input of at least 2 dimensions whose
-    ``axis`` exists (one expression when it holds: the layers call these functions on every
-    step; :func:`check_channels` says what is wrong otherwise)."""
+    """The public functions' input check: a floating input whose ``axis`` exists (one
+    expression when it holds: the layers call these functions on every step;
+    :func:`check_channels` says what is wrong otherwise). A 1-D input with ``axis`` 0 or -1 is
+    one sample's channels (what Keras' layer takes at rank 1)."""
     nd = input.dim()
-    if not (nd >= 2 and -nd <= axis < nd and input.is_floating_point()):
+    if not (nd >= 1 and -nd <= axis < nd and input.is_floating_point()):
         check_channels(input, input.shape[axis] if 0 < nd and -nd <= axis < nd else 0, axis, layer)
 
 
