@@ -646,3 +646,59 @@ def test_torch_fusion_tools_take_our_layers_or_their_conversion() -> None:
         batchnorm.convert_model(net, to="torch"), [["0", "1", "2"]]
     )
     torch.testing.assert_close(q(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_recalibrate_runs_batch_renorm_as_plain_bn_and_keeps_its_record() -> None:
+    """The pass normalizes with batch statistics: renorm's r and d, which correct towards the
+    stale running statistics being replaced, would skew every later layer's statistics."""
+    torch.manual_seed(0)
+
+    def renorm(c: int) -> nn.Module:
+        return batchnorm.BatchRenorm1d(c, warmup_steps=0, r_max_step=0, d_max_step=0)
+
+    net = nn.Sequential(nn.Linear(4, 4), renorm(4), nn.Linear(4, 4), renorm(4))
+    net[3].last_r = marker = torch.full((4,), 7.0)
+    data = [torch.randn(64, 4) * 3 + 2 for _ in range(8)]
+    plain = nn.Sequential(
+        nn.Linear(4, 4), batchnorm.BatchNorm1d(4), nn.Linear(4, 4), batchnorm.BatchNorm1d(4)
+    )
+    plain.load_state_dict(net.state_dict())
+    batchnorm.recalibrate(net, data)
+    batchnorm.recalibrate(plain, data)
+    for a, b in ((net[1], plain[1]), (net[3], plain[3])):
+        torch.testing.assert_close(a.running_mean, b.running_mean)
+        torch.testing.assert_close(a.running_var, b.running_var)
+    # one pass is the fixed point: the eval-mode input of the last layer has those statistics
+    x = torch.cat(data)
+    net.eval()
+    with torch.no_grad():
+        h = net[2](net[1](net[0](x)))
+    torch.testing.assert_close(net[3].running_mean, h.mean(0), rtol=1e-4, atol=1e-5)
+    assert (net[1].r_max, net[1].d_max) == (3.0, 5.0) and net[3].last_r is marker
+
+
+def test_recalibrate_on_non_finite_data_raises_without_the_layers_warnings() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), batchnorm.BatchNorm1d(4))
+    x = torch.randn(16, 3)
+    x[3, 1] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            batchnorm.recalibrate(net, [x])
+
+
+@pytest.mark.parametrize("tool", ["recalibrate", "fold", "to_inference", "freeze"])
+def test_tools_name_a_lazy_layer_that_has_not_seen_an_input(tool: str) -> None:
+    net = nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    call = {
+        "recalibrate": lambda: batchnorm.recalibrate(net, [x]),
+        "fold": lambda: batchnorm.fold(net, x),
+        "to_inference": lambda: batchnorm.to_inference(net),
+        "freeze": lambda: batchnorm.freeze(net),
+    }[tool]
+    with pytest.raises(ValueError, match=rf"^{tool}: layer '0' \(LazyConv2d\) .*run one batch"):
+        call()
+    net.train()(x)  # materialized, with statistics: the tool then works
+    net.eval()
+    call()

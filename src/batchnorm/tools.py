@@ -25,10 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm.diagnostics import INPUT_KEYS, _tensors
+from batchnorm.functional import NonFiniteStatisticsWarning
 from batchnorm.inplace_abn import InPlaceABN
 from batchnorm.nn.batchnorm import SmallBatchWarning, _BatchNormBase
 from batchnorm.recorder import first_tensor
-from batchnorm.variants import FrozenBatchNorm, _tensor, is_frozen
+from batchnorm.variants import FrozenBatchNorm, _Renorm, _tensor, check_materialized, is_frozen
 
 __all__ = [
     "Moments",
@@ -172,6 +173,7 @@ def _accumulate(
             f"recalibrate: num_samples must be >= 1 (one image gives its pixels), got "
             f"{num_samples}; pass None to use all the data"
         )
+    check_materialized(model, "recalibrate")
     layers = _recalibrated_layers(model)
     moments: dict[str, Moments] = {}
     seen = 0
@@ -188,6 +190,11 @@ def _accumulate(
     # the moments pool exactly over all batches, so a small one does no harm here: no warning,
     # and the layers' once-only warning is left for the user's own training batches
     warned = {m: getattr(m, "_warned_small", None) for m in layers.values()}
+    # batch renormalization corrects towards the running statistics this pass replaces: it runs
+    # as plain BN (r = 1, d = 0), and its training record (last_r, last_d) is kept
+    renorm = {
+        r: (r.r_max, r.d_max, r.last_r, r.last_d) for r in layers.values() if isinstance(r, _Renorm)
+    }
     handles = []
 
     pending: dict[str, Moments] = {}  # the current batch's, merged once its forward succeeds
@@ -203,8 +210,12 @@ def _accumulate(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SmallBatchWarning)
+        # the layers' own running update is a no-op here; non-finite data is reported below
+        warnings.simplefilter("ignore", NonFiniteStatisticsWarning)
         try:
             model.eval()
+            for r in renorm:
+                r.r_max, r.d_max = 1.0, 0.0
             for name, m in layers.items():
                 m.train()
                 # the layers keep normalizing; their own running update becomes a no-op
@@ -253,6 +264,8 @@ def _accumulate(
             for m, flag in warned.items():
                 if flag is not None:
                     m._warned_small = flag
+            for r, (r_max, d_max, last_r, last_d) in renorm.items():
+                r.r_max, r.d_max, r.last_r, r.last_d = r_max, d_max, last_r, last_d
     return moments, seen
 
 
@@ -739,6 +752,7 @@ def fold(model: nn.Module, example_input: Any, *, inplace: bool = False) -> tupl
         >>> [type(m).__name__ for m in folded], err < 1e-5
         (['Conv2d', 'Identity'], True)
     """
+    check_materialized(model, "fold")
     for name, m in model.named_modules():
         if isinstance(m, _BN_TYPES):
             _check_inference_ready(m, name or type(m).__name__, "fold")
@@ -801,6 +815,7 @@ def to_inference(
         >>> [type(m).__name__ for m in batchnorm.to_inference(net)]
         ['FrozenBatchNorm', 'Linear']
     """
+    check_materialized(model, "to_inference")
     for name, m in model.named_modules():
         if isinstance(m, _BN_TYPES):
             _check_inference_ready(m, name or type(m).__name__, "to_inference")

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from batchnorm import functional as F
 from batchnorm.functional import BatchNormInputError
@@ -709,6 +710,19 @@ def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _BN_TYPES)]
 
 
+def check_materialized(model: nn.Module, what: str) -> None:
+    """Refuse a model whose lazy layers (``nn.LazyConv2d``, ``nn.LazyBatchNorm2d``, …) have not
+    yet seen an input, naming the first such layer: their shapes are unknown."""
+    for name, m in model.named_modules():
+        tensors = itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False))
+        if any(is_lazy(t) for t in tensors):
+            raise ValueError(
+                f"{what}: layer {name or type(m).__name__!r} ({type(m).__name__}) is a lazy "
+                "layer that has not seen an input yet, so its shape is unknown; run one batch "
+                f"through the model first (model(x)), then call {what} again"
+            )
+
+
 def freeze(model: nn.Module, *, affine: bool = False) -> nn.Module:
     """Freeze every batch-norm layer of ``model`` (ours and ``torch.nn``'s): they normalize with
     their running statistics and never update them, even after ``model.train()``; with
@@ -729,6 +743,7 @@ def freeze(model: nn.Module, *, affine: bool = False) -> nn.Module:
         >>> bool(torch.equal(before, net[1].running_mean))
         True
     """
+    check_materialized(model, "freeze")
     layers = _bn_layers(model)
     # every layer is checked before any is frozen: an error leaves the model as it was
     for name, m in layers:
