@@ -528,3 +528,27 @@ def test_cnn_example_falls_back_to_digits(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert 0.0 <= x.min() and x.max() <= 1.0 and set(np.unique(y)) == set(range(10))
     # the 8×8 digit sits upsampled in the middle: the 2-pixel border is empty
     assert x[:, :2].max() == 0.0 and x[:, 2:26, 2:26].max() > 0.5
+
+
+def test_momenta_and_epsilon_must_be_numbers_and_renorm_momentum_finite() -> None:
+    with pytest.raises(TypeError, match=r"momentum must be a number, got None \(PyTorch's"):
+        BatchNormalization(momentum=None)  # type: ignore[arg-type]
+    for kwargs in ({"epsilon": None}, {"momentum": "0.9"}, {"renorm_momentum": [0.9]}):
+        with pytest.raises(TypeError, match=rf"{next(iter(kwargs))} must be a number"):
+            BatchNormalization(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="renorm_momentum must be a finite number"):
+        BatchNormalization(renorm=True, renorm_momentum=float("nan"))
+    with pytest.warns(UserWarning, match=r"renorm_momentum=1.5 is outside \[0, 1\]"):
+        BatchNormalization(renorm=True, renorm_momentum=1.5)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_errors_from_every_path_name_the_layer(training: bool) -> None:
+    layer = BatchNormalization(name="my_bn")
+    layer.build((4, 3))
+    layer.epsilon = -1e-3
+    x = torch.ones(4, 3)
+    with pytest.raises(ValueError, match=r"my_bn.*eps must be >= 0"):
+        layer(x, training=training, mask=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"my_bn.*eps must be >= 0"):
+        layer(x, training=training)

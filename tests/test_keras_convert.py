@@ -519,3 +519,52 @@ def test_statistics_a_half_layer_cannot_hold_are_refused_before_writing() -> Non
 
 def _state_np(layer: Any) -> list[np.ndarray]:
     return [np.asarray(w).copy() for w in layer.get_weights()]
+
+
+def test_a_frozen_side_is_measured_as_it_trains_and_noted() -> None:
+    """A Keras layer with trainable=False normalizes with its moving statistics also in
+    training; a torch module that is not frozen does not: the report measures that difference
+    and says why, and a frozen torch module matches it."""
+    k = _keras_bn(keras.layers.BatchNormalization, 4, seed=3)
+    k.trainable = False
+    t = nn.BatchNorm1d(4)
+    row = keras_to_torch(k, t).layers[0]
+    assert row.max_abs_diff_train > 0.1 and any("trainable=False" in n for n in row.notes)
+    batchnorm.freeze(t)
+    row = keras_to_torch(k, t).layers[0]
+    assert row.max_abs_diff_train < 1e-5 and row.notes == ()
+
+    k2 = _keras_bn(keras.layers.BatchNormalization, 4, seed=4)
+    row = torch_to_keras(t, k2).layers[0]
+    assert row.max_abs_diff_train > 0.1 and any("layer.trainable = False" in n for n in row.notes)
+    k2.trainable = False
+    row = torch_to_keras(t, k2).layers[0]
+    assert row.max_abs_diff_train < 1e-5 and row.notes == ()
+
+
+def test_variant_targets_say_why_their_outputs_differ() -> None:
+    k = _keras_bn(keras.layers.BatchNormalization, 4, seed=5)
+    ghost = batchnorm.GhostBatchNorm1d(4, virtual_batch_size=8)
+    assert any("virtual batches of 8" in n for n in keras_to_torch(k, ghost).layers[0].notes)
+    abn = batchnorm.InPlaceABN(4)
+    assert any("leaky_relu" in n for n in keras_to_torch(k, abn).layers[0].notes)
+
+
+def test_subclasses_get_the_rank_check_and_negative_eps_is_refused_by_name() -> None:
+    class MyBN2d(nn.BatchNorm2d):
+        pass
+
+    k2 = _keras_bn(keras.layers.BatchNormalization, 8)  # built on 2-D input
+    for target in (MyBN2d(8), batchnorm.BatchRenorm2d(8)):
+        with pytest.raises(ValueError, match=r"^keras_to_torch: .* normalizes 2D inputs"):
+            keras_to_torch(k2, target)
+    k4 = _keras_bn(keras.layers.BatchNormalization, 8, rank=4)
+    with pytest.raises(ValueError, match=r"normalizes 4D inputs.*takes 2D or 3D"):
+        keras_to_torch(k4, batchnorm.GhostBatchNorm1d(8, virtual_batch_size=4))
+
+    k_neg = keras.layers.BatchNormalization(epsilon=-1e-4)
+    k_neg.build((None, 4))
+    with pytest.raises(ValueError, match=r"^keras_to_torch: the source's eps is -0.0001"):
+        keras_to_torch(k_neg, nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match=r"^torch_to_keras: the source's eps is -0.0001"):
+        torch_to_keras(nn.BatchNorm1d(4, eps=-1e-4), _keras_bn(keras.layers.BatchNormalization, 4))

@@ -404,7 +404,8 @@ def _check_pair(kn: str, kl: Any, tn: str, tm: Any, fn: str) -> tuple[int, int, 
             "create it with track_running_stats=True to hold Keras' moving statistics."
         )
     k_rank = _keras_rank(kl)
-    t_ranks = _RANKS.get(type(tm))
+    # subclasses too (renorm, ghost and users' own layers of a fixed rank)
+    t_ranks = next((r for cls, r in _RANKS.items() if isinstance(tm, cls)), None)
     if k_rank is not None and t_ranks is not None and k_rank not in t_ranks:
         raise ValueError(
             f"{where}: the Keras layer normalizes {k_rank}D inputs, the torch module takes "
@@ -484,8 +485,9 @@ def _output_diffs(
     non_trainable = [v.value for v in kl.non_trainable_variables]
     diffs = []
     for training in (False, True):
-        # a Keras layer with trainable=False runs in inference mode even when training
-        t_train = training and bool(kl.trainable)
+        # each side as it would train: a Keras layer with trainable=False runs in inference
+        # mode even when training, a torch module frozen by batchnorm.freeze stays in eval mode
+        t_train = training
         if t_train and not _torch_trains(tm):
             diffs.append(math.nan)
             continue
@@ -566,6 +568,39 @@ def _eps_note(tm: Any, eps_t: float) -> tuple[str, ...]:
     return ()
 
 
+def _training_notes(kl: Any, tm: Any) -> tuple[str, ...]:
+    """Why the training-mode outputs differ by design: a frozen side, or a torch variant."""
+    from batchnorm.inplace_abn import InPlaceABN
+    from batchnorm.variants import _Ghost, _Renorm, is_frozen
+
+    notes: tuple[str, ...] = ()
+    frozen_t = is_frozen(tm)
+    if not kl.trainable and not frozen_t:
+        notes += (
+            "the Keras layer is frozen (trainable=False: it normalizes with its moving "
+            "statistics also in training) but the torch module is not: "
+            "batchnorm.freeze(module) makes it do the same",
+        )
+    elif frozen_t and kl.trainable:
+        notes += (
+            "the torch module is frozen (batchnorm.freeze) but the Keras layer is not: set "
+            "layer.trainable = False to make it normalize with its moving statistics in training",
+        )
+    if isinstance(tm, _Ghost):
+        notes += (
+            f"the torch module normalizes virtual batches of {tm.virtual_batch_size} samples in "
+            "training (ghost batch norm): training-mode outputs differ",
+        )
+    if isinstance(tm, _Renorm):
+        notes += ("the torch module uses batch renormalization: training-mode outputs differ",)
+    if isinstance(tm, InPlaceABN):
+        notes += (
+            f"the torch module applies its activation ({tm.activation}) after normalizing; "
+            "the reported differences include it",
+        )
+    return notes
+
+
 def _check_mode(name: str, value: str, fn: str) -> None:
     if value not in ("copy", "keep"):
         raise ValueError(f"{fn}: {name} must be 'copy' or 'keep', got {value!r}")
@@ -632,6 +667,13 @@ def _translate_eps(
 ) -> tuple[float, Any]:
     """The target's ε and variance: ``eps='copy'`` takes the source's ε; ``'keep'`` keeps the
     target's and shifts the variance so that √(var + ε) — the inference map — is unchanged."""
+    for side, value in (("source", eps_src), ("target", eps_dst)):
+        if not value >= 0.0 and (side == "source" or mode == "keep"):
+            raise ValueError(
+                f"{fn}: the {side}'s eps is {value!r} for {where}; ε must be >= 0 (it is added "
+                "to the variance under the square root). Set it on that layer first, e.g. "
+                "1e-3 (Keras' default) or 1e-5 (PyTorch's)."
+            )
     if mode == "copy":
         return eps_src, var
     var = var + eps_src - eps_dst
@@ -795,7 +837,7 @@ def keras_to_torch(
         mom_t = tm.momentum
         if momentum == "copy":
             mom_t = _complement(float(kl.momentum))
-        notes = _eps_note(tm, eps_t)
+        notes = _eps_note(tm, eps_t) + _training_notes(kl, tm)
         if getattr(kl, "renorm", False):
             notes += (
                 "the Keras layer uses batch renormalization (renorm=True), which torch's batch "
@@ -939,7 +981,7 @@ def torch_to_keras(
         mom_k = float(kl.momentum)
         if momentum == "copy" and tm.momentum is not None:
             mom_k = _complement(float(tm.momentum))
-        notes = _eps_note(tm, eps_t)
+        notes = _eps_note(tm, eps_t) + _training_notes(kl, tm)
         if getattr(kl, "renorm", False):
             notes += (
                 "the Keras layer uses batch renormalization (renorm=True): its moving_stddev, "

@@ -146,19 +146,35 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
         **kwargs: Any,
     ) -> None:
         name = f"BatchNormalization({kwargs.get('name') or 'unnamed'})"
-        if not math.isfinite(float(momentum)):
-            raise ValueError(
-                f"{name}: momentum must be a finite number (Keras' convention: the weight of the "
-                f"old moving average, typically 0.9-0.999), got {momentum!r}"
-            )
-        if not 0.0 <= float(momentum) <= 1.0:
-            warnings.warn(
-                f"{name}: momentum={momentum!r} is outside [0, 1]: the moving statistics "
-                "extrapolate (moving·momentum + batch·(1 − momentum)) instead of averaging. "
-                "Keras' momentum weighs the old average, typically 0.9-0.999.",
-                UserWarning,
-                stacklevel=2,
-            )
+        for arg, value in (
+            ("momentum", momentum),
+            ("renorm_momentum", renorm_momentum),
+            ("epsilon", epsilon),
+        ):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(
+                    f"{name}: {arg} must be a number, got {value!r}"
+                    + (
+                        " (PyTorch's momentum=None, a cumulative average, has no Keras "
+                        "counterpart; Keras' momentum weighs the old average, typically 0.9-0.999)"
+                        if value is None and arg == "momentum"
+                        else ""
+                    )
+                )
+        for arg, value in (("momentum", momentum), ("renorm_momentum", renorm_momentum)):
+            if not math.isfinite(float(value)):
+                raise ValueError(
+                    f"{name}: {arg} must be a finite number (Keras' convention: the weight of "
+                    f"the old moving average, typically 0.9-0.999), got {value!r}"
+                )
+            if not 0.0 <= float(value) <= 1.0:
+                warnings.warn(
+                    f"{name}: {arg}={value!r} is outside [0, 1]: the moving statistics "
+                    "extrapolate (moving·momentum + batch·(1 − momentum)) instead of averaging. "
+                    "Keras' momentum weighs the old average, typically 0.9-0.999.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         if not float(epsilon) >= 0.0:
             raise ValueError(
                 f"{name}: epsilon must be >= 0 (Keras' default is 1e-3), got {epsilon!r}"
@@ -311,13 +327,15 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
                 )
         gamma = self.gamma.value.to(cd) if self.scale else None
         beta = self.beta.value.to(cd) if self.center else None
-        kw: dict[str, Any] = {"axis": axis, "backend": self.compute_backend}
+        kw: dict[str, Any] = {
+            "axis": axis,
+            "backend": self.compute_backend,
+            "layer": self.layer_name(),
+        }
         if training and self.trainable:
             count = x.numel() // max(x.shape[axis], 1)
             if mask is None and count >= 2:
-                y, mean, var, count = F.batch_norm_train(
-                    x, gamma, beta, self.epsilon, layer=self.layer_name(), **kw
-                )
+                y, mean, var, count = F.batch_norm_train(x, gamma, beta, self.epsilon, **kw)
             else:
                 # a mask, or a single value per channel (Keras allows it: σ²_B = 0): statistics
                 # from torch ops, differentiable, normalized by the same core function
