@@ -3,8 +3,10 @@ it (no false alarm); the measurements against hand-computed oracles; the model n
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -385,6 +387,43 @@ def test_a_short_remainder_of_tensor_data_is_not_a_batch(healthy, digits):
     assert report.train_gaps["1"].count == 32
 
 
+def test_a_data_loader_s_short_last_batch_is_not_a_batch_either(healthy, digits):
+    x = digits[0][:65]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=32)
+    report = doctor(healthy, loader, 8)
+    assert report.num_batches == 2 and not report.by_check("forward-failed")
+    assert report.train_gaps["1"].count == 32 and not report.by_check("small-count")
+    # a full last batch is kept, and so is one batch alone; num_batches cuts before the end
+    assert doctor(healthy, list(x[:64].split(32)), 8).num_batches == 2
+    assert doctor(healthy, [x[:20]], 8).num_batches == 1
+    assert doctor(healthy, loader, 1).train_gaps["1"].count == 32
+
+
+def test_running_statistics_of_small_training_batches_are_not_called_stale():
+    """An EMA over 4-sample (virtual) batches scatters much more than the probe's batch of 64
+    suggests: that noise is the running average's, not staleness."""
+    torch.manual_seed(0)
+    x = torch.randn(2048, 20) * 3 + 1
+    stale = []
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        for make, kw in (
+            (lambda: batchnorm.GhostBatchNorm1d(32, virtual_batch_size=4), {}),
+            (lambda: batchnorm.BatchNorm1d(32), {"train_batch_size": 4}),
+        ):
+            torch.manual_seed(seed)
+            m = nn.Sequential(nn.Linear(20, 32, bias=False), make(), nn.ReLU(), nn.Linear(32, 4))
+            step = 64 if kw == {} else 4
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", batchnorm.SmallBatchWarning)
+                for _ in range(200 if kw == {} else 800):
+                    m(x[torch.randint(0, 2048, (step,), generator=g)])
+            report = doctor(m.eval(), x, 8, batch_size=64, **kw)
+            assert report.by_check("small-count")
+            stale += report.by_check("stale-running-stats")
+    assert stale == []
+
+
 def test_conv_count_includes_spatial_positions():
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)).eval()
     x = torch.randn(16, 1, 6, 6)
@@ -750,3 +789,17 @@ def test_a_fresh_model_in_train_mode_is_not_an_error(digits):
     assert severities(report, "initial-running-stats") == ["info", "info"]
     # the same model deployed (eval mode) without training is an error
     assert severities(run(fresh.eval(), digits[0]), "initial-running-stats") == ["error", "error"]
+
+
+def test_messages_fit_the_layer_a_nan_channel_and_a_bn_without_beta(healthy, digits):
+    m = copy.deepcopy(healthy)
+    m[1].running_mean[2] = float("nan")
+    (f,) = run(m, digits[0]).by_check("nonfinite-running-stats")
+    assert "those channels' outputs are NaN" in f.why and "every output" not in f.why
+    m[1].running_var.fill_(float("nan"))
+    (f,) = run(m, digits[0]).by_check("nonfinite-running-stats")
+    assert "every output of this layer" in f.why
+
+    net = nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8, affine=False)).eval()
+    (f,) = doctor(net, digits[0], 4, batch_size=32).by_check("bias-before-bn")
+    assert "β takes its role" not in f.why and "has no β" in f.why

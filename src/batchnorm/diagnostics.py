@@ -525,12 +525,16 @@ def _take_batches(data: Any, num_batches: int, batch_size: int) -> list[Any]:
             f"DataLoader), got {type(data).__name__}"
         ) from None
     out: list[Any] = []
+    exhausted = True
     for batch in it:
-        out.append(_as_input(batch))
         if len(out) >= num_batches:
+            exhausted = False
             break
+        out.append(_as_input(batch))
     if not out:
         raise ValueError("doctor: data yielded no batches")
+    if exhausted and len(out) > 1 and _batch_len(out[-1]) < min(_batch_len(b) for b in out[:-1]):
+        out.pop()  # a DataLoader's short last batch, as for tensor data: not the user's size
     return out
 
 
@@ -720,8 +724,31 @@ def _run(
     return accs, err
 
 
+def _training_count(
+    m: nn.Module, acc: _Accumulator, train_batch_size: int | None
+) -> tuple[int, bool, int | None]:
+    """Values per channel in one training batch's statistics: the probe's, or scaled to
+    ``train_batch_size``, and at most one virtual batch's for a ghost layer. Returns the count,
+    whether it was scaled, and the virtual batch size (None for other layers)."""
+    count = acc.count
+    scaled = train_batch_size is not None
+    if train_batch_size is not None:
+        count = int(round(acc.per_sample * train_batch_size))
+    # GhostBatchNorm normalizes each virtual batch with its own statistics (and updates its
+    # running statistics once per virtual batch)
+    vbs = getattr(m, "virtual_batch_size", None)
+    if not (isinstance(vbs, int) and vbs >= 1 and isinstance(m, _BatchNormBase)):
+        return count, scaled, None
+    return min(count, int(round(acc.per_sample * vbs))), scaled, vbs
+
+
 def _gap_from(
-    name: str, m: nn.Module, acc: _Accumulator, running: tuple[Tensor, Tensor] | None, t: Thresholds
+    name: str,
+    m: nn.Module,
+    acc: _Accumulator,
+    running: tuple[Tensor, Tensor] | None,
+    t: Thresholds,
+    train_batch_size: int | None = None,
 ) -> LayerGap | None:
     if acc.batches == 0 or acc.mean_sum is None or acc.var_sum is None:
         return None
@@ -782,6 +809,10 @@ def _gap_from(
         sd_var = torch.fmax(sd_var, spread_var)  # no spread with one value per batch (NaN)
     mom = getattr(m, "momentum", None)
     ema = mom / (2.0 - mom) if isinstance(mom, float | int) and 0 < mom < 2 else 0.0
+    # the running average's batches are the training batches: a ghost layer's virtual batches,
+    # or train_batch_size's, whose statistics are noisier than the probe's in proportion
+    train_count = _training_count(m, acc, train_batch_size)[0]
+    ema *= max(acc.count, 1) / max(train_count, 1)
     factor = math.sqrt(1.0 / b + ema)
     noise_mean = (sd_mean * factor / denom)[keep]
     noise_logstd = (0.5 * sd_var / (var.clamp_min(0) + eps) * factor)[keep]
@@ -1536,10 +1567,10 @@ def doctor(
     train_gaps: dict[str, LayerGap] = {}
     inference_gaps: dict[str, LayerGap] = {}
     for name, m in layers:
-        g = _gap_from(name, m, train_accs[name], _running(m), t)
+        g = _gap_from(name, m, train_accs[name], _running(m), t, train_batch_size)
         if g is not None and train_err is None:
             train_gaps[name] = g
-        g = _gap_from(name, m, pr.inference[name], _running(m), t)
+        g = _gap_from(name, m, pr.inference[name], _running(m), t, train_batch_size)
         if g is not None and eval_err is None:
             inference_gaps[name] = g
 
@@ -1689,8 +1720,13 @@ def doctor(
                         "error",
                         name,
                         f"{label}: " + "; ".join(parts),
-                        "in eval mode every output of this layer (and everything after it) "
-                        "is NaN"
+                        (
+                            "in eval mode every output of this layer (and everything after it) "
+                            "is NaN"
+                            if len(set(nf_ch) | set(neg_ch)) >= int(rv.numel())
+                            else "in eval mode those channels' outputs are NaN (and whatever "
+                            "the layers after it compute from them)"
+                        )
                         + (" (a negative variance has no square root)" if neg_ch else "")
                         + "; torch.nn writes a NaN batch straight into the running averages",
                         "find the batch that produced NaN/inf"
@@ -1864,17 +1900,8 @@ def doctor(
         # per-channel sample count
         acc = train_accs[name] if train_accs[name].batches else pr.inference[name]
         if acc.batches:
-            count = acc.count
-            scaled = False
-            if train_batch_size is not None:
-                count = int(round(acc.per_sample * train_batch_size))
-                scaled = True
-            # GhostBatchNorm normalizes each virtual batch with its own statistics
-            vbs = getattr(m, "virtual_batch_size", None)
-            ghost = isinstance(vbs, int) and vbs >= 1 and isinstance(m, _BatchNormBase)
-            if ghost:
-                assert isinstance(vbs, int)
-                count = min(count, int(round(acc.per_sample * vbs)))
+            count, scaled, vbs = _training_count(m, acc, train_batch_size)
+            ghost = vbs is not None
             frozen_here = _always_running(m) or ((not m.training) and model_training)
             if count < t.min_count and not frozen_here:
                 sev5: Severity = "error" if count < 2 else "warning"
@@ -2115,7 +2142,12 @@ def _structural_findings(
                         f"{_label(pn)} has a bias ({bias.numel()} parameters) and feeds {label} "
                         f"directly {order}",
                         "BN subtracts the batch mean, so a constant per-channel bias before it "
-                        "cancels exactly and never learns anything; β takes its role",
+                        "cancels exactly and never learns anything"
+                        + (
+                            "; β takes its role"
+                            if getattr(m, "bias", None) is not None
+                            else " (this layer has no β: it normalizes to mean 0)"
+                        ),
                         f"build {_label(pn)} with bias=False (batchnorm.fold puts a bias back "
                         "when BN is folded into it for deployment)",
                         {"producer": pn.name, "redundant_parameters": int(bias.numel())},
