@@ -1203,3 +1203,39 @@ def test_the_step_train_and_eval_functions_check_their_input_as_batch_norm_does(
             torch.randn(1, 3), None, None, torch.zeros(3), torch.ones(3), None,
             True, True, 0.1, 1e-5, 1, True, "warn", "BN(3)",
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("momentum", [None, float("nan"), float("inf"), "0.1", True])
+def test_a_momentum_that_is_not_a_finite_number_is_refused_by_name(momentum: object) -> None:
+    """It used to give a bare TypeError (None) or a warning blaming the input (NaN), from the
+    functions and from a layer whose attribute was set after construction, also scripted."""
+    x = torch.randn(8, 3)
+    calls = {
+        "batch_norm": lambda: F.batch_norm(
+            x, torch.zeros(3), torch.ones(3), training=True, momentum=momentum
+        ),
+        "batch_norm_step": lambda: F.batch_norm_step(
+            x, torch.zeros(3), torch.ones(3), momentum=momentum
+        ),
+        "update_running_stats": lambda: F.update_running_stats(
+            torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3), 8, momentum
+        ),
+    }
+    for name, call in calls.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(BatchNormInputError, match=rf"^{name}: momentum must be a finite"):
+                call()
+    if isinstance(momentum, float):
+        bn = batchnorm.BatchNorm1d(3)
+        bn.momentum = momentum
+        with pytest.raises(BatchNormInputError, match=r"^BatchNorm1d\(3\): momentum must be"):
+            bn(x)
+        with pytest.raises(torch.jit.Error, match=r"BatchNorm1d\(3\): momentum must be"):
+            torch.jit.script(bn)(x)
+        assert torch.equal(bn.running_mean, torch.zeros(3))
+
+
+def test_update_running_stats_names_itself() -> None:
+    with pytest.raises(BatchNormInputError, match=r"^update_running_stats: .*m ≥ 2"):
+        F.update_running_stats(torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3), 1, 0.1)

@@ -5,6 +5,7 @@ import collections
 import copy
 import inspect
 import io
+import itertools
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import batchnorm
+from batchnorm import functional as F
 from batchnorm import reference as ref
 
 PAIRS = [
@@ -771,17 +773,35 @@ def test_inplace_op_on_the_output_in_training_matches_torch(
 def test_empty_batch_keeps_weight_and_bias_in_the_graph() -> None:
     """An empty batch gives zero gradients to γ and β, as torch.nn does (they used to get None,
     which DDP reports as unused parameters at the next step); the output stays empty."""
-    for training in (True, False):
+    for training, scripted, input_grad in itertools.product(
+        (True, False), (False, True), (True, False)
+    ):
         ours, ref = batchnorm.BatchNorm2d(4), nn.BatchNorm2d(4)
         ours.train(training)
         ref.train(training)
-        for bn in (ours, ref):
-            y = bn(torch.randn(0, 4, 3, 3, requires_grad=True))
+        # a detector's frame without boxes: the input itself needs no gradient
+        x = torch.randn(0, 4, 3, 3, requires_grad=input_grad)
+        for bn in (torch.jit.script(ours) if scripted else ours, ref):
+            y = bn(x)
             assert y.shape == (0, 4, 3, 3)
             y.sum().backward()
         for p, q in ((ours.weight, ref.weight), (ours.bias, ref.bias)):
             assert p.grad is not None and q.grad is not None
             assert torch.equal(p.grad, q.grad) and torch.equal(p.grad, torch.zeros(4))
+    # the functional form, as torch.nn.functional.batch_norm
+    w, b = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    y = F.batch_norm(torch.randn(0, 3, 4), torch.zeros(3), torch.ones(3), w, b, training=True)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros(3)) and torch.equal(b.grad, torch.zeros(3))
+
+
+def test_scripted_skip_of_a_single_value_keeps_gamma_in_the_graph() -> None:
+    bn = batchnorm.BatchNorm(3, small_batch="skip")
+    for layer in (bn, torch.jit.script(bn)):
+        bn.zero_grad()
+        layer(torch.randn(1, 3, 1, requires_grad=True)).sum().backward()
+        assert torch.equal(bn.weight.grad, torch.zeros(3))
+        assert torch.equal(bn.bias.grad, torch.ones(3))
 
 
 def test_running_buffers_set_to_none_use_batch_statistics_as_torch() -> None:

@@ -1344,6 +1344,44 @@ def _bad_eps(eps: Any, layer: str | None) -> NoReturn:
     )
 
 
+def _check_momentum(momentum: Any, layer: str | None) -> None:
+    """Refuse a momentum that is not a finite number (``None``, a string, NaN, inf: a layer's
+    attribute may be set after its constructor checked it), before it reaches the running
+    statistics; a tensor (a traced or compiled cumulative factor) is taken as it is."""
+    if isinstance(momentum, Tensor):
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, int | float):
+        ok = False
+    else:
+        ok = math.isfinite(momentum)
+    if not ok:
+        raise BatchNormInputError(
+            f"{_name(layer)}: momentum must be a finite number, the weight of the new batch in "
+            f"the running averages (PyTorch's convention, usually 0.1), got {momentum!r}"
+            + (
+                "; for the cumulative average pass 1/n for the n-th batch (a layer's "
+                "momentum=None does that)"
+                if momentum is None
+                else ""
+            )
+        )
+
+
+def empty_output(input: Tensor, weight: Tensor | None, bias: Tensor | None, axis: int) -> Tensor:
+    """The (empty) output of an empty batch, still connected to γ and β: their gradients are
+    zeros, as torch.nn gives, and DistributedDataParallel finds every parameter used in the
+    step. TorchScript-compatible."""
+    y = input.clone()
+    nd = input.dim()
+    shape = [1] * nd
+    shape[axis % nd] = -1
+    if weight is not None:
+        y = y + weight.view(shape).to(input.dtype) * 0  # (0, C, …): still empty
+    if bias is not None:
+        y = y + bias.view(shape).to(input.dtype) * 0
+    return y
+
+
 # --------------------------------------------------------------------------------------------
 # public functions
 
@@ -1431,6 +1469,7 @@ def batch_norm_step(
     layer = layer or "batch_norm_step"
     _check_input(input, axis, layer)
     _check_policy(nonfinite, layer)
+    _check_momentum(momentum, layer)
     ax = axis % input.dim() if input.dim() else axis
     count = _check_count(input, ax, layer)
     alpha = momentum * count / (count - 1) if unbiased_running_var else momentum
@@ -1716,7 +1755,9 @@ def update_running_stats(
     ``num_batches_tracked``, if given, is incremented when they were blended in — inside a
     trace too, where the refusal is part of the graph (the returned value is then True).
     """
+    layer = layer or "update_running_stats"
     _check_policy(nonfinite, layer)
+    _check_momentum(momentum, layer)
     for what, buf in (("running_mean", running_mean), ("running_var", running_var)):
         if buf.numel() != mean.numel() or not buf.is_floating_point():
             raise BatchNormInputError(
@@ -2019,7 +2060,9 @@ def batch_norm(
     if training and input.numel() == 0:
         # an empty batch (a detector's frame without boxes): an empty output, as torch's
         # function gives; nothing to learn from, so the running statistics stay as they are
-        return input.clone()
+        return empty_output(input, weight, bias, axis)
+    if training and running_mean is not None and running_var is not None:
+        _check_momentum(momentum, layer)
     if training and mask is None and running_mean is not None and running_var is not None:
         y, _ = batch_norm_step(
             input,
@@ -2133,6 +2176,11 @@ def batch_norm_scriptable(
         if update_running and running_mean is not None and running_var is not None:
             factor = 0.0
             if momentum is not None:
+                if not math.isfinite(momentum):
+                    raise BatchNormInputError(
+                        f"{layer}: momentum must be a finite number (the weight of the new "
+                        f"batch, usually 0.1) or None, got {momentum}"
+                    )
                 factor = momentum
             elif num_batches_tracked is not None:
                 factor = 1.0 / (float(num_batches_tracked) + 1.0)

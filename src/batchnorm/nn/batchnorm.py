@@ -465,14 +465,8 @@ class _BatchNormBase(nn.Module):
     def _empty_output(self, input: Tensor) -> Tensor:
         """The (empty) output of an empty batch, still connected to γ and β: their gradients
         are zeros, as torch.nn gives, and DDP finds every parameter used in the step."""
-        y = input.clone()
-        shape = [1] * input.dim()
-        shape[self.axis % input.dim()] = -1
         weight, bias, _, _, _ = self._tensors()
-        for p in (weight, bias):
-            if p is not None and p.requires_grad:
-                y = y + p.view(shape).to(input.dtype) * 0  # (0, C, …): still empty
-        return y
+        return F.empty_output(input, weight, bias, self.axis)
 
     def _statistics_count(self, input: Tensor, mask: Tensor | None, count: int) -> int:
         """The fewest values per channel any set of batch statistics of this call is taken
@@ -612,7 +606,7 @@ class _BatchNormBase(nn.Module):
                 "statistics"
             )
         if input.numel() == 0:
-            return input.clone()
+            return F.empty_output(input, self.weight, self.bias, self.axis)
         use_batch = self.training or self.running_mean is None
         if use_batch and input.numel() // self.num_features < 2:
             if self.small_batch == "running" and self.running_mean is not None:
@@ -621,8 +615,12 @@ class _BatchNormBase(nn.Module):
                 shape = [1] * nd
                 shape[self.axis % nd] = -1
                 y = input * 0
-                if self.bias is not None:
-                    y = y + self.bias.view(shape).to(input.dtype)
+                bias = self.bias
+                if bias is not None:
+                    y = y + bias.view(shape).to(input.dtype)
+                weight = self.weight
+                if weight is not None:
+                    y = y + 0 * weight.view(shape).to(input.dtype)  # dγ = Σ dy·x̂ = 0
                 return y
             else:
                 raise BatchNormInputError(
