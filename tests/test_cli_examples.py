@@ -376,3 +376,14 @@ def test_a_thread_count_numba_refuses_is_named_before_numba_is_imported(
             assert "set it to a count from 1 to" in last
             assert ("whole number" in last) == (value in ("many", "2.0"))
             assert "site-packages/numba" not in run.stderr  # raised before Numba's import
+
+
+def test_ctrl_c_while_a_command_s_modules_load_is_a_note_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(name: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.importlib, "import_module", interrupted)
+    assert cli.main(["lab", "run", "placement", "--quick"]) == 130
+    assert capsys.readouterr().err == "batchnorm lab: interrupted\n"

@@ -317,6 +317,25 @@ def test_a_given_folder_that_does_not_exist_is_an_error(isolated, monkeypatch):
         data.load_dataset("auto")
 
 
+def test_a_given_folder_with_an_incomplete_set_is_an_error(isolated, monkeypatch):
+    """Three of the four files in the folder the user named: refused with the missing file
+    named, not replaced by another folder's set (or, under auto, by the digits)."""
+    _write_set(isolated / "system" / "mnist")  # what would be used instead
+    mine = isolated / "mine"
+    files = _write_set(mine)
+    files["t10k-labels-idx1-ubyte"].unlink()
+    for name in ("auto", "mnist"):
+        with pytest.raises(DatasetNotFoundError, match=r"holds 3 of the 4 .*t10k-labels-idx1"):
+            data.load_dataset(name, mine)
+    monkeypatch.setenv(data.ENV_DATA_DIR, str(mine))
+    with pytest.raises(DatasetNotFoundError, match=rf"^\${data.ENV_DATA_DIR}: .*holds 3 of"):
+        data.load_dataset("mnist")
+    monkeypatch.delenv(data.ENV_DATA_DIR)
+    # a complete set in the user's folder (here its mnist/ subfolder) is used as before
+    _write_set(mine / "mnist", seed=1)
+    assert data.load_dataset("mnist", mine).source.startswith(str(mine / "mnist"))
+
+
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):  # keep test output clean
         pass

@@ -181,6 +181,8 @@ def _drop_last_row(text: str) -> str:
         ("metrics.csv", None),  # deleted
         ("series.json", lambda t: t[: len(t) // 2]),
         ("series.json", lambda t: t.replace("0.", "9.", 1)),
+        # a hand-edited verdict: still a valid summary, only its own digest tells
+        ("summary.json", lambda t: t.replace('"verdict": true', '"verdict": false', 1)),
     ],
 )
 def test_a_finished_run_with_a_damaged_file_is_rebuilt_from_its_parts(
@@ -400,6 +402,23 @@ def test_temporary_files_of_killed_downloads_are_removed_once_abandoned(isolated
     data.download_dataset("mnist", dest, urls=[url + "/m/"], md5=sums)
     assert not old.exists() and recent.exists()
     assert {p.name for p in dest.iterdir() if not p.name.startswith(".")} == set(sums)
+
+
+def test_temporary_files_of_killed_runs_are_removed_once_abandoned(toy, tmp_path):
+    from batchnorm.lab import results
+
+    out = tmp_path / "run"
+    args = ["lab", "run", toy, "--seeds", "2", "--out", str(out)]
+    assert cli_main(args) == 0
+    stale = time.time() - results.ABANDONED_TMP_AGE - 60
+    old = [out / ".metrics.csv.k1ll3d.tmp", out / "parts" / ".seed-0.json.k1ll3d.tmp"]
+    recent = out / ".series.json.4ct1v3.tmp"
+    for p in [*old, recent]:
+        p.write_bytes(b"partial")
+    for p in old:
+        os.utime(p, (stale, stale))
+    assert cli_main(args) == 0
+    assert not any(p.exists() for p in old) and recent.exists()
 
 
 def test_download_404_and_tampered_file_are_clear_and_leave_no_file(isolated, server):

@@ -46,24 +46,27 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    from batchnorm import _env
-    from batchnorm.functional import backend_env_problem
-
-    problem = backend_env_problem() or _env.numba_threads_problem()
-    if problem is not None:
-        print(f"batchnorm {args.command}: {problem}", file=sys.stderr)
-        return 2
+    command = next((a for a in argv if not a.startswith("-")), None)
     try:
+        # (building the parser imports the commands' modules: a Ctrl-C there is one too)
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        command = args.command
+        from batchnorm import _env
+        from batchnorm.functional import backend_env_problem
+
+        problem = backend_env_problem() or _env.numba_threads_problem()
+        if problem is not None:
+            print(f"batchnorm {args.command}: {problem}", file=sys.stderr)
+            return 2
         code: int = args._module.main(args)
     except KeyboardInterrupt:
         # Ctrl-C is how a user stops a long benchmark or diagnosis: a note, not a traceback
         # (``lab run`` catches it itself, to say how to resume)
-        print(f"batchnorm {args.command}: interrupted", file=sys.stderr)
+        print(f"batchnorm{f' {command}' if command else ''}: interrupted", file=sys.stderr)
         return 130
     return code
 

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from batchnorm._console import say
-from batchnorm.lab.results import usual_mode
+from batchnorm.lab.results import remove_abandoned, usual_mode
 
 __all__ = [
     "DATASET_NAMES",
@@ -399,6 +399,38 @@ def _check_given_dirs(data_dir: str | os.PathLike[str] | None) -> None:
             raise DatasetNotFoundError(f"{what} {state}; {remedy}")
 
 
+def _check_given_sets(names: tuple[str, ...], data_dir: str | os.PathLike[str] | None) -> None:
+    """A folder the user named that holds some but not all of the four IDX files is refused,
+    naming the missing ones, unless a complete set is found in the user's folders anyway: an
+    incomplete copy is not a reason to quietly use data from somewhere else either."""
+    env = os.environ.get(ENV_DATA_DIR) or None
+    roots = [(Path(r), w) for r, w in ((data_dir, "--data-dir"), (env, f"${ENV_DATA_DIR}")) if r]
+    if not roots:
+        return
+    dirs = [(d, what) for root, what in roots for d in [root] + [root / n for n in names]]
+    partial = []
+    for d, what in dirs:
+        missing = [
+            stem
+            for stem in IDX_FILES.values()
+            if not any(c.is_file() for c in _candidates(d, stem))
+        ]
+        if 0 < len(missing) < len(IDX_FILES):
+            partial.append((d, what, missing))
+    if not partial:
+        return
+    found = [find_idx_files(n, data_dir) for n in names]
+    used = next((f["train_images"].parent for f in found if f is not None), None)
+    if used is not None and any(used == d for d, _ in dirs):
+        return
+    d, what, missing = partial[0]
+    raise DatasetNotFoundError(
+        f"{what}: {d} holds {len(IDX_FILES) - len(missing)} of the {len(IDX_FILES)} IDX files; "
+        f"missing: {', '.join(missing)} (or its .gz). Put all four files there, or leave "
+        f"{what} out to use the usual places"
+    )
+
+
 def _known_md5() -> dict[str, tuple[str, str]]:
     """MD5 -> (dataset, role) for every published file, gzipped and decompressed."""
     known: dict[str, tuple[str, str]] = {}
@@ -506,19 +538,6 @@ def _copy_response(r: Any, f: Any, timeout: float) -> None:
             window_start, window_bytes = time.monotonic(), 0
 
 
-def _remove_abandoned_parts(folder: Path) -> None:
-    """Delete the temporary files of downloads killed before they could clean up (a
-    ``SIGTERM``, a power cut): those not written to for :data:`ABANDONED_PART_AGE` seconds — a
-    running download writes at least every ``timeout`` seconds."""
-    now = time.time()
-    for part in folder.glob(".*.part"):
-        try:
-            if part.is_file() and now - part.stat().st_mtime > ABANDONED_PART_AGE:
-                part.unlink()
-        except OSError:
-            pass  # another process removed it first, or it is not ours to remove
-
-
 #: errors of writing into the cache folder, not of the transfer
 _LOCAL_ERRNOS = frozenset(
     getattr(errno, n)
@@ -573,7 +592,9 @@ def download_dataset(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise unwritable(e) from None
-    _remove_abandoned_parts(out)
+    # downloads killed before they could clean up (a SIGTERM, a power cut); a running one
+    # writes at least every `timeout` seconds
+    remove_abandoned(out, ".*.part", ABANDONED_PART_AGE)
     failed: list[str] = []  # mirrors that failed a file: tried last for the files after it
     for fname, want in sums.items():
         target = out / fname
@@ -853,6 +874,7 @@ def load_dataset(
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     if name == "auto" or name in IDX_SOURCES:
         _check_given_dirs(data_dir)
+        _check_given_sets(("mnist", "fashion-mnist") if name == "auto" else (name,), data_dir)
     if name == "auto" and download and find_idx_files("mnist", data_dir) is None:
         download_dataset("mnist")
     elif name == "auto" and download:

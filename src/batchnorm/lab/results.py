@@ -7,17 +7,19 @@ A run folder (``--out``, default ``runs/<experiment>[-quick]``) holds:
   :meth:`RunContext.cached`; an interrupted run resumes from them;
 * ``metrics.csv`` — one row per evaluation point (``arm``, ``seed``, ``step``, … columns);
 * ``series.json`` — extra arrays the figures need (e.g. recorded percentiles);
-* ``summary.json`` — written last, so its presence means the run completed;
-* figures (``*.png``), ``report.md`` and ``report.html``.
+* ``summary.json`` — written last of these, so its presence means the run completed;
+* figures (``*.png``), ``report.md`` and ``report.html`` — rendered from the files above after
+  them (a re-run re-renders any that are missing).
 
 Every file is written to a temporary file in the same folder and renamed with
 :func:`os.replace`, so a reader never sees half a file.
 
 Summary schema (``SUMMARY_SCHEMA``): ``{"schema", "experiment", "status": "complete",
 "dataset": {name, source, sizes…}, "config", "seeds", "arms": {arm: {...}}, "claims": [Claim…],
-"runtime_s", "finished", "files": {"metrics.csv": sha256, "series.json": sha256}}`` plus anything
-experiment-specific. A re-run trusts a finished run only if those files still have the recorded
-digests (:meth:`RunDir.damaged`); otherwise it rebuilds them from ``parts/``.
+"runtime_s", "finished", "files": {"metrics.csv": sha256, "series.json": sha256}, "summary_sha256"}``
+plus anything experiment-specific (``summary_sha256``: the digest of the rest of the summary). A
+re-run trusts a finished run only if those files and the summary still have the recorded digests
+(:meth:`RunDir.damaged`); otherwise it rebuilds them from ``parts/``.
 """
 
 from __future__ import annotations
@@ -268,6 +270,13 @@ def _load_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _content_digest(obj: Any) -> str:
+    """SHA-256 of a JSON value's canonical text (sorted keys): the same after a round trip
+    through a file, whatever its indentation."""
+    text = json.dumps(obj, sort_keys=True, allow_nan=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def file_digest(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes (the summary records those of the files it completes)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -331,6 +340,22 @@ def _read_part(path: Path, key: str, code: str | None) -> tuple[Any, str | None]
     return part["value"], None
 
 
+def remove_abandoned(folder: Path, pattern: str, age: float) -> None:
+    """Delete the temporary files matching ``pattern`` in ``folder`` that a killed process left
+    behind: those not written to for ``age`` seconds (a live writer touches them sooner)."""
+    now = time.time()
+    for entry in folder.glob(pattern):
+        try:
+            if entry.is_file() and now - entry.stat().st_mtime > age:
+                entry.unlink()
+        except OSError:
+            pass  # another process removed it first, or it is not ours to remove
+
+
+# a temporary file of a run's atomic writes untouched this long was left by a killed run
+ABANDONED_TMP_AGE = 3600.0
+
+
 def _temporary(entry: Path) -> bool:
     """A temporary file of an atomic write (``.<name>.<random>.tmp``) left by a killed run."""
     return entry.is_file() and entry.name.startswith(".") and entry.name.endswith(".tmp")
@@ -362,6 +387,12 @@ class RunDir:
             return f"{self.path / 'summary.json'} is damaged"
         if not isinstance(summary, dict) or summary.get("status") != "complete":
             return f"{self.path / 'summary.json'} does not mark a finished run"
+        recorded = summary.pop("summary_sha256", None)
+        if recorded is not None and recorded != _content_digest(summary):
+            return (
+                f"{self.path / 'summary.json'} is damaged (its content changed after the run "
+                "wrote it)"
+            )
         files = summary.get("files")
         for name, digest in (files if isinstance(files, dict) else {}).items():
             try:
@@ -409,6 +440,9 @@ class RunDir:
                     f"{self.path} already holds a different run ({diff}); it was not touched. "
                     "Choose another --out, or delete that folder to start over."
                 )
+            for folder in (self.path, self.path / "parts"):
+                if folder.is_dir():
+                    remove_abandoned(folder, ".*.tmp", ABANDONED_TMP_AGE)
             return "complete" if self.complete else "resume"
         if self.path.exists() and not self.path.is_dir():
             raise RunDirConflict(f"{self.path} is a file, not a folder. Choose another --out.")
@@ -498,6 +532,9 @@ class RunDir:
         # what a re-run checks before it trusts them (see ``damaged``); set last, so that no
         # experiment's own key of that name can stand in for it
         full["files"] = {p.name: file_digest(p) for p in written}
+        # and its own content's, so that a hand-edited verdict is not trusted either
+        full = _jsonable(full)
+        full["summary_sha256"] = _content_digest(full)
         return self.write_json("summary.json", full)
 
 
