@@ -72,6 +72,12 @@ def test_corrupt_files_raise_with_path_and_remedy(tmp_path):
     notgz.write_bytes(b"plain bytes")
     with pytest.raises(DatasetCorruptError, match="cannot read"):
         data.read_idx(notgz)
+    gz = tmp_path / "g.idx.gz"
+    data.write_idx(gz, np.zeros((5, 4), dtype=np.uint8))
+    unnamed = tmp_path / "train-images-idx3-ubyte"
+    unnamed.write_bytes(gz.read_bytes())  # gzipped, without the suffix
+    with pytest.raises(DatasetCorruptError, match=r"gzip-compressed .* rename it to .*ubyte\.gz"):
+        data.read_idx(unnamed)
 
 
 def test_corrupt_deflate_stream_raises_dataset_error(tmp_path):

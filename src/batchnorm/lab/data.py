@@ -294,6 +294,11 @@ MAX_IDX_DIMS = 64
 
 
 def _parse_idx(p: Path, raw: bytes) -> np.ndarray:
+    if raw[:2] == b"\x1f\x8b":
+        raise DatasetCorruptError(
+            f"{p}: a gzip-compressed file without the .gz suffix; rename it to {p.name}.gz "
+            "(or decompress it: gunzip -c)"
+        )
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DatasetCorruptError(
             f"{p}: not an IDX file (bad magic {raw[:4].hex() or 'empty'}); delete it and fetch "
