@@ -687,3 +687,42 @@ def test_variants_take_numpy_integer_counts_as_torch_nn_does() -> None:
             batchnorm.FrozenBatchNorm1d(bad)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="virtual_batch_size must be a positive int"):
             batchnorm.GhostBatchNorm1d(4, virtual_batch_size=bad)  # type: ignore[arg-type]
+
+
+def test_traced_renorm_holds_r_and_d_constant_in_its_gradient() -> None:
+    """torch.jit.trace does not record no_grad: r and d are detached so that the replayed
+    graph's gradient is the eager one (the paper's stop_gradient)."""
+
+    def make() -> nn.Module:
+        return batchnorm.BatchRenorm1d(3, r_max=2.0, d_max=1.0, **NO_WARMUP).double()
+
+    eager, layer = make(), make()
+    for m in (eager, layer):
+        m.running_mean.fill_(0.3)
+        m.running_var.fill_(3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(
+            layer, (torch.randn(6, 3, dtype=torch.float64),), check_trace=False
+        )
+    layer.load_state_dict(eager.state_dict())
+    x = torch.randn(6, 3, dtype=torch.float64) * 2 + 0.5
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    traced(x1).pow(2).sum().backward()
+    eager(x2).pow(2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_a_traced_float64_step_blends_in_float64() -> None:
+    """The traced count is an int64 tensor: the Bessel factor must not drop to float32."""
+    layer = batchnorm.BatchNorm1d(3).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(
+            layer, (torch.randn(7, 3, dtype=torch.float64),), check_trace=False
+        )
+    layer.reset_running_stats()
+    x = torch.randn(7, 3, dtype=torch.float64) * 3 + 1
+    traced(x)
+    exact = 0.9 + 0.1 * x.var(0, unbiased=True)
+    assert (layer.running_var - exact).abs().max().item() < 1e-15

@@ -1472,7 +1472,9 @@ def batch_norm_step(
     _check_momentum(momentum, layer)
     ax = axis % input.dim() if input.dim() else axis
     count = _check_count(input, ax, layer)
-    alpha = momentum * count / (count - 1) if unbiased_running_var else momentum
+    # a traced count is an int64 tensor, and int64·float gives float32: the factor in float64
+    c = count.to(torch.float64) if isinstance(count, Tensor) else count
+    alpha = momentum * c / (c - 1) if unbiased_running_var else momentum
     node = None
     if (ext := _ready_node(backend, input)) is not None:
         T = kernels._threads(input.numel(), None)

@@ -218,6 +218,9 @@ class _Renorm(_BatchNormBase):
             sigma = torch.sqrt(self.running_var.to(var.dtype) + self.eps)
             r = torch.clamp(torch.sqrt(var + self.eps) / sigma, min=r_lo, max=r_hi)
             d = torch.clamp((mean - self.running_mean.to(mean.dtype)) / sigma, min=-d_hi, max=d_hi)
+        # detached as well: torch.jit.trace does not record no_grad, and its replayed graph
+        # would differentiate through r and d
+        r, d = r.detach(), d.detach()
         self.last_r, self.last_d = r, d
         scale: Tensor = r if self.weight is None else self.weight.to(r.dtype) * r
         shift: Tensor = d if self.weight is None else self.weight.to(d.dtype) * d
