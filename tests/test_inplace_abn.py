@@ -1,6 +1,7 @@
 """InPlaceABN against BatchNorm followed by the activation (float64, 1e-10), and the memory it
 holds for backward measured with saved_tensors_hooks."""
 
+import copy
 import math
 import warnings
 
@@ -321,3 +322,40 @@ def test_masks_are_refused_in_eval_mode_too() -> None:
     m = batchnorm.InPlaceABN(3).eval()
     with pytest.raises(batchnorm.BatchNormInputError, match="masks are not supported"):
         m(torch.randn(4, 3, 5), mask=torch.ones(4, 5, dtype=torch.bool))
+
+
+def test_training_under_graph_tools_and_without_values_matches_eager() -> None:
+    """trace (saved and loaded), compile(fullgraph=True), export, the meta device and
+    FakeTensorMode: BN followed by the activation in torch operations, the same function."""
+    import io
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 4, 4) * 2 + 1
+    ref = batchnorm.InPlaceABN(3)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 2.0)
+        ref.bias.uniform_(-1.0, 1.0)
+    state = copy.deepcopy(ref.state_dict())
+    want = ref(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = batchnorm.InPlaceABN(3)
+        traced = torch.jit.trace(layer, (x,), check_trace=False)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    loaded.load_state_dict(state)
+    torch.testing.assert_close(loaded(x), want)
+    compiled = batchnorm.InPlaceABN(3)
+    compiled.load_state_dict(state)
+    torch.testing.assert_close(torch.compile(compiled, fullgraph=True, backend="eager")(x), want)
+    torch.testing.assert_close(compiled.running_var, ref.running_var)
+    exported = torch.export.export(batchnorm.InPlaceABN(3), (x,))
+    assert exported is not None
+    y = batchnorm.InPlaceABN(3, device="meta")(torch.empty(4, 3, 4, 4, device="meta"))
+    assert y.shape == x.shape and y.device.type == "meta"
+    with FakeTensorMode():
+        assert batchnorm.InPlaceABN(3)(torch.randn(4, 3, 4, 4)).shape == x.shape

@@ -874,6 +874,12 @@ def test_fx_symbolic_trace_keeps_the_layer_a_leaf() -> None:
     bn = gm.get_submodule("1")
     assert isinstance(bn, batchnorm.BatchNorm2d)
     torch.testing.assert_close(bn.running_mean, ref[1].running_mean)
+    # what to_inference leaves, a FrozenBatchNorm, is a leaf too (with a mask argument as well)
+    frozen = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.FrozenBatchNorm2d(4), nn.ReLU())
+    gm = torch.fx.symbolic_trace(frozen)
+    assert [n.op for n in gm.graph.nodes].count("call_module") == 3
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(gm(x), frozen(x))
 
 
 def test_meta_device_training_forward_propagates_shapes() -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm import reference as ref
+from batchnorm.functional import BatchNormInputError
 from batchnorm.variants import ghost_chunks, is_frozen
 
 NO_WARMUP = {"warmup_steps": 0, "r_max_step": 0, "d_max_step": 0}
@@ -646,16 +647,14 @@ def test_a_refused_batch_does_not_advance_the_counter_in_a_trace_or_compiled_gra
         def forward(self, t: torch.Tensor) -> torch.Tensor:
             return self.bn(t, mask=torch.ones(t.shape[0], dtype=torch.bool))
 
+    # a mask's count of valid positions would be a constant of the trace: refused by name
     masked = Masked()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m_traced = torch.jit.trace(masked, (torch.randn(6, 3),), check_trace=False)
-    with torch.no_grad():
-        masked.bn.num_batches_tracked.zero_()
-        masked.bn.running_var.fill_(1.0)
-    m_traced(bad)
-    assert int(masked.bn.num_batches_tracked) == 0
-    assert torch.equal(masked.bn.running_var, torch.ones(3))
+        with pytest.raises(BatchNormInputError, match=r"BatchNorm1d\(3\): a traced layer takes no"):
+            torch.jit.trace(masked, (torch.randn(6, 3),), check_trace=False)
+        m_traced = torch.jit.trace(masked.eval(), (torch.randn(6, 3),), check_trace=False)
+    torch.testing.assert_close(m_traced(x), masked(x))  # in eval mode a mask is only checked
 
 
 @pytest.mark.parametrize(
@@ -726,3 +725,32 @@ def test_a_traced_float64_step_blends_in_float64() -> None:
     traced(x)
     exact = 0.9 + 0.1 * x.var(0, unbiased=True)
     assert (layer.running_var - exact).abs().max().item() < 1e-15
+
+
+def test_renorm_takes_a_c_by_1_weight_and_runs_without_values() -> None:
+    """A weight of any shape holding C values, as torch.nn takes it; and the meta device and
+    FakeTensorMode, where the warm-up counter has no value to read."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 2, 2)
+    flat = batchnorm.BatchRenorm2d(4, **NO_WARMUP)
+    _randomize(flat)
+    col = copy.deepcopy(flat)
+    col.weight = nn.Parameter(flat.weight.detach().reshape(4, 1).clone())
+    col.bias = nn.Parameter(flat.bias.detach().reshape(4, 1).clone())
+    torch.testing.assert_close(col(x), flat(x))
+    torch.testing.assert_close(col.running_mean, flat.running_mean)
+    y = batchnorm.BatchRenorm2d(4, device="meta")(torch.empty(8, 4, 3, 3, device="meta"))
+    assert y.shape == (8, 4, 3, 3) and y.device.type == "meta"
+    with FakeTensorMode():
+        assert batchnorm.BatchRenorm2d(4)(torch.randn(8, 4, 3, 3)).shape == (8, 4, 3, 3)
+
+
+def test_a_traced_ghost_layer_says_it_holds_the_batch_size() -> None:
+    with pytest.warns(torch.jit.TracerWarning, match=r"GhostBatchNorm1d\(3\): .*batch size 4"):
+        torch.jit.trace(
+            batchnorm.GhostBatchNorm1d(3, virtual_batch_size=2),
+            torch.randn(4, 3),
+            check_trace=False,
+        )

@@ -285,6 +285,25 @@ class InPlaceABN(BatchNorm):
             F._bad_eps(self.eps, self.layer_name())
         # before anything reads them, or the input is written over: C values of each
         F.check_vectors(input, self.axis % input.dim(), self._per_channel(), self.layer_name())
+        if (
+            F._torch_ops_only()
+            or input.device.type == "meta"
+            or not F._has_memory(input)  # FakeTensorMode and other tensors without values
+        ):
+            # graph tools (trace, compile, export, torch.func) and tensors without values: BN
+            # followed by the activation in torch operations, which they can record and which
+            # read no values; the memory saving is an eager-mode matter
+            y, mean, var, count = F.batch_norm_train(
+                input,
+                self.weight,
+                self.bias,
+                self.eps,
+                axis=self.axis,
+                backend=self.backend,
+                layer=self.layer_name(),
+            )
+            self._update_running_stats(mean, var, count)
+            return self.activation_module()(y)
         # backward divides by γ; without a graph (no_grad: recalibration, probes, evaluation
         # in train mode) nothing does, and γ = 0 is an ordinary forward
         graph = torch.is_grad_enabled() and any(

@@ -32,6 +32,7 @@ from batchnorm.nn.batchnorm import (
     BatchNorm3d,
     _BatchNormBase,
     forwarding_signature,
+    fx_leaf,
     positive_int,
 )
 
@@ -187,7 +188,12 @@ class _Renorm(_BatchNormBase):
         in the graph, so the traced or compiled module follows the warm-up schedule."""
         nbt = self.num_batches_tracked
         assert nbt is not None
-        if not (F._tracing() or torch.compiler.is_compiling()):
+        if not (
+            F._tracing()
+            or torch.compiler.is_compiling()
+            or nbt.device.type == "meta"  # a counter without a value: the limits as tensors
+            or not F._has_memory(nbt)
+        ):
             r_max, d_max = self.renorm_limits()
             return 1.0 / r_max, r_max, d_max
         r_max_t, d_max_t = self._schedule(nbt.to(_limits_dtype(nbt)))
@@ -222,10 +228,12 @@ class _Renorm(_BatchNormBase):
         # would differentiate through r and d
         r, d = r.detach(), d.detach()
         self.last_r, self.last_d = r, d
-        scale: Tensor = r if self.weight is None else self.weight.to(r.dtype) * r
-        shift: Tensor = d if self.weight is None else self.weight.to(d.dtype) * d
+        # (a weight of any shape holding C values, a (C, 1) one say, as torch.nn takes it)
+        weight = None if self.weight is None else self.weight.reshape(-1)
+        scale: Tensor = r if weight is None else weight.to(r.dtype) * r
+        shift: Tensor = d if weight is None else weight.to(d.dtype) * d
         if self.bias is not None:
-            shift = shift + self.bias.to(shift.dtype)
+            shift = shift + self.bias.reshape(-1).to(shift.dtype)
         y = xhat * _per_channel(scale, xhat, self.axis).to(xhat.dtype) + _per_channel(
             shift, xhat, self.axis
         ).to(xhat.dtype)
@@ -387,6 +395,15 @@ class _Ghost(_BatchNormBase):
                 "virtual_batch_size=2 or more."
             )
         sizes, mask_b, _ = self._virtual_batches(input, mask)
+        if F._tracing():
+            warnings.warn(
+                f"{self.layer_name()}: the virtual batches are split in Python, so this trace "
+                f"holds the batch size {input.shape[0]} (sizes {sizes}); another batch size "
+                "fails in the traced module. Trace with the batch size you will train with, or "
+                "run the layer eagerly or compiled (torch.compile)",
+                torch.jit.TracerWarning,
+                stacklevel=2,
+            )
         masks: list[Tensor | None]
         if mask_b is None:
             masks = [None] * len(sizes)
@@ -632,6 +649,8 @@ class FrozenBatchNorm(nn.Module):
 
     @torch.jit.unused
     def _forward_eager(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return fx_leaf(self, self.layer_name(), input, mask)
         if self._ranks and input.dim() not in self._ranks:
             want = " or ".join(f"{r}D" for r in self._ranks)
             raise BatchNormInputError(

@@ -58,6 +58,23 @@ def positive_int(value: Any) -> int | None:
     return n if n >= 1 else None
 
 
+def fx_leaf(
+    module: nn.Module, name: str, input: torch.fx.Proxy, mask: Tensor | None = None
+) -> Tensor:
+    """Under ``torch.fx.symbolic_trace``: the layer as one ``call_module`` node, the leaf FX
+    makes of torch.nn's layers (its default tracer would trace into ours, whose checks branch on
+    values a Proxy does not have). The traced module calls the layer itself."""
+    tracer = input.tracer
+    if not isinstance(tracer, torch.fx.Tracer):
+        raise TypeError(
+            f"{name}: traced by {type(tracer).__name__}, which cannot record a call of this "
+            "layer; trace with torch.fx.symbolic_trace or a torch.fx.Tracer"
+        )
+    args = (input,) if mask is None else (input, mask)
+    proxy = tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+    return proxy  # type: ignore[return-value]
+
+
 class _BatchNormBase(nn.Module):
     """Parameters, buffers and the train/eval choice; subclasses check dimensions and may
     override :meth:`_forward_train` / :meth:`_forward_eval` (the variants do)."""
@@ -448,20 +465,6 @@ class _BatchNormBase(nn.Module):
             y = y + 0 * self.weight.view(shape).to(input.dtype)  # dγ = Σ dy·x̂ = 0
         return y
 
-    def _fx_leaf(self, input: torch.fx.Proxy, mask: Tensor | None) -> Tensor:
-        """Under ``torch.fx.symbolic_trace``: this layer as one ``call_module`` node, the leaf
-        FX makes of torch.nn's layers (its default tracer would trace into ours, whose checks
-        branch on values a Proxy does not have). The traced module calls the layer itself."""
-        tracer = input.tracer
-        if not isinstance(tracer, torch.fx.Tracer):
-            raise TypeError(
-                f"{self.layer_name()}: traced by {type(tracer).__name__}, which cannot record a "
-                "call of this layer; trace with torch.fx.symbolic_trace or a torch.fx.Tracer"
-            )
-        args = (input,) if mask is None else (input, mask)
-        proxy = tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
-        return proxy  # type: ignore[return-value]
-
     def _empty_output(self, input: Tensor) -> Tensor:
         """The (empty) output of an empty batch, still connected to γ and β: their gradients
         are zeros, as torch.nn gives, and DDP finds every parameter used in the step."""
@@ -539,7 +542,7 @@ class _BatchNormBase(nn.Module):
     @torch.jit.unused
     def _forward_eager(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if isinstance(input, torch.fx.Proxy):
-            return self._fx_leaf(input, mask)
+            return fx_leaf(self, self.layer_name(), input, mask)
         if (
             self._torch_layout
             and not input.is_contiguous()
@@ -559,6 +562,13 @@ class _BatchNormBase(nn.Module):
                 # stay as they are (a synchronizing layer's empty rank still joins the exchange)
                 return self._empty_output(input)
             if self._use_batch_stats():
+                if mask is not None and F._tracing():
+                    raise BatchNormInputError(
+                        f"{self.layer_name()}: a traced layer takes no mask in training: the "
+                        "count of valid positions would be recorded as a constant of the trace, "
+                        "and a call with another mask would be normalized with it. Call the "
+                        "layer untraced, or compile it (torch.compile)"
+                    )
                 count = self._check_small(input, mask)
                 if count < 2 and self.small_batch != "raise":
                     return self._forward_single(input, mask)
