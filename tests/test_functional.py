@@ -1239,3 +1239,13 @@ def test_a_momentum_that_is_not_a_finite_number_is_refused_by_name(momentum: obj
 def test_update_running_stats_names_itself() -> None:
     with pytest.raises(BatchNormInputError, match=r"^update_running_stats: .*m ≥ 2"):
         F.update_running_stats(torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3), 1, 0.1)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("buffers", [True, False])
+def test_batch_norm_checks_its_nonfinite_policy_by_its_own_name(
+    training: bool, buffers: bool
+) -> None:
+    rm, rv = (torch.zeros(3), torch.ones(3)) if buffers else (None, None)
+    with pytest.raises(ValueError, match=r"^batch_norm: nonfinite must be 'warn' or 'raise'"):
+        F.batch_norm(torch.randn(8, 3), rm, rv, training=training, nonfinite="ignore")  # type: ignore[arg-type]

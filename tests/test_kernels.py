@@ -1298,6 +1298,23 @@ def test_the_kernels_python_path_refuses_vectors_of_another_length() -> None:
     assert torch.equal(rm, torch.zeros(2)) and torch.equal(rv, torch.ones(2))
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("length", [1, 6])
+def test_a_weight_replaced_inside_a_step_is_named_on_the_default_path(
+    training: bool, length: int
+) -> None:
+    """The compiled node hands a weight it cannot take to Python's torch-operation backward,
+    which would broadcast a (1,) weight silently (and fail on others with torch's words)."""
+    from batchnorm import BatchNorm2d
+    from batchnorm import functional as F
+
+    bn = BatchNorm2d(4).train(training)
+    y = bn(torch.randn(4, 4, 3, 3, requires_grad=True))
+    bn.weight.data = torch.ones(length)
+    with pytest.raises(F.BatchNormInputError, match=rf"shape \({length},\) was given for 4"):
+        y.sum().backward()
+
+
 def test_required_vectors_given_as_none_are_refused_not_read_past_their_end() -> None:
     """Only γ and β may be None (an empty array the loops read as absent); a required vector
     given as None was that empty array too, read C values past its end: garbage outputs and

@@ -754,3 +754,10 @@ def test_a_traced_ghost_layer_says_it_holds_the_batch_size() -> None:
             torch.randn(4, 3),
             check_trace=False,
         )
+
+
+def test_a_ghost_layer_s_wrong_length_weight_names_the_whole_batch() -> None:
+    bn = batchnorm.GhostBatchNorm2d(4, virtual_batch_size=2)
+    bn.weight = nn.Parameter(torch.ones(6))
+    with pytest.raises(BatchNormInputError, match=r"input of shape \(8, 4, 3, 3\)"):
+        bn(torch.randn(8, 4, 3, 3))

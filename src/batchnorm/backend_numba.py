@@ -107,11 +107,7 @@ def _vec(v: Tensor | None, dtype: torch.dtype, C: int) -> np.ndarray:
     if v is None:
         return _EMPTY[dtype]
     if v.numel() != C:
-        raise functional.BatchNormInputError(
-            f"batch_norm: a per-channel tensor of shape {tuple(v.shape)} was given for {C} "
-            "channels; was a weight or bias replaced (e.g. through .data) between the forward "
-            "and the backward? Replace parameters between steps, not inside one."
-        )
+        raise functional.replaced_vector_error(v, C)
     # one cheap check per property: this runs on every call, (60, 100) batches included;
     # numpy(force=True) detaches in the same call
     if v.dtype != dtype:

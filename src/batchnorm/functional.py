@@ -1224,11 +1224,29 @@ def _canonical_pair(
     return dyc, xc, restore
 
 
+def replaced_vector_error(v: Tensor, channels: int) -> BatchNormInputError:
+    """The error for a per-channel tensor whose length changed between a forward and its
+    backward (a weight replaced through ``.data``): the backward would broadcast it."""
+    return BatchNormInputError(
+        f"batch_norm: a per-channel tensor of shape {tuple(v.shape)} was given for {channels} "
+        "channels; was a weight or bias replaced (e.g. through .data) between the forward "
+        "and the backward? Replace parameters between steps, not inside one."
+    )
+
+
+def _check_saved_vectors(x: Tensor, axis: int, *vectors: Tensor | None) -> None:
+    c = x.shape[axis % x.dim()]
+    for v in vectors:
+        if v is not None and v.numel() != c:
+            raise replaced_vector_error(v, c)
+
+
 def graph_backward(
     dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, axis: int
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(dx, dγ, dβ)`` of :class:`BatchNormFunction` for ``create_graph=True``: differentiable
     in ``dy``, ``x`` and ``weight`` (the compiled node of :mod:`batchnorm.native` calls it)."""
+    _check_saved_vectors(x, axis, weight)
     dyc, xc, restore = _canonical_pair(dy, x, axis)
     # statistics recomputed differentiably from x
     cd = _compute_dtype(x.dtype)
@@ -1251,6 +1269,7 @@ def graph_backward_eval(
     ``create_graph=True``, or a ``dy`` the kernels cannot read (batched gradients). Used by
     :class:`BatchNormEvalFunction` and by the compiled node of :mod:`batchnorm.native`."""
     x, mean, var, weight, bias = inputs
+    _check_saved_vectors(x, axis, mean, var, weight, bias)
     wanted = [t for t, n in zip(inputs, needs, strict=True) if n and t is not None]
     with torch.enable_grad():
         xc, restore = canonical_layout(x, axis)
@@ -2057,6 +2076,7 @@ def batch_norm(
         True
     """
     _check_call(input, axis, layer, running_mean, running_var, weight, bias)
+    _check_policy(nonfinite, layer)
     if not eps >= 0:
         _bad_eps(eps, layer)
     if training and input.numel() == 0:

@@ -385,6 +385,8 @@ class _Ghost(_BatchNormBase):
                 f"{self.layer_name()}: ghost batches split dimension 0, which is the channel "
                 f"axis of input with shape {tuple(input.shape)}; put the batch first"
             )
+        # the whole batch's shape in the message, not a virtual batch's
+        F.check_vectors(input, self.axis % input.dim(), self._per_channel(), self.layer_name())
         n = input.shape[0]
         per_sample = _values_per_sample(input, self.axis)
         if n >= 2 and self.virtual_batch_size * per_sample < 2:
