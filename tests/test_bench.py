@@ -151,6 +151,10 @@ def test_plot_and_from_json_read_saved_results(tmp_path, capsys, monkeypatch):
         ["--threads", "1"],
         ["--passes", "eval"],
         ["--warmup", "5"],
+        # spelled with their default values, they are given all the same
+        ["--dtype", "float32"],
+        ["--repeats", "15"],
+        ["--processes", "1"],
     ):
         assert cli_main(["bench", "--from-json", str(saved), *extra]) == 2
         err = capsys.readouterr().err
@@ -207,6 +211,11 @@ def test_unwritable_outputs_fail_before_measuring_and_writes_lose_no_table(
             (["--threads", "0"], "batchnorm bench: --threads must be in 1.."),
             (["--threads", "999"], "batchnorm bench: --threads must be in 1.."),
             (["--plot", "out.xyz"], "batchnorm bench: --plot out.xyz: cannot write .xyz"),
+            # a shape whose tensors cannot fit the memory: before the first shape is measured
+            (
+                ["--shapes", "7x3", "100000x100000x1000"],
+                "batchnorm bench: shape 100000x100000x1000 needs about",
+            ),
         ):
             assert cli_main(["bench", *bad_args]) == 2
             captured = capsys.readouterr()

@@ -115,7 +115,13 @@ def test_cli_json_plot_and_from_json(tmp_path, capsys):
     assert again.splitlines()[:3] == [ln for ln in first.splitlines() if ln.startswith("|")][:3]
     assert png.stat().st_size > 0
     # measuring options with --from-json would be ignored: refused, naming them
-    for extra in (["--mode", "eval"], ["--repeats", "7"], ["--min-seconds", "3"], ["--batch", "5"]):
+    for extra in (
+        ["--mode", "eval"],
+        ["--repeats", "7"],
+        ["--min-seconds", "3"],
+        ["--batch", "5"],
+        ["--mode", "train"],  # the default value, given all the same
+    ):
         assert cli_main(["bench-network", "--from-json", str(out), *extra]) == 2
         err = capsys.readouterr().err
         assert f"--from-json measures nothing, so {extra[0]} do not apply" in err

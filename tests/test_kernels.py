@@ -1392,3 +1392,45 @@ def test_one_outlier_at_a_channel_s_first_value_costs_no_float32_digits(shape) -
     others = np.ones(shape, bool)
     others[first] = False
     assert np.abs(y - y_ref)[others].max() < 1e-5
+
+
+def test_arguments_the_kernels_cannot_read_are_refused_by_name() -> None:
+    """A masked array (its mask would be ignored, or Numba would fail inside its dispatcher
+    depending on what was compiled before), a non-native byte order, scalar arguments that are
+    not numbers, an out= for a dx not computed, an entry address out of range."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(20, 3))
+    masked = np.ma.masked_array(x.copy())
+    masked[0, 0] = np.ma.masked
+    K.forward_train(x)  # compiled: a masked array must be refused anyway
+    with pytest.raises(TypeError, match=r"^batchnorm\.kernels\.forward_train: x is a masked"):
+        K.forward_train(masked)
+    with pytest.raises(TypeError, match=r"non-native byte order >f4; .*astype\(np\.float32\)"):
+        K.forward_train(x.astype(">f4"))
+    _, mean, var, invstd = K.forward_train(x)
+    for call, what in (
+        (lambda: K.forward_train(x, eps="a"), "forward_train: eps"),
+        (lambda: K.forward_train(x, eps=None), "forward_train: eps"),
+        (
+            lambda: K.backward_eval(x, x, mean, var, eps=np.array([1e-5, 1e-5])),
+            "backward_eval: eps",
+        ),
+        (lambda: K.inference_affine(mean, var, eps=None), "inference_affine: eps"),
+        (
+            lambda: K.running_update(np.zeros(3), np.ones(3), mean, var, 0.1, "x"),
+            "running_update: alpha",
+        ),
+    ):
+        with pytest.raises(TypeError, match=rf"^batchnorm\.kernels\.{what} must be a number"):
+            call()
+    for call in (
+        lambda: K.backward(x, x, mean, invstd, need_dx=False, out=np.empty_like(x)),
+        lambda: K.backward_eval(x, x, mean, var, need_dx=False, out=np.empty_like(x)),
+    ):
+        with pytest.raises(ValueError, match="need_dx=False does not compute"):
+            call()
+    from batchnorm.kernels import _entries
+
+    for key in ((2, 0, 0), (0, 2, 0), (0, 0, 4), (-1, 0, 0)):
+        with pytest.raises(ValueError, match=r"^batchnorm\.kernels\.address: "):
+            _entries.address(*key)

@@ -877,13 +877,30 @@ _MEASURE_DEFAULTS: dict[str, Any] = {
 }
 
 
+class Recorded(argparse.Action):
+    """Store the value and record that the option was given (``args._given``), so that
+    ``--from-json`` can refuse a measuring option spelled with its default value too."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace._given = {*getattr(namespace, "_given", ()), self.dest}
+
+
 def from_json_problem(
     args: argparse.Namespace, defaults: dict[str, Any], **given: bool
 ) -> str | None:
     """Why measuring options given with ``--from-json``, which measures nothing, are refused
-    (they would be ignored without a word): those of ``defaults`` changed from their default,
-    and those ``given`` marks True; None when there are none."""
-    named = [f"--{k}" for k, v in defaults.items() if getattr(args, k) != v]
+    (they would be ignored without a word): those of ``defaults`` given (options declared with
+    :class:`Recorded`) or changed from their default, and those ``given`` marks True; None when
+    there are none."""
+    recorded: set[str] = getattr(args, "_given", set())
+    named = [f"--{k}" for k, v in defaults.items() if k in recorded or getattr(args, k) != v]
     named += [f"--{k}" for k, on in given.items() if on]
     if not named:
         return None
@@ -905,21 +922,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats",
         type=int,
         default=_MEASURE_DEFAULTS["repeats"],
+        action=Recorded,
         help="timed calls per pass (median)",
     )
     parser.add_argument(
-        "--warmup", type=int, default=_MEASURE_DEFAULTS["warmup"], help="untimed rounds first"
+        "--warmup",
+        type=int,
+        default=_MEASURE_DEFAULTS["warmup"],
+        action=Recorded,
+        help="untimed rounds first",
     )
     parser.add_argument(
         "--dtype",
         choices=("float32", "float64", "bfloat16", "float16"),
         default=_MEASURE_DEFAULTS["dtype"],
+        action=Recorded,
     )
     parser.add_argument(
         "--passes",
         nargs="+",
         choices=ALL_PASSES,
         default=_MEASURE_DEFAULTS["passes"],
+        action=Recorded,
         metavar="PASS",
         help=f"what to time, some of {', '.join(ALL_PASSES)} (eval+bwd: BN in eval mode with "
         f"gradients); default: {' '.join(PASSES)}",
@@ -950,6 +974,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--processes",
         type=int,
         default=1,
+        action=Recorded,
         metavar="N",
         help="run the whole benchmark in N fresh processes, one after another, and report the "
         "median over them (a process's memory placement stays fixed for its life: on many "
@@ -1000,6 +1025,31 @@ def counts_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
+#: tensors of a case's size alive at once while it is measured (inputs, gradients, both
+#: layers' outputs and gradients, the copy's pair), with room to spare
+TENSORS_PER_CASE = 10
+
+
+def memory_problem(cases: Sequence[Case] | None, dtype: str) -> str | None:
+    """Why a shape cannot be measured on this machine: its tensors would not fit the memory
+    (found before anything is measured, not as an allocation failure half-way); None if all
+    fit or the memory size is unknown."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    item = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    for case in cases or ():
+        need = case.numel * item * TENSORS_PER_CASE
+        if need > total:
+            return (
+                f"shape {case.name} needs about {need / 2**30:.3g} GiB ({TENSORS_PER_CASE} tensors "
+                f"of {case.numel} {dtype} values), more than this machine's "
+                f"{total / 2**30:.3g} GiB; choose a smaller shape"
+            )
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed arguments; print the table."""
     prog = "batchnorm bench"
@@ -1015,14 +1065,16 @@ def main(args: argparse.Namespace) -> int:
             shapes=bool(args.shapes),
             threads=args.threads is not None,
             cold=bool(args.cold),
-            processes=args.processes != 1,
+            processes=args.processes != 1 or "processes" in getattr(args, "_given", ()),
         )
         if problem:
             return fail(prog, problem)
     if args.processes < 1:
         return fail(prog, f"--processes must be >= 1, got {args.processes}")
     # found before measuring, not after (the counts only matter when measuring)
-    problem = (None if args.from_json else counts_problem(args)) or outputs_problem(args)
+    problem = (
+        None if args.from_json else counts_problem(args) or memory_problem(cases, args.dtype)
+    ) or outputs_problem(args)
     if problem:
         return fail(prog, problem)
     if args.from_json:

@@ -592,6 +592,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode",
         choices=MODES,
         default=_MEASURE_DEFAULTS["mode"],
+        action=bench.Recorded,
         help="what to time: a training step (default) or inference (eval mode, no gradients)",
     )
     parser.add_argument(
@@ -604,16 +605,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats",
         type=int,
         default=_MEASURE_DEFAULTS["repeats"],
+        action=bench.Recorded,
         help="timed steps per variant (at least; see --min-seconds)",
     )
     parser.add_argument(
         "--min-seconds",
         type=float,
         default=_MEASURE_DEFAULTS["min_seconds"],
+        action=bench.Recorded,
         help="repeat short steps until each variant ran this long (default 1)",
     )
     parser.add_argument(
-        "--warmup", type=int, default=_MEASURE_DEFAULTS["warmup"], help="untimed steps first"
+        "--warmup",
+        type=int,
+        default=_MEASURE_DEFAULTS["warmup"],
+        action=bench.Recorded,
+        help="untimed steps first",
     )
     parser.add_argument("--batch", type=int, help="batch size (default: each network's own)")
     parser.add_argument("--threads", type=int, help="threads for torch and the kernels")

@@ -393,10 +393,29 @@ def _mc_split(M: int, C: int, T: int, itemsize: int) -> tuple[int, int, int]:
     return nrb, -(-C // tw), tw
 
 
+def _scalar(value: Any, what: str) -> float:
+    """A number argument (``eps``, ``alpha``) as a float, or a ``TypeError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(f"batchnorm.kernels: {what} must be a number, got {value!r}")
+    return float(value)
+
+
 def _as_input(x: Array, what: str) -> tuple[Array, tuple[int, ...]]:
     """``(array, shape)``: ``x`` C-contiguous as the loops take it — ``(M, C)``, ``(N, C, L)``,
     or ``(N, C, d1, d2, ...)`` viewed as ``(N, C, d1·d2·...)`` — and ``x``'s own shape, which
     the outputs get back."""
+    if isinstance(x, np.ma.MaskedArray):
+        # the loops read the data under the mask: every value, masked or not
+        raise TypeError(
+            f"batchnorm.kernels: {what} is a masked array, whose mask the kernels cannot honour; "
+            "pass x.filled(...) or np.asarray(x) for every value, or use batchnorm.BatchNorm's "
+            "forward(x, mask=...) for statistics over the valid positions only"
+        )
+    if isinstance(x, np.ndarray) and x.dtype.kind == "f" and not x.dtype.isnative:
+        raise TypeError(
+            f"batchnorm.kernels: {what} has the non-native byte order {x.dtype.str}; convert it "
+            f"first, e.g. x.astype(np.{x.dtype.newbyteorder('=').name})"
+        )
     if not isinstance(x, np.ndarray) or x.dtype not in _FLOATS or x.ndim < 2:
         raise TypeError(
             f"batchnorm.kernels: {what} must be a float32/float64 NumPy array of shape (M, C) or "
@@ -584,7 +603,7 @@ def forward_train(
     y = _out(out, x, {"x": x, "weight": w, "bias": b}, shape)
     T = _threads(x.size, parallel)
     s = _stream(x, stream, y, tensors=2)
-    _, mean, var, invstd = _forward_train(x, w, b, float(eps), y, T, s)
+    _, mean, var, invstd = _forward_train(x, w, b, _scalar(eps, "eps"), y, T, s)
     return _shaped(y, out, shape), mean, var, invstd
 
 
@@ -650,6 +669,11 @@ def backward(
     invstd = _channel_vec(invstd, C, x.dtype, "invstd")
     w = _channel_vec(weight, C, x.dtype, "weight", optional=True)
     reads = {"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": w}
+    if out is not None and not need_dx:
+        raise ValueError(
+            "batchnorm.kernels: out= receives dx, which need_dx=False does not compute; "
+            "pass one or the other"
+        )
     dx = _out(out, x, reads, shape) if need_dx else None
     T = _threads(x.size, parallel)
     _, dw, db = _backward(dy, x, mean, invstd, w, dx, T, _stream(x, stream, dx, tensors=3))
@@ -781,10 +805,15 @@ def backward_eval(
     v = _channel_vec(var, C, x.dtype, "var")
     w = _channel_vec(weight, C, x.dtype, "weight", optional=True)
     reads = {"dy": dy, "x": x, "mean": m, "var": v, "weight": w}
+    if out is not None and not need_dx:
+        raise ValueError(
+            "batchnorm.kernels: out= receives dx, which need_dx=False does not compute; "
+            "pass one or the other"
+        )
     dx = _out(out, x, reads, shape) if need_dx else None
     T = _threads(x.size, parallel)
     s = _stream(x, stream, dx, tensors=3)
-    _, s1, s0 = _backward_eval(dy, x, m, v, w, float(eps), dx, T, s)
+    _, s1, s0 = _backward_eval(dy, x, m, v, w, _scalar(eps, "eps"), dx, T, s)
     return (None if dx is None else _shaped(dx, out, shape)), s1, s0
 
 
@@ -845,7 +874,7 @@ def inference_affine(
     b = _channel_vec(bias, C, m.dtype, "bias", optional=True)
     scale = np.empty_like(m)
     shift = np.empty_like(m)
-    _kernel("inference_affine", False)(m, v, w, b, float(eps), scale, shift)
+    _kernel("inference_affine", False)(m, v, w, b, _scalar(eps, "eps"), scale, shift)
     return scale, shift
 
 
@@ -924,7 +953,7 @@ def running_update(
             )
         _check_writeable(num_batches_tracked, "num_batches_tracked")
         nbt = num_batches_tracked.reshape(1)
-    weight = momentum if alpha is None else alpha
+    weight = momentum if alpha is None else _scalar(alpha, "alpha")
     return _running_update(rm, rv, m, v, float(momentum), float(weight), nbt)
 
 

@@ -447,6 +447,11 @@ def address(dtype: int, layout: int, pass_: int) -> int:
     compiled (or loaded from Numba's disk cache) the first time it is asked for: a process
     compiles only what its inputs need. A notice goes to stderr when that takes longer than
     :data:`batchnorm.kernels.NOTICE_AFTER` seconds."""
+    for what, value, top in (("dtype", dtype, 1), ("layout", layout, 1), ("pass_", pass_, 3)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+            raise ValueError(
+                f"batchnorm.kernels.address: {what} must be an int from 0 to {top}, got {value!r}"
+            )
     key = (dtype, layout, pass_)
     with _LOCK:
         f: Any = _BUILT.get(key)
