@@ -17,6 +17,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm.analysis import (
+    activation_statistics,
     bn_statistics_mismatch,
     internal_covariate_shift,
     loss_landscape,
@@ -312,3 +313,68 @@ def test_bn_mismatch_of_a_layer_called_by_keyword() -> None:
     out = bn_statistics_mismatch(ByKeyword(), x)["bn"]
     var = x.var(dim=0, unbiased=False)
     assert out["var_ratio"] == pytest.approx(float((var / (1 + 1e-5)).mean()), rel=1e-12)
+
+
+def test_ics_places_a_parameter_where_the_forward_uses_it() -> None:
+    """Def. 2.1 steps every parameter used before layer i: a root parameter applied at the
+    output (a learned logit scale) comes after the layers it scales, so the first layer's shift
+    is exactly 0; a weight a module uses directly (nn.MultiheadAttention's out_proj, never
+    called) is used, and precedes the head."""
+    torch.manual_seed(0)
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(5, 8), nn.Linear(8, 3)
+            self.logit_scale = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.fc1(x))) * self.logit_scale
+
+    model = Scaled()
+    batch = (torch.randn(16, 5), torch.randint(0, 3, (16,)))
+    by_layer = {s.layer: s for s in internal_covariate_shift(model, CE, batch, 0.5)}
+    assert by_layer["fc1"].l2 == 0.0
+    gn, l2 = _by_hand(model, batch, 0.5, ["fc1.weight", "fc1.bias"], "fc2.weight")
+    assert by_layer["fc2"].l2 == pytest.approx(l2, rel=1e-8)
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.head = nn.MultiheadAttention(8, 2), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(x, x, x)[0]).mean(0)
+
+    model = Attention()
+    batch = (torch.randn(5, 4, 8), torch.randint(0, 3, (4,)))
+    shifts = internal_covariate_shift(model, CE, batch, 0.5)
+    assert [s.layer for s in shifts] == ["attn.out_proj", "head"]
+    upstream = [k for k, _ in model.named_parameters() if k.startswith("attn.")]
+    gn, l2 = _by_hand(model, batch, 0.5, upstream, "head.weight")
+    assert shifts[1].l2 == pytest.approx(l2, rel=1e-6)
+    gn, l2 = _by_hand(
+        model, batch, 0.5, ["attn.in_proj_weight", "attn.in_proj_bias"], "attn.out_proj.weight"
+    )
+    assert shifts[0].grad_norm == pytest.approx(gn, rel=1e-6) and gn > 0
+    assert shifts[0].l2 == pytest.approx(l2, rel=1e-6)
+
+
+def test_measurements_leave_the_global_random_stream_as_it_was() -> None:
+    """A probe inside a training loop must not change the data order or dropout masks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 8), nn.Dropout(0.5), batchnorm.BatchNorm1d(8), nn.Linear(8, 3)
+    )
+    batch = (torch.randn(16, 5), torch.randint(0, 3, (16,)))
+    for measure in (
+        lambda: internal_covariate_shift(model, CE, batch, 0.1),
+        lambda: loss_landscape(model, CE, batch, [0.1]),
+        lambda: activation_statistics(model, batch[0]),
+        lambda: bn_statistics_mismatch(model, batch[0]),
+    ):
+        torch.manual_seed(7)
+        want = torch.rand(3)
+        torch.manual_seed(7)
+        measure()
+        assert torch.equal(torch.rand(3), want)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from batchnorm.recorder import first_tensor, quantiles
 
@@ -98,13 +99,21 @@ def _preserved(model: nn.Module) -> Iterator[None]:
 
 def _rng_seed() -> int:
     # one seed per measurement, drawn from torch's global generator so results follow
-    # torch.manual_seed, then replayed before every pass: dropout/noise masks stay identical
-    return int(torch.randint(0, 2**62, (1,)).item())
+    # torch.manual_seed, then replayed before every pass: dropout/noise masks stay identical;
+    # the global generator is left as it was (a probe inside a training loop must not change
+    # the training's data order or dropout masks)
+    with torch.random.fork_rng(devices=[]):
+        return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _devices() -> list[int]:
+    """The CUDA devices whose generators a replay must fork: those torch has set up."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
 
 
 @contextlib.contextmanager
 def _replay_rng(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=_devices()):
         torch.manual_seed(seed)
         yield
 
@@ -193,37 +202,76 @@ def _check_start(loss: float, grads: Sequence[Tensor], where: str) -> None:
         )
 
 
-def _forward_order(model: nn.Module, x: Tensor, seed: int) -> tuple[list[str], int]:
-    """Names of the modules owning parameters, in the order the forward pass first calls them,
-    then the ones it never calls; and how many it called.
+class _ParameterUses(TorchFunctionMode):
+    """Records, in ``events``, the owner of each parameter passed to a torch function (a
+    weight a module uses directly, as ``nn.MultiheadAttention`` uses ``out_proj.weight``)."""
 
-    A call counts when the module's ``forward`` starts (a pre-hook), so a module that owns
-    parameters and calls submodules (a learned input scale, a position embedding) precedes them.
-    The forward runs in the model's mode and may update running statistics; callers restore them.
+    def __init__(self, owner: dict[int, str], events: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.owner, self.events = owner, events
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+
+        def record(values: Iterable[Any]) -> None:  # in argument order: the order of use
+            for a in values:
+                if isinstance(a, list | tuple):
+                    record(a)
+                elif isinstance(a, Tensor) and id(a) in self.owner:
+                    self.events.append(("use", self.owner[id(a)]))
+
+        record([*args, *kwargs.values()])
+        return func(*args, **kwargs)
+
+
+def _forward_order(model: nn.Module, x: Tensor, seed: int) -> tuple[list[str], int]:
+    """Names of the modules owning parameters, in the order the forward pass first uses their
+    parameters, then the ones it never uses; and how many it used.
+
+    A module's place is where a torch function first takes one of its parameters — a
+    container's own parameter applied at the output (a learned logit scale, a LayerScale) comes
+    after the layers it scales, and a weight used directly by another module (``out_proj`` of
+    ``nn.MultiheadAttention``) counts as used — or, where no torch function sees them (kernels
+    called directly), where its ``forward`` starts (a pre-hook). The forward runs in the
+    model's mode and may update running statistics; callers restore them.
     """
     owners = {
         name: m
         for name, m in model.named_modules()
         if any(True for _ in m.parameters(recurse=False))
     }
-    order: list[str] = []
+    # (a parameter tied between modules says nothing about which of them uses it: left to the
+    # modules' calls)
+    holders: dict[int, list[str]] = {}
+    for name, m in owners.items():
+        for p in m.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(name)
+    owner = {i: names[0] for i, names in holders.items() if len(names) == 1}
+    events: list[tuple[str, str]] = []
     handles = []
     for name, m in owners.items():
 
         def hook(_m: nn.Module, _i: object, name: str = name) -> None:
-            if name not in order:
-                order.append(name)
+            events.append(("call", name))
 
         handles.append(m.register_forward_pre_hook(hook))
     try:
-        with torch.no_grad(), _replay_rng(seed):
+        with torch.no_grad(), _replay_rng(seed), _ParameterUses(owner, events):
             model(x)
     finally:
         for h in handles:
             h.remove()
-    # modules never called (unused heads) come last: they precede nothing
+    first: dict[str, dict[str, int]] = {"use": {}, "call": {}}
+    for i, (kind, name) in enumerate(events):
+        first[kind].setdefault(name, i)
+    # a use decides; a call only where no torch function saw the module's parameters
+    place = {**first["call"], **first["use"]}
+    order = sorted(place, key=place.__getitem__)
+    # modules never used (unused heads) come last: they precede nothing
     called = len(order)
-    order += [n for n in owners if n not in order]
+    order += [n for n in owners if n not in place]
     return order, called
 
 
@@ -280,9 +328,12 @@ def internal_covariate_shift(
     where ``W'`` are the weights after the optimizer's step computed from ``G`` on the same batch
     (Santurkar, Tsipras, Ilyas & Madry 2018, arXiv 1805.11604, Definition 2.1). A layer's
     "preceding layers" are all parameter-owning modules (convolutions, linear and batch-norm
-    layers) that the forward pass calls before it (a module counts when its ``forward`` starts,
-    so a container's own parameters precede its children; a module used twice counts at its
-    first use). A parameter tied between modules is one parameter: the measured layer's own
+    layers) whose parameters the forward pass uses before it: a module counts where a torch
+    function first takes one of its parameters (a container's own parameter applied to the
+    output, a logit scale, comes after the layers it scales; a weight another module uses
+    directly, ``nn.MultiheadAttention``'s ``out_proj``, counts there), or where its ``forward``
+    starts when no torch function sees its parameters; a module used twice counts at its first
+    use. A parameter tied between modules is one parameter: the measured layer's own
     parameters keep ``W_i`` even when an earlier layer shares them, and ``G`` is the gradient of
     the shared tensor. Every pass starts from the model's own running statistics. ``G'`` is what layer *i* would see if it
     accounted for its inputs' change; ``‖G − G'‖`` large / ``cos`` small means a large shift.
