@@ -623,3 +623,66 @@ def test_activation_quantiles_beyond_torch_s_limit_of_values() -> None:
     np.testing.assert_allclose(big.numpy(), want, rtol=0, atol=0)
     small = x[:, :1000]
     torch.testing.assert_close(quantiles(small, q, dim=1), torch.quantile(small, q, dim=1))
+
+
+def test_measurement_arguments_are_refused_by_name_before_any_pass() -> None:
+    import math
+
+    from batchnorm.analysis import TimeVaryingNoise
+
+    class Keyed(nn.Module):  # a model taking a dict of inputs
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.lin(inputs["x"])
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), batchnorm.BatchNorm1d(6), nn.Linear(6, 3))
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    ce = nn.functional.cross_entropy
+    refusals = [
+        (lambda: batchnorm.internal_covariate_shift(net, ce, batch, math.nan), "must be finite"),
+        (lambda: batchnorm.internal_covariate_shift(net, ce, batch, math.inf), "must be finite"),
+        (
+            lambda: batchnorm.internal_covariate_shift(net, lambda o, y: 1.0, batch, 0.1),
+            "scalar tensor",
+        ),
+        (
+            lambda: batchnorm.internal_covariate_shift(net, ce, batch, lambda p: None),
+            "must return an optimizer",
+        ),
+        (lambda: batchnorm.loss_landscape(net, ce, batch, [0.1], params="0.weight"), "string"),
+        (
+            lambda: batchnorm.activation_statistics(net, batch[0], layers=["1", "1"]),
+            "more than once",
+        ),
+        (
+            lambda: batchnorm.activation_statistics(net, batch[0], levels=0.5),
+            "pass levels=\\[0.5\\]",
+        ),
+        (lambda: batchnorm.ActivationRecorder(net, ["1"], quantiles=0.5), "pass quantiles="),
+        (lambda: batchnorm.ActivationRecorder(net, ["1"], max_samples=2.5), "max_samples"),
+        (lambda: batchnorm.ActivationRecorder(net, ["1"], axis="1"), "axis must be an int"),
+        (lambda: batchnorm.ActivationRecorder(net, {"a": 3}), "map names to modules"),
+        (lambda: TimeVaryingNoise(scale_jitter=math.nan), "finite"),
+        (lambda: TimeVaryingNoise(mean_range=math.inf), "finite"),
+        (lambda: TimeVaryingNoise(axis=5)(torch.randn(4, 3)), "axis=5 is not a channel axis"),
+        (lambda: batchnorm.activation_statistics(Keyed(), {"x": torch.randn(0, 4)}), "empty"),
+    ]
+    for call, says in refusals:
+        with pytest.raises((TypeError, ValueError), match=says):
+            call()
+    # one step size as a 0-d array is one step size
+    probe = batchnorm.loss_landscape(net, ce, batch, torch.tensor(0.1))
+    assert probe.losses.shape == (1,)
+    meta = copy.deepcopy(net).to("meta")
+    for measure in (
+        lambda: batchnorm.internal_covariate_shift(meta, ce, batch, 0.1),
+        lambda: batchnorm.loss_landscape(meta, ce, batch, [0.1]),
+        lambda: batchnorm.activation_statistics(meta, batch[0]),
+        lambda: batchnorm.bn_statistics_mismatch(meta, batch[0]),
+    ):
+        with pytest.raises(ValueError, match="on the meta device.*to_empty"):
+            measure()

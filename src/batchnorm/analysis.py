@@ -97,6 +97,20 @@ def _preserved(model: nn.Module) -> Iterator[None]:
             m.training = modes[name]
 
 
+def _check_model(model: nn.Module, where: str) -> None:
+    """Refuse a model with parameters or buffers on the meta device (shapes without values):
+    every measurement reads values."""
+    meta = next(
+        (n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None
+    )
+    if meta is not None:
+        raise ValueError(
+            f"{where}: the model's {meta!r} is on the meta device (a shape without values), and "
+            "the measurement reads values; materialize the model first: "
+            "model.to_empty(device='cpu'), then load_state_dict(...) or reset_parameters()"
+        )
+
+
 def _rng_seed() -> int:
     # one seed per measurement, drawn from torch's global generator so results follow
     # torch.manual_seed, then replayed before every pass: dropout/noise masks stay identical;
@@ -177,6 +191,11 @@ def _loss_and_grads(
 def _grads_of(
     loss: Tensor, leaves: dict[str, Tensor], wrt: Sequence[str]
 ) -> tuple[float, list[Tensor]]:
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            f"loss_fn must return the loss as a scalar tensor (differentiable), got "
+            f"{type(loss).__name__} {loss!r}; return the tensor itself, not loss.item()"
+        )
     if loss.dim() != 0:
         raise ValueError(
             f"loss_fn must return a scalar, got shape {tuple(loss.shape)}; "
@@ -362,10 +381,16 @@ def internal_covariate_shift(
         (['0', '2'], 0.0)
     """
     x, y = _check_batch(batch, "internal_covariate_shift")
+    _check_model(model, "internal_covariate_shift")
     if not callable(update) and (not isinstance(update, numbers.Real) or isinstance(update, bool)):
         raise TypeError(
             "internal_covariate_shift: update must be a learning rate (a number) or a function "
             f"making an optimizer from the parameters, got {update!r}"
+        )
+    if not callable(update) and not math.isfinite(float(update)):
+        raise ValueError(
+            f"internal_covariate_shift: the learning rate must be finite, got {update!r}; every "
+            "G' would be NaN"
         )
     seed = _rng_seed()
     with _preserved(model):
@@ -439,6 +464,11 @@ def internal_covariate_shift(
         if callable(update):
             live = [p for p in model.parameters() if p.requires_grad]
             opt = update(live)
+            if not callable(getattr(opt, "step", None)):
+                raise TypeError(
+                    "internal_covariate_shift: update(params) must return an optimizer (with a "
+                    f"step() method), got {opt!r}; e.g. lambda p: torch.optim.SGD(p, lr=0.1)"
+                )
             with torch.no_grad():
                 for k, p in model.named_parameters():
                     if p.requires_grad:
@@ -563,6 +593,14 @@ def loss_landscape(
         (2,)
     """
     x, y = _check_batch(batch, "loss_landscape")
+    _check_model(model, "loss_landscape")
+    if isinstance(params, str):
+        raise TypeError(
+            f"loss_landscape: params must be a list of parameter names, got the string "
+            f"{params!r}; pass params=[{params!r}]"
+        )
+    if isinstance(step_sizes, Tensor | np.ndarray) and step_sizes.ndim == 0:
+        step_sizes = [float(step_sizes)]  # one step size: a 0-d array of it
     if not isinstance(step_sizes, Iterable) or isinstance(step_sizes, str):
         raise TypeError(
             f"loss_landscape: step_sizes must be a list of step sizes, got {step_sizes!r}; "
@@ -703,6 +741,7 @@ def activation_statistics(
     Returns:
         ``{layer name: ActivationStats}``.
     """
+    _check_model(model, "activation_statistics")
     modules = dict(model.named_modules())
     if layers is None:
         chosen = [n for n, m in modules.items() if hasattr(m, "running_mean")]
@@ -721,6 +760,14 @@ def activation_statistics(
                 f"activation_statistics: no modules named {missing}; choose among "
                 f"{[n for n in modules if n]}"
             )
+        repeated = sorted({n for n in chosen if chosen.count(n) > 1})
+        if repeated:  # each value would be pooled twice, which moves the quantiles
+            raise ValueError(f"activation_statistics: layers names {repeated} more than once")
+    if isinstance(levels, numbers.Real):
+        raise TypeError(
+            f"activation_statistics: levels must be a list of quantile levels, got {levels!r}; "
+            f"pass levels=[{levels!r}]"
+        )
     q = torch.tensor(list(levels), dtype=torch.float64)
     if q.numel() == 0 or not bool(((q >= 0) & (q <= 1)).all()):  # (NaN is neither)
         raise ValueError(f"activation_statistics: levels must be in [0, 1], got {list(levels)}")
@@ -762,8 +809,9 @@ def activation_statistics(
         u = torch.cat(captured[n], dim=1)  # (C, M): every call's values
         if u.shape[1] == 0:
             raise ValueError(
-                f"activation_statistics: layer {n!r} gave no values (an empty batch of shape "
-                f"{tuple(inputs.shape)}?); pass inputs with at least one sample"
+                f"activation_statistics: layer {n!r} gave no values (an empty batch"
+                + (f" of shape {tuple(inputs.shape)}" if isinstance(inputs, Tensor) else "")
+                + "?); pass inputs with at least one sample"
             )
         result[n] = ActivationStats(
             mean=u.mean(dim=1).numpy(),
@@ -842,6 +890,7 @@ def bn_statistics_mismatch(model: nn.Module, inputs: Tensor) -> dict[str, dict[s
     Returns:
         ``{layer: {"var_ratio": …, "mean_shift": …}}``.
     """
+    _check_model(model, "bn_statistics_mismatch")
     modules = {
         n: m
         for n, m in model.named_modules()
@@ -933,6 +982,16 @@ class TimeVaryingNoise(nn.Module):
         scale_jitter: float = 0.1,
     ) -> None:
         super().__init__()
+        values = {
+            "mean_range": mean_range,
+            "scale_low": scale_low,
+            "scale_high": scale_high,
+            "mean_jitter": mean_jitter,
+            "scale_jitter": scale_jitter,
+        }
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:
+            raise ValueError(f"TimeVaryingNoise: every range must be a finite number, got {bad}")
         if not (scale_low <= scale_high and mean_range >= 0 and mean_jitter >= 0):
             raise ValueError(
                 "TimeVaryingNoise: need scale_low <= scale_high and non-negative ranges, got "
@@ -960,6 +1019,11 @@ class TimeVaryingNoise(nn.Module):
         if x.dim() < 2:
             raise ValueError(
                 f"TimeVaryingNoise: expected input (N, C, ...), got shape {tuple(x.shape)}"
+            )
+        if not -x.dim() < self.axis < x.dim() or self.axis % x.dim() == 0:
+            raise ValueError(
+                f"TimeVaryingNoise: axis={self.axis} is not a channel axis of input with shape "
+                f"{tuple(x.shape)}; use an axis from 1 to {x.dim() - 1} (or -1)"
             )
         xc = x.movedim(self.axis, 1)  # (N, C, *)
         n, c = xc.shape[0], xc.shape[1]

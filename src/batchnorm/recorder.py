@@ -8,6 +8,7 @@ chosen calls, only for chosen units, as a handful of numbers per record.
 
 from __future__ import annotations
 
+import numbers
 import operator
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -91,6 +92,12 @@ class ActivationRecorder:
             )
         if isinstance(layers, Mapping):
             self.layers: dict[str, nn.Module] = dict(layers)
+            wrong = [k for k, v in self.layers.items() if not isinstance(v, nn.Module)]
+            if wrong:
+                raise TypeError(
+                    f"ActivationRecorder: a mapping of layers must map names to modules; "
+                    f"{wrong} map to {[type(layers[k]).__name__ for k in wrong]}"
+                )
         else:
             self.layers = {}
             for name in layers:
@@ -104,6 +111,12 @@ class ActivationRecorder:
                     ) from None
         if not self.layers:
             raise ValueError("ActivationRecorder: give at least one layer to record")
+        given: Any = quantiles  # (the annotations say what is meant, not what is passed)
+        if isinstance(given, numbers.Real):
+            raise TypeError(
+                f"ActivationRecorder: quantiles must be a list of levels, got {quantiles!r}; "
+                f"pass quantiles=[{quantiles!r}]"
+            )
         q = [float(v) for v in quantiles]
         if not q or not all(0.0 <= v <= 1.0 for v in q):
             raise ValueError(f"ActivationRecorder: quantiles must be in [0, 1], got {quantiles}")
@@ -115,9 +128,18 @@ class ActivationRecorder:
             )
         if what not in ("input", "output"):
             raise ValueError(f"ActivationRecorder: what must be 'input' or 'output', got {what!r}")
-        if max_samples is not None and max_samples < 1:
+        cap: Any = max_samples
+        if cap is not None and (
+            not isinstance(cap, numbers.Integral) or isinstance(cap, bool) or cap < 1
+        ):
             raise ValueError(
-                f"ActivationRecorder: max_samples must be >= 1 or None (no cap), got {max_samples}"
+                f"ActivationRecorder: max_samples must be an int >= 1 or None (no cap), got "
+                f"{max_samples!r}"
+            )
+        unit_axis: Any = axis
+        if not isinstance(unit_axis, numbers.Integral) or isinstance(unit_axis, bool):
+            raise TypeError(
+                f"ActivationRecorder: axis must be an int, the unit (channel) axis, got {axis!r}"
             )
         self.quantiles = tuple(q)
         self.units: int | tuple[int, ...] | None = _check_units(units)
