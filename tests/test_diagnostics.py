@@ -263,9 +263,7 @@ def test_initial_running_stats_are_an_error_and_cumulative_recalibration_cures_i
 
 
 def test_recalibrate_cures_initial_running_stats(healthy, digits):
-    recalibrate = getattr(batchnorm, "recalibrate", None)
-    if recalibrate is None:
-        pytest.skip("batchnorm.recalibrate is not part of this build yet")
+    recalibrate = batchnorm.recalibrate
     broken = clone(healthy)
     for m in broken.modules():
         if isinstance(m, nn.BatchNorm1d):
@@ -276,9 +274,7 @@ def test_recalibrate_cures_initial_running_stats(healthy, digits):
 
 
 def test_recalibrate_cures_the_dropout_variance_shift(with_dropout, digits):
-    recalibrate = getattr(batchnorm, "recalibrate", None)
-    if recalibrate is None:
-        pytest.skip("batchnorm.recalibrate is not part of this build yet")
+    recalibrate = batchnorm.recalibrate
     before = run(with_dropout, digits[0])
     assert before.by_check("eval-input-shift") and before.output_gap is not None
     fixed = clone(with_dropout)
@@ -295,9 +291,7 @@ def test_recalibrate_cures_the_dropout_variance_shift(with_dropout, digits):
 def test_before_after_reports_the_cure_and_leaves_the_model_alone(with_dropout, digits):
     from batchnorm.diagnostics import before_after
 
-    recalibrate = getattr(batchnorm, "recalibrate", None)
-    if recalibrate is None:
-        pytest.skip("batchnorm.recalibrate is not part of this build yet")
+    recalibrate = batchnorm.recalibrate
     state = {k: v.clone() for k, v in with_dropout.state_dict().items()}
     d = before_after(
         with_dropout,

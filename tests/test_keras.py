@@ -93,7 +93,7 @@ def test_matches_keras_outputs_gradients_moving_stats(
         assert not np.allclose(_state(ours)[2], _pair(shape, axis)[0].get_weights()[2])
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     shape=st.lists(st.integers(1, 5), min_size=2, max_size=4).map(tuple),
     axis_pick=st.integers(0, 1),

@@ -156,9 +156,16 @@ def test_cli_refuses_bad_settings_in_one_line_before_creating_the_folder(
 
 
 def test_default_and_quick_configs_of_every_experiment_are_valid():
-    for exp in registry.all_experiments():
-        make_config(exp.config_cls)
-        make_config(exp.config_cls, quick=True)
+    exps = list(registry.all_experiments())
+    names = {exp.name for exp in exps}
+    assert {"paper-mnist", "placement", "learning-rate", "noisy-bn", "small-batch"} <= names
+    for exp in exps:
+        full = make_config(exp.config_cls)
+        quick = make_config(exp.config_cls, quick=True)
+        assert full.quick is False and quick.quick is True, exp.name
+        # --quick is the smaller run: each of its overrides is applied
+        for key, value in exp.config_cls.QUICK.items():
+            assert getattr(quick, key) == value, (exp.name, key)
 
 
 # --------------------------------------------------------------------------------------------

@@ -400,8 +400,11 @@ def test_config_rejects_bad_values(sets):
 
 
 def test_config_accepts_the_defaults_and_good_values():
-    _cfg()
-    _cfg(optimizer="adam", activation="relu", percentiles=(0.0, 100.0), shared_lr=None)
+    default = _cfg()
+    assert default.quick is True and default.steps == 300  # the --quick size
+    cfg = _cfg(optimizer="adam", activation="relu", percentiles=(0.0, 100.0), shared_lr=None)
+    assert (cfg.optimizer, cfg.activation) == ("adam", "relu")
+    assert tuple(cfg.percentiles) == (0.0, 100.0) and cfg.shared_lr is None
 
 
 @pytest.mark.parametrize("bad", ["batch_size=0", "probe_size=0", "hidden=", "percentiles=15,150"])

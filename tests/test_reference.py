@@ -81,8 +81,15 @@ def test_inference_is_the_affine_map() -> None:
     y = ref.batch_norm_inference(x, mean, var, g, b, eps=1e-3, axis=1)
     y2, _ = ref.normalize(x, mean, var, g, b, eps=1e-3, axis=1)
     np.testing.assert_allclose(y, y2, rtol=1e-12, atol=1e-12)
+    # against the formula written out, and torch.nn's functional form in float64
+    np.testing.assert_allclose(y, g * (x - mean) / np.sqrt(var + 1e-3) + b, rtol=1e-12)
+    t = torch.nn.functional.batch_norm(
+        *(torch.from_numpy(v) for v in (x, mean, var, g, b)), training=False, eps=1e-3
+    )
+    np.testing.assert_allclose(y, t.numpy(), rtol=1e-12, atol=1e-12)
     scale, shift = ref.inference_affine(mean, var, g, b, 1e-3)
-    np.testing.assert_allclose(y, x * scale + shift)
+    np.testing.assert_allclose(scale, g / np.sqrt(var + 1e-3), rtol=1e-12)
+    np.testing.assert_allclose(shift, b - mean * g / np.sqrt(var + 1e-3), rtol=1e-12, atol=1e-12)
 
 
 def test_running_stats_update_conventions() -> None:
