@@ -9,6 +9,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -442,6 +443,18 @@ def test_plot_primitives_write_pngs(tmp_path):
     plots.percentile_bands(axes[2], [1, 2], {"15": [0, 1], "50": [1, 2], "85": [2, 3]})
     p = plots.save_figure(fig, tmp_path / "f.png")
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_primitives_take_runs_that_ended_early(tmp_path):
+    """A seed that diverged has fewer points than the axis (noisy-bn's drift and accuracy
+    rows used to be ragged, and the figure failed): the missing points are gaps."""
+    fig, axes = plots.new_figure(2)
+    plots.curves(axes[0], [0, 1, 2, 3], {"bn": [[0.1, 0.5], [0.2, 0.6, 0.7, 0.8]]})
+    (line,) = [ln for ln in axes[0].get_lines() if ln.get_label().startswith("bn")]
+    np.testing.assert_allclose(line.get_ydata(), [0.15, 0.55, 0.7, 0.8])
+    plots.percentile_bands(axes[1], [1, 2, 3], {"15": [0, 1], "50": [1, 2], "85": [2, 3]})
+    assert all(len(ln.get_xdata()) == 2 for ln in axes[1].get_lines())
+    assert plots.save_figure(fig, tmp_path / "f.png").stat().st_size > 0
 
 
 def test_combined_report_lists_every_claim(toy, tmp_path):

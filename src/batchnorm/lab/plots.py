@@ -111,7 +111,12 @@ def curves(
     without a single finite point says so in its middle."""
     drawn = False
     for i, (name, runs) in enumerate(groups.items()):
-        arr = np.array([[np.nan if v is None else float(v) for v in r] for r in runs], dtype=float)
+        # runs of different lengths (one diverged earlier) end in missing points: NaN
+        width = max([len(x), *(len(r) for r in runs)]) if runs else 0
+        arr = np.full((len(runs), width), np.nan)
+        for row, r in zip(arr, runs):
+            row[: len(r)] = [np.nan if v is None else float(v) for v in r]
+        arr = arr[:, : len(x)]
         if arr.size == 0:
             continue
         with np.errstate(all="ignore"):
@@ -209,16 +214,18 @@ def percentile_bands(
     """Percentile trajectories: keys like ``"15"``, ``"50"``, ``"85"``; the median is drawn
     solid, the others dashed, with the band between the outermost shaded."""
     keys = sorted(percentiles, key=float)
-    xs = np.asarray(x, dtype=float)
+    # a trajectory that ended early (a diverged run) is drawn as far as it goes
+    n = min([len(x), *(len(percentiles[k]) for k in keys)])
+    xs = np.asarray(x, dtype=float)[:n]
     for k in keys:
-        ys = np.asarray(percentiles[k], dtype=float)
+        ys = np.asarray(percentiles[k], dtype=float)[:n]
         mid = float(k) == 50.0  # the median, if it is among them
         ax.plot(
             xs, ys, color=color, lw=1.6 if mid else 1.0, ls="-" if mid else "--", label=f"{k}th"
         )
     if len(keys) >= 2:
-        lo = np.asarray(percentiles[keys[0]], dtype=float)
-        hi = np.asarray(percentiles[keys[-1]], dtype=float)
+        lo = np.asarray(percentiles[keys[0]], dtype=float)[:n]
+        hi = np.asarray(percentiles[keys[-1]], dtype=float)[:n]
         ax.fill_between(xs, lo, hi, color=color, alpha=0.12, lw=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

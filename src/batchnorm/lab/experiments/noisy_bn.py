@@ -184,6 +184,11 @@ def _train(
     return res, extra
 
 
+def _padded(values: list[Any], n: int) -> list[Any]:
+    """``values`` with ``None`` (a missing point) up to length ``n``."""
+    return list(values) + [None] * (n - len(values))
+
+
 def _mean_drift(runs: list[dict[str, Any]], key: str) -> float | None:
     vals = [v for r in runs for v in r["extra"]["drift"][key] if v is not None and np.isfinite(v)]
     return float(np.mean(vals)) if vals else None
@@ -344,19 +349,23 @@ def run(cfg: NoisyBNConfig, ctx: RunContext) -> Results:
         for a in ARMS
     }
     first = {a: rs[0] for a, rs in results.items()}
-    steps = [int(r["step"]) for r in first["BN"]["train"]["rows"] if r.get("test_acc") is not None]
+    everyone = [x for rs in results.values() for x in rs]
+    # the axes of the longest run: a seed that diverged earlier ends in missing points (None)
+    steps = sorted(
+        {int(r["step"]) for x in everyone for r in x["train"]["rows"] if "test_acc" in r}
+    )
+    longest = max((x["extra"]["probe_steps"] for x in everyone), key=len)
+
+    def accuracies(x: dict[str, Any]) -> list[float | None]:
+        at = {int(r["step"]): r.get("test_acc") for r in x["train"]["rows"] if "test_acc" in r}
+        return [at.get(s) for s in steps]
+
     series = {
         "steps": steps,
-        "acc": {
-            a: [
-                [r.get("test_acc") for r in x["train"]["rows"] if "test_acc" in r][: len(steps)]
-                for x in rs
-            ]
-            for a, rs in results.items()
-        },  # fmt: skip
-        "probe_steps": first["BN"]["extra"]["probe_steps"],
+        "acc": {a: [accuracies(x) for x in rs] for a, rs in results.items()},
+        "probe_steps": longest,
         "drift": {
-            a: [x["extra"]["drift"]["normalized_mean_shift"] for x in rs]
+            a: [_padded(x["extra"]["drift"]["normalized_mean_shift"], len(longest) - 1) for x in rs]
             for a, rs in results.items()
         },
         "quantiles": {a: first[a]["extra"]["quantiles_unit0"] for a in ARMS},
