@@ -556,6 +556,14 @@ def test_dropout_rate_is_chosen_on_the_validation_set(monkeypatch: pytest.Monkey
     assert claim.measured["benefit_without_BN"] == pytest.approx(0.01)
     assert claim.verdict is False
     assert _recompute(claim.id)(claim.measured) is False
+    # a tie on the validation images goes to the smaller rate (the names used to be compared:
+    # "p0.5" beat "p0.2", and "p1e-05" beat "p0.5")
+    val.update({"noBN-p0.2": 0.9, "noBN-p0.5": 0.9, "BN-p0.2": 0.9, "BN-p0.5": 0.9})
+    c, _ = _stub_run(monkeypatch, dropout, cfg, make)
+    assert c["bn-reduces-dropout-benefit"].measured["chosen"] == {
+        "noBN": "noBN-p0.2",
+        "BN": "BN-p0.2",
+    }
     with pytest.raises(ConfigError, match="n_val"):
         dropout._split(dropout.DropoutConfig(n_train=450, n_val=100), _FakeData())  # type: ignore[arg-type]
 

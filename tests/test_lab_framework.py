@@ -363,6 +363,42 @@ def test_weights_made_non_finite_by_the_last_update_count_as_diverged():
     assert [r["step"] for r in res.rows] == [0, 3, 6]  # the earlier evaluations kept
 
 
+def test_outputs_or_activations_that_overflow_count_as_diverged():
+    """A loss that stays finite while the network's outputs overflow on the held-out set, or
+    while its activations exceed what recalibration can hold, is a diverged run too: its
+    accuracy would be argmax of NaN, or its measurement would abort the experiment."""
+    ds, net, opt = _setup(bn="none")
+    x_bad = ds.x_test.clone()
+    x_bad[0] = float("inf")  # the network's output on it is not finite
+    res = train.train(
+        net, opt, ds.x_train, ds.y_train, steps=6, batch_size=40, eval_every=3,
+        eval_sets={"test": (ds.x_test, ds.y_test), "bad": (x_bad, ds.y_test)},
+    )  # fmt: skip
+    assert res.diverged and res.diverged_step == 0 and res.steps_done == 0
+    assert res.rows == [{"step": 0, "train_loss": None, "lr": opt.param_groups[0]["lr"]}]
+
+    def overflowing(step: int, model: nn.Module) -> dict[str, float]:
+        if step >= 3:
+            raise OverflowError("recalibrate: ... cannot hold the data's (up to 1.7e+49)")
+        return {"extra": 1.0}
+
+    ds, net, opt = _setup(bn="none")
+    res = train.train(
+        net, opt, ds.x_train, ds.y_train, steps=6, batch_size=40, eval_every=3,
+        eval_sets={"test": (ds.x_test, ds.y_test)}, on_eval=overflowing,
+    )  # fmt: skip
+    assert res.diverged and res.diverged_step == 3 and res.steps_done == 3
+    assert [r["step"] for r in res.rows] == [0, 3] and res.rows[0]["extra"] == 1.0
+    assert res.rows[-1]["train_loss"] is None and net.training
+
+    ds, net, opt = _setup(bn="none")
+    res = train.train(net, opt, ds.x_train, ds.y_train, steps=6, batch_size=40, eval_every=3)
+    assert not res.diverged and [r["step"] for r in res.rows] == [0, 3, 6]
+    train.mark_diverged(res)  # what an experiment's measurement after training found
+    assert res.diverged and res.diverged_step == 6
+    assert [r["step"] for r in res.rows] == [0, 3, 6] and res.rows[-1]["train_loss"] is None
+
+
 def test_lr_schedule_and_bad_arguments():
     ds, net, opt = _setup()
     res = train.train(

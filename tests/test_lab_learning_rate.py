@@ -102,6 +102,24 @@ def test_best_accuracy_is_reached_by_training(monkeypatch: pytest.MonkeyPatch) -
     assert res.summary["arms"]["noBN-x5"]["best_accuracy"]["mean"] == pytest.approx(0.2)
 
 
+def test_an_arm_whose_every_seed_diverged_has_no_final_accuracy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every seed diverged before its second evaluation: what is left is the untrained
+    network's step-0 accuracy, which the claims used to show as the arm's final accuracy."""
+    cfg = learning_rate.LearningRateConfig(seeds=2, sweep_lrs=(0.01, 0.1))
+    make = _make({}, {})
+
+    def with_diverged(key: str) -> dict[str, Any]:
+        if key.startswith("arm-noBN-x5") or key.startswith("arm-BN-x5-seed"):
+            return {"train": _train([0.03], diverged=True, val_acc=[0.03]), "extra": {}}
+        return make(key)
+
+    c, _ = _stub_run(monkeypatch, learning_rate, cfg, with_diverged)
+    measured = c["nobn-x5-diverges"].measured
+    assert measured["final_accuracy"] is None and measured["BN-x5_final"] is None
+
+
 def _fake() -> Any:
     from test_lab_claims import _FakeData
 

@@ -127,3 +127,37 @@ def test_small_batch_figure_says_what_its_bars_are(
     assert all("mean ± std over seeds" in ax.get_ylabel() for ax in fig.axes)
     labels = fig.axes[1].get_legend_handles_labels()[1]
     assert "GroupNorm (non-i.i.d. groups of 8)" in labels
+
+
+def test_an_update_that_leaves_a_weight_non_finite_is_a_divergence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its own training loop checks the weights after the last update, as lab.train.train
+    does: the arm used to be scored as a finite error from non-finite weights."""
+    import torch
+
+    from batchnorm.lab import data, train
+
+    class InfOnLastStep(torch.optim.SGD):
+        calls = 0
+
+        def step(self, closure: Any = None) -> Any:
+            super().step(closure)
+            InfOnLastStep.calls += 1
+            if InfOnLastStep.calls == 3:
+                with torch.no_grad():
+                    self.param_groups[0]["params"][0].fill_(float("inf"))
+
+    def make_optimizer(params: Any, name: str, lr: float, momentum: float = 0.0) -> Any:
+        InfOnLastStep.calls = 0
+        return InfOnLastStep(params, lr=lr, momentum=momentum)
+
+    monkeypatch.setattr(train, "make_optimizer", make_optimizer)
+    ds = data._load_digits().subset(train=200, test=100)
+    cfg = SmallBatchConfig(
+        steps=3, batch_size=16, group_sizes=(2, 8), channels=(4, 8), hidden=16,
+        eval_every=1, final_window=1, seeds=1,
+    )  # fmt: skip
+    res, _ = small_batch._train_arm(cfg, ds, "BN-full", 16, False, 0)
+    assert res.diverged and res.diverged_step == 3
+    assert res.rows[-1]["train_loss"] is None and [r["step"] for r in res.rows] == [1, 2, 3]

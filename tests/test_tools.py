@@ -110,12 +110,20 @@ def test_recalibrate_refuses_statistics_the_layers_dtype_cannot_hold() -> None:
         net[1].weight.copy_(torch.eye(3) * 1000)
     data = [torch.randn(16, 3).half() for _ in range(4)]
     before = copy.deepcopy(net.state_dict())
-    with pytest.raises(OverflowError, match=r"layer '2' \(BatchNorm1d\) holds .* torch.float16"):
+    with pytest.raises(
+        OverflowError, match=r"layer '2' \(BatchNorm1d\) holds .* torch.float16.*model.float\(\)"
+    ):
         batchnorm.recalibrate(net, data)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
     batchnorm.recalibrate(net.float(), [x.float() for x in data])
     assert float(net[2].running_var.min()) > 65504
+    # activations beyond float32's range: float32 is no remedy there
+    with torch.no_grad():
+        net[1].weight.copy_(torch.eye(3) * 1e30)
+    with pytest.raises(OverflowError, match=r"torch.float32, .*\. Rescale the data") as e:
+        batchnorm.recalibrate(net, [x.float() for x in data])
+    assert "model.float()" not in str(e.value)
 
 
 def test_recalibrate_restores_modes_momentum_and_counters() -> None:

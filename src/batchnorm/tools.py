@@ -407,11 +407,15 @@ def recalibrate(
         mean_t, var_t = mom.mean.to(rm), var.to(rv)
         if not bool(torch.isfinite(mean_t).all() and torch.isfinite(var_t).all()):
             big = max(float(mom.mean.abs().max()), float(var.abs().max()))
+            wider = (
+                "Recalibrate the model in float32 (model.float()), or rescale"
+                if torch.finfo(rv.dtype).bits < 32
+                else "Rescale"  # float32 activations beyond its range: the network overflows
+            )
             raise OverflowError(
                 f"recalibrate: layer {name!r} ({type(m).__name__}) holds its statistics in "
                 f"{rm.dtype}, which cannot hold the data's (up to {big:.3g}); no layer's "
-                "statistics were changed. Recalibrate the model in float32 (model.float()), or "
-                "rescale the data or the weights before this layer."
+                f"statistics were changed. {wider} the data or the weights before this layer."
             )
         new[name] = (mean_t, var_t)
     for name, (mean, var) in new.items():
@@ -536,9 +540,10 @@ def _overflow(new: nn.Module, old: nn.Module) -> str | None:
             continue
         if before is not None and not bool(torch.isfinite(before).all()):
             continue  # not finite before folding either: not the folding's doing
+        wider = "float32 (model.float())" if torch.finfo(t.dtype).bits < 32 else "float64"
         return (
-            f"the folded {name} does not fit {t.dtype} (it would hold inf); fold in float32 "
-            "(model.float()) to fold this pair"
+            f"the folded {name} does not fit {t.dtype} (it would hold inf); fold in {wider} "
+            "to fold this pair"
         )
     return None
 

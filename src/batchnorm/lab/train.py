@@ -259,7 +259,9 @@ def train(
 
     Returns: a :class:`TrainResult`; if the loss becomes NaN/inf the run stops there with
     ``diverged=True`` and a final row whose metrics are ``None`` (likewise if the last update
-    left a weight NaN/inf).
+    left a weight NaN/inf, if an evaluation loss is NaN/inf — outputs that overflow — or if
+    ``on_eval`` raises ``OverflowError``/``FloatingPointError``, as
+    :func:`batchnorm.recalibrate` does for activations beyond the float range).
     """
     if steps < 0 or batch_size < 1 or eval_every < 1:
         raise ValueError(
@@ -280,22 +282,40 @@ def train(
     result = TrainResult(rows)
     t0 = time.perf_counter()
 
-    def eval_row(step: int, train_loss: float | None) -> None:
+    def diverged_at(step: int) -> None:
+        result.diverged = True
+        result.diverged_step = step
+        rows.append({"step": step, "train_loss": None, "lr": optimizer.param_groups[0]["lr"]})
+
+    def eval_row(step: int, train_loss: float | None) -> bool:
+        """Record the evaluation at ``step``; False (and the run diverged) when the network's
+        outputs overflow — a non-finite evaluation loss — or its activations do: statistics
+        that ``on_eval``'s recalibration cannot hold. Its accuracy would be argmax of NaN."""
         row: dict[str, Any] = {"step": step, "train_loss": train_loss}
         for name, (xe, ye) in eval_sets.items():
             acc, loss = evaluate(model, xe, ye)
+            if not math.isfinite(loss):
+                diverged_at(step)
+                return False
             row[f"{name}_acc"] = acc
             row[f"{name}_loss"] = loss
         row["lr"] = optimizer.param_groups[0]["lr"]
         if on_eval is not None:
             was = model.training
             model.eval()
-            with torch.no_grad():
-                extra = on_eval(step, model)
-            model.train(was)
+            try:
+                with torch.no_grad():
+                    extra = on_eval(step, model)
+            except (OverflowError, FloatingPointError):
+                # (what batchnorm.recalibrate raises for activations beyond the float range)
+                diverged_at(step)
+                return False
+            finally:
+                model.train(was)
             if extra:
                 row.update(extra)
         rows.append(row)
+        return True
 
     show = progress_enabled(progress)
     bar = None
@@ -306,13 +326,12 @@ def train(
 
     with torch_threads(threads), _closing(bar):
         model.train()
-        if eval_at_start:
-            eval_row(0, None)
+        fine = eval_row(0, None) if eval_at_start else True
         loss_sum, loss_count = 0.0, 0
         perm = torch.randperm(n, generator=gen)
         pos = 0
         step = 0
-        while step < steps:
+        while step < steps and fine:
             if pos + batch_size > per_epoch * batch_size:
                 perm = torch.randperm(n, generator=gen)  # new epoch
                 pos = 0
@@ -330,12 +349,8 @@ def train(
             lv = loss.item()
             if not math.isfinite(lv):
                 # a diverged arm stops here; later rows would be meaningless
-                result.diverged = True
-                result.diverged_step = step + 1
-                rows.append(
-                    {"step": step + 1, "train_loss": None, "lr": optimizer.param_groups[0]["lr"]}
-                )
                 step += 1
+                diverged_at(step)
                 break
             if before_step:
                 info = StepInfo(step + 1, lv, model, optimizer, xb, yb)
@@ -350,20 +365,33 @@ def train(
                 for cb in callbacks:
                     cb(info)
             if step % eval_every == 0 or step == steps:
-                eval_row(step, loss_sum / max(1, loss_count))
+                if not eval_row(step, loss_sum / max(1, loss_count)):
+                    break
                 loss_sum, loss_count = 0.0, 0
             if bar is not None and step % 100 == 0:
                 bar.update(100)
     if not result.diverged and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         # the last update made the weights non-finite: no later loss would say so
-        result.diverged = True
-        result.diverged_step = step
         if rows and rows[-1]["step"] == step:
             rows.pop()  # its metrics came from non-finite weights
-        rows.append({"step": step, "train_loss": None, "lr": optimizer.param_groups[0]["lr"]})
+        diverged_at(step)
     result.steps_done = step
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def mark_diverged(result: TrainResult) -> None:
+    """Mark a finished run as diverged at its last step, after a measurement found that its
+    activations overflow (what the training loop cannot see while the loss stays finite): its
+    last row's metrics give way to the divergence row, as in :func:`train`."""
+    step = result.steps_done
+    rows = result.rows
+    lr = rows[-1].get("lr") if rows else None
+    if rows and rows[-1]["step"] == step:
+        rows.pop()
+    rows.append({"step": step, "train_loss": None, "lr": lr})
+    result.diverged = True
+    result.diverged_step = step
 
 
 def steps_to_target(

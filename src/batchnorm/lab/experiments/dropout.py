@@ -24,7 +24,7 @@ Claims:
 * BN reduces the benefit of dropout: (held-out accuracy with the best dropout rate − accuracy
   without) is smaller with BN than without; the best rate is chosen on a validation set of
   ``n_val`` training images that no arm trains on (choosing it by the test accuracy it is then
-  judged on would inflate both benefits);
+  judged on would inflate both benefits), the smaller rate on a tie;
 * BN regularizes: without dropout, the BN network's generalization gap is smaller;
 * dropout before BN shifts the variance: the BN layers preceded by dropout have
   ``|log var_ratio|`` larger than the same layers in the ``BN-last`` arm;
@@ -217,11 +217,18 @@ def _train(
         # the doctor's findings on this arm, and after its fix: statistics recomputed with
         # Dropout off (batchnorm.recalibrate) on training inputs
         calib = list(torch.split(ds.x_train[:2000], cfg.batch_size))
-        extra["doctor"] = before_after(
-            net, ds.x_test, lambda m: recalibrate(m, calib), batch_size=cfg.batch_size
-        )
-        fixed = copy.deepcopy(net)
-        recalibrate(fixed, calib)
+        try:
+            doctor = before_after(
+                net, ds.x_test, lambda m: recalibrate(m, calib), batch_size=cfg.batch_size
+            )
+            fixed = copy.deepcopy(net)
+            recalibrate(fixed, calib)
+        except (OverflowError, FloatingPointError):
+            # activations beyond the float range, whose statistics no BN layer can hold: the
+            # run diverged, though its loss stayed finite
+            train.mark_diverged(res)
+            return res, {"mismatch": {}}
+        extra["doctor"] = doctor
         extra["doctor"]["test_acc_before"] = train.evaluate(net, ds.x_test, ds.y_test)[0]
         extra["doctor"]["test_acc_after"] = train.evaluate(fixed, ds.x_test, ds.y_test)[0]
     return res, extra
@@ -349,9 +356,10 @@ def run(cfg: DropoutConfig, ctx: RunContext) -> Results:
     mv = {a: ranked(mean_std(v)["mean"], div[a], -math.inf) for a, v in valid.items()}
 
     def chosen(prefix: str) -> str | None:
-        arms = [_arm_name(prefix == "BN", p, "every") for p in rates if p > 0]
+        # the best validation accuracy; on a tie the smaller rate (max keeps the first)
+        arms = [_arm_name(prefix == "BN", p, "every") for p in sorted(rates) if p > 0]
         scored = [(v, a) for a in arms if (v := mv[a]) is not None]
-        return max(scored)[1] if scored else None
+        return max(scored, key=lambda va: va[0])[1] if scored else None
 
     def benefit(prefix: str) -> float | None:
         best = chosen(prefix)

@@ -223,7 +223,11 @@ def _mean_curve(
     return steps, curve
 
 
-def _final(curve: list[float | None]) -> float | None:
+def _final(curve: list[float | None], steps: list[int] | None = None) -> float | None:
+    """The curve's last point; ``None`` if missing, or (with ``steps``) if it is step 0's —
+    the untrained network's, all that is left of an arm whose every seed diverged."""
+    if steps is not None and (not steps or steps[-1] == 0):
+        return None
     return curve[-1] if curve and curve[-1] is not None else None
 
 
@@ -444,7 +448,7 @@ def run(cfg: LearningRateConfig, ctx: RunContext) -> Results:
         arm: faster(reach_seeds["noBN"], reach_seeds[arm], cfg.steps + 1)
         for arm in ("BN-Baseline", "BN-x5")
     }
-    final = {arm: _final(cv) for arm, (_, cv) in mean_curves.items()}
+    final = {arm: _final(cv, st) for arm, (st, cv) in mean_curves.items()}
     diverged = {arm: arms_summary[arm]["diverged"] > 0 for arm in ARMS}
     learns = {arm: not diverged[arm] and _learns(final[arm], chance, target) for arm in ARMS}
     for arm in ARMS:

@@ -204,24 +204,32 @@ def _train(
         desc=f"lr={exact_key(lr)} seed={seed}",
     )
     extra: dict[str, Any] = {}
-    if not res.diverged:
-        with train.torch_threads(cfg.threads):
-            # the doctor on the final model (EMA statistics) and after its fix, precise BN
-            extra["doctor"] = before_after(
-                net, ds.x_test, lambda m: recalibrate(m, calib), batch_size=cfg.batch_size
-            )
-    if adabn and not res.diverged:
-        with train.torch_threads(cfg.threads):
-            extra["adabn"] = _adabn(cfg, ds, net, seed)
-            # on the most shifted images: source statistics vs AdaBN's
-            c, b = cfg.shift_contrast[-1], cfg.shift_brightness[-1]
-            target = _batches(shift(ds.x_train, c, b), cfg.precise_samples, cfg.batch_size, seed)
-            extra["doctor_shifted"] = before_after(
-                net,
-                shift(ds.x_test, c, b),
-                lambda m: recalibrate(m, target),
-                batch_size=cfg.batch_size,
-            )
+    try:
+        if not res.diverged:
+            with train.torch_threads(cfg.threads):
+                # the doctor on the final model (EMA statistics) and after its fix, precise BN
+                extra["doctor"] = before_after(
+                    net, ds.x_test, lambda m: recalibrate(m, calib), batch_size=cfg.batch_size
+                )
+        if adabn and not res.diverged:
+            with train.torch_threads(cfg.threads):
+                extra["adabn"] = _adabn(cfg, ds, net, seed)
+                # on the most shifted images: source statistics vs AdaBN's
+                c, b = cfg.shift_contrast[-1], cfg.shift_brightness[-1]
+                target = _batches(
+                    shift(ds.x_train, c, b), cfg.precise_samples, cfg.batch_size, seed
+                )
+                extra["doctor_shifted"] = before_after(
+                    net,
+                    shift(ds.x_test, c, b),
+                    lambda m: recalibrate(m, target),
+                    batch_size=cfg.batch_size,
+                )
+    except (OverflowError, FloatingPointError):
+        # activations beyond the float range (here, or on shifted images), whose statistics
+        # no BN layer can hold: the run diverged, though its loss stayed finite
+        train.mark_diverged(res)
+        extra = {}
     return res, extra
 
 

@@ -291,9 +291,10 @@ def _train_arm(
     result = train.TrainResult(rows)
     t0 = time.perf_counter()
 
-    def eval_row(step: int, loss: float | None) -> None:
+    def eval_row(step: int, loss: float | None) -> bool:
         acc, test_loss = train.evaluate(net, ds.x_test, ds.y_test)
         rows.append({"step": step, "train_loss": loss, "test_acc": acc, "test_loss": test_loss})
+        return math.isfinite(test_loss)  # outputs that overflow: as lab.train.train says
 
     with train.torch_threads(cfg.threads):
         net.train()
@@ -310,10 +311,15 @@ def _train_arm(
                 break
             opt.step()
             losses.append(lv)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                eval_row(step, float(np.mean(losses)))
-                losses = []
             result.steps_done = step
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                if not eval_row(step, float(np.mean(losses))):
+                    train.mark_diverged(result)
+                    break
+                losses = []
+    if not result.diverged and not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+        # the last update made the weights non-finite, as lab.train.train checks too
+        train.mark_diverged(result)
     result.seconds = time.perf_counter() - t0
     return result, {}
 
