@@ -114,6 +114,10 @@ BAD_SETTINGS = [
     ("dropout", "eval_every=0", "eval_every.* must be >= 1"),
     ("initialization", "eval_every=0", "eval_every.* must be >= 1"),
     ("small-batch", "eval_every=0", "eval_every.* must be >= 1"),
+    # the field given is the one named, with its value
+    ("paper-mnist", "eval_every=0", "eval_every must be >= 1, got 0"),
+    ("learning-rate", "sweep_steps=0", "sweep_steps must be >= 1, got 0"),
+    ("dropout", "final_window=0", "final_window must be >= 1, got 0"),
     # an activation the network builder does not know: a traceback at the first build, mid-run
     ("initialization", "activation=foo", "unknown activation 'foo'"),
     ("paper-mnist", "activation=foo", "unknown activation 'foo'"),

@@ -73,6 +73,14 @@ class BaseConfig:
         """The seeds this config runs."""
         return [self.seed + i for i in range(self.seeds)]
 
+    def at_least_one(self, *names: str) -> None:
+        """Refuse, naming the first of them and its value, a field in ``names`` below 1 (a
+        count: steps, an evaluation interval, a window)."""
+        for name in names:
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+
     def validate(self) -> None:
         """Check value ranges; experiments extend this (call ``super().validate()``)."""
         if self.seeds < 1:

@@ -5,6 +5,7 @@ file is edited. Importing this module imports every module of :mod:`batchnorm.la
 (``pkgutil``), and each registers itself::
 
     from dataclasses import dataclass
+    from pathlib import Path
     from batchnorm.lab.config import BaseConfig
     from batchnorm.lab.registry import register
     from batchnorm.lab.results import Claim, Results, RunContext, RunData
@@ -32,8 +33,8 @@ The pieces: :mod:`~batchnorm.lab.config` (typed configs, ``--set`` conversion),
 :mod:`~batchnorm.lab.train` (the one training loop, step callbacks, divergence detection,
 steps-to-target), :mod:`~batchnorm.lab.results` (run folders, ``Claim``, ``Results``,
 ``ctx.cached`` for resumable units of work), :mod:`~batchnorm.lab.plots` (figure primitives:
-mean ± spread curves, grouped bars, percentile bands), :mod:`~batchnorm.lab.report` (Markdown +
-HTML reports, the combined report of ``lab run all``).
+mean ± spread curves, grouped points with error bars, percentile bands),
+:mod:`~batchnorm.lab.report` (Markdown + HTML reports, the combined report of ``lab run all``).
 
 ``run`` only computes: the framework writes ``config.json``, ``metrics.csv``, ``series.json``,
 ``summary.json`` (atomically), then calls ``figures`` on the reloaded run folder, then writes the

@@ -133,8 +133,7 @@ class DropoutConfig(BaseConfig):
                 f"n_train_eval must be >= 0 (0 = all training examples), got {self.n_train_eval}"
             )
         check_bn1d_batch(self.batch_size)
-        if min(self.steps, self.eval_every, self.final_window) < 1:
-            raise ConfigError("steps, eval_every and final_window must be >= 1")
+        self.at_least_one("steps", "eval_every", "final_window")
         check_final_window(self.final_window, self.steps, self.eval_every)
         if 0.0 not in self.dropout_rates or len(self.dropout_rates) < 2:
             raise ConfigError(

@@ -110,8 +110,7 @@ class ICSConfig(BaseConfig):
                 "one batch for the deep linear network to train on"
             )
         check_bn1d_batch(self.batch_size)
-        if min(self.steps, self.dln_steps, self.probe_every, self.eval_every) < 1:
-            raise ConfigError("steps, dln_steps, probe_every and eval_every must be >= 1")
+        self.at_least_one("steps", "dln_steps", "probe_every", "eval_every")
         if self.dln_depth < 2 or self.dln_width < 1:
             raise ConfigError("the deep linear network needs dln_depth >= 2 and dln_width >= 1")
         if self.cnn_lr <= 0 or self.dln_lr <= 0:

@@ -94,8 +94,7 @@ class InitializationConfig(BaseConfig):
         check_positive(lr=self.lr)
         check_non_negative(momentum=self.momentum)
         check_bn1d_batch(self.batch_size)
-        if min(self.steps, self.eval_every, self.final_window) < 1:
-            raise ConfigError("steps, eval_every and final_window must be >= 1")
+        self.at_least_one("steps", "eval_every", "final_window")
         check_final_window(self.final_window, self.steps, self.eval_every)
         if len(self.init_scales) < 2 or min(self.init_scales) <= 0:
             raise ConfigError(f"init_scales needs >= 2 positive scales, got {self.init_scales}")

@@ -138,8 +138,7 @@ class LearningRateConfig(BaseConfig):
         )
         if not 0 < self.val_fraction < 1:  # also refuses nan
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if min(self.steps, self.sweep_steps, self.eval_every, self.batch_size) < 1:
-            raise ConfigError("steps, sweep_steps, eval_every and batch_size must be >= 1")
+        self.at_least_one("steps", "sweep_steps", "eval_every", "batch_size")
         if not self.sweep_lrs or min(self.sweep_lrs) <= 0:
             raise ConfigError(f"sweep_lrs must hold positive rates, got {self.sweep_lrs}")
         if self.lr0 is not None and self.lr0 <= 0:

@@ -118,8 +118,7 @@ class NoisyBNConfig(BaseConfig):
             raise ConfigError(f"final_window must be >= 1, got {self.final_window}")
         check_final_window(self.final_window, self.steps, self.eval_every)
         check_bn1d_batch(self.batch_size)
-        if min(self.steps, self.eval_every, self.probe_every, self.probe_size) < 1:
-            raise ConfigError("steps, eval_every, probe_every and probe_size must be >= 1")
+        self.at_least_one("steps", "eval_every", "probe_every", "probe_size")
         if self.tolerance < 0:
             raise ConfigError(f"tolerance must be >= 0, got {self.tolerance}")
 

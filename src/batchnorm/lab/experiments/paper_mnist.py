@@ -111,8 +111,7 @@ class PaperMnistConfig(BaseConfig):
         super().validate()
         check_distinct(lr_grid=self.lr_grid, percentiles=self.percentiles)
         check_bn1d_batch(self.batch_size)
-        if min(self.steps, self.sweep_steps, self.eval_every, self.batch_size) < 1:
-            raise ConfigError("steps, sweep_steps, eval_every and batch_size must be >= 1")
+        self.at_least_one("steps", "sweep_steps", "eval_every", "batch_size")
         first = self.final_window * self.eval_every
         if self.speedup > 0 and self.steps / self.speedup < first:
             # BN's curve is averaged as a final accuracy is: no point before `first`, so `faster`

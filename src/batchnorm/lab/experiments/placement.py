@@ -105,8 +105,7 @@ class PlacementConfig(BaseConfig):
         super().validate()
         check_distinct(activations=self.activations)
         check_bn1d_batch(self.batch_size)
-        if min(self.steps, self.eval_every, self.final_window) < 1:
-            raise ConfigError("steps, eval_every and final_window must be >= 1")
+        self.at_least_one("steps", "eval_every", "final_window")
         check_final_window(self.final_window, self.steps, self.eval_every)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")

@@ -161,8 +161,7 @@ class SmallBatchConfig(BaseConfig):
                 f"gn_groups={self.gn_groups} does not divide the widths {uneven} (channels, "
                 "hidden) into equal groups; choose a divisor of every width"
             )
-        if min(self.steps, self.eval_every, self.final_window, self.batch_size) < 1:
-            raise ConfigError("steps, eval_every, final_window and batch_size must be >= 1")
+        self.at_least_one("steps", "eval_every", "final_window", "batch_size")
         check_final_window(self.final_window, self.steps, self.eval_every)
         bad = [g for g in self.group_sizes if g < 1 or self.batch_size % g]
         if bad or not self.group_sizes:

@@ -95,8 +95,7 @@ class SmoothnessConfig(BaseConfig):
         check_widths(widths=self.widths)
         check_probe_every(self.probe_every, self.steps)
         check_bn1d_batch(self.batch_size)
-        if min(self.steps, self.probe_every, self.eval_every) < 1:
-            raise ConfigError("steps, probe_every and eval_every must be >= 1")
+        self.at_least_one("steps", "probe_every", "eval_every")
         if not self.step_multiples or min(self.step_multiples) <= 0:
             raise ConfigError(f"step_multiples must be positive, got {self.step_multiples}")
         if self.lr <= 0:
