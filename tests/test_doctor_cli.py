@@ -436,10 +436,16 @@ def test_an_exception_in_the_users_code_says_where_it_came_from(project, capsys)
     cases = (
         (
             [f"{r}:make_model", "--data", str(project["npy"])],
-            "make_model() raised RuntimeError: boom",
+            f"MODULE:FACTORY: make_model() in {r!r} raised RuntimeError: boom",
         ),
-        ([f, "--data", f"{r}:batches"], "batches() raised ValueError: no data today"),
-        ([f, "--data", f"{r}:bad_batches"], "bad_batches() raised OSError while being read"),
+        (
+            [f, "--data", f"{r}:batches"],
+            f"--data: batches() in {r!r} raised ValueError: no data today",
+        ),
+        (
+            [f, "--data", f"{r}:bad_batches"],
+            f"--data: the batches of bad_batches() in {r!r} raised OSError while being read",
+        ),
     )
     for args, says in cases:
         assert doctor_cli(*args) == 2

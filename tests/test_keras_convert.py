@@ -568,3 +568,11 @@ def test_subclasses_get_the_rank_check_and_negative_eps_is_refused_by_name() -> 
         keras_to_torch(k_neg, nn.BatchNorm1d(4))
     with pytest.raises(ValueError, match=r"^torch_to_keras: the source's eps is -0.0001"):
         torch_to_keras(nn.BatchNorm1d(4, eps=-1e-4), _keras_bn(keras.layers.BatchNormalization, 4))
+    # with eps="keep" the target's ε counts too: the layer named is the target
+    keras_ok = _keras_bn(keras.layers.BatchNormalization, 4, name="keras_ok")
+    with pytest.raises(ValueError, match=r"the target's eps is -0.0001, in module 'BatchNorm1d'"):
+        keras_to_torch(keras_ok, nn.BatchNorm1d(4, eps=-1e-4), eps="keep")
+    k_neg2 = keras.layers.BatchNormalization(epsilon=-1e-4, name="keras_neg")
+    k_neg2.build((None, 4))
+    with pytest.raises(ValueError, match=r"the target's eps is -0.0001, in layer 'keras_neg'"):
+        torch_to_keras(nn.BatchNorm1d(4), k_neg2, eps="keep")

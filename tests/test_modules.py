@@ -1323,3 +1323,26 @@ def test_outputs_are_laid_out_as_torch_nn_s_for_views_of_any_strides() -> None:
                 torch.testing.assert_close(got, want)
         cases += 1
     assert cases > 50
+
+
+def test_every_public_warning_and_error_class_is_exported_at_the_top() -> None:
+    """``except batchnorm.SyncBatchNormError`` must work for every class a user may catch or
+    filter: each public Warning/Exception subclass defined in the library's modules."""
+    import importlib
+    import pkgutil
+
+    missing = []
+    for info in pkgutil.walk_packages(batchnorm.__path__, "batchnorm."):
+        if ".lab" in info.name or info.name.endswith(("keras", "cli")):
+            continue  # the lab's and the Keras layer's errors belong to them
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, Exception)
+                and obj.__module__ == info.name
+                and not name.startswith("_")
+                and getattr(batchnorm, name, None) is not obj
+            ):
+                missing.append(f"{info.name}.{name}")
+    assert missing == []

@@ -710,3 +710,28 @@ def test_tools_name_a_lazy_layer_that_has_not_seen_an_input(tool: str) -> None:
     net.train()(x)  # materialized, with statistics: the tool then works
     net.eval()
     call()
+
+
+@pytest.mark.parametrize("policy", ["raise", "running", "skip"])
+def test_recalibrate_skips_a_last_batch_of_one_sample_whatever_the_small_batch_policy(
+    policy: str,
+) -> None:
+    """ "running" and "skip" let one sample through the layers, which then counted it: from the
+    statistics being replaced, or as β, in every later layer."""
+    torch.manual_seed(0)
+    x = torch.randn(101, 5) * 3 + 1
+
+    def net() -> nn.Module:
+        torch.manual_seed(1)
+        return nn.Sequential(
+            nn.Linear(5, 8),
+            batchnorm.BatchNorm1d(8, small_batch=policy),
+            nn.Linear(8, 3),
+            batchnorm.BatchNorm1d(3, small_batch=policy),
+        )
+
+    model, ref = net(), net()
+    assert batchnorm.recalibrate(model, x.split(25)) == 100
+    batchnorm.recalibrate(ref, x[:100].split(25))
+    torch.testing.assert_close(model[3].running_var, ref[3].running_var)
+    torch.testing.assert_close(model[3].running_mean, ref[3].running_mean)

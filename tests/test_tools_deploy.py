@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -359,3 +360,19 @@ def test_a_pair_whose_folded_weights_overflow_the_dtype_is_kept(what: str) -> No
     assert not isinstance(out[1], nn.Identity)  # kept as the BN (fold) or its fixed map
     assert isinstance(out[3], nn.Identity)  # the pair that fits is folded
     assert bool(torch.isfinite(out(x)).all())
+
+
+def test_a_float32_running_variance_of_exactly_minus_eps_is_refused() -> None:
+    """−1e-5 in float32 is −9.99999975e-6: above −ε in float64, but 0 under the layer's own
+    square root (an infinite output); the check adds ε in the buffer's dtype, as the layer."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        net[1].running_var[1] = -1e-5
+    with pytest.raises(ValueError, match=r"below -eps in 1 of 4 channels \(1\)"):
+        batchnorm.fold(net, torch.randn(2, 3, 3, 3))
+    with torch.no_grad():
+        net[1].running_var[1] = -0.99e-5  # above −ε in float32 too: foldable
+    x = torch.randn(2, 3, 3, 3)
+    _, err = batchnorm.fold(net, x)
+    with torch.no_grad():
+        assert math.isfinite(err) and err < 1e-5 * float(net(x).abs().max())  # (outputs ~1e3)

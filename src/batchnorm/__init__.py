@@ -35,7 +35,7 @@ from batchnorm.inplace_abn import InPlaceABN, InPlaceABNPrecisionWarning
 from batchnorm.nn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from batchnorm.nn.batchnorm import SmallBatchWarning
 from batchnorm.recorder import ActivationRecorder
-from batchnorm.sync import SyncBatchNorm, convert_sync_batchnorm
+from batchnorm.sync import SyncBatchNorm, SyncBatchNormError, convert_sync_batchnorm
 from batchnorm.tools import fold, recalibrate, to_inference
 from batchnorm.variants import (
     BatchRenorm,
@@ -46,6 +46,7 @@ from batchnorm.variants import (
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
+    FrozenStatisticsWarning,
     GhostBatchNorm,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
@@ -101,6 +102,8 @@ __all__ = [
     "InPlaceABN",
     "InPlaceABNPrecisionWarning",
     "SmallBatchWarning",
+    "FrozenStatisticsWarning",
+    "SyncBatchNormError",
     "doctor",
     "DoctorReport",
     "Finding",

@@ -663,14 +663,21 @@ def _check_fits(fn: str, values: Sequence[tuple[str, Any, Any]], source: str, ta
 
 
 def _translate_eps(
-    var: Any, eps_src: float, eps_dst: float, mode: str, fn: str, var_name: str, where: str
+    var: Any,
+    eps_src: float,
+    eps_dst: float,
+    mode: str,
+    fn: str,
+    var_name: str,
+    where: tuple[str, str],
 ) -> tuple[float, Any]:
     """The target's ε and variance: ``eps='copy'`` takes the source's ε; ``'keep'`` keeps the
-    target's and shifts the variance so that √(var + ε) — the inference map — is unchanged."""
-    for side, value in (("source", eps_src), ("target", eps_dst)):
+    target's and shifts the variance so that √(var + ε) — the inference map — is unchanged.
+    ``where`` names the source and the target layer."""
+    for side, value, layer in (("source", eps_src, where[0]), ("target", eps_dst, where[1])):
         if not value >= 0.0 and (side == "source" or mode == "keep"):
             raise ValueError(
-                f"{fn}: the {side}'s eps is {value!r} for {where}; ε must be >= 0 (it is added "
+                f"{fn}: the {side}'s eps is {value!r}, in {layer}; ε must be >= 0 (it is added "
                 "to the variance under the square root). Set it on that layer first, e.g. "
                 "1e-3 (Keras' default) or 1e-5 (PyTorch's)."
             )
@@ -679,7 +686,7 @@ def _translate_eps(
     var = var + eps_src - eps_dst
     if (var < 0).any():
         raise ValueError(
-            f"{fn}: eps='keep' needs {var_name} + {eps_src:g} − {eps_dst:g} ≥ 0 for {where}; "
+            f"{fn}: eps='keep' needs {var_name} + {eps_src:g} − {eps_dst:g} ≥ 0 for {where[0]}; "
             "use eps='copy'."
         )
     return eps_dst, var
@@ -813,7 +820,13 @@ def keras_to_torch(
             )
         eps_k = float(kl.epsilon)
         eps_t, mv = _translate_eps(
-            mv, eps_k, float(tm.eps), eps, fn, "moving_variance", f"layer {kn!r}"
+            mv,
+            eps_k,
+            float(tm.eps),
+            eps,
+            fn,
+            "moving_variance",
+            (f"layer {kn!r}", f"module {tn!r}"),
         )
         target_unbiased = bool(getattr(tm, "unbiased_running_var", True))
         if bessel_count is not None and target_unbiased:
@@ -951,7 +964,13 @@ def torch_to_keras(
             )
         eps_t = float(tm.eps)
         eps_k, rv = _translate_eps(
-            rv, eps_t, float(kl.epsilon), eps, fn, "running_var", f"module {tn!r}"
+            rv,
+            eps_t,
+            float(kl.epsilon),
+            eps,
+            fn,
+            "running_var",
+            (f"module {tn!r}", f"layer {kn!r}"),
         )
         source_unbiased = bool(getattr(tm, "unbiased_running_var", True))
         if bessel_count is not None and source_unbiased:

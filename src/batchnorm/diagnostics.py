@@ -2332,15 +2332,16 @@ def _load_object(spec: str, what: str) -> Any:
     return getattr(module, attr)
 
 
-def _call_user(func: Any, spec: str) -> Any:
-    """``func()``; an exception raised inside it is said to come from it."""
-    name = spec.rpartition(":")[2]
+def _call_user(func: Any, spec: str, what: str) -> Any:
+    """``func()``; an exception raised inside it is said to come from it, with the option
+    (``what``) and the file."""
+    module, _, name = spec.rpartition(":")
     if not callable(func):
-        raise TypeError(f"{spec} is a {type(func).__name__}, not a function")
+        raise TypeError(f"{what}: {spec} is a {type(func).__name__}, not a function")
     try:
         return func()
     except Exception as e:
-        raise _LoadError(f"{name}() raised {type(e).__name__}: {e}") from e
+        raise _LoadError(f"{what}: {name}() in {module!r} raised {type(e).__name__}: {e}") from e
 
 
 def _file_kind(path: Path) -> str | None:
@@ -2534,7 +2535,8 @@ def _first_batches(data: Any, num_batches: int, spec: str) -> Any:
                 break
     except Exception as e:
         raise _LoadError(
-            f"the batches of {name}() raised {type(e).__name__} while being read: {e}"
+            f"--data: the batches of {name}() in {spec.rpartition(':')[0]!r} raised "
+            f"{type(e).__name__} while being read: {e}"
         ) from e
     return out
 
@@ -2584,7 +2586,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run_cli(args: argparse.Namespace) -> DoctorReport:
-    model = _call_user(_load_object(args.factory, "MODULE:FACTORY"), args.factory)
+    model = _call_user(_load_object(args.factory, "MODULE:FACTORY"), args.factory, "MODULE:FACTORY")
     if not isinstance(model, nn.Module):
         raise TypeError(f"{args.factory} returned {type(model).__name__}, not an nn.Module")
     if args.checkpoint:
@@ -2608,7 +2610,7 @@ def _run_cli(args: argparse.Namespace) -> DoctorReport:
                 f"--key {args.key!r}: --data {args.data} is a function, so --key names "
                 "nothing there; leave it out"
             )
-        data = _call_user(_load_object(args.data, "--data"), args.data)
+        data = _call_user(_load_object(args.data, "--data"), args.data, "--data")
         data = _first_batches(data, args.num_batches, args.data)
     return doctor(
         model,

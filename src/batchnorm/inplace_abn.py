@@ -25,7 +25,7 @@ layer with :class:`InPlaceABNPrecisionWarning`):
   saturated positions is exact in sum but each is off by ``γ/(m·σ_B)·dγ·(x̂ᵢ − mean)``.
 * **ELU near saturation.** Short of that, ``z = log1p(y/α)`` keeps fewer than half of ``y``'s
   digits once ``eᶻ = 1 + y/α < √ε`` (ε of the output's dtype: z below about −18 in float64,
-  −8 in float32, −3 in bfloat16): x̂, dx and dγ are approximate there (float64, γ = 21 putting
+  −8 in float32, −2.4 in bfloat16): x̂, dx and dγ are approximate there (float64, γ = 21 putting
   the lowest pre-activation at −35: dx off by 0.7 %), with a warning.
 * **|γ| small relative to |β|.** ``x̂ = (z − β)/γ`` cancels: z carries a rounding error of
   ``ε·|β|``, so x̂ is off by about ``ε·|β|/|γ|`` and loses more than half its digits once

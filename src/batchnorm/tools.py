@@ -198,12 +198,15 @@ def _accumulate(
     handles = []
 
     pending: dict[str, Moments] = {}  # the current batch's, merged once its forward succeeds
+    single: list[str] = []  # layers that got one value per channel from the current batch
 
     def hook_for(name: str, layer: nn.Module) -> Any:
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = args[0]
             mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
             new = Moments.of(x, _axis(layer), mask)
+            if new.count < 2:
+                single.append(name)
             pending[name] = merge_moments(pending[name], new) if name in pending else new
 
         return hook
@@ -228,6 +231,7 @@ def _accumulate(
                     n = min(n, num_samples - seen)
                     x = _first_samples(x, n, size)
                 pending.clear()
+                single.clear()
                 try:
                     model(x if device is None else _map_tensors(x, lambda t: t.to(device)))
                 except ValueError as e:
@@ -235,6 +239,11 @@ def _accumulate(
                     # an image) in train mode: skipped, e.g. a DataLoader's last batch of one
                     if n != 1 or "value per channel" not in str(e):
                         raise
+                    single.append("")
+                if single and n == 1:
+                    # (also where a layer's small_batch policy let it through: "running" would
+                    # normalize with the statistics being replaced, "skip" give β, and every
+                    # later layer would count that)
                     if size == 1:
                         continue
                     break  # the one sample left to take under num_samples
@@ -469,7 +478,8 @@ def _check_inference_ready(bn: nn.Module, name: str, what: str) -> None:
         )
     rm, rv = _tensor(bn, "running_mean").detach(), _tensor(bn, "running_var").detach()
     eps = float(getattr(bn, "eps", 1e-5))
-    bad = ~(rm.isfinite() & rv.isfinite() & (rv.double() + eps > 0))
+    # var + ε as the layer computes it, in its own dtype (−1e-5 in float32 is not −ε in float64)
+    bad = ~(rm.isfinite() & rv.isfinite() & (rv + torch.tensor(eps, dtype=rv.dtype) > 0))
     if bool(bad.any()):
         channels = bad.reshape(-1).nonzero().reshape(-1).tolist()
         shown = ", ".join(map(str, channels[:8])) + (", ..." if len(channels) > 8 else "")
