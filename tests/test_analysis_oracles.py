@@ -378,3 +378,38 @@ def test_measurements_leave_the_global_random_stream_as_it_was() -> None:
         torch.manual_seed(7)
         measure()
         assert torch.equal(torch.rand(3), want)
+
+
+def test_ics_order_ignores_reads_of_a_parameter_s_metadata() -> None:
+    """``x.to(self.fc2.weight.dtype)`` (CLIP's pattern) reads no values: fc2 stays second, and
+    a weight read only through ``.data`` is not a use either."""
+
+    class DtypeFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.to(self.fc2.weight.dtype).to(next(self.fc2.parameters()).device)
+            return self.fc2(torch.tanh(self.fc1(x)))
+
+    torch.manual_seed(0)
+    model = DtypeFirst()
+    batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    by_layer = {s.layer: s for s in internal_covariate_shift(model, CE, batch, 0.5)}
+    assert by_layer["fc1"].l2 == 0.0
+    _, l2 = _by_hand(model, batch, 0.5, ["fc1.weight", "fc1.bias"], "fc2.weight")
+    assert by_layer["fc2"].l2 == pytest.approx(l2, rel=1e-8) and l2 > 0
+
+    class DataOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale, self.fc = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x @ self.scale.weight.data.t())
+
+    shifts = internal_covariate_shift(
+        DataOnly(), CE, (torch.randn(8, 6), torch.randint(0, 3, (8,))), 0.5
+    )
+    assert [s.layer for s in shifts] == ["fc"] and shifts[0].l2 == 0.0

@@ -1258,3 +1258,13 @@ def test_batch_norm_checks_its_nonfinite_policy_by_its_own_name(
     rm, rv = (torch.zeros(3), torch.ones(3)) if buffers else (None, None)
     with pytest.raises(ValueError, match=r"^batch_norm: nonfinite must be 'warn' or 'raise'"):
         F.batch_norm(torch.randn(8, 3), rm, rv, training=training, nonfinite="ignore")  # type: ignore[arg-type]
+
+
+def test_numpy_scalar_momenta_are_numbers() -> None:
+    """np.float32(0.1) is a momentum, as for torch.nn (a finiteness check once refused it)."""
+    x = torch.randn(8, 3)
+    for m in (np.float32(0.1), np.float16(0.5), np.int64(1), 0, 1, torch.tensor(0.1)):
+        ours, ref = batchnorm.BatchNorm1d(3, momentum=m), torch.nn.BatchNorm1d(3, momentum=float(m))
+        ours(x)
+        ref(x)
+        torch.testing.assert_close(ours.running_var, ref.running_var)

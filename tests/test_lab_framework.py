@@ -829,3 +829,13 @@ def test_noisy_bn_percentile_panels_use_the_arms_colors(monkeypatch, tmp_path):
     run = type("Run", (), {"series": series})()
     noisy_bn.figures(run, tmp_path)  # type: ignore[arg-type]
     assert drawn == {"standard": curve_colors["standard"], "noisy-BN": curve_colors["noisy-BN"]}
+
+
+def test_evaluation_of_a_half_model_sums_its_loss_in_float32() -> None:
+    """A float16 sum over 10000 samples at a loss of 7 is inf: the run was marked diverged."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 1000)).half()
+    x, y = torch.randn(10000, 20).half(), torch.randint(0, 1000, (10000,))
+    _, loss = train.evaluate(net, x, y)
+    _, ref = train.evaluate(net.float(), x.float(), y)
+    assert math.isfinite(loss) and loss == pytest.approx(ref, rel=1e-2)

@@ -221,6 +221,32 @@ def _check_start(loss: float, grads: Sequence[Tensor], where: str) -> None:
         )
 
 
+#: tensor functions that read a parameter's metadata, not its values (``x.to(w.dtype)``,
+#: ``next(m.parameters()).device``, ``w.data``): property getters are all ``__get__``
+_METADATA = frozenset(
+    {
+        "__get__",
+        "dim",
+        "ndimension",
+        "size",
+        "numel",
+        "nelement",
+        "stride",
+        "storage_offset",
+        "element_size",
+        "is_contiguous",
+        "is_floating_point",
+        "is_complex",
+        "data_ptr",
+        "get_device",
+        "__len__",
+        "__repr__",
+        "__format__",
+        "__hash__",
+    }
+)
+
+
 class _ParameterUses(TorchFunctionMode):
     """Records, in ``events``, the owner of each parameter passed to a torch function (a
     weight a module uses directly, as ``nn.MultiheadAttention`` uses ``out_proj.weight``)."""
@@ -233,6 +259,8 @@ class _ParameterUses(TorchFunctionMode):
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None
     ) -> Any:
         kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in _METADATA:  # reads no values: not a use
+            return func(*args, **kwargs)
 
         def record(values: Iterable[Any]) -> None:  # in argument order: the order of use
             for a in values:

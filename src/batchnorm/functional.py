@@ -27,6 +27,7 @@ is issued; with ``"raise"`` a :class:`NonFiniteStatisticsError` is raised before
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import sys
@@ -1363,16 +1364,17 @@ def _bad_eps(eps: Any, layer: str | None) -> NoReturn:
     )
 
 
-def _check_momentum(momentum: Any, layer: str | None) -> None:
-    """Refuse a momentum that is not a finite number (``None``, a string, NaN, inf: a layer's
-    attribute may be set after its constructor checked it), before it reaches the running
-    statistics; a tensor (a traced or compiled cumulative factor) is taken as it is."""
+def _check_momentum(momentum: Any, layer: str | None) -> Any:
+    """The momentum as a Python float (a NumPy float16's arithmetic would round the blend), or
+    refused if it is not a finite number (``None``, a string, NaN, inf: a layer's attribute may
+    be set after its constructor checked it), before it reaches the running statistics; a
+    tensor (a traced or compiled cumulative factor) is taken as it is."""
     if isinstance(momentum, Tensor):
-        return
-    if isinstance(momentum, bool) or not isinstance(momentum, int | float):
-        ok = False
+        return momentum
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        ok = False  # (NumPy's scalars are Real: np.float32(0.1) is a momentum)
     else:
-        ok = math.isfinite(momentum)
+        ok = math.isfinite(float(momentum))
     if not ok:
         raise BatchNormInputError(
             f"{_name(layer)}: momentum must be a finite number, the weight of the new batch in "
@@ -1384,6 +1386,7 @@ def _check_momentum(momentum: Any, layer: str | None) -> None:
                 else ""
             )
         )
+    return float(momentum)
 
 
 def empty_output(input: Tensor, weight: Tensor | None, bias: Tensor | None, axis: int) -> Tensor:
@@ -1488,7 +1491,7 @@ def batch_norm_step(
     layer = layer or "batch_norm_step"
     _check_input(input, axis, layer)
     _check_policy(nonfinite, layer)
-    _check_momentum(momentum, layer)
+    momentum = _check_momentum(momentum, layer)
     ax = axis % input.dim() if input.dim() else axis
     count = _check_count(input, ax, layer)
     # a traced count is an int64 tensor, and int64·float gives float32: the factor in float64
@@ -1778,7 +1781,7 @@ def update_running_stats(
     """
     layer = layer or "update_running_stats"
     _check_policy(nonfinite, layer)
-    _check_momentum(momentum, layer)
+    momentum = _check_momentum(momentum, layer)
     for what, buf in (("running_mean", running_mean), ("running_var", running_var)):
         if buf.numel() != mean.numel() or not buf.is_floating_point():
             raise BatchNormInputError(

@@ -207,7 +207,8 @@ def evaluate(
         for i in range(0, x.shape[0], batch_size):
             logits = model(x[i : i + batch_size])
             yy = y[i : i + batch_size]
-            loss_sum += float(F.cross_entropy(logits, yy, reduction="sum"))
+            # summed in float32 at least: a float16 sum over thousands of samples overflows
+            loss_sum += float(F.cross_entropy(logits.float(), yy, reduction="sum"))
             correct += int((logits.argmax(1) == yy).sum())
     finally:
         model.train(was_training)
