@@ -1370,7 +1370,13 @@ def _check_momentum(momentum: Any, layer: str | None) -> Any:
     be set after its constructor checked it), before it reaches the running statistics; a
     tensor (a traced or compiled cumulative factor) is taken as it is."""
     if isinstance(momentum, Tensor):
-        return momentum
+        if (
+            momentum.dim() == 0
+            and _has_memory(momentum)
+            and not (_tracing() or torch.compiler.is_compiling())
+        ):
+            return float(momentum)  # a user's 0-d tensor (torch.nn takes one): a number
+        return momentum  # a factor inside a recorded graph
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         ok = False  # (NumPy's scalars are Real: np.float32(0.1) is a momentum)
     else:
