@@ -371,7 +371,7 @@ def train(
                 loss_sum, loss_count = 0.0, 0
             if bar is not None and step % 100 == 0:
                 bar.update(100)
-    if not result.diverged and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+    if not result.diverged and not finite_weights(model):
         # the last update made the weights non-finite: no later loss would say so
         if rows and rows[-1]["step"] == step:
             rows.pop()  # its metrics came from non-finite weights
@@ -379,6 +379,12 @@ def train(
     result.steps_done = step
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def finite_weights(model: nn.Module) -> bool:
+    """Whether every parameter of ``model`` is finite (after the last update, which no later
+    loss would check)."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def mark_diverged(result: TrainResult) -> None:

@@ -316,7 +316,7 @@ def _train_arm(
                     train.mark_diverged(result)
                     break
                 losses = []
-    if not result.diverged and not all(bool(torch.isfinite(p).all()) for p in net.parameters()):
+    if not result.diverged and not train.finite_weights(net):
         # the last update made the weights non-finite, as lab.train.train checks too
         train.mark_diverged(result)
     result.seconds = time.perf_counter() - t0
