@@ -504,6 +504,24 @@ def test_an_optimizer_built_before_the_conversion_still_trains_the_layer(convert
     assert not torch.equal(net[1].bias, torch.zeros(4))
 
 
+@pytest.mark.parametrize(
+    "options, problem",
+    [
+        ({"center": True, "scale": False}, "β without γ"),
+        ({"unbiased_running_var": False}, "a biased running variance"),
+    ],
+)
+def test_convert_model_to_torch_refuses_what_torch_nn_cannot_hold_in_batchnorm2d_too(
+    options: dict, problem: str
+) -> None:
+    """BatchNorm1d/2d/3d skipped the checks the generic layer gets: β without γ failed inside
+    load_state_dict, a biased running variance was silently lost. Nothing is converted."""
+    net = nn.Sequential(batchnorm.BatchNorm2d(4), batchnorm.BatchNorm2d(4, **options))
+    with pytest.raises(ValueError, match=rf"layer '1' \(BatchNorm2d\(4\)\).*{problem}"):
+        batchnorm.convert_model(net, to="torch")
+    assert [type(m) for m in net] == [batchnorm.BatchNorm2d, batchnorm.BatchNorm2d]
+
+
 def test_convert_model_keeps_freezing_sharing_and_dtype() -> None:
     """A frozen layer stays frozen (and unfreeze still restores γ/β's gradients), a layer
     registered under two names stays one layer, and affine=False layers keep their dtype."""

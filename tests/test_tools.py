@@ -712,6 +712,111 @@ def test_tools_name_a_lazy_layer_that_has_not_seen_an_input(tool: str) -> None:
     call()
 
 
+@pytest.mark.parametrize(
+    "tool",
+    ["recalibrate", "fold", "to_inference", "freeze", "convert_model", "convert_sync", "doctor"],
+)
+@pytest.mark.parametrize("whole", [True, False], ids=["scripted-model", "scripted-block"])
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_tools_refuse_a_scripted_batchnorm_they_would_silently_skip(tool: str, whole: bool) -> None:
+    """A TorchScript BN is no BN class to the tools: each used to return as if it had worked
+    (recalibrate counted its samples, to_inference left a mode-dependent layer in place)."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    x = torch.randn(16, 3, 8, 8)
+    block(x)
+    block.eval()
+    net = torch.jit.script(block) if whole else nn.Sequential(torch.jit.script(block), nn.ReLU())
+    call = {
+        "recalibrate": lambda: batchnorm.recalibrate(net, [x]),
+        "fold": lambda: batchnorm.fold(net, x),
+        "to_inference": lambda: batchnorm.to_inference(net, x),
+        "freeze": lambda: batchnorm.freeze(net),
+        "convert_model": lambda: batchnorm.convert_model(net),
+        "convert_sync": lambda: batchnorm.convert_sync_batchnorm(net),
+        "doctor": lambda: batchnorm.doctor(net, x, batch_size=8),
+    }[tool]
+    layer = "1" if whole else "0.1"
+    with pytest.raises(TypeError, match=rf"batch-norm layer '{layer}' is compiled by torch.jit"):
+        call()
+
+
+def test_convert_model_names_a_lazy_batchnorm_instead_of_skipping_it() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"^convert_model: layer '1' \(LazyBatchNorm2d\)"):
+        batchnorm.convert_model(net)
+    net(torch.randn(2, 3, 6, 6))
+    assert type(batchnorm.convert_model(net)[1]) is batchnorm.BatchNorm2d
+
+
+def test_a_batchnorms_hooks_survive_fold_to_inference_and_conversion() -> None:
+    """Folding, fixing and converting replaced a hooked BN by a layer without its hooks: the
+    output changed without a word."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    net(x)
+    net.eval()
+    handle = net[1].register_forward_hook(lambda m, i, out: out * 2)
+    ref = net(x)
+    with pytest.warns(UserWarning, match=r"'0' → '1': the BN has forward hooks"):
+        folded, err = batchnorm.fold(net, x)
+    assert err == 0.0 and isinstance(folded[1], nn.BatchNorm2d)
+    with pytest.warns(UserWarning, match="the BN has forward hooks"):
+        fixed = batchnorm.to_inference(net, x)
+    assert isinstance(fixed[1], batchnorm.FrozenBatchNorm)
+    torch.testing.assert_close(fixed(x), ref)
+    converted = batchnorm.convert_model(net)
+    assert type(converted[1]) is batchnorm.BatchNorm2d
+    torch.testing.assert_close(converted(x), ref)
+    handle.remove()  # the user's handle still removes the hook from the new layer
+    assert not converted[1]._forward_hooks
+    torch.testing.assert_close(converted(x), ref / 2)
+
+
+def test_to_inference_keeps_the_pre_hook_of_a_batchnorm_it_cannot_fold() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    net = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3))
+    net(x)
+    net.eval()
+    net[0].register_forward_pre_hook(lambda m, args: (args[0] + 1,))
+    fixed = batchnorm.to_inference(net, x)
+    torch.testing.assert_close(fixed(x), net(x))
+
+
+def test_a_frozen_layer_converted_keeps_one_freezing_hook_and_unfreezes() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    net(torch.randn(8, 3))
+    batchnorm.freeze(net)
+    converted = batchnorm.convert_model(net)
+    assert len(converted[1]._forward_pre_hooks) == 1
+    batchnorm.unfreeze(converted.train())
+    assert not converted[1]._forward_pre_hooks and converted[1].training
+
+
+def test_fold_leaves_a_pair_whose_weight_forward_also_reads_directly() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 5, 3, padding=1)
+            self.bn = nn.BatchNorm2d(5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x)) + torch.nn.functional.conv2d(
+                x, self.conv.weight, padding=1
+            )
+
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(8, 3, 8, 8)
+    net(x)
+    net.eval()
+    folded, err = batchnorm.fold(net, x)
+    assert err == 0.0 and isinstance(folded.bn, nn.BatchNorm2d)
+    torch.testing.assert_close(batchnorm.to_inference(net, x)(x), net(x))
+
+
 @pytest.mark.parametrize("policy", ["raise", "running", "skip"])
 def test_recalibrate_skips_a_last_batch_of_one_sample_whatever_the_small_batch_policy(
     policy: str,

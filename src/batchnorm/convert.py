@@ -73,8 +73,6 @@ def _our_sync(m: nn.Module) -> bool:
 def _torch_class_for(
     m: _BatchNormBase, name: str, rank: int | None
 ) -> type[nn.modules.batchnorm._BatchNorm]:
-    if type(m) in _TO_TORCH:
-        return _TO_TORCH[type(m)]
     sync = _our_sync(m)
     problems = []
     if m.axis != 1:
@@ -85,14 +83,16 @@ def _torch_class_for(
         problems.append("γ without β (this torch version has no bias=False)")
     if not m.unbiased_running_var:
         problems.append("a biased running variance (torch.nn stores the unbiased one)")
-    if type(m) is not BatchNorm and not sync:
+    if type(m) not in _TO_TORCH and type(m) is not BatchNorm and not sync:
         problems.append(f"{type(m).__name__} has no torch.nn counterpart")
     if problems:
         raise ValueError(
             f"convert_model: layer {name!r} ({m.layer_name()}) cannot become a torch.nn layer: "
             + "; ".join(problems)
-            + ". Keep our layer for it, or rebuild it with BatchNorm1d/2d/3d."
+            + ". Keep our layer for it, or rebuild it as a BatchNorm1d/2d/3d without these."
         )
+    if type(m) in _TO_TORCH:
+        return _TO_TORCH[type(m)]
     if sync:  # torch.nn.SyncBatchNorm takes any rank
         return nn.SyncBatchNorm
     if rank not in _TORCH_BY_RANK:
@@ -111,8 +111,8 @@ def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:
     """Give ``dst`` (a new layer of another class) the state of ``src``: its very parameter
     and buffer objects — as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does — so that an
     optimizer built before the conversion still trains γ and β, and anything else holding the
-    running statistics still sees them; its mode and frozen state."""
-    from batchnorm.variants import freeze_like
+    running statistics still sees them; its mode, frozen state and hooks."""
+    from batchnorm.variants import carry_hooks, freeze_like
 
     tensors = [*src.parameters(recurse=False), *src.buffers(recurse=False)]
     if tensors:
@@ -124,6 +124,7 @@ def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:
         if name in dst._buffers:
             dst._buffers[name] = b
     dst.train(src.training)
+    carry_hooks(src, dst)
     freeze_like(src, dst)  # frozen stays frozen; unfreeze still restores γ/β's gradients
     return dst
 
@@ -210,6 +211,9 @@ def convert_model(
     """
     if to not in ("ours", "torch"):
         raise ValueError(f"convert_model: to must be 'ours' or 'torch', got {to!r}")
+    from batchnorm.variants import check_editable
+
+    check_editable(model, "convert_model")
     ranks: dict[str, int] = {}  # our generic BatchNorm's input rank, by name
     if to == "torch" and example_input is not None:
         if any(type(m) is BatchNorm for m in model.modules()):
@@ -226,6 +230,7 @@ def convert_model(
     if top is not None:
         return top
     done: dict[int, nn.Module | None] = {}  # a layer registered twice is converted once
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
     for name, child in list(model.named_modules(remove_duplicate=False)):
         # _modules: every entry, a layer listed twice in one container included
         for cname, c in list(child._modules.items()):
@@ -236,7 +241,10 @@ def convert_model(
                 done[id(c)] = _convert_one(c, to, full, ranks, width)
             new = done[id(c)]
             if new is not None:
-                setattr(child, cname, new)
+                swaps.append((child, cname, new))
+    # every layer is converted before any is put in place: an error leaves the model as it was
+    for child, cname, new in swaps:
+        setattr(child, cname, new)
     return model
 
 

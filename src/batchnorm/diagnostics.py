@@ -605,6 +605,10 @@ class _Accumulator:
 def _probe_copy(model: nn.Module) -> nn.Module:
     from torch.nn.parameter import is_lazy
 
+    from batchnorm.variants import check_not_scripted
+
+    check_not_scripted(model, "doctor")
+
     lazy = [
         n or type(model).__name__
         for n, mod in model.named_modules()

@@ -59,6 +59,7 @@ from batchnorm.nn.batchnorm import (
     _BatchNormBase,
     forwarding_signature,
 )
+from batchnorm.variants import check_not_scripted
 
 __all__ = [
     "SyncBatchNorm",
@@ -679,6 +680,7 @@ def convert_sync_batchnorm(
     layers = list(_named_bn(model))
     for full, m in layers:
         _check_lazy(m, full)
+    check_not_scripted(model, "convert_sync_batchnorm")
     if not layers:
         return model
     width = max(int(m.num_features) for _, m in layers)  # type: ignore[arg-type]

@@ -29,7 +29,16 @@ from batchnorm.functional import NonFiniteStatisticsWarning
 from batchnorm.inplace_abn import InPlaceABN
 from batchnorm.nn.batchnorm import SmallBatchWarning, _BatchNormBase
 from batchnorm.recorder import first_tensor
-from batchnorm.variants import FrozenBatchNorm, _Renorm, _tensor, check_materialized, is_frozen
+from batchnorm.variants import (
+    FrozenBatchNorm,
+    _Renorm,
+    _tensor,
+    carry_hooks,
+    check_editable,
+    is_frozen,
+    unfreeze_hook,
+    user_hooks,
+)
 
 __all__ = [
     "Moments",
@@ -173,7 +182,7 @@ def _accumulate(
             f"recalibrate: num_samples must be >= 1 (one image gives its pixels), got "
             f"{num_samples}; pass None to use all the data"
         )
-    check_materialized(model, "recalibrate")
+    check_editable(model, "recalibrate")
     layers = _recalibrated_layers(model)
     moments: dict[str, Moments] = {}
     seen = 0
@@ -461,6 +470,13 @@ def _not_foldable(layer: nn.Module) -> str | None:
     return None
 
 
+def _hooked(bn: nn.Module) -> str | None:
+    """Why a BN cannot be folded away because of its hooks (None: it can)."""
+    if user_hooks(bn):
+        return "the BN has forward hooks, which would be lost with it"
+    return None
+
+
 def _check_inference_ready(bn: nn.Module, name: str, what: str) -> None:
     # a FrozenBatchNorm is a fixed map in either mode, from statistics that may still be broken
     fixed = isinstance(bn, FrozenBatchNorm)
@@ -576,9 +592,12 @@ def _fx_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
         return None
     mods = dict(model.named_modules())
     calls: dict[str, int] = {}
+    read = set()  # layers whose parameters or buffers forward reads directly (self.conv.weight)
     for node in graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+        elif node.op == "get_attr":
+            read.add(str(node.target).rpartition(".")[0])
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(mods.get(str(node.target)), _AFFINE_TYPES):
@@ -591,6 +610,8 @@ def _fx_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
             and len(src.users) == 1
             and calls[str(src.target)] == 1
             and calls[str(node.target)] == 1
+            # folding rewrites both layers' tensors: a weight read elsewhere would change there
+            and not read & {str(src.target), str(node.target)}
             and len(node.args) == 1
             # a BN called with a mask keyword: the nn.Identity left by folding takes no mask
             and not node.kwargs
@@ -677,7 +698,7 @@ def _fold_in_place(model: nn.Module, ranks: dict[str, int] | None, what: str) ->
         _check_inference_ready(bn, bn_name, what)
         if int(_tensor(bn, "running_mean").numel()) != _out_channels(layer):
             continue
-        why = _not_foldable(layer)
+        why = _not_foldable(layer) or _hooked(bn)
         if why is not None:
             refused.append(f"{layer_name!r} → {bn_name!r}: {why}")
             continue
@@ -767,7 +788,7 @@ def fold(model: nn.Module, example_input: Any, *, inplace: bool = False) -> tupl
         >>> [type(m).__name__ for m in folded], err < 1e-5
         (['Conv2d', 'Identity'], True)
     """
-    check_materialized(model, "fold")
+    check_editable(model, "fold")
     for name, m in model.named_modules():
         if isinstance(m, _BN_TYPES):
             _check_inference_ready(m, name or type(m).__name__, "fold")
@@ -830,7 +851,7 @@ def to_inference(
         >>> [type(m).__name__ for m in batchnorm.to_inference(net)]
         ['FrozenBatchNorm', 'Linear']
     """
-    check_materialized(model, "to_inference")
+    check_editable(model, "to_inference")
     for name, m in model.named_modules():
         if isinstance(m, _BN_TYPES):
             _check_inference_ready(m, name or type(m).__name__, "to_inference")
@@ -849,7 +870,12 @@ def to_inference(
 
 
 def _fixed(bn: nn.Module) -> nn.Module:
+    """The fixed map replacing ``bn``, with ``bn``'s hooks (and not the hook that keeps a frozen
+    layer in eval mode)."""
     frozen = FrozenBatchNorm.from_batchnorm(bn)
+    fixed: nn.Module = frozen
     if isinstance(bn, InPlaceABN):
-        return nn.Sequential(frozen, bn.activation_module())
-    return frozen
+        fixed = nn.Sequential(frozen, bn.activation_module())
+    carry_hooks(bn, fixed)
+    unfreeze_hook(fixed)
+    return fixed

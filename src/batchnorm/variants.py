@@ -734,9 +734,25 @@ def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _BN_TYPES)]
 
 
-def check_materialized(model: nn.Module, what: str) -> None:
-    """Refuse a model whose lazy layers (``nn.LazyConv2d``, ``nn.LazyBatchNorm2d``, …) have not
-    yet seen an input, naming the first such layer: their shapes are unknown."""
+def _scripted_batchnorm(model: nn.Module) -> list[str]:
+    """The names of ``model``'s TorchScript batch-norm layers (``torch.jit.script`` of one, or
+    of a model holding one): no tool can read or replace them in place."""
+    found = []
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.jit.ScriptModule):
+            continue
+        original = str(getattr(m, "original_name", ""))
+        buffers = dict(m.named_buffers(recurse=False))
+        if "BatchNorm" in original or "running_mean" in buffers:
+            found.append(name or original or type(m).__name__)
+    return found
+
+
+def check_editable(model: nn.Module, what: str) -> None:
+    """Refuse a model whose layers a tool cannot see, naming the first such layer: lazy layers
+    (``nn.LazyConv2d``, ``nn.LazyBatchNorm2d``, …) that have not yet seen an input, whose shapes
+    are unknown, and batch-norm layers compiled by ``torch.jit.script``, which are not BN classes
+    to the tools and cannot be replaced in place (the tool would silently do nothing)."""
     for name, m in model.named_modules():
         tensors = itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False))
         if any(is_lazy(t) for t in tensors):
@@ -745,6 +761,18 @@ def check_materialized(model: nn.Module, what: str) -> None:
                 "layer that has not seen an input yet, so its shape is unknown; run one batch "
                 f"through the model first (model(x)), then call {what} again"
             )
+    check_not_scripted(model, what)
+
+
+def check_not_scripted(model: nn.Module, what: str) -> None:
+    """Refuse a model holding a batch-norm layer compiled by ``torch.jit.script``, naming it."""
+    scripted = _scripted_batchnorm(model)
+    if scripted:
+        raise TypeError(
+            f"{what}: batch-norm layer {scripted[0]!r} is compiled by torch.jit.script, so "
+            f"{what} can neither read nor replace it (it would do nothing); call {what} on the "
+            "eager model, before torch.jit.script"
+        )
 
 
 def freeze(model: nn.Module, *, affine: bool = False) -> nn.Module:
@@ -767,7 +795,7 @@ def freeze(model: nn.Module, *, affine: bool = False) -> nn.Module:
         >>> bool(torch.equal(before, net[1].running_mean))
         True
     """
-    check_materialized(model, "freeze")
+    check_editable(model, "freeze")
     layers = _bn_layers(model)
     # every layer is checked before any is frozen: an error leaves the model as it was
     for name, m in layers:
@@ -820,7 +848,8 @@ def _mark_frozen(m: nn.Module, switched: list[str], training: bool) -> None:
     before freezing, and the pre-forward hook that keeps it in eval mode."""
     setattr(m, _FROZEN, switched)
     setattr(m, _FROZEN_MODE, training)
-    m.register_forward_pre_hook(_stay_in_eval)
+    if _stay_in_eval not in m._forward_pre_hooks.values():  # a replaced layer's hooks carried over
+        m.register_forward_pre_hook(_stay_in_eval)
     m.training = False
 
 
@@ -829,6 +858,39 @@ def freeze_like(src: nn.Module, dst: nn.Module) -> None:
     restores ``dst`` as it would ``src`` — for a layer replaced by another class."""
     if is_frozen(src):
         _mark_frozen(dst, list(getattr(src, _FROZEN)), getattr(src, _FROZEN_MODE, src.training))
+
+
+# a layer's forward and backward hooks (and their flags), which a replaced layer keeps
+_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_is_full_backward_hook",
+)
+
+
+def carry_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst``, the layer replacing ``src``, ``src``'s forward and backward hooks: the very
+    containers, so the handles the user holds still remove them."""
+    for name in _HOOKS:
+        setattr(dst, name, getattr(src, name))
+
+
+def user_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` has forward hooks besides the one :func:`freeze` adds."""
+    pre = [h for h in m._forward_pre_hooks.values() if h is not _stay_in_eval]
+    return bool(pre or m._forward_hooks)
+
+
+def unfreeze_hook(m: nn.Module) -> None:
+    """Remove the pre-forward hook :func:`freeze` put on ``m`` (its marks stay)."""
+    for key, hook in list(m._forward_pre_hooks.items()):
+        if hook is _stay_in_eval:
+            del m._forward_pre_hooks[key]
 
 
 def unfreeze(model: nn.Module) -> nn.Module:
@@ -845,8 +907,6 @@ def unfreeze(model: nn.Module) -> nn.Module:
         delattr(m, _FROZEN)
         if hasattr(m, _FROZEN_MODE):
             delattr(m, _FROZEN_MODE)
-        for key, hook in list(m._forward_pre_hooks.items()):
-            if hook is _stay_in_eval:
-                del m._forward_pre_hooks[key]
+        unfreeze_hook(m)
         m.training = mode if m is model else model.training
     return model
