@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 import batchnorm
+from batchnorm import InPlaceABN
+from batchnorm.functional import BatchNormInputError
 from batchnorm.inplace_abn import InPlaceABNPrecisionWarning, saved_tensor_bytes
 
 ACTS = [
@@ -373,3 +375,24 @@ def test_training_under_graph_tools_and_without_values_matches_eager() -> None:
     assert y.shape == x.shape and y.device.type == "meta"
     with FakeTensorMode():
         assert batchnorm.InPlaceABN(3)(torch.randn(4, 3, 4, 4)).shape == x.shape
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "elu", "identity"])
+def test_second_derivatives_are_refused_by_name_not_returned_as_none(activation: str) -> None:
+    """The backward had torch's once_differentiable: a Hessian-vector product with
+    allow_unused=True (gradgradcheck's way) came back None without a word."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    m = InPlaceABN(3, activation=activation).double()
+    with pytest.raises(
+        BatchNormInputError,
+        match=r"^InPlaceABN\(3\): no second derivative.*"
+        r"BatchNorm followed by the activation",
+    ):
+        torch.autograd.grad(m(x).pow(3).sum(), x, create_graph=True)
+    # first derivatives as before, equal to BN followed by the activation
+    (g,) = torch.autograd.grad(m(x).pow(3).sum(), x)
+    act = {"leaky_relu": nn.LeakyReLU(0.01), "elu": nn.ELU(), "identity": nn.Identity()}
+    ref = nn.Sequential(nn.BatchNorm1d(3), act[activation]).double()
+    (g_ref,) = torch.autograd.grad(ref(x).pow(3).sum(), x)
+    torch.testing.assert_close(g, g_ref)

@@ -1175,6 +1175,37 @@ def test_torch_func_grad_with_running_buffers_fails_as_torch_nn_and_keeps_them()
             torch.func.grad(lambda p, m=m: torch.func.functional_call(m, p, (x,)).sum())(p)
         assert torch.equal(m.running_mean, torch.zeros(3))
         assert torch.equal(m.running_var, torch.ones(3))
+    # ours says so by name, with the ways out (torch's words name an aten operation)
+    ours = batchnorm.BatchNorm1d(3)
+    with pytest.raises(
+        batchnorm.BatchNormInputError, match=r"^BatchNorm1d\(3\): inside a torch.func transform"
+    ):
+        torch.func.grad(lambda x: ours(x).pow(3).sum())(x)
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "vmap"])
+def test_the_functional_form_names_running_buffers_a_transform_cannot_update(
+    transform: str,
+) -> None:
+    """The functional form raised torch's words (under vmap: "please file a bug report");
+    now the error the layers give, the buffers untouched and the named way out working."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 3) if transform == "vmap" else torch.randn(6, 3)
+    rm, rv = torch.zeros(3), torch.ones(3)
+
+    def f(x: torch.Tensor, rm: torch.Tensor | None = rm, rv: torch.Tensor | None = rv):
+        return F.batch_norm(x, rm, rv, training=True).pow(3).sum(-1)
+
+    wrap = {
+        "grad": lambda g: torch.func.grad(lambda x: g(x).sum()),
+        "jacrev": torch.func.jacrev,
+        "vmap": torch.func.vmap,
+    }[transform]
+    expected = "under torch.func.vmap" if transform == "vmap" else "inside a torch.func transform"
+    with pytest.raises(batchnorm.BatchNormInputError, match=rf"^batch_norm: {expected}"):
+        wrap(f)(x)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    wrap(lambda x: f(x, None, None))(x)  # without running statistics, as the message says
 
 
 @pytest.mark.parametrize("how", ["compile", "export"])

@@ -1381,3 +1381,44 @@ def test_a_gradient_in_memory_lent_by_numpy_is_only_read() -> None:
         assert ext.written_over_dy() == before
         np.testing.assert_array_equal(arr, before_arr)
         assert xg.grad is not None and xg.grad.data_ptr() != arr.ctypes.data
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["node", "function"])
+@pytest.mark.parametrize("graph", [False, True], ids=["kernels", "create_graph"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["eval", "frozen"])
+def test_eval_backward_keeps_what_it_needs_and_not_beta(
+    native: bool, graph: bool, frozen: bool
+) -> None:
+    """Inference saved β, which its backward never reads (dβ = Σdy), and a frozen layer's γ
+    buffer as is: changing either in place before the backward (an optimizer or EMA step,
+    load_state_dict) raised "modified by an inplace operation" (torch.nn does for β). The
+    gradients are those of the forward that ran: torch.nn's on the unchanged layer."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 5, dtype=torch.float64)
+    dy = torch.randn(8, 3, 5, dtype=torch.float64)
+    ours = (batchnorm.FrozenBatchNorm1d(3) if frozen else batchnorm.BatchNorm1d(3)).double()
+    with torch.no_grad():
+        ours.running_mean.uniform_(-1, 1)
+        ours.running_var.uniform_(0.5, 2)
+        ours.weight.uniform_(0.5, 2)
+        ours.bias.uniform_(-1, 1)
+    oracle = torch.nn.BatchNorm1d(3).double().eval()
+    oracle.load_state_dict(ours.state_dict(), strict=False)
+    oracle.weight.requires_grad_(not frozen)
+    oracle.bias.requires_grad_(not frozen)
+    xo = x.clone().requires_grad_(True)
+    want = torch.autograd.grad(
+        oracle(xo), [xo, *[p for p in oracle.parameters() if p.requires_grad]], dy
+    )
+    with _native(native):
+        xi = x.clone().requires_grad_(True)
+        params = [p for p in ours.parameters() if p.requires_grad]
+        y = ours.eval()(xi)
+        with torch.no_grad():
+            ours.bias.add_(0.5)
+            if frozen:
+                ours.weight.mul_(3)
+        got = torch.autograd.grad(y, [xi, *params], dy, create_graph=graph)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-12, atol=1e-12)

@@ -439,6 +439,13 @@ def _robust_part(rank: int, world: int) -> dict:
     swapped = SyncBatchNorm(4, name="swapped")
     swapped.weight = torch.nn.Parameter(torch.ones(3))
     out["swapped"] = _catch(lambda: swapped(torch.randn(5, 4)))
+    # second derivatives: refused by name on every rank (before the backward's exchange), not
+    # a detached gradient that allow_unused=True turns into None
+    twice = SyncBatchNorm(3, dtype=torch.float64, name="twice")
+    xt = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    out["second"] = _catch(
+        lambda: torch.autograd.grad(twice(xt).pow(3).sum(), xt, create_graph=True)
+    )
     # a rank that never arrives: the process group's timeout, then the layer's own timeout
     sub = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=1.0))
     late = SyncBatchNorm(4, process_group=sub, name="late")
@@ -474,6 +481,10 @@ def _check_robust(results: list[dict]) -> None:
         msg = res["swapped"]
         assert msg.startswith(
             "BatchNormInputError: SyncBatchNorm(4) 'swapped': weight has shape (3,)"
+        ), msg
+        msg = res["second"]
+        assert msg.startswith(
+            "BatchNormInputError: SyncBatchNorm(3) 'twice': no second derivative"
         ), msg
         msg = res["uneven"]
         assert msg.startswith("SyncBatchNormError"), msg

@@ -55,7 +55,7 @@ __all__ = [
     "check_channels",
     "check_vectors",
     "device_error",
-    "vmap_error",
+    "transform_error",
     "check_mask",
     "valid_count",
     "BatchNormInputError",
@@ -137,6 +137,34 @@ def canonical_layout(x: Tensor, axis: int = 1) -> tuple[Tensor, Callable[[Tensor
 def _dims(t: Tensor) -> tuple[int, ...]:
     """The reduction dims of a canonical tensor: every dim but the channels."""
     return (0, 2) if t.dim() == 3 else (0,)
+
+
+_Backward = TypeVar("_Backward", bound=Callable[..., Any])
+
+
+def first_order(why: str, remedy: str) -> Callable[[_Backward], _Backward]:
+    """For an autograd Function's backward that has no derivative of its own (``why`` says
+    why): run it without a graph and, when a graph of it is asked for (``create_graph=True``:
+    second derivatives, gradient penalties, Hessian-vector products), raise an error naming
+    the layer (``ctx.layer``) and the ``remedy``. ``torch.autograd.function.once_differentiable``
+    answers that case with a detached gradient, which ``allow_unused=True`` (as in
+    ``gradgradcheck`` and many penalty recipes) turns into a silent ``None``."""
+
+    def wrap(backward: _Backward) -> _Backward:
+        def checked(ctx: Any, *grads: Any) -> Any:
+            if torch.is_grad_enabled() and any(ctx.needs_input_grad):
+                raise BatchNormInputError(
+                    f"{ctx.layer}: no second derivative: {why}. The backward was asked for a "
+                    "graph (create_graph=True: second derivatives, a gradient penalty, a "
+                    f"Hessian-vector product); {remedy}, or call backward without create_graph"
+                )
+            with torch.no_grad():
+                return backward(ctx, *grads)
+
+        checked.__doc__, checked.__name__ = backward.__doc__, backward.__name__
+        return checked  # type: ignore[return-value]
+
+    return wrap
 
 
 def _b(v: Tensor, t: Tensor) -> Tensor:
@@ -877,29 +905,44 @@ def device_error(
     )
 
 
-def vmap_error(
+def transform_error(
     failure: BaseException,
     input: Tensor,
     running: Sequence[Tensor | None],
     layer: str | None = None,
 ) -> BatchNormInputError | None:
-    """The error to raise instead of ``failure`` when a layer that updates its running
-    ``running`` statistics in place was called on a ``torch.func.vmap``-batched input with
-    unbatched buffers (one statistic per vmapped example, one buffer to hold them): torch's own
-    words blame an in-place operation and suggest a bug report. ``None`` otherwise."""
+    """The error to raise instead of ``failure`` when a layer or function that updates its
+    running statistics ``running`` in place failed inside a ``torch.func`` transform because of
+    that update: under ``vmap`` with unbatched buffers (one statistic per vmapped example, one
+    buffer to hold them), under ``grad``/``jacrev``/``vjp``/… with buffers captured from outside
+    the transformed function (which torch.func does not let it change). torch's own words blame
+    an in-place operation (under ``vmap`` suggesting a bug report). ``None`` otherwise."""
     if isinstance(failure, BatchNormInputError) or _functorch_level() is None:
         return None
-    batched = torch._C._functorch.is_batchedtensor
     held = [t for t in running if t is not None]
-    if not held or not batched(input) or any(batched(t) for t in held):
+    if not held:
         return None
-    return BatchNormInputError(
-        f"{_name(layer)}: under torch.func.vmap each vmapped example has its own batch "
-        "statistics, but running_mean and running_var are single tensors to update in place; "
-        "the running statistics were left unchanged. Call the layer in eval mode, build it "
-        "with track_running_stats=False (or run torch.func.replace_all_batch_norm_modules_ on "
-        "the model), or vmap over stacked buffers too (torch.func.stack_module_state)."
+    batched = torch._C._functorch.is_batchedtensor
+    ways_out = (
+        "Call it in eval mode (training=False), without running statistics "
+        "(track_running_stats=False, torch.func.replace_all_batch_norm_modules_, or "
+        "running_mean=running_var=None in the functional form)"
     )
+    if batched(input) and not any(batched(t) for t in held):
+        return BatchNormInputError(
+            f"{_name(layer)}: under torch.func.vmap each vmapped example has its own batch "
+            "statistics, but running_mean and running_var are single tensors to update in "
+            f"place; the running statistics were left unchanged. {ways_out}, or vmap over "
+            "stacked buffers too (torch.func.stack_module_state)."
+        )
+    if "mutate a captured Tensor" in str(failure):
+        return BatchNormInputError(
+            f"{_name(layer)}: inside a torch.func transform (grad, jacrev, vjp, …) the running "
+            "statistics, captured from outside the transformed function, cannot be updated in "
+            "place (torch.nn's layers fail the same way); the running statistics were left "
+            f"unchanged. {ways_out}, or update them outside the transform."
+        )
+    return None
 
 
 def _axis_hint(x: Tensor, num_features: int, axis: int, any_axis: str | None = None) -> str:
@@ -1155,7 +1198,12 @@ class BatchNormEvalFunction(torch.autograd.Function):
         # backward updates its buffers in place); ones that require gradients stay themselves
         mean_used = mean if mean.requires_grad else mean.clone()
         var_used = var if var.requires_grad else var.clone()
-        ctx.save_for_backward(x, mean_used, var_used, weight, bias)  # type: ignore[arg-type]
+        # so is a γ that takes no gradient (a frozen layer's buffer, which an update may change
+        # in place); β is not needed (dβ = Σdy), only its dtype, so changing it in place
+        # before the backward is no error, as in torch.nn
+        w_used = weight if weight is None or weight.requires_grad else weight.clone()
+        ctx.save_for_backward(x, mean_used, var_used, w_used)  # type: ignore[arg-type]
+        ctx.bias_dtype = None if bias is None else bias.dtype  # type: ignore[attr-defined]
         ctx.eps = eps  # type: ignore[attr-defined]
         ctx.axis = axis  # type: ignore[attr-defined]
         ctx.backend = be  # type: ignore[attr-defined]
@@ -1169,8 +1217,13 @@ class BatchNormEvalFunction(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, dy: Tensor | None, *_unused: Any
     ) -> tuple[Tensor | None, ...]:
-        x, mean, var, weight, bias = ctx.saved_tensors  # type: ignore[attr-defined]
+        x, mean, var, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        bias_dtype = ctx.bias_dtype  # type: ignore[attr-defined]
         needs = ctx.needs_input_grad[:5]  # type: ignore[attr-defined]
+        # β's value does not enter its gradient: zeros stand in for it
+        bias = None
+        if bias_dtype is not None:
+            bias = torch.zeros_like(mean, dtype=bias_dtype).requires_grad_(needs[4])
         eps: float = ctx.eps  # type: ignore[attr-defined]
         axis: int = ctx.axis  # type: ignore[attr-defined]
         none: tuple[None, ...] = (None,) * 3
@@ -2095,37 +2148,49 @@ def batch_norm(
     if training and running_mean is not None and running_var is not None:
         _check_momentum(momentum, layer)
     if training and mask is None and running_mean is not None and running_var is not None:
-        y, _ = batch_norm_step(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            momentum,
-            eps,
-            axis=axis,
-            unbiased_running_var=unbiased_running_var,
-            nonfinite=nonfinite,
-            backend=backend,
-            layer=layer,
-        )
+        try:
+            y, _ = batch_norm_step(
+                input,
+                running_mean,
+                running_var,
+                weight,
+                bias,
+                momentum,
+                eps,
+                axis=axis,
+                unbiased_running_var=unbiased_running_var,
+                nonfinite=nonfinite,
+                backend=backend,
+                layer=layer,
+            )
+        except RuntimeError as e:
+            error = transform_error(e, input, (running_mean, running_var), layer)
+            if error is None:
+                raise
+            raise error from e
         return y
     if training:
         y, mean, var, count = batch_norm_train(
             input, weight, bias, eps, axis=axis, backend=backend, layer=layer, mask=mask
         )
         if running_mean is not None and running_var is not None:
-            update_running_stats(
-                running_mean,
-                running_var,
-                mean,
-                var,
-                count,
-                momentum,
-                unbiased=unbiased_running_var,
-                nonfinite=nonfinite,
-                layer=layer,
-            )
+            try:
+                update_running_stats(
+                    running_mean,
+                    running_var,
+                    mean,
+                    var,
+                    count,
+                    momentum,
+                    unbiased=unbiased_running_var,
+                    nonfinite=nonfinite,
+                    layer=layer,
+                )
+            except RuntimeError as e:
+                error = transform_error(e, input, (running_mean, running_var), layer)
+                if error is None:
+                    raise
+                raise error from e
         return y
     if running_mean is None or running_var is None:
         raise BatchNormInputError(

@@ -45,7 +45,6 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from batchnorm import functional as F
 from batchnorm.functional import BatchNormInputError
@@ -102,17 +101,22 @@ class _InPlaceABNFunction(torch.autograd.Function):
         act: str,
         param: float,
         on_saturated: Callable[..., None],
+        layer: str,
     ) -> tuple[Tensor, Tensor, Tensor]:
         y, mean, var, invstd = backend.forward_train(x, weight, bias, eps)
         y = _activate_(y, act, param)
         # only the output (which the next layer saves too) and per-channel vectors are kept
         ctx.save_for_backward(y, weight, bias, invstd)
         ctx.act, ctx.param, ctx.backend, ctx.on_saturated = act, param, backend, on_saturated
+        ctx.layer = layer
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
-    @once_differentiable
+    @F.first_order(
+        "its backward rebuilds x̂ from the output instead of keeping x",
+        "use batchnorm.BatchNorm followed by the activation for this",
+    )
     def backward(ctx: Any, dy: Tensor, _dmean: Tensor, _dvar: Tensor) -> tuple[Any, ...]:
         y, weight, bias, invstd = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
@@ -145,7 +149,7 @@ class _InPlaceABNFunction(torch.autograd.Function):
         dx_out = dx.to(y.dtype) if needs[0] and dx is not None else None
         dw_out = dw.to(weight.dtype) if needs[1] and weight is not None and dw is not None else None
         db_out = db.to(bias.dtype) if needs[2] and bias is not None and db is not None else None
-        return dx_out, dw_out, db_out, None, None, None, None, None
+        return dx_out, dw_out, db_out, None, None, None, None, None, None
 
 
 def _fill_saturated(xhat: Tensor, sat: Tensor, on_saturated: Callable[..., None]) -> Tensor:
@@ -331,6 +335,7 @@ class InPlaceABN(BatchNorm):
             self.activation,
             self.activation_param,
             self._on_saturated,
+            self.layer_name(),
         )
         self._update_running_stats(mean, var, count)
         return restore(y)

@@ -432,8 +432,14 @@ struct EvalNode : public torch::autograd::Function<EvalNode> {
            len(b), eps, y.data_ptr(), d.T);
     }
     // the statistics as this forward used them: a training step of the same layer before the
-    // backward updates the buffers in place (C values each)
-    ctx->save_for_backward({x, rm.clone(), rv.clone(), or_undefined(w), or_undefined(b)});
+    // backward updates the buffers in place (C values each); so is a γ that takes no gradient
+    // (a frozen layer's buffer, which an update may change in place). β is not needed (dβ =
+    // Σdy): only whether there is one, so that changing it in place before the backward is no
+    // error, as in torch.nn
+    const bool has_w = w.has_value() && w->defined();
+    const Tensor w_used = has_w && !w->requires_grad() ? w->clone() : or_undefined(w);
+    ctx->save_for_backward({x, rm.clone(), rv.clone(), w_used});
+    ctx->saved_data["has_b"] = b.has_value() && b->defined();
     save_call(ctx, d, eps);
     return y;
   }
@@ -447,12 +453,12 @@ struct EvalNode : public torch::autograd::Function<EvalNode> {
     const Tensor& rm = saved[1];
     const Tensor& rv = saved[2];
     const Tensor& w = saved[3];
-    const Tensor& b = saved[4];
+    const bool has_b = ctx->saved_data["has_b"].toBool();
     // needs_input_grad counts tensor inputs only (x, rm, rv, then w and b when present)
     const bool has_w = w.defined();
     const bool need_x = ctx->needs_input_grad(0);
     const bool need_w = has_w && ctx->needs_input_grad(3);
-    const bool need_b = b.defined() && ctx->needs_input_grad(has_w ? 4 : 3);
+    const bool need_b = has_b && ctx->needs_input_grad(has_w ? 4 : 3);
     const int64_t axis = ctx->saved_data["axis"].toInt();
     const double eps = ctx->saved_data["eps"].toDouble();
     const auto d = dims_of(x, axis, ctx->saved_data["T"].toInt());
@@ -463,6 +469,8 @@ struct EvalNode : public torch::autograd::Function<EvalNode> {
       // returned in a form the kernels do not read: torch operations in Python
       py::gil_scoped_acquire gil;
       auto opt = [](const Tensor& t) { return t.defined() ? py::cast(t) : py::none(); };
+      // β's value does not enter its gradient: zeros stand in for it
+      const Tensor b = has_b ? at::zeros_like(rm).requires_grad_(need_b) : Tensor();
       py::list r = (*GRAPH_BACKWARD_EVAL)(
           dy, py::make_tuple(x, rm, rv, opt(w), opt(b)),
           py::make_tuple(need_x, false, false, need_w, need_b), eps, axis);

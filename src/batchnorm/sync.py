@@ -46,7 +46,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from batchnorm import functional as F
 from batchnorm.convert import _copy_state
@@ -306,12 +305,17 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         y = F._normalize(xc, mean, invstd, w, b).to(x.dtype)
         ctx.save_for_backward(x, weight, mean, invstd)  # type: ignore[arg-type]
         ctx.ex, ctx.call, ctx.total = ex, call, float(total)  # type: ignore[attr-defined]
+        ctx.layer = ex.layer  # type: ignore[attr-defined]
         total_t = total.to(device=x.device)
         ctx.mark_non_differentiable(mean, var, total_t)
         return y, mean, var, total_t
 
     @staticmethod
-    @once_differentiable
+    @F.first_order(
+        "its backward exchanges sums across the ranks outside autograd (torch.nn.SyncBatchNorm "
+        "has none either)",
+        "a BatchNorm of each rank's own batch has one",
+    )
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
         dy: Tensor,

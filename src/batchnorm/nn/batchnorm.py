@@ -595,7 +595,7 @@ class _BatchNormBase(nn.Module):
             error = F.device_error(e, input, self._per_channel(), self.layer_name())
             if error is None and self.training:
                 running = (self.running_mean, self.running_var)
-                error = F.vmap_error(e, input, running, self.layer_name())
+                error = F.transform_error(e, input, running, self.layer_name())
             if error is None:
                 raise
             raise error from e
