@@ -161,3 +161,20 @@ def test_an_update_that_leaves_a_weight_non_finite_is_a_divergence(
     res, _ = small_batch._train_arm(cfg, ds, "BN-full", 16, False, 0)
     assert res.diverged and res.diverged_step == 3
     assert res.rows[-1]["train_loss"] is None and [r["step"] for r in res.rows] == [1, 2, 3]
+
+
+def test_an_arm_shows_the_progress_bar_the_other_experiments_show(
+    capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """small-batch trains with its own loop, which drew no bar where lab.train.train does."""
+    from batchnorm.lab.data import load_dataset
+
+    monkeypatch.delenv("BATCHNORM_PROGRESS", raising=False)
+    cfg = SmallBatchConfig(**{**SmallBatchConfig.QUICK, "steps": 200, "eval_every": 100})
+    ds = load_dataset("digits")
+    result, _ = small_batch._train_arm(cfg, ds, "BN", 2, False, 0, progress=True)
+    err = capsys.readouterr().err
+    assert result.steps_done == 200
+    assert "BN-g2 seed 0" in err and "/200" in err, err
+    small_batch._train_arm(cfg, ds, "BN", 2, False, 0, progress=False)
+    assert "seed 0" not in capsys.readouterr().err

@@ -53,6 +53,7 @@ __all__ = [
     "seed_everything",
     "torch_threads",
     "progress_enabled",
+    "progress_bar",
     "steps_to_target",
     "make_optimizer",
 ]
@@ -156,11 +157,20 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _closing(bar: Any) -> Iterator[None]:
-    """Close the progress bar however training ends: a bar left open by Ctrl-C or an error
-    keeps the line, and the message that follows is printed onto the end of it."""
+def progress_bar(
+    total: int, desc: str, flag: bool | None = None
+) -> Iterator[Callable[[int], None]]:
+    """A tqdm bar of ``total`` steps when :func:`progress_enabled` (``flag`` forces it); yields
+    ``advance(n)``, which does nothing without a bar. The bar is closed however the work ends:
+    a bar left open by Ctrl-C or an error keeps the line, and the message that follows is
+    printed onto the end of it."""
+    bar = None
+    if progress_enabled(flag):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, leave=False, mininterval=0.5, file=sys.stderr)
     try:
-        yield
+        yield (lambda n: None) if bar is None else bar.update
     finally:
         if bar is not None:
             bar.close()
@@ -318,14 +328,7 @@ def train(
         rows.append(row)
         return True
 
-    show = progress_enabled(progress)
-    bar = None
-    if show:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=desc, leave=False, mininterval=0.5, file=sys.stderr)
-
-    with torch_threads(threads), _closing(bar):
+    with torch_threads(threads), progress_bar(steps, desc, progress) as advance:
         model.train()
         fine = eval_row(0, None) if eval_at_start else True
         loss_sum, loss_count = 0.0, 0
@@ -369,8 +372,8 @@ def train(
                 if not eval_row(step, loss_sum / max(1, loss_count)):
                     break
                 loss_sum, loss_count = 0.0, 0
-            if bar is not None and step % 100 == 0:
-                bar.update(100)
+            if step % 100 == 0:
+                advance(100)
     if not result.diverged and not finite_weights(model):
         # the last update made the weights non-finite: no later loss would say so
         if rows and rows[-1]["step"] == step:

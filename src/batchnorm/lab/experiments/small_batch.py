@@ -278,6 +278,7 @@ def _train_arm(
     g: int,
     noniid: bool,
     seed: int,
+    progress: bool | None = None,
 ) -> tuple[train.TrainResult, dict[str, Any]]:
     train.seed_everything(seed)
     net = _net(cfg, ds, kind, g)
@@ -295,7 +296,8 @@ def _train_arm(
         rows.append({"step": step, "train_loss": loss, "test_acc": acc, "test_loss": test_loss})
         return math.isfinite(test_loss)  # outputs that overflow: as lab.train.train says
 
-    with train.torch_threads(cfg.threads):
+    desc = f"{_arm(kind, g, noniid)} seed {seed}"
+    with train.torch_threads(cfg.threads), train.progress_bar(cfg.steps, desc, progress) as advance:
         net.train()
         losses: list[float] = []
         for step in range(1, cfg.steps + 1):
@@ -311,6 +313,8 @@ def _train_arm(
             opt.step()
             losses.append(lv)
             result.steps_done = step
+            if step % 100 == 0:
+                advance(100)
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 if not eval_row(step, float(np.mean(losses))):
                     train.mark_diverged(result)
@@ -404,7 +408,9 @@ def run(cfg: SmallBatchConfig, ctx: RunContext) -> Results:
         err[name], div[name] = [], []
         for seed in seeds:
             res = cached_train(
-                ctx, f"{name}-seed{seed}", partial(_train_arm, cfg, ds, kind, g, noniid, seed)
+                ctx,
+                f"{name}-seed{seed}",
+                partial(_train_arm, cfg, ds, kind, g, noniid, seed, ctx.progress),
             )
             err[name].append(_final_error(res, cfg.final_window))
             div[name].append(bool(res["train"]["diverged"]))

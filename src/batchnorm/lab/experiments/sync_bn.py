@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from batchnorm.lab import train
 from batchnorm.lab.config import (
     BaseConfig,
     ConfigError,
@@ -240,17 +241,22 @@ def _replica(rank: int, world: int, port: int, job: dict[str, Any], out_dir: str
         b = job["batch"]
         losses = []
         t0 = time.perf_counter()
-        for step in range(job["steps"]):
-            if step == job["warmup"]:  # time and count the steady state only
-                t0 = time.perf_counter()
-                counts.update(bn=0, ddp=0)
-            idx = torch.randint(len(x_train), (world * b,), generator=batches)
-            mine = idx[rank * b : (rank + 1) * b]  # this replica's slice of the global batch
-            loss = F.cross_entropy(model(x_train[mine]), y_train[mine])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        desc = f"{job['arm']} batch {b} seed {job['seed']}"
+        show = bool(job.get("progress")) and rank == 0
+        with train.progress_bar(job["steps"], desc, show) as advance:
+            for step in range(job["steps"]):
+                if step == job["warmup"]:  # time and count the steady state only
+                    t0 = time.perf_counter()
+                    counts.update(bn=0, ddp=0)
+                idx = torch.randint(len(x_train), (world * b,), generator=batches)
+                mine = idx[rank * b : (rank + 1) * b]  # this replica's slice of the global batch
+                loss = F.cross_entropy(model(x_train[mine]), y_train[mine])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                if (step + 1) % 100 == 0:
+                    advance(100)
         seconds = time.perf_counter() - t0
         timed = job["steps"] - job["warmup"]
         dist.all_gather = all_gather
@@ -296,7 +302,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_group(cfg: SyncBNConfig, ds: Dataset, arm: str, batch: int, seed: int) -> dict[str, Any]:
+def _run_group(
+    cfg: SyncBNConfig,
+    ds: Dataset,
+    arm: str,
+    batch: int,
+    seed: int,
+    progress: bool | None = None,
+) -> dict[str, Any]:
     """Spawn ``cfg.world`` replicas for one (arm, batch, seed); return rank 0's measurements
     (and the per-rank accuracies)."""
     import torch
@@ -316,6 +329,7 @@ def _run_group(cfg: SyncBNConfig, ds: Dataset, arm: str, batch: int, seed: int) 
         "classes": ds.num_classes,
         "timeout": min(cfg.group_timeout, 300.0),
         "parent": os.getpid(),  # replicas end when this process does (_exit_with)
+        "progress": train.progress_enabled(progress),  # rank 0 draws the bar, on this terminal
     }
     # a fork server that imported torch once starts the replicas quickly and cleanly
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
@@ -423,7 +437,10 @@ def run(cfg: SyncBNConfig, ctx: RunContext) -> Results:
             res[arm, b] = []
             for seed in seeds:
                 ctx.log(f"{arm} b={b} seed={seed}: {cfg.world} replicas")
-                r = ctx.cached(f"{arm}-b{b}-seed{seed}", partial(_run_group, cfg, ds, arm, b, seed))
+                r = ctx.cached(
+                    f"{arm}-b{b}-seed{seed}",
+                    partial(_run_group, cfg, ds, arm, b, seed, ctx.progress),
+                )
                 res[arm, b].append(r)
                 rows.append({"arm": arm, "per_replica_batch": b, "seed": seed, **r})
 
