@@ -26,13 +26,14 @@ is issued; with ``"raise"`` a :class:`NonFiniteStatisticsError` is raised before
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
 import re
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, NoReturn, Protocol, TypeVar
 
 import numpy as np
@@ -943,6 +944,20 @@ def transform_error(
             f"unchanged. {ways_out}, or update them outside the transform."
         )
     return None
+
+
+@contextlib.contextmanager
+def _transform_errors(
+    input: Tensor, running: Sequence[Tensor | None], layer: str | None
+) -> Iterator[None]:
+    """Raise :func:`transform_error`'s named error for a failure it recognizes."""
+    try:
+        yield
+    except RuntimeError as e:
+        error = transform_error(e, input, running, layer)
+        if error is None:
+            raise
+        raise error from e
 
 
 def _axis_hint(x: Tensor, num_features: int, axis: int, any_axis: str | None = None) -> str:
@@ -2148,7 +2163,7 @@ def batch_norm(
     if training and running_mean is not None and running_var is not None:
         _check_momentum(momentum, layer)
     if training and mask is None and running_mean is not None and running_var is not None:
-        try:
+        with _transform_errors(input, (running_mean, running_var), layer):
             y, _ = batch_norm_step(
                 input,
                 running_mean,
@@ -2163,18 +2178,13 @@ def batch_norm(
                 backend=backend,
                 layer=layer,
             )
-        except RuntimeError as e:
-            error = transform_error(e, input, (running_mean, running_var), layer)
-            if error is None:
-                raise
-            raise error from e
         return y
     if training:
         y, mean, var, count = batch_norm_train(
             input, weight, bias, eps, axis=axis, backend=backend, layer=layer, mask=mask
         )
         if running_mean is not None and running_var is not None:
-            try:
+            with _transform_errors(input, (running_mean, running_var), layer):
                 update_running_stats(
                     running_mean,
                     running_var,
@@ -2186,11 +2196,6 @@ def batch_norm(
                     nonfinite=nonfinite,
                     layer=layer,
                 )
-            except RuntimeError as e:
-                error = transform_error(e, input, (running_mean, running_var), layer)
-                if error is None:
-                    raise
-                raise error from e
         return y
     if running_mean is None or running_var is None:
         raise BatchNormInputError(
