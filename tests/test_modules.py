@@ -1395,3 +1395,36 @@ def test_every_public_warning_and_error_class_is_exported_at_the_top() -> None:
             ):
                 missing.append(f"{info.name}.{name}")
     assert missing == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("how", ["default", "torch", "numba", "masked", "cumulative"])
+def test_momentum_one_makes_the_running_mean_the_batch_mean(how: str, dtype: torch.dtype) -> None:
+    """The blend was running + m·(batch − running) in the buffers' float32, which at m = 1 kept
+    a rounding of the old value (2e-5 to 7e-5 off at an old 5000); torch.nn's
+    (1 − m)·running + m·batch gives the batch mean."""
+    torch.manual_seed(0)
+    x = (torch.rand(8, 2) * 0.05).to(dtype)
+    backend = how if how in ("torch", "numba") else None
+    momentum = None if how == "cumulative" else 1.0  # the first batch's factor is 1/(0 + 1)
+    m = (batchnorm.BatchNorm if how == "masked" else batchnorm.BatchNorm1d)(
+        2, momentum=momentum, backend=backend
+    )
+    m.running_mean.fill_(-5000.0)
+    mask = torch.ones(8, dtype=torch.bool) if how == "masked" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m(x) if mask is None else m(x, mask=mask)
+    want = x.double().mean(0).float()
+    torch.testing.assert_close(m.running_mean, want, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("reset", ["reset_running_stats", "reset_parameters"])
+def test_resetting_statistics_a_layer_never_had_names_the_layer(reset: str) -> None:
+    """A bare AssertionError (an AttributeError under python -O; torch.nn's too) before."""
+    m = batchnorm.BatchNorm2d(4, track_running_stats=False)
+    m.track_running_stats = True
+    with pytest.raises(RuntimeError, match=r"^BatchNorm2d\(4\): track_running_stats is True but"):
+        getattr(m, reset)()
+    m.track_running_stats = False
+    getattr(m, reset)()  # the remedy the message gives

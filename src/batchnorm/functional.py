@@ -1910,7 +1910,9 @@ def blend_running(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
         # the new values are checked in the buffers' dtype before they are stored: a finite
         # variance beyond that dtype's range must not become an inf running variance
         with np.errstate(over="ignore", invalid="ignore"):
-            new_m = rm + momentum * (mu.astype(rm.dtype, copy=False) - rm)  # lerp
+            # (1 − momentum)·running + momentum·batch, as torch.nn writes it: at momentum 1
+            # the batch's value exactly (a lerp's running + momentum·(batch − running) is not)
+            new_m = rm * (1.0 - momentum) + momentum * mu.astype(rm.dtype, copy=False)
             new_v = rv * (1.0 - momentum) + alpha * v.astype(rv.dtype, copy=False)
         if running_mean.dtype in _NUMPY_OK and running_var.dtype in _NUMPY_OK:
             if not (_kept_finite(new_v, rv) and _kept_finite(new_m, rm)):
@@ -1950,7 +1952,7 @@ def _blended(running: RunningStats, mean: Tensor, var: Tensor) -> tuple[Tensor, 
         # every later step, with no guard to recompile. As 0-d tensors, the values flow.
         m = torch.tensor(momentum, dtype=cm)
         a = torch.tensor(alpha, dtype=cv)
-        blended_m = running_mean.to(cm) + m * (mean.to(cm) - running_mean.to(cm))
+        blended_m = running_mean.to(cm) * (1.0 - m.to(cm)) + m * mean.to(cm)
         blended_v = running_var.to(cv) * (1.0 - m.to(cv)) + a * var.to(cv)
     else:
         blended_m = torch.lerp(running_mean.to(cm), mean.to(cm), momentum)

@@ -584,12 +584,13 @@ bool blend(const Tensor& rm, const Tensor& rv, const float* mean, const float* v
   const A a = static_cast<A>(alpha);
   std::vector<B> new_m(static_cast<size_t>(C)), new_v(static_cast<size_t>(C));
   for (int64_t c = 0; c < C; ++c) {
-    const A r = static_cast<A>(m[c]);
-    const A diff = static_cast<A>(mean[c]) - r;
-    const A step = mom * diff;
+    // (1 − momentum)·running + momentum·batch, as torch.nn writes it: at momentum 1 the
+    // batch's value exactly (running + momentum·(batch − running) kept a rounding of the old)
+    const A kept_m = static_cast<A>(m[c]) * keep;
+    const A added_m = mom * static_cast<A>(mean[c]);
     const A kept = static_cast<A>(v[c]) * keep;
     const A added = a * static_cast<A>(var[c]);
-    new_m[c] = static_cast<B>(r + step);
+    new_m[c] = static_cast<B>(kept_m + added_m);
     new_v[c] = static_cast<B>(kept + added);
     const bool m_broke = !std::isfinite(static_cast<double>(new_m[c])) &&
                          std::isfinite(static_cast<double>(m[c]));

@@ -229,6 +229,19 @@ class _BatchNormBase(nn.Module):
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
+            missing = [
+                name
+                for name in ("running_mean", "running_var", "num_batches_tracked")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                raise RuntimeError(
+                    f"{self.layer_name()}: track_running_stats is True but {', '.join(missing)} "
+                    f"{'is' if len(missing) == 1 else 'are'} None (a layer built with "
+                    "track_running_stats=False has no running statistics to reset); set "
+                    "track_running_stats back to False, or build the layer with "
+                    "track_running_stats=True"
+                )
             assert self.running_mean is not None and self.running_var is not None
             assert self.num_batches_tracked is not None
             self.running_mean.zero_()
