@@ -501,3 +501,18 @@ def test_processes_pass_cold_on() -> None:
     assert bench._child_arguments(args)[-1] == "--cold"
     args.cold = False
     assert "--cold" not in bench._child_arguments(args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, says",
+    [
+        ({"warmup": -1}, "warmup must be >= 0, got -1"),
+        ({"dtype": torch.int32}, "dtype must be one of torch.float32, torch.float64, "),
+        ({"dtype": "float32"}, "dtype must be one of"),
+    ],
+)
+def test_the_python_entry_refuses_what_the_cli_refuses(kwargs: dict, says: str) -> None:
+    """bench.run took warmup=-1 and gave torch's bare errors for a dtype that is no float
+    dtype (randn on int32) or a dtype's name."""
+    with pytest.raises(ValueError, match=f"^bench: {says}"):
+        bench.run(["7x3"], repeats=1, **kwargs)

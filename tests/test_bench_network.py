@@ -159,6 +159,8 @@ def test_bad_requests_say_what_to_do(tmp_path, capsys):
         bn_net.run(["mlp"], batch=1)  # (in train mode, the default)
     with pytest.raises(ValueError, match="repeats"):
         bn_net.run(["mlp"], repeats=0)
+    with pytest.raises(ValueError, match="^bench-network: warmup must be >= 0, got -1"):
+        bn_net.run(["mlp"], warmup=-1)  # the CLI refused it, the function took it
     assert cli_main(["bench-network", "--networks", "mlp", "--batch", "1"]) == 2
     assert capsys.readouterr().err.startswith("batchnorm bench-network: batch must be >= 2")
     assert cli_main(["bench-network", "--networks", "mlp", "--threads", "0"]) == 2

@@ -797,3 +797,20 @@ def test_messages_fit_the_layer_a_nan_channel_and_a_bn_without_beta(healthy, dig
     net = nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8, affine=False)).eval()
     (f,) = doctor(net, digits[0], 4, batch_size=32).by_check("bias-before-bn")
     assert "β takes its role" not in f.why and "has no β" in f.why
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda x: batchnorm.stat_gaps(nn.BatchNorm1d(4), x, num_batches=0), "num_batches must"),
+        (lambda x: batchnorm.output_gap(nn.BatchNorm1d(4), x, batch_size=0), "batch_size must"),
+        (lambda x: batchnorm.stat_gaps(nn.BatchNorm1d(4), []), "data yielded no batches"),
+        (lambda x: batchnorm.output_gap(nn.BatchNorm1d(4), 5), "data must be a tensor"),
+        (lambda x: batchnorm.stat_gaps(nn.BatchNorm1d(4), [{"y": x}]), "a batch is a dict"),
+    ],
+)
+def test_stat_gaps_and_output_gap_name_themselves_in_argument_errors(call, message):
+    """Their argument checks are the doctor's and said "doctor:" for a function not called."""
+    name = "stat_gaps" if "stat_gaps" in call.__code__.co_names else "output_gap"
+    with pytest.raises((ValueError, TypeError), match=rf"^{name}: {message}"):
+        call(torch.randn(64, 4))

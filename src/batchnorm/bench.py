@@ -78,6 +78,8 @@ PASS_VALUES = {"fwd": 2.0, "fwd+bwd": 5.0, "eval": 2.0, "eval+bwd": 5.0}
 #: the passes timed by default (the speed targets'); ALL_PASSES adds those timed on request
 PASSES = ("fwd", "fwd+bwd", "eval")
 ALL_PASSES = (*PASSES, "eval+bwd")
+# the dtypes `bench` measures (`--dtype`): float32 is the targets'
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -471,7 +473,8 @@ def run(
     Args:
         cases: :class:`Case` objects or specs like ``"32x64x56x56@cl"``; default :data:`SUITE`.
         repeats: timed calls per contender and pass; medians are reported.
-        dtype: ``torch.float32`` (the targets' dtype) or ``torch.float64``.
+        dtype: ``torch.float32`` (the targets' dtype), ``torch.float64``, ``torch.bfloat16``
+            or ``torch.float16``.
         warmup: untimed rounds first (compilation, allocator warm-up).
         json_path: where to write the JSON.
         progress: called with each case's name before it runs.
@@ -492,6 +495,11 @@ def run(
     """
     if repeats < 1:
         raise ValueError(f"bench: repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"bench: warmup must be >= 0, got {warmup}")
+    if dtype not in DTYPES:
+        names = ", ".join(f"torch.{str(d).removeprefix('torch.')}" for d in DTYPES)
+        raise ValueError(f"bench: dtype must be one of {names}, got {dtype!r}")
     unknown = [p for p in passes if p not in ALL_PASSES]
     if unknown or not passes:
         raise ValueError(
@@ -939,7 +947,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dtype",
-        choices=("float32", "float64", "bfloat16", "float16"),
+        choices=tuple(str(d).removeprefix("torch.") for d in DTYPES),
         default=_MEASURE_DEFAULTS["dtype"],
         action=Recorded,
     )

@@ -397,6 +397,8 @@ def run(
         raise ValueError(f"bench-network: repeats must be >= 1, got {repeats}")
     if not min_seconds >= 0:
         raise ValueError(f"bench-network: min_seconds must be >= 0, got {min_seconds}")
+    if warmup < 0:
+        raise ValueError(f"bench-network: warmup must be >= 0, got {warmup}")
     if mode not in MODES:
         raise ValueError(f"bench-network: mode must be one of {', '.join(MODES)}, got {mode!r}")
     if batch is not None and batch < (2 if mode == "train" else 1):

@@ -468,7 +468,7 @@ INPUT_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values")
 DATA_KEYS = (*INPUT_KEYS, "X", "data")
 
 
-def _as_input(batch: Any) -> Any:
+def _as_input(batch: Any, what: str = "doctor") -> Any:
     """The model input of one batch: a tensor as is; (inputs, targets, ...) -> inputs."""
     if isinstance(batch, Tensor):
         return batch
@@ -479,13 +479,13 @@ def _as_input(batch: Any) -> Any:
             if key in batch:
                 return batch[key]
         raise TypeError(
-            f"doctor: a batch is a dict with keys {sorted(map(str, batch))}, none of which is a "
+            f"{what}: a batch is a dict with keys {sorted(map(str, batch))}, none of which is a "
             f"known input key {INPUT_KEYS}; pass the inputs yourself, e.g. "
             "(batch['my_input'] for batch in loader), or ((batch,) for batch in loader) for a "
             "model that takes the whole dict"
         )
     raise TypeError(
-        f"doctor: cannot find the model input in a batch of type {type(batch).__name__}; pass "
+        f"{what}: cannot find the model input in a batch of type {type(batch).__name__}; pass "
         "tensors, (inputs, targets) tuples, or dicts with an 'inputs'/'x' key; for a model "
         "that takes such a batch whole, wrap each in a tuple: ((batch,) for batch in loader)"
     )
@@ -503,16 +503,18 @@ def _on_device(batches: list[Any], model: nn.Module) -> list[Any]:
     ]
 
 
-def _take_batches(data: Any, num_batches: int, batch_size: int) -> list[Any]:
+def _take_batches(data: Any, num_batches: int, batch_size: int, what: str = "doctor") -> list[Any]:
+    """Up to ``num_batches`` model inputs from ``data``; errors are named after ``what``, the
+    function the user called."""
     if num_batches < 1:
-        raise ValueError(f"doctor: num_batches must be >= 1, got {num_batches}")
+        raise ValueError(f"{what}: num_batches must be >= 1, got {num_batches}")
     if isinstance(data, Tensor):
         if data.dim() == 0 or data.shape[0] == 0:
             raise ValueError(
-                f"doctor: data must be a batch of inputs, got shape {tuple(data.shape)}"
+                f"{what}: data must be a batch of inputs, got shape {tuple(data.shape)}"
             )
         if batch_size < 1:
-            raise ValueError(f"doctor: batch_size must be >= 1, got {batch_size}")
+            raise ValueError(f"{what}: batch_size must be >= 1, got {batch_size}")
         chunks = list(torch.split(data, batch_size))
         if len(chunks) > 1 and chunks[-1].shape[0] < batch_size:
             chunks = chunks[:-1]  # a short remainder is not a batch of the user's size
@@ -521,7 +523,7 @@ def _take_batches(data: Any, num_batches: int, batch_size: int) -> list[Any]:
         it = iter(data)
     except TypeError:
         raise TypeError(
-            f"doctor: data must be a tensor of inputs or an iterable of batches (e.g. a "
+            f"{what}: data must be a tensor of inputs or an iterable of batches (e.g. a "
             f"DataLoader), got {type(data).__name__}"
         ) from None
     out: list[Any] = []
@@ -530,9 +532,9 @@ def _take_batches(data: Any, num_batches: int, batch_size: int) -> list[Any]:
         if len(out) >= num_batches:
             exhausted = False
             break
-        out.append(_as_input(batch))
+        out.append(_as_input(batch, what))
     if not out:
-        raise ValueError("doctor: data yielded no batches")
+        raise ValueError(f"{what}: data yielded no batches")
     if exhausted and len(out) > 1 and _batch_len(out[-1]) < min(_batch_len(b) for b in out[:-1]):
         out.pop()  # a DataLoader's short last batch, as for tensor data: not the user's size
     return out
@@ -922,7 +924,7 @@ def stat_gaps(
     if mode not in ("train", "inference"):
         raise ValueError(f"stat_gaps: mode must be 'train' or 'inference', got {mode!r}")
     t = thresholds or Thresholds()
-    batches = _on_device(_take_batches(data, num_batches, batch_size), model)
+    batches = _on_device(_take_batches(data, num_batches, batch_size, "stat_gaps"), model)
     layers = _bn_layers(model)
     probe = _probe_copy(model)
     _set_modes(probe, mode)
@@ -954,7 +956,7 @@ def output_gap(
 
         batchnorm.output_gap(model, loader).relative_rms   # ≈ 0 for healthy statistics
     """
-    batches = _on_device(_take_batches(data, num_batches, batch_size), model)
+    batches = _on_device(_take_batches(data, num_batches, batch_size, "output_gap"), model)
     names = [n for n, _ in _bn_layers(model)]
     pr = _probes(model, batches, names)
     if pr.err is not None or pr.output is None:
