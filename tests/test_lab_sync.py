@@ -4,6 +4,7 @@ verdicts recomputed from the saved measurements."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +252,29 @@ def test_the_collectives_claim_counts_every_replica(monkeypatch: pytest.MonkeyPa
     odd = claim_with([4.0, 5.0])
     assert odd.verdict is False and odd.measured["sync_per_step"] == [4.0, 5.0]
     assert claim_with([4.0, 4.0]).verdict is True
+
+
+@pytest.mark.timeout(180)
+def test_rank_zero_draws_the_progress_bar(tmp_path: Path) -> None:
+    """The replicas train in their own loop, which drew no bar where the other experiments'
+    training does. A fresh process, so that the replicas write to the pipe read here."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from batchnorm.lab.registry import run_experiment\n"
+        "if __name__ == '__main__':\n"
+        f"    run_experiment('sync-bn', {str(tmp_path / 'run')!r}, quick=True, dataset='digits',"
+        " sets=['steps=200', 'warmup=3', 'per_replica_batches=2'], log=lambda m: None)\n"
+    )
+    script = tmp_path / "run_sync.py"
+    script.write_text(code)
+    env = {**os.environ, "BATCHNORM_PROGRESS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=170
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    bars = re.findall(r"(\w+) batch 2 seed 0:\s+\d+%", done.stderr)
+    assert set(bars) == {"local", "sync"}, done.stderr[-2000:]
+    assert done.stderr.count("batch 2 seed 0:   0%") == 2  # rank 0's bar only, one per group
