@@ -522,3 +522,36 @@ def test_exact_type_fusers_take_our_layers_after_convert_model() -> None:
     )
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(fused(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: batchnorm.BatchNorm2d(8),
+        lambda: batchnorm.BatchRenorm2d(8),
+        lambda: batchnorm.GhostBatchNorm2d(8, virtual_batch_size=2),
+        lambda: batchnorm.InPlaceABN(8),
+    ],
+    ids=["bn", "renorm", "ghost", "inplace-abn"],
+)
+def test_a_training_mode_export_saves_and_loads_as_torch_nns_does(
+    make: Callable[[], nn.Module],
+) -> None:
+    """The running-statistics update ran under no_grad, which torch.export records as a node
+    its serializer cannot save (dynamic batch) or load (static batch)."""
+    import io
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 3, 3) * 2 + 1
+    eager, exported_layer = make().train(), make().train()
+    # a dynamic batch, except for ghost batches, whose count follows from the batch size
+    ghost = isinstance(eager, batchnorm.GhostBatchNorm2d)
+    dynamic = None if ghost else ({0: torch.export.Dim("batch", min=2, max=64)},)
+    program = torch.export.export(exported_layer, (x,), dynamic_shapes=dynamic)
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    buf.seek(0)
+    loaded = torch.export.load(buf).module()
+    torch.testing.assert_close(loaded(x), eager(x))
+    for name, want in eager.named_buffers():
+        torch.testing.assert_close(dict(loaded.named_buffers())[name], want)

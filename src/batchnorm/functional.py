@@ -1969,7 +1969,11 @@ def _blend_traced(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
     buffers an autograd history (each step's graph kept alive by the next)."""
     running_mean, running_var, _, _, nbt, _ = running
     mean, var = mean.detach(), var.detach()
-    with torch.no_grad():
+    # with the statistics detached the update records no graph; no_grad only where a buffer
+    # itself requires gradients (an in-place write to it would be refused): torch.export turns
+    # a no_grad block into a node its serializer cannot save (torch.export.save/load)
+    needs_no_grad = running_mean.requires_grad or running_var.requires_grad
+    with torch.no_grad() if needs_no_grad else contextlib.nullcontext():
         blended_m, blended_v = _blended(running, mean, var)
         kept_v = torch.isfinite(blended_v) | ~torch.isfinite(running_var)
         kept_m = torch.isfinite(blended_m) | ~torch.isfinite(running_mean)
