@@ -1434,3 +1434,15 @@ def test_arguments_the_kernels_cannot_read_are_refused_by_name() -> None:
     for key in ((2, 0, 0), (0, 2, 0), (0, 0, 4), (-1, 0, 0)):
         with pytest.raises(ValueError, match=r"^batchnorm\.kernels\.address: "):
             _entries.address(*key)
+
+
+def test_output_cache_does_not_keep_an_array_beyond_its_whole_budget():  # type: ignore[no-untyped-def]
+    """An output larger than the budget was cached (the eviction stops at one entry) and held
+    after its users were gone, for the life of the process."""
+    from batchnorm import backend_numba as B
+
+    cache = B._Outputs(max_bytes=5 << 20)
+    small = cache.empty_like(np.empty((512, 1024), np.float32))  # 2 MiB: kept
+    big = cache.empty_like(np.empty((2048, 1024), np.float32))  # 8 MiB: over the budget
+    assert big.shape == (2048, 1024) and big.ctypes.data % 64 == 0
+    assert len(cache) == 1 and cache._bytes == small.nbytes

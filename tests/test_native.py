@@ -1422,3 +1422,19 @@ def test_eval_backward_keeps_what_it_needs_and_not_beta(
     assert len(got) == len(want)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.detach(), b, rtol=1e-12, atol=1e-12)
+
+
+def test_an_output_beyond_the_whole_budget_is_not_kept_by_the_node() -> None:
+    """An output larger than the cache's budget (512 MiB) stayed cached after its users were
+    gone: the eviction stops at one entry. Now it is not kept at all."""
+    from batchnorm import backend_numba as B
+
+    ext = native.load()
+    rm, rv = torch.zeros(1), torch.ones(1)
+    over = B._OUT.max_bytes // 4 + (1 << 20)  # float32 values: just over the budget
+    x = torch.ones(2, 1, over // 2)
+    held = ext.cached_outputs()
+    with torch.no_grad():
+        y = F.batch_norm_eval(x, rm, rv)
+    assert y is not None and y.shape == x.shape and ext.cached_outputs() == held
+    assert float(y[0, 0, -1]) == pytest.approx(1 / (1 + 1e-5) ** 0.5)

@@ -63,6 +63,8 @@ class _Outputs:
     def empty_like(self, a: np.ndarray) -> np.ndarray:
         if a.nbytes < REUSE_ABOVE:
             return np.empty_like(a)
+        if a.nbytes > self.max_bytes:  # beyond the whole budget: not kept after its users
+            return K.empty_aligned(a.shape, a.dtype)
         key = (a.shape, a.dtype)
         arrays = self._by_key.get(key)
         if arrays is None:

@@ -173,13 +173,21 @@ Outputs OUT;
 
 void release(void* p) { std::free(p); }
 
+constexpr size_t kLine = 64, kHuge = size_t{2} << 20;
+
+// the bytes fresh(nbytes) takes: whole cache lines, or whole huge pages from 4 MiB on (which
+// the cache's budget counts: a huge page is resident whole)
+size_t allocated(size_t nbytes) {
+  const size_t align = nbytes >= 2 * kHuge ? kHuge : kLine;
+  return (nbytes + align - 1) / align * align;
+}
+
 c10::Storage fresh(size_t nbytes) {
 #ifndef __linux__
   return c10::Storage(c10::Storage::use_byte_size_t(), nbytes, c10::GetCPUAllocator(), true);
 #else
-  constexpr size_t kLine = 64, kHuge = size_t{2} << 20;
   const size_t align = nbytes >= 2 * kHuge ? kHuge : kLine;
-  const size_t size = (nbytes + align - 1) / align * align;
+  const size_t size = allocated(nbytes);
   void* p = std::aligned_alloc(align, size);
   if (p == nullptr) throw std::bad_alloc();
 #ifdef MADV_HUGEPAGE
@@ -197,6 +205,9 @@ c10::Storage fresh(size_t nbytes) {
 Tensor output_like(const Tensor& x) {
   const size_t n = x.nbytes();
   if (OUT.reuse_above == 0 || n < OUT.reuse_above) return at::empty_like(x);
+  if (allocated(n) > OUT.max_bytes) {  // beyond the whole budget: not kept after its users
+    return at::empty({0}, x.options()).set_(fresh(n), 0, x.sizes(), x.strides());
+  }
   c10::Storage st;
   {
     std::lock_guard<std::mutex> guard(OUT.lock);
@@ -211,16 +222,16 @@ Tensor output_like(const Tensor& x) {
         continue;
       }
       // only this cache holds it (every tensor and view over it counts)
-      if (!st && e.bytes == n && e.storage.use_count() == 1) {
+      if (!st && e.storage.nbytes() == n && e.storage.use_count() == 1) {
         st = e.storage;
         h.erase(h.begin() + static_cast<std::ptrdiff_t>(i));
       }
     }
     if (!st) {
       st = fresh(n);
-      OUT.bytes += n;
+      OUT.bytes += allocated(n);
     }
-    h.push_back({st, n, st.data()});  // most recently used last
+    h.push_back({st, allocated(n), st.data()});  // most recently used last
     // over budget: forget the least recently used (memory still in use is freed by its users)
     while (OUT.bytes > OUT.max_bytes && h.size() > 1) {
       OUT.bytes -= h.front().bytes;
