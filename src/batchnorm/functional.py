@@ -27,6 +27,7 @@ is issued; with ``"raise"`` a :class:`NonFiniteStatisticsError` is raised before
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import os
@@ -152,6 +153,7 @@ def first_order(why: str, remedy: str) -> Callable[[_Backward], _Backward]:
     ``gradgradcheck`` and many penalty recipes) turns into a silent ``None``."""
 
     def wrap(backward: _Backward) -> _Backward:
+        @functools.wraps(backward)
         def checked(ctx: Any, *grads: Any) -> Any:
             if torch.is_grad_enabled() and any(ctx.needs_input_grad):
                 raise BatchNormInputError(
@@ -162,7 +164,6 @@ def first_order(why: str, remedy: str) -> Callable[[_Backward], _Backward]:
             with torch.no_grad():
                 return backward(ctx, *grads)
 
-        checked.__doc__, checked.__name__ = backward.__doc__, backward.__name__
         return checked  # type: ignore[return-value]
 
     return wrap

@@ -205,7 +205,8 @@ c10::Storage fresh(size_t nbytes) {
 Tensor output_like(const Tensor& x) {
   const size_t n = x.nbytes();
   if (OUT.reuse_above == 0 || n < OUT.reuse_above) return at::empty_like(x);
-  if (allocated(n) > OUT.max_bytes) {  // beyond the whole budget: not kept after its users
+  const size_t size = allocated(n);  // what the budget counts
+  if (size > OUT.max_bytes) {  // beyond the whole budget: not kept after its users
     return at::empty({0}, x.options()).set_(fresh(n), 0, x.sizes(), x.strides());
   }
   c10::Storage st;
@@ -229,9 +230,9 @@ Tensor output_like(const Tensor& x) {
     }
     if (!st) {
       st = fresh(n);
-      OUT.bytes += allocated(n);
+      OUT.bytes += size;
     }
-    h.push_back({st, allocated(n), st.data()});  // most recently used last
+    h.push_back({st, size, st.data()});  // most recently used last
     // over budget: forget the least recently used (memory still in use is freed by its users)
     while (OUT.bytes > OUT.max_bytes && h.size() > 1) {
       OUT.bytes -= h.front().bytes;
