@@ -203,6 +203,72 @@ def test_inference_mode_and_no_grad_match_torch(
             torch.testing.assert_close(ours.state_dict()[key], v, rtol=1e-5, atol=1e-6, msg=key)
 
 
+def _outcome(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | Exception:
+    try:
+        return layer(x)  # type: ignore[no-any-return]
+    except RuntimeError as e:
+        return e
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    ("name", "track"),
+    [
+        ("BatchNorm2d", True),
+        ("BatchNorm2d", False),
+        ("GhostBatchNorm2d", True),
+        ("GhostBatchNorm2d", False),
+        ("BatchRenorm2d", True),  # (renorm needs its running statistics)
+    ],
+)
+def test_a_model_made_under_inference_mode_and_called_outside_it_behaves_as_torch_nn(
+    path: str, name: str, track: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model built (or loaded) under torch.inference_mode() and called outside it with
+    gradients on, as from a thread-pool worker (the mode is per-thread): where every tensor of
+    the call is an inference tensor, torch.nn records no graph and neither do we; a
+    training-mode update of inference buffers is refused, as torch.nn refuses it, by name."""
+    _path(path, monkeypatch)
+    cls = getattr(batchnorm, name)
+    extra = {"virtual_batch_size": 4} if name.startswith("Ghost") else {}
+
+    def ours_cls(c: int, track_running_stats: bool) -> nn.Module:
+        return cls(c, track_running_stats=track_running_stats, **extra)  # type: ignore[no-any-return]
+
+    for x_made_inside in (True, False):
+        for training in (True, False):
+            with torch.inference_mode():
+                ours = ours_cls(3, track_running_stats=track)
+                theirs = nn.BatchNorm2d(3, track_running_stats=track)
+                x = torch.randn(4, 3, 8, 8) * 2 + 1
+            if not x_made_inside:
+                x = x.clone()
+            ours.train(training), theirs.train(training)
+            got, want = _outcome(ours, x), _outcome(theirs, x)
+            case = f"x made inside: {x_made_inside}, training: {training}"
+            if isinstance(want, Exception) and "Inplace update" in str(want):
+                assert isinstance(got, batchnorm.BatchNormInputError), case
+                assert str(got).startswith(f"{name}(3"), case
+                assert "torch.inference_mode()" in str(got), case
+            elif isinstance(want, Exception):
+                # torch.nn cannot save an inference tensor for its graph; a path of ours that
+                # saves none may answer, with torch.nn's values
+                if isinstance(got, torch.Tensor):
+                    with torch.no_grad():
+                        torch.testing.assert_close(got, theirs(x), rtol=1e-4, atol=1e-5)
+            else:
+                assert isinstance(got, torch.Tensor), f"{case}: {got}"
+                assert got.requires_grad == want.requires_grad, case
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=case)
+    # under inference_mode itself the same buffers are updated, as torch.nn's are
+    with torch.inference_mode():
+        ours, theirs = ours_cls(3, track_running_stats=track), nn.BatchNorm2d(3)
+        x = torch.randn(4, 3, 8, 8) + 1
+        ours(x), theirs(x)
+    if track:
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_activation_checkpointing_matches_torch(

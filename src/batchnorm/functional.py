@@ -1399,10 +1399,49 @@ _functorch_level: Callable[[], int | None] = torch._C._functorch.maybe_current_l
 
 def _graph_needed(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     """Whether autograd must record this normalization (else the Function's cost is skipped)."""
-    return torch.is_grad_enabled() and (
-        x.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
+    return (
+        torch.is_grad_enabled()
+        and (
+            x.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        )
+        and not _made_for_inference(x, weight, bias)
+    )
+
+
+def _made_for_inference(x: Tensor, *others: Tensor | None) -> bool:
+    """Every tensor of a call (``None`` aside) made under ``torch.inference_mode()`` and used
+    outside it, as when a model built under it serves from a thread pool (the mode is
+    per-thread): torch's operators record no graph for such a call, since inference tensors
+    have no autograd, and neither do ours. (Under ``torch.compile`` there are none to ask
+    about: the compiler cannot trace the question.)"""
+    return (
+        not torch.compiler.is_compiling()
+        and x.is_inference()
+        and all(t is None or t.is_inference() for t in others)
+    )
+
+
+def _check_updatable(
+    running_mean: Tensor, running_var: Tensor, counter: Tensor | None, layer: str | None
+) -> None:
+    """Refuse running buffers made under ``torch.inference_mode()`` outside it: they cannot be
+    changed in place there (torch refuses such an update; the kernels would write it unseen)."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return
+    if not (
+        running_mean.is_inference()
+        or running_var.is_inference()
+        or (counter is not None and counter.is_inference())
+    ):
+        return
+    raise BatchNormInputError(
+        f"{_name(layer)}: its running statistics were made under torch.inference_mode() "
+        "(inference tensors), and a training-mode call outside it would update them in place, "
+        "which torch does not allow. Call .eval() to use them as they are, run the call under "
+        "torch.inference_mode(), or build or load the model outside inference_mode "
+        "(torch.no_grad() turns gradients off as well) so that its buffers are ordinary tensors."
     )
 
 
@@ -1596,6 +1635,7 @@ def batch_norm_step(
             "running_var": running_var,
         }
         check_vectors(input, ax, vectors, layer)
+        _check_updatable(running_mean, running_var, num_batches_tracked, layer)
         be = get_backend(
             input,
             backend,
@@ -1637,12 +1677,16 @@ def batch_norm_eval(
     layer = layer or "batch_norm_eval"
     _check_input(input, axis, layer)
     ext = _ready_node(backend, input)
-    needs_graph = torch.is_grad_enabled() and (
-        input.requires_grad
-        or running_mean.requires_grad
-        or running_var.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
+    needs_graph = (
+        torch.is_grad_enabled()
+        and (
+            input.requires_grad
+            or running_mean.requires_grad
+            or running_var.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        )
+        and not _made_for_inference(input, running_mean, running_var, weight, bias)
     )
     if ext is not None:
         T = kernels._threads(input.numel(), None)
@@ -1864,6 +1908,7 @@ def update_running_stats(
                 f"but the batch statistics have {mean.numel()} channels: running buffers need "
                 f"{mean.numel()} floating-point values, e.g. torch.zeros({mean.numel()})."
             )
+    _check_updatable(running_mean, running_var, num_batches_tracked, layer)
     # (1 − momentum)·running + momentum·(m/(m−1))·σ²_B, with the Bessel factor folded into alpha
     if isinstance(count, Tensor):  # a traced count: the factor in float64, as for a Python int
         count = count.to(torch.float64)  # type: ignore[assignment]

@@ -736,6 +736,25 @@ Tensor evaluate_half(const Tensor& x, const Tensor& rm, const Tensor& rv,
   return std::get<0>(at::native_batch_norm(x, wf, bf, m, v, false, 0.0, eps));
 }
 
+// tensors made under torch.inference_mode(), used outside it: running buffers that cannot be
+// updated in place there (the Python path refuses them by name, as torch does without the
+// name), or a call with gradients whose tensors all are such, for which torch's operators
+// record no graph (inference tensors have no autograd) and the Python path records none
+bool made_for_inference(const Tensor& x, const std::optional<Tensor>& w,
+                        const std::optional<Tensor>& b, const std::optional<Tensor>& rm,
+                        const std::optional<Tensor>& rv, const std::optional<Tensor>& nbt) {
+  if (c10::InferenceMode::is_enabled()) return false;
+  auto inference = [](const std::optional<Tensor>& v) {
+    return v.has_value() && v->defined() && v->is_inference();
+  };
+  if (inference(rm) || inference(rv) || inference(nbt)) return true;
+  auto absent_or_inference = [&](const std::optional<Tensor>& v) {
+    return !v.has_value() || !v->defined() || v->is_inference();
+  };
+  return at::GradMode::is_enabled() && x.is_inference() && absent_or_inference(w) &&
+         absent_or_inference(b);
+}
+
 // (y, stats (3, C): mean, biased var, invstd; updated), or None when the node does not take
 // the call (see dims_of and vector_ok; running buffers must not require grad, the counter must
 // be one CPU int64). T: the threads the kernels would use (batchnorm.kernels._threads).
@@ -744,6 +763,7 @@ std::optional<std::tuple<Tensor, Tensor, bool>> train(
     const std::optional<Tensor>& b, const std::optional<Tensor>& rm,
     const std::optional<Tensor>& rv, const std::optional<Tensor>& nbt, int64_t T, double eps,
     double momentum, double alpha) {
+  if (made_for_inference(x, w, b, rm, rv, nbt)) return std::nullopt;
   if (half_input(x, axis)) {
     const int64_t C = x.size(1);
     if (!half_vector_ok(w, C) || !half_vector_ok(b, C) || !half_running_ok(rm, rv, C) ||
