@@ -281,6 +281,14 @@ def test_a_device_mismatch_names_the_layer_the_devices_and_a_remedy(make, traini
     message = str(e.value)
     assert message.startswith(f"{name}: ") and "on the meta device" in message
     assert "(4, 3, 2, 3) on cpu" in message and "model.to_empty(device='cpu')" in message
+    # the remedy it names works: materialized and reset, the layer is a freshly built one
+    assert "reset_parameters()" in message
+    lazy.to_empty(device="cpu").reset_parameters()
+    fresh = make().train(training)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(lazy.state_dict()[k], v), k
+    x = torch.randn(4, 3, 2, 3)
+    torch.testing.assert_close(lazy(x), fresh(x))
 
 
 def test_a_failure_on_one_device_keeps_torchs_own_error(monkeypatch: pytest.MonkeyPatch) -> None:

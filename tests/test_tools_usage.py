@@ -309,3 +309,46 @@ def test_recalibrate_takes_images_one_at_a_time() -> None:
     assert batchnorm.recalibrate(vec, [torch.randn(1, 3), torch.randn(5, 3)]) == 5
     with pytest.raises(ValueError, match="no batch"):
         batchnorm.recalibrate(vec, [torch.randn(4, 3)], num_samples=1)
+
+
+def test_a_whole_pickled_model_loads_with_weights_only_and_safe_globals() -> None:
+    """torch.save(model) of a model holding every layer of the package, one of them frozen,
+    loads with torch.load(weights_only=True) once batchnorm.safe_globals() and the model's
+    torch classes are allowed: the same outputs, and the frozen layer stays frozen."""
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        batchnorm.BatchNorm2d(3),
+        batchnorm.BatchRenorm2d(3),
+        batchnorm.GhostBatchNorm2d(3, virtual_batch_size=4),
+        batchnorm.InPlaceABN(3),
+        batchnorm.SyncBatchNorm(3),
+        batchnorm.FrozenBatchNorm2d(3),
+        batchnorm.BatchNorm(3, axis=1),
+    )
+    x = torch.randn(8, 3, 5, 5) * 2 + 1
+    model(x)  # a training step: statistics that are not the initial ones
+    batchnorm.freeze(model[0])
+    model.eval()
+    want = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    torch_classes = [nn.Sequential]
+    buffer.seek(0)
+    with (
+        torch.serialization.safe_globals(torch_classes),
+        pytest.raises(Exception, match="batchnorm"),
+    ):
+        torch.load(buffer, weights_only=True)  # without the package's globals: refused
+    buffer.seek(0)
+    with torch.serialization.safe_globals([*batchnorm.safe_globals(), *torch_classes]):
+        loaded = torch.load(buffer, weights_only=True)
+    torch.testing.assert_close(loaded(x), want)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    loaded.train()  # the frozen layer stays in eval mode; the others train
+    before = loaded[0].running_mean.clone()
+    loaded(x)
+    assert torch.equal(loaded[0].running_mean, before) and not loaded[0].training
+    assert not torch.equal(loaded[1].running_mean, model[1].running_mean)

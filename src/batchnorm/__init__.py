@@ -36,7 +36,7 @@ from batchnorm.nn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from batchnorm.nn.batchnorm import SmallBatchWarning
 from batchnorm.recorder import ActivationRecorder
 from batchnorm.sync import SyncBatchNorm, SyncBatchNormError, convert_sync_batchnorm
-from batchnorm.tools import fold, recalibrate, to_inference
+from batchnorm.tools import fold, recalibrate, safe_globals, to_inference
 from batchnorm.variants import (
     BatchRenorm,
     BatchRenorm1d,
@@ -99,6 +99,7 @@ __all__ = [
     "recalibrate",
     "fold",
     "to_inference",
+    "safe_globals",
     "InPlaceABN",
     "InPlaceABNPrecisionWarning",
     "SmallBatchWarning",

@@ -47,6 +47,7 @@ __all__ = [
     "recalibrate",
     "fold",
     "to_inference",
+    "safe_globals",
 ]
 
 _BN_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, _BatchNormBase)
@@ -879,3 +880,33 @@ def _fixed(bn: nn.Module) -> nn.Module:
     carry_hooks(bn, fixed)
     unfreeze_hook(fixed)
     return fixed
+
+
+def safe_globals() -> list[Any]:
+    """What ``torch.load(..., weights_only=True)`` must be allowed to build to load a whole
+    pickled model (``torch.save(model, path)``) that holds this package's layers: their classes,
+    and the forward pre-hook :func:`freeze` puts on a frozen layer. Allow them with
+    ``torch.serialization.add_safe_globals(batchnorm.safe_globals())`` or, for one load, inside
+    ``with torch.serialization.safe_globals(batchnorm.safe_globals()):``, together with the
+    model's other classes (``torch.nn.Sequential``, your own) that the loader names. A
+    ``state_dict`` — the usual checkpoint — needs none of this.
+
+    Example::
+
+        >>> import io, torch, batchnorm
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), batchnorm.BatchNorm1d(4))
+        >>> buffer = io.BytesIO()
+        >>> torch.save(model, buffer)
+        >>> _ = buffer.seek(0)
+        >>> allowed = [*batchnorm.safe_globals(), torch.nn.Sequential, torch.nn.Linear]
+        >>> with torch.serialization.safe_globals(allowed):
+        ...     loaded = torch.load(buffer, weights_only=True)
+        >>> type(loaded[1]).__name__
+        'BatchNorm1d'
+    """
+    import batchnorm
+    from batchnorm.variants import _stay_in_eval
+
+    public = (getattr(batchnorm, name) for name in batchnorm.__all__)
+    layers = [obj for obj in public if isinstance(obj, type) and issubclass(obj, nn.Module)]
+    return [*layers, _stay_in_eval]

@@ -552,6 +552,15 @@ class FrozenBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
         self.register_buffer("running_var", torch.ones(num_features, **kw))
 
+    def reset_parameters(self) -> None:
+        """Set the map to its initial values, γ = 1, β = 0, E[x] = 0, Var[x] = 1 (what a layer
+        materialized from the meta device with ``to_empty`` needs when no checkpoint follows)."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+
     @classmethod
     def from_batchnorm(cls, bn: nn.Module) -> FrozenBatchNorm:
         """The fixed affine map of a BN layer (ours or ``torch.nn``'s) with running statistics;
