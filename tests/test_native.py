@@ -1438,3 +1438,80 @@ def test_an_output_beyond_the_whole_budget_is_not_kept_by_the_node() -> None:
         y = F.batch_norm_eval(x, rm, rv)
     assert y is not None and y.shape == x.shape and ext.cached_outputs() == held
     assert float(y[0, 0, -1]) == pytest.approx(1 / (1 + 1e-5) ** 0.5)
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["node", "function"])
+def test_output_caches_are_released_and_kept_within_the_budget_set(on: bool) -> None:
+    """The caches belong to the process: after the model is gone they still hold its last
+    outputs, until release_output_caches() forgets them (returning the bytes held), and
+    set_output_cache_budget() bounds them, forgetting what is over at once (0 keeps none)."""
+    from batchnorm import backend_numba as B
+
+    ext = native.load()
+
+    def held() -> int:
+        return ext.cached_outputs() if on else len(B._OUT)
+
+    budget = batchnorm.output_cache_budget()
+    try:
+        with _native(on):
+            batchnorm.release_output_caches()
+            bn = batchnorm.BatchNorm2d(8)
+            for n in (64, 80, 96):  # batches of three sizes: outputs of 2, 2.5 and 3 MiB
+                x = torch.randn(n, 8, 32, 32, requires_grad=True)
+                bn(x).sum().backward()
+            del bn, x
+            assert held() >= 3
+            assert batchnorm.release_output_caches() >= (2 + 2.5 + 3) * (1 << 20)
+            assert held() == 0 and batchnorm.release_output_caches() == 0
+
+            bn = batchnorm.BatchNorm2d(8)
+            for n in (64, 80, 96):
+                bn(torch.randn(n, 8, 32, 32))
+            assert held() == 3
+            batchnorm.set_output_cache_budget(6 << 20)  # room for the two used last
+            assert held() == 2 and batchnorm.output_cache_budget() == 6 << 20
+            batchnorm.set_output_cache_budget(0)
+            assert held() == 0
+            y = bn(torch.randn(64, 8, 32, 32))
+            assert held() == 0 and y.shape == (64, 8, 32, 32)
+    finally:
+        batchnorm.set_output_cache_budget(budget)
+    assert batchnorm.output_cache_budget() == budget
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "64", True])
+def test_a_bad_output_cache_budget_is_refused_by_name(bad: object) -> None:
+    budget = batchnorm.output_cache_budget()
+    with pytest.raises(ValueError, match=r"set_output_cache_budget: .*0 keeps no output"):
+        batchnorm.set_output_cache_budget(bad)  # type: ignore[arg-type]
+    assert batchnorm.output_cache_budget() == budget
+
+
+def test_the_output_cache_budget_comes_from_the_environment() -> None:
+    """$BATCHNORM_OUTPUT_CACHE_MB sets both caches' budget (here 1 MiB: a 2 MiB output is not
+    kept); a value that is not a whole number of MiB is refused with the variable's name."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, batchnorm\n"
+        "from batchnorm import native, backend_numba as B\n"
+        "assert batchnorm.output_cache_budget() == 1 << 20\n"
+        "bn = batchnorm.BatchNorm2d(8)\n"
+        "y = bn(torch.randn(64, 8, 32, 32))\n"
+        "assert native.load().cached_outputs() == 0\n"
+        "assert B._OUT.max_bytes == 1 << 20\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "BATCHNORM_OUTPUT_CACHE_MB": "1"}
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    env["BATCHNORM_OUTPUT_CACHE_MB"] = "lots"
+    code = "import batchnorm\nbatchnorm.output_cache_budget()\n"
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert r.returncode == 1 and "$BATCHNORM_OUTPUT_CACHE_MB is 'lots'" in r.stderr

@@ -32,6 +32,7 @@ from batchnorm.functional import (
     batch_norm,
 )
 from batchnorm.inplace_abn import InPlaceABN, InPlaceABNPrecisionWarning
+from batchnorm.native import output_cache_budget, release_output_caches, set_output_cache_budget
 from batchnorm.nn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from batchnorm.nn.batchnorm import SmallBatchWarning
 from batchnorm.recorder import ActivationRecorder
@@ -100,6 +101,9 @@ __all__ = [
     "fold",
     "to_inference",
     "safe_globals",
+    "release_output_caches",
+    "set_output_cache_budget",
+    "output_cache_budget",
     "InPlaceABN",
     "InPlaceABNPrecisionWarning",
     "SmallBatchWarning",

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["OFF", "get", "is_off", "numba_threads_problem", "check_numba_threads"]
+__all__ = [
+    "OFF",
+    "get",
+    "is_off",
+    "numba_threads_problem",
+    "check_numba_threads",
+    "OUTPUT_CACHE_VARIABLE",
+    "output_cache_bytes",
+]
 
 #: the spellings of "off" a switch accepts (trimmed, any case), as BATCHNORM_PROGRESS does
 OFF = ("0", "false", "no", "off")
@@ -65,3 +73,28 @@ def check_numba_threads() -> None:
     problem = numba_threads_problem()
     if problem is not None:
         raise ValueError(problem)
+
+
+#: the output caches' budget in MiB (see :func:`batchnorm.set_output_cache_budget`)
+OUTPUT_CACHE_VARIABLE = "BATCHNORM_OUTPUT_CACHE_MB"
+_DEFAULT_OUTPUT_CACHE_MB = 512
+
+
+def output_cache_bytes() -> int:
+    """The output caches' budget in bytes that ``$BATCHNORM_OUTPUT_CACHE_MB`` asks for (512 MiB
+    when it is not set; 0 keeps no output); :class:`ValueError` naming the variable when it is
+    not a whole number of MiB from 0 up."""
+    value = get(OUTPUT_CACHE_VARIABLE)
+    if value is None or not value.strip():
+        return _DEFAULT_OUTPUT_CACHE_MB << 20
+    try:
+        mib = int(value)
+    except ValueError:
+        mib = -1
+    if mib < 0:
+        raise ValueError(
+            f"${OUTPUT_CACHE_VARIABLE} is {value!r}; it takes the output caches' budget as a "
+            f"whole number of MiB from 0 up (0 keeps no output; unset: "
+            f"{_DEFAULT_OUTPUT_CACHE_MB})"
+        )
+    return mib << 20

@@ -15,6 +15,7 @@ Select it with ``backend="numba"`` (an argument of every function and module) or
 from __future__ import annotations
 
 import sys
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -59,12 +60,18 @@ class _Outputs:
             OrderedDict()
         )
         self._bytes = 0
+        # the autograd engine may run a backward while another thread runs a forward
+        self._lock = threading.Lock()
 
     def empty_like(self, a: np.ndarray) -> np.ndarray:
         if a.nbytes < REUSE_ABOVE:
             return np.empty_like(a)
         if a.nbytes > self.max_bytes:  # beyond the whole budget: not kept after its users
             return K.empty_aligned(a.shape, a.dtype)
+        with self._lock:
+            return self._reused(a)
+
+    def _reused(self, a: np.ndarray) -> np.ndarray:
         key = (a.shape, a.dtype)
         arrays = self._by_key.get(key)
         if arrays is None:
@@ -91,14 +98,32 @@ class _Outputs:
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_key.values())
 
-    def clear(self) -> None:
-        self._by_key.clear()
-        self._bytes = 0
+    @property
+    def held_bytes(self) -> int:
+        return self._bytes
+
+    def clear(self) -> int:
+        """Forget every array; return the bytes they took (memory still in use is freed by
+        its users)."""
+        with self._lock:
+            held, self._bytes = self._bytes, 0
+            self._by_key.clear()
+        return held
+
+    def set_budget(self, max_bytes: int) -> None:
+        """Keep at most ``max_bytes`` from now on: the arrays used least recently go first."""
+        with self._lock:
+            self.max_bytes = max_bytes
+            while self._bytes > max_bytes:
+                key, arrays = next(iter(self._by_key.items()))
+                self._bytes -= arrays.pop(0).nbytes
+                if not arrays:
+                    del self._by_key[key]
 
 
 #: outputs at least this big are reused (smaller ones come from the allocator's own free lists)
 REUSE_ABOVE = 1 << 20
-_OUT = _Outputs(max_bytes=512 << 20)
+_OUT = _Outputs(max_bytes=native.output_cache_budget())
 
 
 def _vec(v: Tensor | None, dtype: torch.dtype, C: int) -> np.ndarray:

@@ -847,6 +847,26 @@ void set_kernels(py::object resolve, py::object graph_backward, py::object graph
   OUT.bytes = 0;
 }
 
+// forget every buffer the output cache holds; the bytes they took (memory still in use is
+// freed by its users)
+int64_t release_outputs() {
+  std::lock_guard<std::mutex> guard(OUT.lock);
+  const size_t held = OUT.bytes;
+  OUT.held.clear();
+  OUT.bytes = 0;
+  return static_cast<int64_t>(held);
+}
+
+// keep at most max_bytes from now on: the buffers used least recently go first
+void set_output_budget(int64_t max_bytes) {
+  std::lock_guard<std::mutex> guard(OUT.lock);
+  OUT.max_bytes = static_cast<size_t>(max_bytes);
+  while (OUT.bytes > OUT.max_bytes && !OUT.held.empty()) {
+    OUT.bytes -= OUT.held.front().bytes;
+    OUT.held.erase(OUT.held.begin());
+  }
+}
+
 // buffers the output cache holds (for tests)
 int64_t cached_outputs() {
   std::lock_guard<std::mutex> guard(OUT.lock);
@@ -866,5 +886,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("evaluate", &evaluate);
   m.def("evaluate_grad", &evaluate_grad);
   m.def("cached_outputs", &cached_outputs);
+  m.def("release_outputs", &release_outputs);
+  m.def("set_output_budget", &set_output_budget);
   m.def("written_over_dy", &written_over_dy);
 }

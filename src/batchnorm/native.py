@@ -38,7 +38,16 @@ from typing import Any
 from batchnorm import _env
 from batchnorm._console import say
 
-__all__ = ["load", "loaded", "enabled", "compile_entries", "compile_loops"]
+__all__ = [
+    "load",
+    "loaded",
+    "enabled",
+    "compile_entries",
+    "compile_loops",
+    "output_cache_budget",
+    "set_output_cache_budget",
+    "release_output_caches",
+]
 
 _SOURCE = Path(__file__).with_name("native.cpp")
 #: the compiler's flags; no contraction into fused multiply-adds: the running blend of half
@@ -59,7 +68,7 @@ def _name() -> str:
     return f"batchnorm_native_{h.hexdigest()[:12]}"
 
 
-_state: dict[str, Any] = {"ext": None, "tried": False}
+_state: dict[str, Any] = {"ext": None, "tried": False, "budget": None}
 
 
 def enabled() -> bool:
@@ -132,6 +141,74 @@ def load() -> Any | None:
         return None
     _state["ext"] = ext
     return ext
+
+
+# ------------------------------------------------------------------------------------------
+# the output caches (this node's and the Function path's, backend_numba._OUT)
+
+
+def output_cache_budget() -> int:
+    """The output caches' budget in bytes: what :func:`set_output_cache_budget` set last, else
+    ``$BATCHNORM_OUTPUT_CACHE_MB`` MiB (512 when it is not set)."""
+    budget: int | None = _state["budget"]
+    return _env.output_cache_bytes() if budget is None else budget
+
+
+def set_output_cache_budget(max_bytes: int) -> None:
+    """Let each of the two output caches keep at most ``max_bytes`` of reusable output buffers
+    (the compiled node's and the Python path's; 512 MiB each by default, or
+    ``$BATCHNORM_OUTPUT_CACHE_MB`` MiB; 0 keeps none). Buffers over the new budget are
+    forgotten at once, those used least recently first. Outputs of 1 MiB and more are reused
+    once nothing else refers to them, which spares a training loop the page faults of fresh
+    memory at every step; a smaller budget trades that time for memory, e.g. for batches of
+    many different sizes, whose outputs reuse cannot share.
+
+    Example::
+
+        >>> import batchnorm
+        >>> batchnorm.set_output_cache_budget(64 << 20)
+        >>> batchnorm.output_cache_budget() == 64 << 20
+        True
+        >>> batchnorm.set_output_cache_budget(512 << 20)
+    """
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise ValueError(
+            "set_output_cache_budget: max_bytes is the bytes each output cache may keep, a "
+            f"whole number from 0 up (0 keeps no output; e.g. 256 << 20 for 256 MiB), got "
+            f"{max_bytes!r}"
+        )
+    _state["budget"] = max_bytes
+    numba_path = sys.modules.get("batchnorm.backend_numba")
+    if numba_path is not None:
+        numba_path._OUT.set_budget(max_bytes)
+    if _state["ext"] is not None:
+        _state["ext"].set_output_budget(max_bytes)
+
+
+def release_output_caches() -> int:
+    """Forget every output buffer the two output caches keep for reuse, and return the bytes
+    they held. The caches belong to the process, not to a model: after ``del model`` they still
+    hold the last outputs' memory (up to the budget, :func:`set_output_cache_budget`) until
+    this is called or other outputs take their place. A buffer a live tensor still views is
+    freed when that tensor goes.
+
+    Example::
+
+        >>> import torch, batchnorm
+        >>> bn = batchnorm.BatchNorm2d(8)
+        >>> _ = bn(torch.randn(64, 8, 32, 32))  # a 2 MiB output: kept for reuse once dropped
+        >>> batchnorm.release_output_caches() >= 2 << 20
+        True
+        >>> batchnorm.release_output_caches()
+        0
+    """
+    released = 0
+    numba_path = sys.modules.get("batchnorm.backend_numba")
+    if numba_path is not None:
+        released += numba_path._OUT.clear()
+    if _state["ext"] is not None:
+        released += int(_state["ext"].release_outputs())
+    return released
 
 
 # ------------------------------------------------------------------------------------------
