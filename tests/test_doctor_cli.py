@@ -39,6 +39,9 @@ FACTORY = textwrap.dedent(
         return 3
 
 
+    CONSTANT = 3
+
+
     def batches():
         g = torch.Generator().manual_seed(5)
         for _ in range(4):
@@ -165,7 +168,8 @@ def test_data_from_a_function_and_small_train_batch(project, capsys, monkeypatch
     [
         ("no_colon", "x.pt", "MODULE:NAME"),
         ("{factory}:missing", "x.pt", "has no attribute"),
-        ("{factory}:not_a_model", "x.pt", "not an nn.Module"),
+        ("{factory}:not_a_model", "x.pt", "MODULE:FACTORY: .*:not_a_model returned .*, not an nn"),
+        ("{factory}:CONSTANT", "x.pt", "MODULE:FACTORY: .*:CONSTANT is an int, not a function"),
         ("{factory}:make_model", "nothere.npy", "no file"),
         ("{factory}:make_model", "x.csv", "unknown file type"),
     ],

@@ -2343,7 +2343,9 @@ def _call_user(func: Any, spec: str, what: str) -> Any:
     (``what``) and the file."""
     module, _, name = spec.rpartition(":")
     if not callable(func):
-        raise TypeError(f"{what}: {spec} is a {type(func).__name__}, not a function")
+        kind = type(func).__name__
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise TypeError(f"{what}: {spec} is {article} {kind}, not a function")
     try:
         return func()
     except Exception as e:
@@ -2594,7 +2596,10 @@ def main(args: argparse.Namespace) -> int:
 def _run_cli(args: argparse.Namespace) -> DoctorReport:
     model = _call_user(_load_object(args.factory, "MODULE:FACTORY"), args.factory, "MODULE:FACTORY")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{args.factory} returned {type(model).__name__}, not an nn.Module")
+        raise TypeError(
+            f"MODULE:FACTORY: {args.factory} returned {type(model).__name__}, not an nn.Module "
+            "(the factory is called with no arguments and must return the model)"
+        )
     if args.checkpoint:
         _load_checkpoint(model, args.checkpoint)
     if args.mode == "eval":
