@@ -272,8 +272,11 @@ def test_argument_errors() -> None:
         BatchNormalization(epsilon=-1e-3)
     with pytest.raises(ValueError, match="nonfinite"):
         BatchNormalization(nonfinite="ignore")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="synchronized"):
-        BatchNormalization(synchronized=True)  # as Keras: TensorFlow only
+    # as Keras: TensorFlow only; named, with the torch-side remedy
+    with pytest.raises(
+        ValueError, match=r"^BatchNormalization\(bn_s\): synchronized=True .*SyncBatchNorm"
+    ):
+        BatchNormalization(synchronized=True, name="bn_s")
     for axis in ([1, 2], True, 1.5):
         with pytest.raises(TypeError, match="axis must be one integer"):
             BatchNormalization(axis=axis)  # type: ignore[arg-type]

@@ -542,6 +542,48 @@ def test_a_frozen_side_is_measured_as_it_trains_and_noted() -> None:
     assert row.max_abs_diff_train < 1e-5 and row.notes == ()
 
 
+def test_a_frozen_batchnorm_converts_both_ways_without_a_momentum() -> None:
+    """FrozenBatchNorm holds γ, β and the statistics as buffers: it converts to and from a
+    Keras layer like any BN (the fixed map equal in eval mode, and in training mode once the
+    Keras layer is frozen too); having no momentum, Keras' is kept and it gets none."""
+    k = _keras_bn(keras.layers.BatchNormalization, 4, seed=6)
+    frozen = batchnorm.FrozenBatchNorm1d(4)
+    report = keras_to_torch(k, frozen)
+    row = report.layers[0]
+    assert row.max_abs_diff_eval < 1e-5 and row.momentum == (k.momentum, None)
+    assert any("FrozenBatchNorm" in n for n in row.notes)  # trainable Keras layer: noted
+    assert not hasattr(frozen, "momentum")
+    np.testing.assert_allclose(frozen.running_var.numpy(), k.moving_variance.numpy())
+    np.testing.assert_allclose(frozen.weight.numpy(), k.gamma.numpy())
+    k.trainable = False
+    assert keras_to_torch(k, frozen).layers[0].max_abs_diff_train < 1e-5
+
+    k2 = _keras_bn(keras.layers.BatchNormalization, 4, seed=7, momentum=0.9)
+    k2.trainable = False
+    row = torch_to_keras(frozen, k2).layers[0]
+    assert row.max_abs_diff_eval < 1e-5 and row.max_abs_diff_train < 1e-5
+    assert k2.momentum == 0.9 and row.momentum == (None, 0.9)
+    np.testing.assert_allclose(k2.moving_mean.numpy(), frozen.running_mean.numpy())
+    k4 = _keras_bn(keras.layers.BatchNormalization, 4, rank=4)
+    with pytest.raises(ValueError, match=r"normalizes 4D inputs.*takes 2D or 3D"):
+        keras_to_torch(k4, frozen)
+
+
+def test_swapped_arguments_and_a_lazy_module_are_refused_with_the_way_out() -> None:
+    k = _keras_bn(keras.layers.BatchNormalization, 4)
+    t = nn.BatchNorm1d(4)
+    with pytest.raises(TypeError, match=r"^keras_to_torch: the source must be a Keras .*swap"):
+        keras_to_torch(t, k)
+    with pytest.raises(TypeError, match=r"^torch_to_keras: the target must be a Keras .*swap"):
+        torch_to_keras(k, t)
+    with pytest.raises(
+        TypeError, match=r"^torch_to_keras: the source must be a torch.nn.Module, got ndarray\.$"
+    ):
+        torch_to_keras(np.zeros(4), k)
+    with pytest.raises(ValueError, match=r"lazy and has not seen an input yet.*Run the model once"):
+        keras_to_torch(k, nn.LazyBatchNorm1d())
+
+
 def test_variant_targets_say_why_their_outputs_differ() -> None:
     k = _keras_bn(keras.layers.BatchNormalization, 4, seed=5)
     ghost = batchnorm.GhostBatchNorm1d(4, virtual_batch_size=8)

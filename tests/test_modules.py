@@ -148,6 +148,11 @@ def test_keras_convention_path() -> None:
     # Keras: moving = 0.99·moving + 0.01·batch, biased variance
     torch.testing.assert_close(bn.running_var, 0.99 + 0.01 * x.var(0, unbiased=False))
     torch.testing.assert_close(bn.running_mean, 0.01 * x.mean(0))
+    # Keras' momentum is a number: None (PyTorch's cumulative average) is refused with the way
+    with pytest.raises(TypeError, match=r"^BatchNorm.from_keras: .*got None.*momentum=None\)"):
+        batchnorm.BatchNorm.from_keras(4, momentum=None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^BatchNorm.from_keras: momentum must be a number"):
+        batchnorm.BatchNorm.from_keras(4, momentum="0.9")  # type: ignore[arg-type]
 
 
 def test_nonfinite_input_skips_update_and_counter() -> None:

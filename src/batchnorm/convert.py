@@ -26,6 +26,12 @@ import torch
 from torch import nn
 
 from batchnorm.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase
+from batchnorm.variants import (
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+)
 
 __all__ = [
     "convert_model",
@@ -309,7 +315,8 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-_TorchBN = (nn.modules.batchnorm._BatchNorm, _BatchNormBase)
+# FrozenBatchNorm holds the same state as buffers (γ, β, statistics) and has no momentum
+_TorchBN = (nn.modules.batchnorm._BatchNorm, _BatchNormBase, FrozenBatchNorm)
 _RANKS: dict[type[nn.Module], tuple[int, ...]] = {
     nn.BatchNorm1d: (2, 3),
     nn.BatchNorm2d: (4,),
@@ -317,26 +324,53 @@ _RANKS: dict[type[nn.Module], tuple[int, ...]] = {
     BatchNorm1d: (2, 3),
     BatchNorm2d: (4,),
     BatchNorm3d: (5,),
+    FrozenBatchNorm1d: (2, 3),
+    FrozenBatchNorm2d: (4,),
+    FrozenBatchNorm3d: (5,),
 }
 
 
-def _keras_bn_layers(obj: Any) -> list[tuple[str, Any]]:
+def _misplaced(obj: Any, fn: str, role: str, wanted: str, other: str) -> TypeError:
+    """The error for an argument of ``fn`` (its ``role``, "source" or "target") that is not
+    ``wanted``; when it is the ``other`` kind, the two arguments were likely swapped."""
+    order = (
+        "(keras_source, torch_target)" if fn == "keras_to_torch" else "(torch_source, keras_target)"
+    )
+    swapped = (
+        f" It is a {other}: {fn} takes {order}; swap the two arguments, or use "
+        f"{'torch_to_keras' if fn == 'keras_to_torch' else 'keras_to_torch'} for the other "
+        "direction."
+        if (other == "torch module" and isinstance(obj, nn.Module))
+        or (other == "Keras layer" and _is_keras_layer(obj))
+        else ""
+    )
+    return TypeError(f"{fn}: the {role} must be a {wanted}, got {type(obj).__name__}.{swapped}")
+
+
+def _is_keras_layer(obj: Any) -> bool:
+    import sys
+
+    keras = sys.modules.get("keras")
+    return keras is not None and isinstance(obj, keras.layers.Layer)
+
+
+def _keras_bn_layers(obj: Any, fn: str, role: str) -> list[tuple[str, Any]]:
     import keras
 
     bn = keras.layers.BatchNormalization
     if isinstance(obj, bn):
         return [(obj.name, obj)]
     if not isinstance(obj, keras.layers.Layer):
-        raise TypeError(f"expected a Keras layer or model, got {type(obj).__name__}")
+        raise _misplaced(obj, fn, role, "Keras layer or model", "torch module")
     # every nested layer in creation order (Sequential/Functional models, nested models and
     # layers that own sublayers)
     layers = obj._flatten_layers(include_self=False, recursive=True)
     return [(layer.name, layer) for layer in layers if isinstance(layer, bn)]
 
 
-def _torch_bn_layers(obj: nn.Module) -> list[tuple[str, Any]]:
+def _torch_bn_layers(obj: nn.Module, fn: str, role: str) -> list[tuple[str, Any]]:
     if not isinstance(obj, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(obj).__name__}")
+        raise _misplaced(obj, fn, role, "torch.nn.Module", "Keras layer")
     if isinstance(obj, _TorchBN):
         return [(type(obj).__name__, obj)]
     return [(n, m) for n, m in obj.named_modules() if isinstance(m, _TorchBN)]
@@ -399,6 +433,12 @@ def _check_pair(kn: str, kl: Any, tn: str, tm: Any, fn: str) -> tuple[int, int, 
             "first, e.g. model.build(input_shape) or call it once on a batch."
         )
     c_k = int(kl.moving_mean.shape[0])
+    if isinstance(tm, nn.modules.lazy.LazyModuleMixin) and tm.has_uninitialized_params():  # type: ignore[misc]
+        raise ValueError(
+            f"{where}: the torch module is lazy and has not seen an input yet, so it has no "
+            "channels or state. Run the model once on a batch (it then becomes an ordinary "
+            "layer), then convert."
+        )
     c_t = int(tm.num_features)
     if c_k != c_t:
         raise ValueError(
@@ -514,11 +554,13 @@ def _torch_state(tm: Any) -> tuple[dict[str, Any], float, Any]:
         for name in ("weight", "bias", "running_mean", "running_var")
         if (t := getattr(tm, name, None)) is not None
     }
-    return tensors, tm.eps, tm.momentum
+    return tensors, tm.eps, getattr(tm, "momentum", None)
 
 
 def _restore_torch_state(tm: Any, state: tuple[dict[str, Any], float, Any]) -> None:
-    tensors, tm.eps, tm.momentum = state
+    tensors, tm.eps, momentum = state
+    if not isinstance(tm, FrozenBatchNorm):
+        tm.momentum = momentum
     with torch.no_grad():
         for name, t in tensors.items():
             getattr(tm, name).copy_(t)
@@ -582,7 +624,7 @@ def _training_notes(kl: Any, tm: Any) -> tuple[str, ...]:
     from batchnorm.variants import _Ghost, _Renorm, is_frozen
 
     notes: tuple[str, ...] = ()
-    frozen_t = is_frozen(tm)
+    frozen_t = is_frozen(tm) or isinstance(tm, FrozenBatchNorm)
     if not kl.trainable and not frozen_t:
         notes += (
             "the Keras layer is frozen (trainable=False: it normalizes with its moving "
@@ -590,8 +632,9 @@ def _training_notes(kl: Any, tm: Any) -> tuple[str, ...]:
             "batchnorm.freeze(module) makes it do the same",
         )
     elif frozen_t and kl.trainable:
+        how = "a FrozenBatchNorm" if isinstance(tm, FrozenBatchNorm) else "batchnorm.freeze"
         notes += (
-            "the torch module is frozen (batchnorm.freeze) but the Keras layer is not: set "
+            f"the torch module is frozen ({how}) but the Keras layer is not: set "
             "layer.trainable = False to make it normalize with its moving statistics in training",
         )
     if isinstance(tm, _Ghost):
@@ -805,7 +848,9 @@ def keras_to_torch(
     _check_mode("momentum", momentum, fn)
     _bessel(bessel_count, fn)
     _check_probe(probe_size, fn)
-    plan = _pairs(_keras_bn_layers(source), _torch_bn_layers(target), pairs, fn)
+    plan = _pairs(
+        _keras_bn_layers(source, fn, "source"), _torch_bn_layers(target, fn, "target"), pairs, fn
+    )
     checked = [_check_pair(kn, kl, tn, tm, fn) for kn, kl, tn, tm in plan]
     # every value is translated (and can fail) before anything is written
     steps = []
@@ -855,8 +900,9 @@ def keras_to_torch(
             f"Keras layer {kn!r}",
             f"torch module {tn!r}",
         )
-        mom_t = tm.momentum
-        if momentum == "copy":
+        # (a FrozenBatchNorm has no momentum: its statistics never change)
+        mom_t = getattr(tm, "momentum", None)
+        if momentum == "copy" and not isinstance(tm, FrozenBatchNorm):
             mom_t = _complement(float(kl.momentum))
         notes = _eps_note(tm, eps_t) + _training_notes(kl, tm)
         if getattr(kl, "renorm", False):
@@ -896,8 +942,9 @@ def keras_to_torch(
             tm.running_mean.copy_(torch.as_tensor(st.mean))
             tm.running_var.copy_(torch.as_tensor(st.var))
         tm.eps = st.eps
-        tm.momentum = st.momentum
-        return st.kn, st.tn, float(st.kl.momentum), tm.momentum
+        if not isinstance(tm, FrozenBatchNorm):
+            tm.momentum = st.momentum
+        return st.kn, st.tn, float(st.kl.momentum), st.momentum
 
     return _write_all("keras -> torch", steps, write, saved, _restore_torch_state, probe_size, seed)
 
@@ -947,7 +994,9 @@ def torch_to_keras(
     _check_mode("momentum", momentum, fn)
     _bessel(bessel_count, fn)
     _check_probe(probe_size, fn)
-    plan = _pairs(_keras_bn_layers(target), _torch_bn_layers(source), pairs, fn)
+    plan = _pairs(
+        _keras_bn_layers(target, fn, "target"), _torch_bn_layers(source, fn, "source"), pairs, fn
+    )
     checked = [_check_pair(kn, kl, tn, tm, fn) for kn, kl, tn, tm in plan]
 
     def arr(t: Any) -> Any:
@@ -1006,8 +1055,9 @@ def torch_to_keras(
             f"Keras layer {kn!r}",
         )
         mom_k = float(kl.momentum)
-        if momentum == "copy" and tm.momentum is not None:
-            mom_k = _complement(float(tm.momentum))
+        mom_t = getattr(tm, "momentum", None)  # (none for a FrozenBatchNorm: Keras' kept)
+        if momentum == "copy" and mom_t is not None:
+            mom_k = _complement(float(mom_t))
         notes = _eps_note(tm, eps_t) + _training_notes(kl, tm)
         if getattr(kl, "renorm", False):
             notes += (
@@ -1053,6 +1103,6 @@ def torch_to_keras(
             kl.renorm_stddev.assign(np.asarray(std, dtype=kl.renorm_stddev.dtype))
         kl.epsilon = st.eps
         kl.momentum = st.momentum
-        return st.tn, st.kn, st.tm.momentum, st.momentum
+        return st.tn, st.kn, getattr(st.tm, "momentum", None), st.momentum
 
     return _write_all("torch -> keras", steps, write, saved, _restore_keras_state, probe_size, seed)

@@ -191,6 +191,13 @@ class BatchNormalization(keras.layers.BatchNormalization):  # type: ignore[misc]
                 f"{name}: compute_backend must be None, 'auto', 'torch' or 'numba', got "
                 f"{compute_backend!r}"
             )
+        if synchronized and _keras_backend() != "tensorflow":
+            raise ValueError(
+                f"{name}: synchronized=True is supported by Keras on the TensorFlow backend "
+                f"only, and this is {_keras_backend()!r}. For statistics synchronized across "
+                "processes in a torch model, use batchnorm.SyncBatchNorm (or "
+                "batchnorm.convert_sync_batchnorm(model))."
+            )
         if _KERAS_HAS_RENORM:
             kwargs.update(
                 renorm=renorm, renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import operator
 import warnings
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
@@ -715,8 +716,20 @@ class BatchNorm(_BatchNormBase):
         """A layer configured with ``keras.layers.BatchNormalization``'s arguments and
         conventions: Keras' ``momentum`` weighs the old average (so PyTorch's is
         ``1 − momentum``), ε defaults to 1e-3, and the moving variance is stored biased."""
+        fn = f"{cls.__name__}.from_keras"
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+            hint = (
+                " PyTorch's momentum=None (a cumulative average) has no Keras counterpart: "
+                f"create the layer with {cls.__name__}(num_features, momentum=None) instead."
+                if momentum is None
+                else ""
+            )
+            raise TypeError(
+                f"{fn}: momentum must be a number, Keras' weight of the old moving average "
+                f"(typically 0.9-0.999), got {momentum!r}.{hint}"
+            )
         if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"from_keras: momentum must be in [0, 1], got {momentum!r}")
+            raise ValueError(f"{fn}: momentum must be in [0, 1], got {momentum!r}")
         return cls(
             num_features,
             eps=epsilon,
