@@ -1515,3 +1515,33 @@ def test_the_output_cache_budget_comes_from_the_environment() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env
     )
     assert r.returncode == 1 and "$BATCHNORM_OUTPUT_CACHE_MB is 'lots'" in r.stderr
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["node", "function"])
+def test_views_whose_values_are_not_their_memory_are_read_as_values(on: bool) -> None:
+    """A neg-bit view (values −t over t's memory) as the input or the gradient, and the
+    efficient zeros autograd may hand a backward: read as their values, as torch.nn reads
+    them (the node read the memory, and a zeros tensor without memory crashed it)."""
+    torch.manual_seed(0)
+    t = torch.randn(4, 3, 5, dtype=torch.float64)
+    with _native(on):
+        for training in (True, False):
+            ours = batchnorm.BatchNorm1d(3, dtype=torch.float64).train(training)
+            theirs = torch.nn.BatchNorm1d(3, dtype=torch.float64).train(training)
+            with torch.no_grad():
+                ours.running_mean.fill_(0.5), theirs.running_mean.fill_(0.5)
+            neg = torch._neg_view(t)
+            assert neg.is_neg()
+            torch.testing.assert_close(ours(neg), theirs(neg), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+            grads = []
+            for layer in (ours, theirs):
+                x = t.clone().requires_grad_(True)
+                layer(x).backward(torch._neg_view(t))
+                grads.append(x.grad)
+            torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+            x = t.clone().requires_grad_(True)
+            ours.zero_grad()
+            ours(x).backward(torch._efficientzerotensor(t.shape, dtype=t.dtype))
+            assert x.grad is not None and not bool(x.grad.any())
+            assert ours.weight.grad is not None and not bool(ours.weight.grad.any())

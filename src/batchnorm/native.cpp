@@ -110,10 +110,14 @@ struct Dims {
 // Python routes such calls to torch operations first; this is the second guard.
 bool readable(const Tensor& t) {
   const auto keys = t.key_set();
+  // (views whose values are not their memory's — a neg-bit or conj-bit view, the efficient
+  // zeros autograd may pass as a gradient — go to torch operations, which resolve them)
   return t.has_storage() && !keys.has(c10::DispatchKey::Python) &&
          !keys.has(c10::DispatchKey::FuncTorchBatched) &&
          !keys.has(c10::DispatchKey::FuncTorchGradWrapper) &&
-         !keys.has(c10::DispatchKey::BatchedNestedTensor);
+         !keys.has(c10::DispatchKey::BatchedNestedTensor) &&
+         !keys.has(c10::DispatchKey::Negative) && !keys.has(c10::DispatchKey::Conjugate) &&
+         !keys.has(c10::DispatchKey::ZeroTensor) && t.data_ptr() != nullptr;
 }
 
 // The canonical (N, C, L) of x with its channels on `axis`, as
