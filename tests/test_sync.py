@@ -446,7 +446,36 @@ def _robust_part(rank: int, world: int) -> dict:
     out["second"] = _catch(
         lambda: torch.autograd.grad(twice(xt).pow(3).sum(), xt, create_graph=True)
     )
-    # a rank that never arrives: the process group's timeout, then the layer's own timeout
+    # a rank whose input is refused and which goes on to its next batch: its next call is
+    # reported on every rank, not merged with the other ranks' earlier call
+    skip = SyncBatchNorm(3, name="skip", timeout=5.0)
+    if rank == 1:
+        out["refused"] = _catch(lambda: skip(torch.randn(4, 5)))
+    out["after_refusal"] = _catch(lambda: skip(torch.randn(4, 3)))
+    # torch.jit.trace in training mode: refused by name on every rank, before any exchange
+    out["traced"] = _catch(lambda: torch.jit.trace(SyncBatchNorm(3), torch.randn(4, 3)))
+    # non-reentrant activation checkpointing with the layer ending the segment: the running
+    # statistics as torch.nn's layer gives them on the global batch (updated in the recompute)
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    seg = torch.nn.Sequential(torch.nn.Linear(3, 3, dtype=torch.float64), SyncBatchNorm(3))
+    oracle = torch.nn.Sequential(copy.deepcopy(seg[0]), torch.nn.BatchNorm1d(3))
+    seg[1].double(), oracle.double()
+    full = torch.randn(8, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    checkpoint(seg, full[:3] if rank == 0 else full[3:], use_reentrant=False).sum().backward()
+    checkpoint(oracle, full, use_reentrant=False).sum().backward()
+    out["checkpoint"] = (
+        int(seg[1].num_batches_tracked),
+        int(oracle[1].num_batches_tracked),
+        float((seg[1].running_mean - oracle[1].running_mean).abs().max()),
+        float((seg[1].running_var - oracle[1].running_var).abs().max()),
+    )
+    # an empty rank's channels_last output is laid out as torch.nn lays out an empty batch's
+    xe = torch.randn(4 if rank == 0 else 0, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    out["empty_strides"] = (SyncBatchNorm(4)(xe).stride(), torch.nn.BatchNorm2d(4)(xe).stride())
+    # a rank that never arrives: the process group's timeout, then the layer's own timeout;
+    # after either, the group's collectives are out of step on that rank: refused there
     sub = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=1.0))
     late = SyncBatchNorm(4, process_group=sub, name="late")
     own = SyncBatchNorm(4, timeout=0.5, name="own")
@@ -455,6 +484,9 @@ def _robust_part(rank: int, world: int) -> dict:
         out["pg_timeout"] = _catch(lambda: late(z))
         out["own_timeout"] = _catch(lambda: own(z))
         out["waited"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        out["out_of_step"] = _catch(lambda: SyncBatchNorm(4, name="next")(z))
+        out["refused_at_once"] = time.monotonic() - t0
     else:
         time.sleep(2.0)  # absent from both exchanges
     return out
@@ -496,6 +528,20 @@ def _check_robust(results: list[dict]) -> None:
         assert "did not reach this layer" in msg, msg
     assert "0.5 s (the layer's timeout)" in first["own_timeout"]
     assert first["waited"] < PG_TIMEOUT  # bounded by the short timeouts, not the default
+    msg = first["out_of_step"]
+    assert msg.startswith("SyncBatchNormError") and "'next' on rank 0" in msg, msg
+    assert "gave up an earlier exchange" in msg and "re-create it" in msg, msg
+    assert first["refused_at_once"] < 0.5
+    assert results[1]["refused"].startswith("BatchNormInputError"), results[1]["refused"]
+    for r, res in enumerate(results):
+        msg = res["after_refusal"]
+        assert msg.startswith("SyncBatchNormError"), (r, msg)
+        assert "'skip' (call 0" in msg and "'skip' (call 1" in msg, (r, msg)
+        msg = res["traced"]
+        assert msg.startswith("SyncBatchNormError") and "torch.jit.trace cannot record" in msg
+        ours, theirs, d_mean, d_var = res["checkpoint"]
+        assert ours == theirs == 2 and d_mean < TOL and d_var < TOL, res["checkpoint"]
+        assert res["empty_strides"][0] == res["empty_strides"][1], res["empty_strides"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,6 +550,8 @@ def _check_robust(results: list[dict]) -> None:
 
 def _two_ranks(rank: int, world: int, out: Path) -> None:
     _exact_worker(rank, world, out)
+    # for the exit check below: the default group is out of step on rank 0 after the timeouts
+    spare = dist.new_group([0, 1])
     _save(
         out / f"more{rank}.pt", {"ddp": _ddp_part(rank, world), "robust": _robust_part(rank, world)}
     )
@@ -515,7 +563,7 @@ def _two_ranks(rank: int, world: int, out: Path) -> None:
             time.sleep(0.05)
         os._exit(0)
     ready.touch()
-    gone = SyncBatchNorm(3, timeout=8.0, name="gone")
+    gone = SyncBatchNorm(3, timeout=8.0, name="gone", process_group=spare)
     t0 = time.monotonic()
     msg = _catch(lambda: gone(torch.randn(4, 3)))
     (out / "peer_exit.txt").write_text(f"{time.monotonic() - t0}\n{msg}")

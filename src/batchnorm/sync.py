@@ -38,8 +38,9 @@ from __future__ import annotations
 import datetime
 import numbers
 import warnings
+import weakref
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,17 @@ _KIND_NAMES = {
 }
 # the message of another rank's gloo error when that rank's process closed its connections
 _CLOSED = ("closed by peer", "connection closed", "connection reset", "broken pipe", "refused")
+
+# process groups on which an exchange was given up after a timeout, with what was given up: the
+# abandoned collective stays pending, and a later one of this rank would pair with another
+# rank's earlier message (its statistics merged with the wrong step's, without an error)
+_OUT_OF_STEP: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _group_key(group: Any) -> Any:
+    return group if group is not None else dist.group.WORLD
+
+
 # tag -> layer name, so a rank can name the layer another rank is in (models are identical)
 _TAG_NAMES: dict[int, str] = {}
 
@@ -225,6 +237,26 @@ def _gather(ex: _Exchange, kind: int, call: int, msg: Tensor, *, check: bool = T
     if world == 1:
         gathered = msg.unsqueeze(0)
     else:
+        if F._tracing():
+            # (the tracer cannot take the collective's list of tensors, and a traced graph
+            # would replay one step's exchange as constants)
+            raise SyncBatchNormError(
+                f"{ex.layer} on rank {rank}: torch.jit.trace cannot record the exchange of a "
+                f"synchronized layer in training mode across {world} ranks. Trace the model in "
+                "eval mode (model.eval()), or use torch.compile, which runs the exchange."
+            )
+        key = _group_key(ex.group)
+        given_up = _OUT_OF_STEP.get(key)
+        if given_up is not None:
+            raise SyncBatchNormError(
+                f"{ex.layer} on rank {rank}: this rank gave up an earlier exchange on this "
+                f"process group after its timeout ({given_up}), and that collective is still "
+                "pending: any later one would pair with another rank's earlier message and "
+                "merge the wrong step's statistics. The process group cannot be used for "
+                "synchronized BN any more; re-create it (dist.destroy_process_group(), then "
+                "dist.init_process_group(...) on every rank), e.g. by restarting from a "
+                "checkpoint, or raise the layer's timeout."
+            )
         out = [torch.empty_like(msg) for _ in range(world)]
         try:
             work = dist.all_gather(out, msg, group=ex.group, async_op=True)
@@ -246,10 +278,13 @@ def _gather(ex: _Exchange, kind: int, call: int, msg: Tensor, *, check: bool = T
                 if ex.timeout is not None
                 else "the process group's timeout"
             )
+            _OUT_OF_STEP[key] = f"{what} after {limit}"
             raise SyncBatchNormError(
                 f"{what} did not complete within {limit}: another rank did not reach this layer "
                 "(it skipped it, raised an error, or stopped). Every rank must run every "
                 "synchronized layer in training mode, including ranks with an empty batch. "
+                "Synchronized layers on this process group now refuse to run on this rank (the "
+                "abandoned collective is still pending); re-create the group to go on. "
                 f"Original error: {err}"
             ) from err
         gathered = torch.stack(out)  # (R, len(msg))
@@ -280,6 +315,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         eps: float,
         ex: _Exchange,
         call: int,
+        update: Callable[[Tensor, Tensor, int], None],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         cd = F._compute_dtype(x.dtype)
         xc = x.to(cd)
@@ -303,6 +339,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         w = None if weight is None else weight.to(cd)
         b = None if bias is None else bias.to(cd)
         y = F._normalize(xc, mean, invstd, w, b).to(x.dtype)
+        # the running statistics before anything is saved: non-reentrant activation
+        # checkpointing stops its recomputation once the last saved tensor is packed, and the
+        # recomputed step updates them as torch.nn's layers do (twice per step, as there)
+        update(mean, var, int(total))
         ctx.save_for_backward(x, weight, mean, invstd)  # type: ignore[arg-type]
         ctx.ex, ctx.call, ctx.total = ex, call, float(total)  # type: ignore[attr-defined]
         ctx.layer = ex.layer  # type: ignore[attr-defined]
@@ -348,7 +388,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         db = None
         if needs[2]:
             db = sum_dy.to(dy.dtype if weight is None else weight.dtype)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,13 +528,22 @@ class SyncBatchNorm(_BatchNormBase):
             width=self.sync_width or self.num_features,
             channels=self.num_features,
         )
-        call = self._sync_calls
-        self._sync_calls += 1
-        y, mean, var, total = _SyncBatchNormFunction.apply(
-            xc, self.weight, self.bias, self.eps, ex, call
-        )
-        self._update_running_stats(mean, var, int(total))
+        y, _, _, _ = _SyncBatchNormFunction.apply(
+            xc, self.weight, self.bias, self.eps, ex, self._sync_calls - 1,
+            self._update_running_stats,
+        )  # fmt: skip
+        if input.numel() == 0:
+            # an empty rank's output: laid out as torch.nn lays out an empty batch's
+            return restore(y).as_strided(input.shape, torch.empty_like(input).stride())
         return restore(y)
+
+    def _checked(self, input: Tensor) -> bool:
+        if self._syncing():
+            # the call is counted before any check of its input: a rank whose input is refused
+            # and which goes on to its next batch is then a call ahead, which the next exchange
+            # reports on every rank, instead of merging that batch with this call's
+            self._sync_calls += 1
+        return super()._checked(input)
 
 
 # --------------------------------------------------------------------------------------------
