@@ -98,10 +98,6 @@ class _Outputs:
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_key.values())
 
-    @property
-    def held_bytes(self) -> int:
-        return self._bytes
-
     def clear(self) -> int:
         """Forget every array; return the bytes they took (memory still in use is freed by
         its users)."""
