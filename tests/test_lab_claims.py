@@ -694,7 +694,7 @@ def test_ics_diverged_arm_has_the_largest_shift(monkeypatch: pytest.MonkeyPatch)
         net, arm, _ = key.split("-")
         cos = 0.9 if arm == "BN" else 0.5  # BN's shift (1 - cos) is the smaller one...
         # the first layer's shift is 0 by definition (cos 1): left out of the means
-        probes = [{"step": 20, "cosine": [1.0, cos, math.nan], "relative_l2": [0.0, 0.1],
+        probes = [{"step": 20, "cosine": [1.0, cos], "relative_l2": [0.0, 0.1],
                    "l2": [0.0, 0.1]}]  # fmt: skip
         # ...but BN diverged in the cnn: its shift ranks as +inf, so BN does not reduce it
         return {"train": _train([0.1, 0.5], diverged=arm == "BN" and net == "cnn"),
@@ -703,9 +703,40 @@ def test_ics_diverged_arm_has_the_largest_shift(monkeypatch: pytest.MonkeyPatch)
     c, _ = _stub_run(monkeypatch, ics, ics.ICSConfig(seeds=1), make)
     assert c["bn-does-not-reduce-ics-cnn"].verdict is True
     assert c["bn-does-not-reduce-ics-dln"].verdict is False
-    assert c["bn-does-not-reduce-ics-cnn"].measured["diverged"].startswith("BN diverged in 1")
+    assert (
+        c["bn-does-not-reduce-ics-cnn"]
+        .measured["diverged"]
+        .startswith("BN diverged or had a non-finite probe in 1")
+    )
     for claim in c.values():
         assert _recompute(claim.id)(claim.measured) == claim.verdict
+
+
+def test_ics_probe_that_overflowed_counts_as_the_largest_shift(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A probe where G' overflowed (cosine NaN, relative ℓ2 inf, as internal_covariate_shift
+    reports it) in a run that did not diverge: the arm's shift is unbounded there, +inf, as in
+    smoothness; left out of the mean, the arm that blew up looked less shifted."""
+
+    def make(key: str) -> dict[str, Any]:
+        _, arm, _ = key.split("-")
+        if arm == "noBN":  # a moderate shift at the first probe, an overflow at the second
+            cos, rel = [0.9, math.nan], [0.5, math.inf]
+        else:
+            cos, rel = [0.8, 0.8], [0.6, 0.6]
+        probes = [
+            {"step": s, "cosine": [1.0, c], "relative_l2": [0.0, r], "l2": [0.0, r]}
+            for s, c, r in zip((20, 40), cos, rel)
+        ]
+        return {"train": _train([0.1, 0.5]), "extra": {"probes": probes}}
+
+    c, _ = _stub_run(monkeypatch, ics, ics.ICSConfig(seeds=2), make)
+    for claim in c.values():
+        assert claim.verdict is False  # no-BN's shift is +inf: BN reduces it
+        assert claim.measured["diverged_seeds"] == {"noBN": 2, "BN": 0}
+        assert "non-finite probe" in claim.measured["diverged"]
+        assert _recompute(claim.id)(claim.measured) is False
 
 
 def test_ics_and_smoothness_need_differences_beyond_the_seed_spread(

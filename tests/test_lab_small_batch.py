@@ -99,6 +99,31 @@ def test_noniid_hurts_bn_is_judged_against_groupnorm_on_the_same_batches(
     assert c["noniid-hurts-bn"].measured["difference"] == pytest.approx(0.18)
 
 
+def test_a_diverged_iid_reference_leaves_the_noniid_rise_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rise is error(non-i.i.d.) - error(i.i.d.) per seed: where the i.i.d. reference
+    diverged it is unknown, and the verdict is not taken from the seeds that are left (it was,
+    and the report said nothing diverged)."""
+    acc: dict[str, tuple[float, ...]] = {k: v + (v[0],) for k, v in BASE.items()}
+    acc["GN-g8-noniid"] = (0.85, 0.85, 0.85)  # BN's rise is its own on seeds 0 and 1
+    cfg = SmallBatchConfig(seeds=3, group_sizes=(2, 8), batch_size=16, final_window=1)
+
+    def make(key: str) -> dict[str, Any]:
+        name, seed = key.rsplit("-seed", 1)
+        diverged = name == "BN-g8" and seed == "2"
+        return {"train": _train([0.1, acc[name][int(seed)]], diverged=diverged), "extra": {}}
+
+    c, _ = _stub_run(monkeypatch, small_batch, cfg, make)
+    hurt = c["noniid-hurts-bn"]
+    assert hurt.verdict is False and hurt.measured["difference"] is None
+    assert hurt.measured["diverged_seeds"]["BN-g8"] == 1
+    assert "BN-g8 diverged in 1 of 3" in hurt.measured["diverged"]
+    # the same without the divergence: supported
+    c, _ = _stub_run(monkeypatch, small_batch, cfg, _make(acc))
+    assert c["noniid-hurts-bn"].verdict is True
+
+
 def test_small_batch_figure_says_what_its_bars_are(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

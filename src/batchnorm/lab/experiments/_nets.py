@@ -296,6 +296,21 @@ def spread_rule(n_seeds: int, what: str = "std + std") -> str:
     )
 
 
+def blew_up(run: Mapping[str, Any], key: str, skip: int = 0) -> bool:
+    """The run diverged, or a value of ``key`` in one of its probes (a number, or a list per
+    layer of which the first ``skip`` are left out) is not finite (null once saved): a measure
+    that overflowed ranks as a diverged arm (+inf), instead of leaving the mean over the probes
+    that stayed finite, which would make the arm that blew up look better."""
+
+    def values(probe: Mapping[str, Any]) -> list[Any]:
+        v = probe[key]
+        return list(v[skip:]) if isinstance(v, list) else [v]
+
+    return bool(run["train"]["diverged"]) or any(
+        v is None or not np.isfinite(v) for p in run["extra"]["probes"] for v in values(p)
+    )
+
+
 def exceeds_spread(
     a: Sequence[float | None],
     b: Sequence[float | None],

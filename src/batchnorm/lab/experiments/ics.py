@@ -47,9 +47,9 @@ from batchnorm.lab.experiments._nets import (
     DeepLinear,
     VGGSmall,
     arm_rows,
+    blew_up,
     cached_train,
     check_bn1d_batch,
-    diverged_flags,
     divergence,
     exceeds_spread,
     load_data,
@@ -294,8 +294,13 @@ def run(cfg: ICSConfig, ctx: RunContext) -> Results:
                 else None,
                 "diverged": sum(bool(r["train"]["diverged"]) for r in tr),
             }
-        div = {a: diverged_flags(results[a]) for a in ARMS}
-        # per measure: no-BN − BN (> 0: BN's shift is smaller); a diverged arm's shift is +inf
+        # per measure: no-BN − BN (> 0: BN's shift is smaller); the shift of an arm that
+        # diverged, or whose G' overflowed at a probe (a non-finite value), is +inf
+        # (both measures are non-finite together: G' overflowed)
+        div = {
+            a: [blew_up(r, "cosine", 1) or blew_up(r, "relative_l2", 1) for r in results[a]]
+            for a in ARMS
+        }
         cmp = {
             k: exceeds_spread(
                 per_seed[k]["noBN"], per_seed[k]["BN"], div["noBN"], div["BN"],
@@ -314,7 +319,7 @@ def run(cfg: ICSConfig, ctx: RunContext) -> Results:
             measured[f"spread_{k}"] = cv["measured"]["spread"]
         if len(seeds) < 2:
             measured["spread_note"] = "unknown with one seed: any difference counts"
-        measured.update(divergence(div))
+        measured.update(divergence(div, "diverged or had a non-finite probe"))
         claims.append(
             Claim(
                 id=f"bn-does-not-reduce-ics-{net}",
@@ -329,7 +334,8 @@ def run(cfg: ICSConfig, ctx: RunContext) -> Results:
                 "its batch), the layers after the first and seeds of 1 - cos(G, G') and "
                 "||G - G'||/||G||; supported unless no-BN - BN > spread for either measure; "
                 f"{spread_rule(len(seeds), 'std(BN) + std(no-BN)')}; {RANK_RULE} (a diverged "
-                "arm's shift counts as +inf)",
+                "arm's shift counts as +inf, and so does one with a non-finite probe: G' "
+                "overflowed)",
             )
         )
         first = {a: results[a][0]["extra"]["probes"] for a in ARMS}

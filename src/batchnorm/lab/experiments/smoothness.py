@@ -45,6 +45,7 @@ from batchnorm.lab.experiments._nets import (
     RANK_RULE,
     VGGSmall,
     arm_rows,
+    blew_up,
     cached_train,
     check_bn1d_batch,
     check_probe_every,
@@ -157,13 +158,6 @@ AXES = {
 }
 
 
-def _blew_up(run: dict[str, Any], key: str) -> bool:
-    """The run diverged, or one of its probes of ``key`` is not finite (null once saved)."""
-    return bool(run["train"]["diverged"]) or any(
-        p[key] is None or not np.isfinite(p[key]) for p in run["extra"]["probes"]
-    )
-
-
 def figures(run: RunData, out: Path) -> list[Path]:
     """The three measures over training, with and without BN (their Fig. 4)."""
     from batchnorm.lab import plots
@@ -215,7 +209,7 @@ def run(cfg: SmoothnessConfig, ctx: RunContext) -> Results:
     what = "diverged or had a non-finite probe"
     claims = []
     for key, label in MEASURES.items():
-        div = {a: [_blew_up(r, key) for r in results[a]] for a in ARMS}
+        div = {a: [blew_up(r, key) for r in results[a]] for a in ARMS}
         # noBN − BN: positive when BN's is smaller; a blown-up arm ranks +inf
         cmp = exceeds_spread(
             per_seed[key]["noBN"], per_seed[key]["BN"], div["noBN"], div["BN"],
