@@ -1545,3 +1545,22 @@ def test_views_whose_values_are_not_their_memory_are_read_as_values(on: bool) ->
             ours(x).backward(torch._efficientzerotensor(t.shape, dtype=t.dtype))
             assert x.grad is not None and not bool(x.grad.any())
             assert ours.weight.grad is not None and not bool(ours.weight.grad.any())
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["node", "function"])
+@pytest.mark.parametrize("training", [True, False])
+def test_a_sparse_gradient_gives_the_dense_gradients(on: bool, training: bool) -> None:
+    """``y.backward(dy.to_sparse())``: the gradients of the dense ``dy`` (torch.nn's operator
+    refuses a sparse one in the backend's words; ours failed inside its own reshape)."""
+    torch.manual_seed(0)
+    dy = torch.randn(4, 3, 5, dtype=torch.float64)
+    dy[dy.abs() < 0.5] = 0.0
+    with _native(on):
+        got = []
+        for g in (dy.to_sparse(), dy):
+            bn = batchnorm.BatchNorm1d(3, dtype=torch.float64).train(training)
+            x = torch.linspace(-2, 3, 60, dtype=torch.float64).reshape(4, 3, 5).requires_grad_()
+            bn(x).backward(g)
+            got.append((x.grad, bn.weight.grad, bn.bias.grad))
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -1311,13 +1311,19 @@ def _check_saved_vectors(x: Tensor, axis: int, *vectors: Tensor | None) -> None:
             raise replaced_vector_error(v, c)
 
 
+def _dense(dy: Tensor) -> Tensor:
+    """A sparse gradient (``y.backward(dy.to_sparse())``) as the dense one the backward's
+    element-wise formula needs (torch.nn's operator refuses it with the backend's words)."""
+    return dy if dy.layout == torch.strided else dy.to_dense()
+
+
 def graph_backward(
     dy: Tensor, x: Tensor, weight: Tensor | None, eps: float, axis: int
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(dx, dγ, dβ)`` of :class:`BatchNormFunction` for ``create_graph=True``: differentiable
     in ``dy``, ``x`` and ``weight`` (the compiled node of :mod:`batchnorm.native` calls it)."""
     _check_saved_vectors(x, axis, weight)
-    dyc, xc, restore = _canonical_pair(dy, x, axis)
+    dyc, xc, restore = _canonical_pair(_dense(dy), x, axis)
     # statistics recomputed differentiably from x
     cd = _compute_dtype(x.dtype)
     xcd = xc.to(cd)
@@ -1345,7 +1351,9 @@ def graph_backward_eval(
         xc, restore = canonical_layout(x, axis)
         y = restore(_TORCH.forward_eval(xc, mean, var, weight, bias, eps))
     got = iter(
-        torch.autograd.grad(y, wanted, dy, create_graph=torch.is_grad_enabled(), allow_unused=True)
+        torch.autograd.grad(
+            y, wanted, _dense(dy), create_graph=torch.is_grad_enabled(), allow_unused=True
+        )
     )
     return [next(got) if n and t is not None else None for t, n in zip(inputs, needs)]
 
