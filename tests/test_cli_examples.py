@@ -364,6 +364,15 @@ def test_a_thread_count_numba_refuses_is_named_before_numba_is_imported(
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
     assert "$NUMBA_NUM_THREADS is '0'" in err and "unset it" in err
+    # the output caches' budget, the same way
+    monkeypatch.delenv("NUMBA_NUM_THREADS")
+    monkeypatch.setenv("BATCHNORM_OUTPUT_CACHE_MB", "-3")
+    assert cli_main(["bench", "--shapes", "60x100", "--repeats", "3", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    assert "$BATCHNORM_OUTPUT_CACHE_MB is '-3'" in err
+    monkeypatch.delenv("BATCHNORM_OUTPUT_CACHE_MB")
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "0")
     code = "import torch, batchnorm; batchnorm.BatchNorm1d(3)(torch.randn(8, 3))"
     for value, refused in (("0", True), ("-1", True), ("1", False), ("many", True), ("2.0", True)):
         env = {k: v for k, v in os.environ.items() if k != "BATCHNORM_BACKEND"}

@@ -794,6 +794,46 @@ def test_forked_child_runs_after_parent_used_threads():
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+_FORK_AFTER_START = """
+import os, sys
+import numpy as np, torch
+import batchnorm
+from batchnorm import kernels as K
+if sys.argv[1] == "count":
+    K.num_threads()  # only asks: the threading layer starts, no parallel region runs
+else:
+    with torch.no_grad():
+        batchnorm.BatchNorm2d(16).eval()(torch.randn(2, 16, 4, 4))  # a serial call, node path
+x = np.random.default_rng(0).standard_normal((4096, 70)).astype(np.float32)
+pid = os.fork()
+if pid == 0:
+    try:
+        y = K.forward_train(x, parallel=True)[0]
+        os._exit(0 if np.isfinite(y).all() else 3)
+    except BaseException:
+        os._exit(4)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.parametrize("parent", ["count", "serial-layer-call"])
+def test_forked_child_runs_after_parent_only_started_the_threads(parent: str) -> None:
+    """The OpenMP runtime terminates a forked child that starts a parallel region once its
+    parent started the threading layer, whether or not the parent ran a parallel region: asking
+    for the thread count (as the compiled node's entries do before a serial call) starts it."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", _FORK_AFTER_START, parent],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "0", (r.stdout, r.stderr[-2000:])
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     shape=st.one_of(

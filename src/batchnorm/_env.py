@@ -18,7 +18,9 @@ __all__ = [
     "numba_threads_problem",
     "check_numba_threads",
     "OUTPUT_CACHE_VARIABLE",
+    "MAX_OUTPUT_CACHE_BYTES",
     "output_cache_bytes",
+    "output_cache_problem",
 ]
 
 #: the spellings of "off" a switch accepts (trimmed, any case), as BATCHNORM_PROGRESS does
@@ -78,23 +80,37 @@ def check_numba_threads() -> None:
 #: the output caches' budget in MiB (see :func:`batchnorm.set_output_cache_budget`)
 OUTPUT_CACHE_VARIABLE = "BATCHNORM_OUTPUT_CACHE_MB"
 _DEFAULT_OUTPUT_CACHE_MB = 512
+#: the largest budget either cache takes: 1 TiB
+MAX_OUTPUT_CACHE_BYTES = 1 << 40
 
 
-def output_cache_bytes() -> int:
-    """The output caches' budget in bytes that ``$BATCHNORM_OUTPUT_CACHE_MB`` asks for (512 MiB
-    when it is not set; 0 keeps no output); :class:`ValueError` naming the variable when it is
-    not a whole number of MiB from 0 up."""
+def output_cache_problem() -> str | None:
+    """Why ``$BATCHNORM_OUTPUT_CACHE_MB`` is refused (None if it is not): not a whole number of
+    MiB from 0 to 1048576 (1 TiB)."""
     value = get(OUTPUT_CACHE_VARIABLE)
     if value is None or not value.strip():
-        return _DEFAULT_OUTPUT_CACHE_MB << 20
+        return None
     try:
         mib = int(value)
     except ValueError:
         mib = -1
-    if mib < 0:
-        raise ValueError(
-            f"${OUTPUT_CACHE_VARIABLE} is {value!r}; it takes the output caches' budget as a "
-            f"whole number of MiB from 0 up (0 keeps no output; unset: "
-            f"{_DEFAULT_OUTPUT_CACHE_MB})"
-        )
-    return mib << 20
+    if 0 <= mib <= MAX_OUTPUT_CACHE_BYTES >> 20:
+        return None
+    return (
+        f"${OUTPUT_CACHE_VARIABLE} is {value!r}; it takes the output caches' budget as a whole "
+        f"number of MiB from 0 to {MAX_OUTPUT_CACHE_BYTES >> 20} (0 keeps no output; unset: "
+        f"{_DEFAULT_OUTPUT_CACHE_MB})"
+    )
+
+
+def output_cache_bytes() -> int:
+    """The output caches' budget in bytes that ``$BATCHNORM_OUTPUT_CACHE_MB`` asks for (512 MiB
+    when it is not set; 0 keeps no output); :class:`ValueError` with
+    :func:`output_cache_problem`'s message when it is refused."""
+    problem = output_cache_problem()
+    if problem is not None:
+        raise ValueError(problem)
+    value = get(OUTPUT_CACHE_VARIABLE)
+    if value is None or not value.strip():
+        return _DEFAULT_OUTPUT_CACHE_MB << 20
+    return int(value) << 20

@@ -58,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from batchnorm import _env
         from batchnorm.functional import backend_env_problem
 
-        problem = backend_env_problem() or _env.numba_threads_problem()
+        problem = (
+            backend_env_problem() or _env.numba_threads_problem() or _env.output_cache_problem()
+        )
         if problem is not None:
             print(f"batchnorm {args.command}: {problem}", file=sys.stderr)
             return 2

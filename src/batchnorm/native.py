@@ -93,6 +93,30 @@ def _built(cpp_extension: Any, name: str) -> bool:
     return (where / f"{name}.so").exists()
 
 
+#: seconds after which a build lock in torch's extension cache is taken for one that a killed
+#: build left behind (a build takes about a minute)
+STALE_LOCK_AFTER = 300.0
+
+
+def _stale_lock(cpp_extension: Any, name: str) -> Path | None:
+    """The lock file of torch's extension cache for this build if it is older than
+    :data:`STALE_LOCK_AFTER`: torch waits for that file without limit, and a build killed by
+    SIGKILL, SIGTERM or the out-of-memory killer never removes it. A younger lock, another
+    process's build under way, is waited for until it goes (then None) or grows old."""
+    try:
+        lock = Path(cpp_extension._get_build_directory(name, False)) / "lock"
+    except Exception:
+        return None
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            return None  # no lock: no build under way
+        if age > STALE_LOCK_AFTER:
+            return lock
+        time.sleep(0.5)
+
+
 def load() -> Any | None:
     """The built extension (building it on the first call), or None when it is turned off or
     cannot be built (then with one warning that says why)."""
@@ -100,6 +124,7 @@ def load() -> Any | None:
         return None
     if _state["tried"]:
         return _state["ext"]
+    budget = output_cache_budget()  # (a refused $BATCHNORM_OUTPUT_CACHE_MB is no build failure)
     _state["tried"] = True
     try:
         from torch.utils import cpp_extension
@@ -110,6 +135,14 @@ def load() -> Any | None:
         name = _name()
         if not _built(cpp_extension, name):
             from batchnorm.kernels import notify
+
+            stale = _stale_lock(cpp_extension, name)
+            if stale is not None:
+                raise RuntimeError(
+                    f"a build lock older than {STALE_LOCK_AFTER:g} s is left in {stale}, by a "
+                    "build that was killed (torch would wait for it without end); delete that "
+                    "file to build the node"
+                )
 
             notify(
                 "batchnorm: building the compiled autograd node (once, about a minute; "
@@ -128,7 +161,7 @@ def load() -> Any | None:
             functional.graph_backward,
             functional.graph_backward_eval,
             backend_numba.REUSE_ABOVE,
-            backend_numba._OUT.max_bytes,
+            budget,
         )
     except Exception as e:  # no compiler, no headers, a failed build: the Python path serves
         warnings.warn(
@@ -171,11 +204,12 @@ def set_output_cache_budget(max_bytes: int) -> None:
         True
         >>> batchnorm.set_output_cache_budget(512 << 20)
     """
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+    limit = _env.MAX_OUTPUT_CACHE_BYTES
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or not 0 <= max_bytes <= limit:
         raise ValueError(
             "set_output_cache_budget: max_bytes is the bytes each output cache may keep, a "
-            f"whole number from 0 up (0 keeps no output; e.g. 256 << 20 for 256 MiB), got "
-            f"{max_bytes!r}"
+            f"whole number from 0 to {limit} (1 TiB; 0 keeps no output; e.g. 256 << 20 for "
+            f"256 MiB), got {max_bytes!r}"
         )
     _state["budget"] = max_bytes
     numba_path = sys.modules.get("batchnorm.backend_numba")

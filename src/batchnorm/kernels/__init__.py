@@ -135,6 +135,10 @@ def num_threads() -> int:
         from numba.np.ufunc import parallel
 
         numba.get_num_threads()  # starts the threading layer
+        # a forked child of a process whose OpenMP layer started is terminated when it starts
+        # a parallel region, whether or not this process ran one (the compiled node's entries
+        # ask for the count before their first, maybe serial, call)
+        _state["parallel_used"] = True
         # the layer's own reader: numba.get_num_threads() takes two locks on every call, which
         # cost ~30 us when the caches are cold after a large pass
         read = _NUM_THREADS["read"] = getattr(parallel, "_get_num_threads", numba.get_num_threads)
