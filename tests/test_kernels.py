@@ -1259,6 +1259,19 @@ def test_a_first_call_slow_to_load_its_loop_is_announced_once() -> None:
     ], r.stderr[-2000:]
 
 
+def test_the_compile_notice_names_numba_s_cache_directory_when_one_is_set(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    monkeypatch.setattr(K, "NOTICE_AFTER", 0.0)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "/srv/numba-cache")
+    K._compiling("loop x", "seconds")
+    time.sleep(0.5)
+    err = capsys.readouterr().err
+    assert "(once per machine, seconds; cached on disk in /srv/numba-cache)" in err, err
+
+
 def test_a_notice_during_a_progress_bar_gets_a_line_of_its_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -184,9 +184,9 @@ def notify(line: str) -> None:
 def _compiling(what: str, how_long: str) -> threading.Timer:
     """A started timer that prints, after :data:`NOTICE_AFTER` seconds, that ``what`` is being
     compiled; cancel it once the compiled code is there."""
-    line = (
-        f"batchnorm: compiling the {what} (once per machine, {how_long}; cached on disk next to "
-        "the package)"
+    where = _env.get("NUMBA_CACHE_DIR")
+    line = f"batchnorm: compiling the {what} (once per machine, {how_long}; cached on disk " + (
+        f"in {where})" if where and where.strip() else "next to the package)"
     )
     after = NOTICE_AFTER
     notice = threading.Timer(after or 0.0, lambda: notify(line))
