@@ -340,8 +340,29 @@ def test_the_native_switch_takes_every_spelling_of_off(
 
     monkeypatch.setenv("BATCHNORM_NATIVE", value)
     assert not native.enabled()
-    monkeypatch.setenv("BATCHNORM_NATIVE", "1")
-    assert native.enabled()
+    for on in ("1", " Yes", "on", ""):
+        monkeypatch.setenv("BATCHNORM_NATIVE", on)
+        assert native.enabled()
+
+
+def test_a_native_switch_that_is_neither_on_nor_off_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo (``of``, ``maybe``) left the node on without a word."""
+    import torch
+
+    import batchnorm
+    from batchnorm import native
+    from batchnorm.cli import main as cli_main
+
+    monkeypatch.setenv("BATCHNORM_NATIVE", "of")
+    with pytest.raises(ValueError, match=r"^\$BATCHNORM_NATIVE is 'of'; it takes 0, false"):
+        native.enabled()
+    with pytest.raises(ValueError, match=r"\$BATCHNORM_NATIVE is 'of'"):
+        batchnorm.BatchNorm1d(3)(torch.randn(8, 3))
+    assert cli_main(["bench", "--shapes", "60x100", "--repeats", "3"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "$BATCHNORM_NATIVE is 'of'" in err
 
 
 def test_compile_into_a_closed_pipe_is_no_traceback() -> None:

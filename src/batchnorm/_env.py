@@ -17,6 +17,8 @@ __all__ = [
     "is_off",
     "numba_threads_problem",
     "check_numba_threads",
+    "ON",
+    "switch_problem",
     "OUTPUT_CACHE_VARIABLE",
     "MAX_OUTPUT_CACHE_BYTES",
     "output_cache_bytes",
@@ -25,6 +27,8 @@ __all__ = [
 
 #: the spellings of "off" a switch accepts (trimmed, any case), as BATCHNORM_PROGRESS does
 OFF = ("0", "false", "no", "off")
+#: and of "on" (as is an empty value)
+ON = ("1", "true", "yes", "on")
 
 # CPython keeps os.environ's contents in ``_data``: bytes keys and values on POSIX
 _DATA = getattr(os.environ, "_data", None)
@@ -41,6 +45,18 @@ def get(name: str) -> str | None:
         key = _KEYS[name] = os.fsencode(name)
     value = _DATA.get(key)  # type: ignore[union-attr]
     return None if value is None else os.fsdecode(value)
+
+
+def switch_problem(name: str) -> str | None:
+    """Why the switch ``name`` is refused (None if it is not): a value that is none of
+    :data:`OFF` and :data:`ON` (a typo such as ``of`` would otherwise leave it on unseen)."""
+    value = get(name)
+    if value is None or value.strip().lower() in OFF + ON + ("",):
+        return None
+    return (
+        f"${name} is {value!r}; it takes {', '.join(OFF)} (off) or {', '.join(ON)} (on), in "
+        "any case"
+    )
 
 
 def is_off(name: str) -> bool:

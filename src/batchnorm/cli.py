@@ -59,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from batchnorm.functional import backend_env_problem
 
         problem = (
-            backend_env_problem() or _env.numba_threads_problem() or _env.output_cache_problem()
+            backend_env_problem()
+            or _env.numba_threads_problem()
+            or _env.output_cache_problem()
+            or _env.switch_problem("BATCHNORM_NATIVE")
         )
         if problem is not None:
             print(f"batchnorm {args.command}: {problem}", file=sys.stderr)
