@@ -761,3 +761,40 @@ def test_a_ghost_layer_s_wrong_length_weight_names_the_whole_batch() -> None:
     bn.weight = nn.Parameter(torch.ones(6))
     with pytest.raises(BatchNormInputError, match=r"input of shape \(8, 4, 3, 3\)"):
         bn(torch.randn(8, 4, 3, 3))
+
+
+def test_renorm_skip_of_a_one_value_batch_keeps_the_correction_d() -> None:
+    """Algorithm 1 at m = 1: μ_B = x, σ²_B = 0, x̂ = 0, so y = γ·clip((x − μ)/σ, ±d_max) + β
+    (plain BN's limit, y = β, dropped the correction); dγ = Σdy·d, dβ = Σdy, dx = 0; the
+    running statistics are left as they were. In warm-up (d_max = 0) it is BN's y = β."""
+    kw = dict(r_max=3.0, d_max=5.0, warmup_steps=0, r_max_step=0, d_max_step=0)
+    layer = batchnorm.BatchRenorm1d(2, small_batch="skip", dtype=torch.float64, **kw)
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.0, 1.0]))
+        layer.running_var.fill_(0.01)
+        layer.weight.copy_(torch.tensor([2.0, -1.0]))
+        layer.bias.fill_(0.5)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.tensor([[3.0, 1.02]], dtype=torch.float64, requires_grad=True)
+    sigma = (layer.running_var + layer.eps).sqrt()
+    d = ((x.detach()[0] - layer.running_mean) / sigma).clamp(-5.0, 5.0)
+    y = layer(x)
+    torch.testing.assert_close(y[0], layer.weight.detach() * d + 0.5)
+    assert float(d[0]) == 5.0 and abs(float(d[1]) - 0.02 / float(sigma[1])) < 1e-12
+    dy = torch.tensor([[1.5, -2.0]], dtype=torch.float64)
+    y.backward(dy)
+    assert x.grad is not None and not bool(x.grad.any())
+    torch.testing.assert_close(layer.weight.grad, dy[0] * d)
+    torch.testing.assert_close(layer.bias.grad, dy[0])
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # one valid position of a masked sequence batch
+    seq = torch.tensor([[[9.0, 3.0], [7.0, 1.02]]], dtype=torch.float64)  # (1, C=2, L=2)
+    masked = batchnorm.BatchRenorm1d(2, small_batch="skip", dtype=torch.float64, **kw)
+    masked.load_state_dict(layer.state_dict())
+    y_masked = masked(seq, mask=torch.tensor([[False, True]]))
+    torch.testing.assert_close(y_masked[0, :, 1], y.detach()[0])
+    # warm-up: d_max is still 0, so the correction is 0 and y = β
+    warm = batchnorm.BatchRenorm1d(2, small_batch="skip", dtype=torch.float64, warmup_steps=5)
+    warm.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(warm(x.detach()), torch.full((1, 2), 0.5, dtype=torch.float64))

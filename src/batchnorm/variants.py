@@ -240,6 +240,36 @@ class _Renorm(_BatchNormBase):
         self._update_running_stats(mean, var, count)
         return y
 
+    def _forward_single(self, input: Tensor, mask: Tensor | None) -> Tensor:
+        """One value per channel with ``small_batch="skip"``: Algorithm 1 of batch renorm at
+        m = 1 (μ_B = x, σ²_B = 0, so x̂ = 0 and y = γ·d + β with d = clip((μ_B − μ)/σ, ±d_max),
+        r multiplying x̂ = 0); plain BN's y = β would drop the correction renorm exists for.
+        ``"running"`` normalizes with the running statistics, as inference does; either way
+        the running statistics are left unchanged."""
+        if self.small_batch != "skip" or self.running_mean is None or self.running_var is None:
+            return super()._forward_single(input, mask)
+        ax = self.axis % input.dim()
+        dims = [i for i in range(input.dim()) if i != ax]
+        with torch.no_grad():  # r and d are constants for the gradient, as in training
+            x = input.detach()
+            if mask is None:
+                mean = x.mean(dims)
+            else:  # the one valid value of each channel (the mask has a size-1 channel axis)
+                # (where, not a product: padding may hold anything, inf and NaN included)
+                mean = torch.where(mask, x, 0).sum(dims) / mask.to(x.dtype).sum(dims)
+            var = torch.zeros_like(mean)
+            r_lo, r_hi, d_hi = self._clip_bounds(var)
+            sigma = torch.sqrt(self.running_var.to(mean.dtype) + self.eps)
+            r = torch.clamp(torch.sqrt(var + self.eps) / sigma, min=r_lo, max=r_hi)
+            d = torch.clamp((mean - self.running_mean.to(mean.dtype)) / sigma, min=-d_hi, max=d_hi)
+        r, d = r.detach(), d.detach()
+        self.last_r, self.last_d = r, d
+        # x·0 keeps y connected to x (dx = 0 at m = 1); dγ = Σ dy·d, dβ = Σ dy
+        shift: Tensor = d if self.weight is None else self.weight.reshape(-1).to(d.dtype) * d
+        if self.bias is not None:
+            shift = shift + self.bias.reshape(-1).to(shift.dtype)
+        return input * 0 + _per_channel(shift, input, ax).to(input.dtype)
+
     def extra_repr(self) -> str:
         return (
             super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, warmup_steps="
