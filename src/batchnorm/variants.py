@@ -199,6 +199,22 @@ class _Renorm(_BatchNormBase):
         r_max_t, d_max_t = self._schedule(nbt.to(_limits_dtype(nbt)))
         return (1.0 / r_max_t).to(var.dtype), r_max_t.to(var.dtype), d_max_t.to(var.dtype)
 
+    def _corrections(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """``(r, d)`` for batch statistics ``mean`` and biased ``var``: r = clip(σ_B/σ,
+        1/r_max, r_max), d = clip((μ_B − μ)/σ, ±d_max) with σ = √(running_var + ε), constants
+        for the gradient (the paper's stop_gradient); kept as ``last_r``/``last_d``."""
+        assert self.running_mean is not None and self.running_var is not None
+        with torch.no_grad():
+            r_lo, r_hi, d_hi = self._clip_bounds(var)
+            sigma = torch.sqrt(self.running_var.to(var.dtype) + self.eps)
+            r = torch.clamp(torch.sqrt(var + self.eps) / sigma, min=r_lo, max=r_hi)
+            d = torch.clamp((mean - self.running_mean.to(mean.dtype)) / sigma, min=-d_hi, max=d_hi)
+        # detached as well: torch.jit.trace does not record no_grad, and its replayed graph
+        # would differentiate through r and d
+        r, d = r.detach(), d.detach()
+        self.last_r, self.last_d = r, d
+        return r, d
+
     def _forward_train(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if self.running_mean is None or self.running_var is None:
             raise BatchNormInputError(
@@ -219,15 +235,7 @@ class _Renorm(_BatchNormBase):
             layer=self.layer_name(),
             mask=mask,
         )
-        with torch.no_grad():  # r and d are constants for the gradient (the paper's stop_gradient)
-            r_lo, r_hi, d_hi = self._clip_bounds(var)
-            sigma = torch.sqrt(self.running_var.to(var.dtype) + self.eps)
-            r = torch.clamp(torch.sqrt(var + self.eps) / sigma, min=r_lo, max=r_hi)
-            d = torch.clamp((mean - self.running_mean.to(mean.dtype)) / sigma, min=-d_hi, max=d_hi)
-        # detached as well: torch.jit.trace does not record no_grad, and its replayed graph
-        # would differentiate through r and d
-        r, d = r.detach(), d.detach()
-        self.last_r, self.last_d = r, d
+        r, d = self._corrections(mean, var)
         # (a weight of any shape holding C values, a (C, 1) one say, as torch.nn takes it)
         weight = None if self.weight is None else self.weight.reshape(-1)
         scale: Tensor = r if weight is None else weight.to(r.dtype) * r
@@ -250,20 +258,13 @@ class _Renorm(_BatchNormBase):
             return super()._forward_single(input, mask)
         ax = self.axis % input.dim()
         dims = [i for i in range(input.dim()) if i != ax]
-        with torch.no_grad():  # r and d are constants for the gradient, as in training
-            x = input.detach()
-            if mask is None:
-                mean = x.mean(dims)
-            else:  # the one valid value of each channel (the mask has a size-1 channel axis)
-                # (where, not a product: padding may hold anything, inf and NaN included)
-                mean = torch.where(mask, x, 0).sum(dims) / mask.to(x.dtype).sum(dims)
-            var = torch.zeros_like(mean)
-            r_lo, r_hi, d_hi = self._clip_bounds(var)
-            sigma = torch.sqrt(self.running_var.to(mean.dtype) + self.eps)
-            r = torch.clamp(torch.sqrt(var + self.eps) / sigma, min=r_lo, max=r_hi)
-            d = torch.clamp((mean - self.running_mean.to(mean.dtype)) / sigma, min=-d_hi, max=d_hi)
-        r, d = r.detach(), d.detach()
-        self.last_r, self.last_d = r, d
+        x = input.detach()
+        if mask is None:
+            mean = x.mean(dims)
+        else:  # the one valid value of each channel (the mask has a size-1 channel axis)
+            # (where, not a product: padding may hold anything, inf and NaN included)
+            mean = torch.where(mask, x, 0).sum(dims) / mask.to(x.dtype).sum(dims)
+        _, d = self._corrections(mean, torch.zeros_like(mean))
         # x·0 keeps y connected to x (dx = 0 at m = 1); dγ = Σ dy·d, dβ = Σ dy
         shift: Tensor = d if self.weight is None else self.weight.reshape(-1).to(d.dtype) * d
         if self.bias is not None:
