@@ -18,6 +18,7 @@ __all__ = [
     "numba_threads_problem",
     "check_numba_threads",
     "ON",
+    "switch",
     "switch_problem",
     "OUTPUT_CACHE_VARIABLE",
     "MAX_OUTPUT_CACHE_BYTES",
@@ -47,16 +48,31 @@ def get(name: str) -> str | None:
     return None if value is None else os.fsdecode(value)
 
 
-def switch_problem(name: str) -> str | None:
-    """Why the switch ``name`` is refused (None if it is not): a value that is none of
-    :data:`OFF` and :data:`ON` (a typo such as ``of`` would otherwise leave it on unseen)."""
+def switch(name: str) -> bool:
+    """The switch ``name``: False for one of :data:`OFF`, True for one of :data:`ON`, an empty
+    value or none; :class:`ValueError` naming it for anything else (a typo such as ``of`` would
+    otherwise leave it on unseen)."""
     value = get(name)
-    if value is None or value.strip().lower() in OFF + ON + ("",):
-        return None
-    return (
+    if value is None:
+        return True
+    v = value.strip().lower()
+    if v in OFF:
+        return False
+    if v in ON or not v:
+        return True
+    raise ValueError(
         f"${name} is {value!r}; it takes {', '.join(OFF)} (off) or {', '.join(ON)} (on), in "
         "any case"
     )
+
+
+def switch_problem(name: str) -> str | None:
+    """Why the switch ``name`` is refused (:func:`switch`), None if it is not."""
+    try:
+        switch(name)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def is_off(name: str) -> bool:
@@ -100,33 +116,31 @@ _DEFAULT_OUTPUT_CACHE_MB = 512
 MAX_OUTPUT_CACHE_BYTES = 1 << 40
 
 
-def output_cache_problem() -> str | None:
-    """Why ``$BATCHNORM_OUTPUT_CACHE_MB`` is refused (None if it is not): not a whole number of
-    MiB from 0 to 1048576 (1 TiB)."""
+def output_cache_bytes() -> int:
+    """The output caches' budget in bytes that ``$BATCHNORM_OUTPUT_CACHE_MB`` asks for (512 MiB
+    when it is not set; 0 keeps no output); :class:`ValueError` naming the variable when it is
+    not a whole number of MiB from 0 to 1048576 (1 TiB)."""
     value = get(OUTPUT_CACHE_VARIABLE)
     if value is None or not value.strip():
-        return None
+        return _DEFAULT_OUTPUT_CACHE_MB << 20
     try:
         mib = int(value)
     except ValueError:
         mib = -1
     if 0 <= mib <= MAX_OUTPUT_CACHE_BYTES >> 20:
-        return None
-    return (
+        return mib << 20
+    raise ValueError(
         f"${OUTPUT_CACHE_VARIABLE} is {value!r}; it takes the output caches' budget as a whole "
         f"number of MiB from 0 to {MAX_OUTPUT_CACHE_BYTES >> 20} (0 keeps no output; unset: "
         f"{_DEFAULT_OUTPUT_CACHE_MB})"
     )
 
 
-def output_cache_bytes() -> int:
-    """The output caches' budget in bytes that ``$BATCHNORM_OUTPUT_CACHE_MB`` asks for (512 MiB
-    when it is not set; 0 keeps no output); :class:`ValueError` with
-    :func:`output_cache_problem`'s message when it is refused."""
-    problem = output_cache_problem()
-    if problem is not None:
-        raise ValueError(problem)
-    value = get(OUTPUT_CACHE_VARIABLE)
-    if value is None or not value.strip():
-        return _DEFAULT_OUTPUT_CACHE_MB << 20
-    return int(value) << 20
+def output_cache_problem() -> str | None:
+    """Why ``$BATCHNORM_OUTPUT_CACHE_MB`` is refused (:func:`output_cache_bytes`), None if it
+    is not."""
+    try:
+        output_cache_bytes()
+    except ValueError as e:
+        return str(e)
+    return None

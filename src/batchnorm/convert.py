@@ -330,21 +330,19 @@ _RANKS: dict[type[nn.Module], tuple[int, ...]] = {
 }
 
 
-def _misplaced(obj: Any, fn: str, role: str, wanted: str, other: str) -> TypeError:
+def _misplaced(obj: Any, fn: str, role: str, wanted: str, other: str | None) -> TypeError:
     """The error for an argument of ``fn`` (its ``role``, "source" or "target") that is not
-    ``wanted``; when it is the ``other`` kind, the two arguments were likely swapped."""
-    order = (
-        "(keras_source, torch_target)" if fn == "keras_to_torch" else "(torch_source, keras_target)"
-    )
-    swapped = (
-        f" It is a {other}: {fn} takes {order}; swap the two arguments, or use "
-        f"{'torch_to_keras' if fn == 'keras_to_torch' else 'keras_to_torch'} for the other "
-        "direction."
-        if (other == "torch module" and isinstance(obj, nn.Module))
-        or (other == "Keras layer" and _is_keras_layer(obj))
-        else ""
-    )
-    return TypeError(f"{fn}: the {role} must be a {wanted}, got {type(obj).__name__}.{swapped}")
+    ``wanted``; ``other``: the kind it is when that is the other argument's (swapped)."""
+    message = f"{fn}: the {role} must be a {wanted}, got {type(obj).__name__}."
+    if other is not None:
+        keras_first = fn == "keras_to_torch"
+        order = "(keras_source, torch_target)" if keras_first else "(torch_source, keras_target)"
+        reverse = "torch_to_keras" if keras_first else "keras_to_torch"
+        message += (
+            f" It is a {other}: {fn} takes {order}; swap the two arguments, or use {reverse} "
+            "for the other direction."
+        )
+    return TypeError(message)
 
 
 def _is_keras_layer(obj: Any) -> bool:
@@ -361,7 +359,8 @@ def _keras_bn_layers(obj: Any, fn: str, role: str) -> list[tuple[str, Any]]:
     if isinstance(obj, bn):
         return [(obj.name, obj)]
     if not isinstance(obj, keras.layers.Layer):
-        raise _misplaced(obj, fn, role, "Keras layer or model", "torch module")
+        other = "torch module" if isinstance(obj, nn.Module) else None
+        raise _misplaced(obj, fn, role, "Keras layer or model", other)
     # every nested layer in creation order (Sequential/Functional models, nested models and
     # layers that own sublayers)
     layers = obj._flatten_layers(include_self=False, recursive=True)
@@ -370,7 +369,9 @@ def _keras_bn_layers(obj: Any, fn: str, role: str) -> list[tuple[str, Any]]:
 
 def _torch_bn_layers(obj: nn.Module, fn: str, role: str) -> list[tuple[str, Any]]:
     if not isinstance(obj, nn.Module):
-        raise _misplaced(obj, fn, role, "torch.nn.Module", "Keras layer")
+        raise _misplaced(
+            obj, fn, role, "torch.nn.Module", "Keras layer" if _is_keras_layer(obj) else None
+        )
     if isinstance(obj, _TorchBN):
         return [(type(obj).__name__, obj)]
     return [(n, m) for n, m in obj.named_modules() if isinstance(m, _TorchBN)]

@@ -75,15 +75,7 @@ def enabled() -> bool:
     """Whether the node may be used: ``BATCHNORM_NATIVE`` is not ``0``/``false``/``no``/``off``
     (trimmed, any case; read at every call, like ``BATCHNORM_BACKEND``); a value that is none
     of those nor ``1``/``true``/``yes``/``on`` is a :class:`ValueError` naming it."""
-    value = _env.get("BATCHNORM_NATIVE")
-    if value is None:
-        return True
-    v = value.strip().lower()
-    if v in _env.OFF:
-        return False
-    if v in _env.ON or not v:
-        return True
-    raise ValueError(_env.switch_problem("BATCHNORM_NATIVE"))
+    return _env.switch("BATCHNORM_NATIVE")
 
 
 def loaded() -> Any | None:
