@@ -417,3 +417,18 @@ def test_ctrl_c_while_a_command_s_modules_load_is_a_note_not_a_traceback(
     monkeypatch.setattr(cli.importlib, "import_module", interrupted)
     assert cli.main(["lab", "run", "placement", "--quick"]) == 130
     assert capsys.readouterr().err == "batchnorm lab: interrupted\n"
+
+
+def test_a_progress_switch_that_is_neither_on_nor_off_is_refused_by_the_commands(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``BATCHNORM_PROGRESS=of`` fell back to the terminal rule without a word."""
+    from batchnorm.cli import main as cli_main
+    from batchnorm.lab import train
+
+    monkeypatch.setenv("BATCHNORM_PROGRESS", "of")
+    assert cli_main(["bench", "--shapes", "60x100", "--repeats", "3"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "$BATCHNORM_PROGRESS is 'of'" in err
+    # from Python, the bars follow the terminal rule, as when the variable is not set
+    assert train.progress_enabled() is sys.stderr.isatty()

@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             or _env.numba_threads_problem()
             or _env.output_cache_problem()
             or _env.switch_problem("BATCHNORM_NATIVE")
+            or _env.switch_problem("BATCHNORM_PROGRESS")
         )
         if problem is not None:
             print(f"batchnorm {args.command}: {problem}", file=sys.stderr)
