@@ -4,10 +4,17 @@ HTTP server, digits and synthetic data."""
 import gzip
 import hashlib
 import http.server
+import os
 import re
+import shutil
+import socket
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -393,13 +400,13 @@ def test_a_failed_mirror_is_reported_and_tried_last_for_the_other_files(
     files = _write_set(root / "good", n_train=6, n_test=4)
     sums = {p.name: _md5(p) for p in files.values()}
     asked: list[str] = []
-    real_urlopen = data.urllib.request.urlopen
+    real_urlopen = data._urlopen
 
     def urlopen(u, *a, **k):  # type: ignore[no-untyped-def]
         asked.append(u)
         return real_urlopen(u, *a, **k)
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(data, "_urlopen", urlopen)
     data.download_dataset("mnist", isolated / "dl", urls=[url + "/gone/", url + "/good/"], md5=sums)
     err = capsys.readouterr().err
     assert f"download: {url}/gone/train-images-idx3-ubyte.gz: HTTP Error 404" in err
@@ -513,3 +520,202 @@ def test_download_fetches_a_damaged_cached_file_again(isolated, server, monkeypa
     with pytest.raises(DatasetCorruptError):
         data.load_dataset(requested, mine, download=True)
     assert own_damaged.read_bytes() == before
+
+
+def _raw_server(answer: Any) -> tuple[str, socket.socket]:
+    """A server on 127.0.0.1 that calls ``answer(connection)`` for each connection, in a
+    thread; returns its URL and its listening socket (close it to stop)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(c,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}/", srv
+
+
+def test_a_mirror_that_sends_its_headers_a_byte_at_a_time_is_given_up(isolated):
+    # each byte arrived within the socket timeout, so only the body's rate check ever ended a
+    # slow transfer: headers trickled for ever held the download
+    def trickle(c: socket.socket) -> None:
+        try:
+            for b in b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 60000:
+                c.sendall(bytes([b]))
+                time.sleep(0.2)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    url, srv = _raw_server(trickle)
+    start = time.monotonic()
+    try:
+        with pytest.raises(DatasetNotFoundError, match="no complete answer .* within 1 s"):
+            data.download_dataset(
+                "mnist", isolated / "dl", urls=[url], md5={"a.gz": "0"}, timeout=1
+            )
+    finally:
+        srv.close()
+    assert time.monotonic() - start < 10
+
+
+def test_mirror_failures_are_one_line_each_and_the_last_promises_no_next_mirror(isolated, capsys):
+    def malformed(c: socket.socket) -> None:
+        with c:
+            c.recv(65536)
+            c.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+
+    bad, srv = _raw_server(malformed)
+    reply_cut = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123"  # then closed
+
+    def cut(c: socket.socket) -> None:
+        with c:
+            c.recv(65536)
+            c.sendall(reply_cut)
+
+    cut_url, srv2 = _raw_server(cut)
+    try:
+        with pytest.raises(DatasetNotFoundError) as e:
+            data.download_dataset("mnist", isolated / "dl", urls=[bad, cut_url], md5={"a.gz": "0"})
+    finally:
+        srv.close()
+        srv2.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].endswith("; trying the next mirror") and "NOT HTTP AT ALL" in lines[0]
+    assert "the connection closed in the middle of the answer" in lines[1]
+    assert not lines[1].endswith("; trying the next mirror")
+    assert str(e.value).count("\n  http://") == 2
+
+
+def test_a_published_set_with_one_file_matching_no_checksum_is_refused(isolated, monkeypatch):
+    # an uncompressed file has no CRC: a flipped bit in a label was loaded as verified MNIST
+    folder = isolated / "mine"
+    files = _write_set(folder, seed=9, gz=False)
+    gz = {stem: p.with_name(p.name + ".gz") for stem, p in files.items()}
+    for stem, p in files.items():
+        gz[stem].write_bytes(gzip.compress(p.read_bytes()))
+    _publish(monkeypatch, "mnist", gz, raw=True)
+    for p in gz.values():
+        p.unlink()
+    labels = files["t10k-labels-idx1-ubyte"]
+    raw = bytearray(labels.read_bytes())
+    raw[-1] ^= 1
+    labels.write_bytes(bytes(raw))
+    for name in ("auto", "mnist"):
+        with pytest.raises(DatasetCorruptError) as e:
+            data.load_dataset(name, folder)
+        msg = str(e.value)
+        assert msg.startswith(f"{labels}: the other files here are mnist's published files")
+        assert "replace it with an intact copy" in msg
+
+
+def test_the_remedy_for_a_damaged_file_fits_where_it_is(isolated, monkeypatch):
+    # "--download" never replaces a file outside the cache: it was every file's remedy
+    places = {
+        "mine": (isolated / "mine", "replace it with an intact copy, or leave --data-dir"),
+        "cache": (isolated / "cache" / "batchnorm" / "mnist", "delete it and fetch it again"),
+        "system": (isolated / "system" / "mnist", "reinstall the package"),
+    }
+    for where, (folder, remedy) in places.items():
+        files = _write_set(folder, seed=10)
+        damaged = files["train-images-idx3-ubyte"]
+        damaged.write_bytes(damaged.read_bytes()[:100])
+        with pytest.raises(DatasetCorruptError, match=rf"^{re.escape(str(damaged))}: ") as e:
+            data.load_dataset("mnist", folder if where == "mine" else None)
+        assert remedy in str(e.value), (where, str(e.value))
+        shutil.rmtree(folder)
+
+
+def test_auto_takes_a_set_in_the_named_folder_before_the_cache(isolated, monkeypatch):
+    # MNIST's lookup went through every place before Fashion-MNIST's: MNIST in the cache hid
+    # the Fashion-MNIST in the folder the user named (DIR/fashion-mnist/)
+    cache = _write_set(isolated / "cache" / "batchnorm" / "mnist", seed=11)
+    mine = isolated / "mine"
+    _write_set(mine / "fashion-mnist", seed=12)
+    for given in ("argument", "environment"):
+        if given == "environment":
+            monkeypatch.setenv(data.ENV_DATA_DIR, str(mine))
+        ds = data.load_dataset("auto", mine if given == "argument" else None)
+        assert ds.name == "fashion-mnist" and ds.source == str(mine / "fashion-mnist")
+        assert data.resolve_name("auto", mine) == "fashion-mnist"
+    monkeypatch.delenv(data.ENV_DATA_DIR)
+    # without a named folder, MNIST's folder comes before Fashion-MNIST's in each place
+    _write_set(isolated / "cache" / "batchnorm" / "fashion-mnist", seed=13)
+    assert data.load_dataset("auto").source == str(cache["train-images-idx3-ubyte"].parent)
+
+
+def test_a_named_dataset_in_a_subfolder_is_found_past_the_other_one_lying_flat(
+    isolated, monkeypatch
+):
+    folder = isolated / "mine"
+    _publish(monkeypatch, "mnist", _write_set(folder, seed=14))
+    _publish(monkeypatch, "fashion-mnist", _write_set(folder / "fashion-mnist", seed=15))
+    ds = data.load_dataset("fashion-mnist", folder)
+    assert ds.name == "fashion-mnist" and ds.source == str(folder / "fashion-mnist")
+    assert data.load_dataset("mnist", folder).source == str(folder)
+    shutil.rmtree(folder / "fashion-mnist")  # with none to find, the refusal stands
+    with pytest.raises(data.DatasetMismatchError, match="are mnist"):
+        data.load_dataset("fashion-mnist", folder)
+
+
+_UNENTERABLE = r"""
+import os, sys
+from pathlib import Path
+from batchnorm.lab import data
+root = Path(sys.argv[1])
+data.SYSTEM_DATA_ROOT = root / "system"
+os.environ["XDG_CACHE_HOME"] = str(root / "cache")
+print(data.load_dataset("auto").name)  # the cache's mnist/ cannot be entered: the digits
+for args in (("mnist",), ("auto", root / "closed"), ("mnist", root / "unreadable")):
+    try:
+        data.load_dataset(*args)
+    except (data.DatasetNotFoundError, data.DatasetCorruptError) as e:
+        print(str(e).replace("\n", " | "))
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs setpriv as root"
+)
+def test_folders_and_files_that_cannot_be_read_are_named_with_the_fix(tmp_path):
+    # Path.is_file raises for a folder that cannot be entered: a bare PermissionError (from
+    # the user cache, under auto too), which the command then blamed on the run's folder
+    cache = tmp_path / "cache" / "batchnorm" / "mnist"
+    _write_set(cache, seed=16)
+    _write_set(tmp_path / "closed", seed=17)
+    files = _write_set(tmp_path / "unreadable", seed=18)
+    files["train-labels-idx1-ubyte"].chmod(0)
+    for d in (cache, tmp_path / "closed"):
+        d.chmod(0)
+    script = tmp_path / "probe.py"
+    script.write_text(_UNENTERABLE)
+    # root reads anything: drop the capabilities that let it
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    command = [*(drop if os.geteuid() == 0 else []), sys.executable, str(script), str(tmp_path)]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finally:
+        for d in (cache, tmp_path / "closed"):
+            d.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    assert out[0] == "digits"
+    assert f"{cache} (cannot be entered: permission denied; chmod a+rx it)" in out[1]
+    assert out[2] == (
+        f"--data-dir {tmp_path / 'closed'} cannot be entered (permission denied); make it "
+        f"readable (chmod a+rx {tmp_path / 'closed'}), or leave --data-dir out to use the "
+        "usual places"
+    )
+    labels = files["train-labels-idx1-ubyte"]
+    assert (
+        out[3]
+        == f"{labels}: cannot read (Permission denied); make it readable (chmod a+r {labels})"
+    )

@@ -131,6 +131,18 @@ def _file_error(e: OSError) -> bool:
     return e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 
+def _file_problem(e: OSError, where: str) -> str:
+    """What went wrong with a file: the run's own files in ``where``, or, when the error names
+    a file elsewhere (a data folder, a cache), that file."""
+    import os
+    from pathlib import Path
+
+    name = e.filename
+    if name is not None and not Path(os.path.abspath(name)).is_relative_to(os.path.abspath(where)):
+        return f"{name}: {e.strerror or e}"
+    return f"cannot write the run's files in {where}: {e.strerror or e}"
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from batchnorm.lab.config import ConfigError
     from batchnorm.lab.data import DatasetCorruptError, DatasetNotFoundError
@@ -181,7 +193,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except OSError as e:  # e.g. re-rendering a finished run in a read-only folder
             if not _file_error(e):
                 raise  # not about the run's files: its traceback says where
-            _say(f"error: cannot write the run's files in {where}: {e.strerror or e}", err=True)
+            _say(f"error: {_file_problem(e, where)}", err=True)
             return 2
         except KeyboardInterrupt:
             _interrupted(where)

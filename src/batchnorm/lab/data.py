@@ -3,14 +3,16 @@
 
 Names accepted by ``--dataset`` (:data:`DATASET_NAMES`):
 
-* ``auto`` — MNIST if its files are found, else Fashion-MNIST, else ``digits``. The choice is
-  printed by the CLI and written into every result (``Dataset.name``): never a silent substitution.
+* ``auto`` — the first IDX set found in the places below, in their order (MNIST's folder before
+  Fashion-MNIST's within each place), else ``digits``. The choice is printed by the CLI and
+  written into every result (``Dataset.name``): never a silent substitution.
 * ``mnist`` / ``fashion-mnist`` — the four IDX files (gzipped or not) looked up, in this order, in
   ``data_dir`` (``--data-dir``; the files directly in it or in ``data_dir/<name>/``),
   ``$BATCHNORM_DATA_DIR`` (same two forms), the user cache ``$XDG_CACHE_HOME/batchnorm/<name>/``
   (default ``~/.cache/batchnorm/<name>/``, where ``--download`` stores them) and
   ``/usr/share/datasets/<name>/`` (Debian's ``dataset-fashion-mnist`` installs there). A
-  ``data_dir`` or ``$BATCHNORM_DATA_DIR`` that is not a folder is an error, not skipped.
+  ``data_dir`` or ``$BATCHNORM_DATA_DIR`` that is not a folder, or cannot be entered, is an
+  error, not skipped.
 
 Both datasets use the same file names, so the files found are identified by content: the MD5 of
 each file (and of its decompressed content) is compared with the published ones
@@ -42,8 +44,10 @@ import hashlib
 import http.client
 import math
 import os
+import socket
 import struct
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -280,11 +284,31 @@ def _read_raw(p: Path) -> bytes:
     try:
         with _open(p) as f:
             raw: bytes = f.read()
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+    except PermissionError as e:
         raise DatasetCorruptError(
-            f"{p}: cannot read ({e}); delete it and fetch it again (--download)"
+            f"{p}: cannot read ({e.strerror or e}); make it readable (chmod a+r {p})"
         ) from e
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DatasetCorruptError(f"{p}: cannot read ({e}); {_remedy(p)}") from e
     return raw
+
+
+def _remedy(p: Path, it: str = "it") -> str:
+    """What to do about the damaged file ``p`` (``it="them"``: the files of its set), by where
+    it is: ``--download`` replaces only this program's downloads in the user cache, never a
+    file of yours or of the system."""
+    path = Path(os.path.abspath(p))
+    cache = Path(os.path.abspath(_cache_root()))
+    if path.is_relative_to(cache):
+        return f"delete {it} and fetch {it} again (--download)"
+    fetch = f"leave --data-dir and ${ENV_DATA_DIR} out and use --download (fetches into {cache})"
+    if path.is_relative_to(Path(os.path.abspath(SYSTEM_DATA_ROOT))):
+        return (
+            f"{'it belongs' if it == 'it' else 'they belong'} to the system: reinstall the package that installed it (Fashion-MNIST: "
+            "apt-get install --reinstall dataset-fashion-mnist), or put intact files in a "
+            "folder and pass --data-dir FOLDER"
+        )
+    return f"replace {it} with {'an intact copy' if it == 'it' else 'intact copies'}, or {fetch}"
 
 
 #: the most classes a labels file may name: every class is an output of the classifiers
@@ -301,28 +325,24 @@ def _parse_idx(p: Path, raw: bytes) -> np.ndarray:
         )
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DatasetCorruptError(
-            f"{p}: not an IDX file (bad magic {raw[:4].hex() or 'empty'}); delete it and fetch "
-            "it again (--download)"
+            f"{p}: not an IDX file (bad magic {raw[:4].hex() or 'empty'}); {_remedy(p)}"
         )
     dtype = np.dtype(_IDX_DTYPES[raw[2]][1])
     ndim = raw[3]
     if ndim > MAX_IDX_DIMS:
         raise DatasetCorruptError(
             f"{p}: IDX header declares {ndim} dimensions (at most {MAX_IDX_DIMS} can be read); "
-            "the file is corrupt — delete it and fetch it again (--download)"
+            f"the file is corrupt — {_remedy(p)}"
         )
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DatasetCorruptError(
-            f"{p}: truncated IDX header; delete it and fetch it again (--download)"
-        )
+        raise DatasetCorruptError(f"{p}: truncated IDX header; {_remedy(p)}")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = math.prod(dims) * dtype.itemsize  # Python ints: sizes of 2**32 must not wrap
     if len(raw) - header != expected:
         raise DatasetCorruptError(
             f"{p}: IDX header says shape {dims} ({expected} data bytes) but the file has "
-            f"{len(raw) - header}; the file is truncated or corrupt — delete it and fetch it "
-            "again (--download)"
+            f"{len(raw) - header}; the file is truncated or corrupt — {_remedy(p)}"
         )
     arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=False)
@@ -349,15 +369,25 @@ def _cache_root() -> Path:
     return Path(base) / "batchnorm"
 
 
-def search_dirs(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """The directories looked in for dataset ``name``, in order."""
-    dirs: list[Path] = []
+def _places(
+    names: Sequence[str], data_dir: str | os.PathLike[str] | None = None
+) -> list[list[Path]]:
+    """The places looked in, in order, each a list of folders: ``data_dir`` and
+    ``$BATCHNORM_DATA_DIR`` (the folder itself, then its ``<name>/`` subfolders), the user
+    cache and the system folder (their ``<name>/`` subfolders). Within a place the folders
+    follow ``names``."""
+    places: list[list[Path]] = []
     for root in (data_dir, os.environ.get(ENV_DATA_DIR) or None):
         if root is not None:
-            dirs += [Path(root), Path(root) / name]
-    dirs.append(_cache_root() / name)
-    dirs.append(SYSTEM_DATA_ROOT / name)
-    return dirs
+            places.append([Path(root), *(Path(root) / n for n in names)])
+    places.append([_cache_root() / n for n in names])
+    places.append([SYSTEM_DATA_ROOT / n for n in names])
+    return places
+
+
+def search_dirs(name: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The directories looked in for dataset ``name``, in order."""
+    return [d for place in _places((name,), data_dir) for d in place]
 
 
 def _candidates(directory: Path, stem: str) -> list[Path]:
@@ -366,42 +396,89 @@ def _candidates(directory: Path, stem: str) -> list[Path]:
     return [directory / f"{s}{ext}" for s in (stem, dotted) for ext in (".gz", "")]
 
 
+def _is_file(p: Path) -> bool:
+    """``p.is_file()``, False where a folder on the way cannot be entered (permission denied),
+    where ``Path.is_file`` raises: such a folder holds no set this program can read (the
+    message that no set was found names it)."""
+    try:
+        return p.is_file()
+    except OSError:
+        return False
+
+
+def _unenterable(d: Path) -> bool:
+    """Whether ``d`` is a folder whose entries cannot be listed or reached (not said of the
+    folders below one)."""
+    try:
+        if not d.is_dir():
+            return False
+    except OSError:  # a folder above it cannot be entered: that one is named
+        return False
+    try:
+        with os.scandir(d) as entries:
+            next(entries, None)
+    except OSError:
+        return True
+    return False
+
+
+def _complete_set(d: Path) -> dict[str, Path] | None:
+    """The four IDX files in ``d``, or ``None`` if it lacks any."""
+    found: dict[str, Path] = {}
+    for role, stem in IDX_FILES.items():
+        hit = next((c for c in _candidates(d, stem) if _is_file(c)), None)
+        if hit is None:
+            return None
+        found[role] = hit
+    return found
+
+
+def _complete_sets(dirs: Sequence[Path]) -> list[dict[str, Path]]:
+    """The complete sets in ``dirs``, in order, each folder once."""
+    sets, seen = [], set()
+    for d in dirs:
+        if d not in seen and (found := _complete_set(d)) is not None:
+            sets.append(found)
+        seen.add(d)
+    return sets
+
+
 def find_idx_files(
     name: str, data_dir: str | os.PathLike[str] | None = None
 ) -> dict[str, Path] | None:
     """The four IDX files of ``name`` from the first directory holding all four, or ``None``."""
-    for d in search_dirs(name, data_dir):
-        found: dict[str, Path] = {}
-        for role, stem in IDX_FILES.items():
-            hit = next((c for c in _candidates(d, stem) if c.is_file()), None)
-            if hit is None:
-                break
-            found[role] = hit
-        if len(found) == len(IDX_FILES):
-            return found
-    return None
+    return next(iter(_complete_sets(search_dirs(name, data_dir))), None)
 
 
 def _check_given_dirs(data_dir: str | os.PathLike[str] | None) -> None:
-    """A folder the user named (``--data-dir``, ``$BATCHNORM_DATA_DIR``) must exist: one that
-    does not is a typo, not a reason to quietly use data from somewhere else."""
+    """A folder the user named (``--data-dir``, ``$BATCHNORM_DATA_DIR``) must exist and be
+    readable: one that is not is a typo or a permission to fix, not a reason to quietly use
+    data from somewhere else."""
     env = os.environ.get(ENV_DATA_DIR) or None
-    for folder, what, remedy in (
+    for folder, what, fix, way_out in (
         (
             data_dir,
             f"--data-dir {data_dir}",
-            "pass the folder that holds the IDX files, or "
+            "pass the folder that holds the IDX files",
             "leave --data-dir out to use the usual places",
         ),
         (
             env,
             f"${ENV_DATA_DIR} is {env}, which",
-            "set it to the folder that holds the IDX files, or unset it to use the usual places",
+            "set it to the folder that holds the IDX files",
+            "unset it to use the usual places",
         ),
     ):
-        if folder is not None and not Path(folder).is_dir():
+        if folder is None:
+            continue
+        if not Path(folder).is_dir():
             state = "is not a folder" if Path(folder).exists() else "does not exist"
-            raise DatasetNotFoundError(f"{what} {state}; {remedy}")
+            raise DatasetNotFoundError(f"{what} {state}; {fix}, or {way_out}")
+        if _unenterable(Path(folder)):
+            raise DatasetNotFoundError(
+                f"{what} cannot be entered (permission denied); make it readable (chmod a+rx "
+                f"{folder}), or {way_out}"
+            )
 
 
 def _check_given_sets(names: tuple[str, ...], data_dir: str | os.PathLike[str] | None) -> None:
@@ -418,7 +495,7 @@ def _check_given_sets(names: tuple[str, ...], data_dir: str | os.PathLike[str] |
         missing = [
             stem
             for stem in IDX_FILES.values()
-            if not any(c.is_file() for c in _candidates(d, stem))
+            if not any(_is_file(c) for c in _candidates(d, stem))
         ]
         if 0 < len(missing) < len(IDX_FILES):
             partial.append((d, what, missing))
@@ -474,6 +551,16 @@ def _read_set(files: dict[str, Path]) -> tuple[dict[str, np.ndarray], str | None
             f"{files['train_images'].parent}: the IDX files mix datasets ({which}); keep the "
             "four files of one dataset together in a folder"
         )
+    unmatched = [p for role, p in files.items() if role not in matched]
+    if datasets and unmatched:
+        # every file of a published set has a published checksum: one that matches none next
+        # to files that match is damaged or altered (an uncompressed file has no CRC to fail)
+        p = unmatched[0]
+        raise DatasetCorruptError(
+            f"{p}: the other files here are {datasets[0]}'s published files (by their MD5s), "
+            f"but this one matches none of {datasets[0]}'s published checksums: it is damaged "
+            f"or altered; {_remedy(p)}"
+        )
     return arrays, (datasets[0] if datasets else None)
 
 
@@ -485,7 +572,11 @@ def identify_idx_files(files: dict[str, Path]) -> str | None:
 
 
 def _how_to_get(name: str, data_dir: str | os.PathLike[str] | None) -> str:
-    looked = "\n".join(f"  {d}" for d in search_dirs(name, data_dir))
+    looked = "\n".join(
+        f"  {d}"
+        + (" (cannot be entered: permission denied; chmod a+rx it)" if _unenterable(d) else "")
+        for d in search_dirs(name, data_dir)
+    )
     files = ", ".join(f"{s}.gz" for s in IDX_FILES.values())
     return (
         f"dataset {name!r} not found: looked for {files} (gzipped or not) in\n{looked}\n"
@@ -541,6 +632,61 @@ def _copy_response(r: Any, f: Any, timeout: float) -> None:
                     f"{MIN_DOWNLOAD_RATE} for {elapsed:.0f} s); run the command again later"
                 )
             window_start, window_bytes = time.monotonic(), 0
+
+
+def _urlopen(url: str, timeout: float) -> Any:
+    """``urllib.request.urlopen(url, timeout=timeout)``, with the answer's status line and
+    headers due within ``timeout`` seconds in all: the socket timeout bounds each read only,
+    so a server sending its headers a byte at a time would hold the download for ever (and
+    :func:`_copy_response`'s rate check starts with the body). Past the deadline the
+    connection's socket is shut down and :class:`TimeoutError` raised."""
+    sockets: list[socket.socket] = []
+    lock, state = threading.Lock(), {"open": True, "expired": False}
+
+    class Connection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            super().connect()
+            sockets.append(self.sock)
+
+    class SecureConnection(http.client.HTTPSConnection):
+        def connect(self) -> None:
+            super().connect()
+            sockets.append(self.sock)
+
+    class Handler(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> Any:
+            return self.do_open(Connection, req)
+
+    class SecureHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> Any:
+            return self.do_open(SecureConnection, req, context=self._context)  # type: ignore[attr-defined]
+
+    def expire() -> None:
+        with lock:
+            if not state["open"]:
+                return
+            state["expired"] = True
+            for sock in sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        return urllib.request.build_opener(Handler, SecureHandler).open(url, timeout=timeout)
+    except (OSError, http.client.HTTPException):
+        if state["expired"]:
+            raise TimeoutError(
+                f"no complete answer (status line and headers) within {timeout:g} s"
+            ) from None
+        raise
+    finally:
+        with lock:
+            state["open"] = False
+        timer.cancel()
 
 
 #: errors of writing into the cache folder, not of the transfer
@@ -616,7 +762,7 @@ def download_dataset(
             problem = None
             try:
                 usual_mode(fd)
-                with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+                with os.fdopen(fd, "wb") as f, _urlopen(url, timeout) as r:
                     _copy_response(r, f, timeout)
                     size, length = f.tell(), r.headers.get("Content-Length", "")
                 got = _md5(tmp)
@@ -638,7 +784,10 @@ def download_dataset(
                 # HTTPException: a malformed answer (a cut chunked body, a bad status line) —
                 # not an OSError, and no reason not to try the next mirror
                 kind = f"{type(e).__name__}: " if isinstance(e, http.client.HTTPException) else ""
-                problem = f"{url}: {kind}{e}"
+                if isinstance(e, http.client.IncompleteRead):
+                    kind = "the connection closed in the middle of the answer: "
+                # one line: a malformed status line carries its line break into the error
+                problem = f"{url}: {kind}" + " ".join(str(e).split())
             finally:
                 tmp.unlink(missing_ok=True)
             if problem is None:
@@ -646,7 +795,8 @@ def download_dataset(
             errors.append(problem)
             if base not in failed:
                 failed.append(base)
-            say(f"download: {problem}; trying the next mirror", err=True)
+            last = len(errors) == len(bases)
+            say(f"download: {problem}{'' if last else '; trying the next mirror'}", err=True)
         else:
             mismatch = any("checksum" in e for e in errors)
             cls = DatasetCorruptError if mismatch else DatasetNotFoundError
@@ -659,14 +809,12 @@ def download_dataset(
     return out
 
 
-def _find_auto(data_dir: str | os.PathLike[str] | None) -> tuple[str, dict[str, Path]] | None:
-    """The IDX files ``auto`` takes (MNIST's lookup first, then Fashion-MNIST's) and the name
-    whose lookup found them — which is not what they are when they lie directly in a folder."""
-    for candidate in ("mnist", "fashion-mnist"):
-        files = find_idx_files(candidate, data_dir)
-        if files is not None:
-            return candidate, files
-    return None
+def _find_auto(data_dir: str | os.PathLike[str] | None) -> dict[str, Path] | None:
+    """The IDX files ``auto`` takes: the first complete set in the places looked in, in their
+    order (a folder the user named before the cache), MNIST's folder before Fashion-MNIST's
+    within each place."""
+    dirs = [d for place in _places(tuple(IDX_SOURCES), data_dir) for d in place]
+    return next(iter(_complete_sets(dirs)), None)
 
 
 def _idx_name(requested: str, folder: Path, identified: str | None) -> str:
@@ -692,14 +840,26 @@ def _load_idx(requested: str, data_dir: str | os.PathLike[str] | None) -> Datase
         found = _find_auto(data_dir)
         if found is None:
             raise DatasetNotFoundError(_how_to_get("mnist", data_dir))
-        files = found[1]
+        files = found
+        arrays, identified = _read_set(files)
+        name = _idx_name(requested, files["train_images"].parent, identified)
     else:
-        files_or_none = find_idx_files(requested, data_dir)
-        if files_or_none is None:
+        sets = _complete_sets(search_dirs(requested, data_dir))
+        if not sets:
             raise DatasetNotFoundError(_how_to_get(requested, data_dir))
-        files = files_or_none
-    arrays, identified = _read_set(files)
-    name = _idx_name(requested, files["train_images"].parent, identified)
+        # a folder holding the other dataset (MNIST flat in DIR) does not hide the requested
+        # one further on (DIR/fashion-mnist/); with none, the first refusal is the answer
+        mismatch: DatasetMismatchError | None = None
+        for files in sets:
+            arrays, identified = _read_set(files)
+            try:
+                name = _idx_name(requested, files["train_images"].parent, identified)
+                break
+            except DatasetMismatchError as e:
+                mismatch = mismatch or e
+        else:
+            assert mismatch is not None
+            raise mismatch
     for split in ("train", "test"):
         xi, yi = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if xi.ndim != 3 or yi.ndim != 1 or xi.shape[0] != yi.shape[0]:
@@ -711,7 +871,7 @@ def _load_idx(requested: str, data_dir: str | os.PathLike[str] | None) -> Datase
         if xi.shape[0] == 0:
             raise DatasetCorruptError(
                 f"{name}: {files[f'{split}_images']} and {files[f'{split}_labels']} hold 0 "
-                "examples; the files are empty or corrupt — delete them and fetch them again (--download)"
+                f"examples; the files are empty or corrupt — {_remedy(files[f'{split}_images'], 'them')}"
             )
     train_hw, test_hw = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
     if train_hw != test_hw:
@@ -839,10 +999,9 @@ def resolve_name(name: str, data_dir: str | os.PathLike[str] | None = None) -> s
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     if name != "auto":
         return name
-    found = _find_auto(data_dir)
-    if found is None:
+    files = _find_auto(data_dir)
+    if files is None:
         return "digits"
-    files = found[1]
     return _idx_name("auto", files["train_images"].parent, identify_idx_files(files))
 
 
