@@ -6,6 +6,9 @@ import copy
 import inspect
 import io
 import itertools
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -1441,3 +1444,89 @@ def test_resetting_statistics_a_layer_never_had_names_the_layer(reset: str) -> N
         getattr(m, reset)()
     m.track_running_stats = False
     getattr(m, reset)()  # the remedy the message gives
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: batchnorm.BatchNorm2d(4),
+        lambda: batchnorm.BatchRenorm2d(4),
+        lambda: batchnorm.GhostBatchNorm2d(4, virtual_batch_size=3),
+        lambda: batchnorm.InPlaceABN(4),
+    ],
+    ids=["bn", "renorm", "ghost", "inplace-abn"],
+)
+def test_a_changing_momentum_compiles_with_fullgraph_and_dynamic_shapes(make) -> None:  # type: ignore[no-untyped-def]
+    # the momentum check's math.isfinite could not be traced on a symbolic momentum
+    # (dynamic=True from the first call; a schedule's third value otherwise): fullgraph failed
+    import warnings
+
+    ref = make()
+    for dynamic in (None, True):
+        torch._dynamo.reset()
+        layer = make()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the compiler's own notes
+            compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic, backend="eager")
+            for step, momentum in enumerate((0.1, 0.2, 0.3, 0.4)):
+                x = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(step))
+                layer.momentum = ref.momentum = momentum
+                torch.testing.assert_close(compiled(x), ref(x))
+        torch.testing.assert_close(layer.running_mean, ref.running_mean)
+        torch.testing.assert_close(layer.running_var, ref.running_var)
+        ref.load_state_dict(make().state_dict())
+    layer = batchnorm.BatchNorm2d(4)
+    layer.momentum = float("nan")
+    with pytest.raises(batchnorm.BatchNormInputError, match="momentum must be a finite number"):
+        layer(torch.randn(6, 4, 3, 3))  # eager still refuses a NaN set after construction
+
+
+@pytest.mark.parametrize("how", ["compile", "export"])
+def test_a_nonfinite_batch_is_not_blended_into_a_graph_s_nan_channel(how: str) -> None:
+    # a NaN channel in the running statistics (a broken checkpoint) let a NaN batch through
+    # the graph's check: the other channels took its statistics and the batch was counted
+    torch._dynamo.reset()
+    bn = batchnorm.BatchNorm1d(2)
+    with torch.no_grad():
+        bn.running_mean[0] = bn.running_var[0] = float("nan")
+    x = torch.randn(6, 2, 3)
+    x[0, 0, 0] = float("nan")
+    if how == "compile":
+        run = torch.compile(bn, fullgraph=True, backend="eager")
+    else:
+        run = torch.export.export(bn, (torch.randn(6, 2, 3),)).module()
+        bn = run  # the exported module holds its own buffers
+    run(x)
+    assert bn.running_mean[1] == 0 and bn.running_var[1] == 1
+    assert int(bn.num_batches_tracked) == 0
+
+
+def test_a_compiled_network_is_compiled_once_in_a_fresh_process() -> None:
+    # the first traced call filled the environment reader's cache, and the graph's guard on
+    # that cache failed at the second call: the whole network compiled twice
+    script = (
+        "import torch, batchnorm\n"
+        "from torch._dynamo.utils import counters\n"
+        "net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), batchnorm.BatchNorm2d(4))\n"
+        "c = torch.compile(net, backend='eager')\n"
+        "x = torch.randn(4, 3, 5, 5)\n"
+        "for _ in range(3):\n"
+        "    c(x)\n"
+        "print(counters['stats']['unique_graphs'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "BATCHNORM_BACKEND"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "1"
+
+
+def test_a_backend_variable_naming_no_backend_is_refused_under_compile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch._dynamo.reset()
+    monkeypatch.setenv("BATCHNORM_BACKEND", "bogus")
+    compiled = torch.compile(batchnorm.BatchNorm2d(3), backend="eager")
+    with pytest.raises(ValueError, match=r"BatchNorm2d\(3\): \$BATCHNORM_BACKEND='bogus'"):
+        compiled(torch.randn(4, 3, 2, 2))

@@ -34,7 +34,9 @@ ON = ("1", "true", "yes", "on")
 # CPython keeps os.environ's contents in ``_data``: bytes keys and values on POSIX
 _DATA = getattr(os.environ, "_data", None)
 _FAST = os.name == "posix" and isinstance(_DATA, dict)
-_KEYS: dict[str, bytes] = {}
+# the names read at every layer call, encoded before any call: a call inside torch.compile
+# that filled this dict would change what the compiled graph guards on (compiled twice)
+_KEYS: dict[str, bytes] = {n: os.fsencode(n) for n in ("BATCHNORM_BACKEND", "BATCHNORM_NATIVE")}
 
 
 def get(name: str) -> str | None:

@@ -750,6 +750,20 @@ def _concrete(t: Tensor) -> bool:
     return not torch.compiler.is_compiling() and not t.is_meta and _has_memory(t)
 
 
+def _refuse_unknown_backend(choice: str, from_env: bool, layer: str | None) -> None:
+    """Refuse the backend ``choice``, which names none, with the layer's name and, when it came
+    from ``$BATCHNORM_BACKEND`` (a stray or mistyped environment, not the code), the variable.
+    Checked before any path is taken, so that it is refused under ``torch.compile`` and inside
+    transforms too."""
+    where = f"{layer}: " if layer else ""
+    try:
+        _instance(choice)
+    except ValueError as e:
+        if from_env:
+            raise ValueError(f"{where}$BATCHNORM_BACKEND={choice!r}: {e}") from None
+        raise ValueError(f"{where}{e}") from None
+
+
 def get_backend(
     x: Tensor,
     backend: str | None = None,
@@ -768,6 +782,9 @@ def get_backend(
     transforms, FakeTensors): the kernels would read through pointers that do not exist.
     ``layer`` names the calling layer in the errors of a backend that does not exist or does
     not take ``x``."""
+    choice = backend or _env.get("BATCHNORM_BACKEND") or "auto"
+    if choice not in _BACKENDS and choice not in ("auto", "numba"):
+        _refuse_unknown_backend(choice, not backend, layer)
     if _torch_ops_only():
         # torch.jit.trace records torch operations only (a kernel call would be recorded as
         # constants); forward-mode AD differentiates torch operations only
@@ -782,7 +799,6 @@ def get_backend(
         # operations, which the transforms and modes know; a tensor subclass's
         # __torch_function__ sees them and keeps its class for the output, as in torch.nn
         return _TORCH
-    choice = backend or _env.get("BATCHNORM_BACKEND") or "auto"
     if choice == "auto":
         if x.is_cpu and x.dtype in _KERNEL_DTYPES:
             if _kernels_available():
@@ -794,14 +810,7 @@ def get_backend(
         return _TORCH
     from_env = not backend
     where = f"{layer}: " if layer else ""
-    try:
-        chosen = _instance(choice)
-    except ValueError as e:
-        if from_env:  # a stray or mistyped environment, not the code: say where it came from
-            raise ValueError(f"{where}$BATCHNORM_BACKEND={choice!r}: {e}") from None
-        if layer:
-            raise ValueError(f"{where}{e}") from None
-        raise
+    chosen = _instance(choice)  # (a name of none was refused above)
     if not chosen.supports(x):
         remedy = (
             "set BATCHNORM_BACKEND=torch (or auto), or unset it ($BATCHNORM_BACKEND chose it)"
@@ -1496,7 +1505,9 @@ def _check_momentum(momentum: Any, layer: str | None) -> Any:
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         ok = False  # (NumPy's scalars are Real: np.float32(0.1) is a momentum)
     else:
-        ok = math.isfinite(float(momentum))
+        # comparisons, not math.isfinite: torch.compile traces them on a symbolic momentum (a
+        # schedule's changing value, dynamic=True), where math.isfinite breaks the graph
+        ok = -math.inf < momentum < math.inf  # type: ignore[operator]
     if not ok:
         raise BatchNormInputError(
             f"{_name(layer)}: momentum must be a finite number, the weight of the new batch in "
@@ -2029,9 +2040,12 @@ def _blend_traced(running: RunningStats, mean: Tensor, var: Tensor) -> bool:
     needs_no_grad = running_mean.requires_grad or running_var.requires_grad
     with torch.no_grad() if needs_no_grad else contextlib.nullcontext():
         blended_m, blended_v = _blended(running, mean, var)
+        # as blend_running: the batch's own statistics finite, and the blend too where the
+        # running statistics were (a NaN channel of a broken checkpoint stays NaN, but a NaN
+        # batch is not blended into the others, nor counted)
         kept_v = torch.isfinite(blended_v) | ~torch.isfinite(running_var)
         kept_m = torch.isfinite(blended_m) | ~torch.isfinite(running_mean)
-        ok = kept_v.all() & kept_m.all()
+        ok = kept_v.all() & kept_m.all() & torch.isfinite(mean).all() & torch.isfinite(var).all()
         running_mean.copy_(torch.where(ok, blended_m, running_mean))
         running_var.copy_(torch.where(ok, blended_v, running_var))
         if nbt is not None:
