@@ -203,3 +203,50 @@ def test_an_uninitialized_lazy_layer_is_explained():
     model = nn.Sequential(nn.Linear(4, 4), nn.LazyBatchNorm1d())
     with pytest.raises(TypeError, match="run one forward pass"):
         doctor(model, torch.randn(64, 4))
+
+
+class _ByKeyword(nn.Module):
+    def __init__(self, keyword: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16, bias=False)
+        self.bn = nn.BatchNorm1d(16)
+        self.keyword = keyword
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return self.bn(input=h) if self.keyword else self.bn(h)
+
+
+def test_a_bn_layer_called_by_keyword_is_measured_as_one_called_by_position():
+    torch.manual_seed(0)
+    x = torch.randn(512, 16) * 3 + 1
+    by_position, by_keyword = _ByKeyword(False).eval(), _ByKeyword(True).eval()
+    by_keyword.load_state_dict(by_position.state_dict())
+    expected = doctor(by_position, x)
+    assert found(expected)[:2] == [("error", "train-eval-gap"), ("error", "initial-running-stats")]
+    report = doctor(by_keyword, x)
+    assert found(report) == found(expected)
+    assert report.train_gaps["bn"] == expected.train_gaps["bn"]
+    assert batchnorm.stat_gaps(by_keyword, x) == batchnorm.stat_gaps(by_position, x)
+
+
+class _UntraceableDropoutByKeyword(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16, bias=False)
+        self.drop = nn.Dropout(0.5)
+        self.bn = nn.BatchNorm1d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if h.sum() > -1e9:  # data-dependent control flow: torch.fx cannot trace it
+            h = self.drop(h)
+        return self.bn(input=h)
+
+
+def test_the_hooked_dataflow_links_a_bn_layer_called_by_keyword():
+    torch.manual_seed(0)
+    x = torch.randn(512, 16)
+    model = fill_stats(_UntraceableDropoutByKeyword(), x)
+    (f,) = doctor(model, x).by_check("dropout-before-bn")
+    assert f.layer == "bn" and "hooked forward pass" in f.measured

@@ -111,6 +111,14 @@ def _check_model(model: nn.Module, where: str) -> None:
         )
 
 
+def bn_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    """The input tensor a batch-norm layer is called with (a forward pre-hook's ``args`` and
+    ``kwargs``): the first positional tensor, or by keyword (``bn(input=x)``); None without
+    one."""
+    x = first_tensor(args) if args else kwargs.get("input", kwargs.get("x"))
+    return x if isinstance(x, Tensor) else None
+
+
 def _rng_seed() -> int:
     # one seed per measurement, drawn from torch's global generator so results follow
     # torch.manual_seed, then replayed before every pass: dropout/noise masks stay identical;
@@ -937,9 +945,8 @@ def bn_statistics_mismatch(model: nn.Module, inputs: Tensor) -> dict[str, dict[s
             n: str = n,
             axis: int = axis,
         ) -> None:
-            # the input: the first positional argument, or by keyword (bn(input=x))
-            x = first_tensor(args) if args else kwargs.get("input", kwargs.get("x"))
-            if not isinstance(x, Tensor):
+            x = bn_input(args, kwargs)
+            if x is None:
                 return
             t = x.detach().to(torch.float64, copy=True)
             captured.setdefault(n, []).append(t.movedim(axis, 0).reshape(t.shape[axis], -1))

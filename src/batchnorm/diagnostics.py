@@ -69,6 +69,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from batchnorm._console import say
+from batchnorm.analysis import bn_input
 from batchnorm.functional import canonical_layout
 from batchnorm.nn.batchnorm import _BatchNormBase
 from batchnorm.recorder import first_tensor
@@ -695,20 +696,25 @@ def _run(
             axis = _bn_axis(m)
 
             def pre(
-                _m: nn.Module, args: tuple[Any, ...], name: str = name, axis: int = axis
+                _m: nn.Module,
+                args: tuple[Any, ...],
+                kwargs: dict[str, Any],
+                name: str = name,
+                axis: int = axis,
             ) -> None:
-                if args and isinstance(args[0], Tensor):
-                    accs[name].add(args[0], axis)
+                x = bn_input(args, kwargs)  # by position or by keyword (bn(input=h))
+                if x is not None:
+                    accs[name].add(x, axis)
                     if halves is not None:
-                        halves[index[0] % 2][name].add(args[0], axis)
+                        halves[index[0] % 2][name].add(x, axis)
                     if sites is not None:
                         k = calls.get(name, 0)
                         calls[name] = k + 1
                         if k == len(sites[name]):
                             sites[name].append(_Accumulator())
-                        sites[name][k].add(args[0], axis)
+                        sites[name][k].add(x, axis)
 
-            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
     err: BaseException | None = None
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -1216,12 +1222,14 @@ def _hook_graph(model: nn.Module, batch: Any, reason: str) -> _Graph:
         for name, m in probe.named_modules():
             if name and (is_batchnorm(m) or not list(m.children())):
 
-                def pre(_m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-                    srcs = sources(args)
+                def pre(
+                    _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name
+                ) -> None:
+                    srcs = sources(args, kwargs)  # a module called by keyword too
                     nodes.append(_Node(name, "module", model.get_submodule(name), srcs))
                     inside[0] += 1
 
-                handles.append(m.register_forward_pre_hook(pre))
+                handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
                 handles.append(m.register_forward_hook(post))
         try:
             with (
