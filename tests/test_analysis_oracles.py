@@ -315,6 +315,36 @@ def test_bn_mismatch_of_a_layer_called_by_keyword() -> None:
     assert out["var_ratio"] == pytest.approx(float((var / (1 + 1e-5)).mean()), rel=1e-12)
 
 
+@pytest.mark.parametrize("keyword", [False, True])
+def test_bn_mismatch_of_a_layer_called_with_a_padding_mask(keyword: bool) -> None:
+    # BN takes its statistics over the valid positions only (README: masked statistics for
+    # padded sequences); the mismatch compares its running statistics with those, not with
+    # statistics that include the padding
+    class Padded(nn.Module):
+        def __init__(self, mask: torch.Tensor) -> None:
+            super().__init__()
+            self.bn = batchnorm.BatchNorm1d(3, momentum=1.0)
+            self.mask = mask
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(x, mask=self.mask) if keyword else self.bn(x, self.mask)
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([10, 7, 4, 2, 9, 1])
+    mask = torch.arange(10)[None, :] < lengths[:, None]  # (N, L)
+    x = (torch.randn(6, 3, 10) * 2 + 1) * mask[:, None, :]
+    model = Padded(mask)
+    model(x)  # momentum 1: the running statistics of the valid positions of x
+    model.bn.running_mean.add_(torch.tensor([0.5, -1.0, 0.0]))  # a known shift
+    out = bn_statistics_mismatch(model, x)["bn"]
+    valid = x.transpose(1, 2)[mask]  # (valid values, C)
+    rm, rv = model.bn.running_mean, model.bn.running_var
+    var = valid.var(dim=0, unbiased=False)
+    assert out["var_ratio"] == pytest.approx(float((var / (rv + 1e-5)).mean()), rel=1e-12)
+    shift = (valid.mean(dim=0) - rm).abs() / (rv + 1e-5).sqrt()
+    assert out["mean_shift"] == pytest.approx(float(shift.mean()), rel=1e-12)
+
+
 def test_ics_places_a_parameter_where_the_forward_uses_it() -> None:
     """Def. 2.1 steps every parameter used before layer i: a root parameter applied at the
     output (a learned logit scale) comes after the layers it scales, so the first layer's shift

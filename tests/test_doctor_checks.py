@@ -250,3 +250,36 @@ def test_the_hooked_dataflow_links_a_bn_layer_called_by_keyword():
     model = fill_stats(_UntraceableDropoutByKeyword(), x)
     (f,) = doctor(model, x).by_check("dropout-before-bn")
     assert f.layer == "bn" and "hooked forward pass" in f.measured
+
+
+class _Padded(nn.Module):
+    """(N, C, L) sequences zero-padded at the end; BN takes its statistics over the valid
+    positions (README: masked statistics for padded sequences)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 1, bias=False)
+        self.bn = batchnorm.BatchNorm1d(4, momentum=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x), mask=x.abs().sum(1) != 0)
+
+
+def test_a_bn_layer_called_with_a_padding_mask_is_measured_on_the_valid_positions():
+    torch.manual_seed(0)
+    lengths = torch.randint(3, 21, (256,))
+    valid = torch.arange(20)[None, :] < lengths[:, None]  # (N, L)
+    x = (torch.randn(256, 3, 20) * 2 + 3) * valid[:, None, :]
+    model = fill_stats(_Padded(), x, epochs=3)  # running statistics: the valid positions'
+    report = doctor(model, x)
+    assert [f for f in report.findings if f.severity != "info"] == [], found(report)
+    batchnorm.recalibrate(model, torch.split(x, 64))
+    assert not doctor(model, x).has_errors
+    # the gap of one batch, by hand over its valid positions only
+    g = batchnorm.stat_gaps(model, x[:64], num_batches=1, batch_size=64)["bn"]
+    with torch.no_grad():
+        h = model.conv(x[:64]).double().transpose(1, 2)[valid[:64]]  # (valid values, C)
+    rm, rv = model.bn.running_mean.double(), model.bn.running_var.double()
+    shift = (h.mean(0) - rm).abs() / (rv + model.bn.eps).sqrt()
+    assert g.count == int(valid[:64].sum())
+    assert g.mean_shift_max == pytest.approx(float(shift.max()), rel=1e-9)

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from batchnorm.functional import check_mask
 from batchnorm.recorder import first_tensor, quantiles
 
 __all__ = [
@@ -111,12 +112,26 @@ def _check_model(model: nn.Module, where: str) -> None:
         )
 
 
-def bn_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+def bn_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor | None, Tensor | None]:
     """The input tensor a batch-norm layer is called with (a forward pre-hook's ``args`` and
-    ``kwargs``): the first positional tensor, or by keyword (``bn(input=x)``); None without
-    one."""
+    ``kwargs``) — the first positional tensor, or by keyword (``bn(input=x)``); None without
+    one — and its padding mask (``bn(x, mask)``, ``bn(x, mask=m)``; None without one)."""
     x = first_tensor(args) if args else kwargs.get("input", kwargs.get("x"))
-    return x if isinstance(x, Tensor) else None
+    if not isinstance(x, Tensor):
+        return None, None
+    mask = args[1] if len(args) > 1 and args[0] is x else kwargs.get("mask")
+    return x, mask if isinstance(mask, Tensor) else None
+
+
+def channel_values(x: Tensor, axis: int, mask: Tensor | None = None) -> Tensor:
+    """``(C, M)`` float64 copy of ``x``: each channel's values (on ``axis``) over every other
+    axis; with a padding ``mask`` (True at valid positions), the valid positions only, as a
+    batch-norm layer called with that mask takes its statistics."""
+    t = x.detach().to(torch.float64, copy=True).movedim(axis, 0)
+    if mask is None:
+        return t.reshape(t.shape[0], -1)
+    valid = check_mask(x, mask, axis).movedim(axis, 0)[0].expand(t.shape[1:])
+    return t[:, valid]
 
 
 def _rng_seed() -> int:
@@ -737,8 +752,7 @@ def _per_unit(t: Tensor, axis: int = 1) -> Tensor:
     # a copy also of a float64 output (.double() would return it as is): the values are reduced
     # after the forward, and an in-place operation after the layer (ReLU(inplace=True)) would
     # have rewritten them by then
-    t = t.detach().to(torch.float64, copy=True).movedim(axis, 0)
-    return t.reshape(t.shape[0], -1)
+    return channel_values(t, axis)
 
 
 def _unit_axis(m: nn.Module) -> int:
@@ -920,8 +934,9 @@ def bn_statistics_mismatch(model: nn.Module, inputs: Tensor) -> dict[str, dict[s
     * ``mean_shift`` = mean_c |μ_B − μ_run| / √(σ²_run + ε).
 
     A layer called several times in one forward pass is measured over all its calls (its
-    running statistics were accumulated from all of them). Layers without running statistics
-    are skipped. The model is left unchanged.
+    running statistics were accumulated from all of them); a layer called with a padding mask
+    (``bn(x, mask=m)``) over the valid positions only, as it takes its statistics. Layers without
+    running statistics are skipped. The model is left unchanged.
 
     Returns:
         ``{layer: {"var_ratio": …, "mean_shift": …}}``.
@@ -945,11 +960,9 @@ def bn_statistics_mismatch(model: nn.Module, inputs: Tensor) -> dict[str, dict[s
             n: str = n,
             axis: int = axis,
         ) -> None:
-            x = bn_input(args, kwargs)
-            if x is None:
-                return
-            t = x.detach().to(torch.float64, copy=True)
-            captured.setdefault(n, []).append(t.movedim(axis, 0).reshape(t.shape[axis], -1))
+            x, mask = bn_input(args, kwargs)
+            if x is not None:  # over the valid positions only when called with a mask
+                captured.setdefault(n, []).append(channel_values(x, axis, mask))
 
         handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     seed = _rng_seed()

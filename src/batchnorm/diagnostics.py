@@ -69,8 +69,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from batchnorm._console import say
-from batchnorm.analysis import bn_input
-from batchnorm.functional import canonical_layout
+from batchnorm.analysis import bn_input, channel_values
 from batchnorm.nn.batchnorm import _BatchNormBase
 from batchnorm.recorder import first_tensor
 
@@ -568,12 +567,9 @@ class _Accumulator:
         self.ndim = 0
         self.nonfinite = False
 
-    def add(self, x: Tensor, axis: int) -> None:
-        x = x.detach()
-        canon, _ = canonical_layout(x, axis)  # (N, C, L) or (M, C)
-        c = canon.shape[1]
-        v = canon.to(torch.float64)
-        flat = v.transpose(0, 1).reshape(c, -1)  # (C, values per channel)
+    def add(self, x: Tensor, axis: int, mask: Tensor | None = None) -> None:
+        # (C, values per channel): the valid positions only for a layer called with a mask
+        flat = channel_values(x, axis, mask)
         count = flat.shape[1]
         mean = flat.mean(dim=1)
         var = flat.var(dim=1, unbiased=True) if count > 1 else torch.full_like(mean, math.nan)
@@ -702,17 +698,18 @@ def _run(
                 name: str = name,
                 axis: int = axis,
             ) -> None:
-                x = bn_input(args, kwargs)  # by position or by keyword (bn(input=h))
+                # by position or by keyword (bn(input=h)), with its padding mask if any
+                x, mask = bn_input(args, kwargs)
                 if x is not None:
-                    accs[name].add(x, axis)
+                    accs[name].add(x, axis, mask)
                     if halves is not None:
-                        halves[index[0] % 2][name].add(x, axis)
+                        halves[index[0] % 2][name].add(x, axis, mask)
                     if sites is not None:
                         k = calls.get(name, 0)
                         calls[name] = k + 1
                         if k == len(sites[name]):
                             sites[name].append(_Accumulator())
-                        sites[name][k].add(x, axis)
+                        sites[name][k].add(x, axis, mask)
 
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
     err: BaseException | None = None
