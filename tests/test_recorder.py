@@ -276,3 +276,25 @@ def test_recorder_keeps_float64_levels_and_refuses_a_string_of_layers() -> None:
     assert values[0, :, 0].tolist() == [1.5e11, 3e11, 7e11]
     with pytest.raises(TypeError, match="layers must be a list of layer names"):
         ActivationRecorder(net, "0")  # type: ignore[arg-type]
+
+
+def test_the_library_s_measurements_are_neither_recorded_nor_counted() -> None:
+    # a probe inside the training loop changes nothing: the doctor's deep copies carry the
+    # recorder's hooks, the analysis functions run the model itself
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), batchnorm.BatchNorm1d(8), nn.Sigmoid(), nn.Linear(8, 2))
+    x, y = torch.randn(64, 6), torch.randint(0, 2, (64,))
+    ce = nn.functional.cross_entropy
+    rec = ActivationRecorder(model, ["2"], every=2)
+    with rec:
+        model(x)  # call 0: recorded
+        batchnorm.internal_covariate_shift(model, ce, (x, y), 0.1)
+        batchnorm.loss_landscape(model, ce, (x, y), [0.1, 0.2])
+        batchnorm.activation_statistics(model, x)
+        batchnorm.bn_statistics_mismatch(model, x)
+        batchnorm.doctor(model, x, num_batches=2, batch_size=32)
+        batchnorm.stat_gaps(model, x, num_batches=2, batch_size=32)
+        batchnorm.output_gap(model, x, num_batches=2, batch_size=32)
+        model(x)  # call 1: skipped by every=2
+        model(x)  # call 2: recorded
+    assert rec.history("2")[0].tolist() == [0, 2]

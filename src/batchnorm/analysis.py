@@ -21,7 +21,8 @@ be pointed at any network:
 Every measurement leaves the model as it found it: parameters, their ``.grad`` (values, or
 ``None``), buffers (running statistics) and train/eval mode are restored, and random layers
 (dropout, noise) see the same random numbers in every forward pass of one measurement so that
-only the weights differ between passes.
+only the weights differ between passes; an attached :class:`~batchnorm.ActivationRecorder` does
+not record those passes.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from batchnorm.functional import check_mask
-from batchnorm.recorder import first_tensor, quantiles
+from batchnorm.recorder import first_tensor, measuring, quantiles
 
 __all__ = [
     "LayerShift",
@@ -444,7 +445,7 @@ def internal_covariate_shift(
             "G' would be NaN"
         )
     seed = _rng_seed()
-    with _preserved(model):
+    with _preserved(model), measuring():
         # the state every pass starts from: taken before the ordering pass, which in train mode
         # updates running statistics (a layer that normalizes with them, such as batch
         # renormalization, must see the model's own buffers in G and G')
@@ -664,7 +665,7 @@ def loss_landscape(
             f"got {list(step_sizes)!r}"
         )
     seed = _rng_seed()
-    with _preserved(model):
+    with _preserved(model), measuring():
         buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
         theta = {k: v.detach().clone() for k, v in model.named_parameters()}
         names = (
@@ -834,7 +835,7 @@ def activation_statistics(
         handles.append(modules[n].register_forward_hook(hook))
     seed = _rng_seed()
     try:
-        with _preserved(model), torch.no_grad(), _replay_rng(seed):
+        with _preserved(model), measuring(), torch.no_grad(), _replay_rng(seed):
             model(inputs)
     finally:
         for h in handles:
@@ -967,7 +968,7 @@ def bn_statistics_mismatch(model: nn.Module, inputs: Tensor) -> dict[str, dict[s
         handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     seed = _rng_seed()
     try:
-        with _preserved(model), torch.no_grad(), _replay_rng(seed):
+        with _preserved(model), measuring(), torch.no_grad(), _replay_rng(seed):
             model.eval()
             model(inputs)
     finally:

@@ -71,7 +71,7 @@ from torch.overrides import TorchFunctionMode
 from batchnorm._console import say
 from batchnorm.analysis import bn_input, channel_values
 from batchnorm.nn.batchnorm import _BatchNormBase
-from batchnorm.recorder import first_tensor
+from batchnorm.recorder import first_tensor, measuring
 
 __all__ = [
     "doctor",
@@ -714,7 +714,7 @@ def _run(
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
     err: BaseException | None = None
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), measuring(), warnings.catch_warnings():
             # our layers warn about non-finite batches; the doctor reports them as findings
             warnings.simplefilter("ignore")
             for i, x in enumerate(batches):
@@ -1254,13 +1254,14 @@ def _hook_graph(model: nn.Module, batch: Any, reason: str) -> _Graph:
 
 
 def _dataflow(model: nn.Module, batch: Any) -> _Graph:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # traced in train mode: the dataflow of training (F.dropout(x, p, self.training))
-            return _fx_graph(_probe_copy(model).train())
-    except Exception as e:  # noqa: BLE001 — any tracing failure falls back to hooks
-        return _hook_graph(model, batch, f"{type(e).__name__}: {e}")
+    with measuring():  # (tracing calls the hooks of the modules it traces through)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # traced in train mode: the dataflow of training (F.dropout(x, p, self.training))
+                return _fx_graph(_probe_copy(model).train())
+        except Exception as e:  # noqa: BLE001 — any tracing failure falls back to hooks
+            return _hook_graph(model, batch, f"{type(e).__name__}: {e}")
 
 
 def _transparent(n: _Node) -> bool:
@@ -2216,7 +2217,8 @@ def before_after(
     """
     before = doctor(model, data, num_batches, batch_size=batch_size, thresholds=thresholds)
     fixed = _probe_copy(model)
-    fix(fixed)
+    with measuring():  # the copy carries the model's hooks (an ActivationRecorder's)
+        fix(fixed)
     after = doctor(fixed, data, num_batches, batch_size=batch_size, thresholds=thresholds)
 
     def serious(r: DoctorReport) -> set[tuple[str, str]]:

@@ -21,6 +21,24 @@ from torch import Tensor, nn
 
 __all__ = ["ActivationRecorder"]
 
+#: open blocks of the library's own measurements (they nest), whose forward passes no
+#: recorder records or counts
+_measuring = 0
+
+
+@contextmanager
+def measuring() -> Iterator[None]:
+    """Mark the forward passes inside as a measurement of the library's (the analysis
+    functions, the doctor): an attached :class:`ActivationRecorder` neither records nor counts
+    them, so a measurement inside a training loop leaves its records and its ``every``
+    schedule as they were (the doctor's deep copies carry the recorder's hooks too)."""
+    global _measuring
+    _measuring += 1
+    try:
+        yield
+    finally:
+        _measuring -= 1
+
 
 class ActivationRecorder:
     r"""Record quantiles of the inputs (or outputs) of chosen layers over training.
@@ -36,7 +54,8 @@ class ActivationRecorder:
 
     A layer called with its tensor by keyword (``self.fc(input=x)``) is recorded; of a tuple
     output (an LSTM's) the first tensor; a call with no tensor warns once, an empty batch is
-    skipped.
+    skipped. The forward passes of the library's measurements (``batchnorm.analysis``, the
+    doctor) are neither recorded nor counted.
 
     Memory: a record keeps its ``Q×U`` values and about half a kilobyte of bookkeeping, for as
     long as the recorder lives — with ``every=1`` a long training run grows it by one record per
@@ -216,6 +235,8 @@ class ActivationRecorder:
         return hook
 
     def _observe(self, name: str, x: Tensor | None, module: nn.Module) -> None:
+        if _measuring:  # a pass of the library's measurements: not a call of the training
+            return
         call = self._calls[name]
         self._calls[name] = call + 1
         if not self._capturing and (self.every is None or call % self.every != 0):
