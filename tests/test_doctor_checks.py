@@ -283,3 +283,26 @@ def test_a_bn_layer_called_with_a_padding_mask_is_measured_on_the_valid_position
     shift = (h.mean(0) - rm).abs() / (rv + model.bn.eps).sqrt()
     assert g.count == int(valid[:64].sum())
     assert g.mean_shift_max == pytest.approx(float(shift.max()), rel=1e-9)
+
+
+class _CalledTwice(nn.Module):
+    def __init__(self, elsewhere: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.elsewhere = elsewhere
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.fc(x)))
+        # the second call's output goes past the BN (its bias matters), or into the BN again
+        return h + (self.fc(x) if self.elsewhere else self.bn(self.fc(2 * x)))
+
+
+def test_a_bias_that_also_reaches_the_output_past_the_bn_is_not_reported():
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    elsewhere = fill_stats(_CalledTwice(True), x, batch=32)
+    assert doctor(elsewhere, x, batch_size=32).by_check("bias-before-bn") == []
+    into_bn = fill_stats(_CalledTwice(False), x, batch=32)
+    found_ = doctor(into_bn, x, batch_size=32).by_check("bias-before-bn")
+    assert [(f.layer, f.evidence["producer"]) for f in found_] == [("bn", "fc")]

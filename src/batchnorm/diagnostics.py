@@ -2143,7 +2143,11 @@ def _structural_findings(
                 and isinstance(pm, nn.Linear | nn.modules.conv._ConvNd)
                 and isinstance(bias, Tensor)
                 and bias.numel() == getattr(m, "num_features", -1)
-                and _consumers_through(g, p, cons) == [i]
+                # every call of the layer feeds only this BN: a call whose output goes
+                # elsewhere too (fc(x) added to bn(fc(x))) needs its bias
+                and all(
+                    set(_consumers_through(g, k, cons)) <= set(idxs) for k in g.index_of(pn.name)
+                )
                 and _bias_on_bn_axis(pm, m, ranks.get(name))
             ):
                 out.append(
