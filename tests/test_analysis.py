@@ -611,6 +611,18 @@ def test_statistics_functions_refuse_inputs_they_cannot_measure() -> None:
         loss_landscape(nn.Linear(2, 1), _mse, batch, [0.1], params=["weight", "weight"])
 
 
+def test_bn_mismatch_refuses_a_batch_without_a_variance() -> None:
+    # NaN from an empty batch, var_ratio 0 from a batch of one (read as a huge variance shift)
+    net = nn.Sequential(nn.Linear(6, 8), batchnorm.BatchNorm1d(8), nn.ReLU())
+    with pytest.raises(ValueError, match=r"'1' gave no values .*at least two samples$"):
+        bn_statistics_mismatch(net, torch.randn(0, 6))
+    with pytest.raises(ValueError, match=r"'1' got one value per channel \(a batch of one"):
+        bn_statistics_mismatch(net, torch.randn(1, 6))
+    conv = nn.Sequential(nn.BatchNorm1d(2))  # one sample of two positions: two values
+    x = torch.tensor([[[1.0, 3.0], [0.0, 4.0]]])
+    assert bn_statistics_mismatch(conv, x)["0"]["var_ratio"] == pytest.approx(2.5 / (1 + 1e-5))
+
+
 def test_activation_quantiles_beyond_torch_s_limit_of_values() -> None:
     # torch.quantile takes at most 2**24 values; more (a batch of 256 at 256×256) are computed
     # by NumPy, the same linear interpolation

@@ -756,6 +756,21 @@ def _per_unit(t: Tensor, axis: int = 1) -> Tensor:
     return channel_values(t, axis)
 
 
+def _too_few_values(where: str, layer: str, inputs: Any, count: int, need: int = 1) -> ValueError:
+    """The refusal of a layer that got ``count`` (0 or 1) values per channel, below the
+    ``need`` (1 or 2) of the measurement."""
+    shape = f" of shape {tuple(inputs.shape)}" if isinstance(inputs, Tensor) else ""
+    if count == 0:
+        return ValueError(
+            f"{where}: layer {layer!r} gave no values (an empty batch{shape}?); pass inputs "
+            f"with at least {'one sample' if need == 1 else 'two samples'}"
+        )
+    return ValueError(
+        f"{where}: layer {layer!r} got one value per channel (a batch of one{shape}?), which "
+        "has no variance to measure; pass inputs with at least two samples"
+    )
+
+
 def _unit_axis(m: nn.Module) -> int:
     """The channel axis of ``m``'s output: a batch-norm layer's ``axis`` (as in
     :func:`bn_statistics_mismatch`), 1 for every other layer."""
@@ -859,11 +874,7 @@ def activation_statistics(
             )
         u = torch.cat(captured[n], dim=1)  # (C, M): every call's values
         if u.shape[1] == 0:
-            raise ValueError(
-                f"activation_statistics: layer {n!r} gave no values (an empty batch"
-                + (f" of shape {tuple(inputs.shape)}" if isinstance(inputs, Tensor) else "")
-                + "?); pass inputs with at least one sample"
-            )
+            raise _too_few_values("activation_statistics", n, inputs, 0)
         result[n] = ActivationStats(
             mean=u.mean(dim=1).numpy(),
             std=u.std(dim=1, unbiased=False).numpy(),
@@ -937,7 +948,8 @@ def bn_statistics_mismatch(model: nn.Module, inputs: Tensor) -> dict[str, dict[s
     A layer called several times in one forward pass is measured over all its calls (its
     running statistics were accumulated from all of them); a layer called with a padding mask
     (``bn(x, mask=m)``) over the valid positions only, as it takes its statistics. Layers without
-    running statistics are skipped. The model is left unchanged.
+    running statistics are skipped. The model is left unchanged. A layer with fewer than two
+    values per channel (an empty batch, a batch of one) has no variance to compare: refused.
 
     Returns:
         ``{layer: {"var_ratio": …, "mean_shift": …}}``.
@@ -979,6 +991,8 @@ def bn_statistics_mismatch(model: nn.Module, inputs: Tensor) -> dict[str, dict[s
         if n not in captured:
             continue
         u = torch.cat(captured[n], dim=1)  # (C, M) over every call
+        if u.shape[1] < 2:  # no variance to compare (NaN from none, 0 from one)
+            raise _too_few_values("bn_statistics_mismatch", n, inputs, u.shape[1], need=2)
         mu, var = u.mean(dim=1), u.var(dim=1, unbiased=False)
         rm = m.running_mean.detach().double()  # type: ignore[union-attr]
         rv = m.running_var.detach().double()  # type: ignore[union-attr]
