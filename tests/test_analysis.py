@@ -623,6 +623,15 @@ def test_bn_mismatch_refuses_a_batch_without_a_variance() -> None:
     assert bn_statistics_mismatch(conv, x)["0"]["var_ratio"] == pytest.approx(2.5 / (1 + 1e-5))
 
 
+@pytest.mark.parametrize("one", [0.5, np.float64(0.5), np.array(0.5), torch.tensor(0.5)], ids=repr)
+def test_one_level_in_any_scalar_form_is_refused_with_the_list_to_pass(one) -> None:
+    net = nn.Sequential(nn.Linear(6, 8), batchnorm.BatchNorm1d(8))
+    with pytest.raises(TypeError, match=r"levels must be a list.*; pass levels=\[0\.5\]$"):
+        activation_statistics(net, torch.randn(4, 6), levels=one)
+    with pytest.raises(TypeError, match=r"quantiles must be a list.*; pass quantiles=\[0\.5\]$"):
+        batchnorm.ActivationRecorder(net, ["1"], quantiles=one)
+
+
 def test_activation_quantiles_beyond_torch_s_limit_of_values() -> None:
     # torch.quantile takes at most 2**24 values; more (a batch of 256 at 256×256) are computed
     # by NumPy, the same linear interpolation

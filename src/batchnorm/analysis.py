@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from batchnorm.functional import check_mask
-from batchnorm.recorder import first_tensor, measuring, quantiles
+from batchnorm.recorder import first_tensor, measuring, quantiles, single_number
 
 __all__ = [
     "LayerShift",
@@ -829,10 +829,11 @@ def activation_statistics(
         repeated = sorted({n for n in chosen if chosen.count(n) > 1})
         if repeated:  # each value would be pooled twice, which moves the quantiles
             raise ValueError(f"activation_statistics: layers names {repeated} more than once")
-    if isinstance(levels, numbers.Real):
+    one = single_number(levels)
+    if one is not None:
         raise TypeError(
             f"activation_statistics: levels must be a list of quantile levels, got {levels!r}; "
-            f"pass levels=[{levels!r}]"
+            f"pass levels=[{one!r}]"
         )
     q = torch.tensor(list(levels), dtype=torch.float64)
     if q.numel() == 0 or not bool(((q >= 0) & (q <= 1)).all()):  # (NaN is neither)

@@ -130,11 +130,11 @@ class ActivationRecorder:
                     ) from None
         if not self.layers:
             raise ValueError("ActivationRecorder: give at least one layer to record")
-        given: Any = quantiles  # (the annotations say what is meant, not what is passed)
-        if isinstance(given, numbers.Real):
+        one = single_number(quantiles)
+        if one is not None:
             raise TypeError(
                 f"ActivationRecorder: quantiles must be a list of levels, got {quantiles!r}; "
-                f"pass quantiles=[{quantiles!r}]"
+                f"pass quantiles=[{one!r}]"
             )
         q = [float(v) for v in quantiles]
         if not q or not all(0.0 <= v <= 1.0 for v in q):
@@ -348,6 +348,15 @@ def quantiles(values: Tensor, levels: Tensor, dim: int = 0) -> Tensor:
         return torch.quantile(values, levels.to(values), dim=dim)
     q = np.quantile(values.cpu().numpy(), levels.double().numpy(), axis=dim)
     return torch.from_numpy(np.asarray(q)).to(values.dtype)
+
+
+def single_number(x: Any) -> float | None:
+    """``x`` as a Python number when it is one number — a Python or NumPy scalar, a 0-d tensor
+    or array — where a list of numbers is expected (to name the list to pass instead); else
+    None."""
+    if isinstance(x, np.generic | Tensor | np.ndarray) and x.ndim == 0:
+        return x.item()
+    return x if isinstance(x, int | float) else None
 
 
 def first_tensor(y: Any) -> Tensor | None:
