@@ -306,3 +306,23 @@ def test_a_bias_that_also_reaches_the_output_past_the_bn_is_not_reported():
     into_bn = fill_stats(_CalledTwice(False), x, batch=32)
     found_ = doctor(into_bn, x, batch_size=32).by_check("bias-before-bn")
     assert [(f.layer, f.evidence["producer"]) for f in found_] == [("bn", "fc")]
+
+
+def _readme_severities(check: str) -> set[str]:
+    """The severities the README's table of the doctor's checks lists for ``check``."""
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    (row,) = [r for r in readme.read_text().splitlines() if r.startswith(f"| `{check}` |")]
+    cell = row.split("|")[2]
+    return {s for s in ("error", "warning", "info") if s in cell}
+
+
+def test_the_readme_lists_every_severity_of_the_train_eval_gap():
+    torch.manual_seed(0)
+    x = torch.randn(512, 16) * 2 + 1
+    about_to_train = doctor(mlp(nn.BatchNorm1d(16)).train(), x).by_check("train-eval-gap")
+    never_trained = doctor(mlp(nn.BatchNorm1d(16)).eval(), x).by_check("train-eval-gap")
+    given = {f.severity for f in about_to_train + never_trained}
+    assert given == {"info", "error"}
+    assert given <= _readme_severities("train-eval-gap")
