@@ -632,6 +632,20 @@ def test_one_level_in_any_scalar_form_is_refused_with_the_list_to_pass(one) -> N
         batchnorm.ActivationRecorder(net, ["1"], quantiles=one)
 
 
+def test_a_model_with_uninitialized_lazy_layers_is_refused_by_name() -> None:
+    lazy = nn.Sequential(nn.Linear(4, 6), nn.LazyBatchNorm1d(), nn.LazyLinear(3))
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    ce = nn.functional.cross_entropy
+    for where, call in [
+        ("internal_covariate_shift", lambda: internal_covariate_shift(lazy, ce, batch, 0.1)),
+        ("loss_landscape", lambda: loss_landscape(lazy, ce, batch, [0.1])),
+        ("activation_statistics", lambda: activation_statistics(lazy, batch[0])),
+        ("bn_statistics_mismatch", lambda: bn_statistics_mismatch(lazy, batch[0])),
+    ]:
+        with pytest.raises(TypeError, match=rf"^{where}: .*lazy modules \(1, 2\); run one forward"):
+            call()
+
+
 def test_activation_quantiles_beyond_torch_s_limit_of_values() -> None:
     # torch.quantile takes at most 2**24 values; more (a batch of 256 at 256×256) are computed
     # by NumPy, the same linear interpolation

@@ -99,9 +99,28 @@ def _preserved(model: nn.Module) -> Iterator[None]:
             m.training = modes[name]
 
 
+def check_initialized(model: nn.Module, where: str) -> None:
+    """Refuse a model with uninitialized lazy modules (``nn.LazyLinear``,
+    ``nn.LazyBatchNorm1d``), naming them and ``where``, the function the user called."""
+    from torch.nn.parameter import is_lazy
+
+    lazy = [
+        n or type(model).__name__
+        for n, mod in model.named_modules()
+        if any(is_lazy(t) for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False)))
+    ]
+    if lazy:
+        raise TypeError(
+            f"{where}: the model has uninitialized lazy modules ({', '.join(lazy[:8])}"
+            f"{', …' if len(lazy) > 8 else ''}); run one forward pass on a batch "
+            f"(model(batch)) to initialize them, then call {where} again"
+        )
+
+
 def _check_model(model: nn.Module, where: str) -> None:
-    """Refuse a model with parameters or buffers on the meta device (shapes without values):
-    every measurement reads values."""
+    """Refuse a model with uninitialized lazy modules, or with parameters or buffers on the
+    meta device (shapes without values): every measurement reads values."""
+    check_initialized(model, where)
     meta = next(
         (n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None
     )

@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from batchnorm._console import say
-from batchnorm.analysis import bn_input, channel_values
+from batchnorm.analysis import bn_input, channel_values, check_initialized
 from batchnorm.nn.batchnorm import _BatchNormBase
 from batchnorm.recorder import first_tensor, measuring
 
@@ -602,23 +602,10 @@ class _Accumulator:
 
 
 def _probe_copy(model: nn.Module) -> nn.Module:
-    from torch.nn.parameter import is_lazy
-
     from batchnorm.variants import check_not_scripted
 
     check_not_scripted(model, "doctor")
-
-    lazy = [
-        n or type(model).__name__
-        for n, mod in model.named_modules()
-        if any(is_lazy(t) for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False)))
-    ]
-    if lazy:
-        raise TypeError(
-            f"doctor: the model has uninitialized lazy modules ({', '.join(lazy[:8])}"
-            f"{', …' if len(lazy) > 8 else ''}); run one forward pass on a batch "
-            "(model(batch)) to initialize them, then run the doctor"
-        )
+    check_initialized(model, "doctor")
     try:
         probe = copy.deepcopy(model)
     except Exception as e:  # noqa: BLE001 — any failure means we cannot probe safely
