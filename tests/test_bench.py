@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -516,3 +517,58 @@ def test_the_python_entry_refuses_what_the_cli_refuses(kwargs: dict, says: str) 
     dtype (randn on int32) or a dtype's name."""
     with pytest.raises(ValueError, match=f"^bench: {says}"):
         bench.run(["7x3"], repeats=1, **kwargs)
+
+
+def test_empty_folder_like_or_shared_output_paths_are_refused(tmp_path, capsys):
+    """An empty path (an unset shell variable) read as "not given": the run measured, exited 0
+    and saved nothing; a --plot naming the --json or --from-json file replaced the
+    measurements with the figure."""
+    saved = tmp_path / "saved"
+    saved.write_text(Path("docs/bench.json").read_text())
+    fast = ["--shapes", "7x3", "--repeats", "2", "--passes", "fwd"]
+    for argv, says in (
+        (["bench", *fast, "--json", ""], "--json is empty"),
+        (["bench", *fast, "--plot", ""], "--plot is empty"),
+        (["bench", "--from-json", ""], "--from-json is empty"),
+        (["bench-network", "--networks", "mlp", "--json", ""], "--json is empty"),
+        (["bench", *fast, "--json", str(tmp_path / "out") + "/"], "ends in a folder separator"),
+        (
+            ["bench", *fast, "--json", str(tmp_path / "r"), "--plot", str(tmp_path / "r")],
+            "is the file of --json",
+        ),
+        (["bench", "--from-json", str(saved), "--plot", str(saved)], "is the file of --from-json"),
+    ):
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert json.loads(saved.read_text())["cases"]  # untouched
+    assert not (tmp_path / "r").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.update(machine="a string"),
+        lambda d: d.update(summary="a string"),
+        lambda d: d.update(targets=[1]),
+        lambda d: d.update(cases=[1]),
+    ],
+    ids=["machine", "summary", "targets", "cases"],
+)
+def test_saved_results_with_fields_of_the_wrong_type_are_one_line(tmp_path, capsys, edit):
+    # an AttributeError from a field of the wrong type went past the one-line refusal
+    data = json.loads(Path("docs/bench.json").read_text())
+    edit(data)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    assert cli_main(["bench", "--from-json", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "no usable benchmark data" in err and "Traceback" not in err
+
+
+def test_a_network_batch_beyond_the_memory_is_one_line(capsys):
+    argv = ["bench-network", "--networks", "mlp", "--repeats", "1", "--warmup", "0"]
+    assert cli_main([*argv, "--min-seconds", "0", "--batch", "1000000000"]) == 2
+    err = capsys.readouterr().err
+    assert "need more memory than this machine has" in err and "--batch" in err
+    assert "Traceback" not in err

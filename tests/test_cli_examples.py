@@ -134,8 +134,8 @@ def command_problems(argv: list[str]) -> list[str]:
     parser = cli.build_parser(argv)
     try:
         args = parser.parse_args(argv)
-    except SystemExit:
-        return [f"argparse refuses {shlex.join(argv)!r}"]
+    except SystemExit as e:  # (0: --version and --help, which answer and exit)
+        return [] if e.code == 0 else [f"argparse refuses {shlex.join(argv)!r}"]
     # argparse also takes a prefix of a flag (--repeat for --repeats): the README spells them out
     command, options = _options(argv)
     problems = [
@@ -160,7 +160,7 @@ COMMANDS = readme_commands(README.read_text(encoding="utf-8")) + readme_commands
 
 
 def test_readme_shows_the_commands() -> None:
-    subcommands = {argv[0] for _, argv in COMMANDS}
+    subcommands = {argv[0] for _, argv in COMMANDS if not argv[0].startswith("-")}
     assert subcommands == set(cli.SUBCOMMANDS)
     assert len(COMMANDS) >= 30
 
@@ -432,3 +432,18 @@ def test_a_progress_switch_that_is_neither_on_nor_off_is_refused_by_the_commands
     assert len(err.strip().splitlines()) == 1 and "$BATCHNORM_PROGRESS is 'of'" in err
     # from Python, the bars follow the terminal rule, as when the variable is not set
     assert train.progress_enabled() is sys.stderr.isatty()
+
+
+def test_python_m_batchnorm_is_the_command_and_says_its_version() -> None:
+    import subprocess
+    from importlib import metadata
+
+    for argv in (["-m", "batchnorm", "--version"], ["-m", "batchnorm.cli", "--version"]):
+        out = subprocess.run(
+            [sys.executable, *argv], capture_output=True, text=True, timeout=300, check=True
+        )
+        assert out.stdout.strip() == f"batchnorm {metadata.version('batchnorm')}"
+    bad = subprocess.run(
+        [sys.executable, "-m", "batchnorm", "bench", "--json", ""], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--json is empty" in bad.stderr

@@ -839,3 +839,31 @@ def test_evaluation_of_a_half_model_sums_its_loss_in_float32() -> None:
     _, loss = train.evaluate(net, x, y)
     _, ref = train.evaluate(net.float(), x.float(), y)
     assert math.isfinite(loss) and loss == pytest.approx(ref, rel=1e-2)
+
+
+def test_a_list_setting_with_an_empty_item_is_refused() -> None:
+    # "32,,32" ran as (32, 32): an item left out, dropped without a word
+    from batchnorm.lab.config import ConfigError, parse_value
+
+    assert parse_value("32, 64", tuple[int, ...], "hidden") == (32, 64)
+    for text in ("32,,32", "32,", ",32"):
+        with pytest.raises(ConfigError, match=r"^hidden: .* has an empty item"):
+            parse_value(text, tuple[int, ...], "hidden")
+
+
+def test_lab_run_all_refuses_a_bad_setting_before_running_anything(capsys, tmp_path):
+    # each experiment refused it in turn, a combined report of no claims was written, exit 1
+    root = tmp_path / "all"
+    argv = ["lab", "run", "all", "--quick", "--set", "steps=-1", "--out", str(root)]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "nothing was run" and not root.exists()
+    assert any(line.startswith("error: ") and "steps must be >= 1, got -1" in line for line in err)
+    assert any("ics: steps, dln_steps and probe_every must be >= 1" in line for line in err)
+
+
+def test_a_lab_size_beyond_the_memory_is_one_line(capsys, tmp_path):
+    argv = ["lab", "run", "placement", "--quick", "--dataset", "synthetic"]
+    assert cli_main([*argv, "--set", "hidden=1000000000", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "need more memory than this machine has" in err and "Traceback" not in err

@@ -27,3 +27,18 @@ def say(msg: str, *, err: bool = False) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, stream.fileno())
         os.close(devnull)
+
+
+def allocation_failure(e: BaseException) -> str | None:
+    """The one-line report of ``e`` when it is torch's refusal to allocate a tensor (sizes
+    beyond the machine's memory: a user's choice, not a bug), None for any other error."""
+    text = str(e)
+    if isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in text
+    ):
+        size = text.split("you tried to allocate ")[-1].split(" bytes")[0]
+        need = f" ({int(size) / 2**30:.3g} GiB for one tensor)" if size.isdigit() else ""
+        return (
+            f"the sizes asked for need more memory than this machine has{need}; choose smaller ones"
+        )
+    return None

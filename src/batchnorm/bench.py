@@ -1070,6 +1070,9 @@ def main(args: argparse.Namespace) -> int:
         cases = [parse_case(s) for s in args.shapes] if args.shapes else None
     except ValueError as e:
         return fail(prog, str(e))
+    problem = _paths_problem(args)
+    if problem:
+        return fail(prog, problem)
     if args.from_json:
         problem = from_json_problem(
             args,
@@ -1167,9 +1170,42 @@ def run_in_processes(
     return combine(runs)
 
 
+def _paths_problem(args: argparse.Namespace) -> str | None:
+    """Why the ``--json``/``--plot``/``--from-json`` paths are unusable as given: empty (an
+    unset shell variable, which would read as "not given": measured, nothing saved), a folder's
+    name ending in a separator, or one file named twice (the figure would replace the
+    measurements)."""
+    given = {
+        opt: value
+        for opt, value in (
+            ("--json", args.json),
+            ("--plot", args.plot),
+            ("--from-json", getattr(args, "from_json", None)),
+        )
+        if value is not None
+    }
+    for opt, value in given.items():
+        if not value.strip():
+            return f"{opt} is empty; give a file, or leave {opt} out"
+        if value.endswith(("/", os.sep)):
+            return f"{opt} {value} ends in a folder separator; give a file name"
+    if "--plot" in given:
+        plot = os.path.realpath(given["--plot"])
+        for opt in ("--json", "--from-json"):
+            if opt in given and os.path.realpath(given[opt]) == plot:
+                return (
+                    f"--plot {given['--plot']} is the file of {opt} too: the figure would "
+                    "replace the measurements; give the figure another name"
+                )
+    return None
+
+
 def outputs_problem(args: argparse.Namespace) -> str | None:
     """Why the ``--json``/``--plot`` outputs cannot be written (None if they can), checked
     before anything is measured."""
+    problem = _paths_problem(args)
+    if problem:
+        return problem
     if args.plot and not _has_matplotlib():
         return f"--plot needs matplotlib ({_MPL_REMEDY})"
     for opt, out in (("--json", args.json), ("--plot", args.plot)):
@@ -1205,8 +1241,10 @@ def print_and_write(
             fail(prog, f"cannot write --json {args.json}: {e.strerror or e}")
     try:
         say(table(data))
-    except (KeyError, TypeError, ValueError) as e:  # saved results of another shape
-        return fail(prog, f"the results hold no usable benchmark data (missing or bad {e})")
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # saved results of another shape, or edited by hand
+        what = f"missing or bad {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        return fail(prog, f"the results hold no usable benchmark data ({what})")
     if wrote_json:
         say(wrote_json)
     elif args.json:

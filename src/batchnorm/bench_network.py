@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from batchnorm import bench
-from batchnorm._console import say
+from batchnorm._console import allocation_failure, say
 from batchnorm.diagnostics import is_batchnorm
 
 __all__ = [
@@ -680,4 +680,9 @@ def main(args: argparse.Namespace) -> int:
             )
         except ValueError as e:
             return bench.fail(prog, str(e))
+        except (RuntimeError, MemoryError) as e:  # --batch beyond the machine's memory
+            too_big = allocation_failure(e)
+            if too_big is None:
+                raise
+            return bench.fail(prog, f"{too_big} (--batch)")
     return bench.print_and_write(prog, data, args, format_table, plot)

@@ -28,11 +28,22 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _version() -> str:
+    """The installed package's version (from its metadata: no import of torch)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("batchnorm")
+    except metadata.PackageNotFoundError:  # run from a source tree without installing
+        return "(not installed)"
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchnorm",
         description="Batch normalization: library, kernels and lab.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = None if argv is None or not argv else argv[0]
     for name, (module_name, help_text) in SUBCOMMANDS.items():

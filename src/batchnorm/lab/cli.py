@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from batchnorm._console import allocation_failure
 from batchnorm._console import say as _say
 from batchnorm.lab.data import DATASET_NAMES
 from batchnorm.lab.report import COMBINED_TITLE
@@ -190,6 +191,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             msg = e.args[0] if isinstance(e, UnknownExperiment) and e.args else str(e)
             _say(f"error: {msg}", err=True)
             return 2
+        except (RuntimeError, MemoryError) as e:  # --set sizes beyond the machine's memory
+            too_big = allocation_failure(e)
+            if too_big is None:
+                raise
+            _say(f"error: {too_big} (--set)", err=True)
+            return 2
         except OSError as e:  # e.g. re-rendering a finished run in a read-only folder
             if not _file_error(e):
                 raise  # not about the run's files: its traceback says where
@@ -266,6 +273,12 @@ def _cmd_run_all(args: argparse.Namespace, command: str) -> int:
     from batchnorm.lab.results import RunData, load_run
 
     root = Path(args.out) if args.out else Path("runs") / ("all-quick" if args.quick else "all")
+    refused = _settings_refused(args)
+    if refused:  # a bad --set: one line per experiment it fails, before an hour of runs
+        for line in refused:
+            _say(f"error: {line}", err=True)
+        _say("nothing was run", err=True)
+        return 2
     why = _all_root(root)
     if why is not None:  # its files (a report.md of the user's) would be overwritten
         _say(f"error: {why}; nothing was run. Choose another --out.", err=True)
@@ -322,6 +335,29 @@ def _cmd_run_all(args: argparse.Namespace, command: str) -> int:
         return 2
     _say(f"combined report: {md}")
     return 1 if failures else 0
+
+
+def _settings_refused(args: argparse.Namespace) -> list[str]:
+    """The settings of ``lab run all`` that an experiment's config refuses, one line per
+    experiment (the same line once), built as each run will build its config."""
+    from batchnorm.lab import registry
+    from batchnorm.lab.config import ConfigError, make_config
+
+    refused: dict[str, list[str]] = {}
+    for name in registry.names():
+        try:
+            make_config(
+                registry.get(name).config_cls,
+                quick=args.quick,
+                sets=_flat(args.sets),
+                seeds=args.seeds,
+                dataset=args.dataset,
+                data_dir=args.data_dir,
+                download=args.download,
+            )
+        except ConfigError as e:
+            refused.setdefault(str(e), []).append(name)
+    return [f"{', '.join(names)}: {msg}" for msg, names in refused.items()]
 
 
 def _command(args: argparse.Namespace) -> str:

@@ -205,7 +205,14 @@ def parse_value(text: str, tp: Any, key: str = "value") -> Any:
                 return a
         raise ConfigError(f"{key}: {text!r} is not one of {', '.join(map(str, args))}")
     if origin in (tuple, list):
-        items = [t.strip() for t in text.split(",") if t.strip()]
+        parts = text.split(",")
+        if text.strip() and any(not t.strip() for t in parts):
+            # "32,,32" or a trailing comma: an item left out, not an item to drop unseen
+            raise ConfigError(
+                f"{key}: {text!r} has an empty item; separate the items by single commas, "
+                "e.g. 32,32"
+            )
+        items = [t.strip() for t in parts if t.strip()]
         inner = args[0] if args else str
         vals = [parse_value(t, inner, key) for t in items]
         return tuple(vals) if origin is tuple else vals

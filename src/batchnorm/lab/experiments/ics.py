@@ -97,6 +97,11 @@ class ICSConfig(BaseConfig):
     def validate(self) -> None:
         super().validate()
         check_widths(widths=self.widths)
+        if min(self.steps, self.dln_steps, self.probe_every) < 1:
+            raise ConfigError(
+                "steps, dln_steps and probe_every must be >= 1, got "
+                f"{self.steps}, {self.dln_steps} and {self.probe_every}"
+            )
         if self.probe_every > min(self.steps, self.dln_steps):
             # no probe would be taken: the claims would be judged on no measurement at all
             raise ConfigError(

@@ -115,7 +115,10 @@ class RecalibrationConfig(BaseConfig):
         check_non_negative(momentum=self.momentum)
         check_fraction(bn_momentum=self.bn_momentum)
         if min(self.steps, self.eval_every, self.batch_size) < 1 or self.batch_size < 2:
-            raise ConfigError("steps and eval_every must be >= 1 and batch_size >= 2")
+            raise ConfigError(
+                "steps and eval_every must be >= 1 and batch_size >= 2, got "
+                f"{self.steps}, {self.eval_every} and {self.batch_size}"
+            )
         if len(set(self.lrs)) < 2 or any(lr <= 0 for lr in self.lrs):
             # the claims compare the gain at the smallest and the largest rate
             raise ConfigError(f"lrs needs at least two distinct positive rates, got {self.lrs}")
