@@ -443,3 +443,32 @@ def test_ics_order_ignores_reads_of_a_parameter_s_metadata() -> None:
         DataOnly(), CE, (torch.randn(8, 6), torch.randint(0, 3, (8,))), 0.5
     )
     assert [s.layer for s in shifts] == ["fc"] and shifts[0].l2 == 0.0
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+def test_activation_statistics_of_a_masked_layer_are_over_its_valid_positions(
+    keyword: bool,
+) -> None:
+    # the padding positions of a masked layer's output (β there, or whatever the layer left)
+    # were pooled with the valid ones: mean and quantiles moved toward them
+    class Padded(nn.Module):
+        def __init__(self, mask: torch.Tensor) -> None:
+            super().__init__()
+            self.bn = batchnorm.BatchNorm1d(3)
+            self.mask = mask
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(x, mask=self.mask) if keyword else self.bn(x, self.mask)
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([10, 7, 4, 2, 9, 1])
+    mask = torch.arange(10)[None, :] < lengths[:, None]  # (N, L)
+    x = (torch.randn(6, 3, 10) * 2 + 1) * mask[:, None, :]
+    model = Padded(mask).eval()
+    with torch.no_grad():
+        model.bn.bias.fill_(5.0)  # the padding's output stands out
+        y = model.bn(x, mask=mask)
+    stats = batchnorm.activation_statistics(model, x, layers=["bn"], levels=[0.5])["bn"]
+    valid = y.transpose(1, 2)[mask].double()  # (valid values, C)
+    np.testing.assert_allclose(stats.mean, valid.mean(dim=0).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(stats.std, valid.std(dim=0, unbiased=False).numpy(), rtol=1e-12)

@@ -326,3 +326,32 @@ def test_the_readme_lists_every_severity_of_the_train_eval_gap():
     given = {f.severity for f in about_to_train + never_trained}
     assert given == {"info", "error"}
     assert given <= _readme_severities("train-eval-gap")
+
+
+class _MaskedConv(nn.Module):
+    """conv (with a bias) → our BN called with a padding mask; ``traceable=False`` adds a
+    branch on data, so the doctor follows the dataflow with hooks instead of torch.fx."""
+
+    def __init__(self, keyword: bool, traceable: bool) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(3, 4, 1), batchnorm.BatchNorm1d(4)
+        self.keyword, self.traceable = keyword, traceable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.traceable and bool(x.isnan().any()):
+            x = x.nan_to_num()
+        mask = x.abs().sum(1) != 0
+        h = self.conv(x)
+        return self.bn(h, mask=mask) if self.keyword else self.bn(h, mask)
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+@pytest.mark.parametrize("traceable", [True, False])
+def test_a_bias_before_a_layer_called_with_a_mask_is_reported(keyword, traceable):
+    # the mask counted as the BN's second input, so its producer was not found and the bias,
+    # cancelled all the same, went unreported
+    torch.manual_seed(0)
+    found_ = doctor(_MaskedConv(keyword, traceable), torch.randn(64, 3, 10), batch_size=32)
+    assert [(f.layer, f.evidence["producer"]) for f in found_.by_check("bias-before-bn")] == [
+        ("bn", "conv")
+    ]

@@ -762,8 +762,9 @@ class ActivationStats:
         }
 
 
-def _per_unit(t: Tensor, axis: int = 1) -> Tensor:
-    """Units on ``axis`` → ``(C, M)``: each row holds one unit's values over every other axis."""
+def _per_unit(t: Tensor, axis: int = 1, mask: Tensor | None = None) -> Tensor:
+    """Units on ``axis`` → ``(C, M)``: each row holds one unit's values over every other axis
+    (with a padding ``mask``, the valid positions only)."""
     if t.dim() < 2:
         raise ValueError(
             f"activation_statistics: a layer output of shape {tuple(t.shape)} has no unit axis; "
@@ -772,7 +773,7 @@ def _per_unit(t: Tensor, axis: int = 1) -> Tensor:
     # a copy also of a float64 output (.double() would return it as is): the values are reduced
     # after the forward, and an in-place operation after the layer (ReLU(inplace=True)) would
     # have rewritten them by then
-    return channel_values(t, axis)
+    return channel_values(t, axis, mask)
 
 
 def _too_few_values(where: str, layer: str, inputs: Any, count: int, need: int = 1) -> ValueError:
@@ -861,13 +862,17 @@ def activation_statistics(
     handles = []
     for n in chosen:
 
-        def hook(_m: nn.Module, _i: object, out: object, n: str = n) -> None:
-            # of a tuple output (an LSTM's) the first tensor; every call of the forward pooled
+        def hook(
+            _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: object, n: str = n
+        ) -> None:
+            # of a tuple output (an LSTM's) the first tensor; every call of the forward pooled;
+            # a batch-norm layer called with a padding mask over the valid positions only
             t = first_tensor(out)
             if t is not None:
-                captured.setdefault(n, []).append(_per_unit(t, _unit_axis(_m)))
+                _, mask = bn_input(args, kwargs) if hasattr(_m, "running_mean") else (None, None)
+                captured.setdefault(n, []).append(_per_unit(t, _unit_axis(_m), mask))
 
-        handles.append(modules[n].register_forward_hook(hook))
+        handles.append(modules[n].register_forward_hook(hook, with_kwargs=True))
     seed = _rng_seed()
     try:
         with _preserved(model), measuring(), torch.no_grad(), _replay_rng(seed):

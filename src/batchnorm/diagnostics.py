@@ -1113,7 +1113,13 @@ def _fx_graph(model: nn.Module) -> _Graph:
         if node.op == "placeholder":
             n = _Node(str(node.target), "input", None, ins)
         elif node.op == "call_module":
-            n = _Node(str(node.target), "module", model.get_submodule(str(node.target)), ins)
+            sub = model.get_submodule(str(node.target))
+            if is_batchnorm(sub):
+                # the data it normalizes, not its padding mask (a second input it only reads)
+                kw = node.kwargs
+                x = node.args[0] if node.args else kw.get("input", kw.get("x"))
+                ins = [index[x]] if x in index else ins
+            n = _Node(str(node.target), "module", sub, ins)
         elif node.op == "call_function":
             fname = getattr(node.target, "__name__", str(node.target))
             p = None
@@ -1210,6 +1216,8 @@ def _hook_graph(model: nn.Module, batch: Any, reason: str) -> _Graph:
                     _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name
                 ) -> None:
                     srcs = sources(args, kwargs)  # a module called by keyword too
+                    if is_batchnorm(_m) and (x := bn_input(args, kwargs)[0]) is not None:
+                        srcs = sources(x)  # the data it normalizes, not its padding mask
                     nodes.append(_Node(name, "module", model.get_submodule(name), srcs))
                     inside[0] += 1
 
