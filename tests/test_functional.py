@@ -2,6 +2,8 @@
 and hypothesis properties. Runs on whichever backend BATCHNORM_BACKEND selects (auto by default);
 the torch-vs-kernel comparison is made explicit with the ``backend`` parameter."""
 
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -1243,6 +1245,41 @@ def test_a_momentum_that_is_not_a_finite_number_is_refused_by_name(momentum: obj
         with pytest.raises(torch.jit.Error, match=r"BatchNorm1d\(3\): momentum must be"):
             torch.jit.script(bn)(x)
         assert torch.equal(bn.running_mean, torch.zeros(3))
+
+
+_EMPTY_EVAL_BACKWARD = """
+import torch, batchnorm
+from batchnorm import functional as F
+torch.set_num_threads(1)
+calls = {
+    "batch_norm": lambda x, w, b: F.batch_norm(x, torch.zeros(3), torch.ones(3), w, b),
+    "batch_norm_eval": lambda x, w, b: F.batch_norm_eval(x, torch.zeros(3), torch.ones(3), w, b),
+    "torch.nn": lambda x, w, b: torch.nn.functional.batch_norm(
+        x, torch.zeros(3), torch.ones(3), w, b
+    ),
+}
+frozen = batchnorm.FrozenBatchNorm2d(3)
+calls["FrozenBatchNorm2d"] = lambda x, w, b: frozen(x)
+for shape, dtype in (((0, 3, 4, 4), torch.bfloat16), ((0, 3, 4, 4), torch.float16),
+                     ((4, 3, 0, 4), torch.float32), ((4, 3, 0, 4), torch.float64)):
+    for name, call in calls.items():
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        w, b = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+        call(x, w, b).sum().backward()
+        assert x.grad is not None and x.grad.shape == shape and not x.grad.any(), name
+        if name != "FrozenBatchNorm2d":
+            assert torch.equal(w.grad, torch.zeros(3)) and torch.equal(b.grad, torch.zeros(3))
+print("ok")
+"""
+
+
+def test_an_empty_batch_in_eval_mode_has_empty_gradients() -> None:
+    """As torch.nn.functional.batch_norm gives: the half-precision operator's backward on an
+    empty batch killed the process (SIGFPE), the kernels' backward divided by zero."""
+    r = subprocess.run(
+        [sys.executable, "-c", _EMPTY_EVAL_BACKWARD], capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0 and r.stdout.split()[-1:] == ["ok"], (r.returncode, r.stderr[-2000:])
 
 
 def test_update_running_stats_names_itself() -> None:

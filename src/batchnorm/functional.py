@@ -1723,6 +1723,10 @@ def batch_norm_eval(
         "bias": bias,
     }
     check_vectors(input, axis % input.dim(), vectors, layer)
+    if _untraced(Tensor.numel, input) == 0:  # (a size: while tracing, a constant of the trace)
+        # an empty batch (the node declines it): an empty output with zero gradients, as
+        # torch's function gives; the half-precision operator's backward divides by zero on it
+        return empty_output(input, weight, bias, axis)
     # the node is ready only outside a trace and torch.compile, so the export check is
     # needed only without it (each check a Python call: microseconds with the caches cold)
     if (
