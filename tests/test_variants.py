@@ -103,6 +103,47 @@ def test_renorm_with_rmax_1_dmax_0_is_batch_norm_forward_and_backward() -> None:
     torch.testing.assert_close(ours(x1), theirs(x2), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("r_max,d_max", [(1.0, 0.0), (1.5, 0.5)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_renorm_of_half_inputs_is_as_accurate_as_batch_norm(
+    dtype: torch.dtype, r_max: float, d_max: float
+) -> None:
+    """As BN computes half inputs: float32 statistics, affine map and parameter gradients, the
+    output rounded once. The affine map ran in the half dtype, so dγ and dβ were sums rounded
+    to it (bfloat16: ~0.4 off where BN is float32-accurate), at r_max = 1, d_max = 0 too."""
+    torch.manual_seed(0)
+    bn = batchnorm.BatchRenorm2d(4, r_max=r_max, d_max=d_max, **NO_WARMUP)
+    _randomize(bn)
+    rm, rv = bn.running_mean.double(), bn.running_var.double()
+    x = (torch.randn(16, 4, 8, 8) * 2 + 1).to(dtype).requires_grad_()
+    dy = torch.randn(16, 4, 8, 8).to(dtype)
+    y = bn(x)
+    y.backward(dy)
+    # oracle: the paper's formula in float64 on the same (rounded) values, r and d constants
+    x64 = x.detach().double().requires_grad_()
+    w = bn.weight.detach().double().requires_grad_()
+    b = bn.bias.detach().double().requires_grad_()
+    mu, var = x64.mean((0, 2, 3)), x64.var((0, 2, 3), unbiased=False)
+    sb, s = torch.sqrt(var + bn.eps), torch.sqrt(rv + bn.eps)
+    r = (sb / s).clamp(1 / r_max, r_max).detach()
+    d = ((mu - rm) / s).clamp(-d_max, d_max).detach()
+
+    def c(v: torch.Tensor) -> torch.Tensor:
+        return v.view(1, -1, 1, 1)
+
+    want = c(w) * ((x64 - c(mu)) / c(sb) * c(r) + c(d)) + c(b)
+    want.backward(dy.double())
+    assert y.dtype == dtype and x.grad is not None and x.grad.dtype == dtype
+    # one rounding to the half dtype
+    tol = {"rtol": 1e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 2e-3, "atol": 2e-3}
+    torch.testing.assert_close(y.double(), want.detach(), **tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    # float32 sums, as BN's
+    for got, exp in ((bn.weight.grad, w.grad), (bn.bias.grad, b.grad)):
+        assert got is not None and exp is not None
+        torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-5 * float(exp.abs().max()))
+
+
 def test_renorm_gradient_treats_r_and_d_as_constants() -> None:
     torch.manual_seed(2)
     bn = batchnorm.BatchRenorm1d(

@@ -224,9 +224,11 @@ class _Renorm(_BatchNormBase):
                 "buffers, or use batchnorm.BatchNorm* (track_running_stats=False) here."
             )
         F.check_vectors(input, self.axis % input.dim(), self._per_channel(), self.layer_name())
-        # x̂ = (x − μ_B)/σ_B through the exact BN backward; γ, β applied below with r and d
+        # x̂ = (x − μ_B)/σ_B through the exact BN backward; γ, β applied below with r and d. Half
+        # inputs are normalized in float32 and the output rounded once, as BN computes them: in
+        # the half dtype dγ and dβ would be sums rounded to it
         xhat, mean, var, count = F.batch_norm_train(
-            input,
+            input.to(F._compute_dtype(input.dtype)),
             None,
             None,
             self.eps,
@@ -246,7 +248,7 @@ class _Renorm(_BatchNormBase):
             shift, xhat, self.axis
         ).to(xhat.dtype)
         self._update_running_stats(mean, var, count)
-        return y
+        return y.to(input.dtype)
 
     def _forward_single(self, input: Tensor, mask: Tensor | None) -> Tensor:
         """One value per channel with ``small_batch="skip"``: Algorithm 1 of batch renorm at
