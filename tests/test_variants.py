@@ -788,6 +788,19 @@ def test_renorm_takes_a_c_by_1_weight_and_runs_without_values() -> None:
         assert batchnorm.BatchRenorm2d(4)(torch.randn(8, 4, 3, 3)).shape == (8, 4, 3, 3)
 
 
+def test_a_real_renorm_layer_propagates_shapes_under_fake_tensor_mode() -> None:
+    """As torch.nn's layers do (torch.compile's shape propagation calls the real module): the
+    warm-up limits were read from the counter as a number, which a fake value cannot give."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer, ref = batchnorm.BatchRenorm2d(4), nn.BatchNorm2d(4)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert layer(torch.empty(8, 4, 3, 3)).shape == ref(torch.empty(8, 4, 3, 3)).shape
+    for k, v in layer.state_dict().items():  # nothing read, nothing written
+        assert torch.equal(v, before[k]), k
+
+
 def test_a_traced_ghost_layer_says_it_holds_the_batch_size() -> None:
     with pytest.warns(torch.jit.TracerWarning, match=r"GhostBatchNorm1d\(3\): .*batch size 4"):
         torch.jit.trace(

@@ -188,12 +188,9 @@ class _Renorm(_BatchNormBase):
         in the graph, so the traced or compiled module follows the warm-up schedule."""
         nbt = self.num_batches_tracked
         assert nbt is not None
-        if not (
-            F._tracing()
-            or torch.compiler.is_compiling()
-            or nbt.device.type == "meta"  # a counter without a value: the limits as tensors
-            or not F._has_memory(nbt)
-        ):
+        # as tensors also where the counter has no value to read (meta, fake), or Python
+        # cannot read it: a real layer's counter under FakeTensorMode, whose batch is fake
+        if not F._tracing() and F._concrete(nbt) and F._concrete(var):
             r_max, d_max = self.renorm_limits()
             return 1.0 / r_max, r_max, d_max
         r_max_t, d_max_t = self._schedule(nbt.to(_limits_dtype(nbt)))
