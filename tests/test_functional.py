@@ -1282,6 +1282,48 @@ def test_an_empty_batch_in_eval_mode_has_empty_gradients() -> None:
     assert r.returncode == 0 and r.stdout.split()[-1:] == ["ok"], (r.returncode, r.stderr[-2000:])
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_tensor_momentum_that_is_not_one_finite_number_is_refused_by_name(
+    value: object, backend: str
+) -> None:
+    """A 0-d tensor momentum is a number, as torch.nn takes it: a non-finite one was blended
+    into nothing and reported as a non-finite batch, from the functions and from a layer whose
+    attribute was set after construction."""
+    x = torch.randn(8, 3)
+    momentum = torch.tensor(value)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    bn = batchnorm.BatchNorm1d(3, backend=backend)
+    bn.momentum = momentum  # type: ignore[assignment]
+    calls = {
+        "batch_norm": lambda: F.batch_norm(
+            x,
+            rm,
+            rv,
+            training=True,
+            momentum=momentum,
+            backend=backend,  # type: ignore[arg-type]
+        ),
+        "batch_norm_step": lambda: F.batch_norm_step(x, rm, rv, momentum=momentum, backend=backend),  # type: ignore[arg-type]
+        "update_running_stats": lambda: F.update_running_stats(
+            rm,
+            rv,
+            torch.zeros(3),
+            torch.ones(3),
+            8,
+            momentum,  # type: ignore[arg-type]
+        ),
+        r"BatchNorm1d\(3\)": lambda: bn(x),
+    }
+    for name, call in calls.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(BatchNormInputError, match=rf"^{name}: momentum must be a finite"):
+                call()
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0  # type: ignore[arg-type]
+
+
 def test_update_running_stats_names_itself() -> None:
     with pytest.raises(BatchNormInputError, match=r"^update_running_stats: .*m ≥ 2"):
         F.update_running_stats(torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3), 1, 0.1)

@@ -1494,14 +1494,16 @@ def _check_momentum(momentum: Any, layer: str | None) -> Any:
     refused if it is not a finite number (``None``, a string, NaN, inf: a layer's attribute may
     be set after its constructor checked it), before it reaches the running statistics; a
     tensor (a traced or compiled cumulative factor) is taken as it is."""
+    given = momentum
     if isinstance(momentum, Tensor):
         if (
-            momentum.dim() == 0
-            and _has_memory(momentum)
-            and not (_tracing() or torch.compiler.is_compiling())
+            momentum.dim() != 0
+            or not _has_memory(momentum)
+            or _tracing()
+            or torch.compiler.is_compiling()
         ):
-            return float(momentum)  # a user's 0-d tensor (torch.nn takes one): a number
-        return momentum  # a factor inside a recorded graph
+            return momentum  # a factor inside a recorded graph
+        momentum = float(momentum)  # a user's 0-d tensor (torch.nn takes one): a number
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         ok = False  # (NumPy's scalars are Real: np.float32(0.1) is a momentum)
     else:
@@ -1511,7 +1513,7 @@ def _check_momentum(momentum: Any, layer: str | None) -> Any:
     if not ok:
         raise BatchNormInputError(
             f"{_name(layer)}: momentum must be a finite number, the weight of the new batch in "
-            f"the running averages (PyTorch's convention, usually 0.1), got {momentum!r}"
+            f"the running averages (PyTorch's convention, usually 0.1), got {given!r}"
             + (
                 "; for the cumulative average pass 1/n for the n-th batch (a layer's "
                 "momentum=None does that)"
