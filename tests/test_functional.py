@@ -1283,13 +1283,18 @@ def test_an_empty_batch_in_eval_mode_has_empty_gradients() -> None:
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
-@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), float("inf"), [0.1], [0.1, 0.5, 0.9]],
+    ids=["nan", "inf", "one-element", "per-channel"],
+)
 def test_a_tensor_momentum_that_is_not_one_finite_number_is_refused_by_name(
     value: object, backend: str
 ) -> None:
     """A 0-d tensor momentum is a number, as torch.nn takes it: a non-finite one was blended
     into nothing and reported as a non-finite batch, from the functions and from a layer whose
-    attribute was set after construction."""
+    attribute was set after construction. Any other tensor is refused (torch refuses it too):
+    one of one element was taken, a per-channel one gave a bare TypeError."""
     x = torch.randn(8, 3)
     momentum = torch.tensor(value)
     rm, rv = torch.zeros(3), torch.ones(3)
@@ -1320,6 +1325,9 @@ def test_a_tensor_momentum_that_is_not_one_finite_number_is_refused_by_name(
             warnings.simplefilter("error")
             with pytest.raises(BatchNormInputError, match=rf"^{name}: momentum must be a finite"):
                 call()
+    if momentum.dim():
+        with pytest.raises(BatchNormInputError, match=r"a tensor must be 0-d, one number for"):
+            F.batch_norm(x, rm, rv, training=True, momentum=momentum)  # type: ignore[arg-type]
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
     assert torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0  # type: ignore[arg-type]
 

@@ -1495,13 +1495,8 @@ def _check_momentum(momentum: Any, layer: str | None) -> Any:
     be set after its constructor checked it), before it reaches the running statistics; a
     tensor (a traced or compiled cumulative factor) is taken as it is."""
     given = momentum
-    if isinstance(momentum, Tensor):
-        if (
-            momentum.dim() != 0
-            or not _has_memory(momentum)
-            or _tracing()
-            or torch.compiler.is_compiling()
-        ):
+    if isinstance(momentum, Tensor) and momentum.dim() == 0:  # (other tensors: refused below)
+        if not _has_memory(momentum) or _tracing() or torch.compiler.is_compiling():
             return momentum  # a factor inside a recorded graph
         momentum = float(momentum)  # a user's 0-d tensor (torch.nn takes one): a number
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
@@ -1518,6 +1513,9 @@ def _check_momentum(momentum: Any, layer: str | None) -> Any:
                 "; for the cumulative average pass 1/n for the n-th batch (a layer's "
                 "momentum=None does that)"
                 if momentum is None
+                else f"; a tensor must be 0-d, one number for every channel (torch refuses "
+                f"others too), not of shape {tuple(momentum.shape)}"
+                if isinstance(momentum, Tensor)
                 else ""
             )
         )
