@@ -847,6 +847,30 @@ def test_error_messages() -> None:
         F.batch_norm(torch.randn(4, 3), None, None, training=True, backend="nope")
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_float8_input_is_refused_by_name(dtype: torch.dtype) -> None:
+    """Floating point but without arithmetic in torch: refused as an integer input is, where
+    torch's words named neither the layer nor a remedy ("std_cpu" not implemented)."""
+    x = torch.randn(8, 3).to(dtype)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    calls = {
+        "batch_norm": lambda: F.batch_norm(x, rm, rv, training=True),
+        "batch_norm_eval": lambda: F.batch_norm_eval(x, rm, rv),
+        "batch_norm_train": lambda: F.batch_norm_train(x),
+        "batch_norm_step": lambda: F.batch_norm_step(x, rm, rv),
+        r"BatchNorm1d\(3\)": lambda: batchnorm.BatchNorm1d(3)(x),
+        r"FrozenBatchNorm1d\(3\)": lambda: batchnorm.FrozenBatchNorm1d(3)(x),
+    }
+    for name, call in calls.items():
+        with pytest.raises(
+            BatchNormInputError, match=rf"^{name}: expected a floating-point input, got dtype "
+        ):
+            call()
+    bn = batchnorm.BatchNorm1d(3).eval()
+    with pytest.raises(BatchNormInputError, match=r"float16, bfloat16, float32 and float64.*float"):
+        bn(x)
+
+
 def test_a_backend_that_does_not_exist_or_fit_names_the_layer() -> None:
     # a mistyped backend= is refused where it is written, not at the first forward
     with pytest.raises(ValueError, match=r"^BatchNorm2d\(8\): unknown batch-norm backend 'nmuba'"):

@@ -664,6 +664,8 @@ _BACKENDS: dict[str, Callable[[], Backend]] = {
     "aten": lambda: _ATEN_BACKEND,
 }
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+#: the input dtypes batch norm computes: float8 types are floating point without arithmetic
+_INPUT_DTYPES = (*_HALF_DTYPES, torch.float32, torch.float64)
 _INSTANCES: dict[str, Backend] = {}
 
 
@@ -839,10 +841,11 @@ def check_channels(
     ``num_features`` channels along ``axis``. ``fixed``: the layer's class, whose channels are
     fixed at axis 1 (the remedy then names the class that takes any axis)."""
     name = _name(layer)
-    if not (x.is_floating_point()):
+    if x.dtype not in _INPUT_DTYPES:
         raise BatchNormInputError(
             f"{name}: expected a floating-point input, got dtype {x.dtype} with shape "
-            f"{tuple(x.shape)}. Convert it first, e.g. x.float()."
+            f"{tuple(x.shape)}; batch norm computes float16, bfloat16, float32 and float64. "
+            "Convert it first, e.g. x.float()."
         )
     if x.dim() < 2:
         raise BatchNormInputError(
@@ -1468,7 +1471,7 @@ def _check_input(input: Tensor, axis: int, layer: str | None) -> None:
     :func:`check_channels` says what is wrong otherwise). A 1-D input with ``axis`` 0 or -1 is
     one sample's channels (what Keras' layer takes at rank 1)."""
     nd = input.dim()
-    if not (nd >= 1 and -nd <= axis < nd and input.is_floating_point()):
+    if not (nd >= 1 and -nd <= axis < nd and input.dtype in _INPUT_DTYPES):
         check_channels(input, input.shape[axis] if 0 < nd and -nd <= axis < nd else 0, axis, layer)
 
 

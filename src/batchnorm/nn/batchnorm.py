@@ -320,7 +320,7 @@ class _BatchNormBase(nn.Module):
             and (not self._ranks or nd in self._ranks)
             and -nd <= ax < nd
             and input.shape[ax] == self.num_features
-            and input.is_floating_point()
+            and input.dtype in F._INPUT_DTYPES
         ):
             return
         self._check_input_dim(input)
