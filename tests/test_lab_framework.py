@@ -867,3 +867,59 @@ def test_a_lab_size_beyond_the_memory_is_one_line(capsys, tmp_path):
     assert cli_main([*argv, "--set", "hidden=1000000000", "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "need more memory than this machine has" in err and "Traceback" not in err
+
+
+def _covered_by_legend(fig, ax) -> int:  # type: ignore[no-untyped-def]
+    """How many data points of ``ax`` its legend box covers: points along every drawn line,
+    its markers, and points along every error bar (sampled in display coordinates)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.collections import LineCollection
+
+    canvas = FigureCanvasAgg(fig)  # (a saved figure is closed: its canvas no longer draws)
+    canvas.draw()
+    box = ax.get_legend().get_window_extent(canvas.get_renderer())
+    t = np.linspace(0, 1, 30)[:, None]
+    pts = []
+    for line in ax.get_lines():
+        xy = ax.transData.transform(np.column_stack(line.get_data()).astype(float))
+        if line.get_linestyle() not in ("None", ""):
+            pts += [a + t * (b - a) for a, b in zip(xy[:-1], xy[1:])]
+        if line.get_marker() not in (None, "None", ""):
+            pts.append(xy)
+    for c in ax.collections:
+        if isinstance(c, LineCollection):
+            for seg in c.get_segments():
+                s = ax.transData.transform(seg)
+                pts += [a + t * (b - a) for a, b in zip(s[:-1], s[1:])]
+    allp = np.concatenate(pts)
+    allp = allp[np.isfinite(allp).all(axis=1)]
+    return int(sum(box.contains(x, y) for x, y in allp))
+
+
+def test_plot_legends_cover_no_data_and_stay_in_the_image(tmp_path):
+    """matplotlib's "best" place hid a median line under its own legend (paper-mnist's panel
+    (c)), error bars (its "best" ignores them: dropout's gap panel) and the learning-rate
+    arms' curves under eight entries."""
+    rng = np.random.default_rng(0)
+    x = list(range(0, 301, 25))
+    fig, axes = plots.new_figure(3, size=(4.4, 3.5))
+    med = (0.1 * rng.standard_normal(len(x))).tolist()
+    plots.percentile_bands(axes[0], x, {"15": [-1.2] * len(x), "50": med, "85": [1.2] * len(x)})
+    plots.grouped_points(
+        axes[1],
+        ["p=0", "p=0.2", "p=0.5"],
+        {
+            "no BN": [[0.0983, 0.0367], [0.0933, 0.035], [0.08, 0.04]],
+            "BN": [[0.0633, 0.055], [0.0483, 0.06], [0.0517, 0.0867]],
+            "BN, dropout last": [[None], [0.0567, 0.055], [0.0467, 0.05]],
+        },
+    )
+    groups = {f"arm {k}": [list(rng.uniform(0, 1, len(x)))] for k in range(8)}
+    plots.curves(axes[2], x, groups)
+    plots.save_figure(fig, tmp_path / "f.png")
+    image = fig.bbox
+    for ax in axes:
+        assert _covered_by_legend(fig, ax) == 0, ax.get_legend().get_texts()[0].get_text()
+        box = ax.get_legend().get_window_extent()
+        assert image.x0 <= box.x0 and box.x1 <= image.x1 and image.y0 <= box.y0
+        assert box.y1 <= image.y1

@@ -4,6 +4,7 @@ nothing here trains.
 * :func:`curves` — one line per group: the mean over seeds with a shaded ±1 std band;
 * :func:`grouped_points` — means grouped by category with ±1 std error bars over seeds;
 * :func:`percentile_bands` — low/median/high percentile trajectories (Figure 1b/c style);
+* :func:`legend` — a legend beside the axis, where it covers no data;
 * :func:`new_figure` / :func:`save_figure` — Agg figures saved atomically as PNG.
 
 Example::
@@ -27,7 +28,15 @@ import numpy as np
 
 from batchnorm.lab.results import atomic_write_bytes
 
-__all__ = ["new_figure", "save_figure", "curves", "grouped_points", "percentile_bands", "COLORS"]
+__all__ = [
+    "new_figure",
+    "save_figure",
+    "curves",
+    "grouped_points",
+    "percentile_bands",
+    "legend",
+    "COLORS",
+]
 
 # one color per arm, stable across figures
 COLORS = {
@@ -55,6 +64,14 @@ def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (4.6,
         nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False
     )
     return fig, list(np.asarray(axes).ravel())
+
+
+def legend(ax: Any, **kwargs: Any) -> Any:
+    """The legend of ``ax`` right of its frame, top-aligned (``kwargs`` go to ``ax.legend``):
+    inside, matplotlib's "best" place covered a median line, curves, and error bars, which
+    it does not weigh at all. :func:`save_figure` lays the figure out around it."""
+    opts: dict[str, Any] = {"fontsize": 8, **kwargs}
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **opts)
 
 
 def log_axis(ax: Any, values: Sequence[float]) -> None:
@@ -90,7 +107,8 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
     fmt = figure_format(path)
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format=fmt, dpi=dpi)
+    # the image grown to whatever lies outside the frame (legends beside an axis, long labels)
+    fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.05)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
@@ -141,7 +159,7 @@ def curves(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     if drawn:
-        ax.legend(fontsize=8)
+        legend(ax)
     else:
         _no_data(ax)
 
@@ -198,7 +216,7 @@ def grouped_points(
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    legend(ax)
 
 
 def percentile_bands(
@@ -232,4 +250,4 @@ def percentile_bands(
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend(ax)

@@ -157,7 +157,7 @@ def figures(run: RunData, out: Path) -> list[Path]:
     ax.set_ylabel("final held-out accuracy")
     ax.set_title("sensitivity to initialization")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    plots.legend(ax)
     return [plots.save_figure(fig, out / f"{NAME}.png")]
 
 

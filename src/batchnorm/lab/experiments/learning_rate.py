@@ -256,7 +256,7 @@ def figures(run: RunData, out: Path) -> list[Path]:
         # in the legend, which a label next to the line could end up under
         label = "target: no-BN at its best validation step"
         axes[0].axhline(target, color="k", ls=":", lw=1, label=label)
-        axes[0].legend(fontsize=7)
+        plots.legend(axes[0], fontsize=7)
     reach = run.summary.get("steps_to_target", {})
     arms = run.summary.get("arms", {})
     names = list(reach)
@@ -297,7 +297,7 @@ def figures(run: RunData, out: Path) -> list[Path]:
     ax.set_ylabel(f"validation accuracy after {s['sweep_steps']} steps")
     ax.set_title("learning-rate sweep")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    plots.legend(ax)
     paths.append(plots.save_figure(fig, out / f"{NAME}-sweep.png"))
     return paths
 

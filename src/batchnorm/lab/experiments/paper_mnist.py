@@ -555,7 +555,7 @@ def figures(run: RunData, out: Path) -> list[Path]:
         ax.set_ylabel(f"validation accuracy\n(mean of the last evaluations to {s['sweep_steps']})")
         ax.set_title("learning-rate sweep (validation split)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        plots.legend(ax)
         paths.append(plots.save_figure(fig, out / "paper-mnist-sweep.png"))
     return paths
 

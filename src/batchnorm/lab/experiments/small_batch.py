@@ -376,7 +376,7 @@ def figures(run: RunData, out: Path) -> list[Path]:
         ax.set_ylabel("held-out error (%), mean ± std over seeds")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        plots.legend(ax)
     return [plots.save_figure(fig, out / "small_batch.png")]
 
 
