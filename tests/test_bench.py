@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -572,3 +573,71 @@ def test_a_network_batch_beyond_the_memory_is_one_line(capsys):
     err = capsys.readouterr().err
     assert "need more memory than this machine has" in err and "--batch" in err
     assert "Traceback" not in err
+
+
+def _drawn_plot(data, tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """The figure bench.plot saves, laid out as saved, and a renderer for it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from batchnorm.lab import plots
+
+    seen = []
+    orig = plots.save_figure
+
+    def save(fig, path, dpi=120):  # type: ignore[no-untyped-def]
+        seen.append(fig)
+        return orig(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "save_figure", save)
+    bench.plot(data, tmp_path / "b.png")
+    canvas = FigureCanvasAgg(seen[0])  # (a saved figure is closed: its canvas no longer draws)
+    canvas.draw()
+    return seen[0], canvas.get_renderer()
+
+
+def test_plot_roofline_bars_start_at_1_and_the_target_spans_its_shapes(tmp_path, monkeypatch):
+    """On the log panel bars started where the axis did (1.60 and 2.21 looked 1:5), and the
+    1.6x target, defined for >= 4M values, was drawn over the small shapes too."""
+    pytest.importorskip("matplotlib")
+    data = bench.load("docs/bench.json")
+    fig, _ = _drawn_plot(data, tmp_path, monkeypatch)
+    bottom = fig.axes[1]
+    bars = [p for p in bottom.patches if p.get_width() > 0]
+    assert len(bars) == len(data["cases"]) * len(bench.timed_passes(data))
+    assert all(b.get_y() == 1.0 for b in bars)
+    tops = sorted(round(b.get_y() + b.get_height(), 6) for b in bars)
+    want = sorted(
+        round(c["ours_over_roofline"][p], 6)
+        for c in data["cases"]
+        for p in ("fwd", "fwd+bwd", "eval")
+    )
+    assert tops == want
+    (target,) = [c for c in bottom.collections if c.get_label().startswith("1.6x")]
+    spans = [(seg[0][0], seg[-1][0]) for seg in target.get_segments()]
+    for x, case in enumerate(data["cases"]):
+        covered = any(a <= x <= b for a, b in spans)
+        assert covered == (case["numel"] >= bench.ROOFLINE_MIN_NUMEL), case["shape"]
+
+
+def test_plot_keeps_the_affine_dashes_off_the_labels_and_says_busy(tmp_path, monkeypatch):
+    """The reference's black dashes struck through the bars' value labels, and a run whose
+    CPU other processes shared looked like any other."""
+    pytest.importorskip("matplotlib")
+    data = bench.load("docs/bench.json")
+    data["machine"].update(busy=True, other_cpu_share=0.39)
+    fig, renderer = _drawn_plot(data, tmp_path, monkeypatch)
+    top = fig.axes[0]
+    (dashes,) = [c for c in top.collections if c.get_label() == "per-channel affine, fwd+bwd"]
+    if hasattr(dashes, "get_segments"):  # a dash per case, from end to end
+        ends = [top.transData.transform(seg) for seg in dashes.get_segments()]
+    else:  # markers: as wide as their size
+        half = np.sqrt(dashes.get_sizes()[0]) / 2 * fig.dpi / 72
+        ends = [
+            [(x - half, y), (x + half, y)] for x, y in top.transData.transform(dashes.get_offsets())
+        ]
+    labels = [t.get_window_extent(renderer) for t in top.texts]
+    assert len(labels) == len(data["cases"]) * 3
+    for (x0, y), (x1, _) in ends:
+        for box in labels:
+            assert not (x0 <= box.x1 and box.x0 <= x1 and box.y0 - 1 <= y <= box.y1 + 1)
+    assert "busy: other processes used 39% of the CPU" in fig._suptitle.get_text()

@@ -420,10 +420,14 @@ def _machine(
     }
 
 
+#: the roofline target holds for shapes of at least this many values (4M)
+ROOFLINE_MIN_NUMEL = 4 * 2**20
+
+
 def _targets(results: list[CaseResult], passes: Sequence[str] = PASSES) -> dict[str, Any]:
     """The project's speed targets, each with the measured value and a computed verdict
     (those whose passes were timed)."""
-    big = [r for r in results if r.numel >= 4 * 2**20]
+    big = [r for r in results if r.numel >= ROOFLINE_MIN_NUMEL]
     small_train = [r for r in results if r.shape == (60, 100)]
     out: dict[str, Any] = {}
     if "fwd+bwd" in passes:
@@ -755,15 +759,11 @@ def machine_lines(data: dict[str, Any], measured: str, unit: str) -> list[str]:
     m = data["machine"]
     out = []
     share = m.get("other_cpu_share")
-    if m.get("busy"):
-        used = (
-            f"other processes used {share:.0%} of the CPU time while measuring"
-            if share is not None
-            else "the load average exceeded the core count while measuring"
-        )
+    used = busy_note(m)
+    if used:
         out.append(
-            f"- WARNING: {used}: they shared the cores, so these {measured} also measure the "
-            "scheduler"
+            f"- WARNING: {used} while measuring: they shared the cores, so these {measured} "
+            "also measure the scheduler"
         )
     others = "" if share is None else f"; other processes {share:.0%} of the CPU"
     llc = m.get("llc_bytes")  # (absent from older results)
@@ -776,6 +776,17 @@ def machine_lines(data: dict[str, Any], measured: str, unit: str) -> list[str]:
         f"{data['date']}"
     )
     return out
+
+
+def busy_note(machine: dict[str, Any]) -> str | None:
+    """What made a run busy (``machine["busy"]``: other processes shared its cores), e.g.
+    "other processes used 39% of the CPU time"; None for a run that was not."""
+    if not machine.get("busy"):
+        return None
+    share = machine.get("other_cpu_share")
+    if share is None:
+        return "the load average exceeded the core count"
+    return f"other processes used {share:.0%} of the CPU time"
 
 
 def _over_processes(data: dict[str, Any]) -> str:
@@ -810,9 +821,11 @@ def _has_matplotlib() -> bool:
 
 def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
     """Draw saved results as a PNG at ``path`` (needs matplotlib): per case and pass, our time
-    over torch's (top; below 1: ours is faster; a black dash marks the forward + backward of
-    the per-channel affine reference) and over the roofline (bottom), with the targets as
-    lines. Reads ``data`` only — nothing is measured here.
+    over torch's (top; below 1: ours is faster; a black dash beside the fwd+bwd bar marks the
+    forward + backward of the per-channel affine reference) and over the roofline (bottom, log
+    scale, bars from 1), with the targets as lines (the roofline's over the shapes it is
+    defined for). A run flagged busy says so in the title. Reads ``data`` only — nothing is
+    measured here.
 
     Example::
 
@@ -829,28 +842,46 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
     cases = data["cases"]
     passes = timed_passes(data)
     xs = np.arange(len(cases))
-    width = 0.8 / len(passes)
+    with_affine = "fwd+bwd" in passes and all("affine_s" in c for c in cases)
+    # per case, a slot per pass, and in the top panel the affine reference its own right after
+    # fwd+bwd (over that bar, its dash struck through the bar's value label)
+    top_slots = list(passes)
+    if with_affine:
+        top_slots.insert(top_slots.index("fwd+bwd") + 1, "affine")
+
+    def at(slot: str, slots: Sequence[str]) -> Any:
+        return xs + (slots.index(slot) - (len(slots) - 1) / 2) * 0.8 / len(slots)
+
     fig, (top, bottom) = plots.new_figure(1, 2, size=(max(8.0, 1.05 * len(cases)), 3.6))
-    for ax, key, ylabel in (
-        (top, "ours_over_torch", "time ours / torch.nn"),
-        (bottom, "ours_over_roofline", "time ours / roofline (log)"),
+    for ax, key, ylabel, base, slots in (
+        (top, "ours_over_torch", "time ours / torch.nn", 0.0, top_slots),
+        # from 1 (the roofline), not from wherever the log axis starts
+        (bottom, "ours_over_roofline", "time ours / roofline (log)", 1.0, passes),
     ):
+        width = 0.8 / len(slots)
         for i, p in enumerate(passes):
             vals = [c[key][p] for c in cases]
-            at = xs + (i - (len(passes) - 1) / 2) * width
-            bars = ax.bar(at, vals, width, label=p, color=plots.color_for(p, i))
-            ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+            bars = ax.bar(
+                at(p, slots),
+                [v - base for v in vals],
+                width,
+                bottom=base,
+                label=p,
+                color=plots.color_for(p, i),
+            )
+            ax.bar_label(bars, labels=[f"{v:.2f}" for v in vals], fontsize=6, padding=1)
         ax.set_xticks(xs)
         ax.set_xticklabels([_label(c) for c in cases], fontsize=7)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, axis="y")
-    with_affine = "fwd+bwd" in passes and all("affine_s" in c for c in cases)
-    if with_affine:  # results saved before the reference have none
-        top.scatter(
-            xs,
-            [c["affine_s"]["fwd+bwd"] / c["torch_s"]["fwd+bwd"] for c in cases],
-            marker="_",
-            s=260,
+    affine: list[float] = []  # (results saved before the reference have none)
+    if with_affine:
+        affine = [c["affine_s"]["fwd+bwd"] / c["torch_s"]["fwd+bwd"] for c in cases]
+        x, half = at("affine", top_slots), 0.36 / len(top_slots)
+        top.hlines(
+            affine,
+            x - half,
+            x + half,
             linewidths=2.0,
             color="black",
             zorder=3,
@@ -863,20 +894,35 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
 
     for which in (bottom.yaxis.set_major_formatter, bottom.yaxis.set_minor_formatter):
         which(FormatStrFormatter("%g"))  # 2, 3, 4 rather than 2×10⁰
-    bottom.axhline(1.6, color="gray", lw=1.0, ls="--", label="1.6x (target, >= 4M values)")
-    shown = [c["ours_over_torch"][p] for c in cases for p in passes]
-    if with_affine:  # every dash inside the panel
-        shown += [c["affine_s"]["fwd+bwd"] / c["torch_s"]["fwd+bwd"] for c in cases]
-    top.set_ylim(0, 1.18 * max(1.0, *shown))
+    bottom.axhline(1.0, color="black", lw=1.0, label="the roofline")
+    lowest = min(c["ours_over_roofline"][p] for c in cases for p in passes)
+    bottom.set_ylim(bottom=min(1.0, lowest) / 1.15)  # the roofline in view
+    # the target holds for the large shapes only: drawn over their groups, not across
+    big = [x for x, c in zip(xs, cases) if c["numel"] >= ROOFLINE_MIN_NUMEL]
+    if big:
+        bottom.hlines(
+            [1.6] * len(big),
+            np.array(big) - 0.45,
+            np.array(big) + 0.45,
+            color="gray",
+            lw=1.0,
+            ls="--",
+            label="1.6x (target, >= 4M values)",
+        )
+    shown = [c["ours_over_torch"][p] for c in cases for p in passes] + affine
+    top.set_ylim(0, 1.18 * max(1.0, *shown))  # every dash inside the panel
     for ax in (top, bottom):
         # above the plot: inside, the legend hid the labels of the bars under it
         ax.legend(fontsize=7, ncol=6, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False)
     m = data["machine"]
+    busy = busy_note(m)
     fig.suptitle(
         f"batchnorm bench, {data['dtype']}, median of {data['repeats']}"
         f"{', caches swept before every call' if data.get('cold') else ''}: {m['cpu']}, "
-        f"{m['cores']} cores, {data['date'][:10]}",
+        f"{m['cores']} cores, {data['date'][:10]}"
+        + (f"\nmachine busy: {busy}, so these ratios also measure the scheduler" if busy else ""),
         fontsize=9,
+        color="#b00000" if busy else "black",
     )
     return os.fspath(plots.save_figure(fig, path))
 
