@@ -923,3 +923,28 @@ def test_plot_legends_cover_no_data_and_stay_in_the_image(tmp_path):
         box = ax.get_legend().get_window_extent()
         assert image.x0 <= box.x0 and box.x1 <= image.x1 and image.y0 <= box.y0
         assert box.y1 <= image.y1
+
+
+def test_noisy_bn_drift_panel_reads_both_compared_arms(monkeypatch, tmp_path):
+    """standard+noise drifts ten times more than the arms the stability claim compares
+    (standard 1.2, noisy BN 0.29, BN 0.009): on a linear axis it flattened them together."""
+    from batchnorm.lab.experiments import noisy_bn
+
+    seen = []
+    orig = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: seen.append(fig) or orig(fig, path))
+    arms = list(noisy_bn.ARMS)
+    level = {"standard": 1.2, "BN": 0.009, "noisy-BN": 0.29, "standard+noise": 3.5}
+    series = {
+        "steps": [0, 20, 40],
+        "probe_steps": [0, 20, 40],
+        "acc": {a: [[0.1, 0.5, 0.8]] for a in arms},
+        "drift": {a: [[level[a], level[a]]] for a in arms},
+        "quantiles": {a: [[0.0, 1.0]] * 3 for a in arms},
+        "levels": [0.15, 0.85],
+    }
+    noisy_bn.figures(type("Run", (), {"series": series})(), tmp_path)  # type: ignore[arg-type]
+    drift = seen[0].axes[1]
+    assert drift.get_yscale() == "log"
+    low, high = drift.get_ylim()
+    assert low <= level["BN"] and level["standard+noise"] <= high
