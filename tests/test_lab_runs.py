@@ -283,3 +283,66 @@ def test_results_hold_arrays_and_tensors_as_lists(tmp_path):
         2,
         3,
     ]
+
+
+def _saved_figures(monkeypatch: pytest.MonkeyPatch) -> list:  # type: ignore[type-arg]
+    """The figures an experiment's ``figures`` function saves, as they were saved."""
+    from batchnorm.lab import plots
+
+    seen: list = []  # type: ignore[type-arg]
+    orig = plots.save_figure
+
+    def save(fig, path, dpi=120):  # type: ignore[no-untyped-def]
+        seen.append(fig)
+        return orig(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "save_figure", save)
+    return seen
+
+
+def test_dropout_variance_panel_keeps_the_arms_colours_and_shows_the_seeds(
+    tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The variance panel drew the BN arm in the no-BN arm's colour and the dropout-last arm
+    in BN's, as seed means without error bars although the run had several seeds."""
+    from matplotlib.colors import to_hex
+
+    from batchnorm.lab.experiments import dropout
+
+    seen = _saved_figures(monkeypatch)
+    layers = ["hidden.0.bn", "hidden.1.bn"]
+    per_seed = {
+        "BN-p0.5": [
+            {k: {"var_ratio": v} for k, v in zip(layers, r)} for r in [(1.0, 0.7), (1.04, 0.8)]
+        ],
+        "BN-last-p0.5": [
+            {k: {"var_ratio": v} for k, v in zip(layers, r)} for r in [(1.0, 0.96), (0.98, 0.99)]
+        ],
+    }
+    mean = {
+        a: {k: sum(s[k]["var_ratio"] for s in v) / 2 for k in layers} for a, v in per_seed.items()
+    }
+    series = {
+        "rates": [0.0, 0.5],
+        "test": {"no BN": [[0.8, 0.82], [0.8, 0.81]], "BN": [[0.9, 0.91], [0.88, 0.9]],
+                 "BN, dropout last": [[None], [0.9, 0.92]]},
+        "gap": {"no BN": [[0.1, 0.05], [0.08, 0.04]], "BN": [[0.06, 0.05], [0.05, 0.06]],
+                "BN, dropout last": [[None], [0.05, 0.04]]},
+        "var_ratio": {"dropout before BN": mean["BN-p0.5"], "dropout after last BN": mean["BN-last-p0.5"]},
+    }  # fmt: skip
+    run = results.RunData(tmp_path, {}, {"variance_shift": per_seed}, [], series)
+    dropout.figures(run, tmp_path)
+    acc, _, shift = seen[0].axes
+
+    def colours(ax):  # type: ignore[no-untyped-def]
+        return {c.get_label(): to_hex(c.lines[0].get_color()) for c in ax.containers}
+
+    arm = colours(acc)
+    assert colours(shift) == {
+        "dropout before BN": arm["BN"],
+        "dropout after last BN": arm["BN, dropout last"],
+    }
+    for c in shift.containers:  # ±1 std over the two seeds, per layer
+        (bars,) = c.lines[2]
+        heights = [abs(seg[1][1] - seg[0][1]) for seg in bars.get_segments()]
+        assert len(heights) == len(layers) and all(h > 0 for h in heights)

@@ -183,13 +183,15 @@ def grouped_points(
     categories: Sequence[str],
     series: Mapping[str, Sequence[Sequence[float | None]]],
     *,
+    colors: Mapping[str, str] | None = None,
     ylabel: str = "",
     title: str = "",
 ) -> None:
     """Means with error bars: one group per category, one marker per series at the mean over
     seeds, error bar = ±1 std. Markers, not bars: the axis may then be zoomed to the values
     (a bar's length must start at 0 to mean anything). ``series[name][k]`` holds the per-seed
-    values for ``categories[k]``."""
+    values for ``categories[k]``; ``colors[name]`` keeps a series in its arm's colour of
+    another panel (default: :func:`color_for`)."""
     n = max(1, len(series))
     width = 0.8 / n
     xs = np.arange(len(categories))
@@ -207,7 +209,7 @@ def grouped_points(
             fmt="o",
             capsize=3,
             label=name,
-            color=color_for(name, i),
+            color=(colors or {}).get(name) or color_for(name, i),
         )
     ax.set_xticks(xs)
     ax.set_xticklabels(categories)

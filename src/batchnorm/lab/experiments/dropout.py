@@ -252,27 +252,55 @@ def _recalibration_gain(runs: list[dict[str, Any]]) -> float | None:
 
 
 def figures(run: RunData, out: Path) -> list[Path]:
-    """Accuracy and generalization gap per dropout rate, and the BN layers' variance ratios."""
+    """Accuracy and generalization gap per dropout rate, and the BN layers' variance ratios
+    (±1 std over seeds), each arm in one colour in every panel."""
     from batchnorm.lab import plots
 
     s = run.series
     rates = [f"p={p:g}" for p in s["rates"]]
+    colors = {arm: plots.color_for(arm, i) for i, arm in enumerate(s["test"])}
     fig, axes = plots.new_figure(3, size=(4.4, 3.5))
     plots.grouped_points(
-        axes[0], rates, s["test"], ylabel="final held-out accuracy", title="held-out accuracy"
+        axes[0],
+        rates,
+        s["test"],
+        colors=colors,
+        ylabel="final held-out accuracy",
+        title="held-out accuracy",
     )
     vals = [v for g in s["test"].values() for c in g for v in c if v is not None]
     if vals:
         axes[0].set_ylim(max(0.0, min(vals) - 0.05), min(1.0, max(vals) + 0.02))
     plots.grouped_points(
-        axes[1], rates, s["gap"], ylabel="train acc - held-out acc", title="generalization gap"
+        axes[1],
+        rates,
+        s["gap"],
+        colors=colors,
+        ylabel="train acc - held-out acc",
+        title="generalization gap",
     )
     vr = s["var_ratio"]
     layers = sorted({layer for arm in vr.values() for layer in arm})
+    top = s["rates"][-1]
+    # each series: the arm of the other panels (its colour) and its name in the saved runs
+    shown = {
+        "dropout before BN": ("BN", _arm_name(True, top, "every")),
+        "dropout after last BN": ("BN, dropout last", _arm_name(True, top, "last")),
+    }
+    per_seed = run.summary.get("variance_shift", {})
+
+    def ratios(label: str, layer: str) -> list[float | None]:
+        """Each seed's ratio (the seeds that trained); the seed mean without them."""
+        seeds = per_seed.get(shown[label][1])
+        if not seeds:  # (results saved with the means only)
+            return [vr[label].get(layer)]
+        return [m[layer]["var_ratio"] for m in seeds if layer in m]
+
     plots.grouped_points(
         axes[2],
         [layer.replace("hidden.", "h").replace(".bn", "") for layer in layers],
-        {arm: [[v] for v in (d.get(layer) for layer in layers)] for arm, d in vr.items()},
+        {label: [ratios(label, layer) for layer in layers] for label in vr},
+        colors={label: colors[shown[label][0]] for label in vr},
         ylabel="eval variance / running variance",
         title=f"BN variance shift (p={s['rates'][-1]:g})",
     )
