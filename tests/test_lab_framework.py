@@ -948,3 +948,15 @@ def test_noisy_bn_drift_panel_reads_both_compared_arms(monkeypatch, tmp_path):
     assert drift.get_yscale() == "log"
     low, high = drift.get_ylim()
     assert low <= level["BN"] and level["standard+noise"] <= high
+
+
+def test_format_value_keeps_list_items_with_commas_apart():
+    """recalibration's four AdaBN shifts read as eight items beside four accuracies."""
+    shifts = ["contrast 1, brightness 0", "contrast 0.5, brightness 0.4"]
+    text = report.format_value({"shifts": shifts, "source_acc": [0.52, 0.23]})
+    assert text == (
+        'shifts=["contrast 1, brightness 0", "contrast 0.5, brightness 0.4"], '
+        "source_acc=[0.52, 0.23]"
+    )
+    assert report.format_value(["a", "b"]) == "[a, b]"  # nothing to tell apart: as they were
+    assert report.format_value([[1, 2], [3]]) == "[[1, 2], [3]]"

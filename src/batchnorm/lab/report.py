@@ -52,7 +52,11 @@ def format_value(v: Any) -> str:
             return f"{format_value(v['mean'])} ± {format_value(v['std'])}"
         return ", ".join(f"{k}={format_value(x)}" for k, x in v.items())
     if isinstance(v, list | tuple):
-        return "[" + ", ".join(format_value(x) for x in v) + "]"
+        # an item with a comma in it ("contrast 1, brightness 0") would read as two: the
+        # list's text items are then quoted
+        quote = any(isinstance(x, str) and "," in x for x in v)
+        items = [f'"{x}"' if quote and isinstance(x, str) else format_value(x) for x in v]
+        return "[" + ", ".join(items) + "]"
     return str(v)
 
 
