@@ -454,3 +454,29 @@ def test_rates_equal_at_6_digits_are_trained_separately(tmp_path):
     with open(out / "metrics.csv", newline="") as f:
         lrs = {float(r["lr"]) for r in csv.DictReader(f) if r["phase"] == "sweep"}
     assert lrs == {1.0, 1.0000001}
+
+
+def test_sweep_figure_says_how_many_evaluations_it_averages(tmp_path, monkeypatch):
+    """The y label read "mean of the last evaluations to 100": no count, and "to" a step."""
+    from batchnorm.lab import plots
+    from batchnorm.lab.experiments import paper_mnist
+    from batchnorm.lab.results import RunData
+
+    seen = []
+    orig = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: seen.append(fig) or orig(fig, path))
+    series = {
+        "sweep": {"baseline": {"0.1": 0.5, "1": 0.6}, "bn": {"0.1": 0.7, "1": 0.8}},
+        "sweep_steps": 100,
+    }
+    config = {"final_window": 3, "eval_every": 25, "sweep_steps": 100}
+    paper_mnist.figures(RunData(tmp_path, config, {}, [], series), tmp_path)
+    label = seen[0].axes[0].get_ylabel()
+    assert "mean of the last 3 evaluations up to step 100" in label.replace("\n", " ")
+    # fewer evaluations than the window: the count the mean really took
+    config = {"final_window": 3, "eval_every": 60, "sweep_steps": 100}
+    saved = {"experiment": "paper-mnist", "config": config}  # as config.json holds it
+    paper_mnist.figures(RunData(tmp_path, saved, {}, [], series), tmp_path)
+    assert "mean of the last 2 evaluations up to step 100" in seen[1].axes[0].get_ylabel().replace(
+        "\n", " "
+    )

@@ -282,6 +282,12 @@ def _final(rows: list[dict[str, Any]], key: str, window: int) -> float | None:
     return float(np.mean(vals[-window:]))
 
 
+def _sweep_window(final_window: int, sweep_steps: int, eval_every: int) -> int:
+    """How many evaluations a sweep run's accuracy averages: the last ``final_window`` after
+    step 0, of the ``⌈sweep_steps / eval_every⌉`` it has."""
+    return min(final_window, -(-sweep_steps // eval_every))
+
+
 def _trailing(curve: list[float | None], window: int) -> list[float | None]:
     """The mean of each point and the ``window − 1`` before it (None until ``window`` points,
     or where one is missing): a curve smoothed as a final accuracy is, so that reaching a
@@ -552,7 +558,9 @@ def figures(run: RunData, out: Path) -> list[Path]:
             )
         plots.log_axis(ax, [float(lr) for a in ARMS for lr in s["sweep"][a]])
         ax.set_xlabel("learning rate")
-        ax.set_ylabel(f"validation accuracy\n(mean of the last evaluations to {s['sweep_steps']})")
+        cfg, last = run.config.get("config", run.config), int(s["sweep_steps"])  # (config.json)
+        n = _sweep_window(cfg["final_window"], last, cfg["eval_every"])
+        ax.set_ylabel(f"validation accuracy (mean of the\nlast {n} evaluations up to step {last})")
         ax.set_title("learning-rate sweep (validation split)")
         ax.grid(alpha=0.3)
         plots.legend(ax)
@@ -681,7 +689,8 @@ def run(cfg: PaperMnistConfig, ctx: RunContext) -> Results:
             "text": (
                 f"Each arm trained {cfg.sweep_steps} steps per rate on {val.x_train.shape[0]} "
                 f"training examples, scored on {val.x_test.shape[0]} held-out training examples "
-                f"(mean of the last {min(cfg.final_window, -(-cfg.sweep_steps // cfg.eval_every))} "
+                f"(mean of the last "
+                f"{_sweep_window(cfg.final_window, cfg.sweep_steps, cfg.eval_every)} "
                 f"evaluations). Chosen: baseline "
                 f"{chosen['baseline']:g}, BN {chosen['bn']:g}; shared rate {shared:g}"
                 + (" (the baseline's)" if cfg.shared_lr is None else " (set)")
