@@ -346,3 +346,15 @@ def test_dropout_variance_panel_keeps_the_arms_colours_and_shows_the_seeds(
         (bars,) = c.lines[2]
         heights = [abs(seg[1][1] - seg[0][1]) for seg in bars.get_segments()]
         assert len(heights) == len(layers) and all(h > 0 for h in heights)
+
+
+def test_combined_report_keeps_the_run_report_s_figure_order(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """paper-mnist's report shows tuned, shared, sweep: the combined one sorted them by name."""
+    from batchnorm.lab.cli import report_figures
+
+    names = ["paper-mnist-tuned.png", "paper-mnist-shared.png", "paper-mnist-sweep.png"]
+    text = "".join(f"![{n}]({n})\n\n" for n in names) + f"again: ![x]({names[0]})\n"
+    (tmp_path / "report.md").write_text(text, encoding="utf-8")
+    for name in names:
+        (tmp_path / name).write_bytes(b"\x89PNG")
+    assert [p.name for p in report_figures(tmp_path)] == names

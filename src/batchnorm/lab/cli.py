@@ -14,6 +14,7 @@ only re-renders a finished run); another config there is refused.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -260,11 +261,13 @@ def _only_run_folders(root: Path) -> bool:
 
 
 def report_figures(path: Path) -> list[Path]:
-    """The figures a run folder's own report shows: a PNG left there by an earlier version of
-    the experiment (another file name) is not one of them."""
+    """The figures a run folder's own report shows, in its order (the experiment's): a PNG
+    left there by an earlier version of the experiment (another file name) is not one of
+    them."""
     md = path / "report.md"
     text = md.read_text(encoding="utf-8") if md.is_file() else ""
-    return [p for p in sorted(path.glob("*.png")) if f"]({p.name})" in text]
+    shown = dict.fromkeys(re.findall(r"\]\(([^()/]+\.png)\)", text))  # first mention, once
+    return [path / name for name in shown if (path / name).is_file()]
 
 
 def _cmd_run_all(args: argparse.Namespace, command: str) -> int:
