@@ -309,3 +309,34 @@ def test_results_saved_before_the_profiled_steps_still_print():
     assert all("bn_own_s" not in r for r in data["networks"])
     rows = [line for line in bn_net.format_table(data).splitlines() if line.startswith("| mlp")]
     assert rows and rows[0].endswith("| — | — |")
+
+
+def test_plot_explains_both_bn_colours_and_gives_the_steps_timed(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """The legend's "BN layers" showed torch's blue only (ours are red), and the title said
+    "medians of 41 steps or more" of a run that timed 892 steps of the MLP."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_hex
+
+    from batchnorm.lab import plots
+
+    seen = []
+    orig = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: seen.append(fig) or orig(fig, path))
+    data = bn_net.load("docs/bench_network.json")
+    bn_net.plot(data, tmp_path / "n.png")
+    fig = seen[0]
+    (legend,) = fig.legends
+    shown = {
+        to_hex(h.get_facecolor()): t.get_text()
+        for h, t in zip(legend.legend_handles, legend.get_texts())
+    }
+    for i, who in enumerate(("torch", "ours")):
+        # the BN segment of each bar, and a legend entry of its colour saying whose it is
+        colour = plots.color_for(who, i)
+        assert colour in shown and "BN" in shown[colour], shown
+    assert "torch" in shown[plots.color_for("torch", 0)]
+    assert "batchnorm" in shown[plots.color_for("ours", 1)]
+    titles = [a.get_title() for a in fig.axes]
+    for a, r in zip(titles, data["networks"]):
+        assert f"median of {r['repeats']} steps" in a
+    assert "or more" not in fig._suptitle.get_text()

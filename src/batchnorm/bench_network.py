@@ -537,6 +537,7 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
             t = r["step_s"][COMPILED] * 1e3
             bar = ax.bar(2, t, 0.7, color="white", edgecolor="0.3", hatch="//")
             ax.bar_label(bar, labels=[f"{t:.2f} ms"], fontsize=7, padding=1)
+        names = ["torch.nn BN", "batchnorm"] + (["torch.nn BN,\ncompiled"] if compiled else [])
         for i, k in enumerate(("torch", "ours")):
             t = r["step_s"][k] * 1e3
             # a step timed below the no-BN step (noise, or BN's cost under it) has no BN part
@@ -549,30 +550,48 @@ def plot(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
                 0.7,
                 bottom=rest,
                 color=plots.color_for(k, i),
-                label="BN layers" if i == 0 else None,
+                label=f"BN layers, {names[i]}",  # each variant's colour: both explained
             )
             ax.bar_label(bar, labels=[f"{t:.2f} ms"], fontsize=7, padding=1)
-        names = ["torch.nn BN", "batchnorm"] + (["torch.nn BN,\ncompiled"] if compiled else [])
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, fontsize=8)
-        ax.set_title(f"{r['name']}, batch {r['batch']}: {r['ours_over_torch']:.2f}x", fontsize=8)
+        # each network's own count: short steps are repeated more (--min-seconds)
+        steps = r.get("repeats") or f"{data['repeats']} or more"  # (older results: none)
+        ax.set_title(
+            f"{r['name']}, batch {r['batch']}: {r['ours_over_torch']:.2f}x\n"
+            f"median of {steps} steps",
+            fontsize=8,
+        )
         ax.grid(alpha=0.3, axis="y")
         ax.margins(y=0.12)
         if j == 0:
             ax.set_ylabel(f"{_TIMED[data.get('mode', 'train')]}, ms (median)")
-            ax.legend(fontsize=7, loc="best")  # (where it hides no bar and no label)
+    # under the panels: inside one, it hid bars and their labels; beside one, it pushed the
+    # panels apart
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        fontsize=7,
+        ncol=min(3, len(nets)),
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        frameon=False,
+    )
     m = data["machine"]
     title = (
         f"{_TIMED[data.get('mode', 'train')]} with torch.nn's BN and with batchnorm's "
         + ("(and torch.nn's under torch.compile) " if compiled else "")
-        + "(ours/torch in the titles), "
-        f"medians of {data['repeats']} steps or more: {m['cpu']}, {m['cores']} cores, "
-        f"{data['date'][:10]}"
+        + "(ours/torch and the steps timed in the titles): "
+        f"{m['cpu']}, {m['cores']} cores, {data['date'][:10]}"
     )
+    busy = bench.busy_note(m)
+    if busy:
+        title += f"; machine busy: {busy}, so these times also measure the scheduler"
     # wrapped to the figure's width (about 18 characters per inch at this size): one panel
     # is narrower than the line
     width = int(18 * fig.get_figwidth())
-    fig.suptitle(textwrap.fill(title, width), fontsize=8)
+    fig.suptitle(textwrap.fill(title, width), fontsize=8, color="#b00000" if busy else "black")
     return os.fspath(plots.save_figure(fig, path))
 
 
