@@ -8,6 +8,7 @@ import csv
 import json
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,3 +196,49 @@ def test_parts_without_validation_accuracy_are_refused(monkeypatch: pytest.Monke
     cfg = learning_rate.LearningRateConfig(seeds=1, sweep_lrs=(0.01, 0.1))
     with pytest.raises(RuntimeError, match="no validation accuracy"):
         _stub_run(monkeypatch, learning_rate, cfg, make)
+
+
+def test_learning_rate_steps_panel_keeps_dots_and_notes_inside(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The panel ended at the last step, cutting a seed's dot there in half, and the note of
+    a seed that missed, written after the last dot, ran past the frame."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from batchnorm.lab import plots
+
+    seen: list[Any] = []
+    orig = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: seen.append(fig) or orig(fig, path))
+
+    class Run:
+        series = {
+            "curves": {
+                a: {"steps": [0, 20, 40, 60], "acc": [[0.1, 0.4, 0.6, 0.8]] * 3}
+                for a in ("noBN", "BN")
+            },
+            "sweep": {"noBN": {"0.1": 0.8}, "BN": {"0.1": 0.85}},
+            "sweep_steps": 30,
+        }
+        summary = {
+            "target_accuracy": 0.8,
+            "steps_to_target": {"noBN": 60.0, "BN": None},
+            "arms": {"noBN": {"steps_to_target_per_seed": [60, 60, None]},
+                     "BN": {"steps_to_target_per_seed": [None, None, None]}},
+        }  # fmt: skip
+
+    learning_rate.figures(Run(), tmp_path)  # type: ignore[arg-type]
+    fig = seen[0]
+    ax = fig.axes[1]
+    canvas = FigureCanvasAgg(fig)  # (a saved figure is closed: its canvas no longer draws)
+    canvas.draw()
+    frame = ax.get_window_extent(canvas.get_renderer())
+    for line in ax.get_lines():  # the seeds' dots, whole
+        radius = line.get_markersize() / 2 * fig.dpi / 72
+        for x, _y in ax.transData.transform(np.column_stack(line.get_data()).astype(float)):
+            assert frame.x0 <= x - radius and x + radius <= frame.x1
+    # each note under its arm's name, beside the frame, where it covers no bar and no dot
+    assert not ax.texts
+    notes = {t.get_text().split("\n")[0]: t.get_text() for t in ax.get_yticklabels()}
+    assert notes["noBN"].endswith("\nnot reached in 1 of 3 seeds")
+    assert notes["BN"].endswith("\nnot reached in 3 of 3 seeds")

@@ -265,19 +265,23 @@ def figures(run: RunData, out: Path) -> list[Path]:
     # each seed's steps are dots, so a seed that missed does not hide the others
     vals = [0 if reach[a] is None else reach[a] for a in names]
     axes[1].barh(ys, vals, color=[plots.color_for(a, i) for i, a in enumerate(names)], alpha=0.6)
-    axes[1].set_yticks(ys)
-    axes[1].set_yticklabels(names)
     last = steps[-1] if steps else 1
+    # an arm some seeds did not bring to the target says so under its name: written after its
+    # last dot, the note ran past the frame
+    ticks = []
     for i, a in enumerate(names):
         per = arms.get(a, {}).get("steps_to_target_per_seed") or []
         hit = [v for v in per if v is not None]
         axes[1].plot(hit, [i] * len(hit), "o", ms=4, color="k")
+        note = ""
         if len(hit) < len(per) or reach[a] is None:
             missed = f"{len(per) - len(hit)} of {len(per)} seeds" if per else "all seeds"
-            at = max(hit, default=0)
-            axes[1].text(at, i, f"  not reached in {missed}", va="center", fontsize=7)
-    axes[1].set_xlim(0, last)
-    axes[1].set_xlabel("steps to the target (bar: mean over seeds, dots: each seed)")
+            note = f"\nnot reached in {missed}"
+        ticks.append(a + note)
+    axes[1].set_yticks(ys)
+    axes[1].set_yticklabels(ticks, fontsize=8)
+    axes[1].set_xlim(0, 1.04 * last)  # a dot at the last step whole
+    axes[1].set_xlabel("steps to the target\n(bar: mean over seeds, dots: each seed)")
     axes[1].invert_yaxis()
     axes[1].grid(alpha=0.3, axis="x")
     paths.append(plots.save_figure(fig, out / f"{NAME}-arms.png"))
