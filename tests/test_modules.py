@@ -1530,3 +1530,28 @@ def test_a_backend_variable_naming_no_backend_is_refused_under_compile(
     compiled = torch.compile(batchnorm.BatchNorm2d(3), backend="eager")
     with pytest.raises(ValueError, match=r"BatchNorm2d\(3\): \$BATCHNORM_BACKEND='bogus'"):
         compiled(torch.randn(4, 3, 2, 2))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: batchnorm.BatchNorm1d(3), lambda: batchnorm.BatchRenorm1d(3)],
+    ids=["bn", "renorm"],
+)
+def test_an_exported_training_program_given_a_batch_of_one_leaves_its_statistics(make) -> None:  # type: ignore[no-untyped-def]
+    # the graph assumes a dynamic batch of 2 or more; at 1 its unbiased factor m/(m − 1) was
+    # Python arithmetic: a bare ZeroDivisionError. Now an infinite factor, refused as a
+    # non-finite update: the output is β, the running statistics and the counter stay
+    from torch.export import Dim
+
+    layer = make()
+    program = torch.export.export(layer, (torch.randn(4, 3),), dynamic_shapes=({0: Dim("batch")},))
+    run = program.module()
+    before = {k: v.clone() for k, v in run.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no warning from building the factor
+        y = run(torch.randn(1, 3))
+    torch.testing.assert_close(y, torch.zeros(1, 3))  # β
+    for k, v in run.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    run(torch.randn(5, 3))  # a real batch still updates
+    assert int(run.state_dict()["num_batches_tracked"]) == 1

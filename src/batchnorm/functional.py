@@ -1008,6 +1008,19 @@ def _axis_hint(x: Tensor, num_features: int, axis: int, any_axis: str | None = N
     return f" Axis {j_str} has size {num_features}: did you mean axis={j_str}?"
 
 
+def _factor_count(count: Any) -> Any:
+    """The count as the operand of the unbiased factor m/(m − 1): a traced count (an int64
+    tensor, and int64·float gives float32) in float64; a symbolic one (torch.export's dynamic
+    batch, whose graph assumes sizes of 2 or more) as a float64 tensor, so that a batch of one
+    gives an infinite factor, which the running update refuses as non-finite, not a bare
+    ZeroDivisionError from the graph's Python arithmetic; a Python int as it is."""
+    if isinstance(count, Tensor):
+        return count.to(torch.float64)
+    if isinstance(count, torch.SymInt):
+        return torch.ones((), dtype=torch.float64) * count
+    return count
+
+
 def _check_count(x: Tensor, axis: int, layer: str | None) -> int:
     count = x.numel() // max(x.shape[axis], 1)
     if count < 2:
@@ -1646,8 +1659,7 @@ def batch_norm_step(
     momentum = _check_momentum(momentum, layer)
     ax = axis % input.dim() if input.dim() else axis
     count = _check_count(input, ax, layer)
-    # a traced count is an int64 tensor, and int64·float gives float32: the factor in float64
-    c = count.to(torch.float64) if isinstance(count, Tensor) else count
+    c = _factor_count(count)
     alpha = momentum * c / (c - 1) if unbiased_running_var else momentum
     node = None
     if (ext := _ready_node(backend, input)) is not None:
@@ -1952,8 +1964,8 @@ def update_running_stats(
             )
     _check_updatable(running_mean, running_var, num_batches_tracked, layer)
     # (1 − momentum)·running + momentum·(m/(m−1))·σ²_B, with the Bessel factor folded into alpha
-    if isinstance(count, Tensor):  # a traced count: the factor in float64, as for a Python int
-        count = count.to(torch.float64)  # type: ignore[assignment]
+    if isinstance(count, Tensor | torch.SymInt):  # traced or symbolic: see _factor_count
+        count = _factor_count(count)  # type: ignore[assignment]
     elif unbiased and count < 2:
         raise BatchNormInputError(
             f"{_name(layer)}: the unbiased running variance m/(m−1)·σ²_B needs m ≥ 2 values "
@@ -2039,9 +2051,13 @@ def _blended(running: RunningStats, mean: Tensor, var: Tensor) -> tuple[Tensor, 
         # 2.13) keeps the first value of such a float given as add's alpha or lerp's weight for
         # every later step, with no guard to recompile. As 0-d tensors, the values flow.
         m = torch.tensor(momentum, dtype=cm)
-        a = torch.tensor(alpha, dtype=cv)
+        # (alpha is a tensor already where the count is symbolic: see _factor_count)
+        a = alpha.to(cv) if isinstance(alpha, Tensor) else torch.tensor(alpha, dtype=cv)
         blended_m = running_mean.to(cm) * (1.0 - m.to(cm)) + m * mean.to(cm)
         blended_v = running_var.to(cv) * (1.0 - m.to(cv)) + a * var.to(cv)
+    elif isinstance(alpha, Tensor):  # a traced or symbolic count's factor
+        blended_m = torch.lerp(running_mean.to(cm), mean.to(cm), momentum)
+        blended_v = running_var.to(cv).mul(1.0 - momentum) + alpha.to(cv) * var.to(cv)
     else:
         blended_m = torch.lerp(running_mean.to(cm), mean.to(cm), momentum)
         blended_v = running_var.to(cv).mul(1.0 - momentum).add(var.to(cv), alpha=alpha)
