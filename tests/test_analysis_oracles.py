@@ -315,25 +315,33 @@ def test_bn_mismatch_of_a_layer_called_by_keyword() -> None:
     assert out["var_ratio"] == pytest.approx(float((var / (1 + 1e-5)).mean()), rel=1e-12)
 
 
+class _Padded(nn.Module):
+    """Our BN called with a fixed padding mask, by position or by keyword."""
+
+    def __init__(self, mask: torch.Tensor, keyword: bool, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.bn = batchnorm.BatchNorm1d(3, momentum=momentum)
+        self.mask, self.keyword = mask, keyword
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x, mask=self.mask) if self.keyword else self.bn(x, self.mask)
+
+
+def _padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """A (6, 3, 10) batch of sequences of lengths 1–10, zero-padded, and its (N, L) mask."""
+    torch.manual_seed(0)
+    lengths = torch.tensor([10, 7, 4, 2, 9, 1])
+    mask = torch.arange(10)[None, :] < lengths[:, None]
+    return mask, (torch.randn(6, 3, 10) * 2 + 1) * mask[:, None, :]
+
+
 @pytest.mark.parametrize("keyword", [False, True])
 def test_bn_mismatch_of_a_layer_called_with_a_padding_mask(keyword: bool) -> None:
     # BN takes its statistics over the valid positions only (README: masked statistics for
     # padded sequences); the mismatch compares its running statistics with those, not with
     # statistics that include the padding
-    class Padded(nn.Module):
-        def __init__(self, mask: torch.Tensor) -> None:
-            super().__init__()
-            self.bn = batchnorm.BatchNorm1d(3, momentum=1.0)
-            self.mask = mask
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.bn(x, mask=self.mask) if keyword else self.bn(x, self.mask)
-
-    torch.manual_seed(0)
-    lengths = torch.tensor([10, 7, 4, 2, 9, 1])
-    mask = torch.arange(10)[None, :] < lengths[:, None]  # (N, L)
-    x = (torch.randn(6, 3, 10) * 2 + 1) * mask[:, None, :]
-    model = Padded(mask)
+    mask, x = _padded_batch()
+    model = _Padded(mask, keyword, momentum=1.0)
     model(x)  # momentum 1: the running statistics of the valid positions of x
     model.bn.running_mean.add_(torch.tensor([0.5, -1.0, 0.0]))  # a known shift
     out = bn_statistics_mismatch(model, x)["bn"]
@@ -451,20 +459,8 @@ def test_activation_statistics_of_a_masked_layer_are_over_its_valid_positions(
 ) -> None:
     # the padding positions of a masked layer's output (β there, or whatever the layer left)
     # were pooled with the valid ones: mean and quantiles moved toward them
-    class Padded(nn.Module):
-        def __init__(self, mask: torch.Tensor) -> None:
-            super().__init__()
-            self.bn = batchnorm.BatchNorm1d(3)
-            self.mask = mask
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.bn(x, mask=self.mask) if keyword else self.bn(x, self.mask)
-
-    torch.manual_seed(0)
-    lengths = torch.tensor([10, 7, 4, 2, 9, 1])
-    mask = torch.arange(10)[None, :] < lengths[:, None]  # (N, L)
-    x = (torch.randn(6, 3, 10) * 2 + 1) * mask[:, None, :]
-    model = Padded(mask).eval()
+    mask, x = _padded_batch()
+    model = _Padded(mask, keyword).eval()
     with torch.no_grad():
         model.bn.bias.fill_(5.0)  # the padding's output stands out
         y = model.bn(x, mask=mask)
