@@ -1,6 +1,8 @@
 """The NumPy reference against independent oracles: torch autograd in float64 and the paper's
 definitions written out directly."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -180,3 +182,62 @@ def test_forward_takes_xhat_from_the_corrected_centered_values() -> None:
     want = d / np.sqrt((d**2).mean(axis=0) + 1e-5)
     y, _, _, _ = ref.batch_norm_forward(x)
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-12)
+
+
+def test_renorm_at_r_max_1_d_max_0_is_batch_norm_far_from_zero_mean() -> None:
+    # x̂ was x − round(μ_B): a constant channel of 1e30 gave 4e16, not 0, and an offset of
+    # 1e12 with spread 1e-3 lost 8e-2 of y, where batch_norm_forward keeps 4e-16
+    rng = np.random.default_rng(0)
+    for x in (np.full((64, 1), 1e30), rng.normal(1e12, 1e-3, size=(16, 3))):
+        c = x.shape[1]
+        want = ref.batch_norm_forward(x)[0]
+        got = ref.batch_renorm_forward(x, np.zeros(c), np.ones(c), r_max=1.0, d_max=0.0)[0]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_shapes_that_would_broadcast_are_refused_by_name() -> None:
+    # a (1, C) dy summed dγ and dβ over one row; a length-1 γ scaled every channel; a (C, 1)
+    # γ made inference_affine's scale (C, C)
+    x = np.random.default_rng(1).normal(size=(4, 3))
+    for call, says in (
+        (lambda: ref.batch_norm_backward(np.ones((1, 3)), x), "dy has shape (1, 3) but x"),
+        (lambda: ref.batch_norm_forward(x, np.ones(1)), "gamma has shape (1,)"),
+        (lambda: ref.batch_norm_forward(x, np.ones((3, 1))), "gamma has shape (3, 1)"),
+        (lambda: ref.inference_affine(np.zeros(3), np.ones(3), np.ones((3, 1))), "gamma"),
+        (lambda: ref.normalize(x, np.zeros(2), np.ones(3)), "mean has shape (2,)"),
+        (
+            lambda: ref.running_stats_update(
+                np.zeros(3), np.ones(2), np.zeros(3), np.ones(3), 4, 0.1
+            ),
+            "running_var",
+        ),
+    ):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            call()
+
+
+def test_outputs_are_independent_arrays_and_parameters_are_checked() -> None:
+    x = np.random.default_rng(2).normal(size=(8, 2))
+    y, xhat, _, _ = ref.batch_norm_forward(x)
+    assert y is not xhat and not np.shares_memory(y, xhat)
+    for call, says in (
+        (lambda: ref.batch_renorm_forward(x, np.zeros(2), np.ones(2), r_max=0.5), "r_max"),
+        (lambda: ref.batch_renorm_forward(x, np.zeros(2), np.ones(2), d_max=-1.0), "d_max"),
+        (lambda: ref.batch_norm_forward(x, eps=-0.5), "eps must be a finite number >= 0"),
+        (
+            lambda: ref.running_stats_update(
+                np.zeros(2), np.ones(2), np.zeros(2), np.ones(2), 4, None
+            ),
+            "momentum must be",
+        ),  # type: ignore[arg-type]
+        (
+            lambda: ref.running_stats_update(
+                np.zeros(2), np.ones(2), np.zeros(2), np.ones(2), 0, 0.1, unbiased=False
+            ),
+            "count=0",
+        ),
+    ):
+        with pytest.raises(ValueError, match=says):
+            call()
+    with pytest.raises(TypeError, match="axis must be an integer"):
+        ref.batch_norm_forward(x, axis=1.0)  # type: ignore[arg-type]

@@ -47,6 +47,8 @@ def _f64(a: ArrayLike) -> Array:
 def _axis(axis: int, ndim: int) -> int:
     """``axis`` as an index in ``range(ndim)`` (negative counts from the end); NumPy's
     ``AxisError`` (a ``ValueError`` and ``IndexError``) when the array has no such axis."""
+    if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
     if not -ndim <= axis < ndim:
         raise np.exceptions.AxisError(axis, ndim)
     return axis % ndim
@@ -63,6 +65,23 @@ def _bcast(v: Array, ndim: int, axis: int) -> Array:
     shape = [1] * ndim
     shape[_axis(axis, ndim)] = -1
     return v.reshape(shape)
+
+
+def _vector(v: ArrayLike, c: int, what: str, fn: str) -> Array:
+    """The per-channel ``v`` as a float64 vector of ``c`` values; ``ValueError`` naming ``fn``
+    and ``what`` otherwise (a length-1 or 2-D array would broadcast or flatten silently)."""
+    a = _f64(v)
+    if a.ndim != 1 or a.shape[0] != c:
+        raise ValueError(
+            f"{fn}: {what} has shape {a.shape}, but there are {c} channels: per-channel values "
+            f"need shape ({c},)"
+        )
+    return a
+
+
+def _check_eps(eps: float, fn: str) -> None:
+    if not (isinstance(eps, int | float | np.floating) and 0 <= eps < np.inf):
+        raise ValueError(f"{fn}: eps must be a finite number >= 0, got {eps!r}")
 
 
 def channel_count(shape: tuple[int, ...], axis: int = 1) -> int:
@@ -106,20 +125,30 @@ def normalize(
 ) -> tuple[Array, Array]:
     """x̂ = (x − μ)/√(σ² + ε) and y = γ x̂ + β; returns ``(y, xhat)``."""
     x = _f64(x)
-    m = _bcast(_f64(mean), x.ndim, axis)
-    return _scaled(x - m, var, gamma, beta, eps, axis)
+    c = x.shape[_axis(axis, x.ndim)]
+    m = _bcast(_vector(mean, c, "mean", "normalize"), x.ndim, axis)
+    return _scaled(x - m, var, gamma, beta, eps, axis, "normalize")
 
 
 def _scaled(
-    d: Array, var: ArrayLike, gamma: ArrayLike | None, beta: ArrayLike | None, eps: float, axis: int
+    d: Array,
+    var: ArrayLike,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
+    eps: float,
+    axis: int,
+    fn: str,
 ) -> tuple[Array, Array]:
-    """``(y, x̂)`` from the centered values ``d = x − μ``: x̂ = d/√(σ² + ε), y = γ x̂ + β."""
-    xhat = d / np.sqrt(_bcast(_f64(var), d.ndim, axis) + eps)
-    y = xhat
+    """``(y, x̂)`` from the centered values ``d = x − μ``: x̂ = d/√(σ² + ε), y = γ x̂ + β (two
+    arrays: y is not x̂ itself when γ and β are None)."""
+    _check_eps(eps, fn)
+    c = d.shape[_axis(axis, d.ndim)]
+    xhat = d / np.sqrt(_bcast(_vector(var, c, "var", fn), d.ndim, axis) + eps)
+    y = xhat.copy()
     if gamma is not None:
-        y = y * _bcast(_f64(gamma), d.ndim, axis)
+        y *= _bcast(_vector(gamma, c, "gamma", fn), d.ndim, axis)
     if beta is not None:
-        y = y + _bcast(_f64(beta), d.ndim, axis)
+        y += _bcast(_vector(beta, c, "beta", fn), d.ndim, axis)
     return y, xhat
 
 
@@ -134,7 +163,7 @@ def batch_norm_forward(
     x̂ is taken from the same corrected centered values as σ²_B (see :func:`batch_stats`), so a
     constant channel gives exactly 0 and |μ_B| ≫ spread keeps its digits."""
     mean, d, var = _moments(_f64(x), axis)
-    y, xhat = _scaled(d, var, gamma, beta, eps, axis)
+    y, xhat = _scaled(d, var, gamma, beta, eps, axis, "batch_norm_forward")
     return y, xhat, mean, var
 
 
@@ -156,6 +185,13 @@ def batch_norm_backward(
     """
     x = _f64(x)
     dy = _f64(dy)
+    if dy.shape != x.shape:
+        # a broadcastable dy would sum dγ and dβ over its own rows, not the batch's
+        raise ValueError(
+            f"batch_norm_backward: dy has shape {dy.shape} but x has shape {x.shape}; the "
+            "gradient of y has y's (and so x's) shape"
+        )
+    _check_eps(eps, "batch_norm_backward")
     axes = reduce_axes(x.ndim, axis)
     m = channel_count(x.shape, axis)
     _, d, var = _moments(x, axis)
@@ -163,7 +199,8 @@ def batch_norm_backward(
     xhat = d * _bcast(invstd, x.ndim, axis)
     dbeta = dy.sum(axis=axes)
     dgamma = (dy * xhat).sum(axis=axes)
-    g = np.ones_like(var) if gamma is None else _f64(gamma)
+    c = var.shape[0]
+    g = np.ones_like(var) if gamma is None else _vector(gamma, c, "gamma", "batch_norm_backward")
     k = _bcast(g * invstd / m, x.ndim, axis)
     dx = k * (m * dy - _bcast(dbeta, x.ndim, axis) - xhat * _bcast(dgamma, x.ndim, axis))
     return dx, dgamma, dbeta
@@ -208,10 +245,15 @@ def inference_affine(
 ) -> tuple[Array, Array]:
     """Algorithm 2, step 11: BN at inference is y = scale·x + shift with
     scale = γ/√(Var[x] + ε) and shift = β − scale·E[x]."""
+    fn = "inference_affine"
+    _check_eps(eps, fn)
     mean = _f64(mean)
-    g = np.ones_like(mean) if gamma is None else _f64(gamma)
-    b = np.zeros_like(mean) if beta is None else _f64(beta)
-    scale = g / np.sqrt(_f64(var) + eps)
+    if mean.ndim != 1:
+        raise ValueError(f"{fn}: mean has shape {mean.shape}; per-channel values need shape (C,)")
+    c = mean.shape[0]
+    g = np.ones_like(mean) if gamma is None else _vector(gamma, c, "gamma", fn)
+    b = np.zeros_like(mean) if beta is None else _vector(beta, c, "beta", fn)
+    scale = g / np.sqrt(_vector(var, c, "var", fn) + eps)
     shift = b - scale * mean
     return scale, shift
 
@@ -227,7 +269,10 @@ def batch_norm_inference(
 ) -> Array:
     """BN with population statistics: the single affine map of :func:`inference_affine`."""
     x = _f64(x)
-    scale, shift = inference_affine(mean, var, gamma, beta, eps)
+    c = x.shape[_axis(axis, x.ndim)]
+    scale, shift = inference_affine(
+        _vector(mean, c, "mean", "batch_norm_inference"), var, gamma, beta, eps
+    )
     return x * _bcast(scale, x.ndim, axis) + _bcast(shift, x.ndim, axis)
 
 
@@ -248,7 +293,25 @@ def running_stats_update(
     channel it is undefined, and ``unbiased`` raises ``ValueError`` (``torch.nn.BatchNorm``
     refuses to train on one value per channel).
     """
-    v = _f64(batch_var)
+    fn = "running_stats_update"
+    if isinstance(momentum, bool) or not (
+        isinstance(momentum, int | float | np.floating) and np.isfinite(momentum)
+    ):
+        raise ValueError(
+            f"{fn}: momentum must be a finite number, the weight of the new batch (PyTorch's "
+            f"convention), got {momentum!r}; for the cumulative average pass 1/n for the n-th batch"
+        )
+    if not unbiased and count < 1:  # (unbiased: the factor's own refusal below)
+        raise ValueError(
+            f"{fn}: count={count}: an empty batch has no statistics to blend; leave the running "
+            "statistics as they are"
+        )
+    rm0 = _f64(running_mean)
+    if rm0.ndim != 1:
+        raise ValueError(f"{fn}: running_mean has shape {rm0.shape}; it needs shape (C,)")
+    c = rm0.shape[0]
+    rv0 = _vector(running_var, c, "running_var", fn)
+    v = _vector(batch_var, c, "batch_var", fn)
     if unbiased:
         if count < 2:
             raise ValueError(
@@ -257,8 +320,8 @@ def running_stats_update(
                 "one value per channel); pass unbiased=False to store the biased σ²_B"
             )
         v = v * count / (count - 1)
-    rm = (1.0 - momentum) * _f64(running_mean) + momentum * _f64(batch_mean)
-    rv = (1.0 - momentum) * _f64(running_var) + momentum * v
+    rm = (1.0 - momentum) * rm0 + momentum * _vector(batch_mean, c, "batch_mean", fn)
+    rv = (1.0 - momentum) * rv0 + momentum * v
     return rm, rv
 
 
@@ -283,16 +346,22 @@ def batch_renorm_forward(
     are constants for the gradient. Returns ``(y, r, d)``. With r_max = 1 and d_max = 0 this is
     :func:`batch_norm_forward`.
     """
+    fn = "batch_renorm_forward"
+    if not (1.0 <= r_max < np.inf and 0.0 <= d_max < np.inf):
+        raise ValueError(f"{fn}: need 1 <= r_max and 0 <= d_max, finite; got {r_max!r}, {d_max!r}")
     x = _f64(x)
-    mean, var = batch_stats(x, axis)
+    # x̂ from the corrected centered values, as batch_norm_forward's: with r_max = 1 and
+    # d_max = 0 the two agree also where |μ_B| ≫ spread (x − round(μ_B) does not)
+    mean, centered, var = _moments(x, axis)
+    c = var.shape[0]
     sigma_b = np.sqrt(var + eps)
-    sigma = np.sqrt(_f64(running_var) + eps)
+    sigma = np.sqrt(_vector(running_var, c, "running_var", fn) + eps)
     r = np.clip(sigma_b / sigma, 1.0 / r_max, r_max)
-    d = np.clip((mean - _f64(running_mean)) / sigma, -d_max, d_max)
-    _, xhat = normalize(x, mean, var, None, None, eps, axis)
+    d = np.clip((mean - _vector(running_mean, c, "running_mean", fn)) / sigma, -d_max, d_max)
+    _, xhat = _scaled(centered, var, None, None, eps, axis, fn)
     y = xhat * _bcast(r, x.ndim, axis) + _bcast(d, x.ndim, axis)
     if gamma is not None:
-        y = y * _bcast(_f64(gamma), x.ndim, axis)
+        y = y * _bcast(_vector(gamma, c, "gamma", fn), x.ndim, axis)
     if beta is not None:
-        y = y + _bcast(_f64(beta), x.ndim, axis)
+        y = y + _bcast(_vector(beta, c, "beta", fn), x.ndim, axis)
     return y, r, d
