@@ -352,3 +352,45 @@ def test_a_whole_pickled_model_loads_with_weights_only_and_safe_globals() -> Non
     loaded(x)
     assert torch.equal(loaded[0].running_mean, before) and not loaded[0].training
     assert not torch.equal(loaded[1].running_mean, model[1].running_mean)
+
+
+def test_update_bn_keeps_a_frozen_layer_s_statistics_with_a_warning() -> None:
+    # update_bn reset the frozen layer to 0 and 1, and the freeze hook kept it from
+    # re-estimating them: the learned statistics were lost without a word
+    from torch.optim.swa_utils import AveragedModel, update_bn
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4), torch.nn.ReLU())
+    for _ in range(20):
+        net(torch.randn(8, 3, 6, 6) * 2 + 1)
+    batchnorm.freeze(net)
+    swa = AveragedModel(net)
+    before = {k: v.clone() for k, v in swa.module[1].state_dict().items()}
+    with pytest.warns(batchnorm.FrozenStatisticsWarning, match=r"BatchNorm2d\(4\): frozen by"):
+        update_bn([torch.randn(8, 3, 6, 6) for _ in range(3)], swa)
+    for k, v in swa.module[1].state_dict().items():
+        assert torch.equal(v, before[k]), k
+    batchnorm.unfreeze(swa)
+    swa.module[1].reset_running_stats()  # unfrozen: reset as asked
+    assert swa.module[1].running_var.eq(1).all()
+
+
+def test_freeze_affine_switches_off_a_parametrized_gamma_and_unfreeze_restores_it() -> None:
+    bn = batchnorm.BatchNorm2d(4)
+    torch.nn.utils.parametrizations.weight_norm(bn, "weight", dim=0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), bn)
+    net(torch.randn(8, 3, 5, 5))
+    batchnorm.freeze(net, affine=True)
+    held = list(bn.parametrizations.weight.parameters())
+    assert held and not any(p.requires_grad for p in held) and not bn.bias.requires_grad
+    net.train()(torch.randn(8, 3, 5, 5)).sum().backward()
+    assert all(p.grad is None for p in held)
+    batchnorm.unfreeze(net)
+    assert all(p.requires_grad for p in held) and bn.bias.requires_grad
+
+
+def test_a_quantized_model_reaching_our_layer_is_told_to_convert_it_first() -> None:
+    # eager-mode quantization swaps torch.nn's classes only: the message said x.float()
+    x = torch.quantize_per_tensor(torch.randn(2, 4, 3, 3), 0.1, 0, torch.quint8)
+    with pytest.raises(batchnorm.BatchNormInputError, match=r"convert_model\(model, to='torch'\)"):
+        batchnorm.BatchNorm2d(4).eval()(x)

@@ -858,10 +858,20 @@ def check_channels(
     fixed at axis 1 (the remedy then names the class that takes any axis)."""
     name = _name(layer)
     if x.dtype not in _INPUT_DTYPES:
+        remedy = (
+            # eager-mode quantization (torch.ao.quantization.prepare/convert) swaps torch.nn's
+            # classes only: this layer stayed a float layer between quantized ones
+            "A quantized model reaches a float layer here: torch.ao.quantization's convert "
+            "swaps torch.nn's BatchNorm classes only, so convert the model to them first "
+            "(batchnorm.convert_model(model, to='torch')), then prepare and convert it, or "
+            "dequantize before this layer."
+            if x.is_quantized
+            else "Convert it first, e.g. x.float()."
+        )
         raise BatchNormInputError(
             f"{name}: expected a floating-point input, got dtype {x.dtype} with shape "
             f"{tuple(x.shape)}; batch norm computes float16, bfloat16, float32 and float64. "
-            "Convert it first, e.g. x.float()."
+            + remedy
         )
     if x.dim() < 2:
         raise BatchNormInputError(
@@ -955,8 +965,9 @@ def transform_error(
     batched = torch._C._functorch.is_batchedtensor
     ways_out = (
         "Call it in eval mode (training=False), without running statistics "
-        "(track_running_stats=False, torch.func.replace_all_batch_norm_modules_, or "
-        "running_mean=running_var=None in the functional form)"
+        "(track_running_stats=False, or running_mean=running_var=None in the functional form; "
+        "torch.func.replace_all_batch_norm_modules_ does that for the BatchNorm1d/2d/3d "
+        "classes only, not for BatchNorm, InPlaceABN or SyncBatchNorm)"
     )
     if batched(input) and not any(batched(t) for t in held):
         return BatchNormInputError(

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
+from torch.nn.utils import parametrize
 
 from batchnorm import functional as F
 from batchnorm.functional import BatchNormInputError
@@ -879,6 +880,14 @@ def _switch_off_affine(m: nn.Module) -> list[str]:
         if isinstance(p, nn.Parameter) and p.requires_grad:
             p.requires_grad_(False)
             switched.append(pname)
+        elif parametrize.is_parametrized(m, pname):
+            # γ under a parametrization (weight_norm, ...) is computed from the parameters
+            # that hold it: those stop receiving gradients
+            held = m.get_submodule(f"parametrizations.{pname}")
+            for qname, q in held.named_parameters():
+                if q.requires_grad:
+                    q.requires_grad_(False)
+                    switched.append(f"parametrizations.{pname}.{qname}")
     return switched
 
 
@@ -941,7 +950,7 @@ def unfreeze(model: nn.Module) -> nn.Module:
         if not is_frozen(m):
             continue
         for pname in getattr(m, _FROZEN):
-            getattr(m, pname).requires_grad_(True)
+            m.get_parameter(pname).requires_grad_(True)  # (a parametrization's: dotted)
         mode = getattr(m, _FROZEN_MODE, model.training)
         delattr(m, _FROZEN)
         if hasattr(m, _FROZEN_MODE):

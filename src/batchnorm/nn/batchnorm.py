@@ -229,6 +229,19 @@ class _BatchNormBase(nn.Module):
     # -- torch.nn.BatchNorm API ---------------------------------------------------------------
 
     def reset_running_stats(self) -> None:
+        from batchnorm.variants import FrozenStatisticsWarning, is_frozen
+
+        if is_frozen(self) and self.running_mean is not None:
+            # a frozen layer never re-estimates them: reset, they would stay 0 and 1
+            warnings.warn(
+                f"{self.layer_name()}: frozen by batchnorm.freeze, so its running statistics "
+                "are kept, not reset: it would not re-estimate them (torch.optim.swa_utils."
+                "update_bn resets every BN layer, then runs data through them in train mode). "
+                "Call batchnorm.unfreeze(model) first to reset and re-estimate them.",
+                FrozenStatisticsWarning,
+                stacklevel=2,
+            )
+            return
         if self.track_running_stats:
             missing = [
                 name
