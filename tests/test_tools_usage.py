@@ -394,3 +394,15 @@ def test_a_quantized_model_reaching_our_layer_is_told_to_convert_it_first() -> N
     x = torch.quantize_per_tensor(torch.randn(2, 4, 3, 3), 0.1, 0, torch.quint8)
     with pytest.raises(batchnorm.BatchNormInputError, match=r"convert_model\(model, to='torch'\)"):
         batchnorm.BatchNorm2d(4).eval()(x)
+
+
+@pytest.mark.parametrize("to", ["ours", "torch"])
+def test_convert_model_refuses_a_parametrized_layer_by_name(to: str) -> None:
+    # its generated class (ParametrizedBatchNorm2d) was skipped without a word (to ours) or
+    # called a class with no torch.nn counterpart (to torch)
+    bn = nn.BatchNorm2d(4) if to == "ours" else batchnorm.BatchNorm2d(4)
+    torch.nn.utils.parametrizations.weight_norm(bn, "weight", dim=0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), bn, nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match=r"layer '1' has a parametrization on weight"):
+        batchnorm.convert_model(net, to=to)  # type: ignore[arg-type]
+    assert type(net[2]) is nn.BatchNorm2d  # nothing converted

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from batchnorm.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase
 from batchnorm.variants import (
@@ -220,6 +221,20 @@ def convert_model(
     from batchnorm.variants import check_editable
 
     check_editable(model, "convert_model")
+    for name, m in model.named_modules():
+        if isinstance(
+            m, nn.modules.batchnorm._NormBase | _BatchNormBase
+        ) and parametrize.is_parametrized(m):
+            # its class is one torch.nn.utils.parametrize generated (ParametrizedBatchNorm2d):
+            # it matches no class of either side, and would be skipped or refused obscurely
+            held = ", ".join(m.parametrizations.keys())  # type: ignore[union-attr, operator]
+            raise ValueError(
+                f"convert_model: layer {name or type(m).__name__!r} has a parametrization on "
+                f"{held} (weight_norm, register_parametrization, ...), so its class is a "
+                "generated subclass with no counterpart; remove it first "
+                "(torch.nn.utils.parametrize.remove_parametrizations(layer, name)), convert, "
+                "then register it again on the new layer (nothing was converted)"
+            )
     ranks: dict[str, int] = {}  # our generic BatchNorm's input rank, by name
     if to == "torch" and example_input is not None:
         if any(type(m) is BatchNorm for m in model.modules()):
