@@ -1499,3 +1499,37 @@ def test_output_cache_does_not_keep_an_array_beyond_its_whole_budget():  # type:
     big = cache.empty_like(np.empty((2048, 1024), np.float32))  # 8 MiB: over the budget
     assert big.shape == (2048, 1024) and big.ctypes.data % 64 == 0
     assert len(cache) == 1 and cache._bytes == small.nbytes
+
+
+def test_a_negative_or_nan_eps_is_refused_by_name() -> None:
+    # a negative eps made √(var + ε) NaN wherever the variance is below |ε|, silently
+    x = np.random.default_rng(0).normal(size=(64, 3))
+    mean, var = x.mean(0), x.var(0)
+    for eps in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"eps must be a finite number >= 0"):
+            K.forward_train(x, eps=eps)
+        with pytest.raises(ValueError, match=r"eps must be a finite number >= 0"):
+            K.inference_affine(mean, var, eps=eps)
+        with pytest.raises(ValueError, match=r"eps must be a finite number >= 0"):
+            K.backward_eval(np.ones_like(x), x, mean, var, eps=eps)
+
+
+def test_parallel_takes_true_false_or_none_only() -> None:
+    # parallel=0 ran threaded: only `is False` turned threads off
+    x = np.random.default_rng(1).normal(size=(16, 3))
+    with pytest.raises(TypeError, match=r"parallel must be True, False or None .*got 0"):
+        K.forward_train(x, parallel=0)  # type: ignore[arg-type]
+
+
+def test_a_non_contiguous_out_is_named_as_such() -> None:
+    x = np.ones((16, 6), np.float32)
+    with pytest.raises(ValueError, match=r"not C-contiguous \(strides"):
+        K.forward_train(x, out=np.asfortranarray(np.empty((16, 6), np.float32)))
+
+
+def test_the_backward_of_inference_takes_an_empty_batch_as_its_forward_does() -> None:
+    x = np.ones((0, 3))
+    assert K.forward_eval(x, np.ones(3), np.zeros(3)).shape == (0, 3)
+    dx, s1, s0 = K.backward_eval(x, x, np.zeros(3), np.ones(3))
+    assert dx is not None and dx.shape == (0, 3)
+    assert np.array_equal(s1, np.zeros(3)) and np.array_equal(s0, np.zeros(3))

@@ -225,6 +225,11 @@ def _kernel(name: str, parallel: bool) -> Any:
 
 
 def _threads(size: int, parallel: bool | None) -> int:
+    if parallel is not None and type(parallel) is not bool:
+        # (0 is not False here: it ran threaded, though parallel "forces threads on/off")
+        raise TypeError(
+            f"batchnorm.kernels: parallel must be True, False or None (by size), got {parallel!r}"
+        )
     if parallel is False or (parallel is None and size < SERIAL_BELOW) or _state["serial_only"]:
         return 1
     T = num_threads()
@@ -404,6 +409,18 @@ def _scalar(value: Any, what: str) -> float:
     return float(value)
 
 
+def _eps(value: Any) -> float:
+    """``eps`` as a float: a number (:func:`_scalar`), finite and >= 0 — a negative one made
+    √(var + ε) NaN wherever the variance is below |ε|, silently — else a ``ValueError``."""
+    eps = _scalar(value, "eps")
+    if not 0.0 <= eps < math.inf:
+        raise ValueError(
+            f"batchnorm.kernels: eps must be a finite number >= 0 (it is added to the "
+            f"variance), got {value!r}"
+        )
+    return eps
+
+
 def _as_input(x: Array, what: str) -> tuple[Array, tuple[int, ...]]:
     """``(array, shape)``: ``x`` C-contiguous as the loops take it — ``(M, C)``, ``(N, C, L)``,
     or ``(N, C, d1, d2, ...)`` viewed as ``(N, C, d1·d2·...)`` — and ``x``'s own shape, which
@@ -517,9 +534,11 @@ def _out(
         )
     shape = like.shape if shape is None else shape
     if out.shape != shape or out.dtype != like.dtype or not out.flags.c_contiguous:
+        layout = "" if out.flags.c_contiguous else f", not C-contiguous (strides {out.strides})"
         raise ValueError(
             f"batchnorm.kernels: out must be a C-contiguous {like.dtype} array of shape "
-            f"{shape}, got {out.dtype} {out.shape}"
+            f"{shape}, got {out.dtype} {out.shape}{layout}; pass "
+            "batchnorm.kernels.empty_aligned(shape, dtype), or None for a fresh output"
         )
     if not out.flags.aligned:  # (the streaming stores fault on a misaligned address)
         raise ValueError(
@@ -607,7 +626,7 @@ def forward_train(
     y = _out(out, x, {"x": x, "weight": w, "bias": b}, shape)
     T = _threads(x.size, parallel)
     s = _stream(x, stream, y, tensors=2)
-    _, mean, var, invstd = _forward_train(x, w, b, _scalar(eps, "eps"), y, T, s)
+    _, mean, var, invstd = _forward_train(x, w, b, _eps(eps), y, T, s)
     return _shaped(y, out, shape), mean, var, invstd
 
 
@@ -634,16 +653,18 @@ def _forward_train(
     return y, mean, var, invstd
 
 
-def _grad_inputs(dy: Array, x: Array) -> tuple[Array, Array, tuple[int, ...]]:
+def _grad_inputs(dy: Array, x: Array, empty: bool = False) -> tuple[Array, Array, tuple[int, ...]]:
     """``dy`` and ``x`` checked and made C-contiguous in the loops' shape (the same shape and
-    dtype, sizes the kernels take), and ``x``'s own shape."""
+    dtype, sizes the kernels take; ``empty``: a batch of no values too), and ``x``'s own
+    shape."""
     x, shape = _as_input(x, "x")
     dy, dy_shape = _as_input(dy, "dy")
     if dy_shape != shape or dy.dtype != x.dtype:
         raise ValueError(
             f"batchnorm.kernels: dy ({dy.dtype} {dy_shape}) must match x ({x.dtype} {shape})"
         )
-    _check_sizes(x, shape=shape)
+    if not (empty and x.size == 0 and x.shape[1] > 0):
+        _check_sizes(x, shape=shape)
     return dy, x, shape
 
 
@@ -803,11 +824,18 @@ def backward_eval(
     stretch is summed and written while it is in the cache. Returns ``(dx, Σdy·(x − mean),
     Σdy)`` (``dx`` None when ``need_dx`` is False); ``out``, ``parallel`` and ``stream`` as in
     :func:`forward_train`."""
-    dy, x, shape = _grad_inputs(dy, x)
+    # inference takes no batch statistics: an empty batch has an empty dx and zero sums, as
+    # its forward (forward_eval) has an empty output
+    dy, x, shape = _grad_inputs(dy, x, empty=True)
     C = x.shape[1]
     m = _channel_vec(mean, C, x.dtype, "mean")
     v = _channel_vec(var, C, x.dtype, "var")
     w = _channel_vec(weight, C, x.dtype, "weight", optional=True)
+    eps = _eps(eps)
+    if x.size == 0:
+        dx0 = _out(out, x, None, shape) if need_dx else None
+        zeros = np.zeros(C, np.float64)
+        return (None if dx0 is None else _shaped(dx0, out, shape)), zeros, zeros.copy()
     reads = {"dy": dy, "x": x, "mean": m, "var": v, "weight": w}
     if out is not None and not need_dx:
         raise ValueError(
@@ -817,7 +845,7 @@ def backward_eval(
     dx = _out(out, x, reads, shape) if need_dx else None
     T = _threads(x.size, parallel)
     s = _stream(x, stream, dx, tensors=3)
-    _, s1, s0 = _backward_eval(dy, x, m, v, w, _scalar(eps, "eps"), dx, T, s)
+    _, s1, s0 = _backward_eval(dy, x, m, v, w, _eps(eps), dx, T, s)
     return (None if dx is None else _shaped(dx, out, shape)), s1, s0
 
 
@@ -878,7 +906,7 @@ def inference_affine(
     b = _channel_vec(bias, C, m.dtype, "bias", optional=True)
     scale = np.empty_like(m)
     shift = np.empty_like(m)
-    _kernel("inference_affine", False)(m, v, w, b, _scalar(eps, "eps"), scale, shift)
+    _kernel("inference_affine", False)(m, v, w, b, _eps(eps), scale, shift)
     return scale, shift
 
 
