@@ -1530,6 +1530,12 @@ def test_a_backend_variable_naming_no_backend_is_refused_under_compile(
     compiled = torch.compile(batchnorm.BatchNorm2d(3), backend="eager")
     with pytest.raises(ValueError, match=r"BatchNorm2d\(3\): \$BATCHNORM_BACKEND='bogus'"):
         compiled(torch.randn(4, 3, 2, 2))
+    # and one that does not take the input (torch's operator backend, half inputs only)
+    torch._dynamo.reset()
+    monkeypatch.setenv("BATCHNORM_BACKEND", "aten")
+    compiled = torch.compile(batchnorm.BatchNorm2d(3), backend="eager")
+    with pytest.raises(ValueError, match=r"backend 'aten' does not support torch.float32"):
+        compiled(torch.randn(4, 3, 2, 2))
 
 
 @pytest.mark.parametrize(

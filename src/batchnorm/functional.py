@@ -803,6 +803,11 @@ def get_backend(
     choice = backend or _env.get("BATCHNORM_BACKEND") or "auto"
     if choice not in _BACKENDS and choice not in ("auto", "numba"):
         _refuse_unknown_backend(choice, not backend, layer)
+    # a named backend that does not take x is refused before any path is taken, under
+    # torch.compile and transforms too (the kernels, when named, give way to torch there)
+    chosen = None if choice in ("auto", "numba") else _instance(choice)
+    if chosen is not None and not chosen.supports(x):
+        _refuse_unsupported(choice, not backend, layer, x)
     if _torch_ops_only():
         # torch.jit.trace records torch operations only (a kernel call would be recorded as
         # constants); forward-mode AD differentiates torch operations only
@@ -826,20 +831,26 @@ def get_backend(
         elif x.is_cpu and x.dtype in _HALF_DTYPES:
             return _ATEN_BACKEND
         return _TORCH
-    from_env = not backend
-    where = f"{layer}: " if layer else ""
-    chosen = _instance(choice)  # (a name of none was refused above)
-    if not chosen.supports(x):
-        remedy = (
-            "set BATCHNORM_BACKEND=torch (or auto), or unset it ($BATCHNORM_BACKEND chose it)"
-            if from_env
-            else "use backend='torch' (or 'auto')"
-        )
-        raise ValueError(
-            f"{where}batch-norm backend {choice!r} does not support {x.dtype} tensors on "
-            f"{x.device}; " + remedy
-        )
+    if chosen is None:  # "numba", named
+        chosen = _instance(choice)
+        if not chosen.supports(x):
+            _refuse_unsupported(choice, not backend, layer, x)
     return chosen
+
+
+def _refuse_unsupported(choice: str, from_env: bool, layer: str | None, x: Tensor) -> NoReturn:
+    """Refuse the named backend ``choice``, which does not take ``x``, saying where the name
+    came from."""
+    where = f"{layer}: " if layer else ""
+    remedy = (
+        "set BATCHNORM_BACKEND=torch (or auto), or unset it ($BATCHNORM_BACKEND chose it)"
+        if from_env
+        else "use backend='torch' (or 'auto')"
+    )
+    raise ValueError(
+        f"{where}batch-norm backend {choice!r} does not support {x.dtype} tensors on "
+        f"{x.device}; " + remedy
+    )
 
 
 # --------------------------------------------------------------------------------------------
