@@ -768,18 +768,28 @@ def _concrete(t: Tensor) -> bool:
     return not torch.compiler.is_compiling() and not t.is_meta and _has_memory(t)
 
 
-def _refuse_unknown_backend(choice: str, from_env: bool, layer: str | None) -> None:
-    """Refuse the backend ``choice``, which names none, with the layer's name and, when it came
-    from ``$BATCHNORM_BACKEND`` (a stray or mistyped environment, not the code), the variable.
-    Checked before any path is taken, so that it is refused under ``torch.compile`` and inside
-    transforms too."""
+def _named_backend(choice: str, from_env: bool, layer: str | None, x: Tensor) -> Backend:
+    """The backend named ``choice``, refused with the layer's name (and, when the name came
+    from ``$BATCHNORM_BACKEND`` — a stray or mistyped environment, not the code — the
+    variable) if it names none or does not take ``x``."""
     where = f"{layer}: " if layer else ""
     try:
-        _instance(choice)
+        chosen = _instance(choice)
     except ValueError as e:
         if from_env:
             raise ValueError(f"{where}$BATCHNORM_BACKEND={choice!r}: {e}") from None
         raise ValueError(f"{where}{e}") from None
+    if not chosen.supports(x):
+        remedy = (
+            "set BATCHNORM_BACKEND=torch (or auto), or unset it ($BATCHNORM_BACKEND chose it)"
+            if from_env
+            else "use backend='torch' (or 'auto')"
+        )
+        raise ValueError(
+            f"{where}batch-norm backend {choice!r} does not support {x.dtype} tensors on "
+            f"{x.device}; " + remedy
+        )
+    return chosen
 
 
 def get_backend(
@@ -801,13 +811,10 @@ def get_backend(
     ``layer`` names the calling layer in the errors of a backend that does not exist or does
     not take ``x``."""
     choice = backend or _env.get("BATCHNORM_BACKEND") or "auto"
-    if choice not in _BACKENDS and choice not in ("auto", "numba"):
-        _refuse_unknown_backend(choice, not backend, layer)
-    # a named backend that does not take x is refused before any path is taken, under
-    # torch.compile and transforms too (the kernels, when named, give way to torch there)
-    chosen = None if choice in ("auto", "numba") else _instance(choice)
-    if chosen is not None and not chosen.supports(x):
-        _refuse_unsupported(choice, not backend, layer, x)
+    # a named backend that does not exist or take x is refused before any path is taken,
+    # under torch.compile and transforms too (the kernels, when named, give way to torch there)
+    named = choice not in ("auto", "numba")
+    chosen = _named_backend(choice, not backend, layer, x) if named else None
     if _torch_ops_only():
         # torch.jit.trace records torch operations only (a kernel call would be recorded as
         # constants); forward-mode AD differentiates torch operations only
@@ -831,26 +838,7 @@ def get_backend(
         elif x.is_cpu and x.dtype in _HALF_DTYPES:
             return _ATEN_BACKEND
         return _TORCH
-    if chosen is None:  # "numba", named
-        chosen = _instance(choice)
-        if not chosen.supports(x):
-            _refuse_unsupported(choice, not backend, layer, x)
-    return chosen
-
-
-def _refuse_unsupported(choice: str, from_env: bool, layer: str | None, x: Tensor) -> NoReturn:
-    """Refuse the named backend ``choice``, which does not take ``x``, saying where the name
-    came from."""
-    where = f"{layer}: " if layer else ""
-    remedy = (
-        "set BATCHNORM_BACKEND=torch (or auto), or unset it ($BATCHNORM_BACKEND chose it)"
-        if from_env
-        else "use backend='torch' (or 'auto')"
-    )
-    raise ValueError(
-        f"{where}batch-norm backend {choice!r} does not support {x.dtype} tensors on "
-        f"{x.device}; " + remedy
-    )
+    return chosen if chosen is not None else _named_backend(choice, not backend, layer, x)
 
 
 # --------------------------------------------------------------------------------------------

@@ -845,7 +845,7 @@ def backward_eval(
     dx = _out(out, x, reads, shape) if need_dx else None
     T = _threads(x.size, parallel)
     s = _stream(x, stream, dx, tensors=3)
-    _, s1, s0 = _backward_eval(dy, x, m, v, w, _eps(eps), dx, T, s)
+    _, s1, s0 = _backward_eval(dy, x, m, v, w, eps, dx, T, s)
     return (None if dx is None else _shaped(dx, out, shape)), s1, s0
 
 
